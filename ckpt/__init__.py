@@ -1,0 +1,26 @@
+"""ckpt: a fast, crash-safe checkpointer for training loops.
+
+The API of Orbax v1's ``training.Checkpointer``; switching is an import change::
+
+    import ckpt
+    with ckpt.training.Checkpointer("runs/exp1") as ckptr:
+        ckptr.save(step, state)
+        state = ckptr.load(abstract_state=abstract)
+"""
+from ckpt import errors, path, preemption, training
+from ckpt.background import AsyncResponse
+from ckpt.checkpoint import (checkpointables_metadata, load, load_async, load_checkpointables, metadata, save,
+                             save_async, save_checkpointables, save_checkpointables_async)
+from ckpt.context import AsyncOptions, Context, FileOptions, MemoryOptions, PyTreeOptions
+from ckpt.leaves import PLACEHOLDER
+from ckpt.metadata import CheckpointMetadata, LeafMetadata, RootMetadata
+from ckpt.training import Checkpointer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AsyncOptions", "AsyncResponse", "CheckpointMetadata", "Checkpointer", "Context", "FileOptions",
+    "LeafMetadata", "MemoryOptions", "PLACEHOLDER", "PyTreeOptions", "RootMetadata", "checkpointables_metadata",
+    "errors", "load", "load_async", "load_checkpointables", "metadata", "path", "preemption", "save",
+    "save_async", "save_checkpointables", "save_checkpointables_async", "training",
+]

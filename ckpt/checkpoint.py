@@ -1,0 +1,89 @@
+"""Free functions on one checkpoint directory (no sequence of steps, no policies).
+
+Example::
+
+    ckpt.save("/tmp/model", {"w": np.ones((2, 2))})
+    tree = ckpt.load("/tmp/model")
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import os
+from pathlib import Path
+from typing import Any
+
+from ckpt import background, loading, saving
+from ckpt import format as fmt
+from ckpt.errors import StepAlreadyExistsError
+from ckpt.metadata import CheckpointMetadata
+from ckpt.training import checkpoint_metadata
+
+
+def _writer(path: str | os.PathLike, checkpointables: dict[str, Any], overwrite: bool,
+            custom_metadata: Any) -> saving.StepWriter:
+    final = Path(path).expanduser().absolute()
+    plan = saving.plan(checkpointables, custom_metadata=custom_metadata)
+    if final.exists() and not overwrite:
+        raise StepAlreadyExistsError(f"{final} already exists; pass overwrite=True to replace it", step=None, path=final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return saving.StepWriter(plan, final.with_name(final.name + fmt.TMP_SUFFIX), final)
+
+
+def save_checkpointables(path: str | os.PathLike, checkpointables: dict[str, Any], *, overwrite: bool = False,
+                         custom_metadata: Any = None) -> None:
+    """Saves named trees as one checkpoint directory at ``path``, atomically."""
+    _writer(path, checkpointables, overwrite, custom_metadata).run(None)
+
+
+def save_checkpointables_async(path: str | os.PathLike, checkpointables: dict[str, Any], *, overwrite: bool = False,
+                               custom_metadata: Any = None) -> background.AsyncResponse[None]:
+    """Copies the trees, then writes them in a background thread; ``result()`` waits for the commit."""
+    writer = _writer(path, checkpointables, overwrite, custom_metadata)
+    writer.write_arrays(saving.snapshot(writer.plan, None))
+    executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-save")
+    future = executor.submit(lambda: writer.run(None) and None)
+    executor.shutdown(wait=False)
+    return background.AsyncResponse(future)
+
+
+def save(path: str | os.PathLike, state: Any, *, checkpointable_name: str = fmt.DEFAULT_CHECKPOINTABLE,
+         overwrite: bool = False, custom_metadata: Any = None) -> None:
+    """Saves one tree as a checkpoint directory at ``path``."""
+    save_checkpointables(path, {checkpointable_name: state}, overwrite=overwrite, custom_metadata=custom_metadata)
+
+
+def save_async(path: str | os.PathLike, state: Any, *, checkpointable_name: str = fmt.DEFAULT_CHECKPOINTABLE,
+               overwrite: bool = False, custom_metadata: Any = None) -> background.AsyncResponse[None]:
+    """Async :func:`save`."""
+    return save_checkpointables_async(path, {checkpointable_name: state}, overwrite=overwrite,
+                                      custom_metadata=custom_metadata)
+
+
+def load_checkpointables(path: str | os.PathLike, abstract_checkpointables: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Loads the named trees of the checkpoint at ``path`` (all of them when None)."""
+    return loading.load_checkpointables(Path(path).expanduser().absolute(), abstract_checkpointables)
+
+
+def load(path: str | os.PathLike, abstract_state: Any = None, *,
+         checkpointable_name: str = fmt.DEFAULT_CHECKPOINTABLE) -> Any:
+    """Loads one tree of the checkpoint at ``path``; see ``Checkpointer.load`` for ``abstract_state``."""
+    return load_checkpointables(path, {checkpointable_name: abstract_state})[checkpointable_name]
+
+
+def load_async(path: str | os.PathLike, abstract_state: Any = None, *,
+               checkpointable_name: str = fmt.DEFAULT_CHECKPOINTABLE) -> background.AsyncResponse[Any]:
+    """:func:`load` in a background thread."""
+    executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-load")
+    future = executor.submit(load, path, abstract_state, checkpointable_name=checkpointable_name)
+    executor.shutdown(wait=False)
+    return background.AsyncResponse(future)
+
+
+def metadata(path: str | os.PathLike) -> CheckpointMetadata:
+    """The ``state`` tree of the checkpoint at ``path``, with :class:`ckpt.LeafMetadata` leaves."""
+    return checkpoint_metadata(Path(path).expanduser().absolute(), fmt.DEFAULT_CHECKPOINTABLE)
+
+
+def checkpointables_metadata(path: str | os.PathLike) -> CheckpointMetadata:
+    """Every checkpointable's tree of the checkpoint at ``path``, with ``LeafMetadata`` leaves."""
+    return checkpoint_metadata(Path(path).expanduser().absolute(), None)

@@ -1,0 +1,52 @@
+"""``ckpt.Context``: the few options that change how checkpoints are written and read.
+
+Example::
+
+    ctx = ckpt.Context(
+        async_options=ckpt.AsyncOptions(timeout_secs=600),
+        memory_options=ckpt.MemoryOptions(max_inflight_bytes=2 << 30),
+    )
+    ckptr = ckpt.Checkpointer("runs/exp1", context=ctx)
+"""
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AsyncOptions:
+    """timeout_secs: how long ``wait``, ``close``, ``result()`` and a new save wait for a save in flight."""
+
+    timeout_secs: float = 1200.0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FileOptions:
+    """path_permission_mode: permission bits (e.g. ``0o750``) for the directories ckpt creates; None keeps the umask."""
+
+    path_permission_mode: int | None = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MemoryOptions:
+    """max_inflight_bytes: the most bytes an async save copies into its snapshot; leaves beyond it are
+    written before ``save_async`` returns. None: no bound (the snapshot is one copy of the state)."""
+
+    max_inflight_bytes: int | None = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PyTreeOptions:
+    """partial_load: an abstract tree may omit subtrees of the saved one; they are not read."""
+
+    partial_load: bool = False
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Context:
+    """Option groups for a Checkpointer or a free function (all optional)."""
+
+    async_options: AsyncOptions = dataclasses.field(default_factory=AsyncOptions)
+    file_options: FileOptions = dataclasses.field(default_factory=FileOptions)
+    memory_options: MemoryOptions = dataclasses.field(default_factory=MemoryOptions)
+    pytree_options: PyTreeOptions = dataclasses.field(default_factory=PyTreeOptions)

@@ -1,0 +1,88 @@
+"""The step directory: file names, the manifest schema, the commit record, name validation.
+
+A committed step directory holds::
+
+    <step>/
+      manifest.json   written last: format version, step, timestamps, metrics, custom metadata,
+                      checkpointable names and the CRC32 of tree.json. Its presence is the commit record.
+      tree.json       per checkpointable: the tree structure and one entry per leaf (type, dtype, shape,
+                      where its bytes are, checksum)
+      arrays/<i>/     one zarr3 array (tensorstore) per large leaf, chunks checked by the crc32c codec
+      packed/         one zarr3 uint8 array holding the bytes of every small leaf, each with its CRC32
+
+While written, the directory is ``<step>.ckpt-tmp``; it is renamed to ``<step>`` once complete.
+"""
+from __future__ import annotations
+
+import json
+import zlib
+from typing import Any
+
+FORMAT_NAME = "ckpt"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+TREE = "tree.json"
+ARRAYS = "arrays"
+PACKED = "packed"
+ROOT_METADATA = "ckpt-root.json"
+LOCK = ".ckpt.lock"
+TMP_SUFFIX = ".ckpt-tmp"
+DELETING_SUFFIX = ".ckpt-deleting"
+DEFAULT_CHECKPOINTABLE = "state"
+RESERVED_NAMES = frozenset({"metrics", "AUTO", MANIFEST, TREE, ARRAYS, PACKED})
+
+SMALL_LEAF_BYTES = 1 << 20        # leaves below this are packed together
+PACKED_CHUNK_BYTES = 16 << 20     # chunk size of the packed array
+ARRAY_CHUNK_BYTES = 64 << 20      # target chunk size of a large leaf's array
+
+
+def validate_checkpointable_name(name: Any) -> None:
+    """Raises ValueError for names that are empty, reserved, or not a plain directory name."""
+    if not isinstance(name, str):
+        raise ValueError(f"checkpointable name {name!r} must be a str, got {type(name).__name__}")
+    if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        raise ValueError(f"checkpointable name {name!r} is empty, '.'/'..', or contains a path separator")
+    if name in RESERVED_NAMES or name.startswith("."):
+        raise ValueError(f"checkpointable name {name!r} is reserved (reserved: {sorted(RESERVED_NAMES)}, "
+                         "and names starting with '.')")
+
+
+def validate_step(step: Any) -> int:
+    """Returns ``step`` as an int; raises ValueError for negative or non-integer steps."""
+    import numpy as np
+
+    if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
+        raise ValueError(f"step must be a non-negative int, got {step!r} of type {type(step).__name__}")
+    if step < 0:
+        raise ValueError(f"step must be a non-negative int, got {step}")
+    return int(step)
+
+
+def to_json_bytes(obj: Any, what: str) -> bytes:
+    """Strict JSON (no NaN/inf, no objects); raises ValueError naming ``what`` when ``obj`` is not JSON."""
+    try:
+        return json.dumps(obj, allow_nan=False, sort_keys=False, separators=(",", ":")).encode()
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{what} must be JSON (finite numbers, str, bool, None, lists, dicts with str keys): {e}") from None
+
+
+def check_json(obj: Any, what: str) -> None:
+    """Raises ValueError if ``obj`` is not strict JSON with str keys."""
+    _walk_json(obj, what)
+    to_json_bytes(obj, what)
+
+
+def _walk_json(obj: Any, where: str) -> None:
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if not isinstance(k, str):
+                raise ValueError(f"{where} must be JSON: key {k!r} is a {type(k).__name__}, not a str")
+            _walk_json(v, f"{where}[{k!r}]")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            _walk_json(v, f"{where}[{i}]")
+
+
+def crc32(data: bytes | memoryview) -> int:
+    """The CRC32 stored for tree.json and for packed leaves."""
+    return zlib.crc32(data) & 0xFFFFFFFF

@@ -1,0 +1,1 @@
+"""Integrations of ckpt with training frameworks (installed from the top-level integrations/ folder)."""

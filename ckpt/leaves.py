@@ -1,0 +1,279 @@
+"""What each leaf type becomes on disk and back.
+
+A leaf is stored either inline in the manifest (Python int/float/bool/str/None) or as array data
+(numpy arrays and scalars, bytes, jax arrays, typed PRNG keys as their key data, torch tensors).
+Framework types are recognised only when their module is already imported, and translated here,
+at the boundary: the rest of ckpt sees numpy arrays and JSON.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from typing import Any, Callable
+
+import ml_dtypes  # noqa: F401  (registers bfloat16, float8_*, int4 with numpy)
+import numpy as np
+
+from ckpt.tree import KeyPath, keystr
+
+
+class _Placeholder:
+    """The abstract leaf that means "skip this leaf" (``ckpt.PLACEHOLDER``)."""
+
+    _instance = None
+
+    def __new__(cls):
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "ckpt.PLACEHOLDER"
+
+    def __reduce__(self):
+        return (_Placeholder, ())
+
+
+PLACEHOLDER = _Placeholder()
+
+INLINE_TYPES = {int: "int", float: "float", bool: "bool", str: "str", type(None): "none"}
+
+
+@dataclasses.dataclass
+class HostLeaf:
+    """A leaf ready to be written: its manifest entry and, for array leaves, its host bytes."""
+
+    meta: dict[str, Any]
+    array: np.ndarray | None = None
+    device_array: Any = None  # a jax.Array kept for sharded writes; its host copy is made by the writer
+
+
+def dtype_name(dtype: np.dtype) -> str:
+    """The name a dtype is stored under: ``float32``, ``bfloat16``, ``float8_e4m3fn``; ``<U5`` for others."""
+    if dtype.kind in "biufc" or type(dtype).__module__.startswith("ml_dtypes") or dtype.name in _ML_NAMES:
+        return dtype.name
+    return dtype.str
+
+
+_ML_NAMES = {name for name in dir(ml_dtypes) if isinstance(getattr(ml_dtypes, name), type)}
+
+
+def parse_dtype(name: str) -> np.dtype:
+    """Inverse of :func:`dtype_name`."""
+    try:
+        return np.dtype(name)
+    except TypeError:
+        return np.dtype(getattr(ml_dtypes, name))
+
+
+def _check_array_dtype(path: KeyPath, dtype: np.dtype, what: str) -> None:
+    if dtype.hasobject:
+        raise TypeError(f"{what} at {keystr(path) or 'the root'} has dtype {dtype}, which holds Python "
+                        "objects; store numeric, bool, string or bytes data instead (nothing is pickled)")
+
+
+def _native(array: np.ndarray) -> np.ndarray:
+    if array.dtype.byteorder == ">" or (array.dtype.byteorder == "=" and sys.byteorder == "big"):
+        return array.astype(array.dtype.newbyteorder("<"))
+    return array
+
+
+def to_host(path: KeyPath, x: Any) -> HostLeaf:
+    """Classifies a leaf and returns its manifest entry plus its data as a numpy array (maybe a view).
+
+    Raises:
+      TypeError: the leaf's type cannot be stored; the message names the key path and the type.
+    """
+    kind = INLINE_TYPES.get(type(x))
+    if kind is not None:
+        if kind == "float" and not math.isfinite(x):
+            return HostLeaf({"type": "float", "value": repr(x)})
+        return HostLeaf({"type": kind, "value": x})
+    if isinstance(x, bytes):
+        return HostLeaf({"type": "bytes", "dtype": "uint8", "shape": [len(x)]}, np.frombuffer(x, np.uint8))
+    if isinstance(x, np.ndarray):
+        _check_array_dtype(path, x.dtype, "numpy array")
+        x = _native(x)
+        return HostLeaf({"type": "numpy", "dtype": dtype_name(x.dtype), "shape": list(x.shape)}, x)
+    if isinstance(x, np.generic):
+        _check_array_dtype(path, x.dtype, "numpy scalar")
+        array = _native(np.asarray(x))
+        return HostLeaf({"type": "np_scalar", "dtype": dtype_name(array.dtype), "shape": []}, array)
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(x, torch.Tensor):
+        array = torch_to_numpy(path, x)
+        return HostLeaf({"type": "torch", "dtype": dtype_name(array.dtype), "shape": list(array.shape)}, array)
+    jax = sys.modules.get("jax")
+    if jax is not None and isinstance(x, jax.Array):
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            data = jax.random.key_data(x)
+            meta = {"type": "jax_key", "impl": str(jax.random.key_impl(x)), "dtype": dtype_name(np.dtype(data.dtype)),
+                    "shape": list(data.shape), "key_shape": list(x.shape)}
+            return _jax_leaf(meta, data)
+        return _jax_leaf({"type": "jax", "dtype": dtype_name(np.dtype(x.dtype)), "shape": list(x.shape)}, x)
+    raise TypeError(
+        f"leaf at {keystr(path) or 'the root'} has type {type(x).__module__}.{type(x).__qualname__}, which ckpt "
+        "cannot store; supported leaves are numpy arrays and scalars, int, float, bool, str, bytes, None, "
+        "jax.Array and torch.Tensor (nothing is pickled: convert the object to one of these)"
+    )
+
+
+def _jax_leaf(meta: dict, x: Any) -> HostLeaf:
+    if x.is_fully_addressable:
+        return HostLeaf(meta, np.asarray(x))
+    return HostLeaf(meta, None, device_array=x)
+
+
+_TORCH_VIEWS = {"bfloat16": ("int16", "bfloat16"), "float8_e4m3fn": ("uint8", "float8_e4m3fn"),
+                "float8_e5m2": ("uint8", "float8_e5m2"), "float8_e4m3fnuz": ("uint8", "float8_e4m3fnuz"),
+                "float8_e5m2fnuz": ("uint8", "float8_e5m2fnuz")}
+
+
+def torch_to_numpy(path: KeyPath, t: Any) -> np.ndarray:
+    """A CPU numpy view (or copy, off-CPU) of a torch tensor, bfloat16 and float8 included."""
+    torch = sys.modules["torch"]
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    name = str(t.dtype).removeprefix("torch.")
+    if name in _TORCH_VIEWS:
+        carrier, target = _TORCH_VIEWS[name]
+        return t.contiguous().view(getattr(torch, carrier)).numpy().view(getattr(ml_dtypes, target))
+    try:
+        return t.contiguous().numpy()
+    except TypeError as e:
+        raise TypeError(f"torch tensor at {keystr(path) or 'the root'} has dtype {t.dtype}, which ckpt cannot "
+                        f"store ({e})") from None
+
+
+def numpy_to_torch(array: np.ndarray, like: Any = None) -> Any:
+    """A torch tensor holding ``array`` (bfloat16/float8 included), with ``like``'s dtype and device."""
+    import torch
+
+    name = array.dtype.name
+    if name in _TORCH_VIEWS:
+        carrier, _ = _TORCH_VIEWS[name]
+        tensor = torch.from_numpy(np.ascontiguousarray(array).view(carrier)).view(getattr(torch, name))
+    else:
+        tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if like is not None:
+        tensor = tensor.to(device=like.device, dtype=like.dtype)
+    return tensor
+
+
+def _logical_shape(meta: dict) -> list[int]:
+    return meta.get("key_shape", meta.get("shape", []))
+
+
+def abstract_shape(abstract: Any) -> tuple[int, ...] | None:
+    """The shape an abstract leaf asks for, or None when it does not constrain it."""
+    if isinstance(abstract, type) or abstract is None or abstract is PLACEHOLDER:
+        return None
+    shape = getattr(abstract, "shape", None)
+    return None if shape is None else tuple(shape)
+
+
+def check_leaf(path: KeyPath, meta: dict, abstract: Any) -> str | None:
+    """Why ``abstract`` cannot receive the saved leaf ``meta``, or None when it can."""
+    if abstract is None or abstract is PLACEHOLDER:
+        return None
+    want = abstract_shape(abstract)
+    inline = meta["type"] in ("int", "float", "bool", "str", "none")
+    if want is not None and inline and want != ():
+        return f"{keystr(path)}: saved a {meta['type']} value, abstract leaf wants an array of shape {want}"
+    if want is not None and not inline and tuple(_logical_shape(meta)) != want:
+        return f"{keystr(path)}: saved shape {tuple(_logical_shape(meta))}, abstract leaf wants {want}"
+    return None
+
+
+Reader = Callable[[tuple[slice, ...] | None], np.ndarray]
+
+
+def restore(meta: dict, read: Reader | None, abstract: Any) -> Any:
+    """Turns a stored leaf back into a value shaped by ``abstract`` (see ``Checkpointer.load``)."""
+    kind = meta["type"]
+    if kind in ("int", "float", "bool", "str", "none"):
+        value = meta["value"]
+        if kind == "float":
+            value = float(value)
+        return _cast_python(value, abstract)
+    if abstract is None or abstract is np.ndarray and kind == "numpy":
+        return _restore_as_saved(meta, read)
+    jax = sys.modules.get("jax")
+    if jax is not None and (isinstance(abstract, (jax.ShapeDtypeStruct, jax.Array)) or abstract in (jax.Array, jax.ShapeDtypeStruct)):
+        return _restore_jax(meta, read, abstract, jax)
+    torch = sys.modules.get("torch")
+    if torch is not None and (isinstance(abstract, torch.Tensor) or abstract is torch.Tensor):
+        return numpy_to_torch(_saved_array(meta, read), None if abstract is torch.Tensor else abstract)
+    if isinstance(abstract, type):
+        if abstract is np.ndarray:
+            return _saved_array(meta, read)
+        return _cast_python(_restore_as_saved(meta, read), abstract)
+    if isinstance(abstract, np.generic):
+        return abstract.dtype.type(_saved_array(meta, read).astype(abstract.dtype)[()])
+    if hasattr(abstract, "shape") and hasattr(abstract, "dtype"):
+        return _saved_array(meta, read).astype(np.dtype(abstract.dtype), copy=False)
+    return _cast_python(_restore_as_saved(meta, read), abstract)
+
+
+def _saved_array(meta: dict, read: Reader) -> np.ndarray:
+    return read(None)
+
+
+def _restore_as_saved(meta: dict, read: Reader) -> Any:
+    kind = meta["type"]
+    array = read(None)
+    if kind == "bytes":
+        return array.tobytes()
+    if kind == "np_scalar":
+        return array[()]
+    if kind in ("jax", "jax_key"):
+        jax = _import_or_none("jax")
+        if jax is None:
+            return array
+        if kind == "jax_key":
+            return jax.random.wrap_key_data(jax.numpy.asarray(array), impl=meta["impl"])
+        return jax.device_put(array)
+    if kind == "torch":
+        torch = _import_or_none("torch")
+        return array if torch is None else numpy_to_torch(array)
+    return array
+
+
+def _import_or_none(name: str) -> Any:
+    try:
+        return __import__(name)
+    except ImportError:
+        return None
+
+
+def _cast_python(value: Any, abstract: Any) -> Any:
+    if abstract is None or abstract is PLACEHOLDER:
+        return value
+    target = abstract if isinstance(abstract, type) else type(abstract)
+    if target in (int, float, bool, str):
+        if isinstance(value, np.ndarray):
+            value = value[()] if value.ndim == 0 else value
+        return target(value)
+    if target is bytes and isinstance(value, (bytes, np.ndarray)):
+        return bytes(value)
+    return value
+
+
+def _restore_jax(meta: dict, read: Reader, abstract: Any, jax: Any) -> Any:
+    sharding = None if isinstance(abstract, type) else getattr(abstract, "sharding", None)
+    saved_dtype = parse_dtype(meta["dtype"])
+    want_dtype = None if isinstance(abstract, type) else abstract.dtype
+    is_key = meta["type"] == "jax_key" or (
+        want_dtype is not None and jax.dtypes.issubdtype(want_dtype, jax.dtypes.prng_key))
+    if is_key:
+        impl = meta.get("impl") or str(jax.random.key_impl(abstract))
+        data = read(None)
+        keys = jax.random.wrap_key_data(jax.numpy.asarray(data), impl=impl)
+        return keys if sharding is None else jax.device_put(keys, sharding)
+    dtype = saved_dtype if want_dtype is None else np.dtype(want_dtype)
+    shape = tuple(meta["shape"])
+    if sharding is None:
+        return jax.device_put(read(None).astype(dtype, copy=False))
+    return jax.make_array_from_callback(shape, sharding, lambda index: read(index).astype(dtype, copy=False))

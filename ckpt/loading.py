@@ -1,0 +1,232 @@
+"""One step: read the manifest, match the abstract tree, read the arrays.
+
+Every mismatch between the abstract tree and the saved one is collected first and reported in one
+ValueError; nothing is read until the trees match. Damaged data (a checksum, a missing file, a
+malformed manifest) raises :class:`ckpt.errors.CheckpointCorruptedError` naming the step and key path.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ckpt import format as fmt
+from ckpt import leaves as leaves_lib
+from ckpt import storage
+from ckpt import tree as tree_lib
+from ckpt.errors import CheckpointCorruptedError, TreeMismatchError
+from ckpt.metadata import LeafMetadata
+from ckpt.tree import KeyPath, keystr
+
+
+def read_manifest(step_dir: Path) -> dict:
+    """The step's manifest.json, validated."""
+    path = step_dir / fmt.MANIFEST
+    try:
+        manifest = json.loads(storage.read_json_bytes(path))
+    except FileNotFoundError:
+        raise CheckpointCorruptedError(f"{path} is missing: {step_dir} is not a committed ckpt checkpoint",
+                                       path=step_dir) from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointCorruptedError(f"{path} is not valid JSON ({e})", path=step_dir) from None
+    if not isinstance(manifest, dict) or manifest.get("format") != fmt.FORMAT_NAME:
+        raise CheckpointCorruptedError(f"{path} is not a ckpt manifest", path=step_dir)
+    if manifest.get("version") != fmt.FORMAT_VERSION:
+        raise CheckpointCorruptedError(
+            f"{path} has format version {manifest.get('version')!r}; this ckpt reads version {fmt.FORMAT_VERSION}",
+            path=step_dir)
+    return manifest
+
+
+def read_tree(step_dir: Path, manifest: dict) -> dict:
+    """The step's tree.json, checked against the CRC32 in the manifest."""
+    path = step_dir / fmt.TREE
+    try:
+        data = storage.read_json_bytes(path)
+    except FileNotFoundError:
+        raise CheckpointCorruptedError(f"{path} is missing", path=step_dir) from None
+    if fmt.crc32(data) != manifest.get("tree_crc32"):
+        raise CheckpointCorruptedError(f"{path} does not match its checksum in {fmt.MANIFEST}: the file is damaged",
+                                       path=step_dir)
+    return json.loads(data)
+
+
+class _PackedReader:
+    """Reads byte ranges of the packed array once, on first need."""
+
+    def __init__(self, step_dir: Path, doc: dict | None):
+        self.step_dir = step_dir
+        self.doc = doc
+        self._store = None
+        self._data: np.ndarray | None = None
+        self._range = (0, 0)
+
+    def prefetch(self, ranges: list[tuple[int, int]]) -> None:
+        if not ranges or self.doc is None:
+            return
+        lo, hi = min(r[0] for r in ranges), max(r[0] + r[1] for r in ranges)
+        store = storage.open_for_read(storage.resolve_kvstore(self.doc["spec"], self.step_dir))
+        self._data = store[lo:hi].read().result()
+        self._range = (lo, hi)
+
+    def get(self, offset: int, nbytes: int) -> np.ndarray:
+        lo, _ = self._range
+        return self._data[offset - lo: offset - lo + nbytes]
+
+
+class _LeafSource:
+    """Reads one saved leaf, whole or a slice, checking its checksum; errors name the key path."""
+
+    def __init__(self, step_dir: Path, name: str, meta: dict, packed: _PackedReader):
+        self.step_dir, self.name, self.meta, self.packed = step_dir, name, meta, packed
+        self._future = None
+        self._store = None
+
+    @property
+    def where(self) -> str:
+        return f"{self.name}{self.meta['path']}"
+
+    def _fail(self, why: str) -> CheckpointCorruptedError:
+        return CheckpointCorruptedError(f"{self.step_dir}: leaf {self.where} is damaged: {why}",
+                                        path=self.step_dir, key_paths=(self.where,))
+
+    def start(self) -> None:
+        """Starts reading a whole large leaf in the background."""
+        if "array" in self.meta and self._future is None:
+            self._future = self._open().read()
+
+    def _open(self):
+        if self._store is None:
+            try:
+                self._store = storage.open_for_read(storage.resolve_kvstore(self.meta["array"], self.step_dir))
+            except ValueError as e:
+                raise self._fail(str(e)) from None
+        return self._store
+
+    def read(self, index: tuple[slice, ...] | None = None) -> np.ndarray:
+        meta = self.meta
+        dtype = leaves_lib.parse_dtype(meta["dtype"])
+        shape = tuple(meta["shape"])
+        if "packed" in meta:
+            offset, nbytes = meta["packed"]
+            raw = self.packed.get(offset, nbytes)
+            if raw.size != nbytes or fmt.crc32(raw) != meta.get("crc32"):
+                raise self._fail("its bytes do not match the CRC32 in the manifest")
+            array = raw.view(dtype).reshape(shape)
+            return array if index is None else array[index]
+        try:
+            if meta.get("stored_as") == "bytes":
+                array = self._open().read().result().view(dtype).reshape(shape)
+                return array if index is None else array[index]
+            if index is None:
+                future, self._future = self._future or self._open().read(), None
+                return future.result()
+            return self._open()[index].read().result()
+        except ValueError as e:
+            raise self._fail(str(e)) from None
+
+
+def _leaf_metadata(meta: dict) -> LeafMetadata:
+    if "dtype" not in meta:
+        return LeafMetadata(meta["type"], None, None)
+    dtype = leaves_lib.parse_dtype(meta["dtype"])
+    shape = tuple(meta.get("key_shape", meta["shape"]))
+    return LeafMetadata(meta["type"], shape, dtype, int(np.prod(meta["shape"], dtype=np.int64)) * dtype.itemsize)
+
+
+def tree_metadata(doc: dict) -> Any:
+    """The saved tree with :class:`LeafMetadata` leaves (plain dicts/lists for typed containers)."""
+    node = tree_lib.from_json(doc["tree"])
+    return tree_lib.unflatten(node, iter(_leaf_metadata(m) for m in doc["leaves"]))
+
+
+def _match(saved: dict, abstract: Any, name: str, partial: bool) -> tuple[list[tuple[KeyPath, Any, list[int]]], Any, list[str]]:
+    """Pairs each abstract leaf with the saved leaves it receives; lists every difference."""
+    saved_node = tree_lib.from_json(saved["tree"])
+    saved_paths = tree_lib.leaf_paths(saved_node)
+    index = {tuple(k for _, k in p): i for i, p in enumerate(saved_paths)}
+    abstract_node, abstract_leaves = tree_lib.flatten(abstract)
+    pairs, diffs, covered = [], [], set()
+    for path, leaf in abstract_leaves:
+        key = tuple(k for _, k in path)
+        if leaf is leaves_lib.PLACEHOLDER or (leaf is None and key not in index):
+            under = [i for p, i in index.items() if p[: len(key)] == key]
+            covered.update(under)
+            if leaf is None and not under and tree_lib.subtree(saved_node, path) is None:
+                diffs.append(f"{name}{keystr(path)}: in the abstract tree, not in the checkpoint")
+            pairs.append((path, leaf, under))
+            continue
+        if key not in index:
+            diffs.append(f"{name}{keystr(path)}: in the abstract tree, not in the checkpoint")
+            continue
+        i = index[key]
+        covered.add(i)
+        why = leaves_lib.check_leaf(path, saved["leaves"][i], leaf)
+        if why:
+            diffs.append(f"{name}{why}")
+        pairs.append((path, leaf, [i]))
+    if not partial:
+        for i, p in enumerate(saved_paths):
+            if i not in covered:
+                diffs.append(f"{name}{keystr(p)}: in the checkpoint, not in the abstract tree")
+    return pairs, abstract_node, diffs
+
+
+def load_checkpointables(step_dir: Path, abstract: dict[str, Any] | None, *, partial_load: bool = False) -> dict[str, Any]:
+    """Loads the named checkpointables of one step directory (all of them when ``abstract`` is None)."""
+    manifest = read_manifest(step_dir)
+    doc = read_tree(step_dir, manifest)
+    trees = doc["checkpointables"]
+    if abstract is None:
+        abstract = {name: None for name in trees}
+    unknown = [n for n in abstract if n not in trees]
+    if unknown:
+        raise KeyError(f"{step_dir} has no checkpointable {unknown[0]!r}; it has {sorted(trees)}")
+    packed = _PackedReader(step_dir, doc.get("packed"))
+    plans, diffs = {}, []
+    for name, abstract_tree in abstract.items():
+        saved = trees[name]
+        if abstract_tree is None:
+            plans[name] = None
+            continue
+        pairs, node, found = _match(saved, abstract_tree, name, partial_load)
+        plans[name] = (pairs, node)
+        diffs.extend(found)
+    if diffs:
+        raise TreeMismatchError(
+            f"the abstract tree does not match the checkpoint in {step_dir} ({len(diffs)} difference"
+            f"{'s' if len(diffs) != 1 else ''}):\n  " + "\n  ".join(diffs), differences=diffs)
+    needed: set[tuple[str, int]] = set()
+    for name, p in plans.items():
+        if p is None:
+            needed.update((name, i) for i in range(len(trees[name]["leaves"])))
+        else:
+            needed.update((name, i) for _, leaf, idx in p[0] if leaf is not leaves_lib.PLACEHOLDER for i in idx)
+    sources = {key: _LeafSource(step_dir, key[0], trees[key[0]]["leaves"][key[1]], packed) for key in needed}
+    packed.prefetch([tuple(s.meta["packed"]) for s in sources.values() if "packed" in s.meta])
+    for source in sources.values():
+        source.start()
+    return {name: _build(name, trees[name], plans[name], sources) for name in abstract}
+
+
+def _build(name: str, saved: dict, plan: Any, sources: dict) -> Any:
+    def value(i: int, abstract_leaf: Any) -> Any:
+        source = sources.get((name, i))
+        return leaves_lib.restore(saved["leaves"][i], None if source is None else source.read, abstract_leaf)
+
+    saved_node = tree_lib.from_json(saved["tree"])
+    if plan is None:
+        return tree_lib.unflatten(saved_node, iter(value(i, None) for i in range(len(saved["leaves"]))))
+    pairs, abstract_node = plan
+    out = []
+    for path, leaf, idx in pairs:
+        if leaf is leaves_lib.PLACEHOLDER:
+            out.append(leaves_lib.PLACEHOLDER)
+        elif leaf is None and (len(idx) != 1 or tree_lib.subtree(saved_node, path).kind != "leaf"):
+            sub = tree_lib.subtree(saved_node, path)
+            out.append(tree_lib.unflatten(sub, iter(value(i, None) for i in idx)))
+        else:
+            out.append(value(idx[0], None if isinstance(leaf, LeafMetadata) else leaf))
+    return tree_lib.unflatten(abstract_node, iter(out))

@@ -1,0 +1,82 @@
+"""What ckpt tells about a checkpoint without reading its arrays."""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+import numpy as np
+
+T = TypeVar("T")
+
+
+class CheckpointMetadata(Generic[T]):
+    """One checkpoint: its step, path, metrics and timestamps, and (from ``metadata()``) its tree.
+
+    ``metadata`` is None in ``Checkpointer.checkpoints``; ``Checkpointer.metadata(step)`` fills it with
+    the saved tree whose leaves are :class:`LeafMetadata` (pass it as ``abstract_state`` to load as saved).
+    """
+
+    def __init__(self, step: int | None, path: Path | str | None, *, metadata: T | None = None,
+                 init_timestamp_nsecs: int | None = None, commit_timestamp_nsecs: int | None = None,
+                 custom_metadata: Any = None, metrics: Any = None):
+        self._step = step
+        self.path = None if path is None else Path(path)
+        self.metadata = metadata
+        self.init_timestamp_nsecs = init_timestamp_nsecs
+        self.commit_timestamp_nsecs = commit_timestamp_nsecs
+        self.custom_metadata = custom_metadata
+        self._metrics = metrics
+
+    @property
+    def step(self) -> int | None:
+        return self._step
+
+    @property
+    def metrics(self) -> Any:
+        return self._metrics
+
+    @property
+    def time(self) -> datetime.datetime:
+        """The commit time as a UTC datetime (the epoch when unknown, e.g. with lightweight_initialize)."""
+        return datetime.datetime.fromtimestamp((self.commit_timestamp_nsecs or 0) / 1e9, datetime.timezone.utc)
+
+    @property
+    def init_timestamp(self) -> datetime.datetime | None:
+        ns = self.init_timestamp_nsecs
+        return None if ns is None else datetime.datetime.fromtimestamp(ns / 1e9, datetime.timezone.utc)
+
+    @property
+    def commit_timestamp(self) -> datetime.datetime | None:
+        ns = self.commit_timestamp_nsecs
+        return None if ns is None else datetime.datetime.fromtimestamp(ns / 1e9, datetime.timezone.utc)
+
+    def __repr__(self) -> str:
+        return (f"CheckpointMetadata(step={self.step}, path={str(self.path)!r}, metrics={self.metrics!r}, "
+                f"time={self.time.isoformat()})")
+
+    def __eq__(self, other: object) -> bool:
+        return (isinstance(other, CheckpointMetadata) and self.step == other.step and self.path == other.path
+                and self.commit_timestamp_nsecs == other.commit_timestamp_nsecs)
+
+    def __hash__(self) -> int:
+        return hash((self.step, self.path))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RootMetadata:
+    """What belongs to the whole sequence of checkpoints: its directory and custom metadata."""
+
+    directory: Path
+    custom_metadata: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafMetadata:
+    """A saved leaf: its ``type`` (numpy, jax, torch, int, str, ...), ``shape`` and ``dtype`` (None inline)."""
+
+    type: str
+    shape: tuple[int, ...] | None
+    dtype: np.dtype | None
+    nbytes: int = 0

@@ -1,0 +1,174 @@
+"""What to keep: each policy answers ``should_preserve(checkpoints, *, context)`` with one bool per checkpoint.
+
+``checkpoints`` are :class:`ckpt.CheckpointMetadata`, ascending by step, the one just committed included.
+Steps no policy keeps are deleted after a commit; the latest committed step is always kept, whatever
+the policy says (so ``BestN`` alone cannot break resuming). Combine with :class:`AnyPreservationPolicy`.
+
+Example::
+
+    policy = AnyPreservationPolicy([LatestN(3), BestN(get_metric_fn=lambda m: m["loss"], reverse=True, n=2)])
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
+
+from ckpt.metadata import CheckpointMetadata
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PreservationContext:
+    """Reserved for what a preservation policy may need beyond the checkpoints."""
+
+
+@runtime_checkable
+class PreservationPolicy(Protocol):
+    def should_preserve(self, checkpoints: Sequence[CheckpointMetadata], *,
+                        context: PreservationContext) -> Sequence[bool]:
+        """One bool per checkpoint: True keeps it."""
+
+
+class PreserveAll:
+    """Keeps every checkpoint."""
+
+    def should_preserve(self, checkpoints, *, context):
+        return [True] * len(checkpoints)
+
+    def __repr__(self) -> str:
+        return "PreserveAll()"
+
+
+@dataclasses.dataclass(frozen=True)
+class LatestN:
+    """Keeps the ``n`` newest checkpoints (all of them when ``n`` is None)."""
+
+    n: int | None = None
+
+    def __post_init__(self):
+        if self.n is not None and (not isinstance(self.n, int) or self.n < 0):
+            raise ValueError(f"LatestN n must be a non-negative int or None, got {self.n!r}")
+
+    def should_preserve(self, checkpoints, *, context):
+        if self.n is None:
+            return [True] * len(checkpoints)
+        cut = len(checkpoints) - self.n
+        return [i >= cut for i in range(len(checkpoints))]
+
+
+@dataclasses.dataclass(frozen=True)
+class EveryNSeconds:
+    """Keeps the first checkpoint, then each one at least ``interval_secs`` after the last kept."""
+
+    interval_secs: float
+
+    def __post_init__(self):
+        if self.interval_secs <= 0:
+            raise ValueError(f"EveryNSeconds interval_secs must be positive, got {self.interval_secs!r}")
+
+    def should_preserve(self, checkpoints, *, context):
+        keep, last = [], None
+        for c in checkpoints:
+            ok = last is None or (c.time - last).total_seconds() >= self.interval_secs
+            keep.append(ok)
+            if ok:
+                last = c.time
+        return keep
+
+
+@dataclasses.dataclass(frozen=True)
+class EveryNSteps:
+    """Keeps steps divisible by ``interval_steps`` (or, with ``exact_interval=False``, the first and then
+    each one at least ``interval_steps`` after the last kept); ``max_to_keep`` trims to the newest kept."""
+
+    interval_steps: int
+    exact_interval: bool = True
+    max_to_keep: int | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.interval_steps, int) or self.interval_steps <= 0:
+            raise ValueError(f"EveryNSteps interval_steps must be a positive int, got {self.interval_steps!r}")
+        if self.max_to_keep is not None and self.max_to_keep < 0:
+            raise ValueError(f"EveryNSteps max_to_keep must be non-negative, got {self.max_to_keep!r}")
+
+    def should_preserve(self, checkpoints, *, context):
+        keep, last = [], None
+        for c in checkpoints:
+            if self.exact_interval:
+                ok = c.step % self.interval_steps == 0
+            else:
+                ok = last is None or c.step - last >= self.interval_steps
+            keep.append(ok)
+            if ok:
+                last = c.step
+        if self.max_to_keep is not None:
+            kept = [i for i, k in enumerate(keep) if k]
+            for i in kept[: max(0, len(kept) - self.max_to_keep)]:
+                keep[i] = False
+        return keep
+
+
+@dataclasses.dataclass(frozen=True)
+class CustomSteps:
+    """Keeps exactly the given steps."""
+
+    steps: Sequence[int]
+
+    def should_preserve(self, checkpoints, *, context):
+        steps = set(self.steps)
+        return [c.step in steps for c in checkpoints]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BestN:
+    """Keeps the ``n`` best checkpoints by ``get_metric_fn(metrics)``.
+
+    As in Orbax, ``reverse=False`` keeps the n largest values and ``reverse=True`` the n smallest
+    (a loss). ``n=None`` keeps all; checkpoints without metrics are kept if
+    ``keep_checkpoints_without_metrics``.
+    """
+
+    get_metric_fn: Callable[[Any], float]
+    reverse: bool = False
+    n: int | None = None
+    keep_checkpoints_without_metrics: bool = True
+
+    def __post_init__(self):
+        if self.n is not None and (not isinstance(self.n, int) or self.n < 0):
+            raise ValueError(f"BestN n must be a non-negative int or None, got {self.n!r}")
+
+    def should_preserve(self, checkpoints, *, context):
+        with_metrics = [i for i, c in enumerate(checkpoints) if c.metrics is not None]
+        keep = [c.metrics is None and self.keep_checkpoints_without_metrics for c in checkpoints]
+        if self.n is None or len(with_metrics) <= self.n:
+            for i in with_metrics:
+                keep[i] = True
+            return keep
+        ranked = sorted(with_metrics, key=lambda i: self.get_metric_fn(checkpoints[i].metrics), reverse=self.reverse)
+        for i in ranked[len(ranked) - self.n:]:
+            keep[i] = True
+        return keep
+
+
+@dataclasses.dataclass(frozen=True)
+class LatestDuration:
+    """Keeps the checkpoints committed within ``duration`` of now."""
+
+    duration: datetime.timedelta
+
+    def should_preserve(self, checkpoints, *, context):
+        cutoff = datetime.datetime.now(datetime.timezone.utc) - self.duration
+        return [c.time >= cutoff for c in checkpoints]
+
+
+@dataclasses.dataclass(frozen=True)
+class AnyPreservationPolicy:
+    """Keeps a checkpoint when any of ``policies`` keeps it."""
+
+    policies: Sequence[PreservationPolicy]
+
+    def should_preserve(self, checkpoints, *, context):
+        keep = [False] * len(checkpoints)
+        for policy in self.policies:
+            keep = [a or b for a, b in zip(keep, policy.should_preserve(checkpoints, context=context))]
+        return keep

@@ -1,0 +1,288 @@
+"""One step: plan the tree, snapshot it (async), write it with tensorstore, commit it.
+
+``plan`` validates and flattens without touching the disk, so every bad input fails before anything
+is written. ``snapshot`` copies the leaves into memory the checkpointer owns (async saves only).
+``write`` puts the bytes in a temporary step directory; ``commit`` makes it visible atomically.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import tensorstore as ts
+
+from ckpt import format as fmt
+from ckpt import leaves as leaves_lib
+from ckpt import storage
+from ckpt import tree as tree_lib
+from ckpt.tree import KeyPath, keystr
+
+_ALIGN = 64
+
+
+@dataclasses.dataclass
+class PlannedLeaf:
+    """A leaf with its manifest entry and where its bytes go (inline, packed at ``offset``, or its own array)."""
+
+    path: KeyPath
+    host: leaves_lib.HostLeaf
+    location: str = "inline"
+    offset: int = 0
+    nbytes: int = 0
+    array_name: str = ""
+
+
+@dataclasses.dataclass
+class Plan:
+    """Everything a step's write needs; owns its bytes once :func:`snapshot` has run."""
+
+    structures: dict[str, dict]
+    leaves: dict[str, list[PlannedLeaf]]
+    packed: list[PlannedLeaf]
+    arrays: list[PlannedLeaf]
+    packed_nbytes: int
+    metrics: Any
+    custom_metadata: Any
+    init_timestamp_nsecs: int
+    packed_buffer: np.ndarray | None = None
+    written_arrays: set[str] = dataclasses.field(default_factory=set)
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed_nbytes + sum(leaf.nbytes for leaf in self.arrays)
+
+
+def _raw_bytes(array: np.ndarray) -> np.ndarray:
+    """The C-order bytes of an array as a flat uint8 array (a view when already contiguous)."""
+    return np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+
+
+def _ts_supports(dtype: np.dtype) -> bool:
+    try:
+        ts.dtype(dtype.name)
+        return dtype.kind in "biufc" or dtype.name.startswith(("bfloat", "float", "int", "uint"))
+    except (TypeError, ValueError):
+        return False
+
+
+def plan(checkpointables: dict[str, Any], *, metrics: Any = None, custom_metadata: Any = None) -> Plan:
+    """Validates names, metadata and leaves, and decides where each leaf's bytes go. No I/O.
+
+    Raises:
+      ValueError: an invalid checkpointable name, or metrics/custom metadata that are not JSON.
+      TypeError: a leaf that cannot be stored (named by its key path).
+    """
+    if not isinstance(checkpointables, dict) or not checkpointables:
+        raise ValueError(f"checkpointables must be a non-empty dict of name -> tree, got {type(checkpointables).__name__}")
+    for name in checkpointables:
+        fmt.validate_checkpointable_name(name)
+    if metrics is not None:
+        fmt.check_json(metrics, "metrics")
+    if custom_metadata is not None:
+        fmt.check_json(custom_metadata, "custom_metadata")
+    structures, planned, packed, arrays = {}, {}, [], []
+    offset = 0
+    for name, tree in checkpointables.items():
+        node, flat = tree_lib.flatten(tree)
+        structures[name] = tree_lib.to_json(node)
+        planned[name] = []
+        for path, value in flat:
+            host = leaves_lib.to_host(path, value)
+            leaf = PlannedLeaf(path, host)
+            if "dtype" in host.meta:
+                leaf.nbytes = int(np.prod(host.meta["shape"], dtype=np.int64)) * leaves_lib.parse_dtype(host.meta["dtype"]).itemsize
+                if leaf.nbytes < fmt.SMALL_LEAF_BYTES and host.device_array is None:
+                    leaf.location, leaf.offset = "packed", offset
+                    offset += -(-leaf.nbytes // _ALIGN) * _ALIGN
+                    packed.append(leaf)
+                else:
+                    leaf.location, leaf.array_name = "array", f"{fmt.ARRAYS}/{len(arrays)}"
+                    arrays.append(leaf)
+            planned[name].append(leaf)
+    return Plan(structures, planned, packed, arrays, offset, metrics, custom_metadata, time.time_ns())
+
+
+def snapshot(plan: Plan, max_inflight_bytes: int | None) -> list[PlannedLeaf]:
+    """Copies leaves into memory the plan owns, small leaves first, up to ``max_inflight_bytes``.
+
+    Returns the large leaves left uncopied: the caller must write them before returning to its caller.
+    """
+    budget = float("inf") if max_inflight_bytes is None else max_inflight_bytes
+    if plan.packed:
+        buffer = np.empty(plan.packed_nbytes, np.uint8)
+        for leaf in plan.packed:
+            array = leaf.host.array
+            view = buffer[leaf.offset: leaf.offset + leaf.nbytes].view(array.dtype).reshape(array.shape)
+            np.copyto(view, array)
+            leaf.host.array = view
+        plan.packed_buffer = buffer
+        budget -= plan.packed_nbytes
+    uncopied = []
+    for leaf in plan.arrays:
+        if leaf.nbytes > budget:
+            uncopied.append(leaf)
+            continue
+        if leaf.host.device_array is not None:
+            continue  # the writer copies each shard to host before the next save starts
+        leaf.host.array = np.array(leaf.host.array, copy=True)
+        budget -= leaf.nbytes
+    return uncopied
+
+
+class StepWriter:
+    """Writes one plan into ``tmp_dir`` and commits it as ``final_dir``."""
+
+    def __init__(self, plan: Plan, tmp_dir: Path, final_dir: Path, *, dir_mode: int | None = None):
+        self.plan = plan
+        self.tmp_dir = tmp_dir
+        self.final_dir = final_dir
+        self.dir_mode = dir_mode
+        self._prepared = False
+
+    def prepare_dir(self) -> None:
+        """Creates a fresh temporary directory (removing one a crashed save left)."""
+        if self._prepared:
+            return
+        storage.remove_tree(self.tmp_dir)
+        storage.make_dir(self.tmp_dir, mode=self.dir_mode)
+        self._prepared = True
+
+    def write_arrays(self, leaves: list[PlannedLeaf]) -> None:
+        """Writes large leaves, each as a zarr3 array with crc32c-checked chunks, concurrently."""
+        self.prepare_dir()
+        futures = []
+        for leaf in leaves:
+            if leaf.array_name in self.plan.written_arrays:
+                continue
+            with storage.io_errors(f"writing {keystr(leaf.path)} to {self.tmp_dir}"):
+                futures.append((leaf, self._write_array(leaf)))
+        for leaf, pending in futures:
+            with storage.io_errors(f"writing {keystr(leaf.path)} to {self.tmp_dir}"):
+                for future in pending:
+                    future.result()
+            self.plan.written_arrays.add(leaf.array_name)
+            leaf.host.array = None  # release the snapshot copy as soon as it is on disk
+
+    def _write_array(self, leaf: PlannedLeaf) -> list[Any]:
+        meta = leaf.host.meta
+        dtype = leaves_lib.parse_dtype(meta["dtype"])
+        shape = tuple(meta["shape"])
+        stored_dtype, stored_shape = (dtype, shape) if _ts_supports(dtype) else (np.dtype(np.uint8), (leaf.nbytes,))
+        spec = storage.array_spec({"driver": "file", "path": leaf.array_name + "/"}, stored_dtype, stored_shape,
+                                  fmt.ARRAY_CHUNK_BYTES, checksum=True)
+        meta["array"] = spec
+        if stored_dtype != dtype:
+            meta["stored_as"] = "bytes"
+        store = storage.open_for_write(storage.resolve_kvstore(spec, self.tmp_dir))
+        if leaf.host.device_array is not None:
+            return [store[shard.index].write(np.asarray(shard.data)).commit
+                    for shard in leaf.host.device_array.addressable_shards if shard.replica_id == 0]
+        source = leaf.host.array if stored_dtype == dtype else _raw_bytes(leaf.host.array)
+        return [store.write(source, can_reference_source_data_indefinitely=True).commit]
+
+    def write_packed(self) -> None:
+        """Writes every small leaf into one uint8 zarr3 array, chunk by chunk, and records their CRC32."""
+        plan = self.plan
+        if not plan.packed:
+            return
+        self.prepare_dir()
+        spec = storage.array_spec({"driver": "file", "path": fmt.PACKED + "/"}, np.dtype(np.uint8),
+                                  (plan.packed_nbytes,), fmt.PACKED_CHUNK_BYTES, checksum=False)
+        store = storage.open_for_write(storage.resolve_kvstore(spec, self.tmp_dir))
+        pending: list[Any] = []
+        with storage.io_errors(f"writing the packed leaves to {self.tmp_dir}"):
+            for start, chunk in self._packed_chunks():
+                if len(pending) >= 2:
+                    pending.pop(0).result()
+                write = store[start: start + chunk.size].write(chunk)
+                write.copy.result()
+                pending.append(write.commit)
+            for commit in pending:
+                commit.result()
+        self.packed_spec = spec
+
+    def _packed_chunks(self) -> Iterator[tuple[int, np.ndarray]]:
+        plan, size = self.plan, fmt.PACKED_CHUNK_BYTES
+        for leaf in plan.packed:
+            leaf.host.meta["crc32"] = fmt.crc32(_raw_bytes(leaf.host.array))
+            leaf.host.meta["packed"] = [leaf.offset, leaf.nbytes]
+        if plan.packed_buffer is not None:
+            for start in range(0, plan.packed_nbytes, size):
+                yield start, plan.packed_buffer[start: start + size]
+            return
+        chunk = np.zeros(min(size, plan.packed_nbytes), np.uint8)
+        chunk_start = 0
+        for leaf in plan.packed:
+            data, pos = _raw_bytes(leaf.host.array), leaf.offset
+            while pos < leaf.offset + leaf.nbytes:
+                if pos >= chunk_start + chunk.size:
+                    yield chunk_start, chunk
+                    chunk_start += chunk.size
+                    chunk = np.zeros(min(size, plan.packed_nbytes - chunk_start), np.uint8)
+                n = min(leaf.offset + leaf.nbytes, chunk_start + chunk.size) - pos
+                done = pos - leaf.offset
+                chunk[pos - chunk_start: pos - chunk_start + n] = data[done: done + n]
+                pos += n
+        yield chunk_start, chunk
+
+    def write_all(self) -> None:
+        self.write_arrays(self.plan.arrays)
+        self.write_packed()
+
+    def write_manifest(self, step: int | None, extra: dict | None = None) -> None:
+        """Writes tree.json and then manifest.json (the commit record) into the temporary directory."""
+        plan = self.plan
+        self.prepare_dir()
+        trees = {}
+        for name, structure in plan.structures.items():
+            entries = []
+            for leaf in plan.leaves[name]:
+                entry = {"path": keystr(leaf.path), **leaf.host.meta}
+                entries.append(entry)
+            trees[name] = {"tree": structure, "leaves": entries}
+        tree_doc: dict[str, Any] = {"checkpointables": trees}
+        if plan.packed:
+            tree_doc["packed"] = {"spec": self.packed_spec, "nbytes": plan.packed_nbytes}
+        tree_bytes = fmt.to_json_bytes(tree_doc, "the tree")
+        storage.write_file(self.tmp_dir / fmt.TREE, tree_bytes)
+        manifest = {
+            "format": fmt.FORMAT_NAME,
+            "version": fmt.FORMAT_VERSION,
+            "step": step,
+            "init_timestamp_nsecs": plan.init_timestamp_nsecs,
+            "commit_timestamp_nsecs": time.time_ns(),
+            "metrics": plan.metrics,
+            "custom_metadata": plan.custom_metadata,
+            "checkpointables": list(plan.structures),
+            "nbytes": plan.nbytes,
+            "tree_crc32": fmt.crc32(tree_bytes),
+            **(extra or {}),
+        }
+        storage.write_file(self.tmp_dir / fmt.MANIFEST, fmt.to_json_bytes(manifest, "the manifest"))
+        self.manifest = manifest
+
+    def commit(self) -> None:
+        """fsyncs the temporary tree, renames it to its final name (replacing an old step only now) and
+        fsyncs the root."""
+        for dirpath, _, _ in os.walk(self.tmp_dir):
+            storage.fsync_path(Path(dirpath))
+        old = self.final_dir.with_name(self.final_dir.name + fmt.DELETING_SUFFIX)
+        replaced = self.final_dir.exists()
+        if replaced:
+            storage.remove_tree(old)
+            os.rename(self.final_dir, old)
+        os.rename(self.tmp_dir, self.final_dir)
+        storage.fsync_path(self.final_dir.parent)
+        if replaced:
+            storage.remove_tree(old)
+
+    def run(self, step: int | None) -> dict:
+        """Writes everything not yet written, then commits; returns the manifest."""
+        self.write_all()
+        self.write_manifest(step)
+        self.commit()
+        return self.manifest

@@ -1,0 +1,430 @@
+"""``Checkpointer``: a sequence of steps in one root directory; decides, saves, loads, collects garbage.
+
+Example::
+
+    from ckpt import training
+    policies = training.save_decision_policies
+    with training.Checkpointer(
+        "runs/exp1",
+        save_decision_policy=policies.AnySavePolicy([
+            policies.FixedIntervalPolicy(1000), policies.PreemptionCheckpointingPolicy()]),
+        preservation_policy=training.preservation_policies.LatestN(3),
+    ) as ckptr:
+        state = init() if ckptr.latest is None else ckptr.load(abstract_state=abstract)
+        start = 0 if ckptr.latest is None else ckptr.latest.step + 1
+        for step in range(start, num_steps):
+            state = train_step(state)
+            ckptr.save_async(step, state, metrics={"loss": float(loss)})
+            if ckptr.reached_preemption(step):
+                break
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import logging
+import os
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+from ckpt import background, loading, preemption, saving, storage
+from ckpt import errors
+from ckpt import format as fmt
+from ckpt.context import Context
+from ckpt.metadata import CheckpointMetadata, RootMetadata
+from ckpt.path import step as step_lib
+from ckpt.policies import preservation as preservation_policies
+from ckpt.policies import save_decision as save_decision_policies
+
+__all__ = ["Checkpointer", "save_decision_policies", "preservation_policies", "errors",
+           "CheckpointMetadata", "RootMetadata"]
+
+logger = logging.getLogger("ckpt")
+
+
+def _step_number(step: int | CheckpointMetadata) -> int:
+    return fmt.validate_step(step.step if isinstance(step, CheckpointMetadata) else step)
+
+
+class Checkpointer:
+    """Manages a sequence of checkpoints in a training loop (the API of Orbax's ``training.Checkpointer``).
+
+    Not thread safe: call it from one thread (the training loop). In a multi-process job every
+    process calls the same methods.
+
+    Args:
+      directory: the root; created if missing. Each step is a directory below it.
+      context: options (:class:`ckpt.Context`).
+      save_decision_policy: when to save; default: the first step, then whenever no save is in
+        flight, and on preemption.
+      preservation_policy: what to keep; default ``PreserveAll()``. The latest step is always kept.
+      step_name_format: directory names of steps; default ``standard_name_format()`` (``23``).
+      custom_metadata: JSON for the whole sequence, written once (a later Checkpointer keeps it).
+      cleanup_tmp_directories: remove the temporary directories crashed saves left behind.
+      lightweight_initialize: do not read each step's manifest when listing (no metrics or times),
+        for roots with thousands of steps.
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, context: Context | None = None,
+                 save_decision_policy: save_decision_policies.SaveDecisionPolicy | None = None,
+                 preservation_policy: preservation_policies.PreservationPolicy | None = None,
+                 step_name_format: step_lib.NameFormat | None = None, custom_metadata: Any = None,
+                 cleanup_tmp_directories: bool = False, lightweight_initialize: bool = False):
+        if custom_metadata is not None:
+            fmt.check_json(custom_metadata, "custom_metadata")
+        self._directory = Path(directory).expanduser().absolute()
+        self._context = context or Context()
+        self._save_policy = save_decision_policy or save_decision_policies.default_policy()
+        self._preservation_policy = preservation_policy or preservation_policies.PreserveAll()
+        self._name_format = step_name_format or step_lib.standard_name_format()
+        self._lightweight = lightweight_initialize
+        self._writer = background.BackgroundWriter()
+        self._loader: concurrent.futures.ThreadPoolExecutor | None = None
+        self._reading: collections.Counter[int] = collections.Counter()
+        self._infos_lock = threading.Lock()
+        self._closed = False
+        mode = self._context.file_options.path_permission_mode
+        storage.make_dir(self._directory, mode=mode)
+        self._lock = storage.DirectoryLock(self._directory / fmt.LOCK)
+        root_file = self._directory / fmt.ROOT_METADATA
+        if custom_metadata is not None and not root_file.exists():
+            storage.write_file_atomic(root_file, fmt.to_json_bytes({"custom_metadata": custom_metadata}, "custom_metadata"))
+        if cleanup_tmp_directories:
+            self._lock.acquire()
+            for name in storage.list_names(self._directory):
+                if name.endswith((fmt.TMP_SUFFIX, fmt.DELETING_SUFFIX)):
+                    storage.remove_tree(self._directory / name)
+        preemption.install()
+        self.reload()
+
+    # ----------------------------------------------------------------------------------- listing
+    @property
+    def directory(self) -> Path:
+        """The root directory where the step directories are."""
+        return self._directory
+
+    @property
+    def checkpoints(self) -> Sequence[CheckpointMetadata]:
+        """The committed checkpoints, ascending by step (cached; ``reload()`` rescans the directory)."""
+        with self._infos_lock:
+            return list(self._infos)
+
+    @property
+    def latest(self) -> CheckpointMetadata | None:
+        """The newest committed checkpoint, or None."""
+        with self._infos_lock:
+            return self._infos[-1] if self._infos else None
+
+    def reload(self) -> None:
+        """Rescans the root directory (after another process added or removed steps)."""
+        found = step_lib.find_steps(storage.list_names(self._directory), self._name_format)
+        infos = []
+        for step in sorted(found):
+            path = self._directory / found[step]
+            if self._lightweight:
+                infos.append(CheckpointMetadata(step, path))
+                continue
+            try:
+                manifest = loading.read_manifest(path)
+            except errors.CheckpointCorruptedError as e:
+                logger.warning("ckpt: ignoring step %d: %s", step, e)
+                continue
+            infos.append(self._info(step, path, manifest))
+        with self._infos_lock:
+            self._infos = infos
+
+    @staticmethod
+    def _info(step: int, path: Path, manifest: dict) -> CheckpointMetadata:
+        return CheckpointMetadata(step, path, metrics=manifest.get("metrics"),
+                                  init_timestamp_nsecs=manifest.get("init_timestamp_nsecs"),
+                                  commit_timestamp_nsecs=manifest.get("commit_timestamp_nsecs"),
+                                  custom_metadata=manifest.get("custom_metadata"))
+
+    def _find(self, step: int) -> CheckpointMetadata | None:
+        return next((c for c in self.checkpoints if c.step == step), None)
+
+    def _resolve(self, step: int | CheckpointMetadata | None) -> CheckpointMetadata:
+        if step is None:
+            latest = self.latest
+            if latest is None:
+                raise errors.StepNotFoundError(f"no checkpoints in {self._directory}", step=None, path=self._directory)
+            return latest
+        number = _step_number(step)
+        found = self._find(number)
+        if found is None:
+            steps = [c.step for c in self.checkpoints]
+            raise errors.StepNotFoundError(f"no checkpoint at step {number} in {self._directory} (steps: {steps})",
+                                           step=number, path=self._directory)
+        return found
+
+    # ---------------------------------------------------------------------------------- deciding
+    def should_save(self, step: int | CheckpointMetadata) -> bool:
+        """Whether the save-decision policy saves ``step``; False for a step <= the latest."""
+        return self._decide(_step_number(step), replacing=False)
+
+    def reached_preemption(self, step: int) -> bool:
+        """True once this job was told it will be preempted (SIGTERM, ``ckpt.preemption.notify()``,
+        or JAX's preemption sync point at ``step``): save this step and stop."""
+        return preemption.reached(step)
+
+    def _decide(self, step: int, *, replacing: bool) -> bool:
+        previous = [c for c in self.checkpoints if c.step != step] if replacing else self.checkpoints
+        if previous and step <= previous[-1].step and not replacing:
+            return False
+        context = save_decision_policies.DecisionContext(
+            is_saving_in_progress=self._writer.in_progress(), reached_preemption=preemption.reached(step))
+        current = CheckpointMetadata(step, None, commit_timestamp_nsecs=time.time_ns())
+        return bool(self._save_policy.should_save(current, previous, context=context))
+
+    # ------------------------------------------------------------------------------------ saving
+    def save(self, step: int, state: Any, *, checkpointable_name: str = fmt.DEFAULT_CHECKPOINTABLE,
+             force: bool = False, overwrite: bool = False, metrics: Any = None, custom_metadata: Any = None) -> bool:
+        """Saves ``state`` at ``step`` if the policy says so (or ``force``), durably; returns whether it saved.
+
+        Raises:
+          StepAlreadyExistsError: ``step`` exists and ``overwrite`` is False (before anything is written).
+          TypeError / ValueError: an unsupported leaf, a bad name, metrics that are not JSON.
+        """
+        return self.save_checkpointables(step, {checkpointable_name: state}, force=force, overwrite=overwrite,
+                                         metrics=metrics, custom_metadata=custom_metadata)
+
+    def save_checkpointables(self, step: int, checkpointables: dict[str, Any], *, force: bool = False,
+                             overwrite: bool = False, metrics: Any = None, custom_metadata: Any = None) -> bool:
+        """Saves several named trees at ``step`` (``{"model": ..., "optimizer": ...}``); see :meth:`save`."""
+        response = self._save(step, checkpointables, force=force, overwrite=overwrite, metrics=metrics,
+                              custom_metadata=custom_metadata, blocking=True)
+        return response is not None and response.result()
+
+    def save_async(self, step: int, state: Any, *, checkpointable_name: str = fmt.DEFAULT_CHECKPOINTABLE,
+                   force: bool = False, overwrite: bool = False, metrics: Any = None,
+                   custom_metadata: Any = None) -> background.AsyncResponse[bool] | None:
+        """Like :meth:`save`, but returns once the state is copied; writing continues in the background.
+
+        Returns None when the policy skips the step. After it returns, the caller may change the state
+        in place (or donate jax buffers): the checkpoint holds the values at the call.
+        """
+        return self.save_checkpointables_async(step, {checkpointable_name: state}, force=force, overwrite=overwrite,
+                                               metrics=metrics, custom_metadata=custom_metadata)
+
+    def save_checkpointables_async(self, step: int, checkpointables: dict[str, Any], *, force: bool = False,
+                                   overwrite: bool = False, metrics: Any = None,
+                                   custom_metadata: Any = None) -> background.AsyncResponse[bool] | None:
+        """Async :meth:`save_checkpointables`; see :meth:`save_async`."""
+        return self._save(step, checkpointables, force=force, overwrite=overwrite, metrics=metrics,
+                          custom_metadata=custom_metadata, blocking=False)
+
+    def _save(self, step: int, checkpointables: dict[str, Any], *, force: bool, overwrite: bool, metrics: Any,
+              custom_metadata: Any, blocking: bool) -> background.AsyncResponse[bool] | None:
+        self._check_open()
+        step = _step_number(step)
+        existing = self._find(step)
+        if existing is not None and not overwrite:
+            raise errors.StepAlreadyExistsError(
+                f"step {step} already exists at {existing.path}; pass overwrite=True to replace it",
+                step=step, path=existing.path)
+        if not force and not self._decide(step, replacing=existing is not None):
+            return None
+        plan = saving.plan(checkpointables, metrics=metrics, custom_metadata=custom_metadata)
+        self.wait()
+        self._lock.acquire()
+        name = self._name_format.build_name(step)
+        writer = saving.StepWriter(plan, self._directory / (name + fmt.TMP_SUFFIX), self._directory / name,
+                                   dir_mode=self._context.file_options.path_permission_mode)
+
+        def job() -> bool:
+            try:
+                manifest = writer.run(step)
+            except BaseException:
+                storage.remove_tree(writer.tmp_dir)
+                raise
+            self._committed(step, writer.final_dir, manifest)
+            return True
+
+        if blocking:
+            return background.finished(job())
+        try:
+            uncopied = saving.snapshot(plan, self._context.memory_options.max_inflight_bytes)
+            writer.write_arrays(uncopied)
+        except BaseException:
+            storage.remove_tree(writer.tmp_dir)
+            raise
+        return self._writer.submit(job)
+
+    def _committed(self, step: int, path: Path, manifest: dict) -> None:
+        info = self._info(step, path, manifest)
+        with self._infos_lock:
+            self._infos = sorted([c for c in self._infos if c.step != step] + [info], key=lambda c: c.step)
+        self._collect_garbage()
+
+    def _collect_garbage(self) -> None:
+        """Deletes the steps the preservation policy does not keep, except the latest and those being read."""
+        checkpoints = self.checkpoints
+        keep = list(self._preservation_policy.should_preserve(
+            checkpoints, context=preservation_policies.PreservationContext()))
+        if len(keep) != len(checkpoints):
+            raise ValueError(f"{self._preservation_policy!r} returned {len(keep)} decisions for {len(checkpoints)} checkpoints")
+        failures = []
+        for info, kept in zip(checkpoints[:-1], keep[:-1]):
+            if kept or self._reading[info.step]:
+                continue
+            try:
+                self._delete(info)
+            except OSError as e:
+                failures.append(f"step {info.step} ({info.path}): {e}")
+        if failures:
+            raise OSError(f"the checkpoint was committed, but garbage collection could not delete: {'; '.join(failures)}")
+
+    def _delete(self, info: CheckpointMetadata) -> None:
+        doomed = info.path.with_name(info.path.name + fmt.DELETING_SUFFIX)
+        os.rename(info.path, doomed)
+        storage.fsync_path(self._directory)
+        with self._infos_lock:
+            self._infos = [c for c in self._infos if c.step != info.step]
+        storage.remove_tree(doomed)
+
+    # ----------------------------------------------------------------------------------- loading
+    def load(self, step: int | CheckpointMetadata | None = None, abstract_state: Any = None, *,
+             checkpointable_name: str = fmt.DEFAULT_CHECKPOINTABLE) -> Any:
+        """Loads one tree from ``step`` (the latest when None).
+
+        With ``abstract_state`` the result has exactly its structure and leaf types:
+        ``jax.ShapeDtypeStruct`` (placed with its sharding), arrays and tensors (their dtype), Python
+        types, ``None`` (as saved), ``ckpt.PLACEHOLDER`` (skipped). Without it, the tree comes back as
+        saved (dicts, lists, tuples; numpy, jax and torch arrays; Python scalars).
+
+        Raises:
+          StepNotFoundError: no such step (or no checkpoint at all).
+          ValueError: the abstract tree differs from the saved one (every differing key path listed).
+          CheckpointCorruptedError: damaged data (the step and key path named).
+        """
+        return self.load_checkpointables(step, {checkpointable_name: abstract_state})[checkpointable_name]
+
+    def load_checkpointables(self, step: int | CheckpointMetadata | None = None,
+                             abstract_checkpointables: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Loads named trees from ``step``: all of them, or the keys of ``abstract_checkpointables``."""
+        info = self._resolve(step)
+        self._reading[info.step] += 1
+        try:
+            return loading.load_checkpointables(info.path, abstract_checkpointables,
+                                                partial_load=self._context.pytree_options.partial_load)
+        finally:
+            self._reading[info.step] -= 1
+
+    def load_async(self, step: int | CheckpointMetadata | None = None, abstract_state: Any = None, *,
+                   checkpointable_name: str = fmt.DEFAULT_CHECKPOINTABLE) -> background.AsyncResponse[Any]:
+        """:meth:`load` in a background thread; ``result()`` returns what ``load`` would."""
+        info = self._resolve(step)
+        return self._in_background(lambda: self.load(info.step, abstract_state, checkpointable_name=checkpointable_name))
+
+    def load_checkpointables_async(self, step: int | CheckpointMetadata | None = None,
+                                   abstract_checkpointables: dict[str, Any] | None = None) -> background.AsyncResponse[dict[str, Any]]:
+        """:meth:`load_checkpointables` in a background thread."""
+        info = self._resolve(step)
+        return self._in_background(lambda: self.load_checkpointables(info.step, abstract_checkpointables))
+
+    def _in_background(self, fn) -> background.AsyncResponse:
+        if self._loader is None:
+            self._loader = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-loader")
+        return background.AsyncResponse(self._loader.submit(fn))
+
+    # ---------------------------------------------------------------------------------- metadata
+    def metadata(self, step: int | CheckpointMetadata | None = None) -> CheckpointMetadata:
+        """The step's metadata; ``.metadata`` is the saved ``state`` tree with :class:`ckpt.LeafMetadata` leaves."""
+        return self._metadata(step, fmt.DEFAULT_CHECKPOINTABLE)
+
+    def checkpointables_metadata(self, step: int | CheckpointMetadata | None = None) -> CheckpointMetadata:
+        """The step's metadata; ``.metadata`` maps each checkpointable name to its tree of ``LeafMetadata``."""
+        return self._metadata(step, None)
+
+    def _metadata(self, step: int | CheckpointMetadata | None, name: str | None) -> CheckpointMetadata:
+        info = self._resolve(step)
+        return checkpoint_metadata(info.path, name, step=info.step)
+
+    def root_metadata(self) -> RootMetadata:
+        """The directory and the custom metadata written by the first Checkpointer given one."""
+        path = self._directory / fmt.ROOT_METADATA
+        custom = None
+        if path.exists():
+            import json
+
+            custom = json.loads(path.read_bytes()).get("custom_metadata")
+        return RootMetadata(directory=self._directory, custom_metadata=custom)
+
+    # ------------------------------------------------------------------------------- life cycle
+    def is_saving_in_progress(self) -> bool:
+        """True while an async save is being written."""
+        return self._writer.in_progress()
+
+    def wait(self) -> None:
+        """Waits for the save in flight; raises its error if it failed (once)."""
+        self._writer.wait(self._context.async_options.timeout_secs)
+
+    def close(self) -> None:
+        """Waits for the save in flight, then releases the directory (raises a background failure)."""
+        if self._closed:
+            return
+        try:
+            self.wait()
+        finally:
+            self._closed = True
+            self._writer.shutdown()
+            if self._loader is not None:
+                self._loader.shutdown(wait=True)
+            self._lock.release()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"this Checkpointer of {self._directory} is closed")
+
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Checkpointer({str(self._directory)!r}, steps={[c.step for c in self.checkpoints]})"
+
+    # ---------------------------------------------------------------------- deprecated aliases
+    def save_pytree(self, *args: Any, **kwargs: Any) -> bool:
+        """Deprecated: use :meth:`save`."""
+        warnings.warn("save_pytree is deprecated; use save", DeprecationWarning, stacklevel=2)
+        return self.save(*args, **kwargs)
+
+    def save_pytree_async(self, *args: Any, **kwargs: Any):
+        """Deprecated: use :meth:`save_async`."""
+        warnings.warn("save_pytree_async is deprecated; use save_async", DeprecationWarning, stacklevel=2)
+        return self.save_async(*args, **kwargs)
+
+    def load_pytree(self, *args: Any, **kwargs: Any) -> Any:
+        """Deprecated: use :meth:`load`."""
+        warnings.warn("load_pytree is deprecated; use load", DeprecationWarning, stacklevel=2)
+        return self.load(*args, **kwargs)
+
+    def load_pytree_async(self, *args: Any, **kwargs: Any):
+        """Deprecated: use :meth:`load_async`."""
+        warnings.warn("load_pytree_async is deprecated; use load_async", DeprecationWarning, stacklevel=2)
+        return self.load_async(*args, **kwargs)
+
+    def pytree_metadata(self, *args: Any, **kwargs: Any) -> CheckpointMetadata:
+        """Deprecated: use :meth:`metadata`."""
+        warnings.warn("pytree_metadata is deprecated; use metadata", DeprecationWarning, stacklevel=2)
+        return self.metadata(*args, **kwargs)
+
+
+def checkpoint_metadata(step_dir: Path, name: str | None, *, step: int | None = None) -> CheckpointMetadata:
+    """Metadata of one step directory: one checkpointable's tree (``name``) or all of them (None)."""
+    manifest = loading.read_manifest(step_dir)
+    trees = loading.read_tree(step_dir, manifest)["checkpointables"]
+    if name is not None and name not in trees:
+        raise KeyError(f"{step_dir} has no checkpointable {name!r}; it has {sorted(trees)}")
+    tree = (loading.tree_metadata(trees[name]) if name is not None
+            else {n: loading.tree_metadata(doc) for n, doc in trees.items()})
+    return CheckpointMetadata(step if step is not None else manifest.get("step"), step_dir, metadata=tree,
+                              metrics=manifest.get("metrics"),
+                              init_timestamp_nsecs=manifest.get("init_timestamp_nsecs"),
+                              commit_timestamp_nsecs=manifest.get("commit_timestamp_nsecs"),
+                              custom_metadata=manifest.get("custom_metadata"))

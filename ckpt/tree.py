@@ -1,0 +1,189 @@
+"""Flatten and unflatten trees with key paths, and describe their structure as JSON.
+
+Containers: dict (str or int keys), list, tuple, NamedTuple and, when jax is imported, every registered
+jax pytree node (flax struct dataclasses, FrozenDict, nnx.State, optax states). Everything else is a
+leaf, including None, which is stored as a value so that it round-trips.
+
+A key path is a tuple of entries ``("key", k)`` (a dict key), ``("idx", i)`` (a sequence position) or
+``("attr", name)`` (a field); :func:`keystr` renders it as jax does: ``['params']['w']``, ``[0]``, ``.mu``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+from typing import Any, Callable, Iterator
+
+KeyEntry = tuple[str, Any]
+KeyPath = tuple[KeyEntry, ...]
+
+
+@dataclasses.dataclass
+class Node:
+    """One container (or a leaf) of a flattened tree.
+
+    ``kind`` is one of leaf, dict, list, tuple, namedtuple, pytree. ``rebuild`` turns child values
+    back into the container (absent for structures read from a manifest).
+    """
+
+    kind: str
+    keys: list[KeyEntry] = dataclasses.field(default_factory=list)
+    children: list["Node"] = dataclasses.field(default_factory=list)
+    name: str | None = None
+    rebuild: Callable[[list[Any]], Any] | None = None
+
+
+def keystr(path: KeyPath) -> str:
+    """Renders a key path the way jax does: ``['params']['w']``, ``[0]``, ``.count``."""
+    parts = []
+    for kind, key in path:
+        if kind == "attr":
+            parts.append(f".{key}")
+        elif kind == "idx" or not isinstance(key, str):
+            parts.append(f"[{key}]")
+        else:
+            parts.append(f"[{key!r}]")
+    return "".join(parts)
+
+
+def _is_namedtuple(x: Any) -> bool:
+    return isinstance(x, tuple) and hasattr(type(x), "_fields")
+
+
+def _jax_children(x: Any) -> tuple[list[KeyEntry], list[Any], Any] | None:
+    """One level of a registered jax pytree node, or None if ``x`` is a jax leaf (or jax is absent)."""
+    jax = sys.modules.get("jax")
+    if jax is None:
+        return None
+    tree_util = jax.tree_util
+    flat, treedef = tree_util.tree_flatten_with_path(x, is_leaf=lambda node: node is not x)
+    if tree_util.treedef_is_leaf(treedef):
+        return None
+    keys, children = [], []
+    for path, child in flat:
+        (entry,) = path
+        if isinstance(entry, tree_util.GetAttrKey):
+            keys.append(("attr", entry.name))
+        elif isinstance(entry, tree_util.SequenceKey):
+            keys.append(("idx", entry.idx))
+        elif isinstance(entry, tree_util.DictKey):
+            keys.append(("key", entry.key))
+        elif isinstance(entry, tree_util.FlattenedIndexKey):
+            keys.append(("idx", entry.key))
+        else:
+            keys.append(("key", str(entry)))
+        children.append(child)
+    return keys, children, treedef
+
+
+def flatten(tree: Any, *, prefix: KeyPath = ()) -> tuple[Node, list[tuple[KeyPath, Any]]]:
+    """Splits ``tree`` into its structure and its ``(key_path, leaf)`` pairs, in a stable order.
+
+    Raises:
+      TypeError: a dict key that is neither str nor int (named by its key path).
+    """
+    leaves: list[tuple[KeyPath, Any]] = []
+
+    def visit(x: Any, path: KeyPath) -> Node:
+        if isinstance(x, dict) and type(x) is dict:
+            keys = []
+            for k in x:
+                if isinstance(k, bool) or not isinstance(k, (str, int)):
+                    raise TypeError(
+                        f"dict key {k!r} of type {type(k).__name__} at {keystr(path) or 'the root'} "
+                        "cannot be stored: only str and int keys round-trip"
+                    )
+                keys.append(("key", k))
+            children = [visit(x[k], path + (entry,)) for (_, k), entry in zip(keys, keys)]
+            return Node("dict", keys, children, rebuild=lambda vals, ks=list(x): dict(zip(ks, vals)))
+        if _is_namedtuple(x):
+            keys = [("attr", f) for f in type(x)._fields]
+            children = [visit(v, path + (k,)) for k, v in zip(keys, x)]
+            return Node("namedtuple", keys, children, name=type(x).__name__, rebuild=lambda vals, t=type(x): t(*vals))
+        if type(x) in (list, tuple):
+            keys = [("idx", i) for i in range(len(x))]
+            children = [visit(v, path + (k,)) for k, v in zip(keys, x)]
+            return Node(type(x).__name__, keys, children, rebuild=type(x))
+        if x is not None:
+            node = _jax_children(x)
+            if node is not None:
+                keys, values, treedef = node
+                children = [visit(v, path + (k,)) for k, v in zip(keys, values)]
+                jax = sys.modules["jax"]
+                return Node(
+                    "pytree", keys, children, name=type(x).__name__,
+                    rebuild=lambda vals, td=treedef: jax.tree_util.tree_unflatten(td, vals),
+                )
+        leaves.append((path, x))
+        return Node("leaf")
+
+    return visit(tree, prefix), leaves
+
+
+def unflatten(node: Node, leaves: Iterator[Any]) -> Any:
+    """Rebuilds a tree of ``node``'s structure from leaves taken in flatten order."""
+    if node.kind == "leaf":
+        return next(leaves)
+    values = [unflatten(child, leaves) for child in node.children]
+    if node.rebuild is not None:
+        return node.rebuild(values)
+    return _plain_container(node, values)
+
+
+def _plain_container(node: Node, values: list[Any]) -> Any:
+    """The container a structure read from disk becomes: its own kind, or a dict for typed nodes."""
+    if node.kind == "list":
+        return values
+    if node.kind == "tuple":
+        return tuple(values)
+    if node.kind == "pytree" and node.keys and all(kind == "idx" for kind, _ in node.keys):
+        return values
+    return {key: value for (_, key), value in zip(node.keys, values)}
+
+
+def to_json(node: Node) -> dict:
+    """The structure as JSON: ``{"t": kind, "k": keys, "c": children, "n": type name}``."""
+    if node.kind == "leaf":
+        return {"t": "leaf"}
+    out: dict[str, Any] = {"t": node.kind, "c": [to_json(c) for c in node.children]}
+    if node.kind in ("dict", "namedtuple", "pytree"):
+        out["k"] = [[kind, key] for kind, key in node.keys]
+    if node.name is not None:
+        out["n"] = node.name
+    return out
+
+
+def from_json(data: dict) -> Node:
+    """Inverse of :func:`to_json` (without the original Python types)."""
+    kind = data["t"]
+    if kind == "leaf":
+        return Node("leaf")
+    children = [from_json(c) for c in data["c"]]
+    if "k" in data:
+        keys = [(k[0], k[1]) for k in data["k"]]
+    else:
+        keys = [("idx", i) for i in range(len(children))]
+    return Node(kind, keys, children, name=data.get("n"))
+
+
+def leaf_paths(node: Node, prefix: KeyPath = ()) -> list[KeyPath]:
+    """The key paths of ``node``'s leaves, in flatten order."""
+    if node.kind == "leaf":
+        return [prefix]
+    out = []
+    for key, child in zip(node.keys, node.children):
+        out.extend(leaf_paths(child, prefix + (key,)))
+    return out
+
+
+def subtree(node: Node, path: KeyPath) -> Node | None:
+    """The node at ``path`` below ``node``, or None if there is none."""
+    for key in path:
+        if node.kind == "leaf":
+            return None
+        for k, child in zip(node.keys, node.children):
+            if k[1] == key[1]:
+                node = child
+                break
+        else:
+            return None
+    return node

@@ -1,0 +1,60 @@
+"""A per-step hook for a hand-written training loop: decide, save asynchronously, stop on preemption."""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+
+from ckpt.integrations.flax.nnx_objects import nnx_states
+
+
+class CheckpointHook:
+    """Call once per step after the update; returns True when the loop should stop.
+
+    Each call first asks the checkpointer's policy (``should_save``); a step that does not save
+    touches neither ``state`` nor ``metrics``, so it costs microseconds and no device-to-host
+    transfer. A step that saves starts an asynchronous save, which copies the state to host memory
+    before returning (so the loop may donate the state's buffers to the next step) and writes in
+    the background. At ``final_step`` and once preemption is reached (SIGTERM,
+    ``ckpt.preemption.notify()``, JAX's preemption sync point), the hook saves regardless of the
+    policy (unless that step is already saved), waits until the checkpoint is committed, and returns True.
+
+    ``state`` is any pytree the checkpointer can store: a TrainState, or NNX objects (a model, an
+    ``nnx.Optimizer``, a tuple of them), which are saved as ``nnx.state(obj)`` so that
+    ``restore_train_state`` restores them in place. ``metrics`` (scalars, jax or numpy ones
+    included) are stored with the step for ``BestN``.
+
+    Example:
+        >>> hook = CheckpointHook(ckptr, final_step=num_steps)
+        >>> for step in range(int(state.step) + 1, num_steps + 1):
+        ...     state, loss = train_step(state, next(batches))
+        ...     if hook(step, state, {"loss": loss}):
+        ...         break
+    """
+
+    def __init__(self, checkpointer: Any, *, final_step: int | None = None):
+        self._checkpointer = checkpointer
+        self._final_step = final_step
+
+    def __call__(self, step: int, state: Any, metrics: dict[str, Any] | None = None) -> bool:
+        """Saves ``state`` as ``step`` when due; True when the loop should stop (final step, preemption)."""
+        stop = step == self._final_step or self._checkpointer.reached_preemption(step)
+        if stop:
+            if self._is_new(step):
+                self._checkpointer.save_async(step, nnx_states(state), force=True, metrics=_to_python(metrics))
+            self._checkpointer.wait()
+        elif self._checkpointer.should_save(step):
+            self._checkpointer.save_async(step, nnx_states(state), force=True, metrics=_to_python(metrics))
+        return stop
+
+    def _is_new(self, step: int) -> bool:
+        latest = self._checkpointer.latest
+        return latest is None or step > latest.step
+
+
+def _to_python(metrics: Any) -> Any:
+    """``metrics`` with jax and numpy scalars (and arrays) turned into JSON-ready Python values."""
+    if metrics is None:
+        return None
+    return jax.tree.map(lambda v: np.asarray(v).tolist() if hasattr(v, "dtype") else v, jax.device_get(metrics))

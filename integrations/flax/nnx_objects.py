@@ -1,0 +1,57 @@
+"""NNX objects (models, optimizers, ``nnx.Rngs``) as checkpointable trees, restored in place.
+
+An NNX object is stored as ``nnx.state(obj)``, the pytree of its Variables (key paths such as
+``['linear']['kernel'].value``), the form the Flax guide saves. Anything else in a tree is left as is,
+so ``(model, optimizer)`` becomes ``(nnx.state(model), nnx.state(optimizer))`` and a TrainState
+passes through untouched. ``flax.nnx`` is looked up only if it is already imported: a tree that holds
+an NNX object implies it is.
+
+Example:
+    >>> tree = nnx_states((model, optimizer))   # what CheckpointHook saves
+    >>> restored = checkpointer.load(None, tree)
+    >>> update_nnx_in_place((model, optimizer), restored)
+"""
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import jax
+
+
+def is_nnx_object(x: Any) -> bool:
+    """True for an NNX graph object (a Module, an Optimizer, Rngs), False for a Variable or anything else."""
+    nnx = sys.modules.get("flax.nnx")
+    return nnx is not None and nnx.graph.is_graph_node(x) and not isinstance(x, nnx.Variable)
+
+
+def contains_nnx_objects(tree: Any) -> bool:
+    """True when some node of ``tree`` is an NNX object."""
+    return any(is_nnx_object(leaf) for leaf in jax.tree.leaves(tree, is_leaf=is_nnx_object))
+
+
+def nnx_states(tree: Any) -> Any:
+    """``tree`` with every NNX object replaced by ``nnx.state(obj)``; the tree itself when it has none."""
+    if not contains_nnx_objects(tree):
+        return tree
+    nnx = sys.modules["flax.nnx"]
+    return jax.tree.map(lambda x: nnx.state(x) if is_nnx_object(x) else x, tree, is_leaf=is_nnx_object)
+
+
+def update_nnx_in_place(target: Any, restored: Any) -> Any:
+    """Writes the restored states into ``target``'s NNX objects (``nnx.update``) and returns the result.
+
+    The result is ``target``'s tree with its NNX objects (now updated) and every other leaf taken
+    from ``restored``; without NNX objects it is ``restored`` itself.
+    """
+    if not contains_nnx_objects(target):
+        return restored
+    nnx = sys.modules["flax.nnx"]
+
+    def put(node: Any, state: Any) -> Any:
+        if not is_nnx_object(node):
+            return state
+        nnx.update(node, state)
+        return node
+
+    return jax.tree.map(put, target, restored, is_leaf=is_nnx_object)

@@ -1,0 +1,406 @@
+"""ckpt.integrations.flax: restore_train_state (Linen, NNX, sharded) and CheckpointHook."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+jax = pytest.importorskip("jax")
+nn = pytest.importorskip("flax.linen")
+optax = pytest.importorskip("optax")
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+from flax.training import train_state  # noqa: E402
+
+import ckpt  # noqa: E402
+from ckpt.integrations.flax import CheckpointHook, restore_train_state  # noqa: E402
+from ckpt.training import Checkpointer, errors, save_decision_policies  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT_TIMEOUT_S = 120
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+
+
+class Net(nn.Module):
+    """Dense -> BatchNorm -> Dense: parameters plus batch statistics."""
+
+    features: tuple[int, ...] = (8, 2)
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.Dense(self.features[0], param_dtype=self.param_dtype)(x)
+        x = nn.BatchNorm(use_running_average=not train, param_dtype=self.param_dtype)(x)
+        for width in self.features[1:]:
+            x = nn.Dense(width, param_dtype=self.param_dtype)(nn.relu(x))
+        return x
+
+
+class ExtendedState(train_state.TrainState):
+    """A TrainState subclass with the extra fields real loops add."""
+
+    batch_stats: Any
+    rng: jax.Array  # a typed key
+    raw_rng: jax.Array  # a legacy uint32 key
+
+
+def schedule_chain() -> optax.GradientTransformation:
+    return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(optax.linear_schedule(1e-2, 1e-3, 10)))
+
+
+def create_state(seed: int = 0, *, model: Net = Net(), tx: optax.GradientTransformation | None = None) -> ExtendedState:
+    variables = model.init(jax.random.key(seed), jnp.ones((1, 3)))
+    return ExtendedState.create(
+        apply_fn=model.apply, params=variables["params"], tx=tx or schedule_chain(),
+        batch_stats=variables["batch_stats"], rng=jax.random.key(seed + 1), raw_rng=jax.random.PRNGKey(seed + 2),
+    )
+
+
+def grads_like(state: train_state.TrainState, value: float = 0.5) -> Any:
+    return jax.tree.map(lambda p: jnp.full_like(p, value), state.params)
+
+
+def trained(state: ExtendedState, steps: int = 2) -> ExtendedState:
+    """``steps`` updates that touch every field: params, opt state, batch stats, both keys, step."""
+    for _ in range(steps):
+        rng, _ = jax.random.split(state.rng)
+        raw_rng, _ = jax.random.split(state.raw_rng)
+        stats = jax.tree.map(lambda s: s + 1, state.batch_stats)
+        state = state.apply_gradients(grads=grads_like(state), rng=rng, raw_rng=raw_rng, batch_stats=stats)
+    return state
+
+
+def physical(leaf: Any) -> np.ndarray:
+    """The leaf's bits as numpy: typed keys as their key data."""
+    if jax.dtypes.issubdtype(getattr(leaf, "dtype", np.float32), jax.dtypes.prng_key):
+        leaf = jax.random.key_data(leaf)
+    return np.asarray(leaf)
+
+
+def assert_same_leaves(actual: Any, expected: Any) -> None:
+    """Same key paths, dtypes and bits (typed keys compared by key data)."""
+    actual_leaves = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(actual)[0]}
+    expected_leaves = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(expected)[0]}
+    assert actual_leaves.keys() == expected_leaves.keys()
+    for path, want in expected_leaves.items():
+        got = actual_leaves[path]
+        assert getattr(got, "dtype", type(got)) == getattr(want, "dtype", type(want)), path
+        assert physical(got).tobytes() == physical(want).tobytes(), path
+
+
+def run_script(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Runs a Python script from the repository root, bounded by SCRIPT_TIMEOUT_S."""
+    return subprocess.run(
+        [sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=SCRIPT_TIMEOUT_S,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def output_of(result: subprocess.CompletedProcess) -> str:
+    return f"exit status {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr[-4000:]}"
+
+
+@pytest.fixture
+def ckptr(tmp_path):
+    with Checkpointer(tmp_path / "ckpt") as checkpointer:
+        yield checkpointer
+
+
+@pytest.fixture
+def no_preemption():
+    ckpt.preemption.reset()
+    yield
+    ckpt.preemption.reset()
+
+
+# ---------------------------------------------------------------------------------------------
+# restore_train_state: Linen / any pytree
+
+
+def test_restore_into_eval_shape_gives_train_state_whose_apply_gradients_works(ckptr):
+    state = trained(create_state())
+    ckptr.save(2, state, force=True)
+    abstract = jax.eval_shape(create_state)
+
+    restored = restore_train_state(ckptr, abstract)
+
+    assert type(restored) is ExtendedState
+    assert restored.tx is abstract.tx and restored.apply_fn == state.apply_fn
+    assert_same_leaves(restored.params, state.params)
+    stepped = restored.apply_gradients(grads=grads_like(restored))
+    expected = state.apply_gradients(grads=grads_like(state))
+    assert_same_leaves((stepped.params, stepped.opt_state), (expected.params, expected.opt_state))
+    assert int(stepped.step) == 3
+
+
+def test_restore_keeps_subclass_fields_static_fields_and_optax_state_types(ckptr):
+    state = trained(create_state())
+    ckptr.save(2, state, force=True)
+    target = create_state(seed=7)
+
+    restored = restore_train_state(ckptr, target)
+
+    assert jax.tree_util.tree_structure(restored) == jax.tree_util.tree_structure(target)
+    assert restored.apply_fn is target.apply_fn and restored.tx is target.tx
+    clip_state, (adam_state, decay_state, schedule_state) = restored.opt_state
+    assert type(clip_state) is type(decay_state) is optax.EmptyState
+    assert type(adam_state) is optax.ScaleByAdamState and type(schedule_state) is optax.ScaleByScheduleState
+    assert_same_leaves(restored, state)
+
+
+def test_typed_and_raw_keys_bfloat16_params_and_int32_step_round_trip_exactly(ckptr):
+    state = trained(create_state(model=Net(param_dtype=jnp.bfloat16)), steps=3)
+    state = state.replace(step=jnp.asarray(state.step, jnp.int32))
+    ckptr.save(3, state, force=True)
+    bf16_target = lambda: create_state(seed=5, model=Net(param_dtype=jnp.bfloat16))  # noqa: E731
+
+    for target in (bf16_target(), jax.eval_shape(bf16_target)):
+        restored = restore_train_state(ckptr, target)
+
+        assert jax.dtypes.issubdtype(restored.rng.dtype, jax.dtypes.prng_key)
+        assert jax.random.key_impl(restored.rng) == jax.random.key_impl(state.rng)
+        assert restored.raw_rng.dtype == jnp.uint32 and restored.raw_rng.shape == (2,)
+        assert {leaf.dtype for leaf in jax.tree.leaves(restored.params)} == {jnp.dtype(jnp.bfloat16)}
+        assert_same_leaves(restored.replace(step=0), state.replace(step=0))
+        assert int(restored.step) == 3
+    assert restored.step.dtype == jnp.int32
+
+
+def test_restore_without_checkpoint_returns_target_unchanged(ckptr):
+    target = create_state()
+    model = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
+    kernel = np.asarray(model.kernel[...])
+
+    assert restore_train_state(ckptr, target) is target
+    assert restore_train_state(ckptr, model) is model
+    np.testing.assert_array_equal(np.asarray(model.kernel[...]), kernel)
+
+
+def test_restore_of_missing_step_raises_step_not_found(ckptr):
+    ckptr.save(1, {"w": np.zeros(2)}, force=True)
+    with pytest.raises(errors.StepNotFoundError):
+        restore_train_state(ckptr, {"w": np.ones(2)}, step=5)
+
+
+def test_restore_into_another_model_raises_error_listing_differing_key_paths(ckptr):
+    ckptr.save(1, create_state(model=Net(features=(8, 2))), force=True)
+    target = create_state(model=Net(features=(4, 2, 2)))
+
+    with pytest.raises(ValueError) as raised:
+        restore_train_state(ckptr, target)
+
+    message = str(raised.value)
+    for path in ("['Dense_0']['kernel']", "['Dense_2']", "['BatchNorm_0']['mean']", ".mu['Dense_0']['bias']"):
+        assert path in message, f"{path} missing from: {message}"
+
+
+def test_restore_with_another_optimizer_chain_raises_error_listing_differing_key_paths(ckptr):
+    ckptr.save(1, create_state(tx=optax.adam(1e-3)), force=True)
+    target = create_state(tx=optax.sgd(1e-3, momentum=0.9))
+
+    with pytest.raises(ValueError) as raised:
+        restore_train_state(ckptr, target)
+
+    message = str(raised.value)
+    for path in (".opt_state[0].count", ".opt_state[0].mu['Dense_0']['kernel']", ".opt_state[0].trace['Dense_1']['bias']"):
+        assert path in message, f"{path} missing from: {message}"
+
+
+# ---------------------------------------------------------------------------------------------
+# restore_train_state: NNX
+
+
+class NnxNet(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+        self.linear = nnx.Linear(3, 4, rngs=rngs)
+        self.norm = nnx.BatchNorm(4, rngs=rngs)
+        self.dropout = nnx.Dropout(0.5, rngs=rngs)
+
+    def __call__(self, x):
+        return self.dropout(self.norm(self.linear(x)))
+
+
+def create_nnx(seed: int) -> tuple[NnxNet, nnx.Optimizer]:
+    model = NnxNet(nnx.Rngs(params=seed, dropout=seed + 1))
+    return model, nnx.Optimizer(model, optax.adamw(1e-2), wrt=nnx.Param)
+
+
+@nnx.jit
+def nnx_step(model: NnxNet, optimizer: nnx.Optimizer, x: jax.Array) -> jax.Array:
+    loss, grads = nnx.value_and_grad(lambda m: jnp.mean(m(x) ** 2))(model)
+    optimizer.update(model, grads)
+    return loss
+
+
+def test_nnx_model_optimizer_and_rngs_are_restored_in_place(ckptr):
+    model, optimizer = create_nnx(seed=0)
+    x = jnp.ones((5, 3))
+    for _ in range(2):
+        nnx_step(model, optimizer, x)
+    assert CheckpointHook(ckptr, final_step=2)(2, (model, optimizer))
+    other_model, other_optimizer = create_nnx(seed=9)
+
+    restored = restore_train_state(ckptr, (other_model, other_optimizer))
+
+    assert restored[0] is other_model and restored[1] is other_optimizer
+    assert_same_leaves(nnx.state((other_model, other_optimizer)), nnx.state((model, optimizer)))
+    assert int(other_model.dropout.rngs.count[...]) == int(model.dropout.rngs.count[...]) == 2
+    losses = [float(nnx_step(m, o, x)) for m, o in ((model, optimizer), (other_model, other_optimizer))]
+    assert losses[0] == losses[1]  # same dropout mask: the Rngs stream continued where it was saved
+    assert_same_leaves(nnx.state(other_model), nnx.state(model))
+
+
+def test_nnx_abstract_model_alone_is_restored_in_place(ckptr):
+    model, _ = create_nnx(seed=0)
+    ckptr.save(1, nnx.state(model), force=True)
+    abstract_model = nnx.eval_shape(lambda: create_nnx(seed=3)[0])
+
+    assert restore_train_state(ckptr, abstract_model) is abstract_model
+    assert_same_leaves(nnx.state(abstract_model), nnx.state(model))
+
+
+# ---------------------------------------------------------------------------------------------
+# CheckpointHook
+
+
+def deleted_arrays() -> tuple[dict, dict]:
+    """A state and metrics whose buffers are gone: any host transfer of them raises."""
+    state, metrics = {"w": jnp.ones((4,))}, {"loss": jnp.float32(0.5)}
+    for leaf in jax.tree.leaves((state, metrics)):
+        leaf.delete()
+    return state, metrics
+
+
+def test_hook_decides_before_touching_state_or_metrics_on_steps_it_skips(tmp_path, no_preemption):
+    policy = save_decision_policies.FixedIntervalPolicy(10)
+    with Checkpointer(tmp_path, save_decision_policy=policy) as checkpointer:
+        hook = CheckpointHook(checkpointer, final_step=100)
+        state, metrics = deleted_arrays()
+
+        assert [hook(step, state, metrics) for step in range(1, 10)] == [False] * 9
+        assert checkpointer.latest is None
+
+
+def test_hook_saves_due_steps_asynchronously_from_a_snapshot_with_metrics(tmp_path, no_preemption):
+    policy = save_decision_policies.FixedIntervalPolicy(10)
+    with Checkpointer(tmp_path, save_decision_policy=policy) as checkpointer:
+        hook = CheckpointHook(checkpointer)
+        state = {"w": jnp.arange(4.0), "step": jnp.int32(10)}
+
+        assert hook(10, state, {"loss": jnp.float32(0.25)}) is False
+        for leaf in jax.tree.leaves(state):
+            leaf.delete()  # as a jitted step with donate_argnums does
+        checkpointer.wait()
+
+        assert checkpointer.latest.step == 10 and checkpointer.latest.metrics == {"loss": 0.25}
+        restored = checkpointer.load(10)
+        np.testing.assert_array_equal(np.asarray(restored["w"]), np.arange(4.0))
+
+
+def test_hook_forces_a_committed_save_at_final_step_and_stops(tmp_path, no_preemption):
+    policy = save_decision_policies.FixedIntervalPolicy(100)
+    with Checkpointer(tmp_path, save_decision_policy=policy) as checkpointer:
+        hook = CheckpointHook(checkpointer, final_step=7)
+
+        assert hook(6, {"w": np.zeros(2)}) is False
+        assert hook(7, {"w": np.ones(2)}) is True
+        assert not checkpointer.is_saving_in_progress()
+        assert [c.step for c in checkpointer.checkpoints] == [7]
+
+
+def test_hook_on_preemption_saves_the_step_waits_and_tells_the_loop_to_stop(tmp_path, no_preemption):
+    policy = save_decision_policies.FixedIntervalPolicy(100)
+    with Checkpointer(tmp_path, save_decision_policy=policy) as checkpointer:
+        hook = CheckpointHook(checkpointer, final_step=1000)
+        assert hook(3, {"w": np.zeros(2)}) is False
+
+        ckpt.preemption.notify()
+
+        assert hook(4, {"w": np.ones(2)}) is True
+        assert not checkpointer.is_saving_in_progress()
+        assert [c.step for c in checkpointer.checkpoints] == [4]
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole loops in subprocesses: kill, preemption, resume; sharding; the examples
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_run(tmp_path_factory) -> dict[str, np.ndarray]:
+    """The final state of the Linen loop run from step 0 to 12 without interruption."""
+    directory = tmp_path_factory.mktemp("uninterrupted")
+    result = run_script("tests/flax_resume_loop.py", str(directory / "ckpt"), str(directory / "final.npz"),
+                        "--steps", "12", "--save-every", "4")
+    assert result.returncode == 0, output_of(result)
+    return dict(np.load(directory / "final.npz"))
+
+
+def assert_same_arrays(actual: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> None:
+    assert actual.keys() == expected.keys()
+    assert any(".rng" in name for name in expected) and any(".opt_state" in name for name in expected)
+    for name, want in expected.items():
+        assert actual[name].dtype == want.dtype and actual[name].tobytes() == want.tobytes(), name
+
+
+def test_jitted_donating_loop_killed_after_checkpoint_resumes_to_same_params_opt_state_and_rng(
+        tmp_path, uninterrupted_run):
+    loop = ("tests/flax_resume_loop.py", str(tmp_path / "ckpt"), str(tmp_path / "final.npz"),
+            "--steps", "12", "--save-every", "4")
+
+    killed = run_script(*loop, "--sigkill-at", "6")
+    assert killed.returncode == -9, output_of(killed)
+    resumed = run_script(*loop)
+
+    assert resumed.returncode == 0, output_of(resumed)
+    assert "start 4" in resumed.stdout
+    assert_same_arrays(dict(np.load(tmp_path / "final.npz")), uninterrupted_run)
+
+
+def test_sigterm_saves_the_current_step_stops_and_resumes_to_same_state(tmp_path, uninterrupted_run):
+    loop = ("tests/flax_resume_loop.py", str(tmp_path / "ckpt"), str(tmp_path / "final.npz"),
+            "--steps", "12", "--save-every", "4")
+
+    preempted = run_script(*loop, "--sigterm-at", "6")
+    assert preempted.returncode == 0 and "stop 6" in preempted.stdout, output_of(preempted)
+    resumed = run_script(*loop)
+
+    assert resumed.returncode == 0, output_of(resumed)
+    assert "start 6" in resumed.stdout
+    assert_same_arrays(dict(np.load(tmp_path / "final.npz")), uninterrupted_run)
+
+
+def test_restore_with_sharding_places_every_leaf_with_that_sharding(tmp_path):
+    result = run_script("tests/flax_sharded_restore.py", str(tmp_path),
+                        env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), output_of(result)
+
+
+def final_checkpoint(directory: Path, step: int) -> dict[str, np.ndarray]:
+    with Checkpointer(directory) as checkpointer:
+        loaded = checkpointer.load(step)
+    return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(loaded)[0]}
+
+
+@pytest.mark.parametrize("example", ["flax_train.py", "nnx_train.py"])
+def test_example_started_again_resumes_and_ends_like_an_uninterrupted_run(tmp_path, example):
+    script = f"examples/{example}"
+    first = run_script(script, "--directory", str(tmp_path / "resumed"), "--steps", "6", "--save-every", "3")
+    assert first.returncode == 0 and "starting from scratch" in first.stdout, output_of(first)
+    again = run_script(script, "--directory", str(tmp_path / "resumed"), "--steps", "12", "--save-every", "3")
+    assert again.returncode == 0 and "resumed from step 6" in again.stdout, output_of(again)
+    straight = run_script(script, "--directory", str(tmp_path / "straight"), "--steps", "12", "--save-every", "3")
+    assert straight.returncode == 0, output_of(straight)
+
+    resumed, uninterrupted = final_checkpoint(tmp_path / "resumed", 12), final_checkpoint(tmp_path / "straight", 12)
+    assert resumed.keys() == uninterrupted.keys() and len(resumed) > 4
+    for name, want in uninterrupted.items():
+        assert resumed[name].dtype == want.dtype and resumed[name].tobytes() == want.tobytes(), name

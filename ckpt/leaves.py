@@ -201,7 +201,7 @@ def restore(meta: dict, read: Reader | None, abstract: Any) -> Any:
     if abstract is None or abstract is np.ndarray and kind == "numpy":
         return _restore_as_saved(meta, read)
     jax = sys.modules.get("jax")
-    if jax is not None and (isinstance(abstract, (jax.ShapeDtypeStruct, jax.Array)) or abstract in (jax.Array, jax.ShapeDtypeStruct)):
+    if jax is not None and (isinstance(abstract, (jax.ShapeDtypeStruct, jax.Array)) or abstract is jax.Array or abstract is jax.ShapeDtypeStruct):
         return _restore_jax(meta, read, abstract, jax)
     torch = sys.modules.get("torch")
     if torch is not None and (isinstance(abstract, torch.Tensor) or abstract is torch.Tensor):

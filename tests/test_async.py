@@ -1,0 +1,200 @@
+"""Async saves block only for the snapshot; failures surface on the next call; async loads work."""
+from __future__ import annotations
+
+import errno
+import os
+import threading
+
+import numpy as np
+import pytest
+
+import ckpt
+from ckpt import saving
+from ckpt.training import Checkpointer
+from ckpt.training import save_decision_policies as sdp
+
+ALWAYS = sdp.FixedIntervalPolicy(1)
+BIG = (1 << 20) // 4 + 3  # float32 elements: just over the packing threshold, so stored as its own array
+
+
+def state(step: float) -> dict:
+    return {"small": np.full(16, step, np.float32), "big": np.full(BIG, step, np.float32), "n": int(step)}
+
+
+@pytest.fixture
+def gate(monkeypatch):
+    """Holds every background write until ``gate.set()``; the caller's side runs normally."""
+    event = threading.Event()
+    original = saving.StepWriter.run
+
+    def run(self, step):
+        assert event.wait(30), "the test never opened the gate"
+        return original(self, step)
+
+    monkeypatch.setattr(saving.StepWriter, "run", run)
+    yield event
+    event.set()
+
+
+def test_numpy_arrays_mutated_after_save_async_do_not_reach_the_checkpoint(tmp_path, gate):
+    s = state(1)
+    with Checkpointer(tmp_path, save_decision_policy=ALWAYS) as ckptr:
+        response = ckptr.save_async(1, s)
+        s["small"] += 100
+        s["big"][:] = -1
+        gate.set()
+        assert response.result(timeout=30) is True
+        loaded = ckptr.load(1)
+    np.testing.assert_array_equal(loaded["small"], np.full(16, 1, np.float32))
+    np.testing.assert_array_equal(loaded["big"], np.full(BIG, 1, np.float32))
+
+
+def test_torch_tensors_updated_in_place_after_save_async_do_not_reach_the_checkpoint(tmp_path, gate):
+    torch = pytest.importorskip("torch")
+    s = {"w": torch.ones(BIG, dtype=torch.bfloat16), "b": torch.zeros(4)}
+    with Checkpointer(tmp_path, save_decision_policy=ALWAYS) as ckptr:
+        response = ckptr.save_async(0, s)
+        with torch.no_grad():
+            s["w"].mul_(3)
+            s["b"].add_(5)
+        gate.set()
+        response.result(timeout=30)
+        loaded = ckptr.load(0, {"w": torch.empty(BIG, dtype=torch.bfloat16), "b": torch.empty(4)})
+    assert loaded["w"].dtype == torch.bfloat16 and bool((loaded["w"] == 1).all())
+    assert bool((loaded["b"] == 0).all())
+
+
+def test_donated_jax_buffers_after_save_async_do_not_reach_the_checkpoint(tmp_path, gate):
+    jax = pytest.importorskip("jax")
+    import jax.numpy as jnp
+
+    step_fn = jax.jit(lambda p: jax.tree.map(lambda x: x * 2 + 1, p), donate_argnums=0)
+    params = {"w": jnp.ones(BIG), "b": jnp.arange(8.0)}
+    with Checkpointer(tmp_path, save_decision_policy=ALWAYS) as ckptr:
+        response = ckptr.save_async(0, params)
+        params = step_fn(params)  # the saved buffers are donated and overwritten
+        params = step_fn(params)
+        gate.set()
+        response.result(timeout=30)
+        loaded = ckptr.load(0)
+    assert isinstance(loaded["w"], jax.Array)
+    np.testing.assert_array_equal(np.asarray(loaded["w"]), np.ones(BIG, np.float32))
+    np.testing.assert_array_equal(np.asarray(loaded["b"]), np.arange(8.0, dtype=np.float32))
+
+
+def test_a_second_save_waits_for_the_first_and_both_commit_in_order(tmp_path, gate):
+    with Checkpointer(tmp_path, save_decision_policy=ALWAYS) as ckptr:
+        first = ckptr.save_async(1, state(1))
+        assert ckptr.is_saving_in_progress()
+        assert ckptr.latest is None
+        gate.set()
+        second = ckptr.save_async(2, state(2))  # waits for the first before starting
+        assert first.done()
+        second.result(timeout=30)
+        assert not ckptr.is_saving_in_progress()
+        assert [c.step for c in ckptr.checkpoints] == [1, 2]
+
+
+def test_on_complete_is_called_with_the_result(tmp_path):
+    seen = []
+    with Checkpointer(tmp_path, save_decision_policy=ALWAYS) as ckptr:
+        response = ckptr.save_async(3, state(3))
+        response.on_complete(seen.append)
+        ckptr.wait()
+    assert seen == [True]
+
+
+def test_wait_times_out_per_async_options(tmp_path, gate):
+    ctx = ckpt.Context(async_options=ckpt.AsyncOptions(timeout_secs=0.05))
+    with Checkpointer(tmp_path, context=ctx, save_decision_policy=ALWAYS) as ckptr:
+        ckptr.save_async(1, state(1))
+        with pytest.raises(TimeoutError, match="still running"):
+            ckptr.wait()
+        with pytest.raises(TimeoutError):
+            ckptr.save_async(2, state(2))
+        gate.set()
+        ckptr.wait()
+        assert [c.step for c in ckptr.checkpoints] == [1]
+
+
+@pytest.fixture
+def disk_full(monkeypatch):
+    """The second manifest write (the first async save's, in the background) fails as on a full disk."""
+    original = saving.StepWriter.write_manifest
+    calls = []
+
+    def write_manifest(self, step, extra=None):
+        calls.append(step)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(self.tmp_dir))
+        return original(self, step, extra)
+
+    monkeypatch.setattr(saving.StepWriter, "write_manifest", write_manifest)
+
+
+@pytest.mark.parametrize("surface", ["save", "wait", "close", "result"])
+def test_a_background_failure_is_raised_by_the_next_call_and_the_step_is_never_listed(tmp_path, disk_full, surface):
+    ckptr = Checkpointer(tmp_path, save_decision_policy=ALWAYS)
+    ckptr.save(0, state(0))
+    response = ckptr.save_async(1, state(1))
+    with pytest.raises(OSError, match="No space left"):
+        if surface == "save":
+            ckptr.save_async(2, state(2))
+        elif surface == "wait":
+            ckptr.wait()
+        elif surface == "close":
+            ckptr.close()
+        else:
+            response.result(timeout=30)
+    ckptr.wait()  # reported once only
+    assert [c.step for c in ckptr.checkpoints] == [0]
+    assert sorted(os.listdir(tmp_path)) == [".ckpt.lock", "0"]  # the temporary directory is gone
+    ckptr.close()
+    with Checkpointer(tmp_path, save_decision_policy=ALWAYS) as again:
+        assert [c.step for c in again.checkpoints] == [0]
+        again.save(1, state(1))
+        assert again.load(1)["n"] == 1
+
+
+def test_sync_save_is_save_async_then_result(tmp_path):
+    with Checkpointer(tmp_path, save_decision_policy=ALWAYS) as ckptr:
+        assert ckptr.save(0, state(0)) is True
+        assert not ckptr.is_saving_in_progress()
+        assert ckptr.save_async(0, state(0), force=True, overwrite=True).result() is True
+
+
+def test_a_bounded_inflight_budget_writes_large_leaves_before_returning(tmp_path, gate):
+    ctx = ckpt.Context(memory_options=ckpt.MemoryOptions(max_inflight_bytes=1024))
+    s = state(4)
+    with Checkpointer(tmp_path, context=ctx, save_decision_policy=ALWAYS) as ckptr:
+        response = ckptr.save_async(4, s)
+        assert os.path.isdir(tmp_path / "4.ckpt-tmp" / "arrays" / "0")  # written in the caller
+        s["big"][:] = -7
+        s["small"][:] = -7
+        gate.set()
+        response.result(timeout=30)
+        loaded = ckptr.load(4)
+    np.testing.assert_array_equal(loaded["big"], np.full(BIG, 4, np.float32))
+    np.testing.assert_array_equal(loaded["small"], np.full(16, 4, np.float32))
+
+
+def test_load_async_returns_what_load_returns(tmp_path):
+    with Checkpointer(tmp_path, save_decision_policy=ALWAYS) as ckptr:
+        ckptr.save(5, state(5))
+        ckptr.save_checkpointables(6, {"a": {"x": np.arange(4)}, "b": [1, 2]})
+        latest = ckptr.load_checkpointables_async().result(timeout=30)
+        np.testing.assert_array_equal(latest["a"]["x"], np.arange(4))
+        loaded = ckptr.load_async(5).result(timeout=30)
+        np.testing.assert_array_equal(loaded["big"], ckptr.load(5)["big"])
+        parts = ckptr.load_checkpointables_async(6, {"b": None}).result(timeout=30)
+        assert parts == {"b": [1, 2]}
+
+
+def test_free_function_save_async_and_load_async(tmp_path):
+    s = state(9)
+    response = ckpt.save_async(tmp_path / "one", s)
+    s["big"][:] = 0
+    response.result(timeout=30)
+    loaded = ckpt.load_async(tmp_path / "one").result(timeout=30)
+    np.testing.assert_array_equal(loaded["big"], np.full(BIG, 9, np.float32))
+    assert loaded["n"] == 9

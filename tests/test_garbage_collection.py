@@ -1,0 +1,104 @@
+"""Garbage collection after each commit, driven by the preservation policy."""
+from __future__ import annotations
+
+import os
+import subprocess
+
+import numpy as np
+import pytest
+
+from ckpt.training import Checkpointer
+from ckpt.training import preservation_policies as pp
+from ckpt.training import save_decision_policies as sdp
+
+ALWAYS = sdp.AnySavePolicy([sdp.FixedIntervalPolicy(1)])
+
+
+def steps_on_disk(root) -> list[int]:
+    return sorted(int(n) for n in os.listdir(root) if n.isdigit())
+
+
+def loss_of(step: int) -> float:
+    return float((step * 37) % 50)  # a scrambled but deterministic metric
+
+
+def test_latest_n_plus_best_n_keeps_exactly_the_expected_steps_after_50_saves(tmp_path):
+    policy = pp.AnyPreservationPolicy([pp.LatestN(3), pp.BestN(get_metric_fn=lambda m: m["loss"], reverse=True, n=2)])
+    with Checkpointer(tmp_path, save_decision_policy=ALWAYS, preservation_policy=policy) as ckptr:
+        for step in range(50):
+            ckptr.save(step, {"w": np.full(4, step, np.float32)}, metrics={"loss": loss_of(step)})
+        listed = [c.step for c in ckptr.checkpoints]
+    best_two = sorted(range(50), key=loss_of)[:2]
+    expected = sorted(set(best_two) | {47, 48, 49})
+    assert listed == expected
+    assert steps_on_disk(tmp_path) == expected
+    with Checkpointer(tmp_path) as again:
+        assert [c.step for c in again.checkpoints] == expected
+        assert [c.metrics["loss"] for c in again.checkpoints] == [loss_of(s) for s in expected]
+
+
+def test_best_n_alone_never_deletes_the_latest_step(tmp_path):
+    policy = pp.BestN(get_metric_fn=lambda m: m["loss"], reverse=True, n=1)
+    with Checkpointer(tmp_path, save_decision_policy=ALWAYS, preservation_policy=policy) as ckptr:
+        for step, loss in enumerate([0.1, 0.5, 0.9]):
+            ckptr.save(step, {"w": np.zeros(2)}, metrics={"loss": loss})
+            assert ckptr.latest.step == step
+        assert [c.step for c in ckptr.checkpoints] == [0, 2]
+        assert ckptr.load()["w"].shape == (2,)
+
+
+def test_policy_sees_steps_found_on_disk_from_an_earlier_run(tmp_path):
+    with Checkpointer(tmp_path, save_decision_policy=ALWAYS) as first:
+        for step in range(4):
+            first.save(step, {"x": step})
+    with Checkpointer(tmp_path, save_decision_policy=ALWAYS, preservation_policy=pp.LatestN(2)) as second:
+        second.save(4, {"x": 4})
+        assert [c.step for c in second.checkpoints] == [3, 4]
+    assert steps_on_disk(tmp_path) == [3, 4]
+
+
+def test_a_step_being_read_is_not_deleted(tmp_path):
+    with Checkpointer(tmp_path, save_decision_policy=ALWAYS, preservation_policy=pp.LatestN(1)) as ckptr:
+        ckptr.save(0, {"x": np.arange(3)})
+        ckptr._reading[0] += 1  # a load of step 0 is under way (e.g. in load_async)
+        ckptr.save(1, {"x": np.arange(3)})
+        assert steps_on_disk(tmp_path) == [0, 1]
+        ckptr._reading[0] -= 1
+        ckptr.save(2, {"x": np.arange(3)})
+        assert steps_on_disk(tmp_path) == [2]
+
+
+def test_a_half_deleted_step_is_never_listed_and_is_cleaned_up(tmp_path):
+    with Checkpointer(tmp_path, save_decision_policy=ALWAYS) as ckptr:
+        ckptr.save(0, {"x": np.arange(3)})
+        ckptr.save(1, {"x": np.arange(3)})
+    # What a crash in the middle of deleting step 0 leaves: the renamed directory, partly removed.
+    os.rename(tmp_path / "0", tmp_path / "0.ckpt-deleting")
+    os.remove(tmp_path / "0.ckpt-deleting" / "manifest.json")
+    with Checkpointer(tmp_path) as ckptr:
+        assert [c.step for c in ckptr.checkpoints] == [1]
+    with Checkpointer(tmp_path, cleanup_tmp_directories=True):
+        pass
+    assert sorted(os.listdir(tmp_path)) == [".ckpt.lock", "1"]
+
+
+def _make_undeletable(path):
+    """Makes ``path`` impossible to rename or remove (chattr +i; needs root)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root for chattr +i")
+    if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not supported on this file system")
+    return lambda: subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
+def test_a_deletion_error_is_reported_after_the_commit(tmp_path):
+    with Checkpointer(tmp_path, save_decision_policy=ALWAYS, preservation_policy=pp.LatestN(1)) as ckptr:
+        ckptr.save(0, {"x": np.arange(3)})
+        undo = _make_undeletable(tmp_path / "0")
+        try:
+            with pytest.raises(OSError, match=r"committed, but garbage collection could not delete: step 0"):
+                ckptr.save(1, {"x": np.arange(3)})
+        finally:
+            undo()
+        assert [c.step for c in ckptr.checkpoints] == [0, 1]
+        assert ckptr.latest.step == 1

@@ -1,0 +1,156 @@
+"""Save-decision and preservation policies: tables of decisions, with Orbax's semantics."""
+from __future__ import annotations
+
+import datetime
+
+import numpy as np
+import pytest
+
+from ckpt import CheckpointMetadata
+from ckpt.training import Checkpointer
+from ckpt.training import preservation_policies as pp
+from ckpt.training import save_decision_policies as sdp
+
+T0 = 1_700_000_000 * 10**9
+
+
+def info(step: int, *, secs: float = 0.0, metrics=None) -> CheckpointMetadata:
+    return CheckpointMetadata(step, f"/r/{step}", metrics=metrics, commit_timestamp_nsecs=T0 + int(secs * 1e9))
+
+
+def decide(policy, step: int, previous=(), *, secs: float = 0.0, saving=False, preempted=False) -> bool:
+    context = sdp.DecisionContext(is_saving_in_progress=saving, reached_preemption=preempted)
+    return policy.should_save(info(step, secs=secs), list(previous), context=context)
+
+
+def keep(policy, checkpoints) -> list[int]:
+    flags = policy.should_preserve(checkpoints, context=pp.PreservationContext())
+    return [c.step for c, k in zip(checkpoints, flags) if k]
+
+
+def test_fixed_interval_saves_multiples_only():
+    policy = sdp.FixedIntervalPolicy(5)
+    assert [s for s in range(16) if decide(policy, s)] == [0, 5, 10, 15]
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5])
+def test_fixed_interval_rejects_non_positive_interval(bad):
+    with pytest.raises(ValueError, match="interval"):
+        sdp.FixedIntervalPolicy(bad)
+
+
+def test_specific_steps_saves_exactly_those():
+    policy = sdp.SpecificStepsPolicy({3, 7})
+    assert [s for s in range(10) if decide(policy, s)] == [3, 7]
+
+
+def test_continuous_policy_waits_for_the_save_in_flight_and_the_interval():
+    policy = sdp.ContinuousCheckpointingPolicy(minimum_interval_secs=10)
+    assert decide(policy, 1)  # nothing saved yet
+    assert not decide(policy, 2, [info(1)], saving=True)
+    assert not decide(policy, 2, [info(1)], secs=9.9)
+    assert decide(policy, 2, [info(1)], secs=10)
+    assert decide(sdp.ContinuousCheckpointingPolicy(), 5, [info(4)])
+
+
+def test_preemption_policy_follows_the_context():
+    policy = sdp.PreemptionCheckpointingPolicy()
+    assert not decide(policy, 3)
+    assert decide(policy, 3, preempted=True)
+    assert sdp.PreemptionPolicy is sdp.PreemptionCheckpointingPolicy
+
+
+def test_initial_policy_saves_only_without_previous_steps():
+    policy = sdp.InitialSavePolicy()
+    assert decide(policy, 7)
+    assert not decide(policy, 8, [info(7)])
+
+
+def test_any_save_policy_is_an_or_that_stops_at_the_first_yes():
+    asked = []
+
+    class Recorder:
+        def __init__(self, answer):
+            self.answer = answer
+
+        def should_save(self, step, previous_steps, *, context):
+            asked.append(self.answer)
+            return self.answer
+
+    policy = sdp.AnySavePolicy([Recorder(False), Recorder(True), Recorder(True)])
+    assert decide(policy, 1)
+    assert asked == [False, True]
+    assert not decide(sdp.AnySavePolicy([]), 1)
+
+
+def test_a_user_policy_is_any_object_with_should_save(tmp_path):
+    class Odd:
+        def should_save(self, step, previous_steps, *, context):
+            return step.step % 2 == 1
+
+    with Checkpointer(tmp_path, save_decision_policy=Odd()) as ckptr:
+        saved = [s for s in range(6) if ckptr.save(s, {"x": np.int32(s)})]
+    assert saved == [1, 3, 5]
+
+
+def test_latest_n_keeps_the_newest():
+    cps = [info(s) for s in range(6)]
+    assert keep(pp.LatestN(2), cps) == [4, 5]
+    assert keep(pp.LatestN(0), cps) == []
+    assert keep(pp.LatestN(None), cps) == list(range(6))
+    assert keep(pp.LatestN(10), cps) == list(range(6))
+
+
+def test_every_n_steps_exact_and_inexact_and_max_to_keep():
+    cps = [info(s) for s in (0, 3, 4, 7, 8, 9, 12)]
+    assert keep(pp.EveryNSteps(4), cps) == [0, 4, 8, 12]
+    assert keep(pp.EveryNSteps(4, exact_interval=False), cps) == [0, 4, 8, 12]
+    assert keep(pp.EveryNSteps(5, exact_interval=False), [info(s) for s in (1, 3, 6, 7, 12)]) == [1, 6, 12]
+    assert keep(pp.EveryNSteps(4, max_to_keep=2), cps) == [8, 12]
+    with pytest.raises(ValueError, match="interval_steps"):
+        pp.EveryNSteps(0)
+
+
+def test_every_n_seconds_keeps_the_first_then_spaced_ones():
+    cps = [info(s, secs=t) for s, t in [(0, 0), (1, 4), (2, 10), (3, 12), (4, 21)]]
+    assert keep(pp.EveryNSeconds(10), cps) == [0, 2, 4]
+
+
+def test_custom_steps_keeps_exactly_those():
+    assert keep(pp.CustomSteps([1, 4]), [info(s) for s in range(6)]) == [1, 4]
+
+
+def test_best_n_orders_like_orbax():
+    cps = [info(s, metrics={"loss": loss}) for s, loss in enumerate([0.5, 0.1, 0.9, 0.3])]
+    # reverse=False keeps the n largest values, reverse=True the n smallest (a loss).
+    assert keep(pp.BestN(get_metric_fn=lambda m: m["loss"], n=2), cps) == [0, 2]
+    assert keep(pp.BestN(get_metric_fn=lambda m: m["loss"], reverse=True, n=2), cps) == [1, 3]
+    assert keep(pp.BestN(get_metric_fn=lambda m: m["loss"], n=0), cps) == []
+    assert keep(pp.BestN(get_metric_fn=lambda m: m["loss"], n=None), cps) == [0, 1, 2, 3]
+
+
+def test_best_n_steps_without_metrics_are_kept_only_if_asked():
+    cps = [info(0), info(1, metrics={"acc": 0.2}), info(2, metrics={"acc": 0.9}), info(3, metrics={"acc": 0.5})]
+    fn = lambda m: m["acc"]  # noqa: E731
+    assert keep(pp.BestN(get_metric_fn=fn, n=1), cps) == [0, 2]
+    assert keep(pp.BestN(get_metric_fn=fn, n=1, keep_checkpoints_without_metrics=False), cps) == [2]
+
+
+def test_latest_duration_keeps_recent_ones():
+    now = datetime.datetime.now(datetime.timezone.utc).timestamp()
+    cps = [CheckpointMetadata(s, None, commit_timestamp_nsecs=int((now - age) * 1e9))
+           for s, age in [(0, 7200), (1, 1800), (2, 5)]]
+    assert keep(pp.LatestDuration(datetime.timedelta(hours=1)), cps) == [1, 2]
+
+
+def test_any_preservation_policy_is_an_elementwise_or():
+    cps = [info(s) for s in range(10)]
+    policy = pp.AnyPreservationPolicy([pp.LatestN(2), pp.EveryNSteps(4)])
+    assert keep(policy, cps) == [0, 4, 8, 9]
+
+
+@pytest.mark.parametrize("make", [lambda: pp.LatestN(-1), lambda: pp.BestN(get_metric_fn=len, n=-1),
+                                  lambda: pp.EveryNSeconds(0)])
+def test_invalid_preservation_arguments_are_rejected(make):
+    with pytest.raises(ValueError):
+        make()

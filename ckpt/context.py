@@ -11,6 +11,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -43,6 +44,14 @@ class PyTreeOptions:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class MultiprocessingOptions:
+    """processes: how the processes of a multi-process job agree (:class:`ckpt.distributed.Processes`);
+    None detects ``jax.distributed``, else a single process."""
+
+    processes: Any = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Context:
     """Option groups for a Checkpointer or a free function (all optional)."""
 
@@ -50,3 +59,4 @@ class Context:
     file_options: FileOptions = dataclasses.field(default_factory=FileOptions)
     memory_options: MemoryOptions = dataclasses.field(default_factory=MemoryOptions)
     pytree_options: PyTreeOptions = dataclasses.field(default_factory=PyTreeOptions)
+    multiprocessing_options: MultiprocessingOptions = dataclasses.field(default_factory=MultiprocessingOptions)

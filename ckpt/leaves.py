@@ -46,7 +46,8 @@ class HostLeaf:
 
     meta: dict[str, Any]
     array: np.ndarray | None = None
-    device_array: Any = None  # a jax.Array kept for sharded writes; its host copy is made by the writer
+    device_array: Any = None  # a jax.Array spread over processes: each writes the shards it owns
+    shards: list[tuple[Any, np.ndarray]] | None = None  # (index, host copy) of this process's shards, once snapshot
 
 
 def dtype_name(dtype: np.dtype) -> str:
@@ -90,7 +91,7 @@ def to_host(path: KeyPath, x: Any) -> HostLeaf:
         if kind == "float" and not math.isfinite(x):
             return HostLeaf({"type": "float", "value": repr(x)})
         return HostLeaf({"type": kind, "value": x})
-    if isinstance(x, bytes):
+    if isinstance(x, bytes) and not isinstance(x, np.generic):  # np.bytes_ is a numpy scalar
         return HostLeaf({"type": "bytes", "dtype": "uint8", "shape": [len(x)]}, np.frombuffer(x, np.uint8))
     if isinstance(x, np.ndarray):
         _check_array_dtype(path, x.dtype, "numpy array")

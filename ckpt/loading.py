@@ -14,7 +14,7 @@ import numpy as np
 
 from ckpt import format as fmt
 from ckpt import leaves as leaves_lib
-from ckpt import storage
+from ckpt import progress, storage
 from ckpt import tree as tree_lib
 from ckpt.errors import CheckpointCorruptedError, TreeMismatchError
 from ckpt.metadata import LeafMetadata
@@ -67,8 +67,12 @@ class _PackedReader:
         if not ranges or self.doc is None:
             return
         lo, hi = min(r[0] for r in ranges), max(r[0] + r[1] for r in ranges)
-        store = storage.open_for_read(storage.resolve_kvstore(self.doc["spec"], self.step_dir))
-        self._data = store[lo:hi].read().result()
+        try:
+            store = storage.open_for_read(storage.resolve_kvstore(self.doc["spec"], self.step_dir))
+            self._data = store[lo:hi].read().result()
+        except ValueError as e:
+            raise CheckpointCorruptedError(f"{self.step_dir}: the packed array of the small leaves "
+                                           f"({fmt.PACKED}/) is damaged: {e}", path=self.step_dir) from None
         self._range = (lo, hi)
 
     def get(self, offset: int, nbytes: int) -> np.ndarray:
@@ -205,16 +209,22 @@ def load_checkpointables(step_dir: Path, abstract: dict[str, Any] | None, *, par
         else:
             needed.update((name, i) for _, leaf, idx in p[0] if leaf is not leaves_lib.PLACEHOLDER for i in idx)
     sources = {key: _LeafSource(step_dir, key[0], trees[key[0]]["leaves"][key[1]], packed) for key in needed}
+    tracker = progress.Tracker(f"loading {step_dir}", sum(_leaf_metadata(s.meta).nbytes for s in sources.values()))
     packed.prefetch([tuple(s.meta["packed"]) for s in sources.values() if "packed" in s.meta])
     for source in sources.values():
         source.start()
-    return {name: _build(name, trees[name], plans[name], sources) for name in abstract}
+    loaded = {name: _build(name, trees[name], plans[name], sources, tracker) for name in abstract}
+    tracker.finish()
+    return loaded
 
 
-def _build(name: str, saved: dict, plan: Any, sources: dict) -> Any:
+def _build(name: str, saved: dict, plan: Any, sources: dict, tracker: progress.Tracker) -> Any:
     def value(i: int, abstract_leaf: Any) -> Any:
         source = sources.get((name, i))
-        return leaves_lib.restore(saved["leaves"][i], None if source is None else source.read, abstract_leaf)
+        restored = leaves_lib.restore(saved["leaves"][i], None if source is None else source.read, abstract_leaf)
+        if source is not None:
+            tracker.advance(_leaf_metadata(source.meta).nbytes)
+        return restored
 
     saved_node = tree_lib.from_json(saved["tree"])
     if plan is None:

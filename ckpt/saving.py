@@ -17,7 +17,7 @@ import tensorstore as ts
 
 from ckpt import format as fmt
 from ckpt import leaves as leaves_lib
-from ckpt import storage
+from ckpt import distributed, loading, progress, storage
 from ckpt import tree as tree_lib
 from ckpt.tree import KeyPath, keystr
 
@@ -87,11 +87,14 @@ def plan(checkpointables: dict[str, Any], *, metrics: Any = None, custom_metadat
     structures, planned, packed, arrays = {}, {}, [], []
     offset = 0
     for name, tree in checkpointables.items():
-        node, flat = tree_lib.flatten(tree)
+        try:
+            node, flat = tree_lib.flatten(tree)
+            hosts = [leaves_lib.to_host(path, value) for path, value in flat]
+        except TypeError as e:
+            raise TypeError(f"checkpointable {name!r}: {e}") from None
         structures[name] = tree_lib.to_json(node)
         planned[name] = []
-        for path, value in flat:
-            host = leaves_lib.to_host(path, value)
+        for (path, _), host in zip(flat, hosts):
             leaf = PlannedLeaf(path, host)
             if "dtype" in host.meta:
                 leaf.nbytes = int(np.prod(host.meta["shape"], dtype=np.int64)) * leaves_lib.parse_dtype(host.meta["dtype"]).itemsize
@@ -101,9 +104,29 @@ def plan(checkpointables: dict[str, Any], *, metrics: Any = None, custom_metadat
                     packed.append(leaf)
                 else:
                     leaf.location, leaf.array_name = "array", f"{fmt.ARRAYS}/{len(arrays)}"
+                    _describe_array(leaf)
                     arrays.append(leaf)
             planned[name].append(leaf)
     return Plan(structures, planned, packed, arrays, offset, metrics, custom_metadata, time.time_ns())
+
+
+def _describe_array(leaf: PlannedLeaf) -> None:
+    """Puts the zarr3 spec of a large leaf in its manifest entry (raw bytes for dtypes zarr3 lacks)."""
+    meta = leaf.host.meta
+    dtype, shape = leaves_lib.parse_dtype(meta["dtype"]), tuple(meta["shape"])
+    chunks = None
+    if leaf.host.device_array is not None:
+        chunks = tuple(leaf.host.device_array.sharding.shard_shape(shape))
+    if not _ts_supports(dtype):
+        dtype, shape, chunks = np.dtype(np.uint8), (leaf.nbytes,), None
+        meta["stored_as"] = "bytes"
+    meta["array"] = storage.array_spec({"driver": "file", "path": leaf.array_name + "/"}, dtype, shape,
+                                       fmt.ARRAY_CHUNK_BYTES, checksum=True, chunk_shape=chunks)
+
+
+def _own_shards(device_array: Any) -> list[tuple[Any, np.ndarray]]:
+    """(index, host array) of the shards this process writes: its addressable ones with replica id 0."""
+    return [(s.index, np.asarray(s.data)) for s in device_array.addressable_shards if s.replica_id == 0]
 
 
 def snapshot(plan: Plan, max_inflight_bytes: int | None) -> list[PlannedLeaf]:
@@ -127,21 +150,33 @@ def snapshot(plan: Plan, max_inflight_bytes: int | None) -> list[PlannedLeaf]:
             uncopied.append(leaf)
             continue
         if leaf.host.device_array is not None:
-            continue  # the writer copies each shard to host before the next save starts
-        leaf.host.array = np.array(leaf.host.array, copy=True)
+            leaf.host.shards = [(index, np.array(data, copy=True)) for index, data in _own_shards(leaf.host.device_array)]
+        else:
+            leaf.host.array = np.array(leaf.host.array, copy=True)
         budget -= leaf.nbytes
     return uncopied
 
 
 class StepWriter:
-    """Writes one plan into ``tmp_dir`` and commits it as ``final_dir``."""
+    """Writes one plan into ``tmp_dir`` and commits it as ``final_dir``.
 
-    def __init__(self, plan: Plan, tmp_dir: Path, final_dir: Path, *, dir_mode: int | None = None):
+    With several processes, the primary (index 0) prepares the directory and writes every leaf but
+    the shards of arrays spread over processes, which each process writes for itself; then, after a
+    barrier, the primary writes the manifest and commits, and a last barrier publishes the step.
+    """
+
+    def __init__(self, plan: Plan, tmp_dir: Path, final_dir: Path, *, dir_mode: int | None = None,
+                 processes: distributed.Processes | None = None, operation: str = "", timeout_secs: float = 1200.0):
         self.plan = plan
         self.tmp_dir = tmp_dir
         self.final_dir = final_dir
         self.dir_mode = dir_mode
-        self._prepared = False
+        self.processes = processes or distributed.SingleProcess()
+        self.primary = self.processes.index == 0
+        self.operation = operation
+        self.timeout_secs = timeout_secs
+        self._prepared = not self.primary
+        self.progress = progress.Tracker(f"saving {final_dir}", plan.nbytes)
 
     def prepare_dir(self) -> None:
         """Creates a fresh temporary directory (removing one a crashed save left)."""
@@ -156,7 +191,7 @@ class StepWriter:
         self.prepare_dir()
         futures = []
         for leaf in leaves:
-            if leaf.array_name in self.plan.written_arrays:
+            if leaf.array_name in self.plan.written_arrays or not (self.primary or leaf.host.device_array is not None):
                 continue
             with storage.io_errors(f"writing {keystr(leaf.path)} to {self.tmp_dir}"):
                 futures.append((leaf, self._write_array(leaf)))
@@ -165,23 +200,17 @@ class StepWriter:
                 for future in pending:
                     future.result()
             self.plan.written_arrays.add(leaf.array_name)
+            self.progress.advance(leaf.nbytes)
             leaf.host.array = None  # release the snapshot copy as soon as it is on disk
 
     def _write_array(self, leaf: PlannedLeaf) -> list[Any]:
-        meta = leaf.host.meta
-        dtype = leaves_lib.parse_dtype(meta["dtype"])
-        shape = tuple(meta["shape"])
-        stored_dtype, stored_shape = (dtype, shape) if _ts_supports(dtype) else (np.dtype(np.uint8), (leaf.nbytes,))
-        spec = storage.array_spec({"driver": "file", "path": leaf.array_name + "/"}, stored_dtype, stored_shape,
-                                  fmt.ARRAY_CHUNK_BYTES, checksum=True)
-        meta["array"] = spec
-        if stored_dtype != dtype:
-            meta["stored_as"] = "bytes"
-        store = storage.open_for_write(storage.resolve_kvstore(spec, self.tmp_dir))
+        store = storage.open_for_write(storage.resolve_kvstore(leaf.host.meta["array"], self.tmp_dir))
         if leaf.host.device_array is not None:
-            return [store[shard.index].write(np.asarray(shard.data)).commit
-                    for shard in leaf.host.device_array.addressable_shards if shard.replica_id == 0]
-        source = leaf.host.array if stored_dtype == dtype else _raw_bytes(leaf.host.array)
+            shards = leaf.host.shards if leaf.host.shards is not None else _own_shards(leaf.host.device_array)
+            leaf.host.shards = None
+            return [store[index].write(data, can_reference_source_data_indefinitely=True).commit
+                    for index, data in shards]
+        source = _raw_bytes(leaf.host.array) if "stored_as" in leaf.host.meta else leaf.host.array
         return [store.write(source, can_reference_source_data_indefinitely=True).commit]
 
     def write_packed(self) -> None:
@@ -201,6 +230,7 @@ class StepWriter:
                 write = store[start: start + chunk.size].write(chunk)
                 write.copy.result()
                 pending.append(write.commit)
+                self.progress.advance(chunk.size)
             for commit in pending:
                 commit.result()
         self.packed_spec = spec
@@ -228,10 +258,6 @@ class StepWriter:
                 chunk[pos - chunk_start: pos - chunk_start + n] = data[done: done + n]
                 pos += n
         yield chunk_start, chunk
-
-    def write_all(self) -> None:
-        self.write_arrays(self.plan.arrays)
-        self.write_packed()
 
     def write_manifest(self, step: int | None, extra: dict | None = None) -> None:
         """Writes tree.json and then manifest.json (the commit record) into the temporary directory."""
@@ -280,9 +306,23 @@ class StepWriter:
         if replaced:
             storage.remove_tree(old)
 
+    def _barrier(self, phase: str) -> None:
+        if self.processes.count > 1:
+            self.processes.barrier(f"{self.operation}/{phase}", self.timeout_secs)
+
     def run(self, step: int | None) -> dict:
         """Writes everything not yet written, then commits; returns the manifest."""
-        self.write_all()
-        self.write_manifest(step)
-        self.commit()
+        self.prepare_dir()
+        self._barrier("prepared")
+        self.write_arrays(self.plan.arrays)
+        if self.primary:
+            self.write_packed()
+        self._barrier("written")
+        if self.primary:
+            self.write_manifest(step)
+            self.commit()
+        self._barrier("committed")
+        if not self.primary:
+            self.manifest = loading.read_manifest(self.final_dir)
+        self.progress.finish()
         return self.manifest

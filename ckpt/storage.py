@@ -124,8 +124,9 @@ def _chunk_shape(shape: tuple[int, ...], itemsize: int, target_bytes: int) -> li
 
 
 def array_spec(kvstore: dict, dtype: np.dtype, shape: tuple[int, ...], target_chunk_bytes: int,
-               *, checksum: bool) -> dict:
-    """A zarr3 spec for one array, chunked along its first axis, optionally with the crc32c codec."""
+               *, checksum: bool, chunk_shape: tuple[int, ...] | None = None) -> dict:
+    """A zarr3 spec for one array, optionally with the crc32c codec; chunked as ``chunk_shape`` (a shard's
+    shape, so that processes never write the same chunk) or along the first axis."""
     codecs: list[dict] = [{"name": "bytes", "configuration": {"endian": "little"}}]
     if checksum:
         codecs.append({"name": "crc32c"})
@@ -136,18 +137,23 @@ def array_spec(kvstore: dict, dtype: np.dtype, shape: tuple[int, ...], target_ch
             "shape": list(shape),
             "data_type": dtype.name,
             "chunk_grid": {"name": "regular", "configuration": {
-                "chunk_shape": _chunk_shape(shape, dtype.itemsize, target_chunk_bytes)}},
+                "chunk_shape": [max(1, d) for d in chunk_shape] if chunk_shape is not None
+                else _chunk_shape(shape, dtype.itemsize, target_chunk_bytes)}},
             "codecs": codecs,
         },
     }
 
 
 def open_for_write(spec: dict) -> ts.TensorStore:
-    return ts.open(spec, create=True, delete_existing=True, context=ts_context()).result()
+    """Creates the array (or opens it, when another process of the job created it first); every chunk is
+    stored, even all-zero ones, so that a missing chunk file means damage."""
+    return ts.open({**spec, "store_data_equal_to_fill_value": True}, create=True, open=True,
+                   context=ts_context()).result()
 
 
 def open_for_read(spec: dict) -> ts.TensorStore:
-    return ts.open(spec, open=True, context=ts_context()).result()
+    """Opens an array; reading a chunk whose file is missing raises instead of returning zeros."""
+    return ts.open({**spec, "fill_missing_data_reads": False}, open=True, context=ts_context()).result()
 
 
 def local_kvstore(path: Path) -> dict:

@@ -30,7 +30,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
-from ckpt import background, loading, preemption, saving, storage
+from ckpt import background, distributed, loading, preemption, saving, storage
 from ckpt import errors
 from ckpt import format as fmt
 from ckpt.context import Context
@@ -86,18 +86,23 @@ class Checkpointer:
         self._reading: collections.Counter[int] = collections.Counter()
         self._infos_lock = threading.Lock()
         self._closed = False
+        self._processes = self._context.multiprocessing_options.processes or distributed.current()
+        self._operations = 0
+        self._preempted_at: int | None = None
         mode = self._context.file_options.path_permission_mode
         storage.make_dir(self._directory, mode=mode)
         self._lock = storage.DirectoryLock(self._directory / fmt.LOCK)
         root_file = self._directory / fmt.ROOT_METADATA
-        if custom_metadata is not None and not root_file.exists():
+        primary = self._processes.index == 0
+        if primary and custom_metadata is not None and not root_file.exists():
             storage.write_file_atomic(root_file, fmt.to_json_bytes({"custom_metadata": custom_metadata}, "custom_metadata"))
-        if cleanup_tmp_directories:
+        if cleanup_tmp_directories and primary:
             self._lock.acquire()
             for name in storage.list_names(self._directory):
                 if name.endswith((fmt.TMP_SUFFIX, fmt.DELETING_SUFFIX)):
                     storage.remove_tree(self._directory / name)
         preemption.install()
+        self._barrier("init")
         self.reload()
 
     # ----------------------------------------------------------------------------------- listing
@@ -166,18 +171,38 @@ class Checkpointer:
         return self._decide(_step_number(step), replacing=False)
 
     def reached_preemption(self, step: int) -> bool:
-        """True once this job was told it will be preempted (SIGTERM, ``ckpt.preemption.notify()``,
-        or JAX's preemption sync point at ``step``): save this step and stop."""
-        return preemption.reached(step)
+        """True once a save decision at ``step`` or earlier saw a preemption (SIGTERM,
+        ``ckpt.preemption.notify()``, or JAX's preemption sync point): that step was saved, stop now.
+
+        Ask it after ``save``/``save_async`` of the step; a preemption that arrives between the two is
+        seen by the next step's decision, so no step is skipped.
+        """
+        return self._preempted_at is not None and step >= self._preempted_at
 
     def _decide(self, step: int, *, replacing: bool) -> bool:
         previous = [c for c in self.checkpoints if c.step != step] if replacing else self.checkpoints
         if previous and step <= previous[-1].step and not replacing:
             return False
+        reached = preemption.reached(step)
+        if reached and self._preempted_at is None:
+            self._preempted_at = step
         context = save_decision_policies.DecisionContext(
-            is_saving_in_progress=self._writer.in_progress(), reached_preemption=preemption.reached(step))
+            is_saving_in_progress=self._writer.in_progress(), reached_preemption=reached)
         current = CheckpointMetadata(step, None, commit_timestamp_nsecs=time.time_ns())
-        return bool(self._save_policy.should_save(current, previous, context=context))
+        decision = bool(self._save_policy.should_save(current, previous, context=context))
+        if self._processes.count > 1:  # time and preemption differ between processes: the primary decides
+            decision = self._processes.broadcast(self._operation(f"decide/{step}"), decision,
+                                                 self._context.async_options.timeout_secs)
+        return decision
+
+    def _operation(self, what: str) -> str:
+        """A name unique to this call, the same on every process (they call the same methods in order)."""
+        self._operations += 1
+        return f"{self._directory}/{self._operations}/{what}"
+
+    def _barrier(self, what: str) -> None:
+        if self._processes.count > 1:
+            self._processes.barrier(self._operation(what), self._context.async_options.timeout_secs)
 
     # ------------------------------------------------------------------------------------ saving
     def save(self, step: int, state: Any, *, checkpointable_name: str = fmt.DEFAULT_CHECKPOINTABLE,
@@ -185,7 +210,8 @@ class Checkpointer:
         """Saves ``state`` at ``step`` if the policy says so (or ``force``), durably; returns whether it saved.
 
         Raises:
-          StepAlreadyExistsError: ``step`` exists and ``overwrite`` is False (before anything is written).
+          StepAlreadyExistsError: ``step`` exists, ``force`` is set and ``overwrite`` is not (before anything
+            is written). Without ``force`` an existing step is <= latest, so the policy skips it: False.
           TypeError / ValueError: an unsupported leaf, a bad name, metrics that are not JSON.
         """
         return self.save_checkpointables(step, {checkpointable_name: state}, force=force, overwrite=overwrite,
@@ -221,32 +247,38 @@ class Checkpointer:
         self._check_open()
         step = _step_number(step)
         existing = self._find(step)
+        if not force and not self._decide(step, replacing=existing is not None and overwrite):
+            return None  # the policy skips a step <= latest, so resuming at ``latest.step`` just goes on
         if existing is not None and not overwrite:
             raise errors.StepAlreadyExistsError(
                 f"step {step} already exists at {existing.path}; pass overwrite=True to replace it",
                 step=step, path=existing.path)
-        if not force and not self._decide(step, replacing=existing is not None):
-            return None
         plan = saving.plan(checkpointables, metrics=metrics, custom_metadata=custom_metadata)
         self.wait()
-        self._lock.acquire()
+        if self._processes.index == 0:
+            self._lock.acquire()
         name = self._name_format.build_name(step)
         writer = saving.StepWriter(plan, self._directory / (name + fmt.TMP_SUFFIX), self._directory / name,
-                                   dir_mode=self._context.file_options.path_permission_mode)
+                                   dir_mode=self._context.file_options.path_permission_mode,
+                                   processes=self._processes, operation=self._operation(f"save/{step}"),
+                                   timeout_secs=self._context.async_options.timeout_secs)
 
         def job() -> bool:
             try:
                 manifest = writer.run(step)
             except BaseException:
-                storage.remove_tree(writer.tmp_dir)
+                if writer.primary:
+                    storage.remove_tree(writer.tmp_dir)
                 raise
             self._committed(step, writer.final_dir, manifest)
             return True
 
         if blocking:
             return background.finished(job())
+        # With several processes every leaf is copied: the directory is prepared only in the background.
+        budget = self._context.memory_options.max_inflight_bytes if self._processes.count == 1 else None
         try:
-            uncopied = saving.snapshot(plan, self._context.memory_options.max_inflight_bytes)
+            uncopied = saving.snapshot(plan, budget)
             writer.write_arrays(uncopied)
         except BaseException:
             storage.remove_tree(writer.tmp_dir)
@@ -270,6 +302,9 @@ class Checkpointer:
         for info, kept in zip(checkpoints[:-1], keep[:-1]):
             if kept or self._reading[info.step]:
                 continue
+            if self._processes.index != 0:  # every process decides alike; the primary deletes
+                self._forget(info.step)
+                continue
             try:
                 self._delete(info)
             except OSError as e:
@@ -281,9 +316,12 @@ class Checkpointer:
         doomed = info.path.with_name(info.path.name + fmt.DELETING_SUFFIX)
         os.rename(info.path, doomed)
         storage.fsync_path(self._directory)
-        with self._infos_lock:
-            self._infos = [c for c in self._infos if c.step != info.step]
+        self._forget(info.step)
         storage.remove_tree(doomed)
+
+    def _forget(self, step: int) -> None:
+        with self._infos_lock:
+            self._infos = [c for c in self._infos if c.step != step]
 
     # ----------------------------------------------------------------------------------- loading
     def load(self, step: int | CheckpointMetadata | None = None, abstract_state: Any = None, *,

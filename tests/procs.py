@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import os
+import queue
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -30,26 +33,49 @@ def start(code_or_path: str | Path, *args: str, **extra_env: str) -> subprocess.
                             env=env(**extra_env), start_new_session=True)
 
 
-def wait_for_line(proc: subprocess.Popen, prefix: str, timeout: float = 60) -> str:
-    """Reads the process's output until a line starting with ``prefix``; fails on exit or timeout."""
-    import selectors
-    import time
+def _lines(proc: subprocess.Popen) -> "queue.Queue[str | None]":
+    """A queue fed by a thread that reads the process's output line by line (None at the end)."""
+    if not hasattr(proc, "_line_queue"):
+        lines: queue.Queue[str | None] = queue.Queue()
 
+        def pump() -> None:
+            for line in proc.stdout:
+                lines.put(line)
+            lines.put(None)
+
+        threading.Thread(target=pump, daemon=True).start()
+        proc._line_queue = lines
+        proc._seen = []
+    return proc._line_queue
+
+
+def wait_for_line(proc: subprocess.Popen, prefix: str, timeout: float = 60) -> str:
+    """Reads the process's output until a line starting with ``prefix``; kills it and fails on exit or timeout."""
+    lines = _lines(proc)
     deadline = time.monotonic() + timeout
-    selector = selectors.DefaultSelector()
-    selector.register(proc.stdout, selectors.EVENT_READ)
-    seen = []
-    while time.monotonic() < deadline:
-        if not selector.select(timeout=max(0.0, deadline - time.monotonic())):
-            break
-        line = proc.stdout.readline()
-        if not line:
-            break
-        seen.append(line)
+    while True:
+        try:
+            line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            line = None
+        if line is None:
+            stop(proc)
+            raise AssertionError(f"no line starting with {prefix!r}; output:\n{''.join(proc._seen)}")
+        proc._seen.append(line)
         if line.startswith(prefix):
             return line
-    stop(proc)
-    raise AssertionError(f"no line starting with {prefix!r}; output:\n{''.join(seen)}")
+
+
+def output(proc: subprocess.Popen, timeout: float = 60) -> str:
+    """Everything the process printed (what :func:`wait_for_line` read included), once it exits."""
+    lines = _lines(proc)
+    deadline = time.monotonic() + timeout
+    while True:
+        line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+        if line is None:
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            return "".join(proc._seen)
+        proc._seen.append(line)
 
 
 def stop(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> int:

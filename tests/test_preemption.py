@@ -35,7 +35,7 @@ def _run_until_sigterm(tmp_path, mode: str) -> tuple[str, int]:
     proc = procs.start(WORKER, str(tmp_path), mode)
     procs.wait_for_line(proc, "step 20")
     proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=60)
+    out = procs.output(proc, timeout=60)
     return out, proc.returncode
 
 

@@ -1,0 +1,310 @@
+"""The ckpt command: list, inspect and verify checkpoints without writing to them.
+
+    ckpt ls DIR              steps, commit time, size, metrics, the latest, leftover temporaries
+    ckpt show DIR [STEP]     the saved trees: key paths, types, dtypes, shapes, bytes (default: latest step)
+    ckpt verify DIR [STEP]   re-reads the data and checks every checksum (default: every step);
+                             exit status 1 when anything is damaged
+
+DIR is a checkpoint root (a Checkpointer's directory) or one step directory (what ckpt.save
+writes). --json prints the same information as JSON for scripts. Exit status 2: usage errors,
+a missing directory or step.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from ckpt import __version__, leaves, loading, progress
+from ckpt import format as fmt
+from ckpt.errors import CheckpointCorruptedError
+from ckpt.verify import VerifyResult, verify_step
+
+
+class UsageError(Exception):
+    """A directory or step that does not exist (exit status 2)."""
+
+
+@dataclasses.dataclass
+class _Step:
+    """A committed step directory found under a root; ``error`` when its manifest cannot be read."""
+
+    path: Path
+    step: int | None
+    manifest: dict | None
+    error: str | None = None
+
+
+# ----------------------------------------------------------------------------------- finding steps
+def _is_step_dir(path: Path) -> bool:
+    return (path / fmt.MANIFEST).is_file()
+
+
+def _read_step(path: Path) -> _Step:
+    """A step directory with its manifest; the step number comes from the manifest, else from the name."""
+    digits = path.name.rsplit("_", 1)[-1]
+    number = int(digits) if digits.isdigit() else None
+    try:
+        manifest = loading.read_manifest(path)
+    except CheckpointCorruptedError as e:
+        return _Step(path, number, None, str(e))
+    step = manifest.get("step")
+    return _Step(path, step if isinstance(step, int) else number, manifest)
+
+
+def _scan(root: Path) -> tuple[list[_Step], list[Path]]:
+    """The committed steps under ``root`` (any step name format), ascending, and the temporaries."""
+    if not root.is_dir():
+        raise UsageError(f"{root} is not a directory")
+    steps, temporaries = [], []
+    for entry in sorted(os.scandir(root), key=lambda e: e.name):
+        path = Path(entry.path)
+        if not entry.is_dir():
+            continue
+        if entry.name.endswith((fmt.TMP_SUFFIX, fmt.DELETING_SUFFIX)):
+            temporaries.append(path)
+        elif _is_step_dir(path):
+            steps.append(_read_step(path))
+    steps.sort(key=lambda s: (s.step is None, s.step or 0, s.path.name))
+    return steps, temporaries
+
+
+def _latest(steps: list[_Step]) -> _Step | None:
+    committed = [s for s in steps if s.manifest is not None and s.step is not None]
+    return committed[-1] if committed else None
+
+
+def _select(directory: Path, step: int | None) -> list[Path]:
+    """The step directories a command acts on: DIR itself, DIR's ``step``, or (``step`` None) its latest."""
+    if _is_step_dir(directory):
+        if step is not None:
+            raise UsageError(f"{directory} is one checkpoint (it has {fmt.MANIFEST}); drop the STEP argument")
+        return [directory]
+    steps, _ = _scan(directory)
+    if step is None:
+        latest = _latest(steps)
+        if latest is None:
+            raise UsageError(f"no checkpoints in {directory}")
+        return [latest.path]
+    found = [s.path for s in steps if s.step == step]
+    if not found:
+        raise UsageError(f"no checkpoint at step {step} in {directory} (steps: {[s.step for s in steps]})")
+    return found
+
+
+# --------------------------------------------------------------------------------------- helpers
+def _disk_bytes(path: Path) -> int:
+    total = 0
+    for dirpath, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+            except FileNotFoundError:
+                pass  # a temporary being written or deleted right now
+    return total
+
+
+def _time(nsecs: int | None, *, iso: bool) -> str | None:
+    if nsecs is None:
+        return None
+    moment = datetime.datetime.fromtimestamp(nsecs / 1e9, datetime.timezone.utc)
+    return moment.isoformat() if iso else moment.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _metrics_text(metrics: Any, prefix: str = "") -> str:
+    """``loss=0.1234 acc=0.91`` for a dict of numbers (nested keys joined with dots), JSON otherwise."""
+    if isinstance(metrics, dict):
+        return " ".join(_metrics_text(v, f"{prefix}{k}.") if isinstance(v, dict) else f"{prefix}{k}={_number_text(v)}"
+                        for k, v in metrics.items())
+    return "" if metrics is None else json.dumps(metrics)
+
+
+def _number_text(value: Any) -> str:
+    return f"{value:.6g}" if isinstance(value, float) else json.dumps(value)
+
+
+def _table(headers: Sequence[str], rows: list[Sequence[str]], right: Sequence[int] = ()) -> str:
+    """Aligned columns; the columns numbered in ``right`` are right-aligned."""
+    widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
+
+    def line(row: Sequence[str]) -> str:
+        cells = [str(c).rjust(w) if i in right else str(c).ljust(w) for i, (c, w) in enumerate(zip(row, widths))]
+        return "  ".join(cells).rstrip()
+
+    return "\n".join([line(headers), *map(line, rows)])
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2))
+
+
+# -------------------------------------------------------------------------------------------- ls
+def ls(directory: Path, *, as_json: bool) -> int:
+    """``ckpt ls``: one line per committed step, then the temporaries crashed saves left."""
+    steps, temporaries = ([_read_step(directory)], []) if _is_step_dir(directory) else _scan(directory)
+    latest = _latest(steps)
+    records = [{
+        "step": s.step,
+        "path": str(s.path),
+        "latest": s is latest,
+        "time": _time(s.manifest.get("commit_timestamp_nsecs"), iso=True) if s.manifest else None,
+        "nbytes": s.manifest.get("nbytes") if s.manifest else None,
+        "disk_bytes": _disk_bytes(s.path),
+        "metrics": s.manifest.get("metrics") if s.manifest else None,
+        "error": s.error,
+    } for s in steps]
+    temps = [{"path": str(t), "disk_bytes": _disk_bytes(t)} for t in temporaries]
+    if as_json:
+        _print_json({"directory": str(directory), "latest": None if latest is None else latest.step,
+                     "steps": records, "temporaries": temps})
+        return 0
+    summary = f"{len(steps)} checkpoint{'s' if len(steps) != 1 else ''}"
+    print(f"{directory}: {summary}" + ("" if latest is None else f", latest step {latest.step}"))
+    if steps:
+        rows = [[("* " if r["latest"] else "  ") + str(r["step"]),
+                 (s.manifest and _time(s.manifest.get("commit_timestamp_nsecs"), iso=False)) or "-",
+                 progress.format_bytes(r["disk_bytes"]),
+                 f"DAMAGED: {s.error}" if s.error else _metrics_text(r["metrics"])]
+                for r, s in zip(records, steps)]
+        print(_table(["  STEP", "COMMITTED", "SIZE", "METRICS"], rows, right=[2]))
+    if temps:
+        print(f"{len(temps)} temporar{'ies' if len(temps) != 1 else 'y'} (saves in progress or killed; "
+              "Checkpointer(..., cleanup_tmp_directories=True) removes them):")
+        print(_table(["  NAME", "SIZE"], [["  " + Path(t["path"]).name, progress.format_bytes(t["disk_bytes"])]
+                                          for t in temps], right=[1]))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ show
+def _leaf_record(name: str, meta: dict) -> dict:
+    record: dict[str, Any] = {"checkpointable": name, "path": meta["path"], "type": meta["type"]}
+    if "dtype" in meta:
+        nbytes = math.prod(meta["shape"]) * leaves.parse_dtype(meta["dtype"]).itemsize
+        record.update(dtype=meta["dtype"], shape=meta.get("key_shape", meta["shape"]), nbytes=nbytes,
+                      stored=f"{fmt.PACKED}/" if "packed" in meta else meta["array"]["kvstore"]["path"])
+    else:
+        record.update(dtype=None, shape=None, nbytes=0, stored="inline", value=meta.get("value"))
+    return record
+
+
+def show(directory: Path, step: int | None, *, as_json: bool) -> int:
+    """``ckpt show``: the step's metadata, then one table of leaves per checkpointable."""
+    step_dir = _select(directory, step)[0]
+    manifest = loading.read_manifest(step_dir)
+    trees = loading.read_tree(step_dir, manifest)["checkpointables"]
+    records = {name: [_leaf_record(name, meta) for meta in doc["leaves"]] for name, doc in trees.items()}
+    if as_json:
+        _print_json({"step": manifest.get("step"), "path": str(step_dir),
+                     "time": _time(manifest.get("commit_timestamp_nsecs"), iso=True),
+                     "metrics": manifest.get("metrics"), "custom_metadata": manifest.get("custom_metadata"),
+                     "nbytes": manifest.get("nbytes"), "checkpointables": records})
+        return 0
+    print(f"step {manifest.get('step')}  {step_dir}")
+    print(f"committed {_time(manifest.get('commit_timestamp_nsecs'), iso=False)}, "
+          f"{progress.format_bytes(manifest.get('nbytes') or 0)} of data, "
+          f"{progress.format_bytes(_disk_bytes(step_dir))} on disk")
+    if manifest.get("metrics") is not None:
+        print(f"metrics: {_metrics_text(manifest['metrics'])}")
+    if manifest.get("custom_metadata") is not None:
+        print(f"custom metadata: {json.dumps(manifest['custom_metadata'])}")
+    for name, rs in records.items():
+        total = sum(r["nbytes"] for r in rs)
+        print(f"\n{name}: {len(rs)} leaves, {progress.format_bytes(total)}")
+        rows = [[r["path"] or "(root)", r["type"], r["dtype"] or "", "" if r["shape"] is None else str(tuple(r["shape"])),
+                 progress.format_bytes(r["nbytes"]) if r["dtype"] else "",
+                 r["stored"] if r["dtype"] else f"inline: {_short(r['value'])}"] for r in rs]
+        print(_table(["KEY PATH", "TYPE", "DTYPE", "SHAPE", "BYTES", "STORED"], rows, right=[4]))
+    return 0
+
+
+def _short(value: Any, width: int = 40) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+# ---------------------------------------------------------------------------------------- verify
+def _verify_record(result: VerifyResult) -> dict:
+    return {"step": result.step, "path": str(result.path), "ok": result.ok, "leaves": result.leaves,
+            "nbytes": result.nbytes, "damaged": [dataclasses.asdict(d) for d in result.damaged]}
+
+
+def verify(directory: Path, step: int | None, *, as_json: bool) -> int:
+    """``ckpt verify``: checks DIR's steps (all of them, or ``step``); 1 if any is damaged, else 0."""
+    if step is None and not _is_step_dir(directory):
+        targets = [s.path for s in _scan(directory)[0]]
+        if not targets:
+            raise UsageError(f"no checkpoints in {directory}")
+    else:
+        targets = _select(directory, step)
+    results = []
+    for target in targets:
+        result = verify_step(target)
+        results.append(result)
+        if not as_json:
+            status = "ok" if result.ok else f"DAMAGED ({len(result.damaged)})"
+            print(f"step {result.step}  {result.path}: {status}, "
+                  f"{result.leaves} leaves, {progress.format_bytes(result.nbytes)} checked", flush=True)
+            for damage in result.damaged:
+                print(f"  {damage.where}: {damage.why}")
+    damaged = [r for r in results if not r.ok]
+    if as_json:
+        _print_json({"ok": not damaged, "steps": [_verify_record(r) for r in results]})
+    elif len(results) > 1:
+        print(f"{len(results) - len(damaged)} of {len(results)} steps ok"
+              + (f"; damaged: {[r.step for r in damaged]}" if damaged else ""))
+    return 1 if damaged else 0
+
+
+# ------------------------------------------------------------------------------------------ main
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ckpt", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n\n", 1)[1])
+    parser.add_argument("--version", action="version", version=f"ckpt {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, text, has_step in [
+        ("ls", "list the steps of a checkpoint root", False),
+        ("show", "show the saved trees of a step (default: the latest)", True),
+        ("verify", "re-read a step's data and check its checksums (default: every step)", True),
+    ]:
+        command = commands.add_parser(name, help=text, description=text)
+        command.add_argument("directory", type=Path, metavar="DIR", help="a checkpoint root or one step directory")
+        if has_step:
+            command.add_argument("step", type=int, nargs="?", metavar="STEP", help="the step number")
+        command.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the ``ckpt`` command; returns its exit status (0 ok, 1 damaged data, 2 usage error).
+
+    Example::
+
+        main(["ls", "runs/exp1"])           # prints the steps of runs/exp1
+        main(["verify", "runs/exp1", "100"])
+    """
+    args = _parser().parse_args(argv)
+    progress.enable()
+    directory = args.directory.expanduser().absolute()
+    try:
+        if args.command == "ls":
+            return ls(directory, as_json=args.json)
+        if args.command == "show":
+            return show(directory, args.step, as_json=args.json)
+        return verify(directory, args.step, as_json=args.json)
+    except UsageError as e:
+        print(f"ckpt: error: {e}", file=sys.stderr)
+        return 2
+    except CheckpointCorruptedError as e:
+        print(f"ckpt: error: {e} (run `ckpt verify` for details)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

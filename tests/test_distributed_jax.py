@@ -1,0 +1,56 @@
+"""Multi-process JAX: two processes on 127.0.0.1 save sharded arrays, are killed, and resume."""
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests import procs
+
+pytest.importorskip("jax")
+WORKER = Path(__file__).with_name("jax_multiprocess_worker.py")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_job(directory: Path, mode: str, *, wait_for: str | None = None) -> list[str]:
+    port = str(free_port())
+    workers = [procs.start(WORKER, port, str(pid), str(directory), mode) for pid in range(2)]
+    try:
+        if wait_for is not None:
+            return [procs.wait_for_line(w, f"process {pid} {wait_for}", timeout=120) for pid, w in enumerate(workers)]
+        outs = []
+        for w in workers:
+            out = procs.output(w, timeout=120)
+            assert w.returncode == 0, out
+            outs.append(out)
+        return outs
+    finally:
+        for w in workers:
+            procs.stop(w)
+
+
+def test_two_processes_save_sharded_arrays_are_killed_and_resume(tmp_path):
+    saved = run_job(tmp_path, "save", wait_for="idle")  # both SIGKILLed once idle
+    assert all("saved [1, 2]" not in line for line in saved)
+    resumed = run_job(tmp_path, "resume")
+    assert "resumed from 3 steps [1, 2, 3, 4]" in resumed[0]
+    assert "resumed from 3 steps [1, 2, 3, 4]" in resumed[1]
+
+
+def test_a_checkpoint_of_two_processes_loads_in_one_process(tmp_path):
+    run_job(tmp_path, "save", wait_for="idle")
+    import ckpt
+
+    with ckpt.Checkpointer(tmp_path) as ckptr:
+        assert [c.step for c in ckptr.checkpoints] == [1, 2, 3]
+        assert ckptr.checkpoints[1].metrics == {"loss": 0.5}
+        restored = ckptr.load(2, {"w": np.zeros((8, 12), np.float32), "bias": None, "step": None})
+    np.testing.assert_array_equal(restored["w"], np.arange(96, dtype=np.float32).reshape(8, 12) * 2)
+    assert restored["step"] == 2

@@ -107,13 +107,13 @@ def test_on_complete_is_called_with_the_result(tmp_path):
 def test_wait_times_out_per_async_options(tmp_path, gate):
     ctx = ckpt.Context(async_options=ckpt.AsyncOptions(timeout_secs=0.05))
     with Checkpointer(tmp_path, context=ctx, save_decision_policy=ALWAYS) as ckptr:
-        ckptr.save_async(1, state(1))
+        first = ckptr.save_async(1, state(1))
         with pytest.raises(TimeoutError, match="still running"):
             ckptr.wait()
         with pytest.raises(TimeoutError):
             ckptr.save_async(2, state(2))
         gate.set()
-        ckptr.wait()
+        assert first.result(timeout=30)
         assert [c.step for c in ckptr.checkpoints] == [1]
 
 

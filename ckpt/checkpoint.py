@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
-from pathlib import Path
 from typing import Any
 
-from ckpt import background, loading, saving
+from ckpt import background, loading, saving, storage
 from ckpt import format as fmt
 from ckpt.errors import StepAlreadyExistsError
 from ckpt.metadata import CheckpointMetadata
@@ -21,12 +20,12 @@ from ckpt.training import checkpoint_metadata
 
 def _writer(path: str | os.PathLike, checkpointables: dict[str, Any], overwrite: bool,
             custom_metadata: Any) -> saving.StepWriter:
-    final = Path(path).expanduser().absolute()
+    final = storage.location(path)
     plan = saving.plan(checkpointables, custom_metadata=custom_metadata)
     if final.exists() and not overwrite:
         raise StepAlreadyExistsError(f"{final} already exists; pass overwrite=True to replace it", step=None, path=final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    return saving.StepWriter(plan, final.with_name(final.name + fmt.TMP_SUFFIX), final)
+    storage.make_dir(final.parent)
+    return saving.StepWriter(plan, storage.temporary_for(final), final)
 
 
 def save_checkpointables(path: str | os.PathLike, checkpointables: dict[str, Any], *, overwrite: bool = False,
@@ -61,7 +60,7 @@ def save_async(path: str | os.PathLike, state: Any, *, checkpointable_name: str 
 
 def load_checkpointables(path: str | os.PathLike, abstract_checkpointables: dict[str, Any] | None = None) -> dict[str, Any]:
     """Loads the named trees of the checkpoint at ``path`` (all of them when None)."""
-    return loading.load_checkpointables(Path(path).expanduser().absolute(), abstract_checkpointables)
+    return loading.load_checkpointables(storage.location(path), abstract_checkpointables)
 
 
 def load(path: str | os.PathLike, abstract_state: Any = None, *,
@@ -81,9 +80,9 @@ def load_async(path: str | os.PathLike, abstract_state: Any = None, *,
 
 def metadata(path: str | os.PathLike) -> CheckpointMetadata:
     """The ``state`` tree of the checkpoint at ``path``, with :class:`ckpt.LeafMetadata` leaves."""
-    return checkpoint_metadata(Path(path).expanduser().absolute(), fmt.DEFAULT_CHECKPOINTABLE)
+    return checkpoint_metadata(storage.location(path), fmt.DEFAULT_CHECKPOINTABLE)
 
 
 def checkpointables_metadata(path: str | os.PathLike) -> CheckpointMetadata:
     """Every checkpointable's tree of the checkpoint at ``path``, with ``LeafMetadata`` leaves."""
-    return checkpoint_metadata(Path(path).expanduser().absolute(), None)
+    return checkpoint_metadata(storage.location(path), None)

@@ -8,6 +8,8 @@ from typing import Any, Generic, TypeVar
 
 import numpy as np
 
+from ckpt.storage import location
+
 T = TypeVar("T")
 
 
@@ -22,7 +24,7 @@ class CheckpointMetadata(Generic[T]):
                  init_timestamp_nsecs: int | None = None, commit_timestamp_nsecs: int | None = None,
                  custom_metadata: Any = None, metrics: Any = None):
         self._step = step
-        self.path = None if path is None else Path(path)
+        self.path = None if path is None else location(path)
         self.metadata = metadata
         self.init_timestamp_nsecs = init_timestamp_nsecs
         self.commit_timestamp_nsecs = commit_timestamp_nsecs

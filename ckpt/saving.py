@@ -221,9 +221,9 @@ class StepWriter:
         self.prepare_dir()
         spec = storage.array_spec({"driver": "file", "path": fmt.PACKED + "/"}, np.dtype(np.uint8),
                                   (plan.packed_nbytes,), fmt.PACKED_CHUNK_BYTES, checksum=False)
-        store = storage.open_for_write(storage.resolve_kvstore(spec, self.tmp_dir))
         pending: list[Any] = []
         with storage.io_errors(f"writing the packed leaves to {self.tmp_dir}"):
+            store = storage.open_for_write(storage.resolve_kvstore(spec, self.tmp_dir))
             for start, chunk in self._packed_chunks():
                 if len(pending) >= 2:
                     pending.pop(0).result()
@@ -288,23 +288,12 @@ class StepWriter:
             "tree_crc32": fmt.crc32(tree_bytes),
             **(extra or {}),
         }
-        storage.write_file(self.tmp_dir / fmt.MANIFEST, fmt.to_json_bytes(manifest, "the manifest"))
+        storage.write_file(self.tmp_dir / fmt.MANIFEST, fmt.sealed_manifest(manifest))
         self.manifest = manifest
 
     def commit(self) -> None:
-        """fsyncs the temporary tree, renames it to its final name (replacing an old step only now) and
-        fsyncs the root."""
-        for dirpath, _, _ in os.walk(self.tmp_dir):
-            storage.fsync_path(Path(dirpath))
-        old = self.final_dir.with_name(self.final_dir.name + fmt.DELETING_SUFFIX)
-        replaced = self.final_dir.exists()
-        if replaced:
-            storage.remove_tree(old)
-            os.rename(self.final_dir, old)
-        os.rename(self.tmp_dir, self.final_dir)
-        storage.fsync_path(self.final_dir.parent)
-        if replaced:
-            storage.remove_tree(old)
+        """Makes the written step visible atomically (see :func:`ckpt.storage.commit_dir`)."""
+        storage.commit_dir(self.tmp_dir, self.final_dir)
 
     def _barrier(self, phase: str) -> None:
         if self.processes.count > 1:

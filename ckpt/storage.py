@@ -10,6 +10,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Iterator
@@ -17,7 +18,11 @@ from typing import Any, Iterator
 import numpy as np
 import tensorstore as ts
 
+from ckpt import format as fmt
 from ckpt.errors import DirectoryLockedError
+from ckpt.objectstore import ObjectPath, is_url
+
+Location = Path | ObjectPath
 
 _CONTEXT: ts.Context | None = None
 
@@ -35,8 +40,17 @@ def ts_context() -> ts.Context:
     return _CONTEXT
 
 
-def fsync_path(path: Path) -> None:
-    """fsyncs a file or a directory."""
+def location(directory: str | os.PathLike | ObjectPath) -> Location:
+    """A root or step directory: an absolute local Path, or an :class:`ObjectPath` for s3:// and gs://."""
+    if is_url(directory):
+        return ObjectPath(str(directory))
+    return Path(directory).expanduser().absolute()
+
+
+def fsync_path(path: Location) -> None:
+    """fsyncs a file or a directory (nothing to do on an object store)."""
+    if isinstance(path, ObjectPath):
+        return
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -46,6 +60,8 @@ def fsync_path(path: Path) -> None:
 
 def write_file(path: Path, data: bytes, *, mode: int | None = None) -> None:
     """Writes and fsyncs ``path`` (not atomic: used inside a temporary directory)."""
+    if isinstance(path, ObjectPath):
+        return path.write_bytes(data)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666 if mode is None else mode)
     try:
         view = memoryview(data)
@@ -58,6 +74,8 @@ def write_file(path: Path, data: bytes, *, mode: int | None = None) -> None:
 
 def write_file_atomic(path: Path, data: bytes, *, mode: int | None = None) -> None:
     """Writes ``path`` through a temporary file, fsync and rename, then fsyncs its directory."""
+    if isinstance(path, ObjectPath):
+        return path.write_bytes(data)
     tmp = path.with_name(path.name + ".tmp")
     write_file(tmp, data, mode=mode)
     os.replace(tmp, path)
@@ -66,13 +84,17 @@ def write_file_atomic(path: Path, data: bytes, *, mode: int | None = None) -> No
 
 def remove_tree(path: Path) -> None:
     """Removes a directory tree; a path that is already gone is fine."""
+    if isinstance(path, ObjectPath):
+        return path.remove_tree()
     try:
         shutil.rmtree(path)
     except FileNotFoundError:
         pass
 
 
-def make_dir(path: Path, *, mode: int | None = None) -> None:
+def make_dir(path: Location, *, mode: int | None = None) -> None:
+    if isinstance(path, ObjectPath):
+        return
     path.mkdir(parents=True, exist_ok=True)
     if mode is not None:
         os.chmod(path, mode)
@@ -90,9 +112,29 @@ class DirectoryLock:
         return self._fd is not None
 
     def acquire(self) -> None:
-        if self._fd is not None:
+        """Takes the lock, or checks that the lock held still guards the directory (local roots only:
+        object stores have no locks, so one writer per root is the user's to ensure there).
+
+        Raises:
+          DirectoryLockedError: another writer holds it.
+          FileNotFoundError: the directory was removed (or replaced) underneath: it is not recreated.
+        """
+        if isinstance(self.path, ObjectPath):
             return
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        if self._fd is not None:
+            try:
+                same = os.path.samestat(os.fstat(self._fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if not same:
+                raise FileNotFoundError(errno.ENOENT, f"{self.path.parent} was removed or replaced while this "
+                                        "Checkpointer held it; open a new Checkpointer to write there again")
+            return
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        except FileNotFoundError:
+            raise FileNotFoundError(errno.ENOENT, f"{self.path.parent} was removed after this Checkpointer "
+                                    "created it; open a new Checkpointer to write there again") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -161,31 +203,101 @@ def local_kvstore(path: Path) -> dict:
 
 
 def resolve_kvstore(spec: dict, step_dir: Path) -> dict:
-    """A manifest's relative kvstore path made absolute under ``step_dir``."""
-    spec = dict(spec)
-    kv = dict(spec["kvstore"])
-    kv["path"] = str(step_dir / kv["path"]) + "/"
-    spec["kvstore"] = kv
-    return spec
+    """A manifest's array spec with its relative kvstore path made absolute under ``step_dir``.
+
+    Only a zarr3 spec whose kvstore is the ``file`` driver with a relative path of plain names
+    (``arrays/3/``) is accepted; an absolute path, ``..``, another driver or any other option raises
+    ValueError, so that a manifest can never point outside its step directory.
+    """
+    kv = spec.get("kvstore") if isinstance(spec, dict) else None
+    path = kv.get("path") if isinstance(kv, dict) else None
+    if not (isinstance(path, str) and set(spec) <= {"driver", "kvstore", "metadata"} and spec.get("driver") == "zarr3"
+            and set(kv) == {"driver", "path"} and kv["driver"] == "file" and _is_plain_relative(path)):
+        where = {k: spec[k] for k in ("driver", "kvstore") if k in spec} if isinstance(spec, dict) else spec
+        raise ValueError(f"the array location {where!r} is not a relative path inside the step directory "
+                         "(only the 'file' driver and plain names are allowed)")
+    return {**spec, "kvstore": kvstore(step_dir / path.removesuffix("/"))}
+
+
+def kvstore(path: Location) -> dict:
+    """The tensorstore kvstore spec of a directory."""
+    if isinstance(path, ObjectPath):
+        return path.kvstore()
+    return {"driver": "file", "path": str(path) + "/"}
+
+
+def temporary_for(final: Location) -> Location:
+    """Where a step is written before its commit: ``<step>.ckpt-tmp`` locally, the final place on an
+    object store (which has no rename; its manifest, written last, commits it)."""
+    return final if isinstance(final, ObjectPath) else final.with_name(final.name + fmt.TMP_SUFFIX)
+
+
+def is_committed(step_dir: Location) -> bool:
+    """Whether a directory named like a step is a committed one (always, locally: it was renamed)."""
+    return not isinstance(step_dir, ObjectPath) or (step_dir / fmt.MANIFEST).exists()
+
+
+def commit_dir(tmp: Location, final: Location) -> None:
+    """Makes a fully written step visible: fsyncs the temporary tree, renames it to its final name
+    (moving a step it replaces aside only now, and removing it after) and fsyncs the root."""
+    if isinstance(final, ObjectPath):
+        return
+    for dirpath, _, _ in os.walk(tmp):
+        fsync_path(Path(dirpath))
+    old = final.with_name(final.name + fmt.DELETING_SUFFIX)
+    replaced = final.exists()
+    if replaced:
+        remove_tree(old)
+        os.rename(final, old)
+    os.rename(tmp, final)
+    fsync_path(final.parent)
+    if replaced:
+        remove_tree(old)
+
+
+def delete_dir(step_dir: Location) -> None:
+    """Deletes a committed step so that no half-deleted step is ever listed: locally renamed aside
+    first (and the root fsync'd), on an object store its manifest removed first."""
+    if isinstance(step_dir, ObjectPath):
+        (step_dir / fmt.MANIFEST).remove_tree()
+    else:
+        doomed = step_dir.with_name(step_dir.name + fmt.DELETING_SUFFIX)
+        os.rename(step_dir, doomed)
+        fsync_path(step_dir.parent)
+        step_dir = doomed
+    remove_tree(step_dir)
+
+
+def _is_plain_relative(path: str) -> bool:
+    return all(part not in ("", ".", "..") and "\\" not in part and "\0" not in part
+               for part in path.removesuffix("/").split("/"))
 
 
 @contextlib.contextmanager
 def io_errors(what: str) -> Iterator[None]:
-    """Re-raises tensorstore's errors as OSError-like errors that name ``what``."""
+    """Re-raises tensorstore's errors as OSErrors that name ``what``, with the errno of the system call
+    that failed when tensorstore reports one (so disk full is ``errno.ENOSPC``, permissions a PermissionError)."""
     try:
         yield
     except ValueError as e:
+        code = re.search(r"\[os_error_code='(\d+)'\]", str(e))
+        if code:
+            raise OSError(int(code.group(1)), f"{what}: {e}") from e
         raise OSError(f"{what}: {e}") from e
 
 
-def list_names(root: Path) -> list[str]:
+def list_names(root: Location) -> list[str]:
+    if isinstance(root, ObjectPath):
+        return root.children()
     try:
         return os.listdir(root)
     except FileNotFoundError:
         return []
 
 
-def read_json_bytes(path: Path) -> bytes:
+def read_json_bytes(path: Location) -> bytes:
+    if isinstance(path, ObjectPath):
+        return path.read_bytes()
     with open(path, "rb") as f:
         return f.read()
 

@@ -21,13 +21,13 @@ Example::
 from __future__ import annotations
 
 import collections
+import json
 import concurrent.futures
 import logging
 import os
 import threading
 import time
 import warnings
-from pathlib import Path
 from typing import Any, Sequence
 
 from ckpt import background, distributed, loading, preemption, saving, storage
@@ -56,7 +56,8 @@ class Checkpointer:
     process calls the same methods.
 
     Args:
-      directory: the root; created if missing. Each step is a directory below it.
+      directory: the root; created if missing. Each step is a directory below it. ``s3://bucket/path``
+        and ``gs://bucket/path`` roots go through tensorstore's kvstore drivers (see ckpt.objectstore).
       context: options (:class:`ckpt.Context`).
       save_decision_policy: when to save; default: the first step, then whenever no save is in
         flight, and on preemption.
@@ -75,7 +76,7 @@ class Checkpointer:
                  cleanup_tmp_directories: bool = False, lightweight_initialize: bool = False):
         if custom_metadata is not None:
             fmt.check_json(custom_metadata, "custom_metadata")
-        self._directory = Path(directory).expanduser().absolute()
+        self._directory = storage.location(directory)
         self._context = context or Context()
         self._save_policy = save_decision_policy or save_decision_policies.default_policy()
         self._preservation_policy = preservation_policy or preservation_policies.PreserveAll()
@@ -94,12 +95,14 @@ class Checkpointer:
         self._lock = storage.DirectoryLock(self._directory / fmt.LOCK)
         root_file = self._directory / fmt.ROOT_METADATA
         primary = self._processes.index == 0
-        if primary and custom_metadata is not None and not root_file.exists():
+        if primary and custom_metadata is not None and not _exists(root_file):
             storage.write_file_atomic(root_file, fmt.to_json_bytes({"custom_metadata": custom_metadata}, "custom_metadata"))
         if cleanup_tmp_directories and primary:
             self._lock.acquire()
+            steps = step_lib.find_steps(storage.list_names(self._directory), self._name_format)
             for name in storage.list_names(self._directory):
-                if name.endswith((fmt.TMP_SUFFIX, fmt.DELETING_SUFFIX)):
+                if name.endswith((fmt.TMP_SUFFIX, fmt.DELETING_SUFFIX)) or (
+                        name in steps.values() and not storage.is_committed(self._directory / name)):
                     storage.remove_tree(self._directory / name)
         preemption.install()
         self._barrier("init")
@@ -107,7 +110,7 @@ class Checkpointer:
 
     # ----------------------------------------------------------------------------------- listing
     @property
-    def directory(self) -> Path:
+    def directory(self) -> storage.Location:
         """The root directory where the step directories are."""
         return self._directory
 
@@ -129,6 +132,8 @@ class Checkpointer:
         infos = []
         for step in sorted(found):
             path = self._directory / found[step]
+            if not storage.is_committed(path):
+                continue
             if self._lightweight:
                 infos.append(CheckpointMetadata(step, path))
                 continue
@@ -142,7 +147,7 @@ class Checkpointer:
             self._infos = infos
 
     @staticmethod
-    def _info(step: int, path: Path, manifest: dict) -> CheckpointMetadata:
+    def _info(step: int, path: storage.Location, manifest: dict) -> CheckpointMetadata:
         return CheckpointMetadata(step, path, metrics=manifest.get("metrics"),
                                   init_timestamp_nsecs=manifest.get("init_timestamp_nsecs"),
                                   commit_timestamp_nsecs=manifest.get("commit_timestamp_nsecs"),
@@ -258,7 +263,8 @@ class Checkpointer:
         if self._processes.index == 0:
             self._lock.acquire()
         name = self._name_format.build_name(step)
-        writer = saving.StepWriter(plan, self._directory / (name + fmt.TMP_SUFFIX), self._directory / name,
+        final = self._directory / name
+        writer = saving.StepWriter(plan, storage.temporary_for(final), final,
                                    dir_mode=self._context.file_options.path_permission_mode,
                                    processes=self._processes, operation=self._operation(f"save/{step}"),
                                    timeout_secs=self._context.async_options.timeout_secs)
@@ -285,7 +291,7 @@ class Checkpointer:
             raise
         return self._writer.submit(job)
 
-    def _committed(self, step: int, path: Path, manifest: dict) -> None:
+    def _committed(self, step: int, path: storage.Location, manifest: dict) -> None:
         info = self._info(step, path, manifest)
         with self._infos_lock:
             self._infos = sorted([c for c in self._infos if c.step != step] + [info], key=lambda c: c.step)
@@ -313,11 +319,8 @@ class Checkpointer:
             raise OSError(f"the checkpoint was committed, but garbage collection could not delete: {'; '.join(failures)}")
 
     def _delete(self, info: CheckpointMetadata) -> None:
-        doomed = info.path.with_name(info.path.name + fmt.DELETING_SUFFIX)
-        os.rename(info.path, doomed)
-        storage.fsync_path(self._directory)
+        storage.delete_dir(info.path)
         self._forget(info.step)
-        storage.remove_tree(doomed)
 
     def _forget(self, step: int) -> None:
         with self._infos_lock:
@@ -348,6 +351,13 @@ class Checkpointer:
         try:
             return loading.load_checkpointables(info.path, abstract_checkpointables,
                                                 partial_load=self._context.pytree_options.partial_load)
+        except errors.CheckpointCorruptedError as e:
+            if info.path.exists():
+                raise
+            self._forget(info.step)
+            raise errors.StepNotFoundError(
+                f"step {info.step} was removed from {self._directory} while it was being loaded (by another "
+                "process's garbage collection?)", step=info.step, path=self._directory) from e
         finally:
             self._reading[info.step] -= 1
 
@@ -383,12 +393,11 @@ class Checkpointer:
 
     def root_metadata(self) -> RootMetadata:
         """The directory and the custom metadata written by the first Checkpointer given one."""
-        path = self._directory / fmt.ROOT_METADATA
         custom = None
-        if path.exists():
-            import json
-
-            custom = json.loads(path.read_bytes()).get("custom_metadata")
+        try:
+            custom = json.loads(storage.read_json_bytes(self._directory / fmt.ROOT_METADATA)).get("custom_metadata")
+        except FileNotFoundError:
+            pass
         return RootMetadata(directory=self._directory, custom_metadata=custom)
 
     # ------------------------------------------------------------------------------- life cycle
@@ -453,7 +462,15 @@ class Checkpointer:
         return self.metadata(*args, **kwargs)
 
 
-def checkpoint_metadata(step_dir: Path, name: str | None, *, step: int | None = None) -> CheckpointMetadata:
+def _exists(path: storage.Location) -> bool:
+    try:
+        storage.read_json_bytes(path)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def checkpoint_metadata(step_dir: storage.Location, name: str | None, *, step: int | None = None) -> CheckpointMetadata:
     """Metadata of one step directory: one checkpointable's tree (``name``) or all of them (None)."""
     manifest = loading.read_manifest(step_dir)
     trees = loading.read_tree(step_dir, manifest)["checkpointables"]

@@ -1,0 +1,110 @@
+"""Object-store roots (``s3://bucket/path``, ``gs://bucket/path``) through tensorstore's kvstore drivers.
+
+An object store has no rename: a step is written in place under its final name, and its
+``manifest.json``, written last, is the commit record. Steps without one are not listed and are
+removed by ``cleanup_tmp_directories``; deletion removes the manifest first.
+
+S3 settings come from the usual environment variables: ``AWS_ENDPOINT_URL`` (e.g. a local
+S3-compatible server), ``AWS_REGION``, and the credentials (``AWS_ACCESS_KEY_ID``, ...).
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+import tensorstore as ts
+
+SCHEMES = {"s3": "s3", "gs": "gcs"}
+
+
+@functools.lru_cache(maxsize=None)
+def _bucket(spec: tuple) -> ts.KvStore:
+    return ts.KvStore.open(dict(spec)).result()
+
+
+def is_url(directory: Any) -> bool:
+    return isinstance(directory, (str, ObjectPath)) and str(directory).split("://", 1)[0] in SCHEMES
+
+
+class ObjectPath:
+    """A path in a bucket that behaves like the ``pathlib.Path`` operations ckpt uses."""
+
+    def __init__(self, url: str):
+        scheme, _, rest = str(url).partition("://")
+        bucket, _, key = rest.partition("/")
+        if scheme not in SCHEMES or not bucket:
+            raise ValueError(f"{url!r} is not an object-store URL like s3://bucket/path")
+        parts = [p for p in key.split("/") if p]
+        if any(p in (".", "..") for p in parts):
+            raise ValueError(f"{url!r} has '.' or '..' in its path")
+        self.scheme, self.bucket, self.key = scheme, bucket, "/".join(parts)
+
+    def __str__(self) -> str:
+        return f"{self.scheme}://{self.bucket}/{self.key}" if self.key else f"{self.scheme}://{self.bucket}"
+
+    def __repr__(self) -> str:
+        return f"ObjectPath({str(self)!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ObjectPath) and str(self) == str(other)
+
+    def __hash__(self) -> int:
+        return hash(str(self))
+
+    def __truediv__(self, name: str) -> "ObjectPath":
+        return ObjectPath(f"{self}/{name}")
+
+    @property
+    def name(self) -> str:
+        return self.key.rsplit("/", 1)[-1]
+
+    @property
+    def parent(self) -> "ObjectPath":
+        return ObjectPath(f"{self.scheme}://{self.bucket}/{self.key.rsplit('/', 1)[0] if '/' in self.key else ''}")
+
+    def with_name(self, name: str) -> "ObjectPath":
+        return self.parent / name
+
+    def kvstore(self) -> dict:
+        """The tensorstore kvstore spec of this path, as a directory (trailing slash)."""
+        spec: dict[str, Any] = {"driver": SCHEMES[self.scheme], "bucket": self.bucket,
+                                "path": f"{self.key}/" if self.key else ""}
+        if self.scheme == "s3":
+            if os.environ.get("AWS_ENDPOINT_URL"):
+                spec["endpoint"] = os.environ["AWS_ENDPOINT_URL"]
+            spec["aws_region"] = os.environ.get("AWS_REGION", os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
+        return spec
+
+    def _store(self) -> ts.KvStore:
+        return _bucket(tuple(sorted({**self.kvstore(), "path": ""}.items())))
+
+    def read_bytes(self) -> bytes:
+        result = self._store().read(self.key.encode()).result()
+        if result.state != "value":
+            raise FileNotFoundError(f"{self} does not exist")
+        return bytes(result.value)
+
+    def write_bytes(self, data: bytes) -> None:
+        self._store().write(self.key.encode(), data).result()
+
+    def _prefix_range(self) -> ts.KvStore.KeyRange:
+        prefix = f"{self.key}/".encode() if self.key else b""
+        return ts.KvStore.KeyRange(prefix, prefix[:-1] + b"0" if prefix else b"")
+
+    def exists(self) -> bool:
+        """True for an object, or a 'directory' holding at least one object."""
+        store = self._store()
+        if store.read(self.key.encode()).result().state == "value":
+            return True
+        return bool(store.list(self._prefix_range()).result())
+
+    def children(self) -> list[str]:
+        """The names directly below this path."""
+        n = len(self.key) + 1 if self.key else 0
+        return sorted({key.decode()[n:].split("/", 1)[0] for key in self._store().list(self._prefix_range()).result()})
+
+    def remove_tree(self) -> None:
+        store = self._store()
+        store.delete_range(self._prefix_range()).result()
+        store.delete_range(ts.KvStore.KeyRange(self.key.encode(), self.key.encode() + b"\0")).result()

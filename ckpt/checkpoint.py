@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+from pathlib import Path
 from typing import Any
 
 from ckpt import background, loading, saving, storage
@@ -58,9 +59,17 @@ def save_async(path: str | os.PathLike, state: Any, *, checkpointable_name: str 
                                       custom_metadata=custom_metadata)
 
 
+def _existing(path: str | os.PathLike) -> storage.Location:
+    """``path`` as a location; FileNotFoundError naming it when a local path does not exist (not "damaged")."""
+    step_dir = storage.location(path)
+    if isinstance(step_dir, Path) and not step_dir.exists():
+        raise FileNotFoundError(f"no checkpoint at {step_dir}: the path does not exist")
+    return step_dir
+
+
 def load_checkpointables(path: str | os.PathLike, abstract_checkpointables: dict[str, Any] | None = None) -> dict[str, Any]:
     """Loads the named trees of the checkpoint at ``path`` (all of them when None)."""
-    return loading.load_checkpointables(storage.location(path), abstract_checkpointables)
+    return loading.load_checkpointables(_existing(path), abstract_checkpointables)
 
 
 def load(path: str | os.PathLike, abstract_state: Any = None, *,
@@ -80,9 +89,9 @@ def load_async(path: str | os.PathLike, abstract_state: Any = None, *,
 
 def metadata(path: str | os.PathLike) -> CheckpointMetadata:
     """The ``state`` tree of the checkpoint at ``path``, with :class:`ckpt.LeafMetadata` leaves."""
-    return checkpoint_metadata(storage.location(path), fmt.DEFAULT_CHECKPOINTABLE)
+    return checkpoint_metadata(_existing(path), fmt.DEFAULT_CHECKPOINTABLE)
 
 
 def checkpointables_metadata(path: str | os.PathLike) -> CheckpointMetadata:
     """Every checkpointable's tree of the checkpoint at ``path``, with ``LeafMetadata`` leaves."""
-    return checkpoint_metadata(storage.location(path), None)
+    return checkpoint_metadata(_existing(path), None)

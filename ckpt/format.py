@@ -4,17 +4,27 @@ A committed step directory holds::
 
     <step>/
       manifest.json   written last: format version, step, timestamps, metrics, custom metadata,
-                      checkpointable names and the CRC32 of tree.json. Its presence is the commit record.
+                      checkpointable names and the CRC32 of tree.json; its last member, ``manifest_crc32``,
+                      is the CRC32 of the bytes before it. Its presence is the commit record.
       tree.json       per checkpointable: the tree structure and one entry per leaf (type, dtype, shape,
                       where its bytes are, checksum)
       arrays/<i>/     one zarr3 array (tensorstore) per large leaf, chunks checked by the crc32c codec
       packed/         one zarr3 uint8 array holding the bytes of every small leaf, each with its CRC32
 
 While written, the directory is ``<step>.ckpt-tmp``; it is renamed to ``<step>`` once complete.
+Durability order on a local file system: (1) every data file (chunks and ``zarr.json`` of ``arrays/``
+and ``packed/``) is written and fsync'd, with its directory, by tensorstore; (2) tree.json, then
+manifest.json, are written and fsync'd; (3) every directory of the step is fsync'd; (4) the step is
+renamed to its final name (a step it replaces is swapped out atomically with ``renameat2``'s
+``RENAME_EXCHANGE`` where the system has it); (5) the root directory is fsync'd. A crash at any moment
+leaves the old step or the new one, never a partial step under a step name; temporaries
+(``*.ckpt-tmp``, ``*.ckpt-deleting``) are never listed. Paths inside the manifest are relative to the
+step directory and may not leave it.
 """
 from __future__ import annotations
 
 import json
+import math
 import zlib
 from typing import Any
 
@@ -81,8 +91,27 @@ def _walk_json(obj: Any, where: str) -> None:
     elif isinstance(obj, (list, tuple)):
         for i, v in enumerate(obj):
             _walk_json(v, f"{where}[{i}]")
+    elif isinstance(obj, float) and not math.isfinite(obj):
+        raise ValueError(f"{where} must be JSON: {obj!r} is not a finite number")
 
 
 def crc32(data: bytes | memoryview) -> int:
     """The CRC32 stored for tree.json and for packed leaves."""
     return zlib.crc32(data) & 0xFFFFFFFF
+
+
+_MANIFEST_CRC = b',"manifest_crc32":'
+
+
+def sealed_manifest(manifest: dict) -> bytes:
+    """The manifest's JSON with one more member, last: ``manifest_crc32``, the CRC32 of the JSON before it
+    (with its closing brace), so that a changed byte anywhere in the manifest is detected."""
+    body = to_json_bytes(manifest, "the manifest")
+    return body[:-1] + _MANIFEST_CRC + str(crc32(body)).encode() + b"}"
+
+
+def manifest_seal_ok(data: bytes) -> bool:
+    """Whether manifest bytes end with the CRC32 of the rest (see :func:`sealed_manifest`)."""
+    head, member, tail = data.rpartition(_MANIFEST_CRC)
+    value = tail.removesuffix(b"}")
+    return bool(member) and value.isdigit() and tail.endswith(b"}") and int(value) == crc32(head + b"}")

@@ -61,11 +61,15 @@ _ML_NAMES = {name for name in dir(ml_dtypes) if isinstance(getattr(ml_dtypes, na
 
 
 def parse_dtype(name: str) -> np.dtype:
-    """Inverse of :func:`dtype_name`."""
+    """Inverse of :func:`dtype_name`; raises ValueError for anything else, object dtypes included."""
     try:
-        return np.dtype(name)
+        dtype = np.dtype(name) if isinstance(name, str) else None
     except TypeError:
-        return np.dtype(getattr(ml_dtypes, name))
+        dtype = np.dtype(getattr(ml_dtypes, name)) if name in _ML_NAMES else None
+    if dtype is None or dtype.hasobject:
+        raise ValueError(f"{name!r} is not a dtype ckpt stores (a manifest names only numeric, bool, string "
+                         "and bytes dtypes, never Python objects)")
+    return dtype
 
 
 def _check_array_dtype(path: KeyPath, dtype: np.dtype, what: str) -> None:

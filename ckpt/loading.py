@@ -25,7 +25,8 @@ def read_manifest(step_dir: Path) -> dict:
     """The step's manifest.json, validated."""
     path = step_dir / fmt.MANIFEST
     try:
-        manifest = json.loads(storage.read_json_bytes(path))
+        data = storage.read_json_bytes(path)
+        manifest = json.loads(data)
     except FileNotFoundError:
         raise CheckpointCorruptedError(f"{path} is missing: {step_dir} is not a committed ckpt checkpoint",
                                        path=step_dir) from None
@@ -33,6 +34,9 @@ def read_manifest(step_dir: Path) -> dict:
         raise CheckpointCorruptedError(f"{path} is not valid JSON ({e})", path=step_dir) from None
     if not isinstance(manifest, dict) or manifest.get("format") != fmt.FORMAT_NAME:
         raise CheckpointCorruptedError(f"{path} is not a ckpt manifest", path=step_dir)
+    if not fmt.manifest_seal_ok(data):
+        raise CheckpointCorruptedError(f"{path} does not match its own checksum (manifest_crc32): the file is damaged",
+                                       path=step_dir)
     if manifest.get("version") != fmt.FORMAT_VERSION:
         raise CheckpointCorruptedError(
             f"{path} has format version {manifest.get('version')!r}; this ckpt reads version {fmt.FORMAT_VERSION}",
@@ -63,7 +67,9 @@ class _PackedReader:
         self._data: np.ndarray | None = None
         self._range = (0, 0)
 
-    def prefetch(self, ranges: list[tuple[int, int]]) -> None:
+    def prefetch(self, sources: list[_LeafSource]) -> None:
+        """Reads the bytes of every packed leaf in ``sources``; a failure names them all."""
+        ranges = [source.meta["packed"] for source in sources]
         if not ranges or self.doc is None:
             return
         lo, hi = min(r[0] for r in ranges), max(r[0] + r[1] for r in ranges)
@@ -71,8 +77,11 @@ class _PackedReader:
             store = storage.open_for_read(storage.resolve_kvstore(self.doc["spec"], self.step_dir))
             self._data = store[lo:hi].read().result()
         except ValueError as e:
-            raise CheckpointCorruptedError(f"{self.step_dir}: the packed array of the small leaves "
-                                           f"({fmt.PACKED}/) is damaged: {e}", path=self.step_dir) from None
+            where = [source.where for source in sources]
+            raise CheckpointCorruptedError(
+                f"{self.step_dir}: leaves {', '.join(where[:5])}{' ...' if len(where) > 5 else ''} are damaged: "
+                f"the packed array of the small leaves ({fmt.PACKED}/) cannot be read: {e}",
+                path=self.step_dir, key_paths=tuple(where)) from None
         self._range = (lo, hi)
 
     def get(self, offset: int, nbytes: int) -> np.ndarray:
@@ -210,7 +219,7 @@ def load_checkpointables(step_dir: Path, abstract: dict[str, Any] | None, *, par
             needed.update((name, i) for _, leaf, idx in p[0] if leaf is not leaves_lib.PLACEHOLDER for i in idx)
     sources = {key: _LeafSource(step_dir, key[0], trees[key[0]]["leaves"][key[1]], packed) for key in needed}
     tracker = progress.Tracker(f"loading {step_dir}", sum(_leaf_metadata(s.meta).nbytes for s in sources.values()))
-    packed.prefetch([tuple(s.meta["packed"]) for s in sources.values() if "packed" in s.meta])
+    packed.prefetch([s for s in sources.values() if "packed" in s.meta])
     for source in sources.values():
         source.start()
     loaded = {name: _build(name, trees[name], plans[name], sources, tracker) for name in abstract}

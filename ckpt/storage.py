@@ -7,6 +7,7 @@ fsync'd, renamed from ``<step>.ckpt-tmp`` to ``<step>``, and the root directory 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import os
@@ -244,6 +245,10 @@ def commit_dir(tmp: Location, final: Location) -> None:
         return
     for dirpath, _, _ in os.walk(tmp):
         fsync_path(Path(dirpath))
+    if final.exists() and rename_exchange(tmp, final):  # no moment without the step, even on a crash
+        fsync_path(final.parent)
+        remove_tree(tmp)  # the replaced step, now under the temporary name
+        return
     old = final.with_name(final.name + fmt.DELETING_SUFFIX)
     replaced = final.exists()
     if replaced:
@@ -253,6 +258,21 @@ def commit_dir(tmp: Location, final: Location) -> None:
     fsync_path(final.parent)
     if replaced:
         remove_tree(old)
+
+
+def rename_exchange(a: Path, b: Path) -> bool:
+    """Swaps two paths atomically (Linux ``renameat2`` with ``RENAME_EXCHANGE``); False where the system
+    or the file system cannot, and the caller falls back to two renames."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange_flag = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange_flag) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(a), None, str(b))
 
 
 def delete_dir(step_dir: Location) -> None:

@@ -153,6 +153,22 @@ class Checkpointer:
                                   commit_timestamp_nsecs=manifest.get("commit_timestamp_nsecs"),
                                   custom_metadata=manifest.get("custom_metadata"))
 
+    def _with_manifests(self) -> list[CheckpointMetadata]:
+        """The checkpoints with the metrics and times ``lightweight_initialize`` skipped, read now and kept:
+        a preservation policy must not take a recent step for an old one, nor a step with metrics for one without."""
+        infos = []
+        for info in self.checkpoints:
+            if info.commit_timestamp_nsecs is None:
+                try:
+                    info = self._info(info.step, info.path, loading.read_manifest(info.path))
+                except errors.CheckpointCorruptedError:
+                    pass
+            infos.append(info)
+        with self._infos_lock:
+            read = {c.step: c for c in infos}
+            self._infos = [read.get(c.step, c) for c in self._infos]
+        return infos
+
     def _find(self, step: int) -> CheckpointMetadata | None:
         return next((c for c in self.checkpoints if c.step == step), None)
 
@@ -259,11 +275,10 @@ class Checkpointer:
                 f"step {step} already exists at {existing.path}; pass overwrite=True to replace it",
                 step=step, path=existing.path)
         plan = saving.plan(checkpointables, metrics=metrics, custom_metadata=custom_metadata)
+        final = self._directory / step_lib.checked_name(self._name_format, step)
         self.wait()
         if self._processes.index == 0:
             self._lock.acquire()
-        name = self._name_format.build_name(step)
-        final = self._directory / name
         writer = saving.StepWriter(plan, storage.temporary_for(final), final,
                                    dir_mode=self._context.file_options.path_permission_mode,
                                    processes=self._processes, operation=self._operation(f"save/{step}"),
@@ -299,7 +314,7 @@ class Checkpointer:
 
     def _collect_garbage(self) -> None:
         """Deletes the steps the preservation policy does not keep, except the latest and those being read."""
-        checkpoints = self.checkpoints
+        checkpoints = self._with_manifests()
         keep = list(self._preservation_policy.should_preserve(
             checkpoints, context=preservation_policies.PreservationContext()))
         if len(keep) != len(checkpoints):

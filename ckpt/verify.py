@@ -20,8 +20,7 @@ import itertools
 import math
 import os
 import zlib
-from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import numpy as np
 
@@ -34,7 +33,12 @@ _IN_FLIGHT = 2  # chunk reads kept in flight
 
 @dataclasses.dataclass(frozen=True)
 class Damage:
-    """One damaged part of a step: ``where`` is a key path (``state['w']``) or a file (``tree.json``)."""
+    """One damaged part of a step: ``where`` is a key path (``state['w']``) or a file (``tree.json``).
+
+    Example::
+
+        Damage("state['params']['w']", "DATA_LOSS: ... Digest mismatch ...")
+    """
 
     where: str
     why: str
@@ -42,9 +46,15 @@ class Damage:
 
 @dataclasses.dataclass
 class VerifyResult:
-    """What :func:`verify_step` found: ``damaged`` is empty when every check passed."""
+    """What :func:`verify_step` found: how many leaves and bytes it checked, and what is damaged.
 
-    path: Path
+    Example::
+
+        result = verify_step("runs/exp1/100")
+        print(result.step, result.leaves, result.nbytes, result.ok)   # 100 12 4096 True
+    """
+
+    path: storage.Location
     step: int | None
     leaves: int = 0
     nbytes: int = 0
@@ -56,7 +66,7 @@ class VerifyResult:
         return not self.damaged
 
 
-def verify_step(step_dir: str | os.PathLike) -> VerifyResult:
+def verify_step(step_dir: str | os.PathLike | storage.Location) -> VerifyResult:
     """Re-reads one step directory and checks every checksum; damage is reported, not raised.
 
     Progress is reported on the ``ckpt.progress`` logger when it runs long (see :mod:`ckpt.progress`).
@@ -66,7 +76,7 @@ def verify_step(step_dir: str | os.PathLike) -> VerifyResult:
         result = verify_step("runs/exp1/100")
         assert result.ok, [d.where for d in result.damaged]
     """
-    step_dir = Path(step_dir).expanduser().absolute()
+    step_dir = storage.location(step_dir)
     result = VerifyResult(step_dir, None)
     try:
         manifest = loading.read_manifest(step_dir)
@@ -112,7 +122,7 @@ def _chunk_boxes(shape: list[int], chunk_shape: list[int]) -> Iterator[tuple[sli
         yield tuple(slice(s, min(s + c, dim)) for s, c, dim in zip(start, chunk_shape, shape))
 
 
-def _verify_array(step_dir: Path, spec: dict, tracker: progress.Tracker) -> str | None:
+def _verify_array(step_dir: storage.Location, spec: dict, tracker: progress.Tracker) -> str | None:
     """Reads a large leaf chunk by chunk (tensorstore checks each chunk's crc32c); the error, or None."""
     metadata = spec["metadata"]
     boxes = _chunk_boxes(metadata["shape"], metadata["chunk_grid"]["configuration"]["chunk_shape"])
@@ -130,7 +140,7 @@ def _verify_array(step_dir: Path, spec: dict, tracker: progress.Tracker) -> str 
     return None
 
 
-def _verify_packed(step_dir: Path, packed_doc: dict, leaves: list[tuple[str, dict]],
+def _verify_packed(step_dir: storage.Location, packed_doc: dict, leaves: list[tuple[str, dict]],
                    tracker: progress.Tracker) -> list[Damage]:
     """Streams the packed array chunk by chunk, computing each leaf's CRC32 across chunk borders."""
     spec = packed_doc["spec"]

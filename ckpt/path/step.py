@@ -37,10 +37,7 @@ class StandardNameFormat:
     step_format_fixed_length: int | None = None
 
     def __post_init__(self):
-        if self.step_prefix is not None and (
-            not self.step_prefix or "/" in self.step_prefix or "\\" in self.step_prefix
-            or self.step_prefix in (".", "..") or self.step_prefix.startswith(".")
-        ):
+        if self.step_prefix is not None and not _is_plain_name(self.step_prefix):
             raise ValueError(
                 f"step_prefix {self.step_prefix!r} is not a plain directory-name prefix "
                 "(empty, starts with '.', or contains a path separator)"
@@ -66,6 +63,30 @@ def standard_name_format(
 ) -> StandardNameFormat:
     """The usual step names: ``23``, ``0023`` (fixed length 4), ``step_23`` (prefix ``step``)."""
     return StandardNameFormat(step_prefix, step_format_fixed_length)
+
+
+def _is_plain_name(name: object) -> bool:
+    """A non-empty name of one directory, not hidden, without a path separator or NUL."""
+    return (isinstance(name, str) and bool(name) and not name.startswith(".")
+            and not any(c in name for c in "/\\\0"))
+
+
+def checked_name(name_format: NameFormat, step: int) -> str:
+    """``name_format.build_name(step)``, checked before anything is written.
+
+    Raises:
+      ValueError: the name is not a plain directory name (so it could land outside the root), or it does
+        not parse back to ``step`` (so the step would never be listed).
+    """
+    name = name_format.build_name(step)
+    if not _is_plain_name(name):
+        raise ValueError(f"step name format {name_format!r} built {name!r} for step {step}, which is not a plain "
+                         "directory name (empty, starts with '.', or contains a path separator)")
+    parsed = name_format.parse_name(name)
+    if parsed != step:
+        raise ValueError(f"step name format {name_format!r} built {name!r} for step {step}, which parses back to "
+                         f"{parsed!r}, not step {step}: the step would never be listed")
+    return name
 
 
 def find_steps(names: Iterable[str], name_format: NameFormat) -> dict[int, str]:

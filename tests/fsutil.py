@@ -1,0 +1,65 @@
+"""File-system helpers for the reliability tests: what a directory holds, and a small tmpfs."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import subprocess
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every entry below ``root`` (relative path -> "dir" or the file's sha256), to show that nothing changed."""
+    if not root.exists():
+        return {}
+    out = {}
+    for path in sorted(root.rglob("*")):
+        rel = str(path.relative_to(root))
+        out[rel] = "dir" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
+    return out
+
+
+@contextlib.contextmanager
+def tmpfs(mount_point: Path, size: str = "2m") -> Iterator[Path]:
+    """Mounts a tmpfs of ``size`` at ``mount_point`` (skips the test when mounting is not permitted)."""
+    mount_point.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount_point)],
+                            capture_output=True, text=True, timeout=30)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs (needs root or CAP_SYS_ADMIN): {result.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        unmount(mount_point)
+
+
+@contextlib.contextmanager
+def read_only(directory: Path) -> Iterator[Path]:
+    """Makes ``directory`` read-only with a read-only bind mount over it (skips when not permitted)."""
+    result = subprocess.run(["mount", "--bind", str(directory), str(directory)], capture_output=True, text=True,
+                            timeout=30)
+    if result.returncode != 0:
+        pytest.skip(f"cannot bind-mount (needs root or CAP_SYS_ADMIN): {result.stderr.strip()}")
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(directory)], check=True, capture_output=True, timeout=30)
+        yield directory
+    finally:
+        unmount(directory)
+
+
+def unmount(mount_point: Path) -> None:
+    """Unmounts, lazily when something still holds a file there (the test has failed by then)."""
+    if subprocess.run(["umount", str(mount_point)], capture_output=True, timeout=30).returncode != 0:
+        subprocess.run(["umount", "-l", str(mount_point)], capture_output=True, timeout=30)
+
+
+def fill(directory: Path, leave_bytes: int) -> None:
+    """Fills the file system of ``directory`` with one file, leaving about ``leave_bytes`` free."""
+    stat = os.statvfs(directory)
+    free = stat.f_bavail * stat.f_frsize
+    with open(directory / "filler", "wb") as f:
+        f.truncate(0)
+        f.write(b"\0" * max(0, free - leave_bytes))

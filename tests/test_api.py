@@ -1,0 +1,452 @@
+"""The synchronous API of ``ckpt.training.Checkpointer`` and the free functions, member by member."""
+from __future__ import annotations
+
+import datetime
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import ckpt
+from ckpt import errors, training
+from ckpt import format as fmt
+from ckpt.training import Checkpointer
+from ckpt.training import save_decision_policies as sdp
+from tests import procs
+from tests.fsutil import snapshot
+
+ALWAYS = sdp.FixedIntervalPolicy(1)
+BIG = (1 << 20) // 8 + 1  # float64 elements: just over the packing threshold
+
+
+# ----------------------------------------------------------------------------------- names
+def test_checkpointer_is_exported_under_the_orbax_import_paths():
+    assert ckpt.Checkpointer is training.Checkpointer
+    assert training.errors is ckpt.errors
+    assert training.CheckpointMetadata is ckpt.CheckpointMetadata
+    assert training.RootMetadata is ckpt.RootMetadata
+    policies = training.save_decision_policies
+    assert policies.PreemptionPolicy is policies.PreemptionCheckpointingPolicy
+    assert issubclass(errors.StepNotFoundError, FileNotFoundError)
+    assert issubclass(errors.StepAlreadyExistsError, FileExistsError)
+
+
+# ------------------------------------------------------------------------- construction
+def test_constructor_creates_the_directory_and_exposes_it_as_an_absolute_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with Checkpointer(Path("a") / "b") as ckptr:
+        assert ckptr.directory == tmp_path / "a" / "b"
+        assert ckptr.directory.is_dir()
+        assert ckptr.latest is None and ckptr.checkpoints == []
+
+
+def test_context_manager_closes_and_a_closed_checkpointer_refuses_to_save(tmp_path):
+    with Checkpointer(tmp_path) as ckptr:
+        ckptr.save(0, {"a": 1})
+    with pytest.raises(RuntimeError, match="closed"):
+        ckptr.save(1, {"a": 1}, force=True)
+    ckptr.close()  # closing twice is fine
+    assert ckptr.load(0) == {"a": 1}  # reading still works
+
+
+# ------------------------------------------------------------------------------- listing
+def test_checkpoints_are_ascending_and_latest_is_the_highest_step(tmp_path):
+    with Checkpointer(tmp_path) as ckptr:
+        ckptr.save(5, {"a": 5})
+        ckptr.save(2, {"a": 2}, force=True)
+        ckptr.save(9, {"a": 9})
+        assert [c.step for c in ckptr.checkpoints] == [2, 5, 9]
+        assert ckptr.latest.step == 9
+        assert ckptr.latest.path == tmp_path / "9"
+        assert all(c.metadata is None for c in ckptr.checkpoints)
+
+
+def test_checkpoints_are_cached_until_reload(tmp_path):
+    with Checkpointer(tmp_path) as writer:
+        writer.save(0, {"a": 0})
+        reader = Checkpointer(tmp_path)
+        writer.save(1, {"a": 1})
+        assert [c.step for c in reader.checkpoints] == [0]
+        reader.reload()
+        assert [c.step for c in reader.checkpoints] == [0, 1]
+        assert reader.load() == {"a": 1}
+        reader.close()
+
+
+def test_checkpoint_metadata_has_utc_time_and_timestamps_of_the_save(tmp_path):
+    before = time.time_ns()
+    with Checkpointer(tmp_path) as ckptr:
+        ckptr.save(0, {"a": np.ones(3)})
+    after = time.time_ns()
+    with Checkpointer(tmp_path) as ckptr:
+        info = ckptr.latest
+    assert before <= info.init_timestamp_nsecs <= info.commit_timestamp_nsecs <= after
+    assert info.time.tzinfo == datetime.timezone.utc
+    assert info.time == datetime.datetime.fromtimestamp(info.commit_timestamp_nsecs / 1e9, datetime.timezone.utc)
+
+
+# ------------------------------------------------------------------------------ deciding
+def test_should_save_follows_the_policy_and_is_false_up_to_latest(tmp_path):
+    with Checkpointer(tmp_path, save_decision_policy=sdp.FixedIntervalPolicy(10)) as ckptr:
+        assert [s for s in range(25) if ckptr.should_save(s)] == [0, 10, 20]
+        ckptr.save(10, {"a": 1})
+        assert not ckptr.should_save(0) and not ckptr.should_save(10)
+        assert ckptr.should_save(20)
+        assert ckptr.should_save(ckpt.CheckpointMetadata(20, None))
+
+
+def test_save_returns_false_and_writes_nothing_when_the_policy_skips_the_step(tmp_path):
+    with Checkpointer(tmp_path, save_decision_policy=sdp.FixedIntervalPolicy(10)) as ckptr:
+        before = snapshot(tmp_path)
+        assert ckptr.save(3, {"a": np.ones(BIG)}) is False
+        assert ckptr.save_checkpointables(4, {"a": 1}) is False
+        assert ckptr.checkpoints == []
+        assert snapshot(tmp_path) == before
+
+
+def test_force_saves_a_step_the_policy_would_skip(tmp_path):
+    with Checkpointer(tmp_path, save_decision_policy=sdp.FixedIntervalPolicy(10)) as ckptr:
+        ckptr.save(10, {"a": 10})
+        assert ckptr.save(3, {"a": 3}, force=True) is True
+        assert [c.step for c in ckptr.checkpoints] == [3, 10]
+        assert ckptr.load(3) == {"a": 3}
+
+
+def test_saving_an_existing_step_without_force_is_skipped_so_a_resumed_loop_goes_on(tmp_path):
+    with Checkpointer(tmp_path) as ckptr:
+        ckptr.save(0, {"a": "old"})
+        assert ckptr.save(0, {"a": "new"}) is False
+        assert ckptr.load(0) == {"a": "old"}
+
+
+def test_forcing_an_existing_step_raises_step_already_exists_and_keeps_the_old_one(tmp_path):
+    with Checkpointer(tmp_path) as ckptr:
+        ckptr.save(0, {"a": "old"})
+        before = snapshot(tmp_path)
+        with pytest.raises(errors.StepAlreadyExistsError, match="overwrite") as info:
+            ckptr.save(0, {"a": "new"}, force=True)
+        assert info.value.step == 0 and info.value.path == tmp_path / "0"
+        assert snapshot(tmp_path) == before
+        assert ckptr.load(0) == {"a": "old"}
+
+
+def test_overwrite_replaces_an_existing_step(tmp_path):
+    with Checkpointer(tmp_path) as ckptr:
+        ckptr.save(0, {"a": "old", "x": np.zeros(BIG)}, metrics={"loss": 2.0})
+        assert ckptr.save(0, {"a": "new"}, force=True, overwrite=True, metrics={"loss": 1.0}) is True
+        assert ckptr.load(0) == {"a": "new"}
+        assert [c.step for c in ckptr.checkpoints] == [0]
+        assert ckptr.latest.metrics == {"loss": 1.0}
+    assert sorted(os.listdir(tmp_path)) == [".ckpt.lock", "0"]
+
+
+# -------------------------------------------------------------------------------- loading
+@pytest.fixture
+def three_steps(tmp_path):
+    with Checkpointer(tmp_path, save_decision_policy=ALWAYS) as ckptr:
+        for step in (1, 2, 3):
+            ckptr.save_checkpointables(step, {"model": {"w": np.full(3, step)}, "opt": {"count": step}})
+    return tmp_path
+
+
+def test_load_checkpointables_loads_latest_by_default_and_any_step_by_int_or_metadata(three_steps):
+    with Checkpointer(three_steps) as ckptr:
+        assert ckptr.load_checkpointables()["opt"] == {"count": 3}
+        assert ckptr.load_checkpointables(2)["opt"] == {"count": 2}
+        assert ckptr.load_checkpointables(ckptr.checkpoints[0])["opt"] == {"count": 1}
+        assert np.array_equal(ckptr.load(1, checkpointable_name="model")["w"], np.full(3, 1))
+
+
+def test_load_checkpointables_with_a_subset_of_keys_returns_only_those(three_steps):
+    with Checkpointer(three_steps) as ckptr:
+        assert ckptr.load_checkpointables(2, {"opt": None}) == {"opt": {"count": 2}}
+        restored = ckptr.load_checkpointables(2, {"model": {"w": np.empty(3, np.int64)}})
+        assert list(restored) == ["model"] and np.array_equal(restored["model"]["w"], np.full(3, 2))
+
+
+def test_load_of_an_unknown_checkpointable_names_it_and_the_saved_ones(three_steps):
+    with Checkpointer(three_steps) as ckptr:
+        with pytest.raises(KeyError, match=r"'state'.*\['model', 'opt'\]"):
+            ckptr.load(3)
+
+
+def test_load_with_no_checkpoint_raises_step_not_found(tmp_path):
+    with Checkpointer(tmp_path) as ckptr:
+        with pytest.raises(errors.StepNotFoundError) as info:
+            ckptr.load()
+    assert info.value.step is None and info.value.path == tmp_path
+
+
+def test_load_of_a_missing_step_raises_step_not_found_listing_the_steps(three_steps):
+    with Checkpointer(three_steps) as ckptr:
+        for call in (ckptr.load, ckptr.load_checkpointables, ckptr.metadata, ckptr.checkpointables_metadata):
+            with pytest.raises(errors.StepNotFoundError, match=r"step 7.*\[1, 2, 3\]") as info:
+                call(7)
+            assert info.value.step == 7 and info.value.path == three_steps
+
+
+# ------------------------------------------------------------------------------- metadata
+def test_metadata_describes_the_saved_tree_with_shapes_and_dtypes(tmp_path):
+    with Checkpointer(tmp_path) as ckptr:
+        ckptr.save(4, {"w": np.ones((2, 3), np.float32), "n": 3, "name": "x"}, metrics={"loss": 0.5},
+                   custom_metadata={"epoch": 1})
+        meta = ckptr.metadata()
+        assert meta.step == 4 and meta.path == tmp_path / "4"
+        assert meta.metrics == {"loss": 0.5} and meta.custom_metadata == {"epoch": 1}
+        assert meta.metadata["w"] == ckpt.LeafMetadata("numpy", (2, 3), np.dtype(np.float32), 24)
+        assert meta.metadata["n"].type == "int" and meta.metadata["name"].type == "str"
+        assert ckptr.metadata(4).metadata == meta.metadata
+
+
+def test_metadata_tree_loads_the_checkpoint_as_saved(tmp_path):
+    state = {"w": np.arange(6.0).reshape(2, 3), "n": 3, "tags": ["a", b"b"]}
+    with Checkpointer(tmp_path) as ckptr:
+        ckptr.save(0, state)
+        restored = ckptr.load(0, ckptr.metadata(0).metadata)
+    assert np.array_equal(restored["w"], state["w"]) and restored["n"] == 3 and restored["tags"] == ["a", b"b"]
+
+
+def test_checkpointables_metadata_maps_every_name_to_its_tree(three_steps):
+    with Checkpointer(three_steps) as ckptr:
+        meta = ckptr.checkpointables_metadata(2)
+    assert meta.step == 2
+    assert set(meta.metadata) == {"model", "opt"}
+    assert meta.metadata["model"]["w"].shape == (3,)
+
+
+def test_metrics_and_custom_metadata_are_kept_per_step_across_checkpointers(tmp_path):
+    with Checkpointer(tmp_path, save_decision_policy=ALWAYS) as ckptr:
+        ckptr.save(0, {"a": 0}, metrics={"loss": 3.0}, custom_metadata={"note": "first"})
+        ckptr.save(1, {"a": 1})
+        ckptr.save(2, {"a": 2}, metrics={"loss": 1.0, "acc": [0.5, 0.6]}, custom_metadata={"note": "third"})
+    with Checkpointer(tmp_path) as ckptr:
+        assert [c.metrics for c in ckptr.checkpoints] == [{"loss": 3.0}, None, {"loss": 1.0, "acc": [0.5, 0.6]}]
+        assert [ckptr.metadata(s).custom_metadata for s in (0, 1, 2)] == [{"note": "first"}, None, {"note": "third"}]
+
+
+def test_root_metadata_is_written_once_and_kept_by_later_checkpointers(tmp_path):
+    with Checkpointer(tmp_path, custom_metadata={"model": "resnet", "lr": 0.1}) as ckptr:
+        assert ckptr.root_metadata() == ckpt.RootMetadata(directory=tmp_path,
+                                                          custom_metadata={"model": "resnet", "lr": 0.1})
+    with Checkpointer(tmp_path, custom_metadata={"model": "other"}) as ckptr:
+        assert ckptr.root_metadata().custom_metadata == {"model": "resnet", "lr": 0.1}
+    with Checkpointer(tmp_path / "plain") as ckptr:
+        assert ckptr.root_metadata() == ckpt.RootMetadata(directory=tmp_path / "plain", custom_metadata=None)
+
+
+# ---------------------------------------------------------------------------- life cycle
+def test_a_sync_save_leaves_nothing_in_progress(tmp_path):
+    with Checkpointer(tmp_path) as ckptr:
+        assert ckptr.is_saving_in_progress() is False
+        ckptr.save(0, {"a": np.zeros(BIG)})
+        assert ckptr.is_saving_in_progress() is False
+        ckptr.wait()
+        assert [c.step for c in ckptr.checkpoints] == [0]
+
+
+@pytest.mark.parametrize("alias,call", [
+    ("save_pytree", lambda c: c.save_pytree(1, {"a": 1}, force=True)),
+    ("save_pytree_async", lambda c: c.save_pytree_async(1, {"a": 1}, force=True).result()),
+    ("load_pytree", lambda c: c.load_pytree(0)),
+    ("load_pytree_async", lambda c: c.load_pytree_async(0).result()),
+    ("pytree_metadata", lambda c: c.pytree_metadata(0).metadata),
+])
+def test_deprecated_aliases_warn_and_do_what_the_new_name_does(tmp_path, alias, call):
+    expected = {"save_pytree": True, "save_pytree_async": True, "load_pytree": {"a": 0},
+                "load_pytree_async": {"a": 0}, "pytree_metadata": {"a": ckpt.LeafMetadata("int", None, None)}}
+    with Checkpointer(tmp_path) as ckptr:
+        ckptr.save(0, {"a": 0})
+        with pytest.warns(DeprecationWarning, match=alias) as record:
+            assert call(ckptr) == expected[alias]
+        assert record[0].filename == __file__  # the warning points at the caller
+        if alias.startswith("save"):
+            assert ckptr.load(1) == {"a": 1}
+
+
+# ------------------------------------------------------------------------- initialization
+def test_lightweight_initialize_lists_loads_and_saves_without_reading_manifests(tmp_path):
+    with Checkpointer(tmp_path) as ckptr:
+        ckptr.save(0, {"a": 0}, metrics={"loss": 1.0})
+        ckptr.save(3, {"a": 3}, force=True, metrics={"loss": 0.5})
+    with Checkpointer(tmp_path, lightweight_initialize=True) as ckptr:
+        assert [c.step for c in ckptr.checkpoints] == [0, 3]
+        assert ckptr.latest.step == 3 and ckptr.latest.metrics is None
+        assert isinstance(ckptr.latest.time, datetime.datetime)
+        assert ckptr.load() == {"a": 3}
+        assert ckptr.metadata().metrics == {"loss": 0.5}
+        assert not ckptr.should_save(3) and ckptr.should_save(4)
+        assert ckptr.save(4, {"a": 4}, metrics={"loss": 0.1}) is True
+        assert ckptr.latest.step == 4 and ckptr.latest.metrics == {"loss": 0.1}
+
+
+def test_lightweight_initialize_does_not_make_garbage_collection_take_recent_steps_for_old_ones(tmp_path):
+    with Checkpointer(tmp_path, save_decision_policy=ALWAYS) as ckptr:
+        for step in range(3):
+            ckptr.save(step, {"a": step})
+    hour = training.preservation_policies.LatestDuration(datetime.timedelta(hours=1))
+    with Checkpointer(tmp_path, lightweight_initialize=True, preservation_policy=hour) as ckptr:
+        ckptr.save(3, {"a": 3})
+        assert [c.step for c in ckptr.checkpoints] == [0, 1, 2, 3]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.isdigit()) == ["0", "1", "2", "3"]
+
+
+def test_cleanup_tmp_directories_removes_leftovers_of_crashed_saves(tmp_path):
+    with Checkpointer(tmp_path) as ckptr:
+        ckptr.save(0, {"a": 0})
+    (tmp_path / "1.ckpt-tmp" / "arrays").mkdir(parents=True)
+    (tmp_path / "1.ckpt-tmp" / "manifest.json").write_text("{}")
+    with Checkpointer(tmp_path) as ckptr:
+        assert [c.step for c in ckptr.checkpoints] == [0]
+    assert (tmp_path / "1.ckpt-tmp").exists()
+    with Checkpointer(tmp_path, cleanup_tmp_directories=True) as ckptr:
+        assert [c.step for c in ckptr.checkpoints] == [0]
+        assert not (tmp_path / "1.ckpt-tmp").exists()
+        assert ckptr.load(0) == {"a": 0}
+
+
+# ------------------------------------------------------------------------ step name format
+@pytest.mark.parametrize("kwargs,name", [
+    ({}, "23"),
+    ({"step_format_fixed_length": 4}, "0023"),
+    ({"step_prefix": "step"}, "step_23"),
+    ({"step_prefix": "step", "step_format_fixed_length": 4}, "step_0023"),
+])
+def test_standard_name_format_names_steps_and_parses_them_back(kwargs, name):
+    name_format = ckpt.path.step.standard_name_format(**kwargs)
+    assert name_format.build_name(23) == name
+    assert name_format.parse_name(name) == 23
+    assert name_format.parse_name(name + fmt.TMP_SUFFIX) is None
+
+
+def test_step_name_format_names_the_step_directories_and_ignores_other_names(tmp_path):
+    name_format = ckpt.path.step.standard_name_format(step_prefix="step", step_format_fixed_length=4)
+    (tmp_path / "7").mkdir()
+    (tmp_path / "notes").mkdir()
+    with Checkpointer(tmp_path, step_name_format=name_format, save_decision_policy=ALWAYS) as ckptr:
+        ckptr.save(3, {"a": 3})
+        ckptr.save(12, {"a": 12})
+        assert [c.path.name for c in ckptr.checkpoints] == ["step_0003", "step_0012"]
+    with Checkpointer(tmp_path, step_name_format=name_format) as ckptr:
+        assert [c.step for c in ckptr.checkpoints] == [3, 12]
+        assert ckptr.load(3) == {"a": 3}
+
+
+# ----------------------------------------------------------------------------- bad input
+# (the full table of bad input is in test_bad_input.py)
+def test_an_unsupported_leaf_error_names_its_checkpointable_and_key_path_before_anything_is_written(tmp_path):
+    class Opaque:
+        pass
+
+    with Checkpointer(tmp_path) as ckptr:
+        before = snapshot(tmp_path)
+        with pytest.raises(TypeError, match=r"checkpointable 'opt': leaf at \['layers'\]\[1\]\['act'\].*Opaque"):
+            ckptr.save_checkpointables(0, {"model": {"big": np.zeros(BIG)},
+                                           "opt": {"layers": [{"w": np.ones(2)}, {"act": Opaque()}]}})
+        assert snapshot(tmp_path) == before and ckptr.checkpoints == []
+
+
+# ------------------------------------------------------------------------- free functions
+def test_free_functions_save_and_load_one_directory(tmp_path):
+    path = tmp_path / "model"
+    state = {"w": np.arange(4.0), "step": 3}
+    ckpt.save(path, state, custom_metadata={"who": "me"})
+    restored = ckpt.load(path)
+    assert np.array_equal(restored["w"], state["w"]) and restored["step"] == 3
+    assert ckpt.load(str(path), {"w": np.empty(4, np.float32), "step": 0})["w"].dtype == np.float32
+    meta = ckpt.metadata(path)
+    assert meta.metadata["w"].shape == (4,) and meta.custom_metadata == {"who": "me"}
+    assert list(ckpt.checkpointables_metadata(path).metadata) == ["state"]
+
+
+def test_free_functions_handle_several_checkpointables_and_a_custom_name(tmp_path):
+    path = tmp_path / "c"
+    ckpt.save_checkpointables(path, {"model": {"w": np.ones(2)}, "data": {"epoch": 4}})
+    assert ckpt.load_checkpointables(path)["data"] == {"epoch": 4}
+    assert list(ckpt.load_checkpointables(path, {"data": None})) == ["data"]
+    assert ckpt.load(path, checkpointable_name="data") == {"epoch": 4}
+    assert set(ckpt.checkpointables_metadata(path).metadata) == {"model", "data"}
+    with pytest.raises(KeyError, match="state"):
+        ckpt.metadata(path)
+
+
+def test_free_save_refuses_an_existing_path_unless_overwrite(tmp_path):
+    path = tmp_path / "c"
+    ckpt.save(path, {"v": 1})
+    with pytest.raises(errors.StepAlreadyExistsError) as info:
+        ckpt.save(path, {"v": 2})
+    assert info.value.path == path and info.value.step is None
+    assert ckpt.load(path) == {"v": 1}
+    ckpt.save(path, {"v": 2}, overwrite=True)
+    assert ckpt.load(path) == {"v": 2}
+    assert sorted(os.listdir(tmp_path)) == ["c"]
+
+
+@pytest.mark.parametrize("read", [ckpt.load, ckpt.load_checkpointables, ckpt.metadata, ckpt.checkpointables_metadata])
+def test_free_functions_on_a_missing_path_raise_file_not_found_naming_it(tmp_path, read):
+    with pytest.raises(FileNotFoundError, match="typo.*does not exist"):
+        read(tmp_path / "typo")
+
+
+def test_placeholder_skips_a_leaf_without_reading_it(tmp_path):
+    path = tmp_path / "c"
+    ckpt.save(path, {"big": np.ones(BIG), "small": np.ones(3), "keep": np.arange(3)})
+    for chunk in (path / "arrays").rglob("c/*"):
+        if chunk.is_file():
+            chunk.write_bytes(b"damaged")  # would fail its checksum if read
+    restored = ckpt.load(path, {"big": ckpt.PLACEHOLDER, "small": ckpt.PLACEHOLDER, "keep": np.empty(3, np.int64)})
+    assert restored["big"] is ckpt.PLACEHOLDER and restored["small"] is ckpt.PLACEHOLDER
+    assert np.array_equal(restored["keep"], np.arange(3))
+    assert repr(ckpt.PLACEHOLDER) == "ckpt.PLACEHOLDER"
+
+
+# ----------------------------------------------------------------------- sharded loading
+SHARDED_LOAD = r"""
+import os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+import jax, jax.numpy as jnp, numpy as np
+import ckpt
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+assert jax.device_count() == 4, jax.devices()
+mesh = Mesh(np.array(jax.devices()), ("x",))
+rows, cols = NamedSharding(mesh, P("x")), NamedSharding(mesh, P(None, "x"))
+replicated = NamedSharding(mesh, P())
+path = sys.argv[1]
+state = {
+    "small": np.arange(16, dtype=np.float32).reshape(8, 2),                   # packed
+    "big": np.arange(400_000, dtype=np.float32).reshape(400, 1000),           # its own array
+    "saved_sharded": jax.device_put(jnp.arange(8 * 40_000, dtype=jnp.float32).reshape(8, 40_000), rows),
+    "keys": jax.random.split(jax.random.key(0), 4),
+    "scalar": np.float32(2.5),
+}
+ckpt.save(path, state)
+abstract = {
+    "small": jax.ShapeDtypeStruct((8, 2), jnp.float32, sharding=rows),
+    "big": jax.ShapeDtypeStruct((400, 1000), jnp.bfloat16, sharding=cols),    # cast while loading
+    "saved_sharded": jax.ShapeDtypeStruct((8, 40_000), jnp.float32, sharding=cols),
+    "keys": jax.ShapeDtypeStruct((4,), jax.random.key(0).dtype, sharding=rows),
+    "scalar": jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated),
+}
+restored = ckpt.load(path, abstract)
+for key, want in abstract.items():
+    got = restored[key]
+    assert isinstance(got, jax.Array), key
+    assert got.sharding == want.sharding, (key, got.sharding)
+    assert got.dtype == want.dtype and got.shape == want.shape, (key, got.dtype, got.shape)
+    assert len(got.addressable_shards) == 4, key
+np.testing.assert_array_equal(np.asarray(restored["small"]), state["small"])
+np.testing.assert_array_equal(np.asarray(restored["big"]), state["big"].astype(jnp.bfloat16))
+np.testing.assert_array_equal(np.asarray(restored["saved_sharded"]), np.asarray(state["saved_sharded"]))
+np.testing.assert_array_equal(jax.random.key_data(restored["keys"]), jax.random.key_data(state["keys"]))
+for shard in restored["big"].addressable_shards:
+    np.testing.assert_array_equal(np.asarray(shard.data), state["big"][shard.index].astype(jnp.bfloat16))
+print("SHARDED-OK")
+"""
+
+
+def test_loading_into_shape_dtype_structs_places_every_leaf_with_its_named_sharding(tmp_path):
+    pytest.importorskip("jax")
+    result = procs.run_script(SHARDED_LOAD, str(tmp_path / "c"), timeout=120, JAX_PLATFORMS="cpu")
+    assert result.returncode == 0 and "SHARDED-OK" in result.stdout, result.stdout + result.stderr

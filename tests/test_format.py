@@ -1,0 +1,253 @@
+"""The on-disk format: one directory per step, written under a temporary name, fsync'd, manifest last,
+renamed atomically; a JSON manifest with checksums; array data that plain tensorstore can read."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import pytest
+import tensorstore as ts
+
+import ckpt
+from ckpt import format as fmt
+from ckpt import storage
+from ckpt.training import Checkpointer
+from tests import procs
+
+LARGE = (1 << 20) // 4 + 1  # float32 elements: over the packing threshold
+
+
+def files_below(path: Path) -> list[Path]:
+    return sorted(p for p in path.rglob("*") if p.is_file())
+
+
+# ------------------------------------------------------------------------------- layout
+def test_a_step_is_one_directory_with_manifest_tree_packed_leaves_and_one_array_per_large_leaf(tmp_path):
+    state = {"big1": np.ones(LARGE, np.float32), "big2": np.ones((LARGE, 2), np.float32),
+             "small": [np.arange(i + 1) for i in range(50)], "n": 3, "name": "x"}
+    with Checkpointer(tmp_path) as ckptr:
+        ckptr.save(7, state)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [fmt.LOCK, "7"]
+    step_dir = tmp_path / "7"
+    assert sorted(p.name for p in step_dir.iterdir()) == ["arrays", "manifest.json", "packed", "tree.json"]
+    assert sorted(p.name for p in (step_dir / "arrays").iterdir()) == ["0", "1"]
+    # 50 small arrays and 2 inline values cost the packed array's metadata and one chunk, not a file each
+    assert len(files_below(step_dir / "packed")) == 2
+
+
+def test_a_thousand_small_leaves_take_a_handful_of_files(tmp_path):
+    state = {f"layer{i}": {"w": np.ones((8, 8), np.float32), "b": np.zeros(8, np.float32)} for i in range(1000)}
+    ckpt.save(tmp_path / "c", state)
+    assert len(files_below(tmp_path / "c")) <= 4
+
+
+def test_manifest_is_json_with_version_step_timestamps_metrics_and_the_tree_checksum(tmp_path):
+    with Checkpointer(tmp_path) as ckptr:
+        ckptr.save(3, {"w": np.ones(4)}, metrics={"loss": 0.25}, custom_metadata={"epoch": 2})
+    step_dir = tmp_path / "3"
+    manifest = json.loads((step_dir / "manifest.json").read_bytes())
+    assert manifest["format"] == "ckpt" and manifest["version"] == fmt.FORMAT_VERSION
+    assert manifest["step"] == 3 and manifest["checkpointables"] == ["state"]
+    assert manifest["metrics"] == {"loss": 0.25} and manifest["custom_metadata"] == {"epoch": 2}
+    assert 0 < manifest["init_timestamp_nsecs"] <= manifest["commit_timestamp_nsecs"]
+    assert manifest["tree_crc32"] == zlib.crc32((step_dir / "tree.json").read_bytes())
+
+
+def test_tree_json_describes_every_leaf_with_dtype_shape_location_and_checksum(tmp_path):
+    ckpt.save(tmp_path / "c", {"big": np.ones(LARGE, np.float32), "small": np.arange(3, dtype=np.int16),
+                               "bf": np.ones((2, 2), ml_dtypes.bfloat16), "n": 5, "s": "hi"})
+    doc = json.loads((tmp_path / "c" / "tree.json").read_bytes())
+    leaves = {leaf["path"]: leaf for leaf in doc["checkpointables"]["state"]["leaves"]}
+    assert leaves["['big']"]["dtype"] == "float32" and leaves["['big']"]["shape"] == [LARGE]
+    assert {"name": "crc32c"} in leaves["['big']"]["array"]["metadata"]["codecs"]
+    assert leaves["['small']"]["dtype"] == "int16" and leaves["['small']"]["packed"][1] == 6
+    assert leaves["['small']"]["crc32"] == zlib.crc32(np.arange(3, dtype="<i2").tobytes())
+    assert leaves["['bf']"]["dtype"] == "bfloat16"
+    assert leaves["['n']"] == {"path": "['n']", "type": "int", "value": 5}
+    assert leaves["['s']"]["value"] == "hi"
+    assert doc["checkpointables"]["state"]["tree"]["t"] == "dict"
+
+
+# ------------------------------------------------------------------- readable without ckpt
+def read_with_tensorstore(step_dir: Path, name: str = "state") -> dict[str, object]:
+    """Every leaf of a step read with tensorstore, json and numpy only, following tree.json."""
+    doc = json.loads((step_dir / "tree.json").read_bytes())
+
+    def absolute(spec: dict) -> dict:
+        return {**spec, "kvstore": {**spec["kvstore"], "path": str(step_dir / spec["kvstore"]["path"])}}
+
+    def dtype(name: str) -> np.dtype:
+        return np.dtype(getattr(ml_dtypes, name)) if hasattr(ml_dtypes, name) else np.dtype(name)
+
+    packed = ts.open(absolute(doc["packed"]["spec"])).result().read().result() if "packed" in doc else None
+    out = {}
+    for leaf in doc["checkpointables"][name]["leaves"]:
+        if "value" in leaf:
+            out[leaf["path"]] = leaf["value"]
+        elif "array" in leaf:
+            data = ts.open(absolute(leaf["array"])).result().read().result()
+            if leaf.get("stored_as") == "bytes":  # a dtype zarr3 lacks: raw little-endian bytes
+                data = data.view(dtype(leaf["dtype"])).reshape(leaf["shape"])
+            out[leaf["path"]] = data
+        else:
+            offset, nbytes = leaf["packed"]
+            raw = packed[offset: offset + nbytes]
+            assert zlib.crc32(raw.tobytes()) == leaf["crc32"], leaf["path"]
+            out[leaf["path"]] = raw.view(dtype(leaf["dtype"])).reshape(leaf["shape"])
+    return out
+
+
+def test_plain_tensorstore_reads_every_leaf_from_the_manifest_alone(tmp_path):
+    rng = np.random.default_rng(0)
+    state = {
+        "f32": rng.standard_normal((LARGE // 4, 4), np.float32),
+        "bf16": rng.standard_normal(LARGE).astype(ml_dtypes.bfloat16),
+        "f8": rng.standard_normal(LARGE * 4).astype(ml_dtypes.float8_e4m3fn),
+        "int4": rng.integers(-8, 8, LARGE * 4).astype(ml_dtypes.int4),
+        "c128": rng.standard_normal(LARGE // 4) * 1j,
+        "strings": np.array(["ab", "cde"] * (LARGE // 4)),  # a dtype zarr3 lacks: stored as raw bytes
+        "small_f64": rng.standard_normal((3, 5)),
+        "small_bf16": np.arange(7).astype(ml_dtypes.bfloat16),
+        "small_bool": np.array([True, False, True]),
+        "zero_d": np.array(4, np.int8),
+        "empty": np.zeros((0, 2), np.float32),
+        "count": 11,
+    }
+    ckpt.save(tmp_path / "c", state)
+    got = read_with_tensorstore(tmp_path / "c")
+    assert set(got) == {f"['{key}']" for key in state}
+    for key, value in state.items():
+        leaf = got[f"['{key}']"]
+        if isinstance(value, np.ndarray):
+            assert leaf.dtype == value.dtype and leaf.shape == value.shape, key
+            assert leaf.tobytes() == value.tobytes(), key
+        else:
+            assert leaf == value
+
+
+def test_a_reader_without_ckpt_installed_reads_the_arrays(tmp_path):
+    ckpt.save(tmp_path / "c", {"w": np.arange(LARGE, dtype=np.float32), "b": np.arange(5.0)})
+    script = f"""
+import sys
+sys.modules["ckpt"] = None  # importing ckpt now fails
+import json, numpy as np, tensorstore as ts
+step = {str(tmp_path / 'c')!r}
+doc = json.load(open(step + "/tree.json"))
+leaves = {{leaf["path"]: leaf for leaf in doc["checkpointables"]["state"]["leaves"]}}
+spec = leaves["['w']"]["array"]
+spec["kvstore"]["path"] = step + "/" + spec["kvstore"]["path"]
+w = ts.open(spec).result().read().result()
+assert np.array_equal(w, np.arange({LARGE}, dtype=np.float32))
+packed = doc["packed"]["spec"]
+packed["kvstore"]["path"] = step + "/" + packed["kvstore"]["path"]
+offset, nbytes = leaves["['b']"]["packed"]
+b = ts.open(packed).result()[offset: offset + nbytes].read().result().view(leaves["['b']"]["dtype"])
+assert np.array_equal(b, np.arange(5.0))
+print("READ-OK")
+"""
+    result = procs.run_script(script, timeout=60)
+    assert result.returncode == 0 and "READ-OK" in result.stdout, result.stdout + result.stderr
+
+
+# ------------------------------------------------------------------------ write protocol
+def test_a_step_being_written_has_a_temporary_name_and_is_not_listed(tmp_path, monkeypatch):
+    seen = {}
+    write_file = storage.write_file
+
+    def spy(path: Path, data: bytes, **kwargs):
+        if path.name == fmt.MANIFEST:
+            seen["dirs"] = sorted(p.name for p in tmp_path.iterdir())
+            reader = Checkpointer(tmp_path)
+            seen["listed"] = [c.step for c in reader.checkpoints]
+            reader.close()
+        return write_file(path, data, **kwargs)
+
+    monkeypatch.setattr(storage, "write_file", spy)
+    with Checkpointer(tmp_path) as ckptr:
+        ckptr.save(0, {"w": np.ones(LARGE, np.float32)})
+    assert seen["dirs"] == [fmt.LOCK, "0" + fmt.TMP_SUFFIX]
+    assert seen["listed"] == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == [fmt.LOCK, "0"]
+
+
+def test_the_tensorstore_context_fsyncs_data_files():
+    assert storage.ts_context().spec.to_json()["file_io_sync"] is True
+
+
+def _strace_events(text: str) -> list[tuple[str, tuple[str, ...]]]:
+    """(syscall, paths) of the successful calls in ``strace -f -y`` output, in completion order."""
+    pending, events = {}, []
+    for line in text.splitlines():
+        pid, _, rest = line.partition(" ")
+        rest = rest.strip()
+        if rest.endswith("<unfinished ...>"):
+            pending[pid] = rest[: -len("<unfinished ...>")]
+            continue
+        resumed = re.match(r"<\.\.\. \w+ resumed>(.*)$", rest)
+        if resumed:
+            rest = pending.pop(pid, "") + resumed.group(1)
+        call = re.match(r"(\w+)\((.*)\)\s+=\s+(-?\d+)", rest)
+        if not call or int(call.group(3)) < 0:
+            continue
+        name, args = call.group(1), call.group(2)
+        if name in ("fsync", "fdatasync"):
+            paths = tuple(re.findall(r"^\d+<([^>]*)>", args))
+        else:
+            paths = tuple(re.findall(r'"([^"]*)"', args))
+        events.append((name, paths))
+    return events
+
+
+SAVE_ONE_STEP = """
+import sys, numpy as np, ckpt
+with ckpt.Checkpointer(sys.argv[1]) as ckptr:
+    ckptr.save(0, {"big": np.ones((1 << 20) // 4 + 1, np.float32), "small": np.arange(10), "n": 1})
+"""
+
+
+def test_every_file_and_directory_is_fsynced_before_the_manifest_and_the_rename_then_the_root(tmp_path):
+    if shutil.which("strace") is None:
+        pytest.skip("strace is not installed")
+    root = Path(os.path.realpath(tmp_path)) / "root"
+    trace = tmp_path / "trace.txt"
+    cmd = ["strace", "-f", "-y", "-qq", "-s", "1024", "-o", str(trace),
+           "-e", "trace=fsync,fdatasync,openat,rename,renameat,renameat2",
+           sys.executable, "-c", SAVE_ONE_STEP, str(root)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=procs.env())
+    if result.returncode != 0 and "ptrace" in result.stderr.lower():
+        pytest.skip(f"strace cannot trace here: {result.stderr.strip()}")
+    assert result.returncode == 0, result.stderr
+    events = _strace_events(trace.read_text())
+    tmp, final = str(root / ("0" + fmt.TMP_SUFFIX)), str(root / "0")
+
+    committed = events.index(("rename", (tmp, final)))
+    synced: dict[str, int] = {}  # path -> index of the event after which its data is durable
+    for i, (name, paths) in enumerate(events[:committed]):
+        if name in ("fsync", "fdatasync"):
+            synced.setdefault(paths[0], i)
+        elif name.startswith("rename") and paths[0] in synced:
+            synced[paths[1]] = i  # tensorstore fsyncs a temporary file, then renames it into place
+    manifest_created = next(i for i, (name, paths) in enumerate(events)
+                            if name == "openat" and paths == (tmp + "/" + fmt.MANIFEST,))
+
+    step_files = [p for p in (root / "0").rglob("*") if p.is_file()]
+    assert len(step_files) >= 6
+    for path in step_files:
+        rel = str(path.relative_to(root / "0"))
+        assert tmp + "/" + rel in synced, f"{rel} was not fsynced before the commit"
+        if rel != fmt.MANIFEST:
+            assert synced[tmp + "/" + rel] < manifest_created, f"{rel} was written after the manifest"
+    for directory in [root / "0", *(p for p in (root / "0").rglob("*") if p.is_dir())]:
+        rel = str(directory.relative_to(root / "0"))
+        path = tmp if rel == "." else tmp + "/" + rel
+        assert any(e == ("fsync", (path,)) for e in events[manifest_created:committed]), \
+            f"directory {rel} was not fsynced between the manifest and the rename"
+    assert ("fsync", (str(root),)) in events[committed + 1:], "the root was not fsynced after the rename"

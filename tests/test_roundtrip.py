@@ -1,0 +1,359 @@
+"""Round trips are exact: every dtype, leaf and container, with and without an abstract tree."""
+from __future__ import annotations
+
+import collections
+import json
+import math
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import ckpt
+from ckpt import errors
+
+SMALL = 37                    # elements: packed with the other small leaves
+LARGE_BYTES = (1 << 20) + 8   # over the packing threshold: stored as its own zarr3 array
+
+NUMPY_DTYPES = [np.dtype(n) for n in (
+    "bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
+    "float16", "float32", "float64", "complex64", "complex128", "<U3", "S4", "datetime64[ns]", "timedelta64[s]")]
+ML_DTYPES = [np.dtype(getattr(ml_dtypes, n)) for n in (
+    "bfloat16", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e4m3b11fnuz",
+    "float8_e3m4", "float8_e4m3", "float8_e8m0fnu", "float4_e2m1fn", "float6_e2m3fn", "float6_e3m2fn",
+    "int2", "int4", "uint2", "uint4") if hasattr(ml_dtypes, n)]
+DTYPES = NUMPY_DTYPES + ML_DTYPES
+
+
+def random_array(dtype: np.dtype, n: int, seed: int = 0) -> np.ndarray:
+    """``n`` elements of ``dtype`` from random bits (NaNs, infinities and NaTs included)."""
+    rng = np.random.default_rng(seed)
+    if dtype.kind == "U":
+        return rng.integers(0x20, 0x2FF, n * (dtype.itemsize // 4)).astype("<u4").view(dtype)
+    if dtype.kind == "b":
+        return rng.integers(0, 2, n).astype(bool)
+    if dtype.name in ("int2", "int4", "uint2", "uint4"):
+        info = ml_dtypes.iinfo(dtype)
+        return rng.integers(int(info.min), int(info.max) + 1, n).astype(dtype)
+    return rng.integers(0, 256, n * dtype.itemsize, dtype=np.uint8).view(dtype)
+
+
+def assert_same_array(got, want: np.ndarray) -> None:
+    assert isinstance(got, np.ndarray), type(got)
+    assert got.dtype == want.dtype, (got.dtype, want.dtype)
+    assert got.shape == want.shape
+    assert np.ascontiguousarray(got).tobytes() == np.ascontiguousarray(want).tobytes()  # bit-exact, NaNs included
+
+
+# ------------------------------------------------------------------------------ numpy dtypes
+@pytest.mark.parametrize("size", ["small", "large"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_every_numpy_dtype_round_trips_bit_exactly_with_and_without_abstract(tmp_path, dtype, size):
+    n = SMALL if size == "small" else LARGE_BYTES // dtype.itemsize + 1
+    array = random_array(dtype, n).reshape(-1, 1) if size == "large" else random_array(dtype, n)
+    ckpt.save(tmp_path / "c", {"a": array, "scalar": array.reshape(-1)[0]})
+    as_saved = ckpt.load(tmp_path / "c")
+    assert_same_array(as_saved["a"], array)
+    assert type(as_saved["scalar"]) is type(array.reshape(-1)[0])
+    assert np.asarray(as_saved["scalar"]).tobytes() == np.asarray(array.reshape(-1)[0]).tobytes()
+    with_abstract = ckpt.load(tmp_path / "c", {"a": np.empty(array.shape, dtype), "scalar": array.reshape(-1)[0]})
+    assert_same_array(with_abstract["a"], array)
+    assert type(with_abstract["scalar"]) is type(array.reshape(-1)[0])
+    assert np.asarray(with_abstract["scalar"]).tobytes() == np.asarray(array.reshape(-1)[0]).tobytes()
+    entry = _entry(tmp_path / "c", "['a']")
+    assert ("array" in entry) == (size == "large") and ("packed" in entry) == (size == "small")
+
+
+def _entry(step_dir, key_path: str) -> dict:
+    """The manifest entry (tree.json) of one leaf of the ``state`` checkpointable."""
+    leaves = json.loads((step_dir / "tree.json").read_bytes())["checkpointables"]["state"]["leaves"]
+    return next(leaf for leaf in leaves if leaf["path"] == key_path)
+
+
+@pytest.mark.parametrize("shape", [(), (0,), (3, 0, 2), (2, 3, 4, 5), (LARGE_BYTES // 48 + 1, 3, 2)], ids=str)
+def test_multidimensional_zero_size_and_zero_d_arrays_keep_their_shape(tmp_path, shape):
+    array = np.arange(math.prod(shape), dtype=np.float64).reshape(shape)
+    ckpt.save(tmp_path / "c", {"a": array})
+    assert_same_array(ckpt.load(tmp_path / "c")["a"], array)
+    assert_same_array(ckpt.load(tmp_path / "c", {"a": np.empty(shape)})["a"], array)
+
+
+@pytest.mark.parametrize("size", ["small", "large"])
+def test_non_contiguous_inputs_round_trip_as_their_values(tmp_path, size):
+    n = 8 if size == "small" else 512
+    base = np.arange(n * n * 2, dtype=np.float64).reshape(n, n * 2)
+    state = {"strided": base[:, ::2], "transposed": base.T, "fortran": np.asfortranarray(base),
+             "reversed": base[::-1], "column": base[:, 3]}
+    ckpt.save(tmp_path / "c", state)
+    abstract = {key: np.empty_like(value) for key, value in state.items()}
+    for restored in (ckpt.load(tmp_path / "c"), ckpt.load(tmp_path / "c", abstract)):
+        for key, value in state.items():
+            np.testing.assert_array_equal(restored[key], value)
+            assert restored[key].shape == value.shape and restored[key].dtype == value.dtype
+
+
+@pytest.mark.parametrize("size", ["small", "large"])
+def test_big_endian_inputs_keep_their_values(tmp_path, size):
+    n = 10 if size == "small" else LARGE_BYTES // 8 + 1
+    array = np.arange(n, dtype=">f8") / 3
+    ints = np.arange(n, dtype=">i4")
+    ckpt.save(tmp_path / "c", {"f": array, "i": ints, "s": np.dtype(">i8").type(-5)})
+    restored = ckpt.load(tmp_path / "c")
+    np.testing.assert_array_equal(restored["f"], array)
+    np.testing.assert_array_equal(restored["i"], ints)
+    assert restored["f"].dtype == np.dtype("f8") and restored["s"] == -5
+    typed = ckpt.load(tmp_path / "c", {"f": np.empty(n, ">f8"), "i": np.empty(n, "<i4"), "s": 0})
+    assert typed["f"].dtype == np.dtype(">f8") and typed["i"].dtype == np.dtype("<i4")
+    np.testing.assert_array_equal(typed["f"], array)
+
+
+def test_an_array_modified_after_a_sync_save_does_not_change_the_checkpoint(tmp_path):
+    array = np.zeros(LARGE_BYTES // 8 + 1)
+    ckpt.save(tmp_path / "c", {"a": array})
+    array[:] = 1
+    assert not ckpt.load(tmp_path / "c")["a"].any()
+
+
+# ----------------------------------------------------------------------- Python leaves
+PYTHON_LEAVES = {
+    "int": 3, "negative": -(2**40), "huge": 2**100, "zero": 0,
+    "float": 0.1, "negzero": -0.0, "tiny": 5e-324, "inf": float("inf"), "ninf": float("-inf"),
+    "true": True, "false": False, "none": None,
+    "str": "héllo ✓\n\"quoted\"", "empty_str": "", "bytes": bytes(range(256)), "empty_bytes": b"",
+}
+
+
+def test_python_scalars_strings_bytes_and_none_round_trip_with_their_types(tmp_path):
+    state = dict(PYTHON_LEAVES, nan=float("nan"))
+    ckpt.save(tmp_path / "c", state)
+    for restored in (ckpt.load(tmp_path / "c"), ckpt.load(tmp_path / "c", state)):
+        assert list(restored) == list(state)
+        for key, value in PYTHON_LEAVES.items():
+            assert type(restored[key]) is type(value), key
+            assert restored[key] == value, key
+        assert math.isnan(restored["nan"])
+        assert math.copysign(1, restored["negzero"]) == -1
+
+
+def test_numpy_scalars_come_back_as_numpy_scalars_of_their_dtype(tmp_path):
+    state = {"f32": np.float32(1.5), "i8": np.int8(-3), "b": np.bool_(True), "bf16": ml_dtypes.bfloat16(2.5),
+             "c": np.complex64(1 + 2j), "u64": np.uint64(2**64 - 1)}
+    ckpt.save(tmp_path / "c", state)
+    for restored in (ckpt.load(tmp_path / "c"), ckpt.load(tmp_path / "c", state)):
+        for key, value in state.items():
+            assert type(restored[key]) is type(value) and restored[key] == value, key
+
+
+def test_python_types_as_abstract_leaves_cast_the_saved_values(tmp_path):
+    ckpt.save(tmp_path / "c", {"i": 3, "f": 2, "arr0d": np.array(7.0), "s": np.int64(4)})
+    restored = ckpt.load(tmp_path / "c", {"i": float, "f": float, "arr0d": int, "s": int})
+    assert restored == {"i": 3.0, "f": 2.0, "arr0d": 7, "s": 4}
+    assert [type(v) for v in restored.values()] == [float, float, int, int]
+
+
+# --------------------------------------------------------------------------- containers
+class Point(collections.namedtuple("Point", "x y")):
+    pass
+
+
+Pair = collections.namedtuple("Pair", "first second")
+
+
+def test_containers_round_trip_with_their_structure(tmp_path):
+    state = {
+        "dict": {"b": 1, "a": 2},             # insertion order is kept
+        "int_keys": {3: "three", 0: "zero", -1: "minus"},
+        "list": [1, [2, [3]], []],
+        "tuple": (1, (2,), ()),
+        "empty": {}, "nested_empty": {"x": {"y": []}},
+        "mixed": [{"a": np.ones(2)}, (None, "s")],
+    }
+    ckpt.save(tmp_path / "c", state)
+    restored = ckpt.load(tmp_path / "c")
+    assert list(restored["dict"]) == ["b", "a"]
+    assert restored["int_keys"] == state["int_keys"] and list(restored["int_keys"]) == [3, 0, -1]
+    assert restored["list"] == [1, [2, [3]], []] and restored["tuple"] == (1, (2,), ())
+    assert restored["empty"] == {} and restored["nested_empty"] == {"x": {"y": []}}
+    assert isinstance(restored["mixed"][1], tuple) and restored["mixed"][1] == (None, "s")
+    np.testing.assert_array_equal(restored["mixed"][0]["a"], np.ones(2))
+
+
+def test_a_top_level_leaf_and_an_empty_tree_round_trip(tmp_path):
+    ckpt.save(tmp_path / "leaf", np.arange(3))
+    np.testing.assert_array_equal(ckpt.load(tmp_path / "leaf"), np.arange(3))
+    ckpt.save(tmp_path / "empty", {})
+    assert ckpt.load(tmp_path / "empty") == {}
+    ckpt.save(tmp_path / "none", None)
+    assert ckpt.load(tmp_path / "none") is None
+
+
+def test_namedtuples_come_back_as_dicts_without_abstract_and_as_their_type_with_it(tmp_path):
+    state = {"p": Pair(np.ones(2), Point(1, "y"))}
+    ckpt.save(tmp_path / "c", state)
+    plain = ckpt.load(tmp_path / "c")
+    assert plain["p"]["second"] == {"x": 1, "y": "y"}
+    typed = ckpt.load(tmp_path / "c", state)
+    assert type(typed["p"]) is Pair and type(typed["p"].second) is Point
+    assert typed["p"].second == Point(1, "y")
+    np.testing.assert_array_equal(typed["p"].first, np.ones(2))
+
+
+def test_many_small_leaves_round_trip(tmp_path):
+    state = {f"layer{i}": {"w": np.full((4, 4), i, np.float32), "b": np.int32(i), "name": f"l{i}"} for i in range(1000)}
+    ckpt.save(tmp_path / "c", state)
+    restored = ckpt.load(tmp_path / "c")
+    for i in (0, 499, 999):
+        np.testing.assert_array_equal(restored[f"layer{i}"]["w"], state[f"layer{i}"]["w"])
+        assert restored[f"layer{i}"]["b"] == i and restored[f"layer{i}"]["name"] == f"l{i}"
+
+
+# ------------------------------------------------------------------------ abstract trees
+def test_abstract_array_dtype_casts_the_saved_values(tmp_path):
+    ckpt.save(tmp_path / "c", {"w": np.arange(6, dtype=np.float32).reshape(2, 3) / 4, "n": np.arange(4)})
+    restored = ckpt.load(tmp_path / "c", {"w": np.empty((2, 3), ml_dtypes.bfloat16), "n": np.empty(4, np.int8)})
+    assert restored["w"].dtype == ml_dtypes.bfloat16 and restored["n"].dtype == np.int8
+    np.testing.assert_array_equal(restored["w"].astype(np.float32), np.arange(6).reshape(2, 3) / 4)
+
+
+def test_none_in_the_abstract_tree_loads_that_subtree_as_saved(tmp_path):
+    state = {"model": {"w": np.ones(3), "b": [1, 2]}, "opt": {"mu": np.zeros(2)}}
+    ckpt.save(tmp_path / "c", state)
+    restored = ckpt.load(tmp_path / "c", {"model": None, "opt": {"mu": np.empty(2, np.float32)}})
+    assert restored["model"]["b"] == [1, 2] and restored["opt"]["mu"].dtype == np.float32
+
+
+def test_every_mismatching_key_path_is_listed_in_one_value_error(tmp_path):
+    ckpt.save(tmp_path / "c", {"a": np.ones((2, 3)), "b": {"c": np.ones(4), "d": 1}, "e": [1, 2]})
+    abstract = {"a": np.empty((3, 2)), "b": {"c": np.empty(4), "new": np.empty(1)}, "e": [1, 2, 3], "x": 0}
+    with pytest.raises(ValueError) as info:
+        ckpt.load(tmp_path / "c", abstract)
+    message = str(info.value)
+    for path in ("['a']", "['b']['new']", "['b']['d']", "['e'][2]", "['x']"):
+        assert path in message, path
+    assert isinstance(info.value, errors.TreeMismatchError) and len(info.value.differences) == 5
+    assert "(2, 3)" in message and "(3, 2)" in message
+
+
+def test_an_array_abstract_leaf_for_a_saved_scalar_value_is_a_mismatch(tmp_path):
+    ckpt.save(tmp_path / "c", {"n": 3})
+    with pytest.raises(ValueError, match=r"\['n'\].*int"):
+        ckpt.load(tmp_path / "c", {"n": np.empty((2,))})
+
+
+def test_partial_load_reads_a_subtree_only_when_asked(tmp_path):
+    with ckpt.Checkpointer(tmp_path / "strict") as ckptr:
+        ckptr.save(0, {"model": {"w": np.ones(3)}, "opt": {"mu": np.zeros(3)}})
+        with pytest.raises(ValueError, match=r"\['opt'\]\['mu'\]: in the checkpoint"):
+            ckptr.load(0, {"model": {"w": np.empty(3)}})
+    context = ckpt.Context(pytree_options=ckpt.PyTreeOptions(partial_load=True))
+    with ckpt.Checkpointer(tmp_path / "strict", context=context) as ckptr:
+        assert list(ckptr.load(0, {"model": {"w": np.empty(3)}})) == ["model"]
+        with pytest.raises(ValueError, match="not in the checkpoint"):
+            ckptr.load(0, {"model": {"w": np.empty(3), "extra": np.empty(1)}})
+
+
+# --------------------------------------------------------------------------------- jax
+def test_jax_arrays_of_every_dtype_round_trip_as_jax_arrays(tmp_path):
+    jax = pytest.importorskip("jax")
+    import jax.numpy as jnp
+
+    dtypes = [jnp.float32, jnp.bfloat16, jnp.float16, jnp.int8, jnp.int32, jnp.uint8, jnp.uint32, jnp.bool_,
+              jnp.float8_e4m3fn, jnp.int4, jnp.complex64]
+    state = {str(np.dtype(d)): jnp.asarray(random_array(np.dtype(d), 12).reshape(3, 4)) for d in dtypes}
+    state["large"] = jnp.arange(LARGE_BYTES // 4 + 1, dtype=jnp.float32)
+    state["zero_d"] = jnp.float32(3.0)
+    ckpt.save(tmp_path / "c", state)
+    as_saved = ckpt.load(tmp_path / "c")
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+    typed = ckpt.load(tmp_path / "c", abstract)
+    for key, value in state.items():
+        for restored in (as_saved, typed):
+            assert isinstance(restored[key], jax.Array), key
+            assert restored[key].dtype == value.dtype and restored[key].shape == value.shape, key
+            assert np.asarray(restored[key]).tobytes() == np.asarray(value).tobytes(), key
+
+
+def test_typed_prng_keys_round_trip_with_their_impl_and_raw_keys_as_uint32(tmp_path):
+    jax = pytest.importorskip("jax")
+
+    state = {"key": jax.random.key(42), "keys": jax.random.split(jax.random.key(1), 3),
+             "rbg": jax.random.key(7, impl="rbg"), "raw": jax.random.PRNGKey(5)}
+    ckpt.save(tmp_path / "c", state)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+    for restored in (ckpt.load(tmp_path / "c"), ckpt.load(tmp_path / "c", abstract)):
+        for key in ("key", "keys", "rbg"):
+            assert jax.dtypes.issubdtype(restored[key].dtype, jax.dtypes.prng_key), key
+            assert restored[key].shape == state[key].shape, key
+            assert str(jax.random.key_impl(restored[key])) == str(jax.random.key_impl(state[key])), key
+            np.testing.assert_array_equal(jax.random.key_data(restored[key]), jax.random.key_data(state[key]))
+        assert restored["raw"].dtype == np.uint32
+        np.testing.assert_array_equal(restored["raw"], state["raw"])
+        assert jax.random.uniform(restored["key"]) == jax.random.uniform(state["key"])
+
+
+def test_shape_dtype_struct_dtype_casts_and_a_shape_mismatch_names_the_leaf(tmp_path):
+    jax = pytest.importorskip("jax")
+    import jax.numpy as jnp
+
+    ckpt.save(tmp_path / "c", {"w": np.linspace(0, 1, 8, dtype=np.float32), "n": np.ones(3)})
+    restored = ckpt.load(tmp_path / "c", {"w": jax.ShapeDtypeStruct((8,), jnp.bfloat16), "n": np.empty(3)})
+    assert isinstance(restored["w"], jax.Array) and restored["w"].dtype == jnp.bfloat16
+    assert isinstance(restored["n"], np.ndarray)
+    want = np.linspace(0, 1, 8, dtype=np.float32).astype(jnp.bfloat16)
+    np.testing.assert_array_equal(np.asarray(restored["w"]), want)
+    with pytest.raises(ValueError, match=r"\['w'\]: saved shape \(8,\), abstract leaf wants \(4,\)"):
+        ckpt.load(tmp_path / "c", {"w": jax.ShapeDtypeStruct((4,), jnp.float32), "n": np.empty(3)})
+
+
+def test_registered_pytree_nodes_come_back_as_their_types_from_an_abstract_tree(tmp_path):
+    jax = pytest.importorskip("jax")
+    optax = pytest.importorskip("optax")
+
+    params = {"dense": {"kernel": jax.numpy.ones((3, 2)), "bias": jax.numpy.zeros(2)}}
+    opt_state = optax.adam(1e-3).init(params)
+    state = {"params": params, "opt_state": opt_state, "step": 3}
+    ckpt.save(tmp_path / "c", state)
+    restored = ckpt.load(tmp_path / "c", jax.eval_shape(lambda: state))
+    assert jax.tree.structure(restored) == jax.tree.structure(state)
+    assert type(restored["opt_state"][0]) is type(opt_state[0])
+    for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    as_saved = ckpt.load(tmp_path / "c")
+    np.testing.assert_array_equal(np.asarray(as_saved["opt_state"][0]["mu"]["dense"]["kernel"]), np.zeros((3, 2)))
+
+
+# ------------------------------------------------------------------------------- torch
+TORCH_DTYPES = ["float32", "float64", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2", "int8", "int16",
+                "int32", "int64", "uint8", "uint16", "uint32", "uint64", "bool", "complex64", "complex128"]
+
+
+@pytest.mark.parametrize("size", ["small", "large"])
+def test_torch_tensors_of_every_dtype_round_trip_as_tensors(tmp_path, size):
+    torch = pytest.importorskip("torch")
+
+    state = {}
+    for name in TORCH_DTYPES:
+        dtype = getattr(torch, name)
+        n = 6 if size == "small" else LARGE_BYTES // dtype.itemsize + 1
+        state[name] = torch.from_numpy(random_array(np.dtype("uint8"), n * dtype.itemsize).copy()).view(dtype)
+        if name == "bool":
+            state[name] = state[name] & True
+    state["non_contiguous"] = torch.arange(40.0).reshape(5, 8).T
+    ckpt.save(tmp_path / "c", state)
+    abstract = {key: torch.empty(value.shape, dtype=value.dtype) for key, value in state.items()}
+    for restored in (ckpt.load(tmp_path / "c"), ckpt.load(tmp_path / "c", abstract)):
+        for key, value in state.items():
+            got = restored[key]
+            assert isinstance(got, torch.Tensor) and got.dtype == value.dtype and got.shape == value.shape, key
+            assert got.contiguous().view(torch.uint8).equal(value.contiguous().view(torch.uint8)), key
+
+
+def test_a_tensor_abstract_leaf_casts_to_its_dtype_and_an_array_leaf_returns_numpy(tmp_path):
+    torch = pytest.importorskip("torch")
+
+    ckpt.save(tmp_path / "c", {"w": torch.linspace(0, 1, 6), "b": torch.ones(2, dtype=torch.bfloat16)})
+    abstract = {"w": torch.empty(6, dtype=torch.bfloat16), "b": np.empty(2, ml_dtypes.bfloat16)}
+    restored = ckpt.load(tmp_path / "c", abstract)
+    assert restored["w"].dtype == torch.bfloat16
+    assert torch.equal(restored["w"], torch.linspace(0, 1, 6).to(torch.bfloat16))
+    assert isinstance(restored["b"], np.ndarray) and restored["b"].dtype == ml_dtypes.bfloat16

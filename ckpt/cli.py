@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from ckpt import __version__, leaves, loading, progress
+from ckpt import __version__, leaves, loading, progress, storage
 from ckpt import format as fmt
 from ckpt.errors import CheckpointCorruptedError
 from ckpt.verify import VerifyResult, verify_step
@@ -35,18 +35,18 @@ class UsageError(Exception):
 class _Step:
     """A committed step directory found under a root; ``error`` when its manifest cannot be read."""
 
-    path: Path
+    path: storage.Location
     step: int | None
     manifest: dict | None
     error: str | None = None
 
 
 # ----------------------------------------------------------------------------------- finding steps
-def _is_step_dir(path: Path) -> bool:
-    return (path / fmt.MANIFEST).is_file()
+def _is_step_dir(path: storage.Location) -> bool:
+    return (path / fmt.MANIFEST).exists()
 
 
-def _read_step(path: Path) -> _Step:
+def _read_step(path: storage.Location) -> _Step:
     """A step directory with its manifest; the step number comes from the manifest, else from the name."""
     digits = path.name.rsplit("_", 1)[-1]
     number = int(digits) if digits.isdigit() else None
@@ -58,16 +58,14 @@ def _read_step(path: Path) -> _Step:
     return _Step(path, step if isinstance(step, int) else number, manifest)
 
 
-def _scan(root: Path) -> tuple[list[_Step], list[Path]]:
+def _scan(root: storage.Location) -> tuple[list[_Step], list[storage.Location]]:
     """The committed steps under ``root`` (any step name format), ascending, and the temporaries."""
-    if not root.is_dir():
+    if isinstance(root, Path) and not root.is_dir():
         raise UsageError(f"{root} is not a directory")
     steps, temporaries = [], []
-    for entry in sorted(os.scandir(root), key=lambda e: e.name):
-        path = Path(entry.path)
-        if not entry.is_dir():
-            continue
-        if entry.name.endswith((fmt.TMP_SUFFIX, fmt.DELETING_SUFFIX)):
+    for name in sorted(storage.list_names(root)):
+        path = root / name
+        if name.endswith((fmt.TMP_SUFFIX, fmt.DELETING_SUFFIX)):
             temporaries.append(path)
         elif _is_step_dir(path):
             steps.append(_read_step(path))
@@ -80,7 +78,7 @@ def _latest(steps: list[_Step]) -> _Step | None:
     return committed[-1] if committed else None
 
 
-def _select(directory: Path, step: int | None) -> list[Path]:
+def _select(directory: storage.Location, step: int | None) -> list[storage.Location]:
     """The step directories a command acts on: DIR itself, DIR's ``step``, or (``step`` None) its latest."""
     if _is_step_dir(directory):
         if step is not None:
@@ -99,7 +97,10 @@ def _select(directory: Path, step: int | None) -> list[Path]:
 
 
 # --------------------------------------------------------------------------------------- helpers
-def _disk_bytes(path: Path) -> int:
+def _disk_bytes(path: storage.Location) -> int | None:
+    """The bytes of the files under a local directory (None on an object store)."""
+    if not isinstance(path, Path):
+        return None
     total = 0
     for dirpath, _, files in os.walk(path):
         for name in files:
@@ -108,6 +109,10 @@ def _disk_bytes(path: Path) -> int:
             except FileNotFoundError:
                 pass  # a temporary being written or deleted right now
     return total
+
+
+def _size(nbytes: int | None) -> str:
+    return "-" if nbytes is None else progress.format_bytes(nbytes)
 
 
 def _time(nsecs: int | None, *, iso: bool) -> str | None:
@@ -145,7 +150,7 @@ def _print_json(obj: Any) -> None:
 
 
 # -------------------------------------------------------------------------------------------- ls
-def ls(directory: Path, *, as_json: bool) -> int:
+def ls(directory: storage.Location, *, as_json: bool) -> int:
     """``ckpt ls``: one line per committed step, then the temporaries crashed saves left."""
     steps, temporaries = ([_read_step(directory)], []) if _is_step_dir(directory) else _scan(directory)
     latest = _latest(steps)
@@ -169,7 +174,7 @@ def ls(directory: Path, *, as_json: bool) -> int:
     if steps:
         rows = [[("* " if r["latest"] else "  ") + str(r["step"]),
                  (s.manifest and _time(s.manifest.get("commit_timestamp_nsecs"), iso=False)) or "-",
-                 progress.format_bytes(r["disk_bytes"]),
+                 _size(r["disk_bytes"]),
                  f"DAMAGED: {s.error}" if s.error else _metrics_text(r["metrics"])]
                 for r, s in zip(records, steps)]
         print(_table(["  STEP", "COMMITTED", "SIZE", "METRICS"], rows, right=[2]))
@@ -193,7 +198,7 @@ def _leaf_record(name: str, meta: dict) -> dict:
     return record
 
 
-def show(directory: Path, step: int | None, *, as_json: bool) -> int:
+def show(directory: storage.Location, step: int | None, *, as_json: bool) -> int:
     """``ckpt show``: the step's metadata, then one table of leaves per checkpointable."""
     step_dir = _select(directory, step)[0]
     manifest = loading.read_manifest(step_dir)
@@ -208,7 +213,7 @@ def show(directory: Path, step: int | None, *, as_json: bool) -> int:
     print(f"step {manifest.get('step')}  {step_dir}")
     print(f"committed {_time(manifest.get('commit_timestamp_nsecs'), iso=False)}, "
           f"{progress.format_bytes(manifest.get('nbytes') or 0)} of data, "
-          f"{progress.format_bytes(_disk_bytes(step_dir))} on disk")
+          f"{_size(_disk_bytes(step_dir))} on disk")
     if manifest.get("metrics") is not None:
         print(f"metrics: {_metrics_text(manifest['metrics'])}")
     if manifest.get("custom_metadata") is not None:
@@ -234,7 +239,7 @@ def _verify_record(result: VerifyResult) -> dict:
             "nbytes": result.nbytes, "damaged": [dataclasses.asdict(d) for d in result.damaged]}
 
 
-def verify(directory: Path, step: int | None, *, as_json: bool) -> int:
+def verify(directory: storage.Location, step: int | None, *, as_json: bool) -> int:
     """``ckpt verify``: checks DIR's steps (all of them, or ``step``); 1 if any is damaged, else 0."""
     if step is None and not _is_step_dir(directory):
         targets = [s.path for s in _scan(directory)[0]]
@@ -274,7 +279,8 @@ def _parser() -> argparse.ArgumentParser:
         ("verify", "re-read a step's data and check its checksums (default: every step)", True),
     ]:
         command = commands.add_parser(name, help=text, description=text)
-        command.add_argument("directory", type=Path, metavar="DIR", help="a checkpoint root or one step directory")
+        command.add_argument("directory", metavar="DIR",
+                             help="a checkpoint root or one step directory (local, s3:// or gs://)")
         if has_step:
             command.add_argument("step", type=int, nargs="?", metavar="STEP", help="the step number")
         command.add_argument("--json", action="store_true", help="print JSON instead of tables")
@@ -291,7 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     args = _parser().parse_args(argv)
     progress.enable()
-    directory = args.directory.expanduser().absolute()
+    directory = storage.location(args.directory)
     try:
         if args.command == "ls":
             return ls(directory, as_json=args.json)

@@ -202,6 +202,10 @@ def restore(meta: dict, read: Reader | None, abstract: Any) -> Any:
         value = meta["value"]
         if kind == "float":
             value = float(value)
+        if kind in ("int", "float", "bool") and _is_array_like(abstract):
+            array = np.asarray(value)  # e.g. TrainState.step saved as a Python int, restored as int32
+            as_numpy = {"type": "numpy", "dtype": dtype_name(array.dtype), "shape": []}
+            return restore(as_numpy, lambda index: array if index is None else array[index], abstract)
         return _cast_python(value, abstract)
     if abstract is None or abstract is np.ndarray and kind == "numpy":
         return _restore_as_saved(meta, read)
@@ -220,6 +224,10 @@ def restore(meta: dict, read: Reader | None, abstract: Any) -> Any:
     if hasattr(abstract, "shape") and hasattr(abstract, "dtype"):
         return _saved_array(meta, read).astype(np.dtype(abstract.dtype), copy=False)
     return _cast_python(_restore_as_saved(meta, read), abstract)
+
+
+def _is_array_like(abstract: Any) -> bool:
+    return not isinstance(abstract, type) and hasattr(abstract, "shape") and hasattr(abstract, "dtype")
 
 
 def _saved_array(meta: dict, read: Reader) -> np.ndarray:

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from ckpt import chunks
 from ckpt import format as fmt
 from ckpt import leaves as leaves_lib
 from ckpt import progress, storage
@@ -106,9 +107,35 @@ class _LeafSource:
                                         path=self.step_dir, key_paths=(self.where,))
 
     def start(self) -> None:
-        """Starts reading a whole large leaf in the background."""
-        if "array" in self.meta and self._future is None:
+        """Starts reading a whole large leaf in the background: straight from its chunk files into the
+        result when the step is local (see :mod:`ckpt.chunks`), else through tensorstore."""
+        if "array" not in self.meta or self._future is not None:
+            return
+        if isinstance(self.step_dir, Path) and "chunk_crc32" in self.meta and chunks.layout(self.meta):
+            metadata = self.meta["array"]["metadata"]
+            out = np.empty(metadata["shape"], np.dtype(metadata["data_type"]))
+            try:
+                array_dir = Path(storage.resolve_kvstore(self.meta["array"], self.step_dir)["kvstore"]["path"])
+            except ValueError as e:
+                raise self._fail(str(e)) from None
+            why = chunks.check_metadata(array_dir, self.meta)
+            if why:
+                raise self._fail(why)
+            self._future = (out, chunks.start_read(array_dir, self.meta, out.reshape(-1).view(np.uint8)))
+        else:
             self._future = self._open().read()
+
+    def _whole(self) -> np.ndarray:
+        """The leaf as stored (started by :meth:`start`), checked."""
+        self.start()
+        future, self._future = self._future, None
+        if not isinstance(future, tuple):
+            return future.result()
+        out, reads = future
+        damage = [why for why in (f.result() for f in reads) if why]
+        if damage:
+            raise self._fail("; ".join(damage))
+        return out
 
     def _open(self):
         if self._store is None:
@@ -131,11 +158,11 @@ class _LeafSource:
             return array if index is None else array[index]
         try:
             if meta.get("stored_as") == "bytes":
-                array = self._open().read().result().view(dtype).reshape(shape)
+                array = self._whole().view(dtype).reshape(shape)
                 return array if index is None else array[index]
-            if index is None:
-                future, self._future = self._future or self._open().read(), None
-                return future.result()
+            if index is None or "chunk_crc32" in meta:
+                array = self._whole()
+                return array if index is None else array[index]
             return self._open()[index].read().result()
         except ValueError as e:
             raise self._fail(str(e)) from None
@@ -218,8 +245,11 @@ def load_checkpointables(step_dir: Path, abstract: dict[str, Any] | None, *, par
         else:
             needed.update((name, i) for _, leaf, idx in p[0] if leaf is not leaves_lib.PLACEHOLDER for i in idx)
     sources = {key: _LeafSource(step_dir, key[0], trees[key[0]]["leaves"][key[1]], packed) for key in needed}
-    tracker = progress.Tracker(f"loading {step_dir}", sum(_leaf_metadata(s.meta).nbytes for s in sources.values()))
-    packed.prefetch([s for s in sources.values() if "packed" in s.meta])
+    packed_sources = [s for s in sources.values() if "packed" in s.meta]
+    packed_nbytes = sum(s.meta["packed"][1] for s in packed_sources)
+    tracker = progress.Tracker(f"loading {step_dir}", packed_nbytes + sum(_array_nbytes(s.meta) for s in sources.values()))
+    packed.prefetch(packed_sources)
+    tracker.advance(packed_nbytes)
     for source in sources.values():
         source.start()
     loaded = {name: _build(name, trees[name], plans[name], sources, tracker) for name in abstract}
@@ -227,12 +257,20 @@ def load_checkpointables(step_dir: Path, abstract: dict[str, Any] | None, *, par
     return loaded
 
 
+def _array_nbytes(meta: dict) -> int:
+    """The bytes of a large leaf's own array; 0 for packed and inline leaves."""
+    if "array" not in meta:
+        return 0
+    array = meta["array"]["metadata"]
+    return int(np.prod(array["shape"], dtype=np.int64)) * leaves_lib.parse_dtype(array["data_type"]).itemsize
+
+
 def _build(name: str, saved: dict, plan: Any, sources: dict, tracker: progress.Tracker) -> Any:
     def value(i: int, abstract_leaf: Any) -> Any:
         source = sources.get((name, i))
         restored = leaves_lib.restore(saved["leaves"][i], None if source is None else source.read, abstract_leaf)
         if source is not None:
-            tracker.advance(_leaf_metadata(source.meta).nbytes)
+            tracker.advance(_array_nbytes(source.meta))
         return restored
 
     saved_node = tree_lib.from_json(saved["tree"])

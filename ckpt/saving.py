@@ -17,7 +17,7 @@ import tensorstore as ts
 
 from ckpt import format as fmt
 from ckpt import leaves as leaves_lib
-from ckpt import distributed, loading, progress, storage
+from ckpt import chunks, distributed, loading, progress, storage
 from ckpt import tree as tree_lib
 from ckpt.tree import KeyPath, keystr
 
@@ -121,7 +121,7 @@ def _describe_array(leaf: PlannedLeaf) -> None:
         dtype, shape, chunks = np.dtype(np.uint8), (leaf.nbytes,), None
         meta["stored_as"] = "bytes"
     meta["array"] = storage.array_spec({"driver": "file", "path": leaf.array_name + "/"}, dtype, shape,
-                                       fmt.ARRAY_CHUNK_BYTES, checksum=True, chunk_shape=chunks)
+                                       fmt.ARRAY_CHUNK_BYTES, checksum=chunks is not None, chunk_shape=chunks)
 
 
 def _own_shards(device_array: Any) -> list[tuple[Any, np.ndarray]]:
@@ -187,7 +187,8 @@ class StepWriter:
         self._prepared = True
 
     def write_arrays(self, leaves: list[PlannedLeaf]) -> None:
-        """Writes large leaves, each as a zarr3 array with crc32c-checked chunks, concurrently."""
+        """Writes large leaves, each as a zarr3 array, concurrently; while tensorstore writes, computes
+        the CRC32 of each chunk (arrays spread over processes use the crc32c codec instead)."""
         self.prepare_dir()
         futures = []
         for leaf in leaves:
@@ -195,10 +196,17 @@ class StepWriter:
                 continue
             with storage.io_errors(f"writing {keystr(leaf.path)} to {self.tmp_dir}"):
                 futures.append((leaf, self._write_array(leaf)))
+        for leaf, _ in futures:
+            if leaf.host.device_array is None:
+                meta = leaf.host.meta
+                meta["chunk_crc32"] = chunks.checksums(_raw_bytes(leaf.host.array), chunks.layout(meta))
         for leaf, pending in futures:
             with storage.io_errors(f"writing {keystr(leaf.path)} to {self.tmp_dir}"):
                 for future in pending:
                     future.result()
+            if self.primary:
+                zarr_json = storage.read_json_bytes(self.tmp_dir / leaf.array_name / "zarr.json")
+                leaf.host.meta["zarr_json_crc32"] = fmt.crc32(zarr_json)
             self.plan.written_arrays.add(leaf.array_name)
             self.progress.advance(leaf.nbytes)
             leaf.host.array = None  # release the snapshot copy as soon as it is on disk

@@ -205,15 +205,15 @@ class Checkpointer:
         if previous and step <= previous[-1].step and not replacing:
             return False
         reached = preemption.reached(step)
-        if reached and self._preempted_at is None:
-            self._preempted_at = step
         context = save_decision_policies.DecisionContext(
             is_saving_in_progress=self._writer.in_progress(), reached_preemption=reached)
         current = CheckpointMetadata(step, None, commit_timestamp_nsecs=time.time_ns())
         decision = bool(self._save_policy.should_save(current, previous, context=context))
-        if self._processes.count > 1:  # time and preemption differ between processes: the primary decides
-            decision = self._processes.broadcast(self._operation(f"decide/{step}"), decision,
-                                                 self._context.async_options.timeout_secs)
+        if self._processes.count > 1:  # time and signals differ between processes: the primary decides
+            decision, reached = self._processes.broadcast(self._operation(f"decide/{step}"), [decision, reached],
+                                                          self._context.async_options.timeout_secs)
+        if reached and self._preempted_at is None:
+            self._preempted_at = step
         return decision
 
     def _operation(self, what: str) -> str:

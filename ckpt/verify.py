@@ -1,16 +1,17 @@
 """Re-reads a committed step and checks every byte of its data, leaf by leaf and chunk by chunk.
 
-What is checked: the manifest parses, tree.json matches the CRC32 in the manifest, every packed leaf
-matches its CRC32 in tree.json, every chunk of every large leaf exists and matches the crc32c that
-tensorstore's zarr3 codec stored with it, and each array's zarr.json agrees with the manifest.
-Memory stays bounded by two chunks (at most 2 x 64 MiB for large leaves, 2 x 16 MiB for packed ones).
+What is checked: the manifest and its own CRC32, tree.json against the CRC32 in the manifest, every
+packed leaf against its CRC32 in tree.json, every chunk of every large leaf (it exists, has its size,
+and matches its ``chunk_crc32`` in tree.json, or the crc32c that tensorstore's zarr3 codec stored with
+it), and each array's zarr.json against the spec in tree.json. Memory stays bounded by two chunks
+(at most 2 x 64 MiB for large leaves, 2 x 16 MiB for packed ones).
 
 Example::
 
     from ckpt.verify import verify_step
     result = verify_step("runs/exp1/100")
     for damage in result.damaged:
-        print(damage.where, damage.why)     # "state['params']['w']  DATA_LOSS: ... Digest mismatch ..."
+        print(damage.where, damage.why)     # state['params']['w'] chunk 3 of its array does not match ...
 """
 from __future__ import annotations
 
@@ -20,12 +21,13 @@ import itertools
 import math
 import os
 import zlib
-from typing import Iterator
+from pathlib import Path
+from typing import Any, Iterator
 
 import numpy as np
 
 from ckpt import format as fmt
-from ckpt import loading, progress, storage
+from ckpt import chunks, loading, progress, storage
 from ckpt.errors import CheckpointCorruptedError
 
 _IN_FLIGHT = 2  # chunk reads kept in flight
@@ -37,7 +39,7 @@ class Damage:
 
     Example::
 
-        Damage("state['params']['w']", "DATA_LOSS: ... Digest mismatch ...")
+        Damage("state['params']['w']", "chunk 3 of its array does not match its CRC32 in tree.json")
     """
 
     where: str
@@ -101,7 +103,7 @@ def verify_step(step_dir: str | os.PathLike | storage.Location) -> VerifyResult:
     total = sum(meta["packed"][1] for _, meta in packed) + sum(_array_nbytes(meta["array"]) for _, meta in arrays)
     tracker = progress.Tracker(f"verifying {step_dir}", total)
     for where, meta in arrays:
-        why = _verify_array(step_dir, meta["array"], tracker)
+        why = _verify_array(step_dir, meta, tracker)
         if why:
             result.damaged.append(Damage(where, why))
     if packed:
@@ -122,21 +124,42 @@ def _chunk_boxes(shape: list[int], chunk_shape: list[int]) -> Iterator[tuple[sli
         yield tuple(slice(s, min(s + c, dim)) for s, c, dim in zip(start, chunk_shape, shape))
 
 
-def _verify_array(step_dir: storage.Location, spec: dict, tracker: progress.Tracker) -> str | None:
-    """Reads a large leaf chunk by chunk (tensorstore checks each chunk's crc32c); the error, or None."""
+def _verify_array(step_dir: storage.Location, meta: dict, tracker: progress.Tracker) -> str | None:
+    """Reads a large leaf chunk by chunk; the first damage found, or None.
+
+    Tensorstore checks that each chunk exists, has its size and (for arrays written with the crc32c
+    codec) its crc32c; chunks listed in ``chunk_crc32`` are checked here against their CRC32.
+    """
+    spec = meta["array"]
     metadata = spec["metadata"]
-    boxes = _chunk_boxes(metadata["shape"], metadata["chunk_grid"]["configuration"]["chunk_shape"])
+    boxes = list(_chunk_boxes(metadata["shape"], metadata["chunk_grid"]["configuration"]["chunk_shape"]))
+    expected = meta.get("chunk_crc32")
+    if expected is not None and len(expected) != len(boxes):
+        return f"{fmt.TREE} lists {len(expected)} chunk checksums for {len(boxes)} chunks"
     try:
         store = storage.open_for_read(storage.resolve_kvstore(spec, step_dir))
         pending: collections.deque = collections.deque()
-        for box in boxes:
-            pending.append(store[box].read())
+        for index, box in enumerate(boxes):
+            pending.append((index, store[box].read()))
             if len(pending) >= _IN_FLIGHT:
-                tracker.advance(pending.popleft().result().nbytes)
+                why = _check_chunk(*pending.popleft(), expected, tracker)
+                if why:
+                    return why
         while pending:
-            tracker.advance(pending.popleft().result().nbytes)
+            why = _check_chunk(*pending.popleft(), expected, tracker)
+            if why:
+                return why
     except ValueError as e:
         return str(e)
+    return None
+
+
+def _check_chunk(index: int, read: Any, expected: list[int] | None, tracker: progress.Tracker) -> str | None:
+    """Waits for one chunk's read; why it is damaged, or None."""
+    data = read.result()
+    tracker.advance(data.nbytes)
+    if expected is not None and zlib.crc32(data.reshape(-1).view(np.uint8)) != expected[index]:
+        return f"chunk {index} of its array does not match its CRC32 in {fmt.TREE}"
     return None
 
 

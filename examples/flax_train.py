@@ -43,14 +43,16 @@ class TrainState(train_state.TrainState):
     rng: jax.Array
 
 
-def create_state(seed: int = 0) -> TrainState:
+@jax.jit
+def create_state() -> TrainState:
     """The initial state: fresh parameters, AdamW state and dropout key."""
-    init_key, dropout_key = jax.random.split(jax.random.key(seed))
+    init_key, dropout_key = jax.random.split(jax.random.key(0))
     model = MLP()
     params = model.init(init_key, jnp.zeros((1, FEATURES)), train=False)["params"]
     return TrainState.create(apply_fn=model.apply, params=params, tx=optax.adamw(1e-3), rng=dropout_key)
 
 
+@jax.jit
 def synthetic_batch(step: int) -> tuple[jax.Array, jax.Array]:
     """The batch of ``step``: a fixed function of the step, so a resumed run sees the same data."""
     x = jax.random.normal(jax.random.fold_in(jax.random.key(1234), step), (BATCH_SIZE, FEATURES))

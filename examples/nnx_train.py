@@ -37,12 +37,14 @@ class MLP(nnx.Module):
         return self.out(self.dropout(nnx.relu(self.hidden(x))))[..., 0]
 
 
-def create(seed: int = 0) -> tuple[MLP, nnx.Optimizer]:
-    """A fresh model (parameters and dropout stream from ``seed``) and its AdamW optimizer."""
-    model = MLP(nnx.Rngs(params=seed, dropout=seed + 1))
+@nnx.jit
+def create() -> tuple[MLP, nnx.Optimizer]:
+    """A fresh model (with its dropout stream) and its AdamW optimizer."""
+    model = MLP(nnx.Rngs(params=0, dropout=1))
     return model, nnx.Optimizer(model, optax.adamw(1e-3), wrt=nnx.Param)
 
 
+@jax.jit
 def synthetic_batch(step: int) -> tuple[jax.Array, jax.Array]:
     """The batch of ``step``: a fixed function of the step, so a resumed run sees the same data."""
     x = jax.random.normal(jax.random.fold_in(jax.random.key(1234), step), (BATCH_SIZE, FEATURES))

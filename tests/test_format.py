@@ -67,7 +67,10 @@ def test_tree_json_describes_every_leaf_with_dtype_shape_location_and_checksum(t
     doc = json.loads((tmp_path / "c" / "tree.json").read_bytes())
     leaves = {leaf["path"]: leaf for leaf in doc["checkpointables"]["state"]["leaves"]}
     assert leaves["['big']"]["dtype"] == "float32" and leaves["['big']"]["shape"] == [LARGE]
-    assert {"name": "crc32c"} in leaves["['big']"]["array"]["metadata"]["codecs"]
+    big = leaves["['big']"]
+    assert big["array"]["metadata"]["codecs"] == [{"name": "bytes", "configuration": {"endian": "little"}}]
+    chunk_bytes = np.ones(LARGE, np.float32).tobytes()  # one chunk: the leaf is under ARRAY_CHUNK_BYTES
+    assert big["chunk_crc32"] == [zlib.crc32(chunk_bytes)]
     assert leaves["['small']"]["dtype"] == "int16" and leaves["['small']"]["packed"][1] == 6
     assert leaves["['small']"]["crc32"] == zlib.crc32(np.arange(3, dtype="<i2").tobytes())
     assert leaves["['bf']"]["dtype"] == "bfloat16"

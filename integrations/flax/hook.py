@@ -7,6 +7,7 @@ import jax
 import numpy as np
 
 from ckpt.integrations.flax.nnx_objects import nnx_states
+from ckpt.training import Checkpointer
 
 
 class CheckpointHook:
@@ -33,19 +34,18 @@ class CheckpointHook:
         ...         break
     """
 
-    def __init__(self, checkpointer: Any, *, final_step: int | None = None):
+    def __init__(self, checkpointer: Checkpointer, *, final_step: int | None = None):
         self._checkpointer = checkpointer
         self._final_step = final_step
 
     def __call__(self, step: int, state: Any, metrics: dict[str, Any] | None = None) -> bool:
         """Saves ``state`` as ``step`` when due; True when the loop should stop (final step, preemption)."""
+        due = self._checkpointer.should_save(step)  # also where the checkpointer notices a preemption
         stop = step == self._final_step or self._checkpointer.reached_preemption(step)
-        if stop:
-            if self._is_new(step):
-                self._checkpointer.save_async(step, nnx_states(state), force=True, metrics=_to_python(metrics))
-            self._checkpointer.wait()
-        elif self._checkpointer.should_save(step):
+        if due or (stop and self._is_new(step)):
             self._checkpointer.save_async(step, nnx_states(state), force=True, metrics=_to_python(metrics))
+        if stop:
+            self._checkpointer.wait()
         return stop
 
     def _is_new(self, step: int) -> bool:

@@ -3,12 +3,16 @@ from __future__ import annotations
 
 from typing import Any, TypeVar
 
+import jax
+import numpy as np
+
 from ckpt.integrations.flax.nnx_objects import nnx_states, update_nnx_in_place
+from ckpt.training import CheckpointMetadata, Checkpointer
 
 T = TypeVar("T")
 
 
-def restore_train_state(checkpointer: Any, target: T, *, step: Any = None) -> T:
+def restore_train_state(checkpointer: Checkpointer, target: T, *, step: int | CheckpointMetadata | None = None) -> T:
     """Loads checkpoint ``step`` (the latest when None) into ``target``'s structure and types.
 
     ``target`` says what to build. It is a concrete state, an abstract one from ``jax.eval_shape``
@@ -39,5 +43,19 @@ def restore_train_state(checkpointer: Any, target: T, *, step: Any = None) -> T:
     """
     if step is None and checkpointer.latest is None:
         return target
-    restored = checkpointer.load(step, nnx_states(target))
+    abstract = nnx_states(target)
+    restored = jax.tree.map(_as_array_leaf, abstract, checkpointer.load(step, abstract), is_leaf=lambda x: x is None)
     return update_nnx_in_place(target, restored)
+
+
+def _as_array_leaf(abstract: Any, value: Any) -> Any:
+    """``value`` as the array the abstract leaf asks for.
+
+    The core returns a saved Python scalar (``TrainState.create`` makes ``step`` the int 0) as a
+    Python scalar even where the abstract leaf is an array; this places it like the abstract leaf.
+    """
+    if isinstance(abstract, (jax.ShapeDtypeStruct, jax.Array)) and not isinstance(value, jax.Array):
+        return jax.device_put(np.asarray(value, abstract.dtype), abstract.sharding)
+    if isinstance(abstract, (np.ndarray, np.generic)) and not isinstance(value, type(abstract)):
+        return np.asarray(value, abstract.dtype) if isinstance(abstract, np.ndarray) else abstract.dtype.type(value)
+    return value

@@ -1,0 +1,93 @@
+"""The chunk files of a large leaf's zarr3 array, read straight into the destination array.
+
+A large leaf (not spread over processes) is one zarr3 array with the plain ``bytes`` codec, chunked
+along its first axis, so chunk ``i`` is one contiguous slab of the C-order bytes, stored in the file
+``c/i/0/...``. Saving records each chunk's CRC32 in tree.json (``chunk_crc32``); loading a local
+step reads each chunk file with ``readinto`` into its slab of the result (no intermediate copy) and
+checks it, several chunks at once (file reads and CRC32 release the GIL).
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import zlib
+from pathlib import Path
+import numpy as np
+
+_POOL: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def pool() -> concurrent.futures.ThreadPoolExecutor:
+    """The threads that read chunks (shared by every load)."""
+    global _POOL
+    if _POOL is None:
+        _POOL = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="ckpt-read")
+    return _POOL
+
+
+@dataclasses.dataclass(frozen=True)
+class Chunk:
+    """Chunk ``key`` (``c/3/0``) holds bytes ``[start, stop)`` of the array's C-order bytes."""
+
+    key: str
+    start: int
+    stop: int
+
+
+def layout(meta: dict) -> list[Chunk] | None:
+    """The chunks of a leaf stored as plain slabs along axis 0, or None for any other layout."""
+    spec = meta.get("array")
+    if not spec:
+        return None
+    metadata = spec["metadata"]
+    shape = metadata["shape"]
+    chunk_shape = metadata["chunk_grid"]["configuration"]["chunk_shape"]
+    if [c["name"] for c in metadata["codecs"]] != ["bytes"] or list(chunk_shape[1:]) != list(shape[1:]):
+        return None
+    itemsize = np.dtype(metadata["data_type"]).itemsize
+    if not shape:
+        return [Chunk("c", 0, itemsize)]
+    row_bytes = itemsize * int(np.prod(shape[1:], dtype=np.int64))
+    rows, tail = chunk_shape[0], "/0" * (len(shape) - 1)
+    total = row_bytes * shape[0]
+    return [Chunk(f"c/{i}{tail}", i * rows * row_bytes, min(total, (i + 1) * rows * row_bytes))
+            for i in range(-(-shape[0] // rows))]
+
+
+def check_metadata(array_dir: Path, meta: dict) -> str | None:
+    """Why the array's zarr.json (which other readers depend on) is not the one saved, or None."""
+    path = array_dir / "zarr.json"
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return f"{path} is missing"
+    if zlib.crc32(data) & 0xFFFFFFFF != meta.get("zarr_json_crc32"):
+        return f"{path} does not match its CRC32 in tree.json"
+    return None
+
+
+def checksums(data: np.ndarray, chunks: list[Chunk]) -> list[int]:
+    """The CRC32 of each chunk of ``data`` (a flat uint8 array of the leaf's bytes)."""
+    return [zlib.crc32(data[c.start:c.stop]) & 0xFFFFFFFF for c in chunks]
+
+
+def read_chunk(path: Path, out: np.ndarray, expected_crc32: int | None) -> str | None:
+    """Reads one chunk file into ``out`` (its exact size); returns why it is damaged, or None."""
+    try:
+        with open(path, "rb", buffering=0) as f:
+            n = f.readinto(out)
+            extra = f.read(1)
+    except FileNotFoundError:
+        return f"chunk file {path} is missing"
+    if n != out.size or extra:
+        return f"chunk file {path} has {'fewer' if n != out.size else 'more'} bytes than the {out.size} expected"
+    if expected_crc32 is not None and zlib.crc32(out) & 0xFFFFFFFF != expected_crc32:
+        return f"chunk file {path} does not match its CRC32 in tree.json"
+    return None
+
+
+def start_read(array_dir: Path, meta: dict, out: np.ndarray) -> list[concurrent.futures.Future]:
+    """Starts reading every chunk of a leaf into ``out`` (flat uint8); each future gives a damage or None."""
+    crcs = meta["chunk_crc32"]
+    return [pool().submit(read_chunk, array_dir / c.key, out[c.start:c.stop], crc)
+            for c, crc in zip(layout(meta), crcs)]

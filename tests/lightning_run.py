@@ -1,0 +1,160 @@
+"""A Lightning run for the tests: the example's model, with switches to kill it or stop it at a step.
+
+    python tests/lightning_run.py --dir D --out final.pt --max-steps 30 [--kill-at 13] [--sigterm-at 13]
+        [--policy every:4] [--preserve latest:2|best] [--monitor train_loss] [--accumulate 2]
+        [--no-callback] [--ddp] [--sync-save] [--kill-in-flight]
+
+``--out`` receives the final parameters and optimizer state (torch.save, rank 0). ``--ddp`` runs two
+processes (``ddp_fork``, gloo). ``--kill-at K``
+SIGKILLs the whole process group once step K's save is committed (``--kill-in-flight``: without waiting
+for it); ``--sigterm-at K`` sends SIGTERM to itself during step K. ``--sweep`` instead, in this one process,
+saves every step of a run, resumes from each and prints ``sweep <step> ok|DIFF|NOT RESUMED``.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import shutil
+import signal
+import sys
+import tempfile
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader
+
+REPO = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("lightning_train", REPO / "examples" / "lightning_train.py")
+example = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(example)
+
+from ckpt.integrations.lightning.pytorch_lightning import CheckpointCallback  # noqa: E402
+from ckpt.training import preservation_policies as pp  # noqa: E402
+from ckpt.training import save_decision_policies as sdp  # noqa: E402
+
+
+class StoppingRegressor(example.Regressor):
+    """The example's model, which kills or signals its own process at a chosen step."""
+
+    def __init__(self, kill_at: int | None, sigterm_at: int | None, wait_for_save: bool, out: str | None) -> None:
+        super().__init__(lr_step_size=7)
+        self.started_at: int | None = None
+        self.kill_at, self.sigterm_at, self.wait_for_save, self.out = kill_at, sigterm_at, wait_for_save, out
+
+    def on_train_start(self):
+        self.started_at = self.trainer.global_step
+        writer = self.trainer.checkpoint_callback is not None and self.trainer.checkpoint_callback.checkpointer is not None
+        print(f"rank {self.global_rank} started at step {self.started_at} writer {writer}", flush=True)
+
+    def training_step(self, batch, batch_idx):
+        if self.sigterm_at is not None and self.trainer.global_step == self.sigterm_at - 1 and self.global_rank == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return super().training_step(batch, batch_idx)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):  # runs after every callback's hook
+        if self.global_rank == 0:
+            print(f"step {self.trainer.global_step} train_loss {float(self.trainer.callback_metrics['train_loss'])!r}",
+                  flush=True)
+        if self.kill_at is not None and self.trainer.global_step == self.kill_at and self.global_rank == 0:
+            checkpointer = self.trainer.checkpoint_callback.checkpointer
+            if self.wait_for_save and checkpointer is not None:
+                checkpointer.wait()
+            print(f"killing at step {self.kill_at}", flush=True)
+            os.killpg(os.getpgid(0), signal.SIGKILL)
+
+    def on_train_end(self):  # in the training process (DDP workers are forked), after the callbacks' hooks
+        if self.out and self.global_rank == 0:
+            torch.save(final_state(self.trainer), self.out)
+            print(f"finished at step {self.trainer.global_step}", flush=True)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    p.add_argument("--dir")
+    p.add_argument("--out")
+    p.add_argument("--max-steps", type=int, default=30)
+    p.add_argument("--max-epochs", type=int)
+    p.add_argument("--accumulate", type=int, default=1)
+    p.add_argument("--samples", type=int, default=320, help="20 batches of 16 per epoch by default")
+    p.add_argument("--policy", default="default", help="default | every:N")
+    p.add_argument("--preserve", default="all", help="all | latest:N | best")
+    p.add_argument("--monitor")
+    p.add_argument("--kill-at", type=int)
+    p.add_argument("--kill-in-flight", action="store_true")
+    p.add_argument("--sigterm-at", type=int)
+    p.add_argument("--no-callback", action="store_true")
+    p.add_argument("--sync-save", action="store_true")
+    p.add_argument("--ddp", action="store_true")
+    p.add_argument("--sweep", action="store_true")
+    return p.parse_args(argv)
+
+
+def make_callback(args: argparse.Namespace, directory: str) -> CheckpointCallback:
+    policy = None
+    if args.policy.startswith("every:"):
+        policy = sdp.FixedIntervalPolicy(int(args.policy.split(":")[1]))
+    preserve = None
+    if args.preserve.startswith("latest:"):
+        preserve = pp.LatestN(int(args.preserve.split(":")[1]))
+    return CheckpointCallback(directory, save_decision_policy=policy, preservation_policy=preserve,
+                              monitor=args.monitor, async_save=not args.sync_save)
+
+
+def train(args: argparse.Namespace, directory: str | None, kill: bool = True) -> pl.Trainer:
+    pl.seed_everything(0, verbose=False)
+    torch.set_num_threads(1)
+    callbacks = [] if directory is None else [make_callback(args, directory)]
+    trainer = pl.Trainer(
+        max_steps=args.max_steps, max_epochs=args.max_epochs, accumulate_grad_batches=args.accumulate, callbacks=callbacks,
+        enable_checkpointing=directory is not None, accelerator="cpu", devices=2 if args.ddp else 1,
+        strategy="ddp_fork" if args.ddp else "auto", logger=False, enable_progress_bar=False,
+        enable_model_summary=False)
+    model = StoppingRegressor(args.kill_at if kill else None, args.sigterm_at if kill else None,
+                              wait_for_save=not args.kill_in_flight, out=args.out if kill else None)
+    trainer.fit(model, DataLoader(example.synthetic_data(args.samples), batch_size=16, shuffle=True))
+    return trainer
+
+
+def final_state(trainer: pl.Trainer) -> dict:
+    return {"model": trainer.lightning_module.state_dict(), "optimizer": trainer.optimizers[0].state_dict(),
+            "scheduler": trainer.lr_scheduler_configs[0].scheduler.state_dict(), "step": trainer.global_step}
+
+
+def same(a, b) -> bool:
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    if isinstance(a, torch.Tensor):
+        return a.dtype == b.dtype and torch.equal(a, b)
+    return a == b
+
+
+def sweep(args: argparse.Namespace) -> None:
+    """Saves every step of a run, then resumes from each (a directory holding only that step)."""
+    expected = final_state(train(args, None, kill=False))
+    with tempfile.TemporaryDirectory() as full:
+        train(argparse.Namespace(**{**vars(args), "policy": "every:1"}), full, kill=False)
+        steps = sorted(int(p.name) for p in Path(full).iterdir() if p.name.isdigit())
+        for step in steps:
+            with tempfile.TemporaryDirectory() as tmp:
+                shutil.copytree(Path(full) / str(step), Path(tmp) / str(step))
+                trainer = train(args, tmp, kill=False)
+            started_at = trainer.lightning_module.started_at  # None: nothing left to train
+            resumed = started_at == step or (started_at is None and step == trainer.global_step)
+            ok = resumed and same(final_state(trainer), expected)
+            print(f"sweep {step} {'ok' if ok else 'DIFF' if resumed else 'NOT RESUMED'}", flush=True)
+
+
+def main() -> None:
+    args = parse_args()
+    if args.sweep:
+        sweep(args)
+        return
+    train(args, None if args.no_callback else args.dir)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

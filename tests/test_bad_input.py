@@ -1,0 +1,176 @@
+"""Bad input: each case gets a clear error (type and message asserted) before anything is written.
+
+Every case runs against a root that already holds step 0, and the root must be byte for byte the same
+afterwards: no temporary, no lock change, no partial step.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+
+import ckpt
+from ckpt import errors
+from ckpt.path import step as step_lib
+from ckpt.training import Checkpointer
+from tests import fsutil
+
+GOOD = {"w": np.arange(4.0), "b": {"c": np.ones(2, np.int32)}}
+
+
+@dataclasses.dataclass
+class Case:
+    call: Callable[[Checkpointer, Path], Any]
+    error: type[BaseException]
+    message: str  # a regex the message must match
+
+
+def save(state: Any = GOOD, step: Any = 1, **kwargs: Any) -> Callable[[Checkpointer, Path], Any]:
+    return lambda ckptr, root: ckptr.save(step, state, force=True, **kwargs)
+
+
+def save_async(state: Any = GOOD, step: Any = 1, **kwargs: Any) -> Callable[[Checkpointer, Path], Any]:
+    return lambda ckptr, root: ckptr.save_async(step, state, force=True, **kwargs)
+
+
+def named(name: Any) -> Callable[[Checkpointer, Path], Any]:
+    return lambda ckptr, root: ckptr.save_checkpointables(1, {"state": GOOD, name: GOOD}, force=True)
+
+
+class Opaque:
+    pass
+
+
+class EscapingFormat:
+    """A user's step name format that builds names outside the root."""
+
+    def build_name(self, step: int) -> str:
+        return f"../escaped_{step}"
+
+    def parse_name(self, name: str) -> int | None:
+        return None
+
+
+class OneWayFormat:
+    """A user's step name format whose names do not parse back: its steps would never be listed."""
+
+    def build_name(self, step: int) -> str:
+        return f"ckpt-{step}"
+
+    def parse_name(self, name: str) -> int | None:
+        return None
+
+
+def with_format(name_format: Any) -> Callable[[Checkpointer, Path], Any]:
+    def call(ckptr: Checkpointer, root: Path) -> Any:
+        with Checkpointer(root, step_name_format=name_format) as other:
+            other.save(1, GOOD, force=True)
+    return call
+
+
+def load_with(abstract: Any) -> Callable[[Checkpointer, Path], Any]:
+    return lambda ckptr, root: ckptr.load(0, abstract)
+
+
+CASES = {
+    # unsupported leaves: TypeError naming the key path and the type
+    "object leaf": Case(save({"a": {"b": Opaque()}}), TypeError, r"\['a'\]\['b'\].*Opaque.*cannot store"),
+    "object leaf, async": Case(save_async({"a": [1, Opaque()]}), TypeError, r"\['a'\]\[1\].*Opaque"),
+    "function leaf": Case(save({"f": lambda x: x}), TypeError, r"\['f'\].*function"),
+    "set leaf": Case(save({"s": {1, 2}}), TypeError, r"\['s'\].*builtins\.set"),
+    "object array": Case(save({"o": np.array([1, "x"], dtype=object)}), TypeError, r"\['o'\].*Python objects"),
+    # dict keys that cannot round-trip
+    "tuple key": Case(save({"a": {(1, 2): 1}}), TypeError, r"dict key \(1, 2\) of type tuple at \['a'\]"),
+    "float key": Case(save({1.5: 1}), TypeError, r"dict key 1\.5 of type float at the root"),
+    "bool key": Case(save({"a": {True: 1}}), TypeError, r"dict key True of type bool at \['a'\]"),
+    "None key": Case(save_async({None: 1}), TypeError, r"dict key None of type NoneType"),
+    # metrics and custom metadata that are not strict JSON
+    "NaN metric": Case(save(metrics={"loss": math.nan}), ValueError, r"metrics\[.loss.\] must be JSON: nan is not a finite number"),
+    "inf metric, async": Case(save_async(metrics={"loss": math.inf}), ValueError, r"metrics\[.loss.\] .*inf is not"),
+    "numpy metric": Case(save(metrics={"loss": np.float32(1.0)}), ValueError, r"metrics must be JSON.*float32"),
+    "int metric key": Case(save(metrics={1: 2.0}), ValueError, r"metrics must be JSON: key 1 is a int"),
+    "object metric": Case(save(metrics={"m": Opaque()}), ValueError, r"metrics must be JSON.*Opaque"),
+    "NaN custom metadata": Case(save(custom_metadata={"x": [math.nan]}), ValueError, r"custom_metadata\[.x.\]\[0\] must be JSON: nan"),
+    # checkpointable names
+    "name with /": Case(named("a/b"), ValueError, r"'a/b' .*path separator"),
+    "name ..": Case(named(".."), ValueError, r"'\.\.' "),
+    "name with \\": Case(named("a\\b"), ValueError, r"path separator"),
+    "empty name": Case(named(""), ValueError, r"'' is empty"),
+    "hidden name": Case(named(".x"), ValueError, r"'\.x' is reserved"),
+    "reserved name metrics": Case(named("metrics"), ValueError, r"'metrics' is reserved"),
+    "reserved name manifest.json": Case(named("manifest.json"), ValueError, r"'manifest\.json' is reserved"),
+    "non-str name": Case(named(3), ValueError, r"checkpointable name 3 must be a str"),
+    "name via save": Case(save(checkpointable_name="../up"), ValueError, r"'\.\./up' .*path separator"),
+    # steps
+    "negative step": Case(save(step=-1), ValueError, r"non-negative int, got -1"),
+    "negative step, async": Case(save_async(step=-3), ValueError, r"non-negative int, got -3"),
+    "float step": Case(save(step=1.5), ValueError, r"got 1\.5 of type float"),
+    "str step": Case(save(step="2"), ValueError, r"got '2' of type str"),
+    "bool step": Case(save(step=True), ValueError, r"got True of type bool"),
+    "None step": Case(save(step=None), ValueError, r"got None of type NoneType"),
+    "negative should_save": Case(lambda c, r: c.should_save(-1), ValueError, r"non-negative"),
+    "negative load step": Case(lambda c, r: c.load(-1), ValueError, r"non-negative"),
+    # step name formats
+    "prefix with /": Case(lambda c, r: step_lib.standard_name_format(step_prefix="a/b"), ValueError, r"'a/b'"),
+    "prefix ..": Case(lambda c, r: step_lib.standard_name_format(step_prefix=".."), ValueError, r"'\.\.'"),
+    "zero fixed length": Case(lambda c, r: step_lib.standard_name_format(step_format_fixed_length=0), ValueError,
+                              r"positive int"),
+    "format escaping the root": Case(with_format(EscapingFormat()), ValueError,
+                                     r"'\.\./escaped_1' .*not a plain directory name"),
+    "format that does not parse back": Case(with_format(OneWayFormat()), ValueError,
+                                            r"'ckpt-1' .*parses back to None, not step 1"),
+    # an existing step, and loading with the abstract tree of another model
+    "existing step": Case(lambda c, r: c.save(0, GOOD, force=True), errors.StepAlreadyExistsError,
+                          r"step 0 already exists .*overwrite=True"),
+    "another model's tree": Case(load_with({"w": np.zeros(5), "x": np.zeros(2)}), errors.TreeMismatchError,
+                                 r"3 differences(.|\n)*\['w'\]: saved shape \(4,\), abstract leaf wants \(5,\)"
+                                 r"(.|\n)*\['x'\]: in the abstract tree, not in the checkpoint"
+                                 r"(.|\n)*\['b'\]\['c'\]: in the checkpoint, not in the abstract tree"),
+    "unknown checkpointable": Case(lambda c, r: c.load_checkpointables(0, {"model": None}), KeyError, r"'model'"),
+}
+
+
+@pytest.fixture
+def root(tmp_path) -> Path:
+    with Checkpointer(tmp_path / "root") as ckptr:
+        ckptr.save(0, GOOD, force=True)
+    return tmp_path / "root"
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_a_clear_error_and_the_directory_is_unchanged(root, case):
+    spec = CASES[case]
+    before = fsutil.snapshot(root)
+    with Checkpointer(root) as ckptr:
+        with pytest.raises(spec.error) as info:
+            spec.call(ckptr, root)
+        assert not ckptr.is_saving_in_progress()
+        assert [c.step for c in ckptr.checkpoints] == [0]
+    assert re.search(spec.message, str(info.value)), f"{info.value!s} does not match {spec.message!r}"
+    assert fsutil.snapshot(root) == before
+    assert [p.name for p in root.parent.iterdir()] == ["root"]  # nothing written beside the root either
+
+
+def test_a_bad_first_save_creates_no_lock_and_no_temporary(tmp_path):
+    with Checkpointer(tmp_path) as ckptr:
+        with pytest.raises(TypeError):
+            ckptr.save(0, {"a": Opaque()}, force=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_custom_metadata_of_the_root_fails_before_the_directory_is_created(tmp_path):
+    with pytest.raises(ValueError, match=r"custom_metadata\['lr'\] must be JSON: inf is not a finite number"):
+        Checkpointer(tmp_path / "root", custom_metadata={"lr": math.inf})
+    assert not (tmp_path / "root").exists()
+
+
+@pytest.mark.parametrize("how", ["save", "save_async"])
+def test_the_free_functions_refuse_bad_input_before_creating_the_path(tmp_path, how):
+    with pytest.raises(TypeError, match=r"\['a'\].*Opaque"):
+        getattr(ckpt, how)(tmp_path / "one" / "ckpt", {"a": Opaque()})
+    assert not (tmp_path / "one").exists()

@@ -1,0 +1,314 @@
+"""The ``ckpt`` command (ls, show, verify), the verification in ckpt.verify, and progress reporting."""
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import ckpt
+from ckpt import cli, progress
+from ckpt import format as fmt
+from ckpt.objectstore import ObjectPath
+from ckpt.verify import verify_step
+
+HAVE_MOTO = importlib.util.find_spec("moto") is not None
+if HAVE_MOTO:
+    from tests.test_s3 import bucket, s3_server  # noqa: F401  (fixtures: a local S3 server, a fresh bucket)
+
+
+@pytest.fixture(autouse=True)
+def restore_progress_logger():
+    """cli.main() and progress.enable() change the ckpt.progress logger; each test gets it back as it was."""
+    logger = logging.getLogger("ckpt.progress")
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+    yield
+    logger.handlers[:], logger.level, logger.propagate = saved
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    """Runs ``ckpt ARGV`` in this process; returns the exit status, stdout and stderr."""
+    status = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def flip_byte(path: Path, offset: int = 100) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset % len(data)] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def leaf_entry(step_dir: Path | ObjectPath, key_path: str, name: str = "state") -> dict:
+    tree = json.loads((step_dir / fmt.TREE).read_bytes())
+    return next(m for m in tree["checkpointables"][name]["leaves"] if m["path"] == key_path)
+
+
+@pytest.fixture
+def root(tmp_path) -> Path:
+    """A root with steps 0, 10 and 20: a large leaf (its own array), small packed leaves, inline leaves."""
+    rng = np.random.default_rng(0)
+    with ckpt.Checkpointer(tmp_path / "run") as ckptr:
+        for step in (0, 10, 20):
+            state = {"params": {"w": rng.standard_normal((512, 600), dtype=np.float32), "b": np.arange(8.0)},
+                     "step": step, "name": "mlp"}
+            ckptr.save(step, state, force=True, metrics={"loss": 1.0 / (step + 1)})
+    return tmp_path / "run"
+
+
+# ------------------------------------------------------------------------------------------------ ls
+def test_ls_lists_every_step_with_metrics_and_marks_the_latest(root, capsys):
+    status, out, _ = run_cli(capsys, "ls", root)
+    assert status == 0
+    lines = out.splitlines()
+    assert "3 checkpoints, latest step 20" in lines[0]
+    rows = {line.lstrip("* ").split()[0]: line for line in lines[2:5]}
+    assert set(rows) == {"0", "10", "20"}
+    assert rows["20"].startswith("* 20") and "loss=0.047619" in rows["20"]
+    assert "loss=1" in rows["0"] and not rows["0"].startswith("*")
+
+
+def test_ls_json_reports_steps_sizes_times_metrics_and_temporaries(root, capsys):
+    (root / ("30" + fmt.TMP_SUFFIX)).mkdir()
+    (root / ("30" + fmt.TMP_SUFFIX) / "partial").write_bytes(b"x" * 1000)
+    status, out, _ = run_cli(capsys, "ls", root, "--json")
+    listing = json.loads(out)
+    assert status == 0
+    assert listing["latest"] == 20
+    assert [s["step"] for s in listing["steps"]] == [0, 10, 20]
+    assert [s["latest"] for s in listing["steps"]] == [False, False, True]
+    assert all(s["disk_bytes"] >= s["nbytes"] >= 512 * 600 * 4 for s in listing["steps"])
+    assert listing["steps"][1]["metrics"] == {"loss": 1.0 / 11}
+    assert listing["steps"][0]["time"].endswith("+00:00")
+    assert listing["temporaries"] == [{"path": str(root / ("30" + fmt.TMP_SUFFIX)), "disk_bytes": 1000}]
+
+
+def test_ls_shows_leftover_temporaries_in_the_table(root, capsys):
+    (root / ("30" + fmt.TMP_SUFFIX)).mkdir()
+    _, out, _ = run_cli(capsys, "ls", root)
+    assert "1 temporary" in out and "30" + fmt.TMP_SUFFIX in out
+
+
+def test_ls_finds_steps_of_any_name_format(tmp_path, capsys):
+    name_format = ckpt.path.step.standard_name_format(step_prefix="step", step_format_fixed_length=4)
+    with ckpt.Checkpointer(tmp_path, step_name_format=name_format) as ckptr:
+        ckptr.save(7, {"x": np.ones(3)}, force=True)
+    _, out, _ = run_cli(capsys, "ls", tmp_path, "--json")
+    assert [(s["step"], Path(s["path"]).name) for s in json.loads(out)["steps"]] == [(7, "step_0007")]
+
+
+def test_ls_and_verify_report_a_step_whose_manifest_is_damaged(root, capsys):
+    flip_byte(root / "20" / fmt.MANIFEST, 30)
+    _, out, _ = run_cli(capsys, "ls", root, "--json")
+    listing = json.loads(out)
+    assert listing["latest"] == 10
+    assert listing["steps"][2]["step"] == 20 and fmt.MANIFEST in listing["steps"][2]["error"]
+    status, out, _ = run_cli(capsys, "verify", root, "20", "--json")
+    assert status == 1 and [d["where"] for d in json.loads(out)["steps"][0]["damaged"]] == [fmt.MANIFEST]
+
+
+def test_ls_of_a_missing_directory_exits_2_naming_it(tmp_path, capsys):
+    status, _, err = run_cli(capsys, "ls", tmp_path / "nope")
+    assert status == 2 and str(tmp_path / "nope") in err
+
+
+# ---------------------------------------------------------------------------------------------- show
+def test_show_lists_key_paths_dtypes_shapes_bytes_of_the_latest_step(root, capsys):
+    status, out, _ = run_cli(capsys, "show", root)
+    assert status == 0
+    assert out.startswith(f"step 20  {root / '20'}")
+    w = next(line for line in out.splitlines() if line.startswith("['params']['w']"))
+    assert w.split()[1:6] == ["numpy", "float32", "(512,", "600)", "1.2"]
+    b = next(line for line in out.splitlines() if line.startswith("['params']['b']"))
+    assert "float64" in b and "(8,)" in b and "64 B" in b and "packed/" in b
+    assert "inline: 20" in out and 'inline: "mlp"' in out
+
+
+def test_show_json_groups_leaves_by_checkpointable(tmp_path, capsys):
+    with ckpt.Checkpointer(tmp_path) as ckptr:
+        ckptr.save_checkpointables(3, {"model": {"w": np.zeros((2, 3), np.int8)}, "opt": {"lr": 0.1}}, force=True)
+    status, out, _ = run_cli(capsys, "show", tmp_path, "3", "--json")
+    shown = json.loads(out)
+    assert status == 0 and shown["step"] == 3
+    assert shown["checkpointables"]["model"] == [{"checkpointable": "model", "path": "['w']", "type": "numpy",
+                                                  "dtype": "int8", "shape": [2, 3], "nbytes": 6, "stored": "packed/"}]
+    assert shown["checkpointables"]["opt"][0]["value"] == 0.1
+
+
+def test_show_of_a_step_directory_written_by_ckpt_save(tmp_path, capsys):
+    ckpt.save(tmp_path / "model", {"w": np.ones(4, np.float16)})
+    status, out, _ = run_cli(capsys, "show", tmp_path / "model", "--json")
+    assert status == 0 and json.loads(out)["checkpointables"]["state"][0]["dtype"] == "float16"
+
+
+def test_show_of_a_missing_step_exits_2_listing_the_steps(root, capsys):
+    status, _, err = run_cli(capsys, "show", root, "5")
+    assert status == 2 and "no checkpoint at step 5" in err and "[0, 10, 20]" in err
+
+
+# -------------------------------------------------------------------------------------------- verify
+def test_verify_passes_an_intact_root_and_checks_every_byte(root, capsys):
+    status, out, _ = run_cli(capsys, "verify", root, "--json")
+    report = json.loads(out)
+    assert status == 0 and report["ok"]
+    assert [s["step"] for s in report["steps"]] == [0, 10, 20]
+    assert all(s["leaves"] == 4 and s["nbytes"] == 512 * 600 * 4 + 8 * 8 for s in report["steps"])
+
+
+def test_verify_exits_1_naming_a_large_leaf_whose_chunk_is_damaged(root, capsys):
+    array_dir = root / "10" / leaf_entry(root / "10", "['params']['w']")["array"]["kvstore"]["path"]
+    flip_byte(next(p for p in array_dir.rglob("*") if p.is_file() and p.name != "zarr.json"))
+    status, out, _ = run_cli(capsys, "verify", root)
+    assert status == 1
+    assert "step 10" in out and "DAMAGED" in out and "state['params']['w']: " in out
+    assert "2 of 3 steps ok; damaged: [10]" in out
+
+
+def test_verify_exits_1_naming_a_packed_leaf_whose_bytes_changed(root, capsys):
+    offset = leaf_entry(root / "20", "['params']['b']")["packed"][0]
+    flip_byte(root / "20" / fmt.PACKED / "c" / "0", offset + 3)
+    status, out, _ = run_cli(capsys, "verify", root, "20", "--json")
+    damaged = json.loads(out)["steps"][0]["damaged"]
+    assert status == 1
+    assert damaged == [{"where": "state['params']['b']",
+                        "why": f"its bytes in {fmt.PACKED}/ do not match the CRC32 in {fmt.TREE}"}]
+
+
+def test_verify_detects_a_deleted_chunk_even_of_an_all_zero_array(tmp_path):
+    ckpt.save(tmp_path / "z", {"zeros": np.zeros((512, 600), np.float32)})
+    assert verify_step(tmp_path / "z").ok
+    chunk = next(p for p in (tmp_path / "z" / fmt.ARRAYS).rglob("*") if p.is_file() and p.name != "zarr.json")
+    chunk.unlink()
+    result = verify_step(tmp_path / "z")
+    assert [d.where for d in result.damaged] == ["state['zeros']"] and "missing" in result.damaged[0].why
+    with pytest.raises(ckpt.errors.CheckpointCorruptedError, match=r"state\['zeros'\]"):
+        ckpt.load(tmp_path / "z")
+
+
+def test_verify_reports_a_damaged_tree_json_by_file_name(root):
+    flip_byte(root / "0" / fmt.TREE)
+    result = verify_step(root / "0")
+    assert [d.where for d in result.damaged] == [fmt.TREE] and result.step == 0
+
+
+def test_verify_checks_packed_leaves_that_cross_chunk_borders(tmp_path, monkeypatch):
+    monkeypatch.setattr(fmt, "PACKED_CHUNK_BYTES", 1000)
+    small = {f"x{i}": np.full(50, i, np.float32) for i in range(40)}  # 200 bytes each, over 8 chunks
+    ckpt.save(tmp_path / "p", small)
+    assert verify_step(tmp_path / "p").ok
+    chunk_files = sorted((tmp_path / "p" / fmt.PACKED / "c").iterdir(), key=lambda p: int(p.name))
+    assert len(chunk_files) > 5
+    spans = {k: leaf_entry(tmp_path / "p", f"['{k}']")["packed"] for k in small}
+    leaf = next(k for k, (offset, nbytes) in spans.items() if offset <= 4010 < offset + nbytes)
+    assert spans[leaf][0] < 4000  # the leaf starts in chunk 3; its damaged byte is in chunk 4
+    flip_byte(chunk_files[4], 10)
+    result = verify_step(tmp_path / "p")
+    assert [d.where for d in result.damaged] == [f"state['{leaf}']"]
+
+
+def test_verify_reads_a_large_array_chunk_by_chunk(tmp_path, monkeypatch):
+    monkeypatch.setattr(fmt, "ARRAY_CHUNK_BYTES", 64 << 10)
+    ckpt.save(tmp_path / "big", {"w": np.ones((2048, 512), np.float32)})  # 4 MiB in 64 KiB chunks
+    reads = []
+    original = progress.Tracker.advance
+    monkeypatch.setattr(progress.Tracker, "advance", lambda self, n: (reads.append(n), original(self, n)))
+    result = verify_step(tmp_path / "big")
+    assert result.ok and result.nbytes == 4 << 20
+    assert len(reads) == 64 and max(reads) == 64 << 10
+
+
+# ------------------------------------------------------------------------------------------ progress
+def test_progress_is_off_by_default_in_the_library(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(progress, "DELAY_SECS", 0.0)
+    ckpt.save(tmp_path / "a", {"w": np.ones((512, 600))})
+    ckpt.load(tmp_path / "a")
+    assert capsys.readouterr() == ("", "")
+
+
+def test_enabled_progress_reports_save_load_and_verify(tmp_path, monkeypatch):
+    monkeypatch.setattr(progress, "DELAY_SECS", 0.0)
+    stream = io.StringIO()
+    progress.enable(stream)
+    ckpt.save(tmp_path / "a", {"w": np.ones((512, 600)), "b": np.ones(3)})
+    ckpt.load(tmp_path / "a")
+    verify_step(tmp_path / "a")
+    lines = stream.getvalue().splitlines()
+    for what in ("saving", "loading", "verifying"):
+        assert any(line.startswith(f"ckpt: {what} {tmp_path / 'a'}: ") and "(100%), done in" in line
+                   for line in lines), (what, lines)
+
+
+def test_progress_on_a_terminal_rewrites_one_line_until_the_operation_ends():
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    terminal = Terminal()
+    progress.enable(terminal)
+    tracker = progress.Tracker("copying", 4 << 20, delay_secs=0.0, interval_secs=0.0)
+    tracker.advance(1 << 20)
+    tracker.advance(3 << 20)
+    tracker.finish()
+    updates = terminal.getvalue().split("\r\033[K")[1:]
+    assert len(updates) == 3
+    assert updates[0].startswith("ckpt: copying: 1.0 MiB of 4.0 MiB (25%), ")
+    assert updates[1].startswith("ckpt: copying: 4.0 MiB of 4.0 MiB (100%), ")
+    assert "done in" in updates[2]
+    assert [u.endswith("\n") for u in updates] == [False, False, True]
+
+
+def test_the_cli_reports_progress_of_a_long_verify_on_stderr(root, monkeypatch, capsys):
+    monkeypatch.setattr(progress, "DELAY_SECS", 0.0)
+    status, out, err = run_cli(capsys, "verify", root, "0")
+    assert status == 0 and f"ckpt: verifying {root / '0'}" in err and "verifying" not in out
+
+
+def test_format_bytes_picks_a_readable_unit():
+    assert [progress.format_bytes(n) for n in (0, 1023, 1536, 3 << 30)] == ["0 B", "1023 B", "1.5 KiB", "3.0 GiB"]
+
+
+# ----------------------------------------------------------------------------------- console script
+def test_the_installed_ckpt_command_runs_and_returns_the_exit_status(root):
+    command = shutil.which("ckpt", path=os.path.dirname(sys.executable))
+    assert command, "the console script `ckpt` is not installed next to this Python"
+    ok = subprocess.run([command, "verify", str(root), "0"], capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0, ok.stderr
+    flip_byte(root / "0" / fmt.TREE)
+    bad = subprocess.run([command, "verify", str(root), "0"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and fmt.TREE in bad.stdout
+
+
+# ------------------------------------------------------------------------------------ object stores
+@pytest.mark.skipif(not HAVE_MOTO, reason="needs moto (the dev extra) for a local S3 server")
+def test_ls_show_and_verify_work_on_an_s3_root(bucket, capsys):
+    with ckpt.Checkpointer(bucket) as ckptr:
+        for step in (1, 2):
+            ckptr.save(step, {"big": np.full(300_000, step, np.float32), "small": np.arange(4)}, force=True,
+                       metrics={"loss": 1.0 / step})
+    status, out, _ = run_cli(capsys, "ls", bucket, "--json")
+    listing = json.loads(out)
+    assert status == 0 and listing["latest"] == 2 and [s["step"] for s in listing["steps"]] == [1, 2]
+    assert run_cli(capsys, "show", bucket, "1")[1].startswith(f"step 1  {bucket}/1")
+    assert run_cli(capsys, "verify", bucket)[0] == 0
+    packed = ObjectPath(f"{bucket}/2/{fmt.PACKED}/c/0")
+    data = bytearray(packed.read_bytes())
+    data[leaf_entry(ObjectPath(f"{bucket}/2"), "['small']")["packed"][0]] ^= 0xFF
+    packed.write_bytes(bytes(data))
+    status, out, _ = run_cli(capsys, "verify", bucket, "2")
+    assert status == 1 and "state['small']" in out
+
+
+# -------------------------------------------------------------------------------------- docstrings
+@pytest.mark.parametrize("obj", [cli.main, progress.format_bytes, progress.Tracker, progress.enable, verify_step,
+                                 ckpt.verify.Damage, ckpt.verify.VerifyResult],
+                         ids=lambda obj: obj.__qualname__)
+def test_public_cli_progress_and_verify_api_has_a_docstring_with_an_example(obj):
+    assert "Example::" in (obj.__doc__ or "")

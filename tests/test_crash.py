@@ -1,0 +1,243 @@
+"""Crash consistency: a saving process killed with SIGKILL at random moments, and the commit's durability order.
+
+Each trial starts ``crash_worker.py`` (a loop of sync, async or mixed saves with ``LatestN(2)``
+garbage collection) on a root shared by the trials of its mode, kills it after a random delay drawn
+from a seeded RNG, and checks what a new Checkpointer finds. The delays only spread the kills over
+the phases of a save; nothing asserts on timing. ``CKPT_SOAK_TRIALS=1000`` runs a longer soak.
+"""
+from __future__ import annotations
+
+import collections
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ckpt import format as fmt
+from ckpt.path import step as step_lib
+from ckpt.training import Checkpointer
+from tests import crash_worker, procs
+
+WORKER = Path(crash_worker.__file__)
+MODES = ("sync", "async", "mixed")
+TRIALS = int(os.environ.get("CKPT_SOAK_TRIALS") or 54)
+SEED = int(os.environ.get("CKPT_CRASH_SEED") or 20240607)
+MAX_KILL_DELAY_SECS = 0.25  # about 20 saves of the worker's state: kills land in every phase of a save
+
+
+def run_and_kill(root: Path, mode: str, delay: float) -> tuple[list[int], list[int], str]:
+    """Runs the worker until ``delay`` seconds after it is ready, kills it; returns (begun, committed, output)."""
+    proc = procs.start(WORKER, str(root), mode)
+    try:
+        procs.wait_for_line(proc, "ready")
+        time.sleep(delay)
+    finally:
+        code = procs.stop(proc)
+    output = procs.output(proc)
+    assert code == -9, f"the worker exited by itself with {code}:\n{output}"
+    begun = [int(n) for n in re.findall(r"^begin (\d+)$", output, re.M)]
+    committed = [int(n) for n in re.findall(r"^committed (\d+)$", output, re.M)]
+    return begun, committed, output
+
+
+def temporaries(root: Path) -> list[str]:
+    return sorted(n for n in os.listdir(root) if n.endswith((fmt.TMP_SUFFIX, fmt.DELETING_SUFFIX)))
+
+
+def assert_step_matches(ckptr: Checkpointer, step: int) -> None:
+    loaded = ckptr.load(step)
+    expected = crash_worker.state(step)
+    assert loaded.keys() == expected.keys()
+    assert loaded["step"] == step and loaded["name"] == expected["name"] and loaded["bytes"] == expected["bytes"]
+    np.testing.assert_array_equal(loaded["big"], expected["big"])
+    for key, value in expected["small"].items():
+        np.testing.assert_array_equal(loaded["small"][key], value)
+    assert next(c for c in ckptr.checkpoints if c.step == step).metrics == crash_worker.metrics(step)
+
+
+def check_recovery(root: Path, previous_latest: int | None, begun: list[int], committed: list[int]) -> int:
+    """Asserts what a new Checkpointer finds after a kill, saves the next step; returns the new latest."""
+    lowest = max(committed) if committed else previous_latest
+    highest = max(begun) if begun else previous_latest
+    with crash_worker.checkpointer(root) as ckptr:
+        listed = [c.step for c in ckptr.checkpoints]
+        on_disk = sorted(step_lib.find_steps(os.listdir(root), step_lib.standard_name_format()))
+        assert listed == on_disk, "a directory with a final step name is not a loadable committed step"
+        latest = None if ckptr.latest is None else ckptr.latest.step
+        assert lowest is None or (latest is not None and latest >= lowest), f"latest {latest}, committed {lowest}"
+        assert latest is None or (highest is not None and latest <= highest), f"latest {latest}, begun {highest}"
+        assert len(listed) <= crash_worker.KEEP + 1  # a kill between commit and garbage collection keeps one more
+        for step in listed:
+            assert_step_matches(ckptr, step)
+        following = 0 if latest is None else latest + 1
+        assert ckptr.save(following, crash_worker.state(following), force=True, metrics=crash_worker.metrics(following))
+        assert ckptr.latest.step == following
+        assert not (root / (str(following) + fmt.TMP_SUFFIX)).exists()
+    with Checkpointer(root) as reader:
+        assert reader.latest.step == following
+        assert_step_matches(reader, following)
+    return following
+
+
+@pytest.mark.timeout(max(300, 3 * TRIALS))  # a soak runs longer than the suite's per-test limit
+def test_saves_killed_at_random_moments_leave_only_committed_loadable_steps_and_the_next_save_works(tmp_path):
+    rng = random.Random(SEED)
+    outcomes: collections.Counter[str] = collections.Counter()
+    latest: dict[str, int | None] = dict.fromkeys(MODES)
+    for trial in range(TRIALS):
+        mode = MODES[trial % len(MODES)]
+        root = tmp_path / mode
+        delay = rng.uniform(0, MAX_KILL_DELAY_SECS)
+        begun, committed, output = run_and_kill(root, mode, delay)
+        in_flight = any(name.endswith(fmt.TMP_SUFFIX) for name in os.listdir(root))
+        outcomes["killed while writing a step" if in_flight else "killed between saves"] += 1
+        outcomes["committed before the kill"] += bool(committed)
+        try:
+            latest[mode] = check_recovery(root, latest[mode], begun, committed)
+        except Exception as e:
+            raise AssertionError(f"trial {trial} (mode {mode}, killed after {delay:.3f} s, CKPT_CRASH_SEED={SEED}): "
+                                 f"{e}\nworker output:\n{output[-2000:]}") from e
+    # The harness must really interrupt saves, and the workers must really commit between kills.
+    assert outcomes["killed while writing a step"] > 0, outcomes
+    assert outcomes["committed before the kill"] > 0, outcomes
+    for mode in MODES:
+        with Checkpointer(tmp_path / mode, cleanup_tmp_directories=True) as ckptr:
+            assert ckptr.latest.step == latest[mode]
+        assert temporaries(tmp_path / mode) == []
+
+
+# ------------------------------------------------------------------------------- durability order
+SAVE_ONE_STEP = """
+import sys
+import numpy as np
+from ckpt.training import Checkpointer
+with Checkpointer(sys.argv[1]) as ckptr:
+    ckptr.save(7, {"big": np.ones(300_000), "small": np.arange(5), "n": 1}, force=True)
+"""
+
+_CALL = re.compile(r'^(\d+)\s+(\w+)\((.*)')
+_FD_PATH = re.compile(r'^\d+<([^>]*)>')
+
+
+def syscalls(trace: str) -> list[tuple[str, list[str]]]:
+    """(name, paths) of each completed syscall, in completion order (``-f -y`` output, calls resumed by pid)."""
+    pending: dict[tuple[str, str], str] = {}
+    calls = []
+    for line in trace.splitlines():
+        resumed = re.match(r'^(\d+)\s+<\.\.\. (\w+) resumed>', line)
+        if resumed:
+            args = pending.pop((resumed.group(1), resumed.group(2)), "")
+            name = resumed.group(2)
+        else:
+            match = _CALL.match(line)
+            if not match:
+                continue
+            pid, name, args = match.groups()
+            if line.endswith("<unfinished ...>"):
+                pending[(pid, name)] = args
+                continue
+        if name in ("fsync", "fdatasync"):
+            fd = _FD_PATH.match(args)
+            calls.append((name, [fd.group(1)] if fd else []))
+        else:
+            calls.append((name, re.findall(r'"([^"]*)"', args)))
+    return calls
+
+
+def test_data_is_fsynced_before_the_manifest_the_manifest_before_the_rename_and_the_root_after(tmp_path):
+    if shutil.which("strace") is None:
+        pytest.skip("strace is not installed: the commit's syscalls cannot be observed")
+    root = tmp_path / "root"
+    trace_file = tmp_path / "trace"
+    result = subprocess.run(
+        ["strace", "-f", "-y", "-qq", "-o", str(trace_file), "-e", "trace=openat,fsync,fdatasync,rename,renameat,renameat2",
+         sys.executable, "-c", SAVE_ONE_STEP, str(root)],
+        capture_output=True, text=True, timeout=120, env=procs.env())
+    if result.returncode != 0 and "ptrace" in result.stderr:
+        pytest.skip(f"strace cannot trace here: {result.stderr.strip()}")
+    assert result.returncode == 0, result.stderr
+    calls = syscalls(trace_file.read_text())
+    tmp, final = str(root / ("7" + fmt.TMP_SUFFIX)), str(root / "7")
+
+    def index(predicate) -> list[int]:
+        return [i for i, call in enumerate(calls) if predicate(*call)]
+
+    chunk = re.compile(rf"^{re.escape(tmp)}/({fmt.ARRAYS}/\d+|{fmt.PACKED})/c/\d+(\.__lock)?$")
+    data_fsyncs = index(lambda name, paths: name in ("fsync", "fdatasync") and bool(paths) and bool(chunk.match(paths[0])))
+    tree_fsync = index(lambda name, paths: name == "fsync" and paths == [f"{tmp}/{fmt.TREE}"])
+    manifest_open = index(lambda name, paths: name == "openat" and paths[-1:] == [f"{tmp}/{fmt.MANIFEST}"])
+    manifest_fsync = index(lambda name, paths: name == "fsync" and paths == [f"{tmp}/{fmt.MANIFEST}"])
+    rename = index(lambda name, paths: name.startswith("rename") and paths == [tmp, final])
+    root_fsync = index(lambda name, paths: name == "fsync" and paths == [str(root)])
+
+    synced_chunks = {calls[i][1][0] for i in data_fsyncs}
+    assert any(f"/{fmt.ARRAYS}/" in p for p in synced_chunks) and any(f"/{fmt.PACKED}/" in p for p in synced_chunks), \
+        f"the large leaf's and the packed leaves' chunks must both be fsync'd: {sorted(synced_chunks)}"
+    assert len(tree_fsync) == len(manifest_open) == len(manifest_fsync) == len(rename) == 1 and root_fsync
+    assert max(data_fsyncs) < tree_fsync[0] < manifest_open[0] < manifest_fsync[0] < rename[0] < max(root_fsync)
+    every_dir = {str(p) for p in (root / "7").rglob("*") if p.is_dir()} | {final}
+    synced_dirs = {paths[0].replace(tmp, final, 1) for name, paths in calls[: rename[0]]
+                   if name == "fsync" and paths and paths[0].startswith(tmp)}
+    assert every_dir <= synced_dirs, f"directories not fsync'd before the rename: {sorted(every_dir - synced_dirs)}"
+
+
+# ------------------------------------------------------------------------ a kill at each commit step
+KILL_AT_THE_NTH_OPERATION = """
+import os, shutil, signal, sys
+import numpy as np
+from ckpt import storage
+from ckpt.training import Checkpointer
+
+root, kill_at, overwrite = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "overwrite"
+count = 0
+
+def counted(fn):
+    def call(*args, **kwargs):
+        global count
+        count += 1
+        if count == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return fn(*args, **kwargs)
+    return call
+
+with Checkpointer(root) as ckptr:
+    ckptr.save(0, {"v": np.zeros(3)}, force=True)
+    for owner, name in [(os, "rename"), (os, "replace"), (os, "fsync"), (shutil, "rmtree"),
+                        (storage, "rename_exchange")]:
+        if hasattr(owner, name):
+            setattr(owner, name, counted(getattr(owner, name)))
+    ckptr.save(0 if overwrite else 1, {"v": np.ones(3)}, force=True, overwrite=overwrite)
+print("operations", count)
+"""
+
+
+@pytest.mark.parametrize("overwrite", [False, True], ids=["new step", "overwrite"])
+def test_a_save_killed_before_any_file_operation_of_its_commit_keeps_the_old_or_the_new_step(tmp_path, overwrite):
+    mode = "overwrite" if overwrite else "new"
+    dry = procs.run_script(KILL_AT_THE_NTH_OPERATION, str(tmp_path / "dry"), "0", mode)
+    assert dry.returncode == 0, dry.stderr
+    total = int(re.search(r"operations (\d+)", dry.stdout).group(1))
+    assert total >= 5  # removing a stale temporary, fsyncs, renames, removing the replaced step
+    step = 0 if overwrite else 1
+    for kill_at in range(1, total + 1):
+        root = tmp_path / str(kill_at)
+        result = procs.run_script(KILL_AT_THE_NTH_OPERATION, str(root), str(kill_at), mode)
+        assert result.returncode == -9, result.stderr
+        with Checkpointer(root) as ckptr:
+            listed = [c.step for c in ckptr.checkpoints]
+            where = f"killed before file operation {kill_at} of {total}, the root holds {sorted(os.listdir(root))}"
+            assert 0 in listed, f"{where}: step 0 is gone"
+            values = {s: ckptr.load(s)["v"].tolist() for s in listed}
+            if overwrite:
+                assert listed == [0] and values[0] in ([0.0] * 3, [1.0] * 3), where
+            else:
+                assert listed in ([0], [0, 1]) and values[0] == [0.0] * 3, where
+                assert values.get(1, [1.0] * 3) == [1.0] * 3, where
+            assert ckptr.save(step + 1, {"v": np.ones(3)}, force=True)

@@ -1,0 +1,196 @@
+"""Damaged and hostile checkpoints: detected on load and by ``verify``, named by step and key path.
+
+Damage: flipped bytes, truncated or missing files, a malformed manifest; each is caught by a checksum
+(the manifest's own, tree.json's, each packed leaf's CRC32, each array chunk's crc32c) or by a
+missing-file check. Hostile manifests (consistent checksums, paths that reach outside the step, object
+dtypes) are refused, and loading never runs pickle or eval.
+"""
+from __future__ import annotations
+
+import builtins
+import json
+import logging
+import marshal
+import os
+import pickle
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+
+from ckpt import errors
+from ckpt import format as fmt
+from ckpt.training import Checkpointer
+from ckpt.verify import verify_step
+
+STATE = {"big": np.arange(140_000, dtype=np.float64), "s": np.arange(3.0), "t": np.arange(5), "n": 7}
+BIG, SMALL_LEAVES = "state['big']", ("state['s']", "state['t']")
+
+
+@pytest.fixture
+def root(tmp_path) -> Path:
+    """A root with steps 0 and 1 of STATE: ``big`` has its own array, ``s`` and ``t`` are packed, ``n`` inline."""
+    with Checkpointer(tmp_path) as ckptr:
+        ckptr.save(0, STATE, force=True)
+        ckptr.save(1, STATE, force=True)
+    return tmp_path
+
+
+def packed_offset(step_dir: Path, key_path: str) -> int:
+    leaves = json.loads((step_dir / fmt.TREE).read_bytes())["checkpointables"]["state"]["leaves"]
+    return next(leaf["packed"][0] for leaf in leaves if leaf["path"] == key_path.removeprefix("state"))
+
+
+def flip(path: Path, offset: int | None = None) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2 if offset is None else offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def truncate(path: Path) -> None:
+    os.truncate(path, path.stat().st_size // 2)
+
+
+def remove(path: Path) -> None:
+    path.unlink()
+
+
+def garbage(path: Path) -> None:
+    path.write_text("{not json")
+
+
+DATA_DAMAGE: dict[str, tuple[str, Callable[[Path], None], tuple[str, ...]]] = {
+    # name: (file in the step, how it is damaged, the key paths the error must name)
+    "array chunk flipped": ("arrays/0/c/0", flip, (BIG,)),
+    "array chunk truncated": ("arrays/0/c/0", truncate, (BIG,)),
+    "array chunk missing": ("arrays/0/c/0", remove, (BIG,)),
+    "array zarr.json flipped": ("arrays/0/zarr.json", flip, (BIG,)),
+    "array zarr.json missing": ("arrays/0/zarr.json", remove, (BIG,)),
+    "packed leaf flipped": ("packed/c/0", lambda p: flip(p, packed_offset(p.parents[2], "state['s']")), ("state['s']",)),
+    "packed chunk truncated": ("packed/c/0", truncate, SMALL_LEAVES),
+    "packed chunk missing": ("packed/c/0", remove, SMALL_LEAVES),
+    "packed zarr.json garbage": ("packed/zarr.json", garbage, SMALL_LEAVES),
+}
+
+
+@pytest.mark.parametrize("case", list(DATA_DAMAGE))
+def test_damaged_data_fails_the_load_naming_the_step_and_key_path_and_verify_finds_it(root, case):
+    rel, damage, key_paths = DATA_DAMAGE[case]
+    step_dir = root / "1"
+    damage(step_dir / rel)
+    with Checkpointer(root) as ckptr:
+        assert [c.step for c in ckptr.checkpoints] == [0, 1]  # the manifest is fine: listed, and then
+        with pytest.raises(errors.CheckpointCorruptedError) as info:
+            ckptr.load(1)
+        np.testing.assert_array_equal(ckptr.load(0)["big"], STATE["big"])
+    error = info.value
+    assert error.path == step_dir and str(step_dir) in str(error)
+    assert set(key_paths) <= set(error.key_paths) and all(k in str(error) for k in key_paths)
+    result = verify_step(step_dir)
+    assert not result.ok and {d.where for d in result.damaged} == set(key_paths)
+    assert verify_step(root / "0").ok
+
+
+STRUCTURE_DAMAGE = {
+    "tree.json flipped": (fmt.TREE, flip),
+    "tree.json truncated": (fmt.TREE, truncate),
+    "tree.json missing": (fmt.TREE, remove),
+    "manifest flipped": (fmt.MANIFEST, flip),
+    "manifest truncated": (fmt.MANIFEST, truncate),
+    "manifest garbage": (fmt.MANIFEST, garbage),
+    "manifest missing": (fmt.MANIFEST, remove),
+}
+
+
+@pytest.mark.parametrize("case", list(STRUCTURE_DAMAGE))
+def test_a_damaged_manifest_or_tree_fails_the_load_naming_the_file_and_verify_finds_it(root, case):
+    name, damage = STRUCTURE_DAMAGE[case]
+    step_dir = root / "1"
+    with Checkpointer(root) as ckptr:  # listed before the damage
+        damage(step_dir / name)
+        with pytest.raises(errors.CheckpointCorruptedError) as info:
+            ckptr.load(1)
+    assert info.value.path == step_dir and str(step_dir / name) in str(info.value)
+    result = verify_step(step_dir)
+    assert not result.ok and [d.where for d in result.damaged] == [name]
+
+
+@pytest.mark.parametrize("case", [c for c in STRUCTURE_DAMAGE if c.startswith("manifest")])
+def test_a_step_with_a_damaged_manifest_is_not_listed_and_latest_is_the_step_before(root, case, caplog):
+    name, damage = STRUCTURE_DAMAGE[case]
+    damage(root / "1" / name)
+    with caplog.at_level(logging.WARNING, logger="ckpt"), Checkpointer(root) as ckptr:
+        assert [c.step for c in ckptr.checkpoints] == [0]
+        assert ckptr.latest.step == 0
+        np.testing.assert_array_equal(ckptr.load()["big"], STATE["big"])
+    assert any("step 1" in r.getMessage() and fmt.MANIFEST in r.getMessage() for r in caplog.records)
+
+
+# ---------------------------------------------------------------------------------- hostile manifests
+def rewrite_tree(step_dir: Path, mutate: Callable[[dict], None]) -> None:
+    """Changes tree.json and makes every checksum agree again, as a deliberate forger would."""
+    tree = json.loads((step_dir / fmt.TREE).read_bytes())
+    mutate(tree)
+    data = json.dumps(tree).encode()
+    (step_dir / fmt.TREE).write_bytes(data)
+    raw = (step_dir / fmt.MANIFEST).read_bytes()
+    manifest = json.loads(raw[: raw.rindex(b',"manifest_crc32"')] + b"}")
+    manifest["tree_crc32"] = fmt.crc32(data)
+    (step_dir / fmt.MANIFEST).write_bytes(fmt.sealed_manifest(manifest))
+
+
+def big_leaf(tree: dict) -> dict:
+    return next(leaf for leaf in tree["checkpointables"]["state"]["leaves"] if leaf["path"] == "['big']")
+
+
+def small_leaf(tree: dict) -> dict:
+    return next(leaf for leaf in tree["checkpointables"]["state"]["leaves"] if leaf["path"] == "['s']")
+
+
+HOSTILE = {
+    "absolute path": lambda root: lambda t: big_leaf(t)["array"]["kvstore"].update(path=f"{root}/0/arrays/0/"),
+    "parent path": lambda root: lambda t: big_leaf(t)["array"]["kvstore"].update(path="../0/arrays/0/"),
+    "memory driver": lambda root: lambda t: big_leaf(t)["array"]["kvstore"].update(driver="memory"),
+    "http driver": lambda root: lambda t: big_leaf(t)["array"].update(
+        kvstore={"driver": "http", "base_url": "http://127.0.0.1:9/"}),
+    "extra kvstore option": lambda root: lambda t: big_leaf(t)["array"]["kvstore"].update(file_io_sync=False),
+    "another tensorstore driver": lambda root: lambda t: big_leaf(t)["array"].update(driver="json"),
+    "packed array outside": lambda root: lambda t: t["packed"]["spec"]["kvstore"].update(path=f"{root}/0/packed/"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_a_manifest_cannot_point_outside_its_step_directory(root, case):
+    step_dir = root / "1"
+    rewrite_tree(step_dir, HOSTILE[case](root))
+    with pytest.raises(errors.CheckpointCorruptedError, match="not a relative path inside the step directory") as info:
+        with Checkpointer(root) as ckptr:
+            ckptr.load(1)
+    assert info.value.path == step_dir and info.value.key_paths
+    result = verify_step(step_dir)
+    assert not result.ok and all("not a relative path inside the step directory" in d.why for d in result.damaged)
+
+
+@pytest.mark.parametrize("dtype", ["O", "i4,O", "finfo"])
+def test_a_manifest_naming_an_object_dtype_is_refused(root, dtype):
+    rewrite_tree(root / "1", lambda t: small_leaf(t).update(dtype=dtype))
+    with pytest.raises(ValueError, match="not a dtype ckpt stores"):
+        with Checkpointer(root) as ckptr:
+            ckptr.load(1)
+
+
+def test_loading_never_unpickles_or_evaluates(root, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("loading a checkpoint ran pickle, marshal or eval")
+
+    every_leaf = {"array": np.arange(3), "scalar": np.float32(2), "bytes": b"\x00\x01", "str": "s", "int": 3,
+                  "float": float("nan"), "bool": True, "none": None, "tuple": (1, [2.0])}
+    with Checkpointer(root / "leaves") as ckptr:
+        ckptr.save(0, every_leaf, force=True)
+        for module, name in [(pickle, "loads"), (pickle, "load"), (pickle, "Unpickler"), (marshal, "loads"),
+                             (builtins, "eval"), (builtins, "exec")]:
+            monkeypatch.setattr(module, name, refuse)
+        loaded = ckptr.load()
+    monkeypatch.undo()
+    assert loaded["bytes"] == b"\x00\x01" and loaded["tuple"] == (1, [2.0]) and np.isnan(loaded["float"])

@@ -1,0 +1,189 @@
+"""I/O faults: disk full, a read-only file system, permission denied, directories removed underneath.
+
+Each fault must reach the caller as a clear error (from ``save`` itself, or from ``wait`` and
+``result()`` after ``save_async``), leave the earlier steps loadable, and never list a partial step.
+Disk-full and read-only tests mount a small tmpfs or a read-only bind mount (they need root and skip
+with the reason otherwise); permission denied drops root for the block that saves.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pytest
+
+import ckpt
+from ckpt import errors
+from ckpt import format as fmt
+from ckpt.training import Checkpointer
+from tests import fsutil
+
+SMALL = {"w": np.arange(10.0)}
+
+
+def save(ckptr: Checkpointer, step: int, state: dict, surface: str) -> None:
+    """Saves with ``save`` (sync) or ``save_async`` and waits through the ``surface`` named."""
+    if surface == "sync":
+        ckptr.save(step, state, force=True)
+        return
+    response = ckptr.save_async(step, state, force=True)
+    if surface == "wait":
+        ckptr.wait()
+    else:
+        response.result()
+
+
+def assert_intact(ckptr: Checkpointer, steps: list[int]) -> None:
+    """Only ``steps`` are listed, here and by a new Checkpointer, and each one loads."""
+    assert [c.step for c in ckptr.checkpoints] == steps
+    with Checkpointer(ckptr.directory) as fresh:
+        assert [c.step for c in fresh.checkpoints] == steps
+    for step in steps:
+        np.testing.assert_array_equal(ckptr.load(step)["w"], SMALL["w"])
+    assert not [n for n in os.listdir(ckptr.directory) if n.endswith(fmt.TMP_SUFFIX)], "a temporary was left"
+
+
+LARGE_STATES = {
+    "packed small leaves": {"w": SMALL["w"], **{f"p{i}": np.ones(100_000) for i in range(4)}},  # 4 x 800 kB
+    "one large leaf": {"w": SMALL["w"], "big": np.ones(400_000)},  # 3.2 MB, its own array
+}
+
+
+@pytest.mark.parametrize("surface", ["sync", "wait", "result", "save_async over its memory budget"])
+@pytest.mark.parametrize("what", list(LARGE_STATES))
+def test_disk_full_while_writing_data_raises_enospc_and_keeps_the_earlier_step(tmp_path, what, surface):
+    # Over its budget, save_async writes the large leaves before it returns, and raises itself.
+    context = ckpt.Context(memory_options=ckpt.MemoryOptions(max_inflight_bytes=0)) if "budget" in surface else None
+    with fsutil.tmpfs(tmp_path / "mnt", size="2m") as mnt:
+        with Checkpointer(mnt / "root", context=context) as ckptr:
+            ckptr.save(0, SMALL, force=True)
+            with pytest.raises(OSError, match="No space left on device") as info:
+                save(ckptr, 1, LARGE_STATES[what], surface)
+            assert info.value.errno == errno.ENOSPC
+            assert str(mnt / "root" / ("1" + fmt.TMP_SUFFIX)) in str(info.value)
+            assert_intact(ckptr, [0])
+            ckptr.save(1, SMALL, force=True)  # the space was given back: the next save works
+            assert_intact(ckptr, [0, 1])
+
+
+FULL_DISKS = {
+    "no space at all": (0, SMALL),
+    "room for the data, not for tree.json": (64 << 10, {"w": SMALL["w"], "notes": "x" * 300_000}),  # inline str
+}
+
+
+@pytest.mark.parametrize("surface", ["sync", "wait"])
+@pytest.mark.parametrize("case", list(FULL_DISKS))
+def test_a_full_disk_raises_enospc_whatever_file_fails_and_keeps_the_earlier_step(tmp_path, case, surface):
+    leave_bytes, state = FULL_DISKS[case]
+    with fsutil.tmpfs(tmp_path / "mnt", size="2m") as mnt:
+        with Checkpointer(mnt / "root") as ckptr:
+            ckptr.save(0, SMALL, force=True)
+            fsutil.fill(mnt, leave_bytes)
+            with pytest.raises(OSError) as info:
+                save(ckptr, 1, state, surface)
+            assert info.value.errno == errno.ENOSPC, info.value
+            assert_intact(ckptr, [0])
+            (mnt / "filler").unlink()
+            ckptr.save(1, SMALL, force=True)
+            assert_intact(ckptr, [0, 1])
+
+
+@pytest.mark.parametrize("surface", ["sync", "wait", "result"])
+def test_a_read_only_file_system_raises_erofs_and_keeps_the_earlier_step(tmp_path, surface):
+    root = tmp_path / "root"
+    with Checkpointer(root) as ckptr:
+        ckptr.save(0, SMALL, force=True)
+        before = fsutil.snapshot(root)
+        with fsutil.read_only(root):
+            with pytest.raises(OSError, match="Read-only file system") as info:
+                save(ckptr, 1, LARGE_STATES["one large leaf"], surface)
+            assert info.value.errno == errno.EROFS
+            assert [c.step for c in ckptr.checkpoints] == [0]
+            np.testing.assert_array_equal(ckptr.load(0)["w"], SMALL["w"])  # reading still works
+        assert fsutil.snapshot(root) == before
+        ckptr.save(1, SMALL, force=True)
+        assert_intact(ckptr, [0, 1])
+
+
+@contextlib.contextmanager
+def without_root() -> Iterator[None]:
+    """Runs the block with the effective uid and gid of ``nobody`` when the test runs as root (root ignores
+    permission bits); glibc switches every thread, tensorstore's included. Restored in any case."""
+    if os.geteuid() != 0:
+        yield
+        return
+    os.setegid(65534)
+    os.seteuid(65534)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+        os.setegid(0)
+
+
+def raised(fn) -> BaseException | None:
+    try:
+        fn()
+    except Exception as e:
+        return e
+    return None
+
+
+def test_permission_denied_is_a_permission_error_naming_the_path_and_reading_still_works(tmp_path):
+    base = Path(tempfile.mkdtemp(prefix="ckpt-perm-"))  # outside tmp_path, whose parents only root may enter
+    root = base / "root"
+    try:
+        os.chmod(base, 0o755)
+        with Checkpointer(root) as writer:
+            writer.save(0, SMALL, force=True)
+        os.chmod(root, 0o555)
+        before = fsutil.snapshot(root)
+        with without_root():  # only ckpt runs here: modules imported lazily may be unreadable without root
+            with Checkpointer(root) as ckptr:
+                listed = [c.step for c in ckptr.checkpoints]
+                loaded = ckptr.load(0)["w"]
+                failures = {surface: raised(lambda: save(ckptr, 1, SMALL, surface)) for surface in ("sync", "result")}
+                listed_after = [c.step for c in ckptr.checkpoints]
+        assert listed == listed_after == [0]
+        np.testing.assert_array_equal(loaded, SMALL["w"])
+        for surface, error in failures.items():
+            assert isinstance(error, PermissionError) and error.errno == errno.EACCES, (surface, error)
+            assert str(root) in str(error)
+        assert fsutil.snapshot(root) == before
+    finally:
+        os.chmod(root, 0o755)
+        shutil.rmtree(base)
+
+
+@pytest.mark.parametrize("saved_before", [True, False], ids=["after a save", "before any save"])
+@pytest.mark.parametrize("how", ["save", "save_async"])
+def test_a_root_removed_underneath_is_reported_and_not_silently_recreated(tmp_path, how, saved_before):
+    root = tmp_path / "root"
+    with Checkpointer(root) as ckptr:
+        if saved_before:
+            ckptr.save(0, SMALL, force=True)
+        shutil.rmtree(root)
+        with pytest.raises(FileNotFoundError, match="was removed") as info:
+            getattr(ckptr, how)(1, SMALL, force=True)
+        assert str(root) in str(info.value)
+        assert not root.exists()
+        ckptr.reload()
+        assert ckptr.checkpoints == []
+
+
+def test_a_step_removed_between_listing_and_loading_is_step_not_found(tmp_path):
+    with Checkpointer(tmp_path) as ckptr:
+        ckptr.save(0, SMALL, force=True)
+        ckptr.save(1, SMALL, force=True)
+        shutil.rmtree(tmp_path / "0")  # another process's garbage collection, say
+        with pytest.raises(errors.StepNotFoundError, match="step 0") as info:
+            ckptr.load(0)
+        assert info.value.step == 0
+        np.testing.assert_array_equal(ckptr.load(1)["w"], SMALL["w"])

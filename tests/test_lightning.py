@@ -1,0 +1,256 @@
+"""CheckpointCallback with real Lightning Trainers: resume equivalence after SIGKILL and SIGTERM, DDP,
+policies, and the errors a user meets. Crash and resume runs are subprocesses (tests/lightning_run.py);
+the rest runs small Trainers in this process."""
+from __future__ import annotations
+
+import math
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+pl = pytest.importorskip("pytorch_lightning")
+import torch  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+
+from tests import procs  # noqa: E402
+from tests.lightning_run import example, same  # noqa: E402
+
+import ckpt  # noqa: E402
+from ckpt.integrations.lightning import load_weights  # noqa: E402
+from ckpt.integrations.lightning.pytorch_lightning import CheckpointCallback  # noqa: E402
+from ckpt.training import preservation_policies as pp  # noqa: E402
+from ckpt.training import save_decision_policies as sdp  # noqa: E402
+
+SCRIPT = Path(__file__).resolve().parent / "lightning_run.py"
+EXAMPLE = procs.REPO / "examples" / "lightning_train.py"
+
+
+def run(*args: str, timeout: float = 150) -> tuple[int, str]:
+    """Runs the training script in its own process group; kills whatever is left of it afterwards."""
+    proc = procs.start(SCRIPT, *args)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    finally:
+        procs.stop(proc)
+    return proc.returncode, out
+
+
+def finished(*args: str) -> str:
+    code, out = run(*args)
+    assert code == 0 and "finished at step" in out, out[-3000:]
+    return out
+
+
+def steps_in(directory: Path) -> list[int]:
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+
+
+def started_at(out: str) -> int:
+    return int(re.search(r"rank 0 started at step (\d+)", out).group(1))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The final state of uninterrupted runs without the callback, by training flags (computed once)."""
+    cache: dict[tuple[str, ...], dict] = {}
+
+    def get(*flags: str) -> dict:
+        if flags not in cache:
+            out = tmp_path_factory.mktemp("reference") / "final.pt"
+            finished("--no-callback", "--out", str(out), *flags)
+            cache[flags] = torch.load(out)
+        return cache[flags]
+
+    return get
+
+
+def kill_then_restart(tmp_path: Path, *flags: str, kill_at: int, in_flight: bool = False) -> tuple[str, dict]:
+    """Runs until step ``kill_at``, SIGKILLs the run, runs the same command again; returns its output and
+    final state."""
+    directory, out = tmp_path / "ckpt", tmp_path / "final.pt"
+    common = ("--dir", str(directory), "--out", str(out), *flags)
+    code, log = run(*common, "--kill-at", str(kill_at), *(["--kill-in-flight"] if in_flight else []))
+    assert code == -9 and f"killing at step {kill_at}" in log, log[-3000:]
+    return finished(*common), torch.load(out)
+
+
+# ----------------------------------------------------------------------------- resume equivalence
+@pytest.mark.parametrize("flags", [
+    ("--max-steps", "30"),  # 20 batches per epoch: mid-epoch, last batch and next epoch
+    ("--max-steps", "16", "--accumulate", "2", "--samples", "336"),  # 21 batches: a lone last one
+], ids=["shuffle_dropout_lr_schedule", "accumulate_grad_batches_2"])
+def test_resuming_from_any_saved_step_gives_the_uninterrupted_final_state_bit_for_bit(flags):
+    result = procs.run_script(SCRIPT, "--sweep", "--policy", "every:1000", *flags, timeout=150)
+    lines = re.findall(r"^sweep (\d+) (.+)$", result.stdout, re.M)
+    assert lines, result.stdout[-2000:] + result.stderr[-3000:]
+    assert [status for _, status in lines] == ["ok"] * int(flags[1]), lines
+
+
+def test_sigkill_after_fixed_interval_checkpoint_with_accumulation_resumes_exactly_keeping_latest_n(
+        tmp_path, reference):
+    flags = ("--max-steps", "16", "--accumulate", "2", "--policy", "every:4", "--preserve", "latest:2")
+    out, final = kill_then_restart(tmp_path, *flags, kill_at=10)  # steps 4 and 8 kept; 8 is mid-epoch
+    assert started_at(out) == 8
+    assert steps_in(tmp_path / "ckpt") == [12, 16]
+    assert same(final, reference("--max-steps", "16", "--accumulate", "2"))
+
+
+def test_sigkill_with_monitor_keeps_the_best_and_latest_steps_and_resumes_exactly(tmp_path, reference):
+    flags = ("--max-steps", "24", "--policy", "every:3", "--monitor", "train_loss")
+    directory, out = tmp_path / "ckpt", tmp_path / "final.pt"
+    code, log = run("--dir", str(directory), "--out", str(out), *flags, "--kill-at", "13")
+    assert code == -9, log[-3000:]
+    losses = {int(s): float(v) for s, v in re.findall(r"^step (\d+) train_loss (\S+)$", log, re.M)}
+    best = min((s for s in losses if s % 3 == 0 and s <= 12), key=losses.get)
+    assert steps_in(directory) == sorted({best, 12})
+    resumed = finished("--dir", str(directory), "--out", str(out), *flags)
+    assert started_at(resumed) == 12
+    assert same(torch.load(out), reference("--max-steps", "24"))
+
+
+def test_sigkill_while_a_save_is_in_flight_resumes_from_the_last_committed_step_and_leaves_no_partial_step(
+        tmp_path, reference):
+    out, final = kill_then_restart(tmp_path, "--max-steps", "24", kill_at=13, in_flight=True)
+    assert 1 <= started_at(out) <= 13
+    assert not [p.name for p in (tmp_path / "ckpt").iterdir() if not p.name.isdigit() and not p.name.startswith(".")]
+    assert same(final, reference("--max-steps", "24"))
+
+
+def test_sigterm_saves_the_current_step_then_lightning_stops_and_a_restart_resumes_exactly(tmp_path, reference):
+    directory, out = tmp_path / "ckpt", tmp_path / "final.pt"
+    flags = ("--dir", str(directory), "--out", str(out), "--max-steps", "24", "--policy", "every:5")
+    code, log = run(*flags, "--sigterm-at", "13")
+    assert "finished at step" not in log and steps_in(directory) == [5, 10, 13], log[-3000:]
+    resumed = finished(*flags)
+    assert started_at(resumed) == 13
+    assert same(torch.load(out), reference("--max-steps", "24"))
+
+
+def test_ddp_two_processes_agree_write_once_survive_sigkill_and_resume_exactly(tmp_path, reference):
+    flags = ("--ddp", "--max-steps", "20", "--policy", "every:4")
+    out, final = kill_then_restart(tmp_path, *flags, kill_at=14)  # 10 batches per rank and epoch
+    assert "rank 0 started at step 12 writer True" in out and "rank 1 started at step 12 writer False" in out, out
+    assert steps_in(tmp_path / "ckpt") == [4, 8, 12, 16, 20]
+    assert same(final, reference("--ddp", "--max-steps", "20"))
+
+
+def test_example_resumes_where_it_stopped(tmp_path):
+    directory = str(tmp_path / "run")
+    first = procs.run_script(EXAMPLE, "--dir", directory, "--max-steps", "12", "--save-every", "5", timeout=120)
+    assert "finished at step 12" in first.stdout, first.stdout + first.stderr[-3000:]
+    second = procs.run_script(EXAMPLE, "--dir", directory, "--max-steps", "20", "--save-every", "5", timeout=120)
+    assert f"Restored all states from the ckpt checkpoint at {directory}/12" in second.stdout + second.stderr
+    assert "finished at step 20" in second.stdout and "[12, 15, 20]" in second.stdout, second.stdout
+
+
+# ---------------------------------------------------------------------------- in-process behaviour
+def fit(directory: Path, *, model: pl.LightningModule | None = None, max_steps: int = 4, **kwargs):
+    """A small fit in this process; returns the trainer and its callback."""
+    pl.seed_everything(0, verbose=False)
+    trainer_kwargs = {k: kwargs.pop(k) for k in ("accumulate_grad_batches",) if k in kwargs}
+    ckpt_path = kwargs.pop("ckpt_path", None)
+    callback = CheckpointCallback(directory, **kwargs)
+    trainer = pl.Trainer(max_steps=max_steps, callbacks=[callback], accelerator="cpu", devices=1, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, **trainer_kwargs)
+    trainer.fit(model or example.Regressor(), DataLoader(example.synthetic_data(), batch_size=16, shuffle=True),
+                ckpt_path=ckpt_path)
+    return trainer, callback
+
+
+class RecordingPolicy:
+    """A save-decision policy that saves every step and records which steps it was asked about."""
+
+    def __init__(self):
+        self.asked: list[int] = []
+
+    def should_save(self, step, previous_steps, *, context):
+        self.asked.append(step.step)
+        return True
+
+
+def test_one_decision_per_global_step_under_gradient_accumulation(tmp_path):
+    policy = RecordingPolicy()
+    fit(tmp_path, max_steps=5, accumulate_grad_batches=3, save_decision_policy=policy)
+    assert policy.asked == [1, 2, 3, 4, 5]
+    assert steps_in(tmp_path) == [1, 2, 3, 4, 5]
+
+
+def test_callback_is_the_trainers_checkpoint_callback_and_exposes_best_and_last_paths(tmp_path):
+    trainer, callback = fit(tmp_path, max_steps=6, monitor="train_loss", mode="min",
+                            save_decision_policy=sdp.FixedIntervalPolicy(2), preservation_policy=pp.LatestN(1))
+    assert trainer.checkpoint_callback is callback
+    assert not [c for c in trainer.callbacks if type(c).__name__ == "ModelCheckpoint"]
+    checkpoints = callback.checkpointer.checkpoints
+    best = min(checkpoints, key=lambda c: c.metrics["train_loss"])
+    assert callback.last_model_path == str(tmp_path / "6")
+    assert callback.best_model_path == str(best.path)
+    assert all(math.isfinite(c.metrics["train_loss"]) for c in checkpoints)
+
+
+def test_final_step_is_saved_on_train_end_when_the_policy_skips_it(tmp_path):
+    fit(tmp_path, max_steps=5, save_decision_policy=sdp.FixedIntervalPolicy(2), async_save=False)
+    assert steps_in(tmp_path) == [2, 4, 5]
+
+
+def test_load_weights_reads_the_latest_or_a_given_step_into_a_fresh_model(tmp_path):
+    trainer, _ = fit(tmp_path, max_steps=4, save_decision_policy=sdp.FixedIntervalPolicy(2))
+    fresh = example.Regressor()
+    assert load_weights(fresh, tmp_path) == 4
+    assert same(fresh.state_dict(), trainer.lightning_module.state_dict())
+    assert load_weights(fresh, tmp_path, step=2) == 2
+    assert not same(fresh.state_dict(), trainer.lightning_module.state_dict())
+    with pytest.raises(ckpt.errors.StepNotFoundError, match="no checkpoint at step 3"):
+        load_weights(fresh, tmp_path, step=3)
+
+
+class HoldsAnObject(example.Regressor):
+    def __init__(self, helper=None):
+        super().__init__()
+        self.save_hyperparameters()
+
+
+def test_unstorable_object_in_the_checkpoint_fails_at_fit_start_naming_its_key(tmp_path):
+    with pytest.raises(TypeError, match=r"checkpoint\['hyper_parameters'\]\['helper'\] is a .*HoldsAnObject"):
+        fit(tmp_path, model=HoldsAnObject(helper=HoldsAnObject()))
+    assert steps_in(tmp_path) == []
+
+
+def test_restoring_a_directory_written_by_a_different_model_names_the_differing_keys(tmp_path):
+    fit(tmp_path, max_steps=2)
+    with pytest.raises(ValueError, match=r"different model.*'net.0.weight' has shape \(64, 16\) there and \(8, 16\)"):
+        fit(tmp_path, model=example.Regressor(hidden=8), max_steps=4)
+
+
+def test_ckpt_path_given_by_the_user_wins_over_the_directorys_latest_step(tmp_path):
+    trainer, _ = fit(tmp_path / "a", max_steps=4, save_decision_policy=sdp.FixedIntervalPolicy(2))
+    lightning_file = tmp_path / "step4.ckpt"
+    trainer.save_checkpoint(lightning_file)
+    (tmp_path / "b").mkdir()
+    shutil.copytree(tmp_path / "a" / "2", tmp_path / "b" / "2")
+    trainer, _ = fit(tmp_path / "b", max_steps=6, ckpt_path=lightning_file, save_decision_policy=sdp.FixedIntervalPolicy(2))
+    assert steps_in(tmp_path / "b") == [2, 6]  # continued from step 4 of the file, not from step 2
+    assert trainer.global_step == 6
+
+
+def test_resuming_an_older_ckpt_path_into_a_directory_with_later_steps_is_refused(tmp_path):
+    trainer, _ = fit(tmp_path, max_steps=2, save_decision_policy=sdp.FixedIntervalPolicy(2))
+    lightning_file = tmp_path / "step2.ckpt"
+    trainer.save_checkpoint(lightning_file)
+    fit(tmp_path, max_steps=4, save_decision_policy=sdp.FixedIntervalPolicy(2))
+    with pytest.raises(ValueError, match="already holds step 4, but this run starts at step 2"):
+        fit(tmp_path, max_steps=6, ckpt_path=lightning_file)
+
+
+def test_a_trainer_of_the_other_namespace_is_refused_with_the_class_to_use(tmp_path):
+    other = type("Trainer", (), {"__module__": "lightning.pytorch.trainer.trainer"})()
+    with pytest.raises(TypeError, match=r"ckpt.integrations.lightning.lightning_pytorch.CheckpointCallback"):
+        CheckpointCallback(tmp_path).setup(other, None, "fit")
+
+
+def test_top_level_callback_is_the_one_of_the_imported_namespace():
+    import ckpt.integrations.lightning as integration
+
+    assert integration.CheckpointCallback is CheckpointCallback
+    assert isinstance(CheckpointCallback("unused"), pl.callbacks.Checkpoint)

@@ -64,7 +64,8 @@ class Checkpointer:
       preservation_policy: what to keep; default ``PreserveAll()``. The latest step is always kept.
       step_name_format: directory names of steps; default ``standard_name_format()`` (``23``).
       custom_metadata: JSON for the whole sequence, written once (a later Checkpointer keeps it).
-      cleanup_tmp_directories: remove the temporary directories crashed saves left behind.
+      cleanup_tmp_directories: remove the temporary directories crashed saves left behind now, at
+        construction (a writer also removes them before its first save; they are never listed).
       lightweight_initialize: do not read each step's manifest when listing (no metrics or times),
         for roots with thousands of steps.
     """
@@ -97,13 +98,9 @@ class Checkpointer:
         primary = self._processes.index == 0
         if primary and custom_metadata is not None and not _exists(root_file):
             storage.write_file_atomic(root_file, fmt.to_json_bytes({"custom_metadata": custom_metadata}, "custom_metadata"))
+        self._swept = False
         if cleanup_tmp_directories and primary:
-            self._lock.acquire()
-            steps = step_lib.find_steps(storage.list_names(self._directory), self._name_format)
-            for name in storage.list_names(self._directory):
-                if name.endswith((fmt.TMP_SUFFIX, fmt.DELETING_SUFFIX)) or (
-                        name in steps.values() and not storage.is_committed(self._directory / name)):
-                    storage.remove_tree(self._directory / name)
+            self._take_directory()
         preemption.install()
         self._barrier("init")
         self.reload()
@@ -278,7 +275,7 @@ class Checkpointer:
         final = self._directory / step_lib.checked_name(self._name_format, step)
         self.wait()
         if self._processes.index == 0:
-            self._lock.acquire()
+            self._take_directory()
         writer = saving.StepWriter(plan, storage.temporary_for(final), final,
                                    dir_mode=self._context.file_options.path_permission_mode,
                                    processes=self._processes, operation=self._operation(f"save/{step}"),
@@ -305,6 +302,20 @@ class Checkpointer:
             storage.remove_tree(writer.tmp_dir)
             raise
         return self._writer.submit(job)
+
+    def _take_directory(self) -> None:
+        """Becomes the root's one writer; the first time, removes what crashed saves and deletions left
+        (temporary and half-deleted directories, and uncommitted steps on an object store)."""
+        self._lock.acquire()
+        if self._swept:
+            return
+        names = storage.list_names(self._directory)
+        steps = step_lib.find_steps(names, self._name_format)
+        for name in names:
+            if name.endswith((fmt.TMP_SUFFIX, fmt.DELETING_SUFFIX)) or (
+                    name in steps.values() and not storage.is_committed(self._directory / name)):
+                storage.remove_tree(self._directory / name)
+        self._swept = True
 
     def _committed(self, step: int, path: storage.Location, manifest: dict) -> None:
         info = self._info(step, path, manifest)

@@ -199,10 +199,6 @@ def open_for_read(spec: dict) -> ts.TensorStore:
     return ts.open({**spec, "fill_missing_data_reads": False}, open=True, context=ts_context()).result()
 
 
-def local_kvstore(path: Path) -> dict:
-    return {"driver": "file", "path": str(path) + "/"}
-
-
 def resolve_kvstore(spec: dict, step_dir: Path) -> dict:
     """A manifest's array spec with its relative kvstore path made absolute under ``step_dir``.
 
@@ -320,7 +316,3 @@ def read_json_bytes(path: Location) -> bytes:
         return path.read_bytes()
     with open(path, "rb") as f:
         return f.read()
-
-
-def as_readonly(array: Any) -> Any:
-    return array

@@ -27,18 +27,26 @@ SCRIPT = Path(__file__).resolve().parent / "lightning_run.py"
 EXAMPLE = procs.REPO / "examples" / "lightning_train.py"
 
 
-def run(*args: str, timeout: float = 150) -> tuple[int, str]:
-    """Runs the training script in its own process group; kills whatever is left of it afterwards."""
-    proc = procs.start(SCRIPT, *args)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    finally:
-        procs.stop(proc)
-    return proc.returncode, out
+class Run:
+    """The training script, started now in its own process group; ``result()`` waits for it (bounded)
+    and kills whatever is left of it (a DDP worker included)."""
+
+    def __init__(self, *args: str):
+        self.proc = procs.start(SCRIPT, *args)
+        self._result: tuple[int, str] | None = None
+
+    def result(self, timeout: float = 150) -> tuple[int, str]:
+        if self._result is None:
+            try:
+                out, _ = self.proc.communicate(timeout=timeout)
+            finally:
+                procs.stop(self.proc)
+            self._result = (self.proc.returncode, out)
+        return self._result
 
 
 def finished(*args: str) -> str:
-    code, out = run(*args)
+    code, out = Run(*args).result()
     assert code == 0 and "finished at step" in out, out[-3000:]
     return out
 
@@ -53,17 +61,26 @@ def started_at(out: str) -> int:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """The final state of uninterrupted runs without the callback, by training flags (computed once)."""
-    cache: dict[tuple[str, ...], dict] = {}
+    """``reference(*flags)`` starts (once per flags) an uninterrupted run without the callback, in the
+    background, and returns a function that waits for it and returns its final state."""
+    runs: dict[tuple[str, ...], tuple[Run, Path]] = {}
 
-    def get(*flags: str) -> dict:
-        if flags not in cache:
+    def start(*flags: str):
+        if flags not in runs:
             out = tmp_path_factory.mktemp("reference") / "final.pt"
-            finished("--no-callback", "--out", str(out), *flags)
-            cache[flags] = torch.load(out)
-        return cache[flags]
+            runs[flags] = (Run("--no-callback", "--out", str(out), *flags), out)
+        run, out = runs[flags]
 
-    return get
+        def final_state() -> dict:
+            code, log = run.result()
+            assert code == 0 and "finished at step" in log, log[-3000:]
+            return torch.load(out)
+
+        return final_state
+
+    yield start
+    for run, _ in runs.values():
+        procs.stop(run.proc)
 
 
 def kill_then_restart(tmp_path: Path, *flags: str, kill_at: int, in_flight: bool = False) -> tuple[str, dict]:
@@ -71,7 +88,7 @@ def kill_then_restart(tmp_path: Path, *flags: str, kill_at: int, in_flight: bool
     final state."""
     directory, out = tmp_path / "ckpt", tmp_path / "final.pt"
     common = ("--dir", str(directory), "--out", str(out), *flags)
-    code, log = run(*common, "--kill-at", str(kill_at), *(["--kill-in-flight"] if in_flight else []))
+    code, log = Run(*common, "--kill-at", str(kill_at), *(["--kill-in-flight"] if in_flight else [])).result()
     assert code == -9 and f"killing at step {kill_at}" in log, log[-3000:]
     return finished(*common), torch.load(out)
 
@@ -90,50 +107,55 @@ def test_resuming_from_any_saved_step_gives_the_uninterrupted_final_state_bit_fo
 
 def test_sigkill_after_fixed_interval_checkpoint_with_accumulation_resumes_exactly_keeping_latest_n(
         tmp_path, reference):
+    expected = reference("--max-steps", "16", "--accumulate", "2")
     flags = ("--max-steps", "16", "--accumulate", "2", "--policy", "every:4", "--preserve", "latest:2")
     out, final = kill_then_restart(tmp_path, *flags, kill_at=10)  # steps 4 and 8 kept; 8 is mid-epoch
     assert started_at(out) == 8
     assert steps_in(tmp_path / "ckpt") == [12, 16]
-    assert same(final, reference("--max-steps", "16", "--accumulate", "2"))
+    assert same(final, expected())
 
 
 def test_sigkill_with_monitor_keeps_the_best_and_latest_steps_and_resumes_exactly(tmp_path, reference):
+    expected = reference("--max-steps", "24")
     flags = ("--max-steps", "24", "--policy", "every:3", "--monitor", "train_loss")
     directory, out = tmp_path / "ckpt", tmp_path / "final.pt"
-    code, log = run("--dir", str(directory), "--out", str(out), *flags, "--kill-at", "13")
+    code, log = Run("--dir", str(directory), "--out", str(out), *flags, "--kill-at", "13").result()
     assert code == -9, log[-3000:]
     losses = {int(s): float(v) for s, v in re.findall(r"^step (\d+) train_loss (\S+)$", log, re.M)}
     best = min((s for s in losses if s % 3 == 0 and s <= 12), key=losses.get)
     assert steps_in(directory) == sorted({best, 12})
     resumed = finished("--dir", str(directory), "--out", str(out), *flags)
     assert started_at(resumed) == 12
-    assert same(torch.load(out), reference("--max-steps", "24"))
+    assert same(torch.load(out), expected())
 
 
 def test_sigkill_while_a_save_is_in_flight_resumes_from_the_last_committed_step_and_leaves_no_partial_step(
         tmp_path, reference):
+    expected = reference("--max-steps", "24")
     out, final = kill_then_restart(tmp_path, "--max-steps", "24", kill_at=13, in_flight=True)
     assert 1 <= started_at(out) <= 13
     assert not [p.name for p in (tmp_path / "ckpt").iterdir() if not p.name.isdigit() and not p.name.startswith(".")]
-    assert same(final, reference("--max-steps", "24"))
+    assert same(final, expected())
 
 
 def test_sigterm_saves_the_current_step_then_lightning_stops_and_a_restart_resumes_exactly(tmp_path, reference):
+    expected = reference("--max-steps", "24")
     directory, out = tmp_path / "ckpt", tmp_path / "final.pt"
     flags = ("--dir", str(directory), "--out", str(out), "--max-steps", "24", "--policy", "every:5")
-    code, log = run(*flags, "--sigterm-at", "13")
+    code, log = Run(*flags, "--sigterm-at", "13").result()
     assert "finished at step" not in log and steps_in(directory) == [5, 10, 13], log[-3000:]
     resumed = finished(*flags)
     assert started_at(resumed) == 13
-    assert same(torch.load(out), reference("--max-steps", "24"))
+    assert same(torch.load(out), expected())
 
 
 def test_ddp_two_processes_agree_write_once_survive_sigkill_and_resume_exactly(tmp_path, reference):
+    expected = reference("--ddp", "--max-steps", "20")
     flags = ("--ddp", "--max-steps", "20", "--policy", "every:4")
     out, final = kill_then_restart(tmp_path, *flags, kill_at=14)  # 10 batches per rank and epoch
     assert "rank 0 started at step 12 writer True" in out and "rank 1 started at step 12 writer False" in out, out
     assert steps_in(tmp_path / "ckpt") == [4, 8, 12, 16, 20]
-    assert same(final, reference("--ddp", "--max-steps", "20"))
+    assert same(final, expected())
 
 
 def test_example_resumes_where_it_stopped(tmp_path):

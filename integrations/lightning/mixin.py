@@ -1,0 +1,305 @@
+"""The callback's behaviour, free of any Lightning namespace: it only duck-types the trainer.
+
+The concrete classes (``pytorch_lightning.py``, ``lightning_pytorch.py``) add Lightning's ``Checkpoint``
+base of one namespace each, so that Lightning adds no ``ModelCheckpoint`` beside it, orders it last
+and returns it as ``trainer.checkpoint_callback``.
+
+What happens when:
+
+- ``setup`` (fit): global rank 0 opens the :class:`ckpt.Checkpointer`; other ranks write nothing.
+- ``on_fit_start``: every rank learns the latest committed step from rank 0 and, with ``restore`` and
+  no ``trainer.fit(ckpt_path=...)``, restores the full training state from it.
+- ``on_train_start``: the data iterator is moved to the batch after the checkpoint and the RNG
+  states are set as they were when it was taken.
+- ``on_train_epoch_start``: the RNG states are recorded; a mid-epoch resume replays the epoch's
+  shuffling from them.
+- ``on_train_batch_end``: once per new ``trainer.global_step`` (accumulating batches and repeated
+  steps decide nothing), rank 0's policy decides for every rank; a save snapshots the state on the
+  training thread and writes it in the background. SIGTERM saves the step too.
+- ``on_train_end``: saves the final step if it is not saved, and waits for the write.
+- ``on_exception``: after SIGTERM, saves the current step (all ranks got the signal's exception at
+  the same batch); otherwise only waits for the save in flight.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from typing import Any
+
+import torch
+
+import ckpt
+from ckpt.training import Checkpointer
+
+from ckpt.integrations.lightning import monitor as monitor_lib
+from ckpt.integrations.lightning import resume, rng, translate
+from ckpt.integrations.lightning.weights import check_model
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointCallbackMixin:
+    """Saves the full Lightning training state with ckpt on step end and resumes it on fit start.
+
+    Args:
+      directory: the root directory of the steps (local, ``gs://`` or ``s3://``).
+      save_decision_policy: when to save (``ckpt.training.save_decision_policies``); default: the
+        first step, then whenever no save is in flight, and on preemption.
+      preservation_policy: what to keep (``ckpt.training.preservation_policies``); default: all.
+      monitor: a key of ``trainer.callback_metrics``; the best step by it is kept beside what
+        ``preservation_policy`` keeps (by default the latest step) and is ``best_model_path``.
+      mode: ``"min"`` or ``"max"``: which ``monitor`` value is best.
+      async_save: write in the background (the training thread only takes the snapshot).
+      restore: on fit start, resume from the latest step unless ``trainer.fit(ckpt_path=...)`` is given.
+      step_name_format: step directory names (``ckpt.path.step.standard_name_format(...)``).
+      context: ``ckpt.Context`` options.
+
+    Example::
+
+        from ckpt.integrations.lightning import CheckpointCallback
+        from ckpt.training import save_decision_policies as sdp, preservation_policies as pp
+
+        trainer = pl.Trainer(max_steps=10_000, callbacks=[CheckpointCallback(
+            "runs/exp1",
+            save_decision_policy=sdp.AnySavePolicy([sdp.FixedIntervalPolicy(500),
+                                                    sdp.PreemptionCheckpointingPolicy()]),
+            preservation_policy=pp.LatestN(2), monitor="train_loss")])
+        trainer.fit(model, dataloader)     # run the same command again after a crash: it continues
+    """
+
+    lightning_package: str = ""  # the namespace of the concrete class's Checkpoint base
+
+    def __init__(self, directory: str | os.PathLike, *, save_decision_policy: Any = None,
+                 preservation_policy: Any = None, monitor: str | None = None, mode: str = "min",
+                 async_save: bool = True, restore: bool = True, step_name_format: Any = None,
+                 context: ckpt.Context | None = None) -> None:
+        super().__init__()
+        if mode not in ("min", "max"):
+            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+        if monitor is not None and not isinstance(monitor, str):
+            raise TypeError(f"monitor must be a metric name (str) or None, got {monitor!r}")
+        self.directory = os.fspath(directory)
+        self.monitor = monitor
+        self.mode = mode
+        self.async_save = async_save
+        self.restore = restore
+        self._checkpointer_options = dict(
+            save_decision_policy=save_decision_policy,
+            preservation_policy=monitor_lib.preservation_policy(preservation_policy, monitor, mode),
+            step_name_format=step_name_format, context=context)
+        self._checkpointer: Checkpointer | None = None  # global rank 0 only
+        self._paths = {"best": "", "last": ""}  # the paths where this process has no Checkpointer
+        self._open = False
+        self._trainer: Any = None
+        self._latest_step: int | None = None  # the latest step on disk at fit start, on every rank
+        self._decided_step: int | None = None  # the global step of the last decision (None: not training)
+        self._saved_step: int | None = None
+        self._at_step_boundary = True  # False after a batch that only accumulated gradients
+        self._epoch_rng: dict | None = None  # {"epoch": int, "rng": the states at the epoch's start}
+        self._loaded_state: dict | None = None  # this callback's state from a restored checkpoint
+        self._epoch_start_action: str | None = None  # for the next on_train_epoch_start (see _start_epoch)
+
+    # ------------------------------------------------------------------ what Lightning reads
+    @property
+    def checkpointer(self) -> Checkpointer | None:
+        """The underlying :class:`ckpt.Checkpointer` (on global rank 0, after ``setup``), else None."""
+        return self._checkpointer
+
+    @property
+    def last_model_path(self) -> str:
+        """The directory of the latest committed step ("" if none, and on ranks other than 0)."""
+        if self._checkpointer is None:
+            return self._paths["last"]
+        checkpoints = self._checkpointer.checkpoints
+        return str(checkpoints[-1].path) if checkpoints else ""
+
+    @last_model_path.setter
+    def last_model_path(self, path: str) -> None:  # Lightning's spawn launchers copy it from rank 0
+        self._paths["last"] = path
+
+    @property
+    def best_model_path(self) -> str:
+        """The directory of the best committed step by ``monitor`` (the latest without ``monitor``)."""
+        if self._checkpointer is None:
+            return self._paths["best"]
+        best = monitor_lib.best_step(self._checkpointer.checkpoints, self.monitor, self.mode)
+        return "" if best is None else str(best.path)
+
+    @best_model_path.setter
+    def best_model_path(self, path: str) -> None:
+        self._paths["best"] = path
+
+    def state_dict(self) -> dict[str, Any]:
+        """The RNG states of every rank, now and at the start of the epoch (for an exact resume)."""
+        loaders = resume.train_loaders(self._trainer) if self._trainer is not None else []
+        return {"rng": self._gather(rng.capture(loaders)), "epoch_rng": self._gather(self._epoch_rng)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._loaded_state = state_dict
+
+    # ------------------------------------------------------------------------------- hooks
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self._check_namespace(trainer)
+        self._trainer = trainer
+        if stage == "fit" and trainer.is_global_zero and not self._open:
+            # the callback is the directory's only writer: what crashed saves left is removed
+            self._checkpointer = Checkpointer(self.directory, cleanup_tmp_directories=True,
+                                              **self._checkpointer_options)
+            self._open = True
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        latest = self._checkpointer.latest if self._checkpointer is not None else None
+        found = trainer.strategy.broadcast(None if latest is None else (latest.step, str(latest.path)), src=0)
+        self._latest_step = None if found is None else found[0]
+        if self.restore and found is not None and trainer.ckpt_path is None:
+            self._restore(trainer, pl_module, found[1])
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        step = trainer.global_step
+        if self._latest_step is not None and self._latest_step > step:
+            raise ValueError(
+                f"{self.directory} already holds step {self._latest_step}, but this run starts at step {step}"
+                + (f" (from ckpt_path={trainer.ckpt_path!r})" if trainer.ckpt_path else " (restore=False)")
+                + ": its checkpoints would collide with those steps. Use a new directory, or remove the steps "
+                f"after {step}.")
+        translate.to_checkpointables(resume.dump_checkpoint(trainer))  # un-storable values fail now, not at a save
+        self._decided_step = step
+        self._saved_step = self._latest_step
+        self._at_step_boundary = True
+        self._resume_data_and_rng(trainer)
+
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        action, self._epoch_start_action = self._epoch_start_action, None
+        self._start_epoch(trainer, action)
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        self._at_step_boundary = step != self._decided_step
+        if not self._at_step_boundary or trainer.fast_dev_run:
+            return
+        self._decided_step = step
+        if self._decide(trainer, step):
+            self._save(trainer, step)
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        step = trainer.global_step
+        if step != self._saved_step and not trainer.fast_dev_run:
+            self._save(trainer, step)
+        if self._checkpointer is not None:
+            self._checkpointer.wait()
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        step = trainer.global_step
+        if (trainer.received_sigterm and self._decided_step is not None and self._at_step_boundary
+                and step != self._saved_step and not trainer.fast_dev_run):
+            try:
+                self._save(trainer, step)
+            except Exception:
+                log.exception("ckpt: the save of step %d after SIGTERM failed", step)
+        elif trainer.received_sigterm and not self._at_step_boundary:
+            log.warning("ckpt: SIGTERM arrived while gradients were being accumulated; the run resumes from "
+                        "step %s, the last one whose accumulation was complete", self._saved_step)
+        try:
+            self._close()
+        except Exception:
+            log.exception("ckpt: the save in flight failed")
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage == "fit":
+            self._close()
+
+    # ------------------------------------------------------------------------------ saving
+    def _decide(self, trainer: Any, step: int) -> bool:
+        """Rank 0's decision, on every rank (time- and signal-based policies may differ between ranks)."""
+        decision = self._checkpointer is not None and (self._checkpointer.should_save(step)
+                                                       or trainer.received_sigterm)
+        if trainer.world_size > 1:
+            decision = trainer.strategy.broadcast(decision, src=0)
+        return decision
+
+    def _save(self, trainer: Any, step: int) -> None:
+        """Snapshots the full training state; rank 0 writes it (call on every rank)."""
+        items = translate.to_checkpointables(resume.dump_checkpoint(trainer))
+        self._saved_step = step
+        if self._checkpointer is None:
+            return
+        metrics = monitor_lib.step_metrics(trainer.callback_metrics)
+        if self.async_save:
+            self._checkpointer.save_checkpointables_async(step, items, force=True, metrics=metrics)
+        else:
+            self._checkpointer.save_checkpointables(step, items, force=True, metrics=metrics)
+
+    def _close(self) -> None:
+        if self._open:
+            self._open = False
+            self._checkpointer.close()
+
+    # ----------------------------------------------------------------------------- resuming
+    def _restore(self, trainer: Any, pl_module: Any, path: str) -> None:
+        checkpoint = translate.from_checkpointables(ckpt.load_checkpointables(path))
+        check_model(checkpoint["state_dict"], pl_module, source=path, strict=pl_module.strict_loading)
+        resume.restore_trainer(trainer, checkpoint, source=path)
+
+    def _resume_data_and_rng(self, trainer: Any) -> None:
+        """Continues the data where the checkpoint left it, with the RNG states it recorded."""
+        saved, self._loaded_state = self._loaded_state or {}, None
+        saved_rng = _for_rank(saved.get("rng"), trainer.global_rank)
+        epoch_rng = _for_rank(saved.get("epoch_rng"), trainer.global_rank)
+        position = resume.plan_data_position(trainer)
+        loaders = resume.train_loaders(trainer)
+        if position is not None:
+            # Lightning warns that a plain DataLoader replays the epoch; this callback moves it instead
+            warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
+        if position is not None and position.replay_epoch:
+            epoch = trainer.current_epoch if epoch_rng is None else epoch_rng["epoch"]
+            log.info("ckpt: continuing epoch %d after its batch %d", epoch, position.skip)
+            if epoch_rng is not None:
+                rng.restore(epoch_rng["rng"], loaders)
+                if epoch > 0:
+                    resume.new_epoch_iterator(trainer)
+            self._epoch_rng = epoch_rng
+            resume.skip_batches(trainer, position.skip, epoch)
+            if position.epoch_start_hook:
+                self._epoch_start_action = "keep"
+        if saved_rng is not None:
+            rng.restore(saved_rng, loaders)
+        if position is not None and position.new_epoch and trainer.current_epoch > 0:
+            if position.epoch_start_hook:
+                self._epoch_start_action = "iterate"
+            else:
+                self._start_epoch(trainer, "iterate")
+
+    def _start_epoch(self, trainer: Any, action: str | None) -> None:
+        """Records the RNG states at the start of an epoch (and, with ``"iterate"``, then makes its
+        data iterator, as Lightning does for every epoch but the first); ``"keep"`` keeps the record."""
+        if action == "keep":
+            return
+        self._epoch_rng = {"epoch": trainer.current_epoch, "rng": rng.capture(resume.train_loaders(trainer))}
+        if action == "iterate":
+            resume.new_epoch_iterator(trainer)
+
+    # ------------------------------------------------------------------------- distributed
+    def _gather(self, value: Any) -> list[Any]:
+        """``value`` from every rank, in rank order (only ``[value]`` in a single process)."""
+        if self._trainer is None or self._trainer.world_size <= 1 or not torch.distributed.is_initialized():
+            return [value]
+        out: list[Any] = [None] * self._trainer.world_size
+        torch.distributed.all_gather_object(out, value)
+        return out
+
+    def _check_namespace(self, trainer: Any) -> None:
+        package = resume.lightning_package(trainer)
+        if package != self.lightning_package:
+            other = "lightning_pytorch" if package == "lightning.pytorch" else "pytorch_lightning"
+            raise TypeError(
+                f"this CheckpointCallback is built on {self.lightning_package}, but the Trainer comes from "
+                f"{package}; Lightning only recognises callbacks of its own namespace. Use "
+                f"ckpt.integrations.lightning.{other}.CheckpointCallback.")
+
+
+def _for_rank(states: list[Any] | None, rank: int) -> Any:
+    """This rank's entry of a per-rank list (rank 0's when the run had fewer ranks)."""
+    if not states:
+        return None
+    return states[rank] if rank < len(states) else states[0]

@@ -1,0 +1,140 @@
+"""Putting a restored checkpoint into a running Trainer, and the data loader where the run left it.
+
+Lightning has no public API for a callback to restore the full training state, and with a plain
+``DataLoader`` it replays a resumed epoch from its first batch. These functions use the private
+internals that have been stable from Lightning 2.0 to 2.6 (``trainer._checkpoint_connector``,
+``trainer.fit_loop._data_fetcher`` and the loops' progress counters), and say so when they are missing.
+
+Example (inside the callback)::
+
+    restore_trainer(trainer, checkpoint, source=str(step_path))   # in on_fit_start
+    position = plan_data_position(trainer)                        # in on_train_start
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Any
+
+
+def restore_trainer(trainer: Any, checkpoint: dict, *, source: str) -> None:
+    """Restores what ``trainer.fit(ckpt_path=...)`` would from an in-memory checkpoint dict.
+
+    The model, datamodule, callbacks, precision plugin, loops, optimizers and LR schedulers, in
+    Lightning's own order. Call it on every rank, after the strategy set the model and optimizers up
+    (``on_fit_start``); the later built-in restore then finds nothing to do.
+    """
+    connector = _private(trainer, "_checkpoint_connector")
+    connector._loaded_checkpoint = _migrate(trainer, checkpoint, source)
+    connector.restore_datamodule()
+    connector.restore_model()
+    connector.restore_callbacks()
+    connector.restore_training_state()
+    connector.resume_end()
+    _rank_zero_info(trainer, f"Restored all states from the ckpt checkpoint at {source}")
+
+
+def _rank_zero_info(trainer: Any, message: str) -> None:
+    """Prints like Lightning's own messages (its logger, global rank 0 only)."""
+    importlib.import_module(f"{lightning_package(trainer)}.utilities.rank_zero").rank_zero_info(message)
+
+
+def _migrate(trainer: Any, checkpoint: dict, source: str) -> dict:
+    """Lightning's upgrade of a checkpoint written by an older Lightning (a no-op for the same version)."""
+    utils = importlib.import_module(f"{lightning_package(trainer)}.utilities.migration.utils")
+    return utils._pl_migrate_checkpoint(checkpoint, source)
+
+
+def lightning_package(trainer: Any) -> str:
+    """``"pytorch_lightning"`` or ``"lightning.pytorch"``: the namespace ``trainer``'s class comes from."""
+    for cls in type(trainer).__mro__:
+        if cls.__name__ == "Trainer" and cls.__module__.endswith(".trainer.trainer"):
+            return cls.__module__.split(".trainer.trainer")[0]
+    raise TypeError(f"{type(trainer).__qualname__} is not a Lightning Trainer")
+
+
+def dump_checkpoint(trainer: Any) -> dict:
+    """The full checkpoint dict Lightning's ``trainer.save_checkpoint`` would write (call on every rank)."""
+    return _private(trainer, "_checkpoint_connector").dump_checkpoint(weights_only=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataPosition:
+    """Where a restored run stands in its epoch, as Lightning's loops will continue it.
+
+    skip: batches of the epoch in progress already trained (with ``replay_epoch``).
+    replay_epoch: an epoch is in progress: its data order must be drawn again from the RNG states
+      recorded at its start, and ``skip`` batches passed over.
+    new_epoch: a new epoch starts with the next batch; Lightning makes no iterator for it (after a
+      restore it reuses the one from ``setup_data``, which drew its seeds before the RNG states
+      were restored).
+    epoch_start_hook: ``on_train_epoch_start`` runs before the next batch.
+    """
+
+    skip: int
+    replay_epoch: bool
+    new_epoch: bool
+    epoch_start_hook: bool
+
+
+def plan_data_position(trainer: Any) -> DataPosition | None:
+    """How to position the data of a restored fit; None when Lightning restores it (stateful loaders),
+    nothing was restored, or Lightning first finishes the saved epoch and then iterates as usual.
+    Call in ``on_train_start``, after ``FitLoop.reset`` set the restart stages."""
+    fit_loop = trainer.fit_loop
+    fetcher = _private(fit_loop, "_data_fetcher")
+    if not fit_loop.is_resuming or fetcher is None or _loaders_are_stateful(fetcher) or fit_loop.restarted_on_epoch_end:
+        return None
+    hook = not fit_loop.restarted_mid_epoch
+    epoch_loop = fit_loop.epoch_loop
+    if epoch_loop.restarting:  # Lightning continues the saved epoch's batch count (see _TrainingEpochLoop.reset)
+        on_batch_end = epoch_loop.restarted_on_train_batch_end
+        done = epoch_loop.batch_progress.current.completed + int(on_batch_end)
+        if done < trainer.num_training_batches:
+            return DataPosition(skip=done, replay_epoch=True, new_epoch=False, epoch_start_hook=hook)
+        if not on_batch_end:
+            return None
+    return DataPosition(skip=0, replay_epoch=False, new_epoch=True, epoch_start_hook=hook)
+
+
+def new_epoch_iterator(trainer: Any) -> None:
+    """Makes the epoch's data iterator, as ``_TrainingEpochLoop.on_run_start`` does for epochs after the first."""
+    iter(trainer.fit_loop._data_fetcher)
+
+
+def skip_batches(trainer: Any, count: int, epoch: int) -> None:
+    """Draws ``count`` batches of the current epoch, leaving the fetcher's counters as Lightning expects.
+
+    The samplers get ``epoch`` first (Lightning sets it only after ``on_train_start``; a
+    ``DistributedSampler`` shuffles by it). Lightning adds the restored batch count to ``fetched``
+    when the epoch loop starts, so the batches drawn here are taken off it again.
+    """
+    for loader in train_loaders(trainer):
+        for sampler in (getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None)):
+            if hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(epoch)
+    fetcher = trainer.fit_loop._data_fetcher
+    for _ in range(count):
+        next(fetcher)
+    fetcher.fetched -= count
+
+
+def train_loaders(trainer: Any) -> list[Any]:
+    """The training DataLoaders as Lightning iterates them (after its own processing)."""
+    fetcher = _private(trainer.fit_loop, "_data_fetcher")
+    if fetcher is None or fetcher._combined_loader is None:
+        return []
+    return list(fetcher.combined_loader.flattened)
+
+
+def _loaders_are_stateful(fetcher: Any) -> bool:
+    loaders = fetcher.combined_loader.flattened
+    return bool(loaders) and all(hasattr(dl, "state_dict") and hasattr(dl, "load_state_dict") for dl in loaders)
+
+
+def _private(obj: Any, name: str) -> Any:
+    try:
+        return getattr(obj, name)
+    except AttributeError:
+        raise RuntimeError(f"{type(obj).__qualname__} has no {name}: this Lightning version is not supported by "
+                           "ckpt.integrations.lightning (tested with 2.0 to 2.6)") from None

@@ -1,0 +1,61 @@
+"""The random number generators a training step draws from, as checkpointable values.
+
+Covers torch's default generator (CPU, and CUDA when initialised), numpy's global ``RandomState``,
+Python's ``random``, and the ``torch.Generator`` objects held by DataLoaders and their samplers
+(``DataLoader(generator=...)``). States are tensors and Python numbers only, so that ckpt stores them
+as they are and a Lightning ``.ckpt`` holding them still loads with ``torch.load(weights_only=True)``.
+
+Example::
+
+    state = capture(loaders)
+    ...                       # draws
+    restore(state, loaders)   # the same draws again
+"""
+from __future__ import annotations
+
+import random
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+
+
+def capture(loaders: Iterable[Any] = ()) -> dict[str, Any]:
+    """The current state of every generator, ``loaders``' own generators included."""
+    version, internal, gauss_next = random.getstate()
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+        "python": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64), "gauss_next": gauss_next},
+        "loaders": [g.get_state() for g in _loader_generators(loaders)],
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["torch_cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore(state: dict[str, Any], loaders: Iterable[Any] = ()) -> None:
+    """Sets every generator to ``state`` (from :func:`capture`, possibly after a save and load)."""
+    torch.set_rng_state(state["torch"])
+    numpy = state["numpy"]
+    np.random.set_state((numpy["kind"], numpy["keys"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"],
+                         numpy["cached_gaussian"]))
+    python = state["python"]
+    random.setstate((python["version"], tuple(python["internal"].tolist()), python["gauss_next"]))
+    for generator, saved in zip(_loader_generators(loaders), state["loaders"]):
+        generator.set_state(saved)
+    if "torch_cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["torch_cuda"])
+
+
+def _loader_generators(loaders: Iterable[Any]) -> list[torch.Generator]:
+    """The distinct generators of the loaders and their samplers, in a stable order."""
+    found: list[torch.Generator] = []
+    for loader in loaders:
+        for owner in (loader, getattr(loader, "sampler", None)):
+            generator = getattr(owner, "generator", None)
+            if isinstance(generator, torch.Generator) and all(generator is not g for g in found):
+                found.append(generator)
+    return found

@@ -1,0 +1,68 @@
+"""Lightning's checkpoint dict to ckpt checkpointables and back.
+
+``dump_checkpoint`` returns tensors, numbers and strings inside dicts (some of them ``OrderedDict`` or
+``AttributeDict``), lists and tuples. ckpt stores plain dicts, lists and tuples of tensors, arrays and
+JSON values, and pickles nothing. This module makes the dict plain, refuses anything else with the key
+that holds it, and splits it in two checkpointables: ``"model"`` (the module's ``state_dict``, which
+:func:`ckpt.integrations.lightning.load_weights` reads on its own) and ``"trainer"`` (the rest).
+
+Example::
+
+    items = to_checkpointables(trainer._checkpoint_connector.dump_checkpoint(weights_only=False))
+    ckptr.save_checkpointables(step, items, force=True)
+    checkpoint = from_checkpointables(ckptr.load_checkpointables(step))   # tensors come back as torch
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+MODEL = "model"
+TRAINER = "trainer"
+_STATE_DICT = "state_dict"
+_SCALARS = (int, float, bool, str, bytes, type(None))
+
+
+def to_checkpointables(checkpoint: dict) -> dict[str, Any]:
+    """Splits a Lightning checkpoint dict into ``{"model": state_dict, "trainer": everything else}``.
+
+    Raises:
+      TypeError: a value is neither a tensor, an array nor a JSON value, or a dict key is neither str
+        nor int; the message names its key, e.g. ``checkpoint['hyper_parameters']['net']``.
+    """
+    plain = _plain(checkpoint, "checkpoint")
+    model = plain.pop(_STATE_DICT, {})
+    return {MODEL: model, TRAINER: plain}
+
+
+def from_checkpointables(loaded: dict[str, Any]) -> dict:
+    """Inverse of :func:`to_checkpointables`: the dict Lightning's restore functions read."""
+    checkpoint = dict(loaded[TRAINER])
+    checkpoint[_STATE_DICT] = loaded[MODEL]
+    return checkpoint
+
+
+def _plain(x: Any, where: str) -> Any:
+    if type(x) in _SCALARS or isinstance(x, (torch.Tensor, np.ndarray, np.generic)):
+        return x
+    if isinstance(x, dict):
+        out = {}
+        for key, value in x.items():
+            if isinstance(key, bool) or not isinstance(key, (str, int)):
+                raise TypeError(f"{where} has the key {key!r} of type {type(key).__name__}; ckpt stores dicts "
+                                "whose keys are str or int")
+            out[key] = _plain(value, f"{where}[{key!r}]")
+        return out
+    if isinstance(x, tuple) and hasattr(type(x), "_fields"):
+        return type(x)(*(_plain(v, f"{where}.{f}") for f, v in zip(type(x)._fields, x)))
+    if isinstance(x, (list, tuple)):
+        values = [_plain(v, f"{where}[{i}]") for i, v in enumerate(x)]
+        return values if isinstance(x, list) else tuple(values)
+    raise TypeError(
+        f"{where} is a {type(x).__module__}.{type(x).__qualname__}: ckpt stores tensors, numpy arrays and "
+        "JSON values (int, float, bool, str, bytes, None, dicts, lists, tuples) and pickles nothing. Convert "
+        "it to one of these in `on_save_checkpoint`, or keep it out of the checkpoint (for example with "
+        "`save_hyperparameters(ignore=[...])`)."
+    )

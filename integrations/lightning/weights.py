@@ -1,0 +1,82 @@
+"""Reading the model weights of a step without a Trainer, and checking they fit a model.
+
+Example::
+
+    model = MyLightningModule()
+    step = load_weights(model, "runs/exp1")       # the latest step; load_weights(model, d, step=120)
+    model.eval()
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+import ckpt
+from ckpt.path import step as step_lib
+
+from ckpt.integrations.lightning.translate import MODEL
+
+
+def load_weights(model: torch.nn.Module, directory: str | os.PathLike, step: int | None = None, *,
+                 strict: bool = True, step_name_format: step_lib.NameFormat | None = None) -> int:
+    """Loads the weights a :class:`CheckpointCallback` saved at ``step`` (the latest when None) into ``model``.
+
+    Reads only the ``"model"`` checkpointable (no optimizer or trainer state), installs no signal
+    handler and takes no lock, so it is safe in an inference process while training still writes.
+
+    Args:
+      model: the LightningModule (or any ``nn.Module`` with the same ``state_dict`` keys) to fill.
+      directory: the callback's directory.
+      step: the step to load; None for the latest.
+      strict: as in ``nn.Module.load_state_dict``: every key must match.
+      step_name_format: the callback's ``step_name_format``, if it was given one.
+
+    Returns:
+      The step that was loaded.
+
+    Raises:
+      ckpt.errors.StepNotFoundError: no such step (or no checkpoint at all) in ``directory``.
+      ValueError: the checkpoint holds a different model (the keys and shapes that differ are named).
+    """
+    step, path = step_path(directory, step, step_name_format)
+    state = ckpt.load_checkpointables(path, {MODEL: None})[MODEL]
+    check_model(state, model, source=f"step {step} in {directory}", strict=strict)
+    model.load_state_dict(state, strict=strict)
+    return step
+
+
+def step_path(directory: str | os.PathLike, step: int | None,
+              step_name_format: step_lib.NameFormat | None = None) -> tuple[int, Path]:
+    """The committed step (latest when None) of ``directory`` and its path, found without a Checkpointer."""
+    root = Path(directory).expanduser().absolute()
+    names = os.listdir(root) if root.is_dir() else []
+    found = step_lib.find_steps(names, step_name_format or step_lib.standard_name_format())
+    if step is None and found:
+        step = max(found)
+    if step not in found:
+        what = "no checkpoints" if not found else f"no checkpoint at step {step} (steps: {sorted(found)})"
+        raise ckpt.errors.StepNotFoundError(f"{what} in {root}", step=step, path=root)
+    return step, root / found[step]
+
+
+def check_model(saved: Mapping[str, Any], model: torch.nn.Module, *, source: str, strict: bool = True) -> None:
+    """Raises ValueError naming every key that ``saved`` (a state dict) lacks, adds, or shapes differently."""
+    current = model.state_dict()
+    problems = []
+    if strict:
+        missing = [k for k in current if k not in saved]
+        unexpected = [k for k in saved if k not in current]
+        if missing:
+            problems.append(f"missing keys {missing}")
+        if unexpected:
+            problems.append(f"unexpected keys {unexpected}")
+    for key, value in saved.items():
+        if key in current and tuple(getattr(value, "shape", ())) != tuple(current[key].shape):
+            problems.append(f"{key!r} has shape {tuple(value.shape)} there and {tuple(current[key].shape)} "
+                            "in the model")
+    if problems:
+        raise ValueError(f"{source} holds a different model than this {type(model).__name__}: "
+                         + "; ".join(problems) + ". Use the directory this model was trained in, or a new one.")

@@ -450,3 +450,13 @@ def test_loading_into_shape_dtype_structs_places_every_leaf_with_its_named_shard
     pytest.importorskip("jax")
     result = procs.run_script(SHARDED_LOAD, str(tmp_path / "c"), timeout=120, JAX_PLATFORMS="cpu")
     assert result.returncode == 0 and "SHARDED-OK" in result.stdout, result.stdout + result.stderr
+
+
+def test_find_all_lists_committed_steps_of_a_root_with_their_names(tmp_path):
+    fmt_ = ckpt.path.step.standard_name_format(step_prefix="step", step_format_fixed_length=3)
+    with Checkpointer(tmp_path, step_name_format=fmt_) as ckptr:
+        ckptr.save(0, {"a": 1})
+        ckptr.save(7, {"a": 2}, force=True)
+    (tmp_path / "step_009.ckpt-tmp").mkdir()
+    assert ckpt.path.step.find_all(tmp_path, fmt_) == {0: "step_000", 7: "step_007"}
+    assert ckpt.path.step.find_all(tmp_path) == {}

@@ -9,8 +9,11 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from typing import Iterable, Protocol, runtime_checkable
+
+from ckpt import storage
 
 
 @runtime_checkable
@@ -97,3 +100,17 @@ def find_steps(names: Iterable[str], name_format: NameFormat) -> dict[int, str]:
         if step is not None:
             found[step] = name
     return found
+
+
+def find_all(directory: str | os.PathLike, name_format: NameFormat | None = None) -> dict[int, str]:
+    """The committed steps below a root directory (local or ``s3://``/``gs://``), ascending, with their
+    directory names. Temporary and uncommitted directories are left out.
+
+    Example::
+
+        find_all("runs/exp1")                                        # {0: '0', 1000: '1000'}
+        find_all("runs/exp2", standard_name_format(step_prefix="step"))  # {5: 'step_5'}
+    """
+    root = storage.location(directory)
+    found = find_steps(storage.list_names(root), name_format or standard_name_format())
+    return {step: found[step] for step in sorted(found) if storage.is_committed(root / found[step])}

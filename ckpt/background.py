@@ -17,10 +17,11 @@ class AsyncResponse(Generic[T]):
 
     Example::
 
-        response = ckptr.save_async(step, state)
-        if response is not None:
+        with ckpt.Checkpointer("runs/exp1") as ckptr:
+            response = ckptr.save_async(0, {"w": np.ones(3)})   # None when the policy skips the step
             response.on_complete(lambda saved: print("committed", saved))
-            response.result(timeout=60)   # re-raises a background failure
+            assert response.result(timeout=60)                 # re-raises a background failure
+            assert response.done()
     """
 
     def __init__(self, future: concurrent.futures.Future, on_result: Callable[[], None] = lambda: None):

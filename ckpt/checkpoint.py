@@ -31,13 +31,26 @@ def _writer(path: str | os.PathLike, checkpointables: dict[str, Any], overwrite:
 
 def save_checkpointables(path: str | os.PathLike, checkpointables: dict[str, Any], *, overwrite: bool = False,
                          custom_metadata: Any = None) -> None:
-    """Saves named trees as one checkpoint directory at ``path``, atomically."""
+    """Saves named trees as one checkpoint directory at ``path``, atomically.
+
+    Example::
+
+        ckpt.save_checkpointables("model", {"params": {"w": np.ones(3)}, "opt_state": {"m": np.zeros(3)}})
+        params = ckpt.load("model", checkpointable_name="params")
+    """
     _writer(path, checkpointables, overwrite, custom_metadata).run(None)
 
 
 def save_checkpointables_async(path: str | os.PathLike, checkpointables: dict[str, Any], *, overwrite: bool = False,
                                custom_metadata: Any = None) -> background.AsyncResponse[None]:
-    """Copies the trees, then writes them in a background thread; ``result()`` waits for the commit."""
+    """Copies the trees, then writes them in a background thread; ``result()`` waits for the commit.
+
+    Example::
+
+        response = ckpt.save_checkpointables_async("model", {"params": {"w": np.ones(3)}, "data": {"epoch": 2}})
+        response.result(timeout=60)
+        assert ckpt.load("model", checkpointable_name="data") == {"epoch": 2}
+    """
     writer = _writer(path, checkpointables, overwrite, custom_metadata)
     writer.write_arrays(saving.snapshot(writer.plan, None))
     executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-save")
@@ -48,13 +61,28 @@ def save_checkpointables_async(path: str | os.PathLike, checkpointables: dict[st
 
 def save(path: str | os.PathLike, state: Any, *, checkpointable_name: str = fmt.DEFAULT_CHECKPOINTABLE,
          overwrite: bool = False, custom_metadata: Any = None) -> None:
-    """Saves one tree as a checkpoint directory at ``path``."""
+    """Saves one tree as a checkpoint directory at ``path``.
+
+    Example::
+
+        ckpt.save("model", {"w": np.ones(3), "step": 100})
+        ckpt.save("model", {"w": np.zeros(3), "step": 200}, overwrite=True)   # else StepAlreadyExistsError
+    """
     save_checkpointables(path, {checkpointable_name: state}, overwrite=overwrite, custom_metadata=custom_metadata)
 
 
 def save_async(path: str | os.PathLike, state: Any, *, checkpointable_name: str = fmt.DEFAULT_CHECKPOINTABLE,
                overwrite: bool = False, custom_metadata: Any = None) -> background.AsyncResponse[None]:
-    """Async :func:`save`."""
+    """Async :func:`save`.
+
+    Example::
+
+        state = {"w": np.ones(3)}
+        response = ckpt.save_async("model", state)       # returns once the state is copied
+        state["w"] += 1
+        response.result(timeout=60)                      # committed
+        assert ckpt.load("model")["w"][0] == 1           # the values at the call
+    """
     return save_checkpointables_async(path, {checkpointable_name: state}, overwrite=overwrite,
                                       custom_metadata=custom_metadata)
 
@@ -68,19 +96,41 @@ def _existing(path: str | os.PathLike) -> storage.Location:
 
 
 def load_checkpointables(path: str | os.PathLike, abstract_checkpointables: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Loads the named trees of the checkpoint at ``path`` (all of them when None)."""
+    """Loads the named trees of the checkpoint at ``path`` (all of them when None).
+
+    Example::
+
+        ckpt.save_checkpointables("model", {"params": {"w": np.ones(3)}, "opt_state": {"m": np.zeros(3)}})
+        assert sorted(ckpt.load_checkpointables("model")) == ["opt_state", "params"]
+        params = ckpt.load_checkpointables("model", {"params": None})["params"]   # None: as saved
+    """
     return loading.load_checkpointables(_existing(path), abstract_checkpointables)
 
 
 def load(path: str | os.PathLike, abstract_state: Any = None, *,
          checkpointable_name: str = fmt.DEFAULT_CHECKPOINTABLE) -> Any:
-    """Loads one tree of the checkpoint at ``path``; see ``Checkpointer.load`` for ``abstract_state``."""
+    """Loads one tree of the checkpoint at ``path``; see ``Checkpointer.load`` for ``abstract_state``.
+
+    Example::
+
+        ckpt.save("model", {"w": np.ones(3, np.float32), "step": 100})
+        state = ckpt.load("model")                       # as saved
+        state = ckpt.load("model", {"w": np.zeros(3, np.float16), "step": 0})
+        assert state["w"].dtype == np.float16 and state["step"] == 100
+    """
     return load_checkpointables(path, {checkpointable_name: abstract_state})[checkpointable_name]
 
 
 def load_async(path: str | os.PathLike, abstract_state: Any = None, *,
                checkpointable_name: str = fmt.DEFAULT_CHECKPOINTABLE) -> background.AsyncResponse[Any]:
-    """:func:`load` in a background thread."""
+    """:func:`load` in a background thread.
+
+    Example::
+
+        ckpt.save("model", {"w": np.ones(3)})
+        response = ckpt.load_async("model")
+        state = response.result(timeout=60)
+    """
     executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-load")
     future = executor.submit(load, path, abstract_state, checkpointable_name=checkpointable_name)
     executor.shutdown(wait=False)
@@ -88,10 +138,24 @@ def load_async(path: str | os.PathLike, abstract_state: Any = None, *,
 
 
 def metadata(path: str | os.PathLike) -> CheckpointMetadata:
-    """The ``state`` tree of the checkpoint at ``path``, with :class:`ckpt.LeafMetadata` leaves."""
+    """The ``state`` tree of the checkpoint at ``path``, with :class:`ckpt.LeafMetadata` leaves.
+
+    Example::
+
+        ckpt.save("model", {"w": np.ones((2, 3), np.float32)})
+        leaf = ckpt.metadata("model").metadata["w"]      # no array is read
+        assert leaf.shape == (2, 3) and leaf.dtype == np.float32
+    """
     return checkpoint_metadata(_existing(path), fmt.DEFAULT_CHECKPOINTABLE)
 
 
 def checkpointables_metadata(path: str | os.PathLike) -> CheckpointMetadata:
-    """Every checkpointable's tree of the checkpoint at ``path``, with ``LeafMetadata`` leaves."""
+    """Every checkpointable's tree of the checkpoint at ``path``, with ``LeafMetadata`` leaves.
+
+    Example::
+
+        ckpt.save_checkpointables("model", {"params": {"w": np.ones(3)}, "data": {"epoch": 2}})
+        trees = ckpt.checkpointables_metadata("model").metadata
+        assert trees["params"]["w"].shape == (3,) and trees["data"]["epoch"].type == "int"
+    """
     return checkpoint_metadata(_existing(path), None)

@@ -4,6 +4,11 @@ A single process needs none of this. Under ``jax.distributed`` (detected when ja
 its distributed client runs with more than one process) the coordination service's key-value store
 provides barriers and broadcasts. Other engines (torch.distributed for Lightning DDP) plug in any
 object with this interface through ``ckpt.MultiprocessingOptions(processes=...)``.
+
+Example::
+
+    processes = ckpt.distributed.current()       # JaxProcesses under jax.distributed, else SingleProcess
+    print(f"process {processes.index} of {processes.count}")
 """
 from __future__ import annotations
 
@@ -14,7 +19,14 @@ from typing import Any, Protocol, runtime_checkable
 
 @runtime_checkable
 class Processes(Protocol):
-    """The processes of one job that call the same Checkpointer methods in the same order."""
+    """The processes of one job that call the same Checkpointer methods in the same order.
+
+    Example::
+
+        processes = ckpt.distributed.current()
+        assert isinstance(processes, ckpt.distributed.Processes)   # so is any object with these members
+        ctx = ckpt.Context(multiprocessing_options=ckpt.MultiprocessingOptions(processes=processes))
+    """
 
     index: int
     count: int
@@ -27,7 +39,13 @@ class Processes(Protocol):
 
 
 class SingleProcess:
-    """The default: one process, no coordination."""
+    """The default: one process, no coordination.
+
+    Example::
+
+        one = ckpt.distributed.SingleProcess()
+        assert (one.index, one.count) == (0, 1) and one.broadcast("decision", [True], 60) == [True]
+    """
 
     index = 0
     count = 1
@@ -40,7 +58,14 @@ class SingleProcess:
 
 
 class JaxProcesses:
-    """Coordination through the JAX distributed service (``jax.distributed.initialize``)."""
+    """Coordination through the JAX distributed service (``jax.distributed.initialize``).
+
+    Example::
+
+        jax.distributed.initialize()                     # in every process of the job
+        processes = ckpt.distributed.current()           # a JaxProcesses; Checkpointers find it themselves
+        assert (processes.index, processes.count) == (jax.process_index(), jax.process_count())
+    """
 
     def __init__(self, client: Any, index: int, count: int):
         self._client = client
@@ -59,7 +84,14 @@ class JaxProcesses:
 
 
 def current() -> Processes:
-    """The JAX processes when jax.distributed runs with several processes, else a single process."""
+    """The JAX processes when jax.distributed runs with several processes, else a single process.
+
+    Example::
+
+        processes = ckpt.distributed.current()
+        if processes.index == 0:
+            print("the primary process: it commits the steps")
+    """
     jax = sys.modules.get("jax")
     if jax is not None:
         from jax._src import distributed as jax_distributed

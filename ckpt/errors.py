@@ -1,4 +1,12 @@
-"""Errors raised by ckpt. Each message names what is wrong: the step, the key path, the file."""
+"""Errors raised by ckpt. Each message names what is wrong: the step, the key path, the file.
+
+Example::
+
+    try:
+        state = ckpt.load("runs/exp1/100")
+    except ckpt.errors.CheckpointCorruptedError as e:
+        print(f"{e.path} is damaged at {e.key_paths}; `ckpt verify` checks every byte")
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,6 +18,14 @@ class StepNotFoundError(FileNotFoundError):
     Attributes:
       step: the step asked for, or None when the latest was asked for.
       path: the root directory that was searched.
+
+    Example::
+
+        with ckpt.Checkpointer("runs/exp1") as ckptr:
+            try:
+                ckptr.load(5)
+            except ckpt.errors.StepNotFoundError as e:
+                assert e.step == 5                       # e.path: the root that was searched
     """
 
     def __init__(self, message: str, *, step: int | None = None, path: Path | str | None = None):
@@ -24,6 +40,14 @@ class StepAlreadyExistsError(FileExistsError):
     Attributes:
       step: the step that exists (None for a checkpoint written by ``ckpt.save``).
       path: the step's directory.
+
+    Example::
+
+        ckpt.save("model", {"w": np.ones(3)})
+        try:
+            ckpt.save("model", {"w": np.zeros(3)})       # overwrite=True replaces it
+        except ckpt.errors.StepAlreadyExistsError as e:
+            assert e.path.name == "model"
     """
 
     def __init__(self, message: str, *, step: int | None, path: Path | str):
@@ -38,6 +62,15 @@ class CheckpointCorruptedError(ValueError):
     Attributes:
       path: the step directory (or file) that is damaged.
       key_paths: the key paths of the damaged leaves, when known.
+
+    Example::
+
+        ckpt.save("model", {"w": np.ones(3)})
+        Path("model/manifest.json").write_text("{")      # damage it
+        try:
+            ckpt.load("model")
+        except ckpt.errors.CheckpointCorruptedError as e:
+            print(e.path, e.key_paths)                   # what is damaged; `ckpt verify` checks every byte
     """
 
     def __init__(self, message: str, *, path: Path | str, key_paths: tuple[str, ...] = ()):
@@ -47,11 +80,30 @@ class CheckpointCorruptedError(ValueError):
 
 
 class DirectoryLockedError(RuntimeError):
-    """Another writer (another Checkpointer, maybe in another process) holds this root directory."""
+    """Another writer (another Checkpointer, maybe in another process) holds this root directory.
+
+    Example::
+
+        with ckpt.Checkpointer("runs/exp1") as first, ckpt.Checkpointer("runs/exp1") as second:
+            first.save(0, {"w": np.ones(3)})
+            try:
+                second.save(1, {"w": np.ones(3)})
+            except ckpt.errors.DirectoryLockedError as e:
+                print(e)                                 # names the directory and the holder
+    """
 
 
 class TreeMismatchError(ValueError):
-    """The abstract tree given to ``load`` does not match the saved tree; lists every differing key path."""
+    """The abstract tree given to ``load`` does not match the saved tree; lists every differing key path.
+
+    Example::
+
+        ckpt.save("model", {"w": np.ones(3), "b": np.zeros(2)})
+        try:
+            ckpt.load("model", {"w": np.ones(4)})
+        except ckpt.errors.TreeMismatchError as e:
+            print(e.differences)                         # "b" is missing, "w" has another shape
+    """
 
     def __init__(self, message: str, *, differences: list[str]):
         super().__init__(message)

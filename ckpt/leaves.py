@@ -19,7 +19,13 @@ from ckpt.tree import KeyPath, keystr
 
 
 class _Placeholder:
-    """The abstract leaf that means "skip this leaf" (``ckpt.PLACEHOLDER``)."""
+    """The abstract leaf that means "skip this leaf" (``ckpt.PLACEHOLDER``).
+
+    Example::
+
+        ckpt.save("model", {"params": np.ones(3), "opt_state": np.zeros(3)})
+        state = ckpt.load("model", {"params": np.ones(3), "opt_state": ckpt.PLACEHOLDER})   # not read
+    """
 
     _instance = None
 

@@ -18,6 +18,15 @@ class CheckpointMetadata(Generic[T]):
 
     ``metadata`` is None in ``Checkpointer.checkpoints``; ``Checkpointer.metadata(step)`` fills it with
     the saved tree whose leaves are :class:`LeafMetadata` (pass it as ``abstract_state`` to load as saved).
+
+    Example::
+
+        with ckpt.Checkpointer("runs/exp1") as ckptr:
+            ckptr.save(0, {"w": np.ones(3)}, metrics={"loss": 0.5})
+            info = ckptr.latest                          # a CheckpointMetadata
+            assert (info.step, info.metrics, info.path.name) == (0, {"loss": 0.5}, "0")
+            print(info.time)                             # the commit time (UTC)
+            assert ckptr.metadata(info).metadata["w"].shape == (3,)
     """
 
     def __init__(self, step: int | None, path: Path | str | None, *, metadata: T | None = None,
@@ -68,7 +77,14 @@ class CheckpointMetadata(Generic[T]):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RootMetadata:
-    """What belongs to the whole sequence of checkpoints: its directory and custom metadata."""
+    """What belongs to the whole sequence of checkpoints: its directory and custom metadata.
+
+    Example::
+
+        with ckpt.Checkpointer("runs/exp1", custom_metadata={"model": "mlp"}) as ckptr:
+            root = ckptr.root_metadata()
+            assert root.custom_metadata == {"model": "mlp"} and root.directory == ckptr.directory
+    """
 
     directory: Path
     custom_metadata: Any = None
@@ -76,7 +92,15 @@ class RootMetadata:
 
 @dataclasses.dataclass(frozen=True)
 class LeafMetadata:
-    """A saved leaf: its ``type`` (numpy, jax, torch, int, str, ...), ``shape`` and ``dtype`` (None inline)."""
+    """A saved leaf: its ``type`` (numpy, jax, torch, int, str, ...), ``shape`` and ``dtype`` (None inline).
+
+    Example::
+
+        ckpt.save("model", {"w": np.ones((2, 3), np.float32), "n": 7})
+        leaves = ckpt.metadata("model").metadata         # a tree of LeafMetadata; no array is read
+        assert leaves["w"].shape == (2, 3) and leaves["w"].dtype == np.float32
+        assert leaves["n"].type == "int" and leaves["n"].shape is None
+    """
 
     type: str
     shape: tuple[int, ...] | None

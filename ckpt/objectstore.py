@@ -28,7 +28,14 @@ def is_url(directory: Any) -> bool:
 
 
 class ObjectPath:
-    """A path in a bucket that behaves like the ``pathlib.Path`` operations ckpt uses."""
+    """A path in a bucket that behaves like the ``pathlib.Path`` operations ckpt uses.
+
+    Example::
+
+        step = ObjectPath("s3://bucket/runs/exp1") / "100"   # no request is made until read or listed
+        assert (step.bucket, step.key, step.name) == ("bucket", "runs/exp1/100", "100")
+        assert str(step.parent) == "s3://bucket/runs/exp1"
+    """
 
     def __init__(self, url: str):
         scheme, _, rest = str(url).partition("://")

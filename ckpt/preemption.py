@@ -26,22 +26,47 @@ _previous: Any = None
 
 
 def notify() -> None:
-    """Records a preemption announced another way (a scheduler's notice, a cloud metadata event)."""
+    """Records a preemption announced another way (a scheduler's notice, a cloud metadata event).
+
+    Example::
+
+        ckpt.preemption.notify()                         # e.g. on a cloud's maintenance notice
+        assert ckpt.preemption.preempted()               # the next save decision saves and latches
+    """
     _event.set()
 
 
 def reset() -> None:
-    """Forgets a recorded preemption (for a process that carries on after saving)."""
+    """Forgets a recorded preemption (for a process that carries on after saving).
+
+    Example::
+
+        ckpt.preemption.notify()
+        ckpt.preemption.reset()                          # saved, and the job goes on after all
+        assert not ckpt.preemption.preempted()
+    """
     _event.clear()
 
 
 def preempted() -> bool:
-    """True once SIGTERM was received or ``notify()`` was called in this process."""
+    """True once SIGTERM was received or ``notify()`` was called in this process.
+
+    Example::
+
+        if ckpt.preemption.preempted():
+            print("SIGTERM received: save now and stop")
+    """
     return _event.is_set()
 
 
 def reached(step: int) -> bool:
-    """True when this process was preempted, or JAX's preemption service says ``step`` is the sync point."""
+    """True when this process was preempted, or JAX's preemption service says ``step`` is the sync point.
+
+    Example::
+
+        ckpt.preemption.notify()
+        assert ckpt.preemption.reached(100)              # what a Checkpointer's save decision asks
+    """
     if _event.is_set():
         return True
     jax = sys.modules.get("jax")
@@ -69,7 +94,12 @@ def _handler(signum: int, frame: Any) -> None:
 
 
 def install() -> None:
-    """Installs the SIGTERM handler once per process (only possible from the main thread)."""
+    """Installs the SIGTERM handler once per process (only possible from the main thread).
+
+    Example::
+
+        ckpt.preemption.install()        # every Checkpointer does this; call it first to catch an early SIGTERM
+    """
     global _installed, _previous
     if _installed or threading.current_thread() is not threading.main_thread():
         return

@@ -7,7 +7,7 @@ is written. ``snapshot`` copies the leaves into memory the checkpointer owns (as
 from __future__ import annotations
 
 import dataclasses
-import os
+import math
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -97,7 +97,8 @@ def plan(checkpointables: dict[str, Any], *, metrics: Any = None, custom_metadat
         for (path, _), host in zip(flat, hosts):
             leaf = PlannedLeaf(path, host)
             if "dtype" in host.meta:
-                leaf.nbytes = int(np.prod(host.meta["shape"], dtype=np.int64)) * leaves_lib.parse_dtype(host.meta["dtype"]).itemsize
+                leaf.nbytes = host.array.nbytes if host.array is not None else (
+                    math.prod(host.meta["shape"]) * leaves_lib.parse_dtype(host.meta["dtype"]).itemsize)
                 if leaf.nbytes < fmt.SMALL_LEAF_BYTES and host.device_array is None:
                     leaf.location, leaf.offset = "packed", offset
                     offset += -(-leaf.nbytes // _ALIGN) * _ALIGN

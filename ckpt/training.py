@@ -20,6 +20,7 @@ Example::
 """
 from __future__ import annotations
 
+import bisect
 import collections
 import json
 import concurrent.futures
@@ -68,6 +69,15 @@ class Checkpointer:
         construction (a writer also removes them before its first save; they are never listed).
       lightweight_initialize: do not read each step's manifest when listing (no metrics or times),
         for roots with thousands of steps.
+
+    Example::
+
+        keep_two = ckpt.training.preservation_policies.LatestN(2)
+        with ckpt.Checkpointer("runs/exp1", preservation_policy=keep_two) as ckptr:
+            for step in range(5):
+                ckptr.save(step, {"w": np.full(3, step)})
+            assert [c.step for c in ckptr.checkpoints] == [3, 4]
+            state = ckptr.load()                       # the latest step
     """
 
     def __init__(self, directory: str | os.PathLike, *, context: Context | None = None,
@@ -108,23 +118,50 @@ class Checkpointer:
     # ----------------------------------------------------------------------------------- listing
     @property
     def directory(self) -> storage.Location:
-        """The root directory where the step directories are."""
+        """The root directory where the step directories are.
+
+        Example::
+
+            ckptr.save(0, {"w": np.ones(3)})
+            assert ckptr.latest.path == ckptr.directory / "0"
+        """
         return self._directory
 
     @property
     def checkpoints(self) -> Sequence[CheckpointMetadata]:
-        """The committed checkpoints, ascending by step (cached; ``reload()`` rescans the directory)."""
+        """The committed checkpoints, ascending by step (cached; ``reload()`` rescans the directory).
+
+        Example::
+
+            for step, loss in [(0, 0.9), (1, 0.5)]:
+                ckptr.save(step, {"w": np.full(3, step)}, metrics={"loss": loss})
+            assert [(c.step, c.metrics["loss"]) for c in ckptr.checkpoints] == [(0, 0.9), (1, 0.5)]
+        """
         with self._infos_lock:
             return list(self._infos)
 
     @property
     def latest(self) -> CheckpointMetadata | None:
-        """The newest committed checkpoint, or None."""
+        """The newest committed checkpoint, or None.
+
+        Example::
+
+            start = 0 if ckptr.latest is None else ckptr.latest.step + 1   # where a resumed run goes on
+            ckptr.save(start, {"w": np.ones(3)})
+            assert ckptr.latest.step == start
+        """
         with self._infos_lock:
             return self._infos[-1] if self._infos else None
 
     def reload(self) -> None:
-        """Rescans the root directory (after another process added or removed steps)."""
+        """Rescans the root directory (after another process added or removed steps).
+
+        Example::
+
+            ckpt.save(ckptr.directory / "7", {"w": np.ones(3)})   # a step written by someone else
+            ckptr.reload()
+            assert ckptr.latest.step == 7
+        """
         found = step_lib.find_steps(storage.list_names(self._directory), self._name_format)
         infos = []
         for step in sorted(found):
@@ -167,7 +204,10 @@ class Checkpointer:
         return infos
 
     def _find(self, step: int) -> CheckpointMetadata | None:
-        return next((c for c in self.checkpoints if c.step == step), None)
+        with self._infos_lock:  # ascending by step: a declined save must not scan thousands of steps
+            infos = self._infos
+            i = bisect.bisect_left(infos, step, key=lambda info: info.step)
+            return infos[i] if i < len(infos) and infos[i].step == step else None
 
     def _resolve(self, step: int | CheckpointMetadata | None) -> CheckpointMetadata:
         if step is None:
@@ -185,7 +225,14 @@ class Checkpointer:
 
     # ---------------------------------------------------------------------------------- deciding
     def should_save(self, step: int | CheckpointMetadata) -> bool:
-        """Whether the save-decision policy saves ``step``; False for a step <= the latest."""
+        """Whether the save-decision policy saves ``step``; False for a step <= the latest.
+
+        Example::
+
+            assert ckptr.should_save(0)                  # the default policy saves the first step
+            ckptr.save(0, {"w": np.ones(3)})
+            assert not ckptr.should_save(0)              # not again
+        """
         return self._decide(_step_number(step), replacing=False)
 
     def reached_preemption(self, step: int) -> bool:
@@ -194,6 +241,13 @@ class Checkpointer:
 
         Ask it after ``save``/``save_async`` of the step; a preemption that arrives between the two is
         seen by the next step's decision, so no step is skipped.
+
+        Example::
+
+            for step in range(3):
+                ckptr.save(step, {"w": np.full(3, step)})
+                if ckptr.reached_preemption(step):      # step is saved: exit before the job is killed
+                    break
         """
         return self._preempted_at is not None and step >= self._preempted_at
 
@@ -231,13 +285,25 @@ class Checkpointer:
           StepAlreadyExistsError: ``step`` exists, ``force`` is set and ``overwrite`` is not (before anything
             is written). Without ``force`` an existing step is <= latest, so the policy skips it: False.
           TypeError / ValueError: an unsupported leaf, a bad name, metrics that are not JSON.
+
+        Example::
+
+            assert ckptr.save(0, {"w": np.ones(3), "step": 0}, metrics={"loss": 0.5})
+            assert not ckptr.save(0, {"w": np.zeros(3), "step": 0})     # skipped: not after the latest
+            ckptr.save(0, {"w": np.zeros(3), "step": 0}, force=True, overwrite=True)   # replaced
         """
         return self.save_checkpointables(step, {checkpointable_name: state}, force=force, overwrite=overwrite,
                                          metrics=metrics, custom_metadata=custom_metadata)
 
     def save_checkpointables(self, step: int, checkpointables: dict[str, Any], *, force: bool = False,
                              overwrite: bool = False, metrics: Any = None, custom_metadata: Any = None) -> bool:
-        """Saves several named trees at ``step`` (``{"model": ..., "optimizer": ...}``); see :meth:`save`."""
+        """Saves several named trees at ``step`` (``{"model": ..., "optimizer": ...}``); see :meth:`save`.
+
+        Example::
+
+            ckptr.save_checkpointables(0, {"model": {"w": np.ones(3)}, "optimizer": {"m": np.zeros(3)}})
+            model = ckptr.load(checkpointable_name="model")
+        """
         response = self._save(step, checkpointables, force=force, overwrite=overwrite, metrics=metrics,
                               custom_metadata=custom_metadata, blocking=True)
         return response is not None and response.result()
@@ -249,6 +315,13 @@ class Checkpointer:
 
         Returns None when the policy skips the step. After it returns, the caller may change the state
         in place (or donate jax buffers): the checkpoint holds the values at the call.
+
+        Example::
+
+            state = {"w": np.ones(3)}
+            response = ckptr.save_async(0, state)
+            state["w"] += 1                              # training goes on while step 0 is written
+            assert response.result() and ckptr.load(0)["w"][0] == 1
         """
         return self.save_checkpointables_async(step, {checkpointable_name: state}, force=force, overwrite=overwrite,
                                                metrics=metrics, custom_metadata=custom_metadata)
@@ -256,7 +329,14 @@ class Checkpointer:
     def save_checkpointables_async(self, step: int, checkpointables: dict[str, Any], *, force: bool = False,
                                    overwrite: bool = False, metrics: Any = None,
                                    custom_metadata: Any = None) -> background.AsyncResponse[bool] | None:
-        """Async :meth:`save_checkpointables`; see :meth:`save_async`."""
+        """Async :meth:`save_checkpointables`; see :meth:`save_async`.
+
+        Example::
+
+            response = ckptr.save_checkpointables_async(0, {"model": {"w": np.ones(3)}, "data": {"epoch": 2}})
+            ckptr.wait()                                 # or response.result()
+            assert ckptr.load(checkpointable_name="data") == {"epoch": 2}
+        """
         return self._save(step, checkpointables, force=force, overwrite=overwrite, metrics=metrics,
                           custom_metadata=custom_metadata, blocking=False)
 
@@ -366,12 +446,26 @@ class Checkpointer:
           StepNotFoundError: no such step (or no checkpoint at all).
           ValueError: the abstract tree differs from the saved one (every differing key path listed).
           CheckpointCorruptedError: damaged data (the step and key path named).
+
+        Example::
+
+            ckptr.save(0, {"w": np.ones(3, np.float32), "step": 0})
+            state = ckptr.load()                         # the latest step, as saved
+            state = ckptr.load(0, abstract_state={"w": np.zeros(3, np.float16), "step": 0})
+            assert state["w"].dtype == np.float16
         """
         return self.load_checkpointables(step, {checkpointable_name: abstract_state})[checkpointable_name]
 
     def load_checkpointables(self, step: int | CheckpointMetadata | None = None,
                              abstract_checkpointables: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Loads named trees from ``step``: all of them, or the keys of ``abstract_checkpointables``."""
+        """Loads named trees from ``step``: all of them, or the keys of ``abstract_checkpointables``.
+
+        Example::
+
+            ckptr.save_checkpointables(0, {"model": {"w": np.ones(3)}, "optimizer": {"m": np.zeros(3)}})
+            assert sorted(ckptr.load_checkpointables()) == ["model", "optimizer"]
+            only_model = ckptr.load_checkpointables(0, {"model": None})   # None: as saved
+        """
         info = self._resolve(step)
         self._reading[info.step] += 1
         try:
@@ -389,13 +483,27 @@ class Checkpointer:
 
     def load_async(self, step: int | CheckpointMetadata | None = None, abstract_state: Any = None, *,
                    checkpointable_name: str = fmt.DEFAULT_CHECKPOINTABLE) -> background.AsyncResponse[Any]:
-        """:meth:`load` in a background thread; ``result()`` returns what ``load`` would."""
+        """:meth:`load` in a background thread; ``result()`` returns what ``load`` would.
+
+        Example::
+
+            ckptr.save(0, {"w": np.ones(3)})
+            response = ckptr.load_async()                # the latest step
+            state = response.result(timeout=60)
+        """
         info = self._resolve(step)
         return self._in_background(lambda: self.load(info.step, abstract_state, checkpointable_name=checkpointable_name))
 
     def load_checkpointables_async(self, step: int | CheckpointMetadata | None = None,
                                    abstract_checkpointables: dict[str, Any] | None = None) -> background.AsyncResponse[dict[str, Any]]:
-        """:meth:`load_checkpointables` in a background thread."""
+        """:meth:`load_checkpointables` in a background thread.
+
+        Example::
+
+            ckptr.save_checkpointables(0, {"model": {"w": np.ones(3)}, "optimizer": {"m": np.zeros(3)}})
+            trees = ckptr.load_checkpointables_async(0).result(timeout=60)
+            assert sorted(trees) == ["model", "optimizer"]
+        """
         info = self._resolve(step)
         return self._in_background(lambda: self.load_checkpointables(info.step, abstract_checkpointables))
 
@@ -406,11 +514,25 @@ class Checkpointer:
 
     # ---------------------------------------------------------------------------------- metadata
     def metadata(self, step: int | CheckpointMetadata | None = None) -> CheckpointMetadata:
-        """The step's metadata; ``.metadata`` is the saved ``state`` tree with :class:`ckpt.LeafMetadata` leaves."""
+        """The step's metadata; ``.metadata`` is the saved ``state`` tree with :class:`ckpt.LeafMetadata` leaves.
+
+        Example::
+
+            ckptr.save(0, {"w": np.ones((2, 3), np.float32)})
+            leaf = ckptr.metadata().metadata["w"]        # no array is read
+            assert leaf.shape == (2, 3) and leaf.dtype == np.float32
+        """
         return self._metadata(step, fmt.DEFAULT_CHECKPOINTABLE)
 
     def checkpointables_metadata(self, step: int | CheckpointMetadata | None = None) -> CheckpointMetadata:
-        """The step's metadata; ``.metadata`` maps each checkpointable name to its tree of ``LeafMetadata``."""
+        """The step's metadata; ``.metadata`` maps each checkpointable name to its tree of ``LeafMetadata``.
+
+        Example::
+
+            ckptr.save_checkpointables(0, {"model": {"w": np.ones(3)}, "data": {"epoch": 2}})
+            trees = ckptr.checkpointables_metadata(0).metadata
+            assert trees["model"]["w"].shape == (3,) and trees["data"]["epoch"].type == "int"
+        """
         return self._metadata(step, None)
 
     def _metadata(self, step: int | CheckpointMetadata | None, name: str | None) -> CheckpointMetadata:
@@ -418,7 +540,15 @@ class Checkpointer:
         return checkpoint_metadata(info.path, name, step=info.step)
 
     def root_metadata(self) -> RootMetadata:
-        """The directory and the custom metadata written by the first Checkpointer given one."""
+        """The directory and the custom metadata written by the first Checkpointer given one.
+
+        Example::
+
+            with ckpt.Checkpointer("runs/exp2", custom_metadata={"model": "mlp"}) as first:
+                pass
+            with ckpt.Checkpointer("runs/exp2", custom_metadata={"model": "cnn"}) as again:
+                assert again.root_metadata().custom_metadata == {"model": "mlp"}   # the first one's
+        """
         custom = None
         try:
             custom = json.loads(storage.read_json_bytes(self._directory / fmt.ROOT_METADATA)).get("custom_metadata")
@@ -428,15 +558,36 @@ class Checkpointer:
 
     # ------------------------------------------------------------------------------- life cycle
     def is_saving_in_progress(self) -> bool:
-        """True while an async save is being written."""
+        """True while an async save is being written.
+
+        Example::
+
+            ckptr.save_async(0, {"w": np.ones(3)})
+            busy = ckptr.is_saving_in_progress()         # True until step 0 is committed
+            ckptr.wait()
+            assert not ckptr.is_saving_in_progress()
+        """
         return self._writer.in_progress()
 
     def wait(self) -> None:
-        """Waits for the save in flight; raises its error if it failed (once)."""
+        """Waits for the save in flight; raises its error if it failed (once).
+
+        Example::
+
+            ckptr.save_async(0, {"w": np.ones(3)})
+            ckptr.wait()                                 # step 0 is committed, or its error raised here
+            assert ckptr.latest.step == 0
+        """
         self._writer.wait(self._context.async_options.timeout_secs)
 
     def close(self) -> None:
-        """Waits for the save in flight, then releases the directory (raises a background failure)."""
+        """Waits for the save in flight, then releases the directory (raises a background failure).
+
+        Example::
+
+            ckptr.save_async(0, {"w": np.ones(3)})
+            ckptr.close()                                # what leaving a ``with`` block does
+        """
         if self._closed:
             return
         try:
@@ -463,27 +614,55 @@ class Checkpointer:
 
     # ---------------------------------------------------------------------- deprecated aliases
     def save_pytree(self, *args: Any, **kwargs: Any) -> bool:
-        """Deprecated: use :meth:`save`."""
+        """Deprecated: use :meth:`save`.
+
+        Example::
+
+            ckptr.save(0, {"w": np.ones(3)})             # not ckptr.save_pytree(0, {"w": np.ones(3)})
+        """
         warnings.warn("save_pytree is deprecated; use save", DeprecationWarning, stacklevel=2)
         return self.save(*args, **kwargs)
 
     def save_pytree_async(self, *args: Any, **kwargs: Any):
-        """Deprecated: use :meth:`save_async`."""
+        """Deprecated: use :meth:`save_async`.
+
+        Example::
+
+            ckptr.save_async(0, {"w": np.ones(3)})       # not ckptr.save_pytree_async(...)
+        """
         warnings.warn("save_pytree_async is deprecated; use save_async", DeprecationWarning, stacklevel=2)
         return self.save_async(*args, **kwargs)
 
     def load_pytree(self, *args: Any, **kwargs: Any) -> Any:
-        """Deprecated: use :meth:`load`."""
+        """Deprecated: use :meth:`load`.
+
+        Example::
+
+            ckptr.save(0, {"w": np.ones(3)})
+            state = ckptr.load(0)                        # not ckptr.load_pytree(0)
+        """
         warnings.warn("load_pytree is deprecated; use load", DeprecationWarning, stacklevel=2)
         return self.load(*args, **kwargs)
 
     def load_pytree_async(self, *args: Any, **kwargs: Any):
-        """Deprecated: use :meth:`load_async`."""
+        """Deprecated: use :meth:`load_async`.
+
+        Example::
+
+            ckptr.save(0, {"w": np.ones(3)})
+            state = ckptr.load_async(0).result()         # not ckptr.load_pytree_async(0)
+        """
         warnings.warn("load_pytree_async is deprecated; use load_async", DeprecationWarning, stacklevel=2)
         return self.load_async(*args, **kwargs)
 
     def pytree_metadata(self, *args: Any, **kwargs: Any) -> CheckpointMetadata:
-        """Deprecated: use :meth:`metadata`."""
+        """Deprecated: use :meth:`metadata`.
+
+        Example::
+
+            ckptr.save(0, {"w": np.ones(3)})
+            tree = ckptr.metadata(0).metadata            # not ckptr.pytree_metadata(0)
+        """
         warnings.warn("pytree_metadata is deprecated; use metadata", DeprecationWarning, stacklevel=2)
         return self.metadata(*args, **kwargs)
 

@@ -21,13 +21,12 @@ import itertools
 import math
 import os
 import zlib
-from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 
 from ckpt import format as fmt
-from ckpt import chunks, loading, progress, storage
+from ckpt import loading, progress, storage
 from ckpt.errors import CheckpointCorruptedError
 
 _IN_FLIGHT = 2  # chunk reads kept in flight

@@ -13,7 +13,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 port, pid, directory, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
 jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=pid, initialization_timeout=60)
 
-import ckpt  # noqa: E402
 from ckpt.training import Checkpointer, save_decision_policies as sdp  # noqa: E402
 
 mesh = Mesh(np.array(jax.devices()), ("x",))

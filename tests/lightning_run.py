@@ -87,6 +87,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-callback", action="store_true")
     p.add_argument("--sync-save", action="store_true")
     p.add_argument("--ddp", action="store_true")
+    p.add_argument("--accelerator", default="cpu", help="cpu | gpu (deterministic algorithms on gpu)")
     p.add_argument("--sweep", action="store_true")
     return p.parse_args(argv)
 
@@ -108,7 +109,8 @@ def train(args: argparse.Namespace, directory: str | None, kill: bool = True) ->
     callbacks = [] if directory is None else [make_callback(args, directory)]
     trainer = pl.Trainer(
         max_steps=args.max_steps, max_epochs=args.max_epochs, accumulate_grad_batches=args.accumulate, callbacks=callbacks,
-        enable_checkpointing=directory is not None, accelerator="cpu", devices=2 if args.ddp else 1,
+        enable_checkpointing=directory is not None, accelerator=args.accelerator, devices=2 if args.ddp else 1,
+        deterministic=args.accelerator != "cpu",
         strategy="ddp_fork" if args.ddp else "auto", logger=False, enable_progress_bar=False,
         enable_model_summary=False)
     model = StoppingRegressor(args.kill_at if kill else None, args.sigterm_at if kill else None,

@@ -1,10 +1,8 @@
 """The ``ckpt`` command (ls, show, verify), the verification in ckpt.verify, and progress reporting."""
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
-import logging
 import os
 import shutil
 import subprocess
@@ -19,19 +17,6 @@ from ckpt import cli, progress
 from ckpt import format as fmt
 from ckpt.objectstore import ObjectPath
 from ckpt.verify import verify_step
-
-HAVE_MOTO = importlib.util.find_spec("moto") is not None
-if HAVE_MOTO:
-    from tests.test_s3 import bucket, s3_server  # noqa: F401  (fixtures: a local S3 server, a fresh bucket)
-
-
-@pytest.fixture(autouse=True)
-def restore_progress_logger():
-    """cli.main() and progress.enable() change the ckpt.progress logger; each test gets it back as it was."""
-    logger = logging.getLogger("ckpt.progress")
-    saved = (list(logger.handlers), logger.level, logger.propagate)
-    yield
-    logger.handlers[:], logger.level, logger.propagate = saved
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
@@ -287,7 +272,6 @@ def test_the_installed_ckpt_command_runs_and_returns_the_exit_status(root):
 
 
 # ------------------------------------------------------------------------------------ object stores
-@pytest.mark.skipif(not HAVE_MOTO, reason="needs moto (the dev extra) for a local S3 server")
 def test_ls_show_and_verify_work_on_an_s3_root(bucket, capsys):
     with ckpt.Checkpointer(bucket) as ckptr:
         for step in (1, 2):

@@ -227,6 +227,25 @@ def test_load_weights_reads_the_latest_or_a_given_step_into_a_fresh_model(tmp_pa
         load_weights(fresh, tmp_path, step=3)
 
 
+class FailsAt(example.Regressor):
+    def __init__(self, step: int):
+        super().__init__()
+        self.fail_at = step
+
+    def training_step(self, batch, batch_idx):
+        if self.trainer.global_step == self.fail_at:
+            raise RuntimeError("boom")
+        return super().training_step(batch, batch_idx)
+
+
+def test_an_exception_in_training_waits_for_the_save_in_flight_and_releases_the_directory(tmp_path):
+    with pytest.raises(RuntimeError, match="boom"):
+        fit(tmp_path, model=FailsAt(3), max_steps=10, save_decision_policy=sdp.FixedIntervalPolicy(1))
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["1", "2", "3"]
+    with ckpt.Checkpointer(tmp_path) as checkpointer:  # the lock was released
+        assert checkpointer.save(4, {"x": 1}, force=True)
+
+
 class HoldsAnObject(example.Regressor):
     def __init__(self, helper=None):
         super().__init__()

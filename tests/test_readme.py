@@ -16,7 +16,6 @@ import pytest
 import ckpt
 from ckpt import cli
 from ckpt import format as fmt
-from tests.test_cli import restore_progress_logger  # noqa: F401  (autouse: progress.enable() in an example)
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = [REPO / "README.md", REPO / "docs" / "format.md"]

@@ -1,57 +1,15 @@
-"""s3:// roots through tensorstore's s3 driver, against a local S3-compatible server (moto) on 127.0.0.1."""
+"""s3:// roots through tensorstore's s3 driver, against a local S3-compatible server (moto) on 127.0.0.1
+(the ``bucket`` fixture of conftest.py; skipped without moto)."""
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
-
 import numpy as np
-import pytest
 
 from ckpt.training import Checkpointer
 from ckpt.training import preservation_policies as pp
 from ckpt.training import save_decision_policies as sdp
 from tests import procs
 
-pytest.importorskip("moto")
 ALWAYS = sdp.FixedIntervalPolicy(1)
-
-
-@pytest.fixture(scope="module")
-def s3_server():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    endpoint = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(endpoint, timeout=1)
-                break
-            except OSError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise RuntimeError("the local S3 server did not start")
-                time.sleep(0.1)
-        yield endpoint
-    finally:
-        procs.stop(server)
-
-
-@pytest.fixture
-def bucket(s3_server, monkeypatch, request):
-    env = {"AWS_ENDPOINT_URL": s3_server, "AWS_REGION": "us-east-1", "AWS_ACCESS_KEY_ID": "test",
-           "AWS_SECRET_ACCESS_KEY": "test"}
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    name = f"b{abs(hash(request.node.name)) % 10**8}"
-    urllib.request.urlopen(urllib.request.Request(f"{s3_server}/{name}", method="PUT"))
-    return f"s3://{name}/runs/exp"
 
 
 def state(step: int) -> dict:

@@ -18,7 +18,17 @@ from ckpt import storage
 
 @runtime_checkable
 class NameFormat(Protocol):
-    """Turns a step into a directory name and recognises such names."""
+    """Turns a step into a directory name and recognises such names.
+
+    Example::
+
+        class EpochNames:                                # ckpt.Checkpointer(..., step_name_format=EpochNames())
+            def build_name(self, step):
+                return f"epoch-{step}"
+            def parse_name(self, name):
+                return int(name[6:]) if name.startswith("epoch-") and name[6:].isdigit() else None
+        assert checked_name(EpochNames(), 3) == "epoch-3"
+    """
 
     def build_name(self, step: int) -> str:
         """The directory name of ``step``."""
@@ -34,6 +44,12 @@ class StandardNameFormat:
     Args:
       step_prefix: joined to the number with ``_``; None for bare numbers.
       step_format_fixed_length: zero-pads the number to this many digits.
+
+    Example::
+
+        names = StandardNameFormat(step_prefix="step", step_format_fixed_length=4)
+        assert names.build_name(23) == "step_0023" and names.parse_name("step_0023") == 23
+        assert names.parse_name("step_23") is None       # not one of this format's names
     """
 
     step_prefix: str | None = None
@@ -64,7 +80,14 @@ class StandardNameFormat:
 def standard_name_format(
     step_prefix: str | None = None, step_format_fixed_length: int | None = None
 ) -> StandardNameFormat:
-    """The usual step names: ``23``, ``0023`` (fixed length 4), ``step_23`` (prefix ``step``)."""
+    """The usual step names: ``23``, ``0023`` (fixed length 4), ``step_23`` (prefix ``step``).
+
+    Example::
+
+        with ckpt.Checkpointer("runs/exp1", step_name_format=standard_name_format(step_prefix="step")) as ckptr:
+            ckptr.save(23, {"w": np.ones(3)})
+            assert ckptr.latest.path.name == "step_23"
+    """
     return StandardNameFormat(step_prefix, step_format_fixed_length)
 
 
@@ -80,6 +103,14 @@ def checked_name(name_format: NameFormat, step: int) -> str:
     Raises:
       ValueError: the name is not a plain directory name (so it could land outside the root), or it does
         not parse back to ``step`` (so the step would never be listed).
+
+    Example::
+
+        assert checked_name(standard_name_format(step_format_fixed_length=4), 23) == "0023"
+        try:
+            checked_name(standard_name_format(), -1)     # "-1" does not parse back: never listed
+        except ValueError as e:
+            print(e)
     """
     name = name_format.build_name(step)
     if not _is_plain_name(name):
@@ -93,7 +124,13 @@ def checked_name(name_format: NameFormat, step: int) -> str:
 
 
 def find_steps(names: Iterable[str], name_format: NameFormat) -> dict[int, str]:
-    """Maps each step found among directory ``names`` to its name (temporaries never match)."""
+    """Maps each step found among directory ``names`` to its name (temporaries never match).
+
+    Example::
+
+        names = ["0", "100", "200.ckpt-tmp", "notes.txt"]
+        assert find_steps(names, standard_name_format()) == {0: "0", 100: "100"}
+    """
     found = {}
     for name in names:
         step = name_format.parse_name(name)

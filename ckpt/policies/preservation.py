@@ -19,18 +19,43 @@ from ckpt.metadata import CheckpointMetadata
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PreservationContext:
-    """Reserved for what a preservation policy may need beyond the checkpoints."""
+    """Reserved for what a preservation policy may need beyond the checkpoints.
+
+    Example::
+
+        checkpoints = [ckpt.CheckpointMetadata(step, None) for step in (0, 1, 2)]
+        assert LatestN(1).should_preserve(checkpoints, context=PreservationContext()) == [False, False, True]
+    """
 
 
 @runtime_checkable
 class PreservationPolicy(Protocol):
+    """Any object with this ``should_preserve`` method is a preservation policy.
+
+    Example::
+
+        class KeepEven:                              # ckpt.Checkpointer(..., preservation_policy=KeepEven())
+            def should_preserve(self, checkpoints, *, context):
+                return [c.step % 2 == 0 for c in checkpoints]
+        checkpoints = [ckpt.CheckpointMetadata(step, None) for step in range(3)]
+        assert KeepEven().should_preserve(checkpoints, context=PreservationContext()) == [True, False, True]
+    """
+
     def should_preserve(self, checkpoints: Sequence[CheckpointMetadata], *,
                         context: PreservationContext) -> Sequence[bool]:
         """One bool per checkpoint: True keeps it."""
 
 
 class PreserveAll:
-    """Keeps every checkpoint."""
+    """Keeps every checkpoint.
+
+    Example::
+
+        with ckpt.Checkpointer("runs/exp1", preservation_policy=PreserveAll()) as ckptr:   # = no policy
+            for step in range(3):
+                ckptr.save(step, {"w": np.full(3, step)})
+            assert [c.step for c in ckptr.checkpoints] == [0, 1, 2]
+    """
 
     def should_preserve(self, checkpoints, *, context):
         return [True] * len(checkpoints)
@@ -41,7 +66,15 @@ class PreserveAll:
 
 @dataclasses.dataclass(frozen=True)
 class LatestN:
-    """Keeps the ``n`` newest checkpoints (all of them when ``n`` is None)."""
+    """Keeps the ``n`` newest checkpoints (all of them when ``n`` is None).
+
+    Example::
+
+        with ckpt.Checkpointer("runs/exp1", preservation_policy=LatestN(2)) as ckptr:
+            for step in range(4):
+                ckptr.save(step, {"w": np.full(3, step)})
+            assert [c.step for c in ckptr.checkpoints] == [2, 3]
+    """
 
     n: int | None = None
 
@@ -58,7 +91,15 @@ class LatestN:
 
 @dataclasses.dataclass(frozen=True)
 class EveryNSeconds:
-    """Keeps the first checkpoint, then each one at least ``interval_secs`` after the last kept."""
+    """Keeps the first checkpoint, then each one at least ``interval_secs`` after the last kept.
+
+    Example::
+
+        with ckpt.Checkpointer("runs/exp1", preservation_policy=EveryNSeconds(3600)) as ckptr:   # one per hour
+            for step in range(3):
+                ckptr.save(step, {"w": np.full(3, step)})
+            assert [c.step for c in ckptr.checkpoints] == [0, 2]       # 2: the latest is always kept
+    """
 
     interval_secs: float
 
@@ -79,7 +120,15 @@ class EveryNSeconds:
 @dataclasses.dataclass(frozen=True)
 class EveryNSteps:
     """Keeps steps divisible by ``interval_steps`` (or, with ``exact_interval=False``, the first and then
-    each one at least ``interval_steps`` after the last kept); ``max_to_keep`` trims to the newest kept."""
+    each one at least ``interval_steps`` after the last kept); ``max_to_keep`` trims to the newest kept.
+
+    Example::
+
+        with ckpt.Checkpointer("runs/exp1", preservation_policy=EveryNSteps(10)) as ckptr:
+            for step in range(0, 25, 5):
+                ckptr.save(step, {"w": np.full(3, step)})
+            assert [c.step for c in ckptr.checkpoints] == [0, 10, 20]
+    """
 
     interval_steps: int
     exact_interval: bool = True
@@ -110,7 +159,15 @@ class EveryNSteps:
 
 @dataclasses.dataclass(frozen=True)
 class CustomSteps:
-    """Keeps exactly the given steps."""
+    """Keeps exactly the given steps (and the latest).
+
+    Example::
+
+        with ckpt.Checkpointer("runs/exp1", preservation_policy=CustomSteps([0, 2])) as ckptr:
+            for step in range(4):
+                ckptr.save(step, {"w": np.full(3, step)})
+            assert [c.step for c in ckptr.checkpoints] == [0, 2, 3]
+    """
 
     steps: Sequence[int]
 
@@ -126,6 +183,14 @@ class BestN:
     As in Orbax, ``reverse=False`` keeps the n largest values and ``reverse=True`` the n smallest
     (a loss). ``n=None`` keeps all; checkpoints without metrics are kept if
     ``keep_checkpoints_without_metrics``.
+
+    Example::
+
+        lowest_loss = BestN(get_metric_fn=lambda metrics: metrics["loss"], reverse=True, n=1)
+        with ckpt.Checkpointer("runs/exp1", preservation_policy=lowest_loss) as ckptr:
+            for step, loss in enumerate([0.9, 0.3, 0.5]):
+                ckptr.save(step, {"w": np.full(3, step)}, metrics={"loss": loss})
+            assert [c.step for c in ckptr.checkpoints] == [1, 2]       # the best, and the latest
     """
 
     get_metric_fn: Callable[[Any], float]
@@ -152,7 +217,16 @@ class BestN:
 
 @dataclasses.dataclass(frozen=True)
 class LatestDuration:
-    """Keeps the checkpoints committed within ``duration`` of now."""
+    """Keeps the checkpoints committed within ``duration`` of now.
+
+    Example::
+
+        last_day = LatestDuration(datetime.timedelta(days=1))
+        with ckpt.Checkpointer("runs/exp1", preservation_policy=last_day) as ckptr:
+            ckptr.save(0, {"w": np.ones(3)})
+            ckptr.save(1, {"w": np.ones(3)})
+            assert [c.step for c in ckptr.checkpoints] == [0, 1]
+    """
 
     duration: datetime.timedelta
 
@@ -163,7 +237,16 @@ class LatestDuration:
 
 @dataclasses.dataclass(frozen=True)
 class AnyPreservationPolicy:
-    """Keeps a checkpoint when any of ``policies`` keeps it."""
+    """Keeps a checkpoint when any of ``policies`` keeps it.
+
+    Example::
+
+        policy = AnyPreservationPolicy([LatestN(2), EveryNSteps(100)])
+        with ckpt.Checkpointer("runs/exp1", preservation_policy=policy) as ckptr:
+            for step in range(0, 250, 50):
+                ckptr.save(step, {"w": np.full(3, step)})
+            assert [c.step for c in ckptr.checkpoints] == [0, 100, 150, 200]
+    """
 
     policies: Sequence[PreservationPolicy]
 

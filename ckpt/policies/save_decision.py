@@ -22,6 +22,12 @@ class DecisionContext:
 
     is_saving_in_progress: a save is still being written in the background.
     reached_preemption: this step is the one to save before the job is preempted.
+
+    Example::
+
+        context = DecisionContext(reached_preemption=True)
+        step = ckpt.CheckpointMetadata(7, None)
+        assert PreemptionCheckpointingPolicy().should_save(step, [], context=context)
     """
 
     is_saving_in_progress: bool = False
@@ -30,6 +36,17 @@ class DecisionContext:
 
 @runtime_checkable
 class SaveDecisionPolicy(Protocol):
+    """Any object with this ``should_save`` method is a save-decision policy.
+
+    Example::
+
+        class EveryStepWhenIdle:                     # a policy of your own
+            def should_save(self, step, previous_steps, *, context):
+                return not context.is_saving_in_progress
+        with ckpt.Checkpointer("runs/exp1", save_decision_policy=EveryStepWhenIdle()) as ckptr:
+            assert ckptr.should_save(0)
+    """
+
     def should_save(self, step: CheckpointMetadata, previous_steps: Sequence[CheckpointMetadata], *,
                     context: DecisionContext) -> bool:
         """Whether ``step`` should be saved."""
@@ -37,7 +54,13 @@ class SaveDecisionPolicy(Protocol):
 
 @dataclasses.dataclass(frozen=True)
 class FixedIntervalPolicy:
-    """Saves every step that is a multiple of ``interval``."""
+    """Saves every step that is a multiple of ``interval``.
+
+    Example::
+
+        with ckpt.Checkpointer("runs/exp1", save_decision_policy=FixedIntervalPolicy(1000)) as ckptr:
+            assert ckptr.should_save(2000) and not ckptr.should_save(2001)
+    """
 
     interval: int
 
@@ -51,7 +74,13 @@ class FixedIntervalPolicy:
 
 @dataclasses.dataclass(frozen=True)
 class SpecificStepsPolicy:
-    """Saves exactly the given steps."""
+    """Saves exactly the given steps.
+
+    Example::
+
+        with ckpt.Checkpointer("runs/exp1", save_decision_policy=SpecificStepsPolicy({10, 500})) as ckptr:
+            assert ckptr.should_save(10) and not ckptr.should_save(11)
+    """
 
     steps: Container[int]
 
@@ -61,7 +90,15 @@ class SpecificStepsPolicy:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ContinuousCheckpointingPolicy:
-    """Saves whenever no save is in flight, and at least ``minimum_interval_secs`` after the last one."""
+    """Saves whenever no save is in flight, and at least ``minimum_interval_secs`` after the last one.
+
+    Example::
+
+        policy = ContinuousCheckpointingPolicy(minimum_interval_secs=600)   # at most one save per 10 min
+        with ckpt.Checkpointer("runs/exp1", save_decision_policy=policy) as ckptr:
+            ckptr.save(0, {"w": np.ones(3)})
+            assert not ckptr.should_save(1)                               # too soon after step 0
+    """
 
     minimum_interval_secs: float | None = None
 
@@ -74,7 +111,15 @@ class ContinuousCheckpointingPolicy:
 
 
 class PreemptionCheckpointingPolicy:
-    """Saves the step at which a preemption was detected (SIGTERM, ``ckpt.preemption.notify()``, JAX)."""
+    """Saves the step at which a preemption was detected (SIGTERM, ``ckpt.preemption.notify()``, JAX).
+
+    Example::
+
+        policy = AnySavePolicy([FixedIntervalPolicy(1000), PreemptionCheckpointingPolicy()])
+        with ckpt.Checkpointer("runs/exp1", save_decision_policy=policy) as ckptr:
+            ckpt.preemption.notify()                     # what a SIGTERM does
+            assert ckptr.save(1234, {"w": np.ones(3)}) and ckptr.reached_preemption(1234)
+    """
 
     def should_save(self, step, previous_steps, *, context) -> bool:
         return context.reached_preemption
@@ -87,7 +132,14 @@ PreemptionPolicy = PreemptionCheckpointingPolicy
 
 
 class InitialSavePolicy:
-    """Saves when there is no checkpoint yet."""
+    """Saves when there is no checkpoint yet.
+
+    Example::
+
+        policy = AnySavePolicy([InitialSavePolicy(), FixedIntervalPolicy(1000)])
+        with ckpt.Checkpointer("runs/exp1", save_decision_policy=policy) as ckptr:
+            assert ckptr.should_save(7)                  # a run's first step, wherever it starts
+    """
 
     def should_save(self, step, previous_steps, *, context) -> bool:
         return not previous_steps
@@ -98,7 +150,14 @@ class InitialSavePolicy:
 
 @dataclasses.dataclass(frozen=True)
 class AnySavePolicy:
-    """Saves when any of ``policies`` says so (asked in order, stopping at the first yes)."""
+    """Saves when any of ``policies`` says so (asked in order, stopping at the first yes).
+
+    Example::
+
+        policy = AnySavePolicy([FixedIntervalPolicy(1000), SpecificStepsPolicy({1, 10})])
+        with ckpt.Checkpointer("runs/exp1", save_decision_policy=policy) as ckptr:
+            assert ckptr.should_save(10) and ckptr.should_save(3000) and not ckptr.should_save(11)
+    """
 
     policies: Sequence[SaveDecisionPolicy]
 
@@ -107,5 +166,12 @@ class AnySavePolicy:
 
 
 def default_policy() -> AnySavePolicy:
-    """Save the first step, then whenever no save is in flight, and on preemption (Orbax's default)."""
+    """Save the first step, then whenever no save is in flight, and on preemption (Orbax's default).
+
+    Example::
+
+        with ckpt.Checkpointer("runs/exp1", save_decision_policy=default_policy()) as ckptr:   # = no policy
+            ckptr.save(0, {"w": np.ones(3)})
+            assert ckptr.should_save(1)                  # no save is in flight
+    """
     return AnySavePolicy([InitialSavePolicy(), ContinuousCheckpointingPolicy(), PreemptionCheckpointingPolicy()])

@@ -1,0 +1,60 @@
+"""Fixtures shared by several test modules: a local S3-compatible server (moto) and a fresh bucket on it,
+and the ckpt.progress logger put back after each test."""
+from __future__ import annotations
+
+import logging
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from tests import procs
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """The endpoint of a moto S3 server on 127.0.0.1, stopped at the end of the session; skips without moto."""
+    pytest.importorskip("moto", reason="needs moto (the dev extra) for a local S3 server")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(endpoint, timeout=1)
+                break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise RuntimeError("the local S3 server did not start")
+                time.sleep(0.1)
+        yield endpoint
+    finally:
+        procs.stop(server)
+
+
+@pytest.fixture
+def bucket(s3_server, monkeypatch, request):
+    """``s3://<a new bucket>/runs/exp``, with the AWS_* environment pointing at the local server."""
+    env = {"AWS_ENDPOINT_URL": s3_server, "AWS_REGION": "us-east-1", "AWS_ACCESS_KEY_ID": "test",
+           "AWS_SECRET_ACCESS_KEY": "test"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    name = f"b{abs(hash(request.node.nodeid)) % 10**8}"
+    urllib.request.urlopen(urllib.request.Request(f"{s3_server}/{name}", method="PUT"))
+    return f"s3://{name}/runs/exp"
+
+
+@pytest.fixture(autouse=True)
+def restore_progress_logger():
+    """cli.main() and progress.enable() change the ckpt.progress logger; each test gets it back as it was."""
+    logger = logging.getLogger("ckpt.progress")
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+    yield
+    logger.handlers[:], logger.level, logger.propagate = saved

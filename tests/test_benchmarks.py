@@ -1,0 +1,67 @@
+"""The benchmark suite (benchmarks/run.py) runs end to end in its tiny mode and reports every figure.
+
+One run of ``run.py --tiny`` (KiB-sized states, every workload, system and section; about 20 s on two
+idle cores) is shared by the tests below. Its numbers mean nothing; what is checked is that every
+measurement exists, that loads returned the saved bytes (the workers' warm-up checks them and the run
+fails otherwise), and that the report names the targets.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SYSTEMS = {"floor", "ckpt", "orbax", "torch"}
+FIGURES = {"save_s", "blocking_s", "async_total_s", "load_s", "save_peak_bytes", "async_peak_bytes",
+           "load_peak_bytes", "files"}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
+    """(the results JSON, the printed report) of one tiny run."""
+    tmp = tmp_path_factory.mktemp("bench")
+    out = tmp / "results.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "run.py"), "--tiny", "--out", str(out),
+                           "--scratch", str(tmp)], capture_output=True, text=True, timeout=240, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert not [p for p in tmp.iterdir() if p.name.startswith("ckpt-bench-")], "the scratch directory was left behind"
+    return json.loads(out.read_text()), proc.stdout
+
+
+def test_every_workload_has_every_figure_of_every_system(tiny):
+    results, _ = tiny
+    names = [w["name"] for w in results["workloads"]]
+    assert names == ["large_1MiB", "many_leaves", "flax_adam", "lightning"]
+    for workload in results["workloads"]:
+        assert workload["nbytes"] > 0 and workload["leaves"] > 0
+        assert set(workload["systems"]) == SYSTEMS, workload["name"]
+        for system, figures in workload["systems"].items():
+            assert FIGURES <= set(figures), (workload["name"], system, FIGURES - set(figures))
+            assert len(figures["save_s"]["runs"]) == results["environment"]["reps"]
+            assert all(t > 0 for t in figures["save_s"]["runs"] + figures["load_s"]["runs"])
+
+
+def test_sections_measure_scaling_interference_and_fixed_costs(tiny):
+    results, _ = tiny
+    sizes = [p["nbytes"] for p in results["scaling"]["bytes"]]
+    assert sizes == sorted(sizes) and len(sizes) >= 2
+    assert [p["leaves"] for p in results["scaling"]["leaves"]] == [10, 100]
+    assert set(results["interference"]["systems"]) == {"ckpt", "orbax", "torch"}
+    assert results["interference"]["systems"]["ckpt"]["iteration_during_s"]["median"] > 0
+    ckpt_costs = results["overheads"]["ckpt"]
+    assert ckpt_costs["steps"] == 20 and ckpt_costs["init_s"] > 0 and ckpt_costs["declined_save_s"] > 0
+
+
+def test_report_prints_a_table_per_workload_and_the_targets(tiny):
+    results, printed = tiny
+    for name in ("large_1MiB", "many_leaves", "flax_adam", "lightning"):
+        assert f"== {name}:" in printed
+    assert "-- targets --" in printed and "-- scaling by size" in printed
+    targets = {t["target"] for t in results["targets"]}
+    assert "large_1MiB: durable save throughput / write floor" in targets
+    assert "many_leaves: Orbax save time / ckpt's" in targets
+    assert all(t["ok"] in (True, False) for t in results["targets"])

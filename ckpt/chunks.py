@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import os
 import zlib
 from pathlib import Path
 import numpy as np
@@ -27,11 +28,13 @@ def pool() -> concurrent.futures.ThreadPoolExecutor:
 
 @dataclasses.dataclass(frozen=True)
 class Chunk:
-    """Chunk ``key`` (``c/3/0``) holds bytes ``[start, stop)`` of the array's C-order bytes."""
+    """Chunk ``key`` (``c/3/0``) holds bytes ``[start, stop)`` of the array's C-order bytes. Its file has
+    ``file_bytes``: zarr3 stores an edge chunk whole, the rows past the array's end as fill."""
 
     key: str
     start: int
     stop: int
+    file_bytes: int
 
 
 def layout(meta: dict) -> list[Chunk] | None:
@@ -46,11 +49,11 @@ def layout(meta: dict) -> list[Chunk] | None:
         return None
     itemsize = np.dtype(metadata["data_type"]).itemsize
     if not shape:
-        return [Chunk("c", 0, itemsize)]
+        return [Chunk("c", 0, itemsize, itemsize)]
     row_bytes = itemsize * int(np.prod(shape[1:], dtype=np.int64))
     rows, tail = chunk_shape[0], "/0" * (len(shape) - 1)
     total = row_bytes * shape[0]
-    return [Chunk(f"c/{i}{tail}", i * rows * row_bytes, min(total, (i + 1) * rows * row_bytes))
+    return [Chunk(f"c/{i}{tail}", i * rows * row_bytes, min(total, (i + 1) * rows * row_bytes), rows * row_bytes)
             for i in range(-(-shape[0] // rows))]
 
 
@@ -71,16 +74,17 @@ def checksums(data: np.ndarray, chunks: list[Chunk]) -> list[int]:
     return [zlib.crc32(data[c.start:c.stop]) & 0xFFFFFFFF for c in chunks]
 
 
-def read_chunk(path: Path, out: np.ndarray, expected_crc32: int | None) -> str | None:
-    """Reads one chunk file into ``out`` (its exact size); returns why it is damaged, or None."""
+def read_chunk(path: Path, out: np.ndarray, file_bytes: int, expected_crc32: int | None) -> str | None:
+    """Reads the first ``out.size`` bytes of a chunk file of ``file_bytes`` bytes into ``out`` (the rest
+    is an edge chunk's fill); returns why it is damaged, or None."""
     try:
         with open(path, "rb", buffering=0) as f:
-            n = f.readinto(out)
-            extra = f.read(1)
+            size = os.fstat(f.fileno()).st_size
+            n = f.readinto(out) if size == file_bytes else 0
     except FileNotFoundError:
         return f"chunk file {path} is missing"
-    if n != out.size or extra:
-        return f"chunk file {path} has {'fewer' if n != out.size else 'more'} bytes than the {out.size} expected"
+    if size != file_bytes or n != out.size:
+        return f"chunk file {path} has {size} bytes, not the {file_bytes} expected"
     if expected_crc32 is not None and zlib.crc32(out) & 0xFFFFFFFF != expected_crc32:
         return f"chunk file {path} does not match its CRC32 in tree.json"
     return None
@@ -89,5 +93,5 @@ def read_chunk(path: Path, out: np.ndarray, expected_crc32: int | None) -> str |
 def start_read(array_dir: Path, meta: dict, out: np.ndarray) -> list[concurrent.futures.Future]:
     """Starts reading every chunk of a leaf into ``out`` (flat uint8); each future gives a damage or None."""
     crcs = meta["chunk_crc32"]
-    return [pool().submit(read_chunk, array_dir / c.key, out[c.start:c.stop], crc)
+    return [pool().submit(read_chunk, array_dir / c.key, out[c.start:c.stop], c.file_bytes, crc)
             for c, crc in zip(layout(meta), crcs)]

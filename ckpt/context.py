@@ -48,6 +48,8 @@ class FileOptions:
 class MemoryOptions:
     """max_inflight_bytes: the most bytes an async save copies into its snapshot; leaves beyond it are
     written before ``save_async`` returns. None: no bound (the snapshot is one copy of the state).
+    A Checkpointer keeps its last snapshot's buffers for the next async save (copying into memory
+    already touched is much faster) until ``close()``: at most this many bytes, or one copy of the state.
 
     Example::
 

@@ -165,9 +165,9 @@ def numpy_to_torch(array: np.ndarray, like: Any = None) -> Any:
     name = array.dtype.name
     if name in _TORCH_VIEWS:
         carrier, _ = _TORCH_VIEWS[name]
-        tensor = torch.from_numpy(np.ascontiguousarray(array).view(carrier)).view(getattr(torch, name))
+        tensor = torch.from_numpy(np.require(array, requirements='C').view(carrier)).view(getattr(torch, name))
     else:
-        tensor = torch.from_numpy(np.ascontiguousarray(array))
+        tensor = torch.from_numpy(np.require(array, requirements='C'))
     if like is not None:
         tensor = tensor.to(device=like.device, dtype=like.dtype)
     return tensor

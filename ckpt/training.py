@@ -94,6 +94,7 @@ class Checkpointer:
         self._name_format = step_name_format or step_lib.standard_name_format()
         self._lightweight = lightweight_initialize
         self._writer = background.BackgroundWriter()
+        self._staging = saving.StagingBuffers()
         self._loader: concurrent.futures.ThreadPoolExecutor | None = None
         self._reading: collections.Counter[int] = collections.Counter()
         self._infos_lock = threading.Lock()
@@ -252,7 +253,9 @@ class Checkpointer:
         return self._preempted_at is not None and step >= self._preempted_at
 
     def _decide(self, step: int, *, replacing: bool) -> bool:
-        previous = [c for c in self.checkpoints if c.step != step] if replacing else self.checkpoints
+        previous = self._infos  # replaced, never changed in place: no copy on this per-step path
+        if replacing:
+            previous = [c for c in previous if c.step != step]
         if previous and step <= previous[-1].step and not replacing:
             return False
         reached = preemption.reached(step)
@@ -368,6 +371,9 @@ class Checkpointer:
                 if writer.primary:
                     storage.remove_tree(writer.tmp_dir)
                 raise
+            finally:
+                if plan.staging:
+                    self._staging.give(plan.staging)
             self._committed(step, writer.final_dir, manifest)
             return True
 
@@ -376,7 +382,7 @@ class Checkpointer:
         # With several processes every leaf is copied: the directory is prepared only in the background.
         budget = self._context.memory_options.max_inflight_bytes if self._processes.count == 1 else None
         try:
-            uncopied = saving.snapshot(plan, budget)
+            uncopied = saving.snapshot(plan, budget, self._staging)
             writer.write_arrays(uncopied)
         except BaseException:
             storage.remove_tree(writer.tmp_dir)
@@ -595,6 +601,7 @@ class Checkpointer:
         finally:
             self._closed = True
             self._writer.shutdown()
+            self._staging.clear()
             if self._loader is not None:
                 self._loader.shutdown(wait=True)
             self._lock.release()

@@ -1,14 +1,14 @@
 """A Lightning run for the tests: the example's model, with switches to kill it or stop it at a step.
 
-    python tests/lightning_run.py --dir D --out final.pt --max-steps 30 [--kill-at 13] [--sigterm-at 13]
-        [--policy every:4] [--preserve latest:2|best] [--monitor train_loss] [--accumulate 2]
-        [--no-callback] [--ddp] [--sync-save] [--kill-in-flight]
+    python tests/lightning_run.py --dir D --out final.pt --max-steps 30 [--max-epochs 2] [--kill-at 13]
+        [--sigterm-at 13] [--policy every:4] [--preserve latest:2] [--monitor train_loss] [--accumulate 2]
+        [--samples 336] [--no-callback] [--ddp] [--accelerator gpu] [--sync-save] [--kill-in-flight]
 
-``--out`` receives the final parameters and optimizer state (torch.save, rank 0). ``--ddp`` runs two
-processes (``ddp_fork``, gloo). ``--kill-at K``
-SIGKILLs the whole process group once step K's save is committed (``--kill-in-flight``: without waiting
-for it); ``--sigterm-at K`` sends SIGTERM to itself during step K. ``--sweep`` instead, in this one process,
-saves every step of a run, resumes from each and prints ``sweep <step> ok|DIFF|NOT RESUMED``.
+``--out`` receives the final parameters, optimizer and scheduler state (torch.save, rank 0). ``--ddp``
+runs two processes (``ddp_fork``, gloo). ``--kill-at K`` SIGKILLs the whole process group once step K's
+save is committed (``--kill-in-flight``: without waiting for it); ``--sigterm-at K`` sends SIGTERM to
+itself during step K. ``--sweep`` instead, in this one process, saves every step of a run, resumes from
+each and prints ``sweep <step> ok|DIFF|NOT RESUMED``. ``train`` and ``final_state`` serve in-process tests.
 """
 from __future__ import annotations
 

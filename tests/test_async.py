@@ -198,3 +198,18 @@ def test_free_function_save_async_and_load_async(tmp_path):
     loaded = ckpt.load_async(tmp_path / "one").result(timeout=30)
     np.testing.assert_array_equal(loaded["big"], np.full(BIG, 9, np.float32))
     assert loaded["n"] == 9
+
+
+def test_consecutive_async_saves_reusing_snapshot_buffers_each_keep_their_own_values(tmp_path):
+    s = state(0)
+    with Checkpointer(tmp_path, save_decision_policy=ALWAYS) as ckptr:
+        for step in range(1, 5):
+            s["big"][:] = step
+            s["small"][:] = step
+            response = ckptr.save_async(step, s)
+            s["big"][:] = -step  # after the snapshot: never saved
+            response.result(timeout=30)
+        for step in range(1, 5):
+            loaded = ckptr.load(step)
+            np.testing.assert_array_equal(loaded["big"], np.full(BIG, step, np.float32))
+            np.testing.assert_array_equal(loaded["small"], np.full(16, step, np.float32))

@@ -15,7 +15,7 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from tests import procs  # noqa: E402
-from tests.lightning_run import example, same  # noqa: E402
+from tests.lightning_run import example, final_state, parse_args, same, train  # noqa: E402
 
 import ckpt  # noqa: E402
 from ckpt.integrations.lightning import load_weights  # noqa: E402
@@ -83,14 +83,16 @@ def reference(tmp_path_factory):
         procs.stop(run.proc)
 
 
-def kill_then_restart(tmp_path: Path, *flags: str, kill_at: int, in_flight: bool = False) -> tuple[str, dict]:
-    """Runs until step ``kill_at``, SIGKILLs the run, runs the same command again; returns its output and
-    final state."""
+def kill_then_restart(tmp_path: Path, *flags: str, kill_at: int,
+                      in_flight: bool = False) -> tuple[list[int], str, dict]:
+    """Runs until step ``kill_at``, SIGKILLs the run, runs the same command again; returns the steps on
+    disk after the kill, and the second run's output and final state."""
     directory, out = tmp_path / "ckpt", tmp_path / "final.pt"
     common = ("--dir", str(directory), "--out", str(out), *flags)
     code, log = Run(*common, "--kill-at", str(kill_at), *(["--kill-in-flight"] if in_flight else [])).result()
     assert code == -9 and f"killing at step {kill_at}" in log, log[-3000:]
-    return finished(*common), torch.load(out)
+    killed = steps_in(directory)
+    return killed, finished(*common), torch.load(out)
 
 
 # ----------------------------------------------------------------------------- resume equivalence
@@ -109,7 +111,8 @@ def test_sigkill_after_fixed_interval_checkpoint_with_accumulation_resumes_exact
         tmp_path, reference):
     expected = reference("--max-steps", "16", "--accumulate", "2")
     flags = ("--max-steps", "16", "--accumulate", "2", "--policy", "every:4", "--preserve", "latest:2")
-    out, final = kill_then_restart(tmp_path, *flags, kill_at=10)  # steps 4 and 8 kept; 8 is mid-epoch
+    killed, out, final = kill_then_restart(tmp_path, *flags, kill_at=10)  # 10 steps per epoch
+    assert killed == [4, 8]
     assert started_at(out) == 8
     assert steps_in(tmp_path / "ckpt") == [12, 16]
     assert same(final, expected())
@@ -132,8 +135,10 @@ def test_sigkill_with_monitor_keeps_the_best_and_latest_steps_and_resumes_exactl
 def test_sigkill_while_a_save_is_in_flight_resumes_from_the_last_committed_step_and_leaves_no_partial_step(
         tmp_path, reference):
     expected = reference("--max-steps", "24")
-    out, final = kill_then_restart(tmp_path, "--max-steps", "24", kill_at=13, in_flight=True)
-    assert 1 <= started_at(out) <= 13
+    # every step is saved; the run is killed right after handing step 13 to the background writer
+    killed, out, final = kill_then_restart(tmp_path, "--max-steps", "24", "--policy", "every:1", kill_at=13,
+                                           in_flight=True)
+    assert killed[-1] in (12, 13) and started_at(out) == killed[-1]
     assert not [p.name for p in (tmp_path / "ckpt").iterdir() if not p.name.isdigit() and not p.name.startswith(".")]
     assert same(final, expected())
 
@@ -152,7 +157,8 @@ def test_sigterm_saves_the_current_step_then_lightning_stops_and_a_restart_resum
 def test_ddp_two_processes_agree_write_once_survive_sigkill_and_resume_exactly(tmp_path, reference):
     expected = reference("--ddp", "--max-steps", "20")
     flags = ("--ddp", "--max-steps", "20", "--policy", "every:4")
-    out, final = kill_then_restart(tmp_path, *flags, kill_at=14)  # 10 batches per rank and epoch
+    killed, out, final = kill_then_restart(tmp_path, *flags, kill_at=14)  # 10 batches per rank and epoch
+    assert killed == [4, 8, 12]
     assert "rank 0 started at step 12 writer True" in out and "rank 1 started at step 12 writer False" in out, out
     assert steps_in(tmp_path / "ckpt") == [4, 8, 12, 16, 20]
     assert same(final, expected())
@@ -168,6 +174,19 @@ def test_example_resumes_where_it_stopped(tmp_path):
 
 
 # ---------------------------------------------------------------------------- in-process behaviour
+@pytest.mark.parametrize("first, second, start", [
+    (("--max-steps", "-1", "--max-epochs", "1"), ("--max-steps", "-1", "--max-epochs", "2"), 20),
+    (("--max-steps", "30"), ("--max-steps", "45"), 30),  # the final save came after max_steps, mid-epoch
+], ids=["max_epochs", "max_steps"])
+def test_extending_a_finished_run_continues_as_if_it_had_never_stopped(tmp_path, first, second, start):
+    expected = final_state(train(parse_args(list(second)), None, kill=False))
+    train(parse_args(["--policy", "every:7", *first]), str(tmp_path), kill=False)
+    trainer = train(parse_args(["--policy", "every:7", *second]), str(tmp_path), kill=False)
+    assert trainer.lightning_module.started_at == start
+    assert same(final_state(trainer), expected)
+
+
+
 def fit(directory: Path, *, model: pl.LightningModule | None = None, max_steps: int = 4, **kwargs):
     """A small fit in this process; returns the trainer and its callback."""
     pl.seed_everything(0, verbose=False)
@@ -225,6 +244,27 @@ def test_load_weights_reads_the_latest_or_a_given_step_into_a_fresh_model(tmp_pa
     assert not same(fresh.state_dict(), trainer.lightning_module.state_dict())
     with pytest.raises(ckpt.errors.StepNotFoundError, match="no checkpoint at step 3"):
         load_weights(fresh, tmp_path, step=3)
+
+
+class WithScalarState(example.Regressor):
+    """BatchNorm (a 0-d ``num_batches_tracked`` buffer) and Adam (a 0-d ``step`` per parameter)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net.insert(1, torch.nn.BatchNorm1d(64))
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
+def test_zero_dimensional_tensors_resume_with_their_shapes(tmp_path):
+    fit(tmp_path, model=WithScalarState(), max_steps=2)
+    trainer, _ = fit(tmp_path, model=WithScalarState(), max_steps=3)
+    assert trainer.lightning_module.net[1].num_batches_tracked.shape == ()
+    assert {tuple(s["step"].shape) for s in trainer.optimizers[0].state.values()} == {()}
+    fresh = WithScalarState()
+    load_weights(fresh, tmp_path)
+    assert same(fresh.state_dict(), trainer.lightning_module.state_dict())
 
 
 class FailsAt(example.Regressor):

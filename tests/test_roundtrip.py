@@ -357,3 +357,12 @@ def test_a_tensor_abstract_leaf_casts_to_its_dtype_and_an_array_leaf_returns_num
     assert restored["w"].dtype == torch.bfloat16
     assert torch.equal(restored["w"], torch.linspace(0, 1, 6).to(torch.bfloat16))
     assert isinstance(restored["b"], np.ndarray) and restored["b"].dtype == ml_dtypes.bfloat16
+
+
+def test_zero_dimensional_torch_tensors_keep_their_shape(tmp_path):
+    torch = pytest.importorskip("torch")
+    saved = {"step": torch.tensor(3.0), "count": torch.tensor(7), "bf": torch.tensor(0.5, dtype=torch.bfloat16)}
+    ckpt.save(tmp_path / "c", saved)
+    for loaded in (ckpt.load(tmp_path / "c"), ckpt.load(tmp_path / "c", {k: torch.empty(()) for k in saved})):
+        assert all(loaded[k].shape == () for k in saved), {k: loaded[k].shape for k in loaded}
+    assert ckpt.load(tmp_path / "c")["bf"].dtype == torch.bfloat16

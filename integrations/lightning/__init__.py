@@ -19,6 +19,19 @@ recognises a ``Checkpoint`` of its own namespace, so there is one class per name
 ``ckpt.integrations.lightning.CheckpointCallback`` is the one of the namespace your program has
 imported; when it has imported both or neither, ``lightning.pytorch`` if installed, else
 ``pytorch_lightning``. A mismatch is reported at ``Trainer.fit`` with the class to use instead.
+Lightning 2.5 or later is needed (the callback restores through its loops' restart stages).
+``best_model_path`` and ``last_model_path`` are step directories: read them with :func:`load_weights`
+(Lightning's ``ckpt_path=`` expects a ``torch.save`` file).
+
+What a resume restores exactly (on CPU with a deterministic data order, the final parameters equal
+those of a run never stopped): the model, optimizers, LR schedulers, loop progress, callbacks,
+datamodule and precision state; the position in the epoch with a plain ``DataLoader`` (the epoch's
+shuffling is drawn again from the RNG states recorded at its start, and the trained batches passed
+over); the RNG states of torch (CPU and CUDA), numpy, ``random`` and DataLoader generators, per rank.
+Not restored: a validation run due at the checkpointed step (Lightning skips it on resume, with any
+global RNG draws it would have made), and the seeds of DataLoader workers in the first epoch.
+Loaders with ``state_dict``/``load_state_dict`` are positioned by Lightning itself. After SIGTERM
+during gradient accumulation, the run resumes from the last step whose accumulation was complete.
 """
 from __future__ import annotations
 

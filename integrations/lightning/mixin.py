@@ -8,9 +8,11 @@ What happens when:
 
 - ``setup`` (fit): global rank 0 opens the :class:`ckpt.Checkpointer`; other ranks write nothing.
 - ``on_fit_start``: every rank learns the latest committed step from rank 0 and, with ``restore`` and
-  no ``trainer.fit(ckpt_path=...)``, restores the full training state from it.
-- ``on_train_start``: the data iterator is moved to the batch after the checkpoint and the RNG
-  states are set as they were when it was taken.
+  no ``trainer.fit(ckpt_path=...)``, restores the full training state from it (each rank reads the
+  step itself: the directory must be reachable from every rank, as with any shared checkpoint).
+- ``on_train_start``: the checkpoint dict is built once and checked, so that a value ckpt cannot
+  store fails before training; the data iterator is moved to the batch after the checkpoint and the
+  RNG states are set as they were when it was taken.
 - ``on_train_epoch_start``: the RNG states are recorded; a mid-epoch resume replays the epoch's
   shuffling from them.
 - ``on_train_batch_end``: once per new ``trainer.global_step`` (accumulating batches and repeated
@@ -237,8 +239,9 @@ class CheckpointCallbackMixin:
 
     # ----------------------------------------------------------------------------- resuming
     def _restore(self, trainer: Any, pl_module: Any, path: str) -> None:
-        checkpoint = translate.from_checkpointables(ckpt.load_checkpointables(path))
-        check_model(checkpoint["state_dict"], pl_module, source=path, strict=pl_module.strict_loading)
+        checkpoint = translate.from_checkpointables(translate.load(path))
+        check_model(checkpoint["state_dict"], pl_module, source=path,
+                    strict=getattr(pl_module, "strict_loading", True))  # strict_loading: Lightning >= 2.2
         resume.restore_trainer(trainer, checkpoint, source=path)
 
     def _resume_data_and_rng(self, trainer: Any) -> None:
@@ -253,7 +256,7 @@ class CheckpointCallbackMixin:
             warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
         if position is not None and position.replay_epoch:
             epoch = trainer.current_epoch if epoch_rng is None else epoch_rng["epoch"]
-            log.info("ckpt: continuing epoch %d after its batch %d", epoch, position.skip)
+            resume.rank_zero_info(trainer, f"Continuing epoch {epoch} after its batch {position.skip} (ckpt)")
             if epoch_rng is not None:
                 rng.restore(epoch_rng["rng"], loaders)
                 if epoch > 0:

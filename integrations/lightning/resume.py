@@ -2,8 +2,8 @@
 
 Lightning has no public API for a callback to restore the full training state, and with a plain
 ``DataLoader`` it replays a resumed epoch from its first batch. These functions use the private
-internals that have been stable from Lightning 2.0 to 2.6 (``trainer._checkpoint_connector``,
-``trainer.fit_loop._data_fetcher`` and the loops' progress counters), and say so when they are missing.
+internals of Lightning 2.5 and later (``trainer._checkpoint_connector``, ``trainer.fit_loop._data_fetcher``
+and the loops' restart stages, added in 2.5), and say so when they are missing.
 
 Example (inside the callback)::
 
@@ -31,10 +31,10 @@ def restore_trainer(trainer: Any, checkpoint: dict, *, source: str) -> None:
     connector.restore_callbacks()
     connector.restore_training_state()
     connector.resume_end()
-    _rank_zero_info(trainer, f"Restored all states from the ckpt checkpoint at {source}")
+    rank_zero_info(trainer, f"Restored all states from the ckpt checkpoint at {source}")
 
 
-def _rank_zero_info(trainer: Any, message: str) -> None:
+def rank_zero_info(trainer: Any, message: str) -> None:
     """Prints like Lightning's own messages (its logger, global rank 0 only)."""
     importlib.import_module(f"{lightning_package(trainer)}.utilities.rank_zero").rank_zero_info(message)
 
@@ -83,12 +83,13 @@ def plan_data_position(trainer: Any) -> DataPosition | None:
     Call in ``on_train_start``, after ``FitLoop.reset`` set the restart stages."""
     fit_loop = trainer.fit_loop
     fetcher = _private(fit_loop, "_data_fetcher")
-    if not fit_loop.is_resuming or fetcher is None or _loaders_are_stateful(fetcher) or fit_loop.restarted_on_epoch_end:
+    if (not fit_loop.is_resuming or fetcher is None or _loaders_are_stateful(fetcher)
+            or _private(fit_loop, "restarted_on_epoch_end")):
         return None
     hook = not fit_loop.restarted_mid_epoch
     epoch_loop = fit_loop.epoch_loop
     if epoch_loop.restarting:  # Lightning continues the saved epoch's batch count (see _TrainingEpochLoop.reset)
-        on_batch_end = epoch_loop.restarted_on_train_batch_end
+        on_batch_end = _private(epoch_loop, "restarted_on_train_batch_end")
         done = epoch_loop.batch_progress.current.completed + int(on_batch_end)
         if done < trainer.num_training_batches:
             return DataPosition(skip=done, replay_epoch=True, new_epoch=False, epoch_start_hook=hook)
@@ -136,5 +137,5 @@ def _private(obj: Any, name: str) -> Any:
     try:
         return getattr(obj, name)
     except AttributeError:
-        raise RuntimeError(f"{type(obj).__qualname__} has no {name}: this Lightning version is not supported by "
-                           "ckpt.integrations.lightning (tested with 2.0 to 2.6)") from None
+        raise RuntimeError(f"{type(obj).__qualname__} has no {name}: ckpt.integrations.lightning needs Lightning "
+                           "2.5 or later (tested with 2.6)") from None

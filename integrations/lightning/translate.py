@@ -10,7 +10,7 @@ Example::
 
     items = to_checkpointables(trainer._checkpoint_connector.dump_checkpoint(weights_only=False))
     ckptr.save_checkpointables(step, items, force=True)
-    checkpoint = from_checkpointables(ckptr.load_checkpointables(step))   # tensors come back as torch
+    checkpoint = from_checkpointables(load(str(ckptr.latest.path)))      # tensors come back as torch
 """
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+import ckpt
 
 MODEL = "model"
 TRAINER = "trainer"
@@ -35,6 +37,11 @@ def to_checkpointables(checkpoint: dict) -> dict[str, Any]:
     plain = _plain(checkpoint, "checkpoint")
     model = plain.pop(_STATE_DICT, {})
     return {MODEL: model, TRAINER: plain}
+
+
+def load(path: str, names: tuple[str, ...] = (MODEL, TRAINER)) -> dict[str, Any]:
+    """The checkpointables ``names`` of the step directory ``path``, tensors as torch tensors."""
+    return ckpt.load_checkpointables(path, {name: None for name in names})
 
 
 def from_checkpointables(loaded: dict[str, Any]) -> dict:

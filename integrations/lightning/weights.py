@@ -9,7 +9,6 @@ Example::
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, Mapping
 
 import torch
@@ -17,7 +16,7 @@ import torch
 import ckpt
 from ckpt.path import step as step_lib
 
-from ckpt.integrations.lightning.translate import MODEL
+from ckpt.integrations.lightning.translate import MODEL, load
 
 
 def load_weights(model: torch.nn.Module, directory: str | os.PathLike, step: int | None = None, *,
@@ -26,6 +25,7 @@ def load_weights(model: torch.nn.Module, directory: str | os.PathLike, step: int
 
     Reads only the ``"model"`` checkpointable (no optimizer or trainer state), installs no signal
     handler and takes no lock, so it is safe in an inference process while training still writes.
+    ``directory`` may be local, ``gs://`` or ``s3://``.
 
     Args:
       model: the LightningModule (or any ``nn.Module`` with the same ``state_dict`` keys) to fill.
@@ -42,24 +42,22 @@ def load_weights(model: torch.nn.Module, directory: str | os.PathLike, step: int
       ValueError: the checkpoint holds a different model (the keys and shapes that differ are named).
     """
     step, path = step_path(directory, step, step_name_format)
-    state = ckpt.load_checkpointables(path, {MODEL: None})[MODEL]
+    state = load(path, (MODEL,))[MODEL]
     check_model(state, model, source=f"step {step} in {directory}", strict=strict)
     model.load_state_dict(state, strict=strict)
     return step
 
 
 def step_path(directory: str | os.PathLike, step: int | None,
-              step_name_format: step_lib.NameFormat | None = None) -> tuple[int, Path]:
+              step_name_format: step_lib.NameFormat | None = None) -> tuple[int, str]:
     """The committed step (latest when None) of ``directory`` and its path, found without a Checkpointer."""
-    root = Path(directory).expanduser().absolute()
-    names = os.listdir(root) if root.is_dir() else []
-    found = step_lib.find_steps(names, step_name_format or step_lib.standard_name_format())
+    found = step_lib.find_all(directory, step_name_format)
     if step is None and found:
         step = max(found)
     if step not in found:
         what = "no checkpoints" if not found else f"no checkpoint at step {step} (steps: {sorted(found)})"
-        raise ckpt.errors.StepNotFoundError(f"{what} in {root}", step=step, path=root)
-    return step, root / found[step]
+        raise ckpt.errors.StepNotFoundError(f"{what} in {directory}", step=step, path=directory)
+    return step, f"{os.fspath(directory).rstrip('/')}/{found[step]}"
 
 
 def check_model(saved: Mapping[str, Any], model: torch.nn.Module, *, source: str, strict: bool = True) -> None:

@@ -39,9 +39,11 @@ class Chunk:
 
 def layout(meta: dict) -> list[Chunk] | None:
     """The chunks of a leaf stored as plain slabs along axis 0, or None for any other layout."""
-    spec = meta.get("array")
-    if not spec:
-        return None
+    return spec_layout(meta["array"]) if meta.get("array") else None
+
+
+def spec_layout(spec: dict) -> list[Chunk] | None:
+    """The chunks of a zarr3 array (a spec from tree.json) made of plain slabs along axis 0, or None."""
     metadata = spec["metadata"]
     shape = metadata["shape"]
     chunk_shape = metadata["chunk_grid"]["configuration"]["chunk_shape"]
@@ -95,3 +97,29 @@ def start_read(array_dir: Path, meta: dict, out: np.ndarray) -> list[concurrent.
     crcs = meta["chunk_crc32"]
     return [pool().submit(read_chunk, array_dir / c.key, out[c.start:c.stop], c.file_bytes, crc)
             for c, crc in zip(layout(meta), crcs)]
+
+
+def start_range_read(array_dir: Path, spec: dict, lo: int, hi: int, out: np.ndarray) -> list[concurrent.futures.Future]:
+    """Starts reading bytes ``[lo, hi)`` of a flat uint8 array (the packed leaves) into ``out``, from
+    the chunk files that hold them; each future gives a damage or None."""
+    futures = []
+    for c in spec_layout(spec):
+        start, stop = max(lo, c.start), min(hi, c.stop)
+        if start < stop:
+            futures.append(pool().submit(_read_part, array_dir / c.key, c.file_bytes, start - c.start,
+                                         out[start - lo: stop - lo]))
+    return futures
+
+
+def _read_part(path: Path, file_bytes: int, offset: int, out: np.ndarray) -> str | None:
+    try:
+        with open(path, "rb", buffering=0) as f:
+            size = os.fstat(f.fileno()).st_size
+            if size == file_bytes:
+                f.seek(offset)
+                n = f.readinto(out)
+    except FileNotFoundError:
+        return f"chunk file {path} is missing"
+    if size != file_bytes or n != out.size:
+        return f"chunk file {path} has {size} bytes, not the {file_bytes} expected"
+    return None

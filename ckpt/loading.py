@@ -74,9 +74,21 @@ class _PackedReader:
         if not ranges or self.doc is None:
             return
         lo, hi = min(r[0] for r in ranges), max(r[0] + r[1] for r in ranges)
+        spec = self.doc["spec"]
         try:
-            store = storage.open_for_read(storage.resolve_kvstore(self.doc["spec"], self.step_dir))
-            self._data = store[lo:hi].read().result()
+            if isinstance(self.step_dir, Path) and chunks.spec_layout(spec):
+                self._data = np.empty(hi - lo, np.uint8)
+                array_dir = Path(storage.resolve_kvstore(spec, self.step_dir)["kvstore"]["path"])
+                why = chunks.check_metadata(array_dir, self.doc)
+                if why:
+                    raise ValueError(why)
+                damage = [why for why in (f.result() for f in
+                          chunks.start_range_read(array_dir, spec, lo, hi, self._data)) if why]
+                if damage:
+                    raise ValueError("; ".join(damage))
+            else:
+                store = storage.open_for_read(storage.resolve_kvstore(spec, self.step_dir))
+                self._data = store[lo:hi].read().result()
         except ValueError as e:
             where = [source.where for source in sources]
             raise CheckpointCorruptedError(

@@ -272,13 +272,15 @@ class StepWriter:
             for start, chunk in self._packed_chunks():
                 if len(pending) >= 2:
                     pending.pop(0).result()
-                write = store[start: start + chunk.size].write(chunk)
+                write = store[start: start + chunk.size].write(
+                    chunk, can_reference_source_data_indefinitely=plan.packed_buffer is not None)
                 write.copy.result()
                 pending.append(write.commit)
                 self.progress.advance(chunk.size)
             for commit in pending:
                 commit.result()
         self.packed_spec = spec
+        self.packed_zarr_json_crc32 = fmt.crc32(storage.read_json_bytes(self.tmp_dir / fmt.PACKED / "zarr.json"))
 
     def _packed_chunks(self) -> Iterator[tuple[int, np.ndarray]]:
         plan, size = self.plan, fmt.PACKED_CHUNK_BYTES
@@ -317,7 +319,8 @@ class StepWriter:
             trees[name] = {"tree": structure, "leaves": entries}
         tree_doc: dict[str, Any] = {"checkpointables": trees}
         if plan.packed:
-            tree_doc["packed"] = {"spec": self.packed_spec, "nbytes": plan.packed_nbytes}
+            tree_doc["packed"] = {"spec": self.packed_spec, "nbytes": plan.packed_nbytes,
+                                  "zarr_json_crc32": self.packed_zarr_json_crc32}
         tree_bytes = fmt.to_json_bytes(tree_doc, "the tree")
         storage.write_file(self.tmp_dir / fmt.TREE, tree_bytes)
         manifest = {

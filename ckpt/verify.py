@@ -4,7 +4,7 @@ What is checked: the manifest and its own CRC32, tree.json against the CRC32 in 
 packed leaf against its CRC32 in tree.json, every chunk of every large leaf (it exists, has its size,
 and matches its ``chunk_crc32`` in tree.json, or the crc32c that tensorstore's zarr3 codec stored with
 it), and each array's zarr.json against the spec in tree.json. Memory stays bounded by two chunks
-(at most 2 x 64 MiB for large leaves, 2 x 16 MiB for packed ones).
+(at most 2 x 16 MiB for large leaves, 2 x 4 MiB for packed ones).
 
 Example::
 

@@ -52,7 +52,7 @@ def test_sections_measure_scaling_interference_and_fixed_costs(tiny):
     assert [p["leaves"] for p in results["scaling"]["leaves"]] == [10, 100]
     assert set(results["interference"]["systems"]) == {"ckpt", "orbax", "torch"}
     assert results["interference"]["systems"]["ckpt"]["iteration_during_s"]["median"] > 0
-    ckpt_costs = results["overheads"]["ckpt"]
+    ckpt_costs = results["overheads"]["systems"]["ckpt"]
     assert ckpt_costs["steps"] == 20 and ckpt_costs["init_s"] > 0 and ckpt_costs["declined_save_s"] > 0
 
 

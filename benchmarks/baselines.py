@@ -1,0 +1,63 @@
+"""The floors: the same bytes with nothing but numpy and the file system.
+
+* blocking floor: ``np.copyto`` of every array into preallocated, pre-faulted buffers;
+* write floor: every array ``tofile`` into one file, then ``fsync``;
+* read floor: ``readinto`` the same preallocated buffers, in order.
+
+Scalars and structure are ignored: the floors carry only the array bytes.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import workloads
+from pending import Pending, finished
+
+
+class Floor:
+    """The raw-bytes baseline, with the same interface as the system adapters."""
+
+    name = "floor"
+
+    def __init__(self, tree: Any):
+        self.arrays = workloads.raw_arrays(tree)
+        self.buffers = [np.empty_like(a) for a in self.arrays]
+        for buffer in self.buffers:
+            buffer.fill(0)  # pre-fault: first touch of fresh guest memory is very slow on these VMs
+        self.root = Path()
+
+    def open(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+
+    def step_path(self, step: int) -> Path:
+        return self.root / f"{step}.bin"
+
+    def save(self, step: int) -> None:
+        with open(self.step_path(step), "wb", buffering=0) as f:
+            for array in self.arrays:
+                array.tofile(f)
+            os.fsync(f.fileno())
+
+    def save_async(self, step: int) -> Pending:
+        for array, buffer in zip(self.arrays, self.buffers):
+            np.copyto(buffer, array)
+        return finished()
+
+    def load(self, step: int) -> list[np.ndarray]:
+        with open(self.step_path(step), "rb", buffering=0) as f:
+            for buffer in self.buffers:
+                view = memoryview(buffer.reshape(-1).view(np.uint8))
+                while view:
+                    n = f.readinto(view)
+                    if not n:
+                        raise EOFError(f"{self.step_path(step)} is shorter than the state")
+                    view = view[n:]
+        return self.buffers
+
+    def close(self) -> None:
+        pass

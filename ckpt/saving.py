@@ -227,12 +227,14 @@ class StepWriter:
         """Writes large leaves, each as a zarr3 array, concurrently; while tensorstore writes, computes
         the CRC32 of each chunk (arrays spread over processes use the crc32c codec instead)."""
         self.prepare_dir()
+        todo = [leaf for leaf in leaves if leaf.array_name not in self.plan.written_arrays
+                and (self.primary or leaf.host.device_array is not None)]
+        opening = [storage.open_for_write(storage.resolve_kvstore(leaf.host.meta["array"], self.tmp_dir))
+                   for leaf in todo]  # all at once: each open writes and fsyncs a zarr.json
         futures = []
-        for leaf in leaves:
-            if leaf.array_name in self.plan.written_arrays or not (self.primary or leaf.host.device_array is not None):
-                continue
+        for leaf, store in zip(todo, opening):
             with storage.io_errors(f"writing {keystr(leaf.path)} to {self.tmp_dir}"):
-                futures.append((leaf, self._write_array(leaf)))
+                futures.append((leaf, self._write_array(leaf, store.result())))
         for leaf, _ in futures:
             if leaf.host.device_array is None:
                 meta = leaf.host.meta
@@ -248,8 +250,7 @@ class StepWriter:
             self.progress.advance(leaf.nbytes)
             leaf.host.array = None  # release the snapshot copy as soon as it is on disk
 
-    def _write_array(self, leaf: PlannedLeaf) -> list[Any]:
-        store = storage.open_for_write(storage.resolve_kvstore(leaf.host.meta["array"], self.tmp_dir))
+    def _write_array(self, leaf: PlannedLeaf, store: ts.TensorStore) -> list[Any]:
         if leaf.host.device_array is not None:
             shards = leaf.host.shards if leaf.host.shards is not None else _own_shards(leaf.host.device_array)
             leaf.host.shards = None
@@ -268,7 +269,7 @@ class StepWriter:
                                   (plan.packed_nbytes,), fmt.PACKED_CHUNK_BYTES, checksum=False)
         pending: list[Any] = []
         with storage.io_errors(f"writing the packed leaves to {self.tmp_dir}"):
-            store = storage.open_for_write(storage.resolve_kvstore(spec, self.tmp_dir))
+            store = storage.open_for_write(storage.resolve_kvstore(spec, self.tmp_dir)).result()
             for start, chunk in self._packed_chunks():
                 if len(pending) >= 2:
                     pending.pop(0).result()

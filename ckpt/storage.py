@@ -187,11 +187,11 @@ def array_spec(kvstore: dict, dtype: np.dtype, shape: tuple[int, ...], target_ch
     }
 
 
-def open_for_write(spec: dict) -> ts.TensorStore:
-    """Creates the array (or opens it, when another process of the job created it first); every chunk is
-    stored, even all-zero ones, so that a missing chunk file means damage."""
+def open_for_write(spec: dict) -> ts.Future:
+    """Starts creating the array (or opening it, when another process of the job created it first);
+    every chunk is stored, even all-zero ones, so that a missing chunk file means damage."""
     return ts.open({**spec, "store_data_equal_to_fill_value": True}, create=True, open=True,
-                   context=ts_context()).result()
+                   context=ts_context())
 
 
 def open_for_read(spec: dict) -> ts.TensorStore:

@@ -1,14 +1,16 @@
 """Flatten and unflatten trees with key paths, and describe their structure as JSON.
 
-Containers: dict (str or int keys), list, tuple, NamedTuple and, when jax is imported, every registered
-jax pytree node (flax struct dataclasses, FrozenDict, nnx.State, optax states). Everything else is a
-leaf, including None, which is stored as a value so that it round-trips.
+Containers: dict and OrderedDict (str or int keys; a torch ``state_dict`` is an OrderedDict), list,
+tuple, NamedTuple and, when jax is imported, every registered jax pytree node (flax struct dataclasses,
+FrozenDict, nnx.State, optax states). Everything else is a leaf, including None, which is stored as a
+value so that it round-trips.
 
 A key path is a tuple of entries ``("key", k)`` (a dict key), ``("idx", i)`` (a sequence position) or
 ``("attr", name)`` (a field); :func:`keystr` renders it as jax does: ``['params']['w']``, ``[0]``, ``.mu``.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import sys
 from typing import Any, Callable, Iterator
@@ -84,7 +86,7 @@ def flatten(tree: Any, *, prefix: KeyPath = ()) -> tuple[Node, list[tuple[KeyPat
     leaves: list[tuple[KeyPath, Any]] = []
 
     def visit(x: Any, path: KeyPath) -> Node:
-        if isinstance(x, dict) and type(x) is dict:
+        if type(x) in (dict, collections.OrderedDict):
             keys = []
             for k in x:
                 if isinstance(k, bool) or not isinstance(k, (str, int)):
@@ -94,7 +96,7 @@ def flatten(tree: Any, *, prefix: KeyPath = ()) -> tuple[Node, list[tuple[KeyPat
                     )
                 keys.append(("key", k))
             children = [visit(x[k], path + (entry,)) for (_, k), entry in zip(keys, keys)]
-            return Node("dict", keys, children, rebuild=lambda vals, ks=list(x): dict(zip(ks, vals)))
+            return Node("dict", keys, children, rebuild=lambda vals, ks=list(x), t=type(x): t(zip(ks, vals)))
         if _is_namedtuple(x):
             keys = [("attr", f) for f in type(x)._fields]
             children = [visit(v, path + (k,)) for k, v in zip(keys, x)]

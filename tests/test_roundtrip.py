@@ -366,3 +366,23 @@ def test_zero_dimensional_torch_tensors_keep_their_shape(tmp_path):
     for loaded in (ckpt.load(tmp_path / "c"), ckpt.load(tmp_path / "c", {k: torch.empty(()) for k in saved})):
         assert all(loaded[k].shape == () for k in saved), {k: loaded[k].shape for k in loaded}
     assert ckpt.load(tmp_path / "c")["bf"].dtype == torch.bfloat16
+
+
+def test_an_array_whose_last_chunk_is_partial_round_trips(tmp_path):
+    # 5000 rows of 4 KiB: the last 16 MiB chunk holds fewer rows, and zarr3 stores it padded to full size.
+    a = np.random.default_rng(0).random((5000, 1024), dtype=np.float32)
+    ckpt.save(tmp_path / "c", {"a": a})
+    np.testing.assert_array_equal(ckpt.load(tmp_path / "c")["a"], a)
+
+
+def test_an_ordered_dict_such_as_a_torch_state_dict_round_trips_as_an_ordered_dict(tmp_path):
+    import collections
+
+    state = collections.OrderedDict([("b", np.ones(2)), ("a", collections.OrderedDict([("x", 1)]))])
+    ckpt.save(tmp_path / "c", state)
+    plain = ckpt.load(tmp_path / "c")
+    assert list(plain) == ["b", "a"] and plain["a"] == {"x": 1}
+    np.testing.assert_array_equal(plain["b"], np.ones(2))
+    restored = ckpt.load(tmp_path / "c", state)
+    assert type(restored) is collections.OrderedDict and list(restored) == ["b", "a"]
+    assert type(restored["a"]) is collections.OrderedDict

@@ -164,7 +164,8 @@ class _LeafSource:
         if "packed" in meta:
             offset, nbytes = meta["packed"]
             raw = self.packed.get(offset, nbytes)
-            if raw.size != nbytes or fmt.crc32(raw) != meta.get("crc32"):
+            if raw.size != nbytes or (chunks.sum64(raw) != meta["sum64"] if "sum64" in meta
+                                      else fmt.crc32(raw) != meta.get("crc32")):
                 raise self._fail("its bytes do not match the CRC32 in the manifest")
             array = raw.view(dtype).reshape(shape)
             return array if index is None else array[index]

@@ -238,7 +238,8 @@ class StepWriter:
         for leaf, _ in futures:
             if leaf.host.device_array is None:
                 meta = leaf.host.meta
-                meta["chunk_crc32"] = chunks.checksums(_raw_bytes(leaf.host.array), chunks.layout(meta))
+                raw, layout = _raw_bytes(leaf.host.array), chunks.layout(meta)
+                meta["chunk_crc32"], meta["chunk_sum64"] = chunks.checksums(raw, layout), chunks.sums(raw, layout)
         for leaf, pending in futures:
             with storage.io_errors(f"writing {keystr(leaf.path)} to {self.tmp_dir}"):
                 for future in pending:
@@ -286,7 +287,8 @@ class StepWriter:
     def _packed_chunks(self) -> Iterator[tuple[int, np.ndarray]]:
         plan, size = self.plan, fmt.PACKED_CHUNK_BYTES
         for leaf in plan.packed:
-            leaf.host.meta["crc32"] = fmt.crc32(_raw_bytes(leaf.host.array))
+            raw = _raw_bytes(leaf.host.array)
+            leaf.host.meta["crc32"], leaf.host.meta["sum64"] = fmt.crc32(raw), chunks.sum64(raw)
             leaf.host.meta["packed"] = [leaf.offset, leaf.nbytes]
         if plan.packed_buffer is not None:
             for start in range(0, plan.packed_nbytes, size):

@@ -213,6 +213,7 @@ class StepWriter:
         self.operation = operation
         self.timeout_secs = timeout_secs
         self._prepared = not self.primary
+        self.background = False  # set once the caller returned: write on about one core, not all
         self.progress = progress.Tracker(f"saving {final_dir}", plan.nbytes)
 
     def prepare_dir(self) -> None:
@@ -224,22 +225,22 @@ class StepWriter:
         self._prepared = True
 
     def write_arrays(self, leaves: list[PlannedLeaf]) -> None:
-        """Writes large leaves, each as a zarr3 array, concurrently; while tensorstore writes, computes
-        the CRC32 of each chunk (arrays spread over processes use the crc32c codec instead)."""
+        """Writes large leaves, each as a zarr3 array, and records their chunks' checksums: while
+        tensorstore writes (in the caller), or before it, one file at a time (in the background)."""
         self.prepare_dir()
         todo = [leaf for leaf in leaves if leaf.array_name not in self.plan.written_arrays
                 and (self.primary or leaf.host.device_array is not None)]
-        opening = [storage.open_for_write(storage.resolve_kvstore(leaf.host.meta["array"], self.tmp_dir))
+        opening = [storage.open_for_write(storage.resolve_kvstore(leaf.host.meta["array"], self.tmp_dir),
+                                          background=self.background)
                    for leaf in todo]  # all at once: each open writes and fsyncs a zarr.json
+        if self.background:  # checksums first, then the writes: one busy thread at a time
+            self._checksum_arrays(todo)
         futures = []
         for leaf, store in zip(todo, opening):
             with storage.io_errors(f"writing {keystr(leaf.path)} to {self.tmp_dir}"):
                 futures.append((leaf, self._write_array(leaf, store.result())))
-        for leaf, _ in futures:
-            if leaf.host.device_array is None:
-                meta = leaf.host.meta
-                raw, layout = _raw_bytes(leaf.host.array), chunks.layout(meta)
-                meta["chunk_crc32"], meta["chunk_sum64"] = chunks.checksums(raw, layout), chunks.sums(raw, layout)
+        if not self.background:  # checksums while tensorstore writes
+            self._checksum_arrays(todo)
         for leaf, pending in futures:
             with storage.io_errors(f"writing {keystr(leaf.path)} to {self.tmp_dir}"):
                 for future in pending:
@@ -250,6 +251,15 @@ class StepWriter:
             self.plan.written_arrays.add(leaf.array_name)
             self.progress.advance(leaf.nbytes)
             leaf.host.array = None  # release the snapshot copy as soon as it is on disk
+
+    @staticmethod
+    def _checksum_arrays(leaves: list[PlannedLeaf]) -> None:
+        """Records each chunk's CRC32 and word sum (arrays spread over processes use crc32c instead)."""
+        for leaf in leaves:
+            if leaf.host.device_array is None:
+                meta = leaf.host.meta
+                raw, layout = _raw_bytes(leaf.host.array), chunks.layout(meta)
+                meta["chunk_crc32"], meta["chunk_sum64"] = chunks.checksums(raw, layout), chunks.sums(raw, layout)
 
     def _write_array(self, leaf: PlannedLeaf, store: ts.TensorStore) -> list[Any]:
         if leaf.host.device_array is not None:
@@ -270,7 +280,8 @@ class StepWriter:
                                   (plan.packed_nbytes,), fmt.PACKED_CHUNK_BYTES, checksum=False)
         pending: list[Any] = []
         with storage.io_errors(f"writing the packed leaves to {self.tmp_dir}"):
-            store = storage.open_for_write(storage.resolve_kvstore(spec, self.tmp_dir)).result()
+            store = storage.open_for_write(storage.resolve_kvstore(spec, self.tmp_dir),
+                                           background=self.background).result()
             for start, chunk in self._packed_chunks():
                 if len(pending) >= 2:
                     pending.pop(0).result()

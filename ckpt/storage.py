@@ -25,20 +25,21 @@ from ckpt.objectstore import ObjectPath, is_url
 
 Location = Path | ObjectPath
 
-_CONTEXT: ts.Context | None = None
+_CONTEXTS: dict[bool, ts.Context] = {}
 
 
-def ts_context() -> ts.Context:
-    """One shared tensorstore context: durable file writes, wide I/O concurrency, no cache."""
-    global _CONTEXT
-    if _CONTEXT is None:
-        _CONTEXT = ts.Context({
-            "file_io_concurrency": {"limit": 64},
-            "data_copy_concurrency": {"limit": "shared"},
+def ts_context(background: bool = False) -> ts.Context:
+    """The shared tensorstore contexts: durable file writes, no cache; wide I/O concurrency, or, for
+    the writes of an async save (``background``), one file at a time, so that they take about one core
+    and leave the other to the training loop."""
+    if background not in _CONTEXTS:
+        _CONTEXTS[background] = ts.Context({
+            "file_io_concurrency": {"limit": 1 if background else 64},
+            "data_copy_concurrency": {"limit": 1 if background else "shared"},
             "cache_pool": {"total_bytes_limit": 0},
             "file_io_sync": True,
         })
-    return _CONTEXT
+    return _CONTEXTS[background]
 
 
 def location(directory: str | os.PathLike | ObjectPath) -> Location:
@@ -187,11 +188,11 @@ def array_spec(kvstore: dict, dtype: np.dtype, shape: tuple[int, ...], target_ch
     }
 
 
-def open_for_write(spec: dict) -> ts.Future:
+def open_for_write(spec: dict, *, background: bool = False) -> ts.Future:
     """Starts creating the array (or opening it, when another process of the job created it first);
     every chunk is stored, even all-zero ones, so that a missing chunk file means damage."""
     return ts.open({**spec, "store_data_equal_to_fill_value": True}, create=True, open=True,
-                   context=ts_context())
+                   context=ts_context(background))
 
 
 def open_for_read(spec: dict) -> ts.TensorStore:

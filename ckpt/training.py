@@ -384,6 +384,7 @@ class Checkpointer:
         try:
             uncopied = saving.snapshot(plan, budget, self._staging)
             writer.write_arrays(uncopied)
+            writer.background = True
         except BaseException:
             storage.remove_tree(writer.tmp_dir)
             raise

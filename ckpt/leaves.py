@@ -223,24 +223,20 @@ def restore(meta: dict, read: Reader | None, abstract: Any) -> Any:
         return _restore_jax(meta, read, abstract, jax)
     torch = sys.modules.get("torch")
     if torch is not None and (isinstance(abstract, torch.Tensor) or abstract is torch.Tensor):
-        return numpy_to_torch(_saved_array(meta, read), None if abstract is torch.Tensor else abstract)
+        return numpy_to_torch(read(None), None if abstract is torch.Tensor else abstract)
     if isinstance(abstract, type):
         if abstract is np.ndarray:
-            return _saved_array(meta, read)
+            return read(None)
         return _cast_python(_restore_as_saved(meta, read), abstract)
     if isinstance(abstract, np.generic):
-        return abstract.dtype.type(_saved_array(meta, read).astype(abstract.dtype)[()])
+        return abstract.dtype.type(read(None).astype(abstract.dtype)[()])
     if hasattr(abstract, "shape") and hasattr(abstract, "dtype"):
-        return _saved_array(meta, read).astype(np.dtype(abstract.dtype), copy=False)
+        return read(None).astype(np.dtype(abstract.dtype), copy=False)
     return _cast_python(_restore_as_saved(meta, read), abstract)
 
 
 def _is_array_like(abstract: Any) -> bool:
     return not isinstance(abstract, type) and hasattr(abstract, "shape") and hasattr(abstract, "dtype")
-
-
-def _saved_array(meta: dict, read: Reader) -> np.ndarray:
-    return read(None)
 
 
 def _restore_as_saved(meta: dict, read: Reader) -> Any:

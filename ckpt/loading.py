@@ -64,7 +64,6 @@ class _PackedReader:
     def __init__(self, step_dir: Path, doc: dict | None):
         self.step_dir = step_dir
         self.doc = doc
-        self._store = None
         self._data: np.ndarray | None = None
         self._range = (0, 0)
 
@@ -260,7 +259,7 @@ def load_checkpointables(step_dir: Path, abstract: dict[str, Any] | None, *, par
     sources = {key: _LeafSource(step_dir, key[0], trees[key[0]]["leaves"][key[1]], packed) for key in needed}
     packed_sources = [s for s in sources.values() if "packed" in s.meta]
     packed_nbytes = sum(s.meta["packed"][1] for s in packed_sources)
-    tracker = progress.Tracker(f"loading {step_dir}", packed_nbytes + sum(_array_nbytes(s.meta) for s in sources.values()))
+    tracker = progress.Tracker(f"loading {step_dir}", packed_nbytes + sum(array_nbytes(s.meta) for s in sources.values()))
     packed.prefetch(packed_sources)
     tracker.advance(packed_nbytes)
     for source in sources.values():
@@ -270,7 +269,7 @@ def load_checkpointables(step_dir: Path, abstract: dict[str, Any] | None, *, par
     return loaded
 
 
-def _array_nbytes(meta: dict) -> int:
+def array_nbytes(meta: dict) -> int:
     """The bytes of a large leaf's own array; 0 for packed and inline leaves."""
     if "array" not in meta:
         return 0
@@ -283,7 +282,7 @@ def _build(name: str, saved: dict, plan: Any, sources: dict, tracker: progress.T
         source = sources.get((name, i))
         restored = leaves_lib.restore(saved["leaves"][i], None if source is None else source.read, abstract_leaf)
         if source is not None:
-            tracker.advance(_array_nbytes(source.meta))
+            tracker.advance(array_nbytes(source.meta))
         return restored
 
     saved_node = tree_lib.from_json(saved["tree"])

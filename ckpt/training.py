@@ -107,7 +107,7 @@ class Checkpointer:
         self._lock = storage.DirectoryLock(self._directory / fmt.LOCK)
         root_file = self._directory / fmt.ROOT_METADATA
         primary = self._processes.index == 0
-        if primary and custom_metadata is not None and not _exists(root_file):
+        if primary and custom_metadata is not None and not root_file.exists():
             storage.write_file_atomic(root_file, fmt.to_json_bytes({"custom_metadata": custom_metadata}, "custom_metadata"))
         self._swept = False
         if cleanup_tmp_directories and primary:
@@ -673,14 +673,6 @@ class Checkpointer:
         """
         warnings.warn("pytree_metadata is deprecated; use metadata", DeprecationWarning, stacklevel=2)
         return self.metadata(*args, **kwargs)
-
-
-def _exists(path: storage.Location) -> bool:
-    try:
-        storage.read_json_bytes(path)
-        return True
-    except FileNotFoundError:
-        return False
 
 
 def checkpoint_metadata(step_dir: storage.Location, name: str | None, *, step: int | None = None) -> CheckpointMetadata:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
-import math
 import os
 import zlib
 from typing import Any, Iterator
@@ -99,7 +98,7 @@ def verify_step(step_dir: str | os.PathLike | storage.Location) -> VerifyResult:
                 packed.append((where, meta))
             elif "array" in meta:
                 arrays.append((where, meta))
-    total = sum(meta["packed"][1] for _, meta in packed) + sum(_array_nbytes(meta["array"]) for _, meta in arrays)
+    total = sum(meta["packed"][1] for _, meta in packed) + sum(loading.array_nbytes(meta) for _, meta in arrays)
     tracker = progress.Tracker(f"verifying {step_dir}", total)
     for where, meta in arrays:
         why = _verify_array(step_dir, meta, tracker)
@@ -110,10 +109,6 @@ def verify_step(step_dir: str | os.PathLike | storage.Location) -> VerifyResult:
     tracker.finish()
     result.nbytes = tracker.done_bytes
     return result
-
-
-def _array_nbytes(spec: dict) -> int:
-    return math.prod(spec["metadata"]["shape"]) * np.dtype(spec["metadata"]["data_type"]).itemsize
 
 
 def _chunk_boxes(shape: list[int], chunk_shape: list[int]) -> Iterator[tuple[slice, ...]]:

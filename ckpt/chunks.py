@@ -1,10 +1,11 @@
-"""The chunk files of a large leaf's zarr3 array, read straight into the destination array.
+"""The chunk files of a zarr3 array, read straight into the destination array.
 
-A large leaf (not spread over processes) is one zarr3 array with the plain ``bytes`` codec, chunked
-along its first axis, so chunk ``i`` is one contiguous slab of the C-order bytes, stored in the file
-``c/i/0/...``. Saving records each chunk's CRC32 in tree.json (``chunk_crc32``); loading a local
-step reads each chunk file with ``readinto`` into its slab of the result (no intermediate copy) and
-checks it, several chunks at once (file reads and CRC32 release the GIL).
+A large leaf (not spread over processes), and the packed array of the small leaves, is one zarr3
+array with the plain ``bytes`` codec, chunked along its first axis, so chunk ``i`` is one contiguous
+slab of the C-order bytes, stored in the file ``c/i/0/...``. Saving records each chunk's word sum in
+tree.json (``chunk_sum64``; a large leaf's chunks also get a CRC32 for ``ckpt verify``); loading a local step reads each chunk file
+with ``readinto`` into its slab of the result (no intermediate copy) and checks its word sum as it
+reads, several chunks at once (file reads and numpy sums release the GIL).
 """
 from __future__ import annotations
 
@@ -13,16 +14,32 @@ import dataclasses
 import os
 import zlib
 from pathlib import Path
+from typing import Any, BinaryIO
+
 import numpy as np
 
+from ckpt import format as fmt
+
 _POOL: concurrent.futures.ThreadPoolExecutor | None = None
+_SUM_BLOCK = 1 << 20  # read, then summed while still in a core's cache
+
+
+def empty(nbytes: int) -> np.ndarray:
+    """A new uint8 array of ``nbytes`` that starts at a multiple of ``format.ALIGN`` bytes: jax on CPU
+    then takes an array viewing it without a copy."""
+    raw = np.empty(nbytes + fmt.ALIGN, np.uint8)
+    start = -raw.ctypes.data % fmt.ALIGN
+    return raw[start: start + nbytes]
 
 
 def pool() -> concurrent.futures.ThreadPoolExecutor:
     """The threads that read chunks (shared by every load)."""
     global _POOL
     if _POOL is None:
-        _POOL = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="ckpt-read")
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        # No more threads than CPUs: reading from the page cache is copying, and a thread that
+        # returns from a read waits for the GIL while another holds it.
+        _POOL = concurrent.futures.ThreadPoolExecutor(max_workers=min(4, cpus), thread_name_prefix="ckpt-read")
     return _POOL
 
 
@@ -93,24 +110,41 @@ def sums(data: np.ndarray, chunks: list[Chunk]) -> list[int]:
 
 
 def read_chunk(path: Path, out: np.ndarray, file_bytes: int, expected_crc32: int | None,
-               expected_sum64: int | None = None) -> str | None:
+               expected_sum64: int | None = None, block: int = _SUM_BLOCK) -> str | None:
     """Reads the first ``out.size`` bytes of a chunk file of ``file_bytes`` bytes into ``out`` (the rest
-    is an edge chunk's fill) and checks its :func:`sum64` (or, without one, its CRC32); returns why it
-    is damaged, or None."""
+    is an edge chunk's fill), ``block`` bytes at a time, and checks its :func:`sum64` (or, without one,
+    its CRC32); returns why it is damaged, or None."""
     try:
         with open(path, "rb", buffering=0) as f:
             size = os.fstat(f.fileno()).st_size
-            n = f.readinto(out) if size == file_bytes else 0
+            n, total = _read_summed(f, out, expected_sum64 is not None, block) if size == file_bytes else (0, 0)
     except FileNotFoundError:
         return f"chunk file {path} is missing"
     if size != file_bytes or n != out.size:
         return f"chunk file {path} has {size} bytes, not the {file_bytes} expected"
     if expected_sum64 is not None:
-        if sum64(out) != expected_sum64:
+        if total != expected_sum64:
             return f"chunk file {path} does not match its checksum (chunk_sum64) in tree.json"
     elif expected_crc32 is not None and zlib.crc32(out) & 0xFFFFFFFF != expected_crc32:
         return f"chunk file {path} does not match its CRC32 in tree.json"
     return None
+
+
+def _read_summed(f: BinaryIO, out: np.ndarray, summed: bool, size: int) -> tuple[int, int]:
+    """Fills ``out`` from ``f``; returns the bytes read and (when ``summed``) their :func:`sum64`, taken
+    block by block while each block is still in the CPU cache, so the check adds no pass over memory."""
+    total = 0
+    for start in range(0, out.size, size):
+        block = out[start: start + size]
+        filled = 0
+        while filled < block.size:
+            got = f.readinto(block[filled:])
+            if not got:
+                return start + filled, 0
+            filled += got
+        if summed:
+            total += sum64(block)
+    return out.size, total & 0xFFFFFFFFFFFFFFFF
 
 
 def start_read(array_dir: Path, meta: dict, out: np.ndarray) -> list[concurrent.futures.Future]:
@@ -120,27 +154,41 @@ def start_read(array_dir: Path, meta: dict, out: np.ndarray) -> list[concurrent.
             for c, crc, total in zip(layout(meta), crcs, chunk_sums)]
 
 
-def start_range_read(array_dir: Path, spec: dict, lo: int, hi: int, out: np.ndarray) -> list[concurrent.futures.Future]:
-    """Starts reading bytes ``[lo, hi)`` of a flat uint8 array (the packed leaves) into ``out``, from
-    the chunk files that hold them; each future gives a damage or None."""
-    futures = []
-    for c in spec_layout(spec):
-        start, stop = max(lo, c.start), min(hi, c.stop)
-        if start < stop:
-            futures.append(pool().submit(_read_part, array_dir / c.key, c.file_bytes, start - c.start,
-                                         out[start - lo: stop - lo]))
-    return futures
+def covering(spec: dict, lo: int, hi: int) -> tuple[int, int]:
+    """The bytes of the whole chunks of a flat uint8 array (a spec from tree.json) that hold ``[lo, hi)``."""
+    spans = [(c.start, c.stop) for c in spec_layout(spec) if c.start < hi and lo < c.stop]
+    return (spans[0][0], spans[-1][1]) if spans else (lo, lo)
 
 
-def _read_part(path: Path, file_bytes: int, offset: int, out: np.ndarray) -> str | None:
+def start_range_read(source: Path | Any, spec: dict, sums: list[int] | None, lo: int,
+                     out: np.ndarray) -> list[tuple[Chunk, concurrent.futures.Future]]:
+    """Starts reading the whole chunks of a flat uint8 array (the packed leaves) that hold bytes
+    ``[lo, lo + out.size)`` (see :func:`covering`) into ``out``, each checked against its entry in
+    ``sums`` (the chunks' :func:`sum64`) when given. ``source`` is the array's directory (a local step)
+    or the open tensorstore array. Each chunk's future gives why it is damaged, or None.
+
+    A chunk is read in one call: the caller runs Python meanwhile, and each return to Python from a
+    read would wait for the GIL.
+    """
+    def read(chunk: Chunk, into: np.ndarray, expected: int | None) -> str | None:
+        if isinstance(source, Path):
+            return read_chunk(source / chunk.key, into, chunk.file_bytes, None, expected, block=chunk.file_bytes)
+        return _read_store_chunk(source, chunk, into, expected)
+
+    return [(c, pool().submit(read, c, out[c.start - lo: c.stop - lo], None if sums is None else sums[i]))
+            for i, c in _within(spec, lo, out.size)]
+
+
+def _read_store_chunk(store: Any, chunk: Chunk, out: np.ndarray, expected_sum64: int | None) -> str | None:
     try:
-        with open(path, "rb", buffering=0) as f:
-            size = os.fstat(f.fileno()).st_size
-            if size == file_bytes:
-                f.seek(offset)
-                n = f.readinto(out)
-    except FileNotFoundError:
-        return f"chunk file {path} is missing"
-    if size != file_bytes or n != out.size:
-        return f"chunk file {path} has {size} bytes, not the {file_bytes} expected"
+        out[...] = store[chunk.start: chunk.stop].read().result()
+    except ValueError as e:
+        return f"chunk {chunk.key} cannot be read: {e}"
+    if expected_sum64 is not None and sum64(out) != expected_sum64:
+        return f"chunk {chunk.key} does not match its checksum (chunk_sum64) in tree.json"
     return None
+
+
+def _within(spec: dict, lo: int, size: int) -> list[tuple[int, Chunk]]:
+    """The chunks, with their indices, that lie within bytes ``[lo, lo + size)`` of a flat array."""
+    return [(i, c) for i, c in enumerate(spec_layout(spec)) if lo <= c.start and c.stop <= lo + size]

@@ -44,6 +44,7 @@ RESERVED_NAMES = frozenset({"metrics", "AUTO", MANIFEST, TREE, ARRAYS, PACKED})
 SMALL_LEAF_BYTES = 1 << 20        # leaves below this are packed together
 PACKED_CHUNK_BYTES = 4 << 20      # chunk size of the packed array
 ARRAY_CHUNK_BYTES = 16 << 20      # target chunk size of a large leaf's array (64 MiB chunks saved 1.3x slower)
+ALIGN = 64                        # packed offsets; loaded arrays start at such an address (jax on CPU then uses them as is)
 
 
 def validate_checkpointable_name(name: Any) -> None:

@@ -59,46 +59,55 @@ def read_tree(step_dir: Path, manifest: dict) -> dict:
 
 
 class _PackedReader:
-    """Reads byte ranges of the packed array once, on first need."""
+    """The bytes of the small leaves being loaded, read from the chunks of the packed array that hold
+    them, each chunk checked against its word sum (``checked``; a step saved without chunk sums is
+    checked leaf by leaf, against each leaf's CRC32)."""
 
     def __init__(self, step_dir: Path, doc: dict | None):
         self.step_dir = step_dir
         self.doc = doc
-        self._data: np.ndarray | None = None
-        self._range = (0, 0)
+        self.checked = doc is not None and "chunk_sum64" in doc
+        self._data = np.empty(0, np.uint8)
+        self._lo = 0
 
     def prefetch(self, sources: list[_LeafSource]) -> None:
-        """Reads the bytes of every packed leaf in ``sources``; a failure names them all."""
+        """Reads the bytes of every packed leaf in ``sources``, several chunks at once, and waits for
+        them (the reading threads would wait for the GIL while this one ran Python); a damaged chunk
+        names the leaves in it."""
         ranges = [source.meta["packed"] for source in sources]
         if not ranges or self.doc is None:
             return
-        lo, hi = min(r[0] for r in ranges), max(r[0] + r[1] for r in ranges)
         spec = self.doc["spec"]
+        lo, hi = chunks.covering(spec, min(r[0] for r in ranges), max(r[0] + r[1] for r in ranges))
+        self._data, self._lo = chunks.empty(hi - lo), lo
         try:
-            if isinstance(self.step_dir, Path) and chunks.spec_layout(spec):
-                self._data = np.empty(hi - lo, np.uint8)
-                array_dir = Path(storage.resolve_kvstore(spec, self.step_dir)["kvstore"]["path"])
-                why = chunks.check_metadata(array_dir, self.doc)
+            kvstore = storage.resolve_kvstore(spec, self.step_dir)
+            if isinstance(self.step_dir, Path):
+                source = Path(kvstore["kvstore"]["path"])
+                why = chunks.check_metadata(source, self.doc)
                 if why:
                     raise ValueError(why)
-                damage = [why for why in (f.result() for f in
-                          chunks.start_range_read(array_dir, spec, lo, hi, self._data)) if why]
-                if damage:
-                    raise ValueError("; ".join(damage))
             else:
-                store = storage.open_for_read(storage.resolve_kvstore(spec, self.step_dir))
-                self._data = store[lo:hi].read().result()
+                source = storage.open_for_read(kvstore)
         except ValueError as e:
-            where = [source.where for source in sources]
-            raise CheckpointCorruptedError(
-                f"{self.step_dir}: leaves {', '.join(where[:5])}{' ...' if len(where) > 5 else ''} are damaged: "
-                f"the packed array of the small leaves ({fmt.PACKED}/) cannot be read: {e}",
-                path=self.step_dir, key_paths=tuple(where)) from None
-        self._range = (lo, hi)
+            raise self._damaged(sources, str(e)) from None
+        reads = chunks.start_range_read(source, spec, self.doc.get("chunk_sum64"), lo, self._data)
+        damage = [(chunk, why) for chunk, why in ((c, f.result()) for c, f in reads) if why]
+        if damage:
+            hit = [s for s in sources if any(c.start < s.meta["packed"][0] + s.meta["packed"][1]
+                                             and s.meta["packed"][0] < c.stop for c, _ in damage)]
+            raise self._damaged(hit, "; ".join(why for _, why in damage))
 
     def get(self, offset: int, nbytes: int) -> np.ndarray:
-        lo, _ = self._range
-        return self._data[offset - lo: offset - lo + nbytes]
+        """Bytes ``[offset, offset + nbytes)`` of the packed array (read by :meth:`prefetch`)."""
+        return self._data[offset - self._lo: offset - self._lo + nbytes]
+
+    def _damaged(self, sources: list[_LeafSource], why: str) -> CheckpointCorruptedError:
+        where = [source.where for source in sources]
+        return CheckpointCorruptedError(
+            f"{self.step_dir}: leaves {', '.join(where[:5])}{' ...' if len(where) > 5 else ''} are damaged: "
+            f"the packed array of the small leaves ({fmt.PACKED}/) cannot be read: {why}",
+            path=self.step_dir, key_paths=tuple(where))
 
 
 class _LeafSource:
@@ -106,7 +115,9 @@ class _LeafSource:
 
     def __init__(self, step_dir: Path, name: str, meta: dict, packed: _PackedReader):
         self.step_dir, self.name, self.meta, self.packed = step_dir, name, meta, packed
+        self.nbytes = meta["packed"][1] if "packed" in meta else array_nbytes(meta)  # the bytes read
         self._future = None
+        self._array: np.ndarray | None = None
         self._store = None
 
     @property
@@ -120,33 +131,52 @@ class _LeafSource:
     def start(self) -> None:
         """Starts reading a whole large leaf in the background: straight from its chunk files into the
         result when the step is local (see :mod:`ckpt.chunks`), else through tensorstore."""
-        if "array" not in self.meta or self._future is not None:
+        if "array" not in self.meta or self._future is not None or self._array is not None:
             return
         if isinstance(self.step_dir, Path) and "chunk_crc32" in self.meta and chunks.layout(self.meta):
             metadata = self.meta["array"]["metadata"]
-            out = np.empty(metadata["shape"], np.dtype(metadata["data_type"]))
+            dtype = np.dtype(metadata["data_type"])
+            out = chunks.empty(array_nbytes(self.meta)).view(dtype).reshape(metadata["shape"])
             try:
                 array_dir = Path(storage.resolve_kvstore(self.meta["array"], self.step_dir)["kvstore"]["path"])
             except ValueError as e:
                 raise self._fail(str(e)) from None
-            why = chunks.check_metadata(array_dir, self.meta)
-            if why:
-                raise self._fail(why)
-            self._future = (out, chunks.start_read(array_dir, self.meta, out.reshape(-1).view(np.uint8)))
+            check = chunks.pool().submit(chunks.check_metadata, array_dir, self.meta)  # while this thread goes on
+            self._future = (out, [check] + chunks.start_read(array_dir, self.meta, out.reshape(-1).view(np.uint8)))
         else:
             self._future = self._open().read()
 
+    def wait(self) -> None:
+        """Waits for the chunk reads :meth:`start` began, so that no read is left running while the
+        caller builds the result (the reading threads would wait for the GIL meanwhile)."""
+        if isinstance(self._future, tuple):
+            self._whole()
+
     def _whole(self) -> np.ndarray:
-        """The leaf as stored (started by :meth:`start`), checked."""
+        """The leaf as stored (started by :meth:`start`), checked; kept for further reads of slices."""
+        if self._array is not None:
+            return self._array
         self.start()
         future, self._future = self._future, None
         if not isinstance(future, tuple):
-            return future.result()
+            self._array = self._checked(future.result())
+            return self._array
         out, reads = future
         damage = [why for why in (f.result() for f in reads) if why]
         if damage:
             raise self._fail("; ".join(damage))
+        self._array = out
         return out
+
+    def _checked(self, array: np.ndarray) -> np.ndarray:
+        """``array`` (read through tensorstore), once its chunks match their word sums in tree.json."""
+        if "chunk_sum64" in self.meta:
+            layout = chunks.layout(self.meta)
+            found = chunks.sums(np.ascontiguousarray(array).reshape(-1).view(np.uint8), layout)
+            bad = [c.key for c, want, got in zip(layout, self.meta["chunk_sum64"], found) if want != got]
+            if bad:
+                raise self._fail(f"chunks {', '.join(bad)} do not match their checksums (chunk_sum64) in tree.json")
+        return array
 
     def _open(self):
         if self._store is None:
@@ -163,8 +193,7 @@ class _LeafSource:
         if "packed" in meta:
             offset, nbytes = meta["packed"]
             raw = self.packed.get(offset, nbytes)
-            if raw.size != nbytes or (chunks.sum64(raw) != meta["sum64"] if "sum64" in meta
-                                      else fmt.crc32(raw) != meta.get("crc32")):
+            if raw.size != nbytes or (not self.packed.checked and fmt.crc32(raw) != meta.get("crc32")):
                 raise self._fail("its bytes do not match the CRC32 in the manifest")
             array = raw.view(dtype).reshape(shape)
             return array if index is None else array[index]
@@ -194,26 +223,26 @@ def tree_metadata(doc: dict) -> Any:
     return tree_lib.unflatten(node, iter(_leaf_metadata(m) for m in doc["leaves"]))
 
 
-def _match(saved: dict, abstract: Any, name: str, partial: bool) -> tuple[list[tuple[KeyPath, Any, list[int]]], Any, list[str]]:
+def _match(saved: dict, saved_node: tree_lib.Node, abstract: Any, name: str,
+           partial: bool) -> tuple[list[tuple[KeyPath, Any, list[int]]], Any, list[str]]:
     """Pairs each abstract leaf with the saved leaves it receives; lists every difference."""
-    saved_node = tree_lib.from_json(saved["tree"])
     saved_paths = tree_lib.leaf_paths(saved_node)
-    index = {tuple(k for _, k in p): i for i, p in enumerate(saved_paths)}
+    index = {tuple([k for _, k in p]): i for i, p in enumerate(saved_paths)}
     abstract_node, abstract_leaves = tree_lib.flatten(abstract)
     pairs, diffs, covered = [], [], set()
     for path, leaf in abstract_leaves:
-        key = tuple(k for _, k in path)
-        if leaf is leaves_lib.PLACEHOLDER or (leaf is None and key not in index):
+        key = tuple([k for _, k in path])
+        i = index.get(key)
+        if leaf is leaves_lib.PLACEHOLDER or (leaf is None and i is None):
             under = [i for p, i in index.items() if p[: len(key)] == key]
             covered.update(under)
             if leaf is None and not under and tree_lib.subtree(saved_node, path) is None:
                 diffs.append(f"{name}{keystr(path)}: in the abstract tree, not in the checkpoint")
             pairs.append((path, leaf, under))
             continue
-        if key not in index:
+        if i is None:
             diffs.append(f"{name}{keystr(path)}: in the abstract tree, not in the checkpoint")
             continue
-        i = index[key]
         covered.add(i)
         why = leaves_lib.check_leaf(path, saved["leaves"][i], leaf)
         if why:
@@ -237,13 +266,13 @@ def load_checkpointables(step_dir: Path, abstract: dict[str, Any] | None, *, par
     if unknown:
         raise KeyError(f"{step_dir} has no checkpointable {unknown[0]!r}; it has {sorted(trees)}")
     packed = _PackedReader(step_dir, doc.get("packed"))
+    nodes = {name: tree_lib.from_json(trees[name]["tree"]) for name in abstract}
     plans, diffs = {}, []
     for name, abstract_tree in abstract.items():
-        saved = trees[name]
         if abstract_tree is None:
             plans[name] = None
             continue
-        pairs, node, found = _match(saved, abstract_tree, name, partial_load)
+        pairs, node, found = _match(trees[name], nodes[name], abstract_tree, name, partial_load)
         plans[name] = (pairs, node)
         diffs.extend(found)
     if diffs:
@@ -257,14 +286,13 @@ def load_checkpointables(step_dir: Path, abstract: dict[str, Any] | None, *, par
         else:
             needed.update((name, i) for _, leaf, idx in p[0] if leaf is not leaves_lib.PLACEHOLDER for i in idx)
     sources = {key: _LeafSource(step_dir, key[0], trees[key[0]]["leaves"][key[1]], packed) for key in needed}
-    packed_sources = [s for s in sources.values() if "packed" in s.meta]
-    packed_nbytes = sum(s.meta["packed"][1] for s in packed_sources)
-    tracker = progress.Tracker(f"loading {step_dir}", packed_nbytes + sum(array_nbytes(s.meta) for s in sources.values()))
-    packed.prefetch(packed_sources)
-    tracker.advance(packed_nbytes)
+    tracker = progress.Tracker(f"loading {step_dir}", sum(s.nbytes for s in sources.values()))
+    packed.prefetch([s for s in sources.values() if "packed" in s.meta])
     for source in sources.values():
         source.start()
-    loaded = {name: _build(name, trees[name], plans[name], sources, tracker) for name in abstract}
+    for source in sources.values():
+        source.wait()
+    loaded = {name: _build(name, trees[name], nodes[name], plans[name], sources, tracker) for name in abstract}
     tracker.finish()
     return loaded
 
@@ -277,15 +305,15 @@ def array_nbytes(meta: dict) -> int:
     return int(np.prod(array["shape"], dtype=np.int64)) * leaves_lib.parse_dtype(array["data_type"]).itemsize
 
 
-def _build(name: str, saved: dict, plan: Any, sources: dict, tracker: progress.Tracker) -> Any:
+def _build(name: str, saved: dict, saved_node: tree_lib.Node, plan: Any, sources: dict,
+           tracker: progress.Tracker) -> Any:
     def value(i: int, abstract_leaf: Any) -> Any:
         source = sources.get((name, i))
         restored = leaves_lib.restore(saved["leaves"][i], None if source is None else source.read, abstract_leaf)
         if source is not None:
-            tracker.advance(array_nbytes(source.meta))
+            tracker.advance(source.nbytes)
         return restored
 
-    saved_node = tree_lib.from_json(saved["tree"])
     if plan is None:
         return tree_lib.unflatten(saved_node, iter(value(i, None) for i in range(len(saved["leaves"]))))
     pairs, abstract_node = plan

@@ -22,8 +22,6 @@ from ckpt import chunks, distributed, loading, progress, storage
 from ckpt import tree as tree_lib
 from ckpt.tree import KeyPath, keystr
 
-_ALIGN = 64
-
 
 @dataclasses.dataclass
 class PlannedLeaf:
@@ -103,7 +101,7 @@ def plan(checkpointables: dict[str, Any], *, metrics: Any = None, custom_metadat
                     math.prod(host.meta["shape"]) * leaves_lib.parse_dtype(host.meta["dtype"]).itemsize)
                 if leaf.nbytes < fmt.SMALL_LEAF_BYTES and host.device_array is None:
                     leaf.location, leaf.offset = "packed", offset
-                    offset += -(-leaf.nbytes // _ALIGN) * _ALIGN
+                    offset += -(-leaf.nbytes // fmt.ALIGN) * fmt.ALIGN
                     packed.append(leaf)
                 else:
                     leaf.location, leaf.array_name = "array", f"{fmt.ARRAYS}/{len(arrays)}"
@@ -271,7 +269,8 @@ class StepWriter:
         return [store.write(source, can_reference_source_data_indefinitely=True).commit]
 
     def write_packed(self) -> None:
-        """Writes every small leaf into one uint8 zarr3 array, chunk by chunk, and records their CRC32."""
+        """Writes every small leaf into one uint8 zarr3 array, chunk by chunk, and records each leaf's
+        CRC32 and each chunk's word sum."""
         plan = self.plan
         if not plan.packed:
             return
@@ -279,12 +278,14 @@ class StepWriter:
         spec = storage.array_spec({"driver": "file", "path": fmt.PACKED + "/"}, np.dtype(np.uint8),
                                   (plan.packed_nbytes,), fmt.PACKED_CHUNK_BYTES, checksum=False)
         pending: list[Any] = []
+        self.packed_sums = []
         with storage.io_errors(f"writing the packed leaves to {self.tmp_dir}"):
             store = storage.open_for_write(storage.resolve_kvstore(spec, self.tmp_dir),
                                            background=self.background).result()
             for start, chunk in self._packed_chunks():
                 if len(pending) >= 2:
                     pending.pop(0).result()
+                self.packed_sums.append(chunks.sum64(chunk))
                 write = store[start: start + chunk.size].write(
                     chunk, can_reference_source_data_indefinitely=plan.packed_buffer is not None)
                 write.copy.result()
@@ -299,7 +300,7 @@ class StepWriter:
         plan, size = self.plan, fmt.PACKED_CHUNK_BYTES
         for leaf in plan.packed:
             raw = _raw_bytes(leaf.host.array)
-            leaf.host.meta["crc32"], leaf.host.meta["sum64"] = fmt.crc32(raw), chunks.sum64(raw)
+            leaf.host.meta["crc32"] = fmt.crc32(raw)
             leaf.host.meta["packed"] = [leaf.offset, leaf.nbytes]
         if plan.packed_buffer is not None:
             for start in range(0, plan.packed_nbytes, size):
@@ -334,7 +335,7 @@ class StepWriter:
         tree_doc: dict[str, Any] = {"checkpointables": trees}
         if plan.packed:
             tree_doc["packed"] = {"spec": self.packed_spec, "nbytes": plan.packed_nbytes,
-                                  "zarr_json_crc32": self.packed_zarr_json_crc32}
+                                  "zarr_json_crc32": self.packed_zarr_json_crc32, "chunk_sum64": self.packed_sums}
         tree_bytes = fmt.to_json_bytes(tree_doc, "the tree")
         storage.write_file(self.tmp_dir / fmt.TREE, tree_bytes)
         manifest = {

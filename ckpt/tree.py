@@ -15,8 +15,13 @@ import dataclasses
 import sys
 from typing import Any, Callable, Iterator
 
+import numpy as np
+
 KeyEntry = tuple[str, Any]
 KeyPath = tuple[KeyEntry, ...]
+
+# Never containers: skip the container checks (and jax's, which cost microseconds) for them.
+_PLAIN_LEAVES = frozenset({np.ndarray, int, float, bool, str, bytes, type(None)})
 
 
 @dataclasses.dataclass
@@ -32,6 +37,9 @@ class Node:
     children: list["Node"] = dataclasses.field(default_factory=list)
     name: str | None = None
     rebuild: Callable[[list[Any]], Any] | None = None
+
+
+LEAF = Node("leaf")  # every leaf's node: nodes are never changed once built
 
 
 def keystr(path: KeyPath) -> str:
@@ -86,6 +94,9 @@ def flatten(tree: Any, *, prefix: KeyPath = ()) -> tuple[Node, list[tuple[KeyPat
     leaves: list[tuple[KeyPath, Any]] = []
 
     def visit(x: Any, path: KeyPath) -> Node:
+        if type(x) in _PLAIN_LEAVES:
+            leaves.append((path, x))
+            return LEAF
         if type(x) in (dict, collections.OrderedDict):
             keys = []
             for k in x:
@@ -116,7 +127,7 @@ def flatten(tree: Any, *, prefix: KeyPath = ()) -> tuple[Node, list[tuple[KeyPat
                     rebuild=lambda vals, td=treedef: jax.tree_util.tree_unflatten(td, vals),
                 )
         leaves.append((path, x))
-        return Node("leaf")
+        return LEAF
 
     return visit(tree, prefix), leaves
 
@@ -158,10 +169,10 @@ def from_json(data: dict) -> Node:
     """Inverse of :func:`to_json` (without the original Python types)."""
     kind = data["t"]
     if kind == "leaf":
-        return Node("leaf")
+        return LEAF
     children = [from_json(c) for c in data["c"]]
     if "k" in data:
-        keys = [(k[0], k[1]) for k in data["k"]]
+        keys = list(map(tuple, data["k"]))
     else:
         keys = [("idx", i) for i in range(len(children))]
     return Node(kind, keys, children, name=data.get("n"))

@@ -4,7 +4,8 @@
 
 Saves an unsharded TrainState and NNX model, restores them into abstract targets whose leaves carry
 a NamedSharding (split along the first axis where it divides, replicated elsewhere), and checks that
-every restored leaf has exactly that sharding and the saved values. Prints ``ok`` and exits 0, or
+every restored leaf has exactly that sharding and the saved values, and that a large leaf placed on
+all four devices is read from disk once. Prints ``ok`` and exits 0, or
 fails with an AssertionError naming the leaf.
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import flax_train  # noqa: E402
 import nnx_train  # noqa: E402
 
+from ckpt import chunks  # noqa: E402
 from ckpt.integrations.flax import restore_train_state  # noqa: E402
 from ckpt.training import Checkpointer  # noqa: E402
 
@@ -71,6 +73,16 @@ def main(directory: str) -> None:
         restored_model = restore_train_state(ckptr, abstract_model)
     assert restored_model is abstract_model
     check_placed(nnx.state(restored_model), expected, nnx.state(model))
+
+    big = {"w": np.arange(64 * 8192, dtype=np.float32).reshape(64, 8192)}  # 2 MiB: its own array, one chunk
+    reads = []
+    read_chunk = chunks.read_chunk
+    chunks.read_chunk = lambda path, *args, **kwargs: reads.append(path) or read_chunk(path, *args, **kwargs)
+    with Checkpointer(Path(directory) / "big") as ckptr:
+        ckptr.save(0, big, force=True)
+        restored = ckptr.load(0, abstract_state=with_shardings(mesh, jax.eval_shape(lambda: big)))
+    check_placed(restored, with_shardings(mesh, jax.eval_shape(lambda: big)), big)
+    assert len(reads) == 1, f"the chunk was read {len(reads)} times for 4 devices: {reads}"
     print("ok")
 
 

@@ -1,8 +1,8 @@
 """Damaged and hostile checkpoints: detected on load and by ``verify``, named by step and key path.
 
 Damage: flipped bytes, truncated or missing files, a malformed manifest; each is caught by a checksum
-(the manifest's own, tree.json's, each packed leaf's CRC32, each array chunk's crc32c) or by a
-missing-file check. Hostile manifests (consistent checksums, paths that reach outside the step, object
+(the manifest's own, tree.json's, each chunk's word sum on load, each leaf's or chunk's CRC32 in
+``verify``) or by a missing-file check. Hostile manifests (consistent checksums, paths that reach outside the step, object
 dtypes) are refused, and loading never runs pickle or eval.
 """
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Callable
 import numpy as np
 import pytest
 
+import ckpt
 from ckpt import errors
 from ckpt import format as fmt
 from ckpt.training import Checkpointer
@@ -90,6 +91,28 @@ def test_damaged_data_fails_the_load_naming_the_step_and_key_path_and_verify_fin
     result = verify_step(step_dir)
     assert not result.ok and {d.where for d in result.damaged} == set(key_paths)
     assert verify_step(root / "0").ok
+
+
+def test_a_damaged_packed_chunk_names_the_leaves_it_holds_and_leaves_elsewhere_still_load(tmp_path):
+    # Six leaves just under the small-leaf limit: the packed array spans two 4 MiB chunks.
+    state = {f"l{i}": np.full(250_000, i, np.float32) for i in range(6)}
+    with Checkpointer(tmp_path) as ckptr:
+        ckptr.save(0, state, force=True)
+    leaves = json.loads((tmp_path / "0" / fmt.TREE).read_bytes())["checkpointables"]["state"]["leaves"]
+    ranges = {leaf["path"]: leaf["packed"] for leaf in leaves}
+    chunk = fmt.PACKED_CHUNK_BYTES
+    in_second = {p for p, (offset, nbytes) in ranges.items() if offset + nbytes > chunk}
+    only_first = set(ranges) - in_second
+    assert in_second and only_first
+    flip(tmp_path / "0" / fmt.PACKED / "c" / "1", 10)
+    with pytest.raises(errors.CheckpointCorruptedError) as info:
+        ckpt.load(tmp_path / "0")
+    assert {f"state{p}" for p in in_second} == set(info.value.key_paths)
+    first = sorted(only_first)[0].strip("[']")
+    partial = ckpt.Context(pytree_options=ckpt.PyTreeOptions(partial_load=True))
+    with Checkpointer(tmp_path, context=partial) as ckptr:
+        loaded = ckptr.load(0, abstract_state={first: state[first]})
+    np.testing.assert_array_equal(loaded[first], state[first])
 
 
 STRUCTURE_DAMAGE = {

@@ -386,3 +386,14 @@ def test_an_ordered_dict_such_as_a_torch_state_dict_round_trips_as_an_ordered_di
     restored = ckpt.load(tmp_path / "c", state)
     assert type(restored) is collections.OrderedDict and list(restored) == ["b", "a"]
     assert type(restored["a"]) is collections.OrderedDict
+
+
+def test_loaded_arrays_start_at_64_byte_boundaries_and_restore_into_jax_arrays(tmp_path):
+    state = {"big": np.arange(600_000, dtype=np.float32), **{f"s{i}": np.arange(i + 1, dtype=np.int16) for i in range(5)}}
+    ckpt.save(tmp_path / "0", state)
+    loaded = ckpt.load(tmp_path / "0")
+    assert all(array.ctypes.data % 64 == 0 for array in loaded.values())
+    jax = pytest.importorskip("jax")
+    as_jax = ckpt.load(tmp_path / "0", abstract_state={k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in state.items()})
+    for name, value in state.items():
+        np.testing.assert_array_equal(np.asarray(as_jax[name]), value, err_msg=name)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from ckpt.training import Checkpointer
 from ckpt.training import preservation_policies as pp
@@ -73,3 +74,19 @@ def test_s3_a_save_killed_midway_leaves_only_committed_steps(bucket):
         assert sorted(ObjectPath(bucket).children(), key=int) == [str(s) for s in steps]  # uncommitted removed
         ckptr.save(steps[-1] + 1, state(0))
         assert ckptr.latest.step == steps[-1] + 1
+
+
+@pytest.mark.parametrize("chunk, key_path", [("packed/c/0", "state['small']"), ("arrays/0/c/0", "state['big']")])
+def test_s3_a_damaged_chunk_fails_the_load_naming_the_key_path(bucket, chunk, key_path):
+    from ckpt import errors
+    from ckpt.objectstore import ObjectPath
+
+    with Checkpointer(bucket, save_decision_policy=ALWAYS) as ckptr:
+        ckptr.save(0, state(1))
+    obj = ObjectPath(f"{bucket}/0/{chunk}")
+    damaged = bytearray(obj.read_bytes())
+    damaged[9] ^= 1
+    obj.write_bytes(bytes(damaged))
+    with Checkpointer(bucket) as again, pytest.raises(errors.CheckpointCorruptedError) as info:
+        again.load(0)
+    assert key_path in info.value.key_paths

@@ -297,14 +297,27 @@ class StepWriter:
         self.packed_zarr_json_crc32 = fmt.crc32(storage.read_json_bytes(self.tmp_dir / fmt.PACKED / "zarr.json"))
 
     def _packed_chunks(self) -> Iterator[tuple[int, np.ndarray]]:
+        """The packed array's chunks, in order. Each small leaf's CRC32 is taken just before the first
+        chunk that holds it, while tensorstore writes the chunks before (in the background, all of
+        them first: one busy thread at a time)."""
         plan, size = self.plan, fmt.PACKED_CHUNK_BYTES
-        for leaf in plan.packed:
-            raw = _raw_bytes(leaf.host.array)
-            leaf.host.meta["crc32"] = fmt.crc32(raw)
-            leaf.host.meta["packed"] = [leaf.offset, leaf.nbytes]
+        recorded = 0
+
+        def record_until(stop: float) -> None:
+            nonlocal recorded
+            while recorded < len(plan.packed) and plan.packed[recorded].offset < stop:
+                leaf = plan.packed[recorded]
+                leaf.host.meta["crc32"] = fmt.crc32(_raw_bytes(leaf.host.array))
+                leaf.host.meta["packed"] = [leaf.offset, leaf.nbytes]
+                recorded += 1
+
+        if self.background:
+            record_until(math.inf)
         if plan.packed_buffer is not None:
             for start in range(0, plan.packed_nbytes, size):
+                record_until(start + size if start + size < plan.packed_nbytes else math.inf)
                 yield start, plan.packed_buffer[start: start + size]
+            record_until(math.inf)  # zero-size leaves only
             return
         chunk = np.zeros(min(size, plan.packed_nbytes), np.uint8)
         chunk_start = 0
@@ -312,6 +325,7 @@ class StepWriter:
             data, pos = _raw_bytes(leaf.host.array), leaf.offset
             while pos < leaf.offset + leaf.nbytes:
                 if pos >= chunk_start + chunk.size:
+                    record_until(chunk_start + chunk.size)
                     yield chunk_start, chunk
                     chunk_start += chunk.size
                     chunk = np.zeros(min(size, plan.packed_nbytes - chunk_start), np.uint8)
@@ -319,6 +333,7 @@ class StepWriter:
                 done = pos - leaf.offset
                 chunk[pos - chunk_start: pos - chunk_start + n] = data[done: done + n]
                 pos += n
+        record_until(math.inf)
         yield chunk_start, chunk
 
     def write_manifest(self, step: int | None, extra: dict | None = None) -> None:

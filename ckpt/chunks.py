@@ -21,7 +21,7 @@ import numpy as np
 from ckpt import format as fmt
 
 _POOL: concurrent.futures.ThreadPoolExecutor | None = None
-_SUM_BLOCK = 1 << 20  # read, then summed while still in a core's cache
+_SUM_BLOCK = 2 << 20  # read, then summed while still in the CPU's caches (2 MiB measured best here)
 
 
 def empty(nbytes: int) -> np.ndarray:
@@ -110,14 +110,14 @@ def sums(data: np.ndarray, chunks: list[Chunk]) -> list[int]:
 
 
 def read_chunk(path: Path, out: np.ndarray, file_bytes: int, expected_crc32: int | None,
-               expected_sum64: int | None = None, block: int = _SUM_BLOCK) -> str | None:
+               expected_sum64: int | None = None) -> str | None:
     """Reads the first ``out.size`` bytes of a chunk file of ``file_bytes`` bytes into ``out`` (the rest
-    is an edge chunk's fill), ``block`` bytes at a time, and checks its :func:`sum64` (or, without one,
-    its CRC32); returns why it is damaged, or None."""
+    is an edge chunk's fill) and checks its :func:`sum64` (or, without one, its CRC32); returns why it
+    is damaged, or None."""
     try:
         with open(path, "rb", buffering=0) as f:
             size = os.fstat(f.fileno()).st_size
-            n, total = _read_summed(f, out, expected_sum64 is not None, block) if size == file_bytes else (0, 0)
+            n, total = _read_summed(f, out, expected_sum64 is not None) if size == file_bytes else (0, 0)
     except FileNotFoundError:
         return f"chunk file {path} is missing"
     if size != file_bytes or n != out.size:
@@ -130,12 +130,12 @@ def read_chunk(path: Path, out: np.ndarray, file_bytes: int, expected_crc32: int
     return None
 
 
-def _read_summed(f: BinaryIO, out: np.ndarray, summed: bool, size: int) -> tuple[int, int]:
+def _read_summed(f: BinaryIO, out: np.ndarray, summed: bool) -> tuple[int, int]:
     """Fills ``out`` from ``f``; returns the bytes read and (when ``summed``) their :func:`sum64`, taken
     block by block while each block is still in the CPU cache, so the check adds no pass over memory."""
     total = 0
-    for start in range(0, out.size, size):
-        block = out[start: start + size]
+    for start in range(0, out.size, _SUM_BLOCK):
+        block = out[start: start + _SUM_BLOCK]
         filled = 0
         while filled < block.size:
             got = f.readinto(block[filled:])
@@ -166,13 +166,10 @@ def start_range_read(source: Path | Any, spec: dict, sums: list[int] | None, lo:
     ``[lo, lo + out.size)`` (see :func:`covering`) into ``out``, each checked against its entry in
     ``sums`` (the chunks' :func:`sum64`) when given. ``source`` is the array's directory (a local step)
     or the open tensorstore array. Each chunk's future gives why it is damaged, or None.
-
-    A chunk is read in one call: the caller runs Python meanwhile, and each return to Python from a
-    read would wait for the GIL.
     """
     def read(chunk: Chunk, into: np.ndarray, expected: int | None) -> str | None:
         if isinstance(source, Path):
-            return read_chunk(source / chunk.key, into, chunk.file_bytes, None, expected, block=chunk.file_bytes)
+            return read_chunk(source / chunk.key, into, chunk.file_bytes, None, expected)
         return _read_store_chunk(source, chunk, into, expected)
 
     return [(c, pool().submit(read, c, out[c.start - lo: c.stop - lo], None if sums is None else sums[i]))

@@ -1,7 +1,9 @@
 """One step: read the manifest, match the abstract tree, read the arrays.
 
 Every mismatch between the abstract tree and the saved one is collected first and reported in one
-ValueError; nothing is read until the trees match. Damaged data (a checksum, a missing file, a
+ValueError; nothing is read until the trees match. A local step's arrays are read from their chunk
+files, following tree.json (their zarr.json, which other readers need, is checked by ``ckpt verify``,
+not by a load). Damaged data (a checksum, a missing file, a
 malformed manifest) raises :class:`ckpt.errors.CheckpointCorruptedError` naming the step and key path.
 """
 from __future__ import annotations
@@ -82,13 +84,7 @@ class _PackedReader:
         self._data, self._lo = chunks.empty(hi - lo), lo
         try:
             kvstore = storage.resolve_kvstore(spec, self.step_dir)
-            if isinstance(self.step_dir, Path):
-                source = Path(kvstore["kvstore"]["path"])
-                why = chunks.check_metadata(source, self.doc)
-                if why:
-                    raise ValueError(why)
-            else:
-                source = storage.open_for_read(kvstore)
+            source = Path(kvstore["kvstore"]["path"]) if isinstance(self.step_dir, Path) else storage.open_for_read(kvstore)
         except ValueError as e:
             raise self._damaged(sources, str(e)) from None
         reads = chunks.start_range_read(source, spec, self.doc.get("chunk_sum64"), lo, self._data)
@@ -141,8 +137,7 @@ class _LeafSource:
                 array_dir = Path(storage.resolve_kvstore(self.meta["array"], self.step_dir)["kvstore"]["path"])
             except ValueError as e:
                 raise self._fail(str(e)) from None
-            check = chunks.pool().submit(chunks.check_metadata, array_dir, self.meta)  # while this thread goes on
-            self._future = (out, [check] + chunks.start_read(array_dir, self.meta, out.reshape(-1).view(np.uint8)))
+            self._future = (out, chunks.start_read(array_dir, self.meta, out.reshape(-1).view(np.uint8)))
         else:
             self._future = self._open().read()
 

@@ -3,7 +3,7 @@
 What is checked: the manifest and its own CRC32, tree.json against the CRC32 in the manifest, every
 packed leaf against its CRC32 in tree.json, every chunk of every large leaf (it exists, has its size,
 and matches its ``chunk_crc32`` in tree.json, or the crc32c that tensorstore's zarr3 codec stored with
-it), and each array's zarr.json against the spec in tree.json. Memory stays bounded by two chunks
+it), and each array's zarr.json against its CRC32 in tree.json (a local step) and the spec there. Memory stays bounded by two chunks
 (at most 2 x 16 MiB for large leaves, 2 x 4 MiB for packed ones).
 
 Example::
@@ -20,10 +20,12 @@ import dataclasses
 import itertools
 import os
 import zlib
+from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 
+from ckpt import chunks
 from ckpt import format as fmt
 from ckpt import loading, progress, storage
 from ckpt.errors import CheckpointCorruptedError
@@ -131,6 +133,9 @@ def _verify_array(step_dir: storage.Location, meta: dict, tracker: progress.Trac
     if expected is not None and len(expected) != len(boxes):
         return f"{fmt.TREE} lists {len(expected)} chunk checksums for {len(boxes)} chunks"
     try:
+        why = _check_zarr_json(step_dir, spec, meta)
+        if why:
+            return why
         store = storage.open_for_read(storage.resolve_kvstore(spec, step_dir))
         pending: collections.deque = collections.deque()
         for index, box in enumerate(boxes):
@@ -146,6 +151,13 @@ def _verify_array(step_dir: storage.Location, meta: dict, tracker: progress.Trac
     except ValueError as e:
         return str(e)
     return None
+
+
+def _check_zarr_json(step_dir: storage.Location, spec: dict, doc: dict) -> str | None:
+    """Why a local array's zarr.json is not the one saved (its CRC32 in tree.json), or None."""
+    if not isinstance(step_dir, Path) or "zarr_json_crc32" not in doc:
+        return None
+    return chunks.check_metadata(Path(storage.resolve_kvstore(spec, step_dir)["kvstore"]["path"]), doc)
 
 
 def _check_chunk(index: int, read: Any, expected: list[int] | None, tracker: progress.Tracker) -> str | None:
@@ -164,6 +176,9 @@ def _verify_packed(step_dir: storage.Location, packed_doc: dict, leaves: list[tu
     window = spec["metadata"]["chunk_grid"]["configuration"]["chunk_shape"][0]
     leaves = sorted(leaves, key=lambda item: item[1]["packed"][0])
     try:
+        why = _check_zarr_json(step_dir, spec, packed_doc)
+        if why:
+            raise ValueError(why)
         store = storage.open_for_read(storage.resolve_kvstore(spec, step_dir))
     except ValueError as e:
         return [Damage(where, f"the packed array {fmt.PACKED}/ cannot be opened: {e}") for where, _ in leaves]

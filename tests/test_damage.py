@@ -66,11 +66,15 @@ DATA_DAMAGE: dict[str, tuple[str, Callable[[Path], None], tuple[str, ...]]] = {
     "array chunk flipped": ("arrays/0/c/0", flip, (BIG,)),
     "array chunk truncated": ("arrays/0/c/0", truncate, (BIG,)),
     "array chunk missing": ("arrays/0/c/0", remove, (BIG,)),
-    "array zarr.json flipped": ("arrays/0/zarr.json", flip, (BIG,)),
-    "array zarr.json missing": ("arrays/0/zarr.json", remove, (BIG,)),
     "packed leaf flipped": ("packed/c/0", lambda p: flip(p, packed_offset(p.parents[2], "state['s']")), ("state['s']",)),
     "packed chunk truncated": ("packed/c/0", truncate, SMALL_LEAVES),
     "packed chunk missing": ("packed/c/0", remove, SMALL_LEAVES),
+}
+
+# zarr.json is what other readers (plain tensorstore, zarr) need; a load reads the chunks from tree.json.
+METADATA_DAMAGE: dict[str, tuple[str, Callable[[Path], None], tuple[str, ...]]] = {
+    "array zarr.json flipped": ("arrays/0/zarr.json", flip, (BIG,)),
+    "array zarr.json missing": ("arrays/0/zarr.json", remove, (BIG,)),
     "packed zarr.json garbage": ("packed/zarr.json", garbage, SMALL_LEAVES),
 }
 
@@ -113,6 +117,17 @@ def test_a_damaged_packed_chunk_names_the_leaves_it_holds_and_leaves_elsewhere_s
     with Checkpointer(tmp_path, context=partial) as ckptr:
         loaded = ckptr.load(0, abstract_state={first: state[first]})
     np.testing.assert_array_equal(loaded[first], state[first])
+
+
+@pytest.mark.parametrize("case", list(METADATA_DAMAGE))
+def test_a_damaged_zarr_json_is_found_by_verify_and_the_load_still_returns_the_saved_data(root, case):
+    rel, damage, key_paths = METADATA_DAMAGE[case]
+    damage(root / "1" / rel)
+    with Checkpointer(root) as ckptr:
+        loaded = ckptr.load(1)
+    assert set(loaded) == set(STATE) and all(np.array_equal(loaded[k], v) for k, v in STATE.items())
+    result = verify_step(root / "1")
+    assert not result.ok and {d.where for d in result.damaged} == set(key_paths)
 
 
 STRUCTURE_DAMAGE = {

@@ -54,7 +54,7 @@ MODES = {
     "quick": Mode("quick", reps=5, side_reps=3,
                   workloads=_workloads([64 * MiB], (1000, 4096, 256 * 1024), width=512),
                   scaling_bytes=[16 * MiB, 64 * MiB, 256 * MiB], scaling_leaves=[10, 100, 1000, 10000],
-                  scaling_leaf_bytes=16 * MiB, interference_bytes=256 * MiB, lazy_steps=1000, window_s=0.3,
+                  scaling_leaf_bytes=16 * MiB, interference_bytes=128 * MiB, lazy_steps=500, window_s=0.3,
                   overhead_leaves=1000, timeout_s=300),
     "tiny": Mode("tiny", reps=2, side_reps=2,
                  workloads=_workloads([MiB], (50, 1024, 16384), width=32),

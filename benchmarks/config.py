@@ -46,7 +46,7 @@ def _size(n: int) -> str:
 
 
 MODES = {
-    "full": Mode("full", reps=5, side_reps=3,
+    "full": Mode("full", reps=5, side_reps=5,
                  workloads=_workloads([64 * MiB, GiB], (1000, 4096, MiB), width=1024),
                  scaling_bytes=[64 * MiB, 256 * MiB, GiB, 4 * GiB], scaling_leaves=[10, 100, 1000, 10000],
                  scaling_leaf_bytes=64 * MiB, interference_bytes=GiB, lazy_steps=2000, window_s=1.0,

@@ -3,8 +3,8 @@
 Every mismatch between the abstract tree and the saved one is collected first and reported in one
 ValueError; nothing is read until the trees match. A local step's arrays are read from their chunk
 files, following tree.json (their zarr.json, which other readers need, is checked by ``ckpt verify``,
-not by a load). Damaged data (a checksum, a missing file, a
-malformed manifest) raises :class:`ckpt.errors.CheckpointCorruptedError` naming the step and key path.
+not by a load). Damaged data (a checksum, a missing file, a malformed manifest) raises
+:class:`ckpt.errors.CheckpointCorruptedError` naming the step and key path.
 """
 from __future__ import annotations
 
@@ -83,8 +83,8 @@ class _PackedReader:
         lo, hi = chunks.covering(spec, min(r[0] for r in ranges), max(r[0] + r[1] for r in ranges))
         self._data, self._lo = chunks.empty(hi - lo), lo
         try:
-            kvstore = storage.resolve_kvstore(spec, self.step_dir)
-            source = Path(kvstore["kvstore"]["path"]) if isinstance(self.step_dir, Path) else storage.open_for_read(kvstore)
+            source = (storage.local_array_dir(spec, self.step_dir) if isinstance(self.step_dir, Path)
+                      else storage.open_for_read(storage.resolve_kvstore(spec, self.step_dir)))
         except ValueError as e:
             raise self._damaged(sources, str(e)) from None
         reads = chunks.start_range_read(source, spec, self.doc.get("chunk_sum64"), lo, self._data)
@@ -134,7 +134,7 @@ class _LeafSource:
             dtype = np.dtype(metadata["data_type"])
             out = chunks.empty(array_nbytes(self.meta)).view(dtype).reshape(metadata["shape"])
             try:
-                array_dir = Path(storage.resolve_kvstore(self.meta["array"], self.step_dir)["kvstore"]["path"])
+                array_dir = storage.local_array_dir(self.meta["array"], self.step_dir)
             except ValueError as e:
                 raise self._fail(str(e)) from None
             self._future = (out, chunks.start_read(array_dir, self.meta, out.reshape(-1).view(np.uint8)))

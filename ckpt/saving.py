@@ -315,9 +315,9 @@ class StepWriter:
             record_until(math.inf)
         if plan.packed_buffer is not None:
             for start in range(0, plan.packed_nbytes, size):
-                record_until(start + size if start + size < plan.packed_nbytes else math.inf)
+                record_until(start + size)
                 yield start, plan.packed_buffer[start: start + size]
-            record_until(math.inf)  # zero-size leaves only
+            record_until(math.inf)  # zero-size leaves at the very end
             return
         chunk = np.zeros(min(size, plan.packed_nbytes), np.uint8)
         chunk_start = 0

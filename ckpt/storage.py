@@ -217,6 +217,11 @@ def resolve_kvstore(spec: dict, step_dir: Path) -> dict:
     return {**spec, "kvstore": kvstore(step_dir / path.removesuffix("/"))}
 
 
+def local_array_dir(spec: dict, step_dir: Path) -> Path:
+    """The directory of a manifest's array in a local step (checked as :func:`resolve_kvstore` does)."""
+    return Path(resolve_kvstore(spec, step_dir)["kvstore"]["path"])
+
+
 def kvstore(path: Location) -> dict:
     """The tensorstore kvstore spec of a directory."""
     if isinstance(path, ObjectPath):

@@ -3,8 +3,8 @@
 What is checked: the manifest and its own CRC32, tree.json against the CRC32 in the manifest, every
 packed leaf against its CRC32 in tree.json, every chunk of every large leaf (it exists, has its size,
 and matches its ``chunk_crc32`` in tree.json, or the crc32c that tensorstore's zarr3 codec stored with
-it), and each array's zarr.json against its CRC32 in tree.json (a local step) and the spec there. Memory stays bounded by two chunks
-(at most 2 x 16 MiB for large leaves, 2 x 4 MiB for packed ones).
+it), and each array's zarr.json against its CRC32 in tree.json (a local step) and the spec there.
+Memory stays bounded by two chunks (at most 2 x 16 MiB for large leaves, 2 x 4 MiB for packed ones).
 
 Example::
 
@@ -157,7 +157,7 @@ def _check_zarr_json(step_dir: storage.Location, spec: dict, doc: dict) -> str |
     """Why a local array's zarr.json is not the one saved (its CRC32 in tree.json), or None."""
     if not isinstance(step_dir, Path) or "zarr_json_crc32" not in doc:
         return None
-    return chunks.check_metadata(Path(storage.resolve_kvstore(spec, step_dir)["kvstore"]["path"]), doc)
+    return chunks.check_metadata(storage.local_array_dir(spec, step_dir), doc)
 
 
 def _check_chunk(index: int, read: Any, expected: list[int] | None, tracker: progress.Tracker) -> str | None:

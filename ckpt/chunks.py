@@ -12,16 +12,18 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
+import itertools
 import os
 import zlib
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Callable
 
 import numpy as np
 
 from ckpt import format as fmt
 
-_POOL: concurrent.futures.ThreadPoolExecutor | None = None
+_POOL: tuple[concurrent.futures.ThreadPoolExecutor, int] | None = None
 _SUM_BLOCK = 2 << 20  # read, then summed while still in the CPU's caches (2 MiB measured best here)
 
 
@@ -33,14 +35,15 @@ def empty(nbytes: int) -> np.ndarray:
     return raw[start: start + nbytes]
 
 
-def pool() -> concurrent.futures.ThreadPoolExecutor:
-    """The threads that read chunks (shared by every load)."""
+def _pool() -> tuple[concurrent.futures.ThreadPoolExecutor, int]:
+    """The threads that read chunks (shared by every load), and how many there are."""
     global _POOL
     if _POOL is None:
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         # No more threads than CPUs: reading from the page cache is copying, and a thread that
         # returns from a read waits for the GIL while another holds it.
-        _POOL = concurrent.futures.ThreadPoolExecutor(max_workers=min(4, cpus), thread_name_prefix="ckpt-read")
+        threads = min(4, cpus)
+        _POOL = (concurrent.futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ckpt-read"), threads)
     return _POOL
 
 
@@ -148,11 +151,34 @@ def _read_summed(f: BinaryIO, out: np.ndarray, summed: bool) -> tuple[int, int]:
     return out.size, total & 0xFFFFFFFFFFFFFFFF
 
 
-def start_read(array_dir: Path, meta: dict, out: np.ndarray) -> list[concurrent.futures.Future]:
-    """Starts reading every chunk of a leaf into ``out`` (flat uint8); each future gives a damage or None."""
+Read = Callable[[], "str | None"]  # one chunk read: returns why the chunk is damaged, or None
+
+
+def leaf_reads(array_dir: Path, meta: dict, out: np.ndarray) -> list[Read]:
+    """The reads of every chunk of a leaf into ``out`` (flat uint8), for :func:`run_all`."""
     crcs, chunk_sums = meta["chunk_crc32"], meta.get("chunk_sum64") or [None] * len(meta["chunk_crc32"])
-    return [pool().submit(read_chunk, array_dir / c.key, out[c.start:c.stop], c.file_bytes, crc, total)
+    return [functools.partial(read_chunk, array_dir / c.key, out[c.start:c.stop], c.file_bytes, crc, total)
             for c, crc, total in zip(layout(meta), crcs, chunk_sums)]
+
+
+def run_all(reads: list[Read]) -> list[str | None]:
+    """Runs ``reads`` on the reading threads, each thread taking the next read as it finishes one, and
+    returns what each returned, in order. The caller prepares every read first and then only waits,
+    so that no thread returning from a file read waits for the GIL while the caller runs Python."""
+    results: list[str | None] = [None] * len(reads)
+    claim = itertools.count()  # next() on it is atomic: each read is taken by one thread
+
+    def work() -> None:
+        i = next(claim)
+        while i < len(reads):
+            results[i] = reads[i]()
+            i = next(claim)
+
+    pool, threads = _pool()
+    workers = [pool.submit(work) for _ in range(min(len(reads), threads))]
+    for worker in workers:
+        worker.result()
+    return results
 
 
 def covering(spec: dict, lo: int, hi: int) -> tuple[int, int]:
@@ -161,19 +187,19 @@ def covering(spec: dict, lo: int, hi: int) -> tuple[int, int]:
     return (spans[0][0], spans[-1][1]) if spans else (lo, lo)
 
 
-def start_range_read(source: Path | Any, spec: dict, sums: list[int] | None, lo: int,
-                     out: np.ndarray) -> list[tuple[Chunk, concurrent.futures.Future]]:
-    """Starts reading the whole chunks of a flat uint8 array (the packed leaves) that hold bytes
+def range_reads(source: Path | Any, spec: dict, sums: list[int] | None, lo: int,
+                out: np.ndarray) -> list[tuple[Chunk, Read]]:
+    """The reads of the whole chunks of a flat uint8 array (the packed leaves) that hold bytes
     ``[lo, lo + out.size)`` (see :func:`covering`) into ``out``, each checked against its entry in
     ``sums`` (the chunks' :func:`sum64`) when given. ``source`` is the array's directory (a local step)
-    or the open tensorstore array. Each chunk's future gives why it is damaged, or None.
+    or the open tensorstore array.
     """
     def read(chunk: Chunk, into: np.ndarray, expected: int | None) -> str | None:
         if isinstance(source, Path):
             return read_chunk(source / chunk.key, into, chunk.file_bytes, None, expected)
         return _read_store_chunk(source, chunk, into, expected)
 
-    return [(c, pool().submit(read, c, out[c.start - lo: c.stop - lo], None if sums is None else sums[i]))
+    return [(c, functools.partial(read, c, out[c.start - lo: c.stop - lo], None if sums is None else sums[i]))
             for i, c in _within(spec, lo, out.size)]
 
 

@@ -71,31 +71,37 @@ class _PackedReader:
         self.checked = doc is not None and "chunk_sum64" in doc
         self._data = np.empty(0, np.uint8)
         self._lo = 0
+        self._sources: list[_LeafSource] = []
+        self._chunks: list[chunks.Chunk] = []
 
-    def prefetch(self, sources: list[_LeafSource]) -> None:
-        """Reads the bytes of every packed leaf in ``sources``, several chunks at once, and waits for
-        them (the reading threads would wait for the GIL while this one ran Python); a damaged chunk
-        names the leaves in it."""
+    def reads(self, sources: list[_LeafSource]) -> list[chunks.Read]:
+        """The reads of the chunks that hold the bytes of the packed leaves in ``sources``."""
         ranges = [source.meta["packed"] for source in sources]
         if not ranges or self.doc is None:
-            return
+            return []
         spec = self.doc["spec"]
         lo, hi = chunks.covering(spec, min(r[0] for r in ranges), max(r[0] + r[1] for r in ranges))
-        self._data, self._lo = chunks.empty(hi - lo), lo
+        self._data, self._lo, self._sources = chunks.empty(hi - lo), lo, sources
         try:
             source = (storage.local_array_dir(spec, self.step_dir) if isinstance(self.step_dir, Path)
                       else storage.open_for_read(storage.resolve_kvstore(spec, self.step_dir)))
         except ValueError as e:
             raise self._damaged(sources, str(e)) from None
-        reads = chunks.start_range_read(source, spec, self.doc.get("chunk_sum64"), lo, self._data)
-        damage = [(chunk, why) for chunk, why in ((c, f.result()) for c, f in reads) if why]
-        if damage:
-            hit = [s for s in sources if any(c.start < s.meta["packed"][0] + s.meta["packed"][1]
-                                             and s.meta["packed"][0] < c.stop for c, _ in damage)]
+        reads = chunks.range_reads(source, spec, self.doc.get("chunk_sum64"), lo, self._data)
+        self._chunks = [chunk for chunk, _ in reads]
+        return [read for _, read in reads]
+
+    def check(self, results: list[str | None]) -> None:
+        """Raises for a damaged chunk (``results``: what :meth:`reads` returned) that holds a leaf being
+        loaded, naming those leaves; a damaged chunk that holds none of them is no concern of this load."""
+        damage = [(chunk, why) for chunk, why in zip(self._chunks, results) if why]
+        hit = [s for s in self._sources if any(c.start < s.meta["packed"][0] + s.meta["packed"][1]
+                                               and s.meta["packed"][0] < c.stop for c, _ in damage)]
+        if hit:
             raise self._damaged(hit, "; ".join(why for _, why in damage))
 
     def get(self, offset: int, nbytes: int) -> np.ndarray:
-        """Bytes ``[offset, offset + nbytes)`` of the packed array (read by :meth:`prefetch`)."""
+        """Bytes ``[offset, offset + nbytes)`` of the packed array (read by the reads of :meth:`reads`)."""
         return self._data[offset - self._lo: offset - self._lo + nbytes]
 
     def _damaged(self, sources: list[_LeafSource], why: str) -> CheckpointCorruptedError:
@@ -112,8 +118,9 @@ class _LeafSource:
     def __init__(self, step_dir: Path, name: str, meta: dict, packed: _PackedReader):
         self.step_dir, self.name, self.meta, self.packed = step_dir, name, meta, packed
         self.nbytes = meta["packed"][1] if "packed" in meta else array_nbytes(meta)  # the bytes read
-        self._future = None
-        self._array: np.ndarray | None = None
+        self._array: np.ndarray | None = None  # the whole leaf, once read and checked
+        self._out: np.ndarray | None = None    # the whole leaf, while its chunks are read
+        self._future = None                    # its tensorstore read, while it runs
         self._store = None
 
     @property
@@ -124,44 +131,42 @@ class _LeafSource:
         return CheckpointCorruptedError(f"{self.step_dir}: leaf {self.where} is damaged: {why}",
                                         path=self.step_dir, key_paths=(self.where,))
 
-    def start(self) -> None:
-        """Starts reading a whole large leaf in the background: straight from its chunk files into the
-        result when the step is local (see :mod:`ckpt.chunks`), else through tensorstore."""
-        if "array" not in self.meta or self._future is not None or self._array is not None:
-            return
+    def reads(self) -> list[chunks.Read]:
+        """The reads of a whole large leaf: straight from its chunk files into the result when the
+        step is local (see :mod:`ckpt.chunks`); through tensorstore otherwise (started here, in the
+        background, so no reads are returned)."""
+        if "array" not in self.meta or self._array is not None or self._out is not None or self._future is not None:
+            return []
         if isinstance(self.step_dir, Path) and "chunk_crc32" in self.meta and chunks.layout(self.meta):
             metadata = self.meta["array"]["metadata"]
             dtype = np.dtype(metadata["data_type"])
-            out = chunks.empty(array_nbytes(self.meta)).view(dtype).reshape(metadata["shape"])
             try:
                 array_dir = storage.local_array_dir(self.meta["array"], self.step_dir)
             except ValueError as e:
                 raise self._fail(str(e)) from None
-            self._future = (out, chunks.start_read(array_dir, self.meta, out.reshape(-1).view(np.uint8)))
-        else:
-            self._future = self._open().read()
+            self._out = chunks.empty(array_nbytes(self.meta)).view(dtype).reshape(metadata["shape"])
+            return chunks.leaf_reads(array_dir, self.meta, self._out.reshape(-1).view(np.uint8))
+        self._future = self._open().read()
+        return []
 
-    def wait(self) -> None:
-        """Waits for the chunk reads :meth:`start` began, so that no read is left running while the
-        caller builds the result (the reading threads would wait for the GIL meanwhile)."""
-        if isinstance(self._future, tuple):
-            self._whole()
-
-    def _whole(self) -> np.ndarray:
-        """The leaf as stored (started by :meth:`start`), checked; kept for further reads of slices."""
-        if self._array is not None:
-            return self._array
-        self.start()
-        future, self._future = self._future, None
-        if not isinstance(future, tuple):
-            self._array = self._checked(future.result())
-            return self._array
-        out, reads = future
-        damage = [why for why in (f.result() for f in reads) if why]
+    def check(self, results: list[str | None]) -> None:
+        """Raises if a chunk is damaged (``results``: what :meth:`reads` returned); else the leaf is read."""
+        damage = [why for why in results if why]
         if damage:
             raise self._fail("; ".join(damage))
-        self._array = out
-        return out
+        if self._out is not None:
+            self._array, self._out = self._out, None
+
+    def _whole(self) -> np.ndarray:
+        """The leaf as stored, checked; kept for further reads of slices."""
+        if self._array is None:
+            reads = self.reads()
+            if self._out is not None:
+                self.check(chunks.run_all(reads))
+            else:
+                future, self._future = self._future, None
+                self._array = self._checked(future.result())
+        return self._array
 
     def _checked(self, array: np.ndarray) -> np.ndarray:
         """``array`` (read through tensorstore), once its chunks match their word sums in tree.json."""
@@ -282,11 +287,11 @@ def load_checkpointables(step_dir: Path, abstract: dict[str, Any] | None, *, par
             needed.update((name, i) for _, leaf, idx in p[0] if leaf is not leaves_lib.PLACEHOLDER for i in idx)
     sources = {key: _LeafSource(step_dir, key[0], trees[key[0]]["leaves"][key[1]], packed) for key in needed}
     tracker = progress.Tracker(f"loading {step_dir}", sum(s.nbytes for s in sources.values()))
-    packed.prefetch([s for s in sources.values() if "packed" in s.meta])
-    for source in sources.values():
-        source.start()
-    for source in sources.values():
-        source.wait()
+    jobs = [(packed, packed.reads([s for s in sources.values() if "packed" in s.meta]))]
+    jobs += [(source, source.reads()) for source in sources.values()]
+    results = iter(chunks.run_all([read for _, reads in jobs for read in reads]))
+    for reader, reads in jobs:
+        reader.check([next(results) for _ in reads])
     loaded = {name: _build(name, trees[name], nodes[name], plans[name], sources, tracker) for name in abstract}
     tracker.finish()
     return loaded

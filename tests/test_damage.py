@@ -119,6 +119,27 @@ def test_a_damaged_packed_chunk_names_the_leaves_it_holds_and_leaves_elsewhere_s
     np.testing.assert_array_equal(loaded[first], state[first])
 
 
+def test_a_partial_load_ignores_a_damaged_packed_chunk_between_the_leaves_it_loads(tmp_path):
+    # Twelve leaves of 1 MB: the packed array spans three chunks; the first and last leaf sit in the
+    # outer chunks, and the middle chunk (read with them, holding none of them) is damaged.
+    state = {f"l{i:02d}": np.full(250_000, i, np.float32) for i in range(12)}
+    with Checkpointer(tmp_path) as ckptr:
+        ckptr.save(0, state, force=True)
+    leaves = json.loads((tmp_path / "0" / fmt.TREE).read_bytes())["checkpointables"]["state"]["leaves"]
+    chunk = fmt.PACKED_CHUNK_BYTES
+    ranges = {leaf["path"].strip("[']"): leaf["packed"] for leaf in leaves}
+    assert ranges["l00"][0] + ranges["l00"][1] <= chunk and ranges["l11"][0] >= 2 * chunk
+    flip(tmp_path / "0" / fmt.PACKED / "c" / "1", 10)
+    partial = ckpt.Context(pytree_options=ckpt.PyTreeOptions(partial_load=True))
+    with Checkpointer(tmp_path, context=partial) as ckptr:
+        loaded = ckptr.load(0, abstract_state={"l00": state["l00"], "l11": state["l11"]})
+        with pytest.raises(errors.CheckpointCorruptedError) as info:
+            ckptr.load(0, abstract_state={"l00": state["l00"], "l05": state["l05"]})
+    np.testing.assert_array_equal(loaded["l00"], state["l00"])
+    np.testing.assert_array_equal(loaded["l11"], state["l11"])
+    assert info.value.key_paths == ("state['l05']",)
+
+
 @pytest.mark.parametrize("case", list(METADATA_DAMAGE))
 def test_a_damaged_zarr_json_is_found_by_verify_and_the_load_still_returns_the_saved_data(root, case):
     rel, damage, key_paths = METADATA_DAMAGE[case]

@@ -14,6 +14,7 @@ import concurrent.futures
 import dataclasses
 import functools
 import itertools
+import math
 import os
 import zlib
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Any, BinaryIO, Callable
 import numpy as np
 
 from ckpt import format as fmt
+from ckpt import progress
 
 _POOL: tuple[concurrent.futures.ThreadPoolExecutor, int] | None = None
 _SUM_BLOCK = 2 << 20  # read, then summed while still in the CPU's caches (2 MiB measured best here)
@@ -73,7 +75,7 @@ def spec_layout(spec: dict) -> list[Chunk] | None:
     itemsize = np.dtype(metadata["data_type"]).itemsize
     if not shape:
         return [Chunk("c", 0, itemsize, itemsize)]
-    row_bytes = itemsize * int(np.prod(shape[1:], dtype=np.int64))
+    row_bytes = itemsize * math.prod(shape[1:])
     rows, tail = chunk_shape[0], "/0" * (len(shape) - 1)
     total = row_bytes * shape[0]
     return [Chunk(f"c/{i}{tail}", i * rows * row_bytes, min(total, (i + 1) * rows * row_bytes), rows * row_bytes)
@@ -151,27 +153,36 @@ def _read_summed(f: BinaryIO, out: np.ndarray, summed: bool) -> tuple[int, int]:
     return out.size, total & 0xFFFFFFFFFFFFFFFF
 
 
-Read = Callable[[], "str | None"]  # one chunk read: returns why the chunk is damaged, or None
+@dataclasses.dataclass(frozen=True)
+class Read:
+    """Reading one chunk of ``nbytes``: ``run()`` fills its part of the result and returns why the
+    chunk is damaged, or None."""
+
+    run: Callable[[], str | None]
+    nbytes: int
 
 
 def leaf_reads(array_dir: Path, meta: dict, out: np.ndarray) -> list[Read]:
     """The reads of every chunk of a leaf into ``out`` (flat uint8), for :func:`run_all`."""
     crcs, chunk_sums = meta["chunk_crc32"], meta.get("chunk_sum64") or [None] * len(meta["chunk_crc32"])
-    return [functools.partial(read_chunk, array_dir / c.key, out[c.start:c.stop], c.file_bytes, crc, total)
+    return [Read(functools.partial(read_chunk, array_dir / c.key, out[c.start:c.stop], c.file_bytes, crc, total),
+                 c.stop - c.start)
             for c, crc, total in zip(layout(meta), crcs, chunk_sums)]
 
 
-def run_all(reads: list[Read]) -> list[str | None]:
-    """Runs ``reads`` on the reading threads, each thread taking the next read as it finishes one, and
-    returns what each returned, in order. The caller prepares every read first and then only waits,
-    so that no thread returning from a file read waits for the GIL while the caller runs Python."""
+def run_all(reads: list[Read], tracker: progress.Tracker) -> list[str | None]:
+    """Runs ``reads`` on the reading threads, each thread taking the next read as it finishes one
+    (``tracker`` counts the bytes read), and returns what each returned, in order. The caller prepares
+    every read first and then only waits, so that no thread returning from a file read waits for the
+    GIL while the caller runs Python."""
     results: list[str | None] = [None] * len(reads)
     claim = itertools.count()  # next() on it is atomic: each read is taken by one thread
 
     def work() -> None:
         i = next(claim)
         while i < len(reads):
-            results[i] = reads[i]()
+            results[i] = reads[i].run()
+            tracker.advance(reads[i].nbytes)
             i = next(claim)
 
     pool, threads = _pool()
@@ -199,7 +210,8 @@ def range_reads(source: Path | Any, spec: dict, sums: list[int] | None, lo: int,
             return read_chunk(source / chunk.key, into, chunk.file_bytes, None, expected)
         return _read_store_chunk(source, chunk, into, expected)
 
-    return [(c, functools.partial(read, c, out[c.start - lo: c.stop - lo], None if sums is None else sums[i]))
+    return [(c, Read(functools.partial(read, c, out[c.start - lo: c.stop - lo], None if sums is None else sums[i]),
+                     c.stop - c.start))
             for i, c in _within(spec, lo, out.size)]
 
 

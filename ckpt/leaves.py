@@ -71,14 +71,21 @@ _ML_NAMES = {name for name in dir(ml_dtypes) if isinstance(getattr(ml_dtypes, na
 
 def parse_dtype(name: str) -> np.dtype:
     """Inverse of :func:`dtype_name`; raises ValueError for anything else, object dtypes included."""
-    try:
-        dtype = np.dtype(name) if isinstance(name, str) else None
-    except TypeError:
-        dtype = np.dtype(getattr(ml_dtypes, name)) if name in _ML_NAMES else None
-    if dtype is None or dtype.hasobject:
+    dtype = _parse_dtype(name) if isinstance(name, str) else None
+    if dtype is None:
         raise ValueError(f"{name!r} is not a dtype ckpt stores (a manifest names only numeric, bool, string "
                          "and bytes dtypes, never Python objects)")
     return dtype
+
+
+@functools.lru_cache(maxsize=None)
+def _parse_dtype(name: str) -> np.dtype | None:
+    """The dtype stored as ``name``, or None (cached: a load parses a dtype per leaf)."""
+    try:
+        dtype = np.dtype(name)
+    except TypeError:
+        dtype = np.dtype(getattr(ml_dtypes, name)) if name in _ML_NAMES else None
+    return None if dtype is None or dtype.hasobject else dtype
 
 
 def _check_array_dtype(path: KeyPath, dtype: np.dtype, what: str) -> None:

@@ -9,6 +9,7 @@ not by a load). Damaged data (a checksum, a missing file, a malformed manifest) 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -117,10 +118,8 @@ class _LeafSource:
 
     def __init__(self, step_dir: Path, name: str, meta: dict, packed: _PackedReader):
         self.step_dir, self.name, self.meta, self.packed = step_dir, name, meta, packed
-        self.nbytes = meta["packed"][1] if "packed" in meta else array_nbytes(meta)  # the bytes read
-        self._array: np.ndarray | None = None  # the whole leaf, once read and checked
-        self._out: np.ndarray | None = None    # the whole leaf, while its chunks are read
-        self._future = None                    # its tensorstore read, while it runs
+        self._array: np.ndarray | None = None  # the whole leaf as stored, once read and checked
+        self._out: np.ndarray | None = None    # the same, while it is read
         self._store = None
 
     @property
@@ -132,22 +131,37 @@ class _LeafSource:
                                         path=self.step_dir, key_paths=(self.where,))
 
     def reads(self) -> list[chunks.Read]:
-        """The reads of a whole large leaf: straight from its chunk files into the result when the
-        step is local (see :mod:`ckpt.chunks`); through tensorstore otherwise (started here, in the
-        background, so no reads are returned)."""
-        if "array" not in self.meta or self._array is not None or self._out is not None or self._future is not None:
+        """The reads of a large leaf saved by one process (it has chunk checksums): straight from its
+        chunk files into the result when the step is local (see :mod:`ckpt.chunks`), through
+        tensorstore otherwise. A leaf spread over processes is read by :meth:`read`, whole or a slice."""
+        meta = self.meta
+        if "chunk_crc32" not in meta or self._array is not None or self._out is not None:
             return []
-        if isinstance(self.step_dir, Path) and "chunk_crc32" in self.meta and chunks.layout(self.meta):
-            metadata = self.meta["array"]["metadata"]
-            dtype = np.dtype(metadata["data_type"])
-            try:
-                array_dir = storage.local_array_dir(self.meta["array"], self.step_dir)
-            except ValueError as e:
-                raise self._fail(str(e)) from None
-            self._out = chunks.empty(array_nbytes(self.meta)).view(dtype).reshape(metadata["shape"])
-            return chunks.leaf_reads(array_dir, self.meta, self._out.reshape(-1).view(np.uint8))
-        self._future = self._open().read()
-        return []
+        if not isinstance(self.step_dir, Path):
+            return [chunks.Read(self._read_through_store, array_nbytes(meta))]
+        metadata = meta["array"]["metadata"]
+        try:
+            array_dir = storage.local_array_dir(meta["array"], self.step_dir)
+        except ValueError as e:
+            raise self._fail(str(e)) from None
+        dtype = leaves_lib.parse_dtype(metadata["data_type"])
+        self._out = chunks.empty(array_nbytes(meta)).view(dtype).reshape(metadata["shape"])
+        return chunks.leaf_reads(array_dir, meta, self._out.reshape(-1).view(np.uint8))
+
+    def _read_through_store(self) -> str | None:
+        """Reads the whole leaf through tensorstore and checks its chunks' word sums; returns why it is
+        damaged, or None."""
+        try:
+            array = np.ascontiguousarray(self._open().read().result())
+        except ValueError as e:
+            return str(e)
+        layout = chunks.layout(self.meta)
+        found = chunks.sums(array.reshape(-1).view(np.uint8), layout)
+        bad = [c.key for c, want, got in zip(layout, self.meta["chunk_sum64"], found) if want != got]
+        if bad:
+            return f"chunks {', '.join(bad)} do not match their checksums (chunk_sum64) in tree.json"
+        self._out = array
+        return None
 
     def check(self, results: list[str | None]) -> None:
         """Raises if a chunk is damaged (``results``: what :meth:`reads` returned); else the leaf is read."""
@@ -157,56 +171,31 @@ class _LeafSource:
         if self._out is not None:
             self._array, self._out = self._out, None
 
-    def _whole(self) -> np.ndarray:
-        """The leaf as stored, checked; kept for further reads of slices."""
-        if self._array is None:
-            reads = self.reads()
-            if self._out is not None:
-                self.check(chunks.run_all(reads))
-            else:
-                future, self._future = self._future, None
-                self._array = self._checked(future.result())
-        return self._array
-
-    def _checked(self, array: np.ndarray) -> np.ndarray:
-        """``array`` (read through tensorstore), once its chunks match their word sums in tree.json."""
-        if "chunk_sum64" in self.meta:
-            layout = chunks.layout(self.meta)
-            found = chunks.sums(np.ascontiguousarray(array).reshape(-1).view(np.uint8), layout)
-            bad = [c.key for c, want, got in zip(layout, self.meta["chunk_sum64"], found) if want != got]
-            if bad:
-                raise self._fail(f"chunks {', '.join(bad)} do not match their checksums (chunk_sum64) in tree.json")
-        return array
-
     def _open(self):
         if self._store is None:
-            try:
-                self._store = storage.open_for_read(storage.resolve_kvstore(self.meta["array"], self.step_dir))
-            except ValueError as e:
-                raise self._fail(str(e)) from None
+            self._store = storage.open_for_read(storage.resolve_kvstore(self.meta["array"], self.step_dir))
         return self._store
 
     def read(self, index: tuple[slice, ...] | None = None) -> np.ndarray:
         meta = self.meta
         dtype = leaves_lib.parse_dtype(meta["dtype"])
-        shape = tuple(meta["shape"])
         if "packed" in meta:
             offset, nbytes = meta["packed"]
             raw = self.packed.get(offset, nbytes)
             if raw.size != nbytes or (not self.packed.checked and fmt.crc32(raw) != meta.get("crc32")):
                 raise self._fail("its bytes do not match the CRC32 in the manifest")
-            array = raw.view(dtype).reshape(shape)
+            array = raw.view(dtype).reshape(meta["shape"])
             return array if index is None else array[index]
-        try:
-            if meta.get("stored_as") == "bytes":
-                array = self._whole().view(dtype).reshape(shape)
-                return array if index is None else array[index]
-            if index is None or "chunk_crc32" in meta:
-                array = self._whole()
-                return array if index is None else array[index]
-            return self._open()[index].read().result()
-        except ValueError as e:
-            raise self._fail(str(e)) from None
+        bytes_stored = meta.get("stored_as") == "bytes"
+        if self._array is None:  # spread over processes: read now, the slice asked for or the whole leaf
+            try:
+                if index is not None and not bytes_stored:
+                    return self._open()[index].read().result()
+                self._array = self._open().read().result()
+            except ValueError as e:
+                raise self._fail(str(e)) from None
+        array = self._array.view(dtype).reshape(meta["shape"]) if bytes_stored else self._array
+        return array if index is None else array[index]
 
 
 def _leaf_metadata(meta: dict) -> LeafMetadata:
@@ -214,7 +203,7 @@ def _leaf_metadata(meta: dict) -> LeafMetadata:
         return LeafMetadata(meta["type"], None, None)
     dtype = leaves_lib.parse_dtype(meta["dtype"])
     shape = tuple(meta.get("key_shape", meta["shape"]))
-    return LeafMetadata(meta["type"], shape, dtype, int(np.prod(meta["shape"], dtype=np.int64)) * dtype.itemsize)
+    return LeafMetadata(meta["type"], shape, dtype, math.prod(meta["shape"]) * dtype.itemsize)
 
 
 def tree_metadata(doc: dict) -> Any:
@@ -226,9 +215,15 @@ def tree_metadata(doc: dict) -> Any:
 def _match(saved: dict, saved_node: tree_lib.Node, abstract: Any, name: str,
            partial: bool) -> tuple[list[tuple[KeyPath, Any, list[int]]], Any, list[str]]:
     """Pairs each abstract leaf with the saved leaves it receives; lists every difference."""
+    abstract_node, abstract_leaves = tree_lib.flatten(abstract)
+    if tree_lib.same_keys(abstract_node, saved_node):  # the usual case: leaf i receives saved leaf i
+        metas = saved["leaves"]
+        pairs = [(path, leaf, [i]) for i, (path, leaf) in enumerate(abstract_leaves)]
+        diffs = [f"{name}{why}" for i, (path, leaf) in enumerate(abstract_leaves)
+                 if (why := leaves_lib.check_leaf(path, metas[i], leaf))]
+        return pairs, abstract_node, diffs
     saved_paths = tree_lib.leaf_paths(saved_node)
     index = {tuple([k for _, k in p]): i for i, p in enumerate(saved_paths)}
-    abstract_node, abstract_leaves = tree_lib.flatten(abstract)
     pairs, diffs, covered = [], [], set()
     for path, leaf in abstract_leaves:
         key = tuple([k for _, k in path])
@@ -279,22 +274,30 @@ def load_checkpointables(step_dir: Path, abstract: dict[str, Any] | None, *, par
         raise TreeMismatchError(
             f"the abstract tree does not match the checkpoint in {step_dir} ({len(diffs)} difference"
             f"{'s' if len(diffs) != 1 else ''}):\n  " + "\n  ".join(diffs), differences=diffs)
-    needed: set[tuple[str, int]] = set()
-    for name, p in plans.items():
-        if p is None:
-            needed.update((name, i) for i in range(len(trees[name]["leaves"])))
-        else:
-            needed.update((name, i) for _, leaf, idx in p[0] if leaf is not leaves_lib.PLACEHOLDER for i in idx)
-    sources = {key: _LeafSource(step_dir, key[0], trees[key[0]]["leaves"][key[1]], packed) for key in needed}
-    tracker = progress.Tracker(f"loading {step_dir}", sum(s.nbytes for s in sources.values()))
-    jobs = [(packed, packed.reads([s for s in sources.values() if "packed" in s.meta]))]
-    jobs += [(source, source.reads()) for source in sources.values()]
-    results = iter(chunks.run_all([read for _, reads in jobs for read in reads]))
+    sources = {name: _sources(step_dir, name, trees[name]["leaves"], plans[name], packed) for name in abstract}
+    every = [source for row in sources.values() for source in row if source is not None]
+    jobs = [(packed, packed.reads([s for s in every if "packed" in s.meta]))]
+    jobs += [(source, source.reads()) for source in every]
+    every_read = [read for _, reads in jobs for read in reads]
+    tracker = progress.Tracker(f"loading {step_dir}", sum(read.nbytes for read in every_read))
+    results = iter(chunks.run_all(every_read, tracker))
+    tracker.finish()
     for reader, reads in jobs:
         reader.check([next(results) for _ in reads])
-    loaded = {name: _build(name, trees[name], nodes[name], plans[name], sources, tracker) for name in abstract}
-    tracker.finish()
-    return loaded
+    return {name: _build(trees[name], nodes[name], plans[name], sources[name]) for name in abstract}
+
+
+def _sources(step_dir: Path, name: str, metas: list[dict], plan: Any,
+             packed: _PackedReader) -> list[_LeafSource | None]:
+    """A source for each saved leaf of a checkpointable whose bytes the load reads (None for the
+    rest: leaves stored in tree.json, and leaves not asked for)."""
+    wanted = range(len(metas)) if plan is None else (
+        i for _, leaf, idx in plan[0] if leaf is not leaves_lib.PLACEHOLDER for i in idx)
+    row: list[_LeafSource | None] = [None] * len(metas)
+    for i in wanted:
+        if row[i] is None and ("packed" in metas[i] or "array" in metas[i]):
+            row[i] = _LeafSource(step_dir, name, metas[i], packed)
+    return row
 
 
 def array_nbytes(meta: dict) -> int:
@@ -302,20 +305,18 @@ def array_nbytes(meta: dict) -> int:
     if "array" not in meta:
         return 0
     array = meta["array"]["metadata"]
-    return int(np.prod(array["shape"], dtype=np.int64)) * leaves_lib.parse_dtype(array["data_type"]).itemsize
+    return math.prod(array["shape"]) * leaves_lib.parse_dtype(array["data_type"]).itemsize
 
 
-def _build(name: str, saved: dict, saved_node: tree_lib.Node, plan: Any, sources: dict,
-           tracker: progress.Tracker) -> Any:
+def _build(saved: dict, saved_node: tree_lib.Node, plan: Any, sources: list[_LeafSource | None]) -> Any:
+    metas = saved["leaves"]
+
     def value(i: int, abstract_leaf: Any) -> Any:
-        source = sources.get((name, i))
-        restored = leaves_lib.restore(saved["leaves"][i], None if source is None else source.read, abstract_leaf)
-        if source is not None:
-            tracker.advance(source.nbytes)
-        return restored
+        source = sources[i]
+        return leaves_lib.restore(metas[i], None if source is None else source.read, abstract_leaf)
 
     if plan is None:
-        return tree_lib.unflatten(saved_node, iter(value(i, None) for i in range(len(saved["leaves"]))))
+        return tree_lib.unflatten(saved_node, iter(value(i, None) for i in range(len(metas))))
     pairs, abstract_node = plan
     out = []
     for path, leaf, idx in pairs:

@@ -10,6 +10,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import math
 import os
 import re
 import shutil
@@ -162,7 +163,7 @@ def _chunk_shape(shape: tuple[int, ...], itemsize: int, target_bytes: int) -> li
     """Chunks split along the first axis so that each holds about ``target_bytes``."""
     if not shape:
         return []
-    row_bytes = max(1, itemsize * int(np.prod(shape[1:], dtype=np.int64)))
+    row_bytes = max(1, itemsize * math.prod(shape[1:]))
     rows = max(1, min(shape[0], target_bytes // row_bytes))
     return [max(1, rows)] + [max(1, d) for d in shape[1:]]
 

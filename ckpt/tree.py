@@ -178,6 +178,15 @@ def from_json(data: dict) -> Node:
     return Node(kind, keys, children, name=data.get("n"))
 
 
+def same_keys(a: Node, b: Node) -> bool:
+    """Whether two structures have the same keys, in the same order, at every level (then their
+    leaves pair up in flatten order; the kinds of their containers may differ)."""
+    if a.kind == "leaf" or b.kind == "leaf":
+        return a.kind == b.kind
+    return (len(a.keys) == len(b.keys) and all(ka[1] == kb[1] for ka, kb in zip(a.keys, b.keys))
+            and all(same_keys(ca, cb) for ca, cb in zip(a.children, b.children)))
+
+
 def leaf_paths(node: Node, prefix: KeyPath = ()) -> list[KeyPath]:
     """The key paths of ``node``'s leaves, in flatten order."""
     if node.kind == "leaf":

@@ -11,14 +11,12 @@ GIL).
 from __future__ import annotations
 
 import concurrent.futures
-import dataclasses
 import functools
 import itertools
 import math
 import os
 import zlib
-from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO, Callable, NamedTuple
 
 import numpy as np
 
@@ -49,8 +47,7 @@ def _pool() -> tuple[concurrent.futures.ThreadPoolExecutor, int]:
     return _POOL
 
 
-@dataclasses.dataclass(frozen=True)
-class Chunk:
+class Chunk(NamedTuple):
     """Chunk ``key`` (``c/3/0``) holds bytes ``[start, stop)`` of the array's C-order bytes. Its file has
     ``file_bytes``: zarr3 stores an edge chunk whole, the rows past the array's end as fill."""
 
@@ -82,11 +79,12 @@ def spec_layout(spec: dict) -> list[Chunk] | None:
             for i in range(-(-shape[0] // rows))]
 
 
-def check_metadata(array_dir: Path, meta: dict) -> str | None:
+def check_metadata(array_dir: str, meta: dict) -> str | None:
     """Why the array's zarr.json (which other readers depend on) is not the one saved, or None."""
-    path = array_dir / "zarr.json"
+    path = os.path.join(array_dir, "zarr.json")
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as f:
+            data = f.read()
     except FileNotFoundError:
         return f"{path} is missing"
     if zlib.crc32(data) & 0xFFFFFFFF != meta.get("zarr_json_crc32"):
@@ -115,7 +113,7 @@ def sums(data: np.ndarray, chunks: list[Chunk]) -> list[int]:
     return [sum64(data[c.start:c.stop]) for c in chunks]
 
 
-def read_chunk(path: Path, out: np.ndarray, file_bytes: int, expected_crc32: int | None,
+def read_chunk(path: str, out: np.ndarray, file_bytes: int, expected_crc32: int | None,
                expected_sum64: int | None = None) -> str | None:
     """Reads the first ``out.size`` bytes of a chunk file of ``file_bytes`` bytes into ``out`` (the rest
     is an edge chunk's fill) and checks its :func:`sum64` (or, without one, its CRC32); returns why it
@@ -153,8 +151,7 @@ def _read_summed(f: BinaryIO, out: np.ndarray, summed: bool) -> tuple[int, int]:
     return out.size, total & 0xFFFFFFFFFFFFFFFF
 
 
-@dataclasses.dataclass(frozen=True)
-class Read:
+class Read(NamedTuple):
     """Reading one chunk of ``nbytes``: ``run()`` fills its part of the result and returns why the
     chunk is damaged, or None."""
 
@@ -162,10 +159,10 @@ class Read:
     nbytes: int
 
 
-def leaf_reads(array_dir: Path, meta: dict, out: np.ndarray) -> list[Read]:
+def leaf_reads(array_dir: str, meta: dict, out: np.ndarray) -> list[Read]:
     """The reads of every chunk of a leaf into ``out`` (flat uint8), for :func:`run_all`."""
     crcs, chunk_sums = meta["chunk_crc32"], meta.get("chunk_sum64") or [None] * len(meta["chunk_crc32"])
-    return [Read(functools.partial(read_chunk, array_dir / c.key, out[c.start:c.stop], c.file_bytes, crc, total),
+    return [Read(functools.partial(read_chunk, f"{array_dir}/{c.key}", out[c.start:c.stop], c.file_bytes, crc, total),
                  c.stop - c.start)
             for c, crc, total in zip(layout(meta), crcs, chunk_sums)]
 
@@ -198,7 +195,7 @@ def covering(spec: dict, lo: int, hi: int) -> tuple[int, int]:
     return (spans[0][0], spans[-1][1]) if spans else (lo, lo)
 
 
-def range_reads(source: Path | Any, spec: dict, sums: list[int] | None, lo: int,
+def range_reads(source: str | Any, spec: dict, sums: list[int] | None, lo: int,
                 out: np.ndarray) -> list[tuple[Chunk, Read]]:
     """The reads of the whole chunks of a flat uint8 array (the packed leaves) that hold bytes
     ``[lo, lo + out.size)`` (see :func:`covering`) into ``out``, each checked against its entry in
@@ -206,8 +203,8 @@ def range_reads(source: Path | Any, spec: dict, sums: list[int] | None, lo: int,
     or the open tensorstore array.
     """
     def read(chunk: Chunk, into: np.ndarray, expected: int | None) -> str | None:
-        if isinstance(source, Path):
-            return read_chunk(source / chunk.key, into, chunk.file_bytes, None, expected)
+        if isinstance(source, str):
+            return read_chunk(f"{source}/{chunk.key}", into, chunk.file_bytes, None, expected)
         return _read_store_chunk(source, chunk, into, expected)
 
     return [(c, Read(functools.partial(read, c, out[c.start - lo: c.stop - lo], None if sums is None else sums[i]),

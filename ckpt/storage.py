@@ -201,13 +201,25 @@ def open_for_read(spec: dict) -> ts.TensorStore:
     return ts.open({**spec, "fill_missing_data_reads": False}, open=True, context=ts_context()).result()
 
 
-def resolve_kvstore(spec: dict, step_dir: Path) -> dict:
+def resolve_kvstore(spec: dict, step_dir: Location) -> dict:
     """A manifest's array spec with its relative kvstore path made absolute under ``step_dir``.
 
     Only a zarr3 spec whose kvstore is the ``file`` driver with a relative path of plain names
     (``arrays/3/``) is accepted; an absolute path, ``..``, another driver or any other option raises
     ValueError, so that a manifest can never point outside its step directory.
     """
+    return {**spec, "kvstore": kvstore(step_dir / _relative_path(spec))}
+
+
+def local_array_dir(spec: dict, step_dir: Path) -> str:
+    """The directory of a manifest's array in a local step (checked as :func:`resolve_kvstore` does),
+    as a string: a load joins a chunk's name to it for every chunk."""
+    return os.path.join(step_dir, _relative_path(spec))
+
+
+def _relative_path(spec: dict) -> str:
+    """The relative path of a manifest's array inside its step (``arrays/3``); ValueError unless it is
+    a zarr3 spec on the ``file`` driver with a path of plain names."""
     kv = spec.get("kvstore") if isinstance(spec, dict) else None
     path = kv.get("path") if isinstance(kv, dict) else None
     if not (isinstance(path, str) and set(spec) <= {"driver", "kvstore", "metadata"} and spec.get("driver") == "zarr3"
@@ -215,12 +227,7 @@ def resolve_kvstore(spec: dict, step_dir: Path) -> dict:
         where = {k: spec[k] for k in ("driver", "kvstore") if k in spec} if isinstance(spec, dict) else spec
         raise ValueError(f"the array location {where!r} is not a relative path inside the step directory "
                          "(only the 'file' driver and plain names are allowed)")
-    return {**spec, "kvstore": kvstore(step_dir / path.removesuffix("/"))}
-
-
-def local_array_dir(spec: dict, step_dir: Path) -> Path:
-    """The directory of a manifest's array in a local step (checked as :func:`resolve_kvstore` does)."""
-    return Path(resolve_kvstore(spec, step_dir)["kvstore"]["path"])
+    return path.removesuffix("/")
 
 
 def kvstore(path: Location) -> dict:

@@ -51,7 +51,7 @@ MODES = {
                  scaling_bytes=[64 * MiB, 256 * MiB, GiB, 4 * GiB], scaling_leaves=[10, 100, 1000, 10000],
                  scaling_leaf_bytes=64 * MiB, interference_bytes=GiB, lazy_steps=2000, window_s=1.0,
                  overhead_leaves=1000, timeout_s=600),
-    "quick": Mode("quick", reps=5, side_reps=3,
+    "quick": Mode("quick", reps=3, side_reps=3,
                   workloads=_workloads([64 * MiB], (1000, 4096, 256 * 1024), width=512),
                   scaling_bytes=[16 * MiB, 64 * MiB, 256 * MiB], scaling_leaves=[10, 100, 1000, 10000],
                   scaling_leaf_bytes=16 * MiB, interference_bytes=128 * MiB, lazy_steps=500, window_s=0.3,

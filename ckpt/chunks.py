@@ -184,6 +184,7 @@ def run_all(reads: list[Read], tracker: progress.Tracker) -> list[str | None]:
 
     pool, threads = _pool()
     workers = [pool.submit(work) for _ in range(min(len(reads), threads))]
+    concurrent.futures.wait(workers)  # all of them, even after one failed: none writes into the result later
     for worker in workers:
         worker.result()
     return results

@@ -149,17 +149,18 @@ class _LeafSource:
         return chunks.leaf_reads(array_dir, meta, self._out.reshape(-1).view(np.uint8))
 
     def _read_through_store(self) -> str | None:
-        """Reads the whole leaf through tensorstore and checks its chunks' word sums; returns why it is
-        damaged, or None."""
+        """Reads the whole leaf through tensorstore and checks its chunks' word sums (their CRC32 in a
+        step saved without sums); returns why it is damaged, or None."""
         try:
             array = np.ascontiguousarray(self._open().read().result())
         except ValueError as e:
             return str(e)
-        layout = chunks.layout(self.meta)
-        found = chunks.sums(array.reshape(-1).view(np.uint8), layout)
-        bad = [c.key for c, want, got in zip(layout, self.meta["chunk_sum64"], found) if want != got]
+        layout, raw = chunks.layout(self.meta), array.reshape(-1).view(np.uint8)
+        key = "chunk_sum64" if "chunk_sum64" in self.meta else "chunk_crc32"
+        found = chunks.sums(raw, layout) if key == "chunk_sum64" else chunks.checksums(raw, layout)
+        bad = [c.key for c, want, got in zip(layout, self.meta[key], found) if want != got]
         if bad:
-            return f"chunks {', '.join(bad)} do not match their checksums (chunk_sum64) in tree.json"
+            return f"chunks {', '.join(bad)} do not match their checksums ({key}) in tree.json"
         self._out = array
         return None
 

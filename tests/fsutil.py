@@ -1,14 +1,19 @@
-"""File-system helpers for the reliability tests: what a directory holds, and a small tmpfs."""
+"""File-system helpers for the reliability tests: what a directory holds, a small tmpfs, and a step's
+tree.json rewritten."""
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import subprocess
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pytest
+
+from ckpt import format as fmt
+from ckpt.objectstore import ObjectPath
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -63,3 +68,22 @@ def fill(directory: Path, leave_bytes: int) -> None:
     with open(directory / "filler", "wb") as f:
         f.truncate(0)
         f.write(b"\0" * max(0, free - leave_bytes))
+
+
+def rewrite_tree(step_dir: Path | ObjectPath, mutate: Callable[[dict], None]) -> None:
+    """Changes a step's tree.json and makes every checksum agree again, as a deliberate forger would."""
+    tree = json.loads((step_dir / fmt.TREE).read_bytes())
+    mutate(tree)
+    data = json.dumps(tree).encode()
+    (step_dir / fmt.TREE).write_bytes(data)
+    raw = (step_dir / fmt.MANIFEST).read_bytes()
+    manifest = json.loads(raw[: raw.rindex(b',"manifest_crc32"')] + b"}")
+    manifest["tree_crc32"] = fmt.crc32(data)
+    (step_dir / fmt.MANIFEST).write_bytes(fmt.sealed_manifest(manifest))
+
+
+def without_word_sums(tree: dict) -> None:
+    """tree.json as an earlier ckpt wrote it: CRC32s only, no ``chunk_sum64``."""
+    tree.get("packed", {}).pop("chunk_sum64", None)
+    for leaf in tree["checkpointables"]["state"]["leaves"]:
+        leaf.pop("chunk_sum64", None)

@@ -24,6 +24,7 @@ from ckpt import errors
 from ckpt import format as fmt
 from ckpt.training import Checkpointer
 from ckpt.verify import verify_step
+from tests.fsutil import rewrite_tree, without_word_sums
 
 STATE = {"big": np.arange(140_000, dtype=np.float64), "s": np.arange(3.0), "t": np.arange(5), "n": 7}
 BIG, SMALL_LEAVES = "state['big']", ("state['s']", "state['t']")
@@ -187,16 +188,19 @@ def test_a_step_with_a_damaged_manifest_is_not_listed_and_latest_is_the_step_bef
 
 
 # ---------------------------------------------------------------------------------- hostile manifests
-def rewrite_tree(step_dir: Path, mutate: Callable[[dict], None]) -> None:
-    """Changes tree.json and makes every checksum agree again, as a deliberate forger would."""
-    tree = json.loads((step_dir / fmt.TREE).read_bytes())
-    mutate(tree)
-    data = json.dumps(tree).encode()
-    (step_dir / fmt.TREE).write_bytes(data)
-    raw = (step_dir / fmt.MANIFEST).read_bytes()
-    manifest = json.loads(raw[: raw.rindex(b',"manifest_crc32"')] + b"}")
-    manifest["tree_crc32"] = fmt.crc32(data)
-    (step_dir / fmt.MANIFEST).write_bytes(fmt.sealed_manifest(manifest))
+@pytest.mark.parametrize("damaged, key_paths", [(None, ()), ("arrays/0/c/0", (BIG,)), ("packed/c/0", ("state['s']",))])
+def test_a_step_saved_without_word_sums_is_checked_against_its_crc32s(root, damaged, key_paths):
+    rewrite_tree(root / "1", without_word_sums)
+    if damaged:
+        flip(root / "1" / damaged, 8)
+    with Checkpointer(root) as ckptr:
+        if not damaged:
+            loaded = ckptr.load(1)
+            assert all(np.array_equal(loaded[k], v) for k, v in STATE.items())
+            return
+        with pytest.raises(errors.CheckpointCorruptedError, match="CRC32") as info:
+            ckptr.load(1)
+    assert info.value.key_paths == key_paths
 
 
 def big_leaf(tree: dict) -> dict:

@@ -8,7 +8,7 @@ import pytest
 from ckpt.training import Checkpointer
 from ckpt.training import preservation_policies as pp
 from ckpt.training import save_decision_policies as sdp
-from tests import procs
+from tests import fsutil, procs
 
 ALWAYS = sdp.FixedIntervalPolicy(1)
 
@@ -90,3 +90,22 @@ def test_s3_a_damaged_chunk_fails_the_load_naming_the_key_path(bucket, chunk, ke
     with Checkpointer(bucket) as again, pytest.raises(errors.CheckpointCorruptedError) as info:
         again.load(0)
     assert key_path in info.value.key_paths
+
+
+def test_s3_a_step_saved_without_word_sums_is_checked_against_its_crc32s(bucket):
+    from ckpt import errors
+    from ckpt.objectstore import ObjectPath
+
+    with Checkpointer(bucket, save_decision_policy=ALWAYS) as ckptr:
+        ckptr.save(0, state(1))
+    step = ObjectPath(f"{bucket}/0")
+    fsutil.rewrite_tree(step, fsutil.without_word_sums)
+    with Checkpointer(bucket) as again:
+        np.testing.assert_array_equal(again.load(0)["big"], state(1)["big"])
+    chunk = step / "arrays/0/c/0"
+    damaged = bytearray(chunk.read_bytes())
+    damaged[9] ^= 1
+    chunk.write_bytes(bytes(damaged))
+    with Checkpointer(bucket) as again, pytest.raises(errors.CheckpointCorruptedError, match="chunk_crc32") as info:
+        again.load(0)
+    assert info.value.key_paths == ("state['big']",)

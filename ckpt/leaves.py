@@ -292,8 +292,9 @@ def _restore_jax(meta: dict, read: Reader, abstract: Any, jax: Any) -> Any:
     sharding = None if isinstance(abstract, type) else getattr(abstract, "sharding", None)
     saved_dtype = parse_dtype(meta["dtype"])
     want_dtype = None if isinstance(abstract, type) else abstract.dtype
-    is_key = meta["type"] == "jax_key" or (
-        want_dtype is not None and jax.dtypes.issubdtype(want_dtype, jax.dtypes.prng_key))
+    is_key = meta["type"] == "jax_key" or (  # a key's dtype is a jax type, never a numpy dtype
+        want_dtype is not None and not isinstance(want_dtype, np.dtype)
+        and jax.dtypes.issubdtype(want_dtype, jax.dtypes.prng_key))
     if is_key:
         impl = meta.get("impl") or str(jax.random.key_impl(abstract))
         data = read(None)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 import time
 from typing import TextIO
 
@@ -41,7 +42,8 @@ def format_bytes(nbytes: float) -> str:
 class Tracker:
     """Counts the bytes one operation has done and logs its progress once it runs long.
 
-    Cheap enough to advance per leaf or per chunk: a call costs a clock read unless a report is due.
+    Cheap enough to advance per leaf or per chunk: a call costs a lock and a clock read unless a report
+    is due.
 
     Example::
 
@@ -61,14 +63,16 @@ class Tracker:
         self._next = self._start + (DELAY_SECS if delay_secs is None else delay_secs)
         self._interval = INTERVAL_SECS if interval_secs is None else interval_secs
         self._reported = False
+        self._lock = threading.Lock()
 
     def advance(self, nbytes: int) -> None:
-        """Adds ``nbytes`` to the work done; logs a report when one is due."""
-        self.done_bytes += nbytes
-        now = time.monotonic()
-        if now >= self._next:
-            self._next = now + self._interval
-            self._report(now, finished=False)
+        """Adds ``nbytes`` to the work done; logs a report when one is due (safe from several threads)."""
+        with self._lock:
+            self.done_bytes += nbytes
+            now = time.monotonic()
+            if now >= self._next:
+                self._next = now + self._interval
+                self._report(now, finished=False)
 
     def finish(self) -> None:
         """Logs a last report (with the elapsed time) if any report was logged before."""

@@ -190,27 +190,24 @@ def run_all(reads: list[Read], tracker: progress.Tracker) -> list[str | None]:
     return results
 
 
-def covering(spec: dict, lo: int, hi: int) -> tuple[int, int]:
-    """The bytes of the whole chunks of a flat uint8 array (a spec from tree.json) that hold ``[lo, hi)``."""
-    spans = [(c.start, c.stop) for c in spec_layout(spec) if c.start < hi and lo < c.stop]
-    return (spans[0][0], spans[-1][1]) if spans else (lo, lo)
-
-
 def range_reads(source: str | Any, spec: dict, sums: list[int] | None, lo: int,
-                out: np.ndarray) -> list[tuple[Chunk, Read]]:
+                hi: int) -> tuple[int, np.ndarray, list[tuple[Chunk, Read]]]:
     """The reads of the whole chunks of a flat uint8 array (the packed leaves) that hold bytes
-    ``[lo, lo + out.size)`` (see :func:`covering`) into ``out``, each checked against its entry in
-    ``sums`` (the chunks' :func:`sum64`) when given. ``source`` is the array's directory (a local step)
-    or the open tensorstore array.
+    ``[lo, hi)``, into a new buffer, each checked against its entry in ``sums`` (the chunks'
+    :func:`sum64`) when given. ``source`` is the array's directory (a local step) or the open
+    tensorstore array. Returns where the buffer starts in the array, the buffer, and the reads.
     """
     def read(chunk: Chunk, into: np.ndarray, expected: int | None) -> str | None:
         if isinstance(source, str):
             return read_chunk(f"{source}/{chunk.key}", into, chunk.file_bytes, None, expected)
         return _read_store_chunk(source, chunk, into, expected)
 
-    return [(c, Read(functools.partial(read, c, out[c.start - lo: c.stop - lo], None if sums is None else sums[i]),
-                     c.stop - c.start))
-            for i, c in _within(spec, lo, out.size)]
+    held = [(i, c) for i, c in enumerate(spec_layout(spec)) if c.start < hi and lo < c.stop]
+    start = held[0][1].start if held else lo
+    out = empty((held[-1][1].stop if held else lo) - start)
+    return start, out, [(c, Read(functools.partial(read, c, out[c.start - start: c.stop - start],
+                                                   None if sums is None else sums[i]), c.stop - c.start))
+                        for i, c in held]
 
 
 def _read_store_chunk(store: Any, chunk: Chunk, out: np.ndarray, expected_sum64: int | None) -> str | None:
@@ -221,8 +218,3 @@ def _read_store_chunk(store: Any, chunk: Chunk, out: np.ndarray, expected_sum64:
     if expected_sum64 is not None and sum64(out) != expected_sum64:
         return f"chunk {chunk.key} does not match its checksum (chunk_sum64) in tree.json"
     return None
-
-
-def _within(spec: dict, lo: int, size: int) -> list[tuple[int, Chunk]]:
-    """The chunks, with their indices, that lie within bytes ``[lo, lo + size)`` of a flat array."""
-    return [(i, c) for i, c in enumerate(spec_layout(spec)) if lo <= c.start and c.stop <= lo + size]

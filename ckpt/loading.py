@@ -82,15 +82,14 @@ class _PackedReader:
         if not ranges or self.doc is None:
             return []
         spec = self.doc["spec"]
-        lo, hi = chunks.covering(spec, min(r[0] for r in ranges), max(r[0] + r[1] for r in ranges))
-        self._data, self._lo, self._sources = chunks.empty(hi - lo), lo, sources
         try:
             source = (storage.local_array_dir(spec, self.step_dir) if isinstance(self.step_dir, Path)
                       else storage.open_for_read(storage.resolve_kvstore(spec, self.step_dir)))
         except ValueError as e:
             raise self._damaged(sources, str(e)) from None
-        reads = chunks.range_reads(source, spec, self.doc.get("chunk_sum64"), lo, self._data)
-        self._chunks = [chunk for chunk, _ in reads]
+        self._lo, self._data, reads = chunks.range_reads(source, spec, self.doc.get("chunk_sum64"),
+                                                         min(r[0] for r in ranges), max(r[0] + r[1] for r in ranges))
+        self._sources, self._chunks = sources, [chunk for chunk, _ in reads]
         return [read for _, read in reads]
 
     def check(self, results: list[str | None]) -> None:

@@ -211,7 +211,7 @@ class StepWriter:
         self.operation = operation
         self.timeout_secs = timeout_secs
         self._prepared = not self.primary
-        self.background = False  # set once the caller returned: write on about one core, not all
+        self._background = False  # set once the caller has returned: write on about one core, not all
         self.progress = progress.Tracker(f"saving {final_dir}", plan.nbytes)
 
     def prepare_dir(self) -> None:
@@ -222,6 +222,13 @@ class StepWriter:
         storage.make_dir(self.tmp_dir, mode=self.dir_mode)
         self._prepared = True
 
+    def hand_off(self, max_inflight_bytes: int | None = None, staging: StagingBuffers | None = None) -> None:
+        """The part of an async save its caller waits for: copies the leaves into memory the plan owns
+        (up to ``max_inflight_bytes``; see :func:`snapshot`) and writes the large ones left uncopied.
+        :meth:`run` then finishes the save in the background, on about one core."""
+        self.write_arrays(snapshot(self.plan, max_inflight_bytes, staging))
+        self._background = True
+
     def write_arrays(self, leaves: list[PlannedLeaf]) -> None:
         """Writes large leaves, each as a zarr3 array, and records their chunks' checksums: while
         tensorstore writes (in the caller), or before it, one file at a time (in the background)."""
@@ -229,15 +236,15 @@ class StepWriter:
         todo = [leaf for leaf in leaves if leaf.array_name not in self.plan.written_arrays
                 and (self.primary or leaf.host.device_array is not None)]
         opening = [storage.open_for_write(storage.resolve_kvstore(leaf.host.meta["array"], self.tmp_dir),
-                                          background=self.background)
+                                          background=self._background)
                    for leaf in todo]  # all at once: each open writes and fsyncs a zarr.json
-        if self.background:  # checksums first, then the writes: one busy thread at a time
+        if self._background:  # checksums first, then the writes: one busy thread at a time
             self._checksum_arrays(todo)
         futures = []
         for leaf, store in zip(todo, opening):
             with storage.io_errors(f"writing {keystr(leaf.path)} to {self.tmp_dir}"):
                 futures.append((leaf, self._write_array(leaf, store.result())))
-        if not self.background:  # checksums while tensorstore writes
+        if not self._background:  # checksums while tensorstore writes
             self._checksum_arrays(todo)
         for leaf, pending in futures:
             with storage.io_errors(f"writing {keystr(leaf.path)} to {self.tmp_dir}"):
@@ -281,7 +288,7 @@ class StepWriter:
         self.packed_sums = []
         with storage.io_errors(f"writing the packed leaves to {self.tmp_dir}"):
             store = storage.open_for_write(storage.resolve_kvstore(spec, self.tmp_dir),
-                                           background=self.background).result()
+                                           background=self._background).result()
             for start, chunk in self._packed_chunks():
                 if len(pending) >= 2:
                     pending.pop(0).result()
@@ -311,7 +318,7 @@ class StepWriter:
                 leaf.host.meta["packed"] = [leaf.offset, leaf.nbytes]
                 recorded += 1
 
-        if self.background:
+        if self._background:
             record_until(math.inf)
         if plan.packed_buffer is not None:
             for start in range(0, plan.packed_nbytes, size):

@@ -382,9 +382,7 @@ class Checkpointer:
         # With several processes every leaf is copied: the directory is prepared only in the background.
         budget = self._context.memory_options.max_inflight_bytes if self._processes.count == 1 else None
         try:
-            uncopied = saving.snapshot(plan, budget, self._staging)
-            writer.write_arrays(uncopied)
-            writer.background = True
+            writer.hand_off(budget, self._staging)
         except BaseException:
             storage.remove_tree(writer.tmp_dir)
             raise

@@ -159,11 +159,12 @@ class Read(NamedTuple):
     nbytes: int
 
 
-def leaf_reads(array_dir: str, meta: dict, out: np.ndarray) -> list[Read]:
-    """The reads of every chunk of a leaf into ``out`` (flat uint8), for :func:`run_all`."""
+def leaf_reads(source: str | Any, meta: dict, out: np.ndarray) -> list[Read]:
+    """The reads of every chunk of a leaf into ``out`` (flat uint8), for :func:`run_all`. ``source``
+    is the leaf's array directory (a local step) or the array being opened (see :func:`range_reads`)."""
     crcs, chunk_sums = meta["chunk_crc32"], meta.get("chunk_sum64") or [None] * len(meta["chunk_crc32"])
-    return [Read(functools.partial(read_chunk, f"{array_dir}/{c.key}", out[c.start:c.stop], c.file_bytes, crc, total),
-                 c.stop - c.start)
+    row_bytes = _row_bytes(meta["array"]["metadata"])
+    return [Read(functools.partial(_read, source, c, out[c.start:c.stop], row_bytes, crc, total), c.stop - c.start)
             for c, crc, total in zip(layout(meta), crcs, chunk_sums)]
 
 
@@ -194,27 +195,36 @@ def range_reads(source: str | Any, spec: dict, sums: list[int] | None, lo: int,
                 hi: int) -> tuple[int, np.ndarray, list[tuple[Chunk, Read]]]:
     """The reads of the whole chunks of a flat uint8 array (the packed leaves) that hold bytes
     ``[lo, hi)``, into a new buffer, each checked against its entry in ``sums`` (the chunks'
-    :func:`sum64`) when given. ``source`` is the array's directory (a local step) or the open
-    tensorstore array. Returns where the buffer starts in the array, the buffer, and the reads.
+    :func:`sum64`) when given. ``source`` is the array's directory (a local step), or the tensorstore
+    future of the array being opened (any other step). Returns where the buffer starts in the array,
+    the buffer, and the reads.
     """
-    def read(chunk: Chunk, into: np.ndarray, expected: int | None) -> str | None:
-        if isinstance(source, str):
-            return read_chunk(f"{source}/{chunk.key}", into, chunk.file_bytes, None, expected)
-        return _read_store_chunk(source, chunk, into, expected)
-
     held = [(i, c) for i, c in enumerate(spec_layout(spec)) if c.start < hi and lo < c.stop]
     start = held[0][1].start if held else lo
     out = empty((held[-1][1].stop if held else lo) - start)
-    return start, out, [(c, Read(functools.partial(read, c, out[c.start - start: c.stop - start],
+    return start, out, [(c, Read(functools.partial(_read, source, c, out[c.start - start: c.stop - start], 1, None,
                                                    None if sums is None else sums[i]), c.stop - c.start))
                         for i, c in held]
 
 
-def _read_store_chunk(store: Any, chunk: Chunk, out: np.ndarray, expected_sum64: int | None) -> str | None:
+def _row_bytes(metadata: dict) -> int:
+    """The bytes of one index along a zarr3 array's first axis (a chunk holds whole ones)."""
+    return np.dtype(metadata["data_type"]).itemsize * math.prod(metadata["shape"][1:])
+
+
+def _read(source: str | Any, chunk: Chunk, out: np.ndarray, row_bytes: int, expected_crc32: int | None,
+          expected_sum64: int | None) -> str | None:
+    """Reads one chunk into ``out`` and checks it: from its file when ``source`` is a local directory,
+    else through tensorstore. Returns why it is damaged, or None."""
+    if isinstance(source, str):
+        return read_chunk(f"{source}/{chunk.key}", out, chunk.file_bytes, expected_crc32, expected_sum64)
     try:
-        out[...] = store[chunk.start: chunk.stop].read().result()
+        rows = source.result()[chunk.start // row_bytes: chunk.stop // row_bytes]
+        out[...] = np.ascontiguousarray(rows.read().result()).reshape(-1).view(np.uint8)
     except ValueError as e:
         return f"chunk {chunk.key} cannot be read: {e}"
     if expected_sum64 is not None and sum64(out) != expected_sum64:
         return f"chunk {chunk.key} does not match its checksum (chunk_sum64) in tree.json"
+    if expected_sum64 is None and expected_crc32 is not None and zlib.crc32(out) & 0xFFFFFFFF != expected_crc32:
+        return f"chunk {chunk.key} does not match its checksum (chunk_crc32) in tree.json"
     return None

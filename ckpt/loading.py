@@ -83,8 +83,7 @@ class _PackedReader:
             return []
         spec = self.doc["spec"]
         try:
-            source = (storage.local_array_dir(spec, self.step_dir) if isinstance(self.step_dir, Path)
-                      else storage.open_for_read(storage.resolve_kvstore(spec, self.step_dir)))
+            source = _chunk_source(spec, self.step_dir)
         except ValueError as e:
             raise self._damaged(sources, str(e)) from None
         self._lo, self._data, reads = chunks.range_reads(source, spec, self.doc.get("chunk_sum64"),
@@ -131,38 +130,20 @@ class _LeafSource:
                                         path=self.step_dir, key_paths=(self.where,))
 
     def reads(self) -> list[chunks.Read]:
-        """The reads of a large leaf saved by one process (it has chunk checksums): straight from its
-        chunk files into the result when the step is local (see :mod:`ckpt.chunks`), through
-        tensorstore otherwise. A leaf spread over processes is read by :meth:`read`, whole or a slice."""
+        """The reads of a large leaf saved by one process (it has chunk checksums), chunk by chunk into
+        the result (see :mod:`ckpt.chunks`). A leaf spread over processes is read by :meth:`read`,
+        whole or a slice."""
         meta = self.meta
         if "chunk_crc32" not in meta or self._array is not None or self._out is not None:
             return []
-        if not isinstance(self.step_dir, Path):
-            return [chunks.Read(self._read_through_store, array_nbytes(meta))]
         metadata = meta["array"]["metadata"]
         try:
-            array_dir = storage.local_array_dir(meta["array"], self.step_dir)
+            source = _chunk_source(meta["array"], self.step_dir)
         except ValueError as e:
             raise self._fail(str(e)) from None
         dtype = leaves_lib.parse_dtype(metadata["data_type"])
         self._out = chunks.empty(array_nbytes(meta)).view(dtype).reshape(metadata["shape"])
-        return chunks.leaf_reads(array_dir, meta, self._out.reshape(-1).view(np.uint8))
-
-    def _read_through_store(self) -> str | None:
-        """Reads the whole leaf through tensorstore and checks its chunks' word sums (their CRC32 in a
-        step saved without sums); returns why it is damaged, or None."""
-        try:
-            array = np.ascontiguousarray(self._open().read().result())
-        except ValueError as e:
-            return str(e)
-        layout, raw = chunks.layout(self.meta), array.reshape(-1).view(np.uint8)
-        key = "chunk_sum64" if "chunk_sum64" in self.meta else "chunk_crc32"
-        found = chunks.sums(raw, layout) if key == "chunk_sum64" else chunks.checksums(raw, layout)
-        bad = [c.key for c, want, got in zip(layout, self.meta[key], found) if want != got]
-        if bad:
-            return f"chunks {', '.join(bad)} do not match their checksums ({key}) in tree.json"
-        self._out = array
-        return None
+        return chunks.leaf_reads(source, meta, self._out.reshape(-1).view(np.uint8))
 
     def check(self, results: list[str | None]) -> None:
         """Raises if a chunk is damaged (``results``: what :meth:`reads` returned); else the leaf is read."""
@@ -197,6 +178,14 @@ class _LeafSource:
                 raise self._fail(str(e)) from None
         array = self._array.view(dtype).reshape(meta["shape"]) if bytes_stored else self._array
         return array if index is None else array[index]
+
+
+def _chunk_source(spec: dict, step_dir: Path | Any) -> str | Any:
+    """Where the chunks of an array in tree.json are read from: its directory in a local step, or
+    through tensorstore, the array being opened. ValueError for a location outside the step."""
+    if isinstance(step_dir, Path):
+        return storage.local_array_dir(spec, step_dir)
+    return storage.start_open_for_read(storage.resolve_kvstore(spec, step_dir))
 
 
 def _leaf_metadata(meta: dict) -> LeafMetadata:

@@ -198,7 +198,12 @@ def open_for_write(spec: dict, *, background: bool = False) -> ts.Future:
 
 def open_for_read(spec: dict) -> ts.TensorStore:
     """Opens an array; reading a chunk whose file is missing raises instead of returning zeros."""
-    return ts.open({**spec, "fill_missing_data_reads": False}, open=True, context=ts_context()).result()
+    return start_open_for_read(spec).result()
+
+
+def start_open_for_read(spec: dict) -> ts.Future:
+    """Starts :func:`open_for_read`; ``result()`` gives the array (any thread may ask)."""
+    return ts.open({**spec, "fill_missing_data_reads": False}, open=True, context=ts_context())
 
 
 def resolve_kvstore(spec: dict, step_dir: Location) -> dict:

@@ -70,6 +70,13 @@ def fill(directory: Path, leave_bytes: int) -> None:
         f.write(b"\0" * max(0, free - leave_bytes))
 
 
+def flip(path: Path | ObjectPath, offset: int | None = None) -> None:
+    """Flips one bit of a file (or object): the byte at ``offset``, else the middle one."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2 if offset is None else offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
 def rewrite_tree(step_dir: Path | ObjectPath, mutate: Callable[[dict], None]) -> None:
     """Changes a step's tree.json and makes every checksum agree again, as a deliberate forger would."""
     tree = json.loads((step_dir / fmt.TREE).read_bytes())

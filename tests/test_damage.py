@@ -24,7 +24,7 @@ from ckpt import errors
 from ckpt import format as fmt
 from ckpt.training import Checkpointer
 from ckpt.verify import verify_step
-from tests.fsutil import rewrite_tree, without_word_sums
+from tests.fsutil import flip, rewrite_tree, without_word_sums
 
 STATE = {"big": np.arange(140_000, dtype=np.float64), "s": np.arange(3.0), "t": np.arange(5), "n": 7}
 BIG, SMALL_LEAVES = "state['big']", ("state['s']", "state['t']")
@@ -42,12 +42,6 @@ def root(tmp_path) -> Path:
 def packed_offset(step_dir: Path, key_path: str) -> int:
     leaves = json.loads((step_dir / fmt.TREE).read_bytes())["checkpointables"]["state"]["leaves"]
     return next(leaf["packed"][0] for leaf in leaves if leaf["path"] == key_path.removeprefix("state"))
-
-
-def flip(path: Path, offset: int | None = None) -> None:
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2 if offset is None else offset] ^= 0x01
-    path.write_bytes(bytes(data))
 
 
 def truncate(path: Path) -> None:

@@ -83,13 +83,29 @@ def test_s3_a_damaged_chunk_fails_the_load_naming_the_key_path(bucket, chunk, ke
 
     with Checkpointer(bucket, save_decision_policy=ALWAYS) as ckptr:
         ckptr.save(0, state(1))
-    obj = ObjectPath(f"{bucket}/0/{chunk}")
-    damaged = bytearray(obj.read_bytes())
-    damaged[9] ^= 1
-    obj.write_bytes(bytes(damaged))
+    fsutil.flip(ObjectPath(f"{bucket}/0/{chunk}"), 9)
     with Checkpointer(bucket) as again, pytest.raises(errors.CheckpointCorruptedError) as info:
         again.load(0)
     assert key_path in info.value.key_paths
+
+
+def test_s3_a_leaf_of_several_chunks_is_read_chunk_by_chunk_and_each_chunk_checked(bucket, monkeypatch):
+    from ckpt import errors
+    from ckpt import format as fmt
+    from ckpt.objectstore import ObjectPath
+
+    monkeypatch.setattr(fmt, "ARRAY_CHUNK_BYTES", 300 * 1200)  # 300 rows of 1,200 bytes: chunks c/0/0 .. c/3/0
+    big = np.random.default_rng(0).random((1000, 300), dtype=np.float32)
+    with Checkpointer(bucket, save_decision_policy=ALWAYS) as ckptr:
+        ckptr.save(0, {"big": big, "step": 0})
+    step = ObjectPath(f"{bucket}/0")
+    assert sorted((step / "arrays/0/c").children(), key=int) == ["0", "1", "2", "3"]
+    with Checkpointer(bucket) as again:
+        np.testing.assert_array_equal(again.load(0)["big"], big)
+    fsutil.flip(step / "arrays/0/c/3/0", 5)  # the edge chunk: 100 rows of data, 200 of fill
+    with Checkpointer(bucket) as again, pytest.raises(errors.CheckpointCorruptedError, match="chunk c/3/0 ") as info:
+        again.load(0)
+    assert info.value.key_paths == ("state['big']",)
 
 
 def test_s3_a_step_saved_without_word_sums_is_checked_against_its_crc32s(bucket):
@@ -102,10 +118,7 @@ def test_s3_a_step_saved_without_word_sums_is_checked_against_its_crc32s(bucket)
     fsutil.rewrite_tree(step, fsutil.without_word_sums)
     with Checkpointer(bucket) as again:
         np.testing.assert_array_equal(again.load(0)["big"], state(1)["big"])
-    chunk = step / "arrays/0/c/0"
-    damaged = bytearray(chunk.read_bytes())
-    damaged[9] ^= 1
-    chunk.write_bytes(bytes(damaged))
+    fsutil.flip(step / "arrays/0/c/0", 9)
     with Checkpointer(bucket) as again, pytest.raises(errors.CheckpointCorruptedError, match="chunk_crc32") as info:
         again.load(0)
     assert info.value.key_paths == ("state['big']",)

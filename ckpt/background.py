@@ -64,6 +64,9 @@ class BackgroundWriter:
 
     def __init__(self, name: str = "ckpt-writer"):
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        # The thread starts now: started by the first save, it would take the GIL from the caller
+        # (for 2-3 ms) before save_async returns.
+        self._executor.submit(lambda: None)
         self._future: concurrent.futures.Future | None = None
         self._error: BaseException | None = None
         self._lock = threading.Lock()

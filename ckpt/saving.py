@@ -232,9 +232,11 @@ class StepWriter:
     def write_arrays(self, leaves: list[PlannedLeaf]) -> None:
         """Writes large leaves, each as a zarr3 array, and records their chunks' checksums: while
         tensorstore writes (in the caller), or before it, one file at a time (in the background)."""
-        self.prepare_dir()
         todo = [leaf for leaf in leaves if leaf.array_name not in self.plan.written_arrays
                 and (self.primary or leaf.host.device_array is not None)]
+        if not todo:  # an async save that copied everything: the directory is made in the background
+            return
+        self.prepare_dir()
         opening = [storage.open_for_write(storage.resolve_kvstore(leaf.host.meta["array"], self.tmp_dir),
                                           background=self._background)
                    for leaf in todo]  # all at once: each open writes and fsyncs a zarr.json

@@ -379,7 +379,7 @@ class Checkpointer:
 
         if blocking:
             return background.finished(job())
-        # With several processes every leaf is copied: the directory is prepared only in the background.
+        # With several processes every leaf is copied.
         budget = self._context.memory_options.max_inflight_bytes if self._processes.count == 1 else None
         try:
             writer.hand_off(budget, self._staging)

@@ -6,7 +6,7 @@ slab of the C-order bytes, stored in the file ``c/i/0/...``. Saving records each
 tree.json (``chunk_sum64``; a large leaf's chunks also get a CRC32 for ``ckpt verify``); loading a
 local step reads each chunk file with ``readinto`` into its slab of the result (no intermediate copy)
 and checks its word sum as it reads, several chunks at once (file reads and numpy sums release the
-GIL).
+GIL); a step on an object store reads each chunk through tensorstore, several at once as well.
 """
 from __future__ import annotations
 
@@ -40,9 +40,10 @@ def _pool() -> tuple[concurrent.futures.ThreadPoolExecutor, int]:
     global _POOL
     if _POOL is None:
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        # No more threads than CPUs: reading from the page cache is copying, and a thread that
-        # returns from a read waits for the GIL while another holds it.
-        threads = min(4, cpus)
+        # One more thread than CPUs: a thread that returns from a read waits for the GIL while
+        # another holds it, and the extra one keeps every CPU copying meanwhile. On 2 CPUs, loads of
+        # 96 MiB in 24 files went from 0.66-0.78x to 0.78-0.89x the speed of one readinto.
+        threads = min(4, cpus) + 1
         _POOL = (concurrent.futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ckpt-read"), threads)
     return _POOL
 

@@ -149,6 +149,8 @@ def _jax_leaf(meta: dict, x: Any) -> HostLeaf:
 _TORCH_VIEWS = {"bfloat16": ("int16", "bfloat16"), "float8_e4m3fn": ("uint8", "float8_e4m3fn"),
                 "float8_e5m2": ("uint8", "float8_e5m2"), "float8_e4m3fnuz": ("uint8", "float8_e4m3fnuz"),
                 "float8_e5m2fnuz": ("uint8", "float8_e5m2fnuz")}
+# The same, from the numpy side: ml_dtypes' dtype -> (carrier, torch dtype name).
+_NUMPY_VIEWS = {np.dtype(getattr(ml_dtypes, target)): (carrier, name) for name, (carrier, target) in _TORCH_VIEWS.items()}
 
 
 def torch_to_numpy(path: KeyPath, t: Any) -> np.ndarray:
@@ -172,12 +174,9 @@ def numpy_to_torch(array: np.ndarray, like: Any = None) -> Any:
     """A torch tensor holding ``array`` (bfloat16/float8 included), with ``like``'s dtype and device."""
     import torch
 
-    name = array.dtype.name
-    if name in _TORCH_VIEWS:
-        carrier, _ = _TORCH_VIEWS[name]
-        tensor = torch.from_numpy(np.require(array, requirements='C').view(carrier)).view(getattr(torch, name))
-    else:
-        tensor = torch.from_numpy(np.require(array, requirements='C'))
+    array = array if array.flags.c_contiguous else np.ascontiguousarray(array)
+    view = _NUMPY_VIEWS.get(array.dtype)
+    tensor = torch.from_numpy(array) if view is None else torch.from_numpy(array.view(view[0])).view(getattr(torch, view[1]))
     if like is not None:
         tensor = tensor.to(device=like.device, dtype=like.dtype)
     return tensor

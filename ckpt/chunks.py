@@ -220,7 +220,11 @@ def _read(source: str | Any, chunk: Chunk, out: np.ndarray, row_bytes: int, expe
     if isinstance(source, str):
         return read_chunk(f"{source}/{chunk.key}", out, chunk.file_bytes, expected_crc32, expected_sum64)
     try:
-        rows = source.result()[chunk.start // row_bytes: chunk.stop // row_bytes]
+        store = source.result()
+    except ValueError as e:  # the same for every chunk of the array: a load says it once
+        return f"the array cannot be opened: {e}"
+    try:
+        rows = store[chunk.start // row_bytes: chunk.stop // row_bytes]
         out[...] = np.ascontiguousarray(rows.read().result()).reshape(-1).view(np.uint8)
     except ValueError as e:
         return f"chunk {chunk.key} cannot be read: {e}"

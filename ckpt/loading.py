@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -98,7 +98,7 @@ class _PackedReader:
         hit = [s for s in self._sources if any(c.start < s.meta["packed"][0] + s.meta["packed"][1]
                                                and s.meta["packed"][0] < c.stop for c, _ in damage)]
         if hit:
-            raise self._damaged(hit, "; ".join(why for _, why in damage))
+            raise self._damaged(hit, _reasons(why for _, why in damage))
 
     def get(self, offset: int, nbytes: int) -> np.ndarray:
         """Bytes ``[offset, offset + nbytes)`` of the packed array (read by the reads of :meth:`reads`)."""
@@ -149,7 +149,7 @@ class _LeafSource:
         """Raises if a chunk is damaged (``results``: what :meth:`reads` returned); else the leaf is read."""
         damage = [why for why in results if why]
         if damage:
-            raise self._fail("; ".join(damage))
+            raise self._fail(_reasons(damage))
         if self._out is not None:
             self._array, self._out = self._out, None
 
@@ -178,6 +178,11 @@ class _LeafSource:
                 raise self._fail(str(e)) from None
         array = self._array.view(dtype).reshape(meta["shape"]) if bytes_stored else self._array
         return array if index is None else array[index]
+
+
+def _reasons(whys: Iterable[str]) -> str:
+    """Why chunks are damaged, each reason once (an array that cannot be opened fails every chunk)."""
+    return "; ".join(dict.fromkeys(whys))
 
 
 def _chunk_source(spec: dict, step_dir: Path | Any) -> str | Any:

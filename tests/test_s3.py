@@ -108,6 +108,21 @@ def test_s3_a_leaf_of_several_chunks_is_read_chunk_by_chunk_and_each_chunk_check
     assert info.value.key_paths == ("state['big']",)
 
 
+def test_s3_a_leaf_whose_array_cannot_be_opened_fails_the_load_saying_so_once(bucket, monkeypatch):
+    from ckpt import errors
+    from ckpt import format as fmt
+    from ckpt.objectstore import ObjectPath
+
+    monkeypatch.setattr(fmt, "ARRAY_CHUNK_BYTES", 300 * 1200)  # 4 chunks, each failing the same way
+    with Checkpointer(bucket, save_decision_policy=ALWAYS) as ckptr:
+        ckptr.save(0, {"big": np.ones((1000, 300), np.float32), "step": 0})
+    ObjectPath(f"{bucket}/0/arrays/0/zarr.json").remove_tree()
+    with Checkpointer(bucket) as again, pytest.raises(errors.CheckpointCorruptedError) as info:
+        again.load(0)
+    assert info.value.key_paths == ("state['big']",)
+    assert str(info.value).count("cannot be opened") == 1
+
+
 def test_s3_a_step_saved_without_word_sums_is_checked_against_its_crc32s(bucket):
     from ckpt import errors
     from ckpt.objectstore import ObjectPath

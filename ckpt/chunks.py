@@ -70,10 +70,9 @@ def spec_layout(spec: dict) -> list[Chunk] | None:
     chunk_shape = metadata["chunk_grid"]["configuration"]["chunk_shape"]
     if [c["name"] for c in metadata["codecs"]] != ["bytes"] or list(chunk_shape[1:]) != list(shape[1:]):
         return None
-    itemsize = np.dtype(metadata["data_type"]).itemsize
+    row_bytes = _row_bytes(metadata)  # for a 0-d array, the bytes of its one element
     if not shape:
-        return [Chunk("c", 0, itemsize, itemsize)]
-    row_bytes = itemsize * math.prod(shape[1:])
+        return [Chunk("c", 0, row_bytes, row_bytes)]
     rows, tail = chunk_shape[0], "/0" * (len(shape) - 1)
     total = row_bytes * shape[0]
     return [Chunk(f"c/{i}{tail}", i * rows * row_bytes, min(total, (i + 1) * rows * row_bytes), rows * row_bytes)

@@ -4,8 +4,8 @@ Every mismatch between the abstract tree and the saved one is collected first an
 ValueError; nothing is read until the trees match. A local step's arrays are read from their chunk
 files, following tree.json (their zarr.json, which other readers need, is checked by ``ckpt verify``,
 not by a load); every chunk read is prepared first, then they all run on the reading threads
-(:func:`ckpt.chunks.run_all`) before the result is built. Damaged data (a checksum, a missing file, a malformed manifest) raises
-:class:`ckpt.errors.CheckpointCorruptedError` naming the step and key path.
+(:func:`ckpt.chunks.run_all`) before the result is built. Damaged data (a checksum, a missing file, a
+malformed manifest) raises :class:`ckpt.errors.CheckpointCorruptedError` naming the step and key path.
 """
 from __future__ import annotations
 

@@ -79,6 +79,20 @@ def spec_layout(spec: dict) -> list[Chunk] | None:
             for i in range(-(-shape[0] // rows))]
 
 
+def checked_layout(spec: dict, *checksums: list | None) -> list[Chunk]:
+    """The chunks of an array that tree.json gives chunk checksums for, which a load reads file by
+    file: ValueError if they are not plain slabs along axis 0, or a list in ``checksums`` lacks an
+    entry for a chunk (tree.json was not written by ckpt's save)."""
+    found = spec_layout(spec)
+    if found is None:
+        raise ValueError(f"{fmt.TREE} gives chunk checksums for an array whose chunks are not plain slabs "
+                         "along its first axis")
+    for listed in checksums:
+        if listed is not None and len(listed) < len(found):
+            raise ValueError(f"{fmt.TREE} lists {len(listed)} chunk checksums for {len(found)} chunks")
+    return found
+
+
 def check_metadata(array_dir: str, meta: dict) -> str | None:
     """Why the array's zarr.json (which other readers depend on) is not the one saved, or None."""
     path = os.path.join(array_dir, "zarr.json")
@@ -162,10 +176,11 @@ class Read(NamedTuple):
 def leaf_reads(source: str | Any, meta: dict, out: np.ndarray) -> list[Read]:
     """The reads of every chunk of a leaf into ``out`` (flat uint8), for :func:`run_all`. ``source``
     is the leaf's array directory (a local step) or the array being opened (see :func:`range_reads`)."""
-    crcs, chunk_sums = meta["chunk_crc32"], meta.get("chunk_sum64") or [None] * len(meta["chunk_crc32"])
+    crcs, chunk_sums = meta["chunk_crc32"], meta.get("chunk_sum64")
+    found = checked_layout(meta["array"], crcs, chunk_sums)
     row_bytes = _row_bytes(meta["array"]["metadata"])
     return [Read(functools.partial(_read, source, c, out[c.start:c.stop], row_bytes, crc, total), c.stop - c.start)
-            for c, crc, total in zip(layout(meta), crcs, chunk_sums)]
+            for c, crc, total in zip(found, crcs, chunk_sums or [None] * len(found))]
 
 
 def run_all(reads: list[Read], tracker: progress.Tracker) -> list[str | None]:
@@ -199,7 +214,7 @@ def range_reads(source: str | Any, spec: dict, sums: list[int] | None, lo: int,
     future of the array being opened (any other step). Returns where the buffer starts in the array,
     the buffer, and the reads.
     """
-    held = [(i, c) for i, c in enumerate(spec_layout(spec)) if c.start < hi and lo < c.stop]
+    held = [(i, c) for i, c in enumerate(checked_layout(spec, sums)) if c.start < hi and lo < c.stop]
     start = held[0][1].start if held else lo
     out = empty((held[-1][1].stop if held else lo) - start)
     return start, out, [(c, Read(functools.partial(_read, source, c, out[c.start - start: c.stop - start], 1, None,

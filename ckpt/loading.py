@@ -83,11 +83,11 @@ class _PackedReader:
             return []
         spec = self.doc["spec"]
         try:
-            source = _chunk_source(spec, self.step_dir)
+            self._lo, self._data, reads = chunks.range_reads(
+                _chunk_source(spec, self.step_dir), spec, self.doc.get("chunk_sum64"),
+                min(r[0] for r in ranges), max(r[0] + r[1] for r in ranges))
         except ValueError as e:
             raise self._damaged(sources, str(e)) from None
-        self._lo, self._data, reads = chunks.range_reads(source, spec, self.doc.get("chunk_sum64"),
-                                                         min(r[0] for r in ranges), max(r[0] + r[1] for r in ranges))
         self._sources, self._chunks = sources, [chunk for chunk, _ in reads]
         return [read for _, read in reads]
 
@@ -139,11 +139,13 @@ class _LeafSource:
         metadata = meta["array"]["metadata"]
         try:
             source = _chunk_source(meta["array"], self.step_dir)
+            out = chunks.empty(array_nbytes(meta)).view(leaves_lib.parse_dtype(metadata["data_type"]))
+            out = out.reshape(metadata["shape"])
+            reads = chunks.leaf_reads(source, meta, out.reshape(-1).view(np.uint8))
         except ValueError as e:
             raise self._fail(str(e)) from None
-        dtype = leaves_lib.parse_dtype(metadata["data_type"])
-        self._out = chunks.empty(array_nbytes(meta)).view(dtype).reshape(metadata["shape"])
-        return chunks.leaf_reads(source, meta, self._out.reshape(-1).view(np.uint8))
+        self._out = out
+        return reads
 
     def check(self, results: list[str | None]) -> None:
         """Raises if a chunk is damaged (``results``: what :meth:`reads` returned); else the leaf is read."""

@@ -229,6 +229,31 @@ def test_a_manifest_cannot_point_outside_its_step_directory(root, case):
     assert not result.ok and all("not a relative path inside the step directory" in d.why for d in result.damaged)
 
 
+FORGED_CHUNKS = {  # tree.json that ckpt's save never writes, every checksum agreeing
+    "a CRC32 missing": (BIG, "lists 0 chunk checksums for 1 chunks",
+                        lambda t: big_leaf(t)["chunk_crc32"].pop()),
+    "a word sum missing": (BIG, "lists 0 chunk checksums for 1 chunks",
+                           lambda t: big_leaf(t)["chunk_sum64"].pop()),
+    "a compressing codec": (BIG, "not plain slabs", lambda t: big_leaf(t)["array"]["metadata"]["codecs"].append(
+        {"name": "zstd", "configuration": {"level": 1}})),
+    "packed word sums cut": (SMALL_LEAVES[0], "lists 0 chunk checksums for 1 chunks",
+                             lambda t: t["packed"].update(chunk_sum64=[])),
+    "packed codecs reordered": (SMALL_LEAVES[0], "not plain slabs",
+                                lambda t: t["packed"]["spec"]["metadata"]["codecs"].insert(0, {"name": "transpose"})),
+}
+
+
+@pytest.mark.parametrize("case", list(FORGED_CHUNKS))
+def test_chunk_checksums_that_do_not_fit_the_array_fail_the_load_naming_the_leaf(root, case):
+    where, why, mutate = FORGED_CHUNKS[case]
+    rewrite_tree(root / "1", mutate)
+    with Checkpointer(root) as ckptr:
+        with pytest.raises(errors.CheckpointCorruptedError, match=why) as info:
+            ckptr.load(1)
+        assert where in info.value.key_paths
+        np.testing.assert_array_equal(ckptr.load(0)["big"], STATE["big"])
+
+
 @pytest.mark.parametrize("dtype", ["O", "i4,O", "finfo"])
 def test_a_manifest_naming_an_object_dtype_is_refused(root, dtype):
     rewrite_tree(root / "1", lambda t: small_leaf(t).update(dtype=dtype))

@@ -24,8 +24,8 @@ class Floor:
     name = "floor"
 
     def __init__(self, tree: Any):
-        self.arrays = workloads.raw_arrays(tree)
-        self.buffers = [np.empty_like(a) for a in self.arrays]
+        self.state = workloads.raw_arrays(tree)
+        self.buffers = [np.empty_like(a) for a in self.state]
         for buffer in self.buffers:
             buffer.fill(0)  # pre-fault: first touch of fresh guest memory is very slow on these VMs
         self.root = Path()
@@ -39,12 +39,12 @@ class Floor:
 
     def save(self, step: int) -> None:
         with open(self.step_path(step), "wb", buffering=0) as f:
-            for array in self.arrays:
+            for array in self.state:
                 array.tofile(f)
             os.fsync(f.fileno())
 
     def save_async(self, step: int) -> Pending:
-        for array, buffer in zip(self.arrays, self.buffers):
+        for array, buffer in zip(self.state, self.buffers):
             np.copyto(buffer, array)
         return finished()
 

@@ -13,7 +13,7 @@ class CkptSystem:
     training = ckpt.training
 
     def __init__(self, tree: Any):
-        self.tree = tree
+        self.state = tree
         self.checkpointer: ckpt.Checkpointer | None = None
 
     def open(self, root: Path) -> None:
@@ -23,14 +23,14 @@ class CkptSystem:
         return self.checkpointer.directory / str(step)
 
     def save(self, step: int) -> None:
-        self.checkpointer.save(step, self.tree, force=True)
+        self.checkpointer.save(step, self.state, force=True)
 
     def save_async(self, step: int) -> Pending:
-        response = self.checkpointer.save_async(step, self.tree, force=True)
+        response = self.checkpointer.save_async(step, self.state, force=True)
         return Pending(wait=response.result, done=response.done)
 
     def load(self, step: int) -> Any:
-        return self.checkpointer.load(step, abstract_state=self.tree)
+        return self.checkpointer.load(step, abstract_state=self.state)
 
     def close(self) -> None:
         self.checkpointer.close()

@@ -19,7 +19,7 @@ class OrbaxSystem:
     training = ocp.v1.training
 
     def __init__(self, tree: Any):
-        self.tree = workloads.to_numpy(tree)
+        self.state = workloads.to_numpy(tree)
         self.checkpointer: Any = None
 
     def open(self, root: Path) -> None:
@@ -29,15 +29,15 @@ class OrbaxSystem:
         return Path(self.checkpointer.directory) / str(step)
 
     def save(self, step: int) -> None:
-        self.checkpointer.save(step, self.tree, force=True)
+        self.checkpointer.save(step, self.state, force=True)
 
     def save_async(self, step: int) -> Pending:
-        response = self.checkpointer.save_async(step, self.tree, force=True)
+        response = self.checkpointer.save_async(step, self.state, force=True)
         checkpointer = self.checkpointer
         return Pending(wait=response.result, done=lambda: not checkpointer.is_saving_in_progress())
 
     def load(self, step: int) -> Any:
-        return self.checkpointer.load(step, abstract_state=self.tree)
+        return self.checkpointer.load(step, abstract_state=self.state)
 
     def close(self) -> None:
         self.checkpointer.close()

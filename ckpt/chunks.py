@@ -140,11 +140,18 @@ def read_chunk(path: str, out: np.ndarray, file_bytes: int, expected_crc32: int 
         return f"chunk file {path} is missing"
     if size != file_bytes or n != out.size:
         return f"chunk file {path} has {size} bytes, not the {file_bytes} expected"
+    why = _mismatch(out, total, expected_crc32, expected_sum64)
+    return None if why is None else f"chunk file {path} does not match its {why} in tree.json"
+
+
+def _mismatch(out: np.ndarray, found_sum64: int | None, expected_crc32: int | None,
+              expected_sum64: int | None) -> str | None:
+    """The checksum in tree.json that a chunk's bytes ``out`` fail: its word sum when tree.json has
+    one (``found_sum64``, which the caller took), else its CRC32; None if they match."""
     if expected_sum64 is not None:
-        if total != expected_sum64:
-            return f"chunk file {path} does not match its checksum (chunk_sum64) in tree.json"
-    elif expected_crc32 is not None and zlib.crc32(out) & 0xFFFFFFFF != expected_crc32:
-        return f"chunk file {path} does not match its CRC32 in tree.json"
+        return None if found_sum64 == expected_sum64 else "checksum (chunk_sum64)"
+    if expected_crc32 is not None and zlib.crc32(out) & 0xFFFFFFFF != expected_crc32:
+        return "CRC32 (chunk_crc32)"
     return None
 
 
@@ -242,8 +249,5 @@ def _read(source: str | Any, chunk: Chunk, out: np.ndarray, row_bytes: int, expe
         out[...] = np.ascontiguousarray(rows.read().result()).reshape(-1).view(np.uint8)
     except ValueError as e:
         return f"chunk {chunk.key} cannot be read: {e}"
-    if expected_sum64 is not None and sum64(out) != expected_sum64:
-        return f"chunk {chunk.key} does not match its checksum (chunk_sum64) in tree.json"
-    if expected_sum64 is None and expected_crc32 is not None and zlib.crc32(out) & 0xFFFFFFFF != expected_crc32:
-        return f"chunk {chunk.key} does not match its checksum (chunk_crc32) in tree.json"
-    return None
+    why = _mismatch(out, None if expected_sum64 is None else sum64(out), expected_crc32, expected_sum64)
+    return None if why is None else f"chunk {chunk.key} does not match its {why} in tree.json"

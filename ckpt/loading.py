@@ -139,12 +139,12 @@ class _LeafSource:
         metadata = meta["array"]["metadata"]
         try:
             source = _chunk_source(meta["array"], self.step_dir)
-            out = chunks.empty(array_nbytes(meta)).view(leaves_lib.parse_dtype(metadata["data_type"]))
-            out = out.reshape(metadata["shape"])
-            reads = chunks.leaf_reads(source, meta, out.reshape(-1).view(np.uint8))
+            dtype = leaves_lib.parse_dtype(metadata["data_type"])
+            flat = chunks.empty(array_nbytes(meta))
+            reads = chunks.leaf_reads(source, meta, flat)
         except ValueError as e:
             raise self._fail(str(e)) from None
-        self._out = out
+        self._out = flat.view(dtype).reshape(metadata["shape"])
         return reads
 
     def check(self, results: list[str | None]) -> None:

@@ -136,7 +136,7 @@ def _own_shards(device_array: Any) -> list[tuple[Any, np.ndarray]]:
 class StagingBuffers:
     """Host buffers of async snapshots, kept from one save for the next: copying into memory already
     touched is several times faster than into fresh memory, whose pages fault in on first touch.
-    They hold one copy of the last snapshot's bytes until :meth:`clear`."""
+    They hold one copy of the last snapshot's bytes until :meth:`clear` (a load, or closing)."""
 
     def __init__(self):
         self._free: dict[int, list[np.ndarray]] = {}

@@ -447,6 +447,10 @@ class Checkpointer:
         types, ``None`` (as saved), ``ckpt.PLACEHOLDER`` (skipped). Without it, the tree comes back as
         saved (dicts, lists, tuples; numpy, jax and torch arrays; Python scalars).
 
+        A load lets go of the host buffers an async save keeps for the next one, so that the loaded
+        arrays can take their memory: a load after async saves holds no third copy of the state, and
+        the next async save makes its buffers anew.
+
         Raises:
           StepNotFoundError: no such step (or no checkpoint at all).
           ValueError: the abstract tree differs from the saved one (every differing key path listed).
@@ -472,6 +476,7 @@ class Checkpointer:
             only_model = ckptr.load_checkpointables(0, {"model": None})   # None: as saved
         """
         info = self._resolve(step)
+        self._staging.clear()
         self._reading[info.step] += 1
         try:
             return loading.load_checkpointables(info.path, abstract_checkpointables,

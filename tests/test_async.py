@@ -4,6 +4,7 @@ from __future__ import annotations
 import errno
 import os
 import threading
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -213,3 +214,21 @@ def test_consecutive_async_saves_reusing_snapshot_buffers_each_keep_their_own_va
             loaded = ckptr.load(step)
             np.testing.assert_array_equal(loaded["big"], np.full(BIG, step, np.float32))
             np.testing.assert_array_equal(loaded["small"], np.full(16, step, np.float32))
+
+
+def test_a_load_after_an_async_save_takes_the_memory_of_the_snapshot_buffers(tmp_path):
+    s = {"big": np.full(4 * BIG, 1, np.float32)}  # numpy reports its allocations to tracemalloc
+    with Checkpointer(tmp_path, save_decision_policy=ALWAYS) as ckptr:
+        tracemalloc.start()
+        try:
+            ckptr.save_async(1, s).result(timeout=30)
+            held = tracemalloc.get_traced_memory()[0]
+            assert held >= s["big"].nbytes  # the snapshot buffers, kept for the next save
+            loaded = ckptr.load(1)
+            assert tracemalloc.get_traced_memory()[0] - held < s["big"].nbytes // 4
+        finally:
+            tracemalloc.stop()
+        np.testing.assert_array_equal(loaded["big"], s["big"])
+        s["big"][:] = 2
+        ckptr.save_async(2, s).result(timeout=30)  # new snapshot buffers
+        np.testing.assert_array_equal(ckptr.load(2)["big"], s["big"])

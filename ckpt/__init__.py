@@ -7,7 +7,7 @@ The API of Orbax v1's ``training.Checkpointer``; switching is an import change::
         ckptr.save(step, state)
         state = ckptr.load(abstract_state=abstract)
 """
-from ckpt import distributed, errors, path, preemption, progress, training, verify
+from ckpt import distributed, errors, handlers, path, preemption, progress, training, verify
 from ckpt.background import AsyncResponse
 from ckpt.checkpoint import (checkpointables_metadata, load, load_async, load_checkpointables, metadata, save,
                              save_async, save_checkpointables, save_checkpointables_async)
@@ -21,6 +21,6 @@ __version__ = "0.1.0"
 __all__ = [
     "AsyncOptions", "AsyncResponse", "CheckpointMetadata", "Checkpointer", "Context", "FileOptions",
     "LeafMetadata", "MemoryOptions", "MultiprocessingOptions", "PLACEHOLDER", "PyTreeOptions", "RootMetadata", "checkpointables_metadata",
-    "distributed", "errors", "load", "load_async", "load_checkpointables", "metadata", "path", "preemption", "progress", "save",
+    "distributed", "errors", "handlers", "load", "load_async", "load_checkpointables", "metadata", "path", "preemption", "progress", "save",
     "save_async", "save_checkpointables", "save_checkpointables_async", "training", "verify",
 ]

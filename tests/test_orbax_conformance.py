@@ -1,0 +1,24 @@
+"""Orbax's own v1 tests, run against ckpt (tests/orbax_suite/): every test not about Orbax's internals passes.
+
+They run in one interpreter of their own, with 8 CPU devices (Orbax's meshes need them); this test
+starts it and asserts that nothing failed. By hand, against Orbax itself (the control run)::
+
+    CKPT_CONFORMANCE_TARGET=orbax .venv/bin/python -m pytest -q tests/orbax_suite/orbax_checkpointer.py
+"""
+import re
+
+import pytest
+
+from tests import procs
+
+pytest.importorskip("orbax.checkpoint", reason="needs orbax-checkpoint (the dev extra): its tests are the input")
+
+
+def test_orbax_v1_checkpointer_tests_pass_against_ckpt():
+    suite = procs.REPO / "tests" / "orbax_suite" / "orbax_checkpointer.py"
+    run = procs.run_script("import sys, pytest; sys.exit(pytest.main(sys.argv[1:]))", "-q", "-p", "no:cacheprovider",
+                           str(suite), timeout=600,
+                           CKPT_CONFORMANCE_TARGET="ckpt")
+    summary = run.stdout.strip().splitlines()[-1] if run.stdout.strip() else run.stderr[-2000:]
+    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
+    assert re.search(r"\d+ passed", summary) and not re.search(r"\d+ failed", summary), summary

@@ -16,6 +16,7 @@ from typing import Any, Callable
 import ml_dtypes  # noqa: F401  (registers bfloat16, float8_*, int4 with numpy)
 import numpy as np
 
+from ckpt import transfers
 from ckpt.tree import KeyPath, keystr
 
 
@@ -170,16 +171,13 @@ def torch_to_numpy(path: KeyPath, t: Any) -> np.ndarray:
                         f"store ({e})") from None
 
 
-def numpy_to_torch(array: np.ndarray, like: Any = None) -> Any:
-    """A torch tensor holding ``array`` (bfloat16/float8 included), with ``like``'s dtype and device."""
+def numpy_to_torch(array: np.ndarray) -> Any:
+    """A CPU torch tensor viewing ``array`` (bfloat16/float8 included)."""
     import torch
 
     array = array if array.flags.c_contiguous else np.ascontiguousarray(array)
     view = _NUMPY_VIEWS.get(array.dtype)
-    tensor = torch.from_numpy(array) if view is None else torch.from_numpy(array.view(view[0])).view(getattr(torch, view[1]))
-    if like is not None:
-        tensor = tensor.to(device=like.device, dtype=like.dtype)
-    return tensor
+    return torch.from_numpy(array) if view is None else torch.from_numpy(array.view(view[0])).view(getattr(torch, view[1]))
 
 
 def _logical_shape(meta: dict) -> list[int]:
@@ -210,8 +208,12 @@ def check_leaf(path: KeyPath, meta: dict, abstract: Any) -> str | None:
 Reader = Callable[[tuple[slice, ...] | None], np.ndarray]
 
 
-def restore(meta: dict, read: Reader | None, abstract: Any) -> Any:
-    """Turns a stored leaf back into a value shaped by ``abstract`` (see ``Checkpointer.load``)."""
+def restore(meta: dict, read: Reader | None, abstract: Any, to_device: transfers.ToDevice | None = None) -> Any:
+    """Turns a stored leaf back into a value shaped by ``abstract`` (see ``Checkpointer.load``). With
+    ``to_device``, a jax leaf is a :class:`ckpt.transfers.Pending` until ``to_device.run()``."""
+    if to_device is None:
+        to_device = transfers.ToDevice()
+        return to_device.run()([restore(meta, read, abstract, to_device)])[0]
     kind = meta["type"]
     if kind in ("int", "float", "bool", "str", "none"):
         value = meta["value"]
@@ -220,34 +222,35 @@ def restore(meta: dict, read: Reader | None, abstract: Any) -> Any:
         if kind in ("int", "float", "bool") and _is_array_like(abstract):
             array = np.asarray(value)  # e.g. TrainState.step saved as a Python int, restored as int32
             as_numpy = {"type": "numpy", "dtype": dtype_name(array.dtype), "shape": []}
-            return restore(as_numpy, lambda index: array if index is None else array[index], abstract)
+            return restore(as_numpy, lambda index: array if index is None else array[index], abstract, to_device)
         return _cast_python(value, abstract)
     if abstract is None or abstract is np.ndarray and kind == "numpy":
-        return _restore_as_saved(meta, read)
+        return _restore_as_saved(meta, read, to_device)
     if type(abstract) is np.ndarray:
         return read(None).astype(abstract.dtype, copy=False)
     jax = sys.modules.get("jax")
     if jax is not None and (isinstance(abstract, (jax.ShapeDtypeStruct, jax.Array)) or abstract is jax.Array or abstract is jax.ShapeDtypeStruct):
-        return _restore_jax(meta, read, abstract, jax)
+        return _restore_jax(meta, read, abstract, jax, to_device)
     torch = sys.modules.get("torch")
     if torch is not None and (isinstance(abstract, torch.Tensor) or abstract is torch.Tensor):
-        return numpy_to_torch(read(None), None if abstract is torch.Tensor else abstract)
+        tensor = numpy_to_torch(read(None))
+        return tensor if abstract is torch.Tensor else to_device.torch(tensor, abstract)
     if isinstance(abstract, type):
         if abstract is np.ndarray:
             return read(None)
-        return _cast_python(_restore_as_saved(meta, read), abstract)
+        return _cast_python(_restore_as_saved(meta, read, to_device), abstract)
     if isinstance(abstract, np.generic):
         return abstract.dtype.type(read(None).astype(abstract.dtype)[()])
     if hasattr(abstract, "shape") and hasattr(abstract, "dtype"):
         return read(None).astype(np.dtype(abstract.dtype), copy=False)
-    return _cast_python(_restore_as_saved(meta, read), abstract)
+    return _cast_python(_restore_as_saved(meta, read, to_device), abstract)
 
 
 def _is_array_like(abstract: Any) -> bool:
     return not isinstance(abstract, type) and hasattr(abstract, "shape") and hasattr(abstract, "dtype")
 
 
-def _restore_as_saved(meta: dict, read: Reader) -> Any:
+def _restore_as_saved(meta: dict, read: Reader, to_device: transfers.ToDevice) -> Any:
     kind = meta["type"]
     array = read(None)
     if kind == "bytes":
@@ -260,7 +263,7 @@ def _restore_as_saved(meta: dict, read: Reader) -> Any:
             return array
         if kind == "jax_key":
             return jax.random.wrap_key_data(jax.numpy.asarray(array), impl=meta["impl"])
-        return jax.device_put(array)
+        return to_device.jax(array, None)
     if kind == "torch":
         torch = _import_or_none("torch")
         return array if torch is None else numpy_to_torch(array)
@@ -287,7 +290,7 @@ def _cast_python(value: Any, abstract: Any) -> Any:
     return value
 
 
-def _restore_jax(meta: dict, read: Reader, abstract: Any, jax: Any) -> Any:
+def _restore_jax(meta: dict, read: Reader, abstract: Any, jax: Any, to_device: transfers.ToDevice) -> Any:
     sharding = None if isinstance(abstract, type) else getattr(abstract, "sharding", None)
     saved_dtype = parse_dtype(meta["dtype"])
     want_dtype = None if isinstance(abstract, type) else abstract.dtype
@@ -301,6 +304,6 @@ def _restore_jax(meta: dict, read: Reader, abstract: Any, jax: Any) -> Any:
         return keys if sharding is None else jax.device_put(keys, sharding)
     dtype = saved_dtype if want_dtype is None else np.dtype(want_dtype)
     shape = tuple(meta["shape"])
-    if sharding is None:
-        return jax.device_put(read(None).astype(dtype, copy=False))
+    if sharding is None or (sharding.is_fully_addressable and sharding.is_fully_replicated):
+        return to_device.jax(read(None).astype(dtype, copy=False), sharding)
     return jax.make_array_from_callback(shape, sharding, lambda index: read(index).astype(dtype, copy=False))

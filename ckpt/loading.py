@@ -19,7 +19,7 @@ import numpy as np
 from ckpt import chunks
 from ckpt import format as fmt
 from ckpt import leaves as leaves_lib
-from ckpt import progress, storage
+from ckpt import progress, storage, transfers
 from ckpt import tree as tree_lib
 from ckpt.errors import CheckpointCorruptedError, TreeMismatchError
 from ckpt.metadata import LeafMetadata
@@ -307,21 +307,27 @@ def array_nbytes(meta: dict) -> int:
 
 def _build(saved: dict, saved_node: tree_lib.Node, plan: Any, sources: list[_LeafSource | None]) -> Any:
     metas = saved["leaves"]
+    to_device = transfers.ToDevice()  # the device transfers of every leaf, in one pass at the end
 
     def value(i: int, abstract_leaf: Any) -> Any:
         source = sources[i]
-        return leaves_lib.restore(metas[i], None if source is None else source.read, abstract_leaf)
+        return leaves_lib.restore(metas[i], None if source is None else source.read, abstract_leaf, to_device)
 
     if plan is None:
-        return tree_lib.unflatten(saved_node, iter(value(i, None) for i in range(len(metas))))
+        values = [value(i, None) for i in range(len(metas))]
+        return tree_lib.unflatten(saved_node, iter(to_device.run()(values)))
     pairs, abstract_node = plan
-    out = []
+    out, subtrees = [], []
     for path, leaf, idx in pairs:
         if leaf is leaves_lib.PLACEHOLDER:
             out.append(leaves_lib.PLACEHOLDER)
         elif leaf is None and (len(idx) != 1 or tree_lib.subtree(saved_node, path).kind != "leaf"):
-            sub = tree_lib.subtree(saved_node, path)
-            out.append(tree_lib.unflatten(sub, iter(value(i, None) for i in idx)))
+            subtrees.append((len(out), tree_lib.subtree(saved_node, path), [value(i, None) for i in idx]))
+            out.append(None)
         else:
             out.append(value(idx[0], None if isinstance(leaf, LeafMetadata) else leaf))
+    resolve = to_device.run()
+    out = resolve(out)
+    for position, node, values in subtrees:
+        out[position] = tree_lib.unflatten(node, iter(resolve(values)))
     return tree_lib.unflatten(abstract_node, iter(out))

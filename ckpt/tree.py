@@ -62,7 +62,7 @@ def _is_namedtuple(x: Any) -> bool:
 def _jax_children(x: Any) -> tuple[list[KeyEntry], list[Any], Any] | None:
     """One level of a registered jax pytree node, or None if ``x`` is a jax leaf (or jax is absent)."""
     jax = sys.modules.get("jax")
-    if jax is None or isinstance(x, jax.Array):  # an array is always a jax leaf: skip the flatten call
+    if jax is None or isinstance(x, (jax.Array, jax.ShapeDtypeStruct)):  # jax leaves: skip the flatten call
         return None
     tree_util = jax.tree_util
     flat, treedef = tree_util.tree_flatten_with_path(x, is_leaf=lambda node: node is not x)

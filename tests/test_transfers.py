@@ -1,0 +1,58 @@
+"""A load's device transfers run together (ckpt.transfers), and give what one jax.device_put or
+tensor.to per leaf gave: values, dtypes, shardings, commitment. On CPU, as CI runs them."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import ckpt
+from ckpt import chunks, transfers
+
+jax = pytest.importorskip("jax")
+import jax.numpy as jnp  # noqa: E402
+
+
+def test_batched_and_plain_device_put_give_the_same_arrays():
+    device = jax.devices()[0]
+    arrays = [np.arange(5, dtype=np.float32), np.float64(2.5) * np.ones((2, 3)), np.array(7, np.int64),
+              np.zeros(0, np.uint8), np.arange(4, dtype=np.int16)]
+    shardings = [None, None, jax.sharding.SingleDeviceSharding(device), None, jax.sharding.SingleDeviceSharding(device)]
+    for batched, plain in zip(transfers.device_put(arrays, shardings),
+                              transfers.device_put(arrays, shardings, batched=False)):
+        assert isinstance(batched, jax.Array)
+        assert (batched.dtype, batched.shape, batched.committed) == (plain.dtype, plain.shape, plain.committed)
+        assert batched.sharding == plain.sharding
+        np.testing.assert_array_equal(np.asarray(batched), np.asarray(plain))
+    assert transfers.device_put(arrays[1:2], [None])[0].dtype == jax.dtypes.canonicalize_dtype(np.float64)
+
+
+def test_an_aligned_host_array_is_adopted_by_jax_on_cpu_without_a_copy():
+    host = chunks.empty(64 * 4).view(np.float32)
+    host[:] = 1
+    (array,) = transfers.device_put([host], [None])
+    host[0] = 5  # the load never writes into its buffers again; this shows that no copy was made
+    assert float(array[0]) == 5.0
+
+
+def test_thousands_of_jax_leaves_load_as_jax_arrays_with_the_abstract_sharding(tmp_path):
+    state = {f"w{i}": jnp.full((i % 7,), i, jnp.float32) for i in range(2000)}
+    state["big"] = jnp.arange((1 << 18) + 3, dtype=jnp.float32)
+    ckpt.save(tmp_path / "c", state)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=device if k.endswith("1") else None)
+                for k, v in state.items()}
+    restored = ckpt.load(tmp_path / "c", abstract)
+    for key, value in state.items():
+        assert isinstance(restored[key], jax.Array) and restored[key].dtype == value.dtype, key
+        assert restored[key].committed == key.endswith("1"), key
+        np.testing.assert_array_equal(np.asarray(restored[key]), np.asarray(value), err_msg=key)
+
+
+def test_torch_abstract_tensors_receive_their_dtype_and_device_in_one_pass(tmp_path):
+    torch = pytest.importorskip("torch")
+    state = {"a": torch.arange(6, dtype=torch.float32), "b": torch.ones(3, dtype=torch.bfloat16)}
+    ckpt.save(tmp_path / "c", state)
+    restored = ckpt.load(tmp_path / "c", {"a": torch.empty(6, dtype=torch.float64), "b": torch.empty(3, dtype=torch.bfloat16)})
+    assert restored["a"].dtype == torch.float64 and restored["a"].device.type == "cpu"
+    assert torch.equal(restored["a"], torch.arange(6, dtype=torch.float64))
+    assert restored["b"].dtype == torch.bfloat16 and torch.equal(restored["b"], state["b"])

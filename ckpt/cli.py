@@ -1,6 +1,7 @@
 """The ckpt command: list, inspect and verify checkpoints without writing to them.
 
     ckpt ls DIR              steps, commit time, size, metrics, the latest, leftover temporaries
+    ckpt ls DIR --local L    the same for a two-tier Checkpointer: the steps of both tiers, and where each lives
     ckpt show DIR [STEP]     the saved trees: key paths, types, dtypes, shapes, bytes (default: latest step)
     ckpt verify DIR [STEP]   re-reads the data and checks every checksum (default: every step);
                              exit status 1 when anything is damaged
@@ -150,9 +151,27 @@ def _print_json(obj: Any) -> None:
 
 
 # -------------------------------------------------------------------------------------------- ls
-def ls(directory: storage.Location, *, as_json: bool) -> int:
-    """``ckpt ls``: one line per committed step, then the temporaries crashed saves left."""
+def _tiers(durable: list[_Step], local: list[_Step]) -> tuple[list[_Step], list[list[str]]]:
+    """The steps of both tiers, ascending (a step in both as its local copy, which a load reads first),
+    and the tiers that hold each."""
+    where: dict[int | None, dict[str, _Step]] = {}
+    for tier, steps in (("durable", durable), ("local", local)):
+        for s in steps:
+            where.setdefault(s.step, {})[tier] = s
+    order = sorted(where, key=lambda n: (n is None, n or 0))
+    return [where[n].get("local") or where[n]["durable"] for n in order], [sorted(where[n]) for n in order]
+
+
+def ls(directory: storage.Location, *, as_json: bool, local: Path | None = None) -> int:
+    """``ckpt ls``: one line per committed step, then the temporaries crashed saves left. With ``local``
+    (the local tier of a two-tier Checkpointer whose durable root is ``directory``) the steps of both
+    tiers and where each lives; a missing local directory is an empty tier."""
     steps, temporaries = ([_read_step(directory)], []) if _is_step_dir(directory) else _scan(directory)
+    tiers = None
+    if local is not None:
+        local_steps, local_temporaries = _scan(local) if local.is_dir() else ([], [])
+        steps, tiers = _tiers(steps, local_steps)
+        temporaries += local_temporaries
     latest = _latest(steps)
     records = [{
         "step": s.step,
@@ -163,7 +182,8 @@ def ls(directory: storage.Location, *, as_json: bool) -> int:
         "disk_bytes": _disk_bytes(s.path),
         "metrics": s.manifest.get("metrics") if s.manifest else None,
         "error": s.error,
-    } for s in steps]
+        **({} if tiers is None else {"tiers": tiers[i]}),
+    } for i, s in enumerate(steps)]
     temps = [{"path": str(t), "disk_bytes": _disk_bytes(t)} for t in temporaries]
     if as_json:
         _print_json({"directory": str(directory), "latest": None if latest is None else latest.step,
@@ -173,11 +193,13 @@ def ls(directory: storage.Location, *, as_json: bool) -> int:
     print(f"{directory}: {summary}" + ("" if latest is None else f", latest step {latest.step}"))
     if steps:
         rows = [[("* " if r["latest"] else "  ") + str(r["step"]),
+                 *([] if tiers is None else ["+".join(r["tiers"])]),
                  (s.manifest and _time(s.manifest.get("commit_timestamp_nsecs"), iso=False)) or "-",
                  _size(r["disk_bytes"]),
                  f"DAMAGED: {s.error}" if s.error else _metrics_text(r["metrics"])]
                 for r, s in zip(records, steps)]
-        print(_table(["  STEP", "COMMITTED", "SIZE", "METRICS"], rows, right=[2]))
+        headers = ["  STEP", *([] if tiers is None else ["TIERS"]), "COMMITTED", "SIZE", "METRICS"]
+        print(_table(headers, rows, right=[len(headers) - 2]))
     if temps:
         print(f"{len(temps)} temporar{'ies' if len(temps) != 1 else 'y'} (saves in progress or killed; "
               "Checkpointer(..., cleanup_tmp_directories=True) removes them):")
@@ -284,6 +306,9 @@ def _parser() -> argparse.ArgumentParser:
         if has_step:
             command.add_argument("step", type=int, nargs="?", metavar="STEP", help="the step number")
         command.add_argument("--json", action="store_true", help="print JSON instead of tables")
+        if name == "ls":
+            command.add_argument("--local", metavar="L", help="the local tier of a two-tier Checkpointer whose "
+                                 "durable root is DIR: list both tiers' steps and where each lives")
     return parser
 
 
@@ -300,7 +325,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     directory = storage.location(args.directory)
     try:
         if args.command == "ls":
-            return ls(directory, as_json=args.json)
+            return ls(directory, as_json=args.json, local=None if args.local is None else Path(args.local).absolute())
         if args.command == "show":
             return show(directory, args.step, as_json=args.json)
         return verify(directory, args.step, as_json=args.json)

@@ -31,7 +31,7 @@ import time
 import warnings
 from typing import Any, Sequence
 
-from ckpt import background, distributed, loading, preemption, saving, storage
+from ckpt import background, distributed, loading, preemption, saving, storage, tiers
 from ckpt import errors
 from ckpt import format as fmt
 from ckpt.context import Context
@@ -69,6 +69,9 @@ class Checkpointer:
         construction (a writer also removes them before its first save; they are never listed).
       lightweight_initialize: do not read each step's manifest when listing (no metrics or times),
         for roots with thousands of steps.
+      local: a second, local tier (:class:`ckpt.LocalCheckpointOptions`) with policies of its own: every
+        save goes there first, and the steps this Checkpointer's policy wants are then copied to
+        ``directory`` in the background; ``load`` takes the newest step of either tier (see ckpt.tiers).
 
     Example::
 
@@ -84,7 +87,8 @@ class Checkpointer:
                  save_decision_policy: save_decision_policies.SaveDecisionPolicy | None = None,
                  preservation_policy: preservation_policies.PreservationPolicy | None = None,
                  step_name_format: step_lib.NameFormat | None = None, custom_metadata: Any = None,
-                 cleanup_tmp_directories: bool = False, lightweight_initialize: bool = False):
+                 cleanup_tmp_directories: bool = False, lightweight_initialize: bool = False,
+                 local: tiers.LocalCheckpointOptions | None = None):
         if custom_metadata is not None:
             fmt.check_json(custom_metadata, "custom_metadata")
         self._directory = storage.location(directory)
@@ -102,6 +106,7 @@ class Checkpointer:
         self._processes = self._context.multiprocessing_options.processes or distributed.current()
         self._operations = 0
         self._preempted_at: int | None = None
+        self._decided: tuple[int, bool] | None = None  # (step, decision) of the last should_save
         mode = self._context.file_options.path_permission_mode
         storage.make_dir(self._directory, mode=mode)
         self._lock = storage.DirectoryLock(self._directory / fmt.LOCK)
@@ -112,6 +117,12 @@ class Checkpointer:
         self._swept = False
         if cleanup_tmp_directories and primary:
             self._take_directory()
+        self._local = None if local is None else tiers.LocalTier(
+            local, tiers.DurableRoot(lambda step: self._directory / step_lib.checked_name(self._name_format, step),
+                                     self._writer, self._take_directory, self._committed, self._processes,
+                                     self._operation, self._context.async_options.timeout_secs),
+            Checkpointer, context=self._context, step_name_format=self._name_format,
+            lightweight_initialize=lightweight_initialize, cleanup_tmp_directories=cleanup_tmp_directories)
         preemption.install()
         self._barrier("init")
         self.reload()
@@ -139,7 +150,8 @@ class Checkpointer:
             assert [(c.step, c.metrics["loss"]) for c in ckptr.checkpoints] == [(0, 0.9), (1, 0.5)]
         """
         with self._infos_lock:
-            return list(self._infos)
+            infos = list(self._infos)
+        return infos if self._local is None else self._local.merged(infos)
 
     @property
     def latest(self) -> CheckpointMetadata | None:
@@ -151,6 +163,9 @@ class Checkpointer:
             ckptr.save(start, {"w": np.ones(3)})
             assert ckptr.latest.step == start
         """
+        if self._local is not None:
+            merged = self.checkpoints
+            return merged[-1] if merged else None
         with self._infos_lock:
             return self._infos[-1] if self._infos else None
 
@@ -180,6 +195,8 @@ class Checkpointer:
             infos.append(self._info(step, path, manifest))
         with self._infos_lock:
             self._infos = infos
+        if self._local is not None:
+            self._local.checkpointer.reload()
 
     @staticmethod
     def _info(step: int, path: storage.Location, manifest: dict) -> CheckpointMetadata:
@@ -192,7 +209,9 @@ class Checkpointer:
         """The checkpoints with the metrics and times ``lightweight_initialize`` skipped, read now and kept:
         a preservation policy must not take a recent step for an old one, nor a step with metrics for one without."""
         infos = []
-        for info in self.checkpoints:
+        with self._infos_lock:
+            listed = list(self._infos)  # this root's steps only (not a local tier's)
+        for info in listed:
             if info.commit_timestamp_nsecs is None:
                 try:
                     info = self._info(info.step, info.path, loading.read_manifest(info.path))
@@ -217,7 +236,8 @@ class Checkpointer:
                 raise errors.StepNotFoundError(f"no checkpoints in {self._directory}", step=None, path=self._directory)
             return latest
         number = _step_number(step)
-        found = self._find(number)
+        found = self._find(number) if self._local is None else next(
+            (c for c in self.checkpoints if c.step == number), None)
         if found is None:
             steps = [c.step for c in self.checkpoints]
             raise errors.StepNotFoundError(f"no checkpoint at step {number} in {self._directory} (steps: {steps})",
@@ -226,7 +246,8 @@ class Checkpointer:
 
     # ---------------------------------------------------------------------------------- deciding
     def should_save(self, step: int | CheckpointMetadata) -> bool:
-        """Whether the save-decision policy saves ``step``; False for a step <= the latest.
+        """Whether the save-decision policy saves ``step``; False for a step <= the latest. A save of
+        this step right after (without ``force``) follows this decision instead of asking again.
 
         Example::
 
@@ -234,7 +255,9 @@ class Checkpointer:
             ckptr.save(0, {"w": np.ones(3)})
             assert not ckptr.should_save(0)              # not again
         """
-        return self._decide(_step_number(step), replacing=False)
+        number = _step_number(step)
+        self._decided = (number, self._decide(number, replacing=False))
+        return self._decided[1]
 
     def reached_preemption(self, step: int) -> bool:
         """True once a save decision at ``step`` or earlier saw a preemption (SIGTERM,
@@ -257,7 +280,7 @@ class Checkpointer:
         if replacing:
             previous = [c for c in previous if c.step != step]
         if previous and step <= previous[-1].step and not replacing:
-            return False
+            return False if self._local is None else self._local.decide(step, durable=False, preempted=False)
         reached = preemption.reached(step)
         context = save_decision_policies.DecisionContext(
             is_saving_in_progress=self._writer.in_progress(), reached_preemption=reached)
@@ -268,7 +291,7 @@ class Checkpointer:
                                                           self._context.async_options.timeout_secs)
         if reached and self._preempted_at is None:
             self._preempted_at = step
-        return decision
+        return decision if self._local is None else self._local.decide(step, durable=decision, preempted=reached)
 
     def _operation(self, what: str) -> str:
         """A name unique to this call, the same on every process (they call the same methods in order)."""
@@ -348,12 +371,21 @@ class Checkpointer:
         self._check_open()
         step = _step_number(step)
         existing = self._find(step)
-        if not force and not self._decide(step, replacing=existing is not None and overwrite):
+        decided, self._decided = self._decided, None
+        if decided is not None and decided[0] == step and not overwrite:
+            due = decided[1]  # what should_save just answered: a policy is asked once per step
+        else:
+            due = force or self._decide(step, replacing=existing is not None and overwrite)
+        if not force and not due:
             return None  # the policy skips a step <= latest, so resuming at ``latest.step`` just goes on
         if existing is not None and not overwrite:
             raise errors.StepAlreadyExistsError(
                 f"step {step} already exists at {existing.path}; pass overwrite=True to replace it",
                 step=step, path=existing.path)
+        if self._local is not None:
+            return self._local.save(step, checkpointables, force=force, overwrite=overwrite, blocking=blocking,
+                                    preempted=self.reached_preemption(step), metrics=metrics,
+                                    custom_metadata=custom_metadata)
         plan = saving.plan(checkpointables, metrics=metrics, custom_metadata=custom_metadata)
         final = self._directory / step_lib.checked_name(self._name_format, step)
         self.wait()
@@ -477,6 +509,10 @@ class Checkpointer:
         """
         info = self._resolve(step)
         self._staging.clear()
+        if self._local is not None:
+            candidates = self.checkpoints[::-1] if step is None else [info]
+            return self._local.load(candidates, lambda path: loading.load_checkpointables(
+                path, abstract_checkpointables, partial_load=self._context.pytree_options.partial_load))
         self._reading[info.step] += 1
         try:
             return loading.load_checkpointables(info.path, abstract_checkpointables,
@@ -577,7 +613,7 @@ class Checkpointer:
             ckptr.wait()
             assert not ckptr.is_saving_in_progress()
         """
-        return self._writer.in_progress()
+        return self._writer.in_progress() or (self._local is not None and self._local.in_progress())
 
     def wait(self) -> None:
         """Waits for the save in flight; raises its error if it failed (once).
@@ -588,7 +624,10 @@ class Checkpointer:
             ckptr.wait()                                 # step 0 is committed, or its error raised here
             assert ckptr.latest.step == 0
         """
-        self._writer.wait(self._context.async_options.timeout_secs)
+        if self._local is not None:
+            self._local.wait()  # the local save, then the promotions (after a preemption: the grace period)
+        else:
+            self._writer.wait(self._context.async_options.timeout_secs)
 
     def close(self) -> None:
         """Waits for the save in flight, then releases the directory (raises a background failure).
@@ -604,6 +643,8 @@ class Checkpointer:
             self.wait()
         finally:
             self._closed = True
+            if self._local is not None:
+                self._local.close()
             self._writer.shutdown()
             self._staging.clear()
             if self._loader is not None:

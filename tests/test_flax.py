@@ -424,3 +424,16 @@ def test_example_started_again_resumes_and_ends_like_an_uninterrupted_run(tmp_pa
     assert resumed.keys() == uninterrupted.keys() and len(resumed) > 4
     for name, want in uninterrupted.items():
         assert resumed[name].dtype == want.dtype and resumed[name].tobytes() == want.tobytes(), name
+
+
+def test_hook_with_two_tiers_saves_each_step_where_its_policies_want_it_and_the_final_step_to_both(
+        tmp_path, no_preemption):
+    local = ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=save_decision_policies.FixedIntervalPolicy(2))
+    with Checkpointer(tmp_path / "durable", save_decision_policy=save_decision_policies.FixedIntervalPolicy(4),
+                      local=local) as checkpointer:
+        hook = CheckpointHook(checkpointer, final_step=7)
+        assert [hook(step, {"w": jnp.full(3, step)}) for step in range(1, 8)] == [False] * 6 + [True]
+        assert [(c.step, sorted(c.locations)) for c in checkpointer.checkpoints] == [
+            (4, ["durable"]), (6, ["local"]), (7, ["durable", "local"])]
+    with Checkpointer(tmp_path / "durable") as durable:
+        np.testing.assert_array_equal(np.asarray(durable.load(7)["w"]), np.full(3, 7))

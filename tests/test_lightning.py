@@ -235,6 +235,15 @@ def test_final_step_is_saved_on_train_end_when_the_policy_skips_it(tmp_path):
     assert steps_in(tmp_path) == [2, 4, 5]
 
 
+def test_with_a_local_tier_steps_go_where_each_policy_wants_them_and_fit_resumes_from_the_newest(tmp_path):
+    local = ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(2))
+    _, callback = fit(tmp_path / "durable", max_steps=5, save_decision_policy=sdp.FixedIntervalPolicy(3), local=local)
+    assert steps_in(tmp_path / "durable") == [3, 5]  # the final step goes to both tiers
+    assert steps_in(tmp_path / "local") == [4, 5]
+    trainer, _ = fit(tmp_path / "durable", max_steps=6, save_decision_policy=sdp.FixedIntervalPolicy(3), local=local)
+    assert trainer.global_step == 6 and steps_in(tmp_path / "durable") == [3, 5, 6]
+
+
 def test_load_weights_reads_the_latest_or_a_given_step_into_a_fresh_model(tmp_path):
     trainer, _ = fit(tmp_path, max_steps=4, save_decision_policy=sdp.FixedIntervalPolicy(2))
     fresh = example.Regressor()

@@ -26,6 +26,11 @@ class CheckpointHook:
     ``restore_train_state`` restores them in place. ``metrics`` (scalars, jax or numpy ones
     included) are stored with the step for ``BestN``.
 
+    Two tiers: build the checkpointer with a local directory,
+    ``Checkpointer("gs://bucket/exp1", ..., local=ckpt.LocalCheckpointOptions("/mnt/ssd/exp1", ...))``.
+    A step goes to the tiers whose policies want it; the final step and a preempted one go to both
+    (the durable copy within the local options' grace period).
+
     Example:
         >>> hook = CheckpointHook(ckptr, final_step=num_steps)
         >>> for step in range(int(state.step) + 1, num_steps + 1):
@@ -42,8 +47,8 @@ class CheckpointHook:
         """Saves ``state`` as ``step`` when due; True when the loop should stop (final step, preemption)."""
         due = self._checkpointer.should_save(step)  # also where the checkpointer notices a preemption
         stop = step == self._final_step or self._checkpointer.reached_preemption(step)
-        if due or (stop and self._is_new(step)):
-            self._checkpointer.save_async(step, nnx_states(state), force=True, metrics=_to_python(metrics))
+        if due or (stop and self._is_new(step)):  # a step that is due follows should_save's decision
+            self._checkpointer.save_async(step, nnx_states(state), force=stop, metrics=_to_python(metrics))
         if stop:
             self._checkpointer.wait()
         return stop

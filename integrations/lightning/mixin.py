@@ -56,6 +56,10 @@ class CheckpointCallbackMixin:
       restore: on fit start, resume from the latest step unless ``trainer.fit(ckpt_path=...)`` is given.
       step_name_format: step directory names (``ckpt.path.step.standard_name_format(...)``).
       context: ``ckpt.Context`` options.
+      local: a local tier (``ckpt.LocalCheckpointOptions("/mnt/ssd/exp1", ...)``) with policies of its
+        own: ``directory`` (e.g. ``s3://...``) becomes the durable tier, which gets the steps
+        ``save_decision_policy`` wants, copied from the local tier in the background; the final step
+        and a SIGTERM's step go to both. Fit resumes from the newest step of either tier.
 
     Example::
 
@@ -75,7 +79,7 @@ class CheckpointCallbackMixin:
     def __init__(self, directory: str | os.PathLike, *, save_decision_policy: Any = None,
                  preservation_policy: Any = None, monitor: str | None = None, mode: str = "min",
                  async_save: bool = True, restore: bool = True, step_name_format: Any = None,
-                 context: ckpt.Context | None = None) -> None:
+                 context: ckpt.Context | None = None, local: ckpt.LocalCheckpointOptions | None = None) -> None:
         super().__init__()
         if mode not in ("min", "max"):
             raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
@@ -89,7 +93,7 @@ class CheckpointCallbackMixin:
         self._checkpointer_options = dict(
             save_decision_policy=save_decision_policy,
             preservation_policy=monitor_lib.preservation_policy(preservation_policy, monitor, mode),
-            step_name_format=step_name_format, context=context)
+            step_name_format=step_name_format, context=context, local=local)
         self._checkpointer: Checkpointer | None = None  # global rank 0 only
         self._paths = {"best": "", "last": ""}  # the paths where this process has no Checkpointer
         self._open = False
@@ -181,8 +185,8 @@ class CheckpointCallbackMixin:
         if not self._at_step_boundary or trainer.fast_dev_run:
             return
         self._decided_step = step
-        if self._decide(trainer, step):
-            self._save(trainer, step)
+        if self._decide(trainer, step):  # rank 0's save follows its should_save (SIGTERM: both tiers)
+            self._save(trainer, step, force=trainer.received_sigterm)
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         step = trainer.global_step
@@ -220,17 +224,18 @@ class CheckpointCallbackMixin:
             decision = trainer.strategy.broadcast(decision, src=0)
         return decision
 
-    def _save(self, trainer: Any, step: int) -> None:
-        """Snapshots the full training state; rank 0 writes it (call on every rank)."""
+    def _save(self, trainer: Any, step: int, force: bool = True) -> None:
+        """Snapshots the full training state; rank 0 writes it (call on every rank). Without ``force``,
+        as rank 0's ``should_save`` just decided (with two tiers: to the tiers that want the step)."""
         items = translate.to_checkpointables(resume.dump_checkpoint(trainer))
         self._saved_step = step
         if self._checkpointer is None:
             return
         metrics = monitor_lib.step_metrics(trainer.callback_metrics)
         if self.async_save:
-            self._checkpointer.save_checkpointables_async(step, items, force=True, metrics=metrics)
+            self._checkpointer.save_checkpointables_async(step, items, force=force, metrics=metrics)
         else:
-            self._checkpointer.save_checkpointables(step, items, force=True, metrics=metrics)
+            self._checkpointer.save_checkpointables(step, items, force=force, metrics=metrics)
 
     def _close(self) -> None:
         if self._open:

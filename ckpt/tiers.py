@@ -1,0 +1,352 @@
+"""Two tiers: frequent checkpoints on fast local storage, periodic durable ones, restored from the freshest.
+
+A :class:`ckpt.Checkpointer` given ``local=LocalCheckpointOptions(...)`` keeps two sequences of steps,
+each with its own save-decision and preservation policies (Orbax's emergency checkpointing has the
+same split: ``LocalCheckpointOptions`` and ``PersistentCheckpointOptions``):
+
+- the local tier (a local SSD, ``/dev/shm``): a plain Checkpointer over ``LocalCheckpointOptions.directory``;
+- the durable tier: the Checkpointer's own root (any root ckpt supports, usually ``s3://`` or ``gs://``)
+  and its own policies.
+
+Every save goes to the local tier first: the loop blocks once, for the snapshot of an async save. A
+step the durable policy also wants is then *promoted*: its committed local directory is copied to the
+durable root on the durable tier's background writer, and committed there (on an object store its
+manifest, copied last, is the commit record). The loop never waits for a promotion; promotions queue
+behind each other, and the local preservation policy keeps a step until its promotion is done.
+
+Restore (``load`` with no step) takes the newest step of either tier; a step in both is read from the
+local tier. Loading checks every checksum, so a damaged or vanished local step falls back to the
+durable copy of the same step, then to older steps. A missing local directory is a new machine: it
+is created empty. ``checkpoints`` and ``latest`` list both tiers; each entry is a
+:class:`TieredCheckpointMetadata` that says where the step lives.
+
+A preemption (SIGTERM, ``ckpt.preemption.notify()``, JAX's preemption sync point) saves the current
+step locally at once and promotes it. ``wait()``/``close()`` then wait for the promotion for at most
+``grace_period_secs`` (counted from the save), and log how long it took, or that the step is on the
+local tier only. An interrupted promotion leaves no listed step: its leftovers are swept by the next
+writer of the durable root.
+
+Multi-process jobs: each process's local tier is its own directory (``<directory>/process_<i>``) and
+holds the shards that process owns, plus every replicated leaf. A promotion copies each process's
+files to the durable root and the primary process commits after a barrier, so the durable step holds
+every shard. Restoring from the local tiers would need every process to hold the same step with the
+same sharding; nothing in the Processes protocol gathers that, so multi-process loads read the
+durable tier only (a replaced host, whose local tier is empty, restores like the others).
+
+Example::
+
+    from ckpt.training import save_decision_policies as sdp, preservation_policies as pp
+    with ckpt.Checkpointer(
+            "s3://bucket/runs/exp1",
+            save_decision_policy=sdp.AnySavePolicy([sdp.FixedIntervalPolicy(1000),
+                                                    sdp.PreemptionCheckpointingPolicy()]),
+            preservation_policy=pp.LatestN(5),
+            local=ckpt.LocalCheckpointOptions("/mnt/ssd/exp1", save_decision_policy=sdp.FixedIntervalPolicy(50),
+                                              preservation_policy=pp.LatestN(2))) as ckptr:
+        state = init() if ckptr.latest is None else ckptr.load(abstract_state=abstract)
+        ...
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import tensorstore as ts
+
+from ckpt import background, distributed, errors, loading, storage
+from ckpt import format as fmt
+from ckpt.context import Context, MultiprocessingOptions
+from ckpt.metadata import CheckpointMetadata
+from ckpt.policies import preservation as preservation_policies
+from ckpt.policies import save_decision as save_decision_policies
+
+logger = logging.getLogger("ckpt")
+
+LOCAL, DURABLE = "local", "durable"
+_COPY_INFLIGHT_BYTES = 64 << 20  # file bytes a promotion reads ahead of the writes it waits for
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalCheckpointOptions:
+    """The local tier of a two-tier :class:`ckpt.Checkpointer` (its ``local`` argument).
+
+    Args:
+      directory: a local directory (a local SSD, ``/dev/shm``); created when missing.
+      save_decision_policy: when to save locally; default: the first step, then whenever no local
+        save is in flight, and on preemption.
+      preservation_policy: what to keep locally; default ``LatestN(2)``. A step waiting for its
+        promotion to the durable tier is kept until it is copied.
+      grace_period_secs: after a preemption, how long ``wait()``/``close()`` wait for the current
+        step's promotion to the durable tier (counted from its save).
+
+    Example::
+
+        local = ckpt.LocalCheckpointOptions("/mnt/ssd/exp1",
+                                            save_decision_policy=sdp.FixedIntervalPolicy(50),
+                                            preservation_policy=pp.LatestN(2), grace_period_secs=30)
+        ckptr = ckpt.Checkpointer("s3://bucket/exp1", save_decision_policy=sdp.FixedIntervalPolicy(1000),
+                                  local=local)
+    """
+
+    directory: str | os.PathLike
+    save_decision_policy: save_decision_policies.SaveDecisionPolicy | None = None
+    preservation_policy: preservation_policies.PreservationPolicy | None = None
+    grace_period_secs: float = 30.0
+
+    def __post_init__(self):
+        if storage.is_url(self.directory):
+            raise ValueError(f"the local tier must be a local directory, got {self.directory!r} (the durable tier "
+                             "is the Checkpointer's own directory)")
+        if not isinstance(self.grace_period_secs, (int, float)) or self.grace_period_secs < 0:
+            raise ValueError(f"grace_period_secs must be a number >= 0, got {self.grace_period_secs!r}")
+
+
+class TieredCheckpointMetadata(CheckpointMetadata):
+    """A step of a two-tier Checkpointer: its metadata (from the copy ``load`` reads first) and
+    ``locations``, the step's directory on each tier that holds it (``"local"``, ``"durable"``).
+
+    Example::
+
+        for info in ckptr.checkpoints:
+            print(info.step, sorted(info.locations))     # e.g. 1000 ['durable', 'local']
+    """
+
+    def __init__(self, info: CheckpointMetadata, locations: dict[str, storage.Location]):
+        super().__init__(info.step, info.path, metadata=info.metadata, metrics=info.metrics,
+                         init_timestamp_nsecs=info.init_timestamp_nsecs,
+                         commit_timestamp_nsecs=info.commit_timestamp_nsecs, custom_metadata=info.custom_metadata)
+        self.locations = locations
+
+    def __repr__(self) -> str:
+        return f"TieredCheckpointMetadata(step={self.step}, locations={sorted(self.locations)})"
+
+
+def merge(local: Sequence[CheckpointMetadata], durable: Sequence[CheckpointMetadata]) -> list[TieredCheckpointMetadata]:
+    """The steps of both tiers, ascending; a step in both is described by its local copy."""
+    by_step: dict[int, dict[str, CheckpointMetadata]] = {}
+    for tier, infos in ((LOCAL, local), (DURABLE, durable)):
+        for info in infos:
+            by_step.setdefault(info.step, {})[tier] = info
+    return [TieredCheckpointMetadata(where.get(LOCAL) or where[DURABLE], {t: i.path for t, i in where.items()})
+            for step, where in sorted(by_step.items())]
+
+
+@dataclasses.dataclass(frozen=True)
+class DurableRoot:
+    """What a promotion needs of the durable tier's Checkpointer."""
+
+    step_dir: Callable[[int], storage.Location]  # where a step goes
+    writer: background.BackgroundWriter  # the durable tier's writer: promotions run there, one at a time
+    take: Callable[[], None]  # becomes the root's writer (its lock, the first sweep)
+    committed: Callable[[int, storage.Location, dict], None]  # lists a committed step, collects garbage
+    processes: distributed.Processes
+    operation: Callable[[str], str]  # a barrier name, the same on every process
+    timeout_secs: float
+
+
+@dataclasses.dataclass
+class _KeepPromoting:
+    """The local preservation policy, plus: keep the steps whose promotion has not finished."""
+
+    policy: preservation_policies.PreservationPolicy
+    promoting: set[int]
+
+    def should_preserve(self, checkpoints, *, context):
+        keep = self.policy.should_preserve(checkpoints, context=context)
+        return [kept or info.step in self.promoting for kept, info in zip(keep, checkpoints)]
+
+
+class LocalTier:
+    """The local tier of a Checkpointer and the promotion of its steps to the durable tier."""
+
+    def __init__(self, options: LocalCheckpointOptions, durable: DurableRoot, checkpointer: Callable[..., Any], *,
+                 context: Context, step_name_format: Any, lightweight_initialize: bool,
+                 cleanup_tmp_directories: bool):
+        self._options = options
+        self._durable = durable
+        self._promoting: set[int] = set()
+        self._lock = threading.Lock()
+        self._deadline: tuple[int, float] | None = None  # (step, monotonic time) of a preemption's promotion
+        self._decided: tuple[int, bool] | None = None  # (step, durable decision) of the last decision
+        directory = Path(options.directory).expanduser().absolute()
+        if durable.processes.count > 1:
+            directory = directory / f"process_{durable.processes.index}"
+        single = dataclasses.replace(context, multiprocessing_options=MultiprocessingOptions(
+            processes=distributed.SingleProcess()))
+        self.checkpointer = checkpointer(
+            directory, context=single, save_decision_policy=options.save_decision_policy,
+            preservation_policy=_KeepPromoting(options.preservation_policy or preservation_policies.LatestN(2),
+                                               self._promoting),
+            step_name_format=step_name_format, lightweight_initialize=lightweight_initialize,
+            cleanup_tmp_directories=cleanup_tmp_directories)
+
+    # ----------------------------------------------------------------------------- listing
+    def merged(self, durable: Sequence[CheckpointMetadata]) -> list[TieredCheckpointMetadata]:
+        return merge(self.checkpointer.checkpoints, durable)
+
+    # ---------------------------------------------------------------------------- deciding
+    def decide(self, step: int, *, durable: bool, preempted: bool) -> bool:
+        """Whether either tier saves ``step``, given the durable tier's decision (remembered for the save);
+        a preemption saves the step locally whatever the local policy says."""
+        self._decided = (step, durable)
+        return self.checkpointer.should_save(step) or durable or preempted
+
+    # ------------------------------------------------------------------------------ saving
+    def save(self, step: int, checkpointables: dict[str, Any], *, force: bool, overwrite: bool, blocking: bool,
+             preempted: bool, metrics: Any, custom_metadata: Any) -> background.AsyncResponse[bool] | None:
+        """Saves ``step`` locally and promotes it when the durable tier wants it (``force``: both tiers).
+
+        Called after a positive decision (or with ``force``); returns None when neither tier saves."""
+        promote = force or preempted or self._decided == (step, True)
+        local_info = next((c for c in self.checkpointer.checkpoints if c.step == step), None)
+        if local_info is None or overwrite:
+            save = self.checkpointer.save_checkpointables if blocking else self.checkpointer.save_checkpointables_async
+            if promote:
+                with self._lock:
+                    self._promoting.add(step)
+            try:
+                local = save(step, checkpointables, force=True, overwrite=overwrite, metrics=metrics,
+                             custom_metadata=custom_metadata)
+            except BaseException:
+                self._finished(step)
+                raise
+            local = background.finished(local) if blocking else local
+        elif promote:  # already saved locally (a forced save of a step the local policy took): promote that copy
+            with self._lock:
+                self._promoting.add(step)
+            local = background.finished(True)
+        else:
+            return None
+        if not promote:
+            return local
+        if self._durable.processes.index == 0:
+            self._durable.take()
+        if preempted:
+            self._deadline = (step, time.monotonic() + self._options.grace_period_secs)
+        barrier = self._durable.operation(f"promote/{step}")  # named here: every process counts its calls alike
+        response = self._durable.writer.submit(lambda: self._promote(step, local, preempted, barrier))
+        if blocking:
+            return background.finished(response.result())
+        return response
+
+    def _promote(self, step: int, local: background.AsyncResponse[bool], preempted: bool, barrier: str) -> bool:
+        """Copies the committed local ``step`` to the durable root and commits it there (a background job)."""
+        try:
+            local.result()
+            start = time.monotonic()
+            source = self.checkpointer.directory / self._step_name(step)
+            final = self._durable.step_dir(step)
+            nbytes = _copy_step(source, final, self._durable, barrier)
+            self._durable.committed(step, final, loading.read_manifest(final))
+        finally:
+            self._finished(step)
+        seconds = time.monotonic() - start
+        if preempted:
+            logger.warning("ckpt: preemption: step %d promoted to the durable tier %s in %.2f s (%s; grace period "
+                           "%g s)", step, final, seconds, _megabytes(nbytes), self._options.grace_period_secs)
+        else:
+            logger.info("ckpt: step %d promoted to the durable tier %s in %.2f s (%s)", step, final, seconds,
+                        _megabytes(nbytes))
+        return True
+
+    def _step_name(self, step: int) -> str:
+        return next(c.path.name for c in self.checkpointer.checkpoints if c.step == step)
+
+    def _finished(self, step: int) -> None:
+        with self._lock:
+            self._promoting.discard(step)
+
+    # ----------------------------------------------------------------------------- loading
+    def load(self, candidates: Sequence[TieredCheckpointMetadata], read: Callable[[storage.Location], Any]) -> Any:
+        """Reads the first of ``candidates`` (newest first) that loads, local copy before durable one;
+        a damaged or vanished copy is logged and the next one tried. Raises the first failure if none loads."""
+        first: BaseException | None = None
+        for info in candidates:
+            for tier in (LOCAL, DURABLE):
+                path = info.locations.get(tier)
+                if path is None or (tier == LOCAL and self._durable.processes.count > 1):
+                    continue
+                try:
+                    return read(path)
+                except (errors.CheckpointCorruptedError, FileNotFoundError) as e:
+                    logger.warning("ckpt: step %d on the %s tier cannot be loaded (%s); trying the next copy",
+                                   info.step, tier, e)
+                    first = first or e
+        if first is None:
+            raise errors.StepNotFoundError("no checkpoint that this process can read (multi-process jobs read the "
+                                           "durable tier only)", step=None, path=None)
+        raise first
+
+    # -------------------------------------------------------------------------- life cycle
+    def in_progress(self) -> bool:
+        return self.checkpointer.is_saving_in_progress()
+
+    def wait(self) -> None:
+        """Waits for the local save in flight, then for the promotions: after a preemption, for at most
+        the grace period (logging that the step is on the local tier only when it ran out)."""
+        self.checkpointer.wait()
+        deadline = self._deadline
+        if deadline is None:
+            self._durable.writer.wait(self._durable.timeout_secs)
+            return
+        try:
+            self._durable.writer.wait(max(0.0, deadline[1] - time.monotonic()))
+            self._deadline = None
+        except TimeoutError:
+            logger.warning("ckpt: preemption: step %d is on the local tier only: its promotion did not finish "
+                           "within the grace period of %g s", deadline[0], self._options.grace_period_secs)
+
+    def close(self) -> None:
+        self.checkpointer.close()
+
+
+def _megabytes(nbytes: int) -> str:
+    return f"{nbytes / 2**20:.1f} MiB"
+
+
+def _copy_step(source: Path, final: storage.Location, durable: DurableRoot, barrier: str) -> int:
+    """Copies a committed local step directory to ``final`` (byte for byte: its checksums hold) and commits
+    it: on an object store the manifest is written last; locally the temporary directory is renamed.
+    With several processes each copies its own files and the primary commits after a barrier.
+    Returns the bytes this process copied."""
+    primary, tmp = durable.processes.index == 0, storage.temporary_for(final)
+    if primary and not isinstance(tmp, storage.ObjectPath):
+        storage.remove_tree(tmp)
+    _barrier(durable, f"{barrier}/prepared")
+    files = sorted(p for p in source.rglob("*") if p.is_file())
+    skip = {source / fmt.MANIFEST} if primary else {source / fmt.MANIFEST, source / fmt.TREE}
+    store = ts.KvStore.open(storage.kvstore(tmp), context=storage.ts_context(background=True)).result()
+    pending: list[tuple[int, Any]] = []
+    inflight = copied = 0
+    with storage.io_errors(f"promoting {source} to {final}"):
+        for path in files:
+            if path in skip:
+                continue
+            data = path.read_bytes()
+            pending.append((len(data), store.write(path.relative_to(source).as_posix(), data)))
+            inflight += len(data)
+            while inflight > _COPY_INFLIGHT_BYTES:
+                size, write = pending.pop(0)
+                write.result()
+                inflight -= size
+            copied += len(data)
+        for _, write in pending:
+            write.result()
+        _barrier(durable, f"{barrier}/written")
+        if primary:
+            manifest = (source / fmt.MANIFEST).read_bytes()
+            store.write(fmt.MANIFEST, manifest).result()  # the commit record, last
+            copied += len(manifest)
+            storage.commit_dir(tmp, final)
+    _barrier(durable, f"{barrier}/committed")
+    return copied
+
+
+def _barrier(durable: DurableRoot, name: str) -> None:
+    if durable.processes.count > 1:
+        durable.processes.barrier(name, durable.timeout_secs)

@@ -1,0 +1,114 @@
+"""Two checkpoint tiers (``Checkpointer(..., local=LocalCheckpointOptions(...))``) over a local S3-compatible
+server (moto, the ``bucket`` fixture): restore from the freshest tier after a SIGKILL, a preemption's step
+made durable within the grace period, a damaged local step falling back to its durable copy."""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import signal
+
+import numpy as np
+import pytest
+
+import ckpt
+from ckpt import cli, errors
+from ckpt.training import save_decision_policies as sdp
+from tests import fsutil, procs, tiers_worker
+
+WORKER = procs.REPO / "tests" / "tiers_worker.py"
+
+
+def assert_bit_exact(loaded: dict, step: int) -> None:
+    expected = tiers_worker.state(step)
+    assert loaded["step"] == step
+    for got, want in [(loaded["params"], expected["params"]), (loaded["opt"]["mu"], expected["opt"]["mu"]),
+                      (loaded["opt"]["count"], expected["opt"]["count"])]:
+        assert np.asarray(got).dtype == np.asarray(want).dtype
+        assert np.asarray(got).tobytes() == np.asarray(want).tobytes()
+
+
+def test_a_killed_run_restores_from_the_local_tier_when_newer_and_from_the_durable_tier_without_it(bucket, tmp_path):
+    local = tmp_path / "local"
+    proc = procs.start(WORKER, "run", bucket, str(local))
+    try:
+        procs.wait_for_line(proc, "ready", timeout=120)
+    finally:
+        assert procs.stop(proc) == -signal.SIGKILL
+    with tiers_worker.checkpointer(bucket, str(local)) as ckptr:
+        where = {c.step: sorted(c.locations) for c in ckptr.checkpoints}
+        # step 10 stays local too when its promotion outlasted the next local commits (kept until copied)
+        assert where.pop(10) in (["durable"], ["durable", "local"])
+        assert where == {5: ["durable"], 12: ["local"], 13: ["local"]}
+        assert ckptr.latest.step == 13 and ckptr.latest.path == local / "13"
+        assert_bit_exact(ckptr.load(), 13)
+    shutil.rmtree(local)  # a new machine: its local tier is gone
+    with tiers_worker.checkpointer(bucket, str(local)) as ckptr:
+        assert [(c.step, sorted(c.locations)) for c in ckptr.checkpoints] == [(5, ["durable"]), (10, ["durable"])]
+        assert str(ckptr.latest.path) == f"{bucket}/10"
+        assert_bit_exact(ckptr.load(), 10)
+
+
+def test_a_preemption_notice_leaves_the_current_step_durable_within_the_grace_period(bucket, tmp_path):
+    local = tmp_path / "local"
+    proc = procs.start(WORKER, "preempt", bucket, str(local))
+    try:
+        procs.wait_for_line(proc, "saved 3", timeout=120)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0
+    finally:
+        procs.stop(proc)
+    output = procs.output(proc)
+    stopped = int(re.search(r"^stopped at (\d+)$", output, re.M).group(1))
+    promoted = re.search(rf"^ckpt: preemption: step {stopped} promoted to the durable tier {bucket}/{stopped} "
+                         rf"in ([\d.]+) s \([\d.]+ MiB; grace period 60 s\)$", output, re.M)
+    assert promoted, output
+    assert float(promoted.group(1)) <= tiers_worker.GRACE_SECS
+    with ckpt.Checkpointer(bucket) as durable:  # the durable tier alone: the step is there, complete
+        assert [c.step for c in durable.checkpoints] == [stopped]  # step 1..: FixedIntervalPolicy(1000) saved none
+        assert_bit_exact(durable.load(), stopped)
+
+
+def test_a_damaged_local_step_falls_back_to_the_durable_copy_then_to_older_steps(bucket, tmp_path, caplog):
+    local = tmp_path / "local"
+    with tiers_worker.checkpointer(bucket, str(local), durable_every=2) as ckptr:
+        for step in range(4):
+            ckptr.save(step, tiers_worker.state(step))
+        assert [(c.step, sorted(c.locations)) for c in ckptr.checkpoints] == [
+            (0, ["durable"]), (2, ["durable", "local"]), (3, ["local"])]
+    fsutil.flip(local / "2" / "arrays" / "0" / "c" / "0" / "0", 9)
+    with tiers_worker.checkpointer(bucket, str(local)) as ckptr, caplog.at_level(logging.WARNING, "ckpt"):
+        assert_bit_exact(ckptr.load(2), 2)  # its durable copy
+        assert "step 2 on the local tier cannot be loaded" in caplog.text
+        fsutil.flip(local / "3" / "arrays" / "0" / "c" / "0" / "0", 9)
+        assert_bit_exact(ckptr.load(), 2)  # the newest step that loads
+        with pytest.raises(errors.CheckpointCorruptedError):
+            ckptr.load(3)  # on the local tier only
+
+
+def test_each_tier_keeps_its_own_policies_and_ckpt_ls_shows_where_each_step_lives(tmp_path, capsys):
+    local = ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(2))
+    with ckpt.Checkpointer(tmp_path / "durable", save_decision_policy=sdp.FixedIntervalPolicy(3),
+                           local=local) as ckptr:
+        saved = [step for step in range(10) if ckptr.save_async(step, {"step": step}) is not None]
+        ckptr.wait()
+        assert saved == [0, 2, 3, 4, 6, 8, 9]
+        assert [(c.step, sorted(c.locations)) for c in ckptr.checkpoints] == [
+            (0, ["durable"]), (3, ["durable"]), (6, ["durable"]), (8, ["local"]), (9, ["durable", "local"])]
+    assert sorted(p.name for p in (tmp_path / "durable").iterdir() if not p.name.startswith(".")) == [
+        "0", "3", "6", "9"]
+    assert cli.main(["ls", str(tmp_path / "durable"), "--local", str(tmp_path / "local"), "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [(s["step"], s["tiers"]) for s in listed["steps"]] == [
+        (0, ["durable"]), (3, ["durable"]), (6, ["durable"]), (8, ["local"]), (9, ["durable", "local"])]
+    assert listed["latest"] == 9 and listed["steps"][-1]["path"] == str(tmp_path / "local" / "9")
+    assert cli.main(["ls", str(tmp_path / "durable"), "--local", str(tmp_path / "gone")]) == 0  # a new machine
+    assert re.search(r"^\* 9 +durable ", capsys.readouterr().out, re.M)
+
+
+def test_local_tier_options_are_checked_before_anything_is_written(tmp_path):
+    with pytest.raises(ValueError, match="local directory"):
+        ckpt.LocalCheckpointOptions("s3://bucket/local")
+    with pytest.raises(ValueError, match="grace_period_secs"):
+        ckpt.LocalCheckpointOptions(tmp_path, grace_period_secs=-1)

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ckpt import background, loading, saving, storage
+from ckpt import background, formats, saving, storage
 from ckpt import format as fmt
 from ckpt.errors import StepAlreadyExistsError
 from ckpt.metadata import CheckpointMetadata
@@ -104,7 +104,7 @@ def load_checkpointables(path: str | os.PathLike, abstract_checkpointables: dict
         assert sorted(ckpt.load_checkpointables("model")) == ["opt_state", "params"]
         params = ckpt.load_checkpointables("model", {"params": None})["params"]   # None: as saved
     """
-    return loading.load_checkpointables(_existing(path), abstract_checkpointables)
+    return formats.load_checkpointables(_existing(path), abstract_checkpointables)
 
 
 def load(path: str | os.PathLike, abstract_state: Any = None, *,

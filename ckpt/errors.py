@@ -79,6 +79,29 @@ class CheckpointCorruptedError(ValueError):
         self.key_paths = key_paths
 
 
+class UnsupportedLayoutError(ValueError):
+    """A checkpoint written by another tool (Orbax) in a layout ckpt cannot read; the message names the
+    directory and what it holds. Never taken for an empty directory.
+
+    Attributes:
+      path: the step (or item) directory.
+
+    Example::
+
+        step = Path("orbax_run/100")                     # an Orbax step with an item of grain's handler
+        (step / "dataset").mkdir(parents=True)
+        (step / "_CHECKPOINT_METADATA").write_text('{"item_handlers": {"dataset": "grain.DatasetHandler"}}')
+        try:
+            ckpt.load(step, checkpointable_name="dataset")
+        except ckpt.errors.UnsupportedLayoutError as e:
+            print(e)                                     # which handler wrote it, and what ckpt reads
+    """
+
+    def __init__(self, message: str, *, path: Path | str):
+        super().__init__(message)
+        self.path = path
+
+
 class DirectoryLockedError(RuntimeError):
     """Another writer (another Checkpointer, maybe in another process) holds this root directory.
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -242,22 +242,58 @@ def _match(saved: dict, saved_node: tree_lib.Node, abstract: Any, name: str,
         pairs.append((path, leaf, [i]))
     if not partial:
         for i, p in enumerate(saved_paths):
-            if i not in covered:
+            if i not in covered and not _empty_receives(saved["leaves"][i], abstract_node, p):
                 diffs.append(f"{name}{keystr(p)}: in the checkpoint, not in the abstract tree")
     return pairs, abstract_node, diffs
+
+
+def _empty_receives(meta: dict, abstract_node: tree_lib.Node, path: KeyPath) -> bool:
+    """Whether a saved None is received by an empty container of the abstract tree (an optax
+    ``EmptyState``, ``{}``): neither holds data, and Orbax stores every empty container as None."""
+    node = tree_lib.subtree(abstract_node, path)
+    return meta["type"] == "none" and node is not None and node.kind != "leaf" and not node.children
 
 
 def load_checkpointables(step_dir: Path, abstract: dict[str, Any] | None, *, partial_load: bool = False) -> dict[str, Any]:
     """Loads the named checkpointables of one step directory (all of them when ``abstract`` is None)."""
     manifest = read_manifest(step_dir)
     doc = read_tree(step_dir, manifest)
-    trees = doc["checkpointables"]
+    packed = _PackedReader(step_dir, doc.get("packed"))
+
+    def sources(name: str, metas: list[dict], wanted: Iterable[int]) -> list[_LeafSource | None]:
+        row: list[_LeafSource | None] = [None] * len(metas)
+        for i in wanted:
+            if row[i] is None and ("packed" in metas[i] or "array" in metas[i]):
+                row[i] = _LeafSource(step_dir, name, metas[i], packed)
+        return row
+
+    def reads(every: list[_LeafSource]) -> list[tuple[Any, list[chunks.Read]]]:
+        jobs = [(packed, packed.reads([s for s in every if "packed" in s.meta]))]
+        return jobs + [(source, source.reads()) for source in every]
+
+    return load_trees(step_dir, doc["checkpointables"], abstract, partial_load=partial_load,
+                      sources=sources, reads=reads)
+
+
+Sources = Callable[[str, list[dict], Iterable[int]], list[Any]]
+Reads = Callable[[list[Any]], list[tuple[Any, list[chunks.Read]]]]
+
+
+def load_trees(step_dir: Any, trees: dict[str, dict], abstract: dict[str, Any] | None, *, partial_load: bool,
+               sources: Sources, reads: Reads) -> dict[str, Any]:
+    """Matches the abstract trees against saved ones (``trees``: name -> ``{"tree", "leaves"}`` as in
+    tree.json), reads the leaves asked for and builds the result; any format's reader calls it.
+
+    ``sources(name, metas, wanted)`` gives one source per saved leaf (None for leaves stored inline
+    and those not in ``wanted``); a source's ``read(index)`` returns the leaf, whole or a slice.
+    ``reads(every_source)`` gives ``(checker, chunk reads)`` pairs: the reads all run on the reading
+    threads, then each checker's ``check(results)`` raises for damage.
+    """
     if abstract is None:
         abstract = {name: None for name in trees}
     unknown = [n for n in abstract if n not in trees]
     if unknown:
         raise KeyError(f"{step_dir} has no checkpointable {unknown[0]!r}; it has {sorted(trees)}")
-    packed = _PackedReader(step_dir, doc.get("packed"))
     nodes = {name: tree_lib.from_json(trees[name]["tree"]) for name in abstract}
     plans, diffs = {}, []
     for name, abstract_tree in abstract.items():
@@ -271,30 +307,23 @@ def load_checkpointables(step_dir: Path, abstract: dict[str, Any] | None, *, par
         raise TreeMismatchError(
             f"the abstract tree does not match the checkpoint in {step_dir} ({len(diffs)} difference"
             f"{'s' if len(diffs) != 1 else ''}):\n  " + "\n  ".join(diffs), differences=diffs)
-    sources = {name: _sources(step_dir, name, trees[name]["leaves"], plans[name], packed) for name in abstract}
-    every = [source for row in sources.values() for source in row if source is not None]
-    jobs = [(packed, packed.reads([s for s in every if "packed" in s.meta]))]
-    jobs += [(source, source.reads()) for source in every]
-    every_read = [read for _, reads in jobs for read in reads]
+    rows = {name: sources(name, trees[name]["leaves"], _wanted(len(trees[name]["leaves"]), plans[name]))
+            for name in abstract}
+    jobs = reads([source for row in rows.values() for source in row if source is not None])
+    every_read = [read for _, job_reads in jobs for read in job_reads]
     tracker = progress.Tracker(f"loading {step_dir}", sum(read.nbytes for read in every_read))
     results = iter(chunks.run_all(every_read, tracker))
     tracker.finish()
-    for reader, reads in jobs:
-        reader.check([next(results) for _ in reads])
-    return {name: _build(trees[name], nodes[name], plans[name], sources[name]) for name in abstract}
+    for reader, job_reads in jobs:
+        reader.check([next(results) for _ in job_reads])
+    return {name: _build(trees[name], nodes[name], plans[name], rows[name]) for name in abstract}
 
 
-def _sources(step_dir: Path, name: str, metas: list[dict], plan: Any,
-             packed: _PackedReader) -> list[_LeafSource | None]:
-    """A source for each saved leaf of a checkpointable whose bytes the load reads (None for the
-    rest: leaves stored in tree.json, and leaves not asked for)."""
-    wanted = range(len(metas)) if plan is None else (
-        i for _, leaf, idx in plan[0] if leaf is not leaves_lib.PLACEHOLDER for i in idx)
-    row: list[_LeafSource | None] = [None] * len(metas)
-    for i in wanted:
-        if row[i] is None and ("packed" in metas[i] or "array" in metas[i]):
-            row[i] = _LeafSource(step_dir, name, metas[i], packed)
-    return row
+def _wanted(count: int, plan: Any) -> Iterable[int]:
+    """The saved leaves a load reads: all, or those the abstract tree asks for (not placeholders)."""
+    if plan is None:
+        return range(count)
+    return (i for _, leaf, idx in plan[0] if leaf is not leaves_lib.PLACEHOLDER for i in idx)
 
 
 def array_nbytes(meta: dict) -> int:
@@ -305,7 +334,7 @@ def array_nbytes(meta: dict) -> int:
     return math.prod(array["shape"]) * leaves_lib.parse_dtype(array["data_type"]).itemsize
 
 
-def _build(saved: dict, saved_node: tree_lib.Node, plan: Any, sources: list[_LeafSource | None]) -> Any:
+def _build(saved: dict, saved_node: tree_lib.Node, plan: Any, sources: list[Any]) -> Any:
     metas = saved["leaves"]
     to_device = transfers.ToDevice()  # the device transfers of every leaf, in one pass at the end
 

@@ -31,7 +31,7 @@ import time
 import warnings
 from typing import Any, Sequence
 
-from ckpt import background, distributed, loading, preemption, saving, storage, tiers
+from ckpt import background, distributed, formats, loading, preemption, saving, storage, tiers
 from ckpt import errors
 from ckpt import format as fmt
 from ckpt.context import Context
@@ -188,7 +188,7 @@ class Checkpointer:
                 infos.append(CheckpointMetadata(step, path))
                 continue
             try:
-                manifest = loading.read_manifest(path)
+                manifest = formats.info(path)
             except errors.CheckpointCorruptedError as e:
                 logger.warning("ckpt: ignoring step %d: %s", step, e)
                 continue
@@ -214,7 +214,7 @@ class Checkpointer:
         for info in listed:
             if info.commit_timestamp_nsecs is None:
                 try:
-                    info = self._info(info.step, info.path, loading.read_manifest(info.path))
+                    info = self._info(info.step, info.path, formats.info(info.path))
                 except errors.CheckpointCorruptedError:
                     pass
             infos.append(info)
@@ -511,11 +511,11 @@ class Checkpointer:
         self._staging.clear()
         if self._local is not None:
             candidates = self.checkpoints[::-1] if step is None else [info]
-            return self._local.load(candidates, lambda path: loading.load_checkpointables(
+            return self._local.load(candidates, lambda path: formats.load_checkpointables(
                 path, abstract_checkpointables, partial_load=self._context.pytree_options.partial_load))
         self._reading[info.step] += 1
         try:
-            return loading.load_checkpointables(info.path, abstract_checkpointables,
+            return formats.load_checkpointables(info.path, abstract_checkpointables,
                                                 partial_load=self._context.pytree_options.partial_load)
         except errors.CheckpointCorruptedError as e:
             if info.path.exists():
@@ -721,10 +721,8 @@ class Checkpointer:
 
 def checkpoint_metadata(step_dir: storage.Location, name: str | None, *, step: int | None = None) -> CheckpointMetadata:
     """Metadata of one step directory: one checkpointable's tree (``name``) or all of them (None)."""
-    manifest = loading.read_manifest(step_dir)
-    trees = loading.read_tree(step_dir, manifest)["checkpointables"]
-    if name is not None and name not in trees:
-        raise KeyError(f"{step_dir} has no checkpointable {name!r}; it has {sorted(trees)}")
+    manifest = formats.info(step_dir)
+    trees = formats.trees(step_dir, None if name is None else [name])
     tree = (loading.tree_metadata(trees[name]) if name is not None
             else {n: loading.tree_metadata(doc) for n, doc in trees.items()})
     return CheckpointMetadata(step if step is not None else manifest.get("step"), step_dir, metadata=tree,

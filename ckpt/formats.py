@@ -1,0 +1,50 @@
+"""A committed step directory in either format it may hold: ckpt's own (manifest.json), or Orbax's
+(read in place by :mod:`ckpt.orbax`). Listing, loading, metadata and the CLI ask here, so that each
+format keeps a reader of its own.
+
+Example::
+
+    from ckpt import formats
+    if formats.is_orbax(step_dir):
+        print("written by Orbax", formats.info(step_dir)["metrics"])
+    trees = formats.load_checkpointables(step_dir, None)
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from ckpt import loading, orbax, storage
+
+
+def is_orbax(step_dir: storage.Location) -> bool:
+    """Whether the step directory was written by Orbax."""
+    return orbax.is_step(step_dir)
+
+
+def info(step_dir: storage.Location) -> dict:
+    """The step's manifest (ckpt) or the same fields read from Orbax's files (``"format": "orbax"``):
+    metrics, ``init_timestamp_nsecs``, ``commit_timestamp_nsecs``, custom_metadata.
+
+    Raises:
+      CheckpointCorruptedError: the step's metadata cannot be read.
+    """
+    return orbax.info(step_dir) if orbax.is_step(step_dir) else loading.read_manifest(step_dir)
+
+
+def trees(step_dir: storage.Location, names: list[str] | None = None) -> dict[str, dict]:
+    """The step's checkpointables (those in ``names``, or all): name -> ``{"tree", "leaves"}`` as in tree.json."""
+    if orbax.is_step(step_dir):
+        return orbax.Step(step_dir, names).trees
+    found = loading.read_tree(step_dir, loading.read_manifest(step_dir))["checkpointables"]
+    missing = [n for n in names or () if n not in found]
+    if missing:
+        raise KeyError(f"{step_dir} has no checkpointable {missing[0]!r}; it has {sorted(found)}")
+    return found if names is None else {n: found[n] for n in names}
+
+
+def load_checkpointables(step_dir: storage.Location, abstract: dict[str, Any] | None, *,
+                         partial_load: bool = False) -> dict[str, Any]:
+    """Loads the named checkpointables of a step of either format (all of them when ``abstract`` is None)."""
+    if orbax.is_step(step_dir):
+        return orbax.Step(step_dir, None if abstract is None else list(abstract)).load(abstract, partial_load=partial_load)
+    return loading.load_checkpointables(step_dir, abstract, partial_load=partial_load)

@@ -1,0 +1,67 @@
+"""Reading Orbax's files as untrusted input: JSON files of bounded size, read without following
+symlinks, and directories checked to hold only plain files and directories before tensorstore reads them.
+"""
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+from ckpt.errors import CheckpointCorruptedError
+
+MAX_JSON_BYTES = 64 << 20  # Orbax's largest JSON file, _METADATA, takes ~300 bytes a leaf
+
+
+def read_json(path: Path, step_dir: Path) -> Any:
+    """The JSON in ``path``; FileNotFoundError when it is missing, CheckpointCorruptedError (naming the
+    file) for a symlink, a special file, a file over ``MAX_JSON_BYTES`` or malformed JSON."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise CheckpointCorruptedError(f"{path} cannot be read as a plain file ({e.strerror}): a symlink or "
+                                       "special file is not an Orbax checkpoint's", path=step_dir) from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise CheckpointCorruptedError(f"{path} is not a plain file", path=step_dir)
+        if info.st_size > MAX_JSON_BYTES:
+            raise CheckpointCorruptedError(f"{path} has {info.st_size} bytes, more than the {MAX_JSON_BYTES} an Orbax "
+                                           "metadata file may have", path=step_dir)
+        data = os.read(fd, info.st_size + 1)
+    finally:
+        os.close(fd)
+    try:
+        return json.loads(data)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointCorruptedError(f"{path} is not valid JSON ({e})", path=step_dir) from None
+
+
+def check_plain_tree(directory: Path, step_dir: Path) -> None:
+    """Raises CheckpointCorruptedError when ``directory`` is, or holds, anything but plain files and
+    directories (a symlink could lead tensorstore's reads outside the step, a FIFO could hang them)."""
+    if not is_plain_dir(directory):
+        raise CheckpointCorruptedError(f"{directory} is not a plain directory", path=step_dir)
+    for dirpath, dirnames, filenames in os.walk(directory):
+        for name in dirnames + filenames:
+            mode = os.lstat(os.path.join(dirpath, name)).st_mode
+            if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                raise CheckpointCorruptedError(f"{os.path.join(dirpath, name)} is a symlink or a special file, which "
+                                               "an Orbax checkpoint never holds", path=step_dir)
+
+
+def is_plain_dir(path: Path) -> bool:
+    """A directory that is not a symlink."""
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def is_plain_name(name: Any) -> bool:
+    """A name of one entry of a directory (no separator, not ``.``/``..``, not hidden)."""
+    return (isinstance(name, str) and bool(name) and not name.startswith(".")
+            and not any(c in name for c in "/\\\0"))

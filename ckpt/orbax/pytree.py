@@ -1,0 +1,235 @@
+"""One Orbax PyTree item (``PyTreeHandler``, ``PyTreeCheckpointHandler``, ``StandardCheckpointHandler``)
+as ckpt's loader sees a checkpointable: a tree structure, one leaf entry per leaf and a source per array.
+
+The item's ``_METADATA`` lists every leaf by its key path (``key_type`` 1: a sequence index, 2: a dict
+key or field) with its ``value_type``: ``jax.Array`` and ``np.ndarray`` (a zarr array named by the
+keys joined with dots: ``params.w``), ``scalar`` (a 0-d array, restored as a Python number),
+``string`` (in ``_strings.json``), and ``None``, ``Dict``, ``List``, ``Tuple`` for None and empty
+containers. Arrays live in one OCDBT database (``manifest.ocdbt``, ``d/``, ``ocdbt.process_<i>/``) or,
+with ``use_ocdbt=False``, one directory each; zarr3 or zarr v2 by ``use_zarr3``. A typed PRNG key is
+stored as its key data, its implementation in ``array_metadatas/process_<i>``.
+"""
+from __future__ import annotations
+
+import ast
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tensorstore as ts
+
+from ckpt import leaves as leaves_lib
+from ckpt import tree as tree_lib
+from ckpt.errors import CheckpointCorruptedError, UnsupportedLayoutError
+from ckpt.orbax import files
+
+_CONTEXT = ts.Context({"cache_pool": {"total_bytes_limit": 0}, "cache_pool#ocdbt": {"total_bytes_limit": 64 << 20}})
+_SEQUENCE, _MAPPING = 1, 2
+_EMPTY = {"Dict": "dict", "List": "list", "Tuple": "tuple"}
+
+
+class ArraySource:
+    """Reads one Orbax array through tensorstore: the read starts with :meth:`start`, every load of
+    the leaf (whole or a slice) waits for it; damage raises CheckpointCorruptedError naming the leaf."""
+
+    def __init__(self, item: "PyTreeItem", meta: dict, store: ts.TensorStore):
+        self.item, self.meta, self.store = item, meta, store
+        self._read: ts.Future | None = None
+
+    def start(self) -> None:
+        if self._read is None:
+            self._read = self.store.read()
+
+    def check(self, results: list) -> None:
+        """Waits for the read; raises if it failed (``results`` is empty: tensorstore does the reading)."""
+        self.read(None)
+
+    def read(self, index: tuple[slice, ...] | None = None) -> np.ndarray:
+        self.start()
+        try:
+            array = self._read.result()
+        except ValueError as e:
+            raise CheckpointCorruptedError(f"{self.item.directory}: leaf {self.item.name}{self.meta['path']} "
+                                           f"cannot be read: {e}", path=self.item.step_dir,
+                                           key_paths=(f"{self.item.name}{self.meta['path']}",)) from None
+        return array if index is None else array[index]
+
+
+class PyTreeItem:
+    """A PyTree item directory: ``doc`` is its tree and leaf entries as in ckpt's tree.json, ``stores``
+    the opened array of each leaf stored as one (by leaf index)."""
+
+    def __init__(self, step_dir: Path, name: str, directory: Path):
+        self.step_dir, self.name, self.directory = step_dir, name, directory
+        files.check_plain_tree(directory, step_dir)
+        metadata = files.read_json(directory / "_METADATA", step_dir)
+        entries = metadata.get("tree_metadata") if isinstance(metadata, dict) else None
+        if not isinstance(entries, dict):
+            raise UnsupportedLayoutError(f"{directory}/_METADATA has no tree_metadata: this Orbax layout (written "
+                                         "before Orbax 0.5?) is not one ckpt reads", path=directory)
+        self._ocdbt = bool(metadata.get("use_ocdbt", True))
+        self._zarr3 = bool(metadata.get("use_zarr3", False))
+        self._fill_missing = not metadata.get("store_array_data_equal_to_fill_value", False)
+        root, found = _Container("dict"), []
+        for where, entry in entries.items():
+            keys = _keys(entry, where, directory)
+            _insert(root, keys, entry.get("value_metadata") or {}, where, directory, found)
+        node = _node(root, directory)
+        leaf_paths = tree_lib.leaf_paths(node)
+        by_path = {tuple(k for _, k in keys): value for keys, value in found}
+        self.metas: list[dict] = []
+        self.stores: dict[int, ts.TensorStore] = {}
+        self._describe(leaf_paths, by_path)
+        self.doc = {"tree": tree_lib.to_json(node), "leaves": self.metas}
+
+    def _describe(self, leaf_paths: list[tree_lib.KeyPath], by_path: dict[tuple, dict]) -> None:
+        """Fills ``metas`` (opening every array, all at once) and ``stores``."""
+        strings, impls, opening = None, self._key_impls(), {}
+        for i, path in enumerate(leaf_paths):
+            value = by_path[tuple(k for _, k in path)]
+            kind, name = value.get("value_type"), ".".join(str(k) for _, k in path)
+            meta: dict[str, Any] = {"path": tree_lib.keystr(path)}
+            if kind == "None":
+                meta.update(type="none", value=None)
+            elif kind == "string":
+                strings = self._strings() if strings is None else strings
+                if not isinstance(strings.get(name), str):
+                    raise CheckpointCorruptedError(f"{self.directory}/_strings.json has no string {name!r}",
+                                                   path=self.step_dir)
+                meta.update(type="str", value=strings[name])
+            elif kind in ("jax.Array", "np.ndarray", "scalar"):
+                meta["type"] = {"jax.Array": "jax", "np.ndarray": "numpy", "scalar": "scalar"}[kind]
+                if name in impls:
+                    meta.update(type="jax_key", impl=impls[name])
+                opening[i] = ts.open(self._spec(name), open=True, context=_CONTEXT)
+            else:
+                raise UnsupportedLayoutError(
+                    f"{self.directory}: leaf {self.name}{meta['path']} has value type {kind!r}, written by a type handler "
+                    "ckpt does not read (it reads jax.Array, np.ndarray, scalar, string, None and empty containers)",
+                    path=self.directory)
+            self.metas.append(meta)
+        for i, future in opening.items():
+            meta = self.metas[i]
+            try:
+                store = future.result()
+            except ValueError as e:
+                raise CheckpointCorruptedError(f"{self.directory}: the array of leaf {self.name}{meta['path']} cannot "
+                                               f"be opened: {e}", path=self.step_dir,
+                                               key_paths=(f"{self.name}{meta['path']}",)) from None
+            meta.update(dtype=leaves_lib.dtype_name(np.dtype(store.dtype.numpy_dtype)), shape=list(store.shape))
+            if meta["type"] == "jax_key":
+                meta["key_shape"] = meta["shape"][:-1]
+            self.stores[i] = store
+        scalars = {i: self.stores.pop(i).read() for i, m in enumerate(self.metas) if m["type"] == "scalar"}
+        for i, read in scalars.items():  # Orbax restores a scalar as a Python number: ckpt stores those inline
+            meta = self.metas[i]
+            try:
+                value = read.result().reshape(-1)[0].item()
+            except (ValueError, IndexError) as e:
+                raise CheckpointCorruptedError(f"{self.directory}: scalar {self.name}{meta['path']} cannot be read: {e}",
+                                               path=self.step_dir, key_paths=(f"{self.name}{meta['path']}",)) from None
+            if type(value) not in (int, float, bool):
+                raise UnsupportedLayoutError(f"{self.directory}: scalar {self.name}{meta['path']} is a {meta['dtype']}, "
+                                             "which ckpt does not read as a scalar", path=self.directory)
+            meta.update(type=leaves_lib.INLINE_TYPES[type(value)], value=value)
+            del meta["dtype"], meta["shape"]
+
+    def _spec(self, name: str) -> dict:
+        if not files.is_plain_name(name):
+            raise CheckpointCorruptedError(f"{self.directory}: array name {name!r} is not a plain name", path=self.step_dir)
+        base = {"driver": "file", "path": str(self.directory) + "/"}
+        kvstore = ({"driver": "ocdbt", "base": base, "path": name + "/", "cache_pool": "cache_pool#ocdbt"}
+                   if self._ocdbt else {"driver": "file", "path": os.path.join(self.directory, name) + "/"})
+        return {"driver": "zarr3" if self._zarr3 else "zarr", "kvstore": kvstore,
+                "fill_missing_data_reads": self._fill_missing}
+
+    def _strings(self) -> dict:
+        strings = files.read_json(self.directory / "_strings.json", self.step_dir)
+        return strings if isinstance(strings, dict) else {}
+
+    def _key_impls(self) -> dict[str, str]:
+        """The PRNG implementation of each typed key's array, from ``array_metadatas/process_<i>``."""
+        impls: dict[str, str] = {}
+        folder = self.directory / "array_metadatas"
+        for name in sorted(os.listdir(folder)) if files.is_plain_dir(folder) else []:
+            doc = files.read_json(folder / name, self.step_dir)
+            for record in doc.get("array_metadatas", []) if isinstance(doc, dict) else []:
+                array = record.get("array_metadata") if isinstance(record, dict) else None
+                ext = array.get("ext_metadata") if isinstance(array, dict) else None
+                if isinstance(ext, dict) and isinstance(ext.get("random_key_impl"), str):
+                    impls[str(array.get("param_name"))] = ext["random_key_impl"]
+        return impls
+
+    def sources(self, wanted) -> list[ArraySource | None]:
+        """A source for each wanted leaf stored as an array (None for the others)."""
+        row: list[ArraySource | None] = [None] * len(self.metas)
+        for i in wanted:
+            if i in self.stores and row[i] is None:
+                row[i] = ArraySource(self, self.metas[i], self.stores[i])
+        return row
+
+
+class _Container:
+    """A container being rebuilt from ``_METADATA``'s key paths."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self.children: dict[Any, Any] = {}  # key -> _Container or a leaf's value metadata
+
+
+def _keys(entry: Any, where: str, directory: Path) -> list[tuple[str, Any]]:
+    """A ``_METADATA`` entry's key path as ckpt key entries (``("idx", 0)``, ``("key", "w")``)."""
+    keys = entry.get("key_metadata") if isinstance(entry, dict) else None
+    if not isinstance(keys, list) or not keys:
+        try:  # Orbax before 0.5 wrote only the key path tuple: "('params', 'w')"
+            keys = [{"key": k, "key_type": _MAPPING} for k in ast.literal_eval(where)]
+        except (ValueError, SyntaxError, TypeError):
+            raise CheckpointCorruptedError(f"{directory}/_METADATA: entry {where!r} has no key path",
+                                           path=directory) from None
+    out = []
+    for key in keys:
+        value, kind = (key.get("key"), key.get("key_type")) if isinstance(key, dict) else (None, None)
+        if kind == _SEQUENCE and str(value).isdigit():
+            out.append(("idx", int(value)))
+        elif isinstance(value, (str, int)) and kind in (_MAPPING, None):
+            out.append(("key", value))
+        else:
+            raise CheckpointCorruptedError(f"{directory}/_METADATA: entry {where!r} has a key {key!r} ckpt does not "
+                                           "read", path=directory)
+    return out
+
+
+def _insert(root: _Container, keys: list[tuple[str, Any]], value: dict, where: str, directory: Path,
+            found: list) -> None:
+    node = root
+    for depth, (kind, key) in enumerate(keys):
+        want = "list" if kind == "idx" else "dict"
+        if not isinstance(node, _Container) or node.children and node.kind != want:
+            raise CheckpointCorruptedError(f"{directory}/_METADATA: entry {where!r} conflicts with another entry",
+                                           path=directory)
+        node.kind = want
+        if depth == len(keys) - 1:
+            if key in node.children:
+                raise CheckpointCorruptedError(f"{directory}/_METADATA: entry {where!r} is listed twice", path=directory)
+            empty = _EMPTY.get(value.get("value_type"))
+            node.children[key] = _Container(empty) if empty else value
+            if not empty:
+                found.append((keys, value))
+        else:
+            node = node.children.setdefault(key, _Container(want))
+
+
+def _node(container: _Container, directory: Path) -> tree_lib.Node:
+    """The structure as ckpt's tree nodes: dict keys sorted (jax's order), sequence positions in order."""
+    keys = sorted(container.children, key=lambda k: (isinstance(k, str), k))
+    if container.kind in ("list", "tuple"):
+        if keys != list(range(len(keys))):
+            raise CheckpointCorruptedError(f"{directory}/_METADATA: a sequence has positions {keys[:10]}, not 0..n-1",
+                                           path=directory)
+        entries = [("idx", k) for k in keys]
+    else:
+        entries = [("key", k) for k in keys]
+    children = [_node(c, directory) if isinstance(c, _Container) else tree_lib.LEAF
+                for c in (container.children[k] for k in keys)]
+    return tree_lib.Node(container.kind, entries, children)

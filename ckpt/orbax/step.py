@@ -1,0 +1,132 @@
+"""One Orbax step directory: its items, its metrics and times, and loading its items as ckpt loads a step.
+
+Layouts read (Orbax 0.5 and later, local file systems)::
+
+    <step>/_CHECKPOINT_METADATA    item_handlers (item name -> handler class), timestamps, custom metadata
+    <step>/commit_success.txt
+    <step>/<item>/                 v1 training.Checkpointer: state/ and other checkpointables; v0
+                                   CheckpointManager: default/ (one item) or one directory per named item
+    <step>/metrics/metrics         the metrics (JSON), a checkpointable of their own
+
+An item written by a PyTree handler (``PyTreeHandler``, ``PyTreeCheckpointHandler``,
+``StandardCheckpointHandler``) is read by :mod:`ckpt.orbax.pytree`; a JSON item (``JsonHandler``,
+``JsonCheckpointHandler``) is its one JSON file. Any other item raises UnsupportedLayoutError when it
+is loaded, naming its handler.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from ckpt import leaves as leaves_lib
+from ckpt import loading
+from ckpt import tree as tree_lib
+from ckpt.errors import CheckpointCorruptedError, UnsupportedLayoutError
+from ckpt.orbax import files
+from ckpt.orbax.pytree import ArraySource, PyTreeItem
+
+CHECKPOINT_METADATA = "_CHECKPOINT_METADATA"
+COMMIT_SUCCESS = "commit_success.txt"
+METRICS = "metrics"
+_PYTREE_HANDLERS = ("PyTreeHandler", "PyTreeCheckpointHandler", "StandardCheckpointHandler")
+_JSON_HANDLERS = ("JsonHandler", "JsonCheckpointHandler", "MetricsHandler")
+
+
+def is_step(path: Any) -> bool:
+    """Whether ``path`` is a local directory Orbax wrote as a step (it has ``_CHECKPOINT_METADATA``)."""
+    return isinstance(path, Path) and files.is_plain_dir(path) and os.path.lexists(path / CHECKPOINT_METADATA)
+
+
+def _step_metadata(step_dir: Path) -> dict:
+    data = files.read_json(step_dir / CHECKPOINT_METADATA, step_dir)
+    if not isinstance(data, dict):
+        raise CheckpointCorruptedError(f"{step_dir / CHECKPOINT_METADATA} is not a JSON object", path=step_dir)
+    return data
+
+
+def info(step_dir: Path) -> dict:
+    """The step's metrics, times and custom metadata, under the names of ckpt's manifest."""
+    data = _step_metadata(step_dir)
+    metrics = data.get("metrics") or None
+    try:
+        metrics = files.read_json(step_dir / METRICS / METRICS, step_dir)
+    except FileNotFoundError:
+        pass
+    commit = data.get("commit_timestamp_nsecs")
+    if not isinstance(commit, int):  # Orbax's own fallback: the directory's time
+        commit = os.lstat(step_dir).st_mtime_ns
+    init = data.get("init_timestamp_nsecs")
+    digits = step_dir.name.rsplit("_", 1)[-1]
+    return {"format": "orbax", "step": int(digits) if digits.isdigit() else None, "metrics": metrics, "commit_timestamp_nsecs": commit,
+            "init_timestamp_nsecs": init if isinstance(init, int) else None,
+            "custom_metadata": data.get("custom_metadata") or None}
+
+
+def items(step_dir: Path) -> dict[str, str]:
+    """Each checkpointable of the step (not ``metrics``) and the handler that wrote it ('' when unnamed)."""
+    handlers = _step_metadata(step_dir).get("item_handlers")
+    if isinstance(handlers, dict):
+        found = {name: handler if isinstance(handler, str) else "" for name, handler in handlers.items()}
+    else:  # Orbax before 0.6 named no handlers: every item directory
+        found = {name: "" for name in sorted(os.listdir(step_dir)) if files.is_plain_dir(step_dir / name)}
+    for name in found:
+        if not files.is_plain_name(name) or not files.is_plain_dir(step_dir / name):
+            raise CheckpointCorruptedError(f"{step_dir}/{CHECKPOINT_METADATA} names item {name!r}, which is not a "
+                                           "directory of the step", path=step_dir)
+    found.pop(METRICS, None)
+    return found
+
+
+class Step:
+    """The items of one Orbax step read as ckpt reads a step: ``trees`` (name -> tree and leaf entries)."""
+
+    def __init__(self, step_dir: Path, names: list[str] | None = None):
+        self.step_dir = step_dir
+        self.handlers = items(step_dir)
+        unknown = [n for n in names or () if n not in self.handlers]
+        if unknown:
+            raise KeyError(f"{step_dir} has no checkpointable {unknown[0]!r}; it has {sorted(self.handlers)}")
+        self.pytrees: dict[str, PyTreeItem] = {}
+        self.trees: dict[str, dict] = {}
+        for name in self.handlers if names is None else names:
+            self.trees[name] = self._read_item(name)
+
+    def _read_item(self, name: str) -> dict:
+        handler, directory = self.handlers[name], self.step_dir / name
+        short = handler.rsplit(".", 1)[-1]
+        if short in _PYTREE_HANDLERS or (not short and os.path.lexists(directory / "_METADATA")):
+            item = self.pytrees[name] = PyTreeItem(self.step_dir, name, directory)
+            return item.doc
+        if short in _JSON_HANDLERS:
+            return _json_doc(self.step_dir, directory)
+        raise UnsupportedLayoutError(
+            f"{directory} was written by Orbax's {handler or 'unnamed handler'}, which ckpt does not read (it reads "
+            f"items of {', '.join(_PYTREE_HANDLERS + _JSON_HANDLERS)}); load the other checkpointables by name: "
+            f"{sorted(n for n in self.handlers if n != name)}", path=directory)
+
+    def load(self, abstract: dict[str, Any] | None, *, partial_load: bool) -> dict[str, Any]:
+        """The items as ``loading.load_trees`` builds them from their Orbax files."""
+        def sources(name: str, metas: list[dict], wanted) -> list[ArraySource | None]:
+            item = self.pytrees.get(name)
+            return item.sources(wanted) if item is not None else [None] * len(metas)
+
+        def reads(every: list[ArraySource]) -> list[tuple[ArraySource, list]]:
+            for source in every:  # every read in flight at once; tensorstore reads them on its threads
+                source.start()
+            return [(source, []) for source in every]
+
+        return loading.load_trees(self.step_dir, self.trees, abstract, partial_load=partial_load,
+                                  sources=sources, reads=reads)
+
+
+def _json_doc(step_dir: Path, directory: Path) -> dict:
+    """A JSON item as a tree of inline leaves: its one file (``metadata`` for v0's JsonCheckpointHandler)."""
+    names = [n for n in sorted(os.listdir(directory)) if n != COMMIT_SUCCESS and not n.startswith(".")]
+    if len(names) != 1:
+        raise UnsupportedLayoutError(f"{directory} is a JSON item with files {names}; ckpt reads one JSON file",
+                                     path=directory)
+    value = files.read_json(directory / names[0], step_dir)
+    node, flat = tree_lib.flatten(value)
+    metas = [{"path": tree_lib.keystr(path), **leaves_lib.to_host(path, leaf).meta} for path, leaf in flat]
+    return {"tree": tree_lib.to_json(node), "leaves": metas}

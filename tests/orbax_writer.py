@@ -1,0 +1,97 @@
+"""Writes real Orbax runs (orbax-checkpoint, in this process) in every layout ckpt reads, for test_orbax_runs.
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=2 python tests/orbax_writer.py DIRECTORY
+
+DIRECTORY/flax:   v1 training.Checkpointer (OCDBT, zarr3): the Linen TrainState of examples/flax_train.py
+                  (AdamW: EmptyStates, a typed dropout key), saved at steps 2, 4, 6 with their loss
+DIRECTORY/v1:     v1 save_checkpointables: ``state`` (:func:`mixed_state`) and ``extra``, steps 0 and 1
+DIRECTORY/single: v0 CheckpointManager, one item (default/), names step_0003, step_0005 (prefix, zero padding)
+DIRECTORY/named:  v0 CheckpointManager, named items: model (PyTreeCheckpointHandler, use_ocdbt=False),
+                  cfg (JsonCheckpointHandler), std (StandardCheckpointHandler), step 7
+
+The values are functions of the step (:func:`mixed_state`, :func:`flax_run`), so a test rebuilds them
+without Orbax and compares bit for bit. Everything but ``main`` imports without orbax.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+
+import flax_train  # noqa: E402
+
+FLAX_SAVES = (2, 4, 6)
+
+
+def mixed_state(step: int, *, string: bool = True) -> dict:
+    """Leaves of every kind Orbax stores: jax arrays (bf16, a sharded one when there are 2 devices),
+    numpy arrays, a typed PRNG key, Python scalars, a string, None, empty containers and optax's
+    NamedTuple and EmptyState states. ``string=False`` leaves the string out (StandardSave refuses it)."""
+    params = {"w": jnp.arange(8 * 3, dtype=jnp.float32).reshape(8, 3) * (step + 1),
+              "b": jnp.linspace(-1, 1, 5, dtype=jnp.bfloat16)}
+    if len(jax.devices()) == 2:
+        mesh = jax.sharding.Mesh(np.array(jax.devices()), ("x",))
+        params["w"] = jax.device_put(params["w"], jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("x")))
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-3))
+    state = {"params": params, "opt_state": tx.init(params), "key": jax.random.key(step),
+             "table": np.arange(4 * step, 4 * step + 12, dtype=np.int16).reshape(3, 4), "step": step,
+             "lr": 0.5 / (step + 1), "flag": True, "nothing": None, "empty": {}, "none_list": []}
+    return {**state, "name": f"run-{step}"} if string else state
+
+
+def mixed_abstract(step: int = 0, *, string: bool = True) -> dict:
+    """:func:`mixed_state` with its jax arrays as ``jax.ShapeDtypeStruct`` (typed key included)."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype) if isinstance(x, jax.Array) else x,
+                        mixed_state(step, string=string))
+
+
+def flax_run(steps: int, start=None):
+    """The TrainState of examples/flax_train.py after ``steps`` steps (from ``start``: a state and its step)."""
+    state = flax_train.create_state() if start is None else start
+    losses = {}
+    for step in range(int(state.step) + 1, steps + 1):
+        state, loss = flax_train.train_step(state, *flax_train.synthetic_batch(step))
+        losses[step] = float(loss)
+    return state, losses
+
+
+def main(directory: Path) -> None:
+    import orbax.checkpoint as ocp
+    from orbax.checkpoint.experimental.v1 import training
+
+    state = flax_train.create_state()
+    with training.Checkpointer(directory / "flax") as ckptr:
+        for step in range(1, FLAX_SAVES[-1] + 1):
+            state, loss = flax_train.train_step(state, *flax_train.synthetic_batch(step))
+            if step in FLAX_SAVES:
+                ckptr.save(step, state, metrics={"loss": float(loss)}, force=True)
+
+    with training.Checkpointer(directory / "v1") as ckptr:
+        for step in (0, 1):
+            ckptr.save_checkpointables(step, {"state": mixed_state(step), "extra": {"a": np.arange(3) + step}},
+                                       metrics={"loss": 1.0 / (step + 1)}, force=True)
+
+    options = ocp.CheckpointManagerOptions(step_prefix="step", step_format_fixed_length=4,
+                                           best_fn=lambda m: m["acc"], best_mode="max")
+    with ocp.CheckpointManager(directory / "single", options=options) as manager:
+        for step in (3, 5):
+            manager.save(step, args=ocp.args.StandardSave(mixed_state(step, string=False)), metrics={"acc": step / 10})
+
+    handlers = {"model": ocp.PyTreeCheckpointHandler(use_ocdbt=False), "cfg": ocp.JsonCheckpointHandler(),
+                "std": ocp.StandardCheckpointHandler()}
+    with ocp.CheckpointManager(directory / "named", item_names=tuple(handlers), item_handlers=handlers,
+                               options=ocp.CheckpointManagerOptions(best_fn=lambda m: m["loss"])) as manager:
+        manager.save(7, args=ocp.args.Composite(model=ocp.args.PyTreeSave(mixed_state(7)),
+                                                cfg=ocp.args.JsonSave({"lr": 0.1, "layers": [64, 1], "name": "mlp"}),
+                                                std=ocp.args.StandardSave({"x": np.arange(6.0).reshape(2, 3)})),
+                     metrics={"loss": 0.25})
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

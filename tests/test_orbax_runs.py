@@ -1,0 +1,217 @@
+"""Existing Orbax runs, written by orbax-checkpoint in a subprocess (tests/orbax_writer.py), are listed,
+loaded, continued and converted by ckpt in this process, where importing orbax fails."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+import ckpt
+from ckpt import errors
+from ckpt.integrations.flax import CheckpointHook, restore_train_state
+from ckpt.path import step as step_lib
+from ckpt.training import preservation_policies, save_decision_policies
+from tests import orbax_writer, procs
+from tests.orbax_writer import flax_train
+
+SINGLE_NAMES = step_lib.standard_name_format(step_prefix="step", step_format_fixed_length=4)
+
+
+@pytest.fixture(scope="session")
+def orbax_runs(tmp_path_factory) -> Path:
+    """Every layout, written once by Orbax in one subprocess (with 2 CPU devices: a sharded array)."""
+    directory = tmp_path_factory.mktemp("orbax_runs")
+    result = procs.run_script(Path(orbax_writer.__file__), str(directory), timeout=600,
+                              XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return directory
+
+
+@pytest.fixture(autouse=True)
+def no_orbax(monkeypatch):
+    """ckpt reads Orbax's files with tensorstore alone: importing orbax fails in these tests."""
+    monkeypatch.setitem(sys.modules, "orbax", None)
+    with pytest.raises(ImportError):
+        import orbax.checkpoint  # noqa: F401
+
+
+def copy_run(orbax_runs: Path, name: str, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(orbax_runs / name, tmp_path / name))
+
+
+def file_hashes(directory: Path) -> dict[str, str]:
+    """Every file under ``directory`` by relative path, with the SHA-256 of its bytes."""
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def leaves(tree) -> dict[str, object]:
+    """Key path -> leaf, typed keys as their key data (jax's key paths; dicts and NamedTuples alike)."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is None)[0]:
+        if hasattr(leaf, "dtype") and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            leaf = ("key", str(jax.random.key_impl(leaf)), np.asarray(jax.random.key_data(leaf)))
+        out[jax.tree_util.keystr(path, simple=True, separator="/")] = leaf
+    return out
+
+
+def assert_same(got, want) -> None:
+    """Same key paths; arrays of the same dtype, shape and bytes; other leaves equal and of the same type."""
+    got, want = leaves(got), leaves(want)
+    assert sorted(got) == sorted(want)
+    for path, w in want.items():
+        g = got[path]
+        if isinstance(w, tuple):
+            assert g[:2] == w[:2] and g[2].tobytes() == w[2].tobytes(), path
+        elif hasattr(w, "dtype"):
+            g, w = np.asarray(g), np.asarray(w)
+            assert (g.dtype, g.shape, g.tobytes()) == (w.dtype, w.shape, w.tobytes()), path
+        else:
+            assert type(g) is type(w) and g == w, path
+
+
+def orbax_file(step_dir: Path, *parts: str):
+    return json.loads(step_dir.joinpath(*parts).read_text())
+
+
+# -------------------------------------------------------------------------------------- listing
+@pytest.mark.parametrize("name, names, steps, metric", [
+    ("flax", None, [2, 4, 6], "loss"), ("v1", None, [0, 1], "loss"),
+    ("single", SINGLE_NAMES, [3, 5], "acc"), ("named", None, [7], "loss")])
+def test_a_checkpointer_lists_orbax_steps_with_their_times_and_metrics(orbax_runs, name, names, steps, metric):
+    root = orbax_runs / name
+    before = file_hashes(root)
+    with ckpt.Checkpointer(root, step_name_format=names) as ckptr:
+        infos = ckptr.checkpoints
+        assert [c.step for c in infos] == steps and ckptr.latest.step == steps[-1]
+        for info in infos:
+            assert info.metrics == orbax_file(info.path, "metrics", "metrics") and metric in info.metrics
+            times = orbax_file(info.path, "_CHECKPOINT_METADATA")
+            assert info.commit_timestamp_nsecs == times["commit_timestamp_nsecs"]
+            assert info.init_timestamp_nsecs == times["init_timestamp_nsecs"]
+    assert file_hashes(root) == before
+
+
+# -------------------------------------------------------------------------------------- loading
+def test_v1_checkpointables_load_bit_for_bit_as_saved_and_into_abstract_trees(orbax_runs):
+    with ckpt.Checkpointer(orbax_runs / "v1") as ckptr:
+        for step in (0, 1):
+            saved = orbax_writer.mixed_state(step)
+            everything = ckptr.load_checkpointables(step)
+            assert sorted(everything) == ["extra", "state"]
+            assert_same(everything["extra"], {"a": np.arange(3) + step})
+            restored = ckptr.load(step, orbax_writer.mixed_abstract(step))
+            assert jax.tree.structure(restored) == jax.tree.structure(saved)   # optax NamedTuples, EmptyStates
+            assert_same(restored, saved)
+            as_saved = everything["state"]  # without a tree: dicts and lists, None for each EmptyState
+            assert as_saved["opt_state"][0] is None and as_saved["empty"] == {} and as_saved["none_list"] == []
+            assert as_saved["step"] == step and as_saved["name"] == f"run-{step}" and as_saved["flag"] is True
+            assert_same(as_saved["params"], saved["params"])
+            assert_same(as_saved["key"], saved["key"])
+        meta = ckptr.metadata(1).metadata
+        assert meta["params"]["w"].shape == (8, 3) and meta["params"]["b"].dtype == jax.numpy.bfloat16
+        assert meta["key"].type == "jax_key" and meta["key"].shape == ()
+        assert meta["step"].type == "int" and meta["name"].type == "str"
+        assert ckptr.load_checkpointables_async(0, {"extra": None}).result(timeout=60)["extra"]["a"].tolist() == [0, 1, 2]
+
+
+def test_a_sharded_orbax_array_loads_into_the_abstract_trees_sharding(orbax_runs):
+    sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(jax.devices()[:1]), ("x",)),
+                                          jax.sharding.PartitionSpec("x"))
+    abstract = {"params": {"w": jax.ShapeDtypeStruct((8, 3), np.float32, sharding=sharding),
+                           "b": jax.ShapeDtypeStruct((5,), jax.numpy.bfloat16)}}
+    with ckpt.Checkpointer(orbax_runs / "v1", context=ckpt.Context(pytree_options=ckpt.PyTreeOptions(partial_load=True))) as ckptr:
+        restored = ckptr.load(1, abstract)
+    assert restored["params"]["w"].sharding == sharding
+    assert_same(restored["params"], orbax_writer.mixed_state(1)["params"])
+
+
+def test_v0_single_and_named_items_load_bit_for_bit(orbax_runs):
+    with ckpt.Checkpointer(orbax_runs / "single", step_name_format=SINGLE_NAMES) as ckptr:
+        for step in (3, 5):
+            restored = ckptr.load(step, orbax_writer.mixed_abstract(step, string=False), checkpointable_name="default")
+            assert_same(restored, orbax_writer.mixed_state(step, string=False))
+    step_dir = orbax_runs / "named" / "7"
+    trees = ckpt.load_checkpointables(step_dir)
+    assert sorted(trees) == ["cfg", "model", "std"]
+    assert trees["cfg"] == {"lr": 0.1, "layers": [64, 1], "name": "mlp"}
+    assert_same(trees["std"], {"x": np.arange(6.0).reshape(2, 3)})
+    assert_same(ckpt.load(step_dir, orbax_writer.mixed_abstract(7), checkpointable_name="model"),
+                orbax_writer.mixed_state(7))
+    assert ckpt.checkpointables_metadata(step_dir).metadata["std"]["x"].shape == (2, 3)
+
+
+def test_free_functions_read_an_orbax_step_directory(orbax_runs):
+    step_dir = orbax_runs / "flax" / "4"
+    want, _ = orbax_writer.flax_run(4)
+    assert_same(ckpt.load(step_dir, jax.eval_shape(flax_train.create_state)), want)
+    info = ckpt.metadata(step_dir)
+    assert info.step == 4 and info.metrics == orbax_file(step_dir, "metrics", "metrics")
+    assert info.metadata["params"]["Dense_0"]["kernel"].shape == (flax_train.FEATURES, 64)
+
+
+# ------------------------------------------------------------------------------------ continuing
+def test_a_flax_run_orbax_wrote_continues_under_ckpt_bit_for_bit(orbax_runs, tmp_path):
+    root = copy_run(orbax_runs, "flax", tmp_path)
+    before = file_hashes(root)
+    policy = save_decision_policies.FixedIntervalPolicy(2)
+    with ckpt.Checkpointer(root, save_decision_policy=policy) as ckptr:
+        state = restore_train_state(ckptr, jax.eval_shape(flax_train.create_state))
+        assert int(state.step) == 6
+        hook = CheckpointHook(ckptr, final_step=10)
+        for step in range(7, 11):
+            state, loss = flax_train.train_step(state, *flax_train.synthetic_batch(step))
+            hook(step, state, {"loss": loss})
+        assert [c.step for c in ckptr.checkpoints] == [2, 4, 6, 8, 10]
+    never_stopped, _ = orbax_writer.flax_run(10)
+    assert_same(state, never_stopped)
+    assert (root / "10" / "manifest.json").exists() and not (root / "10" / "_CHECKPOINT_METADATA").exists()
+    assert {k: v for k, v in file_hashes(root).items() if k.split("/")[0] in ("2", "4", "6")} == before
+    with ckpt.Checkpointer(root) as again:  # the mixed sequence restores from ckpt's latest step
+        assert_same(restore_train_state(again, jax.eval_shape(flax_train.create_state)), never_stopped)
+
+
+def test_preservation_policies_see_orbax_metrics_and_delete_orbax_steps_as_they_say(orbax_runs, tmp_path):
+    root = copy_run(orbax_runs, "flax", tmp_path)
+    before = file_hashes(root)
+    losses = {c.step: c.metrics["loss"] for c in ckpt.Checkpointer(root).checkpoints}
+    worst = max(losses, key=losses.get)  # BestN with reverse=False keeps the largest value
+    keep = preservation_policies.AnyPreservationPolicy([
+        preservation_policies.LatestN(1),
+        preservation_policies.BestN(get_metric_fn=lambda m: m["loss"], n=1, keep_checkpoints_without_metrics=False)])
+    with ckpt.Checkpointer(root, preservation_policy=keep) as ckptr:
+        ckptr.save(7, {"w": np.ones(3)}, metrics={"loss": 0.0})
+        assert [c.step for c in ckptr.checkpoints] == [worst, 7]
+    assert sorted(p.name for p in root.iterdir() if not p.name.startswith(".")) == sorted([str(worst), "7"])
+    assert {k: v for k, v in file_hashes(root).items() if k.split("/")[0] == str(worst)} == \
+        {k: v for k, v in before.items() if k.split("/")[0] == str(worst)}
+
+
+# ------------------------------------------------------------------------------------- bad input
+def test_an_item_ckpt_cannot_read_raises_saying_so(orbax_runs, tmp_path):
+    root = copy_run(orbax_runs, "v1", tmp_path)
+    metadata = orbax_file(root / "1", "_CHECKPOINT_METADATA")
+    metadata["item_handlers"]["extra"] = "grain.checkpoint.CheckpointHandler"
+    (root / "1" / "_CHECKPOINT_METADATA").write_text(json.dumps(metadata))
+    with ckpt.Checkpointer(root) as ckptr:
+        assert ckptr.latest.step == 1  # listed, never taken for an empty root
+        with pytest.raises(errors.UnsupportedLayoutError, match="grain.checkpoint.CheckpointHandler"):
+            ckptr.load_checkpointables(1)
+        assert ckptr.load(1)["step"] == 1  # the other checkpointables load by name
+
+
+def test_a_symlink_in_an_orbax_item_is_refused(orbax_runs, tmp_path):
+    root = copy_run(orbax_runs, "v1", tmp_path)
+    (tmp_path / "elsewhere").write_text("{}")
+    target = root / "1" / "state" / "_strings.json"
+    target.unlink()
+    os.symlink(tmp_path / "elsewhere", target)
+    with pytest.raises(errors.CheckpointCorruptedError, match="symlink"):
+        ckpt.load(root / "1")

@@ -1,13 +1,15 @@
-"""The ckpt command: list, inspect and verify checkpoints without writing to them.
+"""The ckpt command: list, inspect and verify checkpoints without writing to them, and convert a root.
 
     ckpt ls DIR              steps, commit time, size, metrics, the latest, leftover temporaries
     ckpt ls DIR --local L    the same for a two-tier Checkpointer: the steps of both tiers, and where each lives
     ckpt show DIR [STEP]     the saved trees: key paths, types, dtypes, shapes, bytes (default: latest step)
     ckpt verify DIR [STEP]   re-reads the data and checks every checksum (default: every step);
                              exit status 1 when anything is damaged
+    ckpt convert DIR DST     copies every step of DIR (ckpt's or Orbax's) into a new ckpt root DST,
+                             keeping names, metrics and times, and checks each against its source
 
 DIR is a checkpoint root (a Checkpointer's directory) or one step directory (what ckpt.save
-writes). --json prints the same information as JSON for scripts. Exit status 2: usage errors,
+writes); Orbax's steps are read too, and marked as Orbax's. --json prints the same information as JSON for scripts. Exit status 2: usage errors,
 a missing directory or step.
 """
 from __future__ import annotations
@@ -22,9 +24,9 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from ckpt import __version__, leaves, loading, progress, storage
+from ckpt import __version__, convert, formats, leaves, progress, storage
 from ckpt import format as fmt
-from ckpt.errors import CheckpointCorruptedError
+from ckpt.errors import CheckpointCorruptedError, UnsupportedLayoutError
 from ckpt.verify import VerifyResult, verify_step
 
 
@@ -44,19 +46,21 @@ class _Step:
 
 # ----------------------------------------------------------------------------------- finding steps
 def _is_step_dir(path: storage.Location) -> bool:
-    return (path / fmt.MANIFEST).exists()
+    return formats.is_step(path)
 
 
 def _read_step(path: storage.Location) -> _Step:
-    """A step directory with its manifest; the step number comes from the manifest, else from the name."""
-    digits = path.name.rsplit("_", 1)[-1]
-    number = int(digits) if digits.isdigit() else None
+    """A step directory (ckpt's or Orbax's) with its manifest, or Orbax's metadata in the manifest's
+    names; the step number comes from the manifest, else from the name."""
     try:
-        manifest = loading.read_manifest(path)
+        manifest = formats.info(path)
     except CheckpointCorruptedError as e:
-        return _Step(path, number, None, str(e))
-    step = manifest.get("step")
-    return _Step(path, step if isinstance(step, int) else number, manifest)
+        return _Step(path, formats.step_of(path, {}), None, str(e))
+    return _Step(path, formats.step_of(path, manifest), manifest)
+
+
+def _by_orbax(manifest: dict | None) -> bool:
+    return manifest is not None and manifest.get("format") == "orbax"
 
 
 def _scan(root: storage.Location) -> tuple[list[_Step], list[storage.Location]]:
@@ -83,7 +87,7 @@ def _select(directory: storage.Location, step: int | None) -> list[storage.Locat
     """The step directories a command acts on: DIR itself, DIR's ``step``, or (``step`` None) its latest."""
     if _is_step_dir(directory):
         if step is not None:
-            raise UsageError(f"{directory} is one checkpoint (it has {fmt.MANIFEST}); drop the STEP argument")
+            raise UsageError(f"{directory} is one checkpoint; drop the STEP argument")
         return [directory]
     steps, _ = _scan(directory)
     if step is None:
@@ -181,6 +185,7 @@ def ls(directory: storage.Location, *, as_json: bool, local: Path | None = None)
         "nbytes": s.manifest.get("nbytes") if s.manifest else None,
         "disk_bytes": _disk_bytes(s.path),
         "metrics": s.manifest.get("metrics") if s.manifest else None,
+        "orbax": _by_orbax(s.manifest),
         "error": s.error,
         **({} if tiers is None else {"tiers": tiers[i]}),
     } for i, s in enumerate(steps)]
@@ -192,7 +197,7 @@ def ls(directory: storage.Location, *, as_json: bool, local: Path | None = None)
     summary = f"{len(steps)} checkpoint{'s' if len(steps) != 1 else ''}"
     print(f"{directory}: {summary}" + ("" if latest is None else f", latest step {latest.step}"))
     if steps:
-        rows = [[("* " if r["latest"] else "  ") + str(r["step"]),
+        rows = [[("* " if r["latest"] else "  ") + str(r["step"]) + (" (Orbax)" if r["orbax"] else ""),
                  *([] if tiers is None else ["+".join(r["tiers"])]),
                  (s.manifest and _time(s.manifest.get("commit_timestamp_nsecs"), iso=False)) or "-",
                  _size(r["disk_bytes"]),
@@ -213,8 +218,8 @@ def _leaf_record(name: str, meta: dict) -> dict:
     record: dict[str, Any] = {"checkpointable": name, "path": meta["path"], "type": meta["type"]}
     if "dtype" in meta:
         nbytes = math.prod(meta["shape"]) * leaves.parse_dtype(meta["dtype"]).itemsize
-        record.update(dtype=meta["dtype"], shape=meta.get("key_shape", meta["shape"]), nbytes=nbytes,
-                      stored=f"{fmt.PACKED}/" if "packed" in meta else meta["array"]["kvstore"]["path"])
+        stored = meta.get("stored") or (f"{fmt.PACKED}/" if "packed" in meta else meta["array"]["kvstore"]["path"])
+        record.update(dtype=meta["dtype"], shape=meta.get("key_shape", meta["shape"]), nbytes=nbytes, stored=stored)
     else:
         record.update(dtype=None, shape=None, nbytes=0, stored="inline", value=meta.get("value"))
     return record
@@ -223,18 +228,19 @@ def _leaf_record(name: str, meta: dict) -> dict:
 def show(directory: storage.Location, step: int | None, *, as_json: bool) -> int:
     """``ckpt show``: the step's metadata, then one table of leaves per checkpointable."""
     step_dir = _select(directory, step)[0]
-    manifest = loading.read_manifest(step_dir)
-    trees = loading.read_tree(step_dir, manifest)["checkpointables"]
+    manifest = formats.info(step_dir)
+    trees = formats.trees(step_dir)
     records = {name: [_leaf_record(name, meta) for meta in doc["leaves"]] for name, doc in trees.items()}
+    number = formats.step_of(step_dir, manifest)
     if as_json:
-        _print_json({"step": manifest.get("step"), "path": str(step_dir),
+        _print_json({"step": number, "path": str(step_dir), "orbax": _by_orbax(manifest),
                      "time": _time(manifest.get("commit_timestamp_nsecs"), iso=True),
                      "metrics": manifest.get("metrics"), "custom_metadata": manifest.get("custom_metadata"),
                      "nbytes": manifest.get("nbytes"), "checkpointables": records})
         return 0
-    print(f"step {manifest.get('step')}  {step_dir}")
+    print(f"step {number}  {step_dir}" + ("  (written by Orbax)" if _by_orbax(manifest) else ""))
     print(f"committed {_time(manifest.get('commit_timestamp_nsecs'), iso=False)}, "
-          f"{progress.format_bytes(manifest.get('nbytes') or 0)} of data, "
+          f"{progress.format_bytes(manifest.get('nbytes') or sum(r['nbytes'] for rs in records.values() for r in rs))} of data, "
           f"{_size(_disk_bytes(step_dir))} on disk")
     if manifest.get("metrics") is not None:
         print(f"metrics: {_metrics_text(manifest['metrics'])}")
@@ -288,6 +294,22 @@ def verify(directory: storage.Location, step: int | None, *, as_json: bool) -> i
     return 1 if damaged else 0
 
 
+# --------------------------------------------------------------------------------------- convert
+def convert_root(source: storage.Location, destination: Path, *, as_json: bool) -> int:
+    """``ckpt convert``: one line per step as it is written and checked against its source."""
+    records = []
+    for done in convert.convert_root(source, destination):
+        records.append({"step": done.step, "path": str(done.path), "leaves": done.leaves, "nbytes": done.nbytes})
+        if not as_json:
+            print(f"step {done.step} -> {done.path}: {done.leaves} leaves, {progress.format_bytes(done.nbytes)}, "
+                  "checked against its source", flush=True)
+    if as_json:
+        _print_json({"source": str(source), "destination": str(destination), "steps": records})
+    else:
+        print(f"{len(records)} step{'s' if len(records) != 1 else ''} converted into {destination}")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------ main
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ckpt", description=__doc__.split("\n\n")[0],
@@ -299,12 +321,15 @@ def _parser() -> argparse.ArgumentParser:
         ("ls", "list the steps of a checkpoint root", False),
         ("show", "show the saved trees of a step (default: the latest)", True),
         ("verify", "re-read a step's data and check its checksums (default: every step)", True),
+        ("convert", "copy every step of DIR (ckpt's or Orbax's) into the new ckpt root DST, checking each", False),
     ]:
         command = commands.add_parser(name, help=text, description=text)
         command.add_argument("directory", metavar="DIR",
                              help="a checkpoint root or one step directory (local, s3:// or gs://)")
         if has_step:
             command.add_argument("step", type=int, nargs="?", metavar="STEP", help="the step number")
+        if name == "convert":
+            command.add_argument("destination", metavar="DST", help="a new or empty local directory")
         command.add_argument("--json", action="store_true", help="print JSON instead of tables")
         if name == "ls":
             command.add_argument("--local", metavar="L", help="the local tier of a two-tier Checkpointer whose "
@@ -328,6 +353,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return ls(directory, as_json=args.json, local=None if args.local is None else Path(args.local).absolute())
         if args.command == "show":
             return show(directory, args.step, as_json=args.json)
+        if args.command == "convert":
+            return convert_root(directory, Path(args.destination).absolute(), as_json=args.json)
         return verify(directory, args.step, as_json=args.json)
     except UsageError as e:
         print(f"ckpt: error: {e}", file=sys.stderr)
@@ -335,6 +362,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CheckpointCorruptedError as e:
         print(f"ckpt: error: {e} (run `ckpt verify` for details)", file=sys.stderr)
         return 1
+    except (UnsupportedLayoutError, FileExistsError, FileNotFoundError) as e:
+        print(f"ckpt: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

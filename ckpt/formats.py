@@ -13,7 +13,22 @@ from __future__ import annotations
 
 from typing import Any
 
+from ckpt import format as fmt
 from ckpt import loading, orbax, storage
+
+
+def is_step(path: storage.Location) -> bool:
+    """Whether ``path`` is a committed step directory of either format."""
+    return (path / fmt.MANIFEST).exists() or orbax.is_step(path)
+
+
+def step_of(path: storage.Location, info: dict) -> int | None:
+    """The step number of a step directory: from its metadata, else the digits ending its name."""
+    step = info.get("step")
+    if isinstance(step, int):
+        return step
+    digits = path.name.rsplit("_", 1)[-1]
+    return int(digits) if digits.isdigit() else None
 
 
 def is_orbax(step_dir: storage.Location) -> bool:

@@ -48,6 +48,7 @@ class Plan:
     metrics: Any
     custom_metadata: Any
     init_timestamp_nsecs: int
+    commit_timestamp_nsecs: int | None = None  # the commit's time when None; a converted step keeps its source's
     packed_buffer: np.ndarray | None = None
     written_arrays: set[str] = dataclasses.field(default_factory=set)
     staging: list[np.ndarray] = dataclasses.field(default_factory=list)
@@ -370,7 +371,7 @@ class StepWriter:
             "version": fmt.FORMAT_VERSION,
             "step": step,
             "init_timestamp_nsecs": plan.init_timestamp_nsecs,
-            "commit_timestamp_nsecs": time.time_ns(),
+            "commit_timestamp_nsecs": plan.commit_timestamp_nsecs or time.time_ns(),
             "metrics": plan.metrics,
             "custom_metadata": plan.custom_metadata,
             "checkpointables": list(plan.structures),

@@ -725,7 +725,7 @@ def checkpoint_metadata(step_dir: storage.Location, name: str | None, *, step: i
     trees = formats.trees(step_dir, None if name is None else [name])
     tree = (loading.tree_metadata(trees[name]) if name is not None
             else {n: loading.tree_metadata(doc) for n, doc in trees.items()})
-    return CheckpointMetadata(step if step is not None else manifest.get("step"), step_dir, metadata=tree,
+    return CheckpointMetadata(step if step is not None else formats.step_of(step_dir, manifest), step_dir, metadata=tree,
                               metrics=manifest.get("metrics"),
                               init_timestamp_nsecs=manifest.get("init_timestamp_nsecs"),
                               commit_timestamp_nsecs=manifest.get("commit_timestamp_nsecs"),

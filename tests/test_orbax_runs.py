@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import ckpt
-from ckpt import errors
+from ckpt import cli, errors
 from ckpt.integrations.flax import CheckpointHook, restore_train_state
 from ckpt.path import step as step_lib
 from ckpt.training import preservation_policies, save_decision_policies
@@ -215,3 +215,51 @@ def test_a_symlink_in_an_orbax_item_is_refused(orbax_runs, tmp_path):
     os.symlink(tmp_path / "elsewhere", target)
     with pytest.raises(errors.CheckpointCorruptedError, match="symlink"):
         ckpt.load(root / "1")
+
+
+# ------------------------------------------------------------------------------ the command line
+def run_cli(capsys, *args: str) -> tuple[int, str]:
+    code = cli.main(list(args))
+    return code, capsys.readouterr().out
+
+
+def test_ckpt_ls_show_verify_mark_orbax_steps_and_verify_reads_every_array(orbax_runs, tmp_path, capsys):
+    code, out = run_cli(capsys, "ls", str(orbax_runs / "single"))
+    assert code == 0 and "3 (Orbax)" in out and "* 5 (Orbax)" in out and "acc=0.5" in out
+    code, out = run_cli(capsys, "ls", str(orbax_runs / "v1"), "--json")
+    listed = json.loads(out)
+    assert [(s["step"], s["orbax"], s["metrics"]) for s in listed["steps"]] == [(0, True, {"loss": 1.0}), (1, True, {"loss": 0.5})]
+    code, out = run_cli(capsys, "show", str(orbax_runs / "v1"), "1", "--json")
+    shown = json.loads(out)
+    assert code == 0 and shown["orbax"] and shown["step"] == 1
+    w = next(r for r in shown["checkpointables"]["state"] if r["path"] == "['params']['w']")
+    assert (w["dtype"], w["shape"], w["nbytes"], w["stored"]) == ("float32", [8, 3], 96, "state/params.w (OCDBT)")
+    code, out = run_cli(capsys, "verify", str(orbax_runs / "named"), "--json")
+    checked = json.loads(out)["steps"][0]
+    assert code == 0 and checked["ok"] and checked["leaves"] == 21 and checked["nbytes"] > 0
+
+    root = copy_run(orbax_runs, "named", tmp_path)
+    chunk = next(p for p in (root / "7" / "model" / "params.w").iterdir() if not p.name.startswith("."))
+    chunk.unlink()
+    code, out = run_cli(capsys, "verify", str(root))
+    assert code == 1 and "model['params']['w']" in out and "DAMAGED (1)" in out
+
+
+def test_ckpt_convert_copies_every_layout_keeping_names_metrics_times_and_empty_states(orbax_runs, tmp_path, capsys):
+    for name, names in (("flax", None), ("single", SINGLE_NAMES), ("named", None), ("v1", None)):
+        before = file_hashes(orbax_runs / name)
+        code, out = run_cli(capsys, "convert", str(orbax_runs / name), str(tmp_path / name))
+        assert code == 0 and "checked against its source" in out
+        assert file_hashes(orbax_runs / name) == before
+        with ckpt.Checkpointer(orbax_runs / name, step_name_format=names) as old, \
+                ckpt.Checkpointer(tmp_path / name, step_name_format=names) as new:
+            assert [(c.step, c.path.name, c.metrics, c.commit_timestamp_nsecs, c.init_timestamp_nsecs) for c in new.checkpoints] \
+                == [(c.step, c.path.name, c.metrics, c.commit_timestamp_nsecs, c.init_timestamp_nsecs) for c in old.checkpoints]
+            assert all((c.path / "manifest.json").exists() for c in new.checkpoints)
+            if name == "flax":  # EmptyStates included: the converted TrainState restores into its abstract tree
+                abstract = jax.eval_shape(flax_train.create_state)
+                for info in old.checkpoints:
+                    assert_same(restore_train_state(new, abstract, step=info.step),
+                                restore_train_state(old, abstract, step=info.step))
+    code = cli.main(["convert", str(orbax_runs / "v1"), str(tmp_path / "v1")])
+    assert code == 2 and "not empty" in capsys.readouterr().err

@@ -102,6 +102,7 @@ class PyTreeItem:
                 meta["type"] = {"jax.Array": "jax", "np.ndarray": "numpy", "scalar": "scalar"}[kind]
                 if name in impls:
                     meta.update(type="jax_key", impl=impls[name])
+                meta["stored"] = f"{self.name}/{name}" + (" (OCDBT)" if self._ocdbt else "/")
                 opening[i] = ts.open(self._spec(name), open=True, context=_CONTEXT)
             else:
                 raise UnsupportedLayoutError(
@@ -133,7 +134,7 @@ class PyTreeItem:
                 raise UnsupportedLayoutError(f"{self.directory}: scalar {self.name}{meta['path']} is a {meta['dtype']}, "
                                              "which ckpt does not read as a scalar", path=self.directory)
             meta.update(type=leaves_lib.INLINE_TYPES[type(value)], value=value)
-            del meta["dtype"], meta["shape"]
+            del meta["dtype"], meta["shape"], meta["stored"]
 
     def _spec(self, name: str) -> dict:
         if not files.is_plain_name(name):

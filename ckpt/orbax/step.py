@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from ckpt import leaves as leaves_lib
 from ckpt import loading
@@ -57,8 +57,7 @@ def info(step_dir: Path) -> dict:
     if not isinstance(commit, int):  # Orbax's own fallback: the directory's time
         commit = os.lstat(step_dir).st_mtime_ns
     init = data.get("init_timestamp_nsecs")
-    digits = step_dir.name.rsplit("_", 1)[-1]
-    return {"format": "orbax", "step": int(digits) if digits.isdigit() else None, "metrics": metrics, "commit_timestamp_nsecs": commit,
+    return {"format": "orbax", "metrics": metrics, "commit_timestamp_nsecs": commit,
             "init_timestamp_nsecs": init if isinstance(init, int) else None,
             "custom_metadata": data.get("custom_metadata") or None}
 
@@ -104,6 +103,19 @@ class Step:
             f"{directory} was written by Orbax's {handler or 'unnamed handler'}, which ckpt does not read (it reads "
             f"items of {', '.join(_PYTREE_HANDLERS + _JSON_HANDLERS)}); load the other checkpointables by name: "
             f"{sorted(n for n in self.handlers if n != name)}", path=directory)
+
+    def check_arrays(self) -> Iterator[tuple[str, int, str | None]]:
+        """Reads every array of the step's PyTree items, one at a time: (key path, bytes, why it cannot
+        be read or None)."""
+        for name, item in self.pytrees.items():
+            for i, store in item.stores.items():
+                source = ArraySource(item, item.metas[i], store)
+                try:
+                    nbytes = source.read().nbytes
+                except CheckpointCorruptedError as e:
+                    yield f"{name}{item.metas[i]['path']}", 0, str(e)
+                    continue
+                yield f"{name}{item.metas[i]['path']}", nbytes, None
 
     def load(self, abstract: dict[str, Any] | None, *, partial_load: bool) -> dict[str, Any]:
         """The items as ``loading.load_trees`` builds them from their Orbax files."""

@@ -3,6 +3,7 @@ server (moto, the ``bucket`` fixture): restore from the freshest tier after a SI
 made durable within the grace period, a damaged local step falling back to its durable copy."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import re
@@ -112,3 +113,20 @@ def test_local_tier_options_are_checked_before_anything_is_written(tmp_path):
         ckpt.LocalCheckpointOptions("s3://bucket/local")
     with pytest.raises(ValueError, match="grace_period_secs"):
         ckpt.LocalCheckpointOptions(tmp_path, grace_period_secs=-1)
+
+
+def test_the_benchmark_reports_blocking_and_lost_work_for_two_tiers_and_durable_only(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("bench_tiers", procs.REPO / "benchmarks" / "tiers.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)  # in this interpreter: a second one costs seconds on a busy machine
+    out = tmp_path / "results.json"
+    assert bench.main(["--tiny", "--durable", str(tmp_path / "durable"), "--local", str(tmp_path), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    results = json.loads(out.read_text())["results"]
+    assert list(results) == ["two_tiers", "durable_every_10", "durable_continuous"]
+    assert results["two_tiers"]["blocking"]["saves"] == 20 and results["two_tiers"]["durable_steps"] == 4
+    assert results["durable_every_10"]["blocking"]["saves"] == results["durable_every_10"]["durable_steps"] == 4
+    for figures in results.values():
+        assert figures["blocking"]["median_ms"] > 0
+        assert 0 <= figures["lost_steps_process_kill"]["mean"] <= figures["lost_steps_machine_lost"]["mean"] <= 40
+    assert "two_tiers" in printed and "lost/kill mean" in printed

@@ -187,7 +187,13 @@ class LocalTier:
 
     # ----------------------------------------------------------------------------- listing
     def merged(self, durable: Sequence[CheckpointMetadata]) -> list[TieredCheckpointMetadata]:
-        return merge(self.checkpointer.checkpoints, durable)
+        """Both tiers' steps; with several processes only the durable ones (each process's local tier
+        differs, and loads read the durable tier), with their local copies named."""
+        local = self.checkpointer.checkpoints
+        if self._durable.processes.count > 1:
+            steps = {info.step for info in durable}
+            local = [info for info in local if info.step in steps]
+        return merge(local, durable)
 
     # ---------------------------------------------------------------------------- deciding
     def decide(self, step: int, *, durable: bool, preempted: bool) -> bool:

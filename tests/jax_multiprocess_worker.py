@@ -1,6 +1,6 @@
 """One process of a 2-process JAX job on 127.0.0.1 (used by tests/test_distributed_jax.py).
 
-usage: jax_multiprocess_worker.py PORT PROCESS_ID DIR MODE   (MODE: save | resume)
+usage: jax_multiprocess_worker.py PORT PROCESS_ID DIR MODE   (MODE: save | resume | tiers)
 """
 import os
 import sys
@@ -32,6 +32,37 @@ def state(step: int) -> dict:
 
 
 policy = sdp.FixedIntervalPolicy(1)
+
+
+def check_restored(restored: dict, step: int, sharding) -> None:
+    assert restored["w"].sharding == sharding
+    for shard in restored["w"].addressable_shards:
+        np.testing.assert_array_equal(np.asarray(shard.data), expected(step)[shard.index])
+    np.testing.assert_array_equal(restored["bias"], np.full(3, step, np.int32))
+    assert restored["step"] == step
+
+
+if mode == "tiers":  # two tiers: each process's local tier, then process 1's host is replaced
+    import shutil
+
+    import ckpt
+
+    def tiered() -> Checkpointer:
+        return Checkpointer(f"{directory}/durable", save_decision_policy=sdp.FixedIntervalPolicy(2),
+                            local=ckpt.LocalCheckpointOptions(f"{directory}/local", save_decision_policy=policy))
+
+    with tiered() as ckptr:
+        for step in (1, 2, 3):
+            ckptr.save(step, state(step))
+        print(f"process {pid} lists {[(c.step, sorted(c.locations)) for c in ckptr.checkpoints]}", flush=True)
+    if pid == 1:
+        shutil.rmtree(f"{directory}/local/process_1")
+    with tiered() as ckptr:
+        abstract = {"w": jax.ShapeDtypeStruct(SHAPE, np.float32, sharding=cols), "bias": np.zeros(3, np.int32), "step": 0}
+        check_restored(ckptr.load(abstract_state=abstract), ckptr.latest.step, cols)
+        print(f"process {pid} restored {ckptr.latest.step}", flush=True)
+    sys.exit(0)
+
 with Checkpointer(directory, save_decision_policy=policy) as ckptr:
     assert jax.process_count() == 2
     if mode == "save":
@@ -50,12 +81,7 @@ with Checkpointer(directory, save_decision_policy=policy) as ckptr:
         for sharding in (rows, cols):
             abstract = {"w": jax.ShapeDtypeStruct(SHAPE, np.float32, sharding=sharding), "bias": np.zeros(3, np.int32),
                         "step": 0}
-            restored = ckptr.load(abstract_state=abstract)
-            assert restored["w"].sharding == sharding
-            for shard in restored["w"].addressable_shards:
-                np.testing.assert_array_equal(np.asarray(shard.data), expected(latest)[shard.index])
-            np.testing.assert_array_equal(restored["bias"], np.full(3, latest, np.int32))
-            assert restored["step"] == latest
+            check_restored(ckptr.load(abstract_state=abstract), latest, sharding)
         assert ckptr.should_save(latest + 1)
         ckptr.save(latest + 1, state(latest + 1))
         print(f"process {pid} resumed from {latest} steps {[c.step for c in ckptr.checkpoints]}", flush=True)

@@ -54,3 +54,16 @@ def test_a_checkpoint_of_two_processes_loads_in_one_process(tmp_path):
         restored = ckptr.load(2, {"w": np.zeros((8, 12), np.float32), "bias": None, "step": None})
     np.testing.assert_array_equal(restored["w"], np.arange(96, dtype=np.float32).reshape(8, 12) * 2)
     assert restored["step"] == 2
+
+
+def test_two_tiers_each_process_keeps_its_shards_locally_and_a_replaced_host_restores_from_the_durable_tier(tmp_path):
+    outs = run_job(tmp_path, "tiers")
+    for pid, out in enumerate(outs):
+        assert f"process {pid} lists [(2, ['durable', 'local'])]" in out  # local-only steps differ per process
+        assert f"process {pid} restored 2" in out
+    assert sorted(p.name for p in (tmp_path / "local").iterdir()) == ["process_0", "process_1"]
+    import ckpt
+
+    with ckpt.Checkpointer(tmp_path / "durable") as durable:  # every process's shards were promoted
+        restored = durable.load(2, {"w": np.zeros((8, 12), np.float32), "bias": None, "step": None})
+    np.testing.assert_array_equal(restored["w"], np.arange(96, dtype=np.float32).reshape(8, 12) * 2)

@@ -18,8 +18,9 @@ import numpy as np
 import tensorstore as ts
 
 from ckpt import format as fmt
+from ckpt import layout as layout_lib
 from ckpt import leaves as leaves_lib
-from ckpt import chunks, distributed, loading, progress, storage
+from ckpt import chunks, distributed, loading, progress, storage, transfers
 from ckpt import tree as tree_lib
 from ckpt.tree import KeyPath, keystr
 
@@ -52,10 +53,40 @@ class Plan:
     packed_buffer: np.ndarray | None = None
     written_arrays: set[str] = dataclasses.field(default_factory=set)
     staging: list[np.ndarray] = dataclasses.field(default_factory=list)
+    layout: layout_lib.Layout | None = None  # what the next save of the same tree may reuse
+    values: list[Any] | None = None          # a reused layout's leaves, until :meth:`materialize`
+    copies: dict[int, np.ndarray] = dataclasses.field(default_factory=dict)  # their snapshot, by index
 
     @property
     def nbytes(self) -> int:
+        if self.values is not None:
+            return self.layout.total_nbytes
         return self.packed_nbytes + sum(leaf.nbytes for leaf in self.arrays)
+
+    def materialize(self) -> None:
+        """Makes the planned leaves of a plan that reused a layout (in the background, for an async
+        save): each leaf's manifest entry from the layout's, with its snapshot copy or its host bytes."""
+        values, layout = self.values, self.layout
+        if values is None:
+            return
+        self.values = None
+        start = 0
+        for name, count in zip(layout.names, layout.counts):
+            self.leaves[name] = [self._materialize(i, values[i]) for i in range(start, start + count)]
+            start += count
+        self.packed = [leaf for row in self.leaves.values() for leaf in row if leaf.location == "packed"]
+        self.arrays = [leaf for row in self.leaves.values() for leaf in row if leaf.location == "array"]
+        self.copies = {}
+
+    def _materialize(self, i: int, value: Any) -> PlannedLeaf:
+        layout = self.layout
+        path, where = layout.paths[i], layout.location[i]
+        if where == "inline":
+            host = leaves_lib.to_host(path, value)
+        else:
+            array = self.copies.get(i)
+            host = leaves_lib.HostLeaf(dict(layout.meta[i]), leaves_lib.to_host(path, value).array if array is None else array)
+        return PlannedLeaf(path, host, where, layout.offset[i], layout.nbytes[i], layout.array_name[i])
 
 
 def _raw_bytes(array: np.ndarray) -> np.ndarray:
@@ -73,8 +104,10 @@ def _ts_supports(dtype: np.dtype) -> bool:
         return False
 
 
-def plan(checkpointables: dict[str, Any], *, metrics: Any = None, custom_metadata: Any = None) -> Plan:
-    """Validates names, metadata and leaves, and decides where each leaf's bytes go. No I/O.
+def plan(checkpointables: dict[str, Any], *, metrics: Any = None, custom_metadata: Any = None,
+         previous: layout_lib.Layout | None = None) -> Plan:
+    """Validates names, metadata and leaves, and decides where each leaf's bytes go. No I/O. A tree
+    with the structure, types, shapes and dtypes of ``previous`` (the last plan's layout) reuses it.
 
     Raises:
       ValueError: an invalid checkpointable name, or metrics/custom metadata that are not JSON.
@@ -88,7 +121,12 @@ def plan(checkpointables: dict[str, Any], *, metrics: Any = None, custom_metadat
         fmt.check_json(metrics, "metrics")
     if custom_metadata is not None:
         fmt.check_json(custom_metadata, "custom_metadata")
+    values = None if previous is None else previous.leaves_of(checkpointables)
+    if values is not None:
+        return Plan(previous.structures, {}, [], [], previous.packed_nbytes, metrics, custom_metadata, time.time_ns(),
+                    layout=previous, values=values)
     structures, planned, packed, arrays = {}, {}, [], []
+    nodes, every = [], []
     offset = 0
     for name, tree in checkpointables.items():
         try:
@@ -98,6 +136,8 @@ def plan(checkpointables: dict[str, Any], *, metrics: Any = None, custom_metadat
             raise TypeError(f"checkpointable {name!r}: {e}") from None
         structures[name] = tree_lib.to_json(node)
         planned[name] = []
+        nodes.append(node)
+        every.extend(value for _, value in flat)
         for (path, _), host in zip(flat, hosts):
             leaf = PlannedLeaf(path, host)
             if "dtype" in host.meta:
@@ -112,7 +152,8 @@ def plan(checkpointables: dict[str, Any], *, metrics: Any = None, custom_metadat
                     _describe_array(leaf)
                     arrays.append(leaf)
             planned[name].append(leaf)
-    return Plan(structures, planned, packed, arrays, offset, metrics, custom_metadata, time.time_ns())
+    layout = layout_lib.of(tuple(checkpointables), nodes, structures, planned, every, offset)
+    return Plan(structures, planned, packed, arrays, offset, metrics, custom_metadata, time.time_ns(), layout=layout)
 
 
 def _describe_array(leaf: PlannedLeaf) -> None:
@@ -137,29 +178,37 @@ def _own_shards(device_array: Any) -> list[tuple[Any, np.ndarray]]:
 class StagingBuffers:
     """Host buffers of async snapshots, kept from one save for the next: copying into memory already
     touched is several times faster than into fresh memory, whose pages fault in on first touch.
-    They hold one copy of the last snapshot's bytes until :meth:`clear` (a load, or closing)."""
+    They hold one copy of the last snapshot's bytes until :meth:`clear` (a load, or closing). Also
+    keeps the last plan's ``layout``, which the next save of the same tree reuses."""
 
     def __init__(self):
-        self._free: dict[int, list[np.ndarray]] = {}
+        self._free: dict[tuple[int, bool], list[np.ndarray]] = {}
         self._lock = threading.Lock()
+        self.layout: layout_lib.Layout | None = None
 
-    def take(self, nbytes: int) -> np.ndarray:
-        """A buffer of ``nbytes`` bytes: one of the last snapshot's, or a new one."""
+    def take(self, nbytes: int, pinned: bool = False) -> np.ndarray:
+        """A buffer of ``nbytes`` bytes: one of the last snapshot's, or a new one of zeros (so that
+        the gaps between packed leaves hold no stray bytes; in page-locked memory when ``pinned``:
+        copies from an accelerator into it do not block)."""
         with self._lock:
-            bucket = self._free.get(nbytes)
-            return bucket.pop() if bucket else np.empty(nbytes, np.uint8)
+            bucket = self._free.get((nbytes, pinned))
+            if bucket:
+                return bucket.pop()
+        return transfers.pinned_zeros(nbytes) if pinned else np.zeros(nbytes, np.uint8)
 
     def give(self, buffers: list[np.ndarray]) -> None:
         """Keeps ``buffers`` (a finished snapshot's) for the next snapshot, and only them."""
-        free: dict[int, list[np.ndarray]] = {}
+        free: dict[tuple[int, bool], list[np.ndarray]] = {}
         for buffer in buffers:
-            free.setdefault(buffer.size, []).append(buffer)
+            free.setdefault((buffer.size, transfers.is_pinned(buffer)), []).append(buffer)
         with self._lock:
             self._free = free
 
     def clear(self) -> None:
         with self._lock:
             self._free = {}
+            if self.layout is not None:
+                self.layout.forget_buffer()
 
 
 def snapshot(plan: Plan, max_inflight_bytes: int | None, staging: StagingBuffers | None = None) -> list[PlannedLeaf]:
@@ -170,6 +219,11 @@ def snapshot(plan: Plan, max_inflight_bytes: int | None, staging: StagingBuffers
     """
     staging = staging or StagingBuffers()
     budget = float("inf") if max_inflight_bytes is None else max_inflight_bytes
+    if plan.values is not None:
+        if plan.nbytes <= budget:
+            _snapshot_reused(plan, staging)
+            return []
+        plan.materialize()
     if plan.packed:
         buffer = staging.take(plan.packed_nbytes)
         plan.staging.append(buffer)
@@ -194,6 +248,27 @@ def snapshot(plan: Plan, max_inflight_bytes: int | None, staging: StagingBuffers
             np.copyto(leaf.host.array, array)
         budget -= leaf.nbytes
     return uncopied
+
+
+def _snapshot_reused(plan: Plan, staging: StagingBuffers) -> None:
+    """:func:`snapshot` of a plan that reused a layout: every leaf with bytes is copied straight into
+    its place (packed leaves into views of the packed buffer made once per buffer); transfers from
+    devices all start first, and the snapshot waits for them once (:class:`ckpt.transfers.ToHost`)."""
+    layout, values, copies = plan.layout, plan.values, plan.copies
+    pinned = layout.pinned
+    if layout.packed_nbytes:
+        buffer = staging.take(layout.packed_nbytes, pinned)
+        plan.staging.append(buffer)
+        plan.packed_buffer = buffer
+        layout.use_buffer(buffer)
+    to_host = transfers.ToHost(values, layout.device_leaves)
+    for i, view in layout.packed_views:
+        copies[i] = to_host.copy(i, view)
+    for i in layout.own_arrays:
+        buffer = staging.take(layout.nbytes[i], pinned)
+        plan.staging.append(buffer)
+        copies[i] = to_host.copy(i, layout.view_of(i, buffer))
+    to_host.wait()
 
 
 class StepWriter:
@@ -392,6 +467,7 @@ class StepWriter:
 
     def run(self, step: int | None) -> dict:
         """Writes everything not yet written, then commits; returns the manifest."""
+        self.plan.materialize()
         self.prepare_dir()
         self._barrier("prepared")
         self.write_arrays(self.plan.arrays)

@@ -386,7 +386,9 @@ class Checkpointer:
             return self._local.save(step, checkpointables, force=force, overwrite=overwrite, blocking=blocking,
                                     preempted=self.reached_preemption(step), metrics=metrics,
                                     custom_metadata=custom_metadata)
-        plan = saving.plan(checkpointables, metrics=metrics, custom_metadata=custom_metadata)
+        plan = saving.plan(checkpointables, metrics=metrics, custom_metadata=custom_metadata,
+                           previous=self._staging.layout)
+        self._staging.layout = plan.layout
         final = self._directory / step_lib.checked_name(self._name_format, step)
         self.wait()
         if self._processes.index == 0:

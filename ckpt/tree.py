@@ -37,6 +37,7 @@ class Node:
     children: list["Node"] = dataclasses.field(default_factory=list)
     name: str | None = None
     rebuild: Callable[[list[Any]], Any] | None = None
+    container: type | None = None  # the flattened container's type (absent for structures read from a manifest)
 
 
 LEAF = Node("leaf")  # every leaf's node: nodes are never changed once built
@@ -85,6 +86,12 @@ def _jax_children(x: Any) -> tuple[list[KeyEntry], list[Any], Any] | None:
     return keys, children, treedef
 
 
+def children(x: Any) -> tuple[list[Any], list[Any]] | None:
+    """The keys and children of a registered jax pytree node, one level down; None for anything else."""
+    found = _jax_children(x)
+    return None if found is None else ([key for _, key in found[0]], found[1])
+
+
 def flatten(tree: Any, *, prefix: KeyPath = ()) -> tuple[Node, list[tuple[KeyPath, Any]]]:
     """Splits ``tree`` into its structure and its ``(key_path, leaf)`` pairs, in a stable order.
 
@@ -107,15 +114,17 @@ def flatten(tree: Any, *, prefix: KeyPath = ()) -> tuple[Node, list[tuple[KeyPat
                     )
                 keys.append(("key", k))
             children = [visit(x[k], path + (entry,)) for (_, k), entry in zip(keys, keys)]
-            return Node("dict", keys, children, rebuild=lambda vals, ks=list(x), t=type(x): t(zip(ks, vals)))
+            return Node("dict", keys, children, rebuild=lambda vals, ks=list(x), t=type(x): t(zip(ks, vals)),
+                        container=type(x))
         if _is_namedtuple(x):
             keys = [("attr", f) for f in type(x)._fields]
             children = [visit(v, path + (k,)) for k, v in zip(keys, x)]
-            return Node("namedtuple", keys, children, name=type(x).__name__, rebuild=lambda vals, t=type(x): t(*vals))
+            return Node("namedtuple", keys, children, name=type(x).__name__, rebuild=lambda vals, t=type(x): t(*vals),
+                        container=type(x))
         if type(x) in (list, tuple):
             keys = [("idx", i) for i in range(len(x))]
             children = [visit(v, path + (k,)) for k, v in zip(keys, x)]
-            return Node(type(x).__name__, keys, children, rebuild=type(x))
+            return Node(type(x).__name__, keys, children, rebuild=type(x), container=type(x))
         if x is not None:
             node = _jax_children(x)
             if node is not None:
@@ -124,7 +133,7 @@ def flatten(tree: Any, *, prefix: KeyPath = ()) -> tuple[Node, list[tuple[KeyPat
                 jax = sys.modules["jax"]
                 return Node(
                     "pytree", keys, children, name=type(x).__name__,
-                    rebuild=lambda vals, td=treedef: jax.tree_util.tree_unflatten(td, vals),
+                    rebuild=lambda vals, td=treedef: jax.tree_util.tree_unflatten(td, vals), container=type(x),
                 )
         leaves.append((path, x))
         return LEAF

@@ -1,0 +1,160 @@
+"""The layout of a saved tree, kept from one async save to plan the next one of the same tree.
+
+A training loop saves the same structure, shapes and dtypes at every step; only the values change.
+Planning a save (flattening with key paths, classifying each leaf, building its manifest entry and
+its place in the packed array) costs several microseconds of Python per leaf, which is most of the
+blocking time of a state of thousands of small leaves. :class:`Layout` keeps what a plan decided, as
+tables (one list per field, not an object per leaf); :meth:`Layout.leaves_of` finds the leaves of a
+new tree in one walk along the saved structure and checks each leaf's type, shape and dtype against
+the table; when all match, the snapshot copies the leaves straight into the places the table gives,
+and the manifest entries are made in the background.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import sys
+from typing import Any
+
+import numpy as np
+
+from ckpt import leaves as leaves_lib
+from ckpt import tree as tree_lib
+from ckpt.tree import KeyPath
+
+_DICTS = (dict, collections.OrderedDict)
+
+
+@dataclasses.dataclass
+class Layout:
+    """What a plan decided about each leaf, in flatten order over the checkpointables (see the module).
+
+    ``meta[i]`` is leaf i's manifest entry before any checksum; ``location[i]`` is "inline",
+    "packed" (at ``offset[i]``) or "array" (``array_name[i]``).
+    """
+
+    names: tuple[str, ...]
+    walkers: list[tuple]
+    structures: dict[str, dict]
+    counts: list[int]
+    paths: list[KeyPath]
+    signature: list[Any]
+    meta: list[dict]
+    location: list[str]
+    offset: list[int]
+    nbytes: list[int]
+    array_name: list[str]
+    packed_nbytes: int
+    buffer: np.ndarray | None = None  # the packed staging buffer that ``packed_views`` view
+    packed_views: list[tuple[int, np.ndarray]] = dataclasses.field(default_factory=list)
+
+    def __post_init__(self):
+        self.total_nbytes = sum(n for n, where in zip(self.nbytes, self.location) if where != "inline")
+        self.own_arrays = [i for i, where in enumerate(self.location) if where == "array"]
+        kinds = [s[0] if type(s) is tuple else s for s in self.signature]
+        torch = sys.modules.get("torch")
+        self.device_leaves = [i for i, kind in enumerate(kinds) if kind.__module__.startswith(("torch", "jax"))]
+        self.pinned = torch is not None and any(  # torch leaves on an accelerator: stage in page-locked memory
+            kinds[i] is torch.Tensor and self.signature[i][3].type == "cuda" for i in self.device_leaves)
+
+    def use_buffer(self, buffer: np.ndarray) -> None:
+        """Makes the views of each packed leaf in ``buffer`` (once per buffer: the next snapshot
+        usually gets the same one back)."""
+        if buffer is not self.buffer:
+            self.buffer = buffer
+            self.packed_views = [(i, self.view_of(i, buffer[self.offset[i]: self.offset[i] + self.nbytes[i]]))
+                                 for i, where in enumerate(self.location) if where == "packed"]
+
+    def forget_buffer(self) -> None:
+        self.buffer, self.packed_views = None, []
+
+    def view_of(self, i: int, raw: np.ndarray) -> np.ndarray:
+        """Leaf i's bytes in ``raw`` (flat uint8 of its size) as its dtype and shape."""
+        meta = self.meta[i]
+        return raw.view(leaves_lib.parse_dtype(meta["dtype"])).reshape(meta["shape"])
+
+    def leaves_of(self, checkpointables: dict[str, Any]) -> list[Any] | None:
+        """The leaves of ``checkpointables`` in flatten order when they have this layout's structure and
+        each leaf its type, shape and dtype; None otherwise."""
+        if tuple(checkpointables) != self.names:
+            return None
+        found: list[Any] = []
+        for walker, tree in zip(self.walkers, checkpointables.values()):
+            if not _walk(walker, tree, found):
+                return None
+        if len(found) != len(self.signature) or list(map(signature, found)) != self.signature:
+            return None
+        return found
+
+
+def of(names: tuple[str, ...], nodes: list[tree_lib.Node], structures: dict[str, dict], planned: dict[str, list],
+       values: list[Any], packed_nbytes: int) -> Layout | None:
+    """The layout of a plan (``planned``: its PlannedLeaf objects by checkpointable, ``values`` the leaves
+    they came from, in order), or None when a leaf is of a kind whose plan is never reused."""
+    signatures = [signature(value) for value in values]
+    flat = [leaf for name in names for leaf in planned[name]]
+    if None in signatures or any(leaf.host.device_array is not None for leaf in flat):
+        return None
+    return Layout(
+        names, [_walker(node) for node in nodes], structures, [len(planned[name]) for name in names],
+        [leaf.path for leaf in flat], signatures, [dict(leaf.host.meta) for leaf in flat],
+        [leaf.location for leaf in flat], [leaf.offset for leaf in flat], [leaf.nbytes for leaf in flat],
+        [leaf.array_name for leaf in flat], packed_nbytes)
+
+
+def signature(x: Any) -> Any:
+    """What must not change for a plan to be reused: the type, and for array data shape and dtype
+    (plus, for jax, the sharding); None for a leaf whose plan is never reused."""
+    kind = type(x)
+    if kind in leaves_lib.INLINE_TYPES:
+        return kind
+    if kind is np.ndarray:
+        return (kind, x.shape, x.dtype)
+    if kind is bytes:
+        return (kind, len(x))
+    if isinstance(x, np.generic):  # immutable: kept as is, no copy
+        return (kind, x.dtype)
+    torch = sys.modules.get("torch")
+    if torch is not None and kind is torch.Tensor:
+        return (kind, x.shape, x.dtype, x.device)
+    jax = sys.modules.get("jax")
+    if jax is not None and isinstance(x, jax.Array) and not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        return (kind, x.shape, x.dtype, x.sharding)
+    return None
+
+
+def _walker(node: tree_lib.Node) -> tuple:
+    """A compact form of a structure for :func:`_walk`: (kind, container type, keys, children,
+    whether every child is a leaf)."""
+    if node.kind == "leaf":
+        return ("leaf",)
+    children = [_walker(child) for child in node.children]
+    keys = [key for _, key in node.keys]
+    return (node.kind, node.container, keys, children, all(c[0] == "leaf" for c in children))
+
+
+def _walk(walker: tuple, x: Any, out: list[Any]) -> bool:
+    """Appends the leaves of ``x`` to ``out`` if ``x`` has the structure of ``walker``; False if not."""
+    kind = walker[0]
+    if kind == "leaf":
+        out.append(x)
+        return True
+    if type(x) is not walker[1]:
+        return False
+    if kind == "dict":
+        if list(x) != walker[2]:
+            return False
+        values: Any = x.values()
+    elif kind == "pytree":
+        found = tree_lib.children(x)
+        if found is None or found[0] != walker[2]:
+            return False
+        values = found[1]
+    else:  # list, tuple, namedtuple: the type fixes a namedtuple's length
+        if len(x) != len(walker[3]):
+            return False
+        values = x
+    if walker[4]:
+        out.extend(values)
+        return True
+    return all(_walk(child, value, out) for child, value in zip(walker[3], values))

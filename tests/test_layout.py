@@ -1,0 +1,110 @@
+"""A save of the same tree as the last one reuses its layout (ckpt.layout), and saves exactly what a
+fresh plan would: the values at the call, for every kind of leaf, packed or in its own array."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import ckpt
+from ckpt import format as fmt
+from ckpt import saving
+
+torch = pytest.importorskip("torch")
+jax = pytest.importorskip("jax")
+import jax.numpy as jnp  # noqa: E402
+
+BIG = (1 << 20) // 4 + 5  # float32 elements over the packing threshold
+
+
+def mixed_state(seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    return {
+        "numpy": {f"a{i}": rng.standard_normal(i + 1).astype(np.float32) for i in range(20)},
+        "zero_d": [np.array(rng.standard_normal(), np.float64) for _ in range(5)],
+        "big": rng.standard_normal(BIG).astype(np.float32),
+        "big_endian": rng.standard_normal(7).astype(">f8"),
+        "torch": {"w": torch.from_numpy(rng.standard_normal((3, 4)).astype(np.float32)),
+                  "bf16": torch.ones(5, dtype=torch.bfloat16) * seed, "t": torch.arange(6).reshape(2, 3).T},
+        "jax": {"x": jnp.asarray(rng.standard_normal(9).astype(np.float32)), "big": jnp.full((BIG,), seed, jnp.float32)},
+        "scalars": {"step": seed, "lr": 0.5 * seed, "name": f"run-{seed}", "flag": seed % 2 == 0, "none": None,
+                    "np": np.float32(seed), "bytes": bytes([seed] * 3)},
+    }
+
+
+def assert_same(loaded, state):
+    flat_loaded, flat_state = jax.tree.leaves(loaded, is_leaf=lambda x: x is None), jax.tree.leaves(state, is_leaf=lambda x: x is None)
+    assert len(flat_loaded) == len(flat_state)
+    for got, want in zip(flat_loaded, flat_state):
+        if isinstance(want, (torch.Tensor, jax.Array, np.ndarray, np.generic)):
+            want = want.float().numpy() if isinstance(want, torch.Tensor) else np.asarray(want)
+            got = got.float().numpy() if isinstance(got, torch.Tensor) else np.asarray(got)
+            np.testing.assert_array_equal(got, want)
+        else:
+            assert got == want and type(got) is type(want)
+
+
+def test_a_second_save_of_the_same_tree_reuses_the_layout_and_saves_the_new_values(tmp_path):
+    with ckpt.Checkpointer(tmp_path) as ckptr:
+        ckptr.save_async(0, mixed_state(0))
+        first = ckptr._staging.layout
+        assert first is not None
+        state = mixed_state(0)
+        for step in (1, 2, 3):
+            new = mixed_state(step)
+            state["numpy"]["a3"][:] = new["numpy"]["a3"]      # changed in place
+            state["big"][:] = new["big"]
+            state["torch"]["w"].copy_(new["torch"]["w"])
+            state["jax"], state["scalars"], state["zero_d"] = new["jax"], new["scalars"], new["zero_d"]
+            plan = saving.plan({"state": state}, previous=first)
+            assert plan.values is not None, "the same structure, shapes and dtypes reuse the layout"
+            ckptr.save_async(step, state, force=True)
+            assert ckptr._staging.layout is first
+            expected = {k: v for k, v in mixed_state(step).items()}
+            expected["numpy"] = {**mixed_state(0)["numpy"], "a3": new["numpy"]["a3"]}
+            expected["torch"] = {**mixed_state(0)["torch"], "w": new["torch"]["w"]}
+            expected["big_endian"] = mixed_state(0)["big_endian"]
+            state["big"][:] = 0                               # after the call: not in the checkpoint
+            state["torch"]["w"].zero_()
+            ckptr.wait()
+            assert_same(ckptr.load(step), expected)
+            state["big"][:] = new["big"]
+            state["torch"]["w"].copy_(new["torch"]["w"])
+
+
+def test_a_reused_layout_writes_the_same_tree_json_as_a_fresh_plan(tmp_path):
+    state = mixed_state(4)
+    with ckpt.Checkpointer(tmp_path / "reused") as ckptr:
+        ckptr.save_async(0, mixed_state(1))
+        ckptr.save_async(1, state, force=True)
+        assert ckptr.save(2, state, force=True)  # a sync save reuses it as well
+    with ckpt.Checkpointer(tmp_path / "fresh") as ckptr:
+        ckptr.save(1, state)
+    fresh = json.loads((tmp_path / "fresh" / "1" / fmt.TREE).read_text())
+    for step in ("1", "2"):
+        assert json.loads((tmp_path / "reused" / step / fmt.TREE).read_text()) == fresh, step
+
+
+@pytest.mark.parametrize("change", ["shape", "dtype", "key", "type", "sharding"])
+def test_a_changed_tree_is_planned_afresh_and_saved_as_it_is(tmp_path, change):
+    state = mixed_state(0)
+    previous = saving.plan({"state": state}).layout
+    changed = mixed_state(0)
+    if change == "shape":
+        changed["numpy"]["a0"] = np.zeros(2, np.float32)
+    elif change == "dtype":
+        changed["torch"]["w"] = changed["torch"]["w"].double()
+    elif change == "key":
+        changed["scalars"]["renamed"] = changed["scalars"].pop("step")
+    elif change == "type":
+        changed["scalars"]["step"] = 1.5
+    else:
+        mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("d",))
+        changed["jax"]["x"] = jax.device_put(changed["jax"]["x"], jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    assert saving.plan({"state": changed}, previous=previous).values is None
+    with ckpt.Checkpointer(tmp_path) as ckptr:
+        ckptr.save_async(0, state)
+        ckptr.save_async(1, changed, force=True)
+        ckptr.wait()
+        assert_same(ckptr.load(1), changed)

@@ -21,10 +21,11 @@ is created empty. ``checkpoints`` and ``latest`` list both tiers; each entry is 
 :class:`TieredCheckpointMetadata` that says where the step lives.
 
 A preemption (SIGTERM, ``ckpt.preemption.notify()``, JAX's preemption sync point) saves the current
-step locally at once and promotes it. ``wait()``/``close()`` then wait for the promotion for at most
-``grace_period_secs`` (counted from the save), and log how long it took, or that the step is on the
-local tier only. An interrupted promotion leaves no listed step: its leftovers are swept by the next
-writer of the durable root.
+step locally at once and promotes it. ``wait()`` then waits for the promotion for at most
+``grace_period_secs`` (counted from the save) and logs how long it took, or that the step is on the
+local tier only; past that, ``close()`` (as the interpreter at exit) lets the upload go on until it
+ends or the job is killed. An interrupted promotion leaves no listed step: its leftovers are swept by
+the next writer of the durable root.
 
 Multi-process jobs: each process's local tier is its own directory (``<directory>/process_<i>``) and
 holds the shards that process owns, plus every replicated leaf. A promotion copies each process's
@@ -81,8 +82,9 @@ class LocalCheckpointOptions:
         save is in flight, and on preemption.
       preservation_policy: what to keep locally; default ``LatestN(2)``. A step waiting for its
         promotion to the durable tier is kept until it is copied.
-      grace_period_secs: after a preemption, how long ``wait()``/``close()`` wait for the current
-        step's promotion to the durable tier (counted from its save).
+      grace_period_secs: after a preemption, how long ``wait()`` waits for the current step's
+        promotion to the durable tier (counted from its save) before it logs that the step is on the
+        local tier only and returns.
 
     Example::
 

@@ -132,3 +132,21 @@ def test_the_benchmark_reports_blocking_and_lost_work_for_two_tiers_and_durable_
         assert figures["blocking"]["median_ms"] > 0
         assert 0 <= figures["lost_steps_process_kill"]["mean"] <= figures["lost_steps_machine_lost"]["mean"] <= 40
     assert "two_tiers" in printed and "lost/kill mean" in printed
+
+
+def test_a_promotion_that_outlasts_the_grace_period_is_reported_and_the_upload_still_ends(tmp_path, caplog):
+    local = ckpt.LocalCheckpointOptions(tmp_path / "local", grace_period_secs=0)
+    try:
+        with ckpt.Checkpointer(tmp_path / "durable", save_decision_policy=sdp.FixedIntervalPolicy(1000),
+                               local=local) as ckptr, caplog.at_level(logging.WARNING, "ckpt"):
+            ckptr.save_async(1, tiers_worker.state(1))  # the local tier only
+            ckpt.preemption.notify()
+            ckptr.save_async(2, tiers_worker.state(2))
+            assert ckptr.reached_preemption(2)
+            ckptr.wait()  # returns once the local save is committed: no grace left for the upload
+            assert "step 2 is on the local tier only: its promotion did not finish within the grace period" in caplog.text
+    finally:
+        ckpt.preemption.reset()
+    with ckpt.Checkpointer(tmp_path / "durable") as durable:  # close() let the upload end
+        assert [c.step for c in durable.checkpoints] == [2]
+        assert_bit_exact(durable.load(), 2)

@@ -206,17 +206,17 @@ class LocalTier:
 
     # ------------------------------------------------------------------------------ saving
     def save(self, step: int, checkpointables: dict[str, Any], *, force: bool, overwrite: bool, blocking: bool,
-             preempted: bool, metrics: Any, custom_metadata: Any) -> background.AsyncResponse[bool] | None:
+             preempted: bool, metrics: Any, custom_metadata: Any) -> background.AsyncResponse[bool]:
         """Saves ``step`` locally and promotes it when the durable tier wants it (``force``: both tiers).
-
-        Called after a positive decision (or with ``force``); returns None when neither tier saves."""
+        Called after a positive decision of either tier (or with ``force``)."""
         promote = force or preempted or self._decided == (step, True)
-        local_info = next((c for c in self.checkpointer.checkpoints if c.step == step), None)
-        if local_info is None or overwrite:
+        if promote:  # kept by the local preservation policy until copied
+            with self._lock:
+                self._promoting.add(step)
+        if not overwrite and any(c.step == step for c in self.checkpointer.checkpoints):
+            local = background.finished(True)  # a forced save of a step the local tier holds: promote that copy
+        else:
             save = self.checkpointer.save_checkpointables if blocking else self.checkpointer.save_checkpointables_async
-            if promote:
-                with self._lock:
-                    self._promoting.add(step)
             try:
                 local = save(step, checkpointables, force=True, overwrite=overwrite, metrics=metrics,
                              custom_metadata=custom_metadata)
@@ -224,12 +224,6 @@ class LocalTier:
                 self._finished(step)
                 raise
             local = background.finished(local) if blocking else local
-        elif promote:  # already saved locally (a forced save of a step the local policy took): promote that copy
-            with self._lock:
-                self._promoting.add(step)
-            local = background.finished(True)
-        else:
-            return None
         if not promote:
             return local
         if self._durable.processes.index == 0:

@@ -11,6 +11,7 @@ Example::
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from ckpt import format as fmt
@@ -20,6 +21,12 @@ from ckpt import loading, orbax, storage
 def is_step(path: storage.Location) -> bool:
     """Whether ``path`` is a committed step directory of either format."""
     return (path / fmt.MANIFEST).exists() or orbax.is_step(path)
+
+
+def _by_orbax(step_dir: storage.Location) -> bool:
+    """A step Orbax wrote: asked only of directories without ckpt's manifest (a root's listing asks for
+    every step)."""
+    return isinstance(step_dir, Path) and not (step_dir / fmt.MANIFEST).exists() and orbax.is_step(step_dir)
 
 
 def step_of(path: storage.Location, info: dict) -> int | None:
@@ -33,7 +40,7 @@ def step_of(path: storage.Location, info: dict) -> int | None:
 
 def is_orbax(step_dir: storage.Location) -> bool:
     """Whether the step directory was written by Orbax."""
-    return orbax.is_step(step_dir)
+    return _by_orbax(step_dir)
 
 
 def info(step_dir: storage.Location) -> dict:
@@ -43,12 +50,12 @@ def info(step_dir: storage.Location) -> dict:
     Raises:
       CheckpointCorruptedError: the step's metadata cannot be read.
     """
-    return orbax.info(step_dir) if orbax.is_step(step_dir) else loading.read_manifest(step_dir)
+    return orbax.info(step_dir) if _by_orbax(step_dir) else loading.read_manifest(step_dir)
 
 
 def trees(step_dir: storage.Location, names: list[str] | None = None) -> dict[str, dict]:
     """The step's checkpointables (those in ``names``, or all): name -> ``{"tree", "leaves"}`` as in tree.json."""
-    if orbax.is_step(step_dir):
+    if _by_orbax(step_dir):
         return orbax.Step(step_dir, names).trees
     found = loading.read_tree(step_dir, loading.read_manifest(step_dir))["checkpointables"]
     missing = [n for n in names or () if n not in found]
@@ -60,6 +67,6 @@ def trees(step_dir: storage.Location, names: list[str] | None = None) -> dict[st
 def load_checkpointables(step_dir: storage.Location, abstract: dict[str, Any] | None, *,
                          partial_load: bool = False) -> dict[str, Any]:
     """Loads the named checkpointables of a step of either format (all of them when ``abstract`` is None)."""
-    if orbax.is_step(step_dir):
+    if _by_orbax(step_dir):
         return orbax.Step(step_dir, None if abstract is None else list(abstract)).load(abstract, partial_load=partial_load)
     return loading.load_checkpointables(step_dir, abstract, partial_load=partial_load)

@@ -207,6 +207,23 @@ def test_an_item_ckpt_cannot_read_raises_saying_so(orbax_runs, tmp_path):
         assert ckptr.load(1)["step"] == 1  # the other checkpointables load by name
 
 
+def test_a_step_of_orbax_before_0_5_is_listed_and_its_items_load_or_say_why_not(orbax_runs, tmp_path):
+    root = copy_run(orbax_runs, "named", tmp_path)
+    step_dir = root / "7"
+    (step_dir / "_CHECKPOINT_METADATA").unlink()  # older Orbax wrote none: the items are the directories
+    (step_dir / "commit_success.txt").unlink()
+    shutil.rmtree(step_dir / "std")
+    (step_dir / "std").mkdir()
+    (step_dir / "std" / "checkpoint").write_bytes(b"\x82\xa1w\xc4\x03abc")  # a msgpack PyTree of Orbax < 0.5
+    with ckpt.Checkpointer(root) as ckptr:
+        assert [c.step for c in ckptr.checkpoints] == [7] and ckptr.latest.metrics == {"loss": 0.25}
+        trees = ckptr.load_checkpointables(7, {"model": orbax_writer.mixed_abstract(7), "cfg": None})
+        assert_same(trees["model"], orbax_writer.mixed_state(7))
+        assert trees["cfg"] == {"lr": 0.1, "layers": [64, 1], "name": "mlp"}
+        with pytest.raises(errors.UnsupportedLayoutError, match="'checkpoint'"):
+            ckptr.load(7, checkpointable_name="std")
+
+
 def test_a_symlink_in_an_orbax_item_is_refused(orbax_runs, tmp_path):
     root = copy_run(orbax_runs, "v1", tmp_path)
     (tmp_path / "elsewhere").write_text("{}")

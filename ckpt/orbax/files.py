@@ -61,6 +61,14 @@ def is_plain_dir(path: Path) -> bool:
         return False
 
 
+def is_plain_file(path: Path) -> bool:
+    """A regular file that is not a symlink."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
 def is_plain_name(name: Any) -> bool:
     """A name of one entry of a directory (no separator, not ``.``/``..``, not hidden)."""
     return (isinstance(name, str) and bool(name) and not name.startswith(".")

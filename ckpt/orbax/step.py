@@ -33,13 +33,26 @@ _PYTREE_HANDLERS = ("PyTreeHandler", "PyTreeCheckpointHandler", "StandardCheckpo
 _JSON_HANDLERS = ("JsonHandler", "JsonCheckpointHandler", "MetricsHandler")
 
 
+_ITEM_MARKERS = ("_METADATA", "manifest.ocdbt", "checkpoint")  # never in a root: its steps are no items
+
+
 def is_step(path: Any) -> bool:
-    """Whether ``path`` is a local directory Orbax wrote as a step (it has ``_CHECKPOINT_METADATA``)."""
-    return isinstance(path, Path) and files.is_plain_dir(path) and os.path.lexists(path / CHECKPOINT_METADATA)
+    """Whether ``path`` is a local directory Orbax wrote as a step: it has ``_CHECKPOINT_METADATA`` or
+    ``commit_success.txt``, or (Orbax before 0.5) an item directory with Orbax's files. A step of a
+    layout ckpt cannot read is still one: loading it says so, and the root never looks empty."""
+    if not (isinstance(path, Path) and files.is_plain_dir(path)):
+        return False
+    if os.path.lexists(path / CHECKPOINT_METADATA) or os.path.lexists(path / COMMIT_SUCCESS):
+        return True
+    return any(files.is_plain_dir(path / name) and any(os.path.lexists(path / name / m) for m in _ITEM_MARKERS)
+               for name in os.listdir(path))
 
 
 def _step_metadata(step_dir: Path) -> dict:
-    data = files.read_json(step_dir / CHECKPOINT_METADATA, step_dir)
+    try:
+        data = files.read_json(step_dir / CHECKPOINT_METADATA, step_dir)
+    except FileNotFoundError:  # Orbax before 0.5
+        return {}
     if not isinstance(data, dict):
         raise CheckpointCorruptedError(f"{step_dir / CHECKPOINT_METADATA} is not a JSON object", path=step_dir)
     return data
@@ -97,10 +110,11 @@ class Step:
         if short in _PYTREE_HANDLERS or (not short and os.path.lexists(directory / "_METADATA")):
             item = self.pytrees[name] = PyTreeItem(self.step_dir, name, directory)
             return item.doc
-        if short in _JSON_HANDLERS:
+        if short in _JSON_HANDLERS or not short and _json_file(directory) is not None:
             return _json_doc(self.step_dir, directory)
+        what = f"Orbax's {handler}" if handler else f"an Orbax handler that left {sorted(os.listdir(directory))[:5]}"
         raise UnsupportedLayoutError(
-            f"{directory} was written by Orbax's {handler or 'unnamed handler'}, which ckpt does not read (it reads "
+            f"{directory} was written by {what}, which ckpt does not read (it reads "
             f"items of {', '.join(_PYTREE_HANDLERS + _JSON_HANDLERS)}); load the other checkpointables by name: "
             f"{sorted(n for n in self.handlers if n != name)}", path=directory)
 
@@ -132,13 +146,22 @@ class Step:
                                   sources=sources, reads=reads)
 
 
-def _json_doc(step_dir: Path, directory: Path) -> dict:
-    """A JSON item as a tree of inline leaves: its one file (``metadata`` for v0's JsonCheckpointHandler)."""
+def _json_file(directory: Path) -> str | None:
+    """The name of a JSON item's one file (``metadata`` for v0's JsonCheckpointHandler), if it has one
+    that starts as JSON does."""
     names = [n for n in sorted(os.listdir(directory)) if n != COMMIT_SUCCESS and not n.startswith(".")]
-    if len(names) != 1:
-        raise UnsupportedLayoutError(f"{directory} is a JSON item with files {names}; ckpt reads one JSON file",
-                                     path=directory)
-    value = files.read_json(directory / names[0], step_dir)
+    if len(names) != 1 or not files.is_plain_file(directory / names[0]):
+        return None
+    with open(directory / names[0], "rb") as f:
+        return names[0] if f.read(1) in (b"{", b"[") else None
+
+
+def _json_doc(step_dir: Path, directory: Path) -> dict:
+    """A JSON item as a tree of inline leaves."""
+    name = _json_file(directory)
+    if name is None:
+        raise UnsupportedLayoutError(f"{directory} is a JSON item without one JSON file; ckpt reads one", path=directory)
+    value = files.read_json(directory / name, step_dir)
     node, flat = tree_lib.flatten(value)
     metas = [{"path": tree_lib.keystr(path), **leaves_lib.to_host(path, leaf).meta} for path, leaf in flat]
     return {"tree": tree_lib.to_json(node), "leaves": metas}

@@ -12,9 +12,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ckpt import background, formats, saving, storage
+from ckpt import background, formats, root, saving, storage
 from ckpt import format as fmt
-from ckpt.errors import StepAlreadyExistsError
 from ckpt.metadata import CheckpointMetadata
 from ckpt.training import checkpoint_metadata
 
@@ -23,10 +22,10 @@ def _writer(path: str | os.PathLike, checkpointables: dict[str, Any], overwrite:
             custom_metadata: Any) -> saving.StepWriter:
     final = storage.location(path)
     plan = saving.plan(checkpointables, custom_metadata=custom_metadata)
-    if final.exists() and not overwrite:
-        raise StepAlreadyExistsError(f"{final} already exists; pass overwrite=True to replace it", step=None, path=final)
+    tmp = storage.temporary_for(final)
+    root.check_target(final, tmp, step=None, overwrite=overwrite)
     storage.make_dir(final.parent)
-    return saving.StepWriter(plan, storage.temporary_for(final), final)
+    return saving.StepWriter(plan, tmp, final)
 
 
 def save_checkpointables(path: str | os.PathLike, checkpointables: dict[str, Any], *, overwrite: bool = False,

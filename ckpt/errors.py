@@ -56,6 +56,28 @@ class StepAlreadyExistsError(FileExistsError):
         self.path = path
 
 
+class ForeignEntryError(FileExistsError):
+    """Something ckpt did not write is where ckpt would write or remove: ckpt never overwrites, renames or
+    deletes it. A save to that step fails before anything is written; listing skips it with a warning.
+
+    Attributes:
+      path: the file or directory that is in the way.
+
+    Example::
+
+        Path("runs/exp1/7").mkdir(parents=True)          # a directory of the user's, named like a step
+        with ckpt.Checkpointer("runs/exp1") as ckptr:
+            try:
+                ckptr.save(7, {"w": np.ones(3)}, force=True, overwrite=True)
+            except ckpt.errors.ForeignEntryError as e:
+                print(e)                                 # names runs/exp1/7 and what it holds
+    """
+
+    def __init__(self, message: str, *, path: Path | str):
+        super().__init__(message)
+        self.path = path
+
+
 class CheckpointCorruptedError(ValueError):
     """A committed checkpoint failed a check on read: a checksum, a missing file, a bad manifest.
 

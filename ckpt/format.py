@@ -11,6 +11,9 @@ A committed step directory holds::
       arrays/<i>/     one zarr3 array (tensorstore) per large leaf, chunks checked by the crc32c codec
       packed/         one zarr3 uint8 array holding the bytes of every small leaf, each with its CRC32
 
+      .ckpt-owned     ckpt's marker, written first into every directory ckpt makes: ckpt removes a
+                      temporary or half-deleted directory only when it holds this file
+
 While written, the directory is ``<step>.ckpt-tmp``; it is renamed to ``<step>`` once complete.
 Durability order on a local file system: (1) every data file (chunks and ``zarr.json`` of ``arrays/``
 and ``packed/``) is written and fsync'd, with its directory, by tensorstore; (2) tree.json, then
@@ -38,6 +41,7 @@ ROOT_METADATA = "ckpt-root.json"
 LOCK = ".ckpt.lock"
 TMP_SUFFIX = ".ckpt-tmp"
 DELETING_SUFFIX = ".ckpt-deleting"
+MARKER = ".ckpt-owned"            # in every directory ckpt makes: only a directory holding it is ever removed
 DEFAULT_CHECKPOINTABLE = "state"
 RESERVED_NAMES = frozenset({"metrics", "AUTO", MANIFEST, TREE, ARRAYS, PACKED})
 

@@ -1,8 +1,9 @@
 """Object-store roots (``s3://bucket/path``, ``gs://bucket/path``) through tensorstore's kvstore drivers.
 
 An object store has no rename: a step is written in place under its final name, and its
-``manifest.json``, written last, is the commit record. Steps without one are not listed and are
-removed by ``cleanup_tmp_directories``; deletion removes the manifest first.
+``manifest.json``, written last, is the commit record. Steps without one are not listed; those that
+hold ckpt's marker (``.ckpt-owned``, written first) are removed by the next writer, others are never
+touched. Deletion removes the manifest first and the marker last.
 
 S3 settings come from the usual environment variables: ``AWS_ENDPOINT_URL`` (e.g. a local
 S3-compatible server), ``AWS_REGION``, and the credentials (``AWS_ACCESS_KEY_ID``, ...).
@@ -111,7 +112,16 @@ class ObjectPath:
         n = len(self.key) + 1 if self.key else 0
         return sorted({key.decode()[n:].split("/", 1)[0] for key in self._store().list(self._prefix_range()).result()})
 
-    def remove_tree(self) -> None:
+    def remove_tree(self, *, last: str | None = None) -> None:
+        """Deletes this object and everything below it; the object named ``last`` directly below it goes
+        last, so that a crash midway leaves it."""
         store = self._store()
-        store.delete_range(self._prefix_range()).result()
+        prefix = self._prefix_range()
+        if last is None:
+            store.delete_range(prefix).result()
+        else:
+            kept = f"{self.key}/{last}".encode() if self.key else last.encode()
+            store.delete_range(ts.KvStore.KeyRange(prefix.inclusive_min, kept)).result()
+            store.delete_range(ts.KvStore.KeyRange(kept + b"\0", prefix.exclusive_max)).result()
+            store.delete_range(ts.KvStore.KeyRange(kept, kept + b"\0")).result()
         store.delete_range(ts.KvStore.KeyRange(self.key.encode(), self.key.encode() + b"\0")).result()

@@ -294,11 +294,10 @@ class StepWriter:
         self.progress = progress.Tracker(f"saving {final_dir}", plan.nbytes)
 
     def prepare_dir(self) -> None:
-        """Creates a fresh temporary directory (removing one a crashed save left)."""
+        """Creates a fresh temporary directory, marked as ckpt's (removing one a crashed save left)."""
         if self._prepared:
             return
-        storage.remove_tree(self.tmp_dir)
-        storage.make_dir(self.tmp_dir, mode=self.dir_mode)
+        storage.make_temporary(self.tmp_dir, mode=self.dir_mode)
         self._prepared = True
 
     def hand_off(self, max_inflight_bytes: int | None = None, staging: StagingBuffers | None = None) -> None:

@@ -14,6 +14,7 @@ import math
 import os
 import re
 import shutil
+import stat
 from pathlib import Path
 from typing import Iterator
 
@@ -21,7 +22,7 @@ import numpy as np
 import tensorstore as ts
 
 from ckpt import format as fmt
-from ckpt.errors import DirectoryLockedError
+from ckpt.errors import DirectoryLockedError, ForeignEntryError
 from ckpt.objectstore import ObjectPath, is_url
 
 Location = Path | ObjectPath
@@ -85,14 +86,94 @@ def write_file_atomic(path: Path, data: bytes, *, mode: int | None = None) -> No
     fsync_path(path.parent)
 
 
-def remove_tree(path: Path) -> None:
-    """Removes a directory tree; a path that is already gone is fine."""
+def describe(path: Location) -> str:
+    """What is at ``path``, in words, for messages: a regular file of 12 bytes, a symbolic link to ...,
+    a directory holding a, b (and 3 more), nothing. Never follows a symbolic link."""
+    names = None
     if isinstance(path, ObjectPath):
-        return path.remove_tree()
+        names = path.children()
+        if not names:
+            return "an object" if path.exists() else "nothing"
+    else:
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return "nothing"
+        if stat.S_ISLNK(st.st_mode):
+            return f"a symbolic link to {os.readlink(path)!r}"
+        if stat.S_ISREG(st.st_mode):
+            return f"a regular file of {st.st_size} bytes"
+        if not stat.S_ISDIR(st.st_mode):
+            return "a special file (a FIFO, socket or device)"
+        try:
+            names = sorted(os.listdir(path))
+        except OSError as e:
+            return f"a directory that cannot be listed ({e.strerror})"
+    if not names:
+        return "an empty directory"
+    more = f" (and {len(names) - 5} more)" if len(names) > 5 else ""
+    return f"a directory holding {', '.join(repr(n) for n in names[:5])}{more}"
+
+
+def mark(directory: Location) -> None:
+    """Writes ckpt's marker (``.ckpt-owned``) into a directory ckpt made, durably: a directory is removed by
+    ckpt only while it holds the marker, so a crash at any moment of a removal leaves it still marked."""
+    write_file(directory / fmt.MARKER, b"made by ckpt: ckpt may remove this directory\n")
+
+
+def is_marked(directory: Location) -> bool:
+    """Whether ``directory`` is a real directory (not a link) that holds ckpt's marker as a regular file."""
+    if isinstance(directory, ObjectPath):
+        return (directory / fmt.MARKER).exists()
     try:
-        shutil.rmtree(path)
+        return stat.S_ISDIR(os.lstat(directory).st_mode) and stat.S_ISREG(os.lstat(directory / fmt.MARKER).st_mode)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+
+
+def remove_owned(directory: Location) -> None:
+    """Removes a directory ckpt made: everything in it but the marker, then the marker, then the directory
+    (a crash leaves it marked, or empty). A path already gone is fine.
+
+    Raises:
+      ForeignEntryError: ``directory`` holds no marker and is not empty (ckpt did not make it), or it is a
+        file or a symbolic link: nothing is removed.
+    """
+    if isinstance(directory, ObjectPath):
+        if directory.children() and not is_marked(directory):
+            raise _foreign(directory)
+        return directory.remove_tree(last=fmt.MARKER)
+    try:
+        names = os.listdir(directory) if stat.S_ISDIR(os.lstat(directory).st_mode) else None
     except FileNotFoundError:
-        pass
+        return
+    if names is None or (names and not is_marked(directory)):
+        raise _foreign(directory)
+    for name in names:
+        if name != fmt.MARKER:
+            path = os.path.join(directory, name)
+            if stat.S_ISDIR(os.lstat(path).st_mode):
+                shutil.rmtree(path)  # never follows symbolic links
+            else:
+                os.unlink(path)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(directory / fmt.MARKER)
+    os.rmdir(directory)
+
+
+def _foreign(path: Location) -> ForeignEntryError:
+    return ForeignEntryError(f"{path} was not made by ckpt (it holds {describe(path)}, without ckpt's {fmt.MARKER} "
+                             "marker): ckpt never removes it. Move it away if it is not needed.", path=path)
+
+
+def make_temporary(tmp: Location, *, mode: int | None = None) -> None:
+    """A fresh, marked directory at ``tmp`` to write a step into: a temporary that ckpt left there is removed
+    first (on an object store, where a step is written in place, so is the committed step it replaces)."""
+    if isinstance(tmp, ObjectPath) and (tmp / fmt.MANIFEST).exists():
+        delete_dir(tmp)
+    remove_owned(tmp)
+    make_dir(tmp, mode=mode)
+    mark(tmp)
 
 
 def make_dir(path: Location, *, mode: int | None = None) -> None:
@@ -248,11 +329,6 @@ def temporary_for(final: Location) -> Location:
     return final if isinstance(final, ObjectPath) else final.with_name(final.name + fmt.TMP_SUFFIX)
 
 
-def is_committed(step_dir: Location) -> bool:
-    """Whether a directory named like a step is a committed one (always, locally: it was renamed)."""
-    return not isinstance(step_dir, ObjectPath) or (step_dir / fmt.MANIFEST).exists()
-
-
 def commit_dir(tmp: Location, final: Location) -> None:
     """Makes a fully written step visible: fsyncs the temporary tree, renames it to its final name
     (moving a step it replaces aside only now, and removing it after) and fsyncs the root."""
@@ -260,19 +336,21 @@ def commit_dir(tmp: Location, final: Location) -> None:
         return
     for dirpath, _, _ in os.walk(tmp):
         fsync_path(Path(dirpath))
-    if final.exists() and rename_exchange(tmp, final):  # no moment without the step, even on a crash
+    replaced = os.path.lexists(final)
+    if replaced:
+        mark(final)  # the committed step it replaces (checked as one before the save began) is removed below
+    if replaced and rename_exchange(tmp, final):  # no moment without the step, even on a crash
         fsync_path(final.parent)
-        remove_tree(tmp)  # the replaced step, now under the temporary name
+        remove_owned(tmp)  # the replaced step, now under the temporary name
         return
     old = final.with_name(final.name + fmt.DELETING_SUFFIX)
-    replaced = final.exists()
     if replaced:
-        remove_tree(old)
+        remove_owned(old)
         os.rename(final, old)
     os.rename(tmp, final)
     fsync_path(final.parent)
     if replaced:
-        remove_tree(old)
+        remove_owned(old)
 
 
 def rename_exchange(a: Path, b: Path) -> bool:
@@ -291,16 +369,22 @@ def rename_exchange(a: Path, b: Path) -> bool:
 
 
 def delete_dir(step_dir: Location) -> None:
-    """Deletes a committed step so that no half-deleted step is ever listed: locally renamed aside
-    first (and the root fsync'd), on an object store its manifest removed first."""
+    """Deletes a committed step (the caller has checked that it is one) so that no half-deleted step is
+    ever listed: marked as ckpt's, then locally renamed aside (and the root fsync'd), on an object store
+    its manifest removed first."""
+    if isinstance(step_dir, Path) and not stat.S_ISDIR(os.lstat(step_dir).st_mode):
+        raise _foreign(step_dir)  # a symbolic link is never followed to delete what it points at
+    mark(step_dir)
     if isinstance(step_dir, ObjectPath):
         (step_dir / fmt.MANIFEST).remove_tree()
     else:
         doomed = step_dir.with_name(step_dir.name + fmt.DELETING_SUFFIX)
+        if os.path.lexists(doomed):
+            remove_owned(doomed)
         os.rename(step_dir, doomed)
         fsync_path(step_dir.parent)
         step_dir = doomed
-    remove_tree(step_dir)
+    remove_owned(step_dir)
 
 
 def _is_plain_relative(path: str) -> bool:

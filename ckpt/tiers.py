@@ -317,8 +317,8 @@ def _copy_step(source: Path, final: storage.Location, durable: DurableRoot, barr
     With several processes each copies its own files and the primary commits after a barrier.
     Returns the bytes this process copied."""
     primary, tmp = durable.processes.index == 0, storage.temporary_for(final)
-    if primary and not isinstance(tmp, storage.ObjectPath):
-        storage.remove_tree(tmp)
+    if primary:
+        storage.make_temporary(tmp)
     _barrier(durable, f"{barrier}/prepared")
     files = sorted(p for p in source.rglob("*") if p.is_file())
     skip = {source / fmt.MANIFEST} if primary else {source / fmt.MANIFEST, source / fmt.TREE}

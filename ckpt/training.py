@@ -31,7 +31,7 @@ import time
 import warnings
 from typing import Any, Sequence
 
-from ckpt import background, distributed, formats, loading, preemption, saving, storage, tiers
+from ckpt import background, distributed, formats, loading, preemption, root, saving, storage, tiers
 from ckpt import errors
 from ckpt import format as fmt
 from ckpt.context import Context
@@ -178,21 +178,14 @@ class Checkpointer:
             ckptr.reload()
             assert ckptr.latest.step == 7
         """
-        found = step_lib.find_steps(storage.list_names(self._directory), self._name_format)
         infos = []
-        for step in sorted(found):
-            path = self._directory / found[step]
-            if not storage.is_committed(path):
-                continue
-            if self._lightweight:
-                infos.append(CheckpointMetadata(step, path))
-                continue
-            try:
-                manifest = formats.info(path)
-            except errors.CheckpointCorruptedError as e:
-                logger.warning("ckpt: ignoring step %d: %s", step, e)
-                continue
-            infos.append(self._info(step, path, manifest))
+        for entry in root.scan(self._directory, self._name_format, read_manifests=not self._lightweight):
+            if entry.kind in root.LISTED and (not infos or infos[-1].step != entry.step):
+                infos.append(CheckpointMetadata(entry.step, entry.path) if entry.manifest is None
+                             else self._info(entry.step, entry.path, entry.manifest))
+            elif entry.kind is root.Kind.FOREIGN:
+                logger.warning("ckpt: skipping %s, which holds %s: not a committed step, so ckpt never lists, "
+                               "overwrites or deletes it", entry.path, entry.holds)
         with self._infos_lock:
             self._infos = infos
         if self._local is not None:
@@ -391,6 +384,7 @@ class Checkpointer:
         self._staging.layout = plan.layout
         final = self._directory / step_lib.checked_name(self._name_format, step)
         self.wait()
+        root.check_target(final, storage.temporary_for(final), step=step, overwrite=overwrite)
         if self._processes.index == 0:
             self._take_directory()
         writer = saving.StepWriter(plan, storage.temporary_for(final), final,
@@ -403,7 +397,7 @@ class Checkpointer:
                 manifest = writer.run(step)
             except BaseException:
                 if writer.primary:
-                    storage.remove_tree(writer.tmp_dir)
+                    storage.remove_owned(writer.tmp_dir)
                 raise
             finally:
                 if plan.staging:
@@ -418,22 +412,19 @@ class Checkpointer:
         try:
             writer.hand_off(budget, self._staging)
         except BaseException:
-            storage.remove_tree(writer.tmp_dir)
+            storage.remove_owned(writer.tmp_dir)
             raise
         return self._writer.submit(job)
 
     def _take_directory(self) -> None:
-        """Becomes the root's one writer; the first time, removes what crashed saves and deletions left
-        (temporary and half-deleted directories, and uncommitted steps on an object store)."""
+        """Becomes the root's one writer; the first time, removes what crashed saves and deletions of ckpt's
+        left (temporary and half-deleted directories, and uncommitted steps on an object store)."""
         self._lock.acquire()
         if self._swept:
             return
-        names = storage.list_names(self._directory)
-        steps = step_lib.find_steps(names, self._name_format)
-        for name in names:
-            if name.endswith((fmt.TMP_SUFFIX, fmt.DELETING_SUFFIX)) or (
-                    name in steps.values() and not storage.is_committed(self._directory / name)):
-                storage.remove_tree(self._directory / name)
+        for entry in root.scan(self._directory, self._name_format, read_manifests=False):
+            if entry.kind in root.REMOVABLE:
+                storage.remove_owned(entry.path)
         self._swept = True
 
     def _committed(self, step: int, path: storage.Location, manifest: dict) -> None:
@@ -464,7 +455,7 @@ class Checkpointer:
             raise OSError(f"the checkpoint was committed, but garbage collection could not delete: {'; '.join(failures)}")
 
     def _delete(self, info: CheckpointMetadata) -> None:
-        storage.delete_dir(info.path)
+        root.delete_step(info.path, info.step)
         self._forget(info.step)
 
     def _forget(self, step: int) -> None:

@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
+import stat
 import subprocess
 from pathlib import Path
 from typing import Callable, Iterator
@@ -17,14 +18,19 @@ from ckpt.objectstore import ObjectPath
 
 
 def snapshot(root: Path) -> dict[str, str]:
-    """Every entry below ``root`` (relative path -> "dir" or the file's sha256), to show that nothing changed."""
+    """Every entry below ``root`` (relative path -> "dir", the file's sha256, "link -> target" or "special"),
+    to show that nothing changed. Symbolic links are not followed and special files (FIFOs) not read."""
     if not root.exists():
         return {}
     out = {}
-    for path in sorted(root.rglob("*")):
-        rel = str(path.relative_to(root))
-        out[rel] = "dir" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
-    return out
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            mode = path.lstat().st_mode
+            out[str(path.relative_to(root))] = (
+                f"link -> {os.readlink(path)}" if stat.S_ISLNK(mode) else "dir" if stat.S_ISDIR(mode)
+                else hashlib.sha256(path.read_bytes()).hexdigest() if stat.S_ISREG(mode) else "special")
+    return dict(sorted(out.items()))
 
 
 @contextlib.contextmanager

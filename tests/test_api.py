@@ -297,6 +297,7 @@ def test_cleanup_tmp_directories_removes_leftovers_of_crashed_saves(tmp_path):
         ckptr.save(0, {"a": 0})
     (tmp_path / "1.ckpt-tmp" / "arrays").mkdir(parents=True)
     (tmp_path / "1.ckpt-tmp" / "manifest.json").write_text("{}")
+    (tmp_path / "1.ckpt-tmp" / fmt.MARKER).write_text("")  # what ckpt writes first into a temporary
     with Checkpointer(tmp_path) as ckptr:
         assert [c.step for c in ckptr.checkpoints] == [0]
     assert (tmp_path / "1.ckpt-tmp").exists()

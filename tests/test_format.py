@@ -37,7 +37,7 @@ def test_a_step_is_one_directory_with_manifest_tree_packed_leaves_and_one_array_
         ckptr.save(7, state)
     assert sorted(p.name for p in tmp_path.iterdir()) == [fmt.LOCK, "7"]
     step_dir = tmp_path / "7"
-    assert sorted(p.name for p in step_dir.iterdir()) == ["arrays", "manifest.json", "packed", "tree.json"]
+    assert sorted(p.name for p in step_dir.iterdir()) == [fmt.MARKER, "arrays", "manifest.json", "packed", "tree.json"]
     assert sorted(p.name for p in (step_dir / "arrays").iterdir()) == ["0", "1"]
     # 50 small arrays and 2 inline values cost the packed array's metadata and one chunk, not a file each
     assert len(files_below(step_dir / "packed")) == 2
@@ -46,7 +46,7 @@ def test_a_step_is_one_directory_with_manifest_tree_packed_leaves_and_one_array_
 def test_a_thousand_small_leaves_take_a_handful_of_files(tmp_path):
     state = {f"layer{i}": {"w": np.ones((8, 8), np.float32), "b": np.zeros(8, np.float32)} for i in range(1000)}
     ckpt.save(tmp_path / "c", state)
-    assert len(files_below(tmp_path / "c")) <= 4
+    assert len(files_below(tmp_path / "c")) <= 5  # manifest, tree, the packed array's zarr.json and chunk, marker
 
 
 def test_manifest_is_json_with_version_step_timestamps_metrics_and_the_tree_checksum(tmp_path):

@@ -13,7 +13,7 @@ import os
 import re
 from typing import Iterable, Protocol, runtime_checkable
 
-from ckpt import storage
+from ckpt import root, storage
 
 
 @runtime_checkable
@@ -141,13 +141,12 @@ def find_steps(names: Iterable[str], name_format: NameFormat) -> dict[int, str]:
 
 def find_all(directory: str | os.PathLike, name_format: NameFormat | None = None) -> dict[int, str]:
     """The committed steps below a root directory (local or ``s3://``/``gs://``), ascending, with their
-    directory names. Temporary and uncommitted directories are left out.
+    directory names. Temporary, uncommitted and foreign entries are left out (see :mod:`ckpt.root`).
 
     Example::
 
         find_all("runs/exp1")                                        # {0: '0', 1000: '1000'}
         find_all("runs/exp2", standard_name_format(step_prefix="step"))  # {5: 'step_5'}
     """
-    root = storage.location(directory)
-    found = find_steps(storage.list_names(root), name_format or standard_name_format())
-    return {step: found[step] for step in sorted(found) if storage.is_committed(root / found[step])}
+    entries = root.scan(storage.location(directory), name_format or standard_name_format(), read_manifests=False)
+    return {e.step: e.path.name for e in entries if e.kind in root.LISTED}

@@ -1,0 +1,168 @@
+"""What a checkpoint root holds: each entry named like a step or a temporary, classified as a committed
+ckpt step, a step Orbax wrote, a temporary of ckpt's, or something foreign, with what it holds in words.
+
+Listing, the writer's sweep of leftovers, saving and garbage collection all ask this module, so that
+nothing ckpt did not write is ever listed as a step, overwritten, renamed or removed: a save to a step
+whose name is taken by something foreign fails before anything is written, and a temporary
+(``*.ckpt-tmp``, ``*.ckpt-deleting``, or an uncommitted step on an object store) is removed only when
+it holds ckpt's marker (``.ckpt-owned``) or is an empty directory.
+
+Example::
+
+    entries = scan(storage.location("runs/exp1"), step_lib.standard_name_format())
+    steps = [e.step for e in entries if e.kind in LISTED]
+    for e in entries:
+        print(e.path.name, e.kind.name, e.holds)         # e.g. 7 FOREIGN a directory holding 'notes.txt'
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import os
+import stat
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ckpt import format as fmt
+from ckpt import formats, loading, storage
+from ckpt.errors import CheckpointCorruptedError, ForeignEntryError, StepAlreadyExistsError
+
+if TYPE_CHECKING:
+    from ckpt.path.step import NameFormat
+
+
+
+class Kind(enum.Enum):
+    """What an entry of a root is."""
+
+    STEP = "a committed ckpt step"
+    ORBAX = "a step Orbax wrote (read in place by ckpt.orbax; never overwritten by a save)"
+    TEMPORARY = "a temporary of ckpt's (a save or a deletion a crash interrupted)"
+    FOREIGN = "not a step ckpt can use: never listed, overwritten, renamed or removed"
+
+
+LISTED = frozenset({Kind.STEP, Kind.ORBAX})
+"""The kinds listed as checkpoints: loaded, and deleted when the preservation policy says so."""
+
+REMOVABLE = frozenset({Kind.TEMPORARY})
+"""The kinds a writer removes before its first save."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One entry of a root.
+
+    path: where it is. kind: what it is. step: the step its name stands for (None for a temporary).
+    holds: what it holds, in words, for warnings and errors. manifest: a listed step's validated manifest, or
+    for an Orbax step the same fields (``ckpt.formats.info``), when read.
+    """
+
+    path: storage.Location
+    kind: Kind
+    step: int | None
+    holds: str
+    manifest: dict | None = None
+
+
+def scan(root: storage.Location, name_format: NameFormat, *, read_manifests: bool = True) -> list[Entry]:
+    """The entries of ``root`` named like a step of ``name_format`` or like a temporary, ascending by step
+    (temporaries last). Other names (the lock, ckpt-root.json, a user's notes) are not entries.
+
+    ``read_manifests=False`` takes a directory holding a regular ``manifest.json`` for a STEP without
+    reading it (``lightweight_initialize``).
+    """
+    entries = []
+    for name in storage.list_names(root):
+        try:
+            if name.endswith((fmt.TMP_SUFFIX, fmt.DELETING_SUFFIX)):
+                entries.append(classify_temporary(root / name))
+            elif (step := name_format.parse_name(name)) is not None:
+                entries.append(classify(root / name, step, read_manifest=read_manifests))
+        except FileNotFoundError:
+            continue  # removed since the listing
+    return sorted(entries, key=lambda e: (e.step is None, e.step or 0, e.path.name))
+
+
+def classify_temporary(path: storage.Location) -> Entry:
+    """What ``path`` (which exists), named like a temporary, is: TEMPORARY when it is a directory that holds
+    ckpt's marker or nothing at all, else FOREIGN."""
+    owned = storage.is_marked(path) or (isinstance(path, Path) and _is_dir(path) and not os.listdir(path))
+    return Entry(path, Kind.TEMPORARY if owned else Kind.FOREIGN, None, storage.describe(path))
+
+
+def classify(path: storage.Location, step: int | None, *, read_manifest: bool = True) -> Entry:
+    """What ``path`` (which exists) is, named like ``step`` (None: the directory of ``ckpt.save``). A symbolic
+    link, a file, a directory without a readable ckpt manifest are FOREIGN; nothing is followed or changed."""
+    local = isinstance(path, Path)
+    if local and not _is_dir(path):
+        return Entry(path, Kind.FOREIGN, step, storage.describe(path))
+    if formats.is_orbax(path):
+        try:
+            return Entry(path, Kind.ORBAX, step, Kind.ORBAX.value, formats.info(path) if read_manifest else None)
+        except CheckpointCorruptedError as e:
+            return Entry(path, Kind.FOREIGN, step, f"an Orbax checkpoint ({storage.describe(path)}) ckpt cannot read: {e}")
+    manifest_path = path / fmt.MANIFEST
+    if local and os.path.lexists(manifest_path) and not stat.S_ISREG(os.lstat(manifest_path).st_mode):
+        return Entry(path, Kind.FOREIGN, step, f"{storage.describe(path)}, whose {fmt.MANIFEST} is not a regular file")
+    if manifest_path.exists():
+        if not read_manifest:
+            return Entry(path, Kind.STEP, step, Kind.STEP.value)
+        try:
+            return Entry(path, Kind.STEP, step, Kind.STEP.value, loading.read_manifest(path))
+        except CheckpointCorruptedError as e:
+            return Entry(path, Kind.FOREIGN, step, f"{storage.describe(path)}, which ckpt cannot read: {e}")
+    holds = storage.describe(path)
+    if storage.is_marked(path):  # a save ckpt began in place (object stores) and never committed
+        return Entry(path, Kind.TEMPORARY, step, holds)
+    return Entry(path, Kind.FOREIGN, step, holds)
+
+
+def _is_dir(path: Path) -> bool:
+    """A directory itself, not a symbolic link to one."""
+    return stat.S_ISDIR(os.lstat(path).st_mode)
+
+
+def _exists(path: storage.Location) -> bool:
+    return os.path.lexists(path) if isinstance(path, Path) else path.exists()
+
+
+def check_target(final: storage.Location, tmp: storage.Location, *, step: int | None, overwrite: bool) -> None:
+    """Checks, before a save writes anything, that it will destroy nothing ckpt did not write: ``final``
+    is absent or a committed ckpt step (replaced only with ``overwrite``), and ``tmp``, the temporary name
+    it is written under, is absent or a temporary of ckpt's.
+
+    Raises:
+      StepAlreadyExistsError: ``final`` is a committed step and ``overwrite`` is not set.
+      ForeignEntryError: ``final`` or ``tmp`` is something ckpt did not write (named, with what it holds).
+    """
+    what = "the checkpoint" if step is None else f"step {step}"
+    if _exists(final):
+        entry = classify(final, step)
+        if entry.kind is not Kind.STEP:
+            raise ForeignEntryError(
+                f"cannot save {what}: {final} holds {entry.holds}, which ckpt did not write, and ckpt never "
+                "overwrites, renames or deletes such a thing, even with overwrite=True. Move it away, or save "
+                "to another step or path.", path=final)
+        if not overwrite:
+            where = f"{final} already exists" if step is None else f"step {step} already exists at {final}"
+            raise StepAlreadyExistsError(f"{where}; pass overwrite=True to replace it", step=step, path=final)
+    if tmp != final and _exists(tmp):
+        entry = classify_temporary(tmp)
+        if entry.kind is Kind.FOREIGN:
+            raise ForeignEntryError(
+                f"cannot save {what}: {tmp}, the name it is written under until it is complete, holds "
+                f"{entry.holds} without ckpt's {fmt.MARKER} marker; ckpt never removes what it did not write. "
+                "Move it away, or save to another step or path.", path=tmp)
+
+
+def delete_step(path: storage.Location, step: int) -> None:
+    """Deletes a listed step (see :func:`ckpt.storage.delete_dir`) after checking, again, that it is one.
+
+    Raises:
+      ForeignEntryError: ``path`` is no longer a committed step (replaced by something else): nothing is removed.
+    """
+    entry = classify(path, step, read_manifest=False)
+    if entry.kind not in LISTED:
+        raise ForeignEntryError(f"{path} is no longer a committed ckpt step (it holds {entry.holds}); "
+                                "it was not deleted", path=path)
+    storage.delete_dir(path)

@@ -1,0 +1,251 @@
+"""Nothing ckpt did not write is ever overwritten, renamed or deleted: not by a save (even with
+force and overwrite), the writer's sweep of leftovers, cleanup_tmp_directories or garbage collection.
+Each kind of foreign entry is put in a root, every writing path is run, and the root's names and file
+bytes are compared before and after."""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import ckpt
+from ckpt import errors
+from ckpt import format as fmt
+from ckpt.training import Checkpointer
+from ckpt.training import preservation_policies as pp
+from ckpt.training import save_decision_policies as sdp
+from tests import fsutil
+
+ALWAYS = sdp.FixedIntervalPolicy(1)
+STATE = {"w": np.arange(4.0)}
+
+
+def _elsewhere(tmp_path: Path) -> Path:
+    """A directory outside the root with data in it (what a symbolic link may point at)."""
+    other = tmp_path / "elsewhere"
+    other.mkdir(exist_ok=True)
+    (other / "data.bin").write_bytes(b"precious" * 100)
+    return other
+
+
+def _orbax_step(path: Path) -> None:
+    path.mkdir()
+    (path / "_CHECKPOINT_METADATA").write_text('{"item_handlers": {"state": "PyTreeCheckpointHandler"}}')
+    (path / "state").mkdir()
+    (path / "state" / "_METADATA").write_text('{"tree_metadata": {}}')
+
+
+def _ckpt_step_of_another_root(tmp_path: Path) -> Path:
+    other = tmp_path / "other-root"
+    with Checkpointer(other) as ckptr:
+        ckptr.save(0, {"other": np.ones(3)})
+    return other / "0"
+
+
+def _make(kind: str, path: Path, tmp_path: Path) -> str:
+    """Puts a foreign entry of ``kind`` at ``path``; returns a word its description must contain."""
+    if kind == "directory":
+        path.mkdir()
+        (path / "notes.txt").write_text("the user's own notes")
+        return "notes.txt"
+    if kind == "empty-directory":
+        path.mkdir()
+        return "empty directory"
+    if kind == "orbax-step":
+        _orbax_step(path)
+        return "Orbax"
+    if kind == "unreadable-orbax-step":
+        _orbax_step(path)
+        (path / "_CHECKPOINT_METADATA").write_text("{not json")
+        return "Orbax"
+    if kind == "file":
+        path.write_bytes(b"a file of the user's")
+        return "regular file"
+    if kind == "fifo":
+        os.mkfifo(path)
+        return "special file"
+    if kind == "symlink-to-directory":
+        path.symlink_to(_elsewhere(tmp_path), target_is_directory=True)
+        return "symbolic link"
+    if kind == "symlink-to-another-root's-step":
+        path.symlink_to(_ckpt_step_of_another_root(tmp_path), target_is_directory=True)
+        return "symbolic link"
+    if kind == "manifest-is-a-directory":
+        path.mkdir()
+        (path / fmt.MANIFEST).mkdir()
+        (path / fmt.MANIFEST / "x").write_text("x")
+        return "not a regular file"
+    if kind == "unreadable-manifest":
+        path.mkdir()
+        (path / fmt.MANIFEST).write_text('{"format": "something else"}')
+        return "cannot read"
+    raise AssertionError(kind)
+
+
+KINDS = ["directory", "empty-directory", "unreadable-orbax-step", "file", "fifo", "symlink-to-directory",
+         "symlink-to-another-root's-step", "manifest-is-a-directory", "unreadable-manifest"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_foreign_entry_at_a_step_name_is_skipped_refused_and_never_touched(tmp_path, kind, caplog):
+    root = tmp_path / "root"
+    with Checkpointer(root, save_decision_policy=ALWAYS) as ckptr:
+        ckptr.save(5, STATE)
+        ckptr.save(6, STATE)
+    word = _make(kind, root / "7", tmp_path)
+    whole = fsutil.snapshot(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="ckpt"):
+        ckptr = Checkpointer(root, save_decision_policy=ALWAYS, preservation_policy=pp.LatestN(1),
+                             cleanup_tmp_directories=True)
+    with ckptr:
+        assert [c.step for c in ckptr.checkpoints] == [5, 6]
+        assert f"skipping {root / '7'}" in caplog.text and word in caplog.text
+        for how in ("save", "save_async"):
+            with pytest.raises(errors.ForeignEntryError) as info:
+                getattr(ckptr, how)(7, STATE, force=True, overwrite=True)
+            assert str(root / "7") in str(info.value) and word in str(info.value)
+            assert info.value.path == root / "7"
+            assert fsutil.snapshot(tmp_path) == whole
+        ckptr.save(8, STATE)  # garbage collection deletes 5 and 6, never 7
+        ckptr.save(9, STATE)
+        assert [c.step for c in ckptr.checkpoints] == [9]
+    after = fsutil.snapshot(tmp_path)
+    assert {k: v for k, v in after.items() if not k.startswith("root/") or k.startswith("root/7")} == \
+           {k: v for k, v in whole.items() if not k.startswith("root/") or k.startswith("root/7")}
+    assert sorted(os.listdir(root)) == [fmt.LOCK, "7", "9"]
+
+
+@pytest.mark.parametrize("kind", ["directory", "file", "symlink-to-directory", "fifo"])
+@pytest.mark.parametrize("suffix", [fmt.TMP_SUFFIX, fmt.DELETING_SUFFIX])
+def test_a_foreign_entry_named_like_a_temporary_is_never_removed_and_other_saves_go_on(tmp_path, kind, suffix):
+    root = tmp_path / "root"
+    root.mkdir()
+    _make(kind, root / f"3{suffix}", tmp_path)
+    whole = fsutil.snapshot(tmp_path)
+    with Checkpointer(root, save_decision_policy=ALWAYS, preservation_policy=pp.LatestN(1),
+                      cleanup_tmp_directories=True) as ckptr:
+        for step in (0, 1, 2, 4):
+            assert ckptr.save(step, STATE)
+        if suffix == fmt.TMP_SUFFIX:  # step 3's temporary name is taken: that one save is refused
+            with pytest.raises(errors.ForeignEntryError) as info:
+                ckptr.save(3, STATE, force=True)
+            assert str(root / f"3{suffix}") in str(info.value) and fmt.MARKER in str(info.value)
+        assert [c.step for c in ckptr.checkpoints] == [4]
+    with Checkpointer(root, cleanup_tmp_directories=True):
+        pass
+    after = fsutil.snapshot(tmp_path)
+    assert {k: v for k, v in after.items() if not k.startswith("root/4")} == \
+           {k: v for k, v in whole.items()} | {"root/" + fmt.LOCK: after["root/" + fmt.LOCK]}
+
+
+def test_an_orbax_step_is_listed_but_never_overwritten(tmp_path):
+    _orbax_step(tmp_path / "7")
+    before = fsutil.snapshot(tmp_path)
+    with Checkpointer(tmp_path, save_decision_policy=ALWAYS) as ckptr:
+        assert [c.step for c in ckptr.checkpoints] == [7]
+        with pytest.raises(errors.StepAlreadyExistsError):
+            ckptr.save(7, STATE, force=True)
+        with pytest.raises(errors.ForeignEntryError, match=f"{tmp_path / '7'} holds a step Orbax wrote"):
+            ckptr.save(7, STATE, force=True, overwrite=True)
+    assert fsutil.snapshot(tmp_path) == before
+
+
+def test_temporaries_ckpt_made_are_removed_and_empty_ones_too(tmp_path):
+    root = tmp_path / "root"
+    with Checkpointer(root, save_decision_policy=ALWAYS) as ckptr:
+        ckptr.save(0, STATE)
+    leftover = root / f"1{fmt.TMP_SUFFIX}"
+    (leftover / "arrays").mkdir(parents=True)
+    (leftover / fmt.MARKER).write_text("")  # what a crashed save of ckpt's leaves
+    (root / f"2{fmt.TMP_SUFFIX}").mkdir()  # a crash between making a temporary and marking it
+    with Checkpointer(root, cleanup_tmp_directories=True) as ckptr:
+        assert [c.step for c in ckptr.checkpoints] == [0]
+    assert sorted(os.listdir(root)) == [fmt.LOCK, "0"]
+
+
+def test_a_committed_step_is_replaced_only_with_overwrite_and_keeps_no_temporary(tmp_path):
+    with Checkpointer(tmp_path, save_decision_policy=ALWAYS) as ckptr:
+        ckptr.save(0, {"w": np.zeros(3)})
+        with pytest.raises(errors.StepAlreadyExistsError):
+            ckptr.save(0, {"w": np.ones(3)}, force=True)
+        ckptr.save(0, {"w": np.ones(3)}, force=True, overwrite=True)
+        np.testing.assert_array_equal(ckptr.load(0)["w"], np.ones(3))
+    assert sorted(os.listdir(tmp_path)) == [fmt.LOCK, "0"]
+
+
+def test_a_step_replaced_by_something_foreign_after_listing_is_not_garbage_collected(tmp_path):
+    with Checkpointer(tmp_path, save_decision_policy=ALWAYS, preservation_policy=pp.LatestN(1)) as ckptr:
+        ckptr.save(0, STATE)
+        shutil.rmtree(tmp_path / "0")  # another hand puts something of its own at step 0's name
+        _make("directory", tmp_path / "0", tmp_path)
+        before = fsutil.snapshot(tmp_path / "0")
+        with pytest.raises(OSError, match=r"committed, but garbage collection could not delete: step 0") as info:
+            ckptr.save(1, STATE)
+        assert "notes.txt" in str(info.value)
+        assert ckptr.latest.step == 1
+    assert fsutil.snapshot(tmp_path / "0") == before
+
+
+@pytest.mark.parametrize("kind", ["directory", "empty-directory", "orbax-step", "file", "symlink-to-directory"])
+def test_the_free_save_never_overwrites_a_foreign_path_or_its_temporary_name(tmp_path, kind):
+    target = tmp_path / "model"
+    word = _make(kind, target, tmp_path)
+    whole = fsutil.snapshot(tmp_path)
+    for overwrite in (False, True):
+        with pytest.raises(errors.ForeignEntryError) as info:
+            ckpt.save(target, STATE, overwrite=overwrite)
+        assert str(target) in str(info.value) and word in str(info.value)
+    assert fsutil.snapshot(tmp_path) == whole
+
+    other = tmp_path / "other"
+    _make(kind, tmp_path / f"other{fmt.TMP_SUFFIX}", tmp_path)
+    if kind == "empty-directory":  # holds nothing to lose: what a crash right after making a temporary leaves
+        ckpt.save(other, STATE)
+        assert not (tmp_path / f"other{fmt.TMP_SUFFIX}").exists()
+        return
+    whole = fsutil.snapshot(tmp_path)
+    with pytest.raises(errors.ForeignEntryError, match=f"other{fmt.TMP_SUFFIX}"):
+        ckpt.save(other, STATE)
+    assert fsutil.snapshot(tmp_path) == whole
+
+
+def test_the_free_save_replaces_a_checkpoint_of_its_own_with_overwrite(tmp_path):
+    ckpt.save(tmp_path / "model", {"w": np.zeros(2)})
+    with pytest.raises(errors.StepAlreadyExistsError):
+        ckpt.save(tmp_path / "model", {"w": np.ones(2)})
+    ckpt.save(tmp_path / "model", {"w": np.ones(2)}, overwrite=True)
+    np.testing.assert_array_equal(ckpt.load(tmp_path / "model")["w"], np.ones(2))
+    assert sorted(os.listdir(tmp_path)) == ["model"]
+
+
+def test_find_all_leaves_out_foreign_entries(tmp_path):
+    with Checkpointer(tmp_path) as ckptr:
+        ckptr.save(0, STATE)
+    _make("directory", tmp_path / "3", tmp_path)
+    _make("file", tmp_path / "4", tmp_path)
+    assert ckpt.path.step.find_all(tmp_path) == {0: "0"}
+
+
+def test_on_s3_only_uncommitted_steps_ckpt_began_are_removed_and_foreign_prefixes_stay(bucket):
+    from ckpt.objectstore import ObjectPath
+
+    root = ObjectPath(bucket)
+    with Checkpointer(bucket, save_decision_policy=ALWAYS) as ckptr:
+        ckptr.save(0, STATE)
+    (root / "7" / "notes.txt").write_bytes(b"the user's own notes")  # neither a manifest nor ckpt's marker
+    (root / "8" / fmt.MARKER).write_bytes(b"")  # a save of ckpt's, killed before its manifest
+    (root / "8" / "tree.json").write_bytes(b"{}")
+    with Checkpointer(bucket, save_decision_policy=ALWAYS, preservation_policy=pp.LatestN(1)) as ckptr:
+        assert [c.step for c in ckptr.checkpoints] == [0]
+        with pytest.raises(errors.ForeignEntryError, match=f"{bucket}/7 holds a directory holding 'notes.txt'"):
+            ckptr.save(7, STATE, force=True, overwrite=True)
+        ckptr.save(9, STATE)
+        ckptr.save(10, STATE)
+        assert [c.step for c in ckptr.checkpoints] == [10]
+    assert root.children() == ["10", "7"]
+    assert (root / "7" / "notes.txt").read_bytes() == b"the user's own notes"
+    assert (root / "7").children() == ["notes.txt"]

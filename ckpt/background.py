@@ -24,12 +24,17 @@ class AsyncResponse(Generic[T]):
             assert response.done()
     """
 
-    def __init__(self, future: concurrent.futures.Future, on_result: Callable[[], None] = lambda: None):
+    def __init__(self, future: concurrent.futures.Future, on_result: Callable[[], None] = lambda: None,
+                 hurry: Callable[[], None] = lambda: None):
         self._future = future
         self._on_result = on_result
+        self._hurry = hurry
 
     def result(self, timeout: float | None = None) -> T:
-        """Waits for the operation and returns its value, or raises its error (TimeoutError on timeout)."""
+        """Waits for the operation and returns its value, or raises its error (TimeoutError on timeout).
+        A save written in the background on about one core goes on at full speed meanwhile."""
+        if not self._future.done():
+            self._hurry()
         try:
             return self._future.result(timeout)
         except concurrent.futures.TimeoutError:
@@ -52,6 +57,10 @@ class AsyncResponse(Generic[T]):
         self._future.add_done_callback(call)
 
 
+def _nothing() -> None:
+    pass
+
+
 def finished(value: T) -> AsyncResponse[T]:
     """An AsyncResponse that is already complete."""
     future: concurrent.futures.Future = concurrent.futures.Future()
@@ -68,14 +77,17 @@ class BackgroundWriter:
         # (for 2-3 ms) before save_async returns.
         self._executor.submit(lambda: None)
         self._future: concurrent.futures.Future | None = None
+        self._hurry: Callable[[], None] = _nothing
         self._error: BaseException | None = None
         self._lock = threading.Lock()
 
-    def submit(self, job: Callable[[], Any]) -> AsyncResponse:
-        """Starts ``job`` in the background; the caller must have waited for the previous one."""
+    def submit(self, job: Callable[[], Any], hurry: Callable[[], None] = lambda: None) -> AsyncResponse:
+        """Starts ``job`` in the background; the caller must have waited for the previous one.
+        ``hurry()`` asks the job to finish at full speed: :meth:`wait` calls it."""
+        self._hurry = hurry  # forgotten once the job ends: it may hold the job's memory
         future = self._executor.submit(self._run, job)
         self._future = future
-        return AsyncResponse(future, on_result=self._clear_error)
+        return AsyncResponse(future, on_result=self._clear_error, hurry=self.hurry)
 
     def _run(self, job: Callable[[], Any]) -> Any:
         try:
@@ -85,6 +97,12 @@ class BackgroundWriter:
                 if self._error is None:
                     self._error = e
             raise
+        finally:
+            self._hurry = _nothing
+
+    def hurry(self) -> None:
+        """Asks the job in flight to finish at full speed (see ``submit``)."""
+        self._hurry()
 
     def _clear_error(self) -> None:
         with self._lock:
@@ -94,9 +112,10 @@ class BackgroundWriter:
         return self._future is not None and not self._future.done()
 
     def wait(self, timeout: float | None) -> None:
-        """Waits for the job in flight; raises a failure not yet reported (once)."""
+        """Hurries the job in flight and waits for it; raises a failure not yet reported (once)."""
         future = self._future
         if future is not None:
+            self.hurry()
             done, _ = concurrent.futures.wait([future], timeout=timeout)
             if not done:
                 raise TimeoutError(f"a checkpoint save is still running after {timeout} s "

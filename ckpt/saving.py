@@ -20,7 +20,7 @@ import tensorstore as ts
 from ckpt import format as fmt
 from ckpt import layout as layout_lib
 from ckpt import leaves as leaves_lib
-from ckpt import chunks, distributed, loading, progress, storage, transfers
+from ckpt import chunks, distributed, loading, preemption, progress, storage, transfers
 from ckpt import tree as tree_lib
 from ckpt.tree import KeyPath, keystr
 
@@ -291,6 +291,7 @@ class StepWriter:
         self.timeout_secs = timeout_secs
         self._prepared = not self.primary
         self._background = False  # set once the caller has returned: write on about one core, not all
+        self._hurry = threading.Event()
         self.progress = progress.Tracker(f"saving {final_dir}", plan.nbytes)
 
     def prepare_dir(self) -> None:
@@ -307,6 +308,18 @@ class StepWriter:
         self.write_arrays(snapshot(self.plan, max_inflight_bytes, staging))
         self._background = True
 
+    def hurry(self) -> None:
+        """Switches a background write to full speed from its next chunk on (``Checkpointer.wait``,
+        ``close``, and a save arriving while this one writes call it; so does a preemption notice)."""
+        self._hurry.set()
+
+    def _slow(self) -> bool:
+        """Whether to go on writing on about one core: in the background, until :meth:`hurry` or a
+        preemption notice."""
+        if self._background and (self._hurry.is_set() or preemption.preempted()):
+            self._background = False
+        return self._background
+
     def write_arrays(self, leaves: list[PlannedLeaf]) -> None:
         """Writes large leaves, each as a zarr3 array, and records their chunks' checksums: while
         tensorstore writes (in the caller), or before it, one file at a time (in the background)."""
@@ -315,16 +328,17 @@ class StepWriter:
         if not todo:  # an async save that copied everything: the directory is made in the background
             return
         self.prepare_dir()
+        background = self._slow()
         opening = [storage.open_for_write(storage.resolve_kvstore(leaf.host.meta["array"], self.tmp_dir),
-                                          background=self._background)
+                                          background=background)
                    for leaf in todo]  # all at once: each open writes and fsyncs a zarr.json
-        if self._background:  # checksums first, then the writes: one busy thread at a time
+        if background:  # checksums first, then the writes: one busy thread at a time
             self._checksum_arrays(todo)
         futures = []
         for leaf, store in zip(todo, opening):
             with storage.io_errors(f"writing {keystr(leaf.path)} to {self.tmp_dir}"):
                 futures.append((leaf, self._write_array(leaf, store.result())))
-        if not self._background:  # checksums while tensorstore writes
+        if not background:  # checksums while tensorstore writes
             self._checksum_arrays(todo)
         for leaf, pending in futures:
             with storage.io_errors(f"writing {keystr(leaf.path)} to {self.tmp_dir}"):
@@ -353,7 +367,17 @@ class StepWriter:
             return [store[index].write(data, can_reference_source_data_indefinitely=True).commit
                     for index, data in shards]
         source = _raw_bytes(leaf.host.array) if "stored_as" in leaf.host.meta else leaf.host.array
-        return [store.write(source, can_reference_source_data_indefinitely=True).commit]
+        if not self._slow() or source.ndim == 0:
+            return [store.write(source, can_reference_source_data_indefinitely=True).commit]
+        row_bytes = source.nbytes // max(1, source.shape[0])
+        for chunk in chunks.layout(leaf.host.meta):  # one at a time, each a point to switch to full speed
+            if not self._slow():
+                fast = storage.open_for_write(storage.resolve_kvstore(leaf.host.meta["array"], self.tmp_dir)).result()
+                rest = slice(chunk.start // row_bytes, None)
+                return [fast[rest].write(source[rest], can_reference_source_data_indefinitely=True).commit]
+            rows = slice(chunk.start // row_bytes, chunk.stop // row_bytes)
+            store[rows].write(source[rows], can_reference_source_data_indefinitely=True).commit.result()
+        return []
 
     def write_packed(self) -> None:
         """Writes every small leaf into one uint8 zarr3 array, chunk by chunk, and records each leaf's
@@ -369,7 +393,10 @@ class StepWriter:
         with storage.io_errors(f"writing the packed leaves to {self.tmp_dir}"):
             store = storage.open_for_write(storage.resolve_kvstore(spec, self.tmp_dir),
                                            background=self._background).result()
+            slow = self._slow()
             for start, chunk in self._packed_chunks():
+                if slow and not self._slow():  # hurried: the rest at full speed
+                    slow, store = False, storage.open_for_write(storage.resolve_kvstore(spec, self.tmp_dir)).result()
                 if len(pending) >= 2:
                     pending.pop(0).result()
                 self.packed_sums.append(chunks.sum64(chunk))

@@ -414,7 +414,7 @@ class Checkpointer:
         except BaseException:
             storage.remove_owned(writer.tmp_dir)
             raise
-        return self._writer.submit(job)
+        return self._writer.submit(job, hurry=writer.hurry)
 
     def _take_directory(self) -> None:
         """Becomes the root's one writer; the first time, removes what crashed saves and deletions of ckpt's
@@ -609,7 +609,9 @@ class Checkpointer:
         return self._writer.in_progress() or (self._local is not None and self._local.in_progress())
 
     def wait(self) -> None:
-        """Waits for the save in flight; raises its error if it failed (once).
+        """Waits for the save in flight, which goes on at full speed (not on one core) from then on;
+        raises its error if it failed (once). So do ``close``, a new save, and ``result()`` of the
+        save's response; a preemption notice switches it to full speed as well.
 
         Example::
 

@@ -1,8 +1,8 @@
 """Copies a root of steps (Orbax's or ckpt's) into a new ckpt root, step by step (``ckpt convert``).
 
-Each step keeps its directory name, its metrics, custom metadata and times, and its trees as saved
-(jax arrays stay jax arrays, typed keys typed keys, an Orbax ``EmptyState``'s None stays None and is
-received by an ``EmptyState`` again). Each converted step is read back and compared with its source,
+The root keeps its custom metadata; each step keeps its directory name, metrics, custom metadata and
+times, and its trees as saved (jax arrays stay jax arrays, typed keys typed keys, an Orbax
+``EmptyState``'s None stays None and is received by an ``EmptyState`` again). Each converted step is read back and compared with its source,
 leaf by leaf and byte for byte, before the next one is converted.
 
 Example::
@@ -80,6 +80,10 @@ def convert_root(source: str | os.PathLike, destination: str | os.PathLike) -> I
     lock = storage.DirectoryLock(destination / fmt.LOCK)
     lock.acquire()
     try:
+        custom = formats.root_custom_metadata(source)
+        if custom is not None:
+            storage.write_file_atomic(destination / fmt.ROOT_METADATA,
+                                      fmt.to_json_bytes({"custom_metadata": custom}, "custom_metadata"))
         for step, path in steps:
             yield _convert_step(step, path, destination / path.name)
     finally:

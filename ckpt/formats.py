@@ -11,6 +11,7 @@ Example::
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -70,3 +71,11 @@ def load_checkpointables(step_dir: storage.Location, abstract: dict[str, Any] | 
     if _by_orbax(step_dir):
         return orbax.Step(step_dir, None if abstract is None else list(abstract)).load(abstract, partial_load=partial_load)
     return loading.load_checkpointables(step_dir, abstract, partial_load=partial_load)
+
+
+def root_custom_metadata(root: storage.Location) -> Any:
+    """The custom metadata of a root: ckpt's (``ckpt-root.json``), else Orbax's (``metadata/_ROOT_METADATA``)."""
+    try:
+        return json.loads(storage.read_json_bytes(root / fmt.ROOT_METADATA)).get("custom_metadata")
+    except FileNotFoundError:
+        return orbax.root_custom_metadata(root) if isinstance(root, Path) else None

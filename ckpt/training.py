@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import bisect
 import collections
-import json
 import concurrent.futures
 import logging
 import os
@@ -588,12 +587,7 @@ class Checkpointer:
             with ckpt.Checkpointer("runs/exp2", custom_metadata={"model": "cnn"}) as again:
                 assert again.root_metadata().custom_metadata == {"model": "mlp"}   # the first one's
         """
-        custom = None
-        try:
-            custom = json.loads(storage.read_json_bytes(self._directory / fmt.ROOT_METADATA)).get("custom_metadata")
-        except FileNotFoundError:
-            pass
-        return RootMetadata(directory=self._directory, custom_metadata=custom)
+        return RootMetadata(directory=self._directory, custom_metadata=formats.root_custom_metadata(self._directory))
 
     # ------------------------------------------------------------------------------- life cycle
     def is_saving_in_progress(self) -> bool:

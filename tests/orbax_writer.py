@@ -4,7 +4,8 @@
 
 DIRECTORY/flax:   v1 training.Checkpointer (OCDBT, zarr3): the Linen TrainState of examples/flax_train.py
                   (AdamW: EmptyStates, a typed dropout key), saved at steps 2, 4, 6 with their loss
-DIRECTORY/v1:     v1 save_checkpointables: ``state`` (:func:`mixed_state`) and ``extra``, steps 0 and 1
+DIRECTORY/v1:     v1 save_checkpointables: ``state`` (:func:`mixed_state`) and ``extra``, steps 0 and 1, with
+                  custom metadata for the root and each step
 DIRECTORY/single: v0 CheckpointManager, one item (default/), names step_0003, step_0005 (prefix, zero padding)
 DIRECTORY/named:  v0 CheckpointManager, named items: model (PyTreeCheckpointHandler, use_ocdbt=False),
                   cfg (JsonCheckpointHandler), std (StandardCheckpointHandler), step 7
@@ -72,10 +73,10 @@ def main(directory: Path) -> None:
             if step in FLAX_SAVES:
                 ckptr.save(step, state, metrics={"loss": float(loss)}, force=True)
 
-    with training.Checkpointer(directory / "v1") as ckptr:
+    with training.Checkpointer(directory / "v1", custom_metadata={"model": "mixed"}) as ckptr:
         for step in (0, 1):
             ckptr.save_checkpointables(step, {"state": mixed_state(step), "extra": {"a": np.arange(3) + step}},
-                                       metrics={"loss": 1.0 / (step + 1)}, force=True)
+                                       metrics={"loss": 1.0 / (step + 1)}, custom_metadata={"at": step}, force=True)
 
     options = ocp.CheckpointManagerOptions(step_prefix="step", step_format_fixed_length=4,
                                            best_fn=lambda m: m["acc"], best_mode="max")

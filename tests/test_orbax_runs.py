@@ -115,6 +115,8 @@ def test_v1_checkpointables_load_bit_for_bit_as_saved_and_into_abstract_trees(or
             assert as_saved["step"] == step and as_saved["name"] == f"run-{step}" and as_saved["flag"] is True
             assert_same(as_saved["params"], saved["params"])
             assert_same(as_saved["key"], saved["key"])
+        assert ckptr.root_metadata().custom_metadata == {"model": "mixed"}
+        assert [c.custom_metadata for c in ckptr.checkpoints] == [{"at": 0}, {"at": 1}]
         meta = ckptr.metadata(1).metadata
         assert meta["params"]["w"].shape == (8, 3) and meta["params"]["b"].dtype == jax.numpy.bfloat16
         assert meta["key"].type == "jax_key" and meta["key"].shape == ()
@@ -270,8 +272,10 @@ def test_ckpt_convert_copies_every_layout_keeping_names_metrics_times_and_empty_
         assert file_hashes(orbax_runs / name) == before
         with ckpt.Checkpointer(orbax_runs / name, step_name_format=names) as old, \
                 ckpt.Checkpointer(tmp_path / name, step_name_format=names) as new:
-            assert [(c.step, c.path.name, c.metrics, c.commit_timestamp_nsecs, c.init_timestamp_nsecs) for c in new.checkpoints] \
-                == [(c.step, c.path.name, c.metrics, c.commit_timestamp_nsecs, c.init_timestamp_nsecs) for c in old.checkpoints]
+            def described(c):
+                return c.step, c.path.name, c.metrics, c.custom_metadata, c.commit_timestamp_nsecs, c.init_timestamp_nsecs
+            assert list(map(described, new.checkpoints)) == list(map(described, old.checkpoints))
+            assert new.root_metadata().custom_metadata == old.root_metadata().custom_metadata
             assert all((c.path / "manifest.json").exists() for c in new.checkpoints)
             if name == "flax":  # EmptyStates included: the converted TrainState restores into its abstract tree
                 abstract = jax.eval_shape(flax_train.create_state)

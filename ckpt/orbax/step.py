@@ -75,6 +75,15 @@ def info(step_dir: Path) -> dict:
             "custom_metadata": data.get("custom_metadata") or None}
 
 
+def root_custom_metadata(root: Path) -> Any:
+    """The custom metadata Orbax keeps for a root (``metadata/_ROOT_METADATA``), or None."""
+    try:
+        data = files.read_json(root / "metadata" / "_ROOT_METADATA", root)
+    except FileNotFoundError:
+        return None
+    return data.get("custom_metadata") if isinstance(data, dict) else None
+
+
 def items(step_dir: Path) -> dict[str, str]:
     """Each checkpointable of the step (not ``metrics``) and the handler that wrote it ('' when unnamed)."""
     handlers = _step_metadata(step_dir).get("item_handlers")

@@ -28,9 +28,10 @@ import os
 import threading
 import time
 import warnings
+from pathlib import Path
 from typing import Any, Sequence
 
-from ckpt import background, distributed, formats, loading, preemption, root, saving, storage, tiers
+from ckpt import background, distributed, formats, loading, orbax, preemption, root, saving, storage, tiers
 from ckpt import errors
 from ckpt import format as fmt
 from ckpt.context import Context
@@ -185,10 +186,22 @@ class Checkpointer:
             elif entry.kind is root.Kind.FOREIGN:
                 logger.warning("ckpt: skipping %s, which holds %s: not a committed step, so ckpt never lists, "
                                "overwrites or deletes it", entry.path, entry.holds)
+        if not infos:
+            self._warn_of_orbax_steps_named_otherwise()
         with self._infos_lock:
             self._infos = infos
         if self._local is not None:
             self._local.checkpointer.reload()
+
+    def _warn_of_orbax_steps_named_otherwise(self) -> None:
+        """An Orbax run written with a step prefix or zero padding lists nothing under the default names:
+        say so, rather than let a resumed run quietly start from scratch."""
+        others = orbax.named_otherwise(self._directory, self._name_format) if isinstance(self._directory, Path) else []
+        if others:
+            logger.warning("ckpt: %s holds Orbax steps (%s) that step_name_format %r does not name, so none is "
+                           "listed; pass the step_name_format they were written with, e.g. standard_name_format("
+                           "step_prefix='step', step_format_fixed_length=4) for step_0010", self._directory,
+                           ", ".join(others[:3]) + (" ..." if len(others) > 3 else ""), self._name_format)
 
     @staticmethod
     def _info(step: int, path: storage.Location, manifest: dict) -> CheckpointMetadata:

@@ -99,6 +99,12 @@ def test_a_checkpointer_lists_orbax_steps_with_their_times_and_metrics(orbax_run
     assert file_hashes(root) == before
 
 
+def test_orbax_steps_the_name_format_does_not_name_are_reported_not_silently_skipped(orbax_runs, caplog):
+    with ckpt.Checkpointer(orbax_runs / "single") as ckptr:   # written with step_prefix="step", length 4
+        assert ckptr.latest is None
+    assert "step_0003, step_0005" in caplog.text and "step_name_format" in caplog.text
+
+
 # -------------------------------------------------------------------------------------- loading
 def test_v1_checkpointables_load_bit_for_bit_as_saved_and_into_abstract_trees(orbax_runs):
     with ckpt.Checkpointer(orbax_runs / "v1") as ckptr:
@@ -167,6 +173,8 @@ def test_a_flax_run_orbax_wrote_continues_under_ckpt_bit_for_bit(orbax_runs, tmp
     with ckpt.Checkpointer(root, save_decision_policy=policy) as ckptr:
         state = restore_train_state(ckptr, jax.eval_shape(flax_train.create_state))
         assert int(state.step) == 6
+        with pytest.raises(errors.ForeignEntryError, match="Orbax"):  # Orbax's step is never overwritten
+            ckptr.save(6, state, force=True, overwrite=True)
         hook = CheckpointHook(ckptr, final_step=10)
         for step in range(7, 11):
             state, loss = flax_train.train_step(state, *flax_train.synthetic_batch(step))

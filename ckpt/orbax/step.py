@@ -48,6 +48,13 @@ def is_step(path: Any) -> bool:
                for name in os.listdir(path))
 
 
+def named_otherwise(root: Path, name_format: Any) -> list[str]:
+    """The names of the Orbax steps in ``root`` that ``name_format`` (a ckpt NameFormat) does not parse:
+    written with another ``step_name_format`` (a prefix, zero padding)."""
+    names = os.listdir(root) if files.is_plain_dir(root) else []
+    return sorted(n for n in names if name_format.parse_name(n) is None and is_step(root / n))
+
+
 def _step_metadata(step_dir: Path) -> dict:
     try:
         data = files.read_json(step_dir / CHECKPOINT_METADATA, step_dir)

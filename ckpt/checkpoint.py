@@ -103,7 +103,9 @@ def load_checkpointables(path: str | os.PathLike, abstract_checkpointables: dict
         assert sorted(ckpt.load_checkpointables("model")) == ["opt_state", "params"]
         params = ckpt.load_checkpointables("model", {"params": None})["params"]   # None: as saved
     """
-    return formats.load_checkpointables(_existing(path), abstract_checkpointables)
+    step_dir = _existing(path)
+    with root.reading(step_dir):
+        return formats.load_checkpointables(step_dir, abstract_checkpointables)
 
 
 def load(path: str | os.PathLike, abstract_state: Any = None, *,
@@ -145,7 +147,9 @@ def metadata(path: str | os.PathLike) -> CheckpointMetadata:
         leaf = ckpt.metadata("model").metadata["w"]      # no array is read
         assert leaf.shape == (2, 3) and leaf.dtype == np.float32
     """
-    return checkpoint_metadata(_existing(path), fmt.DEFAULT_CHECKPOINTABLE)
+    step_dir = _existing(path)
+    with root.reading(step_dir):
+        return checkpoint_metadata(step_dir, fmt.DEFAULT_CHECKPOINTABLE)
 
 
 def checkpointables_metadata(path: str | os.PathLike) -> CheckpointMetadata:
@@ -157,4 +161,6 @@ def checkpointables_metadata(path: str | os.PathLike) -> CheckpointMetadata:
         trees = ckpt.checkpointables_metadata("model").metadata
         assert trees["params"]["w"].shape == (3,) and trees["data"]["epoch"].type == "int"
     """
-    return checkpoint_metadata(_existing(path), None)
+    step_dir = _existing(path)
+    with root.reading(step_dir):
+        return checkpoint_metadata(step_dir, None)

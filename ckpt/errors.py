@@ -78,6 +78,28 @@ class ForeignEntryError(FileExistsError):
         self.path = path
 
 
+class RootDirectoryError(OSError):
+    """A checkpoint root cannot be used as asked: it is a file (or lies under one), or this process may not
+    create or write it. The message says what is wrong and what to do. A read-only root can still be
+    listed and loaded: only a save needs to write.
+
+    Attributes:
+      path: the root directory.
+
+    Example::
+
+        Path("not-a-dir").write_text("a file")
+        try:
+            ckpt.Checkpointer("not-a-dir")
+        except ckpt.errors.RootDirectoryError as e:
+            print(e)                                     # names the file and asks for a directory
+    """
+
+    def __init__(self, message: str, *, path: Path | str):
+        super().__init__(message)
+        self.path = path
+
+
 class CheckpointCorruptedError(ValueError):
     """A committed checkpoint failed a check on read: a checksum, a missing file, a bad manifest.
 

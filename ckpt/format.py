@@ -100,6 +100,30 @@ def _walk_json(obj: Any, where: str) -> None:
         raise ValueError(f"{where} must be JSON: {obj!r} is not a finite number")
 
 
+_NOT_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+
+
+def encode_metrics(metrics: Any) -> Any:
+    """Metrics as strict JSON: a float that is not finite (a diverged run's NaN loss) becomes the string
+    ``"nan"``, ``"inf"`` or ``"-inf"``, as inline float leaves do in tree.json; tuples become lists."""
+    if isinstance(metrics, dict):
+        return {k: encode_metrics(v) for k, v in metrics.items()}
+    if isinstance(metrics, (list, tuple)):
+        return [encode_metrics(v) for v in metrics]
+    if isinstance(metrics, float) and not math.isfinite(metrics):
+        return "nan" if math.isnan(metrics) else "inf" if metrics > 0 else "-inf"
+    return metrics
+
+
+def decode_metrics(metrics: Any) -> Any:
+    """The metrics :func:`encode_metrics` stored, with ``"nan"``, ``"inf"`` and ``"-inf"`` floats again."""
+    if isinstance(metrics, dict):
+        return {k: decode_metrics(v) for k, v in metrics.items()}
+    if isinstance(metrics, list):
+        return [decode_metrics(v) for v in metrics]
+    return _NOT_FINITE.get(metrics, metrics) if isinstance(metrics, str) else metrics
+
+
 def crc32(data: bytes | memoryview) -> int:
     """The CRC32 stored for tree.json and for packed leaves."""
     return zlib.crc32(data) & 0xFFFFFFFF

@@ -18,6 +18,9 @@ class CheckpointMetadata(Generic[T]):
 
     ``metadata`` is None in ``Checkpointer.checkpoints``; ``Checkpointer.metadata(step)`` fills it with
     the saved tree whose leaves are :class:`LeafMetadata` (pass it as ``abstract_state`` to load as saved).
+    ``monotonic_nsecs`` is ``time.monotonic_ns()`` at the commit (or, for the step a save policy is asked
+    about, now) when that happened in this process, else None: intervals between steps use it, so
+    that a wall clock set back or forward changes no save decision; the timestamps are wall time.
 
     Example::
 
@@ -31,7 +34,7 @@ class CheckpointMetadata(Generic[T]):
 
     def __init__(self, step: int | None, path: Path | str | None, *, metadata: T | None = None,
                  init_timestamp_nsecs: int | None = None, commit_timestamp_nsecs: int | None = None,
-                 custom_metadata: Any = None, metrics: Any = None):
+                 custom_metadata: Any = None, metrics: Any = None, monotonic_nsecs: int | None = None):
         self._step = step
         self.path = None if path is None else location(path)
         self.metadata = metadata
@@ -39,6 +42,7 @@ class CheckpointMetadata(Generic[T]):
         self.commit_timestamp_nsecs = commit_timestamp_nsecs
         self.custom_metadata = custom_metadata
         self._metrics = metrics
+        self.monotonic_nsecs = monotonic_nsecs
 
     @property
     def step(self) -> int | None:

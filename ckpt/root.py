@@ -16,16 +16,18 @@ Example::
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import os
 import stat
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 from ckpt import format as fmt
 from ckpt import formats, loading, storage
-from ckpt.errors import CheckpointCorruptedError, ForeignEntryError, StepAlreadyExistsError
+from ckpt.errors import (CheckpointCorruptedError, ForeignEntryError, RootDirectoryError, StepAlreadyExistsError,
+                         StepNotFoundError)
 
 if TYPE_CHECKING:
     from ckpt.path.step import NameFormat
@@ -126,6 +128,22 @@ def _exists(path: storage.Location) -> bool:
     return os.path.lexists(path) if isinstance(path, Path) else path.exists()
 
 
+def make(directory: storage.Location, *, mode: int | None = None) -> None:
+    """Creates a root directory (with its parents) when it is missing.
+
+    Raises:
+      RootDirectoryError: the path is a file or lies under one, or this process may not create it.
+    """
+    try:
+        with storage.writing_to(directory):
+            storage.make_dir(directory, mode=mode)
+    except (FileExistsError, NotADirectoryError):
+        in_the_way = next(p for p in (directory, *directory.parents) if os.path.lexists(p))
+        raise RootDirectoryError(
+            f"{directory} cannot be a checkpoint root: {in_the_way} is {storage.describe(in_the_way)}, not a "
+            "directory. Pass the path of a directory; it is created when missing.", path=directory) from None
+
+
 def check_target(final: storage.Location, tmp: storage.Location, *, step: int | None, overwrite: bool) -> None:
     """Checks, before a save writes anything, that it will destroy nothing ckpt did not write: ``final``
     is absent or a committed ckpt step (replaced only with ``overwrite``), and ``tmp``, the temporary name
@@ -153,6 +171,27 @@ def check_target(final: storage.Location, tmp: storage.Location, *, step: int | 
                 f"cannot save {what}: {tmp}, the name it is written under until it is complete, holds "
                 f"{entry.holds} without ckpt's {fmt.MARKER} marker; ckpt never removes what it did not write. "
                 "Move it away, or save to another step or path.", path=tmp)
+
+
+@contextlib.contextmanager
+def reading(step_dir: storage.Location, step: int | None = None) -> Iterator[None]:
+    """Reads of one step: an error because the step was deleted meanwhile (by another process's garbage
+    collection) is raised as StepNotFoundError saying so, not as damage or a missing file.
+
+    Example::
+
+        with reading(step_dir, 7):
+            trees = formats.load_checkpointables(step_dir, None)
+    """
+    try:
+        yield
+    except (CheckpointCorruptedError, OSError) as e:
+        if isinstance(e, StepNotFoundError) or _exists(step_dir / fmt.MANIFEST) or formats.is_orbax(step_dir):
+            raise
+        what = str(step_dir) if step is None else f"step {step} ({step_dir})"
+        raise StepNotFoundError(f"{what} was deleted while it was being read (by another process's garbage "
+                                f"collection?): it is gone ({type(e).__name__}: {e})", step=step,
+                                path=step_dir) from e
 
 
 def delete_step(path: storage.Location, step: int) -> None:

@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import stat
+import weakref
 from pathlib import Path
 from typing import Iterator
 
@@ -22,7 +23,7 @@ import numpy as np
 import tensorstore as ts
 
 from ckpt import format as fmt
-from ckpt.errors import DirectoryLockedError, ForeignEntryError
+from ckpt.errors import DirectoryLockedError, ForeignEntryError, RootDirectoryError
 from ckpt.objectstore import ObjectPath, is_url
 
 Location = Path | ObjectPath
@@ -45,10 +46,20 @@ def ts_context(background: bool = False) -> ts.Context:
 
 
 def location(directory: str | os.PathLike | ObjectPath) -> Location:
-    """A root or step directory: an absolute local Path, or an :class:`ObjectPath` for s3:// and gs://."""
+    """A root or step directory: an absolute local Path, or an :class:`ObjectPath` for s3:// and gs://.
+
+    Raises:
+      ValueError: a local path with a backslash (tensorstore would write elsewhere).
+    """
     if is_url(directory):
         return ObjectPath(str(directory))
-    return Path(directory).expanduser().absolute()
+    path = Path(directory).expanduser().absolute()
+    if ".." in path.parts:  # tensorstore refuses '..'; what the system means by it (after symbolic links) is meant
+        path = path.resolve()
+    if "\\" in str(path):
+        raise ValueError(f"the path {str(path)!r} has a backslash, which tensorstore reads as a path separator, so "
+                         "its arrays would land in another directory; use a path without backslashes")
+    return path
 
 
 def fsync_path(path: Location) -> None:
@@ -97,7 +108,7 @@ def describe(path: Location) -> str:
     else:
         try:
             st = os.lstat(path)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return "nothing"
         if stat.S_ISLNK(st.st_mode):
             return f"a symbolic link to {os.readlink(path)!r}"
@@ -176,6 +187,20 @@ def make_temporary(tmp: Location, *, mode: int | None = None) -> None:
     mark(tmp)
 
 
+@contextlib.contextmanager
+def writing_to(root: Location) -> Iterator[None]:
+    """Re-raises an error for lack of permission, or of a read-only file system, on writing in ``root`` as
+    a RootDirectoryError that says what to do."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        raise RootDirectoryError(
+            f"cannot write in {root}: {e.strerror} ({e.filename}). Checkpoints can still be listed and loaded from "
+            "it; to save, use a directory this process may write to.", path=root) from e
+
+
 def make_dir(path: Location, *, mode: int | None = None) -> None:
     if isinstance(path, ObjectPath):
         return
@@ -185,11 +210,27 @@ def make_dir(path: Location, *, mode: int | None = None) -> None:
 
 
 class DirectoryLock:
-    """An exclusive ``flock`` on ``<root>/.ckpt.lock``: one writer per root, released when the process dies."""
+    """An exclusive ``flock`` on ``<root>/.ckpt.lock``: one writer per root, released when the process dies.
+
+    A forked child (a DataLoader worker) closes its copy of the descriptor at once, which leaves the
+    parent's lock held, so that the lock never outlives the process that took it.
+    """
+
+    _held: "weakref.WeakSet[DirectoryLock]" = weakref.WeakSet()
 
     def __init__(self, path: Path):
         self.path = path
         self._fd: int | None = None
+
+    @classmethod
+    def _close_in_child(cls) -> None:
+        """After a fork, in the child: closes the inherited descriptors (never unlocks: that would release
+        the parent's lock); a child that saves takes the lock anew, and waits its turn like anyone."""
+        for lock in list(cls._held):
+            if lock._fd is not None:
+                fd, lock._fd = lock._fd, None
+                with contextlib.suppress(OSError):
+                    os.close(fd)
 
     @property
     def held(self) -> bool:
@@ -215,7 +256,8 @@ class DirectoryLock:
                                         "Checkpointer held it; open a new Checkpointer to write there again")
             return
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            with writing_to(self.path.parent):
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         except FileNotFoundError:
             raise FileNotFoundError(errno.ENOENT, f"{self.path.parent} was removed after this Checkpointer "
                                     "created it; open a new Checkpointer to write there again") from None
@@ -233,11 +275,16 @@ class DirectoryLock:
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()}".encode())
         self._fd = fd
+        DirectoryLock._held.add(self)
 
     def release(self) -> None:
         if self._fd is not None:
             fd, self._fd = self._fd, None
+            DirectoryLock._held.discard(self)
             os.close(fd)
+
+
+os.register_at_fork(after_in_child=DirectoryLock._close_in_child)
 
 
 def _chunk_shape(shape: tuple[int, ...], itemsize: int, target_bytes: int) -> list[int]:

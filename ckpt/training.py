@@ -108,12 +108,13 @@ class Checkpointer:
         self._preempted_at: int | None = None
         self._decided: tuple[int, bool] | None = None  # (step, decision) of the last should_save
         mode = self._context.file_options.path_permission_mode
-        storage.make_dir(self._directory, mode=mode)
+        root.make(self._directory, mode=mode)
         self._lock = storage.DirectoryLock(self._directory / fmt.LOCK)
         root_file = self._directory / fmt.ROOT_METADATA
         primary = self._processes.index == 0
         if primary and custom_metadata is not None and not root_file.exists():
-            storage.write_file_atomic(root_file, fmt.to_json_bytes({"custom_metadata": custom_metadata}, "custom_metadata"))
+            with storage.writing_to(self._directory):
+                storage.write_file_atomic(root_file, fmt.to_json_bytes({"custom_metadata": custom_metadata}, "custom_metadata"))
         self._swept = False
         if cleanup_tmp_directories and primary:
             self._take_directory()
@@ -204,8 +205,8 @@ class Checkpointer:
                            ", ".join(others[:3]) + (" ..." if len(others) > 3 else ""), self._name_format)
 
     @staticmethod
-    def _info(step: int, path: storage.Location, manifest: dict) -> CheckpointMetadata:
-        return CheckpointMetadata(step, path, metrics=manifest.get("metrics"),
+    def _info(step: int, path: storage.Location, manifest: dict, monotonic_nsecs: int | None = None) -> CheckpointMetadata:
+        return CheckpointMetadata(step, path, metrics=fmt.decode_metrics(manifest.get("metrics")), monotonic_nsecs=monotonic_nsecs,
                                   init_timestamp_nsecs=manifest.get("init_timestamp_nsecs"),
                                   commit_timestamp_nsecs=manifest.get("commit_timestamp_nsecs"),
                                   custom_metadata=manifest.get("custom_metadata"))
@@ -289,7 +290,7 @@ class Checkpointer:
         reached = preemption.reached(step)
         context = save_decision_policies.DecisionContext(
             is_saving_in_progress=self._writer.in_progress(), reached_preemption=reached)
-        current = CheckpointMetadata(step, None, commit_timestamp_nsecs=time.time_ns())
+        current = CheckpointMetadata(step, None, commit_timestamp_nsecs=time.time_ns(), monotonic_nsecs=time.monotonic_ns())
         decision = bool(self._save_policy.should_save(current, previous, context=context))
         if self._processes.count > 1:  # time and signals differ between processes: the primary decides
             decision, reached = self._processes.broadcast(self._operation(f"decide/{step}"), [decision, reached],
@@ -440,7 +441,7 @@ class Checkpointer:
         self._swept = True
 
     def _committed(self, step: int, path: storage.Location, manifest: dict) -> None:
-        info = self._info(step, path, manifest)
+        info = self._info(step, path, manifest, time.monotonic_ns())
         with self._infos_lock:
             self._infos = sorted([c for c in self._infos if c.step != step] + [info], key=lambda c: c.step)
         self._collect_garbage()
@@ -520,15 +521,12 @@ class Checkpointer:
                 path, abstract_checkpointables, partial_load=self._context.pytree_options.partial_load))
         self._reading[info.step] += 1
         try:
-            return formats.load_checkpointables(info.path, abstract_checkpointables,
-                                                partial_load=self._context.pytree_options.partial_load)
-        except errors.CheckpointCorruptedError as e:
-            if info.path.exists():
-                raise
+            with root.reading(info.path, info.step):
+                return formats.load_checkpointables(info.path, abstract_checkpointables,
+                                                    partial_load=self._context.pytree_options.partial_load)
+        except errors.StepNotFoundError:
             self._forget(info.step)
-            raise errors.StepNotFoundError(
-                f"step {info.step} was removed from {self._directory} while it was being loaded (by another "
-                "process's garbage collection?)", step=info.step, path=self._directory) from e
+            raise
         finally:
             self._reading[info.step] -= 1
 
@@ -588,7 +586,8 @@ class Checkpointer:
 
     def _metadata(self, step: int | CheckpointMetadata | None, name: str | None) -> CheckpointMetadata:
         info = self._resolve(step)
-        return checkpoint_metadata(info.path, name, step=info.step)
+        with root.reading(info.path, info.step):
+            return checkpoint_metadata(info.path, name, step=info.step)
 
     def root_metadata(self) -> RootMetadata:
         """The directory and the custom metadata written by the first Checkpointer given one.
@@ -728,7 +727,7 @@ def checkpoint_metadata(step_dir: storage.Location, name: str | None, *, step: i
     tree = (loading.tree_metadata(trees[name]) if name is not None
             else {n: loading.tree_metadata(doc) for n, doc in trees.items()})
     return CheckpointMetadata(step if step is not None else formats.step_of(step_dir, manifest), step_dir, metadata=tree,
-                              metrics=manifest.get("metrics"),
+                              metrics=fmt.decode_metrics(manifest.get("metrics")),
                               init_timestamp_nsecs=manifest.get("init_timestamp_nsecs"),
                               commit_timestamp_nsecs=manifest.get("commit_timestamp_nsecs"),
                               custom_metadata=manifest.get("custom_metadata"))

@@ -181,7 +181,7 @@ class BestN:
     """Keeps the ``n`` best checkpoints by ``get_metric_fn(metrics)``.
 
     As in Orbax, ``reverse=False`` keeps the n largest values and ``reverse=True`` the n smallest
-    (a loss). ``n=None`` keeps all; checkpoints without metrics are kept if
+    (a loss). NaN ranks worst either way. ``n=None`` keeps all; checkpoints without metrics are kept if
     ``keep_checkpoints_without_metrics``.
 
     Example::
@@ -209,10 +209,17 @@ class BestN:
             for i in with_metrics:
                 keep[i] = True
             return keep
-        ranked = sorted(with_metrics, key=lambda i: self.get_metric_fn(checkpoints[i].metrics), reverse=self.reverse)
+        ranked = sorted(with_metrics, key=lambda i: self._rank(self.get_metric_fn(checkpoints[i].metrics)),
+                        reverse=self.reverse)
         for i in ranked[len(ranked) - self.n:]:
             keep[i] = True
         return keep
+
+
+    def _rank(self, value: float) -> tuple[bool, float]:
+        """Sorts ``value`` so that NaN (a diverged run's loss) ranks worst whichever way is better."""
+        nan = value != value
+        return (nan, value) if self.reverse else (not nan, value)
 
 
 @dataclasses.dataclass(frozen=True)

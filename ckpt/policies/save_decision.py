@@ -11,6 +11,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Container, Protocol, Sequence, runtime_checkable
 
 from ckpt.metadata import CheckpointMetadata
@@ -92,6 +93,10 @@ class SpecificStepsPolicy:
 class ContinuousCheckpointingPolicy:
     """Saves whenever no save is in flight, and at least ``minimum_interval_secs`` after the last one.
 
+    The interval is measured on the monotonic clock between steps committed in this process (see
+    ``CheckpointMetadata.monotonic_nsecs``), so that a wall clock set back or forward changes nothing;
+    from a step found on disk, by wall time, and a wall clock that went back counts as the interval passed.
+
     Example::
 
         policy = ContinuousCheckpointingPolicy(minimum_interval_secs=600)   # at most one save per 10 min
@@ -107,7 +112,16 @@ class ContinuousCheckpointingPolicy:
             return False
         if not previous_steps or self.minimum_interval_secs is None:
             return True
-        return (step.time - previous_steps[-1].time).total_seconds() >= self.minimum_interval_secs
+        return _seconds_between(previous_steps[-1], step) >= self.minimum_interval_secs
+
+
+def _seconds_between(earlier: CheckpointMetadata, later: CheckpointMetadata) -> float:
+    """Seconds from one step to a later one: by the monotonic clock when this process stamped both, else by
+    wall time; infinite when the wall clock went back (the interval cannot be known, so it has passed)."""
+    if earlier.monotonic_nsecs is not None and later.monotonic_nsecs is not None:
+        return (later.monotonic_nsecs - earlier.monotonic_nsecs) / 1e9
+    seconds = (later.time - earlier.time).total_seconds()
+    return seconds if seconds >= 0 else math.inf
 
 
 class PreemptionCheckpointingPolicy:

@@ -16,12 +16,12 @@ import itertools
 import math
 import os
 import zlib
-from typing import Any, BinaryIO, Callable, NamedTuple
+from typing import Any, BinaryIO, Callable, Iterator, NamedTuple
 
 import numpy as np
 
 from ckpt import format as fmt
-from ckpt import progress
+from ckpt import progress, storage
 
 _POOL: tuple[concurrent.futures.ThreadPoolExecutor, int] | None = None
 _SUM_BLOCK = 2 << 20  # read, then summed while still in the CPU's caches (2 MiB measured best here)
@@ -58,49 +58,104 @@ class Chunk(NamedTuple):
     file_bytes: int
 
 
-def layout(meta: dict) -> list[Chunk] | None:
-    """The chunks of a leaf stored as plain slabs along axis 0, or None for any other layout."""
-    return spec_layout(meta["array"]) if meta.get("array") else None
+class LocalArray(NamedTuple):
+    """An array of a local step: its directory, and the step's files, each looked at (a regular file
+    of the size tree.json implies, reached through no link) before anything is allocated for it."""
+
+    directory: str
+    files: storage.LocalFiles
 
 
-def spec_layout(spec: dict) -> list[Chunk] | None:
-    """The chunks of a zarr3 array (a spec from tree.json) made of plain slabs along axis 0, or None."""
+def layout(meta: dict) -> list[Chunk]:
+    """The chunks of a leaf's array, plain slabs along axis 0 (what tree.json's chunk checksums
+    describe; :mod:`ckpt.schema` refuses any other array with them)."""
+    return spec_layout(meta["array"])
+
+
+def spec_layout(spec: dict) -> list[Chunk]:
+    """The chunks of a zarr3 array made of plain slabs along axis 0 (a spec from tree.json)."""
     metadata = spec["metadata"]
+    return _slabs(metadata, 0, _slab_count(metadata))
+
+
+def _slab_count(metadata: dict) -> int:
     shape = metadata["shape"]
-    chunk_shape = metadata["chunk_grid"]["configuration"]["chunk_shape"]
-    if [c["name"] for c in metadata["codecs"]] != ["bytes"] or list(chunk_shape[1:]) != list(shape[1:]):
-        return None
+    return -(-shape[0] // metadata["chunk_grid"]["configuration"]["chunk_shape"][0]) if shape else 1
+
+
+def _slabs(metadata: dict, first: int, stop: int) -> list[Chunk]:
+    """Chunks ``first`` to ``stop`` (excluded) of a plain-slab array."""
+    shape = metadata["shape"]
     row_bytes = _row_bytes(metadata)  # for a 0-d array, the bytes of its one element
     if not shape:
         return [Chunk("c", 0, row_bytes, row_bytes)]
-    rows, tail = chunk_shape[0], "/0" * (len(shape) - 1)
+    rows, tail = metadata["chunk_grid"]["configuration"]["chunk_shape"][0], "/0" * (len(shape) - 1)
     total = row_bytes * shape[0]
     return [Chunk(f"c/{i}{tail}", i * rows * row_bytes, min(total, (i + 1) * rows * row_bytes), rows * row_bytes)
-            for i in range(-(-shape[0] // rows))]
+            for i in range(first, stop)]
 
 
-def checked_layout(spec: dict, *checksums: list | None) -> list[Chunk]:
-    """The chunks of an array that tree.json gives chunk checksums for, which a load reads file by
-    file: ValueError if they are not plain slabs along axis 0, or a list in ``checksums`` lacks an
-    entry for a chunk (tree.json was not written by ckpt's save)."""
-    found = spec_layout(spec)
-    if found is None:
-        raise ValueError(f"{fmt.TREE} gives chunk checksums for an array whose chunks are not plain slabs "
-                         "along its first axis")
-    for listed in checksums:
-        if listed is not None and len(listed) < len(found):
-            raise ValueError(f"{fmt.TREE} lists {len(listed)} chunk checksums for {len(found)} chunks")
-    return found
+def grid(metadata: dict) -> Iterator[tuple[tuple[slice, ...], str, int]]:
+    """Each chunk of a zarr3 array's regular grid, in C order: its index in the array, its key
+    (``c/3/0``) and its file's size (the whole chunk, plus 4 bytes with the ``crc32c`` codec)."""
+    shape, chunk_shape = metadata["shape"], metadata["chunk_grid"]["configuration"]["chunk_shape"]
+    file_bytes = np.dtype(metadata["data_type"]).itemsize * math.prod(chunk_shape)
+    file_bytes += 4 * any(codec["name"] == "crc32c" for codec in metadata["codecs"])
+    counts = [range(-(-dim // step)) for dim, step in zip(shape, chunk_shape)]
+    for position in itertools.product(*counts):
+        box = tuple(slice(i * c, min((i + 1) * c, dim)) for i, c, dim in zip(position, chunk_shape, shape))
+        yield box, "/".join(["c", *map(str, position)]), file_bytes
 
 
-def check_metadata(array_dir: str, meta: dict) -> str | None:
-    """Why the array's zarr.json (which other readers depend on) is not the one saved, or None."""
-    path = os.path.join(array_dir, "zarr.json")
+def check_file(source: LocalArray, key: str, file_bytes: int) -> str | None:
+    """Why the file of chunk ``key`` (or ``zarr.json``) cannot be read as one of ``file_bytes`` bytes
+    (missing, a link, not a regular file, another size), or None."""
+    path = f"{source.directory}/{key}"
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        size = source.files.size(path)
+    except FileNotFoundError:
+        return f"chunk file {path} is missing"
+    except (ValueError, OSError) as e:
+        return str(e)
+    return None if size == file_bytes else f"chunk file {path} has {size} bytes, not the {file_bytes} expected"
+
+
+def _checked(source: Any, found: Iterator[Chunk]) -> list[Chunk]:
+    """``found``, each chunk's file checked first when the array is local; ValueError at the first
+    that cannot be read, before anything is allocated for the rest (so a forged size never is)."""
+    out = []
+    for chunk in found:
+        why = check_file(source, chunk.key, chunk.file_bytes) if isinstance(source, LocalArray) else None
+        if why:
+            raise ValueError(why)
+        out.append(chunk)
+    return out
+
+
+def check_array_files(source: LocalArray, meta: dict) -> str | None:
+    """Why a local array cannot be handed to tensorstore, which follows links and waits on FIFOs: its
+    zarr.json (against its CRC32 in ``meta``, a leaf's entry or 'packed' in tree.json), then each
+    chunk file of its grid, each looked at as :func:`check_file` does; None when all are sound."""
+    why = check_metadata(source, meta)
+    if why:
+        return why
+    for _, key, file_bytes in grid(meta["array" if "array" in meta else "spec"]["metadata"]):
+        why = check_file(source, key, file_bytes)
+        if why:
+            return why
+    return None
+
+
+def check_metadata(source: LocalArray, meta: dict) -> str | None:
+    """Why the array's zarr.json (which other readers depend on) is not the one saved, or None."""
+    path = f"{source.directory}/zarr.json"
+    try:
+        source.files.size(path)
+        data = storage.read_json_bytes(path, fmt.ZARR_JSON_MAX_BYTES)
     except FileNotFoundError:
         return f"{path} is missing"
+    except (ValueError, OSError) as e:
+        return str(e)
     if zlib.crc32(data) & 0xFFFFFFFF != meta.get("zarr_json_crc32"):
         return f"{path} does not match its CRC32 in tree.json"
     return None
@@ -133,11 +188,13 @@ def read_chunk(path: str, out: np.ndarray, file_bytes: int, expected_crc32: int 
     is an edge chunk's fill) and checks its :func:`sum64` (or, without one, its CRC32); returns why it
     is damaged, or None."""
     try:
-        with open(path, "rb", buffering=0) as f:
-            size = os.fstat(f.fileno()).st_size
+        fd, size = storage.open_regular(path)
+        with open(fd, "rb", buffering=0) as f:
             n, total = _read_summed(f, out, expected_sum64 is not None) if size == file_bytes else (0, 0)
     except FileNotFoundError:
         return f"chunk file {path} is missing"
+    except ValueError as e:
+        return str(e)
     if size != file_bytes or n != out.size:
         return f"chunk file {path} has {size} bytes, not the {file_bytes} expected"
     why = _mismatch(out, total, expected_crc32, expected_sum64)
@@ -180,14 +237,17 @@ class Read(NamedTuple):
     nbytes: int
 
 
-def leaf_reads(source: str | Any, meta: dict, out: np.ndarray) -> list[Read]:
-    """The reads of every chunk of a leaf into ``out`` (flat uint8), for :func:`run_all`. ``source``
-    is the leaf's array directory (a local step) or the array being opened (see :func:`range_reads`)."""
+def leaf_reads(source: LocalArray | Any, meta: dict) -> tuple[np.ndarray, list[Read]]:
+    """A new flat uint8 buffer for a leaf's bytes, and the reads of every chunk into it, for
+    :func:`run_all`. ``source`` is the leaf's array in a local step, whose chunk files are checked
+    first (ValueError), or the array being opened (see :func:`range_reads`)."""
     crcs, chunk_sums = meta["chunk_crc32"], meta.get("chunk_sum64")
-    found = checked_layout(meta["array"], crcs, chunk_sums)
-    row_bytes = _row_bytes(meta["array"]["metadata"])
-    return [Read(functools.partial(_read, source, c, out[c.start:c.stop], row_bytes, crc, total), c.stop - c.start)
-            for c, crc, total in zip(found, crcs, chunk_sums or [None] * len(found))]
+    found = _checked(source, layout(meta))
+    metadata = meta["array"]["metadata"]
+    out = empty(found[-1].stop if found else 0)
+    row_bytes = _row_bytes(metadata)
+    return out, [Read(functools.partial(_read, source, c, out[c.start:c.stop], row_bytes, crc, total), c.stop - c.start)
+                 for c, crc, total in zip(found, crcs, chunk_sums or [None] * len(found))]
 
 
 def run_all(reads: list[Read], tracker: progress.Tracker) -> list[str | None]:
@@ -213,20 +273,23 @@ def run_all(reads: list[Read], tracker: progress.Tracker) -> list[str | None]:
     return results
 
 
-def range_reads(source: str | Any, spec: dict, sums: list[int] | None, lo: int,
+def range_reads(source: LocalArray | Any, spec: dict, sums: list[int] | None, lo: int,
                 hi: int) -> tuple[int, np.ndarray, list[tuple[Chunk, Read]]]:
     """The reads of the whole chunks of a flat uint8 array (the packed leaves) that hold bytes
     ``[lo, hi)``, into a new buffer, each checked against its entry in ``sums`` (the chunks'
-    :func:`sum64`) when given. ``source`` is the array's directory (a local step), or the tensorstore
-    future of the array being opened (any other step). Returns where the buffer starts in the array,
-    the buffer, and the reads.
+    :func:`sum64`) when given. ``source`` is the array in a local step (each chunk file is checked
+    before the buffer is allocated: ValueError), or the tensorstore future of the array being opened
+    (any other step). Returns where the buffer starts in the array, the buffer, and the reads.
     """
-    held = [(i, c) for i, c in enumerate(checked_layout(spec, sums)) if c.start < hi and lo < c.stop]
-    start = held[0][1].start if held else lo
-    out = empty((held[-1][1].stop if held else lo) - start)
+    metadata = spec["metadata"]
+    size = metadata["chunk_grid"]["configuration"]["chunk_shape"][0]
+    first = lo // size
+    held = _checked(source, (_slabs(metadata, i, i + 1)[0] for i in range(first, -(-hi // size)))) if hi > lo else []
+    start = held[0].start if held else lo
+    out = empty((held[-1].stop if held else lo) - start)
     return start, out, [(c, Read(functools.partial(_read, source, c, out[c.start - start: c.stop - start], 1, None,
-                                                   None if sums is None else sums[i]), c.stop - c.start))
-                        for i, c in held]
+                                                   None if sums is None else sums[first + i]), c.stop - c.start))
+                        for i, c in enumerate(held)]
 
 
 def _row_bytes(metadata: dict) -> int:
@@ -234,12 +297,12 @@ def _row_bytes(metadata: dict) -> int:
     return np.dtype(metadata["data_type"]).itemsize * math.prod(metadata["shape"][1:])
 
 
-def _read(source: str | Any, chunk: Chunk, out: np.ndarray, row_bytes: int, expected_crc32: int | None,
+def _read(source: LocalArray | Any, chunk: Chunk, out: np.ndarray, row_bytes: int, expected_crc32: int | None,
           expected_sum64: int | None) -> str | None:
-    """Reads one chunk into ``out`` and checks it: from its file when ``source`` is a local directory,
+    """Reads one chunk into ``out`` and checks it: from its file when ``source`` is a local array,
     else through tensorstore. Returns why it is damaged, or None."""
-    if isinstance(source, str):
-        return read_chunk(f"{source}/{chunk.key}", out, chunk.file_bytes, expected_crc32, expected_sum64)
+    if isinstance(source, LocalArray):
+        return read_chunk(f"{source.directory}/{chunk.key}", out, chunk.file_bytes, expected_crc32, expected_sum64)
     try:
         store = source.result()
     except ValueError as e:  # the same for every chunk of the array: a load says it once

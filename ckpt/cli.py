@@ -9,8 +9,10 @@
                              keeping names, metrics and times, and checks each against its source
 
 DIR is a checkpoint root (a Checkpointer's directory) or one step directory (what ckpt.save
-writes); Orbax's steps are read too, and marked as Orbax's. --json prints the same information as JSON for scripts. Exit status 2: usage errors,
-a missing directory or step.
+writes); Orbax's steps are read too, and marked as Orbax's. --json prints the same information as
+strict JSON for scripts (a number that is not finite, such as a NaN loss, is the string "nan",
+"inf" or "-inf"). Text from a checkpoint (key paths, metric names, values) is printed with control
+characters escaped. Exit status 2: usage errors, a missing directory or step.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Sequence, TextIO
 
 from ckpt import __version__, convert, formats, leaves, progress, storage
 from ckpt import format as fmt
@@ -127,31 +129,57 @@ def _time(nsecs: int | None, *, iso: bool) -> str | None:
     return moment.isoformat() if iso else moment.astimezone().strftime("%Y-%m-%d %H:%M:%S")
 
 
+def _printable(text: str) -> str:
+    """``text`` with every character a terminal would not print as itself (escape sequences, other
+    control characters, lone surrogates) written as its Python escape: a checkpoint is input."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _strict(value: Any) -> Any:
+    """JSON ``value`` with each number that is not finite as the string ``nan``, ``inf`` or ``-inf``
+    (nesting is bounded: ckpt.schema refuses metrics nested deeper than a save accepts)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_strict(v) for v in value]
+    return value
+
+
 def _metrics_text(metrics: Any, prefix: str = "") -> str:
     """``loss=0.1234 acc=0.91`` for a dict of numbers (nested keys joined with dots), JSON otherwise."""
     if isinstance(metrics, dict):
         return " ".join(_metrics_text(v, f"{prefix}{k}.") if isinstance(v, dict) else f"{prefix}{k}={_number_text(v)}"
                         for k, v in metrics.items())
-    return "" if metrics is None else json.dumps(metrics)
+    return "" if metrics is None else json.dumps(_strict(metrics))
 
 
 def _number_text(value: Any) -> str:
-    return f"{value:.6g}" if isinstance(value, float) else json.dumps(value)
+    return f"{value:.6g}" if isinstance(value, float) else json.dumps(_strict(value))
 
 
 def _table(headers: Sequence[str], rows: list[Sequence[str]], right: Sequence[int] = ()) -> str:
     """Aligned columns; the columns numbered in ``right`` are right-aligned."""
-    widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
+    rows = [[_printable(str(c)) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
 
     def line(row: Sequence[str]) -> str:
-        cells = [str(c).rjust(w) if i in right else str(c).ljust(w) for i, (c, w) in enumerate(zip(row, widths))]
+        cells = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))]
         return "  ".join(cells).rstrip()
 
     return "\n".join([line(headers), *map(line, rows)])
 
 
+def _print(text: str, file: TextIO | None = None) -> None:
+    """Prints ``text`` (which may hold text from a checkpoint) with control characters escaped."""
+    print("\n".join(map(_printable, text.split("\n"))), file=file, flush=True)
+
+
 def _print_json(obj: Any) -> None:
-    print(json.dumps(obj, indent=2))
+    print(json.dumps(_strict(obj), indent=2, allow_nan=False))
 
 
 # -------------------------------------------------------------------------------------------- ls
@@ -195,7 +223,7 @@ def ls(directory: storage.Location, *, as_json: bool, local: Path | None = None)
                      "steps": records, "temporaries": temps})
         return 0
     summary = f"{len(steps)} checkpoint{'s' if len(steps) != 1 else ''}"
-    print(f"{directory}: {summary}" + ("" if latest is None else f", latest step {latest.step}"))
+    _print(f"{directory}: {summary}" + ("" if latest is None else f", latest step {latest.step}"))
     if steps:
         rows = [[("* " if r["latest"] else "  ") + str(r["step"]) + (" (Orbax)" if r["orbax"] else ""),
                  *([] if tiers is None else ["+".join(r["tiers"])]),
@@ -238,17 +266,17 @@ def show(directory: storage.Location, step: int | None, *, as_json: bool) -> int
                      "metrics": manifest.get("metrics"), "custom_metadata": manifest.get("custom_metadata"),
                      "nbytes": manifest.get("nbytes"), "checkpointables": records})
         return 0
-    print(f"step {number}  {step_dir}" + ("  (written by Orbax)" if _by_orbax(manifest) else ""))
+    _print(f"step {number}  {step_dir}" + ("  (written by Orbax)" if _by_orbax(manifest) else ""))
     print(f"committed {_time(manifest.get('commit_timestamp_nsecs'), iso=False)}, "
           f"{progress.format_bytes(manifest.get('nbytes') or sum(r['nbytes'] for rs in records.values() for r in rs))} of data, "
           f"{_size(_disk_bytes(step_dir))} on disk")
     if manifest.get("metrics") is not None:
-        print(f"metrics: {_metrics_text(manifest['metrics'])}")
+        _print(f"metrics: {_metrics_text(manifest['metrics'])}")
     if manifest.get("custom_metadata") is not None:
-        print(f"custom metadata: {json.dumps(manifest['custom_metadata'])}")
+        _print(f"custom metadata: {json.dumps(_strict(manifest['custom_metadata']))}")
     for name, rs in records.items():
         total = sum(r["nbytes"] for r in rs)
-        print(f"\n{name}: {len(rs)} leaves, {progress.format_bytes(total)}")
+        _print(f"\n{name}: {len(rs)} leaves, {progress.format_bytes(total)}")
         rows = [[r["path"] or "(root)", r["type"], r["dtype"] or "", "" if r["shape"] is None else str(tuple(r["shape"])),
                  progress.format_bytes(r["nbytes"]) if r["dtype"] else "",
                  r["stored"] if r["dtype"] else f"inline: {_short(r['value'])}"] for r in rs]
@@ -281,10 +309,10 @@ def verify(directory: storage.Location, step: int | None, *, as_json: bool) -> i
         results.append(result)
         if not as_json:
             status = "ok" if result.ok else f"DAMAGED ({len(result.damaged)})"
-            print(f"step {result.step}  {result.path}: {status}, "
-                  f"{result.leaves} leaves, {progress.format_bytes(result.nbytes)} checked", flush=True)
+            _print(f"step {result.step}  {result.path}: {status}, "
+                   f"{result.leaves} leaves, {progress.format_bytes(result.nbytes)} checked")
             for damage in result.damaged:
-                print(f"  {damage.where}: {damage.why}")
+                _print(f"  {damage.where}: {damage.why}")
     damaged = [r for r in results if not r.ok]
     if as_json:
         _print_json({"ok": not damaged, "steps": [_verify_record(r) for r in results]})
@@ -357,13 +385,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return convert_root(directory, Path(args.destination).absolute(), as_json=args.json)
         return verify(directory, args.step, as_json=args.json)
     except UsageError as e:
-        print(f"ckpt: error: {e}", file=sys.stderr)
+        _print(f"ckpt: error: {e}", file=sys.stderr)
         return 2
     except CheckpointCorruptedError as e:
-        print(f"ckpt: error: {e} (run `ckpt verify` for details)", file=sys.stderr)
+        _print(f"ckpt: error: {e} (run `ckpt verify` for details)", file=sys.stderr)
         return 1
     except (UnsupportedLayoutError, FileExistsError, FileNotFoundError) as e:
-        print(f"ckpt: error: {e}", file=sys.stderr)
+        _print(f"ckpt: error: {e}", file=sys.stderr)
         return 2
 
 

@@ -50,6 +50,12 @@ PACKED_CHUNK_BYTES = 4 << 20      # chunk size of the packed array
 ARRAY_CHUNK_BYTES = 16 << 20      # target chunk size of a large leaf's array (64 MiB chunks saved 1.3x slower)
 ALIGN = 64                        # packed offsets; loaded arrays start at such an address (jax on CPU then uses them as is)
 
+# The most bytes a reader reads of each JSON file (a larger one is refused: see docs/format.md).
+MANIFEST_MAX_BYTES = 16 << 20     # metrics and custom metadata included
+TREE_MAX_BYTES = 256 << 20        # about 700,000 leaves
+ZARR_JSON_MAX_BYTES = 1 << 20     # an array's zarr.json: a few hundred bytes
+MAX_JSON_DEPTH = 64               # how deep metrics and custom metadata may nest
+
 
 def validate_checkpointable_name(name: Any) -> None:
     """Raises ValueError for names that are empty, reserved, or not a plain directory name."""
@@ -73,12 +79,16 @@ def validate_step(step: Any) -> int:
     return int(step)
 
 
-def to_json_bytes(obj: Any, what: str) -> bytes:
-    """Strict JSON (no NaN/inf, no objects); raises ValueError naming ``what`` when ``obj`` is not JSON."""
+def to_json_bytes(obj: Any, what: str, limit: int | None = None) -> bytes:
+    """Strict JSON (no NaN/inf, no objects); raises ValueError naming ``what`` when ``obj`` is not JSON,
+    or when it takes more than ``limit`` bytes (what a reader would refuse)."""
     try:
-        return json.dumps(obj, allow_nan=False, sort_keys=False, separators=(",", ":")).encode()
+        data = json.dumps(obj, allow_nan=False, sort_keys=False, separators=(",", ":")).encode()
     except (TypeError, ValueError) as e:
         raise ValueError(f"{what} must be JSON (finite numbers, str, bool, None, lists, dicts with str keys): {e}") from None
+    if limit is not None and len(data) > limit:
+        raise ValueError(f"{what} takes {len(data)} bytes as JSON, more than the {limit} a reader accepts")
+    return data
 
 
 def check_json(obj: Any, what: str) -> None:
@@ -87,15 +97,17 @@ def check_json(obj: Any, what: str) -> None:
     to_json_bytes(obj, what)
 
 
-def _walk_json(obj: Any, where: str) -> None:
+def _walk_json(obj: Any, where: str, depth: int = 0) -> None:
+    if depth > MAX_JSON_DEPTH and isinstance(obj, (dict, list, tuple)):
+        raise ValueError(f"{where} must be JSON nested at most {MAX_JSON_DEPTH} levels deep")
     if isinstance(obj, dict):
         for k, v in obj.items():
             if not isinstance(k, str):
                 raise ValueError(f"{where} must be JSON: key {k!r} is a {type(k).__name__}, not a str")
-            _walk_json(v, f"{where}[{k!r}]")
+            _walk_json(v, f"{where}[{k!r}]", depth + 1)
     elif isinstance(obj, (list, tuple)):
         for i, v in enumerate(obj):
-            _walk_json(v, f"{where}[{i}]")
+            _walk_json(v, f"{where}[{i}]", depth + 1)
     elif isinstance(obj, float) and not math.isfinite(obj):
         raise ValueError(f"{where} must be JSON: {obj!r} is not a finite number")
 
@@ -135,7 +147,7 @@ _MANIFEST_CRC = b',"manifest_crc32":'
 def sealed_manifest(manifest: dict) -> bytes:
     """The manifest's JSON with one more member, last: ``manifest_crc32``, the CRC32 of the JSON before it
     (with its closing brace), so that a changed byte anywhere in the manifest is detected."""
-    body = to_json_bytes(manifest, "the manifest")
+    body = to_json_bytes(manifest, "the manifest (metrics and custom metadata included)", MANIFEST_MAX_BYTES - 32)
     return body[:-1] + _MANIFEST_CRC + str(crc32(body)).encode() + b"}"
 
 

@@ -9,7 +9,6 @@ malformed manifest) raises :class:`ckpt.errors.CheckpointCorruptedError` naming 
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -23,43 +22,8 @@ from ckpt import progress, storage, transfers
 from ckpt import tree as tree_lib
 from ckpt.errors import CheckpointCorruptedError, TreeMismatchError
 from ckpt.metadata import LeafMetadata
+from ckpt.schema import read_manifest, read_tree
 from ckpt.tree import KeyPath, keystr
-
-
-def read_manifest(step_dir: Path) -> dict:
-    """The step's manifest.json, validated."""
-    path = step_dir / fmt.MANIFEST
-    try:
-        data = storage.read_json_bytes(path)
-        manifest = json.loads(data)
-    except FileNotFoundError:
-        raise CheckpointCorruptedError(f"{path} is missing: {step_dir} is not a committed ckpt checkpoint",
-                                       path=step_dir) from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CheckpointCorruptedError(f"{path} is not valid JSON ({e})", path=step_dir) from None
-    if not isinstance(manifest, dict) or manifest.get("format") != fmt.FORMAT_NAME:
-        raise CheckpointCorruptedError(f"{path} is not a ckpt manifest", path=step_dir)
-    if not fmt.manifest_seal_ok(data):
-        raise CheckpointCorruptedError(f"{path} does not match its own checksum (manifest_crc32): the file is damaged",
-                                       path=step_dir)
-    if manifest.get("version") != fmt.FORMAT_VERSION:
-        raise CheckpointCorruptedError(
-            f"{path} has format version {manifest.get('version')!r}; this ckpt reads version {fmt.FORMAT_VERSION}",
-            path=step_dir)
-    return manifest
-
-
-def read_tree(step_dir: Path, manifest: dict) -> dict:
-    """The step's tree.json, checked against the CRC32 in the manifest."""
-    path = step_dir / fmt.TREE
-    try:
-        data = storage.read_json_bytes(path)
-    except FileNotFoundError:
-        raise CheckpointCorruptedError(f"{path} is missing", path=step_dir) from None
-    if fmt.crc32(data) != manifest.get("tree_crc32"):
-        raise CheckpointCorruptedError(f"{path} does not match its checksum in {fmt.MANIFEST}: the file is damaged",
-                                       path=step_dir)
-    return json.loads(data)
 
 
 class _PackedReader:
@@ -67,9 +31,8 @@ class _PackedReader:
     them, each chunk checked against its word sum (``checked``; a step saved without chunk sums is
     checked leaf by leaf, against each leaf's CRC32)."""
 
-    def __init__(self, step_dir: Path, doc: dict | None):
-        self.step_dir = step_dir
-        self.doc = doc
+    def __init__(self, step_dir: Path, doc: dict | None, files: storage.LocalFiles | None):
+        self.step_dir, self.doc, self.files = step_dir, doc, files
         self.checked = doc is not None and "chunk_sum64" in doc
         self._data = np.empty(0, np.uint8)
         self._lo = 0
@@ -84,7 +47,7 @@ class _PackedReader:
         spec = self.doc["spec"]
         try:
             self._lo, self._data, reads = chunks.range_reads(
-                _chunk_source(spec, self.step_dir), spec, self.doc.get("chunk_sum64"),
+                _chunk_source(spec, self.step_dir, self.files), spec, self.doc.get("chunk_sum64"),
                 min(r[0] for r in ranges), max(r[0] + r[1] for r in ranges))
         except ValueError as e:
             raise self._damaged(sources, str(e)) from None
@@ -116,7 +79,7 @@ class _LeafSource:
     """Reads one saved leaf, whole or a slice, checking its checksum; errors name the key path."""
 
     def __init__(self, step_dir: Path, name: str, meta: dict, packed: _PackedReader):
-        self.step_dir, self.name, self.meta, self.packed = step_dir, name, meta, packed
+        self.step_dir, self.name, self.meta, self.packed, self.files = step_dir, name, meta, packed, packed.files
         self._array: np.ndarray | None = None  # the whole leaf as stored, once read and checked
         self._out: np.ndarray | None = None    # the same, while it is read
         self._store = None
@@ -138,13 +101,10 @@ class _LeafSource:
             return []
         metadata = meta["array"]["metadata"]
         try:
-            source = _chunk_source(meta["array"], self.step_dir)
-            dtype = leaves_lib.parse_dtype(metadata["data_type"])
-            flat = chunks.empty(array_nbytes(meta))
-            reads = chunks.leaf_reads(source, meta, flat)
+            flat, reads = chunks.leaf_reads(_chunk_source(meta["array"], self.step_dir, self.files), meta)
         except ValueError as e:
             raise self._fail(str(e)) from None
-        self._out = flat.view(dtype).reshape(metadata["shape"])
+        self._out = flat.view(leaves_lib.parse_dtype(metadata["data_type"])).reshape(metadata["shape"])
         return reads
 
     def check(self, results: list[str | None]) -> None:
@@ -156,8 +116,15 @@ class _LeafSource:
             self._array, self._out = self._out, None
 
     def _open(self):
+        """The leaf's array, opened with tensorstore; in a local step, its zarr.json and every chunk
+        file are looked at first (ValueError), since tensorstore would follow a link or wait on a FIFO."""
         if self._store is None:
-            self._store = storage.open_for_read(storage.resolve_kvstore(self.meta["array"], self.step_dir))
+            spec = self.meta["array"]
+            if self.files is not None:
+                why = chunks.check_array_files(_chunk_source(spec, self.step_dir, self.files), self.meta)
+                if why:
+                    raise ValueError(why)
+            self._store = storage.open_for_read(storage.resolve_kvstore(spec, self.step_dir))
         return self._store
 
     def read(self, index: tuple[slice, ...] | None = None) -> np.ndarray:
@@ -187,11 +154,11 @@ def _reasons(whys: Iterable[str]) -> str:
     return "; ".join(dict.fromkeys(whys))
 
 
-def _chunk_source(spec: dict, step_dir: Path | Any) -> str | Any:
-    """Where the chunks of an array in tree.json are read from: its directory in a local step, or
-    through tensorstore, the array being opened. ValueError for a location outside the step."""
-    if isinstance(step_dir, Path):
-        return storage.local_array_dir(spec, step_dir)
+def _chunk_source(spec: dict, step_dir: Path | Any, files: storage.LocalFiles | None) -> chunks.LocalArray | Any:
+    """Where the chunks of an array in tree.json are read from: its directory in a local step (whose
+    ``files`` are looked at before they are read), or through tensorstore, the array being opened."""
+    if files is not None:
+        return chunks.LocalArray(storage.local_array_dir(spec, step_dir), files)
     return storage.start_open_for_read(storage.resolve_kvstore(spec, step_dir))
 
 
@@ -258,7 +225,7 @@ def load_checkpointables(step_dir: Path, abstract: dict[str, Any] | None, *, par
     """Loads the named checkpointables of one step directory (all of them when ``abstract`` is None)."""
     manifest = read_manifest(step_dir)
     doc = read_tree(step_dir, manifest)
-    packed = _PackedReader(step_dir, doc.get("packed"))
+    packed = _PackedReader(step_dir, doc.get("packed"), storage.LocalFiles(step_dir) if isinstance(step_dir, Path) else None)
 
     def sources(name: str, metas: list[dict], wanted: Iterable[int]) -> list[_LeafSource | None]:
         row: list[_LeafSource | None] = [None] * len(metas)

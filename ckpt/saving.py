@@ -7,7 +7,6 @@ is written. ``snapshot`` copies the leaves into memory the checkpointer owns (as
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import threading
 import time
@@ -94,16 +93,6 @@ def _raw_bytes(array: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(array).reshape(-1).view(np.uint8)
 
 
-@functools.lru_cache(maxsize=None)
-def _ts_supports(dtype: np.dtype) -> bool:
-    """Whether zarr3 in tensorstore stores ``dtype`` (cached: ``dtype.name`` costs microseconds)."""
-    try:
-        ts.dtype(dtype.name)
-        return dtype.kind in "biufc" or dtype.name.startswith(("bfloat", "float", "int", "uint"))
-    except (TypeError, ValueError):
-        return False
-
-
 def plan(checkpointables: dict[str, Any], *, metrics: Any = None, custom_metadata: Any = None,
          previous: layout_lib.Layout | None = None) -> Plan:
     """Validates names, metadata and leaves, and decides where each leaf's bytes go. No I/O. A tree
@@ -164,7 +153,7 @@ def _describe_array(leaf: PlannedLeaf) -> None:
     chunks = None
     if leaf.host.device_array is not None:
         chunks = tuple(leaf.host.device_array.sharding.shard_shape(shape))
-    if not _ts_supports(dtype):
+    if not storage.zarr_stores(dtype):
         dtype, shape, chunks = np.dtype(np.uint8), (leaf.nbytes,), None
         meta["stored_as"] = "bytes"
     meta["array"] = storage.array_spec({"driver": "file", "path": leaf.array_name + "/"}, dtype, shape,
@@ -466,7 +455,7 @@ class StepWriter:
         if plan.packed:
             tree_doc["packed"] = {"spec": self.packed_spec, "nbytes": plan.packed_nbytes,
                                   "zarr_json_crc32": self.packed_zarr_json_crc32, "chunk_sum64": self.packed_sums}
-        tree_bytes = fmt.to_json_bytes(tree_doc, "the tree")
+        tree_bytes = fmt.to_json_bytes(tree_doc, "the tree", fmt.TREE_MAX_BYTES)
         storage.write_file(self.tmp_dir / fmt.TREE, tree_bytes)
         manifest = {
             "format": fmt.FORMAT_NAME,

@@ -10,6 +10,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import functools
 import math
 import os
 import re
@@ -317,6 +318,17 @@ def array_spec(kvstore: dict, dtype: np.dtype, shape: tuple[int, ...], target_ch
     }
 
 
+@functools.lru_cache(maxsize=None)
+def zarr_stores(dtype: np.dtype) -> bool:
+    """Whether zarr3 in tensorstore stores ``dtype`` (cached: ``dtype.name`` costs microseconds); other
+    dtypes are stored as raw bytes."""
+    try:
+        ts.dtype(dtype.name)
+        return dtype.kind in "biufc" or dtype.name.startswith(("bfloat", "float", "int", "uint"))
+    except (TypeError, ValueError):
+        return False
+
+
 def open_for_write(spec: dict, *, background: bool = False) -> ts.Future:
     """Starts creating the array (or opening it, when another process of the job created it first);
     every chunk is stored, even all-zero ones, so that a missing chunk file means damage."""
@@ -341,16 +353,16 @@ def resolve_kvstore(spec: dict, step_dir: Location) -> dict:
     (``arrays/3/``) is accepted; an absolute path, ``..``, another driver or any other option raises
     ValueError, so that a manifest can never point outside its step directory.
     """
-    return {**spec, "kvstore": kvstore(step_dir / _relative_path(spec))}
+    return {**spec, "kvstore": kvstore(step_dir / relative_path(spec))}
 
 
 def local_array_dir(spec: dict, step_dir: Path) -> str:
     """The directory of a manifest's array in a local step (checked as :func:`resolve_kvstore` does),
     as a string: a load joins a chunk's name to it for every chunk."""
-    return os.path.join(step_dir, _relative_path(spec))
+    return os.path.join(step_dir, relative_path(spec))
 
 
-def _relative_path(spec: dict) -> str:
+def relative_path(spec: dict) -> str:
     """The relative path of a manifest's array inside its step (``arrays/3``); ValueError unless it is
     a zarr3 spec on the ``file`` driver with a path of plain names."""
     kv = spec.get("kvstore") if isinstance(spec, dict) else None
@@ -461,8 +473,100 @@ def list_names(root: Location) -> list[str]:
         return []
 
 
-def read_json_bytes(path: Location) -> bytes:
+def read_json_bytes(path: Location, limit: int = fmt.MANIFEST_MAX_BYTES) -> bytes:
+    """The bytes of a small file (JSON) of at most ``limit`` bytes.
+
+    A local file is opened as :func:`open_regular` does (never through a link, never a FIFO or a
+    device), so that no file in a checkpoint can make a reader wait forever, read without end or read
+    outside the directory. Raises ValueError for such a file or a larger one, FileNotFoundError when
+    it is missing.
+    """
     if isinstance(path, ObjectPath):
-        return path.read_bytes()
-    with open(path, "rb") as f:
-        return f.read()
+        data = path.read_bytes()
+        size = len(data)
+    else:
+        fd, size = open_regular(str(path))
+        try:
+            data = b"" if size > limit else _read_up_to(fd, limit + 1)  # one more: a file that grew is refused too
+        finally:
+            os.close(fd)
+    if max(size, len(data)) > limit:
+        raise ValueError(f"{path} has more than the {limit} bytes a reader accepts")
+    return data
+
+
+def _read_up_to(fd: int, limit: int) -> bytes:
+    parts, total = [], 0
+    while total < limit:
+        part = os.read(fd, limit - total)
+        if not part:
+            break
+        parts.append(part)
+        total += len(part)
+    return b"".join(parts)
+
+
+def open_regular(path: str) -> tuple[int, int]:
+    """Opens a regular file for reading, never through a symbolic link and without waiting on a FIFO;
+    returns the descriptor and the file's size. ValueError for a link, a directory, a FIFO, a socket
+    or a device (the message names the file, never a link's target); FileNotFoundError when missing."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENXIO, errno.EISDIR):  # a link (O_NOFOLLOW), a socket
+            raise ValueError(f"{path} is {'a symbolic link' if e.errno == errno.ELOOP else 'not a regular file'}; "
+                             "ckpt reads only regular files inside a checkpoint") from None
+        raise
+    found = os.fstat(fd)
+    if not stat.S_ISREG(found.st_mode):
+        os.close(fd)
+        raise ValueError(f"{path} is {_kind(found.st_mode)}, not a regular file; ckpt reads only regular files "
+                         "inside a checkpoint")
+    return fd, found.st_size
+
+
+def _kind(mode: int) -> str:
+    for test, name in [(stat.S_ISLNK, "a symbolic link"), (stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device")]:
+        if test(mode):
+            return name
+    return "a regular file" if stat.S_ISREG(mode) else "not a file"
+
+
+class LocalFiles:
+    """The files below one local directory (a step), looked at without following any link.
+
+    :meth:`size` gives a file's size before anything is allocated for its bytes; each directory on the
+    way is checked once (``lstat``), each file once, so a link anywhere below the step (``arrays/0``
+    pointing at another directory, a chunk pointing at ``/etc/passwd``), a FIFO or a device is refused
+    without being read.
+
+    Example::
+
+        files = LocalFiles("runs/exp1/100")
+        files.size("runs/exp1/100/arrays/0/c/0")      # ValueError if arrays/0 is a link
+    """
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = os.fspath(root)
+        self._dirs: set[str] = set()
+
+    def size(self, path: str) -> int:
+        """The size of the regular file ``path`` (below the root). ValueError when it, or a directory
+        between the root and it, is a link or not what it should be; FileNotFoundError when missing."""
+        start = len(self.root) + 1
+        end = path.find("/", start)
+        while end != -1:
+            directory = path[:end]
+            if directory not in self._dirs:
+                mode = os.lstat(directory).st_mode
+                if not stat.S_ISDIR(mode):
+                    raise ValueError(f"{directory} is {_kind(mode)}, not a directory; ckpt reads only regular "
+                                     "files inside a checkpoint")
+                self._dirs.add(directory)
+            end = path.find("/", end + 1)
+        found = os.lstat(path)
+        if not stat.S_ISREG(found.st_mode):
+            raise ValueError(f"{path} is {_kind(found.st_mode)}, not a regular file; ckpt reads only regular files "
+                             "inside a checkpoint")
+        return found.st_size

@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import itertools
 import os
 import zlib
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -104,12 +103,13 @@ def verify_step(step_dir: str | os.PathLike | storage.Location) -> VerifyResult:
                 arrays.append((where, meta))
     total = sum(meta["packed"][1] for _, meta in packed) + sum(loading.array_nbytes(meta) for _, meta in arrays)
     tracker = progress.Tracker(f"verifying {step_dir}", total)
+    files = storage.LocalFiles(step_dir) if isinstance(step_dir, Path) else None
     for where, meta in arrays:
-        why = _verify_array(step_dir, meta, tracker)
+        why = _verify_array(step_dir, files, meta, tracker)
         if why:
             result.damaged.append(Damage(where, why))
     if packed:
-        result.damaged.extend(_verify_packed(step_dir, doc["packed"], packed, tracker))
+        result.damaged.extend(_verify_packed(step_dir, files, doc["packed"], packed, tracker))
     tracker.finish()
     result.nbytes = tracker.done_bytes
     return result
@@ -132,32 +132,24 @@ def _verify_orbax(step_dir: Path) -> VerifyResult:
     return result
 
 
-def _chunk_boxes(shape: list[int], chunk_shape: list[int]) -> Iterator[tuple[slice, ...]]:
-    """The index of each chunk of a regular grid, in C order (one empty index for a 0-d array)."""
-    starts = itertools.product(*(range(0, dim, step) for dim, step in zip(shape, chunk_shape)))
-    for start in starts:
-        yield tuple(slice(s, min(s + c, dim)) for s, c, dim in zip(start, chunk_shape, shape))
-
-
-def _verify_array(step_dir: storage.Location, meta: dict, tracker: progress.Tracker) -> str | None:
+def _verify_array(step_dir: storage.Location, files: storage.LocalFiles | None, meta: dict,
+                  tracker: progress.Tracker) -> str | None:
     """Reads a large leaf chunk by chunk; the first damage found, or None.
 
-    Tensorstore checks that each chunk exists, has its size and (for arrays written with the crc32c
-    codec) its crc32c; chunks listed in ``chunk_crc32`` are checked here against their CRC32.
+    In a local step, its zarr.json and every chunk file are looked at first (each a regular file of its
+    size, reached through no link); tensorstore checks that each chunk exists, has its size and (for
+    arrays written with the crc32c codec) its crc32c; chunks listed in ``chunk_crc32`` are checked
+    here against their CRC32.
     """
     spec = meta["array"]
-    metadata = spec["metadata"]
-    boxes = list(_chunk_boxes(metadata["shape"], metadata["chunk_grid"]["configuration"]["chunk_shape"]))
     expected = meta.get("chunk_crc32")
-    if expected is not None and len(expected) != len(boxes):
-        return f"{fmt.TREE} lists {len(expected)} chunk checksums for {len(boxes)} chunks"
     try:
-        why = _check_zarr_json(step_dir, spec, meta)
+        why = files and chunks.check_array_files(_source(spec, step_dir, files), meta)
         if why:
             return why
         store = storage.open_for_read(storage.resolve_kvstore(spec, step_dir))
         pending: collections.deque = collections.deque()
-        for index, box in enumerate(boxes):
+        for index, (box, _, _) in enumerate(chunks.grid(spec["metadata"])):
             pending.append((index, store[box].read()))
             if len(pending) >= _IN_FLIGHT:
                 why = _check_chunk(*pending.popleft(), expected, tracker)
@@ -172,11 +164,8 @@ def _verify_array(step_dir: storage.Location, meta: dict, tracker: progress.Trac
     return None
 
 
-def _check_zarr_json(step_dir: storage.Location, spec: dict, doc: dict) -> str | None:
-    """Why a local array's zarr.json is not the one saved (its CRC32 in tree.json), or None."""
-    if not isinstance(step_dir, Path) or "zarr_json_crc32" not in doc:
-        return None
-    return chunks.check_metadata(storage.local_array_dir(spec, step_dir), doc)
+def _source(spec: dict, step_dir: Path, files: storage.LocalFiles) -> chunks.LocalArray:
+    return chunks.LocalArray(storage.local_array_dir(spec, step_dir), files)
 
 
 def _check_chunk(index: int, read: Any, expected: list[int] | None, tracker: progress.Tracker) -> str | None:
@@ -188,43 +177,45 @@ def _check_chunk(index: int, read: Any, expected: list[int] | None, tracker: pro
     return None
 
 
-def _verify_packed(step_dir: storage.Location, packed_doc: dict, leaves: list[tuple[str, dict]],
-                   tracker: progress.Tracker) -> list[Damage]:
-    """Streams the packed array chunk by chunk, computing each leaf's CRC32 across chunk borders."""
+def _verify_packed(step_dir: storage.Location, files: storage.LocalFiles | None, packed_doc: dict,
+                   leaves: list[tuple[str, dict]], tracker: progress.Tracker) -> list[Damage]:
+    """Checks each packed leaf's CRC32, reading the chunks that hold it one at a time, in offset order
+    (a chunk shared by neighbours is read once). A chunk that cannot be read damages the leaves in it."""
     spec = packed_doc["spec"]
     window = spec["metadata"]["chunk_grid"]["configuration"]["chunk_shape"][0]
-    leaves = sorted(leaves, key=lambda item: item[1]["packed"][0])
     try:
-        why = _check_zarr_json(step_dir, spec, packed_doc)
+        why = files and chunks.check_metadata(_source(spec, step_dir, files), packed_doc)
         if why:
             raise ValueError(why)
         store = storage.open_for_read(storage.resolve_kvstore(spec, step_dir))
     except ValueError as e:
         return [Damage(where, f"the packed array {fmt.PACKED}/ cannot be opened: {e}") for where, _ in leaves]
-    damaged: list[Damage] = []
-    partial: dict[int, int | str] = {}  # leaf index -> CRC32 so far, or why its bytes cannot be read
-    first = 0  # the first leaf not finished yet
-    for start in range(0, packed_doc["nbytes"], window):
-        end = min(start + window, packed_doc["nbytes"])
+    held: tuple[int, Any, str] = (-1, None, "")  # the chunk read last: its index, bytes, why it cannot be read
+
+    def chunk(i: int) -> tuple[int, Any, str]:
+        why = files and chunks.check_file(_source(spec, step_dir, files), f"c/{i}", window)
+        if why:
+            return i, None, f"its bytes in {fmt.PACKED}/ cannot be read: {why}"
         try:
-            data, error = store[start:end].read().result(), ""
+            data = store[i * window: min((i + 1) * window, packed_doc["nbytes"])].read().result()
         except ValueError as e:
-            data, error = None, f"its bytes in {fmt.PACKED}/ cannot be read: {e}"
-        i = first
-        while i < len(leaves) and leaves[i][1]["packed"][0] < end:
-            where, meta = leaves[i]
-            offset, nbytes = meta["packed"]
-            state = partial.pop(i, 0)
-            if isinstance(state, int):
-                state = error or zlib.crc32(data[max(offset, start) - start: min(offset + nbytes, end) - start], state)
-            if offset + nbytes > end:
-                partial[i] = state
-            elif isinstance(state, str):
-                damaged.append(Damage(where, state))
-            elif state != meta.get("crc32"):
-                damaged.append(Damage(where, f"its bytes in {fmt.PACKED}/ do not match the CRC32 in {fmt.TREE}"))
-            i += 1
-        while first < len(leaves) and sum(leaves[first][1]["packed"]) <= end:
-            first += 1
-        tracker.advance(end - start)
+            return i, None, f"its bytes in {fmt.PACKED}/ cannot be read: {e}"
+        tracker.advance(data.nbytes)
+        return i, data, ""
+
+    damaged: list[Damage] = []
+    for where, meta in sorted(leaves, key=lambda item: item[1]["packed"][0]):
+        offset, nbytes = meta["packed"]
+        crc, why = 0, ""
+        for i in range(offset // window, -(-(offset + nbytes) // window)):
+            held = held if held[0] == i else chunk(i)
+            why = held[2]
+            if why:
+                break
+            start = i * window
+            crc = zlib.crc32(held[1][max(offset, start) - start: min(offset + nbytes, start + window) - start], crc)
+        if why:
+            damaged.append(Damage(where, why))
+        elif crc != meta["crc32"]:
+            damaged.append(Damage(where, f"its bytes in {fmt.PACKED}/ do not match the CRC32 in {fmt.TREE}"))
     return damaged

@@ -87,12 +87,28 @@ def rewrite_tree(step_dir: Path | ObjectPath, mutate: Callable[[dict], None]) ->
     """Changes a step's tree.json and makes every checksum agree again, as a deliberate forger would."""
     tree = json.loads((step_dir / fmt.TREE).read_bytes())
     mutate(tree)
-    data = json.dumps(tree).encode()
+    write_tree(step_dir, json.dumps(tree).encode())
+
+
+def write_tree(step_dir: Path | ObjectPath, data: bytes) -> None:
+    """Replaces a step's tree.json with ``data`` (any bytes) and reseals the manifest over it."""
     (step_dir / fmt.TREE).write_bytes(data)
+    rewrite_manifest(step_dir, lambda manifest: manifest.update(tree_crc32=fmt.crc32(data)))
+
+
+def rewrite_manifest(step_dir: Path | ObjectPath, mutate: Callable[[dict], None]) -> None:
+    """Changes a step's manifest (into any JSON, NaN included) and reseals it with its own CRC32."""
     raw = (step_dir / fmt.MANIFEST).read_bytes()
     manifest = json.loads(raw[: raw.rindex(b',"manifest_crc32"')] + b"}")
-    manifest["tree_crc32"] = fmt.crc32(data)
-    (step_dir / fmt.MANIFEST).write_bytes(fmt.sealed_manifest(manifest))
+    mutate(manifest)
+    seal_manifest(step_dir, json.dumps(manifest, separators=(",", ":")).encode())
+
+
+def seal_manifest(step_dir: Path | ObjectPath, body: bytes) -> None:
+    """Writes ``body`` (the bytes of a JSON object, or anything ending in ``}``) as the step's manifest,
+    sealed with the CRC32 member a save adds (see ``ckpt.format.sealed_manifest``)."""
+    crc = str(fmt.crc32(body)).encode()
+    (step_dir / fmt.MANIFEST).write_bytes(body[:-1] + b',"manifest_crc32":' + crc + b"}")
 
 
 def without_word_sums(tree: dict) -> None:

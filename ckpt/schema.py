@@ -1,0 +1,390 @@
+"""What a reader checks in a step's manifest.json and tree.json before it trusts a field: once, for all.
+
+A step directory is input: downloaded, shared, mounted from a bucket, perhaps forged with its
+checksums recomputed so that they pass. Every reader (a load, ``metadata``, ``verify``, the ``ckpt``
+command, a Checkpointer listing its root) reads the two files through :func:`read_manifest` and
+:func:`read_tree`. They read only regular files of bounded size (never through a link, never a FIFO
+or a device), and refuse anything ckpt's save never writes: a wrong type anywhere, a negative or
+non-integer size, a dtype ckpt does not store, an array whose shape, dtype, chunks or checksums do
+not fit the leaf, a packed byte range outside the packed array, a tree whose leaves do not match
+its entries. What is wrong raises :class:`ckpt.errors.CheckpointCorruptedError` naming the step, the
+file and the key path; past these two functions the readers use the fields as they are. What they
+still check is the data itself: each file exists, is a regular file of the size the fields imply,
+and matches its checksum. docs/format.md lists every check.
+
+Example::
+
+    manifest = read_manifest(step_dir)          # CheckpointCorruptedError if anything is wrong
+    doc = read_tree(step_dir, manifest)
+    leaves = doc["checkpointables"]["state"]["leaves"]
+"""
+from __future__ import annotations
+
+import json
+import reprlib
+from typing import Any
+
+import numpy as np
+
+from ckpt import format as fmt
+from ckpt import leaves as leaves_lib
+from ckpt import storage
+from ckpt.errors import CheckpointCorruptedError
+
+_INLINE = {"int": (int,), "float": (float, int), "bool": (bool,), "str": (str,), "none": (type(None),)}
+_NON_FINITE = ("nan", "inf", "-inf")
+_ARRAY_TYPES = frozenset({"numpy", "np_scalar", "jax", "jax_key", "torch", "bytes"})
+_SHAPED_TYPES = frozenset({"np_scalar", "jax_key", "bytes"})
+_DTYPES: dict[str, np.dtype] = {}  # the dtypes met so far, by name
+_CONTAINERS = frozenset({"dict", "list", "tuple", "namedtuple", "pytree"})
+_KEY_TYPES = {"key": (str, int), "idx": (int,), "attr": (str,)}
+_BYTES_CODEC = [{"name": "bytes", "configuration": {"endian": "little"}}]
+_CRC32C_CODECS = _BYTES_CODEC + [{"name": "crc32c"}]
+_METADATA_KEYS = frozenset({"shape", "data_type", "chunk_grid", "codecs"})
+_MAX_NDIM = 32
+_MAX_ARRAY_BYTES = 1 << 62  # numpy cannot address more; the files on disk bound what is read
+_MAX_TIMESTAMP = 1 << 63    # nanoseconds: the year 2262
+_REPR = reprlib.Repr()      # a field in a message: escaped, short, and safe at any depth of nesting
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlist, _REPR.maxdict = 3, 60, 60, 6, 4
+
+
+class _Invalid(Exception):
+    """What is wrong in a JSON file, and the key paths of the leaves it concerns (none: the file)."""
+
+    def __init__(self, why: str, *where: str):
+        super().__init__(why)
+        self.why, self.where = why, where
+
+
+def read_manifest(step_dir: storage.Location) -> dict:
+    """The step's manifest.json, read and validated (see the module docstring).
+
+    Raises:
+      CheckpointCorruptedError: it is missing, not a regular file, too large, not JSON, not sealed by
+        its own CRC32, of another format version, or a field has the wrong type or range.
+    """
+    path = step_dir / fmt.MANIFEST
+    data = _read(step_dir, path, fmt.MANIFEST_MAX_BYTES, f": {step_dir} is not a committed ckpt checkpoint")
+    manifest = _parse(step_dir, path, data)
+    if not isinstance(manifest, dict) or manifest.get("format") != fmt.FORMAT_NAME:
+        raise CheckpointCorruptedError(f"{path} is not a ckpt manifest", path=step_dir)
+    if not fmt.manifest_seal_ok(data):
+        raise CheckpointCorruptedError(f"{path} does not match its own checksum (manifest_crc32): the file is damaged",
+                                       path=step_dir)
+    version = manifest.get("version")
+    if type(version) is not int or version != fmt.FORMAT_VERSION:
+        raise CheckpointCorruptedError(
+            f"{path} has format version {version!r}; this ckpt reads version {fmt.FORMAT_VERSION}", path=step_dir)
+    try:
+        _check_manifest(manifest)
+    except _Invalid as e:
+        raise CheckpointCorruptedError(f"{path}: {e.why}", path=step_dir) from None
+    return manifest
+
+
+def read_tree(step_dir: storage.Location, manifest: dict) -> dict:
+    """The step's tree.json (``manifest`` from :func:`read_manifest`), checked against its CRC32 in
+    the manifest and validated: every leaf entry fits its array, its packed range and the tree.
+
+    Raises:
+      CheckpointCorruptedError: naming the step, tree.json, and the leaf when one is at fault.
+    """
+    path = step_dir / fmt.TREE
+    data = _read(step_dir, path, fmt.TREE_MAX_BYTES, "")
+    if fmt.crc32(data) != manifest["tree_crc32"]:
+        raise CheckpointCorruptedError(f"{path} does not match its checksum in {fmt.MANIFEST}: the file is damaged",
+                                       path=step_dir)
+    doc = _parse(step_dir, path, data)
+    try:
+        _check_tree(doc, manifest["checkpointables"])
+    except _Invalid as e:
+        leaves = (f"leaf {e.where[0]}: " if len(e.where) == 1 else
+                  f"leaves {', '.join(e.where[:5])}{' ...' if len(e.where) > 5 else ''}: " if e.where else "")
+        raise CheckpointCorruptedError(f"{path}: {leaves}{e.why}", path=step_dir, key_paths=e.where) from None
+    return doc
+
+
+def _read(step_dir: storage.Location, path: storage.Location, limit: int, missing: str) -> bytes:
+    try:
+        return storage.read_json_bytes(path, limit)
+    except FileNotFoundError:
+        raise CheckpointCorruptedError(f"{path} is missing{missing}", path=step_dir) from None
+    except (ValueError, OSError) as e:  # a link, a FIFO, a device, too large, unreadable
+        raise CheckpointCorruptedError(f"{step_dir}: {e}", path=step_dir) from None
+
+
+def _parse(step_dir: storage.Location, path: storage.Location, data: bytes) -> Any:
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        raise CheckpointCorruptedError(f"{path} is not valid JSON ({type(e).__name__}: {e})", path=step_dir) from None
+
+
+# ------------------------------------------------------------------------------------------ manifest
+def _check_manifest(manifest: dict) -> None:
+    step = manifest.get("step")
+    if step is not None and not _is_count(step):
+        raise _Invalid(f"'step' {step!r} is not a non-negative int")
+    for key in ("init_timestamp_nsecs", "commit_timestamp_nsecs"):
+        value = manifest.get(key)
+        if value is not None and not (_is_count(value) and value < _MAX_TIMESTAMP):
+            raise _Invalid(f"{key!r} {_short(value)} is not a time in nanoseconds since the epoch")
+    names = manifest.get("checkpointables")
+    if type(names) is not list or not all(type(n) is str for n in names) or len(set(names)) != len(names):
+        raise _Invalid(f"'checkpointables' {_short(names)} is not a list of distinct names")
+    for name in names:
+        try:
+            fmt.validate_checkpointable_name(name)
+        except ValueError as e:
+            raise _Invalid(str(e)) from None
+    for key in ("metrics", "custom_metadata"):
+        if not _nested_within(manifest.get(key), fmt.MAX_JSON_DEPTH):
+            raise _Invalid(f"{key!r} is nested deeper than the {fmt.MAX_JSON_DEPTH} levels a save accepts")
+    if not _is_count(manifest.get("nbytes")):
+        raise _Invalid(f"'nbytes' {_short(manifest.get('nbytes'))} is not a non-negative int")
+    if not _is_u32(manifest.get("tree_crc32")):
+        raise _Invalid(f"'tree_crc32' {_short(manifest.get('tree_crc32'))} is not a CRC32")
+
+
+# ---------------------------------------------------------------------------------------------- tree
+def _check_tree(doc: Any, names: list[str]) -> None:
+    trees = doc.get("checkpointables") if type(doc) is dict else None
+    if type(trees) is not dict or sorted(trees) != sorted(names):
+        raise _Invalid(f"its checkpointables are not the manifest's {names!r}")
+    packed_end, packed_bytes = -1, 0  # the end of the last packed leaf's bytes (-1: none), and the bytes
+    # the packed leaves take one after another (each padded to the alignment, as a save packs them)
+    for name, tree in trees.items():
+        leaves = tree.get("leaves") if type(tree) is dict else None
+        if type(leaves) is not list:
+            raise _Invalid(f"checkpointable {name!r} has no list of 'leaves'")
+        count = _count_leaves(tree.get("tree"), name)
+        if count != len(leaves):
+            raise _Invalid(f"checkpointable {name!r}: its tree has {count} leaves, 'leaves' lists {len(leaves)}")
+        for meta in leaves:
+            end = _check_leaf(name, meta)
+            if end >= 0:
+                packed_end = end if end > packed_end else packed_end
+                packed_bytes += -(-meta["packed"][1] // fmt.ALIGN) * fmt.ALIGN
+    packed = doc.get("packed")
+    if packed is not None or packed_end >= 0:
+        try:
+            _check_packed(packed, max(packed_end, 0), packed_bytes)
+        except _Invalid as e:
+            raise _Invalid(e.why, *[name + meta["path"] for name, tree in trees.items() for meta in tree["leaves"]
+                                    if "packed" in meta]) from None
+
+
+def _count_leaves(node: Any, name: str) -> int:
+    """The leaves of a tree structure (see ``ckpt.tree.to_json``), each node checked; iterative, so
+    that no depth of nesting exhausts the stack."""
+    count, stack = 0, [node]
+    while stack:
+        node = stack.pop()
+        kind = node.get("t") if type(node) is dict else None
+        kind = kind if type(kind) is str else None
+        if kind == "leaf":
+            count += 1
+            continue
+        if kind not in _CONTAINERS or type(node["c"] if "c" in node else None) is not list or type(node.get("n", "")) is not str:
+            raise _Invalid(f"checkpointable {name!r}: a tree node {_short(node)} is not one ckpt writes")
+        children, keys = node["c"], node.get("k")
+        if keys is None and kind in ("dict", "namedtuple"):
+            raise _Invalid(f"checkpointable {name!r}: a {kind} node has no keys ('k')")
+        if keys is not None and not (type(keys) is list and len(keys) == len(children) and all(map(_is_key, keys))):
+            raise _Invalid(f"checkpointable {name!r}: the keys {_short(keys)} of a {kind} node are not one "
+                           "[kind, key] pair per child")
+        stack.extend(children)
+    return count
+
+
+def _is_key(entry: Any) -> bool:
+    return (type(entry) is list and len(entry) == 2 and type(entry[0]) is str
+            and type(entry[1]) in _KEY_TYPES.get(entry[0], ()))
+
+
+def _check_leaf(name: str, meta: Any) -> int:
+    """Checks one leaf entry; returns the end of its packed bytes, or -1 when it is not packed. (Every
+    load runs this for every leaf: the usual entries take the first branches, a few microseconds.)"""
+    if type(meta) is not dict or type(meta.get("path")) is not str:
+        raise _Invalid(f"checkpointable {name!r}: a leaf entry {_short(meta)} has no 'path' string")
+    kind = meta.get("type")
+    inline = _INLINE.get(kind) if type(kind) is str else None
+    if inline is not None:
+        value = meta.get("value")
+        if type(value) not in inline and not (kind == "float" and value in _NON_FINITE):
+            raise _Invalid(f"its value {_short(value)} is not a {kind}", name + meta["path"])
+        return -1
+    where = name + meta["path"]
+    if type(kind) is not str or kind not in _ARRAY_TYPES:
+        raise _Invalid(f"'type' {_short(kind)} is not a leaf type ckpt writes", where)
+    name = meta.get("dtype")
+    dtype = _DTYPES.get(name) if type(name) is str else None
+    if dtype is None:  # (a dtype is falsy: its len() is its number of fields)
+        dtype = _dtype(name, where)
+    shape = meta.get("shape")
+    nbytes = _nbytes(shape, dtype.itemsize, "shape", where)
+    if kind in _SHAPED_TYPES:
+        _check_shaped(meta, kind, dtype, shape, where)
+    span = meta.get("packed")
+    if span is not None:
+        if (type(span) is list and len(span) == 2 and type(span[0]) is int and span[0] >= 0
+                and not span[0] % fmt.ALIGN and type(span[1]) is int and span[1] == nbytes and "array" not in meta
+                and _is_u32(meta.get("crc32"))):
+            return span[0] + nbytes
+        raise _Invalid(f"'packed' {_short(span)} is not the [offset, nbytes] of the {nbytes} bytes of a {dtype} "
+                       f"{shape} leaf at an offset aligned to {fmt.ALIGN}, with a 'crc32' and no 'array'", where)
+    if "array" not in meta:
+        raise _Invalid("it has neither 'packed' nor 'array': its bytes are nowhere", where)
+    _check_array(meta, dtype, shape, nbytes, where)
+    return -1
+
+
+def _check_shaped(meta: dict, kind: str, dtype: np.dtype, shape: list[int], where: str) -> None:
+    """The leaf types whose shape is constrained: a 0-d np_scalar, 1-d uint8 bytes, and a jax_key whose
+    ``key_shape`` leads the shape of its key data."""
+    if kind == "jax_key":
+        key_shape, impl = meta.get("key_shape"), meta.get("impl")
+        _nbytes(key_shape, 1, "key_shape", where)
+        if key_shape != shape[: len(key_shape)] or type(impl) is not str:
+            raise _Invalid(f"'key_shape' {_short(key_shape)} does not lead its 'shape' {shape}, or 'impl' is not a str",
+                           where)
+    elif (kind == "np_scalar" and shape) or (kind == "bytes" and (dtype != np.uint8 or len(shape) != 1)):
+        raise _Invalid(f"a {kind} leaf of dtype {dtype} and shape {shape} is not one ckpt writes", where)
+
+
+def _check_array(meta: dict, dtype: np.dtype, shape: list[int], nbytes: int, where: str) -> None:
+    """A large leaf's zarr3 array: inside the step, plain bytes (with crc32c for one written by several
+    processes), the leaf's shape and dtype (raw bytes when ``stored_as``), and one checksum per chunk."""
+    spec = meta["array"]
+    try:
+        storage.relative_path(spec)
+    except ValueError as e:
+        raise _Invalid(str(e), where) from None
+    metadata = spec.get("metadata")
+    if type(metadata) is not dict or not set(metadata) <= _METADATA_KEYS:
+        raise _Invalid(f"its array's 'metadata' {_short(metadata)} is not one ckpt writes", where)
+    array_shape = metadata.get("shape")
+    _nbytes(array_shape, 1, "array shape", where)
+    stored_as, want = meta.get("stored_as"), None
+    if stored_as == "bytes":
+        want = ("uint8", [nbytes])
+    elif stored_as is None and storage.zarr_stores(dtype):
+        want = (meta["dtype"], shape)
+    if want != (metadata.get("data_type"), array_shape):
+        raise _Invalid(f"its array ({_short(metadata.get('data_type'))}, shape {array_shape}) does not hold the leaf "
+                       f"({meta['dtype']}, shape {shape}{', stored as ' + repr(stored_as) if stored_as else ''})", where)
+    chunk_shape = _chunk_shape(metadata, len(array_shape), where)
+    codecs = metadata.get("codecs")
+    crcs, sums = meta.get("chunk_crc32"), meta.get("chunk_sum64")
+    if crcs is None:  # written by several processes: tensorstore checks each chunk's crc32c
+        if codecs != _CRC32C_CODECS or sums is not None:
+            raise _Invalid("an array without 'chunk_crc32' must use the crc32c codec (and has no 'chunk_sum64')", where)
+    else:
+        if codecs != _BYTES_CODEC or chunk_shape[1:] != array_shape[1:]:
+            raise _Invalid(f"{fmt.TREE} gives chunk checksums for an array whose chunks are not plain slabs along "
+                           "its first axis", where)
+        count = -(-array_shape[0] // chunk_shape[0]) if array_shape else 1
+        _check_sums(crcs, count, 32, "chunk_crc32", where)
+        if sums is not None:
+            _check_sums(sums, count, 64, "chunk_sum64", where)
+    if not _is_u32(meta.get("zarr_json_crc32")):
+        raise _Invalid(f"'zarr_json_crc32' {_short(meta.get('zarr_json_crc32'))} is not a CRC32", where)
+
+
+def _check_packed(packed: Any, end: int, nbytes_packed: int) -> None:
+    """The packed array of the small leaves: inside the step, plain uint8 bytes, as long as the
+    packed leaves' bytes one after another (``nbytes_packed``) and holding them all (``end``), with one
+    word sum per chunk. So its size follows from the leaves' shapes, never from a number alone."""
+    spec = packed.get("spec") if type(packed) is dict else None
+    if spec is None:
+        raise _Invalid("small leaves are packed, but 'packed' does not describe the packed array")
+    try:
+        storage.relative_path(spec)
+    except ValueError as e:
+        raise _Invalid(f"'packed': {e}") from None
+    metadata, nbytes = spec.get("metadata"), packed.get("nbytes")
+    if (type(metadata) is not dict or not set(metadata) <= _METADATA_KEYS or metadata.get("data_type") != "uint8"
+            or metadata.get("codecs") != _BYTES_CODEC or metadata.get("shape") != [nbytes] or not _is_count(nbytes)):
+        raise _Invalid(f"'packed' {_short(packed)} is not plain slabs of 'nbytes' uint8 bytes (the bytes codec alone)")
+    if nbytes != nbytes_packed or end > nbytes:
+        raise _Invalid(f"'packed' has {nbytes} bytes; its leaves take {nbytes_packed} (aligned to {fmt.ALIGN}) and "
+                       f"end at byte {end}")
+    chunk_shape = _chunk_shape(metadata, 1)
+    if packed.get("chunk_sum64") is not None:
+        # an empty packed array has no chunk, but its save lists the sum of one empty chunk
+        _check_sums(packed["chunk_sum64"], max(1, -(-nbytes // chunk_shape[0])), 64, "'packed' chunk_sum64")
+    if not _is_u32(packed.get("zarr_json_crc32")):
+        raise _Invalid(f"'packed' 'zarr_json_crc32' {_short(packed.get('zarr_json_crc32'))} is not a CRC32")
+
+
+def _chunk_shape(metadata: dict, ndim: int, *where: str) -> list[int]:
+    grid = metadata.get("chunk_grid")
+    config = grid.get("configuration") if type(grid) is dict and grid.get("name") == "regular" else None
+    chunk_shape = config.get("chunk_shape") if type(config) is dict else None
+    if (type(chunk_shape) is not list or len(chunk_shape) != ndim
+            or not all(type(d) is int and 0 < d <= _MAX_ARRAY_BYTES for d in chunk_shape)):
+        raise _Invalid(f"the chunk grid {_short(grid)} is not a regular grid of positive ints, one per dimension", *where)
+    return chunk_shape
+
+
+def _check_sums(values: Any, count: int, bits: int, what: str, *where: str) -> None:
+    if type(values) is not list or len(values) != count:
+        listed = len(values) if type(values) is list else _short(values)
+        raise _Invalid(f"{fmt.TREE} lists {listed} chunk checksums for {count} chunks ({what})", *where)
+    limit = 1 << bits
+    if not all(type(v) is int and 0 <= v < limit for v in values):
+        raise _Invalid(f"{what} holds a value that is not a {bits}-bit checksum", *where)
+
+
+# --------------------------------------------------------------------------------------------- fields
+def _dtype(name: Any, where: str) -> np.dtype:
+    """The dtype ``name`` stands for, if it is one ckpt writes under that very name; remembered in
+    ``_DTYPES``, where a load finds it for its other leaves."""
+    try:
+        dtype = leaves_lib.parse_dtype(name) if type(name) is str and len(name) < 64 else None
+    except (ValueError, TypeError, SyntaxError):  # numpy's parser of dtype strings raises all three
+        dtype = None
+    if (dtype is None or dtype.itemsize == 0 or dtype.fields is not None or dtype.subdtype is not None
+            or leaves_lib.dtype_name(dtype) != name):
+        raise _Invalid(f"'dtype' {_short(name)} is not a dtype ckpt stores (numeric, bool, ml_dtypes, or "
+                       "fixed-size strings, bytes and times under their numpy name)", where)
+    _DTYPES[name] = dtype
+    return dtype
+
+
+def _nbytes(shape: Any, itemsize: int, what: str, where: str) -> int:
+    """The bytes of an array of ``shape`` (a list of at most 32 non-negative ints, whose bytes, zero
+    dimensions counted as 1, stay below 2**62) and ``itemsize``."""
+    if type(shape) is list and len(shape) <= _MAX_NDIM:
+        total = bound = itemsize
+        for dim in shape:
+            if type(dim) is not int or dim < 0:
+                break
+            total *= dim
+            bound *= dim or 1
+        else:
+            if bound <= _MAX_ARRAY_BYTES:
+                return total
+    raise _Invalid(f"{what!r} {_short(shape)} is not a list of at most {_MAX_NDIM} non-negative ints whose "
+                   f"{itemsize}-byte elements fit in {_MAX_ARRAY_BYTES} bytes", where)
+
+
+def _nested_within(value: Any, depth: int) -> bool:
+    """Whether JSON ``value`` nests at most ``depth`` containers deep (checked without recursion)."""
+    level = [value] if type(value) in (dict, list) else []
+    for _ in range(depth + 1):  # the containers at depth 0, 1, ... ``depth``
+        level = [v for c in level for v in (c.values() if type(c) is dict else c) if type(v) in (dict, list)]
+    return not level
+
+
+def _is_count(value: Any) -> bool:
+    return type(value) is int and value >= 0
+
+
+def _is_u32(value: Any) -> bool:
+    return type(value) is int and 0 <= value < 1 << 32
+
+
+def _short(value: Any) -> str:
+    """``value`` for an error message: its repr (control characters escaped), cut short."""
+    return _REPR.repr(value)

@@ -6,6 +6,7 @@ is written. ``snapshot`` copies the leaves into memory the checkpointer owns (as
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import math
 import threading
@@ -186,6 +187,20 @@ class StagingBuffers:
                 return bucket.pop()
         return transfers.pinned_zeros(nbytes) if pinned else np.zeros(nbytes, np.uint8)
 
+    def reserve(self, sizes: list[int]) -> None:
+        """Makes buffers of ``sizes`` bytes for the next snapshot (in place of any kept) and touches every
+        page of them, so that its copies do not fault fresh memory in (a first async save took several
+        times as long as the next ones). Pages are touched without the GIL: call it in a background thread."""
+        self.clear()  # what an earlier reservation made for a smaller state
+        made = []
+        for nbytes in sizes:
+            buffer = np.empty(nbytes, np.uint8)
+            ctypes.memset(buffer.ctypes.data, 0, nbytes)  # a foreign call: releases the GIL
+            made.append(buffer)
+        with self._lock:
+            for buffer in made:
+                self._free.setdefault((buffer.size, False), []).append(buffer)
+
     def give(self, buffers: list[np.ndarray]) -> None:
         """Keeps ``buffers`` (a finished snapshot's) for the next snapshot, and only them."""
         free: dict[tuple[int, bool], list[np.ndarray]] = {}
@@ -201,6 +216,28 @@ class StagingBuffers:
                 self.layout.forget_buffer()
 
 
+def staging_sizes(plan: Plan, max_inflight_bytes: int | None) -> list[int]:
+    """The sizes of the buffers :func:`snapshot` takes from its staging buffers for ``plan``."""
+    copied, _ = _within_budget(plan, max_inflight_bytes)
+    return ([plan.packed_nbytes] if plan.packed else []) + [
+        leaf.nbytes for leaf in copied if leaf.host.device_array is None]
+
+
+def _within_budget(plan: Plan, max_inflight_bytes: int | None) -> tuple[list[PlannedLeaf], list[PlannedLeaf]]:
+    """The large leaves a snapshot copies (after the packed ones, in order, while they fit in
+    ``max_inflight_bytes``) and those it leaves uncopied."""
+    budget = float("inf") if max_inflight_bytes is None else max_inflight_bytes
+    budget -= plan.packed_nbytes if plan.packed else 0
+    copied, uncopied = [], []
+    for leaf in plan.arrays:
+        if leaf.nbytes > budget:
+            uncopied.append(leaf)
+            continue
+        copied.append(leaf)
+        budget -= leaf.nbytes
+    return copied, uncopied
+
+
 def snapshot(plan: Plan, max_inflight_bytes: int | None, staging: StagingBuffers | None = None) -> list[PlannedLeaf]:
     """Copies leaves into memory the plan owns (``staging``'s buffers when given), small leaves first,
     up to ``max_inflight_bytes``.
@@ -208,9 +245,8 @@ def snapshot(plan: Plan, max_inflight_bytes: int | None, staging: StagingBuffers
     Returns the large leaves left uncopied: the caller must write them before returning to its caller.
     """
     staging = staging or StagingBuffers()
-    budget = float("inf") if max_inflight_bytes is None else max_inflight_bytes
     if plan.values is not None:
-        if plan.nbytes <= budget:
+        if plan.nbytes <= (float("inf") if max_inflight_bytes is None else max_inflight_bytes):
             _snapshot_reused(plan, staging)
             return []
         plan.materialize()
@@ -223,12 +259,8 @@ def snapshot(plan: Plan, max_inflight_bytes: int | None, staging: StagingBuffers
             np.copyto(view, array)
             leaf.host.array = view
         plan.packed_buffer = buffer
-        budget -= plan.packed_nbytes
-    uncopied = []
-    for leaf in plan.arrays:
-        if leaf.nbytes > budget:
-            uncopied.append(leaf)
-            continue
+    copied, uncopied = _within_budget(plan, max_inflight_bytes)
+    for leaf in copied:
         if leaf.host.device_array is not None:
             leaf.host.shards = [(index, np.array(data, copy=True)) for index, data in _own_shards(leaf.host.device_array)]
         else:
@@ -236,7 +268,6 @@ def snapshot(plan: Plan, max_inflight_bytes: int | None, staging: StagingBuffers
             plan.staging.append(buffer)
             leaf.host.array = buffer.view(array.dtype).reshape(array.shape)
             np.copyto(leaf.host.array, array)
-        budget -= leaf.nbytes
     return uncopied
 
 

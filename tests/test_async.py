@@ -232,3 +232,23 @@ def test_a_load_after_an_async_save_takes_the_memory_of_the_snapshot_buffers(tmp
         s["big"][:] = 2
         ckptr.save_async(2, s).result(timeout=30)  # new snapshot buffers
         np.testing.assert_array_equal(ckptr.load(2)["big"], s["big"])
+
+
+@pytest.mark.parametrize("prepared", [True, False])
+def test_a_first_async_save_after_prepare_async_save_copies_into_the_prepared_memory(tmp_path, prepared):
+    s = {"small": np.ones(16, np.float32), "big": np.full(4 * BIG, 1, np.float32)}
+    with Checkpointer(tmp_path, save_decision_policy=ALWAYS) as ckptr:
+        if prepared:
+            assert ckptr.prepare_async_save({"state": s}).result(timeout=30) is None
+        tracemalloc.start()
+        try:
+            ckptr.save_async(1, s)
+            peak = tracemalloc.get_traced_memory()[1]  # numpy reports its allocations to tracemalloc
+        finally:
+            tracemalloc.stop()
+        ckptr.wait()
+        if prepared:
+            assert peak < s["big"].nbytes // 4
+        else:  # what the preparation saves: the snapshot's own buffers
+            assert peak >= s["big"].nbytes
+        np.testing.assert_array_equal(ckptr.load(1)["big"], s["big"])

@@ -26,11 +26,11 @@ def run_script(code_or_path: str | Path, *args: str, timeout: float = 120, **ext
     return subprocess.run(cmd + list(args), capture_output=True, text=True, timeout=timeout, env=env(**extra_env))
 
 
-def start(code_or_path: str | Path, *args: str, **extra_env: str) -> subprocess.Popen:
-    """Starts a Python file (or code string) with stdout piped; pair with :func:`stop`."""
+def start(code_or_path: str | Path, *args: str, stdin: bool = False, **extra_env: str) -> subprocess.Popen:
+    """Starts a Python file (or code string) with stdout (and with ``stdin``, stdin) piped; pair with :func:`stop`."""
     cmd = [sys.executable, str(code_or_path)] if isinstance(code_or_path, Path) else [sys.executable, "-c", code_or_path]
-    return subprocess.Popen(cmd + list(args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env(**extra_env), start_new_session=True)
+    return subprocess.Popen(cmd + list(args), stdin=subprocess.PIPE if stdin else None, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env(**extra_env), start_new_session=True)
 
 
 def _lines(proc: subprocess.Popen) -> "queue.Queue[str | None]":

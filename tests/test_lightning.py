@@ -14,7 +14,7 @@ pl = pytest.importorskip("pytorch_lightning")
 import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from tests import procs  # noqa: E402
+from tests import fsutil, procs  # noqa: E402
 from tests.lightning_run import example, final_state, parse_args, same, train  # noqa: E402
 
 import ckpt  # noqa: E402
@@ -253,6 +253,14 @@ def test_load_weights_reads_the_latest_or_a_given_step_into_a_fresh_model(tmp_pa
     assert not same(fresh.state_dict(), trainer.lightning_module.state_dict())
     with pytest.raises(ckpt.errors.StepNotFoundError, match="no checkpoint at step 3"):
         load_weights(fresh, tmp_path, step=3)
+
+
+def test_load_weights_reads_a_read_only_directory(tmp_path):
+    trainer, _ = fit(tmp_path, max_steps=2, save_decision_policy=sdp.FixedIntervalPolicy(2))
+    fresh = example.Regressor()
+    with fsutil.read_only(tmp_path):  # an evaluation job that may not write where training did
+        assert load_weights(fresh, tmp_path) == 2
+    assert same(fresh.state_dict(), trainer.lightning_module.state_dict())
 
 
 class WithScalarState(example.Regressor):

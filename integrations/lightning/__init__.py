@@ -24,14 +24,28 @@ Lightning 2.5 or later is needed (the callback restores through its loops' resta
 (Lightning's ``ckpt_path=`` expects a ``torch.save`` file).
 
 What a resume restores exactly (on CPU with a deterministic data order, the final parameters equal
-those of a run never stopped): the model, optimizers, LR schedulers, loop progress, callbacks,
-datamodule and precision state; the position in the epoch with a plain ``DataLoader`` (the epoch's
-shuffling is drawn again from the RNG states recorded at its start, and the trained batches passed
-over); the RNG states of torch (CPU and CUDA), numpy, ``random`` and DataLoader generators, per rank.
-Not restored: a validation run due at the checkpointed step (Lightning skips it on resume, with any
-global RNG draws it would have made), and the seeds of DataLoader workers in the first epoch.
-Loaders with ``state_dict``/``load_state_dict`` are positioned by Lightning itself. After SIGTERM
-during gradient accumulation, the run resumes from the last step whose accumulation was complete.
+those of a run never stopped, and so do the batches it trains on and the metrics it logs): the
+model, optimizers, LR schedulers (``ReduceLROnPlateau`` included), loop progress, callbacks,
+datamodule and precision state; what ``self.log`` accumulated for the epoch and the metrics Lightning
+reports (``trainer.callback_metrics``, which schedulers, ``EarlyStopping`` and ``monitor`` read); the
+state of torchmetrics ``Metric`` objects the module holds; ``trainer.should_stop``; the position in the
+epoch with a plain ``DataLoader`` (the epoch's shuffling is drawn again from the RNG states recorded
+at its start, and the trained batches passed over); the RNG states of torch (CPU and CUDA), numpy,
+``random`` and DataLoader generators, per rank. A step whose validation is due is saved after that
+validation, and the last step of an epoch after the epoch's end, so that a resumed run owes neither;
+what Lightning's restart still skips after the hook a checkpoint was taken in (a plateau scheduler's
+step, the step's or epoch's logging) is run by the resumed run. Loaders with
+``state_dict``/``load_state_dict`` are positioned by Lightning itself.
+
+Not restored, because no checkpoint can hold it:
+
+- what ``LightningModule.on_train_batch_end`` does for the checkpointed batch, when no validation is
+  due at it and it ends no epoch (the save runs in the callbacks' hook, just before the module's;
+  Lightning offers no later point before the next batch is drawn, and the hook's arguments, the
+  batch and its outputs, are gone in the resumed run);
+- a time-based ``val_check_interval``: the resumed run validates by its own clock;
+- after SIGTERM during gradient accumulation, the accumulated gradients: the run resumes from the last
+  step whose accumulation was complete.
 """
 from __future__ import annotations
 

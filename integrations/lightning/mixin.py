@@ -17,13 +17,18 @@ What happens when:
   shuffling from them.
 - ``on_train_batch_end``: once per new ``trainer.global_step`` (accumulating batches and repeated
   steps decide nothing), rank 0's policy decides for every rank; a save snapshots the state on the
-  training thread and writes it in the background. SIGTERM saves the step too.
+  training thread and writes it in the background. SIGTERM saves the step too. A step whose
+  validation is due is saved after it (``on_validation_end``), and the last step of an epoch after
+  the epoch's end (``on_train_epoch_end``): Lightning skips on resume what a checkpoint taken
+  before them owes, and the resumed run finishes the rest of the saved iteration (see
+  :mod:`ckpt.integrations.lightning.tail`).
 - ``on_train_end``: saves the final step if it is not saved, and waits for the write.
 - ``on_exception``: after SIGTERM, saves the current step (all ranks got the signal's exception at
   the same batch); otherwise only waits for the save in flight.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import warnings
@@ -35,7 +40,7 @@ import ckpt
 from ckpt.training import Checkpointer
 
 from ckpt.integrations.lightning import monitor as monitor_lib
-from ckpt.integrations.lightning import resume, rng, translate
+from ckpt.integrations.lightning import logged, resume, rng, tail, translate
 from ckpt.integrations.lightning.weights import check_model
 
 log = logging.getLogger(__name__)
@@ -102,6 +107,9 @@ class CheckpointCallbackMixin:
         self._decided_step: int | None = None  # the global step of the last decision (None: not training)
         self._saved_step: int | None = None
         self._at_step_boundary = True  # False after a batch that only accumulated gradients
+        self._prepare_after_step = False  # prepare the next save's memory at the next step that does not save
+        self._pending: tuple[tail.SavePoint, bool] | None = None  # a decided save waiting for its hook, force
+        self._saving_at: tail.SavePoint | None = None  # the save point of the checkpoint being taken
         self._epoch_rng: dict | None = None  # {"epoch": int, "rng": the states at the epoch's start}
         self._loaded_state: dict | None = None  # this callback's state from a restored checkpoint
         self._epoch_start_action: str | None = None  # for the next on_train_epoch_start (see _start_epoch)
@@ -137,9 +145,18 @@ class CheckpointCallbackMixin:
         self._paths["best"] = path
 
     def state_dict(self) -> dict[str, Any]:
-        """The RNG states of every rank, now and at the start of the epoch (for an exact resume)."""
-        loaders = resume.train_loaders(self._trainer) if self._trainer is not None else []
-        return {"rng": self._gather(rng.capture(loaders)), "epoch_rng": self._gather(self._epoch_rng)}
+        """What Lightning's checkpoint lacks for an exact resume, per rank: the RNG states now and at
+        the start of the epoch, the logged values and metrics, and the hook the checkpoint was taken in."""
+        trainer = self._trainer
+        if trainer is None:
+            return {}
+        point = self._saving_at or tail.SavePoint(hook="on_train_batch_end", first_loop_iter=None)
+        state = logged.capture(trainer)
+        if point.hook == "on_validation_end":  # validation ran inside the training loop's logging
+            state.update(first_loop_iter=point.first_loop_iter, current_fx=None)
+        return {"rng": self._gather(rng.capture(resume.train_loaders(trainer))),
+                "epoch_rng": self._gather(self._epoch_rng), "logged": self._gather(state),
+                "saved_in": point.hook, "should_stop": bool(trainer.should_stop)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._loaded_state = state_dict
@@ -169,10 +186,12 @@ class CheckpointCallbackMixin:
                 + (f" (from ckpt_path={trainer.ckpt_path!r})" if trainer.ckpt_path else " (restore=False)")
                 + ": its checkpoints would collide with those steps. Use a new directory, or remove the steps "
                 f"after {step}.")
-        translate.to_checkpointables(resume.dump_checkpoint(trainer))  # un-storable values fail now, not at a save
+        self._prepare(translate.to_checkpointables(resume.dump_checkpoint(trainer)))  # un-storable values fail now
+        self._prepare_after_step = self.async_save  # optimizers make their state in their first step
         self._decided_step = step
         self._saved_step = self._latest_step
         self._at_step_boundary = True
+        self._pending = None
         self._resume_data_and_rng(trainer)
 
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
@@ -186,12 +205,30 @@ class CheckpointCallbackMixin:
             return
         self._decided_step = step
         if self._decide(trainer, step):  # rank 0's save follows its should_save (SIGTERM: both tiers)
-            self._save(trainer, step, force=trainer.received_sigterm)
+            self._prepare_after_step = False  # the save makes its own memory, kept for the next ones
+            point = tail.save_point(trainer)
+            if point.hook == "on_train_batch_end":
+                self._save(trainer, step, point, force=trainer.received_sigterm)
+            else:
+                self._pending = (point, trainer.received_sigterm)
+        elif self._prepare_after_step:
+            self._prepare_after_step = False
+            self._prepare(translate.to_checkpointables(resume.dump_checkpoint(trainer)))
+
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        if self._pending is not None and self._pending[0].hook == "on_validation_end" and not trainer.sanity_checking:
+            self._save(trainer, trainer.global_step, *self._pending)
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        tail.end_restart(trainer)
+        if self._pending is not None:
+            point, force = self._pending
+            self._save(trainer, trainer.global_step, dataclasses.replace(point, hook="on_train_epoch_end"), force)
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         step = trainer.global_step
         if step != self._saved_step and not trainer.fast_dev_run:
-            self._save(trainer, step)
+            self._save(trainer, step, tail.SavePoint(hook="on_train_end", first_loop_iter=None))
         if self._checkpointer is not None:
             self._checkpointer.wait()
 
@@ -200,7 +237,7 @@ class CheckpointCallbackMixin:
         if (trainer.received_sigterm and self._decided_step is not None and self._at_step_boundary
                 and step != self._saved_step and not trainer.fast_dev_run):
             try:
-                self._save(trainer, step)
+                self._save(trainer, step, tail.SavePoint(hook="on_exception", first_loop_iter=None))
             except Exception:
                 log.exception("ckpt: the save of step %d after SIGTERM failed", step)
         elif trainer.received_sigterm and not self._at_step_boundary:
@@ -224,10 +261,15 @@ class CheckpointCallbackMixin:
             decision = trainer.strategy.broadcast(decision, src=0)
         return decision
 
-    def _save(self, trainer: Any, step: int, force: bool = True) -> None:
-        """Snapshots the full training state; rank 0 writes it (call on every rank). Without ``force``,
-        as rank 0's ``should_save`` just decided (with two tiers: to the tiers that want the step)."""
-        items = translate.to_checkpointables(resume.dump_checkpoint(trainer))
+    def _save(self, trainer: Any, step: int, point: tail.SavePoint, force: bool = True) -> None:
+        """Snapshots the full training state, taken in ``point``; rank 0 writes it (call on every rank).
+        Without ``force``, as rank 0's ``should_save`` just decided (with two tiers: to the tiers that
+        want the step)."""
+        self._pending, self._saving_at = None, point
+        try:
+            items = translate.to_checkpointables(resume.dump_checkpoint(trainer))
+        finally:
+            self._saving_at = None
         self._saved_step = step
         if self._checkpointer is None:
             return
@@ -236,6 +278,12 @@ class CheckpointCallbackMixin:
             self._checkpointer.save_checkpointables_async(step, items, force=force, metrics=metrics)
         else:
             self._checkpointer.save_checkpointables(step, items, force=force, metrics=metrics)
+
+    def _prepare(self, items: dict[str, Any]) -> None:
+        """Has the memory of the next async save of ``items`` made and touched in the background: copying
+        into fresh memory faults its pages in, which made a first save block several times as long."""
+        if self._checkpointer is not None and self.async_save:
+            self._checkpointer.prepare_async_save(items)
 
     def _close(self) -> None:
         if self._open:
@@ -248,10 +296,15 @@ class CheckpointCallbackMixin:
         check_model(checkpoint["state_dict"], pl_module, source=path,
                     strict=getattr(pl_module, "strict_loading", True))  # strict_loading: Lightning >= 2.2
         resume.restore_trainer(trainer, checkpoint, source=path)
+        tail.continue_after(trainer, (self._loaded_state or {}).get("saved_in", "on_train_batch_end"))
 
     def _resume_data_and_rng(self, trainer: Any) -> None:
         """Continues the data where the checkpoint left it, with the RNG states it recorded."""
         saved, self._loaded_state = self._loaded_state or {}, None
+        saved_logged = _for_rank(saved.get("logged"), trainer.global_rank)
+        if saved_logged is not None:  # checkpoints of earlier versions lack it
+            logged.restore(trainer, saved_logged)
+            tail.finish_iteration(trainer, saved["saved_in"], saved["should_stop"])
         saved_rng = _for_rank(saved.get("rng"), trainer.global_rank)
         epoch_rng = _for_rank(saved.get("epoch_rng"), trainer.global_rank)
         position = resume.plan_data_position(trainer)

@@ -1,0 +1,107 @@
+"""The hook a decided save is taken in, and the rest of the saved iteration, run again on resume.
+
+The callback decides in ``on_train_batch_end``, but Lightning's iteration goes on after that hook:
+it reports the step's logged values, validates when due, steps ``ReduceLROnPlateau`` schedulers
+and, after an epoch's last batch, ends the epoch (``on_train_epoch_end`` hooks, epoch-interval
+schedulers, epoch metrics). On resume Lightning skips what came after the checkpoint's hook. So a
+step whose validation is due is saved in ``on_validation_end`` and the last step of an epoch in
+``on_train_epoch_end``, where Lightning's own restart stages continue correctly, and
+:func:`finish_iteration` runs in the resumed run what they still leave out. These are private
+Lightning internals (2.5 and later, tested with 2.6).
+
+Example (inside the callback)::
+
+    point = save_point(trainer)                               # in on_train_batch_end
+    finish_iteration(trainer, "on_train_batch_end", False)    # in the resumed run's on_train_start
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class SavePoint:
+    """Where a save is taken.
+
+    hook: ``on_train_batch_end``, ``on_validation_end``, ``on_train_epoch_end``, ``on_train_end`` or
+      ``on_exception``.
+    first_loop_iter: the training loop's logging state when the save was decided (validation
+      replaces it while it runs, and the training loop puts it back after).
+    """
+
+    hook: str
+    first_loop_iter: bool | None
+
+
+def save_point(trainer: Any) -> SavePoint:
+    """Where the step that just ended is saved: after its validation or its epoch's end if due."""
+    fit_loop = trainer.fit_loop
+    epoch_loop = fit_loop.epoch_loop
+    first_loop_iter = trainer._logger_connector._first_loop_iter
+    if 0 <= trainer.max_steps <= trainer.global_step:
+        hook = "on_train_batch_end"  # training ends here; a longer run continues from this step
+    elif epoch_loop._num_ready_batches_reached():
+        hook = "on_train_epoch_end"
+    elif epoch_loop._should_check_val_fx(fit_loop._data_fetcher):
+        hook = "on_validation_end"
+    else:
+        hook = "on_train_batch_end"
+    return SavePoint(hook=hook, first_loop_iter=first_loop_iter)
+
+
+def continue_after(trainer: Any, saved_in: str) -> None:
+    """Sets the restored loops to continue after the hook ``saved_in`` (call right after the restore).
+
+    After an epoch-end checkpoint Lightning starts the next epoch, unless the run is bounded by
+    ``max_steps``: then its loops stay "restarting" and continue the ended epoch with a new data
+    iterator. Here they start the next epoch in both cases.
+    """
+    if saved_in == "on_train_epoch_end":
+        trainer.fit_loop._restarting = False
+        trainer.fit_loop.epoch_loop.restarting = False
+
+
+def finish_iteration(trainer: Any, saved_in: str, should_stop: bool) -> None:
+    """Runs what the uninterrupted run ran after the hook ``saved_in`` and a restart leaves out.
+
+    Call in ``on_train_start`` of the resumed run, after the logged values are restored.
+    """
+    fit_loop = trainer.fit_loop
+    epoch_loop = fit_loop.epoch_loop
+    connector = trainer._logger_connector
+    trainer.should_stop = should_stop
+    if saved_in == "on_train_batch_end" and epoch_loop.restarted_on_train_batch_end:
+        # the rest of _TrainingEpochLoop.advance and on_advance_end (validation was not due)
+        connector.on_batch_end()
+        connector.update_train_step_metrics()
+        epoch_loop.update_lr_schedulers("step", update_plateau_schedulers=True)
+    elif saved_in == "on_validation_end" and should_stop:
+        # Lightning's restart runs the rest of on_advance_end in its next iteration, but a stopping
+        # run has none
+        epoch_loop.update_lr_schedulers("step", update_plateau_schedulers=True)
+        if not epoch_loop._should_accumulate():
+            epoch_loop._batches_that_stepped += 1
+    elif saved_in == "on_train_epoch_end":
+        # the rest of FitLoop.on_advance_end, with the epoch number it had (not yet completed)
+        connector.on_epoch_end()
+        progress = fit_loop.epoch_progress.current
+        completed, progress.completed = progress.completed, progress.processed - 1
+        try:
+            if epoch_loop._num_ready_batches_reached():
+                epoch_loop.update_lr_schedulers("epoch", update_plateau_schedulers=True)
+        finally:
+            progress.completed = completed
+        epoch_loop._batches_that_stepped -= 1
+        connector.update_train_epoch_metrics()
+        epoch_loop._batches_that_stepped += 1
+
+
+def end_restart(trainer: Any) -> None:
+    """Lets the first epoch after a resume end as any other (call in ``on_train_epoch_end``).
+
+    ``FitLoop`` skips the epoch-interval ``ReduceLROnPlateau`` step at the end of the epoch it
+    restarted in, because Lightning does not restore the metrics it reads; they are restored here.
+    The flag is cleared by Lightning right after this epoch anyway.
+    """
+    trainer.fit_loop._restarting = False

@@ -1,0 +1,447 @@
+"""Kill-and-restart matrix for CheckpointCallback: one worker process runs Trainer configurations on request.
+
+    python tests/lightning_matrix.py          # reads a configuration name per line, answers a JSON line each
+
+For each configuration the worker forks three children from one interpreter that has imported torch and
+Lightning once: an uninterrupted reference run (shared by configurations that differ only in the kill
+step), and a run with the callback that SIGKILLs itself (its DataLoader workers are orphaned, as after
+an OOM kill) as soon as the checkpoint of the kill step is committed, then, at once, the same run again. It answers
+``{"name", "ok", "problems", "seconds"}``: the restarted run must start from the kill step and end
+with the reference's final state (weights, optimizer and scheduler states, callback and datamodule
+states, torchmetrics states, logged metrics), and the killed run's trace up to its checkpoint followed
+by the restarted run's must be the reference's per-batch trace (sample ids, loss, learning rate) with
+its epoch metrics, bit for bit. Closing stdin ends the worker.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import os
+import signal
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+SAMPLES, BATCH = 64, 8  # 8 batches per epoch
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """A Trainer configuration, and the step after whose checkpoint the run is killed."""
+
+    kill_at: int
+    max_epochs: int = 3
+    max_steps: int = -1
+    trainer: tuple = ()  # extra Trainer keyword arguments, as (name, value) pairs
+    val: bool = False  # a validation loader and a logged val_loss
+    early_stopping: bool = False  # EarlyStopping on val_loss
+    model: str = "mlp"  # mlp | batchnorm | manual (two optimizers, manual optimization)
+    scheduler: str = "step"  # step | onecycle | plateau_step | plateau_epoch
+    epoch_metrics: bool = False  # self.log(on_epoch=True) and a torchmetrics Metric logged per epoch
+    data: str = "map"  # map | iterable | datamodule
+    workers: int = 0
+    model_checkpoint: bool = False  # Lightning's ModelCheckpoint beside ours
+    ckpt_path: str | None = None
+    namespace: str = "pytorch_lightning"
+
+    def reference_key(self) -> "Config":
+        return dataclasses.replace(self, kill_at=0)
+
+
+CONFIGS: dict[str, Config] = {
+    "epochs_mid_epoch": Config(kill_at=11),
+    "epochs_last_batch": Config(kill_at=8),
+    "val_every_2_epochs_last_batch": Config(kill_at=8, val=True, trainer=(("check_val_every_n_epoch", 2),)),
+    "val_every_2_epochs_last_batch_of_val_epoch": Config(kill_at=16, val=True,
+                                                        trainer=(("check_val_every_n_epoch", 2),)),
+    "val_every_2_epochs_half_batches_last_batch": Config(
+        kill_at=4, val=True, trainer=(("check_val_every_n_epoch", 2), ("limit_train_batches", 0.5))),
+    "max_steps_last_batch": Config(kill_at=8, max_epochs=-1, max_steps=20, scheduler="plateau_epoch",
+                                   epoch_metrics=True),
+    "sanity_check_val_last_batch": Config(kill_at=8, val=True, trainer=(("num_sanity_val_steps", 2),)),
+    "val_due_at_checkpoint_early_stopping": Config(kill_at=20, max_epochs=6, val=True, early_stopping=True,
+                                                   trainer=(("val_check_interval", 0.5),)),
+    "plateau_step": Config(kill_at=10, scheduler="plateau_step"),
+    "plateau_epoch_metric": Config(kill_at=11, scheduler="plateau_epoch", epoch_metrics=True),
+    "epoch_metrics_mid_epoch": Config(kill_at=13, epoch_metrics=True),
+    "dataloader_workers": Config(kill_at=11, workers=2),
+    "dataloader_workers_first_epoch": Config(kill_at=5, workers=2),
+    "accumulate_and_clip": Config(kill_at=6, trainer=(("accumulate_grad_batches", 3),
+                                                      ("gradient_clip_val", 0.05))),
+    "manual_two_optimizers": Config(kill_at=22, model="manual"),
+    "one_cycle_lr": Config(kill_at=11, scheduler="onecycle"),
+    "bf16_mixed": Config(kill_at=11, trainer=(("precision", "bf16-mixed"),)),
+    "iterable_dataset": Config(kill_at=11, data="iterable", max_epochs=-1, max_steps=20),
+    "datamodule_state": Config(kill_at=11, data="datamodule"),
+    "model_checkpoint_beside": Config(kill_at=11, model_checkpoint=True),
+    "fit_ckpt_path_last": Config(kill_at=11, ckpt_path="last"),
+    "batchnorm_buffers": Config(kill_at=11, model="batchnorm"),
+    "lightning_pytorch_namespace": Config(kill_at=13, val=True, epoch_metrics=True,
+                                          namespace="lightning.pytorch"),
+}
+
+
+# ------------------------------------------------------------------------------------ one run
+def _classes(namespace: str) -> dict[str, Any]:
+    """The model, data and callback classes of one Lightning namespace (made once per namespace)."""
+    if namespace in _CLASSES:
+        return _CLASSES[namespace]
+    pl = importlib.import_module(namespace)
+    import torchmetrics
+    from torch import nn
+
+    class Model(pl.LightningModule):
+        def __init__(self, cfg: Config) -> None:
+            super().__init__()
+            self.cfg = cfg
+            layers = [nn.Linear(4, 16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 1)]
+            if cfg.model == "batchnorm":
+                layers.insert(1, nn.BatchNorm1d(16))
+            self.net = nn.Sequential(*layers)
+            self.other = nn.Linear(4, 1)  # the second optimizer's parameters (manual optimization)
+            self.train_mse = torchmetrics.MeanSquaredError()
+            self.automatic_optimization = cfg.model != "manual"
+            self.trace: list = []
+            self.trace_file: Any = None  # each entry is also written here as it is made (a JSON line)
+            self.kill_at: int | None = None
+            self.started_at: int | None = None
+
+        def _loss(self, batch: Any) -> torch.Tensor:
+            ids, x, y = batch
+            prediction = self.net(x)
+            loss = nn.functional.mse_loss(prediction, y)
+            self._batch = ["batch", self.trainer.current_epoch, ids.tolist(), float(loss),
+                           self.trainer.optimizers[0].param_groups[0]["lr"]]
+            self.log("train_loss", loss, on_step=True, on_epoch=self.cfg.epoch_metrics)
+            if self.cfg.epoch_metrics:
+                self.train_mse(prediction.detach().float(), y)
+                self.log("train_mse", self.train_mse, on_step=False, on_epoch=True)
+                self.log("train_loss_max", loss, on_step=False, on_epoch=True, reduce_fx="max")
+            return loss
+
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            loss = self._loss(batch)
+            if self.automatic_optimization:
+                return loss
+            first, second = self.optimizers()
+            first.zero_grad()
+            self.manual_backward(loss)
+            first.step()
+            other = nn.functional.mse_loss(self.other(batch[1]), batch[2])
+            second.zero_grad()
+            self.manual_backward(other)
+            second.step()
+            self.lr_schedulers().step()
+            return None
+
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            _, x, y = batch
+            self.log("val_loss", nn.functional.mse_loss(self.net(x), y))
+
+        def configure_optimizers(self) -> Any:
+            kind = self.cfg.scheduler
+            if self.cfg.model == "manual":
+                first = torch.optim.SGD(self.net.parameters(), lr=0.05, momentum=0.9)
+                second = torch.optim.Adam(self.other.parameters(), lr=0.01)
+                return [first, second], [torch.optim.lr_scheduler.StepLR(first, 5, 0.5)]
+            optimizer = torch.optim.SGD(self.net.parameters(), lr=0.05, momentum=0.9)
+            if kind == "onecycle":
+                scheduler = {"scheduler": torch.optim.lr_scheduler.OneCycleLR(optimizer, 0.1, total_steps=40),
+                             "interval": "step"}
+            elif kind == "plateau_step":
+                scheduler = {"scheduler": torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, patience=1, factor=0.7),
+                             "interval": "step", "monitor": "train_loss"}
+            elif kind == "plateau_epoch":
+                scheduler = {"scheduler": torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, patience=0, factor=0.5),
+                             "interval": "epoch", "monitor": "train_loss_epoch"}
+            else:
+                scheduler = {"scheduler": torch.optim.lr_scheduler.StepLR(optimizer, 5, 0.7), "interval": "step"}
+            return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+        # the kill: at the first hook after the kill step's checkpoint is committed
+        def _maybe_kill(self) -> None:
+            checkpointer = next((c.checkpointer for c in self.trainer.callbacks if hasattr(c, "checkpointer")), None)
+            if self.kill_at is None or checkpointer is None:
+                return
+            checkpointer.wait()
+            latest = checkpointer.latest
+            if latest is not None and latest.step >= self.kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)  # the trainer only: its DataLoader workers are orphaned
+
+        def on_train_start(self) -> None:
+            self.started_at = self.trainer.global_step
+
+        def _record(self, entry: list) -> None:
+            self.trace.append(entry)
+            self.trace_file.write(json.dumps(entry) + "\n")
+            self.trace_file.flush()
+
+        def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+            self._record([self._batch[0], self.trainer.global_step, *self._batch[1:]])
+            self._maybe_kill()
+
+        def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+            self._maybe_kill()
+
+        def on_validation_end(self) -> None:
+            self._maybe_kill()
+
+        def on_train_epoch_start(self) -> None:
+            if self.trainer.current_epoch > 0:
+                self._record(["epoch", self.trainer.current_epoch, _metrics(self.trainer.callback_metrics)])
+            self._maybe_kill()
+
+    class Samples(torch.utils.data.IterableDataset):
+        """The samples in an order drawn from torch's global generator at each iteration."""
+
+        def __init__(self, data: Any) -> None:
+            self.data = data
+
+        def __iter__(self):
+            for i in torch.randperm(len(self.data)).tolist():
+                yield self.data[i]
+
+    class Data(pl.LightningDataModule):
+        """Counts the batches it handed to the model; the count is its state."""
+
+        def __init__(self, cfg: Config) -> None:
+            super().__init__()
+            self.cfg, self.seen = cfg, 0
+
+        def train_dataloader(self) -> Any:
+            return _loader(self.cfg)
+
+        def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+            self.seen += 1
+            return batch
+
+        def state_dict(self) -> dict:
+            return {"seen": self.seen}
+
+        def load_state_dict(self, state: dict) -> None:
+            self.seen = state["seen"]
+
+    _CLASSES[namespace] = {"pl": pl, "Model": Model, "Samples": Samples, "Data": Data}
+    return _CLASSES[namespace]
+
+
+_CLASSES: dict[str, dict[str, Any]] = {}
+
+
+def _dataset() -> torch.utils.data.TensorDataset:
+    generator = torch.Generator().manual_seed(7)
+    x = torch.randn(SAMPLES, 4, generator=generator)
+    y = x @ torch.randn(4, 1, generator=generator) + 0.1 * torch.randn(SAMPLES, 1, generator=generator)
+    return torch.utils.data.TensorDataset(torch.arange(SAMPLES), x, y)
+
+
+def _loader(cfg: Config) -> torch.utils.data.DataLoader:
+    data = _dataset()
+    if cfg.data == "iterable":
+        return torch.utils.data.DataLoader(_classes(cfg.namespace)["Samples"](data), batch_size=BATCH)
+    return torch.utils.data.DataLoader(data, batch_size=BATCH, shuffle=True, num_workers=cfg.workers,
+                                       persistent_workers=False)
+
+
+def _metrics(metrics: dict) -> dict:
+    return {k: float(v) for k, v in sorted(metrics.items())}
+
+
+def run(cfg: Config, directory: str | None, kill: bool, trace_path: str) -> dict:
+    """Runs ``cfg`` (with the callback when ``directory`` is given); returns its trace and final state.
+    The trace is also written to ``trace_path`` as it grows (what a killed run leaves)."""
+    classes = _classes(cfg.namespace)
+    pl = classes["pl"]
+    pl.seed_everything(0, verbose=False)
+    callback_module = importlib.import_module(f"ckpt.integrations.lightning.{cfg.namespace.replace('.', '_')}")
+    from ckpt.training import save_decision_policies as sdp
+
+    callbacks: list = []
+    if cfg.early_stopping:
+        callbacks.append(pl.callbacks.EarlyStopping("val_loss", patience=3, min_delta=0.05))
+    if cfg.model_checkpoint:
+        mc_dir = os.path.join(directory or os.path.dirname(trace_path), "lightning")
+        callbacks.append(pl.callbacks.ModelCheckpoint(mc_dir, every_n_train_steps=3, save_top_k=-1))
+    if directory is not None:
+        callbacks.append(callback_module.CheckpointCallback(
+            os.path.join(directory, "ckpt"), save_decision_policy=sdp.SpecificStepsPolicy([cfg.kill_at])))
+    trainer = pl.Trainer(max_epochs=cfg.max_epochs, max_steps=cfg.max_steps, callbacks=callbacks,
+                         enable_checkpointing=directory is not None or cfg.model_checkpoint, accelerator="cpu",
+                         devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         **{"num_sanity_val_steps": 0, **dict(cfg.trainer)})
+    model = classes["Model"](cfg)
+    model.kill_at = cfg.kill_at if kill else None
+    model.trace_file = open(trace_path, "w")
+    data = classes["Data"](cfg) if cfg.data == "datamodule" else None
+    loaders: dict = {"datamodule": data} if data is not None else {"train_dataloaders": _loader(cfg)}
+    if cfg.val:
+        generator = torch.Generator().manual_seed(3)
+        x = torch.randn(16, 4, generator=generator)
+        loaders["val_dataloaders"] = torch.utils.data.DataLoader(
+            torch.utils.data.TensorDataset(torch.arange(16), x, x.sum(1, keepdim=True)), batch_size=8)
+    trainer.fit(model, ckpt_path=cfg.ckpt_path, **loaders)
+    return {"trace": model.trace, "started_at": model.started_at, "final": final_state(trainer, data)}
+
+
+def final_state(trainer: Any, datamodule: Any = None) -> dict:
+    """Everything a resume must give back, as tensors and plain values."""
+    module = trainer.lightning_module
+    state = {
+        "step": trainer.global_step, "epoch": trainer.current_epoch, "model": module.state_dict(),
+        "optimizers": [o.state_dict() for o in trainer.optimizers],
+        "schedulers": [c.scheduler.state_dict() for c in trainer.lr_scheduler_configs],
+        "callback_metrics": _metrics(trainer.callback_metrics),
+        "logged_metrics": _metrics(trainer.logged_metrics),
+        "train_mse": {k: getattr(module.train_mse, k) for k in module.train_mse._defaults},
+        "callbacks": {type(c).__name__: c.state_dict() for c in trainer.callbacks
+                      if type(c).__name__ in ("EarlyStopping",)},
+    }
+    if datamodule is not None:
+        state["datamodule"] = datamodule.state_dict()
+    return state
+
+
+# ---------------------------------------------------------------------------- the comparison
+def differences(a: Any, b: Any, where: str = "") -> list[str]:
+    """Where ``a`` and ``b`` differ (tensors by dtype and bits)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        if a.keys() != b.keys():
+            return [f"{where}: keys {sorted(map(str, a))} != {sorted(map(str, b))}"]
+        return [d for k in a for d in differences(a[k], b[k], f"{where}[{k!r}]")]
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        if len(a) != len(b):
+            return [f"{where}: {len(a)} items != {len(b)}"]
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in differences(x, y, f"{where}[{i}]")]
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        same = a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+        return [] if same else [f"{where}: {a.flatten()[:4].tolist()} != {b.flatten()[:4].tolist()}"]
+    return [] if a == b else [f"{where}: {a!r} != {b!r}"]
+
+
+def compare(reference: dict, killed: dict, resumed: dict, kill_at: int) -> list[str]:
+    """The killed run's trace up to its checkpoint plus the resumed run's must be the reference's."""
+    trace = killed["trace"]
+    cut = next((i for i, e in enumerate(trace) if e[0] == "batch" and e[1] == kill_at), None)
+    if cut is None:
+        return [f"the killed run has no batch that ended at step {kill_at}"]
+    problems = []
+    if resumed["started_at"] != kill_at:
+        problems.append(f"the restarted run started at step {resumed['started_at']}, not {kill_at}")
+    combined = trace[:cut + 1] + resumed["trace"]
+    expected = reference["trace"]
+    for i, (got, want) in enumerate(zip(combined, expected)):
+        if got != want:
+            problems.append(f"trace entry {i} (reference {want[:3]}...): {got} != {want}")
+            break
+    if len(combined) != len(expected):
+        problems.append(f"trace has {len(combined)} entries, the reference {len(expected)}")
+    return problems + differences(resumed["final"], reference["final"], "final")
+
+
+# ------------------------------------------------------------------------------ the worker
+def _fork(target: Any) -> int:
+    """Runs ``target()`` in a forked child in its own process group; returns the pid."""
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            os.setpgid(0, 0)
+            target()
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    return pid
+
+
+def _run_to(cfg: Config, directory: str | None, kill: bool, out: str) -> None:
+    torch.save(run(cfg, directory, kill, out + ".trace"), out)
+
+
+def _wait(pid: int) -> int:
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def _kill_group(pid: int) -> None:
+    """Kills what is left of a child's process group (orphaned DataLoader workers)."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+class Worker:
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self.references: dict[Config, str] = {}
+
+    def check(self, name: str) -> dict:
+        began = time.monotonic()
+        cfg = CONFIGS[name]
+        base = os.path.join(self.root, name)
+        os.makedirs(base)
+        reference_pid = None
+        key = cfg.reference_key()
+        if key not in self.references:
+            self.references[key] = os.path.join(self.root, f"reference_{len(self.references)}.pt")
+            reference_pid = _fork(lambda: _run_to(cfg, None, False, self.references[key]))
+        killed_out, resumed_out = os.path.join(base, "killed.pt"), os.path.join(base, "resumed.pt")
+        killed_pid = _fork(lambda: _run_to(cfg, base, True, killed_out))
+        killed_code = _wait(killed_pid)
+        problems = []
+        if killed_code != -signal.SIGKILL:
+            problems.append(f"the run to kill exited with {killed_code}, not by SIGKILL")
+        # started again at once, while the killed run's DataLoader workers may still live
+        resumed_pid = _fork(lambda: _run_to(cfg, base, False, resumed_out))
+        resumed_code = _wait(resumed_pid)
+        for pid in (killed_pid, resumed_pid):
+            _kill_group(pid)
+        if reference_pid is not None and _wait(reference_pid) != 0:
+            problems.append("the reference run failed")
+        if resumed_code != 0:
+            problems.append(f"the restarted run exited with {resumed_code}")
+        if not problems:
+            reference = torch.load(self.references[key], weights_only=True)
+            resumed = torch.load(resumed_out, weights_only=True)
+            with open(killed_out + ".trace") as f:
+                killed = {"trace": [json.loads(line) for line in f]}
+            problems = compare(reference, killed, resumed, cfg.kill_at)
+        return {"name": name, "ok": not problems, "problems": problems[:12],
+                "seconds": round(time.monotonic() - began, 2)}
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    for namespace in {c.namespace for c in CONFIGS.values()}:
+        _classes(namespace)
+    importlib.import_module("ckpt.integrations.lightning.mixin")
+    with tempfile.TemporaryDirectory(prefix="lightning_matrix_") as root:
+        worker = Worker(root)
+        print(json.dumps({"ready": True}), flush=True)
+        for line in sys.stdin:  # until stdin is closed
+            name = line.strip()
+            if not name:
+                continue
+            try:
+                answer = worker.check(name)
+            except Exception:
+                answer = {"name": name, "ok": False, "problems": [traceback.format_exc()[-3000:]]}
+            print(json.dumps(answer), flush=True)
+
+
+if __name__ == "__main__":
+    main()

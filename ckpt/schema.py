@@ -36,6 +36,7 @@ _NON_FINITE = ("nan", "inf", "-inf")
 _ARRAY_TYPES = frozenset({"numpy", "np_scalar", "jax", "jax_key", "torch", "bytes"})
 _SHAPED_TYPES = frozenset({"np_scalar", "jax_key", "bytes"})
 _DTYPES: dict[str, np.dtype] = {}  # the dtypes met so far, by name
+_U32 = 1 << 32
 _CONTAINERS = frozenset({"dict", "list", "tuple", "namedtuple", "pytree"})
 _KEY_TYPES = {"key": (str, int), "idx": (int,), "attr": (str,)}
 _BYTES_CODEC = [{"name": "bytes", "configuration": {"endian": "little"}}]
@@ -204,7 +205,7 @@ def _is_key(entry: Any) -> bool:
 
 def _check_leaf(name: str, meta: Any) -> int:
     """Checks one leaf entry; returns the end of its packed bytes, or -1 when it is not packed. (Every
-    load runs this for every leaf: the usual entries take the first branches, a few microseconds.)"""
+    load runs this for every leaf: the usual entries take the first branches, a microsecond or two.)"""
     if type(meta) is not dict or type(meta.get("path")) is not str:
         raise _Invalid(f"checkpointable {name!r}: a leaf entry {_short(meta)} has no 'path' string")
     kind = meta.get("type")
@@ -214,29 +215,31 @@ def _check_leaf(name: str, meta: Any) -> int:
         if type(value) not in inline and not (kind == "float" and value in _NON_FINITE):
             raise _Invalid(f"its value {_short(value)} is not a {kind}", name + meta["path"])
         return -1
-    where = name + meta["path"]
     if type(kind) is not str or kind not in _ARRAY_TYPES:
-        raise _Invalid(f"'type' {_short(kind)} is not a leaf type ckpt writes", where)
-    name = meta.get("dtype")
-    dtype = _DTYPES.get(name) if type(name) is str else None
-    if dtype is None:  # (a dtype is falsy: its len() is its number of fields)
-        dtype = _dtype(name, where)
+        raise _Invalid(f"'type' {_short(kind)} is not a leaf type ckpt writes", name + meta["path"])
+    dtype_name = meta.get("dtype")
+    dtype = _DTYPES.get(dtype_name) if type(dtype_name) is str else None
+    if dtype is None:  # (not ``or``: a dtype is falsy, its len() being its number of fields)
+        dtype = _dtype(dtype_name, name + meta["path"])
     shape = meta.get("shape")
-    nbytes = _nbytes(shape, dtype.itemsize, "shape", where)
+    nbytes = _nbytes(shape, dtype.itemsize)
+    if nbytes < 0:
+        _checked_nbytes(shape, dtype.itemsize, "shape", name + meta["path"])
     if kind in _SHAPED_TYPES:
-        _check_shaped(meta, kind, dtype, shape, where)
+        _check_shaped(meta, kind, dtype, shape, name + meta["path"])
     span = meta.get("packed")
-    if span is not None:
-        if (type(span) is list and len(span) == 2 and type(span[0]) is int and span[0] >= 0
-                and not span[0] % fmt.ALIGN and type(span[1]) is int and span[1] == nbytes and "array" not in meta
-                and _is_u32(meta.get("crc32"))):
-            return span[0] + nbytes
-        raise _Invalid(f"'packed' {_short(span)} is not the [offset, nbytes] of the {nbytes} bytes of a {dtype} "
-                       f"{shape} leaf at an offset aligned to {fmt.ALIGN}, with a 'crc32' and no 'array'", where)
-    if "array" not in meta:
-        raise _Invalid("it has neither 'packed' nor 'array': its bytes are nowhere", where)
-    _check_array(meta, dtype, shape, nbytes, where)
-    return -1
+    if span is None:
+        if "array" not in meta:
+            raise _Invalid("it has neither 'packed' nor 'array': its bytes are nowhere", name + meta["path"])
+        _check_array(meta, dtype, shape, nbytes, name + meta["path"])
+        return -1
+    crc = meta.get("crc32")
+    if (type(span) is list and len(span) == 2 and type(span[0]) is int and span[0] >= 0 and not span[0] % fmt.ALIGN
+            and type(span[1]) is int and span[1] == nbytes and type(crc) is int and 0 <= crc < _U32
+            and "array" not in meta):
+        return span[0] + nbytes
+    raise _Invalid(f"'packed' {_short(span)} is not the [offset, nbytes] of the {nbytes} bytes of a {dtype} "
+                   f"{shape} leaf at an offset aligned to {fmt.ALIGN}, with a 'crc32' and no 'array'", name + meta["path"])
 
 
 def _check_shaped(meta: dict, kind: str, dtype: np.dtype, shape: list[int], where: str) -> None:
@@ -244,7 +247,7 @@ def _check_shaped(meta: dict, kind: str, dtype: np.dtype, shape: list[int], wher
     ``key_shape`` leads the shape of its key data."""
     if kind == "jax_key":
         key_shape, impl = meta.get("key_shape"), meta.get("impl")
-        _nbytes(key_shape, 1, "key_shape", where)
+        _checked_nbytes(key_shape, 1, "key_shape", where)
         if key_shape != shape[: len(key_shape)] or type(impl) is not str:
             raise _Invalid(f"'key_shape' {_short(key_shape)} does not lead its 'shape' {shape}, or 'impl' is not a str",
                            where)
@@ -264,7 +267,7 @@ def _check_array(meta: dict, dtype: np.dtype, shape: list[int], nbytes: int, whe
     if type(metadata) is not dict or not set(metadata) <= _METADATA_KEYS:
         raise _Invalid(f"its array's 'metadata' {_short(metadata)} is not one ckpt writes", where)
     array_shape = metadata.get("shape")
-    _nbytes(array_shape, 1, "array shape", where)
+    _checked_nbytes(array_shape, 1, "array shape", where)
     stored_as, want = meta.get("stored_as"), None
     if stored_as == "bytes":
         want = ("uint8", [nbytes])
@@ -352,21 +355,27 @@ def _dtype(name: Any, where: str) -> np.dtype:
     return dtype
 
 
-def _nbytes(shape: Any, itemsize: int, what: str, where: str) -> int:
-    """The bytes of an array of ``shape`` (a list of at most 32 non-negative ints, whose bytes, zero
-    dimensions counted as 1, stay below 2**62) and ``itemsize``."""
+def _nbytes(shape: Any, itemsize: int) -> int:
+    """The bytes of an array of ``shape`` and ``itemsize``; -1 unless ``shape`` is a list of at most 32
+    non-negative ints whose bytes (zero dimensions counted as 1) stay below 2**62."""
     if type(shape) is list and len(shape) <= _MAX_NDIM:
         total = bound = itemsize
         for dim in shape:
             if type(dim) is not int or dim < 0:
-                break
+                return -1
             total *= dim
             bound *= dim or 1
-        else:
-            if bound <= _MAX_ARRAY_BYTES:
-                return total
-    raise _Invalid(f"{what!r} {_short(shape)} is not a list of at most {_MAX_NDIM} non-negative ints whose "
-                   f"{itemsize}-byte elements fit in {_MAX_ARRAY_BYTES} bytes", where)
+        if bound <= _MAX_ARRAY_BYTES:
+            return total
+    return -1
+
+
+def _checked_nbytes(shape: Any, itemsize: int, what: str, where: str) -> int:
+    nbytes = _nbytes(shape, itemsize)
+    if nbytes < 0:
+        raise _Invalid(f"{what!r} {_short(shape)} is not a list of at most {_MAX_NDIM} non-negative ints whose "
+                       f"{itemsize}-byte elements fit in {_MAX_ARRAY_BYTES} bytes", where)
+    return nbytes
 
 
 def _nested_within(value: Any, depth: int) -> bool:
@@ -382,7 +391,7 @@ def _is_count(value: Any) -> bool:
 
 
 def _is_u32(value: Any) -> bool:
-    return type(value) is int and 0 <= value < 1 << 32
+    return type(value) is int and 0 <= value < _U32
 
 
 def _short(value: Any) -> str:

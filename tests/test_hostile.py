@@ -31,7 +31,7 @@ import numpy as np
 import pytest
 
 import ckpt
-from ckpt import chunks, cli
+from ckpt import chunks, cli, storage
 from ckpt import format as fmt
 from ckpt.training import Checkpointer
 from tests.fsutil import rewrite_manifest, rewrite_tree, seal_manifest, write_tree
@@ -240,6 +240,40 @@ def small_dtype(dtype: str) -> Callable[[dict], None]:
     return lambda tree: leaf(tree, "['s']").update(dtype=dtype)
 
 
+def by_processes(then: Callable[[Path, Path], None]) -> Callable[[Path, Path], None]:
+    """The big leaf rewritten as an array written by several processes (4 chunks with the crc32c codec,
+    which tensorstore reads and checks; no chunk checksums in tree.json), then forged by ``then``."""
+    def make(step: Path, outside: Path) -> None:
+        def rewrite(tree: dict) -> None:
+            meta = leaf(tree)
+            spec = storage.array_spec({"driver": "file", "path": "arrays/0/"}, np.dtype(np.float64), (140_000,),
+                                      fmt.ARRAY_CHUNK_BYTES, checksum=True, chunk_shape=(35_000,))
+            shutil.rmtree(step / "arrays/0")
+            storage.open_for_write(storage.resolve_kvstore(spec, step)).result().write(STATE["big"]).result()
+            meta.pop("chunk_crc32"), meta.pop("chunk_sum64")
+            meta.update(array=spec, zarr_json_crc32=fmt.crc32((step / "arrays/0/zarr.json").read_bytes()))
+
+        rewrite_tree(step, rewrite)
+        then(step, outside)
+    return make
+
+
+def copied_outside(rel: str) -> Callable[[Path, Path], None]:
+    """A file of the step copied outside the root (the very bytes: a reader that follows the link finds
+    nothing wrong) and replaced by a link to the copy."""
+    def make(step: Path, outside: Path) -> None:
+        shutil.copy(step / rel, outside / "copy")
+        (step / rel).unlink()
+        os.symlink(outside / "copy", step / rel)
+    return make
+
+
+def a_grid_of_2_40_chunks(tree: dict) -> None:
+    meta = leaf(tree)
+    meta["shape"] = meta["array"]["metadata"]["shape"] = [1 << 20, 1 << 20]
+    meta["array"]["metadata"]["chunk_grid"]["configuration"]["chunk_shape"] = [1, 1]
+
+
 CASES: dict[str, Case] = {
     # Unbounded reads and hangs: only regular files are read, each up to a size known in advance.
     "manifest is /dev/zero": Case(link_to("/dev/zero")(fmt.MANIFEST), "manifest", fmt.MANIFEST),
@@ -319,6 +353,13 @@ CASES: dict[str, Case] = {
     "version true": Case(in_manifest(lambda m: m.update(version=True)), "manifest", fmt.MANIFEST),
     "step -1 in the manifest": Case(in_manifest(lambda m: m.update(step=-1)), "manifest", fmt.MANIFEST),
     "timestamp 10**30": Case(in_manifest(lambda m: m.update(commit_timestamp_nsecs=10 ** 30)), "manifest", fmt.MANIFEST),
+    # The same for an array written by several processes, which tensorstore reads.
+    "several processes' chunk links outside": Case(by_processes(copied_outside("arrays/0/c/1")), "data", "arrays/0/c/1"),
+    "several processes' chunk is a FIFO": Case(by_processes(fifo("arrays/0/c/1")), "data", "arrays/0/c/1"),
+    "several processes' zarr.json links outside": Case(by_processes(copied_outside("arrays/0/zarr.json")), "data",
+                                                      "arrays/0/zarr.json"),
+    "several processes' array of 2**40 chunks": Case(by_processes(in_tree(a_grid_of_2_40_chunks)), "data",
+                                                     "arrays/0/c/0"),
     "timestamp a string": Case(in_manifest(lambda m: m.update(commit_timestamp_nsecs="yesterday")),
                                "manifest", fmt.MANIFEST),
 }

@@ -60,5 +60,5 @@ MODES = {
                  workloads=_workloads([MiB], (50, 1024, 16384), width=32),
                  scaling_bytes=[MiB, 4 * MiB], scaling_leaves=[10, 100],
                  scaling_leaf_bytes=MiB, interference_bytes=4 * MiB, lazy_steps=20, window_s=0.05,
-                 overhead_leaves=50, timeout_s=120, isolate=False),
+                 overhead_leaves=50, timeout_s=300, isolate=False),
 }

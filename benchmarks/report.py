@@ -3,7 +3,7 @@
 Ratios: against the floors, ckpt's share of the floor's throughput (floor time / ckpt time; the goal is
 >= 0.8 for durable saves and loads) and its blocking time over the copy floor's (<= 1.5, for the steady
 state: an async save by an object that has saved before; a first save is reported beside it); against Orbax
-and torch, their time over ckpt's (> 1: ckpt is faster).
+torch.save and DCP, their time over ckpt's (> 1: ckpt is faster).
 """
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ def _ratios_line(entry: dict) -> str:
                                          _ratio(median(entry, "ckpt", "blocking_s"), median(entry, "floor", "blocking_s")),
                                          _ratio(median(entry, "ckpt", "blocking_first_s"),
                                                 median(entry, "floor", "blocking_first_s"))))))
-    for other in ("orbax", "torch"):
+    for other in ("orbax", "torch", "dcp"):
         if other in entry["systems"]:
             parts.append("{} time / ckpt time: save {} | blocking {} | load {}".format(other, *(
                 _fmt(_ratio(median(entry, other, k), median(entry, "ckpt", k)), 2) + "x"
@@ -144,6 +144,11 @@ def _targets(results: dict) -> Iterator[dict]:
                 r = _ratio(median(entry, "orbax", key), median(entry, "ckpt", key))
                 yield _check(f"{name}: Orbax {what} time / ckpt's", r, f"> {goal:g}" if goal == 1 else f">= {goal:g}",
                              r is not None and (r > goal if goal == 1 else r >= goal))
+        if "dcp" in entry["systems"]:
+            for key, what in (("save_s", "save"), ("blocking_s", "async blocking"), ("async_total_s", "durable after wait"),
+                              ("load_s", "load")):
+                r = _ratio(median(entry, "dcp", key), median(entry, "ckpt", key))
+                yield _check(f"{name}: DCP {what} time / ckpt's", r, "> 1", r is not None and r > 1)
         sync = median(entry, "ckpt", "save_peak_bytes")
         yield _check(f"{name}: sync save peak RSS / state", _ratio(sync, state), "<= 0.1",
                      sync is not None and sync <= 0.1 * state)
@@ -162,6 +167,9 @@ def _targets(results: dict) -> Iterator[dict]:
     if interference and "ckpt" in interference["systems"]:
         r = median(interference, "ckpt", "slowdown")
         yield _check("compute-loop slowdown during a background save", r, "<= 0.10", r <= 0.10)
+        if "dcp" in interference["systems"]:
+            r = _ratio(median(interference, "dcp", "persist_s"), median(interference, "ckpt", "persist_s"))
+            yield _check("DCP time until durable / ckpt's, in the background (no wait)", r, "> 1", r is not None and r > 1)
     overheads = results.get("overheads", {}).get("systems", {}).get("ckpt")
     if overheads:
         for key in ("init_s", "init_lightweight_s"):

@@ -5,7 +5,7 @@ Usage::
     python benchmarks/run.py [--quick | --tiny] [--out bench-results/results.json] [--only NAME[,NAME]]
 
 Sections (``--only`` takes section or workload names): the workloads (ckpt against the floors,
-Orbax and torch.save, alternating, median of the repetitions after a warm-up), ``scaling`` (state
+Orbax, torch.save and torch's DCP, alternating, median of the repetitions after a warm-up), ``scaling`` (state
 size and leaf count), ``interference`` (a compute loop while a save persists) and ``overheads``
 (opening a root with thousands of steps, a step that does not save). Every measurement runs in a
 worker process of its own system; see harness.py and worker.py.
@@ -24,11 +24,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import chart
 import config
 import harness
 import report
 
-SYSTEMS = ["floor", "ckpt", "orbax", "torch"]
+SYSTEMS = ["floor", "ckpt", "orbax", "torch", "dcp"]
 OPS = ["save", "async", "load"]
 
 
@@ -156,8 +157,10 @@ def main(argv: list[str] | None = None) -> int:
     results["targets"] = report.targets(results)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1))
+    chart_path = args.out.with_name("chart.png")
+    chart.draw(results, chart_path)
     print(report.render(results))
-    print(f"\nwrote {args.out} ({results['environment']['seconds']} s)")
+    print(f"\nwrote {args.out} and {chart_path} ({results['environment']['seconds']} s)")
     return 0
 
 

@@ -24,7 +24,8 @@ import memory
 import workloads
 
 SYSTEMS = {"floor": ("baselines", "Floor"), "ckpt": ("system_ckpt", "CkptSystem"),
-           "orbax": ("system_orbax", "OrbaxSystem"), "torch": ("system_torch", "TorchSystem")}
+           "orbax": ("system_orbax", "OrbaxSystem"), "torch": ("system_torch", "TorchSystem"),
+           "dcp": ("system_dcp", "DcpSystem")}
 
 
 def make_system(name: str, tree: Any) -> Any:

@@ -101,7 +101,7 @@ def kill_then_restart(tmp_path: Path, *flags: str, kill_at: int,
     ("--max-steps", "16", "--accumulate", "2", "--samples", "336"),  # 21 batches: a lone last one
 ], ids=["shuffle_dropout_lr_schedule", "accumulate_grad_batches_2"])
 def test_resuming_from_any_saved_step_gives_the_uninterrupted_final_state_bit_for_bit(flags):
-    result = procs.run_script(SCRIPT, "--sweep", "--policy", "every:1000", *flags, timeout=150)
+    result = procs.run_script(SCRIPT, "--sweep", "--policy", "every:1000", *flags, timeout=400)
     lines = re.findall(r"^sweep (\d+) (.+)$", result.stdout, re.M)
     assert lines, result.stdout[-2000:] + result.stderr[-3000:]
     assert [status for _, status in lines] == ["ok"] * int(flags[1]), lines

@@ -108,6 +108,7 @@ class CheckpointCallbackMixin:
         self._saved_step: int | None = None
         self._at_step_boundary = True  # False after a batch that only accumulated gradients
         self._prepare_after_step = False  # prepare the next save's memory at the next step that does not save
+        self._restored_logged = False  # until the end of the first epoch after a restore of the logged values
         self._pending: tuple[tail.SavePoint, bool] | None = None  # a decided save waiting for its hook, force
         self._saving_at: tail.SavePoint | None = None  # the save point of the checkpoint being taken
         self._epoch_rng: dict | None = None  # {"epoch": int, "rng": the states at the epoch's start}
@@ -192,6 +193,7 @@ class CheckpointCallbackMixin:
         self._saved_step = self._latest_step
         self._at_step_boundary = True
         self._pending = None
+        self._restored_logged = False
         self._resume_data_and_rng(trainer)
 
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
@@ -220,7 +222,9 @@ class CheckpointCallbackMixin:
             self._save(trainer, trainer.global_step, *self._pending)
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-        tail.end_restart(trainer)
+        if self._restored_logged:  # the metrics Lightning's restart does not trust are restored
+            self._restored_logged = False
+            tail.end_restart(trainer)
         if self._pending is not None:
             point, force = self._pending
             self._save(trainer, trainer.global_step, dataclasses.replace(point, hook="on_train_epoch_end"), force)
@@ -305,6 +309,7 @@ class CheckpointCallbackMixin:
         if saved_logged is not None:  # checkpoints of earlier versions lack it
             logged.restore(trainer, saved_logged)
             tail.finish_iteration(trainer, saved["saved_in"], saved["should_stop"])
+            self._restored_logged = True
         saved_rng = _for_rank(saved.get("rng"), trainer.global_rank)
         epoch_rng = _for_rank(saved.get("epoch_rng"), trainer.global_rank)
         position = resume.plan_data_position(trainer)

@@ -43,7 +43,8 @@ def save_point(trainer: Any) -> SavePoint:
         hook = "on_train_batch_end"  # training ends here; a longer run continues from this step
     elif epoch_loop._num_ready_batches_reached():
         hook = "on_train_epoch_end"
-    elif epoch_loop._should_check_val_fx(fit_loop._data_fetcher):
+    elif (getattr(trainer, "_val_check_time_interval", None) is None  # a clock's decision cannot be foreseen
+          and epoch_loop._should_check_val_fx(fit_loop._data_fetcher)):
         hook = "on_validation_end"
     else:
         hook = "on_train_batch_end"
@@ -98,7 +99,8 @@ def finish_iteration(trainer: Any, saved_in: str, should_stop: bool) -> None:
 
 
 def end_restart(trainer: Any) -> None:
-    """Lets the first epoch after a resume end as any other (call in ``on_train_epoch_end``).
+    """Lets the first epoch after a resume from this callback's checkpoint end as any other (call in
+    its ``on_train_epoch_end``).
 
     ``FitLoop`` skips the epoch-interval ``ReduceLROnPlateau`` step at the end of the epoch it
     restarted in, because Lightning does not restore the metrics it reads; they are restored here.

@@ -5,6 +5,7 @@ packed leaf against its CRC32 in tree.json, every chunk of every large leaf (it 
 and matches its ``chunk_crc32`` in tree.json, or the crc32c that tensorstore's zarr3 codec stored with
 it), and each array's zarr.json against its CRC32 in tree.json (a local step) and the spec there.
 Memory stays bounded by two chunks (at most 2 x 16 MiB for large leaves, 2 x 4 MiB for packed ones).
+A step Orbax wrote is checked by reading every array of it through tensorstore, one at a time.
 
 Example::
 

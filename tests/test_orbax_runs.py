@@ -292,3 +292,14 @@ def test_ckpt_convert_copies_every_layout_keeping_names_metrics_times_and_empty_
                                 restore_train_state(old, abstract, step=info.step))
     code = cli.main(["convert", str(orbax_runs / "v1"), str(tmp_path / "v1")])
     assert code == 2 and "not empty" in capsys.readouterr().err
+
+
+def test_a_hostile_orbax_tree_metadata_raises_a_ckpt_error(orbax_runs, tmp_path):
+    root = copy_run(orbax_runs, "v1", tmp_path)
+    path = root / "1" / "state" / "_METADATA"
+    metadata = json.loads(path.read_text())
+    keys = [{"key": f"k{i}", "key_type": 2} for i in range(5000)]
+    metadata["tree_metadata"]["deep"] = {"key_metadata": keys, "value_metadata": {"value_type": "None"}}
+    path.write_text(json.dumps(metadata))
+    with pytest.raises(errors.CheckpointCorruptedError, match="levels deep"):
+        ckpt.load(root / "1")

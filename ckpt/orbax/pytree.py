@@ -27,6 +27,7 @@ from ckpt.orbax import files
 _CONTEXT = ts.Context({"cache_pool": {"total_bytes_limit": 0}, "cache_pool#ocdbt": {"total_bytes_limit": 64 << 20}})
 _SEQUENCE, _MAPPING = 1, 2
 _EMPTY = {"Dict": "dict", "List": "list", "Tuple": "tuple"}
+_MAX_DEPTH = 200  # a hostile _METADATA cannot make the tree deeper than Python's recursion allows
 
 
 class ArraySource:
@@ -182,6 +183,9 @@ class _Container:
 def _keys(entry: Any, where: str, directory: Path) -> list[tuple[str, Any]]:
     """A ``_METADATA`` entry's key path as ckpt key entries (``("idx", 0)``, ``("key", "w")``)."""
     keys = entry.get("key_metadata") if isinstance(entry, dict) else None
+    if isinstance(keys, list) and len(keys) > _MAX_DEPTH:
+        raise CheckpointCorruptedError(f"{directory}/_METADATA: entry {where[:80]!r} is {len(keys)} levels deep; "
+                                       f"ckpt reads trees up to {_MAX_DEPTH}", path=directory)
     if not isinstance(keys, list) or not keys:
         try:  # Orbax before 0.5 wrote only the key path tuple: "('params', 'w')"
             keys = [{"key": k, "key_type": _MAPPING} for k in ast.literal_eval(where)]

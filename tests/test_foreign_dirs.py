@@ -245,7 +245,9 @@ def test_on_s3_only_uncommitted_steps_ckpt_began_are_removed_and_foreign_prefixe
             ckptr.save(7, STATE, force=True, overwrite=True)
         ckptr.save(9, STATE)
         ckptr.save(10, STATE)
+        ckptr.save(10, {"w": np.ones(2)}, force=True, overwrite=True)  # a step of ckpt's is replaced in place
         assert [c.step for c in ckptr.checkpoints] == [10]
+        np.testing.assert_array_equal(ckptr.load(10)["w"], np.ones(2))
     assert root.children() == ["10", "7"]
     assert (root / "7" / "notes.txt").read_bytes() == b"the user's own notes"
     assert (root / "7").children() == ["notes.txt"]

@@ -11,7 +11,7 @@ A committed step directory holds::
       arrays/<i>/     one zarr3 array (tensorstore) per large leaf, chunks checked by the crc32c codec
       packed/         one zarr3 uint8 array holding the bytes of every small leaf, each with its CRC32
 
-      .ckpt-owned     ckpt's marker, written first into every directory ckpt makes: ckpt removes a
+      .ckpt-owned     ckpt's marker (empty), made first in every directory ckpt makes: ckpt removes a
                       temporary or half-deleted directory only when it holds this file
 
 While written, the directory is ``<step>.ckpt-tmp``; it is renamed to ``<step>`` once complete.

@@ -127,10 +127,13 @@ def describe(path: Location) -> str:
     return f"a directory holding {', '.join(repr(n) for n in names[:5])}{more}"
 
 
-def mark(directory: Location) -> None:
-    """Writes ckpt's marker (``.ckpt-owned``) into a directory ckpt made, durably: a directory is removed by
-    ckpt only while it holds the marker, so a crash at any moment of a removal leaves it still marked."""
-    write_file(directory / fmt.MARKER, b"made by ckpt: ckpt may remove this directory\n")
+def mark(directory: Location, *, durable: bool = False) -> None:
+    """Puts ckpt's marker (the empty file ``.ckpt-owned``) into a directory ckpt made: a directory is removed
+    by ckpt only while it holds the marker, so a crash at any moment of a removal leaves it still marked.
+    ``durable`` fsyncs the directory too (a temporary needs not: its commit fsyncs every directory)."""
+    write_file(directory / fmt.MARKER, b"")
+    if durable:
+        fsync_path(directory)
 
 
 def is_marked(directory: Location) -> bool:
@@ -396,8 +399,8 @@ def commit_dir(tmp: Location, final: Location) -> None:
     for dirpath, _, _ in os.walk(tmp):
         fsync_path(Path(dirpath))
     replaced = os.path.lexists(final)
-    if replaced:
-        mark(final)  # the committed step it replaces (checked as one before the save began) is removed below
+    if replaced and not is_marked(final):
+        mark(final, durable=True)  # the committed step it replaces (checked as one before the save began) goes below
     if replaced and rename_exchange(tmp, final):  # no moment without the step, even on a crash
         fsync_path(final.parent)
         remove_owned(tmp)  # the replaced step, now under the temporary name
@@ -433,7 +436,8 @@ def delete_dir(step_dir: Location) -> None:
     its manifest removed first."""
     if isinstance(step_dir, Path) and not stat.S_ISDIR(os.lstat(step_dir).st_mode):
         raise _foreign(step_dir)  # a symbolic link is never followed to delete what it points at
-    mark(step_dir)
+    if not is_marked(step_dir):  # a step an earlier ckpt wrote
+        mark(step_dir, durable=True)
     if isinstance(step_dir, ObjectPath):
         (step_dir / fmt.MANIFEST).remove_tree()
     else:

@@ -2,18 +2,24 @@
 
 A single process needs none of this. Under ``jax.distributed`` (detected when jax is imported and
 its distributed client runs with more than one process) the coordination service's key-value store
-provides barriers and broadcasts. Other engines (torch.distributed for Lightning DDP) plug in any
-object with this interface through ``ckpt.MultiprocessingOptions(processes=...)``.
+provides barriers and broadcasts; under ``torch.distributed`` (initialized with more than one rank,
+and JAX's not running) the key-value store of its default process group does (a ``TCPStore``: every
+launcher's ``env://`` and ``tcp://`` initialization makes one). Barriers and broadcasts are named, so a
+background save's barriers never mix with the training loop's decisions, nor with the training's own
+collectives. Other engines plug in any object with this interface through
+``ckpt.MultiprocessingOptions(processes=...)``.
 
 Example::
 
-    processes = ckpt.distributed.current()       # JaxProcesses under jax.distributed, else SingleProcess
+    processes = ckpt.distributed.current()       # JaxProcesses, TorchProcesses, or SingleProcess
     print(f"process {processes.index} of {processes.count}")
 """
 from __future__ import annotations
 
+import datetime
 import json
 import sys
+import threading
 from typing import Any, Protocol, runtime_checkable
 
 
@@ -83,8 +89,76 @@ class JaxProcesses:
         return json.loads(self._client.blocking_key_value_get(key, int(timeout_secs * 1000)))
 
 
+class TorchProcesses:
+    """Coordination through the key-value store of ``torch.distributed``'s default process group.
+
+    Each thread talks to the store through a connection of its own: a store client serves one
+    request at a time, so a background save waiting at a barrier would hold up the training
+    thread's next decision on a shared one.
+
+    Example::
+
+        torch.distributed.init_process_group("gloo")    # in every rank (torchrun, Lightning, ...)
+        processes = ckpt.distributed.current()           # a TorchProcesses; Checkpointers find it themselves
+        assert (processes.index, processes.count) == (torch.distributed.get_rank(), torch.distributed.get_world_size())
+    """
+
+    def __init__(self, host: str, port: int, index: int, count: int):
+        self._address = (host, port)
+        self._local = threading.local()
+        self.index = index
+        self.count = count
+
+    def _store(self) -> Any:
+        store = getattr(self._local, "store", None)
+        if store is None:
+            import torch.distributed as dist
+
+            client = dist.TCPStore(*self._address, is_master=False, wait_for_workers=False,
+                                   timeout=datetime.timedelta(seconds=300))
+            store = self._local.store = dist.PrefixStore("ckpt", client)
+        return store
+
+    def _wait(self, store: Any, key: str, what: str, timeout_secs: float) -> None:
+        try:
+            store.wait([key], datetime.timedelta(seconds=timeout_secs))
+        except Exception as e:  # torch raises DistStoreError (a RuntimeError) on timeout
+            raise TimeoutError(f"rank {self.index} of {self.count} waited {timeout_secs:g} s for {what}; a rank "
+                               f"stopped or does not call the same Checkpointer methods ({e})") from None
+
+    def barrier(self, name: str, timeout_secs: float) -> None:
+        store = self._store()
+        if store.add(f"{name}/arrived", 1) == self.count:
+            store.set(f"{name}/done", b"1")
+        self._wait(store, f"{name}/done", f"the other ranks at {name!r}", timeout_secs)
+
+    def broadcast(self, name: str, value: Any, timeout_secs: float) -> Any:
+        store = self._store()
+        if self.index == 0:
+            store.set(name, json.dumps(value))
+            return value
+        self._wait(store, name, f"rank 0's {name!r}", timeout_secs)
+        return json.loads(store.get(name))
+
+
+def _torch_store_address(dist: Any) -> tuple[str, int]:
+    """Where the TCPStore of the default process group listens; ValueError for any other store."""
+    from torch.distributed import distributed_c10d
+
+    store = distributed_c10d._get_default_store()
+    while isinstance(store, dist.PrefixStore):
+        store = store.underlying_store
+    if not isinstance(store, dist.TCPStore):
+        raise ValueError(
+            f"torch.distributed's default process group keeps its keys in a {type(store).__name__}, not a "
+            "TCPStore, which ckpt coordinates its ranks through: initialize it with init_method='env://' or "
+            "'tcp://...', or pass ckpt.MultiprocessingOptions(processes=...)")
+    return store.host, store.port
+
+
 def current() -> Processes:
-    """The JAX processes when jax.distributed runs with several processes, else a single process.
+    """The JAX processes when jax.distributed runs with several processes, else the torch.distributed
+    ranks when its default process group has several, else a single process.
 
     Example::
 
@@ -99,4 +173,8 @@ def current() -> Processes:
         client = jax_distributed.global_state.client
         if client is not None and jax.process_count() > 1:
             return JaxProcesses(client, jax.process_index(), jax.process_count())
+    torch = sys.modules.get("torch")
+    dist = getattr(torch, "distributed", None)
+    if dist is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return TorchProcesses(*_torch_store_address(dist), dist.get_rank(), dist.get_world_size())
     return SingleProcess()

@@ -93,7 +93,7 @@ def of(names: tuple[str, ...], nodes: list[tree_lib.Node], structures: dict[str,
     they came from, in order), or None when a leaf is of a kind whose plan is never reused."""
     signatures = [signature(value) for value in values]
     flat = [leaf for name in names for leaf in planned[name]]
-    if None in signatures or any(leaf.host.device_array is not None for leaf in flat):
+    if None in signatures or any(leaf.host.spread is not None for leaf in flat):
         return None
     return Layout(
         names, [_walker(node) for node in nodes], structures, [len(planned[name]) for name in names],

@@ -1,9 +1,10 @@
 """What each leaf type becomes on disk and back.
 
 A leaf is stored either inline in the manifest (Python int/float/bool/str/None) or as array data
-(numpy arrays and scalars, bytes, jax arrays, typed PRNG keys as their key data, torch tensors).
-Framework types are recognised only when their module is already imported, and translated here,
-at the boundary: the rest of ckpt sees numpy arrays and JSON.
+(numpy arrays and scalars, bytes, jax arrays, typed PRNG keys as their key data, torch tensors,
+DTensors through :mod:`ckpt.dtensor`). Framework types are recognised only when their module is
+already imported, and translated here, at the boundary: the rest of ckpt sees numpy arrays, JSON,
+and arrays spread over processes as a :class:`Spread`.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from typing import Any, Callable
 import ml_dtypes  # noqa: F401  (registers bfloat16, float8_*, int4 with numpy)
 import numpy as np
 
-from ckpt import transfers
+from ckpt import dtensor, transfers
 from ckpt.tree import KeyPath, keystr
 
 
@@ -49,12 +50,22 @@ INLINE_TYPES = {int: "int", float: "float", bool: "bool", str: "str", type(None)
 
 
 @dataclasses.dataclass
+class Spread:
+    """An array spread over processes (a jax.Array or a DTensor): the zarr3 chunk shape under which no
+    two processes' shards share a chunk, and ``own_shards()``, the (global index, host array) of the
+    shards this process writes (the primary replica of each)."""
+
+    chunk_shape: tuple[int, ...]
+    own_shards: Callable[[], list[tuple[Any, np.ndarray]]]
+
+
+@dataclasses.dataclass
 class HostLeaf:
     """A leaf ready to be written: its manifest entry and, for array leaves, its host bytes."""
 
     meta: dict[str, Any]
     array: np.ndarray | None = None
-    device_array: Any = None  # a jax.Array spread over processes: each writes the shards it owns
+    spread: Spread | None = None  # spread over processes: each writes the shards it owns
     shards: list[tuple[Any, np.ndarray]] | None = None  # (index, host copy) of this process's shards, once snapshot
 
 
@@ -124,6 +135,9 @@ def to_host(path: KeyPath, x: Any) -> HostLeaf:
         return HostLeaf({"type": "np_scalar", "dtype": dtype_name(array.dtype), "shape": []}, array)
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(x, torch.Tensor):
+        if dtensor.is_dtensor(x):
+            return _dtensor_leaf(path, x)
+        dtensor.refuse_sharded_tensor(path, x)
         array = torch_to_numpy(path, x)
         return HostLeaf({"type": "torch", "dtype": dtype_name(array.dtype), "shape": list(array.shape)}, array)
     jax = sys.modules.get("jax")
@@ -141,10 +155,29 @@ def to_host(path: KeyPath, x: Any) -> HostLeaf:
     )
 
 
+def to_hosts(flat: list[tuple[KeyPath, Any]]) -> list[HostLeaf]:
+    """:func:`to_host` of each (key path, leaf), the small DTensors among them gathered together (in a
+    multi-process job, every process calls it with the same tree)."""
+    values = dtensor.gather_small([value for _, value in flat])
+    return [to_host(path, value) for (path, _), value in zip(flat, values)]
+
+
 def _jax_leaf(meta: dict, x: Any) -> HostLeaf:
     if x.is_fully_addressable:
         return HostLeaf(meta, np.asarray(x))
-    return HostLeaf(meta, None, device_array=x)
+    return HostLeaf(meta, None, spread=Spread(
+        tuple(x.sharding.shard_shape(x.shape)),
+        lambda: [(s.index, np.asarray(s.data)) for s in x.addressable_shards if s.replica_id == 0]))
+
+
+def _dtensor_leaf(path: KeyPath, x: Any) -> HostLeaf:
+    """A DTensor: gathered and stored as a plain tensor when small, else written shard by shard."""
+    if dtensor.is_small(x):
+        return to_host(path, dtensor.gather(x))
+    local = torch_to_numpy(path, x.to_local())  # the dtype as stored, even from an empty shard
+    meta = {"type": "torch", "dtype": dtype_name(local.dtype), "shape": list(x.shape)}
+    return HostLeaf(meta, None, spread=Spread(
+        dtensor.chunk_shape(path, x), lambda: [(index, torch_to_numpy(path, t)) for index, t in dtensor.own_shards(x)]))
 
 
 _TORCH_VIEWS = {"bfloat16": ("int16", "bfloat16"), "float8_e4m3fn": ("uint8", "float8_e4m3fn"),
@@ -231,6 +264,8 @@ def restore(meta: dict, read: Reader | None, abstract: Any, to_device: transfers
     jax = sys.modules.get("jax")
     if jax is not None and (isinstance(abstract, (jax.ShapeDtypeStruct, jax.Array)) or abstract is jax.Array or abstract is jax.ShapeDtypeStruct):
         return _restore_jax(meta, read, abstract, jax, to_device)
+    if dtensor.is_dtensor(abstract):
+        return dtensor.restore(abstract, read, lambda array, like: to_device.torch(numpy_to_torch(array), like))
     torch = sys.modules.get("torch")
     if torch is not None and (isinstance(abstract, torch.Tensor) or abstract is torch.Tensor):
         tensor = numpy_to_torch(read(None))

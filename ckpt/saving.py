@@ -122,7 +122,7 @@ def plan(checkpointables: dict[str, Any], *, metrics: Any = None, custom_metadat
     for name, tree in checkpointables.items():
         try:
             node, flat = tree_lib.flatten(tree)
-            hosts = [leaves_lib.to_host(path, value) for path, value in flat]
+            hosts = leaves_lib.to_hosts(flat)
         except TypeError as e:
             raise TypeError(f"checkpointable {name!r}: {e}") from None
         structures[name] = tree_lib.to_json(node)
@@ -134,7 +134,7 @@ def plan(checkpointables: dict[str, Any], *, metrics: Any = None, custom_metadat
             if "dtype" in host.meta:
                 leaf.nbytes = host.array.nbytes if host.array is not None else (
                     math.prod(host.meta["shape"]) * leaves_lib.parse_dtype(host.meta["dtype"]).itemsize)
-                if leaf.nbytes < fmt.SMALL_LEAF_BYTES and host.device_array is None:
+                if leaf.nbytes < fmt.SMALL_LEAF_BYTES and host.spread is None:
                     leaf.location, leaf.offset = "packed", offset
                     offset += -(-leaf.nbytes // fmt.ALIGN) * fmt.ALIGN
                     packed.append(leaf)
@@ -151,19 +151,12 @@ def _describe_array(leaf: PlannedLeaf) -> None:
     """Puts the zarr3 spec of a large leaf in its manifest entry (raw bytes for dtypes zarr3 lacks)."""
     meta = leaf.host.meta
     dtype, shape = leaves_lib.parse_dtype(meta["dtype"]), tuple(meta["shape"])
-    chunks = None
-    if leaf.host.device_array is not None:
-        chunks = tuple(leaf.host.device_array.sharding.shard_shape(shape))
+    chunks = None if leaf.host.spread is None else leaf.host.spread.chunk_shape
     if not storage.zarr_stores(dtype):
         dtype, shape, chunks = np.dtype(np.uint8), (leaf.nbytes,), None
         meta["stored_as"] = "bytes"
     meta["array"] = storage.array_spec({"driver": "file", "path": leaf.array_name + "/"}, dtype, shape,
                                        fmt.ARRAY_CHUNK_BYTES, checksum=chunks is not None, chunk_shape=chunks)
-
-
-def _own_shards(device_array: Any) -> list[tuple[Any, np.ndarray]]:
-    """(index, host array) of the shards this process writes: its addressable ones with replica id 0."""
-    return [(s.index, np.asarray(s.data)) for s in device_array.addressable_shards if s.replica_id == 0]
 
 
 class StagingBuffers:
@@ -220,7 +213,7 @@ def staging_sizes(plan: Plan, max_inflight_bytes: int | None) -> list[int]:
     """The sizes of the buffers :func:`snapshot` takes from its staging buffers for ``plan``."""
     copied, _ = _within_budget(plan, max_inflight_bytes)
     return ([plan.packed_nbytes] if plan.packed else []) + [
-        leaf.nbytes for leaf in copied if leaf.host.device_array is None]
+        leaf.nbytes for leaf in copied if leaf.host.spread is None]
 
 
 def _within_budget(plan: Plan, max_inflight_bytes: int | None) -> tuple[list[PlannedLeaf], list[PlannedLeaf]]:
@@ -236,6 +229,15 @@ def _within_budget(plan: Plan, max_inflight_bytes: int | None) -> tuple[list[Pla
         copied.append(leaf)
         budget -= leaf.nbytes
     return copied, uncopied
+
+
+def _staged(array: np.ndarray, staging: StagingBuffers, plan: Plan) -> np.ndarray:
+    """A copy of ``array`` in one of ``staging``'s buffers, which the plan keeps."""
+    buffer = staging.take(array.nbytes)
+    plan.staging.append(buffer)
+    copy = buffer.view(array.dtype).reshape(array.shape)
+    np.copyto(copy, array)
+    return copy
 
 
 def snapshot(plan: Plan, max_inflight_bytes: int | None, staging: StagingBuffers | None = None) -> list[PlannedLeaf]:
@@ -261,13 +263,10 @@ def snapshot(plan: Plan, max_inflight_bytes: int | None, staging: StagingBuffers
         plan.packed_buffer = buffer
     copied, uncopied = _within_budget(plan, max_inflight_bytes)
     for leaf in copied:
-        if leaf.host.device_array is not None:
-            leaf.host.shards = [(index, np.array(data, copy=True)) for index, data in _own_shards(leaf.host.device_array)]
+        if leaf.host.spread is not None:
+            leaf.host.shards = [(index, _staged(data, staging, plan)) for index, data in leaf.host.spread.own_shards()]
         else:
-            array, buffer = leaf.host.array, staging.take(leaf.nbytes)
-            plan.staging.append(buffer)
-            leaf.host.array = buffer.view(array.dtype).reshape(array.shape)
-            np.copyto(leaf.host.array, array)
+            leaf.host.array = _staged(leaf.host.array, staging, plan)
     return uncopied
 
 
@@ -345,7 +344,7 @@ class StepWriter:
         """Writes large leaves, each as a zarr3 array, and records their chunks' checksums: while
         tensorstore writes (in the caller), or before it, one file at a time (in the background)."""
         todo = [leaf for leaf in leaves if leaf.array_name not in self.plan.written_arrays
-                and (self.primary or leaf.host.device_array is not None)]
+                and (self.primary or leaf.host.spread is not None)]
         if not todo:  # an async save that copied everything: the directory is made in the background
             return
         self.prepare_dir()
@@ -376,14 +375,14 @@ class StepWriter:
     def _checksum_arrays(leaves: list[PlannedLeaf]) -> None:
         """Records each chunk's CRC32 and word sum (arrays spread over processes use crc32c instead)."""
         for leaf in leaves:
-            if leaf.host.device_array is None:
+            if leaf.host.spread is None:
                 meta = leaf.host.meta
                 raw, layout = _raw_bytes(leaf.host.array), chunks.layout(meta)
                 meta["chunk_crc32"], meta["chunk_sum64"] = chunks.checksums(raw, layout), chunks.sums(raw, layout)
 
     def _write_array(self, leaf: PlannedLeaf, store: ts.TensorStore) -> list[Any]:
-        if leaf.host.device_array is not None:
-            shards = leaf.host.shards if leaf.host.shards is not None else _own_shards(leaf.host.device_array)
+        if leaf.host.spread is not None:
+            shards = leaf.host.shards if leaf.host.shards is not None else leaf.host.spread.own_shards()
             leaf.host.shards = None
             return [store[index].write(data, can_reference_source_data_indefinitely=True).commit
                     for index, data in shards]

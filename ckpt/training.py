@@ -31,7 +31,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
-from ckpt import background, distributed, formats, loading, orbax, preemption, root, saving, storage, tiers
+from ckpt import background, distributed, dtensor, formats, loading, orbax, preemption, root, saving, storage, tiers
 from ckpt import errors
 from ckpt import format as fmt
 from ckpt.context import Context
@@ -387,6 +387,8 @@ class Checkpointer:
         self._check_open()
         if self._local is not None:  # saves go to the local tier first
             return self._local.checkpointer.prepare_async_save(checkpointables)
+        if dtensor.holds_dtensors(checkpointables):  # planning gathers small DTensors: not from another thread
+            return background.finished(None)
         budget = self._inflight_budget()
         return self._in_background(  # only the leaves' sizes are read: planning can wait for the thread
             lambda: self._staging.reserve(saving.staging_sizes(saving.plan(checkpointables), budget)))

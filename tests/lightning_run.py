@@ -2,10 +2,13 @@
 
     python tests/lightning_run.py --dir D --out final.pt --max-steps 30 [--max-epochs 2] [--kill-at 13]
         [--sigterm-at 13] [--policy every:4] [--preserve latest:2] [--monitor train_loss] [--accumulate 2]
-        [--samples 336] [--no-callback] [--ddp] [--accelerator gpu] [--sync-save] [--kill-in-flight]
+        [--samples 336] [--no-callback] [--ddp] [--model-parallel N] [--accelerator gpu] [--sync-save]
+        [--kill-in-flight]
 
-``--out`` receives the final parameters, optimizer and scheduler state (torch.save, rank 0). ``--ddp``
-runs two processes (``ddp_fork``, gloo). ``--kill-at K`` SIGKILLs the whole process group once step K's
+``--out`` receives the final parameters, optimizer and scheduler state (torch.save, rank 0; ``OUT.start``
+the state the run started training from). ``--ddp`` runs two processes (``ddp_fork``, gloo).
+``--model-parallel N`` runs N processes (forked) under ``ModelParallelStrategy(data_parallel_size=N)``
+with the model sharded by FSDP2 (its 1 MiB hidden layers written shard by shard). ``--kill-at K`` SIGKILLs the whole process group once step K's
 save is committed (``--kill-in-flight``: without waiting for it); ``--sigterm-at K`` sends SIGTERM to
 itself during step K. ``--sweep`` instead, in this one process, saves every step of a run, resumes from
 each and prints ``sweep <step> ok|DIFF|NOT RESUMED``. ``train`` and ``final_state`` serve in-process tests.
@@ -30,6 +33,7 @@ _spec = importlib.util.spec_from_file_location("lightning_train", REPO / "exampl
 example = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(example)
 
+import ckpt  # noqa: E402
 from ckpt.integrations.lightning.pytorch_lightning import CheckpointCallback  # noqa: E402
 from ckpt.training import preservation_policies as pp  # noqa: E402
 from ckpt.training import save_decision_policies as sdp  # noqa: E402
@@ -45,8 +49,11 @@ class StoppingRegressor(example.Regressor):
 
     def on_train_start(self):
         self.started_at = self.trainer.global_step
-        writer = self.trainer.checkpoint_callback is not None and self.trainer.checkpoint_callback.checkpointer is not None
-        print(f"rank {self.global_rank} started at step {self.started_at} writer {writer}", flush=True)
+        ranks = ckpt.distributed.current().count  # the ranks whose Checkpointers agree on each save
+        print(f"rank {self.global_rank} started at step {self.started_at} of {ranks} ranks", flush=True)
+        state = final_state(self.trainer)
+        if self.out and self.global_rank == 0:
+            torch.save(state, self.out + ".start")
 
     def training_step(self, batch, batch_idx):
         if self.sigterm_at is not None and self.trainer.global_step == self.sigterm_at - 1 and self.global_rank == 0:
@@ -65,9 +72,28 @@ class StoppingRegressor(example.Regressor):
             os.killpg(os.getpgid(0), signal.SIGKILL)
 
     def on_train_end(self):  # in the training process (DDP workers are forked), after the callbacks' hooks
+        state = final_state(self.trainer)
         if self.out and self.global_rank == 0:
-            torch.save(final_state(self.trainer), self.out)
+            torch.save(state, self.out)
             print(f"finished at step {self.trainer.global_step}", flush=True)
+
+
+class ShardedStoppingRegressor(StoppingRegressor):
+    """The same, with a 16384-wide hidden layer, sharded with FSDP2 over the data-parallel ranks."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.hparams.lr = 0.002  # the wide layer diverges at the example's rate
+        self.net = torch.nn.Sequential(torch.nn.Linear(16, 16384), torch.nn.ReLU(), torch.nn.Dropout(0.1),
+                                       torch.nn.Linear(16384, 1))
+
+    def configure_model(self):
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for layer in (self.net[0], self.net[3]):
+            fully_shard(layer, mesh=mesh)
+        fully_shard(self, mesh=mesh)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -87,6 +113,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-callback", action="store_true")
     p.add_argument("--sync-save", action="store_true")
     p.add_argument("--ddp", action="store_true")
+    p.add_argument("--model-parallel", type=int, default=0, help="devices of a ModelParallelStrategy (FSDP2)")
     p.add_argument("--accelerator", default="cpu", help="cpu | gpu (deterministic algorithms on gpu)")
     p.add_argument("--sweep", action="store_true")
     return p.parse_args(argv)
@@ -107,21 +134,49 @@ def train(args: argparse.Namespace, directory: str | None, kill: bool = True) ->
     pl.seed_everything(0, verbose=False)
     torch.set_num_threads(1)
     callbacks = [] if directory is None else [make_callback(args, directory)]
+    strategy, devices = ("ddp_fork", 2) if args.ddp else ("auto", 1)
+    if args.model_parallel:
+        strategy = pl.strategies.ModelParallelStrategy(data_parallel_size=args.model_parallel, tensor_parallel_size=1)
+        strategy._configure_launcher = lambda: fork_launcher(strategy)  # forked ranks: no second import of torch
+        devices = args.model_parallel
     trainer = pl.Trainer(
         max_steps=args.max_steps, max_epochs=args.max_epochs, accumulate_grad_batches=args.accumulate, callbacks=callbacks,
-        enable_checkpointing=directory is not None, accelerator=args.accelerator, devices=2 if args.ddp else 1,
-        deterministic=args.accelerator != "cpu",
-        strategy="ddp_fork" if args.ddp else "auto", logger=False, enable_progress_bar=False,
+        enable_checkpointing=directory is not None, accelerator=args.accelerator, devices=devices,
+        deterministic=args.accelerator != "cpu", strategy=strategy, logger=False, enable_progress_bar=False,
         enable_model_summary=False)
-    model = StoppingRegressor(args.kill_at if kill else None, args.sigterm_at if kill else None,
-                              wait_for_save=not args.kill_in_flight, out=args.out if kill else None)
+    model = (ShardedStoppingRegressor if args.model_parallel else StoppingRegressor)(
+        args.kill_at if kill else None, args.sigterm_at if kill else None,
+        wait_for_save=not args.kill_in_flight, out=args.out if kill else None)
     trainer.fit(model, DataLoader(example.synthetic_data(args.samples), batch_size=16, shuffle=True))
     return trainer
 
 
+def fork_launcher(strategy) -> None:
+    """Makes the strategy fork its ranks (as ``strategy="ddp_fork"`` does) instead of starting this script
+    again. The parent does not take the weights back: a file of DTensors does not load in a plain process."""
+    from pytorch_lightning.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+
+    class Launcher(_MultiProcessingLauncher):
+        def _collect_rank_zero_results(self, trainer, results):
+            output = super()._collect_rank_zero_results(trainer, results)
+            return None if output is None else output._replace(weights_path=None)
+
+    strategy._launcher = Launcher(strategy, start_method="fork")
+
+
 def final_state(trainer: pl.Trainer) -> dict:
-    return {"model": trainer.lightning_module.state_dict(), "optimizer": trainer.optimizers[0].state_dict(),
-            "scheduler": trainer.lr_scheduler_configs[0].scheduler.state_dict(), "step": trainer.global_step}
+    """The parameters, optimizer and scheduler state, sharded tensors gathered whole (call on every rank)."""
+    return whole({"model": trainer.lightning_module.state_dict(), "optimizer": trainer.optimizers[0].state_dict(),
+                  "scheduler": trainer.lr_scheduler_configs[0].scheduler.state_dict(), "step": trainer.global_step})
+
+
+def whole(tree):
+    """``tree`` with every DTensor gathered into a plain tensor (a collective)."""
+    if isinstance(tree, dict):
+        return {k: whole(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(whole(v) for v in tree)
+    return tree.full_tensor() if hasattr(tree, "full_tensor") else tree
 
 
 def same(a, b) -> bool:

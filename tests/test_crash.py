@@ -241,3 +241,47 @@ def test_a_save_killed_before_any_file_operation_of_its_commit_keeps_the_old_or_
                 assert listed in ([0], [0, 1]) and values[0] == [0.0] * 3, where
                 assert values.get(1, [1.0] * 3) == [1.0] * 3, where
             assert ckptr.save(step + 1, {"v": np.ones(3)}, force=True)
+
+
+# ------------------------------------------------------------------- a multi-rank save killed on one rank
+TORCH_WORKER = procs.REPO / "tests" / "torch_multiprocess_worker.py"
+
+
+def test_a_two_rank_save_killed_on_one_rank_leaves_only_committed_loadable_steps_and_the_job_resumes(tmp_path):
+    pytest.importorskip("torch")
+    root = tmp_path / "run"
+    victims = [1, 0, 1, 1]  # rank 1 at the start of an async save, rank 0 of a sync one, then later in a save
+    proc = procs.start(TORCH_WORKER, str(root), "", *["crash:2"] * len(victims))
+    committed, temporaries_seen = [], 0
+    try:
+        for trial, victim in enumerate(victims):
+            pids, begun = {}, []
+            while len(begun) < 2 + trial:  # the victim's first saves, then one more each trial
+                line = procs.wait_for_line(proc, "rank ", timeout=240)
+                if " pid " in line:
+                    pids[int(line.split()[1])] = int(line.split()[3])
+                elif line.startswith(f"rank {victim} begin"):
+                    begun.append(int(line.split()[-1]))
+            os.kill(pids[victim], 9)
+            procs.wait_for_line(proc, "job crash:2 ended", timeout=60)  # the worker kills the other rank
+            temporaries_seen += bool(temporaries(root))
+    finally:
+        procs.stop(proc)
+    output = "".join(proc._seen)
+    committed = [int(n) for n in re.findall(r"^committed (\d+)$", output, re.M)]
+    with Checkpointer(root) as ckptr:  # a plain process: whole tensors
+        listed = [c.step for c in ckptr.checkpoints]
+        assert listed == sorted(step_lib.find_steps(os.listdir(root), step_lib.standard_name_format())), output[-3000:]
+        assert listed and listed[-1] >= max(committed), (listed, committed)
+        first = ckptr.load_checkpointables(listed[0])  # the model never trains: every step holds the same values
+        for step in listed[1:]:
+            loaded = ckptr.load_checkpointables(step)
+            assert all(torch_equal(loaded["model"][k], v) for k, v in first["model"].items()), step
+    assert temporaries_seen, "no kill interrupted a save"
+    resumed = procs.run_script(TORCH_WORKER, str(root), "", "resume:2", timeout=240)
+    assert f"rank 0 resumed from {listed[-1]} steps" in resumed.stdout, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert temporaries(root) == []
+
+
+def torch_equal(a, b) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and bool((a == b).all())

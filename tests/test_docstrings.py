@@ -19,6 +19,7 @@ from ckpt.training import Checkpointer, preservation_policies, save_decision_pol
 # Examples shown to the reader but not run here, and why.
 NOT_RUN = {
     "ckpt.distributed.JaxProcesses": "needs a multi-process jax.distributed job",
+    "ckpt.distributed.TorchProcesses": "needs a multi-rank torch.distributed job",
 }
 
 

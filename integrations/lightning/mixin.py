@@ -6,10 +6,13 @@ and returns it as ``trainer.checkpoint_callback``.
 
 What happens when:
 
-- ``setup`` (fit): global rank 0 opens the :class:`ckpt.Checkpointer`; other ranks write nothing.
+- ``setup`` (fit): every rank opens the :class:`ckpt.Checkpointer`; under ``torch.distributed`` they
+  coordinate through its store (rank 0 decides and commits; replicated state is written by rank 0
+  only, the shards of sharded state, FSDP2's DTensors, by the ranks that hold them).
 - ``on_fit_start``: every rank learns the latest committed step from rank 0 and, with ``restore`` and
   no ``trainer.fit(ckpt_path=...)``, restores the full training state from it (each rank reads the
-  step itself: the directory must be reachable from every rank, as with any shared checkpoint).
+  step itself: the directory must be reachable from every rank, as with any shared checkpoint; a
+  sharded model and its optimizers read only their own shards, at any number of devices).
 - ``on_train_start``: the checkpoint dict is built once and checked, so that a value ckpt cannot
   store fails before training; the data iterator is moved to the batch after the checkpoint and the
   RNG states are set as they were when it was taken.
@@ -40,7 +43,7 @@ import ckpt
 from ckpt.training import Checkpointer
 
 from ckpt.integrations.lightning import monitor as monitor_lib
-from ckpt.integrations.lightning import logged, resume, rng, tail, translate
+from ckpt.integrations.lightning import logged, resume, rng, sharded, tail, translate
 from ckpt.integrations.lightning.weights import check_model
 
 log = logging.getLogger(__name__)
@@ -99,8 +102,8 @@ class CheckpointCallbackMixin:
             save_decision_policy=save_decision_policy,
             preservation_policy=monitor_lib.preservation_policy(preservation_policy, monitor, mode),
             step_name_format=step_name_format, context=context, local=local)
-        self._checkpointer: Checkpointer | None = None  # global rank 0 only
-        self._paths = {"best": "", "last": ""}  # the paths where this process has no Checkpointer
+        self._checkpointer: Checkpointer | None = None  # every rank's, from setup (fit) on
+        self._paths = {"best": "", "last": ""}  # the paths while this process has no Checkpointer
         self._open = False
         self._trainer: Any = None
         self._latest_step: int | None = None  # the latest step on disk at fit start, on every rank
@@ -118,12 +121,12 @@ class CheckpointCallbackMixin:
     # ------------------------------------------------------------------ what Lightning reads
     @property
     def checkpointer(self) -> Checkpointer | None:
-        """The underlying :class:`ckpt.Checkpointer` (on global rank 0, after ``setup``), else None."""
+        """The underlying :class:`ckpt.Checkpointer` (after ``setup`` of a fit), else None."""
         return self._checkpointer
 
     @property
     def last_model_path(self) -> str:
-        """The directory of the latest committed step ("" if none, and on ranks other than 0)."""
+        """The directory of the latest committed step ("" if none)."""
         if self._checkpointer is None:
             return self._paths["last"]
         checkpoints = self._checkpointer.checkpoints
@@ -166,7 +169,7 @@ class CheckpointCallbackMixin:
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         self._check_namespace(trainer)
         self._trainer = trainer
-        if stage == "fit" and trainer.is_global_zero and not self._open:
+        if stage == "fit" and not self._open:
             # the callback is the directory's only writer: what crashed saves left is removed
             self._checkpointer = Checkpointer(self.directory, cleanup_tmp_directories=True,
                                               **self._checkpointer_options)
@@ -259,14 +262,13 @@ class CheckpointCallbackMixin:
     # ------------------------------------------------------------------------------ saving
     def _decide(self, trainer: Any, step: int) -> bool:
         """Rank 0's decision, on every rank (time- and signal-based policies may differ between ranks)."""
-        decision = self._checkpointer is not None and (self._checkpointer.should_save(step)
-                                                       or trainer.received_sigterm)
+        decision = self._checkpointer.should_save(step) or trainer.received_sigterm
         if trainer.world_size > 1:
             decision = trainer.strategy.broadcast(decision, src=0)
         return decision
 
     def _save(self, trainer: Any, step: int, point: tail.SavePoint, force: bool = True) -> None:
-        """Snapshots the full training state, taken in ``point``; rank 0 writes it (call on every rank).
+        """Snapshots the full training state, taken in ``point``, and writes it (call on every rank).
         Without ``force``, as rank 0's ``should_save`` just decided (with two tiers: to the tiers that
         want the step)."""
         self._pending, self._saving_at = None, point
@@ -275,8 +277,6 @@ class CheckpointCallbackMixin:
         finally:
             self._saving_at = None
         self._saved_step = step
-        if self._checkpointer is None:
-            return
         metrics = monitor_lib.step_metrics(trainer.callback_metrics)
         if self.async_save:
             self._checkpointer.save_checkpointables_async(step, items, force=force, metrics=metrics)
@@ -296,10 +296,13 @@ class CheckpointCallbackMixin:
 
     # ----------------------------------------------------------------------------- resuming
     def _restore(self, trainer: Any, pl_module: Any, path: str) -> None:
-        checkpoint = translate.from_checkpointables(translate.load(path))
+        sharded_model = sharded.is_sharded(trainer)
+        checkpoint = translate.from_checkpointables(sharded.load(trainer, path) if sharded_model else translate.load(path))
         check_model(checkpoint["state_dict"], pl_module, source=path,
                     strict=getattr(pl_module, "strict_loading", True))  # strict_loading: Lightning >= 2.2
         resume.restore_trainer(trainer, checkpoint, source=path)
+        if sharded_model:
+            sharded.set_states(trainer, checkpoint)
         tail.continue_after(trainer, (self._loaded_state or {}).get("saved_in", "on_train_batch_end"))
 
     def _resume_data_and_rng(self, trainer: Any) -> None:

@@ -1,0 +1,195 @@
+"""Sharded torch tensors (``torch.distributed.tensor.DTensor``, FSDP2's state dicts) on disk and back.
+
+A DTensor is one global array whose shards live on different ranks. Saving, each rank writes the
+shards it holds whose replica is the primary one (coordinate 0 on every mesh dimension that
+replicates the tensor), into one zarr3 array whose chunks follow the sharding, so that no two ranks
+ever write the same chunk. A shard's place in the global array comes from
+``DTensor.__create_chunk_list__()``, the protocol torch's own ``torch.distributed.checkpoint`` uses.
+A DTensor smaller than ``format.SMALL_LEAF_BYTES`` is gathered instead and packed with the other
+small leaves (one collective, not one file per rank and leaf).
+
+Loading into a DTensor template (the state dict of a freshly sharded model, at any world size and
+mesh), each rank reads only the slice of its own local shard. Without a template the saved array
+comes back whole, as a plain tensor. FSDP1's ``ShardedTensor`` is refused.
+
+Example::
+
+    model_state, optim_state = get_state_dict(model, optimizer)       # DTensors, in every rank
+    ckptr.save_checkpointables(step, {"model": model_state, "optim": optim_state})
+    templates = get_state_dict(fresh_model, fresh_optimizer)          # any world size
+    loaded = ckptr.load_checkpointables(abstract_checkpointables={"model": templates[0], "optim": templates[1]})
+    set_state_dict(fresh_model, fresh_optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
+"""
+from __future__ import annotations
+
+import math
+import sys
+from typing import Any, Callable
+
+import numpy as np
+
+from ckpt import format as fmt
+from ckpt import tree as tree_lib
+from ckpt.tree import KeyPath, keystr
+
+Index = tuple[slice, ...]
+
+
+def is_dtensor(x: Any) -> bool:
+    """Whether ``x`` is a DTensor (False without importing torch.distributed.tensor when nothing did)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(x, module.DTensor)
+
+
+def holds_dtensors(tree: Any) -> bool:
+    """Whether any leaf of ``tree`` is a DTensor."""
+    return sys.modules.get("torch.distributed.tensor") is not None and any(
+        is_dtensor(leaf) for _, leaf in tree_lib.flatten(tree)[1])
+
+
+def refuse_sharded_tensor(path: KeyPath, x: Any) -> None:
+    """Raises TypeError for FSDP1's ``ShardedTensor`` (its shards' layout is not a DTensor's)."""
+    if type(x).__name__ == "ShardedTensor" and type(x).__module__.startswith("torch.distributed._shard"):
+        raise TypeError(
+            f"leaf at {keystr(path) or 'the root'} is an FSDP1 ShardedTensor, which ckpt does not store: use "
+            "FSDP2 (torch.distributed.fsdp.fully_shard, whose state dicts hold DTensors), or FSDP1's full state "
+            "dict (StateDictType.FULL_STATE_DICT)")
+
+
+def is_small(x: Any) -> bool:
+    """Whether the whole of DTensor ``x`` is gathered and packed rather than written shard by shard."""
+    return math.prod(x.shape) * x.element_size() < fmt.SMALL_LEAF_BYTES
+
+
+def gather(x: Any) -> Any:
+    """The whole of a small DTensor, as a plain tensor (a collective: every rank calls it alike)."""
+    return x.full_tensor()
+
+
+def gather_small(values: list[Any]) -> list[Any]:
+    """``values`` with each small DTensor replaced by its whole tensor (every rank calls it alike). Those
+    split on their first dimension over a one-dimensional mesh (FSDP2's layout) are gathered together,
+    one collective per mesh and device instead of one per tensor; the others one by one."""
+    if sys.modules.get("torch.distributed.tensor") is None:
+        return values
+    groups: dict[tuple, list[int]] = {}
+    out = list(values)
+    for i, x in enumerate(values):
+        if is_dtensor(x) and is_small(x):
+            placement = x.placements[0]
+            if len(x.placements) == 1 and type(placement).__name__ == "Shard" and placement.dim == 0 and x.ndim:
+                groups.setdefault((x.device_mesh, x.to_local().device), []).append(i)
+            else:
+                out[i] = gather(x)
+    for (mesh, device), indices in groups.items():
+        for i, whole in zip(indices, _gather_rows(mesh, device, [values[i] for i in indices])):
+            out[i] = whole
+    return out
+
+
+def _gather_rows(mesh: Any, device: Any, tensors: list[Any]) -> list[Any]:
+    """The whole of each DTensor split on dim 0 over ``mesh`` (``torch.chunk``'s split: rank r holds
+    rows ``[r*c, (r+1)*c)`` of n, c = ceil(n / ranks)), from one all-gather of every rank's bytes."""
+    import torch
+    import torch.distributed as dist
+
+    ranks, me = mesh.size(), mesh.get_local_rank()
+    sizes = []  # per tensor, the bytes each rank holds
+    for x in tensors:
+        n, row = x.shape[0], math.prod(x.shape[1:]) * x.element_size()
+        per = -(-n // ranks)
+        sizes.append([max(0, min(per, n - r * per)) * row for r in range(ranks)])
+    longest = max(sum(s[r] for s in sizes) for r in range(ranks))
+    mine = torch.zeros(longest, dtype=torch.uint8, device=device)
+    at = 0
+    for x, held in zip(tensors, sizes):
+        local = x.to_local().detach().contiguous().reshape(-1).view(torch.uint8)
+        if local.numel() != held[me]:
+            raise ValueError(f"a DTensor's local shard holds {local.numel()} bytes, not the {held[me]} of "
+                             "torch.chunk's split on its first dimension")
+        mine[at: at + held[me]] = local
+        at += held[me]
+    every = [torch.empty_like(mine) for _ in range(ranks)]
+    dist.all_gather(every, mine, group=mesh.get_group())
+    wholes, starts = [], [0] * ranks
+    for x, held in zip(tensors, sizes):
+        pieces = [every[r][starts[r]: starts[r] + held[r]] for r in range(ranks)]
+        starts = [start + h for start, h in zip(starts, held)]
+        wholes.append(torch.cat(pieces).view(x.dtype).reshape(x.shape))
+    return wholes
+
+
+def chunk_shape(path: KeyPath, x: Any) -> tuple[int, ...]:
+    """The zarr3 chunk shape of a DTensor: along a dimension split over one mesh dimension of size k,
+    ``ceil(n / k)`` (``torch.chunk``'s split: each rank's shard is whole chunks); along a dimension
+    split over several, 1; whole along the others. The same on every rank (it depends on the global
+    shape and placements only), as the shared zarr.json requires.
+
+    Raises:
+      TypeError: a ``Partial`` placement (a pending reduction is no state to save).
+    """
+    splits: dict[int, list[tuple[int, bool]]] = {}  # dim -> (mesh size, a plain Shard) of each split
+    for mesh_dim, placement in enumerate(x.placements):
+        if placement.is_partial():
+            raise TypeError(f"DTensor at {keystr(path) or 'the root'} has the placement {placement} (a pending "
+                            "reduction); reduce it (redistribute to Replicate or Shard) before saving")
+        if placement.is_shard():
+            splits.setdefault(placement.dim, []).append((x.device_mesh.size(mesh_dim), type(placement).__name__ == "Shard"))
+    shape = []
+    for dim, n in enumerate(x.shape):
+        ways = splits.get(dim, [])
+        if not ways:
+            shape.append(n)
+        elif len(ways) == 1 and ways[0][1]:
+            shape.append(-(-n // ways[0][0]))
+        else:  # nested or strided splits: one-wide chunks fit every shard
+            shape.append(1)
+    return tuple(shape)
+
+
+def own_shards(x: Any) -> list[tuple[Index, Any]]:
+    """(global index, local torch tensor) of the shards this rank writes: its local shard when it is
+    the primary replica and not empty, else nothing."""
+    coordinate = x.device_mesh.get_coordinate()
+    if coordinate is None or any(c != 0 for c, p in zip(coordinate, x.placements) if p.is_replicate()):
+        return []
+    out = []
+    for chunk in x.__create_chunk_list__():
+        if math.prod(chunk.sizes):
+            out.append((_index(chunk), x.to_local()))
+    return out
+
+
+def restore(template: Any, read: Callable[[Index], np.ndarray], to_torch: Callable[[np.ndarray, Any], Any]) -> Any:
+    """A DTensor like ``template`` (its mesh, placements and global shape) holding the saved values:
+    this rank reads only the slice of its local shard through ``read``."""
+    from torch.distributed.tensor import DTensor
+
+    like = template.to_local()
+    local = to_torch(read(_local_index(template)), like) if like.numel() else like.new_empty(like.shape)
+    return DTensor.from_local(local, template.device_mesh, template.placements, run_check=False,
+                              shape=template.shape, stride=template.stride())
+
+
+_LOCAL_INDEX: dict[tuple, Index] = {}  # (shape, mesh, placements, coordinate) -> the local shard's index
+
+
+def _local_index(template: Any) -> Index:
+    """Where the local shard of ``template`` lies in the global tensor (asked once per layout: a model's
+    tensors share a few, and ``__create_chunk_list__`` costs about a millisecond)."""
+    mesh = template.device_mesh
+    key = (tuple(template.shape), mesh, template.placements, tuple(mesh.get_coordinate() or ()))
+    index = _LOCAL_INDEX.get(key)
+    if index is None:
+        chunks = template.__create_chunk_list__()
+        if len(chunks) != 1 or tuple(chunks[0].sizes) != tuple(template.to_local().shape):
+            raise TypeError(f"a DTensor template whose local shard is not one block of the global tensor "
+                            f"({[tuple(c.sizes) for c in chunks]}) cannot be loaded into")
+        index = _index(chunks[0])
+        if len(_LOCAL_INDEX) < 4096:
+            _LOCAL_INDEX[key] = index
+    return index
+
+
+def _index(chunk: Any) -> Index:
+    return tuple(slice(o, o + s) for o, s in zip(chunk.offsets, chunk.sizes))

@@ -1,0 +1,61 @@
+"""Restoring sharded models (``ModelParallelStrategy`` with FSDP2 in ``configure_model``): their state
+dicts hold DTensors, and such strategies restore neither the model (``load_model_state_dict`` is a
+no-op) nor the optimizers (``lightning_restore_optimizer`` is False) from a checkpoint dict: Lightning
+leaves it to their own ``load_checkpoint``, which reads torch's DCP format. Here, each rank reads the
+shards of its own DTensors from a ckpt step, at any number of devices, and hands them to torch's
+``set_model_state_dict`` / ``set_optimizer_state_dict``.
+
+Example (inside the callback)::
+
+    loaded = load(trainer, path)                   # DTensors where this run's state dicts have them
+    resume.restore_trainer(trainer, from_checkpointables(loaded), source=path)
+    set_states(trainer, from_checkpointables(loaded))
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from ckpt import checkpointables_metadata, dtensor, load_checkpointables
+
+from ckpt.integrations.lightning.translate import MODEL, TRAINER
+
+_OPTIMIZERS = "optimizer_states"
+
+
+def is_sharded(trainer: Any) -> bool:
+    """Whether the strategy restores models and optimizers itself and the model's state holds DTensors."""
+    if getattr(trainer.strategy, "lightning_restore_optimizer", True):
+        return False
+    return any(dtensor.is_dtensor(p) for p in trainer.lightning_module.parameters())
+
+
+def load(trainer: Any, path: str) -> dict[str, Any]:
+    """The ``"model"`` and ``"trainer"`` checkpointables of step ``path``, the model's and optimizers'
+    tensors as DTensors shaped like this run's (each rank reads its own shards), the rest as saved."""
+    strategy = trainer.strategy
+    saved = checkpointables_metadata(path).metadata[TRAINER]
+    rest = {key: None for key in saved}
+    rest[_OPTIMIZERS] = [_templates(strategy.optimizer_state(o)) for o in trainer.optimizers]
+    return load_checkpointables(path, {MODEL: _templates(strategy.lightning_module_state_dict()),
+                                            TRAINER: rest})
+
+
+def set_states(trainer: Any, checkpoint: dict) -> None:
+    """Puts the restored model and optimizer states into the sharded model and its optimizers."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    model = trainer.strategy.model
+    strict = getattr(trainer.lightning_module, "strict_loading", True)
+    set_model_state_dict(model, checkpoint["state_dict"], options=StateDictOptions(strict=strict))
+    for optimizer, state in zip(trainer.optimizers, checkpoint[_OPTIMIZERS]):
+        set_optimizer_state_dict(model, getattr(optimizer, "_optimizer", optimizer), state)
+
+
+def _templates(tree: Any) -> Any:
+    """``tree`` with its DTensors kept as templates and every other leaf None (loaded as saved)."""
+    if isinstance(tree, dict):
+        return {key: _templates(value) for key, value in tree.items()}
+    if isinstance(tree, (list, tuple)) and not hasattr(type(tree), "_fields"):
+        return type(tree)(_templates(value) for value in tree)
+    return tree if dtensor.is_dtensor(tree) else None

@@ -1,0 +1,54 @@
+"""Sharded torch: FSDP2 state dicts (DTensors) saved by 2 gloo ranks on 127.0.0.1, reloaded at 2, 1 and 4
+ranks and in a plain process, and a single-process checkpoint loaded into DTensor templates."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests import procs
+
+torch = pytest.importorskip("torch")
+WORKER = Path(__file__).with_name("torch_multiprocess_worker.py")
+
+
+def run_jobs(directory: Path, reference: Path, *phases: str) -> str:
+    result = procs.run_script(WORKER, str(directory), str(reference), *phases, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result.stdout
+
+
+def full_reference(reference: Path) -> dict[str, np.ndarray]:
+    with np.load(reference) as found:
+        return {key: found[key] for key in found.files}
+
+
+def test_an_fsdp2_checkpoint_of_two_ranks_reloads_bit_exact_at_two_one_and_four_ranks_and_in_a_plain_process(tmp_path):
+    directory, reference = tmp_path / "run", tmp_path / "reference.npz"
+    out = run_jobs(directory, reference, "train:2", "load:1", "load:4")
+    for line in ["rank 0 saved [1, 2, 3]", "rank 1 saved [1, 2, 3]",
+                 "rank 0 of 2 reloaded step 3: 16 tensors bit-exact", "rank 1 of 2 reloaded step 3: 16 tensors bit-exact",
+                 "rank 0 of 1 loaded step 3: 16 tensors bit-exact"] + [
+                 f"rank {r} of 4 loaded step 3: 16 tensors bit-exact" for r in range(4)]:
+        assert line in out, out
+    assert "is an FSDP1 ShardedTensor, which ckpt does not store" in out
+    assert sorted(p.name for p in (directory / "3" / "arrays").iterdir()) == ["0", "1", "2"]  # the 1 MB leaves
+    import ckpt
+
+    expected = full_reference(reference)
+    loaded = ckpt.load_checkpointables(directory / "3")  # a plain process: whole tensors, as saved
+    found = {f"model/{k}": v for k, v in loaded["model"].items()}
+    found.update({f"optim/{p}/{k}": v for p, state in loaded["optim"]["state"].items() for k, v in state.items()})
+    assert sorted(found) == sorted(expected)
+    for key, value in found.items():
+        assert isinstance(value, torch.Tensor) and np.array_equal(value.numpy(), expected[key]), key
+    templates = {k: torch.zeros(v.shape, dtype=v.dtype) for k, v in loaded["model"].items()}
+    into_plain = ckpt.load(directory / "3", templates, checkpointable_name="model")  # the reverse of sharding
+    assert all(np.array_equal(into_plain[k].numpy(), expected[f"model/{k}"]) for k in templates)
+
+    # A checkpoint of one process (plain tensors, as DDP saves them) into the DTensor templates of 4 ranks.
+    single = tmp_path / "single"
+    ckpt.save_checkpointables(single / "7", {"model": loaded["model"], "optim": loaded["optim"]})
+    out = run_jobs(single, reference, "load:4")
+    assert all(f"rank {r} of 4 loaded step 7: 16 tensors bit-exact" in out for r in range(4)), out

@@ -1,0 +1,190 @@
+"""torch.distributed (gloo) jobs on 127.0.0.1 with an FSDP2 model, for tests/test_distributed_torch.py.
+
+usage: torch_multiprocess_worker.py DIR REFERENCE MODE:WORLD...   (e.g. ``train:2 load:4 load:1``)
+
+Each MODE:WORLD is one job, run after the one before: this process (torch imported once) forks WORLD
+ranks, which join a new process group; a rank that fails fails the job and ends this process with 1.
+Every rank prints ``rank R pid P`` first. MODE ``train`` (2 ranks): trains 3 steps, saving the model
+and optimizer state dicts (DTensors) at each through one Checkpointer (sync, async, async); rank 0 writes the full values of step 3 to REFERENCE
+(``np.savez``); then every rank loads step 3 into the DTensor templates of a fresh model and checks
+them. ``load``: loads the latest step of DIR into the templates of a model sharded over WORLD ranks and
+checks it against REFERENCE. ``crash``: saves steps forever (the test SIGKILLs a rank, this process
+the others, and goes on with the next job); ``resume``:
+continues after the latest committed step with one more save. Each rank prints what it did.
+"""
+import os
+import signal
+import socket
+import sys
+import traceback
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+
+import ckpt
+from ckpt.training import Checkpointer, save_decision_policies as sdp
+
+rank, world = 0, 1  # this rank's, set in each forked rank
+directory = reference = ""
+
+
+def sharded_model() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """A small MLP: its 517x512 layer (1.06 MB) is written shard by shard, rows split unevenly at 2 and
+    4 ranks; the rest is gathered and packed."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(512, 517), torch.nn.ReLU(), torch.nn.Linear(517, 3))
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    return model, torch.optim.Adam(model.parameters(), lr=1e-2)
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+    torch.manual_seed(100 * step + rank)
+    model(torch.randn(8, 512)).square().mean().backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+def full_values(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, np.ndarray]:
+    """Every tensor of the model's and optimizer's state dicts, whole (a collective)."""
+    model_state, optim_state = get_state_dict(model, optimizer)
+    flat = {f"model/{k}": v for k, v in model_state.items()}
+    flat.update({f"optim/{p}/{k}": v for p, state in optim_state["state"].items() for k, v in state.items()})
+    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().numpy() for k, v in flat.items()}
+
+
+def check(model: torch.nn.Module, optimizer: torch.optim.Optimizer, what: str) -> None:
+    expected = np.load(reference)
+    found = full_values(model, optimizer)
+    assert sorted(found) == sorted(expected.files), (sorted(found), expected.files)
+    for key in expected.files:
+        assert found[key].dtype == expected[key].dtype and np.array_equal(found[key], expected[key]), key
+    say(f"rank {rank} of {world} {what}: {len(found)} tensors bit-exact")
+
+
+def load_into_fresh_model(ckptr: Checkpointer, step: int | None = None) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    model, optimizer = sharded_model()
+    model_template, optim_template = get_state_dict(model, optimizer)
+    loaded = ckptr.load_checkpointables(step, {"model": model_template, "optim": optim_template})
+    assert all(isinstance(v, DTensor) for v in loaded["model"].values())
+    set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
+    return model, optimizer
+
+
+def save(ckptr: Checkpointer, step: int, model, optimizer, blocking: bool) -> None:
+    """Saves the state dicts at ``step``; rank 0 prints ``committed <step>`` once it is committed."""
+    model_state, optim_state = get_state_dict(model, optimizer)
+    items = {"model": model_state, "optim": optim_state}
+    if blocking:
+        ckptr.save_checkpointables(step, items, force=True)
+        done(step)
+    else:
+        ckptr.save_checkpointables_async(step, items, force=True).on_complete(lambda _: done(step))
+
+
+def done(step: int) -> None:
+    if rank == 0:
+        say(f"committed {step}")
+
+
+def say(line: str) -> None:
+    """Prints ``line`` in one write: ranks, their writer threads and this process share the output."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def run(this_rank: int, this_world: int, port: int, mode: str) -> None:
+    """One rank of a job."""
+    global rank, world
+    rank, world = this_rank, this_world
+    say(f"rank {rank} pid {os.getpid()}")
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    with Checkpointer(directory, save_decision_policy=sdp.FixedIntervalPolicy(1)) as ckptr:
+        assert isinstance(ckpt.distributed.current(), ckpt.distributed.TorchProcesses if world > 1 else ckpt.distributed.SingleProcess)
+        if mode == "train":
+            model, optimizer = sharded_model()
+            for step in (1, 2, 3):
+                train_step(model, optimizer, step)
+                save(ckptr, step, model, optimizer, blocking=step == 1)
+            values = full_values(model, optimizer)  # while step 3 is written
+            ckptr.wait()
+            if rank == 0:
+                np.savez(reference, **values)
+            say(f"rank {rank} saved {[c.step for c in ckptr.checkpoints]}")
+            dist.barrier()
+            fresh, fresh_optimizer = load_into_fresh_model(ckptr)
+            check(fresh, fresh_optimizer, "reloaded step 3")
+            try:
+                from torch.distributed._shard.sharded_tensor import empty
+                from torch.distributed._shard.sharding_spec import ChunkShardingSpec
+
+                spec = ChunkShardingSpec(dim=0, placements=[f"rank:{r}/cpu" for r in range(world)])
+                ckpt.save(f"{directory}-fsdp1-{rank}", {"w": empty(spec, 4, 2)})
+            except TypeError as e:
+                say(f"rank {rank} refused: {e}")
+        elif mode == "load":
+            model, optimizer = load_into_fresh_model(ckptr)
+            check(model, optimizer, f"loaded step {ckptr.latest.step}")
+        elif mode == "crash":
+            model, optimizer = sharded_model()
+            step = 0 if ckptr.latest is None else ckptr.latest.step + 1
+            say(f"rank {rank} ready")
+            while True:
+                say(f"rank {rank} begin {step}")
+                save(ckptr, step, model, optimizer, blocking=step % 2 == 0)
+                step += 1
+        else:  # resume after a crash
+            latest = ckptr.latest.step
+            model, optimizer = load_into_fresh_model(ckptr)
+            train_step(model, optimizer, latest + 1)
+            save(ckptr, latest + 1, model, optimizer, blocking=True)
+            say(f"rank {rank} resumed from {latest} steps {[c.step for c in ckptr.checkpoints]}")
+    dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def job(mode: str, ranks: int) -> bool:
+    """Forks ``ranks`` ranks running ``mode``; True when all of them succeed (one failing kills the rest)."""
+    port, running = free_port(), set()
+    for r in range(ranks):
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                run(r, ranks, port, mode)
+            except BaseException:
+                traceback.print_exc()
+                code = 1
+            sys.stdout.flush()
+            os._exit(code)
+        running.add(pid)
+    while running:
+        pid, status = os.wait()
+        running.discard(pid)
+        if os.waitstatus_to_exitcode(status) != 0:
+            for other in running:
+                os.kill(other, signal.SIGKILL)
+                os.waitpid(other, 0)
+            return False
+    return True
+
+
+if __name__ == "__main__":
+    directory, reference = sys.argv[1], sys.argv[2]
+    torch.set_num_threads(1)
+    for phase in sys.argv[3:]:
+        mode, world = phase.split(":")
+        if not job(mode, int(world)) and mode != "crash":
+            sys.exit(1)
+        say(f"job {phase} ended")

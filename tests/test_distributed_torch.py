@@ -24,6 +24,7 @@ def full_reference(reference: Path) -> dict[str, np.ndarray]:
         return {key: found[key] for key in found.files}
 
 
+@pytest.mark.timeout(600)  # 8 ranks in all, forked; 2-3 minutes on 2 shared cores, more at a load of 20
 def test_an_fsdp2_checkpoint_of_two_ranks_reloads_bit_exact_at_two_one_and_four_ranks_and_in_a_plain_process(tmp_path):
     directory, reference = tmp_path / "run", tmp_path / "reference.npz"
     out = run_jobs(directory, reference, "train:2", "load:1", "load:4")

@@ -7,11 +7,12 @@ The API of Orbax v1's ``training.Checkpointer``; switching is an import change::
         ckptr.save(step, state)
         state = ckptr.load(abstract_state=abstract)
 """
-from ckpt import distributed, errors, handlers, path, preemption, progress, tiers, training, verify
+from ckpt import context, distributed, errors, handlers, path, preemption, progress, tiers, training, verify
 from ckpt.background import AsyncResponse
 from ckpt.checkpoint import (checkpointables_metadata, load, load_async, load_checkpointables, metadata, save,
                              save_async, save_checkpointables, save_checkpointables_async)
-from ckpt.context import AsyncOptions, Context, FileOptions, MemoryOptions, MultiprocessingOptions, PyTreeOptions
+from ckpt.context import (ArrayOptions, AsyncOptions, CheckpointablesOptions, Context, DeletionOptions, FileOptions,
+                          MemoryOptions, MultiprocessingOptions, PyTreeOptions)
 from ckpt.leaves import PLACEHOLDER
 from ckpt.metadata import CheckpointMetadata, LeafMetadata, RootMetadata
 from ckpt.tiers import LocalCheckpointOptions
@@ -20,8 +21,9 @@ from ckpt.training import Checkpointer
 __version__ = "0.1.0"
 
 __all__ = [
-    "AsyncOptions", "AsyncResponse", "CheckpointMetadata", "Checkpointer", "Context", "FileOptions",
-    "LeafMetadata", "LocalCheckpointOptions", "MemoryOptions", "MultiprocessingOptions", "PLACEHOLDER", "PyTreeOptions", "RootMetadata", "checkpointables_metadata",
+    "ArrayOptions", "AsyncOptions", "AsyncResponse", "CheckpointMetadata", "CheckpointablesOptions", "Checkpointer",
+    "Context", "DeletionOptions", "FileOptions", "LeafMetadata", "LocalCheckpointOptions", "MemoryOptions",
+    "MultiprocessingOptions", "PLACEHOLDER", "PyTreeOptions", "RootMetadata", "checkpointables_metadata", "context",
     "distributed", "errors", "handlers", "load", "load_async", "load_checkpointables", "metadata", "path", "preemption", "progress", "save",
     "save_async", "save_checkpointables", "save_checkpointables_async", "training", "verify",
 ]

@@ -12,8 +12,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ckpt import background, formats, root, saving, storage
+from ckpt import background, custom, formats, root, saving, storage
 from ckpt import format as fmt
+from ckpt.context import check_saving_options, get_context
 from ckpt.metadata import CheckpointMetadata
 from ckpt.training import checkpoint_metadata
 
@@ -21,11 +22,16 @@ from ckpt.training import checkpoint_metadata
 def _writer(path: str | os.PathLike, checkpointables: dict[str, Any], overwrite: bool,
             custom_metadata: Any) -> saving.StepWriter:
     final = storage.location(path)
-    plan = saving.plan(checkpointables, custom_metadata=custom_metadata)
+    options = get_context()
+    check_saving_options(options)
+    trees, handled = custom.split(checkpointables, options.checkpointables_options.registry)
+    plan = saving.plan(trees, custom_metadata=custom_metadata)
     tmp = storage.temporary_for(final)
     root.check_target(final, tmp, step=None, overwrite=overwrite)
     storage.make_dir(final.parent)
-    return saving.StepWriter(plan, tmp, final)
+    writer = saving.StepWriter(plan, tmp, final)
+    writer.start_custom(handled)
+    return writer
 
 
 def save_checkpointables(path: str | os.PathLike, checkpointables: dict[str, Any], *, overwrite: bool = False,
@@ -104,8 +110,9 @@ def load_checkpointables(path: str | os.PathLike, abstract_checkpointables: dict
         params = ckpt.load_checkpointables("model", {"params": None})["params"]   # None: as saved
     """
     step_dir = _existing(path)
+    partial = get_context().pytree_options.loading.partial_load
     with root.reading(step_dir):
-        return formats.load_checkpointables(step_dir, abstract_checkpointables)
+        return formats.load_checkpointables(step_dir, abstract_checkpointables, partial_load=partial)
 
 
 def load(path: str | os.PathLike, abstract_state: Any = None, *,
@@ -138,18 +145,19 @@ def load_async(path: str | os.PathLike, abstract_state: Any = None, *,
     return background.AsyncResponse(future)
 
 
-def metadata(path: str | os.PathLike) -> CheckpointMetadata:
-    """The ``state`` tree of the checkpoint at ``path``, with :class:`ckpt.LeafMetadata` leaves.
+def metadata(path: str | os.PathLike, checkpointable_name: str = fmt.DEFAULT_CHECKPOINTABLE) -> CheckpointMetadata:
+    """One tree of the checkpoint at ``path`` (``state``, else the first by name), with :class:`ckpt.LeafMetadata` leaves.
 
     Example::
 
         ckpt.save("model", {"w": np.ones((2, 3), np.float32)})
-        leaf = ckpt.metadata("model").metadata["w"]      # no array is read
-        assert leaf.shape == (2, 3) and leaf.dtype == np.float32
+        info = ckpt.metadata("model")                    # no array is read
+        assert info.metadata["w"].shape == (2, 3) and info.metadata["w"].dtype == np.float32
+        state = ckpt.load("model", info)                 # as saved
     """
     step_dir = _existing(path)
     with root.reading(step_dir):
-        return checkpoint_metadata(step_dir, fmt.DEFAULT_CHECKPOINTABLE)
+        return checkpoint_metadata(step_dir, checkpointable_name, registry=get_context().checkpointables_options.registry)
 
 
 def checkpointables_metadata(path: str | os.PathLike) -> CheckpointMetadata:
@@ -163,4 +171,4 @@ def checkpointables_metadata(path: str | os.PathLike) -> CheckpointMetadata:
     """
     step_dir = _existing(path)
     with root.reading(step_dir):
-        return checkpoint_metadata(step_dir, None)
+        return checkpoint_metadata(step_dir, None, registry=get_context().checkpointables_options.registry)

@@ -28,7 +28,7 @@ from typing import Any, Sequence, TextIO
 
 from ckpt import __version__, convert, formats, leaves, progress, storage
 from ckpt import format as fmt
-from ckpt.errors import CheckpointCorruptedError, UnsupportedLayoutError
+from ckpt.errors import CheckpointCorruptedError, InvalidLayoutError, UnsupportedLayoutError
 from ckpt.verify import VerifyResult, verify_step
 
 
@@ -56,7 +56,7 @@ def _read_step(path: storage.Location) -> _Step:
     names; the step number comes from the manifest, else from the name."""
     try:
         manifest = formats.info(path)
-    except CheckpointCorruptedError as e:
+    except (CheckpointCorruptedError, InvalidLayoutError) as e:
         return _Step(path, formats.step_of(path, {}), None, str(e))
     return _Step(path, formats.step_of(path, manifest), manifest)
 
@@ -387,7 +387,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as e:
         _print(f"ckpt: error: {e}", file=sys.stderr)
         return 2
-    except CheckpointCorruptedError as e:
+    except (CheckpointCorruptedError, InvalidLayoutError) as e:
         _print(f"ckpt: error: {e} (run `ckpt verify` for details)", file=sys.stderr)
         return 1
     except (UnsupportedLayoutError, FileExistsError, FileNotFoundError) as e:

@@ -146,6 +146,19 @@ class UnsupportedLayoutError(ValueError):
         self.path = path
 
 
+class InvalidLayoutError(ValueError):
+    """The directory is not a checkpoint (no ckpt manifest, no ckpt files): nothing in it is damaged.
+
+    Example::
+
+        Path("notes").mkdir()
+        try:
+            ckpt.load("notes")
+        except ckpt.errors.InvalidLayoutError as e:
+            print(e)                                     # names the directory and what a checkpoint holds
+    """
+
+
 class DirectoryLockedError(RuntimeError):
     """Another writer (another Checkpointer, maybe in another process) holds this root directory.
 

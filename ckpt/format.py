@@ -43,7 +43,8 @@ TMP_SUFFIX = ".ckpt-tmp"
 DELETING_SUFFIX = ".ckpt-deleting"
 MARKER = ".ckpt-owned"            # in every directory ckpt makes: only a directory holding it is ever removed
 DEFAULT_CHECKPOINTABLE = "state"
-RESERVED_NAMES = frozenset({"metrics", "AUTO", MANIFEST, TREE, ARRAYS, PACKED})
+AUTO = "AUTO"                     # Orbax's name for "the state, else the first tree checkpointable"
+RESERVED_NAMES = frozenset({"metrics", AUTO, MANIFEST, TREE, ARRAYS, PACKED})
 
 SMALL_LEAF_BYTES = 1 << 20        # leaves below this are packed together
 PACKED_CHUNK_BYTES = 4 << 20      # chunk size of the packed array

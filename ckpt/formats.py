@@ -65,12 +65,21 @@ def trees(step_dir: storage.Location, names: list[str] | None = None) -> dict[st
     return found if names is None else {n: found[n] for n in names}
 
 
-def load_checkpointables(step_dir: storage.Location, abstract: dict[str, Any] | None, *,
-                         partial_load: bool = False) -> dict[str, Any]:
-    """Loads the named checkpointables of a step of either format (all of them when ``abstract`` is None)."""
+def handled(step_dir: storage.Location) -> dict[str, dict]:
+    """The step's checkpointables saved by handlers (:mod:`ckpt.custom`): name -> record; none in Orbax's."""
     if _by_orbax(step_dir):
+        return {}
+    return loading.read_tree(step_dir, loading.read_manifest(step_dir)).get("handled", {})
+
+
+def load_checkpointables(step_dir: storage.Location, abstract: dict[str, Any] | None, *,
+                         partial_load: bool = False, registry: Any = None) -> dict[str, Any]:
+    """Loads the named checkpointables of a step of either format (all of them when ``abstract`` is None;
+    ``registry``: the handlers of custom checkpointables, see :mod:`ckpt.custom`)."""
+    if _by_orbax(step_dir):
+        abstract = loading.unwrap(abstract)
         return orbax.Step(step_dir, None if abstract is None else list(abstract)).load(abstract, partial_load=partial_load)
-    return loading.load_checkpointables(step_dir, abstract, partial_load=partial_load)
+    return loading.load_checkpointables(step_dir, abstract, partial_load=partial_load, registry=registry)
 
 
 def root_custom_metadata(root: storage.Location) -> Any:

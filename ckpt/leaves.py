@@ -17,7 +17,7 @@ from typing import Any, Callable
 import ml_dtypes  # noqa: F401  (registers bfloat16, float8_*, int4 with numpy)
 import numpy as np
 
-from ckpt import dtensor, transfers
+from ckpt import dtensor, shardings, transfers
 from ckpt.tree import KeyPath, keystr
 
 
@@ -147,7 +147,11 @@ def to_host(path: KeyPath, x: Any) -> HostLeaf:
             meta = {"type": "jax_key", "impl": str(jax.random.key_impl(x)), "dtype": dtype_name(np.dtype(data.dtype)),
                     "shape": list(data.shape), "key_shape": list(x.shape)}
             return _jax_leaf(meta, data)
-        return _jax_leaf({"type": "jax", "dtype": dtype_name(np.dtype(x.dtype)), "shape": list(x.shape)}, x)
+        meta = {"type": "jax", "dtype": dtype_name(np.dtype(x.dtype)), "shape": list(x.shape)}
+        sharding = shardings.describe(x.sharding)
+        if sharding is not None:
+            meta["sharding"] = sharding
+        return _jax_leaf(meta, x)
     raise TypeError(
         f"leaf at {keystr(path) or 'the root'} has type {type(x).__module__}.{type(x).__qualname__}, which ckpt "
         "cannot store; supported leaves are numpy arrays and scalars, int, float, bool, str, bytes, None, "
@@ -287,6 +291,12 @@ def _is_array_like(abstract: Any) -> bool:
 
 def _restore_as_saved(meta: dict, read: Reader, to_device: transfers.ToDevice) -> Any:
     kind = meta["type"]
+    if kind == "jax" and "sharding" in meta:
+        jax = _import_or_none("jax")
+        sharding = None if jax is None else shardings.restore(meta["sharding"])
+        if sharding is not None:  # where it was saved
+            abstract = jax.ShapeDtypeStruct(tuple(meta["shape"]), parse_dtype(meta["dtype"]), sharding=sharding)
+            return _restore_jax(meta, read, abstract, jax, to_device)
     array = read(None)
     if kind == "bytes":
         return array.tobytes()

@@ -15,13 +15,13 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from ckpt import chunks
+from ckpt import chunks, custom
 from ckpt import format as fmt
 from ckpt import leaves as leaves_lib
 from ckpt import progress, storage, transfers
 from ckpt import tree as tree_lib
 from ckpt.errors import CheckpointCorruptedError, TreeMismatchError
-from ckpt.metadata import LeafMetadata
+from ckpt.metadata import CheckpointMetadata, LeafMetadata
 from ckpt.schema import read_manifest, read_tree
 from ckpt.tree import KeyPath, keystr
 
@@ -221,10 +221,49 @@ def _empty_receives(meta: dict, abstract_node: tree_lib.Node, path: KeyPath) -> 
     return meta["type"] == "none" and node is not None and node.kind != "leaf" and not node.children
 
 
-def load_checkpointables(step_dir: Path, abstract: dict[str, Any] | None, *, partial_load: bool = False) -> dict[str, Any]:
-    """Loads the named checkpointables of one step directory (all of them when ``abstract`` is None)."""
+def unwrap(abstract: Any) -> dict[str, Any] | None:
+    """The abstract trees, where a :class:`CheckpointMetadata` (what ``metadata()`` returned) stands
+    for its ``.metadata``, as Orbax accepts ``load(path, metadata(path))``."""
+    if isinstance(abstract, CheckpointMetadata):
+        abstract = abstract.metadata
+    if abstract is None:
+        return None
+    return {name: tree.metadata if isinstance(tree, CheckpointMetadata) else tree for name, tree in abstract.items()}
+
+
+def only_tree(trees: dict, handled: dict, names: Iterable[str]) -> str | None:
+    """The name to read when ``names`` is just ``"state"`` (or Orbax's ``"AUTO"``) and the step has no
+    such checkpointable but exactly one tree: that tree's name, as Orbax falls back to it; else None."""
+    names = list(names)
+    if (len(names) == 1 and names[0] in (fmt.DEFAULT_CHECKPOINTABLE, fmt.AUTO) and names[0] not in trees
+            and names[0] not in handled and len(trees) == 1 and not handled):
+        return next(iter(trees))
+    return None
+
+
+def load_checkpointables(step_dir: Path, abstract: dict[str, Any] | None, *, partial_load: bool = False,
+                         registry: Any = None) -> dict[str, Any]:
+    """Loads the named checkpointables of one step directory (all of them when ``abstract`` is None).
+
+    A lone ``"state"`` (or ``"AUTO"``) that the step lacks means its only checkpointable (see
+    :func:`only_tree`). Checkpointables saved by handlers are loaded by :mod:`ckpt.custom`
+    (``registry``: the handlers to use; default: the active Context's).
+    """
     manifest = read_manifest(step_dir)
     doc = read_tree(step_dir, manifest)
+    trees, handled = doc["checkpointables"], doc.get("handled", {})
+    abstract = unwrap(abstract)
+    if abstract is None:
+        abstract = {name: None for name in [*trees, *handled]}
+    only = only_tree(trees, handled, abstract)
+    if only is not None:
+        (name, tree), = abstract.items()
+        return {name: load_checkpointables(step_dir, {only: tree}, partial_load=partial_load)[only]}
+    customs = {name: abstract[name] for name in abstract if name in handled}
+    if customs:
+        loaded = custom.load(step_dir, handled, customs, registry)
+        rest = {name: tree for name, tree in abstract.items() if name not in handled}
+        return {**(load_checkpointables(step_dir, rest, partial_load=partial_load) if rest else {}), **loaded}
     packed = _PackedReader(step_dir, doc.get("packed"), storage.LocalFiles(step_dir) if isinstance(step_dir, Path) else None)
 
     def sources(name: str, metas: list[dict], wanted: Iterable[int]) -> list[_LeafSource | None]:
@@ -256,6 +295,7 @@ def load_trees(step_dir: Any, trees: dict[str, dict], abstract: dict[str, Any] |
     ``reads(every_source)`` gives ``(checker, chunk reads)`` pairs: the reads all run on the reading
     threads, then each checker's ``check(results)`` raises for damage.
     """
+    abstract = unwrap(abstract)
     if abstract is None:
         abstract = {name: None for name in trees}
     unknown = [n for n in abstract if n not in trees]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import time
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -13,11 +14,33 @@ from ckpt.storage import location
 T = TypeVar("T")
 
 
+_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+_DATETIME = datetime.datetime
+
+
+def now_nsecs() -> int:
+    """Now, in nanoseconds since the epoch: a checkpoint's times and the clock of the time-based
+    policies. ``time.time_ns()``, or ``datetime.datetime.now()`` where ``datetime.datetime`` has been
+    replaced (Orbax's tests replace it to set the time; ckpt then sees the same times as Orbax).
+
+    Example::
+
+        ckpt.save("model", {"w": np.ones(3)})
+        assert ckpt.metadata("model").commit_timestamp_nsecs <= now_nsecs()
+    """
+    if datetime.datetime is _DATETIME:
+        return time.time_ns()
+    delta = datetime.datetime.now(datetime.timezone.utc) - _EPOCH
+    return ((delta.days * 86400 + delta.seconds) * 1_000_000 + delta.microseconds) * 1000
+
+
 class CheckpointMetadata(Generic[T]):
     """One checkpoint: its step, path, metrics and timestamps, and (from ``metadata()``) its tree.
 
     ``metadata`` is None in ``Checkpointer.checkpoints``; ``Checkpointer.metadata(step)`` fills it with
-    the saved tree whose leaves are :class:`LeafMetadata` (pass it as ``abstract_state`` to load as saved).
+    the saved tree whose leaves are :class:`LeafMetadata` (pass it, or the CheckpointMetadata itself, as
+    ``abstract_state`` to load as saved). Outside a sequence (``ckpt.metadata(path)``) ``step`` is None,
+    and ``CheckpointMetadata(path, metadata=...)`` builds one, as in Orbax.
     ``monotonic_nsecs`` is ``time.monotonic_ns()`` at the commit (or, for the step a save policy is asked
     about, now) when that happened in this process, else None: intervals between steps use it, so
     that a wall clock set back or forward changes no save decision; the timestamps are wall time.
@@ -32,9 +55,11 @@ class CheckpointMetadata(Generic[T]):
             assert ckptr.metadata(info).metadata["w"].shape == (3,)
     """
 
-    def __init__(self, step: int | None, path: Path | str | None, *, metadata: T | None = None,
+    def __init__(self, step: int | None = None, path: Path | str | None = None, *, metadata: T | None = None,
                  init_timestamp_nsecs: int | None = None, commit_timestamp_nsecs: int | None = None,
                  custom_metadata: Any = None, metrics: Any = None, monotonic_nsecs: int | None = None):
+        if path is None and step is not None and not isinstance(step, (int, np.integer)):
+            step, path = None, step  # Orbax's free-function form: CheckpointMetadata(path, metadata=...)
         self._step = step
         self.path = None if path is None else location(path)
         self.metadata = metadata

@@ -10,7 +10,6 @@ import ctypes
 import dataclasses
 import math
 import threading
-import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -20,8 +19,9 @@ import tensorstore as ts
 from ckpt import format as fmt
 from ckpt import layout as layout_lib
 from ckpt import leaves as leaves_lib
-from ckpt import chunks, distributed, loading, preemption, progress, storage, transfers
+from ckpt import chunks, custom, distributed, loading, preemption, progress, storage, transfers
 from ckpt import tree as tree_lib
+from ckpt.metadata import now_nsecs
 from ckpt.tree import KeyPath, keystr
 
 
@@ -103,7 +103,7 @@ def plan(checkpointables: dict[str, Any], *, metrics: Any = None, custom_metadat
       ValueError: an invalid checkpointable name, or metrics/custom metadata that are not JSON.
       TypeError: a leaf that cannot be stored (named by its key path).
     """
-    if not isinstance(checkpointables, dict) or not checkpointables:
+    if not isinstance(checkpointables, dict):  # empty when every checkpointable has a handler (ckpt.custom)
         raise ValueError(f"checkpointables must be a non-empty dict of name -> tree, got {type(checkpointables).__name__}")
     for name in checkpointables:
         fmt.validate_checkpointable_name(name)
@@ -114,7 +114,7 @@ def plan(checkpointables: dict[str, Any], *, metrics: Any = None, custom_metadat
         fmt.check_json(custom_metadata, "custom_metadata")
     values = None if previous is None else previous.leaves_of(checkpointables)
     if values is not None:
-        return Plan(previous.structures, {}, [], [], previous.packed_nbytes, metrics, custom_metadata, time.time_ns(),
+        return Plan(previous.structures, {}, [], [], previous.packed_nbytes, metrics, custom_metadata, now_nsecs(),
                     layout=previous, values=values)
     structures, planned, packed, arrays = {}, {}, [], []
     nodes, every = [], []
@@ -144,7 +144,7 @@ def plan(checkpointables: dict[str, Any], *, metrics: Any = None, custom_metadat
                     arrays.append(leaf)
             planned[name].append(leaf)
     layout = layout_lib.of(tuple(checkpointables), nodes, structures, planned, every, offset)
-    return Plan(structures, planned, packed, arrays, offset, metrics, custom_metadata, time.time_ns(), layout=layout)
+    return Plan(structures, planned, packed, arrays, offset, metrics, custom_metadata, now_nsecs(), layout=layout)
 
 
 def _describe_array(leaf: PlannedLeaf) -> None:
@@ -313,6 +313,7 @@ class StepWriter:
         self._background = False  # set once the caller has returned: write on about one core, not all
         self._hurry = threading.Event()
         self.progress = progress.Tracker(f"saving {final_dir}", plan.nbytes)
+        self.custom: custom.Saves | None = None  # checkpointables saved by handlers (ckpt.custom)
 
     def prepare_dir(self) -> None:
         """Creates a fresh temporary directory, marked as ckpt's (removing one a crashed save left)."""
@@ -320,6 +321,16 @@ class StepWriter:
             return
         storage.make_temporary(self.tmp_dir, mode=self.dir_mode)
         self._prepared = True
+
+    def start_custom(self, handled: dict[str, tuple[type | None, Any]]) -> None:
+        """Runs the caller's part of the handlers' saves (see :func:`ckpt.custom.start`); the rest runs in :meth:`run`."""
+        if not handled:
+            return
+        try:
+            self.custom = custom.start(handled, self.tmp_dir, self.prepare_dir)
+        except BaseException:
+            storage.remove_tree(self.tmp_dir)
+            raise
 
     def hand_off(self, max_inflight_bytes: int | None = None, staging: StagingBuffers | None = None) -> None:
         """The part of an async save its caller waits for: copies the leaves into memory the plan owns
@@ -482,6 +493,8 @@ class StepWriter:
                 entries.append(entry)
             trees[name] = {"tree": structure, "leaves": entries}
         tree_doc: dict[str, Any] = {"checkpointables": trees}
+        if self.custom is not None:
+            tree_doc["handled"] = self.custom.records
         if plan.packed:
             tree_doc["packed"] = {"spec": self.packed_spec, "nbytes": plan.packed_nbytes,
                                   "zarr_json_crc32": self.packed_zarr_json_crc32, "chunk_sum64": self.packed_sums}
@@ -492,7 +505,7 @@ class StepWriter:
             "version": fmt.FORMAT_VERSION,
             "step": step,
             "init_timestamp_nsecs": plan.init_timestamp_nsecs,
-            "commit_timestamp_nsecs": plan.commit_timestamp_nsecs or time.time_ns(),
+            "commit_timestamp_nsecs": plan.commit_timestamp_nsecs or now_nsecs(),
             "metrics": plan.metrics,
             "custom_metadata": plan.custom_metadata,
             "checkpointables": list(plan.structures),
@@ -519,6 +532,8 @@ class StepWriter:
         self.write_arrays(self.plan.arrays)
         if self.primary:
             self.write_packed()
+        if self.custom is not None:
+            self.custom.finish()
         self._barrier("written")
         if self.primary:
             self.write_manifest(step)

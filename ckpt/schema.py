@@ -21,7 +21,9 @@ Example::
 from __future__ import annotations
 
 import json
+import os
 import reprlib
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,7 +31,7 @@ import numpy as np
 from ckpt import format as fmt
 from ckpt import leaves as leaves_lib
 from ckpt import storage
-from ckpt.errors import CheckpointCorruptedError
+from ckpt.errors import CheckpointCorruptedError, InvalidLayoutError
 
 _INLINE = {"int": (int,), "float": (float, int), "bool": (bool,), "str": (str,), "none": (type(None),)}
 _NON_FINITE = ("nan", "inf", "-inf")
@@ -65,6 +67,10 @@ def read_manifest(step_dir: storage.Location) -> dict:
         its own CRC32, of another format version, or a field has the wrong type or range.
     """
     path = step_dir / fmt.MANIFEST
+    if isinstance(step_dir, Path) and not any(os.path.lexists(step_dir / name)
+                                              for name in (fmt.MANIFEST, fmt.TREE, fmt.PACKED, fmt.ARRAYS)):
+        raise InvalidLayoutError(f"{step_dir} is not a checkpoint: it has none of the files ckpt writes "
+                                 f"({fmt.MANIFEST}, {fmt.TREE}, {fmt.PACKED}/, {fmt.ARRAYS}/)")
     data = _read(step_dir, path, fmt.MANIFEST_MAX_BYTES, f": {step_dir} is not a committed ckpt checkpoint")
     manifest = _parse(step_dir, path, data)
     if not isinstance(manifest, dict) or manifest.get("format") != fmt.FORMAT_NAME:
@@ -152,6 +158,7 @@ def _check_tree(doc: Any, names: list[str]) -> None:
     trees = doc.get("checkpointables") if type(doc) is dict else None
     if type(trees) is not dict or sorted(trees) != sorted(names):
         raise _Invalid(f"its checkpointables are not the manifest's {names!r}")
+    _check_handled(doc.get("handled", {}), trees)
     packed_end, packed_bytes = -1, 0  # the end of the last packed leaf's bytes (-1: none), and the bytes
     # the packed leaves take one after another (each padded to the alignment, as a save packs them)
     for name, tree in trees.items():
@@ -201,6 +208,21 @@ def _count_leaves(node: Any, name: str) -> int:
 def _is_key(entry: Any) -> bool:
     return (type(entry) is list and len(entry) == 2 and type(entry[0]) is str
             and type(entry[1]) in _KEY_TYPES.get(entry[0], ()))
+
+
+def _check_handled(handled: Any, trees: dict) -> None:
+    """'handled' (checkpointables saved by handlers, ckpt.custom): valid names, none a tree's, each
+    ``{"handler": name or null}``."""
+    if type(handled) is not dict or any(type(r) is not dict or type(r.get("handler")) not in (str, type(None))
+                                        for r in handled.values()):
+        raise _Invalid("'handled' is not a map of checkpointable names to {'handler': name or null}")
+    for name in handled:
+        try:
+            fmt.validate_checkpointable_name(name)
+        except ValueError as e:
+            raise _Invalid(f"'handled': {e}") from None
+        if name in trees:
+            raise _Invalid(f"'handled': {name!r} is also a tree")
 
 
 def _check_leaf(name: str, meta: Any) -> int:

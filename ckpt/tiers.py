@@ -178,7 +178,7 @@ class LocalTier:
         directory = Path(options.directory).expanduser().absolute()
         if durable.processes.count > 1:
             directory = directory / f"process_{durable.processes.index}"
-        single = dataclasses.replace(context, multiprocessing_options=MultiprocessingOptions(
+        single = Context(context, multiprocessing_options=MultiprocessingOptions(
             processes=distributed.SingleProcess()))
         self.checkpointer = checkpointer(
             directory, context=single, save_decision_policy=options.save_decision_policy,

@@ -31,11 +31,11 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
-from ckpt import background, distributed, dtensor, formats, loading, orbax, preemption, root, saving, storage, tiers
+from ckpt import background, custom, distributed, dtensor, formats, loading, orbax, preemption, root, saving, storage, tiers
 from ckpt import errors
 from ckpt import format as fmt
-from ckpt.context import Context
-from ckpt.metadata import CheckpointMetadata, RootMetadata
+from ckpt.context import Context, check_saving_options, get_context
+from ckpt.metadata import CheckpointMetadata, RootMetadata, now_nsecs
 from ckpt.path import step as step_lib
 from ckpt.policies import preservation as preservation_policies
 from ckpt.policies import save_decision as save_decision_policies
@@ -93,6 +93,11 @@ class Checkpointer:
             fmt.check_json(custom_metadata, "custom_metadata")
         self._directory = storage.location(directory)
         self._context = context or Context()
+        options = self._ctx
+        options.multiprocessing_options.check()
+        if options.deletion_options.gcs_deletion_options.todelete_full_path is not None:
+            raise ValueError("DeletionOptions.gcs_deletion_options.todelete_full_path: ckpt deletes steps it "
+                             "does not keep; it cannot move them elsewhere")
         self._save_policy = save_decision_policy or save_decision_policies.default_policy()
         self._preservation_policy = preservation_policy or preservation_policies.PreserveAll()
         self._name_format = step_name_format or step_lib.standard_name_format()
@@ -103,11 +108,12 @@ class Checkpointer:
         self._reading: collections.Counter[int] = collections.Counter()
         self._infos_lock = threading.Lock()
         self._closed = False
-        self._processes = self._context.multiprocessing_options.processes or distributed.current()
+        self._processes = self._ctx.multiprocessing_options.processes or distributed.current()
         self._operations = 0
         self._preempted_at: int | None = None
         self._decided: tuple[int, bool] | None = None  # (step, decision) of the last should_save
-        mode = self._context.file_options.path_permission_mode
+        self._in_flight: CheckpointMetadata | None = None  # the step of the last save handed to the writer
+        mode = self._ctx.file_options.path_permission_mode
         root.make(self._directory, mode=mode)
         self._lock = storage.DirectoryLock(self._directory / fmt.LOCK)
         root_file = self._directory / fmt.ROOT_METADATA
@@ -221,7 +227,7 @@ class Checkpointer:
             if info.commit_timestamp_nsecs is None:
                 try:
                     info = self._info(info.step, info.path, formats.info(info.path))
-                except errors.CheckpointCorruptedError:
+                except (errors.CheckpointCorruptedError, errors.InvalidLayoutError):
                     pass
             infos.append(info)
         with self._infos_lock:
@@ -285,44 +291,55 @@ class Checkpointer:
         previous = self._infos  # replaced, never changed in place: no copy on this per-step path
         if replacing:
             previous = [c for c in previous if c.step != step]
+        saving = self._writer.in_progress()
+        in_flight = self._in_flight
+        if saving and in_flight is not None and (not previous or in_flight.step > previous[-1].step):
+            previous = [*previous, in_flight]  # the step being written counts, as in Orbax
         if previous and step <= previous[-1].step and not replacing:
             return False if self._local is None else self._local.decide(step, durable=False, preempted=False)
         reached = preemption.reached(step)
         context = save_decision_policies.DecisionContext(
-            is_saving_in_progress=self._writer.in_progress(), reached_preemption=reached)
-        current = CheckpointMetadata(step, None, commit_timestamp_nsecs=time.time_ns(), monotonic_nsecs=time.monotonic_ns())
+            is_saving_in_progress=saving, reached_preemption=reached,
+            multiprocessing_options=self._ctx.multiprocessing_options)
+        current = CheckpointMetadata(step, None, commit_timestamp_nsecs=now_nsecs(), monotonic_nsecs=time.monotonic_ns())
         decision = bool(self._save_policy.should_save(current, previous, context=context))
         if self._processes.count > 1:  # time and signals differ between processes: the primary decides
             decision, reached = self._processes.broadcast(self._operation(f"decide/{step}"), [decision, reached],
-                                                          self._context.async_options.timeout_secs)
+                                                          self._ctx.async_options.timeout_secs)
         if reached and self._preempted_at is None:
             self._preempted_at = step
         return decision if self._local is None else self._local.decide(step, durable=decision, preempted=reached)
 
+    @property
+    def _ctx(self) -> Context:
+        """The options of this call: the active ``with ctx:`` block's, else the constructor's."""
+        return get_context(self._context)
+
     def _operation(self, what: str) -> str:
         """A name unique to this call, the same on every process (they call the same methods in order)."""
         self._operations += 1
-        return f"{self._directory}/{self._operations}/{what}"
+        prefix = self._ctx.multiprocessing_options.barrier_sync_key_prefix or ""
+        return f"{prefix}{self._directory}/{self._operations}/{what}"
 
     def _barrier(self, what: str) -> None:
         if self._processes.count > 1:
-            self._processes.barrier(self._operation(what), self._context.async_options.timeout_secs)
+            self._processes.barrier(self._operation(what), self._ctx.async_options.timeout_secs)
 
     # ------------------------------------------------------------------------------------ saving
     def save(self, step: int, state: Any, *, checkpointable_name: str = fmt.DEFAULT_CHECKPOINTABLE,
              force: bool = False, overwrite: bool = False, metrics: Any = None, custom_metadata: Any = None) -> bool:
         """Saves ``state`` at ``step`` if the policy says so (or ``force``), durably; returns whether it saved.
 
+        A step below the latest is skipped (False); an existing step raises unless ``overwrite`` is set.
+
         Raises:
-          StepAlreadyExistsError: ``step`` exists, ``force`` is set and ``overwrite`` is not (before anything
-            is written). Without ``force`` an existing step is <= latest, so the policy skips it: False.
+          StepAlreadyExistsError: ``step`` exists and ``overwrite`` is not set (before anything is written).
           TypeError / ValueError: an unsupported leaf, a bad name, metrics that are not JSON.
 
         Example::
 
             assert ckptr.save(0, {"w": np.ones(3), "step": 0}, metrics={"loss": 0.5})
-            assert not ckptr.save(0, {"w": np.zeros(3), "step": 0})     # skipped: not after the latest
-            ckptr.save(0, {"w": np.zeros(3), "step": 0}, force=True, overwrite=True)   # replaced
+            ckptr.save(0, {"w": np.zeros(3), "step": 0}, overwrite=True)   # replaced
         """
         return self.save_checkpointables(step, {checkpointable_name: state}, force=force, overwrite=overwrite,
                                          metrics=metrics, custom_metadata=custom_metadata)
@@ -398,23 +415,25 @@ class Checkpointer:
         self._check_open()
         step = _step_number(step)
         existing = self._find(step)
-        decided, self._decided = self._decided, None
-        if decided is not None and decided[0] == step and not overwrite:
-            due = decided[1]  # what should_save just answered: a policy is asked once per step
-        else:
-            due = force or self._decide(step, replacing=existing is not None and overwrite)
-        if not force and not due:
-            return None  # the policy skips a step <= latest, so resuming at ``latest.step`` just goes on
         if existing is not None and not overwrite:
             raise errors.StepAlreadyExistsError(
                 f"step {step} already exists at {existing.path}; pass overwrite=True to replace it",
                 step=step, path=existing.path)
+        decided, self._decided = self._decided, None
+        if decided is not None and decided[0] == step and not overwrite:
+            due = decided[1]  # what should_save just answered: a policy is asked once per step
+        else:
+            due = force or self._decide(step, replacing=existing is not None)
+        if not force and not due:
+            return None  # a step below the latest, or one the policy skips
         if self._local is not None:
             return self._local.save(step, checkpointables, force=force, overwrite=overwrite, blocking=blocking,
                                     preempted=self.reached_preemption(step), metrics=metrics,
                                     custom_metadata=custom_metadata)
-        plan = saving.plan(checkpointables, metrics=metrics, custom_metadata=custom_metadata,
-                           previous=self._staging.layout)
+        options = self._ctx
+        check_saving_options(options)
+        trees, handled = custom.split(checkpointables, options.checkpointables_options.registry)
+        plan = saving.plan(trees, metrics=metrics, custom_metadata=custom_metadata, previous=self._staging.layout)
         self._staging.layout = plan.layout
         final = self._directory / step_lib.checked_name(self._name_format, step)
         self.wait()
@@ -422,9 +441,16 @@ class Checkpointer:
         if self._processes.index == 0:
             self._take_directory()
         writer = saving.StepWriter(plan, storage.temporary_for(final), final,
-                                   dir_mode=self._context.file_options.path_permission_mode,
+                                   dir_mode=self._ctx.file_options.path_permission_mode,
                                    processes=self._processes, operation=self._operation(f"save/{step}"),
-                                   timeout_secs=self._context.async_options.timeout_secs)
+                                   timeout_secs=self._ctx.async_options.timeout_secs)
+        writer.start_custom(handled)
+
+        self._in_flight = CheckpointMetadata(step, final, init_timestamp_nsecs=plan.init_timestamp_nsecs,
+                                             commit_timestamp_nsecs=plan.init_timestamp_nsecs, metrics=metrics,
+                                             custom_metadata=custom_metadata)
+
+        callback = self._ctx.async_options.post_finalization_callback
 
         def job() -> bool:
             try:
@@ -436,7 +462,7 @@ class Checkpointer:
             finally:
                 if plan.staging:
                     self._staging.give(plan.staging)
-            self._committed(step, writer.final_dir, manifest)
+            self._committed(step, writer.final_dir, manifest, callback)
             return True
 
         if blocking:
@@ -451,7 +477,7 @@ class Checkpointer:
     def _inflight_budget(self) -> int | None:
         """How many bytes an async save copies before it writes the rest itself (with several processes
         every leaf is copied)."""
-        return self._context.memory_options.max_inflight_bytes if self._processes.count == 1 else None
+        return self._ctx.memory_options.max_inflight_bytes if self._processes.count == 1 else None
 
     def _take_directory(self) -> None:
         """Becomes the root's one writer; the first time, removes what crashed saves and deletions of ckpt's
@@ -464,11 +490,13 @@ class Checkpointer:
                 storage.remove_owned(entry.path)
         self._swept = True
 
-    def _committed(self, step: int, path: storage.Location, manifest: dict) -> None:
+    def _committed(self, step: int, path: storage.Location, manifest: dict, callback: Any = None) -> None:
         info = self._info(step, path, manifest, time.monotonic_ns())
         with self._infos_lock:
             self._infos = sorted([c for c in self._infos if c.step != step] + [info], key=lambda c: c.step)
         self._collect_garbage()
+        if callback is not None:
+            callback()
 
     def _collect_garbage(self) -> None:
         """Deletes the steps the preservation policy does not keep, except the latest and those being read."""
@@ -542,12 +570,14 @@ class Checkpointer:
         if self._local is not None:
             candidates = self.checkpoints[::-1] if step is None else [info]
             return self._local.load(candidates, lambda path: formats.load_checkpointables(
-                path, abstract_checkpointables, partial_load=self._context.pytree_options.partial_load))
+                path, abstract_checkpointables, partial_load=self._ctx.pytree_options.loading.partial_load))
         self._reading[info.step] += 1
         try:
+            options = self._ctx
             with root.reading(info.path, info.step):
                 return formats.load_checkpointables(info.path, abstract_checkpointables,
-                                                    partial_load=self._context.pytree_options.partial_load)
+                                                    partial_load=options.pytree_options.loading.partial_load,
+                                                    registry=options.checkpointables_options.registry)
         except errors.StepNotFoundError:
             self._forget(info.step)
             raise
@@ -611,7 +641,8 @@ class Checkpointer:
     def _metadata(self, step: int | CheckpointMetadata | None, name: str | None) -> CheckpointMetadata:
         info = self._resolve(step)
         with root.reading(info.path, info.step):
-            return checkpoint_metadata(info.path, name, step=info.step)
+            return checkpoint_metadata(info.path, name, step=info.step,
+                                       registry=self._ctx.checkpointables_options.registry)
 
     def root_metadata(self) -> RootMetadata:
         """The directory and the custom metadata written by the first Checkpointer given one.
@@ -652,7 +683,7 @@ class Checkpointer:
         if self._local is not None:
             self._local.wait()  # the local save, then the promotions (after a preemption: the grace period)
         else:
-            self._writer.wait(self._context.async_options.timeout_secs)
+            self._writer.wait(self._ctx.async_options.timeout_secs)
 
     def close(self) -> None:
         """Waits for the save in flight, then releases the directory (raises a background failure).
@@ -697,7 +728,7 @@ class Checkpointer:
 
             ckptr.save(0, {"w": np.ones(3)})             # not ckptr.save_pytree(0, {"w": np.ones(3)})
         """
-        warnings.warn("save_pytree is deprecated; use save", DeprecationWarning, stacklevel=2)
+        warnings.warn("Use `save` instead.", DeprecationWarning, stacklevel=2)
         return self.save(*args, **kwargs)
 
     def save_pytree_async(self, *args: Any, **kwargs: Any):
@@ -707,7 +738,7 @@ class Checkpointer:
 
             ckptr.save_async(0, {"w": np.ones(3)})       # not ckptr.save_pytree_async(...)
         """
-        warnings.warn("save_pytree_async is deprecated; use save_async", DeprecationWarning, stacklevel=2)
+        warnings.warn("Use `save_async` instead.", DeprecationWarning, stacklevel=2)
         return self.save_async(*args, **kwargs)
 
     def load_pytree(self, *args: Any, **kwargs: Any) -> Any:
@@ -718,7 +749,7 @@ class Checkpointer:
             ckptr.save(0, {"w": np.ones(3)})
             state = ckptr.load(0)                        # not ckptr.load_pytree(0)
         """
-        warnings.warn("load_pytree is deprecated; use load", DeprecationWarning, stacklevel=2)
+        warnings.warn("Use `load` instead.", DeprecationWarning, stacklevel=2)
         return self.load(*args, **kwargs)
 
     def load_pytree_async(self, *args: Any, **kwargs: Any):
@@ -729,7 +760,7 @@ class Checkpointer:
             ckptr.save(0, {"w": np.ones(3)})
             state = ckptr.load_async(0).result()         # not ckptr.load_pytree_async(0)
         """
-        warnings.warn("load_pytree_async is deprecated; use load_async", DeprecationWarning, stacklevel=2)
+        warnings.warn("Use `load_async` instead.", DeprecationWarning, stacklevel=2)
         return self.load_async(*args, **kwargs)
 
     def pytree_metadata(self, *args: Any, **kwargs: Any) -> CheckpointMetadata:
@@ -740,16 +771,30 @@ class Checkpointer:
             ckptr.save(0, {"w": np.ones(3)})
             tree = ckptr.metadata(0).metadata            # not ckptr.pytree_metadata(0)
         """
-        warnings.warn("pytree_metadata is deprecated; use metadata", DeprecationWarning, stacklevel=2)
+        warnings.warn("Use `metadata` instead.", DeprecationWarning, stacklevel=2)
         return self.metadata(*args, **kwargs)
 
 
-def checkpoint_metadata(step_dir: storage.Location, name: str | None, *, step: int | None = None) -> CheckpointMetadata:
-    """Metadata of one step directory: one checkpointable's tree (``name``) or all of them (None)."""
+def checkpoint_metadata(step_dir: storage.Location, name: str | None, *, step: int | None = None,
+                        registry: Any = None) -> CheckpointMetadata:
+    """Metadata of one step directory: one checkpointable's tree (``name``) or all of them (None); a
+    checkpointable saved by a handler is what its handler's ``metadata`` says (``registry``: the handlers)."""
     manifest = formats.info(step_dir)
-    trees = formats.trees(step_dir, None if name is None else [name])
-    tree = (loading.tree_metadata(trees[name]) if name is not None
-            else {n: loading.tree_metadata(doc) for n, doc in trees.items()})
+    handled = formats.handled(step_dir)
+    if name is None:
+        tree = {**{n: loading.tree_metadata(doc) for n, doc in formats.trees(step_dir).items()},
+                **custom.metadata(step_dir, handled, registry)}
+    elif name in handled:
+        tree = custom.metadata(step_dir, {name: handled[name]}, registry)[name]
+    else:
+        try:
+            doc = formats.trees(step_dir, [name])[name]
+        except KeyError:
+            only = loading.only_tree(formats.trees(step_dir), handled, [name])
+            if only is None:
+                raise
+            doc = formats.trees(step_dir, [only])[only]
+        tree = loading.tree_metadata(doc)
     return CheckpointMetadata(step if step is not None else formats.step_of(step_dir, manifest), step_dir, metadata=tree,
                               metrics=fmt.decode_metrics(manifest.get("metrics")),
                               init_timestamp_nsecs=manifest.get("init_timestamp_nsecs"),

@@ -152,7 +152,10 @@ def unflatten(node: Node, leaves: Iterator[Any]) -> Any:
 
 
 def _plain_container(node: Node, values: list[Any]) -> Any:
-    """The container a structure read from disk becomes: its own kind, or a dict for typed nodes."""
+    """The container a structure read from disk becomes: its own kind, or a dict for typed nodes (None
+    for a typed node without children, such as optax's ``EmptyState``, as Orbax loads it)."""
+    if node.kind in ("namedtuple", "pytree") and not node.children:
+        return None
     if node.kind == "list":
         return values
     if node.kind == "tuple":

@@ -28,7 +28,7 @@ import numpy as np
 from ckpt import chunks
 from ckpt import format as fmt
 from ckpt import formats, loading, orbax, progress, storage
-from ckpt.errors import CheckpointCorruptedError, UnsupportedLayoutError
+from ckpt.errors import CheckpointCorruptedError, InvalidLayoutError, UnsupportedLayoutError
 
 _IN_FLIGHT = 2  # chunk reads kept in flight
 
@@ -84,7 +84,7 @@ def verify_step(step_dir: str | os.PathLike | storage.Location) -> VerifyResult:
     result = VerifyResult(step_dir, None)
     try:
         manifest = loading.read_manifest(step_dir)
-    except CheckpointCorruptedError as e:
+    except (CheckpointCorruptedError, InvalidLayoutError) as e:
         result.damaged.append(Damage(fmt.MANIFEST, str(e)))
         return result
     result.step = manifest.get("step")

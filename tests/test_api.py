@@ -114,11 +114,14 @@ def test_force_saves_a_step_the_policy_would_skip(tmp_path):
         assert ckptr.load(3) == {"a": 3}
 
 
-def test_saving_an_existing_step_without_force_is_skipped_so_a_resumed_loop_goes_on(tmp_path):
+def test_saving_an_existing_step_without_overwrite_raises_step_already_exists_as_orbax_does(tmp_path):
     with Checkpointer(tmp_path) as ckptr:
         ckptr.save(0, {"a": "old"})
-        assert ckptr.save(0, {"a": "new"}) is False
+        with pytest.raises(errors.StepAlreadyExistsError, match="overwrite"):
+            ckptr.save(0, {"a": "new"})
         assert ckptr.load(0) == {"a": "old"}
+        ckptr.save(2, {"a": "two"})
+        assert ckptr.save(1, {"a": "one"}) is False     # a missing step below the latest: skipped
 
 
 def test_forcing_an_existing_step_raises_step_already_exists_and_keeps_the_old_one(tmp_path):
@@ -258,7 +261,9 @@ def test_deprecated_aliases_warn_and_do_what_the_new_name_does(tmp_path, alias, 
                 "load_pytree_async": {"a": 0}, "pytree_metadata": {"a": ckpt.LeafMetadata("int", None, None)}}
     with Checkpointer(tmp_path) as ckptr:
         ckptr.save(0, {"a": 0})
-        with pytest.warns(DeprecationWarning, match=alias) as record:
+        new_name = {"save_pytree": "save", "save_pytree_async": "save_async", "load_pytree": "load",
+                    "load_pytree_async": "load_async", "pytree_metadata": "metadata"}[alias]
+        with pytest.warns(DeprecationWarning, match=f"^Use `{new_name}` instead.$") as record:  # Orbax's words
             assert call(ckptr) == expected[alias]
         assert record[0].filename == __file__  # the warning points at the caller
         if alias.startswith("save"):

@@ -107,8 +107,19 @@ def test_every_n_steps_exact_and_inexact_and_max_to_keep():
     assert keep(pp.EveryNSteps(4, exact_interval=False), cps) == [0, 4, 8, 12]
     assert keep(pp.EveryNSteps(5, exact_interval=False), [info(s) for s in (1, 3, 6, 7, 12)]) == [1, 6, 12]
     assert keep(pp.EveryNSteps(4, max_to_keep=2), cps) == [8, 12]
+    with pytest.raises(ValueError, match="interval_steps must not be 0"):   # when asked, as in Orbax
+        keep(pp.EveryNSteps(0), cps)
     with pytest.raises(ValueError, match="interval_steps"):
-        pp.EveryNSteps(0)
+        pp.EveryNSteps(-1)
+
+
+def test_every_n_steps_closest_keeps_the_step_nearest_each_multiple_and_the_latest():
+    cps = [info(s) for s in (0, 4, 9, 13, 21, 23)]
+    assert keep(pp.EveryNStepsClosest(10), cps) == [0, 9, 21, 23]
+    assert keep(pp.EveryNStepsClosest(10, max_to_keep=2), cps) == [21, 23]
+    assert keep(pp.EveryNStepsClosest(4), [info(s) for s in (0, 3, 5, 9)]) == [0, 5, 9]   # 3 and 5: the later
+    with pytest.raises(ValueError, match="interval_steps must not be 0"):
+        keep(pp.EveryNStepsClosest(0), cps)
 
 
 def test_every_n_seconds_keeps_the_first_then_spaced_ones():

@@ -135,12 +135,10 @@ class EveryNSteps:
     max_to_keep: int | None = None
 
     def __post_init__(self):
-        if not isinstance(self.interval_steps, int) or self.interval_steps <= 0:
-            raise ValueError(f"EveryNSteps interval_steps must be a positive int, got {self.interval_steps!r}")
-        if self.max_to_keep is not None and self.max_to_keep < 0:
-            raise ValueError(f"EveryNSteps max_to_keep must be non-negative, got {self.max_to_keep!r}")
+        _check_interval(self)
 
     def should_preserve(self, checkpoints, *, context):
+        _refuse_zero(self.interval_steps)
         keep, last = [], None
         for c in checkpoints:
             if self.exact_interval:
@@ -150,11 +148,66 @@ class EveryNSteps:
             keep.append(ok)
             if ok:
                 last = c.step
-        if self.max_to_keep is not None:
-            kept = [i for i, k in enumerate(keep) if k]
-            for i in kept[: max(0, len(kept) - self.max_to_keep)]:
-                keep[i] = False
-        return keep
+        return _newest(keep, self.max_to_keep)
+
+
+def _check_interval(policy: Any) -> None:
+    """ValueError for a negative or non-int interval or max_to_keep (0 raises when asked, as in Orbax)."""
+    name = type(policy).__name__
+    if not isinstance(policy.interval_steps, int) or policy.interval_steps < 0:
+        raise ValueError(f"{name} interval_steps must be a positive int, got {policy.interval_steps!r}")
+    if policy.max_to_keep is not None and policy.max_to_keep < 0:
+        raise ValueError(f"{name} max_to_keep must be non-negative, got {policy.max_to_keep!r}")
+
+
+def _refuse_zero(interval_steps: int) -> None:
+    if interval_steps == 0:
+        raise ValueError("interval_steps must not be 0.")
+
+
+def _newest(keep: list[bool], max_to_keep: int | None) -> list[bool]:
+    """``keep`` with only the newest ``max_to_keep`` of the kept checkpoints still kept."""
+    if max_to_keep is not None:
+        kept = [i for i, k in enumerate(keep) if k]
+        for i in kept[: max(0, len(kept) - max_to_keep)]:
+            keep[i] = False
+    return keep
+
+
+@dataclasses.dataclass(frozen=True)
+class EveryNStepsClosest:
+    """Keeps, for each multiple of ``interval_steps``, the checkpoint closest to it (the later one of
+    two as close), and the latest; ``max_to_keep`` trims to the newest kept. Unlike
+    ``EveryNSteps(exact_interval=False)``, irregular steps do not make the kept ones drift.
+
+    Example::
+
+        with ckpt.Checkpointer("runs/exp1", preservation_policy=EveryNStepsClosest(10)) as ckptr:
+            for step in (0, 4, 9, 13, 21, 23):
+                ckptr.save(step, {"w": np.full(3, step)})
+            assert [c.step for c in ckptr.checkpoints] == [0, 9, 21, 23]
+    """
+
+    interval_steps: int
+    max_to_keep: int | None = None
+
+    def __post_init__(self):
+        _check_interval(self)
+
+    def should_preserve(self, checkpoints, *, context):
+        _refuse_zero(self.interval_steps)
+        closest: dict[int, tuple[int, int]] = {}  # multiple -> (distance, index)
+        for i, c in enumerate(checkpoints):
+            k = round(c.step / self.interval_steps)
+            distance = abs(c.step - k * self.interval_steps)
+            if k not in closest or distance <= closest[k][0]:
+                closest[k] = (distance, i)
+        keep = [False] * len(checkpoints)
+        for _, i in closest.values():
+            keep[i] = True
+        if keep:
+            keep[-1] = True
+        return _newest(keep, self.max_to_keep)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,6 +14,7 @@ import dataclasses
 import math
 from typing import Container, Protocol, Sequence, runtime_checkable
 
+from ckpt.context import MultiprocessingOptions
 from ckpt.metadata import CheckpointMetadata
 
 
@@ -23,6 +24,7 @@ class DecisionContext:
 
     is_saving_in_progress: a save is still being written in the background.
     reached_preemption: this step is the one to save before the job is preempted.
+    multiprocessing_options: the Checkpointer's :class:`ckpt.MultiprocessingOptions` (``primary_host``).
 
     Example::
 
@@ -33,6 +35,7 @@ class DecisionContext:
 
     is_saving_in_progress: bool = False
     reached_preemption: bool = False
+    multiprocessing_options: MultiprocessingOptions = dataclasses.field(default_factory=MultiprocessingOptions)
 
 
 @runtime_checkable

@@ -18,50 +18,34 @@ SKIPPED = {
     "test_gcs_deletion_options": "reads the private checkpointer._manager._options",
     "test_cleanup_tmp_directories": "reads the private checkpointer._manager._options",
     "test_lightweight_initialize": "reads the private checkpointer._manager._options",
+    "test_context_constructor_override": "asserts that OCDBT's manifest.ocdbt exists (the scoping it also checks "
+                                         "is tested in tests/test_context.py)",
 }
-# Tests ckpt fails today (the gaps); each is removed from here when it passes.
-XFAIL = {
-    "test_checkpointables_metadata": "no handler registry for custom checkpointables yet",
-    "test_custom_checkpointables": "no handler registry for custom checkpointables yet",
-    "test_different_custom_checkpointables": "no handler registry for custom checkpointables yet",
-    "test_load_with_switched_abstract_checkpointables": "no handler registry for custom checkpointables yet",
-    "test_context_constructor_override": "no Orbax option tree in Context (ctx.array.saving.use_ocdbt)",
-    "test_custom_save_decision_policy": "DecisionContext has no multiprocessing_options",
-    "test_preservation": "checkpoint times do not follow the datetime.datetime clock Orbax's test mocks",
-    "test_preservation_metrics1": "the latest step is never deleted (BestN would delete it)",
-    "test_preservation_metrics3": "the latest step is never deleted (BestN would delete it)",
-    "test_save_restore_pytree": "a load without an abstract tree does not restore the saved NamedSharding",
-    "test_skips_when_ongoing_save": "the step in flight is not a previous step for the default policy",
-    "test_step_already_exists": "saving an existing step returns False instead of raising StepAlreadyExistsError",
-    "test_load_pytree": "deprecation warnings are not Orbax's words",
-    "test_load_pytree_async": "deprecation warnings are not Orbax's words",
-    "test_pytree_metadata": "deprecation warnings are not Orbax's words",
-    "test_save_pytree": "deprecation warnings are not Orbax's words",
-    "test_save_pytree_async": "deprecation warnings are not Orbax's words",
+# Deliberate differences (README, "What differs"): ckpt never deletes the latest step, so a policy
+# that would delete it keeps one checkpoint more than Orbax.
+DIFFERS = {
+    "test_preservation3": "the latest step is never deleted (EveryNSteps(4) would delete step 9)",
+    "test_preservation4": "the latest step is never deleted (EveryNSeconds(40) would delete step 9)",
+    "test_preservation_metrics1": "the latest step is never deleted (BestN(n=2) would delete step 4)",
+    "test_preservation_metrics3": "the latest step is never deleted (BestN(n=0) would delete step 4)",
 }
-
-# A failing subtest is reported on its own; the test around it then passes, so it cannot be a strict xfail.
-WITH_SUBTESTS = {"test_save_restore_pytree"}
-
 
 def _marked(cls):
     for name in dir(cls):
         if not name.startswith("test"):
             continue
-        stem = next((s for s in list(SKIPPED) + list(XFAIL)  # a parameterized test adds 0, 1, ... or _true
-                     if name.startswith(s) and re.fullmatch(r"(\d+|_[a-z]+)?", name[len(s):])), None)
+        stem = next((s for s in list(SKIPPED) + list(DIFFERS)  # a parameterized test adds 0, 1, ... or _true
+                     if name.startswith(s) and re.fullmatch(r"(\d+|_true|_false)?", name[len(s):])), None)
         if stem is None or port.TARGET == "orbax":
             continue
         mark = (pytest.mark.skip(reason=SKIPPED[stem]) if stem in SKIPPED
-                else pytest.mark.xfail(reason=XFAIL[stem], strict=stem not in WITH_SUBTESTS))
+                else pytest.mark.xfail(reason=DIFFERS[stem], strict=True))
         setattr(cls, name, mark(getattr(cls, name)))
     return cls
-
 
 @_marked
 class CheckpointerTest(base.CheckpointerTestBase.Test):
     pass
-
 
 @_marked
 class DeprecationsTest(base.CheckpointerTestBase.DeprecationsTest):

@@ -1,0 +1,60 @@
+"""A jax ``NamedSharding`` as JSON in tree.json, and back, so that a load without an abstract tree puts
+each array where it was (as Orbax does).
+
+The JSON is ``{"mesh_shape": [2, 4], "axis_names": ["x", "y"], "device_ids": [0, ..., 7],
+"spec": ["x", null, ["x", "y"]]}``. It is restored only when every device id is one of this
+process's jax devices; otherwise (another topology, or a malformed entry) the array goes to the
+default device, with a warning.
+
+Example::
+
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("x",))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("x"))
+    assert restore(describe(sharding)) == sharding
+"""
+from __future__ import annotations
+
+import functools
+import sys
+import warnings
+from typing import Any
+
+import numpy as np
+
+
+@functools.lru_cache(maxsize=256)
+def describe(sharding: Any) -> dict | None:
+    """The JSON of a ``NamedSharding`` (cached: one per sharding, not per leaf); None for any other sharding."""
+    jax = sys.modules["jax"]
+    if not isinstance(sharding, jax.sharding.NamedSharding):
+        return None
+    mesh = sharding.mesh
+    return {"mesh_shape": list(mesh.devices.shape), "axis_names": list(mesh.axis_names),
+            "device_ids": [int(d.id) for d in mesh.devices.flat],
+            "spec": [p if p is None or isinstance(p, str) else list(p) for p in sharding.spec]}
+
+
+def restore(doc: Any) -> Any:
+    """The ``NamedSharding`` of :func:`describe`'s JSON, or None (with a warning) when these devices cannot hold it."""
+    try:
+        key = (tuple(doc["mesh_shape"]), tuple(doc["axis_names"]), tuple(doc["device_ids"]),
+               tuple(p if p is None or isinstance(p, str) else tuple(p) for p in doc["spec"]))
+        return _build(key)
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        warnings.warn(f"ckpt: the saved sharding {doc!r} cannot be restored on these devices ({e}); "
+                      "the array is put on the default device", stacklevel=3)
+        return None
+
+
+@functools.lru_cache(maxsize=256)
+def _build(key: tuple) -> Any:
+    jax = sys.modules["jax"]
+    mesh_shape, axis_names, device_ids, spec = key
+    by_id = {d.id: d for d in jax.devices()}
+    missing = [i for i in device_ids if i not in by_id]
+    if missing:
+        raise ValueError(f"devices {missing[:8]} are not among this job's {len(by_id)} devices")
+    devices = np.empty(len(device_ids), dtype=object)
+    devices[:] = [by_id[i] for i in device_ids]
+    mesh = jax.sharding.Mesh(devices.reshape(mesh_shape), axis_names)
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))

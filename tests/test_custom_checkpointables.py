@@ -1,0 +1,140 @@
+"""Checkpointables saved by handlers (ckpt.handlers, ckpt.custom) and by themselves (StatefulCheckpointable)."""
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+import ckpt
+from ckpt import Checkpointer
+
+
+@dataclasses.dataclass
+class Vocab:
+    words: list
+
+
+class AbstractVocab:
+    pass
+
+
+class VocabHandler:
+    async def save(self, directory, checkpointable):
+        words = list(checkpointable.words)  # captured in the caller: later changes do not reach the step
+
+        async def write():
+            path = await directory.await_creation()
+            (path / "words.json").write_text(json.dumps(words))
+        return write()
+
+    async def load(self, directory, abstract_checkpointable=None):
+        async def read():
+            return Vocab(json.loads((directory / "words.json").read_text()))
+        return read()
+
+    async def metadata(self, directory):
+        return AbstractVocab()
+
+    def is_handleable(self, checkpointable):
+        return isinstance(checkpointable, Vocab)
+
+    def is_abstract_handleable(self, abstract_checkpointable):
+        return isinstance(abstract_checkpointable, AbstractVocab)
+
+
+class Counter:
+    """A StatefulCheckpointable: saves itself and loads itself back in place."""
+
+    def __init__(self, n=0):
+        self.n = n
+
+    async def save(self, directory):
+        n = self.n
+
+        async def write():
+            path = await directory.await_creation()
+            (path / "n").write_text(str(n))
+        return write()
+
+    async def load(self, directory):
+        async def read():
+            self.n = int((directory / "n").read_text())
+        return read()
+
+
+def registry_context():
+    ctx = ckpt.Context()
+    ctx.checkpointables.registry = ckpt.handlers.local_registry().add(VocabHandler)
+    return ctx
+
+
+def test_a_handler_saves_beside_the_trees_and_loads_back_async_included(tmp_path):
+    vocab = Vocab(["a", "b"])
+    with Checkpointer(tmp_path, context=registry_context()) as ckptr:
+        response = ckptr.save_checkpointables_async(0, {"state": {"w": np.ones(3)}, "vocab": vocab})
+        vocab.words.append("changed after the call")
+        assert response.result()
+        loaded = ckptr.load_checkpointables(0)
+        assert loaded["vocab"] == Vocab(["a", "b"]) and np.array_equal(loaded["state"]["w"], np.ones(3))
+        assert isinstance(ckptr.checkpointables_metadata(0).metadata["vocab"], AbstractVocab)
+        assert ckptr.load_checkpointables(0, {"vocab": AbstractVocab()}) == {"vocab": Vocab(["a", "b"])}
+    assert (tmp_path / "0" / "vocab" / "words.json").exists()
+
+
+def test_a_stateful_checkpointable_saves_itself_and_loads_in_place(tmp_path):
+    ckpt.save_checkpointables(tmp_path / "m", {"counter": Counter(7)})
+    target = Counter()
+    assert ckpt.load_checkpointables(tmp_path / "m", {"counter": target})["counter"] is target
+    assert target.n == 7
+
+
+def test_a_handler_name_on_disk_is_only_looked_up_never_imported(tmp_path):
+    with registry_context():
+        ckpt.save_checkpointables(tmp_path / "m", {"vocab": Vocab(["x"])})
+    tree = tmp_path / "m" / "tree.json"
+    assert json.loads(tree.read_text())["handled"] == {"vocab": {"handler": f"{__name__}.VocabHandler"}}
+    with pytest.raises(KeyError, match="no handler for it is registered"):
+        ckpt.load_checkpointables(tmp_path / "m")  # not in the active registry: an error, not an import
+    by_name = ckpt.Context()
+    by_name.checkpointables.registry = ckpt.handlers.local_registry(include_global_registry=False).add(
+        VocabHandler, checkpointable_name="vocab")
+    with by_name:
+        assert ckpt.load_checkpointables(tmp_path / "m") == {"vocab": Vocab(["x"])}
+
+
+def test_register_handler_adds_to_the_global_registry_once():
+    class Once(VocabHandler):
+        pass
+
+    assert ckpt.handlers.register_handler(Once) is Once
+    ckpt.handlers.register_handler(Once)
+    entries = ckpt.handlers.global_registry().get_all_entries()
+    assert entries.count((Once, None)) == 1
+    with pytest.raises(ValueError, match="already exists"):
+        ckpt.handlers.local_registry().add(Once)
+
+
+def test_a_directory_that_is_not_a_checkpoint_is_an_invalid_layout_not_damage(tmp_path):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "readme.txt").write_text("hi")
+    with pytest.raises(ckpt.errors.InvalidLayoutError, match="not a checkpoint"):
+        ckpt.load(tmp_path / "notes")
+    with pytest.raises(ckpt.errors.InvalidLayoutError, match="not a checkpoint"):
+        ckpt.metadata(tmp_path / "notes")
+
+
+def test_load_takes_what_metadata_returned_and_falls_back_to_the_only_checkpointable(tmp_path):
+    ckpt.save_checkpointables(tmp_path / "m", {"params": {"w": np.arange(3), "n": 2}})
+    info = ckpt.metadata(tmp_path / "m")  # no "state": the only tree
+    assert info.step is None and info.metadata["w"].shape == (3,)
+    assert ckpt.load(tmp_path / "m", info)["n"] == 2
+    assert ckpt.load(tmp_path / "m")["n"] == 2
+    assert ckpt.metadata(tmp_path / "m", checkpointable_name="params").metadata["n"].type == "int"
+    assert ckpt.CheckpointMetadata(tmp_path / "m", metadata={"n": 2}).path == tmp_path / "m"
+
+
+def test_an_optax_empty_state_loads_as_none_without_a_target_as_in_orbax(tmp_path):
+    optax = pytest.importorskip("optax")
+    ckpt.save(tmp_path / "m", {"opt": optax.EmptyState(), "w": np.ones(2)})
+    assert ckpt.load(tmp_path / "m")["opt"] is None
+    assert ckpt.load(tmp_path / "m", {"opt": optax.EmptyState(), "w": np.ones(2)})["opt"] == optax.EmptyState()

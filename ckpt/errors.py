@@ -95,9 +95,21 @@ class RootDirectoryError(OSError):
             print(e)                                     # names the file and asks for a directory
     """
 
-    def __init__(self, message: str, *, path: Path | str):
-        super().__init__(message)
+    def __init__(self, message: str, *, path: Path | str, errno: int | None = None):
+        super().__init__(*(() if errno is None else (errno,)), message)
         self.path = path
+
+
+class RootNotWritableError(RootDirectoryError, PermissionError):
+    """A save into a root this process may not write (permission denied): a RootDirectoryError and a
+    PermissionError (``errno`` EACCES or EPERM). Listing and loading from that root still work.
+
+    Example::
+
+        error = ckpt.errors.RootNotWritableError("cannot write in runs/ro: Permission denied", path="runs/ro",
+                                                 errno=13)   # EACCES
+        assert isinstance(error, PermissionError)         # `except PermissionError` catches it
+    """
 
 
 class CheckpointCorruptedError(ValueError):

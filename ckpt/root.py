@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, Iterator
 
 from ckpt import format as fmt
 from ckpt import formats, loading, storage
-from ckpt.errors import (CheckpointCorruptedError, ForeignEntryError, RootDirectoryError, StepAlreadyExistsError,
-                         StepNotFoundError)
+from ckpt.errors import (CheckpointCorruptedError, ForeignEntryError, InvalidLayoutError, RootDirectoryError,
+                         StepAlreadyExistsError, StepNotFoundError)
 
 if TYPE_CHECKING:
     from ckpt.path.step import NameFormat
@@ -114,8 +114,10 @@ def classify(path: storage.Location, step: int | None, *, read_manifest: bool = 
         except CheckpointCorruptedError as e:
             return Entry(path, Kind.FOREIGN, step, f"{storage.describe(path)}, which ckpt cannot read: {e}")
     holds = storage.describe(path)
-    if storage.is_marked(path):  # a save ckpt began in place (object stores) and never committed
-        return Entry(path, Kind.TEMPORARY, step, holds)
+    if storage.is_marked(path):
+        if not local:  # a save ckpt began in place (object stores have no rename) and never committed
+            return Entry(path, Kind.TEMPORARY, step, holds)
+        holds = f"{holds}: a step of ckpt's whose {fmt.MANIFEST} is missing (damaged; kept for inspection)"
     return Entry(path, Kind.FOREIGN, step, holds)
 
 
@@ -185,8 +187,10 @@ def reading(step_dir: storage.Location, step: int | None = None) -> Iterator[Non
     """
     try:
         yield
-    except (CheckpointCorruptedError, OSError) as e:
-        if isinstance(e, StepNotFoundError) or _exists(step_dir / fmt.MANIFEST) or formats.is_orbax(step_dir):
+    except (CheckpointCorruptedError, InvalidLayoutError, OSError) as e:
+        # A local deletion renames the whole step aside; one on an object store removes its manifest first.
+        still_there = _exists(step_dir if isinstance(step_dir, Path) else step_dir / fmt.MANIFEST)
+        if isinstance(e, StepNotFoundError) or still_there or formats.is_orbax(step_dir):
             raise
         what = str(step_dir) if step is None else f"step {step} ({step_dir})"
         raise StepNotFoundError(f"{what} was deleted while it was being read (by another process's garbage "

@@ -24,7 +24,7 @@ import numpy as np
 import tensorstore as ts
 
 from ckpt import format as fmt
-from ckpt.errors import DirectoryLockedError, ForeignEntryError, RootDirectoryError
+from ckpt.errors import DirectoryLockedError, ForeignEntryError, RootDirectoryError, RootNotWritableError
 from ckpt.objectstore import ObjectPath, is_url
 
 Location = Path | ObjectPath
@@ -200,9 +200,10 @@ def writing_to(root: Location) -> Iterator[None]:
     except OSError as e:
         if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
             raise
-        raise RootDirectoryError(
+        error = RootNotWritableError if e.errno in (errno.EACCES, errno.EPERM) else RootDirectoryError
+        raise error(
             f"cannot write in {root}: {e.strerror} ({e.filename}). Checkpoints can still be listed and loaded from "
-            "it; to save, use a directory this process may write to.", path=root) from e
+            "it; to save, use a directory this process may write to.", path=root, errno=e.errno) from e
 
 
 def make_dir(path: Location, *, mode: int | None = None) -> None:

@@ -191,8 +191,9 @@ class Checkpointer:
                 infos.append(CheckpointMetadata(entry.step, entry.path) if entry.manifest is None
                              else self._info(entry.step, entry.path, entry.manifest))
             elif entry.kind is root.Kind.FOREIGN:
-                logger.warning("ckpt: skipping %s, which holds %s: not a committed step, so ckpt never lists, "
-                               "overwrites or deletes it", entry.path, entry.holds)
+                what = "it is" if entry.step is None else f"step {entry.step} is"
+                logger.warning("ckpt: skipping %s, which holds %s: %s not a committed step, so ckpt never lists, "
+                               "overwrites or deletes it", entry.path, entry.holds, what)
         if not infos:
             self._warn_of_orbax_steps_named_otherwise()
         with self._infos_lock:

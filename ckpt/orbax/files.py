@@ -9,6 +9,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
+from ckpt import storage
 from ckpt.errors import CheckpointCorruptedError
 
 MAX_JSON_BYTES = 64 << 20  # Orbax's largest JSON file, _METADATA, takes ~300 bytes a leaf
@@ -18,22 +19,9 @@ def read_json(path: Path, step_dir: Path) -> Any:
     """The JSON in ``path``; FileNotFoundError when it is missing, CheckpointCorruptedError (naming the
     file) for a symlink, a special file, a file over ``MAX_JSON_BYTES`` or malformed JSON."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError as e:
-        if isinstance(e, FileNotFoundError):
-            raise
-        raise CheckpointCorruptedError(f"{path} cannot be read as a plain file ({e.strerror}): a symlink or "
-                                       "special file is not an Orbax checkpoint's", path=step_dir) from None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise CheckpointCorruptedError(f"{path} is not a plain file", path=step_dir)
-        if info.st_size > MAX_JSON_BYTES:
-            raise CheckpointCorruptedError(f"{path} has {info.st_size} bytes, more than the {MAX_JSON_BYTES} an Orbax "
-                                           "metadata file may have", path=step_dir)
-        data = os.read(fd, info.st_size + 1)
-    finally:
-        os.close(fd)
+        data = storage.read_json_bytes(path, MAX_JSON_BYTES)
+    except ValueError as e:  # a link, a special file or too large: storage's message names the file
+        raise CheckpointCorruptedError(f"{e}; not a file of an Orbax checkpoint", path=step_dir) from None
     try:
         return json.loads(data)
     except (ValueError, UnicodeDecodeError) as e:

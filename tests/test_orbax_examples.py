@@ -86,13 +86,15 @@ def test_class_example_saves_every_1000_steps_and_resumes_from_latest(tmp_path):
         assert [c.step for c in ckptr.checkpoints] == [0, 1000, 2000]
         assert np.array_equal(ckptr.load(2000)["params"]["w"], np.full(4, 2001, np.float32))
 
-    # Resuming re-enters the loop at latest.step, which is already saved: the policy skips it (no error).
-    loaded = _init_example(directory, 3001)
-    for state in loaded:
-        _assert_tree_equal(state, {"params": {"w": np.full(4, 2001, np.float32)}})
+    # Resuming, the example re-enters its loop at latest.step, which is already saved: as in Orbax (whose
+    # save raises for an existing step before it asks the policy), the save raises StepAlreadyExistsError
+    # before anything is written. A loop resumes at latest.step + 1.
+    with pytest.raises(ckpt.errors.StepAlreadyExistsError, match="step 2000 already exists") as info:
+        _init_example(directory, 3001)
+    assert info.value.step == 2000
     with training.Checkpointer(directory) as ckptr:
-        assert [c.step for c in ckptr.checkpoints] == [0, 1000, 2000, 3000]
-        assert np.array_equal(ckptr.load()["params"]["w"], np.full(4, 2001 + 1001, np.float32))
+        assert [c.step for c in ckptr.checkpoints] == [0, 1000, 2000]
+        assert np.array_equal(ckptr.load()["params"]["w"], np.full(4, 2001, np.float32))
 
 
 def test_class_example_preservation_policy_keeps_latest_10_and_multiples_of_10000(tmp_path):

@@ -76,6 +76,18 @@ def read_floor(path: Path, hosts: list[np.ndarray]) -> None:
                 view = view[f.readinto(view):]
 
 
+def second_save(save: Callable[[int], Any], total: bool, sync: Callable[[], None] = lambda: None) -> float:
+    """The blocking time of the second of two async saves (a loop's steady state) or, with ``total``, its
+    time until durable; ``save(step)`` starts one and returns what its ``result()`` waits for."""
+    save(0).result()
+    sync()
+    start = time.perf_counter()
+    pending = save(1)
+    blocking = time.perf_counter() - start
+    pending.result()
+    return time.perf_counter() - start if total else blocking
+
+
 class Runner:
     """Times each named operation ``reps`` times after one warm-up; keeps medians and ranges."""
 
@@ -128,12 +140,7 @@ def torch_suite(runner: Runner, kind: str, gib: float) -> None:
 
     def ckpt_blocking(root: Path, total: bool = False) -> float:
         with ckpt.Checkpointer(root) as ckptr:
-            ckptr.save_async(0, state, force=True).result()
-            start = time.perf_counter()
-            response = ckptr.save_async(1, state, force=True)
-            blocking = time.perf_counter() - start
-            response.result()
-            return time.perf_counter() - start if total else blocking
+            return second_save(lambda step: ckptr.save_async(step, state, force=True), total)
 
     def ckpt_save(root: Path) -> float:
         with ckpt.Checkpointer(root) as ckptr:
@@ -146,13 +153,7 @@ def torch_suite(runner: Runner, kind: str, gib: float) -> None:
             return timed(lambda: ckptr.load(0, abstract), sync)
 
     def dcp_blocking(root: Path, total: bool = False) -> float:
-        dcp.async_save(state, checkpoint_id=root / "0").result()
-        sync()
-        start = time.perf_counter()
-        future = dcp.async_save(state, checkpoint_id=root / "1")
-        blocking = time.perf_counter() - start
-        future.result()
-        return time.perf_counter() - start if total else blocking
+        return second_save(lambda step: dcp.async_save(state, checkpoint_id=root / str(step)), total, sync)
 
     def dcp_save(root: Path) -> float:
         return timed(lambda: dcp.save(state, checkpoint_id=root / "0"), sync)
@@ -196,12 +197,7 @@ def jax_suite(runner: Runner, kind: str, gib: float) -> None:
 
     def ckpt_blocking(root: Path, total: bool = False) -> float:
         with ckpt.Checkpointer(root) as ckptr:
-            ckptr.save_async(0, state, force=True).result()
-            start = time.perf_counter()
-            response = ckptr.save_async(1, state, force=True)
-            blocking = time.perf_counter() - start
-            response.result()
-            return time.perf_counter() - start if total else blocking
+            return second_save(lambda step: ckptr.save_async(step, state, force=True), total)
 
     def ckpt_load(root: Path) -> float:
         with ckpt.Checkpointer(root) as ckptr:
@@ -219,12 +215,7 @@ def jax_suite(runner: Runner, kind: str, gib: float) -> None:
 
     def orbax_blocking(root: Path, total: bool = False) -> float:
         with ocp.v1.training.Checkpointer(root) as checkpointer:
-            checkpointer.save_async(0, state, force=True).result()
-            start = time.perf_counter()
-            response = checkpointer.save_async(1, state, force=True)
-            blocking = time.perf_counter() - start
-            response.result()
-            return time.perf_counter() - start if total else blocking
+            return second_save(lambda step: checkpointer.save_async(step, state, force=True), total)
 
     def orbax_load(root: Path) -> float:
         with ocp.v1.training.Checkpointer(root) as checkpointer:

@@ -65,6 +65,12 @@ def trees(step_dir: storage.Location, names: list[str] | None = None) -> dict[st
     return found if names is None else {n: found[n] for n in names}
 
 
+def metadata_trees(step_dir: storage.Location) -> dict[str, Any]:
+    """Each checkpointable's tree with :class:`ckpt.LeafMetadata` leaves; None for an item Orbax's JsonHandler
+    wrote, as Orbax reports the metadata of one."""
+    return {name: None if doc.get("json") else loading.tree_metadata(doc) for name, doc in trees(step_dir).items()}
+
+
 def handled(step_dir: storage.Location) -> dict[str, dict]:
     """The step's checkpointables saved by handlers (:mod:`ckpt.custom`): name -> record; none in Orbax's."""
     if _by_orbax(step_dir):

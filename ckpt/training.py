@@ -783,8 +783,7 @@ def checkpoint_metadata(step_dir: storage.Location, name: str | None, *, step: i
     manifest = formats.info(step_dir)
     handled = formats.handled(step_dir)
     if name is None:
-        tree = {**{n: loading.tree_metadata(doc) for n, doc in formats.trees(step_dir).items()},
-                **custom.metadata(step_dir, handled, registry)}
+        tree = {**formats.metadata_trees(step_dir), **custom.metadata(step_dir, handled, registry)}
     elif name in handled:
         tree = custom.metadata(step_dir, {name: handled[name]}, registry)[name]
     else:

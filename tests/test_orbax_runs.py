@@ -165,6 +165,30 @@ def test_free_functions_read_an_orbax_step_directory(orbax_runs):
     assert info.metadata["params"]["Dense_0"]["kernel"].shape == (flax_train.FEATURES, 64)
 
 
+def test_checkpointables_metadata_of_an_item_orbax_wrote_as_json_is_none_as_orbax_reports_it(orbax_runs):
+    step_dir = orbax_runs / "named" / "7"   # cfg: Orbax's JsonCheckpointHandler
+    trees = ckpt.checkpointables_metadata(step_dir).metadata
+    assert trees["cfg"] is None and trees["std"]["x"].shape == (2, 3)
+    with ckpt.Checkpointer(orbax_runs / "named") as ckptr:
+        assert ckptr.checkpointables_metadata(7).metadata["cfg"] is None
+        loaded = ckptr.load_checkpointables(7, ckptr.checkpointables_metadata(7))  # None: as saved
+    assert loaded["cfg"] == {"lr": 0.1, "layers": [64, 1], "name": "mlp"}
+    assert_same(loaded["std"], {"x": np.arange(6.0).reshape(2, 3)})
+
+
+def test_an_item_orbax_names_without_its_directory_is_no_checkpointable_of_the_step(orbax_runs, tmp_path):
+    root = copy_run(orbax_runs, "v1", tmp_path)
+    metadata = orbax_file(root / "1", "_CHECKPOINT_METADATA")  # as Orbax's own v1 steps name a removed one
+    metadata["item_handlers"]["descriptor"] = "orbax.checkpoint.experimental.v1._src.handlers.DescriptorHandler"
+    (root / "1" / "_CHECKPOINT_METADATA").write_text(json.dumps(metadata))
+    with ckpt.Checkpointer(root) as ckptr:
+        assert sorted(ckptr.checkpointables_metadata(1).metadata) == ["extra", "state"]
+        assert sorted(ckptr.load_checkpointables(1)) == ["extra", "state"]
+        assert ckptr.metadata(1).metadata["step"].type == "int"
+        with pytest.raises(KeyError, match="descriptor"):
+            ckptr.load_checkpointables(1, {"descriptor": None})
+
+
 # ------------------------------------------------------------------------------------ continuing
 def test_a_flax_run_orbax_wrote_continues_under_ckpt_bit_for_bit(orbax_runs, tmp_path):
     root = copy_run(orbax_runs, "flax", tmp_path)

@@ -94,8 +94,10 @@ def root_custom_metadata(root: Path) -> Any:
 def items(step_dir: Path) -> dict[str, str]:
     """Each checkpointable of the step (not ``metrics``) and the handler that wrote it ('' when unnamed)."""
     handlers = _step_metadata(step_dir).get("item_handlers")
-    if isinstance(handlers, dict):
-        found = {name: handler if isinstance(handler, str) else "" for name, handler in handlers.items()}
+    if isinstance(handlers, dict):  # a name without its directory wrote nothing (Orbax's own reader skips it:
+        # its generated v1 steps name a 'descriptor' whose directory was removed)
+        found = {name: handler if isinstance(handler, str) else "" for name, handler in handlers.items()
+                 if not (files.is_plain_name(name) and not os.path.lexists(step_dir / name))}
     else:  # Orbax before 0.6 named no handlers: every item directory
         found = {name: "" for name in sorted(os.listdir(step_dir)) if files.is_plain_dir(step_dir / name)}
     for name in found:
@@ -180,4 +182,4 @@ def _json_doc(step_dir: Path, directory: Path) -> dict:
     value = files.read_json(directory / name, step_dir)
     node, flat = tree_lib.flatten(value)
     metas = [{"path": tree_lib.keystr(path), **leaves_lib.to_host(path, leaf).meta} for path, leaf in flat]
-    return {"tree": tree_lib.to_json(node), "leaves": metas}
+    return {"tree": tree_lib.to_json(node), "leaves": metas, "json": True}

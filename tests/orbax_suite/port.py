@@ -37,8 +37,17 @@ IMPORTS = {
     "from orbax.checkpoint.experimental.v1._src.testing import tree_utils as tree_test_utils":
         f"from {U} import tree_test_utils",
     "from orbax.checkpoint.experimental.v1._src.tree import types as tree_types": f"from {U} import tree_types",
+    # manager_compatibility_test_base.py: its setUp patches Orbax's v0 manager (for Orbax's run); ckpt never calls it
+    "from orbax.checkpoint import checkpoint_manager": "from orbax.checkpoint import checkpoint_manager",
+    "from orbax.checkpoint._src.sharding_utils import make_single_device_sharding":
+        f"from {U} import make_single_device_sharding",
+    "from orbax.checkpoint.experimental.v1._src.handlers import registration": "from ckpt import handlers as registration",
+    "from orbax.checkpoint.experimental.v1._src.path import step": "from ckpt.path import step",
+    "from orbax.checkpoint.experimental.v1._src.testing.compatibility import test_utils as compatibility_test_utils":
+        f"from {U} import compatibility_test_utils",
 }
-_OTHER_IMPORTS = re.compile(r"^(import (datetime|threading)|from (typing|unittest|absl\.testing|etils) import .*)$")
+_OTHER_IMPORTS = re.compile(r"^(import (datetime|threading|json|os|shutil|jax|jax\.numpy as jnp|numpy as np)"
+                            r"|from (typing|unittest|absl\.testing|etils) import .*)$")
 
 
 def orbax_test_module(relative: str) -> types.ModuleType:

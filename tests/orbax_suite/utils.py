@@ -7,12 +7,16 @@ shard count and every shard's data), the same toy checkpointables and handlers.
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import json
 import types
 from typing import Any, Generic, TypeVar
 
 import jax
 import numpy as np
+from etils import epath
+
+from ckpt import LeafMetadata
 
 
 T = TypeVar("T")
@@ -191,3 +195,35 @@ BazHandler = _dataclass_handler(Baz, AbstractBaz)
 handler_utils = types.SimpleNamespace(
     Foo=Foo, Bar=Bar, Baz=Baz, AbstractFoo=AbstractFoo, AbstractBar=AbstractBar, AbstractBaz=AbstractBaz,
     FooHandler=FooHandler, BarHandler=BarHandler, BazHandler=BazHandler)
+
+
+# ------------------------------------------------------------------ compatibility/test_utils
+def make_single_device_sharding(device: Any) -> jax.sharding.Sharding:
+    return jax.sharding.SingleDeviceSharding(device)
+
+
+def _checkpoint_path(version: str, metadata_present: bool, is_direct_checkpoint: bool, is_pytree: bool):
+    """One of the steps Orbax's wheel ships under testing/compatibility/checkpoints (written by its v0
+    CheckpointManager and v1 Checkpointer), read in place; v1 wrote no direct checkpoints (None)."""
+    if version == "v1" and is_direct_checkpoint:
+        return None
+    parts = (f"{version}_checkpoints", "direct_checkpoint" if is_direct_checkpoint else "composite_checkpoint",
+             "checkpoint_metadata_present" if metadata_present else "checkpoint_metadata_missing",
+             "pytree_checkpointable_has_metadata" if is_pytree else "pytree_checkpointable_missing_metadata")
+    shipped = importlib.metadata.distribution("orbax-checkpoint").locate_file(
+        "orbax/checkpoint/experimental/v1/_src/testing/compatibility/checkpoints")
+    return epath.Path(shipped, *parts)
+
+
+def _value_metadata(value: Any) -> Any:
+    """ckpt's metadata of a saved leaf: a jax array's LeafMetadata (type, shape, dtype, bytes); ckpt's
+    LeafMetadata carries no sharding or chunk layout, so those of Orbax's ArrayMetadata are not compared."""
+    if isinstance(value, jax.Array):
+        return LeafMetadata("jax", value.shape, np.dtype(value.dtype), value.nbytes)
+    raise TypeError(f"Unsupported type: {type(value)}")
+
+
+compatibility_test_utils = types.SimpleNamespace(
+    get_checkpoint_path=_checkpoint_path, create_value_metadata=_value_metadata,
+    strip_sharding_metadata=lambda tree: tree)  # no sharding in ckpt's LeafMetadata to strip; one process, so
+                                                # replicate_on_mesh (multi-process only) is never called

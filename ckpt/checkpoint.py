@@ -14,7 +14,7 @@ from typing import Any
 
 from ckpt import background, custom, formats, root, saving, storage
 from ckpt import format as fmt
-from ckpt.context import check_saving_options, get_context
+from ckpt.context import get_context
 from ckpt.metadata import CheckpointMetadata
 from ckpt.training import checkpoint_metadata
 
@@ -23,9 +23,8 @@ def _writer(path: str | os.PathLike, checkpointables: dict[str, Any], overwrite:
             custom_metadata: Any) -> saving.StepWriter:
     final = storage.location(path)
     options = get_context()
-    check_saving_options(options)
     trees, handled = custom.split(checkpointables, options.checkpointables_options.registry)
-    plan = saving.plan(trees, custom_metadata=custom_metadata)
+    plan = saving.plan(trees, custom_metadata=custom_metadata, storage=options.array_options.saving.storage_options)
     tmp = storage.temporary_for(final)
     root.check_target(final, tmp, step=None, overwrite=overwrite)
     storage.make_dir(final.parent)

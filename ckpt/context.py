@@ -2,7 +2,8 @@
 
 Set options on a Context and give it to a Checkpointer, or activate it with ``with ctx:`` for the
 operations in the block (an active Context wins over the one given to the constructor, as in Orbax).
-Every Orbax option is accepted. Those that have a meaning in ckpt are honoured; the others are
+Inside the block its options are frozen: setting one raises RuntimeError, as in Orbax. Every Orbax
+option is accepted. Those that have a meaning in ckpt are honoured; the others are
 named in :data:`NOT_APPLICABLE` with the reason, and setting one of those to something other than
 its default changes nothing (except ``todelete_full_path``, which raises: ckpt cannot soft-delete).
 
@@ -19,6 +20,7 @@ Example::
 from __future__ import annotations
 
 import contextvars
+import copy
 import dataclasses
 from typing import Any, Callable
 
@@ -44,8 +46,47 @@ NOT_APPLICABLE = {
 }
 
 
+# The ids of the option groups of the active Contexts (in this thread or task): frozen while active.
+_FROZEN: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar("ckpt_frozen_options", default=frozenset())
+
+
+class _Options:
+    """Base of the option groups: setting a field of a group that belongs to an active Context (``with ctx:``)
+    raises RuntimeError, as in Orbax; outside the block a Context is configured freely. A name that is
+    not an option of the group raises AttributeError (an Orbax option ckpt lacks is never silently ignored)."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if id(self) in _FROZEN.get():
+            raise RuntimeError("Cannot mutate options of an active context. Configure before entering the `with` block.")
+        names = [field.name for field in dataclasses.fields(self)]
+        if name not in names:
+            raise AttributeError(f"{type(self).__qualname__} has no option {name!r}; its options are {', '.join(names)}")
+        object.__setattr__(self, name, value)
+
+
+def _groups(options: _Options) -> list[_Options]:
+    """``options`` and every option group nested in it."""
+    found = [options]
+    for field in dataclasses.fields(options):
+        value = getattr(options, field.name)
+        if isinstance(value, _Options):
+            found.extend(_groups(value))
+    return found
+
+
+def _copy(options: _Options) -> _Options:
+    """A copy of an option group whose nested groups are copies too; the values themselves (callables,
+    registries, ``processes``) are shared, not copied."""
+    copied = copy.copy(options)
+    for field in dataclasses.fields(options):
+        value = getattr(options, field.name)
+        if isinstance(value, _Options):
+            object.__setattr__(copied, field.name, _copy(value))
+    return copied
+
+
 @dataclasses.dataclass(kw_only=True)
-class AsyncOptions:
+class AsyncOptions(_Options):
     """timeout_secs: how long ``wait``, ``close``, ``result()`` and a new save wait for a save in flight;
     post_finalization_callback: called with no argument after each step is committed.
 
@@ -63,7 +104,7 @@ class AsyncOptions:
 
 
 @dataclasses.dataclass(kw_only=True)
-class FileOptions:
+class FileOptions(_Options):
     """path_permission_mode: permission bits (e.g. ``0o750``) for the directories ckpt creates; None keeps the umask.
 
     Example::
@@ -80,7 +121,7 @@ class FileOptions:
 
 
 @dataclasses.dataclass(kw_only=True)
-class MemoryOptions:
+class MemoryOptions(_Options):
     """max_inflight_bytes: the most bytes an async save copies into its snapshot; leaves beyond it are
     written before ``save_async`` returns. None: no bound (the snapshot is one copy of the state).
     A Checkpointer keeps its last snapshot's buffers for the next async save (copying into memory
@@ -99,7 +140,7 @@ class MemoryOptions:
 
 
 @dataclasses.dataclass(kw_only=True)
-class PyTreeOptions:
+class PyTreeOptions(_Options):
     """loading.partial_load: an abstract tree may omit subtrees of the saved one; they are not read.
     ``PyTreeOptions(partial_load=True)`` is short for setting it.
 
@@ -112,11 +153,11 @@ class PyTreeOptions:
     """
 
     @dataclasses.dataclass(kw_only=True)
-    class Saving:
+    class Saving(_Options):
         pytree_metadata_options: Any = None
 
     @dataclasses.dataclass(kw_only=True)
-    class Loading:
+    class Loading(_Options):
         partial_load: bool = False
 
     saving: Saving = dataclasses.field(default_factory=Saving)
@@ -129,23 +170,29 @@ class PyTreeOptions:
 
 
 @dataclasses.dataclass(kw_only=True)
-class ArrayOptions:
-    """Orbax's array options. ``saving.storage_options.dtype`` and ``chunk_byte_size`` are not
-    supported yet: a save refuses them (ValueError) rather than ignore them. The rest does not apply
-    (see ``NOT_APPLICABLE``).
+class ArrayOptions(_Options):
+    """Orbax's array options. ``saving.storage_options.dtype`` casts every array leaf (numpy, jax,
+    torch) to that dtype on save, as Orbax does (scalars are stored as they are); a load gives the
+    stored dtype, or the abstract leaf's. ``saving.storage_options.chunk_byte_size`` is the target
+    size of the chunks of each large leaf's array (slabs along the first axis, at least one row each).
+    A bad value of either is a ValueError before anything is written (see :mod:`ckpt.storage_options`).
+    The rest does not apply (see ``NOT_APPLICABLE``).
 
     Example::
 
         ctx = ckpt.Context()
+        ctx.array.saving.storage_options.dtype = np.float16      # half the bytes on disk
         ctx.array.saving.use_ocdbt = False               # accepted: ckpt never writes OCDBT
         with ckpt.Checkpointer("runs/exp1", context=ctx) as ckptr:
             ckptr.save(0, {"w": np.ones(3, np.float32)})
+            assert ckptr.load(0)["w"].dtype == np.float16
+            assert ckptr.load(0, {"w": np.zeros(3, np.float32)})["w"].dtype == np.float32
     """
 
     @dataclasses.dataclass(kw_only=True)
-    class Saving:
+    class Saving(_Options):
         @dataclasses.dataclass(kw_only=True)
-        class StorageOptions:
+        class StorageOptions(_Options):
             dtype: Any = None
             chunk_byte_size: int | None = None
             shard_axes: tuple[int, ...] | None = None
@@ -161,7 +208,7 @@ class ArrayOptions:
         array_metadata_store: Any = None
 
     @dataclasses.dataclass(kw_only=True)
-    class Loading:
+    class Loading(_Options):
         enable_padding_and_truncation: bool = False
         raise_array_data_missing_error: bool = True
         use_load_and_broadcast: bool = False
@@ -171,7 +218,7 @@ class ArrayOptions:
 
 
 @dataclasses.dataclass(kw_only=True)
-class MultiprocessingOptions:
+class MultiprocessingOptions(_Options):
     """processes: how the processes of a multi-process job agree (:class:`ckpt.distributed.Processes`);
     None detects ``jax.distributed``, else a single process. primary_host: the process that writes the
     manifest and commits (ckpt's is always process 0). barrier_sync_key_prefix: a prefix of the names
@@ -199,7 +246,7 @@ class MultiprocessingOptions:
 
 
 @dataclasses.dataclass(kw_only=True)
-class CheckpointablesOptions:
+class CheckpointablesOptions(_Options):
     """registry: the handlers of custom checkpointables (:mod:`ckpt.handlers`); default: the global ones.
 
     Example::
@@ -213,7 +260,7 @@ class CheckpointablesOptions:
 
 
 @dataclasses.dataclass(kw_only=True)
-class DeletionOptions:
+class DeletionOptions(_Options):
     """gcs_deletion_options.todelete_full_path: Orbax moves deleted steps there on GCS; ckpt deletes
     them, so a Checkpointer refuses a Context that sets it (ValueError).
 
@@ -224,28 +271,10 @@ class DeletionOptions:
     """
 
     @dataclasses.dataclass(kw_only=True)
-    class GcsDeletionOptions:
+    class GcsDeletionOptions(_Options):
         todelete_full_path: str | None = None
 
     gcs_deletion_options: GcsDeletionOptions = dataclasses.field(default_factory=GcsDeletionOptions)
-
-
-def check_saving_options(context: Context) -> None:
-    """ValueError for the saving options ckpt does not support yet (a storage dtype, a chunk size).
-
-    Example::
-
-        ctx = ckpt.Context()
-        ctx.array.saving.storage_options.dtype = np.float16
-        try:
-            check_saving_options(ctx)
-        except ValueError as e:
-            print(e)                                     # names the option
-    """
-    storage = context.array_options.saving.storage_options
-    if storage.dtype is not None or storage.chunk_byte_size is not None:
-        raise ValueError("ctx.array.saving.storage_options.dtype and chunk_byte_size are not supported by ckpt "
-                         "yet; cast the arrays before saving instead")
 
 
 _ACTIVE: contextvars.ContextVar[Context | None] = contextvars.ContextVar("ckpt_context", default=None)
@@ -254,7 +283,10 @@ _ACTIVE: contextvars.ContextVar[Context | None] = contextvars.ContextVar("ckpt_c
 class Context:
     """Option groups for saving and loading; ``with ctx:`` makes it the active one in the block.
 
-    ``Context(parent, ...)`` starts from ``parent``'s options; each ``*_options`` argument replaces a group.
+    ``Context(parent, ...)`` starts from copies of ``parent``'s option groups; each ``*_options``
+    argument replaces a group (with a copy), so that changing one Context never changes another.
+    Inside ``with ctx:`` the groups are frozen (setting an option raises RuntimeError, as in Orbax):
+    configure a Context before entering it, or make a new one from it.
 
     Example::
 
@@ -263,6 +295,11 @@ class Context:
         ctx.pytree.loading.partial_load = True
         with ckpt.Checkpointer("runs/exp1", context=ctx) as ckptr:
             ckptr.save(0, {"w": np.ones(3)})
+        with ctx:
+            try:
+                ctx.pytree.loading.partial_load = False
+            except RuntimeError:                         # frozen: the Context is active
+                pass
     """
 
     def __init__(self, context: Context | None = None, *, pytree_options: PyTreeOptions | None = None,
@@ -272,37 +309,45 @@ class Context:
                  checkpointables_options: CheckpointablesOptions | None = None,
                  deletion_options: DeletionOptions | None = None, memory_options: MemoryOptions | None = None):
         def pick(given, name, cls):
-            return given if given is not None else getattr(context, name) if context is not None else cls()
+            chosen = given if given is not None else getattr(context, name) if context is not None else None
+            return cls() if chosen is None else _copy(chosen)
 
-        self.pytree_options = pick(pytree_options, "pytree_options", PyTreeOptions)
-        self.array_options = pick(array_options, "array_options", ArrayOptions)
-        self.async_options = pick(async_options, "async_options", AsyncOptions)
-        self.multiprocessing_options = pick(multiprocessing_options, "multiprocessing_options", MultiprocessingOptions)
-        self.file_options = pick(file_options, "file_options", FileOptions)
-        self.checkpointables_options = pick(checkpointables_options, "checkpointables_options", CheckpointablesOptions)
-        self.deletion_options = pick(deletion_options, "deletion_options", DeletionOptions)
-        self.memory_options = pick(memory_options, "memory_options", MemoryOptions)
-        self._tokens: list[contextvars.Token] = []
+        self._pytree_options = pick(pytree_options, "pytree_options", PyTreeOptions)
+        self._array_options = pick(array_options, "array_options", ArrayOptions)
+        self._async_options = pick(async_options, "async_options", AsyncOptions)
+        self._multiprocessing_options = pick(multiprocessing_options, "multiprocessing_options", MultiprocessingOptions)
+        self._file_options = pick(file_options, "file_options", FileOptions)
+        self._checkpointables_options = pick(checkpointables_options, "checkpointables_options", CheckpointablesOptions)
+        self._deletion_options = pick(deletion_options, "deletion_options", DeletionOptions)
+        self._memory_options = pick(memory_options, "memory_options", MemoryOptions)
+        self._tokens: list[tuple[contextvars.Token, contextvars.Token]] = []
 
-    # Orbax's short names for the groups.
-    pytree = property(lambda self: self.pytree_options)
-    array = property(lambda self: self.array_options)
-    asynchronous = property(lambda self: self.async_options)
-    multiprocessing = property(lambda self: self.multiprocessing_options)
-    file = property(lambda self: self.file_options)
-    checkpointables = property(lambda self: self.checkpointables_options)
-    deletion = property(lambda self: self.deletion_options)
-    memory = property(lambda self: self.memory_options)
+    # The groups (read-only, as in Orbax), under their long and Orbax's short names.
+    pytree_options = pytree = property(lambda self: self._pytree_options)
+    array_options = array = property(lambda self: self._array_options)
+    async_options = asynchronous = property(lambda self: self._async_options)
+    multiprocessing_options = multiprocessing = property(lambda self: self._multiprocessing_options)
+    file_options = file = property(lambda self: self._file_options)
+    checkpointables_options = checkpointables = property(lambda self: self._checkpointables_options)
+    deletion_options = deletion = property(lambda self: self._deletion_options)
+    memory_options = memory = property(lambda self: self._memory_options)
+
+    def _option_groups(self) -> list[_Options]:
+        return [group for name, value in vars(self).items() if name.endswith("_options") for group in _groups(value)]
 
     def __enter__(self) -> Context:
-        self._tokens.append(_ACTIVE.set(self))
+        frozen = _FROZEN.get() | {id(group) for group in self._option_groups()}
+        self._tokens.append((_ACTIVE.set(self), _FROZEN.set(frozen)))
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        _ACTIVE.reset(self._tokens.pop())
+        active, frozen = self._tokens.pop()
+        _FROZEN.reset(frozen)
+        _ACTIVE.reset(active)
 
     def __repr__(self) -> str:
-        return f"Context({', '.join(f'{k}={v!r}' for k, v in vars(self).items() if not k.startswith('_'))})"
+        groups = ", ".join(f"{name[1:]}={value!r}" for name, value in vars(self).items() if name.endswith("_options"))
+        return f"Context({groups})"
 
 
 def get_context(default: Context | None = None) -> Context:

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from ckpt import leaves as leaves_lib
+from ckpt import storage_options
 from ckpt import tree as tree_lib
 from ckpt.tree import KeyPath
 
@@ -30,7 +31,8 @@ class Layout:
     """What a plan decided about each leaf, in flatten order over the checkpointables (see the module).
 
     ``meta[i]`` is leaf i's manifest entry before any checksum; ``location[i]`` is "inline",
-    "packed" (at ``offset[i]``) or "array" (``array_name[i]``).
+    "packed" (at ``offset[i]``) or "array" (``array_name[i]``). ``storage``: the storage options the
+    plan applied (its dtype is in ``meta``, its chunk size in the array specs); a save with others plans anew.
     """
 
     names: tuple[str, ...]
@@ -45,6 +47,7 @@ class Layout:
     nbytes: list[int]
     array_name: list[str]
     packed_nbytes: int
+    storage: storage_options.Storage
     buffer: np.ndarray | None = None  # the packed staging buffer that ``packed_views`` view
     packed_views: list[tuple[int, np.ndarray]] = dataclasses.field(default_factory=list)
 
@@ -88,7 +91,7 @@ class Layout:
 
 
 def of(names: tuple[str, ...], nodes: list[tree_lib.Node], structures: dict[str, dict], planned: dict[str, list],
-       values: list[Any], packed_nbytes: int) -> Layout | None:
+       values: list[Any], packed_nbytes: int, storage: storage_options.Storage) -> Layout | None:
     """The layout of a plan (``planned``: its PlannedLeaf objects by checkpointable, ``values`` the leaves
     they came from, in order), or None when a leaf is of a kind whose plan is never reused."""
     signatures = [signature(value) for value in values]
@@ -99,7 +102,7 @@ def of(names: tuple[str, ...], nodes: list[tree_lib.Node], structures: dict[str,
         names, [_walker(node) for node in nodes], structures, [len(planned[name]) for name in names],
         [leaf.path for leaf in flat], signatures, [dict(leaf.host.meta) for leaf in flat],
         [leaf.location for leaf in flat], [leaf.offset for leaf in flat], [leaf.nbytes for leaf in flat],
-        [leaf.array_name for leaf in flat], packed_nbytes)
+        [leaf.array_name for leaf in flat], packed_nbytes, storage)
 
 
 def signature(x: Any) -> Any:

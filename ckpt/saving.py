@@ -19,7 +19,7 @@ import tensorstore as ts
 from ckpt import format as fmt
 from ckpt import layout as layout_lib
 from ckpt import leaves as leaves_lib
-from ckpt import chunks, custom, distributed, loading, preemption, progress, storage, transfers
+from ckpt import chunks, custom, distributed, loading, preemption, progress, storage, storage_options, transfers
 from ckpt import tree as tree_lib
 from ckpt.metadata import now_nsecs
 from ckpt.tree import KeyPath, keystr
@@ -86,6 +86,8 @@ class Plan:
         else:
             array = self.copies.get(i)
             host = leaves_lib.HostLeaf(dict(layout.meta[i]), leaves_lib.to_host(path, value).array if array is None else array)
+            if array is None and layout.storage.dtype is not None:
+                storage_options.cast(host, layout.storage.dtype)
         return PlannedLeaf(path, host, where, layout.offset[i], layout.nbytes[i], layout.array_name[i])
 
 
@@ -95,12 +97,14 @@ def _raw_bytes(array: np.ndarray) -> np.ndarray:
 
 
 def plan(checkpointables: dict[str, Any], *, metrics: Any = None, custom_metadata: Any = None,
-         previous: layout_lib.Layout | None = None) -> Plan:
+         previous: layout_lib.Layout | None = None, storage: Any = None) -> Plan:
     """Validates names, metadata and leaves, and decides where each leaf's bytes go. No I/O. A tree
-    with the structure, types, shapes and dtypes of ``previous`` (the last plan's layout) reuses it.
+    with the structure, types, shapes and dtypes of ``previous`` (the last plan's layout), saved with
+    the same ``storage`` options (a Context's ``array.saving.storage_options``), reuses it.
 
     Raises:
-      ValueError: an invalid checkpointable name, or metrics/custom metadata that are not JSON.
+      ValueError: an invalid checkpointable name, metrics/custom metadata that are not JSON, or bad
+        storage options.
       TypeError: a leaf that cannot be stored (named by its key path).
     """
     if not isinstance(checkpointables, dict):  # empty when every checkpointable has a handler (ckpt.custom)
@@ -112,7 +116,8 @@ def plan(checkpointables: dict[str, Any], *, metrics: Any = None, custom_metadat
         fmt.check_json(metrics, "metrics")
     if custom_metadata is not None:
         fmt.check_json(custom_metadata, "custom_metadata")
-    values = None if previous is None else previous.leaves_of(checkpointables)
+    stored = storage_options.of(storage)
+    values = None if previous is None or previous.storage != stored else previous.leaves_of(checkpointables)
     if values is not None:
         return Plan(previous.structures, {}, [], [], previous.packed_nbytes, metrics, custom_metadata, now_nsecs(),
                     layout=previous, values=values)
@@ -125,6 +130,9 @@ def plan(checkpointables: dict[str, Any], *, metrics: Any = None, custom_metadat
             hosts = leaves_lib.to_hosts(flat)
         except TypeError as e:
             raise TypeError(f"checkpointable {name!r}: {e}") from None
+        if stored.dtype is not None:
+            for host in hosts:
+                storage_options.cast(host, stored.dtype)
         structures[name] = tree_lib.to_json(node)
         planned[name] = []
         nodes.append(node)
@@ -140,14 +148,14 @@ def plan(checkpointables: dict[str, Any], *, metrics: Any = None, custom_metadat
                     packed.append(leaf)
                 else:
                     leaf.location, leaf.array_name = "array", f"{fmt.ARRAYS}/{len(arrays)}"
-                    _describe_array(leaf)
+                    _describe_array(leaf, stored.chunk_bytes)
                     arrays.append(leaf)
             planned[name].append(leaf)
-    layout = layout_lib.of(tuple(checkpointables), nodes, structures, planned, every, offset)
+    layout = layout_lib.of(tuple(checkpointables), nodes, structures, planned, every, offset, stored)
     return Plan(structures, planned, packed, arrays, offset, metrics, custom_metadata, now_nsecs(), layout=layout)
 
 
-def _describe_array(leaf: PlannedLeaf) -> None:
+def _describe_array(leaf: PlannedLeaf, chunk_bytes: int) -> None:
     """Puts the zarr3 spec of a large leaf in its manifest entry (raw bytes for dtypes zarr3 lacks)."""
     meta = leaf.host.meta
     dtype, shape = leaves_lib.parse_dtype(meta["dtype"]), tuple(meta["shape"])
@@ -156,7 +164,7 @@ def _describe_array(leaf: PlannedLeaf) -> None:
         dtype, shape, chunks = np.dtype(np.uint8), (leaf.nbytes,), None
         meta["stored_as"] = "bytes"
     meta["array"] = storage.array_spec({"driver": "file", "path": leaf.array_name + "/"}, dtype, shape,
-                                       fmt.ARRAY_CHUNK_BYTES, checksum=chunks is not None, chunk_shape=chunks)
+                                       chunk_bytes, checksum=chunks is not None, chunk_shape=chunks)
 
 
 class StagingBuffers:

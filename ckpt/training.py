@@ -34,7 +34,7 @@ from typing import Any, Sequence
 from ckpt import background, custom, distributed, dtensor, formats, loading, orbax, preemption, root, saving, storage, tiers
 from ckpt import errors
 from ckpt import format as fmt
-from ckpt.context import Context, check_saving_options, get_context
+from ckpt.context import Context, get_context
 from ckpt.metadata import CheckpointMetadata, RootMetadata, now_nsecs
 from ckpt.path import step as step_lib
 from ckpt.policies import preservation as preservation_policies
@@ -407,9 +407,11 @@ class Checkpointer:
             return self._local.checkpointer.prepare_async_save(checkpointables)
         if dtensor.holds_dtensors(checkpointables):  # planning gathers small DTensors: not from another thread
             return background.finished(None)
-        budget = self._inflight_budget()
+        options, budget = self._ctx, self._inflight_budget()
+        trees, _ = custom.split(checkpointables, options.checkpointables_options.registry)  # handlers bring their memory
+        storage = options.array_options.saving.storage_options
         return self._in_background(  # only the leaves' sizes are read: planning can wait for the thread
-            lambda: self._staging.reserve(saving.staging_sizes(saving.plan(checkpointables), budget)))
+            lambda: self._staging.reserve(saving.staging_sizes(saving.plan(trees, storage=storage), budget)))
 
     def _save(self, step: int, checkpointables: dict[str, Any], *, force: bool, overwrite: bool, metrics: Any,
               custom_metadata: Any, blocking: bool) -> background.AsyncResponse[bool] | None:
@@ -432,9 +434,9 @@ class Checkpointer:
                                     preempted=self.reached_preemption(step), metrics=metrics,
                                     custom_metadata=custom_metadata)
         options = self._ctx
-        check_saving_options(options)
         trees, handled = custom.split(checkpointables, options.checkpointables_options.registry)
-        plan = saving.plan(trees, metrics=metrics, custom_metadata=custom_metadata, previous=self._staging.layout)
+        plan = saving.plan(trees, metrics=metrics, custom_metadata=custom_metadata, previous=self._staging.layout,
+                           storage=options.array_options.saving.storage_options)
         self._staging.layout = plan.layout
         final = self._directory / step_lib.checked_name(self._name_format, step)
         self.wait()

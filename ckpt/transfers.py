@@ -143,10 +143,11 @@ class ToHost:
                 values[i].copy_to_host_async()
 
     def copy(self, i: int, view: np.ndarray) -> np.ndarray:
-        """Copies leaf ``i`` into ``view`` (its dtype and shape); returns ``view``."""
+        """Copies leaf ``i`` into ``view`` (its shape; cast to its dtype, which a storage dtype may
+        make another than the leaf's); returns ``view``."""
         x = self.values[i]
         if type(x) is np.ndarray:
-            np.copyto(view, x)
+            np.copyto(view, x, casting="unsafe")
             return view
         torch = sys.modules.get("torch")
         if torch is not None and isinstance(x, torch.Tensor):
@@ -158,7 +159,7 @@ class ToHost:
             else:
                 numpy_to_torch(view).copy_(x.detach())
             return view
-        np.copyto(view, np.frombuffer(x, np.uint8) if type(x) is bytes else np.asarray(x))
+        np.copyto(view, np.frombuffer(x, np.uint8) if type(x) is bytes else np.asarray(x), casting="unsafe")
         return view
 
     def _stream(self, device: Any) -> Any:

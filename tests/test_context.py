@@ -1,4 +1,6 @@
 """ckpt.Context: Orbax's option tree, the constructor's Context, and ``with ctx:`` scoping."""
+import threading
+
 import numpy as np
 import pytest
 
@@ -29,14 +31,72 @@ def test_an_active_context_applies_to_the_free_functions(tmp_path):
         ckpt.load(tmp_path / "m", {"opt_state": np.zeros(3)})
 
 
-def test_a_storage_dtype_or_chunk_size_is_refused_not_ignored(tmp_path):
+def test_entering_a_context_freezes_its_options_as_orbax_does(tmp_path):
     ctx = ckpt.Context()
-    ctx.array.saving.storage_options.dtype = np.float16
-    with Checkpointer(tmp_path / "root", context=ctx) as ckptr, pytest.raises(ValueError, match="storage_options"):
-        ckptr.save(0, STATE)
-    with ctx, pytest.raises(ValueError, match="storage_options"):
-        ckpt.save(tmp_path / "m", STATE)
-    assert not (tmp_path / "m").exists()
+    with ctx:
+        for group, name, value in [(ctx.array.saving.storage_options, "dtype", np.float16),
+                                   (ctx.array.saving, "use_ocdbt", False), (ctx.pytree.loading, "partial_load", True),
+                                   (ctx.asynchronous, "timeout_secs", 1), (ctx.memory, "max_inflight_bytes", 1),
+                                   (ctx.deletion.gcs_deletion_options, "todelete_full_path", "trash")]:
+            with pytest.raises(RuntimeError, match="Cannot mutate options of an active context"):
+                setattr(group, name, value)
+        with pytest.raises(AttributeError):
+            ctx.array = ckpt.ArrayOptions()                  # the groups are read-only, as in Orbax
+        inner = ckpt.Context(ctx)                            # a new Context made from it is not frozen
+        inner.array.saving.storage_options.dtype = np.float16
+        assert ctx.array.saving.storage_options.dtype is None
+        with inner:
+            with pytest.raises(RuntimeError):
+                inner.array.saving.storage_options.dtype = None
+            ckpt.save(tmp_path / "m", STATE)                 # the innermost Context applies
+        assert ckpt.context.get_context() is ctx
+        with pytest.raises(RuntimeError):                    # still frozen after an inner block
+            ctx.pytree.loading.partial_load = True
+    ctx.pytree.loading.partial_load = True                   # the block is over
+    assert ckpt.load(tmp_path / "m")["params"].dtype == np.float16
+
+
+def test_a_context_copies_the_option_groups_it_starts_from_and_shares_their_values():
+    def callback():
+        pass
+
+    parent = ckpt.Context(async_options=ckpt.AsyncOptions(timeout_secs=5, post_finalization_callback=callback))
+    child = ckpt.Context(parent, memory_options=parent.memory)
+    child.asynchronous.timeout_secs = 7
+    child.memory.max_inflight_bytes = 1 << 20
+    assert parent.asynchronous.timeout_secs == 5 and parent.memory.max_inflight_bytes is None
+    assert child.asynchronous.post_finalization_callback is callback
+    assert child.checkpointables.registry is parent.checkpointables.registry
+    with child, pytest.raises(RuntimeError):                 # entering the child leaves the parent free
+        child.memory.max_inflight_bytes = 1
+    with child:
+        parent.memory.max_inflight_bytes = 1
+    assert parent.memory.max_inflight_bytes == 1 and child.memory.max_inflight_bytes == 1 << 20
+
+
+def test_an_option_ckpt_lacks_is_an_error_not_silently_ignored():
+    ctx = ckpt.Context()
+    with pytest.raises(AttributeError, match="scoped_storage_options_creator.*storage_options, use_ocdbt"):
+        ctx.array.saving.scoped_storage_options_creator = lambda keypath, value: None
+    with pytest.raises(AttributeError, match="partial_loading"):
+        ctx.pytree.loading.partial_loading = True
+
+
+def test_a_context_is_frozen_only_where_it_is_active():
+    ctx = ckpt.Context()
+    errors = []
+
+    def other_thread():                                      # contextvars: no active Context there
+        try:
+            ctx.array.saving.use_ocdbt = False
+        except RuntimeError as e:
+            errors.append(e)
+
+    with ctx:
+        thread = threading.Thread(target=other_thread)
+        thread.start()
+        thread.join()
+    assert errors == [] and ctx.array.saving.use_ocdbt is False
 
 
 def test_post_finalization_callback_runs_after_each_commit(tmp_path):

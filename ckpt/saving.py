@@ -331,9 +331,14 @@ class StepWriter:
         self._prepared = True
 
     def start_custom(self, handled: dict[str, tuple[type | None, Any]]) -> None:
-        """Runs the caller's part of the handlers' saves (see :func:`ckpt.custom.start`); the rest runs in :meth:`run`."""
+        """Runs the caller's part of the handlers' saves (see :func:`ckpt.custom.start`); the rest runs in :meth:`run`.
+        With several processes, every process's handlers run (each may write files of its own): the primary
+        makes the step's directory first, so that any of them may make its directory at once."""
         if not handled:
             return
+        if self.processes.count > 1:
+            self.prepare_dir()
+            self._barrier("custom")
         try:
             self.custom = custom.start(handled, self.tmp_dir, self.prepare_dir)
         except BaseException:

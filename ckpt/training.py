@@ -570,17 +570,19 @@ class Checkpointer:
         """
         info = self._resolve(step)
         self._staging.clear()
+        options = self._ctx
+
+        def read(path: storage.Location) -> dict[str, Any]:
+            return formats.load_checkpointables(path, abstract_checkpointables,
+                                                partial_load=options.pytree_options.loading.partial_load,
+                                                registry=options.checkpointables_options.registry)
+
         if self._local is not None:
-            candidates = self.checkpoints[::-1] if step is None else [info]
-            return self._local.load(candidates, lambda path: formats.load_checkpointables(
-                path, abstract_checkpointables, partial_load=self._ctx.pytree_options.loading.partial_load))
+            return self._local.load(self.checkpoints[::-1] if step is None else [info], read)
         self._reading[info.step] += 1
         try:
-            options = self._ctx
             with root.reading(info.path, info.step):
-                return formats.load_checkpointables(info.path, abstract_checkpointables,
-                                                    partial_load=options.pytree_options.loading.partial_load,
-                                                    registry=options.checkpointables_options.registry)
+                return read(info.path)
         except errors.StepNotFoundError:
             self._forget(info.step)
             raise

@@ -42,6 +42,52 @@ def check_restored(restored: dict, step: int, sharding) -> None:
     assert restored["step"] == step
 
 
+class PerProcess:
+    """A StatefulCheckpointable of which every process writes a file of its own, its directory made at once."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    async def save(self, directory):
+        path = await directory.await_creation()
+        (path / f"process_{pid}").write_text(str(self.n))
+
+        async def done():
+            pass
+        return done()
+
+    async def load(self, directory):
+        async def read():
+            self.n = int((directory / f"process_{pid}").read_text())
+        return read()
+
+
+def save_custom(ckptr: Checkpointer, steps: list[int]) -> None:
+    """Saves (sync, then async) and loads back a handler's checkpointable, a stateful one and the state,
+    with a storage dtype: the shards of the spread array are cast by the process that writes them."""
+    import ckpt
+    from tests.test_custom_checkpointables import AbstractVocab, Vocab, VocabHandler
+
+    ctx = ckpt.Context()
+    ctx.checkpointables.registry = ckpt.handlers.local_registry().add(VocabHandler)
+    ctx.array.saving.storage_options.dtype = jax.numpy.bfloat16
+    with ctx:
+        for step, save in zip(steps, (ckptr.save_checkpointables, ckptr.save_checkpointables_async)):
+            saved = save(step, {"state": state(step), "vocab": Vocab([str(step)]), "counter": PerProcess(10 * step + pid)})
+            assert saved is True or saved.result(timeout=60)
+        for step in steps:
+            counter, abstract = PerProcess(0), jax.ShapeDtypeStruct(SHAPE, np.float32, sharding=cols)
+            loaded = ckptr.load_checkpointables(step, {"state": {"w": abstract, "bias": np.zeros(3, np.int32), "step": 0},
+                                                       "vocab": AbstractVocab(), "counter": counter})
+            assert loaded["vocab"] == Vocab([str(step)]) and counter.n == 10 * step + pid
+            assert ckptr.metadata(step).metadata["w"].dtype == jax.numpy.bfloat16
+            w = loaded["state"]["w"]
+            assert w.sharding == cols and w.dtype == np.float32
+            for shard in w.addressable_shards:
+                want = expected(step).astype(jax.numpy.bfloat16).astype(np.float32)[shard.index]
+                np.testing.assert_array_equal(np.asarray(shard.data), want)
+
+
 if mode == "tiers":  # two tiers: each process's local tier, then process 1's host is replaced
     import shutil
 
@@ -85,3 +131,5 @@ with Checkpointer(directory, save_decision_policy=policy) as ckptr:
         assert ckptr.should_save(latest + 1)
         ckptr.save(latest + 1, state(latest + 1))
         print(f"process {pid} resumed from {latest} steps {[c.step for c in ckptr.checkpoints]}", flush=True)
+        save_custom(ckptr, [latest + 2, latest + 3])
+        print(f"process {pid} saved custom checkpointables {[c.step for c in ckptr.checkpoints][-2:]}", flush=True)

@@ -1,12 +1,14 @@
 """Checkpointables saved by handlers (ckpt.handlers, ckpt.custom) and by themselves (StatefulCheckpointable)."""
 import dataclasses
 import json
+import shutil
 
 import numpy as np
 import pytest
 
 import ckpt
 from ckpt import Checkpointer
+from ckpt.training import save_decision_policies as sdp
 
 
 @dataclasses.dataclass
@@ -138,3 +140,45 @@ def test_an_optax_empty_state_loads_as_none_without_a_target_as_in_orbax(tmp_pat
     ckpt.save(tmp_path / "m", {"opt": optax.EmptyState(), "w": np.ones(2)})
     assert ckpt.load(tmp_path / "m")["opt"] is None
     assert ckpt.load(tmp_path / "m", {"opt": optax.EmptyState(), "w": np.ones(2)})["opt"] == optax.EmptyState()
+
+
+def checkpointables(step: int) -> dict:
+    return {"state": {"w": np.full(1 << 18, step, np.float32)}, "vocab": Vocab([str(step)]), "counter": Counter(step)}
+
+
+def assert_loads(ckptr, step: int) -> None:
+    counter = Counter()
+    loaded = ckptr.load_checkpointables(step, {"state": None, "vocab": AbstractVocab(), "counter": counter})
+    assert loaded["vocab"] == Vocab([str(step)]) and loaded["counter"] is counter and counter.n == step
+    np.testing.assert_array_equal(loaded["state"]["w"], np.full(1 << 18, step, np.float32))
+
+
+def test_prepare_async_save_reserves_the_trees_memory_and_leaves_the_rest_to_the_handlers(tmp_path):
+    with Checkpointer(tmp_path, context=registry_context()) as ckptr:
+        assert ckptr.prepare_async_save(checkpointables(0)).result() is None
+        assert list(ckptr._staging._free) == [(1 << 20, False)]  # the tree's one array, ready for the snapshot
+        assert ckptr.save_checkpointables_async(0, checkpointables(0)).result()
+        assert_loads(ckptr, 0)
+
+
+def test_custom_checkpointables_are_saved_locally_promoted_and_restored_from_either_tier(tmp_path):
+    local = ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1))
+
+    def tiered() -> Checkpointer:  # the handler comes from the constructor's Context on both tiers
+        return Checkpointer(tmp_path / "durable", context=registry_context(), local=local,
+                            save_decision_policy=sdp.FixedIntervalPolicy(2))
+
+    with tiered() as ckptr:
+        ckptr.prepare_async_save(checkpointables(0)).result()
+        for step in range(4):
+            ckptr.save_checkpointables_async(step, checkpointables(step))
+        ckptr.wait()
+        assert {c.step: sorted(c.locations) for c in ckptr.checkpoints} == {
+            0: ["durable"], 2: ["durable", "local"], 3: ["local"]}
+        assert_loads(ckptr, 3)
+        assert_loads(ckptr, 2)
+    assert json.loads((tmp_path / "durable" / "2" / "vocab" / "words.json").read_text()) == ["2"]
+    shutil.rmtree(tmp_path / "local")  # a new machine: restored from the durable tier
+    with tiered() as ckptr:
+        assert ckptr.latest.step == 2 and ckptr.latest.locations.keys() == {"durable"}
+        assert_loads(ckptr, 2)

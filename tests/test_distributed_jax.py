@@ -40,8 +40,13 @@ def test_two_processes_save_sharded_arrays_are_killed_and_resume(tmp_path):
     saved = run_job(tmp_path, "save", wait_for="idle")  # both SIGKILLed once idle
     assert all("saved [1, 2]" not in line for line in saved)
     resumed = run_job(tmp_path, "resume")
-    assert "resumed from 3 steps [1, 2, 3, 4]" in resumed[0]
-    assert "resumed from 3 steps [1, 2, 3, 4]" in resumed[1]
+    for pid in (0, 1):
+        assert "resumed from 3 steps [1, 2, 3, 4]" in resumed[pid]
+        # then custom checkpointables (a handler's, and one every process writes a file of) with a storage dtype
+        assert f"process {pid} saved custom checkpointables [5, 6]" in resumed[pid]
+    for step in ("5", "6"):
+        assert sorted(p.name for p in (tmp_path / step / "counter").iterdir() if not p.name.startswith(".")) == [
+            "process_0", "process_1"]
 
 
 def test_a_checkpoint_of_two_processes_loads_in_one_process(tmp_path):

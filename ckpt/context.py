@@ -2,10 +2,12 @@
 
 Set options on a Context and give it to a Checkpointer, or activate it with ``with ctx:`` for the
 operations in the block (an active Context wins over the one given to the constructor, as in Orbax).
-Inside the block its options are frozen: setting one raises RuntimeError, as in Orbax. Every Orbax
-option is accepted. Those that have a meaning in ckpt are honoured; the others are
-named in :data:`NOT_APPLICABLE` with the reason, and setting one of those to something other than
-its default changes nothing (except ``todelete_full_path``, which raises: ckpt cannot soft-delete).
+Inside the block its options are frozen: setting one raises RuntimeError, as in Orbax. Every option
+of Orbax's groups is there, but for those of :data:`REFUSED` (setting one raises AttributeError, as
+does a name that is no option). Those that have a meaning in ckpt are honoured; the others are named
+in :data:`NOT_APPLICABLE` with the reason, and setting one of those to something other than its
+default changes nothing (except ``todelete_full_path``, which raises: ckpt cannot soft-delete).
+Orbax's groups ``pathways``, ``safetensors``, ``atomicity`` and ``checkpoint_layout`` are not there.
 
 Example::
 
@@ -29,22 +31,44 @@ from ckpt import handlers
 # Orbax options ckpt accepts and cannot apply, with the reason (README, "What differs").
 NOT_APPLICABLE = {
     "array.saving.use_ocdbt": "ckpt writes its own layout (small leaves packed into one array), never OCDBT",
+    "array.saving.use_zarr3": "large leaves are always zarr3 arrays (small ones are packed into one)",
     "array.saving.use_compression": "ckpt stores raw bytes, so that the read floor is the disk",
     "array.saving.ocdbt_target_data_file_size": "no OCDBT",
     "array.saving.storage_options.shard_axes": "chunks follow the saved sharding (or the first axis)",
     "array.saving.enable_pinned_host_transfer": "snapshots go to host memory the Checkpointer owns",
     "array.saving.enable_post_merge_validation": "no OCDBT merge; every chunk has a checksum",
     "array.saving.use_replica_parallel": "each shard is written once, by replica 0's process",
+    "array.saving.min_slice_bytes_for_replica_parallel": "no replica-parallel saving",
+    "array.saving.max_replicas_for_replica_parallel": "no replica-parallel saving",
+    "array.saving.enable_replica_parallel_separate_folder": "no replica-parallel saving",
     "array.saving.enable_write_sharding_file": "the sharding is in tree.json",
     "array.saving.array_metadata_store": "array metadata is in tree.json",
     "array.loading.use_load_and_broadcast": "each process reads the chunks it needs",
+    "array.loading.load_and_broadcast_options": "no load-and-broadcast",
     "array.loading.enable_padding_and_truncation": "a shape mismatch is an error listing every key path",
     "file.path_class": "paths are pathlib.Path, or tensorstore kvstores for gs:// and s3://",
+    "file.skip_sync_file_validations": "the checks before a save are always made: bad input fails before anything is written",
+    "array.loading.raise_array_data_missing_error": "a missing chunk is always damage (CheckpointCorruptedError)",
+    "pytree.saving.pytree_metadata_options": "tree.json always records each container's type (tuples, NamedTuples, ...)",
     "memory.write_concurrent_bytes": "bounded by memory.max_inflight_bytes",
     "memory.read_concurrent_bytes": "a load reads into the arrays it returns",
+    "memory.transfer_concurrent_bytes": "bounded by memory.max_inflight_bytes",
+    "memory.regulator_options": "bounded by memory.max_inflight_bytes",
+    "memory.expected_surge_bytes": "bounded by memory.max_inflight_bytes",
+    "memory.is_prioritized_key_fn": "a snapshot copies every leaf before save_async returns",
+    "memory.serialization_status_callback": "progress is reported on the ckpt.progress logger",
+    "memory.deepcopy_host_arrays": "an async save always copies host arrays into its snapshot",
     "async.create_directories_asynchronously": "always: the step directory is made in the background",
 }
 
+
+# Orbax options ckpt refuses (setting one raises AttributeError): honouring them would change what is
+# stored, and ignoring them would be silently wrong.
+REFUSED = {
+    "ArrayOptions.Saving.scoped_storage_options_creator":
+        "per-leaf storage options are not supported: storage_options applies to every array (cast the "
+        "leaves that need another dtype before saving)",
+}
 
 # The ids of the option groups of the active Contexts (in this thread or task): frozen while active.
 _FROZEN: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar("ckpt_frozen_options", default=frozenset())
@@ -53,14 +77,16 @@ _FROZEN: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar("ckpt_f
 class _Options:
     """Base of the option groups: setting a field of a group that belongs to an active Context (``with ctx:``)
     raises RuntimeError, as in Orbax; outside the block a Context is configured freely. A name that is
-    not an option of the group raises AttributeError (an Orbax option ckpt lacks is never silently ignored)."""
+    not an option of the group (a typo, or one of :data:`REFUSED`) raises AttributeError."""
 
     def __setattr__(self, name: str, value: Any) -> None:
         if id(self) in _FROZEN.get():
             raise RuntimeError("Cannot mutate options of an active context. Configure before entering the `with` block.")
         names = [field.name for field in dataclasses.fields(self)]
         if name not in names:
-            raise AttributeError(f"{type(self).__qualname__} has no option {name!r}; its options are {', '.join(names)}")
+            where = f"{type(self).__qualname__}.{name}"
+            raise AttributeError(f"{where}: {REFUSED[where]}" if where in REFUSED else
+                                 f"{type(self).__qualname__} has no option {name!r}; its options are {', '.join(names)}")
         object.__setattr__(self, name, value)
 
 
@@ -137,6 +163,12 @@ class MemoryOptions(_Options):
     max_inflight_bytes: int | None = None
     write_concurrent_bytes: int | None = None
     read_concurrent_bytes: int | None = None
+    transfer_concurrent_bytes: int | None = None
+    regulator_options: Any = None
+    expected_surge_bytes: int | float | None = None
+    is_prioritized_key_fn: Callable[..., bool] | None = None
+    serialization_status_callback: Any = None
+    deepcopy_host_arrays: bool = True
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -199,11 +231,15 @@ class ArrayOptions(_Options):
 
         storage_options: StorageOptions = dataclasses.field(default_factory=StorageOptions)
         use_ocdbt: bool = True
+        use_zarr3: bool = True
         use_compression: bool = True
         ocdbt_target_data_file_size: int | None = None
         enable_pinned_host_transfer: bool | None = None
         enable_post_merge_validation: bool = True
         use_replica_parallel: bool | None = None
+        min_slice_bytes_for_replica_parallel: int | None = None
+        max_replicas_for_replica_parallel: int | None = None
+        enable_replica_parallel_separate_folder: bool = False
         enable_write_sharding_file: bool = True
         array_metadata_store: Any = None
 
@@ -212,6 +248,7 @@ class ArrayOptions(_Options):
         enable_padding_and_truncation: bool = False
         raise_array_data_missing_error: bool = True
         use_load_and_broadcast: bool = False
+        load_and_broadcast_options: Any = None
 
     saving: Saving = dataclasses.field(default_factory=Saving)
     loading: Loading = dataclasses.field(default_factory=Loading)

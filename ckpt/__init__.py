@@ -9,8 +9,9 @@ The API of Orbax v1's ``training.Checkpointer``; switching is an import change::
 """
 from ckpt import context, distributed, errors, handlers, path, preemption, progress, tiers, training, verify
 from ckpt.background import AsyncResponse
-from ckpt.checkpoint import (checkpointables_metadata, load, load_async, load_checkpointables, metadata, save,
-                             save_async, save_checkpointables, save_checkpointables_async)
+from ckpt.checkpoint import (checkpointables_metadata, load, load_async, load_checkpointables, load_pytree,
+                             load_pytree_async, metadata, pytree_metadata, save, save_async, save_checkpointables,
+                             save_checkpointables_async, save_pytree, save_pytree_async)
 from ckpt.context import (ArrayOptions, AsyncOptions, CheckpointablesOptions, Context, DeletionOptions, FileOptions,
                           MemoryOptions, MultiprocessingOptions, PyTreeOptions)
 from ckpt.leaves import PLACEHOLDER
@@ -24,6 +25,7 @@ __all__ = [
     "ArrayOptions", "AsyncOptions", "AsyncResponse", "CheckpointMetadata", "CheckpointablesOptions", "Checkpointer",
     "Context", "DeletionOptions", "FileOptions", "LeafMetadata", "LocalCheckpointOptions", "MemoryOptions",
     "MultiprocessingOptions", "PLACEHOLDER", "PyTreeOptions", "RootMetadata", "checkpointables_metadata", "context",
-    "distributed", "errors", "handlers", "load", "load_async", "load_checkpointables", "metadata", "path", "preemption", "progress", "save",
-    "save_async", "save_checkpointables", "save_checkpointables_async", "training", "verify",
+    "distributed", "errors", "handlers", "load", "load_async", "load_checkpointables", "load_pytree", "load_pytree_async",
+    "metadata", "path", "preemption", "progress", "pytree_metadata", "save", "save_async", "save_checkpointables",
+    "save_checkpointables_async", "save_pytree", "save_pytree_async", "training", "verify",
 ]

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
 from ckpt import background, custom, formats, root, saving, storage
 from ckpt import format as fmt
 from ckpt.context import get_context
+from ckpt.errors import CheckpointNotFoundError
 from ckpt.metadata import CheckpointMetadata
 from ckpt.training import checkpoint_metadata
 
@@ -92,10 +94,10 @@ def save_async(path: str | os.PathLike, state: Any, *, checkpointable_name: str 
 
 
 def _existing(path: str | os.PathLike) -> storage.Location:
-    """``path`` as a location; FileNotFoundError naming it when a local path does not exist (not "damaged")."""
+    """``path`` as a location; CheckpointNotFoundError naming it when a local path does not exist (not "damaged")."""
     step_dir = storage.location(path)
     if isinstance(step_dir, Path) and not step_dir.exists():
-        raise FileNotFoundError(f"no checkpoint at {step_dir}: the path does not exist")
+        raise CheckpointNotFoundError(f"no checkpoint at {step_dir}: the path does not exist")
     return step_dir
 
 
@@ -171,3 +173,62 @@ def checkpointables_metadata(path: str | os.PathLike) -> CheckpointMetadata:
     step_dir = _existing(path)
     with root.reading(step_dir):
         return checkpoint_metadata(step_dir, None, registry=get_context().checkpointables_options.registry)
+
+
+# -------------------------------------------------------------------------- deprecated aliases (Orbax's)
+def save_pytree(*args: Any, **kwargs: Any) -> None:
+    """Deprecated: use :func:`save`.
+
+    Example::
+
+        ckpt.save("model", {"w": np.ones(3)})            # not ckpt.save_pytree("model", ...)
+    """
+    warnings.warn("Use `save` instead.", DeprecationWarning, stacklevel=2)
+    return save(*args, **kwargs)
+
+
+def save_pytree_async(*args: Any, **kwargs: Any) -> background.AsyncResponse[None]:
+    """Deprecated: use :func:`save_async`.
+
+    Example::
+
+        ckpt.save_async("model", {"w": np.ones(3)}).result(timeout=60)   # not ckpt.save_pytree_async
+    """
+    warnings.warn("Use `save_async` instead.", DeprecationWarning, stacklevel=2)
+    return save_async(*args, **kwargs)
+
+
+def load_pytree(*args: Any, **kwargs: Any) -> Any:
+    """Deprecated: use :func:`load`.
+
+    Example::
+
+        ckpt.save("model", {"w": np.ones(3)})
+        state = ckpt.load("model")                       # not ckpt.load_pytree("model")
+    """
+    warnings.warn("Use `load` instead.", DeprecationWarning, stacklevel=2)
+    return load(*args, **kwargs)
+
+
+def load_pytree_async(*args: Any, **kwargs: Any) -> background.AsyncResponse[Any]:
+    """Deprecated: use :func:`load_async`.
+
+    Example::
+
+        ckpt.save("model", {"w": np.ones(3)})
+        state = ckpt.load_async("model").result(timeout=60)   # not ckpt.load_pytree_async("model")
+    """
+    warnings.warn("Use `load_async` instead.", DeprecationWarning, stacklevel=2)
+    return load_async(*args, **kwargs)
+
+
+def pytree_metadata(*args: Any, **kwargs: Any) -> CheckpointMetadata:
+    """Deprecated: use :func:`metadata`.
+
+    Example::
+
+        ckpt.save("model", {"w": np.ones(3)})
+        tree = ckpt.metadata("model").metadata           # not ckpt.pytree_metadata("model")
+    """
+    warnings.warn("Use `metadata` instead.", DeprecationWarning, stacklevel=2)
+    return metadata(*args, **kwargs)

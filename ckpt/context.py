@@ -295,6 +295,21 @@ class CheckpointablesOptions(_Options):
 
     registry: handlers.CheckpointableHandlerRegistry = dataclasses.field(default_factory=handlers.local_registry)
 
+    @classmethod
+    def create_with_handlers(cls, *handler_types: type) -> CheckpointablesOptions:
+        """Options whose registry holds the global handlers and ``handler_types`` (Orbax's constructor).
+
+        Example::
+
+            class NoteHandler: ...                       # the methods of ckpt.handlers.CheckpointableHandler
+            options = ckpt.CheckpointablesOptions.create_with_handlers(NoteHandler)
+            assert (NoteHandler, None) in options.registry.get_all_entries()
+        """
+        registry = handlers.local_registry()
+        for handler_type in handler_types:
+            registry.add(handler_type)
+        return cls(registry=registry)
+
 
 @dataclasses.dataclass(kw_only=True)
 class DeletionOptions(_Options):

@@ -171,6 +171,49 @@ class InvalidLayoutError(ValueError):
     """
 
 
+class CheckpointNotFoundError(InvalidLayoutError, FileNotFoundError):
+    """Nothing exists at the checkpoint path given. Both an InvalidLayoutError (what Orbax raises) and a
+    FileNotFoundError, so that either ``except`` catches it.
+
+    Example::
+
+        try:
+            ckpt.load("runs/typo")
+        except FileNotFoundError as e:                   # or ckpt.errors.InvalidLayoutError
+            print(e)                                     # names the path
+    """
+
+
+class CheckpointableNotFoundError(KeyError):
+    """A checkpointable asked for by name is not in the step; the message names those asked for that are
+    missing (Orbax's words: "Requested checkpointables") and those the step has.
+
+    Example::
+
+        ckpt.save_checkpointables("model", {"params": {"w": np.ones(3)}})
+        try:
+            ckpt.load_checkpointables("model", {"optimizer": None})
+        except ckpt.errors.CheckpointableNotFoundError as e:   # a KeyError
+            print(e)                                     # 'optimizer' is missing; the step has ['params']
+    """
+
+    def __init__(self, step_dir: Path | str, missing: list[str], available: list[str]):
+        super().__init__(f"Requested checkpointables: {missing} are not in {step_dir}; it has {sorted(available)}")
+
+
+class UnregisteredTypeError(TypeError, ValueError):
+    """A leaf of a type ckpt cannot store; the message names its key path and type. A TypeError, and a
+    ValueError as Orbax's error of the same name is.
+
+    Example::
+
+        try:
+            ckpt.save("model", {"z": complex(1, 2)})
+        except ckpt.errors.UnregisteredTypeError as e:
+            print(e)                                     # the key path ['z'] and the type; nothing was written
+    """
+
+
 class DirectoryLockedError(RuntimeError):
     """Another writer (another Checkpointer, maybe in another process) holds this root directory.
 

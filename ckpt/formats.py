@@ -17,6 +17,7 @@ from typing import Any
 
 from ckpt import format as fmt
 from ckpt import loading, orbax, storage
+from ckpt.errors import CheckpointableNotFoundError
 
 
 def is_step(path: storage.Location) -> bool:
@@ -61,7 +62,7 @@ def trees(step_dir: storage.Location, names: list[str] | None = None) -> dict[st
     found = loading.read_tree(step_dir, loading.read_manifest(step_dir))["checkpointables"]
     missing = [n for n in names or () if n not in found]
     if missing:
-        raise KeyError(f"{step_dir} has no checkpointable {missing[0]!r}; it has {sorted(found)}")
+        raise CheckpointableNotFoundError(step_dir, missing, list(found))
     return found if names is None else {n: found[n] for n in names}
 
 

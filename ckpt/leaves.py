@@ -18,6 +18,7 @@ import ml_dtypes  # noqa: F401  (registers bfloat16, float8_*, int4 with numpy)
 import numpy as np
 
 from ckpt import dtensor, shardings, transfers
+from ckpt.errors import UnregisteredTypeError
 from ckpt.tree import KeyPath, keystr
 
 
@@ -116,7 +117,8 @@ def to_host(path: KeyPath, x: Any) -> HostLeaf:
     """Classifies a leaf and returns its manifest entry plus its data as a numpy array (maybe a view).
 
     Raises:
-      TypeError: the leaf's type cannot be stored; the message names the key path and the type.
+      UnregisteredTypeError: the leaf's type cannot be stored (a TypeError); the message names the key path
+        and the type.
     """
     kind = INLINE_TYPES.get(type(x))
     if kind is not None:
@@ -152,7 +154,7 @@ def to_host(path: KeyPath, x: Any) -> HostLeaf:
         if sharding is not None:
             meta["sharding"] = sharding
         return _jax_leaf(meta, x)
-    raise TypeError(
+    raise UnregisteredTypeError(
         f"leaf at {keystr(path) or 'the root'} has type {type(x).__module__}.{type(x).__qualname__}, which ckpt "
         "cannot store; supported leaves are numpy arrays and scalars, int, float, bool, str, bytes, None, "
         "jax.Array and torch.Tensor (nothing is pickled: convert the object to one of these)"

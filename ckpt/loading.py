@@ -20,7 +20,7 @@ from ckpt import format as fmt
 from ckpt import leaves as leaves_lib
 from ckpt import progress, storage, transfers
 from ckpt import tree as tree_lib
-from ckpt.errors import CheckpointCorruptedError, TreeMismatchError
+from ckpt.errors import CheckpointableNotFoundError, CheckpointCorruptedError, TreeMismatchError
 from ckpt.metadata import CheckpointMetadata, LeafMetadata
 from ckpt.schema import read_manifest, read_tree
 from ckpt.tree import KeyPath, keystr
@@ -233,10 +233,11 @@ def unwrap(abstract: Any) -> dict[str, Any] | None:
 
 def only_tree(trees: dict, handled: dict, names: Iterable[str]) -> str | None:
     """The name to read when ``names`` is just ``"state"`` (or Orbax's ``"AUTO"``) and the step has no
-    such checkpointable but exactly one tree: that tree's name, as Orbax falls back to it; else None."""
+    such checkpointable but exactly one tree (beside any checkpointables saved by handlers): that tree's
+    name, as Orbax falls back to it; else None."""
     names = list(names)
     if (len(names) == 1 and names[0] in (fmt.DEFAULT_CHECKPOINTABLE, fmt.AUTO) and names[0] not in trees
-            and names[0] not in handled and len(trees) == 1 and not handled):
+            and names[0] not in handled and len(trees) == 1):
         return next(iter(trees))
     return None
 
@@ -259,6 +260,9 @@ def load_checkpointables(step_dir: Path, abstract: dict[str, Any] | None, *, par
     if only is not None:
         (name, tree), = abstract.items()
         return {name: load_checkpointables(step_dir, {only: tree}, partial_load=partial_load)[only]}
+    missing = [name for name in abstract if name not in trees and name not in handled]
+    if missing:
+        raise CheckpointableNotFoundError(step_dir, missing, [*trees, *handled])
     customs = {name: abstract[name] for name in abstract if name in handled}
     if customs:
         loaded = custom.load(step_dir, handled, customs, registry)
@@ -288,7 +292,8 @@ Reads = Callable[[list[Any]], list[tuple[Any, list[chunks.Read]]]]
 def load_trees(step_dir: Any, trees: dict[str, dict], abstract: dict[str, Any] | None, *, partial_load: bool,
                sources: Sources, reads: Reads) -> dict[str, Any]:
     """Matches the abstract trees against saved ones (``trees``: name -> ``{"tree", "leaves"}`` as in
-    tree.json), reads the leaves asked for and builds the result; any format's reader calls it.
+    tree.json), reads the leaves asked for and builds the result; any format's reader calls it, having
+    checked that every name of ``abstract`` is one of ``trees``.
 
     ``sources(name, metas, wanted)`` gives one source per saved leaf (None for leaves stored inline
     and those not in ``wanted``); a source's ``read(index)`` returns the leaf, whole or a slice.
@@ -298,9 +303,6 @@ def load_trees(step_dir: Any, trees: dict[str, dict], abstract: dict[str, Any] |
     abstract = unwrap(abstract)
     if abstract is None:
         abstract = {name: None for name in trees}
-    unknown = [n for n in abstract if n not in trees]
-    if unknown:
-        raise KeyError(f"{step_dir} has no checkpointable {unknown[0]!r}; it has {sorted(trees)}")
     nodes = {name: tree_lib.from_json(trees[name]["tree"]) for name in abstract}
     plans, diffs = {}, []
     for name, abstract_tree in abstract.items():
@@ -312,7 +314,8 @@ def load_trees(step_dir: Any, trees: dict[str, dict], abstract: dict[str, Any] |
         diffs.extend(found)
     if diffs:
         raise TreeMismatchError(
-            f"the abstract tree does not match the checkpoint in {step_dir} ({len(diffs)} difference"
+            f"User-provided restore item and on-disk value differ: the abstract tree does not "
+            f"match the checkpoint in {step_dir} ({len(diffs)} difference"
             f"{'s' if len(diffs) != 1 else ''}):\n  " + "\n  ".join(diffs), differences=diffs)
     rows = {name: sources(name, trees[name]["leaves"], _wanted(len(trees[name]["leaves"]), plans[name]))
             for name in abstract}

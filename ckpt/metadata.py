@@ -14,7 +14,6 @@ from ckpt.storage import location
 T = TypeVar("T")
 
 
-_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
 _DATETIME = datetime.datetime
 
 
@@ -30,8 +29,8 @@ def now_nsecs() -> int:
     """
     if datetime.datetime is _DATETIME:
         return time.time_ns()
-    delta = datetime.datetime.now(datetime.timezone.utc) - _EPOCH
-    return ((delta.days * 86400 + delta.seconds) * 1_000_000 + delta.microseconds) * 1000
+    now = datetime.datetime.now(datetime.timezone.utc)  # a replacement may return a naive (local) time
+    return round(now.timestamp() * 1_000_000) * 1000
 
 
 class CheckpointMetadata(Generic[T]):
@@ -68,6 +67,18 @@ class CheckpointMetadata(Generic[T]):
         self.custom_metadata = custom_metadata
         self._metrics = metrics
         self.monotonic_nsecs = monotonic_nsecs
+
+    @classmethod
+    def from_metadata(cls, metadata: T) -> CheckpointMetadata[T]:
+        """A CheckpointMetadata holding only ``metadata`` (a tree to load into), as Orbax builds one.
+
+        Example::
+
+            ckpt.save("model", {"w": np.ones(3)})
+            abstract = ckpt.CheckpointMetadata.from_metadata({"w": np.zeros(3, np.float16)})
+            assert ckpt.load("model", abstract)["w"].dtype == np.float16
+        """
+        return cls(metadata=metadata)
 
     @property
     def step(self) -> int | None:

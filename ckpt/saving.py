@@ -129,7 +129,7 @@ def plan(checkpointables: dict[str, Any], *, metrics: Any = None, custom_metadat
             node, flat = tree_lib.flatten(tree)
             hosts = leaves_lib.to_hosts(flat)
         except TypeError as e:
-            raise TypeError(f"checkpointable {name!r}: {e}") from None
+            raise type(e)(f"checkpointable {name!r}: {e}") from None  # the same error, naming the checkpointable
         if stored.dtype is not None:
             for host in hosts:
                 storage_options.cast(host, stored.dtype)

@@ -22,7 +22,7 @@ from typing import Any, Iterator
 from ckpt import leaves as leaves_lib
 from ckpt import loading
 from ckpt import tree as tree_lib
-from ckpt.errors import CheckpointCorruptedError, UnsupportedLayoutError
+from ckpt.errors import CheckpointableNotFoundError, CheckpointCorruptedError, UnsupportedLayoutError
 from ckpt.orbax import files
 from ckpt.orbax.pytree import ArraySource, PyTreeItem
 
@@ -114,9 +114,9 @@ class Step:
     def __init__(self, step_dir: Path, names: list[str] | None = None):
         self.step_dir = step_dir
         self.handlers = items(step_dir)
-        unknown = [n for n in names or () if n not in self.handlers]
-        if unknown:
-            raise KeyError(f"{step_dir} has no checkpointable {unknown[0]!r}; it has {sorted(self.handlers)}")
+        missing = [n for n in names or () if n not in self.handlers]
+        if missing:
+            raise CheckpointableNotFoundError(step_dir, missing, list(self.handlers))
         self.pytrees: dict[str, PyTreeItem] = {}
         self.trees: dict[str, dict] = {}
         for name in self.handlers if names is None else names:

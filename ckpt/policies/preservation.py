@@ -14,7 +14,7 @@ import dataclasses
 import datetime
 from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
-from ckpt.metadata import CheckpointMetadata
+from ckpt.metadata import CheckpointMetadata, now_nsecs
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -291,8 +291,8 @@ class LatestDuration:
     duration: datetime.timedelta
 
     def should_preserve(self, checkpoints, *, context):
-        cutoff = datetime.datetime.now(datetime.timezone.utc) - self.duration
-        return [c.time >= cutoff for c in checkpoints]
+        cutoff = now_nsecs() - self.duration // datetime.timedelta(microseconds=1) * 1000  # Orbax's clock
+        return [(c.commit_timestamp_nsecs or 0) >= cutoff for c in checkpoints]
 
 
 @dataclasses.dataclass(frozen=True)

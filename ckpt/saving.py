@@ -148,7 +148,7 @@ def plan(checkpointables: dict[str, Any], *, metrics: Any = None, custom_metadat
                     packed.append(leaf)
                 else:
                     leaf.location, leaf.array_name = "array", f"{fmt.ARRAYS}/{len(arrays)}"
-                    _describe_array(leaf, stored.chunk_bytes)
+                    _describe_array(leaf, stored.chunk_bytes or fmt.ARRAY_CHUNK_BYTES)
                     arrays.append(leaf)
             planned[name].append(leaf)
     layout = layout_lib.of(tuple(checkpointables), nodes, structures, planned, every, offset, stored)

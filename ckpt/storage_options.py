@@ -25,7 +25,6 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from ckpt import format as fmt
 from ckpt import leaves as leaves_lib
 
 _CAST = frozenset({"numpy", "jax", "torch"})  # the leaf types a storage dtype casts
@@ -33,10 +32,11 @@ _CAST = frozenset({"numpy", "jax", "torch"})  # the leaf types a storage dtype c
 
 @dataclasses.dataclass(frozen=True)
 class Storage:
-    """The checked storage options of one save: ``dtype`` (None: each leaf's own) and ``chunk_bytes``."""
+    """The checked storage options of one save: ``dtype`` (None: each leaf's own) and ``chunk_bytes``
+    (None: ckpt's, ``format.ARRAY_CHUNK_BYTES``)."""
 
     dtype: np.dtype | None = None
-    chunk_bytes: int = fmt.ARRAY_CHUNK_BYTES
+    chunk_bytes: int | None = None
 
 
 DEFAULT = Storage()
@@ -52,9 +52,7 @@ def of(options: Any) -> Storage:
         return DEFAULT
     dtype = None if options.dtype is None else _dtype(options.dtype)
     chunk_bytes = options.chunk_byte_size
-    if chunk_bytes is None:
-        chunk_bytes = fmt.ARRAY_CHUNK_BYTES
-    elif type(chunk_bytes) is not int or chunk_bytes <= 0:
+    if chunk_bytes is not None and (type(chunk_bytes) is not int or chunk_bytes <= 0):
         raise ValueError(f"ctx.array.saving.storage_options.chunk_byte_size must be a positive int (bytes), "
                          f"got {chunk_bytes!r}")
     return Storage(dtype, chunk_bytes)

@@ -178,14 +178,15 @@ class LocalTier:
         directory = Path(options.directory).expanduser().absolute()
         if durable.processes.count > 1:
             directory = directory / f"process_{durable.processes.index}"
-        single = Context(context, multiprocessing_options=MultiprocessingOptions(
-            processes=distributed.SingleProcess()))
-        self.checkpointer = checkpointer(
-            directory, context=single, save_decision_policy=options.save_decision_policy,
-            preservation_policy=_KeepPromoting(options.preservation_policy or preservation_policies.LatestN(2),
-                                               self._promoting),
-            step_name_format=step_name_format, lightweight_initialize=lightweight_initialize,
-            cleanup_tmp_directories=cleanup_tmp_directories)
+        # A process of its own (read when it is made), with the Checkpointer's very Context afterwards: a
+        # Context copies the groups it starts from, and a change of the Checkpointer's options must reach it.
+        with Context(context, multiprocessing_options=MultiprocessingOptions(processes=distributed.SingleProcess())):
+            self.checkpointer = checkpointer(
+                directory, context=context, save_decision_policy=options.save_decision_policy,
+                preservation_policy=_KeepPromoting(options.preservation_policy or preservation_policies.LatestN(2),
+                                                   self._promoting),
+                step_name_format=step_name_format, lightweight_initialize=lightweight_initialize,
+                cleanup_tmp_directories=cleanup_tmp_directories)
 
     # ----------------------------------------------------------------------------- listing
     def merged(self, durable: Sequence[CheckpointMetadata]) -> list[TieredCheckpointMetadata]:

@@ -172,3 +172,15 @@ def test_the_checked_options_name_the_stored_dtype_and_the_chunk_size():
     options = context(ml_dtypes.bfloat16, 1 << 20).array.saving.storage_options
     assert storage_options.of(options) == storage_options.Storage(np.dtype(ml_dtypes.bfloat16), 1 << 20)
     assert storage_options.of(ckpt.Context().array.saving.storage_options) == storage_options.DEFAULT
+
+
+def test_both_tiers_of_a_two_tier_checkpointer_follow_its_context_changed_after_it_was_made(tmp_path):
+    ctx = ckpt.Context()
+    local = ckpt.LocalCheckpointOptions(tmp_path / "local")
+    with ckpt.Checkpointer(tmp_path / "durable", context=ctx, local=local) as ckptr:
+        ctx.array.saving.storage_options.dtype = ml_dtypes.bfloat16
+        ckptr.save_async(0, state(0))
+        ckptr.wait()
+        assert sorted(ckptr.latest.locations) == ["durable", "local"]
+    for tier in ("local", "durable"):
+        assert_stored_as(tmp_path / tier / "0", state(0), ml_dtypes.bfloat16)

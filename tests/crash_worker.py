@@ -1,13 +1,13 @@
-"""A training loop that saves forever, for the crash tests: ``python crash_worker.py ROOT MODE``.
+"""A training loop that saves forever, for the crash tests: ``main(root, mode, log)`` in a child process.
 
-MODE is ``sync``, ``async`` or ``mixed`` (async on odd steps). It continues after the latest
-committed step of ROOT, keeps the last two steps (``LatestN(2)``, so garbage collection runs after
-every commit), and prints ``ready``, then ``begin N`` before each save and ``committed N`` once step N
-is committed. The test kills it with SIGKILL at a random moment.
+``mode`` is ``sync``, ``async`` or ``mixed`` (async on odd steps). It continues after the latest
+committed step of ``root``, keeps the last two steps (``LatestN(2)``, so garbage collection runs after
+every commit), and appends ``ready`` to the file ``log``, then ``begin N`` before each save and
+``committed N`` once step N is committed. The test kills it with SIGKILL at a random moment.
 """
 from __future__ import annotations
 
-import sys
+import os
 
 import numpy as np
 
@@ -32,17 +32,16 @@ def metrics(step: int) -> dict:
     return {"loss": 1.0 / (step + 1)}
 
 
-def say(line: str) -> None:
-    """Prints one whole line (the writer thread prints too: ``print`` would interleave its parts)."""
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
-
-
 def checkpointer(root: str) -> Checkpointer:
     return Checkpointer(root, preservation_policy=pp.LatestN(KEEP))
 
 
-def main(root: str, mode: str) -> None:
+def main(root: str, mode: str, log: str) -> None:
+    out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND)
+
+    def say(line: str) -> None:  # one write per line: the writer thread says lines too
+        os.write(out, (line + "\n").encode())
+
     with checkpointer(root) as ckptr:
         step = 0 if ckptr.latest is None else ckptr.latest.step + 1
         say("ready")
@@ -56,6 +55,3 @@ def main(root: str, mode: str) -> None:
                 response.on_complete(lambda _, s=step: say(f"committed {s}"))
             step += 1
 
-
-if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])

@@ -1,6 +1,8 @@
 """Running real subprocesses in tests: bounded in time, always killed, output captured."""
 from __future__ import annotations
 
+import multiprocessing
+import multiprocessing.context
 import os
 import queue
 import signal
@@ -90,3 +92,16 @@ def stop(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> int:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def forkserver(preload: str) -> multiprocessing.context.BaseContext:
+    """The forkserver context whose children are forks of a clean interpreter that imported ``preload``.
+
+    Tensorstore aborts in a fork of a process that used it, so children are forked from a server that
+    never ran it, and skip the interpreter's start-up and imports. The server is one per test process:
+    ``preload`` counts only for the first caller, and a later child imports its own module itself.
+    """
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([preload])
+    return context
+

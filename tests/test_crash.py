@@ -1,6 +1,6 @@
 """Crash consistency: a saving process killed with SIGKILL at random moments, and the commit's durability order.
 
-Each trial starts ``crash_worker.py`` (a loop of sync, async or mixed saves with ``LatestN(2)``
+Each trial forks ``crash_worker.main`` from a clean forkserver (a loop of sync, async or mixed saves with ``LatestN(2)``
 garbage collection) on a root shared by the trials of its mode, kills it after a random delay drawn
 from a seeded RNG, and checks what a new Checkpointer finds. The delays only spread the kills over
 the phases of a save; nothing asserts on timing. ``CKPT_SOAK_TRIALS=1000`` runs a longer soak.
@@ -25,7 +25,6 @@ from ckpt.path import step as step_lib
 from ckpt.training import Checkpointer
 from tests import crash_worker, procs
 
-WORKER = Path(crash_worker.__file__)
 MODES = ("sync", "async", "mixed")
 TRIALS = int(os.environ.get("CKPT_SOAK_TRIALS") or 54)
 SEED = int(os.environ.get("CKPT_CRASH_SEED") or 20240607)
@@ -34,14 +33,21 @@ MAX_KILL_DELAY_SECS = 0.25  # about 20 saves of the worker's state: kills land i
 
 def run_and_kill(root: Path, mode: str, delay: float) -> tuple[list[int], list[int], str]:
     """Runs the worker until ``delay`` seconds after it is ready, kills it; returns (begun, committed, output)."""
-    proc = procs.start(WORKER, str(root), mode)
+    log = root.with_name(root.name + ".log")
+    log.unlink(missing_ok=True)
+    worker = procs.forkserver("tests.crash_worker").Process(target=crash_worker.main, args=(str(root), mode, str(log)))
+    worker.start()
     try:
-        procs.wait_for_line(proc, "ready")
+        deadline = time.monotonic() + 60
+        while not (log.exists() and "ready\n" in log.read_text()):
+            assert worker.is_alive() and time.monotonic() < deadline, f"the worker never got ready (exit {worker.exitcode})"
+            time.sleep(0.005)
         time.sleep(delay)
     finally:
-        code = procs.stop(proc)
-    output = procs.output(proc)
-    assert code == -9, f"the worker exited by itself with {code}:\n{output}"
+        worker.kill()
+        worker.join()
+    output = log.read_text()
+    assert worker.exitcode == -9, f"the worker exited by itself with {worker.exitcode}:\n{output}"
     begun = [int(n) for n in re.findall(r"^begin (\d+)$", output, re.M)]
     committed = [int(n) for n in re.findall(r"^committed (\d+)$", output, re.M)]
     return begun, committed, output

@@ -16,7 +16,6 @@ import contextlib
 import io
 import json
 import logging
-import multiprocessing
 import os
 import resource
 import shutil
@@ -34,6 +33,7 @@ import ckpt
 from ckpt import chunks, cli, storage
 from ckpt import format as fmt
 from ckpt.training import Checkpointer
+from tests import procs
 from tests.fsutil import rewrite_manifest, rewrite_tree, seal_manifest, write_tree
 
 SENTINEL = b"OUTSIDE-THE-STEP"  # the content of every file outside the step a case points at
@@ -430,22 +430,10 @@ def run_entry_points(root: str, conn: Any) -> None:
 
 
 # -------------------------------------------------------------------------------- the test (parent)
-_FORKSERVER: list[Any] = []
-
-
-def _context() -> Any:
-    """A forkserver that imported this module and never ran tensorstore: each child starts clean."""
-    if not _FORKSERVER:
-        ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload([__name__])
-        _FORKSERVER.append(ctx)
-    return _FORKSERVER[0]
-
-
 def run_case(root: Path) -> dict[str, dict]:
     """Runs every entry point on ``root`` in a child; the outcomes by entry point (one that hung, or
     died, and those after it, are missing)."""
-    ctx = _context()
+    ctx = procs.forkserver(__name__)
     receive, send = ctx.Pipe(duplex=False)
     child = ctx.Process(target=run_entry_points, args=(str(root), send), daemon=True)
     child.start()

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Sequence, TextIO
 
 from ckpt import __version__, convert, formats, leaves, progress, storage
+from ckpt import root as root_lib
 from ckpt import format as fmt
 from ckpt.errors import CheckpointCorruptedError, InvalidLayoutError, UnsupportedLayoutError
 from ckpt.verify import VerifyResult, verify_step
@@ -65,19 +66,24 @@ def _by_orbax(manifest: dict | None) -> bool:
     return manifest is not None and manifest.get("format") == "orbax"
 
 
-def _scan(root: storage.Location) -> tuple[list[_Step], list[storage.Location]]:
-    """The committed steps under ``root`` (any step name format), ascending, and the temporaries."""
+def _scan(root: storage.Location) -> tuple[list[_Step], list[root_lib.Entry]]:
+    """The committed steps under ``root`` (any step name format), ascending, and the other entries a
+    Checkpointer would not list: ckpt's temporaries, and foreign entries (a name of a temporary not
+    ckpt's, a symbolic link to a step), which are never followed."""
     if isinstance(root, Path) and not root.is_dir():
         raise UsageError(f"{root} is not a directory")
-    steps, temporaries = [], []
+    steps, others = [], []
     for name in sorted(storage.list_names(root)):
         path = root / name
         if name.endswith((fmt.TMP_SUFFIX, fmt.DELETING_SUFFIX)):
-            temporaries.append(path)
+            others.append(root_lib.classify_temporary(path))
+        elif isinstance(path, Path) and path.is_symlink():
+            if _is_step_dir(path):
+                others.append(root_lib.Entry(path, root_lib.Kind.FOREIGN, None, storage.describe(path)))
         elif _is_step_dir(path):
             steps.append(_read_step(path))
     steps.sort(key=lambda s: (s.step is None, s.step or 0, s.path.name))
-    return steps, temporaries
+    return steps, others
 
 
 def _latest(steps: list[_Step]) -> _Step | None:
@@ -195,15 +201,16 @@ def _tiers(durable: list[_Step], local: list[_Step]) -> tuple[list[_Step], list[
 
 
 def ls(directory: storage.Location, *, as_json: bool, local: Path | None = None) -> int:
-    """``ckpt ls``: one line per committed step, then the temporaries crashed saves left. With ``local``
+    """``ckpt ls``: one line per committed step, then the temporaries crashed saves left, then the entries
+    ckpt did not write (named like a temporary without its marker, a link to a step). With ``local``
     (the local tier of a two-tier Checkpointer whose durable root is ``directory``) the steps of both
     tiers and where each lives; a missing local directory is an empty tier."""
-    steps, temporaries = ([_read_step(directory)], []) if _is_step_dir(directory) else _scan(directory)
+    steps, others = ([_read_step(directory)], []) if _is_step_dir(directory) else _scan(directory)
     tiers = None
     if local is not None:
-        local_steps, local_temporaries = _scan(local) if local.is_dir() else ([], [])
+        local_steps, local_others = _scan(local) if local.is_dir() else ([], [])
         steps, tiers = _tiers(steps, local_steps)
-        temporaries += local_temporaries
+        others += local_others
     latest = _latest(steps)
     records = [{
         "step": s.step,
@@ -217,10 +224,11 @@ def ls(directory: storage.Location, *, as_json: bool, local: Path | None = None)
         "error": s.error,
         **({} if tiers is None else {"tiers": tiers[i]}),
     } for i, s in enumerate(steps)]
-    temps = [{"path": str(t), "disk_bytes": _disk_bytes(t)} for t in temporaries]
+    temps = [{"path": str(e.path), "disk_bytes": _disk_bytes(e.path)} for e in others if e.kind in root_lib.REMOVABLE]
+    foreign = [{"path": str(e.path), "holds": e.holds} for e in others if e.kind is root_lib.Kind.FOREIGN]
     if as_json:
         _print_json({"directory": str(directory), "latest": None if latest is None else latest.step,
-                     "steps": records, "temporaries": temps})
+                     "steps": records, "temporaries": temps, "foreign": foreign})
         return 0
     summary = f"{len(steps)} checkpoint{'s' if len(steps) != 1 else ''}"
     _print(f"{directory}: {summary}" + ("" if latest is None else f", latest step {latest.step}"))
@@ -238,6 +246,10 @@ def ls(directory: storage.Location, *, as_json: bool, local: Path | None = None)
               "Checkpointer(..., cleanup_tmp_directories=True) removes them):")
         print(_table(["  NAME", "SIZE"], [["  " + Path(t["path"]).name, progress.format_bytes(t["disk_bytes"])]
                                           for t in temps], right=[1]))
+    if foreign:
+        print(f"{len(foreign)} entr{'ies' if len(foreign) != 1 else 'y'} ckpt did not write (never listed, "
+              "changed or removed):")
+        print(_table(["  NAME", "WHAT"], [["  " + Path(f["path"]).name, _printable(f["holds"])] for f in foreign]))
     return 0
 
 

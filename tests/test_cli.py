@@ -63,6 +63,7 @@ def test_ls_lists_every_step_with_metrics_and_marks_the_latest(root, capsys):
 
 def test_ls_json_reports_steps_sizes_times_metrics_and_temporaries(root, capsys):
     (root / ("30" + fmt.TMP_SUFFIX)).mkdir()
+    (root / ("30" + fmt.TMP_SUFFIX) / fmt.MARKER).write_bytes(b"")
     (root / ("30" + fmt.TMP_SUFFIX) / "partial").write_bytes(b"x" * 1000)
     status, out, _ = run_cli(capsys, "ls", root, "--json")
     listing = json.loads(out)
@@ -74,6 +75,23 @@ def test_ls_json_reports_steps_sizes_times_metrics_and_temporaries(root, capsys)
     assert listing["steps"][1]["metrics"] == {"loss": 1.0 / 11}
     assert listing["steps"][0]["time"].endswith("+00:00")
     assert listing["temporaries"] == [{"path": str(root / ("30" + fmt.TMP_SUFFIX)), "disk_bytes": 1000}]
+    assert listing["foreign"] == []
+
+
+def test_ls_shows_entries_ckpt_did_not_write_apart_and_follows_no_link(root, tmp_path, capsys):
+    (root / ("40" + fmt.TMP_SUFFIX)).mkdir()
+    (root / ("40" + fmt.TMP_SUFFIX) / "notes.txt").write_text("a user's")
+    other = tmp_path / "other"
+    shutil.copytree(root / "20", other / "20")
+    (root / "50").symlink_to(other / "20")
+    status, out, _ = run_cli(capsys, "ls", root, "--json")
+    listing = json.loads(out)
+    assert status == 0 and [s["step"] for s in listing["steps"]] == [0, 10, 20] and listing["temporaries"] == []
+    assert {Path(f["path"]).name: f["holds"] for f in listing["foreign"]} == {
+        "40" + fmt.TMP_SUFFIX: "a directory holding 'notes.txt'",
+        "50": f"a symbolic link to {str(other / '20')!r}"}
+    _, out, _ = run_cli(capsys, "ls", root)
+    assert "2 entries ckpt did not write" in out and "temporar" not in out
 
 
 def test_ls_shows_leftover_temporaries_in_the_table(root, capsys):

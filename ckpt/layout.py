@@ -11,19 +11,19 @@ and the manifest entries are made in the background.
 """
 from __future__ import annotations
 
-import collections
 import dataclasses
+import operator
 import sys
 from typing import Any
 
 import numpy as np
 
 from ckpt import leaves as leaves_lib
-from ckpt import storage_options
+from ckpt import packing, storage_options
 from ckpt import tree as tree_lib
 from ckpt.tree import KeyPath
 
-_DICTS = (dict, collections.OrderedDict)
+_SHAPE, _DTYPE = operator.attrgetter("shape"), operator.attrgetter("dtype")
 
 
 @dataclasses.dataclass
@@ -48,28 +48,41 @@ class Layout:
     array_name: list[str]
     packed_nbytes: int
     storage: storage_options.Storage
-    buffer: np.ndarray | None = None  # the packed staging buffer that ``packed_views`` view
-    packed_views: list[tuple[int, np.ndarray]] = dataclasses.field(default_factory=list)
+    buffer: np.ndarray | None = None  # the packed staging buffer that the views below view
+    packed_views: dict[int, np.ndarray] = dataclasses.field(default_factory=dict)  # leaf i's bytes there
+    run_targets: list[tuple[packing.Run, np.ndarray]] = dataclasses.field(default_factory=list)
+    alone_views: list[tuple[int, np.ndarray]] = dataclasses.field(default_factory=list)
 
     def __post_init__(self):
         self.total_nbytes = sum(n for n, where in zip(self.nbytes, self.location) if where != "inline")
         self.own_arrays = [i for i, where in enumerate(self.location) if where == "array"]
-        kinds = [s[0] if type(s) is tuple else s for s in self.signature]
+        self.kinds = [s[0] if type(s) is tuple else s for s in self.signature]
+        # numpy arrays are checked as one table of (shape, dtype); other typed leaves one by one
+        numpy_arrays = [i for i, kind in enumerate(self.kinds) if kind is np.ndarray]
+        self.numpy_arrays = packing.picker(numpy_arrays)
+        self.numpy_shapes = [self.signature[i][1] for i in numpy_arrays]
+        self.numpy_dtypes = [self.signature[i][2] for i in numpy_arrays]
+        self.other_typed = [i for i, s in enumerate(self.signature) if type(s) is tuple and s[0] is not np.ndarray]
         torch = sys.modules.get("torch")
-        self.device_leaves = [i for i, kind in enumerate(kinds) if kind.__module__.startswith(("torch", "jax"))]
+        self.device_leaves = [i for i, kind in enumerate(self.kinds) if kind.__module__.startswith(("torch", "jax"))]
         self.pinned = torch is not None and any(  # torch leaves on an accelerator: stage in page-locked memory
-            kinds[i] is torch.Tensor and self.signature[i][3].type == "cuda" for i in self.device_leaves)
+            self.kinds[i] is torch.Tensor and self.signature[i][3].type == "cuda" for i in self.device_leaves)
+        self.packed_order = sorted((i for i, where in enumerate(self.location) if where == "packed"),
+                                   key=self.offset.__getitem__)
+        self.runs, self.alone = packing.runs(self.packed_order, self.kinds, self.meta, self.offset, self.nbytes)
 
     def use_buffer(self, buffer: np.ndarray) -> None:
-        """Makes the views of each packed leaf in ``buffer`` (once per buffer: the next snapshot
-        usually gets the same one back)."""
+        """Makes the views of the packed leaves and runs in ``buffer`` (once per buffer: the next
+        snapshot usually gets the same one back)."""
         if buffer is not self.buffer:
             self.buffer = buffer
-            self.packed_views = [(i, self.view_of(i, buffer[self.offset[i]: self.offset[i] + self.nbytes[i]]))
-                                 for i, where in enumerate(self.location) if where == "packed"]
+            self.packed_views = {i: self.view_of(i, buffer[self.offset[i]: self.offset[i] + self.nbytes[i]])
+                                 for i in self.packed_order}
+            self.run_targets = [(run, run.target(buffer)) for run in self.runs]
+            self.alone_views = [(i, self.packed_views[i]) for i in self.alone]
 
     def forget_buffer(self) -> None:
-        self.buffer, self.packed_views = None, []
+        self.buffer, self.packed_views, self.run_targets, self.alone_views = None, {}, [], []
 
     def view_of(self, i: int, raw: np.ndarray) -> np.ndarray:
         """Leaf i's bytes in ``raw`` (flat uint8 of its size) as its dtype and shape."""
@@ -85,7 +98,12 @@ class Layout:
         for walker, tree in zip(self.walkers, checkpointables.values()):
             if not _walk(walker, tree, found):
                 return None
-        if len(found) != len(self.signature) or list(map(signature, found)) != self.signature:
+        if len(found) != len(self.kinds) or list(map(type, found)) != self.kinds:
+            return None
+        arrays = self.numpy_arrays(found)
+        if list(map(_SHAPE, arrays)) != self.numpy_shapes or list(map(_DTYPE, arrays)) != self.numpy_dtypes:
+            return None
+        if any(signature(found[i]) != self.signature[i] for i in self.other_typed):
             return None
         return found
 

@@ -19,7 +19,8 @@ import tensorstore as ts
 from ckpt import format as fmt
 from ckpt import layout as layout_lib
 from ckpt import leaves as leaves_lib
-from ckpt import chunks, custom, distributed, loading, preemption, progress, storage, storage_options, transfers
+from ckpt import chunks, custom, distributed, loading, packing, preemption, progress, storage, storage_options
+from ckpt import transfers
 from ckpt import tree as tree_lib
 from ckpt.metadata import now_nsecs
 from ckpt.tree import KeyPath, keystr
@@ -56,6 +57,7 @@ class Plan:
     layout: layout_lib.Layout | None = None  # what the next save of the same tree may reuse
     values: list[Any] | None = None          # a reused layout's leaves, until :meth:`materialize`
     copies: dict[int, np.ndarray] = dataclasses.field(default_factory=dict)  # their snapshot, by index
+    packed_copies: dict[int, np.ndarray] = dataclasses.field(default_factory=dict)  # the same, of packed leaves
 
     @property
     def nbytes(self) -> int:
@@ -74,9 +76,10 @@ class Plan:
         for name, count in zip(layout.names, layout.counts):
             self.leaves[name] = [self._materialize(i, values[i]) for i in range(start, start + count)]
             start += count
-        self.packed = [leaf for row in self.leaves.values() for leaf in row if leaf.location == "packed"]
-        self.arrays = [leaf for row in self.leaves.values() for leaf in row if leaf.location == "array"]
-        self.copies = {}
+        flat = [leaf for row in self.leaves.values() for leaf in row]
+        self.packed = [flat[i] for i in layout.packed_order]
+        self.arrays = [flat[i] for i in layout.own_arrays]
+        self.copies, self.packed_copies = {}, {}
 
     def _materialize(self, i: int, value: Any) -> PlannedLeaf:
         layout = self.layout
@@ -84,7 +87,7 @@ class Plan:
         if where == "inline":
             host = leaves_lib.to_host(path, value)
         else:
-            array = self.copies.get(i)
+            array = (self.packed_copies if where == "packed" else self.copies).get(i)
             host = leaves_lib.HostLeaf(dict(layout.meta[i]), leaves_lib.to_host(path, value).array if array is None else array)
             if array is None and layout.storage.dtype is not None:
                 storage_options.cast(host, layout.storage.dtype)
@@ -123,7 +126,6 @@ def plan(checkpointables: dict[str, Any], *, metrics: Any = None, custom_metadat
                     layout=previous, values=values)
     structures, planned, packed, arrays = {}, {}, [], []
     nodes, every = [], []
-    offset = 0
     for name, tree in checkpointables.items():
         try:
             node, flat = tree_lib.flatten(tree)
@@ -143,16 +145,17 @@ def plan(checkpointables: dict[str, Any], *, metrics: Any = None, custom_metadat
                 leaf.nbytes = host.array.nbytes if host.array is not None else (
                     math.prod(host.meta["shape"]) * leaves_lib.parse_dtype(host.meta["dtype"]).itemsize)
                 if leaf.nbytes < fmt.SMALL_LEAF_BYTES and host.spread is None:
-                    leaf.location, leaf.offset = "packed", offset
-                    offset += -(-leaf.nbytes // fmt.ALIGN) * fmt.ALIGN
+                    leaf.location = "packed"
                     packed.append(leaf)
                 else:
                     leaf.location, leaf.array_name = "array", f"{fmt.ARRAYS}/{len(arrays)}"
                     _describe_array(leaf, stored.chunk_bytes or fmt.ARRAY_CHUNK_BYTES)
                     arrays.append(leaf)
             planned[name].append(leaf)
-    layout = layout_lib.of(tuple(checkpointables), nodes, structures, planned, every, offset, stored)
-    return Plan(structures, planned, packed, arrays, offset, metrics, custom_metadata, now_nsecs(), layout=layout)
+    packed, packed_nbytes = packing.place(packed)
+    layout = layout_lib.of(tuple(checkpointables), nodes, structures, planned, every, packed_nbytes, stored)
+    return Plan(structures, planned, packed, arrays, packed_nbytes, metrics, custom_metadata, now_nsecs(),
+                layout=layout)
 
 
 def _describe_array(leaf: PlannedLeaf, chunk_bytes: int) -> None:
@@ -280,18 +283,22 @@ def snapshot(plan: Plan, max_inflight_bytes: int | None, staging: StagingBuffers
 
 def _snapshot_reused(plan: Plan, staging: StagingBuffers) -> None:
     """:func:`snapshot` of a plan that reused a layout: every leaf with bytes is copied straight into
-    its place (packed leaves into views of the packed buffer made once per buffer); transfers from
-    devices all start first, and the snapshot waits for them once (:class:`ckpt.transfers.ToHost`)."""
+    its place (runs of packed numpy arrays together, see :class:`ckpt.packing.Run`, other packed leaves
+    into views of the packed buffer made once per buffer); transfers from devices all start first, and
+    the snapshot waits for them once (:class:`ckpt.transfers.ToHost`)."""
     layout, values, copies = plan.layout, plan.values, plan.copies
     pinned = layout.pinned
+    to_host = transfers.ToHost(values, layout.device_leaves)
     if layout.packed_nbytes:
         buffer = staging.take(layout.packed_nbytes, pinned)
         plan.staging.append(buffer)
         plan.packed_buffer = buffer
         layout.use_buffer(buffer)
-    to_host = transfers.ToHost(values, layout.device_leaves)
-    for i, view in layout.packed_views:
-        copies[i] = to_host.copy(i, view)
+        for run, target in layout.run_targets:
+            run.copy(values, target)
+        for i, view in layout.alone_views:
+            to_host.copy(i, view)
+        plan.packed_copies = layout.packed_views  # made anew for each buffer, never changed
     for i in layout.own_arrays:
         buffer = staging.take(layout.nbytes[i], pinned)
         plan.staging.append(buffer)

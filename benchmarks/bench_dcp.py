@@ -41,6 +41,7 @@ from torch.distributed.tensor import Shard, distribute_tensor
 
 from ckpt.training import Checkpointer
 from ckpt.training import preservation_policies as pp
+from torch_state import fsync_dir
 
 FIGURES = ("save_s", "load_s", "blocking_s", "durable_s")
 
@@ -51,14 +52,6 @@ def sharded_state(mesh: Any, mib: int, small: int) -> dict[str, Any]:
     state = {f"large.{i}": torch.randn(1024, 4096, generator=generator) for i in range(max(1, mib // 16))}
     state.update({f"small.{i}": torch.randn(1024, generator=generator) for i in range(small)})
     return {name: distribute_tensor(t, mesh, [Shard(0)]) for name, t in state.items()}
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def timed(fn: Callable[[], Any]) -> float:

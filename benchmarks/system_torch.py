@@ -15,18 +15,11 @@ import torch
 
 import workloads
 from pending import Pending
+from torch_state import TorchStateSystem, fsync_dir
 
 
-class TorchSystem:
+class TorchSystem(TorchStateSystem):
     name = "torch"
-
-    def __init__(self, tree: Any):
-        self.state = workloads.to_torch(tree)
-        self.root = Path()
-
-    def open(self, root: Path) -> None:
-        self.root = root
-        root.mkdir(parents=True, exist_ok=True)
 
     def step_path(self, step: int) -> Path:
         return self.root / f"{step}.pt"
@@ -39,11 +32,7 @@ class TorchSystem:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        fd = os.open(self.root, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(self.root)
 
     def save(self, step: int) -> None:
         self._write(self.state, step)
@@ -70,6 +59,3 @@ class TorchSystem:
 
     def load(self, step: int) -> Any:
         return torch.load(self.step_path(step))
-
-    def close(self) -> None:
-        pass

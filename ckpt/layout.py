@@ -12,6 +12,7 @@ and the manifest entries are made in the background.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import operator
 import sys
 from typing import Any
@@ -69,17 +70,23 @@ class Layout:
             self.kinds[i] is torch.Tensor and self.signature[i][3].type == "cuda" for i in self.device_leaves)
         self.packed_order = sorted((i for i, where in enumerate(self.location) if where == "packed"),
                                    key=self.offset.__getitem__)
-        self.runs, self.alone = packing.runs(self.packed_order, self.kinds, self.meta, self.offset, self.nbytes)
+
+    @functools.cached_property
+    def copy_groups(self) -> tuple[list[packing.Run], list[int]]:
+        """The runs of packed numpy leaves a snapshot copies together, and the packed leaves it copies
+        one by one (made when the layout is first reused)."""
+        return packing.runs(self.packed_order, self.kinds, self.meta, self.offset, self.nbytes)
 
     def use_buffer(self, buffer: np.ndarray) -> None:
         """Makes the views of the packed leaves and runs in ``buffer`` (once per buffer: the next
         snapshot usually gets the same one back)."""
         if buffer is not self.buffer:
             self.buffer = buffer
+            runs, alone = self.copy_groups
             self.packed_views = {i: self.view_of(i, buffer[self.offset[i]: self.offset[i] + self.nbytes[i]])
                                  for i in self.packed_order}
-            self.run_targets = [(run, run.target(buffer)) for run in self.runs]
-            self.alone_views = [(i, self.packed_views[i]) for i in self.alone]
+            self.run_targets = [(run, run.target(buffer)) for run in runs]
+            self.alone_views = [(i, self.packed_views[i]) for i in alone]
 
     def forget_buffer(self) -> None:
         self.buffer, self.packed_views, self.run_targets, self.alone_views = None, {}, [], []

@@ -80,6 +80,12 @@ def dtype_name(dtype: np.dtype) -> str:
 
 
 _ML_NAMES = {name for name in dir(ml_dtypes) if isinstance(getattr(ml_dtypes, name), type)}
+# Numeric dtypes in this machine's byte order, stored as they are: their names, without asking
+# ``_check_array_dtype`` and ``_native``.
+_NATIVE_NAMES = {np.dtype(t): dtype_name(np.dtype(t)) for t in
+                 (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64,
+                  np.float16, np.float32, np.float64, np.complex64, np.complex128, ml_dtypes.bfloat16)
+                 if sys.byteorder == "little" or np.dtype(t).itemsize == 1}
 
 
 def parse_dtype(name: str) -> np.dtype:
@@ -120,6 +126,10 @@ def to_host(path: KeyPath, x: Any) -> HostLeaf:
       UnregisteredTypeError: the leaf's type cannot be stored (a TypeError); the message names the key path
         and the type.
     """
+    if type(x) is np.ndarray:  # the usual leaf, first
+        name = _NATIVE_NAMES.get(x.dtype)
+        if name is not None:
+            return HostLeaf({"type": "numpy", "dtype": name, "shape": list(x.shape)}, x)
     kind = INLINE_TYPES.get(type(x))
     if kind is not None:
         if kind == "float" and not math.isfinite(x):
@@ -268,7 +278,8 @@ def restore(meta: dict, read: Reader | None, abstract: Any, to_device: transfers
     if type(abstract) is np.ndarray:
         return read(None).astype(abstract.dtype, copy=False)
     jax = sys.modules.get("jax")
-    if jax is not None and (isinstance(abstract, (jax.ShapeDtypeStruct, jax.Array)) or abstract is jax.Array or abstract is jax.ShapeDtypeStruct):
+    if jax is not None and (type(abstract) is jax.ShapeDtypeStruct or isinstance(abstract, (jax.ShapeDtypeStruct, jax.Array))
+                            or abstract is jax.Array or abstract is jax.ShapeDtypeStruct):
         return _restore_jax(meta, read, abstract, jax, to_device)
     if dtensor.is_dtensor(abstract):
         return dtensor.restore(abstract, read, lambda array, like: to_device.torch(numpy_to_torch(array), like))

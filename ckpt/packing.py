@@ -42,10 +42,10 @@ def place(leaves: list[Any]) -> tuple[list[Any], int]:
     for leaf in leaves:
         groups.setdefault(group(leaf.host.meta, leaf.nbytes), []).append(leaf)
     ordered = [leaf for members in groups.values() for leaf in members]
-    offset = 0
+    offset, align = 0, fmt.ALIGN
     for leaf in ordered:
         leaf.offset = offset
-        offset += slot(leaf.nbytes)
+        offset += -(-leaf.nbytes // align) * align  # slot(leaf.nbytes), inline: once per small leaf
     return ordered, offset
 
 
@@ -121,13 +121,18 @@ def runs(order: list[int], kinds: list[type], meta: list[dict], offset: list[int
                 continue
         spans.append((key, [i]))
     together, alone = [], []
+    zeros: dict[tuple[int, np.dtype], np.ndarray] = {}  # the padding arrays, one per length and dtype
     for key, indices in spans:
         dtype = None if key is None else leaves_lib.parse_dtype(key[1])
         if len(indices) < 2 or (key[2] is None and fmt.ALIGN % dtype.itemsize):
             alone.extend(indices)
             continue
-        pads = [] if key[2] is not None else [
-            np.zeros((slot(nbytes[i]) - nbytes[i]) // dtype.itemsize, dtype) for i in indices]
+        pads = []
+        for i in indices if key[2] is None else ():
+            pad = ((slot(nbytes[i]) - nbytes[i]) // dtype.itemsize, dtype)
+            if pad not in zeros:
+                zeros[pad] = np.zeros(*pad)
+            pads.append(zeros[pad])
         together.append(Run(indices, offset[indices[0]], offset[indices[-1]] + slot(nbytes[indices[-1]]), dtype,
                             key[2], pads))
     return together, alone

@@ -468,15 +468,19 @@ class StepWriter:
         plan, size = self.plan, fmt.PACKED_CHUNK_BYTES
         recorded = 0
 
+        def record(leaf: PlannedLeaf, raw: np.ndarray) -> None:
+            leaf.host.meta["crc32"] = fmt.crc32(raw)
+            leaf.host.meta["packed"] = [leaf.offset, leaf.nbytes]
+
         def record_until(stop: float) -> None:
             nonlocal recorded
             while recorded < len(plan.packed) and plan.packed[recorded].offset < stop:
                 leaf = plan.packed[recorded]
-                leaf.host.meta["crc32"] = fmt.crc32(_raw_bytes(leaf.host.array))
-                leaf.host.meta["packed"] = [leaf.offset, leaf.nbytes]
+                record(leaf, _raw_bytes(leaf.host.array))
                 recorded += 1
 
-        if self._background:
+        recorded_first = self._background
+        if recorded_first:
             record_until(math.inf)
         if plan.packed_buffer is not None:
             for start in range(0, plan.packed_nbytes, size):
@@ -486,11 +490,12 @@ class StepWriter:
             return
         chunk = np.zeros(min(size, plan.packed_nbytes), np.uint8)
         chunk_start = 0
-        for leaf in plan.packed:
+        for leaf in plan.packed:  # each leaf's CRC32 as it is copied (in the background: all done above)
             data, pos = _raw_bytes(leaf.host.array), leaf.offset
+            if not recorded_first:
+                record(leaf, data)
             while pos < leaf.offset + leaf.nbytes:
                 if pos >= chunk_start + chunk.size:
-                    record_until(chunk_start + chunk.size)
                     yield chunk_start, chunk
                     chunk_start += chunk.size
                     chunk = np.zeros(min(size, plan.packed_nbytes - chunk_start), np.uint8)
@@ -498,7 +503,6 @@ class StepWriter:
                 done = pos - leaf.offset
                 chunk[pos - chunk_start: pos - chunk_start + n] = data[done: done + n]
                 pos += n
-        record_until(math.inf)
         yield chunk_start, chunk
 
     def write_manifest(self, step: int | None, extra: dict | None = None) -> None:

@@ -78,20 +78,21 @@ def device_put(arrays: list[np.ndarray], shardings: list[Any], *, batched: bool 
     out: list[Any] = [None] * len(arrays)
     rest: dict[bool, list[int]] = {False: [], True: []}  # by whether a sharding was given
     avals: dict[tuple, Any] = {}
+    targets: dict[Any, tuple[Any, list[Any]]] = {None: (default_sharding, [default])}  # sharding -> its devices
     for i, (array, sharding) in enumerate(zip(arrays, shardings)):
-        devices = [default] if sharding is None else list(sharding.device_set)
-        if put is None or len(devices) != 1:
+        target = targets.get(sharding)
+        if target is None:
+            target = targets[sharding] = (sharding, list(sharding.device_set))
+        if put is None or len(target[1]) != 1:
             rest[sharding is not None].append(i)
             continue
         key = (array.shape, array.dtype)
         found = avals.get(key)
         if found is None:  # jax's dtype (without x64, float64 becomes float32) and abstract value
             dtype = jax.dtypes.canonicalize_dtype(array.dtype)
-            found = avals[key] = (dtype, put[1](array.shape, dtype))
-        dtype, aval = found
-        if dtype != array.dtype:
-            array = array.astype(dtype)
-        out[i] = put[0](aval, sharding or default_sharding, [array], devices, sharding is not None)
+            found = avals[key] = (dtype, put[1](array.shape, dtype), dtype != array.dtype)
+        dtype, aval, cast = found
+        out[i] = put[0](aval, target[0], [array.astype(dtype) if cast else array], target[1], sharding is not None)
     for given, indices in rest.items():  # without a sharding, uncommitted, as jax.device_put(x) makes it
         if not indices:
             continue

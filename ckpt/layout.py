@@ -75,7 +75,9 @@ class Layout:
     def copy_groups(self) -> tuple[list[packing.Run], list[int]]:
         """The runs of packed numpy leaves a snapshot copies together, and the packed leaves it copies
         one by one (made when the layout is first reused)."""
-        return packing.runs(self.packed_order, self.kinds, self.meta, self.offset, self.nbytes)
+        keys = [(packing.group(meta, n), s[2]) if kind is np.ndarray else None  # s[2]: a numpy leaf's own dtype
+                for kind, meta, n, s in zip(self.kinds, self.meta, self.nbytes, self.signature)]
+        return packing.runs(self.packed_order, keys, self.meta, self.offset, self.nbytes)
 
     def use_buffer(self, buffer: np.ndarray) -> None:
         """Makes the views of the packed leaves and runs in ``buffer`` (once per buffer: the next

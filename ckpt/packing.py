@@ -51,9 +51,9 @@ def place(leaves: list[Any]) -> tuple[list[Any], int]:
 
 @dataclasses.dataclass
 class Run:
-    """Numpy array leaves of one dtype laid one after another in the packed array, copied together:
-    with ``shape`` (every leaf's, each in one slot) as one strided array, else concatenated with
-    their padding (``pads``) into the run's bytes.
+    """Numpy array leaves of one dtype (stored as ``dtype``) laid one after another in the packed
+    array, copied together: with ``shape`` (every leaf's, each in one slot) as one strided array, else
+    concatenated with their padding (``pads``) into the run's bytes.
 
     Example::
 
@@ -83,11 +83,11 @@ class Run:
         """Copies the run's leaves (``values[i]`` for each of its indices) into ``target``."""
         chosen = self._pick(values)
         if self.shape is not None:
-            target[...] = chosen
+            target[...] = chosen  # an assignment casts as astype does (a storage dtype)
             return
         parts: list[Any] = [None] * (2 * len(chosen))
         parts[::2], parts[1::2] = chosen, self.pads
-        np.concatenate(parts, axis=None, out=target)
+        np.concatenate(parts, axis=None, out=target, casting="unsafe")
 
 
 def picker(indices: list[int]) -> Callable[[Sequence[Any]], Sequence[Any]]:
@@ -102,37 +102,38 @@ def picker(indices: list[int]) -> Callable[[Sequence[Any]], Sequence[Any]]:
     return operator.itemgetter(*indices)
 
 
-def runs(order: list[int], kinds: list[type], meta: list[dict], offset: list[int],
+def runs(order: list[int], keys: list[Any], meta: list[dict], offset: list[int],
          nbytes: list[int]) -> tuple[list[Run], list[int]]:
-    """Splits the packed leaves (indices in offset order) into runs of two or more numpy arrays of one
-    :func:`group`, next to each other, and the leaves left to copy one by one.
+    """Splits the packed leaves (indices in offset order) into runs of two or more leaves next to each
+    other with one key (``keys[i]``: the :func:`group` of a numpy array leaf and its own dtype, None for
+    a leaf to copy alone), and the leaves left to copy one by one.
 
     Example::
 
-        together, alone = runs(order, kinds, meta, offset, nbytes)
+        together, alone = runs(order, keys, meta, offset, nbytes)
     """
-    spans: list[tuple[tuple | None, list[int]]] = []
+    spans: list[list[int]] = []
     for i in order:
-        key = group(meta[i], nbytes[i]) if kinds[i] is np.ndarray else None
-        if spans and key is not None and spans[-1][0] == key:
-            last = spans[-1][1][-1]
+        if spans and keys[i] is not None and keys[spans[-1][-1]] == keys[i]:
+            last = spans[-1][-1]
             if offset[i] == offset[last] + slot(nbytes[last]):
-                spans[-1][1].append(i)
+                spans[-1].append(i)
                 continue
-        spans.append((key, [i]))
+        spans.append([i])
     together, alone = [], []
     zeros: dict[tuple[int, np.dtype], np.ndarray] = {}  # the padding arrays, one per length and dtype
-    for key, indices in spans:
-        dtype = None if key is None else leaves_lib.parse_dtype(key[1])
-        if len(indices) < 2 or (key[2] is None and fmt.ALIGN % dtype.itemsize):
+    for indices in spans:
+        first, last = indices[0], indices[-1]
+        dtype = leaves_lib.parse_dtype(meta[first]["dtype"])
+        shape = group(meta[first], nbytes[first])[2]
+        if len(indices) < 2 or (shape is None and fmt.ALIGN % dtype.itemsize):
             alone.extend(indices)
             continue
         pads = []
-        for i in indices if key[2] is None else ():
+        for i in indices if shape is None else ():
             pad = ((slot(nbytes[i]) - nbytes[i]) // dtype.itemsize, dtype)
             if pad not in zeros:
                 zeros[pad] = np.zeros(*pad)
             pads.append(zeros[pad])
-        together.append(Run(indices, offset[indices[0]], offset[indices[-1]] + slot(nbytes[indices[-1]]), dtype,
-                            key[2], pads))
+        together.append(Run(indices, offset[first], offset[last] + slot(nbytes[last]), dtype, shape, pads))
     return together, alone

@@ -124,6 +124,22 @@ def test_packed_numpy_leaves_are_copied_in_runs_and_saved_as_a_fresh_plan_saves_
     assert verify.verify_step(tmp_path / "reused" / "1").ok
 
 
+def test_runs_under_a_storage_dtype_store_what_a_fresh_plan_stores(tmp_path):
+    """Runs of float32, int64, bool and float64 leaves, stored as bfloat16 (cast as astype casts)."""
+    ctx = ckpt.Context()
+    ctx.array.saving.storage_options.dtype = ml_dtypes.bfloat16
+    states = [{k: v for k, v in packable_state(seed).items() if k != "strings"} for seed in (0, 1)]
+    with ckpt.Checkpointer(tmp_path / "reused", context=ctx) as ckptr:
+        ckptr.save_async(0, states[0])
+        ckptr.save_async(1, states[1], force=True)
+        assert ckptr._staging.layout.buffer is not None, "the second save reused the layout"
+        ckptr.wait()
+    with ckpt.Checkpointer(tmp_path / "fresh", context=ctx) as ckptr:
+        ckptr.save(1, states[1])
+    fresh = json.loads((tmp_path / "fresh" / "1" / fmt.TREE).read_text())
+    assert json.loads((tmp_path / "reused" / "1" / fmt.TREE).read_text()) == fresh
+
+
 @pytest.mark.parametrize("change", ["shape", "dtype", "numpy_dtype", "key", "type", "sharding"])
 def test_a_changed_tree_is_planned_afresh_and_saved_as_it_is(tmp_path, change):
     state = mixed_state(0)

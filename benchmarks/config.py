@@ -25,12 +25,16 @@ class Mode:
     isolate: bool = True             # one process per system (False: one for all, faster, polluted RSS)
 
 
-def _workloads(large: list[int], leaves: tuple[int, int, int], width: int) -> list[dict]:
+def _workloads(large: list[int], leaves: tuple[int, int, int], width: int, small: bool = True) -> list[dict]:
     count, lo, hi = leaves
     out = [{"name": f"large_{_size(n)}", "kind": "large", "nbytes": n, "count": 4,
             "description": f"4 float32 arrays, {_size(n)}"} for n in large]
     out.append({"name": "many_leaves", "kind": "many_leaves", "count": count, "min_bytes": lo, "max_bytes": hi,
                 "description": f"{count} arrays of {_size(lo)}..{_size(hi)} + 100 scalars"})
+    if small:  # issue 23's small-leaf state: the steady-state async blocking of a save of many tiny leaves
+        out.append({"name": "small_leaves", "kind": "many_leaves", "count": 1000, "min_bytes": 256,
+                    "max_bytes": 16384, "scalars": 0, "zero_d": 1000,
+                    "description": "1000 arrays of 256B..16KiB + 1000 0-d arrays"})
     out.append({"name": "flax_adam", "kind": "flax_adam", "width": width, "depth": 8,
                 "description": f"flax TrainState, 8x{width} MLP, adam"})
     out.append({"name": "lightning", "kind": "lightning", "width": width, "depth": 8,
@@ -57,7 +61,7 @@ MODES = {
                   scaling_leaf_bytes=16 * MiB, interference_bytes=128 * MiB, lazy_steps=500, window_s=0.3,
                   overhead_leaves=1000, timeout_s=300),
     "tiny": Mode("tiny", reps=2, side_reps=2,
-                 workloads=_workloads([MiB], (50, 1024, 16384), width=32),
+                 workloads=_workloads([MiB], (50, 1024, 16384), width=32, small=False),
                  scaling_bytes=[MiB, 4 * MiB], scaling_leaves=[10, 100],
                  scaling_leaf_bytes=MiB, interference_bytes=4 * MiB, lazy_steps=20, window_s=0.05,
                  overhead_leaves=50, timeout_s=300, isolate=False),

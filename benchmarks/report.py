@@ -139,7 +139,7 @@ def _targets(results: dict) -> Iterator[dict]:
             r = _ratio(median(entry, "ckpt", "blocking_s"), median(entry, "floor", "blocking_s"))
             yield _check(f"{name}: async blocking / copy floor", r, "<= 1.5", r is not None and r <= 1.5)
         if "orbax" in entry["systems"]:
-            goal = 3.0 if name == "many_leaves" else 1.0
+            goal = 3.0 if name in ("many_leaves", "small_leaves") else 1.0
             for key, what in (("save_s", "save"), ("load_s", "load")):
                 r = _ratio(median(entry, "orbax", key), median(entry, "ckpt", key))
                 yield _check(f"{name}: Orbax {what} time / ckpt's", r, f"> {goal:g}" if goal == 1 else f">= {goal:g}",
@@ -160,9 +160,14 @@ def _targets(results: dict) -> Iterator[dict]:
         a, b = scaling["bytes"][-2:]
         r = _ratio(median(b, "ckpt", "save_s") / b["nbytes"], median(a, "ckpt", "save_s") / a["nbytes"])
         yield _check("scaling: save s/byte at the largest state / the one before", r, "<= 1.3", r is not None and r <= 1.3)
-        save, load = per_leaf_cost(scaling["leaves"][0], scaling["leaves"][-1])
+        first, last = scaling["leaves"][0], scaling["leaves"][-1]
+        save, load = per_leaf_cost(first, last)
         for what, cost in (("save", save), ("load", load)):
-            yield _check(f"scaling: {what} cost per leaf (us)", cost * 1e6, "<= 50", cost <= 50e-6)
+            yield _check(f"scaling: {what} cost per extra leaf, {first['leaves']} to {last['leaves']} (us)",
+                         cost * 1e6, "<= 5", cost <= 5e-6)
+        r = _ratio(median(last, "floor", "load_s"), median(last, "ckpt", "load_s"))
+        yield _check(f"scaling: {last['leaves']} leaves, load throughput / read floor", r, ">= 0.8",
+                     r is not None and r >= 0.8)
     interference = results.get("interference")
     if interference and "ckpt" in interference["systems"]:
         r = median(interference, "ckpt", "slowdown")

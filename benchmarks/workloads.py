@@ -35,9 +35,9 @@ def large(nbytes: int, count: int = 4, seed: int = 0) -> dict[str, np.ndarray]:
     return {f"layer_{i}": random_array(rng, (rows, 1024)) for i in range(count)}
 
 
-def many_leaves(count: int, min_bytes: int, max_bytes: int, scalars: int = 100, seed: int = 0) -> dict:
+def many_leaves(count: int, min_bytes: int, max_bytes: int, scalars: int = 100, zero_d: int = 0, seed: int = 0) -> dict:
     """``count`` 1-D arrays (float32 and int32) of log-uniform sizes in [min_bytes, max_bytes] in 10
-    groups, plus ``scalars`` Python ints, floats, strs and bools."""
+    groups, plus ``scalars`` Python ints, floats, strs and bools and ``zero_d`` 0-d arrays (float32 and int64)."""
     rng = np.random.default_rng(seed)
     sizes = np.exp(rng.uniform(math.log(min_bytes), math.log(max_bytes), count)).astype(np.int64) // 4
     groups: dict[str, dict] = {f"group_{g}": {} for g in range(10)}
@@ -46,6 +46,8 @@ def many_leaves(count: int, min_bytes: int, max_bytes: int, scalars: int = 100, 
         groups[f"group_{i % 10}"][f"leaf_{i}"] = random_array(rng, (int(n),), dtype)
     kinds: list[Callable[[int], Any]] = [int, lambda i: i * 0.5, lambda i: f"value-{i}", lambda i: i % 2 == 0]
     groups["scalars"] = {f"s_{i}": kinds[i % 4](i) for i in range(scalars)}
+    if zero_d:
+        groups["zero_d"] = {f"z_{i}": random_array(rng, (), np.float32 if i % 2 else np.int64) for i in range(zero_d)}
     return groups
 
 

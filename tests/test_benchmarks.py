@@ -66,4 +66,20 @@ def test_report_prints_a_table_per_workload_and_the_targets(tiny):
     targets = {t["target"] for t in results["targets"]}
     assert "large_1MiB: durable save throughput / write floor" in targets
     assert "many_leaves: Orbax save time / ckpt's" in targets
+    assert "scaling: load cost per extra leaf, 10 to 100 (us)" in targets
+    assert "scaling: 100 leaves, load throughput / read floor" in targets
     assert all(t["ok"] in (True, False) for t in results["targets"])
+
+
+def test_the_reported_modes_measure_a_state_of_small_and_0_d_leaves():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import config
+        import workloads
+    finally:
+        sys.path.pop(0)
+    for mode in ("full", "quick"):
+        (spec,) = [w for w in config.MODES[mode].workloads if w["name"] == "small_leaves"]
+    leaves = list(workloads.iter_leaves(workloads.build(spec)))
+    assert len(leaves) == 2000 and sum(leaf.ndim == 0 for leaf in leaves) == 1000
+    assert all(leaf.nbytes <= 16384 for leaf in leaves)

@@ -3,6 +3,7 @@ policies, and the errors a user meets. Crash and resume runs are subprocesses (t
 the rest runs small Trainers in this process."""
 from __future__ import annotations
 
+import logging
 import math
 import re
 import shutil
@@ -242,6 +243,21 @@ def test_with_a_local_tier_steps_go_where_each_policy_wants_them_and_fit_resumes
     assert steps_in(tmp_path / "local") == [4, 5]
     trainer, _ = fit(tmp_path / "durable", max_steps=6, save_decision_policy=sdp.FixedIntervalPolicy(3), local=local)
     assert trainer.global_step == 6 and steps_in(tmp_path / "durable") == [3, 5, 6]
+
+
+def test_with_a_local_tier_a_damaged_local_copy_resumes_from_the_durable_copy_of_the_same_step(tmp_path, caplog):
+    local = ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(2))
+    first, _ = fit(tmp_path / "durable", max_steps=4, save_decision_policy=sdp.FixedIntervalPolicy(4), local=local)
+    assert steps_in(tmp_path / "durable") == [4] and steps_in(tmp_path / "local") == [2, 4]
+    chunk = max((p for p in (tmp_path / "local" / "4").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    damaged = bytearray(chunk.read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(damaged))
+    with caplog.at_level(logging.WARNING, logger="ckpt"):
+        trainer, callback = fit(tmp_path / "durable", max_steps=4, save_decision_policy=sdp.FixedIntervalPolicy(4),
+                                local=local)
+    assert "step 4 on the local tier cannot be loaded" in caplog.text
+    assert trainer.global_step == 4 and same(trainer.lightning_module.state_dict(), first.lightning_module.state_dict())
 
 
 def test_load_weights_reads_the_latest_or_a_given_step_into_a_fresh_model(tmp_path):

@@ -180,7 +180,7 @@ class CheckpointCallbackMixin:
         found = trainer.strategy.broadcast(None if latest is None else (latest.step, str(latest.path)), src=0)
         self._latest_step = None if found is None else found[0]
         if self.restore and found is not None and trainer.ckpt_path is None:
-            self._restore(trainer, pl_module, found[1])
+            self._restore(trainer, pl_module, *found)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         step = trainer.global_step
@@ -295,9 +295,10 @@ class CheckpointCallbackMixin:
             self._checkpointer.close()
 
     # ----------------------------------------------------------------------------- resuming
-    def _restore(self, trainer: Any, pl_module: Any, path: str) -> None:
+    def _restore(self, trainer: Any, pl_module: Any, step: int, path: str) -> None:
         sharded_model = sharded.is_sharded(trainer)
-        checkpoint = translate.from_checkpointables(sharded.load(trainer, path) if sharded_model else translate.load(path))
+        loaded = sharded.load(trainer, path) if sharded_model else translate.load(self._checkpointer, step)
+        checkpoint = translate.from_checkpointables(loaded)
         check_model(checkpoint["state_dict"], pl_module, source=path,
                     strict=getattr(pl_module, "strict_loading", True))  # strict_loading: Lightning >= 2.2
         resume.restore_trainer(trainer, checkpoint, source=path)

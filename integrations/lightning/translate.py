@@ -39,9 +39,10 @@ def to_checkpointables(checkpoint: dict) -> dict[str, Any]:
     return {MODEL: model, TRAINER: plain}
 
 
-def load(path: str, names: tuple[str, ...] = (MODEL, TRAINER)) -> dict[str, Any]:
-    """The checkpointables ``names`` of the step directory ``path``, tensors as torch tensors."""
-    return ckpt.load_checkpointables(path, {name: None for name in names})
+def load(checkpointer: ckpt.Checkpointer, step: int) -> dict[str, Any]:
+    """The model and trainer checkpointables of ``step``, tensors as torch tensors; with two tiers a damaged
+    or vanished local copy falls back to the durable one."""
+    return checkpointer.load_checkpointables(step, {MODEL: None, TRAINER: None})
 
 
 def from_checkpointables(loaded: dict[str, Any]) -> dict:

@@ -16,7 +16,7 @@ import torch
 import ckpt
 from ckpt.path import step as step_lib
 
-from ckpt.integrations.lightning.translate import MODEL, load
+from ckpt.integrations.lightning.translate import MODEL
 
 
 def load_weights(model: torch.nn.Module, directory: str | os.PathLike, step: int | None = None, *,
@@ -42,7 +42,7 @@ def load_weights(model: torch.nn.Module, directory: str | os.PathLike, step: int
       ValueError: the checkpoint holds a different model (the keys and shapes that differ are named).
     """
     step, path = step_path(directory, step, step_name_format)
-    state = load(path, (MODEL,))[MODEL]
+    state = ckpt.load_checkpointables(path, {MODEL: None})[MODEL]
     check_model(state, model, source=f"step {step} in {directory}", strict=strict)
     model.load_state_dict(state, strict=strict)
     return step

@@ -3,6 +3,8 @@
 A storage dtype casts every array leaf (numpy, jax and torch arrays, whatever their dtype, as Orbax
 does) when a save plans it; tree.json then names the stored dtype. Scalars (Python and numpy) are
 stored as they are. A load gives the stored dtype, or the abstract leaf's dtype when there is one.
+The cast is a copy of each array, made when the save plans it (a sync save holds the state once in
+the storage dtype at its peak); an async save that reuses the last plan casts as it copies.
 The chunk size is the target byte size of the chunks of each leaf stored as an array of its own:
 slabs along the first axis, at least one row each (the checksums of tree.json describe such slabs).
 Small leaves, packed together into one array, keep that array's chunks.

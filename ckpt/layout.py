@@ -55,6 +55,12 @@ class Layout:
     alone_views: list[tuple[int, np.ndarray]] = dataclasses.field(default_factory=list)
 
     def __post_init__(self):
+        self._indexed = False
+
+    def _index(self) -> None:
+        """Makes the tables a reuse needs (on the first reuse: a layout is made by every fresh plan)."""
+        if self._indexed:
+            return
         self.total_nbytes = sum(n for n, where in zip(self.nbytes, self.location) if where != "inline")
         self.own_arrays = [i for i, where in enumerate(self.location) if where == "array"]
         self.kinds = [s[0] if type(s) is tuple else s for s in self.signature]
@@ -70,11 +76,13 @@ class Layout:
             self.kinds[i] is torch.Tensor and self.signature[i][3].type == "cuda" for i in self.device_leaves)
         self.packed_order = sorted((i for i, where in enumerate(self.location) if where == "packed"),
                                    key=self.offset.__getitem__)
+        self._indexed = True
 
     @functools.cached_property
     def copy_groups(self) -> tuple[list[packing.Run], list[int]]:
         """The runs of packed numpy leaves a snapshot copies together, and the packed leaves it copies
         one by one (made when the layout is first reused)."""
+        self._index()
         keys = [(packing.group(meta, n), s[2]) if kind is np.ndarray else None  # s[2]: a numpy leaf's own dtype
                 for kind, meta, n, s in zip(self.kinds, self.meta, self.nbytes, self.signature)]
         return packing.runs(self.packed_order, keys, self.meta, self.offset, self.nbytes)
@@ -103,6 +111,7 @@ class Layout:
         each leaf its type, shape and dtype; None otherwise."""
         if tuple(checkpointables) != self.names:
             return None
+        self._index()
         found: list[Any] = []
         for walker, tree in zip(self.walkers, checkpointables.values()):
             if not _walk(walker, tree, found):

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from ckpt import chunks, custom
+from ckpt import chunks, collector, custom
 from ckpt import format as fmt
 from ckpt import leaves as leaves_lib
 from ckpt import progress, storage, transfers
@@ -251,7 +251,8 @@ def load_checkpointables(step_dir: Path, abstract: dict[str, Any] | None, *, par
     (``registry``: the handlers to use; default: the active Context's).
     """
     manifest = read_manifest(step_dir)
-    doc = read_tree(step_dir, manifest)
+    with collector.paused():
+        doc = read_tree(step_dir, manifest)
     trees, handled = doc["checkpointables"], doc.get("handled", {})
     abstract = unwrap(abstract)
     if abstract is None:
@@ -303,30 +304,32 @@ def load_trees(step_dir: Any, trees: dict[str, dict], abstract: dict[str, Any] |
     abstract = unwrap(abstract)
     if abstract is None:
         abstract = {name: None for name in trees}
-    nodes = {name: tree_lib.from_json(trees[name]["tree"]) for name in abstract}
-    plans, diffs = {}, []
-    for name, abstract_tree in abstract.items():
-        if abstract_tree is None:
-            plans[name] = None
-            continue
-        pairs, node, found = _match(trees[name], nodes[name], abstract_tree, name, partial_load)
-        plans[name] = (pairs, node)
-        diffs.extend(found)
-    if diffs:
-        raise TreeMismatchError(
-            f"User-provided restore item and on-disk value differ: the abstract tree does not "
-            f"match the checkpoint in {step_dir} ({len(diffs)} difference"
-            f"{'s' if len(diffs) != 1 else ''}):\n  " + "\n  ".join(diffs), differences=diffs)
-    rows = {name: sources(name, trees[name]["leaves"], _wanted(len(trees[name]["leaves"]), plans[name]))
-            for name in abstract}
-    jobs = reads([source for row in rows.values() for source in row if source is not None])
+    with collector.paused():  # a few objects per leaf (see ckpt.collector)
+        nodes = {name: tree_lib.from_json(trees[name]["tree"]) for name in abstract}
+        plans, diffs = {}, []
+        for name, abstract_tree in abstract.items():
+            if abstract_tree is None:
+                plans[name] = None
+                continue
+            pairs, node, found = _match(trees[name], nodes[name], abstract_tree, name, partial_load)
+            plans[name] = (pairs, node)
+            diffs.extend(found)
+        if diffs:
+            raise TreeMismatchError(
+                f"User-provided restore item and on-disk value differ: the abstract tree does not "
+                f"match the checkpoint in {step_dir} ({len(diffs)} difference"
+                f"{'s' if len(diffs) != 1 else ''}):\n  " + "\n  ".join(diffs), differences=diffs)
+        rows = {name: sources(name, trees[name]["leaves"], _wanted(len(trees[name]["leaves"]), plans[name]))
+                for name in abstract}
+        jobs = reads([source for row in rows.values() for source in row if source is not None])
     every_read = [read for _, job_reads in jobs for read in job_reads]
     tracker = progress.Tracker(f"loading {step_dir}", sum(read.nbytes for read in every_read))
     results = iter(chunks.run_all(every_read, tracker))
     tracker.finish()
     for reader, job_reads in jobs:
         reader.check([next(results) for _ in job_reads])
-    return {name: _build(trees[name], nodes[name], plans[name], rows[name]) for name in abstract}
+    with collector.paused():
+        return {name: _build(trees[name], nodes[name], plans[name], rows[name]) for name in abstract}
 
 
 def _wanted(count: int, plan: Any) -> Iterable[int]:

@@ -19,8 +19,8 @@ import tensorstore as ts
 from ckpt import format as fmt
 from ckpt import layout as layout_lib
 from ckpt import leaves as leaves_lib
-from ckpt import chunks, custom, distributed, loading, packing, preemption, progress, storage, storage_options
-from ckpt import transfers
+from ckpt import chunks, collector, custom, distributed, loading, packing, preemption, progress, storage
+from ckpt import storage_options, transfers
 from ckpt import tree as tree_lib
 from ckpt.metadata import now_nsecs
 from ckpt.tree import KeyPath, keystr
@@ -124,6 +124,12 @@ def plan(checkpointables: dict[str, Any], *, metrics: Any = None, custom_metadat
     if values is not None:
         return Plan(previous.structures, {}, [], [], previous.packed_nbytes, metrics, custom_metadata, now_nsecs(),
                     layout=previous, values=values)
+    with collector.paused():
+        return _plan(checkpointables, metrics, custom_metadata, stored)
+
+
+def _plan(checkpointables: dict[str, Any], metrics: Any, custom_metadata: Any, stored: storage_options.Storage) -> Plan:
+    """:func:`plan` of a tree that reuses no layout."""
     structures, planned, packed, arrays = {}, {}, [], []
     nodes, every = [], []
     for name, tree in checkpointables.items():
@@ -505,10 +511,9 @@ class StepWriter:
                 pos += n
         yield chunk_start, chunk
 
-    def write_manifest(self, step: int | None, extra: dict | None = None) -> None:
-        """Writes tree.json and then manifest.json (the commit record) into the temporary directory."""
+    def _tree_json(self) -> bytes:
+        """tree.json: each checkpointable's structure and leaf entries, the handled ones, the packed array."""
         plan = self.plan
-        self.prepare_dir()
         trees = {}
         for name, structure in plan.structures.items():
             entries = []
@@ -522,7 +527,14 @@ class StepWriter:
         if plan.packed:
             tree_doc["packed"] = {"spec": self.packed_spec, "nbytes": plan.packed_nbytes,
                                   "zarr_json_crc32": self.packed_zarr_json_crc32, "chunk_sum64": self.packed_sums}
-        tree_bytes = fmt.to_json_bytes(tree_doc, "the tree", fmt.TREE_MAX_BYTES)
+        return fmt.to_json_bytes(tree_doc, "the tree", fmt.TREE_MAX_BYTES)
+
+    def write_manifest(self, step: int | None, extra: dict | None = None) -> None:
+        """Writes tree.json and then manifest.json (the commit record) into the temporary directory."""
+        plan = self.plan
+        self.prepare_dir()
+        with collector.paused():
+            tree_bytes = self._tree_json()
         storage.write_file(self.tmp_dir / fmt.TREE, tree_bytes)
         manifest = {
             "format": fmt.FORMAT_NAME,

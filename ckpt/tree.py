@@ -111,13 +111,19 @@ def flatten(tree: Any, *, prefix: KeyPath = ()) -> tuple[Node, list[tuple[KeyPat
         if type(x) in (dict, collections.OrderedDict):
             keys = []
             for k in x:
-                if isinstance(k, bool) or not isinstance(k, (str, int)):
+                if type(k) is not str and (isinstance(k, bool) or not isinstance(k, (str, int))):
                     raise TypeError(
                         f"dict key {k!r} of type {type(k).__name__} at {keystr(path) or 'the root'} "
                         "cannot be stored: only str and int keys round-trip"
                     )
                 keys.append(("key", k))
-            children = [visit(x[k], path + (entry,)) for (_, k), entry in zip(keys, keys)]
+            children = []
+            for entry, value in zip(keys, x.values()):
+                if type(value) in _PLAIN_LEAVES:  # the usual child, without a call
+                    leaves.append((path + (entry,), value))
+                    children.append(LEAF)
+                else:
+                    children.append(visit(value, path + (entry,)))
             return Node("dict", keys, children, rebuild=lambda vals, ks=list(x), t=type(x): t(zip(ks, vals)),
                         container=type(x))
         if _is_namedtuple(x):

@@ -8,6 +8,7 @@ The API of Orbax v1's ``training.Checkpointer``; switching is an import change::
         state = ckptr.load(abstract_state=abstract)
 """
 from ckpt import context, distributed, errors, handlers, path, preemption, progress, tiers, training, verify
+from ckpt import context as options  # Orbax's ``ocp.options.ArrayOptions``: the option groups live in ckpt.context
 from ckpt.background import AsyncResponse
 from ckpt.checkpoint import (checkpointables_metadata, load, load_async, load_checkpointables, load_pytree,
                              load_pytree_async, metadata, pytree_metadata, save, save_async, save_checkpointables,
@@ -26,6 +27,6 @@ __all__ = [
     "Context", "DeletionOptions", "FileOptions", "LeafMetadata", "LocalCheckpointOptions", "MemoryOptions",
     "MultiprocessingOptions", "PLACEHOLDER", "PyTreeOptions", "RootMetadata", "checkpointables_metadata", "context",
     "distributed", "errors", "handlers", "load", "load_async", "load_checkpointables", "load_pytree", "load_pytree_async",
-    "metadata", "path", "preemption", "progress", "pytree_metadata", "save", "save_async", "save_checkpointables",
+    "metadata", "options", "path", "preemption", "progress", "pytree_metadata", "save", "save_async", "save_checkpointables",
     "save_checkpointables_async", "save_pytree", "save_pytree_async", "training", "verify",
 ]

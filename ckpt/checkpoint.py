@@ -26,7 +26,7 @@ def _writer(path: str | os.PathLike, checkpointables: dict[str, Any], overwrite:
     final = storage.location(path)
     options = get_context()
     trees, handled = custom.split(checkpointables, options.checkpointables_options.registry)
-    plan = saving.plan(trees, custom_metadata=custom_metadata, storage=options.array_options.saving.storage_options)
+    plan = saving.plan(trees, custom_metadata=custom_metadata, storage=options.array_options.saving)
     tmp = storage.temporary_for(final)
     root.check_target(final, tmp, step=None, overwrite=overwrite)
     storage.make_dir(final.parent)

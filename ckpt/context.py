@@ -3,8 +3,7 @@
 Set options on a Context and give it to a Checkpointer, or activate it with ``with ctx:`` for the
 operations in the block (an active Context wins over the one given to the constructor, as in Orbax).
 Inside the block its options are frozen: setting one raises RuntimeError, as in Orbax. Every option
-of Orbax's groups is there, but for those of :data:`REFUSED` (setting one raises AttributeError, as
-does a name that is no option). Those that have a meaning in ckpt are honoured; the others are named
+of Orbax's groups is there (setting a name that is no option raises AttributeError). Those that have a meaning in ckpt are honoured; the others are named
 in :data:`NOT_APPLICABLE` with the reason, and setting one of those to something other than its
 default changes nothing (except ``todelete_full_path``, which raises: ckpt cannot soft-delete).
 Orbax's groups ``pathways``, ``safetensors``, ``atomicity`` and ``checkpoint_layout`` are not there.
@@ -62,14 +61,6 @@ NOT_APPLICABLE = {
 }
 
 
-# Orbax options ckpt refuses (setting one raises AttributeError): honouring them would change what is
-# stored, and ignoring them would be silently wrong.
-REFUSED = {
-    "ArrayOptions.Saving.scoped_storage_options_creator":
-        "per-leaf storage options are not supported: storage_options applies to every array (cast the "
-        "leaves that need another dtype before saving)",
-}
-
 # The ids of the option groups of the active Contexts (in this thread or task): frozen while active.
 _FROZEN: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar("ckpt_frozen_options", default=frozenset())
 
@@ -77,16 +68,14 @@ _FROZEN: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar("ckpt_f
 class _Options:
     """Base of the option groups: setting a field of a group that belongs to an active Context (``with ctx:``)
     raises RuntimeError, as in Orbax; outside the block a Context is configured freely. A name that is
-    not an option of the group (a typo, or one of :data:`REFUSED`) raises AttributeError."""
+    not an option of the group (a typo) raises AttributeError."""
 
     def __setattr__(self, name: str, value: Any) -> None:
         if id(self) in _FROZEN.get():
             raise RuntimeError("Cannot mutate options of an active context. Configure before entering the `with` block.")
         names = [field.name for field in dataclasses.fields(self)]
         if name not in names:
-            where = f"{type(self).__qualname__}.{name}"
-            raise AttributeError(f"{where}: {REFUSED[where]}" if where in REFUSED else
-                                 f"{type(self).__qualname__} has no option {name!r}; its options are {', '.join(names)}")
+            raise AttributeError(f"{type(self).__qualname__} has no option {name!r}; its options are {', '.join(names)}")
         object.__setattr__(self, name, value)
 
 
@@ -208,7 +197,8 @@ class ArrayOptions(_Options):
     stored dtype, or the abstract leaf's. ``saving.storage_options.chunk_byte_size`` is the target
     size of the chunks of each large leaf's array (slabs along the first axis, at least one row each).
     A bad value of either is a ValueError before anything is written (see :mod:`ckpt.storage_options`).
-    The rest does not apply (see ``NOT_APPLICABLE``).
+    ``saving.scoped_storage_options_creator(keypath, value)`` gives one leaf's options, whose fields
+    that are not None win over ``storage_options``. The rest does not apply (see ``NOT_APPLICABLE``).
 
     Example::
 
@@ -230,6 +220,7 @@ class ArrayOptions(_Options):
             shard_axes: tuple[int, ...] | None = None
 
         storage_options: StorageOptions = dataclasses.field(default_factory=StorageOptions)
+        scoped_storage_options_creator: Callable[[tuple, Any], Any] | None = None
         use_ocdbt: bool = True
         use_zarr3: bool = True
         use_compression: bool = True

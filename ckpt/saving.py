@@ -103,7 +103,7 @@ def plan(checkpointables: dict[str, Any], *, metrics: Any = None, custom_metadat
          previous: layout_lib.Layout | None = None, storage: Any = None) -> Plan:
     """Validates names, metadata and leaves, and decides where each leaf's bytes go. No I/O. A tree
     with the structure, types, shapes and dtypes of ``previous`` (the last plan's layout), saved with
-    the same ``storage`` options (a Context's ``array.saving.storage_options``), reuses it.
+    the same ``storage`` options (a Context's ``array.saving`` group) and no per-leaf creator, reuses it.
 
     Raises:
       ValueError: an invalid checkpointable name, metrics/custom metadata that are not JSON, or bad
@@ -120,7 +120,8 @@ def plan(checkpointables: dict[str, Any], *, metrics: Any = None, custom_metadat
     if custom_metadata is not None:
         fmt.check_json(custom_metadata, "custom_metadata")
     stored = storage_options.of(storage)
-    values = None if previous is None or previous.storage != stored else previous.leaves_of(checkpointables)
+    reusable = previous is not None and previous.storage == stored and stored.scoped is None
+    values = previous.leaves_of(checkpointables) if reusable else None
     if values is not None:
         return Plan(previous.structures, {}, [], [], previous.packed_nbytes, metrics, custom_metadata, now_nsecs(),
                     layout=previous, values=values)
@@ -138,15 +139,14 @@ def _plan(checkpointables: dict[str, Any], metrics: Any, custom_metadata: Any, s
             hosts = leaves_lib.to_hosts(flat)
         except TypeError as e:
             raise type(e)(f"checkpointable {name!r}: {e}") from None  # the same error, naming the checkpointable
-        if stored.dtype is not None:
-            for host in hosts:
-                storage_options.cast(host, stored.dtype)
         structures[name] = tree_lib.to_json(node)
         planned[name] = []
         nodes.append(node)
         every.extend(value for _, value in flat)
-        for (path, _), host in zip(flat, hosts):
-            leaf = PlannedLeaf(path, host)
+        for (path, value), host in zip(flat, hosts):
+            leaf, leaf_storage = PlannedLeaf(path, host), stored.of_leaf(path, value)
+            if leaf_storage.dtype is not None:
+                storage_options.cast(host, leaf_storage.dtype)
             if "dtype" in host.meta:
                 leaf.nbytes = host.array.nbytes if host.array is not None else (
                     math.prod(host.meta["shape"]) * leaves_lib.parse_dtype(host.meta["dtype"]).itemsize)
@@ -155,7 +155,7 @@ def _plan(checkpointables: dict[str, Any], metrics: Any, custom_metadata: Any, s
                     packed.append(leaf)
                 else:
                     leaf.location, leaf.array_name = "array", f"{fmt.ARRAYS}/{len(arrays)}"
-                    _describe_array(leaf, stored.chunk_bytes or fmt.ARRAY_CHUNK_BYTES)
+                    _describe_array(leaf, leaf_storage.chunk_bytes or fmt.ARRAY_CHUNK_BYTES)
                     arrays.append(leaf)
             planned[name].append(leaf)
     packed, packed_nbytes = packing.place(packed)

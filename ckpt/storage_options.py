@@ -1,4 +1,5 @@
-"""``ctx.array.saving.storage_options``: the dtype and the chunk size that saved arrays are stored with.
+"""``ctx.array.saving.storage_options``: the dtype and the chunk size that saved arrays are stored with;
+``ctx.array.saving.scoped_storage_options_creator``: those of one leaf.
 
 A storage dtype casts every array leaf (numpy, jax and torch arrays, whatever their dtype, as Orbax
 does) when a save plans it; tree.json then names the stored dtype. Scalars (Python and numpy) are
@@ -9,6 +10,12 @@ The chunk size is the target byte size of the chunks of each leaf stored as an a
 slabs along the first axis, at least one row each (the checksums of tree.json describe such slabs).
 Small leaves, packed together into one array, keep that array's chunks.
 
+``scoped_storage_options_creator(keypath, value)`` is called for every leaf of every tree a save
+plans (as ``jax.tree.map_with_path`` would: ``keypath`` is a tuple of jax's key entries, ``DictKey``,
+``SequenceKey``, ``GetAttrKey``, when jax is imported, else of ckpt's ``(kind, key)`` pairs); the fields
+of the ``StorageOptions`` it returns that are not None win over ``storage_options``'s, and None keeps
+``storage_options`` for that leaf. A save with a creator plans anew every time (its answers may change).
+
 Example::
 
     ctx = ckpt.Context()
@@ -18,16 +25,22 @@ Example::
         ckpt.save("model", {"w": np.ones((1024, 1024), np.float32)})
     assert ckpt.load("model")["w"].dtype == ml_dtypes.bfloat16
     assert ckpt.load("model", {"w": np.zeros((1024, 1024), np.float32)})["w"].dtype == np.float32
+
+    ctx = ckpt.Context()     # only the embeddings in bfloat16
+    ctx.array.saving.scoped_storage_options_creator = lambda keypath, value: (
+        ckpt.ArrayOptions.Saving.StorageOptions(dtype=ml_dtypes.bfloat16) if "embed" in str(keypath) else None)
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import sys
+from typing import Any, Callable
 
 import ml_dtypes
 import numpy as np
 
 from ckpt import leaves as leaves_lib
+from ckpt import tree as tree_lib
 
 _CAST = frozenset({"numpy", "jax", "torch"})  # the leaf types a storage dtype casts
 
@@ -35,29 +48,62 @@ _CAST = frozenset({"numpy", "jax", "torch"})  # the leaf types a storage dtype c
 @dataclasses.dataclass(frozen=True)
 class Storage:
     """The checked storage options of one save: ``dtype`` (None: each leaf's own) and ``chunk_bytes``
-    (None: ckpt's, ``format.ARRAY_CHUNK_BYTES``)."""
+    (None: ckpt's, ``format.ARRAY_CHUNK_BYTES``); ``scoped``: the creator of each leaf's, or None."""
 
     dtype: np.dtype | None = None
     chunk_bytes: int | None = None
+    scoped: Callable[[tuple, Any], Any] | None = None
+
+    def of_leaf(self, path: tuple, value: Any) -> Storage:
+        """The options of the leaf at ``path`` (ckpt's key path): these, or the creator's where it sets them.
+
+        Raises:
+          ValueError: the creator returned a bad dtype or chunk size (named with the leaf's key path).
+        """
+        if self.scoped is None:
+            return self
+        options = self.scoped(_keypath(path), value)
+        if options is None:
+            return dataclasses.replace(self, scoped=None)
+        try:
+            leaf = _checked(options.dtype, options.chunk_byte_size)
+        except ValueError as e:
+            raise ValueError(f"scoped_storage_options_creator at {tree_lib.keystr(path)}: {e}") from None
+        return Storage(self.dtype if leaf.dtype is None else leaf.dtype,
+                       self.chunk_bytes if leaf.chunk_bytes is None else leaf.chunk_bytes)
 
 
 DEFAULT = Storage()
 
 
-def of(options: Any) -> Storage:
-    """The :class:`Storage` a ``StorageOptions`` sets (None: the defaults).
+def of(saving: Any) -> Storage:
+    """The :class:`Storage` of a Context's ``array.saving`` group (None: the defaults).
 
     Raises:
       ValueError: the dtype is not a numeric dtype, or the chunk size is not a positive int.
     """
-    if options is None or (options.dtype is None and options.chunk_byte_size is None):
+    if saving is None:
         return DEFAULT
-    dtype = None if options.dtype is None else _dtype(options.dtype)
-    chunk_bytes = options.chunk_byte_size
+    options = saving.storage_options
+    return dataclasses.replace(_checked(options.dtype, options.chunk_byte_size),
+                               scoped=saving.scoped_storage_options_creator)
+
+
+def _checked(dtype: Any, chunk_bytes: Any) -> Storage:
     if chunk_bytes is not None and (type(chunk_bytes) is not int or chunk_bytes <= 0):
         raise ValueError(f"ctx.array.saving.storage_options.chunk_byte_size must be a positive int (bytes), "
                          f"got {chunk_bytes!r}")
-    return Storage(dtype, chunk_bytes)
+    return Storage(None if dtype is None else _dtype(dtype), chunk_bytes)
+
+
+def _keypath(path: tuple) -> tuple:
+    """``path`` as ``jax.tree.map_with_path`` gives it when jax is imported (Orbax's creators expect that)."""
+    jax = sys.modules.get("jax")
+    if jax is None:
+        return path
+    keys = jax.tree_util
+    return tuple(keys.GetAttrKey(key) if kind == "attr" else keys.SequenceKey(key) if kind == "idx" else keys.DictKey(key)
+                 for kind, key in path)
 
 
 def _dtype(value: Any) -> np.dtype:

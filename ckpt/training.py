@@ -409,7 +409,7 @@ class Checkpointer:
             return background.finished(None)
         options, budget = self._ctx, self._inflight_budget()
         trees, _ = custom.split(checkpointables, options.checkpointables_options.registry)  # handlers bring their memory
-        storage = options.array_options.saving.storage_options
+        storage = options.array_options.saving
         return self._in_background(  # only the leaves' sizes are read: planning can wait for the thread
             lambda: self._staging.reserve(saving.staging_sizes(saving.plan(trees, storage=storage), budget)))
 
@@ -436,7 +436,7 @@ class Checkpointer:
         options = self._ctx
         trees, handled = custom.split(checkpointables, options.checkpointables_options.registry)
         plan = saving.plan(trees, metrics=metrics, custom_metadata=custom_metadata, previous=self._staging.layout,
-                           storage=options.array_options.saving.storage_options)
+                           storage=options.array_options.saving)
         self._staging.layout = plan.layout
         final = self._directory / step_lib.checked_name(self._name_format, step)
         self.wait()

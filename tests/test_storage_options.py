@@ -127,7 +127,7 @@ def test_a_save_with_the_same_options_reuses_the_plan_and_one_with_others_plans_
             assert ckptr._staging.layout is first
             assert ckptr.save(2, state(2), force=True)             # a sync save reuses it as well
             assert ckptr._staging.layout is first
-        assert saving.plan({"state": state(3)}, previous=first, storage=context().array.saving.storage_options).values is None
+        assert saving.plan({"state": state(3)}, previous=first, storage=context().array.saving).values is None
         ckptr.save_async(3, state(3), force=True)                  # no storage dtype: planned anew
         assert ckptr._staging.layout is not first
         with chunked:
@@ -169,9 +169,9 @@ def test_bad_storage_options_are_refused_before_anything_is_written(tmp_path, op
 
 
 def test_the_checked_options_name_the_stored_dtype_and_the_chunk_size():
-    options = context(ml_dtypes.bfloat16, 1 << 20).array.saving.storage_options
+    options = context(ml_dtypes.bfloat16, 1 << 20).array.saving
     assert storage_options.of(options) == storage_options.Storage(np.dtype(ml_dtypes.bfloat16), 1 << 20)
-    assert storage_options.of(ckpt.Context().array.saving.storage_options) == storage_options.DEFAULT
+    assert storage_options.of(ckpt.Context().array.saving) == storage_options.DEFAULT
 
 
 def test_both_tiers_of_a_two_tier_checkpointer_follow_its_context_changed_after_it_was_made(tmp_path):
@@ -184,3 +184,40 @@ def test_both_tiers_of_a_two_tier_checkpointer_follow_its_context_changed_after_
         assert sorted(ckptr.latest.locations) == ["durable", "local"]
     for tier in ("local", "durable"):
         assert_stored_as(tmp_path / tier / "0", state(0), ml_dtypes.bfloat16)
+
+
+def test_a_scoped_creator_sets_the_options_of_each_leaf_over_the_global_ones_and_plans_every_save_anew(tmp_path):
+    import jax  # noqa: F401  (Orbax's creators get jax's key entries)
+    asked = []
+
+    def creator(keypath, value):
+        asked.append(jax.tree_util.keystr(keypath))
+        if keypath == (jax.tree_util.DictKey("big"),):
+            return ckpt.ArrayOptions.Saving.StorageOptions(chunk_byte_size=256 << 10)  # 256 rows of 1 KiB (bfloat16)
+        if keypath == (jax.tree_util.DictKey("small"),):
+            return ckpt.ArrayOptions.Saving.StorageOptions(dtype=np.float16)
+        return None
+
+    ctx = context(ml_dtypes.bfloat16)
+    ctx.array.saving.scoped_storage_options_creator = creator
+    with ckpt.Checkpointer(tmp_path, context=ctx) as ckptr:
+        ckptr.save_async(0, state()).result()
+        ckptr.save_async(1, state(1)).result()   # the same structure: planned again, the creator asked again
+    assert asked == [jax.tree_util.keystr((jax.tree_util.DictKey(k),)) for k in state()] * 2
+    for step, seed in (("0", 0), ("1", 1)):
+        big = on_disk(tmp_path / step)
+        assert big.dtype.numpy_dtype == ml_dtypes.bfloat16 and big.chunk_layout.write_chunk.shape == (256, 512)
+        assert leaf_entry(tmp_path / step, "['small']")["dtype"] == "float16"
+        assert leaf_entry(tmp_path / step, "['ints']")["dtype"] == "bfloat16"
+        loaded = ckpt.load_checkpointables(tmp_path / step)["state"]
+        np.testing.assert_array_equal(loaded["small"], state(seed)["small"].astype(np.float16))
+        assert verify_step(tmp_path / step).ok
+
+
+def test_a_scoped_creator_returning_a_bad_option_is_refused_naming_the_leaf_before_anything_is_written(tmp_path):
+    ctx = ckpt.Context()
+    ctx.array.saving.scoped_storage_options_creator = lambda keypath, value: ckpt.ArrayOptions.Saving.StorageOptions(
+        chunk_byte_size=-1)
+    with ctx, pytest.raises(ValueError, match=r"scoped_storage_options_creator at \['big'\]: .*chunk_byte_size"):
+        ckpt.save(tmp_path / "m", state())
+    assert not (tmp_path / "m").exists()

@@ -83,3 +83,15 @@ def test_the_reported_modes_measure_a_state_of_small_and_0_d_leaves():
     leaves = list(workloads.iter_leaves(workloads.build(spec)))
     assert len(leaves) == 2000 and sum(leaf.ndim == 0 for leaf in leaves) == 1000
     assert all(leaf.nbytes <= 16384 for leaf in leaves)
+
+
+def test_the_jax_leaves_benchmark_times_both_loads_alternating(tmp_path):
+    pytest.importorskip("jax")
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import jax_leaves
+    finally:
+        sys.path.pop(0)
+    result = jax_leaves.measure(20, 2, tmp_path / "root")
+    assert len(result["load_jax_s"]) == len(result["load_numpy_s"]) == 2
+    assert result["ratio"] > 0 and result["ratio_range"][0] <= result["ratio"] <= result["ratio_range"][1]

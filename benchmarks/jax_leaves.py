@@ -1,0 +1,70 @@
+"""Many small jax leaves: a load into a ``jax.eval_shape`` target against the same load into numpy.
+
+Usage (CPU is enough; under a minute)::
+
+    python benchmarks/jax_leaves.py [--leaves 5000] [--reps 9] [--out bench-results/jax_leaves.json]
+
+One step of ``--leaves`` jax arrays of 16 float32 each is saved once; then the two loads alternate,
+each timed ``--reps`` times after a warm-up: into the abstract tree ``jax.eval_shape`` gives (every
+leaf a jax array on the default device, waited for with ``block_until_ready``) and into numpy arrays
+of the same shapes. The ratio is jax's time over numpy's, the median of the per-pair ratios (a pair:
+one load of each, back to back, so that a busy machine slows both alike). Target (issue 23): <= 1.5.
+The difference is jax's own per-array transfer (``jax.device_put``'s C++ path, a few microseconds an
+array), which a load calls once per leaf.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+import ckpt  # noqa: E402
+
+
+def measure(leaves: int, reps: int, root: Path) -> dict:
+    """Seconds of each load (lists of ``reps``) and the median of the per-pair ratios."""
+    rng = np.random.default_rng(0)
+    state = {f"leaf_{i}": jax.numpy.asarray(rng.standard_normal(16).astype(np.float32)) for i in range(leaves)}
+    targets = {"jax": jax.eval_shape(lambda: state), "numpy": {k: np.zeros(16, np.float32) for k in state}}
+    times: dict[str, list[float]] = {"jax": [], "numpy": []}
+    with ckpt.Checkpointer(root) as checkpointer:
+        checkpointer.save(0, state, force=True)
+        for rep in range(reps + 1):  # the first repetition is the warm-up
+            for name, target in targets.items():
+                start = time.perf_counter()
+                jax.block_until_ready(checkpointer.load(0, abstract_state=target))
+                if rep:
+                    times[name].append(time.perf_counter() - start)
+    ratios = [j / n for j, n in zip(times["jax"], times["numpy"])]
+    return {"leaves": leaves, "load_jax_s": times["jax"], "load_numpy_s": times["numpy"],
+            "ratio": statistics.median(ratios), "ratio_range": [min(ratios), max(ratios)]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--leaves", type=int, default=5000)
+    parser.add_argument("--reps", type=int, default=9)
+    parser.add_argument("--out", type=Path, default=Path("bench-results/jax_leaves.json"))
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="ckpt-jax-leaves-") as scratch:
+        result = measure(args.leaves, args.reps, Path(scratch) / "root")
+    result["environment"] = {"jax": jax.__version__, "cpus": os.cpu_count(), "load_average": os.getloadavg()}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    print(f"{args.leaves} jax leaves: load into eval_shape {statistics.median(result['load_jax_s']):.3f} s, "
+          f"into numpy {statistics.median(result['load_numpy_s']):.3f} s; jax / numpy {result['ratio']:.2f} "
+          f"(pairs {result['ratio_range'][0]:.2f}-{result['ratio_range'][1]:.2f}; target <= 1.5)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

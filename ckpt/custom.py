@@ -147,9 +147,12 @@ def _loading_handler(name: str, record: dict, abstract: Any, registry: handlers.
         if recorded is not None and (handlers.typestr(handler_type) == recorded
                                      or recorded in registry.get_secondary_typestrs(handler_type)):
             return handler_type()
-    raise KeyError(f"{step_dir}: checkpointable {name!r} was saved by {recorded or 'itself'}, and no handler "
-                   "for it is registered: register one (ckpt.handlers.register_handler, or the Context's "
-                   "checkpointables registry), or pass the object to load into")
+    if recorded is None:  # Orbax's error and words
+        raise ValueError(f"To restore a `StatefulCheckpointable`, you must pass an instance of the object. "
+                         f"{step_dir}: checkpointable {name!r} was saved by itself: pass the object to load into")
+    raise KeyError(f"{step_dir}: checkpointable {name!r} was saved by {recorded}, and no handler for it is "
+                   "registered: register one (ckpt.handlers.register_handler, or the Context's checkpointables "
+                   "registry), or pass the object to load into")
 
 
 def load(step_dir: Path, records: dict[str, dict], abstract: dict[str, Any],

@@ -88,6 +88,9 @@ def test_a_stateful_checkpointable_saves_itself_and_loads_in_place(tmp_path):
     target = Counter()
     assert ckpt.load_checkpointables(tmp_path / "m", {"counter": target})["counter"] is target
     assert target.n == 7
+    with pytest.raises(ValueError, match="To restore a `StatefulCheckpointable`, you must pass an instance of the "
+                                         "object.* 'counter' was saved by itself"):
+        ckpt.load_checkpointables(tmp_path / "m")
 
 
 def test_a_handler_name_on_disk_is_only_looked_up_never_imported(tmp_path):

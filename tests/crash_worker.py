@@ -4,15 +4,20 @@
 committed step of ``root``, keeps the last two steps (``LatestN(2)``, so garbage collection runs after
 every commit), and appends ``ready`` to the file ``log``, then ``begin N`` before each save and
 ``committed N`` once step N is committed. The test kills it with SIGKILL at a random moment.
+:func:`start` forks it from a clean forkserver, :func:`wait_for` waits for one of its lines.
 """
 from __future__ import annotations
 
+import multiprocessing
 import os
+import time
+from pathlib import Path
 
 import numpy as np
 
 from ckpt.training import Checkpointer
 from ckpt.training import preservation_policies as pp
+from tests import procs
 
 KEEP = 2
 
@@ -55,3 +60,20 @@ def main(root: str, mode: str, log: str) -> None:
                 response.on_complete(lambda _, s=step: say(f"committed {s}"))
             step += 1
 
+
+def start(root: Path, mode: str) -> tuple[multiprocessing.Process, Path]:
+    """Forks :func:`main` on ``root`` from a clean forkserver; returns the process and the file of its lines."""
+    log = root.with_name(root.name + ".log")
+    log.unlink(missing_ok=True)
+    worker = procs.forkserver(__name__).Process(target=main, args=(str(root), mode, str(log)))
+    worker.start()
+    return worker, log
+
+
+def wait_for(worker: multiprocessing.Process, log: Path, line: str, timeout: float = 60) -> None:
+    """Waits until the worker has said ``line``; fails if it exits first or ``timeout`` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while not (log.exists() and f"{line}\n" in log.read_text()):
+        assert worker.is_alive() and time.monotonic() < deadline, (
+            f"the worker did not say {line!r} (exit {worker.exitcode}):\n{log.read_text() if log.exists() else ''}")
+        time.sleep(0.005)

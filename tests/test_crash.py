@@ -33,15 +33,9 @@ MAX_KILL_DELAY_SECS = 0.25  # about 20 saves of the worker's state: kills land i
 
 def run_and_kill(root: Path, mode: str, delay: float) -> tuple[list[int], list[int], str]:
     """Runs the worker until ``delay`` seconds after it is ready, kills it; returns (begun, committed, output)."""
-    log = root.with_name(root.name + ".log")
-    log.unlink(missing_ok=True)
-    worker = procs.forkserver("tests.crash_worker").Process(target=crash_worker.main, args=(str(root), mode, str(log)))
-    worker.start()
+    worker, log = crash_worker.start(root, mode)
     try:
-        deadline = time.monotonic() + 60
-        while not (log.exists() and "ready\n" in log.read_text()):
-            assert worker.is_alive() and time.monotonic() < deadline, f"the worker never got ready (exit {worker.exitcode})"
-            time.sleep(0.005)
+        crash_worker.wait_for(worker, log, "ready")
         time.sleep(delay)
     finally:
         worker.kill()

@@ -95,9 +95,9 @@ def test_two_checkpointers_in_one_process_take_turns(tmp_path):
 
 def test_a_reader_loading_while_a_writer_saves_and_collects_garbage_gets_whole_steps_or_step_not_found(tmp_path):
     root = tmp_path / "root"
-    proc = procs.start(Path(crash_worker.__file__), str(root), "mixed")
+    worker, log = crash_worker.start(root, "mixed")
     try:
-        procs.wait_for_line(proc, "committed 3")
+        crash_worker.wait_for(worker, log, "committed 3")
         loaded = 0
         with Checkpointer(root) as reader:
             while loaded < 40:
@@ -111,5 +111,6 @@ def test_a_reader_loading_while_a_writer_saves_and_collects_garbage_gets_whole_s
                     assert tree["small"]["p5"].tolist() == crash_worker.state(info.step)["small"]["p5"].tolist()
                     loaded += 1
     finally:
-        procs.stop(proc)
+        worker.kill()
+        worker.join()
     assert loaded >= 40

@@ -56,9 +56,11 @@ def _measure(spec: dict, processes: dict[str, list[str]], ops: list[str], reps: 
 
 
 def run_workload(spec: dict, systems: list[str], mode: config.Mode, scratch: Path) -> dict:
-    """The main table's entry for one workload: every system in its own process, alternating."""
+    """The main table's entry for one workload: every system (but those it is ``without``) in its own
+    process, alternating."""
+    present = [s for s in systems if s not in spec.get("without", ())]
     return {"name": spec["name"], "description": spec["description"],
-            **_measure(spec, _processes(systems, mode), OPS, mode.reps, mode, scratch / spec["name"], memory_pass=True)}
+            **_measure(spec, _processes(present, mode), OPS, mode.reps, mode, scratch / spec["name"], memory_pass=True)}
 
 
 def _scaling_point(spec: dict, mode: config.Mode, scratch: Path) -> dict:

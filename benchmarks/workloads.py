@@ -119,7 +119,7 @@ _BUILDERS: dict[str, Callable[..., Any]] = {
 
 def build(spec: dict) -> Any:
     """The state a spec describes, e.g. ``build({"kind": "large", "nbytes": 64 << 20})``."""
-    args = {k: v for k, v in spec.items() if k not in ("kind", "name", "description")}
+    args = {k: v for k, v in spec.items() if k not in ("kind", "name", "description", "without")}
     return _BUILDERS[spec["kind"]](**args)
 
 

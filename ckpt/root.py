@@ -104,9 +104,10 @@ def classify(path: storage.Location, step: int | None, *, read_manifest: bool = 
         except CheckpointCorruptedError as e:
             return Entry(path, Kind.FOREIGN, step, f"an Orbax checkpoint ({storage.describe(path)}) ckpt cannot read: {e}")
     manifest_path = path / fmt.MANIFEST
-    if local and os.path.lexists(manifest_path) and not stat.S_ISREG(os.lstat(manifest_path).st_mode):
+    mode = _mode(manifest_path) if local else None
+    if mode is not None and not stat.S_ISREG(mode):
         return Entry(path, Kind.FOREIGN, step, f"{storage.describe(path)}, whose {fmt.MANIFEST} is not a regular file")
-    if manifest_path.exists():
+    if mode is not None or (not local and manifest_path.exists()):
         if not read_manifest:
             return Entry(path, Kind.STEP, step, Kind.STEP.value)
         try:
@@ -119,6 +120,14 @@ def classify(path: storage.Location, step: int | None, *, read_manifest: bool = 
             return Entry(path, Kind.TEMPORARY, step, holds)
         holds = f"{holds}: a step of ckpt's whose {fmt.MANIFEST} is missing (damaged; kept for inspection)"
     return Entry(path, Kind.FOREIGN, step, holds)
+
+
+def _mode(path: Path) -> int | None:
+    """The mode of ``path`` itself (a link is not followed), or None when there is nothing."""
+    try:
+        return os.lstat(path).st_mode
+    except FileNotFoundError:
+        return None
 
 
 def _is_dir(path: Path) -> bool:

@@ -404,6 +404,8 @@ def _nested_within(value: Any, depth: int) -> bool:
     """Whether JSON ``value`` nests at most ``depth`` containers deep (checked without recursion)."""
     level = [value] if type(value) in (dict, list) else []
     for _ in range(depth + 1):  # the containers at depth 0, 1, ... ``depth``
+        if not level:
+            return True
         level = [v for c in level for v in (c.values() if type(c) is dict else c) if type(v) in (dict, list)]
     return not level
 

@@ -74,15 +74,43 @@ def scan(root: storage.Location, name_format: NameFormat, *, read_manifests: boo
     reading it (``lightweight_initialize``).
     """
     entries = []
-    for name in storage.list_names(root):
+    for name, is_dir in _listing(root):
         try:
             if name.endswith((fmt.TMP_SUFFIX, fmt.DELETING_SUFFIX)):
                 entries.append(classify_temporary(root / name))
             elif (step := name_format.parse_name(name)) is not None:
-                entries.append(classify(root / name, step, read_manifest=read_manifests))
+                path = root / name
+                entries.append(is_dir and _committed(path, step, read_manifests)
+                               or classify(path, step, read_manifest=read_manifests))
         except FileNotFoundError:
             continue  # removed since the listing
     return sorted(entries, key=lambda e: (e.step is None, e.step or 0, e.path.name))
+
+
+def _listing(root: storage.Location) -> list[tuple[str, bool]]:
+    """The names in ``root``, each with whether the listing shows a directory itself (not a link to one),
+    which a local directory's listing tells without a system call per name (False on an object store)."""
+    if not isinstance(root, Path):
+        return [(name, False) for name in storage.list_names(root)]
+    try:
+        with os.scandir(root) as found:
+            return [(e.name, e.is_dir(follow_symlinks=False)) for e in found]
+    except FileNotFoundError:
+        return []
+
+
+def _committed(path: Path, step: int, read_manifest: bool) -> Entry | None:
+    """A committed step, as :func:`classify` finds it, with the fewest system calls: ``path`` is a directory
+    itself (the listing said so) holding a regular ``manifest.json`` (which ``read_manifest`` reads and
+    validates). None for anything else, which classify looks at."""
+    try:
+        if read_manifest:
+            return Entry(path, Kind.STEP, step, Kind.STEP.value, loading.read_manifest(path))
+        if stat.S_ISREG(os.lstat(os.path.join(path, fmt.MANIFEST)).st_mode):
+            return Entry(path, Kind.STEP, step, Kind.STEP.value)
+    except (OSError, CheckpointCorruptedError, InvalidLayoutError):
+        pass
+    return None
 
 
 def classify_temporary(path: storage.Location) -> Entry:

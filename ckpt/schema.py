@@ -67,11 +67,14 @@ def read_manifest(step_dir: storage.Location) -> dict:
         its own CRC32, of another format version, or a field has the wrong type or range.
     """
     path = step_dir / fmt.MANIFEST
-    if isinstance(step_dir, Path) and not any(os.path.lexists(step_dir / name)
-                                              for name in (fmt.MANIFEST, fmt.TREE, fmt.PACKED, fmt.ARRAYS)):
-        raise InvalidLayoutError(f"{step_dir} is not a checkpoint: it has none of the files ckpt writes "
-                                 f"({fmt.MANIFEST}, {fmt.TREE}, {fmt.PACKED}/, {fmt.ARRAYS}/)")
-    data = _read(step_dir, path, fmt.MANIFEST_MAX_BYTES, f": {step_dir} is not a committed ckpt checkpoint")
+    try:
+        data = _read(step_dir, path, fmt.MANIFEST_MAX_BYTES, f": {step_dir} is not a committed ckpt checkpoint")
+    except CheckpointCorruptedError:
+        if isinstance(step_dir, Path) and not any(os.path.lexists(step_dir / name)
+                                                  for name in (fmt.MANIFEST, fmt.TREE, fmt.PACKED, fmt.ARRAYS)):
+            raise InvalidLayoutError(f"{step_dir} is not a checkpoint: it has none of the files ckpt writes "
+                                     f"({fmt.MANIFEST}, {fmt.TREE}, {fmt.PACKED}/, {fmt.ARRAYS}/)") from None
+        raise
     manifest = _parse(step_dir, path, data)
     if not isinstance(manifest, dict) or manifest.get("format") != fmt.FORMAT_NAME:
         raise CheckpointCorruptedError(f"{path} is not a ckpt manifest", path=step_dir)

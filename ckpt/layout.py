@@ -15,14 +15,16 @@ import dataclasses
 import functools
 import operator
 import sys
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
+from ckpt import entries
+from ckpt import format as fmt
 from ckpt import leaves as leaves_lib
-from ckpt import packing, storage_options
+from ckpt import packing, storage_options, transfers
 from ckpt import tree as tree_lib
-from ckpt.tree import KeyPath
+from ckpt.tree import KeyPath, keystr
 
 _SHAPE, _DTYPE = operator.attrgetter("shape"), operator.attrgetter("dtype")
 
@@ -76,6 +78,8 @@ class Layout:
             self.kinds[i] is torch.Tensor and self.signature[i][3].type == "cuda" for i in self.device_leaves)
         self.packed_order = sorted((i for i, where in enumerate(self.location) if where == "packed"),
                                    key=self.offset.__getitem__)
+        self.packed_spans = [(self.offset[i], self.nbytes[i]) for i in self.packed_order]
+        self.unpacked = [i for i, where in enumerate(self.location) if where != "packed"]
         self._indexed = True
 
     @functools.cached_property
@@ -86,6 +90,49 @@ class Layout:
         keys = [(packing.group(meta, n), s[2]) if kind is np.ndarray else None  # s[2]: a numpy leaf's own dtype
                 for kind, meta, n, s in zip(self.kinds, self.meta, self.nbytes, self.signature)]
         return packing.runs(self.packed_order, keys, self.meta, self.offset, self.nbytes)
+
+    @functools.cached_property
+    def structure_texts(self) -> dict[str, str]:
+        """Each checkpointable's structure as tree.json writes it."""
+        return {name: entries.structure(tree) for name, tree in self.structures.items()}
+
+    @functools.cached_property
+    def path_strings(self) -> list[str]:
+        """Each leaf's key path as tree.json writes it."""
+        return list(map(keystr, self.paths))
+
+    @functools.cached_property
+    def templates(self) -> dict[int, entries.Template]:
+        """Each packed leaf's tree.json entry but its CRC32, by leaf index."""
+        self._index()
+        paths = self.path_strings
+        return {i: entries.template(paths[i], self.meta[i], self.offset[i], self.nbytes[i]) for i in self.packed_order}
+
+    @functools.cached_property
+    def windows(self) -> list[tuple[list[packing.Run], list[int]]]:
+        """The runs and lone leaves of each chunk of the packed array (see :func:`ckpt.packing.by_window`)."""
+        return packing.by_window(*self.copy_groups, self.offset, self.nbytes, fmt.PACKED_CHUNK_BYTES)
+
+    def filler(self, values: list[Any]) -> Callable[[np.ndarray, int, int], int]:
+        """The ``fill`` of :func:`ckpt.packing.windows` for this layout's leaves ``values``: the chunks of
+        the packed array of a save that keeps no copy of the state (each transfer from a device waited
+        for before its chunk is written)."""
+        windows, offset, nbytes, size = self.windows, self.offset, self.nbytes, fmt.PACKED_CHUNK_BYTES
+        to_host = transfers.ToHost(values, self.device_leaves)
+
+        def fill(buffer: np.ndarray, lo: int, hi: int) -> int:
+            runs, alone = windows[lo // size] if lo // size < len(windows) else ((), ())
+            end = 0
+            for run in runs:
+                run.copy(values, run.target(buffer))
+                end = max(end, run.stop)
+            for i in alone:
+                start = offset[i] - lo
+                to_host.copy(i, self.view_of(i, buffer[start: start + nbytes[i]]))
+                end = max(end, start + nbytes[i])
+            to_host.wait()
+            return end
+        return fill
 
     def use_buffer(self, buffer: np.ndarray) -> None:
         """Makes the views of the packed leaves and runs in ``buffer`` (once per buffer: the next

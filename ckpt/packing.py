@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import operator
-from typing import Any, Callable, Sequence
+import zlib
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -137,3 +138,86 @@ def runs(order: list[int], keys: list[Any], meta: list[dict], offset: list[int],
             pads.append(zeros[pad])
         together.append(Run(indices, offset[first], offset[last] + slot(nbytes[last]), dtype, shape, pads))
     return together, alone
+
+
+def by_window(together: list[Run], alone: list[int], offset: list[int], nbytes: list[int],
+              size: int) -> list[tuple[list[Run], list[int]]]:
+    """The runs and lone leaves of each window of ``size`` bytes of the packed array, by the window
+    each leaf starts in: a run's leaves in one window become a run of their own, placed from the
+    window's start (its last leaf may end past the window). A save that makes the packed array one
+    chunk at a time (a sync save, which holds no copy of the whole state) fills each chunk with them.
+
+    Example::
+
+        per_window = by_window(together, alone, offset, nbytes, fmt.PACKED_CHUNK_BYTES)
+    """
+    starts = [offset[i] for run in together for i in run.indices] + [offset[i] for i in alone]
+    out: list[tuple[list[Run], list[int]]] = [([], []) for _ in range(max(starts, default=-size) // size + 1)]
+    for run in together:
+        parts: dict[int, list[int]] = {}
+        for k, i in enumerate(run.indices):
+            parts.setdefault(offset[i] // size, []).append(k)
+        for window, ks in parts.items():
+            indices, base = [run.indices[k] for k in ks], window * size
+            first, last = indices[0], indices[-1]
+            out[window][0].append(Run(indices, offset[first] - base, offset[last] + slot(nbytes[last]) - base, run.dtype,
+                                      run.shape, [run.pads[k] for k in ks] if run.shape is None else []))
+    for i in alone:
+        out[offset[i] // size][1].append(i)
+    return out
+
+
+def windows(fill: Callable[[np.ndarray, int, int], int], total: int, size: int) -> Iterator[tuple[int, np.ndarray]]:
+    """The packed array of ``total`` bytes in chunks of ``size`` (each yielded as ``(start, bytes)``
+    and valid until the next), made in one buffer: ``fill(buffer, lo, hi)`` copies each leaf that
+    starts in ``[lo, hi)`` to ``buffer[offset - lo:]`` and returns where the last one ends in
+    ``buffer``; the bytes a leaf puts past the chunk begin the next one. An empty array has one empty chunk.
+
+    Example::
+
+        for start, chunk in windows(fill, plan.packed_nbytes, fmt.PACKED_CHUNK_BYTES):
+            write(start, chunk)
+    """
+    buffer, carry = np.zeros(min(size, total) + fmt.SMALL_LEAF_BYTES, np.uint8), 0
+    for lo in range(0, max(total, 1), size):  # one empty chunk when every leaf is empty
+        hi = min(lo + size, total)
+        end = max(fill(buffer, lo, hi), carry)
+        yield lo, buffer[: hi - lo]
+        carry = max(end - (hi - lo), 0)
+        buffer[:carry] = buffer[hi - lo: hi - lo + carry]
+        buffer[carry:] = 0
+
+
+class Checksums:
+    """The CRC32 of each packed leaf (``spans``: their ``(offset, nbytes)`` in offset order), taken
+    from the chunks of the packed array as they are fed in order (a leaf may span chunks).
+
+    Example::
+
+        crcs = Checksums([(0, 8), (64, 4)])
+        crcs.feed(0, np.zeros(128, np.uint8))
+        assert crcs.values == [fmt.crc32(bytes(8)), fmt.crc32(bytes(4))]
+    """
+
+    def __init__(self, spans: list[tuple[int, int]]):
+        self._spans = spans
+        self.values = [0] * len(spans)  # the CRC32 of no bytes: zero-size leaves are never fed
+        self._next = 0
+
+    def feed(self, start: int, chunk: np.ndarray) -> None:
+        """Takes in the chunk of the packed array at ``start``."""
+        spans, values, crc32 = self._spans, self.values, zlib.crc32
+        data, stop, i = memoryview(chunk), start + chunk.size, self._next
+        while i < len(spans):
+            offset, nbytes = spans[i]
+            if offset >= stop:
+                break
+            end = offset + nbytes
+            if offset >= start and end <= stop:  # the usual case: the leaf lies in the chunk
+                values[i] = crc32(data[offset - start: end - start])
+            else:
+                values[i] = crc32(data[max(offset, start) - start: min(end, stop) - start], values[i])
+                if end > stop:
+                    break  # it goes on in the next chunk
+            i += 1
+        self._next = i

@@ -11,7 +11,7 @@ import dataclasses
 import math
 import threading
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import tensorstore as ts
@@ -19,7 +19,7 @@ import tensorstore as ts
 from ckpt import format as fmt
 from ckpt import layout as layout_lib
 from ckpt import leaves as leaves_lib
-from ckpt import chunks, collector, custom, distributed, loading, packing, preemption, progress, storage
+from ckpt import chunks, collector, custom, distributed, entries, loading, packing, preemption, progress, storage
 from ckpt import storage_options, transfers
 from ckpt import tree as tree_lib
 from ckpt.metadata import now_nsecs
@@ -36,6 +36,7 @@ class PlannedLeaf:
     offset: int = 0
     nbytes: int = 0
     array_name: str = ""
+    crc32: int = 0  # of a packed leaf's bytes, once written
 
 
 @dataclasses.dataclass
@@ -55,9 +56,11 @@ class Plan:
     written_arrays: set[str] = dataclasses.field(default_factory=set)
     staging: list[np.ndarray] = dataclasses.field(default_factory=list)
     layout: layout_lib.Layout | None = None  # what the next save of the same tree may reuse
-    values: list[Any] | None = None          # a reused layout's leaves, until :meth:`materialize`
+    values: list[Any] | None = None          # a reused layout's leaves (packed ones stay in its tables)
     copies: dict[int, np.ndarray] = dataclasses.field(default_factory=dict)  # their snapshot, by index
     packed_copies: dict[int, np.ndarray] = dataclasses.field(default_factory=dict)  # the same, of packed leaves
+
+    unpacked: dict[int, PlannedLeaf] = dataclasses.field(default_factory=dict)  # a reused plan's other leaves
 
     @property
     def nbytes(self) -> int:
@@ -65,9 +68,27 @@ class Plan:
             return self.layout.total_nbytes
         return self.packed_nbytes + sum(leaf.nbytes for leaf in self.arrays)
 
+    @property
+    def packed_spans(self) -> list[tuple[int, int]]:
+        """The (offset, nbytes) of each packed leaf, in offset order."""
+        if self.values is not None:
+            return self.layout.packed_spans
+        return [(leaf.offset, leaf.nbytes) for leaf in self.packed]
+
+    def materialize_unpacked(self) -> None:
+        """Makes the planned leaves of a reused plan's large and inline leaves (the writer's work, in the
+        background for an async save); its packed leaves stay in the layout's tables, their bytes in the
+        packed buffer of a snapshot or still in ``values``."""
+        if self.values is None:
+            return
+        self.unpacked = {i: self._materialize(i, self.values[i]) for i in self.layout.unpacked}
+        self.arrays = [self.unpacked[i] for i in self.layout.own_arrays]
+        self.copies = {}
+
     def materialize(self) -> None:
-        """Makes the planned leaves of a plan that reused a layout (in the background, for an async
-        save): each leaf's manifest entry from the layout's, with its snapshot copy or its host bytes."""
+        """Makes every planned leaf of a plan that reused a layout, as a fresh plan has them (a snapshot
+        that cannot copy the whole plan): each leaf's manifest entry from the layout's, with its snapshot
+        copy or its host bytes."""
         values, layout = self.values, self.layout
         if values is None:
             return
@@ -97,6 +118,22 @@ class Plan:
 def _raw_bytes(array: np.ndarray) -> np.ndarray:
     """The C-order bytes of an array as a flat uint8 array (a view when already contiguous)."""
     return np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+
+
+def _filler(packed: list[PlannedLeaf]) -> Callable[[np.ndarray, int, int], int]:
+    """The ``fill`` of :func:`ckpt.packing.windows` for a fresh plan's packed leaves (in offset order)."""
+    position = 0
+
+    def fill(buffer: np.ndarray, lo: int, hi: int) -> int:
+        nonlocal position
+        end = 0
+        while position < len(packed) and packed[position].offset < hi:
+            leaf = packed[position]
+            end = leaf.offset - lo + leaf.nbytes
+            buffer[leaf.offset - lo: end] = _raw_bytes(leaf.host.array)
+            position += 1
+        return end
+    return fill
 
 
 def plan(checkpointables: dict[str, Any], *, metrics: Any = None, custom_metadata: Any = None,
@@ -335,6 +372,7 @@ class StepWriter:
         self._hurry = threading.Event()
         self.progress = progress.Tracker(f"saving {final_dir}", plan.nbytes)
         self.custom: custom.Saves | None = None  # checkpointables saved by handlers (ckpt.custom)
+        self.packed_crcs: list[int] = []  # of the packed leaves, in offset order, once written
 
     def prepare_dir(self) -> None:
         """Creates a fresh temporary directory, marked as ckpt's (removing one a crashed save left)."""
@@ -440,7 +478,7 @@ class StepWriter:
         """Writes every small leaf into one uint8 zarr3 array, chunk by chunk, and records each leaf's
         CRC32 and each chunk's word sum."""
         plan = self.plan
-        if not plan.packed:
+        if not plan.packed_spans:
             return
         self.prepare_dir()
         spec = storage.array_spec({"driver": "file", "path": fmt.PACKED + "/"}, np.dtype(np.uint8),
@@ -468,66 +506,61 @@ class StepWriter:
         self.packed_zarr_json_crc32 = fmt.crc32(storage.read_json_bytes(self.tmp_dir / fmt.PACKED / "zarr.json"))
 
     def _packed_chunks(self) -> Iterator[tuple[int, np.ndarray]]:
-        """The packed array's chunks, in order. Each small leaf's CRC32 is taken just before the first
-        chunk that holds it, while tensorstore writes the chunks before (in the background, all of
-        them first: one busy thread at a time)."""
+        """The packed array's chunks, in order, each valid until the next is asked for. The CRC32s of the
+        small leaves (``packed_crcs``, in offset order) are taken from each chunk before it is written,
+        while tensorstore writes the chunks before (in the background, all of them first: one busy
+        thread at a time)."""
         plan, size = self.plan, fmt.PACKED_CHUNK_BYTES
-        recorded = 0
-
-        def record(leaf: PlannedLeaf, raw: np.ndarray) -> None:
-            leaf.host.meta["crc32"] = fmt.crc32(raw)
-            leaf.host.meta["packed"] = [leaf.offset, leaf.nbytes]
-
-        def record_until(stop: float) -> None:
-            nonlocal recorded
-            while recorded < len(plan.packed) and plan.packed[recorded].offset < stop:
-                leaf = plan.packed[recorded]
-                record(leaf, _raw_bytes(leaf.host.array))
-                recorded += 1
-
-        recorded_first = self._background
-        if recorded_first:
-            record_until(math.inf)
+        checksums = packing.Checksums(plan.packed_spans)
+        self.packed_crcs = checksums.values
         if plan.packed_buffer is not None:
-            for start in range(0, plan.packed_nbytes, size):
-                record_until(start + size)
-                yield start, plan.packed_buffer[start: start + size]
-            record_until(math.inf)  # zero-size leaves at the very end
+            whole = [(start, plan.packed_buffer[start: start + size]) for start in range(0, max(plan.packed_nbytes, 1), size)]
+            first = self._background
+            for start, chunk in whole if first else ():
+                checksums.feed(start, chunk)
+            for start, chunk in whole:
+                if not first:
+                    checksums.feed(start, chunk)
+                yield start, chunk
             return
-        chunk = np.zeros(min(size, plan.packed_nbytes), np.uint8)
-        chunk_start = 0
-        for leaf in plan.packed:  # each leaf's CRC32 as it is copied (in the background: all done above)
-            data, pos = _raw_bytes(leaf.host.array), leaf.offset
-            if not recorded_first:
-                record(leaf, data)
-            while pos < leaf.offset + leaf.nbytes:
-                if pos >= chunk_start + chunk.size:
-                    yield chunk_start, chunk
-                    chunk_start += chunk.size
-                    chunk = np.zeros(min(size, plan.packed_nbytes - chunk_start), np.uint8)
-                n = min(leaf.offset + leaf.nbytes, chunk_start + chunk.size) - pos
-                done = pos - leaf.offset
-                chunk[pos - chunk_start: pos - chunk_start + n] = data[done: done + n]
-                pos += n
-        yield chunk_start, chunk
+        fill = plan.layout.filler(plan.values) if plan.values is not None else _filler(plan.packed)
+        for start, chunk in packing.windows(fill, plan.packed_nbytes, size):
+            checksums.feed(start, chunk)
+            yield start, chunk
 
     def _tree_json(self) -> bytes:
         """tree.json: each checkpointable's structure and leaf entries, the handled ones, the packed array."""
         plan = self.plan
-        trees = {}
-        for name, structure in plan.structures.items():
-            entries = []
-            for leaf in plan.leaves[name]:
-                entry = {"path": keystr(leaf.path), **leaf.host.meta}
-                entries.append(entry)
-            trees[name] = {"tree": structure, "leaves": entries}
-        tree_doc: dict[str, Any] = {"checkpointables": trees}
-        if self.custom is not None:
-            tree_doc["handled"] = self.custom.records
-        if plan.packed:
-            tree_doc["packed"] = {"spec": self.packed_spec, "nbytes": plan.packed_nbytes,
-                                  "zarr_json_crc32": self.packed_zarr_json_crc32, "chunk_sum64": self.packed_sums}
-        return fmt.to_json_bytes(tree_doc, "the tree", fmt.TREE_MAX_BYTES)
+        packed = None
+        if plan.packed_spans:
+            packed = {"spec": self.packed_spec, "nbytes": plan.packed_nbytes,
+                      "zarr_json_crc32": self.packed_zarr_json_crc32, "chunk_sum64": self.packed_sums}
+        structures = ({name: entries.structure(tree) for name, tree in plan.structures.items()} if plan.layout is None
+                      else plan.layout.structure_texts)
+        return entries.tree_json(structures, self._leaf_entries(), None if self.custom is None else self.custom.records,
+                                 packed)
+
+    def _leaf_entries(self) -> dict[str, list[str]]:
+        """Each checkpointable's leaf entries in tree.json, as text: a reused plan's packed ones from the
+        layout's templates."""
+        plan, crcs = self.plan, self.packed_crcs
+        if plan.values is None:
+            for leaf, crc in zip(plan.packed, crcs):
+                leaf.crc32 = crc
+            return {name: [entries.template(keystr(leaf.path), leaf.host.meta, leaf.offset, leaf.nbytes).fill(leaf.crc32)
+                           if leaf.location == "packed" else entries.entry(keystr(leaf.path), leaf.host.meta)
+                           for leaf in row] for name, row in plan.leaves.items()}
+        layout = plan.layout
+        texts: list[str] = [""] * len(layout.paths)
+        templates, paths = layout.templates, layout.path_strings
+        for i, crc in zip(layout.packed_order, crcs):
+            texts[i] = templates[i].fill(crc)
+        for i, leaf in plan.unpacked.items():
+            texts[i] = entries.entry(paths[i], leaf.host.meta)
+        out, start = {}, 0
+        for name, count in zip(layout.names, layout.counts):
+            out[name], start = texts[start: start + count], start + count
+        return out
 
     def write_manifest(self, step: int | None, extra: dict | None = None) -> None:
         """Writes tree.json and then manifest.json (the commit record) into the temporary directory."""
@@ -562,7 +595,7 @@ class StepWriter:
 
     def run(self, step: int | None) -> dict:
         """Writes everything not yet written, then commits; returns the manifest."""
-        self.plan.materialize()
+        self.plan.materialize_unpacked()
         self.prepare_dir()
         self._barrier("prepared")
         self.write_arrays(self.plan.arrays)

@@ -478,7 +478,7 @@ def list_names(root: Location) -> list[str]:
         return []
 
 
-def read_json_bytes(path: Location, limit: int = fmt.MANIFEST_MAX_BYTES) -> bytes:
+def read_json_bytes(path: Location | str, limit: int = fmt.MANIFEST_MAX_BYTES) -> bytes:
     """The bytes of a small file (JSON) of at most ``limit`` bytes.
 
     A local file is opened as :func:`open_regular` does (never through a link, never a FIFO or a

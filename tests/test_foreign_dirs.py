@@ -142,6 +142,28 @@ def test_a_foreign_entry_named_like_a_temporary_is_never_removed_and_other_saves
            {k: v for k, v in whole.items()} | {"root/" + fmt.LOCK: after["root/" + fmt.LOCK]}
 
 
+@pytest.mark.parametrize("lightweight", [False, True])
+def test_a_step_whose_manifest_is_a_link_a_fifo_or_a_directory_is_never_listed(tmp_path, lightweight, caplog):
+    """Each is a complete copy of a committed step but for its manifest.json; the listing, which takes a
+    directory with a regular manifest.json for a step at once, skips them with or without reading manifests."""
+    root = tmp_path / "root"
+    with Checkpointer(root) as ckptr:
+        ckptr.save(0, STATE)
+    for step in (1, 2, 3):
+        shutil.copytree(root / "0", root / str(step), copy_function=os.link)
+        (root / str(step) / fmt.MANIFEST).unlink()
+    (root / "1" / fmt.MANIFEST).symlink_to(root / "0" / fmt.MANIFEST)
+    os.mkfifo(root / "2" / fmt.MANIFEST)
+    shutil.copytree(root / "0", root / "3" / fmt.MANIFEST)
+    (root / "4").symlink_to(root / "0", target_is_directory=True)
+    whole = fsutil.snapshot(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="ckpt"), Checkpointer(root, lightweight_initialize=lightweight) as ckptr:
+        assert [c.step for c in ckptr.checkpoints] == [0]
+    for step in (1, 2, 3, 4):
+        assert f"skipping {root / str(step)}" in caplog.text
+    assert fsutil.snapshot(tmp_path) == whole
+
+
 def test_an_orbax_step_is_listed_but_never_overwritten(tmp_path):
     _orbax_step(tmp_path / "7")
     before = fsutil.snapshot(tmp_path)

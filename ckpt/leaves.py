@@ -245,6 +245,8 @@ def check_leaf(path: KeyPath, meta: dict, abstract: Any) -> str | None:
     """Why ``abstract`` cannot receive the saved leaf ``meta``, or None when it can."""
     if abstract is None or abstract is PLACEHOLDER:
         return None
+    if type(abstract) is np.ndarray and meta.get("shape") == list(abstract.shape) and "key_shape" not in meta:
+        return None  # the usual leaf
     want = abstract_shape(abstract)
     inline = meta["type"] in ("int", "float", "bool", "str", "none")
     if want is not None and inline and want != ():

@@ -78,6 +78,8 @@ class _PackedReader:
 class _LeafSource:
     """Reads one saved leaf, whole or a slice, checking its checksum; errors name the key path."""
 
+    __slots__ = ("step_dir", "name", "meta", "packed", "files", "_array", "_out", "_store")
+
     def __init__(self, step_dir: Path, name: str, meta: dict, packed: _PackedReader):
         self.step_dir, self.name, self.meta, self.packed, self.files = step_dir, name, meta, packed, packed.files
         self._array: np.ndarray | None = None  # the whole leaf as stored, once read and checked
@@ -280,7 +282,7 @@ def load_checkpointables(step_dir: Path, abstract: dict[str, Any] | None, *, par
 
     def reads(every: list[_LeafSource]) -> list[tuple[Any, list[chunks.Read]]]:
         jobs = [(packed, packed.reads([s for s in every if "packed" in s.meta]))]
-        return jobs + [(source, source.reads()) for source in every]
+        return jobs + [(source, source.reads()) for source in every if "chunk_crc32" in source.meta]
 
     return load_trees(step_dir, doc["checkpointables"], abstract, partial_load=partial_load,
                       sources=sources, reads=reads)

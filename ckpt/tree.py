@@ -155,7 +155,7 @@ def unflatten(node: Node, leaves: Iterator[Any]) -> Any:
     """Rebuilds a tree of ``node``'s structure from leaves taken in flatten order."""
     if node.kind == "leaf":
         return next(leaves)
-    values = [unflatten(child, leaves) for child in node.children]
+    values = [next(leaves) if child.kind == "leaf" else unflatten(child, leaves) for child in node.children]
     if node.rebuild is not None:
         return node.rebuild(values)
     return _plain_container(node, values)

@@ -8,6 +8,7 @@ instead of one call per leaf: a numpy call costs about a microsecond, as long as
 """
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import operator
 import zlib
@@ -200,24 +201,22 @@ class Checksums:
     """
 
     def __init__(self, spans: list[tuple[int, int]]):
-        self._spans = spans
+        self._offsets = [offset for offset, _ in spans]
+        self._ends = [offset + nbytes for offset, nbytes in spans]  # non-decreasing: the leaves do not overlap
         self.values = [0] * len(spans)  # the CRC32 of no bytes: zero-size leaves are never fed
         self._next = 0
 
     def feed(self, start: int, chunk: np.ndarray) -> None:
         """Takes in the chunk of the packed array at ``start``."""
-        spans, values, crc32 = self._spans, self.values, zlib.crc32
+        offsets, ends, values = self._offsets, self._ends, self.values
         data, stop, i = memoryview(chunk), start + chunk.size, self._next
-        while i < len(spans):
-            offset, nbytes = spans[i]
-            if offset >= stop:
-                break
-            end = offset + nbytes
-            if offset >= start and end <= stop:  # the usual case: the leaf lies in the chunk
-                values[i] = crc32(data[offset - start: end - start])
-            else:
-                values[i] = crc32(data[max(offset, start) - start: min(end, stop) - start], values[i])
-                if end > stop:
-                    break  # it goes on in the next chunk
+        if i < len(ends) and offsets[i] < start:  # a leaf begun in an earlier chunk
+            values[i] = zlib.crc32(data[: min(ends[i], stop) - start], values[i])
+            if ends[i] > stop:
+                return
             i += 1
-        self._next = i
+        whole = bisect.bisect_right(ends, stop, i)  # the leaves from i to whole lie in the chunk
+        values[i: whole] = map(zlib.crc32, [data[a - start: b - start] for a, b in zip(offsets[i: whole], ends[i: whole])])
+        if whole < len(ends) and offsets[whole] < stop:  # a leaf that goes on in the next chunk
+            values[whole] = zlib.crc32(data[offsets[whole] - start:])
+        self._next = whole

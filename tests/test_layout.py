@@ -10,7 +10,7 @@ import pytest
 
 import ckpt
 from ckpt import format as fmt
-from ckpt import saving, verify
+from ckpt import packing, saving, verify
 
 torch = pytest.importorskip("torch")
 jax = pytest.importorskip("jax")
@@ -197,3 +197,20 @@ def test_sync_saves_of_a_reused_layout_fill_each_chunk_as_a_fresh_plan_does(tmp_
             ckptr.save(step, state(step))
         fresh = (tmp_path / f"fresh{step}" / str(step) / fmt.TREE).read_bytes()
         assert (tmp_path / "reused" / str(step) / fmt.TREE).read_bytes() == fresh, step
+
+
+@pytest.mark.parametrize("chunk", [64, 100, 4096])
+def test_checksums_from_chunks_are_each_packed_leafs_crc32(chunk):
+    """packing.Checksums takes each leaf's CRC32 from the chunks that hold it, whether it lies in one,
+    spans several, is empty, or ends on a chunk's edge."""
+    rng = np.random.default_rng(chunk)
+    sizes = [int(n) for n in rng.choice([0, 1, 63, 64, 65, 200, 1000], 60)]
+    spans, offset = [], 0
+    for n in sizes:
+        spans.append((offset, n))
+        offset += packing.slot(n)
+    data = rng.integers(0, 256, offset, dtype=np.uint8)
+    crcs = packing.Checksums(spans)
+    for start in range(0, max(offset, 1), chunk):
+        crcs.feed(start, data[start: start + chunk])
+    assert crcs.values == [fmt.crc32(data[a: a + n].tobytes()) for a, n in spans]

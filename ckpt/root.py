@@ -22,16 +22,17 @@ import enum
 import os
 import stat
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
 
 from ckpt import format as fmt
-from ckpt import formats, loading, storage
+from ckpt import formats, loading, schema, storage
 from ckpt.errors import (CheckpointCorruptedError, ForeignEntryError, InvalidLayoutError, RootDirectoryError,
                          StepAlreadyExistsError, StepNotFoundError)
 
 if TYPE_CHECKING:
     from ckpt.path.step import NameFormat
 
+T = TypeVar("T")
 
 
 class Kind(enum.Enum):
@@ -73,17 +74,20 @@ def scan(root: storage.Location, name_format: NameFormat, *, read_manifests: boo
     ``read_manifests=False`` takes a directory holding a regular ``manifest.json`` for a STEP without
     reading it (``lightweight_initialize``).
     """
-    entries = []
+    entries, named = [], []
     for name, is_dir in _listing(root):
         try:
             if name.endswith((fmt.TMP_SUFFIX, fmt.DELETING_SUFFIX)):
                 entries.append(classify_temporary(root / name))
             elif (step := name_format.parse_name(name)) is not None:
-                path = root / name
-                entries.append(is_dir and _committed(path, step, read_manifests)
-                               or classify(path, step, read_manifest=read_manifests))
+                named.append((root / name, step, is_dir))
         except FileNotFoundError:
             continue  # removed since the listing
+    for (path, step, _), entry in zip(named, _committed(named, read_manifests)):
+        try:
+            entries.append(entry or classify(path, step, read_manifest=read_manifests))
+        except FileNotFoundError:
+            continue
     return sorted(entries, key=lambda e: (e.step is None, e.step or 0, e.path.name))
 
 
@@ -99,18 +103,32 @@ def _listing(root: storage.Location) -> list[tuple[str, bool]]:
         return []
 
 
-def _committed(path: Path, step: int, read_manifest: bool) -> Entry | None:
-    """A committed step, as :func:`classify` finds it, with the fewest system calls: ``path`` is a directory
-    itself (the listing said so) holding a regular ``manifest.json`` (which ``read_manifest`` reads and
-    validates). None for anything else, which classify looks at."""
+def _committed(named: list[tuple[storage.Location, int, bool]], read_manifest: bool) -> list[Entry | None]:
+    """For each ``(path, step, whether the listing shows a directory itself)``: a committed step, as
+    :func:`classify` finds it, with the fewest system calls, when it is a directory holding a regular
+    ``manifest.json`` (which ``read_manifest`` reads and validates); None for anything else, which
+    classify looks at. All the manifests are read first, then parsed (see ``schema.manifest_bytes``)."""
+    if not read_manifest:
+        return [Entry(path, Kind.STEP, step, Kind.STEP.value) if is_dir and _unless_bad(_manifest_is_regular, path)
+                else None for path, step, is_dir in named]
+    found = [_unless_bad(schema.manifest_bytes, path) if is_dir else None for path, _, is_dir in named]
+    entries = []
+    for (path, step, _), data in zip(named, found):
+        manifest = None if data is None else _unless_bad(schema.parse_manifest, path, data)
+        entries.append(None if manifest is None else Entry(path, Kind.STEP, step, Kind.STEP.value, manifest))
+    return entries
+
+
+def _manifest_is_regular(path: Path) -> bool:
+    return stat.S_ISREG(os.lstat(os.path.join(path, fmt.MANIFEST)).st_mode)
+
+
+def _unless_bad(read: Callable[..., T], *args: Any) -> T | None:
+    """``read(*args)``, or None when what it reads is missing, unreadable or damaged."""
     try:
-        if read_manifest:
-            return Entry(path, Kind.STEP, step, Kind.STEP.value, loading.read_manifest(path))
-        if stat.S_ISREG(os.lstat(os.path.join(path, fmt.MANIFEST)).st_mode):
-            return Entry(path, Kind.STEP, step, Kind.STEP.value)
+        return read(*args)
     except (OSError, CheckpointCorruptedError, InvalidLayoutError):
-        pass
-    return None
+        return None
 
 
 def classify_temporary(path: storage.Location) -> Entry:

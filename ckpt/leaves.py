@@ -261,7 +261,7 @@ Reader = Callable[[tuple[slice, ...] | None], np.ndarray]
 
 def restore(meta: dict, read: Reader | None, abstract: Any, to_device: transfers.ToDevice | None = None) -> Any:
     """Turns a stored leaf back into a value shaped by ``abstract`` (see ``Checkpointer.load``). With
-    ``to_device``, a jax leaf is a :class:`ckpt.transfers.Pending` until ``to_device.run()``."""
+    ``to_device``, a jax leaf may be a :class:`ckpt.transfers.Pending` until ``to_device.run()``."""
     if to_device is None:
         to_device = transfers.ToDevice()
         return to_device.run()([restore(meta, read, abstract, to_device)])[0]
@@ -351,19 +351,20 @@ def _cast_python(value: Any, abstract: Any) -> Any:
 
 
 def _restore_jax(meta: dict, read: Reader, abstract: Any, jax: Any, to_device: transfers.ToDevice) -> Any:
-    sharding = None if isinstance(abstract, type) else getattr(abstract, "sharding", None)
-    saved_dtype = parse_dtype(meta["dtype"])
-    want_dtype = None if isinstance(abstract, type) else abstract.dtype
-    is_key = meta["type"] == "jax_key" or (  # a key's dtype is a jax type, never a numpy dtype
-        want_dtype is not None and not isinstance(want_dtype, np.dtype)
-        and jax.dtypes.issubdtype(want_dtype, jax.dtypes.prng_key))
-    if is_key:
-        impl = meta.get("impl") or str(jax.random.key_impl(abstract))
-        data = read(None)
-        keys = jax.random.wrap_key_data(jax.numpy.asarray(data), impl=impl)
-        return keys if sharding is None else jax.device_put(keys, sharding)
-    dtype = saved_dtype if want_dtype is None else np.dtype(want_dtype)
-    shape = tuple(meta["shape"])
+    if type(abstract) is jax.ShapeDtypeStruct and meta["type"] == "jax" and isinstance(abstract.dtype, np.dtype):
+        sharding, dtype = abstract.sharding, abstract.dtype  # the usual leaf (eval_shape's), a few checks fewer
+    else:
+        sharding = None if isinstance(abstract, type) else getattr(abstract, "sharding", None)
+        want_dtype = None if isinstance(abstract, type) else abstract.dtype
+        is_key = meta["type"] == "jax_key" or (  # a key's dtype is a jax type, never a numpy dtype
+            want_dtype is not None and not isinstance(want_dtype, np.dtype)
+            and jax.dtypes.issubdtype(want_dtype, jax.dtypes.prng_key))
+        if is_key:
+            impl = meta.get("impl") or str(jax.random.key_impl(abstract))
+            data = read(None)
+            keys = jax.random.wrap_key_data(jax.numpy.asarray(data), impl=impl)
+            return keys if sharding is None else jax.device_put(keys, sharding)
+        dtype = parse_dtype(meta["dtype"]) if want_dtype is None else np.dtype(want_dtype)
     if sharding is None or (sharding.is_fully_addressable and sharding.is_fully_replicated):
         return to_device.jax(read(None).astype(dtype, copy=False), sharding)
-    return jax.make_array_from_callback(shape, sharding, lambda index: read(index).astype(dtype, copy=False))
+    return jax.make_array_from_callback(tuple(meta["shape"]), sharding, lambda index: read(index).astype(dtype, copy=False))

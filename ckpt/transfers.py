@@ -1,15 +1,19 @@
-"""Transfers between devices and host memory: a load's, done together once every leaf is read
-(:class:`ToDevice`), and a snapshot's (:class:`ToHost`).
+"""Transfers between devices and host memory: a load's (:class:`ToDevice`), and a snapshot's
+(:class:`ToHost`).
 
 A load reads each leaf into host memory of its own (aligned: jax on CPU adopts it without a copy).
-Handing each array to jax one ``jax.device_put`` at a time costs 50-200 us of Python per leaf, which
-at thousands of small leaves is most of a load. :class:`ToDevice` collects them instead and puts them
-in one pass through jax's batched transfer, one call per array, with each (shape, dtype)'s abstract
-value built once. Torch tensors bound for an accelerator are copied without blocking, and the load
-synchronizes once, at the end. On CPU nothing is copied.
+``jax.device_put`` costs 50-200 us of Python per array, which at thousands of small leaves is most of
+a load. :class:`ToDevice` calls jax's own per-array transfer instead (what ``jax.device_put`` ends in,
+asynchronous), with each target's devices and each (shape, dtype)'s abstract value looked up once per
+load: 8-12 us an array on CPU, nearly all of it inside jaxlib, which makes and later frees a buffer and
+an array object for each. jax has no cheaper way to make many arrays: ``jax.device_put`` of a list
+loops over them in Python (about 90 us each), and slicing one transferred buffer on the device
+compiles for seconds per layout. Torch tensors bound for an accelerator are copied without
+blocking, and the load synchronizes once, at the end. On CPU nothing is copied.
 """
 from __future__ import annotations
 
+import functools
 import sys
 import weakref
 from typing import Any, Callable
@@ -29,7 +33,11 @@ class Pending:
 
 
 class ToDevice:
-    """The device transfers of one load, run together by :meth:`run`.
+    """The device transfers of one load. A jax array bound for one device is made at once, through
+    jax's own per-array transfer (:meth:`jax`; asynchronous, and on CPU it adopts an aligned host
+    array without a copy), with each target's devices and each (shape, dtype)'s abstract value looked
+    up once per load; the others (several devices, or a jax without that transfer) wait for
+    :meth:`run`, which puts them with one ``jax.device_put`` of a list.
 
     Example::
 
@@ -38,17 +46,46 @@ class ToDevice:
         values = to_device.run()(values)                 # [a jax.Array, 7]
     """
 
-    def __init__(self):
+    def __init__(self, *, batched: bool = True):
+        self._batched = batched
+        self._put: tuple[Callable, Callable] | None = None  # jax's per-array transfer, from the first jax array on
+        self._targets: dict[Any, tuple[Any, list[Any]] | None] = {}  # sharding -> (sharding, [its device]) or None
+        self._avals: dict[tuple, tuple[Any, Any, bool]] = {}  # (shape, dtype) -> (jax's dtype, aval, cast)
         self._arrays: list[np.ndarray] = []
         self._shardings: list[Any] = []
         self._torch_devices: set[Any] = set()
 
-    def jax(self, array: np.ndarray, sharding: Any) -> Pending:
-        """Where :meth:`run` puts a jax array of ``array`` with ``sharding``: fully replicated over
-        devices of this process, or None (the default device, uncommitted, as ``jax.device_put(array)``)."""
-        self._arrays.append(array)
-        self._shardings.append(sharding)
-        return Pending(len(self._arrays) - 1)
+    def jax(self, array: np.ndarray, sharding: Any) -> Any:
+        """A jax array of ``array`` with ``sharding`` (fully replicated over devices of this process, or
+        None: the default device, uncommitted, as ``jax.device_put(array)`` makes it), or a
+        :class:`Pending` that :meth:`run` replaces by one."""
+        target = self._targets.get(sharding, _UNKNOWN)
+        if target is _UNKNOWN:
+            target = self._targets[sharding] = self._target(sharding)
+        if target is None:
+            self._arrays.append(array)
+            self._shardings.append(sharding)
+            return Pending(len(self._arrays) - 1)
+        key = (array.shape, array.dtype)
+        found = self._avals.get(key)
+        if found is None:  # jax's dtype (without x64, float64 becomes float32) and abstract value
+            dtype = sys.modules["jax"].dtypes.canonicalize_dtype(array.dtype)
+            found = self._avals[key] = (dtype, self._put[1](array.shape, dtype), dtype != array.dtype)
+        dtype, aval, cast = found
+        return self._put[0](aval, target[0], [array.astype(dtype) if cast else array], target[1], sharding is not None)
+
+    def _target(self, sharding: Any) -> tuple[Any, list[Any]] | None:
+        """What jax's per-array transfer takes for ``sharding`` (None: the default device's), or None
+        where it cannot (several devices, or no such transfer in this jax)."""
+        self._put = _batched_put() if self._batched else None
+        if self._put is None:
+            return None
+        jax = sys.modules["jax"]
+        if sharding is None:
+            device = _default_device(jax)
+            return jax.sharding.SingleDeviceSharding(device), [device]
+        devices = list(sharding.device_set)
+        return (sharding, devices) if len(devices) == 1 else None
 
     def torch(self, tensor: Any, like: Any) -> Any:
         """``tensor`` (on the CPU) with ``like``'s dtype and device; a copy to an accelerator does not
@@ -58,48 +95,25 @@ class ToDevice:
         return tensor.to(device=like.device, dtype=like.dtype, non_blocking=True)
 
     def run(self) -> Callable[[list], list]:
-        """Makes the jax arrays and waits for the torch copies; returns what replaces each
+        """Makes the jax arrays left for it and waits for the torch copies; returns what replaces each
         :class:`Pending` in a list of values by its array."""
-        arrays = device_put(self._arrays, self._shardings) if self._arrays else []
+        arrays: list[Any] = [None] * len(self._arrays)
+        for given in (False, True):  # without a sharding, uncommitted, as jax.device_put(x) makes it
+            indices = [i for i, sharding in enumerate(self._shardings) if (sharding is not None) == given]
+            if indices:
+                done = sys.modules["jax"].device_put([self._arrays[i] for i in indices],
+                                                     [self._shardings[i] for i in indices] if given else None)
+                for i, array in zip(indices, done):
+                    arrays[i] = array
         for device in self._torch_devices:
             sys.modules["torch"].cuda.synchronize(device)
         self._arrays, self._shardings, self._torch_devices = [], [], set()
+        if not arrays:
+            return lambda values: values
         return lambda values: [arrays[v.index] if type(v) is Pending else v for v in values]
 
 
-def device_put(arrays: list[np.ndarray], shardings: list[Any], *, batched: bool = True) -> list[Any]:
-    """``jax.device_put`` of each array with its sharding (fully replicated, or None for the default
-    device): arrays bound for one device through jax's batched transfer when ``batched`` and this jax
-    has it (about 10x less Python per array), the rest through one ``jax.device_put`` of a list."""
-    jax = sys.modules["jax"]
-    put = _batched_put() if batched else None
-    default = _default_device(jax)
-    default_sharding = jax.sharding.SingleDeviceSharding(default)
-    out: list[Any] = [None] * len(arrays)
-    rest: dict[bool, list[int]] = {False: [], True: []}  # by whether a sharding was given
-    avals: dict[tuple, Any] = {}
-    targets: dict[Any, tuple[Any, list[Any]]] = {None: (default_sharding, [default])}  # sharding -> its devices
-    for i, (array, sharding) in enumerate(zip(arrays, shardings)):
-        target = targets.get(sharding)
-        if target is None:
-            target = targets[sharding] = (sharding, list(sharding.device_set))
-        if put is None or len(target[1]) != 1:
-            rest[sharding is not None].append(i)
-            continue
-        key = (array.shape, array.dtype)
-        found = avals.get(key)
-        if found is None:  # jax's dtype (without x64, float64 becomes float32) and abstract value
-            dtype = jax.dtypes.canonicalize_dtype(array.dtype)
-            found = avals[key] = (dtype, put[1](array.shape, dtype), dtype != array.dtype)
-        dtype, aval, cast = found
-        out[i] = put[0](aval, target[0], [array.astype(dtype) if cast else array], target[1], sharding is not None)
-    for given, indices in rest.items():  # without a sharding, uncommitted, as jax.device_put(x) makes it
-        if not indices:
-            continue
-        done = jax.device_put([arrays[i] for i in indices], [shardings[i] for i in indices] if given else None)
-        for i, array in zip(indices, done):
-            out[i] = array
-    return out
+_UNKNOWN = object()
 
 
 def _default_device(jax: Any) -> Any:
@@ -109,6 +123,7 @@ def _default_device(jax: Any) -> Any:
     return device
 
 
+@functools.cache
 def _batched_put() -> tuple[Callable, Callable] | None:
     """jax's own per-array transfer (what ``jax.device_put`` calls for each array after its Python
     checks) and its abstract-value type, or None where this jax version lacks them."""

@@ -426,6 +426,9 @@ state = {
     "saved_sharded": jax.device_put(jnp.arange(8 * 40_000, dtype=jnp.float32).reshape(8, 40_000), rows),
     "keys": jax.random.split(jax.random.key(0), 4),
     "scalar": np.float32(2.5),
+    "on_device_2": np.arange(3, dtype=np.float32),
+    "one_device_mesh": np.arange(6, dtype=np.int32).reshape(2, 3),
+    "default_device": jnp.asarray(1.5, jnp.bfloat16),
 }
 ckpt.save(path, state)
 abstract = {
@@ -434,14 +437,20 @@ abstract = {
     "saved_sharded": jax.ShapeDtypeStruct((8, 40_000), jnp.float32, sharding=cols),
     "keys": jax.ShapeDtypeStruct((4,), jax.random.key(0).dtype, sharding=rows),
     "scalar": jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated),
+    "on_device_2": jax.ShapeDtypeStruct((3,), jnp.bfloat16, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[2])),
+    "one_device_mesh": jax.ShapeDtypeStruct((2, 3), jnp.int32, sharding=NamedSharding(Mesh(np.array(jax.devices()[3:]), ("x",)), P())),
+    "default_device": jax.ShapeDtypeStruct((), jnp.bfloat16),
 }
 restored = ckpt.load(path, abstract)
 for key, want in abstract.items():
     got = restored[key]
     assert isinstance(got, jax.Array), key
-    assert got.sharding == want.sharding, (key, got.sharding)
+    assert got.sharding == (want.sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])), (key, got.sharding)
+    assert got.committed == (want.sharding is not None), key
     assert got.dtype == want.dtype and got.shape == want.shape, (key, got.dtype, got.shape)
-    assert len(got.addressable_shards) == 4, key
+    assert len(got.addressable_shards) == len(got.sharding.device_set), key
+    if key != "keys":
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(state[key]).astype(want.dtype), err_msg=key)
 np.testing.assert_array_equal(np.asarray(restored["small"]), state["small"])
 np.testing.assert_array_equal(np.asarray(restored["big"]), state["big"].astype(jnp.bfloat16))
 np.testing.assert_array_equal(np.asarray(restored["saved_sharded"]), np.asarray(state["saved_sharded"]))

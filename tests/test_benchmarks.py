@@ -95,3 +95,4 @@ def test_the_jax_leaves_benchmark_times_both_loads_alternating(tmp_path):
     result = jax_leaves.measure(20, 2, tmp_path / "root")
     assert len(result["load_jax_s"]) == len(result["load_numpy_s"]) == 2
     assert result["ratio"] > 0 and result["ratio_range"][0] <= result["ratio"] <= result["ratio_range"][1]
+    assert result["jax_us_per_leaf_range"][0] <= result["jax_us_per_leaf"] <= result["jax_us_per_leaf_range"][1]

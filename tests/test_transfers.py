@@ -12,24 +12,40 @@ jax = pytest.importorskip("jax")
 import jax.numpy as jnp  # noqa: E402
 
 
+def put_all(arrays: list[np.ndarray], shardings: list, batched: bool = True) -> list:
+    to_device = transfers.ToDevice(batched=batched)
+    values = [to_device.jax(array, sharding) for array, sharding in zip(arrays, shardings)]
+    return to_device.run()(values)
+
+
 def test_batched_and_plain_device_put_give_the_same_arrays():
     device = jax.devices()[0]
+    one_device_mesh = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array([device]), ("x",)), jax.sharding.PartitionSpec())
     arrays = [np.arange(5, dtype=np.float32), np.float64(2.5) * np.ones((2, 3)), np.array(7, np.int64),
-              np.zeros(0, np.uint8), np.arange(4, dtype=np.int16)]
-    shardings = [None, None, jax.sharding.SingleDeviceSharding(device), None, jax.sharding.SingleDeviceSharding(device)]
-    for batched, plain in zip(transfers.device_put(arrays, shardings),
-                              transfers.device_put(arrays, shardings, batched=False)):
+              np.zeros(0, np.uint8), np.arange(4, dtype=np.int16), np.array(1.5, jnp.bfloat16),
+              np.arange(6, dtype=jnp.bfloat16).reshape(2, 3), np.arange(5, dtype=np.float32), np.array(True)]
+    shardings = [None, None, jax.sharding.SingleDeviceSharding(device), None, jax.sharding.SingleDeviceSharding(device),
+                 None, one_device_mesh, one_device_mesh, jax.sharding.SingleDeviceSharding(device)]
+    for batched, plain in zip(put_all(arrays, shardings), put_all(arrays, shardings, batched=False)):
         assert isinstance(batched, jax.Array)
         assert (batched.dtype, batched.shape, batched.committed) == (plain.dtype, plain.shape, plain.committed)
         assert batched.sharding == plain.sharding
         np.testing.assert_array_equal(np.asarray(batched), np.asarray(plain))
-    assert transfers.device_put(arrays[1:2], [None])[0].dtype == jax.dtypes.canonicalize_dtype(np.float64)
+    assert put_all(arrays[1:2], [None])[0].dtype == jax.dtypes.canonicalize_dtype(np.float64)
+
+
+def test_an_array_bound_for_one_device_is_made_at_once_and_run_leaves_other_values_alone():
+    to_device = transfers.ToDevice()
+    array = to_device.jax(np.arange(3, dtype=np.float32), None)
+    assert isinstance(array, jax.Array) and not array.committed
+    values = [array, 7, "x", None]
+    assert to_device.run()(values) == values
 
 
 def test_an_aligned_host_array_is_adopted_by_jax_on_cpu_without_a_copy():
     host = chunks.empty(64 * 4).view(np.float32)
     host[:] = 1
-    (array,) = transfers.device_put([host], [None])
+    (array,) = put_all([host], [None])
     host[0] = 5  # the load never writes into its buffers again; this shows that no copy was made
     assert float(array[0]) == 5.0
 

@@ -35,8 +35,9 @@ def empty(nbytes: int) -> np.ndarray:
     return raw[start: start + nbytes]
 
 
-def _pool() -> tuple[concurrent.futures.ThreadPoolExecutor, int]:
-    """The threads that read chunks (shared by every load), and how many there are."""
+def pool() -> tuple[concurrent.futures.ThreadPoolExecutor, int]:
+    """The threads that read chunks (shared by every load; a snapshot's large copies run on them too),
+    and how many there are."""
     global _POOL
     if _POOL is None:
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -265,8 +266,8 @@ def run_all(reads: list[Read], tracker: progress.Tracker) -> list[str | None]:
             tracker.advance(reads[i].nbytes)
             i = next(claim)
 
-    pool, threads = _pool()
-    workers = [pool.submit(work) for _ in range(min(len(reads), threads))]
+    threads, count = pool()
+    workers = [threads.submit(work) for _ in range(min(len(reads), count))]
     concurrent.futures.wait(workers)  # all of them, even after one failed: none writes into the result later
     for worker in workers:
         worker.result()

@@ -72,3 +72,40 @@ def test_torch_abstract_tensors_receive_their_dtype_and_device_in_one_pass(tmp_p
     assert restored["a"].dtype == torch.float64 and restored["a"].device.type == "cpu"
     assert torch.equal(restored["a"], torch.arange(6, dtype=torch.float64))
     assert restored["b"].dtype == torch.bfloat16 and torch.equal(restored["b"], state["b"])
+
+
+@pytest.mark.parametrize("storage_dtype", [None, "bfloat16"])
+def test_a_large_numpy_leaf_is_copied_in_parts_before_save_async_returns(tmp_path, storage_dtype):
+    """A steady-state snapshot copies a numpy leaf of SPLIT_COPY_BYTES or more in parts on the reading
+    threads, cast to the storage dtype when one is set; save_async returns only once every part is
+    copied, so that changing the array afterwards does not reach the checkpoint."""
+    import ml_dtypes
+
+    ctx = ckpt.Context()
+    if storage_dtype:
+        ctx.array.saving.storage_options.dtype = ml_dtypes.bfloat16
+    n = transfers.SPLIT_COPY_BYTES // 4 * 3 + 17  # three parts' worth of float32, and an uneven end
+    state = {"w": np.arange(n, dtype=np.float32) % 251, "small": np.ones(3, np.float32)}
+    with ckpt.Checkpointer(tmp_path, context=ctx) as ckptr:
+        ckptr.save_async(0, state)
+        for step in (1, 2):
+            state["w"] += 1
+            expected = state["w"].copy()
+            ckptr.save_async(step, state, force=True)
+            assert ckptr._staging.layout.buffer is not None, "the save reused the layout"
+            state["w"][:] = -1  # after the call: not in the checkpoint
+            ckptr.wait()
+            loaded = ckptr.load(step)["w"]
+            want = expected.astype(ml_dtypes.bfloat16) if storage_dtype else expected
+            np.testing.assert_array_equal(loaded, want)
+            assert loaded.dtype == want.dtype
+
+
+def test_a_split_copy_runs_in_one_part_per_reading_thread_but_one_and_casts():
+    source = np.arange(transfers.SPLIT_COPY_BYTES // 4 + 5, dtype=np.float32) % 1000
+    target = np.zeros(source.size, np.float16)
+    parts = transfers._split_copy(target, source)
+    assert len(parts) == min(chunks.pool()[1] - 1, source.nbytes // (4 << 20)) or (len(parts) == 0 and chunks.pool()[1] < 3)
+    for part in parts:
+        part.result()
+    np.testing.assert_array_equal(target, source.astype(np.float16))

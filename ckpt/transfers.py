@@ -142,9 +142,10 @@ class ToHost:
     """The copies of a snapshot's leaves into host buffers. Transfers from jax devices all start
     first (``copy_to_host_async``), and each array is copied as it lands; torch tensors on an
     accelerator are copied without blocking, on a side stream per device, into page-locked buffers,
-    and :meth:`wait` synchronizes once. CPU tensors and arrays are plain copies; a numpy array of
-    ``SPLIT_COPY_BYTES`` or more is copied in parts on the reading threads (the caller blocks anyway,
-    and one core's copy leaves the memory bus half idle), which :meth:`wait` waits for.
+    and :meth:`wait` synchronizes once. CPU tensors and arrays are plain copies; a numpy (or jax on
+    the host) array of ``ASIDE_COPY_BYTES`` or more is copied on the reading threads, large ones in
+    parts (the caller blocks anyway, and one core's copy leaves the memory bus half idle), which
+    :meth:`wait` waits for.
 
     Example::
 
@@ -157,7 +158,7 @@ class ToHost:
     def __init__(self, values: list[Any], device_leaves: list[int]):
         self.values = values
         self._streams: dict[Any, Any] = {}
-        self._parts: list[Any] = []  # the futures of split copies
+        self._aside: list[Any] = []  # the futures of the copies on the reading threads
         jax = sys.modules.get("jax")
         for i in device_leaves:
             if jax is not None and isinstance(values[i], jax.Array):
@@ -168,11 +169,7 @@ class ToHost:
         make another than the leaf's); returns ``view``."""
         x = self.values[i]
         if type(x) is np.ndarray:
-            if x.nbytes >= SPLIT_COPY_BYTES and x.flags.c_contiguous:
-                self._parts.extend(_split_copy(view.reshape(-1), x.reshape(-1)))
-            else:
-                np.copyto(view, x, casting="unsafe")
-            return view
+            return self._copy_array(view, x)
         torch = sys.modules.get("torch")
         if torch is not None and isinstance(x, torch.Tensor):
             from ckpt.leaves import numpy_to_torch
@@ -183,7 +180,13 @@ class ToHost:
             else:
                 numpy_to_torch(view).copy_(x.detach())
             return view
-        np.copyto(view, np.frombuffer(x, np.uint8) if type(x) is bytes else np.asarray(x), casting="unsafe")
+        return self._copy_array(view, np.frombuffer(x, np.uint8) if type(x) is bytes else np.asarray(x))
+
+    def _copy_array(self, view: np.ndarray, x: np.ndarray) -> np.ndarray:
+        if x.nbytes >= ASIDE_COPY_BYTES:
+            self._aside.extend(_copy_aside(view, x))
+        else:
+            np.copyto(view, x, casting="unsafe")
         return view
 
     def _stream(self, device: Any) -> Any:
@@ -195,26 +198,27 @@ class ToHost:
         return stream
 
     def wait(self) -> None:
-        """Waits for the split copies and the copies from accelerators (one synchronization per device)."""
-        parts, self._parts = self._parts, []
-        for part in parts:
-            part.result()
+        """Waits for the copies on the reading threads and those from accelerators (one synchronization
+        per device)."""
+        aside, self._aside = self._aside, []
+        for copy in aside:
+            copy.result()
         for stream in self._streams.values():
             stream.synchronize()
 
 
-SPLIT_COPY_BYTES = 8 << 20
+ASIDE_COPY_BYTES = 1 << 20
 
 
-def _split_copy(target: np.ndarray, source: np.ndarray) -> list[Any]:
-    """Copies flat ``source`` into flat ``target`` (cast as astype casts) in one part per reading
-    thread but one, each of at least 4 MiB, on those threads; returns their futures (none when one
-    part is all there is: then it is copied at once)."""
+def _copy_aside(target: np.ndarray, source: np.ndarray) -> list[Any]:
+    """Starts the copy of ``source`` into ``target`` (cast as astype casts) on the reading threads: whole,
+    or in one part per thread but one when it is contiguous and each part gets 4 MiB or more; returns
+    the futures."""
     threads, count = chunks.pool()
-    parts = min(count - 1, source.nbytes // (4 << 20))
+    parts = min(count - 1, source.nbytes // (4 << 20)) if source.flags.c_contiguous else 1
     if parts < 2:
-        np.copyto(target, source, casting="unsafe")
-        return []
+        return [threads.submit(np.copyto, target, source, casting="unsafe")]
+    target, source = target.reshape(-1), source.reshape(-1)
     step = -(-source.size // parts)
     return [threads.submit(np.copyto, target[a: a + step], source[a: a + step], casting="unsafe")
             for a in range(0, source.size, step)]

@@ -76,7 +76,7 @@ def test_torch_abstract_tensors_receive_their_dtype_and_device_in_one_pass(tmp_p
 
 @pytest.mark.parametrize("storage_dtype", [None, "bfloat16"])
 def test_a_large_numpy_leaf_is_copied_in_parts_before_save_async_returns(tmp_path, storage_dtype):
-    """A steady-state snapshot copies a numpy leaf of SPLIT_COPY_BYTES or more in parts on the reading
+    """A steady-state snapshot copies a numpy leaf of 8 MiB or more in parts on the reading
     threads, cast to the storage dtype when one is set; save_async returns only once every part is
     copied, so that changing the array afterwards does not reach the checkpoint."""
     import ml_dtypes
@@ -84,7 +84,7 @@ def test_a_large_numpy_leaf_is_copied_in_parts_before_save_async_returns(tmp_pat
     ctx = ckpt.Context()
     if storage_dtype:
         ctx.array.saving.storage_options.dtype = ml_dtypes.bfloat16
-    n = transfers.SPLIT_COPY_BYTES // 4 * 3 + 17  # three parts' worth of float32, and an uneven end
+    n = (8 << 20) // 4 * 3 + 17  # three parts' worth of float32, and an uneven end
     state = {"w": np.arange(n, dtype=np.float32) % 251, "small": np.ones(3, np.float32)}
     with ckpt.Checkpointer(tmp_path, context=ctx) as ckptr:
         ckptr.save_async(0, state)
@@ -101,11 +101,27 @@ def test_a_large_numpy_leaf_is_copied_in_parts_before_save_async_returns(tmp_pat
             assert loaded.dtype == want.dtype
 
 
-def test_a_split_copy_runs_in_one_part_per_reading_thread_but_one_and_casts():
-    source = np.arange(transfers.SPLIT_COPY_BYTES // 4 + 5, dtype=np.float32) % 1000
-    target = np.zeros(source.size, np.float16)
-    parts = transfers._split_copy(target, source)
-    assert len(parts) == min(chunks.pool()[1] - 1, source.nbytes // (4 << 20)) or (len(parts) == 0 and chunks.pool()[1] < 3)
-    for part in parts:
-        part.result()
-    np.testing.assert_array_equal(target, source.astype(np.float16))
+def test_a_copy_aside_runs_in_one_part_per_reading_thread_but_one_and_casts():
+    source = np.arange((8 << 20) // 4 + 5, dtype=np.float32) % 1000
+    for src in (source, source[::2]):  # contiguous: in parts; strided: whole
+        target = np.zeros(src.size, np.float16)
+        parts = transfers._copy_aside(target, src)
+        assert len(parts) == (max(1, min(chunks.pool()[1] - 1, src.nbytes // (4 << 20))) if src is source else 1)
+        for part in parts:
+            part.result()
+        np.testing.assert_array_equal(target, src.astype(np.float16))
+
+
+def test_jax_leaves_of_a_mib_or_more_are_copied_aside_in_a_reused_snapshot(tmp_path):
+    """A steady-state async save copies jax arrays on the host (4 MiB leaves, as a Flax MLP's) on the
+    reading threads and returns only once they are copied."""
+    state = {"w": [jnp.full((1024, 1024), float(i), jnp.float32) for i in range(3)], "b": jnp.ones(3)}
+    with ckpt.Checkpointer(tmp_path) as ckptr:
+        ckptr.save_async(0, state)
+        state["w"] = [w + 1 for w in state["w"]]
+        ckptr.save_async(1, state, force=True)
+        assert ckptr._staging.layout.buffer is not None, "the save reused the layout"
+        ckptr.wait()
+        loaded = ckptr.load(1)
+        for i, w in enumerate(loaded["w"]):
+            np.testing.assert_array_equal(np.asarray(w), np.full((1024, 1024), i + 1.0, np.float32))

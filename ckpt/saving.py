@@ -36,7 +36,6 @@ class PlannedLeaf:
     offset: int = 0
     nbytes: int = 0
     array_name: str = ""
-    crc32: int = 0  # of a packed leaf's bytes, once written
 
 
 @dataclasses.dataclass
@@ -513,18 +512,18 @@ class StepWriter:
         plan, size = self.plan, fmt.PACKED_CHUNK_BYTES
         checksums = packing.Checksums(plan.packed_spans)
         self.packed_crcs = checksums.values
-        if plan.packed_buffer is not None:
+        if plan.packed_buffer is None:
+            fill = plan.layout.filler(plan.values) if plan.values is not None else _filler(plan.packed)
+            source: Iterator[tuple[int, np.ndarray]] = packing.windows(fill, plan.packed_nbytes, size)
+        else:
             whole = [(start, plan.packed_buffer[start: start + size]) for start in range(0, max(plan.packed_nbytes, 1), size)]
-            first = self._background
-            for start, chunk in whole if first else ():
-                checksums.feed(start, chunk)
-            for start, chunk in whole:
-                if not first:
+            if self._background:  # every checksum first, then the writes
+                for start, chunk in whole:
                     checksums.feed(start, chunk)
-                yield start, chunk
-            return
-        fill = plan.layout.filler(plan.values) if plan.values is not None else _filler(plan.packed)
-        for start, chunk in packing.windows(fill, plan.packed_nbytes, size):
+                yield from whole
+                return
+            source = iter(whole)
+        for start, chunk in source:
             checksums.feed(start, chunk)
             yield start, chunk
 
@@ -545,9 +544,8 @@ class StepWriter:
         layout's templates."""
         plan, crcs = self.plan, self.packed_crcs
         if plan.values is None:
-            for leaf, crc in zip(plan.packed, crcs):
-                leaf.crc32 = crc
-            return {name: [entries.template(keystr(leaf.path), leaf.host.meta, leaf.offset, leaf.nbytes).fill(leaf.crc32)
+            crc = {id(leaf): value for leaf, value in zip(plan.packed, crcs)}
+            return {name: [entries.template(keystr(leaf.path), leaf.host.meta, leaf.offset, leaf.nbytes).fill(crc[id(leaf)])
                            if leaf.location == "packed" else entries.entry(keystr(leaf.path), leaf.host.meta)
                            for leaf in row] for name, row in plan.leaves.items()}
         layout = plan.layout

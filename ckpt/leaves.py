@@ -259,12 +259,18 @@ def check_leaf(path: KeyPath, meta: dict, abstract: Any) -> str | None:
 Reader = Callable[[tuple[slice, ...] | None], np.ndarray]
 
 
-def restore(meta: dict, read: Reader | None, abstract: Any, to_device: transfers.ToDevice | None = None) -> Any:
-    """Turns a stored leaf back into a value shaped by ``abstract`` (see ``Checkpointer.load``). With
+def restore(meta: dict, read: Reader | np.ndarray | None, abstract: Any,
+            to_device: transfers.ToDevice | None = None) -> Any:
+    """Turns a stored leaf back into a value shaped by ``abstract`` (see ``Checkpointer.load``); ``read``
+    reads its array (None for a leaf stored inline), or is that array, read already. With
     ``to_device``, a jax leaf may be a :class:`ckpt.transfers.Pending` until ``to_device.run()``."""
     if to_device is None:
         to_device = transfers.ToDevice()
         return to_device.run()([restore(meta, read, abstract, to_device)])[0]
+    if type(read) is np.ndarray:
+        if type(abstract) is np.ndarray:  # the usual leaf, first
+            return read.astype(abstract.dtype, copy=False)
+        read = _reader(read)
     kind = meta["type"]
     if kind in ("int", "float", "bool", "str", "none"):
         value = meta["value"]
@@ -273,7 +279,7 @@ def restore(meta: dict, read: Reader | None, abstract: Any, to_device: transfers
         if kind in ("int", "float", "bool") and _is_array_like(abstract):
             array = np.asarray(value)  # e.g. TrainState.step saved as a Python int, restored as int32
             as_numpy = {"type": "numpy", "dtype": dtype_name(array.dtype), "shape": []}
-            return restore(as_numpy, lambda index: array if index is None else array[index], abstract, to_device)
+            return restore(as_numpy, _reader(array), abstract, to_device)
         return _cast_python(value, abstract)
     if abstract is None or abstract is np.ndarray and kind == "numpy":
         return _restore_as_saved(meta, read, to_device)
@@ -298,6 +304,11 @@ def restore(meta: dict, read: Reader | None, abstract: Any, to_device: transfers
     if hasattr(abstract, "shape") and hasattr(abstract, "dtype"):
         return read(None).astype(np.dtype(abstract.dtype), copy=False)
     return _cast_python(_restore_as_saved(meta, read, to_device), abstract)
+
+
+def _reader(array: np.ndarray) -> Reader:
+    """Reads ``array``, whole or a slice."""
+    return lambda index: array if index is None else array[index]
 
 
 def _is_array_like(abstract: Any) -> bool:

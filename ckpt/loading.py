@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -27,61 +27,96 @@ from ckpt.tree import KeyPath, keystr
 
 
 class _PackedReader:
-    """The bytes of the small leaves being loaded, read from the chunks of the packed array that hold
-    them, each chunk checked against its word sum (``checked``; a step saved without chunk sums is
-    checked leaf by leaf, against each leaf's CRC32)."""
+    """The small leaves being loaded (:meth:`add`), as views of one buffer that the reads of
+    :meth:`reads` fill with the chunks of the packed array that hold them, each chunk checked against
+    its word sum (``checked``; a step saved without chunk sums is checked leaf by leaf, against each
+    leaf's CRC32). A leaf's row holds this reader until :meth:`reads`, then the leaf's array."""
 
     def __init__(self, step_dir: Path, doc: dict | None, files: storage.LocalFiles | None):
         self.step_dir, self.doc, self.files = step_dir, doc, files
         self.checked = doc is not None and "chunk_sum64" in doc
         self._data = np.empty(0, np.uint8)
         self._lo = 0
-        self._sources: list[_LeafSource] = []
+        self._rows: list[tuple[str, list, list[dict], list[int]]] = []  # (name, row, entries, leaves read)
         self._chunks: list[chunks.Chunk] = []
 
-    def reads(self, sources: list[_LeafSource]) -> list[chunks.Read]:
-        """The reads of the chunks that hold the bytes of the packed leaves in ``sources``."""
-        ranges = [source.meta["packed"] for source in sources]
-        if not ranges or self.doc is None:
+    def add(self, name: str, row: list, metas: list[dict], indices: list[int]) -> None:
+        """Reads the packed leaves ``indices`` of checkpointable ``name`` (entries ``metas``) into ``row``."""
+        if indices:
+            self._rows.append((name, row, metas, indices))
+
+    def _leaves(self) -> Iterator[tuple[str, dict]]:
+        return ((name, metas[i]) for name, _, metas, indices in self._rows for i in indices)
+
+    def reads(self) -> list[chunks.Read]:
+        """The reads of the chunks that hold the bytes of the packed leaves; each leaf's row gets its
+        array, a view of the buffer they fill (read once the reads have run and :meth:`check` passed)."""
+        spans = [meta["packed"] for _, meta in self._leaves()]
+        if not spans:
             return []
         spec = self.doc["spec"]
         try:
             self._lo, self._data, reads = chunks.range_reads(
                 _chunk_source(spec, self.step_dir, self.files), spec, self.doc.get("chunk_sum64"),
-                min(r[0] for r in ranges), max(r[0] + r[1] for r in ranges))
+                min(spans)[0], max(offset + nbytes for offset, nbytes in spans))
         except ValueError as e:
-            raise self._damaged(sources, str(e)) from None
-        self._sources, self._chunks = sources, [chunk for chunk, _ in reads]
+            raise self._damaged([name + meta["path"] for name, meta in self._leaves()], str(e)) from None
+        self._chunks = [chunk for chunk, _ in reads]
+        data, lo, typed = self._data, self._lo, {}  # dtype name -> (dtype, its size, the buffer viewed as it)
+        for _, row, metas, indices in self._rows:
+            for i in indices:
+                meta = metas[i]
+                offset, nbytes = meta["packed"]
+                found = typed.get(meta["dtype"])
+                if found is None:
+                    dtype = leaves_lib.parse_dtype(meta["dtype"])
+                    found = typed[meta["dtype"]] = (dtype, dtype.itemsize,
+                                                    data[: data.size - data.size % dtype.itemsize].view(dtype))
+                dtype, size, view = found
+                start = offset - lo
+                array = view[start // size: (start + nbytes) // size] if not start % size else \
+                    data[start: start + nbytes].view(dtype)
+                shape = meta["shape"]
+                row[i] = array if len(shape) == 1 else array.reshape(shape)
         return [read for _, read in reads]
 
     def check(self, results: list[str | None]) -> None:
         """Raises for a damaged chunk (``results``: what :meth:`reads` returned) that holds a leaf being
-        loaded, naming those leaves; a damaged chunk that holds none of them is no concern of this load."""
+        loaded, naming those leaves (a damaged chunk that holds none of them is no concern of this load),
+        or, in a step without chunk sums, for the first leaf whose bytes do not match its CRC32."""
         damage = [(chunk, why) for chunk, why in zip(self._chunks, results) if why]
-        hit = [s for s in self._sources if any(c.start < s.meta["packed"][0] + s.meta["packed"][1]
-                                               and s.meta["packed"][0] < c.stop for c, _ in damage)]
-        if hit:
-            raise self._damaged(hit, _reasons(why for _, why in damage))
+        if damage:
+            hit = [name + meta["path"] for name, meta in self._leaves()
+                   if any(c.start < meta["packed"][0] + meta["packed"][1] and meta["packed"][0] < c.stop
+                          for c, _ in damage)]
+            if hit:
+                raise self._damaged(hit, _reasons(why for _, why in damage))
+        if not self.checked:
+            for name, meta in self._leaves():
+                start = meta["packed"][0] - self._lo
+                if fmt.crc32(self._data[start: start + meta["packed"][1]]) != meta["crc32"]:
+                    raise _leaf_damaged(self.step_dir, name + meta["path"],
+                                        "its bytes do not match the CRC32 in the manifest")
 
-    def get(self, offset: int, nbytes: int) -> np.ndarray:
-        """Bytes ``[offset, offset + nbytes)`` of the packed array (read by the reads of :meth:`reads`)."""
-        return self._data[offset - self._lo: offset - self._lo + nbytes]
-
-    def _damaged(self, sources: list[_LeafSource], why: str) -> CheckpointCorruptedError:
-        where = [source.where for source in sources]
+    def _damaged(self, where: list[str], why: str) -> CheckpointCorruptedError:
         return CheckpointCorruptedError(
             f"{self.step_dir}: leaves {', '.join(where[:5])}{' ...' if len(where) > 5 else ''} are damaged: "
             f"the packed array of the small leaves ({fmt.PACKED}/) cannot be read: {why}",
             path=self.step_dir, key_paths=tuple(where))
 
 
+def _leaf_damaged(step_dir: Path, where: str, why: str) -> CheckpointCorruptedError:
+    return CheckpointCorruptedError(f"{step_dir}: leaf {where} is damaged: {why}", path=step_dir, key_paths=(where,))
+
+
 class _LeafSource:
-    """Reads one saved leaf, whole or a slice, checking its checksum; errors name the key path."""
+    """Reads one saved leaf that has its own array, whole or a slice, checking its checksums; errors
+    name the key path."""
 
-    __slots__ = ("step_dir", "name", "meta", "packed", "files", "_array", "_out", "_store")
+    __slots__ = ("step_dir", "name", "meta", "files", "_array", "_out", "_store")
 
-    def __init__(self, step_dir: Path, name: str, meta: dict, packed: _PackedReader):
-        self.step_dir, self.name, self.meta, self.packed, self.files = step_dir, name, meta, packed, packed.files
+    def __init__(self, step_dir: Path, name: str, meta: dict, files: storage.LocalFiles | None):
+        self.step_dir, self.name, self.meta, self.files = step_dir, name, meta, files
         self._array: np.ndarray | None = None  # the whole leaf as stored, once read and checked
         self._out: np.ndarray | None = None    # the same, while it is read
         self._store = None
@@ -91,8 +126,7 @@ class _LeafSource:
         return f"{self.name}{self.meta['path']}"
 
     def _fail(self, why: str) -> CheckpointCorruptedError:
-        return CheckpointCorruptedError(f"{self.step_dir}: leaf {self.where} is damaged: {why}",
-                                        path=self.step_dir, key_paths=(self.where,))
+        return _leaf_damaged(self.step_dir, self.where, why)
 
     def reads(self) -> list[chunks.Read]:
         """The reads of a large leaf saved by one process (it has chunk checksums), chunk by chunk into
@@ -131,14 +165,6 @@ class _LeafSource:
 
     def read(self, index: tuple[slice, ...] | None = None) -> np.ndarray:
         meta = self.meta
-        dtype = leaves_lib.parse_dtype(meta["dtype"])
-        if "packed" in meta:
-            offset, nbytes = meta["packed"]
-            raw = self.packed.get(offset, nbytes)
-            if raw.size != nbytes or (not self.packed.checked and fmt.crc32(raw) != meta.get("crc32")):
-                raise self._fail("its bytes do not match the CRC32 in the manifest")
-            array = raw.view(dtype).reshape(meta["shape"])
-            return array if index is None else array[index]
         bytes_stored = meta.get("stored_as") == "bytes"
         if self._array is None:  # spread over processes: read now, the slice asked for or the whole leaf
             try:
@@ -147,7 +173,8 @@ class _LeafSource:
                 self._array = self._open().read().result()
             except ValueError as e:
                 raise self._fail(str(e)) from None
-        array = self._array.view(dtype).reshape(meta["shape"]) if bytes_stored else self._array
+        array = (self._array.view(leaves_lib.parse_dtype(meta["dtype"])).reshape(meta["shape"]) if bytes_stored
+                 else self._array)
         return array if index is None else array[index]
 
 
@@ -178,16 +205,18 @@ def tree_metadata(doc: dict) -> Any:
     return tree_lib.unflatten(node, iter(_leaf_metadata(m) for m in doc["leaves"]))
 
 
-def _match(saved: dict, saved_node: tree_lib.Node, abstract: Any, name: str,
-           partial: bool) -> tuple[list[tuple[KeyPath, Any, list[int]]], Any, list[str]]:
+# How the abstract tree receives the saved leaves: its structure, its (key path, leaf) pairs, and the
+# saved leaves each receives (by position), or None when leaf i receives saved leaf i.
+Plan = tuple[tree_lib.Node, list[tuple[KeyPath, Any]], list[tuple[KeyPath, Any, list[int]]] | None]
+
+
+def _match(saved: dict, saved_node: tree_lib.Node, abstract: Any, name: str, partial: bool) -> tuple[Plan, list[str]]:
     """Pairs each abstract leaf with the saved leaves it receives; lists every difference."""
     abstract_node, abstract_leaves = tree_lib.flatten(abstract)
     if tree_lib.same_keys(abstract_node, saved_node):  # the usual case: leaf i receives saved leaf i
-        metas = saved["leaves"]
-        pairs = [(path, leaf, [i]) for i, (path, leaf) in enumerate(abstract_leaves)]
-        diffs = [f"{name}{why}" for i, (path, leaf) in enumerate(abstract_leaves)
-                 if (why := leaves_lib.check_leaf(path, metas[i], leaf))]
-        return pairs, abstract_node, diffs
+        diffs = [f"{name}{why}" for (path, leaf), meta in zip(abstract_leaves, saved["leaves"])
+                 if (why := leaves_lib.check_leaf(path, meta, leaf))]
+        return (abstract_node, abstract_leaves, None), diffs
     saved_paths = tree_lib.leaf_paths(saved_node)
     index = {tuple([k for _, k in p]): i for i, p in enumerate(saved_paths)}
     pairs, diffs, covered = [], [], set()
@@ -213,7 +242,7 @@ def _match(saved: dict, saved_node: tree_lib.Node, abstract: Any, name: str,
         for i, p in enumerate(saved_paths):
             if i not in covered and not _empty_receives(saved["leaves"][i], abstract_node, p):
                 diffs.append(f"{name}{keystr(p)}: in the checkpoint, not in the abstract tree")
-    return pairs, abstract_node, diffs
+    return (abstract_node, abstract_leaves, pairs), diffs
 
 
 def _empty_receives(meta: dict, abstract_node: tree_lib.Node, path: KeyPath) -> bool:
@@ -253,8 +282,16 @@ def load_checkpointables(step_dir: Path, abstract: dict[str, Any] | None, *, par
     (``registry``: the handlers to use; default: the active Context's).
     """
     manifest = read_manifest(step_dir)
+    # The collector stays paused until tree.json's objects (a few per leaf) are freed, reads included:
+    # else its first pass walks them all, and keeping them promotes them until a full collection
+    # follows (11 us a leaf of a 10,000-leaf load).
     with collector.paused():
-        doc = read_tree(step_dir, manifest)
+        return _load_checkpointables(step_dir, manifest, abstract, partial_load, registry)
+
+
+def _load_checkpointables(step_dir: Path, manifest: dict, abstract: dict[str, Any] | None, partial_load: bool,
+                          registry: Any) -> dict[str, Any]:
+    doc = read_tree(step_dir, manifest)
     trees, handled = doc["checkpointables"], doc.get("handled", {})
     abstract = unwrap(abstract)
     if abstract is None:
@@ -273,16 +310,24 @@ def load_checkpointables(step_dir: Path, abstract: dict[str, Any] | None, *, par
         return {**(load_checkpointables(step_dir, rest, partial_load=partial_load) if rest else {}), **loaded}
     packed = _PackedReader(step_dir, doc.get("packed"), storage.LocalFiles(step_dir) if isinstance(step_dir, Path) else None)
 
-    def sources(name: str, metas: list[dict], wanted: Iterable[int]) -> list[_LeafSource | None]:
-        row: list[_LeafSource | None] = [None] * len(metas)
+    def sources(name: str, metas: list[dict], wanted: Iterable[int]) -> list[Any]:
+        row: list[Any] = [None] * len(metas)
+        small = []
         for i in wanted:
-            if row[i] is None and ("packed" in metas[i] or "array" in metas[i]):
-                row[i] = _LeafSource(step_dir, name, metas[i], packed)
+            if row[i] is None:
+                meta = metas[i]
+                if "packed" in meta:
+                    row[i] = packed
+                    small.append(i)
+                elif "array" in meta:
+                    row[i] = _LeafSource(step_dir, name, meta, packed.files)
+        packed.add(name, row, metas, small)
         return row
 
-    def reads(every: list[_LeafSource]) -> list[tuple[Any, list[chunks.Read]]]:
-        jobs = [(packed, packed.reads([s for s in every if "packed" in s.meta]))]
-        return jobs + [(source, source.reads()) for source in every if "chunk_crc32" in source.meta]
+    def reads(every: list[Any]) -> list[tuple[Any, list[chunks.Read]]]:
+        jobs = [(packed, packed.reads())]
+        return jobs + [(source, source.reads()) for source in every
+                       if source is not packed and "chunk_crc32" in source.meta]
 
     return load_trees(step_dir, doc["checkpointables"], abstract, partial_load=partial_load,
                       sources=sources, reads=reads)
@@ -299,7 +344,8 @@ def load_trees(step_dir: Any, trees: dict[str, dict], abstract: dict[str, Any] |
     checked that every name of ``abstract`` is one of ``trees``.
 
     ``sources(name, metas, wanted)`` gives one source per saved leaf (None for leaves stored inline
-    and those not in ``wanted``); a source's ``read(index)`` returns the leaf, whole or a slice.
+    and those not in ``wanted``); a source's ``read(index)`` returns the leaf, whole or a slice. (A
+    reader may put the leaf's array itself in the row in place of its source, filled by its reads.)
     ``reads(every_source)`` gives ``(checker, chunk reads)`` pairs: the reads all run on the reading
     threads, then each checker's ``check(results)`` raises for damage.
     """
@@ -313,8 +359,7 @@ def load_trees(step_dir: Any, trees: dict[str, dict], abstract: dict[str, Any] |
             if abstract_tree is None:
                 plans[name] = None
                 continue
-            pairs, node, found = _match(trees[name], nodes[name], abstract_tree, name, partial_load)
-            plans[name] = (pairs, node)
+            plans[name], found = _match(trees[name], nodes[name], abstract_tree, name, partial_load)
             diffs.extend(found)
         if diffs:
             raise TreeMismatchError(
@@ -334,11 +379,14 @@ def load_trees(step_dir: Any, trees: dict[str, dict], abstract: dict[str, Any] |
         return {name: _build(trees[name], nodes[name], plans[name], rows[name]) for name in abstract}
 
 
-def _wanted(count: int, plan: Any) -> Iterable[int]:
+def _wanted(count: int, plan: Plan | None) -> Iterable[int]:
     """The saved leaves a load reads: all, or those the abstract tree asks for (not placeholders)."""
     if plan is None:
         return range(count)
-    return (i for _, leaf, idx in plan[0] if leaf is not leaves_lib.PLACEHOLDER for i in idx)
+    _, abstract_leaves, pairs = plan
+    if pairs is None:
+        return [i for i, (_, leaf) in enumerate(abstract_leaves) if leaf is not leaves_lib.PLACEHOLDER]
+    return (i for _, leaf, idx in pairs if leaf is not leaves_lib.PLACEHOLDER for i in idx)
 
 
 def array_nbytes(meta: dict) -> int:
@@ -349,27 +397,33 @@ def array_nbytes(meta: dict) -> int:
     return math.prod(array["shape"]) * leaves_lib.parse_dtype(array["data_type"]).itemsize
 
 
-def _build(saved: dict, saved_node: tree_lib.Node, plan: Any, sources: list[Any]) -> Any:
+def _build(saved: dict, saved_node: tree_lib.Node, plan: Plan | None, sources: list[Any]) -> Any:
     metas = saved["leaves"]
     to_device = transfers.ToDevice()  # the device transfers of every leaf, in one pass at the end
 
     def value(i: int, abstract_leaf: Any) -> Any:
         source = sources[i]
-        return leaves_lib.restore(metas[i], None if source is None else source.read, abstract_leaf, to_device)
+        read = source if source is None or type(source) is np.ndarray else source.read
+        return leaves_lib.restore(metas[i], read, abstract_leaf, to_device)
 
     if plan is None:
         values = [value(i, None) for i in range(len(metas))]
         return tree_lib.unflatten(saved_node, iter(to_device.run()(values)))
-    pairs, abstract_node = plan
-    out, subtrees = [], []
-    for path, leaf, idx in pairs:
-        if leaf is leaves_lib.PLACEHOLDER:
-            out.append(leaves_lib.PLACEHOLDER)
-        elif leaf is None and (len(idx) != 1 or tree_lib.subtree(saved_node, path).kind != "leaf"):
-            subtrees.append((len(out), tree_lib.subtree(saved_node, path), [value(i, None) for i in idx]))
-            out.append(None)
-        else:
-            out.append(value(idx[0], None if isinstance(leaf, LeafMetadata) else leaf))
+    abstract_node, abstract_leaves, pairs = plan
+    subtrees = []
+    if pairs is None:
+        out = [leaf if leaf is leaves_lib.PLACEHOLDER else value(i, None if isinstance(leaf, LeafMetadata) else leaf)
+               for i, (_, leaf) in enumerate(abstract_leaves)]
+    else:
+        out = []
+        for path, leaf, idx in pairs:
+            if leaf is leaves_lib.PLACEHOLDER:
+                out.append(leaves_lib.PLACEHOLDER)
+            elif leaf is None and (len(idx) != 1 or tree_lib.subtree(saved_node, path).kind != "leaf"):
+                subtrees.append((len(out), tree_lib.subtree(saved_node, path), [value(i, None) for i in idx]))
+                out.append(None)
+            else:
+                out.append(value(idx[0], None if isinstance(leaf, LeafMetadata) else leaf))
     resolve = to_device.run()
     out = resolve(out)
     for position, node, values in subtrees:

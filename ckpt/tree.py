@@ -192,7 +192,7 @@ def from_json(data: dict) -> Node:
     kind = data["t"]
     if kind == "leaf":
         return LEAF
-    children = [from_json(c) for c in data["c"]]
+    children = [LEAF if c["t"] == "leaf" else from_json(c) for c in data["c"]]  # leaves without a call
     if "k" in data:
         keys = list(map(tuple, data["k"]))
     else:
@@ -205,8 +205,12 @@ def same_keys(a: Node, b: Node) -> bool:
     leaves pair up in flatten order; the kinds of their containers may differ)."""
     if a.kind == "leaf" or b.kind == "leaf":
         return a.kind == b.kind
-    return (len(a.keys) == len(b.keys) and all(ka[1] == kb[1] for ka, kb in zip(a.keys, b.keys))
-            and all(same_keys(ca, cb) for ca, cb in zip(a.children, b.children)))
+    if len(a.keys) != len(b.keys) or (a.keys != b.keys and any(ka[1] != kb[1] for ka, kb in zip(a.keys, b.keys))):
+        return False
+    for ca, cb in zip(a.children, b.children):
+        if ca is not cb and not same_keys(ca, cb):  # (every leaf's node is LEAF)
+            return False
+    return True
 
 
 def leaf_paths(node: Node, prefix: KeyPath = ()) -> list[KeyPath]:

@@ -65,7 +65,7 @@ def run_workload(spec: dict, systems: list[str], mode: config.Mode, scratch: Pat
 
 def _scaling_point(spec: dict, mode: config.Mode, scratch: Path) -> dict:
     # no async save: its snapshot would add one more copy of a 4 GiB state to the process
-    return _measure(spec, {"scaling": ["floor", "ckpt"]}, ["save", "load"], mode.side_reps, mode, scratch,
+    return _measure(spec, {"scaling": ["floor", "ckpt"]}, ["save", "save_again", "load"], mode.side_reps, mode, scratch,
                     memory_pass=False)
 
 

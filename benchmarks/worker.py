@@ -60,7 +60,8 @@ def repetition(system: Any, root: Path, ops: list[str], *, memory_pass: bool = F
                expected: list | None = None) -> dict:
     """One repetition in a fresh root: durable save of step 0, async saves of steps 1 and 2, load of step 0.
 
-    Each operation is timed alone (``save_s``, ``blocking_first_s``, ``blocking_s`` and
+    Each operation is timed alone (``save_s``, ``save_again_s`` (step 3, when ``ops`` has
+    "save_again"), ``blocking_first_s``, ``blocking_s`` and
     ``async_total_s``, ``load_s``), each save after a :func:`train_step` over ``system.state`` (what
     the system saves). Step 1 is the first async save of a newly opened system
     (``blocking_first_s``); step 2 is the steady state of a training loop, which saves again with the
@@ -108,6 +109,9 @@ def repetition(system: Any, root: Path, ops: list[str], *, memory_pass: bool = F
             train_step(arrays)
             measure("save_s", "save_peak_bytes", lambda: system.save(0))
             out["files"] = count_files(system.step_path(0))
+        if "save_again" in ops:  # a training loop's next durable save of the same tree, by the same object
+            train_step(arrays)
+            measure("save_again_s", "save_again_peak_bytes", lambda: system.save(3))
         if "async" in ops:
             measure(None, "async_peak_bytes", save_async)
         if "load" in ops:

@@ -13,6 +13,8 @@ from typing import Any, NamedTuple
 from ckpt import format as fmt
 
 _ENCODE = json.JSONEncoder(allow_nan=False, separators=(",", ":")).encode
+_STRING = json.encoder.encode_basestring_ascii  # a str as _ENCODE writes it
+_ARRAY_KEYS = ("type", "dtype", "shape")
 
 
 class Template(NamedTuple):
@@ -38,7 +40,21 @@ def template(path: str, meta: dict, offset: int, nbytes: int) -> Template:
 
 def entry(path: str, meta: dict) -> str:
     """The entry of a leaf at ``path`` with manifest entry ``meta`` (an inline or a large leaf's)."""
-    return _ENCODE({"path": path, **meta})
+    if tuple(meta) == _ARRAY_KEYS and type(meta["type"]) is str and type(meta["dtype"]) is str:  # the usual entry
+        shape = meta["shape"]
+        if type(shape) is list and all(type(d) is int for d in shape):
+            return (f'{{"path":{_STRING(path)},"type":{_STRING(meta["type"])},"dtype":{_STRING(meta["dtype"])},'
+                    f'"shape":[{",".join(map(str, shape))}]}}')
+    parts = ['{"path":', _STRING(path)]
+    for key, value in meta.items():  # str and int-list fields written at once: most entries hold nothing else
+        if type(value) is str:
+            parts += [",", _STRING(key), ":", _STRING(value)]
+        elif type(value) is list and all(type(d) is int for d in value):
+            parts += [",", _STRING(key), ":[", ",".join(map(str, value)), "]"]
+        else:
+            return _ENCODE({"path": path, **meta})
+    parts.append("}")
+    return "".join(parts)
 
 
 def structure(tree: dict) -> str:

@@ -7,7 +7,8 @@ blocking time of a state of thousands of small leaves. :class:`Layout` keeps wha
 tables (one list per field, not an object per leaf); :meth:`Layout.leaves_of` finds the leaves of a
 new tree in one walk along the saved structure and checks each leaf's type, shape and dtype against
 the table; when all match, the snapshot copies the leaves straight into the places the table gives,
-and the manifest entries are made in the background.
+and the manifest entries are made in the background. A fresh plan of a tree whose leaves are all in
+host memory is written from its new layout's tables too, so that its first save already takes that path.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from ckpt import format as fmt
 from ckpt import leaves as leaves_lib
 from ckpt import packing, storage_options, transfers
 from ckpt import tree as tree_lib
-from ckpt.tree import KeyPath, keystr
+from ckpt.tree import KeyPath
 
 _SHAPE, _DTYPE = operator.attrgetter("shape"), operator.attrgetter("dtype")
 
@@ -99,7 +100,7 @@ class Layout:
     @functools.cached_property
     def path_strings(self) -> list[str]:
         """Each leaf's key path as tree.json writes it."""
-        return list(map(keystr, self.paths))
+        return tree_lib.keystrs(self.paths)
 
     @functools.cached_property
     def templates(self) -> dict[int, entries.Template]:
@@ -152,6 +153,15 @@ class Layout:
         """Leaf i's bytes in ``raw`` (flat uint8 of its size) as its dtype and shape."""
         meta = self.meta[i]
         return raw.view(leaves_lib.parse_dtype(meta["dtype"])).reshape(meta["shape"])
+
+    def on_host(self) -> bool:
+        """Whether every leaf's bytes are in host memory (numpy, Python values, torch tensors on the
+        CPU): a fresh plan of such a tree is written from this layout's tables at once, as the next
+        save of the same tree is, while one of leaves on an accelerator keeps the host copies it made."""
+        self._index()
+        torch = sys.modules.get("torch")
+        return all(torch is not None and self.kinds[i] is torch.Tensor and self.signature[i][3].type == "cpu"
+                   for i in self.device_leaves)
 
     def leaves_of(self, checkpointables: dict[str, Any]) -> list[Any] | None:
         """The leaves of ``checkpointables`` in flatten order when they have this layout's structure and

@@ -196,6 +196,9 @@ def _plan(checkpointables: dict[str, Any], metrics: Any, custom_metadata: Any, s
             planned[name].append(leaf)
     packed, packed_nbytes = packing.place(packed)
     layout = layout_lib.of(tuple(checkpointables), nodes, structures, planned, every, packed_nbytes, stored)
+    if layout is not None and stored.scoped is None and layout.on_host():
+        return Plan(structures, {}, [], [], packed_nbytes, metrics, custom_metadata, now_nsecs(), layout=layout,
+                    values=every)
     return Plan(structures, planned, packed, arrays, packed_nbytes, metrics, custom_metadata, now_nsecs(),
                 layout=layout)
 
@@ -264,9 +267,18 @@ class StagingBuffers:
 
 def staging_sizes(plan: Plan, max_inflight_bytes: int | None) -> list[int]:
     """The sizes of the buffers :func:`snapshot` takes from its staging buffers for ``plan``."""
+    if _copies_whole(plan, max_inflight_bytes):
+        layout = plan.layout
+        return ([layout.packed_nbytes] if layout.packed_nbytes else []) + [layout.nbytes[i] for i in layout.own_arrays]
+    plan.materialize()
     copied, _ = _within_budget(plan, max_inflight_bytes)
     return ([plan.packed_nbytes] if plan.packed else []) + [
         leaf.nbytes for leaf in copied if leaf.host.spread is None]
+
+
+def _copies_whole(plan: Plan, max_inflight_bytes: int | None) -> bool:
+    """Whether a snapshot copies a plan made from a layout's tables whole (the state fits the budget)."""
+    return plan.values is not None and plan.nbytes <= (float("inf") if max_inflight_bytes is None else max_inflight_bytes)
 
 
 def _within_budget(plan: Plan, max_inflight_bytes: int | None) -> tuple[list[PlannedLeaf], list[PlannedLeaf]]:
@@ -300,11 +312,10 @@ def snapshot(plan: Plan, max_inflight_bytes: int | None, staging: StagingBuffers
     Returns the large leaves left uncopied: the caller must write them before returning to its caller.
     """
     staging = staging or StagingBuffers()
-    if plan.values is not None:
-        if plan.nbytes <= (float("inf") if max_inflight_bytes is None else max_inflight_bytes):
-            _snapshot_reused(plan, staging)
-            return []
-        plan.materialize()
+    if _copies_whole(plan, max_inflight_bytes):
+        _snapshot_reused(plan, staging)
+        return []
+    plan.materialize()
     if plan.packed:
         buffer = staging.take(plan.packed_nbytes)
         plan.staging.append(buffer)

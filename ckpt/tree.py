@@ -46,15 +46,30 @@ LEAF = Node("leaf")  # every leaf's node: nodes are never changed once built
 
 def keystr(path: KeyPath) -> str:
     """Renders a key path the way jax does: ``['params']['w']``, ``[0]``, ``.count``."""
-    parts = []
-    for kind, key in path:
-        if kind == "attr":
-            parts.append(f".{key}")
-        elif kind == "idx" or not isinstance(key, str):
-            parts.append(f"[{key}]")
-        else:
-            parts.append(f"[{key!r}]")
-    return "".join(parts)
+    return "".join(map(_entry_str, path))
+
+
+def keystrs(paths: list[KeyPath]) -> list[str]:
+    """:func:`keystr` of each path; a path's parent is rendered once for a run of its children."""
+    out, parent, prefix = [], None, ""
+    for path in paths:
+        if not path:
+            out.append("")
+            continue
+        head = path[:-1]
+        if head != parent:
+            parent, prefix = head, keystr(head)
+        out.append(prefix + _entry_str(path[-1]))
+    return out
+
+
+def _entry_str(entry: KeyEntry) -> str:
+    kind, key = entry
+    if kind == "attr":
+        return f".{key}"
+    if kind == "idx" or not isinstance(key, str):
+        return f"[{key}]"
+    return f"[{key!r}]"
 
 
 def _is_namedtuple(x: Any) -> bool:

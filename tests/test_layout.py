@@ -10,7 +10,7 @@ import pytest
 
 import ckpt
 from ckpt import format as fmt
-from ckpt import packing, saving, verify
+from ckpt import entries, packing, saving, verify
 
 torch = pytest.importorskip("torch")
 jax = pytest.importorskip("jax")
@@ -158,7 +158,7 @@ def test_a_changed_tree_is_planned_afresh_and_saved_as_it_is(tmp_path, change):
     else:
         mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("d",))
         changed["jax"]["x"] = jax.device_put(changed["jax"]["x"], jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-    assert saving.plan({"state": changed}, previous=previous).values is None
+    assert saving.plan({"state": changed}, previous=previous).layout is not previous
     with ckpt.Checkpointer(tmp_path) as ckptr:
         ckptr.save_async(0, state)
         ckptr.save_async(1, changed, force=True)
@@ -197,6 +197,21 @@ def test_sync_saves_of_a_reused_layout_fill_each_chunk_as_a_fresh_plan_does(tmp_
             ckptr.save(step, state(step))
         fresh = (tmp_path / f"fresh{step}" / str(step) / fmt.TREE).read_bytes()
         assert (tmp_path / "reused" / str(step) / fmt.TREE).read_bytes() == fresh, step
+        assert fresh == json.dumps(json.loads(fresh), separators=(",", ":")).encode(), "what json.dumps writes"
+
+
+@pytest.mark.parametrize("path, meta", [
+    ("['a'][0].w", {"type": "numpy", "dtype": "float32", "shape": [3, 4]}),
+    ("['\u00e9\"\\x\u2028']", {"type": "np_scalar", "dtype": "int64", "shape": []}),
+    ("[1]", {"type": "float", "value": "nan"}), ("[2]", {"type": "bool", "value": True}),
+    ("[3]", {"type": "str", "value": "\x00\u00e9\U0001f600"}), ("[4]", {"type": "none", "value": None}),
+    ("[5]", {"type": "jax", "dtype": "float32", "shape": [1], "sharding": {"mesh": [["d", 1]], "spec": [None]}}),
+    ("[6]", {"type": "numpy", "dtype": "float32", "shape": [True, 2]}),
+])
+def test_leaf_entries_are_what_json_dumps_writes(path, meta):
+    assert entries.entry(path, meta) == json.dumps({"path": path, **meta}, separators=(",", ":"))
+    template = entries.template(path, meta, 64, 12)
+    assert json.loads(template.fill(7)) == {"path": path, **meta, "crc32": 7, "packed": [64, 12]}
 
 
 @pytest.mark.parametrize("chunk", [64, 100, 4096])

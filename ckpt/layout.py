@@ -64,8 +64,8 @@ class Layout:
         """Makes the tables a reuse needs (on the first reuse: a layout is made by every fresh plan)."""
         if self._indexed:
             return
-        self.total_nbytes = sum(n for n, where in zip(self.nbytes, self.location) if where != "inline")
         self.own_arrays = [i for i, where in enumerate(self.location) if where == "array"]
+        self.total_nbytes = self.packed_nbytes + sum(self.nbytes[i] for i in self.own_arrays)  # as a fresh plan counts
         self.kinds = [s[0] if type(s) is tuple else s for s in self.signature]
         # numpy arrays are checked as one table of (shape, dtype); other typed leaves one by one
         numpy_arrays = [i for i, kind in enumerate(self.kinds) if kind is np.ndarray]

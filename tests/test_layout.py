@@ -83,8 +83,10 @@ def test_a_reused_layout_writes_the_same_tree_json_as_a_fresh_plan(tmp_path):
     with ckpt.Checkpointer(tmp_path / "fresh") as ckptr:
         ckptr.save(1, state)
     fresh = json.loads((tmp_path / "fresh" / "1" / fmt.TREE).read_text())
+    nbytes = json.loads((tmp_path / "fresh" / "1" / fmt.MANIFEST).read_text())["nbytes"]
     for step in ("1", "2"):
         assert json.loads((tmp_path / "reused" / step / fmt.TREE).read_text()) == fresh, step
+        assert json.loads((tmp_path / "reused" / step / fmt.MANIFEST).read_text())["nbytes"] == nbytes, step
 
 
 def packable_state(seed: int) -> dict:

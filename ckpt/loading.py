@@ -400,20 +400,22 @@ def array_nbytes(meta: dict) -> int:
 def _build(saved: dict, saved_node: tree_lib.Node, plan: Plan | None, sources: list[Any]) -> Any:
     metas = saved["leaves"]
     to_device = transfers.ToDevice()  # the device transfers of every leaf, in one pass at the end
+    reads = [source if source is None or type(source) is np.ndarray else source.read for source in sources]
 
     def value(i: int, abstract_leaf: Any) -> Any:
-        source = sources[i]
-        read = source if source is None or type(source) is np.ndarray else source.read
-        return leaves_lib.restore(metas[i], read, abstract_leaf, to_device)
+        return leaves_lib.restore(metas[i], reads[i], abstract_leaf, to_device)
 
     if plan is None:
         values = [value(i, None) for i in range(len(metas))]
         return tree_lib.unflatten(saved_node, iter(to_device.run()(values)))
     abstract_node, abstract_leaves, pairs = plan
     subtrees = []
-    if pairs is None:
-        out = [leaf if leaf is leaves_lib.PLACEHOLDER else value(i, None if isinstance(leaf, LeafMetadata) else leaf)
-               for i, (_, leaf) in enumerate(abstract_leaves)]
+    if pairs is None:  # the usual leaf, an array read already into a numpy one, is cast without a call
+        skip, array = leaves_lib.PLACEHOLDER, np.ndarray
+        out = [leaf if leaf is skip
+               else read.astype(leaf.dtype, copy=False) if type(read) is array and type(leaf) is array
+               else leaves_lib.restore(meta, read, None if isinstance(leaf, LeafMetadata) else leaf, to_device)
+               for (_, leaf), meta, read in zip(abstract_leaves, metas, reads)]
     else:
         out = []
         for path, leaf, idx in pairs:

@@ -163,7 +163,9 @@ def flatten(tree: Any, *, prefix: KeyPath = ()) -> tuple[Node, list[tuple[KeyPat
         leaves.append((path, x))
         return LEAF
 
-    return visit(tree, prefix), leaves
+    node = visit(tree, prefix)
+    del visit  # it refers to itself: kept, it would keep ``leaves`` until the collector found the cycle
+    return node, leaves
 
 
 def unflatten(node: Node, leaves: Iterator[Any]) -> Any:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
+import operator
 import sys
 from typing import Any, Callable
 
@@ -256,6 +258,18 @@ def check_leaf(path: KeyPath, meta: dict, abstract: Any) -> str | None:
     return None
 
 
+def check_leaves(flat: list[tuple[KeyPath, Any]], metas: list[dict]) -> list[str]:
+    """:func:`check_leaf` of each (key path, abstract leaf) in ``flat`` and the saved leaf of its position:
+    why each cannot receive it. Numpy abstract leaves whose shapes all match (the usual tree) are
+    checked in a few passes in C."""
+    abstract = list(map(_SECOND, flat))
+    if (set(map(type, abstract)) == _NDARRAY and list(map(dict.get, metas, itertools.repeat("shape")))
+            == list(map(list, map(_SHAPE, abstract))) and not any(map(dict.__contains__, metas, itertools.repeat("key_shape")))):
+        return []
+    return [why for (path, leaf), meta in zip(flat, metas) if (why := check_leaf(path, meta, leaf))]
+
+
+_SECOND, _SHAPE, _NDARRAY = operator.itemgetter(1), operator.attrgetter("shape"), {np.ndarray}
 Reader = Callable[[tuple[slice, ...] | None], np.ndarray]
 
 

@@ -214,8 +214,7 @@ def _match(saved: dict, saved_node: tree_lib.Node, abstract: Any, name: str, par
     """Pairs each abstract leaf with the saved leaves it receives; lists every difference."""
     abstract_node, abstract_leaves = tree_lib.flatten(abstract)
     if tree_lib.same_keys(abstract_node, saved_node):  # the usual case: leaf i receives saved leaf i
-        diffs = [f"{name}{why}" for (path, leaf), meta in zip(abstract_leaves, saved["leaves"])
-                 if (why := leaves_lib.check_leaf(path, meta, leaf))]
+        diffs = [f"{name}{why}" for why in leaves_lib.check_leaves(abstract_leaves, saved["leaves"])]
         return (abstract_node, abstract_leaves, None), diffs
     saved_paths = tree_lib.leaf_paths(saved_node)
     index = {tuple([k for _, k in p]): i for i, p in enumerate(saved_paths)}

@@ -200,11 +200,7 @@ def _check_tree(doc: Any, names: list[str]) -> None:
         count = _count_leaves(tree.get("tree"), name)
         if count != len(leaves):
             raise _Invalid(f"checkpointable {name!r}: its tree has {count} leaves, 'leaves' lists {len(leaves)}")
-        for meta in leaves:
-            end = _check_leaf(name, meta)
-            if end >= 0:
-                packed_end = end if end > packed_end else packed_end
-                packed_bytes += -(-meta["packed"][1] // fmt.ALIGN) * fmt.ALIGN
+        packed_end, packed_bytes = _check_leaves(name, leaves, packed_end, packed_bytes)
     packed = doc.get("packed")
     if packed is not None or packed_end >= 0:
         try:
@@ -259,19 +255,33 @@ def _check_handled(handled: Any, trees: dict) -> None:
             raise _Invalid(f"'handled': {name!r} is also a tree")
 
 
+def _check_leaves(name: str, leaves: list, packed_end: int, packed_bytes: int) -> tuple[int, int]:
+    """Checks the leaf entries of checkpointable ``name``; returns ``packed_end`` and ``packed_bytes``
+    (see :func:`_check_tree`) carried on over its packed leaves. Every load runs this for every leaf:
+    the usual entry, a packed array of a dtype met before, is checked here with the fewest lookups;
+    any other by :func:`_check_leaf`, which says what is wrong."""
+    plain, dtypes, nbytes_of, align, u32 = _PLAIN_ARRAY_TYPES, _DTYPES, _nbytes, fmt.ALIGN, _U32
+    for meta in leaves:
+        end = None
+        try:
+            if meta["type"] in plain and type(meta["path"]) is str and "array" not in meta:
+                span, crc, nbytes = meta["packed"], meta["crc32"], nbytes_of(meta["shape"], dtypes[meta["dtype"]].itemsize)
+                if (type(span) is list and len(span) == 2 and type(span[0]) is int and span[0] >= 0
+                        and not span[0] % align and type(span[1]) is int and span[1] == nbytes >= 0
+                        and type(crc) is int and 0 <= crc < u32):
+                    end = span[0] + nbytes
+        except (TypeError, KeyError):  # not a dict, a field missing or unhashable
+            pass
+        if end is None:
+            end = _check_leaf(name, meta)
+        if end >= 0:
+            packed_end = end if end > packed_end else packed_end
+            packed_bytes += -(-meta["packed"][1] // align) * align
+    return packed_end, packed_bytes
+
+
 def _check_leaf(name: str, meta: Any) -> int:
-    """Checks one leaf entry; returns the end of its packed bytes, or -1 when it is not packed. (Every
-    load runs this for every leaf: the usual entry, a packed array of a dtype met before, takes the
-    first branch, with the fewest lookups; any other entry, the checks after it, which say what is wrong.)"""
-    try:
-        if meta["type"] in _PLAIN_ARRAY_TYPES and type(meta["path"]) is str and "array" not in meta:
-            span, crc, nbytes = meta["packed"], meta["crc32"], _nbytes(meta["shape"], _DTYPES[meta["dtype"]].itemsize)
-            if (type(span) is list and len(span) == 2 and type(span[0]) is int and span[0] >= 0
-                    and not span[0] % fmt.ALIGN and type(span[1]) is int and span[1] == nbytes >= 0
-                    and type(crc) is int and 0 <= crc < _U32):
-                return span[0] + nbytes
-    except (TypeError, KeyError):  # not a dict, a field missing or unhashable
-        pass
+    """Checks one leaf entry; returns the end of its packed bytes, or -1 when it is not packed."""
     if type(meta) is not dict or type(meta.get("path")) is not str:
         raise _Invalid(f"checkpointable {name!r}: a leaf entry {_short(meta)} has no 'path' string")
     kind = meta.get("type")

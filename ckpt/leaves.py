@@ -263,8 +263,9 @@ def check_leaves(flat: list[tuple[KeyPath, Any]], metas: list[dict]) -> list[str
     why each cannot receive it. Numpy abstract leaves whose shapes all match (the usual tree) are
     checked in a few passes in C."""
     abstract = list(map(_SECOND, flat))
-    if (set(map(type, abstract)) == _NDARRAY and list(map(dict.get, metas, itertools.repeat("shape")))
-            == list(map(list, map(_SHAPE, abstract))) and not any(map(dict.__contains__, metas, itertools.repeat("key_shape")))):
+    if (set(map(type, abstract)) == _NDARRAY
+            and list(map(dict.get, metas, itertools.repeat("shape"))) == list(map(list, map(_SHAPE, abstract)))
+            and not any(map(dict.__contains__, metas, itertools.repeat("key_shape")))):
         return []
     return [why for (path, leaf), meta in zip(flat, metas) if (why := check_leaf(path, meta, leaf))]
 

@@ -404,13 +404,16 @@ def _build(saved: dict, saved_node: tree_lib.Node, plan: Plan | None, sources: l
     def value(i: int, abstract_leaf: Any) -> Any:
         return leaves_lib.restore(metas[i], reads[i], abstract_leaf, to_device)
 
+    # The usual leaf, a numpy array read already (a packed one), is returned as it is, or cast into a
+    # numpy abstract leaf, without a call: what leaves.restore would make of it.
+    skip, array = leaves_lib.PLACEHOLDER, np.ndarray
     if plan is None:
-        values = [value(i, None) for i in range(len(metas))]
+        values = [read if type(read) is array and meta["type"] == "numpy"
+                  else leaves_lib.restore(meta, read, None, to_device) for meta, read in zip(metas, reads)]
         return tree_lib.unflatten(saved_node, iter(to_device.run()(values)))
     abstract_node, abstract_leaves, pairs = plan
     subtrees = []
-    if pairs is None:  # the usual leaf, an array read already into a numpy one, is cast without a call
-        skip, array = leaves_lib.PLACEHOLDER, np.ndarray
+    if pairs is None:
         out = [leaf if leaf is skip
                else read.astype(leaf.dtype, copy=False) if type(read) is array and type(leaf) is array
                else leaves_lib.restore(meta, read, None if isinstance(leaf, LeafMetadata) else leaf, to_device)

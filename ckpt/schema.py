@@ -265,7 +265,8 @@ def _check_leaves(name: str, leaves: list, packed_end: int, packed_bytes: int) -
         end = None
         try:
             if meta["type"] in plain and type(meta["path"]) is str and "array" not in meta:
-                span, crc, nbytes = meta["packed"], meta["crc32"], nbytes_of(meta["shape"], dtypes[meta["dtype"]].itemsize)
+                span, crc = meta["packed"], meta["crc32"]
+                nbytes = nbytes_of(meta["shape"], dtypes[meta["dtype"]].itemsize)
                 if (type(span) is list and len(span) == 2 and type(span[0]) is int and span[0] >= 0
                         and not span[0] % align and type(span[1]) is int and span[1] == nbytes >= 0
                         and type(crc) is int and 0 <= crc < u32):

@@ -61,7 +61,7 @@ class Layout:
         self._indexed = False
 
     def _index(self) -> None:
-        """Makes the tables a reuse needs (on the first reuse: a layout is made by every fresh plan)."""
+        """Makes the tables a reuse needs (once, when first asked: a layout is made by every fresh plan)."""
         if self._indexed:
             return
         self.own_arrays = [i for i, where in enumerate(self.location) if where == "array"]

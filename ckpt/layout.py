@@ -103,11 +103,11 @@ class Layout:
         return tree_lib.keystrs(self.paths)
 
     @functools.cached_property
-    def templates(self) -> dict[int, entries.Template]:
-        """Each packed leaf's tree.json entry but its CRC32, by leaf index."""
+    def templates(self) -> list[tuple[str, str]]:
+        """Each packed leaf's tree.json entry but its CRC32, in offset order (see :func:`ckpt.entries.templates`)."""
         self._index()
-        paths = self.path_strings
-        return {i: entries.template(paths[i], self.meta[i], self.offset[i], self.nbytes[i]) for i in self.packed_order}
+        pick = packing.picker(self.packed_order)
+        return entries.templates(pick(self.path_strings), pick(self.meta), pick(self.offset), pick(self.nbytes))
 
     @functools.cached_property
     def windows(self) -> list[tuple[list[packing.Run], list[int]]]:

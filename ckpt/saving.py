@@ -555,15 +555,17 @@ class StepWriter:
         layout's templates."""
         plan, crcs = self.plan, self.packed_crcs
         if plan.values is None:
-            crc = {id(leaf): value for leaf, value in zip(plan.packed, crcs)}
-            return {name: [entries.template(keystr(leaf.path), leaf.host.meta, leaf.offset, leaf.nbytes).fill(crc[id(leaf)])
-                           if leaf.location == "packed" else entries.entry(keystr(leaf.path), leaf.host.meta)
+            packed = plan.packed
+            packed_texts = dict(zip(map(id, packed), entries.filled(entries.templates(
+                [keystr(leaf.path) for leaf in packed], [leaf.host.meta for leaf in packed],
+                [leaf.offset for leaf in packed], [leaf.nbytes for leaf in packed]), crcs)))
+            return {name: [packed_texts[id(leaf)] if leaf.location == "packed" else entries.entry(keystr(leaf.path), leaf.host.meta)
                            for leaf in row] for name, row in plan.leaves.items()}
         layout = plan.layout
         texts: list[str] = [""] * len(layout.paths)
-        templates, paths = layout.templates, layout.path_strings
-        for i, crc in zip(layout.packed_order, crcs):
-            texts[i] = templates[i].fill(crc)
+        paths = layout.path_strings
+        for i, text in zip(layout.packed_order, entries.filled(layout.templates, crcs)):
+            texts[i] = text
         for i, leaf in plan.unpacked.items():
             texts[i] = entries.entry(paths[i], leaf.host.meta)
         out, start = {}, 0

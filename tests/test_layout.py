@@ -212,8 +212,8 @@ def test_sync_saves_of_a_reused_layout_fill_each_chunk_as_a_fresh_plan_does(tmp_
 ])
 def test_leaf_entries_are_what_json_dumps_writes(path, meta):
     assert entries.entry(path, meta) == json.dumps({"path": path, **meta}, separators=(",", ":"))
-    template = entries.template(path, meta, 64, 12)
-    assert json.loads(template.fill(7)) == {"path": path, **meta, "crc32": 7, "packed": [64, 12]}
+    (text,) = entries.filled(entries.templates([path], [meta], [64], [12]), [7])
+    assert json.loads(text) == {"path": path, **meta, "crc32": 7, "packed": [64, 12]}
 
 
 @pytest.mark.parametrize("chunk", [64, 100, 4096])

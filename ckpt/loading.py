@@ -10,8 +10,9 @@ malformed manifest) raises :class:`ckpt.errors.CheckpointCorruptedError` naming 
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 import numpy as np
 
@@ -205,9 +206,15 @@ def tree_metadata(doc: dict) -> Any:
     return tree_lib.unflatten(node, iter(_leaf_metadata(m) for m in doc["leaves"]))
 
 
-# How the abstract tree receives the saved leaves: its structure, its (key path, leaf) pairs, and the
-# saved leaves each receives (by position), or None when leaf i receives saved leaf i.
-Plan = tuple[tree_lib.Node, list[tuple[KeyPath, Any]], list[tuple[KeyPath, Any, list[int]]] | None]
+class Plan(NamedTuple):
+    """How the abstract tree receives the saved leaves: its structure and (key path, leaf) pairs, and
+    either ``order`` (leaf j receives saved leaf ``order[j]``; None: saved leaf j), or ``pairs``: the
+    saved leaves each leaf receives (a placeholder none, a None leaf a saved subtree)."""
+
+    node: tree_lib.Node
+    leaves: list[tuple[KeyPath, Any]]
+    pairs: list[tuple[KeyPath, Any, list[int]]] | None
+    order: list[int] | None = None
 
 
 def _match(saved: dict, saved_node: tree_lib.Node, abstract: Any, name: str, partial: bool) -> tuple[Plan, list[str]]:
@@ -215,7 +222,7 @@ def _match(saved: dict, saved_node: tree_lib.Node, abstract: Any, name: str, par
     abstract_node, abstract_leaves = tree_lib.flatten(abstract)
     if tree_lib.same_keys(abstract_node, saved_node):  # the usual case: leaf i receives saved leaf i
         diffs = [f"{name}{why}" for why in leaves_lib.check_leaves(abstract_leaves, saved["leaves"])]
-        return (abstract_node, abstract_leaves, None), diffs
+        return Plan(abstract_node, abstract_leaves, None), diffs
     saved_paths = tree_lib.leaf_paths(saved_node)
     index = {tuple([k for _, k in p]): i for i, p in enumerate(saved_paths)}
     pairs, diffs, covered = [], [], set()
@@ -241,7 +248,12 @@ def _match(saved: dict, saved_node: tree_lib.Node, abstract: Any, name: str, par
         for i, p in enumerate(saved_paths):
             if i not in covered and not _empty_receives(saved["leaves"][i], abstract_node, p):
                 diffs.append(f"{name}{keystr(p)}: in the checkpoint, not in the abstract tree")
-    return (abstract_node, abstract_leaves, pairs), diffs
+    if len(pairs) == len(saved_paths) and all(len(idx) == 1 and leaf is not None and leaf is not leaves_lib.PLACEHOLDER
+                                              for _, leaf, idx in pairs):
+        # every leaf receives one saved leaf, each a different one: the same keys in another order (a
+        # jax.eval_shape target sorts the keys of dicts saved in insertion order)
+        return Plan(abstract_node, abstract_leaves, None, [idx[0] for _, _, idx in pairs]), diffs
+    return Plan(abstract_node, abstract_leaves, pairs), diffs
 
 
 def _empty_receives(meta: dict, abstract_node: tree_lib.Node, path: KeyPath) -> bool:
@@ -382,10 +394,11 @@ def _wanted(count: int, plan: Plan | None) -> Iterable[int]:
     """The saved leaves a load reads: all, or those the abstract tree asks for (not placeholders)."""
     if plan is None:
         return range(count)
-    _, abstract_leaves, pairs = plan
-    if pairs is None:
-        return [i for i, (_, leaf) in enumerate(abstract_leaves) if leaf is not leaves_lib.PLACEHOLDER]
-    return (i for _, leaf, idx in pairs if leaf is not leaves_lib.PLACEHOLDER for i in idx)
+    if plan.order is not None:
+        return plan.order
+    if plan.pairs is None:
+        return [i for i, (_, leaf) in enumerate(plan.leaves) if leaf is not leaves_lib.PLACEHOLDER]
+    return (i for _, leaf, idx in plan.pairs if leaf is not leaves_lib.PLACEHOLDER for i in idx)
 
 
 def array_nbytes(meta: dict) -> int:
@@ -404,18 +417,25 @@ def _build(saved: dict, saved_node: tree_lib.Node, plan: Plan | None, sources: l
     def value(i: int, abstract_leaf: Any) -> Any:
         return leaves_lib.restore(metas[i], reads[i], abstract_leaf, to_device)
 
-    # The usual leaf, a numpy array read already (a packed one), is returned as it is, or cast into a
-    # numpy abstract leaf, without a call: what leaves.restore would make of it.
+    # The usual leaf, a numpy array read already (a packed one), is returned as it is, cast into a numpy
+    # abstract leaf, or put on the default device for a jax.ShapeDtypeStruct without a sharding (as
+    # jax.eval_shape gives), without a call: what leaves.restore would make of it.
     skip, array = leaves_lib.PLACEHOLDER, np.ndarray
     if plan is None:
         values = [read if type(read) is array and meta["type"] == "numpy"
                   else leaves_lib.restore(meta, read, None, to_device) for meta, read in zip(metas, reads)]
         return tree_lib.unflatten(saved_node, iter(to_device.run()(values)))
-    abstract_node, abstract_leaves, pairs = plan
+    abstract_node, abstract_leaves, pairs, order = plan
     subtrees = []
     if pairs is None:
+        if order is not None:
+            metas, reads = [metas[i] for i in order], [reads[i] for i in order]
+        shaped, put = getattr(sys.modules.get("jax"), "ShapeDtypeStruct", None), to_device.jax
         out = [leaf if leaf is skip
                else read.astype(leaf.dtype, copy=False) if type(read) is array and type(leaf) is array
+               else put(read.astype(leaf.dtype, copy=False), None)
+               if type(read) is array and type(leaf) is shaped and leaf.sharding is None and meta["type"] == "jax"
+               and isinstance(leaf.dtype, np.dtype)
                else leaves_lib.restore(meta, read, None if isinstance(leaf, LeafMetadata) else leaf, to_device)
                for (_, leaf), meta, read in zip(abstract_leaves, metas, reads)]
     else:

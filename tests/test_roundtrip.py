@@ -319,6 +319,31 @@ def test_shape_dtype_struct_dtype_casts_and_a_shape_mismatch_names_the_leaf(tmp_
         ckpt.load(tmp_path / "c", {"w": jax.ShapeDtypeStruct((4,), jnp.float32), "n": np.empty(3)})
 
 
+def test_an_abstract_tree_with_its_keys_in_another_order_gets_each_leaf_by_its_key(tmp_path):
+    """jax.eval_shape sorts the keys of dicts saved in insertion order: each abstract leaf still receives
+    the saved leaf at its key path (packed, large or inline; into jax or numpy), and a leaf that cannot
+    is named."""
+    jax = pytest.importorskip("jax")
+    state = {f"w{i}": jax.numpy.full(3 + i, i, np.float32) for i in (10, 2, 1, 0)}  # saved as jax
+    state.update(big=np.arange(LARGE_BYTES // 4, dtype=np.float32), n=5)
+    ckpt.save(tmp_path / "c", state)
+    target = jax.eval_shape(lambda: {k: jax.numpy.asarray(v) for k, v in state.items()})
+    assert list(target) == sorted(state) != list(state)
+    restored = ckpt.load(tmp_path / "c", target)
+    assert list(restored) == list(target)
+    for key, value in state.items():
+        assert isinstance(restored[key], jax.Array) and restored[key].dtype == target[key].dtype, key
+        np.testing.assert_array_equal(np.asarray(restored[key]), value)
+    reverse = {key: np.empty(np.shape(state[key]), np.float64) for key in reversed(state)}
+    restored = ckpt.load(tmp_path / "c", reverse)
+    assert list(restored) == list(reverse)
+    for key, value in state.items():
+        assert restored[key].dtype == np.float64, key
+        np.testing.assert_array_equal(restored[key], value)
+    with pytest.raises(ValueError, match=r"\['w2'\]: saved shape \(5,\), abstract leaf wants \(4,\)"):
+        ckpt.load(tmp_path / "c", {**reverse, "w2": np.empty(4)})
+
+
 def test_registered_pytree_nodes_come_back_as_their_types_from_an_abstract_tree(tmp_path):
     jax = pytest.importorskip("jax")
     optax = pytest.importorskip("optax")

@@ -223,6 +223,11 @@ def _match(saved: dict, saved_node: tree_lib.Node, abstract: Any, name: str, par
     if tree_lib.same_keys(abstract_node, saved_node):  # the usual case: leaf i receives saved leaf i
         diffs = [f"{name}{why}" for why in leaves_lib.check_leaves(abstract_leaves, saved["leaves"])]
         return Plan(abstract_node, abstract_leaves, None), diffs
+    order = tree_lib.leaf_order(abstract_node, saved_node)
+    if order is not None:  # the same keys in another order: leaf j receives saved leaf order[j]
+        metas = saved["leaves"]
+        diffs = [f"{name}{why}" for why in leaves_lib.check_leaves(abstract_leaves, [metas[i] for i in order])]
+        return Plan(abstract_node, abstract_leaves, None, order), diffs
     saved_paths = tree_lib.leaf_paths(saved_node)
     index = {tuple([k for _, k in p]): i for i, p in enumerate(saved_paths)}
     pairs, diffs, covered = [], [], set()
@@ -248,11 +253,6 @@ def _match(saved: dict, saved_node: tree_lib.Node, abstract: Any, name: str, par
         for i, p in enumerate(saved_paths):
             if i not in covered and not _empty_receives(saved["leaves"][i], abstract_node, p):
                 diffs.append(f"{name}{keystr(p)}: in the checkpoint, not in the abstract tree")
-    if len(pairs) == len(saved_paths) and all(len(idx) == 1 and leaf is not None and leaf is not leaves_lib.PLACEHOLDER
-                                              for _, leaf, idx in pairs):
-        # every leaf receives one saved leaf, each a different one: the same keys in another order (a
-        # jax.eval_shape target sorts the keys of dicts saved in insertion order)
-        return Plan(abstract_node, abstract_leaves, None, [idx[0] for _, _, idx in pairs]), diffs
     return Plan(abstract_node, abstract_leaves, pairs), diffs
 
 
@@ -394,10 +394,9 @@ def _wanted(count: int, plan: Plan | None) -> Iterable[int]:
     """The saved leaves a load reads: all, or those the abstract tree asks for (not placeholders)."""
     if plan is None:
         return range(count)
-    if plan.order is not None:
-        return plan.order
     if plan.pairs is None:
-        return [i for i, (_, leaf) in enumerate(plan.leaves) if leaf is not leaves_lib.PLACEHOLDER]
+        order = range(count) if plan.order is None else plan.order
+        return [i for i, (_, leaf) in zip(order, plan.leaves) if leaf is not leaves_lib.PLACEHOLDER]
     return (i for _, leaf, idx in plan.pairs if leaf is not leaves_lib.PLACEHOLDER for i in idx)
 
 

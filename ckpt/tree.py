@@ -230,6 +230,45 @@ def same_keys(a: Node, b: Node) -> bool:
     return True
 
 
+def leaf_order(a: Node, b: Node) -> list[int] | None:
+    """Where each leaf of ``a`` is among the leaves of ``b`` (positions in flatten order) when the two
+    have the same keys at every level, in any order (a dict saved in insertion order, its
+    ``jax.eval_shape`` with sorted keys); None when they do not."""
+    counts: dict[int, int] = {}
+    out: list[int] = []
+
+    def count(node: Node) -> int:  # the leaves under one of b's nodes (without recursion: b is read from a file)
+        found = counts.get(id(node))
+        if found is None:
+            found, stack = 0, [node]
+            while stack:
+                below = stack.pop()
+                if below.kind == "leaf":
+                    found += 1
+                else:
+                    stack.extend(below.children)
+            counts[id(node)] = found
+        return found
+
+    def visit(x: Node, y: Node, start: int) -> bool:  # recurses as deep as a, the caller's tree
+        if x.kind == "leaf" or y.kind == "leaf":
+            out.append(start)
+            return x.kind == y.kind
+        where, position = {}, start
+        for (_, key), child in zip(y.keys, y.children):
+            where[key] = (child, position)
+            position += 1 if child.kind == "leaf" else count(child)
+        if len(x.keys) != len(y.keys) or len(where) != len(y.keys):
+            return False
+        for (_, key), child in zip(x.keys, x.children):
+            found = where.get(key)
+            if found is None or not visit(child, *found):
+                return False
+        return True
+
+    return out if visit(a, b, 0) else None
+
+
 def leaf_paths(node: Node, prefix: KeyPath = ()) -> list[KeyPath]:
     """The key paths of ``node``'s leaves, in flatten order."""
     if node.kind == "leaf":

@@ -342,6 +342,16 @@ def test_an_abstract_tree_with_its_keys_in_another_order_gets_each_leaf_by_its_k
         np.testing.assert_array_equal(restored[key], value)
     with pytest.raises(ValueError, match=r"\['w2'\]: saved shape \(5,\), abstract leaf wants \(4,\)"):
         ckpt.load(tmp_path / "c", {**reverse, "w2": np.empty(4)})
+    nested = {"z": {"b": np.ones(2), "a": [np.zeros(1), 3]}, "y": np.arange(3)}  # reordered at two levels
+    ckpt.save(tmp_path / "n", nested)
+    restored = ckpt.load(tmp_path / "n", {"y": np.empty(3, np.int8), "z": {"a": [np.empty(1), 0], "b": np.empty(2)}})
+    assert list(restored) == ["y", "z"] and list(restored["z"]) == ["a", "b"] and restored["y"].dtype == np.int8
+    np.testing.assert_array_equal(restored["y"], [0, 1, 2])
+    assert restored["z"]["a"][1] == 3 and restored["z"]["b"].tolist() == [1, 1] and restored["z"]["a"][0].tolist() == [0]
+    skipped = ckpt.load(tmp_path / "n", {"z": {"a": [np.empty(1), 0], "b": np.empty(2)}, "y": ckpt.PLACEHOLDER})
+    assert skipped["y"] is ckpt.PLACEHOLDER and skipped["z"]["a"][1] == 3 and list(skipped["z"]) == ["a", "b"]
+    some = ckpt.load(tmp_path / "n", {"y": ckpt.PLACEHOLDER, "z": {"a": None, "b": np.empty(2)}})  # not one leaf each
+    assert some["y"] is ckpt.PLACEHOLDER and some["z"]["a"][1] == 3 and list(some["z"]) == ["a", "b"]
 
 
 def test_registered_pytree_nodes_come_back_as_their_types_from_an_abstract_tree(tmp_path):

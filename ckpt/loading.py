@@ -427,8 +427,7 @@ def _build(saved: dict, saved_node: tree_lib.Node, plan: Plan | None, sources: l
     abstract_node, abstract_leaves, pairs, order = plan
     subtrees = []
     if pairs is None:
-        if order is not None:
-            metas, reads = [metas[i] for i in order], [reads[i] for i in order]
+        received = (metas, reads) if order is None else ([metas[i] for i in order], [reads[i] for i in order])
         shaped, put = getattr(sys.modules.get("jax"), "ShapeDtypeStruct", None), to_device.jax
         out = [leaf if leaf is skip
                else read.astype(leaf.dtype, copy=False) if type(read) is array and type(leaf) is array
@@ -436,7 +435,7 @@ def _build(saved: dict, saved_node: tree_lib.Node, plan: Plan | None, sources: l
                if type(read) is array and type(leaf) is shaped and leaf.sharding is None and meta["type"] == "jax"
                and isinstance(leaf.dtype, np.dtype)
                else leaves_lib.restore(meta, read, None if isinstance(leaf, LeafMetadata) else leaf, to_device)
-               for (_, leaf), meta, read in zip(abstract_leaves, metas, reads)]
+               for (_, leaf), meta, read in zip(abstract_leaves, *received)]
     else:
         out = []
         for path, leaf, idx in pairs:

@@ -346,12 +346,30 @@ def _restore_as_saved(meta: dict, read: Reader, to_device: transfers.ToDevice) -
         if jax is None:
             return array
         if kind == "jax_key":
-            return jax.random.wrap_key_data(jax.numpy.asarray(array), impl=meta["impl"])
+            return _wrap_key(jax, meta, array, meta["impl"])
         return to_device.jax(array, None)
     if kind == "torch":
         torch = _import_or_none("torch")
         return array if torch is None else numpy_to_torch(array)
     return array
+
+
+class KeyDataError(ValueError):
+    """A saved PRNG key that jax refuses (an implementation it does not know, key data of another
+    shape): the load raises :class:`ckpt.errors.CheckpointCorruptedError` naming the leaf (``path``)."""
+
+    def __init__(self, path: str, why: str):
+        super().__init__(why)
+        self.path, self.why = path, why
+
+
+def _wrap_key(jax: Any, meta: dict, data: np.ndarray, impl: str) -> Any:
+    """The PRNG keys whose key data ``data`` is, of implementation ``impl``."""
+    try:
+        return jax.random.wrap_key_data(jax.numpy.asarray(data), impl=impl)
+    except (ValueError, TypeError) as e:
+        raise KeyDataError(meta["path"], f"jax refuses its key data ({data.dtype}, shape {list(data.shape)}) as "
+                                         f"{impl!r} PRNG keys: {e}") from None
 
 
 def _import_or_none(name: str) -> Any:
@@ -386,7 +404,7 @@ def _restore_jax(meta: dict, read: Reader, abstract: Any, jax: Any, to_device: t
         if is_key:
             impl = meta.get("impl") or str(jax.random.key_impl(abstract))
             data = read(None)
-            keys = jax.random.wrap_key_data(jax.numpy.asarray(data), impl=impl)
+            keys = _wrap_key(jax, meta, data, impl)
             return keys if sharding is None else jax.device_put(keys, sharding)
         dtype = parse_dtype(meta["dtype"]) if want_dtype is None else np.dtype(want_dtype)
     if sharding is None or (sharding.is_fully_addressable and sharding.is_fully_replicated):

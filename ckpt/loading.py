@@ -387,7 +387,13 @@ def load_trees(step_dir: Any, trees: dict[str, dict], abstract: dict[str, Any] |
     for reader, job_reads in jobs:
         reader.check([next(results) for _ in job_reads])
     with collector.paused():
-        return {name: _build(trees[name], nodes[name], plans[name], rows[name]) for name in abstract}
+        built = {}
+        for name in abstract:
+            try:
+                built[name] = _build(trees[name], nodes[name], plans[name], rows[name])
+            except leaves_lib.KeyDataError as e:
+                raise _leaf_damaged(step_dir, name + e.path, e.why) from None
+        return built
 
 
 def _wanted(count: int, plan: Plan | None) -> Iterable[int]:

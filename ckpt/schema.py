@@ -46,6 +46,7 @@ _LEAF = {"t": "leaf"}  # a leaf of the tree structure, as ckpt writes it
 _BYTES_CODEC = [{"name": "bytes", "configuration": {"endian": "little"}}]
 _CRC32C_CODECS = _BYTES_CODEC + [{"name": "crc32c"}]
 _METADATA_KEYS = frozenset({"shape", "data_type", "chunk_grid", "codecs"})
+_GRID_KEYS, _GRID_CONFIG_KEYS = {"name", "configuration"}, {"chunk_shape"}  # a regular grid, as a save writes it
 _MAX_NDIM = 32
 _MAX_ARRAY_BYTES = 1 << 62  # numpy cannot address more; the files on disk bound what is read
 _MAX_TIMESTAMP = 1 << 63    # nanoseconds: the year 2262
@@ -288,7 +289,9 @@ def _check_leaf(name: str, meta: Any) -> int:
     kind = meta.get("type")
     inline = _INLINE.get(kind) if type(kind) is str else None
     if inline is not None:
-        value = meta.get("value")
+        if "value" not in meta:
+            raise _Invalid(f"it is a {kind} leaf without a 'value'", name + meta["path"])
+        value = meta["value"]
         if type(value) not in inline and not (kind == "float" and value in _NON_FINITE):
             raise _Invalid(f"its value {_short(value)} is not a {kind}", name + meta["path"])
         return -1
@@ -325,9 +328,9 @@ def _check_shaped(meta: dict, kind: str, dtype: np.dtype, shape: list[int], wher
     if kind == "jax_key":
         key_shape, impl = meta.get("key_shape"), meta.get("impl")
         _checked_nbytes(key_shape, 1, "key_shape", where)
-        if key_shape != shape[: len(key_shape)] or type(impl) is not str:
-            raise _Invalid(f"'key_shape' {_short(key_shape)} does not lead its 'shape' {shape}, or 'impl' is not a str",
-                           where)
+        if key_shape != shape[: len(key_shape)] or type(impl) is not str or dtype != np.uint32:
+            raise _Invalid(f"'key_shape' {_short(key_shape)} does not lead its 'shape' {shape}, 'impl' is not a str, "
+                           f"or its key data is {dtype}, not uint32 (every jax PRNG key's)", where)
     elif (kind == "np_scalar" and shape) or (kind == "bytes" and (dtype != np.uint8 or len(shape) != 1)):
         raise _Invalid(f"a {kind} leaf of dtype {dtype} and shape {shape} is not one ckpt writes", where)
 
@@ -399,8 +402,9 @@ def _check_packed(packed: Any, end: int, nbytes_packed: int) -> None:
 
 def _chunk_shape(metadata: dict, ndim: int, *where: str) -> list[int]:
     grid = metadata.get("chunk_grid")
-    config = grid.get("configuration") if type(grid) is dict and grid.get("name") == "regular" else None
-    chunk_shape = config.get("chunk_shape") if type(config) is dict else None
+    regular = type(grid) is dict and grid.keys() == _GRID_KEYS and grid["name"] == "regular"
+    config = grid["configuration"] if regular else None
+    chunk_shape = config.get("chunk_shape") if type(config) is dict and config.keys() == _GRID_CONFIG_KEYS else None
     if (type(chunk_shape) is not list or len(chunk_shape) != ndim
             or not all(type(d) is int and 0 < d <= _MAX_ARRAY_BYTES for d in chunk_shape)):
         raise _Invalid(f"the chunk grid {_short(grid)} is not a regular grid of positive ints, one per dimension", *where)

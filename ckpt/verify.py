@@ -3,7 +3,9 @@
 What is checked: the manifest and its own CRC32, tree.json against the CRC32 in the manifest, every
 packed leaf against its CRC32 in tree.json, every chunk of every large leaf (it exists, has its size,
 and matches its ``chunk_crc32`` in tree.json, or the crc32c that tensorstore's zarr3 codec stored with
-it), and each array's zarr.json against its CRC32 in tree.json (a local step) and the spec there.
+it), and each array's zarr.json against its CRC32 in tree.json (a local step) and the spec there; and
+every chunk's word sum (``chunk_sum64``, of the packed array and of large leaves), the check a load
+makes, so that a step that passes ``verify`` loads.
 Memory stays bounded by two chunks (at most 2 x 16 MiB for large leaves, 2 x 4 MiB for packed ones).
 A step Orbax wrote is checked by reading every array of it through tensorstore, one at a time.
 
@@ -143,7 +145,7 @@ def _verify_array(step_dir: storage.Location, files: storage.LocalFiles | None, 
     here against their CRC32.
     """
     spec = meta["array"]
-    expected = meta.get("chunk_crc32")
+    expected = meta.get("chunk_crc32"), meta.get("chunk_sum64")
     try:
         why = files and chunks.check_array_files(_source(spec, step_dir, files), meta)
         if why:
@@ -153,11 +155,11 @@ def _verify_array(step_dir: storage.Location, files: storage.LocalFiles | None, 
         for index, (box, _, _) in enumerate(chunks.grid(spec["metadata"])):
             pending.append((index, store[box].read()))
             if len(pending) >= _IN_FLIGHT:
-                why = _check_chunk(*pending.popleft(), expected, tracker)
+                why = _check_chunk(*pending.popleft(), *expected, tracker)
                 if why:
                     return why
         while pending:
-            why = _check_chunk(*pending.popleft(), expected, tracker)
+            why = _check_chunk(*pending.popleft(), *expected, tracker)
             if why:
                 return why
     except ValueError as e:
@@ -169,20 +171,26 @@ def _source(spec: dict, step_dir: Path, files: storage.LocalFiles) -> chunks.Loc
     return chunks.LocalArray(storage.local_array_dir(spec, step_dir), files)
 
 
-def _check_chunk(index: int, read: Any, expected: list[int] | None, tracker: progress.Tracker) -> str | None:
-    """Waits for one chunk's read; why it is damaged, or None."""
+def _check_chunk(index: int, read: Any, crcs: list[int] | None, sums: list[int] | None,
+                 tracker: progress.Tracker) -> str | None:
+    """Waits for one chunk's read; why it is damaged (its CRC32 or its word sum in tree.json), or None."""
     data = read.result()
     tracker.advance(data.nbytes)
-    if expected is not None and zlib.crc32(data.reshape(-1).view(np.uint8)) != expected[index]:
+    raw = data.reshape(-1).view(np.uint8)
+    if crcs is not None and zlib.crc32(raw) != crcs[index]:
         return f"chunk {index} of its array does not match its CRC32 in {fmt.TREE}"
+    if sums is not None and chunks.sum64(raw) != sums[index]:
+        return f"chunk {index} of its array does not match its checksum (chunk_sum64) in {fmt.TREE}"
     return None
 
 
 def _verify_packed(step_dir: storage.Location, files: storage.LocalFiles | None, packed_doc: dict,
                    leaves: list[tuple[str, dict]], tracker: progress.Tracker) -> list[Damage]:
     """Checks each packed leaf's CRC32, reading the chunks that hold it one at a time, in offset order
-    (a chunk shared by neighbours is read once). A chunk that cannot be read damages the leaves in it."""
-    spec = packed_doc["spec"]
+    (a chunk shared by neighbours is read once). A chunk that cannot be read damages the leaves in it; one
+    whose word sum is not its ``chunk_sum64`` (the check a load makes) though every leaf in it matches
+    its CRC32 is damaged itself (between its leaves, or in tree.json)."""
+    spec, sums = packed_doc["spec"], packed_doc.get("chunk_sum64")
     window = spec["metadata"]["chunk_grid"]["configuration"]["chunk_shape"][0]
     try:
         why = files and chunks.check_metadata(_source(spec, step_dir, files), packed_doc)
@@ -192,6 +200,7 @@ def _verify_packed(step_dir: storage.Location, files: storage.LocalFiles | None,
     except ValueError as e:
         return [Damage(where, f"the packed array {fmt.PACKED}/ cannot be opened: {e}") for where, _ in leaves]
     held: tuple[int, Any, str] = (-1, None, "")  # the chunk read last: its index, bytes, why it cannot be read
+    mismatched: set[int] = set()  # the chunks whose word sum is not their chunk_sum64
 
     def chunk(i: int) -> tuple[int, Any, str]:
         why = files and chunks.check_file(_source(spec, step_dir, files), f"c/{i}", window)
@@ -202,13 +211,16 @@ def _verify_packed(step_dir: storage.Location, files: storage.LocalFiles | None,
         except ValueError as e:
             return i, None, f"its bytes in {fmt.PACKED}/ cannot be read: {e}"
         tracker.advance(data.nbytes)
+        if sums is not None and chunks.sum64(data) != sums[i]:
+            mismatched.add(i)
         return i, data, ""
 
     damaged: list[Damage] = []
+    hit: set[int] = set()  # the chunks that hold a leaf found damaged
     for where, meta in sorted(leaves, key=lambda item: item[1]["packed"][0]):
         offset, nbytes = meta["packed"]
-        crc, why = 0, ""
-        for i in range(offset // window, -(-(offset + nbytes) // window)):
+        crc, why, spans = 0, "", range(offset // window, -(-(offset + nbytes) // window))
+        for i in spans:
             held = held if held[0] == i else chunk(i)
             why = held[2]
             if why:
@@ -219,4 +231,8 @@ def _verify_packed(step_dir: storage.Location, files: storage.LocalFiles | None,
             damaged.append(Damage(where, why))
         elif crc != meta["crc32"]:
             damaged.append(Damage(where, f"its bytes in {fmt.PACKED}/ do not match the CRC32 in {fmt.TREE}"))
-    return damaged
+        else:
+            continue
+        hit.update(spans)
+    why = f"its word sum does not match its chunk_sum64 in {fmt.TREE}, though every leaf in it matches its CRC32"
+    return damaged + [Damage(f"{fmt.PACKED}/c/{i}", why) for i in sorted(mismatched - hit)]

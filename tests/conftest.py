@@ -1,5 +1,5 @@
 """Fixtures shared by several test modules: a local S3-compatible server (moto) and a fresh bucket on it,
-and the ckpt.progress logger put back after each test."""
+Orbax runs of every layout ckpt reads, and the ckpt.progress logger put back after each test."""
 from __future__ import annotations
 
 import logging
@@ -8,10 +8,22 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
 from tests import procs
+
+
+@pytest.fixture(scope="session")
+def orbax_runs(tmp_path_factory) -> Path:
+    """Every layout, written once by Orbax in one subprocess (with 2 CPU devices: a sharded array); see
+    tests/orbax_writer.py."""
+    directory = tmp_path_factory.mktemp("orbax_runs")
+    result = procs.run_script(procs.REPO / "tests" / "orbax_writer.py", str(directory), timeout=600,
+                              XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return directory
 
 
 @pytest.fixture(scope="session")

@@ -18,20 +18,10 @@ from ckpt import cli, errors
 from ckpt.integrations.flax import CheckpointHook, restore_train_state
 from ckpt.path import step as step_lib
 from ckpt.training import preservation_policies, save_decision_policies
-from tests import orbax_writer, procs
+from tests import orbax_writer
 from tests.orbax_writer import flax_train
 
 SINGLE_NAMES = step_lib.standard_name_format(step_prefix="step", step_format_fixed_length=4)
-
-
-@pytest.fixture(scope="session")
-def orbax_runs(tmp_path_factory) -> Path:
-    """Every layout, written once by Orbax in one subprocess (with 2 CPU devices: a sharded array)."""
-    directory = tmp_path_factory.mktemp("orbax_runs")
-    result = procs.run_script(Path(orbax_writer.__file__), str(directory), timeout=600,
-                              XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    assert result.returncode == 0, result.stderr[-3000:]
-    return directory
 
 
 @pytest.fixture(autouse=True)

@@ -12,7 +12,9 @@ stored as its key data, its implementation in ``array_metadatas/process_<i>``.
 from __future__ import annotations
 
 import ast
+import contextlib
 import os
+import resource
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +77,11 @@ class PyTreeItem:
         root, found = _Container("dict"), []
         for where, entry in entries.items():
             keys = _keys(entry, where, directory)
-            _insert(root, keys, entry.get("value_metadata") or {}, where, directory, found)
+            value = (entry.get("value_metadata") if isinstance(entry, dict) else None) or {}
+            if not isinstance(value, dict) or not isinstance(value.get("value_type", ""), str):
+                raise CheckpointCorruptedError(f"{directory}/_METADATA: entry {where[:80]!r} has a value_metadata that "
+                                               "is not an object with a string value_type", path=directory)
+            _insert(root, keys, value, where, directory, found)
         node = _node(root, directory)
         leaf_paths = tree_lib.leaf_paths(node)
         by_path = {tuple(k for _, k in keys): value for keys, value in found}
@@ -86,7 +92,7 @@ class PyTreeItem:
 
     def _describe(self, leaf_paths: list[tree_lib.KeyPath], by_path: dict[tuple, dict]) -> None:
         """Fills ``metas`` (opening every array, all at once) and ``stores``."""
-        strings, impls, opening = None, self._key_impls(), {}
+        strings, impls, opening, budget = None, self._key_impls(), {}, _allocatable()
         for i, path in enumerate(leaf_paths):
             value = by_path[tuple(k for _, k in path)]
             kind, name = value.get("value_type"), ".".join(str(k) for _, k in path)
@@ -119,6 +125,10 @@ class PyTreeItem:
                 raise CheckpointCorruptedError(f"{self.directory}: the array of leaf {self.name}{meta['path']} cannot "
                                                f"be opened: {e}", path=self.step_dir,
                                                key_paths=(f"{self.name}{meta['path']}",)) from None
+            why = _unreadable(store, budget)
+            if why:
+                raise CheckpointCorruptedError(f"{self.directory}: the array of leaf {self.name}{meta['path']} {why}",
+                                               path=self.step_dir, key_paths=(f"{self.name}{meta['path']}",))
             meta.update(dtype=leaves_lib.dtype_name(np.dtype(store.dtype.numpy_dtype)), shape=list(store.shape))
             if meta["type"] == "jax_key":
                 meta["key_shape"] = meta["shape"][:-1]
@@ -156,7 +166,8 @@ class PyTreeItem:
         folder = self.directory / "array_metadatas"
         for name in sorted(os.listdir(folder)) if files.is_plain_dir(folder) else []:
             doc = files.read_json(folder / name, self.step_dir)
-            for record in doc.get("array_metadatas", []) if isinstance(doc, dict) else []:
+            records = doc.get("array_metadatas") if isinstance(doc, dict) else None
+            for record in records if isinstance(records, list) else []:
                 array = record.get("array_metadata") if isinstance(record, dict) else None
                 ext = array.get("ext_metadata") if isinstance(array, dict) else None
                 if isinstance(ext, dict) and isinstance(ext.get("random_key_impl"), str):
@@ -170,6 +181,38 @@ class PyTreeItem:
             if i in self.stores and row[i] is None:
                 row[i] = ArraySource(self, self.metas[i], self.stores[i])
         return row
+
+
+def _unreadable(store: ts.TensorStore, budget: int) -> str | None:
+    """Why tensorstore cannot be trusted to read an Orbax array, whose zarr metadata no checksum seals:
+    chunks (or shards) larger than the array, or an array of more than ``budget`` bytes (what this
+    process may allocate). Past either, tensorstore's allocation would fail, and it aborts the process then."""
+    layout, shape = store.chunk_layout, list(store.shape)
+    chunk_shapes = [list(layout.read_chunk.shape or ()), list(layout.write_chunk.shape or ())]
+    if any(c > max(d, 1) for chunk_shape in chunk_shapes for c, d in zip(chunk_shape, shape)):
+        return f"has chunks {chunk_shapes[0]} (shards {chunk_shapes[1]}) larger than its shape {shape}"
+    nbytes = np.dtype(store.dtype.numpy_dtype).itemsize * int(np.prod(shape, dtype=object))
+    if nbytes > budget:
+        return f"declares {nbytes} bytes (shape {shape}), more than this process may allocate"
+    return None
+
+
+def _allocatable() -> int:
+    """The bytes this process may still allocate: the machine's available memory (its whole memory where
+    /proc does not say), within what its address-space limit leaves."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    limit = page * os.sysconf("SC_PHYS_PAGES")
+    with contextlib.suppress(OSError, ValueError, IndexError, StopIteration):
+        with open("/proc/meminfo") as f:
+            limit = next(int(line.split()[1]) << 10 for line in f if line.startswith("MemAvailable:"))
+    soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if soft != resource.RLIM_INFINITY:
+        used = 0
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            with open("/proc/self/statm") as f:
+                used = int(f.read().split()[0]) * page
+        limit = min(limit, soft - used)
+    return limit
 
 
 class _Container:

@@ -8,6 +8,7 @@ time the other threads of the process used meanwhile) shows how much of the seco
 """
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from pathlib import Path
@@ -42,6 +43,7 @@ def measure(system: Any, root: Path, compute_bytes: int, alone_s: float) -> dict
     and ``alone_s`` of the loop alone before and after."""
     step = _iteration(compute_bytes)
     step()
+    os.sync()  # the writeback another system's repetition left is not this save's
     system.open(root)
     try:
         before, _ = _mean_iteration(step, lambda n, t: t >= alone_s)

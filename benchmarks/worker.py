@@ -81,6 +81,7 @@ def repetition(system: Any, root: Path, ops: list[str], *, memory_pass: bool = F
             out[peak_key] = memory.peak_increase(base)
         else:
             gc.collect()
+            os.sync()  # the writeback the last repetition (of any system) left is not this operation's
             start = time.perf_counter()
             run()
             if seconds_key:

@@ -367,11 +367,11 @@ def _wrap_key(jax: Any, meta: dict, data: np.ndarray, impl: str) -> Any:
     """The PRNG keys whose key data ``data`` is, of implementation ``impl``; a saved key (``meta`` of
     type jax_key: its implementation and key data both come from the checkpoint) that jax refuses
     raises :class:`KeyDataError`."""
-    if meta["type"] != "jax_key":  # saved as plain data, received by a key of the abstract tree
-        return jax.random.wrap_key_data(jax.numpy.asarray(data), impl=impl)
     try:
         return jax.random.wrap_key_data(jax.numpy.asarray(data), impl=impl)
     except (ValueError, TypeError) as e:
+        if meta["type"] != "jax_key":  # saved as plain data, received by a key of the abstract tree
+            raise
         raise KeyDataError(meta["path"], f"jax refuses its key data ({data.dtype}, shape {list(data.shape)}) as "
                                          f"{impl!r} PRNG keys: {e}") from None
 

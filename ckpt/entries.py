@@ -1,72 +1,62 @@
-"""tree.json as text: the leaf entries of each checkpointable, then the document around them.
+"""tree.json as text: each checkpointable's structure and table of leaf entries, then the document.
 
-A packed leaf's entry differs from one save of a tree to the next only by its CRC32, so it is kept
-as a template (its JSON before and after the checksum, see :func:`templates`) that the layout of a
-reused plan holds; a save fills the checksums in with one string format per leaf, where encoding a
-dict per leaf cost several microseconds. The bytes are those ``json.dumps`` of the whole document writes.
+A leaf table (see :mod:`ckpt.leaf_table`) is written column by column from the text of each leaf's
+field (:func:`rows`); the texts of a packed leaf but its CRC32 do not change from one save of a tree to
+the next, so the layout of a reused plan keeps them, and a save adds only the CRC32s (:func:`table`).
+The bytes are those ``json.dumps`` of the whole document writes.
 """
 from __future__ import annotations
 
 import json
-from typing import Any, Sequence
+from typing import Sequence
 
 from ckpt import format as fmt
+from ckpt.leaf_table import COLUMNS, FIELDS
 
 _ENCODE = json.JSONEncoder(allow_nan=False, separators=(",", ":")).encode
 _STRING = json.encoder.encode_basestring_ascii  # a str as _ENCODE writes it
 _ARRAY_KEYS = ("type", "dtype", "shape")
+_ROW_COLUMNS = tuple(name for name in COLUMNS if name != "crc32")
+NULL = "null"
 
 
-def templates(paths: Sequence[str], metas: Sequence[dict], offsets: Sequence[int],
-              nbytes: Sequence[int]) -> list[tuple[str, str]]:
-    """The entries of packed leaves (their key path strings, manifest entries without a checksum,
-    offsets and sizes) without their CRC32: for each, the ``(head, tail)`` that :func:`filled` puts
-    around it. The text between the path and the checksum is made once for each type, dtype and shape.
+def rows(paths: Sequence[str], metas: Sequence[dict], spans: Sequence[tuple[int, int] | None]) -> dict[str, list[str]]:
+    """The text of each field of the leaves at key paths ``paths`` (their manifest entries ``metas``,
+    their ``[offset, nbytes]`` in the packed array or None) in tree.json's table, their CRC32 aside: one
+    list per column but ``crc32``. Each type, dtype and shape is written once.
 
     Example::
 
-        (text,) = filled(templates([".w"], [{"type": "numpy", "dtype": "float32", "shape": [2]}], [0], [8]), [7])
-        assert text == '{"path":".w","type":"numpy","dtype":"float32","shape":[2],"crc32":7,"packed":[0,8]}'
+        texts = rows([".w"], [{"type": "numpy", "dtype": "float32", "shape": [2]}], [(0, 8)])
+        assert table(texts, ["7"]) == ('{"path":[".w"],"type":["numpy"],"dtype":["float32"],"shape":[[2]],'
+                                       '"packed":[[0,8]],"crc32":[7],"more":[null]}')
     """
-    bodies: dict[tuple | None, str] = {}
-    out = []
-    for path, meta, offset, size in zip(paths, metas, offsets, nbytes):
-        shape = meta.get("shape")
-        key = (meta["type"], meta["dtype"], *shape, *map(type, shape)) if tuple(meta) == _ARRAY_KEYS else None
-        body = bodies.get(key) if key is not None else None
-        if body is None:
-            body = _body(meta)
-            if key is not None:
-                bodies[key] = body
-        out.append((f'{{"path":{_STRING(path)}{body},"crc32":', f',"packed":[{offset},{size}]}}'))
-    return out
-
-
-def filled(templates: Sequence[tuple[str, str]], crcs: Sequence[int]) -> list[str]:
-    """The entries of :func:`templates` with their CRC32s ``crcs`` filled in."""
-    return [f"{head}{crc}{tail}" for (head, tail), crc in zip(templates, crcs)]
-
-
-def entry(path: str, meta: dict) -> str:
-    """The entry of a leaf at ``path`` with manifest entry ``meta`` (an inline or a large leaf's)."""
-    return f'{{"path":{_STRING(path)}{_body(meta)}}}'
-
-
-def _body(meta: dict) -> str:
-    """The fields of ``meta`` as an entry writes them after its path: ``,"type":...``."""
-    if tuple(meta) == _ARRAY_KEYS and type(meta["type"]) is str and type(meta["dtype"]) is str:  # the usual entry
-        shape = meta["shape"]
-        if type(shape) is list and all(type(d) is int for d in shape):
-            return f',"type":{_STRING(meta["type"])},"dtype":{_STRING(meta["dtype"])},"shape":[{",".join(map(str, shape))}]'
-    parts = []
-    for key, value in meta.items():  # str and int-list fields written at once: most entries hold nothing else
-        if type(value) is str:
-            parts += [",", _STRING(key), ":", _STRING(value)]
-        elif type(value) is list and all(type(d) is int for d in value):
-            parts += [",", _STRING(key), ":[", ",".join(map(str, value)), "]"]
+    strings: dict[str, str] = {}
+    shapes: dict[tuple, str] = {}
+    types, dtypes, shape_texts, packed, more = [], [], [], [], []
+    for meta, span in zip(metas, spans):
+        kind, dtype, shape = meta["type"], meta.get("dtype"), meta.get("shape")
+        types.append(strings.get(kind) or strings.setdefault(kind, _STRING(kind)))
+        dtypes.append(NULL if dtype is None else strings.get(dtype) or strings.setdefault(dtype, _STRING(dtype)))
+        if shape is None:
+            shape_texts.append(NULL)
         else:
-            return "," + _ENCODE(meta)[1:-1]
-    return "".join(parts)
+            key = (*shape, *map(type, shape))
+            text = shapes.get(key)
+            if text is None:
+                text = shapes[key] = _ENCODE(shape)
+            shape_texts.append(text)
+        packed.append(NULL if span is None else f"[{span[0]},{span[1]}]")
+        other = None if tuple(meta) == _ARRAY_KEYS else {key: value for key, value in meta.items() if key not in FIELDS}
+        more.append(_ENCODE(other) if other else NULL)
+    return dict(zip(_ROW_COLUMNS, (list(map(_STRING, paths)), types, dtypes, shape_texts, packed, more)))
+
+
+def table(texts: dict[str, list[str]], crcs: Sequence[str]) -> str:
+    """The leaf table of tree.json from the texts of :func:`rows` and of each leaf's CRC32 (:data:`NULL`
+    for a leaf not packed)."""
+    columns = {**texts, "crc32": crcs}
+    return "{" + ",".join(f'"{name}":[{",".join(columns[name])}]' for name in COLUMNS) + "}"
 
 
 def structure(tree: dict) -> str:
@@ -74,17 +64,16 @@ def structure(tree: dict) -> str:
     return _ENCODE(tree)
 
 
-def tree_json(structures: dict[str, str], leaves: dict[str, list[str]], handled: dict | None,
+def tree_json(structures: dict[str, str], tables: dict[str, str], handled: dict | None,
               packed: dict | None) -> bytes:
     """tree.json: each checkpointable's structure (``structures``: their texts, see :func:`structure`)
-    and its leaf entries (``leaves``: their texts, in order), the checkpointables saved by handlers,
-    and the packed array.
+    and its leaf table (``tables``: their texts, see :func:`table`), the checkpointables saved by
+    handlers, and the packed array.
 
     Raises:
       ValueError: the document is larger than a reader accepts (``fmt.TREE_MAX_BYTES``).
     """
-    trees = ",".join(f'{_ENCODE(name)}:{{"tree":{text},"leaves":[{",".join(leaves[name])}]}}'
-                     for name, text in structures.items())
+    trees = ",".join(f'{_ENCODE(name)}:{{"tree":{text},"leaves":{tables[name]}}}' for name, text in structures.items())
     parts = [f'{{"checkpointables":{{{trees}}}']
     if handled is not None:
         parts.append(f',"handled":{_ENCODE(handled)}')

@@ -6,8 +6,8 @@ A committed step directory holds::
       manifest.json   written last: format version, step, timestamps, metrics, custom metadata,
                       checkpointable names and the CRC32 of tree.json; its last member, ``manifest_crc32``,
                       is the CRC32 of the bytes before it. Its presence is the commit record.
-      tree.json       per checkpointable: the tree structure and one entry per leaf (type, dtype, shape,
-                      where its bytes are, checksum)
+      tree.json       per checkpointable: the tree structure and a table of one row per leaf (type,
+                      dtype, shape, where its bytes are, checksum)
       arrays/<i>/     one zarr3 array (tensorstore) per large leaf, chunks checked by the crc32c codec
       packed/         one zarr3 uint8 array holding the bytes of every small leaf, each with its CRC32
 
@@ -32,7 +32,8 @@ import zlib
 from typing import Any
 
 FORMAT_NAME = "ckpt"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2                # what a save writes (2: leaf entries as a table, see ckpt.leaf_table)
+READ_VERSIONS = (1, 2)            # what a reader reads
 MANIFEST = "manifest.json"
 TREE = "tree.json"
 ARRAYS = "arrays"

@@ -103,11 +103,12 @@ class Layout:
         return tree_lib.keystrs(self.paths)
 
     @functools.cached_property
-    def templates(self) -> list[tuple[str, str]]:
-        """Each packed leaf's tree.json entry but its CRC32, in offset order (see :func:`ckpt.entries.templates`)."""
-        self._index()
-        pick = packing.picker(self.packed_order)
-        return entries.templates(pick(self.path_strings), pick(self.meta), pick(self.offset), pick(self.nbytes))
+    def rows(self) -> dict[str, list[str]]:
+        """The texts of each leaf's fields in tree.json's table, but its CRC32 (see :func:`ckpt.entries.rows`);
+        a save makes those of the leaves not packed anew."""
+        spans = [(offset, nbytes) if where == "packed" else None
+                 for where, offset, nbytes in zip(self.location, self.offset, self.nbytes)]
+        return entries.rows(self.path_strings, self.meta, spans)
 
     @functools.cached_property
     def windows(self) -> list[tuple[list[packing.Run], list[int]]]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import itertools
 import math
 import operator
 import sys
@@ -21,6 +20,7 @@ import numpy as np
 
 from ckpt import dtensor, shardings, transfers
 from ckpt.errors import UnregisteredTypeError
+from ckpt.leaf_table import LeafTable
 from ckpt.tree import KeyPath, keystr
 
 
@@ -258,19 +258,23 @@ def check_leaf(path: KeyPath, meta: dict, abstract: Any) -> str | None:
     return None
 
 
-def check_leaves(flat: list[tuple[KeyPath, Any]], metas: list[dict]) -> list[str]:
-    """:func:`check_leaf` of each (key path, abstract leaf) in ``flat`` and the saved leaf of its position:
-    why each cannot receive it. Numpy abstract leaves whose shapes all match (the usual tree) are
-    checked in a few passes in C."""
-    abstract = list(map(_SECOND, flat))
-    if (set(map(type, abstract)) == _NDARRAY
-            and list(map(dict.get, metas, itertools.repeat("shape"))) == list(map(list, map(_SHAPE, abstract)))
-            and not any(map(dict.__contains__, metas, itertools.repeat("key_shape")))):
+def check_leaves(flat: list[tuple[KeyPath, Any]], table: LeafTable, order: list[int] | None = None) -> list[str]:
+    """:func:`check_leaf` of each (key path, abstract leaf) in ``flat`` and the saved leaf of its position
+    (row ``order[j]`` of ``table`` for leaf j; None: row j): why each cannot receive it. Abstract leaves
+    whose shapes all match the saved ones (the usual tree) are checked in a few passes in C."""
+    shapes = table.shape if order is None else [table.shape[i] for i in order]
+    try:
+        wanted = list(map(list, map(_SHAPE, map(_SECOND, flat))))
+    except (AttributeError, TypeError):  # an abstract leaf without a shape (None, a type, a placeholder)
+        wanted = None
+    if wanted == shapes and (table.more.count(None) == len(table)
+                             or not any("key_shape" in more for more in table.more if more is not None)):
         return []
-    return [why for (path, leaf), meta in zip(flat, metas) if (why := check_leaf(path, meta, leaf))]
+    rows = range(len(flat)) if order is None else order
+    return [why for (path, leaf), i in zip(flat, rows) if (why := check_leaf(path, table[i], leaf))]
 
 
-_SECOND, _SHAPE, _NDARRAY = operator.itemgetter(1), operator.attrgetter("shape"), {np.ndarray}
+_SECOND, _SHAPE = operator.itemgetter(1), operator.attrgetter("shape")
 Reader = Callable[[tuple[slice, ...] | None], np.ndarray]
 
 

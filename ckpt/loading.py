@@ -22,6 +22,7 @@ from ckpt import leaves as leaves_lib
 from ckpt import progress, storage, transfers
 from ckpt import tree as tree_lib
 from ckpt.errors import CheckpointableNotFoundError, CheckpointCorruptedError, TreeMismatchError
+from ckpt.leaf_table import LeafTable, as_table
 from ckpt.metadata import CheckpointMetadata, LeafMetadata
 from ckpt.schema import read_manifest, read_tree
 from ckpt.tree import KeyPath, keystr
@@ -38,21 +39,23 @@ class _PackedReader:
         self.checked = doc is not None and "chunk_sum64" in doc
         self._data = np.empty(0, np.uint8)
         self._lo = 0
-        self._rows: list[tuple[str, list, list[dict], list[int]]] = []  # (name, row, entries, leaves read)
+        self._rows: list[tuple[str, list, LeafTable, list[int]]] = []  # (name, row, its leaf table, leaves read)
         self._chunks: list[chunks.Chunk] = []
 
-    def add(self, name: str, row: list, metas: list[dict], indices: list[int]) -> None:
-        """Reads the packed leaves ``indices`` of checkpointable ``name`` (entries ``metas``) into ``row``."""
+    def add(self, name: str, row: list, table: LeafTable, indices: list[int]) -> None:
+        """Reads the packed leaves ``indices`` of checkpointable ``name`` (leaf table ``table``) into ``row``."""
         if indices:
-            self._rows.append((name, row, metas, indices))
+            self._rows.append((name, row, table, indices))
 
-    def _leaves(self) -> Iterator[tuple[str, dict]]:
-        return ((name, metas[i]) for name, _, metas, indices in self._rows for i in indices)
+    def _leaves(self) -> Iterator[tuple[str, list[int], int]]:
+        """(key path, [offset, nbytes], crc32) of each packed leaf being loaded."""
+        return ((name + table.path[i], table.packed[i], table.crc32[i])
+                for name, _, table, indices in self._rows for i in indices)
 
     def reads(self) -> list[chunks.Read]:
         """The reads of the chunks that hold the bytes of the packed leaves; each leaf's row gets its
         array, a view of the buffer they fill (read once the reads have run and :meth:`check` passed)."""
-        spans = [meta["packed"] for _, meta in self._leaves()]
+        spans = [table.packed[i] for _, _, table, indices in self._rows for i in indices]
         if not spans:
             return []
         spec = self.doc["spec"]
@@ -61,23 +64,23 @@ class _PackedReader:
                 _chunk_source(spec, self.step_dir, self.files), spec, self.doc.get("chunk_sum64"),
                 min(spans)[0], max(offset + nbytes for offset, nbytes in spans))
         except ValueError as e:
-            raise self._damaged([name + meta["path"] for name, meta in self._leaves()], str(e)) from None
+            raise self._damaged([where for where, _, _ in self._leaves()], str(e)) from None
         self._chunks = [chunk for chunk, _ in reads]
         data, lo, typed = self._data, self._lo, {}  # dtype name -> (dtype, its size, the buffer viewed as it)
-        for _, row, metas, indices in self._rows:
+        for _, row, table, indices in self._rows:
+            packed, dtypes, shapes = table.packed, table.dtype, table.shape
             for i in indices:
-                meta = metas[i]
-                offset, nbytes = meta["packed"]
-                found = typed.get(meta["dtype"])
+                offset, nbytes = packed[i]
+                found = typed.get(dtypes[i])
                 if found is None:
-                    dtype = leaves_lib.parse_dtype(meta["dtype"])
-                    found = typed[meta["dtype"]] = (dtype, dtype.itemsize,
-                                                    data[: data.size - data.size % dtype.itemsize].view(dtype))
+                    dtype = leaves_lib.parse_dtype(dtypes[i])
+                    found = typed[dtypes[i]] = (dtype, dtype.itemsize,
+                                                data[: data.size - data.size % dtype.itemsize].view(dtype))
                 dtype, size, view = found
                 start = offset - lo
                 array = view[start // size: (start + nbytes) // size] if not start % size else \
                     data[start: start + nbytes].view(dtype)
-                shape = meta["shape"]
+                shape = shapes[i]
                 row[i] = array if len(shape) == 1 else array.reshape(shape)
         return [read for _, read in reads]
 
@@ -87,17 +90,15 @@ class _PackedReader:
         or, in a step without chunk sums, for the first leaf whose bytes do not match its CRC32."""
         damage = [(chunk, why) for chunk, why in zip(self._chunks, results) if why]
         if damage:
-            hit = [name + meta["path"] for name, meta in self._leaves()
-                   if any(c.start < meta["packed"][0] + meta["packed"][1] and meta["packed"][0] < c.stop
-                          for c, _ in damage)]
+            hit = [where for where, (offset, nbytes), _ in self._leaves()
+                   if any(c.start < offset + nbytes and offset < c.stop for c, _ in damage)]
             if hit:
                 raise self._damaged(hit, _reasons(why for _, why in damage))
         if not self.checked:
-            for name, meta in self._leaves():
-                start = meta["packed"][0] - self._lo
-                if fmt.crc32(self._data[start: start + meta["packed"][1]]) != meta["crc32"]:
-                    raise _leaf_damaged(self.step_dir, name + meta["path"],
-                                        "its bytes do not match the CRC32 in the manifest")
+            for where, (offset, nbytes), crc in self._leaves():
+                start = offset - self._lo
+                if fmt.crc32(self._data[start: start + nbytes]) != crc:
+                    raise _leaf_damaged(self.step_dir, where, "its bytes do not match the CRC32 in the manifest")
 
     def _damaged(self, where: list[str], why: str) -> CheckpointCorruptedError:
         return CheckpointCorruptedError(
@@ -217,16 +218,16 @@ class Plan(NamedTuple):
     order: list[int] | None = None
 
 
-def _match(saved: dict, saved_node: tree_lib.Node, abstract: Any, name: str, partial: bool) -> tuple[Plan, list[str]]:
-    """Pairs each abstract leaf with the saved leaves it receives; lists every difference."""
+def _match(table: LeafTable, saved_node: tree_lib.Node, abstract: Any, name: str,
+           partial: bool) -> tuple[Plan, list[str]]:
+    """Pairs each abstract leaf with the saved leaves it receives (``table``: theirs); lists every difference."""
     abstract_node, abstract_leaves = tree_lib.flatten(abstract)
     if tree_lib.same_keys(abstract_node, saved_node):  # the usual case: leaf i receives saved leaf i
-        diffs = [f"{name}{why}" for why in leaves_lib.check_leaves(abstract_leaves, saved["leaves"])]
+        diffs = [f"{name}{why}" for why in leaves_lib.check_leaves(abstract_leaves, table)]
         return Plan(abstract_node, abstract_leaves, None), diffs
     order = tree_lib.leaf_order(abstract_node, saved_node)
     if order is not None:  # the same keys in another order: leaf j receives saved leaf order[j]
-        metas = saved["leaves"]
-        diffs = [f"{name}{why}" for why in leaves_lib.check_leaves(abstract_leaves, [metas[i] for i in order])]
+        diffs = [f"{name}{why}" for why in leaves_lib.check_leaves(abstract_leaves, table, order)]
         return Plan(abstract_node, abstract_leaves, None, order), diffs
     saved_paths = tree_lib.leaf_paths(saved_node)
     index = {tuple([k for _, k in p]): i for i, p in enumerate(saved_paths)}
@@ -245,13 +246,13 @@ def _match(saved: dict, saved_node: tree_lib.Node, abstract: Any, name: str, par
             diffs.append(f"{name}{keystr(path)}: in the abstract tree, not in the checkpoint")
             continue
         covered.add(i)
-        why = leaves_lib.check_leaf(path, saved["leaves"][i], leaf)
+        why = leaves_lib.check_leaf(path, table[i], leaf)
         if why:
             diffs.append(f"{name}{why}")
         pairs.append((path, leaf, [i]))
     if not partial:
         for i, p in enumerate(saved_paths):
-            if i not in covered and not _empty_receives(saved["leaves"][i], abstract_node, p):
+            if i not in covered and not _empty_receives(table[i], abstract_node, p):
                 diffs.append(f"{name}{keystr(p)}: in the checkpoint, not in the abstract tree")
     return Plan(abstract_node, abstract_leaves, pairs), diffs
 
@@ -321,18 +322,17 @@ def _load_checkpointables(step_dir: Path, manifest: dict, abstract: dict[str, An
         return {**(load_checkpointables(step_dir, rest, partial_load=partial_load) if rest else {}), **loaded}
     packed = _PackedReader(step_dir, doc.get("packed"), storage.LocalFiles(step_dir) if isinstance(step_dir, Path) else None)
 
-    def sources(name: str, metas: list[dict], wanted: Iterable[int]) -> list[Any]:
-        row: list[Any] = [None] * len(metas)
-        small = []
+    def sources(name: str, table: LeafTable, wanted: Iterable[int]) -> list[Any]:
+        row: list[Any] = [None] * len(table)
+        small, spans, more = [], table.packed, table.more
         for i in wanted:
             if row[i] is None:
-                meta = metas[i]
-                if "packed" in meta:
+                if spans[i] is not None:
                     row[i] = packed
                     small.append(i)
-                elif "array" in meta:
-                    row[i] = _LeafSource(step_dir, name, meta, packed.files)
-        packed.add(name, row, metas, small)
+                elif more[i] is not None and "array" in more[i]:
+                    row[i] = _LeafSource(step_dir, name, table[i], packed.files)
+        packed.add(name, row, table, small)
         return row
 
     def reads(every: list[Any]) -> list[tuple[Any, list[chunks.Read]]]:
@@ -344,17 +344,18 @@ def _load_checkpointables(step_dir: Path, manifest: dict, abstract: dict[str, An
                       sources=sources, reads=reads)
 
 
-Sources = Callable[[str, list[dict], Iterable[int]], list[Any]]
+Sources = Callable[[str, LeafTable, Iterable[int]], list[Any]]
 Reads = Callable[[list[Any]], list[tuple[Any, list[chunks.Read]]]]
 
 
 def load_trees(step_dir: Any, trees: dict[str, dict], abstract: dict[str, Any] | None, *, partial_load: bool,
                sources: Sources, reads: Reads) -> dict[str, Any]:
     """Matches the abstract trees against saved ones (``trees``: name -> ``{"tree", "leaves"}`` as in
-    tree.json), reads the leaves asked for and builds the result; any format's reader calls it, having
-    checked that every name of ``abstract`` is one of ``trees``.
+    tree.json, the leaves a :class:`LeafTable` or a list of entries), reads the leaves asked for and
+    builds the result; any format's reader calls it, having checked that every name of ``abstract`` is
+    one of ``trees``.
 
-    ``sources(name, metas, wanted)`` gives one source per saved leaf (None for leaves stored inline
+    ``sources(name, table, wanted)`` gives one source per saved leaf (None for leaves stored inline
     and those not in ``wanted``); a source's ``read(index)`` returns the leaf, whole or a slice. (A
     reader may put the leaf's array itself in the row in place of its source, filled by its reads.)
     ``reads(every_source)`` gives ``(checker, chunk reads)`` pairs: the reads all run on the reading
@@ -365,20 +366,20 @@ def load_trees(step_dir: Any, trees: dict[str, dict], abstract: dict[str, Any] |
         abstract = {name: None for name in trees}
     with collector.paused():  # a few objects per leaf (see ckpt.collector)
         nodes = {name: tree_lib.from_json(trees[name]["tree"]) for name in abstract}
+        tables = {name: as_table(trees[name]["leaves"]) for name in abstract}
         plans, diffs = {}, []
         for name, abstract_tree in abstract.items():
             if abstract_tree is None:
                 plans[name] = None
                 continue
-            plans[name], found = _match(trees[name], nodes[name], abstract_tree, name, partial_load)
+            plans[name], found = _match(tables[name], nodes[name], abstract_tree, name, partial_load)
             diffs.extend(found)
         if diffs:
             raise TreeMismatchError(
                 f"User-provided restore item and on-disk value differ: the abstract tree does not "
                 f"match the checkpoint in {step_dir} ({len(diffs)} difference"
                 f"{'s' if len(diffs) != 1 else ''}):\n  " + "\n  ".join(diffs), differences=diffs)
-        rows = {name: sources(name, trees[name]["leaves"], _wanted(len(trees[name]["leaves"]), plans[name]))
-                for name in abstract}
+        rows = {name: sources(name, tables[name], _wanted(len(tables[name]), plans[name])) for name in abstract}
         jobs = reads([source for row in rows.values() for source in row if source is not None])
     every_read = [read for _, job_reads in jobs for read in job_reads]
     tracker = progress.Tracker(f"loading {step_dir}", sum(read.nbytes for read in every_read))
@@ -390,7 +391,7 @@ def load_trees(step_dir: Any, trees: dict[str, dict], abstract: dict[str, Any] |
         built = {}
         for name in abstract:
             try:
-                built[name] = _build(trees[name], nodes[name], plans[name], rows[name])
+                built[name] = _build(tables[name], nodes[name], plans[name], rows[name])
             except leaves_lib.KeyDataError as e:
                 raise _leaf_damaged(step_dir, name + e.path, e.why) from None
         return built
@@ -414,34 +415,34 @@ def array_nbytes(meta: dict) -> int:
     return math.prod(array["shape"]) * leaves_lib.parse_dtype(array["data_type"]).itemsize
 
 
-def _build(saved: dict, saved_node: tree_lib.Node, plan: Plan | None, sources: list[Any]) -> Any:
-    metas = saved["leaves"]
+def _build(table: LeafTable, saved_node: tree_lib.Node, plan: Plan | None, sources: list[Any]) -> Any:
     to_device = transfers.ToDevice()  # the device transfers of every leaf, in one pass at the end
     reads = [source if source is None or type(source) is np.ndarray else source.read for source in sources]
 
     def value(i: int, abstract_leaf: Any) -> Any:
-        return leaves_lib.restore(metas[i], reads[i], abstract_leaf, to_device)
+        return leaves_lib.restore(table[i], reads[i], abstract_leaf, to_device)
 
     # The usual leaf, a numpy array read already (a packed one), is returned as it is, cast into a numpy
     # abstract leaf, or put on the default device for a jax.ShapeDtypeStruct without a sharding (as
     # jax.eval_shape gives), without a call: what leaves.restore would make of it.
     skip, array = leaves_lib.PLACEHOLDER, np.ndarray
     if plan is None:
-        values = [read if type(read) is array and meta["type"] == "numpy"
-                  else leaves_lib.restore(meta, read, None, to_device) for meta, read in zip(metas, reads)]
+        values = [read if type(read) is array and kind == "numpy" else value(i, None)
+                  for i, (kind, read) in enumerate(zip(table.type, reads))]
         return tree_lib.unflatten(saved_node, iter(to_device.run()(values)))
     abstract_node, abstract_leaves, pairs, order = plan
     subtrees = []
     if pairs is None:
-        received = (metas, reads) if order is None else ([metas[i] for i in order], [reads[i] for i in order])
+        kinds, received = table.type, (reads if order is None else [reads[i] for i in order])
+        order = range(len(reads)) if order is None else order
         shaped, put = getattr(sys.modules.get("jax"), "ShapeDtypeStruct", None), to_device.jax
         out = [leaf if leaf is skip
                else read.astype(leaf.dtype, copy=False) if type(read) is array and type(leaf) is array
                else put(read.astype(leaf.dtype, copy=False), None)
-               if type(read) is array and type(leaf) is shaped and leaf.sharding is None and meta["type"] == "jax"
+               if type(read) is array and type(leaf) is shaped and leaf.sharding is None and kinds[i] == "jax"
                and isinstance(leaf.dtype, np.dtype)
-               else leaves_lib.restore(meta, read, None if isinstance(leaf, LeafMetadata) else leaf, to_device)
-               for (_, leaf), meta, read in zip(abstract_leaves, *received)]
+               else value(i, None if isinstance(leaf, LeafMetadata) else leaf)
+               for (_, leaf), i, read in zip(abstract_leaves, order, received)]
     else:
         out = []
         for path, leaf, idx in pairs:

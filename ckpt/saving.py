@@ -547,30 +547,36 @@ class StepWriter:
                       "zarr_json_crc32": self.packed_zarr_json_crc32, "chunk_sum64": self.packed_sums}
         structures = ({name: entries.structure(tree) for name, tree in plan.structures.items()} if plan.layout is None
                       else plan.layout.structure_texts)
-        return entries.tree_json(structures, self._leaf_entries(), None if self.custom is None else self.custom.records,
+        return entries.tree_json(structures, self._leaf_tables(), None if self.custom is None else self.custom.records,
                                  packed)
 
-    def _leaf_entries(self) -> dict[str, list[str]]:
-        """Each checkpointable's leaf entries in tree.json, as text: a reused plan's packed ones from the
-        layout's templates."""
-        plan, crcs = self.plan, self.packed_crcs
+    def _leaf_tables(self) -> dict[str, str]:
+        """Each checkpointable's leaf table in tree.json, as text: a reused plan's from the texts of its
+        layout's rows, those of the leaves not packed made anew."""
+        plan, crcs = self.plan, list(map(str, self.packed_crcs))
         if plan.values is None:
-            packed = plan.packed
-            packed_texts = dict(zip(map(id, packed), entries.filled(entries.templates(
-                [keystr(leaf.path) for leaf in packed], [leaf.host.meta for leaf in packed],
-                [leaf.offset for leaf in packed], [leaf.nbytes for leaf in packed]), crcs)))
-            return {name: [packed_texts[id(leaf)] if leaf.location == "packed" else entries.entry(keystr(leaf.path), leaf.host.meta)
-                           for leaf in row] for name, row in plan.leaves.items()}
+            crc_of = dict(zip(map(id, plan.packed), crcs))
+            return {name: entries.table(
+                entries.rows(tree_lib.keystrs([leaf.path for leaf in row]), [leaf.host.meta for leaf in row],
+                             [(leaf.offset, leaf.nbytes) if leaf.location == "packed" else None for leaf in row]),
+                [crc_of.get(id(leaf), entries.NULL) for leaf in row]) for name, row in plan.leaves.items()}
         layout = plan.layout
-        texts: list[str] = [""] * len(layout.paths)
-        paths = layout.path_strings
-        for i, text in zip(layout.packed_order, entries.filled(layout.templates, crcs)):
-            texts[i] = text
-        for i, leaf in plan.unpacked.items():
-            texts[i] = entries.entry(paths[i], leaf.host.meta)
+        texts, crc_texts = layout.rows, [entries.NULL] * len(layout.paths)
+        for i, crc in zip(layout.packed_order, crcs):
+            crc_texts[i] = crc
+        if plan.unpacked:
+            texts = {column: list(values) for column, values in texts.items()}
+            fresh = entries.rows([layout.path_strings[i] for i in plan.unpacked],
+                                 [leaf.host.meta for leaf in plan.unpacked.values()], [None] * len(plan.unpacked))
+            for column, values in fresh.items():
+                for i, text in zip(plan.unpacked, values):
+                    texts[column][i] = text
         out, start = {}, 0
         for name, count in zip(layout.names, layout.counts):
-            out[name], start = texts[start: start + count], start + count
+            stop = start + count
+            out[name] = entries.table({column: values[start: stop] for column, values in texts.items()},
+                                      crc_texts[start: stop])
+            start = stop
         return out
 
     def write_manifest(self, step: int | None, extra: dict | None = None) -> None:

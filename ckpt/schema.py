@@ -20,7 +20,10 @@ Example::
 """
 from __future__ import annotations
 
+import itertools
 import json
+import math
+import operator
 import os
 import reprlib
 from pathlib import Path
@@ -32,8 +35,10 @@ from ckpt import format as fmt
 from ckpt import leaves as leaves_lib
 from ckpt import storage
 from ckpt.errors import CheckpointCorruptedError, InvalidLayoutError
+from ckpt.leaf_table import COLUMNS, FIELDS, LeafTable
 
 _INLINE = {"int": (int,), "float": (float, int), "bool": (bool,), "str": (str,), "none": (type(None),)}
+_INLINE_KEYS = {"path", "type", "value"}  # an inline leaf's entry, as a save writes it
 _NON_FINITE = ("nan", "inf", "-inf")
 _ARRAY_TYPES = frozenset({"numpy", "np_scalar", "jax", "jax_key", "torch", "bytes"})
 _SHAPED_TYPES = frozenset({"np_scalar", "jax_key", "bytes"})
@@ -50,6 +55,8 @@ _GRID_KEYS, _GRID_CONFIG_KEYS = {"name", "configuration"}, {"chunk_shape"}  # a 
 _MAX_NDIM = 32
 _MAX_ARRAY_BYTES = 1 << 62  # numpy cannot address more; the files on disk bound what is read
 _MAX_TIMESTAMP = 1 << 63    # nanoseconds: the year 2262
+_COLUMNS = frozenset(COLUMNS)
+_LIST, _INT, _PAIR = {list}, {int}, {2}
 _REPR = reprlib.Repr()      # a field in a message: escaped, short, and safe at any depth of nesting
 _REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlist, _REPR.maxdict = 3, 60, 60, 6, 4
 
@@ -107,9 +114,10 @@ def parse_manifest(step_dir: storage.Location, data: bytes) -> dict:
         raise CheckpointCorruptedError(f"{path} does not match its own checksum (manifest_crc32): the file is damaged",
                                        path=step_dir)
     version = manifest.get("version")
-    if type(version) is not int or version != fmt.FORMAT_VERSION:
+    if type(version) is not int or version not in fmt.READ_VERSIONS:
         raise CheckpointCorruptedError(
-            f"{path} has format version {version!r}; this ckpt reads version {fmt.FORMAT_VERSION}", path=step_dir)
+            f"{path} has format version {_short(version)}; this ckpt reads versions "
+            f"{', '.join(map(str, fmt.READ_VERSIONS))}", path=step_dir)
     try:
         _check_manifest(manifest)
     except _Invalid as e:
@@ -136,7 +144,7 @@ def read_tree(step_dir: storage.Location, manifest: dict) -> dict:
                                        path=step_dir)
     doc = _parse(step_dir, path, data)
     try:
-        _check_tree(doc, manifest["checkpointables"])
+        _check_tree(doc, manifest["checkpointables"], manifest["version"])
     except _Invalid as e:
         leaves = (f"leaf {e.where[0]}: " if len(e.where) == 1 else
                   f"leaves {', '.join(e.where[:5])}{' ...' if len(e.where) > 5 else ''}: " if e.where else "")
@@ -187,7 +195,7 @@ def _check_manifest(manifest: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- tree
-def _check_tree(doc: Any, names: list[str]) -> None:
+def _check_tree(doc: Any, names: list[str], version: int) -> None:
     trees = doc.get("checkpointables") if type(doc) is dict else None
     if type(trees) is not dict or sorted(trees) != sorted(names):
         raise _Invalid(f"its checkpointables are not the manifest's {names!r}")
@@ -195,13 +203,10 @@ def _check_tree(doc: Any, names: list[str]) -> None:
     packed_end, packed_bytes = -1, 0  # the end of the last packed leaf's bytes (-1: none), and the bytes
     # the packed leaves take one after another (each padded to the alignment, as a save packs them)
     for name, tree in trees.items():
-        leaves = tree.get("leaves") if type(tree) is dict else None
-        if type(leaves) is not list:
-            raise _Invalid(f"checkpointable {name!r} has no list of 'leaves'")
-        count = _count_leaves(tree.get("tree"), name)
-        if count != len(leaves):
-            raise _Invalid(f"checkpointable {name!r}: its tree has {count} leaves, 'leaves' lists {len(leaves)}")
-        packed_end, packed_bytes = _check_leaves(name, leaves, packed_end, packed_bytes)
+        if type(tree) is not dict:
+            raise _Invalid(f"checkpointable {name!r} is not an object of 'tree' and 'leaves'")
+        table = tree["leaves"] = _table(name, tree.get("leaves"), _count_leaves(tree.get("tree"), name), version)
+        packed_end, packed_bytes = _check_leaves(name, table, packed_end, packed_bytes)
     packed = doc.get("packed")
     if packed is not None or packed_end >= 0:
         try:
@@ -256,30 +261,103 @@ def _check_handled(handled: Any, trees: dict) -> None:
             raise _Invalid(f"'handled': {name!r} is also a tree")
 
 
-def _check_leaves(name: str, leaves: list, packed_end: int, packed_bytes: int) -> tuple[int, int]:
+def _table(name: str, leaves: Any, count: int, version: int) -> LeafTable:
+    """Checkpointable ``name``'s leaf entries (``leaves`` as tree.json of format ``version`` holds them:
+    a list of objects in version 1, a table of columns in version 2) as a table of ``count`` rows, each
+    entry a dict holding a 'path' string; the fields themselves are checked by :func:`_check_leaves`."""
+    if version == 1:
+        if type(leaves) is not list:
+            raise _Invalid(f"checkpointable {name!r} has no list of 'leaves'")
+        if count != len(leaves):
+            raise _Invalid(f"checkpointable {name!r}: its tree has {count} leaves, 'leaves' lists {len(leaves)}")
+        for meta in leaves:
+            if type(meta) is not dict or type(meta.get("path")) is not str:
+                _check_leaf(name, meta)  # raises
+        return LeafTable.of_entries(leaves)
+    if type(leaves) is not dict or leaves.keys() != _COLUMNS or any(type(c) is not list for c in leaves.values()):
+        raise _Invalid(f"checkpointable {name!r}: 'leaves' is not a table of the columns {', '.join(COLUMNS)}")
+    lengths = sorted(set(map(len, leaves.values())))
+    if lengths != [count]:
+        raise _Invalid(f"checkpointable {name!r}: its tree has {count} leaves, the columns of 'leaves' have "
+                       f"{' or '.join(map(str, lengths))}")
+    paths, more = leaves["path"], leaves["more"]
+    if set(map(type, paths)) - {str}:
+        i = next(i for i, path in enumerate(paths) if type(path) is not str)
+        raise _Invalid(f"checkpointable {name!r}: leaf {i}'s 'path' {_short(paths[i])} is not a string")
+    if more.count(None) != count:
+        for path, fields in zip(paths, more):
+            if fields is not None and (type(fields) is not dict or not fields or not fields.keys().isdisjoint(FIELDS)):
+                raise _Invalid(f"'more' {_short(fields)} is not an object of fields other than {', '.join(FIELDS)}",
+                               name + path)
+    return LeafTable(leaves)
+
+
+def _check_leaves(name: str, table: LeafTable, packed_end: int, packed_bytes: int) -> tuple[int, int]:
     """Checks the leaf entries of checkpointable ``name``; returns ``packed_end`` and ``packed_bytes``
     (see :func:`_check_tree`) carried on over its packed leaves. Every load runs this for every leaf:
-    the usual entry, a packed array of a dtype met before, is checked here with the fewest lookups;
-    any other by :func:`_check_leaf`, which says what is wrong."""
-    plain, dtypes, nbytes_of, align, u32 = _PLAIN_ARRAY_TYPES, _DTYPES, _nbytes, fmt.ALIGN, _U32
-    for meta in leaves:
-        end = None
-        try:
-            if meta["type"] in plain and type(meta["path"]) is str and "array" not in meta:
-                span, crc = meta["packed"], meta["crc32"]
-                nbytes = nbytes_of(meta["shape"], dtypes[meta["dtype"]].itemsize)
-                if (type(span) is list and len(span) == 2 and type(span[0]) is int and span[0] >= 0
-                        and not span[0] % align and type(span[1]) is int and span[1] == nbytes >= 0
-                        and type(crc) is int and 0 <= crc < u32):
-                    end = span[0] + nbytes
-        except (TypeError, KeyError):  # not a dict, a field missing or unhashable
-            pass
-        if end is None:
-            end = _check_leaf(name, meta)
+    the usual entries, packed arrays of plain types, are checked column by column in a few passes in C
+    (:func:`_screen`); the others, and all of them when the screen does not pass, one by one by
+    :func:`_check_leaf`, which says what is wrong."""
+    plain = _plain_rows(table)
+    screened = _screen(name, table, plain) if plain else (-1, 0)
+    rest = range(len(table)) if screened is None else () if len(plain) == len(table) else \
+        sorted(set(range(len(table))) - set(plain))
+    if screened is not None:
+        packed_end, packed_bytes = max(packed_end, screened[0]), packed_bytes + screened[1]
+    for i in rest:
+        meta = table[i]
+        end = _check_leaf(name, meta)
         if end >= 0:
             packed_end = end if end > packed_end else packed_end
-            packed_bytes += -(-meta["packed"][1] // align) * align
+            packed_bytes += -(-meta["packed"][1] // fmt.ALIGN) * fmt.ALIGN
     return packed_end, packed_bytes
+
+
+def _plain_rows(table: LeafTable) -> list[int]:
+    """The rows of the usual entries: packed arrays of a plain type (numpy, jax, torch), no other field."""
+    count = len(table)
+    if table.more.count(None) == count and table.packed.count(None) == 0:
+        try:
+            if set(table.type) <= _PLAIN_ARRAY_TYPES:
+                return list(range(count))
+        except TypeError:  # an unhashable type
+            pass
+    return [i for i, (kind, span, more) in enumerate(zip(table.type, table.packed, table.more))
+            if more is None and span is not None and type(kind) is str and kind in _PLAIN_ARRAY_TYPES]
+
+
+def _screen(name: str, table: LeafTable, rows: list[int]) -> tuple[int, int] | None:
+    """The end of the packed bytes of the entries ``rows`` (see :func:`_plain_rows`) and the bytes they
+    take aligned, when every field of each is what :func:`_check_leaf` accepts; None when one may not be."""
+    columns = (table.path, table.dtype, table.shape, table.packed, table.crc32)
+    if len(rows) != len(table):
+        pick = operator.itemgetter(*rows)
+        columns = tuple(list(pick(column)) if len(rows) > 1 else [pick(column)] for column in columns)
+    paths, dtypes, shapes, spans, crcs = columns
+    try:
+        names = set(dtypes)
+    except TypeError:
+        return None
+    for dtype_name in names - _DTYPES.keys():
+        _dtype(dtype_name, name + paths[dtypes.index(dtype_name)])  # raises unless it is one ckpt writes
+    if (set(map(type, shapes)) != _LIST or max(map(len, shapes)) > _MAX_NDIM or set(map(type, spans)) != _LIST
+            or set(map(len, spans)) != _PAIR):
+        return None
+    dims = list(itertools.chain.from_iterable(shapes))
+    offsets, sizes = zip(*spans)
+    if (set(map(type, itertools.chain(dims, offsets, sizes, crcs))) != _INT
+            or min(itertools.chain(dims, offsets, crcs)) < 0 or max(crcs) >= _U32):
+        return None
+    itemsizes = {dtype_name: _DTYPES[dtype_name].itemsize for dtype_name in names}
+    counts = list(map(math.prod, shapes))
+    nbytes = (list(map(itemsizes[dtypes[0]].__mul__, counts)) if len(itemsizes) == 1
+              else list(map(operator.mul, counts, map(itemsizes.__getitem__, dtypes))))
+    bounds = nbytes if 0 not in dims else [  # (as _nbytes bounds them: a zero dimension counted as 1)
+        math.prod([dim or 1 for dim in shape]) * itemsizes[dtype] for shape, dtype in zip(shapes, dtypes)]
+    align = fmt.ALIGN
+    if max(bounds) > _MAX_ARRAY_BYTES or list(sizes) != nbytes or any(map(align.__rmod__, offsets)):
+        return None
+    return max(map(operator.add, offsets, sizes)), sum(sizes) + sum(map(align.__rmod__, map(operator.neg, sizes)))
 
 
 def _check_leaf(name: str, meta: Any) -> int:
@@ -289,8 +367,9 @@ def _check_leaf(name: str, meta: Any) -> int:
     kind = meta.get("type")
     inline = _INLINE.get(kind) if type(kind) is str else None
     if inline is not None:
-        if "value" not in meta:
-            raise _Invalid(f"it is a {kind} leaf without a 'value'", name + meta["path"])
+        if meta.keys() != _INLINE_KEYS:
+            raise _Invalid(f"it is a {kind} leaf with the fields {sorted(meta)}, not just 'path', 'type' and 'value'",
+                           name + meta["path"])
         value = meta["value"]
         if type(value) not in inline and not (kind == "float" and value in _NON_FINITE):
             raise _Invalid(f"its value {_short(value)} is not a {kind}", name + meta["path"])
@@ -309,8 +388,9 @@ def _check_leaf(name: str, meta: Any) -> int:
         _check_shaped(meta, kind, dtype, shape, name + meta["path"])
     span = meta.get("packed")
     if span is None:
-        if "array" not in meta:
-            raise _Invalid("it has neither 'packed' nor 'array': its bytes are nowhere", name + meta["path"])
+        if "array" not in meta or "crc32" in meta:
+            raise _Invalid("it has neither 'packed' nor 'array' (with no 'crc32'): its bytes are nowhere",
+                           name + meta["path"])
         _check_array(meta, dtype, shape, nbytes, name + meta["path"])
         return -1
     crc = meta.get("crc32")

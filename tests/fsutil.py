@@ -14,6 +14,7 @@ from typing import Callable, Iterator
 import pytest
 
 from ckpt import format as fmt
+from ckpt.leaf_table import LeafTable
 from ckpt.objectstore import ObjectPath
 
 
@@ -83,11 +84,32 @@ def flip(path: Path | ObjectPath, offset: int | None = None) -> None:
     path.write_bytes(bytes(data))
 
 
+def tree_doc(step_dir: Path | ObjectPath) -> dict:
+    """A step's tree.json, each checkpointable's leaf table given as one entry (a dict) per leaf."""
+    doc = json.loads((step_dir / fmt.TREE).read_bytes())
+    for tree in doc["checkpointables"].values():
+        if isinstance(tree["leaves"], dict):  # (format version 1 holds a list of entries)
+            tree["leaves"] = list(LeafTable(tree["leaves"]))
+    return doc
+
+
 def rewrite_tree(step_dir: Path | ObjectPath, mutate: Callable[[dict], None]) -> None:
-    """Changes a step's tree.json and makes every checksum agree again, as a deliberate forger would."""
-    tree = json.loads((step_dir / fmt.TREE).read_bytes())
-    mutate(tree)
-    write_tree(step_dir, json.dumps(tree).encode())
+    """Changes a step's tree.json (``mutate`` gets it as :func:`tree_doc` gives it, one entry per leaf;
+    a list of entries left in it is written back as a table) and makes every checksum agree again, as a
+    deliberate forger would."""
+    doc = tree_doc(step_dir)
+    mutate(doc)
+    for tree in doc["checkpointables"].values() if isinstance(doc.get("checkpointables"), dict) else ():
+        leaves = tree.get("leaves") if isinstance(tree, dict) else None
+        if isinstance(leaves, list) and all(isinstance(entry, dict) for entry in leaves):
+            tree["leaves"] = LeafTable.of_entries(leaves).columns()
+    write_tree(step_dir, json.dumps(doc).encode())
+
+
+def as_version_1(step_dir: Path | ObjectPath) -> None:
+    """Rewrites a step as format version 1 wrote it: each leaf table a list of one entry per leaf."""
+    write_tree(step_dir, json.dumps(tree_doc(step_dir)).encode())
+    rewrite_manifest(step_dir, lambda manifest: manifest.update(version=1))
 
 
 def write_tree(step_dir: Path | ObjectPath, data: bytes) -> None:

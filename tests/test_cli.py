@@ -17,6 +17,7 @@ from ckpt import cli, progress
 from ckpt import format as fmt
 from ckpt.objectstore import ObjectPath
 from ckpt.verify import verify_step
+from tests.fsutil import tree_doc
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
@@ -33,8 +34,7 @@ def flip_byte(path: Path, offset: int = 100) -> None:
 
 
 def leaf_entry(step_dir: Path | ObjectPath, key_path: str, name: str = "state") -> dict:
-    tree = json.loads((step_dir / fmt.TREE).read_bytes())
-    return next(m for m in tree["checkpointables"][name]["leaves"] if m["path"] == key_path)
+    return next(m for m in tree_doc(step_dir)["checkpointables"][name]["leaves"] if m["path"] == key_path)
 
 
 @pytest.fixture

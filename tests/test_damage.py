@@ -8,7 +8,6 @@ dtypes) are refused, and loading never runs pickle or eval.
 from __future__ import annotations
 
 import builtins
-import json
 import logging
 import marshal
 import os
@@ -24,7 +23,7 @@ from ckpt import errors
 from ckpt import format as fmt
 from ckpt.training import Checkpointer
 from ckpt.verify import verify_step
-from tests.fsutil import flip, rewrite_tree, without_word_sums
+from tests.fsutil import flip, rewrite_tree, tree_doc, without_word_sums
 
 STATE = {"big": np.arange(140_000, dtype=np.float64), "s": np.arange(3.0), "t": np.arange(5), "n": 7}
 BIG, SMALL_LEAVES = "state['big']", ("state['s']", "state['t']")
@@ -40,7 +39,7 @@ def root(tmp_path) -> Path:
 
 
 def packed_offset(step_dir: Path, key_path: str) -> int:
-    leaves = json.loads((step_dir / fmt.TREE).read_bytes())["checkpointables"]["state"]["leaves"]
+    leaves = tree_doc(step_dir)["checkpointables"]["state"]["leaves"]
     return next(leaf["packed"][0] for leaf in leaves if leaf["path"] == key_path.removeprefix("state"))
 
 
@@ -97,7 +96,7 @@ def test_a_damaged_packed_chunk_names_the_leaves_it_holds_and_leaves_elsewhere_s
     state = {f"l{i}": np.full(250_000, i, np.float32) for i in range(6)}
     with Checkpointer(tmp_path) as ckptr:
         ckptr.save(0, state, force=True)
-    leaves = json.loads((tmp_path / "0" / fmt.TREE).read_bytes())["checkpointables"]["state"]["leaves"]
+    leaves = tree_doc(tmp_path / "0")["checkpointables"]["state"]["leaves"]
     ranges = {leaf["path"]: leaf["packed"] for leaf in leaves}
     chunk = fmt.PACKED_CHUNK_BYTES
     in_second = {p for p, (offset, nbytes) in ranges.items() if offset + nbytes > chunk}
@@ -120,7 +119,7 @@ def test_a_partial_load_ignores_a_damaged_packed_chunk_between_the_leaves_it_loa
     state = {f"l{i:02d}": np.full(250_000, i, np.float32) for i in range(12)}
     with Checkpointer(tmp_path) as ckptr:
         ckptr.save(0, state, force=True)
-    leaves = json.loads((tmp_path / "0" / fmt.TREE).read_bytes())["checkpointables"]["state"]["leaves"]
+    leaves = tree_doc(tmp_path / "0")["checkpointables"]["state"]["leaves"]
     chunk = fmt.PACKED_CHUNK_BYTES
     ranges = {leaf["path"].strip("[']"): leaf["packed"] for leaf in leaves}
     assert ranges["l00"][0] + ranges["l00"][1] <= chunk and ranges["l11"][0] >= 2 * chunk

@@ -2,6 +2,7 @@
 renamed atomically; a JSON manifest with checksums; array data that plain tensorstore can read."""
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import re
@@ -19,8 +20,11 @@ import tensorstore as ts
 import ckpt
 from ckpt import format as fmt
 from ckpt import storage
+from ckpt import tree as tree_lib
 from ckpt.training import Checkpointer
+from ckpt.verify import verify_step
 from tests import procs
+from tests.fsutil import as_version_1, flip, tree_doc
 
 LARGE = (1 << 20) // 4 + 1  # float32 elements: over the packing threshold
 
@@ -65,7 +69,7 @@ def test_tree_json_describes_every_leaf_with_dtype_shape_location_and_checksum(t
     ckpt.save(tmp_path / "c", {"big": np.ones(LARGE, np.float32), "small": np.arange(3, dtype=np.int16),
                                "bf": np.ones((2, 2), ml_dtypes.bfloat16), "n": 5, "s": "hi"})
     doc = json.loads((tmp_path / "c" / "tree.json").read_bytes())
-    leaves = {leaf["path"]: leaf for leaf in doc["checkpointables"]["state"]["leaves"]}
+    leaves = {leaf["path"]: leaf for leaf in entries(doc["checkpointables"]["state"]["leaves"])}
     assert leaves["['big']"]["dtype"] == "float32" and leaves["['big']"]["shape"] == [LARGE]
     big = leaves["['big']"]
     assert big["array"]["metadata"]["codecs"] == [{"name": "bytes", "configuration": {"endian": "little"}}]
@@ -79,7 +83,45 @@ def test_tree_json_describes_every_leaf_with_dtype_shape_location_and_checksum(t
     assert doc["checkpointables"]["state"]["tree"]["t"] == "dict"
 
 
+def test_a_step_of_format_version_1_is_listed_loaded_verified_and_checked_as_before(tmp_path):
+    """Steps saved before format version 2 (each leaf entry one object) are read as they were."""
+    state = {"big": np.arange(LARGE, dtype=np.float32), "small": np.arange(3, dtype=np.int16), "n": 5, "s": "hi",
+             "z": np.float32(2.0), "nested": {"a": np.ones((2, 3)), "e": np.zeros((0, 4))}, "none": None}
+    with Checkpointer(tmp_path / "run") as ckptr:
+        ckptr.save(1, state)
+        ckptr.save(2, state)
+    old = tmp_path / "run" / "1"
+    as_version_1(old)
+    assert json.loads((old / fmt.MANIFEST).read_bytes())["version"] == 1
+    assert type(json.loads((old / fmt.TREE).read_bytes())["checkpointables"]["state"]["leaves"]) is list
+    with Checkpointer(tmp_path / "run") as ckptr:
+        assert [c.step for c in ckptr.checkpoints] == [1, 2]
+        for abstract in (None, state):
+            got, want = tree_lib.flatten(ckptr.load(1, abstract))[1], tree_lib.flatten(ckptr.load(2, abstract))[1]
+            assert [path for path, _ in got] == [path for path, _ in want]
+            for (path, a), (_, b) in zip(got, want):
+                assert type(a) is type(b) and (np.array_equal(a, b) if isinstance(a, np.ndarray) else a == b), path
+        assert str(ckptr.metadata(1).metadata) == str(ckptr.metadata(2).metadata)
+    assert verify_step(old).ok
+    offset = next(leaf["packed"][0] for leaf in tree_doc(old)["checkpointables"]["state"]["leaves"]
+                  if leaf["path"] == "['small']")
+    flip(old / fmt.PACKED / "c" / "0", offset)
+    with pytest.raises(ckpt.errors.CheckpointCorruptedError, match=re.escape("state['small']")):
+        ckpt.load(old)
+    assert [d.where for d in verify_step(old).damaged] == ["state['small']"]
+
+
 # ------------------------------------------------------------------- readable without ckpt
+def entries(table: dict) -> list[dict]:
+    """The leaf table of tree.json as one dict per leaf, as docs/format.md reads it."""
+    leaves = []
+    for row in zip(*table.values()):
+        fields = dict(zip(table, row))
+        more = fields.pop("more") or {}
+        leaves.append({**{key: value for key, value in fields.items() if value is not None}, **more})
+    return leaves
+
+
 def read_with_tensorstore(step_dir: Path, name: str = "state") -> dict[str, object]:
     """Every leaf of a step read with tensorstore, json and numpy only, following tree.json."""
     doc = json.loads((step_dir / "tree.json").read_bytes())
@@ -92,7 +134,7 @@ def read_with_tensorstore(step_dir: Path, name: str = "state") -> dict[str, obje
 
     packed = ts.open(absolute(doc["packed"]["spec"])).result().read().result() if "packed" in doc else None
     out = {}
-    for leaf in doc["checkpointables"][name]["leaves"]:
+    for leaf in entries(doc["checkpointables"][name]["leaves"]):
         if "value" in leaf:
             out[leaf["path"]] = leaf["value"]
         elif "array" in leaf:
@@ -142,9 +184,10 @@ def test_a_reader_without_ckpt_installed_reads_the_arrays(tmp_path):
 import sys
 sys.modules["ckpt"] = None  # importing ckpt now fails
 import json, numpy as np, tensorstore as ts
+{inspect.getsource(entries)}
 step = {str(tmp_path / 'c')!r}
 doc = json.load(open(step + "/tree.json"))
-leaves = {{leaf["path"]: leaf for leaf in doc["checkpointables"]["state"]["leaves"]}}
+leaves = {{leaf["path"]: leaf for leaf in entries(doc["checkpointables"]["state"]["leaves"])}}
 spec = leaves["['w']"]["array"]
 spec["kvstore"]["path"] = step + "/" + spec["kvstore"]["path"]
 w = ts.open(spec).result().read().result()

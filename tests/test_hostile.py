@@ -172,10 +172,7 @@ def outside_manifest(step: Path, outside: Path) -> None:
 
 def outside_tree(step: Path, outside: Path) -> None:
     """tree.json a link to a tree outside (the manifest resealed over it) whose inline leaf is SENTINEL."""
-    tree = json.loads((step / fmt.TREE).read_bytes())
-    leaf(tree, "['n']").update(type="str", value=SENTINEL.decode())
-    data = json.dumps(tree).encode()
-    write_tree(step, data)
+    rewrite_tree(step, lambda tree: leaf(tree, "['n']").update(type="str", value=SENTINEL.decode()))
     shutil.move(step / fmt.TREE, outside / fmt.TREE)
     os.symlink(outside / fmt.TREE, step / fmt.TREE)
 

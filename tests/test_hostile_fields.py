@@ -5,11 +5,12 @@ test_hostile.py forges what an attacker would aim at, by hand. This sweep forges
 position of a JSON file of a sound step gets each of ``VALUES`` (wrong types, negative and huge numbers,
 NaN, empty and nested containers, names ckpt itself uses), is deleted, is duplicated (in a list), or
 gains a member (in an object); for a ckpt step every checksum is then recomputed, as a forger would.
-The files: a ckpt step's tree.json and manifest.json (a state with packed, large, inline, 0-d, bytes
-and nested leaves), and the JSON files of Orbax steps in two layouts (OCDBT and zarr3; one directory
-per array in zarr v2: one ``.zarray`` of them), which no checksum seals. Each forgery is read by ``ckpt.load`` (for a ckpt step
-also into the abstract tree), ``ckpt.metadata``, ``verify_step`` and ``ckpt show``, all in one child
-forked from a clean interpreter, under a memory cap and a time limit per forgery.
+The files: a ckpt step's tree.json (in format versions 2 and 1) and manifest.json (a state with packed,
+large, inline, 0-d, bytes and nested leaves), and the JSON files of Orbax steps in two layouts (OCDBT and
+zarr3; one directory per array in zarr v2: one ``.zarray`` of them), which no checksum seals. Each
+forgery is read by ``ckpt.load`` (for a ckpt step also into the abstract tree), ``ckpt.metadata``,
+``verify_step`` and ``ckpt show``, all in one child forked from a clean interpreter, under a memory cap
+and a time limit per forgery.
 
 What must hold for each: every outcome is success or a ckpt error whose message names the step. For a
 ckpt step also: a step that ``verify`` passes loads and its metadata reads, and a load that finds damage
@@ -39,7 +40,7 @@ from ckpt import cli, errors
 from ckpt import format as fmt
 from ckpt.verify import verify_step
 from tests import procs
-from tests.fsutil import seal_manifest, write_tree
+from tests.fsutil import as_version_1, rewrite_tree, seal_manifest, write_tree
 
 Point = collections.namedtuple("Point", "x y")
 STATE = {"big": np.arange(140_000, dtype=np.float64), "s": np.arange(3.0, dtype=np.float32), "t": np.arange(5),
@@ -191,10 +192,14 @@ def run_sweep(sound: Path, files: list[str], name: str | None) -> tuple[int, lis
     return count, problems
 
 
-@pytest.mark.parametrize("file, least", [(fmt.TREE, 5000), (fmt.MANIFEST, 250)])
+@pytest.mark.parametrize("file, version, least", [(fmt.TREE, fmt.FORMAT_VERSION, 5000), (fmt.TREE, 1, 5000),
+                                                  (fmt.MANIFEST, fmt.FORMAT_VERSION, 250)])
 def test_every_field_of_a_ckpt_step_forged_is_refused_with_a_ckpt_error_or_read_and_verify_is_as_strict_as_a_load(
-        tmp_path, file, least):
+        tmp_path, file, version, least):
+    """Format version 1 too (a leaf table as one object per leaf), which steps saved before still hold."""
     ckpt.save(tmp_path / "sound", STATE)
+    if version == 1:
+        as_version_1(tmp_path / "sound")
     count, problems = run_sweep(tmp_path / "sound", [file], None)
     assert count >= least, f"only {count} forgeries of {file}"
     assert not problems, f"{len(problems)} of {count} forgeries of {file}:\n  " + "\n  ".join(problems[:20])
@@ -229,9 +234,8 @@ def test_a_forged_prng_key_is_refused_naming_its_leaf(tmp_path, forge, why):
     jax = pytest.importorskip("jax")
     step = tmp_path / "step"
     ckpt.save(step, {"rng": jax.random.key(0), "w": np.ones(3)})
-    tree = json.loads((step / fmt.TREE).read_bytes())
-    forge(next(m for m in tree["checkpointables"]["state"]["leaves"] if m["path"] == "['rng']"))
-    write_tree(step, json.dumps(tree).encode())
+    rewrite_tree(step, lambda tree: forge(next(m for m in tree["checkpointables"]["state"]["leaves"]
+                                               if m["path"] == "['rng']")))
     with pytest.raises(errors.CheckpointCorruptedError, match=why) as caught:
         ckpt.load(step)
     assert str(step) in str(caught.value) and caught.value.key_paths == ("state['rng']",)

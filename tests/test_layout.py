@@ -11,6 +11,7 @@ import pytest
 import ckpt
 from ckpt import format as fmt
 from ckpt import entries, packing, saving, verify
+from ckpt.leaf_table import LeafTable
 
 torch = pytest.importorskip("torch")
 jax = pytest.importorskip("jax")
@@ -210,10 +211,16 @@ def test_sync_saves_of_a_reused_layout_fill_each_chunk_as_a_fresh_plan_does(tmp_
     ("[5]", {"type": "jax", "dtype": "float32", "shape": [1], "sharding": {"mesh": [["d", 1]], "spec": [None]}}),
     ("[6]", {"type": "numpy", "dtype": "float32", "shape": [True, 2]}),
 ])
-def test_leaf_entries_are_what_json_dumps_writes(path, meta):
-    assert entries.entry(path, meta) == json.dumps({"path": path, **meta}, separators=(",", ":"))
-    (text,) = entries.filled(entries.templates([path], [meta], [64], [12]), [7])
-    assert json.loads(text) == {"path": path, **meta, "crc32": 7, "packed": [64, 12]}
+def test_leaf_tables_are_what_json_dumps_writes_and_each_row_is_the_entry(path, meta):
+    """A leaf's row, packed or not, is written as json.dumps writes the table, and reads back as its entry."""
+    for span, crc, entry in (((64, 12), "7", {"path": path, **meta, "packed": [64, 12], "crc32": 7}),
+                             (None, entries.NULL, {"path": path, **meta})):
+        text = entries.table(entries.rows([path], [meta], [span]), [crc])
+        columns = json.loads(text)
+        assert text == json.dumps(columns, separators=(",", ":"))
+        assert LeafTable(columns)[0] == entry
+        twice = json.loads(entries.table(entries.rows([path, path], [meta, meta], [span, span]), [crc, crc]))
+        assert LeafTable(twice)[1] == entry
 
 
 @pytest.mark.parametrize("chunk", [64, 100, 4096])

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import collections
-import json
 import math
 
 import ml_dtypes
@@ -11,6 +10,7 @@ import pytest
 
 import ckpt
 from ckpt import errors
+from tests.fsutil import tree_doc
 
 SMALL = 37                    # elements: packed with the other small leaves
 LARGE_BYTES = (1 << 20) + 8   # over the packing threshold: stored as its own zarr3 array
@@ -66,7 +66,7 @@ def test_every_numpy_dtype_round_trips_bit_exactly_with_and_without_abstract(tmp
 
 def _entry(step_dir, key_path: str) -> dict:
     """The manifest entry (tree.json) of one leaf of the ``state`` checkpointable."""
-    leaves = json.loads((step_dir / "tree.json").read_bytes())["checkpointables"]["state"]["leaves"]
+    leaves = tree_doc(step_dir)["checkpointables"]["state"]["leaves"]
     return next(leaf for leaf in leaves if leaf["path"] == key_path)
 
 
@@ -213,7 +213,7 @@ def test_packed_leaves_of_every_dtype_and_shape_are_read_in_place_of_one_packed_
     state = {f"{dtype}-{i}": random_array(dtype, math.prod(shape), seed=i).reshape(shape)
              for dtype in DTYPES for i, shape in enumerate([(), (SMALL,), (3, 5)])}
     ckpt.save(tmp_path / "c", state)
-    tree = json.loads((tmp_path / "c" / "tree.json").read_text())
+    tree = tree_doc(tmp_path / "c")
     assert all("packed" in leaf for leaf in tree["checkpointables"]["state"]["leaves"])
     for abstract in (None, state):
         loaded = ckpt.load(tmp_path / "c", abstract)

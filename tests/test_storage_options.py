@@ -14,6 +14,7 @@ import ckpt
 from ckpt import format as fmt
 from ckpt import saving, storage_options
 from ckpt.verify import verify_step
+from tests.fsutil import tree_doc
 
 ROWS = 1280  # rows of 512 float32: 2.5 MiB, a leaf stored as its own array (in bfloat16 as well)
 
@@ -34,7 +35,7 @@ def context(dtype=None, chunk_byte_size=None) -> ckpt.Context:
 
 
 def leaf_entry(step_dir, path: str) -> dict:
-    tree = json.loads((step_dir / fmt.TREE).read_text())
+    tree = tree_doc(step_dir)
     return next(leaf for leaf in tree["checkpointables"]["state"]["leaves"] if leaf["path"] == path)
 
 

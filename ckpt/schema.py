@@ -16,7 +16,7 @@ Example::
 
     manifest = read_manifest(step_dir)          # CheckpointCorruptedError if anything is wrong
     doc = read_tree(step_dir, manifest)
-    leaves = doc["checkpointables"]["state"]["leaves"]
+    leaves = doc["checkpointables"]["state"]["leaves"]   # a LeafTable: leaves.shape, leaves[0]["path"], ...
 """
 from __future__ import annotations
 
@@ -132,7 +132,8 @@ def _manifest_path(step_dir: storage.Location) -> storage.Location | str:
 
 def read_tree(step_dir: storage.Location, manifest: dict) -> dict:
     """The step's tree.json (``manifest`` from :func:`read_manifest`), checked against its CRC32 in
-    the manifest and validated: every leaf entry fits its array, its packed range and the tree.
+    the manifest and validated: every leaf entry fits its array, its packed range and the tree. Each
+    checkpointable's ``leaves`` is given as a :class:`ckpt.leaf_table.LeafTable` (of either format version).
 
     Raises:
       CheckpointCorruptedError: naming the step, tree.json, and the leaf when one is at fault.

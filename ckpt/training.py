@@ -441,6 +441,7 @@ class Checkpointer:
         final = self._directory / step_lib.checked_name(self._name_format, step)
         self.wait()
         root.check_target(final, storage.temporary_for(final), step=step, overwrite=overwrite)
+        self._barrier(f"save/{step}/checked")  # every process judges the step's names before any makes its temporary
         if self._processes.index == 0:
             self._take_directory()
         writer = saving.StepWriter(plan, storage.temporary_for(final), final,

@@ -2,9 +2,11 @@
 
 usage: jax_multiprocess_worker.py PORT PROCESS_ID DIR MODE   (MODE: save | resume | tiers)
 """
+import faulthandler
 import os
 import sys
 
+faulthandler.dump_traceback_later(90, exit=True)  # a hang ends with every thread's stack, not a silent timeout
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

@@ -73,7 +73,11 @@ def output(proc: subprocess.Popen, timeout: float = 60) -> str:
     lines = _lines(proc)
     deadline = time.monotonic() + timeout
     while True:
-        line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+        try:
+            line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            stop(proc)
+            raise AssertionError(f"the process did not exit within {timeout} s; output:\n{''.join(proc._seen)}") from None
         if line is None:
             proc.wait(timeout=max(0.0, deadline - time.monotonic()))
             return "".join(proc._seen)

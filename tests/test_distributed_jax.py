@@ -25,11 +25,9 @@ def run_job(directory: Path, mode: str, *, wait_for: str | None = None) -> list[
     try:
         if wait_for is not None:
             return [procs.wait_for_line(w, f"process {pid} {wait_for}", timeout=120) for pid, w in enumerate(workers)]
-        outs = []
-        for w in workers:
-            out = procs.output(w, timeout=120)
-            assert w.returncode == 0, out
-            outs.append(out)
+        outs = [procs.output(w, timeout=120) for w in workers]
+        assert all(w.returncode == 0 for w in workers), "\n".join(
+            f"process {pid} (exit code {w.returncode}):\n{out}" for pid, (w, out) in enumerate(zip(workers, outs)))
         return outs
     finally:
         for w in workers:

@@ -24,19 +24,24 @@ from __future__ import annotations
 
 from typing import Iterator
 
+import numpy as np
+
 FIELDS = ("path", "type", "dtype", "shape", "packed", "crc32")  # the columns of the usual fields
 COLUMNS = (*FIELDS, "more")
 
 
 class LeafTable:
     """The leaf entries of one checkpointable (see the module): ``path`` ... ``crc32`` and ``more`` are
-    its columns, lists of one element per leaf (None where a leaf lacks the field)."""
+    its columns, lists of one element per leaf (None where a leaf lacks the field). ``spans`` is the
+    ``packed`` column as an (n, 2) int64 array once :mod:`ckpt.schema` has checked that every leaf is
+    a packed array (else None): a load reads its leaves by it."""
 
-    __slots__ = (*COLUMNS, "_entries")
+    __slots__ = (*COLUMNS, "spans", "_entries")
 
     def __init__(self, columns: dict[str, list], entries: list[dict | None] | None = None):
         for name in COLUMNS:
             setattr(self, name, columns[name])
+        self.spans: np.ndarray | None = None
         self._entries: list[dict | None] = [None] * len(self.path) if entries is None else entries
 
     @classmethod

@@ -329,36 +329,58 @@ def _plain_rows(table: LeafTable) -> list[int]:
 
 def _screen(name: str, table: LeafTable, rows: list[int]) -> tuple[int, int] | None:
     """The end of the packed bytes of the entries ``rows`` (see :func:`_plain_rows`) and the bytes they
-    take aligned, when every field of each is what :func:`_check_leaf` accepts; None when one may not be."""
-    columns = (table.path, table.dtype, table.shape, table.packed, table.crc32)
+    take aligned, when every field of each is what :func:`_check_leaf` accepts; None when one may not be.
+    The fields are checked for their types in a few passes in C, then as numpy arrays; when ``rows``
+    are all of the table, its :attr:`LeafTable.spans` are set from them."""
+    columns = (table.dtype, table.shape, table.packed, table.crc32)
     if len(rows) != len(table):
         pick = operator.itemgetter(*rows)
         columns = tuple(list(pick(column)) if len(rows) > 1 else [pick(column)] for column in columns)
-    paths, dtypes, shapes, spans, crcs = columns
+    dtypes, shapes, spans, crcs = columns
     try:
         names = set(dtypes)
     except TypeError:
         return None
     for dtype_name in names - _DTYPES.keys():
-        _dtype(dtype_name, name + paths[dtypes.index(dtype_name)])  # raises unless it is one ckpt writes
-    if (set(map(type, shapes)) != _LIST or max(map(len, shapes)) > _MAX_NDIM or set(map(type, spans)) != _LIST
-            or set(map(len, spans)) != _PAIR):
+        _dtype(dtype_name, name + table.path[rows[dtypes.index(dtype_name)]])  # raises unless ckpt writes it
+    if set(map(type, shapes)) != _LIST:
         return None
-    dims = list(itertools.chain.from_iterable(shapes))
-    offsets, sizes = zip(*spans)
-    if (set(map(type, itertools.chain(dims, offsets, sizes, crcs))) != _INT
-            or min(itertools.chain(dims, offsets, crcs)) < 0 or max(crcs) >= _U32):
+    ndims = list(map(len, shapes))
+    try:  # (a span that is not a list has no len(), or holds something other than ints)
+        if set(map(len, spans)) != _PAIR:
+            return None
+    except TypeError:
+        return None
+    dims, flat = list(itertools.chain.from_iterable(shapes)), list(itertools.chain.from_iterable(spans))
+    if max(ndims) > _MAX_NDIM or set(map(type, itertools.chain(dims, flat, crcs))) != _INT:
+        return None
+    try:
+        pairs, crc, dim = np.array(flat, np.int64).reshape(-1, 2), np.array(crcs, np.int64), np.array(dims, np.int64)
+    except OverflowError:
+        return None
+    offsets, sizes = pairs[:, 0], pairs[:, 1]
+    if ((dim.size and dim.min() < 0) or offsets.min() < 0 or offsets.max() > _MAX_ARRAY_BYTES or crc.min() < 0
+            or crc.max() >= _U32):
         return None
     itemsizes = {dtype_name: _DTYPES[dtype_name].itemsize for dtype_name in names}
-    counts = list(map(math.prod, shapes))
-    nbytes = (list(map(itemsizes[dtypes[0]].__mul__, counts)) if len(itemsizes) == 1
-              else list(map(operator.mul, counts, map(itemsizes.__getitem__, dtypes))))
-    bounds = nbytes if 0 not in dims else [  # (as _nbytes bounds them: a zero dimension counted as 1)
-        math.prod([dim or 1 for dim in shape]) * itemsizes[dtype] for shape, dtype in zip(shapes, dtypes)]
-    align = fmt.ALIGN
-    if max(bounds) > _MAX_ARRAY_BYTES or list(sizes) != nbytes or any(map(align.__rmod__, offsets)):
+    itemsize = (next(iter(itemsizes.values())) if len(set(itemsizes.values())) == 1
+                else np.array(list(map(itemsizes.__getitem__, dtypes)), np.int64))
+    # Each shape's bytes, bounded as _nbytes bounds them (a zero dimension counted as 1) in floats, so
+    # that no product overflows; a bound near the limit is left to _check_leaf, which counts exactly.
+    bound, count = np.full(len(ndims), itemsize, np.float64), np.ones(len(ndims), np.int64)
+    ndim = np.array(ndims, np.int64)
+    first = np.cumsum(ndim) - ndim
+    for axis in range(max(ndims)):
+        has = ndim > axis
+        bound[has] *= np.maximum(dim[first[has] + axis], 1)
+        if bound.max() > _MAX_ARRAY_BYTES / 4:
+            return None
+        count[has] *= dim[first[has] + axis]
+    if (sizes != count * itemsize).any() or (offsets % fmt.ALIGN).any():
         return None
-    return max(map(operator.add, offsets, sizes)), sum(sizes) + sum(map(align.__rmod__, map(operator.neg, sizes)))
+    if len(rows) == len(table):
+        table.spans = pairs
+    return int((offsets + sizes).max()), int((-(-sizes // fmt.ALIGN) * fmt.ALIGN).sum())
 
 
 def _check_leaf(name: str, meta: Any) -> int:
@@ -468,8 +490,10 @@ def _check_packed(packed: Any, end: int, nbytes_packed: int) -> None:
         raise _Invalid(f"'packed': {e}") from None
     metadata, nbytes = spec.get("metadata"), packed.get("nbytes")
     if (type(metadata) is not dict or not set(metadata) <= _METADATA_KEYS or metadata.get("data_type") != "uint8"
-            or metadata.get("codecs") != _BYTES_CODEC or metadata.get("shape") != [nbytes] or not _is_count(nbytes)):
-        raise _Invalid(f"'packed' {_short(packed)} is not plain slabs of 'nbytes' uint8 bytes (the bytes codec alone)")
+            or metadata.get("codecs") != _BYTES_CODEC or metadata.get("shape") != [nbytes] or not _is_count(nbytes)
+            or nbytes > _MAX_ARRAY_BYTES):
+        raise _Invalid(f"'packed' {_short(packed)} is not plain slabs of 'nbytes' uint8 bytes (the bytes codec alone, "
+                       f"at most {_MAX_ARRAY_BYTES})")
     if nbytes != nbytes_packed or end > nbytes:
         raise _Invalid(f"'packed' has {nbytes} bytes; its leaves take {nbytes_packed} (aligned to {fmt.ALIGN}) and "
                        f"end at byte {end}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 import sys
 from typing import Any, Callable, Iterator
 
@@ -25,12 +26,13 @@ KeyPath = tuple[KeyEntry, ...]
 _PLAIN_LEAVES = {np.ndarray, int, float, bool, str, bytes, type(None)}
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class Node:
     """One container (or a leaf) of a flattened tree.
 
     ``kind`` is one of leaf, dict, list, tuple, namedtuple, pytree. ``rebuild`` turns child values
-    back into the container (absent for structures read from a manifest).
+    back into the container (absent for structures read from a manifest). Nodes compare by identity:
+    every leaf's node is :data:`LEAF`.
     """
 
     kind: str
@@ -172,7 +174,13 @@ def unflatten(node: Node, leaves: Iterator[Any]) -> Any:
     """Rebuilds a tree of ``node``'s structure from leaves taken in flatten order."""
     if node.kind == "leaf":
         return next(leaves)
-    values = [next(leaves) if child.kind == "leaf" else unflatten(child, leaves) for child in node.children]
+    children = node.children
+    if children.count(LEAF) == len(children):  # the usual node, its leaves taken at once
+        values = list(itertools.islice(leaves, len(children)))
+        if len(values) != len(children):
+            raise ValueError(f"{len(values)} leaves for a {node.kind} of {len(children)}")
+    else:
+        values = [next(leaves) if child.kind == "leaf" else unflatten(child, leaves) for child in children]
     if node.rebuild is not None:
         return node.rebuild(values)
     return _plain_container(node, values)

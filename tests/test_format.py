@@ -24,7 +24,7 @@ from ckpt import tree as tree_lib
 from ckpt.training import Checkpointer
 from ckpt.verify import verify_step
 from tests import procs
-from tests.fsutil import as_version_1, flip, tree_doc
+from tests.fsutil import as_version_1, flip, rewrite_tree, tree_doc
 
 LARGE = (1 << 20) // 4 + 1  # float32 elements: over the packing threshold
 
@@ -297,3 +297,48 @@ def test_every_file_and_directory_is_fsynced_before_the_manifest_and_the_rename_
         assert any(e == ("fsync", (path,)) for e in events[manifest_created:committed]), \
             f"directory {rel} was not fsynced between the manifest and the rename"
     assert ("fsync", (str(root),)) in events[committed + 1:], "the root was not fsynced after the rename"
+
+
+# ------------------------------------------------------- a table of packed leaves, read column by column
+PACKED_ONLY = {"f": np.arange(7, dtype=np.float32), "i": np.arange(6, dtype=np.int64).reshape(2, 3),
+               "zero_d": np.array(2.5, np.float64), "empty": np.zeros((0, 4), np.int16),
+               "odd": np.array([b"abc", b"de"], "S3"), "h": np.arange(5, dtype=ml_dtypes.bfloat16),
+               "nested": {"b": np.array([True, False]), "u": np.arange(3, dtype=np.uint8)}}
+
+
+def test_a_table_of_packed_leaves_loads_each_leaf_as_a_view_of_its_dtype_and_shape(tmp_path):
+    """Every leaf packed: the schema checks the table column by column and the load views the read buffer
+    by its offsets; 0-d, empty, 2-d, a string dtype whose size does not divide the alignment."""
+    ckpt.save(tmp_path / "c", PACKED_ONLY)
+    doc = json.loads((tmp_path / "c" / fmt.TREE).read_bytes())
+    assert None not in doc["checkpointables"]["state"]["leaves"]["packed"]  # (every leaf is packed)
+    saved = dict(tree_lib.flatten(PACKED_ONLY)[1])
+    partial = ckpt.Context(pytree_options=ckpt.PyTreeOptions(partial_load=True))
+    reordered = dict(reversed(PACKED_ONLY.items()))  # (each abstract leaf receives saved leaf order[j])
+    for abstract, context in ((None, ckpt.Context()), (PACKED_ONLY, ckpt.Context()), (reordered, ckpt.Context()),
+                              ({**PACKED_ONLY, "f": ckpt.PLACEHOLDER}, ckpt.Context()),
+                              ({"nested": PACKED_ONLY["nested"]}, partial)):
+        with context:
+            loaded = dict(tree_lib.flatten(ckpt.load(tmp_path / "c", abstract))[1])
+        assert loaded.keys() == (saved.keys() if abstract is None else dict(tree_lib.flatten(abstract)[1]).keys())
+        for path, got in loaded.items():
+            want = saved[path]
+            if got is ckpt.PLACEHOLDER:
+                continue
+            assert type(got) is np.ndarray and got.dtype == want.dtype and got.shape == want.shape, path
+            np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("packed", [(1 << 63) - 64, 28]), ("packed", [1 << 64, 28]), ("packed", [32, 28]), ("packed", [0, 24]),
+    ("packed", [0, True]), ("shape", [7.0]), ("shape", [True]), ("shape", [-7]), ("shape", {}), ("shape", [1 << 61]),
+    ("shape", [1 << 40, 1 << 40]), ("crc32", 1 << 32), ("crc32", -1), ("dtype", "object"), ("type", "pickle")])
+def test_a_forged_field_in_a_table_of_packed_leaves_is_refused_naming_the_leaf(tmp_path, field, value):
+    ckpt.save(tmp_path / "c", PACKED_ONLY)
+
+    def forge(doc: dict) -> None:
+        entry = next(e for e in doc["checkpointables"]["state"]["leaves"] if e["path"] == "['f']")
+        entry[field] = value
+    rewrite_tree(tmp_path / "c", forge)
+    with pytest.raises(ckpt.errors.CheckpointCorruptedError, match=re.escape("['f']")):
+        ckpt.load(tmp_path / "c", PACKED_ONLY)

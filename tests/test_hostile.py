@@ -310,6 +310,9 @@ CASES: dict[str, Case] = {
     "packed nbytes 2**62": Case(in_tree(packed_nbytes(1 << 62)), "tree", fmt.TREE),
     "packed offset negative": Case(in_tree(packed_at(-64)), "tree", fmt.TREE),
     "packed offset past the end": Case(in_tree(packed_at(1 << 40)), "tree", fmt.TREE),
+    "packed offset 2**63 - 64": Case(in_tree(packed_at((1 << 63) - 64)), "tree", fmt.TREE),  # int64 wraps past it
+    "packed offset 2**64": Case(in_tree(packed_at(1 << 64)), "tree", fmt.TREE),
+    "packed nbytes 2**63": Case(in_tree(packed_nbytes(1 << 63)), "tree", fmt.TREE),
     "packed offset unaligned": Case(in_tree(packed_at(8)), "tree", fmt.TREE),
     "packed nbytes not the leaf's": Case(in_tree(lambda t: leaf(t, "['s']").update(packed=[0, 16])), "tree", fmt.TREE),
     "leaf shape is not its array's": Case(in_tree(lambda t: leaf(t).update(shape=[700, 200])), "tree", fmt.TREE),

@@ -151,11 +151,15 @@ class Step:
 
     def load(self, abstract: dict[str, Any] | None, *, partial_load: bool) -> dict[str, Any]:
         """The items as ``loading.load_trees`` builds them from their Orbax files."""
+        every: list[ArraySource] = []  # the sources made
+
         def sources(name: str, metas: list[dict], wanted) -> list[ArraySource | None]:
             item = self.pytrees.get(name)
-            return item.sources(wanted) if item is not None else [None] * len(metas)
+            row = item.sources(wanted) if item is not None else [None] * len(metas)
+            every.extend(source for source in row if source is not None)
+            return row
 
-        def reads(every: list[ArraySource]) -> list[tuple[ArraySource, list]]:
+        def reads() -> list[tuple[ArraySource, list]]:
             for source in every:  # every read in flight at once; tensorstore reads them on its threads
                 source.start()
             return [(source, []) for source in every]

@@ -87,11 +87,11 @@ class _PackedReader:
     def _views(self, dtypes: list[str], spans: np.ndarray, typed: dict[str, np.ndarray]) -> list[np.ndarray]:
         """The flat arrays of dtypes ``dtypes`` whose bytes are at ``spans`` ([offset, nbytes] rows) of
         the packed array: views of the read buffer (``typed``: that buffer as each dtype, made once)."""
-        data = self._data
-        for name in set(dtypes) - typed.keys():
+        data, names = self._data, set(dtypes)
+        for name in names - typed.keys():
             dtype = leaves_lib.parse_dtype(name)
             typed[name] = data[: data.size - data.size % dtype.itemsize].view(dtype)
-        sizes = {name: typed[name].itemsize for name in set(dtypes)}
+        sizes = {name: typed[name].itemsize for name in names}
         itemsize = (sizes.popitem()[1] if len(set(sizes.values())) == 1
                     else np.array(list(map(sizes.__getitem__, dtypes)), np.int64))
         offsets, nbytes = spans[:, 0] - self._lo, spans[:, 1]

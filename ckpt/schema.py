@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 import operator
 import os
 import reprlib
@@ -372,10 +371,11 @@ def _screen(name: str, table: LeafTable, rows: list[int]) -> tuple[int, int] | N
     first = np.cumsum(ndim) - ndim
     for axis in range(max(ndims)):
         has = ndim > axis
-        bound[has] *= np.maximum(dim[first[has] + axis], 1)
+        length = dim[first[has] + axis]  # each shape's dimension ``axis``, of those that have one
+        bound[has] *= np.maximum(length, 1)
         if bound.max() > _MAX_ARRAY_BYTES / 4:
             return None
-        count[has] *= dim[first[has] + axis]
+        count[has] *= length
     if (sizes != count * itemsize).any() or (offsets % fmt.ALIGN).any():
         return None
     if len(rows) == len(table):

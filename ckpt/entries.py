@@ -7,8 +7,9 @@ The bytes are those ``json.dumps`` of the whole document writes.
 """
 from __future__ import annotations
 
+import itertools
 import json
-from typing import Sequence
+from typing import Any, Sequence
 
 from ckpt import format as fmt
 from ckpt.leaf_table import COLUMNS, FIELDS
@@ -23,7 +24,7 @@ NULL = "null"
 def rows(paths: Sequence[str], metas: Sequence[dict], spans: Sequence[tuple[int, int] | None]) -> dict[str, list[str]]:
     """The text of each field of the leaves at key paths ``paths`` (their manifest entries ``metas``,
     their ``[offset, nbytes]`` in the packed array or None) in tree.json's table, their CRC32 aside: one
-    list per column but ``crc32``. Each type, dtype and shape is written once.
+    list per column but ``crc32``. Each distinct type, dtype and shape is encoded once.
 
     Example::
 
@@ -31,25 +32,26 @@ def rows(paths: Sequence[str], metas: Sequence[dict], spans: Sequence[tuple[int,
         assert table(texts, ["7"]) == ('{"path":[".w"],"type":["numpy"],"dtype":["float32"],"shape":[[2]],'
                                        '"packed":[[0,8]],"crc32":[7],"more":[null]}')
     """
-    strings: dict[str, str] = {}
-    shapes: dict[tuple, str] = {}
-    types, dtypes, shape_texts, packed, more = [], [], [], [], []
-    for meta, span in zip(metas, spans):
-        kind, dtype, shape = meta["type"], meta.get("dtype"), meta.get("shape")
-        types.append(strings.get(kind) or strings.setdefault(kind, _STRING(kind)))
-        dtypes.append(NULL if dtype is None else strings.get(dtype) or strings.setdefault(dtype, _STRING(dtype)))
-        if shape is None:
-            shape_texts.append(NULL)
-        else:
-            key = (*shape, *map(type, shape))
-            text = shapes.get(key)
-            if text is None:
-                text = shapes[key] = _ENCODE(shape)
-            shape_texts.append(text)
-        packed.append(NULL if span is None else f"[{span[0]},{span[1]}]")
-        other = None if tuple(meta) == _ARRAY_KEYS else {key: value for key, value in meta.items() if key not in FIELDS}
-        more.append(_ENCODE(other) if other else NULL)
-    return dict(zip(_ROW_COLUMNS, (list(map(_STRING, paths)), types, dtypes, shape_texts, packed, more)))
+    types = [meta["type"] for meta in metas]
+    dtypes = [meta.get("dtype") for meta in metas]
+    shapes = [meta.get("shape") for meta in metas]
+    strings = {value: _STRING(value) for value in {*types, *dtypes} - {None}}
+    strings[None] = NULL
+    if {*map(type, itertools.chain.from_iterable(filter(None, shapes)))} <= {int}:
+        keys: list[Any] = [shape if shape is None else tuple(shape) for shape in shapes]
+    else:  # tuples would take True for 1 and 1.0 for 1
+        keys = list(map(str, shapes))
+    shape_texts = {key: NULL if shape is None else _ENCODE(shape) for key, shape in dict(zip(keys, shapes)).items()}
+    more = [NULL if fields == _ARRAY_KEYS else _more(meta) for fields, meta in zip(map(tuple, metas), metas)]
+    return dict(zip(_ROW_COLUMNS, (list(map(_STRING, paths)), list(map(strings.__getitem__, types)),
+                                   list(map(strings.__getitem__, dtypes)), list(map(shape_texts.__getitem__, keys)),
+                                   [NULL if span is None else f"[{span[0]},{span[1]}]" for span in spans], more)))
+
+
+def _more(meta: dict) -> str:
+    """The text of a leaf's fields that have no column of their own (a Python value, an array's spec)."""
+    other = {key: value for key, value in meta.items() if key not in FIELDS}
+    return _ENCODE(other) if other else NULL
 
 
 def table(texts: dict[str, list[str]], crcs: Sequence[str]) -> str:

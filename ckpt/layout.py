@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import operator
 import sys
 from typing import Any, Callable
@@ -28,6 +29,7 @@ from ckpt import tree as tree_lib
 from ckpt.tree import KeyPath
 
 _SHAPE, _DTYPE = operator.attrgetter("shape"), operator.attrgetter("dtype")
+_SECOND, _THIRD = operator.itemgetter(1), operator.itemgetter(2)
 
 
 @dataclasses.dataclass
@@ -58,39 +60,35 @@ class Layout:
     alone_views: list[tuple[int, np.ndarray]] = dataclasses.field(default_factory=list)
 
     def __post_init__(self):
-        self._indexed = False
-
-    def _index(self) -> None:
-        """Makes the tables a reuse needs (once, when first asked: a layout is made by every fresh plan)."""
-        if self._indexed:
-            return
-        self.own_arrays = [i for i, where in enumerate(self.location) if where == "array"]
+        """Makes the tables a save from the layout needs."""
+        self.own_arrays = where(self.location, "array")
         self.total_nbytes = self.packed_nbytes + sum(self.nbytes[i] for i in self.own_arrays)  # as a fresh plan counts
         self.kinds = [s[0] if type(s) is tuple else s for s in self.signature]
         # numpy arrays are checked as one table of (shape, dtype); other typed leaves one by one
-        numpy_arrays = [i for i, kind in enumerate(self.kinds) if kind is np.ndarray]
+        numpy_arrays = where(self.kinds, np.ndarray)
         self.numpy_arrays = packing.picker(numpy_arrays)
-        self.numpy_shapes = [self.signature[i][1] for i in numpy_arrays]
-        self.numpy_dtypes = [self.signature[i][2] for i in numpy_arrays]
-        self.other_typed = [i for i, s in enumerate(self.signature) if type(s) is tuple and s[0] is not np.ndarray]
+        self.numpy_shapes = list(map(_SECOND, map(self.signature.__getitem__, numpy_arrays)))
+        self.numpy_dtypes = list(map(_THIRD, map(self.signature.__getitem__, numpy_arrays)))
+        typed = {kind for kind in set(self.kinds) if kind is not np.ndarray and kind not in leaves_lib.INLINE_TYPES}
+        self.other_typed = [i for i, kind in enumerate(self.kinds) if kind in typed] if typed else []
+        devices = {kind for kind in typed if kind.__module__.startswith(("torch", "jax"))}
+        self.device_leaves = [i for i in self.other_typed if self.kinds[i] in devices]
         torch = sys.modules.get("torch")
-        self.device_leaves = [i for i, kind in enumerate(self.kinds) if kind.__module__.startswith(("torch", "jax"))]
         self.pinned = torch is not None and any(  # torch leaves on an accelerator: stage in page-locked memory
             self.kinds[i] is torch.Tensor and self.signature[i][3].type == "cuda" for i in self.device_leaves)
-        self.packed_order = sorted((i for i, where in enumerate(self.location) if where == "packed"),
-                                   key=self.offset.__getitem__)
-        self.packed_spans = [(self.offset[i], self.nbytes[i]) for i in self.packed_order]
-        self.unpacked = [i for i, where in enumerate(self.location) if where != "packed"]
-        self._indexed = True
+        self.packed_order = sorted(where(self.location, "packed"), key=self.offset.__getitem__)
+        self.packed_spans = list(zip(map(self.offset.__getitem__, self.packed_order),
+                                     map(self.nbytes.__getitem__, self.packed_order)))
+        self.unpacked = sorted(self.own_arrays + where(self.location, "inline"))
 
     @functools.cached_property
     def copy_groups(self) -> tuple[list[packing.Run], list[int]]:
         """The runs of packed numpy leaves a snapshot copies together, and the packed leaves it copies
         one by one (made when the layout is first reused)."""
-        self._index()
-        keys = [(packing.group(meta, n), s[2]) if kind is np.ndarray else None  # s[2]: a numpy leaf's own dtype
+        align = fmt.ALIGN  # a numpy leaf's key: packing.group's (its type is numpy) and its own dtype, s[2]
+        keys = [(meta["dtype"], s[2], s[1] if n <= align else None) if kind is np.ndarray else None
                 for kind, meta, n, s in zip(self.kinds, self.meta, self.nbytes, self.signature)]
-        return packing.runs(self.packed_order, keys, self.meta, self.offset, self.nbytes)
+        return packing.runs(self.packed_order, keys, self.meta, self.offset, self.nbytes, fmt.PACKED_CHUNK_BYTES)
 
     @functools.cached_property
     def structure_texts(self) -> dict[str, str]:
@@ -113,7 +111,7 @@ class Layout:
     @functools.cached_property
     def windows(self) -> list[tuple[list[packing.Run], list[int]]]:
         """The runs and lone leaves of each chunk of the packed array (see :func:`ckpt.packing.by_window`)."""
-        return packing.by_window(*self.copy_groups, self.offset, self.nbytes, fmt.PACKED_CHUNK_BYTES)
+        return packing.by_window(*self.copy_groups, self.offset, fmt.PACKED_CHUNK_BYTES)
 
     def filler(self, values: list[Any]) -> Callable[[np.ndarray, int, int], int]:
         """The ``fill`` of :func:`ckpt.packing.windows` for this layout's leaves ``values``: the chunks of
@@ -159,7 +157,6 @@ class Layout:
         """Whether every leaf's bytes are in host memory (numpy, Python values, torch tensors on the
         CPU): a fresh plan of such a tree is written from this layout's tables at once, as the next
         save of the same tree is, while one of leaves on an accelerator keeps the host copies it made."""
-        self._index()
         torch = sys.modules.get("torch")
         return all(torch is not None and self.kinds[i] is torch.Tensor and self.signature[i][3].type == "cpu"
                    for i in self.device_leaves)
@@ -169,7 +166,6 @@ class Layout:
         each leaf its type, shape and dtype; None otherwise."""
         if tuple(checkpointables) != self.names:
             return None
-        self._index()
         found: list[Any] = []
         for walker, tree in zip(self.walkers, checkpointables.values()):
             if not _walk(walker, tree, found):
@@ -184,19 +180,29 @@ class Layout:
         return found
 
 
-def of(names: tuple[str, ...], nodes: list[tree_lib.Node], structures: dict[str, dict], planned: dict[str, list],
-       values: list[Any], packed_nbytes: int, storage: storage_options.Storage) -> Layout | None:
-    """The layout of a plan (``planned``: its PlannedLeaf objects by checkpointable, ``values`` the leaves
-    they came from, in order), or None when a leaf is of a kind whose plan is never reused."""
-    signatures = [signature(value) for value in values]
-    flat = [leaf for name in names for leaf in planned[name]]
-    if None in signatures or any(leaf.host.spread is not None for leaf in flat):
-        return None
-    return Layout(
-        names, [_walker(node) for node in nodes], structures, [len(planned[name]) for name in names],
-        [leaf.path for leaf in flat], signatures, [dict(leaf.host.meta) for leaf in flat],
-        [leaf.location for leaf in flat], [leaf.offset for leaf in flat], [leaf.nbytes for leaf in flat],
-        [leaf.array_name for leaf in flat], packed_nbytes, storage)
+def of(names: tuple[str, ...], nodes: list[tree_lib.Node], structures: dict[str, dict], counts: list[int],
+       paths: list[KeyPath], signatures: list[Any], meta: list[dict], location: list[str], offset: list[int],
+       nbytes: list[int], array_name: list[str], packed_nbytes: int, storage: storage_options.Storage) -> Layout:
+    """The layout of a plan from its columns (``nodes``: each checkpointable's structure, ``counts`` its
+    number of leaves; the other lists: each leaf's field, in flatten order; see :class:`Layout`)."""
+    return Layout(names, [_walker(node) for node in nodes], structures, counts, paths, signatures, meta, location,
+                  offset, nbytes, array_name, packed_nbytes, storage)
+
+
+def where(column: list[Any], value: Any) -> list[int]:
+    """The indices i where ``column[i] == value``, in one pass in C.
+
+    Example::
+
+        assert where(["packed", "array", "packed"], "packed") == [0, 2]
+    """
+    return list(itertools.compress(range(len(column)), map(operator.eq, column, itertools.repeat(value))))
+
+
+def signatures(values: list[Any]) -> list[Any]:
+    """The :func:`signature` of each leaf (numpy arrays, the usual leaves, in one pass)."""
+    ndarray = np.ndarray
+    return [(ndarray, x.shape, x.dtype) if type(x) is ndarray else signature(x) for x in values]
 
 
 def signature(x: Any) -> Any:

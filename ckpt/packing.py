@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import itertools
 import operator
+import sys
 import zlib
 from typing import Any, Callable, Iterator, Sequence
 
@@ -31,24 +33,25 @@ def group(meta: dict, nbytes: int) -> tuple:
     return meta["type"], meta["dtype"], tuple(meta["shape"]) if nbytes <= fmt.ALIGN else None
 
 
-def place(leaves: list[Any]) -> tuple[list[Any], int]:
-    """Sets the ``offset`` of each packed leaf (objects with ``host.meta``, ``nbytes`` and ``offset``),
-    the leaves of one :func:`group` one after another, groups in order of first appearance; returns
-    the leaves in offset order and the packed array's size.
+def place(indices: list[int], metas: list[dict], nbytes: list[int], offset: list[int]) -> int:
+    """Sets ``offset[i]`` for each packed leaf i of ``indices`` (ascending; ``metas[i]`` its manifest
+    entry, ``nbytes[i]`` its size): the leaves of one :func:`group` one after another, groups in order
+    of first appearance; returns the packed array's size.
 
     Example::
 
-        ordered, nbytes = place(planned_small_leaves)
+        packed_nbytes = place(small, metas, nbytes, offset)
     """
-    groups: dict[tuple, list[Any]] = {}
-    for leaf in leaves:
-        groups.setdefault(group(leaf.host.meta, leaf.nbytes), []).append(leaf)
-    ordered = [leaf for members in groups.values() for leaf in members]
-    offset, align = 0, fmt.ALIGN
-    for leaf in ordered:
-        leaf.offset = offset
-        offset += -(-leaf.nbytes // align) * align  # slot(leaf.nbytes), inline: once per small leaf
-    return ordered, offset
+    sizes = list(map(nbytes.__getitem__, indices))
+    keys = list(map(group, map(metas.__getitem__, indices), sizes))
+    rank = {key: r for r, key in enumerate(dict.fromkeys(keys))}
+    if len(rank) > 1:
+        indices, sizes = zip(*[(i, n) for _, i, n in sorted(zip(map(rank.__getitem__, keys), indices, sizes))])
+    align = fmt.ALIGN
+    starts = list(itertools.accumulate((-(-n // align) * align for n in sizes), initial=0))  # each slot(n)
+    for i, start in zip(indices, starts):
+        offset[i] = start
+    return starts[-1]
 
 
 @dataclasses.dataclass
@@ -104,89 +107,98 @@ def picker(indices: list[int]) -> Callable[[Sequence[Any]], Sequence[Any]]:
     return operator.itemgetter(*indices)
 
 
-def runs(order: list[int], keys: list[Any], meta: list[dict], offset: list[int],
-         nbytes: list[int]) -> tuple[list[Run], list[int]]:
+def runs(order: list[int], keys: list[Any], meta: list[dict], offset: list[int], nbytes: list[int],
+         window: int) -> tuple[list[Run], list[int]]:
     """Splits the packed leaves (indices in offset order) into runs of two or more leaves next to each
     other with one key (``keys[i]``: the :func:`group` of a numpy array leaf and its own dtype, None for
-    a leaf to copy alone), and the leaves left to copy one by one.
+    a leaf to copy alone) that start in one ``window`` of the packed array, and the leaves left to copy
+    one by one. The leaves are compared as numpy columns.
 
     Example::
 
-        together, alone = runs(order, keys, meta, offset, nbytes)
+        together, alone = runs(order, keys, meta, offset, nbytes, fmt.PACKED_CHUNK_BYTES)
     """
-    spans: list[list[int]] = []
-    for i in order:
-        if spans and keys[i] is not None and keys[spans[-1][-1]] == keys[i]:
-            last = spans[-1][-1]
-            if offset[i] == offset[last] + slot(nbytes[last]):
-                spans[-1].append(i)
-                continue
-        spans.append([i])
+    if not order:
+        return [], []
+    ids: dict[Any, int] = {}
+    key_ids = np.array([-1 if key is None else ids.setdefault(key, len(ids)) for key in map(keys.__getitem__, order)])
+    starts = np.array(list(map(offset.__getitem__, order)), np.int64)
+    sizes = np.array(list(map(nbytes.__getitem__, order)), np.int64)
+    ends = starts - (-sizes // fmt.ALIGN) * fmt.ALIGN  # each leaf's slot(nbytes) after its start
+    joined = ((key_ids[1:] == key_ids[:-1]) & (key_ids[1:] >= 0) & (starts[1:] == ends[:-1])
+              & (starts[1:] // window == starts[:-1] // window))
+    bounds = [0, *(np.flatnonzero(~joined) + 1).tolist(), len(order)]
     together, alone = [], []
-    zeros: dict[tuple[int, np.dtype], np.ndarray] = {}  # the padding arrays, one per length and dtype
-    for indices in spans:
-        first, last = indices[0], indices[-1]
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        indices, first = order[a: b], order[a]
         dtype = leaves_lib.parse_dtype(meta[first]["dtype"])
         shape = group(meta[first], nbytes[first])[2]
-        if len(indices) < 2 or (shape is None and fmt.ALIGN % dtype.itemsize):
+        if b - a < 2 or (shape is None and fmt.ALIGN % dtype.itemsize):
             alone.extend(indices)
             continue
-        pads = []
-        for i in indices if shape is None else ():
-            pad = ((slot(nbytes[i]) - nbytes[i]) // dtype.itemsize, dtype)
-            if pad not in zeros:
-                zeros[pad] = np.zeros(*pad)
-            pads.append(zeros[pad])
-        together.append(Run(indices, offset[first], offset[last] + slot(nbytes[last]), dtype, shape, pads))
+        pads: list[np.ndarray] = []
+        if shape is None:  # the zeros after each leaf, to its slot's end
+            lengths = ((ends[a: b] - starts[a: b] - sizes[a: b]) // dtype.itemsize).tolist()
+            zeros = {length: np.zeros(length, dtype) for length in set(lengths)}
+            pads = list(map(zeros.__getitem__, lengths))
+        together.append(Run(indices, int(starts[a]), int(ends[b - 1]), dtype, shape, pads))
     return together, alone
 
 
-def by_window(together: list[Run], alone: list[int], offset: list[int], nbytes: list[int],
-              size: int) -> list[tuple[list[Run], list[int]]]:
-    """The runs and lone leaves of each window of ``size`` bytes of the packed array, by the window
-    each leaf starts in: a run's leaves in one window become a run of their own, placed from the
-    window's start (its last leaf may end past the window). A save that makes the packed array one
-    chunk at a time (a sync save, which holds no copy of the whole state) fills each chunk with them.
+def by_window(together: list[Run], alone: list[int], offset: list[int], size: int) -> list[tuple[list[Run], list[int]]]:
+    """The runs (each starting in one window, see :func:`runs`) and lone leaves of each window of ``size``
+    bytes of the packed array, by the window each leaf starts in, each run placed from its window's
+    start (its last leaf may end past the window). A save that makes the packed array one chunk at a
+    time (a sync save, which holds no copy of the whole state) fills each chunk with them.
 
     Example::
 
-        per_window = by_window(together, alone, offset, nbytes, fmt.PACKED_CHUNK_BYTES)
+        per_window = by_window(together, alone, offset, fmt.PACKED_CHUNK_BYTES)
     """
-    starts = [offset[i] for run in together for i in run.indices] + [offset[i] for i in alone]
+    starts = [run.start for run in together] + [offset[i] for i in alone]
     out: list[tuple[list[Run], list[int]]] = [([], []) for _ in range(max(starts, default=-size) // size + 1)]
     for run in together:
-        parts: dict[int, list[int]] = {}
-        for k, i in enumerate(run.indices):
-            parts.setdefault(offset[i] // size, []).append(k)
-        for window, ks in parts.items():
-            indices, base = [run.indices[k] for k in ks], window * size
-            first, last = indices[0], indices[-1]
-            out[window][0].append(Run(indices, offset[first] - base, offset[last] + slot(nbytes[last]) - base, run.dtype,
-                                      run.shape, [run.pads[k] for k in ks] if run.shape is None else []))
+        base = run.start // size * size
+        out[run.start // size][0].append(dataclasses.replace(run, start=run.start - base, stop=run.stop - base))
     for i in alone:
         out[offset[i] // size][1].append(i)
     return out
 
 
 def windows(fill: Callable[[np.ndarray, int, int], int], total: int, size: int) -> Iterator[tuple[int, np.ndarray]]:
-    """The packed array of ``total`` bytes in chunks of ``size`` (each yielded as ``(start, bytes)``
-    and valid until the next), made in one buffer: ``fill(buffer, lo, hi)`` copies each leaf that
-    starts in ``[lo, hi)`` to ``buffer[offset - lo:]`` and returns where the last one ends in
-    ``buffer``; the bytes a leaf puts past the chunk begin the next one. An empty array has one empty chunk.
+    """The packed array of ``total`` bytes in chunks of ``size`` (each yielded as ``(start, bytes)``):
+    ``fill(buffer, lo, hi)`` copies each leaf that starts in ``[lo, hi)`` to ``buffer[offset - lo:]``
+    and returns where the last one ends in ``buffer``; the bytes a leaf puts past the chunk begin the
+    next one. An empty array has one empty chunk. A chunk's buffer is filled again only once nothing
+    references it: a caller may hand a chunk to a write without a copy (tensorstore lets go of a
+    write's source when the write commits) and hold on to the last few.
 
     Example::
 
         for start, chunk in windows(fill, plan.packed_nbytes, fmt.PACKED_CHUNK_BYTES):
             write(start, chunk)
     """
-    buffer, carry = np.zeros(min(size, total) + fmt.SMALL_LEAF_BYTES, np.uint8), 0
+    pool: list[np.ndarray] = []
+    width, previous, carry = min(size, total) + fmt.SMALL_LEAF_BYTES, None, 0
     for lo in range(0, max(total, 1), size):  # one empty chunk when every leaf is empty
         hi = min(lo + size, total)
+        buffer = _unreferenced(pool, width)
+        if carry:
+            buffer[:carry] = previous[size: size + carry]
         end = max(fill(buffer, lo, hi), carry)
         yield lo, buffer[: hi - lo]
-        carry = max(end - (hi - lo), 0)
-        buffer[:carry] = buffer[hi - lo: hi - lo + carry]
-        buffer[carry:] = 0
+        carry, previous = max(end - (hi - lo), 0), buffer
+
+
+def _unreferenced(pool: list[np.ndarray], width: int) -> np.ndarray:
+    """A buffer of ``pool`` that nothing else references, zeroed (so that the gaps between packed leaves
+    hold no stray bytes); a new one, added to the pool, when each is still in use."""
+    for i in range(len(pool)):
+        if sys.getrefcount(pool[i]) == 2:  # the pool's reference and the call's argument: no view of it is alive
+            pool[i][:] = 0
+            return pool[i]
+    pool.append(np.zeros(width, np.uint8))
+    return pool[-1]
 
 
 class Checksums:

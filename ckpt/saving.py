@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import math
+import operator
 import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -166,52 +167,81 @@ def plan(checkpointables: dict[str, Any], *, metrics: Any = None, custom_metadat
 
 
 def _plan(checkpointables: dict[str, Any], metrics: Any, custom_metadata: Any, stored: storage_options.Storage) -> Plan:
-    """:func:`plan` of a tree that reuses no layout."""
-    structures, planned, packed, arrays = {}, {}, [], []
-    nodes, every = [], []
+    """:func:`plan` of a tree that reuses no layout. Each leaf's fields are made as columns; a tree whose
+    leaves are all in host memory is written from its layout's tables, with no planned leaf per leaf."""
+    structures, nodes, counts, paths, values, hosts = {}, [], [], [], [], []
     for name, tree in checkpointables.items():
         try:
             node, flat = tree_lib.flatten(tree)
-            hosts = leaves_lib.to_hosts(flat)
+            hosts += leaves_lib.to_hosts(flat)
         except TypeError as e:
             raise type(e)(f"checkpointable {name!r}: {e}") from None  # the same error, naming the checkpointable
         structures[name] = tree_lib.to_json(node)
-        planned[name] = []
         nodes.append(node)
-        every.extend(value for _, value in flat)
-        for (path, value), host in zip(flat, hosts):
-            leaf, leaf_storage = PlannedLeaf(path, host), stored.of_leaf(path, value)
-            if leaf_storage.dtype is not None:
-                storage_options.cast(host, leaf_storage.dtype)
-            if "dtype" in host.meta:
-                leaf.nbytes = host.array.nbytes if host.array is not None else (
-                    math.prod(host.meta["shape"]) * leaves_lib.parse_dtype(host.meta["dtype"]).itemsize)
-                if leaf.nbytes < fmt.SMALL_LEAF_BYTES and host.spread is None:
-                    leaf.location = "packed"
-                    packed.append(leaf)
-                else:
-                    leaf.location, leaf.array_name = "array", f"{fmt.ARRAYS}/{len(arrays)}"
-                    _describe_array(leaf, leaf_storage.chunk_bytes or fmt.ARRAY_CHUNK_BYTES)
-                    arrays.append(leaf)
-            planned[name].append(leaf)
-    packed, packed_nbytes = packing.place(packed)
-    layout = layout_lib.of(tuple(checkpointables), nodes, structures, planned, every, packed_nbytes, stored)
+        counts.append(len(flat))
+        paths += [path for path, _ in flat]
+        values += [value for _, value in flat]
+    chunk_bytes = _apply_storage(stored, paths, values, hosts)
+    metas = [host.meta for host in hosts]
+    nbytes = [0 if "dtype" not in meta else host.array.nbytes if host.array is not None else
+              math.prod(meta["shape"]) * leaves_lib.parse_dtype(meta["dtype"]).itemsize
+              for meta, host in zip(metas, hosts)]
+    location = ["inline" if "dtype" not in meta else "packed" if n < fmt.SMALL_LEAF_BYTES and host.spread is None
+                else "array" for meta, n, host in zip(metas, nbytes, hosts)]
+    offset, array_name = [0] * len(hosts), [""] * len(hosts)
+    packed_nbytes = packing.place(layout_lib.where(location, "packed"), metas, nbytes, offset)
+    arrays = layout_lib.where(location, "array")
+    for k, i in enumerate(arrays):
+        array_name[i] = f"{fmt.ARRAYS}/{k}"
+        _describe_array(hosts[i], nbytes[i], array_name[i], chunk_bytes(i))
+    signatures = layout_lib.signatures(values)
+    layout = None
+    if None not in signatures and not any(host.spread is not None for host in hosts):
+        kept = list(metas)  # the writer adds each array's checksums to its entry: the layout keeps its own
+        for i in arrays:
+            kept[i] = dict(metas[i])
+        layout = layout_lib.of(tuple(checkpointables), nodes, structures, counts, paths, signatures, kept, location,
+                               offset, nbytes, array_name, packed_nbytes, stored)
     if layout is not None and stored.scoped is None and layout.on_host():
+        # the hosts' arrays are not kept: the writer copies from the leaves themselves
         return Plan(structures, {}, [], [], packed_nbytes, metrics, custom_metadata, now_nsecs(), layout=layout,
-                    values=every)
+                    values=values)
+    flat_planned = list(map(PlannedLeaf, paths, hosts, location, offset, nbytes, array_name))
+    planned, start = {}, 0
+    for name, count in zip(checkpointables, counts):
+        planned[name], start = flat_planned[start: start + count], start + count
+    packed = sorted((leaf for leaf in flat_planned if leaf.location == "packed"), key=_OFFSET)
+    arrays = [flat_planned[i] for i in arrays]
     return Plan(structures, planned, packed, arrays, packed_nbytes, metrics, custom_metadata, now_nsecs(),
                 layout=layout)
 
 
-def _describe_array(leaf: PlannedLeaf, chunk_bytes: int) -> None:
-    """Puts the zarr3 spec of a large leaf in its manifest entry (raw bytes for dtypes zarr3 lacks)."""
-    meta = leaf.host.meta
+_OFFSET = operator.attrgetter("offset")
+
+
+def _apply_storage(stored: storage_options.Storage, paths: list[KeyPath], values: list[Any],
+                   hosts: list[leaves_lib.HostLeaf]) -> Callable[[int], int]:
+    """Casts each leaf stored as another dtype (by ``stored`` or its per-leaf creator); returns the chunk
+    size of leaf i's array."""
+    if stored.dtype is None and stored.scoped is None:
+        return lambda i: stored.chunk_bytes or fmt.ARRAY_CHUNK_BYTES
+    options = [stored.of_leaf(path, value) for path, value in zip(paths, values)]
+    for host, leaf_storage in zip(hosts, options):
+        if leaf_storage.dtype is not None:
+            storage_options.cast(host, leaf_storage.dtype)
+    return lambda i: options[i].chunk_bytes or fmt.ARRAY_CHUNK_BYTES
+
+
+def _describe_array(host: leaves_lib.HostLeaf, nbytes: int, name: str, chunk_bytes: int) -> None:
+    """Puts the zarr3 spec of a large leaf (stored as array ``name``) in its manifest entry (raw bytes
+    for dtypes zarr3 lacks)."""
+    meta = host.meta
     dtype, shape = leaves_lib.parse_dtype(meta["dtype"]), tuple(meta["shape"])
-    chunks = None if leaf.host.spread is None else leaf.host.spread.chunk_shape
+    chunks = None if host.spread is None else host.spread.chunk_shape
     if not storage.zarr_stores(dtype):
-        dtype, shape, chunks = np.dtype(np.uint8), (leaf.nbytes,), None
+        dtype, shape, chunks = np.dtype(np.uint8), (nbytes,), None
         meta["stored_as"] = "bytes"
-    meta["array"] = storage.array_spec({"driver": "file", "path": leaf.array_name + "/"}, dtype, shape,
+    meta["array"] = storage.array_spec({"driver": "file", "path": name + "/"}, dtype, shape,
                                        chunk_bytes, checksum=chunks is not None, chunk_shape=chunks)
 
 
@@ -505,10 +535,8 @@ class StepWriter:
                 if len(pending) >= 2:
                     pending.pop(0).result()
                 self.packed_sums.append(chunks.sum64(chunk))
-                write = store[start: start + chunk.size].write(
-                    chunk, can_reference_source_data_indefinitely=plan.packed_buffer is not None)
-                write.copy.result()
-                pending.append(write.commit)
+                pending.append(store[start: start + chunk.size].write(
+                    chunk, can_reference_source_data_indefinitely=True).commit)
                 self.progress.advance(chunk.size)
             for commit in pending:
                 commit.result()
@@ -516,7 +544,7 @@ class StepWriter:
         self.packed_zarr_json_crc32 = fmt.crc32(storage.read_json_bytes(self.tmp_dir / fmt.PACKED / "zarr.json"))
 
     def _packed_chunks(self) -> Iterator[tuple[int, np.ndarray]]:
-        """The packed array's chunks, in order, each valid until the next is asked for. The CRC32s of the
+        """The packed array's chunks, in order (see :func:`ckpt.packing.windows`). The CRC32s of the
         small leaves (``packed_crcs``, in offset order) are taken from each chunk before it is written,
         while tensorstore writes the chunks before (in the background, all of them first: one busy
         thread at a time)."""

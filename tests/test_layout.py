@@ -190,8 +190,9 @@ def test_sync_saves_of_a_reused_layout_fill_each_chunk_as_a_fresh_plan_does(tmp_
         ckptr.wait()
         windows = layout.windows
         assert len(windows) > 10 and all(0 <= run.start < 1024 for runs, _ in windows for run in runs)
-        split = [run for runs, _ in windows for run in runs]
-        assert len(split) > len(layout.copy_groups[0]), "runs split at chunk edges"
+        runs = layout.copy_groups[0]
+        assert len(runs) == sum(len(runs) for runs, _ in windows)
+        assert all(len({layout.offset[i] // 1024 for i in run.indices}) == 1 for run in runs), "runs split at chunk edges"
         for step in (1, 2, 3):
             assert_same(ckptr.load(step), state(step))
             assert verify.verify_step(tmp_path / "reused" / str(step)).ok

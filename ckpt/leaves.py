@@ -173,14 +173,27 @@ def to_host(path: KeyPath, x: Any) -> HostLeaf:
     )
 
 
-def to_hosts(flat: list[tuple[KeyPath, Any]]) -> list[HostLeaf]:
-    """:func:`to_host` of each (key path, leaf), the small DTensors among them gathered together (in a
-    multi-process job, every process calls it with the same tree)."""
+def describe(flat: list[tuple[KeyPath, Any]]) -> tuple[list[dict], list[np.ndarray | None], list[Spread | None]]:
+    """:func:`to_host` of each (key path, leaf) as three columns: the manifest entries, the host arrays
+    and the spreads, with no object per numpy array but its entry. The small DTensors among the leaves
+    are gathered together (in a multi-process job, every process calls it with the same tree).
+
+    Example::
+
+        metas, arrays, spreads = describe([(("w",), np.ones(2))])
+        assert metas == [{"type": "numpy", "dtype": "float64", "shape": [2]}] and spreads == [None]
+    """
     values = dtensor.gather_small([value for _, value in flat])
     native = _NATIVE_NAMES
-    return [HostLeaf({"type": "numpy", "dtype": name, "shape": list(x.shape)}, x)  # to_host's first case, inline
-            if type(x) is np.ndarray and (name := native.get(x.dtype)) is not None else to_host(path, x)
-            for (path, _), x in zip(flat, values)]
+    found = [{"type": "numpy", "dtype": name, "shape": list(x.shape)}  # to_host's first case, inline
+             if type(x) is np.ndarray and (name := native.get(x.dtype)) is not None else to_host(path, x)
+             for (path, _), x in zip(flat, values)]
+    hosts = [i for i, entry in enumerate(found) if type(entry) is HostLeaf]
+    metas, arrays, spreads = found, values, [None] * len(found)
+    for i in hosts:
+        host = found[i]
+        metas[i], arrays[i], spreads[i] = host.meta, host.array, host.spread
+    return metas, arrays, spreads
 
 
 def _jax_leaf(meta: dict, x: Any) -> HostLeaf:

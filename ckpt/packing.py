@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
-import itertools
 import operator
 import sys
 import zlib
@@ -45,13 +44,12 @@ def place(indices: list[int], metas: list[dict], nbytes: list[int], offset: list
     sizes = list(map(nbytes.__getitem__, indices))
     keys = list(map(group, map(metas.__getitem__, indices), sizes))
     rank = {key: r for r, key in enumerate(dict.fromkeys(keys))}
-    if len(rank) > 1:
-        indices, sizes = zip(*[(i, n) for _, i, n in sorted(zip(map(rank.__getitem__, keys), indices, sizes))])
-    align = fmt.ALIGN
-    starts = list(itertools.accumulate((-(-n // align) * align for n in sizes), initial=0))  # each slot(n)
-    for i, start in zip(indices, starts):
+    order = np.argsort(np.array(list(map(rank.__getitem__, keys)), np.int64), kind="stable")  # stable: flatten order
+    slots = -(-np.array(sizes, np.int64)[order] // fmt.ALIGN) * fmt.ALIGN
+    ends = np.cumsum(slots)
+    for i, start in zip(np.array(indices, np.int64)[order].tolist(), (ends - slots).tolist()):
         offset[i] = start
-    return starts[-1]
+    return int(ends[-1]) if len(ends) else 0
 
 
 @dataclasses.dataclass

@@ -169,11 +169,11 @@ def plan(checkpointables: dict[str, Any], *, metrics: Any = None, custom_metadat
 def _plan(checkpointables: dict[str, Any], metrics: Any, custom_metadata: Any, stored: storage_options.Storage) -> Plan:
     """:func:`plan` of a tree that reuses no layout. Each leaf's fields are made as columns; a tree whose
     leaves are all in host memory is written from its layout's tables, with no planned leaf per leaf."""
-    structures, nodes, counts, paths, values, hosts = {}, [], [], [], [], []
+    structures, nodes, counts, paths, values, metas, arrays, spreads = {}, [], [], [], [], [], [], []
     for name, tree in checkpointables.items():
         try:
             node, flat = tree_lib.flatten(tree)
-            hosts += leaves_lib.to_hosts(flat)
+            described = leaves_lib.describe(flat)
         except TypeError as e:
             raise type(e)(f"checkpointable {name!r}: {e}") from None  # the same error, naming the checkpointable
         structures[name] = tree_lib.to_json(node)
@@ -181,63 +181,67 @@ def _plan(checkpointables: dict[str, Any], metrics: Any, custom_metadata: Any, s
         counts.append(len(flat))
         paths += [path for path, _ in flat]
         values += [value for _, value in flat]
-    chunk_bytes = _apply_storage(stored, paths, values, hosts)
-    metas = [host.meta for host in hosts]
-    nbytes = [0 if "dtype" not in meta else host.array.nbytes if host.array is not None else
+        metas += described[0]
+        arrays += described[1]
+        spreads += described[2]
+    chunk_bytes = _apply_storage(stored, paths, values, metas, arrays, spreads)
+    nbytes = [0 if "dtype" not in meta else array.nbytes if array is not None else
               math.prod(meta["shape"]) * leaves_lib.parse_dtype(meta["dtype"]).itemsize
-              for meta, host in zip(metas, hosts)]
-    location = ["inline" if "dtype" not in meta else "packed" if n < fmt.SMALL_LEAF_BYTES and host.spread is None
-                else "array" for meta, n, host in zip(metas, nbytes, hosts)]
-    offset, array_name = [0] * len(hosts), [""] * len(hosts)
+              for meta, array in zip(metas, arrays)]
+    location = ["inline" if "dtype" not in meta else "packed" if n < fmt.SMALL_LEAF_BYTES and spread is None
+                else "array" for meta, n, spread in zip(metas, nbytes, spreads)]
+    offset, array_name = [0] * len(metas), [""] * len(metas)
     packed_nbytes = packing.place(layout_lib.where(location, "packed"), metas, nbytes, offset)
-    arrays = layout_lib.where(location, "array")
-    for k, i in enumerate(arrays):
+    own_arrays = layout_lib.where(location, "array")
+    for k, i in enumerate(own_arrays):
         array_name[i] = f"{fmt.ARRAYS}/{k}"
-        _describe_array(hosts[i], nbytes[i], array_name[i], chunk_bytes(i))
+        _describe_array(metas[i], spreads[i], nbytes[i], array_name[i], chunk_bytes(i))
     signatures = layout_lib.signatures(values)
     layout = None
-    if None not in signatures and not any(host.spread is not None for host in hosts):
+    if None not in signatures and spreads.count(None) == len(spreads):
         kept = list(metas)  # the writer adds each array's checksums to its entry: the layout keeps its own
-        for i in arrays:
+        for i in own_arrays:
             kept[i] = dict(metas[i])
         layout = layout_lib.of(tuple(checkpointables), nodes, structures, counts, paths, signatures, kept, location,
                                offset, nbytes, array_name, packed_nbytes, stored)
     if layout is not None and stored.scoped is None and layout.on_host():
-        # the hosts' arrays are not kept: the writer copies from the leaves themselves
+        # the host arrays are not kept: the writer copies from the leaves themselves
         return Plan(structures, {}, [], [], packed_nbytes, metrics, custom_metadata, now_nsecs(), layout=layout,
                     values=values)
+    hosts = map(leaves_lib.HostLeaf, metas, arrays, spreads)
     flat_planned = list(map(PlannedLeaf, paths, hosts, location, offset, nbytes, array_name))
     planned, start = {}, 0
     for name, count in zip(checkpointables, counts):
         planned[name], start = flat_planned[start: start + count], start + count
     packed = sorted((leaf for leaf in flat_planned if leaf.location == "packed"), key=_OFFSET)
-    arrays = [flat_planned[i] for i in arrays]
-    return Plan(structures, planned, packed, arrays, packed_nbytes, metrics, custom_metadata, now_nsecs(),
-                layout=layout)
+    return Plan(structures, planned, packed, [flat_planned[i] for i in own_arrays], packed_nbytes, metrics,
+                custom_metadata, now_nsecs(), layout=layout)
 
 
 _OFFSET = operator.attrgetter("offset")
 
 
-def _apply_storage(stored: storage_options.Storage, paths: list[KeyPath], values: list[Any],
-                   hosts: list[leaves_lib.HostLeaf]) -> Callable[[int], int]:
-    """Casts each leaf stored as another dtype (by ``stored`` or its per-leaf creator); returns the chunk
-    size of leaf i's array."""
+def _apply_storage(stored: storage_options.Storage, paths: list[KeyPath], values: list[Any], metas: list[dict],
+                   arrays: list[np.ndarray | None], spreads: list[leaves_lib.Spread | None]) -> Callable[[int], int]:
+    """Casts each leaf stored as another dtype (by ``stored`` or its per-leaf creator; ``metas``,
+    ``arrays`` and ``spreads``: the columns of :func:`ckpt.leaves.describe`, changed in place); returns
+    the chunk size of leaf i's array."""
     if stored.dtype is None and stored.scoped is None:
         return lambda i: stored.chunk_bytes or fmt.ARRAY_CHUNK_BYTES
     options = [stored.of_leaf(path, value) for path, value in zip(paths, values)]
-    for host, leaf_storage in zip(hosts, options):
+    for i, leaf_storage in enumerate(options):
         if leaf_storage.dtype is not None:
+            host = leaves_lib.HostLeaf(metas[i], arrays[i], spreads[i])
             storage_options.cast(host, leaf_storage.dtype)
+            arrays[i], spreads[i] = host.array, host.spread
     return lambda i: options[i].chunk_bytes or fmt.ARRAY_CHUNK_BYTES
 
 
-def _describe_array(host: leaves_lib.HostLeaf, nbytes: int, name: str, chunk_bytes: int) -> None:
+def _describe_array(meta: dict, spread: leaves_lib.Spread | None, nbytes: int, name: str, chunk_bytes: int) -> None:
     """Puts the zarr3 spec of a large leaf (stored as array ``name``) in its manifest entry (raw bytes
     for dtypes zarr3 lacks)."""
-    meta = host.meta
     dtype, shape = leaves_lib.parse_dtype(meta["dtype"]), tuple(meta["shape"])
-    chunks = None if host.spread is None else host.spread.chunk_shape
+    chunks = None if spread is None else spread.chunk_shape
     if not storage.zarr_stores(dtype):
         dtype, shape, chunks = np.dtype(np.uint8), (nbytes,), None
         meta["stored_as"] = "bytes"

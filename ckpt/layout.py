@@ -43,7 +43,7 @@ class Layout:
 
     names: tuple[str, ...]
     walkers: list[tuple]
-    structures: dict[str, dict]
+    structures: dict[str, str]
     counts: list[int]
     paths: list[KeyPath]
     signature: list[Any]
@@ -89,11 +89,6 @@ class Layout:
         keys = [(meta["dtype"], s[2], s[1] if n <= align else None) if kind is np.ndarray else None
                 for kind, meta, n, s in zip(self.kinds, self.meta, self.nbytes, self.signature)]
         return packing.runs(self.packed_order, keys, self.meta, self.offset, self.nbytes, fmt.PACKED_CHUNK_BYTES)
-
-    @functools.cached_property
-    def structure_texts(self) -> dict[str, str]:
-        """Each checkpointable's structure as tree.json writes it."""
-        return {name: entries.structure(tree) for name, tree in self.structures.items()}
 
     @functools.cached_property
     def path_strings(self) -> list[str]:
@@ -180,7 +175,7 @@ class Layout:
         return found
 
 
-def of(names: tuple[str, ...], nodes: list[tree_lib.Node], structures: dict[str, dict], counts: list[int],
+def of(names: tuple[str, ...], nodes: list[tree_lib.Node], structures: dict[str, str], counts: list[int],
        paths: list[KeyPath], signatures: list[Any], meta: list[dict], location: list[str], offset: list[int],
        nbytes: list[int], array_name: list[str], packed_nbytes: int, storage: storage_options.Storage) -> Layout:
     """The layout of a plan from its columns (``nodes``: each checkpointable's structure, ``counts`` its

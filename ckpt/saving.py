@@ -43,7 +43,7 @@ class PlannedLeaf:
 class Plan:
     """Everything a step's write needs; owns its bytes once :func:`snapshot` has run."""
 
-    structures: dict[str, dict]
+    structures: dict[str, str]  # each checkpointable's tree structure, as tree.json writes it
     leaves: dict[str, list[PlannedLeaf]]
     packed: list[PlannedLeaf]
     arrays: list[PlannedLeaf]
@@ -176,7 +176,7 @@ def _plan(checkpointables: dict[str, Any], metrics: Any, custom_metadata: Any, s
             described = leaves_lib.describe(flat)
         except TypeError as e:
             raise type(e)(f"checkpointable {name!r}: {e}") from None  # the same error, naming the checkpointable
-        structures[name] = tree_lib.to_json(node)
+        structures[name] = entries.structure(tree_lib.to_json(node))
         nodes.append(node)
         counts.append(len(flat))
         paths += [path for path, _ in flat]
@@ -577,9 +577,7 @@ class StepWriter:
         if plan.packed_spans:
             packed = {"spec": self.packed_spec, "nbytes": plan.packed_nbytes,
                       "zarr_json_crc32": self.packed_zarr_json_crc32, "chunk_sum64": self.packed_sums}
-        structures = ({name: entries.structure(tree) for name, tree in plan.structures.items()} if plan.layout is None
-                      else plan.layout.structure_texts)
-        return entries.tree_json(structures, self._leaf_tables(), None if self.custom is None else self.custom.records,
+        return entries.tree_json(plan.structures, self._leaf_tables(), None if self.custom is None else self.custom.records,
                                  packed)
 
     def _leaf_tables(self) -> dict[str, str]:

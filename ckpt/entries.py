@@ -61,14 +61,9 @@ def table(texts: dict[str, list[str]], crcs: Sequence[str]) -> str:
     return "{" + ",".join(f'"{name}":[{",".join(columns[name])}]' for name in COLUMNS) + "}"
 
 
-def structure(tree: dict) -> str:
-    """A checkpointable's tree structure (``ckpt.tree.to_json``) as tree.json writes it."""
-    return _ENCODE(tree)
-
-
 def tree_json(structures: dict[str, str], tables: dict[str, str], handled: dict | None,
               packed: dict | None) -> bytes:
-    """tree.json: each checkpointable's structure (``structures``: their texts, see :func:`structure`)
+    """tree.json: each checkpointable's structure (``structures``: their texts, see :func:`ckpt.tree.to_text`)
     and its leaf table (``tables``: their texts, see :func:`table`), the checkpointables saved by
     handlers, and the packed array.
 

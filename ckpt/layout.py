@@ -29,13 +29,14 @@ from ckpt import tree as tree_lib
 from ckpt.tree import KeyPath
 
 _SHAPE, _DTYPE = operator.attrgetter("shape"), operator.attrgetter("dtype")
-_SECOND, _THIRD = operator.itemgetter(1), operator.itemgetter(2)
 
 
 @dataclasses.dataclass
 class Layout:
     """What a plan decided about each leaf, in flatten order over the checkpointables (see the module).
 
+    ``kinds[i]`` is leaf i's type; the numpy arrays' shapes and dtypes are kept as two columns, the
+    :func:`signature` of each other leaf but a Python value in ``signature`` (by leaf).
     ``meta[i]`` is leaf i's manifest entry before any checksum; ``location[i]`` is "inline",
     "packed" (at ``offset[i]``) or "array" (``array_name[i]``). ``storage``: the storage options the
     plan applied (its dtype is in ``meta``, its chunk size in the array specs); a save with others plans anew.
@@ -46,7 +47,10 @@ class Layout:
     structures: dict[str, str]
     counts: list[int]
     paths: list[KeyPath]
-    signature: list[Any]
+    kinds: list[type]
+    numpy_shapes: list[tuple[int, ...]]
+    numpy_dtypes: list[np.dtype]
+    signature: dict[int, Any]
     meta: list[dict]
     location: list[str]
     offset: list[int]
@@ -63,16 +67,11 @@ class Layout:
         """Makes the tables a save from the layout needs."""
         self.own_arrays = where(self.location, "array")
         self.total_nbytes = self.packed_nbytes + sum(self.nbytes[i] for i in self.own_arrays)  # as a fresh plan counts
-        self.kinds = [s[0] if type(s) is tuple else s for s in self.signature]
         # numpy arrays are checked as one table of (shape, dtype); other typed leaves one by one
-        numpy_arrays = where(self.kinds, np.ndarray)
-        self.numpy_arrays = packing.picker(numpy_arrays)
-        self.numpy_shapes = list(map(_SECOND, map(self.signature.__getitem__, numpy_arrays)))
-        self.numpy_dtypes = list(map(_THIRD, map(self.signature.__getitem__, numpy_arrays)))
-        typed = {kind for kind in set(self.kinds) if kind is not np.ndarray and kind not in leaves_lib.INLINE_TYPES}
-        self.other_typed = [i for i, kind in enumerate(self.kinds) if kind in typed] if typed else []
-        devices = {kind for kind in typed if kind.__module__.startswith(("torch", "jax"))}
-        self.device_leaves = [i for i in self.other_typed if self.kinds[i] in devices]
+        self.numpy_index = where(self.kinds, np.ndarray)
+        self.numpy_arrays = packing.picker(self.numpy_index)
+        self.other_typed = sorted(self.signature)
+        self.device_leaves = [i for i in self.other_typed if self.kinds[i].__module__.startswith(("torch", "jax"))]
         torch = sys.modules.get("torch")
         self.pinned = torch is not None and any(  # torch leaves on an accelerator: stage in page-locked memory
             self.kinds[i] is torch.Tensor and self.signature[i][3].type == "cuda" for i in self.device_leaves)
@@ -85,9 +84,10 @@ class Layout:
     def copy_groups(self) -> tuple[list[packing.Run], list[int]]:
         """The runs of packed numpy leaves a snapshot copies together, and the packed leaves it copies
         one by one (made when the layout is first reused)."""
-        align = fmt.ALIGN  # a numpy leaf's key: packing.group's (its type is numpy) and its own dtype, s[2]
-        keys = [(meta["dtype"], s[2], s[1] if n <= align else None) if kind is np.ndarray else None
-                for kind, meta, n, s in zip(self.kinds, self.meta, self.nbytes, self.signature)]
+        align, meta, nbytes = fmt.ALIGN, self.meta, self.nbytes  # a numpy leaf's key: packing.group's (its
+        keys = dict(zip(self.numpy_index, [  # type is numpy) and its own dtype
+            (meta[i]["dtype"], dtype, shape if nbytes[i] <= align else None)
+            for i, shape, dtype in zip(self.numpy_index, self.numpy_shapes, self.numpy_dtypes)]))
         return packing.runs(self.packed_order, keys, self.meta, self.offset, self.nbytes, fmt.PACKED_CHUNK_BYTES)
 
     @functools.cached_property
@@ -176,12 +176,20 @@ class Layout:
 
 
 def of(names: tuple[str, ...], nodes: list[tree_lib.Node], structures: dict[str, str], counts: list[int],
-       paths: list[KeyPath], signatures: list[Any], meta: list[dict], location: list[str], offset: list[int],
-       nbytes: list[int], array_name: list[str], packed_nbytes: int, storage: storage_options.Storage) -> Layout:
+       paths: list[KeyPath], values: list[Any], meta: list[dict], location: list[str], offset: list[int],
+       nbytes: list[int], array_name: list[str], packed_nbytes: int, storage: storage_options.Storage) -> Layout | None:
     """The layout of a plan from its columns (``nodes``: each checkpointable's structure, ``counts`` its
-    number of leaves; the other lists: each leaf's field, in flatten order; see :class:`Layout`)."""
-    return Layout(names, [_walker(node) for node in nodes], structures, counts, paths, signatures, meta, location,
-                  offset, nbytes, array_name, packed_nbytes, storage)
+    number of leaves; the other lists: each leaf's value or field, in flatten order; see :class:`Layout`),
+    or None when a leaf is of a kind whose plan is never reused."""
+    kinds = list(map(type, values))
+    arrays = packing.picker(where(kinds, np.ndarray))(values)
+    typed = {kind for kind in set(kinds) if kind is not np.ndarray and kind not in leaves_lib.INLINE_TYPES}
+    signatures = {i: signature(values[i]) for i, kind in enumerate(kinds) if kind in typed} if typed else {}
+    if None in signatures.values():
+        return None
+    return Layout(names, [_walker(node) for node in nodes], structures, counts, paths, kinds,
+                  list(map(_SHAPE, arrays)), list(map(_DTYPE, arrays)), signatures, meta, location, offset, nbytes,
+                  array_name, packed_nbytes, storage)
 
 
 def where(column: list[Any], value: Any) -> list[int]:
@@ -192,12 +200,6 @@ def where(column: list[Any], value: Any) -> list[int]:
         assert where(["packed", "array", "packed"], "packed") == [0, 2]
     """
     return list(itertools.compress(range(len(column)), map(operator.eq, column, itertools.repeat(value))))
-
-
-def signatures(values: list[Any]) -> list[Any]:
-    """The :func:`signature` of each leaf (numpy arrays, the usual leaves, in one pass)."""
-    ndarray = np.ndarray
-    return [(ndarray, x.shape, x.dtype) if type(x) is ndarray else signature(x) for x in values]
 
 
 def signature(x: Any) -> Any:
@@ -225,10 +227,13 @@ def _walker(node: tree_lib.Node) -> tuple:
     """A compact form of a structure for :func:`_walk`: (kind, container type, keys, children,
     whether every child is a leaf)."""
     if node.kind == "leaf":
-        return ("leaf",)
-    children = [_walker(child) for child in node.children]
+        return _LEAF_WALKER
+    children = [_LEAF_WALKER if child.kind == "leaf" else _walker(child) for child in node.children]
     keys = [key for _, key in node.keys]
-    return (node.kind, node.container, keys, children, all(c[0] == "leaf" for c in children))
+    return (node.kind, node.container, keys, children, children.count(_LEAF_WALKER) == len(children))
+
+
+_LEAF_WALKER = ("leaf",)
 
 
 def _walk(walker: tuple, x: Any, out: list[Any]) -> bool:

@@ -105,11 +105,11 @@ def picker(indices: list[int]) -> Callable[[Sequence[Any]], Sequence[Any]]:
     return operator.itemgetter(*indices)
 
 
-def runs(order: list[int], keys: list[Any], meta: list[dict], offset: list[int], nbytes: list[int],
+def runs(order: list[int], keys: dict[int, Any], meta: list[dict], offset: list[int], nbytes: list[int],
          window: int) -> tuple[list[Run], list[int]]:
     """Splits the packed leaves (indices in offset order) into runs of two or more leaves next to each
-    other with one key (``keys[i]``: the :func:`group` of a numpy array leaf and its own dtype, None for
-    a leaf to copy alone) that start in one ``window`` of the packed array, and the leaves left to copy
+    other with one key (``keys[i]``: the :func:`group` of a numpy array leaf and its own dtype; a leaf
+    without one is copied alone) that start in one ``window`` of the packed array, and the leaves left to copy
     one by one. The leaves are compared as numpy columns.
 
     Example::
@@ -119,7 +119,7 @@ def runs(order: list[int], keys: list[Any], meta: list[dict], offset: list[int],
     if not order:
         return [], []
     ids: dict[Any, int] = {}
-    key_ids = np.array([-1 if key is None else ids.setdefault(key, len(ids)) for key in map(keys.__getitem__, order)])
+    key_ids = np.array([-1 if key is None else ids.setdefault(key, len(ids)) for key in map(keys.get, order)])
     starts = np.array(list(map(offset.__getitem__, order)), np.int64)
     sizes = np.array(list(map(nbytes.__getitem__, order)), np.int64)
     ends = starts - (-sizes // fmt.ALIGN) * fmt.ALIGN  # each leaf's slot(nbytes) after its start

@@ -176,7 +176,7 @@ def _plan(checkpointables: dict[str, Any], metrics: Any, custom_metadata: Any, s
             described = leaves_lib.describe(flat)
         except TypeError as e:
             raise type(e)(f"checkpointable {name!r}: {e}") from None  # the same error, naming the checkpointable
-        structures[name] = entries.structure(tree_lib.to_json(node))
+        structures[name] = tree_lib.to_text(node)
         nodes.append(node)
         counts.append(len(flat))
         paths += [path for path, _ in flat]
@@ -196,13 +196,12 @@ def _plan(checkpointables: dict[str, Any], metrics: Any, custom_metadata: Any, s
     for k, i in enumerate(own_arrays):
         array_name[i] = f"{fmt.ARRAYS}/{k}"
         _describe_array(metas[i], spreads[i], nbytes[i], array_name[i], chunk_bytes(i))
-    signatures = layout_lib.signatures(values)
     layout = None
-    if None not in signatures and spreads.count(None) == len(spreads):
+    if spreads.count(None) == len(spreads):
         kept = list(metas)  # the writer adds each array's checksums to its entry: the layout keeps its own
         for i in own_arrays:
             kept[i] = dict(metas[i])
-        layout = layout_lib.of(tuple(checkpointables), nodes, structures, counts, paths, signatures, kept, location,
+        layout = layout_lib.of(tuple(checkpointables), nodes, structures, counts, paths, values, kept, location,
                                offset, nbytes, array_name, packed_nbytes, stored)
     if layout is not None and stored.scoped is None and layout.on_host():
         # the host arrays are not kept: the writer copies from the leaves themselves

@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
+import json
 import sys
 from typing import Any, Callable, Iterator
 
@@ -200,16 +201,29 @@ def _plain_container(node: Node, values: list[Any]) -> Any:
     return {key: value for (_, key), value in zip(node.keys, values)}
 
 
-def to_json(node: Node) -> dict:
-    """The structure as JSON: ``{"t": kind, "k": keys, "c": children, "n": type name}``."""
+def to_text(node: Node) -> str:
+    """The structure as JSON text: ``{"t": kind, "c": children, "k": keys, "n": type name}`` (keys for
+    dicts, namedtuples and pytrees; a name for namedtuples and pytrees), written from the nodes
+    without a JSON object per node (a leaf is ``{"t":"leaf"}``)."""
     if node.kind == "leaf":
-        return {"t": "leaf"}
-    out: dict[str, Any] = {"t": node.kind, "c": [to_json(c) for c in node.children]}
-    if node.kind in ("dict", "namedtuple", "pytree"):
-        out["k"] = [[kind, key] for kind, key in node.keys]
-    if node.name is not None:
-        out["n"] = node.name
-    return out
+        return _LEAF_TEXT
+    children = node.children
+    if children.count(LEAF) == len(children):  # the usual node, its leaves written at once
+        inner = ",".join([_LEAF_TEXT] * len(children))
+    else:
+        inner = ",".join([_LEAF_TEXT if child.kind == "leaf" else to_text(child) for child in children])
+    keys = f',"k":{_ENCODE(node.keys)}' if node.kind in ("dict", "namedtuple", "pytree") else ""
+    name = "" if node.name is None else f',"n":{_ENCODE(node.name)}'
+    return f'{{"t":{_ENCODE(node.kind)},"c":[{inner}]{keys}{name}}}'
+
+
+def to_json(node: Node) -> dict:
+    """The structure as JSON (see :func:`to_text`)."""
+    return json.loads(to_text(node))
+
+
+_LEAF_TEXT = '{"t":"leaf"}'
+_ENCODE = json.JSONEncoder(allow_nan=False, separators=(",", ":")).encode  # key tuples as JSON arrays
 
 
 def from_json(data: dict) -> Node:

@@ -76,8 +76,8 @@ class Layout:
         self.pinned = torch is not None and any(  # torch leaves on an accelerator: stage in page-locked memory
             self.kinds[i] is torch.Tensor and self.signature[i][3].type == "cuda" for i in self.device_leaves)
         self.packed_order = sorted(where(self.location, "packed"), key=self.offset.__getitem__)
-        self.packed_spans = list(zip(map(self.offset.__getitem__, self.packed_order),
-                                     map(self.nbytes.__getitem__, self.packed_order)))
+        self.packed_offsets = list(map(self.offset.__getitem__, self.packed_order))
+        self.packed_sizes = list(map(self.nbytes.__getitem__, self.packed_order))
         self.unpacked = sorted(self.own_arrays + where(self.location, "inline"))
 
     @functools.cached_property

@@ -200,20 +200,20 @@ def _unreferenced(pool: list[np.ndarray], width: int) -> np.ndarray:
 
 
 class Checksums:
-    """The CRC32 of each packed leaf (``spans``: their ``(offset, nbytes)`` in offset order), taken
-    from the chunks of the packed array as they are fed in order (a leaf may span chunks).
+    """The CRC32 of each packed leaf (at ``offsets``, of ``sizes`` bytes, in offset order), taken from
+    the chunks of the packed array as they are fed in order (a leaf may span chunks).
 
     Example::
 
-        crcs = Checksums([(0, 8), (64, 4)])
+        crcs = Checksums([0, 64], [8, 4])
         crcs.feed(0, np.zeros(128, np.uint8))
         assert crcs.values == [fmt.crc32(bytes(8)), fmt.crc32(bytes(4))]
     """
 
-    def __init__(self, spans: list[tuple[int, int]]):
-        self._offsets = [offset for offset, _ in spans]
-        self._ends = [offset + nbytes for offset, nbytes in spans]  # non-decreasing: the leaves do not overlap
-        self.values = [0] * len(spans)  # the CRC32 of no bytes: zero-size leaves are never fed
+    def __init__(self, offsets: Sequence[int], sizes: Sequence[int]):
+        self._offsets = offsets
+        self._ends = list(map(operator.add, offsets, sizes))  # non-decreasing: the leaves do not overlap
+        self.values = [0] * len(offsets)  # the CRC32 of no bytes: zero-size leaves are never fed
         self._next = 0
 
     def feed(self, start: int, chunk: np.ndarray) -> None:

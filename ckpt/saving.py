@@ -69,11 +69,11 @@ class Plan:
         return self.packed_nbytes + sum(leaf.nbytes for leaf in self.arrays)
 
     @property
-    def packed_spans(self) -> list[tuple[int, int]]:
-        """The (offset, nbytes) of each packed leaf, in offset order."""
+    def packed_spans(self) -> tuple[list[int], list[int]]:
+        """The offsets and the sizes of the packed leaves, in offset order."""
         if self.values is not None:
-            return self.layout.packed_spans
-        return [(leaf.offset, leaf.nbytes) for leaf in self.packed]
+            return self.layout.packed_offsets, self.layout.packed_sizes
+        return [leaf.offset for leaf in self.packed], [leaf.nbytes for leaf in self.packed]
 
     def materialize_unpacked(self) -> None:
         """Makes the planned leaves of a reused plan's large and inline leaves (the writer's work, in the
@@ -521,7 +521,7 @@ class StepWriter:
         """Writes every small leaf into one uint8 zarr3 array, chunk by chunk, and records each leaf's
         CRC32 and each chunk's word sum."""
         plan = self.plan
-        if not plan.packed_spans:
+        if not plan.packed_spans[0]:
             return
         self.prepare_dir()
         spec = storage.array_spec({"driver": "file", "path": fmt.PACKED + "/"}, np.dtype(np.uint8),
@@ -552,7 +552,7 @@ class StepWriter:
         while tensorstore writes the chunks before (in the background, all of them first: one busy
         thread at a time)."""
         plan, size = self.plan, fmt.PACKED_CHUNK_BYTES
-        checksums = packing.Checksums(plan.packed_spans)
+        checksums = packing.Checksums(*plan.packed_spans)
         self.packed_crcs = checksums.values
         if plan.packed_buffer is None:
             fill = plan.layout.filler(plan.values) if plan.values is not None else _filler(plan.packed)
@@ -573,7 +573,7 @@ class StepWriter:
         """tree.json: each checkpointable's structure and leaf entries, the handled ones, the packed array."""
         plan = self.plan
         packed = None
-        if plan.packed_spans:
+        if plan.packed_spans[0]:
             packed = {"spec": self.packed_spec, "nbytes": plan.packed_nbytes,
                       "zarr_json_crc32": self.packed_zarr_json_crc32, "chunk_sum64": self.packed_sums}
         return entries.tree_json(plan.structures, self._leaf_tables(), None if self.custom is None else self.custom.records,

@@ -235,7 +235,7 @@ def test_checksums_from_chunks_are_each_packed_leafs_crc32(chunk):
         spans.append((offset, n))
         offset += packing.slot(n)
     data = rng.integers(0, 256, offset, dtype=np.uint8)
-    crcs = packing.Checksums(spans)
+    crcs = packing.Checksums([a for a, _ in spans], [n for _, n in spans])
     for start in range(0, max(offset, 1), chunk):
         crcs.feed(start, data[start: start + chunk])
     assert crcs.values == [fmt.crc32(data[a: a + n].tobytes()) for a, n in spans]

@@ -239,3 +239,65 @@ def test_checksums_from_chunks_are_each_packed_leafs_crc32(chunk):
     for start in range(0, max(offset, 1), chunk):
         crcs.feed(start, data[start: start + chunk])
     assert crcs.values == [fmt.crc32(data[a: a + n].tobytes()) for a, n in spans]
+
+
+def test_rows_keep_apart_shapes_that_compare_equal():
+    """Shapes are encoded once per distinct shape: [1], [True] and [1.0] compare equal in Python but
+    are three texts."""
+    metas = [{"type": "numpy", "dtype": "float32", "shape": shape} for shape in ([1], [True], [1.0], [1])]
+    assert entries.rows(["a", "b", "c", "d"], metas, [None] * 4)["shape"] == ["[1]", "[true]", "[1.0]", "[1]"]
+
+
+def test_windows_fill_a_buffer_again_only_once_nothing_references_it():
+    """packing.windows hands out each chunk in a buffer that no earlier chunk still held by the caller
+    (or by a write in flight) shares, so chunks kept alive keep their bytes; a leaf that runs past a
+    chunk begins the next one."""
+    size, leaf = 64, np.arange(100, dtype=np.uint8)  # each leaf spans two chunks
+
+    def fill(buffer: np.ndarray, lo: int, hi: int) -> int:  # a leaf starts in every other chunk
+        if lo % 128:
+            return 0
+        buffer[: leaf.size] = leaf
+        return leaf.size
+
+    kept = [(start, chunk, chunk.copy()) for start, chunk in packing.windows(fill, 1024, size)]
+    assert [start for start, _, _ in kept] == list(range(0, 1024, size))
+    assert all(np.array_equal(chunk, copy) for _, chunk, copy in kept), "a kept chunk was overwritten"
+    whole = np.concatenate([copy for _, _, copy in kept])
+    assert np.array_equal(whole[:100], leaf) and np.array_equal(whole[128:228], leaf)
+    dropped = [chunk.ctypes.data for _, chunk in packing.windows(fill, 1024, size)]  # each dropped at once
+    assert len(set(dropped)) <= 3, "buffers nothing references are filled again"
+
+
+def test_place_lays_each_group_together_in_order_of_first_appearance():
+    """packing.place: leaves of one type and dtype (and, when they fit one slot, shape) next to each
+    other, groups in the order their first leaf comes, leaves in flatten order within a group."""
+    def meta(dtype: str, shape: list[int]) -> dict:
+        return {"type": "numpy", "dtype": dtype, "shape": shape}
+    metas = [meta("float32", [100]), meta("int32", [100]), meta("float32", [200]), meta("float32", [2]),
+             meta("int32", [100]), meta("float32", [2]), None]
+    nbytes = [400, 400, 800, 8, 400, 8, 0]
+    offset = [0] * len(metas)
+    total = packing.place([0, 1, 2, 3, 4, 5], metas, nbytes, offset)
+    order = sorted(range(6), key=offset.__getitem__)
+    assert order == [0, 2, 1, 4, 3, 5]
+    assert offset[:6] == [0, 1280, 448, 2176, 1728, 2240] and total == 2304  # slots of 448, 832 and 64 bytes
+    assert all(o % fmt.ALIGN == 0 for o in offset)
+
+
+def test_structure_text_is_what_json_dumps_writes_of_its_json():
+    """ckpt.tree.to_text writes a structure as json.dumps writes {"t", "c", "k", "n"} objects."""
+    import collections
+    from ckpt import tree as tree_lib
+    point = collections.namedtuple("Point", "x y")
+    node, _ = tree_lib.flatten({"a": [1, (2.0, None)], 3: collections.OrderedDict(b=np.ones(2)), "p": point(1, [2]),
+                                "e": {}, "l": []})
+    leaf = {"t": "leaf"}
+    expected = {"t": "dict", "c": [
+        {"t": "list", "c": [leaf, {"t": "tuple", "c": [leaf, leaf]}]},
+        {"t": "dict", "c": [leaf], "k": [["key", "b"]]},
+        {"t": "namedtuple", "c": [leaf, {"t": "list", "c": [leaf]}], "k": [["attr", "x"], ["attr", "y"]], "n": "Point"},
+        {"t": "dict", "c": [], "k": []}, {"t": "list", "c": []}],
+        "k": [["key", "a"], ["key", 3], ["key", "p"], ["key", "e"], ["key", "l"]]}
+    assert tree_lib.to_text(node) == json.dumps(expected, separators=(",", ":"))
+    assert tree_lib.to_json(node) == expected

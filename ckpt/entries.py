@@ -24,7 +24,8 @@ NULL = "null"
 def rows(paths: Sequence[str], metas: Sequence[dict], spans: Sequence[tuple[int, int] | None]) -> dict[str, list[str]]:
     """The text of each field of the leaves at key paths ``paths`` (their manifest entries ``metas``,
     their ``[offset, nbytes]`` in the packed array or None) in tree.json's table, their CRC32 aside: one
-    list per column but ``crc32``. Each distinct type, dtype and shape is encoded once.
+    list per column but ``crc32``. Each entry object (leaves alike share one, see
+    :func:`ckpt.leaves.describe`) is written once, and each distinct type, dtype and shape encoded once.
 
     Example::
 
@@ -32,6 +33,20 @@ def rows(paths: Sequence[str], metas: Sequence[dict], spans: Sequence[tuple[int,
         assert table(texts, ["7"]) == ('{"path":[".w"],"type":["numpy"],"dtype":["float32"],"shape":[[2]],'
                                        '"packed":[[0,8]],"crc32":[7],"more":[null]}')
     """
+    ids = list(map(id, metas))
+    distinct = dict(zip(ids, metas))
+    if len(distinct) == len(metas):
+        fields = _fields(metas)
+    else:
+        position = {key: k for k, key in enumerate(distinct)}
+        at = list(map(position.__getitem__, ids))
+        fields = tuple(list(map(column.__getitem__, at)) for column in _fields(list(distinct.values())))
+    return dict(zip(_ROW_COLUMNS, (list(map(_STRING, paths)), *fields[:3],
+                                   [NULL if span is None else f"[{span[0]},{span[1]}]" for span in spans], fields[3])))
+
+
+def _fields(metas: list[dict]) -> tuple[list[str], list[str], list[str], list[str]]:
+    """The texts of the type, dtype, shape and other fields of each entry."""
     types = [meta["type"] for meta in metas]
     dtypes = [meta.get("dtype") for meta in metas]
     shapes = [meta.get("shape") for meta in metas]
@@ -43,9 +58,8 @@ def rows(paths: Sequence[str], metas: Sequence[dict], spans: Sequence[tuple[int,
         keys = list(map(str, shapes))
     shape_texts = {key: NULL if shape is None else _ENCODE(shape) for key, shape in dict(zip(keys, shapes)).items()}
     more = [NULL if fields == _ARRAY_KEYS else _more(meta) for fields, meta in zip(map(tuple, metas), metas)]
-    return dict(zip(_ROW_COLUMNS, (list(map(_STRING, paths)), list(map(strings.__getitem__, types)),
-                                   list(map(strings.__getitem__, dtypes)), list(map(shape_texts.__getitem__, keys)),
-                                   [NULL if span is None else f"[{span[0]},{span[1]}]" for span in spans], more)))
+    return (list(map(strings.__getitem__, types)), list(map(strings.__getitem__, dtypes)),
+            list(map(shape_texts.__getitem__, keys)), more)
 
 
 def _more(meta: dict) -> str:

@@ -175,19 +175,21 @@ def to_host(path: KeyPath, x: Any) -> HostLeaf:
 
 def describe(flat: list[tuple[KeyPath, Any]]) -> tuple[list[dict], list[np.ndarray | None], list[Spread | None]]:
     """:func:`to_host` of each (key path, leaf) as three columns: the manifest entries, the host arrays
-    and the spreads, with no object per numpy array but its entry. The small DTensors among the leaves
-    are gathered together (in a multi-process job, every process calls it with the same tree).
+    and the spreads, with no object per numpy array. Numpy arrays of one dtype and shape share one
+    manifest entry: copy an entry before changing it. The small DTensors among the leaves are gathered
+    together (in a multi-process job, every process calls it with the same tree).
 
     Example::
 
-        metas, arrays, spreads = describe([(("w",), np.ones(2))])
-        assert metas == [{"type": "numpy", "dtype": "float64", "shape": [2]}] and spreads == [None]
+        metas, arrays, spreads = describe([(("w",), np.ones(2)), (("b",), np.zeros(2))])
+        assert metas[0] is metas[1] == {"type": "numpy", "dtype": "float64", "shape": [2]}
     """
     values = dtensor.gather_small([value for _, value in flat])
-    native = _NATIVE_NAMES
-    found = [{"type": "numpy", "dtype": name, "shape": list(x.shape)}  # to_host's first case, inline
-             if type(x) is np.ndarray and (name := native.get(x.dtype)) is not None else to_host(path, x)
-             for (path, _), x in zip(flat, values)]
+    native, shared = _NATIVE_NAMES, {}
+    found = [  # to_host's first case, inline
+        shared.get(key) or shared.setdefault(key, {"type": "numpy", "dtype": key[0], "shape": list(key[1])})
+        if type(x) is np.ndarray and (key := (native.get(x.dtype), x.shape))[0] is not None else to_host(path, x)
+        for (path, _), x in zip(flat, values)]
     hosts = [i for i, entry in enumerate(found) if type(entry) is HostLeaf]
     metas, arrays, spreads = found, values, [None] * len(found)
     for i in hosts:

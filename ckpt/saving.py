@@ -194,7 +194,7 @@ def _plan(checkpointables: dict[str, Any], metrics: Any, custom_metadata: Any, s
     packed_nbytes = packing.place(layout_lib.where(location, "packed"), metas, nbytes, offset)
     own_arrays = layout_lib.where(location, "array")
     for k, i in enumerate(own_arrays):
-        array_name[i] = f"{fmt.ARRAYS}/{k}"
+        array_name[i], metas[i] = f"{fmt.ARRAYS}/{k}", dict(metas[i])  # an entry of its own (see describe)
         _describe_array(metas[i], spreads[i], nbytes[i], array_name[i], chunk_bytes(i))
     layout = None
     if spreads.count(None) == len(spreads):
@@ -229,10 +229,10 @@ def _apply_storage(stored: storage_options.Storage, paths: list[KeyPath], values
         return lambda i: stored.chunk_bytes or fmt.ARRAY_CHUNK_BYTES
     options = [stored.of_leaf(path, value) for path, value in zip(paths, values)]
     for i, leaf_storage in enumerate(options):
-        if leaf_storage.dtype is not None:
-            host = leaves_lib.HostLeaf(metas[i], arrays[i], spreads[i])
+        if leaf_storage.dtype is not None:  # an entry of its own (see leaves.describe)
+            host = leaves_lib.HostLeaf(dict(metas[i]), arrays[i], spreads[i])
             storage_options.cast(host, leaf_storage.dtype)
-            arrays[i], spreads[i] = host.array, host.spread
+            metas[i], arrays[i], spreads[i] = host.meta, host.array, host.spread
     return lambda i: options[i].chunk_bytes or fmt.ARRAY_CHUNK_BYTES
 
 

@@ -222,3 +222,36 @@ def test_a_scoped_creator_returning_a_bad_option_is_refused_naming_the_leaf_befo
     with ctx, pytest.raises(ValueError, match=r"scoped_storage_options_creator at \['big'\]: .*chunk_byte_size"):
         ckpt.save(tmp_path / "m", state())
     assert not (tmp_path / "m").exists()
+
+
+def test_leaves_alike_stored_differently_each_keep_their_own_entry(tmp_path):
+    """Arrays of one dtype and shape share one manifest entry while planned (ckpt.leaves.describe): a
+    creator that casts one of them, or sets one large leaf's chunk size, changes that leaf's entry
+    alone, and each large leaf keeps its own array."""
+    import jax  # noqa: F401  (Orbax's creators get jax's key entries)
+    rng = np.random.default_rng(3)
+    tree = {"a": rng.standard_normal(5).astype(np.float32), "b": rng.standard_normal(5).astype(np.float32),
+            "big1": rng.standard_normal((ROWS, 512)).astype(np.float32),
+            "big2": rng.standard_normal((ROWS, 512)).astype(np.float32)}
+
+    def creator(keypath, value):
+        if keypath == (jax.tree_util.DictKey("a"),):
+            return ckpt.ArrayOptions.Saving.StorageOptions(dtype=np.float16)
+        if keypath == (jax.tree_util.DictKey("big1"),):
+            return ckpt.ArrayOptions.Saving.StorageOptions(chunk_byte_size=256 << 11)  # 256 rows of 2 KiB
+        return None
+
+    ctx = ckpt.Context()
+    ctx.array.saving.scoped_storage_options_creator = creator
+    with ckpt.Checkpointer(tmp_path, context=ctx) as ckptr:
+        ckptr.save(0, tree)
+    step = tmp_path / "0"
+    assert leaf_entry(step, "['a']")["dtype"] == "float16" and leaf_entry(step, "['b']")["dtype"] == "float32"
+    assert on_disk(step, "['big1']").chunk_layout.write_chunk.shape == (256, 512)
+    assert on_disk(step, "['big2']").chunk_layout.write_chunk.shape == (ROWS, 512)
+    assert leaf_entry(step, "['big1']")["array"]["kvstore"] != leaf_entry(step, "['big2']")["array"]["kvstore"]
+    loaded = ckpt.load_checkpointables(step)["state"]
+    np.testing.assert_array_equal(loaded["a"], tree["a"].astype(np.float16))
+    for name in ("b", "big1", "big2"):
+        np.testing.assert_array_equal(loaded[name], tree[name])
+    assert verify_step(step).ok

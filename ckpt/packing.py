@@ -21,8 +21,9 @@ from ckpt import format as fmt
 from ckpt import leaves as leaves_lib
 
 
-def slot(nbytes: int) -> int:
-    """The bytes a packed leaf of ``nbytes`` takes in the packed array (padded to the alignment)."""
+def slot(nbytes: Any) -> Any:
+    """The bytes a packed leaf of ``nbytes`` takes in the packed array (padded to the alignment); of
+    each, for an array of sizes."""
     return -(-nbytes // fmt.ALIGN) * fmt.ALIGN
 
 
@@ -45,7 +46,7 @@ def place(indices: list[int], metas: list[dict], nbytes: list[int], offset: list
     keys = list(map(group, map(metas.__getitem__, indices), sizes))
     rank = {key: r for r, key in enumerate(dict.fromkeys(keys))}
     order = np.argsort(np.array(list(map(rank.__getitem__, keys)), np.int64), kind="stable")  # stable: flatten order
-    slots = -(-np.array(sizes, np.int64)[order] // fmt.ALIGN) * fmt.ALIGN
+    slots = slot(np.array(sizes, np.int64)[order])
     ends = np.cumsum(slots)
     for i, start in zip(np.array(indices, np.int64)[order].tolist(), (ends - slots).tolist()):
         offset[i] = start
@@ -122,7 +123,7 @@ def runs(order: list[int], keys: dict[int, Any], meta: list[dict], offset: list[
     key_ids = np.array([-1 if key is None else ids.setdefault(key, len(ids)) for key in map(keys.get, order)])
     starts = np.array(list(map(offset.__getitem__, order)), np.int64)
     sizes = np.array(list(map(nbytes.__getitem__, order)), np.int64)
-    ends = starts - (-sizes // fmt.ALIGN) * fmt.ALIGN  # each leaf's slot(nbytes) after its start
+    ends = starts + slot(sizes)
     joined = ((key_ids[1:] == key_ids[:-1]) & (key_ids[1:] >= 0) & (starts[1:] == ends[:-1])
               & (starts[1:] // window == starts[:-1] // window))
     bounds = [0, *(np.flatnonzero(~joined) + 1).tolist(), len(order)]

@@ -4,8 +4,11 @@ Usage (on a machine with a CUDA GPU, torch with CUDA and/or jax with CUDA; about
 
     python benchmarks/gpu.py [--gib 1] [--reps 5] [--out bench-results/gpu.json] [--only torch,jax]
 
+``--device cpu`` runs the same measurements on CPU arrays (no pinned memory, no GPU): the suite's
+smoke test runs it that way, tiny, so that the script is known to run before a GPU is lent.
+
 For each framework, two states live on the GPU: ``large`` (4 float32 arrays, ``--gib`` GiB in all) and
-``small`` (1,000 arrays of 1-256 KiB plus 1,000 0-d arrays). Measured, median of ``--reps`` after a
+``small`` (``--leaves`` arrays of 256 B-64 KiB plus as many 0-d arrays; 1,000 each). Measured, median of ``--reps`` after a
 warm-up, each system saving into a fresh directory of the same disk:
 
 * blocking time of an async save in the steady state (the second save of the same state by one
@@ -34,7 +37,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # jax and torch share the GPU
 import numpy as np  # noqa: E402
@@ -46,11 +49,19 @@ warnings.filterwarnings("ignore", message="torch.distributed is disabled")
 MiB = 1 << 20
 
 
-def sizes(kind: str, gib: float, rng: np.random.Generator) -> list[tuple[int, ...]]:
-    if kind == "large":
-        rows = int(gib * (1 << 30)) // 4 // 4096
-        return [(rows, 1024)] * 4
-    return [(int(n),) for n in rng.integers(256, 64 * 1024, 1000)] + [()] * 1000
+class Setup(NamedTuple):
+    """What a suite measures on: the device (``cuda`` or ``cpu``), the large state's size and the
+    number of small leaves (and of 0-d ones)."""
+
+    device: str
+    gib: float
+    leaves: int
+
+    def sizes(self, kind: str, rng: np.random.Generator) -> list[tuple[int, ...]]:
+        if kind == "large":
+            rows = max(1, int(self.gib * (1 << 30)) // 4 // 4096)
+            return [(rows, 1024)] * 4
+        return [(int(n),) for n in rng.integers(256, 64 * 1024, self.leaves)] + [()] * self.leaves
 
 
 def timed(fn: Callable[[], Any], sync: Callable[[], None]) -> float:
@@ -109,16 +120,17 @@ class Runner:
               flush=True)
 
 
-def torch_suite(runner: Runner, kind: str, gib: float) -> None:
+def torch_suite(runner: Runner, kind: str, setup: Setup) -> None:
     import torch
     import torch.distributed.checkpoint as dcp
 
     rng = np.random.default_rng(0)
-    state = {f"w{i}": torch.randn(shape, device="cuda") for i, shape in enumerate(sizes(kind, gib, rng))}
-    sync = torch.cuda.synchronize
-    pinned = {k: torch.empty(v.shape, dtype=v.dtype, pin_memory=True) for k, v in state.items()}
+    state = {f"w{i}": torch.randn(shape, device=setup.device) for i, shape in enumerate(setup.sizes(kind, rng))}
+    gpu = setup.device == "cuda"
+    sync = torch.cuda.synchronize if gpu else lambda: None
+    pinned = {k: torch.empty(v.shape, dtype=v.dtype, pin_memory=gpu) for k, v in state.items()}
     hosts = [p.numpy() for p in pinned.values()]
-    reads = [torch.empty_like(p, pin_memory=True) for p in pinned.values()]
+    reads = [torch.empty_like(p, pin_memory=gpu) for p in pinned.values()]
 
     def floor_copy(root: Path) -> float:
         return timed(lambda: [pinned[k].copy_(v, non_blocking=True) for k, v in state.items()], sync)
@@ -173,18 +185,19 @@ def torch_suite(runner: Runner, kind: str, gib: float) -> None:
         runner.run(f"{prefix}/{name}", op)
 
 
-def jax_suite(runner: Runner, kind: str, gib: float) -> None:
+def jax_suite(runner: Runner, kind: str, setup: Setup) -> None:
     import jax
     import orbax.checkpoint as ocp
 
     rng = np.random.default_rng(0)
-    device = jax.devices("gpu")[0]
+    gpu = setup.device == "cuda"
+    device = jax.devices("gpu" if gpu else "cpu")[0]
     state = {f"w{i}": jax.device_put(rng.standard_normal(shape, np.float32), device)
-             for i, shape in enumerate(sizes(kind, gib, rng))}
+             for i, shape in enumerate(setup.sizes(kind, rng))}
     sync = lambda: jax.block_until_ready(state)  # noqa: E731
     import torch  # pinned host memory for the floor
 
-    hosts = [torch.empty(v.shape, dtype=torch.float32, pin_memory=True).numpy() for v in state.values()]
+    hosts = [torch.empty(v.shape, dtype=torch.float32, pin_memory=gpu).numpy() for v in state.values()]
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
 
     def floor_copy(root: Path) -> float:
@@ -249,11 +262,14 @@ def main() -> int:
     parser.add_argument("--gib", type=float, default=1.0, help="size of the large state")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--only", default="torch,jax")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--leaves", type=int, default=1000, help="arrays (and 0-d arrays) of the small state")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench-results")) / "gpu.json")
     parser.add_argument("--scratch", type=Path, default=None)
     args = parser.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="ckpt-gpu-", dir=args.scratch))
     runner = Runner(args.reps, scratch)
+    setup = Setup(args.device, args.gib, args.leaves)
     suites = {"torch": torch_suite, "jax": jax_suite}
     errors = {}
     start = time.perf_counter()
@@ -262,7 +278,7 @@ def main() -> int:
             for kind in ("large", "small"):
                 print(f"[{time.perf_counter() - start:.0f} s] {name} {kind}", flush=True)
                 try:
-                    suites[name](runner, kind, args.gib)
+                    suites[name](runner, kind, setup)
                 except Exception as e:  # a missing framework or a failing peer: the rest still runs
                     errors[f"{name}/{kind}"] = f"{type(e).__name__}: {e}"
                     print(f"  failed: {errors[f'{name}/{kind}']}", flush=True)
@@ -272,7 +288,7 @@ def main() -> int:
     try:
         import torch
 
-        device = torch.cuda.get_device_name(0)
+        device = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"
     except Exception:  # noqa: BLE001 - the name is a label only
         pass
     report = {"device": device, "gib": args.gib, "reps": args.reps, "results": runner.results, "errors": errors,

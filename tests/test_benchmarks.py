@@ -96,3 +96,27 @@ def test_the_jax_leaves_benchmark_times_both_loads_alternating(tmp_path):
     assert len(result["load_jax_s"]) == len(result["load_numpy_s"]) == 2
     assert result["ratio"] > 0 and result["ratio_range"][0] <= result["ratio"] <= result["ratio_range"][1]
     assert result["jax_us_per_leaf_range"][0] <= result["jax_us_per_leaf"] <= result["jax_us_per_leaf_range"][1]
+
+
+def test_the_gpu_benchmark_runs_on_cpu_arrays_with_every_figure(tmp_path):
+    """benchmarks/gpu.py gets one short go when a GPU is lent: run it here first, tiny, on CPU arrays."""
+    pytest.importorskip("jax")
+    pytest.importorskip("torch")
+    out = tmp_path / "gpu.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu.py"), "--device", "cpu", "--gib", "0.001",
+                           "--reps", "1", "--leaves", "10", "--out", str(out), "--scratch", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    report = json.loads(out.read_text())
+    assert report["errors"] == {} and report["device"] == "cpu"
+    operations = {"torch": {"floor pinned copy", "floor write", "floor read", "ckpt async blocking",
+                            "ckpt async until durable", "ckpt save", "ckpt load", "dcp async blocking",
+                            "dcp async until durable", "dcp save", "dcp load"},
+                  "jax": {"floor pinned copy", "floor read", "ckpt async blocking", "ckpt async until durable",
+                          "ckpt load", "orbax async blocking", "orbax async until durable", "orbax load"}}
+    expected = {f"{framework}/{kind}/{op}" for framework, ops in operations.items() for kind in ("large", "small")
+                for op in ops}
+    assert set(report["results"]) == expected
+    assert all(r["median"] > 0 for r in report["results"].values())
+    assert len(report["targets"]) == 8
+    assert [p.name for p in tmp_path.iterdir()] == ["gpu.json"], "the scratch directory was left behind"

@@ -117,6 +117,8 @@ class Layout:
 
         def fill(buffer: np.ndarray, lo: int, hi: int) -> int:
             runs, alone = windows[lo // size] if lo // size < len(windows) else ((), ())
+            if alone or any(run.shape is not None for run in runs):  # leaves copied without their padding
+                buffer[min([run.start for run in runs] + [offset[i] - lo for i in alone]):] = 0
             end = 0
             for run in runs:
                 run.copy(values, run.target(buffer))
@@ -124,7 +126,7 @@ class Layout:
             for i in alone:
                 start = offset[i] - lo
                 to_host.copy(i, self.view_of(i, buffer[start: start + nbytes[i]]))
-                end = max(end, start + nbytes[i])
+                end = max(end, start + packing.slot(nbytes[i]))
             to_host.wait()
             return end
         return fill

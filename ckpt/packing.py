@@ -166,9 +166,10 @@ def by_window(together: list[Run], alone: list[int], offset: list[int], size: in
 
 def windows(fill: Callable[[np.ndarray, int, int], int], total: int, size: int) -> Iterator[tuple[int, np.ndarray]]:
     """The packed array of ``total`` bytes in chunks of ``size`` (each yielded as ``(start, bytes)``):
-    ``fill(buffer, lo, hi)`` copies each leaf that starts in ``[lo, hi)`` to ``buffer[offset - lo:]``
-    and returns where the last one ends in ``buffer``; the bytes a leaf puts past the chunk begin the
-    next one. An empty array has one empty chunk. A chunk's buffer is filled again only once nothing
+    ``fill(buffer, lo, hi)`` writes the slot of each leaf that starts in ``[lo, hi)`` at
+    ``buffer[offset - lo:]``, the leaf's bytes and the zeros of its padding (the buffer holds what an
+    earlier chunk left), and returns where the last slot ends in ``buffer``; the bytes a slot puts past
+    the chunk begin the next one. An empty array has one empty chunk. A chunk's buffer is filled again only once nothing
     references it: a caller may hand a chunk to a write without a copy (tensorstore lets go of a
     write's source when the write commits) and hold on to the last few.
 
@@ -190,13 +191,12 @@ def windows(fill: Callable[[np.ndarray, int, int], int], total: int, size: int) 
 
 
 def _unreferenced(pool: list[np.ndarray], width: int) -> np.ndarray:
-    """A buffer of ``pool`` that nothing else references, zeroed (so that the gaps between packed leaves
-    hold no stray bytes); a new one, added to the pool, when each is still in use."""
+    """A buffer of ``pool`` that nothing else references (holding what it last held); a new one, added
+    to the pool, when each is still in use."""
     for i in range(len(pool)):
         if sys.getrefcount(pool[i]) == 2:  # the pool's reference and the call's argument: no view of it is alive
-            pool[i][:] = 0
             return pool[i]
-    pool.append(np.zeros(width, np.uint8))
+    pool.append(np.empty(width, np.uint8))
     return pool[-1]
 
 

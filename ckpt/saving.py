@@ -127,10 +127,13 @@ def _filler(packed: list[PlannedLeaf]) -> Callable[[np.ndarray, int, int], int]:
     def fill(buffer: np.ndarray, lo: int, hi: int) -> int:
         nonlocal position
         end = 0
+        if position < len(packed):  # the padding of each slot
+            buffer[packed[position].offset - lo:] = 0
         while position < len(packed) and packed[position].offset < hi:
             leaf = packed[position]
-            end = leaf.offset - lo + leaf.nbytes
-            buffer[leaf.offset - lo: end] = _raw_bytes(leaf.host.array)
+            start = leaf.offset - lo
+            buffer[start: start + leaf.nbytes] = _raw_bytes(leaf.host.array)
+            end = start + packing.slot(leaf.nbytes)
             position += 1
         return end
     return fill

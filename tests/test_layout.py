@@ -12,6 +12,7 @@ import ckpt
 from ckpt import format as fmt
 from ckpt import entries, packing, saving, verify
 from ckpt.leaf_table import LeafTable
+from ckpt.schema import read_manifest, read_tree
 
 torch = pytest.importorskip("torch")
 jax = pytest.importorskip("jax")
@@ -301,3 +302,33 @@ def test_structure_text_is_what_json_dumps_writes_of_its_json():
         "k": [["key", "a"], ["key", 3], ["key", "p"], ["key", "e"], ["key", "l"]]}
     assert tree_lib.to_text(node) == json.dumps(expected, separators=(",", ":"))
     assert tree_lib.to_json(node) == expected
+
+
+def test_the_packed_array_holds_zeros_between_its_leaves_whatever_its_buffers_held_before(tmp_path):
+    """Every byte of the packed array that no leaf owns (each slot's padding) is zero, in a fresh plan's
+    save, a reused layout's and an async one's, over chunks whose buffers held other leaves' bytes; and
+    in a fresh plan's save of a tree with leaves on a device (jax), which copies each leaf for itself."""
+    import tensorstore as ts
+
+    rng = np.random.default_rng(3)
+    state = {"arrays": [rng.integers(1, 255, int(n), np.uint8) for n in rng.integers(100_000, 900_000, 40)],
+             "zero_d": [np.array(rng.integers(1, 99), np.int32) for _ in range(300)],
+             "alone": [np.full(int(n), 7, np.int8) for n in rng.integers(1, 200, 30)],
+             "scalars": [float(i) + 0.5 for i in range(50)], "odd": np.full(3, -1, np.int16)}
+    state["arrays"][5::7] = [np.full(int(n), -3.0, np.float64) for n in rng.integers(1, 70_000, 5)]
+    with ckpt.Checkpointer(tmp_path) as checkpointer:
+        checkpointer.save(0, state)
+        checkpointer.save(1, state)
+        checkpointer.save_async(2, state).result()
+        checkpointer.save(3, {**state, "jax": [jnp.full(int(n), 9, jnp.int8) for n in rng.integers(1, 200, 30)]})
+    for step in (0, 1, 2, 3):
+        step_dir = tmp_path / str(step)
+        table = read_tree(step_dir, read_manifest(step_dir))["checkpointables"]["state"]["leaves"]
+        spans = [span for span in table.packed if span is not None]
+        data = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(tmp_path / str(step) / fmt.PACKED)}},
+                       open=True).result().read().result()
+        assert data.size > 3 * fmt.PACKED_CHUNK_BYTES
+        owned = np.zeros(data.size, bool)
+        for offset, nbytes in spans:
+            owned[offset: offset + nbytes] = True
+        assert not data[~owned].any(), f"step {step}: stray bytes at {np.flatnonzero(data * ~owned)[:5]}"

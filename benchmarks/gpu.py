@@ -8,8 +8,8 @@ Usage (on a machine with a CUDA GPU, torch with CUDA and/or jax with CUDA; about
 smoke test runs it that way, tiny, so that the script is known to run before a GPU is lent.
 
 For each framework, two states live on the GPU: ``large`` (4 float32 arrays, ``--gib`` GiB in all) and
-``small`` (``--leaves`` arrays of 256 B-64 KiB plus as many 0-d arrays; 1,000 each). Measured, median of ``--reps`` after a
-warm-up, each system saving into a fresh directory of the same disk:
+``small`` (``--leaves`` arrays of 256 B-64 KiB plus as many 0-d arrays; 1,000 each). Measured, median
+of ``--reps`` after a warm-up, each system saving into a fresh directory of the same disk:
 
 * blocking time of an async save in the steady state (the second save of the same state by one
   Checkpointer), against the floor: a non-blocking copy of every array into pinned host buffers

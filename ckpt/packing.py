@@ -169,9 +169,9 @@ def windows(fill: Callable[[np.ndarray, int, int], int], total: int, size: int) 
     ``fill(buffer, lo, hi)`` writes the slot of each leaf that starts in ``[lo, hi)`` at
     ``buffer[offset - lo:]``, the leaf's bytes and the zeros of its padding (the buffer holds what an
     earlier chunk left), and returns where the last slot ends in ``buffer``; the bytes a slot puts past
-    the chunk begin the next one. An empty array has one empty chunk. A chunk's buffer is filled again only once nothing
-    references it: a caller may hand a chunk to a write without a copy (tensorstore lets go of a
-    write's source when the write commits) and hold on to the last few.
+    the chunk begin the next one. An empty array has one empty chunk. A chunk's buffer is filled again
+    only once nothing references it: a caller may hand a chunk to a write without a copy (tensorstore
+    lets go of a write's source when the write commits) and hold on to the last few.
 
     Example::
 

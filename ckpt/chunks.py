@@ -15,7 +15,6 @@ import functools
 import itertools
 import math
 import os
-import zlib
 from typing import Any, BinaryIO, Callable, Iterator, NamedTuple
 
 import numpy as np
@@ -157,14 +156,14 @@ def check_metadata(source: LocalArray, meta: dict) -> str | None:
         return f"{path} is missing"
     except (ValueError, OSError) as e:
         return str(e)
-    if zlib.crc32(data) & 0xFFFFFFFF != meta.get("zarr_json_crc32"):
+    if fmt.crc32(data) != meta.get("zarr_json_crc32"):
         return f"{path} does not match its CRC32 in tree.json"
     return None
 
 
 def checksums(data: np.ndarray, chunks: list[Chunk]) -> list[int]:
     """The CRC32 of each chunk of ``data`` (a flat uint8 array of the leaf's bytes)."""
-    return [zlib.crc32(data[c.start:c.stop]) & 0xFFFFFFFF for c in chunks]
+    return [fmt.crc32(data[c.start:c.stop]) for c in chunks]
 
 
 def sum64(data: np.ndarray) -> int:
@@ -208,7 +207,7 @@ def _mismatch(out: np.ndarray, found_sum64: int | None, expected_crc32: int | No
     one (``found_sum64``, which the caller took), else its CRC32; None if they match."""
     if expected_sum64 is not None:
         return None if found_sum64 == expected_sum64 else "checksum (chunk_sum64)"
-    if expected_crc32 is not None and zlib.crc32(out) & 0xFFFFFFFF != expected_crc32:
+    if expected_crc32 is not None and fmt.crc32(out) != expected_crc32:
         return "CRC32 (chunk_crc32)"
     return None
 

@@ -28,8 +28,12 @@ from __future__ import annotations
 
 import json
 import math
-import zlib
 from typing import Any
+
+try:  # the `fast` extra: zlib-ng's CRC32, the same values 2-4x as fast as the zlib Python links
+    from zlib_ng.zlib_ng import crc32
+except ImportError:
+    from zlib import crc32
 
 FORMAT_NAME = "ckpt"
 FORMAT_VERSION = 2                # what a save writes (2: leaf entries as a table, see ckpt.leaf_table)
@@ -136,11 +140,6 @@ def decode_metrics(metrics: Any) -> Any:
     if isinstance(metrics, list):
         return [decode_metrics(v) for v in metrics]
     return _NOT_FINITE.get(metrics, metrics) if isinstance(metrics, str) else metrics
-
-
-def crc32(data: bytes | memoryview) -> int:
-    """The CRC32 stored for tree.json and for packed leaves."""
-    return zlib.crc32(data) & 0xFFFFFFFF
 
 
 _MANIFEST_CRC = b',"manifest_crc32":'

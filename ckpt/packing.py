@@ -12,7 +12,6 @@ import bisect
 import dataclasses
 import operator
 import sys
-import zlib
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -222,12 +221,12 @@ class Checksums:
         offsets, ends, values = self._offsets, self._ends, self.values
         data, stop, i = memoryview(chunk), start + chunk.size, self._next
         if i < len(ends) and offsets[i] < start:  # a leaf begun in an earlier chunk
-            values[i] = zlib.crc32(data[: min(ends[i], stop) - start], values[i])
+            values[i] = fmt.crc32(data[: min(ends[i], stop) - start], values[i])
             if ends[i] > stop:
                 return
             i += 1
         whole = bisect.bisect_right(ends, stop, i)  # the leaves from i to whole lie in the chunk
-        values[i: whole] = map(zlib.crc32, [data[a - start: b - start] for a, b in zip(offsets[i: whole], ends[i: whole])])
+        values[i: whole] = map(fmt.crc32, [data[a - start: b - start] for a, b in zip(offsets[i: whole], ends[i: whole])])
         if whole < len(ends) and offsets[whole] < stop:  # a leaf that goes on in the next chunk
-            values[whole] = zlib.crc32(data[offsets[whole] - start:])
+            values[whole] = fmt.crc32(data[offsets[whole] - start:])
         self._next = whole

@@ -21,7 +21,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import os
-import zlib
 from pathlib import Path
 from typing import Any
 
@@ -177,7 +176,7 @@ def _check_chunk(index: int, read: Any, crcs: list[int] | None, sums: list[int] 
     data = read.result()
     tracker.advance(data.nbytes)
     raw = data.reshape(-1).view(np.uint8)
-    if crcs is not None and zlib.crc32(raw) != crcs[index]:
+    if crcs is not None and fmt.crc32(raw) != crcs[index]:
         return f"chunk {index} of its array does not match its CRC32 in {fmt.TREE}"
     if sums is not None and chunks.sum64(raw) != sums[index]:
         return f"chunk {index} of its array does not match its checksum (chunk_sum64) in {fmt.TREE}"
@@ -226,7 +225,7 @@ def _verify_packed(step_dir: storage.Location, files: storage.LocalFiles | None,
             if why:
                 break
             start = i * window
-            crc = zlib.crc32(held[1][max(offset, start) - start: min(offset + nbytes, start + window) - start], crc)
+            crc = fmt.crc32(held[1][max(offset, start) - start: min(offset + nbytes, start + window) - start], crc)
         if why:
             damaged.append(Damage(where, why))
         elif crc != meta["crc32"]:

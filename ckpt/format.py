@@ -31,7 +31,7 @@ import math
 from typing import Any
 
 # crc32(data, value=0): every CRC32 the format stores (the manifest, tree.json, leaves, chunks). With the
-# `fast` extra it is zlib-ng's, the same values 3-6x as fast as those of the zlib Python links.
+# `fast` extra it is zlib-ng's, the same values 2.7-6x as fast as those of the zlib Python links.
 try:
     from zlib_ng.zlib_ng import crc32
 except ImportError:

@@ -19,7 +19,7 @@ import tensorstore as ts
 
 import ckpt
 from ckpt import format as fmt
-from ckpt import storage
+from ckpt import schema, storage
 from ckpt import tree as tree_lib
 from ckpt.training import Checkpointer
 from ckpt.verify import verify_step
@@ -83,24 +83,48 @@ def test_tree_json_describes_every_leaf_with_dtype_shape_location_and_checksum(t
     assert doc["checkpointables"]["state"]["tree"]["t"] == "dict"
 
 
-def test_the_fast_extra_computes_the_checksums_and_steps_saved_without_it_have_the_same_ones(tmp_path):
-    """zlib-ng (the ``fast`` extra, installed with the dev extras) computes every CRC32 when it is
-    there; a process without it falls back to the stdlib's zlib, and a step either one saves passes
-    the other's verify and load, byte for byte the same."""
+def test_the_fast_extra_computes_the_checksums_and_parses_tree_json_and_steps_saved_without_it_are_the_same(tmp_path):
+    """zlib-ng and orjson (the ``fast`` extra, installed with the dev extras) compute every CRC32 and
+    parse tree.json when they are there; a process without them falls back to the stdlib's zlib and
+    json, and a step either one saves passes the other's verify and load, byte for byte the same."""
     pytest.importorskip("zlib_ng")
-    assert fmt.crc32.__module__ == "zlib_ng.zlib_ng"
+    orjson = pytest.importorskip("orjson")
+    assert fmt.crc32.__module__ == "zlib_ng.zlib_ng" and schema._fast_loads is orjson.loads
     state = {"big": np.arange(LARGE, dtype=np.float32), "small": [np.arange(i + 1) for i in range(20)], "n": 3}
     ckpt.save(tmp_path / "fast", state)
     without = procs.run_script(
-        "import sys, zlib\nsys.modules['zlib_ng'] = None  # as if the extra were not installed\n"
-        "import ckpt\nfrom ckpt import format as fmt\nfrom ckpt.verify import verify_step\n"
-        "assert fmt.crc32 is zlib.crc32, fmt.crc32\nassert verify_step(sys.argv[1] + '/fast').ok\n"
+        "import sys, zlib\nsys.modules['zlib_ng'] = sys.modules['orjson'] = None  # as if the extra were not installed\n"
+        "import ckpt\nfrom ckpt import format as fmt, schema\nfrom ckpt.verify import verify_step\n"
+        "assert fmt.crc32 is zlib.crc32 and schema._fast_loads is None\nassert verify_step(sys.argv[1] + '/fast').ok\n"
         "ckpt.save(sys.argv[1] + '/plain', ckpt.load(sys.argv[1] + '/fast'))\n", str(tmp_path))
     assert without.returncode == 0, without.stderr
     assert verify_step(tmp_path / "plain").ok
     assert (tmp_path / "plain" / fmt.TREE).read_bytes() == (tmp_path / "fast" / fmt.TREE).read_bytes()
     loaded = ckpt.load(tmp_path / "plain")
     assert np.array_equal(loaded["big"], state["big"]) and loaded["small"][19].tolist() == list(range(20))
+
+
+@pytest.mark.parametrize("state", [
+    {"n": 2 ** 70, "m": -(2 ** 70), 2 ** 70: np.arange(3), "x": 1.5},  # orjson reads these integers as floats
+    {"\udc80": np.arange(2), "s": "\ud800"},  # lone surrogates, which orjson refuses
+], ids=["integers past 64 bits", "lone surrogates"])
+def test_a_tree_json_that_orjson_reads_otherwise_is_read_by_json(tmp_path, monkeypatch, state):
+    """orjson parses tree.json first; where it refuses the text or reads it otherwise (its check then
+    fails), json reads it again, so that a step loads the same with the fast extra as without."""
+    orjson = pytest.importorskip("orjson")
+    ckpt.save(tmp_path / "s", state)
+    parsed = []
+    monkeypatch.setattr(schema, "_fast_loads", lambda data: parsed.append("orjson") or orjson.loads(data))
+    real_parse = schema._parse
+    monkeypatch.setattr(schema, "_parse", lambda d, path, data: parsed.append(Path(path).name) or real_parse(d, path, data))
+    loaded = ckpt.load(tmp_path / "s")
+    assert parsed == [fmt.MANIFEST, "orjson", fmt.TREE]
+    assert list(loaded) == list(state)
+    for key, value in state.items():
+        assert type(loaded[key]) is type(value) and np.array_equal(loaded[key], value), key
+    parsed.clear()
+    ckpt.save(tmp_path / "plain", {"a": np.arange(3), "n": 2 ** 62})
+    assert ckpt.load(tmp_path / "plain")["n"] == 2 ** 62 and parsed == [fmt.MANIFEST, "orjson"]
 
 
 def test_a_step_of_format_version_1_is_listed_loaded_verified_and_checked_as_before(tmp_path):

@@ -40,6 +40,7 @@ try:  # tree.json's parser with the `fast` extra: 2.4x as fast as json on a 10,0
     from orjson import loads as _fast_loads
 except ImportError:
     _fast_loads = None
+_FAST_LEVELS = 100  # the deepest tree structure (levels of containers) orjson's reading is trusted with
 
 _INLINE = {"int": (int,), "float": (float, int), "bool": (bool,), "str": (str,), "none": (type(None),)}
 _INLINE_KEYS = {"path", "type", "value"}  # an inline leaf's entry, as a save writes it
@@ -148,11 +149,14 @@ def read_tree(step_dir: storage.Location, manifest: dict) -> dict:
         raise CheckpointCorruptedError(f"{path} does not match its checksum in {fmt.MANIFEST}: the file is damaged",
                                        path=step_dir)
     if _fast_loads is not None:
-        try:  # orjson refuses NaN, lone surrogates and deep nesting, reads integers past 64 bits as floats: a
-            # tree.json it refuses or whose check fails is read again by json, whose reading is the format's
+        # orjson refuses NaN and lone surrogates, reads integers past 64 bits as floats and nests 1,024
+        # levels where json's parser (and the loader, which recurses per level) stops near Python's
+        # recursion limit: a tree.json it refuses, whose check fails or whose tree nests deeper than
+        # _FAST_LEVELS is read again by json, whose reading is the format's
+        try:
             doc = _fast_loads(data)
-            _check_tree(doc, manifest["checkpointables"], manifest["version"])
-            return doc
+            if _check_tree(doc, manifest["checkpointables"], manifest["version"]) <= _FAST_LEVELS:
+                return doc
         except (ValueError, _Invalid):  # (orjson's JSONDecodeError is a ValueError)
             pass
     doc = _parse(step_dir, path, data)
@@ -208,17 +212,21 @@ def _check_manifest(manifest: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- tree
-def _check_tree(doc: Any, names: list[str], version: int) -> None:
+def _check_tree(doc: Any, names: list[str], version: int) -> int:
+    """Checks tree.json's document (``doc``); returns the levels of containers its deepest tree nests."""
     trees = doc.get("checkpointables") if type(doc) is dict else None
     if type(trees) is not dict or sorted(trees) != sorted(names):
         raise _Invalid(f"its checkpointables are not the manifest's {names!r}")
     _check_handled(doc.get("handled", {}), trees)
     packed_end, packed_bytes = -1, 0  # the end of the last packed leaf's bytes (-1: none), and the bytes
     # the packed leaves take one after another (each padded to the alignment, as a save packs them)
+    deepest = 0
     for name, tree in trees.items():
         if type(tree) is not dict:
             raise _Invalid(f"checkpointable {name!r} is not an object of 'tree' and 'leaves'")
-        table = tree["leaves"] = _table(name, tree.get("leaves"), _count_leaves(tree.get("tree"), name), version)
+        count, levels = _count_leaves(tree.get("tree"), name)
+        deepest = max(deepest, levels)
+        table = tree["leaves"] = _table(name, tree.get("leaves"), count, version)
         packed_end, packed_bytes = _check_leaves(name, table, packed_end, packed_bytes)
     packed = doc.get("packed")
     if packed is not None or packed_end >= 0:
@@ -227,14 +235,15 @@ def _check_tree(doc: Any, names: list[str], version: int) -> None:
         except _Invalid as e:
             raise _Invalid(e.why, *[name + meta["path"] for name, tree in trees.items() for meta in tree["leaves"]
                                     if "packed" in meta]) from None
+    return deepest
 
 
-def _count_leaves(node: Any, name: str) -> int:
-    """The leaves of a tree structure (see ``ckpt.tree.to_json``), each node checked; iterative, so
-    that no depth of nesting exhausts the stack."""
-    count, stack = 0, [node]
+def _count_leaves(node: Any, name: str) -> tuple[int, int]:
+    """The leaves of a tree structure (see ``ckpt.tree.to_json``), each node checked, and the levels
+    of containers it nests; iterative, so that no depth of nesting exhausts the stack."""
+    count, levels, stack = 0, 0, [(node, 1)]
     while stack:
-        node = stack.pop()
+        node, level = stack.pop()
         kind = node.get("t") if type(node) is dict else None
         kind = kind if type(kind) is str else None
         if kind == "leaf":
@@ -249,9 +258,10 @@ def _count_leaves(node: Any, name: str) -> int:
             raise _Invalid(f"checkpointable {name!r}: the keys {_short(keys)} of a {kind} node are not one "
                            "[kind, key] pair per child")
         leaves = children.count(_LEAF)  # the usual leaves, counted without a step each
-        count += leaves
-        stack.extend(children if not leaves else [child for child in children if child != _LEAF])
-    return count
+        count, levels = count + leaves, max(levels, level)
+        below = children if not leaves else [child for child in children if child != _LEAF]
+        stack.extend(zip(below, itertools.repeat(level + 1)))
+    return count, levels
 
 
 def _is_key(entry: Any) -> bool:

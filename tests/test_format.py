@@ -2,6 +2,7 @@
 renamed atomically; a JSON manifest with checksums; array data that plain tensorstore can read."""
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import os
@@ -107,10 +108,12 @@ def test_the_fast_extra_computes_the_checksums_and_parses_tree_json_and_steps_sa
 @pytest.mark.parametrize("state", [
     {"n": 2 ** 70, "m": -(2 ** 70), 2 ** 70: np.arange(3), "x": 1.5},  # orjson reads these integers as floats
     {"\udc80": np.arange(2), "s": "\ud800"},  # lone surrogates, which orjson refuses
-], ids=["integers past 64 bits", "lone surrogates"])
+    {"deep": functools.reduce(lambda inner, _: {"x": inner}, range(schema._FAST_LEVELS), np.arange(2))},
+], ids=["integers past 64 bits", "lone surrogates", "a tree nested deeper than orjson is trusted with"])
 def test_a_tree_json_that_orjson_reads_otherwise_is_read_by_json(tmp_path, monkeypatch, state):
-    """orjson parses tree.json first; where it refuses the text or reads it otherwise (its check then
-    fails), json reads it again, so that a step loads the same with the fast extra as without."""
+    """orjson parses tree.json first; where it refuses the text, reads it otherwise (its check then
+    fails) or finds a tree nested deeper than it is trusted with, json reads it again, so that a step
+    loads the same with the fast extra as without."""
     orjson = pytest.importorskip("orjson")
     ckpt.save(tmp_path / "s", state)
     parsed = []
@@ -120,8 +123,10 @@ def test_a_tree_json_that_orjson_reads_otherwise_is_read_by_json(tmp_path, monke
     loaded = ckpt.load(tmp_path / "s")
     assert parsed == [fmt.MANIFEST, "orjson", fmt.TREE]
     assert list(loaded) == list(state)
-    for key, value in state.items():
-        assert type(loaded[key]) is type(value) and np.array_equal(loaded[key], value), key
+    assert tree_lib.keystrs([p for p, _ in tree_lib.flatten(loaded)[1]]) == tree_lib.keystrs(
+        [p for p, _ in tree_lib.flatten(state)[1]])
+    for (_, got), (path, want) in zip(tree_lib.flatten(loaded)[1], tree_lib.flatten(state)[1]):
+        assert type(got) is type(want) and np.array_equal(got, want), path
     parsed.clear()
     ckpt.save(tmp_path / "plain", {"a": np.arange(3), "n": 2 ** 62})
     assert ckpt.load(tmp_path / "plain")["n"] == 2 ** 62 and parsed == [fmt.MANIFEST, "orjson"]

@@ -205,6 +205,10 @@ def deep_tree(raw: bytes) -> bytes:
     return raw.replace(b'{"t":"leaf"}', b'{"t":"list","c":' + b"[" * 100_000 + b"]" * 100_000 + b"}", 1)
 
 
+def deep_nodes(raw: bytes) -> bytes:
+    return raw.replace(b'{"t":"leaf"}', b'{"t":"list","c":[' * 505 + b'{"t":"leaf"}' + b']}' * 505, 1)
+
+
 def huge_big_leaf(tree: dict) -> None:
     """The big leaf declares 2**40 float64 in one chunk, every field consistent: only its file's size
     tells that the bytes are not there."""
@@ -331,6 +335,7 @@ CASES: dict[str, Case] = {
     "subarray dtype": Case(in_tree(small_dtype("(3,)<f8")), "tree", fmt.TREE),
     "dtype M8[ns]": Case(in_tree(small_dtype("M8[ns]")), "tree", fmt.TREE),
     "tree.json nested 100,000 deep": Case(raw_tree(deep_tree), "tree", fmt.TREE),
+    "a tree of nodes nested 505 levels (past json's parser, within orjson's)": Case(raw_tree(deep_nodes), "tree", fmt.TREE),
     "metrics nested 100,000 deep": Case(raw_manifest(lambda b: b.replace(b'"metrics":null', b'"metrics":' + b"[" * 100_000
                                                                        + b"]" * 100_000)), "manifest", fmt.MANIFEST),
     "metrics nested deeper than a save writes": Case(in_manifest(lambda m: m.update(metrics=nested(80))),

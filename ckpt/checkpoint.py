@@ -30,7 +30,7 @@ def _writer(path: str | os.PathLike, checkpointables: dict[str, Any], overwrite:
     tmp = storage.temporary_for(final)
     root.check_target(final, tmp, step=None, overwrite=overwrite)
     storage.make_dir(final.parent)
-    writer = saving.StepWriter(plan, tmp, final)
+    writer = saving.StepWriter(plan, tmp, final, overwrite=overwrite)
     writer.start_custom(handled)
     return writer
 

@@ -230,6 +230,19 @@ def check_target(final: storage.Location, tmp: storage.Location, *, step: int | 
                 "Move it away, or save to another step or path.", path=tmp)
 
 
+def commit(tmp: storage.Location, final: storage.Location, *, step: int | None, overwrite: bool) -> None:
+    """Commits a fully written temporary (see :func:`ckpt.storage.commit_dir`) after checking ``final``
+    again as :func:`check_target` did before the save began: whatever took its name while the step was
+    written (a user's directory, another process's save of the step) is never replaced.
+
+    Raises:
+      StepAlreadyExistsError, ForeignEntryError: as :func:`check_target`; the step is not committed.
+    """
+    if isinstance(final, Path):
+        check_target(final, final, step=step, overwrite=overwrite)
+    storage.commit_dir(tmp, final, replace=overwrite)
+
+
 @contextlib.contextmanager
 def reading(step_dir: storage.Location, step: int | None = None) -> Iterator[None]:
     """Reads of one step: an error because the step was deleted meanwhile (by another process's garbage
@@ -254,13 +267,15 @@ def reading(step_dir: storage.Location, step: int | None = None) -> Iterator[Non
 
 
 def delete_step(path: storage.Location, step: int) -> None:
-    """Deletes a listed step (see :func:`ckpt.storage.delete_dir`) after checking, again, that it is one.
+    """Deletes a listed step (see :func:`ckpt.storage.delete_dir`) after checking, again, that it is one,
+    its manifest (or Orbax's metadata) read and validated.
 
     Raises:
-      ForeignEntryError: ``path`` is no longer a committed step (replaced by something else): nothing is removed.
+      ForeignEntryError: ``path`` is not a committed step (replaced by something else, or listed without
+        reading its manifest by ``lightweight_initialize``): nothing is removed.
     """
-    entry = classify(path, step, read_manifest=False)
+    entry = classify(path, step)
     if entry.kind not in LISTED:
-        raise ForeignEntryError(f"{path} is no longer a committed ckpt step (it holds {entry.holds}); "
+        raise ForeignEntryError(f"{path} is not a committed ckpt step (it holds {entry.holds}); "
                                 "it was not deleted", path=path)
     storage.delete_dir(path)

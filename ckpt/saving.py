@@ -20,7 +20,7 @@ import tensorstore as ts
 from ckpt import format as fmt
 from ckpt import layout as layout_lib
 from ckpt import leaves as leaves_lib
-from ckpt import chunks, collector, custom, distributed, entries, loading, packing, preemption, progress, storage
+from ckpt import chunks, collector, custom, distributed, entries, loading, packing, preemption, progress, root, storage
 from ckpt import storage_options, transfers
 from ckpt import tree as tree_lib
 from ckpt.metadata import now_nsecs
@@ -403,11 +403,13 @@ class StepWriter:
     barrier, the primary writes the manifest and commits, and a last barrier publishes the step.
     """
 
-    def __init__(self, plan: Plan, tmp_dir: Path, final_dir: Path, *, dir_mode: int | None = None,
-                 processes: distributed.Processes | None = None, operation: str = "", timeout_secs: float = 1200.0):
+    def __init__(self, plan: Plan, tmp_dir: Path, final_dir: Path, *, overwrite: bool = False,
+                 dir_mode: int | None = None, processes: distributed.Processes | None = None, operation: str = "",
+                 timeout_secs: float = 1200.0):
         self.plan = plan
         self.tmp_dir = tmp_dir
         self.final_dir = final_dir
+        self.overwrite = overwrite  # the committed step at final_dir (checked as one) may be replaced
         self.dir_mode = dir_mode
         self.processes = processes or distributed.SingleProcess()
         self.primary = self.processes.index == 0
@@ -439,7 +441,7 @@ class StepWriter:
         try:
             self.custom = custom.start(handled, self.tmp_dir, self.prepare_dir)
         except BaseException:
-            storage.remove_tree(self.tmp_dir)
+            storage.remove_owned(self.tmp_dir)
             raise
 
     def hand_off(self, max_inflight_bytes: int | None = None, staging: StagingBuffers | None = None) -> None:
@@ -634,28 +636,34 @@ class StepWriter:
         storage.write_file(self.tmp_dir / fmt.MANIFEST, fmt.sealed_manifest(manifest))
         self.manifest = manifest
 
-    def commit(self) -> None:
-        """Makes the written step visible atomically (see :func:`ckpt.storage.commit_dir`)."""
-        storage.commit_dir(self.tmp_dir, self.final_dir)
+    def commit(self, step: int | None) -> None:
+        """Makes the written step visible atomically (see :func:`ckpt.root.commit`)."""
+        root.commit(self.tmp_dir, self.final_dir, step=step, overwrite=self.overwrite)
 
     def _barrier(self, phase: str) -> None:
         if self.processes.count > 1:
             self.processes.barrier(f"{self.operation}/{phase}", self.timeout_secs)
 
     def run(self, step: int | None) -> dict:
-        """Writes everything not yet written, then commits; returns the manifest."""
-        self.plan.materialize_unpacked()
-        self.prepare_dir()
-        self._barrier("prepared")
-        self.write_arrays(self.plan.arrays)
-        if self.primary:
-            self.write_packed()
-        if self.custom is not None:
-            self.custom.finish()
-        self._barrier("written")
-        if self.primary:
-            self.write_manifest(step)
-            self.commit()
+        """Writes everything not yet written, then commits; returns the manifest. A save that fails
+        before its commit removes its temporary directory."""
+        try:
+            self.plan.materialize_unpacked()
+            self.prepare_dir()
+            self._barrier("prepared")
+            self.write_arrays(self.plan.arrays)
+            if self.primary:
+                self.write_packed()
+            if self.custom is not None:
+                self.custom.finish()
+            self._barrier("written")
+            if self.primary:
+                self.write_manifest(step)
+                self.commit(step)
+        except BaseException:
+            if self.primary:
+                storage.remove_owned(self.tmp_dir)
+            raise
         self._barrier("committed")
         if not self.primary:
             self.manifest = loading.read_manifest(self.final_dir)

@@ -14,6 +14,7 @@ import functools
 import math
 import os
 import re
+import secrets
 import shutil
 import stat
 import weakref
@@ -262,10 +263,13 @@ class DirectoryLock:
             return
         try:
             with writing_to(self.path.parent):
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+                fd, _ = open_regular(self.path, os.O_RDWR | os.O_CREAT)
         except FileNotFoundError:
             raise FileNotFoundError(errno.ENOENT, f"{self.path.parent} was removed after this Checkpointer "
                                     "created it; open a new Checkpointer to write there again") from None
+        except ValueError:
+            raise ForeignEntryError(f"{self.path}, the name of ckpt's lock, holds {describe(self.path)}, not the "
+                                    "lock file: ckpt never writes through it. Move it away.", path=self.path) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -392,38 +396,66 @@ def temporary_for(final: Location) -> Location:
     return final if isinstance(final, ObjectPath) else final.with_name(final.name + fmt.TMP_SUFFIX)
 
 
-def commit_dir(tmp: Location, final: Location) -> None:
+def commit_dir(tmp: Location, final: Location, *, replace: bool) -> None:
     """Makes a fully written step visible: fsyncs the temporary tree, renames it to its final name
-    (moving a step it replaces aside only now, and removing it after) and fsyncs the root."""
+    and fsyncs the root. ``replace``: ``final`` is a committed step the caller has just checked (see
+    :func:`ckpt.root.commit`), moved aside only now and removed after; else ``final`` must still be
+    absent, and whatever took the name meanwhile is never replaced.
+
+    Raises:
+      ForeignEntryError: without ``replace``, something appeared at ``final`` while the step was written.
+    """
     if isinstance(final, ObjectPath):
         return
     for dirpath, _, _ in os.walk(tmp):
         fsync_path(Path(dirpath))
-    replaced = os.path.lexists(final)
-    if replaced and not is_marked(final):
-        mark(final, durable=True)  # the committed step it replaces (checked as one before the save began) goes below
-    if replaced and rename_exchange(tmp, final):  # no moment without the step, even on a crash
+    if not (replace and os.path.lexists(final)):
+        try:
+            if not rename_noreplace(tmp, final):
+                if os.path.lexists(final):
+                    raise FileExistsError
+                os.rename(tmp, final)
+        except FileExistsError:
+            raise ForeignEntryError(f"{final} appeared while the step was written (it holds {describe(final)}): "
+                                    "ckpt never replaces what it did not check, so the step was not committed",
+                                    path=final) from None
+        fsync_path(final.parent)
+        return
+    if not is_marked(final):
+        mark(final, durable=True)  # the committed step it replaces goes below
+    if rename_exchange(tmp, final):  # no moment without the step, even on a crash
         fsync_path(final.parent)
         remove_owned(tmp)  # the replaced step, now under the temporary name
         return
-    old = final.with_name(final.name + fmt.DELETING_SUFFIX)
-    if replaced:
-        remove_owned(old)
-        os.rename(final, old)
+    old = _aside(final)
+    os.rename(final, old)
     os.rename(tmp, final)
     fsync_path(final.parent)
-    if replaced:
-        remove_owned(old)
+    remove_owned(old)
+
+
+_RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2  # renameat2's flags (linux/fs.h)
 
 
 def rename_exchange(a: Path, b: Path) -> bool:
     """Swaps two paths atomically (Linux ``renameat2`` with ``RENAME_EXCHANGE``); False where the system
     or the file system cannot, and the caller falls back to two renames."""
+    return _renameat2(a, b, _RENAME_EXCHANGE)
+
+
+def rename_noreplace(a: Path, b: Path) -> bool:
+    """Renames ``a`` to ``b`` only if nothing is at ``b``, atomically (``renameat2`` with
+    ``RENAME_NOREPLACE``; FileExistsError when something is); False where the system or the file system
+    cannot, and the caller checks, then renames."""
+    return _renameat2(a, b, _RENAME_NOREPLACE)
+
+
+def _renameat2(a: Path, b: Path, flag: int) -> bool:
     renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
     if renameat2 is None:
         return False
-    at_fdcwd, rename_exchange_flag = -100, 2
-    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange_flag) == 0:
+    at_fdcwd = -100
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), flag) == 0:
         return True
     code = ctypes.get_errno()
     if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
@@ -442,13 +474,23 @@ def delete_dir(step_dir: Location) -> None:
     if isinstance(step_dir, ObjectPath):
         (step_dir / fmt.MANIFEST).remove_tree()
     else:
-        doomed = step_dir.with_name(step_dir.name + fmt.DELETING_SUFFIX)
-        if os.path.lexists(doomed):
-            remove_owned(doomed)
+        doomed = _aside(step_dir)
         os.rename(step_dir, doomed)
         fsync_path(step_dir.parent)
         step_dir = doomed
     remove_owned(step_dir)
+
+
+def _aside(step_dir: Path) -> Path:
+    """The name a step is renamed to before it is removed: ``<name>.ckpt-deleting``, once what a crashed
+    deletion left there is removed; a name of its own (``<name>.<random>.ckpt-deleting``) when something
+    ckpt did not make holds that one, which is left alone."""
+    doomed = step_dir.with_name(step_dir.name + fmt.DELETING_SUFFIX)
+    try:
+        remove_owned(doomed)
+    except ForeignEntryError:
+        doomed = step_dir.with_name(f"{step_dir.name}.{secrets.token_hex(4)}{fmt.DELETING_SUFFIX}")
+    return doomed
 
 
 def _is_plain_relative(path: str) -> bool:
@@ -515,12 +557,13 @@ def _read_up_to(fd: int, limit: int, first: int) -> bytes:
     return b"".join(parts)
 
 
-def open_regular(path: str) -> tuple[int, int]:
-    """Opens a regular file for reading, never through a symbolic link and without waiting on a FIFO;
-    returns the descriptor and the file's size. ValueError for a link, a directory, a FIFO, a socket
-    or a device (the message names the file, never a link's target); FileNotFoundError when missing."""
+def open_regular(path: str | Path, flags: int = os.O_RDONLY) -> tuple[int, int]:
+    """Opens a regular file (for reading; ``flags`` may ask for more, such as ``os.O_RDWR | os.O_CREAT``),
+    never through a symbolic link and without waiting on a FIFO; returns the descriptor and the file's
+    size. ValueError for a link, a directory, a FIFO, a socket or a device (the message names the file,
+    never a link's target); FileNotFoundError when missing."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o666)
     except OSError as e:
         if e.errno in (errno.ELOOP, errno.ENXIO, errno.EISDIR):  # a link (O_NOFOLLOW), a socket
             raise ValueError(f"{path} is {'a symbolic link' if e.errno == errno.ELOOP else 'not a regular file'}; "

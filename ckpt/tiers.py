@@ -59,7 +59,7 @@ from typing import Any, Callable, Sequence
 
 import tensorstore as ts
 
-from ckpt import background, distributed, errors, loading, storage
+from ckpt import background, distributed, errors, loading, root, storage
 from ckpt import format as fmt
 from ckpt.context import Context, MultiprocessingOptions
 from ckpt.metadata import CheckpointMetadata
@@ -211,7 +211,9 @@ class LocalTier:
         """Saves ``step`` locally and promotes it when the durable tier wants it (``force``: both tiers).
         Called after a positive decision of either tier (or with ``force``)."""
         promote = force or preempted or self._decided == (step, True)
-        if promote:  # kept by the local preservation policy until copied
+        if promote:  # checked before anything is written (and again by the promotion); kept locally until copied
+            final = self._durable.step_dir(step)
+            root.check_target(final, storage.temporary_for(final), step=step, overwrite=overwrite)
             with self._lock:
                 self._promoting.add(step)
         if not overwrite and any(c.step == step for c in self.checkpointer.checkpoints):
@@ -232,19 +234,21 @@ class LocalTier:
         if preempted:
             self._deadline = (step, time.monotonic() + self._options.grace_period_secs)
         barrier = self._durable.operation(f"promote/{step}")  # named here: every process counts its calls alike
-        response = self._durable.writer.submit(lambda: self._promote(step, local, preempted, barrier))
+        response = self._durable.writer.submit(lambda: self._promote(step, local, preempted, barrier, overwrite))
         if blocking:
             return background.finished(response.result())
         return response
 
-    def _promote(self, step: int, local: background.AsyncResponse[bool], preempted: bool, barrier: str) -> bool:
-        """Copies the committed local ``step`` to the durable root and commits it there (a background job)."""
+    def _promote(self, step: int, local: background.AsyncResponse[bool], preempted: bool, barrier: str,
+                 overwrite: bool) -> bool:
+        """Copies the committed local ``step`` to the durable root and commits it there (a background job),
+        replacing a committed step there only with ``overwrite``."""
         try:
             local.result()
             start = time.monotonic()
             source = self.checkpointer.directory / self._step_name(step)
             final = self._durable.step_dir(step)
-            nbytes = _copy_step(source, final, self._durable, barrier)
+            nbytes = _copy_step(source, final, step, overwrite, self._durable, barrier)
             self._durable.committed(step, final, loading.read_manifest(final))
         finally:
             self._finished(step)
@@ -312,13 +316,16 @@ def _megabytes(nbytes: int) -> str:
     return f"{nbytes / 2**20:.1f} MiB"
 
 
-def _copy_step(source: Path, final: storage.Location, durable: DurableRoot, barrier: str) -> int:
+def _copy_step(source: Path, final: storage.Location, step: int, overwrite: bool, durable: DurableRoot,
+               barrier: str) -> int:
     """Copies a committed local step directory to ``final`` (byte for byte: its checksums hold) and commits
     it: on an object store the manifest is written last; locally the temporary directory is renamed.
-    With several processes each copies its own files and the primary commits after a barrier.
+    ``final`` is checked first and at the commit as a save's is (see :func:`ckpt.root.commit`). With
+    several processes each copies its own files and the primary commits after a barrier.
     Returns the bytes this process copied."""
     primary, tmp = durable.processes.index == 0, storage.temporary_for(final)
     if primary:
+        root.check_target(final, tmp, step=step, overwrite=overwrite)
         storage.make_temporary(tmp)
     _barrier(durable, f"{barrier}/prepared")
     files = sorted(p for p in source.rglob("*") if p.is_file())
@@ -345,7 +352,7 @@ def _copy_step(source: Path, final: storage.Location, durable: DurableRoot, barr
             manifest = (source / fmt.MANIFEST).read_bytes()
             store.write(fmt.MANIFEST, manifest).result()  # the commit record, last
             copied += len(manifest)
-            storage.commit_dir(tmp, final)
+            root.commit(tmp, final, step=step, overwrite=overwrite)
     _barrier(durable, f"{barrier}/committed")
     return copied
 

@@ -220,20 +220,25 @@ class Checkpointer:
 
     def _with_manifests(self) -> list[CheckpointMetadata]:
         """The checkpoints with the metrics and times ``lightweight_initialize`` skipped, read now and kept:
-        a preservation policy must not take a recent step for an old one, nor a step with metrics for one without."""
-        infos = []
+        a preservation policy must not take a recent step for an old one, nor a step with metrics for one
+        without. An entry whose manifest does not validate (a user's directory that holds a file named
+        manifest.json) was never a step: it is dropped, as a full listing would have skipped it."""
+        infos, dropped = [], set()
         with self._infos_lock:
             listed = list(self._infos)  # this root's steps only (not a local tier's)
         for info in listed:
             if info.commit_timestamp_nsecs is None:
                 try:
                     info = self._info(info.step, info.path, formats.info(info.path))
-                except (errors.CheckpointCorruptedError, errors.InvalidLayoutError):
-                    pass
+                except (errors.CheckpointCorruptedError, errors.InvalidLayoutError) as e:
+                    logger.warning("ckpt: skipping %s: step %d is not a committed step (%s), so ckpt never lists, "
+                                   "overwrites or deletes it", info.path, info.step, e)
+                    dropped.add(info.step)
+                    continue
             infos.append(info)
         with self._infos_lock:
             read = {c.step: c for c in infos}
-            self._infos = [read.get(c.step, c) for c in self._infos]
+            self._infos = [read.get(c.step, c) for c in self._infos if c.step not in dropped]
         return infos
 
     def _find(self, step: int) -> CheckpointMetadata | None:
@@ -444,7 +449,7 @@ class Checkpointer:
         self._barrier(f"save/{step}/checked")  # every process judges the step's names before any makes its temporary
         if self._processes.index == 0:
             self._take_directory()
-        writer = saving.StepWriter(plan, storage.temporary_for(final), final,
+        writer = saving.StepWriter(plan, storage.temporary_for(final), final, overwrite=overwrite,
                                    dir_mode=self._ctx.file_options.path_permission_mode,
                                    processes=self._processes, operation=self._operation(f"save/{step}"),
                                    timeout_secs=self._ctx.async_options.timeout_secs)
@@ -459,10 +464,6 @@ class Checkpointer:
         def job() -> bool:
             try:
                 manifest = writer.run(step)
-            except BaseException:
-                if writer.primary:
-                    storage.remove_owned(writer.tmp_dir)
-                raise
             finally:
                 if plan.staging:
                     self._staging.give(plan.staging)

@@ -210,7 +210,7 @@ def counted(fn):
 with Checkpointer(root) as ckptr:
     ckptr.save(0, {"v": np.zeros(3)}, force=True)
     for owner, name in [(os, "rename"), (os, "replace"), (os, "fsync"), (shutil, "rmtree"),
-                        (storage, "rename_exchange")]:
+                        (storage, "rename_exchange"), (storage, "rename_noreplace")]:
         if hasattr(owner, name):
             setattr(owner, name, counted(getattr(owner, name)))
     ckptr.save(0 if overwrite else 1, {"v": np.ones(3)}, force=True, overwrite=overwrite)

@@ -1,6 +1,7 @@
 """Checkpointables saved by handlers (ckpt.handlers, ckpt.custom) and by themselves (StatefulCheckpointable)."""
 import dataclasses
 import json
+import os
 import shutil
 
 import numpy as np
@@ -81,6 +82,28 @@ def test_a_handler_saves_beside_the_trees_and_loads_back_async_included(tmp_path
         assert isinstance(ckptr.checkpointables_metadata(0).metadata["vocab"], AbstractVocab)
         assert ckptr.load_checkpointables(0, {"vocab": AbstractVocab()}) == {"vocab": Vocab(["a", "b"])}
     assert (tmp_path / "0" / "vocab" / "words.json").exists()
+
+
+class Failing:
+    """A StatefulCheckpointable whose save fails in its first, synchronous part (after making its directory)."""
+
+    async def save(self, directory):
+        await directory.await_creation()
+        raise RuntimeError("the vocabulary server is down")
+
+    async def load(self, directory):
+        raise AssertionError("never saved")
+
+
+@pytest.mark.parametrize("how", ["free save", "Checkpointer"])
+def test_a_handler_whose_save_fails_raises_its_own_error_and_leaves_no_temporary(tmp_path, how):
+    with pytest.raises(RuntimeError, match="the vocabulary server is down"):
+        if how == "free save":
+            ckpt.save_checkpointables(tmp_path / "m", {"state": {"w": np.ones(3)}, "failing": Failing()})
+        else:
+            with Checkpointer(tmp_path) as ckptr:
+                ckptr.save_checkpointables(0, {"state": {"w": np.ones(3)}, "failing": Failing()})
+    assert [name for name in os.listdir(tmp_path) if name != ckpt.format.LOCK] == []
 
 
 def test_a_stateful_checkpointable_saves_itself_and_loads_in_place(tmp_path):

@@ -83,11 +83,20 @@ def _make(kind: str, path: Path, tmp_path: Path) -> str:
         path.mkdir()
         (path / fmt.MANIFEST).write_text('{"format": "something else"}')
         return "cannot read"
+    if kind == "tensorflow-model":  # TensorFlow's text file named checkpoint is no Orbax item's
+        (path / "tf_model").mkdir(parents=True)
+        (path / "tf_model" / "checkpoint").write_text('model_checkpoint_path: "ckpt-1"\n')
+        return "tf_model"
+    if kind == "directory-named-checkpoint":
+        (path / "model" / "checkpoint").mkdir(parents=True)
+        (path / "model" / "checkpoint" / "notes.txt").write_text("the user's own notes")
+        return "model"
     raise AssertionError(kind)
 
 
 KINDS = ["directory", "empty-directory", "unreadable-orbax-step", "file", "fifo", "symlink-to-directory",
-         "symlink-to-another-root's-step", "manifest-is-a-directory", "unreadable-manifest"]
+         "symlink-to-another-root's-step", "manifest-is-a-directory", "unreadable-manifest", "tensorflow-model",
+         "directory-named-checkpoint"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -273,3 +282,104 @@ def test_on_s3_only_uncommitted_steps_ckpt_began_are_removed_and_foreign_prefixe
     assert root.children() == ["10", "7"]
     assert (root / "7" / "notes.txt").read_bytes() == b"the user's own notes"
     assert (root / "7").children() == ["notes.txt"]
+
+
+def test_with_lightweight_initialize_a_directory_holding_a_manifest_json_of_its_own_is_never_deleted(tmp_path, caplog):
+    """lightweight_initialize lists a directory holding a regular manifest.json without reading it; garbage
+    collection reads it first, and a user's manifest.json (not ckpt's) keeps the directory out of it."""
+    (tmp_path / "1").mkdir()
+    (tmp_path / "1" / fmt.MANIFEST).write_text('{"name": "my dataset", "files": ["a.bin"]}')
+    (tmp_path / "1" / "a.bin").write_bytes(b"precious" * 10)
+    before = fsutil.snapshot(tmp_path / "1")
+    with caplog.at_level(logging.WARNING, logger="ckpt"), \
+            Checkpointer(tmp_path, preservation_policy=pp.LatestN(1), lightweight_initialize=True) as ckptr:
+        assert [c.step for c in ckptr.checkpoints] == [1]  # listed unread, as Orbax's lightweight listing does
+        ckptr.save(2, STATE, force=True)
+        ckptr.save(3, STATE, force=True)
+        assert [c.step for c in ckptr.checkpoints] == [3]
+    assert f"skipping {tmp_path / '1'}" in caplog.text
+    assert fsutil.snapshot(tmp_path / "1") == before
+    with pytest.raises(errors.ForeignEntryError, match="not a committed ckpt step"):
+        ckpt.root.delete_step(tmp_path / "1", 1)  # the last check before any deletion reads the manifest
+    assert fsutil.snapshot(tmp_path / "1") == before
+
+
+@pytest.mark.parametrize("kind", ["directory", "symlink-to-directory", "orbax-step"])
+def test_a_two_tier_save_never_promotes_over_a_foreign_entry(tmp_path, kind):
+    durable, local = tmp_path / "durable", tmp_path / "local"
+    durable.mkdir()
+    word = _make(kind, durable / "10", tmp_path)
+    whole = fsutil.snapshot(tmp_path)
+    with Checkpointer(durable, local=ckpt.LocalCheckpointOptions(local)) as ckptr:
+        for how in ("save", "save_async"):
+            with pytest.raises(errors.ForeignEntryError) as info:
+                getattr(ckptr, how)(10, STATE, force=True, overwrite=True)
+            assert str(durable / "10") in str(info.value) and word in str(info.value)
+        assert 10 not in [c.step for c in ckptr.checkpoints if "local" in c.locations]  # refused before it too
+        ckptr.save(11, STATE, force=True)
+        ckptr.wait()
+        assert [c.step for c in ckptr.checkpoints if "durable" in c.locations] == [10, 11][kind != "orbax-step":]
+    after = fsutil.snapshot(tmp_path)
+    assert {k: v for k, v in after.items() if k.startswith(("durable/10", "elsewhere"))} == \
+           {k: v for k, v in whole.items() if k.startswith(("durable/10", "elsewhere"))}
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+@pytest.mark.parametrize("how", ["save", "save_async", "free save"])
+def test_what_appears_at_the_step_name_while_the_step_is_written_is_never_replaced(tmp_path, monkeypatch,
+                                                                                  overwrite, how):
+    """Another process (an Orbax job, a user) takes the step's name while the save writes: the commit
+    checks the name again, refuses, and leaves both what appeared and no temporary behind."""
+    root = tmp_path / "root"
+    final = root / "model" if how == "free save" else root / "5"
+    if overwrite:  # a committed step of ckpt's is there when the save begins: replacing it is allowed
+        if how == "free save":
+            ckpt.save(final, STATE)
+        else:
+            with Checkpointer(root) as ckptr:
+                ckptr.save(5, STATE)
+    write_manifest = ckpt.saving.StepWriter.write_manifest
+
+    def meanwhile(writer, *args, **kwargs):  # the last write before the commit
+        if final.exists():
+            shutil.rmtree(final)
+        _make("directory", final, tmp_path)
+        return write_manifest(writer, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt.saving.StepWriter, "write_manifest", meanwhile)
+    with pytest.raises(errors.ForeignEntryError, match="notes.txt"):
+        if how == "free save":
+            ckpt.save(final, {"w": np.ones(2)}, overwrite=overwrite)
+        else:
+            with Checkpointer(root) as ckptr:
+                getattr(ckptr, how)(5, {"w": np.ones(2)}, force=True, overwrite=overwrite)
+                ckptr.wait()
+    assert sorted(os.listdir(final)) == ["notes.txt"]
+    assert not any(name.endswith(fmt.TMP_SUFFIX) for name in os.listdir(final.parent))
+
+
+def test_the_root_lock_is_never_written_through_a_link(tmp_path):
+    """A root made of links (a hub snapshot, ``cp -rs``) may hold one at the lock's name."""
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / fmt.LOCK).symlink_to(_elsewhere(tmp_path) / "data.bin")
+    whole = fsutil.snapshot(tmp_path)
+    with Checkpointer(root) as ckptr:
+        with pytest.raises(errors.ForeignEntryError, match=f"{fmt.LOCK}.*symbolic link"):
+            ckptr.save(0, STATE)
+    assert fsutil.snapshot(tmp_path) == whole
+
+
+def test_a_foreign_entry_at_a_deleted_steps_aside_name_does_not_stop_garbage_collection(tmp_path):
+    """A deletion renames the step to ``<step>.ckpt-deleting`` first; something foreign there is left
+    alone and the step goes aside under a name of its own."""
+    root = tmp_path / "root"
+    root.mkdir()
+    word = _make("directory", root / f"0{fmt.DELETING_SUFFIX}", tmp_path)
+    before = fsutil.snapshot(root / f"0{fmt.DELETING_SUFFIX}")
+    with Checkpointer(root, save_decision_policy=ALWAYS, preservation_policy=pp.LatestN(1)) as ckptr:
+        for step in range(4):
+            ckptr.save(step, STATE)
+        assert [c.step for c in ckptr.checkpoints] == [3]
+    assert word == "notes.txt" and fsutil.snapshot(root / f"0{fmt.DELETING_SUFFIX}") == before
+    assert sorted(os.listdir(root)) == sorted([f"0{fmt.DELETING_SUFFIX}", fmt.LOCK, "3"])

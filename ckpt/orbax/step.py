@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ckpt import leaves as leaves_lib
-from ckpt import loading
+from ckpt import loading, storage
 from ckpt import tree as tree_lib
 from ckpt.errors import CheckpointableNotFoundError, CheckpointCorruptedError, UnsupportedLayoutError
 from ckpt.orbax import files
@@ -33,19 +33,41 @@ _PYTREE_HANDLERS = ("PyTreeHandler", "PyTreeCheckpointHandler", "StandardCheckpo
 _JSON_HANDLERS = ("JsonHandler", "JsonCheckpointHandler", "MetricsHandler")
 
 
-_ITEM_MARKERS = ("_METADATA", "manifest.ocdbt", "checkpoint")  # never in a root: its steps are no items
-
-
 def is_step(path: Any) -> bool:
     """Whether ``path`` is a local directory Orbax wrote as a step: it has ``_CHECKPOINT_METADATA`` or
-    ``commit_success.txt``, or (Orbax before 0.5) an item directory with Orbax's files. A step of a
-    layout ckpt cannot read is still one: loading it says so, and the root never looks empty."""
+    ``commit_success.txt`` (regular files), or (Orbax before 0.5) an item directory with Orbax's files
+    (see :func:`_is_item`). A step of a layout ckpt cannot read is still one: loading it says so, and
+    the root never looks empty. Anything less is a user's directory, which ckpt never deletes."""
     if not (isinstance(path, Path) and files.is_plain_dir(path)):
         return False
-    if os.path.lexists(path / CHECKPOINT_METADATA) or os.path.lexists(path / COMMIT_SUCCESS):
+    if files.is_plain_file(path / CHECKPOINT_METADATA) or files.is_plain_file(path / COMMIT_SUCCESS):
         return True
-    return any(files.is_plain_dir(path / name) and any(os.path.lexists(path / name / m) for m in _ITEM_MARKERS)
-               for name in os.listdir(path))
+    return any(files.is_plain_dir(path / name) and _is_item(path / name, path) for name in os.listdir(path))
+
+
+_MSGPACK_MAPS = frozenset([*range(0x80, 0x90), 0xDE, 0xDF])  # the first byte of a msgpack map
+
+
+def _is_item(item: Path, step_dir: Path) -> bool:
+    """Whether an item directory holds Orbax's files: an OCDBT manifest, a ``_METADATA`` JSON object
+    with ``tree_metadata``, or the msgpack ``checkpoint`` file of the oldest PyTree handler (not
+    TensorFlow's text file of that name, nor a directory called so)."""
+    if files.is_plain_file(item / "manifest.ocdbt"):
+        return True
+    if files.is_plain_file(item / "_METADATA"):
+        try:
+            metadata = files.read_json(item / "_METADATA", step_dir)
+        except (OSError, CheckpointCorruptedError):
+            metadata = None
+        if isinstance(metadata, dict) and "tree_metadata" in metadata:
+            return True
+    try:
+        fd, _ = storage.open_regular(item / "checkpoint")
+    except (OSError, ValueError):
+        return False
+    with open(fd, "rb") as f:
+        first = f.read(1)
+    return bool(first) and first[0] in _MSGPACK_MAPS
 
 
 def named_otherwise(root: Path, name_format: Any) -> list[str]:

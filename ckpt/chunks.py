@@ -101,10 +101,20 @@ def grid(metadata: dict) -> Iterator[tuple[tuple[slice, ...], str, int]]:
     shape, chunk_shape = metadata["shape"], metadata["chunk_grid"]["configuration"]["chunk_shape"]
     file_bytes = np.dtype(metadata["data_type"]).itemsize * math.prod(chunk_shape)
     file_bytes += 4 * any(codec["name"] == "crc32c" for codec in metadata["codecs"])
-    counts = [range(-(-dim // step)) for dim, step in zip(shape, chunk_shape)]
-    for position in itertools.product(*counts):
+    counts = [-(-dim // step) for dim, step in zip(shape, chunk_shape)]
+    if 0 in counts:  # an empty array has no chunks
+        return
+    position = [0] * len(counts)  # counted up in place: a forged grid of 2**40 chunks costs nothing until read
+    while True:
         box = tuple(slice(i * c, min((i + 1) * c, dim)) for i, c, dim in zip(position, chunk_shape, shape))
         yield box, "/".join(["c", *map(str, position)]), file_bytes
+        for axis in reversed(range(len(counts))):
+            position[axis] += 1
+            if position[axis] < counts[axis]:
+                break
+            position[axis] = 0
+        else:
+            return
 
 
 def check_file(source: LocalArray, key: str, file_bytes: int) -> str | None:

@@ -376,25 +376,28 @@ def _restore_as_saved(meta: dict, read: Reader, to_device: transfers.ToDevice) -
     return array
 
 
-class KeyDataError(ValueError):
-    """A saved PRNG key that jax refuses (an implementation it does not know, key data of another
-    shape): the load raises :class:`ckpt.errors.CheckpointCorruptedError` naming the leaf (``path``)."""
+class LeafDataError(ValueError):
+    """A saved leaf that cannot become what it is restored as: data its framework refuses (a PRNG key
+    of an implementation jax does not know, a dtype torch has no type for, text past Unicode's code
+    points), or a value the abstract leaf's type cannot hold (``mismatch``: a str into an int). The
+    load raises :class:`ckpt.errors.CheckpointCorruptedError`, or for a mismatch
+    :class:`ckpt.errors.TreeMismatchError`, naming the leaf (``path``)."""
 
-    def __init__(self, path: str, why: str):
+    def __init__(self, path: str, why: str, *, mismatch: bool = False):
         super().__init__(why)
-        self.path, self.why = path, why
+        self.path, self.why, self.mismatch = path, why, mismatch
 
 
 def _wrap_key(jax: Any, meta: dict, data: np.ndarray, impl: str) -> Any:
     """The PRNG keys whose key data ``data`` is, of implementation ``impl``; a saved key (``meta`` of
     type jax_key: its implementation and key data both come from the checkpoint) that jax refuses
-    raises :class:`KeyDataError`."""
+    raises :class:`LeafDataError`."""
     try:
         return jax.random.wrap_key_data(jax.numpy.asarray(data), impl=impl)
     except (ValueError, TypeError) as e:
         if meta["type"] != "jax_key":  # saved as plain data, received by a key of the abstract tree
             raise
-        raise KeyDataError(meta["path"], f"jax refuses its key data ({data.dtype}, shape {list(data.shape)}) as "
+        raise LeafDataError(meta["path"], f"jax refuses its key data ({data.dtype}, shape {list(data.shape)}) as "
                                          f"{impl!r} PRNG keys: {e}") from None
 
 

@@ -23,7 +23,8 @@ from ckpt import format as fmt
 from ckpt import leaves as leaves_lib
 from ckpt import progress, storage, transfers
 from ckpt import tree as tree_lib
-from ckpt.errors import CheckpointableNotFoundError, CheckpointCorruptedError, TreeMismatchError
+from ckpt.errors import (CheckpointableNotFoundError, CheckpointCorruptedError, InvalidLayoutError, TreeMismatchError,
+                         UnregisteredTypeError, UnsupportedLayoutError)
 from ckpt.leaf_table import LeafTable, as_table
 from ckpt.metadata import CheckpointMetadata, LeafMetadata
 from ckpt.schema import read_manifest, read_tree
@@ -427,8 +428,12 @@ def load_trees(step_dir: Any, trees: dict[str, dict], abstract: dict[str, Any] |
         for name in abstract:
             try:
                 built[name] = _build(tables[name], nodes[name], plans[name], rows[name])
-            except leaves_lib.KeyDataError as e:
-                raise _leaf_damaged(step_dir, name + e.path, e.why) from None
+            except leaves_lib.LeafDataError as e:
+                if not e.mismatch:
+                    raise _leaf_damaged(step_dir, name + e.path, e.why) from None
+                why = f"{name}{e.path}: {e.why}"
+                raise TreeMismatchError(f"User-provided restore item and on-disk value differ in {step_dir}: {why}",
+                                        differences=[why]) from None
         return built
 
 
@@ -451,6 +456,9 @@ def array_nbytes(meta: dict) -> int:
 
 
 _NDARRAY, _NUMPY = {np.ndarray}, {"numpy"}
+_CANNOT_BECOME = (ValueError, TypeError, OverflowError, SystemError)
+_SAYS_WHY = (leaves_lib.LeafDataError, CheckpointCorruptedError, TreeMismatchError, UnsupportedLayoutError,
+             InvalidLayoutError, UnregisteredTypeError)
 _SECOND, _DTYPE = operator.itemgetter(1), operator.attrgetter("dtype")
 
 
@@ -469,7 +477,14 @@ def _build(table: LeafTable, saved_node: tree_lib.Node, plan: Plan | None, sourc
     reads = [source if source is None or type(source) is np.ndarray else source.read for source in sources]
 
     def value(i: int, abstract_leaf: Any) -> Any:
-        return leaves_lib.restore(table[i], reads[i], abstract_leaf, to_device)
+        try:
+            return leaves_lib.restore(table[i], reads[i], abstract_leaf, to_device)
+        except _CANNOT_BECOME as e:  # numpy's, torch's and Python's conversions (ckpt's own errors pass)
+            if isinstance(e, _SAYS_WHY):
+                raise
+            into = "saved" if abstract_leaf is None else f"a {type(abstract_leaf).__name__} of the abstract tree"
+            raise leaves_lib.LeafDataError(table.path[i], f"it cannot be restored as {into} ({type(e).__name__}: {e})",
+                                           mismatch=abstract_leaf is not None) from None
 
     # The usual leaf, a numpy array read already (a packed one), is returned as it is, cast into a numpy
     # abstract leaf, or put on the default device for a jax.ShapeDtypeStruct without a sharding (as
@@ -485,13 +500,17 @@ def _build(table: LeafTable, saved_node: tree_lib.Node, plan: Plan | None, sourc
         kinds, received = table.type, (reads if order is None else [reads[i] for i in order])
         order = range(len(reads)) if order is None else order
         shaped, put = getattr(sys.modules.get("jax"), "ShapeDtypeStruct", None), to_device.jax
-        out = [leaf if leaf is skip
-               else read.astype(leaf.dtype, copy=False) if type(read) is array and type(leaf) is array
-               else put(read.astype(leaf.dtype, copy=False), None)
-               if type(read) is array and type(leaf) is shaped and leaf.sharding is None and kinds[i] == "jax"
-               and isinstance(leaf.dtype, np.dtype)
-               else value(i, None if isinstance(leaf, LeafMetadata) else leaf)
-               for (_, leaf), i, read in zip(abstract_leaves, order, received)]
+        try:
+            out = [leaf if leaf is skip
+                   else read.astype(leaf.dtype, copy=False) if type(read) is array and type(leaf) is array
+                   else put(read.astype(leaf.dtype, copy=False), None)
+                   if type(read) is array and type(leaf) is shaped and leaf.sharding is None and kinds[i] == "jax"
+                   and isinstance(leaf.dtype, np.dtype)
+                   else value(i, None if isinstance(leaf, LeafMetadata) else leaf)
+                   for (_, leaf), i, read in zip(abstract_leaves, order, received)]
+        except _CANNOT_BECOME:  # a cast above failed: the general path finds the leaf and names it
+            out = [leaf if leaf is skip else value(i, None if isinstance(leaf, LeafMetadata) else leaf)
+                   for (_, leaf), i in zip(abstract_leaves, order)]
     else:
         out = []
         for path, leaf, idx in pairs:

@@ -48,6 +48,7 @@ _NON_FINITE = ("nan", "inf", "-inf")
 _ARRAY_TYPES = frozenset({"numpy", "np_scalar", "jax", "jax_key", "torch", "bytes"})
 _SHAPED_TYPES = frozenset({"np_scalar", "jax_key", "bytes"})
 _PLAIN_ARRAY_TYPES = _ARRAY_TYPES - _SHAPED_TYPES
+_FRAMEWORK_TYPES = frozenset({"jax", "jax_key", "torch"})
 _DTYPES: dict[str, np.dtype] = {}  # the dtypes met so far, by name
 _U32 = 1 << 32
 _CONTAINERS = frozenset({"dict", "list", "tuple", "namedtuple", "pytree"})
@@ -365,6 +366,8 @@ def _screen(name: str, table: LeafTable, rows: list[int]) -> tuple[int, int] | N
         return None
     for dtype_name in names - _DTYPES.keys():
         _dtype(dtype_name, name + table.path[rows[dtypes.index(dtype_name)]])  # raises unless ckpt writes it
+    if any(map(_not_numbers, map(_DTYPES.__getitem__, names))):
+        return None  # rare: each leaf is checked by _check_leaf, which refuses those in a jax or torch leaf
     if set(map(type, shapes)) != _LIST:
         return None
     ndims = list(map(len, shapes))
@@ -426,6 +429,9 @@ def _check_leaf(name: str, meta: Any) -> int:
     dtype = _DTYPES.get(dtype_name) if type(dtype_name) is str else None
     if dtype is None:  # (not ``or``: a dtype is falsy, its len() being its number of fields)
         dtype = _dtype(dtype_name, name + meta["path"])
+    if kind in _FRAMEWORK_TYPES and _not_numbers(dtype):
+        raise _Invalid(f"a {kind} leaf of dtype {dtype}: {kind} arrays hold numbers, never text, raw bytes or times",
+                       name + meta["path"])
     shape = meta.get("shape")
     nbytes = _nbytes(shape, dtype.itemsize)
     if nbytes < 0:
@@ -549,6 +555,12 @@ def _check_sums(values: Any, count: int, bits: int, what: str, *where: str) -> N
 
 
 # --------------------------------------------------------------------------------------------- fields
+def _not_numbers(dtype: np.dtype) -> bool:
+    """Text, raw bytes or times: what numpy stores and jax and torch arrays never hold (ml_dtypes' types,
+    of kind V too, are numbers)."""
+    return dtype.kind in "USMm" or dtype.type is np.void
+
+
 def _dtype(name: Any, where: str) -> np.dtype:
     """The dtype ``name`` stands for, if it is one ckpt writes under that very name; remembered in
     ``_DTYPES``, where a load finds it for its other leaves."""

@@ -349,8 +349,14 @@ def open_for_read(spec: dict) -> ts.TensorStore:
     return start_open_for_read(spec).result()
 
 
+_DEFAULT_KEYS = {"name": "default", "configuration": {"separator": "/"}}  # chunk files at c/0/1, as a save writes
+
+
 def start_open_for_read(spec: dict) -> ts.Future:
-    """Starts :func:`open_for_read`; ``result()`` gives the array (any thread may ask)."""
+    """Starts :func:`open_for_read`; ``result()`` gives the array (any thread may ask). The chunk files
+    are the ones a save writes (``c/0/1``), whatever the array's zarr.json says: a load checks those
+    files (no link, no FIFO) before tensorstore reads them."""
+    spec = {**spec, "metadata": {**spec["metadata"], "chunk_key_encoding": _DEFAULT_KEYS}}
     return ts.open({**spec, "fill_missing_data_reads": False}, open=True, context=ts_context())
 
 

@@ -323,7 +323,8 @@ def test_every_file_and_directory_is_fsynced_before_the_manifest_and_the_rename_
     events = _strace_events(trace.read_text())
     tmp, final = str(root / ("0" + fmt.TMP_SUFFIX)), str(root / "0")
 
-    committed = events.index(("rename", (tmp, final)))
+    committed = next(i for i, (name, paths) in enumerate(events)  # rename, or renameat2 with RENAME_NOREPLACE
+                     if name.startswith("rename") and paths == (tmp, final))
     synced: dict[str, int] = {}  # path -> index of the event after which its data is durable
     for i, (name, paths) in enumerate(events[:committed]):
         if name in ("fsync", "fdatasync"):

@@ -275,6 +275,25 @@ def a_grid_of_2_40_chunks(tree: dict) -> None:
     meta["array"]["metadata"]["chunk_grid"]["configuration"]["chunk_shape"] = [1, 1]
 
 
+def other_key_encoding(step: Path, outside: Path) -> None:
+    """The array's zarr.json (resealed in tree.json) names its chunks as zarr v2 does (``arrays/0/0``),
+    the first of which is a FIFO: a reader that lets tensorstore follow zarr.json waits on it forever."""
+    zarr_json = step / "arrays/0/zarr.json"
+    metadata = json.loads(zarr_json.read_text())
+    metadata["chunk_key_encoding"] = {"name": "v2", "configuration": {"separator": "."}}
+    zarr_json.write_text(json.dumps(metadata))
+    os.mkfifo(step / "arrays/0/0")
+    for i in (1, 2, 3):
+        os.link(step / f"arrays/0/c/{i}", step / f"arrays/0/{i}")
+    rewrite_tree(step, lambda t: leaf(t).update(zarr_json_crc32=fmt.crc32(zarr_json.read_bytes())))
+
+
+def an_empty_grid_of_2_40_rows(tree: dict) -> None:
+    meta = leaf(tree)
+    meta["shape"] = meta["array"]["metadata"]["shape"] = [1 << 40, 0]
+    meta["array"]["metadata"]["chunk_grid"]["configuration"]["chunk_shape"] = [1, 1]
+
+
 CASES: dict[str, Case] = {
     # Unbounded reads and hangs: only regular files are read, each up to a size known in advance.
     "manifest is /dev/zero": Case(link_to("/dev/zero")(fmt.MANIFEST), "manifest", fmt.MANIFEST),
@@ -354,6 +373,8 @@ CASES: dict[str, Case] = {
     "checkpointables not the manifest's": Case(in_tree(lambda t: t["checkpointables"].update(
         other=t["checkpointables"]["state"])), "tree", fmt.TREE),
     "packed dtype O": Case(in_tree(small_dtype("O")), "tree", fmt.TREE),
+    "a torch leaf of text": Case(in_tree(lambda t: leaf(t, "['s']").update(type="torch", dtype="<U2")), "tree", fmt.TREE),
+    "a jax leaf of bytes": Case(in_tree(lambda t: leaf(t, "['s']").update(type="jax", dtype="|S8")), "tree", fmt.TREE),
     "manifest without tree_crc32": Case(in_manifest(lambda m: m.pop("tree_crc32")), "manifest", fmt.MANIFEST),
     "version true": Case(in_manifest(lambda m: m.update(version=True)), "manifest", fmt.MANIFEST),
     "step -1 in the manifest": Case(in_manifest(lambda m: m.update(step=-1)), "manifest", fmt.MANIFEST),
@@ -365,6 +386,10 @@ CASES: dict[str, Case] = {
                                                       "arrays/0/zarr.json"),
     "several processes' array of 2**40 chunks": Case(by_processes(in_tree(a_grid_of_2_40_chunks)), "data",
                                                      "arrays/0/c/0"),
+    "several processes' empty array of 2**40 rows in chunks of one": Case(
+        by_processes(in_tree(an_empty_grid_of_2_40_rows)), "data", "arrays/0"),
+    "several processes' zarr.json with zarr v2's chunk names, the first a FIFO": Case(
+        by_processes(other_key_encoding), "data", "arrays/0"),
     "timestamp a string": Case(in_manifest(lambda m: m.update(commit_timestamp_nsecs="yesterday")),
                                "manifest", fmt.MANIFEST),
 }
@@ -571,3 +596,12 @@ def test_a_step_with_a_bad_timestamp_is_listed_as_damaged_and_the_rest_of_the_ro
     assert "DAMAGED" in text and "commit_timestamp_nsecs" in text
     status, text = run_cli(capsys, "show", root)
     assert status == 0 and text.startswith(f"step 0  {root / '0'}")
+
+
+def test_a_torch_leaf_of_a_dtype_torch_has_no_type_for_is_damage_naming_the_leaf(tmp_path):
+    pytest.importorskip("torch")
+    ckpt.save(tmp_path / "c", {"ok": np.ones(2), "q": np.arange(24, dtype=np.uint8)})
+    rewrite_tree(tmp_path / "c", lambda t: leaf(t, "['q']").update(type="torch", dtype="int4"))
+    with pytest.raises(ckpt.errors.CheckpointCorruptedError, match=r"leaf state\['q'\] is damaged: it cannot be "
+                                                                   r"restored as saved \(TypeError"):
+        ckpt.load(tmp_path / "c")

@@ -254,6 +254,18 @@ def test_an_array_abstract_leaf_for_a_saved_scalar_value_is_a_mismatch(tmp_path)
         ckpt.load(tmp_path / "c", {"n": np.empty((2,))})
 
 
+@pytest.mark.parametrize("saved, abstract", [
+    ("x", 0), (None, 0), (float("nan"), 0), (float("inf"), 0), ("x", 1.0), (2**100, np.zeros((), np.int64)),
+    (2**100, np.int32(0)), (np.array(["ab", "x"]), np.zeros(2, np.float32)),
+], ids=["str into int", "None into int", "nan into int", "inf into int", "str into float",
+        "2**100 into an int64 array", "2**100 into an int32 scalar", "text into a float32 array"])
+def test_a_value_the_abstract_leaf_cannot_hold_is_a_mismatch_naming_the_leaf(tmp_path, saved, abstract):
+    ckpt.save(tmp_path / "c", {"ok": np.ones(2), "n": saved})
+    with pytest.raises(errors.TreeMismatchError, match=r"\['n'\]: it cannot be restored as a .* of the abstract tree") as info:
+        ckpt.load(tmp_path / "c", {"ok": np.ones(2), "n": abstract})
+    assert info.value.differences[0].startswith("state['n']")
+
+
 def test_partial_load_reads_a_subtree_only_when_asked(tmp_path):
     with ckpt.Checkpointer(tmp_path / "strict") as ckptr:
         ckptr.save(0, {"model": {"w": np.ones(3)}, "opt": {"mu": np.zeros(3)}})

@@ -58,7 +58,11 @@ def save_checkpointables_async(path: str | os.PathLike, checkpointables: dict[st
         assert ckpt.load("model", checkpointable_name="data") == {"epoch": 2}
     """
     writer = _writer(path, checkpointables, overwrite, custom_metadata)
-    writer.hand_off()
+    try:
+        writer.hand_off()
+    except BaseException:
+        writer.discard()
+        raise
     executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-save")
     future = executor.submit(lambda: writer.run(None) and None)
     executor.shutdown(wait=False)

@@ -10,6 +10,7 @@ import ctypes
 import dataclasses
 import math
 import operator
+import os
 import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -416,6 +417,8 @@ class StepWriter:
         self.operation = operation
         self.timeout_secs = timeout_secs
         self._prepared = not self.primary
+        self._made = False  # whether this save made its temporary directory (its to remove on failure)
+        self._marker: int | None = None  # holds the temporary's marker locked while it is written
         self._background = False  # set once the caller has returned: write on about one core, not all
         self._hurry = threading.Event()
         self.progress = progress.Tracker(f"saving {final_dir}", plan.nbytes)
@@ -426,8 +429,19 @@ class StepWriter:
         """Creates a fresh temporary directory, marked as ckpt's (removing one a crashed save left)."""
         if self._prepared:
             return
-        storage.make_temporary(self.tmp_dir, mode=self.dir_mode)
-        self._prepared = True
+        self._marker = storage.make_temporary(self.tmp_dir, mode=self.dir_mode)
+        self._prepared = self._made = True
+
+    def discard(self) -> None:
+        """Removes the temporary directory of a save that failed before its commit, if it made one."""
+        self._release()
+        if self._made:
+            storage.remove_owned(self.tmp_dir)
+
+    def _release(self) -> None:
+        if self._marker is not None:
+            marker, self._marker = self._marker, None
+            os.close(marker)
 
     def start_custom(self, handled: dict[str, tuple[type | None, Any]]) -> None:
         """Runs the caller's part of the handlers' saves (see :func:`ckpt.custom.start`); the rest runs in :meth:`run`.
@@ -441,7 +455,7 @@ class StepWriter:
         try:
             self.custom = custom.start(handled, self.tmp_dir, self.prepare_dir)
         except BaseException:
-            storage.remove_owned(self.tmp_dir)
+            self.discard()
             raise
 
     def hand_off(self, max_inflight_bytes: int | None = None, staging: StagingBuffers | None = None) -> None:
@@ -661,9 +675,10 @@ class StepWriter:
                 self.write_manifest(step)
                 self.commit(step)
         except BaseException:
-            if self.primary:
-                storage.remove_owned(self.tmp_dir)
+            self.discard()
             raise
+        finally:
+            self._release()
         self._barrier("committed")
         if not self.primary:
             self.manifest = loading.read_manifest(self.final_dir)

@@ -182,14 +182,49 @@ def _foreign(path: Location) -> ForeignEntryError:
                              "marker): ckpt never removes it. Move it away if it is not needed.", path=path)
 
 
-def make_temporary(tmp: Location, *, mode: int | None = None) -> None:
+def make_temporary(tmp: Location, *, mode: int | None = None) -> int | None:
     """A fresh, marked directory at ``tmp`` to write a step into: a temporary that ckpt left there is removed
-    first (on an object store, where a step is written in place, so is the committed step it replaces)."""
-    if isinstance(tmp, ObjectPath) and (tmp / fmt.MANIFEST).exists():
-        delete_dir(tmp)
+    first (on an object store, where a step is written in place, so is the committed step it replaces).
+
+    Returns a descriptor that holds a shared lock on the marker until it is closed (None on an object
+    store): meanwhile :func:`in_use` tells any process that sweeps leftovers to leave the temporary alone.
+
+    Raises:
+      DirectoryLockedError: another save (of another process) is writing a temporary at ``tmp``.
+    """
+    if isinstance(tmp, ObjectPath):
+        if (tmp / fmt.MANIFEST).exists():
+            delete_dir(tmp)
+        remove_owned(tmp)
+        make_dir(tmp, mode=mode)
+        mark(tmp)
+        return None
+    if in_use(tmp):
+        raise DirectoryLockedError(f"{tmp} is being written by another save of the same step (another process); "
+                                   "one writer per step")
     remove_owned(tmp)
     make_dir(tmp, mode=mode)
-    mark(tmp)
+    fd = os.open(tmp / fmt.MARKER, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    os.fsync(fd)  # as every file of a step
+    return fd
+
+
+def in_use(directory: Location) -> bool:
+    """Whether a save is writing the temporary ``directory`` (its marker is locked: see :func:`make_temporary`)."""
+    if isinstance(directory, ObjectPath):
+        return False
+    try:
+        fd = os.open(directory / fmt.MARKER, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 @contextlib.contextmanager

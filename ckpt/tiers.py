@@ -323,10 +323,20 @@ def _copy_step(source: Path, final: storage.Location, step: int, overwrite: bool
     ``final`` is checked first and at the commit as a save's is (see :func:`ckpt.root.commit`). With
     several processes each copies its own files and the primary commits after a barrier.
     Returns the bytes this process copied."""
-    primary, tmp = durable.processes.index == 0, storage.temporary_for(final)
+    primary, tmp, marker = durable.processes.index == 0, storage.temporary_for(final), None
     if primary:
         root.check_target(final, tmp, step=step, overwrite=overwrite)
-        storage.make_temporary(tmp)
+        marker = storage.make_temporary(tmp)
+    try:
+        return _copy_files(source, final, tmp, step, overwrite, durable, barrier)
+    finally:
+        if marker is not None:
+            os.close(marker)
+
+
+def _copy_files(source: Path, final: storage.Location, tmp: storage.Location, step: int, overwrite: bool,
+                durable: DurableRoot, barrier: str) -> int:
+    primary = durable.processes.index == 0
     _barrier(durable, f"{barrier}/prepared")
     files = sorted(p for p in source.rglob("*") if p.is_file())
     skip = {source / fmt.MANIFEST} if primary else {source / fmt.MANIFEST, source / fmt.TREE}

@@ -475,7 +475,7 @@ class Checkpointer:
         try:
             writer.hand_off(self._inflight_budget(), self._staging)
         except BaseException:
-            storage.remove_owned(writer.tmp_dir)
+            writer.discard()
             raise
         return self._writer.submit(job, hurry=writer.hurry)
 
@@ -491,7 +491,7 @@ class Checkpointer:
         if self._swept:
             return
         for entry in root.scan(self._directory, self._name_format, read_manifests=False):
-            if entry.kind in root.REMOVABLE:
+            if entry.kind in root.REMOVABLE and not storage.in_use(entry.path):  # (another process's free save)
                 storage.remove_owned(entry.path)
         self._swept = True
 

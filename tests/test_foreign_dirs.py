@@ -18,7 +18,7 @@ from ckpt import format as fmt
 from ckpt.training import Checkpointer
 from ckpt.training import preservation_policies as pp
 from ckpt.training import save_decision_policies as sdp
-from tests import fsutil
+from tests import fsutil, procs
 
 ALWAYS = sdp.FixedIntervalPolicy(1)
 STATE = {"w": np.arange(4.0)}
@@ -383,3 +383,48 @@ def test_a_foreign_entry_at_a_deleted_steps_aside_name_does_not_stop_garbage_col
         assert [c.step for c in ckptr.checkpoints] == [3]
     assert word == "notes.txt" and fsutil.snapshot(root / f"0{fmt.DELETING_SUFFIX}") == before
     assert sorted(os.listdir(root)) == sorted([f"0{fmt.DELETING_SUFFIX}", fmt.LOCK, "3"])
+
+
+WRITES_UNTIL_TOLD = """
+import sys
+import numpy as np
+import ckpt
+
+class WaitsToBeTold:  # a checkpointable that writes its file only once the test says so
+    async def save(self, directory):
+        async def write():
+            path = await directory.await_creation()
+            print("writing", flush=True)
+            sys.stdin.readline()
+            (path / "n").write_text("1")
+        return write()
+
+    async def load(self, directory):
+        pass
+
+ckpt.save_checkpointables(sys.argv[1], {"state": {"w": np.ones(3)}, "told": WaitsToBeTold()})
+print("saved", flush=True)
+"""
+
+
+def test_a_sweep_leaves_alone_the_temporary_another_process_is_writing(tmp_path):
+    """Another process saves step 7 into the root with ckpt.save while a Checkpointer opens it and sweeps
+    the leftovers of crashed saves: the live temporary (its marker locked) is not one of them."""
+    root = tmp_path / "root"
+    root.mkdir()
+    child = procs.start(WRITES_UNTIL_TOLD, str(root / "7"), stdin=True)
+    try:
+        procs.wait_for_line(child, "writing")
+        with Checkpointer(root, cleanup_tmp_directories=True) as ckptr:
+            ckptr.save(1, STATE, force=True)
+            with pytest.raises(errors.DirectoryLockedError, match="another save of the same step"):
+                ckptr.save(7, STATE, force=True)
+        assert (root / f"7{fmt.TMP_SUFFIX}" / fmt.MARKER).exists()
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        procs.wait_for_line(child, "saved")
+    finally:
+        procs.stop(child)
+    with Checkpointer(root) as ckptr:
+        assert [c.step for c in ckptr.checkpoints] == [1, 7]
+        np.testing.assert_array_equal(ckptr.load(7)["w"], np.ones(3))

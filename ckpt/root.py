@@ -213,6 +213,8 @@ def check_target(final: storage.Location, tmp: storage.Location, *, step: int | 
     what = "the checkpoint" if step is None else f"step {step}"
     if _exists(final):
         entry = classify(final, step)
+        if entry.kind is Kind.TEMPORARY and final == tmp:  # (an object store) a save of ckpt's never committed
+            return
         if entry.kind is not Kind.STEP:
             raise ForeignEntryError(
                 f"cannot save {what}: {final} holds {entry.holds}, which ckpt did not write, and ckpt never "

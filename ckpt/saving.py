@@ -10,7 +10,6 @@ import ctypes
 import dataclasses
 import math
 import operator
-import os
 import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -439,9 +438,8 @@ class StepWriter:
             storage.remove_owned(self.tmp_dir)
 
     def _release(self) -> None:
-        if self._marker is not None:
-            marker, self._marker = self._marker, None
-            os.close(marker)
+        marker, self._marker = self._marker, None
+        storage.release_temporary(marker)
 
     def start_custom(self, handled: dict[str, tuple[type | None, Any]]) -> None:
         """Runs the caller's part of the handlers' saves (see :func:`ckpt.custom.start`); the rest runs in :meth:`run`.
@@ -449,10 +447,10 @@ class StepWriter:
         makes the step's directory first, so that any of them may make its directory at once."""
         if not handled:
             return
-        if self.processes.count > 1:
-            self.prepare_dir()
-            self._barrier("custom")
         try:
+            if self.processes.count > 1:
+                self.prepare_dir()
+                self._barrier("custom")
             self.custom = custom.start(handled, self.tmp_dir, self.prepare_dir)
         except BaseException:
             self.discard()

@@ -366,8 +366,10 @@ def _screen(name: str, table: LeafTable, rows: list[int]) -> tuple[int, int] | N
         return None
     for dtype_name in names - _DTYPES.keys():
         _dtype(dtype_name, name + table.path[rows[dtypes.index(dtype_name)]])  # raises unless ckpt writes it
-    if any(map(_not_numbers, map(_DTYPES.__getitem__, names))):
-        return None  # rare: each leaf is checked by _check_leaf, which refuses those in a jax or torch leaf
+    if any(map(_not_numbers, map(_DTYPES.__getitem__, names))):  # rare: text, bytes or times, which only numpy holds
+        kinds = table.type if len(rows) == len(table) else [table.type[i] for i in rows]
+        if any(kind in _FRAMEWORK_TYPES and _not_numbers(_DTYPES[dtype_name]) for dtype_name, kind in zip(dtypes, kinds)):
+            return None  # each leaf is checked by _check_leaf, which names the one
     if set(map(type, shapes)) != _LIST:
         return None
     ndims = list(map(len, shapes))

@@ -186,8 +186,9 @@ def make_temporary(tmp: Location, *, mode: int | None = None) -> int | None:
     """A fresh, marked directory at ``tmp`` to write a step into: a temporary that ckpt left there is removed
     first (on an object store, where a step is written in place, so is the committed step it replaces).
 
-    Returns a descriptor that holds a shared lock on the marker until it is closed (None on an object
-    store): meanwhile :func:`in_use` tells any process that sweeps leftovers to leave the temporary alone.
+    Returns a descriptor that holds a shared lock on the marker until :func:`release_temporary` (None on
+    an object store): meanwhile :func:`in_use` tells any process that sweeps leftovers to leave the
+    temporary alone. A child forked meanwhile does not hold it.
 
     Raises:
       DirectoryLockedError: another save (of another process) is writing a temporary at ``tmp``.
@@ -205,9 +206,37 @@ def make_temporary(tmp: Location, *, mode: int | None = None) -> int | None:
     remove_owned(tmp)
     make_dir(tmp, mode=mode)
     fd = os.open(tmp / fmt.MARKER, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
-    fcntl.flock(fd, fcntl.LOCK_SH)
-    os.fsync(fd)  # as every file of a step
+    try:
+        with contextlib.suppress(OSError):  # a file system without flock: the save goes on, unguarded
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        os.fsync(fd)  # as every file of a step
+    except BaseException:
+        os.close(fd)
+        raise
+    _MARKERS.add(fd)
     return fd
+
+
+_MARKERS: set[int] = set()  # the descriptors make_temporary returned and release_temporary has not closed
+
+
+def release_temporary(marker: int | None) -> None:
+    """Lets go of the lock :func:`make_temporary` returned, once the save has committed or failed."""
+    if marker is not None and marker in _MARKERS:
+        _MARKERS.discard(marker)
+        os.close(marker)
+
+
+def _close_markers_in_child() -> None:
+    """After a fork, in the child: closes the inherited marker descriptors (the parent's locks stay held),
+    so that a child that outlives a crashed parent (a DataLoader worker) keeps no save's temporary locked."""
+    for fd in list(_MARKERS):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _MARKERS.clear()
+
+
+os.register_at_fork(after_in_child=_close_markers_in_child)
 
 
 def in_use(directory: Location) -> bool:
@@ -222,6 +251,8 @@ def in_use(directory: Location) -> bool:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         return True
+    except OSError:  # a file system without flock (NFS may want the file open for writing): cannot tell
+        return False
     finally:
         os.close(fd)
     return False

@@ -330,8 +330,7 @@ def _copy_step(source: Path, final: storage.Location, step: int, overwrite: bool
     try:
         return _copy_files(source, final, tmp, step, overwrite, durable, barrier)
     finally:
-        if marker is not None:
-            os.close(marker)
+        storage.release_temporary(marker)
 
 
 def _copy_files(source: Path, final: storage.Location, tmp: storage.Location, step: int, overwrite: bool,

@@ -208,3 +208,30 @@ def test_custom_checkpointables_are_saved_locally_promoted_and_restored_from_eit
     with tiered() as ckptr:
         assert ckptr.latest.step == 2 and ckptr.latest.locations.keys() == {"durable"}
         assert_loads(ckptr, 2)
+
+
+class FirstCustomBarrierTimesOut:
+    """Process 0 of 2 whose first 'custom' barrier (the other process never came) times out."""
+
+    index, count = 0, 2
+
+    def __init__(self):
+        self.failed = False
+
+    def barrier(self, name, timeout_secs):
+        if name.endswith("/custom") and not self.failed:
+            self.failed = True
+            raise TimeoutError(f"rank 0 of 2 waited for the other ranks at {name!r}")
+
+    def broadcast(self, name, value, timeout_secs):
+        return value
+
+
+def test_a_save_whose_handlers_barrier_fails_leaves_nothing_and_the_step_saves_again(tmp_path):
+    ctx = ckpt.Context(multiprocessing_options=ckpt.MultiprocessingOptions(processes=FirstCustomBarrierTimesOut()))
+    with Checkpointer(tmp_path, context=ctx) as ckptr:
+        with pytest.raises(TimeoutError, match="waited for the other ranks"):
+            ckptr.save_checkpointables(3, {"state": {"w": np.arange(4)}, "counter": Counter(7)}, force=True)
+        assert os.listdir(tmp_path) == [ckpt.format.LOCK]
+        assert ckptr.save_checkpointables(3, {"state": {"w": np.arange(4)}, "counter": Counter(7)}, force=True)
+    assert ckpt.load_checkpointables(tmp_path / "3", {"counter": Counter()})["counter"].n == 7

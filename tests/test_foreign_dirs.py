@@ -428,3 +428,41 @@ def test_a_sweep_leaves_alone_the_temporary_another_process_is_writing(tmp_path)
     with Checkpointer(root) as ckptr:
         assert [c.step for c in ckptr.checkpoints] == [1, 7]
         np.testing.assert_array_equal(ckptr.load(7)["w"], np.ones(3))
+
+
+def test_a_child_forked_while_a_save_writes_does_not_keep_its_temporary_locked(tmp_path):
+    """A DataLoader worker forked during a save outlives it (or a crash of its trainer): the temporary is
+    then a leftover like any other, which the next writer sweeps."""
+    tmp = tmp_path / f"5{fmt.TMP_SUFFIX}"
+    marker = ckpt.storage.make_temporary(tmp)
+    (ready, started), (go, told) = os.pipe(), os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the worker: lives on, never touching the save
+        os.write(started, b"1")  # (once fork has returned here, its handlers have run)
+        os.read(go, 1)
+        os._exit(0)
+    try:
+        assert os.read(ready, 1) == b"1"
+        assert ckpt.storage.in_use(tmp)
+        ckpt.storage.release_temporary(marker)
+        assert not ckpt.storage.in_use(tmp)
+    finally:
+        os.write(told, b"1")
+        os.waitpid(pid, 0)
+        for fd in (ready, started, go, told):
+            os.close(fd)
+    with Checkpointer(tmp_path, cleanup_tmp_directories=True):
+        pass
+    assert not tmp.exists()
+
+
+@pytest.mark.parametrize("tiered", [False, True], ids=["one tier", "two tiers"])
+def test_on_s3_the_leftover_of_a_crashed_save_of_a_step_does_not_stop_the_next_save_of_it(bucket, tmp_path, tiered):
+    from ckpt.objectstore import ObjectPath
+
+    ckpt.storage.make_temporary(ObjectPath(bucket) / "7")  # a save (or promotion) that died before its manifest
+    local = {"local": ckpt.LocalCheckpointOptions(tmp_path / "local")} if tiered else {}
+    with Checkpointer(bucket, **local) as ckptr:
+        assert ckptr.save(7, STATE, force=True)
+        ckptr.wait()
+        np.testing.assert_array_equal(ckpt.load(f"{bucket}/7")["w"], STATE["w"])

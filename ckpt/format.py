@@ -63,6 +63,8 @@ MANIFEST_MAX_BYTES = 16 << 20     # metrics and custom metadata included
 TREE_MAX_BYTES = 256 << 20        # about 700,000 leaves
 ZARR_JSON_MAX_BYTES = 1 << 20     # an array's zarr.json: a few hundred bytes
 MAX_JSON_DEPTH = 64               # how deep metrics and custom metadata may nest
+MAX_NDIM = 32                     # the most dimensions an array may have (numpy's limit once was 32)
+MAX_INT_BITS = 13_000             # the largest int stored (about 3,900 digits; Python parses 4,300 by default)
 
 
 def validate_checkpointable_name(name: Any) -> None:
@@ -84,6 +86,9 @@ def validate_step(step: Any) -> int:
         raise ValueError(f"step must be a non-negative int, got {step!r} of type {type(step).__name__}")
     if step < 0:
         raise ValueError(f"step must be a non-negative int, got {step}")
+    if int(step).bit_length() > MAX_INT_BITS:
+        raise ValueError(f"step must be a non-negative int of at most {MAX_INT_BITS} bits, got one of "
+                         f"{int(step).bit_length()}")
     return int(step)
 
 
@@ -105,18 +110,28 @@ def check_json(obj: Any, what: str) -> None:
     to_json_bytes(obj, what)
 
 
-def _walk_json(obj: Any, where: str, depth: int = 0) -> None:
+def check_metrics(metrics: Any) -> Any:
+    """``metrics`` as :func:`encode_metrics` stores them; ValueError unless that is strict JSON with str
+    keys, nested at most ``MAX_JSON_DEPTH`` levels (checked first: a deeper one, or one that holds
+    itself, would exhaust the encoder's recursion)."""
+    _walk_json(metrics, "metrics", finite=False)
+    metrics = encode_metrics(metrics)
+    check_json(metrics, "metrics")
+    return metrics
+
+
+def _walk_json(obj: Any, where: str, depth: int = 0, finite: bool = True) -> None:
     if depth > MAX_JSON_DEPTH and isinstance(obj, (dict, list, tuple)):
         raise ValueError(f"{where} must be JSON nested at most {MAX_JSON_DEPTH} levels deep")
     if isinstance(obj, dict):
         for k, v in obj.items():
             if not isinstance(k, str):
                 raise ValueError(f"{where} must be JSON: key {k!r} is a {type(k).__name__}, not a str")
-            _walk_json(v, f"{where}[{k!r}]", depth + 1)
+            _walk_json(v, f"{where}[{k!r}]", depth + 1, finite)
     elif isinstance(obj, (list, tuple)):
         for i, v in enumerate(obj):
-            _walk_json(v, f"{where}[{i}]", depth + 1)
-    elif isinstance(obj, float) and not math.isfinite(obj):
+            _walk_json(v, f"{where}[{i}]", depth + 1, finite)
+    elif finite and isinstance(obj, float) and not math.isfinite(obj):
         raise ValueError(f"{where} must be JSON: {obj!r} is not a finite number")
 
 

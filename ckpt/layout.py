@@ -227,12 +227,14 @@ def signature(x: Any) -> Any:
 
 def _walker(node: tree_lib.Node) -> tuple:
     """A compact form of a structure for :func:`_walk`: (kind, container type, keys, children,
-    whether every child is a leaf)."""
+    whether every child is a leaf, the keys' types when one is not a str)."""
     if node.kind == "leaf":
         return _LEAF_WALKER
     children = [_LEAF_WALKER if child.kind == "leaf" else _walker(child) for child in node.children]
     keys = [key for _, key in node.keys]
-    return (node.kind, node.container, keys, children, children.count(_LEAF_WALKER) == len(children))
+    types = list(map(type, keys))
+    return (node.kind, node.container, keys, children, children.count(_LEAF_WALKER) == len(children),
+            None if set(types) <= {str} else types)
 
 
 _LEAF_WALKER = ("leaf",)
@@ -246,13 +248,13 @@ def _walk(walker: tuple, x: Any, out: list[Any]) -> bool:
         return True
     if type(x) is not walker[1]:
         return False
-    if kind == "dict":
-        if list(x) != walker[2]:
+    if kind == "dict":  # (1 == 1.0 == True: an int key's type is compared too, as flatten refuses the others)
+        if list(x) != walker[2] or (walker[5] is not None and list(map(type, x)) != walker[5]):
             return False
         values: Any = x.values()
     elif kind == "pytree":
         found = tree_lib.children(x)
-        if found is None or found[0] != walker[2]:
+        if found is None or found[0] != walker[2] or (walker[5] is not None and list(map(type, found[0])) != walker[5]):
             return False
         values = found[1]
     else:  # list, tuple, namedtuple: the type fixes a namedtuple's length

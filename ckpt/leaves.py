@@ -19,6 +19,7 @@ import ml_dtypes  # noqa: F401  (registers bfloat16, float8_*, int4 with numpy)
 import numpy as np
 
 from ckpt import dtensor, shardings, transfers
+from ckpt import format as fmt
 from ckpt.errors import UnregisteredTypeError
 from ckpt.leaf_table import LeafTable
 from ckpt.tree import KeyPath, keystr
@@ -83,7 +84,7 @@ def dtype_name(dtype: np.dtype) -> str:
 
 _ML_NAMES = {name for name in dir(ml_dtypes) if isinstance(getattr(ml_dtypes, name), type)}
 # Numeric dtypes in this machine's byte order, stored as they are: their names, without asking
-# ``_check_array_dtype`` and ``_native``.
+# ``_check_array`` and ``_native``.
 _NATIVE_NAMES = {np.dtype(t): dtype_name(np.dtype(t)) for t in
                  (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64,
                   np.float16, np.float32, np.float64, np.complex64, np.complex128, ml_dtypes.bfloat16)
@@ -109,10 +110,22 @@ def _parse_dtype(name: str) -> np.dtype | None:
     return None if dtype is None or dtype.hasobject else dtype
 
 
-def _check_array_dtype(path: KeyPath, dtype: np.dtype, what: str) -> None:
+def _check_array(path: KeyPath, dtype: np.dtype, shape: tuple[int, ...], what: str) -> None:
+    """Raises TypeError (ValueError for the shape) naming the key path for an array ckpt cannot store."""
+    where = keystr(path) or "the root"
     if dtype.hasobject:
-        raise TypeError(f"{what} at {keystr(path) or 'the root'} has dtype {dtype}, which holds Python "
-                        "objects; store numeric, bool, string or bytes data instead (nothing is pickled)")
+        raise TypeError(f"{what} at {where} has dtype {dtype}, which holds Python objects; store numeric, bool, "
+                        "string or bytes data instead (nothing is pickled)")
+    if dtype.fields is not None or dtype.subdtype is not None:
+        raise TypeError(f"{what} at {where} has the structured dtype {dtype}, which ckpt does not store (its field "
+                        "names would be lost): store each field as an array of its own")
+    _check_ndim(path, shape, what)
+
+
+def _check_ndim(path: KeyPath, shape: tuple[int, ...], what: str) -> None:
+    if len(shape) > fmt.MAX_NDIM:
+        raise ValueError(f"{what} at {keystr(path) or 'the root'} has {len(shape)} dimensions; ckpt stores at most "
+                         f"{fmt.MAX_NDIM}")
 
 
 def _native(array: np.ndarray) -> np.ndarray:
@@ -130,21 +143,24 @@ def to_host(path: KeyPath, x: Any) -> HostLeaf:
     """
     if type(x) is np.ndarray:  # the usual leaf, first
         name = _NATIVE_NAMES.get(x.dtype)
-        if name is not None:
+        if name is not None and x.ndim <= fmt.MAX_NDIM:
             return HostLeaf({"type": "numpy", "dtype": name, "shape": list(x.shape)}, x)
     kind = INLINE_TYPES.get(type(x))
     if kind is not None:
         if kind == "float" and not math.isfinite(x):
             return HostLeaf({"type": "float", "value": repr(x)})
+        if kind == "int" and x.bit_length() > fmt.MAX_INT_BITS:
+            raise ValueError(f"int at {keystr(path) or 'the root'} has {x.bit_length()} bits; ckpt stores ints of "
+                             f"at most {fmt.MAX_INT_BITS} (store a larger number as a str)")
         return HostLeaf({"type": kind, "value": x})
     if isinstance(x, bytes) and not isinstance(x, np.generic):  # np.bytes_ is a numpy scalar
         return HostLeaf({"type": "bytes", "dtype": "uint8", "shape": [len(x)]}, np.frombuffer(x, np.uint8))
     if isinstance(x, np.ndarray):
-        _check_array_dtype(path, x.dtype, "numpy array")
+        _check_array(path, x.dtype, x.shape, "numpy array")
         x = _native(x)
         return HostLeaf({"type": "numpy", "dtype": dtype_name(x.dtype), "shape": list(x.shape)}, x)
     if isinstance(x, np.generic):
-        _check_array_dtype(path, x.dtype, "numpy scalar")
+        _check_array(path, x.dtype, (), "numpy scalar")
         array = _native(np.asarray(x))
         return HostLeaf({"type": "np_scalar", "dtype": dtype_name(array.dtype), "shape": []}, array)
     torch = sys.modules.get("torch")
@@ -153,9 +169,11 @@ def to_host(path: KeyPath, x: Any) -> HostLeaf:
             return _dtensor_leaf(path, x)
         dtensor.refuse_sharded_tensor(path, x)
         array = torch_to_numpy(path, x)
+        _check_array(path, array.dtype, array.shape, "torch tensor")
         return HostLeaf({"type": "torch", "dtype": dtype_name(array.dtype), "shape": list(array.shape)}, array)
     jax = sys.modules.get("jax")
     if jax is not None and isinstance(x, jax.Array):
+        _check_ndim(path, x.shape, "jax array")
         if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
             data = jax.random.key_data(x)
             meta = {"type": "jax_key", "impl": str(jax.random.key_impl(x)), "dtype": dtype_name(np.dtype(data.dtype)),
@@ -185,10 +203,11 @@ def describe(flat: list[tuple[KeyPath, Any]]) -> tuple[list[dict], list[np.ndarr
         assert metas[0] is metas[1] == {"type": "numpy", "dtype": "float64", "shape": [2]}
     """
     values = dtensor.gather_small([value for _, value in flat])
-    native, shared = _NATIVE_NAMES, {}
+    native, shared, max_ndim = _NATIVE_NAMES, {}, fmt.MAX_NDIM
     found = [  # to_host's first case, inline
         shared.get(key) or shared.setdefault(key, {"type": "numpy", "dtype": key[0], "shape": list(key[1])})
-        if type(x) is np.ndarray and (key := (native.get(x.dtype), x.shape))[0] is not None else to_host(path, x)
+        if type(x) is np.ndarray and (key := (native.get(x.dtype), x.shape))[0] is not None and len(key[1]) <= max_ndim
+        else to_host(path, x)
         for (path, _), x in zip(flat, values)]
     hosts = [i for i, entry in enumerate(found) if type(entry) is HostLeaf]
     metas, arrays, spreads = found, values, [None] * len(found)
@@ -226,7 +245,12 @@ _NUMPY_VIEWS = {np.dtype(getattr(ml_dtypes, target)): (carrier, name) for name, 
 def torch_to_numpy(path: KeyPath, t: Any) -> np.ndarray:
     """A CPU numpy view (or copy, off-CPU) of a torch tensor, bfloat16 and float8 included."""
     torch = sys.modules["torch"]
-    t = t.detach()
+    where = keystr(path) or "the root"
+    if t.layout != torch.strided or t.is_nested or t.device.type == "meta":
+        kind = "a nested tensor" if t.is_nested else "on the meta device" if t.device.type == "meta" else f"{t.layout}"
+        raise TypeError(f"torch tensor at {where} is {kind}, which ckpt cannot store: store a dense tensor that holds "
+                        "its data (to_dense(), or its parts)")
+    t = t.detach().resolve_conj().resolve_neg()  # a lazily conjugated or negated view: its values
     if t.device.type != "cpu":
         t = t.cpu()
     name = str(t.dtype).removeprefix("torch.")
@@ -235,9 +259,8 @@ def torch_to_numpy(path: KeyPath, t: Any) -> np.ndarray:
         return t.contiguous().view(getattr(torch, carrier)).numpy().view(getattr(ml_dtypes, target))
     try:
         return t.contiguous().numpy()
-    except TypeError as e:
-        raise TypeError(f"torch tensor at {keystr(path) or 'the root'} has dtype {t.dtype}, which ckpt cannot "
-                        f"store ({e})") from None
+    except (TypeError, RuntimeError) as e:
+        raise TypeError(f"torch tensor at {where} has dtype {t.dtype}, which ckpt cannot store ({e})") from None
 
 
 def numpy_to_torch(array: np.ndarray) -> Any:

@@ -155,8 +155,7 @@ def plan(checkpointables: dict[str, Any], *, metrics: Any = None, custom_metadat
     for name in checkpointables:
         fmt.validate_checkpointable_name(name)
     if metrics is not None:
-        metrics = fmt.encode_metrics(metrics)
-        fmt.check_json(metrics, "metrics")
+        metrics = fmt.check_metrics(metrics)
     if custom_metadata is not None:
         fmt.check_json(custom_metadata, "custom_metadata")
     stored = storage_options.of(storage)

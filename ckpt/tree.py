@@ -118,9 +118,15 @@ def flatten(tree: Any, *, prefix: KeyPath = ()) -> tuple[Node, list[tuple[KeyPat
     """Splits ``tree`` into its structure and its ``(key_path, leaf)`` pairs, in a stable order.
 
     Raises:
-      TypeError: a dict key that is neither str nor int (named by its key path).
+      TypeError: a dict key (or a registered pytree's) that is neither str nor int (named by its key path).
+      ValueError: a tree nested deeper than Python's recursion allows, or one that holds itself.
     """
     leaves: list[tuple[KeyPath, Any]] = []
+
+    def check_key(k: Any, path: KeyPath) -> None:
+        if type(k) is not str and (isinstance(k, bool) or not isinstance(k, (str, int))):
+            raise TypeError(f"dict key {k!r} of type {type(k).__name__} at {keystr(path) or 'the root'} cannot be "
+                            "stored: only str and int keys round-trip")
 
     def visit(x: Any, path: KeyPath) -> Node:
         if type(x) in _PLAIN_LEAVES:
@@ -129,11 +135,7 @@ def flatten(tree: Any, *, prefix: KeyPath = ()) -> tuple[Node, list[tuple[KeyPat
         if type(x) in (dict, collections.OrderedDict):
             keys = []
             for k in x:
-                if type(k) is not str and (isinstance(k, bool) or not isinstance(k, (str, int))):
-                    raise TypeError(
-                        f"dict key {k!r} of type {type(k).__name__} at {keystr(path) or 'the root'} "
-                        "cannot be stored: only str and int keys round-trip"
-                    )
+                check_key(k, path)
                 keys.append(("key", k))
             children = []
             for entry, value in zip(keys, x.values()):
@@ -157,6 +159,9 @@ def flatten(tree: Any, *, prefix: KeyPath = ()) -> tuple[Node, list[tuple[KeyPat
             node = _jax_children(x)
             if node is not None:
                 keys, values, treedef = node
+                for kind, k in keys:
+                    if kind == "key":
+                        check_key(k, path)
                 children = [visit(v, path + (k,)) for k, v in zip(keys, values)]
                 jax = sys.modules["jax"]
                 return Node(
@@ -166,7 +171,11 @@ def flatten(tree: Any, *, prefix: KeyPath = ()) -> tuple[Node, list[tuple[KeyPat
         leaves.append((path, x))
         return LEAF
 
-    node = visit(tree, prefix)
+    try:
+        node = visit(tree, prefix)
+    except RecursionError:
+        raise ValueError("the tree is nested deeper than Python's recursion limit allows, or holds itself (a "
+                         "container inside itself): neither can be stored") from None
     del visit  # it refers to itself: kept, it would keep ``leaves`` until the collector found the cycle
     return node, leaves
 

@@ -77,6 +77,40 @@ def load_with(abstract: Any) -> Callable[[Checkpointer, Path], Any]:
     return lambda ckptr, root: ckptr.load(0, abstract)
 
 
+def holding_itself() -> dict:
+    tree: dict = {"w": np.ones(2)}
+    tree["me"] = tree
+    return tree
+
+
+def nested_lists(depth: int) -> Any:
+    tree: Any = np.ones(2)
+    for _ in range(depth):
+        tree = [tree]
+    return tree
+
+
+def save_torch(make: str) -> Callable[[Checkpointer, Path], Any]:
+    """A save of a torch tensor made by ``make`` (a Python expression of ``torch``)."""
+    def call(ckptr: Checkpointer, root: Path) -> Any:
+        torch = pytest.importorskip("torch")
+        return ckptr.save(1, {"t": eval(make, {"torch": torch})}, force=True)
+    return call
+
+
+def save_pytree_with_key(key: Any) -> Callable[[Checkpointer, Path], Any]:
+    """A save of a defaultdict (a jax pytree once jax is imported, flattened by jax) with ``key``."""
+    def call(ckptr: Checkpointer, root: Path) -> Any:
+        import collections
+
+        pytest.importorskip("jax")
+        return ckptr.save(1, {"d": collections.defaultdict(list, {key: np.ones(2)})}, force=True)
+    return call
+
+
+STRUCTURED = np.dtype([("x", "<i4"), ("y", "<f8")])
+
+
 CASES = {
     # unsupported leaves: TypeError naming the key path and the type
     "object leaf": Case(save({"a": {"b": Opaque()}}), TypeError, r"\['a'\]\['b'\].*Opaque.*cannot store"),
@@ -84,6 +118,16 @@ CASES = {
     "function leaf": Case(save({"f": lambda x: x}), TypeError, r"\['f'\].*function"),
     "set leaf": Case(save({"s": {1, 2}}), TypeError, r"\['s'\].*builtins\.set"),
     "object array": Case(save({"o": np.array([1, "x"], dtype=object)}), TypeError, r"\['o'\].*Python objects"),
+    "structured array": Case(save({"a": np.zeros(2, STRUCTURED)}), TypeError, r"\['a'\] has the structured dtype"),
+    "record array": Case(save({"a": np.rec.array(np.zeros(2, STRUCTURED))}), TypeError, r"\['a'\].*structured"),
+    "structured scalar": Case(save({"a": np.zeros((), STRUCTURED)[()]}), TypeError, r"scalar at \['a'\].*structured"),
+    "33 dimensions": Case(save({"a": np.zeros((1,) * 33)}), ValueError, r"\['a'\] has 33 dimensions; .* at most 32"),
+    "an int of 4,000 digits": Case(save({"seed": 10 ** 4000}), ValueError, r"int at \['seed'\] has \d+ bits"),
+    "a tree that holds itself": Case(save(holding_itself()), ValueError, r"holds itself"),
+    "a tree 2,000 lists deep": Case(save({"deep": nested_lists(2000)}), ValueError, r"nested deeper than"),
+    "sparse tensor": Case(save_torch("torch.eye(3).to_sparse()"), TypeError, r"\['t'\] is torch.sparse_coo"),
+    "meta tensor": Case(save_torch("torch.empty(3, device='meta')"), TypeError, r"\['t'\] is on the meta device"),
+    "tuple key of a jax pytree": Case(save_pytree_with_key((1, 2)), TypeError, r"dict key \(1, 2\) of type tuple at \['d'\]"),
     # dict keys that cannot round-trip
     "tuple key": Case(save({"a": {(1, 2): 1}}), TypeError, r"dict key \(1, 2\) of type tuple at \['a'\]"),
     "float key": Case(save({1.5: 1}), TypeError, r"dict key 1\.5 of type float at the root"),
@@ -93,6 +137,8 @@ CASES = {
     "numpy metric": Case(save(metrics={"loss": np.float32(1.0)}), ValueError, r"metrics must be JSON.*float32"),
     "int metric key": Case(save(metrics={1: 2.0}), ValueError, r"metrics must be JSON: key 1 is a int"),
     "object metric": Case(save(metrics={"m": Opaque()}), ValueError, r"metrics must be JSON.*Opaque"),
+    "metrics 1,000 levels deep": Case(save(metrics=nested_lists(1000)), ValueError, r"metrics.*nested at most 64"),
+    "metrics that hold themselves": Case(save(metrics=holding_itself()), ValueError, r"metrics.*nested at most 64"),
     "NaN custom metadata": Case(save(custom_metadata={"x": [math.nan]}), ValueError, r"custom_metadata\[.x.\]\[0\] must be JSON: nan"),
     # checkpointable names
     "name with /": Case(named("a/b"), ValueError, r"'a/b' .*path separator"),
@@ -111,6 +157,7 @@ CASES = {
     "str step": Case(save(step="2"), ValueError, r"got '2' of type str"),
     "bool step": Case(save(step=True), ValueError, r"got True of type bool"),
     "None step": Case(save(step=None), ValueError, r"got None of type NoneType"),
+    "a step of 4,000 digits": Case(save(step=10 ** 4000), ValueError, r"step must be a non-negative int of at most"),
     "negative should_save": Case(lambda c, r: c.should_save(-1), ValueError, r"non-negative"),
     "negative load step": Case(lambda c, r: c.load(-1), ValueError, r"non-negative"),
     # step name formats
@@ -172,3 +219,14 @@ def test_the_free_functions_refuse_bad_input_before_creating_the_path(tmp_path, 
     with pytest.raises(TypeError, match=r"\['a'\].*Opaque"):
         getattr(ckpt, how)(tmp_path / "one" / "ckpt", {"a": Opaque()})
     assert not (tmp_path / "one").exists()
+
+
+def test_a_later_save_of_the_same_structure_checks_its_keys_as_the_first(root):
+    """A Checkpointer reuses its last save's plan for a tree of the same structure; a key equal to the
+    saved one but of another type (True == 1.0 == 1) is still refused, as a first save refuses it."""
+    with Checkpointer(root) as ckptr:
+        ckptr.save(1, {1: np.ones(2), "b": 2}, force=True)
+        for key in (True, 1.0, np.int64(1)):
+            with pytest.raises(TypeError, match=f"dict key {re.escape(repr(key))} of type"):
+                ckptr.save(2, {key: np.ones(2), "b": 2}, force=True)
+        assert [c.step for c in ckptr.checkpoints] == [0, 1]

@@ -429,6 +429,16 @@ def test_zero_dimensional_torch_tensors_keep_their_shape(tmp_path):
     assert ckpt.load(tmp_path / "c")["bf"].dtype == torch.bfloat16
 
 
+def test_a_conjugated_or_negated_torch_view_saves_its_values(tmp_path):
+    """torch.conj and torch.neg of some tensors are lazy views, a bit set on the tensor; numpy() refuses them."""
+    torch = pytest.importorskip("torch")
+    z, x = torch.tensor([1 + 2j, 3 - 1j]), torch.tensor([1.0, -2.0])
+    saved = {"conj": z.conj(), "neg": torch._neg_view(x)}
+    ckpt.save(tmp_path / "c", saved)
+    loaded = ckpt.load(tmp_path / "c")
+    assert torch.equal(loaded["conj"], torch.tensor([1 - 2j, 3 + 1j])) and torch.equal(loaded["neg"], -x)
+
+
 def test_an_array_whose_last_chunk_is_partial_round_trips(tmp_path):
     # 5000 rows of 4 KiB: the last 16 MiB chunk holds fewer rows, and zarr3 stores it padded to full size.
     a = np.random.default_rng(0).random((5000, 1024), dtype=np.float32)

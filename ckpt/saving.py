@@ -415,7 +415,6 @@ class StepWriter:
         self.operation = operation
         self.timeout_secs = timeout_secs
         self._prepared = not self.primary
-        self._made = False  # whether this save made its temporary directory (its to remove on failure)
         self._marker: int | None = None  # holds the temporary's marker locked while it is written
         self._background = False  # set once the caller has returned: write on about one core, not all
         self._hurry = threading.Event()
@@ -428,12 +427,12 @@ class StepWriter:
         if self._prepared:
             return
         self._marker = storage.make_temporary(self.tmp_dir, mode=self.dir_mode)
-        self._prepared = self._made = True
+        self._prepared = True
 
     def discard(self) -> None:
         """Removes the temporary directory of a save that failed before its commit, if it made one."""
         self._release()
-        if self._made:
+        if self.primary and self._prepared:  # (only the primary makes it)
             storage.remove_owned(self.tmp_dir)
 
     def _release(self) -> None:

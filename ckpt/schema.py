@@ -58,7 +58,6 @@ _BYTES_CODEC = [{"name": "bytes", "configuration": {"endian": "little"}}]
 _CRC32C_CODECS = _BYTES_CODEC + [{"name": "crc32c"}]
 _METADATA_KEYS = frozenset({"shape", "data_type", "chunk_grid", "codecs"})
 _GRID_KEYS, _GRID_CONFIG_KEYS = {"name", "configuration"}, {"chunk_shape"}  # a regular grid, as a save writes it
-_MAX_NDIM = fmt.MAX_NDIM
 _MAX_ARRAY_BYTES = 1 << 62  # numpy cannot address more; the files on disk bound what is read
 _MAX_TIMESTAMP = 1 << 63    # nanoseconds: the year 2262
 _COLUMNS = frozenset(COLUMNS)
@@ -379,7 +378,7 @@ def _screen(name: str, table: LeafTable, rows: list[int]) -> tuple[int, int] | N
     except TypeError:
         return None
     dims, flat = list(itertools.chain.from_iterable(shapes)), list(itertools.chain.from_iterable(spans))
-    if max(ndims) > _MAX_NDIM or set(map(type, itertools.chain(dims, flat, crcs))) != _INT:
+    if max(ndims) > fmt.MAX_NDIM or set(map(type, itertools.chain(dims, flat, crcs))) != _INT:
         return None
     try:
         pairs, crc, dim = np.array(flat, np.int64).reshape(-1, 2), np.array(crcs, np.int64), np.array(dims, np.int64)
@@ -581,7 +580,7 @@ def _dtype(name: Any, where: str) -> np.dtype:
 def _nbytes(shape: Any, itemsize: int) -> int:
     """The bytes of an array of ``shape`` and ``itemsize``; -1 unless ``shape`` is a list of at most 32
     non-negative ints whose bytes (zero dimensions counted as 1) stay below 2**62."""
-    if type(shape) is list and len(shape) <= _MAX_NDIM:
+    if type(shape) is list and len(shape) <= fmt.MAX_NDIM:
         total = bound = itemsize
         for dim in shape:
             if type(dim) is not int or dim < 0:
@@ -596,7 +595,7 @@ def _nbytes(shape: Any, itemsize: int) -> int:
 def _checked_nbytes(shape: Any, itemsize: int, what: str, where: str) -> int:
     nbytes = _nbytes(shape, itemsize)
     if nbytes < 0:
-        raise _Invalid(f"{what!r} {_short(shape)} is not a list of at most {_MAX_NDIM} non-negative ints whose "
+        raise _Invalid(f"{what!r} {_short(shape)} is not a list of at most {fmt.MAX_NDIM} non-negative ints whose "
                        f"{itemsize}-byte elements fit in {_MAX_ARRAY_BYTES} bytes", where)
     return nbytes
 

@@ -20,18 +20,10 @@ from typing import Any, BinaryIO, Callable, Iterator, NamedTuple
 import numpy as np
 
 from ckpt import format as fmt
-from ckpt import progress, storage
+from ckpt import host_memory, progress, storage
 
 _POOL: tuple[concurrent.futures.ThreadPoolExecutor, int] | None = None
 _SUM_BLOCK = 2 << 20  # read, then summed while still in the CPU's caches (2 MiB measured best here)
-
-
-def empty(nbytes: int) -> np.ndarray:
-    """A new uint8 array of ``nbytes`` that starts at a multiple of ``format.ALIGN`` bytes: jax on CPU
-    then takes an array viewing it without a copy."""
-    raw = np.empty(nbytes + fmt.ALIGN, np.uint8)
-    start = -raw.ctypes.data % fmt.ALIGN
-    return raw[start: start + nbytes]
 
 
 def pool() -> tuple[concurrent.futures.ThreadPoolExecutor, int]:
@@ -254,7 +246,7 @@ def leaf_reads(source: LocalArray | Any, meta: dict) -> tuple[np.ndarray, list[R
     crcs, chunk_sums = meta["chunk_crc32"], meta.get("chunk_sum64")
     found = _checked(source, layout(meta))
     metadata = meta["array"]["metadata"]
-    out = empty(found[-1].stop if found else 0)
+    out = host_memory.empty(found[-1].stop if found else 0)
     row_bytes = _row_bytes(metadata)
     return out, [Read(functools.partial(_read, source, c, out[c.start:c.stop], row_bytes, crc, total), c.stop - c.start)
                  for c, crc, total in zip(found, crcs, chunk_sums or [None] * len(found))]
@@ -296,7 +288,7 @@ def range_reads(source: LocalArray | Any, spec: dict, sums: list[int] | None, lo
     first = lo // size
     held = _checked(source, (_slabs(metadata, i, i + 1)[0] for i in range(first, -(-hi // size)))) if hi > lo else []
     start = held[0].start if held else lo
-    out = empty((held[-1].stop if held else lo) - start)
+    out = host_memory.empty((held[-1].stop if held else lo) - start)
     return start, out, [(c, Read(functools.partial(_read, source, c, out[c.start - start: c.stop - start], 1, None,
                                                    None if sums is None else sums[first + i]), c.stop - c.start))
                         for i, c in enumerate(held)]

@@ -21,7 +21,7 @@ from ckpt import format as fmt
 from ckpt import layout as layout_lib
 from ckpt import leaves as leaves_lib
 from ckpt import chunks, collector, custom, distributed, entries, loading, packing, preemption, progress, root, storage
-from ckpt import storage_options, transfers
+from ckpt import host_memory, storage_options, transfers
 from ckpt import tree as tree_lib
 from ckpt.metadata import now_nsecs
 from ckpt.tree import KeyPath, keystr
@@ -253,8 +253,8 @@ def _describe_array(meta: dict, spread: leaves_lib.Spread | None, nbytes: int, n
 class StagingBuffers:
     """Host buffers of async snapshots, kept from one save for the next: copying into memory already
     touched is several times faster than into fresh memory, whose pages fault in on first touch.
-    They hold one copy of the last snapshot's bytes until :meth:`clear` (a load, or closing). Also
-    keeps the last plan's ``layout``, which the next save of the same tree reuses."""
+    They hold one copy of the last snapshot's bytes until :meth:`clear` (a load, which reads into them,
+    or closing). Also keeps the last plan's ``layout``, which the next save of the same tree reuses."""
 
     def __init__(self):
         self._free: dict[tuple[int, bool], list[np.ndarray]] = {}
@@ -269,7 +269,7 @@ class StagingBuffers:
             bucket = self._free.get((nbytes, pinned))
             if bucket:
                 return bucket.pop()
-        return transfers.pinned_zeros(nbytes) if pinned else np.zeros(nbytes, np.uint8)
+        return transfers.pinned_zeros(nbytes) if pinned else host_memory.zeros(nbytes)
 
     def reserve(self, sizes: list[int]) -> None:
         """Makes buffers of ``sizes`` bytes for the next snapshot (in place of any kept) and touches every
@@ -278,7 +278,7 @@ class StagingBuffers:
         self.clear()  # what an earlier reservation made for a smaller state
         made = []
         for nbytes in sizes:
-            buffer = np.empty(nbytes, np.uint8)
+            buffer = host_memory.empty(nbytes)
             ctypes.memset(buffer.ctypes.data, 0, nbytes)  # a foreign call: releases the GIL
             made.append(buffer)
         with self._lock:
@@ -293,11 +293,13 @@ class StagingBuffers:
         with self._lock:
             self._free = free
 
-    def clear(self) -> None:
+    def clear(self) -> list[np.ndarray]:
+        """Forgets the buffers kept; returns those in pageable memory, which nothing uses any more."""
         with self._lock:
-            self._free = {}
+            kept, self._free = self._free, {}
             if self.layout is not None:
                 self.layout.forget_buffer()
+        return [buffer for (_, pinned), buffers in kept.items() if not pinned for buffer in buffers]
 
 
 def staging_sizes(plan: Plan, max_inflight_bytes: int | None) -> list[int]:

@@ -31,7 +31,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
-from ckpt import background, custom, distributed, dtensor, formats, loading, orbax, preemption, root, saving, storage, tiers
+from ckpt import background, custom, distributed, dtensor, formats, host_memory, loading, orbax, preemption, root, saving
+from ckpt import storage, tiers
 from ckpt import errors
 from ckpt import format as fmt
 from ckpt.context import Context, get_context
@@ -571,13 +572,14 @@ class Checkpointer:
             only_model = ckptr.load_checkpointables(0, {"model": None})   # None: as saved
         """
         info = self._resolve(step)
-        self._staging.clear()
+        spare = self._staging.clear()  # the last async save's staging buffers: read into them
         options = self._ctx
 
         def read(path: storage.Location) -> dict[str, Any]:
-            return formats.load_checkpointables(path, abstract_checkpointables,
-                                                partial_load=options.pytree_options.loading.partial_load,
-                                                registry=options.checkpointables_options.registry)
+            with host_memory.reusing(spare):
+                return formats.load_checkpointables(path, abstract_checkpointables,
+                                                    partial_load=options.pytree_options.loading.partial_load,
+                                                    registry=options.checkpointables_options.registry)
 
         if self._local is not None:
             return self._local.load(self.checkpoints[::-1] if step is None else [info], read)

@@ -4,13 +4,12 @@ from __future__ import annotations
 import errno
 import os
 import threading
-import tracemalloc
 
 import numpy as np
 import pytest
 
 import ckpt
-from ckpt import saving
+from ckpt import host_memory, saving
 from ckpt.training import Checkpointer
 from ckpt.training import save_decision_policies as sdp
 
@@ -216,39 +215,53 @@ def test_consecutive_async_saves_reusing_snapshot_buffers_each_keep_their_own_va
             np.testing.assert_array_equal(loaded["small"], np.full(16, step, np.float32))
 
 
-def test_a_load_after_an_async_save_takes_the_memory_of_the_snapshot_buffers(tmp_path):
-    s = {"big": np.full(4 * BIG, 1, np.float32)}  # numpy reports its allocations to tracemalloc
+def same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture
+def new_memory(monkeypatch) -> list[int]:
+    """The sizes of the buffers ckpt.host_memory makes afresh (not those it hands out again)."""
+    made: list[int] = []
+    original = host_memory._new
+
+    def counted(nbytes, make):
+        made.append(nbytes)
+        return original(nbytes, make)
+
+    monkeypatch.setattr(host_memory, "_new", counted)
+    return made
+
+
+def test_a_load_after_an_async_save_reads_into_its_snapshot_buffers_and_neither_sees_the_others_bytes(
+        tmp_path, new_memory):
+    x, y, z = ({"big": np.full(4 * BIG, v, np.float32), "w": np.full(300, v, np.float32), "n": v} for v in (1, 2, 3))
     with Checkpointer(tmp_path, save_decision_policy=ALWAYS) as ckptr:
-        tracemalloc.start()
-        try:
-            ckptr.save_async(1, s).result(timeout=30)
-            held = tracemalloc.get_traced_memory()[0]
-            assert held >= s["big"].nbytes  # the snapshot buffers, kept for the next save
-            loaded = ckptr.load(1)
-            assert tracemalloc.get_traced_memory()[0] - held < s["big"].nbytes // 4
-        finally:
-            tracemalloc.stop()
-        np.testing.assert_array_equal(loaded["big"], s["big"])
-        s["big"][:] = 2
-        ckptr.save_async(2, s).result(timeout=30)  # new snapshot buffers
-        np.testing.assert_array_equal(ckptr.load(2)["big"], s["big"])
+        ckptr.save(0, x)
+        ckptr.save_async(1, y).result(timeout=30)
+        ckptr.save_async(2, y).result(timeout=30)  # the steady state: the snapshot buffers hold y's bytes
+        new_memory.clear()
+        loaded = ckptr.load(0, abstract_state=x)
+        assert max(new_memory, default=0) < x["big"].nbytes  # its reads went into the snapshot buffers
+        assert same(loaded, x)
+        ckptr.save_async(3, z).result(timeout=30)  # into new snapshot buffers, not the loaded arrays
+        assert max(new_memory) >= x["big"].nbytes
+        ckptr.save_async(4, y).result(timeout=30)
+        assert same(loaded, x)
+        assert same(ckptr.load(3, abstract_state=z), z) and same(ckptr.load(4), y)
 
 
 @pytest.mark.parametrize("prepared", [True, False])
-def test_a_first_async_save_after_prepare_async_save_copies_into_the_prepared_memory(tmp_path, prepared):
+def test_a_first_async_save_after_prepare_async_save_copies_into_the_prepared_memory(tmp_path, prepared, new_memory):
     s = {"small": np.ones(16, np.float32), "big": np.full(4 * BIG, 1, np.float32)}
     with Checkpointer(tmp_path, save_decision_policy=ALWAYS) as ckptr:
         if prepared:
             assert ckptr.prepare_async_save({"state": s}).result(timeout=30) is None
-        tracemalloc.start()
-        try:
-            ckptr.save_async(1, s)
-            peak = tracemalloc.get_traced_memory()[1]  # numpy reports its allocations to tracemalloc
-        finally:
-            tracemalloc.stop()
+        new_memory.clear()
+        ckptr.save_async(1, s)
         ckptr.wait()
         if prepared:
-            assert peak < s["big"].nbytes // 4
+            assert max(new_memory, default=0) < s["big"].nbytes // 4
         else:  # what the preparation saves: the snapshot's own buffers
-            assert peak >= s["big"].nbytes
+            assert max(new_memory) >= s["big"].nbytes
         np.testing.assert_array_equal(ckptr.load(1)["big"], s["big"])

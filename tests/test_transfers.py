@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import ckpt
-from ckpt import chunks, transfers
+from ckpt import chunks, host_memory, transfers
 
 jax = pytest.importorskip("jax")
 import jax.numpy as jnp  # noqa: E402
@@ -42,8 +42,9 @@ def test_an_array_bound_for_one_device_is_made_at_once_and_run_leaves_other_valu
     assert to_device.run()(values) == values
 
 
-def test_an_aligned_host_array_is_adopted_by_jax_on_cpu_without_a_copy():
-    host = chunks.empty(64 * 4).view(np.float32)
+@pytest.mark.parametrize("nbytes", [64 * 4, 5 << 20])  # from numpy's memory, and a mapping of its own
+def test_an_aligned_host_array_is_adopted_by_jax_on_cpu_without_a_copy(nbytes):
+    host = host_memory.empty(nbytes).view(np.float32)
     host[:] = 1
     (array,) = put_all([host], [None])
     host[0] = 5  # the load never writes into its buffers again; this shows that no copy was made

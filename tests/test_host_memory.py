@@ -1,0 +1,72 @@
+"""New host memory (ckpt.host_memory): aligned, huge pages asked for where they fit the buffer's
+own bytes, spare buffers handed out again (a Checkpointer's use of them: tests/test_async.py)."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from ckpt import format as fmt
+from ckpt import host_memory
+
+MiB = 1 << 20
+
+
+def _advised_huge(start: int, stop: int) -> list[tuple[int, int]]:
+    """The parts of [start, stop) in mappings whose VmFlags have ``hg`` (MADV_HUGEPAGE)."""
+    found, current = [], None
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                current = (lo, hi)
+            elif head == "VmFlags:" and "hg" in line.split()[1:]:
+                lo, hi = max(current[0], start), min(current[1], stop)
+                if lo < hi:
+                    found.append((lo, hi))
+    return found
+
+
+@pytest.mark.parametrize("nbytes", [0, 1, 100, MiB, 4 * MiB - 1, 4 * MiB, 5 * MiB + 3])
+def test_buffers_are_aligned_and_zeros_are_zeros(nbytes):
+    for make in (host_memory.empty, host_memory.zeros):
+        buffer = make(nbytes)
+        assert buffer.dtype == np.uint8 and buffer.shape == (nbytes,) and buffer.flags.writeable
+        assert nbytes == 0 or buffer.ctypes.data % fmt.ALIGN == 0  # (an empty array has no memory)
+    assert not host_memory.zeros(nbytes).any()
+
+
+@pytest.mark.skipif(not os.path.exists("/sys/kernel/mm/transparent_hugepage"), reason="a kernel without huge pages")
+def test_huge_pages_are_asked_for_on_the_buffers_whole_2_mib_pages_only():
+    nbytes = 5 * MiB + 3
+    buffer = host_memory.empty(nbytes)
+    start = buffer.ctypes.data
+    first = -(-start // (2 * MiB)) * (2 * MiB)
+    last = (start + nbytes) // (2 * MiB) * (2 * MiB)
+    assert _advised_huge(start, start + nbytes) == [(first, last)]  # the tail's page would hold more than the buffer
+
+
+def test_where_no_mapping_can_be_made_a_large_buffer_comes_from_numpy(monkeypatch):
+    def refused(*args, **kwargs):
+        raise OSError(12, "Cannot allocate memory")  # what mmap says past vm.max_map_count
+
+    monkeypatch.setattr(host_memory.mmap, "mmap", refused)
+    for make in (host_memory.empty, host_memory.zeros):
+        buffer = make(5 * MiB + 5)
+        assert buffer.shape == (5 * MiB + 5,) and buffer.ctypes.data % fmt.ALIGN == 0
+        buffer[-1] = 1  # writable to its last byte
+    assert not host_memory.zeros(5 * MiB).any()
+
+
+def test_within_reusing_empty_hands_out_the_spare_buffers_of_its_size_first():
+    spare = [host_memory.empty(5 * MiB), host_memory.empty(5 * MiB), host_memory.empty(100)]
+    addresses = {b.ctypes.data for b in spare}
+    with host_memory.reusing(spare):
+        assert spare == []  # taken out of the caller's list
+        got = [host_memory.empty(5 * MiB) for _ in range(3)] + [host_memory.empty(100), host_memory.empty(100)]
+        zeros = host_memory.zeros(5 * MiB)
+    assert [b.ctypes.data in addresses for b in got] == [True, True, False, True, False]
+    assert zeros.ctypes.data not in addresses and not zeros.any()  # zeros never reuses: a spare holds old bytes
+    assert host_memory.empty(100).ctypes.data not in addresses | {b.ctypes.data for b in got}

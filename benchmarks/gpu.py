@@ -175,13 +175,13 @@ def torch_suite(runner: Runner, kind: str, setup: Setup) -> None:
         target = {k: torch.empty_like(v) for k, v in state.items()}
         return timed(lambda: dcp.load(target, checkpoint_id=root / "0"), sync)
 
-    prefix = f"torch/{kind}"
+    prefix = f"torch/{kind}"  # ckpt and its floors first: a run cut short has the targets' figures
     for name, op in (("floor pinned copy", floor_copy), ("ckpt async blocking", ckpt_blocking),
-                     ("dcp async blocking", dcp_blocking),
+                     ("floor read", floor_read), ("ckpt load", ckpt_load),
                      ("ckpt async until durable", lambda r: ckpt_blocking(r, total=True)),
-                     ("dcp async until durable", lambda r: dcp_blocking(r, total=True)),
-                     ("floor write", floor_write), ("ckpt save", ckpt_save), ("dcp save", dcp_save),
-                     ("floor read", floor_read), ("ckpt load", ckpt_load), ("dcp load", dcp_load)):
+                     ("floor write", floor_write), ("ckpt save", ckpt_save),
+                     ("dcp async blocking", dcp_blocking), ("dcp load", dcp_load),
+                     ("dcp async until durable", lambda r: dcp_blocking(r, total=True)), ("dcp save", dcp_save)):
         runner.run(f"{prefix}/{name}", op)
 
 
@@ -237,10 +237,10 @@ def jax_suite(runner: Runner, kind: str, setup: Setup) -> None:
 
     prefix = f"jax/{kind}"
     for name, op in (("floor pinned copy", floor_copy), ("ckpt async blocking", ckpt_blocking),
-                     ("orbax async blocking", orbax_blocking),
+                     ("floor read", floor_read), ("ckpt load", ckpt_load),
                      ("ckpt async until durable", lambda r: ckpt_blocking(r, total=True)),
-                     ("orbax async until durable", lambda r: orbax_blocking(r, total=True)),
-                     ("floor read", floor_read), ("ckpt load", ckpt_load), ("orbax load", orbax_load)):
+                     ("orbax async blocking", orbax_blocking), ("orbax load", orbax_load),
+                     ("orbax async until durable", lambda r: orbax_blocking(r, total=True))):
         runner.run(f"{prefix}/{name}", op)
 
 
@@ -271,7 +271,8 @@ def main() -> int:
     runner = Runner(args.reps, scratch)
     setup = Setup(args.device, args.gib, args.leaves)
     suites = {"torch": torch_suite, "jax": jax_suite}
-    errors = {}
+    report = {"device": device_name(args.device), "gib": args.gib, "reps": args.reps, "results": runner.results,
+              "errors": {}}
     start = time.perf_counter()
     try:
         for name in args.only.split(","):
@@ -280,24 +281,30 @@ def main() -> int:
                 try:
                     suites[name](runner, kind, setup)
                 except Exception as e:  # a missing framework or a failing peer: the rest still runs
-                    errors[f"{name}/{kind}"] = f"{type(e).__name__}: {e}"
-                    print(f"  failed: {errors[f'{name}/{kind}']}", flush=True)
+                    report["errors"][f"{name}/{kind}"] = f"{type(e).__name__}: {e}"
+                    print(f"  failed: {report['errors'][f'{name}/{kind}']}", flush=True)
+                write_report(args.out, report, start)  # after each suite: a run cut short keeps what it measured
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    device = ""
-    try:
-        import torch
-
-        device = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"
-    except Exception:  # noqa: BLE001 - the name is a label only
-        pass
-    report = {"device": device, "gib": args.gib, "reps": args.reps, "results": runner.results, "errors": errors,
-              "targets": targets(runner.results), "seconds": round(time.perf_counter() - start, 1)}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1))
     print("\n".join(report["targets"]))
     print(f"wrote {args.out} ({report['seconds']} s)")
     return 0
+
+
+def device_name(device: str) -> str:
+    """The GPU's name as torch reports it (a label only), or ``device``."""
+    try:
+        import torch
+
+        return torch.cuda.get_device_name(0) if device == "cuda" else device
+    except Exception:  # noqa: BLE001 - no torch, or no CUDA in it
+        return device
+
+
+def write_report(out: Path, report: dict, start: float) -> None:
+    report.update(targets=targets(report["results"]), seconds=round(time.perf_counter() - start, 1))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

@@ -62,6 +62,7 @@ class Layout:
     packed_views: dict[int, np.ndarray] = dataclasses.field(default_factory=dict)  # leaf i's bytes there
     run_targets: list[tuple[packing.Run, np.ndarray]] = dataclasses.field(default_factory=list)
     alone_views: list[tuple[int, np.ndarray]] = dataclasses.field(default_factory=list)
+    torch_run_targets: list[tuple[transfers.TorchRun, Any]] = dataclasses.field(default_factory=list)
 
     def __post_init__(self):
         """Makes the tables a save from the layout needs."""
@@ -140,10 +141,22 @@ class Layout:
             self.packed_views = {i: self.view_of(i, buffer[self.offset[i]: self.offset[i] + self.nbytes[i]])
                                  for i in self.packed_order}
             self.run_targets = [(run, run.target(buffer)) for run in runs]
-            self.alone_views = [(i, self.packed_views[i]) for i in alone]
+            batched = {i for run in self.torch_runs for i in run.indices}
+            self.alone_views = [(i, self.packed_views[i]) for i in alone if i not in batched]
+            self.torch_run_targets = [(run, run.target(buffer)) for run in self.torch_runs]
 
     def forget_buffer(self) -> None:
         self.buffer, self.packed_views, self.run_targets, self.alone_views = None, {}, [], []
+        self.torch_run_targets = []
+
+    @functools.cached_property
+    def torch_runs(self) -> list[transfers.TorchRun]:
+        """The packed torch leaves that a snapshot copies together (see :func:`ckpt.transfers.torch_runs`);
+        made when the layout's first snapshot copies them."""
+        if not self.device_leaves:
+            return []
+        packed = [(i, self.offset[i], self.nbytes[i]) for i in self.packed_order]
+        return transfers.torch_runs(packed, self.signature, [meta.get("dtype") for meta in self.meta])
 
     def view_of(self, i: int, raw: np.ndarray) -> np.ndarray:
         """Leaf i's bytes in ``raw`` (flat uint8 of its size) as its dtype and shape."""

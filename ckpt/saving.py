@@ -333,9 +333,9 @@ def _within_budget(plan: Plan, max_inflight_bytes: int | None) -> tuple[list[Pla
     return copied, uncopied
 
 
-def _staged(array: np.ndarray, staging: StagingBuffers, plan: Plan) -> np.ndarray:
-    """A copy of ``array`` in one of ``staging``'s buffers, which the plan keeps."""
-    buffer = staging.take(array.nbytes)
+def _staged(array: np.ndarray, staging: StagingBuffers, plan: Plan, pinned: bool = False) -> np.ndarray:
+    """A copy of ``array`` in one of ``staging``'s buffers (page-locked when ``pinned``), which the plan keeps."""
+    buffer = staging.take(array.nbytes, pinned)
     plan.staging.append(buffer)
     copy = buffer.view(array.dtype).reshape(array.shape)
     np.copyto(copy, array)
@@ -353,8 +353,9 @@ def snapshot(plan: Plan, max_inflight_bytes: int | None, staging: StagingBuffers
         _snapshot_reused(plan, staging)
         return []
     plan.materialize()
+    pinned = plan.layout is not None and plan.layout.pinned  # as the next save, which reuses the layout, takes them
     if plan.packed:
-        buffer = staging.take(plan.packed_nbytes)
+        buffer = staging.take(plan.packed_nbytes, pinned)
         plan.staging.append(buffer)
         for leaf in plan.packed:
             array = leaf.host.array
@@ -367,7 +368,7 @@ def snapshot(plan: Plan, max_inflight_bytes: int | None, staging: StagingBuffers
         if leaf.host.spread is not None:
             leaf.host.shards = [(index, _staged(data, staging, plan)) for index, data in leaf.host.spread.own_shards()]
         else:
-            leaf.host.array = _staged(leaf.host.array, staging, plan)
+            leaf.host.array = _staged(leaf.host.array, staging, plan, pinned)
     return uncopied
 
 
@@ -384,6 +385,8 @@ def _snapshot_reused(plan: Plan, staging: StagingBuffers) -> None:
         plan.staging.append(buffer)
         plan.packed_buffer = buffer
         layout.use_buffer(buffer)
+        for run, target in layout.torch_run_targets:  # first: from a device, they start transfers
+            to_host.copy_run(run, target)
         for run, target in layout.run_targets:
             run.copy(values, target)
         for i, view in layout.alone_views:

@@ -13,6 +13,7 @@ blocking, and the load synchronizes once, at the end. On CPU nothing is copied.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import sys
 import weakref
@@ -20,7 +21,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ckpt import chunks
+from ckpt import chunks, host_memory
 
 _PINNED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # id -> a page-locked buffer
 
@@ -39,7 +40,10 @@ class ToDevice:
     jax's own per-array transfer (:meth:`jax`; asynchronous, and on CPU it adopts an aligned host
     array without a copy), with each target's devices and each (shape, dtype)'s abstract value looked
     up once per load; the others (several devices, or a jax without that transfer) wait for
-    :meth:`run`, which puts them with one ``jax.device_put`` of a list.
+    :meth:`run`, which puts them with one ``jax.device_put`` of a list. Torch tensors bound for a CUDA
+    device wait for :meth:`run` too: small ones go over together (:func:`_put_together`), and a large
+    one is copied on a thread of its own as soon as it is read, while the next leaves are read (from
+    pageable memory, a transfer blocks the thread that asks for it).
 
     Example::
 
@@ -53,9 +57,20 @@ class ToDevice:
         self._put: tuple[Callable, Callable] | None = None  # jax's per-array transfer, from the first jax array on
         self._targets: dict[Any, tuple[Any, list[Any]] | None] = {}  # sharding -> (sharding, [its device]) or None
         self._avals: dict[tuple, tuple[Any, Any, bool]] = {}  # (shape, dtype) -> (jax's dtype, aval, cast)
-        self._arrays: list[np.ndarray] = []
+        self._forget_pending()
+
+    def _forget_pending(self) -> None:
+        self._slots = 0  # the Pending values handed out
+        self._arrays: list[np.ndarray] = []  # the jax arrays left for run(), their shardings and slots
         self._shardings: list[Any] = []
+        self._array_slots: list[int] = []
+        self._small: list[tuple[int, Any, Any]] = []  # (slot, host tensor, like) of small tensors for CUDA
+        self._aside: list[tuple[int, concurrent.futures.Future]] = []  # (slot, the copy) of large ones
         self._torch_devices: set[Any] = set()
+
+    def _pending(self) -> Pending:
+        self._slots += 1
+        return Pending(self._slots - 1)
 
     def jax(self, array: np.ndarray, sharding: Any) -> Any:
         """A jax array of ``array`` with ``sharding`` (fully replicated over devices of this process, or
@@ -67,7 +82,9 @@ class ToDevice:
         if target is None:
             self._arrays.append(array)
             self._shardings.append(sharding)
-            return Pending(len(self._arrays) - 1)
+            pending = self._pending()
+            self._array_slots.append(pending.index)
+            return pending
         key = (array.shape, array.dtype)
         found = self._avals.get(key)
         if found is None:  # jax's dtype (without x64, float64 becomes float32) and abstract value
@@ -90,29 +107,83 @@ class ToDevice:
         return (sharding, devices) if len(devices) == 1 else None
 
     def torch(self, tensor: Any, like: Any) -> Any:
-        """``tensor`` (on the CPU) with ``like``'s dtype and device; a copy to an accelerator does not
-        block (:meth:`run` waits for all of them at once)."""
-        if like.device.type == "cuda":
-            self._torch_devices.add(like.device)
-        return tensor.to(device=like.device, dtype=like.dtype, non_blocking=True)
+        """``tensor`` (on the CPU) with ``like``'s dtype and device: on a CUDA device, a :class:`Pending`
+        that :meth:`run` replaces by it."""
+        if like.device.type != "cuda":
+            return tensor.to(device=like.device, dtype=like.dtype, non_blocking=True)
+        pending = self._pending()
+        self._torch_devices.add(like.device)
+        if tensor.nbytes < TORCH_ASIDE_BYTES:
+            self._small.append((pending.index, tensor, like))
+        else:
+            self._aside.append((pending.index, _transfer_thread().submit(
+                tensor.to, device=like.device, dtype=like.dtype, non_blocking=True)))
+        return pending
 
     def run(self) -> Callable[[list], list]:
-        """Makes the jax arrays left for it and waits for the torch copies; returns what replaces each
+        """Makes the jax arrays and torch tensors left for it; returns what replaces each
         :class:`Pending` in a list of values by its array."""
-        arrays: list[Any] = [None] * len(self._arrays)
+        made: list[Any] = [None] * self._slots
         for given in (False, True):  # without a sharding, uncommitted, as jax.device_put(x) makes it
-            indices = [i for i, sharding in enumerate(self._shardings) if (sharding is not None) == given]
+            indices = [k for k, sharding in enumerate(self._shardings) if (sharding is not None) == given]
             if indices:
-                done = sys.modules["jax"].device_put([self._arrays[i] for i in indices],
-                                                     [self._shardings[i] for i in indices] if given else None)
-                for i, array in zip(indices, done):
-                    arrays[i] = array
+                done = sys.modules["jax"].device_put([self._arrays[k] for k in indices],
+                                                     [self._shardings[k] for k in indices] if given else None)
+                for k, array in zip(indices, done):
+                    made[self._array_slots[k]] = array
+        if self._small:
+            slots, tensors, likes = zip(*self._small)
+            for slot, tensor in zip(slots, _put_together(list(tensors), list(likes))):
+                made[slot] = tensor
+        for slot, copy in self._aside:
+            made[slot] = copy.result()
         for device in self._torch_devices:
             sys.modules["torch"].cuda.synchronize(device)
-        self._arrays, self._shardings, self._torch_devices = [], [], set()
-        if not arrays:
+        slots = self._slots
+        self._forget_pending()
+        if not slots:
             return lambda values: values
-        return lambda values: [arrays[v.index] if type(v) is Pending else v for v in values]
+        return lambda values: [made[v.index] if type(v) is Pending else v for v in values]
+
+
+TORCH_ASIDE_BYTES = 1 << 20  # a torch tensor of this size or more goes to its CUDA device on a thread of its own
+
+
+def _put_together(tensors: list[Any], likes: list[Any]) -> list[Any]:
+    """``tensors`` (small, on the CPU) with the dtypes and CUDA devices of ``likes``, in a few operations
+    per device instead of a transfer each: their bytes gathered into one host buffer, one transfer, and
+    one ``torch._foreach_copy_`` from their places there into new tensors (which casts)."""
+    torch = sys.modules["torch"]
+    made: list[Any] = [None] * len(tensors)
+    by_device: dict[Any, list[int]] = {}
+    for k, like in enumerate(likes):
+        by_device.setdefault(like.device, []).append(k)
+    for device, ks in by_device.items():
+        sizes = [tensors[k].nbytes for k in ks]
+        ends = np.cumsum([-(-n // 64) * 64 for n in sizes]).tolist()  # 64-byte places: any dtype views them
+        starts = [0] + ends[:-1]
+        host = torch.from_numpy(host_memory.empty(ends[-1]))
+        with torch.no_grad():
+            torch._foreach_copy_([host[a: a + n] for a, n in zip(starts, sizes)],
+                                 [tensors[k].reshape(-1).view(torch.uint8) for k in ks])
+            moved = host.to(device, non_blocking=True)
+            sources = [moved[a: a + n].view(tensors[k].dtype).view(tensors[k].shape)
+                       for k, a, n in zip(ks, starts, sizes)]
+            targets = [torch.empty(likes[k].shape, dtype=likes[k].dtype, device=device) for k in ks]
+            torch._foreach_copy_(targets, sources)
+        for k, target in zip(ks, targets):
+            made[k] = target
+    return made
+
+
+_TRANSFERS: list[concurrent.futures.ThreadPoolExecutor] = []
+
+
+def _transfer_thread() -> concurrent.futures.ThreadPoolExecutor:
+    """The thread that copies large tensors to CUDA devices during loads (made once per process)."""
+    if not _TRANSFERS:
+        _TRANSFERS.append(concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ckpt-to-device"))
+    return _TRANSFERS[0]
 
 
 _UNKNOWN = object()
@@ -189,6 +260,18 @@ class ToHost:
             np.copyto(view, x, casting="unsafe")
         return view
 
+    def copy_run(self, run: TorchRun, target: Any) -> None:
+        """Copies the leaves of ``run`` into ``target`` (``run.target(buffer)``; see :class:`TorchRun`)."""
+        torch = sys.modules["torch"]
+        sources = [self.values[i] for i in run.indices]
+        with torch.no_grad():
+            if run.mirror is None:
+                torch._foreach_copy_(target, sources)
+                return
+            with torch.cuda.stream(self._stream(run.device)):
+                torch._foreach_copy_(run.views, sources)
+                target.copy_(run.mirror, non_blocking=True)
+
     def _stream(self, device: Any) -> Any:
         stream = self._streams.get(device)
         if stream is None:
@@ -222,6 +305,84 @@ def _copy_aside(target: np.ndarray, source: np.ndarray) -> list[Any]:
     step = -(-source.size // parts)
     return [threads.submit(np.copyto, target[a: a + step], source[a: a + step], casting="unsafe")
             for a in range(0, source.size, step)]
+
+
+class TorchRun:
+    """Packed torch leaves of one device, next to each other in the packed buffer, that a snapshot
+    copies with one ``torch._foreach_copy_`` instead of one ``copy_`` each (Python's cost per leaf is
+    most of a small leaf's). From the CPU, straight into their places in the packed buffer; from a CUDA
+    device, in two operations instead of one transfer per leaf: the batched copy (a few kernels) into
+    ``mirror``, a buffer on the device laid out as their span of the packed buffer (zeroed once and kept
+    with the layout, so the padding between them stays zero), then one transfer of the whole span.
+    ``leaves`` are (index, offset, nbytes, torch dtype, shape), in offset order.
+
+    Example::
+
+        run = TorchRun([(0, 0, 4, torch.float32, ()), (1, 64, 8, torch.int64, (1,))], torch.device("cpu"))
+        to_host.copy_run(run, run.target(packed_buffer))
+    """
+
+    def __init__(self, leaves: list[tuple[int, int, int, Any, tuple]], device: Any):
+        torch = sys.modules["torch"]
+        self.device = device
+        self.indices = [i for i, *_ in leaves]
+        self.start, self.stop = leaves[0][1], leaves[-1][1] + leaves[-1][2]
+        self._leaves = leaves
+        self.mirror = None
+        if device.type == "cuda":
+            self.mirror = torch.zeros(self.stop - self.start, dtype=torch.uint8, device=device)
+            self.views = self._views(self.mirror)
+
+    def target(self, buffer: np.ndarray) -> Any:
+        """What :meth:`ToHost.copy_run` copies into in the packed buffer ``buffer``: the run's span, or
+        from the CPU, each leaf's place there."""
+        from ckpt.leaves import numpy_to_torch
+
+        span = numpy_to_torch(buffer[self.start: self.stop])
+        return span if self.mirror is not None else self._views(span)
+
+    def _views(self, span: Any) -> list[Any]:
+        return [span[offset - self.start: offset - self.start + nbytes].view(dtype).view(shape)
+                for _, offset, nbytes, dtype, shape in self._leaves]
+
+
+TORCH_RUNS_DEVICE_BYTES = 64 << 20  # the device memory a layout's TorchRuns may take in all
+
+
+def torch_runs(packed: list[tuple[int, int, int]], signature: dict[int, Any], dtypes: list[str]) -> list[TorchRun]:
+    """The :class:`TorchRun` of each stretch of adjacent packed leaves (``packed``: (index, offset,
+    nbytes) in offset order) that are torch tensors of one device, the CPU or a CUDA device
+    (``signature[i]``: type, shape, dtype, device), stored as they are (``dtypes[i]``: the stored
+    dtype's name) and not complex; the CUDA ones while their spans take :data:`TORCH_RUNS_DEVICE_BYTES`
+    in all. The other leaves are copied one by one."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return []
+    stretches: list[list[tuple[int, int, int, Any, tuple]]] = []
+    devices: list[Any] = []
+    joined, used = False, 0  # whether the last leaf joined the last stretch; the device bytes taken before it
+    for i, offset, nbytes in packed:
+        found = signature.get(i)
+        if not (type(found) is tuple and found[0] is torch.Tensor and found[3].type in ("cpu", "cuda")
+                and not found[2].is_complex and str(found[2]).removeprefix("torch.") == dtypes[i]):
+            joined = False
+            continue
+        _, shape, dtype, device = found
+        if not joined or device != devices[-1]:
+            used += _device_bytes(stretches[-1], devices[-1]) if stretches else 0
+            stretches.append([])
+            devices.append(device)
+        stretches[-1].append((i, offset, nbytes, dtype, tuple(shape)))
+        joined = True
+        if used + _device_bytes(stretches[-1], device) > TORCH_RUNS_DEVICE_BYTES:
+            stretches[-1].pop()
+            break
+    return [TorchRun(leaves, device) for leaves, device in zip(stretches, devices) if leaves]
+
+
+def _device_bytes(leaves: list[tuple[int, int, int, Any, tuple]], device: Any) -> int:
+    """The bytes of a CUDA stretch's mirror."""
+    return leaves[-1][1] + leaves[-1][2] - leaves[0][1] if leaves and device.type == "cuda" else 0
 
 
 _SIDE_STREAMS: dict[Any, Any] = {}

@@ -46,7 +46,7 @@ def test_torch_tensors_saved_async_twice_load_onto_their_device(tmp_path, torch_
 
     expected = {k: v.cpu().clone() for k, v in torch_state.items()}
     with ckpt.Checkpointer(tmp_path) as checkpointer:
-        for step in (0, 1):  # the second save is the steady state's: its staging buffers are reused
+        for step in (0, 1, 2):  # the later saves are the steady state's: staging buffers and layout reused
             pending = checkpointer.save_async(step, torch_state, force=True)
             for tensor in torch_state.values():
                 tensor.fill_(step + 7)  # after save_async returns, the loop may change its tensors
@@ -57,6 +57,72 @@ def test_torch_tensors_saved_async_twice_load_onto_their_device(tmp_path, torch_
                 assert (tensor.device, tensor.dtype) == (torch_state[key].device, torch_state[key].dtype), key
                 assert torch.equal(tensor.cpu(), expected[key]), key
             expected = {k: v.cpu().clone() for k, v in torch_state.items()}
+
+
+@pytest.mark.parametrize("device_bytes", [64 << 20, 300])  # how much a device's batched copies may take
+@pytest.mark.parametrize("device", torch_devices())
+def test_small_torch_tensors_among_other_leaves_are_copied_together_and_saved_exactly(tmp_path, monkeypatch,
+                                                                                       device, device_bytes):
+    """Adjacent small tensors of one device are copied with one ``torch._foreach_copy_`` (from a GPU, into
+    a buffer on it, then in one transfer); leaves of other kinds between them, complex tensors, and on a
+    GPU those past the device memory allowed, are copied one by one, and every byte lands in its place."""
+    import torch
+
+    from ckpt import transfers
+
+    monkeypatch.setattr(transfers, "TORCH_RUNS_DEVICE_BYTES", device_bytes)
+    batches = []
+    foreach_copy = torch._foreach_copy_
+    monkeypatch.setattr(torch, "_foreach_copy_", lambda dst, src, **kw: (batches.append(len(src)),
+                                                                         foreach_copy(dst, src, **kw)))
+    generator = torch.Generator().manual_seed(1)
+
+    def tensor(*shape, dtype=torch.float32):
+        return (torch.randn(shape, generator=generator) * 100).to(dtype).to(device)
+
+    state = {"a": tensor(3), "b": tensor(dtype=torch.bfloat16), "c": tensor(2, 3, dtype=torch.int64),
+             "d": tensor(0), "e": tensor(dtype=torch.bool), "f": tensor(7, 5).t(), "g": tensor(9).requires_grad_(),
+             "h": np.arange(5.0), "i": tensor(4), "j": tensor(2, dtype=torch.complex64).conj(), "k": tensor(6),
+             "l": 3, "m": tensor(40, dtype=torch.float64), "n": tensor(1 << 17)}
+    with ckpt.Checkpointer(tmp_path) as checkpointer:
+        for step in range(3):
+            expected = {k: v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
+            pending = checkpointer.save_async(step, state, force=True)
+            with torch.no_grad():
+                for value in state.values():
+                    if isinstance(value, torch.Tensor) and value.dtype != torch.bool:
+                        value.add_(1)  # after save_async returns, the loop may change its tensors
+            pending.result()
+            loaded = checkpointer.load(step)
+            for key, value in expected.items():
+                if isinstance(value, torch.Tensor):
+                    assert torch.equal(loaded[key].cpu().resolve_conj(), value.resolve_conj()), (step, key)
+                else:
+                    np.testing.assert_array_equal(loaded[key], value, err_msg=f"{step} {key}")
+    # every tensor but the complex one is packed and batched, on a GPU from the second save on (the first
+    # plans the tree); with 300 bytes of device memory, some are left to copy one by one
+    saves, batched = (3, 11) if device == "cpu" else (2, 11 if device_bytes > 300 else None)
+    assert sum(batches) == saves * batched if batched else 0 < sum(batches) < saves * 11, batches
+
+
+@pytest.mark.parametrize("device", torch_devices())
+def test_small_tensors_put_on_a_device_together_keep_their_values_and_take_the_targets_dtypes(device):
+    """A load's small tensors go to a device in a few operations (one host buffer, one transfer, one
+    batched copy that casts): each comes out with its target's shape, dtype and device, in memory of its own."""
+    import torch
+
+    from ckpt import transfers
+
+    generator = torch.Generator().manual_seed(2)
+    tensors = [(torch.randn(shape, generator=generator) * 100).to(dtype) for shape, dtype in (
+        ((3,), torch.float32), ((), torch.bfloat16), ((2, 3), torch.int64), ((0,), torch.float32), ((), torch.bool),
+        ((5, 7), torch.float16), ((1,), torch.uint8), ((4,), torch.float64))]
+    likes = [torch.empty(t.shape, dtype=t.dtype if k % 3 else torch.float32, device=device) for k, t in enumerate(tensors)]
+    made = transfers._put_together(tensors, likes)
+    for tensor, like, out in zip(tensors, likes, made):
+        assert (out.shape, out.dtype, out.device) == (like.shape, like.dtype, like.device)
+        assert torch.equal(out.cpu(), tensor.to(like.dtype))
+    assert len({out.untyped_storage().data_ptr() for out in made if out.numel()}) == 7
 
 
 @pytest.mark.parametrize("device", jax_devices(), ids=str)

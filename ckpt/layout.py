@@ -28,7 +28,7 @@ from ckpt import packing, storage_options, transfers
 from ckpt import tree as tree_lib
 from ckpt.tree import KeyPath
 
-_SHAPE, _DTYPE = operator.attrgetter("shape"), operator.attrgetter("dtype")
+_SHAPE, _DTYPE, _DEVICE = operator.attrgetter("shape"), operator.attrgetter("dtype"), operator.attrgetter("device")
 
 
 @dataclasses.dataclass
@@ -74,6 +74,11 @@ class Layout:
         self.other_typed = sorted(self.signature)
         self.device_leaves = [i for i in self.other_typed if self.kinds[i].__module__.startswith(("torch", "jax"))]
         torch = sys.modules.get("torch")
+        # torch tensors are checked as columns of (shape, dtype, device); the other typed leaves one by one
+        torch_index = [i for i in self.other_typed if torch is not None and self.kinds[i] is torch.Tensor]
+        self.torch_tensors = packing.picker(torch_index)
+        self.torch_columns = [list(column) for column in zip(*(self.signature[i][1:] for i in torch_index))]
+        self.checked_alone = sorted(set(self.other_typed) - set(torch_index))
         self.pinned = torch is not None and any(  # torch leaves on an accelerator: stage in page-locked memory
             self.kinds[i] is torch.Tensor and self.signature[i][3].type == "cuda" for i in self.device_leaves)
         self.packed_order = sorted(where(self.location, "packed"), key=self.offset.__getitem__)
@@ -185,7 +190,11 @@ class Layout:
         arrays = self.numpy_arrays(found)
         if list(map(_SHAPE, arrays)) != self.numpy_shapes or list(map(_DTYPE, arrays)) != self.numpy_dtypes:
             return None
-        if any(signature(found[i]) != self.signature[i] for i in self.other_typed):
+        if self.torch_columns:
+            tensors = self.torch_tensors(found)
+            if [list(map(_SHAPE, tensors)), list(map(_DTYPE, tensors)), list(map(_DEVICE, tensors))] != self.torch_columns:
+                return None
+        if any(signature(found[i]) != self.signature[i] for i in self.checked_alone):
             return None
         return found
 

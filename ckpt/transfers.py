@@ -8,20 +8,25 @@ asynchronous), with each target's devices and each (shape, dtype)'s abstract val
 load: 8-12 us an array on CPU, nearly all of it inside jaxlib, which makes and later frees a buffer and
 an array object for each. jax has no cheaper way to make many arrays: ``jax.device_put`` of a list
 loops over them in Python (about 90 us each), and slicing one transferred buffer on the device
-compiles for seconds per layout. Torch tensors bound for an accelerator are copied without
-blocking, and the load synchronizes once, at the end. On CPU nothing is copied.
+compiles for seconds per layout. Torch tensors bound for a CUDA device go over together when small
+(one host buffer, one transfer, one batched copy), and each large one on a thread of its own while
+the next leaves are read; the load synchronizes once, at the end. On CPU nothing is copied.
+
+A snapshot copies small torch tensors of one device together too (:class:`TorchRun`), and large ones
+with non-blocking copies on a side stream into page-locked buffers (:class:`ToHost`).
 """
 from __future__ import annotations
 
 import concurrent.futures
 import functools
+import operator
 import sys
 import weakref
 from typing import Any, Callable
 
 import numpy as np
 
-from ckpt import chunks, host_memory
+from ckpt import chunks, host_memory, packing
 
 _PINNED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # id -> a page-locked buffer
 
@@ -353,36 +358,39 @@ def torch_runs(packed: list[tuple[int, int, int]], signature: dict[int, Any], dt
     """The :class:`TorchRun` of each stretch of adjacent packed leaves (``packed``: (index, offset,
     nbytes) in offset order) that are torch tensors of one device, the CPU or a CUDA device
     (``signature[i]``: type, shape, dtype, device), stored as they are (``dtypes[i]``: the stored
-    dtype's name) and not complex; the CUDA ones while their spans take :data:`TORCH_RUNS_DEVICE_BYTES`
-    in all. The other leaves are copied one by one."""
+    dtype's name) and not complex. Of those on CUDA devices, the smallest, while their places take
+    :data:`TORCH_RUNS_DEVICE_BYTES` in all (a leaf's cost is the same at any size: the most leaves
+    for the memory). The other leaves are copied one by one."""
     torch = sys.modules.get("torch")
     if torch is None:
         return []
+    chosen = {}  # index -> (device, torch dtype, shape)
+    for i, _, nbytes in packed:
+        found = signature.get(i)
+        if (type(found) is tuple and found[0] is torch.Tensor and found[3].type in ("cpu", "cuda")
+                and not found[2].is_complex and str(found[2]).removeprefix("torch.") == dtypes[i]):
+            chosen[i] = (found[3], found[2], tuple(found[1]))
+    room = TORCH_RUNS_DEVICE_BYTES
+    for i, nbytes in sorted(((i, n) for i, _, n in packed if i in chosen and chosen[i][0].type == "cuda"),
+                            key=operator.itemgetter(1)):
+        if packing.slot(nbytes) > room:
+            del chosen[i]
+        else:
+            room -= packing.slot(nbytes)
     stretches: list[list[tuple[int, int, int, Any, tuple]]] = []
     devices: list[Any] = []
-    joined, used = False, 0  # whether the last leaf joined the last stretch; the device bytes taken before it
+    joined = False  # whether the leaf before joined the last stretch
     for i, offset, nbytes in packed:
-        found = signature.get(i)
-        if not (type(found) is tuple and found[0] is torch.Tensor and found[3].type in ("cpu", "cuda")
-                and not found[2].is_complex and str(found[2]).removeprefix("torch.") == dtypes[i]):
+        if i not in chosen:
             joined = False
             continue
-        _, shape, dtype, device = found
+        device, dtype, shape = chosen[i]
         if not joined or device != devices[-1]:
-            used += _device_bytes(stretches[-1], devices[-1]) if stretches else 0
             stretches.append([])
             devices.append(device)
-        stretches[-1].append((i, offset, nbytes, dtype, tuple(shape)))
+        stretches[-1].append((i, offset, nbytes, dtype, shape))
         joined = True
-        if used + _device_bytes(stretches[-1], device) > TORCH_RUNS_DEVICE_BYTES:
-            stretches[-1].pop()
-            break
-    return [TorchRun(leaves, device) for leaves, device in zip(stretches, devices) if leaves]
-
-
-def _device_bytes(leaves: list[tuple[int, int, int, Any, tuple]], device: Any) -> int:
-    """The bytes of a CUDA stretch's mirror."""
-    return leaves[-1][1] + leaves[-1][2] - leaves[0][1] if leaves and device.type == "cuda" else 0
+    return [TorchRun(leaves, device) for leaves, device in zip(stretches, devices)]
 
 
 _SIDE_STREAMS: dict[Any, Any] = {}

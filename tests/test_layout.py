@@ -144,13 +144,15 @@ def test_runs_under_a_storage_dtype_store_what_a_fresh_plan_stores(tmp_path):
     assert json.loads((tmp_path / "reused" / "1" / fmt.TREE).read_text()) == fresh
 
 
-@pytest.mark.parametrize("change", ["shape", "dtype", "numpy_dtype", "key", "type", "sharding"])
+@pytest.mark.parametrize("change", ["shape", "torch_shape", "dtype", "numpy_dtype", "key", "type", "sharding"])
 def test_a_changed_tree_is_planned_afresh_and_saved_as_it_is(tmp_path, change):
     state = mixed_state(0)
     previous = saving.plan({"state": state}).layout
     changed = mixed_state(0)
     if change == "shape":
         changed["numpy"]["a0"] = np.zeros(2, np.float32)
+    elif change == "torch_shape":
+        changed["torch"]["w"] = changed["torch"]["w"].reshape(4, 3)
     elif change == "dtype":
         changed["torch"]["w"] = changed["torch"]["w"].double()
     elif change == "numpy_dtype":

@@ -114,7 +114,7 @@ class ToDevice:
     def torch(self, tensor: Any, like: Any) -> Any:
         """``tensor`` (on the CPU) with ``like``'s dtype and device: on a CUDA device, a :class:`Pending`
         that :meth:`run` replaces by it."""
-        if like.device.type != "cuda":
+        if like.device.type not in TORCH_BATCHED_DEVICES:
             return tensor.to(device=like.device, dtype=like.dtype, non_blocking=True)
         pending = self._pending()
         self._torch_devices.add(like.device)
@@ -143,7 +143,8 @@ class ToDevice:
         for slot, copy in self._aside:
             made[slot] = copy.result()
         for device in self._torch_devices:
-            sys.modules["torch"].cuda.synchronize(device)
+            if device.type == "cuda":
+                sys.modules["torch"].cuda.synchronize(device)
         slots = self._slots
         self._forget_pending()
         if not slots:
@@ -151,6 +152,7 @@ class ToDevice:
         return lambda values: [made[v.index] if type(v) is Pending else v for v in values]
 
 
+TORCH_BATCHED_DEVICES = ("cuda",)  # the devices whose tensors wait for run(); from the CPU, on the CPU, no copy
 TORCH_ASIDE_BYTES = 1 << 20  # a torch tensor of this size or more goes to its CUDA device on a thread of its own
 
 

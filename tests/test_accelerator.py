@@ -125,6 +125,52 @@ def test_small_tensors_put_on_a_device_together_keep_their_values_and_take_the_t
     assert len({out.untyped_storage().data_ptr() for out in made if out.numel()}) == 7
 
 
+@pytest.mark.parametrize("device", torch_devices())
+def test_a_loads_transfers_wait_for_run_and_each_lands_in_its_place(tmp_path, monkeypatch, device):
+    """The tensors bound for a device (and jax arrays left for one device_put) come back from run() in
+    the places their Pending values held, small ones put together, large ones from the transfer
+    thread. On the CPU, where tensors bound for it are used as they are, by batching CPU tensors too."""
+    import torch
+
+    from ckpt import transfers
+
+    monkeypatch.setattr(transfers, "TORCH_BATCHED_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(transfers, "TORCH_ASIDE_BYTES", 64)
+    jax = pytest.importorskip("jax")
+    to_device = transfers.ToDevice(batched=False)  # every jax array left for run() too
+    sources = [torch.arange(3, dtype=torch.float32), np.arange(4, dtype=np.int32), torch.arange(40, dtype=torch.int64),
+               torch.tensor(True), "kept", torch.arange(6, dtype=torch.bfloat16).reshape(2, 3), np.float32(2.5) * np.ones(2, np.float32),
+               torch.arange(100, dtype=torch.float64).reshape(10, 10)]
+    likes = {0: torch.empty(3, device=device), 2: torch.empty(40, dtype=torch.int32, device=device),
+             3: torch.empty((), dtype=torch.bool, device=device), 5: torch.empty((2, 3), dtype=torch.float32, device=device),
+             7: torch.empty((10, 10), dtype=torch.float64, device=device)}
+    values = [to_device.torch(x, likes[k]) if k in likes else to_device.jax(x, None) if isinstance(x, np.ndarray) else x
+              for k, x in enumerate(sources)]
+    assert all(type(v) is transfers.Pending for k, v in enumerate(values) if k != 4)
+    made = to_device.run()(values)
+    for k, (source, value) in enumerate(zip(sources, made)):
+        if k in likes:
+            assert (value.shape, value.dtype, value.device) == (likes[k].shape, likes[k].dtype, likes[k].device), k
+            assert torch.equal(value.cpu(), source.to(likes[k].dtype)), k
+            if source.nbytes < 64:  # put together: in memory of its own, not the gathering buffer's
+                assert value.untyped_storage().nbytes() == value.nbytes, k
+        elif k == 4:
+            assert value == "kept"
+        else:
+            assert isinstance(value, jax.Array)
+            np.testing.assert_array_equal(np.asarray(value), source)
+    assert to_device.run()(["nothing left"]) == ["nothing left"]
+    state = {"tensors": [source for source in sources if isinstance(source, torch.Tensor)], "step": 3}
+    abstract = {"tensors": [likes[k] for k in sorted(likes)], "step": 0}
+    with ckpt.Checkpointer(tmp_path) as checkpointer:  # a whole load: its tree is built from run()'s values
+        checkpointer.save(0, state)
+        loaded = checkpointer.load(0, abstract)
+    assert loaded["step"] == 3
+    for source, like, value in zip(state["tensors"], abstract["tensors"], loaded["tensors"]):
+        assert (value.dtype, value.device) == (like.dtype, like.device)
+        assert torch.equal(value.cpu(), source.to(like.dtype))
+
+
 @pytest.mark.parametrize("device", jax_devices(), ids=str)
 def test_jax_arrays_saved_async_twice_load_with_their_sharding(tmp_path, device):
     import jax

@@ -167,7 +167,7 @@ def _put_together(tensors: list[Any], likes: list[Any]) -> list[Any]:
         by_device.setdefault(like.device, []).append(k)
     for device, ks in by_device.items():
         sizes = [tensors[k].nbytes for k in ks]
-        ends = np.cumsum([-(-n // 64) * 64 for n in sizes]).tolist()  # 64-byte places: any dtype views them
+        ends = np.cumsum(packing.slot(np.array(sizes, np.int64))).tolist()  # aligned: any dtype views its place
         starts = [0] + ends[:-1]
         host = torch.from_numpy(host_memory.empty(ends[-1]))
         with torch.no_grad():

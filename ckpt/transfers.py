@@ -174,8 +174,8 @@ def _put_together(tensors: list[Any], likes: list[Any]) -> list[Any]:
             torch._foreach_copy_([host[a: a + n] for a, n in zip(starts, sizes)],
                                  [tensors[k].reshape(-1).view(torch.uint8) for k in ks])
             moved = host.to(device, non_blocking=True)
-            sources = [moved[a: a + n].view(tensors[k].dtype).view(tensors[k].shape)
-                       for k, a, n in zip(ks, starts, sizes)]
+            sources = _typed_views(moved, [(a, n, tensors[k].dtype, tensors[k].shape)
+                                           for k, a, n in zip(ks, starts, sizes)])
             targets = [torch.empty(likes[k].shape, dtype=likes[k].dtype, device=device) for k in ks]
             torch._foreach_copy_(targets, sources)
         for k, target in zip(ks, targets):
@@ -183,14 +183,16 @@ def _put_together(tensors: list[Any], likes: list[Any]) -> list[Any]:
     return made
 
 
-_TRANSFERS: list[concurrent.futures.ThreadPoolExecutor] = []
+def _typed_views(raw: Any, places: list[tuple[int, int, Any, Any]]) -> list[Any]:
+    """Views of a uint8 tensor's bytes ``[start, start + nbytes)`` as (torch dtype, shape), for each
+    place; each start a multiple of its dtype's size."""
+    return [raw[start: start + nbytes].view(dtype).view(shape) for start, nbytes, dtype, shape in places]
 
 
+@functools.cache
 def _transfer_thread() -> concurrent.futures.ThreadPoolExecutor:
     """The thread that copies large tensors to CUDA devices during loads (made once per process)."""
-    if not _TRANSFERS:
-        _TRANSFERS.append(concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ckpt-to-device"))
-    return _TRANSFERS[0]
+    return concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ckpt-to-device")
 
 
 _UNKNOWN = object()
@@ -349,8 +351,8 @@ class TorchRun:
         return span if self.mirror is not None else self._views(span)
 
     def _views(self, span: Any) -> list[Any]:
-        return [span[offset - self.start: offset - self.start + nbytes].view(dtype).view(shape)
-                for _, offset, nbytes, dtype, shape in self._leaves]
+        return _typed_views(span, [(offset - self.start, nbytes, dtype, shape)
+                                   for _, offset, nbytes, dtype, shape in self._leaves])
 
 
 TORCH_RUNS_DEVICE_BYTES = 64 << 20  # the device memory a layout's TorchRuns may take in all

@@ -25,6 +25,7 @@ KeyPath = tuple[KeyEntry, ...]
 # Never containers: skip the container checks (and jax's, which cost microseconds) for them. jax's
 # array types join when first seen (an isinstance check against jax.Array costs about 2 us).
 _PLAIN_LEAVES = {np.ndarray, int, float, bool, str, bytes, type(None)}
+_STR = {str}
 
 
 @dataclasses.dataclass(eq=False)
@@ -128,33 +129,31 @@ def flatten(tree: Any, *, prefix: KeyPath = ()) -> tuple[Node, list[tuple[KeyPat
             raise TypeError(f"dict key {k!r} of type {type(k).__name__} at {keystr(path) or 'the root'} cannot be "
                             "stored: only str and int keys round-trip")
 
+    def visit_children(keys: list[tuple[str, Any]], values: Any, path: KeyPath) -> list[Node]:
+        values = list(values)
+        if set(map(type, values)) <= _PLAIN_LEAVES:  # the usual node: every child a leaf, in a few passes in C
+            leaves.extend(zip(map(path.__add__, zip(keys)), values))
+            return [LEAF] * len(values)
+        return [visit(v, path + (k,)) for k, v in zip(keys, values)]
+
     def visit(x: Any, path: KeyPath) -> Node:
         if type(x) in _PLAIN_LEAVES:
             leaves.append((path, x))
             return LEAF
         if type(x) in (dict, collections.OrderedDict):
-            keys = []
-            for k in x:
-                check_key(k, path)
-                keys.append(("key", k))
-            children = []
-            for entry, value in zip(keys, x.values()):
-                if type(value) in _PLAIN_LEAVES:  # the usual child, without a call
-                    leaves.append((path + (entry,), value))
-                    children.append(LEAF)
-                else:
-                    children.append(visit(value, path + (entry,)))
-            return Node("dict", keys, children, rebuild=lambda vals, ks=list(x), t=type(x): t(zip(ks, vals)),
-                        container=type(x))
+            if not set(map(type, x)) <= _STR:
+                for k in x:
+                    check_key(k, path)
+            keys = list(zip(itertools.repeat("key"), x))
+            return Node("dict", keys, visit_children(keys, x.values(), path),
+                        rebuild=lambda vals, ks=list(x), t=type(x): t(zip(ks, vals)), container=type(x))
         if _is_namedtuple(x):
             keys = [("attr", f) for f in type(x)._fields]
-            children = [visit(v, path + (k,)) for k, v in zip(keys, x)]
-            return Node("namedtuple", keys, children, name=type(x).__name__, rebuild=lambda vals, t=type(x): t(*vals),
-                        container=type(x))
+            return Node("namedtuple", keys, visit_children(keys, x, path), name=type(x).__name__,
+                        rebuild=lambda vals, t=type(x): t(*vals), container=type(x))
         if type(x) in (list, tuple):
-            keys = [("idx", i) for i in range(len(x))]
-            children = [visit(v, path + (k,)) for k, v in zip(keys, x)]
-            return Node(type(x).__name__, keys, children, rebuild=type(x), container=type(x))
+            keys = list(zip(itertools.repeat("idx"), range(len(x))))
+            return Node(type(x).__name__, keys, visit_children(keys, x, path), rebuild=type(x), container=type(x))
         if x is not None:
             node = _jax_children(x)
             if node is not None:
@@ -162,7 +161,7 @@ def flatten(tree: Any, *, prefix: KeyPath = ()) -> tuple[Node, list[tuple[KeyPat
                 for kind, k in keys:
                     if kind == "key":
                         check_key(k, path)
-                children = [visit(v, path + (k,)) for k, v in zip(keys, values)]
+                children = visit_children(keys, values, path)
                 jax = sys.modules["jax"]
                 return Node(
                     "pytree", keys, children, name=type(x).__name__,

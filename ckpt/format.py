@@ -16,7 +16,8 @@ A committed step directory holds::
 
 While written, the directory is ``<step>.ckpt-tmp``; it is renamed to ``<step>`` once complete.
 Durability order on a local file system: (1) every data file (chunks and ``zarr.json`` of ``arrays/``
-and ``packed/``) is written and fsync'd, with its directory, by tensorstore; (2) tree.json, then
+and ``packed/``) is written and fsync'd (by tensorstore as it writes it, or, in the background of an
+async save, once all are written); (2) tree.json, then
 manifest.json, are written and fsync'd; (3) every directory of the step is fsync'd; (4) the step is
 renamed to its final name (a step it replaces is swapped out atomically with ``renameat2``'s
 ``RENAME_EXCHANGE`` where the system has it); (5) the root directory is fsync'd. A crash at any moment

@@ -426,6 +426,7 @@ class StepWriter:
         self.progress = progress.Tracker(f"saving {final_dir}", plan.nbytes)
         self.custom: custom.Saves | None = None  # checkpointables saved by handlers (ckpt.custom)
         self.packed_crcs: list[int] = []  # of the packed leaves, in offset order, once written
+        self._unsynced: list[Any] = []  # the directories of arrays written without an fsync per file
 
     def prepare_dir(self) -> None:
         """Creates a fresh temporary directory, marked as ckpt's (removing one a crashed save left)."""
@@ -487,9 +488,13 @@ class StepWriter:
             return
         self.prepare_dir()
         background = self._slow()
-        opening = [storage.open_for_write(storage.resolve_kvstore(leaf.host.meta["array"], self.tmp_dir),
-                                          background=background)
-                   for leaf in todo]  # all at once: each open writes and fsyncs a zarr.json
+        opening = []
+        for leaf in todo:  # all at once: each open writes a zarr.json
+            synced = not background or leaf.host.spread is not None  # (a process's shards: not file by file)
+            if not synced:
+                self._unsynced.append(self.tmp_dir / leaf.array_name)
+            opening.append(storage.open_for_write(storage.resolve_kvstore(leaf.host.meta["array"], self.tmp_dir),
+                                                  background=background, synced=synced))
         if background:  # checksums first, then the writes: one busy thread at a time
             self._checksum_arrays(todo)
         futures = []
@@ -535,6 +540,7 @@ class StepWriter:
                 return [fast[rest].write(source[rest], can_reference_source_data_indefinitely=True).commit]
             rows = slice(chunk.start // row_bytes, chunk.stop // row_bytes)
             store[rows].write(source[rows], can_reference_source_data_indefinitely=True).commit.result()
+            storage.start_writeback(self.tmp_dir / leaf.array_name / chunk.key)
         return []
 
     def write_packed(self) -> None:
@@ -549,22 +555,31 @@ class StepWriter:
         pending: list[Any] = []
         self.packed_sums = []
         with storage.io_errors(f"writing the packed leaves to {self.tmp_dir}"):
-            store = storage.open_for_write(storage.resolve_kvstore(spec, self.tmp_dir),
-                                           background=self._background).result()
             slow = self._slow()
+            store = storage.open_for_write(storage.resolve_kvstore(spec, self.tmp_dir), background=slow,
+                                           synced=not slow).result()
+            if slow:
+                self._unsynced.append(self.tmp_dir / fmt.PACKED)
             for start, chunk in self._packed_chunks():
                 if slow and not self._slow():  # hurried: the rest at full speed
                     slow, store = False, storage.open_for_write(storage.resolve_kvstore(spec, self.tmp_dir)).result()
                 if len(pending) >= 2:
-                    pending.pop(0).result()
+                    self._written(*pending.pop(0))
                 self.packed_sums.append(chunks.sum64(chunk))
-                pending.append(store[start: start + chunk.size].write(
-                    chunk, can_reference_source_data_indefinitely=True).commit)
+                pending.append((store[start: start + chunk.size].write(
+                    chunk, can_reference_source_data_indefinitely=True).commit, start, slow))
                 self.progress.advance(chunk.size)
-            for commit in pending:
-                commit.result()
+            for written in pending:
+                self._written(*written)
         self.packed_spec = spec
         self.packed_zarr_json_crc32 = fmt.crc32(storage.read_json_bytes(self.tmp_dir / fmt.PACKED / "zarr.json"))
+
+    def _written(self, commit: Any, start: int, unsynced: bool) -> None:
+        """Waits for the write of the packed chunk at byte ``start``; starts its file's writeback when
+        tensorstore does not fsync it."""
+        commit.result()
+        if unsynced:
+            storage.start_writeback(self.tmp_dir / fmt.PACKED / f"c/{start // fmt.PACKED_CHUNK_BYTES}")
 
     def _packed_chunks(self) -> Iterator[tuple[int, np.ndarray]]:
         """The packed array's chunks, in order (see :func:`ckpt.packing.windows`). The CRC32s of the
@@ -671,6 +686,8 @@ class StepWriter:
                 self.write_packed()
             if self.custom is not None:
                 self.custom.finish()
+            for directory in self._unsynced:
+                storage.fsync_files(directory)
             self._barrier("written")
             if self.primary:
                 self.write_manifest(step)

@@ -1,7 +1,9 @@
 """A background write goes on at full speed once someone waits for it (wait, close, a new save, the
-response's result) or a preemption is announced; a write switched half-way is whole and exact."""
+response's result) or a preemption is announced; a write switched half-way is whole and exact. Its
+files are fsync'd before tree.json is written, and each chunk file's writeback starts as it is written."""
 from __future__ import annotations
 
+import os
 import threading
 
 import numpy as np
@@ -18,9 +20,10 @@ def writes(monkeypatch):
     seen: list[bool] = []
     original = storage.open_for_write
 
-    def open_for_write(spec, *, background=False):
+    def open_for_write(spec, *, background=False, synced=True):
         seen.append(background)
-        return original(spec, background=background)
+        assert synced is not background, "a background write fsyncs its files itself, a full-speed one by tensorstore"
+        return original(spec, background=background, synced=synced)
 
     monkeypatch.setattr(storage, "open_for_write", open_for_write)
     return seen
@@ -87,3 +90,57 @@ def test_waiting_for_a_background_save_hurries_it(tmp_path, writes, how, monkeyp
     ckptr.close()
     assert hurried[0] == "0" and writes[0] is False, "the write of step 0 ran at full speed"
     assert ckpt.load(tmp_path / "0")["big"].sum() == (1 << 20) // 4 + 1
+
+
+def _data_files(step_dir) -> set[str]:
+    return {os.path.join(d, name) for top in ("arrays", "packed") for d, _, names in os.walk(step_dir / top)
+            for name in names}
+
+
+def test_a_background_write_fsyncs_every_data_file_before_tree_json_and_starts_each_chunks_writeback(tmp_path, monkeypatch):
+    monkeypatch.setattr(fmt, "ARRAY_CHUNK_BYTES", 1 << 20)
+    monkeypatch.setattr(fmt, "PACKED_CHUNK_BYTES", 1 << 16)
+    small = {f"s{i}": np.full(1000, i, np.float64) for i in range(40)}  # 320 KB packed: 5 chunk files
+    state = {"big": np.arange((5 << 20) // 8, dtype=np.float32), "scalar": np.float32(3), **small}
+    fsynced, started, tree_written = [], [], []
+    real_fsync, real_start, real_write = os.fsync, storage.start_writeback, storage.write_file
+
+    def fsync(fd):  # what each Python fsync made durable, by its path
+        fsynced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real_fsync(fd)
+
+    def start_writeback(path):
+        assert os.path.isfile(path), f"{path}: the writeback of a file not written yet"
+        started.append(str(path))
+        return real_start(path)
+
+    def write_file(path, data, **kw):
+        if path.name == fmt.TREE:
+            tree_written.append(set(fsynced))
+        return real_write(path, data, **kw)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(storage, "start_writeback", start_writeback)
+    monkeypatch.setattr(storage, "write_file", write_file)
+    writer = handed_off(tmp_path, state)
+    writer.run(0)
+    step = tmp_path / "0"
+    files = {f.replace(str(step), str(tmp_path / "0.ckpt-tmp")) for f in _data_files(step)}
+    assert len(files) >= 3 + 5 + 2, "the chunks of the big leaf and of the packed array, and their zarr.json"
+    assert files <= tree_written[0], f"not fsync'd before tree.json: {sorted(files - tree_written[0])}"
+    chunk_files = {f for f in files if not f.endswith("zarr.json")}
+    assert set(started) == chunk_files, "each chunk file's writeback started once it was written"
+    loaded = ckpt.load(step)
+    np.testing.assert_array_equal(loaded["big"], state["big"])
+    assert all((loaded[k] == v).all() for k, v in small.items()) and verify.verify_step(step).ok
+
+
+def test_start_writeback_and_fsync_files_on_a_real_directory(tmp_path):
+    (tmp_path / "c").mkdir()
+    for name in ("a", "c/b"):
+        (tmp_path / name).write_bytes(os.urandom(1 << 16))
+    storage.start_writeback(tmp_path / "a")  # advice to the kernel: returns at once, changes no byte
+    storage.fsync_files(tmp_path)
+    assert (tmp_path / "a").stat().st_size == 1 << 16
+    with pytest.raises(FileNotFoundError):
+        storage.start_writeback(tmp_path / "missing")

@@ -75,6 +75,8 @@ def fsync_path(path: Location) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as e:  # (an fsync's error names no file: EIO from the disk, say)
+        raise OSError(e.errno, e.strerror, str(path)) from None
     finally:
         os.close(fd)
 

@@ -144,3 +144,18 @@ def test_start_writeback_and_fsync_files_on_a_real_directory(tmp_path):
     assert (tmp_path / "a").stat().st_size == 1 << 16
     with pytest.raises(FileNotFoundError):
         storage.start_writeback(tmp_path / "missing")
+
+
+def test_an_fsync_that_fails_names_its_file_and_the_background_save_commits_nothing(tmp_path, monkeypatch):
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("zarr.json"):
+            raise OSError(5, "Input/output error")
+        return real_fsync(fd)
+
+    writer = handed_off(tmp_path, {"big": np.ones((1 << 20) // 4 + 1, np.float32)})
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(OSError, match=r"Input/output error: '.*zarr\.json'"):
+        writer.run(0)
+    assert not (tmp_path / "0").exists() and not (tmp_path / "0.ckpt-tmp").exists()

@@ -426,7 +426,7 @@ class StepWriter:
         self.progress = progress.Tracker(f"saving {final_dir}", plan.nbytes)
         self.custom: custom.Saves | None = None  # checkpointables saved by handlers (ckpt.custom)
         self.packed_crcs: list[int] = []  # of the packed leaves, in offset order, once written
-        self._unsynced: list[Any] = []  # the directories of arrays written without an fsync per file
+        self._unsynced: list[storage.Location] = []  # the directories of arrays written without an fsync per file
 
     def prepare_dir(self) -> None:
         """Creates a fresh temporary directory, marked as ckpt's (removing one a crashed save left)."""

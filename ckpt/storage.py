@@ -88,7 +88,7 @@ def start_writeback(path: Location) -> None:
     sync_file_range = _sync_file_range()
     if isinstance(path, ObjectPath) or sync_file_range is None:
         return
-    fd = os.open(path, os.O_RDONLY)
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)  # (never a link, never waits on a FIFO)
     try:
         sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)  # advice: an error changes nothing
     finally:
@@ -107,12 +107,15 @@ def _sync_file_range() -> Any:
 
 
 def fsync_files(directory: Location) -> None:
-    """fsyncs every file under ``directory``, a directory the caller wrote (nothing on an object store)."""
+    """fsyncs every regular file under ``directory``, a directory the caller wrote; what else may have
+    appeared there (a link, a FIFO) is neither followed nor opened. Nothing on an object store."""
     if isinstance(directory, ObjectPath):
         return
     for dirpath, _, names in os.walk(directory):
         for name in names:
-            fsync_path(Path(dirpath, name))
+            path = Path(dirpath, name)
+            if stat.S_ISREG(os.lstat(path).st_mode):
+                fsync_path(path)
 
 
 def write_file(path: Path, data: bytes, *, mode: int | None = None) -> None:

@@ -146,6 +146,24 @@ def test_start_writeback_and_fsync_files_on_a_real_directory(tmp_path):
         storage.start_writeback(tmp_path / "missing")
 
 
+@pytest.mark.timeout(30)
+def test_fsync_files_and_start_writeback_neither_follow_links_nor_wait_on_fifos(tmp_path, monkeypatch):
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"not ckpt's")
+    (tmp_path / "step").mkdir()
+    os.mkfifo(tmp_path / "step" / "fifo")  # opened for reading, it would wait for a writer forever
+    os.symlink(outside, tmp_path / "step" / "link")
+    (tmp_path / "step" / "chunk").write_bytes(b"x" * 4096)
+    opened = []
+    real_fsync_path = storage.fsync_path
+    monkeypatch.setattr(storage, "fsync_path", lambda path: (opened.append(path.name), real_fsync_path(path)))
+    storage.fsync_files(tmp_path / "step")
+    assert opened == ["chunk"]
+    storage.start_writeback(tmp_path / "step" / "fifo")  # returns at once
+    with pytest.raises(OSError):
+        storage.start_writeback(tmp_path / "step" / "link")
+
+
 def test_an_fsync_that_fails_names_its_file_and_the_background_save_commits_nothing(tmp_path, monkeypatch):
     real_fsync = os.fsync
 

@@ -558,8 +558,10 @@ class StepWriter:
             slow = self._slow()
             store = storage.open_for_write(storage.resolve_kvstore(spec, self.tmp_dir), background=slow,
                                            synced=not slow).result()
+            files = []  # each chunk's, when tensorstore does not fsync them
             if slow:
                 self._unsynced.append(self.tmp_dir / fmt.PACKED)
+                files = [self.tmp_dir / fmt.PACKED / c.key for c in chunks.spec_layout(spec)]
             for start, chunk in self._packed_chunks():
                 if slow and not self._slow():  # hurried: the rest at full speed
                     slow, store = False, storage.open_for_write(storage.resolve_kvstore(spec, self.tmp_dir)).result()
@@ -567,19 +569,21 @@ class StepWriter:
                     self._written(*pending.pop(0))
                 self.packed_sums.append(chunks.sum64(chunk))
                 pending.append((store[start: start + chunk.size].write(
-                    chunk, can_reference_source_data_indefinitely=True).commit, start, slow))
+                    chunk, can_reference_source_data_indefinitely=True).commit,
+                                files[start // fmt.PACKED_CHUNK_BYTES] if slow else None))
                 self.progress.advance(chunk.size)
             for written in pending:
                 self._written(*written)
         self.packed_spec = spec
         self.packed_zarr_json_crc32 = fmt.crc32(storage.read_json_bytes(self.tmp_dir / fmt.PACKED / "zarr.json"))
 
-    def _written(self, commit: Any, start: int, unsynced: bool) -> None:
-        """Waits for the write of the packed chunk at byte ``start``; starts its file's writeback when
-        tensorstore does not fsync it."""
+    @staticmethod
+    def _written(commit: Any, unsynced_file: storage.Location | None) -> None:
+        """Waits for the write of a packed chunk; starts the writeback of its file, when given (one that
+        tensorstore does not fsync)."""
         commit.result()
-        if unsynced:
-            storage.start_writeback(self.tmp_dir / fmt.PACKED / f"c/{start // fmt.PACKED_CHUNK_BYTES}")
+        if unsynced_file is not None:
+            storage.start_writeback(unsynced_file)
 
     def _packed_chunks(self) -> Iterator[tuple[int, np.ndarray]]:
         """The packed array's chunks, in order (see :func:`ckpt.packing.windows`). The CRC32s of the

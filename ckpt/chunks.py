@@ -2,7 +2,9 @@
 
 A large leaf (not spread over processes), and the packed array of the small leaves, is one zarr3
 array with the plain ``bytes`` codec, chunked along its first axis, so chunk ``i`` is one contiguous
-slab of the C-order bytes, stored in the file ``c/i/0/...``. Saving records each chunk's word sum in
+slab of the C-order bytes, stored in the file ``c/i/0/...`` (written through tensorstore, or, a whole
+chunk whose bytes lie aligned in memory, straight from there: :func:`ckpt.storage.write_direct`; the
+same bytes either way). Saving records each chunk's word sum in
 tree.json (``chunk_sum64``; a large leaf's chunks also get a CRC32 for ``ckpt verify``); loading a
 local step reads each chunk file with ``readinto`` into its slab of the result (no intermediate copy)
 and checks its word sum as it reads, several chunks at once (file reads and numpy sums release the

@@ -426,7 +426,7 @@ class StepWriter:
         self.progress = progress.Tracker(f"saving {final_dir}", plan.nbytes)
         self.custom: custom.Saves | None = None  # checkpointables saved by handlers (ckpt.custom)
         self.packed_crcs: list[int] = []  # of the packed leaves, in offset order, once written
-        self._unsynced: list[storage.Location] = []  # the directories of arrays written without an fsync per file
+        self._unsynced: set[storage.Location] = set()  # the directories of arrays written without an fsync per file
 
     def prepare_dir(self) -> None:
         """Creates a fresh temporary directory, marked as ckpt's (removing one a crashed save left)."""
@@ -492,7 +492,7 @@ class StepWriter:
         for leaf in todo:  # all at once: each open writes a zarr.json
             synced = not background or leaf.host.spread is not None  # (a process's shards: not file by file)
             if not synced:
-                self._unsynced.append(self.tmp_dir / leaf.array_name)
+                self._unsynced.add(self.tmp_dir / leaf.array_name)
             opening.append(storage.open_for_write(storage.resolve_kvstore(leaf.host.meta["array"], self.tmp_dir),
                                                   background=background, synced=synced))
         if background:  # checksums first, then the writes: one busy thread at a time
@@ -500,7 +500,7 @@ class StepWriter:
         futures = []
         for leaf, store in zip(todo, opening):
             with storage.io_errors(f"writing {keystr(leaf.path)} to {self.tmp_dir}"):
-                futures.append((leaf, self._write_array(leaf, store.result())))
+                futures.append((leaf, self._write_array(leaf, store.result(), background)))
         if not background:  # checksums while tensorstore writes
             self._checksum_arrays(todo)
         for leaf, pending in futures:
@@ -523,25 +523,36 @@ class StepWriter:
                 raw, layout = _raw_bytes(leaf.host.array), chunks.layout(meta)
                 meta["chunk_crc32"], meta["chunk_sum64"] = chunks.checksums(raw, layout), chunks.sums(raw, layout)
 
-    def _write_array(self, leaf: PlannedLeaf, store: ts.TensorStore) -> list[Any]:
+    def _write_array(self, leaf: PlannedLeaf, store: ts.TensorStore, slow: bool) -> list[Any]:
+        """Writes a leaf's chunks, or starts their writes; returns what is left to wait for. A chunk
+        whose bytes lie aligned in memory (as in a snapshot's buffers) goes straight to its file (see
+        :func:`storage.write_direct`); the others through ``store``: one at a time and each file's
+        writeback started when ``slow`` (opened for the background), until :meth:`hurry`."""
         if leaf.host.spread is not None:
             shards = leaf.host.shards if leaf.host.shards is not None else leaf.host.spread.own_shards()
             leaf.host.shards = None
             return [store[index].write(data, can_reference_source_data_indefinitely=True).commit
                     for index, data in shards]
         source = _raw_bytes(leaf.host.array) if "stored_as" in leaf.host.meta else leaf.host.array
-        if not self._slow() or source.ndim == 0:
+        if source.ndim == 0:
             return [store.write(source, can_reference_source_data_indefinitely=True).commit]
-        row_bytes = source.nbytes // max(1, source.shape[0])
-        for chunk in chunks.layout(leaf.host.meta):  # one at a time, each a point to switch to full speed
-            if not self._slow():
-                fast = storage.open_for_write(storage.resolve_kvstore(leaf.host.meta["array"], self.tmp_dir)).result()
-                rest = slice(chunk.start // row_bytes, None)
-                return [fast[rest].write(source[rest], can_reference_source_data_indefinitely=True).commit]
+        row_bytes, raw = source.nbytes // max(1, source.shape[0]), _raw_bytes(leaf.host.array)
+        directory, pending = self.tmp_dir / leaf.array_name, []
+        for chunk in chunks.layout(leaf.host.meta):
+            file = directory / chunk.key
+            if chunk.stop - chunk.start == chunk.file_bytes and storage.write_direct(file, raw[chunk.start: chunk.stop]):
+                self._unsynced.add(directory)
+                continue
+            if slow and not self._slow():  # hurried: the rest at full speed
+                slow, store = False, storage.open_for_write(storage.resolve_kvstore(leaf.host.meta["array"], self.tmp_dir)).result()
             rows = slice(chunk.start // row_bytes, chunk.stop // row_bytes)
-            store[rows].write(source[rows], can_reference_source_data_indefinitely=True).commit.result()
-            storage.start_writeback(self.tmp_dir / leaf.array_name / chunk.key)
-        return []
+            written = store[rows].write(source[rows], can_reference_source_data_indefinitely=True).commit
+            if slow:
+                written.result()
+                storage.start_writeback(file)
+            else:
+                pending.append(written)
+        return pending
 
     def write_packed(self) -> None:
         """Writes every small leaf into one uint8 zarr3 array, chunk by chunk, and records each leaf's
@@ -558,20 +569,25 @@ class StepWriter:
             slow = self._slow()
             store = storage.open_for_write(storage.resolve_kvstore(spec, self.tmp_dir), background=slow,
                                            synced=not slow).result()
-            files = []  # each chunk's, when tensorstore does not fsync them
+            directory = self.tmp_dir / fmt.PACKED
+            files = [directory / c.key for c in chunks.spec_layout(spec)]
             if slow:
-                self._unsynced.append(self.tmp_dir / fmt.PACKED)
-                files = [self.tmp_dir / fmt.PACKED / c.key for c in chunks.spec_layout(spec)]
+                self._unsynced.add(directory)
             for start, chunk in self._packed_chunks():
+                self.packed_sums.append(chunks.sum64(chunk))
+                if not chunk.size:  # only empty leaves: no chunk at all
+                    continue
+                self.progress.advance(chunk.size)
+                file = files[start // fmt.PACKED_CHUNK_BYTES]
+                if chunk.size == fmt.PACKED_CHUNK_BYTES and storage.write_direct(file, chunk):
+                    self._unsynced.add(directory)
+                    continue
                 if slow and not self._slow():  # hurried: the rest at full speed
                     slow, store = False, storage.open_for_write(storage.resolve_kvstore(spec, self.tmp_dir)).result()
                 if len(pending) >= 2:
                     self._written(*pending.pop(0))
-                self.packed_sums.append(chunks.sum64(chunk))
                 pending.append((store[start: start + chunk.size].write(
-                    chunk, can_reference_source_data_indefinitely=True).commit,
-                                files[start // fmt.PACKED_CHUNK_BYTES] if slow else None))
-                self.progress.advance(chunk.size)
+                    chunk, can_reference_source_data_indefinitely=True).commit, file if slow else None))
             for written in pending:
                 self._written(*written)
         self.packed_spec = spec

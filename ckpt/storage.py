@@ -1,9 +1,10 @@
 """File-system primitives of a checkpoint root and the tensorstore array I/O.
 
 Durability order of a commit (local file system): every data file is fsync'd (by tensorstore,
-``file_io_sync``, or, for the background writes of an async save, by the writer before it writes
-tree.json), tree.json and manifest.json are written and fsync'd, every directory of the step is
-fsync'd, the step is renamed from ``<step>.ckpt-tmp`` to ``<step>``, and the root directory is fsync'd.
+``file_io_sync``, or, for the chunk files written straight from memory (:func:`write_direct`) and the
+background writes of an async save, by the writer before it writes tree.json), tree.json and
+manifest.json are written and fsync'd, every directory of the step is fsync'd, the step is renamed
+from ``<step>.ckpt-tmp`` to ``<step>``, and the root directory is fsync'd.
 """
 from __future__ import annotations
 
@@ -104,6 +105,51 @@ def _sync_file_range() -> Any:
     if found is not None:
         found.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
     return found
+
+
+DIRECT_ALIGN = 4096  # O_DIRECT: memory address and length a multiple of the disk's logical block (at most 4 KiB)
+
+
+def write_direct(path: Location, data: np.ndarray) -> bool:
+    """Writes ``data`` (flat uint8) as the new file ``path``, making its parent directories, straight
+    from memory to the disk (Linux ``O_DIRECT``): no page cache is filled, so the write costs almost
+    no CPU and no memory; an fsync still makes the file durable. Returns False, leaving no file, where
+    that cannot be done: an object store, a system without ``O_DIRECT``, a file system that refuses
+    it, ``data`` empty or not aligned to ``DIRECT_ALIGN`` bytes in address and length.
+
+    On this project's 2-core VM, 1 GiB in 64 files: 0.51-0.55 s and 0.04 s of CPU, fsyncs included,
+    against 0.7-1.3 s and 0.23-0.77 s of CPU through the page cache, whose fresh pages cost the
+    writing thread up to 3 s of system time in some runs. (tensorstore 0.1.86's ``file_io_mode``
+    "direct" still writes through the page cache: its chunk writes measured the same as without it.)
+
+    Raises:
+      OSError: naming the file; also when something is at ``path`` already (never followed, never replaced).
+    """
+    if (isinstance(path, ObjectPath) or not hasattr(os, "O_DIRECT") or not data.nbytes
+            or (data.ctypes.data | data.nbytes) % DIRECT_ALIGN):
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_DIRECT
+    try:
+        fd = os.open(path, flags, 0o666)
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise OSError(e.errno, e.strerror, str(path)) from None
+        with contextlib.suppress(FileNotFoundError):  # (some file systems create the file, then refuse)
+            os.unlink(path)
+        return False
+    view = memoryview(data)
+    try:
+        while view:
+            view = view[os.write(fd, view):]
+    except OSError as e:
+        os.close(fd)
+        os.unlink(path)
+        if e.errno == errno.EINVAL and len(view) == data.nbytes:  # refused before any byte was written
+            return False
+        raise OSError(e.errno, e.strerror, str(path)) from None
+    os.close(fd)
+    return True
 
 
 def fsync_files(directory: Location) -> None:

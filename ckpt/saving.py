@@ -536,11 +536,13 @@ class StepWriter:
         source = _raw_bytes(leaf.host.array) if "stored_as" in leaf.host.meta else leaf.host.array
         if source.ndim == 0:
             return [store.write(source, can_reference_source_data_indefinitely=True).commit]
-        row_bytes, raw = source.nbytes // max(1, source.shape[0]), _raw_bytes(leaf.host.array)
+        row_bytes = source.nbytes // max(1, source.shape[0])
+        raw = _raw_bytes(source) if source.flags.c_contiguous else None  # (a view: never a copy of a large leaf)
         directory, pending = self.tmp_dir / leaf.array_name, []
         for chunk in chunks.layout(leaf.host.meta):
             file = directory / chunk.key
-            if chunk.stop - chunk.start == chunk.file_bytes and storage.write_direct(file, raw[chunk.start: chunk.stop]):
+            if (raw is not None and chunk.stop - chunk.start == chunk.file_bytes
+                    and storage.write_direct(file, raw[chunk.start: chunk.stop])):
                 self._unsynced.add(directory)
                 continue
             if slow and not self._slow():  # hurried: the rest at full speed

@@ -126,9 +126,10 @@ def test_an_async_saves_whole_chunks_go_direct_and_its_edge_chunks_through_tenso
     assert_exact_everywhere(step, state)
 
 
-def test_a_sync_save_writes_an_aligned_array_direct_and_an_unaligned_one_through_tensorstore(tmp_path, direct):
-    whole = aligned(8 << 20)
-    state = {"aligned": whole.view(np.float64), "unaligned": whole[64:].view(np.float32)[: (6 << 20) // 4]}
+def test_a_sync_save_writes_an_aligned_array_direct_and_the_others_through_tensorstore(tmp_path, direct):
+    whole, other = aligned(8 << 20), aligned(8 << 20)
+    state = {"aligned": whole.view(np.float64), "unaligned": whole[64:].view(np.float32)[: (6 << 20) // 4],
+             "transposed": other.view(np.float32).reshape(1024, 2048).T}  # aligned, but not C-contiguous
     with ckpt.Checkpointer(tmp_path / "root") as ckptr:
         ckptr.save(0, state)
     step = tmp_path / "root" / "0"

@@ -5,6 +5,7 @@ tree.json, and load exactly, with ckpt or with tensorstore alone."""
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import mmap
 import os
@@ -166,18 +167,49 @@ def test_write_direct_never_follows_or_replaces_what_is_at_its_path(tmp_path):
     assert outside.read_bytes() == b"not ckpt's" and (tmp_path / "file").read_bytes() == b"there before"
 
 
-def test_write_direct_declines_where_the_file_system_refuses_o_direct(tmp_path, monkeypatch):
-    real_open = os.open
+def refusing_direct(monkeypatch, where: str) -> None:
+    """Makes O_DIRECT refused as some file systems do: the open makes the file, then fails with EINVAL
+    (``where="open"``), or writes take part of a file's bytes and then fail (``where="write"``)."""
+    real_open, real_write = os.open, os.write
 
-    def open_refusing_direct(path, flags, mode=0o777):
-        if flags & os.O_DIRECT:  # as some file systems do: the file is made, then O_DIRECT refused
+    def open_refusing(path, flags, mode=0o777):
+        if flags & os.O_DIRECT:
             os.close(real_open(path, flags & ~os.O_DIRECT, mode))
             raise OSError(errno.EINVAL, "Invalid argument")
         return real_open(path, flags, mode)
 
-    monkeypatch.setattr(os, "open", open_refusing_direct)
-    assert storage.write_direct(tmp_path / "file", aligned(storage.DIRECT_ALIGN)) is False
+    def write_refusing(fd, data):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            if len(data) > storage.DIRECT_ALIGN:  # part of it lands first
+                return real_write(fd, memoryview(data)[: storage.DIRECT_ALIGN])
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_write(fd, data)
+
+    if where == "open":
+        monkeypatch.setattr(os, "open", open_refusing)
+    else:
+        monkeypatch.setattr(os, "write", write_refusing)
+
+
+@pytest.mark.parametrize("where", ["open", "write"])
+def test_write_direct_declines_where_the_file_system_refuses_o_direct(tmp_path, monkeypatch, where):
+    refusing_direct(monkeypatch, where)
+    assert storage.write_direct(tmp_path / "file", aligned(3 * storage.DIRECT_ALIGN)) is False
     assert not (tmp_path / "file").exists()
+
+
+@pytest.mark.parametrize("where", ["open", "write"])
+def test_a_save_where_o_direct_is_refused_goes_through_tensorstore_and_loads_exactly(tmp_path, monkeypatch, where):
+    if not storage.write_direct(tmp_path / "probe", aligned(storage.DIRECT_ALIGN)):
+        pytest.skip("this file system refuses O_DIRECT")
+    refusing_direct(monkeypatch, where)
+    state = {"big": np.arange(STATE_BYTES // 4, dtype=np.float32), "small": np.arange(7)}
+    with ckpt.Checkpointer(tmp_path / "root") as ckptr:
+        ckptr.save_async(0, state).result()
+        loaded = ckptr.load(0)
+    np.testing.assert_array_equal(loaded["big"], state["big"])
+    np.testing.assert_array_equal(loaded["small"], state["small"])
+    assert verify.verify_step(tmp_path / "root" / "0").ok
 
 
 def test_a_full_disk_under_a_direct_write_names_the_file_and_commits_nothing(tmp_path):

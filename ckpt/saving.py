@@ -540,11 +540,9 @@ class StepWriter:
         raw = _raw_bytes(source) if source.flags.c_contiguous else None  # (a view: never a copy of a large leaf)
         directory, pending = self.tmp_dir / leaf.array_name, []
         for chunk in chunks.layout(leaf.host.meta):
-            file = directory / chunk.key
-            if (raw is not None and chunk.stop - chunk.start == chunk.file_bytes
-                    and storage.write_direct(file, raw[chunk.start: chunk.stop])):
-                self._unsynced.add(directory)
+            if raw is not None and self._written_direct(directory, chunk, raw[chunk.start: chunk.stop]):
                 continue
+            file = directory / chunk.key
             if slow and not self._slow():  # hurried: the rest at full speed
                 slow, store = False, storage.open_for_write(storage.resolve_kvstore(leaf.host.meta["array"], self.tmp_dir)).result()
             rows = slice(chunk.start // row_bytes, chunk.stop // row_bytes)
@@ -572,7 +570,7 @@ class StepWriter:
             store = storage.open_for_write(storage.resolve_kvstore(spec, self.tmp_dir), background=slow,
                                            synced=not slow).result()
             directory = self.tmp_dir / fmt.PACKED
-            files = [directory / c.key for c in chunks.spec_layout(spec)]
+            layout = chunks.spec_layout(spec)
             if slow:
                 self._unsynced.add(directory)
             for start, chunk in self._packed_chunks():
@@ -580,10 +578,10 @@ class StepWriter:
                 if not chunk.size:  # only empty leaves: no chunk at all
                     continue
                 self.progress.advance(chunk.size)
-                file = files[start // fmt.PACKED_CHUNK_BYTES]
-                if chunk.size == fmt.PACKED_CHUNK_BYTES and storage.write_direct(file, chunk):
-                    self._unsynced.add(directory)
+                where = layout[start // fmt.PACKED_CHUNK_BYTES]
+                if self._written_direct(directory, where, chunk):
                     continue
+                file = directory / where.key
                 if slow and not self._slow():  # hurried: the rest at full speed
                     slow, store = False, storage.open_for_write(storage.resolve_kvstore(spec, self.tmp_dir)).result()
                 if len(pending) >= 2:
@@ -594,6 +592,15 @@ class StepWriter:
                 self._written(*written)
         self.packed_spec = spec
         self.packed_zarr_json_crc32 = fmt.crc32(storage.read_json_bytes(self.tmp_dir / fmt.PACKED / "zarr.json"))
+
+    def _written_direct(self, directory: storage.Location, chunk: chunks.Chunk, data: np.ndarray) -> bool:
+        """Writes ``chunk`` of the array in ``directory`` straight from ``data``, its bytes, when they are
+        the whole file (not an edge chunk, whose file holds a whole chunk with fill) and lie aligned in
+        memory (:func:`storage.write_direct`); its directory is then fsync'd before tree.json."""
+        if data.nbytes != chunk.file_bytes or not storage.write_direct(directory / chunk.key, data):
+            return False
+        self._unsynced.add(directory)
+        return True
 
     @staticmethod
     def _written(commit: Any, unsynced_file: storage.Location | None) -> None:

@@ -12,7 +12,8 @@ Every save goes to the local tier first: the loop blocks once, for the snapshot 
 step the durable policy also wants is then *promoted*: its committed local directory is copied to the
 durable root on the durable tier's background writer, and committed there (on an object store its
 manifest, copied last, is the commit record). The loop never waits for a promotion; promotions queue
-behind each other, and the local preservation policy keeps a step until its promotion is done.
+behind each other, and the local preservation policy keeps a step until its promotion is done, when the
+policy is applied again (so ``wait()`` leaves each tier holding what its policy keeps).
 
 Restore (``load`` with no step) takes the newest step of either tier; a step in both is read from the
 local tier. Loading checks every checksum, so a damaged or vanished local step falls back to the
@@ -166,10 +167,11 @@ class _KeepPromoting:
 class LocalTier:
     """The local tier of a Checkpointer and the promotion of its steps to the durable tier."""
 
-    def __init__(self, options: LocalCheckpointOptions, durable: DurableRoot, checkpointer: Callable[..., Any], *,
-                 context: Context, step_name_format: Any, lightweight_initialize: bool,
-                 cleanup_tmp_directories: bool):
+    def __init__(self, options: LocalCheckpointOptions, durable: DurableRoot, checkpointer: Callable[..., Any],
+                 collect_garbage: Callable[[Any], None], *, context: Context, step_name_format: Any,
+                 lightweight_initialize: bool, cleanup_tmp_directories: bool):
         self._options = options
+        self._collect_garbage = collect_garbage  # applies a Checkpointer's preservation policy now
         self._durable = durable
         self._promoting: set[int] = set()
         self._lock = threading.Lock()
@@ -252,6 +254,8 @@ class LocalTier:
             self._durable.committed(step, final, loading.read_manifest(final))
         finally:
             self._finished(step)
+        # Kept locally for its promotion only: deleted now, not at the next local commit (there may be none).
+        self._collect_garbage(self.checkpointer)
         seconds = time.monotonic() - start
         if preempted:
             logger.warning("ckpt: preemption: step %d promoted to the durable tier %s in %.2f s (%s; grace period "

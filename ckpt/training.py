@@ -108,6 +108,7 @@ class Checkpointer:
         self._loader: concurrent.futures.ThreadPoolExecutor | None = None
         self._reading: collections.Counter[int] = collections.Counter()
         self._infos_lock = threading.Lock()
+        self._gc_lock = threading.Lock()
         self._closed = False
         self._processes = self._ctx.multiprocessing_options.processes or distributed.current()
         self._operations = 0
@@ -129,7 +130,7 @@ class Checkpointer:
             local, tiers.DurableRoot(lambda step: self._directory / step_lib.checked_name(self._name_format, step),
                                      self._writer, self._take_directory, self._committed, self._processes,
                                      self._operation, self._context.async_options.timeout_secs),
-            Checkpointer, context=self._context, step_name_format=self._name_format,
+            Checkpointer, Checkpointer._collect_garbage, context=self._context, step_name_format=self._name_format,
             lightweight_initialize=lightweight_initialize, cleanup_tmp_directories=cleanup_tmp_directories)
         preemption.install()
         self._barrier("init")
@@ -506,24 +507,25 @@ class Checkpointer:
 
     def _collect_garbage(self) -> None:
         """Deletes the steps the preservation policy does not keep, except the latest and those being read."""
-        checkpoints = self._with_manifests()
-        keep = list(self._preservation_policy.should_preserve(
-            checkpoints, context=preservation_policies.PreservationContext()))
-        if len(keep) != len(checkpoints):
-            raise ValueError(f"{self._preservation_policy!r} returned {len(keep)} decisions for {len(checkpoints)} checkpoints")
-        failures = []
-        for info, kept in zip(checkpoints[:-1], keep[:-1]):
-            if kept or self._reading[info.step]:
-                continue
-            if self._processes.index != 0:  # every process decides alike; the primary deletes
-                self._forget(info.step)
-                continue
-            try:
-                self._delete(info)
-            except OSError as e:
-                failures.append(f"step {info.step} ({info.path}): {e}")
-        if failures:
-            raise OSError(f"the checkpoint was committed, but garbage collection could not delete: {'; '.join(failures)}")
+        with self._gc_lock:  # a local tier's promotions collect garbage too, from their own thread
+            checkpoints = self._with_manifests()
+            keep = list(self._preservation_policy.should_preserve(
+                checkpoints, context=preservation_policies.PreservationContext()))
+            if len(keep) != len(checkpoints):
+                raise ValueError(f"{self._preservation_policy!r} returned {len(keep)} decisions for {len(checkpoints)} checkpoints")
+            failures = []
+            for info, kept in zip(checkpoints[:-1], keep[:-1]):
+                if kept or self._reading[info.step]:
+                    continue
+                if self._processes.index != 0:  # every process decides alike; the primary deletes
+                    self._forget(info.step)
+                    continue
+                try:
+                    self._delete(info)
+                except OSError as e:
+                    failures.append(f"step {info.step} ({info.path}): {e}")
+            if failures:
+                raise OSError(f"the checkpoint was committed, but garbage collection could not delete: {'; '.join(failures)}")
 
     def _delete(self, info: CheckpointMetadata) -> None:
         root.delete_step(info.path, info.step)

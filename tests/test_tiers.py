@@ -9,12 +9,13 @@ import logging
 import re
 import shutil
 import signal
+import threading
 
 import numpy as np
 import pytest
 
 import ckpt
-from ckpt import cli, errors
+from ckpt import cli, errors, tiers
 from ckpt.training import save_decision_policies as sdp
 from tests import fsutil, procs, tiers_worker
 
@@ -88,6 +89,10 @@ def test_a_damaged_local_step_falls_back_to_the_durable_copy_then_to_older_steps
             ckptr.load(3)  # on the local tier only
 
 
+def steps_in(directory) -> list[int]:
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+
+
 def test_each_tier_keeps_its_own_policies_and_ckpt_ls_shows_where_each_step_lives(tmp_path, capsys):
     local = ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(2))
     with ckpt.Checkpointer(tmp_path / "durable", save_decision_policy=sdp.FixedIntervalPolicy(3),
@@ -98,8 +103,7 @@ def test_each_tier_keeps_its_own_policies_and_ckpt_ls_shows_where_each_step_live
         listed = [(c.step, sorted(c.locations)) for c in ckptr.checkpoints]
     where = dict(listed)
     assert sorted(where) == [0, 3, 6, 8, 9] and where[8] == ["local"] and where[9] == ["durable", "local"]
-    # a promoted step stays local too when its promotion outlasted the next local commits (kept until copied)
-    assert all(where[step] in (["durable"], ["durable", "local"]) for step in (0, 3, 6))
+    assert all(where[step] == ["durable"] for step in (0, 3, 6))  # promoted, then deleted by the local policy
     assert sorted(p.name for p in (tmp_path / "durable").iterdir() if not p.name.startswith(".")) == [
         "0", "3", "6", "9"]
     assert cli.main(["ls", str(tmp_path / "durable"), "--local", str(tmp_path / "local"), "--json"]) == 0
@@ -108,6 +112,31 @@ def test_each_tier_keeps_its_own_policies_and_ckpt_ls_shows_where_each_step_live
     assert printed["latest"] == 9 and printed["steps"][-1]["path"] == str(tmp_path / "local" / "9")
     assert cli.main(["ls", str(tmp_path / "durable"), "--local", str(tmp_path / "gone")]) == 0  # a new machine
     assert re.search(r"^\* 9 +durable ", capsys.readouterr().out, re.M)
+
+
+def test_a_step_kept_locally_while_its_promotion_outlasts_the_last_local_commit_is_deleted_once_promoted(
+        tmp_path, monkeypatch):
+    released, copy_step = threading.Event(), tiers._copy_step
+
+    def held_copy(*args, **kwargs):
+        assert released.wait(60), "the test never released the promotion"
+        return copy_step(*args, **kwargs)
+
+    monkeypatch.setattr(tiers, "_copy_step", held_copy)
+    local = ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1))
+    with ckpt.Checkpointer(tmp_path / "durable", save_decision_policy=sdp.FixedIntervalPolicy(3),
+                           local=local) as ckptr:
+        for step in (3, 4, 5):
+            response = ckptr.save_async(step, tiers_worker.state(step))
+        response.result()  # step 5 committed locally (its garbage collection done); step 3 still promoting
+        assert steps_in(tmp_path / "local") == [3, 4, 5]
+        released.set()
+        ckptr.wait()
+        assert steps_in(tmp_path / "local") == [4, 5]  # LatestN(2), with no local commit since
+        assert [(c.step, sorted(c.locations)) for c in ckptr.checkpoints] == [
+            (3, ["durable"]), (4, ["local"]), (5, ["local"])]
+    with ckpt.Checkpointer(tmp_path / "durable") as durable:
+        assert_bit_exact(durable.load(3), 3)
 
 
 def test_local_tier_options_are_checked_before_anything_is_written(tmp_path):

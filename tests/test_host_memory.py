@@ -1,5 +1,5 @@
-"""New host memory (ckpt.host_memory): aligned, huge pages asked for where they fit the buffer's
-own bytes, spare buffers handed out again (a Checkpointer's use of them: tests/test_async.py)."""
+"""New host memory (ckpt.host_memory): aligned, large buffers on 2 MiB pages asked to be huge, spare
+buffers handed out again (a Checkpointer's use of them: tests/test_async.py)."""
 from __future__ import annotations
 
 import os
@@ -39,25 +39,20 @@ def test_buffers_are_aligned_and_zeros_are_zeros(nbytes):
 
 
 @pytest.mark.skipif(not os.path.exists("/sys/kernel/mm/transparent_hugepage"), reason="a kernel without huge pages")
-def test_huge_pages_are_asked_for_on_the_buffers_whole_2_mib_pages_only():
-    nbytes = 5 * MiB + 3
-    buffer = host_memory.empty(nbytes)
-    start = buffer.ctypes.data
-    first = -(-start // (2 * MiB)) * (2 * MiB)
-    last = (start + nbytes) // (2 * MiB) * (2 * MiB)
-    assert _advised_huge(start, start + nbytes) == [(first, last)]  # the tail's page would hold more than the buffer
-
-
-def test_where_no_mapping_can_be_made_a_large_buffer_comes_from_numpy(monkeypatch):
-    def refused(*args, **kwargs):
-        raise OSError(12, "Cannot allocate memory")  # what mmap says past vm.max_map_count
-
-    monkeypatch.setattr(host_memory.mmap, "mmap", refused)
+@pytest.mark.parametrize("nbytes", [4 * MiB, 5 * MiB + 3, 9 * MiB])
+def test_a_large_buffer_starts_on_a_2_mib_page_and_its_whole_pages_are_asked_to_be_huge(nbytes):
     for make in (host_memory.empty, host_memory.zeros):
-        buffer = make(5 * MiB + 5)
-        assert buffer.shape == (5 * MiB + 5,) and buffer.ctypes.data % fmt.ALIGN == 0
+        buffer = make(nbytes)
+        start = buffer.ctypes.data
+        assert start % (2 * MiB) == 0
+        whole = (start, start + nbytes // (2 * MiB) * (2 * MiB))
+        advised = _advised_huge(*whole)
+        assert sum(hi - lo for lo, hi in advised) == whole[1] - whole[0]  # (numpy's madvise)
         buffer[-1] = 1  # writable to its last byte
-    assert not host_memory.zeros(5 * MiB).any()
+
+
+def test_small_buffers_are_not_placed_on_huge_pages():
+    assert any(host_memory.empty(100 + i).ctypes.data % (2 * MiB) for i in range(8))  # only ALIGN asked for
 
 
 def test_within_reusing_empty_hands_out_the_spare_buffers_of_its_size_first():

@@ -493,8 +493,7 @@ class StepWriter:
             synced = not background or leaf.host.spread is not None  # (a process's shards: not file by file)
             if not synced:
                 self._unsynced.add(self.tmp_dir / leaf.array_name)
-            opening.append(storage.open_for_write(storage.resolve_kvstore(leaf.host.meta["array"], self.tmp_dir),
-                                                  background=background, synced=synced))
+            opening.append(self._open(leaf.host.meta["array"], background=background, synced=synced))
         if background:  # checksums first, then the writes: one busy thread at a time
             self._checksum_arrays(todo)
         futures = []
@@ -544,7 +543,7 @@ class StepWriter:
                 continue
             file = directory / chunk.key
             if slow and not self._slow():  # hurried: the rest at full speed
-                slow, store = False, storage.open_for_write(storage.resolve_kvstore(leaf.host.meta["array"], self.tmp_dir)).result()
+                slow, store = False, self._open(leaf.host.meta["array"]).result()
             rows = slice(chunk.start // row_bytes, chunk.stop // row_bytes)
             written = store[rows].write(source[rows], can_reference_source_data_indefinitely=True).commit
             if slow:
@@ -567,8 +566,7 @@ class StepWriter:
         self.packed_sums = []
         with storage.io_errors(f"writing the packed leaves to {self.tmp_dir}"):
             slow = self._slow()
-            store = storage.open_for_write(storage.resolve_kvstore(spec, self.tmp_dir), background=slow,
-                                           synced=not slow).result()
+            store = self._open(spec, background=slow, synced=not slow).result()
             directory = self.tmp_dir / fmt.PACKED
             layout = chunks.spec_layout(spec)
             if slow:
@@ -583,7 +581,7 @@ class StepWriter:
                     continue
                 file = directory / where.key
                 if slow and not self._slow():  # hurried: the rest at full speed
-                    slow, store = False, storage.open_for_write(storage.resolve_kvstore(spec, self.tmp_dir)).result()
+                    slow, store = False, self._open(spec).result()
                 if len(pending) >= 2:
                     self._written(*pending.pop(0))
                 pending.append((store[start: start + chunk.size].write(
@@ -591,7 +589,13 @@ class StepWriter:
             for written in pending:
                 self._written(*written)
         self.packed_spec = spec
-        self.packed_zarr_json_crc32 = fmt.crc32(storage.read_json_bytes(self.tmp_dir / fmt.PACKED / "zarr.json"))
+        self.packed_zarr_json_crc32 = fmt.crc32(storage.read_json_bytes(directory / "zarr.json"))
+
+    def _open(self, spec: dict, *, background: bool = False, synced: bool = True) -> ts.Future:
+        """Starts opening the array of ``spec`` (its kvstore relative to the step's temporary directory)
+        for writing; see :func:`storage.open_for_write`."""
+        return storage.open_for_write(storage.resolve_kvstore(spec, self.tmp_dir), background=background,
+                                      synced=synced)
 
     def _written_direct(self, directory: storage.Location, chunk: chunks.Chunk, data: np.ndarray) -> bool:
         """Writes ``chunk`` of the array in ``directory`` straight from ``data``, its bytes, when they are

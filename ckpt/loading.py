@@ -354,10 +354,10 @@ def _load_checkpointables(step_dir: Path, manifest: dict, abstract: dict[str, An
     large: list[_LeafSource] = []  # the leaves with arrays of their own, as sources() makes them
 
     def sources(name: str, table: LeafTable, wanted: Iterable[int]) -> list[Any]:
-        wanted = list(wanted)
-        if table.spans is not None and len(set(wanted)) == len(table):  # every leaf packed, each one wanted
+        wanted = wanted if type(wanted) is range else list(wanted)
+        if table.spans is not None and (wanted == range(len(table)) or len(set(wanted)) == len(table)):  # every leaf packed, each one wanted
             row = [packed] * len(table)
-            packed.add(name, row, table, wanted)
+            packed.add(name, row, table, list(wanted))
             return row
         row: list[Any] = [None] * len(table)
         small, spans, more = [], table.packed, table.more
@@ -443,6 +443,8 @@ def _wanted(count: int, plan: Plan | None) -> Iterable[int]:
         return range(count)
     if plan.pairs is None:
         order = range(count) if plan.order is None else plan.order
+        if _PLACEHOLDER_TYPE not in set(map(type, map(_SECOND, plan.leaves))):  # (types: a leaf's == may be elementwise)
+            return order
         return [i for i, (_, leaf) in zip(order, plan.leaves) if leaf is not leaves_lib.PLACEHOLDER]
     return (i for _, leaf, idx in plan.pairs if leaf is not leaves_lib.PLACEHOLDER for i in idx)
 
@@ -460,6 +462,7 @@ _CANNOT_BECOME = (ValueError, TypeError, OverflowError, SystemError)
 _SAYS_WHY = (leaves_lib.LeafDataError, CheckpointCorruptedError, TreeMismatchError, UnsupportedLayoutError,
              InvalidLayoutError, UnregisteredTypeError)
 _SECOND, _DTYPE = operator.itemgetter(1), operator.attrgetter("dtype")
+_PLACEHOLDER_TYPE = type(leaves_lib.PLACEHOLDER)
 
 
 def _build(table: LeafTable, saved_node: tree_lib.Node, plan: Plan | None, sources: list[Any]) -> Any:

@@ -259,7 +259,8 @@ def _count_leaves(node: Any, name: str) -> tuple[int, int]:
                            "[kind, key] pair per child")
         leaves = children.count(_LEAF)  # the usual leaves, counted without a step each
         count, levels = count + leaves, max(levels, level)
-        below = children if not leaves else [child for child in children if child != _LEAF]
+        below = (children if not leaves else () if leaves == len(children)
+                 else [child for child in children if child != _LEAF])
         stack.extend(zip(below, itertools.repeat(level + 1)))
     return count, levels
 

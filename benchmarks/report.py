@@ -85,21 +85,22 @@ def scaling_table(scaling: dict) -> str:
                          _fmt(_ratio(median(p, "floor", "load_s"), load), 2)])
         out.append(f"-- scaling {label} (seconds) --\n" + _table(header, rows))
     first, last = scaling["leaves"][0], scaling["leaves"][-1]
-    cost = per_leaf_cost(first, last)
-    out.append(f"  ckpt cost per extra leaf from {first['leaves']} to {last['leaves']} leaves: " + ", ".join(
-        f"{_COSTS[key]} {seconds * 1e6:.1f} us" for key, seconds in cost.items()))
+    for system in ("ckpt", "floor"):  # the floor's own: one write or readinto a leaf
+        cost = per_leaf_cost(first, last, system)
+        out.append(f"  {system} cost per extra leaf from {first['leaves']} to {last['leaves']} leaves: " + ", ".join(
+            f"{_COSTS[key]} {seconds * 1e6:.1f} us" for key, seconds in cost.items()))
     return "\n".join(out)
 
 
 _COSTS = {"save_s": "first save", "save_again_s": "next save", "load_s": "load"}
 
 
-def per_leaf_cost(a: dict, b: dict) -> dict[str, float]:
-    """ckpt's seconds per extra leaf between two scaling points of the same total bytes, by operation
+def per_leaf_cost(a: dict, b: dict, system: str = "ckpt") -> dict[str, float]:
+    """A system's seconds per extra leaf between two scaling points of the same total bytes, by operation
     (``_COSTS``: the first save of a newly opened Checkpointer, its next save of the same tree, a load)."""
     n = b["leaves"] - a["leaves"]
-    return {key: (median(b, "ckpt", key) - median(a, "ckpt", key)) / n
-            for key in _COSTS if median(a, "ckpt", key) is not None and median(b, "ckpt", key) is not None}
+    return {key: (median(b, system, key) - median(a, system, key)) / n
+            for key in _COSTS if median(a, system, key) is not None and median(b, system, key) is not None}
 
 
 def interference_table(result: dict) -> str:

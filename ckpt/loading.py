@@ -355,7 +355,8 @@ def _load_checkpointables(step_dir: Path, manifest: dict, abstract: dict[str, An
 
     def sources(name: str, table: LeafTable, wanted: Iterable[int]) -> list[Any]:
         wanted = wanted if type(wanted) is range else list(wanted)
-        if table.spans is not None and (wanted == range(len(table)) or len(set(wanted)) == len(table)):  # every leaf packed, each one wanted
+        if table.spans is not None and (wanted == range(len(table))  # every leaf packed, each one wanted
+                                        or len(set(wanted)) == len(table)):
             row = [packed] * len(table)
             packed.add(name, row, table, list(wanted))
             return row
@@ -443,7 +444,7 @@ def _wanted(count: int, plan: Plan | None) -> Iterable[int]:
         return range(count)
     if plan.pairs is None:
         order = range(count) if plan.order is None else plan.order
-        if _PLACEHOLDER_TYPE not in set(map(type, map(_SECOND, plan.leaves))):  # (types: a leaf's == may be elementwise)
+        if _PLACEHOLDER_TYPE not in set(map(type, map(_SECOND, plan.leaves))):  # (by type: == may be elementwise)
             return order
         return [i for i, (_, leaf) in zip(order, plan.leaves) if leaf is not leaves_lib.PLACEHOLDER]
     return (i for _, leaf, idx in plan.pairs if leaf is not leaves_lib.PLACEHOLDER for i in idx)

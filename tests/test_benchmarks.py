@@ -63,6 +63,8 @@ def test_report_prints_a_table_per_workload_and_the_targets(tiny):
     for name in ("large_1MiB", "many_leaves", "flax_adam", "lightning"):
         assert f"== {name}:" in printed
     assert "-- targets --" in printed and "-- scaling by size" in printed
+    for system in ("ckpt", "floor"):  # the floor's beside ckpt's: what one more leaf costs the hardware path
+        assert f"  {system} cost per extra leaf from 10 to 100 leaves: first save" in printed
     targets = {t["target"] for t in results["targets"]}
     assert "large_1MiB: durable save throughput / write floor" in targets
     assert "many_leaves: Orbax save time / ckpt's" in targets

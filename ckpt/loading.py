@@ -354,11 +354,11 @@ def _load_checkpointables(step_dir: Path, manifest: dict, abstract: dict[str, An
     large: list[_LeafSource] = []  # the leaves with arrays of their own, as sources() makes them
 
     def sources(name: str, table: LeafTable, wanted: Iterable[int]) -> list[Any]:
-        wanted = wanted if type(wanted) is range else list(wanted)
-        if table.spans is not None and (wanted == range(len(table))  # every leaf packed, each one wanted
-                                        or len(set(wanted)) == len(table)):
+        whole = wanted == range(len(table))  # (what else _wanted gives never equals a range)
+        wanted = list(wanted)
+        if table.spans is not None and (whole or len(set(wanted)) == len(table)):  # every leaf packed, each one wanted
             row = [packed] * len(table)
-            packed.add(name, row, table, list(wanted))
+            packed.add(name, row, table, wanted)
             return row
         row: list[Any] = [None] * len(table)
         small, spans, more = [], table.packed, table.more

@@ -101,8 +101,10 @@ def test_a_background_write_fsyncs_every_data_file_before_tree_json_and_starts_e
     monkeypatch.setattr(fmt, "ARRAY_CHUNK_BYTES", 1 << 20)
     monkeypatch.setattr(fmt, "PACKED_CHUNK_BYTES", 1 << 16)
     small = {f"s{i}": np.full(1000, i, np.float64) for i in range(40)}  # 320 KB packed: 5 chunk files
-    # (snapshot buffers under 4 MiB come from numpy, not page-aligned: tensorstore writes every chunk;
-    # tests/test_direct_io.py has those written straight from memory)
+    # Every chunk goes through tensorstore, whose writes this test follows: a buffer that lies page-aligned
+    # (numpy's memory sometimes does, by chance) would go straight from memory instead, as
+    # tests/test_direct_io.py checks.
+    monkeypatch.setattr(storage, "write_direct", lambda path, data: False)
     state = {"big": np.arange((5 << 20) // 8, dtype=np.float32), "scalar": np.float32(3), **small}
     fsynced, started, tree_written = [], [], []
     real_fsync, real_start, real_write = os.fsync, storage.start_writeback, storage.write_file

@@ -93,7 +93,7 @@ def assert_exact_everywhere(step: Path, state: dict) -> None:
             np.testing.assert_array_equal(read_with_tensorstore(step / more["array"]["kvstore"]["path"]), value)
 
 
-STATE_BYTES = 5 << 20  # a snapshot buffer of 4 MiB or more is a mapping of its own, so page-aligned
+STATE_BYTES = 5 << 20  # a snapshot buffer of 4 MiB or more starts on a 2 MiB boundary, so page-aligned
 
 
 @pytest.mark.parametrize("hurried", [False, True], ids=["background", "hurried"])

@@ -42,7 +42,7 @@ def test_an_array_bound_for_one_device_is_made_at_once_and_run_leaves_other_valu
     assert to_device.run()(values) == values
 
 
-@pytest.mark.parametrize("nbytes", [64 * 4, 5 << 20])  # from numpy's memory, and a mapping of its own
+@pytest.mark.parametrize("nbytes", [64 * 4, 5 << 20])  # a small buffer, and one cut on a 2 MiB boundary
 def test_an_aligned_host_array_is_adopted_by_jax_on_cpu_without_a_copy(nbytes):
     host = host_memory.empty(nbytes).view(np.float32)
     host[:] = 1

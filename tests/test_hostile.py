@@ -370,6 +370,15 @@ CASES: dict[str, Case] = {
                                            "tree", fmt.TREE),
     "a key of an unknown kind": Case(in_tree(lambda t: t["checkpointables"]["state"]["tree"]["k"][0].__setitem__(
         0, "lambda")), "tree", fmt.TREE),
+    "a key true": Case(in_tree(lambda t: t["checkpointables"]["state"]["tree"]["k"][0].__setitem__(1, True)),
+                       "tree", fmt.TREE),
+    "a key whose kind is a list": Case(in_tree(lambda t: t["checkpointables"]["state"]["tree"]["k"][0].__setitem__(
+        0, ["key"])), "tree", fmt.TREE),
+    "a key of three parts": Case(in_tree(lambda t: t["checkpointables"]["state"]["tree"]["k"][0].append("x")),
+                                 "tree", fmt.TREE),
+    "every key an index, of a string": Case(in_tree(lambda t: [key.__setitem__(0, "idx") for key in
+                                                                t["checkpointables"]["state"]["tree"]["k"]]),
+                                            "tree", fmt.TREE),
     "checkpointables not the manifest's": Case(in_tree(lambda t: t["checkpointables"].update(
         other=t["checkpointables"]["state"])), "tree", fmt.TREE),
     "packed dtype O": Case(in_tree(small_dtype("O")), "tree", fmt.TREE),

@@ -114,7 +114,7 @@ class BackgroundWriter:
     def wait(self, timeout: float | None) -> None:
         """Hurries the job in flight and waits for it; raises a failure not yet reported (once)."""
         future = self._future
-        if future is not None:
+        if future is not None and not future.done():
             self.hurry()
             done, _ = concurrent.futures.wait([future], timeout=timeout)
             if not done:

@@ -52,8 +52,7 @@ _FRAMEWORK_TYPES = frozenset({"jax", "jax_key", "torch"})
 _DTYPES: dict[str, np.dtype] = {}  # the dtypes met so far, by name
 _U32 = 1 << 32
 _CONTAINERS = frozenset({"dict", "list", "tuple", "namedtuple", "pytree"})
-_KEY_TYPES = {"key": (str, int), "idx": (int,), "attr": (str,)}
-_KEY_SETS = {kind: set(types) for kind, types in _KEY_TYPES.items()}
+_KEY_TYPES = {"key": frozenset({str, int}), "idx": frozenset({int}), "attr": frozenset({str})}
 _FIRST, _SECOND = operator.itemgetter(0), operator.itemgetter(1)
 _LEAF = {"t": "leaf"}  # a leaf of the tree structure, as ckpt writes it
 _BYTES_CODEC = [{"name": "bytes", "configuration": {"endian": "little"}}]
@@ -274,7 +273,7 @@ def _are_keys(keys: list) -> bool:
         if set(map(type, keys)) <= _LIST and set(map(len, keys)) <= _PAIR:
             kinds = set(map(_FIRST, keys))
             if len(kinds) == 1:
-                allowed = _KEY_SETS.get(next(iter(kinds)))
+                allowed = _KEY_TYPES.get(next(iter(kinds)))
                 return allowed is not None and set(map(type, map(_SECOND, keys))) <= allowed
     except TypeError:  # an unhashable kind
         pass

@@ -42,6 +42,16 @@ def pool() -> tuple[concurrent.futures.ThreadPoolExecutor, int]:
     return _POOL
 
 
+def _forget_pool_in_child() -> None:
+    """After a fork, in the child: the parent's threads are not there, and a pool that counts them as
+    idle would queue every read forever; the child's first load makes its own."""
+    global _POOL
+    _POOL = None
+
+
+os.register_at_fork(after_in_child=_forget_pool_in_child)
+
+
 class Chunk(NamedTuple):
     """Chunk ``key`` (``c/3/0``) holds bytes ``[start, stop)`` of the array's C-order bytes. Its file has
     ``file_bytes``: zarr3 stores an edge chunk whole, the rows past the array's end as fill."""

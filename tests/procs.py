@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -109,3 +110,20 @@ def forkserver(preload: str) -> multiprocessing.context.BaseContext:
     context.set_forkserver_preload([preload])
     return context
 
+
+def in_fork(child: Callable[[], bytes], timeout: int = 30) -> bytes:
+    """Forks this process (threads and all: what a DataLoader worker inherits), runs ``child`` there and
+    returns what it returned; b"" when it raised, or hung past ``timeout`` seconds (it is then killed)."""
+    readable, writable = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            signal.alarm(timeout)
+            os.write(writable, child())
+        finally:
+            os._exit(0)
+    os.close(writable)
+    with os.fdopen(readable, "rb") as reply:
+        said = reply.read()
+    os.waitpid(pid, 0)
+    return said

@@ -7,6 +7,7 @@ import pytest
 
 import ckpt
 from ckpt import chunks, host_memory, transfers
+from tests import procs
 
 jax = pytest.importorskip("jax")
 import jax.numpy as jnp  # noqa: E402
@@ -126,3 +127,9 @@ def test_jax_leaves_of_a_mib_or_more_are_copied_aside_in_a_reused_snapshot(tmp_p
         loaded = ckptr.load(1)
         for i, w in enumerate(loaded["w"]):
             np.testing.assert_array_equal(np.asarray(w), np.full((1024, 1024), i + 1.0, np.float32))
+
+
+@pytest.mark.timeout(60)
+def test_the_thread_that_copies_to_devices_works_in_a_forked_child():
+    assert transfers._transfer_thread().submit(abs, -1).result() == 1  # the parent's thread now exists
+    assert procs.in_fork(lambda: str(transfers._transfer_thread().submit(abs, -2).result()).encode()) == b"2"

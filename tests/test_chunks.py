@@ -27,7 +27,6 @@ def test_sum64_is_the_wrapping_sum_of_little_endian_words_with_a_zero_padded_tai
     assert chunks.sum64(data) == expected
 
 
-
 @pytest.mark.timeout(60)
 def test_a_child_forked_after_a_load_loads_too(tmp_path):
     """The reading threads are not inherited by a fork (a DataLoader worker, a forked evaluation process):

@@ -150,7 +150,6 @@ def test_start_writeback_and_fsync_files_on_a_real_directory(tmp_path):
         storage.start_writeback(tmp_path / "missing")
 
 
-
 def test_fsync_all_fsyncs_every_path_and_then_raises_the_first_error_naming_its_path(tmp_path, monkeypatch):
     paths = [tmp_path / f"chunk{i}" for i in range(20)]
     for path in paths:
@@ -162,6 +161,7 @@ def test_fsync_all_fsyncs_every_path_and_then_raises_the_first_error_naming_its_
     with pytest.raises(FileNotFoundError, match="missing"):
         storage.fsync_all(paths)
     assert sorted(synced) == sorted(paths[:7] + paths[8:])
+
 
 @pytest.mark.timeout(30)
 def test_fsync_files_and_start_writeback_neither_follow_links_nor_wait_on_fifos(tmp_path, monkeypatch):

@@ -27,13 +27,13 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None or b == 0 else a / b
 
 
-def _fmt(value: float | None, digits: int = 3) -> str:
+def number(value: float | None, digits: int = 3) -> str:
     if value is None:
         return "-"
     return f"{value:.{digits}f}" if abs(value) < 1000 else f"{value:.0f}"
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
+def text_table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
              for r in [header] + rows]
@@ -45,10 +45,10 @@ def workload_table(entry: dict) -> str:
     rows = []
     for label, key, scale, digits in ROWS:
         values = [median(entry, s, key) for s in systems]
-        rows.append([label] + [_fmt(None if v is None else v / scale, digits) for v in values])
+        rows.append([label] + [number(None if v is None else v / scale, digits) for v in values])
     title = (f"== {entry['name']}: {entry['description']} ({entry['nbytes'] / MiB:.1f} MiB in arrays, "
              f"{entry['leaves']} leaves) ==")
-    lines = [title, _table(["median of runs"] + systems, rows)]
+    lines = [title, text_table(["median of runs"] + systems, rows)]
     if "ckpt" in systems:
         lines.append(_ratios_line(entry))
     return "\n".join(lines)
@@ -58,7 +58,7 @@ def _ratios_line(entry: dict) -> str:
     parts = []
     if "floor" in entry["systems"]:
         parts.append("ckpt / floor: save throughput {} | load throughput {} | blocking time {} (first save {})".format(
-            *(_fmt(r, 2) + "x" for r in (_ratio(median(entry, "floor", "save_s"), median(entry, "ckpt", "save_s")),
+            *(number(r, 2) + "x" for r in (_ratio(median(entry, "floor", "save_s"), median(entry, "ckpt", "save_s")),
                                          _ratio(median(entry, "floor", "load_s"), median(entry, "ckpt", "load_s")),
                                          _ratio(median(entry, "ckpt", "blocking_s"), median(entry, "floor", "blocking_s")),
                                          _ratio(median(entry, "ckpt", "blocking_first_s"),
@@ -66,7 +66,7 @@ def _ratios_line(entry: dict) -> str:
     for other in ("orbax", "torch", "dcp"):
         if other in entry["systems"]:
             parts.append("{} time / ckpt time: save {} | blocking {} | load {}".format(other, *(
-                _fmt(_ratio(median(entry, other, k), median(entry, "ckpt", k)), 2) + "x"
+                number(_ratio(median(entry, other, k), median(entry, "ckpt", k)), 2) + "x"
                 for k in ("save_s", "blocking_s", "load_s"))))
     return "\n".join("  " + p for p in parts)
 
@@ -79,11 +79,11 @@ def scaling_table(scaling: dict) -> str:
         rows = []
         for p in points:
             save, load = median(p, "ckpt", "save_s"), median(p, "ckpt", "load_s")
-            rows.append([f"{p['nbytes'] / MiB:.0f} MiB", str(p["leaves"]), _fmt(median(p, "floor", "save_s")),
-                         _fmt(save), _fmt(save / (p["nbytes"] / (1 << 30))), _fmt(median(p, "floor", "load_s")),
-                         _fmt(load), _fmt(_ratio(median(p, "floor", "save_s"), save), 2),
-                         _fmt(_ratio(median(p, "floor", "load_s"), load), 2)])
-        out.append(f"-- scaling {label} (seconds) --\n" + _table(header, rows))
+            rows.append([f"{p['nbytes'] / MiB:.0f} MiB", str(p["leaves"]), number(median(p, "floor", "save_s")),
+                         number(save), number(save / (p["nbytes"] / (1 << 30))), number(median(p, "floor", "load_s")),
+                         number(load), number(_ratio(median(p, "floor", "save_s"), save), 2),
+                         number(_ratio(median(p, "floor", "load_s"), load), 2)])
+        out.append(f"-- scaling {label} (seconds) --\n" + text_table(header, rows))
     first, last = scaling["leaves"][0], scaling["leaves"][-1]
     for system in ("ckpt", "floor"):  # the floor's own: one write or readinto a leaf
         cost = per_leaf_cost(first, last, system)
@@ -104,21 +104,21 @@ def per_leaf_cost(a: dict, b: dict, system: str = "ckpt") -> dict[str, float]:
 
 
 def interference_table(result: dict) -> str:
-    rows = [[s, _fmt(median(result, s, "iteration_alone_s") * 1e3), _fmt(median(result, s, "iteration_during_s") * 1e3),
-             f"{median(result, s, 'slowdown') * 100:+.1f}%", _fmt(median(result, s, "persist_s")),
-             _fmt(median(result, s, "background_cpu_s"))]
+    rows = [[s, number(median(result, s, "iteration_alone_s") * 1e3), number(median(result, s, "iteration_during_s") * 1e3),
+             f"{median(result, s, 'slowdown') * 100:+.1f}%", number(median(result, s, "persist_s")),
+             number(median(result, s, "background_cpu_s"))]
             for s in result["systems"]]
     return (f"-- compute loop on the main thread while a {result['nbytes'] / MiB:.0f} MiB save persists --\n"
-            + _table(["system", "iter alone (ms)", "iter during (ms)", "slowdown", "persist (s)", "save CPU (s)"], rows))
+            + text_table(["system", "iter alone (ms)", "iter during (ms)", "slowdown", "persist (s)", "save CPU (s)"], rows))
 
 
 def overheads_table(result: dict) -> str:
-    rows = [[s, _fmt(c["init_s"]), "fails" if c.get("init_lightweight_error") else _fmt(c["init_lightweight_s"]),
-             _fmt(c["declined_save_s"] * 1e6, 1), _fmt(c["should_save_s"] * 1e6, 1)]
+    rows = [[s, number(c["init_s"]), "fails" if c.get("init_lightweight_error") else number(c["init_lightweight_s"]),
+             number(c["declined_save_s"] * 1e6, 1), number(c["should_save_s"] * 1e6, 1)]
             for s, c in result["systems"].items()]
     return (f"-- fixed costs on a root of {result['steps']} steps: opening it; a declined save of "
             f"{result['leaves']} leaves --\n"
-            + _table(["system", "open+latest (s)", "lightweight (s)", "declined save (us)", "should_save (us)"], rows))
+            + text_table(["system", "open+latest (s)", "lightweight (s)", "declined save (us)", "should_save (us)"], rows))
 
 
 def _check(name: str, value: float | None, goal: str, ok: bool | None) -> dict:
@@ -200,7 +200,7 @@ def render(results: dict) -> str:
         parts.append(interference_table(results["interference"]))
     if results.get("overheads"):
         parts.append(overheads_table(results["overheads"]))
-    rows = [[t["target"], _fmt(t["measured"], 3), t["goal"], {True: "ok", False: "MISSED", None: "-"}[t["ok"]]]
+    rows = [[t["target"], number(t["measured"], 3), t["goal"], {True: "ok", False: "MISSED", None: "-"}[t["ok"]]]
             for t in results["targets"]]
-    parts.append("-- targets --\n" + _table(["target", "measured", "goal", ""], rows))
+    parts.append("-- targets --\n" + text_table(["target", "measured", "goal", ""], rows))
     return "\n\n".join(parts)

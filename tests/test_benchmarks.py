@@ -73,6 +73,31 @@ def test_report_prints_a_table_per_workload_and_the_targets(tiny):
     assert all(t["ok"] in (True, False) for t in results["targets"])
 
 
+def test_the_summary_gives_the_readme_table_and_each_target_across_runs(tiny, tmp_path, capsys):
+    results, _ = tiny
+    second = json.loads(json.dumps(results))
+    second["targets"][0]["ok"] = not results["targets"][0]["ok"]  # another run, where the first target went the other way
+    paths = [tmp_path / "a.json", tmp_path / "b.json"]
+    for path, run in zip(paths, (results, second)):
+        path.write_text(json.dumps(run))
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import summary
+    finally:
+        sys.path.pop(0)
+    assert summary.main([str(p) for p in paths]) == 0
+    printed = capsys.readouterr().out
+    rows = [line for line in printed.splitlines() if line.startswith("| ")]
+    assert rows[0].startswith("| workload | durable save: ckpt / Orbax / torch / DCP / floor |")
+    assert len(rows) == 1 + len(results["workloads"])
+    assert all(row.count(" / ") == 3 * 4 for row in rows[1:]), rows  # five systems in each of three columns
+    first = results["targets"][0]
+    (line,) = [line for line in printed.splitlines() if line.startswith(first["target"] + " ")]
+    assert line.rstrip().endswith("1 of 2") and "(missed)" in line
+    held = sum(t["ok"] for t in results["targets"])
+    assert f"targets held per run: {held} of {len(results['targets'])}" in printed
+
+
 def test_the_reported_modes_measure_a_state_of_small_and_0_d_leaves():
     sys.path.insert(0, str(REPO / "benchmarks"))
     try:

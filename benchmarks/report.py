@@ -59,10 +59,10 @@ def _ratios_line(entry: dict) -> str:
     if "floor" in entry["systems"]:
         parts.append("ckpt / floor: save throughput {} | load throughput {} | blocking time {} (first save {})".format(
             *(number(r, 2) + "x" for r in (_ratio(median(entry, "floor", "save_s"), median(entry, "ckpt", "save_s")),
-                                         _ratio(median(entry, "floor", "load_s"), median(entry, "ckpt", "load_s")),
-                                         _ratio(median(entry, "ckpt", "blocking_s"), median(entry, "floor", "blocking_s")),
-                                         _ratio(median(entry, "ckpt", "blocking_first_s"),
-                                                median(entry, "floor", "blocking_first_s"))))))
+                                           _ratio(median(entry, "floor", "load_s"), median(entry, "ckpt", "load_s")),
+                                           _ratio(median(entry, "ckpt", "blocking_s"), median(entry, "floor", "blocking_s")),
+                                           _ratio(median(entry, "ckpt", "blocking_first_s"),
+                                                  median(entry, "floor", "blocking_first_s"))))))
     for other in ("orbax", "torch", "dcp"):
         if other in entry["systems"]:
             parts.append("{} time / ckpt time: save {} | blocking {} | load {}".format(other, *(
@@ -104,12 +104,14 @@ def per_leaf_cost(a: dict, b: dict, system: str = "ckpt") -> dict[str, float]:
 
 
 def interference_table(result: dict) -> str:
-    rows = [[s, number(median(result, s, "iteration_alone_s") * 1e3), number(median(result, s, "iteration_during_s") * 1e3),
+    rows = [[s, number(median(result, s, "iteration_alone_s") * 1e3),
+             number(median(result, s, "iteration_during_s") * 1e3),
              f"{median(result, s, 'slowdown') * 100:+.1f}%", number(median(result, s, "persist_s")),
              number(median(result, s, "background_cpu_s"))]
             for s in result["systems"]]
     return (f"-- compute loop on the main thread while a {result['nbytes'] / MiB:.0f} MiB save persists --\n"
-            + text_table(["system", "iter alone (ms)", "iter during (ms)", "slowdown", "persist (s)", "save CPU (s)"], rows))
+            + text_table(["system", "iter alone (ms)", "iter during (ms)", "slowdown", "persist (s)", "save CPU (s)"],
+                         rows))
 
 
 def overheads_table(result: dict) -> str:
@@ -118,7 +120,8 @@ def overheads_table(result: dict) -> str:
             for s, c in result["systems"].items()]
     return (f"-- fixed costs on a root of {result['steps']} steps: opening it; a declined save of "
             f"{result['leaves']} leaves --\n"
-            + text_table(["system", "open+latest (s)", "lightweight (s)", "declined save (us)", "should_save (us)"], rows))
+            + text_table(["system", "open+latest (s)", "lightweight (s)", "declined save (us)", "should_save (us)"],
+                         rows))
 
 
 def _check(name: str, value: float | None, goal: str, ok: bool | None) -> dict:

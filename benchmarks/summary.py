@@ -32,7 +32,8 @@ def _figure(seconds: float | None, unit: str) -> str:
 
 
 def _size(nbytes: int) -> str:
-    return f"{nbytes / (1024 * report.MiB):.3g} GiB" if nbytes >= 1024 * report.MiB else f"{nbytes / report.MiB:.3g} MiB"
+    gib = 1024 * report.MiB
+    return f"{nbytes / gib:.3g} GiB" if nbytes >= gib else f"{nbytes / report.MiB:.3g} MiB"
 
 
 def readme_table(results: dict) -> str:

@@ -6,6 +6,7 @@ is written. ``snapshot`` copies the leaves into memory the checkpointer owns (as
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import math
@@ -118,6 +119,21 @@ class Plan:
 def _raw_bytes(array: np.ndarray) -> np.ndarray:
     """The C-order bytes of an array as a flat uint8 array (a view when already contiguous)."""
     return np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+
+
+@contextlib.contextmanager
+def _settled_on_error(in_flight: Callable[[], list[Any]]) -> Iterator[None]:
+    """Where the block raises (an I/O error, a KeyboardInterrupt), waits for the tensorstore writes and
+    opens still in flight (``in_flight()``; their own errors ignored) before the error goes on: the
+    failing save removes its temporary directory next, and writes landing in it meanwhile would make
+    that removal fail, leaving the directory and raising "Directory not empty" in place of the error."""
+    try:
+        yield
+    except BaseException:
+        for future in in_flight():
+            with contextlib.suppress(Exception):
+                future.result()
+        raise
 
 
 def _filler(packed: list[PlannedLeaf]) -> Callable[[np.ndarray, int, int], int]:
@@ -496,12 +512,17 @@ class StepWriter:
             opening.append(self._open(leaf.host.meta["array"], background=background, synced=synced))
         if background:  # checksums first, then the writes: one busy thread at a time
             self._checksum_arrays(todo)
-        futures = []
-        for leaf, store in zip(todo, opening):
-            with storage.io_errors(f"writing {keystr(leaf.path)} to {self.tmp_dir}"):
-                futures.append((leaf, self._write_array(leaf, store.result(), background)))
-        if not background:  # checksums while tensorstore writes
-            self._checksum_arrays(todo)
+        futures: list[tuple[PlannedLeaf, list[Any]]] = []
+        with _settled_on_error(lambda: opening + [future for _, pending in futures for future in pending]):
+            for leaf, store in zip(todo, opening):
+                with storage.io_errors(f"writing {keystr(leaf.path)} to {self.tmp_dir}"):
+                    futures.append((leaf, self._write_array(leaf, store.result(), background)))
+            if not background:  # checksums while tensorstore writes
+                self._checksum_arrays(todo)
+            self._finish_arrays(futures)
+
+    def _finish_arrays(self, futures: list[tuple[PlannedLeaf, list[Any]]]) -> None:
+        """Waits for each leaf's writes; records its zarr.json's CRC32 and frees its snapshot copy."""
         for leaf, pending in futures:
             with storage.io_errors(f"writing {keystr(leaf.path)} to {self.tmp_dir}"):
                 for future in pending:
@@ -538,19 +559,20 @@ class StepWriter:
         row_bytes = source.nbytes // max(1, source.shape[0])
         raw = _raw_bytes(source) if source.flags.c_contiguous else None  # (a view: never a copy of a large leaf)
         directory, pending = self.tmp_dir / leaf.array_name, []
-        for chunk in chunks.layout(leaf.host.meta):
-            if raw is not None and self._written_direct(directory, chunk, raw[chunk.start: chunk.stop]):
-                continue
-            file = directory / chunk.key
-            if slow and not self._slow():  # hurried: the rest at full speed
-                slow, store = False, self._open(leaf.host.meta["array"]).result()
-            rows = slice(chunk.start // row_bytes, chunk.stop // row_bytes)
-            written = store[rows].write(source[rows], can_reference_source_data_indefinitely=True).commit
-            if slow:
-                written.result()
-                storage.start_writeback(file)
-            else:
-                pending.append(written)
+        with _settled_on_error(lambda: pending):
+            for chunk in chunks.layout(leaf.host.meta):
+                if raw is not None and self._written_direct(directory, chunk, raw[chunk.start: chunk.stop]):
+                    continue
+                file = directory / chunk.key
+                if slow and not self._slow():  # hurried: the rest at full speed
+                    slow, store = False, self._open(leaf.host.meta["array"]).result()
+                rows = slice(chunk.start // row_bytes, chunk.stop // row_bytes)
+                written = store[rows].write(source[rows], can_reference_source_data_indefinitely=True).commit
+                if slow:
+                    written.result()
+                    storage.start_writeback(file)
+                else:
+                    pending.append(written)
         return pending
 
     def write_packed(self) -> None:
@@ -564,7 +586,8 @@ class StepWriter:
                                   (plan.packed_nbytes,), fmt.PACKED_CHUNK_BYTES, checksum=False)
         pending: list[Any] = []
         self.packed_sums = []
-        with storage.io_errors(f"writing the packed leaves to {self.tmp_dir}"):
+        with (storage.io_errors(f"writing the packed leaves to {self.tmp_dir}"),
+              _settled_on_error(lambda: [commit for commit, _ in pending])):
             slow = self._slow()
             store = self._open(spec, background=slow, synced=not slow).result()
             directory = self.tmp_dir / fmt.PACKED

@@ -187,3 +187,26 @@ def test_a_step_removed_between_listing_and_loading_is_step_not_found(tmp_path):
             ckptr.load(0)
         assert info.value.step == 0
         np.testing.assert_array_equal(ckptr.load(1)["w"], SMALL["w"])
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt, OSError])
+def test_a_sync_save_interrupted_while_its_arrays_are_written_raises_that_and_leaves_no_temporary(
+        tmp_path, monkeypatch, error):
+    """Ctrl-C (or any error) while tensorstore still writes the large arrays of a sync save: the save
+    waits for those writes before it removes its temporary directory, so the caller gets that error,
+    not "Directory not empty" from a removal racing the writes, and no temporary is left."""
+    from ckpt import chunks
+    state = {"w": SMALL["w"], **{f"big{i}": np.full(500_000, float(i)) for i in range(24)}}  # 24 x 4 MB
+    with Checkpointer(tmp_path) as ckptr:
+        ckptr.save(0, SMALL, force=True)
+
+        def interrupted(*args):  # the checksums run while tensorstore writes the arrays
+            raise error("interrupted")
+
+        monkeypatch.setattr(chunks, "checksums", interrupted)
+        with pytest.raises(error, match="interrupted"):
+            ckptr.save(1, state, force=True)
+        monkeypatch.undo()
+        assert_intact(ckptr, [0])
+        ckptr.save(1, state, force=True)
+        np.testing.assert_array_equal(ckptr.load(1)["big23"], state["big23"])

@@ -504,16 +504,16 @@ class StepWriter:
             return
         self.prepare_dir()
         background = self._slow()
-        opening = []
-        for leaf in todo:  # all at once: each open writes a zarr.json
-            synced = not background or leaf.host.spread is not None  # (a process's shards: not file by file)
-            if not synced:
-                self._unsynced.add(self.tmp_dir / leaf.array_name)
-            opening.append(self._open(leaf.host.meta["array"], background=background, synced=synced))
-        if background:  # checksums first, then the writes: one busy thread at a time
-            self._checksum_arrays(todo)
+        opening: list[Any] = []
         futures: list[tuple[PlannedLeaf, list[Any]]] = []
         with _settled_on_error(lambda: opening + [future for _, pending in futures for future in pending]):
+            for leaf in todo:  # all at once: each open writes a zarr.json
+                synced = not background or leaf.host.spread is not None  # (a process's shards: not file by file)
+                if not synced:
+                    self._unsynced.add(self.tmp_dir / leaf.array_name)
+                opening.append(self._open(leaf.host.meta["array"], background=background, synced=synced))
+            if background:  # checksums first, then the writes: one busy thread at a time
+                self._checksum_arrays(todo)
             for leaf, store in zip(todo, opening):
                 with storage.io_errors(f"writing {keystr(leaf.path)} to {self.tmp_dir}"):
                     futures.append((leaf, self._write_array(leaf, store.result(), background)))

@@ -52,20 +52,18 @@ def readme_table(results: dict) -> str:
 
 def targets_across(runs: list[dict]) -> str:
     """Each target (in the first run's order) with its goal, its value in every run, and how many held it."""
-    rows, order = {}, []
+    rows: dict[str, list[dict | None]] = {}  # (in the order met: the first run's)
     for k, results in enumerate(runs):
         for target in results["targets"]:
-            if target["target"] not in rows:
-                order.append(target["target"])
-                rows[target["target"]] = {"goal": target["goal"], "values": [None] * len(runs)}
-            rows[target["target"]]["values"][k] = target
+            rows.setdefault(target["target"], [None] * len(runs))[k] = target
     table = []
-    for name in order:
-        found = [t for t in rows[name]["values"] if t is not None]
+    for name, values in rows.items():
+        found = [t for t in values if t is not None]
         held = sum(t["ok"] is True for t in found)
-        values = ", ".join("-" if t is None else report.number(t["measured"], 3) + ("" if t["ok"] else " (missed)")
-                           for t in rows[name]["values"])
-        table.append([name, rows[name]["goal"], values, f"{held} of {len(found)}"])
+        text = ", ".join("-" if t is None
+                         else report.number(t["measured"], 3) + (" (missed)" if t["ok"] is False else "")
+                         for t in values)
+        table.append([name, found[0]["goal"], text, f"{held} of {len(found)}"])
     held_per_run = [sum(t["ok"] is True for t in results["targets"]) for results in runs]
     totals = ", ".join(f"{held} of {len(results['targets'])}" for held, results in zip(held_per_run, runs))
     return (f"targets held per run: {totals}\n"

@@ -2,14 +2,22 @@
 
 At most one job runs at a time. A job's failure is kept and raised once, by the next ``wait`` (which
 every new save, ``Checkpointer.wait`` and ``close`` call) or by its own response's ``result()``.
+
+A job still running when the interpreter exits (a script that ends after ``save_async`` without
+``wait`` or ``close``) is finished at full speed first, so that its step is committed; a failure that
+no caller was told of is logged then.
 """
 from __future__ import annotations
 
 import concurrent.futures
+import concurrent.futures.thread  # (registers its exit hook before ckpt's: see _finish_at_exit)
+import logging
+import os
 import threading
 from typing import Any, Callable, Generic, TypeVar
 
 T = TypeVar("T")
+logger = logging.getLogger("ckpt")
 
 
 class AsyncResponse(Generic[T]):
@@ -85,13 +93,14 @@ class BackgroundWriter:
         """Starts ``job`` in the background; the caller must have waited for the previous one.
         ``hurry()`` asks the job to finish at full speed: :meth:`wait` calls it."""
         self._hurry = hurry  # forgotten once the job ends: it may hold the job's memory
+        _unfinished.add(self)
         future = self._executor.submit(self._run, job)
         self._future = future
         return AsyncResponse(future, on_result=self._clear_error, hurry=self.hurry)
 
     def _run(self, job: Callable[[], Any]) -> Any:
         try:
-            return job()
+            result = job()
         except BaseException as e:
             with self._lock:
                 if self._error is None:
@@ -99,6 +108,8 @@ class BackgroundWriter:
             raise
         finally:
             self._hurry = _nothing
+        _unfinished.discard(self)  # (a failed job's writer stays there until its failure is raised)
+        return result
 
     def hurry(self) -> None:
         """Asks the job in flight to finish at full speed (see ``submit``)."""
@@ -107,6 +118,7 @@ class BackgroundWriter:
     def _clear_error(self) -> None:
         with self._lock:
             self._error = None
+        _unfinished.discard(self)
 
     def in_progress(self) -> bool:
         return self._future is not None and not self._future.done()
@@ -122,8 +134,32 @@ class BackgroundWriter:
                                    "(AsyncOptions.timeout_secs)")
         with self._lock:
             error, self._error = self._error, None
+        if future is None or future.done():
+            _unfinished.discard(self)
         if error is not None:
             raise error
 
-    def shutdown(self) -> None:
-        self._executor.shutdown(wait=True)
+    def shutdown(self, wait: bool = True) -> None:
+        """Ends the thread once the job in flight is done; with ``wait``, returns only then."""
+        self._executor.shutdown(wait=wait)
+
+
+_unfinished: set[BackgroundWriter] = set()  # writers with a job running, or a failure not yet raised
+
+
+def _finish_at_exit() -> None:
+    """Finishes the background jobs still running when the interpreter exits, at full speed, and logs
+    the failures no caller was told of. It runs before concurrent.futures' own exit hook, which
+    makes every thread pool refuse work (a save then running fails) and joins their threads:
+    ``threading._register_atexit`` calls its hooks newest first, and ckpt's is registered after
+    that module's (an ``atexit`` hook would run after the threads are joined)."""
+    for writer in list(_unfinished):
+        try:
+            writer.wait(None)
+        except Exception as e:  # (a second Ctrl-C stops the wait)
+            logger.error("ckpt: a background save failed before the interpreter exited: %s: %s",
+                         type(e).__name__, e)
+
+
+threading._register_atexit(_finish_at_exit)
+os.register_at_fork(after_in_child=_unfinished.clear)  # a forked child runs none of its parent's jobs

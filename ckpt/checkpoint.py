@@ -63,10 +63,10 @@ def save_checkpointables_async(path: str | os.PathLike, checkpointables: dict[st
     except BaseException:
         writer.discard()
         raise
-    executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-save")
-    future = executor.submit(lambda: writer.run(None) and None)
-    executor.shutdown(wait=False)
-    return background.AsyncResponse(future)
+    saver = background.BackgroundWriter("ckpt-save")
+    response = saver.submit(lambda: writer.run(None) and None, hurry=writer.hurry)
+    saver.shutdown(wait=False)
+    return response
 
 
 def save(path: str | os.PathLike, state: Any, *, checkpointable_name: str = fmt.DEFAULT_CHECKPOINTABLE,

@@ -12,6 +12,7 @@ import ckpt
 from ckpt import host_memory, saving
 from ckpt.training import Checkpointer
 from ckpt.training import save_decision_policies as sdp
+from tests import procs
 
 ALWAYS = sdp.FixedIntervalPolicy(1)
 BIG = (1 << 20) // 4 + 3  # float32 elements: just over the packing threshold, so stored as its own array
@@ -265,3 +266,54 @@ def test_a_first_async_save_after_prepare_async_save_copies_into_the_prepared_me
         else:  # what the preparation saves: the snapshot's own buffers
             assert max(new_memory) >= s["big"].nbytes
         np.testing.assert_array_equal(ckptr.load(1)["big"], s["big"])
+
+
+_ENDS_AFTER_SAVE_ASYNC = """
+import sys
+import numpy as np
+import ckpt
+root, how = sys.argv[1], sys.argv[2]
+state = {"w": np.full((1 << 20) + 3, 3, np.float32), "b": np.arange(10), "n": 3}
+if how == "function":
+    ckpt.save_async(root + "/one", state)
+else:
+    ckpt.Checkpointer(root).save_async(0, state)
+if how == "raises":
+    raise RuntimeError("the training loop broke after the save")
+"""
+
+
+@pytest.mark.parametrize("how", ["returns", "raises", "function"])
+def test_a_script_that_ends_after_save_async_without_waiting_commits_the_step(tmp_path, how):
+    # concurrent.futures stops every thread pool at exit: the save, mid-write, used to fail there silently
+    done = procs.run_script(_ENDS_AFTER_SAVE_ASYNC, str(tmp_path), how, timeout=120)
+    assert done.returncode == (1 if how == "raises" else 0), done.stderr
+    assert "ckpt" not in done.stderr.replace("/ckpt/", "")  # nothing logged: the save succeeded
+    if how == "function":
+        loaded = ckpt.load(tmp_path / "one")
+    else:
+        with Checkpointer(tmp_path) as ckptr:
+            assert [c.step for c in ckptr.checkpoints] == [0]
+            loaded = ckptr.load(0)
+    np.testing.assert_array_equal(loaded["w"], np.full((1 << 20) + 3, 3, np.float32))
+    assert loaded["n"] == 3
+
+
+def test_a_background_failure_no_caller_was_told_of_is_logged_at_exit(tmp_path):
+    code = """
+import errno, sys
+import numpy as np
+import ckpt
+from ckpt import saving
+
+def full(self, step, extra=None):
+    raise OSError(errno.ENOSPC, "No space left on device", str(self.tmp_dir))
+
+saving.StepWriter.write_manifest = full
+ckpt.Checkpointer(sys.argv[1]).save_async(7, {"w": np.ones(1 << 20, np.float32)})
+"""
+    done = procs.run_script(code, str(tmp_path), timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "ckpt: a background save failed before the interpreter exited: OSError" in done.stderr
+    assert "No space left on device" in done.stderr and "7.ckpt-tmp" in done.stderr
+    assert sorted(os.listdir(tmp_path)) == [".ckpt.lock"]  # its temporary directory removed, nothing committed

@@ -453,6 +453,8 @@ class DirectoryLock:
             os.close(fd)
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 holder = self.path.read_text().strip() or "unknown"
+                if holder == f"pid {os.getpid()}":
+                    holder += ", this process: one not closed, still referenced or still saving"
                 raise DirectoryLockedError(
                     f"{self.path.parent} is being written by another Checkpointer ({holder}); one writer per "
                     "directory. Readers may still list and load; close the other writer or use another directory."
@@ -468,6 +470,10 @@ class DirectoryLock:
             fd, self._fd = self._fd, None
             DirectoryLock._held.discard(self)
             os.close(fd)
+
+    def __del__(self) -> None:  # a Checkpointer dropped unclosed (a notebook cell run again) lets its root go
+        if self._fd is not None:
+            os.close(self._fd)
 
 
 os.register_at_fork(after_in_child=DirectoryLock._close_in_child)

@@ -28,6 +28,7 @@ step directory and may not leave it.
 from __future__ import annotations
 
 import json
+import operator
 import math
 from typing import Any
 
@@ -80,17 +81,21 @@ def validate_checkpointable_name(name: Any) -> None:
 
 
 def validate_step(step: Any) -> int:
-    """Returns ``step`` as an int; raises ValueError for negative or non-integer steps."""
-    import numpy as np
-
-    if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
+    """Returns ``step`` as an int: an int, or a 0-d integer array of numpy, jax or torch (a Flax
+    ``TrainState.step``); raises ValueError for anything else (bools included) and negative steps."""
+    try:
+        number = operator.index(step)
+    except TypeError:
+        number = None
+    if (number is None or isinstance(step, bool) or getattr(step, "ndim", 0) != 0
+            or "bool" in str(getattr(step, "dtype", ""))):
         raise ValueError(f"step must be a non-negative int, got {step!r} of type {type(step).__name__}")
-    if step < 0:
-        raise ValueError(f"step must be a non-negative int, got {step}")
-    if int(step).bit_length() > MAX_INT_BITS:
+    if number < 0:
+        raise ValueError(f"step must be a non-negative int, got {number}")
+    if number.bit_length() > MAX_INT_BITS:
         raise ValueError(f"step must be a non-negative int of at most {MAX_INT_BITS} bits, got one of "
-                         f"{int(step).bit_length()}")
-    return int(step)
+                         f"{number.bit_length()}")
+    return number
 
 
 def to_json_bytes(obj: Any, what: str, limit: int | None = None) -> bytes:

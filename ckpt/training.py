@@ -339,6 +339,8 @@ class Checkpointer:
         """Saves ``state`` at ``step`` if the policy says so (or ``force``), durably; returns whether it saved.
 
         A step below the latest is skipped (False); an existing step raises unless ``overwrite`` is set.
+        ``step`` is an int or a 0-d integer array of numpy, jax or torch (``state.step`` of a Flax
+        ``TrainState`` will do), here and wherever a Checkpointer takes a step.
 
         Raises:
           StepAlreadyExistsError: ``step`` exists and ``overwrite`` is not set (before anything is written).

@@ -63,6 +63,22 @@ def test_checkpoints_are_ascending_and_latest_is_the_highest_step(tmp_path):
         assert all(c.metadata is None for c in ckptr.checkpoints)
 
 
+def test_a_step_may_be_a_0d_integer_array_of_numpy_jax_or_torch_as_a_train_states_step_is(tmp_path):
+    import jax.numpy as jnp
+    import torch
+
+    steps = [np.int64(1), np.array(2, np.uint8), jnp.array(3), jnp.array(4, jnp.int64), torch.tensor(5)]
+    with Checkpointer(tmp_path, save_decision_policy=ALWAYS) as ckptr:
+        for step in steps:
+            assert ckptr.should_save(step)
+            assert ckptr.save(step, {"a": int(step)})
+        assert ckptr.save_async(jnp.array(6), {"a": 6}).result()
+        assert [c.step for c in ckptr.checkpoints] == [1, 2, 3, 4, 5, 6]
+        assert all(type(c.step) is int for c in ckptr.checkpoints)
+        assert ckptr.load(jnp.array(3)) == {"a": 3} and ckptr.metadata(torch.tensor(5)).step == 5
+        assert sorted(os.listdir(tmp_path)) == [".ckpt.lock", "1", "2", "3", "4", "5", "6"]
+
+
 def test_checkpoints_are_cached_until_reload(tmp_path):
     with Checkpointer(tmp_path) as writer:
         writer.save(0, {"a": 0})

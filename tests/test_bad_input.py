@@ -73,6 +73,14 @@ def with_format(name_format: Any) -> Callable[[Checkpointer, Path], Any]:
     return call
 
 
+def torch_step(make: str) -> Callable[[Checkpointer, Path], Any]:
+    """A save at a step that is a torch tensor made by ``make`` (a Python expression of ``torch``)."""
+    def call(ckptr: Checkpointer, root: Path) -> Any:
+        torch = pytest.importorskip("torch")
+        return ckptr.save(eval(make, {"torch": torch}), GOOD, force=True)
+    return call
+
+
 def load_with(abstract: Any) -> Callable[[Checkpointer, Path], Any]:
     return lambda ckptr, root: ckptr.load(0, abstract)
 
@@ -157,6 +165,11 @@ CASES = {
     "str step": Case(save(step="2"), ValueError, r"got '2' of type str"),
     "bool step": Case(save(step=True), ValueError, r"got True of type bool"),
     "None step": Case(save(step=None), ValueError, r"got None of type NoneType"),
+    "one-element array step": Case(save(step=np.array([3])), ValueError, r"got array\(\[3\]\) of type ndarray"),
+    "bool array step": Case(save(step=np.array(True)), ValueError, r"got array\(True\) of type ndarray"),
+    "float array step": Case(save(step=np.array(2.0)), ValueError, r"got array\(2\.\) of type ndarray"),
+    "one-element tensor step": Case(torch_step("torch.tensor([3])"), ValueError, r"got tensor\(\[3\]\) of type Tensor"),
+    "bool tensor step": Case(torch_step("torch.tensor(True)"), ValueError, r"got tensor\(True\) of type Tensor"),
     "a step of 4,000 digits": Case(save(step=10 ** 4000), ValueError, r"step must be a non-negative int of at most"),
     "negative should_save": Case(lambda c, r: c.should_save(-1), ValueError, r"non-negative"),
     "negative load step": Case(lambda c, r: c.load(-1), ValueError, r"non-negative"),

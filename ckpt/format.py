@@ -119,26 +119,42 @@ def check_json(obj: Any, what: str) -> None:
 def check_metrics(metrics: Any) -> Any:
     """``metrics`` as :func:`encode_metrics` stores them; ValueError unless that is strict JSON with str
     keys, nested at most ``MAX_JSON_DEPTH`` levels (checked first: a deeper one, or one that holds
-    itself, would exhaust the encoder's recursion)."""
-    _walk_json(metrics, "metrics", finite=False)
+    itself, would exhaust the encoder's recursion). Numbers may be numpy scalars or 0-d arrays of numpy,
+    jax or torch (a loss as a training step returns it): they are stored as the Python numbers they hold."""
+    _walk_json(metrics, "metrics", finite=False, numbers=True)
     metrics = encode_metrics(metrics)
     check_json(metrics, "metrics")
     return metrics
 
 
-def _walk_json(obj: Any, where: str, depth: int = 0, finite: bool = True) -> None:
+_JSON_LEAVES = (str, int, float, bool, type(None))
+
+
+def _number(obj: Any) -> bool | int | float | None:
+    """The Python number a numpy scalar or a 0-d array (numpy, jax, torch) holds; None for anything else."""
+    if getattr(obj, "shape", None) != () or not callable(getattr(obj, "item", None)):
+        return None
+    value = obj.item()
+    return value if isinstance(value, (bool, int, float)) else None
+
+
+def _walk_json(obj: Any, where: str, depth: int = 0, finite: bool = True, numbers: bool = False) -> None:
     if depth > MAX_JSON_DEPTH and isinstance(obj, (dict, list, tuple)):
         raise ValueError(f"{where} must be JSON nested at most {MAX_JSON_DEPTH} levels deep")
     if isinstance(obj, dict):
         for k, v in obj.items():
             if not isinstance(k, str):
                 raise ValueError(f"{where} must be JSON: key {k!r} is a {type(k).__name__}, not a str")
-            _walk_json(v, f"{where}[{k!r}]", depth + 1, finite)
+            _walk_json(v, f"{where}[{k!r}]", depth + 1, finite, numbers)
     elif isinstance(obj, (list, tuple)):
         for i, v in enumerate(obj):
-            _walk_json(v, f"{where}[{i}]", depth + 1, finite)
+            _walk_json(v, f"{where}[{i}]", depth + 1, finite, numbers)
     elif finite and isinstance(obj, float) and not math.isfinite(obj):
         raise ValueError(f"{where} must be JSON: {obj!r} is not a finite number")
+    elif not isinstance(obj, _JSON_LEAVES) and not (numbers and _number(obj) is not None):
+        shape = getattr(obj, "shape", None)
+        raise ValueError(f"{where} must be JSON (a number, str, bool or None here), not an object of type "
+                         f"{type(obj).__name__}{'' if shape is None else f', shape {tuple(shape)}'}")
 
 
 _NOT_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
@@ -146,11 +162,14 @@ _NOT_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 
 def encode_metrics(metrics: Any) -> Any:
     """Metrics as strict JSON: a float that is not finite (a diverged run's NaN loss) becomes the string
-    ``"nan"``, ``"inf"`` or ``"-inf"``, as inline float leaves do in tree.json; tuples become lists."""
+    ``"nan"``, ``"inf"`` or ``"-inf"``, as inline float leaves do in tree.json; tuples become lists, numpy
+    scalars and 0-d arrays the Python numbers they hold."""
     if isinstance(metrics, dict):
         return {k: encode_metrics(v) for k, v in metrics.items()}
     if isinstance(metrics, (list, tuple)):
         return [encode_metrics(v) for v in metrics]
+    if not isinstance(metrics, _JSON_LEAVES):
+        metrics = _number(metrics)  # (a numpy, jax or torch scalar: check_metrics lets no other object here)
     if isinstance(metrics, float) and not math.isfinite(metrics):
         return "nan" if math.isnan(metrics) else "inf" if metrics > 0 else "-inf"
     return metrics

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import time
 from pathlib import Path
@@ -243,6 +244,24 @@ def test_metrics_and_custom_metadata_are_kept_per_step_across_checkpointers(tmp_
     with Checkpointer(tmp_path) as ckptr:
         assert [c.metrics for c in ckptr.checkpoints] == [{"loss": 3.0}, None, {"loss": 1.0, "acc": [0.5, 0.6]}]
         assert [ckptr.metadata(s).custom_metadata for s in (0, 1, 2)] == [{"note": "first"}, None, {"note": "third"}]
+
+
+def test_metrics_may_be_numpy_jax_or_torch_scalars_and_are_kept_as_python_numbers(tmp_path):
+    import jax.numpy as jnp
+    import torch
+
+    from ckpt.training import preservation_policies as pp
+
+    losses = [jnp.float32(0.5), np.float32(0.25), torch.tensor(0.75), jnp.array(jnp.nan)]
+    best = pp.BestN(get_metric_fn=lambda m: m["loss"], reverse=True, n=2)  # the lowest losses
+    with Checkpointer(tmp_path, save_decision_policy=ALWAYS, preservation_policy=best) as ckptr:
+        for step, loss in enumerate(losses):
+            ckptr.save_async(step, {"a": step}, metrics={"loss": loss, "steps": [np.int64(step), torch.tensor(True)]})
+    with Checkpointer(tmp_path) as ckptr:
+        metrics = {c.step: c.metrics for c in ckptr.checkpoints}
+    assert sorted(metrics) == [0, 1, 3]  # the two lowest losses, and the latest (its NaN loss is never best)
+    assert metrics[1] == {"loss": 0.25, "steps": [1, True]} and math.isnan(metrics[3]["loss"])
+    assert [type(v) for v in [metrics[0]["loss"], *metrics[0]["steps"]]] == [float, int, bool]
 
 
 def test_root_metadata_is_written_once_and_kept_by_later_checkpointers(tmp_path):

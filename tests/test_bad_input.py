@@ -85,8 +85,8 @@ def load_with(abstract: Any) -> Callable[[Checkpointer, Path], Any]:
     return lambda ckptr, root: ckptr.load(0, abstract)
 
 
-def holding_itself() -> dict:
-    tree: dict = {"w": np.ones(2)}
+def holding_itself(leaf: Any = None) -> dict:
+    tree: dict = {"w": np.ones(2) if leaf is None else leaf}
     tree["me"] = tree
     return tree
 
@@ -142,11 +142,15 @@ CASES = {
     "bool key": Case(save({"a": {True: 1}}), TypeError, r"dict key True of type bool at \['a'\]"),
     "None key": Case(save_async({None: 1}), TypeError, r"dict key None of type NoneType"),
     # metrics and custom metadata that are not strict JSON (NaN metrics are saved: tests/test_strange_roots.py)
-    "numpy metric": Case(save(metrics={"loss": np.float32(1.0)}), ValueError, r"metrics must be JSON.*float32"),
+    "array metric": Case(save(metrics={"loss": [np.ones(3, np.float32)]}), ValueError,
+                         r"metrics\['loss'\]\[0\] must be JSON .*not an object of type ndarray, shape \(3,\)"),
+    "complex metric": Case(save(metrics={"z": np.complex64(1j)}), ValueError, r"metrics\['z'\] must be JSON .*complex64"),
+    "numpy custom metadata": Case(save(custom_metadata={"n": np.int64(1)}), ValueError,
+                                  r"custom_metadata\['n'\] must be JSON .*int64, shape \(\)"),
     "int metric key": Case(save(metrics={1: 2.0}), ValueError, r"metrics must be JSON: key 1 is a int"),
-    "object metric": Case(save(metrics={"m": Opaque()}), ValueError, r"metrics must be JSON.*Opaque"),
+    "object metric": Case(save(metrics={"m": Opaque()}), ValueError, r"metrics\['m'\] must be JSON .*type Opaque$"),
     "metrics 1,000 levels deep": Case(save(metrics=nested_lists(1000)), ValueError, r"metrics.*nested at most 64"),
-    "metrics that hold themselves": Case(save(metrics=holding_itself()), ValueError, r"metrics.*nested at most 64"),
+    "metrics that hold themselves": Case(save(metrics=holding_itself(0.5)), ValueError, r"metrics.*nested at most 64"),
     "NaN custom metadata": Case(save(custom_metadata={"x": [math.nan]}), ValueError, r"custom_metadata\[.x.\]\[0\] must be JSON: nan"),
     # checkpointable names
     "name with /": Case(named("a/b"), ValueError, r"'a/b' .*path separator"),

@@ -233,7 +233,8 @@ def ls(directory: storage.Location, *, as_json: bool, local: Path | None = None)
     summary = f"{len(steps)} checkpoint{'s' if len(steps) != 1 else ''}"
     _print(f"{directory}: {summary}" + ("" if latest is None else f", latest step {latest.step}"))
     if steps:
-        rows = [[("* " if r["latest"] else "  ") + str(r["step"]) + (" (Orbax)" if r["orbax"] else ""),
+        rows = [[("* " if r["latest"] else "  ") + (s.path.name + "/" if s.step is None else str(s.step))
+                 + (" (Orbax)" if r["orbax"] else ""),
                  *([] if tiers is None else ["+".join(r["tiers"])]),
                  (s.manifest and _time(s.manifest.get("commit_timestamp_nsecs"), iso=False)) or "-",
                  _size(r["disk_bytes"]),

@@ -108,6 +108,13 @@ def test_ls_finds_steps_of_any_name_format(tmp_path, capsys):
     assert [(s["step"], Path(s["path"]).name) for s in json.loads(out)["steps"]] == [(7, "step_0007")]
 
 
+def test_ls_names_a_checkpoint_without_a_step_by_its_directory(root, capsys):
+    ckpt.save(root / "exported", {"w": np.ones(3)})  # ckpt.save's checkpoint, kept beside the steps
+    _, out, _ = run_cli(capsys, "ls", root)
+    assert "4 checkpoints, latest step 20" in out
+    assert out.splitlines()[-1].split()[0] == "exported/"
+
+
 def test_ls_and_verify_report_a_step_whose_manifest_is_damaged(root, capsys):
     flip_byte(root / "20" / fmt.MANIFEST, 30)
     _, out, _ = run_cli(capsys, "ls", root, "--json")

@@ -22,6 +22,7 @@ import datetime
 import json
 import math
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Sequence, TextIO
@@ -122,6 +123,11 @@ def _disk_bytes(path: storage.Location) -> int | None:
             except FileNotFoundError:
                 pass  # a temporary being written or deleted right now
     return total
+
+
+def _named(step: int | None) -> str:
+    """``step N``, or ``checkpoint`` for one saved without a step (by ``ckpt.save``)."""
+    return "checkpoint" if step is None else f"step {step}"
 
 
 def _size(nbytes: int | None) -> str:
@@ -279,7 +285,7 @@ def show(directory: storage.Location, step: int | None, *, as_json: bool) -> int
                      "metrics": manifest.get("metrics"), "custom_metadata": manifest.get("custom_metadata"),
                      "nbytes": manifest.get("nbytes"), "checkpointables": records})
         return 0
-    _print(f"step {number}  {step_dir}" + ("  (written by Orbax)" if _by_orbax(manifest) else ""))
+    _print(f"{_named(number)}  {step_dir}" + ("  (written by Orbax)" if _by_orbax(manifest) else ""))
     print(f"committed {_time(manifest.get('commit_timestamp_nsecs'), iso=False)}, "
           f"{progress.format_bytes(manifest.get('nbytes') or sum(r['nbytes'] for rs in records.values() for r in rs))} of data, "
           f"{_size(_disk_bytes(step_dir))} on disk")
@@ -322,7 +328,7 @@ def verify(directory: storage.Location, step: int | None, *, as_json: bool) -> i
         results.append(result)
         if not as_json:
             status = "ok" if result.ok else f"DAMAGED ({len(result.damaged)})"
-            _print(f"step {result.step}  {result.path}: {status}, "
+            _print(f"{_named(result.step)}  {result.path}: {status}, "
                    f"{result.leaves} leaves, {progress.format_bytes(result.nbytes)} checked")
             for damage in result.damaged:
                 _print(f"  {damage.where}: {damage.why}")
@@ -379,7 +385,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Runs the ``ckpt`` command; returns its exit status (0 ok, 1 damaged data, 2 usage error).
+    """Runs the ``ckpt`` command; returns its exit status (0 ok, 1 damaged data, 2 usage error, 141 when
+    the output's reader went away, as a shell reports a command SIGPIPE ended).
 
     Example::
 
@@ -406,6 +413,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UnsupportedLayoutError, FileExistsError, FileNotFoundError) as e:
         _print(f"ckpt: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (`ckpt show DIR | head`): stop quietly, as on SIGPIPE
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (else the flush at exit raises again)
+        return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":

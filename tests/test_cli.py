@@ -297,6 +297,16 @@ def test_the_installed_ckpt_command_runs_and_returns_the_exit_status(root):
 
 
 # ------------------------------------------------------------------------------------ object stores
+def test_the_command_piped_into_a_reader_that_stops_early_ends_quietly(tmp_path):
+    ckpt.save(tmp_path / "many", {f"leaf_{i}": np.zeros(4) for i in range(4000)})  # a table far past a pipe's buffer
+    command = shutil.which("ckpt", path=os.path.dirname(sys.executable))
+    proc = subprocess.Popen([command, "show", str(tmp_path / "many")], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.readline().startswith(b"checkpoint  ")
+    proc.stdout.close()  # as `| head -1` does
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 141 and err == b""  # no BrokenPipeError traceback
+
+
 def test_ls_show_and_verify_work_on_an_s3_root(bucket, capsys):
     with ckpt.Checkpointer(bucket) as ckptr:
         for step in (1, 2):

@@ -102,12 +102,19 @@ def _select(directory: storage.Location, step: int | None) -> list[storage.Locat
     if step is None:
         latest = _latest(steps)
         if latest is None:
-            raise UsageError(f"no checkpoints in {directory}")
+            raise UsageError(f"no checkpoints in {directory}{_unnumbered(steps)}")
         return [latest.path]
     found = [s.path for s in steps if s.step == step]
     if not found:
-        raise UsageError(f"no checkpoint at step {step} in {directory} (steps: {[s.step for s in steps]})")
+        numbered = [s.step for s in steps if s.step is not None]
+        raise UsageError(f"no checkpoint at step {step} in {directory} (steps: {numbered}){_unnumbered(steps)}")
     return found
+
+
+def _unnumbered(steps: list[_Step]) -> str:
+    """What to say of the checkpoints without a step in a root (``ckpt.save``'s): name them as DIR."""
+    names = [str(s.path) for s in steps if s.step is None]
+    return f"; checkpoints without a step, to name as DIR: {', '.join(names)}" if names else ""
 
 
 # --------------------------------------------------------------------------------------- helpers

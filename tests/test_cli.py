@@ -113,6 +113,11 @@ def test_ls_names_a_checkpoint_without_a_step_by_its_directory(root, capsys):
     _, out, _ = run_cli(capsys, "ls", root)
     assert "4 checkpoints, latest step 20" in out
     assert out.splitlines()[-1].split()[0] == "exported/"
+    status, _, err = run_cli(capsys, "show", root, "5")
+    assert status == 2 and "(steps: [0, 10, 20]); checkpoints without a step, to name as DIR: " in err
+    assert err.rstrip().endswith(str(root / "exported"))
+    status, out, _ = run_cli(capsys, "show", root / "exported")
+    assert status == 0 and out.startswith(f"checkpoint  {root / 'exported'}")
 
 
 def test_ls_and_verify_report_a_step_whose_manifest_is_damaged(root, capsys):

@@ -28,8 +28,8 @@ step directory and may not leave it.
 from __future__ import annotations
 
 import json
-import operator
 import math
+import operator
 from typing import Any
 
 # crc32(data, value=0): every CRC32 the format stores (the manifest, tree.json, leaves, chunks). With the

@@ -152,8 +152,13 @@ def _finish_at_exit() -> None:
     the failures no caller was told of. It runs before concurrent.futures' own exit hook, which
     makes every thread pool refuse work (a save then running fails) and joins their threads:
     ``threading._register_atexit`` calls its hooks newest first, and ckpt's is registered after
-    that module's (an ``atexit`` hook would run after the threads are joined)."""
+    that module's (an ``atexit`` hook would run after the threads are joined). Python runs no signal
+    handler while it exits: Ctrl-C does not stop the wait, SIGKILL does (the next save of the root
+    removes the temporary directory left)."""
     for writer in list(_unfinished):
+        if writer.in_progress():
+            logger.warning("ckpt: the interpreter is exiting while a save is still being written: finishing it "
+                           "first (call Checkpointer.wait() or close() before the end of the script)")
         try:
             writer.wait(None)
         except Exception as e:  # (a second Ctrl-C stops the wait)

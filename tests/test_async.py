@@ -281,6 +281,8 @@ write = saving.StepWriter.run
 saving.StepWriter.run = lambda self, step: time.sleep(0.5) or write(self, step)  # still writing at the exit
 if how == "function":
     ckpt.save_async(root + "/one", state)
+elif how == "two tiers":  # the local save, then its promotion to the durable root, both still running
+    ckpt.Checkpointer(root, local=ckpt.LocalCheckpointOptions(root + "-local")).save_async(0, state, force=True)
 else:
     ckpt.Checkpointer(root).save_async(0, state)
 if how == "raises":
@@ -288,7 +290,7 @@ if how == "raises":
 """
 
 
-@pytest.mark.parametrize("how", ["returns", "raises", "function"])
+@pytest.mark.parametrize("how", ["returns", "raises", "function", "two tiers"])
 def test_a_script_that_ends_after_save_async_without_waiting_commits_the_step(tmp_path, how):
     # concurrent.futures stops every thread pool at exit: the save, mid-write, used to fail there silently
     done = procs.run_script(_ENDS_AFTER_SAVE_ASYNC, str(tmp_path), how, timeout=120)
@@ -301,6 +303,8 @@ def test_a_script_that_ends_after_save_async_without_waiting_commits_the_step(tm
         with Checkpointer(tmp_path) as ckptr:
             assert [c.step for c in ckptr.checkpoints] == [0]
             loaded = ckptr.load(0)
+    if how == "two tiers":
+        assert ckpt.load(f"{tmp_path}-local/0")["n"] == 3
     np.testing.assert_array_equal(loaded["w"], np.full((1 << 20) + 3, 3, np.float32))
     assert loaded["n"] == 3
 

@@ -157,6 +157,10 @@ def to_host(path: KeyPath, x: Any) -> HostLeaf:
         return HostLeaf({"type": "bytes", "dtype": "uint8", "shape": [len(x)]}, np.frombuffer(x, np.uint8))
     if isinstance(x, np.ndarray):
         _check_array(path, x.dtype, x.shape, "numpy array")
+        masked = sys.modules.get("numpy.ma")
+        if masked is not None and isinstance(x, masked.MaskedArray):
+            raise TypeError(f"numpy array at {keystr(path) or 'the root'} is a masked array, whose mask ckpt would "
+                            "lose: store its data and its mask (np.ma.getmaskarray) as two arrays")
         x = _native(x)
         return HostLeaf({"type": "numpy", "dtype": dtype_name(x.dtype), "shape": list(x.shape)}, x)
     if isinstance(x, np.generic):

@@ -543,8 +543,9 @@ class Checkpointer:
         """Loads one tree from ``step`` (the latest when None).
 
         With ``abstract_state`` the result has exactly its structure and leaf types:
-        ``jax.ShapeDtypeStruct`` (placed with its sharding), arrays and tensors (their dtype), Python
-        types, ``None`` (as saved), ``ckpt.PLACEHOLDER`` (skipped). Without it, the tree comes back as
+        ``jax.ShapeDtypeStruct`` (placed with its sharding), arrays and tensors (their dtype and device;
+        a tensor on the meta device gives a CPU tensor), Python types, ``None`` (as saved),
+        ``ckpt.PLACEHOLDER`` (skipped). Without it, the tree comes back as
         saved (dicts, lists, tuples; numpy, jax and torch arrays; Python scalars).
 
         A load lets go of the host buffers an async save keeps for the next one, so that the loaded

@@ -114,9 +114,11 @@ class ToDevice:
 
     def torch(self, tensor: Any, like: Any) -> Any:
         """``tensor`` (on the CPU) with ``like``'s dtype and device: on a CUDA device, a :class:`Pending`
-        that :meth:`run` replaces by it."""
+        that :meth:`run` replaces by it. A ``like`` on the meta device asks only for a shape and dtype: the
+        tensor stays on the CPU."""
         if like.device.type not in TORCH_BATCHED_DEVICES:
-            return tensor.to(device=like.device, dtype=like.dtype, non_blocking=True)
+            device = None if like.device.type == "meta" else like.device
+            return tensor.to(device=device, dtype=like.dtype, non_blocking=True)
         pending = self._pending()
         self._torch_devices.add(like.device)
         if tensor.nbytes < TORCH_ASIDE_BYTES:

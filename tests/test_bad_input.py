@@ -126,6 +126,7 @@ CASES = {
     "function leaf": Case(save({"f": lambda x: x}), TypeError, r"\['f'\].*function"),
     "set leaf": Case(save({"s": {1, 2}}), TypeError, r"\['s'\].*builtins\.set"),
     "object array": Case(save({"o": np.array([1, "x"], dtype=object)}), TypeError, r"\['o'\].*Python objects"),
+    "masked array": Case(save({"m": np.ma.array([1, 2], mask=[0, 1])}), TypeError, r"\['m'\] is a masked array"),
     "structured array": Case(save({"a": np.zeros(2, STRUCTURED)}), TypeError, r"\['a'\] has the structured dtype"),
     "record array": Case(save({"a": np.rec.array(np.zeros(2, STRUCTURED))}), TypeError, r"\['a'\].*structured"),
     "structured scalar": Case(save({"a": np.zeros((), STRUCTURED)[()]}), TypeError, r"scalar at \['a'\].*structured"),

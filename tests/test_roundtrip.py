@@ -420,6 +420,22 @@ def test_a_tensor_abstract_leaf_casts_to_its_dtype_and_an_array_leaf_returns_num
     assert isinstance(restored["b"], np.ndarray) and restored["b"].dtype == ml_dtypes.bfloat16
 
 
+def test_a_model_made_on_the_meta_device_is_an_abstract_tree_loaded_as_cpu_tensors(tmp_path):
+    """``with torch.device("meta"): model = Net()`` then ``load_state_dict(loaded, assign=True)``: the
+    meta tensors give shapes and dtypes only, and the values must arrive (not more meta tensors)."""
+    torch = pytest.importorskip("torch")
+    saved = torch.nn.Linear(3, 2).state_dict()
+    ckpt.save(tmp_path / "c", saved)
+    with torch.device("meta"):
+        model = torch.nn.Linear(3, 2, dtype=torch.float64)
+    loaded = ckpt.load(tmp_path / "c", model.state_dict())
+    for key, value in saved.items():
+        assert loaded[key].device.type == "cpu" and loaded[key].dtype == torch.float64, key
+        assert torch.equal(loaded[key], value.double()), key
+    model.load_state_dict(loaded, assign=True)
+    assert torch.equal(model.weight, saved["weight"].double())
+
+
 def test_zero_dimensional_torch_tensors_keep_their_shape(tmp_path):
     torch = pytest.importorskip("torch")
     saved = {"step": torch.tensor(3.0), "count": torch.tensor(7), "bf": torch.tensor(0.5, dtype=torch.bfloat16)}

@@ -151,7 +151,7 @@ def load_async(path: str | os.PathLike, abstract_state: Any = None, *,
 
 
 def metadata(path: str | os.PathLike, checkpointable_name: str = fmt.DEFAULT_CHECKPOINTABLE) -> CheckpointMetadata:
-    """One tree of the checkpoint at ``path`` (``state``, else the first by name), with :class:`ckpt.LeafMetadata` leaves.
+    """One tree of the checkpoint at ``path`` (``state``, else its only one), with :class:`ckpt.LeafMetadata` leaves.
 
     Example::
 

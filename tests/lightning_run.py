@@ -110,6 +110,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--kill-at", type=int)
     p.add_argument("--kill-in-flight", action="store_true")
     p.add_argument("--sigterm-at", type=int)
+    p.add_argument("--stop-at", type=int, help="a callback stops the run after this step, as Timer's max_time does")
     p.add_argument("--no-callback", action="store_true")
     p.add_argument("--sync-save", action="store_true")
     p.add_argument("--ddp", action="store_true")
@@ -117,6 +118,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--accelerator", default="cpu", help="cpu | gpu (deterministic algorithms on gpu)")
     p.add_argument("--sweep", action="store_true")
     return p.parse_args(argv)
+
+
+class StopAt(pl.Callback):
+    """Sets ``trainer.should_stop`` at the end of a step, as ``Timer`` does when ``max_time`` is up."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            trainer.should_stop = True
 
 
 def make_callback(args: argparse.Namespace, directory: str) -> CheckpointCallback:
@@ -134,6 +146,8 @@ def train(args: argparse.Namespace, directory: str | None, kill: bool = True) ->
     pl.seed_everything(0, verbose=False)
     torch.set_num_threads(1)
     callbacks = [] if directory is None else [make_callback(args, directory)]
+    if args.stop_at is not None:
+        callbacks.append(StopAt(args.stop_at))
     strategy, devices = ("ddp_fork", 2) if args.ddp else ("auto", 1)
     if args.model_parallel:
         strategy = pl.strategies.ModelParallelStrategy(data_parallel_size=args.model_parallel, tensor_parallel_size=1)

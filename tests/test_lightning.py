@@ -178,7 +178,11 @@ def test_example_resumes_where_it_stopped(tmp_path):
 @pytest.mark.parametrize("first, second, start", [
     (("--max-steps", "-1", "--max-epochs", "1"), ("--max-steps", "-1", "--max-epochs", "2"), 20),
     (("--max-steps", "30"), ("--max-steps", "45"), 30),  # the final save came after max_steps, mid-epoch
-], ids=["max_epochs", "max_steps"])
+    # Lightning counts an epoch that max_steps or a stop cuts short as completed: a resume from a save
+    # taken after that skipped the epoch's other batches
+    (("--max-steps", "30"), ("--max-steps", "-1", "--max-epochs", "3"), 30),
+    (("--max-steps", "-1", "--max-epochs", "3", "--stop-at", "30"), ("--max-steps", "-1", "--max-epochs", "3"), 30),
+], ids=["max_epochs", "max_steps", "max_steps_then_max_epochs", "stopped_by_a_callback_as_by_max_time"])
 def test_extending_a_finished_run_continues_as_if_it_had_never_stopped(tmp_path, first, second, start):
     expected = final_state(train(parse_args(list(second)), None, kill=False))
     train(parse_args(["--policy", "every:7", *first]), str(tmp_path), kill=False)
@@ -277,6 +281,47 @@ def test_load_weights_reads_a_read_only_directory(tmp_path):
     with fsutil.read_only(tmp_path):  # an evaluation job that may not write where training did
         assert load_weights(fresh, tmp_path) == 2
     assert same(fresh.state_dict(), trainer.lightning_module.state_dict())
+
+
+class Evaluated(example.Regressor):
+    """Records the weights it is validated or tested with."""
+
+    def validation_step(self, batch, batch_idx):
+        self.evaluated = {key: value.clone() for key, value in self.state_dict().items()}
+
+    test_step = validation_step
+
+
+def test_validate_and_test_read_ckpt_path_best_a_step_directory_or_a_lightning_file(tmp_path):
+    """``trainer.test(ckpt_path="best")`` after a fit (and ``trainer.test()``, which means it) read the
+    best step; a step directory may be given as ``ckpt_path`` by a fresh Trainer too."""
+    run = tmp_path / "run"
+    trainer, callback = fit(run, model=Evaluated(), max_steps=6, monitor="train_loss", mode="max",
+                            save_decision_policy=sdp.FixedIntervalPolicy(2))
+    best = max(callback.checkpointer.checkpoints, key=lambda c: c.metrics["train_loss"]).step
+    assert callback.best_model_path == str(run / str(best)) and best != 6  # the loss fell: the first step is "best"
+
+    def weights(step):
+        model = Evaluated()
+        load_weights(model, run, step=step)
+        return model.state_dict()
+
+    model, data = trainer.lightning_module, DataLoader(example.synthetic_data(32), batch_size=16)
+    trainer.test(model, data, ckpt_path="best", verbose=False)
+    assert same(model.evaluated, weights(best))
+    trainer.validate(model, data, ckpt_path=str(run / "6"), verbose=False)
+    assert same(model.evaluated, weights(6))
+    trainer.save_checkpoint(tmp_path / "step6.ckpt")  # a file: Lightning's own reader still reads it
+    trainer.test(dataloaders=data, verbose=False)
+    assert same(model.evaluated, weights(best))
+    trainer.validate(model, data, ckpt_path=tmp_path / "step6.ckpt", verbose=False)
+    assert same(model.evaluated, weights(6))
+
+    evaluation = pl.Trainer(callbacks=[CheckpointCallback(run)], accelerator="cpu", logger=False,
+                            enable_progress_bar=False, enable_model_summary=False)
+    fresh = Evaluated()
+    evaluation.test(fresh, data, ckpt_path=run / str(best), verbose=False)
+    assert same(fresh.evaluated, weights(best))
 
 
 class WithScalarState(example.Regressor):

@@ -43,7 +43,7 @@ import ckpt
 from ckpt.training import Checkpointer
 
 from ckpt.integrations.lightning import monitor as monitor_lib
-from ckpt.integrations.lightning import logged, resume, rng, sharded, tail, translate
+from ckpt.integrations.lightning import checkpoint_io, logged, resume, rng, sharded, tail, translate
 from ckpt.integrations.lightning.weights import check_model
 
 log = logging.getLogger(__name__)
@@ -160,7 +160,7 @@ class CheckpointCallbackMixin:
             state.update(first_loop_iter=point.first_loop_iter, current_fx=None)
         return {"rng": self._gather(rng.capture(resume.train_loaders(trainer))),
                 "epoch_rng": self._gather(self._epoch_rng), "logged": self._gather(state),
-                "saved_in": point.hook, "should_stop": bool(trainer.should_stop)}
+                "saved_in": point.hook, "should_stop": bool(trainer.should_stop) and not point.last}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._loaded_state = state_dict
@@ -169,6 +169,7 @@ class CheckpointCallbackMixin:
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         self._check_namespace(trainer)
         self._trainer = trainer
+        checkpoint_io.install(trainer.strategy)  # ckpt_path= may name a step directory, as "best" does
         if stage == "fit" and not self._open:
             # the callback is the directory's only writer: what crashed saves left is removed
             self._checkpointer = Checkpointer(self.directory, cleanup_tmp_directories=True,
@@ -209,11 +210,11 @@ class CheckpointCallbackMixin:
         if not self._at_step_boundary or trainer.fast_dev_run:
             return
         self._decided_step = step
-        if self._decide(trainer, step):  # rank 0's save follows its should_save (SIGTERM: both tiers)
+        point = tail.save_point(trainer)
+        if self._decide(trainer, step, point.last):  # rank 0's save follows its should_save (SIGTERM: both tiers)
             self._prepare_after_step = False  # the save makes its own memory, kept for the next ones
-            point = tail.save_point(trainer)
             if point.hook == "on_train_batch_end":
-                self._save(trainer, step, point, force=trainer.received_sigterm)
+                self._save(trainer, step, point, force=point.last or trainer.received_sigterm)
             else:
                 self._pending = (point, trainer.received_sigterm)
         elif self._prepare_after_step:
@@ -260,9 +261,10 @@ class CheckpointCallbackMixin:
             self._close()
 
     # ------------------------------------------------------------------------------ saving
-    def _decide(self, trainer: Any, step: int) -> bool:
-        """Rank 0's decision, on every rank (time- and signal-based policies may differ between ranks)."""
-        decision = self._checkpointer.should_save(step) or trainer.received_sigterm
+    def _decide(self, trainer: Any, step: int, last: bool) -> bool:
+        """Rank 0's decision, on every rank (time- and signal-based policies may differ between ranks):
+        the policy's, or yes when SIGTERM arrived or the run ends after this step (``last``)."""
+        decision = self._checkpointer.should_save(step) or last or trainer.received_sigterm
         if trainer.world_size > 1:
             decision = trainer.strategy.broadcast(decision, src=0)
         return decision

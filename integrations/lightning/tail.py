@@ -28,10 +28,14 @@ class SavePoint:
       ``on_exception``.
     first_loop_iter: the training loop's logging state when the save was decided (validation
       replaces it while it runs, and the training loop puts it back after).
+    last: the run ends after this step, by ``max_steps`` or a stop requested during the step (``Timer``'s
+      ``max_time``): the save is taken right away, before Lightning ends the epoch early, and records no
+      stop, so that a longer run resumed from it goes on as if it had never stopped.
     """
 
     hook: str
     first_loop_iter: bool | None
+    last: bool = False
 
 
 def save_point(trainer: Any) -> SavePoint:
@@ -39,8 +43,9 @@ def save_point(trainer: Any) -> SavePoint:
     fit_loop = trainer.fit_loop
     epoch_loop = fit_loop.epoch_loop
     first_loop_iter = trainer._logger_connector._first_loop_iter
-    if 0 <= trainer.max_steps <= trainer.global_step:
-        hook = "on_train_batch_end"  # training ends here; a longer run continues from this step
+    last = 0 <= trainer.max_steps <= trainer.global_step or (trainer.should_stop and fit_loop._can_stop_early)
+    if last:
+        hook = "on_train_batch_end"
     elif epoch_loop._num_ready_batches_reached():
         hook = "on_train_epoch_end"
     elif (getattr(trainer, "_val_check_time_interval", None) is None  # a clock's decision cannot be foreseen
@@ -48,7 +53,7 @@ def save_point(trainer: Any) -> SavePoint:
         hook = "on_validation_end"
     else:
         hook = "on_train_batch_end"
-    return SavePoint(hook=hook, first_loop_iter=first_loop_iter)
+    return SavePoint(hook=hook, first_loop_iter=first_loop_iter, last=last)
 
 
 def continue_after(trainer: Any, saved_in: str) -> None:

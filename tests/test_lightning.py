@@ -19,7 +19,7 @@ from tests import fsutil, procs  # noqa: E402
 from tests.lightning_run import example, final_state, parse_args, same, train  # noqa: E402
 
 import ckpt  # noqa: E402
-from ckpt.integrations.lightning import load_weights  # noqa: E402
+from ckpt.integrations.lightning import load_from_checkpoint, load_weights  # noqa: E402
 from ckpt.integrations.lightning.pytorch_lightning import CheckpointCallback  # noqa: E402
 from ckpt.training import preservation_policies as pp  # noqa: E402
 from ckpt.training import save_decision_policies as sdp  # noqa: E402
@@ -273,6 +273,21 @@ def test_load_weights_reads_the_latest_or_a_given_step_into_a_fresh_model(tmp_pa
     assert not same(fresh.state_dict(), trainer.lightning_module.state_dict())
     with pytest.raises(ckpt.errors.StepNotFoundError, match="no checkpoint at step 3"):
         load_weights(fresh, tmp_path, step=3)
+
+
+def test_a_step_directory_such_as_best_model_path_gives_its_weights_or_the_module_it_saved(tmp_path):
+    trainer, callback = fit(tmp_path, model=example.Regressor(hidden=8, lr=0.02), max_steps=4,
+                            save_decision_policy=sdp.FixedIntervalPolicy(2))
+    trained = trainer.lightning_module.state_dict()
+    fresh = example.Regressor(hidden=8)
+    assert load_weights(fresh, callback.best_model_path) == 4 and same(fresh.state_dict(), trained)
+    model = load_from_checkpoint(example.Regressor, callback.last_model_path)  # built from the saved hparams
+    assert type(model) is example.Regressor and model.hparams.hidden == 8 and model.hparams.lr == 0.02
+    assert same(model.state_dict(), trained)
+    earlier = load_from_checkpoint(example.Regressor, tmp_path, step=2, lr=0.5)  # kwargs override, as in Lightning
+    assert earlier.hparams.lr == 0.5 and not same(earlier.state_dict(), trained)
+    with pytest.raises(ckpt.errors.StepNotFoundError, match="no checkpoint at step 3"):
+        load_from_checkpoint(example.Regressor, tmp_path, step=3)
 
 
 def test_load_weights_reads_a_read_only_directory(tmp_path):

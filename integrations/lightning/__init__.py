@@ -20,8 +20,9 @@ recognises a ``Checkpoint`` of its own namespace, so there is one class per name
 imported; when it has imported both or neither, ``lightning.pytorch`` if installed, else
 ``pytorch_lightning``. A mismatch is reported at ``Trainer.fit`` with the class to use instead.
 Lightning 2.5 or later is needed (the callback restores through its loops' restart stages).
-``best_model_path`` and ``last_model_path`` are step directories: read them with :func:`load_weights`,
-or pass them as ``ckpt_path=``: with the callback in the Trainer, ``fit``, ``validate``, ``test`` and
+``best_model_path`` and ``last_model_path`` are step directories: read them with :func:`load_weights`
+or :func:`load_from_checkpoint` (Lightning's ``Model.load_from_checkpoint`` reads files only), or pass
+them as ``ckpt_path=``: with the callback in the Trainer, ``fit``, ``validate``, ``test`` and
 ``predict`` read a step directory (and ``ckpt_path="best"``) as they read a ``.ckpt`` file.
 
 What a resume restores exactly (on CPU with a deterministic data order, the final parameters equal
@@ -55,9 +56,9 @@ import importlib.util
 import sys
 from typing import Any
 
-from ckpt.integrations.lightning.weights import load_weights
+from ckpt.integrations.lightning.weights import load_from_checkpoint, load_weights
 
-__all__ = ["CheckpointCallback", "load_weights"]
+__all__ = ["CheckpointCallback", "load_from_checkpoint", "load_weights"]
 
 
 def __getattr__(name: str) -> Any:

@@ -18,7 +18,7 @@ from typing import Any
 
 import ckpt
 
-from ckpt.integrations.lightning import translate
+from ckpt.integrations.lightning import translate, weights
 
 
 class StepCheckpointIO:
@@ -58,10 +58,4 @@ def install(strategy: Any) -> None:
 def is_step_directory(path: Any) -> bool:
     """Whether ``path`` is a directory (local) or holds a ckpt checkpoint (``s3://``, ``gs://``)."""
     path = os.fspath(path)
-    if "://" not in path:
-        return os.path.isdir(path)
-    try:
-        ckpt.checkpointables_metadata(path)
-    except ckpt.errors.InvalidLayoutError:
-        return False
-    return True
+    return os.path.isdir(path) if "://" not in path else weights.is_checkpoint(path)

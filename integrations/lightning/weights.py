@@ -1,13 +1,15 @@
-"""Reading the model weights of a step without a Trainer, and checking they fit a model.
+"""Reading what a step holds without a Trainer: its weights into a model, or the module it saved.
 
 Example::
 
     model = MyLightningModule()
     step = load_weights(model, "runs/exp1")       # the latest step; load_weights(model, d, step=120)
     model.eval()
+    best = load_from_checkpoint(MyLightningModule, callback.best_model_path)   # built from its hyperparameters
 """
 from __future__ import annotations
 
+import importlib
 import os
 from typing import Any, Mapping
 
@@ -16,7 +18,7 @@ import torch
 import ckpt
 from ckpt.path import step as step_lib
 
-from ckpt.integrations.lightning.translate import MODEL
+from ckpt.integrations.lightning.translate import MODEL, TRAINER, from_checkpointables
 
 
 def load_weights(model: torch.nn.Module, directory: str | os.PathLike, step: int | None = None, *,
@@ -29,8 +31,8 @@ def load_weights(model: torch.nn.Module, directory: str | os.PathLike, step: int
 
     Args:
       model: the LightningModule (or any ``nn.Module`` with the same ``state_dict`` keys) to fill.
-      directory: the callback's directory.
-      step: the step to load; None for the latest.
+      directory: the callback's directory, or one step's (``callback.best_model_path``).
+      step: the step to load; None for the latest (or the step ``directory`` is).
       strict: as in ``nn.Module.load_state_dict``: every key must match.
       step_name_format: the callback's ``step_name_format``, if it was given one.
 
@@ -48,9 +50,37 @@ def load_weights(model: torch.nn.Module, directory: str | os.PathLike, step: int
     return step
 
 
+def load_from_checkpoint(cls: type, directory: str | os.PathLike, step: int | None = None, *,
+                         strict: bool | None = None, step_name_format: step_lib.NameFormat | None = None,
+                         **kwargs: Any) -> Any:
+    """What ``cls.load_from_checkpoint(path)`` gives for a ``.ckpt`` file, for a step the callback saved:
+    a ``cls`` made from the step's saved hyperparameters (``kwargs`` override them, as in Lightning),
+    with its ``on_load_checkpoint`` called and the step's weights loaded, on the CPU.
+
+    Args:
+      cls: the LightningModule class (``save_hyperparameters()`` in its ``__init__`` stores the arguments).
+      directory, step, step_name_format: as in :func:`load_weights`.
+      strict: as in Lightning (None: the module's ``strict_loading``).
+
+    Example::
+
+        model = load_from_checkpoint(MyLightningModule, "runs/exp1", step=120, dropout=0.0)
+    """
+    _, path = step_path(directory, step, step_name_format)
+    checkpoint = from_checkpointables(ckpt.load_checkpointables(path, {MODEL: None, TRAINER: None}))
+    package = next(c.__module__.split(".core.")[0] for c in cls.__mro__ if c.__name__ == "LightningModule")
+    migration = importlib.import_module(f"{package}.utilities.migration.utils")
+    checkpoint = migration._pl_migrate_checkpoint(checkpoint, path)  # Lightning's upgrade of an older one
+    checkpoint.setdefault(cls.CHECKPOINT_HYPER_PARAMS_KEY, {}).update(kwargs)
+    return importlib.import_module(f"{package}.core.saving")._load_state(cls, checkpoint, strict=strict, **kwargs)
+
+
 def step_path(directory: str | os.PathLike, step: int | None,
               step_name_format: step_lib.NameFormat | None = None) -> tuple[int, str]:
-    """The committed step (latest when None) of ``directory`` and its path, found without a Checkpointer."""
+    """The committed step (latest when None) of ``directory`` and its path, found without a Checkpointer;
+    ``directory`` may be that step's own directory."""
+    if step is None and is_checkpoint(directory):
+        return ckpt.checkpointables_metadata(directory).step, os.fspath(directory)
     found = step_lib.find_all(directory, step_name_format)
     if step is None and found:
         step = max(found)
@@ -78,3 +108,12 @@ def check_model(saved: Mapping[str, Any], model: torch.nn.Module, *, source: str
     if problems:
         raise ValueError(f"{source} holds a different model than this {type(model).__name__}: "
                          + "; ".join(problems) + ". Use the directory this model was trained in, or a new one.")
+
+
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is one checkpoint's directory (not a root of steps, nor a file)."""
+    try:
+        ckpt.checkpointables_metadata(path)
+    except ckpt.errors.InvalidLayoutError:
+        return False
+    return True

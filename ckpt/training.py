@@ -249,6 +249,9 @@ class Checkpointer:
             i = bisect.bisect_left(infos, step, key=lambda info: info.step)
             return infos[i] if i < len(infos) and infos[i].step == step else None
 
+    def _committed_step(self, step: int) -> CheckpointMetadata | None:
+        return self._find(step) if self._local is None else next((c for c in self.checkpoints if c.step == step), None)
+
     def _resolve(self, step: int | CheckpointMetadata | None) -> CheckpointMetadata:
         if step is None:
             latest = self.latest
@@ -256,8 +259,11 @@ class Checkpointer:
                 raise errors.StepNotFoundError(f"no checkpoints in {self._directory}", step=None, path=self._directory)
             return latest
         number = _step_number(step)
-        found = self._find(number) if self._local is None else next(
-            (c for c in self.checkpoints if c.step == number), None)
+        found = self._committed_step(number)
+        in_flight = self._in_flight
+        if found is None and in_flight is not None and in_flight.step == number:
+            self.wait()  # the step is being written: committed (or its failure raised) first
+            found = self._committed_step(number)
         if found is None:
             steps = [c.step for c in self.checkpoints]
             raise errors.StepNotFoundError(f"no checkpoint at step {number} in {self._directory} (steps: {steps})",
@@ -548,9 +554,10 @@ class Checkpointer:
         ``ckpt.PLACEHOLDER`` (skipped). Without it, the tree comes back as
         saved (dicts, lists, tuples; numpy, jax and torch arrays; Python scalars).
 
-        A load lets go of the host buffers an async save keeps for the next one, so that the loaded
-        arrays can take their memory: a load after async saves holds no third copy of the state, and
-        the next async save makes its buffers anew.
+        A step that ``save_async`` is still writing is waited for (its failure raised); ``step=None``
+        is the latest committed step. A load lets go of the host buffers an async save keeps for the
+        next one, so that the loaded arrays can take their memory: a load after async saves holds no
+        third copy of the state, and the next async save makes its buffers anew.
 
         Raises:
           StepNotFoundError: no such step (or no checkpoint at all).

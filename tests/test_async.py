@@ -96,6 +96,24 @@ def test_a_second_save_waits_for_the_first_and_both_commit_in_order(tmp_path, ga
         assert [c.step for c in ckptr.checkpoints] == [1, 2]
 
 
+def test_loading_the_step_an_async_save_is_writing_waits_for_it(tmp_path, gate, monkeypatch):
+    original = Checkpointer.wait
+
+    def wait(self):  # the write goes on only once something waits for it
+        if self.is_saving_in_progress():
+            gate.set()
+        original(self)
+
+    monkeypatch.setattr(Checkpointer, "wait", wait)
+    with Checkpointer(tmp_path, save_decision_policy=ALWAYS) as ckptr:
+        ckptr.save_async(2, state(2))
+        assert ckptr.latest is None and not gate.is_set()
+        np.testing.assert_array_equal(ckptr.load(2)["big"], np.full(BIG, 2, np.float32))
+        assert ckptr.metadata(2).step == 2
+        with pytest.raises(ckpt.errors.StepNotFoundError, match="no checkpoint at step 3"):
+            ckptr.load(3)
+
+
 def test_on_complete_is_called_with_the_result(tmp_path):
     seen = []
     with Checkpointer(tmp_path, save_decision_policy=ALWAYS) as ckptr:

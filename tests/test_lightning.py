@@ -417,6 +417,16 @@ def test_resuming_an_older_ckpt_path_into_a_directory_with_later_steps_is_refuse
         fit(tmp_path, max_steps=6, ckpt_path=lightning_file)
 
 
+def test_model_checkpoints_options_are_refused_naming_what_to_pass_instead():
+    with pytest.raises(TypeError, match=r"(?s)\['dirpath', 'every_n_train_steps'\]; these are ModelCheckpoint's.*"
+                                        r"dirpath: the directory.*FixedIntervalPolicy\(n\)"):
+        CheckpointCallback(dirpath="runs/exp1", every_n_train_steps=100)
+    with pytest.raises(TypeError, match=r"\['saev_top_k'\]\nIt takes: directory, save_decision_policy, "):
+        CheckpointCallback("runs/exp1", saev_top_k=2)
+    with pytest.raises(TypeError, match="needs the directory"):
+        CheckpointCallback()
+
+
 def test_a_trainer_of_the_other_namespace_is_refused_with_the_class_to_use(tmp_path):
     other = type("Trainer", (), {"__module__": "lightning.pytorch.trainer.trainer"})()
     with pytest.raises(TypeError, match=r"ckpt.integrations.lightning.lightning_pytorch.CheckpointCallback"):

@@ -32,6 +32,7 @@ What happens when:
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 import os
 import warnings
@@ -84,11 +85,14 @@ class CheckpointCallbackMixin:
 
     lightning_package: str = ""  # the namespace of the concrete class's Checkpoint base
 
-    def __init__(self, directory: str | os.PathLike, *, save_decision_policy: Any = None,
+    def __init__(self, directory: str | os.PathLike | None = None, *, save_decision_policy: Any = None,
                  preservation_policy: Any = None, monitor: str | None = None, mode: str = "min",
                  async_save: bool = True, restore: bool = True, step_name_format: Any = None,
-                 context: ckpt.Context | None = None, local: ckpt.LocalCheckpointOptions | None = None) -> None:
+                 context: ckpt.Context | None = None, local: ckpt.LocalCheckpointOptions | None = None,
+                 **model_checkpoint_options: Any) -> None:
         super().__init__()
+        if model_checkpoint_options or directory is None:
+            raise TypeError(_instead_of(model_checkpoint_options))
         if mode not in ("min", "max"):
             raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
         if monitor is not None and not isinstance(monitor, str):
@@ -368,6 +372,39 @@ class CheckpointCallbackMixin:
                 f"this CheckpointCallback is built on {self.lightning_package}, but the Trainer comes from "
                 f"{package}; Lightning only recognises callbacks of its own namespace. Use "
                 f"ckpt.integrations.lightning.{other}.CheckpointCallback.")
+
+
+# ModelCheckpoint's options, and what CheckpointCallback takes instead
+_MODEL_CHECKPOINT = {
+    "dirpath": "the directory, the first argument: CheckpointCallback('runs/exp1')",
+    "filename": "none: each step is a directory named by the step (step_name_format)",
+    "every_n_train_steps": "save_decision_policy=save_decision_policies.FixedIntervalPolicy(n)",
+    "train_time_interval": "save_decision_policy=save_decision_policies.ContinuousCheckpointingPolicy("
+                           "minimum_interval_secs=s)",
+    "every_n_epochs": "save_decision_policy=FixedIntervalPolicy(steps per epoch * n)",
+    "save_on_train_epoch_end": "none: a step is saved after the validation or epoch end that is due at it",
+    "save_top_k": "monitor= keeps the best step (and the latest); the k best: preservation_policy=preservation_"
+                  "policies.BestN(get_metric_fn=lambda m: m['val_loss'], reverse=True, n=k) (reverse: lowest first)",
+    "save_last": "none: the latest step is always kept",
+    "save_weights_only": "none: the full state is saved; load_weights reads only the weights",
+    "verbose": "none", "auto_insert_metric_name": "none", "enable_version_counter": "none",
+}
+
+
+def _instead_of(options: dict[str, Any]) -> str:
+    """The error for ``CheckpointCallback(**options)``: what to pass instead of ModelCheckpoint's options."""
+    if not options:
+        return "CheckpointCallback needs the directory to save in: CheckpointCallback('runs/exp1')"
+    lines = [f"  {name}: {_MODEL_CHECKPOINT[name]}" for name in options if name in _MODEL_CHECKPOINT]
+    unknown = [name for name in options if name not in _MODEL_CHECKPOINT]
+    message = f"CheckpointCallback got unexpected keyword arguments {sorted(options)}"
+    if lines:
+        message += "; these are ModelCheckpoint's. Instead:\n" + "\n".join(lines)
+    if unknown:
+        taken = [p.name for p in inspect.signature(CheckpointCallbackMixin).parameters.values()
+                 if p.kind is not p.VAR_KEYWORD]
+        message += f"\nIt takes: {', '.join(taken)}"
+    return message
 
 
 def _for_rank(states: list[Any] | None, rank: int) -> Any:

@@ -110,6 +110,7 @@ class Checkpointer:
         self._infos_lock = threading.Lock()
         self._gc_lock = threading.Lock()
         self._closed = False
+        self._warned_behind = False
         self._processes = self._ctx.multiprocessing_options.processes or distributed.current()
         self._operations = 0
         self._preempted_at: int | None = None
@@ -248,6 +249,16 @@ class Checkpointer:
             infos = self._infos
             i = bisect.bisect_left(infos, step, key=lambda info: info.step)
             return infos[i] if i < len(infos) and infos[i].step == step else None
+
+    def _warn_of_a_step_behind(self, step: int) -> None:
+        """Says once that saves of steps up to the latest are skipped (as in Orbax, where a run
+        restarted from an older step without loading saved nothing, silently, until it passed it)."""
+        latest = self.latest
+        if not self._warned_behind and latest is not None and step <= latest.step:
+            self._warned_behind = True
+            logger.warning("ckpt: step %d is not saved, nor any step up to %d: %s already holds step %d, and a save "
+                           "must come after the latest step. Resume from it with load(), or pass force=True to save "
+                           "anyway. (Said once.)", step, latest.step, self._directory, latest.step)
 
     def _committed_step(self, step: int) -> CheckpointMetadata | None:
         return self._find(step) if self._local is None else next((c for c in self.checkpoints if c.step == step), None)
@@ -443,6 +454,7 @@ class Checkpointer:
         else:
             due = force or self._decide(step, replacing=existing is not None)
         if not force and not due:
+            self._warn_of_a_step_behind(step)
             return None  # a step below the latest, or one the policy skips
         if self._local is not None:
             return self._local.save(step, checkpointables, force=force, overwrite=overwrite, blocking=blocking,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime
+import logging
 import math
 import os
 import time
@@ -139,6 +140,23 @@ def test_saving_an_existing_step_without_overwrite_raises_step_already_exists_as
         assert ckptr.load(0) == {"a": "old"}
         ckptr.save(2, {"a": "two"})
         assert ckptr.save(1, {"a": "one"}) is False     # a missing step below the latest: skipped
+
+
+def test_a_run_restarted_below_the_latest_step_is_told_once_that_its_saves_are_skipped(tmp_path, caplog):
+    """Orbax skips such saves silently: a run restarted from step 0 without loading saved nothing (Orbax #527)."""
+    with Checkpointer(tmp_path, save_decision_policy=sdp.FixedIntervalPolicy(2)) as ckptr:
+        ckptr.save(4, {"a": 4})
+    with caplog.at_level(logging.WARNING, logger="ckpt"), Checkpointer(tmp_path) as ckptr:
+        assert ckptr.save(1, {"a": 1}) is False     # the default policy would save it, were it past step 4
+        assert ckptr.save_async(3, {"a": 3}) is None
+        assert ckptr.save(5, {"a": 5}) is True
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and f"step 1 is not saved, nor any step up to 4: {tmp_path} already holds step 4" \
+        in warnings[0], warnings
+    with caplog.at_level(logging.WARNING, logger="ckpt"), Checkpointer(tmp_path) as ckptr:
+        caplog.clear()
+        assert ckptr.should_save(2) is False and ckptr.save(7, {"a": 7}) is True  # asking alone says nothing
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
 
 
 def test_forcing_an_existing_step_raises_step_already_exists_and_keeps_the_old_one(tmp_path):

@@ -86,6 +86,11 @@ CONFIGS: dict[str, Config] = {
     "model_checkpoint_beside": Config(kill_at=11, model_checkpoint=True),
     "fit_ckpt_path_last": Config(kill_at=11, ckpt_path="last"),
     "batchnorm_buffers": Config(kill_at=11, model="batchnorm"),
+    "reload_dataloaders_with_workers": Config(kill_at=11, workers=2,
+                                              trainer=(("reload_dataloaders_every_n_epochs", 1),)),
+    "val_every_3_steps_across_epochs": Config(kill_at=9, val=True, trainer=(("val_check_interval", 3),
+                                                                              ("check_val_every_n_epoch", None))),
+    "max_time_timer_state": Config(kill_at=11, trainer=(("max_time", "00:01:00:00"),)),
     "lightning_pytorch_namespace": Config(kill_at=13, val=True, epoch_metrics=True,
                                           namespace="lightning.pytorch"),
 }

@@ -179,3 +179,11 @@ def test_a_promotion_that_outlasts_the_grace_period_is_reported_and_the_upload_s
     with ckpt.Checkpointer(tmp_path / "durable") as durable:  # close() let the upload end
         assert [c.step for c in durable.checkpoints] == [2]
         assert_bit_exact(durable.load(), 2)
+
+
+def test_a_local_tier_in_the_roots_own_directory_is_refused_before_anything_is_written(tmp_path):
+    root = tmp_path / "run"
+    for local in (root, f"{root}/", tmp_path / "x" / ".." / "run"):
+        with pytest.raises(ValueError, match=r"the local tier's directory is the root itself \(.*run\)"):
+            ckpt.Checkpointer(root, local=ckpt.LocalCheckpointOptions(local))
+    assert not root.exists()

@@ -121,9 +121,11 @@ def parse_manifest(step_dir: storage.Location, data: bytes) -> dict:
                                        path=step_dir)
     version = manifest.get("version")
     if type(version) is not int or version not in fmt.READ_VERSIONS:
+        newer = type(version) is int and version > max(fmt.READ_VERSIONS)
         raise CheckpointCorruptedError(
             f"{path} has format version {_short(version)}; this ckpt reads versions "
-            f"{', '.join(map(str, fmt.READ_VERSIONS))}", path=step_dir)
+            f"{', '.join(map(str, fmt.READ_VERSIONS))}" + (": a newer ckpt wrote it, upgrade ckpt to read it"
+                                                           if newer else ""), path=step_dir)
     try:
         _check_manifest(manifest)
     except _Invalid as e:

@@ -132,6 +132,17 @@ def test_a_tree_json_that_orjson_reads_otherwise_is_read_by_json(tmp_path, monke
     assert ckpt.load(tmp_path / "plain")["n"] == 2 ** 62 and parsed == [fmt.MANIFEST, "orjson"]
 
 
+def test_a_step_of_a_newer_format_version_says_a_newer_ckpt_wrote_it(tmp_path):
+    ckpt.save(tmp_path / "c", {"a": 1})
+    manifest = json.loads((tmp_path / "c" / fmt.MANIFEST).read_bytes())
+    del manifest["manifest_crc32"]
+    for version, says in ((max(fmt.READ_VERSIONS) + 1, r"version 3; this ckpt reads versions 1, 2: a newer ckpt wrote "
+                                                        r"it, upgrade ckpt to read it"), (0, r"version 0; this .*2$")):
+        (tmp_path / "c" / fmt.MANIFEST).write_bytes(fmt.sealed_manifest({**manifest, "version": version}))
+        with pytest.raises(ckpt.errors.CheckpointCorruptedError, match=says):
+            ckpt.load(tmp_path / "c")
+
+
 def test_a_step_of_format_version_1_is_listed_loaded_verified_and_checked_as_before(tmp_path):
     """Steps saved before format version 2 (each leaf entry one object) are read as they were."""
     state = {"big": np.arange(LARGE, dtype=np.float32), "small": np.arange(3, dtype=np.int16), "n": 5, "s": "hi",

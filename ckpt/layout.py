@@ -243,7 +243,7 @@ def signature(x: Any) -> Any:
         return (kind, x.shape, x.dtype, x.device)
     jax = sys.modules.get("jax")
     if jax is not None and isinstance(x, jax.Array) and not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-        return (kind, x.shape, x.dtype, x.sharding)
+        return None if x.is_deleted() else (kind, x.shape, x.dtype, x.sharding)  # a donated one: planned to be refused
     return None
 
 

@@ -128,6 +128,18 @@ def _check_ndim(path: KeyPath, shape: tuple[int, ...], what: str) -> None:
                          f"{fmt.MAX_NDIM}")
 
 
+def _check_jax_array(path: KeyPath, x: Any, jax: Any) -> None:
+    """Raises naming the key path for a jax array with no values to save (a tracer, a deleted array)."""
+    where = keystr(path) or "the root"
+    if isinstance(x, jax.core.Tracer):
+        raise TypeError(f"jax array at {where} is a tracer, which holds no values: the save was called inside a "
+                        "transformed function (jax.jit, grad, vmap). Save the arrays it returns, outside it")
+    if x.is_deleted():
+        raise ValueError(f"jax array at {where} has been deleted (donated to a jitted function, or .delete()): "
+                         "save the array the function returned in its place")
+    _check_ndim(path, x.shape, "jax array")
+
+
 def _native(array: np.ndarray) -> np.ndarray:
     if array.dtype.byteorder == ">" or (array.dtype.byteorder == "=" and sys.byteorder == "big"):
         return array.astype(array.dtype.newbyteorder("<"))
@@ -177,7 +189,7 @@ def to_host(path: KeyPath, x: Any) -> HostLeaf:
         return HostLeaf({"type": "torch", "dtype": dtype_name(array.dtype), "shape": list(array.shape)}, array)
     jax = sys.modules.get("jax")
     if jax is not None and isinstance(x, jax.Array):
-        _check_ndim(path, x.shape, "jax array")
+        _check_jax_array(path, x, jax)
         if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
             data = jax.random.key_data(x)
             meta = {"type": "jax_key", "impl": str(jax.random.key_impl(x)), "dtype": dtype_name(np.dtype(data.dtype)),

@@ -116,6 +116,19 @@ def save_pytree_with_key(key: Any) -> Callable[[Checkpointer, Path], Any]:
     return call
 
 
+def save_jax(how: str) -> Callable[[Checkpointer, Path], Any]:
+    """A save of a jax array that a jitted function was donated (deleted), or of a tracer (the save
+    called inside ``jax.jit``)."""
+    def call(ckptr: Checkpointer, root: Path) -> Any:
+        jax = pytest.importorskip("jax")
+        state = {"w": jax.numpy.ones(3), "b": jax.numpy.zeros(2)}
+        if how == "tracer":
+            return jax.jit(lambda w: ckptr.save(1, {"w": w}, force=True) and w)(state["w"])
+        jax.jit(lambda w: w + 1, donate_argnums=0)(state["w"])
+        return getattr(ckptr, how)(1, state, force=True)
+    return call
+
+
 STRUCTURED = np.dtype([("x", "<i4"), ("y", "<f8")])
 
 
@@ -126,6 +139,9 @@ CASES = {
     "function leaf": Case(save({"f": lambda x: x}), TypeError, r"\['f'\].*function"),
     "set leaf": Case(save({"s": {1, 2}}), TypeError, r"\['s'\].*builtins\.set"),
     "object array": Case(save({"o": np.array([1, "x"], dtype=object)}), TypeError, r"\['o'\].*Python objects"),
+    "donated jax array": Case(save_jax("save"), ValueError, r"jax array at \['w'\] has been deleted \(donated"),
+    "donated jax array, async": Case(save_jax("save_async"), ValueError, r"\['w'\] has been deleted"),
+    "jax tracer": Case(save_jax("tracer"), TypeError, r"jax array at \['w'\] is a tracer.*inside a transformed"),
     "masked array": Case(save({"m": np.ma.array([1, 2], mask=[0, 1])}), TypeError, r"\['m'\] is a masked array"),
     "structured array": Case(save({"a": np.zeros(2, STRUCTURED)}), TypeError, r"\['a'\] has the structured dtype"),
     "record array": Case(save({"a": np.rec.array(np.zeros(2, STRUCTURED))}), TypeError, r"\['a'\].*structured"),
@@ -237,6 +253,20 @@ def test_the_free_functions_refuse_bad_input_before_creating_the_path(tmp_path, 
     with pytest.raises(TypeError, match=r"\['a'\].*Opaque"):
         getattr(ckpt, how)(tmp_path / "one" / "ckpt", {"a": Opaque()})
     assert not (tmp_path / "one").exists()
+
+
+@pytest.mark.parametrize("how", ["save", "save_async"])
+def test_a_later_save_of_the_same_jax_tree_refuses_a_donated_array_as_the_first(root, how):
+    """The reused plan of the last save must not take a deleted array for the same leaf."""
+    jax = pytest.importorskip("jax")
+    state = {"w": jax.numpy.ones(3), "b": jax.numpy.zeros(2)}
+    with Checkpointer(root) as ckptr:
+        getattr(ckptr, how)(1, state, force=True)
+        ckptr.wait()
+        jax.jit(lambda w: w + 1, donate_argnums=0)(state["w"])
+        with pytest.raises(ValueError, match=r"jax array at \['w'\] has been deleted"):
+            getattr(ckptr, how)(2, state, force=True)
+        assert [c.step for c in ckptr.checkpoints] == [0, 1]
 
 
 def test_a_later_save_of_the_same_structure_checks_its_keys_as_the_first(root):

@@ -235,6 +235,20 @@ def test_callback_is_the_trainers_checkpoint_callback_and_exposes_best_and_last_
     assert all(math.isfinite(c.metrics["train_loss"]) for c in checkpoints)
 
 
+def test_a_monitor_that_no_step_logged_is_warned_of_at_the_end_of_fit(tmp_path, caplog):
+    """Lightning's ModelCheckpoint raises for a monitored key it cannot find; steps saved before a
+    validation lack a validation metric, so the callback says it once the fit is over."""
+    with caplog.at_level(logging.WARNING):
+        fit(tmp_path / "misspelt", max_steps=4, monitor="train_los", save_decision_policy=sdp.FixedIntervalPolicy(2))
+    warned = [r.getMessage() for r in caplog.records if "monitor=" in r.getMessage()]
+    assert warned == ["ckpt: monitor='train_los' is in the metrics of none of the steps, so none is kept as the "
+                      "best and best_model_path is ''. Metrics logged: ['train_loss'] (did you mean 'train_loss'?)"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        fit(tmp_path / "right", max_steps=4, monitor="train_loss", save_decision_policy=sdp.FixedIntervalPolicy(2))
+    assert not [r for r in caplog.records if "monitor=" in r.getMessage()]
+
+
 def test_final_step_is_saved_on_train_end_when_the_policy_skips_it(tmp_path):
     fit(tmp_path, max_steps=5, save_decision_policy=sdp.FixedIntervalPolicy(2), async_save=False)
     assert steps_in(tmp_path) == [2, 4, 5]

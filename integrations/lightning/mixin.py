@@ -59,7 +59,8 @@ class CheckpointCallbackMixin:
         first step, then whenever no save is in flight, and on preemption.
       preservation_policy: what to keep (``ckpt.training.preservation_policies``); default: all.
       monitor: a key of ``trainer.callback_metrics``; the best step by it is kept beside what
-        ``preservation_policy`` keeps (by default the latest step) and is ``best_model_path``.
+        ``preservation_policy`` keeps (by default the latest step) and is ``best_model_path``. A key
+        that none of the directory's steps holds at the end of fit is warned of (a misspelt name).
       mode: ``"min"`` or ``"max"``: which ``monitor`` value is best.
       async_save: write in the background (the training thread only takes the snapshot).
       restore: on fit start, resume from the latest step unless ``trainer.fit(ckpt_path=...)`` is given.
@@ -243,6 +244,9 @@ class CheckpointCallbackMixin:
             self._save(trainer, step, tail.SavePoint(hook="on_train_end", first_loop_iter=None))
         if self._checkpointer is not None:
             self._checkpointer.wait()
+            why = monitor_lib.never_logged(self.monitor, self._checkpointer.checkpoints, trainer.callback_metrics)
+            if why is not None and trainer.global_rank == 0:
+                log.warning("ckpt: %s", why)
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         step = trainer.global_step

@@ -8,6 +8,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 from typing import Any, Mapping, Sequence
 
@@ -51,6 +52,18 @@ def step_metrics(callback_metrics: Mapping[str, Any]) -> dict[str, float]:
         if math.isfinite(number):
             out[str(key)] = number
     return out
+
+
+def never_logged(monitor: str | None, checkpoints: Sequence[CheckpointMetadata],
+                 callback_metrics: Mapping[str, Any]) -> str | None:
+    """Why no step is the best by ``monitor`` when none of ``checkpoints`` holds it (a misspelt
+    name, or a metric logged under another), naming the metrics logged; None when one does."""
+    if monitor is None or not checkpoints or any(c.metrics and monitor in c.metrics for c in checkpoints):
+        return None
+    logged = sorted(step_metrics(callback_metrics))
+    close = difflib.get_close_matches(monitor, logged, n=1)
+    return (f"monitor={monitor!r} is in the metrics of none of the steps, so none is kept as the best and "
+            f"best_model_path is ''. Metrics logged: {logged}" + (f" (did you mean {close[0]!r}?)" if close else ""))
 
 
 def best_step(checkpoints: Sequence[CheckpointMetadata], monitor: str | None, mode: str) -> CheckpointMetadata | None:

@@ -215,9 +215,10 @@ class CheckpointCallbackMixin:
         if not self._at_step_boundary or trainer.fast_dev_run:
             return
         self._decided_step = step
-        point = tail.save_point(trainer)
-        if self._decide(trainer, step, point.last):  # rank 0's save follows its should_save (SIGTERM: both tiers)
+        last = tail.ends_after_batch(trainer)
+        if self._decide(trainer, step, last):  # rank 0's save follows its should_save (SIGTERM: both tiers)
             self._prepare_after_step = False  # the save makes its own memory, kept for the next ones
+            point = tail.save_point(trainer, last)
             if point.hook == "on_train_batch_end":
                 self._save(trainer, step, point, force=point.last or trainer.received_sigterm)
             else:

@@ -11,7 +11,7 @@ Lightning internals (2.5 and later, tested with 2.6).
 
 Example (inside the callback)::
 
-    point = save_point(trainer)                               # in on_train_batch_end
+    point = save_point(trainer, ends_after_batch(trainer))    # in on_train_batch_end
     finish_iteration(trainer, "on_train_batch_end", False)    # in the resumed run's on_train_start
 """
 from __future__ import annotations
@@ -38,12 +38,18 @@ class SavePoint:
     last: bool = False
 
 
-def save_point(trainer: Any) -> SavePoint:
-    """Where the step that just ended is saved: after its validation or its epoch's end if due."""
+def ends_after_batch(trainer: Any) -> bool:
+    """Whether the run ends after the batch that just ended: ``max_steps`` reached, or a stop requested
+    (``Timer``'s ``max_time``, any callback's ``should_stop``) that Lightning may grant."""
+    return 0 <= trainer.max_steps <= trainer.global_step or (trainer.should_stop and trainer.fit_loop._can_stop_early)
+
+
+def save_point(trainer: Any, last: bool) -> SavePoint:
+    """Where the step that just ended is saved (``last``: :func:`ends_after_batch`): at once when the run
+    ends after it, else after its validation or its epoch's end if due."""
     fit_loop = trainer.fit_loop
     epoch_loop = fit_loop.epoch_loop
     first_loop_iter = trainer._logger_connector._first_loop_iter
-    last = 0 <= trainer.max_steps <= trainer.global_step or (trainer.should_stop and fit_loop._can_stop_early)
     if last:
         hook = "on_train_batch_end"
     elif epoch_loop._num_ready_batches_reached():

@@ -16,8 +16,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import ckpt
-
 from ckpt.integrations.lightning import translate, weights
 
 
@@ -31,8 +29,7 @@ class StepCheckpointIO:
         """The checkpoint dict of the step directory ``path`` (tensors on the CPU, where Lightning's restore
         puts them on the model's device), or what ``inner`` reads from a file."""
         if is_step_directory(path):
-            return translate.from_checkpointables(
-                ckpt.load_checkpointables(path, {translate.MODEL: None, translate.TRAINER: None}))
+            return translate.read(os.fspath(path))
         return self.inner.load_checkpoint(path, map_location=map_location, weights_only=weights_only)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:

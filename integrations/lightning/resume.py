@@ -25,7 +25,7 @@ def restore_trainer(trainer: Any, checkpoint: dict, *, source: str) -> None:
     (``on_fit_start``); the later built-in restore then finds nothing to do.
     """
     connector = _private(trainer, "_checkpoint_connector")
-    connector._loaded_checkpoint = _migrate(trainer, checkpoint, source)
+    connector._loaded_checkpoint = migrate(lightning_package(trainer), checkpoint, source)
     connector.restore_datamodule()
     connector.restore_model()
     connector.restore_callbacks()
@@ -39,9 +39,10 @@ def rank_zero_info(trainer: Any, message: str) -> None:
     importlib.import_module(f"{lightning_package(trainer)}.utilities.rank_zero").rank_zero_info(message)
 
 
-def _migrate(trainer: Any, checkpoint: dict, source: str) -> dict:
-    """Lightning's upgrade of a checkpoint written by an older Lightning (a no-op for the same version)."""
-    utils = importlib.import_module(f"{lightning_package(trainer)}.utilities.migration.utils")
+def migrate(package: str, checkpoint: dict, source: str) -> dict:
+    """Lightning's upgrade of a checkpoint written by an older Lightning (a no-op for the same version);
+    ``package``: ``"pytorch_lightning"`` or ``"lightning.pytorch"``."""
+    utils = importlib.import_module(f"{package}.utilities.migration.utils")
     return utils._pl_migrate_checkpoint(checkpoint, source)
 
 

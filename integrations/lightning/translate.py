@@ -45,6 +45,11 @@ def load(checkpointer: ckpt.Checkpointer, step: int) -> dict[str, Any]:
     return checkpointer.load_checkpointables(step, {MODEL: None, TRAINER: None})
 
 
+def read(path: str) -> dict:
+    """The checkpoint dict Lightning's restore functions read, from the step directory ``path``."""
+    return from_checkpointables(ckpt.load_checkpointables(path, {MODEL: None, TRAINER: None}))
+
+
 def from_checkpointables(loaded: dict[str, Any]) -> dict:
     """Inverse of :func:`to_checkpointables`: the dict Lightning's restore functions read."""
     checkpoint = dict(loaded[TRAINER])

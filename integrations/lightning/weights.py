@@ -18,7 +18,8 @@ import torch
 import ckpt
 from ckpt.path import step as step_lib
 
-from ckpt.integrations.lightning.translate import MODEL, TRAINER, from_checkpointables
+from ckpt.integrations.lightning import resume, translate
+from ckpt.integrations.lightning.translate import MODEL
 
 
 def load_weights(model: torch.nn.Module, directory: str | os.PathLike, step: int | None = None, *,
@@ -67,10 +68,8 @@ def load_from_checkpoint(cls: type, directory: str | os.PathLike, step: int | No
         model = load_from_checkpoint(MyLightningModule, "runs/exp1", step=120, dropout=0.0)
     """
     _, path = step_path(directory, step, step_name_format)
-    checkpoint = from_checkpointables(ckpt.load_checkpointables(path, {MODEL: None, TRAINER: None}))
     package = next(c.__module__.split(".core.")[0] for c in cls.__mro__ if c.__name__ == "LightningModule")
-    migration = importlib.import_module(f"{package}.utilities.migration.utils")
-    checkpoint = migration._pl_migrate_checkpoint(checkpoint, path)  # Lightning's upgrade of an older one
+    checkpoint = resume.migrate(package, translate.read(path), path)
     checkpoint.setdefault(cls.CHECKPOINT_HYPER_PARAMS_KEY, {}).update(kwargs)
     return importlib.import_module(f"{package}.core.saving")._load_state(cls, checkpoint, strict=strict, **kwargs)
 

@@ -25,7 +25,7 @@ import copy
 import dataclasses
 from typing import Any, Callable
 
-from ckpt import handlers
+from ckpt import arguments, handlers
 
 # Orbax options ckpt accepts and cannot apply, with the reason (README, "What differs").
 NOT_APPLICABLE = {
@@ -351,7 +351,12 @@ class Context:
                  file_options: FileOptions | None = None,
                  checkpointables_options: CheckpointablesOptions | None = None,
                  deletion_options: DeletionOptions | None = None, memory_options: MemoryOptions | None = None):
+        if context is not None:
+            arguments.instance_of(context, Context, "Context(context)")
+
         def pick(given, name, cls):
+            if given is not None:
+                arguments.instance_of(given, cls, f"Context {name}")
             chosen = given if given is not None else getattr(context, name) if context is not None else None
             return cls() if chosen is None else _copy(chosen)
 

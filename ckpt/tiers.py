@@ -60,7 +60,7 @@ from typing import Any, Callable, Sequence
 
 import tensorstore as ts
 
-from ckpt import background, distributed, errors, loading, root, storage
+from ckpt import arguments, background, distributed, errors, loading, root, storage
 from ckpt import format as fmt
 from ckpt.context import Context, MultiprocessingOptions
 from ckpt.metadata import CheckpointMetadata
@@ -107,6 +107,12 @@ class LocalCheckpointOptions:
                              "is the Checkpointer's own directory)")
         if not isinstance(self.grace_period_secs, (int, float)) or self.grace_period_secs < 0:
             raise ValueError(f"grace_period_secs must be a number >= 0, got {self.grace_period_secs!r}")
+        if self.save_decision_policy is not None:
+            arguments.implements(self.save_decision_policy, save_decision_policies.SaveDecisionPolicy,
+                                 "LocalCheckpointOptions.save_decision_policy")
+        if self.preservation_policy is not None:
+            arguments.implements(self.preservation_policy, preservation_policies.PreservationPolicy,
+                                 "LocalCheckpointOptions.preservation_policy")
 
 
 class TieredCheckpointMetadata(CheckpointMetadata):

@@ -31,7 +31,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
-from ckpt import background, custom, distributed, dtensor, formats, host_memory, loading, orbax, preemption, root, saving
+from ckpt import arguments, background, custom, distributed, dtensor, formats, host_memory, loading, orbax, preemption, root, saving
 from ckpt import storage, tiers
 from ckpt import errors
 from ckpt import format as fmt
@@ -90,6 +90,8 @@ class Checkpointer:
                  step_name_format: step_lib.NameFormat | None = None, custom_metadata: Any = None,
                  cleanup_tmp_directories: bool = False, lightweight_initialize: bool = False,
                  local: tiers.LocalCheckpointOptions | None = None):
+        check_options(context=context, save_decision_policy=save_decision_policy,
+                      preservation_policy=preservation_policy, step_name_format=step_name_format, local=local)
         if custom_metadata is not None:
             fmt.check_json(custom_metadata, "custom_metadata")
         self._directory = storage.location(directory)
@@ -810,6 +812,31 @@ class Checkpointer:
         """
         warnings.warn("Use `metadata` instead.", DeprecationWarning, stacklevel=2)
         return self.metadata(*args, **kwargs)
+
+
+def check_options(*, context: Context | None = None,
+                  save_decision_policy: save_decision_policies.SaveDecisionPolicy | None = None,
+                  preservation_policy: preservation_policies.PreservationPolicy | None = None,
+                  step_name_format: step_lib.NameFormat | None = None,
+                  local: tiers.LocalCheckpointOptions | None = None) -> None:
+    """Raises TypeError naming the first of these :class:`Checkpointer` arguments that is not of its kind
+    (a dict where a policy belongs, a policy's class instead of an instance); None stands for the default.
+
+    Example::
+
+        try:
+            check_options(save_decision_policy=save_decision_policies.FixedIntervalPolicy)   # the class
+        except TypeError as e:
+            assert "save_decision_policy" in str(e)
+    """
+    for name, value, kind in (("save_decision_policy", save_decision_policy, save_decision_policies.SaveDecisionPolicy),
+                              ("preservation_policy", preservation_policy, preservation_policies.PreservationPolicy),
+                              ("step_name_format", step_name_format, step_lib.NameFormat)):
+        if value is not None:
+            arguments.implements(value, kind, name)
+    for name, value, cls in (("context", context, Context), ("local", local, tiers.LocalCheckpointOptions)):
+        if value is not None:
+            arguments.instance_of(value, cls, name)
 
 
 def checkpoint_metadata(step_dir: storage.Location, name: str | None, *, step: int | None = None,

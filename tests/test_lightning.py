@@ -439,6 +439,73 @@ def test_model_checkpoints_options_are_refused_naming_what_to_pass_instead():
         CheckpointCallback("runs/exp1", saev_top_k=2)
     with pytest.raises(TypeError, match="needs the directory"):
         CheckpointCallback()
+    with pytest.raises(TypeError, match=r"save_decision_policy must be an object with a should_save method .*"
+                                        r"class_path configuration that was not instantiated"):
+        CheckpointCallback("runs/exp1", save_decision_policy={"class_path": "my_policies.EveryHour"})
+
+
+class SyntheticData(pl.LightningDataModule):
+    def train_dataloader(self):
+        return DataLoader(example.synthetic_data(), batch_size=16, shuffle=True)
+
+
+CLI_CONFIG = """
+trainer:
+  accelerator: cpu
+  devices: 1
+  logger: false
+  enable_progress_bar: false
+  enable_model_summary: false
+  callbacks:
+    - class_path: ckpt.integrations.lightning.pytorch_lightning.CheckpointCallback
+      init_args:
+        directory: {durable}
+        save_decision_policy:
+          class_path: ckpt.training.save_decision_policies.AnySavePolicy
+          init_args:
+            policies:
+              - {{class_path: ckpt.training.save_decision_policies.FixedIntervalPolicy, init_args: {{interval: 4}}}}
+              - {{class_path: ckpt.training.save_decision_policies.SpecificStepsPolicy, init_args: {{steps: [1, 6]}}}}
+              - class_path: ckpt.training.save_decision_policies.PreemptionCheckpointingPolicy
+        preservation_policy:
+          class_path: ckpt.training.preservation_policies.AnyPreservationPolicy
+          init_args:
+            policies:
+              - {{class_path: ckpt.training.preservation_policies.LatestN, init_args: {{n: 1}}}}
+              - {{class_path: ckpt.training.preservation_policies.CustomSteps, init_args: {{steps: [4, 5, 6]}}}}
+              - {{class_path: ckpt.training.preservation_policies.EveryNSteps, init_args: {{interval_steps: 8}}}}
+        context:
+          class_path: ckpt.Context
+          init_args:
+            async_options: {{class_path: ckpt.AsyncOptions, init_args: {{timeout_secs: 100}}}}
+        local:
+          class_path: ckpt.LocalCheckpointOptions
+          init_args:
+            directory: {local}
+            save_decision_policy: {{class_path: ckpt.training.save_decision_policies.FixedIntervalPolicy, init_args: {{interval: 3}}}}
+"""
+
+
+def test_lightning_cli_configures_the_callback_its_policies_and_local_tier_from_yaml_and_resumes(
+        tmp_path, monkeypatch, caplog):
+    pytest.importorskip("jsonargparse")
+    monkeypatch.setattr("sys.argv", ["train.py"])
+    from pytorch_lightning.cli import LightningCLI
+
+    config = tmp_path / "config.yaml"
+    config.write_text(CLI_CONFIG.format(durable=tmp_path / "durable", local=tmp_path / "local"))
+
+    def fit(max_steps: int) -> pl.Trainer:
+        return LightningCLI(example.Regressor, SyntheticData, seed_everything_default=0, save_config_callback=None,
+                            args=["fit", "--config", str(config), f"--trainer.max_steps={max_steps}"]).trainer
+
+    first = fit(12)
+    assert steps_in(tmp_path / "durable") == [4, 6, 8, 12] and steps_in(tmp_path / "local") == [9, 12]
+    with caplog.at_level(logging.INFO):
+        second = fit(16)
+    assert f"Restored all states from the ckpt checkpoint at {tmp_path / 'local'}/12" in caplog.text
+    assert steps_in(tmp_path / "durable") == [4, 6, 8, 16] and steps_in(tmp_path / "local") == [15, 16]
+    assert first.global_step == 12 and second.global_step == 16
 
 
 def test_a_trainer_of_the_other_namespace_is_refused_with_the_class_to_use(tmp_path):

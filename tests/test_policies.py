@@ -6,6 +6,7 @@ import datetime
 import numpy as np
 import pytest
 
+import ckpt
 from ckpt import CheckpointMetadata
 from ckpt.training import Checkpointer
 from ckpt.training import preservation_policies as pp
@@ -165,3 +166,50 @@ def test_any_preservation_policy_is_an_elementwise_or():
 def test_invalid_preservation_arguments_are_rejected(make):
     with pytest.raises(ValueError):
         make()
+
+
+@pytest.mark.parametrize("make, names", [
+    (lambda: sdp.SpecificStepsPolicy(500), "SpecificStepsPolicy steps"),
+    (lambda: sdp.SpecificStepsPolicy("10"), "SpecificStepsPolicy steps"),
+    (lambda: pp.CustomSteps([1.5]), "CustomSteps steps"),
+    (lambda: sdp.ContinuousCheckpointingPolicy(minimum_interval_secs="600"), "minimum_interval_secs"),
+    (lambda: pp.EveryNSeconds("3600"), "EveryNSeconds interval_secs"),
+    (lambda: pp.LatestDuration(3600), "LatestDuration duration"),
+    (lambda: pp.BestN(get_metric_fn="loss"), "BestN get_metric_fn"),
+    (lambda: sdp.AnySavePolicy(sdp.FixedIntervalPolicy(2)), "AnySavePolicy.policies must be a list"),
+    (lambda: sdp.AnySavePolicy([sdp.FixedIntervalPolicy(2), {"interval": 3}]), "AnySavePolicy.policies[1]"),
+    (lambda: pp.AnyPreservationPolicy([pp.LatestN(1), None]), "AnyPreservationPolicy.policies[1]"),
+    (lambda: ckpt.LocalCheckpointOptions("/mnt/ssd/exp1", preservation_policy=2),
+     "LocalCheckpointOptions.preservation_policy"),
+    (lambda: ckpt.Context(async_options={"timeout_secs": 600}), "Context async_options"),
+])
+def test_a_policy_of_wrong_arguments_names_them_when_made(make, names):
+    with pytest.raises((TypeError, ValueError)) as raised:
+        make()
+    assert names in str(raised.value)
+
+
+def test_steps_of_any_container_are_taken_without_iterating_it():
+    class Even:
+        def __contains__(self, step):
+            return step % 2 == 0
+
+    assert decide(sdp.SpecificStepsPolicy(Even()), 4) and not decide(sdp.SpecificStepsPolicy(Even()), 5)
+    assert decide(sdp.SpecificStepsPolicy(range(0, 10**15, 1000)), 3000)
+
+
+@pytest.mark.parametrize("options, names", [
+    (dict(save_decision_policy={"class_path": "ckpt.training.save_decision_policies.FixedIntervalPolicy"}),
+     "save_decision_policy must be an object with a should_save method"),
+    (dict(save_decision_policy=sdp.InitialSavePolicy), "pass an instance, InitialSavePolicy(...)"),
+    (dict(save_decision_policy=[sdp.FixedIntervalPolicy(2)]), "save_decision_policy"),
+    (dict(preservation_policy=3), "preservation_policy must be an object with a should_preserve method"),
+    (dict(step_name_format="{step}"), "step_name_format must be an object with a build_name method"),
+    (dict(context={"async_options": None}), "context must be an instance of Context"),
+    (dict(local="/mnt/ssd/exp1"), "local must be an instance of LocalCheckpointOptions"),
+])
+def test_a_checkpointer_of_wrong_arguments_names_them_and_writes_nothing(tmp_path, options, names):
+    with pytest.raises(TypeError) as raised:
+        Checkpointer(tmp_path / "run", **options)
+    assert names in str(raised.value)
+    assert not (tmp_path / "run").exists()

@@ -14,6 +14,7 @@ import dataclasses
 import datetime
 from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
+from ckpt import arguments
 from ckpt.metadata import CheckpointMetadata, now_nsecs
 
 
@@ -35,7 +36,8 @@ class PreservationPolicy(Protocol):
     Example::
 
         class KeepEven:                              # ckpt.Checkpointer(..., preservation_policy=KeepEven())
-            def should_preserve(self, checkpoints, *, context):
+            def should_preserve(self, checkpoints: Sequence[CheckpointMetadata], *,
+                        context: PreservationContext) -> Sequence[bool]:
                 return [c.step % 2 == 0 for c in checkpoints]
         checkpoints = [ckpt.CheckpointMetadata(step, None) for step in range(3)]
         assert KeepEven().should_preserve(checkpoints, context=PreservationContext()) == [True, False, True]
@@ -57,7 +59,8 @@ class PreserveAll:
             assert [c.step for c in ckptr.checkpoints] == [0, 1, 2]
     """
 
-    def should_preserve(self, checkpoints, *, context):
+    def should_preserve(self, checkpoints: Sequence[CheckpointMetadata], *,
+                        context: PreservationContext) -> Sequence[bool]:
         return [True] * len(checkpoints)
 
     def __repr__(self) -> str:
@@ -82,7 +85,8 @@ class LatestN:
         if self.n is not None and (not isinstance(self.n, int) or self.n < 0):
             raise ValueError(f"LatestN n must be a non-negative int or None, got {self.n!r}")
 
-    def should_preserve(self, checkpoints, *, context):
+    def should_preserve(self, checkpoints: Sequence[CheckpointMetadata], *,
+                        context: PreservationContext) -> Sequence[bool]:
         if self.n is None:
             return [True] * len(checkpoints)
         cut = len(checkpoints) - self.n
@@ -104,10 +108,12 @@ class EveryNSeconds:
     interval_secs: float
 
     def __post_init__(self):
-        if self.interval_secs <= 0:
+        arguments.number(self.interval_secs, "EveryNSeconds interval_secs")
+        if self.interval_secs == 0:
             raise ValueError(f"EveryNSeconds interval_secs must be positive, got {self.interval_secs!r}")
 
-    def should_preserve(self, checkpoints, *, context):
+    def should_preserve(self, checkpoints: Sequence[CheckpointMetadata], *,
+                        context: PreservationContext) -> Sequence[bool]:
         keep, last = [], None
         for c in checkpoints:
             ok = last is None or (c.time - last).total_seconds() >= self.interval_secs
@@ -137,7 +143,8 @@ class EveryNSteps:
     def __post_init__(self):
         _check_interval(self)
 
-    def should_preserve(self, checkpoints, *, context):
+    def should_preserve(self, checkpoints: Sequence[CheckpointMetadata], *,
+                        context: PreservationContext) -> Sequence[bool]:
         _refuse_zero(self.interval_steps)
         keep, last = [], None
         for c in checkpoints:
@@ -194,7 +201,8 @@ class EveryNStepsClosest:
     def __post_init__(self):
         _check_interval(self)
 
-    def should_preserve(self, checkpoints, *, context):
+    def should_preserve(self, checkpoints: Sequence[CheckpointMetadata], *,
+                        context: PreservationContext) -> Sequence[bool]:
         _refuse_zero(self.interval_steps)
         closest: dict[int, tuple[int, int]] = {}  # multiple -> (distance, index)
         for i, c in enumerate(checkpoints):
@@ -224,7 +232,11 @@ class CustomSteps:
 
     steps: Sequence[int]
 
-    def should_preserve(self, checkpoints, *, context):
+    def __post_init__(self):
+        arguments.step_numbers(self.steps, "CustomSteps steps")
+
+    def should_preserve(self, checkpoints: Sequence[CheckpointMetadata], *,
+                        context: PreservationContext) -> Sequence[bool]:
         steps = set(self.steps)
         return [c.step in steps for c in checkpoints]
 
@@ -252,10 +264,13 @@ class BestN:
     keep_checkpoints_without_metrics: bool = True
 
     def __post_init__(self):
+        if not callable(self.get_metric_fn):
+            raise TypeError(f"BestN get_metric_fn must be a function of a step's metrics, got {self.get_metric_fn!r}")
         if self.n is not None and (not isinstance(self.n, int) or self.n < 0):
             raise ValueError(f"BestN n must be a non-negative int or None, got {self.n!r}")
 
-    def should_preserve(self, checkpoints, *, context):
+    def should_preserve(self, checkpoints: Sequence[CheckpointMetadata], *,
+                        context: PreservationContext) -> Sequence[bool]:
         with_metrics = [i for i, c in enumerate(checkpoints) if c.metrics is not None]
         keep = [c.metrics is None and self.keep_checkpoints_without_metrics for c in checkpoints]
         if self.n is None or len(with_metrics) <= self.n:
@@ -290,7 +305,11 @@ class LatestDuration:
 
     duration: datetime.timedelta
 
-    def should_preserve(self, checkpoints, *, context):
+    def __post_init__(self):
+        arguments.instance_of(self.duration, datetime.timedelta, "LatestDuration duration")
+
+    def should_preserve(self, checkpoints: Sequence[CheckpointMetadata], *,
+                        context: PreservationContext) -> Sequence[bool]:
         cutoff = now_nsecs() - self.duration // datetime.timedelta(microseconds=1) * 1000  # Orbax's clock
         return [(c.commit_timestamp_nsecs or 0) >= cutoff for c in checkpoints]
 
@@ -310,7 +329,11 @@ class AnyPreservationPolicy:
 
     policies: Sequence[PreservationPolicy]
 
-    def should_preserve(self, checkpoints, *, context):
+    def __post_init__(self):
+        arguments.each_implements(self.policies, PreservationPolicy, "AnyPreservationPolicy.policies")
+
+    def should_preserve(self, checkpoints: Sequence[CheckpointMetadata], *,
+                        context: PreservationContext) -> Sequence[bool]:
         keep = [False] * len(checkpoints)
         for policy in self.policies:
             keep = [a or b for a, b in zip(keep, policy.should_preserve(checkpoints, context=context))]

@@ -14,6 +14,7 @@ import dataclasses
 import math
 from typing import Container, Protocol, Sequence, runtime_checkable
 
+from ckpt import arguments
 from ckpt.context import MultiprocessingOptions
 from ckpt.metadata import CheckpointMetadata
 
@@ -72,7 +73,8 @@ class FixedIntervalPolicy:
         if not isinstance(self.interval, int) or self.interval <= 0:
             raise ValueError(f"FixedIntervalPolicy interval must be a positive int, got {self.interval!r}")
 
-    def should_save(self, step, previous_steps, *, context) -> bool:
+    def should_save(self, step: CheckpointMetadata, previous_steps: Sequence[CheckpointMetadata], *,
+                    context: DecisionContext) -> bool:
         return step.step % self.interval == 0
 
 
@@ -88,7 +90,11 @@ class SpecificStepsPolicy:
 
     steps: Container[int]
 
-    def should_save(self, step, previous_steps, *, context) -> bool:
+    def __post_init__(self):
+        arguments.step_numbers(self.steps, "SpecificStepsPolicy steps")
+
+    def should_save(self, step: CheckpointMetadata, previous_steps: Sequence[CheckpointMetadata], *,
+                    context: DecisionContext) -> bool:
         return step.step in self.steps
 
 
@@ -110,7 +116,12 @@ class ContinuousCheckpointingPolicy:
 
     minimum_interval_secs: float | None = None
 
-    def should_save(self, step, previous_steps, *, context) -> bool:
+    def __post_init__(self):
+        arguments.number(self.minimum_interval_secs, "ContinuousCheckpointingPolicy minimum_interval_secs",
+                         optional=True)
+
+    def should_save(self, step: CheckpointMetadata, previous_steps: Sequence[CheckpointMetadata], *,
+                    context: DecisionContext) -> bool:
         if context.is_saving_in_progress:
             return False
         if not previous_steps or self.minimum_interval_secs is None:
@@ -138,7 +149,8 @@ class PreemptionCheckpointingPolicy:
             assert ckptr.save(1234, {"w": np.ones(3)}) and ckptr.reached_preemption(1234)
     """
 
-    def should_save(self, step, previous_steps, *, context) -> bool:
+    def should_save(self, step: CheckpointMetadata, previous_steps: Sequence[CheckpointMetadata], *,
+                    context: DecisionContext) -> bool:
         return context.reached_preemption
 
     def __repr__(self) -> str:
@@ -158,7 +170,8 @@ class InitialSavePolicy:
             assert ckptr.should_save(7)                  # a run's first step, wherever it starts
     """
 
-    def should_save(self, step, previous_steps, *, context) -> bool:
+    def should_save(self, step: CheckpointMetadata, previous_steps: Sequence[CheckpointMetadata], *,
+                    context: DecisionContext) -> bool:
         return not previous_steps
 
     def __repr__(self) -> str:
@@ -178,7 +191,11 @@ class AnySavePolicy:
 
     policies: Sequence[SaveDecisionPolicy]
 
-    def should_save(self, step, previous_steps, *, context) -> bool:
+    def __post_init__(self):
+        arguments.each_implements(self.policies, SaveDecisionPolicy, "AnySavePolicy.policies")
+
+    def should_save(self, step: CheckpointMetadata, previous_steps: Sequence[CheckpointMetadata], *,
+                    context: DecisionContext) -> bool:
         return any(p.should_save(step, previous_steps, context=context) for p in self.policies)
 
 

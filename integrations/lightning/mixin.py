@@ -41,7 +41,9 @@ from typing import Any
 import torch
 
 import ckpt
-from ckpt.training import Checkpointer
+from ckpt import training
+from ckpt.path import step as step_lib
+from ckpt.training import Checkpointer, preservation_policies, save_decision_policies
 
 from ckpt.integrations.lightning import monitor as monitor_lib
 from ckpt.integrations.lightning import checkpoint_io, logged, resume, rng, sharded, tail, translate
@@ -86,9 +88,11 @@ class CheckpointCallbackMixin:
 
     lightning_package: str = ""  # the namespace of the concrete class's Checkpoint base
 
-    def __init__(self, directory: str | os.PathLike | None = None, *, save_decision_policy: Any = None,
-                 preservation_policy: Any = None, monitor: str | None = None, mode: str = "min",
-                 async_save: bool = True, restore: bool = True, step_name_format: Any = None,
+    def __init__(self, directory: str | os.PathLike | None = None, *,
+                 save_decision_policy: save_decision_policies.SaveDecisionPolicy | None = None,
+                 preservation_policy: preservation_policies.PreservationPolicy | None = None,
+                 monitor: str | None = None, mode: str = "min", async_save: bool = True, restore: bool = True,
+                 step_name_format: step_lib.NameFormat | None = None,
                  context: ckpt.Context | None = None, local: ckpt.LocalCheckpointOptions | None = None,
                  **model_checkpoint_options: Any) -> None:
         super().__init__()
@@ -98,6 +102,8 @@ class CheckpointCallbackMixin:
             raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
         if monitor is not None and not isinstance(monitor, str):
             raise TypeError(f"monitor must be a metric name (str) or None, got {monitor!r}")
+        training.check_options(save_decision_policy=save_decision_policy, preservation_policy=preservation_policy,
+                               step_name_format=step_name_format, context=context, local=local)
         self.directory = os.fspath(directory)
         self.monitor = monitor
         self.mode = mode

@@ -351,6 +351,17 @@ def test_validate_and_test_read_ckpt_path_best_a_step_directory_or_a_lightning_f
     fresh = Evaluated()
     evaluation.test(fresh, data, ckpt_path=run / str(best), verbose=False)
     assert same(fresh.evaluated, weights(best))
+    evaluation.validate(fresh, data, ckpt_path=run, verbose=False)  # the callback's directory: its latest step
+    assert same(fresh.evaluated, weights(6))
+
+    names = ckpt.path.step.standard_name_format(step_prefix="step")
+    _, named = fit(tmp_path / "named", model=Evaluated(), max_steps=2, step_name_format=names)
+    evaluation = pl.Trainer(callbacks=[CheckpointCallback(tmp_path / "named", step_name_format=names)],
+                            accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    evaluation.validate(fresh, data, ckpt_path=tmp_path / "named", verbose=False)
+    saved = Evaluated()
+    load_weights(saved, named.last_model_path)
+    assert named.last_model_path.endswith("step_2") and same(fresh.evaluated, saved.state_dict())
 
 
 class WithScalarState(example.Regressor):

@@ -3,8 +3,9 @@
 Lightning reads every ``ckpt_path`` (``fit``, ``validate``, ``test``, ``predict``, and the ``"best"``
 that ``trainer.test()`` picks after a fit) through its strategy's ``CheckpointIO``, which expects a
 ``torch.save`` file. The callback wraps that ``CheckpointIO`` in a :class:`StepCheckpointIO`, which
-reads a step directory as the checkpoint dict Lightning would have saved and hands anything else (a
-``.ckpt`` file) to the ``CheckpointIO`` it wraps.
+reads a step directory as the checkpoint dict Lightning would have saved (a root directory of steps,
+the callback's ``directory``, as its latest step) and hands anything else (a ``.ckpt`` file) to the
+``CheckpointIO`` it wraps.
 
 Example (what the callback does in ``setup``)::
 
@@ -13,23 +14,33 @@ Example (what the callback does in ``setup``)::
 """
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
+from ckpt.path import step as step_lib
+
 from ckpt.integrations.lightning import translate, weights
+
+log = logging.getLogger(__name__)
 
 
 class StepCheckpointIO:
     """A Lightning ``CheckpointIO`` that reads ckpt's step directories and passes all else to ``inner``."""
 
-    def __init__(self, inner: Any) -> None:
+    def __init__(self, inner: Any, step_name_format: step_lib.NameFormat | None = None) -> None:
         self.inner = inner
+        self.step_name_format = step_name_format
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
         """The checkpoint dict of the step directory ``path`` (tensors on the CPU, where Lightning's restore
-        puts them on the model's device), or what ``inner`` reads from a file."""
+        puts them on the model's device), of the latest step when ``path`` is a root of steps, or what
+        ``inner`` reads from a file."""
         if is_step_directory(path):
-            return translate.read(os.fspath(path))
+            step, step_dir = weights.step_path(path, None, self.step_name_format)
+            if step_dir != os.fspath(path):
+                log.info("ckpt: %s is a directory of steps; reading its latest, step %d (%s)", path, step, step_dir)
+            return translate.read(step_dir)
         return self.inner.load_checkpoint(path, map_location=map_location, weights_only=weights_only)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
@@ -42,14 +53,15 @@ class StepCheckpointIO:
         self.inner.teardown()
 
 
-def install(strategy: Any) -> None:
-    """Wraps ``strategy.checkpoint_io`` (once) so that its ``load_checkpoint`` reads step directories too.
+def install(strategy: Any, step_name_format: step_lib.NameFormat | None = None) -> None:
+    """Wraps ``strategy.checkpoint_io`` (once) so that its ``load_checkpoint`` reads step directories too
+    (roots of steps named by ``step_name_format``).
 
     Strategies that load by themselves (FSDP, model parallel, DeepSpeed) do not call it: they read
     their own formats only."""
     current = strategy.checkpoint_io
     if not isinstance(current, StepCheckpointIO):
-        strategy.checkpoint_io = StepCheckpointIO(current)
+        strategy.checkpoint_io = StepCheckpointIO(current, step_name_format)
 
 
 def is_step_directory(path: Any) -> bool:

@@ -180,7 +180,8 @@ class CheckpointCallbackMixin:
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         self._check_namespace(trainer)
         self._trainer = trainer
-        checkpoint_io.install(trainer.strategy)  # ckpt_path= may name a step directory, as "best" does
+        # ckpt_path= may name a step directory, as "best" does
+        checkpoint_io.install(trainer.strategy, self._checkpointer_options["step_name_format"])
         if stage == "fit" and not self._open:
             # the callback is the directory's only writer: what crashed saves left is removed
             self._checkpointer = Checkpointer(self.directory, cleanup_tmp_directories=True,

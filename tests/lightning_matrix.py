@@ -53,6 +53,7 @@ class Config:
     model_checkpoint: bool = False  # Lightning's ModelCheckpoint beside ours
     ckpt_path: str | None = None
     namespace: str = "pytorch_lightning"
+    callbacks: tuple = ()  # Lightning's own callbacks beside ours: "swa", "ema", "accumulation_scheduler"
 
     def reference_key(self) -> "Config":
         return dataclasses.replace(self, kill_at=0)
@@ -90,6 +91,10 @@ CONFIGS: dict[str, Config] = {
                                               trainer=(("reload_dataloaders_every_n_epochs", 1),)),
     "val_every_3_steps_across_epochs": Config(kill_at=9, val=True, trainer=(("val_check_interval", 3),
                                                                               ("check_val_every_n_epoch", None))),
+    "swa_last_batch": Config(kill_at=8, callbacks=("swa",)),  # mid-epoch: warned of (Lightning skips its hook)
+    "ema_weight_averaging": Config(kill_at=11, callbacks=("ema",)),
+    "ema_weight_averaging_val_due": Config(kill_at=16, val=True, callbacks=("ema",)),
+    "accumulation_scheduler": Config(kill_at=10, callbacks=("accumulation_scheduler",)),
     "max_time_timer_state": Config(kill_at=11, trainer=(("max_time", "00:01:00:00"),)),
     "lightning_pytorch_namespace": Config(kill_at=13, val=True, epoch_metrics=True,
                                           namespace="lightning.pytorch"),
@@ -188,8 +193,7 @@ def _classes(namespace: str) -> dict[str, Any]:
 
         def _record(self, entry: list) -> None:
             self.trace.append(entry)
-            self.trace_file.write(json.dumps(entry) + "\n")
-            self.trace_file.flush()
+            self.trace_file.write(entry)
 
         def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
             self._record([self._batch[0], self.trainer.global_step, *self._batch[1:]])
@@ -243,6 +247,21 @@ def _classes(namespace: str) -> dict[str, Any]:
 _CLASSES: dict[str, dict[str, Any]] = {}
 
 
+class TraceFile:
+    """The file of a run's trace, one JSON line per entry, shared by the module's copies
+    (``StochasticWeightAveraging`` deep-copies the module)."""
+
+    def __init__(self, path: str) -> None:
+        self.file = open(path, "w")
+
+    def __deepcopy__(self, memo: dict) -> "TraceFile":
+        return self
+
+    def write(self, entry: list) -> None:
+        self.file.write(json.dumps(entry) + "\n")
+        self.file.flush()
+
+
 def _dataset() -> torch.utils.data.TensorDataset:
     generator = torch.Generator().manual_seed(7)
     x = torch.randn(SAMPLES, 4, generator=generator)
@@ -274,6 +293,12 @@ def run(cfg: Config, directory: str | None, kill: bool, trace_path: str) -> dict
     callbacks: list = []
     if cfg.early_stopping:
         callbacks.append(pl.callbacks.EarlyStopping("val_loss", patience=3, min_delta=0.05))
+    if "swa" in cfg.callbacks:
+        callbacks.append(pl.callbacks.StochasticWeightAveraging(swa_lrs=0.02, swa_epoch_start=1))
+    if "ema" in cfg.callbacks:
+        callbacks.append(pl.callbacks.EMAWeightAveraging(decay=0.9))
+    if "accumulation_scheduler" in cfg.callbacks:
+        callbacks.append(pl.callbacks.GradientAccumulationScheduler({0: 1, 1: 2}))
     if cfg.model_checkpoint:
         mc_dir = os.path.join(directory or os.path.dirname(trace_path), "lightning")
         callbacks.append(pl.callbacks.ModelCheckpoint(mc_dir, every_n_train_steps=3, save_top_k=-1))
@@ -286,7 +311,7 @@ def run(cfg: Config, directory: str | None, kill: bool, trace_path: str) -> dict
                          **{"num_sanity_val_steps": 0, **dict(cfg.trainer)})
     model = classes["Model"](cfg)
     model.kill_at = cfg.kill_at if kill else None
-    model.trace_file = open(trace_path, "w")
+    model.trace_file = TraceFile(trace_path)
     data = classes["Data"](cfg) if cfg.data == "datamodule" else None
     loaders: dict = {"datamodule": data} if data is not None else {"train_dataloaders": _loader(cfg)}
     if cfg.val:

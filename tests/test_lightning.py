@@ -493,7 +493,9 @@ trainer:
           class_path: ckpt.LocalCheckpointOptions
           init_args:
             directory: {local}
-            save_decision_policy: {{class_path: ckpt.training.save_decision_policies.FixedIntervalPolicy, init_args: {{interval: 3}}}}
+            save_decision_policy:
+              class_path: ckpt.training.save_decision_policies.FixedIntervalPolicy
+              init_args: {{interval: 3}}
 """
 
 
@@ -517,6 +519,20 @@ def test_lightning_cli_configures_the_callback_its_policies_and_local_tier_from_
     assert f"Restored all states from the ckpt checkpoint at {tmp_path / 'local'}/12" in caplog.text
     assert steps_in(tmp_path / "durable") == [4, 6, 8, 16] and steps_in(tmp_path / "local") == [15, 16]
     assert first.global_step == 12 and second.global_step == 16
+
+
+def test_resuming_mid_epoch_with_stochastic_weight_averaging_is_warned_of(tmp_path, caplog):
+    def fit_with_swa(max_steps: int) -> None:
+        pl.seed_everything(0, verbose=False)
+        swa = pl.callbacks.StochasticWeightAveraging(swa_lrs=0.01, swa_epoch_start=1)
+        trainer = pl.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_progress_bar=False,
+                             enable_model_summary=False, callbacks=[CheckpointCallback(tmp_path), swa])
+        trainer.fit(example.Regressor(), DataLoader(example.synthetic_data(), batch_size=16, shuffle=True))
+
+    fit_with_swa(2)
+    with caplog.at_level(logging.WARNING):
+        fit_with_swa(3)
+    assert "resuming mid-epoch with StochasticWeightAveraging" in caplog.text
 
 
 def test_a_trainer_of_the_other_namespace_is_refused_with_the_class_to_use(tmp_path):

@@ -30,8 +30,9 @@ those of a run never stopped, and so do the batches it trains on and the metrics
 model, optimizers, LR schedulers (``ReduceLROnPlateau`` included), loop progress, callbacks,
 datamodule and precision state; what ``self.log`` accumulated for the epoch and the metrics Lightning
 reports (``trainer.callback_metrics``, which schedulers, ``EarlyStopping`` and ``monitor`` read); the
-state of torchmetrics ``Metric`` objects the module holds; ``trainer.should_stop``; the position in the
-epoch with a plain ``DataLoader`` (the epoch's shuffling is drawn again from the RNG states recorded
+state of torchmetrics ``Metric`` objects the module holds; ``trainer.should_stop``; the
+``accumulate_grad_batches`` in force (``GradientAccumulationScheduler`` sets it at epoch start); the
+position in the epoch with a plain ``DataLoader`` (the epoch's shuffling is drawn again from the RNG states recorded
 at its start, and the trained batches passed over); the RNG states of torch (CPU and CUDA), numpy,
 ``random`` and DataLoader generators, per rank. A step whose validation is due is saved after that
 validation, and the last step of an epoch after the epoch's end, so that a resumed run owes neither;
@@ -48,6 +49,9 @@ Not restored, because no checkpoint can hold it:
 - a time-based ``val_check_interval``: the resumed run validates by its own clock;
 - after SIGTERM during gradient accumulation, the accumulated gradients: the run resumes from the last
   step whose accumulation was complete.
+- ``StochasticWeightAveraging`` resumed mid-epoch: Lightning's restart skips the epoch-start hook that
+  swaps in its learning-rate scheduler (warned of); from an epoch's end it resumes exactly, and so does
+  ``EMAWeightAveraging`` from any step.
 """
 from __future__ import annotations
 

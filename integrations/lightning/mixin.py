@@ -32,6 +32,7 @@ What happens when:
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import inspect
 import logging
 import os
@@ -128,6 +129,7 @@ class CheckpointCallbackMixin:
         self._epoch_rng: dict | None = None  # {"epoch": int, "rng": the states at the epoch's start}
         self._loaded_state: dict | None = None  # this callback's state from a restored checkpoint
         self._epoch_start_action: str | None = None  # for the next on_train_epoch_start (see _start_epoch)
+        self._accumulation_after_epoch: int | None = None  # the Trainer's, while the saved epoch's is in force
 
     # ------------------------------------------------------------------ what Lightning reads
     @property
@@ -171,7 +173,8 @@ class CheckpointCallbackMixin:
             state.update(first_loop_iter=point.first_loop_iter, current_fx=None)
         return {"rng": self._gather(rng.capture(resume.train_loaders(trainer))),
                 "epoch_rng": self._gather(self._epoch_rng), "logged": self._gather(state),
-                "saved_in": point.hook, "should_stop": bool(trainer.should_stop) and not point.last}
+                "saved_in": point.hook, "should_stop": bool(trainer.should_stop) and not point.last,
+                "accumulate_grad_batches": trainer.accumulate_grad_batches}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._loaded_state = state_dict
@@ -245,6 +248,8 @@ class CheckpointCallbackMixin:
         if self._pending is not None:
             point, force = self._pending
             self._save(trainer, trainer.global_step, dataclasses.replace(point, hook="on_train_epoch_end"), force)
+        if self._accumulation_after_epoch is not None:
+            trainer.accumulate_grad_batches, self._accumulation_after_epoch = self._accumulation_after_epoch, None
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         step = trainer.global_step
@@ -332,6 +337,16 @@ class CheckpointCallbackMixin:
             logged.restore(trainer, saved_logged)
             tail.finish_iteration(trainer, saved["saved_in"], saved["should_stop"])
             self._restored_logged = True
+        if trainer.fit_loop.restarted_mid_epoch:  # Lightning skips the epoch-start hooks
+            if saved.get("accumulate_grad_batches") is not None:  # which GradientAccumulationScheduler sets it in
+                self._accumulation_after_epoch = trainer.accumulate_grad_batches
+                trainer.accumulate_grad_batches = saved["accumulate_grad_batches"]
+            swa = importlib.import_module(f"{resume.lightning_package(trainer)}.callbacks").StochasticWeightAveraging
+            if any(isinstance(c, swa) for c in trainer.callbacks) and trainer.global_rank == 0:
+                log.warning("ckpt: resuming mid-epoch with StochasticWeightAveraging: Lightning's restart skips the "
+                            "epoch-start hook that swaps in its learning-rate scheduler, so the rest of this epoch "
+                            "differs from a run never stopped. Save at epochs' ends with it, or use "
+                            "EMAWeightAveraging / WeightAveraging, which resume exactly from any step.")
         saved_rng = _for_rank(saved.get("rng"), trainer.global_rank)
         epoch_rng = _for_rank(saved.get("epoch_rng"), trainer.global_rank)
         position = resume.plan_data_position(trainer)

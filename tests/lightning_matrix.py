@@ -45,7 +45,7 @@ class Config:
     trainer: tuple = ()  # extra Trainer keyword arguments, as (name, value) pairs
     val: bool = False  # a validation loader and a logged val_loss
     early_stopping: bool = False  # EarlyStopping on val_loss
-    model: str = "mlp"  # mlp | batchnorm | manual (two optimizers, manual optimization)
+    model: str = "mlp"  # mlp | batchnorm | manual (two optimizers, manual optimization) | finetune (a backbone)
     scheduler: str = "step"  # step | onecycle | plateau_step | plateau_epoch
     epoch_metrics: bool = False  # self.log(on_epoch=True) and a torchmetrics Metric logged per epoch
     data: str = "map"  # map | iterable | datamodule
@@ -92,6 +92,9 @@ CONFIGS: dict[str, Config] = {
     "val_every_3_steps_across_epochs": Config(kill_at=9, val=True, trainer=(("val_check_interval", 3),
                                                                               ("check_val_every_n_epoch", None))),
     "swa_last_batch": Config(kill_at=8, callbacks=("swa",)),  # mid-epoch: warned of (Lightning skips its hook)
+    "backbone_finetuning_unfrozen": Config(kill_at=11, model="finetune"),
+    "backbone_finetuning_frozen": Config(kill_at=5, model="finetune"),
+    "backbone_finetuning_epoch_after_unfreezing": Config(kill_at=16, model="finetune"),  # Lightning #21901
     "ema_weight_averaging": Config(kill_at=11, callbacks=("ema",)),
     "ema_weight_averaging_val_due": Config(kill_at=16, val=True, callbacks=("ema",)),
     "accumulation_scheduler": Config(kill_at=10, callbacks=("accumulation_scheduler",)),
@@ -118,6 +121,8 @@ def _classes(namespace: str) -> dict[str, Any]:
             if cfg.model == "batchnorm":
                 layers.insert(1, nn.BatchNorm1d(16))
             self.net = nn.Sequential(*layers)
+            if cfg.model == "finetune":  # what BackboneFinetuning freezes, then unfreezes into a new param group
+                self.backbone = self.net[0]
             self.other = nn.Linear(4, 1)  # the second optimizer's parameters (manual optimization)
             self.train_mse = torchmetrics.MeanSquaredError()
             self.automatic_optimization = cfg.model != "manual"
@@ -164,7 +169,7 @@ def _classes(namespace: str) -> dict[str, Any]:
                 first = torch.optim.SGD(self.net.parameters(), lr=0.05, momentum=0.9)
                 second = torch.optim.Adam(self.other.parameters(), lr=0.01)
                 return [first, second], [torch.optim.lr_scheduler.StepLR(first, 5, 0.5)]
-            optimizer = torch.optim.SGD(self.net.parameters(), lr=0.05, momentum=0.9)
+            optimizer = torch.optim.SGD([p for p in self.net.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
             if kind == "onecycle":
                 scheduler = {"scheduler": torch.optim.lr_scheduler.OneCycleLR(optimizer, 0.1, total_steps=40),
                              "interval": "step"}
@@ -295,6 +300,8 @@ def run(cfg: Config, directory: str | None, kill: bool, trace_path: str) -> dict
         callbacks.append(pl.callbacks.EarlyStopping("val_loss", patience=3, min_delta=0.05))
     if "swa" in cfg.callbacks:
         callbacks.append(pl.callbacks.StochasticWeightAveraging(swa_lrs=0.02, swa_epoch_start=1))
+    if cfg.model == "finetune":
+        callbacks.append(pl.callbacks.BackboneFinetuning(unfreeze_backbone_at_epoch=1))
     if "ema" in cfg.callbacks:
         callbacks.append(pl.callbacks.EMAWeightAveraging(decay=0.9))
     if "accumulation_scheduler" in cfg.callbacks:

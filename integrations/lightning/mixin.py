@@ -9,10 +9,13 @@ What happens when:
 - ``setup`` (fit): every rank opens the :class:`ckpt.Checkpointer`; under ``torch.distributed`` they
   coordinate through its store (rank 0 decides and commits; replicated state is written by rank 0
   only, the shards of sharded state, FSDP2's DTensors, by the ranks that hold them).
-- ``on_fit_start``: every rank learns the latest committed step from rank 0 and, with ``restore`` and
-  no ``trainer.fit(ckpt_path=...)``, restores the full training state from it (each rank reads the
-  step itself: the directory must be reachable from every rank, as with any shared checkpoint; a
-  sharded model and its optimizers read only their own shards, at any number of devices).
+- fit start: every rank learns the latest committed step from rank 0 and, with ``restore`` and no
+  ``trainer.fit(ckpt_path=...)``, restores the full training state from it in Lightning's own order:
+  the model, datamodule and callbacks' states before the other callbacks' ``on_fit_start`` (a callback
+  put first in ``trainer.callbacks`` does it), the loops, optimizers and schedulers in this callback's
+  ``on_fit_start``, after them (each rank reads the step itself: the directory must be reachable from
+  every rank, as with any shared checkpoint; a sharded model and its optimizers read only their own
+  shards, at any number of devices).
 - ``on_train_start``: the checkpoint dict is built once and checked, so that a value ckpt cannot
   store fails before training; the data iterator is moved to the batch after the checkpoint and the
   RNG states are set as they were when it was taken.
@@ -129,6 +132,7 @@ class CheckpointCallbackMixin:
         self._epoch_rng: dict | None = None  # {"epoch": int, "rng": the states at the epoch's start}
         self._loaded_state: dict | None = None  # this callback's state from a restored checkpoint
         self._epoch_start_action: str | None = None  # for the next on_train_epoch_start (see _start_epoch)
+        self._restoring: tuple[str, dict | None] | None = None  # between the two halves of a restore at fit start
         self._accumulation_after_epoch: int | None = None  # the Trainer's, while the saved epoch's is in force
 
     # ------------------------------------------------------------------ what Lightning reads
@@ -162,8 +166,9 @@ class CheckpointCallbackMixin:
         self._paths["best"] = path
 
     def state_dict(self) -> dict[str, Any]:
-        """What Lightning's checkpoint lacks for an exact resume, per rank: the RNG states now and at
-        the start of the epoch, the logged values and metrics, and the hook the checkpoint was taken in."""
+        """What Lightning's checkpoint lacks for an exact resume: per rank, the RNG states now and at the
+        start of the epoch and the logged values and metrics; the hook the checkpoint was taken in, the
+        ``accumulate_grad_batches`` in force and which parameters require gradients."""
         trainer = self._trainer
         if trainer is None:
             return {}
@@ -174,7 +179,8 @@ class CheckpointCallbackMixin:
         return {"rng": self._gather(rng.capture(resume.train_loaders(trainer))),
                 "epoch_rng": self._gather(self._epoch_rng), "logged": self._gather(state),
                 "saved_in": point.hook, "should_stop": bool(trainer.should_stop) and not point.last,
-                "accumulate_grad_batches": trainer.accumulate_grad_batches}
+                "accumulate_grad_batches": trainer.accumulate_grad_batches,
+                "trainable": resume.trainable(trainer.lightning_module)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._loaded_state = state_dict
@@ -185,18 +191,40 @@ class CheckpointCallbackMixin:
         self._trainer = trainer
         # ckpt_path= may name a step directory, as "best" does
         checkpoint_io.install(trainer.strategy, self._checkpointer_options["step_name_format"])
+        if stage == "fit":
+            resume.call_first_at_fit_start(trainer, self._restore_modules)
         if stage == "fit" and not self._open:
             # the callback is the directory's only writer: what crashed saves left is removed
             self._checkpointer = Checkpointer(self.directory, cleanup_tmp_directories=True,
                                               **self._checkpointer_options)
             self._open = True
 
-    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+    def _restore_modules(self, trainer: Any, pl_module: Any) -> None:
+        """At fit start, before the other callbacks' ``on_fit_start`` (as Lightning's own restore): finds
+        the latest step and restores the model, datamodule and callbacks from it."""
         latest = self._checkpointer.latest if self._checkpointer is not None else None
         found = trainer.strategy.broadcast(None if latest is None else (latest.step, str(latest.path)), src=0)
         self._latest_step = None if found is None else found[0]
         if self.restore and found is not None and trainer.ckpt_path is None:
-            self._restore(trainer, pl_module, *found)
+            step, path = found
+            sharded_model = sharded.is_sharded(trainer)
+            loaded = sharded.load(trainer, path) if sharded_model else translate.load(self._checkpointer, step)
+            checkpoint = translate.from_checkpointables(loaded)
+            check_model(checkpoint["state_dict"], pl_module, source=path,
+                        strict=getattr(pl_module, "strict_loading", True))  # strict_loading: Lightning >= 2.2
+            resume.restore_modules(trainer, checkpoint, source=path)
+            self._restoring = (path, checkpoint if sharded_model else None)
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        """After the other callbacks' ``on_fit_start``: restores the rest of the step found before them."""
+        if self._restoring is None:
+            return
+        (path, sharded_checkpoint), self._restoring = self._restoring, None
+        resume.restore_training_state(trainer, source=path)
+        resume.restore_trainable(pl_module, (self._loaded_state or {}).get("trainable"))
+        if sharded_checkpoint is not None:
+            sharded.set_states(trainer, sharded_checkpoint)
+        tail.continue_after(trainer, (self._loaded_state or {}).get("saved_in", "on_train_batch_end"))
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         step = trainer.global_step
@@ -318,17 +346,6 @@ class CheckpointCallbackMixin:
             self._checkpointer.close()
 
     # ----------------------------------------------------------------------------- resuming
-    def _restore(self, trainer: Any, pl_module: Any, step: int, path: str) -> None:
-        sharded_model = sharded.is_sharded(trainer)
-        loaded = sharded.load(trainer, path) if sharded_model else translate.load(self._checkpointer, step)
-        checkpoint = translate.from_checkpointables(loaded)
-        check_model(checkpoint["state_dict"], pl_module, source=path,
-                    strict=getattr(pl_module, "strict_loading", True))  # strict_loading: Lightning >= 2.2
-        resume.restore_trainer(trainer, checkpoint, source=path)
-        if sharded_model:
-            sharded.set_states(trainer, checkpoint)
-        tail.continue_after(trainer, (self._loaded_state or {}).get("saved_in", "on_train_batch_end"))
-
     def _resume_data_and_rng(self, trainer: Any) -> None:
         """Continues the data where the checkpoint left it, with the RNG states it recorded."""
         saved, self._loaded_state = self._loaded_state or {}, None

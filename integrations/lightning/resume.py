@@ -7,31 +7,80 @@ and the loops' restart stages, added in 2.5), and say so when they are missing.
 
 Example (inside the callback)::
 
-    restore_trainer(trainer, checkpoint, source=str(step_path))   # in on_fit_start
+    restore_modules(trainer, checkpoint, source=str(step_path))   # before the callbacks' on_fit_start
+    restore_training_state(trainer, source=str(step_path))        # after them
     position = plan_data_position(trainer)                        # in on_train_start
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
-from typing import Any
+from typing import Any, Callable
+
+import torch
 
 
-def restore_trainer(trainer: Any, checkpoint: dict, *, source: str) -> None:
-    """Restores what ``trainer.fit(ckpt_path=...)`` would from an in-memory checkpoint dict.
-
-    The model, datamodule, callbacks, precision plugin, loops, optimizers and LR schedulers, in
-    Lightning's own order. Call it on every rank, after the strategy set the model and optimizers up
-    (``on_fit_start``); the later built-in restore then finds nothing to do.
-    """
+def restore_modules(trainer: Any, checkpoint: dict, *, source: str) -> None:
+    """Restores what Lightning's own restore puts back before the callbacks' ``on_fit_start``: the model,
+    the datamodule and the callbacks' states (``BaseFinetuning`` adds back its parameter groups in
+    ``on_fit_start`` from its state). Call on every rank, after the strategy set the model and optimizers
+    up, before the other callbacks' ``on_fit_start`` (see :func:`call_first_at_fit_start`); then
+    :func:`restore_training_state`."""
     connector = _private(trainer, "_checkpoint_connector")
     connector._loaded_checkpoint = migrate(lightning_package(trainer), checkpoint, source)
-    connector.restore_datamodule()
     connector.restore_model()
+    connector.restore_datamodule()
     connector.restore_callbacks()
+
+
+def restore_training_state(trainer: Any, *, source: str) -> None:
+    """Restores the rest of the checkpoint :func:`restore_modules` was given, as Lightning does after the
+    callbacks' ``on_fit_start``: the precision plugin, loops, optimizers and LR schedulers (``ReduceLROnPlateau``
+    included); the later built-in restore then finds nothing to do."""
+    connector = _private(trainer, "_checkpoint_connector")
     connector.restore_training_state()
     connector.resume_end()
     rank_zero_info(trainer, f"Restored all states from the ckpt checkpoint at {source}")
+
+
+def trainable(module: Any) -> torch.Tensor:
+    """Which of ``module``'s parameters require gradients, in ``parameters()`` order (a tensor: Lightning's
+    own files hold it too, read by ``torch.load(weights_only=True)``): no checkpoint holds it, and
+    ``BaseFinetuning`` unfreezes in an epoch-start hook but freezes again in every ``setup``."""
+    return torch.tensor([p.requires_grad for p in module.parameters()], dtype=torch.bool)
+
+
+def restore_trainable(module: Any, flags: Any) -> None:
+    """Sets which parameters require gradients as :func:`trainable` recorded them (if the count matches)."""
+    parameters = list(module.parameters())
+    if flags is not None and len(flags) == len(parameters):
+        for parameter, flag in zip(parameters, flags):
+            parameter.requires_grad_(bool(flag))
+
+
+def call_first_at_fit_start(trainer: Any, hook: Callable[[Any, Any], None]) -> None:
+    """Has ``hook(trainer, pl_module)`` called at fit start before every callback's ``on_fit_start``, by a
+    callback put first in ``trainer.callbacks`` (once per hook): Lightning runs checkpoint callbacks last.
+    Call in ``setup``: the list is replaced, not changed in place, so the setup hooks under way go on."""
+    if not any(getattr(callback, "ckpt_hook", None) == hook for callback in trainer.callbacks):
+        trainer.callbacks = [_first_callback_class(lightning_package(trainer))(hook), *trainer.callbacks]
+
+
+@functools.cache
+def _first_callback_class(package: str) -> type:
+    base = importlib.import_module(f"{package}.callbacks").Callback
+
+    class CkptFitStart(base):  # type: ignore[misc, valid-type]
+        """Runs the restore of ckpt's CheckpointCallback before the other callbacks' ``on_fit_start``."""
+
+        def __init__(self, hook: Callable[[Any, Any], None]) -> None:
+            self.ckpt_hook = hook
+
+        def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+            self.ckpt_hook(trainer, pl_module)
+
+    return CkptFitStart
 
 
 def rank_zero_info(trainer: Any, message: str) -> None:

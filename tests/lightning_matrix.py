@@ -53,7 +53,7 @@ class Config:
     model_checkpoint: bool = False  # Lightning's ModelCheckpoint beside ours
     ckpt_path: str | None = None
     namespace: str = "pytorch_lightning"
-    callbacks: tuple = ()  # Lightning's own callbacks beside ours: "swa", "ema", "accumulation_scheduler"
+    callbacks: tuple = ()  # Lightning's beside ours: "swa", "ema", "accumulation_scheduler", "batch_size_finder"
 
     def reference_key(self) -> "Config":
         return dataclasses.replace(self, kill_at=0)
@@ -95,6 +95,8 @@ CONFIGS: dict[str, Config] = {
     "backbone_finetuning_unfrozen": Config(kill_at=11, model="finetune"),
     "backbone_finetuning_frozen": Config(kill_at=5, model="finetune"),
     "backbone_finetuning_epoch_after_unfreezing": Config(kill_at=16, model="finetune"),  # Lightning #21901
+    "batch_size_finder": Config(kill_at=11, data="datamodule", callbacks=("batch_size_finder",),
+                                trainer=(("limit_val_batches", 0),)),
     "ema_weight_averaging": Config(kill_at=11, callbacks=("ema",)),
     "ema_weight_averaging_val_due": Config(kill_at=16, val=True, callbacks=("ema",)),
     "accumulation_scheduler": Config(kill_at=10, callbacks=("accumulation_scheduler",)),
@@ -197,6 +199,8 @@ def _classes(namespace: str) -> dict[str, Any]:
             self.started_at = self.trainer.global_step
 
         def _record(self, entry: list) -> None:
+            if "batch_size_finder" in self.cfg.callbacks and not self.trainer.callbacks:
+                return  # a trial of BatchSizeFinder's (without callbacks), run again by a resumed fit
             self.trace.append(entry)
             self.trace_file.write(entry)
 
@@ -230,10 +234,10 @@ def _classes(namespace: str) -> dict[str, Any]:
 
         def __init__(self, cfg: Config) -> None:
             super().__init__()
-            self.cfg, self.seen = cfg, 0
+            self.cfg, self.seen, self.batch_size = cfg, 0, BATCH  # BatchSizeFinder sets batch_size
 
         def train_dataloader(self) -> Any:
-            return _loader(self.cfg)
+            return _loader(self.cfg, self.batch_size)
 
         def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
             self.seen += 1
@@ -274,11 +278,11 @@ def _dataset() -> torch.utils.data.TensorDataset:
     return torch.utils.data.TensorDataset(torch.arange(SAMPLES), x, y)
 
 
-def _loader(cfg: Config) -> torch.utils.data.DataLoader:
+def _loader(cfg: Config, batch_size: int = BATCH) -> torch.utils.data.DataLoader:
     data = _dataset()
     if cfg.data == "iterable":
-        return torch.utils.data.DataLoader(_classes(cfg.namespace)["Samples"](data), batch_size=BATCH)
-    return torch.utils.data.DataLoader(data, batch_size=BATCH, shuffle=True, num_workers=cfg.workers,
+        return torch.utils.data.DataLoader(_classes(cfg.namespace)["Samples"](data), batch_size=batch_size)
+    return torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=True, num_workers=cfg.workers,
                                        persistent_workers=False)
 
 
@@ -302,6 +306,8 @@ def run(cfg: Config, directory: str | None, kill: bool, trace_path: str) -> dict
         callbacks.append(pl.callbacks.StochasticWeightAveraging(swa_lrs=0.02, swa_epoch_start=1))
     if cfg.model == "finetune":
         callbacks.append(pl.callbacks.BackboneFinetuning(unfreeze_backbone_at_epoch=1))
+    if "batch_size_finder" in cfg.callbacks:  # its trials at fit start end by restoring a checkpoint of its own
+        callbacks.append(pl.callbacks.BatchSizeFinder(init_val=4, max_trials=1, steps_per_trial=2))
     if "ema" in cfg.callbacks:
         callbacks.append(pl.callbacks.EMAWeightAveraging(decay=0.9))
     if "accumulation_scheduler" in cfg.callbacks:

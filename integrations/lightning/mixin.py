@@ -123,6 +123,7 @@ class CheckpointCallbackMixin:
         self._trainer: Any = None
         self._latest_step: int | None = None  # the latest step on disk at fit start, on every rank
         self._decided_step: int | None = None  # the global step of the last decision (None: not training)
+        self._training_started = False  # this callback's state is taken from the fit's on_train_start on
         self._saved_step: int | None = None
         self._at_step_boundary = True  # False after a batch that only accumulated gradients
         self._prepare_after_step = False  # prepare the next save's memory at the next step that does not save
@@ -132,7 +133,7 @@ class CheckpointCallbackMixin:
         self._epoch_rng: dict | None = None  # {"epoch": int, "rng": the states at the epoch's start}
         self._loaded_state: dict | None = None  # this callback's state from a restored checkpoint
         self._epoch_start_action: str | None = None  # for the next on_train_epoch_start (see _start_epoch)
-        self._restoring: tuple[str, dict | None] | None = None  # between the two halves of a restore at fit start
+        self._restoring: tuple[str, dict, bool] | None = None  # path, checkpoint, sharded: between a restore's halves
         self._accumulation_after_epoch: int | None = None  # the Trainer's, while the saved epoch's is in force
 
     # ------------------------------------------------------------------ what Lightning reads
@@ -170,7 +171,7 @@ class CheckpointCallbackMixin:
         start of the epoch and the logged values and metrics; the hook the checkpoint was taken in, the
         ``accumulate_grad_batches`` in force and which parameters require gradients."""
         trainer = self._trainer
-        if trainer is None:
+        if trainer is None or not self._training_started:  # e.g. BatchSizeFinder's checkpoint before training
             return {}
         point = self._saving_at or tail.SavePoint(hook="on_train_batch_end", first_loop_iter=None)
         state = logged.capture(trainer)
@@ -192,6 +193,7 @@ class CheckpointCallbackMixin:
         # ckpt_path= may name a step directory, as "best" does
         checkpoint_io.install(trainer.strategy, self._checkpointer_options["step_name_format"])
         if stage == "fit":
+            self._training_started = False
             resume.call_first_at_fit_start(trainer, self._restore_modules)
         if stage == "fit" and not self._open:
             # the callback is the directory's only writer: what crashed saves left is removed
@@ -212,21 +214,21 @@ class CheckpointCallbackMixin:
             checkpoint = translate.from_checkpointables(loaded)
             check_model(checkpoint["state_dict"], pl_module, source=path,
                         strict=getattr(pl_module, "strict_loading", True))  # strict_loading: Lightning >= 2.2
-            resume.restore_modules(trainer, checkpoint, source=path)
-            self._restoring = (path, checkpoint if sharded_model else None)
+            self._restoring = (path, resume.restore_modules(trainer, checkpoint, source=path), sharded_model)
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         """After the other callbacks' ``on_fit_start``: restores the rest of the step found before them."""
         if self._restoring is None:
             return
-        (path, sharded_checkpoint), self._restoring = self._restoring, None
-        resume.restore_training_state(trainer, source=path)
+        (path, checkpoint, sharded_model), self._restoring = self._restoring, None
+        resume.restore_training_state(trainer, checkpoint, source=path)
         resume.restore_trainable(pl_module, (self._loaded_state or {}).get("trainable"))
-        if sharded_checkpoint is not None:
-            sharded.set_states(trainer, sharded_checkpoint)
+        if sharded_model:
+            sharded.set_states(trainer, checkpoint)
         tail.continue_after(trainer, (self._loaded_state or {}).get("saved_in", "on_train_batch_end"))
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        self._training_started = True
         step = trainer.global_step
         if self._latest_step is not None and self._latest_step > step:
             raise ValueError(

@@ -7,8 +7,8 @@ and the loops' restart stages, added in 2.5), and say so when they are missing.
 
 Example (inside the callback)::
 
-    restore_modules(trainer, checkpoint, source=str(step_path))   # before the callbacks' on_fit_start
-    restore_training_state(trainer, source=str(step_path))        # after them
+    checkpoint = restore_modules(trainer, checkpoint, source=str(step_path))  # before the callbacks' on_fit_start
+    restore_training_state(trainer, checkpoint, source=str(step_path))       # after them
     position = plan_data_position(trainer)                        # in on_train_start
 """
 from __future__ import annotations
@@ -21,24 +21,27 @@ from typing import Any, Callable
 import torch
 
 
-def restore_modules(trainer: Any, checkpoint: dict, *, source: str) -> None:
+def restore_modules(trainer: Any, checkpoint: dict, *, source: str) -> dict:
     """Restores what Lightning's own restore puts back before the callbacks' ``on_fit_start``: the model,
     the datamodule and the callbacks' states (``BaseFinetuning`` adds back its parameter groups in
     ``on_fit_start`` from its state). Call on every rank, after the strategy set the model and optimizers
     up, before the other callbacks' ``on_fit_start`` (see :func:`call_first_at_fit_start`); then
-    :func:`restore_training_state`."""
+    :func:`restore_training_state` with the checkpoint returned (upgraded by Lightning's migration)."""
     connector = _private(trainer, "_checkpoint_connector")
     connector._loaded_checkpoint = migrate(lightning_package(trainer), checkpoint, source)
     connector.restore_model()
     connector.restore_datamodule()
     connector.restore_callbacks()
+    return connector._loaded_checkpoint
 
 
-def restore_training_state(trainer: Any, *, source: str) -> None:
-    """Restores the rest of the checkpoint :func:`restore_modules` was given, as Lightning does after the
-    callbacks' ``on_fit_start``: the precision plugin, loops, optimizers and LR schedulers (``ReduceLROnPlateau``
-    included); the later built-in restore then finds nothing to do."""
+def restore_training_state(trainer: Any, checkpoint: dict, *, source: str) -> None:
+    """Restores the rest of ``checkpoint`` (what :func:`restore_modules` returned), as Lightning does after
+    the callbacks' ``on_fit_start``: the precision plugin, loops, optimizers and LR schedulers
+    (``ReduceLROnPlateau`` included); the later built-in restore then finds nothing to do. A callback's
+    ``on_fit_start`` may have restored a checkpoint of its own meanwhile (``BatchSizeFinder`` does)."""
     connector = _private(trainer, "_checkpoint_connector")
+    connector._loaded_checkpoint = checkpoint
     connector.restore_training_state()
     connector.resume_end()
     rank_zero_info(trainer, f"Restored all states from the ckpt checkpoint at {source}")

@@ -286,6 +286,15 @@ def _match(table: LeafTable, saved_node: tree_lib.Node, abstract: Any, name: str
     return Plan(abstract_node, abstract_leaves, pairs), diffs
 
 
+def _partial_load_hint(diffs: list[str]) -> str:
+    """How to load a part of a checkpoint, when all that differs is what the abstract tree leaves out."""
+    if diffs and all(d.endswith(": in the checkpoint, not in the abstract tree") for d in diffs):
+        return ("\nTo load only the abstract tree's part of the checkpoint, load inside "
+                "`with ckpt.Context(pytree_options=ckpt.PyTreeOptions(partial_load=True)):` (Orbax's "
+                "ctx.pytree.loading.partial_load).")
+    return ""
+
+
 def _empty_receives(meta: dict, abstract_node: tree_lib.Node, path: KeyPath) -> bool:
     """Whether a saved None is received by an empty container of the abstract tree (an optax
     ``EmptyState``, ``{}``): neither holds data, and Orbax stores every empty container as None."""
@@ -415,7 +424,8 @@ def load_trees(step_dir: Any, trees: dict[str, dict], abstract: dict[str, Any] |
             raise TreeMismatchError(
                 f"User-provided restore item and on-disk value differ: the abstract tree does not "
                 f"match the checkpoint in {step_dir} ({len(diffs)} difference"
-                f"{'s' if len(diffs) != 1 else ''}):\n  " + "\n  ".join(diffs), differences=diffs)
+                f"{'s' if len(diffs) != 1 else ''}):\n  " + "\n  ".join(diffs) + _partial_load_hint(diffs),
+                differences=diffs)
         rows = {name: sources(name, tables[name], _wanted(len(tables[name]), plans[name])) for name in abstract}
         jobs = reads()
     every_read = [read for _, job_reads in jobs for read in job_reads]

@@ -209,7 +209,10 @@ CASES = {
     "another model's tree": Case(load_with({"w": np.zeros(5), "x": np.zeros(2)}), errors.TreeMismatchError,
                                  r"3 differences(.|\n)*\['w'\]: saved shape \(4,\), abstract leaf wants \(5,\)"
                                  r"(.|\n)*\['x'\]: in the abstract tree, not in the checkpoint"
-                                 r"(.|\n)*\['b'\]\['c'\]: in the checkpoint, not in the abstract tree"),
+                                 r"(.|\n)*\['b'\]\['c'\]: in the checkpoint, not in the abstract tree\Z"),
+    "a part of the tree": Case(load_with({"w": np.zeros(4)}), errors.TreeMismatchError,
+                               r"\['b'\]\['c'\]: in the checkpoint, not in the abstract tree\n"
+                               r"To load only the abstract tree's part .*PyTreeOptions\(partial_load=True\)"),
     "unknown checkpointable": Case(lambda c, r: c.load_checkpointables(0, {"model": None}), KeyError, r"'model'"),
 }
 

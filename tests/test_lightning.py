@@ -346,9 +346,15 @@ def test_validate_and_test_read_ckpt_path_best_a_step_directory_or_a_lightning_f
     trainer.validate(model, data, ckpt_path=tmp_path / "step6.ckpt", verbose=False)
     assert same(model.evaluated, weights(6))
 
-    evaluation = pl.Trainer(callbacks=[CheckpointCallback(run)], accelerator="cpu", logger=False,
+    reader = CheckpointCallback(run, monitor="train_loss", mode="max")  # a fresh process's: no fit, no Checkpointer
+    evaluation = pl.Trainer(callbacks=[reader], accelerator="cpu", logger=False,
                             enable_progress_bar=False, enable_model_summary=False)
+    assert (reader.best_model_path, reader.last_model_path) == (str(run / str(best)), str(run / "6"))
     fresh = Evaluated()
+    evaluation.test(fresh, data, ckpt_path="best", verbose=False)
+    assert same(fresh.evaluated, weights(best))
+    evaluation.test(fresh, data, ckpt_path=run / "6", verbose=False)
+    assert same(fresh.evaluated, weights(6))
     evaluation.test(fresh, data, ckpt_path=run / str(best), verbose=False)
     assert same(fresh.evaluated, weights(best))
     evaluation.validate(fresh, data, ckpt_path=run, verbose=False)  # the callback's directory: its latest step

@@ -20,7 +20,8 @@ recognises a ``Checkpoint`` of its own namespace, so there is one class per name
 imported; when it has imported both or neither, ``lightning.pytorch`` if installed, else
 ``pytorch_lightning``. A mismatch is reported at ``Trainer.fit`` with the class to use instead.
 Lightning 2.5 or later is needed (the callback restores through its loops' restart stages).
-``best_model_path`` and ``last_model_path`` are step directories: read them with :func:`load_weights`
+``best_model_path`` and ``last_model_path`` are step directories (in a process that did not fit,
+those of the directory, found by the metrics its steps hold): read them with :func:`load_weights`
 or :func:`load_from_checkpoint` (Lightning's ``Model.load_from_checkpoint`` reads files only), or pass
 them as ``ckpt_path=``: with the callback in the Trainer, ``fit``, ``validate``, ``test`` and
 ``predict`` read a step directory (and ``ckpt_path="best"``) as they read a ``.ckpt`` file.

@@ -40,12 +40,12 @@ import inspect
 import logging
 import os
 import warnings
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
 import ckpt
-from ckpt import training
+from ckpt import storage, training
 from ckpt.path import step as step_lib
 from ckpt.training import Checkpointer, preservation_policies, save_decision_policies
 
@@ -145,9 +145,9 @@ class CheckpointCallbackMixin:
     @property
     def last_model_path(self) -> str:
         """The directory of the latest committed step ("" if none)."""
-        if self._checkpointer is None:
+        if self._checkpointer is None and self._paths["last"]:
             return self._paths["last"]
-        checkpoints = self._checkpointer.checkpoints
+        checkpoints = self._committed_steps()
         return str(checkpoints[-1].path) if checkpoints else ""
 
     @last_model_path.setter
@@ -157,14 +157,24 @@ class CheckpointCallbackMixin:
     @property
     def best_model_path(self) -> str:
         """The directory of the best committed step by ``monitor`` (the latest without ``monitor``)."""
-        if self._checkpointer is None:
+        if self._checkpointer is None and self._paths["best"]:
             return self._paths["best"]
-        best = monitor_lib.best_step(self._checkpointer.checkpoints, self.monitor, self.mode)
+        best = monitor_lib.best_step(self._committed_steps(), self.monitor, self.mode)
         return "" if best is None else str(best.path)
 
     @best_model_path.setter
     def best_model_path(self, path: str) -> None:
         self._paths["best"] = path
+
+    def _committed_steps(self) -> Sequence[ckpt.CheckpointMetadata]:
+        """The Checkpointer's steps, or in a process that has none (an evaluation script, the main process
+        of ``ddp_spawn``), those of the directory, read without writing to it."""
+        if self._checkpointer is not None:
+            return self._checkpointer.checkpoints
+        if not storage.is_url(self.directory) and not os.path.isdir(self.directory):
+            return []
+        with Checkpointer(self.directory, step_name_format=self._checkpointer_options["step_name_format"]) as reader:
+            return reader.checkpoints
 
     def state_dict(self) -> dict[str, Any]:
         """What Lightning's checkpoint lacks for an exact resume: per rank, the RNG states now and at the

@@ -402,7 +402,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     args = _parser().parse_args(argv)
     progress.enable()
-    directory = storage.location(args.directory)
+    try:
+        directory = storage.location(args.directory)
+    except ValueError as e:  # an empty path, an unknown URL scheme, a backslash
+        _print(f"ckpt: error: {e}", file=sys.stderr)
+        return 2
     try:
         if args.command == "ls":
             return ls(directory, as_json=args.json, local=None if args.local is None else Path(args.local).absolute())

@@ -20,6 +20,7 @@ import re
 import secrets
 import shutil
 import stat
+import urllib.parse
 import weakref
 from pathlib import Path
 from typing import Any, Iterator
@@ -29,7 +30,7 @@ import tensorstore as ts
 
 from ckpt import format as fmt
 from ckpt.errors import DirectoryLockedError, ForeignEntryError, RootDirectoryError, RootNotWritableError
-from ckpt.objectstore import ObjectPath, is_url
+from ckpt.objectstore import SCHEMES, ObjectPath, is_url
 
 Location = Path | ObjectPath
 
@@ -56,11 +57,17 @@ def ts_context(background: bool = False, synced: bool = True) -> ts.Context:
 def location(directory: str | os.PathLike | ObjectPath) -> Location:
     """A root or step directory: an absolute local Path, or an :class:`ObjectPath` for s3:// and gs://.
 
+    A ``file://`` URL is its local path.
+
     Raises:
-      ValueError: a local path with a backslash (tensorstore would write elsewhere).
+      ValueError: an empty path (which would mean the current directory), a URL of a scheme ckpt cannot
+        store to (which would be a relative directory named ``hdfs:``), a local path with a backslash
+        (tensorstore would write elsewhere).
     """
     if is_url(directory):
         return ObjectPath(str(directory))
+    if isinstance(directory, str):
+        directory = _local_path(directory)
     path = (directory if isinstance(directory, Path) else Path(directory)).expanduser().absolute()
     if ".." in path.parts:  # tensorstore refuses '..'; what the system means by it (after symbolic links) is meant
         path = path.resolve()
@@ -68,6 +75,22 @@ def location(directory: str | os.PathLike | ObjectPath) -> Location:
         raise ValueError(f"the path {str(path)!r} has a backslash, which tensorstore reads as a path separator, so "
                          "its arrays would land in another directory; use a path without backslashes")
     return path
+
+
+def _local_path(directory: str) -> str:
+    """``directory`` as a local path: a ``file://`` URL's path; ValueError for an empty string or another URL."""
+    if not directory.strip():
+        raise ValueError(f"the directory is {directory!r}: give the checkpoint root's path (\".\" for the current "
+                         "directory)")
+    scheme, separator, rest = directory.partition("://")
+    if not separator or "/" in scheme:
+        return directory
+    if scheme.lower() == "file" and rest.startswith("/"):
+        return urllib.parse.unquote(rest)
+    if scheme.lower() == "file":
+        raise ValueError(f"{directory!r}: a file:// URL names a local path from the root (file:///tmp/runs)")
+    raise ValueError(f"{directory!r} is a {scheme}:// URL; ckpt stores to local directories (or file://), "
+                     f"{', '.join(f'{s}://' for s in SCHEMES)}")
 
 
 def fsync_path(path: Location) -> None:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import ckpt
-from ckpt import errors, loading
+from ckpt import cli, errors, loading
 from ckpt import format as fmt
 from ckpt.training import Checkpointer
 from ckpt.training import preservation_policies as pp
@@ -238,6 +238,39 @@ def test_a_path_with_a_backslash_is_refused_before_anything_is_written(tmp_path,
     with pytest.raises(ValueError, match=r"backslash, which tensorstore reads as a path separator"):
         make(tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("directory, error", [
+    ("", r"the directory is '': give the checkpoint root's path"),
+    ("hdfs://namenode/runs", r"'hdfs://namenode/runs' is a hdfs:// URL; ckpt stores to local directories"),
+    ("file://runs/exp1", r"a file:// URL names a local path from the root"),
+])
+@pytest.mark.parametrize("make", [
+    lambda directory: Checkpointer(directory),
+    lambda directory: ckpt.save(directory, STATE),
+    lambda directory: lightning_callback(directory),
+])
+def test_an_empty_path_or_a_url_ckpt_cannot_store_to_is_refused_before_anything_is_written(
+        tmp_path, monkeypatch, directory, error, make):
+    monkeypatch.chdir(tmp_path)  # an empty path would have been the current directory
+    with pytest.raises(ValueError, match=error):
+        make(directory)
+    assert list(tmp_path.iterdir()) == []
+    assert cli.main(["ls", directory]) == 2
+
+
+def lightning_callback(directory: str):
+    pytest.importorskip("pytorch_lightning")
+    from ckpt.integrations.lightning import CheckpointCallback
+    return CheckpointCallback(directory)
+
+
+def test_a_file_url_means_its_local_path(tmp_path):
+    url = f"file://{tmp_path}/run"
+    with Checkpointer(url) as ckptr:
+        ckptr.save(0, STATE)
+    loaded = ckpt.load(f"{url}/0")
+    assert (tmp_path / "run" / "0").is_dir() and np.array_equal(loaded["w"], STATE["w"]) and loaded["n"] == 3
 
 
 @pytest.mark.parametrize("name", ["sp ace", "p%20q", "x?y", "h#i", "c:d", "new\nline", "ünï"])

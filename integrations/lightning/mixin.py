@@ -109,6 +109,7 @@ class CheckpointCallbackMixin:
         training.check_options(save_decision_policy=save_decision_policy, preservation_policy=preservation_policy,
                                step_name_format=step_name_format, context=context, local=local)
         self.directory = os.fspath(directory)
+        storage.location(self.directory)  # an empty path or an unknown URL scheme fails here, not at fit
         self.monitor = monitor
         self.mode = mode
         self.async_save = async_save

@@ -105,6 +105,10 @@ class LocalCheckpointOptions:
         if storage.is_url(self.directory):
             raise ValueError(f"the local tier must be a local directory, got {self.directory!r} (the durable tier "
                              "is the Checkpointer's own directory)")
+        try:
+            storage.location(self.directory)
+        except ValueError as e:
+            raise ValueError(f"LocalCheckpointOptions directory: {e}") from None
         if not isinstance(self.grace_period_secs, (int, float)) or self.grace_period_secs < 0:
             raise ValueError(f"grace_period_secs must be a number >= 0, got {self.grace_period_secs!r}")
         if self.save_decision_policy is not None:
@@ -183,7 +187,7 @@ class LocalTier:
         self._lock = threading.Lock()
         self._deadline: tuple[int, float] | None = None  # (step, monotonic time) of a preemption's promotion
         self._decided: tuple[int, bool] | None = None  # (step, durable decision) of the last decision
-        directory = Path(options.directory).expanduser().absolute()
+        directory = storage.location(options.directory)
         if durable.processes.count > 1:
             directory = directory / f"process_{durable.processes.index}"
         # A process of its own (read when it is made), with the Checkpointer's very Context afterwards: a

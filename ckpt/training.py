@@ -96,7 +96,7 @@ class Checkpointer:
             fmt.check_json(custom_metadata, "custom_metadata")
         self._directory = storage.location(directory)
         if local is not None and isinstance(self._directory, Path) and (
-                os.path.realpath(Path(local.directory).expanduser()) == os.path.realpath(self._directory)):
+                os.path.realpath(storage.location(local.directory)) == os.path.realpath(self._directory)):
             raise ValueError(f"the local tier's directory is the root itself ({self._directory}): give it a "
                              "directory of its own (on a local disk), or leave local out")
         self._context = context or Context()

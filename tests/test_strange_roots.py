@@ -249,6 +249,7 @@ def test_a_path_with_a_backslash_is_refused_before_anything_is_written(tmp_path,
     lambda directory: Checkpointer(directory),
     lambda directory: ckpt.save(directory, STATE),
     lambda directory: lightning_callback(directory),
+    lambda directory: ckpt.LocalCheckpointOptions(directory),
 ])
 def test_an_empty_path_or_a_url_ckpt_cannot_store_to_is_refused_before_anything_is_written(
         tmp_path, monkeypatch, directory, error, make):

@@ -198,7 +198,12 @@ class CheckpointableNotFoundError(KeyError):
     """
 
     def __init__(self, step_dir: Path | str, missing: list[str], available: list[str]):
-        super().__init__(f"Requested checkpointables: {missing} are not in {step_dir}; it has {sorted(available)}")
+        hint = ""
+        if "state" in missing and "pytree" in available:  # Orbax's default name before 0.12
+            hint = (": the state of a step written by Orbax before 0.12 is named 'pytree'; load it with "
+                    "checkpointable_name='pytree'")
+        super().__init__(f"Requested checkpointables: {missing} are not in {step_dir}; it has {sorted(available)}"
+                         + hint)
 
 
 class UnregisteredTypeError(TypeError, ValueError):

@@ -78,6 +78,9 @@ def main(directory: Path) -> None:
             ckptr.save_checkpointables(step, {"state": mixed_state(step), "extra": {"a": np.arange(3) + step}},
                                        metrics={"loss": 1.0 / (step + 1)}, custom_metadata={"at": step}, force=True)
 
+    with training.Checkpointer(directory / "v1_pytree") as ckptr:  # Orbax before 0.12 named the state "pytree"
+        ckptr.save_checkpointables(0, {"pytree": mixed_state(0)}, force=True)
+
     options = ocp.CheckpointManagerOptions(step_prefix="step", step_format_fixed_length=4,
                                            best_fn=lambda m: m["acc"], best_mode="max")
     with ocp.CheckpointManager(directory / "single", options=options) as manager:

@@ -155,6 +155,17 @@ def test_free_functions_read_an_orbax_step_directory(orbax_runs):
     assert info.metadata["params"]["Dense_0"]["kernel"].shape == (flax_train.FEATURES, 64)
 
 
+def test_the_state_orbax_before_0_12_named_pytree_loads_by_that_name_and_the_default_says_so(orbax_runs):
+    step_dir = orbax_runs / "v1_pytree" / "0"
+    with pytest.raises(errors.CheckpointableNotFoundError, match=r"it has \['pytree'\]: the state of a step written "
+                                                                 r"by Orbax before 0\.12 .*checkpointable_name='pytree'"):
+        ckpt.load(step_dir)
+    abstract, saved = orbax_writer.mixed_abstract(0), orbax_writer.mixed_state(0)
+    assert_same(ckpt.load(step_dir, abstract, checkpointable_name="pytree"), saved)
+    with ckpt.Checkpointer(orbax_runs / "v1_pytree") as ckptr:
+        assert_same(ckptr.load(0, abstract, checkpointable_name="pytree"), saved)
+
+
 def test_checkpointables_metadata_of_an_item_orbax_wrote_as_json_is_none_as_orbax_reports_it(orbax_runs):
     step_dir = orbax_runs / "named" / "7"   # cfg: Orbax's JsonCheckpointHandler
     trees = ckpt.checkpointables_metadata(step_dir).metadata

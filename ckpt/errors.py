@@ -201,7 +201,7 @@ class CheckpointableNotFoundError(KeyError):
         hint = ""
         if "state" in missing and "pytree" in available:  # Orbax's default name before 0.12
             hint = (": the state of a step written by Orbax before 0.12 is named 'pytree'; load it with "
-                    "checkpointable_name='pytree'")
+                    "checkpointable_name='pytree' (load, restore_train_state)")
         super().__init__(f"Requested checkpointables: {missing} are not in {step_dir}; it has {sorted(available)}"
                          + hint)
 

@@ -164,6 +164,7 @@ def test_the_state_orbax_before_0_12_named_pytree_loads_by_that_name_and_the_def
     assert_same(ckpt.load(step_dir, abstract, checkpointable_name="pytree"), saved)
     with ckpt.Checkpointer(orbax_runs / "v1_pytree") as ckptr:
         assert_same(ckptr.load(0, abstract, checkpointable_name="pytree"), saved)
+        assert_same(restore_train_state(ckptr, abstract, checkpointable_name="pytree"), saved)
 
 
 def test_checkpointables_metadata_of_an_item_orbax_wrote_as_json_is_none_as_orbax_reports_it(orbax_runs):

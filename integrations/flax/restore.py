@@ -12,7 +12,8 @@ from ckpt.training import CheckpointMetadata, Checkpointer
 T = TypeVar("T")
 
 
-def restore_train_state(checkpointer: Checkpointer, target: T, *, step: int | CheckpointMetadata | None = None) -> T:
+def restore_train_state(checkpointer: Checkpointer, target: T, *, step: int | CheckpointMetadata | None = None,
+                        checkpointable_name: str = "state") -> T:
     """Loads checkpoint ``step`` (the latest when None) into ``target``'s structure and types.
 
     ``target`` says what to build. It is a concrete state, an abstract one from ``jax.eval_shape``
@@ -26,6 +27,8 @@ def restore_train_state(checkpointer: Checkpointer, target: T, *, step: int | Ch
       checkpointer: a ``ckpt.training.Checkpointer``.
       target: the state to restore into.
       step: the step to load (an int or a ``CheckpointMetadata``); None means the latest.
+      checkpointable_name: the checkpointable holding the state (``"pytree"`` in steps Orbax wrote
+        before 0.12).
 
     Returns:
       The restored state, or ``target`` itself, unchanged, when the checkpointer has no checkpoint
@@ -44,7 +47,8 @@ def restore_train_state(checkpointer: Checkpointer, target: T, *, step: int | Ch
     if step is None and checkpointer.latest is None:
         return target
     abstract = nnx_states(target)
-    restored = jax.tree.map(_as_array_leaf, abstract, checkpointer.load(step, abstract), is_leaf=lambda x: x is None)
+    loaded = checkpointer.load(step, abstract, checkpointable_name=checkpointable_name)
+    restored = jax.tree.map(_as_array_leaf, abstract, loaded, is_leaf=lambda x: x is None)
     return update_nnx_in_place(target, restored)
 
 

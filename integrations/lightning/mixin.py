@@ -233,7 +233,6 @@ class CheckpointCallbackMixin:
             return
         (path, checkpoint, sharded_model), self._restoring = self._restoring, None
         resume.restore_training_state(trainer, checkpoint, source=path)
-        resume.restore_trainable(pl_module, (self._loaded_state or {}).get("trainable"))
         if sharded_model:
             sharded.set_states(trainer, checkpoint)
         tail.continue_after(trainer, (self._loaded_state or {}).get("saved_in", "on_train_batch_end"))
@@ -367,6 +366,7 @@ class CheckpointCallbackMixin:
             logged.restore(trainer, saved_logged)
             tail.finish_iteration(trainer, saved["saved_in"], saved["should_stop"])
             self._restored_logged = True
+        resume.restore_trainable(trainer.lightning_module, saved.get("trainable"))  # after BaseFinetuning's setup
         if trainer.fit_loop.restarted_mid_epoch:  # Lightning skips the epoch-start hooks
             if saved.get("accumulate_grad_batches") is not None:  # which GradientAccumulationScheduler sets it in
                 self._accumulation_after_epoch = trainer.accumulate_grad_batches

@@ -7,9 +7,9 @@ and the loops' restart stages, added in 2.5), and say so when they are missing.
 
 Example (inside the callback)::
 
-    checkpoint = restore_modules(trainer, checkpoint, source=str(step_path))  # before the callbacks' on_fit_start
-    restore_training_state(trainer, checkpoint, source=str(step_path))       # after them
-    position = plan_data_position(trainer)                        # in on_train_start
+    checkpoint = restore_modules(trainer, checkpoint, source=path)  # before the callbacks' on_fit_start
+    restore_training_state(trainer, checkpoint, source=path)       # after them
+    position = plan_data_position(trainer)                         # in on_train_start
 """
 from __future__ import annotations
 

@@ -349,10 +349,14 @@ def verify(directory: storage.Location, step: int | None, *, as_json: bool) -> i
 
 
 # --------------------------------------------------------------------------------------- convert
-def convert_root(source: storage.Location, destination: Path, *, as_json: bool) -> int:
+def convert_root(source: storage.Location, destination: storage.Location, *, as_json: bool) -> int:
     """``ckpt convert``: one line per step as it is written and checked against its source."""
     records = []
-    for done in convert.convert_root(source, destination):
+    try:
+        converted = convert.convert_root(source, destination)
+    except ValueError as e:  # not local directories
+        raise UsageError(str(e)) from None
+    for done in converted:
         records.append({"step": done.step, "path": str(done.path), "leaves": done.leaves, "nbytes": done.nbytes})
         if not as_json:
             print(f"step {done.step} -> {done.path}: {done.leaves} leaves, {progress.format_bytes(done.nbytes)}, "
@@ -404,6 +408,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     progress.enable()
     try:
         directory = storage.location(args.directory)
+        destination = storage.location(args.destination) if args.command == "convert" else None
     except ValueError as e:  # an empty path, an unknown URL scheme, a backslash
         _print(f"ckpt: error: {e}", file=sys.stderr)
         return 2
@@ -413,7 +418,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "show":
             return show(directory, args.step, as_json=args.json)
         if args.command == "convert":
-            return convert_root(directory, Path(args.destination).absolute(), as_json=args.json)
+            return convert_root(directory, destination, as_json=args.json)
         return verify(directory, args.step, as_json=args.json)
     except UsageError as e:
         _print(f"ckpt: error: {e}", file=sys.stderr)

@@ -56,12 +56,14 @@ def steps_of(root: Path) -> list[tuple[int, Path]]:
 
 def convert_root(source: str | os.PathLike, destination: str | os.PathLike) -> Iterator[Converted]:
     """Converts every step of ``source`` into ``destination`` (a new or empty directory), yielding each
-    once it is written and checked against its source.
+    once it is written and checked against its source. The arguments are checked when it is called.
 
     Raises:
+      ValueError: ``source`` or ``destination`` is not a local directory.
       FileExistsError: ``destination`` holds anything (before anything is written).
       FileNotFoundError: ``source`` holds no step.
-      CheckpointCorruptedError: a converted step differs from its source (named with the key path).
+      CheckpointCorruptedError: a converted step differs from its source (named with the key path);
+        raised by the iterator.
 
     Example::
 
@@ -76,6 +78,10 @@ def convert_root(source: str | os.PathLike, destination: str | os.PathLike) -> I
         raise FileNotFoundError(f"{source} holds no checkpoint steps to convert")
     if destination.exists() and any(destination.iterdir()):
         raise FileExistsError(f"{destination} is not empty; convert into a new directory")
+    return _convert_steps(steps, source, destination)
+
+
+def _convert_steps(steps: list[tuple[int, Path]], source: Path, destination: Path) -> Iterator[Converted]:
     storage.make_dir(destination)
     lock = storage.DirectoryLock(destination / fmt.LOCK)
     lock.acquire()

@@ -286,6 +286,17 @@ def test_the_cli_reports_progress_of_a_long_verify_on_stderr(root, monkeypatch, 
     assert status == 0 and f"ckpt: verifying {root / '0'}" in err and "verifying" not in out
 
 
+@pytest.mark.parametrize("destination, error", [("", "the directory is ''"),
+                                                ("s3://bucket/run", "reads and writes local directories")])
+def test_convert_into_an_empty_path_or_a_bucket_is_a_usage_error_and_writes_nothing(
+        root, tmp_path, monkeypatch, capsys, destination, error):
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")  # an empty destination would have been the current directory
+    assert cli.main(["convert", str(root), destination]) == 2
+    assert error in capsys.readouterr().err
+    assert list((tmp_path / "here").iterdir()) == []
+
+
 def test_format_bytes_picks_a_readable_unit():
     assert [progress.format_bytes(n) for n in (0, 1023, 1536, 3 << 30)] == ["0 B", "1023 B", "1.5 KiB", "3.0 GiB"]
 

@@ -282,13 +282,16 @@ def _match(table: LeafTable, saved_node: tree_lib.Node, abstract: Any, name: str
     if not partial:
         for i, p in enumerate(saved_paths):
             if i not in covered and not _empty_receives(table[i], abstract_node, p):
-                diffs.append(f"{name}{keystr(p)}: in the checkpoint, not in the abstract tree")
+                diffs.append(f"{name}{keystr(p)}{_ONLY_SAVED}")
     return Plan(abstract_node, abstract_leaves, pairs), diffs
+
+
+_ONLY_SAVED = ": in the checkpoint, not in the abstract tree"  # a difference partial_load accepts
 
 
 def _partial_load_hint(diffs: list[str]) -> str:
     """How to load a part of a checkpoint, when all that differs is what the abstract tree leaves out."""
-    if diffs and all(d.endswith(": in the checkpoint, not in the abstract tree") for d in diffs):
+    if diffs and all(d.endswith(_ONLY_SAVED) for d in diffs):
         return ("\nTo load only the abstract tree's part of the checkpoint, load inside "
                 "`with ckpt.Context(pytree_options=ckpt.PyTreeOptions(partial_load=True)):` (Orbax's "
                 "ctx.pytree.loading.partial_load).")

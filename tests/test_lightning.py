@@ -350,6 +350,7 @@ def test_validate_and_test_read_ckpt_path_best_a_step_directory_or_a_lightning_f
     evaluation = pl.Trainer(callbacks=[reader], accelerator="cpu", logger=False,
                             enable_progress_bar=False, enable_model_summary=False)
     assert (reader.best_model_path, reader.last_model_path) == (str(run / str(best)), str(run / "6"))
+    assert CheckpointCallback(f"file://{run}", monitor="train_loss", mode="max").best_model_path == str(run / str(best))
     fresh = Evaluated()
     evaluation.test(fresh, data, ckpt_path="best", verbose=False)
     assert same(fresh.evaluated, weights(best))

@@ -40,6 +40,7 @@ import inspect
 import logging
 import os
 import warnings
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -172,7 +173,8 @@ class CheckpointCallbackMixin:
         of ``ddp_spawn``), those of the directory, read without writing to it."""
         if self._checkpointer is not None:
             return self._checkpointer.checkpoints
-        if not storage.is_url(self.directory) and not os.path.isdir(self.directory):
+        directory = storage.location(self.directory)  # "~/runs", file:// as the Checkpointer reads them
+        if isinstance(directory, Path) and not directory.is_dir():
             return []
         with Checkpointer(self.directory, step_name_format=self._checkpointer_options["step_name_format"]) as reader:
             return reader.checkpoints

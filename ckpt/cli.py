@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence, TextIO
 
-from ckpt import __version__, convert, formats, leaves, progress, storage
+from ckpt import __version__, convert, formats, leaves, progress, storage, tiers
 from ckpt import root as root_lib
 from ckpt import format as fmt
 from ckpt.errors import CheckpointCorruptedError, InvalidLayoutError, UnsupportedLayoutError
@@ -409,12 +409,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         directory = storage.location(args.directory)
         destination = storage.location(args.destination) if args.command == "convert" else None
-    except ValueError as e:  # an empty path, an unknown URL scheme, a backslash
+        local = tiers.local_directory(args.local) if getattr(args, "local", None) is not None else None
+    except ValueError as e:  # an empty path, an unknown URL scheme, a backslash; an object store as the local tier
         _print(f"ckpt: error: {e}", file=sys.stderr)
         return 2
     try:
         if args.command == "ls":
-            return ls(directory, as_json=args.json, local=None if args.local is None else Path(args.local).absolute())
+            return ls(directory, as_json=args.json, local=local)
         if args.command == "show":
             return show(directory, args.step, as_json=args.json)
         if args.command == "convert":

@@ -102,11 +102,8 @@ class LocalCheckpointOptions:
     grace_period_secs: float = 30.0
 
     def __post_init__(self):
-        if storage.is_url(self.directory):
-            raise ValueError(f"the local tier must be a local directory, got {self.directory!r} (the durable tier "
-                             "is the Checkpointer's own directory)")
         try:
-            storage.location(self.directory)
+            local_directory(self.directory)
         except ValueError as e:
             raise ValueError(f"LocalCheckpointOptions directory: {e}") from None
         if not isinstance(self.grace_period_secs, (int, float)) or self.grace_period_secs < 0:
@@ -174,6 +171,19 @@ class _KeepPromoting:
         return [kept or info.step in self.promoting for kept, info in zip(keep, checkpoints)]
 
 
+def local_directory(directory: str | os.PathLike) -> Path:
+    """The local tier's directory as an absolute path.
+
+    Raises:
+      ValueError: an object store URL (the durable tier is the Checkpointer's own directory), or a path
+        :func:`ckpt.storage.location` refuses.
+    """
+    if storage.is_url(directory):
+        raise ValueError(f"the local tier must be a local directory, got {directory!r} (the durable tier "
+                         "is the Checkpointer's own directory)")
+    return storage.location(directory)
+
+
 class LocalTier:
     """The local tier of a Checkpointer and the promotion of its steps to the durable tier."""
 
@@ -187,7 +197,7 @@ class LocalTier:
         self._lock = threading.Lock()
         self._deadline: tuple[int, float] | None = None  # (step, monotonic time) of a preemption's promotion
         self._decided: tuple[int, bool] | None = None  # (step, durable decision) of the last decision
-        directory = storage.location(options.directory)
+        directory = local_directory(options.directory)
         if durable.processes.count > 1:
             directory = directory / f"process_{durable.processes.index}"
         # A process of its own (read when it is made), with the Checkpointer's very Context afterwards: a

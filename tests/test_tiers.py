@@ -114,6 +114,23 @@ def test_each_tier_keeps_its_own_policies_and_ckpt_ls_shows_where_each_step_live
     assert re.search(r"^\* 9 +durable ", capsys.readouterr().out, re.M)
 
 
+@pytest.mark.parametrize("local, error", [("", "the directory is ''"), ("hdfs://ssd/run", "a hdfs:// URL"),
+                                          ("s3://bucket/run", "the local tier must be a local directory")])
+def test_ckpt_ls_refuses_a_local_tier_that_is_no_local_directory(tmp_path, capsys, local, error):
+    ckpt.save(tmp_path / "durable" / "1", {"a": np.zeros(2)})
+    assert cli.main(["ls", str(tmp_path / "durable"), "--local", local]) == 2  # was listed as the durable tier alone
+    assert error in capsys.readouterr().err
+
+
+def test_ckpt_ls_finds_a_local_tier_given_with_a_tilde(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with ckpt.Checkpointer(tmp_path / "durable", save_decision_policy=sdp.FixedIntervalPolicy(3),
+                           local=ckpt.LocalCheckpointOptions("~/local")) as ckptr:
+        ckptr.save(1, {"a": np.zeros(2)})
+    assert cli.main(["ls", str(tmp_path / "durable"), "--local", "~/local", "--json"]) == 0
+    assert [s["tiers"] for s in json.loads(capsys.readouterr().out)["steps"]] == [["local"]]
+
+
 def test_a_step_kept_locally_while_its_promotion_outlasts_the_last_local_commit_is_deleted_once_promoted(
         tmp_path, monkeypatch):
     released, copy_step = threading.Event(), tiers._copy_step

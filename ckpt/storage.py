@@ -210,10 +210,17 @@ def fsync_files(directory: Location) -> None:
 
 
 def write_file(path: Path, data: bytes, *, mode: int | None = None) -> None:
-    """Writes and fsyncs ``path`` (not atomic: used inside a temporary directory)."""
+    """Writes and fsyncs ``path`` (not atomic: used inside a temporary directory).
+
+    Only ever writes a regular file of ckpt's own: what else is at ``path`` (a symbolic link, a FIFO, a
+    device, a file with another name elsewhere) is neither followed, opened nor truncated.
+
+    Raises:
+      ForeignEntryError: something other than such a file is at ``path``.
+    """
     if isinstance(path, ObjectPath):
         return path.write_bytes(data)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666 if mode is None else mode)
+    fd = _open_own_file(path, 0o666 if mode is None else mode)
     try:
         view = memoryview(data)
         while view:
@@ -221,6 +228,33 @@ def write_file(path: Path, data: bytes, *, mode: int | None = None) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _open_own_file(path: Path, mode: int) -> int:
+    """``path`` opened for writing and emptied, when it is missing or a regular file linked from nowhere else."""
+    try:
+        found = os.lstat(path)
+    except FileNotFoundError:
+        found = None
+    if found is not None and not stat.S_ISREG(found.st_mode):
+        raise _not_own_file(path)  # (a device is not even opened)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENXIO, errno.EISDIR):  # what appeared there since: a link, a FIFO
+            raise _not_own_file(path) from None
+        raise
+    found = os.fstat(fd)
+    if not stat.S_ISREG(found.st_mode) or found.st_nlink > 1:
+        os.close(fd)
+        raise _not_own_file(path, f"a file with {found.st_nlink} names" if stat.S_ISREG(found.st_mode) else None)
+    os.ftruncate(fd, 0)
+    return fd
+
+
+def _not_own_file(path: Path, holds: str | None = None) -> ForeignEntryError:
+    return ForeignEntryError(f"{path} is {holds or describe(path)}, where ckpt writes a file of its own: ckpt neither "
+                             "writes through it nor removes it. Move it away if it is not needed.", path=path)
 
 
 def write_file_atomic(path: Path, data: bytes, *, mode: int | None = None) -> None:

@@ -370,6 +370,55 @@ def test_the_root_lock_is_never_written_through_a_link(tmp_path):
     assert fsutil.snapshot(tmp_path) == whole
 
 
+def _plant(path: Path, kind: str, tmp_path: Path) -> None:
+    """A link to a file outside the root, a FIFO, or a second name of such a file, at ``path``."""
+    target = _elsewhere(tmp_path) / "data.bin"
+    if kind == "symlink":
+        path.symlink_to(target)
+    elif kind == "fifo":
+        os.mkfifo(path)
+    else:
+        os.link(target, path)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", ["symlink", "fifo"])
+@pytest.mark.parametrize("how", ["garbage collection", "overwrite"])
+def test_a_step_whose_marker_is_not_a_file_of_its_own_is_neither_written_through_nor_removed(tmp_path, kind, how):
+    """A step deleted or replaced is marked as ckpt's first; where its marker's name holds a link (a root
+    copied with ``cp -rs``) or a FIFO, nothing is written (the linked file was emptied; the FIFO made the
+    save wait forever) and the step stays."""
+    root = tmp_path / "root"
+    with Checkpointer(root) as ckptr:
+        ckptr.save(1, STATE)
+    (root / "1" / fmt.MARKER).unlink()
+    _plant(root / "1" / fmt.MARKER, kind, tmp_path)
+    whole = fsutil.snapshot(tmp_path / "elsewhere")
+    with Checkpointer(root, preservation_policy=pp.LatestN(1)) as ckptr:
+        with pytest.raises((errors.ForeignEntryError, OSError), match=f"{fmt.MARKER} is .*ckpt neither writes"):
+            if how == "overwrite":
+                ckptr.save(1, {"w": np.zeros(4)}, force=True, overwrite=True)
+            else:
+                ckptr.save(2, STATE, force=True)
+        assert [c.step for c in ckptr.checkpoints] == ([1] if how == "overwrite" else [1, 2])
+        np.testing.assert_array_equal(ckptr.load(1)["w"], STATE["w"])
+    assert fsutil.snapshot(tmp_path / "elsewhere") == whole
+    assert sorted(os.listdir(root)) == sorted([fmt.LOCK, "1"] + (["2"] if how != "overwrite" else []))
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", ["symlink", "fifo", "hardlink"])
+def test_the_root_metadata_is_never_written_through_what_is_at_its_temporary_name(tmp_path, kind):
+    root = tmp_path / "root"
+    root.mkdir()
+    _plant(root / (fmt.ROOT_METADATA + ".tmp"), kind, tmp_path)
+    whole = fsutil.snapshot(tmp_path / "elsewhere")
+    with pytest.raises(errors.ForeignEntryError, match="ckpt neither writes through it"):
+        Checkpointer(root, custom_metadata={"experiment": "a"})
+    assert fsutil.snapshot(tmp_path / "elsewhere") == whole
+    assert not (root / fmt.ROOT_METADATA).exists()
+
+
 def test_a_foreign_entry_at_a_deleted_steps_aside_name_does_not_stop_garbage_collection(tmp_path):
     """A deletion renames the step to ``<step>.ckpt-deleting`` first; something foreign there is left
     alone and the step goes aside under a name of its own."""

@@ -2,8 +2,15 @@
 
 ``install()`` (called by every Checkpointer created on the main thread) puts a SIGTERM handler in front
 of whatever handler is already installed and calls that one too, so a host framework (Lightning, a
-scheduler's wrapper) still sees the signal. When the previous handler is the default (terminate), the
-first SIGTERM only records the preemption, so the loop can save and stop; a second SIGTERM terminates.
+scheduler's wrapper) still sees the signal. When the previous handler is the default (terminate):
+
+- while a training loop listens (an open Checkpointer that has made a save decision with a policy
+  that saves on a preemption, see :func:`listen`), the first SIGTERM only records the preemption, so
+  that the loop saves the step and stops; a second SIGTERM terminates. A loop that goes on to a later
+  step instead of stopping (it never asks ``reached_preemption``) is ended there, once the step is
+  saved, as the SIGTERM would have ended it (:func:`end_deferred_sigterm`);
+- else (a script that only reads checkpoints, a Checkpointer closed, a policy that never saves on a
+  preemption) SIGTERM terminates at once, as it would without ckpt.
 
 Example::
 
@@ -23,6 +30,8 @@ from typing import Any
 _event = threading.Event()
 _installed = False
 _previous: Any = None
+_listening: set[int] = set()  # ids of the objects that save on a preemption (see listen())
+_deferred = False  # a SIGTERM whose default action (terminate) was put off for the loop to save
 
 
 def notify() -> None:
@@ -45,7 +54,9 @@ def reset() -> None:
         ckpt.preemption.reset()                          # saved, and the job goes on after all
         assert not ckpt.preemption.preempted()
     """
+    global _deferred
     _event.clear()
+    _deferred = False
 
 
 def preempted() -> bool:
@@ -82,15 +93,59 @@ def reached(step: int) -> bool:
     return False
 
 
+def listen(owner: object) -> None:
+    """Records that ``owner`` (a Checkpointer in a training loop) saves the step at which a preemption
+    arrives: until :func:`unlisten`, a first SIGTERM is deferred for it (see the module's docstring).
+
+    Example::
+
+        loop = object()                                  # what saves on a preemption, e.g. a hook of yours
+        ckpt.preemption.listen(loop)                     # a first SIGTERM now waits for it to save
+        ckpt.preemption.unlisten(loop)
+    """
+    _listening.add(id(owner))
+
+
+def unlisten(owner: object) -> None:
+    """Ends what :func:`listen` began (a Checkpointer closed).
+
+    Example::
+
+        loop = object()
+        ckpt.preemption.listen(loop)
+        ckpt.preemption.unlisten(loop)                   # SIGTERM terminates at once again
+    """
+    _listening.discard(id(owner))
+
+
+def end_deferred_sigterm() -> None:
+    """Terminates the process as a deferred SIGTERM would have (a loop that went on past the step it
+    saved for the preemption); nothing when no SIGTERM was deferred.
+
+    Example::
+
+        ckpt.preemption.end_deferred_sigterm()           # no SIGTERM was held back: nothing happens
+    """
+    if _deferred:
+        _terminate()
+
+
+def _terminate() -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.raise_signal(signal.SIGTERM)
+
+
 def _handler(signum: int, frame: Any) -> None:
+    global _deferred
     first = not _event.is_set()
     _event.set()
     previous = _previous
     if callable(previous):
         previous(signum, frame)
-    elif previous == signal.SIG_DFL and not first:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.raise_signal(signal.SIGTERM)
+    elif previous == signal.SIG_DFL:
+        if not first or not _listening:
+            _terminate()
+        _deferred = True
 
 
 def install() -> None:
@@ -98,7 +153,7 @@ def install() -> None:
 
     Example::
 
-        ckpt.preemption.install()        # every Checkpointer does this; call it first to catch an early SIGTERM
+        ckpt.preemption.install()        # every Checkpointer does this
     """
     global _installed, _previous
     if _installed or threading.current_thread() is not threading.main_thread():

@@ -120,6 +120,7 @@ class Checkpointer:
         self._processes = self._ctx.multiprocessing_options.processes or distributed.current()
         self._operations = 0
         self._preempted_at: int | None = None
+        self._decided_once = False  # (whether it listens for a preemption is known from the first decision)
         self._decided: tuple[int, bool] | None = None  # (step, decision) of the last should_save
         self._in_flight: CheckpointMetadata | None = None  # the step of the last save handed to the writer
         mode = self._ctx.file_options.path_permission_mode
@@ -316,9 +317,17 @@ class Checkpointer:
                 if ckptr.reached_preemption(step):      # step is saved: exit before the job is killed
                     break
         """
+        preemption.listen(self)  # a loop that asks stops on a preemption: a first SIGTERM may wait for it
         return self._preempted_at is not None and step >= self._preempted_at
 
     def _decide(self, step: int, *, replacing: bool) -> bool:
+        if not self._decided_once:
+            self._decided_once = True
+            if self._local is not None or save_decision_policies.saves_on_preemption(self._save_policy):
+                preemption.listen(self)
+        elif self._preempted_at is not None and step > self._preempted_at:
+            self.wait()  # the loop went on past the step it saved for a SIGTERM: that step is durable, now end
+            preemption.end_deferred_sigterm()
         previous = self._infos  # replaced, never changed in place: no copy on this per-step path
         if replacing:
             previous = [c for c in previous if c.step != step]
@@ -738,6 +747,7 @@ class Checkpointer:
             self.wait()
         finally:
             self._closed = True
+            preemption.unlisten(self)
             if self._local is not None:
                 self._local.close()
             self._writer.shutdown()

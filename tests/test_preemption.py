@@ -4,6 +4,7 @@ from __future__ import annotations
 import signal
 
 import numpy as np
+import pytest
 
 from ckpt import preemption
 from ckpt.training import Checkpointer
@@ -18,16 +19,19 @@ if sys.argv[2] == "with-handler":
     def user_handler(signum, frame):
         print("user handler ran", flush=True)
     signal.signal(signal.SIGTERM, user_handler)
-policy = sdp.AnySavePolicy([sdp.FixedIntervalPolicy(1000), sdp.PreemptionCheckpointingPolicy()])
+policy = sdp.FixedIntervalPolicy(1000) if sys.argv[2] == "interval-only" else \
+    sdp.AnySavePolicy([sdp.FixedIntervalPolicy(1000), sdp.PreemptionCheckpointingPolicy()])
 with Checkpointer(sys.argv[1], save_decision_policy=policy) as ckptr:
     for step in range(1, 100000):
         state = {"w": np.full(8, step, np.float32)}
-        ckptr.save_async(step, state)
+        if sys.argv[2] != "read-only":
+            ckptr.save_async(step, state)
         print(f"step {step}", flush=True)
-        if ckptr.reached_preemption(step):
+        if sys.argv[2] in ("plain", "with-handler") and ckptr.reached_preemption(step):
             print(f"stopped at {step}", flush=True)
             break
         time.sleep(0.01)
+print("the loop ended", flush=True)
 """
 
 
@@ -42,7 +46,7 @@ def _run_until_sigterm(tmp_path, mode: str) -> tuple[str, int]:
 def test_sigterm_saves_the_current_step_and_the_loop_stops_cleanly(tmp_path):
     out, code = _run_until_sigterm(tmp_path, "plain")
     assert code == 0, out
-    stopped = int(out.strip().splitlines()[-1].removeprefix("stopped at "))
+    stopped = int(out.strip().splitlines()[-2].removeprefix("stopped at "))
     with Checkpointer(tmp_path) as ckptr:
         assert ckptr.latest.step == stopped
         np.testing.assert_array_equal(ckptr.load()["w"], np.full(8, stopped, np.float32))
@@ -69,3 +73,56 @@ def test_notify_makes_the_preemption_policy_save_the_next_step(tmp_path):
             preemption.reset()
         assert not ckptr.should_save(8)
         assert [c.step for c in ckptr.checkpoints] == [7]
+
+
+def test_a_loop_that_does_not_stop_after_the_preemption_save_is_ended_as_sigterm_would_end_it(tmp_path):
+    """An Orbax-style loop that never asks ``reached_preemption``: the step is saved, and the next step's
+    save ends the process by SIGTERM's default action (it ran on until a second signal before)."""
+    out, code = _run_until_sigterm(tmp_path, "never-asks")
+    assert code == -signal.SIGTERM, out
+    assert "the loop ended" not in out
+    last = int(out.strip().splitlines()[-1].removeprefix("step "))
+    with Checkpointer(tmp_path) as ckptr:
+        assert ckptr.latest.step in (last - 1, last)  # the step the SIGTERM arrived at, which the loop passed
+        assert [c.step for c in ckptr.checkpoints] == [ckptr.latest.step]
+
+
+@pytest.mark.parametrize("mode", ["interval-only", "read-only"])
+def test_sigterm_terminates_at_once_where_no_save_would_be_made_for_it(tmp_path, mode):
+    """A policy that never saves on a preemption, or a Checkpointer that only reads: SIGTERM does what it
+    does without ckpt (the process ran on, its first SIGTERM swallowed)."""
+    out, code = _run_until_sigterm(tmp_path, mode)
+    assert code == -signal.SIGTERM, out
+    assert "the loop ended" not in out and int(out.strip().splitlines()[-1].removeprefix("step ")) < 1000
+    with Checkpointer(tmp_path) as ckptr:
+        assert ckptr.checkpoints == []
+
+
+def test_a_closed_checkpointer_leaves_sigterm_to_terminate(tmp_path):
+    script = """
+import signal, sys, time
+import numpy as np
+from ckpt.training import Checkpointer
+with Checkpointer(sys.argv[1]) as ckptr:
+    ckptr.save(0, {"w": np.ones(2)})
+print("closed", flush=True)
+time.sleep(60)
+print("still running", flush=True)
+"""
+    proc = procs.start(script, str(tmp_path))
+    procs.wait_for_line(proc, "closed")
+    proc.send_signal(signal.SIGTERM)
+    out = procs.output(proc, timeout=60)
+    assert proc.returncode == -signal.SIGTERM and "still running" not in out
+
+
+def test_only_built_in_policies_that_never_look_at_a_preemption_are_known_not_to_save_on_one():
+    assert sdp.saves_on_preemption(sdp.AnySavePolicy([sdp.FixedIntervalPolicy(5), sdp.PreemptionCheckpointingPolicy()]))
+    assert not sdp.saves_on_preemption(sdp.AnySavePolicy([sdp.FixedIntervalPolicy(5), sdp.InitialSavePolicy(),
+                                                         sdp.ContinuousCheckpointingPolicy()]))
+
+    class Mine:
+        def should_save(self, step, previous_steps, *, context):
+            return context.reached_preemption
+
+    assert sdp.saves_on_preemption(Mine())

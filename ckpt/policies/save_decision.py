@@ -199,6 +199,20 @@ class AnySavePolicy:
         return any(p.should_save(step, previous_steps, context=context) for p in self.policies)
 
 
+def saves_on_preemption(policy: SaveDecisionPolicy) -> bool:
+    """Whether ``policy`` may save the step at which a preemption arrives: True unless it is made only of
+    built-in policies that never look at one (a policy of the user's may read ``context.reached_preemption``).
+
+    Example::
+
+        assert saves_on_preemption(default_policy()) and not saves_on_preemption(FixedIntervalPolicy(100))
+    """
+    if isinstance(policy, AnySavePolicy):
+        return any(map(saves_on_preemption, policy.policies))
+    return not isinstance(policy, (FixedIntervalPolicy, SpecificStepsPolicy, ContinuousCheckpointingPolicy,
+                                   InitialSavePolicy))
+
+
 def default_policy() -> AnySavePolicy:
     """Save the first step, then whenever no save is in flight, and on preemption (Orbax's default).
 

@@ -46,7 +46,7 @@ from typing import Any, Sequence
 import torch
 
 import ckpt
-from ckpt import storage, training
+from ckpt import preemption, storage, training
 from ckpt.path import step as step_lib
 from ckpt.training import Checkpointer, preservation_policies, save_decision_policies
 
@@ -212,6 +212,7 @@ class CheckpointCallbackMixin:
             # the callback is the directory's only writer: what crashed saves left is removed
             self._checkpointer = Checkpointer(self.directory, cleanup_tmp_directories=True,
                                               **self._checkpointer_options)
+            preemption.listen(self._checkpointer)  # Lightning stops on SIGTERM, after on_exception saved the step
             self._open = True
 
     def _restore_modules(self, trainer: Any, pl_module: Any) -> None:

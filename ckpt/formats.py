@@ -17,7 +17,7 @@ from typing import Any
 
 from ckpt import format as fmt
 from ckpt import loading, orbax, storage
-from ckpt.errors import CheckpointableNotFoundError
+from ckpt.errors import CheckpointableNotFoundError, CheckpointCorruptedError
 
 
 def is_step(path: storage.Location) -> bool:
@@ -90,8 +90,20 @@ def load_checkpointables(step_dir: storage.Location, abstract: dict[str, Any] | 
 
 
 def root_custom_metadata(root: storage.Location) -> Any:
-    """The custom metadata of a root: ckpt's (``ckpt-root.json``), else Orbax's (``metadata/_ROOT_METADATA``)."""
+    """The custom metadata of a root: ckpt's (``ckpt-root.json``), else Orbax's (``metadata/_ROOT_METADATA``).
+
+    Raises:
+      CheckpointCorruptedError: the file is not what ckpt (or Orbax) writes there: not a regular file,
+        not JSON, not a JSON object.
+    """
+    path = root / fmt.ROOT_METADATA
     try:
-        return json.loads(storage.read_json_bytes(root / fmt.ROOT_METADATA)).get("custom_metadata")
+        doc = json.loads(storage.read_json_bytes(path).decode("utf-8"))
     except FileNotFoundError:
         return orbax.root_custom_metadata(root) if isinstance(root, Path) else None
+    except (ValueError, RecursionError, OSError) as e:  # a link, a FIFO, too large, not UTF-8 or not JSON
+        raise CheckpointCorruptedError(f"{path} cannot be read as the root's metadata ({type(e).__name__}: {e})",
+                                       path=path) from None
+    if not isinstance(doc, dict):
+        raise CheckpointCorruptedError(f"{path} is not a JSON object, as the root's metadata is", path=path)
+    return doc.get("custom_metadata")

@@ -195,7 +195,7 @@ def _check_manifest(manifest: dict) -> None:
         raise _Invalid(f"'step' {step!r} is not a non-negative int")
     for key in ("init_timestamp_nsecs", "commit_timestamp_nsecs"):
         value = manifest.get(key)
-        if value is not None and not (_is_count(value) and value < _MAX_TIMESTAMP):
+        if value is not None and not is_timestamp(value):
             raise _Invalid(f"{key!r} {_short(value)} is not a time in nanoseconds since the epoch")
     names = manifest.get("checkpointables")
     if type(names) is not list or not all(type(n) is str for n in names) or len(set(names)) != len(names):
@@ -626,6 +626,11 @@ def _nested_within(value: Any, depth: int) -> bool:
             return True
         level = [v for c in level for v in (c.values() if type(c) is dict else c) if type(v) in (dict, list)]
     return not level
+
+
+def is_timestamp(value: Any) -> bool:
+    """Whether ``value`` is a time ckpt records: an int of nanoseconds since the epoch, before 2262."""
+    return _is_count(value) and value < _MAX_TIMESTAMP
 
 
 def _is_count(value: Any) -> bool:

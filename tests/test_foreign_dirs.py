@@ -419,6 +419,44 @@ def test_the_root_metadata_is_never_written_through_what_is_at_its_temporary_nam
     assert not (root / fmt.ROOT_METADATA).exists()
 
 
+def test_a_users_directories_that_only_resemble_orbax_steps_are_never_listed_nor_deleted(tmp_path):
+    """A pickle called ``checkpoint`` (its first byte is a msgpack map's) and a ``commit_success.txt`` of
+    the user's own made directories named like steps Orbax steps, which a preservation policy deleted."""
+    import pickle
+
+    root = tmp_path / "root"
+    (root / "0" / "model").mkdir(parents=True)
+    (root / "0" / "model" / "checkpoint").write_bytes(pickle.dumps({"weights": [1.0, 2.0]}, protocol=4))
+    (root / "1").mkdir()
+    (root / "1" / "commit_success.txt").write_text("done\n")
+    (root / "1" / "results.csv").write_text("step,loss\n")
+    whole = fsutil.snapshot(root)
+    with Checkpointer(root, preservation_policy=pp.LatestN(1)) as ckptr:
+        assert ckptr.checkpoints == []
+        for step in (2, 3):
+            ckptr.save(step, STATE)
+        assert [c.step for c in ckptr.checkpoints] == [3]
+    assert {k: v for k, v in fsutil.snapshot(root).items() if k.split("/")[0] in ("0", "1")} == whole
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("content", ["[1, 2]", '"text"', '{"custom_metadata": ' + "[" * 100_000 + "]" * 100_000 + "}",
+                                     b"\xff\xfe{", '{"custom_metadata": {"a"', "fifo"])
+def test_a_damaged_root_metadata_file_raises_a_ckpt_error_naming_it(tmp_path, content):
+    root = tmp_path / "root"
+    with Checkpointer(root) as ckptr:
+        ckptr.save(1, STATE)
+    path = root / fmt.ROOT_METADATA
+    if content == "fifo":
+        os.mkfifo(path)
+    else:
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with Checkpointer(root) as ckptr:
+        with pytest.raises(errors.CheckpointCorruptedError, match=fmt.ROOT_METADATA):
+            ckptr.root_metadata()
+        np.testing.assert_array_equal(ckptr.load(1)["w"], STATE["w"])  # the steps are another matter
+
+
 def test_a_foreign_entry_at_a_deleted_steps_aside_name_does_not_stop_garbage_collection(tmp_path):
     """A deletion renames the step to ``<step>.ckpt-deleting`` first; something foreign there is left
     alone and the step goes aside under a name of its own."""

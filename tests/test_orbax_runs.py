@@ -260,6 +260,21 @@ def test_a_step_of_orbax_before_0_5_is_listed_and_its_items_load_or_say_why_not(
             ckptr.load(7, checkpointable_name="std")
 
 
+@pytest.mark.parametrize("value", [10**30, 2**100, -1, "soon"])
+def test_an_orbax_step_whose_commit_time_is_out_of_range_is_listed_with_its_directorys_time(orbax_runs, tmp_path,
+                                                                                          value):
+    """Orbax's own fallback for a step without a commit time; an out-of-range one made the whole root
+    unopenable (OverflowError from datetime)."""
+    root = copy_run(orbax_runs, "v1", tmp_path)
+    metadata = orbax_file(root / "1", "_CHECKPOINT_METADATA")
+    metadata["commit_timestamp_nsecs"] = metadata["init_timestamp_nsecs"] = value
+    (root / "1" / "_CHECKPOINT_METADATA").write_text(json.dumps(metadata))
+    with ckpt.Checkpointer(root) as ckptr:
+        assert [c.step for c in ckptr.checkpoints] == [0, 1]
+        assert ckptr.latest.commit_timestamp_nsecs == os.lstat(root / "1").st_mtime_ns
+        assert ckptr.latest.time.year >= 2026 and ckptr.latest.init_timestamp_nsecs is None
+
+
 def test_a_symlink_in_an_orbax_item_is_refused(orbax_runs, tmp_path):
     root = copy_run(orbax_runs, "v1", tmp_path)
     (tmp_path / "elsewhere").write_text("{}")

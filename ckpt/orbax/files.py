@@ -24,7 +24,7 @@ def read_json(path: Path, step_dir: Path) -> Any:
         raise CheckpointCorruptedError(f"{e}; not a file of an Orbax checkpoint", path=step_dir) from None
     try:
         return json.loads(data)
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # (UnicodeDecodeError is a ValueError)
         raise CheckpointCorruptedError(f"{path} is not valid JSON ({e})", path=step_dir) from None
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ckpt import leaves as leaves_lib
-from ckpt import loading, storage
+from ckpt import loading, schema, storage
 from ckpt import tree as tree_lib
 from ckpt.errors import CheckpointableNotFoundError, CheckpointCorruptedError, UnsupportedLayoutError
 from ckpt.orbax import files
@@ -35,17 +35,39 @@ _JSON_HANDLERS = ("JsonHandler", "JsonCheckpointHandler", "MetricsHandler")
 
 def is_step(path: Any) -> bool:
     """Whether ``path`` is a local directory Orbax wrote as a step: it has ``_CHECKPOINT_METADATA`` or
-    ``commit_success.txt`` (regular files), or (Orbax before 0.5) an item directory with Orbax's files
-    (see :func:`_is_item`). A step of a layout ckpt cannot read is still one: loading it says so, and
-    the root never looks empty. Anything less is a user's directory, which ckpt never deletes."""
+    the ``commit_success.txt`` Orbax writes (regular files), or (Orbax before 0.5) an item directory
+    with Orbax's files (see :func:`_is_item`). A step of a layout ckpt cannot read is still one: loading
+    it says so, and the root never looks empty. Anything less is a user's directory, which ckpt never
+    deletes."""
     if not (isinstance(path, Path) and files.is_plain_dir(path)):
         return False
-    if files.is_plain_file(path / CHECKPOINT_METADATA) or files.is_plain_file(path / COMMIT_SUCCESS):
+    if files.is_plain_file(path / CHECKPOINT_METADATA) or _head(path / COMMIT_SUCCESS, len(_COMMITTED)) == _COMMITTED:
         return True
     return any(files.is_plain_dir(path / name) and _is_item(path / name, path) for name in os.listdir(path))
 
 
-_MSGPACK_MAPS = frozenset([*range(0x80, 0x90), 0xDE, 0xDF])  # the first byte of a msgpack map
+_COMMITTED = b"Checkpoint commit was successful"  # what Orbax writes into commit_success.txt
+_MSGPACK_MAP_HEADERS = {**{byte: 1 for byte in range(0x81, 0x90)}, 0xDE: 3, 0xDF: 5}  # first byte -> header length
+_MSGPACK_STRINGS = frozenset([*range(0xA0, 0xC0), 0xD9, 0xDA, 0xDB])  # the first byte of a msgpack str
+
+
+def _head(path: Path, size: int) -> bytes:
+    """The first ``size`` bytes of the regular file ``path`` (never read through a link, never a FIFO);
+    b"" for anything else."""
+    try:
+        fd, _ = storage.open_regular(path)
+    except (OSError, ValueError):
+        return b""
+    with open(fd, "rb") as f:
+        return f.read(size)
+
+
+def _is_msgpack_tree(path: Path) -> bool:
+    """Whether the regular file ``path`` begins as a msgpack PyTree does: a map that is not empty whose
+    first key is a string (a pickle, whose first byte is a msgpack map's too, is not one)."""
+    head = _head(path, 6)
+    header = _MSGPACK_MAP_HEADERS.get(head[0]) if head else None
+    return header is not None and len(head) > header and head[header] in _MSGPACK_STRINGS
 
 
 def _is_item(item: Path, step_dir: Path) -> bool:
@@ -61,13 +83,7 @@ def _is_item(item: Path, step_dir: Path) -> bool:
             metadata = None
         if isinstance(metadata, dict) and "tree_metadata" in metadata:
             return True
-    try:
-        fd, _ = storage.open_regular(item / "checkpoint")
-    except (OSError, ValueError):
-        return False
-    with open(fd, "rb") as f:
-        first = f.read(1)
-    return bool(first) and first[0] in _MSGPACK_MAPS
+    return _is_msgpack_tree(item / "checkpoint")
 
 
 def named_otherwise(root: Path, name_format: Any) -> list[str]:
@@ -96,11 +112,11 @@ def info(step_dir: Path) -> dict:
     except FileNotFoundError:
         pass
     commit = data.get("commit_timestamp_nsecs")
-    if not isinstance(commit, int):  # Orbax's own fallback: the directory's time
+    if not schema.is_timestamp(commit):  # Orbax's own fallback: the directory's time
         commit = os.lstat(step_dir).st_mtime_ns
     init = data.get("init_timestamp_nsecs")
     return {"format": "orbax", "metrics": metrics, "commit_timestamp_nsecs": commit,
-            "init_timestamp_nsecs": init if isinstance(init, int) else None,
+            "init_timestamp_nsecs": init if schema.is_timestamp(init) else None,
             "custom_metadata": data.get("custom_metadata") or None}
 
 

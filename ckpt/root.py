@@ -268,6 +268,13 @@ def reading(step_dir: storage.Location, step: int | None = None) -> Iterator[Non
                                 path=step_dir) from e
 
 
+def is_damaged_step(entry: Entry) -> bool:
+    """Whether a FOREIGN entry named like a step is a step ckpt wrote (a directory, not a link, holding ckpt's
+    marker) whose manifest is missing or cannot be read: damaged and kept for inspection, not a user's
+    directory. Such a step is never listed, overwritten or deleted; readers report it as damaged."""
+    return entry.kind is Kind.FOREIGN and entry.step is not None and storage.is_marked(entry.path)
+
+
 def delete_step(path: storage.Location, step: int) -> None:
     """Deletes a listed step (see :func:`ckpt.storage.delete_dir`) after checking, again, that it is one,
     its manifest (or Orbax's metadata) read and validated.

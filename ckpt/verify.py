@@ -69,9 +69,11 @@ class VerifyResult:
         return not self.damaged
 
 
-def verify_step(step_dir: str | os.PathLike | storage.Location) -> VerifyResult:
+def verify_step(step_dir: str | os.PathLike | storage.Location, *, step: int | None = None) -> VerifyResult:
     """Re-reads one step directory and checks every checksum; damage is reported, not raised.
 
+    ``step`` is the number the step is listed under in its root (see :func:`ckpt.path.step.find_all`);
+    by default the one in its manifest, else the digits ending its directory's name.
     Progress is reported on the ``ckpt.progress`` logger when it runs long (see :mod:`ckpt.progress`).
 
     Example::
@@ -80,9 +82,15 @@ def verify_step(step_dir: str | os.PathLike | storage.Location) -> VerifyResult:
         assert result.ok, [d.where for d in result.damaged]
     """
     step_dir = storage.location(step_dir)
-    if formats.is_orbax(step_dir):
-        return _verify_orbax(step_dir)
-    result = VerifyResult(step_dir, None)
+    result = _verify_orbax(step_dir) if formats.is_orbax(step_dir) else _verify(step_dir)
+    if step is not None:
+        result.step = step
+    return result
+
+
+def _verify(step_dir: storage.Location) -> VerifyResult:
+    """Checks a step ckpt wrote (see the module's docstring)."""
+    result = VerifyResult(step_dir, formats.step_of(step_dir, {}))
     try:
         manifest = loading.read_manifest(step_dir)
     except (CheckpointCorruptedError, InvalidLayoutError) as e:

@@ -130,6 +130,56 @@ def test_ls_and_verify_report_a_step_whose_manifest_is_damaged(root, capsys):
     assert status == 1 and [d["where"] for d in json.loads(out)["steps"][0]["damaged"]] == [fmt.MANIFEST]
 
 
+def test_ls_and_verify_report_a_step_of_ckpts_whose_manifest_is_missing_and_not_a_users_directory(root, capsys):
+    (root / "20" / fmt.MANIFEST).unlink()  # a partial restore: the step keeps ckpt's marker
+    (root / "30").mkdir()
+    (root / "30" / "notes.txt").write_text("a user's")
+    status, out, _ = run_cli(capsys, "ls", root, "--json")
+    listing = json.loads(out)
+    assert status == 0 and listing["latest"] == 10
+    assert [s["step"] for s in listing["steps"]] == [0, 10, 20]
+    assert "manifest.json is missing" in listing["steps"][2]["error"]
+    assert [Path(f["path"]).name for f in listing["foreign"]] == ["30"]
+    status, out, _ = run_cli(capsys, "verify", root, "--json")
+    report = json.loads(out)
+    assert status == 1 and [(s["step"], s["ok"]) for s in report["steps"]] == [(0, True), (10, True), (20, False)]
+    assert [d["where"] for d in report["steps"][2]["damaged"]] == [fmt.MANIFEST]
+    status, out, _ = run_cli(capsys, "verify", root)
+    assert status == 1 and "2 of 3 steps ok; damaged: [20]" in out
+
+
+def test_verify_of_a_root_names_a_step_whose_manifest_is_damaged_by_its_step(root, capsys):
+    flip_byte(root / "10" / fmt.MANIFEST, 30)
+    status, out, _ = run_cli(capsys, "verify", root, "--json")
+    steps = json.loads(out)["steps"]
+    assert status == 1 and [(s["step"], s["ok"]) for s in steps] == [(0, True), (10, False), (20, True)]
+    status, out, _ = run_cli(capsys, "verify", root)
+    assert status == 1 and "damaged: [10]" in out and f"step 10  {root / '10'}: DAMAGED" in out
+
+
+def test_ls_show_and_verify_list_a_root_as_the_checkpointer_does(root, capsys):
+    shutil.copytree(root / "10", root / "30")  # `cp -r 10 30`: its manifest says step 10
+    ckpt.save(root / "export_70", {"w": np.ones(3)})  # named unlike the steps: a checkpoint, not a step
+    with ckpt.Checkpointer(root) as ckptr:
+        assert [c.step for c in ckptr.checkpoints] == [0, 10, 20, 30] and ckptr.latest.step == 30
+    status, out, _ = run_cli(capsys, "ls", root, "--json")
+    listing = json.loads(out)
+    assert status == 0 and listing["latest"] == 30
+    assert [(s["step"], Path(s["path"]).name, s["latest"]) for s in listing["steps"]] == [
+        (0, "0", False), (10, "10", False), (20, "20", False), (30, "30", True), (None, "export_70", False)]
+    _, out, _ = run_cli(capsys, "ls", root)
+    assert "latest step 30" in out and "export_70/ (not a step)" in out
+    status, out, _ = run_cli(capsys, "show", root, "30", "--json")
+    assert status == 0 and (json.loads(out)["step"], json.loads(out)["path"]) == (30, str(root / "30"))
+    status, out, _ = run_cli(capsys, "verify", root, "--json")
+    report = json.loads(out)
+    assert status == 0 and [(s["step"], s["path"]) for s in report["steps"]] == [
+        (n, str(root / str(n))) for n in (0, 10, 20, 30)]
+    assert report["not_steps"] == [str(root / "export_70")]
+    status, out, _ = run_cli(capsys, "verify", root)
+    assert status == 0 and "4 of 4 steps ok" in out and "not steps of" in out and "export_70" in out
+
+
 def test_ls_of_a_missing_directory_exits_2_naming_it(tmp_path, capsys):
     status, _, err = run_cli(capsys, "ls", tmp_path / "nope")
     assert status == 2 and str(tmp_path / "nope") in err

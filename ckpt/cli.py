@@ -32,7 +32,7 @@ from typing import Any, Sequence, TextIO
 from ckpt import __version__, convert, formats, leaves, progress, storage, tiers
 from ckpt import root as root_lib
 from ckpt import format as fmt
-from ckpt.errors import CheckpointCorruptedError, InvalidLayoutError, UnsupportedLayoutError
+from ckpt.errors import CheckpointCorruptedError, InvalidLayoutError, StepNotFoundError, UnsupportedLayoutError
 from ckpt.path import step as step_lib
 from ckpt.verify import VerifyResult, verify_step
 
@@ -342,18 +342,31 @@ def _verify_record(result: VerifyResult) -> dict:
 
 def verify(directory: storage.Location, step: int | None, *, as_json: bool) -> int:
     """``ckpt verify``: checks DIR's steps (all of them, or ``step``); 1 if any is damaged, else 0.
+
+    Of every step, one deleted while it is checked (by the garbage collection of a run saving there) is
+    reported as gone, not as damaged; ``step`` deleted so raises StepNotFoundError (a missing step).
     The checkpoints in the root that are not its steps are named, not checked (verify each as DIR).
     """
     checkpoints: list[_Step] = []
-    if step is None and not _is_step_dir(directory):
+    every = step is None and not _is_step_dir(directory)
+    if every:
         targets, checkpoints, _ = _scan(directory)
         if not targets:
             raise UsageError(f"no checkpoints in {directory}{_unnumbered(checkpoints)}")
     else:
         targets = _select(directory, step)
-    results = []
+    results, gone = [], []
     for target in targets:
-        result = verify_step(target.path, step=target.step)
+        try:
+            result = verify_step(target.path, step=target.step)
+        except StepNotFoundError:
+            if not every:
+                raise
+            gone.append(target)
+            if not as_json:
+                _print(f"{_named(target.step)}  {target.path}: gone, deleted while it was checked "
+                       "(by the garbage collection of a run saving there?)")
+            continue
         results.append(result)
         if not as_json:
             status = "ok" if result.ok else f"DAMAGED ({len(result.damaged)})"
@@ -364,11 +377,13 @@ def verify(directory: storage.Location, step: int | None, *, as_json: bool) -> i
     damaged = [r for r in results if not r.ok]
     if as_json:
         _print_json({"ok": not damaged, "steps": [_verify_record(r) for r in results],
+                     "gone": [{"step": s.step, "path": str(s.path)} for s in gone],
                      "not_steps": [str(s.path) for s in checkpoints]})
     else:
         if len(targets) > 1:
             print(f"{len(results) - len(damaged)} of {len(results)} steps ok"
-                  + (f"; damaged: {[r.step for r in damaged]}" if damaged else ""))
+                  + (f"; damaged: {[r.step for r in damaged]}" if damaged else "")
+                  + (f"; gone while checked: {[s.step for s in gone]}" if gone else ""))
         if checkpoints:
             _print(f"not checked, not steps of {directory} (verify each as DIR): "
                    + ", ".join(s.path.name for s in checkpoints))

@@ -28,7 +28,7 @@ import numpy as np
 
 from ckpt import chunks
 from ckpt import format as fmt
-from ckpt import formats, loading, orbax, progress, storage
+from ckpt import formats, loading, orbax, progress, root, storage
 from ckpt.errors import CheckpointCorruptedError, InvalidLayoutError, UnsupportedLayoutError
 
 _IN_FLIGHT = 2  # chunk reads kept in flight
@@ -76,15 +76,22 @@ def verify_step(step_dir: str | os.PathLike | storage.Location, *, step: int | N
     by default the one in its manifest, else the digits ending its directory's name.
     Progress is reported on the ``ckpt.progress`` logger when it runs long (see :mod:`ckpt.progress`).
 
+    Raises:
+      StepNotFoundError: the step was deleted while it was checked (by another process's garbage
+        collection): what could not be read is gone, not damaged.
+
     Example::
 
         result = verify_step("runs/exp1/100")
         assert result.ok, [d.where for d in result.damaged]
     """
     step_dir = storage.location(step_dir)
-    result = _verify_orbax(step_dir) if formats.is_orbax(step_dir) else _verify(step_dir)
+    with root.reading(step_dir, step):
+        result = _verify_orbax(step_dir) if formats.is_orbax(step_dir) else _verify(step_dir)
     if step is not None:
         result.step = step
+    if result.damaged and root.deleted(step_dir):
+        raise root.deleted_error(step_dir, result.step, f"{result.damaged[0].where}: {result.damaged[0].why}")
     return result
 
 

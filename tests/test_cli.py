@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -14,6 +15,7 @@ import pytest
 
 import ckpt
 from ckpt import cli, progress
+from ckpt import root as root_lib
 from ckpt import format as fmt
 from ckpt.objectstore import ObjectPath
 from ckpt.verify import verify_step
@@ -245,6 +247,30 @@ def test_verify_exits_1_naming_a_packed_leaf_whose_bytes_changed(root, capsys):
     assert status == 1
     assert damaged == [{"where": "state['params']['b']",
                         "why": f"its bytes in {fmt.PACKED}/ do not match the CRC32 in {fmt.TREE}"}]
+
+
+def test_verify_reports_a_step_deleted_while_it_is_checked_as_gone_not_damaged(root, monkeypatch, capsys):
+    monkeypatch.setattr(progress, "DELAY_SECS", 0.0)  # a report at the first chunk read
+    doomed = root / "0"
+
+    class GarbageCollection(logging.Handler):
+        """Another process's garbage collection, deleting step 0 once its first chunk is read."""
+
+        def emit(self, record: logging.LogRecord) -> None:
+            if f"verifying {doomed}:" in record.getMessage() and doomed.exists():
+                root_lib.delete_step(doomed, 0)
+
+    collector = GarbageCollection()
+    logging.getLogger("ckpt.progress").addHandler(collector)
+    try:
+        status, out, _ = run_cli(capsys, "verify", root, "--json")
+        report = json.loads(out)
+        assert status == 0 and report["ok"] and [s["step"] for s in report["steps"]] == [10, 20]
+        assert report["gone"] == [{"step": 0, "path": str(doomed)}]
+    finally:
+        logging.getLogger("ckpt.progress").removeHandler(collector)
+    with pytest.raises(ckpt.errors.StepNotFoundError, match="deleted while it was being read"):
+        verify_step(doomed)
 
 
 def test_verify_detects_a_deleted_chunk_even_of_an_all_zero_array(tmp_path):

@@ -9,7 +9,7 @@
                              keeping names, metrics and times, and checks each against its source
 
 DIR is a checkpoint root (a Checkpointer's directory) or one step directory (what ckpt.save
-writes). A root is listed as a Checkpointer lists it, with the step name format
+writes); convert takes a root. A root is listed as a Checkpointer lists it, with the step name format
 its names show (23, 0023, step_0023); a checkpoint named otherwise is shown as not a step. Orbax's
 steps are read too, and marked as Orbax's. --json prints the same information as
 strict JSON for scripts (a number that is not finite, such as a NaN loss, is the string "nan",
@@ -425,7 +425,8 @@ def _parser() -> argparse.ArgumentParser:
     ]:
         command = commands.add_parser(name, help=text, description=text)
         command.add_argument("directory", metavar="DIR",
-                             help="a checkpoint root or one step directory (local, s3:// or gs://)")
+                             help="a checkpoint root (local)" if name == "convert" else
+                             "a checkpoint root or one step directory (local, s3:// or gs://)")
         if has_step:
             command.add_argument("step", type=int, nargs="?", metavar="STEP", help="the step number")
         if name == "convert":

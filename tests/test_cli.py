@@ -373,6 +373,44 @@ def test_convert_into_an_empty_path_or_a_bucket_is_a_usage_error_and_writes_noth
     assert list((tmp_path / "here").iterdir()) == []
 
 
+def test_convert_copies_the_steps_the_checkpointer_lists_and_never_follows_a_link(root, tmp_path, capsys):
+    (root / "7").mkdir()
+    (root / "7" / fmt.MANIFEST).write_text('{"a user\'s": "own manifest"}')  # skipped by ls and Checkpointer
+    with ckpt.Checkpointer(tmp_path / "elsewhere") as other:
+        other.save(2, {"other": np.ones(3)})
+    (root / "9").symlink_to(tmp_path / "elsewhere" / "2")  # ls: an entry ckpt never follows
+    status, out, _ = run_cli(capsys, "convert", root, tmp_path / "copy")
+    assert status == 0 and "3 steps converted" in out
+    assert sorted(os.listdir(tmp_path / "copy")) == [fmt.LOCK, "0", "10", "20"]
+
+
+def test_convert_into_a_file_is_a_usage_error(root, tmp_path, capsys):
+    (tmp_path / "file").write_text("a user's")
+    status, _, err = run_cli(capsys, "convert", root, tmp_path / "file")
+    assert status == 2 and "is a regular file of 8 bytes, not a directory" in err
+    assert (tmp_path / "file").read_text() == "a user's"
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_a_failed_convert_leaves_its_destination_as_it_found_it(root, tmp_path, capsys, existing):
+    destination = tmp_path / "new" / "copy"
+    if existing:
+        destination.mkdir(parents=True)
+    flip_byte(root / "20" / fmt.TREE)  # step 0 and 10 are converted before step 20 fails
+    status, out, _ = run_cli(capsys, "convert", root, destination)
+    assert status == 1 and "step 10 ->" in out
+    assert (list(destination.iterdir()) == []) if existing else not (tmp_path / "new").exists()
+    shutil.rmtree(root / "20")
+    status, out, _ = run_cli(capsys, "convert", root, destination)
+    assert status == 0 and "2 steps converted" in out
+
+
+def test_convert_of_one_step_directory_says_it_takes_a_root(root, tmp_path, capsys):
+    status, _, err = run_cli(capsys, "convert", root / "10", tmp_path / "copy")
+    assert status == 2 and "is one checkpoint, not a root" in err and f"convert its root ({root})" in err
+    assert not (tmp_path / "copy").exists()
+
+
 def test_format_bytes_picks_a_readable_unit():
     assert [progress.format_bytes(n) for n in (0, 1023, 1536, 3 << 30)] == ["0 B", "1023 B", "1.5 KiB", "3.0 GiB"]
 

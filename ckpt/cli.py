@@ -396,6 +396,8 @@ def convert_root(source: storage.Location, destination: storage.Location, *, as_
     records = []
     try:
         converted = convert.convert_root(source, destination)
+    except (CheckpointCorruptedError, InvalidLayoutError):
+        raise  # a damaged step: exit status 1
     except ValueError as e:  # not local directories
         raise UsageError(str(e)) from None
     for done in converted:

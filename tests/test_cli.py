@@ -405,6 +405,13 @@ def test_a_failed_convert_leaves_its_destination_as_it_found_it(root, tmp_path, 
     assert status == 0 and "2 steps converted" in out
 
 
+def test_convert_of_a_root_holding_a_damaged_step_of_ckpts_stops_before_writing(root, tmp_path, capsys):
+    (root / "10" / fmt.MANIFEST).unlink()  # not a step the Checkpointer lists, yet not to be left behind silently
+    status, _, err = run_cli(capsys, "convert", root, tmp_path / "copy")
+    assert status == 1 and "holds step 10, which is damaged" in err
+    assert not (tmp_path / "copy").exists()
+
+
 def test_convert_of_one_step_directory_says_it_takes_a_root(root, tmp_path, capsys):
     status, _, err = run_cli(capsys, "convert", root / "10", tmp_path / "copy")
     assert status == 2 and "is one checkpoint, not a root" in err and f"convert its root ({root})" in err

@@ -9,7 +9,9 @@
                              keeping names, metrics and times, and checks each against its source
 
 DIR is a checkpoint root (a Checkpointer's directory) or one step directory (what ckpt.save
-writes); Orbax's steps are read too, and marked as Orbax's. --json prints the same information as
+writes); convert takes a root. A root is listed as a Checkpointer lists it, with the step name format
+its names show (23, 0023, step_0023); a checkpoint named otherwise is shown as not a step. Orbax's
+steps are read too, and marked as Orbax's. --json prints the same information as
 strict JSON for scripts (a number that is not finite, such as a NaN loss, is the string "nan",
 "inf" or "-inf"). Text from a checkpoint (key paths, metric names, values) is printed with control
 characters escaped. Exit status 2: usage errors, a missing directory or step.
@@ -30,7 +32,8 @@ from typing import Any, Sequence, TextIO
 from ckpt import __version__, convert, formats, leaves, progress, storage, tiers
 from ckpt import root as root_lib
 from ckpt import format as fmt
-from ckpt.errors import CheckpointCorruptedError, InvalidLayoutError, UnsupportedLayoutError
+from ckpt.errors import CheckpointCorruptedError, InvalidLayoutError, StepNotFoundError, UnsupportedLayoutError
+from ckpt.path import step as step_lib
 from ckpt.verify import VerifyResult, verify_step
 
 
@@ -40,7 +43,8 @@ class UsageError(Exception):
 
 @dataclasses.dataclass
 class _Step:
-    """A committed step directory found under a root; ``error`` when its manifest cannot be read."""
+    """A checkpoint directory: a step of a root (``step``), or one that is not (``ckpt.save``'s, step None);
+    ``error`` when its manifest cannot be read."""
 
     path: storage.Location
     step: int | None
@@ -53,38 +57,49 @@ def _is_step_dir(path: storage.Location) -> bool:
     return formats.is_step(path)
 
 
-def _read_step(path: storage.Location) -> _Step:
-    """A step directory (ckpt's or Orbax's) with its manifest, or Orbax's metadata in the manifest's
-    names; the step number comes from the manifest, else from the name."""
+def _read_step(path: storage.Location, step: int | None = None) -> _Step:
+    """A checkpoint directory (ckpt's or Orbax's) with its manifest, or Orbax's metadata in the manifest's
+    names, or why it cannot be read; ``step`` as its root lists it (default: its manifest's, else the
+    digits ending its name, for DIR given as one step)."""
     try:
         manifest = formats.info(path)
     except (CheckpointCorruptedError, InvalidLayoutError) as e:
-        return _Step(path, formats.step_of(path, {}), None, str(e))
-    return _Step(path, formats.step_of(path, manifest), manifest)
+        return _Step(path, formats.step_of(path, {}) if step is None else step, None, str(e))
+    return _Step(path, formats.step_of(path, manifest) if step is None else step, manifest)
 
 
 def _by_orbax(manifest: dict | None) -> bool:
     return manifest is not None and manifest.get("format") == "orbax"
 
 
-def _scan(root: storage.Location) -> tuple[list[_Step], list[root_lib.Entry]]:
-    """The committed steps under ``root`` (any step name format), ascending, and the other entries a
-    Checkpointer would not list: ckpt's temporaries, and foreign entries (a name of a temporary not
-    ckpt's, a symbolic link to a step), which are never followed."""
+def _scan(root: storage.Location) -> tuple[list[_Step], list[_Step], list[root_lib.Entry]]:
+    """What ``root`` holds, listed as a Checkpointer given its step name format lists it (the format is
+    found by :func:`ckpt.path.step.name_format_of`): its steps, ascending, with the steps of ckpt's that
+    are damaged (``error`` set; never listed by a Checkpointer); the checkpoints in it that are not its
+    steps (``ckpt.save``'s, named otherwise: step None); and the other entries a Checkpointer would not
+    list: ckpt's temporaries, and foreign entries (a user's directory at a step's name, a symbolic link),
+    which are never followed."""
     if isinstance(root, Path) and not root.is_dir():
         raise UsageError(f"{root} is not a directory")
+    name_format = step_lib.name_format_of(root)
     steps, others = [], []
+    for entry in root_lib.scan(root, name_format):
+        if entry.kind in root_lib.LISTED:
+            steps.append(_Step(entry.path, entry.step, entry.manifest))
+        elif root_lib.is_damaged_step(entry):
+            steps.append(_read_step(entry.path, entry.step))
+        else:
+            others.append(entry)
+    checkpoints = []
     for name in sorted(storage.list_names(root)):
-        path = root / name
-        if name.endswith((fmt.TMP_SUFFIX, fmt.DELETING_SUFFIX)):
-            others.append(root_lib.classify_temporary(path))
-        elif isinstance(path, Path) and path.is_symlink():
-            if _is_step_dir(path):
-                others.append(root_lib.Entry(path, root_lib.Kind.FOREIGN, None, storage.describe(path)))
-        elif _is_step_dir(path):
-            steps.append(_read_step(path))
-    steps.sort(key=lambda s: (s.step is None, s.step or 0, s.path.name))
-    return steps, others
+        if name_format.parse_name(name) is None and not name.endswith((fmt.TMP_SUFFIX, fmt.DELETING_SUFFIX)):
+            try:
+                entry = root_lib.classify(root / name, None)
+            except FileNotFoundError:
+                continue  # removed since the listing
+            if entry.kind in root_lib.LISTED:
+                checkpoints.append(_Step(entry.path, None, entry.manifest))
+    return steps, checkpoints, others
 
 
 def _latest(steps: list[_Step]) -> _Step | None:
@@ -92,28 +107,28 @@ def _latest(steps: list[_Step]) -> _Step | None:
     return committed[-1] if committed else None
 
 
-def _select(directory: storage.Location, step: int | None) -> list[storage.Location]:
-    """The step directories a command acts on: DIR itself, DIR's ``step``, or (``step`` None) its latest."""
+def _select(directory: storage.Location, step: int | None) -> list[_Step]:
+    """The checkpoints a command acts on: DIR itself, DIR's ``step``, or (``step`` None) its latest."""
     if _is_step_dir(directory):
         if step is not None:
             raise UsageError(f"{directory} is one checkpoint; drop the STEP argument")
-        return [directory]
-    steps, _ = _scan(directory)
+        return [_read_step(directory)]
+    steps, checkpoints, _ = _scan(directory)
     if step is None:
         latest = _latest(steps)
         if latest is None:
-            raise UsageError(f"no checkpoints in {directory}{_unnumbered(steps)}")
-        return [latest.path]
-    found = [s.path for s in steps if s.step == step]
+            raise UsageError(f"no checkpoints in {directory}{_unnumbered(checkpoints)}")
+        return [latest]
+    found = [s for s in steps if s.step == step]
     if not found:
-        numbered = [s.step for s in steps if s.step is not None]
-        raise UsageError(f"no checkpoint at step {step} in {directory} (steps: {numbered}){_unnumbered(steps)}")
+        raise UsageError(f"no checkpoint at step {step} in {directory} (steps: {[s.step for s in steps]})"
+                         f"{_unnumbered(checkpoints)}")
     return found
 
 
-def _unnumbered(steps: list[_Step]) -> str:
-    """What to say of the checkpoints without a step in a root (``ckpt.save``'s): name them as DIR."""
-    names = [str(s.path) for s in steps if s.step is None]
+def _unnumbered(checkpoints: list[_Step]) -> str:
+    """What to say of the checkpoints in a root that are not its steps (``ckpt.save``'s): name them as DIR."""
+    names = [str(s.path) for s in checkpoints]
     return f"; checkpoints without a step, to name as DIR: {', '.join(names)}" if names else ""
 
 
@@ -214,17 +229,21 @@ def _tiers(durable: list[_Step], local: list[_Step]) -> tuple[list[_Step], list[
 
 
 def ls(directory: storage.Location, *, as_json: bool, local: Path | None = None) -> int:
-    """``ckpt ls``: one line per committed step, then the temporaries crashed saves left, then the entries
-    ckpt did not write (named like a temporary without its marker, a link to a step). With ``local``
+    """``ckpt ls``: one line per step (a damaged one says why), then per checkpoint in the root that is not
+    one of its steps, then the temporaries crashed saves left, then the entries ckpt did not write (named
+    like a step or a temporary: a user's directory, a symbolic link, never followed). With ``local``
     (the local tier of a two-tier Checkpointer whose durable root is ``directory``) the steps of both
     tiers and where each lives; a missing local directory is an empty tier."""
-    steps, others = ([_read_step(directory)], []) if _is_step_dir(directory) else _scan(directory)
+    steps, checkpoints, others = ([_read_step(directory)], [], []) if _is_step_dir(directory) else _scan(directory)
     tiers = None
     if local is not None:
-        local_steps, local_others = _scan(local) if local.is_dir() else ([], [])
+        local_steps, local_checkpoints, local_others = _scan(local) if local.is_dir() else ([], [], [])
         steps, tiers = _tiers(steps, local_steps)
+        tiers += [["durable"]] * len(checkpoints) + [["local"]] * len(local_checkpoints)
+        checkpoints += local_checkpoints
         others += local_others
     latest = _latest(steps)
+    steps += checkpoints
     records = [{
         "step": s.step,
         "path": str(s.path),
@@ -246,7 +265,7 @@ def ls(directory: storage.Location, *, as_json: bool, local: Path | None = None)
     summary = f"{len(steps)} checkpoint{'s' if len(steps) != 1 else ''}"
     _print(f"{directory}: {summary}" + ("" if latest is None else f", latest step {latest.step}"))
     if steps:
-        rows = [[("* " if r["latest"] else "  ") + (s.path.name + "/" if s.step is None else str(s.step))
+        rows = [[("* " if r["latest"] else "  ") + (f"{s.path.name}/ (not a step)" if s.step is None else str(s.step))
                  + (" (Orbax)" if r["orbax"] else ""),
                  *([] if tiers is None else ["+".join(r["tiers"])]),
                  (s.manifest and _time(s.manifest.get("commit_timestamp_nsecs"), iso=False)) or "-",
@@ -281,11 +300,11 @@ def _leaf_record(name: str, meta: dict) -> dict:
 
 def show(directory: storage.Location, step: int | None, *, as_json: bool) -> int:
     """``ckpt show``: the step's metadata, then one table of leaves per checkpointable."""
-    step_dir = _select(directory, step)[0]
+    selected = _select(directory, step)[0]
+    step_dir, number = selected.path, selected.step
     manifest = formats.info(step_dir)
     trees = formats.trees(step_dir)
     records = {name: [_leaf_record(name, meta) for meta in doc["leaves"]] for name, doc in trees.items()}
-    number = formats.step_of(step_dir, manifest)
     if as_json:
         _print_json({"step": number, "path": str(step_dir), "orbax": _by_orbax(manifest),
                      "time": _time(manifest.get("commit_timestamp_nsecs"), iso=True),
@@ -322,16 +341,32 @@ def _verify_record(result: VerifyResult) -> dict:
 
 
 def verify(directory: storage.Location, step: int | None, *, as_json: bool) -> int:
-    """``ckpt verify``: checks DIR's steps (all of them, or ``step``); 1 if any is damaged, else 0."""
-    if step is None and not _is_step_dir(directory):
-        targets = [s.path for s in _scan(directory)[0]]
+    """``ckpt verify``: checks DIR's steps (all of them, or ``step``); 1 if any is damaged, else 0.
+
+    Of every step, one deleted while it is checked (by the garbage collection of a run saving there) is
+    reported as gone, not as damaged; ``step`` deleted so raises StepNotFoundError (a missing step).
+    The checkpoints in the root that are not its steps are named, not checked (verify each as DIR).
+    """
+    checkpoints: list[_Step] = []
+    every = step is None and not _is_step_dir(directory)
+    if every:
+        targets, checkpoints, _ = _scan(directory)
         if not targets:
-            raise UsageError(f"no checkpoints in {directory}")
+            raise UsageError(f"no checkpoints in {directory}{_unnumbered(checkpoints)}")
     else:
         targets = _select(directory, step)
-    results = []
+    results, gone = [], []
     for target in targets:
-        result = verify_step(target)
+        try:
+            result = verify_step(target.path, step=target.step)
+        except StepNotFoundError:
+            if not every:
+                raise
+            gone.append(target)
+            if not as_json:
+                _print(f"{_named(target.step)}  {target.path}: gone, deleted while it was checked "
+                       "(by the garbage collection of a run saving there?)")
+            continue
         results.append(result)
         if not as_json:
             status = "ok" if result.ok else f"DAMAGED ({len(result.damaged)})"
@@ -341,10 +376,17 @@ def verify(directory: storage.Location, step: int | None, *, as_json: bool) -> i
                 _print(f"  {damage.where}: {damage.why}")
     damaged = [r for r in results if not r.ok]
     if as_json:
-        _print_json({"ok": not damaged, "steps": [_verify_record(r) for r in results]})
-    elif len(results) > 1:
-        print(f"{len(results) - len(damaged)} of {len(results)} steps ok"
-              + (f"; damaged: {[r.step for r in damaged]}" if damaged else ""))
+        _print_json({"ok": not damaged, "steps": [_verify_record(r) for r in results],
+                     "gone": [{"step": s.step, "path": str(s.path)} for s in gone],
+                     "not_steps": [str(s.path) for s in checkpoints]})
+    else:
+        if len(targets) > 1:
+            print(f"{len(results) - len(damaged)} of {len(results)} steps ok"
+                  + (f"; damaged: {[r.step for r in damaged]}" if damaged else "")
+                  + (f"; gone while checked: {[s.step for s in gone]}" if gone else ""))
+        if checkpoints:
+            _print(f"not checked, not steps of {directory} (verify each as DIR): "
+                   + ", ".join(s.path.name for s in checkpoints))
     return 1 if damaged else 0
 
 
@@ -354,6 +396,8 @@ def convert_root(source: storage.Location, destination: storage.Location, *, as_
     records = []
     try:
         converted = convert.convert_root(source, destination)
+    except (CheckpointCorruptedError, InvalidLayoutError):
+        raise  # a damaged step: exit status 1
     except ValueError as e:  # not local directories
         raise UsageError(str(e)) from None
     for done in converted:
@@ -383,7 +427,8 @@ def _parser() -> argparse.ArgumentParser:
     ]:
         command = commands.add_parser(name, help=text, description=text)
         command.add_argument("directory", metavar="DIR",
-                             help="a checkpoint root or one step directory (local, s3:// or gs://)")
+                             help="a checkpoint root (local)" if name == "convert" else
+                             "a checkpoint root or one step directory (local, s3:// or gs://)")
         if has_step:
             command.add_argument("step", type=int, nargs="?", metavar="STEP", help="the step number")
         if name == "convert":

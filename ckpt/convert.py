@@ -12,6 +12,7 @@ Example::
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from pathlib import Path
@@ -21,6 +22,8 @@ import numpy as np
 
 from ckpt import formats, saving, storage
 from ckpt import format as fmt
+from ckpt import root as root_lib
+from ckpt.path import step as step_lib
 from ckpt import leaves as leaves_lib
 from ckpt import tree as tree_lib
 from ckpt.errors import CheckpointCorruptedError
@@ -43,27 +46,35 @@ class Converted:
 
 
 def steps_of(root: Path) -> list[tuple[int, Path]]:
-    """The committed steps of either format under ``root`` (any step names), ascending."""
+    """The steps of either format under ``root``, ascending, as a Checkpointer given the root's step name
+    format (:func:`ckpt.path.step.name_format_of`) lists them: a user's directory named like a step, a
+    symbolic link, a checkpoint named otherwise are not steps of the root and never read.
+
+    Raises:
+      CheckpointCorruptedError: a step of ckpt's there is damaged (its manifest missing or unreadable).
+    """
     found = []
-    for name in storage.list_names(root):
-        path = root / name
-        if not name.endswith((fmt.TMP_SUFFIX, fmt.DELETING_SUFFIX)) and formats.is_step(path):
-            step = formats.step_of(path, formats.info(path))
-            if step is not None:
-                found.append((step, path))
-    return sorted(found)
+    for entry in root_lib.scan(root, step_lib.name_format_of(root)):
+        if entry.kind in root_lib.LISTED:
+            found.append((entry.step, entry.path))
+        elif root_lib.is_damaged_step(entry):
+            raise CheckpointCorruptedError(f"{root} holds step {entry.step}, which is damaged ({entry.holds}); "
+                                           "move it away to convert the other steps", path=entry.path)
+    return found
 
 
 def convert_root(source: str | os.PathLike, destination: str | os.PathLike) -> Iterator[Converted]:
-    """Converts every step of ``source`` into ``destination`` (a new or empty directory), yielding each
-    once it is written and checked against its source. The arguments are checked when it is called.
+    """Converts every step of ``source`` (a root, see :func:`steps_of`) into ``destination`` (a new or
+    empty directory), yielding each once it is written and checked against its source. The arguments are
+    checked when it is called. A convert that fails leaves ``destination`` as it found it: what it made
+    there is removed.
 
     Raises:
       ValueError: ``source`` or ``destination`` is not a local directory.
-      FileExistsError: ``destination`` holds anything (before anything is written).
-      FileNotFoundError: ``source`` holds no step.
-      CheckpointCorruptedError: a converted step differs from its source (named with the key path);
-        raised by the iterator.
+      FileExistsError: ``destination`` holds anything, or is not a directory (before anything is written).
+      FileNotFoundError: ``source`` holds no step; or it is one checkpoint, not a root.
+      CheckpointCorruptedError: a step of ``source`` is damaged (before anything is written), or a
+        converted step differs from its source (named with the key path; raised by the iterator).
 
     Example::
 
@@ -73,6 +84,12 @@ def convert_root(source: str | os.PathLike, destination: str | os.PathLike) -> I
     source, destination = storage.location(source), storage.location(destination)
     if not isinstance(source, Path) or not isinstance(destination, Path):
         raise ValueError("ckpt convert reads and writes local directories")
+    if os.path.lexists(destination) and not destination.is_dir():
+        raise FileExistsError(f"{destination} is {storage.describe(destination)}, not a directory; "
+                              "convert into a new or empty directory")
+    if source.is_dir() and formats.is_step(source):
+        raise FileNotFoundError(f"{source} is one checkpoint, not a root of steps; convert its root "
+                                f"({source.parent}), the directory that holds the steps")
     steps = steps_of(source) if source.is_dir() else []
     if not steps:
         raise FileNotFoundError(f"{source} holds no checkpoint steps to convert")
@@ -82,18 +99,39 @@ def convert_root(source: str | os.PathLike, destination: str | os.PathLike) -> I
 
 
 def _convert_steps(steps: list[tuple[int, Path]], source: Path, destination: Path) -> Iterator[Converted]:
+    made = [p for p in (destination, *destination.parents) if not os.path.lexists(p)]  # innermost first
     storage.make_dir(destination)
     lock = storage.DirectoryLock(destination / fmt.LOCK)
     lock.acquire()
+    written: list[Path] = []  # what this convert wrote in destination, removed if it fails
     try:
         custom = formats.root_custom_metadata(source)
         if custom is not None:
-            storage.write_file_atomic(destination / fmt.ROOT_METADATA,
-                                      fmt.to_json_bytes({"custom_metadata": custom}, "custom_metadata"))
+            written.append(destination / fmt.ROOT_METADATA)
+            storage.write_file_atomic(written[-1], fmt.to_json_bytes({"custom_metadata": custom}, "custom_metadata"))
         for step, path in steps:
-            yield _convert_step(step, path, destination / path.name)
+            written.append(destination / path.name)
+            yield _convert_step(step, path, written[-1])
+    except (Exception, KeyboardInterrupt):
+        _undo(written, lock, made)
+        raise
     finally:
         lock.release()
+
+
+def _undo(written: list[Path], lock: storage.DirectoryLock, made: list[Path]) -> None:
+    """Removes what a failed convert wrote: its steps (each holds ckpt's marker; one never committed is
+    already gone), the root's metadata, the lock, and the directories it created while they are empty."""
+    for path in reversed(written):
+        with contextlib.suppress(OSError):  # (ForeignEntryError too: what ckpt did not make stays)
+            os.unlink(path) if path.name == fmt.ROOT_METADATA else storage.remove_owned(path)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(lock.path)  # still held: no other convert or Checkpointer took it meanwhile
+    for directory in made:
+        try:
+            os.rmdir(directory)
+        except OSError:
+            break  # not empty: something else is there now
 
 
 def _convert_step(step: int, path: Path, final: Path) -> Converted:

@@ -258,14 +258,29 @@ def reading(step_dir: storage.Location, step: int | None = None) -> Iterator[Non
     try:
         yield
     except (CheckpointCorruptedError, InvalidLayoutError, OSError) as e:
-        # A local deletion renames the whole step aside; one on an object store removes its manifest first.
-        still_there = _exists(step_dir if isinstance(step_dir, Path) else step_dir / fmt.MANIFEST)
-        if isinstance(e, StepNotFoundError) or still_there or formats.is_orbax(step_dir):
+        if isinstance(e, StepNotFoundError) or not deleted(step_dir) or formats.is_orbax(step_dir):
             raise
-        what = str(step_dir) if step is None else f"step {step} ({step_dir})"
-        raise StepNotFoundError(f"{what} was deleted while it was being read (by another process's garbage "
-                                f"collection?): it is gone ({type(e).__name__}: {e})", step=step,
-                                path=step_dir) from e
+        raise deleted_error(step_dir, step, f"{type(e).__name__}: {e}") from e
+
+
+def deleted(step_dir: storage.Location) -> bool:
+    """Whether a step found a moment ago is gone (deleted by another process's garbage collection)."""
+    # A local deletion renames the whole step aside; one on an object store removes its manifest first.
+    return not _exists(step_dir if isinstance(step_dir, Path) else step_dir / fmt.MANIFEST)
+
+
+def deleted_error(step_dir: storage.Location, step: int | None, why: str) -> StepNotFoundError:
+    """The error of a read that failed (``why``) because the step was deleted meanwhile (see :func:`deleted`)."""
+    what = str(step_dir) if step is None else f"step {step} ({step_dir})"
+    return StepNotFoundError(f"{what} was deleted while it was being read (by another process's garbage "
+                             f"collection?): it is gone ({why})", step=step, path=step_dir)
+
+
+def is_damaged_step(entry: Entry) -> bool:
+    """Whether a FOREIGN entry named like a step is a step ckpt wrote (a directory, not a link, holding ckpt's
+    marker) whose manifest is missing or cannot be read: damaged and kept for inspection, not a user's
+    directory. Such a step is never listed, overwritten or deleted; readers report it as damaged."""
+    return entry.kind is Kind.FOREIGN and entry.step is not None and storage.is_marked(entry.path)
 
 
 def delete_step(path: storage.Location, step: int) -> None:

@@ -28,7 +28,7 @@ import numpy as np
 
 from ckpt import chunks
 from ckpt import format as fmt
-from ckpt import formats, loading, orbax, progress, storage
+from ckpt import formats, loading, orbax, progress, root, storage
 from ckpt.errors import CheckpointCorruptedError, InvalidLayoutError, UnsupportedLayoutError
 
 _IN_FLIGHT = 2  # chunk reads kept in flight
@@ -69,10 +69,16 @@ class VerifyResult:
         return not self.damaged
 
 
-def verify_step(step_dir: str | os.PathLike | storage.Location) -> VerifyResult:
+def verify_step(step_dir: str | os.PathLike | storage.Location, *, step: int | None = None) -> VerifyResult:
     """Re-reads one step directory and checks every checksum; damage is reported, not raised.
 
+    ``step`` is the number the step is listed under in its root (see :func:`ckpt.path.step.find_all`);
+    by default the one in its manifest, else the digits ending its directory's name.
     Progress is reported on the ``ckpt.progress`` logger when it runs long (see :mod:`ckpt.progress`).
+
+    Raises:
+      StepNotFoundError: the step was deleted while it was checked (by another process's garbage
+        collection): what could not be read is gone, not damaged.
 
     Example::
 
@@ -80,9 +86,18 @@ def verify_step(step_dir: str | os.PathLike | storage.Location) -> VerifyResult:
         assert result.ok, [d.where for d in result.damaged]
     """
     step_dir = storage.location(step_dir)
-    if formats.is_orbax(step_dir):
-        return _verify_orbax(step_dir)
-    result = VerifyResult(step_dir, None)
+    with root.reading(step_dir, step):
+        result = _verify_orbax(step_dir) if formats.is_orbax(step_dir) else _verify(step_dir)
+    if step is not None:
+        result.step = step
+    if result.damaged and root.deleted(step_dir):
+        raise root.deleted_error(step_dir, result.step, f"{result.damaged[0].where}: {result.damaged[0].why}")
+    return result
+
+
+def _verify(step_dir: storage.Location) -> VerifyResult:
+    """Checks a step ckpt wrote (see the module's docstring)."""
+    result = VerifyResult(step_dir, formats.step_of(step_dir, {}))
     try:
         manifest = loading.read_manifest(step_dir)
     except (CheckpointCorruptedError, InvalidLayoutError) as e:

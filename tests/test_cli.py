@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -14,6 +15,7 @@ import pytest
 
 import ckpt
 from ckpt import cli, progress
+from ckpt import root as root_lib
 from ckpt import format as fmt
 from ckpt.objectstore import ObjectPath
 from ckpt.verify import verify_step
@@ -130,6 +132,56 @@ def test_ls_and_verify_report_a_step_whose_manifest_is_damaged(root, capsys):
     assert status == 1 and [d["where"] for d in json.loads(out)["steps"][0]["damaged"]] == [fmt.MANIFEST]
 
 
+def test_ls_and_verify_report_a_step_of_ckpts_whose_manifest_is_missing_and_not_a_users_directory(root, capsys):
+    (root / "20" / fmt.MANIFEST).unlink()  # a partial restore: the step keeps ckpt's marker
+    (root / "30").mkdir()
+    (root / "30" / "notes.txt").write_text("a user's")
+    status, out, _ = run_cli(capsys, "ls", root, "--json")
+    listing = json.loads(out)
+    assert status == 0 and listing["latest"] == 10
+    assert [s["step"] for s in listing["steps"]] == [0, 10, 20]
+    assert "manifest.json is missing" in listing["steps"][2]["error"]
+    assert [Path(f["path"]).name for f in listing["foreign"]] == ["30"]
+    status, out, _ = run_cli(capsys, "verify", root, "--json")
+    report = json.loads(out)
+    assert status == 1 and [(s["step"], s["ok"]) for s in report["steps"]] == [(0, True), (10, True), (20, False)]
+    assert [d["where"] for d in report["steps"][2]["damaged"]] == [fmt.MANIFEST]
+    status, out, _ = run_cli(capsys, "verify", root)
+    assert status == 1 and "2 of 3 steps ok; damaged: [20]" in out
+
+
+def test_verify_of_a_root_names_a_step_whose_manifest_is_damaged_by_its_step(root, capsys):
+    flip_byte(root / "10" / fmt.MANIFEST, 30)
+    status, out, _ = run_cli(capsys, "verify", root, "--json")
+    steps = json.loads(out)["steps"]
+    assert status == 1 and [(s["step"], s["ok"]) for s in steps] == [(0, True), (10, False), (20, True)]
+    status, out, _ = run_cli(capsys, "verify", root)
+    assert status == 1 and "damaged: [10]" in out and f"step 10  {root / '10'}: DAMAGED" in out
+
+
+def test_ls_show_and_verify_list_a_root_as_the_checkpointer_does(root, capsys):
+    shutil.copytree(root / "10", root / "30")  # `cp -r 10 30`: its manifest says step 10
+    ckpt.save(root / "export_70", {"w": np.ones(3)})  # named unlike the steps: a checkpoint, not a step
+    with ckpt.Checkpointer(root) as ckptr:
+        assert [c.step for c in ckptr.checkpoints] == [0, 10, 20, 30] and ckptr.latest.step == 30
+    status, out, _ = run_cli(capsys, "ls", root, "--json")
+    listing = json.loads(out)
+    assert status == 0 and listing["latest"] == 30
+    assert [(s["step"], Path(s["path"]).name, s["latest"]) for s in listing["steps"]] == [
+        (0, "0", False), (10, "10", False), (20, "20", False), (30, "30", True), (None, "export_70", False)]
+    _, out, _ = run_cli(capsys, "ls", root)
+    assert "latest step 30" in out and "export_70/ (not a step)" in out
+    status, out, _ = run_cli(capsys, "show", root, "30", "--json")
+    assert status == 0 and (json.loads(out)["step"], json.loads(out)["path"]) == (30, str(root / "30"))
+    status, out, _ = run_cli(capsys, "verify", root, "--json")
+    report = json.loads(out)
+    assert status == 0 and [(s["step"], s["path"]) for s in report["steps"]] == [
+        (n, str(root / str(n))) for n in (0, 10, 20, 30)]
+    assert report["not_steps"] == [str(root / "export_70")]
+    status, out, _ = run_cli(capsys, "verify", root)
+    assert status == 0 and "4 of 4 steps ok" in out and "not steps of" in out and "export_70" in out
+
+
 def test_ls_of_a_missing_directory_exits_2_naming_it(tmp_path, capsys):
     status, _, err = run_cli(capsys, "ls", tmp_path / "nope")
     assert status == 2 and str(tmp_path / "nope") in err
@@ -195,6 +247,30 @@ def test_verify_exits_1_naming_a_packed_leaf_whose_bytes_changed(root, capsys):
     assert status == 1
     assert damaged == [{"where": "state['params']['b']",
                         "why": f"its bytes in {fmt.PACKED}/ do not match the CRC32 in {fmt.TREE}"}]
+
+
+def test_verify_reports_a_step_deleted_while_it_is_checked_as_gone_not_damaged(root, monkeypatch, capsys):
+    monkeypatch.setattr(progress, "DELAY_SECS", 0.0)  # a report at the first chunk read
+    doomed = root / "0"
+
+    class GarbageCollection(logging.Handler):
+        """Another process's garbage collection, deleting step 0 once its first chunk is read."""
+
+        def emit(self, record: logging.LogRecord) -> None:
+            if f"verifying {doomed}:" in record.getMessage() and doomed.exists():
+                root_lib.delete_step(doomed, 0)
+
+    collector = GarbageCollection()
+    logging.getLogger("ckpt.progress").addHandler(collector)
+    try:
+        status, out, _ = run_cli(capsys, "verify", root, "--json")
+        report = json.loads(out)
+        assert status == 0 and report["ok"] and [s["step"] for s in report["steps"]] == [10, 20]
+        assert report["gone"] == [{"step": 0, "path": str(doomed)}]
+    finally:
+        logging.getLogger("ckpt.progress").removeHandler(collector)
+    with pytest.raises(ckpt.errors.StepNotFoundError, match="deleted while it was being read"):
+        verify_step(doomed)
 
 
 def test_verify_detects_a_deleted_chunk_even_of_an_all_zero_array(tmp_path):
@@ -295,6 +371,51 @@ def test_convert_into_an_empty_path_or_a_bucket_is_a_usage_error_and_writes_noth
     assert cli.main(["convert", str(root), destination]) == 2
     assert error in capsys.readouterr().err
     assert list((tmp_path / "here").iterdir()) == []
+
+
+def test_convert_copies_the_steps_the_checkpointer_lists_and_never_follows_a_link(root, tmp_path, capsys):
+    (root / "7").mkdir()
+    (root / "7" / fmt.MANIFEST).write_text('{"a user\'s": "own manifest"}')  # skipped by ls and Checkpointer
+    with ckpt.Checkpointer(tmp_path / "elsewhere") as other:
+        other.save(2, {"other": np.ones(3)})
+    (root / "9").symlink_to(tmp_path / "elsewhere" / "2")  # ls: an entry ckpt never follows
+    status, out, _ = run_cli(capsys, "convert", root, tmp_path / "copy")
+    assert status == 0 and "3 steps converted" in out
+    assert sorted(os.listdir(tmp_path / "copy")) == [fmt.LOCK, "0", "10", "20"]
+
+
+def test_convert_into_a_file_is_a_usage_error(root, tmp_path, capsys):
+    (tmp_path / "file").write_text("a user's")
+    status, _, err = run_cli(capsys, "convert", root, tmp_path / "file")
+    assert status == 2 and "is a regular file of 8 bytes, not a directory" in err
+    assert (tmp_path / "file").read_text() == "a user's"
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_a_failed_convert_leaves_its_destination_as_it_found_it(root, tmp_path, capsys, existing):
+    destination = tmp_path / "new" / "copy"
+    if existing:
+        destination.mkdir(parents=True)
+    flip_byte(root / "20" / fmt.TREE)  # step 0 and 10 are converted before step 20 fails
+    status, out, _ = run_cli(capsys, "convert", root, destination)
+    assert status == 1 and "step 10 ->" in out
+    assert (list(destination.iterdir()) == []) if existing else not (tmp_path / "new").exists()
+    shutil.rmtree(root / "20")
+    status, out, _ = run_cli(capsys, "convert", root, destination)
+    assert status == 0 and "2 steps converted" in out
+
+
+def test_convert_of_a_root_holding_a_damaged_step_of_ckpts_stops_before_writing(root, tmp_path, capsys):
+    (root / "10" / fmt.MANIFEST).unlink()  # not a step the Checkpointer lists, yet not to be left behind silently
+    status, _, err = run_cli(capsys, "convert", root, tmp_path / "copy")
+    assert status == 1 and "holds step 10, which is damaged" in err
+    assert not (tmp_path / "copy").exists()
+
+
+def test_convert_of_one_step_directory_says_it_takes_a_root(root, tmp_path, capsys):
+    status, _, err = run_cli(capsys, "convert", root / "10", tmp_path / "copy")
+    assert status == 2 and "is one checkpoint, not a root" in err and f"convert its root ({root})" in err
+    assert not (tmp_path / "copy").exists()
 
 
 def test_format_bytes_picks_a_readable_unit():

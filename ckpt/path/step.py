@@ -13,6 +13,7 @@ import os
 import re
 from typing import Iterable, Protocol, runtime_checkable
 
+from ckpt import format as fmt
 from ckpt import root, storage
 
 
@@ -150,3 +151,36 @@ def find_all(directory: str | os.PathLike, name_format: NameFormat | None = None
     """
     entries = root.scan(storage.location(directory), name_format or standard_name_format(), read_manifests=False)
     return {e.step: e.path.name for e in entries if e.kind in root.LISTED}
+
+
+_NUMBERED = re.compile(r"^(?:(.+)_)?(\d+)$")
+_CANDIDATES = 4  # the formats, besides the default, whose steps are counted (the ones most names fit)
+
+
+def name_format_of(directory: str | os.PathLike | storage.Location) -> StandardNameFormat:
+    """The standard name format a root's steps were written with, for a reader not told it (``ckpt ls``):
+    of the formats its names suggest (``23``, ``0023``, ``step_23``, ``step_0023``), the one that names the
+    most committed steps; the default (bare numbers) on a tie or when none names a step. Listing the root
+    with it (:func:`find_all`, :func:`ckpt.root.scan`) finds the steps a Checkpointer given that format lists.
+
+    Example::
+
+        with ckpt.Checkpointer("runs/exp2", step_name_format=standard_name_format(step_prefix="step")) as c:
+            c.save(5, {"w": np.ones(3)})
+        assert name_format_of("runs/exp2") == standard_name_format(step_prefix="step")
+    """
+    location = storage.location(directory)
+    names = [n for n in storage.list_names(location) if not n.endswith((fmt.TMP_SUFFIX, fmt.DELETING_SUFFIX))]
+    suggested: dict[StandardNameFormat, int] = {}
+    for name in names:
+        match = _NUMBERED.match(name)
+        if match is None or not _is_plain_name(match.group(1) or "x"):
+            continue
+        digits = match.group(2)
+        fixed = len(digits) if len(digits) > 1 and digits.startswith("0") else None
+        candidate = StandardNameFormat(match.group(1), fixed)
+        suggested[candidate] = suggested.get(candidate, 0) + 1
+    default = standard_name_format()
+    ranked = sorted(suggested, key=lambda c: -suggested[c])[:_CANDIDATES]
+    counts = {c: len(find_all(location, c)) for c in [default, *ranked]}
+    return max(counts, key=lambda c: (counts[c], c == default))

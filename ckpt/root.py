@@ -207,10 +207,16 @@ def check_target(final: storage.Location, tmp: storage.Location, *, step: int | 
     it is written under, is absent or a temporary of ckpt's.
 
     Raises:
+      ValueError: ``final``'s name ends as a temporary's does, so the next writer in its directory would
+        remove the checkpoint as the leftover of a crashed save.
       StepAlreadyExistsError: ``final`` is a committed step and ``overwrite`` is not set.
       ForeignEntryError: ``final`` or ``tmp`` is something ckpt did not write (named, with what it holds).
     """
     what = "the checkpoint" if step is None else f"step {step}"
+    if final.name.endswith((fmt.TMP_SUFFIX, fmt.DELETING_SUFFIX)):
+        raise ValueError(f"cannot save {what} to {final}: a name ending in {fmt.TMP_SUFFIX!r} or "
+                         f"{fmt.DELETING_SUFFIX!r} is that of a temporary of ckpt's, which the next save in its "
+                         "directory removes; choose another name")
     if _exists(final):
         entry = classify(final, step)
         if entry.kind is Kind.TEMPORARY and final == tmp:  # (an object store) a save of ckpt's never committed

@@ -62,7 +62,7 @@ def location(directory: str | os.PathLike | ObjectPath) -> Location:
     Raises:
       ValueError: an empty path (which would mean the current directory), a URL of a scheme ckpt cannot
         store to (which would be a relative directory named ``hdfs:``), a local path with a backslash
-        (tensorstore would write elsewhere).
+        (tensorstore would write elsewhere) or a name that is not UTF-8 (tensorstore cannot open it).
     """
     if is_url(directory):
         return ObjectPath(str(directory))
@@ -71,6 +71,11 @@ def location(directory: str | os.PathLike | ObjectPath) -> Location:
     path = (directory if isinstance(directory, Path) else Path(directory)).expanduser().absolute()
     if ".." in path.parts:  # tensorstore refuses '..'; what the system means by it (after symbolic links) is meant
         path = path.resolve()
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"the path {str(path)!r} is not valid UTF-8 (a name made of other bytes), which "
+                         "tensorstore needs to store arrays; use a path whose names are UTF-8") from None
     if "\\" in str(path):
         raise ValueError(f"the path {str(path)!r} has a backslash, which tensorstore reads as a path separator, so "
                          "its arrays would land in another directory; use a path without backslashes")

@@ -457,6 +457,16 @@ def test_a_damaged_root_metadata_file_raises_a_ckpt_error_naming_it(tmp_path, co
         np.testing.assert_array_equal(ckptr.load(1)["w"], STATE["w"])  # the steps are another matter
 
 
+@pytest.mark.parametrize("suffix", [fmt.TMP_SUFFIX, fmt.DELETING_SUFFIX])
+def test_a_checkpoint_named_like_a_temporary_is_refused_for_the_next_writer_would_remove_it(tmp_path, suffix):
+    with Checkpointer(tmp_path / "root") as ckptr:
+        ckptr.save(1, STATE)
+    for path in (tmp_path / "root" / f"export{suffix}", tmp_path / "exports" / f"model{suffix}"):
+        with pytest.raises(ValueError, match="that of a temporary of ckpt's"):
+            ckpt.save(path, STATE)
+        assert not path.exists()
+
+
 def test_a_foreign_entry_at_a_deleted_steps_aside_name_does_not_stop_garbage_collection(tmp_path):
     """A deletion renames the step to ``<step>.ckpt-deleting`` first; something foreign there is left
     alone and the step goes aside under a name of its own."""

@@ -240,6 +240,22 @@ def test_a_path_with_a_backslash_is_refused_before_anything_is_written(tmp_path,
     assert list(tmp_path.iterdir()) == []
 
 
+NOT_UTF8 = os.fsdecode(b"run_\xff")  # a name of other bytes, as os.listdir gives it (a lone surrogate)
+
+
+@pytest.mark.parametrize("make", [
+    lambda tmp_path: Checkpointer(tmp_path / NOT_UTF8),
+    lambda tmp_path: ckpt.save(tmp_path / NOT_UTF8, STATE),
+    lambda tmp_path: ckpt.LocalCheckpointOptions(tmp_path / NOT_UTF8),
+])
+def test_a_path_that_is_not_utf8_is_refused_before_anything_is_written(tmp_path, make):
+    """tensorstore cannot open such a path: the first save failed with pybind11's "Unable to cast Python
+    instance of type <class 'str'>", the root and its lock already made."""
+    with pytest.raises(ValueError, match="is not valid UTF-8"):
+        make(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("directory, error", [
     ("", r"the directory is '': give the checkpoint root's path"),
     ("hdfs://namenode/runs", r"'hdfs://namenode/runs' is a hdfs:// URL; ckpt stores to local directories"),

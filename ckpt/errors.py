@@ -34,6 +34,21 @@ class StepNotFoundError(FileNotFoundError):
         self.path = path
 
 
+class StepReplacedError(StepNotFoundError):
+    """The step being read was replaced meanwhile (saved again with ``overwrite=True``, by another
+    process): what was read of it is gone. Reading it again reads the new one; a Checkpointer's
+    ``load`` does so once by itself.
+
+    Example::
+
+        ckpt.save("model", {"w": np.ones(3)})
+        try:
+            state = ckpt.load("model")                   # another process may save "model" again meanwhile
+        except ckpt.errors.StepReplacedError:
+            state = ckpt.load("model")                   # the new one
+    """
+
+
 class StepAlreadyExistsError(FileExistsError):
     """A committed checkpoint already exists at this step and ``overwrite`` was not set.
 

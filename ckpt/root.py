@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
 from ckpt import format as fmt
 from ckpt import formats, loading, schema, storage
 from ckpt.errors import (CheckpointCorruptedError, ForeignEntryError, InvalidLayoutError, RootDirectoryError,
-                         StepAlreadyExistsError, StepNotFoundError)
+                         StepAlreadyExistsError, StepNotFoundError, StepReplacedError)
 
 if TYPE_CHECKING:
     from ckpt.path.step import NameFormat
@@ -254,19 +254,39 @@ def commit(tmp: storage.Location, final: storage.Location, *, step: int | None, 
 @contextlib.contextmanager
 def reading(step_dir: storage.Location, step: int | None = None) -> Iterator[None]:
     """Reads of one step: an error because the step was deleted meanwhile (by another process's garbage
-    collection) is raised as StepNotFoundError saying so, not as damage or a missing file.
+    collection) is raised as StepNotFoundError saying so, one because it was replaced (saved again with
+    ``overwrite=True``) as StepReplacedError, not as damage or a missing file.
 
     Example::
 
         with reading(step_dir, 7):
             trees = formats.load_checkpointables(step_dir, None)
     """
+    before = _identity(step_dir)
     try:
         yield
     except (CheckpointCorruptedError, InvalidLayoutError, OSError) as e:
-        if isinstance(e, StepNotFoundError) or not deleted(step_dir) or formats.is_orbax(step_dir):
+        if isinstance(e, StepNotFoundError) or formats.is_orbax(step_dir):
             raise
-        raise deleted_error(step_dir, step, f"{type(e).__name__}: {e}") from e
+        why = f"{type(e).__name__}: {e}"
+        if deleted(step_dir):
+            raise deleted_error(step_dir, step, why) from e
+        if _identity(step_dir) != before:
+            what = str(step_dir) if step is None else f"step {step} ({step_dir})"
+            raise StepReplacedError(f"{what} was replaced (saved again with overwrite=True) while it was being read; "
+                                    f"read it again for the new one ({why})", step=step, path=step_dir) from e
+        raise
+
+
+def _identity(step_dir: storage.Location) -> tuple[int, int] | None:
+    """The local step directory's device and inode (a replacement is another directory); None on an object store."""
+    if not isinstance(step_dir, Path):
+        return None
+    try:
+        found = os.lstat(step_dir)
+    except OSError:
+        return None
+    return found.st_dev, found.st_ino
 
 
 def deleted(step_dir: storage.Location) -> bool:

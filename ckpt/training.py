@@ -624,8 +624,14 @@ class Checkpointer:
             return self._local.load(self.checkpoints[::-1] if step is None else [info], read)
         self._reading[info.step] += 1
         try:
-            with root.reading(info.path, info.step):
-                return read(info.path)
+            try:
+                with root.reading(info.path, info.step):
+                    return read(info.path)
+            except errors.StepReplacedError:  # saved again meanwhile: the new one is the step now
+                with root.reading(info.path, info.step):
+                    return read(info.path)
+        except errors.StepReplacedError:
+            raise
         except errors.StepNotFoundError:
             self._forget(info.step)
             raise

@@ -133,6 +133,54 @@ def test_the_free_load_of_a_step_another_process_deletes_meanwhile_says_the_step
     assert sorted(os.listdir(root)) == [fmt.LOCK, "2", fmt.ROOT_METADATA]
 
 
+OVERWRITE = """
+import sys
+import numpy as np
+from ckpt.training import Checkpointer
+with Checkpointer(sys.argv[1]) as ckptr:
+    ckptr.save(int(sys.argv[2]), {"w": np.full(100_000, float(sys.argv[3]))}, force=True, overwrite=True)
+print("replaced", flush=True)
+"""
+
+
+def _replaced_while_reading(monkeypatch, root: Path, step: int, values: list[float]) -> None:
+    """Makes the next reads of a step's trees, one for each of ``values``, run another process's
+    ``save(step, overwrite=True)`` of that value first: after the manifest and tree.json were read, before
+    the arrays."""
+    read_tree = loading.read_tree
+    left = list(values)
+
+    def then_replaced(step_dir, manifest):
+        found = read_tree(step_dir, manifest)
+        if left:
+            result = procs.run_script(OVERWRITE, str(root), str(step), str(left.pop(0)))
+            assert "replaced" in result.stdout, result.stdout + result.stderr
+        return found
+
+    monkeypatch.setattr(loading, "read_tree", then_replaced)
+
+
+def test_a_load_of_a_step_another_process_replaces_meanwhile_is_no_damage_and_reads_the_new_one(tmp_path,
+                                                                                               monkeypatch):
+    """A rolling checkpoint (one step saved again with overwrite=True) read by an evaluator: the reader saw
+    CheckpointCorruptedError ("does not match its checksum") in a sound step."""
+    root = tmp_path / "root"
+    with Checkpointer(root) as ckptr:
+        ckptr.save(1, {"w": np.zeros(100_000)})
+    with Checkpointer(root) as reader:
+        _replaced_while_reading(monkeypatch, root, 1, [7.0])
+        np.testing.assert_array_equal(reader.load(1)["w"], np.full(100_000, 7.0))  # read again: the new one
+        assert [c.step for c in reader.checkpoints] == [1]
+        _replaced_while_reading(monkeypatch, root, 1, [8.0, 9.0])
+        with pytest.raises(errors.StepReplacedError, match="was replaced .* while it was being read") as info:
+            reader.load(1)
+        assert isinstance(info.value, errors.StepNotFoundError) and info.value.step == 1
+        assert [c.step for c in reader.checkpoints] == [1]  # still there: not forgotten
+    _replaced_while_reading(monkeypatch, root, 1, [10.0])
+    with pytest.raises(errors.StepReplacedError):
+        ckpt.load(root / "1")
+
+
 # ---------------------------------------------------------------------------- forked children
 FORK_A_CHILD = """
 import multiprocessing

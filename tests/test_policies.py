@@ -168,6 +168,22 @@ def test_invalid_preservation_arguments_are_rejected(make):
         make()
 
 
+def test_policy_sizes_computed_with_numpy_are_taken_as_ints():
+    """A size from numpy (``np.ceil(n / batch).astype(int)`` is an np.int64) is an int, as in Orbax."""
+    steps_per_epoch = np.ceil(1000 / 256).astype(int)
+    made = [sdp.FixedIntervalPolicy(steps_per_epoch), pp.LatestN(np.int64(2)), pp.EveryNSteps(steps_per_epoch),
+            pp.EveryNSteps(np.int32(4), max_to_keep=np.int64(1)), pp.EveryNStepsClosest(np.uint8(4)),
+            pp.BestN(get_metric_fn=lambda m: m["loss"], n=np.int64(2))]
+    assert [made[0].interval, made[1].n, made[2].interval_steps, made[3].max_to_keep, made[4].interval_steps,
+            made[5].n] == [4, 2, 4, 1, 4, 2]
+    assert all(type(v) is int for v in (made[0].interval, made[1].n, made[3].max_to_keep, made[5].n))
+    assert [s for s in range(9) if decide(made[0], s)] == [0, 4, 8]
+    assert keep(made[1], [info(s) for s in range(4)]) == [2, 3]
+    for bad in (True, 2.0, np.float64(2), "2"):
+        with pytest.raises(ValueError, match="LatestN n must be a non-negative int or None"):
+            pp.LatestN(bad)
+
+
 @pytest.mark.parametrize("make, names", [
     (lambda: sdp.SpecificStepsPolicy(500), "SpecificStepsPolicy steps"),
     (lambda: sdp.SpecificStepsPolicy("10"), "SpecificStepsPolicy steps"),

@@ -82,8 +82,7 @@ class LatestN:
     n: int | None = None
 
     def __post_init__(self):
-        if self.n is not None and (not isinstance(self.n, int) or self.n < 0):
-            raise ValueError(f"LatestN n must be a non-negative int or None, got {self.n!r}")
+        object.__setattr__(self, "n", arguments.count(self.n, "LatestN n", optional=True))
 
     def should_preserve(self, checkpoints: Sequence[CheckpointMetadata], *,
                         context: PreservationContext) -> Sequence[bool]:
@@ -159,12 +158,11 @@ class EveryNSteps:
 
 
 def _check_interval(policy: Any) -> None:
-    """ValueError for a negative or non-int interval or max_to_keep (0 raises when asked, as in Orbax)."""
+    """ValueError for a negative or non-integer interval or max_to_keep (an interval of 0 raises when
+    asked, as in Orbax); numpy integers are taken as ints."""
     name = type(policy).__name__
-    if not isinstance(policy.interval_steps, int) or policy.interval_steps < 0:
-        raise ValueError(f"{name} interval_steps must be a positive int, got {policy.interval_steps!r}")
-    if policy.max_to_keep is not None and policy.max_to_keep < 0:
-        raise ValueError(f"{name} max_to_keep must be non-negative, got {policy.max_to_keep!r}")
+    object.__setattr__(policy, "interval_steps", arguments.count(policy.interval_steps, f"{name} interval_steps"))
+    object.__setattr__(policy, "max_to_keep", arguments.count(policy.max_to_keep, f"{name} max_to_keep", optional=True))
 
 
 def _refuse_zero(interval_steps: int) -> None:
@@ -266,8 +264,7 @@ class BestN:
     def __post_init__(self):
         if not callable(self.get_metric_fn):
             raise TypeError(f"BestN get_metric_fn must be a function of a step's metrics, got {self.get_metric_fn!r}")
-        if self.n is not None and (not isinstance(self.n, int) or self.n < 0):
-            raise ValueError(f"BestN n must be a non-negative int or None, got {self.n!r}")
+        object.__setattr__(self, "n", arguments.count(self.n, "BestN n", optional=True))
 
     def should_preserve(self, checkpoints: Sequence[CheckpointMetadata], *,
                         context: PreservationContext) -> Sequence[bool]:

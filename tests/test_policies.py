@@ -114,6 +114,20 @@ def test_every_n_steps_exact_and_inexact_and_max_to_keep():
         pp.EveryNSteps(-1)
 
 
+@pytest.mark.parametrize("make", [lambda n: pp.EveryNSteps(10, max_to_keep=n),
+                                  lambda n: pp.EveryNStepsClosest(10, max_to_keep=n)])
+def test_max_to_keep_zero_is_no_limit_as_in_orbax(tmp_path, make):
+    """Orbax trims with ``[:-max_to_keep]``, so 0 trims nothing: a config ported from it must not delete
+    every step but the latest."""
+    cps = [info(s) for s in range(0, 45, 5)]
+    assert keep(make(0), cps) == keep(make(None), cps) == [0, 10, 20, 30, 40]
+    with Checkpointer(tmp_path, preservation_policy=make(0)) as ckptr:
+        for step in range(0, 45, 5):
+            ckptr.save(step, {"w": np.full(2, step)}, force=True)
+        assert [c.step for c in ckptr.checkpoints] == [0, 10, 20, 30, 40]
+        assert ckptr.load(10)["w"][0] == 10
+
+
 def test_every_n_steps_closest_keeps_the_step_nearest_each_multiple_and_the_latest():
     cps = [info(s) for s in (0, 4, 9, 13, 21, 23)]
     assert keep(pp.EveryNStepsClosest(10), cps) == [0, 9, 21, 23]

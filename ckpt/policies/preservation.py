@@ -125,7 +125,8 @@ class EveryNSeconds:
 @dataclasses.dataclass(frozen=True)
 class EveryNSteps:
     """Keeps steps divisible by ``interval_steps`` (or, with ``exact_interval=False``, the first and then
-    each one at least ``interval_steps`` after the last kept); ``max_to_keep`` trims to the newest kept.
+    each one at least ``interval_steps`` after the last kept); ``max_to_keep`` trims to the newest kept
+    (None or 0: no limit, as in Orbax).
 
     Example::
 
@@ -171,8 +172,9 @@ def _refuse_zero(interval_steps: int) -> None:
 
 
 def _newest(keep: list[bool], max_to_keep: int | None) -> list[bool]:
-    """``keep`` with only the newest ``max_to_keep`` of the kept checkpoints still kept."""
-    if max_to_keep is not None:
+    """``keep`` with only the newest ``max_to_keep`` of the kept checkpoints still kept; None or 0 keeps
+    them all, as in Orbax (a config ported from it with 0 must not delete every step but the latest)."""
+    if max_to_keep:
         kept = [i for i, k in enumerate(keep) if k]
         for i in kept[: max(0, len(kept) - max_to_keep)]:
             keep[i] = False
@@ -182,7 +184,8 @@ def _newest(keep: list[bool], max_to_keep: int | None) -> list[bool]:
 @dataclasses.dataclass(frozen=True)
 class EveryNStepsClosest:
     """Keeps, for each multiple of ``interval_steps``, the checkpoint closest to it (the later one of
-    two as close), and the latest; ``max_to_keep`` trims to the newest kept. Unlike
+    two as close), and the latest; ``max_to_keep`` trims to the newest kept (None or 0: no limit, as
+    in Orbax). Unlike
     ``EveryNSteps(exact_interval=False)``, irregular steps do not make the kept ones drift.
 
     Example::

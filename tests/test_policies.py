@@ -162,6 +162,30 @@ def test_best_n_steps_without_metrics_are_kept_only_if_asked():
     assert keep(pp.BestN(get_metric_fn=fn, n=1, keep_checkpoints_without_metrics=False), cps) == [2]
 
 
+@pytest.mark.parametrize("metrics, kwargs, kept", [
+    ([None, {"loss": 3}], dict(n=3, keep_checkpoints_without_metrics=False), [0, 1]),  # no more than n: all
+    ([None, {"loss": 3}, {"loss": 1}], dict(n=3, keep_checkpoints_without_metrics=False), [0, 1, 2]),
+    ([None, {"loss": 3}, {"loss": 1}], dict(n=0), []),  # n=0: none, those without metrics neither
+    ([None, {"loss": 3}, {"loss": 1}], dict(n=0, keep_checkpoints_without_metrics=True), []),
+    ([None, None, {"loss": 1}], dict(n=2, keep_checkpoints_without_metrics=False), [2]),
+    ([None, {"loss": 3}, {"loss": 1}, {"loss": 2}], dict(n=3, keep_checkpoints_without_metrics=False), [1, 2, 3]),
+])
+def test_best_n_with_few_checkpoints_or_n_zero_decides_as_orbax(metrics, kwargs, kept):
+    cps = [info(s, metrics=m) for s, m in enumerate(metrics)]
+    assert keep(pp.BestN(get_metric_fn=lambda m: m["loss"], reverse=True, **kwargs), cps) == kept
+
+
+def test_best_n_keeps_a_step_without_metrics_while_there_are_no_more_steps_than_n(tmp_path):
+    policy = pp.BestN(get_metric_fn=lambda m: m["loss"], reverse=True, n=3, keep_checkpoints_without_metrics=False)
+    with Checkpointer(tmp_path, preservation_policy=policy) as ckptr:
+        ckptr.save(0, {"w": np.zeros(3)})  # the initial save, before any metric
+        ckptr.save(1, {"w": np.ones(3)}, metrics={"loss": 3.0})
+        assert [c.step for c in ckptr.checkpoints] == [0, 1]
+        ckptr.save(2, {"w": np.ones(3)}, metrics={"loss": 2.0})
+        ckptr.save(3, {"w": np.ones(3)}, metrics={"loss": 1.0})
+        assert [c.step for c in ckptr.checkpoints] == [1, 2, 3]  # four steps: the best three with metrics
+
+
 def test_latest_duration_keeps_recent_ones():
     now = datetime.datetime.now(datetime.timezone.utc).timestamp()
     cps = [CheckpointMetadata(s, None, commit_timestamp_nsecs=int((now - age) * 1e9))

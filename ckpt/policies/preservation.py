@@ -247,8 +247,10 @@ class BestN:
     """Keeps the ``n`` best checkpoints by ``get_metric_fn(metrics)``.
 
     As in Orbax, ``reverse=False`` keeps the n largest values and ``reverse=True`` the n smallest
-    (a loss). NaN ranks worst either way. ``n=None`` keeps all; checkpoints without metrics are kept if
-    ``keep_checkpoints_without_metrics``.
+    (a loss). NaN ranks worst either way. Checkpoints without metrics are kept if
+    ``keep_checkpoints_without_metrics``. As in Orbax, ``n=None`` keeps all, so do no more checkpoints
+    than ``n`` (with or without metrics), and ``n=0`` keeps none, not even those without metrics
+    (a Checkpointer still keeps its latest step).
 
     Example::
 
@@ -271,18 +273,17 @@ class BestN:
 
     def should_preserve(self, checkpoints: Sequence[CheckpointMetadata], *,
                         context: PreservationContext) -> Sequence[bool]:
+        if self.n is None or len(checkpoints) <= self.n:
+            return [True] * len(checkpoints)
+        if self.n == 0:
+            return [False] * len(checkpoints)
         with_metrics = [i for i, c in enumerate(checkpoints) if c.metrics is not None]
         keep = [c.metrics is None and self.keep_checkpoints_without_metrics for c in checkpoints]
-        if self.n is None or len(with_metrics) <= self.n:
-            for i in with_metrics:
-                keep[i] = True
-            return keep
         ranked = sorted(with_metrics, key=lambda i: self._rank(self.get_metric_fn(checkpoints[i].metrics)),
                         reverse=self.reverse)
-        for i in ranked[len(ranked) - self.n:]:
+        for i in ranked[-self.n:]:
             keep[i] = True
         return keep
-
 
     def _rank(self, value: float) -> tuple[bool, float]:
         """Sorts ``value`` so that NaN (a diverged run's loss) ranks worst whichever way is better."""

@@ -51,6 +51,13 @@ def _step_number(step: int | CheckpointMetadata) -> int:
     return fmt.validate_step(step.step if isinstance(step, CheckpointMetadata) else step)
 
 
+def _in_save_order(checkpoints: list[CheckpointMetadata]) -> list[CheckpointMetadata]:
+    """``checkpoints`` (ascending by step) in the order they were saved, Orbax's order for its preservation
+    policy: those found on disk, ascending by step, then those committed in this process, by the
+    ``monotonic_nsecs`` of their commit."""
+    return sorted(checkpoints, key=lambda c: (c.monotonic_nsecs is not None, c.monotonic_nsecs or 0))
+
+
 class Checkpointer:
     """Manages a sequence of checkpoints in a training loop (the API of Orbax's ``training.Checkpointer``).
 
@@ -63,7 +70,9 @@ class Checkpointer:
       context: options (:class:`ckpt.Context`).
       save_decision_policy: when to save; default: the first step, then whenever no save is in
         flight, and on preemption.
-      preservation_policy: what to keep; default ``PreserveAll()``. The latest step is always kept.
+      preservation_policy: what to keep; default ``PreserveAll()``. It sees the steps in the order they
+        were saved (see ckpt.policies.preservation). The latest step is always kept, and so is the step
+        a save just wrote, until the next commit.
       step_name_format: directory names of steps; default ``standard_name_format()`` (``23``).
       custom_metadata: JSON for the whole sequence, written once (a later Checkpointer keeps it).
       cleanup_tmp_directories: remove the temporary directories crashed saves left behind now, at
@@ -532,16 +541,18 @@ class Checkpointer:
             callback()
 
     def _collect_garbage(self) -> None:
-        """Deletes the steps the preservation policy does not keep, except the latest and those being read."""
+        """Deletes the steps the preservation policy does not keep, except the latest, the one saved last
+        and those being read. The policy sees the steps in the order they were saved (_in_save_order)."""
         with self._gc_lock:  # a local tier's promotions collect garbage too, from their own thread
-            checkpoints = self._with_manifests()
+            checkpoints = _in_save_order(self._with_manifests())
             keep = list(self._preservation_policy.should_preserve(
                 checkpoints, context=preservation_policies.PreservationContext()))
             if len(keep) != len(checkpoints):
                 raise ValueError(f"{self._preservation_policy!r} returned {len(keep)} decisions for {len(checkpoints)} checkpoints")
+            latest = max((c.step for c in checkpoints), default=None)
             failures = []
             for info, kept in zip(checkpoints[:-1], keep[:-1]):
-                if kept or self._reading[info.step]:
+                if kept or info.step == latest or self._reading[info.step]:
                     continue
                 if self._processes.index != 0:  # every process decides alike; the primary deletes
                     self._forget(info.step)

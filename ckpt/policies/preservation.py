@@ -1,8 +1,12 @@
 """What to keep: each policy answers ``should_preserve(checkpoints, *, context)`` with one bool per checkpoint.
 
-``checkpoints`` are :class:`ckpt.CheckpointMetadata`, ascending by step, the one just committed included.
-Steps no policy keeps are deleted after a commit; the latest committed step is always kept, whatever
-the policy says (so ``BestN`` alone cannot break resuming). Combine with :class:`AnyPreservationPolicy`.
+``checkpoints`` are :class:`ckpt.CheckpointMetadata` in the order they were saved, as in Orbax: those
+the Checkpointer found on disk, ascending by step, then those it committed, in the order it committed
+them (ascending by step too, unless a step below the latest was saved with ``force``; an overwritten
+step counts as saved anew). So ``LatestN(2)`` after saves of 10, 20, then 5 with ``force`` keeps 20
+and 5, the two saved last. Steps no policy keeps are deleted after a commit; the latest step and the
+one saved last are always kept, whatever the policy says (so ``BestN`` alone cannot break resuming,
+and a save never deletes the step it wrote). Combine with :class:`AnyPreservationPolicy`.
 
 Example::
 
@@ -184,7 +188,7 @@ def _newest(keep: list[bool], max_to_keep: int | None) -> list[bool]:
 @dataclasses.dataclass(frozen=True)
 class EveryNStepsClosest:
     """Keeps, for each multiple of ``interval_steps``, the checkpoint closest to it (the later one of
-    two as close), and the latest; ``max_to_keep`` trims to the newest kept (None or 0: no limit, as
+    two as close), and the last one; ``max_to_keep`` trims to the newest kept (None or 0: no limit, as
     in Orbax). Unlike
     ``EveryNSteps(exact_interval=False)``, irregular steps do not make the kept ones drift.
 

@@ -129,7 +129,7 @@ class Checkpointer:
         self._processes = self._ctx.multiprocessing_options.processes or distributed.current()
         self._operations = 0
         self._preempted_at: int | None = None
-        self._decided: tuple[int, bool] | None = None  # (step, decision) of the last should_save
+        self._due: int | None = None  # the step the last should_save said yes to, until a save or reload
         self._in_flight: CheckpointMetadata | None = None  # the step of the last save handed to the writer
         mode = self._ctx.file_options.path_permission_mode
         root.make(self._directory, mode=mode)
@@ -216,6 +216,7 @@ class Checkpointer:
             self._warn_of_orbax_steps_named_otherwise()
         with self._infos_lock:
             self._infos = infos
+        self._due = None  # a yes was given against the listing just replaced
         if self._local is not None:
             self._local.checkpointer.reload()
 
@@ -298,8 +299,12 @@ class Checkpointer:
 
     # ---------------------------------------------------------------------------------- deciding
     def should_save(self, step: int | CheckpointMetadata) -> bool:
-        """Whether the save-decision policy saves ``step``; False for a step <= the latest. A save of
-        this step right after (without ``force``) follows this decision instead of asking again.
+        """Whether the save-decision policy saves ``step``; False for a step <= the latest.
+
+        After a yes, the save of this step that follows saves it without asking the policy again (a caller
+        that copied its state to the host on that answer gets the save; a multi-process job decides once).
+        After a no, the save asks again, as Orbax does: the answer may have changed since (the save in
+        flight finished, the policy's minimum interval passed).
 
         Example::
 
@@ -308,8 +313,9 @@ class Checkpointer:
             assert not ckptr.should_save(0)              # not again
         """
         number = _step_number(step)
-        self._decided = (number, self._decide(number, replacing=False))
-        return self._decided[1]
+        due = self._decide(number, replacing=False)
+        self._due = number if due else None
+        return due
 
     def reached_preemption(self, step: int) -> bool:
         """True once a save decision at ``step`` or earlier saw a preemption (SIGTERM,
@@ -463,11 +469,8 @@ class Checkpointer:
             raise errors.StepAlreadyExistsError(
                 f"step {step} already exists at {existing.path}; pass overwrite=True to replace it",
                 step=step, path=existing.path)
-        decided, self._decided = self._decided, None
-        if decided is not None and decided[0] == step and not overwrite:
-            due = decided[1]  # what should_save just answered: a policy is asked once per step
-        else:
-            due = force or self._decide(step, replacing=existing is not None)
+        answered_yes, self._due = self._due == step, None
+        due = force or (answered_yes and not overwrite) or self._decide(step, replacing=existing is not None)
         if not force and not due:
             self._warn_of_a_step_behind(step)
             return None  # a step below the latest, or one the policy skips

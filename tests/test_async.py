@@ -96,6 +96,17 @@ def test_a_second_save_waits_for_the_first_and_both_commit_in_order(tmp_path, ga
         assert [c.step for c in ckptr.checkpoints] == [1, 2]
 
 
+def test_a_no_from_should_save_while_a_save_was_in_flight_is_asked_again_by_the_save_after_it(tmp_path, gate):
+    """Orbax's save asks the policy again; a cached no skipped step 1 silently once step 0 was written."""
+    with Checkpointer(tmp_path) as ckptr:  # the default policy: not while a save is in flight
+        ckptr.save_async(0, state(0))
+        assert not ckptr.should_save(1)
+        gate.set()
+        ckptr.wait()
+        assert ckptr.save(1, state(1)) is True
+        assert [c.step for c in ckptr.checkpoints] == [0, 1] and ckptr.load(1)["n"] == 1
+
+
 def test_loading_the_step_an_async_save_is_writing_waits_for_it(tmp_path, gate, monkeypatch):
     original = Checkpointer.wait
 

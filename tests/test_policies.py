@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime
+import time
 
 import numpy as np
 import pytest
@@ -82,6 +83,36 @@ def test_any_save_policy_is_an_or_that_stops_at_the_first_yes():
     assert decide(policy, 1)
     assert asked == [False, True]
     assert not decide(sdp.AnySavePolicy([]), 1)
+
+
+def test_a_save_after_should_save_said_no_asks_again_once_the_interval_passed(tmp_path, monkeypatch):
+    """Orbax's save asks the policy again: a no given before the interval passed does not skip the save."""
+    policy = sdp.ContinuousCheckpointingPolicy(minimum_interval_secs=60)
+    with Checkpointer(tmp_path, save_decision_policy=policy) as ckptr:
+        ckptr.save(0, {"x": 0})
+        assert not ckptr.should_save(1)  # too soon
+        real = time.monotonic_ns
+        monkeypatch.setattr(time, "monotonic_ns", lambda: real() + 61 * 10**9)  # the training step took 61 s
+        assert ckptr.save(1, {"x": 1}) is True
+        assert [c.step for c in ckptr.checkpoints] == [0, 1]
+
+
+def test_a_save_after_should_save_said_yes_follows_it_without_asking_again(tmp_path):
+    asked = []
+
+    class EveryThird:
+        def should_save(self, step, previous_steps, *, context):
+            asked.append(step.step)
+            return step.step % 3 == 0
+
+    with Checkpointer(tmp_path, save_decision_policy=EveryThird()) as ckptr:
+        assert ckptr.should_save(3) and ckptr.save(3, {"x": 3})
+        assert asked == [3]  # once: a multi-process job decides once, a caller that prepared the save gets it
+        assert not ckptr.should_save(4) and ckptr.save(4, {"x": 4}) is False
+        assert asked == [3, 4, 4]  # a no is asked again
+        assert ckptr.should_save(6)
+        ckptr.reload()  # another listing: the yes is asked again
+        assert ckptr.save(6, {"x": 6}) and asked == [3, 4, 4, 6, 6]
 
 
 def test_a_user_policy_is_any_object_with_should_save(tmp_path):

@@ -29,7 +29,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from ckpt import arguments, background, custom, distributed, dtensor, formats, host_memory, loading, orbax, preemption, root, saving
 from ckpt import storage, tiers
@@ -286,15 +286,20 @@ class Checkpointer:
                 raise errors.StepNotFoundError(f"no checkpoints in {self._directory}", step=None, path=self._directory)
             return latest
         number = _step_number(step)
-        found = self._committed_step(number)
-        in_flight = self._in_flight
-        if found is None and in_flight is not None and in_flight.step == number:
-            self.wait()  # the step is being written: committed (or its failure raised) first
-            found = self._committed_step(number)
+        found = self._written(number, self._committed_step)
         if found is None:
             steps = [c.step for c in self.checkpoints]
             raise errors.StepNotFoundError(f"no checkpoint at step {number} in {self._directory} (steps: {steps})",
                                            step=number, path=self._directory)
+        return found
+
+    def _written(self, step: int, find: Callable[[int], CheckpointMetadata | None]) -> CheckpointMetadata | None:
+        """``find(step)``; when the save in flight is of ``step``, once it is committed (or its failure raised)."""
+        found = find(step)
+        in_flight = self._in_flight
+        if found is None and in_flight is not None and in_flight.step == step:
+            self.wait()
+            found = find(step)
         return found
 
     # ---------------------------------------------------------------------------------- deciding
@@ -377,11 +382,14 @@ class Checkpointer:
         """Saves ``state`` at ``step`` if the policy says so (or ``force``), durably; returns whether it saved.
 
         A step below the latest is skipped (False); an existing step raises unless ``overwrite`` is set.
+        A step ``save_async`` is still writing exists: the save waits for it to be committed, then
+        replaces it (``overwrite``) or raises.
         ``step`` is an int or a 0-d integer array of numpy, jax or torch (``state.step`` of a Flax
         ``TrainState`` will do), here and wherever a Checkpointer takes a step.
 
         Raises:
-          StepAlreadyExistsError: ``step`` exists and ``overwrite`` is not set (before anything is written).
+          StepAlreadyExistsError: ``step`` exists (or is being written) and ``overwrite`` is not set (before
+            anything is written).
           TypeError / ValueError: an unsupported leaf, a bad name, metrics that are not JSON.
 
         Example::
@@ -464,7 +472,7 @@ class Checkpointer:
               custom_metadata: Any, blocking: bool) -> background.AsyncResponse[bool] | None:
         self._check_open()
         step = _step_number(step)
-        existing = self._find(step)
+        existing = self._written(step, self._find)  # a step still being written exists: overwritten or refused
         if existing is not None and not overwrite:
             raise errors.StepAlreadyExistsError(
                 f"step {step} already exists at {existing.path}; pass overwrite=True to replace it",

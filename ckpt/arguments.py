@@ -45,6 +45,18 @@ def step_numbers(values: Any, what: str) -> None:
         raise TypeError(f"{what} must be a collection of int steps (a list, set or range), got {_describe(values)}")
 
 
+def count(value: Any, what: str, *, positive: bool = False, optional: bool = False) -> int | None:
+    """``value`` as an int, if it is an integer >= 0 (> 0 if ``positive``) of Python or numpy (a size
+    computed with numpy, ``np.int64(4)``, will do; a bool will not), or None if ``optional``; else a
+    ValueError naming ``what``."""
+    if optional and value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < (1 if positive else 0):
+        kind = "a positive int" if positive else "a non-negative int"
+        raise ValueError(f"{what} must be {kind}{' or None' if optional else ''}, got {_describe(value)}")
+    return int(value)
+
+
 def number(value: Any, what: str, *, optional: bool = False) -> None:
     """``value`` is a real number >= 0 (or None, if ``optional``); else an error naming ``what``."""
     if optional and value is None:

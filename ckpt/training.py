@@ -29,7 +29,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from ckpt import arguments, background, custom, distributed, dtensor, formats, host_memory, loading, orbax, preemption, root, saving
 from ckpt import storage, tiers
@@ -51,6 +51,13 @@ def _step_number(step: int | CheckpointMetadata) -> int:
     return fmt.validate_step(step.step if isinstance(step, CheckpointMetadata) else step)
 
 
+def _in_save_order(checkpoints: list[CheckpointMetadata]) -> list[CheckpointMetadata]:
+    """``checkpoints`` (ascending by step) in the order they were saved, Orbax's order for its preservation
+    policy: those found on disk, ascending by step, then those committed in this process, by the
+    ``monotonic_nsecs`` of their commit."""
+    return sorted(checkpoints, key=lambda c: (c.monotonic_nsecs is not None, c.monotonic_nsecs or 0))
+
+
 class Checkpointer:
     """Manages a sequence of checkpoints in a training loop (the API of Orbax's ``training.Checkpointer``).
 
@@ -63,7 +70,9 @@ class Checkpointer:
       context: options (:class:`ckpt.Context`).
       save_decision_policy: when to save; default: the first step, then whenever no save is in
         flight, and on preemption.
-      preservation_policy: what to keep; default ``PreserveAll()``. The latest step is always kept.
+      preservation_policy: what to keep; default ``PreserveAll()``. It sees the steps in the order they
+        were saved (see ckpt.policies.preservation). The latest step is always kept, and so is the step
+        a save just wrote, until the next commit.
       step_name_format: directory names of steps; default ``standard_name_format()`` (``23``).
       custom_metadata: JSON for the whole sequence, written once (a later Checkpointer keeps it).
       cleanup_tmp_directories: remove the temporary directories crashed saves left behind now, at
@@ -121,7 +130,7 @@ class Checkpointer:
         self._operations = 0
         self._preempted_at: int | None = None
         self._decided_once = False  # (whether it listens for a preemption is known from the first decision)
-        self._decided: tuple[int, bool] | None = None  # (step, decision) of the last should_save
+        self._due: int | None = None  # the step the last should_save said yes to, until a save or reload
         self._in_flight: CheckpointMetadata | None = None  # the step of the last save handed to the writer
         mode = self._ctx.file_options.path_permission_mode
         root.make(self._directory, mode=mode)
@@ -208,6 +217,7 @@ class Checkpointer:
             self._warn_of_orbax_steps_named_otherwise()
         with self._infos_lock:
             self._infos = infos
+        self._due = None  # a yes was given against the listing just replaced
         if self._local is not None:
             self._local.checkpointer.reload()
 
@@ -277,21 +287,30 @@ class Checkpointer:
                 raise errors.StepNotFoundError(f"no checkpoints in {self._directory}", step=None, path=self._directory)
             return latest
         number = _step_number(step)
-        found = self._committed_step(number)
-        in_flight = self._in_flight
-        if found is None and in_flight is not None and in_flight.step == number:
-            self.wait()  # the step is being written: committed (or its failure raised) first
-            found = self._committed_step(number)
+        found = self._written(number, self._committed_step)
         if found is None:
             steps = [c.step for c in self.checkpoints]
             raise errors.StepNotFoundError(f"no checkpoint at step {number} in {self._directory} (steps: {steps})",
                                            step=number, path=self._directory)
         return found
 
+    def _written(self, step: int, find: Callable[[int], CheckpointMetadata | None]) -> CheckpointMetadata | None:
+        """``find(step)``; when the save in flight is of ``step``, once it is committed (or its failure raised)."""
+        found = find(step)
+        in_flight = self._in_flight
+        if found is None and in_flight is not None and in_flight.step == step:
+            self.wait()
+            found = find(step)
+        return found
+
     # ---------------------------------------------------------------------------------- deciding
     def should_save(self, step: int | CheckpointMetadata) -> bool:
-        """Whether the save-decision policy saves ``step``; False for a step <= the latest. A save of
-        this step right after (without ``force``) follows this decision instead of asking again.
+        """Whether the save-decision policy saves ``step``; False for a step <= the latest.
+
+        After a yes, the save of this step that follows saves it without asking the policy again (a caller
+        that copied its state to the host on that answer gets the save; a multi-process job decides once).
+        After a no, the save asks again, as Orbax does: the answer may have changed since (the save in
+        flight finished, the policy's minimum interval passed).
 
         Example::
 
@@ -300,8 +319,9 @@ class Checkpointer:
             assert not ckptr.should_save(0)              # not again
         """
         number = _step_number(step)
-        self._decided = (number, self._decide(number, replacing=False))
-        return self._decided[1]
+        due = self._decide(number, replacing=False)
+        self._due = number if due else None
+        return due
 
     def reached_preemption(self, step: int) -> bool:
         """True once a save decision at ``step`` or earlier saw a preemption (SIGTERM,
@@ -371,11 +391,14 @@ class Checkpointer:
         """Saves ``state`` at ``step`` if the policy says so (or ``force``), durably; returns whether it saved.
 
         A step below the latest is skipped (False); an existing step raises unless ``overwrite`` is set.
+        A step ``save_async`` is still writing exists: the save waits for it to be committed, then
+        replaces it (``overwrite``) or raises.
         ``step`` is an int or a 0-d integer array of numpy, jax or torch (``state.step`` of a Flax
         ``TrainState`` will do), here and wherever a Checkpointer takes a step.
 
         Raises:
-          StepAlreadyExistsError: ``step`` exists and ``overwrite`` is not set (before anything is written).
+          StepAlreadyExistsError: ``step`` exists (or is being written) and ``overwrite`` is not set (before
+            anything is written).
           TypeError / ValueError: an unsupported leaf, a bad name, metrics that are not JSON.
 
         Example::
@@ -458,16 +481,13 @@ class Checkpointer:
               custom_metadata: Any, blocking: bool) -> background.AsyncResponse[bool] | None:
         self._check_open()
         step = _step_number(step)
-        existing = self._find(step)
+        existing = self._written(step, self._find)  # a step still being written exists: overwritten or refused
         if existing is not None and not overwrite:
             raise errors.StepAlreadyExistsError(
                 f"step {step} already exists at {existing.path}; pass overwrite=True to replace it",
                 step=step, path=existing.path)
-        decided, self._decided = self._decided, None
-        if decided is not None and decided[0] == step and not overwrite:
-            due = decided[1]  # what should_save just answered: a policy is asked once per step
-        else:
-            due = force or self._decide(step, replacing=existing is not None)
+        answered_yes, self._due = self._due == step, None
+        due = force or (answered_yes and not overwrite) or self._decide(step, replacing=existing is not None)
         if not force and not due:
             self._warn_of_a_step_behind(step)
             return None  # a step below the latest, or one the policy skips
@@ -541,16 +561,18 @@ class Checkpointer:
             callback()
 
     def _collect_garbage(self) -> None:
-        """Deletes the steps the preservation policy does not keep, except the latest and those being read."""
+        """Deletes the steps the preservation policy does not keep, except the latest, the one saved last
+        and those being read. The policy sees the steps in the order they were saved (_in_save_order)."""
         with self._gc_lock:  # a local tier's promotions collect garbage too, from their own thread
-            checkpoints = self._with_manifests()
+            checkpoints = _in_save_order(self._with_manifests())
             keep = list(self._preservation_policy.should_preserve(
                 checkpoints, context=preservation_policies.PreservationContext()))
             if len(keep) != len(checkpoints):
                 raise ValueError(f"{self._preservation_policy!r} returned {len(keep)} decisions for {len(checkpoints)} checkpoints")
+            latest = max((c.step for c in checkpoints), default=None)
             failures = []
             for info, kept in zip(checkpoints[:-1], keep[:-1]):
-                if kept or self._reading[info.step]:
+                if kept or info.step == latest or self._reading[info.step]:
                     continue
                 if self._processes.index != 0:  # every process decides alike; the primary deletes
                     self._forget(info.step)

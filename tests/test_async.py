@@ -96,22 +96,59 @@ def test_a_second_save_waits_for_the_first_and_both_commit_in_order(tmp_path, ga
         assert [c.step for c in ckptr.checkpoints] == [1, 2]
 
 
-def test_loading_the_step_an_async_save_is_writing_waits_for_it(tmp_path, gate, monkeypatch):
+def test_a_no_from_should_save_while_a_save_was_in_flight_is_asked_again_by_the_save_after_it(tmp_path, gate):
+    """Orbax's save asks the policy again; a cached no skipped step 1 silently once step 0 was written."""
+    with Checkpointer(tmp_path) as ckptr:  # the default policy: not while a save is in flight
+        ckptr.save_async(0, state(0))
+        assert not ckptr.should_save(1)
+        gate.set()
+        ckptr.wait()
+        assert ckptr.save(1, state(1)) is True
+        assert [c.step for c in ckptr.checkpoints] == [0, 1] and ckptr.load(1)["n"] == 1
+
+
+@pytest.fixture
+def written_once_waited_for(gate, monkeypatch):
+    """The background write goes on only once the caller waits for it."""
     original = Checkpointer.wait
 
-    def wait(self):  # the write goes on only once something waits for it
+    def wait(self):
         if self.is_saving_in_progress():
             gate.set()
         original(self)
 
     monkeypatch.setattr(Checkpointer, "wait", wait)
+    return gate
+
+
+def test_loading_the_step_an_async_save_is_writing_waits_for_it(tmp_path, written_once_waited_for):
     with Checkpointer(tmp_path, save_decision_policy=ALWAYS) as ckptr:
         ckptr.save_async(2, state(2))
-        assert ckptr.latest is None and not gate.is_set()
+        assert ckptr.latest is None and not written_once_waited_for.is_set()
         np.testing.assert_array_equal(ckptr.load(2)["big"], np.full(BIG, 2, np.float32))
         assert ckptr.metadata(2).step == 2
         with pytest.raises(ckpt.errors.StepNotFoundError, match="no checkpoint at step 3"):
             ckptr.load(3)
+
+
+def test_overwriting_the_step_an_async_save_is_writing_waits_for_it_then_replaces_it(tmp_path,
+                                                                                      written_once_waited_for):
+    with Checkpointer(tmp_path) as ckptr:
+        ckptr.save_async(1, state(1))
+        assert ckptr.save(1, state(7), overwrite=True) is True  # was False, and step 1 kept the old values
+        assert written_once_waited_for.is_set()
+        assert [c.step for c in ckptr.checkpoints] == [1] and ckptr.load(1)["n"] == 7
+        np.testing.assert_array_equal(ckptr.load(1)["big"], np.full(BIG, 7, np.float32))
+
+
+def test_saving_the_step_an_async_save_is_writing_without_overwrite_raises_step_already_exists(
+        tmp_path, written_once_waited_for):
+    with Checkpointer(tmp_path) as ckptr:
+        ckptr.save_async(1, state(1))
+        with pytest.raises(ckpt.errors.StepAlreadyExistsError, match="step 1 already exists") as raised:
+            ckptr.save_async(1, state(7))  # was None, silently
+        assert raised.value.step == 1
+        assert ckptr.load(1)["n"] == 1
 
 
 def test_on_complete_is_called_with_the_result(tmp_path):

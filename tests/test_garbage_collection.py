@@ -57,6 +57,31 @@ def test_policy_sees_steps_found_on_disk_from_an_earlier_run(tmp_path):
     assert steps_on_disk(tmp_path) == [3, 4]
 
 
+def test_a_step_saved_below_the_latest_with_force_counts_as_saved_last_as_in_orbax(tmp_path):
+    """Orbax's policy sees the steps in save order: LatestN(2) after 10, 20, then 5 keeps 20 and 5."""
+    with Checkpointer(tmp_path, preservation_policy=pp.LatestN(2)) as ckptr:
+        ckptr.save(10, {"w": np.full(2, 10.0)})
+        ckptr.save(20, {"w": np.full(2, 20.0)}, force=True)
+        assert ckptr.save(5, {"w": np.full(2, 5.0)}, force=True)  # e.g. an earlier step evaluated again
+        assert [c.step for c in ckptr.checkpoints] == [5, 20] and steps_on_disk(tmp_path) == [5, 20]
+        assert ckptr.load(5)["w"][0] == 5.0 and ckptr.latest.step == 20
+        ckptr.save(30, {"w": np.full(2, 30.0)})
+        assert steps_on_disk(tmp_path) == [5, 30]  # 20 was saved before 5
+    with Checkpointer(tmp_path, preservation_policy=pp.LatestN(2)) as again:  # found on disk: by step
+        again.save(40, {"w": np.full(2, 40.0)})
+        assert steps_on_disk(tmp_path) == [30, 40]
+
+
+def test_a_save_never_deletes_the_step_it_wrote_the_next_one_may(tmp_path):
+    with Checkpointer(tmp_path, preservation_policy=pp.EveryNSteps(10)) as ckptr:
+        ckptr.save(0, {"w": np.zeros(2)})
+        ckptr.save(20, {"w": np.zeros(2)}, force=True)
+        assert ckptr.save(5, {"w": np.ones(2)}, force=True)  # EveryNSteps(10) does not keep 5
+        assert steps_on_disk(tmp_path) == [0, 5, 20] and ckptr.load(5)["w"][0] == 1
+        ckptr.save(30, {"w": np.zeros(2)}, force=True)
+        assert steps_on_disk(tmp_path) == [0, 20, 30]
+
+
 def test_a_step_being_read_is_not_deleted(tmp_path):
     with Checkpointer(tmp_path, save_decision_policy=ALWAYS, preservation_policy=pp.LatestN(1)) as ckptr:
         ckptr.save(0, {"x": np.arange(3)})

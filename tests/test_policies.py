@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime
+import time
 
 import numpy as np
 import pytest
@@ -84,6 +85,36 @@ def test_any_save_policy_is_an_or_that_stops_at_the_first_yes():
     assert not decide(sdp.AnySavePolicy([]), 1)
 
 
+def test_a_save_after_should_save_said_no_asks_again_once_the_interval_passed(tmp_path, monkeypatch):
+    """Orbax's save asks the policy again: a no given before the interval passed does not skip the save."""
+    policy = sdp.ContinuousCheckpointingPolicy(minimum_interval_secs=60)
+    with Checkpointer(tmp_path, save_decision_policy=policy) as ckptr:
+        ckptr.save(0, {"x": 0})
+        assert not ckptr.should_save(1)  # too soon
+        real = time.monotonic_ns
+        monkeypatch.setattr(time, "monotonic_ns", lambda: real() + 61 * 10**9)  # the training step took 61 s
+        assert ckptr.save(1, {"x": 1}) is True
+        assert [c.step for c in ckptr.checkpoints] == [0, 1]
+
+
+def test_a_save_after_should_save_said_yes_follows_it_without_asking_again(tmp_path):
+    asked = []
+
+    class EveryThird:
+        def should_save(self, step, previous_steps, *, context):
+            asked.append(step.step)
+            return step.step % 3 == 0
+
+    with Checkpointer(tmp_path, save_decision_policy=EveryThird()) as ckptr:
+        assert ckptr.should_save(3) and ckptr.save(3, {"x": 3})
+        assert asked == [3]  # once: a multi-process job decides once, a caller that prepared the save gets it
+        assert not ckptr.should_save(4) and ckptr.save(4, {"x": 4}) is False
+        assert asked == [3, 4, 4]  # a no is asked again
+        assert ckptr.should_save(6)
+        ckptr.reload()  # another listing: the yes is asked again
+        assert ckptr.save(6, {"x": 6}) and asked == [3, 4, 4, 6, 6]
+
+
 def test_a_user_policy_is_any_object_with_should_save(tmp_path):
     class Odd:
         def should_save(self, step, previous_steps, *, context):
@@ -112,6 +143,20 @@ def test_every_n_steps_exact_and_inexact_and_max_to_keep():
         keep(pp.EveryNSteps(0), cps)
     with pytest.raises(ValueError, match="interval_steps"):
         pp.EveryNSteps(-1)
+
+
+@pytest.mark.parametrize("make", [lambda n: pp.EveryNSteps(10, max_to_keep=n),
+                                  lambda n: pp.EveryNStepsClosest(10, max_to_keep=n)])
+def test_max_to_keep_zero_is_no_limit_as_in_orbax(tmp_path, make):
+    """Orbax trims with ``[:-max_to_keep]``, so 0 trims nothing: a config ported from it must not delete
+    every step but the latest."""
+    cps = [info(s) for s in range(0, 45, 5)]
+    assert keep(make(0), cps) == keep(make(None), cps) == [0, 10, 20, 30, 40]
+    with Checkpointer(tmp_path, preservation_policy=make(0)) as ckptr:
+        for step in range(0, 45, 5):
+            ckptr.save(step, {"w": np.full(2, step)}, force=True)
+        assert [c.step for c in ckptr.checkpoints] == [0, 10, 20, 30, 40]
+        assert ckptr.load(10)["w"][0] == 10
 
 
 def test_every_n_steps_closest_keeps_the_step_nearest_each_multiple_and_the_latest():
@@ -148,6 +193,30 @@ def test_best_n_steps_without_metrics_are_kept_only_if_asked():
     assert keep(pp.BestN(get_metric_fn=fn, n=1, keep_checkpoints_without_metrics=False), cps) == [2]
 
 
+@pytest.mark.parametrize("metrics, kwargs, kept", [
+    ([None, {"loss": 3}], dict(n=3, keep_checkpoints_without_metrics=False), [0, 1]),  # no more than n: all
+    ([None, {"loss": 3}, {"loss": 1}], dict(n=3, keep_checkpoints_without_metrics=False), [0, 1, 2]),
+    ([None, {"loss": 3}, {"loss": 1}], dict(n=0), []),  # n=0: none, those without metrics neither
+    ([None, {"loss": 3}, {"loss": 1}], dict(n=0, keep_checkpoints_without_metrics=True), []),
+    ([None, None, {"loss": 1}], dict(n=2, keep_checkpoints_without_metrics=False), [2]),
+    ([None, {"loss": 3}, {"loss": 1}, {"loss": 2}], dict(n=3, keep_checkpoints_without_metrics=False), [1, 2, 3]),
+])
+def test_best_n_with_few_checkpoints_or_n_zero_decides_as_orbax(metrics, kwargs, kept):
+    cps = [info(s, metrics=m) for s, m in enumerate(metrics)]
+    assert keep(pp.BestN(get_metric_fn=lambda m: m["loss"], reverse=True, **kwargs), cps) == kept
+
+
+def test_best_n_keeps_a_step_without_metrics_while_there_are_no_more_steps_than_n(tmp_path):
+    policy = pp.BestN(get_metric_fn=lambda m: m["loss"], reverse=True, n=3, keep_checkpoints_without_metrics=False)
+    with Checkpointer(tmp_path, preservation_policy=policy) as ckptr:
+        ckptr.save(0, {"w": np.zeros(3)})  # the initial save, before any metric
+        ckptr.save(1, {"w": np.ones(3)}, metrics={"loss": 3.0})
+        assert [c.step for c in ckptr.checkpoints] == [0, 1]
+        ckptr.save(2, {"w": np.ones(3)}, metrics={"loss": 2.0})
+        ckptr.save(3, {"w": np.ones(3)}, metrics={"loss": 1.0})
+        assert [c.step for c in ckptr.checkpoints] == [1, 2, 3]  # four steps: the best three with metrics
+
+
 def test_latest_duration_keeps_recent_ones():
     now = datetime.datetime.now(datetime.timezone.utc).timestamp()
     cps = [CheckpointMetadata(s, None, commit_timestamp_nsecs=int((now - age) * 1e9))
@@ -166,6 +235,22 @@ def test_any_preservation_policy_is_an_elementwise_or():
 def test_invalid_preservation_arguments_are_rejected(make):
     with pytest.raises(ValueError):
         make()
+
+
+def test_policy_sizes_computed_with_numpy_are_taken_as_ints():
+    """A size from numpy (``np.ceil(n / batch).astype(int)`` is an np.int64) is an int, as in Orbax."""
+    steps_per_epoch = np.ceil(1000 / 256).astype(int)
+    made = [sdp.FixedIntervalPolicy(steps_per_epoch), pp.LatestN(np.int64(2)), pp.EveryNSteps(steps_per_epoch),
+            pp.EveryNSteps(np.int32(4), max_to_keep=np.int64(1)), pp.EveryNStepsClosest(np.uint8(4)),
+            pp.BestN(get_metric_fn=lambda m: m["loss"], n=np.int64(2))]
+    assert [made[0].interval, made[1].n, made[2].interval_steps, made[3].max_to_keep, made[4].interval_steps,
+            made[5].n] == [4, 2, 4, 1, 4, 2]
+    assert all(type(v) is int for v in (made[0].interval, made[1].n, made[3].max_to_keep, made[5].n))
+    assert [s for s in range(9) if decide(made[0], s)] == [0, 4, 8]
+    assert keep(made[1], [info(s) for s in range(4)]) == [2, 3]
+    for bad in (True, 2.0, np.float64(2), "2"):
+        with pytest.raises(ValueError, match="LatestN n must be a non-negative int or None"):
+            pp.LatestN(bad)
 
 
 @pytest.mark.parametrize("make, names", [

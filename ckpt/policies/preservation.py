@@ -1,8 +1,12 @@
 """What to keep: each policy answers ``should_preserve(checkpoints, *, context)`` with one bool per checkpoint.
 
-``checkpoints`` are :class:`ckpt.CheckpointMetadata`, ascending by step, the one just committed included.
-Steps no policy keeps are deleted after a commit; the latest committed step is always kept, whatever
-the policy says (so ``BestN`` alone cannot break resuming). Combine with :class:`AnyPreservationPolicy`.
+``checkpoints`` are :class:`ckpt.CheckpointMetadata` in the order they were saved, as in Orbax: those
+the Checkpointer found on disk, ascending by step, then those it committed, in the order it committed
+them (ascending by step too, unless a step below the latest was saved with ``force``; an overwritten
+step counts as saved anew). So ``LatestN(2)`` after saves of 10, 20, then 5 with ``force`` keeps 20
+and 5, the two saved last. Steps no policy keeps are deleted after a commit; the latest step and the
+one saved last are always kept, whatever the policy says (so ``BestN`` alone cannot break resuming,
+and a save never deletes the step it wrote). Combine with :class:`AnyPreservationPolicy`.
 
 Example::
 
@@ -82,8 +86,7 @@ class LatestN:
     n: int | None = None
 
     def __post_init__(self):
-        if self.n is not None and (not isinstance(self.n, int) or self.n < 0):
-            raise ValueError(f"LatestN n must be a non-negative int or None, got {self.n!r}")
+        object.__setattr__(self, "n", arguments.count(self.n, "LatestN n", optional=True))
 
     def should_preserve(self, checkpoints: Sequence[CheckpointMetadata], *,
                         context: PreservationContext) -> Sequence[bool]:
@@ -126,7 +129,8 @@ class EveryNSeconds:
 @dataclasses.dataclass(frozen=True)
 class EveryNSteps:
     """Keeps steps divisible by ``interval_steps`` (or, with ``exact_interval=False``, the first and then
-    each one at least ``interval_steps`` after the last kept); ``max_to_keep`` trims to the newest kept.
+    each one at least ``interval_steps`` after the last kept); ``max_to_keep`` trims to the newest kept
+    (None or 0: no limit, as in Orbax).
 
     Example::
 
@@ -159,12 +163,11 @@ class EveryNSteps:
 
 
 def _check_interval(policy: Any) -> None:
-    """ValueError for a negative or non-int interval or max_to_keep (0 raises when asked, as in Orbax)."""
+    """ValueError for a negative or non-integer interval or max_to_keep (an interval of 0 raises when
+    asked, as in Orbax); numpy integers are taken as ints."""
     name = type(policy).__name__
-    if not isinstance(policy.interval_steps, int) or policy.interval_steps < 0:
-        raise ValueError(f"{name} interval_steps must be a positive int, got {policy.interval_steps!r}")
-    if policy.max_to_keep is not None and policy.max_to_keep < 0:
-        raise ValueError(f"{name} max_to_keep must be non-negative, got {policy.max_to_keep!r}")
+    object.__setattr__(policy, "interval_steps", arguments.count(policy.interval_steps, f"{name} interval_steps"))
+    object.__setattr__(policy, "max_to_keep", arguments.count(policy.max_to_keep, f"{name} max_to_keep", optional=True))
 
 
 def _refuse_zero(interval_steps: int) -> None:
@@ -173,8 +176,9 @@ def _refuse_zero(interval_steps: int) -> None:
 
 
 def _newest(keep: list[bool], max_to_keep: int | None) -> list[bool]:
-    """``keep`` with only the newest ``max_to_keep`` of the kept checkpoints still kept."""
-    if max_to_keep is not None:
+    """``keep`` with only the newest ``max_to_keep`` of the kept checkpoints still kept; None or 0 keeps
+    them all, as in Orbax (a config ported from it with 0 must not delete every step but the latest)."""
+    if max_to_keep:
         kept = [i for i, k in enumerate(keep) if k]
         for i in kept[: max(0, len(kept) - max_to_keep)]:
             keep[i] = False
@@ -184,7 +188,8 @@ def _newest(keep: list[bool], max_to_keep: int | None) -> list[bool]:
 @dataclasses.dataclass(frozen=True)
 class EveryNStepsClosest:
     """Keeps, for each multiple of ``interval_steps``, the checkpoint closest to it (the later one of
-    two as close), and the latest; ``max_to_keep`` trims to the newest kept. Unlike
+    two as close), and the last one; ``max_to_keep`` trims to the newest kept (None or 0: no limit, as
+    in Orbax). Unlike
     ``EveryNSteps(exact_interval=False)``, irregular steps do not make the kept ones drift.
 
     Example::
@@ -246,8 +251,10 @@ class BestN:
     """Keeps the ``n`` best checkpoints by ``get_metric_fn(metrics)``.
 
     As in Orbax, ``reverse=False`` keeps the n largest values and ``reverse=True`` the n smallest
-    (a loss). NaN ranks worst either way. ``n=None`` keeps all; checkpoints without metrics are kept if
-    ``keep_checkpoints_without_metrics``.
+    (a loss). NaN ranks worst either way. Checkpoints without metrics are kept if
+    ``keep_checkpoints_without_metrics``. As in Orbax, ``n=None`` keeps all, so do no more checkpoints
+    than ``n`` (with or without metrics), and ``n=0`` keeps none, not even those without metrics
+    (a Checkpointer still keeps its latest step).
 
     Example::
 
@@ -266,23 +273,21 @@ class BestN:
     def __post_init__(self):
         if not callable(self.get_metric_fn):
             raise TypeError(f"BestN get_metric_fn must be a function of a step's metrics, got {self.get_metric_fn!r}")
-        if self.n is not None and (not isinstance(self.n, int) or self.n < 0):
-            raise ValueError(f"BestN n must be a non-negative int or None, got {self.n!r}")
+        object.__setattr__(self, "n", arguments.count(self.n, "BestN n", optional=True))
 
     def should_preserve(self, checkpoints: Sequence[CheckpointMetadata], *,
                         context: PreservationContext) -> Sequence[bool]:
+        if self.n is None or len(checkpoints) <= self.n:
+            return [True] * len(checkpoints)
+        if self.n == 0:
+            return [False] * len(checkpoints)
         with_metrics = [i for i, c in enumerate(checkpoints) if c.metrics is not None]
         keep = [c.metrics is None and self.keep_checkpoints_without_metrics for c in checkpoints]
-        if self.n is None or len(with_metrics) <= self.n:
-            for i in with_metrics:
-                keep[i] = True
-            return keep
         ranked = sorted(with_metrics, key=lambda i: self._rank(self.get_metric_fn(checkpoints[i].metrics)),
                         reverse=self.reverse)
-        for i in ranked[len(ranked) - self.n:]:
+        for i in ranked[-self.n:]:
             keep[i] = True
         return keep
-
 
     def _rank(self, value: float) -> tuple[bool, float]:
         """Sorts ``value`` so that NaN (a diverged run's loss) ranks worst whichever way is better."""

@@ -70,8 +70,8 @@ class FixedIntervalPolicy:
     interval: int
 
     def __post_init__(self):
-        if not isinstance(self.interval, int) or self.interval <= 0:
-            raise ValueError(f"FixedIntervalPolicy interval must be a positive int, got {self.interval!r}")
+        interval = arguments.count(self.interval, "FixedIntervalPolicy interval", positive=True)
+        object.__setattr__(self, "interval", interval)
 
     def should_save(self, step: CheckpointMetadata, previous_steps: Sequence[CheckpointMetadata], *,
                     context: DecisionContext) -> bool:

@@ -135,3 +135,9 @@ with Checkpointer(directory, save_decision_policy=policy) as ckptr:
         print(f"process {pid} resumed from {latest} steps {[c.step for c in ckptr.checkpoints]}", flush=True)
         save_custom(ckptr, [latest + 2, latest + 3])
         print(f"process {pid} saved custom checkpointables {[c.step for c in ckptr.checkpoints][-2:]}", flush=True)
+        import ckpt
+
+        try:  # a key only one process holds: refused on both, before anything is written
+            ckptr.save(latest + 4, {**state(latest + 4), f"only_on_{pid}": 1}, force=True)
+        except ckpt.errors.TreeMismatchError as e:
+            print(f"process {pid} refused {e.differences} steps {[c.step for c in ckptr.checkpoints]}", flush=True)

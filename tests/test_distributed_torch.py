@@ -53,3 +53,12 @@ def test_an_fsdp2_checkpoint_of_two_ranks_reloads_bit_exact_at_two_one_and_four_
     ckpt.save_checkpointables(single / "7", {"model": loaded["model"], "optim": loaded["optim"]})
     out = run_jobs(single, reference, "load:4")
     assert all(f"rank {r} of 4 loaded step 7: 16 tensors bit-exact" in out for r in range(4)), out
+
+
+@pytest.mark.timeout(300)
+def test_ranks_saving_trees_with_other_keys_are_refused_on_every_rank_before_anything_is_written(tmp_path):
+    out = run_jobs(tmp_path / "run", tmp_path / "unused.npz", "differ:2")
+    for r in (0, 1):
+        assert (f"rank {r} checkpointer refused: [\"state['stage0.weight'] on process 0, not on process 1\", "
+                f"\"state['stage1.weight'] on process 1, not on process 0\"]") in out, out
+        assert f"rank {r} steps [] entries ['run']" in out, out

@@ -10,13 +10,16 @@ and optimizer state dicts (DTensors) at each through one Checkpointer (sync, asy
 them. ``load``: loads the latest step of DIR into the templates of a model sharded over WORLD ranks and
 checks it against REFERENCE. ``crash``: saves steps forever (the test SIGKILLs a rank, this process
 the others, and goes on with the next job); ``resume``:
-continues after the latest committed step with one more save. Each rank prints what it did.
+continues after the latest committed step with one more save. ``differ``: the ranks save trees with other keys
+through the Checkpointer; the save is refused, nothing is written.
+Each rank prints what it did.
 """
 import os
 import signal
 import socket
 import sys
 import traceback
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -139,6 +142,8 @@ def run(this_rank: int, this_world: int, port: int, mode: str) -> None:
                 say(f"rank {rank} begin {step}")
                 save(ckptr, step, model, optimizer, blocking=step % 2 == 0)
                 step += 1
+        elif mode == "differ":
+            differing_trees(ckptr)
         else:  # resume after a crash
             latest = ckptr.latest.step
             model, optimizer = load_into_fresh_model(ckptr)
@@ -146,6 +151,21 @@ def run(this_rank: int, this_world: int, port: int, mode: str) -> None:
             save(ckptr, latest + 1, model, optimizer, blocking=True)
             say(f"rank {rank} resumed from {latest} steps {[c.step for c in ckptr.checkpoints]}")
     dist.destroy_process_group()
+
+
+def differing_trees(ckptr: Checkpointer) -> None:
+    """Each rank saves a tree of its own (a pipeline stage's keys): refused on every rank, nothing written."""
+    stage = {f"stage{rank}.weight": torch.ones(2, 2)}
+    saves = {"checkpointer": lambda: ckptr.save(1, stage, force=True)}
+    for what, save in saves.items():
+        try:
+            save()
+        except ckpt.errors.TreeMismatchError as e:
+            say(f"rank {rank} {what} refused: {e.differences}")
+    dist.barrier()
+    ckptr.reload()
+    written = sorted(p.name for p in Path(directory).parent.iterdir() if p.name.startswith(Path(directory).name))
+    say(f"rank {rank} steps {[c.step for c in ckptr.checkpoints]} entries {written}")
 
 
 def free_port() -> int:

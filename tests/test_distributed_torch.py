@@ -56,9 +56,17 @@ def test_an_fsdp2_checkpoint_of_two_ranks_reloads_bit_exact_at_two_one_and_four_
 
 
 @pytest.mark.timeout(300)
-def test_ranks_saving_trees_with_other_keys_are_refused_on_every_rank_before_anything_is_written(tmp_path):
+def test_ranks_that_each_call_the_free_save_write_one_whole_checkpoint(tmp_path):
+    out = run_jobs(tmp_path / "run", tmp_path / "unused.npz", "free:2")
+    assert "rank 0 free save: whole" in out and "rank 1 free save: whole" in out, out
+
+
+@pytest.mark.timeout(300)
+def test_ranks_saving_trees_with_other_keys_or_to_other_paths_are_refused_on_every_rank_before_anything_is_written(tmp_path):
     out = run_jobs(tmp_path / "run", tmp_path / "unused.npz", "differ:2")
     for r in (0, 1):
         assert (f"rank {r} checkpointer refused: [\"state['stage0.weight'] on process 0, not on process 1\", "
                 f"\"state['stage1.weight'] on process 1, not on process 0\"]") in out, out
+        assert f"rank {r} free refused: [\"state['stage0.weight'] on process 0" in out, out
+        assert f"rank {r} path refused: ['process 1 saves to {tmp_path / 'run'}-rank1, process 0 to " in out, out
         assert f"rank {r} steps [] entries ['run']" in out, out

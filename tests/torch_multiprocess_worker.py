@@ -10,8 +10,9 @@ and optimizer state dicts (DTensors) at each through one Checkpointer (sync, asy
 them. ``load``: loads the latest step of DIR into the templates of a model sharded over WORLD ranks and
 checks it against REFERENCE. ``crash``: saves steps forever (the test SIGKILLs a rank, this process
 the others, and goes on with the next job); ``resume``:
-continues after the latest committed step with one more save. ``differ``: the ranks save trees with other keys
-through the Checkpointer; the save is refused, nothing is written.
+continues after the latest committed step with one more save. ``free``: every rank saves DTensors with
+``ckpt.save`` (one coordinated save) and loads them back. ``differ``: the ranks save trees with other keys,
+through the Checkpointer and ``ckpt.save``, and to other paths; every save is refused, nothing is written.
 Each rank prints what it did.
 """
 import os
@@ -142,6 +143,8 @@ def run(this_rank: int, this_world: int, port: int, mode: str) -> None:
                 say(f"rank {rank} begin {step}")
                 save(ckptr, step, model, optimizer, blocking=step % 2 == 0)
                 step += 1
+        elif mode == "free":
+            free_save()
         elif mode == "differ":
             differing_trees(ckptr)
         else:  # resume after a crash
@@ -153,10 +156,26 @@ def run(this_rank: int, this_world: int, port: int, mode: str) -> None:
     dist.destroy_process_group()
 
 
+def free_save() -> None:
+    """Every rank calls ``ckpt.save`` with its shards of a small and a large DTensor: one checkpoint."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    whole = {"small": torch.arange(8.0), "big": torch.arange(600 * 600.0).reshape(600, 600)}
+    path = f"{directory}-free"
+    ckpt.save(path, {k: distribute_tensor(v, mesh, [Shard(0)], src_data_rank=None) for k, v in whole.items()})
+    loaded = ckpt.load(path)
+    assert all(torch.equal(loaded[k], v) for k, v in whole.items()), loaded
+    say(f"rank {rank} free save: whole")
+
+
 def differing_trees(ckptr: Checkpointer) -> None:
     """Each rank saves a tree of its own (a pipeline stage's keys): refused on every rank, nothing written."""
     stage = {f"stage{rank}.weight": torch.ones(2, 2)}
-    saves = {"checkpointer": lambda: ckptr.save(1, stage, force=True)}
+    saves = {"checkpointer": lambda: ckptr.save(1, stage, force=True),
+             "free": lambda: ckpt.save(f"{directory}-differ", stage),
+             "path": lambda: ckpt.save(f"{directory}-rank{rank}", {"w": torch.ones(2)})}
     for what, save in saves.items():
         try:
             save()

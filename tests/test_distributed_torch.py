@@ -70,3 +70,13 @@ def test_ranks_saving_trees_with_other_keys_or_to_other_paths_are_refused_on_eve
         assert f"rank {r} free refused: [\"state['stage0.weight'] on process 0" in out, out
         assert f"rank {r} path refused: ['process 1 saves to {tmp_path / 'run'}-rank1, process 0 to " in out, out
         assert f"rank {r} steps [] entries ['run']" in out, out
+
+
+@pytest.mark.timeout(300)
+def test_dtensors_of_unusual_layouts_at_four_ranks(tmp_path):
+    out = run_jobs(tmp_path / "run", tmp_path / "unused.npz", "dtensors:4")
+    for r in range(4):
+        # a lone _StridedShard: each rank's rows lie apart (torch reports one wrong block): refused, not miswritten
+        assert (f"rank {r} strided refused: checkpointable 'state': DTensor at ['x'] has the placements "
+                "(_StridedShard(dim=0, sf=2),): its _S(0, 2) on mesh dimension 0 leaves each rank 2 pieces") in out, out
+        assert f"rank {r} fsdp+tp exact, steps [2]" in out, out  # FSDP2 over tensor parallelism: saved as it is

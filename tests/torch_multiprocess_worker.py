@@ -13,6 +13,7 @@ the others, and goes on with the next job); ``resume``:
 continues after the latest committed step with one more save. ``free``: every rank saves DTensors with
 ``ckpt.save`` (one coordinated save) and loads them back. ``differ``: the ranks save trees with other keys,
 through the Checkpointer and ``ckpt.save``, and to other paths; every save is refused, nothing is written.
+``dtensors`` (4 ranks): DTensors of unusual layouts, saved and loaded through the Checkpointer.
 Each rank prints what it did.
 """
 import os
@@ -147,6 +148,8 @@ def run(this_rank: int, this_world: int, port: int, mode: str) -> None:
             free_save()
         elif mode == "differ":
             differing_trees(ckptr)
+        elif mode == "dtensors":
+            unusual_dtensors(ckptr)
         else:  # resume after a crash
             latest = ckptr.latest.step
             model, optimizer = load_into_fresh_model(ckptr)
@@ -185,6 +188,27 @@ def differing_trees(ckptr: Checkpointer) -> None:
     ckptr.reload()
     written = sorted(p.name for p in Path(directory).parent.iterdir() if p.name.startswith(Path(directory).name))
     say(f"rank {rank} steps {[c.step for c in ckptr.checkpoints]} entries {written}")
+
+
+def unusual_dtensors(ckptr: Checkpointer) -> None:
+    """A ``_StridedShard`` alone (each rank holds rows apart: refused) and FSDP2 over tensor parallelism
+    (``_StridedShard`` then ``Shard`` on a 2-D mesh: each rank's rows are one block) at 4 ranks."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    line, grid = init_device_mesh("cpu", (world,)), init_device_mesh("cpu", (2, world // 2))
+    rows = torch.arange(600 * 520.0).reshape(600, 520)  # 1.2 MB: written shard by shard
+    try:
+        ckptr.save(1, {"x": distribute_tensor(rows, line, [_StridedShard(0, split_factor=2)], src_data_rank=None)},
+                   force=True)
+    except TypeError as e:
+        say(f"rank {rank} strided refused: {e}")
+    fsdp_tp = [_StridedShard(0, split_factor=world // 2), Shard(0)]
+    ckptr.save(2, {"x": distribute_tensor(rows, grid, fsdp_tp, src_data_rank=None)}, force=True)
+    loaded = ckptr.load(2, {"x": distribute_tensor(torch.zeros_like(rows), grid, fsdp_tp, src_data_rank=None)})
+    assert torch.equal(loaded["x"].full_tensor(), rows) and torch.equal(ckptr.load(2)["x"], rows)
+    say(f"rank {rank} fsdp+tp exact, steps {[c.step for c in ckptr.checkpoints]}")
 
 
 def free_port() -> int:

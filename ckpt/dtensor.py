@@ -62,9 +62,22 @@ def is_small(x: Any) -> bool:
     return math.prod(x.shape) * x.element_size() < fmt.SMALL_LEAF_BYTES
 
 
+_CARRIERS = {1: "uint8", 2: "float16", 4: "int32", 8: "int64"}  # by element size: dtypes every backend gathers
+
+
 def gather(x: Any) -> Any:
-    """The whole of a small DTensor, as a plain tensor (a collective: every rank calls it alike)."""
-    return x.full_tensor()
+    """The whole of a small DTensor, as a plain tensor (a collective: every rank calls it alike). Its
+    bytes are gathered as a dtype of the same size that every backend moves (gloo refuses int16, the
+    unsigned integers and float8), bit for bit."""
+    import torch
+    from torch.distributed.tensor import DTensor
+
+    carrier = _CARRIERS.get(x.element_size())
+    if carrier is None or x.dtype == getattr(torch, carrier):
+        return x.full_tensor()
+    local = x.to_local().view(getattr(torch, carrier))
+    bytes_of = DTensor.from_local(local, x.device_mesh, x.placements, run_check=False, shape=x.shape, stride=x.stride())
+    return bytes_of.full_tensor().view(x.dtype)
 
 
 def gather_small(values: list[Any]) -> list[Any]:

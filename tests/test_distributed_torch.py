@@ -80,3 +80,4 @@ def test_dtensors_of_unusual_layouts_at_four_ranks(tmp_path):
         assert (f"rank {r} strided refused: checkpointable 'state': DTensor at ['x'] has the placements "
                 "(_StridedShard(dim=0, sf=2),): its _S(0, 2) on mesh dimension 0 leaves each rank 2 pieces") in out, out
         assert f"rank {r} fsdp+tp exact, steps [2]" in out, out  # FSDP2 over tensor parallelism: saved as it is
+        assert f"rank {r} small gathered exact: 7 dtypes" in out, out

@@ -191,8 +191,9 @@ def differing_trees(ckptr: Checkpointer) -> None:
 
 
 def unusual_dtensors(ckptr: Checkpointer) -> None:
-    """A ``_StridedShard`` alone (each rank holds rows apart: refused) and FSDP2 over tensor parallelism
-    (``_StridedShard`` then ``Shard`` on a 2-D mesh: each rank's rows are one block) at 4 ranks."""
+    """At 4 ranks: a ``_StridedShard`` alone (each rank holds rows apart: refused), FSDP2 over tensor
+    parallelism (``_StridedShard`` then ``Shard`` on a 2-D mesh: each rank's rows are one block), small
+    DTensors of the dtypes gloo does not gather."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
     from torch.distributed.tensor.placement_types import _StridedShard
@@ -209,6 +210,14 @@ def unusual_dtensors(ckptr: Checkpointer) -> None:
     loaded = ckptr.load(2, {"x": distribute_tensor(torch.zeros_like(rows), grid, fsdp_tp, src_data_rank=None)})
     assert torch.equal(loaded["x"].full_tensor(), rows) and torch.equal(ckptr.load(2)["x"], rows)
     say(f"rank {rank} fsdp+tp exact, steps {[c.step for c in ckptr.checkpoints]}")
+    # small ones split on dim 1: gathered whole, as bytes (gloo gathers none of these dtypes itself)
+    small = {str(dtype): torch.arange(24).reshape(4, 6).to(dtype) for dtype in (
+        torch.int16, torch.uint16, torch.uint32, torch.uint64, torch.float8_e4m3fn, torch.bfloat16, torch.bool)}
+    ckptr.save(3, {k: distribute_tensor(v, line, [Shard(1)], src_data_rank=None) for k, v in small.items()}, force=True)
+    loaded = ckptr.load(3)
+    assert all(loaded[k].dtype == v.dtype and torch.equal(loaded[k].view(torch.uint8), v.view(torch.uint8))
+               for k, v in small.items()), loaded
+    say(f"rank {rank} small gathered exact: {len(small)} dtypes")
 
 
 def free_port() -> int:

@@ -280,9 +280,11 @@ def torch_to_numpy(path: KeyPath, t: Any) -> np.ndarray:
 
 
 def numpy_to_torch(array: np.ndarray) -> Any:
-    """A CPU torch tensor viewing ``array`` (bfloat16/float8 included)."""
+    """A CPU torch tensor viewing ``array`` (bfloat16/float8 included; a numpy scalar, as a 0-d array's
+    element reads, becomes a 0-d tensor)."""
     import torch
 
+    array = np.asarray(array)
     array = array if array.flags.c_contiguous else np.ascontiguousarray(array)
     view = _NUMPY_VIEWS.get(array.dtype)
     return torch.from_numpy(array) if view is None else torch.from_numpy(array.view(view[0])).view(getattr(torch, view[1]))

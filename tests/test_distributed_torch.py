@@ -81,3 +81,4 @@ def test_dtensors_of_unusual_layouts_at_four_ranks(tmp_path):
                 "(_StridedShard(dim=0, sf=2),): its _S(0, 2) on mesh dimension 0 leaves each rank 2 pieces") in out, out
         assert f"rank {r} fsdp+tp exact, steps [2]" in out, out  # FSDP2 over tensor parallelism: saved as it is
         assert f"rank {r} small gathered exact: 7 dtypes" in out, out
+        assert f"rank {r} 0-d loaded DTensor () 7" in out, out

@@ -193,9 +193,9 @@ def differing_trees(ckptr: Checkpointer) -> None:
 def unusual_dtensors(ckptr: Checkpointer) -> None:
     """At 4 ranks: a ``_StridedShard`` alone (each rank holds rows apart: refused), FSDP2 over tensor
     parallelism (``_StridedShard`` then ``Shard`` on a 2-D mesh: each rank's rows are one block), small
-    DTensors of the dtypes gloo does not gather."""
+    DTensors of the dtypes gloo does not gather, a 0-d one."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
     from torch.distributed.tensor.placement_types import _StridedShard
 
     line, grid = init_device_mesh("cpu", (world,)), init_device_mesh("cpu", (2, world // 2))
@@ -218,6 +218,10 @@ def unusual_dtensors(ckptr: Checkpointer) -> None:
     assert all(loaded[k].dtype == v.dtype and torch.equal(loaded[k].view(torch.uint8), v.view(torch.uint8))
                for k, v in small.items()), loaded
     say(f"rank {rank} small gathered exact: {len(small)} dtypes")
+    # 0-d (a replicated counter), loaded into a 0-d template
+    ckptr.save(4, {"n": distribute_tensor(torch.tensor(7), line, [Replicate()])}, force=True)
+    loaded = ckptr.load(4, {"n": distribute_tensor(torch.tensor(0), line, [Replicate()])})["n"]
+    say(f"rank {rank} 0-d loaded {type(loaded).__name__} {tuple(loaded.shape)} {loaded.full_tensor().item()}")
 
 
 def free_port() -> int:

@@ -314,7 +314,16 @@ def check_leaf(path: KeyPath, meta: dict, abstract: Any) -> str | None:
         return f"{keystr(path)}: saved a {meta['type']} value, abstract leaf wants an array of shape {want}"
     if want is not None and not inline and tuple(_logical_shape(meta)) != want:
         return f"{keystr(path)}: saved shape {tuple(_logical_shape(meta))}, abstract leaf wants {want}"
+    impl = _key_impl(abstract)
+    if meta["type"] == "jax_key" and impl is not None and impl != meta.get("impl"):
+        return f"{keystr(path)}: saved {meta.get('impl')!r} PRNG keys, abstract leaf wants {impl!r} keys"
     return None
+
+
+def _key_impl(abstract: Any) -> str | None:
+    """The PRNG implementation of a typed key (array or ``ShapeDtypeStruct``), as saved in ``impl``; else None."""
+    impl = getattr(getattr(abstract, "dtype", None), "_impl", None)  # (jax.random.key_impl takes arrays only)
+    return None if impl is None else str(getattr(impl, "name", impl))
 
 
 def check_leaves(flat: list[tuple[KeyPath, Any]], table: LeafTable, order: list[int] | None = None) -> list[str]:

@@ -317,6 +317,17 @@ def test_typed_prng_keys_round_trip_with_their_impl_and_raw_keys_as_uint32(tmp_p
         assert jax.random.uniform(restored["key"]) == jax.random.uniform(state["key"])
 
 
+def test_prng_keys_of_another_impl_than_the_abstract_leafs_are_a_mismatch_naming_the_leaf(tmp_path):
+    jax = pytest.importorskip("jax")
+
+    ckpt.save(tmp_path / "c", {"k": jax.random.key(1), "n": 1})
+    for impl, target in [("rbg", jax.eval_shape(lambda: jax.random.key(0, impl="rbg"))),
+                         ("unsafe_rbg", jax.random.key(0, impl="unsafe_rbg"))]:
+        with pytest.raises(ckpt.errors.TreeMismatchError,
+                           match=rf"\['k'\]: saved 'threefry2x32' PRNG keys, abstract leaf wants '{impl}' keys"):
+            ckpt.load(tmp_path / "c", {"k": target, "n": 0})
+
+
 def test_shape_dtype_struct_dtype_casts_and_a_shape_mismatch_names_the_leaf(tmp_path):
     jax = pytest.importorskip("jax")
     import jax.numpy as jnp

@@ -438,12 +438,33 @@ class LeafDataError(ValueError):
         self.path, self.why, self.mismatch = path, why, mismatch
 
 
-def _wrap_key(jax: Any, meta: dict, data: np.ndarray, impl: str) -> Any:
-    """The PRNG keys whose key data ``data`` is, of implementation ``impl``; a saved key (``meta`` of
-    type jax_key: its implementation and key data both come from the checkpoint) that jax refuses
-    raises :class:`LeafDataError`."""
+def _restore_keys(jax: Any, meta: dict, read: Reader, impl: str, sharding: Any) -> Any:
+    """PRNG keys of implementation ``impl`` from their saved key data, placed by ``sharding`` (None: the
+    default device). Under a ``NamedSharding`` the key data is read as any sharded array is (each process
+    reads its own shards, the key data's last dimension whole) and wrapped where it lies, so that the
+    sharding may span processes."""
+    if not isinstance(sharding, jax.sharding.NamedSharding):
+        keys = _wrap_key(jax, meta, read(None), impl)
+        return keys if sharding is None else jax.device_put(keys, sharding)
+    data = jax.make_array_from_callback(tuple(meta["shape"]), sharding, read)
+    return _wrap_key(jax, meta, data, impl, sharding)
+
+
+@functools.lru_cache(maxsize=64)
+def _key_wrapper(impl: str, sharding: Any) -> Callable[[Any], Any]:
+    """``jax.random.wrap_key_data`` compiled for key data placed by ``sharding`` (one per layout)."""
+    jax = sys.modules["jax"]
+    return jax.jit(functools.partial(jax.random.wrap_key_data, impl=impl), out_shardings=sharding)
+
+
+def _wrap_key(jax: Any, meta: dict, data: Any, impl: str, sharding: Any = None) -> Any:
+    """The PRNG keys whose key data ``data`` is (a numpy array, or a jax array placed by ``sharding``),
+    of implementation ``impl``; a saved key (``meta`` of type jax_key: its implementation and key data
+    both come from the checkpoint) that jax refuses raises :class:`LeafDataError`."""
     try:
-        return jax.random.wrap_key_data(jax.numpy.asarray(data), impl=impl)
+        if sharding is None:
+            return jax.random.wrap_key_data(jax.numpy.asarray(data), impl=impl)
+        return _key_wrapper(impl, sharding)(data)
     except (ValueError, TypeError) as e:
         if meta["type"] != "jax_key":  # saved as plain data, received by a key of the abstract tree
             raise
@@ -481,10 +502,7 @@ def _restore_jax(meta: dict, read: Reader, abstract: Any, jax: Any, to_device: t
             want_dtype is not None and not isinstance(want_dtype, np.dtype)
             and jax.dtypes.issubdtype(want_dtype, jax.dtypes.prng_key))
         if is_key:
-            impl = meta.get("impl") or str(jax.random.key_impl(abstract))
-            data = read(None)
-            keys = _wrap_key(jax, meta, data, impl)
-            return keys if sharding is None else jax.device_put(keys, sharding)
+            return _restore_keys(jax, meta, read, meta.get("impl") or _key_impl(abstract), sharding)
         dtype = parse_dtype(meta["dtype"]) if want_dtype is None else np.dtype(want_dtype)
     if sharding is None or (sharding.is_fully_addressable and sharding.is_fully_replicated):
         return to_device.jax(read(None).astype(dtype, copy=False), sharding)

@@ -194,12 +194,12 @@ def to_host(path: KeyPath, x: Any) -> HostLeaf:
             data = jax.random.key_data(x)
             meta = {"type": "jax_key", "impl": str(jax.random.key_impl(x)), "dtype": dtype_name(np.dtype(data.dtype)),
                     "shape": list(data.shape), "key_shape": list(x.shape)}
-            return _jax_leaf(meta, data)
-        meta = {"type": "jax", "dtype": dtype_name(np.dtype(x.dtype)), "shape": list(x.shape)}
+        else:
+            meta, data = {"type": "jax", "dtype": dtype_name(np.dtype(x.dtype)), "shape": list(x.shape)}, x
         sharding = shardings.describe(x.sharding)
         if sharding is not None:
             meta["sharding"] = sharding
-        return _jax_leaf(meta, x)
+        return _jax_leaf(meta, data)
     raise UnregisteredTypeError(
         f"leaf at {keystr(path) or 'the root'} has type {type(x).__module__}.{type(x).__qualname__}, which ckpt "
         "cannot store; supported leaves are numpy arrays and scalars, int, float, bool, str, bytes, None, "
@@ -402,9 +402,11 @@ def _is_array_like(abstract: Any) -> bool:
 
 def _restore_as_saved(meta: dict, read: Reader, to_device: transfers.ToDevice) -> Any:
     kind = meta["type"]
-    if kind == "jax" and "sharding" in meta:
+    if kind in ("jax", "jax_key") and "sharding" in meta:
         jax = _import_or_none("jax")
         sharding = None if jax is None else shardings.restore(meta["sharding"])
+        if sharding is not None and kind == "jax_key":
+            return _restore_keys(jax, meta, read, meta["impl"], sharding)
         if sharding is not None:  # where it was saved
             abstract = jax.ShapeDtypeStruct(tuple(meta["shape"]), parse_dtype(meta["dtype"]), sharding=sharding)
             return _restore_jax(meta, read, abstract, jax, to_device)

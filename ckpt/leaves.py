@@ -253,13 +253,13 @@ def _dtensor_leaf(path: KeyPath, x: Any) -> HostLeaf:
 
 _TORCH_VIEWS = {"bfloat16": ("int16", "bfloat16"), "float8_e4m3fn": ("uint8", "float8_e4m3fn"),
                 "float8_e5m2": ("uint8", "float8_e5m2"), "float8_e4m3fnuz": ("uint8", "float8_e4m3fnuz"),
-                "float8_e5m2fnuz": ("uint8", "float8_e5m2fnuz")}
+                "float8_e5m2fnuz": ("uint8", "float8_e5m2fnuz"), "float8_e8m0fnu": ("uint8", "float8_e8m0fnu")}
 # The same, from the numpy side: ml_dtypes' dtype -> (carrier, torch dtype name).
 _NUMPY_VIEWS = {np.dtype(getattr(ml_dtypes, target)): (carrier, name) for name, (carrier, target) in _TORCH_VIEWS.items()}
 
 
 def torch_to_numpy(path: KeyPath, t: Any) -> np.ndarray:
-    """A CPU numpy view (or copy, off-CPU) of a torch tensor, bfloat16 and float8 included."""
+    """A CPU numpy view (or copy, off-CPU) of a torch tensor, bfloat16 and float8 (e8m0 too) included."""
     torch = sys.modules["torch"]
     where = keystr(path) or "the root"
     if t.layout != torch.strided or t.is_nested or t.device.type == "meta":

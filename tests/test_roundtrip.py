@@ -395,8 +395,8 @@ def test_registered_pytree_nodes_come_back_as_their_types_from_an_abstract_tree(
 
 
 # ------------------------------------------------------------------------------- torch
-TORCH_DTYPES = ["float32", "float64", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2", "int8", "int16",
-                "int32", "int64", "uint8", "uint16", "uint32", "uint64", "bool", "complex64", "complex128"]
+TORCH_DTYPES = ["float32", "float64", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2", "float8_e8m0fnu", "int8",
+                "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "bool", "complex64", "complex128"]
 
 
 @pytest.mark.parametrize("size", ["small", "large"])

@@ -8,12 +8,13 @@ Example::
 from __future__ import annotations
 
 import concurrent.futures
+import itertools
 import os
 import warnings
 from pathlib import Path
 from typing import Any
 
-from ckpt import background, custom, formats, root, saving, storage
+from ckpt import background, custom, distributed, formats, root, saving, storage
 from ckpt import format as fmt
 from ckpt.context import get_context
 from ckpt.errors import CheckpointNotFoundError
@@ -21,16 +22,27 @@ from ckpt.metadata import CheckpointMetadata
 from ckpt.training import checkpoint_metadata
 
 
+_FREE_SAVES = itertools.count()  # this process's free saves: the n-th is the same save in every process
+
+
 def _writer(path: str | os.PathLike, checkpointables: dict[str, Any], overwrite: bool,
             custom_metadata: Any) -> saving.StepWriter:
+    """The writer of a free save. In a multi-process job (``jax.distributed``, ``torch.distributed``, or
+    the context's ``MultiprocessingOptions.processes``) every process calls it, as a Checkpointer's save:
+    each writes its own shards, process 0 the rest and the commit."""
     final = storage.location(path)
     options = get_context()
+    processes = options.multiprocessing_options.processes or distributed.current()
     trees, handled = custom.split(checkpointables, options.checkpointables_options.registry)
     plan = saving.plan(trees, custom_metadata=custom_metadata, storage=options.array_options.saving)
     tmp = storage.temporary_for(final)
     root.check_target(final, tmp, step=None, overwrite=overwrite)
+    prefix = options.multiprocessing_options.barrier_sync_key_prefix or ""
+    operation, timeout = f"{prefix}ckpt.save/{next(_FREE_SAVES)}", options.async_options.timeout_secs
+    saving.agree(plan, final, processes, f"{operation}/checked", timeout)
     storage.make_dir(final.parent)
-    writer = saving.StepWriter(plan, tmp, final, overwrite=overwrite)
+    writer = saving.StepWriter(plan, tmp, final, overwrite=overwrite, processes=processes, operation=operation,
+                               timeout_secs=timeout)
     writer.start_custom(handled)
     return writer
 

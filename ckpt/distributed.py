@@ -27,6 +27,12 @@ from typing import Any, Protocol, runtime_checkable
 class Processes(Protocol):
     """The processes of one job that call the same Checkpointer methods in the same order.
 
+    An object may also have ``compare(name, key, value, timeout_secs) -> dict[int, Any]`` (ckpt's own
+    have it): it compares every process's JSON ``key`` with the primary's and returns, on every process
+    alike, ``{index: value}`` of the processes whose key differs, with the primary's own ``value`` at 0,
+    or ``{}`` when all agree; and returns only once every process called it, as a barrier. Saves use it
+    to refuse trees that differ between processes; without it they are not compared.
+
     Example::
 
         processes = ckpt.distributed.current()
@@ -42,6 +48,7 @@ class Processes(Protocol):
 
     def broadcast(self, name: str, value: Any, timeout_secs: float) -> Any:
         """Returns the primary process's JSON ``value`` on every process."""
+
 
 
 class SingleProcess:
@@ -61,6 +68,9 @@ class SingleProcess:
 
     def broadcast(self, name: str, value: Any, timeout_secs: float) -> Any:
         return value
+
+    def compare(self, name: str, key: Any, value: Any, timeout_secs: float) -> dict[int, Any]:
+        return {}
 
 
 class JaxProcesses:
@@ -87,6 +97,17 @@ class JaxProcesses:
             self._client.key_value_set(key, json.dumps(value))
             return value
         return json.loads(self._client.blocking_key_value_get(key, int(timeout_secs * 1000)))
+
+    def compare(self, name: str, key: Any, value: Any, timeout_secs: float) -> dict[int, Any]:
+        if self.broadcast(f"{name}/key", key, timeout_secs) != key:
+            self._client.key_value_set(f"ckpt:{name}/differ/{self.index}", json.dumps(value))
+        self.barrier(f"{name}/compared", timeout_secs)
+        differ = self._client.key_value_dir_get(f"ckpt:{name}/differ/")
+        if not differ:
+            return {}
+        out = {0: self.broadcast(f"{name}/primary", value, timeout_secs)}
+        out.update((int(k.rsplit("/", 1)[1]), json.loads(v)) for k, v in differ)
+        return out
 
 
 class TorchProcesses:
@@ -139,6 +160,19 @@ class TorchProcesses:
             return value
         self._wait(store, name, f"rank 0's {name!r}", timeout_secs)
         return json.loads(store.get(name))
+
+    def compare(self, name: str, key: Any, value: Any, timeout_secs: float) -> dict[int, Any]:
+        store = self._store()
+        if self.broadcast(f"{name}/key", key, timeout_secs) != key:
+            slot = store.add(f"{name}/differ", 1)
+            store.set(f"{name}/differ/{slot}", json.dumps([self.index, value]))
+        self.barrier(f"{name}/compared", timeout_secs)
+        count = store.add(f"{name}/differ", 0)
+        if not count:
+            return {}
+        out = {0: self.broadcast(f"{name}/primary", value, timeout_secs)}
+        out.update(json.loads(store.get(f"{name}/differ/{slot}")) for slot in range(1, count + 1))
+        return out
 
 
 def _torch_store_address(dist: Any) -> tuple[str, int]:

@@ -10,7 +10,8 @@ small leaves (one collective, not one file per rank and leaf).
 
 Loading into a DTensor template (the state dict of a freshly sharded model, at any world size and
 mesh), each rank reads only the slice of its own local shard. Without a template the saved array
-comes back whole, as a plain tensor. FSDP1's ``ShardedTensor`` is refused.
+comes back whole, as a plain tensor. FSDP1's ``ShardedTensor`` is refused, and so is a DTensor whose
+local shard is not one block (a lone ``_StridedShard``).
 
 Example::
 
@@ -61,9 +62,22 @@ def is_small(x: Any) -> bool:
     return math.prod(x.shape) * x.element_size() < fmt.SMALL_LEAF_BYTES
 
 
+_CARRIERS = {1: "uint8", 2: "float16", 4: "int32", 8: "int64"}  # by element size: dtypes every backend gathers
+
+
 def gather(x: Any) -> Any:
-    """The whole of a small DTensor, as a plain tensor (a collective: every rank calls it alike)."""
-    return x.full_tensor()
+    """The whole of a small DTensor, as a plain tensor (a collective: every rank calls it alike). Its
+    bytes are gathered as a dtype of the same size that every backend moves (gloo refuses int16, the
+    unsigned integers and float8), bit for bit."""
+    import torch
+    from torch.distributed.tensor import DTensor
+
+    carrier = _CARRIERS.get(x.element_size())
+    if carrier is None or x.dtype == getattr(torch, carrier):
+        return x.full_tensor()
+    local = x.to_local().view(getattr(torch, carrier))
+    bytes_of = DTensor.from_local(local, x.device_mesh, x.placements, run_check=False, shape=x.shape, stride=x.stride())
+    return bytes_of.full_tensor().view(x.dtype)
 
 
 def gather_small(values: list[Any]) -> list[Any]:
@@ -126,13 +140,18 @@ def chunk_shape(path: KeyPath, x: Any) -> tuple[int, ...]:
     shape and placements only), as the shared zarr.json requires.
 
     Raises:
-      TypeError: a ``Partial`` placement (a pending reduction is no state to save).
+      TypeError: a ``Partial`` placement (a pending reduction is no state to save), or a local shard that
+        is not one block of the global tensor (see :func:`_strided_apart`).
     """
     splits: dict[int, list[tuple[int, bool]]] = {}  # dim -> (mesh size, a plain Shard) of each split
     for mesh_dim, placement in enumerate(x.placements):
         if placement.is_partial():
             raise TypeError(f"DTensor at {keystr(path) or 'the root'} has the placement {placement} (a pending "
                             "reduction); reduce it (redistribute to Replicate or Shard) before saving")
+    apart = _strided_apart(x)
+    if apart is not None:
+        raise TypeError(f"DTensor at {keystr(path) or 'the root'} has the placements {x.placements}: {apart}; "
+                        "redistribute it (to Shard or Replicate) before saving")
         if placement.is_shard():
             splits.setdefault(placement.dim, []).append((x.device_mesh.size(mesh_dim), type(placement).__name__ == "Shard"))
     shape = []
@@ -145,6 +164,22 @@ def chunk_shape(path: KeyPath, x: Any) -> tuple[int, ...]:
         else:  # nested or strided splits: one-wide chunks fit every shard
             shape.append(1)
     return tuple(shape)
+
+
+def _strided_apart(x: Any) -> str | None:
+    """Why the local shard of ``x`` is not one block of the global tensor, or None when it is. A
+    ``_StridedShard(dim, split_factor=k)`` on one mesh dimension leaves each rank k pieces of ``dim``
+    (torch's ``__create_chunk_list__`` then reports one wrong block); they join into one block only when
+    the mesh dimensions after it split ``dim`` k ways (FSDP2 over tensor parallelism: k is the TP degree)."""
+    for mesh_dim, placement in enumerate(x.placements):
+        if type(placement).__name__ != "_StridedShard":
+            continue
+        later = math.prod(x.device_mesh.size(d) for d, p in enumerate(x.placements)
+                          if d > mesh_dim and p.is_shard() and p.dim == placement.dim)
+        if later != placement.split_factor:
+            return (f"its {placement} on mesh dimension {mesh_dim} leaves each rank {placement.split_factor // later} "
+                    f"pieces of dimension {placement.dim} apart, not one block")
+    return None
 
 
 def own_shards(x: Any) -> list[tuple[Index, Any]]:
@@ -181,6 +216,10 @@ def _local_index(template: Any) -> Index:
     key = (tuple(template.shape), mesh, template.placements, tuple(mesh.get_coordinate() or ()))
     index = _LOCAL_INDEX.get(key)
     if index is None:
+        apart = _strided_apart(template)
+        if apart is not None:
+            raise TypeError(f"a DTensor template with the placements {template.placements} cannot be loaded into: "
+                            f"{apart}")
         chunks = template.__create_chunk_list__()
         if len(chunks) != 1 or tuple(chunks[0].sizes) != tuple(template.to_local().shape):
             raise TypeError(f"a DTensor template whose local shard is not one block of the global tensor "

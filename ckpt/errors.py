@@ -249,7 +249,8 @@ class DirectoryLockedError(RuntimeError):
 
 
 class TreeMismatchError(ValueError):
-    """The abstract tree given to ``load`` does not match the saved tree; lists every differing key path.
+    """The abstract tree given to ``load`` does not match the saved tree, or the processes of a
+    multi-process job save different trees; lists every differing key path.
 
     Example::
 

@@ -194,12 +194,12 @@ def to_host(path: KeyPath, x: Any) -> HostLeaf:
             data = jax.random.key_data(x)
             meta = {"type": "jax_key", "impl": str(jax.random.key_impl(x)), "dtype": dtype_name(np.dtype(data.dtype)),
                     "shape": list(data.shape), "key_shape": list(x.shape)}
-            return _jax_leaf(meta, data)
-        meta = {"type": "jax", "dtype": dtype_name(np.dtype(x.dtype)), "shape": list(x.shape)}
+        else:
+            meta, data = {"type": "jax", "dtype": dtype_name(np.dtype(x.dtype)), "shape": list(x.shape)}, x
         sharding = shardings.describe(x.sharding)
         if sharding is not None:
             meta["sharding"] = sharding
-        return _jax_leaf(meta, x)
+        return _jax_leaf(meta, data)
     raise UnregisteredTypeError(
         f"leaf at {keystr(path) or 'the root'} has type {type(x).__module__}.{type(x).__qualname__}, which ckpt "
         "cannot store; supported leaves are numpy arrays and scalars, int, float, bool, str, bytes, None, "
@@ -253,13 +253,13 @@ def _dtensor_leaf(path: KeyPath, x: Any) -> HostLeaf:
 
 _TORCH_VIEWS = {"bfloat16": ("int16", "bfloat16"), "float8_e4m3fn": ("uint8", "float8_e4m3fn"),
                 "float8_e5m2": ("uint8", "float8_e5m2"), "float8_e4m3fnuz": ("uint8", "float8_e4m3fnuz"),
-                "float8_e5m2fnuz": ("uint8", "float8_e5m2fnuz")}
+                "float8_e5m2fnuz": ("uint8", "float8_e5m2fnuz"), "float8_e8m0fnu": ("uint8", "float8_e8m0fnu")}
 # The same, from the numpy side: ml_dtypes' dtype -> (carrier, torch dtype name).
 _NUMPY_VIEWS = {np.dtype(getattr(ml_dtypes, target)): (carrier, name) for name, (carrier, target) in _TORCH_VIEWS.items()}
 
 
 def torch_to_numpy(path: KeyPath, t: Any) -> np.ndarray:
-    """A CPU numpy view (or copy, off-CPU) of a torch tensor, bfloat16 and float8 included."""
+    """A CPU numpy view (or copy, off-CPU) of a torch tensor, bfloat16 and float8 (e8m0 too) included."""
     torch = sys.modules["torch"]
     where = keystr(path) or "the root"
     if t.layout != torch.strided or t.is_nested or t.device.type == "meta":
@@ -280,9 +280,11 @@ def torch_to_numpy(path: KeyPath, t: Any) -> np.ndarray:
 
 
 def numpy_to_torch(array: np.ndarray) -> Any:
-    """A CPU torch tensor viewing ``array`` (bfloat16/float8 included)."""
+    """A CPU torch tensor viewing ``array`` (bfloat16/float8 included; a numpy scalar, as a 0-d array's
+    element reads, becomes a 0-d tensor)."""
     import torch
 
+    array = np.asarray(array)
     array = array if array.flags.c_contiguous else np.ascontiguousarray(array)
     view = _NUMPY_VIEWS.get(array.dtype)
     return torch.from_numpy(array) if view is None else torch.from_numpy(array.view(view[0])).view(getattr(torch, view[1]))
@@ -312,7 +314,16 @@ def check_leaf(path: KeyPath, meta: dict, abstract: Any) -> str | None:
         return f"{keystr(path)}: saved a {meta['type']} value, abstract leaf wants an array of shape {want}"
     if want is not None and not inline and tuple(_logical_shape(meta)) != want:
         return f"{keystr(path)}: saved shape {tuple(_logical_shape(meta))}, abstract leaf wants {want}"
+    impl = _key_impl(abstract)
+    if meta["type"] == "jax_key" and impl is not None and impl != meta.get("impl"):
+        return f"{keystr(path)}: saved {meta.get('impl')!r} PRNG keys, abstract leaf wants {impl!r} keys"
     return None
+
+
+def _key_impl(abstract: Any) -> str | None:
+    """The PRNG implementation of a typed key (array or ``ShapeDtypeStruct``), as saved in ``impl``; else None."""
+    impl = getattr(getattr(abstract, "dtype", None), "_impl", None)  # (jax.random.key_impl takes arrays only)
+    return None if impl is None else str(getattr(impl, "name", impl))
 
 
 def check_leaves(flat: list[tuple[KeyPath, Any]], table: LeafTable, order: list[int] | None = None) -> list[str]:
@@ -391,9 +402,11 @@ def _is_array_like(abstract: Any) -> bool:
 
 def _restore_as_saved(meta: dict, read: Reader, to_device: transfers.ToDevice) -> Any:
     kind = meta["type"]
-    if kind == "jax" and "sharding" in meta:
+    if kind in ("jax", "jax_key") and "sharding" in meta:
         jax = _import_or_none("jax")
         sharding = None if jax is None else shardings.restore(meta["sharding"])
+        if sharding is not None and kind == "jax_key":
+            return _restore_keys(jax, meta, read, meta["impl"], sharding)
         if sharding is not None:  # where it was saved
             abstract = jax.ShapeDtypeStruct(tuple(meta["shape"]), parse_dtype(meta["dtype"]), sharding=sharding)
             return _restore_jax(meta, read, abstract, jax, to_device)
@@ -427,12 +440,33 @@ class LeafDataError(ValueError):
         self.path, self.why, self.mismatch = path, why, mismatch
 
 
-def _wrap_key(jax: Any, meta: dict, data: np.ndarray, impl: str) -> Any:
-    """The PRNG keys whose key data ``data`` is, of implementation ``impl``; a saved key (``meta`` of
-    type jax_key: its implementation and key data both come from the checkpoint) that jax refuses
-    raises :class:`LeafDataError`."""
+def _restore_keys(jax: Any, meta: dict, read: Reader, impl: str, sharding: Any) -> Any:
+    """PRNG keys of implementation ``impl`` from their saved key data, placed by ``sharding`` (None: the
+    default device). Under a ``NamedSharding`` the key data is read as any sharded array is (each process
+    reads its own shards, the key data's last dimension whole) and wrapped where it lies, so that the
+    sharding may span processes."""
+    if not isinstance(sharding, jax.sharding.NamedSharding):
+        keys = _wrap_key(jax, meta, read(None), impl)
+        return keys if sharding is None else jax.device_put(keys, sharding)
+    data = jax.make_array_from_callback(tuple(meta["shape"]), sharding, read)
+    return _wrap_key(jax, meta, data, impl, sharding)
+
+
+@functools.lru_cache(maxsize=64)
+def _key_wrapper(impl: str, sharding: Any) -> Callable[[Any], Any]:
+    """``jax.random.wrap_key_data`` compiled for key data placed by ``sharding`` (one per layout)."""
+    jax = sys.modules["jax"]
+    return jax.jit(functools.partial(jax.random.wrap_key_data, impl=impl), out_shardings=sharding)
+
+
+def _wrap_key(jax: Any, meta: dict, data: Any, impl: str, sharding: Any = None) -> Any:
+    """The PRNG keys whose key data ``data`` is (a numpy array, or a jax array placed by ``sharding``),
+    of implementation ``impl``; a saved key (``meta`` of type jax_key: its implementation and key data
+    both come from the checkpoint) that jax refuses raises :class:`LeafDataError`."""
     try:
-        return jax.random.wrap_key_data(jax.numpy.asarray(data), impl=impl)
+        if sharding is None:
+            return jax.random.wrap_key_data(jax.numpy.asarray(data), impl=impl)
+        return _key_wrapper(impl, sharding)(data)
     except (ValueError, TypeError) as e:
         if meta["type"] != "jax_key":  # saved as plain data, received by a key of the abstract tree
             raise
@@ -470,10 +504,7 @@ def _restore_jax(meta: dict, read: Reader, abstract: Any, jax: Any, to_device: t
             want_dtype is not None and not isinstance(want_dtype, np.dtype)
             and jax.dtypes.issubdtype(want_dtype, jax.dtypes.prng_key))
         if is_key:
-            impl = meta.get("impl") or str(jax.random.key_impl(abstract))
-            data = read(None)
-            keys = _wrap_key(jax, meta, data, impl)
-            return keys if sharding is None else jax.device_put(keys, sharding)
+            return _restore_keys(jax, meta, read, meta.get("impl") or _key_impl(abstract), sharding)
         dtype = parse_dtype(meta["dtype"]) if want_dtype is None else np.dtype(want_dtype)
     if sharding is None or (sharding.is_fully_addressable and sharding.is_fully_replicated):
         return to_device.jax(read(None).astype(dtype, copy=False), sharding)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import hashlib
+import json
 import math
 import operator
 import threading
@@ -24,6 +26,7 @@ from ckpt import leaves as leaves_lib
 from ckpt import chunks, collector, custom, distributed, entries, loading, packing, preemption, progress, root, storage
 from ckpt import host_memory, storage_options, transfers
 from ckpt import tree as tree_lib
+from ckpt.errors import TreeMismatchError
 from ckpt.metadata import now_nsecs
 from ckpt.tree import KeyPath, keystr
 
@@ -264,6 +267,55 @@ def _describe_array(meta: dict, spread: leaves_lib.Spread | None, nbytes: int, n
         meta["stored_as"] = "bytes"
     meta["array"] = storage.array_spec({"driver": "file", "path": name + "/"}, dtype, shape,
                                        chunk_bytes, checksum=chunks is not None, chunk_shape=chunks)
+
+
+def agree(plan: Plan, final: storage.Location, processes: distributed.Processes, operation: str,
+          timeout_secs: float) -> None:
+    """Checks, before any process writes anything, that every process of a multi-process job saves the
+    same tree (the same key paths) to ``final``: the primary writes the replicated leaves once, so a leaf
+    that only another process holds would be lost. A barrier named ``operation``; nothing in one process.
+
+    Raises:
+      TreeMismatchError: on every process alike, naming each key path not every process holds (and a
+        path that differs); nothing is written.
+    """
+    if processes.count == 1:
+        return
+    compare = getattr(processes, "compare", None)
+    if compare is None:  # a Processes object of the user's without it: the trees are not compared
+        processes.barrier(operation, timeout_secs)
+        return
+    value = {"path": str(final), "structures": plan.structures}
+    key = hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+    differing = compare(operation, key, value, timeout_secs)
+    if not differing:
+        return
+    primary = differing.pop(0)
+    diffs = []
+    for index, other in sorted(differing.items()):
+        if other["path"] != primary["path"]:
+            diffs.append(f"process {index} saves to {other['path']}, process 0 to {primary['path']}")
+        diffs += _tree_differences(primary["structures"], other["structures"], index)
+    raise TreeMismatchError(
+        f"the processes of this job save different trees to {final}, and ckpt writes a leaf the processes "
+        f"replicate once, from process 0: {'; '.join(diffs)}. Every process saves the same key paths (each "
+        "holding its own shards of sharded arrays); for state that differs between processes (pipeline "
+        "stages), save each process's with ckpt.save to a path of its own inside ckpt.Context(multiprocessing_options="
+        "ckpt.MultiprocessingOptions(processes=ckpt.distributed.SingleProcess())). Nothing was written.",
+        differences=diffs)
+
+
+def _tree_differences(primary: dict[str, str], other: dict[str, str], index: int) -> list[str]:
+    """The key paths of process 0's structures (each checkpointable's, as tree.json writes it) not in
+    process ``index``'s, and the reverse."""
+    def paths(structures: dict[str, str]) -> set[str]:
+        return {f"{name}{keystr(path)}" for name, text in structures.items()
+                for path in tree_lib.leaf_paths(tree_lib.from_json(json.loads(text)))}
+
+    ours, theirs = paths(primary), paths(other)
+    diffs = [f"{p} on process 0, not on process {index}" for p in sorted(ours - theirs)]
+    diffs += [f"{p} on process {index}, not on process 0" for p in sorted(theirs - ours)]
+    return diffs or [f"process {index} holds the same key paths in other containers (or checkpointables)"]
 
 
 class StagingBuffers:

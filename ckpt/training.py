@@ -503,7 +503,8 @@ class Checkpointer:
         final = self._directory / step_lib.checked_name(self._name_format, step)
         self.wait()
         root.check_target(final, storage.temporary_for(final), step=step, overwrite=overwrite)
-        self._barrier(f"save/{step}/checked")  # every process judges the step's names before any makes its temporary
+        # every process judges the step's names, and saves the same tree, before any makes its temporary
+        saving.agree(plan, final, self._processes, self._operation(f"save/{step}/checked"), options.async_options.timeout_secs)
         if self._processes.index == 0:
             self._take_directory()
         writer = saving.StepWriter(plan, storage.temporary_for(final), final, overwrite=overwrite,

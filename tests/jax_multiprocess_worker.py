@@ -135,3 +135,22 @@ with Checkpointer(directory, save_decision_policy=policy) as ckptr:
         print(f"process {pid} resumed from {latest} steps {[c.step for c in ckptr.checkpoints]}", flush=True)
         save_custom(ckptr, [latest + 2, latest + 3])
         print(f"process {pid} saved custom checkpointables {[c.step for c in ckptr.checkpoints][-2:]}", flush=True)
+        # typed PRNG keys split over both processes, and one replicated (a TrainState's rng)
+        data = np.asarray(jax.random.key_data(jax.random.split(jax.random.key(0), 4)))
+        keys = jax.random.wrap_key_data(jax.make_array_from_callback(data.shape, rows, lambda index: data[index]))
+        rng = jax.jit(lambda: jax.random.key(1), out_shardings=NamedSharding(mesh, P()))()
+        ckptr.save(latest + 4, {"keys": keys, "rng": rng}, force=True)
+        for sharding in (rows, NamedSharding(mesh, P())):
+            restored = ckptr.load(latest + 4, {"keys": jax.ShapeDtypeStruct((4,), keys.dtype, sharding=sharding),
+                                               "rng": jax.ShapeDtypeStruct((), rng.dtype, sharding=rng.sharding)})
+            assert restored["keys"].sharding.is_equivalent_to(sharding, 1)
+            assert restored["rng"].sharding.is_equivalent_to(rng.sharding, 0)
+            for shard in restored["keys"].addressable_shards:
+                np.testing.assert_array_equal(jax.random.key_data(shard.data), data[shard.index])
+        print(f"process {pid} restored sharded keys", flush=True)
+        import ckpt
+
+        try:  # a key only one process holds: refused on both, before anything is written
+            ckptr.save(latest + 5, {**state(latest + 5), f"only_on_{pid}": 1}, force=True)
+        except ckpt.errors.TreeMismatchError as e:
+            print(f"process {pid} refused {e.differences} steps {[c.step for c in ckptr.checkpoints]}", flush=True)

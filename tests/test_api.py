@@ -482,8 +482,13 @@ state = {
     "on_device_2": np.arange(3, dtype=np.float32),
     "one_device_mesh": np.arange(6, dtype=np.int32).reshape(2, 3),
     "default_device": jnp.asarray(1.5, jnp.bfloat16),
+    "sharded_keys": jax.device_put(jax.random.split(jax.random.key(1), 4), rows),
 }
 ckpt.save(path, state)
+as_saved = ckpt.load(path)  # no abstract tree: a saved NamedSharding is restored, keys' too
+for key in ("saved_sharded", "sharded_keys"):
+    assert as_saved[key].sharding == rows, (key, as_saved[key].sharding)
+np.testing.assert_array_equal(jax.random.key_data(as_saved["sharded_keys"]), jax.random.key_data(state["sharded_keys"]))
 abstract = {
     "small": jax.ShapeDtypeStruct((8, 2), jnp.float32, sharding=rows),
     "big": jax.ShapeDtypeStruct((400, 1000), jnp.bfloat16, sharding=cols),    # cast while loading
@@ -493,8 +498,10 @@ abstract = {
     "on_device_2": jax.ShapeDtypeStruct((3,), jnp.bfloat16, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[2])),
     "one_device_mesh": jax.ShapeDtypeStruct((2, 3), jnp.int32, sharding=NamedSharding(Mesh(np.array(jax.devices()[3:]), ("x",)), P())),
     "default_device": jax.ShapeDtypeStruct((), jnp.bfloat16),
+    "sharded_keys": None,
 }
 restored = ckpt.load(path, abstract)
+del abstract["sharded_keys"]
 for key, want in abstract.items():
     got = restored[key]
     assert isinstance(got, jax.Array), key
@@ -514,7 +521,7 @@ print("SHARDED-OK")
 """
 
 
-def test_loading_into_shape_dtype_structs_places_every_leaf_with_its_named_sharding(tmp_path):
+def test_loading_into_shape_dtype_structs_places_every_leaf_with_its_named_sharding_and_as_saved_keeps_the_saved_one(tmp_path):
     pytest.importorskip("jax")
     result = procs.run_script(SHARDED_LOAD, str(tmp_path / "c"), timeout=120, JAX_PLATFORMS="cpu")
     assert result.returncode == 0 and "SHARDED-OK" in result.stdout, result.stdout + result.stderr

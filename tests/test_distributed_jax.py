@@ -42,6 +42,9 @@ def test_two_processes_save_sharded_arrays_are_killed_and_resume(tmp_path):
         assert "resumed from 3 steps [1, 2, 3, 4]" in resumed[pid]
         # then custom checkpointables (a handler's, and one every process writes a file of) with a storage dtype
         assert f"process {pid} saved custom checkpointables [5, 6]" in resumed[pid]
+        assert f"process {pid} restored sharded keys" in resumed[pid]  # typed PRNG keys over both processes
+        assert (f"process {pid} refused [\"state['only_on_0'] on process 0, not on process 1\", "
+                f"\"state['only_on_1'] on process 1, not on process 0\"] steps [1, 2, 3, 4, 5, 6, 7]") in resumed[pid]
     for step in ("5", "6"):
         assert sorted(p.name for p in (tmp_path / step / "counter").iterdir() if not p.name.startswith(".")) == [
             "process_0", "process_1"]

@@ -53,3 +53,32 @@ def test_an_fsdp2_checkpoint_of_two_ranks_reloads_bit_exact_at_two_one_and_four_
     ckpt.save_checkpointables(single / "7", {"model": loaded["model"], "optim": loaded["optim"]})
     out = run_jobs(single, reference, "load:4")
     assert all(f"rank {r} of 4 loaded step 7: 16 tensors bit-exact" in out for r in range(4)), out
+
+
+@pytest.mark.timeout(300)
+def test_ranks_that_each_call_the_free_save_write_one_whole_checkpoint(tmp_path):
+    out = run_jobs(tmp_path / "run", tmp_path / "unused.npz", "free:2")
+    assert "rank 0 free save: whole" in out and "rank 1 free save: whole" in out, out
+
+
+@pytest.mark.timeout(300)
+def test_ranks_saving_trees_with_other_keys_or_to_other_paths_are_refused_on_every_rank_before_anything_is_written(tmp_path):
+    out = run_jobs(tmp_path / "run", tmp_path / "unused.npz", "differ:2")
+    for r in (0, 1):
+        assert (f"rank {r} checkpointer refused: [\"state['stage0.weight'] on process 0, not on process 1\", "
+                f"\"state['stage1.weight'] on process 1, not on process 0\"]") in out, out
+        assert f"rank {r} free refused: [\"state['stage0.weight'] on process 0" in out, out
+        assert f"rank {r} path refused: ['process 1 saves to {tmp_path / 'run'}-rank1, process 0 to " in out, out
+        assert f"rank {r} steps [] entries ['run']" in out, out
+
+
+@pytest.mark.timeout(300)
+def test_dtensors_of_unusual_layouts_at_four_ranks(tmp_path):
+    out = run_jobs(tmp_path / "run", tmp_path / "unused.npz", "dtensors:4")
+    for r in range(4):
+        # a lone _StridedShard: each rank's rows lie apart (torch reports one wrong block): refused, not miswritten
+        assert (f"rank {r} strided refused: checkpointable 'state': DTensor at ['x'] has the placements "
+                "(_StridedShard(dim=0, sf=2),): its _S(0, 2) on mesh dimension 0 leaves each rank 2 pieces") in out, out
+        assert f"rank {r} fsdp+tp exact, steps [2]" in out, out  # FSDP2 over tensor parallelism: saved as it is
+        assert f"rank {r} small gathered exact: 7 dtypes" in out, out
+        assert f"rank {r} 0-d loaded DTensor () 7" in out, out

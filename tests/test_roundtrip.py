@@ -317,6 +317,17 @@ def test_typed_prng_keys_round_trip_with_their_impl_and_raw_keys_as_uint32(tmp_p
         assert jax.random.uniform(restored["key"]) == jax.random.uniform(state["key"])
 
 
+def test_prng_keys_of_another_impl_than_the_abstract_leafs_are_a_mismatch_naming_the_leaf(tmp_path):
+    jax = pytest.importorskip("jax")
+
+    ckpt.save(tmp_path / "c", {"k": jax.random.key(1), "n": 1})
+    for impl, target in [("rbg", jax.eval_shape(lambda: jax.random.key(0, impl="rbg"))),
+                         ("unsafe_rbg", jax.random.key(0, impl="unsafe_rbg"))]:
+        with pytest.raises(ckpt.errors.TreeMismatchError,
+                           match=rf"\['k'\]: saved 'threefry2x32' PRNG keys, abstract leaf wants '{impl}' keys"):
+            ckpt.load(tmp_path / "c", {"k": target, "n": 0})
+
+
 def test_shape_dtype_struct_dtype_casts_and_a_shape_mismatch_names_the_leaf(tmp_path):
     jax = pytest.importorskip("jax")
     import jax.numpy as jnp
@@ -384,8 +395,8 @@ def test_registered_pytree_nodes_come_back_as_their_types_from_an_abstract_tree(
 
 
 # ------------------------------------------------------------------------------- torch
-TORCH_DTYPES = ["float32", "float64", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2", "int8", "int16",
-                "int32", "int64", "uint8", "uint16", "uint32", "uint64", "bool", "complex64", "complex128"]
+TORCH_DTYPES = ["float32", "float64", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2", "float8_e8m0fnu", "int8",
+                "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "bool", "complex64", "complex128"]
 
 
 @pytest.mark.parametrize("size", ["small", "large"])

@@ -10,13 +10,18 @@ and optimizer state dicts (DTensors) at each through one Checkpointer (sync, asy
 them. ``load``: loads the latest step of DIR into the templates of a model sharded over WORLD ranks and
 checks it against REFERENCE. ``crash``: saves steps forever (the test SIGKILLs a rank, this process
 the others, and goes on with the next job); ``resume``:
-continues after the latest committed step with one more save. Each rank prints what it did.
+continues after the latest committed step with one more save. ``free``: every rank saves DTensors with
+``ckpt.save`` (one coordinated save) and loads them back. ``differ``: the ranks save trees with other keys,
+through the Checkpointer and ``ckpt.save``, and to other paths; every save is refused, nothing is written.
+``dtensors`` (4 ranks): DTensors of unusual layouts, saved and loaded through the Checkpointer.
+Each rank prints what it did.
 """
 import os
 import signal
 import socket
 import sys
 import traceback
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -139,6 +144,12 @@ def run(this_rank: int, this_world: int, port: int, mode: str) -> None:
                 say(f"rank {rank} begin {step}")
                 save(ckptr, step, model, optimizer, blocking=step % 2 == 0)
                 step += 1
+        elif mode == "free":
+            free_save()
+        elif mode == "differ":
+            differing_trees(ckptr)
+        elif mode == "dtensors":
+            unusual_dtensors(ckptr)
         else:  # resume after a crash
             latest = ckptr.latest.step
             model, optimizer = load_into_fresh_model(ckptr)
@@ -146,6 +157,71 @@ def run(this_rank: int, this_world: int, port: int, mode: str) -> None:
             save(ckptr, latest + 1, model, optimizer, blocking=True)
             say(f"rank {rank} resumed from {latest} steps {[c.step for c in ckptr.checkpoints]}")
     dist.destroy_process_group()
+
+
+def free_save() -> None:
+    """Every rank calls ``ckpt.save`` with its shards of a small and a large DTensor: one checkpoint."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    whole = {"small": torch.arange(8.0), "big": torch.arange(600 * 600.0).reshape(600, 600)}
+    path = f"{directory}-free"
+    ckpt.save(path, {k: distribute_tensor(v, mesh, [Shard(0)], src_data_rank=None) for k, v in whole.items()})
+    loaded = ckpt.load(path)
+    assert all(torch.equal(loaded[k], v) for k, v in whole.items()), loaded
+    say(f"rank {rank} free save: whole")
+
+
+def differing_trees(ckptr: Checkpointer) -> None:
+    """Each rank saves a tree of its own (a pipeline stage's keys): refused on every rank, nothing written."""
+    stage = {f"stage{rank}.weight": torch.ones(2, 2)}
+    saves = {"checkpointer": lambda: ckptr.save(1, stage, force=True),
+             "free": lambda: ckpt.save(f"{directory}-differ", stage),
+             "path": lambda: ckpt.save(f"{directory}-rank{rank}", {"w": torch.ones(2)})}
+    for what, save in saves.items():
+        try:
+            save()
+        except ckpt.errors.TreeMismatchError as e:
+            say(f"rank {rank} {what} refused: {e.differences}")
+    dist.barrier()
+    ckptr.reload()
+    written = sorted(p.name for p in Path(directory).parent.iterdir() if p.name.startswith(Path(directory).name))
+    say(f"rank {rank} steps {[c.step for c in ckptr.checkpoints]} entries {written}")
+
+
+def unusual_dtensors(ckptr: Checkpointer) -> None:
+    """At 4 ranks: a ``_StridedShard`` alone (each rank holds rows apart: refused), FSDP2 over tensor
+    parallelism (``_StridedShard`` then ``Shard`` on a 2-D mesh: each rank's rows are one block), small
+    DTensors of the dtypes gloo does not gather, a 0-d one."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    line, grid = init_device_mesh("cpu", (world,)), init_device_mesh("cpu", (2, world // 2))
+    rows = torch.arange(600 * 520.0).reshape(600, 520)  # 1.2 MB: written shard by shard
+    try:
+        ckptr.save(1, {"x": distribute_tensor(rows, line, [_StridedShard(0, split_factor=2)], src_data_rank=None)},
+                   force=True)
+    except TypeError as e:
+        say(f"rank {rank} strided refused: {e}")
+    fsdp_tp = [_StridedShard(0, split_factor=world // 2), Shard(0)]
+    ckptr.save(2, {"x": distribute_tensor(rows, grid, fsdp_tp, src_data_rank=None)}, force=True)
+    loaded = ckptr.load(2, {"x": distribute_tensor(torch.zeros_like(rows), grid, fsdp_tp, src_data_rank=None)})
+    assert torch.equal(loaded["x"].full_tensor(), rows) and torch.equal(ckptr.load(2)["x"], rows)
+    say(f"rank {rank} fsdp+tp exact, steps {[c.step for c in ckptr.checkpoints]}")
+    # small ones split on dim 1: gathered whole, as bytes (gloo gathers none of these dtypes itself)
+    small = {str(dtype): torch.arange(24).reshape(4, 6).to(dtype) for dtype in (
+        torch.int16, torch.uint16, torch.uint32, torch.uint64, torch.float8_e4m3fn, torch.bfloat16, torch.bool)}
+    ckptr.save(3, {k: distribute_tensor(v, line, [Shard(1)], src_data_rank=None) for k, v in small.items()}, force=True)
+    loaded = ckptr.load(3)
+    assert all(loaded[k].dtype == v.dtype and torch.equal(loaded[k].view(torch.uint8), v.view(torch.uint8))
+               for k, v in small.items()), loaded
+    say(f"rank {rank} small gathered exact: {len(small)} dtypes")
+    # 0-d (a replicated counter), loaded into a 0-d template
+    ckptr.save(4, {"n": distribute_tensor(torch.tensor(7), line, [Replicate()])}, force=True)
+    loaded = ckptr.load(4, {"n": distribute_tensor(torch.tensor(0), line, [Replicate()])})["n"]
+    say(f"rank {rank} 0-d loaded {type(loaded).__name__} {tuple(loaded.shape)} {loaded.full_tensor().item()}")
 
 
 def free_port() -> int:

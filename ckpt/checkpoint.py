@@ -130,6 +130,8 @@ def load(path: str | os.PathLike, abstract_state: Any = None, *,
         state = ckpt.load("model")                       # as saved
         state = ckpt.load("model", {"w": np.zeros(3, np.float16), "step": 0})
         assert state["w"].dtype == np.float16 and state["step"] == 100
+        state = ckpt.load("model", {"w": ckpt.PLACEHOLDER, "step": 0})   # "w" is not read
+        assert ckpt.PLACEHOLDER is ... and state["w"] is ...
     """
     return load_checkpointables(path, {checkpointable_name: abstract_state})[checkpointable_name]
 

@@ -569,7 +569,7 @@ class Checkpointer:
         With ``abstract_state`` the result has exactly its structure and leaf types:
         ``jax.ShapeDtypeStruct`` (placed with its sharding), arrays and tensors (their dtype and device;
         a tensor on the meta device gives a CPU tensor), Python types, ``None`` (as saved),
-        ``ckpt.PLACEHOLDER`` (skipped). Without it, the tree comes back as
+        ``ckpt.PLACEHOLDER``, which is ``...`` (skipped). Without it, the tree comes back as
         saved (dicts, lists, tuples; numpy, jax and torch arrays; Python scalars).
 
         A step that ``save_async`` is still writing is waited for (its failure raised); ``step=None``

@@ -457,7 +457,14 @@ def test_placeholder_skips_a_leaf_without_reading_it(tmp_path):
     restored = ckpt.load(path, {"big": ckpt.PLACEHOLDER, "small": ckpt.PLACEHOLDER, "keep": np.empty(3, np.int64)})
     assert restored["big"] is ckpt.PLACEHOLDER and restored["small"] is ckpt.PLACEHOLDER
     assert np.array_equal(restored["keep"], np.arange(3))
-    assert repr(ckpt.PLACEHOLDER) == "ckpt.PLACEHOLDER"
+
+
+def test_an_ellipsis_leaf_is_the_placeholder_and_skips_its_leaf_as_in_orbax(tmp_path):
+    assert ckpt.PLACEHOLDER is ...
+    path = tmp_path / "c"
+    ckpt.save(path, {"a": np.arange(4.0), "b": np.ones(2, np.int32)})
+    restored = ckpt.load(path, {"a": ..., "b": np.zeros(2, np.int32)})
+    assert restored["a"] is ... and restored["b"].tolist() == [1, 1]
 
 
 # ----------------------------------------------------------------------- sharded loading

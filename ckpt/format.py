@@ -184,6 +184,11 @@ def decode_metrics(metrics: Any) -> Any:
     return _NOT_FINITE.get(metrics, metrics) if isinstance(metrics, str) else metrics
 
 
+def reported_custom_metadata(custom_metadata: Any) -> Any:
+    """Custom metadata as ckpt reports it (step or root): ``{}`` where none was given, as Orbax reports it."""
+    return {} if custom_metadata is None else custom_metadata
+
+
 _MANIFEST_CRC = b',"manifest_crc32":'
 
 

@@ -225,7 +225,7 @@ class Checkpointer:
         return CheckpointMetadata(step, path, metrics=fmt.decode_metrics(manifest.get("metrics")), monotonic_nsecs=monotonic_nsecs,
                                   init_timestamp_nsecs=manifest.get("init_timestamp_nsecs"),
                                   commit_timestamp_nsecs=manifest.get("commit_timestamp_nsecs"),
-                                  custom_metadata=manifest.get("custom_metadata"))
+                                  custom_metadata=fmt.reported_custom_metadata(manifest.get("custom_metadata")))
 
     def _with_manifests(self) -> list[CheckpointMetadata]:
         """The checkpoints with the metrics and times ``lightweight_initialize`` skipped, read now and kept:
@@ -684,7 +684,7 @@ class Checkpointer:
                                        registry=self._ctx.checkpointables_options.registry)
 
     def root_metadata(self) -> RootMetadata:
-        """The directory and the custom metadata written by the first Checkpointer given one.
+        """The directory and the custom metadata written by the first Checkpointer given one (``{}`` if none was).
 
         Example::
 
@@ -693,7 +693,8 @@ class Checkpointer:
             with ckpt.Checkpointer("runs/exp2", custom_metadata={"model": "cnn"}) as again:
                 assert again.root_metadata().custom_metadata == {"model": "mlp"}   # the first one's
         """
-        return RootMetadata(directory=self._directory, custom_metadata=formats.root_custom_metadata(self._directory))
+        return RootMetadata(directory=self._directory,
+                            custom_metadata=fmt.reported_custom_metadata(formats.root_custom_metadata(self._directory)))
 
     # ------------------------------------------------------------------------------- life cycle
     def is_saving_in_progress(self) -> bool:
@@ -862,4 +863,4 @@ def checkpoint_metadata(step_dir: storage.Location, name: str | None, *, step: i
                               metrics=fmt.decode_metrics(manifest.get("metrics")),
                               init_timestamp_nsecs=manifest.get("init_timestamp_nsecs"),
                               commit_timestamp_nsecs=manifest.get("commit_timestamp_nsecs"),
-                              custom_metadata=manifest.get("custom_metadata"))
+                              custom_metadata=fmt.reported_custom_metadata(manifest.get("custom_metadata")))

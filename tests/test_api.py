@@ -261,7 +261,19 @@ def test_metrics_and_custom_metadata_are_kept_per_step_across_checkpointers(tmp_
         ckptr.save(2, {"a": 2}, metrics={"loss": 1.0, "acc": [0.5, 0.6]}, custom_metadata={"note": "third"})
     with Checkpointer(tmp_path) as ckptr:
         assert [c.metrics for c in ckptr.checkpoints] == [{"loss": 3.0}, None, {"loss": 1.0, "acc": [0.5, 0.6]}]
-        assert [ckptr.metadata(s).custom_metadata for s in (0, 1, 2)] == [{"note": "first"}, None, {"note": "third"}]
+        assert [ckptr.metadata(s).custom_metadata for s in (0, 1, 2)] == [{"note": "first"}, {}, {"note": "third"}]
+
+
+def test_custom_metadata_is_an_empty_dict_where_none_was_given_as_in_orbax(tmp_path):
+    with Checkpointer(tmp_path / "run") as ckptr:
+        ckptr.save(0, {"w": np.ones(2)})
+    with Checkpointer(tmp_path / "run") as ckptr:
+        assert ckptr.root_metadata().custom_metadata == {}
+        assert ckptr.metadata(0).custom_metadata == {} and ckptr.checkpointables_metadata(0).custom_metadata == {}
+        assert ckptr.latest.custom_metadata == {}
+    ckpt.save(tmp_path / "one", {"w": np.ones(2)})
+    assert ckpt.metadata(tmp_path / "one").custom_metadata == {}
+    assert ckpt.checkpointables_metadata(tmp_path / "one").custom_metadata == {}
 
 
 def test_metrics_may_be_numpy_jax_or_torch_scalars_and_are_kept_as_python_numbers(tmp_path):
@@ -289,7 +301,7 @@ def test_root_metadata_is_written_once_and_kept_by_later_checkpointers(tmp_path)
     with Checkpointer(tmp_path, custom_metadata={"model": "other"}) as ckptr:
         assert ckptr.root_metadata().custom_metadata == {"model": "resnet", "lr": 0.1}
     with Checkpointer(tmp_path / "plain") as ckptr:
-        assert ckptr.root_metadata() == ckpt.RootMetadata(directory=tmp_path / "plain", custom_metadata=None)
+        assert ckptr.root_metadata() == ckpt.RootMetadata(directory=tmp_path / "plain", custom_metadata={})
 
 
 # ---------------------------------------------------------------------------- life cycle

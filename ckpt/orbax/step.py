@@ -101,7 +101,7 @@ def info(step_dir: Path) -> dict:
     init = data.get("init_timestamp_nsecs")
     return {"format": "orbax", "metrics": metrics, "commit_timestamp_nsecs": commit,
             "init_timestamp_nsecs": init if isinstance(init, int) else None,
-            "custom_metadata": data.get("custom_metadata") or None}
+            "custom_metadata": data.get("custom_metadata")}
 
 
 def root_custom_metadata(root: Path) -> Any:

@@ -448,6 +448,10 @@ def test_free_save_refuses_an_existing_path_unless_overwrite(tmp_path):
     with pytest.raises(errors.StepAlreadyExistsError) as info:
         ckpt.save(path, {"v": 2})
     assert info.value.path == path and info.value.step is None
+    with pytest.raises(ValueError):  # Orbax's free save raises ValueError: an Orbax user's except still catches it
+        ckpt.save(path, {"v": 2})
+    with pytest.raises(FileExistsError):
+        ckpt.save(path, {"v": 2})
     assert ckpt.load(path) == {"v": 1}
     ckpt.save(path, {"v": 2}, overwrite=True)
     assert ckpt.load(path) == {"v": 2}

@@ -222,7 +222,7 @@ class Checkpointer:
 
     @staticmethod
     def _info(step: int, path: storage.Location, manifest: dict, monotonic_nsecs: int | None = None) -> CheckpointMetadata:
-        return CheckpointMetadata(step, path, metrics=fmt.decode_metrics(manifest.get("metrics")), monotonic_nsecs=monotonic_nsecs,
+        return CheckpointMetadata(step, path, metrics=fmt.decode_json(manifest, "metrics"), monotonic_nsecs=monotonic_nsecs,
                                   init_timestamp_nsecs=manifest.get("init_timestamp_nsecs"),
                                   commit_timestamp_nsecs=manifest.get("commit_timestamp_nsecs"),
                                   custom_metadata=fmt.reported_custom_metadata(manifest.get("custom_metadata")))
@@ -860,7 +860,7 @@ def checkpoint_metadata(step_dir: storage.Location, name: str | None, *, step: i
             doc = formats.trees(step_dir, [only])[only]
         tree = loading.tree_metadata(doc)
     return CheckpointMetadata(step if step is not None else formats.step_of(step_dir, manifest), step_dir, metadata=tree,
-                              metrics=fmt.decode_metrics(manifest.get("metrics")),
+                              metrics=fmt.decode_json(manifest, "metrics"),
                               init_timestamp_nsecs=manifest.get("init_timestamp_nsecs"),
                               commit_timestamp_nsecs=manifest.get("commit_timestamp_nsecs"),
                               custom_metadata=fmt.reported_custom_metadata(manifest.get("custom_metadata")))

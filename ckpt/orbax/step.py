@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ckpt import leaves as leaves_lib
+from ckpt import format as fmt
 from ckpt import loading, storage
 from ckpt import tree as tree_lib
 from ckpt.errors import CheckpointableNotFoundError, CheckpointCorruptedError, UnsupportedLayoutError
@@ -99,7 +100,8 @@ def info(step_dir: Path) -> dict:
     if not isinstance(commit, int):  # Orbax's own fallback: the directory's time
         commit = os.lstat(step_dir).st_mtime_ns
     init = data.get("init_timestamp_nsecs")
-    return {"format": "orbax", "metrics": metrics, "commit_timestamp_nsecs": commit,
+    # NON_FINITE empty: Orbax's JSON holds NaN and Infinity themselves, and its strings are strings
+    return {"format": "orbax", "metrics": metrics, fmt.NON_FINITE: {}, "commit_timestamp_nsecs": commit,
             "init_timestamp_nsecs": init if isinstance(init, int) else None,
             "custom_metadata": data.get("custom_metadata")}
 

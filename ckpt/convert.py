@@ -88,8 +88,7 @@ def _convert_steps(steps: list[tuple[int, Path]], source: Path, destination: Pat
     try:
         custom = formats.root_custom_metadata(source)
         if custom is not None:
-            storage.write_file_atomic(destination / fmt.ROOT_METADATA,
-                                      fmt.to_json_bytes({"custom_metadata": custom}, "custom_metadata"))
+            storage.write_file_atomic(destination / fmt.ROOT_METADATA, fmt.root_metadata_bytes(custom))
         for step, path in steps:
             yield _convert_step(step, path, destination / path.name)
     finally:
@@ -99,7 +98,7 @@ def _convert_steps(steps: list[tuple[int, Path]], source: Path, destination: Pat
 def _convert_step(step: int, path: Path, final: Path) -> Converted:
     info = formats.info(path)
     trees = formats.load_checkpointables(path, None)
-    plan = saving.plan(trees, metrics=fmt.decode_json(info, "metrics"), custom_metadata=info.get("custom_metadata"))
+    plan = saving.plan(trees, metrics=fmt.decode_json(info, "metrics"), custom_metadata=fmt.decode_json(info, "custom_metadata"))
     plan.init_timestamp_nsecs = info.get("init_timestamp_nsecs") or plan.init_timestamp_nsecs
     plan.commit_timestamp_nsecs = info.get("commit_timestamp_nsecs")
     saving.StepWriter(plan, storage.temporary_for(final), final).run(step)

@@ -160,7 +160,7 @@ def _walk_json(obj: Any, where: str, depth: int = 0, finite: bool = True, number
 
 
 _NOT_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
-NON_FINITE = "non_finite"  # the manifest's member listing where its metrics hold floats that are not finite
+NON_FINITE = "non_finite"  # the member listing where metrics and custom metadata hold floats that are not finite
 _ABSENT = object()
 
 
@@ -186,8 +186,15 @@ def encode_json(value: Any) -> tuple[Any, list[list[str | int]]]:
     return encode(value, []), paths
 
 
+def root_metadata_bytes(custom_metadata: Any) -> bytes:
+    """``ckpt-root.json``: a root's custom metadata, stored as a manifest stores a step's (``non_finite`` included)."""
+    encoded, paths = stored_json(custom_metadata, "custom_metadata")
+    return to_json_bytes({"custom_metadata": encoded, NON_FINITE: {"custom_metadata": paths} if paths else {}},
+                         "custom_metadata")
+
+
 def decode_json(doc: dict, key: str) -> Any:
-    """``doc[key]`` (a manifest's ``metrics``) with the floats :func:`encode_json` stored as strings again:
+    """``doc[key]`` (a manifest's ``metrics`` or ``custom_metadata``, ckpt-root.json's ``custom_metadata``) with the floats :func:`encode_json` stored as strings again:
     those at the key paths ``doc["non_finite"][key]`` lists. A manifest without ``non_finite`` (written by
     ckpt before it recorded them) held those strings for such floats only: each of its metrics' strings
     ``"nan"``, ``"inf"`` and ``"-inf"`` is such a float. A path that leads to no such string is ignored."""

@@ -92,6 +92,7 @@ def load_checkpointables(step_dir: storage.Location, abstract: dict[str, Any] | 
 def root_custom_metadata(root: storage.Location) -> Any:
     """The custom metadata of a root: ckpt's (``ckpt-root.json``), else Orbax's (``metadata/_ROOT_METADATA``)."""
     try:
-        return json.loads(storage.read_json_bytes(root / fmt.ROOT_METADATA)).get("custom_metadata")
+        doc = json.loads(storage.read_json_bytes(root / fmt.ROOT_METADATA))
+        return fmt.decode_json(doc, "custom_metadata") if isinstance(doc, dict) else None
     except FileNotFoundError:
         return orbax.root_custom_metadata(root) if isinstance(root, Path) else None

@@ -175,7 +175,7 @@ def plan(checkpointables: dict[str, Any], *, metrics: Any = None, custom_metadat
     if metrics is not None:
         metrics, non_finite["metrics"] = fmt.stored_json(metrics, "metrics", numbers=True)
     if custom_metadata is not None:
-        fmt.check_json(custom_metadata, "custom_metadata")
+        custom_metadata, non_finite["custom_metadata"] = fmt.stored_json(custom_metadata, "custom_metadata")
     stored = storage_options.of(storage)
     reusable = previous is not None and previous.storage == stored and stored.scoped is None
     values = previous.leaves_of(checkpointables) if reusable else None

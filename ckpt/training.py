@@ -93,7 +93,7 @@ class Checkpointer:
         check_options(context=context, save_decision_policy=save_decision_policy,
                       preservation_policy=preservation_policy, step_name_format=step_name_format, local=local)
         if custom_metadata is not None:
-            fmt.check_json(custom_metadata, "custom_metadata")
+            fmt.stored_json(custom_metadata, "custom_metadata")
         self._directory = storage.location(directory)
         if local is not None and isinstance(self._directory, Path) and (
                 os.path.realpath(storage.location(local.directory)) == os.path.realpath(self._directory)):
@@ -129,7 +129,7 @@ class Checkpointer:
         primary = self._processes.index == 0
         if primary and custom_metadata is not None and not root_file.exists():
             with storage.writing_to(self._directory):
-                storage.write_file_atomic(root_file, fmt.to_json_bytes({"custom_metadata": custom_metadata}, "custom_metadata"))
+                storage.write_file_atomic(root_file, fmt.root_metadata_bytes(custom_metadata))
         self._swept = False
         if cleanup_tmp_directories and primary:
             self._take_directory()
@@ -225,7 +225,7 @@ class Checkpointer:
         return CheckpointMetadata(step, path, metrics=fmt.decode_json(manifest, "metrics"), monotonic_nsecs=monotonic_nsecs,
                                   init_timestamp_nsecs=manifest.get("init_timestamp_nsecs"),
                                   commit_timestamp_nsecs=manifest.get("commit_timestamp_nsecs"),
-                                  custom_metadata=fmt.reported_custom_metadata(manifest.get("custom_metadata")))
+                                  custom_metadata=fmt.reported_custom_metadata(fmt.decode_json(manifest, "custom_metadata")))
 
     def _with_manifests(self) -> list[CheckpointMetadata]:
         """The checkpoints with the metrics and times ``lightweight_initialize`` skipped, read now and kept:
@@ -863,4 +863,4 @@ def checkpoint_metadata(step_dir: storage.Location, name: str | None, *, step: i
                               metrics=fmt.decode_json(manifest, "metrics"),
                               init_timestamp_nsecs=manifest.get("init_timestamp_nsecs"),
                               commit_timestamp_nsecs=manifest.get("commit_timestamp_nsecs"),
-                              custom_metadata=fmt.reported_custom_metadata(manifest.get("custom_metadata")))
+                              custom_metadata=fmt.reported_custom_metadata(fmt.decode_json(manifest, "custom_metadata")))

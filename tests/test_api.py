@@ -276,6 +276,17 @@ def test_custom_metadata_is_an_empty_dict_where_none_was_given_as_in_orbax(tmp_p
     assert ckpt.checkpointables_metadata(tmp_path / "one").custom_metadata == {}
 
 
+def test_custom_metadata_may_hold_nan_and_inf_per_step_and_per_root_as_metrics_may(tmp_path):
+    with Checkpointer(tmp_path, custom_metadata={"init_loss": math.inf, "note": "inf"}) as ckptr:
+        ckptr.save(0, {"w": np.ones(2)}, metrics={"loss": math.nan}, custom_metadata={"last": [math.nan, "nan"]})
+    with Checkpointer(tmp_path) as ckptr:
+        assert ckptr.root_metadata().custom_metadata == {"init_loss": math.inf, "note": "inf"}
+        for info in (ckptr.latest, ckptr.metadata(0), ckptr.checkpointables_metadata(0)):
+            assert math.isnan(info.custom_metadata["last"][0]) and info.custom_metadata["last"][1] == "nan"
+    ckpt.save(tmp_path / "one", {"w": np.ones(2)}, custom_metadata={"x": -math.inf})
+    assert ckpt.metadata(tmp_path / "one").custom_metadata == {"x": -math.inf}
+
+
 def test_metrics_may_be_numpy_jax_or_torch_scalars_and_are_kept_as_python_numbers(tmp_path):
     import jax.numpy as jnp
     import torch

@@ -548,6 +548,34 @@ print("SHARDED-OK")
 """
 
 
+METADATA_SHARDING = r"""
+import os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+import jax, jax.numpy as jnp, numpy as np
+import ckpt
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+sharding = NamedSharding(Mesh(np.array(jax.devices()).reshape(2, 2), ("x", "y")), P("x", "y"))
+with ckpt.Checkpointer(sys.argv[1]) as ckptr:
+    ckptr.save(0, {"a": jax.device_put(jnp.arange(32.0).reshape(8, 4), sharding), "n": np.ones(3)})
+    meta = ckptr.metadata(0).metadata
+    assert meta["a"].sharding == sharding and meta["n"].sharding is None
+    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=m.sharding), meta)  # Orbax's idiom
+    assert ckptr.load(0, abstract)["a"].sharding == sharding
+print("METADATA-SHARDING-OK")
+"""
+
+
+def test_leaf_metadata_has_the_saved_sharding_where_the_devices_can_hold_it_else_none(tmp_path):
+    pytest.importorskip("jax")
+    result = procs.run_script(METADATA_SHARDING, str(tmp_path / "run"), timeout=120, JAX_PLATFORMS="cpu")
+    assert result.returncode == 0 and "METADATA-SHARDING-OK" in result.stdout, result.stdout + result.stderr
+    import jax
+    if jax.device_count() < 4:  # this process: the saved mesh's devices are not all here
+        with Checkpointer(tmp_path / "run") as ckptr:
+            assert ckptr.metadata(0).metadata["a"].sharding is None
+
+
 def test_loading_into_shape_dtype_structs_places_every_leaf_with_its_named_sharding(tmp_path):
     pytest.importorskip("jax")
     result = procs.run_script(SHARDED_LOAD, str(tmp_path / "c"), timeout=120, JAX_PLATFORMS="cpu")

@@ -130,6 +130,10 @@ class RootMetadata:
     custom_metadata: Any = None
 
 
+PyTreeMetadata = Any
+"""Orbax's name for the type of ``metadata(...).metadata``: in ckpt, the saved tree with :class:`LeafMetadata` leaves."""
+
+
 @dataclasses.dataclass(frozen=True)
 class LeafMetadata:
     """A saved leaf: its ``type`` (numpy, jax, torch, int, str, ...), ``shape`` and ``dtype`` (None inline),

@@ -181,7 +181,8 @@ def _is_dir(path: Path) -> bool:
     return stat.S_ISDIR(os.lstat(path).st_mode)
 
 
-def _exists(path: storage.Location) -> bool:
+def exists(path: storage.Location) -> bool:
+    """Whether anything (a symbolic link included, never followed) is at ``path``."""
     return os.path.lexists(path) if isinstance(path, Path) else path.exists()
 
 
@@ -211,7 +212,7 @@ def check_target(final: storage.Location, tmp: storage.Location, *, step: int | 
       ForeignEntryError: ``final`` or ``tmp`` is something ckpt did not write (named, with what it holds).
     """
     what = "the checkpoint" if step is None else f"step {step}"
-    if _exists(final):
+    if exists(final):
         entry = classify(final, step)
         if entry.kind is Kind.TEMPORARY and final == tmp:  # (an object store) a save of ckpt's never committed
             return
@@ -223,7 +224,7 @@ def check_target(final: storage.Location, tmp: storage.Location, *, step: int | 
         if not overwrite:
             where = f"{final} already exists" if step is None else f"step {step} already exists at {final}"
             raise StepAlreadyExistsError(f"{where}; pass overwrite=True to replace it", step=step, path=final)
-    if tmp != final and _exists(tmp):
+    if tmp != final and exists(tmp):
         entry = classify_temporary(tmp)
         if entry.kind is Kind.FOREIGN:
             raise ForeignEntryError(
@@ -259,7 +260,7 @@ def reading(step_dir: storage.Location, step: int | None = None) -> Iterator[Non
         yield
     except (CheckpointCorruptedError, InvalidLayoutError, OSError) as e:
         # A local deletion renames the whole step aside; one on an object store removes its manifest first.
-        still_there = _exists(step_dir if isinstance(step_dir, Path) else step_dir / fmt.MANIFEST)
+        still_there = exists(step_dir if isinstance(step_dir, Path) else step_dir / fmt.MANIFEST)
         if isinstance(e, StepNotFoundError) or still_there or formats.is_orbax(step_dir):
             raise
         what = str(step_dir) if step is None else f"step {step} ({step_dir})"

@@ -453,6 +453,31 @@ def test_free_functions_handle_several_checkpointables_and_a_custom_name(tmp_pat
         ckpt.metadata(path)
 
 
+def test_orbax_top_level_names_are_there_after_import_ckpt_as_ocp(tmp_path):
+    assert ckpt.StatefulCheckpointable is ckpt.handlers.StatefulCheckpointable
+    assert ckpt.CheckpointableHandler is ckpt.handlers.CheckpointableHandler
+    meta: ckpt.CheckpointMetadata[ckpt.PyTreeMetadata] = ckpt.metadata  # an annotation Orbax users write
+    assert meta is ckpt.metadata
+    path = tmp_path / "c"
+    ckpt.save_checkpointables(path, {"params": {"w": np.ones(2)}})
+    assert ckpt.load_checkpointables_async(path).result(timeout=60)["params"]["w"].tolist() == [1.0, 1.0]
+    assert ckpt.is_orbax_checkpoint(path) and not ckpt.is_orbax_checkpoint(tmp_path / "none")
+    (tmp_path / "notes").mkdir()
+    assert not ckpt.is_orbax_checkpoint(tmp_path / "notes")
+    with pytest.raises(ValueError, match="whole checkpoints"):
+        ckpt.delete(path, checkpointable_name="params")
+    assert ckpt.delete(path) is True and not path.exists()
+    assert ckpt.delete(path, missing_ok=True) is False
+    with pytest.raises(FileNotFoundError):
+        ckpt.delete(path)
+    with pytest.raises(errors.ForeignEntryError):
+        ckpt.delete(tmp_path / "notes")  # not a checkpoint: left alone
+    assert (tmp_path / "notes").is_dir()
+    ckpt.save(path, {"w": 1})
+    assert ckpt.delete_async(path).result(timeout=60) is True and not path.exists()
+    assert sorted(os.listdir(tmp_path)) == ["notes"]
+
+
 def test_free_save_refuses_an_existing_path_unless_overwrite(tmp_path):
     path = tmp_path / "c"
     ckpt.save(path, {"v": 1})

@@ -75,11 +75,12 @@ def scan(root: storage.Location, name_format: NameFormat, *, read_manifests: boo
     reading it (``lightweight_initialize``).
     """
     entries, named = [], []
+    parse = step_parser(name_format, root)
     for name, is_dir in _listing(root):
         try:
             if name.endswith((fmt.TMP_SUFFIX, fmt.DELETING_SUFFIX)):
                 entries.append(classify_temporary(root / name))
-            elif (step := name_format.parse_name(name)) is not None:
+            elif (step := parse(name)) is not None:
                 named.append((root / name, step, is_dir))
         except FileNotFoundError:
             continue  # removed since the listing
@@ -89,6 +90,16 @@ def scan(root: storage.Location, name_format: NameFormat, *, read_manifests: boo
         except FileNotFoundError:
             continue
     return sorted(entries, key=lambda e: (e.step is None, e.step or 0, e.path.name))
+
+
+def step_parser(name_format: Any, root: storage.Location) -> Callable[[str], int | None]:
+    """How the names in ``root`` are read as steps: the format's ``parse_name``; for a format written to
+    Orbax's protocol (``build_name``, ``find_all``, ``find_step``: no ``parse_name``), the steps its
+    ``find_all`` lists there now."""
+    if hasattr(name_format, "parse_name"):
+        return name_format.parse_name
+    found = {os.path.basename(str(m.path).rstrip("/")): int(m.step) for m in name_format.find_all(root)}
+    return found.get
 
 
 def _listing(root: storage.Location) -> list[tuple[str, bool]]:

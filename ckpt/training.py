@@ -64,7 +64,8 @@ class Checkpointer:
       save_decision_policy: when to save; default: the first step, then whenever no save is in
         flight, and on preemption.
       preservation_policy: what to keep; default ``PreserveAll()``. The latest step is always kept.
-      step_name_format: directory names of steps; default ``standard_name_format()`` (``23``).
+      step_name_format: directory names of steps; default ``standard_name_format()`` (``23``); a format
+        written to Orbax's protocol (``build_name``, ``find_all``, ``find_step``) or ``composite_name_format`` too.
       custom_metadata: JSON for the whole sequence, written once (a later Checkpointer keeps it).
       cleanup_tmp_directories: remove the temporary directories crashed saves left behind now, at
         construction (a writer also removes them before its first save; they are never listed).
@@ -213,7 +214,8 @@ class Checkpointer:
     def _warn_of_orbax_steps_named_otherwise(self) -> None:
         """An Orbax run written with a step prefix or zero padding lists nothing under the default names:
         say so, rather than let a resumed run quietly start from scratch."""
-        others = orbax.named_otherwise(self._directory, self._name_format) if isinstance(self._directory, Path) else []
+        others = (orbax.named_otherwise(self._directory, root.step_parser(self._name_format, self._directory))
+                  if isinstance(self._directory, Path) else [])
         if others:
             logger.warning("ckpt: %s holds Orbax steps (%s) that step_name_format %r does not name, so none is "
                            "listed; pass the step_name_format they were written with, e.g. standard_name_format("
@@ -833,7 +835,8 @@ def check_options(*, context: Context | None = None,
     for name, value, kind in (("save_decision_policy", save_decision_policy, save_decision_policies.SaveDecisionPolicy),
                               ("preservation_policy", preservation_policy, preservation_policies.PreservationPolicy),
                               ("step_name_format", step_name_format, step_lib.NameFormat)):
-        if value is not None:
+        if value is not None and not (kind is step_lib.NameFormat and not isinstance(value, type)
+                                      and isinstance(value, step_lib.OrbaxNameFormat)):
             arguments.implements(value, kind, name)
     for name, value, cls in (("context", context, Context), ("local", local, tiers.LocalCheckpointOptions)):
         if value is not None:

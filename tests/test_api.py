@@ -415,6 +415,50 @@ def test_step_name_format_names_the_step_directories_and_ignores_other_names(tmp
         assert ckptr.load(3) == {"a": 3}
 
 
+def test_composite_name_format_writes_one_naming_and_reads_every_one_it_lists(tmp_path):
+    step_names = ckpt.path.step
+    old, new = step_names.standard_name_format(step_prefix="step"), step_names.standard_name_format(step_prefix="ckpt")
+    with Checkpointer(tmp_path, step_name_format=old) as ckptr:
+        ckptr.save(1, {"a": 1})
+    with Checkpointer(tmp_path, step_name_format=step_names.composite_name_format(new, [new, old])) as ckptr:
+        ckptr.save(2, {"a": 2})
+        assert [(c.step, c.path.name) for c in ckptr.checkpoints] == [(1, "step_1"), (2, "ckpt_2")]
+        assert ckptr.load(1) == {"a": 1}
+    with pytest.raises(ValueError, match="must be one of read_name_formats"):
+        step_names.composite_name_format(new, [old])
+
+
+class EpochNames:
+    """A step name format written to Orbax's protocol (build_name, find_all, find_step): no parse_name."""
+
+    def __init__(self):
+        self._std = ckpt.path.step.standard_name_format(step_prefix="epoch")
+
+    def build_name(self, step):
+        return self._std.build_name(step)
+
+    def find_all(self, base_path):
+        return self._std.find_all(base_path)
+
+    def find_step(self, base_path, step):
+        return self._std.find_step(base_path, step)
+
+
+def test_a_step_name_format_written_to_orbaxs_protocol_names_and_finds_the_steps(tmp_path):
+    (tmp_path / "epoch_9.txt").write_text("notes")
+    with Checkpointer(tmp_path, step_name_format=EpochNames(), save_decision_policy=ALWAYS) as ckptr:
+        ckptr.save(3, {"a": 3})
+        ckptr.save(5, {"a": 5})
+    with Checkpointer(tmp_path, step_name_format=EpochNames()) as ckptr:
+        assert [(c.step, c.path.name) for c in ckptr.checkpoints] == [(3, "epoch_3"), (5, "epoch_5")]
+        assert ckptr.load(3) == {"a": 3}
+    standard = ckpt.path.step.standard_name_format(step_prefix="epoch")
+    assert [(m.step, m.path.name) for m in standard.find_all(tmp_path)] == [(3, "epoch_3"), (5, "epoch_5")]
+    assert standard.find_step(tmp_path, 5).path == tmp_path / "epoch_5"
+    with pytest.raises(ValueError, match="no committed step 4"):
+        standard.find_step(tmp_path, 4)
+
+
 # ----------------------------------------------------------------------------- bad input
 # (the full table of bad input is in test_bad_input.py)
 def test_an_unsupported_leaf_error_names_its_checkpointable_and_key_path_before_anything_is_written(tmp_path):

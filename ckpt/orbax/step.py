@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from ckpt import leaves as leaves_lib
 from ckpt import format as fmt
@@ -71,11 +71,11 @@ def _is_item(item: Path, step_dir: Path) -> bool:
     return bool(first) and first[0] in _MSGPACK_MAPS
 
 
-def named_otherwise(root: Path, name_format: Any) -> list[str]:
-    """The names of the Orbax steps in ``root`` that ``name_format`` (a ckpt NameFormat) does not parse:
-    written with another ``step_name_format`` (a prefix, zero padding)."""
+def named_otherwise(root: Path, parse: Callable[[str], int | None]) -> list[str]:
+    """The names of the Orbax steps in ``root`` that ``parse`` (a step name format's, see
+    ``ckpt.root.step_parser``) does not read: written with another ``step_name_format`` (a prefix, zero padding)."""
     names = os.listdir(root) if files.is_plain_dir(root) else []
-    return sorted(n for n in names if name_format.parse_name(n) is None and is_step(root / n))
+    return sorted(n for n in names if parse(n) is None and is_step(root / n))
 
 
 def _step_metadata(step_dir: Path) -> dict:

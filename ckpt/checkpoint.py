@@ -149,8 +149,9 @@ def load_async(path: str | os.PathLike, abstract_state: Any = None, *,
     return _in_background(load, path, abstract_state, checkpointable_name=checkpointable_name)
 
 
-def load_checkpointables_async(path: str | os.PathLike,
-                               abstract_checkpointables: dict[str, Any] | None = None) -> background.AsyncResponse[dict[str, Any]]:
+def load_checkpointables_async(
+        path: str | os.PathLike,
+        abstract_checkpointables: dict[str, Any] | None = None) -> background.AsyncResponse[dict[str, Any]]:
     """:func:`load_checkpointables` in a background thread (Orbax's raises NotImplementedError).
 
     Example::

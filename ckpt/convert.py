@@ -98,7 +98,8 @@ def _convert_steps(steps: list[tuple[int, Path]], source: Path, destination: Pat
 def _convert_step(step: int, path: Path, final: Path) -> Converted:
     info = formats.info(path)
     trees = formats.load_checkpointables(path, None)
-    plan = saving.plan(trees, metrics=fmt.decode_json(info, "metrics"), custom_metadata=fmt.decode_json(info, "custom_metadata"))
+    plan = saving.plan(trees, metrics=fmt.decode_json(info, "metrics"),
+                       custom_metadata=fmt.decode_json(info, "custom_metadata"))
     plan.init_timestamp_nsecs = info.get("init_timestamp_nsecs") or plan.init_timestamp_nsecs
     plan.commit_timestamp_nsecs = info.get("commit_timestamp_nsecs")
     saving.StepWriter(plan, storage.temporary_for(final), final).run(step)

@@ -194,10 +194,11 @@ def root_metadata_bytes(custom_metadata: Any) -> bytes:
 
 
 def decode_json(doc: dict, key: str) -> Any:
-    """``doc[key]`` (a manifest's ``metrics`` or ``custom_metadata``, ckpt-root.json's ``custom_metadata``) with the floats :func:`encode_json` stored as strings again:
-    those at the key paths ``doc["non_finite"][key]`` lists. A manifest without ``non_finite`` (written by
-    ckpt before it recorded them) held those strings for such floats only: each of its metrics' strings
-    ``"nan"``, ``"inf"`` and ``"-inf"`` is such a float. A path that leads to no such string is ignored."""
+    """``doc[key]`` (a manifest's ``metrics`` or ``custom_metadata``, ckpt-root.json's ``custom_metadata``)
+    with the floats :func:`encode_json` stored as strings again: those at the key paths
+    ``doc["non_finite"][key]`` lists. A manifest without ``non_finite`` (written by ckpt before it recorded
+    them) held those strings for such floats only: each of its metrics' strings ``"nan"``, ``"inf"`` and
+    ``"-inf"`` is such a float. A path that leads to no such string is ignored."""
     value = doc.get(key)
     marks = doc.get(NON_FINITE)
     if not isinstance(marks, dict):

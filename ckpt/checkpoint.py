@@ -142,6 +142,8 @@ def load(path: str | os.PathLike, abstract_state: Any = None, *,
         state = ckpt.load("model")                       # as saved
         state = ckpt.load("model", {"w": np.zeros(3, np.float16), "step": 0})
         assert state["w"].dtype == np.float16 and state["step"] == 100
+        state = ckpt.load("model", {"w": ckpt.PLACEHOLDER, "step": 0})   # "w" is not read
+        assert ckpt.PLACEHOLDER is ... and state["w"] is ...
     """
     return load_checkpointables(path, {checkpointable_name: abstract_state})[checkpointable_name]
 
@@ -156,10 +158,81 @@ def load_async(path: str | os.PathLike, abstract_state: Any = None, *,
         response = ckpt.load_async("model")
         state = response.result(timeout=60)
     """
+    return _in_background(load, path, abstract_state, checkpointable_name=checkpointable_name)
+
+
+def load_checkpointables_async(
+        path: str | os.PathLike,
+        abstract_checkpointables: dict[str, Any] | None = None) -> background.AsyncResponse[dict[str, Any]]:
+    """:func:`load_checkpointables` in a background thread (Orbax's raises NotImplementedError).
+
+    Example::
+
+        ckpt.save_checkpointables("model", {"params": {"w": np.ones(3)}})
+        trees = ckpt.load_checkpointables_async("model").result(timeout=60)
+        assert trees["params"]["w"].shape == (3,)
+    """
+    return _in_background(load_checkpointables, path, abstract_checkpointables)
+
+
+def _in_background(fn: Any, *args: Any, **kwargs: Any) -> background.AsyncResponse[Any]:
     executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-load")
-    future = executor.submit(load, path, abstract_state, checkpointable_name=checkpointable_name)
+    future = executor.submit(fn, *args, **kwargs)
     executor.shutdown(wait=False)
     return background.AsyncResponse(future)
+
+
+def delete(path: str | os.PathLike, *, checkpointable_name: str | None = None, missing_ok: bool = False) -> bool:
+    """Deletes the checkpoint at ``path`` (ckpt's or Orbax's) as garbage collection deletes a step: renamed
+    aside first, so that a deletion interrupted leaves no half checkpoint at ``path``. Anything else there
+    (not a checkpoint) raises ``ForeignEntryError`` and is left alone. No process may be using it.
+
+    Returns True when it was deleted, False when nothing was at ``path`` and ``missing_ok`` is set.
+    ``checkpointable_name`` (Orbax deletes one checkpointable of a checkpoint) raises ValueError: a ckpt
+    checkpoint's trees share its files.
+
+    Example::
+
+        ckpt.save("model", {"w": np.ones(3)})
+        assert ckpt.delete("model") and not os.path.exists("model")
+        assert ckpt.delete("model", missing_ok=True) is False
+    """
+    if checkpointable_name is not None:
+        raise ValueError(f"ckpt deletes whole checkpoints only, not checkpointable {checkpointable_name!r}: the trees "
+                         "of a checkpoint share its files (save the others again without it)")
+    step_dir = storage.location(path)
+    if not root.exists(step_dir):
+        if missing_ok:
+            return False
+        raise CheckpointNotFoundError(f"no checkpoint at {step_dir}: the path does not exist")
+    root.delete_step(step_dir, None)
+    return True
+
+
+def delete_async(path: str | os.PathLike, *, checkpointable_name: str | None = None,
+                 missing_ok: bool = False) -> background.AsyncResponse[bool]:
+    """:func:`delete` in a background thread.
+
+    Example::
+
+        ckpt.save("model", {"w": np.ones(3)})
+        assert ckpt.delete_async("model").result(timeout=60)
+    """
+    return _in_background(delete, path, checkpointable_name=checkpointable_name, missing_ok=missing_ok)
+
+
+def is_orbax_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a checkpoint ckpt loads, its own or one Orbax wrote (Orbax's function tells of its own).
+
+    Example::
+
+        ckpt.save("model", {"w": np.ones(3)})
+        assert ckpt.is_orbax_checkpoint("model") and not ckpt.is_orbax_checkpoint("nothing/here")
+    """
+    step_dir = storage.location(path)
+    if not root.exists(step_dir):
+        return False
+    return root.classify(step_dir, None).kind in root.LISTED
 
 
 def metadata(path: str | os.PathLike, checkpointable_name: str = fmt.DEFAULT_CHECKPOINTABLE) -> CheckpointMetadata:

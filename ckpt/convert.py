@@ -108,7 +108,7 @@ def _convert_steps(steps: list[tuple[int, Path]], source: Path, destination: Pat
         custom = formats.root_custom_metadata(source)
         if custom is not None:
             written.append(destination / fmt.ROOT_METADATA)
-            storage.write_file_atomic(written[-1], fmt.to_json_bytes({"custom_metadata": custom}, "custom_metadata"))
+            storage.write_file_atomic(written[-1], fmt.root_metadata_bytes(custom))
         for step, path in steps:
             written.append(destination / path.name)
             yield _convert_step(step, path, written[-1])
@@ -137,7 +137,8 @@ def _undo(written: list[Path], lock: storage.DirectoryLock, made: list[Path]) ->
 def _convert_step(step: int, path: Path, final: Path) -> Converted:
     info = formats.info(path)
     trees = formats.load_checkpointables(path, None)
-    plan = saving.plan(trees, metrics=info.get("metrics"), custom_metadata=info.get("custom_metadata"))
+    plan = saving.plan(trees, metrics=fmt.decode_json(info, "metrics"),
+                       custom_metadata=fmt.decode_json(info, "custom_metadata"))
     plan.init_timestamp_nsecs = info.get("init_timestamp_nsecs") or plan.init_timestamp_nsecs
     plan.commit_timestamp_nsecs = info.get("commit_timestamp_nsecs")
     saving.StepWriter(plan, storage.temporary_for(final), final).run(step)

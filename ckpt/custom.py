@@ -173,13 +173,14 @@ def load(step_dir: Path, records: dict[str, dict], abstract: dict[str, Any],
 
 def metadata(step_dir: Path, records: dict[str, dict],
              registry: handlers.CheckpointableHandlerRegistry | None = None) -> dict[str, Any]:
-    """What each custom checkpointable's handler says was saved (None for one without a registered handler)."""
+    """What each custom checkpointable's handler says was saved (None, as in Orbax, for one without a
+    registered handler and for a ``StatefulCheckpointable``, which saved itself)."""
     registry = _registry(registry)
     out = {}
     for name, record in records.items():
         try:
             handler = _loading_handler(name, record, None, registry, step_dir)
-        except KeyError:
+        except (KeyError, ValueError):  # no handler for it; ValueError: it saved itself
             out[name] = None
             continue
         out[name] = run(handler.metadata(step_dir / name))

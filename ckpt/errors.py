@@ -49,8 +49,11 @@ class StepReplacedError(StepNotFoundError):
     """
 
 
-class StepAlreadyExistsError(FileExistsError):
+class StepAlreadyExistsError(FileExistsError, ValueError):
     """A committed checkpoint already exists at this step and ``overwrite`` was not set.
+
+    A ``FileExistsError`` (Orbax's ``Checkpointer`` raises one) and a ``ValueError`` (Orbax's free
+    ``save`` and v0 ``CheckpointManager`` raise one), so that either ``except`` catches it.
 
     Attributes:
       step: the step that exists (None for a checkpoint written by ``ckpt.save``).

@@ -27,6 +27,7 @@ step directory and may not leave it.
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import operator
@@ -116,15 +117,16 @@ def check_json(obj: Any, what: str) -> None:
     to_json_bytes(obj, what)
 
 
-def check_metrics(metrics: Any) -> Any:
-    """``metrics`` as :func:`encode_metrics` stores them; ValueError unless that is strict JSON with str
-    keys, nested at most ``MAX_JSON_DEPTH`` levels (checked first: a deeper one, or one that holds
-    itself, would exhaust the encoder's recursion). Numbers may be numpy scalars or 0-d arrays of numpy,
-    jax or torch (a loss as a training step returns it): they are stored as the Python numbers they hold."""
-    _walk_json(metrics, "metrics", finite=False, numbers=True)
-    metrics = encode_metrics(metrics)
-    check_json(metrics, "metrics")
-    return metrics
+def stored_json(value: Any, what: str, *, numbers: bool = False) -> tuple[Any, list[list[str | int]]]:
+    """``value`` (metrics, or custom metadata) as a manifest stores it, and the key path of each float in
+    it that is not finite (see :func:`encode_json`). ValueError unless that is strict JSON with str keys,
+    nested at most ``MAX_JSON_DEPTH`` levels (checked first: a deeper one, or one that holds itself,
+    would exhaust the encoder's recursion). With ``numbers``, numbers may be numpy scalars or 0-d arrays
+    of numpy, jax or torch (a loss as a training step returns it), stored as the Python numbers they hold."""
+    _walk_json(value, what, finite=False, numbers=numbers)
+    encoded, paths = encode_json(value)
+    check_json(encoded, what)
+    return encoded, paths
 
 
 _JSON_LEAVES = (str, int, float, bool, type(None))
@@ -158,30 +160,88 @@ def _walk_json(obj: Any, where: str, depth: int = 0, finite: bool = True, number
 
 
 _NOT_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+NON_FINITE = "non_finite"  # the member listing where metrics and custom metadata hold floats that are not finite
+_ABSENT = object()
 
 
-def encode_metrics(metrics: Any) -> Any:
-    """Metrics as strict JSON: a float that is not finite (a diverged run's NaN loss) becomes the string
-    ``"nan"``, ``"inf"`` or ``"-inf"``, as inline float leaves do in tree.json; tuples become lists, numpy
-    scalars and 0-d arrays the Python numbers they hold."""
-    if isinstance(metrics, dict):
-        return {k: encode_metrics(v) for k, v in metrics.items()}
-    if isinstance(metrics, (list, tuple)):
-        return [encode_metrics(v) for v in metrics]
-    if not isinstance(metrics, _JSON_LEAVES):
-        metrics = _number(metrics)  # (a numpy, jax or torch scalar: check_metrics lets no other object here)
-    if isinstance(metrics, float) and not math.isfinite(metrics):
-        return "nan" if math.isnan(metrics) else "inf" if metrics > 0 else "-inf"
-    return metrics
+def encode_json(value: Any) -> tuple[Any, list[list[str | int]]]:
+    """``value`` as strict JSON, and where it held floats that are not finite: each such float (a diverged
+    run's NaN loss) becomes the string ``"nan"``, ``"inf"`` or ``"-inf"``, and its key path (dict keys
+    and list indices) is listed, so that a string ``"nan"`` stays a string. Tuples become lists, numpy
+    scalars and 0-d arrays the Python numbers they hold (``stored_json`` lets no other object here)."""
+    paths: list[list[str | int]] = []
+
+    def encode(v: Any, path: list[str | int]) -> Any:
+        if isinstance(v, dict):
+            return {k: encode(x, [*path, k]) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [encode(x, [*path, i]) for i, x in enumerate(v)]
+        if not isinstance(v, _JSON_LEAVES):
+            v = _number(v)
+        if isinstance(v, float) and not math.isfinite(v):
+            paths.append(path)
+            return "nan" if math.isnan(v) else "inf" if v > 0 else "-inf"
+        return v
+
+    return encode(value, []), paths
 
 
-def decode_metrics(metrics: Any) -> Any:
-    """The metrics :func:`encode_metrics` stored, with ``"nan"``, ``"inf"`` and ``"-inf"`` floats again."""
-    if isinstance(metrics, dict):
-        return {k: decode_metrics(v) for k, v in metrics.items()}
-    if isinstance(metrics, list):
-        return [decode_metrics(v) for v in metrics]
-    return _NOT_FINITE.get(metrics, metrics) if isinstance(metrics, str) else metrics
+def root_metadata_bytes(custom_metadata: Any) -> bytes:
+    """``ckpt-root.json``: a root's custom metadata, stored as a manifest stores a step's (``non_finite`` included)."""
+    encoded, paths = stored_json(custom_metadata, "custom_metadata")
+    return to_json_bytes({"custom_metadata": encoded, NON_FINITE: {"custom_metadata": paths} if paths else {}},
+                         "custom_metadata")
+
+
+def decode_json(doc: dict, key: str) -> Any:
+    """``doc[key]`` (a manifest's ``metrics`` or ``custom_metadata``, ckpt-root.json's ``custom_metadata``)
+    with the floats :func:`encode_json` stored as strings again: those at the key paths
+    ``doc["non_finite"][key]`` lists. A manifest without ``non_finite`` (written by ckpt before it recorded
+    them) held those strings for such floats only: each of its metrics' strings ``"nan"``, ``"inf"`` and
+    ``"-inf"`` is such a float. A path that leads to no such string is ignored."""
+    value = doc.get(key)
+    marks = doc.get(NON_FINITE)
+    if not isinstance(marks, dict):
+        return _legacy_floats(value) if key == "metrics" else value
+    paths = marks.get(key)
+    if not isinstance(paths, list) or not paths:
+        return value
+    value = copy.deepcopy(value)
+    for path in paths:
+        if not isinstance(path, list):
+            continue
+        if not path:
+            value = _NOT_FINITE.get(value, value) if isinstance(value, str) else value
+            continue
+        node = value
+        for k in path[:-1]:
+            node = _child(node, k)
+        last = path[-1]
+        leaf = _child(node, last)
+        if isinstance(leaf, str) and leaf in _NOT_FINITE:
+            node[last] = _NOT_FINITE[leaf]
+    return value
+
+
+def _child(node: Any, key: Any) -> Any:
+    if isinstance(node, dict) and isinstance(key, str):
+        return node.get(key, _ABSENT)
+    if isinstance(node, list) and type(key) is int and 0 <= key < len(node):
+        return node[key]
+    return _ABSENT
+
+
+def _legacy_floats(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _legacy_floats(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_legacy_floats(v) for v in value]
+    return _NOT_FINITE.get(value, value) if isinstance(value, str) else value
+
+
+def reported_custom_metadata(custom_metadata: Any) -> Any:
+    """Custom metadata as ckpt reports it (step or root): ``{}`` where none was given, as Orbax reports it."""
+    return {} if custom_metadata is None else custom_metadata
 
 
 _MANIFEST_CRC = b',"manifest_crc32":'

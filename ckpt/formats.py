@@ -106,4 +106,4 @@ def root_custom_metadata(root: storage.Location) -> Any:
                                        path=path) from None
     if not isinstance(doc, dict):
         raise CheckpointCorruptedError(f"{path} is not a JSON object, as the root's metadata is", path=path)
-    return doc.get("custom_metadata")
+    return fmt.decode_json(doc, "custom_metadata")

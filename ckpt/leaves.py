@@ -25,30 +25,9 @@ from ckpt.leaf_table import LeafTable
 from ckpt.tree import KeyPath, keystr
 
 
-class _Placeholder:
-    """The abstract leaf that means "skip this leaf" (``ckpt.PLACEHOLDER``).
-
-    Example::
-
-        ckpt.save("model", {"params": np.ones(3), "opt_state": np.zeros(3)})
-        state = ckpt.load("model", {"params": np.ones(3), "opt_state": ckpt.PLACEHOLDER})   # not read
-    """
-
-    _instance = None
-
-    def __new__(cls):
-        if cls._instance is None:
-            cls._instance = super().__new__(cls)
-        return cls._instance
-
-    def __repr__(self) -> str:
-        return "ckpt.PLACEHOLDER"
-
-    def __reduce__(self):
-        return (_Placeholder, ())
-
-
-PLACEHOLDER = _Placeholder()
+# The abstract leaf that means "skip this leaf" (``ckpt.PLACEHOLDER``): the Ellipsis object, as Orbax's
+# ``ocp.PLACEHOLDER``, so ``...`` in an abstract tree skips its leaf too (see ``ckpt.load``'s example).
+PLACEHOLDER = ...
 
 INLINE_TYPES = {int: "int", float: "float", bool: "bool", str: "str", type(None): "none"}
 

@@ -21,7 +21,7 @@ import numpy as np
 from ckpt import chunks, collector, custom
 from ckpt import format as fmt
 from ckpt import leaves as leaves_lib
-from ckpt import progress, storage, transfers
+from ckpt import progress, shardings, storage, transfers
 from ckpt import tree as tree_lib
 from ckpt.errors import (CheckpointableNotFoundError, CheckpointCorruptedError, InvalidLayoutError, TreeMismatchError,
                          UnregisteredTypeError, UnsupportedLayoutError)
@@ -227,7 +227,10 @@ def _leaf_metadata(meta: dict) -> LeafMetadata:
         return LeafMetadata(meta["type"], None, None)
     dtype = leaves_lib.parse_dtype(meta["dtype"])
     shape = tuple(meta.get("key_shape", meta["shape"]))
-    return LeafMetadata(meta["type"], shape, dtype, math.prod(meta["shape"]) * dtype.itemsize)
+    sharding = None
+    if meta["type"] == "jax" and "sharding" in meta and "jax" in sys.modules:  # (a read of metadata imports no jax)
+        sharding = shardings.restore(meta["sharding"], warn=False)
+    return LeafMetadata(meta["type"], shape, dtype, math.prod(meta["shape"]) * dtype.itemsize, sharding)
 
 
 def tree_metadata(doc: dict) -> Any:

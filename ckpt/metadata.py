@@ -130,9 +130,16 @@ class RootMetadata:
     custom_metadata: Any = None
 
 
+PyTreeMetadata = Any
+"""Orbax's name for the type of ``metadata(...).metadata``: in ckpt, the saved tree with :class:`LeafMetadata` leaves."""
+
+
 @dataclasses.dataclass(frozen=True)
 class LeafMetadata:
-    """A saved leaf: its ``type`` (numpy, jax, torch, int, str, ...), ``shape`` and ``dtype`` (None inline).
+    """A saved leaf: its ``type`` (numpy, jax, torch, int, str, ...), ``shape`` and ``dtype`` (None inline),
+    ``nbytes``, and ``sharding``: the ``jax.sharding.NamedSharding`` a jax array was saved with when jax is
+    imported and this job's devices can hold it, else None (as for every other leaf), so that Orbax's idiom
+    ``jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=m.sharding)`` builds an abstract tree from it.
 
     Example::
 
@@ -146,3 +153,4 @@ class LeafMetadata:
     shape: tuple[int, ...] | None
     dtype: np.dtype | None
     nbytes: int = 0
+    sharding: Any = None

@@ -75,11 +75,12 @@ def scan(root: storage.Location, name_format: NameFormat, *, read_manifests: boo
     reading it (``lightweight_initialize``).
     """
     entries, named = [], []
+    parse = step_parser(name_format, root)
     for name, is_dir in _listing(root):
         try:
             if name.endswith((fmt.TMP_SUFFIX, fmt.DELETING_SUFFIX)):
                 entries.append(classify_temporary(root / name))
-            elif (step := name_format.parse_name(name)) is not None:
+            elif (step := parse(name)) is not None:
                 named.append((root / name, step, is_dir))
         except FileNotFoundError:
             continue  # removed since the listing
@@ -89,6 +90,16 @@ def scan(root: storage.Location, name_format: NameFormat, *, read_manifests: boo
         except FileNotFoundError:
             continue
     return sorted(entries, key=lambda e: (e.step is None, e.step or 0, e.path.name))
+
+
+def step_parser(name_format: Any, root: storage.Location) -> Callable[[str], int | None]:
+    """How the names in ``root`` are read as steps: the format's ``parse_name``; for a format written to
+    Orbax's protocol (``build_name``, ``find_all``, ``find_step``: no ``parse_name``), the steps its
+    ``find_all`` lists there now."""
+    if hasattr(name_format, "parse_name"):
+        return name_format.parse_name
+    found = {os.path.basename(str(m.path).rstrip("/")): int(m.step) for m in name_format.find_all(root)}
+    return found.get
 
 
 def _listing(root: storage.Location) -> list[tuple[str, bool]]:
@@ -181,7 +192,8 @@ def _is_dir(path: Path) -> bool:
     return stat.S_ISDIR(os.lstat(path).st_mode)
 
 
-def _exists(path: storage.Location) -> bool:
+def exists(path: storage.Location) -> bool:
+    """Whether anything (a symbolic link included, never followed) is at ``path``."""
     return os.path.lexists(path) if isinstance(path, Path) else path.exists()
 
 
@@ -217,7 +229,7 @@ def check_target(final: storage.Location, tmp: storage.Location, *, step: int | 
         raise ValueError(f"cannot save {what} to {final}: a name ending in {fmt.TMP_SUFFIX!r} or "
                          f"{fmt.DELETING_SUFFIX!r} is that of a temporary of ckpt's, which the next save in its "
                          "directory removes; choose another name")
-    if _exists(final):
+    if exists(final):
         entry = classify(final, step)
         if entry.kind is Kind.TEMPORARY and final == tmp:  # (an object store) a save of ckpt's never committed
             return
@@ -229,7 +241,7 @@ def check_target(final: storage.Location, tmp: storage.Location, *, step: int | 
         if not overwrite:
             where = f"{final} already exists" if step is None else f"step {step} already exists at {final}"
             raise StepAlreadyExistsError(f"{where}; pass overwrite=True to replace it", step=step, path=final)
-    if tmp != final and _exists(tmp):
+    if tmp != final and exists(tmp):
         entry = classify_temporary(tmp)
         if entry.kind is Kind.FOREIGN:
             raise ForeignEntryError(
@@ -292,7 +304,7 @@ def _identity(step_dir: storage.Location) -> tuple[int, int] | None:
 def deleted(step_dir: storage.Location) -> bool:
     """Whether a step found a moment ago is gone (deleted by another process's garbage collection)."""
     # A local deletion renames the whole step aside; one on an object store removes its manifest first.
-    return not _exists(step_dir if isinstance(step_dir, Path) else step_dir / fmt.MANIFEST)
+    return not exists(step_dir if isinstance(step_dir, Path) else step_dir / fmt.MANIFEST)
 
 
 def deleted_error(step_dir: storage.Location, step: int | None, why: str) -> StepNotFoundError:

@@ -52,7 +52,7 @@ class Plan:
     packed: list[PlannedLeaf]
     arrays: list[PlannedLeaf]
     packed_nbytes: int
-    metrics: Any
+    metrics: Any                 # as the manifest stores them (fmt.stored_json)
     custom_metadata: Any
     init_timestamp_nsecs: int
     commit_timestamp_nsecs: int | None = None  # the commit's time when None; a converted step keeps its source's
@@ -65,6 +65,7 @@ class Plan:
     packed_copies: dict[int, np.ndarray] = dataclasses.field(default_factory=dict)  # the same, of packed leaves
 
     unpacked: dict[int, PlannedLeaf] = dataclasses.field(default_factory=dict)  # a reused plan's other leaves
+    non_finite: dict[str, list] = dataclasses.field(default_factory=dict)  # the manifest's "non_finite"
 
     @property
     def nbytes(self) -> int:
@@ -173,18 +174,22 @@ def plan(checkpointables: dict[str, Any], *, metrics: Any = None, custom_metadat
         raise ValueError(f"checkpointables must be a non-empty dict of name -> tree, got {type(checkpointables).__name__}")
     for name in checkpointables:
         fmt.validate_checkpointable_name(name)
+    non_finite = {}
     if metrics is not None:
-        metrics = fmt.check_metrics(metrics)
+        metrics, non_finite["metrics"] = fmt.stored_json(metrics, "metrics", numbers=True)
     if custom_metadata is not None:
-        fmt.check_json(custom_metadata, "custom_metadata")
+        custom_metadata, non_finite["custom_metadata"] = fmt.stored_json(custom_metadata, "custom_metadata")
     stored = storage_options.of(storage)
     reusable = previous is not None and previous.storage == stored and stored.scoped is None
     values = previous.leaves_of(checkpointables) if reusable else None
     if values is not None:
-        return Plan(previous.structures, {}, [], [], previous.packed_nbytes, metrics, custom_metadata, now_nsecs(),
+        made = Plan(previous.structures, {}, [], [], previous.packed_nbytes, metrics, custom_metadata, now_nsecs(),
                     layout=previous, values=values)
-    with collector.paused():
-        return _plan(checkpointables, metrics, custom_metadata, stored)
+    else:
+        with collector.paused():
+            made = _plan(checkpointables, metrics, custom_metadata, stored)
+    made.non_finite = {key: paths for key, paths in non_finite.items() if paths}
+    return made
 
 
 def _plan(checkpointables: dict[str, Any], metrics: Any, custom_metadata: Any, stored: storage_options.Storage) -> Plan:
@@ -766,6 +771,7 @@ class StepWriter:
             "commit_timestamp_nsecs": plan.commit_timestamp_nsecs or now_nsecs(),
             "metrics": plan.metrics,
             "custom_metadata": plan.custom_metadata,
+            fmt.NON_FINITE: plan.non_finite,
             "checkpointables": list(plan.structures),
             "nbytes": plan.nbytes,
             "tree_crc32": fmt.crc32(tree_bytes),

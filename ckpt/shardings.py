@@ -34,13 +34,16 @@ def describe(sharding: Any) -> dict | None:
             "spec": [p if p is None or isinstance(p, str) else list(p) for p in sharding.spec]}
 
 
-def restore(doc: Any) -> Any:
-    """The ``NamedSharding`` of :func:`describe`'s JSON, or None (with a warning) when these devices cannot hold it."""
+def restore(doc: Any, *, warn: bool = True) -> Any:
+    """The ``NamedSharding`` of :func:`describe`'s JSON, or None (with a warning unless ``warn`` is False)
+    when these devices cannot hold it."""
     try:
         key = (tuple(doc["mesh_shape"]), tuple(doc["axis_names"]), tuple(doc["device_ids"]),
                tuple(p if p is None or isinstance(p, str) else tuple(p) for p in doc["spec"]))
         return _build(key)
     except (TypeError, ValueError, KeyError, AttributeError) as e:
+        if not warn:
+            return None
         warnings.warn(f"ckpt: the saved sharding {doc!r} cannot be restored on these devices ({e}); "
                       "the array is put on the default device", stacklevel=3)
         return None

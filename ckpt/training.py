@@ -73,7 +73,8 @@ class Checkpointer:
       preservation_policy: what to keep; default ``PreserveAll()``. It sees the steps in the order they
         were saved (see ckpt.policies.preservation). The latest step is always kept, and so is the step
         a save just wrote, until the next commit.
-      step_name_format: directory names of steps; default ``standard_name_format()`` (``23``).
+      step_name_format: directory names of steps; default ``standard_name_format()`` (``23``); a format
+        written to Orbax's protocol (``build_name``, ``find_all``, ``find_step``) or ``composite_name_format`` too.
       custom_metadata: JSON for the whole sequence, written once (a later Checkpointer keeps it).
       cleanup_tmp_directories: remove the temporary directories crashed saves left behind now, at
         construction (a writer also removes them before its first save; they are never listed).
@@ -102,7 +103,7 @@ class Checkpointer:
         check_options(context=context, save_decision_policy=save_decision_policy,
                       preservation_policy=preservation_policy, step_name_format=step_name_format, local=local)
         if custom_metadata is not None:
-            fmt.check_json(custom_metadata, "custom_metadata")
+            fmt.stored_json(custom_metadata, "custom_metadata")
         self._directory = storage.location(directory)
         if local is not None and isinstance(self._directory, Path) and (
                 os.path.realpath(storage.location(local.directory)) == os.path.realpath(self._directory)):
@@ -139,7 +140,7 @@ class Checkpointer:
         primary = self._processes.index == 0
         if primary and custom_metadata is not None and not root_file.exists():
             with storage.writing_to(self._directory):
-                storage.write_file_atomic(root_file, fmt.to_json_bytes({"custom_metadata": custom_metadata}, "custom_metadata"))
+                storage.write_file_atomic(root_file, fmt.root_metadata_bytes(custom_metadata))
         self._swept = False
         if cleanup_tmp_directories and primary:
             self._take_directory()
@@ -224,7 +225,8 @@ class Checkpointer:
     def _warn_of_orbax_steps_named_otherwise(self) -> None:
         """An Orbax run written with a step prefix or zero padding lists nothing under the default names:
         say so, rather than let a resumed run quietly start from scratch."""
-        others = orbax.named_otherwise(self._directory, self._name_format) if isinstance(self._directory, Path) else []
+        others = (orbax.named_otherwise(self._directory, root.step_parser(self._name_format, self._directory))
+                  if isinstance(self._directory, Path) else [])
         if others:
             logger.warning("ckpt: %s holds Orbax steps (%s) that step_name_format %r does not name, so none is "
                            "listed; pass the step_name_format they were written with, e.g. standard_name_format("
@@ -233,10 +235,10 @@ class Checkpointer:
 
     @staticmethod
     def _info(step: int, path: storage.Location, manifest: dict, monotonic_nsecs: int | None = None) -> CheckpointMetadata:
-        return CheckpointMetadata(step, path, metrics=fmt.decode_metrics(manifest.get("metrics")), monotonic_nsecs=monotonic_nsecs,
+        return CheckpointMetadata(step, path, metrics=fmt.decode_json(manifest, "metrics"), monotonic_nsecs=monotonic_nsecs,
                                   init_timestamp_nsecs=manifest.get("init_timestamp_nsecs"),
                                   commit_timestamp_nsecs=manifest.get("commit_timestamp_nsecs"),
-                                  custom_metadata=manifest.get("custom_metadata"))
+                                  custom_metadata=fmt.reported_custom_metadata(fmt.decode_json(manifest, "custom_metadata")))
 
     def _with_manifests(self) -> list[CheckpointMetadata]:
         """The checkpoints with the metrics and times ``lightweight_initialize`` skipped, read now and kept:
@@ -601,7 +603,7 @@ class Checkpointer:
         With ``abstract_state`` the result has exactly its structure and leaf types:
         ``jax.ShapeDtypeStruct`` (placed with its sharding), arrays and tensors (their dtype and device;
         a tensor on the meta device gives a CPU tensor), Python types, ``None`` (as saved),
-        ``ckpt.PLACEHOLDER`` (skipped). Without it, the tree comes back as
+        ``ckpt.PLACEHOLDER``, which is ``...`` (skipped). Without it, the tree comes back as
         saved (dicts, lists, tuples; numpy, jax and torch arrays; Python scalars).
 
         A step that ``save_async`` is still writing is waited for (its failure raised); ``step=None``
@@ -722,7 +724,7 @@ class Checkpointer:
                                        registry=self._ctx.checkpointables_options.registry)
 
     def root_metadata(self) -> RootMetadata:
-        """The directory and the custom metadata written by the first Checkpointer given one.
+        """The directory and the custom metadata written by the first Checkpointer given one (``{}`` if none was).
 
         Example::
 
@@ -731,7 +733,8 @@ class Checkpointer:
             with ckpt.Checkpointer("runs/exp2", custom_metadata={"model": "cnn"}) as again:
                 assert again.root_metadata().custom_metadata == {"model": "mlp"}   # the first one's
         """
-        return RootMetadata(directory=self._directory, custom_metadata=formats.root_custom_metadata(self._directory))
+        return RootMetadata(directory=self._directory,
+                            custom_metadata=fmt.reported_custom_metadata(formats.root_custom_metadata(self._directory)))
 
     # ------------------------------------------------------------------------------- life cycle
     def is_saving_in_progress(self) -> bool:
@@ -871,7 +874,8 @@ def check_options(*, context: Context | None = None,
     for name, value, kind in (("save_decision_policy", save_decision_policy, save_decision_policies.SaveDecisionPolicy),
                               ("preservation_policy", preservation_policy, preservation_policies.PreservationPolicy),
                               ("step_name_format", step_name_format, step_lib.NameFormat)):
-        if value is not None:
+        if value is not None and not (kind is step_lib.NameFormat and not isinstance(value, type)
+                                      and isinstance(value, step_lib.OrbaxNameFormat)):
             arguments.implements(value, kind, name)
     for name, value, cls in (("context", context, Context), ("local", local, tiers.LocalCheckpointOptions)):
         if value is not None:
@@ -898,7 +902,7 @@ def checkpoint_metadata(step_dir: storage.Location, name: str | None, *, step: i
             doc = formats.trees(step_dir, [only])[only]
         tree = loading.tree_metadata(doc)
     return CheckpointMetadata(step if step is not None else formats.step_of(step_dir, manifest), step_dir, metadata=tree,
-                              metrics=fmt.decode_metrics(manifest.get("metrics")),
+                              metrics=fmt.decode_json(manifest, "metrics"),
                               init_timestamp_nsecs=manifest.get("init_timestamp_nsecs"),
                               commit_timestamp_nsecs=manifest.get("commit_timestamp_nsecs"),
-                              custom_metadata=manifest.get("custom_metadata"))
+                              custom_metadata=fmt.reported_custom_metadata(fmt.decode_json(manifest, "custom_metadata")))

@@ -116,6 +116,16 @@ def test_a_stateful_checkpointable_saves_itself_and_loads_in_place(tmp_path):
         ckpt.load_checkpointables(tmp_path / "m")
 
 
+def test_the_metadata_of_a_stateful_checkpointable_is_none_as_in_orbax(tmp_path):
+    with Checkpointer(tmp_path / "run") as ckptr:
+        ckptr.save_checkpointables(0, {"state": {"w": np.ones(2)}, "counter": Counter(7)})
+        trees = ckptr.checkpointables_metadata(0).metadata
+    assert trees["counter"] is None and trees["state"]["w"].shape == (2,)
+    ckpt.save_checkpointables(tmp_path / "m", {"state": {"w": np.ones(2)}, "counter": Counter(7)})
+    trees = ckpt.checkpointables_metadata(tmp_path / "m").metadata
+    assert trees["counter"] is None and trees["state"]["w"].shape == (2,)
+
+
 def test_a_handler_name_on_disk_is_only_looked_up_never_imported(tmp_path):
     with registry_context():
         ckpt.save_checkpointables(tmp_path / "m", {"vocab": Vocab(["x"])})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import math
 import os
 import re
 import shutil
@@ -25,7 +26,7 @@ from ckpt import tree as tree_lib
 from ckpt.training import Checkpointer
 from ckpt.verify import verify_step
 from tests import procs
-from tests.fsutil import as_version_1, flip, rewrite_tree, tree_doc
+from tests.fsutil import as_version_1, flip, rewrite_manifest, rewrite_tree, tree_doc
 
 LARGE = (1 << 20) // 4 + 1  # float32 elements: over the packing threshold
 
@@ -64,6 +65,27 @@ def test_manifest_is_json_with_version_step_timestamps_metrics_and_the_tree_chec
     assert manifest["metrics"] == {"loss": 0.25} and manifest["custom_metadata"] == {"epoch": 2}
     assert 0 < manifest["init_timestamp_nsecs"] <= manifest["commit_timestamp_nsecs"]
     assert manifest["tree_crc32"] == zlib.crc32((step_dir / "tree.json").read_bytes())
+
+
+def test_non_finite_metrics_and_the_strings_nan_and_inf_both_come_back_as_saved(tmp_path):
+    metrics = {"status": "nan", "clip": ["inf", "-inf"], "loss": float("nan"), "best": [float("inf"), -float("inf")]}
+    with Checkpointer(tmp_path) as ckptr:
+        ckptr.save(0, {"w": np.ones(2)}, metrics=metrics)
+    manifest = json.loads((tmp_path / "0" / fmt.MANIFEST).read_bytes())
+    assert manifest["metrics"] == {"status": "nan", "clip": ["inf", "-inf"], "loss": "nan", "best": ["inf", "-inf"]}
+    assert manifest["non_finite"] == {"metrics": [["loss"], ["best", 0], ["best", 1]]}
+    with Checkpointer(tmp_path) as ckptr:  # a restarted run
+        for got in (ckptr.latest.metrics, ckptr.metadata(0).metrics):
+            assert got["status"] == "nan" and got["clip"] == ["inf", "-inf"]
+            assert math.isnan(got["loss"]) and got["best"] == [math.inf, -math.inf]
+
+
+def test_a_step_saved_before_non_finite_was_recorded_reads_its_nan_strings_as_floats(tmp_path):
+    with Checkpointer(tmp_path) as ckptr:
+        ckptr.save(0, {"w": np.ones(2)}, metrics={"loss": float("nan"), "best": float("-inf")})
+    rewrite_manifest(tmp_path / "0", lambda manifest: manifest.pop("non_finite"))  # as ckpt wrote it before
+    with Checkpointer(tmp_path) as ckptr:
+        assert math.isnan(ckptr.latest.metrics["loss"]) and ckptr.latest.metrics["best"] == -math.inf
 
 
 def test_tree_json_describes_every_leaf_with_dtype_shape_location_and_checksum(tmp_path):

@@ -18,7 +18,7 @@ from ckpt import cli, errors
 from ckpt.integrations.flax import CheckpointHook, restore_train_state
 from ckpt.path import step as step_lib
 from ckpt.training import preservation_policies, save_decision_policies
-from tests import orbax_writer
+from tests import orbax_writer, procs
 from tests.orbax_writer import flax_train
 
 SINGLE_NAMES = step_lib.standard_name_format(step_prefix="step", step_format_fixed_length=4)
@@ -129,6 +129,30 @@ def test_a_sharded_orbax_array_loads_into_the_abstract_trees_sharding(orbax_runs
         restored = ckptr.load(1, abstract)
     assert restored["params"]["w"].sharding == sharding
     assert_same(restored["params"], orbax_writer.mixed_state(1)["params"])
+
+
+ORBAX_SHARDED_AS_SAVED = r"""
+import sys
+import jax, numpy as np
+import ckpt
+sys.modules["orbax"] = None  # read with tensorstore alone
+assert jax.device_count() == 2, jax.devices()
+with ckpt.Checkpointer(sys.argv[1]) as ckptr:
+    w = ckptr.load(1)["params"]["w"]
+mesh = jax.sharding.Mesh(np.array(jax.devices()), ("x",))
+assert w.sharding == jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("x")), w.sharding
+print("AS-SAVED", np.asarray(w).sum())
+"""
+
+
+def test_an_orbax_array_loaded_without_a_tree_gets_its_saved_sharding_where_the_devices_allow(orbax_runs):
+    result = procs.run_script(ORBAX_SHARDED_AS_SAVED, str(orbax_runs / "v1"), timeout=120, JAX_PLATFORMS="cpu",
+                              XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    assert result.returncode == 0 and "AS-SAVED 552.0" in result.stdout, result.stdout + result.stderr
+    with ckpt.Checkpointer(orbax_runs / "v1") as ckptr:  # one device here: the default device, with a warning
+        with pytest.warns(UserWarning, match="saved sharding.*default device"):
+            w = ckptr.load(1)["params"]["w"]
+    assert w.sharding == jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
 
 def test_v0_single_and_named_items_load_bit_for_bit(orbax_runs):

@@ -5,14 +5,17 @@ The item's ``_METADATA`` lists every leaf by its key path (``key_type`` 1: a seq
 key or field) with its ``value_type``: ``jax.Array`` and ``np.ndarray`` (a zarr array named by the
 keys joined with dots: ``params.w``), ``scalar`` (a 0-d array, restored as a Python number),
 ``string`` (in ``_strings.json``), and ``None``, ``Dict``, ``List``, ``Tuple`` for None and empty
-containers. Arrays live in one OCDBT database (``manifest.ocdbt``, ``d/``, ``ocdbt.process_<i>/``) or,
+containers. A jax array's ``NamedSharding`` is in ``_sharding`` (by the base64 of its name), restored
+as ckpt restores its own (``ckpt.shardings``). Arrays live in one OCDBT database (``manifest.ocdbt``, ``d/``, ``ocdbt.process_<i>/``) or,
 with ``use_ocdbt=False``, one directory each; zarr3 or zarr v2 by ``use_zarr3``. A typed PRNG key is
 stored as its key data, its implementation in ``array_metadatas/process_<i>``.
 """
 from __future__ import annotations
 
 import ast
+import base64
 import contextlib
+import json
 import os
 import resource
 from pathlib import Path
@@ -93,6 +96,7 @@ class PyTreeItem:
     def _describe(self, leaf_paths: list[tree_lib.KeyPath], by_path: dict[tuple, dict]) -> None:
         """Fills ``metas`` (opening every array, all at once) and ``stores``."""
         strings, impls, opening, budget = None, self._key_impls(), {}, _allocatable()
+        placed = self._shardings()
         for i, path in enumerate(leaf_paths):
             value = by_path[tuple(k for _, k in path)]
             kind, name = value.get("value_type"), ".".join(str(k) for _, k in path)
@@ -109,6 +113,8 @@ class PyTreeItem:
                 meta["type"] = {"jax.Array": "jax", "np.ndarray": "numpy", "scalar": "scalar"}[kind]
                 if name in impls:
                     meta.update(type="jax_key", impl=impls[name])
+                elif kind == "jax.Array" and name in placed:
+                    meta["sharding"] = placed[name]
                 meta["stored"] = f"{self.name}/{name}" + (" (OCDBT)" if self._ocdbt else "/")
                 opening[i] = ts.open(self._spec(name), open=True, context=_CONTEXT)
             else:
@@ -174,6 +180,23 @@ class PyTreeItem:
                     impls[str(array.get("param_name"))] = ext["random_key_impl"]
         return impls
 
+    def _shardings(self) -> dict[str, Any]:
+        """The saved ``NamedSharding`` of each jax array (by its name) as ``ckpt.shardings`` JSON, from
+        ``_sharding``; an entry ckpt cannot read is passed on as it is, for ``shardings.restore`` to warn of."""
+        path = self.directory / "_sharding"
+        doc = files.read_json(path, self.step_dir) if files.is_plain_file(path) else {}
+        placed: dict[str, Any] = {}
+        for key, text in doc.items() if isinstance(doc, dict) else ():
+            try:
+                name = base64.urlsafe_b64decode(key).decode()
+                entry = json.loads(text)
+            except (ValueError, TypeError, RecursionError):
+                continue  # not the sharding of any leaf
+            sharding = _named_sharding(entry)
+            if sharding is not None:
+                placed[name] = sharding
+        return placed
+
     def sources(self, wanted) -> list[ArraySource | None]:
         """A source for each wanted leaf stored as an array (None for the others)."""
         row: list[ArraySource | None] = [None] * len(self.metas)
@@ -181,6 +204,22 @@ class PyTreeItem:
             if i in self.stores and row[i] is None:
                 row[i] = ArraySource(self, self.metas[i], self.stores[i])
         return row
+
+
+def _named_sharding(entry: Any) -> Any:
+    """Orbax's JSON of a ``NamedSharding`` (``shape``, ``axis_names``, ``partition_spec``, ``device_mesh``:
+    nested lists of ``{"id": n}``) as ``ckpt.shardings``'; None for another sharding (a single device's:
+    the default device); the entry itself when it cannot be read."""
+    if not isinstance(entry, dict) or entry.get("sharding_type") != "NamedSharding":
+        return None
+    try:
+        devices = entry["device_mesh"]["mesh"]
+        for _ in entry["shape"][1:]:
+            devices = [d for row in devices for d in row]
+        return {"mesh_shape": list(entry["shape"]), "axis_names": list(entry["axis_names"]),
+                "device_ids": [d["id"] for d in devices], "spec": list(entry["partition_spec"])}
+    except (TypeError, KeyError, IndexError):
+        return entry
 
 
 def _unreadable(store: ts.TensorStore, budget: int) -> str | None:

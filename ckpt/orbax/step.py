@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from ckpt import leaves as leaves_lib
+from ckpt import format as fmt
 from ckpt import loading, schema, storage
 from ckpt import tree as tree_lib
 from ckpt.errors import CheckpointableNotFoundError, CheckpointCorruptedError, UnsupportedLayoutError
@@ -86,11 +87,11 @@ def _is_item(item: Path, step_dir: Path) -> bool:
     return _is_msgpack_tree(item / "checkpoint")
 
 
-def named_otherwise(root: Path, name_format: Any) -> list[str]:
-    """The names of the Orbax steps in ``root`` that ``name_format`` (a ckpt NameFormat) does not parse:
-    written with another ``step_name_format`` (a prefix, zero padding)."""
+def named_otherwise(root: Path, parse: Callable[[str], int | None]) -> list[str]:
+    """The names of the Orbax steps in ``root`` that ``parse`` (a step name format's, see
+    ``ckpt.root.step_parser``) does not read: written with another ``step_name_format`` (a prefix, zero padding)."""
     names = os.listdir(root) if files.is_plain_dir(root) else []
-    return sorted(n for n in names if name_format.parse_name(n) is None and is_step(root / n))
+    return sorted(n for n in names if parse(n) is None and is_step(root / n))
 
 
 def _step_metadata(step_dir: Path) -> dict:
@@ -115,9 +116,10 @@ def info(step_dir: Path) -> dict:
     if not schema.is_timestamp(commit):  # Orbax's own fallback: the directory's time
         commit = os.lstat(step_dir).st_mtime_ns
     init = data.get("init_timestamp_nsecs")
-    return {"format": "orbax", "metrics": metrics, "commit_timestamp_nsecs": commit,
+    # NON_FINITE empty: Orbax's JSON holds NaN and Infinity themselves, and its strings are strings
+    return {"format": "orbax", "metrics": metrics, fmt.NON_FINITE: {}, "commit_timestamp_nsecs": commit,
             "init_timestamp_nsecs": init if schema.is_timestamp(init) else None,
-            "custom_metadata": data.get("custom_metadata") or None}
+            "custom_metadata": data.get("custom_metadata")}
 
 
 def root_custom_metadata(root: Path) -> Any:

@@ -11,10 +11,11 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from typing import Iterable, Protocol, runtime_checkable
+from typing import Any, Iterable, Protocol, Sequence, runtime_checkable
 
 from ckpt import format as fmt
 from ckpt import root, storage
+from ckpt.metadata import CheckpointMetadata
 
 
 @runtime_checkable
@@ -38,8 +39,56 @@ class NameFormat(Protocol):
         """The step a directory name stands for, or None if it is not one of ours."""
 
 
+@runtime_checkable
+class OrbaxNameFormat(Protocol):
+    """Orbax's ``NameFormat`` protocol, which a ``Checkpointer`` takes too: the steps of a root are those
+    ``find_all`` lists (once per listing of the root), and ``find_step`` finds one.
+    ckpt's own formats have these methods besides ``parse_name``.
+
+    Example::
+
+        class EpochNames:                                # written for Orbax: build_name, find_all, find_step
+            def __init__(self):
+                self._std = standard_name_format(step_prefix="epoch")
+            def build_name(self, step):
+                return self._std.build_name(step)
+            def find_all(self, base_path):
+                return self._std.find_all(base_path)
+            def find_step(self, base_path, step):
+                return self._std.find_step(base_path, step)
+        with ckpt.Checkpointer("runs/exp1", step_name_format=EpochNames()) as ckptr:
+            ckptr.save(3, {"w": np.ones(3)})
+            assert ckptr.latest.path.name == "epoch_3"
+    """
+
+    def build_name(self, step: int) -> str:
+        """The directory name of ``step``."""
+
+    def find_all(self, base_path: Any) -> Iterable[Any]:
+        """The committed steps below ``base_path``: objects with ``step`` and ``path``."""
+
+    def find_step(self, base_path: Any, step: int) -> Any:
+        """The committed ``step`` below ``base_path`` (with ``step`` and ``path``); ValueError if there is none."""
+
+
+class _FindsSteps:
+    """Orbax's ``find_all`` and ``find_step`` for a format with ``parse_name``."""
+
+    def find_all(self, base_path: str | os.PathLike) -> list[CheckpointMetadata]:
+        """The committed steps below ``base_path``, ascending (``step`` and ``path`` set)."""
+        base = storage.location(base_path)
+        return [CheckpointMetadata(step, base / name) for step, name in find_all(base, self).items()]
+
+    def find_step(self, base_path: str | os.PathLike, step: int) -> CheckpointMetadata:
+        """The committed ``step`` below ``base_path``; ValueError (as in Orbax) if there is none."""
+        for found in self.find_all(base_path):
+            if found.step == step:
+                return found
+        raise ValueError(f"no committed step {step} named by {self!r} in {base_path}")
+
+
 @dataclasses.dataclass(frozen=True)
-class StandardNameFormat:
+class StandardNameFormat(_FindsSteps):
     """Names like ``23``, ``0023``, ``step_23`` or ``step_0023``.
 
     Args:
@@ -92,6 +141,55 @@ def standard_name_format(
     return StandardNameFormat(step_prefix, step_format_fixed_length)
 
 
+@dataclasses.dataclass(frozen=True)
+class CompositeNameFormat(_FindsSteps):
+    """Writes names of ``write_name_format``; reads a name by the first of ``read_name_formats`` that
+    parses it (a run that changed its naming lists both).
+
+    Example::
+
+        names = CompositeNameFormat(standard_name_format(step_prefix="ckpt"),
+                                    (standard_name_format(step_prefix="ckpt"), standard_name_format(step_prefix="step")))
+        assert names.build_name(2) == "ckpt_2" and names.parse_name("step_1") == 1
+    """
+
+    write_name_format: NameFormat
+    read_name_formats: tuple[NameFormat, ...]
+
+    def __post_init__(self):
+        for i, name_format in enumerate(self.read_name_formats):
+            if not isinstance(name_format, NameFormat) or isinstance(name_format, type):
+                raise TypeError(f"read_name_formats[{i}] must be a step name format with build_name and parse_name "
+                                f"(such as standard_name_format(...)), got {name_format!r}")
+        if self.write_name_format not in self.read_name_formats:
+            raise ValueError(f"write_name_format {self.write_name_format!r} must be one of read_name_formats "
+                             "(as in Orbax): steps it writes must be read back")
+
+    def build_name(self, step: int) -> str:
+        return self.write_name_format.build_name(step)
+
+    def parse_name(self, name: str) -> int | None:
+        for name_format in self.read_name_formats:
+            step = name_format.parse_name(name)
+            if step is not None:
+                return step
+        return None
+
+
+def composite_name_format(write_name_format: NameFormat, read_name_formats: Sequence[NameFormat]) -> CompositeNameFormat:
+    """Orbax's ``composite_name_format``: writes with ``write_name_format``, which must be one of
+    ``read_name_formats``; lists and loads the steps any of them names (the first that parses a name wins).
+
+    Example::
+
+        old, new = standard_name_format(step_prefix="step"), standard_name_format(step_prefix="ckpt")
+        with ckpt.Checkpointer("runs/exp1", step_name_format=composite_name_format(new, [new, old])) as ckptr:
+            ckptr.save(2, {"w": np.ones(3)})
+            assert ckptr.latest.path.name == "ckpt_2"
+    """
+    return CompositeNameFormat(write_name_format, tuple(read_name_formats))
+
+
 def _is_plain_name(name: object) -> bool:
     """A non-empty name of one directory, not hidden, without a path separator or NUL."""
     return (isinstance(name, str) and bool(name) and not name.startswith(".")
@@ -117,6 +215,8 @@ def checked_name(name_format: NameFormat, step: int) -> str:
     if not _is_plain_name(name):
         raise ValueError(f"step name format {name_format!r} built {name!r} for step {step}, which is not a plain "
                          "directory name (empty, starts with '.', or contains a path separator)")
+    if not isinstance(name_format, NameFormat):  # Orbax's protocol: its find_all reads names, after the commit
+        return name
     parsed = name_format.parse_name(name)
     if parsed != step:
         raise ValueError(f"step name format {name_format!r} built {name!r} for step {step}, which parses back to "

@@ -145,7 +145,7 @@ class TorchProcesses:
             store.wait([key], datetime.timedelta(seconds=timeout_secs))
         except Exception as e:  # torch raises DistStoreError (a RuntimeError) on timeout
             raise TimeoutError(f"rank {self.index} of {self.count} waited {timeout_secs:g} s for {what}; a rank "
-                               f"stopped, or does not make the same ckpt calls: every rank calls a Checkpointer's methods and "
+                               "stopped, or does not make the same ckpt calls: every rank calls a Checkpointer's methods and "
                                "ckpt.save alike (to save from one rank alone, save inside ckpt.Context(multiprocessing_"
                                f"options=ckpt.MultiprocessingOptions(processes=ckpt.distributed.SingleProcess()))) ({e})"
                                ) from None

@@ -54,6 +54,7 @@ class Config:
     ckpt_path: str | None = None
     namespace: str = "pytorch_lightning"
     callbacks: tuple = ()  # Lightning's beside ours: "swa", "ema", "accumulation_scheduler", "batch_size_finder"
+    stop_at: int | None = None  # the module sets trainer.should_stop in the training step that ends at this step
 
     def reference_key(self) -> "Config":
         return dataclasses.replace(self, kill_at=0)
@@ -101,6 +102,9 @@ CONFIGS: dict[str, Config] = {
     "ema_weight_averaging_val_due": Config(kill_at=16, val=True, callbacks=("ema",)),
     "accumulation_scheduler": Config(kill_at=10, callbacks=("accumulation_scheduler",)),
     "max_time_timer_state": Config(kill_at=11, trainer=(("max_time", "00:01:00:00"),)),
+    # the killed run is killed after fit (as during a trainer.test after it); the restarted one ends at once
+    "module_should_stop_mid_epoch": Config(kill_at=11, stop_at=11, scheduler="plateau_epoch", epoch_metrics=True),
+    "module_should_stop_validates": Config(kill_at=11, stop_at=11, val=True, epoch_metrics=True),
     "lightning_pytorch_namespace": Config(kill_at=13, val=True, epoch_metrics=True,
                                           namespace="lightning.pytorch"),
 }
@@ -147,6 +151,8 @@ def _classes(namespace: str) -> dict[str, Any]:
             return loss
 
         def training_step(self, batch: Any, batch_idx: int) -> Any:
+            if self.cfg.stop_at is not None and self.trainer.global_step == self.cfg.stop_at - 1:
+                self.trainer.should_stop = True
             loss = self._loss(batch)
             if self.automatic_optimization:
                 return loss
@@ -212,6 +218,9 @@ def _classes(namespace: str) -> dict[str, Any]:
             self._maybe_kill()
 
         def on_validation_end(self) -> None:
+            self._maybe_kill()
+
+        def on_train_end(self) -> None:
             self._maybe_kill()
 
         def on_train_epoch_start(self) -> None:

@@ -273,9 +273,9 @@ class CheckpointCallbackMixin:
             self._prepare_after_step = False  # the save makes its own memory, kept for the next ones
             point = tail.save_point(trainer, last)
             if point.hook == "on_train_batch_end":
-                self._save(trainer, step, point, force=point.last or trainer.received_sigterm)
+                self._save(trainer, step, point, force=last or trainer.received_sigterm)
             else:
-                self._pending = (point, trainer.received_sigterm)
+                self._pending = (point, last or trainer.received_sigterm)
         elif self._prepare_after_step:
             self._prepare_after_step = False
             self._prepare(translate.to_checkpointables(resume.dump_checkpoint(trainer)))

@@ -236,6 +236,33 @@ def test_callback_is_the_trainers_checkpoint_callback_and_exposes_best_and_last_
     assert all(math.isfinite(c.metrics["train_loss"]) for c in checkpoints)
 
 
+class ValidatedAt(example.Regressor):
+    """Logs a ``val_loss`` chosen by the step it is validated at."""
+
+    VAL_LOSS = {4: 1.0, 8: 5.0, 12: 6.0}
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", self.VAL_LOSS.get(self.trainer.global_step, 9.0))
+
+
+@pytest.mark.parametrize("stops", [[14], [6, 14]], ids=["one_fit", "resumed_between_validations"])
+def test_monitor_scores_a_step_only_by_a_validation_run_since_the_previous_save(tmp_path, stops):
+    """Every step is saved, validation runs every 4: steps 5-7 must not carry step 4's val_loss, or the
+    latest of them would be kept as the best (as ModelCheckpoint does, step 4 is)."""
+    for max_steps in stops:
+        pl.seed_everything(0, verbose=False)
+        callback = CheckpointCallback(tmp_path, monitor="val_loss", save_decision_policy=sdp.FixedIntervalPolicy(1),
+                                      async_save=False)
+        trainer = pl.Trainer(max_steps=max_steps, val_check_interval=4, check_val_every_n_epoch=None,
+                             num_sanity_val_steps=0, callbacks=[callback], accelerator="cpu", logger=False,
+                             enable_progress_bar=False, enable_model_summary=False)
+        trainer.fit(ValidatedAt(), DataLoader(example.synthetic_data(), batch_size=16, shuffle=True),
+                    DataLoader(example.synthetic_data(32), batch_size=16))
+    assert callback.best_model_path == str(tmp_path / "4")
+    assert {c.step: c.metrics.get("val_loss") for c in callback.checkpointer.checkpoints} == {4: 1.0, 14: None}
+    assert CheckpointCallback(tmp_path, monitor="val_loss").best_model_path == str(tmp_path / "4")
+
+
 def test_a_monitor_that_no_step_logged_is_warned_of_at_the_end_of_fit(tmp_path, caplog):
     """Lightning's ModelCheckpoint raises for a monitored key it cannot find; steps saved before a
     validation lack a validation metric, so the callback says it once the fit is over."""

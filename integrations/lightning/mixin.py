@@ -137,6 +137,7 @@ class CheckpointCallbackMixin:
         self._epoch_start_action: str | None = None  # for the next on_train_epoch_start (see _start_epoch)
         self._restoring: tuple[str, dict, bool] | None = None  # path, checkpoint, sharded: between a restore's halves
         self._accumulation_after_epoch: int | None = None  # the Trainer's, while the saved epoch's is in force
+        self._metrics = monitor_lib.MeasuredMetrics(monitor)  # a save's metrics: monitor only where measured
 
     # ------------------------------------------------------------------ what Lightning reads
     @property
@@ -257,6 +258,7 @@ class CheckpointCallbackMixin:
         self._pending = None
         self._restored_logged = False
         self._resume_data_and_rng(trainer)
+        self._metrics.start(trainer.callback_metrics)
 
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         action, self._epoch_start_action = self._epoch_start_action, None
@@ -343,7 +345,7 @@ class CheckpointCallbackMixin:
         finally:
             self._saving_at = None
         self._saved_step = step
-        metrics = monitor_lib.step_metrics(trainer.callback_metrics)
+        metrics = self._metrics(trainer.callback_metrics)
         if self.async_save:
             self._checkpointer.save_checkpointables_async(step, items, force=force, metrics=metrics)
         else:

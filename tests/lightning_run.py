@@ -2,7 +2,7 @@
 
     python tests/lightning_run.py --dir D --out final.pt --max-steps 30 [--max-epochs 2] [--kill-at 13]
         [--sigterm-at 13] [--policy every:4] [--preserve latest:2] [--monitor train_loss] [--accumulate 2]
-        [--samples 336] [--no-callback] [--ddp] [--model-parallel N] [--accelerator gpu] [--sync-save]
+        [--samples 336] [--no-callback] [--second-dir D2] [--ddp] [--model-parallel N] [--accelerator gpu] [--sync-save]
         [--kill-in-flight]
 
 ``--out`` receives the final parameters, optimizer and scheduler state (torch.save, rank 0; ``OUT.start``
@@ -112,6 +112,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sigterm-at", type=int)
     p.add_argument("--max-time-us", type=int, help="the Trainer's max_time, in microseconds (1: stops after step 1)")
     p.add_argument("--no-callback", action="store_true")
+    p.add_argument("--second-dir", help="a second CheckpointCallback (every 3 steps, best train_loss kept) beside --dir's")
     p.add_argument("--sync-save", action="store_true")
     p.add_argument("--ddp", action="store_true")
     p.add_argument("--model-parallel", type=int, default=0, help="devices of a ModelParallelStrategy (FSDP2)")
@@ -135,6 +136,9 @@ def train(args: argparse.Namespace, directory: str | None, kill: bool = True) ->
     pl.seed_everything(0, verbose=False)
     torch.set_num_threads(1)
     callbacks = [] if directory is None else [make_callback(args, directory)]
+    if args.second_dir is not None:
+        callbacks.append(CheckpointCallback(args.second_dir, save_decision_policy=sdp.FixedIntervalPolicy(3),
+                                            monitor="train_loss", async_save=not args.sync_save))
     strategy, devices = ("ddp_fork", 2) if args.ddp else ("auto", 1)
     if args.model_parallel:
         strategy = pl.strategies.ModelParallelStrategy(data_parallel_size=args.model_parallel, tensor_parallel_size=1)

@@ -20,6 +20,7 @@ from tests.lightning_run import example, final_state, parse_args, same, train  #
 
 import ckpt  # noqa: E402
 from ckpt.integrations.lightning import load_from_checkpoint, load_weights  # noqa: E402
+from ckpt.integrations.lightning import translate  # noqa: E402
 from ckpt.integrations.lightning.pytorch_lightning import CheckpointCallback  # noqa: E402
 from ckpt.training import preservation_policies as pp  # noqa: E402
 from ckpt.training import save_decision_policies as sdp  # noqa: E402
@@ -153,6 +154,34 @@ def test_sigterm_saves_the_current_step_then_lightning_stops_and_a_restart_resum
     resumed = finished(*flags)
     assert started_at(resumed) == 13
     assert same(torch.load(out), expected())
+
+
+def test_two_callbacks_keep_their_own_steps_and_the_newest_step_of_either_resumes_exactly(tmp_path, reference):
+    """A periodic callback and one keeping the best step, as with two ModelCheckpoints: the restart resumes
+    once, from the newest step of the two directories, and each callback goes on with its own steps."""
+    expected = reference("--max-steps", "24")
+    second = tmp_path / "second"
+    flags = ("--max-steps", "24", "--policy", "every:5", "--sync-save", "--second-dir", str(second))
+    killed, out, final = kill_then_restart(tmp_path, *flags, kill_at=13)
+    assert killed == [5, 10]
+    assert started_at(out) == 12  # the second directory's step 12 is newer than the first's 10
+    assert steps_in(tmp_path / "ckpt") == [5, 10, 15, 20, 24]
+    assert steps_in(second)[-1] == 24
+    assert same(final, expected())
+
+
+def test_a_directory_written_before_the_state_key_named_it_resumes_exactly(tmp_path):
+    """Older versions stored the callback's state under the key "CheckpointCallback"."""
+    expected = final_state(train(parse_args(["--max-steps", "30"]), None, kill=False))
+    train(parse_args(["--max-steps", "13"]), str(tmp_path / "new"), kill=False)
+    checkpoint = translate.read(str(tmp_path / "new" / "13"))
+    checkpoint["callbacks"] = {"CheckpointCallback" if k.startswith("CheckpointCallback") else k: v
+                               for k, v in checkpoint["callbacks"].items()}
+    with ckpt.Checkpointer(tmp_path / "old") as old:
+        old.save_checkpointables(13, translate.to_checkpointables(checkpoint), force=True)
+    trainer = train(parse_args(["--max-steps", "30"]), str(tmp_path / "old"), kill=False)
+    assert trainer.lightning_module.started_at == 13
+    assert same(final_state(trainer), expected)
 
 
 def test_ddp_two_processes_agree_write_once_survive_sigkill_and_resume_exactly(tmp_path, reference):

@@ -141,6 +141,12 @@ class CheckpointCallbackMixin:
 
     # ------------------------------------------------------------------ what Lightning reads
     @property
+    def state_key(self) -> str:
+        """Unique per directory (as ``ModelCheckpoint``'s is per options), so that a Trainer takes several
+        callbacks (one keeping the best step, one saving periodically); each restores its own state."""
+        return self._generate_state_key(directory=self.directory)
+
+    @property
     def checkpointer(self) -> Checkpointer | None:
         """The underlying :class:`ckpt.Checkpointer` (after ``setup`` of a fit), else None."""
         return self._checkpointer
@@ -187,18 +193,31 @@ class CheckpointCallbackMixin:
         trainer = self._trainer
         if trainer is None or not self._training_started:  # e.g. BatchSizeFinder's checkpoint before training
             return {}
-        point = self._saving_at or tail.SavePoint(hook="on_train_batch_end", first_loop_iter=None)
+        peers = _peers(trainer)  # any of them may be taking the checkpoint; the first keeps the epoch's record
+        point = next((c._saving_at for c in peers if c._saving_at is not None),
+                     tail.SavePoint(hook="on_train_batch_end", first_loop_iter=None))
         state = logged.capture(trainer)
         if point.hook == "on_validation_end":  # validation ran inside the training loop's logging
             state.update(first_loop_iter=point.first_loop_iter, current_fx=None)
         return {"rng": self._gather(rng.capture(resume.train_loaders(trainer))),
-                "epoch_rng": self._gather(self._epoch_rng), "logged": self._gather(state),
+                "epoch_rng": self._gather(peers[0]._epoch_rng), "logged": self._gather(state),
                 "saved_in": point.hook, "should_stop": bool(trainer.should_stop) and not point.last,
                 "accumulate_grad_batches": trainer.accumulate_grad_batches,
                 "trainable": resume.trainable(trainer.lightning_module)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._loaded_state = state_dict
+
+    def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        """Before Lightning hands the callbacks their states: when none is under this callback's key (the
+        directory was moved or copied, or written by a version whose key was ``"CheckpointCallback"``),
+        this callback takes another CheckpointCallback's, which is the same record of the run."""
+        states = checkpoint.get("callbacks") or {}
+        name = type(self).__qualname__
+        if self.state_key not in states:
+            found = [v for k, v in states.items() if isinstance(k, str) and (k == name or k.startswith(name + "{"))]
+            if found:
+                states[self.state_key] = found[0]
 
     # ------------------------------------------------------------------------------- hooks
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
@@ -219,10 +238,15 @@ class CheckpointCallbackMixin:
     def _restore_modules(self, trainer: Any, pl_module: Any) -> None:
         """At fit start, before the other callbacks' ``on_fit_start`` (as Lightning's own restore): finds
         the latest step and restores the model, datamodule and callbacks from it."""
-        latest = self._checkpointer.latest if self._checkpointer is not None else None
-        found = trainer.strategy.broadcast(None if latest is None else (latest.step, str(latest.path)), src=0)
+        peers = _peers(trainer)
+        found_by_peer = trainer.strategy.broadcast([_latest(c._checkpointer) for c in peers], src=0)
+        found = found_by_peer[peers.index(self)]
         self._latest_step = None if found is None else found[0]
-        if self.restore and found is not None and trainer.ckpt_path is None:
+        # with several callbacks, the one whose directory holds the newest step restores (the first, if equal)
+        newest = max(((f[0], -i) for i, (c, f) in enumerate(zip(peers, found_by_peer)) if f is not None and c.restore),
+                     default=None)
+        if (self.restore and found is not None and trainer.ckpt_path is None
+                and peers[-newest[1]] is self):
             step, path = found
             sharded_model = sharded.is_sharded(trainer)
             loaded = sharded.load(trainer, path) if sharded_model else translate.load(self._checkpointer, step)
@@ -239,7 +263,7 @@ class CheckpointCallbackMixin:
         resume.restore_training_state(trainer, checkpoint, source=path)
         if sharded_model:
             sharded.set_states(trainer, checkpoint)
-        tail.continue_after(trainer, (self._loaded_state or {}).get("saved_in", "on_train_batch_end"))
+        tail.continue_after(trainer, _loaded_state(trainer).get("saved_in", "on_train_batch_end"))
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         self._training_started = True
@@ -257,12 +281,15 @@ class CheckpointCallbackMixin:
         self._at_step_boundary = True
         self._pending = None
         self._restored_logged = False
-        self._resume_data_and_rng(trainer)
+        if self is _peers(trainer)[0]:  # the first of several callbacks continues the data (once)
+            self._resume_data_and_rng(trainer)
+        self._loaded_state = None
         self._metrics.start(trainer.callback_metrics)
 
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         action, self._epoch_start_action = self._epoch_start_action, None
-        self._start_epoch(trainer, action)
+        if self is _peers(trainer)[0]:  # the others' checkpoints take its record
+            self._start_epoch(trainer, action)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
@@ -365,7 +392,7 @@ class CheckpointCallbackMixin:
     # ----------------------------------------------------------------------------- resuming
     def _resume_data_and_rng(self, trainer: Any) -> None:
         """Continues the data where the checkpoint left it, with the RNG states it recorded."""
-        saved, self._loaded_state = self._loaded_state or {}, None
+        saved = _loaded_state(trainer)
         saved_logged = _for_rank(saved.get("logged"), trainer.global_rank)
         if saved_logged is not None:  # checkpoints of earlier versions lack it
             logged.restore(trainer, saved_logged)
@@ -467,6 +494,22 @@ def _instead_of(options: dict[str, Any]) -> str:
                  if p.kind is not p.VAR_KEYWORD]
         message += f"\nIt takes: {', '.join(taken)}"
     return message
+
+
+def _peers(trainer: Any) -> list[CheckpointCallbackMixin]:
+    """The Trainer's CheckpointCallbacks, in its order."""
+    return [c for c in trainer.callbacks if isinstance(c, CheckpointCallbackMixin)]
+
+
+def _loaded_state(trainer: Any) -> dict:
+    """The callbacks' state from the checkpoint restored ({} if none): every CheckpointCallback's state in a
+    checkpoint is the same record of the run, but a callback added since has none."""
+    return next((c._loaded_state for c in _peers(trainer) if c._loaded_state), {})
+
+
+def _latest(checkpointer: Checkpointer | None) -> tuple[int, str] | None:
+    latest = checkpointer.latest if checkpointer is not None else None
+    return None if latest is None else (latest.step, str(latest.path))
 
 
 def _for_rank(states: list[Any] | None, rank: int) -> Any:

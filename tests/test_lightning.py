@@ -306,6 +306,39 @@ def test_a_monitor_that_no_step_logged_is_warned_of_at_the_end_of_fit(tmp_path, 
     assert not [r for r in caplog.records if "monitor=" in r.getMessage()]
 
 
+class CountsSaves(example.Regressor):
+    """Records the steps its ``on_save_checkpoint`` is called at."""
+
+    def __init__(self):
+        super().__init__()
+        self.saved_at: list = []
+
+    def on_save_checkpoint(self, checkpoint):
+        self.saved_at.append(("module", self.trainer.global_step))
+
+
+class CountsCallbackSaves(pl.Callback):
+    def __init__(self, model):
+        self.model = model
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        self.model.saved_at.append(("callback", trainer.global_step))
+
+
+def test_on_save_checkpoint_hooks_run_once_per_saved_step_and_at_no_other(tmp_path):
+    """The callback dumps the state before training and after the first step to prepare the memory of
+    its saves; those dumps save nothing, so no hook may see them."""
+    pl.seed_everything(0, verbose=False)
+    model = CountsSaves()
+    callback = CheckpointCallback(tmp_path, save_decision_policy=sdp.SpecificStepsPolicy([5]))
+    trainer = pl.Trainer(max_steps=10, callbacks=[CountsCallbackSaves(model), callback], accelerator="cpu",
+                         logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, DataLoader(example.synthetic_data(), batch_size=16, shuffle=True))
+    assert steps_in(tmp_path) == [5, 10]
+    assert model.saved_at == [("callback", 5), ("module", 5), ("callback", 10), ("module", 10)]
+    assert "on_save_checkpoint" not in vars(model)  # the module's own method again
+
+
 def test_final_step_is_saved_on_train_end_when_the_policy_skips_it(tmp_path):
     fit(tmp_path, max_steps=5, save_decision_policy=sdp.FixedIntervalPolicy(2), async_save=False)
     assert steps_in(tmp_path) == [2, 4, 5]

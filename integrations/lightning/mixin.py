@@ -274,7 +274,8 @@ class CheckpointCallbackMixin:
                 + (f" (from ckpt_path={trainer.ckpt_path!r})" if trainer.ckpt_path else " (restore=False)")
                 + ": its checkpoints would collide with those steps. Use a new directory, or remove the steps "
                 f"after {step}.")
-        self._prepare(translate.to_checkpointables(resume.dump_checkpoint(trainer)))  # un-storable values fail now
+        # un-storable values fail now; no on_save_checkpoint hook sees this dump, which saves nothing
+        self._prepare(translate.to_checkpointables(resume.dump_checkpoint(trainer, hooks=False)))
         self._prepare_after_step = self.async_save  # optimizers make their state in their first step
         self._decided_step = step
         self._saved_step = self._latest_step
@@ -307,7 +308,7 @@ class CheckpointCallbackMixin:
                 self._pending = (point, last or trainer.received_sigterm)
         elif self._prepare_after_step:
             self._prepare_after_step = False
-            self._prepare(translate.to_checkpointables(resume.dump_checkpoint(trainer)))
+            self._prepare(translate.to_checkpointables(resume.dump_checkpoint(trainer, hooks=False)))
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
         if self._pending is not None and self._pending[0].hook == "on_validation_end" and not trainer.sanity_checking:

@@ -256,10 +256,15 @@ class CheckpointCallbackMixin:
             self._restoring = (path, resume.restore_modules(trainer, checkpoint, source=path), sharded_model)
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        """After the other callbacks' ``on_fit_start``: restores the rest of the step found before them."""
-        if self._restoring is None:
+        """After the other callbacks' ``on_fit_start``: restores the rest of the step found before them.
+        With ``trainer.fit(ckpt_path=...)`` of a checkpoint this callback wrote, restores it the same way
+        (Lightning would restore the loops after every ``on_fit_start``, too late to set where they go on)."""
+        if self._restoring is not None:
+            (path, checkpoint, sharded_model), self._restoring = self._restoring, None
+        elif _loaded_state(trainer) and resume.loaded_checkpoint(trainer) is not None:
+            path, checkpoint, sharded_model = str(trainer.ckpt_path), resume.loaded_checkpoint(trainer), False
+        else:
             return
-        (path, checkpoint, sharded_model), self._restoring = self._restoring, None
         resume.restore_training_state(trainer, checkpoint, source=path)
         if sharded_model:
             sharded.set_states(trainer, checkpoint)

@@ -47,6 +47,12 @@ def restore_training_state(trainer: Any, checkpoint: dict, *, source: str) -> No
     rank_zero_info(trainer, f"Restored all states from the ckpt checkpoint at {source}")
 
 
+def loaded_checkpoint(trainer: Any) -> dict | None:
+    """The checkpoint of ``trainer.fit(ckpt_path=...)`` whose training state Lightning has yet to restore
+    (None when there is none, or once restored)."""
+    return _private(trainer, "_checkpoint_connector")._loaded_checkpoint or None
+
+
 def trainable(module: Any) -> torch.Tensor:
     """Which of ``module``'s parameters require gradients, in ``parameters()`` order (a tensor: Lightning's
     own files hold it too, read by ``torch.load(weights_only=True)``): no checkpoint holds it, and

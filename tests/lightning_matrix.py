@@ -51,9 +51,10 @@ class Config:
     data: str = "map"  # map | iterable | datamodule
     workers: int = 0
     model_checkpoint: bool = False  # Lightning's ModelCheckpoint beside ours
-    ckpt_path: str | None = None
+    ckpt_path: str | None = None  # "last_model_path": the restarted run passes the callback's (a step directory)
     namespace: str = "pytorch_lightning"
     callbacks: tuple = ()  # Lightning's beside ours: "swa", "ema", "accumulation_scheduler", "batch_size_finder"
+    stop_at: int | None = None  # the module sets trainer.should_stop in the training step that ends at this step
 
     def reference_key(self) -> "Config":
         return dataclasses.replace(self, kill_at=0)
@@ -86,6 +87,10 @@ CONFIGS: dict[str, Config] = {
     "datamodule_state": Config(kill_at=11, data="datamodule"),
     "model_checkpoint_beside": Config(kill_at=11, model_checkpoint=True),
     "fit_ckpt_path_last": Config(kill_at=11, ckpt_path="last"),
+    "fit_ckpt_path_step_directory": Config(kill_at=11, ckpt_path="last_model_path"),
+    "fit_ckpt_path_step_directory_max_steps_last_batch": Config(
+        kill_at=8, max_epochs=-1, max_steps=20, scheduler="plateau_epoch", epoch_metrics=True,
+        ckpt_path="last_model_path"),
     "batchnorm_buffers": Config(kill_at=11, model="batchnorm"),
     "reload_dataloaders_with_workers": Config(kill_at=11, workers=2,
                                               trainer=(("reload_dataloaders_every_n_epochs", 1),)),
@@ -101,6 +106,9 @@ CONFIGS: dict[str, Config] = {
     "ema_weight_averaging_val_due": Config(kill_at=16, val=True, callbacks=("ema",)),
     "accumulation_scheduler": Config(kill_at=10, callbacks=("accumulation_scheduler",)),
     "max_time_timer_state": Config(kill_at=11, trainer=(("max_time", "00:01:00:00"),)),
+    # the killed run is killed after fit (as during a trainer.test after it); the restarted one ends at once
+    "module_should_stop_mid_epoch": Config(kill_at=11, stop_at=11, scheduler="plateau_epoch", epoch_metrics=True),
+    "module_should_stop_validates": Config(kill_at=11, stop_at=11, val=True, epoch_metrics=True),
     "lightning_pytorch_namespace": Config(kill_at=13, val=True, epoch_metrics=True,
                                           namespace="lightning.pytorch"),
 }
@@ -147,6 +155,8 @@ def _classes(namespace: str) -> dict[str, Any]:
             return loss
 
         def training_step(self, batch: Any, batch_idx: int) -> Any:
+            if self.cfg.stop_at is not None and self.trainer.global_step == self.cfg.stop_at - 1:
+                self.trainer.should_stop = True
             loss = self._loss(batch)
             if self.automatic_optimization:
                 return loss
@@ -212,6 +222,9 @@ def _classes(namespace: str) -> dict[str, Any]:
             self._maybe_kill()
 
         def on_validation_end(self) -> None:
+            self._maybe_kill()
+
+        def on_train_end(self) -> None:
             self._maybe_kill()
 
         def on_train_epoch_start(self) -> None:
@@ -332,7 +345,10 @@ def run(cfg: Config, directory: str | None, kill: bool, trace_path: str) -> dict
         x = torch.randn(16, 4, generator=generator)
         loaders["val_dataloaders"] = torch.utils.data.DataLoader(
             torch.utils.data.TensorDataset(torch.arange(16), x, x.sum(1, keepdim=True)), batch_size=8)
-    trainer.fit(model, ckpt_path=cfg.ckpt_path, **loaders)
+    ckpt_path = cfg.ckpt_path
+    if ckpt_path == "last_model_path":
+        ckpt_path = (callbacks[-1].last_model_path or None) if directory is not None else None
+    trainer.fit(model, ckpt_path=ckpt_path, **loaders)
     return {"trace": model.trace, "started_at": model.started_at, "final": final_state(trainer, data)}
 
 

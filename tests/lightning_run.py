@@ -2,7 +2,7 @@
 
     python tests/lightning_run.py --dir D --out final.pt --max-steps 30 [--max-epochs 2] [--kill-at 13]
         [--sigterm-at 13] [--policy every:4] [--preserve latest:2] [--monitor train_loss] [--accumulate 2]
-        [--samples 336] [--no-callback] [--ddp] [--model-parallel N] [--accelerator gpu] [--sync-save]
+        [--samples 336] [--no-callback] [--second-dir D2] [--ddp] [--model-parallel N] [--accelerator gpu] [--sync-save]
         [--kill-in-flight]
 
 ``--out`` receives the final parameters, optimizer and scheduler state (torch.save, rank 0; ``OUT.start``
@@ -110,25 +110,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--kill-at", type=int)
     p.add_argument("--kill-in-flight", action="store_true")
     p.add_argument("--sigterm-at", type=int)
-    p.add_argument("--stop-at", type=int, help="a callback stops the run after this step, as Timer's max_time does")
+    p.add_argument("--max-time-us", type=int, help="the Trainer's max_time, in microseconds (1: stops after step 1)")
     p.add_argument("--no-callback", action="store_true")
+    p.add_argument("--second-dir", help="a second CheckpointCallback (every 3 steps, best train_loss kept) beside --dir's")
     p.add_argument("--sync-save", action="store_true")
     p.add_argument("--ddp", action="store_true")
     p.add_argument("--model-parallel", type=int, default=0, help="devices of a ModelParallelStrategy (FSDP2)")
     p.add_argument("--accelerator", default="cpu", help="cpu | gpu (deterministic algorithms on gpu)")
     p.add_argument("--sweep", action="store_true")
     return p.parse_args(argv)
-
-
-class StopAt(pl.Callback):
-    """Sets ``trainer.should_stop`` at the end of a step, as ``Timer`` does when ``max_time`` is up."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_end(self, trainer, *args) -> None:
-        if trainer.global_step == self.step:
-            trainer.should_stop = True
 
 
 def make_callback(args: argparse.Namespace, directory: str) -> CheckpointCallback:
@@ -146,8 +136,9 @@ def train(args: argparse.Namespace, directory: str | None, kill: bool = True) ->
     pl.seed_everything(0, verbose=False)
     torch.set_num_threads(1)
     callbacks = [] if directory is None else [make_callback(args, directory)]
-    if args.stop_at is not None:
-        callbacks.append(StopAt(args.stop_at))
+    if args.second_dir is not None:
+        callbacks.append(CheckpointCallback(args.second_dir, save_decision_policy=sdp.FixedIntervalPolicy(3),
+                                            monitor="train_loss", async_save=not args.sync_save))
     strategy, devices = ("ddp_fork", 2) if args.ddp else ("auto", 1)
     if args.model_parallel:
         strategy = pl.strategies.ModelParallelStrategy(data_parallel_size=args.model_parallel, tensor_parallel_size=1)
@@ -157,7 +148,7 @@ def train(args: argparse.Namespace, directory: str | None, kill: bool = True) ->
         max_steps=args.max_steps, max_epochs=args.max_epochs, accumulate_grad_batches=args.accumulate, callbacks=callbacks,
         enable_checkpointing=directory is not None, accelerator=args.accelerator, devices=devices,
         deterministic=args.accelerator != "cpu", strategy=strategy, logger=False, enable_progress_bar=False,
-        enable_model_summary=False)
+        enable_model_summary=False, max_time=None if args.max_time_us is None else {"microseconds": args.max_time_us})
     model = (ShardedStoppingRegressor if args.model_parallel else StoppingRegressor)(
         args.kill_at if kill else None, args.sigterm_at if kill else None,
         wait_for_save=not args.kill_in_flight, out=args.out if kill else None)

@@ -20,6 +20,7 @@ from tests.lightning_run import example, final_state, parse_args, same, train  #
 
 import ckpt  # noqa: E402
 from ckpt.integrations.lightning import load_from_checkpoint, load_weights  # noqa: E402
+from ckpt.integrations.lightning import translate  # noqa: E402
 from ckpt.integrations.lightning.pytorch_lightning import CheckpointCallback  # noqa: E402
 from ckpt.training import preservation_policies as pp  # noqa: E402
 from ckpt.training import save_decision_policies as sdp  # noqa: E402
@@ -155,6 +156,34 @@ def test_sigterm_saves_the_current_step_then_lightning_stops_and_a_restart_resum
     assert same(torch.load(out), expected())
 
 
+def test_two_callbacks_keep_their_own_steps_and_the_newest_step_of_either_resumes_exactly(tmp_path, reference):
+    """A periodic callback and one keeping the best step, as with two ModelCheckpoints: the restart resumes
+    once, from the newest step of the two directories, and each callback goes on with its own steps."""
+    expected = reference("--max-steps", "24")
+    second = tmp_path / "second"
+    flags = ("--max-steps", "24", "--policy", "every:5", "--sync-save", "--second-dir", str(second))
+    killed, out, final = kill_then_restart(tmp_path, *flags, kill_at=13)
+    assert killed == [5, 10]
+    assert started_at(out) == 12  # the second directory's step 12 is newer than the first's 10
+    assert steps_in(tmp_path / "ckpt") == [5, 10, 15, 20, 24]
+    assert steps_in(second)[-1] == 24
+    assert same(final, expected())
+
+
+def test_a_directory_written_before_the_state_key_named_it_resumes_exactly(tmp_path):
+    """Older versions stored the callback's state under the key "CheckpointCallback"."""
+    expected = final_state(train(parse_args(["--max-steps", "30"]), None, kill=False))
+    train(parse_args(["--max-steps", "13"]), str(tmp_path / "new"), kill=False)
+    checkpoint = translate.read(str(tmp_path / "new" / "13"))
+    checkpoint["callbacks"] = {"CheckpointCallback" if k.startswith("CheckpointCallback") else k: v
+                               for k, v in checkpoint["callbacks"].items()}
+    with ckpt.Checkpointer(tmp_path / "old") as old:
+        old.save_checkpointables(13, translate.to_checkpointables(checkpoint), force=True)
+    trainer = train(parse_args(["--max-steps", "30"]), str(tmp_path / "old"), kill=False)
+    assert trainer.lightning_module.started_at == 13
+    assert same(final_state(trainer), expected)
+
+
 def test_ddp_two_processes_agree_write_once_survive_sigkill_and_resume_exactly(tmp_path, reference):
     expected = reference("--ddp", "--max-steps", "20")
     flags = ("--ddp", "--max-steps", "20", "--policy", "every:4")
@@ -181,8 +210,9 @@ def test_example_resumes_where_it_stopped(tmp_path):
     # Lightning counts an epoch that max_steps or a stop cuts short as completed: a resume from a save
     # taken after that skipped the epoch's other batches
     (("--max-steps", "30"), ("--max-steps", "-1", "--max-epochs", "3"), 30),
-    (("--max-steps", "-1", "--max-epochs", "3", "--stop-at", "30"), ("--max-steps", "-1", "--max-epochs", "3"), 30),
-], ids=["max_epochs", "max_steps", "max_steps_then_max_epochs", "stopped_by_a_callback_as_by_max_time"])
+    # Timer's max_time (1 microsecond: up after the first step); the run started again has none
+    (("--max-steps", "-1", "--max-epochs", "3", "--max-time-us", "1"), ("--max-steps", "-1", "--max-epochs", "3"), 1),
+], ids=["max_epochs", "max_steps", "max_steps_then_max_epochs", "stopped_by_max_time"])
 def test_extending_a_finished_run_continues_as_if_it_had_never_stopped(tmp_path, first, second, start):
     expected = final_state(train(parse_args(list(second)), None, kill=False))
     train(parse_args(["--policy", "every:7", *first]), str(tmp_path), kill=False)
@@ -235,6 +265,33 @@ def test_callback_is_the_trainers_checkpoint_callback_and_exposes_best_and_last_
     assert all(math.isfinite(c.metrics["train_loss"]) for c in checkpoints)
 
 
+class ValidatedAt(example.Regressor):
+    """Logs a ``val_loss`` chosen by the step it is validated at."""
+
+    VAL_LOSS = {4: 1.0, 8: 5.0, 12: 6.0}
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", self.VAL_LOSS.get(self.trainer.global_step, 9.0))
+
+
+@pytest.mark.parametrize("stops", [[14], [6, 14]], ids=["one_fit", "resumed_between_validations"])
+def test_monitor_scores_a_step_only_by_a_validation_run_since_the_previous_save(tmp_path, stops):
+    """Every step is saved, validation runs every 4: steps 5-7 must not carry step 4's val_loss, or the
+    latest of them would be kept as the best (as ModelCheckpoint does, step 4 is)."""
+    for max_steps in stops:
+        pl.seed_everything(0, verbose=False)
+        callback = CheckpointCallback(tmp_path, monitor="val_loss", save_decision_policy=sdp.FixedIntervalPolicy(1),
+                                      async_save=False)
+        trainer = pl.Trainer(max_steps=max_steps, val_check_interval=4, check_val_every_n_epoch=None,
+                             num_sanity_val_steps=0, callbacks=[callback], accelerator="cpu", logger=False,
+                             enable_progress_bar=False, enable_model_summary=False)
+        trainer.fit(ValidatedAt(), DataLoader(example.synthetic_data(), batch_size=16, shuffle=True),
+                    DataLoader(example.synthetic_data(32), batch_size=16))
+    assert callback.best_model_path == str(tmp_path / "4")
+    assert {c.step: c.metrics.get("val_loss") for c in callback.checkpointer.checkpoints} == {4: 1.0, 14: None}
+    assert CheckpointCallback(tmp_path, monitor="val_loss").best_model_path == str(tmp_path / "4")
+
+
 def test_a_monitor_that_no_step_logged_is_warned_of_at_the_end_of_fit(tmp_path, caplog):
     """Lightning's ModelCheckpoint raises for a monitored key it cannot find; steps saved before a
     validation lack a validation metric, so the callback says it once the fit is over."""
@@ -247,6 +304,39 @@ def test_a_monitor_that_no_step_logged_is_warned_of_at_the_end_of_fit(tmp_path, 
     with caplog.at_level(logging.WARNING):
         fit(tmp_path / "right", max_steps=4, monitor="train_loss", save_decision_policy=sdp.FixedIntervalPolicy(2))
     assert not [r for r in caplog.records if "monitor=" in r.getMessage()]
+
+
+class CountsSaves(example.Regressor):
+    """Records the steps its ``on_save_checkpoint`` is called at."""
+
+    def __init__(self):
+        super().__init__()
+        self.saved_at: list = []
+
+    def on_save_checkpoint(self, checkpoint):
+        self.saved_at.append(("module", self.trainer.global_step))
+
+
+class CountsCallbackSaves(pl.Callback):
+    def __init__(self, model):
+        self.model = model
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        self.model.saved_at.append(("callback", trainer.global_step))
+
+
+def test_on_save_checkpoint_hooks_run_once_per_saved_step_and_at_no_other(tmp_path):
+    """The callback dumps the state before training and after the first step to prepare the memory of
+    its saves; those dumps save nothing, so no hook may see them."""
+    pl.seed_everything(0, verbose=False)
+    model = CountsSaves()
+    callback = CheckpointCallback(tmp_path, save_decision_policy=sdp.SpecificStepsPolicy([5]))
+    trainer = pl.Trainer(max_steps=10, callbacks=[CountsCallbackSaves(model), callback], accelerator="cpu",
+                         logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, DataLoader(example.synthetic_data(), batch_size=16, shuffle=True))
+    assert steps_in(tmp_path) == [5, 10]
+    assert model.saved_at == [("callback", 5), ("module", 5), ("callback", 10), ("module", 10)]
+    assert "on_save_checkpoint" not in vars(model)  # the module's own method again
 
 
 def test_final_step_is_saved_on_train_end_when_the_policy_skips_it(tmp_path):

@@ -53,7 +53,14 @@ Not restored, because no checkpoint can hold it:
   step whose accumulation was complete.
 - ``StochasticWeightAveraging`` resumed mid-epoch: Lightning's restart skips the epoch-start hook that
   swaps in its learning-rate scheduler (warned of); from an epoch's end it resumes exactly, and so does
-  ``EMAWeightAveraging`` from any step.
+  ``EMAWeightAveraging`` from any step;
+- what ``LightningModule.on_validation_end`` does for the validation of a saved step: the step is saved
+  in the callbacks' ``on_validation_end``, which Lightning runs before the module's (``ModelCheckpoint``
+  saves there too), and the resumed run does not run the module's hook again;
+- with ``persistent_workers=True``, randomness inside the DataLoader workers after the first epoch: the
+  resumed run's workers draw new seeds, where the uninterrupted run keeps its workers across epochs;
+- a SIGTERM during validation, or during the training step of a batch whose validation is due: the step
+  is saved partway through that validation, and the restarted run skips the rest of it.
 """
 from __future__ import annotations
 

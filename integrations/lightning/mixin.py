@@ -137,8 +137,15 @@ class CheckpointCallbackMixin:
         self._epoch_start_action: str | None = None  # for the next on_train_epoch_start (see _start_epoch)
         self._restoring: tuple[str, dict, bool] | None = None  # path, checkpoint, sharded: between a restore's halves
         self._accumulation_after_epoch: int | None = None  # the Trainer's, while the saved epoch's is in force
+        self._metrics = monitor_lib.MeasuredMetrics(monitor)  # a save's metrics: monitor only where measured
 
     # ------------------------------------------------------------------ what Lightning reads
+    @property
+    def state_key(self) -> str:
+        """Unique per directory (as ``ModelCheckpoint``'s is per options), so that a Trainer takes several
+        callbacks (one keeping the best step, one saving periodically); each restores its own state."""
+        return self._generate_state_key(directory=self.directory)
+
     @property
     def checkpointer(self) -> Checkpointer | None:
         """The underlying :class:`ckpt.Checkpointer` (after ``setup`` of a fit), else None."""
@@ -186,18 +193,31 @@ class CheckpointCallbackMixin:
         trainer = self._trainer
         if trainer is None or not self._training_started:  # e.g. BatchSizeFinder's checkpoint before training
             return {}
-        point = self._saving_at or tail.SavePoint(hook="on_train_batch_end", first_loop_iter=None)
+        peers = _peers(trainer)  # any of them may be taking the checkpoint; the first keeps the epoch's record
+        point = next((c._saving_at for c in peers if c._saving_at is not None),
+                     tail.SavePoint(hook="on_train_batch_end", first_loop_iter=None))
         state = logged.capture(trainer)
         if point.hook == "on_validation_end":  # validation ran inside the training loop's logging
             state.update(first_loop_iter=point.first_loop_iter, current_fx=None)
         return {"rng": self._gather(rng.capture(resume.train_loaders(trainer))),
-                "epoch_rng": self._gather(self._epoch_rng), "logged": self._gather(state),
+                "epoch_rng": self._gather(peers[0]._epoch_rng), "logged": self._gather(state),
                 "saved_in": point.hook, "should_stop": bool(trainer.should_stop) and not point.last,
                 "accumulate_grad_batches": trainer.accumulate_grad_batches,
                 "trainable": resume.trainable(trainer.lightning_module)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._loaded_state = state_dict
+
+    def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        """Before Lightning hands the callbacks their states: when none is under this callback's key (the
+        directory was moved or copied, or written by a version whose key was ``"CheckpointCallback"``),
+        this callback takes another CheckpointCallback's, which is the same record of the run."""
+        states = checkpoint.get("callbacks") or {}
+        name = type(self).__qualname__
+        if self.state_key not in states:
+            found = [v for k, v in states.items() if isinstance(k, str) and (k == name or k.startswith(name + "{"))]
+            if found:
+                states[self.state_key] = found[0]
 
     # ------------------------------------------------------------------------------- hooks
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
@@ -218,10 +238,15 @@ class CheckpointCallbackMixin:
     def _restore_modules(self, trainer: Any, pl_module: Any) -> None:
         """At fit start, before the other callbacks' ``on_fit_start`` (as Lightning's own restore): finds
         the latest step and restores the model, datamodule and callbacks from it."""
-        latest = self._checkpointer.latest if self._checkpointer is not None else None
-        found = trainer.strategy.broadcast(None if latest is None else (latest.step, str(latest.path)), src=0)
+        peers = _peers(trainer)
+        found_by_peer = trainer.strategy.broadcast([_latest(c._checkpointer) for c in peers], src=0)
+        found = found_by_peer[peers.index(self)]
         self._latest_step = None if found is None else found[0]
-        if self.restore and found is not None and trainer.ckpt_path is None:
+        # with several callbacks, the one whose directory holds the newest step restores (the first, if equal)
+        newest = max(((f[0], -i) for i, (c, f) in enumerate(zip(peers, found_by_peer)) if f is not None and c.restore),
+                     default=None)
+        if (self.restore and found is not None and trainer.ckpt_path is None
+                and peers[-newest[1]] is self):
             step, path = found
             sharded_model = sharded.is_sharded(trainer)
             loaded = sharded.load(trainer, path) if sharded_model else translate.load(self._checkpointer, step)
@@ -231,14 +256,19 @@ class CheckpointCallbackMixin:
             self._restoring = (path, resume.restore_modules(trainer, checkpoint, source=path), sharded_model)
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        """After the other callbacks' ``on_fit_start``: restores the rest of the step found before them."""
-        if self._restoring is None:
+        """After the other callbacks' ``on_fit_start``: restores the rest of the step found before them.
+        With ``trainer.fit(ckpt_path=...)`` of a checkpoint this callback wrote, restores it the same way
+        (Lightning would restore the loops after every ``on_fit_start``, too late to set where they go on)."""
+        if self._restoring is not None:
+            (path, checkpoint, sharded_model), self._restoring = self._restoring, None
+        elif _loaded_state(trainer) and resume.loaded_checkpoint(trainer) is not None:
+            path, checkpoint, sharded_model = str(trainer.ckpt_path), resume.loaded_checkpoint(trainer), False
+        else:
             return
-        (path, checkpoint, sharded_model), self._restoring = self._restoring, None
         resume.restore_training_state(trainer, checkpoint, source=path)
         if sharded_model:
             sharded.set_states(trainer, checkpoint)
-        tail.continue_after(trainer, (self._loaded_state or {}).get("saved_in", "on_train_batch_end"))
+        tail.continue_after(trainer, _loaded_state(trainer).get("saved_in", "on_train_batch_end"))
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         self._training_started = True
@@ -249,18 +279,23 @@ class CheckpointCallbackMixin:
                 + (f" (from ckpt_path={trainer.ckpt_path!r})" if trainer.ckpt_path else " (restore=False)")
                 + ": its checkpoints would collide with those steps. Use a new directory, or remove the steps "
                 f"after {step}.")
-        self._prepare(translate.to_checkpointables(resume.dump_checkpoint(trainer)))  # un-storable values fail now
+        # un-storable values fail now; no on_save_checkpoint hook sees this dump, which saves nothing
+        self._prepare(translate.to_checkpointables(resume.dump_checkpoint(trainer, hooks=False)))
         self._prepare_after_step = self.async_save  # optimizers make their state in their first step
         self._decided_step = step
         self._saved_step = self._latest_step
         self._at_step_boundary = True
         self._pending = None
         self._restored_logged = False
-        self._resume_data_and_rng(trainer)
+        if self is _peers(trainer)[0]:  # the first of several callbacks continues the data (once)
+            self._resume_data_and_rng(trainer)
+        self._loaded_state = None
+        self._metrics.start(trainer.callback_metrics)
 
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         action, self._epoch_start_action = self._epoch_start_action, None
-        self._start_epoch(trainer, action)
+        if self is _peers(trainer)[0]:  # the others' checkpoints take its record
+            self._start_epoch(trainer, action)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
@@ -273,12 +308,12 @@ class CheckpointCallbackMixin:
             self._prepare_after_step = False  # the save makes its own memory, kept for the next ones
             point = tail.save_point(trainer, last)
             if point.hook == "on_train_batch_end":
-                self._save(trainer, step, point, force=point.last or trainer.received_sigterm)
+                self._save(trainer, step, point, force=last or trainer.received_sigterm)
             else:
-                self._pending = (point, trainer.received_sigterm)
+                self._pending = (point, last or trainer.received_sigterm)
         elif self._prepare_after_step:
             self._prepare_after_step = False
-            self._prepare(translate.to_checkpointables(resume.dump_checkpoint(trainer)))
+            self._prepare(translate.to_checkpointables(resume.dump_checkpoint(trainer, hooks=False)))
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
         if self._pending is not None and self._pending[0].hook == "on_validation_end" and not trainer.sanity_checking:
@@ -343,7 +378,7 @@ class CheckpointCallbackMixin:
         finally:
             self._saving_at = None
         self._saved_step = step
-        metrics = monitor_lib.step_metrics(trainer.callback_metrics)
+        metrics = self._metrics(trainer.callback_metrics)
         if self.async_save:
             self._checkpointer.save_checkpointables_async(step, items, force=force, metrics=metrics)
         else:
@@ -363,7 +398,7 @@ class CheckpointCallbackMixin:
     # ----------------------------------------------------------------------------- resuming
     def _resume_data_and_rng(self, trainer: Any) -> None:
         """Continues the data where the checkpoint left it, with the RNG states it recorded."""
-        saved, self._loaded_state = self._loaded_state or {}, None
+        saved = _loaded_state(trainer)
         saved_logged = _for_rank(saved.get("logged"), trainer.global_rank)
         if saved_logged is not None:  # checkpoints of earlier versions lack it
             logged.restore(trainer, saved_logged)
@@ -465,6 +500,22 @@ def _instead_of(options: dict[str, Any]) -> str:
                  if p.kind is not p.VAR_KEYWORD]
         message += f"\nIt takes: {', '.join(taken)}"
     return message
+
+
+def _peers(trainer: Any) -> list[CheckpointCallbackMixin]:
+    """The Trainer's CheckpointCallbacks, in its order."""
+    return [c for c in trainer.callbacks if isinstance(c, CheckpointCallbackMixin)]
+
+
+def _loaded_state(trainer: Any) -> dict:
+    """The callbacks' state from the checkpoint restored ({} if none): every CheckpointCallback's state in a
+    checkpoint is the same record of the run, but a callback added since has none."""
+    return next((c._loaded_state for c in _peers(trainer) if c._loaded_state), {})
+
+
+def _latest(checkpointer: Checkpointer | None) -> tuple[int, str] | None:
+    latest = checkpointer.latest if checkpointer is not None else None
+    return None if latest is None else (latest.step, str(latest.path))
 
 
 def _for_rank(states: list[Any] | None, rank: int) -> Any:

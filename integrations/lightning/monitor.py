@@ -3,7 +3,8 @@
 Example::
 
     policy = preservation_policy(None, monitor="val_loss", mode="min")  # the best step plus the latest
-    metrics = step_metrics(trainer.callback_metrics)                    # {"val_loss": 0.31, ...}
+    metrics = MeasuredMetrics("val_loss")(trainer.callback_metrics)     # {"val_loss": 0.31, ...}: measured since
+                                                                        # the previous save, else without it
 """
 from __future__ import annotations
 
@@ -37,6 +38,32 @@ def preservation_policy(policy: Any, monitor: str | None, mode: str) -> Any:
         return policy
     best = pp.BestN(get_metric_fn=MonitoredMetric(monitor, mode), reverse=mode == "min", n=1)
     return pp.AnyPreservationPolicy([best, policy or pp.LatestN(1)])
+
+
+class MeasuredMetrics:
+    """The metrics stored with each save, where ``monitor`` is kept only if it was measured since the
+    previous save: Lightning keeps a metric in ``callback_metrics`` until it is logged again, so steps
+    saved between two validations would carry the earlier validation's value, and one of them, never
+    measured, could be kept as the best. Lightning logs a new tensor each time, so a value that is the
+    same object as at the previous save is that save's, not this one's."""
+
+    def __init__(self, monitor: str | None) -> None:
+        self.monitor = monitor
+        self._at_previous_save: Any = None
+
+    def __call__(self, callback_metrics: Mapping[str, Any]) -> dict[str, float]:
+        """The metrics of a save now (call once per save)."""
+        metrics = step_metrics(callback_metrics)
+        value = callback_metrics.get(self.monitor) if self.monitor is not None else None
+        if value is not None and value is self._at_previous_save:
+            metrics.pop(self.monitor, None)
+        self._at_previous_save = value
+        return metrics
+
+    def start(self, callback_metrics: Mapping[str, Any]) -> None:
+        """Records ``callback_metrics`` at the start of training (restored ones on resume) as the previous
+        save's."""
+        self._at_previous_save = callback_metrics.get(self.monitor) if self.monitor is not None else None
 
 
 def step_metrics(callback_metrics: Mapping[str, Any]) -> dict[str, float]:

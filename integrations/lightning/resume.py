@@ -47,6 +47,12 @@ def restore_training_state(trainer: Any, checkpoint: dict, *, source: str) -> No
     rank_zero_info(trainer, f"Restored all states from the ckpt checkpoint at {source}")
 
 
+def loaded_checkpoint(trainer: Any) -> dict | None:
+    """The checkpoint of ``trainer.fit(ckpt_path=...)`` whose training state Lightning has yet to restore
+    (None when there is none, or once restored)."""
+    return _private(trainer, "_checkpoint_connector")._loaded_checkpoint or None
+
+
 def trainable(module: Any) -> torch.Tensor:
     """Which of ``module``'s parameters require gradients, in ``parameters()`` order (a tensor: Lightning's
     own files hold it too, read by ``torch.load(weights_only=True)``): no checkpoint holds it, and
@@ -106,9 +112,35 @@ def lightning_package(trainer: Any) -> str:
     raise TypeError(f"{type(trainer).__qualname__} is not a Lightning Trainer")
 
 
-def dump_checkpoint(trainer: Any) -> dict:
-    """The full checkpoint dict Lightning's ``trainer.save_checkpoint`` would write (call on every rank)."""
-    return _private(trainer, "_checkpoint_connector").dump_checkpoint(weights_only=False)
+def dump_checkpoint(trainer: Any, *, hooks: bool = True) -> dict:
+    """The full checkpoint dict Lightning's ``trainer.save_checkpoint`` would write (call on every rank).
+
+    Without ``hooks``, for a dump that is not a save (to size the memory of the next save, to check
+    the values before training), the module's and the callbacks' ``on_save_checkpoint`` are not called:
+    a hook with side effects would see a save that never happened. Lightning has no such option, so
+    the hooks are shadowed on the instances while it dumps."""
+    connector = _private(trainer, "_checkpoint_connector")
+    if hooks:
+        return connector.dump_checkpoint(weights_only=False)
+    owners = [trainer.lightning_module, *trainer.callbacks]
+    own = [owner.__dict__.get("on_save_checkpoint", _NONE) for owner in owners]
+    for owner in owners:
+        owner.on_save_checkpoint = _no_hook
+    try:
+        return connector.dump_checkpoint(weights_only=False)
+    finally:
+        for owner, hook in zip(owners, own):
+            if hook is _NONE:
+                del owner.on_save_checkpoint
+            else:
+                owner.on_save_checkpoint = hook
+
+
+_NONE = object()
+
+
+def _no_hook(*args: Any) -> None:
+    return None
 
 
 @dataclasses.dataclass(frozen=True)

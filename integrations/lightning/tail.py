@@ -17,7 +17,10 @@ Example (inside the callback)::
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from typing import Any
+
+from ckpt.integrations.lightning import resume
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,9 +31,12 @@ class SavePoint:
       ``on_exception``.
     first_loop_iter: the training loop's logging state when the save was decided (validation
       replaces it while it runs, and the training loop puts it back after).
-    last: the run ends after this step, by ``max_steps`` or a stop requested during the step (``Timer``'s
-      ``max_time``): the save is taken right away, before Lightning ends the epoch early, and records no
-      stop, so that a longer run resumed from it goes on as if it had never stopped.
+    last: the run ends after this step by a bound that a run started again checks again (``max_steps``,
+      ``Timer``'s ``max_time``; see :func:`bound_reached`): the save is taken right away, before Lightning
+      ends the epoch early, and records no stop, so that a longer run resumed from it goes on as if it had
+      never stopped. A stop requested otherwise (by the module or a callback setting ``trainer.should_stop``)
+      is saved after the epoch it cuts short ends, and recorded: the resumed fit ends at once, as the stopped
+      one did.
     """
 
     hook: str
@@ -44,22 +50,35 @@ def ends_after_batch(trainer: Any) -> bool:
     return 0 <= trainer.max_steps <= trainer.global_step or (trainer.should_stop and trainer.fit_loop._can_stop_early)
 
 
+def bound_reached(trainer: Any) -> bool:
+    """Whether the run has reached ``max_steps`` or a ``Timer``'s ``max_time``: bounds that the same command
+    run again checks again (``Timer`` keeps its elapsed time in its state), and that a longer run extends.
+    A ``trainer.should_stop`` set by code is no such bound: nothing asks again after a restore."""
+    timer = importlib.import_module(f"{resume.lightning_package(trainer)}.callbacks").Timer
+    remaining = [c.time_remaining() for c in trainer.callbacks if isinstance(c, timer)]
+    return 0 <= trainer.max_steps <= trainer.global_step or any(r is not None and r <= 0 for r in remaining)
+
+
 def save_point(trainer: Any, last: bool) -> SavePoint:
     """Where the step that just ended is saved (``last``: :func:`ends_after_batch`): at once when the run
-    ends after it, else after its validation or its epoch's end if due."""
+    ends after it by a bound (:func:`bound_reached`), after the epoch's end when a stop cuts the epoch
+    short or the epoch ends, else after its validation if due. Call on every rank."""
     fit_loop = trainer.fit_loop
     epoch_loop = fit_loop.epoch_loop
     first_loop_iter = trainer._logger_connector._first_loop_iter
-    if last:
+    bounded = last and bound_reached(trainer)
+    if trainer.world_size > 1:  # rank 0's clock decides for every rank, as Timer's does
+        bounded = trainer.strategy.broadcast(bounded, src=0)
+    if bounded:
         hook = "on_train_batch_end"
-    elif epoch_loop._num_ready_batches_reached():
+    elif last or epoch_loop._num_ready_batches_reached():
         hook = "on_train_epoch_end"
     elif (getattr(trainer, "_val_check_time_interval", None) is None  # a clock's decision cannot be foreseen
           and epoch_loop._should_check_val_fx(fit_loop._data_fetcher)):
         hook = "on_validation_end"
     else:
         hook = "on_train_batch_end"
-    return SavePoint(hook=hook, first_loop_iter=first_loop_iter, last=last)
+    return SavePoint(hook=hook, first_loop_iter=first_loop_iter, last=bounded)
 
 
 def continue_after(trainer: Any, saved_in: str) -> None:

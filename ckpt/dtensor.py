@@ -144,14 +144,14 @@ def chunk_shape(path: KeyPath, x: Any) -> tuple[int, ...]:
         is not one block of the global tensor (see :func:`_strided_apart`).
     """
     splits: dict[int, list[tuple[int, bool]]] = {}  # dim -> (mesh size, a plain Shard) of each split
-    for mesh_dim, placement in enumerate(x.placements):
-        if placement.is_partial():
-            raise TypeError(f"DTensor at {keystr(path) or 'the root'} has the placement {placement} (a pending "
-                            "reduction); reduce it (redistribute to Replicate or Shard) before saving")
     apart = _strided_apart(x)
     if apart is not None:
         raise TypeError(f"DTensor at {keystr(path) or 'the root'} has the placements {x.placements}: {apart}; "
                         "redistribute it (to Shard or Replicate) before saving")
+    for mesh_dim, placement in enumerate(x.placements):
+        if placement.is_partial():
+            raise TypeError(f"DTensor at {keystr(path) or 'the root'} has the placement {placement} (a pending "
+                            "reduction); reduce it (redistribute to Replicate or Shard) before saving")
         if placement.is_shard():
             splits.setdefault(placement.dim, []).append((x.device_mesh.size(mesh_dim), type(placement).__name__ == "Shard"))
     shape = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 import shutil
 import sys
 from pathlib import Path
@@ -149,10 +150,15 @@ def test_an_orbax_array_loaded_without_a_tree_gets_its_saved_sharding_where_the_
     result = procs.run_script(ORBAX_SHARDED_AS_SAVED, str(orbax_runs / "v1"), timeout=120, JAX_PLATFORMS="cpu",
                               XLA_FLAGS="--xla_force_host_platform_device_count=2")
     assert result.returncode == 0 and "AS-SAVED 552.0" in result.stdout, result.stdout + result.stderr
-    with ckpt.Checkpointer(orbax_runs / "v1") as ckptr:  # one device here: the default device, with a warning
-        with pytest.warns(UserWarning, match="saved sharding.*default device"):
-            w = ckptr.load(1)["params"]["w"]
-    assert w.sharding == jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    with ckpt.Checkpointer(orbax_runs / "v1") as ckptr, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        w = ckptr.load(1)["params"]["w"]
+    told = [str(c.message) for c in caught if "saved sharding" in str(c.message)]
+    if jax.device_count() < 2:  # the saved mesh's devices are not all here: the default device, with a warning
+        assert w.sharding == jax.sharding.SingleDeviceSharding(jax.devices()[0]) and told, (w.sharding, told)
+        assert "default device" in told[0]
+    else:
+        assert isinstance(w.sharding, jax.sharding.NamedSharding) and not told, (w.sharding, told)
 
 
 def test_v0_single_and_named_items_load_bit_for_bit(orbax_runs):

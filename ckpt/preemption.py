@@ -25,7 +25,7 @@ from __future__ import annotations
 import signal
 import sys
 import threading
-from typing import Any
+from typing import Any, Callable
 
 _event = threading.Event()
 _installed = False
@@ -118,15 +118,17 @@ def unlisten(owner: object) -> None:
     _listening.discard(id(owner))
 
 
-def end_deferred_sigterm() -> None:
+def end_deferred_sigterm(finish: Callable[[], None] = lambda: None) -> None:
     """Terminates the process as a deferred SIGTERM would have (a loop that went on past the step it
-    saved for the preemption); nothing when no SIGTERM was deferred.
+    saved for the preemption), after ``finish()`` (the wait for that step); nothing when no SIGTERM was
+    deferred (a ``notify()``, or a loop going on after ``reset()``).
 
     Example::
 
         ckpt.preemption.end_deferred_sigterm()           # no SIGTERM was held back: nothing happens
     """
     if _deferred:
+        finish()
         _terminate()
 
 

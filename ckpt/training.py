@@ -348,8 +348,7 @@ class Checkpointer:
             if self._local is not None or save_decision_policies.saves_on_preemption(self._save_policy):
                 preemption.listen(self)
         elif self._preempted_at is not None and step > self._preempted_at:
-            self.wait()  # the loop went on past the step it saved for a SIGTERM: that step is durable, now end
-            preemption.end_deferred_sigterm()
+            preemption.end_deferred_sigterm(self.wait)  # the loop went on past the step saved for a SIGTERM
         previous = self._infos  # replaced, never changed in place: no copy on this per-step path
         if replacing:
             previous = [c for c in previous if c.step != step]

@@ -126,3 +126,19 @@ def test_only_built_in_policies_that_never_look_at_a_preemption_are_known_not_to
             return context.reached_preemption
 
     assert sdp.saves_on_preemption(Mine())
+
+
+def test_a_loop_going_on_after_a_notified_preemption_is_reset_is_not_made_to_wait_at_each_step(tmp_path, monkeypatch):
+    """Only a deferred SIGTERM ends a loop that goes on: after ``notify()`` and ``reset()`` (the job goes on
+    after all), the next decisions do not wait for the save in flight (async saves would turn sync)."""
+    policy = sdp.AnySavePolicy([sdp.FixedIntervalPolicy(100), sdp.PreemptionCheckpointingPolicy()])
+    with Checkpointer(tmp_path, save_decision_policy=policy) as ckptr:
+        try:
+            preemption.notify()
+            assert ckptr.save(7, {"x": 1}) and ckptr.reached_preemption(7)
+        finally:
+            preemption.reset()
+        waited = []
+        monkeypatch.setattr(ckptr, "wait", lambda: waited.append(True))
+        assert not ckptr.should_save(8) and not ckptr.should_save(9)
+        assert waited == []

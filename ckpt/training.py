@@ -209,7 +209,7 @@ class Checkpointer:
         for entry in root.scan(self._directory, self._name_format, read_manifests=not self._lightweight):
             if entry.kind in root.LISTED and (not infos or infos[-1].step != entry.step):
                 infos.append(CheckpointMetadata(entry.step, entry.path) if entry.manifest is None
-                             else self._info(entry.step, entry.path, entry.manifest))
+                             else _step_metadata(entry.step, entry.path, entry.manifest))
             elif entry.kind is root.Kind.FOREIGN:
                 what = "it is" if entry.step is None else f"step {entry.step} is"
                 logger.warning("ckpt: skipping %s, which holds %s: %s not a committed step, so ckpt never lists, "
@@ -233,13 +233,6 @@ class Checkpointer:
                            "step_prefix='step', step_format_fixed_length=4) for step_0010", self._directory,
                            ", ".join(others[:3]) + (" ..." if len(others) > 3 else ""), self._name_format)
 
-    @staticmethod
-    def _info(step: int, path: storage.Location, manifest: dict, monotonic_nsecs: int | None = None) -> CheckpointMetadata:
-        return CheckpointMetadata(step, path, metrics=fmt.decode_json(manifest, "metrics"), monotonic_nsecs=monotonic_nsecs,
-                                  init_timestamp_nsecs=manifest.get("init_timestamp_nsecs"),
-                                  commit_timestamp_nsecs=manifest.get("commit_timestamp_nsecs"),
-                                  custom_metadata=fmt.reported_custom_metadata(fmt.decode_json(manifest, "custom_metadata")))
-
     def _with_manifests(self) -> list[CheckpointMetadata]:
         """The checkpoints with the metrics and times ``lightweight_initialize`` skipped, read now and kept:
         a preservation policy must not take a recent step for an old one, nor a step with metrics for one
@@ -251,7 +244,7 @@ class Checkpointer:
         for info in listed:
             if info.commit_timestamp_nsecs is None:
                 try:
-                    info = self._info(info.step, info.path, formats.info(info.path))
+                    info = _step_metadata(info.step, info.path, formats.info(info.path))
                 except (errors.CheckpointCorruptedError, errors.InvalidLayoutError) as e:
                     logger.warning("ckpt: skipping %s: step %d is not a committed step (%s), so ckpt never lists, "
                                    "overwrites or deletes it", info.path, info.step, e)
@@ -555,7 +548,7 @@ class Checkpointer:
         self._swept = True
 
     def _committed(self, step: int, path: storage.Location, manifest: dict, callback: Any = None) -> None:
-        info = self._info(step, path, manifest, time.monotonic_ns())
+        info = _step_metadata(step, path, manifest, time.monotonic_ns())
         with self._infos_lock:
             self._infos = sorted([c for c in self._infos if c.step != step] + [info], key=lambda c: c.step)
         self._collect_garbage()
@@ -900,8 +893,13 @@ def checkpoint_metadata(step_dir: storage.Location, name: str | None, *, step: i
                 raise
             doc = formats.trees(step_dir, [only])[only]
         tree = loading.tree_metadata(doc)
-    return CheckpointMetadata(step if step is not None else formats.step_of(step_dir, manifest), step_dir, metadata=tree,
-                              metrics=fmt.decode_json(manifest, "metrics"),
-                              init_timestamp_nsecs=manifest.get("init_timestamp_nsecs"),
+    return _step_metadata(step if step is not None else formats.step_of(step_dir, manifest), step_dir, manifest, metadata=tree)
+
+
+def _step_metadata(step: int, path: storage.Location, manifest: dict, monotonic_nsecs: int | None = None,
+                   metadata: Any = None) -> CheckpointMetadata:
+    """The CheckpointMetadata of a step from its manifest (see :func:`ckpt.formats.info`)."""
+    return CheckpointMetadata(step, path, metadata=metadata, metrics=fmt.decode_json(manifest, "metrics"),
+                              monotonic_nsecs=monotonic_nsecs, init_timestamp_nsecs=manifest.get("init_timestamp_nsecs"),
                               commit_timestamp_nsecs=manifest.get("commit_timestamp_nsecs"),
                               custom_metadata=fmt.reported_custom_metadata(fmt.decode_json(manifest, "custom_metadata")))

@@ -13,7 +13,6 @@ import os
 import re
 from typing import Any, Iterable, Protocol, Sequence, runtime_checkable
 
-from ckpt import format as fmt
 from ckpt import root, storage
 from ckpt.metadata import CheckpointMetadata
 
@@ -270,10 +269,9 @@ def name_format_of(directory: str | os.PathLike | storage.Location) -> StandardN
         assert name_format_of("runs/exp2") == standard_name_format(step_prefix="step")
     """
     location = storage.location(directory)
-    names = [n for n in storage.list_names(location) if not n.endswith((fmt.TMP_SUFFIX, fmt.DELETING_SUFFIX))]
     suggested: dict[StandardNameFormat, int] = {}
-    for name in names:
-        match = _NUMBERED.match(name)
+    for name in storage.list_names(location):
+        match = _NUMBERED.match(name)  # (a temporary's name ends otherwise: never a candidate)
         if match is None or not _is_plain_name(match.group(1) or "x"):
             continue
         digits = match.group(2)

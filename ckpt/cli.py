@@ -32,7 +32,8 @@ from typing import Any, Sequence, TextIO
 from ckpt import __version__, convert, formats, leaves, progress, storage, tiers
 from ckpt import root as root_lib
 from ckpt import format as fmt
-from ckpt.errors import CheckpointCorruptedError, InvalidLayoutError, StepNotFoundError, UnsupportedLayoutError
+from ckpt.errors import (CheckpointCorruptedError, InvalidLayoutError, StepNotFoundError, StepReplacedError,
+                         UnsupportedLayoutError)
 from ckpt.path import step as step_lib
 from ckpt.verify import VerifyResult, verify_step
 
@@ -344,7 +345,7 @@ def verify(directory: storage.Location, step: int | None, *, as_json: bool) -> i
     """``ckpt verify``: checks DIR's steps (all of them, or ``step``); 1 if any is damaged, else 0.
 
     Of every step, one deleted while it is checked (by the garbage collection of a run saving there) is
-    reported as gone, not as damaged; ``step`` deleted so raises StepNotFoundError (a missing step).
+    reported as gone, not as damaged, and one saved again meanwhile (``overwrite=True``) is checked again; ``step`` deleted so raises StepNotFoundError (a missing step).
     The checkpoints in the root that are not its steps are named, not checked (verify each as DIR).
     """
     checkpoints: list[_Step] = []
@@ -358,7 +359,7 @@ def verify(directory: storage.Location, step: int | None, *, as_json: bool) -> i
     results, gone = [], []
     for target in targets:
         try:
-            result = verify_step(target.path, step=target.step)
+            result = _verify_current(target)
         except StepNotFoundError:
             if not every:
                 raise
@@ -388,6 +389,14 @@ def verify(directory: storage.Location, step: int | None, *, as_json: bool) -> i
             _print(f"not checked, not steps of {directory} (verify each as DIR): "
                    + ", ".join(s.path.name for s in checkpoints))
     return 1 if damaged else 0
+
+
+def _verify_current(target: _Step) -> VerifyResult:
+    """Verifies a step; one saved again (``overwrite=True``) while it was checked is checked again, once."""
+    try:
+        return verify_step(target.path, step=target.step)
+    except StepReplacedError:
+        return verify_step(target.path, step=target.step)
 
 
 # --------------------------------------------------------------------------------------- convert

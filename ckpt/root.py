@@ -264,10 +264,13 @@ def commit(tmp: storage.Location, final: storage.Location, *, step: int | None, 
 
 
 @contextlib.contextmanager
-def reading(step_dir: storage.Location, step: int | None = None) -> Iterator[None]:
+def reading(step_dir: storage.Location, step: int | None = None) -> Iterator[Callable[[str], StepNotFoundError | None]]:
     """Reads of one step: an error because the step was deleted meanwhile (by another process's garbage
     collection) is raised as StepNotFoundError saying so, one because it was replaced (saved again with
     ``overwrite=True``) as StepReplacedError, not as damage or a missing file.
+
+    It gives ``gone(why)``, for a reader that reports damage rather than raising it (``ckpt verify``):
+    the error to raise instead because the step is gone or replaced since the reads began, or None.
 
     Example::
 
@@ -275,18 +278,26 @@ def reading(step_dir: storage.Location, step: int | None = None) -> Iterator[Non
             trees = formats.load_checkpointables(step_dir, None)
     """
     before = _identity(step_dir)
+    what = str(step_dir) if step is None else f"step {step} ({step_dir})"
+
+    def gone(why: str) -> StepNotFoundError | None:
+        # A local deletion renames the whole step aside; one on an object store removes its manifest first.
+        if not exists(step_dir if isinstance(step_dir, Path) else step_dir / fmt.MANIFEST):
+            return StepNotFoundError(f"{what} was deleted while it was being read (by another process's garbage "
+                                     f"collection?): it is gone ({why})", step=step, path=step_dir)
+        if _identity(step_dir) != before:
+            return StepReplacedError(f"{what} was replaced (saved again with overwrite=True) while it was being "
+                                     f"read; read it again for the new one ({why})", step=step, path=step_dir)
+        return None
+
     try:
-        yield
+        yield gone
     except (CheckpointCorruptedError, InvalidLayoutError, OSError) as e:
         if isinstance(e, StepNotFoundError) or formats.is_orbax(step_dir):
             raise
-        why = f"{type(e).__name__}: {e}"
-        if deleted(step_dir):
-            raise deleted_error(step_dir, step, why) from e
-        if _identity(step_dir) != before:
-            what = str(step_dir) if step is None else f"step {step} ({step_dir})"
-            raise StepReplacedError(f"{what} was replaced (saved again with overwrite=True) while it was being read; "
-                                    f"read it again for the new one ({why})", step=step, path=step_dir) from e
+        error = gone(f"{type(e).__name__}: {e}")
+        if error is not None:
+            raise error from e
         raise
 
 
@@ -299,19 +310,6 @@ def _identity(step_dir: storage.Location) -> tuple[int, int] | None:
     except OSError:
         return None
     return found.st_dev, found.st_ino
-
-
-def deleted(step_dir: storage.Location) -> bool:
-    """Whether a step found a moment ago is gone (deleted by another process's garbage collection)."""
-    # A local deletion renames the whole step aside; one on an object store removes its manifest first.
-    return not exists(step_dir if isinstance(step_dir, Path) else step_dir / fmt.MANIFEST)
-
-
-def deleted_error(step_dir: storage.Location, step: int | None, why: str) -> StepNotFoundError:
-    """The error of a read that failed (``why``) because the step was deleted meanwhile (see :func:`deleted`)."""
-    what = str(step_dir) if step is None else f"step {step} ({step_dir})"
-    return StepNotFoundError(f"{what} was deleted while it was being read (by another process's garbage "
-                             f"collection?): it is gone ({why})", step=step, path=step_dir)
 
 
 def is_damaged_step(entry: Entry) -> bool:

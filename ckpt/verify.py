@@ -78,7 +78,8 @@ def verify_step(step_dir: str | os.PathLike | storage.Location, *, step: int | N
 
     Raises:
       StepNotFoundError: the step was deleted while it was checked (by another process's garbage
-        collection): what could not be read is gone, not damaged.
+        collection): what could not be read is gone, not damaged; StepReplacedError (one) when it was
+        saved again with ``overwrite=True`` meanwhile.
 
     Example::
 
@@ -86,12 +87,13 @@ def verify_step(step_dir: str | os.PathLike | storage.Location, *, step: int | N
         assert result.ok, [d.where for d in result.damaged]
     """
     step_dir = storage.location(step_dir)
-    with root.reading(step_dir, step):
+    with root.reading(step_dir, step) as gone:
         result = _verify_orbax(step_dir) if formats.is_orbax(step_dir) else _verify(step_dir)
     if step is not None:
         result.step = step
-    if result.damaged and root.deleted(step_dir):
-        raise root.deleted_error(step_dir, result.step, f"{result.damaged[0].where}: {result.damaged[0].why}")
+    error = result.damaged and gone(f"{result.damaged[0].where}: {result.damaged[0].why}")
+    if error:
+        raise error
     return result
 
 

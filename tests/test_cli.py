@@ -273,6 +273,39 @@ def test_verify_reports_a_step_deleted_while_it_is_checked_as_gone_not_damaged(r
         verify_step(doomed)
 
 
+def test_verify_checks_a_step_replaced_while_it_is_checked_again_not_as_damaged(root, monkeypatch, capsys):
+    """A rolling checkpoint (a step saved again with overwrite=True) replaced mid-check was reported DAMAGED."""
+    monkeypatch.setattr(progress, "DELAY_SECS", 0.0)  # a report at the first chunk read
+    replaced = root / "10"
+    writes, saved = [], []  # the writes since the last check, every value saved
+
+    class Writer(logging.Handler):
+        """Another process saving step 10 again, once, when its first chunk has been read."""
+
+        def emit(self, record: logging.LogRecord) -> None:
+            if f"verifying {replaced}:" in record.getMessage() and not writes:
+                writes.append(10)
+                new = float(len(saved)) + 1
+                saved.append(new)
+                with ckpt.Checkpointer(root) as writer:
+                    writer.save(10, {"params": {"w": np.full((512, 600), new, np.float32), "b": np.arange(8.0) + new},
+                                     "step": 10, "name": "mlp"}, force=True, overwrite=True)
+
+    writer = Writer()
+    logging.getLogger("ckpt.progress").addHandler(writer)
+    try:
+        status, out, _ = run_cli(capsys, "verify", root, "--json")
+        report = json.loads(out)
+        assert writes and status == 0 and report["ok"], report
+        assert [s["step"] for s in report["steps"]] == [0, 10, 20] and report["gone"] == []
+        writes.clear()
+        with pytest.raises(ckpt.errors.StepReplacedError, match="was replaced .* while it was being read"):
+            verify_step(replaced)
+        assert writes and verify_step(replaced).ok
+    finally:
+        logging.getLogger("ckpt.progress").removeHandler(writer)
+
+
 def test_verify_detects_a_deleted_chunk_even_of_an_all_zero_array(tmp_path):
     ckpt.save(tmp_path / "z", {"zeros": np.zeros((512, 600), np.float32)})
     assert verify_step(tmp_path / "z").ok

@@ -382,3 +382,33 @@ ckpt.Checkpointer(sys.argv[1]).save_async(7, {"w": np.ones(1 << 20, np.float32)}
     assert "ckpt: a background save failed before the interpreter exited: OSError" in done.stderr
     assert "No space left on device" in done.stderr and "7.ckpt-tmp" in done.stderr
     assert sorted(os.listdir(tmp_path)) == [".ckpt.lock"]  # its temporary directory removed, nothing committed
+
+
+_FORKS_WHILE_SAVING = """
+import os, sys, threading
+import numpy as np
+import ckpt
+from ckpt import saving
+
+gate, write = threading.Event(), saving.StepWriter.run
+saving.StepWriter.run = lambda self, step: gate.wait(60) and write(self, step)  # in flight at the fork
+with ckpt.Checkpointer(sys.argv[1]) as ckptr:
+    ckptr.save_async(0, {"w": np.arange(10)}, force=True)
+    pid = os.fork()
+    if pid == 0:  # the child leaves the with block: it must not wait for the parent's save
+        print("child sees a save in flight:", ckptr.is_saving_in_progress(), flush=True)
+        ckptr.wait()
+        sys.exit(0)
+    _, status = os.waitpid(pid, 0)
+    print("child exit status:", status, flush=True)
+    gate.set()
+"""
+
+
+def test_a_child_forked_while_an_async_save_is_in_flight_neither_waits_for_it_nor_disturbs_it(tmp_path):
+    # the child's copy of the writer waited for a thread that only the parent has: close() hung for timeout_secs
+    done = procs.run_script(_FORKS_WHILE_SAVING, str(tmp_path), timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "child sees a save in flight: False" in done.stdout and "child exit status: 0" in done.stdout, done.stdout
+    with Checkpointer(tmp_path) as ckptr:
+        np.testing.assert_array_equal(ckptr.load(0)["w"], np.arange(10))

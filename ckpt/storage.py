@@ -522,8 +522,12 @@ class DirectoryLock:
                     "directory. Readers may still list and load; close the other writer or use another directory."
                 ) from None
             raise
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()}".encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()}".encode())
+        except OSError as e:  # (a full disk): the lock goes with the descriptor, so that a later save may take it
+            os.close(fd)
+            raise OSError(e.errno, e.strerror, str(self.path)) from None
         self._fd = fd
         DirectoryLock._held.add(self)
 

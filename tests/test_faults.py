@@ -95,6 +95,20 @@ def test_a_full_disk_raises_enospc_whatever_file_fails_and_keeps_the_earlier_ste
             assert_intact(ckptr, [0, 1])
 
 
+def test_a_disk_full_before_the_first_save_takes_the_lock_raises_enospc_and_a_later_save_works(tmp_path):
+    # the lock file's pid line failed to write: the bare OSError named no file, and the lock stayed held by a
+    # descriptor never closed, so every later save (of any Checkpointer of the process) said "being written by another"
+    with fsutil.tmpfs(tmp_path / "mnt", size="2m") as mnt:
+        with Checkpointer(mnt / "root") as ckptr:
+            fsutil.fill(mnt, 0)
+            with pytest.raises(OSError) as info:
+                ckptr.save(0, SMALL, force=True)
+            assert info.value.errno == errno.ENOSPC and str(mnt / "root" / fmt.LOCK) in str(info.value), info.value
+            (mnt / "filler").unlink()
+            ckptr.save(0, SMALL, force=True)
+            assert_intact(ckptr, [0])
+
+
 @pytest.mark.parametrize("surface", ["sync", "wait", "result"])
 def test_a_read_only_file_system_raises_erofs_and_keeps_the_earlier_step(tmp_path, surface):
     root = tmp_path / "root"

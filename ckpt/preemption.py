@@ -22,6 +22,7 @@ Example::
 """
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -148,6 +149,18 @@ def _handler(signum: int, frame: Any) -> None:
         if not first or not _listening:
             _terminate()
         _deferred = True
+
+
+def _forget_listeners_in_child() -> None:
+    """After a fork, in the child (a DataLoader worker, a ``multiprocessing`` process): it runs none of the
+    parent's training loops, so its SIGTERM (``Process.terminate()``) terminates it at once, not deferred
+    for a save the child will never make."""
+    global _deferred
+    _listening.clear()
+    _deferred = False
+
+
+os.register_at_fork(after_in_child=_forget_listeners_in_child)
 
 
 def install() -> None:

@@ -142,3 +142,27 @@ def test_a_loop_going_on_after_a_notified_preemption_is_reset_is_not_made_to_wai
         monkeypatch.setattr(ckptr, "wait", lambda: waited.append(True))
         assert not ckptr.should_save(8) and not ckptr.should_save(9)
         assert waited == []
+
+
+def test_a_process_forked_from_a_listening_loop_is_terminated_by_its_sigterm(tmp_path):
+    # the child inherited the parent's listeners: Process.terminate() was deferred for a save it never makes
+    script = """
+import multiprocessing, sys, time
+import numpy as np
+from ckpt.training import Checkpointer
+with Checkpointer(sys.argv[1]) as ckptr:
+    ckptr.save(0, {"w": np.ones(2)})  # the default policy saves on a preemption: this loop listens
+    context = multiprocessing.get_context("fork")
+    started = context.Event()
+    child = context.Process(target=lambda: started.set() or time.sleep(60))
+    child.start()
+    started.wait(30)
+    child.terminate()
+    child.join(30)
+    print("child exit code", child.exitcode, flush=True)
+    if child.is_alive():
+        child.kill()
+"""
+    done = procs.run_script(script, str(tmp_path), timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert f"child exit code {-signal.SIGTERM}" in done.stdout, done.stdout

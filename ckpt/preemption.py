@@ -22,10 +22,12 @@ Example::
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
 import threading
+import weakref
 from typing import Any, Callable
 
 _event = threading.Event()
@@ -96,7 +98,8 @@ def reached(step: int) -> bool:
 
 def listen(owner: object) -> None:
     """Records that ``owner`` (a Checkpointer in a training loop) saves the step at which a preemption
-    arrives: until :func:`unlisten`, a first SIGTERM is deferred for it (see the module's docstring).
+    arrives: until :func:`unlisten`, or until ``owner`` is garbage collected (a Checkpointer dropped
+    without ``close``), a first SIGTERM is deferred for it (see the module's docstring).
 
     Example::
 
@@ -104,7 +107,11 @@ def listen(owner: object) -> None:
         ckpt.preemption.listen(loop)                     # a first SIGTERM now waits for it to save
         ckpt.preemption.unlisten(loop)
     """
+    if id(owner) in _listening:
+        return
     _listening.add(id(owner))
+    with contextlib.suppress(TypeError):  # (an object without weak references listens until unlisten)
+        weakref.finalize(owner, _listening.discard, id(owner))
 
 
 def unlisten(owner: object) -> None:

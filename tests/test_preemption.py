@@ -144,6 +144,26 @@ def test_a_loop_going_on_after_a_notified_preemption_is_reset_is_not_made_to_wai
         assert waited == []
 
 
+def test_a_checkpointer_dropped_without_close_leaves_sigterm_to_terminate(tmp_path):
+    # its listening outlived it: the first SIGTERM was deferred for a loop that no longer exists, for ever
+    script = """
+import gc, sys, time
+import numpy as np
+from ckpt.training import Checkpointer
+def train():
+    Checkpointer(sys.argv[1]).save(0, {"w": np.ones(2)})  # never closed
+train()
+gc.collect()
+print("dropped", flush=True)
+time.sleep(60)
+print("still running", flush=True)
+"""
+    proc = procs.start(script, str(tmp_path))
+    procs.wait_for_line(proc, "dropped")
+    proc.send_signal(signal.SIGTERM)
+    out = procs.output(proc, timeout=60)
+    assert proc.returncode == -signal.SIGTERM and "still running" not in out
+
 def test_a_process_forked_from_a_listening_loop_is_terminated_by_its_sigterm(tmp_path):
     # the child inherited the parent's listeners: Process.terminate() was deferred for a save it never makes
     script = """

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import ckpt
-from ckpt import errors
+from ckpt import errors, saving
 from ckpt import format as fmt
 from ckpt.training import Checkpointer
 from tests import fsutil
@@ -107,6 +107,30 @@ def test_a_disk_full_before_the_first_save_takes_the_lock_raises_enospc_and_a_la
             (mnt / "filler").unlink()
             ckptr.save(0, SMALL, force=True)
             assert_intact(ckptr, [0])
+
+
+def test_a_commit_that_fails_raises_its_own_error_even_when_its_temporary_cannot_be_removed(tmp_path, monkeypatch):
+    # the removal of the temporary failed as well, and its error (naming only the temporary) replaced the rename's
+    root, undo = tmp_path / "root", []
+    write_manifest = saving.StepWriter.write_manifest
+
+    def then_freeze_the_root(self, step, extra=None):
+        write_manifest(self, step, extra)
+        undo.append(fsutil.undeletable(root))  # the rename to the step's name fails, and so does the removal
+
+    monkeypatch.setattr(saving.StepWriter, "write_manifest", then_freeze_the_root)
+    with Checkpointer(root) as ckptr:
+        try:
+            with pytest.raises(PermissionError) as info:
+                ckptr.save(0, SMALL, force=True)
+        finally:
+            for thaw in undo:
+                thaw()
+        assert f"-> '{root / '0'}'" in str(info.value), info.value
+        assert ckptr.checkpoints == []
+        monkeypatch.undo()
+        ckptr.save(0, SMALL, force=True)  # removes the temporary left
+        assert_intact(ckptr, [0])
 
 
 @pytest.mark.parametrize("surface", ["sync", "wait", "result"])

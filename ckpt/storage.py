@@ -104,11 +104,22 @@ def fsync_path(path: Location) -> None:
         return
     fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(fd)
-    except OSError as e:  # (an fsync's error names no file: EIO from the disk, say)
-        raise OSError(e.errno, e.strerror, str(path)) from None
+        with naming(path):
+            os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def naming(path: Location) -> Iterator[None]:
+    """Re-raises an OSError of the block that names no file (``os.write`` and ``os.fsync`` on a descriptor:
+    a full disk, EIO) as the same error naming ``path``."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is not None:
+            raise
+        raise OSError(e.errno, e.strerror, str(path)) from None
 
 
 def start_writeback(path: Location) -> None:
@@ -227,10 +238,11 @@ def write_file(path: Path, data: bytes, *, mode: int | None = None) -> None:
         return path.write_bytes(data)
     fd = _open_own_file(path, 0o666 if mode is None else mode)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
+        with naming(path):
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
     finally:
         os.close(fd)
 
@@ -523,11 +535,12 @@ class DirectoryLock:
                 ) from None
             raise
         try:
-            os.ftruncate(fd, 0)
-            os.write(fd, f"pid {os.getpid()}".encode())
-        except OSError as e:  # (a full disk): the lock goes with the descriptor, so that a later save may take it
+            with naming(self.path):
+                os.ftruncate(fd, 0)
+                os.write(fd, f"pid {os.getpid()}".encode())
+        except OSError:  # (a full disk): the lock goes with the descriptor, so that a later save may take it
             os.close(fd)
-            raise OSError(e.errno, e.strerror, str(self.path)) from None
+            raise
         self._fd = fd
         DirectoryLock._held.add(self)
 

@@ -89,6 +89,7 @@ def test_a_full_disk_raises_enospc_whatever_file_fails_and_keeps_the_earlier_ste
             with pytest.raises(OSError) as info:
                 save(ckptr, 1, state, surface)
             assert info.value.errno == errno.ENOSPC, info.value
+            assert str(mnt / "root" / ("1" + fmt.TMP_SUFFIX)) in str(info.value)  # the file that failed, named
             assert_intact(ckptr, [0])
             (mnt / "filler").unlink()
             ckptr.save(1, SMALL, force=True)

@@ -580,7 +580,13 @@ class Checkpointer:
                 raise OSError(f"the checkpoint was committed, but garbage collection could not delete: {'; '.join(failures)}")
 
     def _delete(self, info: CheckpointMetadata) -> None:
-        root.delete_step(info.path, info.step)
+        """Deletes a step garbage collection does not keep; one already gone (removed by hand or by another
+        tool since it was listed) is only forgotten."""
+        try:
+            root.delete_step(info.path, info.step)
+        except FileNotFoundError:
+            if root.exists(info.path):
+                raise
         self._forget(info.step)
 
     def _forget(self, step: int) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -118,3 +119,13 @@ def test_a_deletion_error_is_reported_after_the_commit(tmp_path):
             undo()
         assert [c.step for c in ckptr.checkpoints] == [0, 1]
         assert ckptr.latest.step == 1
+
+
+def test_a_step_removed_by_hand_after_it_was_listed_is_forgotten_and_saves_go_on(tmp_path):
+    # garbage collection failed on it at every later save ("could not delete: step 0 ... No such file")
+    with Checkpointer(tmp_path, save_decision_policy=ALWAYS, preservation_policy=pp.LatestN(1)) as ckptr:
+        ckptr.save(0, {"x": np.arange(3)})
+        shutil.rmtree(tmp_path / "0")  # by hand, after the listing
+        ckptr.save(1, {"x": np.arange(3)})
+        ckptr.save(2, {"x": np.arange(3)})
+        assert [c.step for c in ckptr.checkpoints] == [2]

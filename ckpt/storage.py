@@ -14,6 +14,7 @@ import ctypes
 import errno
 import fcntl
 import functools
+import logging
 import math
 import os
 import re
@@ -33,6 +34,7 @@ from ckpt.errors import DirectoryLockedError, ForeignEntryError, RootDirectoryEr
 from ckpt.objectstore import SCHEMES, ObjectPath, is_url
 
 Location = Path | ObjectPath
+logger = logging.getLogger("ckpt")
 
 _CONTEXTS: dict[tuple[bool, bool], ts.Context] = {}
 
@@ -693,13 +695,24 @@ def commit_dir(tmp: Location, final: Location, *, replace: bool) -> None:
         mark(final, durable=True)  # the committed step it replaces goes below
     if rename_exchange(tmp, final):  # no moment without the step, even on a crash
         fsync_path(final.parent)
-        remove_owned(tmp)  # the replaced step, now under the temporary name
+        _remove_replaced(tmp)  # the replaced step, now under the temporary name
         return
     old = _aside(final)
     os.rename(final, old)
     os.rename(tmp, final)
     fsync_path(final.parent)
-    remove_owned(old)
+    _remove_replaced(old)
+
+
+def _remove_replaced(step_dir: Path) -> None:
+    """Removes the step a commit replaced, renamed to ``step_dir``. The new step is committed by then, so a
+    failure here does not fail its save: it is logged, and what is left (marked as ckpt's, never listed)
+    is removed by the next save of the step or the next writer of the root."""
+    try:
+        remove_owned(step_dir)
+    except OSError as e:
+        logger.warning("ckpt: the step was committed, but the one it replaced could not be removed from %s: %s",
+                       step_dir, e)
 
 
 _RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2  # renameat2's flags (linux/fs.h)

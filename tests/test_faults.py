@@ -11,6 +11,7 @@ import contextlib
 import errno
 import os
 import shutil
+import subprocess
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -132,6 +133,26 @@ def test_a_commit_that_fails_raises_its_own_error_even_when_its_temporary_cannot
         monkeypatch.undo()
         ckptr.save(0, SMALL, force=True)  # removes the temporary left
         assert_intact(ckptr, [0])
+
+
+def test_an_overwrite_whose_replaced_step_cannot_be_removed_is_committed_and_says_so(tmp_path, caplog):
+    # the save raised the removal's error (naming only the temporary) while the new step was committed, and the
+    # Checkpointer kept listing the replaced step's metadata
+    root = tmp_path / "root"
+    with Checkpointer(root) as ckptr:
+        ckptr.save(0, SMALL, force=True, metrics={"loss": 1.0})
+        fsutil.undeletable(root / "0" / fmt.TREE)  # goes with the replaced step, renamed to the temporary's name
+        try:
+            assert ckptr.save(0, {"w": SMALL["w"] + 1}, force=True, overwrite=True, metrics={"loss": 0.5})
+        finally:
+            for step_dir in (root / "0", root / ("0" + fmt.TMP_SUFFIX)):
+                subprocess.run(["chattr", "-i", str(step_dir / fmt.TREE)], capture_output=True)
+        assert "the step was committed, but the one it replaced could not be removed" in caplog.text
+        assert [c.metrics for c in ckptr.checkpoints] == [{"loss": 0.5}]
+        np.testing.assert_array_equal(ckptr.load(0)["w"], SMALL["w"] + 1)
+    with Checkpointer(root) as ckptr:
+        ckptr.save(1, SMALL, force=True)  # the first save of a writer removes what was left
+        assert sorted(os.listdir(root)) == [fmt.LOCK, "0", "1"]
 
 
 @pytest.mark.parametrize("surface", ["sync", "wait", "result"])

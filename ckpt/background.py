@@ -94,6 +94,8 @@ class BackgroundWriter:
         self._hurry: Callable[[], None] = _nothing
         self._error: BaseException | None = None
         self._lock = threading.Lock()
+        self._running = False  # from submit until the job has ended (its future is done a moment later)
+        self._when_idle: list[Callable[[], None]] = []
         _writers.add(self)
 
     def _forget_parent_job(self) -> None:
@@ -102,11 +104,13 @@ class BackgroundWriter:
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=self._name)
         self._future, self._hurry, self._error = None, _nothing, None
         self._lock = threading.Lock()
+        self._running, self._when_idle = False, []
 
     def submit(self, job: Callable[[], Any], hurry: Callable[[], None] = lambda: None) -> AsyncResponse:
         """Starts ``job`` in the background; the caller must have waited for the previous one.
         ``hurry()`` asks the job to finish at full speed: :meth:`wait` calls it."""
         self._hurry = hurry  # forgotten once the job ends: it may hold the job's memory
+        self._running = True
         _unfinished.add(self)
         future = self._executor.submit(self._run, job)
         self._future = future
@@ -122,6 +126,11 @@ class BackgroundWriter:
             raise
         finally:
             self._hurry = _nothing
+            with self._lock:
+                self._running, idle = False, self._when_idle
+                self._when_idle = []
+            for callback in idle:
+                callback()
         _unfinished.discard(self)  # (a failed job's writer stays there until its failure is raised)
         return result
 
@@ -152,6 +161,15 @@ class BackgroundWriter:
             _unfinished.discard(self)
         if error is not None:
             raise error
+
+    def when_idle(self, callback: Callable[[], None]) -> None:
+        """Calls ``callback()`` once the job in flight has ended, before its response gives its result (at
+        once when none is in flight)."""
+        with self._lock:
+            if self._running:
+                self._when_idle.append(callback)
+                return
+        callback()
 
     def shutdown(self, wait: bool = True) -> None:
         """Ends the thread once the job in flight is done; with ``wait``, returns only then."""

@@ -764,7 +764,9 @@ class Checkpointer:
             self._writer.wait(self._ctx.async_options.timeout_secs)
 
     def close(self) -> None:
-        """Waits for the save in flight, then releases the directory (raises a background failure).
+        """Waits for the save in flight, then releases the directory (raises a background failure). A save
+        still running after ``AsyncOptions.timeout_secs`` raises TimeoutError here and goes on in the
+        background, holding the directory until it ends.
 
         Example::
 
@@ -773,18 +775,22 @@ class Checkpointer:
         """
         if self._closed:
             return
+        gave_up = False
         try:
             self.wait()
+        except TimeoutError:
+            gave_up = True
+            raise
         finally:
             self._closed = True
             preemption.unlisten(self)
             if self._local is not None:
                 self._local.close()
-            self._writer.shutdown()
+            self._writer.shutdown(wait=not gave_up)  # (after a wait, what runs still: a promotion to the durable tier)
             self._staging.clear()
             if self._loader is not None:
                 self._loader.shutdown(wait=True)
-            self._lock.release()
+            self._writer.when_idle(self._lock.release)
 
     def _check_open(self) -> None:
         if self._closed:

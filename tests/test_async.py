@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import ckpt
-from ckpt import host_memory, saving
+from ckpt import errors, host_memory, saving
 from ckpt.training import Checkpointer
 from ckpt.training import save_decision_policies as sdp
 from tests import procs
@@ -172,6 +172,24 @@ def test_wait_times_out_per_async_options(tmp_path, gate):
         assert first.result(timeout=30)
         assert [c.step for c in ckptr.checkpoints] == [1]
 
+
+
+def test_close_times_out_per_async_options_and_the_save_keeps_the_directory_until_it_ends(tmp_path, gate):
+    # close() raised its TimeoutError only once the save had ended, however long that took
+    ctx = ckpt.Context(async_options=ckpt.AsyncOptions(timeout_secs=0.05))
+    ckptr = Checkpointer(tmp_path, context=ctx, save_decision_policy=ALWAYS)
+    response = ckptr.save_async(1, state(1))
+    with pytest.raises(TimeoutError, match="still running"):
+        ckptr.close()
+    assert not response.done()
+    with Checkpointer(tmp_path, save_decision_policy=ALWAYS) as other:
+        with pytest.raises(errors.DirectoryLockedError):
+            other.save(2, state(2))
+        gate.set()
+        assert response.result(timeout=30)
+        other.reload()
+        other.save(2, state(2))  # the save has ended: the directory is free
+        assert [c.step for c in other.checkpoints] == [1, 2]
 
 @pytest.fixture
 def disk_full(monkeypatch):

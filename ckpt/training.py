@@ -538,13 +538,17 @@ class Checkpointer:
 
     def _take_directory(self) -> None:
         """Becomes the root's one writer; the first time, removes what crashed saves and deletions of ckpt's
-        left (temporary and half-deleted directories, and uncommitted steps on an object store)."""
+        left (temporary and half-deleted directories, and uncommitted steps on an object store). One that
+        cannot be removed is logged and left: it is never listed, and no save but one of its step needs it gone."""
         self._lock.acquire()
         if self._swept:
             return
         for entry in root.scan(self._directory, self._name_format, read_manifests=False):
             if entry.kind in root.REMOVABLE and not storage.in_use(entry.path):  # (another process's free save)
-                storage.remove_owned(entry.path)
+                try:
+                    storage.remove_owned(entry.path)
+                except OSError as e:
+                    logger.warning("ckpt: could not remove %s, left by a crashed save or deletion: %s", entry.path, e)
         self._swept = True
 
     def _committed(self, step: int, path: storage.Location, manifest: dict, callback: Any = None) -> None:

@@ -155,6 +155,28 @@ def test_an_overwrite_whose_replaced_step_cannot_be_removed_is_committed_and_say
         assert sorted(os.listdir(root)) == [fmt.LOCK, "0", "1"]
 
 
+def test_a_leftover_temporary_that_cannot_be_removed_is_left_and_the_saves_go_on(tmp_path, caplog):
+    # the first save of every writer swept it, failed, and raised: no save of any step could be made there
+    root = tmp_path / "root"
+    with Checkpointer(root) as ckptr:
+        ckptr.save(0, SMALL, force=True)
+    leftover = root / ("1" + fmt.TMP_SUFFIX)  # a crashed save's, one file of it undeletable
+    leftover.mkdir()
+    (leftover / fmt.MARKER).touch()
+    (leftover / fmt.TREE).write_text("{}")
+    thaw = fsutil.undeletable(leftover / fmt.TREE)
+    try:
+        with Checkpointer(root) as ckptr:
+            ckptr.save(2, SMALL, force=True)
+            assert [c.step for c in ckptr.checkpoints] == [0, 2]
+        assert f"could not remove {leftover}, left by a crashed save or deletion" in caplog.text
+    finally:
+        thaw()
+    with Checkpointer(root) as ckptr:
+        ckptr.save(3, SMALL, force=True)  # removed now
+        assert_intact(ckptr, [0, 2, 3])
+
+
 @pytest.mark.parametrize("surface", ["sync", "wait", "result"])
 def test_a_read_only_file_system_raises_erofs_and_keeps_the_earlier_step(tmp_path, surface):
     root = tmp_path / "root"

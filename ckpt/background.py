@@ -3,6 +3,10 @@
 At most one job runs at a time. A job's failure is kept and raised once, by the next ``wait`` (which
 every new save, ``Checkpointer.wait`` and ``close`` call) or by its own response's ``result()``.
 
+A process forked while a job runs (a worker started from the training loop) has no such job: its
+copy of the writer has nothing in flight, so ``wait`` and ``close`` there return at once instead of
+waiting for a thread that exists only in the parent.
+
 A job still running when the interpreter exits (a script that ends after ``save_async`` without
 ``wait`` or ``close``) is finished at full speed first, so that its step is committed; a failure that
 no caller was told of is logged then.
@@ -14,6 +18,7 @@ import concurrent.futures.thread  # (registers its exit hook before ckpt's: see 
 import logging
 import os
 import threading
+import weakref
 from typing import Any, Callable, Generic, TypeVar
 
 T = TypeVar("T")
@@ -80,6 +85,7 @@ class BackgroundWriter:
     """Runs one job at a time on a daemon thread and keeps the first failure for the next ``wait``."""
 
     def __init__(self, name: str = "ckpt-writer"):
+        self._name = name
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
         # The thread starts now: started by the first save, it would take the GIL from the caller
         # (for 2-3 ms) before save_async returns.
@@ -88,11 +94,23 @@ class BackgroundWriter:
         self._hurry: Callable[[], None] = _nothing
         self._error: BaseException | None = None
         self._lock = threading.Lock()
+        self._running = False  # from submit until the job has ended (its future is done a moment later)
+        self._when_idle: list[Callable[[], None]] = []
+        _writers.add(self)
+
+    def _forget_parent_job(self) -> None:
+        """In a forked child: the job in flight, its failure and its thread are the parent's; the child's
+        writer starts with none (a thread of its own on its first job)."""
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=self._name)
+        self._future, self._hurry, self._error = None, _nothing, None
+        self._lock = threading.Lock()
+        self._running, self._when_idle = False, []
 
     def submit(self, job: Callable[[], Any], hurry: Callable[[], None] = lambda: None) -> AsyncResponse:
         """Starts ``job`` in the background; the caller must have waited for the previous one.
         ``hurry()`` asks the job to finish at full speed: :meth:`wait` calls it."""
         self._hurry = hurry  # forgotten once the job ends: it may hold the job's memory
+        self._running = True
         _unfinished.add(self)
         future = self._executor.submit(self._run, job)
         self._future = future
@@ -108,6 +126,11 @@ class BackgroundWriter:
             raise
         finally:
             self._hurry = _nothing
+            with self._lock:
+                self._running, idle = False, self._when_idle
+                self._when_idle = []
+            for callback in idle:
+                callback()
         _unfinished.discard(self)  # (a failed job's writer stays there until its failure is raised)
         return result
 
@@ -139,12 +162,22 @@ class BackgroundWriter:
         if error is not None:
             raise error
 
+    def when_idle(self, callback: Callable[[], None]) -> None:
+        """Calls ``callback()`` once the job in flight has ended, before its response gives its result (at
+        once when none is in flight)."""
+        with self._lock:
+            if self._running:
+                self._when_idle.append(callback)
+                return
+        callback()
+
     def shutdown(self, wait: bool = True) -> None:
         """Ends the thread once the job in flight is done; with ``wait``, returns only then."""
         self._executor.shutdown(wait=wait)
 
 
 _unfinished: set[BackgroundWriter] = set()  # writers with a job running, or a failure not yet raised
+_writers: "weakref.WeakSet[BackgroundWriter]" = weakref.WeakSet()  # every writer of this process
 
 
 def _finish_at_exit() -> None:
@@ -166,5 +199,12 @@ def _finish_at_exit() -> None:
                          type(e).__name__, e)
 
 
+def _forget_parent_jobs() -> None:
+    """After a fork, in the child, which runs none of its parent's jobs (see :meth:`BackgroundWriter._forget_parent_job`)."""
+    _unfinished.clear()
+    for writer in list(_writers):
+        writer._forget_parent_job()
+
+
 threading._register_atexit(_finish_at_exit)
-os.register_at_fork(after_in_child=_unfinished.clear)  # a forked child runs none of its parent's jobs
+os.register_at_fork(after_in_child=_forget_parent_jobs)

@@ -22,9 +22,12 @@ Example::
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import sys
 import threading
+import weakref
 from typing import Any, Callable
 
 _event = threading.Event()
@@ -95,7 +98,8 @@ def reached(step: int) -> bool:
 
 def listen(owner: object) -> None:
     """Records that ``owner`` (a Checkpointer in a training loop) saves the step at which a preemption
-    arrives: until :func:`unlisten`, a first SIGTERM is deferred for it (see the module's docstring).
+    arrives: until :func:`unlisten`, or until ``owner`` is garbage collected (a Checkpointer dropped
+    without ``close``), a first SIGTERM is deferred for it (see the module's docstring).
 
     Example::
 
@@ -103,7 +107,11 @@ def listen(owner: object) -> None:
         ckpt.preemption.listen(loop)                     # a first SIGTERM now waits for it to save
         ckpt.preemption.unlisten(loop)
     """
+    if id(owner) in _listening:
+        return
     _listening.add(id(owner))
+    with contextlib.suppress(TypeError):  # (an object without weak references listens until unlisten)
+        weakref.finalize(owner, _listening.discard, id(owner))
 
 
 def unlisten(owner: object) -> None:
@@ -148,6 +156,18 @@ def _handler(signum: int, frame: Any) -> None:
         if not first or not _listening:
             _terminate()
         _deferred = True
+
+
+def _forget_listeners_in_child() -> None:
+    """After a fork, in the child (a DataLoader worker, a ``multiprocessing`` process): it runs none of the
+    parent's training loops, so its SIGTERM (``Process.terminate()``) terminates it at once, not deferred
+    for a save the child will never make."""
+    global _deferred
+    _listening.clear()
+    _deferred = False
+
+
+os.register_at_fork(after_in_child=_forget_listeners_in_child)
 
 
 def install() -> None:

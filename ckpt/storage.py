@@ -14,6 +14,7 @@ import ctypes
 import errno
 import fcntl
 import functools
+import logging
 import math
 import os
 import re
@@ -33,6 +34,7 @@ from ckpt.errors import DirectoryLockedError, ForeignEntryError, RootDirectoryEr
 from ckpt.objectstore import SCHEMES, ObjectPath, is_url
 
 Location = Path | ObjectPath
+logger = logging.getLogger("ckpt")
 
 _CONTEXTS: dict[tuple[bool, bool], ts.Context] = {}
 
@@ -104,11 +106,22 @@ def fsync_path(path: Location) -> None:
         return
     fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(fd)
-    except OSError as e:  # (an fsync's error names no file: EIO from the disk, say)
-        raise OSError(e.errno, e.strerror, str(path)) from None
+        with naming(path):
+            os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def naming(path: Location) -> Iterator[None]:
+    """Re-raises an OSError of the block that names no file (``os.write`` and ``os.fsync`` on a descriptor:
+    a full disk, EIO) as the same error naming ``path``."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is not None:
+            raise
+        raise OSError(e.errno, e.strerror, str(path)) from None
 
 
 def start_writeback(path: Location) -> None:
@@ -227,10 +240,11 @@ def write_file(path: Path, data: bytes, *, mode: int | None = None) -> None:
         return path.write_bytes(data)
     fd = _open_own_file(path, 0o666 if mode is None else mode)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
+        with naming(path):
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
     finally:
         os.close(fd)
 
@@ -522,8 +536,13 @@ class DirectoryLock:
                     "directory. Readers may still list and load; close the other writer or use another directory."
                 ) from None
             raise
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()}".encode())
+        try:
+            with naming(self.path):
+                os.ftruncate(fd, 0)
+                os.write(fd, f"pid {os.getpid()}".encode())
+        except OSError:  # (a full disk): the lock goes with the descriptor, so that a later save may take it
+            os.close(fd)
+            raise
         self._fd = fd
         DirectoryLock._held.add(self)
 
@@ -676,13 +695,24 @@ def commit_dir(tmp: Location, final: Location, *, replace: bool) -> None:
         mark(final, durable=True)  # the committed step it replaces goes below
     if rename_exchange(tmp, final):  # no moment without the step, even on a crash
         fsync_path(final.parent)
-        remove_owned(tmp)  # the replaced step, now under the temporary name
+        _remove_replaced(tmp)  # the replaced step, now under the temporary name
         return
     old = _aside(final)
     os.rename(final, old)
     os.rename(tmp, final)
     fsync_path(final.parent)
-    remove_owned(old)
+    _remove_replaced(old)
+
+
+def _remove_replaced(step_dir: Path) -> None:
+    """Removes the step a commit replaced, renamed to ``step_dir``. The new step is committed by then, so a
+    failure here does not fail its save: it is logged, and what is left (marked as ckpt's, never listed)
+    is removed by the next save of the step or the next writer of the root."""
+    try:
+        remove_owned(step_dir)
+    except OSError as e:
+        logger.warning("ckpt: the step was committed, but the one it replaced could not be removed from %s: %s",
+                       step_dir, e)
 
 
 _RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2  # renameat2's flags (linux/fs.h)

@@ -538,13 +538,17 @@ class Checkpointer:
 
     def _take_directory(self) -> None:
         """Becomes the root's one writer; the first time, removes what crashed saves and deletions of ckpt's
-        left (temporary and half-deleted directories, and uncommitted steps on an object store)."""
+        left (temporary and half-deleted directories, and uncommitted steps on an object store). One that
+        cannot be removed is logged and left: it is never listed, and no save but one of its step needs it gone."""
         self._lock.acquire()
         if self._swept:
             return
         for entry in root.scan(self._directory, self._name_format, read_manifests=False):
             if entry.kind in root.REMOVABLE and not storage.in_use(entry.path):  # (another process's free save)
-                storage.remove_owned(entry.path)
+                try:
+                    storage.remove_owned(entry.path)
+                except OSError as e:
+                    logger.warning("ckpt: could not remove %s, left by a crashed save or deletion: %s", entry.path, e)
         self._swept = True
 
     def _committed(self, step: int, path: storage.Location, manifest: dict, callback: Any = None) -> None:
@@ -580,7 +584,13 @@ class Checkpointer:
                 raise OSError(f"the checkpoint was committed, but garbage collection could not delete: {'; '.join(failures)}")
 
     def _delete(self, info: CheckpointMetadata) -> None:
-        root.delete_step(info.path, info.step)
+        """Deletes a step garbage collection does not keep; one already gone (removed by hand or by another
+        tool since it was listed) is only forgotten."""
+        try:
+            root.delete_step(info.path, info.step)
+        except FileNotFoundError:
+            if root.exists(info.path):
+                raise
         self._forget(info.step)
 
     def _forget(self, step: int) -> None:
@@ -758,7 +768,9 @@ class Checkpointer:
             self._writer.wait(self._ctx.async_options.timeout_secs)
 
     def close(self) -> None:
-        """Waits for the save in flight, then releases the directory (raises a background failure).
+        """Waits for the save in flight, then releases the directory (raises a background failure). A save
+        still running after ``AsyncOptions.timeout_secs`` raises TimeoutError here and goes on in the
+        background, holding the directory until it ends.
 
         Example::
 
@@ -767,18 +779,22 @@ class Checkpointer:
         """
         if self._closed:
             return
+        gave_up = False
         try:
             self.wait()
+        except TimeoutError:
+            gave_up = True
+            raise
         finally:
             self._closed = True
             preemption.unlisten(self)
             if self._local is not None:
                 self._local.close()
-            self._writer.shutdown()
+            self._writer.shutdown(wait=not gave_up)  # (after a wait, what runs still: a promotion to the durable tier)
             self._staging.clear()
             if self._loader is not None:
                 self._loader.shutdown(wait=True)
-            self._lock.release()
+            self._writer.when_idle(self._lock.release)
 
     def _check_open(self) -> None:
         if self._closed:

@@ -62,6 +62,16 @@ def read_only(directory: Path) -> Iterator[Path]:
         unmount(directory)
 
 
+def undeletable(path: Path) -> Callable[[], None]:
+    """Makes ``path`` impossible to rename or remove, and a directory's entries too (chattr +i; skips the
+    test without root or where the file system has no such flag); returns what undoes it."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root for chattr +i")
+    if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not supported on this file system")
+    return lambda: subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
 def unmount(mount_point: Path) -> None:
     """Unmounts, lazily when something still holds a file there (the test has failed by then)."""
     if subprocess.run(["umount", str(mount_point)], capture_output=True, timeout=30).returncode != 0:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import ckpt
-from ckpt import host_memory, saving
+from ckpt import errors, host_memory, saving
 from ckpt.training import Checkpointer
 from ckpt.training import save_decision_policies as sdp
 from tests import procs
@@ -172,6 +172,24 @@ def test_wait_times_out_per_async_options(tmp_path, gate):
         assert first.result(timeout=30)
         assert [c.step for c in ckptr.checkpoints] == [1]
 
+
+
+def test_close_times_out_per_async_options_and_the_save_keeps_the_directory_until_it_ends(tmp_path, gate):
+    # close() raised its TimeoutError only once the save had ended, however long that took
+    ctx = ckpt.Context(async_options=ckpt.AsyncOptions(timeout_secs=0.05))
+    ckptr = Checkpointer(tmp_path, context=ctx, save_decision_policy=ALWAYS)
+    response = ckptr.save_async(1, state(1))
+    with pytest.raises(TimeoutError, match="still running"):
+        ckptr.close()
+    assert not response.done()
+    with Checkpointer(tmp_path, save_decision_policy=ALWAYS) as other:
+        with pytest.raises(errors.DirectoryLockedError):
+            other.save(2, state(2))
+        gate.set()
+        assert response.result(timeout=30)
+        other.reload()
+        other.save(2, state(2))  # the save has ended: the directory is free
+        assert [c.step for c in other.checkpoints] == [1, 2]
 
 @pytest.fixture
 def disk_full(monkeypatch):
@@ -382,3 +400,33 @@ ckpt.Checkpointer(sys.argv[1]).save_async(7, {"w": np.ones(1 << 20, np.float32)}
     assert "ckpt: a background save failed before the interpreter exited: OSError" in done.stderr
     assert "No space left on device" in done.stderr and "7.ckpt-tmp" in done.stderr
     assert sorted(os.listdir(tmp_path)) == [".ckpt.lock"]  # its temporary directory removed, nothing committed
+
+
+_FORKS_WHILE_SAVING = """
+import os, sys, threading
+import numpy as np
+import ckpt
+from ckpt import saving
+
+gate, write = threading.Event(), saving.StepWriter.run
+saving.StepWriter.run = lambda self, step: gate.wait(60) and write(self, step)  # in flight at the fork
+with ckpt.Checkpointer(sys.argv[1]) as ckptr:
+    ckptr.save_async(0, {"w": np.arange(10)}, force=True)
+    pid = os.fork()
+    if pid == 0:  # the child leaves the with block: it must not wait for the parent's save
+        print("child sees a save in flight:", ckptr.is_saving_in_progress(), flush=True)
+        ckptr.wait()
+        sys.exit(0)
+    _, status = os.waitpid(pid, 0)
+    print("child exit status:", status, flush=True)
+    gate.set()
+"""
+
+
+def test_a_child_forked_while_an_async_save_is_in_flight_neither_waits_for_it_nor_disturbs_it(tmp_path):
+    # the child's copy of the writer waited for a thread that only the parent has: close() hung for timeout_secs
+    done = procs.run_script(_FORKS_WHILE_SAVING, str(tmp_path), timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "child sees a save in flight: False" in done.stdout and "child exit status: 0" in done.stdout, done.stdout
+    with Checkpointer(tmp_path) as ckptr:
+        np.testing.assert_array_equal(ckptr.load(0)["w"], np.arange(10))

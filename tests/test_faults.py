@@ -11,6 +11,7 @@ import contextlib
 import errno
 import os
 import shutil
+import subprocess
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -19,7 +20,7 @@ import numpy as np
 import pytest
 
 import ckpt
-from ckpt import errors
+from ckpt import errors, saving
 from ckpt import format as fmt
 from ckpt.training import Checkpointer
 from tests import fsutil
@@ -89,10 +90,91 @@ def test_a_full_disk_raises_enospc_whatever_file_fails_and_keeps_the_earlier_ste
             with pytest.raises(OSError) as info:
                 save(ckptr, 1, state, surface)
             assert info.value.errno == errno.ENOSPC, info.value
+            assert str(mnt / "root" / ("1" + fmt.TMP_SUFFIX)) in str(info.value)  # the file that failed, named
             assert_intact(ckptr, [0])
             (mnt / "filler").unlink()
             ckptr.save(1, SMALL, force=True)
             assert_intact(ckptr, [0, 1])
+
+
+def test_a_disk_full_before_the_first_save_takes_the_lock_raises_enospc_and_a_later_save_works(tmp_path):
+    # the lock file's pid line failed to write: the bare OSError named no file, and the lock stayed held by a
+    # descriptor never closed, so every later save (of any Checkpointer of the process) said "being written by another"
+    with fsutil.tmpfs(tmp_path / "mnt", size="2m") as mnt:
+        with Checkpointer(mnt / "root") as ckptr:
+            fsutil.fill(mnt, 0)
+            with pytest.raises(OSError) as info:
+                ckptr.save(0, SMALL, force=True)
+            assert info.value.errno == errno.ENOSPC and str(mnt / "root" / fmt.LOCK) in str(info.value), info.value
+            (mnt / "filler").unlink()
+            ckptr.save(0, SMALL, force=True)
+            assert_intact(ckptr, [0])
+
+
+def test_a_commit_that_fails_raises_its_own_error_even_when_its_temporary_cannot_be_removed(tmp_path, monkeypatch):
+    # the removal of the temporary failed as well, and its error (naming only the temporary) replaced the rename's
+    root, undo = tmp_path / "root", []
+    write_manifest = saving.StepWriter.write_manifest
+
+    def then_freeze_the_root(self, step, extra=None):
+        write_manifest(self, step, extra)
+        undo.append(fsutil.undeletable(root))  # the rename to the step's name fails, and so does the removal
+
+    monkeypatch.setattr(saving.StepWriter, "write_manifest", then_freeze_the_root)
+    with Checkpointer(root) as ckptr:
+        try:
+            with pytest.raises(PermissionError) as info:
+                ckptr.save(0, SMALL, force=True)
+        finally:
+            for thaw in undo:
+                thaw()
+        assert f"-> '{root / '0'}'" in str(info.value), info.value
+        assert ckptr.checkpoints == []
+        monkeypatch.undo()
+        ckptr.save(0, SMALL, force=True)  # removes the temporary left
+        assert_intact(ckptr, [0])
+
+
+def test_an_overwrite_whose_replaced_step_cannot_be_removed_is_committed_and_says_so(tmp_path, caplog):
+    # the save raised the removal's error (naming only the temporary) while the new step was committed, and the
+    # Checkpointer kept listing the replaced step's metadata
+    root = tmp_path / "root"
+    with Checkpointer(root) as ckptr:
+        ckptr.save(0, SMALL, force=True, metrics={"loss": 1.0})
+        fsutil.undeletable(root / "0" / fmt.TREE)  # goes with the replaced step, renamed to the temporary's name
+        try:
+            assert ckptr.save(0, {"w": SMALL["w"] + 1}, force=True, overwrite=True, metrics={"loss": 0.5})
+        finally:
+            for step_dir in (root / "0", root / ("0" + fmt.TMP_SUFFIX)):
+                subprocess.run(["chattr", "-i", str(step_dir / fmt.TREE)], capture_output=True)
+        assert "the step was committed, but the one it replaced could not be removed" in caplog.text
+        assert [c.metrics for c in ckptr.checkpoints] == [{"loss": 0.5}]
+        np.testing.assert_array_equal(ckptr.load(0)["w"], SMALL["w"] + 1)
+    with Checkpointer(root) as ckptr:
+        ckptr.save(1, SMALL, force=True)  # the first save of a writer removes what was left
+        assert sorted(os.listdir(root)) == [fmt.LOCK, "0", "1"]
+
+
+def test_a_leftover_temporary_that_cannot_be_removed_is_left_and_the_saves_go_on(tmp_path, caplog):
+    # the first save of every writer swept it, failed, and raised: no save of any step could be made there
+    root = tmp_path / "root"
+    with Checkpointer(root) as ckptr:
+        ckptr.save(0, SMALL, force=True)
+    leftover = root / ("1" + fmt.TMP_SUFFIX)  # a crashed save's, one file of it undeletable
+    leftover.mkdir()
+    (leftover / fmt.MARKER).touch()
+    (leftover / fmt.TREE).write_text("{}")
+    thaw = fsutil.undeletable(leftover / fmt.TREE)
+    try:
+        with Checkpointer(root) as ckptr:
+            ckptr.save(2, SMALL, force=True)
+            assert [c.step for c in ckptr.checkpoints] == [0, 2]
+        assert f"could not remove {leftover}, left by a crashed save or deletion" in caplog.text
+    finally:
+        thaw()
+    with Checkpointer(root) as ckptr:
+        ckptr.save(3, SMALL, force=True)  # removed now
+        assert_intact(ckptr, [0, 2, 3])
 
 
 @pytest.mark.parametrize("surface", ["sync", "wait", "result"])

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-import subprocess
+import shutil
 
 import numpy as np
 import pytest
@@ -10,6 +10,7 @@ import pytest
 from ckpt.training import Checkpointer
 from ckpt.training import preservation_policies as pp
 from ckpt.training import save_decision_policies as sdp
+from tests import fsutil
 
 ALWAYS = sdp.AnySavePolicy([sdp.FixedIntervalPolicy(1)])
 
@@ -107,19 +108,10 @@ def test_a_half_deleted_step_is_never_listed_and_is_cleaned_up(tmp_path):
     assert sorted(os.listdir(tmp_path)) == [".ckpt.lock", "1"]
 
 
-def _make_undeletable(path):
-    """Makes ``path`` impossible to rename or remove (chattr +i; needs root)."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root for chattr +i")
-    if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode != 0:
-        pytest.skip("chattr +i is not supported on this file system")
-    return lambda: subprocess.run(["chattr", "-i", str(path)], check=True)
-
-
 def test_a_deletion_error_is_reported_after_the_commit(tmp_path):
     with Checkpointer(tmp_path, save_decision_policy=ALWAYS, preservation_policy=pp.LatestN(1)) as ckptr:
         ckptr.save(0, {"x": np.arange(3)})
-        undo = _make_undeletable(tmp_path / "0")
+        undo = fsutil.undeletable(tmp_path / "0")
         try:
             with pytest.raises(OSError, match=r"committed, but garbage collection could not delete: step 0"):
                 ckptr.save(1, {"x": np.arange(3)})
@@ -127,3 +119,13 @@ def test_a_deletion_error_is_reported_after_the_commit(tmp_path):
             undo()
         assert [c.step for c in ckptr.checkpoints] == [0, 1]
         assert ckptr.latest.step == 1
+
+
+def test_a_step_removed_by_hand_after_it_was_listed_is_forgotten_and_saves_go_on(tmp_path):
+    # garbage collection failed on it at every later save ("could not delete: step 0 ... No such file")
+    with Checkpointer(tmp_path, save_decision_policy=ALWAYS, preservation_policy=pp.LatestN(1)) as ckptr:
+        ckptr.save(0, {"x": np.arange(3)})
+        shutil.rmtree(tmp_path / "0")  # by hand, after the listing
+        ckptr.save(1, {"x": np.arange(3)})
+        ckptr.save(2, {"x": np.arange(3)})
+        assert [c.step for c in ckptr.checkpoints] == [2]

@@ -142,3 +142,47 @@ def test_a_loop_going_on_after_a_notified_preemption_is_reset_is_not_made_to_wai
         monkeypatch.setattr(ckptr, "wait", lambda: waited.append(True))
         assert not ckptr.should_save(8) and not ckptr.should_save(9)
         assert waited == []
+
+
+def test_a_checkpointer_dropped_without_close_leaves_sigterm_to_terminate(tmp_path):
+    # its listening outlived it: the first SIGTERM was deferred for a loop that no longer exists, for ever
+    script = """
+import gc, sys, time
+import numpy as np
+from ckpt.training import Checkpointer
+def train():
+    Checkpointer(sys.argv[1]).save(0, {"w": np.ones(2)})  # never closed
+train()
+gc.collect()
+print("dropped", flush=True)
+time.sleep(60)
+print("still running", flush=True)
+"""
+    proc = procs.start(script, str(tmp_path))
+    procs.wait_for_line(proc, "dropped")
+    proc.send_signal(signal.SIGTERM)
+    out = procs.output(proc, timeout=60)
+    assert proc.returncode == -signal.SIGTERM and "still running" not in out
+
+def test_a_process_forked_from_a_listening_loop_is_terminated_by_its_sigterm(tmp_path):
+    # the child inherited the parent's listeners: Process.terminate() was deferred for a save it never makes
+    script = """
+import multiprocessing, sys, time
+import numpy as np
+from ckpt.training import Checkpointer
+with Checkpointer(sys.argv[1]) as ckptr:
+    ckptr.save(0, {"w": np.ones(2)})  # the default policy saves on a preemption: this loop listens
+    context = multiprocessing.get_context("fork")
+    started = context.Event()
+    child = context.Process(target=lambda: started.set() or time.sleep(60))
+    child.start()
+    started.wait(30)
+    child.terminate()
+    child.join(30)
+    print("child exit code", child.exitcode, flush=True)
+    if child.is_alive():
+        child.kill()
+"""
+    done = procs.run_script(script, str(tmp_path), timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert f"child exit code {-signal.SIGTERM}" in done.stdout, done.stdout

@@ -37,7 +37,7 @@ def mixed_state(step: int, *, string: bool = True) -> dict:
     params = {"w": jnp.arange(8 * 3, dtype=jnp.float32).reshape(8, 3) * (step + 1),
               "b": jnp.linspace(-1, 1, 5, dtype=jnp.bfloat16)}
     if len(jax.devices()) == 2:
-        mesh = jax.sharding.Mesh(np.array(jax.devices()), ("x",))
+        mesh = jax.make_mesh((2,), ("x",), axis_types=(jax.sharding.AxisType.Explicit,))  # Orbax records the axis types
         params["w"] = jax.device_put(params["w"], jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("x")))
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-3))
     state = {"params": params, "opt_state": tx.init(params), "key": jax.random.key(step),

@@ -652,6 +652,31 @@ def test_leaf_metadata_has_the_saved_sharding_where_the_devices_can_hold_it_else
             assert ckptr.metadata(0).metadata["a"].sharding is None
 
 
+AXIS_TYPES = r"""
+import os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+import jax, jax.numpy as jnp, numpy as np
+import ckpt
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+for types in [(AxisType.Explicit, AxisType.Explicit), (AxisType.Auto, AxisType.Explicit)]:
+    mesh = jax.make_mesh((2, 2), ("x", "y"), axis_types=types)
+    x = jax.device_put(jnp.arange(32.0).reshape(8, 4), NamedSharding(mesh, P("x", "y")))
+    path = os.path.join(sys.argv[1], types[0].name)
+    ckpt.save(path, {"x": x})
+    loaded = ckpt.load(path)["x"]
+    assert loaded.sharding == x.sharding and ckpt.metadata(path).metadata["x"].sharding == x.sharding, loaded.sharding
+    np.testing.assert_array_equal(np.asarray(loaded + x), 2 * np.asarray(x))  # jax refuses meshes of other axis types
+print("AXIS-TYPES-OK")
+"""
+
+
+def test_loading_without_a_tree_keeps_the_saved_meshs_axis_types_so_the_arrays_combine_with_the_originals(tmp_path):
+    pytest.importorskip("jax")
+    result = procs.run_script(AXIS_TYPES, str(tmp_path), timeout=120, JAX_PLATFORMS="cpu")
+    assert result.returncode == 0 and "AXIS-TYPES-OK" in result.stdout, result.stdout + result.stderr
+
+
 def test_loading_into_shape_dtype_structs_places_every_leaf_with_its_named_sharding_and_as_saved_keeps_the_saved_one(tmp_path):
 
     pytest.importorskip("jax")

@@ -140,7 +140,7 @@ sys.modules["orbax"] = None  # read with tensorstore alone
 assert jax.device_count() == 2, jax.devices()
 with ckpt.Checkpointer(sys.argv[1]) as ckptr:
     w = ckptr.load(1)["params"]["w"]
-mesh = jax.sharding.Mesh(np.array(jax.devices()), ("x",))
+mesh = jax.make_mesh((2,), ("x",), axis_types=(jax.sharding.AxisType.Explicit,))  # the axis types Orbax saved
 assert w.sharding == jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("x")), w.sharding
 print("AS-SAVED", np.asarray(w).sum())
 """

@@ -474,10 +474,10 @@ def _cast_python(value: Any, abstract: Any) -> Any:
 
 
 def _restore_jax(meta: dict, read: Reader, abstract: Any, jax: Any, to_device: transfers.ToDevice) -> Any:
+    sharding = None if isinstance(abstract, type) else shardings.on_devices(getattr(abstract, "sharding", None))
     if type(abstract) is jax.ShapeDtypeStruct and meta["type"] == "jax" and isinstance(abstract.dtype, np.dtype):
-        sharding, dtype = abstract.sharding, abstract.dtype  # the usual leaf (eval_shape's), a few checks fewer
+        dtype = abstract.dtype  # the usual leaf (eval_shape's), a few checks fewer
     else:
-        sharding = None if isinstance(abstract, type) else getattr(abstract, "sharding", None)
         want_dtype = None if isinstance(abstract, type) else abstract.dtype
         is_key = meta["type"] == "jax_key" or (  # a key's dtype is a jax type, never a numpy dtype
             want_dtype is not None and not isinstance(want_dtype, np.dtype)

@@ -1,5 +1,6 @@
 """A jax ``NamedSharding`` as JSON in tree.json, and back, so that a load without an abstract tree puts
-each array where it was (as Orbax does).
+each array where it was (as Orbax does); and an abstract leaf's sharding over an ``AbstractMesh`` put on
+the devices of the caller's ``jax.set_mesh`` mesh (:func:`on_devices`).
 
 The JSON is ``{"mesh_shape": [2, 4], "axis_names": ["x", "y"], "axis_types": ["Explicit", "Explicit"],
 "device_ids": [0, ..., 7], "spec": ["x", null, ["x", "y"]]}`` (``axis_types``, the mesh's
@@ -20,9 +21,11 @@ from __future__ import annotations
 import functools
 import sys
 import warnings
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import numpy as np
+
+T = TypeVar("T")
 
 
 @functools.lru_cache(maxsize=256)
@@ -66,3 +69,47 @@ def _build(key: tuple) -> Any:
     types = None if axis_types is None else tuple(jax.sharding.AxisType[name] for name in axis_types)
     mesh = jax.sharding.Mesh(devices.reshape(mesh_shape), axis_names, axis_types=types)
     return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+
+
+def on_devices(sharding: Any) -> Any:
+    """The sharding an abstract leaf asks for, on devices: a ``NamedSharding`` over an ``AbstractMesh``
+    (what ``jax.eval_shape`` and ``nnx.eval_shape`` give under ``jax.set_mesh``) becomes the same spec over
+    the mesh of the caller's ``jax.set_mesh`` context, as Orbax resolves it; any other sharding (or None)
+    is returned as it is.
+
+    Raises:
+      ValueError: no ``jax.set_mesh`` context holds a mesh of that abstract mesh's axes.
+    """
+    jax = sys.modules["jax"]
+    abstract_mesh = getattr(jax.sharding, "AbstractMesh", None)  # (absent from older jax)
+    if (abstract_mesh is None or not isinstance(sharding, jax.sharding.NamedSharding)
+            or not isinstance(sharding.mesh, abstract_mesh)):
+        return sharding
+    mesh = _context_mesh(jax)
+    if mesh is None or mesh.abstract_mesh != sharding.mesh:
+        found = "no mesh is set" if mesh is None else f"the mesh set is {mesh}"
+        raise ValueError(f"its sharding is over the abstract mesh {sharding.mesh} and {found}: load inside "
+                         "`with jax.set_mesh(mesh)` of the mesh the abstract tree was made under")
+    return jax.sharding.NamedSharding(mesh, sharding.spec, memory_kind=sharding.memory_kind)
+
+
+def with_callers_mesh(fn: Callable[[], T]) -> Callable[[], T]:
+    """``fn``, to run in another thread under this thread's ``jax.set_mesh`` mesh (a thread starts without
+    one), so that a load in the background resolves abstract meshes as the same load here would."""
+    jax = sys.modules.get("jax")
+    mesh = None if jax is None else _context_mesh(jax)
+    if mesh is None:
+        return fn
+
+    def run() -> T:
+        with jax.set_mesh(mesh):
+            return fn()
+
+    return run
+
+
+def _context_mesh(jax: Any) -> Any:
+    """The concrete mesh of this thread's ``jax.set_mesh`` context, or None."""
+    get_mesh = getattr(jax.sharding, "get_mesh", None)  # (absent from older jax)
+    mesh = None if get_mesh is None else get_mesh()
+    return None if mesh is None or mesh.empty else mesh

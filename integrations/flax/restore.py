@@ -17,7 +17,8 @@ def restore_train_state(checkpointer: Checkpointer, target: T, *, step: int | Ch
     """Loads checkpoint ``step`` (the latest when None) into ``target``'s structure and types.
 
     ``target`` says what to build. It is a concrete state, an abstract one from ``jax.eval_shape``
-    (add a ``sharding`` to a ``jax.ShapeDtypeStruct`` to place that leaf), or any pytree. The
+    (add a ``sharding`` to a ``jax.ShapeDtypeStruct`` to place that leaf; one over an ``AbstractMesh``,
+    as ``nnx.eval_shape`` gives under ``jax.set_mesh``, places it on the mesh set there), or any pytree. The
     result has the target's exact tree: TrainState subclasses with their extra fields and their
     static ``apply_fn`` and ``tx``, optax NamedTuple states (``EmptyState`` included), typed PRNG
     keys, and each leaf's dtype and sharding. NNX objects in ``target`` (a model, an

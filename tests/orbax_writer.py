@@ -9,6 +9,8 @@ DIRECTORY/v1:     v1 save_checkpointables: ``state`` (:func:`mixed_state`) and `
 DIRECTORY/single: v0 CheckpointManager, one item (default/), names step_0003, step_0005 (prefix, zero padding)
 DIRECTORY/named:  v0 CheckpointManager, named items: model (PyTreeCheckpointHandler, use_ocdbt=False),
                   cfg (JsonCheckpointHandler), std (StandardCheckpointHandler), step 7
+DIRECTORY/nnx:    v1 training.Checkpointer: ``nnx.state((model, optimizer))`` of examples/nnx_train.py after
+                  :func:`nnx_run`, step 1 (Orbax stores its int keys, 0 and 1 and the optax chain's, as text)
 
 The values are functions of the step (:func:`mixed_state`, :func:`flax_run`), so a test rebuilds them
 without Orbax and compares bit for bit. Everything but ``main`` imports without orbax.
@@ -26,6 +28,7 @@ import optax
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 import flax_train  # noqa: E402
+import nnx_train  # noqa: E402
 
 FLAX_SAVES = (2, 4, 6)
 
@@ -62,6 +65,13 @@ def flax_run(steps: int, start=None):
     return state, losses
 
 
+def nnx_run() -> tuple:
+    """The model and optimizer of examples/nnx_train.py after one training step."""
+    model, optimizer = nnx_train.create()
+    nnx_train.train_step(model, optimizer, *nnx_train.synthetic_batch(1))
+    return model, optimizer
+
+
 def main(directory: Path) -> None:
     import orbax.checkpoint as ocp
     from orbax.checkpoint.experimental.v1 import training
@@ -95,6 +105,10 @@ def main(directory: Path) -> None:
                                                 cfg=ocp.args.JsonSave({"lr": 0.1, "layers": [64, 1], "name": "mlp"}),
                                                 std=ocp.args.StandardSave({"x": np.arange(6.0).reshape(2, 3)})),
                      metrics={"loss": 0.25})
+
+    from flax import nnx
+    with training.Checkpointer(directory / "nnx") as ckptr:
+        ckptr.save(1, nnx.state(nnx_run()), force=True)
 
 
 if __name__ == "__main__":

@@ -289,7 +289,7 @@ def check_leaf(path: KeyPath, meta: dict, abstract: Any) -> str | None:
         return None  # the usual leaf
     want = abstract_shape(abstract)
     inline = meta["type"] in ("int", "float", "bool", "str", "none")
-    if want is not None and inline and want != ():
+    if want is not None and inline and (want != () or not _becomes_array(meta["type"], abstract)):
         return f"{keystr(path)}: saved a {meta['type']} value, abstract leaf wants an array of shape {want}"
     if want is not None and not inline and tuple(_logical_shape(meta)) != want:
         return f"{keystr(path)}: saved shape {tuple(_logical_shape(meta))}, abstract leaf wants {want}"
@@ -297,6 +297,14 @@ def check_leaf(path: KeyPath, meta: dict, abstract: Any) -> str | None:
     if meta["type"] == "jax_key" and impl is not None and impl != meta.get("impl"):
         return f"{keystr(path)}: saved {meta.get('impl')!r} PRNG keys, abstract leaf wants {impl!r} keys"
     return None
+
+
+def _becomes_array(kind: str, abstract: Any) -> bool:
+    """Whether a saved inline value of ``kind`` can become the 0-d array ``abstract`` asks for: a number or
+    bool can, None cannot, a str only an array of text."""
+    if kind == "str":
+        return getattr(getattr(abstract, "dtype", None), "kind", None) in ("U", "S")
+    return kind != "none"
 
 
 def _key_impl(abstract: Any) -> str | None:

@@ -21,11 +21,9 @@ from __future__ import annotations
 import functools
 import sys
 import warnings
-from typing import Any, Callable, TypeVar
+from typing import Any
 
 import numpy as np
-
-T = TypeVar("T")
 
 
 @functools.lru_cache(maxsize=256)
@@ -85,7 +83,7 @@ def on_devices(sharding: Any) -> Any:
     if (abstract_mesh is None or not isinstance(sharding, jax.sharding.NamedSharding)
             or not isinstance(sharding.mesh, abstract_mesh)):
         return sharding
-    mesh = _context_mesh(jax)
+    mesh = context_mesh(jax)
     if mesh is None or mesh.abstract_mesh != sharding.mesh:
         found = "no mesh is set" if mesh is None else f"the mesh set is {mesh}"
         raise ValueError(f"its sharding is over the abstract mesh {sharding.mesh} and {found}: load inside "
@@ -93,22 +91,7 @@ def on_devices(sharding: Any) -> Any:
     return jax.sharding.NamedSharding(mesh, sharding.spec, memory_kind=sharding.memory_kind)
 
 
-def with_callers_mesh(fn: Callable[[], T]) -> Callable[[], T]:
-    """``fn``, to run in another thread under this thread's ``jax.set_mesh`` mesh (a thread starts without
-    one), so that a load in the background resolves abstract meshes as the same load here would."""
-    jax = sys.modules.get("jax")
-    mesh = None if jax is None else _context_mesh(jax)
-    if mesh is None:
-        return fn
-
-    def run() -> T:
-        with jax.set_mesh(mesh):
-            return fn()
-
-    return run
-
-
-def _context_mesh(jax: Any) -> Any:
+def context_mesh(jax: Any) -> Any:
     """The concrete mesh of this thread's ``jax.set_mesh`` context, or None."""
     get_mesh = getattr(jax.sharding, "get_mesh", None)  # (absent from older jax)
     mesh = None if get_mesh is None else get_mesh()

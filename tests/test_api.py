@@ -677,6 +677,33 @@ def test_loading_without_a_tree_keeps_the_saved_meshs_axis_types_so_the_arrays_c
     assert result.returncode == 0 and "AXIS-TYPES-OK" in result.stdout, result.stdout + result.stderr
 
 
+DEFAULT_DEVICE = r"""
+import os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+import jax, jax.numpy as jnp
+import ckpt
+
+state = {"a": jnp.arange(3.0), "k": jax.random.key(0)}
+abstract = jax.eval_shape(lambda: state)
+ckpt.save(os.path.join(sys.argv[1], "single"), state)
+with ckpt.Checkpointer(os.path.join(sys.argv[1], "root")) as ckptr:
+    ckptr.save(0, state)
+    with jax.default_device(jax.devices()[3]):
+        loads = {"load": ckptr.load(0, abstract), "load_async": ckptr.load_async(0, abstract).result(),
+                 "free load_async": ckpt.load_async(os.path.join(sys.argv[1], "single")).result()}
+for how, loaded in loads.items():
+    for key, leaf in loaded.items():
+        assert leaf.devices() == {jax.devices()[3]}, (how, key, leaf.devices())
+print("DEFAULT-DEVICE-OK")
+"""
+
+
+def test_a_load_in_the_background_puts_arrays_on_the_callers_default_device_as_a_load_does(tmp_path):
+    pytest.importorskip("jax")
+    result = procs.run_script(DEFAULT_DEVICE, str(tmp_path), timeout=120, JAX_PLATFORMS="cpu")
+    assert result.returncode == 0 and "DEFAULT-DEVICE-OK" in result.stdout, result.stdout + result.stderr
+
+
 def test_loading_into_shape_dtype_structs_places_every_leaf_with_its_named_sharding_and_as_saved_keeps_the_saved_one(tmp_path):
 
     pytest.importorskip("jax")

@@ -14,7 +14,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from ckpt import background, custom, distributed, formats, root, saving, storage
+from ckpt import background, custom, distributed, formats, root, saving, storage, transfers
 from ckpt import format as fmt
 from ckpt.context import get_context
 from ckpt.errors import CheckpointNotFoundError
@@ -177,7 +177,7 @@ def load_checkpointables_async(
 
 def _in_background(fn: Any, *args: Any, **kwargs: Any) -> background.AsyncResponse[Any]:
     executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-load")
-    future = executor.submit(fn, *args, **kwargs)
+    future = executor.submit(transfers.with_callers_placement(lambda: fn(*args, **kwargs)))
     executor.shutdown(wait=False)
     return background.AsyncResponse(future)
 

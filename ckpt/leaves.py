@@ -289,7 +289,7 @@ def check_leaf(path: KeyPath, meta: dict, abstract: Any) -> str | None:
         return None  # the usual leaf
     want = abstract_shape(abstract)
     inline = meta["type"] in ("int", "float", "bool", "str", "none")
-    if want is not None and inline and want != ():
+    if want is not None and inline and (want != () or not _becomes_array(meta["type"], abstract)):
         return f"{keystr(path)}: saved a {meta['type']} value, abstract leaf wants an array of shape {want}"
     if want is not None and not inline and tuple(_logical_shape(meta)) != want:
         return f"{keystr(path)}: saved shape {tuple(_logical_shape(meta))}, abstract leaf wants {want}"
@@ -297,6 +297,14 @@ def check_leaf(path: KeyPath, meta: dict, abstract: Any) -> str | None:
     if meta["type"] == "jax_key" and impl is not None and impl != meta.get("impl"):
         return f"{keystr(path)}: saved {meta.get('impl')!r} PRNG keys, abstract leaf wants {impl!r} keys"
     return None
+
+
+def _becomes_array(kind: str, abstract: Any) -> bool:
+    """Whether a saved inline value of ``kind`` can become the 0-d array ``abstract`` asks for: a number or
+    bool can, None cannot, a str only an array of text."""
+    if kind == "str":
+        return getattr(getattr(abstract, "dtype", None), "kind", None) in ("U", "S")
+    return kind != "none"
 
 
 def _key_impl(abstract: Any) -> str | None:
@@ -474,10 +482,10 @@ def _cast_python(value: Any, abstract: Any) -> Any:
 
 
 def _restore_jax(meta: dict, read: Reader, abstract: Any, jax: Any, to_device: transfers.ToDevice) -> Any:
+    sharding = None if isinstance(abstract, type) else shardings.on_devices(getattr(abstract, "sharding", None))
     if type(abstract) is jax.ShapeDtypeStruct and meta["type"] == "jax" and isinstance(abstract.dtype, np.dtype):
-        sharding, dtype = abstract.sharding, abstract.dtype  # the usual leaf (eval_shape's), a few checks fewer
+        dtype = abstract.dtype  # the usual leaf (eval_shape's), a few checks fewer
     else:
-        sharding = None if isinstance(abstract, type) else getattr(abstract, "sharding", None)
         want_dtype = None if isinstance(abstract, type) else abstract.dtype
         is_key = meta["type"] == "jax_key" or (  # a key's dtype is a jax type, never a numpy dtype
             want_dtype is not None and not isinstance(want_dtype, np.dtype)

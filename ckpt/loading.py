@@ -263,10 +263,15 @@ def _match(table: LeafTable, saved_node: tree_lib.Node, abstract: Any, name: str
         return Plan(abstract_node, abstract_leaves, None, order), diffs
     saved_paths = tree_lib.leaf_paths(saved_node)
     index = {tuple([k for _, k in p]): i for i, p in enumerate(saved_paths)}
+    as_text: dict[tuple, int] = {}
     pairs, diffs, covered = [], [], set()
     for path, leaf in abstract_leaves:
         key = tuple([k for _, k in path])
         i = index.get(key)
+        if i is None:  # Orbax stores keys as text ({0: ...} as {"0": ...}, as an nnx.Optimizer's state has), and
+            # restores them into the abstract tree's keys: so does ckpt
+            as_text = as_text or {tuple(map(str, k)): j for k, j in index.items()}
+            i = as_text.get(tuple(map(str, key)))
         if leaf is leaves_lib.PLACEHOLDER or (leaf is None and i is None):
             under = [i for p, i in index.items() if p[: len(key)] == key]
             covered.update(under)

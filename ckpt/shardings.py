@@ -1,8 +1,12 @@
 """A jax ``NamedSharding`` as JSON in tree.json, and back, so that a load without an abstract tree puts
-each array where it was (as Orbax does).
+each array where it was (as Orbax does); and an abstract leaf's sharding over an ``AbstractMesh`` put on
+the devices of the caller's ``jax.set_mesh`` mesh (:func:`on_devices`).
 
-The JSON is ``{"mesh_shape": [2, 4], "axis_names": ["x", "y"], "device_ids": [0, ..., 7],
-"spec": ["x", null, ["x", "y"]]}``. It is restored only when every device id is one of this
+The JSON is ``{"mesh_shape": [2, 4], "axis_names": ["x", "y"], "axis_types": ["Explicit", "Explicit"],
+"device_ids": [0, ..., 7], "spec": ["x", null, ["x", "y"]]}`` (``axis_types``, the mesh's
+``jax.sharding.AxisType`` names, is absent from older steps: jax's default then). The mesh's axis types
+are part of it because jax refuses to combine arrays whose meshes differ in them (``jax.make_mesh``
+makes Explicit axes, ``Mesh(...)`` Auto ones). It is restored only when every device id is one of this
 process's jax devices; otherwise (another topology, or a malformed entry) the array goes to the
 default device, with a warning.
 
@@ -30,7 +34,7 @@ def describe(sharding: Any) -> dict | None:
         return None
     mesh = sharding.mesh
     return {"mesh_shape": list(mesh.devices.shape), "axis_names": list(mesh.axis_names),
-            "device_ids": [int(d.id) for d in mesh.devices.flat],
+            "axis_types": [t.name for t in mesh.axis_types], "device_ids": [int(d.id) for d in mesh.devices.flat],
             "spec": [p if p is None or isinstance(p, str) else list(p) for p in sharding.spec]}
 
 
@@ -38,8 +42,9 @@ def restore(doc: Any, *, warn: bool = True) -> Any:
     """The ``NamedSharding`` of :func:`describe`'s JSON, or None (with a warning unless ``warn`` is False)
     when these devices cannot hold it."""
     try:
-        key = (tuple(doc["mesh_shape"]), tuple(doc["axis_names"]), tuple(doc["device_ids"]),
-               tuple(p if p is None or isinstance(p, str) else tuple(p) for p in doc["spec"]))
+        types = doc.get("axis_types")
+        key = (tuple(doc["mesh_shape"]), tuple(doc["axis_names"]), None if types is None else tuple(types),
+               tuple(doc["device_ids"]), tuple(p if p is None or isinstance(p, str) else tuple(p) for p in doc["spec"]))
         return _build(key)
     except (TypeError, ValueError, KeyError, AttributeError) as e:
         if not warn:
@@ -52,12 +57,42 @@ def restore(doc: Any, *, warn: bool = True) -> Any:
 @functools.lru_cache(maxsize=256)
 def _build(key: tuple) -> Any:
     jax = sys.modules["jax"]
-    mesh_shape, axis_names, device_ids, spec = key
+    mesh_shape, axis_names, axis_types, device_ids, spec = key
     by_id = {d.id: d for d in jax.devices()}
     missing = [i for i in device_ids if i not in by_id]
     if missing:
         raise ValueError(f"devices {missing[:8]} are not among this job's {len(by_id)} devices")
     devices = np.empty(len(device_ids), dtype=object)
     devices[:] = [by_id[i] for i in device_ids]
-    mesh = jax.sharding.Mesh(devices.reshape(mesh_shape), axis_names)
+    types = None if axis_types is None else tuple(jax.sharding.AxisType[name] for name in axis_types)
+    mesh = jax.sharding.Mesh(devices.reshape(mesh_shape), axis_names, axis_types=types)
     return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+
+
+def on_devices(sharding: Any) -> Any:
+    """The sharding an abstract leaf asks for, on devices: a ``NamedSharding`` over an ``AbstractMesh``
+    (what ``jax.eval_shape`` and ``nnx.eval_shape`` give under ``jax.set_mesh``) becomes the same spec over
+    the mesh of the caller's ``jax.set_mesh`` context, as Orbax resolves it; any other sharding (or None)
+    is returned as it is.
+
+    Raises:
+      ValueError: no ``jax.set_mesh`` context holds a mesh of that abstract mesh's axes.
+    """
+    jax = sys.modules["jax"]
+    abstract_mesh = getattr(jax.sharding, "AbstractMesh", None)  # (absent from older jax)
+    if (abstract_mesh is None or not isinstance(sharding, jax.sharding.NamedSharding)
+            or not isinstance(sharding.mesh, abstract_mesh)):
+        return sharding
+    mesh = context_mesh(jax)
+    if mesh is None or mesh.abstract_mesh != sharding.mesh:
+        found = "no mesh is set" if mesh is None else f"the mesh set is {mesh}"
+        raise ValueError(f"its sharding is over the abstract mesh {sharding.mesh} and {found}: load inside "
+                         "`with jax.set_mesh(mesh)` of the mesh the abstract tree was made under")
+    return jax.sharding.NamedSharding(mesh, sharding.spec, memory_kind=sharding.memory_kind)
+
+
+def context_mesh(jax: Any) -> Any:
+    """The concrete mesh of this thread's ``jax.set_mesh`` context, or None."""
+    get_mesh = getattr(jax.sharding, "get_mesh", None)  # (absent from older jax)
+    mesh = None if get_mesh is None else get_mesh()
+    return None if mesh is None or mesh.empty else mesh

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ckpt import arguments, background, custom, distributed, dtensor, formats, host_memory, loading, orbax, preemption, root, saving
-from ckpt import storage, tiers
+from ckpt import storage, tiers, transfers
 from ckpt import errors
 from ckpt import format as fmt
 from ckpt.context import Context, get_context
@@ -694,7 +694,7 @@ class Checkpointer:
     def _in_background(self, fn) -> background.AsyncResponse:
         if self._loader is None:
             self._loader = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-loader")
-        return background.AsyncResponse(self._loader.submit(fn))
+        return background.AsyncResponse(self._loader.submit(transfers.with_callers_placement(fn)))
 
     # ---------------------------------------------------------------------------------- metadata
     def metadata(self, step: int | CheckpointMetadata | None = None) -> CheckpointMetadata:

@@ -18,16 +18,19 @@ with non-blocking copies on a side stream into page-locked buffers (:class:`ToHo
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import functools
 import operator
 import os
 import sys
 import weakref
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import numpy as np
 
-from ckpt import chunks, host_memory, packing
+from ckpt import chunks, host_memory, packing, shardings
+
+T = TypeVar("T")
 
 _PINNED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # id -> a page-locked buffer
 
@@ -202,6 +205,28 @@ os.register_at_fork(after_in_child=_transfer_thread.cache_clear)  # (a forked ch
 
 
 _UNKNOWN = object()
+
+
+def with_callers_placement(fn: Callable[[], T]) -> Callable[[], T]:
+    """``fn``, to run in another thread where jax places arrays as it does in this one: under this thread's
+    ``jax.default_device`` and ``jax.set_mesh`` mesh (a new thread has neither), so that a load in the
+    background puts its arrays where the same load here would."""
+    jax = sys.modules.get("jax")
+    if jax is None:
+        return fn
+    device, mesh = jax.config.jax_default_device, shardings.context_mesh(jax)
+    if device is None and mesh is None:
+        return fn
+
+    def run() -> T:
+        with contextlib.ExitStack() as placement:
+            if device is not None:
+                placement.enter_context(jax.default_device(device))
+            if mesh is not None:
+                placement.enter_context(jax.set_mesh(mesh))
+            return fn()
+
+    return run
 
 
 def _default_device(jax: Any) -> Any:

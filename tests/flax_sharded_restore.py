@@ -4,8 +4,9 @@
 
 Saves an unsharded TrainState and NNX model, restores them into abstract targets whose leaves carry
 a NamedSharding (split along the first axis where it divides, replicated elsewhere), and checks that
-every restored leaf has exactly that sharding and the saved values, and that a large leaf placed on
-all four devices is read from disk once. Prints ``ok`` and exits 0, or
+every restored leaf has exactly that sharding and the saved values, that leaves ``nnx.eval_shape`` shards
+over an ``AbstractMesh`` under ``jax.set_mesh`` are restored over that mesh, and that a large leaf placed
+on all four devices is read from disk once. Prints ``ok`` and exits 0, or
 fails with an AssertionError naming the leaf.
 """
 from __future__ import annotations
@@ -52,6 +53,34 @@ def check_placed(restored, expected, saved) -> None:
         np.testing.assert_array_equal(np.asarray(leaf), np.asarray(value), err_msg=name)
 
 
+def restore_under_mesh(directory: Path, mesh: jax.sharding.Mesh) -> None:
+    """``nnx.eval_shape`` under ``jax.set_mesh`` shards its leaves over an ``AbstractMesh``: they are restored
+    over the context's mesh, by a load in the background too; outside the context, an error names the leaf."""
+    with jax.set_mesh(mesh):
+        model, optimizer = nnx_train.create()
+        saved = nnx.state((model, optimizer))
+    with Checkpointer(directory / "abstract_mesh") as ckptr:
+        ckptr.save(0, saved, force=True)
+        with jax.set_mesh(mesh):
+            abstract = nnx.eval_shape(nnx_train.create)
+            loaded_in_background = ckptr.load_async(0, nnx.state(nnx.eval_shape(nnx_train.create)))
+            outside = nnx.eval_shape(nnx_train.create)
+        abstract_leaves = jax.tree.leaves(nnx.state(abstract))
+        assert all(isinstance(a.sharding.mesh, jax.sharding.AbstractMesh) for a in abstract_leaves), abstract_leaves
+        on_mesh = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(mesh, a.sharding.spec))  # noqa: E731
+        expected = jax.tree.map(on_mesh, nnx.state(abstract))
+        with jax.set_mesh(mesh):
+            restored = restore_train_state(ckptr, abstract)
+        check_placed(nnx.state(restored), expected, saved)
+        check_placed(loaded_in_background.result(timeout=60), expected, saved)
+        try:
+            restore_train_state(ckptr, outside)
+        except ValueError as e:
+            assert "state[0]['" in str(e) and "jax.set_mesh" in str(e), e
+        else:
+            raise AssertionError("restored an abstract mesh's leaves outside jax.set_mesh")
+
+
 def main(directory: str) -> None:
     assert jax.device_count() == 4, f"expected 4 CPU devices, got {jax.devices()}"
     mesh = jax.make_mesh((4,), ("data",))
@@ -73,6 +102,8 @@ def main(directory: str) -> None:
         restored_model = restore_train_state(ckptr, abstract_model)
     assert restored_model is abstract_model
     check_placed(nnx.state(restored_model), expected, nnx.state(model))
+
+    restore_under_mesh(Path(directory), mesh)
 
     big = {"w": np.arange(64 * 8192, dtype=np.float32).reshape(64, 8192)}  # 2 MiB: its own array, one chunk
     reads = []

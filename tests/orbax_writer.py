@@ -9,6 +9,8 @@ DIRECTORY/v1:     v1 save_checkpointables: ``state`` (:func:`mixed_state`) and `
 DIRECTORY/single: v0 CheckpointManager, one item (default/), names step_0003, step_0005 (prefix, zero padding)
 DIRECTORY/named:  v0 CheckpointManager, named items: model (PyTreeCheckpointHandler, use_ocdbt=False),
                   cfg (JsonCheckpointHandler), std (StandardCheckpointHandler), step 7
+DIRECTORY/nnx:    v1 training.Checkpointer: ``nnx.state((model, optimizer))`` of examples/nnx_train.py after
+                  :func:`nnx_run`, step 1 (Orbax stores its int keys, 0 and 1 and the optax chain's, as text)
 
 The values are functions of the step (:func:`mixed_state`, :func:`flax_run`), so a test rebuilds them
 without Orbax and compares bit for bit. Everything but ``main`` imports without orbax.
@@ -26,6 +28,7 @@ import optax
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 import flax_train  # noqa: E402
+import nnx_train  # noqa: E402
 
 FLAX_SAVES = (2, 4, 6)
 
@@ -37,7 +40,7 @@ def mixed_state(step: int, *, string: bool = True) -> dict:
     params = {"w": jnp.arange(8 * 3, dtype=jnp.float32).reshape(8, 3) * (step + 1),
               "b": jnp.linspace(-1, 1, 5, dtype=jnp.bfloat16)}
     if len(jax.devices()) == 2:
-        mesh = jax.sharding.Mesh(np.array(jax.devices()), ("x",))
+        mesh = jax.make_mesh((2,), ("x",), axis_types=(jax.sharding.AxisType.Explicit,))  # Orbax records the axis types
         params["w"] = jax.device_put(params["w"], jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("x")))
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-3))
     state = {"params": params, "opt_state": tx.init(params), "key": jax.random.key(step),
@@ -60,6 +63,13 @@ def flax_run(steps: int, start=None):
         state, loss = flax_train.train_step(state, *flax_train.synthetic_batch(step))
         losses[step] = float(loss)
     return state, losses
+
+
+def nnx_run() -> tuple:
+    """The model and optimizer of examples/nnx_train.py after one training step."""
+    model, optimizer = nnx_train.create()
+    nnx_train.train_step(model, optimizer, *nnx_train.synthetic_batch(1))
+    return model, optimizer
 
 
 def main(directory: Path) -> None:
@@ -95,6 +105,10 @@ def main(directory: Path) -> None:
                                                 cfg=ocp.args.JsonSave({"lr": 0.1, "layers": [64, 1], "name": "mlp"}),
                                                 std=ocp.args.StandardSave({"x": np.arange(6.0).reshape(2, 3)})),
                      metrics={"loss": 0.25})
+
+    from flax import nnx
+    with training.Checkpointer(directory / "nnx") as ckptr:
+        ckptr.save(1, nnx.state(nnx_run()), force=True)
 
 
 if __name__ == "__main__":

@@ -652,6 +652,58 @@ def test_leaf_metadata_has_the_saved_sharding_where_the_devices_can_hold_it_else
             assert ckptr.metadata(0).metadata["a"].sharding is None
 
 
+AXIS_TYPES = r"""
+import os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+import jax, jax.numpy as jnp, numpy as np
+import ckpt
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+for types in [(AxisType.Explicit, AxisType.Explicit), (AxisType.Auto, AxisType.Explicit)]:
+    mesh = jax.make_mesh((2, 2), ("x", "y"), axis_types=types)
+    x = jax.device_put(jnp.arange(32.0).reshape(8, 4), NamedSharding(mesh, P("x", "y")))
+    path = os.path.join(sys.argv[1], types[0].name)
+    ckpt.save(path, {"x": x})
+    loaded = ckpt.load(path)["x"]
+    assert loaded.sharding == x.sharding and ckpt.metadata(path).metadata["x"].sharding == x.sharding, loaded.sharding
+    np.testing.assert_array_equal(np.asarray(loaded + x), 2 * np.asarray(x))  # jax refuses meshes of other axis types
+print("AXIS-TYPES-OK")
+"""
+
+
+def test_loading_without_a_tree_keeps_the_saved_meshs_axis_types_so_the_arrays_combine_with_the_originals(tmp_path):
+    pytest.importorskip("jax")
+    result = procs.run_script(AXIS_TYPES, str(tmp_path), timeout=120, JAX_PLATFORMS="cpu")
+    assert result.returncode == 0 and "AXIS-TYPES-OK" in result.stdout, result.stdout + result.stderr
+
+
+DEFAULT_DEVICE = r"""
+import os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+import jax, jax.numpy as jnp
+import ckpt
+
+state = {"a": jnp.arange(3.0), "k": jax.random.key(0)}
+abstract = jax.eval_shape(lambda: state)
+ckpt.save(os.path.join(sys.argv[1], "single"), state)
+with ckpt.Checkpointer(os.path.join(sys.argv[1], "root")) as ckptr:
+    ckptr.save(0, state)
+    with jax.default_device(jax.devices()[3]):
+        loads = {"load": ckptr.load(0, abstract), "load_async": ckptr.load_async(0, abstract).result(),
+                 "free load_async": ckpt.load_async(os.path.join(sys.argv[1], "single")).result()}
+for how, loaded in loads.items():
+    for key, leaf in loaded.items():
+        assert leaf.devices() == {jax.devices()[3]}, (how, key, leaf.devices())
+print("DEFAULT-DEVICE-OK")
+"""
+
+
+def test_a_load_in_the_background_puts_arrays_on_the_callers_default_device_as_a_load_does(tmp_path):
+    pytest.importorskip("jax")
+    result = procs.run_script(DEFAULT_DEVICE, str(tmp_path), timeout=120, JAX_PLATFORMS="cpu")
+    assert result.returncode == 0 and "DEFAULT-DEVICE-OK" in result.stdout, result.stdout + result.stderr
+
+
 def test_loading_into_shape_dtype_structs_places_every_leaf_with_its_named_sharding_and_as_saved_keeps_the_saved_one(tmp_path):
 
     pytest.importorskip("jax")

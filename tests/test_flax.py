@@ -212,6 +212,14 @@ def test_restore_into_another_model_raises_error_listing_differing_key_paths(ckp
         assert path in message, f"{path} missing from: {message}"
 
 
+def test_restore_of_a_saved_str_into_an_array_leaf_raises_a_mismatch_naming_the_key_path(ckptr):
+    ckptr.save(1, {"w": np.ones(2), "step": "3"}, force=True)
+    target = {"w": jax.ShapeDtypeStruct((2,), jnp.float32), "step": jax.ShapeDtypeStruct((), jnp.int32)}
+
+    with pytest.raises(errors.TreeMismatchError, match=r"\['step'\]: saved a str value"):
+        restore_train_state(ckptr, target)
+
+
 def test_restore_with_another_optimizer_chain_raises_error_listing_differing_key_paths(ckptr):
     ckptr.save(1, create_state(tx=optax.adam(1e-3)), force=True)
     target = create_state(tx=optax.sgd(1e-3, momentum=0.9))

@@ -20,7 +20,7 @@ from ckpt.integrations.flax import CheckpointHook, restore_train_state
 from ckpt.path import step as step_lib
 from ckpt.training import preservation_policies, save_decision_policies
 from tests import orbax_writer, procs
-from tests.orbax_writer import flax_train
+from tests.orbax_writer import flax_train, nnx_train
 
 SINGLE_NAMES = step_lib.standard_name_format(step_prefix="step", step_format_fixed_length=4)
 
@@ -140,7 +140,7 @@ sys.modules["orbax"] = None  # read with tensorstore alone
 assert jax.device_count() == 2, jax.devices()
 with ckpt.Checkpointer(sys.argv[1]) as ckptr:
     w = ckptr.load(1)["params"]["w"]
-mesh = jax.sharding.Mesh(np.array(jax.devices()), ("x",))
+mesh = jax.make_mesh((2,), ("x",), axis_types=(jax.sharding.AxisType.Explicit,))  # the axis types Orbax saved
 assert w.sharding == jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("x")), w.sharding
 print("AS-SAVED", np.asarray(w).sum())
 """
@@ -242,6 +242,15 @@ def test_a_flax_run_orbax_wrote_continues_under_ckpt_bit_for_bit(orbax_runs, tmp
     assert {k: v for k, v in file_hashes(root).items() if k.split("/")[0] in ("2", "4", "6")} == before
     with ckpt.Checkpointer(root) as again:  # the mixed sequence restores from ckpt's latest step
         assert_same(restore_train_state(again, jax.eval_shape(flax_train.create_state)), never_stopped)
+
+
+def test_an_nnx_model_and_optimizer_orbax_saved_with_int_keys_restore_in_place(orbax_runs):
+    nnx = pytest.importorskip("flax.nnx")
+    model, optimizer = nnx_train.create()
+    with ckpt.Checkpointer(orbax_runs / "nnx") as ckptr:
+        restored = restore_train_state(ckptr, (model, optimizer))
+    assert restored[0] is model and restored[1] is optimizer
+    assert_same(nnx.state((model, optimizer)), nnx.state(orbax_writer.nnx_run()))
 
 
 def test_preservation_policies_see_orbax_metrics_and_delete_orbax_steps_as_they_say(orbax_runs, tmp_path):

@@ -254,6 +254,17 @@ def test_an_array_abstract_leaf_for_a_saved_scalar_value_is_a_mismatch(tmp_path)
         ckpt.load(tmp_path / "c", {"n": np.empty((2,))})
 
 
+def test_a_saved_str_or_none_is_a_mismatch_for_a_zero_d_array_leaf_not_returned_in_its_place(tmp_path):
+    ckpt.save(tmp_path / "c", {"s": "x", "n": None, "text": "y"})
+    abstract = {"s": np.zeros((), np.float32), "n": np.float32(0), "text": np.str_("")}
+    with pytest.raises(errors.TreeMismatchError) as info:
+        ckpt.load(tmp_path / "c", abstract)
+    assert sorted(info.value.differences) == [
+        "state['n']: saved a none value, abstract leaf wants an array of shape ()",
+        "state['s']: saved a str value, abstract leaf wants an array of shape ()"]
+    assert ckpt.load(tmp_path / "c", {**abstract, "s": None, "n": None})["text"] == "y"
+
+
 @pytest.mark.parametrize("saved, abstract", [
     ("x", 0), (None, 0), (float("nan"), 0), (float("inf"), 0), ("x", 1.0), (2**100, np.zeros((), np.int64)),
     (2**100, np.int32(0)), (np.array(["ab", "x"]), np.zeros(2, np.float32)),

@@ -207,17 +207,20 @@ class PyTreeItem:
 
 
 def _named_sharding(entry: Any) -> Any:
-    """Orbax's JSON of a ``NamedSharding`` (``shape``, ``axis_names``, ``partition_spec``, ``device_mesh``:
-    nested lists of ``{"id": n}``) as ``ckpt.shardings``'; None for another sharding (a single device's:
-    the default device); the entry itself when it cannot be read."""
+    """Orbax's JSON of a ``NamedSharding`` (``shape``, ``axis_names``, ``axis_types``, ``partition_spec``,
+    ``device_mesh``: nested lists of ``{"id": n}``) as ``ckpt.shardings``'; None for another sharding (a single
+    device's: the default device); the entry itself when it cannot be read."""
     if not isinstance(entry, dict) or entry.get("sharding_type") != "NamedSharding":
         return None
     try:
         devices = entry["device_mesh"]["mesh"]
         for _ in entry["shape"][1:]:
             devices = [d for row in devices for d in row]
-        return {"mesh_shape": list(entry["shape"]), "axis_names": list(entry["axis_names"]),
-                "device_ids": [d["id"] for d in devices], "spec": list(entry["partition_spec"])}
+        sharding = {"mesh_shape": list(entry["shape"]), "axis_names": list(entry["axis_names"]),
+                    "device_ids": [d["id"] for d in devices], "spec": list(entry["partition_spec"])}
+        if "axis_types" in entry:  # ["AxisType.Explicit", ...], as Orbax writes them
+            sharding["axis_types"] = [str(t).removeprefix("AxisType.") for t in entry["axis_types"]]
+        return sharding
     except (TypeError, KeyError, IndexError):
         return entry
 

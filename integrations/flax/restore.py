@@ -1,10 +1,7 @@
 """Restore a training state (a Linen TrainState, NNX objects, any pytree) into the target's structure."""
 from __future__ import annotations
 
-from typing import Any, TypeVar
-
-import jax
-import numpy as np
+from typing import TypeVar
 
 from ckpt.integrations.flax.nnx_objects import nnx_states, update_nnx_in_place
 from ckpt.training import CheckpointMetadata, Checkpointer
@@ -17,7 +14,8 @@ def restore_train_state(checkpointer: Checkpointer, target: T, *, step: int | Ch
     """Loads checkpoint ``step`` (the latest when None) into ``target``'s structure and types.
 
     ``target`` says what to build. It is a concrete state, an abstract one from ``jax.eval_shape``
-    (add a ``sharding`` to a ``jax.ShapeDtypeStruct`` to place that leaf), or any pytree. The
+    (add a ``sharding`` to a ``jax.ShapeDtypeStruct`` to place that leaf; one over an ``AbstractMesh``,
+    as ``nnx.eval_shape`` gives under ``jax.set_mesh``, places it on the mesh set there), or any pytree. The
     result has the target's exact tree: TrainState subclasses with their extra fields and their
     static ``apply_fn`` and ``tx``, optax NamedTuple states (``EmptyState`` included), typed PRNG
     keys, and each leaf's dtype and sharding. NNX objects in ``target`` (a model, an
@@ -47,19 +45,5 @@ def restore_train_state(checkpointer: Checkpointer, target: T, *, step: int | Ch
     if step is None and checkpointer.latest is None:
         return target
     abstract = nnx_states(target)
-    loaded = checkpointer.load(step, abstract, checkpointable_name=checkpointable_name)
-    restored = jax.tree.map(_as_array_leaf, abstract, loaded, is_leaf=lambda x: x is None)
-    return update_nnx_in_place(target, restored)
+    return update_nnx_in_place(target, checkpointer.load(step, abstract, checkpointable_name=checkpointable_name))
 
-
-def _as_array_leaf(abstract: Any, value: Any) -> Any:
-    """``value`` as the array the abstract leaf asks for.
-
-    The core returns a saved Python scalar (``TrainState.create`` makes ``step`` the int 0) as a
-    Python scalar even where the abstract leaf is an array; this places it like the abstract leaf.
-    """
-    if isinstance(abstract, (jax.ShapeDtypeStruct, jax.Array)) and not isinstance(value, jax.Array):
-        return jax.device_put(np.asarray(value, abstract.dtype), abstract.sharding)
-    if isinstance(abstract, (np.ndarray, np.generic)) and not isinstance(value, type(abstract)):
-        return np.asarray(value, abstract.dtype) if isinstance(abstract, np.ndarray) else abstract.dtype.type(value)
-    return value

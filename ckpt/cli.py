@@ -93,7 +93,7 @@ def _scan(root: storage.Location) -> tuple[list[_Step], list[_Step], list[root_l
             others.append(entry)
     checkpoints = []
     for name in sorted(storage.list_names(root)):
-        if name_format.parse_name(name) is None and not name.endswith((fmt.TMP_SUFFIX, fmt.DELETING_SUFFIX)):
+        if name_format.parse_name(name) is None and not name.endswith(fmt.TEMPORARY_SUFFIXES):
             try:
                 entry = root_lib.classify(root / name, None)
             except FileNotFoundError:

@@ -51,6 +51,8 @@ ROOT_METADATA = "ckpt-root.json"
 LOCK = ".ckpt.lock"
 TMP_SUFFIX = ".ckpt-tmp"
 DELETING_SUFFIX = ".ckpt-deleting"
+REPLACED_SUFFIX = ".ckpt-replaced"  # a step set aside by a commit with overwrite=True (see storage.commit_dir)
+TEMPORARY_SUFFIXES = (TMP_SUFFIX, DELETING_SUFFIX, REPLACED_SUFFIX)
 MARKER = ".ckpt-owned"            # in every directory ckpt makes: only a directory holding it is ever removed
 DEFAULT_CHECKPOINTABLE = "state"
 AUTO = "AUTO"                     # Orbax's name for "the state, else the first tree checkpointable"

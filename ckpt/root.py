@@ -78,7 +78,7 @@ def scan(root: storage.Location, name_format: NameFormat, *, read_manifests: boo
     parse = step_parser(name_format, root)
     for name, is_dir in _listing(root):
         try:
-            if name.endswith((fmt.TMP_SUFFIX, fmt.DELETING_SUFFIX)):
+            if name.endswith(fmt.TEMPORARY_SUFFIXES):
                 entries.append(classify_temporary(root / name))
             elif (step := parse(name)) is not None:
                 named.append((root / name, step, is_dir))
@@ -225,9 +225,9 @@ def check_target(final: storage.Location, tmp: storage.Location, *, step: int | 
       ForeignEntryError: ``final`` or ``tmp`` is something ckpt did not write (named, with what it holds).
     """
     what = "the checkpoint" if step is None else f"step {step}"
-    if final.name.endswith((fmt.TMP_SUFFIX, fmt.DELETING_SUFFIX)):
-        raise ValueError(f"cannot save {what} to {final}: a name ending in {fmt.TMP_SUFFIX!r} or "
-                         f"{fmt.DELETING_SUFFIX!r} is that of a temporary of ckpt's, which the next save in its "
+    if final.name.endswith(fmt.TEMPORARY_SUFFIXES):
+        raise ValueError(f"cannot save {what} to {final}: a name ending in one of {fmt.TEMPORARY_SUFFIXES} is "
+                         "that of a temporary of ckpt's, which the next save in its "
                          "directory removes; choose another name")
     if exists(final):
         entry = classify(final, step)

@@ -697,11 +697,39 @@ def commit_dir(tmp: Location, final: Location, *, replace: bool) -> None:
         fsync_path(final.parent)
         _remove_replaced(tmp)  # the replaced step, now under the temporary name
         return
-    old = _aside(final)
+    old = final.with_name(final.name + fmt.REPLACED_SUFFIX)  # (see set_aside_step: a crash between the renames)
+    remove_owned(old)  # one an earlier such crash left, its step put back or replaced since
     os.rename(final, old)
     os.rename(tmp, final)
     fsync_path(final.parent)
     _remove_replaced(old)
+
+
+def set_aside_step(path: Location) -> Path | None:
+    """The name of the step that ``path``, a ``<step>.ckpt-replaced`` directory, must be put back as: a
+    commit with ``overwrite=True`` on a file system that cannot swap two directories atomically (NFS, many
+    FUSE file systems) renames the committed step aside, then the new one into its name; a crash between
+    the two renames leaves the step under its aside name, and nothing under its own. None for anything else
+    (a name that holds something, which then replaced it, or another entry)."""
+    if not (isinstance(path, Path) and path.name.endswith(fmt.REPLACED_SUFFIX)):
+        return None
+    final = path.with_name(path.name[: -len(fmt.REPLACED_SUFFIX)])
+    return None if os.path.lexists(final) else final
+
+
+def put_back(path: Path, final: Path) -> None:
+    """Renames a step set aside (see :func:`set_aside_step`) back to its name ``final``, durably.
+
+    Raises:
+      FileExistsError: something took ``final`` meanwhile (nothing is renamed).
+    """
+    if not rename_noreplace(path, final):
+        if os.path.lexists(final):
+            raise FileExistsError(errno.EEXIST, "cannot put back a step set aside", str(final))
+        os.rename(path, final)
+    fsync_path(final.parent)
+    logger.warning("ckpt: put back %s, the step as committed before a save with overwrite=True that a crash "
+                   "interrupted while it replaced it (it had been set aside as %s)", final, path.name)
 
 
 def _remove_replaced(step_dir: Path) -> None:

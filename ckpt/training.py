@@ -141,15 +141,15 @@ class Checkpointer:
         if primary and custom_metadata is not None and not root_file.exists():
             with storage.writing_to(self._directory):
                 storage.write_file_atomic(root_file, fmt.root_metadata_bytes(custom_metadata))
-        self._swept = False
-        if cleanup_tmp_directories and primary:
-            self._take_directory()
         self._local = None if local is None else tiers.LocalTier(
             local, tiers.DurableRoot(lambda step: self._directory / step_lib.checked_name(self._name_format, step),
                                      self._writer, self._take_directory, self._committed, self._processes,
                                      self._operation, self._context.async_options.timeout_secs),
             Checkpointer, Checkpointer._collect_garbage, context=self._context, step_name_format=self._name_format,
             lightweight_initialize=lightweight_initialize, cleanup_tmp_directories=cleanup_tmp_directories)
+        self._swept = False
+        if cleanup_tmp_directories and primary:
+            self._take_directory()
         preemption.install()
         self._barrier("init")
         self.reload()
@@ -206,7 +206,10 @@ class Checkpointer:
             assert ckptr.latest.step == 7
         """
         infos = []
-        for entry in root.scan(self._directory, self._name_format, read_manifests=not self._lightweight):
+        entries = root.scan(self._directory, self._name_format, read_manifests=not self._lightweight)
+        if self._processes.index == 0 and self._put_back_when_free(entries):
+            entries = root.scan(self._directory, self._name_format, read_manifests=not self._lightweight)
+        for entry in entries:
             if entry.kind in root.LISTED and (not infos or infos[-1].step != entry.step):
                 infos.append(CheckpointMetadata(entry.step, entry.path) if entry.manifest is None
                              else _step_metadata(entry.step, entry.path, entry.manifest))
@@ -221,6 +224,23 @@ class Checkpointer:
         self._due = None  # a yes was given against the listing just replaced
         if self._local is not None:
             self._local.checkpointer.reload()
+
+    def _put_back_when_free(self, entries: list[root.Entry]) -> bool:
+        """:meth:`_put_back` for a Checkpointer opened after a crash, before it saves: a restarted run must
+        list the step a crash left set aside. Only while no writer holds the root (one that does may be
+        between the two renames, and puts back what a crash left when it begins to save); the lock is
+        taken for the moment it takes."""
+        if self._lock.held or not any(e.kind is root.Kind.TEMPORARY and storage.set_aside_step(e.path)
+                                      for e in entries):
+            return False
+        try:
+            self._lock.acquire()
+        except errors.DirectoryLockedError:
+            return False
+        try:
+            return self._put_back(entries)
+        finally:
+            self._lock.release()
 
     def _warn_of_orbax_steps_named_otherwise(self) -> None:
         """An Orbax run written with a step prefix or zero padding lists nothing under the default names:
@@ -543,13 +563,31 @@ class Checkpointer:
         self._lock.acquire()
         if self._swept:
             return
-        for entry in root.scan(self._directory, self._name_format, read_manifests=False):
+        entries = root.scan(self._directory, self._name_format, read_manifests=False)
+        put_back = self._put_back(entries)
+        for entry in entries:
             if entry.kind in root.REMOVABLE and not storage.in_use(entry.path):  # (another process's free save)
                 try:
                     storage.remove_owned(entry.path)
                 except OSError as e:
                     logger.warning("ckpt: could not remove %s, left by a crashed save or deletion: %s", entry.path, e)
         self._swept = True
+        if put_back:
+            self.reload()
+
+    def _put_back(self, entries: list[root.Entry]) -> bool:
+        """Puts back every step of ``entries`` that a commit with ``overwrite=True`` set aside and a crash
+        left there (see :func:`ckpt.storage.set_aside_step`); whether there was one. The caller holds the lock."""
+        found = False
+        for entry in entries:
+            final = storage.set_aside_step(entry.path) if entry.kind is root.Kind.TEMPORARY else None
+            if final is not None:
+                try:
+                    storage.put_back(entry.path, final)
+                    found = True
+                except OSError as e:
+                    logger.warning("ckpt: could not put back %s as %s: %s", entry.path, final, e)
+        return found
 
     def _committed(self, step: int, path: storage.Location, manifest: dict, callback: Any = None) -> None:
         info = _step_metadata(step, path, manifest, time.monotonic_ns())

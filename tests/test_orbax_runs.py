@@ -260,6 +260,26 @@ def test_preservation_policies_see_orbax_metrics_and_delete_orbax_steps_as_they_
         {k: v for k, v in before.items() if k.split("/")[0] == str(worst)}
 
 
+def test_a_save_orbax_began_in_place_and_never_committed_is_not_listed_deleted_or_overwritten(orbax_runs, tmp_path):
+    """Where Orbax writes a step under its own name (object stores, CommitFileTemporaryPath), a save killed
+    before its commit leaves _CHECKPOINT_METADATA with a null commit time and no commit_success.txt; it
+    was listed as the latest step (whose load failed) and deleted by garbage collection."""
+    root = copy_run(orbax_runs, "v1", tmp_path)
+    killed = Path(shutil.copytree(root / "1", root / "2"))
+    (killed / "commit_success.txt").unlink()
+    metadata = orbax_file(killed, "_CHECKPOINT_METADATA")
+    metadata["commit_timestamp_nsecs"] = None
+    (killed / "_CHECKPOINT_METADATA").write_text(json.dumps(metadata))
+    before = file_hashes(killed)
+    with ckpt.Checkpointer(root, preservation_policy=preservation_policies.LatestN(1)) as ckptr:
+        assert [c.step for c in ckptr.checkpoints] == [0, 1] and ckptr.latest.step == 1
+        with pytest.raises(errors.ForeignEntryError):
+            ckptr.save(2, {"w": np.ones(3)}, force=True)
+        ckptr.save(3, {"w": np.ones(3)}, force=True)
+        assert [c.step for c in ckptr.checkpoints] == [3]
+    assert file_hashes(killed) == before
+
+
 # ------------------------------------------------------------------------------------- bad input
 def test_an_item_ckpt_cannot_read_raises_saying_so(orbax_runs, tmp_path):
     root = copy_run(orbax_runs, "v1", tmp_path)

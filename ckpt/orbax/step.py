@@ -35,15 +35,18 @@ _JSON_HANDLERS = ("JsonHandler", "JsonCheckpointHandler", "MetricsHandler")
 
 
 def is_step(path: Any) -> bool:
-    """Whether ``path`` is a local directory Orbax wrote as a step: it has ``_CHECKPOINT_METADATA`` or
-    the ``commit_success.txt`` Orbax writes (regular files), or (Orbax before 0.5) an item directory
-    with Orbax's files (see :func:`_is_item`). A step of a layout ckpt cannot read is still one: loading
-    it says so, and the root never looks empty. Anything less is a user's directory, which ckpt never
-    deletes."""
+    """Whether ``path`` is a local directory Orbax wrote as a committed step: it has the
+    ``commit_success.txt`` Orbax writes, or ``_CHECKPOINT_METADATA`` (regular files) that does not say the
+    save never committed (see :func:`_never_committed`), or (Orbax before 0.5) an item directory with
+    Orbax's files (see :func:`_is_item`). A step of a layout ckpt cannot read is still one: loading it
+    says so, and the root never looks empty. Anything less (a user's directory, a save Orbax never
+    committed) is not a step: ckpt never lists, overwrites or deletes it."""
     if not (isinstance(path, Path) and files.is_plain_dir(path)):
         return False
-    if files.is_plain_file(path / CHECKPOINT_METADATA) or _head(path / COMMIT_SUCCESS, len(_COMMITTED)) == _COMMITTED:
+    if _head(path / COMMIT_SUCCESS, len(_COMMITTED)) == _COMMITTED:
         return True
+    if files.is_plain_file(path / CHECKPOINT_METADATA):
+        return not _never_committed(path)
     return any(files.is_plain_dir(path / name) and _is_item(path / name, path) for name in os.listdir(path))
 
 
@@ -61,6 +64,19 @@ def _head(path: Path, size: int) -> bytes:
         return b""
     with open(fd, "rb") as f:
         return f.read(size)
+
+
+def _never_committed(step_dir: Path) -> bool:
+    """Whether the step's ``_CHECKPOINT_METADATA`` has a null commit time: Orbax commits a step by writing
+    its commit time there and then ``commit_success.txt``. A save killed before that leaves such a directory
+    under the step's own name where Orbax writes in place (object stores, or ``CommitFileTemporaryPath``);
+    Orbax does not list it, and it may hold no item yet or half-written arrays. Metadata ckpt cannot read
+    is not taken for this (the step's other readers report it)."""
+    try:
+        data = files.read_json(step_dir / CHECKPOINT_METADATA, step_dir)
+    except (OSError, CheckpointCorruptedError):
+        return False
+    return isinstance(data, dict) and "commit_timestamp_nsecs" in data and data["commit_timestamp_nsecs"] is None
 
 
 def _is_msgpack_tree(path: Path) -> bool:

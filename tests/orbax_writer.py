@@ -9,6 +9,8 @@ DIRECTORY/v1:     v1 save_checkpointables: ``state`` (:func:`mixed_state`) and `
 DIRECTORY/single: v0 CheckpointManager, one item (default/), names step_0003, step_0005 (prefix, zero padding)
 DIRECTORY/named:  v0 CheckpointManager, named items: model (PyTreeCheckpointHandler, use_ocdbt=False),
                   cfg (JsonCheckpointHandler), std (StandardCheckpointHandler), step 7
+DIRECTORY/array:  v0 CheckpointManager, named items: arr (ArrayCheckpointHandler, ``ARRAY`` times the step)
+                  and std (StandardCheckpointHandler), steps 1 and 2
 
 The values are functions of the step (:func:`mixed_state`, :func:`flax_run`), so a test rebuilds them
 without Orbax and compares bit for bit. Everything but ``main`` imports without orbax.
@@ -28,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import flax_train  # noqa: E402
 
 FLAX_SAVES = (2, 4, 6)
+ARRAY = np.arange(6, dtype=np.int32).reshape(2, 3)
 
 
 def mixed_state(step: int, *, string: bool = True) -> dict:
@@ -95,6 +98,11 @@ def main(directory: Path) -> None:
                                                 cfg=ocp.args.JsonSave({"lr": 0.1, "layers": [64, 1], "name": "mlp"}),
                                                 std=ocp.args.StandardSave({"x": np.arange(6.0).reshape(2, 3)})),
                      metrics={"loss": 0.25})
+
+    with ocp.CheckpointManager(directory / "array") as manager:
+        for step in (1, 2):
+            manager.save(step, args=ocp.args.Composite(arr=ocp.args.ArraySave(ARRAY * step),
+                                                       std=ocp.args.StandardSave({"x": np.float32(step)})))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import pytest
 
 import ckpt
 from ckpt import cli, errors
+from ckpt.convert import convert_root
 from ckpt.integrations.flax import CheckpointHook, restore_train_state
 from ckpt.path import step as step_lib
 from ckpt.training import preservation_policies, save_decision_policies
@@ -174,6 +175,18 @@ def test_v0_single_and_named_items_load_bit_for_bit(orbax_runs):
     assert_same(ckpt.load(step_dir, orbax_writer.mixed_abstract(7), checkpointable_name="model"),
                 orbax_writer.mixed_state(7))
     assert ckpt.checkpointables_metadata(step_dir).metadata["std"]["x"].shape == (2, 3)
+
+
+def test_an_array_orbax_saved_alone_loads_as_that_array_as_orbax_restores_it_and_converts(orbax_runs, tmp_path):
+    """ArraySave's item (ArrayCheckpointHandler) made every load of its steps, ckpt show and ckpt convert fail."""
+    with ckpt.Checkpointer(orbax_runs / "array") as ckptr:
+        for step in (1, 2):
+            trees = ckptr.load_checkpointables(step)
+            assert_same(trees["arr"], orbax_writer.ARRAY * step)
+            assert isinstance(trees["arr"], np.ndarray) and float(trees["std"]["x"]) == step
+            assert ckptr.checkpointables_metadata(step).metadata["arr"].shape == (2, 3)
+    assert [c.step for c in convert_root(orbax_runs / "array", tmp_path / "copy")] == [1, 2]
+    assert_same(ckpt.load(tmp_path / "copy" / "2", checkpointable_name="arr"), orbax_writer.ARRAY * 2)
 
 
 def test_free_functions_read_an_orbax_step_directory(orbax_runs):

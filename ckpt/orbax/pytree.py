@@ -64,9 +64,11 @@ class ArraySource:
 
 class PyTreeItem:
     """A PyTree item directory: ``doc`` is its tree and leaf entries as in ckpt's tree.json, ``stores``
-    the opened array of each leaf stored as one (by leaf index)."""
+    the opened array of each leaf stored as one (by leaf index). ``one_array``: the item of Orbax's
+    ``ArrayCheckpointHandler``, one array in a tree of one key (``checkpoint``), which Orbax restores as
+    the array itself: so does ckpt."""
 
-    def __init__(self, step_dir: Path, name: str, directory: Path):
+    def __init__(self, step_dir: Path, name: str, directory: Path, *, one_array: bool = False):
         self.step_dir, self.name, self.directory = step_dir, name, directory
         files.check_plain_tree(directory, step_dir)
         metadata = files.read_json(directory / "_METADATA", step_dir)
@@ -91,7 +93,17 @@ class PyTreeItem:
         self.metas: list[dict] = []
         self.stores: dict[int, ts.TensorStore] = {}
         self._describe(leaf_paths, by_path)
+        if one_array:
+            node = self._unwrapped(node)
         self.doc = {"tree": tree_lib.to_json(node), "leaves": self.metas}
+
+    def _unwrapped(self, node: tree_lib.Node) -> tree_lib.Node:
+        """The one leaf of ``node``, a dict holding only it (its array keeps its name on disk)."""
+        if node.kind != "dict" or node.children != [tree_lib.LEAF]:
+            raise CheckpointCorruptedError(f"{self.directory}/_METADATA: an item of Orbax's ArrayCheckpointHandler "
+                                           f"holds one array, this one lists {len(self.metas)} leaves", path=self.step_dir)
+        self.metas[0]["path"] = tree_lib.keystr(())
+        return tree_lib.LEAF
 
     def _describe(self, leaf_paths: list[tree_lib.KeyPath], by_path: dict[tuple, dict]) -> None:
         """Fills ``metas`` (opening every array, all at once) and ``stores``."""

@@ -9,7 +9,8 @@ Layouts read (Orbax 0.5 and later, local file systems)::
     <step>/metrics/metrics         the metrics (JSON), a checkpointable of their own
 
 An item written by a PyTree handler (``PyTreeHandler``, ``PyTreeCheckpointHandler``,
-``StandardCheckpointHandler``) is read by :mod:`ckpt.orbax.pytree`; a JSON item (``JsonHandler``,
+``StandardCheckpointHandler``) or by ``ArrayCheckpointHandler`` (one array) is read by
+:mod:`ckpt.orbax.pytree`; a JSON item (``JsonHandler``,
 ``JsonCheckpointHandler``) is its one JSON file. Any other item raises UnsupportedLayoutError when it
 is loaded, naming its handler.
 """
@@ -31,6 +32,7 @@ CHECKPOINT_METADATA = "_CHECKPOINT_METADATA"
 COMMIT_SUCCESS = "commit_success.txt"
 METRICS = "metrics"
 _PYTREE_HANDLERS = ("PyTreeHandler", "PyTreeCheckpointHandler", "StandardCheckpointHandler")
+_ARRAY_HANDLER = "ArrayCheckpointHandler"  # one array, in a PyTree item of one leaf
 _JSON_HANDLERS = ("JsonHandler", "JsonCheckpointHandler", "MetricsHandler")
 
 
@@ -181,15 +183,15 @@ class Step:
     def _read_item(self, name: str) -> dict:
         handler, directory = self.handlers[name], self.step_dir / name
         short = handler.rsplit(".", 1)[-1]
-        if short in _PYTREE_HANDLERS or (not short and os.path.lexists(directory / "_METADATA")):
-            item = self.pytrees[name] = PyTreeItem(self.step_dir, name, directory)
+        if short in (*_PYTREE_HANDLERS, _ARRAY_HANDLER) or (not short and os.path.lexists(directory / "_METADATA")):
+            item = self.pytrees[name] = PyTreeItem(self.step_dir, name, directory, one_array=short == _ARRAY_HANDLER)
             return item.doc
         if short in _JSON_HANDLERS or not short and _json_file(directory) is not None:
             return _json_doc(self.step_dir, directory)
         what = f"Orbax's {handler}" if handler else f"an Orbax handler that left {sorted(os.listdir(directory))[:5]}"
         raise UnsupportedLayoutError(
             f"{directory} was written by {what}, which ckpt does not read (it reads "
-            f"items of {', '.join(_PYTREE_HANDLERS + _JSON_HANDLERS)}); load the other checkpointables by name: "
+            f"items of {', '.join((*_PYTREE_HANDLERS, _ARRAY_HANDLER, *_JSON_HANDLERS))}); load the other checkpointables by name: "
             f"{sorted(n for n in self.handlers if n != name)}", path=directory)
 
     def check_arrays(self) -> Iterator[tuple[str, int, str | None]]:

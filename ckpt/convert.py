@@ -67,11 +67,13 @@ def convert_root(source: str | os.PathLike, destination: str | os.PathLike) -> I
     """Converts every step of ``source`` (a root, see :func:`steps_of`) into ``destination`` (a new or
     empty directory), yielding each once it is written and checked against its source. The arguments are
     checked when it is called. A convert that fails leaves ``destination`` as it found it: what it made
-    there is removed.
+    there is removed. One killed before it could clean up (SIGKILL, SIGTERM) is resumed by running it
+    again: the steps it committed are checked against their source and kept.
 
     Raises:
       ValueError: ``source`` or ``destination`` is not a local directory.
-      FileExistsError: ``destination`` holds anything, or is not a directory (before anything is written).
+      FileExistsError: ``destination`` holds anything but what a convert of the same steps left, or is not
+        a directory (before anything is written).
       FileNotFoundError: ``source`` holds no step; or it is one checkpoint, not a root.
       CheckpointCorruptedError: a step of ``source`` is damaged (before anything is written), or a
         converted step differs from its source (named with the key path; raised by the iterator).
@@ -93,12 +95,32 @@ def convert_root(source: str | os.PathLike, destination: str | os.PathLike) -> I
     steps = steps_of(source) if source.is_dir() else []
     if not steps:
         raise FileNotFoundError(f"{source} holds no checkpoint steps to convert")
-    if destination.exists() and any(destination.iterdir()):
-        raise FileExistsError(f"{destination} is not empty; convert into a new directory")
-    return _convert_steps(steps, source, destination)
+    done = _converted_before(destination, steps) if destination.exists() else set()
+    return _convert_steps(steps, source, destination, done)
 
 
-def _convert_steps(steps: list[tuple[int, Path]], source: Path, destination: Path) -> Iterator[Converted]:
+def _converted_before(destination: Path, steps: list[tuple[int, Path]]) -> set[str]:
+    """The names of the steps a convert of the same source, killed before it could clean up, committed in
+    ``destination``: the rest of what it may have left there is ckpt's own (its lock, the root's metadata,
+    a temporary of the step it was writing). Empty for an empty directory.
+
+    Raises:
+      FileExistsError: ``destination`` holds anything else.
+    """
+    names = {path.name for _, path in steps}
+    done = set()
+    for name in sorted(os.listdir(destination)):
+        entry = destination / name
+        if name in names and root_lib.classify(entry, None).kind is root_lib.Kind.STEP:
+            done.add(name)
+        elif name not in (fmt.LOCK, fmt.ROOT_METADATA) and not (
+                name.endswith(fmt.TMP_SUFFIX) and root_lib.classify_temporary(entry).kind is root_lib.Kind.TEMPORARY):
+            raise FileExistsError(f"{destination} is not empty (it holds {name!r}, not left by a convert of these "
+                                  "steps); convert into a new directory")
+    return done
+
+
+def _convert_steps(steps: list[tuple[int, Path]], source: Path, destination: Path, done: set[str]) -> Iterator[Converted]:
     made = [p for p in (destination, *destination.parents) if not os.path.lexists(p)]  # innermost first
     storage.make_dir(destination)
     lock = storage.DirectoryLock(destination / fmt.LOCK)
@@ -106,10 +128,13 @@ def _convert_steps(steps: list[tuple[int, Path]], source: Path, destination: Pat
     written: list[Path] = []  # what this convert wrote in destination, removed if it fails
     try:
         custom = formats.root_custom_metadata(source)
-        if custom is not None:
+        if custom is not None and not os.path.lexists(destination / fmt.ROOT_METADATA):  # (a resumed convert's)
             written.append(destination / fmt.ROOT_METADATA)
             storage.write_file_atomic(written[-1], fmt.root_metadata_bytes(custom))
         for step, path in steps:
+            if path.name in done:  # committed by the convert this one resumes: checked again, kept
+                yield _check_step(step, path, destination / path.name)
+                continue
             written.append(destination / path.name)
             yield _convert_step(step, path, written[-1])
     except (Exception, KeyboardInterrupt):
@@ -144,6 +169,13 @@ def _convert_step(step: int, path: Path, final: Path) -> Converted:
     saving.StepWriter(plan, storage.temporary_for(final), final).run(step)
     count = _check_same(trees, formats.load_checkpointables(final, None), final)
     return Converted(step, final, count, plan.nbytes)
+
+
+def _check_step(step: int, path: Path, final: Path) -> Converted:
+    """A step converted before, checked against its source as :func:`_convert_step` checks its copy."""
+    trees = formats.load_checkpointables(path, None)
+    count = _check_same(trees, formats.load_checkpointables(final, None), final)
+    return Converted(step, final, count, saving.plan(trees).nbytes)
 
 
 def _check_same(source: dict[str, Any], copy: dict[str, Any], where: Path) -> int:

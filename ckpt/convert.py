@@ -161,21 +161,50 @@ def _undo(written: list[Path], lock: storage.DirectoryLock, made: list[Path]) ->
 
 def _convert_step(step: int, path: Path, final: Path) -> Converted:
     info = formats.info(path)
-    trees = formats.load_checkpointables(path, None)
+    trees = _as_saved(path, formats.load_checkpointables(path, None))
     plan = saving.plan(trees, metrics=fmt.decode_json(info, "metrics"),
                        custom_metadata=fmt.decode_json(info, "custom_metadata"))
     plan.init_timestamp_nsecs = info.get("init_timestamp_nsecs") or plan.init_timestamp_nsecs
     plan.commit_timestamp_nsecs = info.get("commit_timestamp_nsecs")
     saving.StepWriter(plan, storage.temporary_for(final), final).run(step)
-    count = _check_same(trees, formats.load_checkpointables(final, None), final)
+    count = _check_same(trees, _as_saved(final, formats.load_checkpointables(final, None)), final)
     return Converted(step, final, count, plan.nbytes)
 
 
 def _check_step(step: int, path: Path, final: Path) -> Converted:
     """A step converted before, checked against its source as :func:`_convert_step` checks its copy."""
-    trees = formats.load_checkpointables(path, None)
-    count = _check_same(trees, formats.load_checkpointables(final, None), final)
+    trees = _as_saved(path, formats.load_checkpointables(path, None))
+    count = _check_same(trees, _as_saved(final, formats.load_checkpointables(final, None)), final)
     return Converted(step, final, count, saving.plan(trees).nbytes)
+
+
+_SAVED_AS = ("type", "sharding", "impl", "key_shape")  # what a jax leaf was saved as, beyond its bytes
+
+
+def _as_saved(step_dir: Path, trees: dict[str, Any]) -> dict[str, Any]:
+    """``trees``, loaded from ``step_dir``, with each jax array and typed key as the leaf it was saved as
+    (a ``HostLeaf``: its type, saved sharding and key implementation, and its bytes), which this process
+    may not be able to restore: without jax it loads as numpy, without the saved mesh's devices on the
+    default device."""
+    docs = formats.trees(step_dir, list(trees))
+    out = {}
+    for name, tree in trees.items():
+        saved = {meta["path"]: meta for meta in docs[name]["leaves"] if meta.get("type") in ("jax", "jax_key")}
+        if not saved:
+            out[name] = tree
+            continue
+        node, flat = tree_lib.flatten(tree)
+        out[name] = tree_lib.unflatten(node, iter([_saved_leaf(path, leaf, saved.get(tree_lib.keystr(path)))
+                                                   for path, leaf in flat]))
+    return out
+
+
+def _saved_leaf(path: tree_lib.KeyPath, leaf: Any, saved: dict | None) -> Any:
+    if saved is None:
+        return leaf
+    host = leaves_lib.to_host(path, leaf)
+    meta = {key: value for key, value in host.meta.items() if key not in _SAVED_AS}
+    return leaves_lib.HostLeaf({**meta, **{key: saved[key] for key in _SAVED_AS if key in saved}}, host.array)
 
 
 def _check_same(source: dict[str, Any], copy: dict[str, Any], where: Path) -> int:

@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 
 import ckpt
-from ckpt import cli, errors
+from ckpt import cli, errors, formats
 from ckpt.convert import convert_root
 from ckpt.integrations.flax import CheckpointHook, restore_train_state
 from ckpt.path import step as step_lib
 from ckpt.training import preservation_policies, save_decision_policies
 from tests import orbax_writer, procs
-from tests.orbax_writer import flax_train
+from tests.orbax_writer import FLAX_SAVES, flax_train
 
 SINGLE_NAMES = step_lib.standard_name_format(step_prefix="step", step_format_fixed_length=4)
 
@@ -396,6 +396,36 @@ def test_ckpt_convert_copies_every_layout_keeping_names_metrics_times_and_empty_
                                 restore_train_state(old, abstract, step=info.step))
     code = cli.main(["convert", str(orbax_runs / "v1"), str(tmp_path / "flax")])  # steps 2, 4, 6: not v1's
     assert code == 2 and "not empty" in capsys.readouterr().err
+
+
+CONVERT_WITHOUT_JAX = r"""
+import sys
+sys.modules["jax"] = sys.modules["orbax"] = None   # ckpt's core alone, as `pip install ckpt` has it
+from ckpt.convert import convert_root
+for done in convert_root(sys.argv[1], sys.argv[2]):
+    print("converted", done.step, flush=True)
+"""
+
+
+@pytest.mark.parametrize("name", ["v1", "flax"])
+def test_ckpt_convert_keeps_jax_leaves_as_saved_without_jax_or_the_saved_devices(orbax_runs, tmp_path, name):
+    """Converted without jax, jax arrays became numpy arrays and typed keys their raw key data; converted
+    with fewer devices than the saved mesh, the saved sharding was dropped (the copy loads elsewhere on
+    one device)."""
+    result = procs.run_script(CONVERT_WITHOUT_JAX, str(orbax_runs / name), str(tmp_path / name), timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    def saved_as(step_dir):
+        return {name: [(m["path"], m["type"], m.get("dtype"), m.get("shape"), m.get("sharding"), m.get("impl"),
+                        m.get("key_shape")) for m in doc["leaves"]] for name, doc in formats.trees(step_dir).items()}
+    with ckpt.Checkpointer(orbax_runs / name) as old:
+        for info in old.checkpoints:
+            assert saved_as(tmp_path / name / info.path.name) == saved_as(info.path)
+            assert any(m[4] for doc in saved_as(info.path).values() for m in doc) == (name == "v1")
+    if name == "flax":
+        abstract = jax.eval_shape(flax_train.create_state)
+        with ckpt.Checkpointer(tmp_path / name) as new:
+            assert_same(restore_train_state(new, abstract), orbax_writer.flax_run(FLAX_SAVES[-1])[0])
 
 
 def test_a_hostile_orbax_tree_metadata_raises_a_ckpt_error(orbax_runs, tmp_path):

@@ -178,18 +178,19 @@ def _check_step(step: int, path: Path, final: Path) -> Converted:
     return Converted(step, final, count, saving.plan(trees).nbytes)
 
 
-_SAVED_AS = ("type", "sharding", "impl", "key_shape")  # what a jax leaf was saved as, beyond its bytes
+_SAVED_AS = ("type", "sharding", "impl", "key_shape")  # what a framework's leaf was saved as, beyond its bytes
+_FRAMEWORK_TYPES = ("jax", "jax_key", "torch")
 
 
 def _as_saved(step_dir: Path, trees: dict[str, Any]) -> dict[str, Any]:
-    """``trees``, loaded from ``step_dir``, with each jax array and typed key as the leaf it was saved as
-    (a ``HostLeaf``: its type, saved sharding and key implementation, and its bytes), which this process
-    may not be able to restore: without jax it loads as numpy, without the saved mesh's devices on the
-    default device."""
+    """``trees``, loaded from ``step_dir``, with each jax array, typed key and torch tensor as the leaf it
+    was saved as (a ``HostLeaf``: its type, saved sharding and key implementation, and its bytes), which
+    this process may not be able to restore: without jax or torch it loads as numpy, without the saved
+    mesh's devices on the default device."""
     docs = formats.trees(step_dir, list(trees))
     out = {}
     for name, tree in trees.items():
-        saved = {meta["path"]: meta for meta in docs[name]["leaves"] if meta.get("type") in ("jax", "jax_key")}
+        saved = {meta["path"]: meta for meta in docs[name]["leaves"] if meta.get("type") in _FRAMEWORK_TYPES}
         if not saved:
             out[name] = tree
             continue

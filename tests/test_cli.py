@@ -445,6 +445,21 @@ def test_a_convert_killed_before_it_could_clean_up_is_resumed_by_running_it_agai
     assert status == 2 and "'notes.txt', not left by a convert" in err
 
 
+def test_convert_without_torch_keeps_torch_tensors_torch_tensors(tmp_path):
+    """Converted where torch is not installed, tensors were copied as the numpy arrays they load as."""
+    torch = pytest.importorskip("torch")
+    with ckpt.Checkpointer(tmp_path / "run") as ckptr:
+        ckptr.save(1, {"t": torch.arange(4, dtype=torch.bfloat16), "n": np.ones(2)}, force=True)
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from ckpt.convert import convert_root\n"
+            "print([done.step for done in convert_root(sys.argv[1], sys.argv[2])])")
+    result = procs.run_script(code, str(tmp_path / "run"), str(tmp_path / "copy"))
+    assert result.returncode == 0 and "[1]" in result.stdout, result.stdout + result.stderr
+    copy = ckpt.load(tmp_path / "copy" / "1")
+    assert isinstance(copy["t"], torch.Tensor) and copy["t"].dtype == torch.bfloat16 and copy["t"].tolist() == [0, 1, 2, 3]
+    assert type(copy["n"]) is np.ndarray
+
+
 def test_convert_of_a_root_holding_a_damaged_step_of_ckpts_stops_before_writing(root, tmp_path, capsys):
     (root / "10" / fmt.MANIFEST).unlink()  # not a step the Checkpointer lists, yet not to be left behind silently
     status, _, err = run_cli(capsys, "convert", root, tmp_path / "copy")

@@ -257,6 +257,18 @@ def test_a_flax_run_orbax_wrote_continues_under_ckpt_bit_for_bit(orbax_runs, tmp
         assert_same(restore_train_state(again, jax.eval_shape(flax_train.create_state)), never_stopped)
 
 
+def test_a_checkpointer_continuing_an_orbax_run_keeps_orbaxs_root_metadata(orbax_runs, tmp_path):
+    """The root's metadata is the first Checkpointer's, as in Orbax: a ckpt-root.json written beside
+    Orbax's metadata/_ROOT_METADATA shadowed it."""
+    root = copy_run(orbax_runs, "v1", tmp_path)
+    with ckpt.Checkpointer(root, custom_metadata={"model": "other"}) as ckptr:
+        assert ckptr.root_metadata().custom_metadata == {"model": "mixed"}
+        ckptr.save(2, {"w": np.ones(3)}, force=True)
+    with ckpt.Checkpointer(root) as ckptr:
+        assert ckptr.root_metadata().custom_metadata == {"model": "mixed"}
+    assert not (root / "ckpt-root.json").exists()
+
+
 def test_preservation_policies_see_orbax_metrics_and_delete_orbax_steps_as_they_say(orbax_runs, tmp_path):
     root = copy_run(orbax_runs, "flax", tmp_path)
     before = file_hashes(root)

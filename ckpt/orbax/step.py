@@ -140,10 +140,13 @@ def info(step_dir: Path) -> dict:
             "custom_metadata": data.get("custom_metadata")}
 
 
+ROOT_METADATA = Path("metadata", "_ROOT_METADATA")  # a root's, relative to it
+
+
 def root_custom_metadata(root: Path) -> Any:
     """The custom metadata Orbax keeps for a root (``metadata/_ROOT_METADATA``), or None."""
     try:
-        data = files.read_json(root / "metadata" / "_ROOT_METADATA", root)
+        data = files.read_json(root / ROOT_METADATA, root)
     except FileNotFoundError:
         return None
     return data.get("custom_metadata") if isinstance(data, dict) else None

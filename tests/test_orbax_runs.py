@@ -350,6 +350,19 @@ def test_an_orbax_step_whose_commit_time_is_out_of_range_is_listed_with_its_dire
         assert ckptr.latest.time.year >= 2026 and ckptr.latest.init_timestamp_nsecs is None
 
 
+def test_an_orbax_item_whose_metadata_or_strings_file_was_deleted_is_reported_damaged(orbax_runs, tmp_path, capsys):
+    """A deleted _METADATA or _strings.json raised a bare FileNotFoundError from load, and ended ckpt verify
+    of the whole root there (exit 2) instead of reporting the step damaged and going on."""
+    root = copy_run(orbax_runs, "v1", tmp_path)
+    (root / "0" / "state" / "_strings.json").unlink()
+    (root / "1" / "state" / "_METADATA").unlink()
+    for step, name in ((0, "_strings.json"), (1, "_METADATA")):
+        with pytest.raises(errors.CheckpointCorruptedError, match=f"state/{name} is missing"):
+            ckpt.load(root / str(step))
+    code, out = run_cli(capsys, "verify", str(root))
+    assert code == 1 and "0 of 2 steps ok; damaged: [0, 1]" in out
+
+
 def test_a_symlink_in_an_orbax_item_is_refused(orbax_runs, tmp_path):
     root = copy_run(orbax_runs, "v1", tmp_path)
     (tmp_path / "elsewhere").write_text("{}")

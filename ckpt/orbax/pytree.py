@@ -71,7 +71,7 @@ class PyTreeItem:
     def __init__(self, step_dir: Path, name: str, directory: Path, *, one_array: bool = False):
         self.step_dir, self.name, self.directory = step_dir, name, directory
         files.check_plain_tree(directory, step_dir)
-        metadata = files.read_json(directory / "_METADATA", step_dir)
+        metadata = files.read_required_json(directory / "_METADATA", step_dir)
         entries = metadata.get("tree_metadata") if isinstance(metadata, dict) else None
         if not isinstance(entries, dict):
             raise UnsupportedLayoutError(f"{directory}/_METADATA has no tree_metadata: this Orbax layout (written "
@@ -175,7 +175,7 @@ class PyTreeItem:
                 "fill_missing_data_reads": self._fill_missing}
 
     def _strings(self) -> dict:
-        strings = files.read_json(self.directory / "_strings.json", self.step_dir)
+        strings = files.read_required_json(self.directory / "_strings.json", self.step_dir)
         return strings if isinstance(strings, dict) else {}
 
     def _key_impls(self) -> dict[str, str]:

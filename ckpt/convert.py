@@ -71,7 +71,7 @@ def convert_root(source: str | os.PathLike, destination: str | os.PathLike) -> I
     again: the steps it committed are checked against their source and kept.
 
     Raises:
-      ValueError: ``source`` or ``destination`` is not a local directory.
+      ValueError: ``source`` or ``destination`` is not a local directory, or they are one directory.
       FileExistsError: ``destination`` holds anything but what a convert of the same steps left, or is not
         a directory (before anything is written).
       FileNotFoundError: ``source`` holds no step; or it is one checkpoint, not a root.
@@ -95,6 +95,8 @@ def convert_root(source: str | os.PathLike, destination: str | os.PathLike) -> I
     steps = steps_of(source) if source.is_dir() else []
     if not steps:
         raise FileNotFoundError(f"{source} holds no checkpoint steps to convert")
+    if destination.exists() and os.path.samefile(source, destination):
+        raise ValueError(f"{destination} is the root being converted; convert into a new directory")
     done = _converted_before(destination, steps) if destination.exists() else set()
     return _convert_steps(steps, source, destination, done)
 

@@ -440,6 +440,8 @@ def test_a_convert_killed_before_it_could_clean_up_is_resumed_by_running_it_agai
         for step in (0, 10, 20):
             got, want = new.load(step), old.load(step)
             assert got["params"]["w"].tobytes() == want["params"]["w"].tobytes() and got["step"] == want["step"]
+    status, _, err = run_cli(capsys, "convert", destination, destination)  # not taken for a convert to resume
+    assert status == 2 and "is the root being converted" in err
     (destination / "notes.txt").write_text("a user's")
     status, _, err = run_cli(capsys, "convert", root, destination)
     assert status == 2 and "'notes.txt', not left by a convert" in err

@@ -363,6 +363,23 @@ def test_an_orbax_item_whose_metadata_or_strings_file_was_deleted_is_reported_da
     assert code == 1 and "0 of 2 steps ok; damaged: [0, 1]" in out
 
 
+def test_a_committed_orbax_step_whose_metadata_is_damaged_is_reported_not_silently_skipped(orbax_runs, tmp_path,
+                                                                                            capsys):
+    """Orbax committed step 0 (commit_success.txt) and its _CHECKPOINT_METADATA was then damaged: ckpt ls
+    listed it as a user's entry, ckpt verify said every step was ok (exit 0), and ckpt convert left it out
+    of the copy without a word, where a damaged step of ckpt's is reported by all three."""
+    root = copy_run(orbax_runs, "v1", tmp_path)
+    (root / "0" / "_CHECKPOINT_METADATA").write_text("{not json")
+    with ckpt.Checkpointer(root) as ckptr:
+        assert [c.step for c in ckptr.checkpoints] == [1]   # never listed, and never deleted
+    code, out = run_cli(capsys, "ls", str(root))
+    assert "DAMAGED" in out and "_CHECKPOINT_METADATA is not valid JSON" in out
+    code, out = run_cli(capsys, "verify", str(root))
+    assert code == 1 and "damaged: [0]" in out
+    assert cli.main(["convert", str(root), str(tmp_path / "copy")]) == 1
+    assert "holds step 0, which is damaged" in capsys.readouterr().err and not (tmp_path / "copy").exists()
+
+
 def test_a_symlink_in_an_orbax_item_is_refused(orbax_runs, tmp_path):
     root = copy_run(orbax_runs, "v1", tmp_path)
     (tmp_path / "elsewhere").write_text("{}")

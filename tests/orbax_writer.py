@@ -9,6 +9,8 @@ DIRECTORY/v1:     v1 save_checkpointables: ``state`` (:func:`mixed_state`) and `
 DIRECTORY/single: v0 CheckpointManager, one item (default/), names step_0003, step_0005 (prefix, zero padding)
 DIRECTORY/named:  v0 CheckpointManager, named items: model (PyTreeCheckpointHandler, use_ocdbt=False),
                   cfg (JsonCheckpointHandler), std (StandardCheckpointHandler), step 7
+DIRECTORY/keys:   v0 CheckpointManager, named items ocdbt and files (PyTreeCheckpointHandler, OCDBT on and off):
+                  ``HAIKU_PARAMS``, whose keys hold '/' as Haiku's do, step 1
 DIRECTORY/array:  v0 CheckpointManager, named items: arr (ArrayCheckpointHandler, ``ARRAY`` times the step)
                   and std (StandardCheckpointHandler), steps 1 and 2
 
@@ -31,6 +33,8 @@ import flax_train  # noqa: E402
 
 FLAX_SAVES = (2, 4, 6)
 ARRAY = np.arange(6, dtype=np.int32).reshape(2, 3)
+HAIKU_PARAMS = {"mlp/~/linear_0": {"w": np.arange(6.0).reshape(2, 3), "b": np.ones(3, np.float32)},
+                "mlp/~/linear_1": {"w": np.arange(3, dtype=np.int16)}}
 
 
 def mixed_state(step: int, *, string: bool = True) -> dict:
@@ -98,6 +102,10 @@ def main(directory: Path) -> None:
                                                 cfg=ocp.args.JsonSave({"lr": 0.1, "layers": [64, 1], "name": "mlp"}),
                                                 std=ocp.args.StandardSave({"x": np.arange(6.0).reshape(2, 3)})),
                      metrics={"loss": 0.25})
+
+    handlers = {"ocdbt": ocp.PyTreeCheckpointHandler(), "files": ocp.PyTreeCheckpointHandler(use_ocdbt=False)}
+    with ocp.CheckpointManager(directory / "keys", item_names=tuple(handlers), item_handlers=handlers) as manager:
+        manager.save(1, args=ocp.args.Composite(**{name: ocp.args.PyTreeSave(HAIKU_PARAMS) for name in handlers}))
 
     with ocp.CheckpointManager(directory / "array") as manager:
         for step in (1, 2):

@@ -189,6 +189,17 @@ def test_an_array_orbax_saved_alone_loads_as_that_array_as_orbax_restores_it_and
     assert_same(ckpt.load(tmp_path / "copy" / "2", checkpointable_name="arr"), orbax_writer.ARRAY * 2)
 
 
+def test_keys_holding_a_slash_as_haikus_do_load_as_orbax_restores_them(orbax_runs, tmp_path):
+    """Orbax names an array by its keys ('mlp/~/linear_0.w': a path inside the item); ckpt refused every
+    such name as 'not a plain name', a CheckpointCorruptedError for a step Orbax restores."""
+    trees = ckpt.load_checkpointables(orbax_runs / "keys" / "1")
+    assert sorted(trees) == ["files", "ocdbt"]
+    for tree in trees.values():
+        assert_same(tree, orbax_writer.HAIKU_PARAMS)
+    assert [c.step for c in convert_root(orbax_runs / "keys", tmp_path / "copy")] == [1]
+    assert_same(ckpt.load(tmp_path / "copy" / "1", checkpointable_name="files"), orbax_writer.HAIKU_PARAMS)
+
+
 def test_free_functions_read_an_orbax_step_directory(orbax_runs):
     step_dir = orbax_runs / "flax" / "4"
     want, _ = orbax_writer.flax_run(4)

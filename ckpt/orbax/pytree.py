@@ -25,6 +25,7 @@ import numpy as np
 import tensorstore as ts
 
 from ckpt import leaves as leaves_lib
+from ckpt import storage
 from ckpt import tree as tree_lib
 from ckpt.errors import CheckpointCorruptedError, UnsupportedLayoutError
 from ckpt.orbax import files
@@ -166,8 +167,9 @@ class PyTreeItem:
             del meta["dtype"], meta["shape"], meta["stored"]
 
     def _spec(self, name: str) -> dict:
-        if not files.is_plain_name(name):
-            raise CheckpointCorruptedError(f"{self.directory}: array name {name!r} is not a plain name", path=self.step_dir)
+        if not storage.is_plain_relative(name):  # a key may hold '/' (Haiku's 'mlp/~/linear_0'): nested directories
+            raise CheckpointCorruptedError(f"{self.directory}: array name {name!r} is not a relative path inside the "
+                                           "item", path=self.step_dir)
         base = {"driver": "file", "path": str(self.directory) + "/"}
         kvstore = ({"driver": "ocdbt", "base": base, "path": name + "/", "cache_pool": "cache_pool#ocdbt"}
                    if self._ocdbt else {"driver": "file", "path": os.path.join(self.directory, name) + "/"})

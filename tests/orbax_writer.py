@@ -10,7 +10,7 @@ DIRECTORY/single: v0 CheckpointManager, one item (default/), names step_0003, st
 DIRECTORY/named:  v0 CheckpointManager, named items: model (PyTreeCheckpointHandler, use_ocdbt=False),
                   cfg (JsonCheckpointHandler), std (StandardCheckpointHandler), step 7
 DIRECTORY/keys:   v0 CheckpointManager, named items ocdbt and files (PyTreeCheckpointHandler, OCDBT on and off):
-                  ``HAIKU_PARAMS``, whose keys hold '/' as Haiku's do, step 1
+                  ``HAIKU_PARAMS``, whose keys hold '/' as Haiku's do; ints: ``INT_KEYS``, a dict of int keys; step 1
 DIRECTORY/array:  v0 CheckpointManager, named items: arr (ArrayCheckpointHandler, ``ARRAY`` times the step)
                   and std (StandardCheckpointHandler), steps 1 and 2
 
@@ -35,6 +35,7 @@ FLAX_SAVES = (2, 4, 6)
 ARRAY = np.arange(6, dtype=np.int32).reshape(2, 3)
 HAIKU_PARAMS = {"mlp/~/linear_0": {"w": np.arange(6.0).reshape(2, 3), "b": np.ones(3, np.float32)},
                 "mlp/~/linear_1": {"w": np.arange(3, dtype=np.int16)}}
+INT_KEYS = {"layers": {0: np.arange(2.0), 1: np.ones(2), 10: np.zeros(1)}}
 
 
 def mixed_state(step: int, *, string: bool = True) -> dict:
@@ -104,8 +105,10 @@ def main(directory: Path) -> None:
                      metrics={"loss": 0.25})
 
     handlers = {"ocdbt": ocp.PyTreeCheckpointHandler(), "files": ocp.PyTreeCheckpointHandler(use_ocdbt=False)}
-    with ocp.CheckpointManager(directory / "keys", item_names=tuple(handlers), item_handlers=handlers) as manager:
-        manager.save(1, args=ocp.args.Composite(**{name: ocp.args.PyTreeSave(HAIKU_PARAMS) for name in handlers}))
+    with ocp.CheckpointManager(directory / "keys", item_names=(*handlers, "ints"),
+                               item_handlers={**handlers, "ints": ocp.PyTreeCheckpointHandler()}) as manager:
+        manager.save(1, args=ocp.args.Composite(**{name: ocp.args.PyTreeSave(HAIKU_PARAMS) for name in handlers},
+                                                ints=ocp.args.PyTreeSave(INT_KEYS)))
 
     with ocp.CheckpointManager(directory / "array") as manager:
         for step in (1, 2):

@@ -193,11 +193,23 @@ def test_keys_holding_a_slash_as_haikus_do_load_as_orbax_restores_them(orbax_run
     """Orbax names an array by its keys ('mlp/~/linear_0.w': a path inside the item); ckpt refused every
     such name as 'not a plain name', a CheckpointCorruptedError for a step Orbax restores."""
     trees = ckpt.load_checkpointables(orbax_runs / "keys" / "1")
-    assert sorted(trees) == ["files", "ocdbt"]
-    for tree in trees.values():
-        assert_same(tree, orbax_writer.HAIKU_PARAMS)
+    assert sorted(trees) == ["files", "ints", "ocdbt"]
+    for name in ("files", "ocdbt"):
+        assert_same(trees[name], orbax_writer.HAIKU_PARAMS)
     assert [c.step for c in convert_root(orbax_runs / "keys", tmp_path / "copy")] == [1]
     assert_same(ckpt.load(tmp_path / "copy" / "1", checkpointable_name="files"), orbax_writer.HAIKU_PARAMS)
+
+
+def test_int_dict_keys_orbax_stored_as_strs_load_into_an_abstract_trees_int_keys(orbax_runs):
+    """Orbax stores every dict key as a str and restores into an abstract tree's int keys; ckpt raised
+    TreeMismatchError ("['layers']['0']: in the checkpoint, not in the abstract tree")."""
+    step_dir = orbax_runs / "keys" / "1"
+    assert sorted(ckpt.load(step_dir, checkpointable_name="ints")["layers"]) == ["0", "1", "10"]  # as saved
+    restored = ckpt.load(step_dir, orbax_writer.INT_KEYS, checkpointable_name="ints")
+    assert sorted(restored["layers"]) == [0, 1, 10]
+    assert_same(restored, orbax_writer.INT_KEYS)
+    with ckpt.Checkpointer(orbax_runs / "keys") as ckptr:
+        assert_same(ckptr.load_checkpointables(1, {"ints": orbax_writer.INT_KEYS})["ints"], orbax_writer.INT_KEYS)
 
 
 def test_free_functions_read_an_orbax_step_directory(orbax_runs):

@@ -236,6 +236,36 @@ def _named_sharding(entry: Any) -> Any:
         return entry
 
 
+def keyed_as(doc: dict, abstract: Any) -> dict:
+    """An item's ``doc`` (``{"tree", "leaves"}``) to load into ``abstract``: Orbax stores every dict key as
+    a str, and restores one into the int key of an abstract tree's dict whose str it is; so does ckpt.
+    The leaves keep their order."""
+    if abstract is None:
+        return doc
+    saved = tree_lib.from_json(doc["tree"])
+    keyed = _keyed_as(saved, tree_lib.flatten(abstract)[0])
+    return doc if keyed is saved else {**doc, "tree": tree_lib.to_json(keyed)}
+
+
+def _keyed_as(saved: tree_lib.Node, wanted: tree_lib.Node) -> tree_lib.Node:
+    """``saved`` with each dict key that is the str of an int key of ``wanted`` at its place made that int."""
+    if saved.kind == "leaf" or wanted.kind == "leaf":
+        return saved
+    theirs = {str(key): (kind, key, child) for (kind, key), child in zip(wanted.keys, wanted.children)}
+    keys, children = [], []
+    for (kind, key), child in zip(saved.keys, saved.children):
+        found = theirs.get(str(key))
+        if found is not None:
+            if kind == found[0] == "key" and type(found[1]) is int:
+                key = found[1]
+            child = _keyed_as(child, found[2])
+        keys.append((kind, key))
+        children.append(child)
+    if keys == saved.keys and all(a is b for a, b in zip(children, saved.children)):
+        return saved
+    return tree_lib.Node(saved.kind, keys, children)
+
+
 def _unreadable(store: ts.TensorStore, budget: int) -> str | None:
     """Why tensorstore cannot be trusted to read an Orbax array, whose zarr metadata no checksum seals:
     chunks (or shards) larger than the array, or an array of more than ``budget`` bytes (what this

@@ -25,7 +25,7 @@ from ckpt import format as fmt
 from ckpt import loading, schema, storage
 from ckpt import tree as tree_lib
 from ckpt.errors import CheckpointableNotFoundError, CheckpointCorruptedError, UnsupportedLayoutError
-from ckpt.orbax import files
+from ckpt.orbax import files, pytree
 from ckpt.orbax.pytree import ArraySource, PyTreeItem
 
 CHECKPOINT_METADATA = "_CHECKPOINT_METADATA"
@@ -225,7 +225,8 @@ class Step:
                 source.start()
             return [(source, []) for source in every]
 
-        return loading.load_trees(self.step_dir, self.trees, abstract, partial_load=partial_load,
+        trees = {name: pytree.keyed_as(doc, (abstract or {}).get(name)) for name, doc in self.trees.items()}
+        return loading.load_trees(self.step_dir, trees, abstract, partial_load=partial_load,
                                   sources=sources, reads=reads)
 
 

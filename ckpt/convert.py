@@ -67,11 +67,13 @@ def convert_root(source: str | os.PathLike, destination: str | os.PathLike) -> I
     """Converts every step of ``source`` (a root, see :func:`steps_of`) into ``destination`` (a new or
     empty directory), yielding each once it is written and checked against its source. The arguments are
     checked when it is called. A convert that fails leaves ``destination`` as it found it: what it made
-    there is removed.
+    there is removed. One killed before it could clean up (SIGKILL, SIGTERM) is resumed by running it
+    again: the steps it committed are checked against their source and kept.
 
     Raises:
-      ValueError: ``source`` or ``destination`` is not a local directory.
-      FileExistsError: ``destination`` holds anything, or is not a directory (before anything is written).
+      ValueError: ``source`` or ``destination`` is not a local directory, or they are one directory.
+      FileExistsError: ``destination`` holds anything but what a convert of the same steps left, or is not
+        a directory (before anything is written).
       FileNotFoundError: ``source`` holds no step; or it is one checkpoint, not a root.
       CheckpointCorruptedError: a step of ``source`` is damaged (before anything is written), or a
         converted step differs from its source (named with the key path; raised by the iterator).
@@ -93,12 +95,34 @@ def convert_root(source: str | os.PathLike, destination: str | os.PathLike) -> I
     steps = steps_of(source) if source.is_dir() else []
     if not steps:
         raise FileNotFoundError(f"{source} holds no checkpoint steps to convert")
-    if destination.exists() and any(destination.iterdir()):
-        raise FileExistsError(f"{destination} is not empty; convert into a new directory")
-    return _convert_steps(steps, source, destination)
+    if destination.exists() and os.path.samefile(source, destination):
+        raise ValueError(f"{destination} is the root being converted; convert into a new directory")
+    done = _converted_before(destination, steps) if destination.exists() else set()
+    return _convert_steps(steps, source, destination, done)
 
 
-def _convert_steps(steps: list[tuple[int, Path]], source: Path, destination: Path) -> Iterator[Converted]:
+def _converted_before(destination: Path, steps: list[tuple[int, Path]]) -> set[str]:
+    """The names of the steps a convert of the same source, killed before it could clean up, committed in
+    ``destination``: the rest of what it may have left there is ckpt's own (its lock, the root's metadata,
+    a temporary of the step it was writing). Empty for an empty directory.
+
+    Raises:
+      FileExistsError: ``destination`` holds anything else.
+    """
+    names = {path.name for _, path in steps}
+    done = set()
+    for name in sorted(os.listdir(destination)):
+        entry = destination / name
+        if name in names and root_lib.classify(entry, None).kind is root_lib.Kind.STEP:
+            done.add(name)
+        elif name not in (fmt.LOCK, fmt.ROOT_METADATA) and not (
+                name.endswith(fmt.TMP_SUFFIX) and root_lib.classify_temporary(entry).kind is root_lib.Kind.TEMPORARY):
+            raise FileExistsError(f"{destination} is not empty (it holds {name!r}, not left by a convert of these "
+                                  "steps); convert into a new directory")
+    return done
+
+
+def _convert_steps(steps: list[tuple[int, Path]], source: Path, destination: Path, done: set[str]) -> Iterator[Converted]:
     made = [p for p in (destination, *destination.parents) if not os.path.lexists(p)]  # innermost first
     storage.make_dir(destination)
     lock = storage.DirectoryLock(destination / fmt.LOCK)
@@ -106,10 +130,13 @@ def _convert_steps(steps: list[tuple[int, Path]], source: Path, destination: Pat
     written: list[Path] = []  # what this convert wrote in destination, removed if it fails
     try:
         custom = formats.root_custom_metadata(source)
-        if custom is not None:
+        if custom is not None and not os.path.lexists(destination / fmt.ROOT_METADATA):  # (a resumed convert's)
             written.append(destination / fmt.ROOT_METADATA)
             storage.write_file_atomic(written[-1], fmt.root_metadata_bytes(custom))
         for step, path in steps:
+            if path.name in done:  # committed by the convert this one resumes: checked again, kept
+                yield _check_step(step, path, destination / path.name)
+                continue
             written.append(destination / path.name)
             yield _convert_step(step, path, written[-1])
     except (Exception, KeyboardInterrupt):
@@ -136,14 +163,51 @@ def _undo(written: list[Path], lock: storage.DirectoryLock, made: list[Path]) ->
 
 def _convert_step(step: int, path: Path, final: Path) -> Converted:
     info = formats.info(path)
-    trees = formats.load_checkpointables(path, None)
+    trees = _as_saved(path, formats.load_checkpointables(path, None))
     plan = saving.plan(trees, metrics=fmt.decode_json(info, "metrics"),
                        custom_metadata=fmt.decode_json(info, "custom_metadata"))
     plan.init_timestamp_nsecs = info.get("init_timestamp_nsecs") or plan.init_timestamp_nsecs
     plan.commit_timestamp_nsecs = info.get("commit_timestamp_nsecs")
     saving.StepWriter(plan, storage.temporary_for(final), final).run(step)
-    count = _check_same(trees, formats.load_checkpointables(final, None), final)
+    count = _check_same(trees, _as_saved(final, formats.load_checkpointables(final, None)), final)
     return Converted(step, final, count, plan.nbytes)
+
+
+def _check_step(step: int, path: Path, final: Path) -> Converted:
+    """A step converted before, checked against its source as :func:`_convert_step` checks its copy."""
+    trees = _as_saved(path, formats.load_checkpointables(path, None))
+    count = _check_same(trees, _as_saved(final, formats.load_checkpointables(final, None)), final)
+    return Converted(step, final, count, saving.plan(trees).nbytes)
+
+
+_SAVED_AS = ("type", "sharding", "impl", "key_shape")  # what a framework's leaf was saved as, beyond its bytes
+_FRAMEWORK_TYPES = ("jax", "jax_key", "torch")
+
+
+def _as_saved(step_dir: Path, trees: dict[str, Any]) -> dict[str, Any]:
+    """``trees``, loaded from ``step_dir``, with each jax array, typed key and torch tensor as the leaf it
+    was saved as (a ``HostLeaf``: its type, saved sharding and key implementation, and its bytes), which
+    this process may not be able to restore: without jax or torch it loads as numpy, without the saved
+    mesh's devices on the default device."""
+    docs = formats.trees(step_dir, list(trees))
+    out = {}
+    for name, tree in trees.items():
+        saved = {meta["path"]: meta for meta in docs[name]["leaves"] if meta.get("type") in _FRAMEWORK_TYPES}
+        if not saved:
+            out[name] = tree
+            continue
+        node, flat = tree_lib.flatten(tree)
+        out[name] = tree_lib.unflatten(node, iter([_saved_leaf(path, leaf, saved.get(tree_lib.keystr(path)))
+                                                   for path, leaf in flat]))
+    return out
+
+
+def _saved_leaf(path: tree_lib.KeyPath, leaf: Any, saved: dict | None) -> Any:
+    if saved is None:
+        return leaf
+    host = leaves_lib.to_host(path, leaf)
+    meta = {key: value for key, value in host.meta.items() if key not in _SAVED_AS}
+    return leaves_lib.HostLeaf({**meta, **{key: saved[key] for key in _SAVED_AS if key in saved}}, host.array)
 
 
 def _check_same(source: dict[str, Any], copy: dict[str, Any], where: Path) -> int:

@@ -12,6 +12,7 @@ Example::
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +88,12 @@ def load_checkpointables(step_dir: storage.Location, abstract: dict[str, Any] | 
         abstract = loading.unwrap(abstract)
         return orbax.Step(step_dir, None if abstract is None else list(abstract)).load(abstract, partial_load=partial_load)
     return loading.load_checkpointables(step_dir, abstract, partial_load=partial_load, registry=registry)
+
+
+def has_root_metadata(root: storage.Location) -> bool:
+    """Whether the root holds its metadata, ckpt's or Orbax's: the first Checkpointer's, which a later one
+    given other custom metadata keeps (as Orbax does)."""
+    return (root / fmt.ROOT_METADATA).exists() or (isinstance(root, Path) and os.path.lexists(root / orbax.ROOT_METADATA))
 
 
 def root_custom_metadata(root: storage.Location) -> Any:

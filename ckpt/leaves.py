@@ -136,6 +136,8 @@ def to_host(path: KeyPath, x: Any) -> HostLeaf:
         name = _NATIVE_NAMES.get(x.dtype)
         if name is not None and x.ndim <= fmt.MAX_NDIM:
             return HostLeaf({"type": "numpy", "dtype": name, "shape": list(x.shape)}, x)
+    if type(x) is HostLeaf:  # described already (``ckpt convert`` keeps each leaf as it was saved)
+        return x
     kind = INLINE_TYPES.get(type(x))
     if kind is not None:
         if kind == "float" and not math.isfinite(x):

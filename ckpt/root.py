@@ -314,9 +314,11 @@ def _identity(step_dir: storage.Location) -> tuple[int, int] | None:
 
 def is_damaged_step(entry: Entry) -> bool:
     """Whether a FOREIGN entry named like a step is a step ckpt wrote (a directory, not a link, holding ckpt's
-    marker) whose manifest is missing or cannot be read: damaged and kept for inspection, not a user's
-    directory. Such a step is never listed, overwritten or deleted; readers report it as damaged."""
-    return entry.kind is Kind.FOREIGN and entry.step is not None and storage.is_marked(entry.path)
+    marker) whose manifest is missing or cannot be read, or a step Orbax committed whose metadata cannot be
+    read: damaged and kept for inspection, not a user's directory. Such a step is never listed, overwritten
+    or deleted; readers report it as damaged."""
+    return (entry.kind is Kind.FOREIGN and entry.step is not None
+            and (storage.is_marked(entry.path) or formats.is_orbax(entry.path)))
 
 
 def delete_step(path: storage.Location, step: int) -> None:

@@ -647,7 +647,7 @@ def relative_path(spec: dict) -> str:
     kv = spec.get("kvstore") if isinstance(spec, dict) else None
     path = kv.get("path") if isinstance(kv, dict) else None
     if not (isinstance(path, str) and set(spec) <= {"driver", "kvstore", "metadata"} and spec.get("driver") == "zarr3"
-            and set(kv) == {"driver", "path"} and kv["driver"] == "file" and _is_plain_relative(path)):
+            and set(kv) == {"driver", "path"} and kv["driver"] == "file" and is_plain_relative(path)):
         where = {k: spec[k] for k in ("driver", "kvstore") if k in spec} if isinstance(spec, dict) else spec
         raise ValueError(f"the array location {where!r} is not a relative path inside the step directory "
                          "(only the 'file' driver and plain names are allowed)")
@@ -802,7 +802,9 @@ def _aside(step_dir: Path) -> Path:
     return doomed
 
 
-def _is_plain_relative(path: str) -> bool:
+def is_plain_relative(path: str) -> bool:
+    """Whether ``path`` is a relative path of plain names (``a/b.c/``), which stays inside the directory it
+    is joined to: no empty, ``.`` or ``..`` component, no backslash, no NUL."""
     return all(part not in ("", ".", "..") and "\\" not in part and "\0" not in part
                for part in path.removesuffix("/").split("/"))
 

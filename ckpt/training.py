@@ -138,7 +138,7 @@ class Checkpointer:
         self._lock = storage.DirectoryLock(self._directory / fmt.LOCK)
         root_file = self._directory / fmt.ROOT_METADATA
         primary = self._processes.index == 0
-        if primary and custom_metadata is not None and not root_file.exists():
+        if primary and custom_metadata is not None and not formats.has_root_metadata(self._directory):
             with storage.writing_to(self._directory):
                 storage.write_file_atomic(root_file, fmt.root_metadata_bytes(custom_metadata))
         self._local = None if local is None else tiers.LocalTier(

@@ -11,6 +11,10 @@ DIRECTORY/named:  v0 CheckpointManager, named items: model (PyTreeCheckpointHand
                   cfg (JsonCheckpointHandler), std (StandardCheckpointHandler), step 7
 DIRECTORY/nnx:    v1 training.Checkpointer: ``nnx.state((model, optimizer))`` of examples/nnx_train.py after
                   :func:`nnx_run`, step 1 (Orbax stores its int keys, 0 and 1 and the optax chain's, as text)
+DIRECTORY/keys:   v0 CheckpointManager, named items ocdbt and files (PyTreeCheckpointHandler, OCDBT on and off):
+                  ``HAIKU_PARAMS``, whose keys hold '/' as Haiku's do; ints: ``INT_KEYS``, a dict of int keys; step 1
+DIRECTORY/array:  v0 CheckpointManager, named items: arr (ArrayCheckpointHandler, ``ARRAY`` times the step)
+                  and std (StandardCheckpointHandler), steps 1 and 2
 
 The values are functions of the step (:func:`mixed_state`, :func:`flax_run`), so a test rebuilds them
 without Orbax and compares bit for bit. Everything but ``main`` imports without orbax.
@@ -31,6 +35,10 @@ import flax_train  # noqa: E402
 import nnx_train  # noqa: E402
 
 FLAX_SAVES = (2, 4, 6)
+ARRAY = np.arange(6, dtype=np.int32).reshape(2, 3)
+HAIKU_PARAMS = {"mlp/~/linear_0": {"w": np.arange(6.0).reshape(2, 3), "b": np.ones(3, np.float32)},
+                "mlp/~/linear_1": {"w": np.arange(3, dtype=np.int16)}}
+INT_KEYS = {"layers": {0: np.arange(2.0), 1: np.ones(2), 10: np.zeros(1)}}
 
 
 def mixed_state(step: int, *, string: bool = True) -> dict:
@@ -109,6 +117,17 @@ def main(directory: Path) -> None:
     from flax import nnx
     with training.Checkpointer(directory / "nnx") as ckptr:
         ckptr.save(1, nnx.state(nnx_run()), force=True)
+
+    handlers = {"ocdbt": ocp.PyTreeCheckpointHandler(), "files": ocp.PyTreeCheckpointHandler(use_ocdbt=False)}
+    with ocp.CheckpointManager(directory / "keys", item_names=(*handlers, "ints"),
+                               item_handlers={**handlers, "ints": ocp.PyTreeCheckpointHandler()}) as manager:
+        manager.save(1, args=ocp.args.Composite(**{name: ocp.args.PyTreeSave(HAIKU_PARAMS) for name in handlers},
+                                                ints=ocp.args.PyTreeSave(INT_KEYS)))
+
+    with ocp.CheckpointManager(directory / "array") as manager:
+        for step in (1, 2):
+            manager.save(step, args=ocp.args.Composite(arr=ocp.args.ArraySave(ARRAY * step),
+                                                       std=ocp.args.StandardSave({"x": np.float32(step)})))
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from ckpt import root as root_lib
 from ckpt import format as fmt
 from ckpt.objectstore import ObjectPath
 from ckpt.verify import verify_step
+from tests import procs
 from tests.fsutil import tree_doc
 
 
@@ -436,6 +437,62 @@ def test_a_failed_convert_leaves_its_destination_as_it_found_it(root, tmp_path, 
     shutil.rmtree(root / "20")
     status, out, _ = run_cli(capsys, "convert", root, destination)
     assert status == 0 and "2 steps converted" in out
+
+
+KILLED_CONVERT = r"""
+import os, signal, sys
+from ckpt import convert, root
+commit, commits = root.commit, []
+def killed_at_the_second_commit(*args, **kwargs):
+    commits.append(args)
+    if len(commits) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)   # step 10 is written, not yet renamed from its temporary
+    return commit(*args, **kwargs)
+root.commit = killed_at_the_second_commit
+for done in convert.convert_root(sys.argv[1], sys.argv[2]):
+    print("converted", done.step, flush=True)
+"""
+
+
+def test_a_convert_killed_before_it_could_clean_up_is_resumed_by_running_it_again(root, tmp_path, capsys):
+    """SIGKILL (or SIGTERM) leaves the lock, step 0 and step 10's temporary: running the convert again
+    said 'is not empty; convert into a new directory', about what the same convert left."""
+    destination = tmp_path / "copy"
+    killed = procs.run_script(KILLED_CONVERT, str(root), str(destination))
+    assert killed.returncode == -9 and "converted 0" in killed.stdout, killed.stdout + killed.stderr
+    assert sorted(os.listdir(destination)) == [fmt.LOCK, "0", "10" + fmt.TMP_SUFFIX]
+    flip_byte(destination / "0" / fmt.TREE)   # a step it kept is checked against its source again
+    status, _, err = run_cli(capsys, "convert", root, destination)
+    assert status == 1 and "is damaged" in err and (destination / "0").exists()
+    shutil.rmtree(destination / "0")
+    procs.run_script(KILLED_CONVERT, str(root), str(destination))
+    status, out, _ = run_cli(capsys, "convert", root, destination)
+    assert status == 0 and "3 steps converted" in out
+    assert sorted(os.listdir(destination)) == [fmt.LOCK, "0", "10", "20"]
+    with ckpt.Checkpointer(root) as old, ckpt.Checkpointer(destination) as new:
+        for step in (0, 10, 20):
+            got, want = new.load(step), old.load(step)
+            assert got["params"]["w"].tobytes() == want["params"]["w"].tobytes() and got["step"] == want["step"]
+    status, _, err = run_cli(capsys, "convert", destination, destination)  # not taken for a convert to resume
+    assert status == 2 and "is the root being converted" in err
+    (destination / "notes.txt").write_text("a user's")
+    status, _, err = run_cli(capsys, "convert", root, destination)
+    assert status == 2 and "'notes.txt', not left by a convert" in err
+
+
+def test_convert_without_torch_keeps_torch_tensors_torch_tensors(tmp_path):
+    """Converted where torch is not installed, tensors were copied as the numpy arrays they load as."""
+    torch = pytest.importorskip("torch")
+    with ckpt.Checkpointer(tmp_path / "run") as ckptr:
+        ckptr.save(1, {"t": torch.arange(4, dtype=torch.bfloat16), "n": np.ones(2)}, force=True)
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from ckpt.convert import convert_root\n"
+            "print([done.step for done in convert_root(sys.argv[1], sys.argv[2])])")
+    result = procs.run_script(code, str(tmp_path / "run"), str(tmp_path / "copy"))
+    assert result.returncode == 0 and "[1]" in result.stdout, result.stdout + result.stderr
+    copy = ckpt.load(tmp_path / "copy" / "1")
+    assert isinstance(copy["t"], torch.Tensor) and copy["t"].dtype == torch.bfloat16 and copy["t"].tolist() == [0, 1, 2, 3]
+    assert type(copy["n"]) is np.ndarray
 
 
 def test_convert_of_a_root_holding_a_damaged_step_of_ckpts_stops_before_writing(root, tmp_path, capsys):

@@ -15,12 +15,13 @@ import numpy as np
 import pytest
 
 import ckpt
-from ckpt import cli, errors
+from ckpt import cli, errors, formats
+from ckpt.convert import convert_root
 from ckpt.integrations.flax import CheckpointHook, restore_train_state
 from ckpt.path import step as step_lib
 from ckpt.training import preservation_policies, save_decision_policies
 from tests import orbax_writer, procs
-from tests.orbax_writer import flax_train, nnx_train
+from tests.orbax_writer import FLAX_SAVES, flax_train, nnx_train
 
 SINGLE_NAMES = step_lib.standard_name_format(step_prefix="step", step_format_fixed_length=4)
 
@@ -176,6 +177,41 @@ def test_v0_single_and_named_items_load_bit_for_bit(orbax_runs):
     assert ckpt.checkpointables_metadata(step_dir).metadata["std"]["x"].shape == (2, 3)
 
 
+def test_an_array_orbax_saved_alone_loads_as_that_array_as_orbax_restores_it_and_converts(orbax_runs, tmp_path):
+    """ArraySave's item (ArrayCheckpointHandler) made every load of its steps, ckpt show and ckpt convert fail."""
+    with ckpt.Checkpointer(orbax_runs / "array") as ckptr:
+        for step in (1, 2):
+            trees = ckptr.load_checkpointables(step)
+            assert_same(trees["arr"], orbax_writer.ARRAY * step)
+            assert isinstance(trees["arr"], np.ndarray) and float(trees["std"]["x"]) == step
+            assert ckptr.checkpointables_metadata(step).metadata["arr"].shape == (2, 3)
+    assert [c.step for c in convert_root(orbax_runs / "array", tmp_path / "copy")] == [1, 2]
+    assert_same(ckpt.load(tmp_path / "copy" / "2", checkpointable_name="arr"), orbax_writer.ARRAY * 2)
+
+
+def test_keys_holding_a_slash_as_haikus_do_load_as_orbax_restores_them(orbax_runs, tmp_path):
+    """Orbax names an array by its keys ('mlp/~/linear_0.w': a path inside the item); ckpt refused every
+    such name as 'not a plain name', a CheckpointCorruptedError for a step Orbax restores."""
+    trees = ckpt.load_checkpointables(orbax_runs / "keys" / "1")
+    assert sorted(trees) == ["files", "ints", "ocdbt"]
+    for name in ("files", "ocdbt"):
+        assert_same(trees[name], orbax_writer.HAIKU_PARAMS)
+    assert [c.step for c in convert_root(orbax_runs / "keys", tmp_path / "copy")] == [1]
+    assert_same(ckpt.load(tmp_path / "copy" / "1", checkpointable_name="files"), orbax_writer.HAIKU_PARAMS)
+
+
+def test_int_dict_keys_orbax_stored_as_strs_load_into_an_abstract_trees_int_keys(orbax_runs):
+    """Orbax stores every dict key as a str and restores into an abstract tree's int keys; ckpt raised
+    TreeMismatchError ("['layers']['0']: in the checkpoint, not in the abstract tree")."""
+    step_dir = orbax_runs / "keys" / "1"
+    assert sorted(ckpt.load(step_dir, checkpointable_name="ints")["layers"]) == ["0", "1", "10"]  # as saved
+    restored = ckpt.load(step_dir, orbax_writer.INT_KEYS, checkpointable_name="ints")
+    assert sorted(restored["layers"]) == [0, 1, 10]
+    assert_same(restored, orbax_writer.INT_KEYS)
+    with ckpt.Checkpointer(orbax_runs / "keys") as ckptr:
+        assert_same(ckptr.load_checkpointables(1, {"ints": orbax_writer.INT_KEYS})["ints"], orbax_writer.INT_KEYS)
+
+
 def test_free_functions_read_an_orbax_step_directory(orbax_runs):
     step_dir = orbax_runs / "flax" / "4"
     want, _ = orbax_writer.flax_run(4)
@@ -253,6 +289,18 @@ def test_an_nnx_model_and_optimizer_orbax_saved_with_int_keys_restore_in_place(o
     assert_same(nnx.state((model, optimizer)), nnx.state(orbax_writer.nnx_run()))
 
 
+def test_a_checkpointer_continuing_an_orbax_run_keeps_orbaxs_root_metadata(orbax_runs, tmp_path):
+    """The root's metadata is the first Checkpointer's, as in Orbax: a ckpt-root.json written beside
+    Orbax's metadata/_ROOT_METADATA shadowed it."""
+    root = copy_run(orbax_runs, "v1", tmp_path)
+    with ckpt.Checkpointer(root, custom_metadata={"model": "other"}) as ckptr:
+        assert ckptr.root_metadata().custom_metadata == {"model": "mixed"}
+        ckptr.save(2, {"w": np.ones(3)}, force=True)
+    with ckpt.Checkpointer(root) as ckptr:
+        assert ckptr.root_metadata().custom_metadata == {"model": "mixed"}
+    assert not (root / "ckpt-root.json").exists()
+
+
 def test_preservation_policies_see_orbax_metrics_and_delete_orbax_steps_as_they_say(orbax_runs, tmp_path):
     root = copy_run(orbax_runs, "flax", tmp_path)
     before = file_hashes(root)
@@ -267,6 +315,26 @@ def test_preservation_policies_see_orbax_metrics_and_delete_orbax_steps_as_they_
     assert sorted(p.name for p in root.iterdir() if not p.name.startswith(".")) == sorted([str(worst), "7"])
     assert {k: v for k, v in file_hashes(root).items() if k.split("/")[0] == str(worst)} == \
         {k: v for k, v in before.items() if k.split("/")[0] == str(worst)}
+
+
+def test_a_save_orbax_began_in_place_and_never_committed_is_not_listed_deleted_or_overwritten(orbax_runs, tmp_path):
+    """Where Orbax writes a step under its own name (object stores, CommitFileTemporaryPath), a save killed
+    before its commit leaves _CHECKPOINT_METADATA with a null commit time and no commit_success.txt; it
+    was listed as the latest step (whose load failed) and deleted by garbage collection."""
+    root = copy_run(orbax_runs, "v1", tmp_path)
+    killed = Path(shutil.copytree(root / "1", root / "2"))
+    (killed / "commit_success.txt").unlink()
+    metadata = orbax_file(killed, "_CHECKPOINT_METADATA")
+    metadata["commit_timestamp_nsecs"] = None
+    (killed / "_CHECKPOINT_METADATA").write_text(json.dumps(metadata))
+    before = file_hashes(killed)
+    with ckpt.Checkpointer(root, preservation_policy=preservation_policies.LatestN(1)) as ckptr:
+        assert [c.step for c in ckptr.checkpoints] == [0, 1] and ckptr.latest.step == 1
+        with pytest.raises(errors.ForeignEntryError):
+            ckptr.save(2, {"w": np.ones(3)}, force=True)
+        ckptr.save(3, {"w": np.ones(3)}, force=True)
+        assert [c.step for c in ckptr.checkpoints] == [3]
+    assert file_hashes(killed) == before
 
 
 # ------------------------------------------------------------------------------------- bad input
@@ -312,6 +380,36 @@ def test_an_orbax_step_whose_commit_time_is_out_of_range_is_listed_with_its_dire
         assert [c.step for c in ckptr.checkpoints] == [0, 1]
         assert ckptr.latest.commit_timestamp_nsecs == os.lstat(root / "1").st_mtime_ns
         assert ckptr.latest.time.year >= 2026 and ckptr.latest.init_timestamp_nsecs is None
+
+
+def test_an_orbax_item_whose_metadata_or_strings_file_was_deleted_is_reported_damaged(orbax_runs, tmp_path, capsys):
+    """A deleted _METADATA or _strings.json raised a bare FileNotFoundError from load, and ended ckpt verify
+    of the whole root there (exit 2) instead of reporting the step damaged and going on."""
+    root = copy_run(orbax_runs, "v1", tmp_path)
+    (root / "0" / "state" / "_strings.json").unlink()
+    (root / "1" / "state" / "_METADATA").unlink()
+    for step, name in ((0, "_strings.json"), (1, "_METADATA")):
+        with pytest.raises(errors.CheckpointCorruptedError, match=f"state/{name} is missing"):
+            ckpt.load(root / str(step))
+    code, out = run_cli(capsys, "verify", str(root))
+    assert code == 1 and "0 of 2 steps ok; damaged: [0, 1]" in out
+
+
+def test_a_committed_orbax_step_whose_metadata_is_damaged_is_reported_not_silently_skipped(orbax_runs, tmp_path,
+                                                                                            capsys):
+    """Orbax committed step 0 (commit_success.txt) and its _CHECKPOINT_METADATA was then damaged: ckpt ls
+    listed it as a user's entry, ckpt verify said every step was ok (exit 0), and ckpt convert left it out
+    of the copy without a word, where a damaged step of ckpt's is reported by all three."""
+    root = copy_run(orbax_runs, "v1", tmp_path)
+    (root / "0" / "_CHECKPOINT_METADATA").write_text("{not json")
+    with ckpt.Checkpointer(root) as ckptr:
+        assert [c.step for c in ckptr.checkpoints] == [1]   # never listed, and never deleted
+    code, out = run_cli(capsys, "ls", str(root))
+    assert "DAMAGED" in out and "_CHECKPOINT_METADATA is not valid JSON" in out
+    code, out = run_cli(capsys, "verify", str(root))
+    assert code == 1 and "damaged: [0]" in out
+    assert cli.main(["convert", str(root), str(tmp_path / "copy")]) == 1
+    assert "holds step 0, which is damaged" in capsys.readouterr().err and not (tmp_path / "copy").exists()
 
 
 def test_a_symlink_in_an_orbax_item_is_refused(orbax_runs, tmp_path):
@@ -370,8 +468,38 @@ def test_ckpt_convert_copies_every_layout_keeping_names_metrics_times_and_empty_
                 for info in old.checkpoints:
                     assert_same(restore_train_state(new, abstract, step=info.step),
                                 restore_train_state(old, abstract, step=info.step))
-    code = cli.main(["convert", str(orbax_runs / "v1"), str(tmp_path / "v1")])
+    code = cli.main(["convert", str(orbax_runs / "v1"), str(tmp_path / "flax")])  # steps 2, 4, 6: not v1's
     assert code == 2 and "not empty" in capsys.readouterr().err
+
+
+CONVERT_WITHOUT_JAX = r"""
+import sys
+sys.modules["jax"] = sys.modules["orbax"] = None   # ckpt's core alone, as `pip install ckpt` has it
+from ckpt.convert import convert_root
+for done in convert_root(sys.argv[1], sys.argv[2]):
+    print("converted", done.step, flush=True)
+"""
+
+
+@pytest.mark.parametrize("name", ["v1", "flax"])
+def test_ckpt_convert_keeps_jax_leaves_as_saved_without_jax_or_the_saved_devices(orbax_runs, tmp_path, name):
+    """Converted without jax, jax arrays became numpy arrays and typed keys their raw key data; converted
+    with fewer devices than the saved mesh, the saved sharding was dropped (the copy loads elsewhere on
+    one device)."""
+    result = procs.run_script(CONVERT_WITHOUT_JAX, str(orbax_runs / name), str(tmp_path / name), timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    def saved_as(step_dir):
+        return {name: [(m["path"], m["type"], m.get("dtype"), m.get("shape"), m.get("sharding"), m.get("impl"),
+                        m.get("key_shape")) for m in doc["leaves"]] for name, doc in formats.trees(step_dir).items()}
+    with ckpt.Checkpointer(orbax_runs / name) as old:
+        for info in old.checkpoints:
+            assert saved_as(tmp_path / name / info.path.name) == saved_as(info.path)
+            assert any(m[4] for doc in saved_as(info.path).values() for m in doc) == (name == "v1")
+    if name == "flax":
+        abstract = jax.eval_shape(flax_train.create_state)
+        with ckpt.Checkpointer(tmp_path / name) as new:
+            assert_same(restore_train_state(new, abstract), orbax_writer.flax_run(FLAX_SAVES[-1])[0])
 
 
 def test_a_hostile_orbax_tree_metadata_raises_a_ckpt_error(orbax_runs, tmp_path):

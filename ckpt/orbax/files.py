@@ -28,6 +28,16 @@ def read_json(path: Path, step_dir: Path) -> Any:
         raise CheckpointCorruptedError(f"{path} is not valid JSON ({e})", path=step_dir) from None
 
 
+def read_required_json(path: Path, step_dir: Path) -> Any:
+    """:func:`read_json` of a file an item cannot be read without (its ``_METADATA``, its ``_strings.json``):
+    a missing one is damage, raised as CheckpointCorruptedError naming the file."""
+    try:
+        return read_json(path, step_dir)
+    except FileNotFoundError:
+        raise CheckpointCorruptedError(f"{path} is missing: the Orbax item cannot be read without it",
+                                       path=step_dir) from None
+
+
 def check_plain_tree(directory: Path, step_dir: Path) -> None:
     """Raises CheckpointCorruptedError when ``directory`` is, or holds, anything but plain files and
     directories (a symlink could lead tensorstore's reads outside the step, a FIFO could hang them)."""

@@ -25,6 +25,7 @@ import numpy as np
 import tensorstore as ts
 
 from ckpt import leaves as leaves_lib
+from ckpt import storage
 from ckpt import tree as tree_lib
 from ckpt.errors import CheckpointCorruptedError, UnsupportedLayoutError
 from ckpt.orbax import files
@@ -64,12 +65,14 @@ class ArraySource:
 
 class PyTreeItem:
     """A PyTree item directory: ``doc`` is its tree and leaf entries as in ckpt's tree.json, ``stores``
-    the opened array of each leaf stored as one (by leaf index)."""
+    the opened array of each leaf stored as one (by leaf index). ``one_array``: the item of Orbax's
+    ``ArrayCheckpointHandler``, one array in a tree of one key (``checkpoint``), which Orbax restores as
+    the array itself: so does ckpt."""
 
-    def __init__(self, step_dir: Path, name: str, directory: Path):
+    def __init__(self, step_dir: Path, name: str, directory: Path, *, one_array: bool = False):
         self.step_dir, self.name, self.directory = step_dir, name, directory
         files.check_plain_tree(directory, step_dir)
-        metadata = files.read_json(directory / "_METADATA", step_dir)
+        metadata = files.read_required_json(directory / "_METADATA", step_dir)
         entries = metadata.get("tree_metadata") if isinstance(metadata, dict) else None
         if not isinstance(entries, dict):
             raise UnsupportedLayoutError(f"{directory}/_METADATA has no tree_metadata: this Orbax layout (written "
@@ -91,7 +94,17 @@ class PyTreeItem:
         self.metas: list[dict] = []
         self.stores: dict[int, ts.TensorStore] = {}
         self._describe(leaf_paths, by_path)
+        if one_array:
+            node = self._unwrapped(node)
         self.doc = {"tree": tree_lib.to_json(node), "leaves": self.metas}
+
+    def _unwrapped(self, node: tree_lib.Node) -> tree_lib.Node:
+        """The one leaf of ``node``, a dict holding only it (its array keeps its name on disk)."""
+        if node.kind != "dict" or node.children != [tree_lib.LEAF]:
+            raise CheckpointCorruptedError(f"{self.directory}/_METADATA: an item of Orbax's ArrayCheckpointHandler "
+                                           f"holds one array, this one lists {len(self.metas)} leaves", path=self.step_dir)
+        self.metas[0]["path"] = tree_lib.keystr(())
+        return tree_lib.LEAF
 
     def _describe(self, leaf_paths: list[tree_lib.KeyPath], by_path: dict[tuple, dict]) -> None:
         """Fills ``metas`` (opening every array, all at once) and ``stores``."""
@@ -154,8 +167,9 @@ class PyTreeItem:
             del meta["dtype"], meta["shape"], meta["stored"]
 
     def _spec(self, name: str) -> dict:
-        if not files.is_plain_name(name):
-            raise CheckpointCorruptedError(f"{self.directory}: array name {name!r} is not a plain name", path=self.step_dir)
+        if not storage.is_plain_relative(name):  # a key may hold '/' (Haiku's 'mlp/~/linear_0'): nested directories
+            raise CheckpointCorruptedError(f"{self.directory}: array name {name!r} is not a relative path inside the "
+                                           "item", path=self.step_dir)
         base = {"driver": "file", "path": str(self.directory) + "/"}
         kvstore = ({"driver": "ocdbt", "base": base, "path": name + "/", "cache_pool": "cache_pool#ocdbt"}
                    if self._ocdbt else {"driver": "file", "path": os.path.join(self.directory, name) + "/"})
@@ -163,7 +177,7 @@ class PyTreeItem:
                 "fill_missing_data_reads": self._fill_missing}
 
     def _strings(self) -> dict:
-        strings = files.read_json(self.directory / "_strings.json", self.step_dir)
+        strings = files.read_required_json(self.directory / "_strings.json", self.step_dir)
         return strings if isinstance(strings, dict) else {}
 
     def _key_impls(self) -> dict[str, str]:

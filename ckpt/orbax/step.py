@@ -9,7 +9,8 @@ Layouts read (Orbax 0.5 and later, local file systems)::
     <step>/metrics/metrics         the metrics (JSON), a checkpointable of their own
 
 An item written by a PyTree handler (``PyTreeHandler``, ``PyTreeCheckpointHandler``,
-``StandardCheckpointHandler``) is read by :mod:`ckpt.orbax.pytree`; a JSON item (``JsonHandler``,
+``StandardCheckpointHandler``) or by ``ArrayCheckpointHandler`` (one array) is read by
+:mod:`ckpt.orbax.pytree`; a JSON item (``JsonHandler``,
 ``JsonCheckpointHandler``) is its one JSON file. Any other item raises UnsupportedLayoutError when it
 is loaded, naming its handler.
 """
@@ -31,19 +32,23 @@ CHECKPOINT_METADATA = "_CHECKPOINT_METADATA"
 COMMIT_SUCCESS = "commit_success.txt"
 METRICS = "metrics"
 _PYTREE_HANDLERS = ("PyTreeHandler", "PyTreeCheckpointHandler", "StandardCheckpointHandler")
+_ARRAY_HANDLER = "ArrayCheckpointHandler"  # one array, in a PyTree item of one leaf
 _JSON_HANDLERS = ("JsonHandler", "JsonCheckpointHandler", "MetricsHandler")
 
 
 def is_step(path: Any) -> bool:
-    """Whether ``path`` is a local directory Orbax wrote as a step: it has ``_CHECKPOINT_METADATA`` or
-    the ``commit_success.txt`` Orbax writes (regular files), or (Orbax before 0.5) an item directory
-    with Orbax's files (see :func:`_is_item`). A step of a layout ckpt cannot read is still one: loading
-    it says so, and the root never looks empty. Anything less is a user's directory, which ckpt never
-    deletes."""
+    """Whether ``path`` is a local directory Orbax wrote as a committed step: it has the
+    ``commit_success.txt`` Orbax writes, or ``_CHECKPOINT_METADATA`` (regular files) that does not say the
+    save never committed (see :func:`_never_committed`), or (Orbax before 0.5) an item directory with
+    Orbax's files (see :func:`_is_item`). A step of a layout ckpt cannot read is still one: loading it
+    says so, and the root never looks empty. Anything less (a user's directory, a save Orbax never
+    committed) is not a step: ckpt never lists, overwrites or deletes it."""
     if not (isinstance(path, Path) and files.is_plain_dir(path)):
         return False
-    if files.is_plain_file(path / CHECKPOINT_METADATA) or _head(path / COMMIT_SUCCESS, len(_COMMITTED)) == _COMMITTED:
+    if _head(path / COMMIT_SUCCESS, len(_COMMITTED)) == _COMMITTED:
         return True
+    if files.is_plain_file(path / CHECKPOINT_METADATA):
+        return not _never_committed(path)
     return any(files.is_plain_dir(path / name) and _is_item(path / name, path) for name in os.listdir(path))
 
 
@@ -61,6 +66,19 @@ def _head(path: Path, size: int) -> bytes:
         return b""
     with open(fd, "rb") as f:
         return f.read(size)
+
+
+def _never_committed(step_dir: Path) -> bool:
+    """Whether the step's ``_CHECKPOINT_METADATA`` has a null commit time: Orbax commits a step by writing
+    its commit time there and then ``commit_success.txt``. A save killed before that leaves such a directory
+    under the step's own name where Orbax writes in place (object stores, or ``CommitFileTemporaryPath``);
+    Orbax does not list it, and it may hold no item yet or half-written arrays. Metadata ckpt cannot read
+    is not taken for this (the step's other readers report it)."""
+    try:
+        data = files.read_json(step_dir / CHECKPOINT_METADATA, step_dir)
+    except (OSError, CheckpointCorruptedError):
+        return False
+    return isinstance(data, dict) and "commit_timestamp_nsecs" in data and data["commit_timestamp_nsecs"] is None
 
 
 def _is_msgpack_tree(path: Path) -> bool:
@@ -122,10 +140,13 @@ def info(step_dir: Path) -> dict:
             "custom_metadata": data.get("custom_metadata")}
 
 
+ROOT_METADATA = Path("metadata", "_ROOT_METADATA")  # a root's, relative to it
+
+
 def root_custom_metadata(root: Path) -> Any:
     """The custom metadata Orbax keeps for a root (``metadata/_ROOT_METADATA``), or None."""
     try:
-        data = files.read_json(root / "metadata" / "_ROOT_METADATA", root)
+        data = files.read_json(root / ROOT_METADATA, root)
     except FileNotFoundError:
         return None
     return data.get("custom_metadata") if isinstance(data, dict) else None
@@ -165,15 +186,15 @@ class Step:
     def _read_item(self, name: str) -> dict:
         handler, directory = self.handlers[name], self.step_dir / name
         short = handler.rsplit(".", 1)[-1]
-        if short in _PYTREE_HANDLERS or (not short and os.path.lexists(directory / "_METADATA")):
-            item = self.pytrees[name] = PyTreeItem(self.step_dir, name, directory)
+        if short in (*_PYTREE_HANDLERS, _ARRAY_HANDLER) or (not short and os.path.lexists(directory / "_METADATA")):
+            item = self.pytrees[name] = PyTreeItem(self.step_dir, name, directory, one_array=short == _ARRAY_HANDLER)
             return item.doc
         if short in _JSON_HANDLERS or not short and _json_file(directory) is not None:
             return _json_doc(self.step_dir, directory)
         what = f"Orbax's {handler}" if handler else f"an Orbax handler that left {sorted(os.listdir(directory))[:5]}"
         raise UnsupportedLayoutError(
             f"{directory} was written by {what}, which ckpt does not read (it reads "
-            f"items of {', '.join(_PYTREE_HANDLERS + _JSON_HANDLERS)}); load the other checkpointables by name: "
+            f"items of {', '.join((*_PYTREE_HANDLERS, _ARRAY_HANDLER, *_JSON_HANDLERS))}); load the other checkpointables by name: "
             f"{sorted(n for n in self.handlers if n != name)}", path=directory)
 
     def check_arrays(self) -> Iterator[tuple[str, int, str | None]]:

@@ -304,13 +304,13 @@ def show(directory: storage.Location, step: int | None, *, as_json: bool) -> int
     selected = _select(directory, step)[0]
     step_dir, number = selected.path, selected.step
     manifest = formats.info(step_dir)
-    trees = formats.trees(step_dir)
+    trees, unreadable = formats.readable_trees(step_dir)
     records = {name: [_leaf_record(name, meta) for meta in doc["leaves"]] for name, doc in trees.items()}
     if as_json:
         _print_json({"step": number, "path": str(step_dir), "orbax": _by_orbax(manifest),
                      "time": _time(manifest.get("commit_timestamp_nsecs"), iso=True),
                      "metrics": manifest.get("metrics"), "custom_metadata": manifest.get("custom_metadata"),
-                     "nbytes": manifest.get("nbytes"), "checkpointables": records})
+                     "nbytes": manifest.get("nbytes"), "checkpointables": records, "unreadable": unreadable})
         return 0
     _print(f"{_named(number)}  {step_dir}" + ("  (written by Orbax)" if _by_orbax(manifest) else ""))
     print(f"committed {_time(manifest.get('commit_timestamp_nsecs'), iso=False)}, "
@@ -327,6 +327,8 @@ def show(directory: storage.Location, step: int | None, *, as_json: bool) -> int
                  progress.format_bytes(r["nbytes"]) if r["dtype"] else "",
                  r["stored"] if r["dtype"] else f"inline: {_short(r['value'])}"] for r in rs]
         print(_table(["KEY PATH", "TYPE", "DTYPE", "SHAPE", "BYTES", "STORED"], rows, right=[4]))
+    for name, why in unreadable.items():
+        _print(f"\n{name}: not read by ckpt: {why}")
     return 0
 
 
@@ -338,7 +340,8 @@ def _short(value: Any, width: int = 40) -> str:
 # ---------------------------------------------------------------------------------------- verify
 def _verify_record(result: VerifyResult) -> dict:
     return {"step": result.step, "path": str(result.path), "ok": result.ok, "leaves": result.leaves,
-            "nbytes": result.nbytes, "damaged": [dataclasses.asdict(d) for d in result.damaged]}
+            "nbytes": result.nbytes, "damaged": [dataclasses.asdict(d) for d in result.damaged],
+            "unchecked": result.unchecked}
 
 
 def verify(directory: storage.Location, step: int | None, *, as_json: bool) -> int:
@@ -375,6 +378,8 @@ def verify(directory: storage.Location, step: int | None, *, as_json: bool) -> i
                    f"{result.leaves} leaves, {progress.format_bytes(result.nbytes)} checked")
             for damage in result.damaged:
                 _print(f"  {damage.where}: {damage.why}")
+            for name, why in result.unchecked.items():
+                _print(f"  not checked: {name}: {why}")
     damaged = [r for r in results if not r.ok]
     if as_json:
         _print_json({"ok": not damaged, "steps": [_verify_record(r) for r in results],

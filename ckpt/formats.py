@@ -67,6 +67,15 @@ def trees(step_dir: storage.Location, names: list[str] | None = None) -> dict[st
     return found if names is None else {n: found[n] for n in names}
 
 
+def readable_trees(step_dir: storage.Location) -> tuple[dict[str, dict], dict[str, str]]:
+    """:func:`trees` of every checkpointable ckpt reads, and the others: an Orbax item written by a handler
+    ckpt does not read (a grain iterator's), name -> why (none in ckpt's steps)."""
+    if _by_orbax(step_dir):
+        step = orbax.Step(step_dir, skip_unreadable=True)
+        return step.trees, step.unreadable
+    return trees(step_dir), {}
+
+
 def metadata_trees(step_dir: storage.Location) -> dict[str, Any]:
     """Each checkpointable's tree with :class:`ckpt.LeafMetadata` leaves; None for an item Orbax's JsonHandler
     wrote, as Orbax reports the metadata of one."""

@@ -450,6 +450,27 @@ def test_ckpt_ls_show_verify_mark_orbax_steps_and_verify_reads_every_array(orbax
     assert code == 1 and "model['params']['w']" in out and "DAMAGED (1)" in out
 
 
+def test_an_orbax_item_ckpt_does_not_read_is_named_not_checked_by_verify_and_show_not_damage(orbax_runs, tmp_path,
+                                                                                           capsys):
+    """A step with a grain iterator beside its state (common in real runs) was reported DAMAGED by `ckpt
+    verify` (exit 1, its state left unchecked), and `ckpt show` failed (exit 2), though a load by name reads it."""
+    root = copy_run(orbax_runs, "v1", tmp_path)
+    metadata = json.loads((root / "1" / "_CHECKPOINT_METADATA").read_text())
+    metadata["item_handlers"]["iter"] = "grain._src.python.checkpoint_handlers.CheckpointHandler"
+    (root / "1" / "_CHECKPOINT_METADATA").write_text(json.dumps(metadata))
+    (root / "1" / "iter").mkdir()
+    (root / "1" / "iter" / "process_0-of-1.json").write_text("{}")
+    code, out = run_cli(capsys, "verify", str(root), "1", "--json")
+    checked = json.loads(out)["steps"][0]
+    assert code == 0 and checked["ok"] and checked["leaves"] > 0 and list(checked["unchecked"]) == ["iter"]
+    assert "CheckpointHandler, which ckpt does not read" in checked["unchecked"]["iter"]
+    code, out = run_cli(capsys, "show", str(root), "1")
+    assert code == 0 and "['params']['w']" in out and "iter: not read by ckpt" in out
+    assert ckpt.load(root / "1", checkpointable_name="state")["params"]["w"].shape == (8, 3)
+    with pytest.raises(errors.UnsupportedLayoutError, match="load the other checkpointables by name"):
+        ckpt.load_checkpointables(root / "1")
+
+
 def test_ckpt_convert_copies_every_layout_keeping_names_metrics_times_and_empty_states(orbax_runs, tmp_path, capsys):
     for name, names in (("flax", None), ("single", SINGLE_NAMES), ("named", None), ("v1", None)):
         before = file_hashes(orbax_runs / name)

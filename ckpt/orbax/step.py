@@ -170,9 +170,14 @@ def items(step_dir: Path) -> dict[str, str]:
 
 
 class Step:
-    """The items of one Orbax step read as ckpt reads a step: ``trees`` (name -> tree and leaf entries)."""
+    """The items of one Orbax step read as ckpt reads a step: ``trees`` (name -> tree and leaf entries).
 
-    def __init__(self, step_dir: Path, names: list[str] | None = None):
+    An item ckpt does not read (written by another handler: a grain iterator's) raises
+    UnsupportedLayoutError naming it; with ``skip_unreadable`` (for listings and checks of every item) it
+    is left out of ``trees`` and kept in ``unreadable`` (name -> why).
+    """
+
+    def __init__(self, step_dir: Path, names: list[str] | None = None, *, skip_unreadable: bool = False):
         self.step_dir = step_dir
         self.handlers = items(step_dir)
         missing = [n for n in names or () if n not in self.handlers]
@@ -180,8 +185,14 @@ class Step:
             raise CheckpointableNotFoundError(step_dir, missing, list(self.handlers))
         self.pytrees: dict[str, PyTreeItem] = {}
         self.trees: dict[str, dict] = {}
+        self.unreadable: dict[str, str] = {}
         for name in self.handlers if names is None else names:
-            self.trees[name] = self._read_item(name)
+            try:
+                self.trees[name] = self._read_item(name)
+            except UnsupportedLayoutError as e:
+                if not skip_unreadable:
+                    raise
+                self.unreadable[name] = str(e)
 
     def _read_item(self, name: str) -> dict:
         handler, directory = self.handlers[name], self.step_dir / name

@@ -293,9 +293,10 @@ class LocalTier:
             self._promoting.discard(step)
 
     # ----------------------------------------------------------------------------- loading
-    def load(self, candidates: Sequence[TieredCheckpointMetadata], read: Callable[[storage.Location], Any]) -> Any:
-        """Reads the first of ``candidates`` (newest first) that loads, local copy before durable one;
-        a damaged or vanished copy is logged and the next one tried. Raises the first failure if none loads."""
+    def load(self, candidates: Sequence[TieredCheckpointMetadata], read: Callable[[str, int, storage.Location], Any]) -> Any:
+        """Reads the first of ``candidates`` (newest first) that loads, local copy before durable one, with
+        ``read(tier, step, path)``, which raises StepNotFoundError for a copy deleted meanwhile; a damaged or
+        vanished copy is logged and the next one tried. Raises the first failure if none loads."""
         first: BaseException | None = None
         for info in candidates:
             for tier in (LOCAL, DURABLE):
@@ -303,8 +304,8 @@ class LocalTier:
                 if path is None or (tier == LOCAL and self._durable.processes.count > 1):
                     continue
                 try:
-                    return read(path)
-                except (errors.CheckpointCorruptedError, FileNotFoundError) as e:
+                    return read(tier, info.step, path)
+                except (errors.CheckpointCorruptedError, errors.InvalidLayoutError, FileNotFoundError) as e:
                     logger.warning("ckpt: step %d on the %s tier cannot be loaded (%s); trying the next copy",
                                    info.step, tier, e)
                     first = first or e

@@ -29,7 +29,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 from ckpt import arguments, background, custom, distributed, dtensor, formats, host_memory, loading, orbax, preemption, root, saving
 from ckpt import storage, tiers
@@ -45,6 +45,7 @@ __all__ = ["Checkpointer", "save_decision_policies", "preservation_policies", "e
            "CheckpointMetadata", "RootMetadata"]
 
 logger = logging.getLogger("ckpt")
+T = TypeVar("T")
 
 
 def _step_number(step: int | CheckpointMetadata) -> int:
@@ -637,23 +638,36 @@ class Checkpointer:
                                                     partial_load=options.pytree_options.loading.partial_load,
                                                     registry=options.checkpointables_options.registry)
 
-        if self._local is not None:
-            return self._local.load(self.checkpoints[::-1] if step is None else [info], read)
-        self._reading[info.step] += 1
+        return self._read(self.checkpoints[::-1] if step is None and self._local is not None else [info], read)
+
+    def _read(self, candidates: Sequence[CheckpointMetadata], read: Callable[[storage.Location], T]) -> T:
+        """``read(path)`` of the first candidate; with two tiers, of the first of ``candidates`` (newest first)
+        that loads, from either tier (see :meth:`ckpt.tiers.LocalTier.load`). Each copy is read as
+        :meth:`_read_step` reads it, by the Checkpointer of its tier."""
+        if self._local is None:
+            return self._read_step(candidates[0].step, candidates[0].path, read)
+        readers = {tiers.LOCAL: self._local.checkpointer, tiers.DURABLE: self}
+        return self._local.load(candidates, lambda tier, step, path: readers[tier]._read_step(step, path, read))
+
+    def _read_step(self, step: int, path: storage.Location, read: Callable[[storage.Location], T]) -> T:
+        """``read(path)`` of this root's ``step``, which garbage collection keeps meanwhile. A step deleted
+        meanwhile raises StepNotFoundError (and is no longer listed); one replaced (``overwrite=True``) is
+        read again, once."""
+        self._reading[step] += 1
         try:
             try:
-                with root.reading(info.path, info.step):
-                    return read(info.path)
+                with root.reading(path, step):
+                    return read(path)
             except errors.StepReplacedError:  # saved again meanwhile: the new one is the step now
-                with root.reading(info.path, info.step):
-                    return read(info.path)
+                with root.reading(path, step):
+                    return read(path)
         except errors.StepReplacedError:
             raise
         except errors.StepNotFoundError:
-            self._forget(info.step)
+            self._forget(step)
             raise
         finally:
-            self._reading[info.step] -= 1
+            self._reading[step] -= 1
 
     def load_async(self, step: int | CheckpointMetadata | None = None, abstract_state: Any = None, *,
                    checkpointable_name: str = fmt.DEFAULT_CHECKPOINTABLE) -> background.AsyncResponse[Any]:
@@ -711,9 +725,8 @@ class Checkpointer:
 
     def _metadata(self, step: int | CheckpointMetadata | None, name: str | None) -> CheckpointMetadata:
         info = self._resolve(step)
-        with root.reading(info.path, info.step):
-            return checkpoint_metadata(info.path, name, step=info.step,
-                                       registry=self._ctx.checkpointables_options.registry)
+        registry = self._ctx.checkpointables_options.registry
+        return self._read([info], lambda path: checkpoint_metadata(path, name, step=info.step, registry=registry))
 
     def root_metadata(self) -> RootMetadata:
         """The directory and the custom metadata written by the first Checkpointer given one (``{}`` if none was).

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 import ckpt
-from ckpt import cli, errors, tiers
+from ckpt import cli, errors, formats, tiers
+from ckpt.training import preservation_policies as pp
 from ckpt.training import save_decision_policies as sdp
 from tests import fsutil, procs, tiers_worker
 
@@ -204,3 +205,45 @@ def test_a_local_tier_in_the_roots_own_directory_is_refused_before_anything_is_w
         with pytest.raises(ValueError, match=r"the local tier's directory is the root itself \(.*run\)"):
             ckpt.Checkpointer(root, local=ckpt.LocalCheckpointOptions(local))
     assert not root.exists()
+
+
+def test_a_local_copy_removed_after_the_listing_falls_back_to_its_durable_copy(tmp_path):
+    local = ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1))
+    with ckpt.Checkpointer(tmp_path / "durable", save_decision_policy=sdp.FixedIntervalPolicy(1), local=local) as ckptr:
+        for step in range(2):
+            ckptr.save(step, tiers_worker.state(step))
+        assert [sorted(c.locations) for c in ckptr.checkpoints] == [["durable", "local"]] * 2
+        shutil.rmtree(tmp_path / "local" / "1")  # listed a moment ago (a user, a cleaner of the SSD)
+        assert_bit_exact(ckptr.load(), 1)  # was: InvalidLayoutError, the durable copy never tried
+        assert sorted(ckptr.latest.locations) == ["durable"]
+        shutil.rmtree(tmp_path / "local" / "0")
+        assert ckptr.metadata(0).path == tmp_path / "durable" / "0"
+
+
+def test_a_step_being_loaded_from_either_tier_is_kept_by_garbage_collection(tmp_path, monkeypatch):
+    reading, released, load = threading.Event(), threading.Event(), formats.load_checkpointables
+
+    def held_load(*args, **kwargs):
+        reading.set()
+        assert released.wait(60), "the test never released the load"
+        return load(*args, **kwargs)
+
+    local = ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1),
+                                        preservation_policy=pp.LatestN(1))
+    with ckpt.Checkpointer(tmp_path / "durable", save_decision_policy=sdp.FixedIntervalPolicy(2),
+                           preservation_policy=pp.LatestN(1), local=local) as ckptr:
+        for step in range(4):
+            ckptr.save(step, tiers_worker.state(step))
+        assert [(c.step, sorted(c.locations)) for c in ckptr.checkpoints] == [(2, ["durable"]), (3, ["local"])]
+        monkeypatch.setattr(formats, "load_checkpointables", held_load)
+        loading = ckptr.load_async(2)
+        assert reading.wait(60)
+        monkeypatch.setattr(formats, "load_checkpointables", load)
+        try:
+            ckptr.save(4, tiers_worker.state(4))  # promoted: LatestN(1) would delete step 2 of the durable tier
+            assert steps_in(tmp_path / "durable") == [2, 4]
+        finally:
+            released.set()
+        assert_bit_exact(loading.result(timeout=60), 2)
+        ckptr.save(6, tiers_worker.state(6))
+        assert steps_in(tmp_path / "durable") == [6]

@@ -346,16 +346,23 @@ def _copy_step(source: Path, final: storage.Location, step: int, overwrite: bool
     """Copies a committed local step directory to ``final`` (byte for byte: its checksums hold) and commits
     it: on an object store the manifest is written last; locally the temporary directory is renamed.
     ``final`` is checked first and at the commit as a save's is (see :func:`ckpt.root.commit`). With
-    several processes each copies its own files and the primary commits after a barrier.
+    several processes each copies its own files and the primary commits after a barrier. A promotion
+    that fails before its commit removes its temporary directory, as a save does.
     Returns the bytes this process copied."""
     primary, tmp, marker = durable.processes.index == 0, storage.temporary_for(final), None
     if primary:
         root.check_target(final, tmp, step=step, overwrite=overwrite)
         marker = storage.make_temporary(tmp)
     try:
-        return _copy_files(source, final, tmp, step, overwrite, durable, barrier)
+        copied = _copy_files(source, final, tmp, step, overwrite, durable, barrier)
+    except BaseException:
+        if primary:  # (only the primary makes it)
+            storage.remove_owned(tmp)
+        raise
     finally:
         storage.release_temporary(marker)
+    _barrier(durable, f"{barrier}/committed")
+    return copied
 
 
 def _copy_files(source: Path, final: storage.Location, tmp: storage.Location, step: int, overwrite: bool,
@@ -368,26 +375,29 @@ def _copy_files(source: Path, final: storage.Location, tmp: storage.Location, st
     pending: list[tuple[int, Any]] = []
     inflight = copied = 0
     with storage.io_errors(f"promoting {source} to {final}"):
-        for path in files:
-            if path in skip:
-                continue
-            data = path.read_bytes()
-            pending.append((len(data), store.write(path.relative_to(source).as_posix(), data)))
-            inflight += len(data)
-            while inflight > _COPY_INFLIGHT_BYTES:
-                size, write = pending.pop(0)
-                write.result()
-                inflight -= size
-            copied += len(data)
-        for _, write in pending:
-            write.result()
+        try:
+            for path in files:
+                if path in skip:
+                    continue
+                data = path.read_bytes()
+                pending.append((len(data), store.write(path.relative_to(source).as_posix(), data)))
+                inflight += len(data)
+                while inflight > _COPY_INFLIGHT_BYTES:
+                    size, write = pending.pop(0)
+                    write.result()
+                    inflight -= size
+                copied += len(data)
+        finally:  # every write ends, even after a failure: none may land once the temporary is removed
+            failures = [write.exception() for _, write in pending]
+        failure = next(filter(None, failures), None)
+        if failure is not None:
+            raise failure
         _barrier(durable, f"{barrier}/written")
         if primary:
             manifest = (source / fmt.MANIFEST).read_bytes()
             store.write(fmt.MANIFEST, manifest).result()  # the commit record, last
             copied += len(manifest)
             root.commit(tmp, final, step=step, overwrite=overwrite)
-    _barrier(durable, f"{barrier}/committed")
     return copied
 
 

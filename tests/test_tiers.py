@@ -3,6 +3,7 @@ server (moto, the ``bucket`` fixture): restore from the freshest tier after a SI
 made durable within the grace period, a damaged local step falling back to its durable copy."""
 from __future__ import annotations
 
+import errno
 import importlib.util
 import json
 import logging
@@ -247,3 +248,21 @@ def test_a_step_being_loaded_from_either_tier_is_kept_by_garbage_collection(tmp_
         assert_bit_exact(loading.result(timeout=60), 2)
         ckptr.save(6, tiers_worker.state(6))
         assert steps_in(tmp_path / "durable") == [6]
+
+
+def test_a_promotion_that_fails_leaves_no_temporary_and_the_next_one_succeeds(tmp_path):
+    local = ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1))
+    with fsutil.tmpfs(tmp_path / "mnt", size="2m") as mnt:
+        durable = mnt / "durable"
+        with ckpt.Checkpointer(durable, save_decision_policy=sdp.FixedIntervalPolicy(1), local=local) as ckptr:
+            ckptr.save(0, {"w": np.full(100_000, 0, np.float32)})
+            fsutil.fill(mnt, 64 << 10)
+            ckptr.save_async(1, {"w": np.full(100_000, 1, np.float32)})
+            with pytest.raises(OSError, match="promoting ") as info:
+                ckptr.wait()
+            assert info.value.errno == errno.ENOSPC
+            assert sorted(p.name for p in durable.iterdir()) == [".ckpt.lock", "0"]  # was: 1.ckpt-tmp left
+            (mnt / "filler").unlink()
+            ckptr.save(2, {"w": np.full(100_000, 2, np.float32)})
+            assert [(c.step, sorted(c.locations)) for c in ckptr.checkpoints] == [
+                (0, ["durable"]), (1, ["local"]), (2, ["durable", "local"])]

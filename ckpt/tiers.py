@@ -231,7 +231,10 @@ class LocalTier:
     def save(self, step: int, checkpointables: dict[str, Any], *, force: bool, overwrite: bool, blocking: bool,
              preempted: bool, metrics: Any, custom_metadata: Any) -> background.AsyncResponse[bool]:
         """Saves ``step`` locally and promotes it when the durable tier wants it (``force``: both tiers).
-        Called after a positive decision of either tier (or with ``force``)."""
+        Called after a positive decision of either tier (or with ``force``). A promotion that failed since
+        the last save, ``wait`` or ``close`` is raised first, before anything is written, as a failed save is.
+        """
+        self._durable.writer.raise_failure()
         promote = force or preempted or self._decided == (step, True)
         if promote:  # checked before anything is written (and again by the promotion); kept locally until copied
             final = self._durable.step_dir(step)

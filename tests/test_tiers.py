@@ -11,6 +11,7 @@ import re
 import shutil
 import signal
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -266,3 +267,23 @@ def test_a_promotion_that_fails_leaves_no_temporary_and_the_next_one_succeeds(tm
             ckptr.save(2, {"w": np.full(100_000, 2, np.float32)})
             assert [(c.step, sorted(c.locations)) for c in ckptr.checkpoints] == [
                 (0, ["durable"]), (1, ["local"]), (2, ["durable", "local"])]
+
+
+def test_a_failed_promotion_is_raised_by_the_next_save_before_it_writes_anything(tmp_path):
+    local = ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1))
+    with fsutil.tmpfs(tmp_path / "mnt", size="2m") as mnt:
+        with ckpt.Checkpointer(mnt / "durable", save_decision_policy=sdp.FixedIntervalPolicy(2), local=local) as ckptr:
+            ckptr.save(0, {"w": np.full(100_000, 0, np.float32)})
+            fsutil.fill(mnt, 64 << 10)
+            ckptr.save_async(2, {"w": np.full(100_000, 2, np.float32)})
+            while ckptr.is_saving_in_progress():  # the promotion fails in the background
+                time.sleep(0.01)
+            (mnt / "filler").unlink()
+            with pytest.raises(OSError, match="promoting .*/2 ") as info:
+                ckptr.save(3, {"w": np.full(100_000, 3, np.float32)})  # was: saved, the failure kept for wait()
+            assert info.value.errno == errno.ENOSPC
+            assert steps_in(tmp_path / "local") == [0, 2]
+            ckptr.save(3, {"w": np.full(100_000, 3, np.float32)})  # raised once
+            ckptr.save(4, {"w": np.full(100_000, 4, np.float32)})
+            ckptr.wait()
+            assert steps_in(mnt / "durable") == [0, 4]

@@ -112,16 +112,17 @@ class ObjectPath:
         n = len(self.key) + 1 if self.key else 0
         return sorted({key.decode()[n:].split("/", 1)[0] for key in self._store().list(self._prefix_range()).result()})
 
-    def remove_tree(self, *, last: str | None = None) -> None:
-        """Deletes this object and everything below it; the object named ``last`` directly below it goes
-        last, so that a crash midway leaves it."""
+    def unlink(self) -> None:
+        """Deletes this one object (none is fine)."""
+        self._store().delete_range(ts.KvStore.KeyRange(self.key.encode(), self.key.encode() + b"\0")).result()
+
+    def remove_tree(self, *, last: str) -> None:
+        """Deletes everything below this path (a 'directory'); the object named ``last`` directly below it
+        goes last, so that a crash midway leaves it. An object at this path itself is not below it: it is
+        left alone (a user's, beside a step of ckpt's)."""
         store = self._store()
         prefix = self._prefix_range()
-        if last is None:
-            store.delete_range(prefix).result()
-        else:
-            kept = f"{self.key}/{last}".encode() if self.key else last.encode()
-            store.delete_range(ts.KvStore.KeyRange(prefix.inclusive_min, kept)).result()
-            store.delete_range(ts.KvStore.KeyRange(kept + b"\0", prefix.exclusive_max)).result()
-            store.delete_range(ts.KvStore.KeyRange(kept, kept + b"\0")).result()
-        store.delete_range(ts.KvStore.KeyRange(self.key.encode(), self.key.encode() + b"\0")).result()
+        kept = f"{self.key}/{last}".encode() if self.key else last.encode()
+        store.delete_range(ts.KvStore.KeyRange(prefix.inclusive_min, kept)).result()
+        store.delete_range(ts.KvStore.KeyRange(kept + b"\0", prefix.exclusive_max)).result()
+        store.delete_range(ts.KvStore.KeyRange(kept, kept + b"\0")).result()

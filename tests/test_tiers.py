@@ -287,3 +287,19 @@ def test_a_failed_promotion_is_raised_by_the_next_save_before_it_writes_anything
             ckptr.save(4, {"w": np.full(100_000, 4, np.float32)})
             ckptr.wait()
             assert steps_in(mnt / "durable") == [0, 4]
+
+
+def test_ckpt_ls_lists_a_step_whose_local_manifest_is_damaged_by_its_sound_durable_copy_as_the_checkpointer(
+        tmp_path, capsys):
+    local = ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1))
+    with ckpt.Checkpointer(tmp_path / "durable", save_decision_policy=sdp.FixedIntervalPolicy(2), local=local) as ckptr:
+        for step in range(5):
+            ckptr.save(step, {"step": step})
+    fsutil.flip(tmp_path / "local" / "4" / "manifest.json")
+    with ckpt.Checkpointer(tmp_path / "durable", local=local) as ckptr:
+        listed = [(c.step, sorted(c.locations)) for c in ckptr.checkpoints]
+        assert listed[-1] == (4, ["durable"]) and ckptr.load()["step"] == 4
+    assert cli.main(["ls", str(tmp_path / "durable"), "--local", str(tmp_path / "local"), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert [(s["step"], s["tiers"]) for s in printed["steps"]] == listed  # was: 4 DAMAGED, on both tiers
+    assert printed["latest"] == 4 and printed["steps"][-1]["path"] == str(tmp_path / "durable" / "4")

@@ -11,7 +11,6 @@ import concurrent.futures
 import itertools
 import os
 import warnings
-from pathlib import Path
 from typing import Any
 
 from ckpt import background, custom, distributed, formats, root, saving, storage
@@ -110,9 +109,10 @@ def save_async(path: str | os.PathLike, state: Any, *, checkpointable_name: str 
 
 
 def _existing(path: str | os.PathLike) -> storage.Location:
-    """``path`` as a location; CheckpointNotFoundError naming it when a local path does not exist (not "damaged")."""
+    """``path`` as a location; CheckpointNotFoundError naming it when nothing is there (not "damaged", nor, on an
+    object store, "deleted while it was being read")."""
     step_dir = storage.location(path)
-    if isinstance(step_dir, Path) and not step_dir.exists():
+    if not step_dir.exists():
         raise CheckpointNotFoundError(f"no checkpoint at {step_dir}: the path does not exist")
     return step_dir
 

@@ -149,3 +149,13 @@ def test_s3_deleting_a_step_leaves_an_object_named_as_the_step_itself(bucket):
         assert [c.step for c in ckptr.checkpoints] == [4]
     assert ObjectPath(f"{bucket}/3").read_bytes() == b"a user's"  # was: deleted with the step
     assert not ObjectPath(f"{bucket}/3/manifest.json").exists()
+
+
+def test_s3_loading_a_path_that_holds_nothing_says_so(bucket):
+    import ckpt
+    from ckpt import errors
+
+    for read in (ckpt.load, ckpt.metadata):
+        with pytest.raises(errors.CheckpointNotFoundError, match=f"no checkpoint at {bucket}/nothing: the path does "
+                                                                 "not exist"):
+            read(f"{bucket}/nothing")  # was: StepNotFoundError, 'deleted while it was being read'

@@ -296,7 +296,8 @@ class LocalTier:
             self._promoting.discard(step)
 
     # ----------------------------------------------------------------------------- loading
-    def load(self, candidates: Sequence[TieredCheckpointMetadata], read: Callable[[str, int, storage.Location], Any]) -> Any:
+    def load(self, candidates: Sequence[TieredCheckpointMetadata],
+             read: Callable[[str, int, storage.Location], Any]) -> Any:
         """Reads the first of ``candidates`` (newest first) that loads, local copy before durable one, with
         ``read(tier, step, path)``, which raises StepNotFoundError for a copy deleted meanwhile; a damaged or
         vanished copy is logged and the next one tried. Raises the first failure if none loads."""

@@ -159,3 +159,19 @@ def test_s3_loading_a_path_that_holds_nothing_says_so(bucket):
         with pytest.raises(errors.CheckpointNotFoundError, match=f"no checkpoint at {bucket}/nothing: the path does "
                                                                  "not exist"):
             read(f"{bucket}/nothing")  # was: StepNotFoundError, 'deleted while it was being read'
+
+
+def test_s3_a_bucket_that_does_not_exist_is_named_by_every_entry_point(bucket, capsys):
+    import ckpt
+    from ckpt import cli
+
+    missing = "s3://" + bucket.split("/")[2] + "-missing/runs/exp"
+    said = "the bucket '" + bucket.split("/")[2] + "-missing' does not exist"
+    with pytest.raises(FileNotFoundError, match=said):  # was: ValueError, tensorstore's text and the server's XML
+        Checkpointer(missing)
+    with pytest.raises(FileNotFoundError, match=said):
+        ckpt.save(f"{missing}/one", state(0))
+    with pytest.raises(FileNotFoundError, match=said):
+        ckpt.load(f"{missing}/one")
+    assert cli.main(["ls", missing]) == 2  # was: a traceback
+    assert said in capsys.readouterr().err

@@ -476,7 +476,9 @@ class Checkpointer:
               custom_metadata: Any, blocking: bool) -> background.AsyncResponse[bool] | None:
         self._check_open()
         step = _step_number(step)
-        existing = self._written(step, self._find)  # a step still being written exists: overwritten or refused
+        # A step still being written exists: overwritten or refused. With two tiers a step either holds counts,
+        # except for a forced save, which promotes the copy the local tier holds (see LocalTier.save).
+        existing = self._written(step, self._find if force else self._committed_step)
         if existing is not None and not overwrite:
             raise errors.StepAlreadyExistsError(
                 f"step {step} already exists at {existing.path}; pass overwrite=True to replace it",

@@ -303,3 +303,19 @@ def test_ckpt_ls_lists_a_step_whose_local_manifest_is_damaged_by_its_sound_durab
     printed = json.loads(capsys.readouterr().out)
     assert [(s["step"], s["tiers"]) for s in printed["steps"]] == listed  # was: 4 DAMAGED, on both tiers
     assert printed["latest"] == 4 and printed["steps"][-1]["path"] == str(tmp_path / "durable" / "4")
+
+
+def test_saving_again_a_step_only_the_local_tier_holds_raises_as_one_tier_does(tmp_path):
+    local = ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1))
+    with ckpt.Checkpointer(tmp_path / "durable", save_decision_policy=sdp.FixedIntervalPolicy(5), local=local) as ckptr:
+        for step in range(7):
+            ckptr.save(step, {"w": np.full(3, step)})
+        with pytest.raises(errors.StepAlreadyExistsError, match="step 6 already exists at .*local/6"):
+            ckptr.save(6, {"w": np.full(3, 60)})  # was: False, 'the durable root already holds step 6'
+    sdp3 = sdp.FixedIntervalPolicy(3)  # a restarted run whose durable policy wants step 6
+    with ckpt.Checkpointer(tmp_path / "durable", save_decision_policy=sdp3, local=local) as ckptr:
+        with pytest.raises(errors.StepAlreadyExistsError, match="step 6 already exists"):
+            ckptr.save(6, {"w": np.full(3, 60)})  # was: True, the local copy promoted and this state dropped
+        assert ckptr.save(6, {"w": np.full(3, 60)}, force=True)  # force: the local copy is made durable
+        assert [(c.step, sorted(c.locations)) for c in ckptr.checkpoints][-1] == (6, ["durable", "local"])
+        assert ckptr.load(6)["w"][0] == 6

@@ -175,3 +175,15 @@ def test_s3_a_bucket_that_does_not_exist_is_named_by_every_entry_point(bucket, c
         ckpt.load(f"{missing}/one")
     assert cli.main(["ls", missing]) == 2  # was: a traceback
     assert said in capsys.readouterr().err
+
+
+def test_s3_loading_a_step_without_its_manifest_says_it_is_not_committed(bucket):
+    import ckpt
+    from ckpt import errors
+    from ckpt.objectstore import ObjectPath
+
+    ckpt.save(f"{bucket}/one", state(0))
+    ObjectPath(f"{bucket}/one/manifest.json").unlink()  # what a save killed before its commit leaves
+    for read in (ckpt.load, ckpt.metadata):
+        with pytest.raises(errors.CheckpointCorruptedError, match="manifest.json is missing: .* is not a committed"):
+            read(f"{bucket}/one")  # was: StepNotFoundError, 'deleted while it was being read'

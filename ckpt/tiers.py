@@ -221,9 +221,15 @@ class LocalTier:
         return merge(local, durable)
 
     # ---------------------------------------------------------------------------- deciding
-    def decide(self, step: int, *, durable: bool, preempted: bool) -> bool:
+    def decide(self, step: int, *, durable: bool, preempted: bool, replacing: bool = False) -> bool:
         """Whether either tier saves ``step``, given the durable tier's decision (remembered for the save);
-        a preemption saves the step locally whatever the local policy says."""
+        a preemption saves the step locally whatever the local policy says. With one process, the durable
+        tier's yes to a step at or below the newest local step is a no unless ``replacing`` (an overwrite):
+        that step is below the latest, as the durable tier alone cannot tell. (With several processes the
+        latest is the durable tier's, which each process's local tier does not change.)"""
+        latest = self.checkpointer.latest if self._durable.processes.count == 1 and not replacing else None
+        if latest is not None and step <= latest.step:
+            durable = False
         self._decided = (step, durable)
         return self.checkpointer.should_save(step) or durable or preempted
 

@@ -363,7 +363,8 @@ class Checkpointer:
                                                           self._ctx.async_options.timeout_secs)
         if reached and self._preempted_at is None:
             self._preempted_at = step
-        return decision if self._local is None else self._local.decide(step, durable=decision, preempted=reached)
+        return decision if self._local is None else self._local.decide(step, durable=decision, preempted=reached,
+                                                                       replacing=replacing)
 
     @property
     def _ctx(self) -> Context:

@@ -319,3 +319,17 @@ def test_saving_again_a_step_only_the_local_tier_holds_raises_as_one_tier_does(t
         assert ckptr.save(6, {"w": np.full(3, 60)}, force=True)  # force: the local copy is made durable
         assert [(c.step, sorted(c.locations)) for c in ckptr.checkpoints][-1] == (6, ["durable", "local"])
         assert ckptr.load(6)["w"][0] == 6
+
+
+def test_should_save_is_false_for_a_step_below_the_latest_that_only_the_local_tier_holds(tmp_path):
+    local = ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1))
+    with ckpt.Checkpointer(tmp_path / "durable", save_decision_policy=sdp.FixedIntervalPolicy(5), local=local) as ckptr:
+        for step in range(8):
+            ckptr.save(step, {"w": np.full(3, step)})
+    sdp3 = sdp.FixedIntervalPolicy(3)  # a restarted run whose durable policy wants step 6, below the latest (7)
+    with ckpt.Checkpointer(tmp_path / "durable", save_decision_policy=sdp3, local=local) as ckptr:
+        assert ckptr.latest.step == 7
+        assert not ckptr.should_save(6)  # was: True (the durable tier's latest is 5): a hook then saved it
+        assert ckptr.should_save(9)
+        assert ckptr.save(0, {"w": np.full(3, 10)}, overwrite=True)  # an overwrite the policy wants still saves
+        assert ckptr.load(0)["w"][0] == 10

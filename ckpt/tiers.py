@@ -188,10 +188,11 @@ class LocalTier:
     """The local tier of a Checkpointer and the promotion of its steps to the durable tier."""
 
     def __init__(self, options: LocalCheckpointOptions, durable: DurableRoot, checkpointer: Callable[..., Any],
-                 collect_garbage: Callable[[Any], None], *, context: Context, step_name_format: Any,
-                 lightweight_initialize: bool, cleanup_tmp_directories: bool):
+                 collect_garbage: Callable[[Any], None], decide: Callable[..., bool], *, context: Context,
+                 step_name_format: Any, lightweight_initialize: bool, cleanup_tmp_directories: bool):
         self._options = options
         self._collect_garbage = collect_garbage  # applies a Checkpointer's preservation policy now
+        self._decide = decide  # a Checkpointer's save decision: (checkpointer, step, replacing=...) -> bool
         self._durable = durable
         self._promoting: set[int] = set()
         self._lock = threading.Lock()
@@ -231,7 +232,7 @@ class LocalTier:
         if latest is not None and step <= latest.step:
             durable = False
         self._decided = (step, durable)
-        return self.checkpointer.should_save(step) or durable or preempted
+        return self._decide(self.checkpointer, step, replacing=replacing) or durable or preempted
 
     # ------------------------------------------------------------------------------ saving
     def save(self, step: int, checkpointables: dict[str, Any], *, force: bool, overwrite: bool, blocking: bool,

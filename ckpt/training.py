@@ -149,8 +149,9 @@ class Checkpointer:
             local, tiers.DurableRoot(lambda step: self._directory / step_lib.checked_name(self._name_format, step),
                                      self._writer, self._take_directory, self._committed, self._processes,
                                      self._operation, self._context.async_options.timeout_secs),
-            Checkpointer, Checkpointer._collect_garbage, context=self._context, step_name_format=self._name_format,
-            lightweight_initialize=lightweight_initialize, cleanup_tmp_directories=cleanup_tmp_directories)
+            Checkpointer, Checkpointer._collect_garbage, Checkpointer._decide, context=self._context,
+            step_name_format=self._name_format, lightweight_initialize=lightweight_initialize,
+            cleanup_tmp_directories=cleanup_tmp_directories)
         preemption.install()
         self._barrier("init")
         self.reload()

@@ -333,3 +333,11 @@ def test_should_save_is_false_for_a_step_below_the_latest_that_only_the_local_ti
         assert ckptr.should_save(9)
         assert ckptr.save(0, {"w": np.full(3, 10)}, overwrite=True)  # an overwrite the policy wants still saves
         assert ckptr.load(0)["w"][0] == 10
+
+
+def test_an_overwrite_of_a_step_only_the_local_tier_holds_asks_its_policy_as_one_tier_does(tmp_path):
+    local = ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1))
+    with ckpt.Checkpointer(tmp_path / "durable", save_decision_policy=sdp.FixedIntervalPolicy(5), local=local) as ckptr:
+        ckptr.save(7, {"w": np.zeros(2)})
+        assert ckptr.save(7, {"w": np.ones(2)}, overwrite=True)  # was: False, nothing saved
+        assert ckptr.load(7)["w"][0] == 1 and sorted(ckptr.latest.locations) == ["local"]

@@ -272,7 +272,7 @@ class Checkpointer:
             self._warned_behind = True
             logger.warning("ckpt: step %d is not saved, nor any step up to %d: %s already holds step %d, and a save "
                            "must come after the latest step. Resume from it with load(), or pass force=True to save "
-                           "anyway. (Said once.)", step, latest.step, self._directory, latest.step)
+                           "anyway. (Said once.)", step, latest.step, latest.path.parent, latest.step)
 
     def _committed_step(self, step: int) -> CheckpointMetadata | None:
         return self._find(step) if self._local is None else next((c for c in self.checkpoints if c.step == step), None)

@@ -341,3 +341,12 @@ def test_an_overwrite_of_a_step_only_the_local_tier_holds_asks_its_policy_as_one
         ckptr.save(7, {"w": np.zeros(2)})
         assert ckptr.save(7, {"w": np.ones(2)}, overwrite=True)  # was: False, nothing saved
         assert ckptr.load(7)["w"][0] == 1 and sorted(ckptr.latest.locations) == ["local"]
+
+
+def test_a_skipped_step_behind_the_latest_names_the_tier_that_holds_the_latest(tmp_path, caplog):
+    local = ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1))
+    with ckpt.Checkpointer(tmp_path / "durable", save_decision_policy=sdp.FixedIntervalPolicy(5), local=local) as ckptr, \
+            caplog.at_level(logging.WARNING, "ckpt"):
+        ckptr.save(7, {"w": np.zeros(2)})
+        assert ckptr.save_async(6, {"w": np.zeros(2)}) is None
+    assert f"step 6 is not saved, nor any step up to 7: {tmp_path / 'local'} already holds step 7" in caplog.text

@@ -632,7 +632,16 @@ class Checkpointer:
             assert sorted(ckptr.load_checkpointables()) == ["model", "optimizer"]
             only_model = ckptr.load_checkpointables(0, {"model": None})   # None: as saved
         """
+        return self._load(self._candidates(step), abstract_checkpointables)
+
+    def _candidates(self, step: int | CheckpointMetadata | None) -> list[CheckpointMetadata]:
+        """What a load of ``step`` reads (see :meth:`_read`): the step; with two tiers and ``step`` None, every
+        step, newest first. Raises StepNotFoundError when there is none."""
         info = self._resolve(step)
+        return self.checkpoints[::-1] if step is None and self._local is not None else [info]
+
+    def _load(self, candidates: list[CheckpointMetadata],
+              abstract_checkpointables: dict[str, Any] | None) -> dict[str, Any]:
         spare = self._staging.clear()  # the last async save's staging buffers: read into them
         options = self._ctx
 
@@ -642,7 +651,7 @@ class Checkpointer:
                                                     partial_load=options.pytree_options.loading.partial_load,
                                                     registry=options.checkpointables_options.registry)
 
-        return self._read(self.checkpoints[::-1] if step is None and self._local is not None else [info], read)
+        return self._read(candidates, read)
 
     def _read(self, candidates: Sequence[CheckpointMetadata], read: Callable[[storage.Location], T]) -> T:
         """``read(path)`` of the first candidate; with two tiers, of the first of ``candidates`` (newest first)
@@ -683,8 +692,9 @@ class Checkpointer:
             response = ckptr.load_async()                # the latest step
             state = response.result(timeout=60)
         """
-        info = self._resolve(step)
-        return self._in_background(lambda: self.load(info.step, abstract_state, checkpointable_name=checkpointable_name))
+        candidates = self._candidates(step)  # the latest now (with two tiers, and what a load falls back to)
+        return self._in_background(
+            lambda: self._load(candidates, {checkpointable_name: abstract_state})[checkpointable_name])
 
     def load_checkpointables_async(self, step: int | CheckpointMetadata | None = None,
                                    abstract_checkpointables: dict[str, Any] | None = None) -> background.AsyncResponse[dict[str, Any]]:
@@ -696,8 +706,8 @@ class Checkpointer:
             trees = ckptr.load_checkpointables_async(0).result(timeout=60)
             assert sorted(trees) == ["model", "optimizer"]
         """
-        info = self._resolve(step)
-        return self._in_background(lambda: self.load_checkpointables(info.step, abstract_checkpointables))
+        candidates = self._candidates(step)
+        return self._in_background(lambda: self._load(candidates, abstract_checkpointables))
 
     def _in_background(self, fn) -> background.AsyncResponse:
         if self._loader is None:

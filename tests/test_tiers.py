@@ -350,3 +350,15 @@ def test_a_skipped_step_behind_the_latest_names_the_tier_that_holds_the_latest(t
         ckptr.save(7, {"w": np.zeros(2)})
         assert ckptr.save_async(6, {"w": np.zeros(2)}) is None
     assert f"step 6 is not saved, nor any step up to 7: {tmp_path / 'local'} already holds step 7" in caplog.text
+
+
+def test_load_async_of_the_latest_falls_back_to_older_steps_as_load_does(tmp_path):
+    local = ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1))
+    with ckpt.Checkpointer(tmp_path / "durable", save_decision_policy=sdp.FixedIntervalPolicy(2), local=local) as ckptr:
+        for step in range(4):
+            ckptr.save(step, tiers_worker.state(step))
+    fsutil.flip(tmp_path / "local" / "3" / "arrays" / "0" / "c" / "0" / "0", 9)  # step 3: on the local tier only
+    with ckpt.Checkpointer(tmp_path / "durable", local=local) as ckptr:
+        assert_bit_exact(ckptr.load(), 2)
+        assert_bit_exact(ckptr.load_async().result(timeout=60), 2)  # was: CheckpointCorruptedError of step 3
+        assert_bit_exact(ckptr.load_checkpointables_async().result(timeout=60)["state"], 2)

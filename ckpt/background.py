@@ -155,10 +155,14 @@ class BackgroundWriter:
             if not done:
                 raise TimeoutError(f"a checkpoint save is still running after {timeout} s "
                                    "(AsyncOptions.timeout_secs)")
-        with self._lock:
-            error, self._error = self._error, None
         if future is None or future.done():
             _unfinished.discard(self)
+        self.raise_failure()
+
+    def raise_failure(self) -> None:
+        """Raises a failure not yet reported (once), without waiting for the job in flight."""
+        with self._lock:
+            error, self._error = self._error, None
         if error is not None:
             raise error
 

@@ -14,7 +14,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from ckpt import background, custom, distributed, formats, root, saving, storage, transfers
+from ckpt import background, custom, distributed, formats, loading, root, saving, storage, transfers
 from ckpt import format as fmt
 from ckpt.context import get_context
 from ckpt.errors import CheckpointNotFoundError
@@ -110,10 +110,16 @@ def save_async(path: str | os.PathLike, state: Any, *, checkpointable_name: str 
 
 
 def _existing(path: str | os.PathLike) -> storage.Location:
-    """``path`` as a location; CheckpointNotFoundError naming it when a local path does not exist (not "damaged")."""
+    """``path`` as a location; CheckpointNotFoundError naming it when nothing is there (not "damaged", nor, on an
+    object store, "deleted while it was being read"). On an object store, where a read takes a missing manifest
+    for a deletion (see :func:`ckpt.root.deleted`), objects without one raise CheckpointCorruptedError here, as
+    a local directory's load does: not a committed checkpoint."""
     step_dir = storage.location(path)
-    if isinstance(step_dir, Path) and not step_dir.exists():
-        raise CheckpointNotFoundError(f"no checkpoint at {step_dir}: the path does not exist")
+    if isinstance(step_dir, Path) or not (step_dir / fmt.MANIFEST).exists():
+        if not step_dir.exists():
+            raise CheckpointNotFoundError(f"no checkpoint at {step_dir}: the path does not exist")
+        if not isinstance(step_dir, Path):
+            loading.read_manifest(step_dir)  # raises: its manifest is missing
     return step_dir
 
 

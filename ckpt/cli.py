@@ -219,12 +219,15 @@ def _print_json(obj: Any) -> None:
 
 # -------------------------------------------------------------------------------------------- ls
 def _tiers(durable: list[_Step], local: list[_Step]) -> tuple[list[_Step], list[list[str]]]:
-    """The steps of both tiers, ascending (a step in both as its local copy, which a load reads first),
-    and the tiers that hold each."""
+    """The steps of both tiers, ascending, as a two-tier Checkpointer lists them (a step in both as its local
+    copy, which a load reads first; a damaged copy only when its step has no sound one, which the
+    Checkpointer lists and loads), and the tiers that hold each."""
     where: dict[int | None, dict[str, _Step]] = {}
     for tier, steps in (("durable", durable), ("local", local)):
         for s in steps:
             where.setdefault(s.step, {})[tier] = s
+    for step, copies in where.items():
+        where[step] = {tier: s for tier, s in copies.items() if s.manifest is not None} or copies
     order = sorted(where, key=lambda n: (n is None, n or 0))
     return [where[n].get("local") or where[n]["durable"] for n in order], [sorted(where[n]) for n in order]
 

@@ -10,6 +10,7 @@ S3-compatible server), ``AWS_REGION``, and the credentials (``AWS_ACCESS_KEY_ID`
 """
 from __future__ import annotations
 
+import errno
 import functools
 import os
 from typing import Any
@@ -87,14 +88,25 @@ class ObjectPath:
     def _store(self) -> ts.KvStore:
         return _bucket(tuple(sorted({**self.kvstore(), "path": ""}.items())))
 
+    def _wait(self, future: ts.Future) -> Any:
+        """``future.result()`` of a request about this path; a bucket that does not exist is a FileNotFoundError
+        that names it, not tensorstore's error with the server's XML."""
+        try:
+            return future.result()
+        except ValueError as e:
+            if "NoSuchBucket" not in str(e):
+                raise
+            raise FileNotFoundError(errno.ENOENT, f"{self}: the bucket {self.bucket!r} does not exist (ckpt creates "
+                                    "none: create it, or check its name and AWS_ENDPOINT_URL)") from None
+
     def read_bytes(self) -> bytes:
-        result = self._store().read(self.key.encode()).result()
+        result = self._wait(self._store().read(self.key.encode()))
         if result.state != "value":
             raise FileNotFoundError(f"{self} does not exist")
         return bytes(result.value)
 
     def write_bytes(self, data: bytes) -> None:
-        self._store().write(self.key.encode(), data).result()
+        self._wait(self._store().write(self.key.encode(), data))
 
     def _prefix_range(self) -> ts.KvStore.KeyRange:
         prefix = f"{self.key}/".encode() if self.key else b""
@@ -103,25 +115,27 @@ class ObjectPath:
     def exists(self) -> bool:
         """True for an object, or a 'directory' holding at least one object."""
         store = self._store()
-        if store.read(self.key.encode()).result().state == "value":
+        if self._wait(store.read(self.key.encode())).state == "value":
             return True
-        return bool(store.list(self._prefix_range()).result())
+        return bool(self._wait(store.list(self._prefix_range())))
 
     def children(self) -> list[str]:
         """The names directly below this path."""
         n = len(self.key) + 1 if self.key else 0
-        return sorted({key.decode()[n:].split("/", 1)[0] for key in self._store().list(self._prefix_range()).result()})
+        keys = self._wait(self._store().list(self._prefix_range()))
+        return sorted({key.decode()[n:].split("/", 1)[0] for key in keys})
 
-    def remove_tree(self, *, last: str | None = None) -> None:
-        """Deletes this object and everything below it; the object named ``last`` directly below it goes
-        last, so that a crash midway leaves it."""
+    def unlink(self) -> None:
+        """Deletes this one object (none is fine)."""
+        self._wait(self._store().delete_range(ts.KvStore.KeyRange(self.key.encode(), self.key.encode() + b"\0")))
+
+    def remove_tree(self, *, last: str) -> None:
+        """Deletes everything below this path (a 'directory'); the object named ``last`` directly below it
+        goes last, so that a crash midway leaves it. An object at this path itself is not below it: it is
+        left alone (a user's, beside a step of ckpt's)."""
         store = self._store()
         prefix = self._prefix_range()
-        if last is None:
-            store.delete_range(prefix).result()
-        else:
-            kept = f"{self.key}/{last}".encode() if self.key else last.encode()
-            store.delete_range(ts.KvStore.KeyRange(prefix.inclusive_min, kept)).result()
-            store.delete_range(ts.KvStore.KeyRange(kept + b"\0", prefix.exclusive_max)).result()
-            store.delete_range(ts.KvStore.KeyRange(kept, kept + b"\0")).result()
-        store.delete_range(ts.KvStore.KeyRange(self.key.encode(), self.key.encode() + b"\0")).result()
+        kept = f"{self.key}/{last}".encode() if self.key else last.encode()
+        self._wait(store.delete_range(ts.KvStore.KeyRange(prefix.inclusive_min, kept)))
+        self._wait(store.delete_range(ts.KvStore.KeyRange(kept + b"\0", prefix.exclusive_max)))
+        self._wait(store.delete_range(ts.KvStore.KeyRange(kept, kept + b"\0")))

@@ -781,7 +781,7 @@ def delete_dir(step_dir: Location) -> None:
     if not is_marked(step_dir):  # a step an earlier ckpt wrote
         mark(step_dir, durable=True)
     if isinstance(step_dir, ObjectPath):
-        (step_dir / fmt.MANIFEST).remove_tree()
+        (step_dir / fmt.MANIFEST).unlink()
     else:
         doomed = _aside(step_dir)
         os.rename(step_dir, doomed)

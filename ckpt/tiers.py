@@ -188,10 +188,11 @@ class LocalTier:
     """The local tier of a Checkpointer and the promotion of its steps to the durable tier."""
 
     def __init__(self, options: LocalCheckpointOptions, durable: DurableRoot, checkpointer: Callable[..., Any],
-                 collect_garbage: Callable[[Any], None], *, context: Context, step_name_format: Any,
-                 lightweight_initialize: bool, cleanup_tmp_directories: bool):
+                 collect_garbage: Callable[[Any], None], decide: Callable[..., bool], *, context: Context,
+                 step_name_format: Any, lightweight_initialize: bool, cleanup_tmp_directories: bool):
         self._options = options
         self._collect_garbage = collect_garbage  # applies a Checkpointer's preservation policy now
+        self._decide = decide  # a Checkpointer's save decision: (checkpointer, step, replacing=...) -> bool
         self._durable = durable
         self._promoting: set[int] = set()
         self._lock = threading.Lock()
@@ -221,17 +222,26 @@ class LocalTier:
         return merge(local, durable)
 
     # ---------------------------------------------------------------------------- deciding
-    def decide(self, step: int, *, durable: bool, preempted: bool) -> bool:
+    def decide(self, step: int, *, durable: bool, preempted: bool, replacing: bool = False) -> bool:
         """Whether either tier saves ``step``, given the durable tier's decision (remembered for the save);
-        a preemption saves the step locally whatever the local policy says."""
+        a preemption saves the step locally whatever the local policy says. With one process, the durable
+        tier's yes to a step at or below the newest local step is a no unless ``replacing`` (an overwrite):
+        that step is below the latest, as the durable tier alone cannot tell. (With several processes the
+        latest is the durable tier's, which each process's local tier does not change.)"""
+        latest = self.checkpointer.latest if self._durable.processes.count == 1 and not replacing else None
+        if latest is not None and step <= latest.step:
+            durable = False
         self._decided = (step, durable)
-        return self.checkpointer.should_save(step) or durable or preempted
+        return self._decide(self.checkpointer, step, replacing=replacing) or durable or preempted
 
     # ------------------------------------------------------------------------------ saving
     def save(self, step: int, checkpointables: dict[str, Any], *, force: bool, overwrite: bool, blocking: bool,
              preempted: bool, metrics: Any, custom_metadata: Any) -> background.AsyncResponse[bool]:
         """Saves ``step`` locally and promotes it when the durable tier wants it (``force``: both tiers).
-        Called after a positive decision of either tier (or with ``force``)."""
+        Called after a positive decision of either tier (or with ``force``). A promotion that failed since
+        the last save, ``wait`` or ``close`` is raised first, before anything is written, as a failed save is.
+        """
+        self._durable.writer.raise_failure()
         promote = force or preempted or self._decided == (step, True)
         if promote:  # checked before anything is written (and again by the promotion); kept locally until copied
             final = self._durable.step_dir(step)
@@ -293,9 +303,11 @@ class LocalTier:
             self._promoting.discard(step)
 
     # ----------------------------------------------------------------------------- loading
-    def load(self, candidates: Sequence[TieredCheckpointMetadata], read: Callable[[storage.Location], Any]) -> Any:
-        """Reads the first of ``candidates`` (newest first) that loads, local copy before durable one;
-        a damaged or vanished copy is logged and the next one tried. Raises the first failure if none loads."""
+    def load(self, candidates: Sequence[TieredCheckpointMetadata],
+             read: Callable[[str, int, storage.Location], Any]) -> Any:
+        """Reads the first of ``candidates`` (newest first) that loads, local copy before durable one, with
+        ``read(tier, step, path)``, which raises StepNotFoundError for a copy deleted meanwhile; a damaged or
+        vanished copy is logged and the next one tried. Raises the first failure if none loads."""
         first: BaseException | None = None
         for info in candidates:
             for tier in (LOCAL, DURABLE):
@@ -303,8 +315,8 @@ class LocalTier:
                 if path is None or (tier == LOCAL and self._durable.processes.count > 1):
                     continue
                 try:
-                    return read(path)
-                except (errors.CheckpointCorruptedError, FileNotFoundError) as e:
+                    return read(tier, info.step, path)
+                except (errors.CheckpointCorruptedError, errors.InvalidLayoutError, FileNotFoundError) as e:
                     logger.warning("ckpt: step %d on the %s tier cannot be loaded (%s); trying the next copy",
                                    info.step, tier, e)
                     first = first or e
@@ -345,16 +357,23 @@ def _copy_step(source: Path, final: storage.Location, step: int, overwrite: bool
     """Copies a committed local step directory to ``final`` (byte for byte: its checksums hold) and commits
     it: on an object store the manifest is written last; locally the temporary directory is renamed.
     ``final`` is checked first and at the commit as a save's is (see :func:`ckpt.root.commit`). With
-    several processes each copies its own files and the primary commits after a barrier.
+    several processes each copies its own files and the primary commits after a barrier. A promotion
+    that fails before its commit removes its temporary directory, as a save does.
     Returns the bytes this process copied."""
     primary, tmp, marker = durable.processes.index == 0, storage.temporary_for(final), None
     if primary:
         root.check_target(final, tmp, step=step, overwrite=overwrite)
         marker = storage.make_temporary(tmp)
     try:
-        return _copy_files(source, final, tmp, step, overwrite, durable, barrier)
+        copied = _copy_files(source, final, tmp, step, overwrite, durable, barrier)
+    except BaseException:
+        if primary:  # (only the primary makes it)
+            storage.remove_owned(tmp)
+        raise
     finally:
         storage.release_temporary(marker)
+    _barrier(durable, f"{barrier}/committed")
+    return copied
 
 
 def _copy_files(source: Path, final: storage.Location, tmp: storage.Location, step: int, overwrite: bool,
@@ -367,26 +386,29 @@ def _copy_files(source: Path, final: storage.Location, tmp: storage.Location, st
     pending: list[tuple[int, Any]] = []
     inflight = copied = 0
     with storage.io_errors(f"promoting {source} to {final}"):
-        for path in files:
-            if path in skip:
-                continue
-            data = path.read_bytes()
-            pending.append((len(data), store.write(path.relative_to(source).as_posix(), data)))
-            inflight += len(data)
-            while inflight > _COPY_INFLIGHT_BYTES:
-                size, write = pending.pop(0)
-                write.result()
-                inflight -= size
-            copied += len(data)
-        for _, write in pending:
-            write.result()
+        try:
+            for path in files:
+                if path in skip:
+                    continue
+                data = path.read_bytes()
+                pending.append((len(data), store.write(path.relative_to(source).as_posix(), data)))
+                inflight += len(data)
+                while inflight > _COPY_INFLIGHT_BYTES:
+                    size, write = pending.pop(0)
+                    write.result()
+                    inflight -= size
+                copied += len(data)
+        finally:  # every write ends, even after a failure: none may land once the temporary is removed
+            failures = [write.exception() for _, write in pending]
+        failure = next(filter(None, failures), None)
+        if failure is not None:
+            raise failure
         _barrier(durable, f"{barrier}/written")
         if primary:
             manifest = (source / fmt.MANIFEST).read_bytes()
             store.write(fmt.MANIFEST, manifest).result()  # the commit record, last
             copied += len(manifest)
             root.commit(tmp, final, step=step, overwrite=overwrite)
-    _barrier(durable, f"{barrier}/committed")
     return copied
 
 

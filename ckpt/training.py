@@ -29,7 +29,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 from ckpt import arguments, background, custom, distributed, dtensor, formats, host_memory, loading, orbax, preemption, root, saving
 from ckpt import storage, tiers, transfers
@@ -45,6 +45,7 @@ __all__ = ["Checkpointer", "save_decision_policies", "preservation_policies", "e
            "CheckpointMetadata", "RootMetadata"]
 
 logger = logging.getLogger("ckpt")
+T = TypeVar("T")
 
 
 def _step_number(step: int | CheckpointMetadata) -> int:
@@ -145,8 +146,9 @@ class Checkpointer:
             local, tiers.DurableRoot(lambda step: self._directory / step_lib.checked_name(self._name_format, step),
                                      self._writer, self._take_directory, self._committed, self._processes,
                                      self._operation, self._context.async_options.timeout_secs),
-            Checkpointer, Checkpointer._collect_garbage, context=self._context, step_name_format=self._name_format,
-            lightweight_initialize=lightweight_initialize, cleanup_tmp_directories=cleanup_tmp_directories)
+            Checkpointer, Checkpointer._collect_garbage, Checkpointer._decide, context=self._context,
+            step_name_format=self._name_format, lightweight_initialize=lightweight_initialize,
+            cleanup_tmp_directories=cleanup_tmp_directories)
         self._swept = False
         if cleanup_tmp_directories and primary:
             self._take_directory()
@@ -290,7 +292,7 @@ class Checkpointer:
             self._warned_behind = True
             logger.warning("ckpt: step %d is not saved, nor any step up to %d: %s already holds step %d, and a save "
                            "must come after the latest step. Resume from it with load(), or pass force=True to save "
-                           "anyway. (Said once.)", step, latest.step, self._directory, latest.step)
+                           "anyway. (Said once.)", step, latest.step, latest.path.parent, latest.step)
 
     def _committed_step(self, step: int) -> CheckpointMetadata | None:
         return self._find(step) if self._local is None else next((c for c in self.checkpoints if c.step == step), None)
@@ -382,7 +384,8 @@ class Checkpointer:
                                                           self._ctx.async_options.timeout_secs)
         if reached and self._preempted_at is None:
             self._preempted_at = step
-        return decision if self._local is None else self._local.decide(step, durable=decision, preempted=reached)
+        return decision if self._local is None else self._local.decide(step, durable=decision, preempted=reached,
+                                                                       replacing=replacing)
 
     @property
     def _ctx(self) -> Context:
@@ -495,7 +498,9 @@ class Checkpointer:
               custom_metadata: Any, blocking: bool) -> background.AsyncResponse[bool] | None:
         self._check_open()
         step = _step_number(step)
-        existing = self._written(step, self._find)  # a step still being written exists: overwritten or refused
+        # A step still being written exists: overwritten or refused. With two tiers a step either holds counts,
+        # except for a forced save, which promotes the copy the local tier holds (see LocalTier.save).
+        existing = self._written(step, self._find if force else self._committed_step)
         if existing is not None and not overwrite:
             raise errors.StepAlreadyExistsError(
                 f"step {step} already exists at {existing.path}; pass overwrite=True to replace it",
@@ -675,7 +680,16 @@ class Checkpointer:
             assert sorted(ckptr.load_checkpointables()) == ["model", "optimizer"]
             only_model = ckptr.load_checkpointables(0, {"model": None})   # None: as saved
         """
+        return self._load(self._candidates(step), abstract_checkpointables)
+
+    def _candidates(self, step: int | CheckpointMetadata | None) -> list[CheckpointMetadata]:
+        """What a load of ``step`` reads (see :meth:`_read`): the step; with two tiers and ``step`` None, every
+        step, newest first. Raises StepNotFoundError when there is none."""
         info = self._resolve(step)
+        return self.checkpoints[::-1] if step is None and self._local is not None else [info]
+
+    def _load(self, candidates: list[CheckpointMetadata],
+              abstract_checkpointables: dict[str, Any] | None) -> dict[str, Any]:
         spare = self._staging.clear()  # the last async save's staging buffers: read into them
         options = self._ctx
 
@@ -685,23 +699,36 @@ class Checkpointer:
                                                     partial_load=options.pytree_options.loading.partial_load,
                                                     registry=options.checkpointables_options.registry)
 
-        if self._local is not None:
-            return self._local.load(self.checkpoints[::-1] if step is None else [info], read)
-        self._reading[info.step] += 1
+        return self._read(candidates, read)
+
+    def _read(self, candidates: Sequence[CheckpointMetadata], read: Callable[[storage.Location], T]) -> T:
+        """``read(path)`` of the first candidate; with two tiers, of the first of ``candidates`` (newest first)
+        that loads, from either tier (see :meth:`ckpt.tiers.LocalTier.load`). Each copy is read as
+        :meth:`_read_step` reads it, by the Checkpointer of its tier."""
+        if self._local is None:
+            return self._read_step(candidates[0].step, candidates[0].path, read)
+        readers = {tiers.LOCAL: self._local.checkpointer, tiers.DURABLE: self}
+        return self._local.load(candidates, lambda tier, step, path: readers[tier]._read_step(step, path, read))
+
+    def _read_step(self, step: int, path: storage.Location, read: Callable[[storage.Location], T]) -> T:
+        """``read(path)`` of this root's ``step``, which garbage collection keeps meanwhile. A step deleted
+        meanwhile raises StepNotFoundError (and is no longer listed); one replaced (``overwrite=True``) is
+        read again, once."""
+        self._reading[step] += 1
         try:
             try:
-                with root.reading(info.path, info.step):
-                    return read(info.path)
+                with root.reading(path, step):
+                    return read(path)
             except errors.StepReplacedError:  # saved again meanwhile: the new one is the step now
-                with root.reading(info.path, info.step):
-                    return read(info.path)
+                with root.reading(path, step):
+                    return read(path)
         except errors.StepReplacedError:
             raise
         except errors.StepNotFoundError:
-            self._forget(info.step)
+            self._forget(step)
             raise
         finally:
-            self._reading[info.step] -= 1
+            self._reading[step] -= 1
 
     def load_async(self, step: int | CheckpointMetadata | None = None, abstract_state: Any = None, *,
                    checkpointable_name: str = fmt.DEFAULT_CHECKPOINTABLE) -> background.AsyncResponse[Any]:
@@ -713,8 +740,9 @@ class Checkpointer:
             response = ckptr.load_async()                # the latest step
             state = response.result(timeout=60)
         """
-        info = self._resolve(step)
-        return self._in_background(lambda: self.load(info.step, abstract_state, checkpointable_name=checkpointable_name))
+        candidates = self._candidates(step)  # the latest now (with two tiers, and what a load falls back to)
+        return self._in_background(
+            lambda: self._load(candidates, {checkpointable_name: abstract_state})[checkpointable_name])
 
     def load_checkpointables_async(self, step: int | CheckpointMetadata | None = None,
                                    abstract_checkpointables: dict[str, Any] | None = None) -> background.AsyncResponse[dict[str, Any]]:
@@ -726,8 +754,8 @@ class Checkpointer:
             trees = ckptr.load_checkpointables_async(0).result(timeout=60)
             assert sorted(trees) == ["model", "optimizer"]
         """
-        info = self._resolve(step)
-        return self._in_background(lambda: self.load_checkpointables(info.step, abstract_checkpointables))
+        candidates = self._candidates(step)
+        return self._in_background(lambda: self._load(candidates, abstract_checkpointables))
 
     def _in_background(self, fn) -> background.AsyncResponse:
         if self._loader is None:
@@ -759,9 +787,8 @@ class Checkpointer:
 
     def _metadata(self, step: int | CheckpointMetadata | None, name: str | None) -> CheckpointMetadata:
         info = self._resolve(step)
-        with root.reading(info.path, info.step):
-            return checkpoint_metadata(info.path, name, step=info.step,
-                                       registry=self._ctx.checkpointables_options.registry)
+        registry = self._ctx.checkpointables_options.registry
+        return self._read([info], lambda path: checkpoint_metadata(path, name, step=info.step, registry=registry))
 
     def root_metadata(self) -> RootMetadata:
         """The directory and the custom metadata written by the first Checkpointer given one (``{}`` if none was).

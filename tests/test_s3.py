@@ -116,7 +116,7 @@ def test_s3_a_leaf_whose_array_cannot_be_opened_fails_the_load_saying_so_once(bu
     monkeypatch.setattr(fmt, "ARRAY_CHUNK_BYTES", 300 * 1200)  # 4 chunks, each failing the same way
     with Checkpointer(bucket, save_decision_policy=ALWAYS) as ckptr:
         ckptr.save(0, {"big": np.ones((1000, 300), np.float32), "step": 0})
-    ObjectPath(f"{bucket}/0/arrays/0/zarr.json").remove_tree()
+    ObjectPath(f"{bucket}/0/arrays/0/zarr.json").unlink()
     with Checkpointer(bucket) as again, pytest.raises(errors.CheckpointCorruptedError) as info:
         again.load(0)
     assert info.value.key_paths == ("state['big']",)
@@ -137,3 +137,53 @@ def test_s3_a_step_saved_without_word_sums_is_checked_against_its_crc32s(bucket)
     with Checkpointer(bucket) as again, pytest.raises(errors.CheckpointCorruptedError, match="chunk_crc32") as info:
         again.load(0)
     assert info.value.key_paths == ("state['big']",)
+
+
+def test_s3_deleting_a_step_leaves_an_object_named_as_the_step_itself(bucket):
+    from ckpt.objectstore import ObjectPath
+
+    with Checkpointer(bucket, save_decision_policy=ALWAYS, preservation_policy=pp.LatestN(1)) as ckptr:
+        ckptr.save(3, state(3))
+        ObjectPath(f"{bucket}/3").write_bytes(b"a user's")  # the key 'runs/exp/3', beside the step's 'runs/exp/3/...'
+        ckptr.save(4, state(4))  # garbage collection deletes step 3
+        assert [c.step for c in ckptr.checkpoints] == [4]
+    assert ObjectPath(f"{bucket}/3").read_bytes() == b"a user's"  # was: deleted with the step
+    assert not ObjectPath(f"{bucket}/3/manifest.json").exists()
+
+
+def test_s3_loading_a_path_that_holds_nothing_says_so(bucket):
+    import ckpt
+    from ckpt import errors
+
+    for read in (ckpt.load, ckpt.metadata):
+        with pytest.raises(errors.CheckpointNotFoundError, match=f"no checkpoint at {bucket}/nothing: the path does "
+                                                                 "not exist"):
+            read(f"{bucket}/nothing")  # was: StepNotFoundError, 'deleted while it was being read'
+
+
+def test_s3_a_bucket_that_does_not_exist_is_named_by_every_entry_point(bucket, capsys):
+    import ckpt
+    from ckpt import cli
+
+    missing = "s3://" + bucket.split("/")[2] + "-missing/runs/exp"
+    said = "the bucket '" + bucket.split("/")[2] + "-missing' does not exist"
+    with pytest.raises(FileNotFoundError, match=said):  # was: ValueError, tensorstore's text and the server's XML
+        Checkpointer(missing)
+    with pytest.raises(FileNotFoundError, match=said):
+        ckpt.save(f"{missing}/one", state(0))
+    with pytest.raises(FileNotFoundError, match=said):
+        ckpt.load(f"{missing}/one")
+    assert cli.main(["ls", missing]) == 2  # was: a traceback
+    assert said in capsys.readouterr().err
+
+
+def test_s3_loading_a_step_without_its_manifest_says_it_is_not_committed(bucket):
+    import ckpt
+    from ckpt import errors
+    from ckpt.objectstore import ObjectPath
+
+    ckpt.save(f"{bucket}/one", state(0))
+    ObjectPath(f"{bucket}/one/manifest.json").unlink()  # what a save killed before its commit leaves
+    for read in (ckpt.load, ckpt.metadata):
+        with pytest.raises(errors.CheckpointCorruptedError, match="manifest.json is missing: .* is not a committed"):
+            read(f"{bucket}/one")  # was: StepNotFoundError, 'deleted while it was being read'

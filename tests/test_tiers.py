@@ -3,6 +3,7 @@ server (moto, the ``bucket`` fixture): restore from the freshest tier after a SI
 made durable within the grace period, a damaged local step falling back to its durable copy."""
 from __future__ import annotations
 
+import errno
 import importlib.util
 import json
 import logging
@@ -10,12 +11,14 @@ import re
 import shutil
 import signal
 import threading
+import time
 
 import numpy as np
 import pytest
 
 import ckpt
-from ckpt import cli, errors, tiers
+from ckpt import cli, errors, formats, tiers
+from ckpt.training import preservation_policies as pp
 from ckpt.training import save_decision_policies as sdp
 from tests import fsutil, procs, tiers_worker
 
@@ -204,3 +207,158 @@ def test_a_local_tier_in_the_roots_own_directory_is_refused_before_anything_is_w
         with pytest.raises(ValueError, match=r"the local tier's directory is the root itself \(.*run\)"):
             ckpt.Checkpointer(root, local=ckpt.LocalCheckpointOptions(local))
     assert not root.exists()
+
+
+def test_a_local_copy_removed_after_the_listing_falls_back_to_its_durable_copy(tmp_path):
+    local = ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1))
+    with ckpt.Checkpointer(tmp_path / "durable", save_decision_policy=sdp.FixedIntervalPolicy(1), local=local) as ckptr:
+        for step in range(2):
+            ckptr.save(step, tiers_worker.state(step))
+        assert [sorted(c.locations) for c in ckptr.checkpoints] == [["durable", "local"]] * 2
+        shutil.rmtree(tmp_path / "local" / "1")  # listed a moment ago (a user, a cleaner of the SSD)
+        assert_bit_exact(ckptr.load(), 1)  # was: InvalidLayoutError, the durable copy never tried
+        assert sorted(ckptr.latest.locations) == ["durable"]
+        shutil.rmtree(tmp_path / "local" / "0")
+        assert ckptr.metadata(0).path == tmp_path / "durable" / "0"
+
+
+def test_a_step_being_loaded_from_either_tier_is_kept_by_garbage_collection(tmp_path, monkeypatch):
+    reading, released, load = threading.Event(), threading.Event(), formats.load_checkpointables
+
+    def held_load(*args, **kwargs):
+        reading.set()
+        assert released.wait(60), "the test never released the load"
+        return load(*args, **kwargs)
+
+    local = ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1),
+                                        preservation_policy=pp.LatestN(1))
+    with ckpt.Checkpointer(tmp_path / "durable", save_decision_policy=sdp.FixedIntervalPolicy(2),
+                           preservation_policy=pp.LatestN(1), local=local) as ckptr:
+        for step in range(4):
+            ckptr.save(step, tiers_worker.state(step))
+        assert [(c.step, sorted(c.locations)) for c in ckptr.checkpoints] == [(2, ["durable"]), (3, ["local"])]
+        monkeypatch.setattr(formats, "load_checkpointables", held_load)
+        loading = ckptr.load_async(2)
+        assert reading.wait(60)
+        monkeypatch.setattr(formats, "load_checkpointables", load)
+        try:
+            ckptr.save(4, tiers_worker.state(4))  # promoted: LatestN(1) would delete step 2 of the durable tier
+            assert steps_in(tmp_path / "durable") == [2, 4]
+        finally:
+            released.set()
+        assert_bit_exact(loading.result(timeout=60), 2)
+        ckptr.save(6, tiers_worker.state(6))
+        assert steps_in(tmp_path / "durable") == [6]
+
+
+def test_a_promotion_that_fails_leaves_no_temporary_and_the_next_one_succeeds(tmp_path):
+    local = ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1))
+    with fsutil.tmpfs(tmp_path / "mnt", size="2m") as mnt:
+        durable = mnt / "durable"
+        with ckpt.Checkpointer(durable, save_decision_policy=sdp.FixedIntervalPolicy(1), local=local) as ckptr:
+            ckptr.save(0, {"w": np.full(100_000, 0, np.float32)})
+            fsutil.fill(mnt, 64 << 10)
+            ckptr.save_async(1, {"w": np.full(100_000, 1, np.float32)})
+            with pytest.raises(OSError, match="promoting ") as info:
+                ckptr.wait()
+            assert info.value.errno == errno.ENOSPC
+            assert sorted(p.name for p in durable.iterdir()) == [".ckpt.lock", "0"]  # was: 1.ckpt-tmp left
+            (mnt / "filler").unlink()
+            ckptr.save(2, {"w": np.full(100_000, 2, np.float32)})
+            assert [(c.step, sorted(c.locations)) for c in ckptr.checkpoints] == [
+                (0, ["durable"]), (1, ["local"]), (2, ["durable", "local"])]
+
+
+def test_a_failed_promotion_is_raised_by_the_next_save_before_it_writes_anything(tmp_path):
+    local = ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1))
+    with fsutil.tmpfs(tmp_path / "mnt", size="2m") as mnt:
+        with ckpt.Checkpointer(mnt / "durable", save_decision_policy=sdp.FixedIntervalPolicy(2), local=local) as ckptr:
+            ckptr.save(0, {"w": np.full(100_000, 0, np.float32)})
+            fsutil.fill(mnt, 64 << 10)
+            ckptr.save_async(2, {"w": np.full(100_000, 2, np.float32)})
+            while ckptr.is_saving_in_progress():  # the promotion fails in the background
+                time.sleep(0.01)
+            (mnt / "filler").unlink()
+            with pytest.raises(OSError, match="promoting .*/2 ") as info:
+                ckptr.save(3, {"w": np.full(100_000, 3, np.float32)})  # was: saved, the failure kept for wait()
+            assert info.value.errno == errno.ENOSPC
+            assert steps_in(tmp_path / "local") == [0, 2]
+            ckptr.save(3, {"w": np.full(100_000, 3, np.float32)})  # raised once
+            ckptr.save(4, {"w": np.full(100_000, 4, np.float32)})
+            ckptr.wait()
+            assert steps_in(mnt / "durable") == [0, 4]
+
+
+def test_ckpt_ls_lists_a_step_whose_local_manifest_is_damaged_by_its_sound_durable_copy_as_the_checkpointer(
+        tmp_path, capsys):
+    local = ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1))
+    with ckpt.Checkpointer(tmp_path / "durable", save_decision_policy=sdp.FixedIntervalPolicy(2), local=local) as ckptr:
+        for step in range(5):
+            ckptr.save(step, {"step": step})
+    fsutil.flip(tmp_path / "local" / "4" / "manifest.json")
+    with ckpt.Checkpointer(tmp_path / "durable", local=local) as ckptr:
+        listed = [(c.step, sorted(c.locations)) for c in ckptr.checkpoints]
+        assert listed[-1] == (4, ["durable"]) and ckptr.load()["step"] == 4
+    assert cli.main(["ls", str(tmp_path / "durable"), "--local", str(tmp_path / "local"), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert [(s["step"], s["tiers"]) for s in printed["steps"]] == listed  # was: 4 DAMAGED, on both tiers
+    assert printed["latest"] == 4 and printed["steps"][-1]["path"] == str(tmp_path / "durable" / "4")
+
+
+def test_saving_again_a_step_only_the_local_tier_holds_raises_as_one_tier_does(tmp_path):
+    local = ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1))
+    with ckpt.Checkpointer(tmp_path / "durable", save_decision_policy=sdp.FixedIntervalPolicy(5), local=local) as ckptr:
+        for step in range(7):
+            ckptr.save(step, {"w": np.full(3, step)})
+        with pytest.raises(errors.StepAlreadyExistsError, match="step 6 already exists at .*local/6"):
+            ckptr.save(6, {"w": np.full(3, 60)})  # was: False, 'the durable root already holds step 6'
+    sdp3 = sdp.FixedIntervalPolicy(3)  # a restarted run whose durable policy wants step 6
+    with ckpt.Checkpointer(tmp_path / "durable", save_decision_policy=sdp3, local=local) as ckptr:
+        with pytest.raises(errors.StepAlreadyExistsError, match="step 6 already exists"):
+            ckptr.save(6, {"w": np.full(3, 60)})  # was: True, the local copy promoted and this state dropped
+        assert ckptr.save(6, {"w": np.full(3, 60)}, force=True)  # force: the local copy is made durable
+        assert [(c.step, sorted(c.locations)) for c in ckptr.checkpoints][-1] == (6, ["durable", "local"])
+        assert ckptr.load(6)["w"][0] == 6
+
+
+def test_should_save_is_false_for_a_step_below_the_latest_that_only_the_local_tier_holds(tmp_path):
+    local = ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1))
+    with ckpt.Checkpointer(tmp_path / "durable", save_decision_policy=sdp.FixedIntervalPolicy(5), local=local) as ckptr:
+        for step in range(8):
+            ckptr.save(step, {"w": np.full(3, step)})
+    sdp3 = sdp.FixedIntervalPolicy(3)  # a restarted run whose durable policy wants step 6, below the latest (7)
+    with ckpt.Checkpointer(tmp_path / "durable", save_decision_policy=sdp3, local=local) as ckptr:
+        assert ckptr.latest.step == 7
+        assert not ckptr.should_save(6)  # was: True (the durable tier's latest is 5): a hook then saved it
+        assert ckptr.should_save(9)
+        assert ckptr.save(0, {"w": np.full(3, 10)}, overwrite=True)  # an overwrite the policy wants still saves
+        assert ckptr.load(0)["w"][0] == 10
+
+
+def test_an_overwrite_of_a_step_only_the_local_tier_holds_asks_its_policy_as_one_tier_does(tmp_path):
+    local = ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1))
+    with ckpt.Checkpointer(tmp_path / "durable", save_decision_policy=sdp.FixedIntervalPolicy(5), local=local) as ckptr:
+        ckptr.save(7, {"w": np.zeros(2)})
+        assert ckptr.save(7, {"w": np.ones(2)}, overwrite=True)  # was: False, nothing saved
+        assert ckptr.load(7)["w"][0] == 1 and sorted(ckptr.latest.locations) == ["local"]
+
+
+def test_a_skipped_step_behind_the_latest_names_the_tier_that_holds_the_latest(tmp_path, caplog):
+    local = ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1))
+    with ckpt.Checkpointer(tmp_path / "durable", save_decision_policy=sdp.FixedIntervalPolicy(5), local=local) as ckptr, \
+            caplog.at_level(logging.WARNING, "ckpt"):
+        ckptr.save(7, {"w": np.zeros(2)})
+        assert ckptr.save_async(6, {"w": np.zeros(2)}) is None
+    assert f"step 6 is not saved, nor any step up to 7: {tmp_path / 'local'} already holds step 7" in caplog.text
+
+
+def test_load_async_of_the_latest_falls_back_to_older_steps_as_load_does(tmp_path):
+    local = ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1))
+    with ckpt.Checkpointer(tmp_path / "durable", save_decision_policy=sdp.FixedIntervalPolicy(2), local=local) as ckptr:
+        for step in range(4):
+            ckptr.save(step, tiers_worker.state(step))
+    fsutil.flip(tmp_path / "local" / "3" / "arrays" / "0" / "c" / "0" / "0", 9)  # step 3: on the local tier only
+    with ckpt.Checkpointer(tmp_path / "durable", local=local) as ckptr:
+        assert_bit_exact(ckptr.load(), 2)
+        assert_bit_exact(ckptr.load_async().result(timeout=60), 2)  # was: CheckpointCorruptedError of step 3
+        assert_bit_exact(ckptr.load_checkpointables_async().result(timeout=60)["state"], 2)

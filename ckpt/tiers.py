@@ -70,6 +70,7 @@ from ckpt.policies import save_decision as save_decision_policies
 logger = logging.getLogger("ckpt")
 
 LOCAL, DURABLE = "local", "durable"
+_DURABLE_ROOT = "durable_root"  # the key of a local tier's custom metadata naming its durable root
 _COPY_INFLIGHT_BYTES = 64 << 20  # file bytes a promotion reads ahead of the writes it waits for
 
 
@@ -150,6 +151,7 @@ def merge(local: Sequence[CheckpointMetadata], durable: Sequence[CheckpointMetad
 class DurableRoot:
     """What a promotion needs of the durable tier's Checkpointer."""
 
+    directory: storage.Location  # its root
     step_dir: Callable[[int], storage.Location]  # where a step goes
     writer: background.BackgroundWriter  # the durable tier's writer: promotions run there, one at a time
     take: Callable[[], None]  # becomes the root's writer (its lock, the first sweep)
@@ -209,7 +211,26 @@ class LocalTier:
                 preservation_policy=_KeepPromoting(options.preservation_policy or preservation_policies.LatestN(2),
                                                    self._promoting),
                 step_name_format=step_name_format, lightweight_initialize=lightweight_initialize,
-                cleanup_tmp_directories=cleanup_tmp_directories)
+                cleanup_tmp_directories=cleanup_tmp_directories, custom_metadata={_DURABLE_ROOT: str(durable.directory)})
+        self._check_owner(str(durable.directory))
+
+    def _check_owner(self, durable: str) -> None:
+        """Refuses a local directory that holds the local tier of another durable root (a run before, on
+        the same machine): its steps would be restored as this run's when their numbers are higher. The
+        first Checkpointer of a local directory records its durable root there (``ckpt-root.json``); a local
+        tier written before ckpt recorded it is taken as this root's.
+
+        Raises:
+          ValueError: the local directory belongs to another durable root (nothing was written).
+        """
+        owner = self.checkpointer.root_metadata().custom_metadata
+        owner = owner.get(_DURABLE_ROOT, durable) if isinstance(owner, dict) else durable
+        if owner != durable:
+            self.checkpointer.close()
+            raise ValueError(f"LocalCheckpointOptions directory {self.checkpointer.directory} holds the local tier "
+                             f"of the durable root {owner}, not of {durable}: its steps are another run's, and would "
+                             "be restored as this one's. Use another local directory (or delete that one if the "
+                             "run it belongs to is over).")
 
     # ----------------------------------------------------------------------------- listing
     def merged(self, durable: Sequence[CheckpointMetadata]) -> list[TieredCheckpointMetadata]:

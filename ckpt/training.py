@@ -143,7 +143,8 @@ class Checkpointer:
             with storage.writing_to(self._directory):
                 storage.write_file_atomic(root_file, fmt.root_metadata_bytes(custom_metadata))
         self._local = None if local is None else tiers.LocalTier(
-            local, tiers.DurableRoot(lambda step: self._directory / step_lib.checked_name(self._name_format, step),
+            local, tiers.DurableRoot(self._directory,
+                                     lambda step: self._directory / step_lib.checked_name(self._name_format, step),
                                      self._writer, self._take_directory, self._committed, self._processes,
                                      self._operation, self._context.async_options.timeout_secs),
             Checkpointer, Checkpointer._collect_garbage, Checkpointer._decide, context=self._context,

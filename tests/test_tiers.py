@@ -209,6 +209,27 @@ def test_a_local_tier_in_the_roots_own_directory_is_refused_before_anything_is_w
     assert not root.exists()
 
 
+def test_a_local_directory_holding_another_durable_roots_tier_is_refused_not_restored_from(tmp_path):
+    """A local SSD directory reused by the next run (another durable root): its steps, numbered higher than
+    the new run's, were restored as the new run's latest state."""
+    def local() -> ckpt.LocalCheckpointOptions:
+        return ckpt.LocalCheckpointOptions(tmp_path / "ssd", save_decision_policy=sdp.FixedIntervalPolicy(1))
+
+    with ckpt.Checkpointer(tmp_path / "run1", save_decision_policy=sdp.FixedIntervalPolicy(100), local=local()) as ckptr:
+        for step in range(3):
+            ckptr.save(step, tiers_worker.state(step))
+    with pytest.raises(ValueError, match=r"holds the local tier of the durable root .*run1, not of .*run2: its steps "
+                                         r"are another run's"):
+        ckpt.Checkpointer(tmp_path / "run2", local=local())
+    with ckpt.Checkpointer(tmp_path / "run1", local=local()) as ckptr:  # its own run still restores from it
+        assert ckptr.latest.step == 2 and sorted(ckptr.latest.locations) == ["local"]
+    (tmp_path / "ssd" / "ckpt-root.json").unlink()  # a local tier of an earlier ckpt, which recorded no owner
+    with ckpt.Checkpointer(tmp_path / "run1", local=local()) as ckptr:
+        assert ckptr.latest.step == 2
+    with pytest.raises(ValueError, match="holds the local tier of the durable root"):
+        ckpt.Checkpointer(tmp_path / "run2", local=local())
+
+
 def test_a_local_copy_removed_after_the_listing_falls_back_to_its_durable_copy(tmp_path):
     local = ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1))
     with ckpt.Checkpointer(tmp_path / "durable", save_decision_policy=sdp.FixedIntervalPolicy(1), local=local) as ckptr:

@@ -293,11 +293,29 @@ def check_leaf(path: KeyPath, meta: dict, abstract: Any) -> str | None:
     inline = meta["type"] in ("int", "float", "bool", "str", "none")
     if want is not None and inline and (want != () or not _becomes_array(meta["type"], abstract)):
         return f"{keystr(path)}: saved a {meta['type']} value, abstract leaf wants an array of shape {want}"
-    if want is not None and not inline and tuple(_logical_shape(meta)) != want:
-        return f"{keystr(path)}: saved shape {tuple(_logical_shape(meta))}, abstract leaf wants {want}"
     impl = _key_impl(abstract)
+    if meta["type"] == "jax_key" and impl is None:
+        why = _key_data_mismatch(meta, abstract, want)
+        if why:
+            return f"{keystr(path)}: {why}"
+    elif want is not None and not inline and tuple(_logical_shape(meta)) != want:
+        return f"{keystr(path)}: saved shape {tuple(_logical_shape(meta))}, abstract leaf wants {want}"
     if meta["type"] == "jax_key" and impl is not None and impl != meta.get("impl"):
         return f"{keystr(path)}: saved {meta.get('impl')!r} PRNG keys, abstract leaf wants {impl!r} keys"
+    return None
+
+
+def _key_data_mismatch(meta: dict, abstract: Any, want: tuple[int, ...] | None) -> str | None:
+    """Why an abstract leaf that is not a typed key cannot receive saved PRNG keys, or None. A jax leaf (an
+    array, a ``ShapeDtypeStruct``: ``metadata()``'s uint32 leaves) of the keys' shape receives the keys; a
+    numpy leaf receives their uint32 key data, of shape ``key_shape + (words,)``."""
+    dtype = None if isinstance(abstract, type) else getattr(abstract, "dtype", None)
+    if dtype is not None and np.dtype(dtype) != np.uint32:
+        return f"saved {meta.get('impl')!r} PRNG keys (uint32 key data), abstract leaf wants {np.dtype(dtype)}"
+    shape = meta["shape"] if isinstance(abstract, (np.ndarray, np.generic)) else _logical_shape(meta)
+    if want is not None and tuple(shape) != want:
+        what = "their key data has" if isinstance(abstract, (np.ndarray, np.generic)) else "the keys have"
+        return f"saved {meta.get('impl')!r} PRNG keys, {what} shape {tuple(shape)}, abstract leaf wants {want}"
     return None
 
 

@@ -339,6 +339,28 @@ def test_prng_keys_of_another_impl_than_the_abstract_leafs_are_a_mismatch_naming
             ckpt.load(tmp_path / "c", {"k": target, "n": 0})
 
 
+def test_prng_keys_go_into_uint32_leaves_of_their_shape_and_a_numpy_leaf_of_their_key_datas_not_elsewhere(tmp_path):
+    """A float32 ShapeDtypeStruct silently received keys, and a 0-d numpy leaf their key data of shape (2,)."""
+    jax = pytest.importorskip("jax")
+    import jax.numpy as jnp
+
+    ckpt.save(tmp_path / "c", {"k": jax.random.key(3)})
+    data = jax.random.key_data(jax.random.key(3))
+    keys_leaf = ckpt.metadata(tmp_path / "c").metadata["k"]  # metadata()'s idiom: uint32 leaves of the keys' shape
+    for target in (jax.ShapeDtypeStruct((), jnp.uint32), jnp.zeros((), jnp.uint32), keys_leaf):
+        loaded = ckpt.load(tmp_path / "c", {"k": target})["k"]
+        np.testing.assert_array_equal(jax.random.key_data(loaded), data)
+    np.testing.assert_array_equal(ckpt.load(tmp_path / "c", {"k": np.zeros(2, np.uint32)})["k"], data)
+    data_shape, keys_shape = r"PRNG keys, their key data has shape \(2,\)", r"PRNG keys, the keys have shape \(\)"
+    for target, why in [(jax.ShapeDtypeStruct((), jnp.float32),
+                         r"PRNG keys \(uint32 key data\), abstract leaf wants float32"),
+                        (np.zeros((), np.uint32), data_shape + r", abstract leaf wants \(\)"),
+                        (np.uint32(0), data_shape + r", abstract leaf wants \(\)"),
+                        (jax.ShapeDtypeStruct((2,), jnp.uint32), keys_shape + r", abstract leaf wants \(2,\)")]:
+        with pytest.raises(ckpt.errors.TreeMismatchError, match=r"\['k'\]: saved 'threefry2x32' " + why):
+            ckpt.load(tmp_path / "c", {"k": target})
+
+
 def test_shape_dtype_struct_dtype_casts_and_a_shape_mismatch_names_the_leaf(tmp_path):
     jax = pytest.importorskip("jax")
     import jax.numpy as jnp

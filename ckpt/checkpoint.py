@@ -112,12 +112,16 @@ def save_async(path: str | os.PathLike, state: Any, *, checkpointable_name: str 
 def _existing(path: str | os.PathLike) -> storage.Location:
     """``path`` as a location; CheckpointNotFoundError naming it when nothing is there (not "damaged", nor, on an
     object store, "deleted while it was being read"). On an object store, where a read takes a missing manifest
-    for a deletion (see :func:`ckpt.root.deleted`), objects without one raise CheckpointCorruptedError here, as
+    for a deletion (see :func:`ckpt.root.reading`), objects without one raise CheckpointCorruptedError here, as
     a local directory's load does: not a committed checkpoint."""
     step_dir = storage.location(path)
     if isinstance(step_dir, Path) or not (step_dir / fmt.MANIFEST).exists():
         if not step_dir.exists():
-            raise CheckpointNotFoundError(f"no checkpoint at {step_dir}: the path does not exist")
+            aside = step_dir.with_name(step_dir.name + fmt.REPLACED_SUFFIX) if isinstance(step_dir, Path) else None
+            hint = "" if aside is None or storage.set_aside_step(aside) is None or not aside.is_dir() else (
+                f"; {aside} holds it as it was before a save with overwrite=True that a crash interrupted: "
+                "rename it back")
+            raise CheckpointNotFoundError(f"no checkpoint at {step_dir}: the path does not exist{hint}")
         if not isinstance(step_dir, Path):
             loading.read_manifest(step_dir)  # raises: its manifest is missing
     return step_dir

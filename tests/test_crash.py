@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import ckpt
 from ckpt import format as fmt
 from ckpt.path import step as step_lib
 from ckpt.training import Checkpointer
@@ -247,6 +248,16 @@ def test_a_save_killed_before_any_file_operation_of_its_commit_keeps_the_old_or_
                 assert listed in ([0], [0, 1]) and values[0] == [0.0] * 3, where
                 assert values.get(1, [1.0] * 3) == [1.0] * 3, where
             assert ckptr.save(step + 1, {"v": np.ones(3)}, force=True)
+
+
+def test_a_free_load_of_a_checkpoint_a_crash_left_set_aside_says_where_it_is(tmp_path):
+    """``ckpt.save(path, overwrite=True)`` killed between the two renames (no atomic exchange): no
+    Checkpointer puts a free checkpoint back, so its load says where the checkpoint is."""
+    ckpt.save(tmp_path / "model", {"v": np.zeros(3)})
+    os.rename(tmp_path / "model", tmp_path / ("model" + fmt.REPLACED_SUFFIX))  # as the crash leaves it
+    with pytest.raises(ckpt.errors.CheckpointNotFoundError,
+                       match=r"model\.ckpt-replaced holds it as it was before a save with overwrite=True"):
+        ckpt.load(tmp_path / "model")
 
 
 # ------------------------------------------------------------------- a multi-rank save killed on one rank

@@ -98,19 +98,31 @@ def test_sigterm_terminates_at_once_where_no_save_would_be_made_for_it(tmp_path,
         assert ckptr.checkpoints == []
 
 
-def test_a_closed_checkpointer_leaves_sigterm_to_terminate(tmp_path):
-    script = """
-import signal, sys, time
+CLOSED = """
+import sys
 import numpy as np
 from ckpt.training import Checkpointer
 with Checkpointer(sys.argv[1]) as ckptr:
     ckptr.save(0, {"w": np.ones(2)})
-print("closed", flush=True)
-time.sleep(60)
-print("still running", flush=True)
 """
-    proc = procs.start(script, str(tmp_path))
-    procs.wait_for_line(proc, "closed")
+DROPPED = """
+import gc, sys
+import numpy as np
+from ckpt.training import Checkpointer
+def train():
+    Checkpointer(sys.argv[1]).save(0, {"w": np.ones(2)})  # never closed
+train()
+gc.collect()
+"""
+
+
+@pytest.mark.parametrize("script", [CLOSED, DROPPED], ids=["closed", "dropped without close"])
+def test_a_checkpointer_closed_or_dropped_leaves_sigterm_to_terminate(tmp_path, script):
+    """A dropped one's listening outlived it: the first SIGTERM was deferred for a loop that no longer
+    exists, for ever."""
+    then_wait = 'import time\nprint("done", flush=True)\ntime.sleep(60)\nprint("still running", flush=True)\n'
+    proc = procs.start(script + then_wait, str(tmp_path))
+    procs.wait_for_line(proc, "done")
     proc.send_signal(signal.SIGTERM)
     out = procs.output(proc, timeout=60)
     assert proc.returncode == -signal.SIGTERM and "still running" not in out
@@ -143,26 +155,6 @@ def test_a_loop_going_on_after_a_notified_preemption_is_reset_is_not_made_to_wai
         assert not ckptr.should_save(8) and not ckptr.should_save(9)
         assert waited == []
 
-
-def test_a_checkpointer_dropped_without_close_leaves_sigterm_to_terminate(tmp_path):
-    # its listening outlived it: the first SIGTERM was deferred for a loop that no longer exists, for ever
-    script = """
-import gc, sys, time
-import numpy as np
-from ckpt.training import Checkpointer
-def train():
-    Checkpointer(sys.argv[1]).save(0, {"w": np.ones(2)})  # never closed
-train()
-gc.collect()
-print("dropped", flush=True)
-time.sleep(60)
-print("still running", flush=True)
-"""
-    proc = procs.start(script, str(tmp_path))
-    procs.wait_for_line(proc, "dropped")
-    proc.send_signal(signal.SIGTERM)
-    out = procs.output(proc, timeout=60)
-    assert proc.returncode == -signal.SIGTERM and "still running" not in out
 
 def test_a_process_forked_from_a_listening_loop_is_terminated_by_its_sigterm(tmp_path):
     # the child inherited the parent's listeners: Process.terminate() was deferred for a save it never makes

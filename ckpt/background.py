@@ -204,7 +204,8 @@ def _finish_at_exit() -> None:
 
 
 def _forget_parent_jobs() -> None:
-    """After a fork, in the child, which runs none of its parent's jobs (see :meth:`BackgroundWriter._forget_parent_job`)."""
+    """After a fork, in the child, which runs none of its parent's jobs (see
+    :meth:`BackgroundWriter._forget_parent_job`)."""
     _unfinished.clear()
     for writer in list(_writers):
         writer._forget_parent_job()

@@ -351,7 +351,8 @@ def verify(directory: storage.Location, step: int | None, *, as_json: bool) -> i
     """``ckpt verify``: checks DIR's steps (all of them, or ``step``); 1 if any is damaged, else 0.
 
     Of every step, one deleted while it is checked (by the garbage collection of a run saving there) is
-    reported as gone, not as damaged, and one saved again meanwhile (``overwrite=True``) is checked again; ``step`` deleted so raises StepNotFoundError (a missing step).
+    reported as gone, not as damaged, and one saved again meanwhile (``overwrite=True``) is checked again;
+    ``step`` deleted so raises StepNotFoundError (a missing step).
     The checkpoints in the root that are not its steps are named, not checked (verify each as DIR).
     """
     checkpoints: list[_Step] = []

@@ -211,7 +211,8 @@ class LocalTier:
                 preservation_policy=_KeepPromoting(options.preservation_policy or preservation_policies.LatestN(2),
                                                    self._promoting),
                 step_name_format=step_name_format, lightweight_initialize=lightweight_initialize,
-                cleanup_tmp_directories=cleanup_tmp_directories, custom_metadata={_DURABLE_ROOT: str(durable.directory)})
+                cleanup_tmp_directories=cleanup_tmp_directories,
+                custom_metadata={_DURABLE_ROOT: str(durable.directory)})
         self._check_owner(str(durable.directory))
 
     def _check_owner(self, durable: str) -> None:

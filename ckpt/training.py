@@ -238,7 +238,7 @@ class Checkpointer:
             return False
         try:
             self._lock.acquire()
-        except errors.DirectoryLockedError:
+        except (errors.DirectoryLockedError, OSError):  # (a read-only root, a reader's: listed as it is)
             return False
         try:
             return self._put_back(entries)

@@ -205,7 +205,8 @@ class Step:
         what = f"Orbax's {handler}" if handler else f"an Orbax handler that left {sorted(os.listdir(directory))[:5]}"
         raise UnsupportedLayoutError(
             f"{directory} was written by {what}, which ckpt does not read (it reads "
-            f"items of {', '.join((*_PYTREE_HANDLERS, _ARRAY_HANDLER, *_JSON_HANDLERS))}); load the other checkpointables by name: "
+            f"items of {', '.join((*_PYTREE_HANDLERS, _ARRAY_HANDLER, *_JSON_HANDLERS))}); "
+            "load the other checkpointables by name: "
             f"{sorted(n for n in self.handlers if n != name)}", path=directory)
 
     def check_arrays(self) -> Iterator[tuple[str, int, str | None]]:

@@ -331,7 +331,8 @@ def test_hook_forces_a_committed_save_at_final_step_and_stops(tmp_path, no_preem
         hook = CheckpointHook(checkpointer, final_step=7)
 
         assert hook(6, {"w": np.zeros(2)}) is False
-        assert hook(7, {"w": np.ones(2)}) is True
+        assert hook(np.int64(6), {"w": np.zeros(2)}) is False  # a step of numpy's or jax's: still a bool
+        assert hook(jnp.asarray(7), {"w": np.ones(2)}) is True
         assert not checkpointer.is_saving_in_progress()
         assert [c.step for c in checkpointer.checkpoints] == [7]
 

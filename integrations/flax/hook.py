@@ -46,7 +46,7 @@ class CheckpointHook:
     def __call__(self, step: int, state: Any, metrics: dict[str, Any] | None = None) -> bool:
         """Saves ``state`` as ``step`` when due; True when the loop should stop (final step, preemption)."""
         due = self._checkpointer.should_save(step)  # also where the checkpointer notices a preemption
-        stop = step == self._final_step or self._checkpointer.reached_preemption(step)
+        stop = bool(step == self._final_step) or self._checkpointer.reached_preemption(step)  # (a jax/numpy step)
         if due or (stop and self._is_new(step)):  # a step that is due follows should_save's decision
             self._checkpointer.save_async(step, nnx_states(state), force=stop, metrics=_to_python(metrics))
         if stop:

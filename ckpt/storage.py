@@ -681,10 +681,7 @@ def commit_dir(tmp: Location, final: Location, *, replace: bool) -> None:
     fsync_all([Path(dirpath) for dirpath, _, _ in os.walk(tmp)])
     if not (replace and os.path.lexists(final)):
         try:
-            if not rename_noreplace(tmp, final):
-                if os.path.lexists(final):
-                    raise FileExistsError
-                os.rename(tmp, final)
+            rename_noreplace(tmp, final)
         except FileExistsError:
             raise ForeignEntryError(f"{final} appeared while the step was written (it holds {describe(final)}): "
                                     "ckpt never replaces what it did not check, so the step was not committed",
@@ -723,10 +720,7 @@ def put_back(path: Path, final: Path) -> None:
     Raises:
       FileExistsError: something took ``final`` meanwhile (nothing is renamed).
     """
-    if not rename_noreplace(path, final):
-        if os.path.lexists(final):
-            raise FileExistsError(errno.EEXIST, "cannot put back a step set aside", str(final))
-        os.rename(path, final)
+    rename_noreplace(path, final)
     fsync_path(final.parent)
     logger.warning("ckpt: put back %s, the step as committed before a save with overwrite=True that a crash "
                    "interrupted while it replaced it (it had been set aside as %s)", final, path.name)
@@ -752,11 +746,17 @@ def rename_exchange(a: Path, b: Path) -> bool:
     return _renameat2(a, b, _RENAME_EXCHANGE)
 
 
-def rename_noreplace(a: Path, b: Path) -> bool:
-    """Renames ``a`` to ``b`` only if nothing is at ``b``, atomically (``renameat2`` with
-    ``RENAME_NOREPLACE``; FileExistsError when something is); False where the system or the file system
-    cannot, and the caller checks, then renames."""
-    return _renameat2(a, b, _RENAME_NOREPLACE)
+def rename_noreplace(a: Path, b: Path) -> None:
+    """Renames ``a`` to ``b`` only if nothing is at ``b``: atomically (``renameat2`` with
+    ``RENAME_NOREPLACE``), or where the system or the file system cannot, after checking.
+
+    Raises:
+      FileExistsError: something is at ``b`` (nothing is renamed).
+    """
+    if not _renameat2(a, b, _RENAME_NOREPLACE):
+        if os.path.lexists(b):
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(a), None, str(b))
+        os.rename(a, b)
 
 
 def _renameat2(a: Path, b: Path, flag: int) -> bool:

@@ -11,7 +11,6 @@ import ctypes
 import dataclasses
 import hashlib
 import json
-import logging
 import math
 import operator
 import threading
@@ -30,8 +29,6 @@ from ckpt import tree as tree_lib
 from ckpt.errors import TreeMismatchError
 from ckpt.metadata import now_nsecs
 from ckpt.tree import KeyPath, keystr
-
-logger = logging.getLogger("ckpt")
 
 
 @dataclasses.dataclass
@@ -512,17 +509,11 @@ class StepWriter:
         self._prepared = True
 
     def discard(self) -> None:
-        """Removes the temporary directory of a save that failed before its commit, if it made one. It runs
-        while the save's error is raised, which a failure to remove it (often the same fault: a file system
-        gone read-only) must not replace: that is logged, and what is left, never listed, is removed by
-        the next save of the step or the next writer of the root."""
+        """Removes the temporary directory of a save that failed before its commit, if it made one (see
+        :func:`ckpt.storage.remove_failed_temporary`)."""
         self._release()
         if self.primary and self._prepared:  # (only the primary makes it)
-            try:
-                storage.remove_owned(self.tmp_dir)
-            except OSError as e:
-                logger.warning("ckpt: could not remove %s, the temporary directory of the failed save: %s",
-                               self.tmp_dir, e)
+            storage.remove_failed_temporary(self.tmp_dir)
 
     def _release(self) -> None:
         marker, self._marker = self._marker, None

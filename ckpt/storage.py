@@ -364,6 +364,17 @@ def remove_owned(directory: Location) -> None:
     os.rmdir(directory)
 
 
+def remove_failed_temporary(tmp: Location) -> None:
+    """Removes the temporary directory of a save (or a promotion) that failed, while its error is raised,
+    which a failure to remove it (often the same fault: a file system gone read-only) must not replace:
+    that is logged, and what is left, never listed, is removed by the next save of the step or the next
+    writer of the root."""
+    try:
+        remove_owned(tmp)
+    except OSError as e:
+        logger.warning("ckpt: could not remove %s, the temporary directory of the failed save: %s", tmp, e)
+
+
 def _foreign(path: Location) -> ForeignEntryError:
     return ForeignEntryError(f"{path} was not made by ckpt (it holds {describe(path)}, without ckpt's {fmt.MARKER} "
                              "marker): ckpt never removes it. Move it away if it is not needed.", path=path)

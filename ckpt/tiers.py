@@ -390,7 +390,7 @@ def _copy_step(source: Path, final: storage.Location, step: int, overwrite: bool
         copied = _copy_files(source, final, tmp, step, overwrite, durable, barrier)
     except BaseException:
         if primary:  # (only the primary makes it)
-            storage.remove_owned(tmp)
+            storage.remove_failed_temporary(tmp)
         raise
     finally:
         storage.release_temporary(marker)

@@ -14,7 +14,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from ckpt import background, custom, distributed, formats, loading, root, saving, storage, transfers
+from ckpt import background, custom, distributed, formats, loading, orbax, root, saving, storage, transfers
 from ckpt import format as fmt
 from ckpt.context import get_context
 from ckpt.errors import CheckpointNotFoundError
@@ -122,6 +122,7 @@ def _existing(path: str | os.PathLike) -> storage.Location:
                 f"; {aside} holds it as it was before a save with overwrite=True that a crash interrupted: "
                 "rename it back")
             raise CheckpointNotFoundError(f"no checkpoint at {step_dir}: the path does not exist{hint}")
+        orbax.check_committed(step_dir)
         if not isinstance(step_dir, Path):
             loading.read_manifest(step_dir)  # raises: its manifest is missing
     return step_dir

@@ -29,11 +29,11 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence, TextIO
 
-from ckpt import __version__, convert, formats, leaves, progress, storage, tiers
+from ckpt import __version__, convert, formats, leaves, orbax, progress, storage, tiers
 from ckpt import root as root_lib
 from ckpt import format as fmt
-from ckpt.errors import (CheckpointCorruptedError, InvalidLayoutError, StepNotFoundError, StepReplacedError,
-                         UnsupportedLayoutError)
+from ckpt.errors import (CheckpointCorruptedError, CheckpointNotFoundError, InvalidLayoutError, StepNotFoundError,
+                         StepReplacedError, UnsupportedLayoutError)
 from ckpt.path import step as step_lib
 from ckpt.verify import VerifyResult, verify_step
 
@@ -82,6 +82,10 @@ def _scan(root: storage.Location) -> tuple[list[_Step], list[_Step], list[root_l
     which are never followed."""
     if isinstance(root, Path) and not root.is_dir():
         raise UsageError(f"{root} is not a directory")
+    try:
+        orbax.check_committed(root)
+    except CheckpointNotFoundError as e:
+        raise UsageError(str(e)) from None
     name_format = step_lib.name_format_of(root)
     steps, others = [], []
     for entry in root_lib.scan(root, name_format):

@@ -337,6 +337,21 @@ def test_a_save_orbax_began_in_place_and_never_committed_is_not_listed_deleted_o
     assert file_hashes(killed) == before
 
 
+def test_a_save_orbax_never_committed_named_as_a_path_says_so(orbax_runs, tmp_path, capsys):
+    """A free load, or the CLI, given such a directory said it held none of ckpt's files, or offered its
+    half-written item as a checkpoint to name."""
+    killed = Path(shutil.copytree(orbax_runs / "v1" / "1", tmp_path / "2"))
+    (killed / "commit_success.txt").unlink()
+    metadata = orbax_file(killed, "_CHECKPOINT_METADATA")
+    metadata["commit_timestamp_nsecs"] = None
+    (killed / "_CHECKPOINT_METADATA").write_text(json.dumps(metadata))
+    with pytest.raises(errors.CheckpointNotFoundError, match="never committed"):
+        ckpt.load(killed)
+    for command in ("ls", "show", "verify"):
+        assert cli.main([command, str(killed)]) == 2
+        assert "Orbax began and never committed" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------------- bad input
 def test_an_item_ckpt_cannot_read_raises_saying_so(orbax_runs, tmp_path):
     root = copy_run(orbax_runs, "v1", tmp_path)

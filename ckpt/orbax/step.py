@@ -24,7 +24,8 @@ from ckpt import leaves as leaves_lib
 from ckpt import format as fmt
 from ckpt import loading, schema, storage
 from ckpt import tree as tree_lib
-from ckpt.errors import CheckpointableNotFoundError, CheckpointCorruptedError, UnsupportedLayoutError
+from ckpt.errors import (CheckpointableNotFoundError, CheckpointCorruptedError, CheckpointNotFoundError,
+                         UnsupportedLayoutError)
 from ckpt.orbax import files
 from ckpt.orbax.pytree import ArraySource, PyTreeItem
 
@@ -39,7 +40,7 @@ _JSON_HANDLERS = ("JsonHandler", "JsonCheckpointHandler", "MetricsHandler")
 def is_step(path: Any) -> bool:
     """Whether ``path`` is a local directory Orbax wrote as a committed step: it has the
     ``commit_success.txt`` Orbax writes, or ``_CHECKPOINT_METADATA`` (regular files) that does not say the
-    save never committed (see :func:`_never_committed`), or (Orbax before 0.5) an item directory with
+    save never committed (see :func:`check_committed`), or (Orbax before 0.5) an item directory with
     Orbax's files (see :func:`_is_item`). A step of a layout ckpt cannot read is still one: loading it
     says so, and the root never looks empty. Anything less (a user's directory, a save Orbax never
     committed) is not a step: ckpt never lists, overwrites or deletes it."""
@@ -66,6 +67,16 @@ def _head(path: Path, size: int) -> bytes:
         return b""
     with open(fd, "rb") as f:
         return f.read(size)
+
+
+def check_committed(path: storage.Location) -> None:
+    """Raises CheckpointNotFoundError naming ``path`` when it is a save Orbax began and never committed
+    (a ``_CHECKPOINT_METADATA`` without a commit time): Orbax neither lists nor loads it, and its items may
+    be half-written."""
+    if isinstance(path, Path) and files.is_plain_dir(path) and _never_committed(path):
+        raise CheckpointNotFoundError(
+            f"no checkpoint at {path}: it is a save Orbax began and never committed (its {CHECKPOINT_METADATA} "
+            "has no commit time: the save was interrupted), which Orbax does not load either")
 
 
 def _never_committed(step_dir: Path) -> bool:

@@ -1,6 +1,7 @@
 """Multi-process JAX: two processes on 127.0.0.1 save sharded arrays, are killed, and resume."""
 from __future__ import annotations
 
+import re
 import socket
 from pathlib import Path
 
@@ -73,3 +74,10 @@ def test_two_tiers_each_process_keeps_its_shards_locally_and_a_replaced_host_res
     with ckpt.Checkpointer(tmp_path / "durable") as durable:  # every process's shards were promoted
         restored = durable.load(2, {"w": np.zeros((8, 12), np.float32), "bias": None, "step": None})
     np.testing.assert_array_equal(restored["w"], np.arange(96, dtype=np.float32).reshape(8, 12) * 2)
+
+
+def test_a_sigterm_to_one_process_makes_every_process_save_at_jax_preemption_sync_point_and_stop(tmp_path):
+    outs = run_job(tmp_path, "preempt")
+    stops = [re.search(rf"process {pid} stopped at (\d+) steps \[(\d+)\]", out) for pid, out in enumerate(outs)]
+    assert all(stops), outs
+    assert stops[0].groups() == stops[1].groups() and int(stops[0][1]) < 59, outs  # the same step, saved

@@ -99,11 +99,15 @@ if mode == "preempt":  # a SIGTERM to process 1 alone: every process saves at JA
         for step in range(1, 60):
             if step == 3 and pid == 1:
                 os.kill(os.getpid(), signal.SIGTERM)
-            ckptr.save(step, {"v": jax.numpy.arange(4.0) * step})
+            ckptr.save(step, {"v": jax.numpy.arange(4.0) * step})  # on this process's own first device
             if ckptr.reached_preemption(step):
                 break
             time.sleep(0.05)
         print(f"process {pid} stopped at {step} steps {[c.step for c in ckptr.checkpoints]}", flush=True)
+        loaded = ckptr.load(step)["v"]  # no abstract tree: on this process's default device, as jax puts arrays
+        assert loaded.devices() == {jax.local_devices()[0]}, loaded.devices()
+        np.testing.assert_array_equal(np.asarray(loaded), np.arange(4.0) * step)
+        print(f"process {pid} loaded on its own device", flush=True)
     sys.exit(0)
 
 if mode == "tiers":  # two tiers: each process's local tier, then process 1's host is replaced

@@ -81,3 +81,4 @@ def test_a_sigterm_to_one_process_makes_every_process_save_at_jax_preemption_syn
     stops = [re.search(rf"process {pid} stopped at (\d+) steps \[(\d+)\]", out) for pid, out in enumerate(outs)]
     assert all(stops), outs
     assert stops[0].groups() == stops[1].groups() and int(stops[0][1]) < 59, outs  # the same step, saved
+    assert all(f"process {pid} loaded on its own device" in out for pid, out in enumerate(outs)), outs

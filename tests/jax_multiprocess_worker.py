@@ -108,6 +108,14 @@ if mode == "preempt":  # a SIGTERM to process 1 alone: every process saves at JA
         assert loaded.devices() == {jax.local_devices()[0]}, loaded.devices()
         np.testing.assert_array_equal(np.asarray(loaded), np.arange(4.0) * step)
         print(f"process {pid} loaded on its own device", flush=True)
+        if pid == 0:  # a save process 1 does not make: a bounded wait, then ckpt's TimeoutError
+            import ckpt
+
+            try:
+                with ckpt.Context(async_options=ckpt.AsyncOptions(timeout_secs=2)):
+                    ckptr.save(step + 1, {"v": np.zeros(2)}, force=True)
+            except TimeoutError as e:
+                print(f"process 0 timed out: {e}", flush=True)
     sys.exit(0)
 
 if mode == "tiers":  # two tiers: each process's local tier, then process 1's host is replaced

@@ -76,9 +76,21 @@ def test_two_tiers_each_process_keeps_its_shards_locally_and_a_replaced_host_res
     np.testing.assert_array_equal(restored["w"], np.arange(96, dtype=np.float32).reshape(8, 12) * 2)
 
 
-def test_a_sigterm_to_one_process_makes_every_process_save_at_jax_preemption_sync_point_and_stop(tmp_path):
-    outs = run_job(tmp_path, "preempt")
-    stops = [re.search(rf"process {pid} stopped at (\d+) steps \[(\d+)\]", out) for pid, out in enumerate(outs)]
-    assert all(stops), outs
-    assert stops[0].groups() == stops[1].groups() and int(stops[0][1]) < 59, outs  # the same step, saved
-    assert all(f"process {pid} loaded on its own device" in out for pid, out in enumerate(outs)), outs
+
+@pytest.fixture(scope="module")
+def preempt_job(tmp_path_factory) -> list[str]:
+    return run_job(tmp_path_factory.mktemp("preempt"), "preempt")
+
+
+def test_a_sigterm_to_one_process_makes_every_process_save_at_jax_preemption_sync_point_and_stop(preempt_job):
+    stops = [re.search(rf"process {pid} stopped at (\d+) steps \[(\d+)\]", out) for pid, out in enumerate(preempt_job)]
+    assert all(stops), preempt_job
+    assert stops[0].groups() == stops[1].groups() and int(stops[0][1]) < 59, preempt_job  # the same step, saved
+
+
+def test_a_jax_array_loaded_without_a_sharding_is_on_each_process_own_default_device(preempt_job):
+    assert all(f"process {pid} loaded on its own device" in out for pid, out in enumerate(preempt_job)), preempt_job
+
+
+def test_a_save_only_one_process_makes_raises_ckpt_timeout_error_after_the_timeout(preempt_job):
+    assert "process 0 timed out: process 0 of 2 waited 2 s for the other processes at" in preempt_job[0], preempt_job[0]

@@ -380,8 +380,9 @@ class Checkpointer:
             multiprocessing_options=self._ctx.multiprocessing_options)
         current = CheckpointMetadata(step, None, commit_timestamp_nsecs=now_nsecs(), monotonic_nsecs=time.monotonic_ns())
         decision = bool(self._save_policy.should_save(current, previous, context=context))
-        if self._processes.count > 1:  # time and signals differ between processes: the primary decides
-            decision, reached = self._processes.broadcast(self._operation(f"decide/{step}"), [decision, reached],
+        if self._processes.count > 1:  # time and signals differ between processes: the primary decides (for
+            # its step: processes saving other steps then meet in the save's check of the paths, not a timeout)
+            decision, reached = self._processes.broadcast(self._operation("decide"), [decision, reached],
                                                           self._ctx.async_options.timeout_secs)
         if reached and self._preempted_at is None:
             self._preempted_at = step
@@ -523,8 +524,9 @@ class Checkpointer:
         final = self._directory / step_lib.checked_name(self._name_format, step)
         self.wait()
         root.check_target(final, storage.temporary_for(final), step=step, overwrite=overwrite)
-        # every process judges the step's names, and saves the same tree, before any makes its temporary
-        saving.agree(plan, final, self._processes, self._operation(f"save/{step}/checked"), options.async_options.timeout_secs)
+        # every process judges the step's names, and saves the same tree to the same step (named without it,
+        # so that processes saving other steps are told so), before any makes its temporary
+        saving.agree(plan, final, self._processes, self._operation("save/checked"), options.async_options.timeout_secs)
         if self._processes.index == 0:
             self._take_directory()
         writer = saving.StepWriter(plan, storage.temporary_for(final), final, overwrite=overwrite,

@@ -62,13 +62,14 @@ def test_ranks_that_each_call_the_free_save_write_one_whole_checkpoint(tmp_path)
 
 
 @pytest.mark.timeout(300)
-def test_ranks_saving_trees_with_other_keys_or_to_other_paths_are_refused_on_every_rank_before_anything_is_written(tmp_path):
+def test_ranks_saving_trees_with_other_keys_or_to_other_paths_or_steps_are_refused_on_every_rank_before_anything_is_written(tmp_path):
     out = run_jobs(tmp_path / "run", tmp_path / "unused.npz", "differ:2")
     for r in (0, 1):
         assert (f"rank {r} checkpointer refused: [\"state['stage0.weight'] on process 0, not on process 1\", "
                 f"\"state['stage1.weight'] on process 1, not on process 0\"]") in out, out
         assert f"rank {r} free refused: [\"state['stage0.weight'] on process 0" in out, out
         assert f"rank {r} path refused: ['process 1 saves to {tmp_path / 'run'}-rank1, process 0 to " in out, out
+        assert f"rank {r} step refused: ['process 1 saves to {tmp_path / 'run' / '6'}, process 0 to " in out, out
         assert f"rank {r} steps [] entries ['run']" in out, out
 
 

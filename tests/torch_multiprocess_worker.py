@@ -12,7 +12,7 @@ checks it against REFERENCE. ``crash``: saves steps forever (the test SIGKILLs a
 the others, and goes on with the next job); ``resume``:
 continues after the latest committed step with one more save. ``free``: every rank saves DTensors with
 ``ckpt.save`` (one coordinated save) and loads them back. ``differ``: the ranks save trees with other keys,
-through the Checkpointer and ``ckpt.save``, and to other paths; every save is refused, nothing is written.
+through the Checkpointer and ``ckpt.save``, and to other paths and steps; every save is refused, nothing is written.
 ``dtensors`` (4 ranks): DTensors of unusual layouts, saved and loaded through the Checkpointer.
 Each rank prints what it did.
 """
@@ -174,14 +174,17 @@ def free_save() -> None:
 
 
 def differing_trees(ckptr: Checkpointer) -> None:
-    """Each rank saves a tree of its own (a pipeline stage's keys): refused on every rank, nothing written."""
+    """Each rank saves a tree of its own (a pipeline stage's keys), or another step: refused on every rank
+    (within seconds, not after a timeout), nothing written."""
     stage = {f"stage{rank}.weight": torch.ones(2, 2)}
     saves = {"checkpointer": lambda: ckptr.save(1, stage, force=True),
              "free": lambda: ckpt.save(f"{directory}-differ", stage),
-             "path": lambda: ckpt.save(f"{directory}-rank{rank}", {"w": torch.ones(2)})}
+             "path": lambda: ckpt.save(f"{directory}-rank{rank}", {"w": torch.ones(2)}),
+             "step": lambda: ckptr.save(5 + rank, {"w": torch.ones(2)})}
     for what, save in saves.items():
         try:
-            save()
+            with ckpt.Context(async_options=ckpt.AsyncOptions(timeout_secs=30)):
+                save()
         except ckpt.errors.TreeMismatchError as e:
             say(f"rank {rank} {what} refused: {e.differences}")
     dist.barrier()

@@ -2,6 +2,7 @@
 ranks and in a plain process, and a single-process checkpoint loaded into DTensor templates."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -83,3 +84,26 @@ def test_dtensors_of_unusual_layouts_at_four_ranks(tmp_path):
         assert f"rank {r} fsdp+tp exact, steps [2]" in out, out  # FSDP2 over tensor parallelism: saved as it is
         assert f"rank {r} small gathered exact: 7 dtypes" in out, out
         assert f"rank {r} 0-d loaded DTensor () 7" in out, out
+
+
+@pytest.mark.timeout(300)
+def test_a_save_failing_on_one_rank_raises_on_every_rank_at_once_and_commits_nothing(tmp_path):
+    out = run_jobs(tmp_path / "run", tmp_path / "unused.npz", "fail:2")
+    for how, step in (("sync", 1), ("async", 2)):
+        assert f"rank 1 {how} failed: OSError: disk full on rank 1" in out, out
+        assert (f"rank 0 {how} failed: RuntimeError: the save of {tmp_path / 'run' / str(step)} failed in another "
+                "process (process 1: OSError: disk full on rank 1); nothing was committed") in out, out
+    assert "rank 0 steps [3]" in out and "rank 1 steps [3]" in out, out
+
+
+@pytest.mark.timeout(300)
+def test_a_root_one_rank_does_not_see_is_refused_on_every_rank_and_nothing_is_committed(tmp_path):
+    out = run_jobs(tmp_path / "run", tmp_path / "unused.npz", "unshared:2")
+    if "rank 1 cannot make a mount namespace" in out:
+        pytest.skip("no mount namespaces here (a root that one rank does not see needs one)")
+    said = (f"RootDirectoryError: process 1 does not see {tmp_path / 'run' / '1.ckpt-tmp'}, which process 0 made to "
+            "save the step in: the root must be one directory that every process sees")
+    assert f"rank 1 refused: {said}" in out, out
+    assert f"rank 0 refused: RuntimeError: the save of {tmp_path / 'run' / '1'} failed in another process (process 1: {said}" in out, out
+    assert "rank 0 steps []" in out and "rank 1 steps []" in out, out
+    assert sorted(os.listdir(tmp_path / "run")) == [".ckpt.lock"]  # nothing committed, nothing left

@@ -14,6 +14,7 @@ continues after the latest committed step with one more save. ``free``: every ra
 ``ckpt.save`` (one coordinated save) and loads them back. ``differ``: the ranks save trees with other keys,
 through the Checkpointer and ``ckpt.save``, and to other paths and steps; every save is refused, nothing is written.
 ``dtensors`` (4 ranks): DTensors of unusual layouts, saved and loaded through the Checkpointer.
+``fail``: saves that fail on rank 1. ``unshared``: rank 1 sees another directory at DIR.
 Each rank prints what it did.
 """
 import os
@@ -109,6 +110,9 @@ def run(this_rank: int, this_world: int, port: int, mode: str) -> None:
     global rank, world
     rank, world = this_rank, this_world
     say(f"rank {rank} pid {os.getpid()}")
+    if mode == "unshared" and rank == 1 and not sees_another_root():
+        say("rank 1 cannot make a mount namespace")
+        os._exit(0)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     with Checkpointer(directory, save_decision_policy=sdp.FixedIntervalPolicy(1)) as ckptr:
         assert isinstance(ckpt.distributed.current(), ckpt.distributed.TorchProcesses if world > 1 else ckpt.distributed.SingleProcess)
@@ -150,6 +154,14 @@ def run(this_rank: int, this_world: int, port: int, mode: str) -> None:
             differing_trees(ckptr)
         elif mode == "dtensors":
             unusual_dtensors(ckptr)
+        elif mode == "fail":
+            failing_saves(ckptr)
+        elif mode == "unshared":  # rank 1 sees another directory at DIR
+            try:
+                ckptr.save(1, {"w": torch.ones(2)}, force=True)
+            except (RuntimeError, OSError) as e:
+                say(f"rank {rank} refused: {type(e).__name__}: {e}")
+            say(f"rank {rank} steps {[c.step for c in ckptr.checkpoints]}")
         else:  # resume after a crash
             latest = ckptr.latest.step
             model, optimizer = load_into_fresh_model(ckptr)
@@ -191,6 +203,56 @@ def differing_trees(ckptr: Checkpointer) -> None:
     ckptr.reload()
     written = sorted(p.name for p in Path(directory).parent.iterdir() if p.name.startswith(Path(directory).name))
     say(f"rank {rank} steps {[c.step for c in ckptr.checkpoints]} entries {written}")
+
+
+def sees_another_root() -> bool:
+    """Puts this process in a mount namespace of its own where DIR is another, empty directory (a root
+    that the other ranks do not see); False where it may not (not root, no mount namespaces)."""
+    import ctypes
+    import subprocess
+
+    own = f"{directory}-rank1-own"
+    os.makedirs(directory, exist_ok=True)
+    os.makedirs(own, exist_ok=True)
+    if ctypes.CDLL(None, use_errno=True).unshare(0x00020000) != 0:  # CLONE_NEWNS
+        return False
+    mount = [["mount", "--make-rprivate", "/"], ["mount", "--bind", own, directory]]
+    return all(subprocess.run(m, capture_output=True).returncode == 0 for m in mount)
+
+
+class FailsOnRank1:
+    """A checkpointable whose save fails on rank 1 (its disk is full) and writes a file on the others."""
+
+    async def save(self, directory):
+        path = await directory.await_creation()
+
+        async def write():
+            if rank == 1:
+                raise OSError(f"disk full on rank {rank}")
+            (path / f"rank_{rank}").write_text("written")
+        return write()
+
+    async def load(self, directory):
+        async def read():
+            pass
+        return read()
+
+
+def failing_saves(ckptr: Checkpointer) -> None:
+    """A save that fails on rank 1 (sync, then async): every rank raises within seconds, not after the
+    timeout, and nothing is committed; the next save is whole."""
+    with ckpt.Context(async_options=ckpt.AsyncOptions(timeout_secs=20)):
+        for step, blocking in ((1, True), (2, False)):
+            items = {"state": {"w": torch.ones(2)}, "extra": FailsOnRank1()}
+            try:
+                if blocking:
+                    ckptr.save_checkpointables(step, items, force=True)
+                else:
+                    ckptr.save_checkpointables_async(step, items, force=True).result()
+            except OSError if rank == 1 else RuntimeError as e:
+                say(f"rank {rank} {'sync' if blocking else 'async'} failed: {type(e).__name__}: {e}")
+        ckptr.save(3, {"w": torch.ones(2)}, force=True)
+    say(f"rank {rank} steps {[c.step for c in ckptr.checkpoints]}")
 
 
 def unusual_dtensors(ckptr: Checkpointer) -> None:

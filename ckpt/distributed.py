@@ -21,7 +21,7 @@ import datetime
 import json
 import sys
 import threading
-from typing import Any, Iterator, Protocol, runtime_checkable
+from typing import Any, Callable, Iterator, Protocol, runtime_checkable
 
 
 @runtime_checkable
@@ -185,6 +185,42 @@ class TorchProcesses:
         out = {0: self.broadcast(f"{name}/primary", value, timeout_secs)}
         out.update(json.loads(store.get(f"{name}/differ/{slot}")) for slot in range(1, count + 1))
         return out
+
+
+def settle(processes: Processes, name: str, part: Callable[[], None], timeout_secs: float, task: str) -> None:
+    """Runs this process's ``part`` of ``task`` (in words, for the error: "the save of runs/exp1/7"), then
+    meets the other processes at the barrier ``name``, where each says whether its part failed. A failure
+    anywhere raises on every process at once (its own error where it failed, a RuntimeError naming the
+    failed processes and their errors elsewhere): none waits for the timeout, and none goes on to commit
+    what another failed to write. (A Processes object without ``compare``: a failed process raises at
+    once, the others at the timeout.)
+
+    Example::
+
+        copied = []
+        one = ckpt.distributed.SingleProcess()          # in a job: ckpt.distributed.current()
+        ckpt.distributed.settle(one, "copy/7", lambda: copied.append(7), 600, "the copy of step 7")
+        assert copied == [7]                             # (and every process's part succeeded)
+    """
+    compare = getattr(processes, "compare", None)
+    if processes.count == 1 or compare is None:
+        part()
+        if processes.count > 1:
+            processes.barrier(name, timeout_secs)
+        return
+    try:
+        part()
+        failure = None
+    except Exception as e:
+        failure = e
+    said = None if failure is None else f"{type(failure).__name__}: {failure}"
+    failed = {i: why for i, why in compare(name, said is not None, said, timeout_secs).items() if why is not None}
+    if failure is not None:
+        raise failure
+    if failed:
+        raise RuntimeError(f"{task} failed in another process ("
+                           + "; ".join(f"process {i}: {why}" for i, why in sorted(failed.items()))
+                           + "); nothing was committed")
 
 
 def _timed_out(member: str, processes: Processes, what: str, timeout_secs: float, error: BaseException) -> TimeoutError:

@@ -26,7 +26,7 @@ from ckpt import leaves as leaves_lib
 from ckpt import chunks, collector, custom, distributed, entries, loading, packing, preemption, progress, root, storage
 from ckpt import host_memory, storage_options, transfers
 from ckpt import tree as tree_lib
-from ckpt.errors import RootDirectoryError, TreeMismatchError
+from ckpt.errors import TreeMismatchError
 from ckpt.metadata import now_nsecs
 from ckpt.tree import KeyPath, keystr
 
@@ -790,39 +790,15 @@ class StepWriter:
             self.processes.barrier(f"{self.operation}/{phase}", self.timeout_secs)
 
     def _settle(self, phase: str, part: Callable[[], None]) -> None:
-        """Runs this process's ``part`` of ``phase``, then meets the other processes at the barrier ending it,
-        where each says whether its part failed. A failure anywhere raises on every process at once (its own
-        error where it failed): none waits for the timeout, and process 0 never commits a step that lacks
-        another process's files. (A Processes object without ``compare``: a failed process raises at once and
-        the others meet the timeout.)"""
-        compare = getattr(self.processes, "compare", None)
-        if self.processes.count == 1 or compare is None:
-            part()
-            self._barrier(phase)
-            return
-        try:
-            part()
-            failure = None
-        except Exception as e:
-            failure = e
-        said = None if failure is None else f"{type(failure).__name__}: {failure}"
-        failed = {i: why for i, why in compare(f"{self.operation}/{phase}", said is not None, said,
-                                               self.timeout_secs).items() if why is not None}
-        if failure is not None:
-            raise failure
-        if failed:
-            raise RuntimeError(f"the save of {self.final_dir} failed in another process ("
-                               + "; ".join(f"process {i}: {why}" for i, why in sorted(failed.items()))
-                               + "); nothing was committed")
+        """This process's ``part`` of ``phase``, then the barrier ending it (see :func:`ckpt.distributed.settle`)."""
+        distributed.settle(self.processes, f"{self.operation}/{phase}", part, self.timeout_secs,
+                           f"the save of {self.final_dir}")
 
     def _write_own(self) -> None:
         """This process's part of the step: every process's shards of the arrays spread over processes, the
         primary's everything else; each handler's files."""
-        if not self.primary and not storage.is_marked(self.tmp_dir):
-            raise RootDirectoryError(
-                f"process {self.processes.index} does not see {self.tmp_dir}, which process 0 made to save the step "
-                f"in: the root must be one directory that every process sees (a shared file system, or an object "
-                "store), or the step would lack this process's shards", path=self.final_dir.parent)
+        if not self.primary:
+            root.check_shared(self.tmp_dir, self.processes.index)
         self.write_arrays(self.plan.arrays)
         if self.primary:
             self.write_packed()

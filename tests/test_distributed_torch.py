@@ -97,7 +97,7 @@ def test_a_save_failing_on_one_rank_raises_on_every_rank_at_once_and_commits_not
 
 
 @pytest.mark.timeout(300)
-def test_a_root_one_rank_does_not_see_is_refused_on_every_rank_and_nothing_is_committed(tmp_path):
+def test_a_root_one_rank_does_not_see_is_refused_on_every_rank_at_a_save_and_a_promotion_and_nothing_is_committed(tmp_path):
     out = run_jobs(tmp_path / "run", tmp_path / "unused.npz", "unshared:2")
     if "rank 1 cannot make a mount namespace" in out:
         pytest.skip("no mount namespaces here (a root that one rank does not see needs one)")
@@ -106,4 +106,9 @@ def test_a_root_one_rank_does_not_see_is_refused_on_every_rank_and_nothing_is_co
     assert f"rank 1 refused: {said}" in out, out
     assert f"rank 0 refused: RuntimeError: the save of {tmp_path / 'run' / '1'} failed in another process (process 1: {said}" in out, out
     assert "rank 0 steps []" in out and "rank 1 steps []" in out, out
-    assert sorted(os.listdir(tmp_path / "run")) == [".ckpt.lock"]  # nothing committed, nothing left
+    assert sorted(os.listdir(tmp_path / "run")) == [".ckpt.lock", "durable"]  # nothing committed, nothing left
+    said = said.replace("/1.ckpt-tmp", "/durable/2.ckpt-tmp")  # two tiers: a promotion, the same way
+    assert f"rank 1 promotion refused: {said}" in out, out
+    assert (f"rank 0 promotion refused: RuntimeError: the promotion of {tmp_path / 'run-local' / 'process_0' / '2'} to "
+            f"{tmp_path / 'run' / 'durable' / '2'} failed in another process (process 1: {said}") in out, out
+    assert "rank 0 durable steps ['.ckpt.lock']" in out, out

@@ -522,14 +522,18 @@ class StepWriter:
     def start_custom(self, handled: dict[str, tuple[type | None, Any]]) -> None:
         """Runs the caller's part of the handlers' saves (see :func:`ckpt.custom.start`); the rest runs in :meth:`run`.
         With several processes, every process's handlers run (each may write files of its own): the primary
-        makes the step's directory first, so that any of them may make its directory at once."""
+        makes the step's directory first, so that any of them may make its directory at once; a failure in
+        any process raises in all (see :func:`ckpt.distributed.settle`)."""
         if not handled:
             return
+
+        def start() -> None:
+            self.custom = custom.start(handled, self.tmp_dir, self.prepare_dir)
+
         try:
             if self.processes.count > 1:
-                self.prepare_dir()
-                self._barrier("custom")
-            self.custom = custom.start(handled, self.tmp_dir, self.prepare_dir)
+                self._settle("custom", self.prepare_dir)
+            self._settle("custom/started", start)
         except BaseException:
             self.discard()
             raise

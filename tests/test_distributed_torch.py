@@ -93,7 +93,10 @@ def test_a_save_failing_on_one_rank_raises_on_every_rank_at_once_and_commits_not
         assert f"rank 1 {how} failed: OSError: disk full on rank 1" in out, out
         assert (f"rank 0 {how} failed: RuntimeError: the save of {tmp_path / 'run' / str(step)} failed in another "
                 "process (process 1: OSError: disk full on rank 1); nothing was committed") in out, out
-    assert "rank 0 steps [3]" in out and "rank 1 steps [3]" in out, out
+    assert "rank 1 start failed: ValueError: no snapshot on rank 1" in out, out
+    assert (f"rank 0 start failed: RuntimeError: the save of {tmp_path / 'run' / '3'} failed in another process "
+            "(process 1: ValueError: no snapshot on rank 1); nothing was committed") in out, out
+    assert "rank 0 steps [4]" in out and "rank 1 steps [4]" in out, out
 
 
 @pytest.mark.timeout(300)

@@ -229,9 +229,15 @@ def sees_another_root() -> bool:
 
 
 class FailsOnRank1:
-    """A checkpointable whose save fails on rank 1 (its disk is full) and writes a file on the others."""
+    """A checkpointable whose save fails on rank 1 (its disk is full; or ``at_start``, in the part of the
+    save its caller waits for) and writes a file on the others."""
+
+    def __init__(self, at_start: bool = False):
+        self.at_start = at_start
 
     async def save(self, directory):
+        if self.at_start and rank == 1:
+            raise ValueError(f"no snapshot on rank {rank}")
         path = await directory.await_creation()
 
         async def write():
@@ -247,19 +253,19 @@ class FailsOnRank1:
 
 
 def failing_saves(ckptr: Checkpointer) -> None:
-    """A save that fails on rank 1 (sync, then async): every rank raises within seconds, not after the
-    timeout, and nothing is committed; the next save is whole."""
+    """A save that fails on rank 1 (sync, async, and in the part of the save its caller waits for): every
+    rank raises within seconds, not after the timeout, and nothing is committed; the next save is whole."""
     with ckpt.Context(async_options=ckpt.AsyncOptions(timeout_secs=20)):
-        for step, blocking in ((1, True), (2, False)):
-            items = {"state": {"w": torch.ones(2)}, "extra": FailsOnRank1()}
+        for step, how in ((1, "sync"), (2, "async"), (3, "start")):
+            items = {"state": {"w": torch.ones(2)}, "extra": FailsOnRank1(at_start=how == "start")}
             try:
-                if blocking:
-                    ckptr.save_checkpointables(step, items, force=True)
-                else:
+                if how == "async":
                     ckptr.save_checkpointables_async(step, items, force=True).result()
-            except OSError if rank == 1 else RuntimeError as e:
-                say(f"rank {rank} {'sync' if blocking else 'async'} failed: {type(e).__name__}: {e}")
-        ckptr.save(3, {"w": torch.ones(2)}, force=True)
+                else:
+                    ckptr.save_checkpointables(step, items, force=True)
+            except (OSError, ValueError) if rank == 1 else RuntimeError as e:
+                say(f"rank {rank} {how} failed: {type(e).__name__}: {e}")
+        ckptr.save(4, {"w": torch.ones(2)}, force=True)
     say(f"rank {rank} steps {[c.step for c in ckptr.checkpoints]}")
 
 

@@ -517,18 +517,26 @@ class Checkpointer:
                                     preempted=self.reached_preemption(step), metrics=metrics,
                                     custom_metadata=custom_metadata)
         options = self._ctx
-        trees, handled = custom.split(checkpointables, options.checkpointables_options.registry)
-        plan = saving.plan(trees, metrics=metrics, custom_metadata=custom_metadata, previous=self._staging.layout,
-                           storage=options.array_options.saving)
-        self._staging.layout = plan.layout
         final = self._directory / step_lib.checked_name(self._name_format, step)
-        self.wait()
-        root.check_target(final, storage.temporary_for(final), step=step, overwrite=overwrite)
-        # every process judges the step's names, and saves the same tree to the same step (named without it,
-        # so that processes saving other steps are told so), before any makes its temporary
-        saving.agree(plan, final, self._processes, self._operation("save/checked"), options.async_options.timeout_secs)
-        if self._processes.index == 0:
-            self._take_directory()
+        prepared: list[tuple[saving.Plan, dict]] = []
+
+        def prepare() -> None:  # a failure in any process raises in all, before any writes
+            trees, handled = custom.split(checkpointables, options.checkpointables_options.registry)
+            plan = saving.plan(trees, metrics=metrics, custom_metadata=custom_metadata, previous=self._staging.layout,
+                               storage=options.array_options.saving)
+            self._staging.layout = plan.layout
+            self.wait()
+            root.check_target(final, storage.temporary_for(final), step=step, overwrite=overwrite)
+            if self._processes.index == 0:
+                self._take_directory()
+            prepared.append((plan, handled))
+
+        timeout = options.async_options.timeout_secs
+        distributed.settle(self._processes, self._operation("save/planned"), prepare, timeout, f"the save of {final}")
+        (plan, handled), = prepared
+        # every process saves the same tree to the same step (named without it, so that processes saving
+        # other steps are told so), before any makes its temporary
+        saving.agree(plan, final, self._processes, self._operation("save/checked"), timeout)
         writer = saving.StepWriter(plan, storage.temporary_for(final), final, overwrite=overwrite,
                                    dir_mode=self._ctx.file_options.path_permission_mode,
                                    processes=self._processes, operation=self._operation(f"save/{step}"),

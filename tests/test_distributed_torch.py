@@ -96,7 +96,12 @@ def test_a_save_failing_on_one_rank_raises_on_every_rank_at_once_and_commits_not
     assert "rank 1 start failed: ValueError: no snapshot on rank 1" in out, out
     assert (f"rank 0 start failed: RuntimeError: the save of {tmp_path / 'run' / '3'} failed in another process "
             "(process 1: ValueError: no snapshot on rank 1); nothing was committed") in out, out
-    assert "rank 0 steps [4]" in out and "rank 1 steps [4]" in out, out
+    for how, path in (("plan", tmp_path / "run" / "4"), ("free", tmp_path / "run-free")):
+        assert f"rank 1 {how} failed: UnregisteredTypeError: checkpointable 'state': leaf at ['w'] has type" in out, out
+        assert (f"rank 0 {how} failed: RuntimeError: the save of {path} failed in another process (process 1: "
+                "UnregisteredTypeError: checkpointable 'state': leaf at ['w'] has type builtins.object") in out, out
+    assert "rank 0 steps [5]" in out and "rank 1 steps [5]" in out, out
+    assert not (tmp_path / "run-free").exists()
 
 
 @pytest.mark.timeout(300)

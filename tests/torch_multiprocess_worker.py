@@ -253,19 +253,24 @@ class FailsOnRank1:
 
 
 def failing_saves(ckptr: Checkpointer) -> None:
-    """A save that fails on rank 1 (sync, async, and in the part of the save its caller waits for): every
-    rank raises within seconds, not after the timeout, and nothing is committed; the next save is whole."""
+    """A save that fails on rank 1 (sync, async, in the part of the save its caller waits for, and in its
+    plan, through the Checkpointer and ``ckpt.save``): every rank raises within seconds, not after the
+    timeout, and nothing is committed; the next save is whole."""
     with ckpt.Context(async_options=ckpt.AsyncOptions(timeout_secs=20)):
-        for step, how in ((1, "sync"), (2, "async"), (3, "start")):
+        for step, how in ((1, "sync"), (2, "async"), (3, "start"), (4, "plan"), (None, "free")):
             items = {"state": {"w": torch.ones(2)}, "extra": FailsOnRank1(at_start=how == "start")}
+            if how in ("plan", "free"):  # a leaf ckpt cannot store, on rank 1 alone
+                items = {"state": {"w": torch.ones(2) if rank == 0 else object()}}
             try:
                 if how == "async":
                     ckptr.save_checkpointables_async(step, items, force=True).result()
+                elif how == "free":
+                    ckpt.save_checkpointables(f"{directory}-free", items)
                 else:
                     ckptr.save_checkpointables(step, items, force=True)
-            except (OSError, ValueError) if rank == 1 else RuntimeError as e:
+            except (OSError, ValueError, TypeError) if rank == 1 else RuntimeError as e:
                 say(f"rank {rank} {how} failed: {type(e).__name__}: {e}")
-        ckptr.save(4, {"w": torch.ones(2)}, force=True)
+        ckptr.save(5, {"w": torch.ones(2)}, force=True)
     say(f"rank {rank} steps {[c.step for c in ckptr.checkpoints]}")
 
 

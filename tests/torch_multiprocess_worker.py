@@ -163,13 +163,14 @@ def run(this_rank: int, this_world: int, port: int, mode: str) -> None:
                 say(f"rank {rank} refused: {type(e).__name__}: {e}")
             say(f"rank {rank} steps {[c.step for c in ckptr.checkpoints]}")
             local = ckpt.LocalCheckpointOptions(f"{directory}-local", save_decision_policy=sdp.FixedIntervalPolicy(1))
-            with Checkpointer(f"{directory}/durable", save_decision_policy=sdp.FixedIntervalPolicy(2), local=local) as tiers:
+            durable = f"{directory}/durable"
+            with Checkpointer(durable, save_decision_policy=sdp.FixedIntervalPolicy(2), local=local) as tiers:
                 try:
                     tiers.save(2, {"w": torch.ones(2)})
                     tiers.wait()  # (the promotion runs in the background)
                 except (RuntimeError, OSError) as e:
                     say(f"rank {rank} promotion refused: {type(e).__name__}: {e}")
-            say(f"rank {rank} durable steps {sorted(os.listdir(f'{directory}/durable'))}")
+            say(f"rank {rank} durable steps {sorted(os.listdir(durable))}")
         else:  # resume after a crash
             latest = ckptr.latest.step
             model, optimizer = load_into_fresh_model(ckptr)

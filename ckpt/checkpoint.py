@@ -8,7 +8,6 @@ Example::
 from __future__ import annotations
 
 import concurrent.futures
-import itertools
 import os
 import warnings
 from pathlib import Path
@@ -22,9 +21,6 @@ from ckpt.metadata import CheckpointMetadata
 from ckpt.training import checkpoint_metadata
 
 
-_FREE_SAVES = itertools.count()  # this process's free saves: the n-th is the same save in every process
-
-
 def _writer(path: str | os.PathLike, checkpointables: dict[str, Any], overwrite: bool,
             custom_metadata: Any) -> saving.StepWriter:
     """The writer of a free save. In a multi-process job (``jax.distributed``, ``torch.distributed``, or
@@ -35,7 +31,8 @@ def _writer(path: str | os.PathLike, checkpointables: dict[str, Any], overwrite:
     processes = options.multiprocessing_options.processes or distributed.current()
     tmp, prepared = storage.temporary_for(final), []
     prefix = options.multiprocessing_options.barrier_sync_key_prefix or ""
-    operation, timeout = f"{prefix}ckpt.save/{next(_FREE_SAVES)}", options.async_options.timeout_secs
+    number = distributed.call_number(processes, "ckpt.save")  # (not by path: the processes' paths are compared)
+    operation, timeout = f"{prefix}ckpt.save/{number}", options.async_options.timeout_secs
 
     def prepare() -> None:  # a failure in any process raises in all, before any writes
         trees, handled = custom.split(checkpointables, options.checkpointables_options.registry)

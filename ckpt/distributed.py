@@ -187,6 +187,29 @@ class TorchProcesses:
         return out
 
 
+_calls: dict[str, int] = {}  # (see call_number)
+_calls_lock = threading.Lock()
+
+
+def call_number(processes: Processes, what: str) -> int:
+    """How many times before this process called ``what`` (a Checkpointer opened on a directory, a free
+    save) with several processes: the same in every process, as they make the same calls, so
+    that barrier names made with it are new at each call (a barrier's name once passed may not be used
+    again) and alike in every process. Calls of one process alone are not counted: a process may make
+    them without the others.
+
+    Example::
+
+        one = ckpt.distributed.SingleProcess()
+        assert ckpt.distributed.call_number(one, "open runs/exp1") == 0   # one process: never counted
+    """
+    if processes.count == 1:
+        return 0
+    with _calls_lock:
+        number = _calls[what] = _calls.get(what, -1) + 1
+    return number
+
+
 def settle(processes: Processes, name: str, part: Callable[[], None], timeout_secs: float, task: str) -> None:
     """Runs this process's ``part`` of ``task`` (in words, for the error: "the save of runs/exp1/7"), then
     meets the other processes at the barrier ``name``, where each says whether its part failed. A failure

@@ -130,6 +130,7 @@ class Checkpointer:
         self._warned_behind = False
         self._processes = self._ctx.multiprocessing_options.processes or distributed.current()
         self._operations = 0
+        self._opened = distributed.call_number(self._processes, f"open {self._directory}")  # (see _operation)
         self._preempted_at: int | None = None
         self._decided_once = False  # (whether it listens for a preemption is known from the first decision)
         self._due: int | None = None  # the step the last should_save said yes to, until a save or reload
@@ -398,7 +399,7 @@ class Checkpointer:
         """A name unique to this call, the same on every process (they call the same methods in order)."""
         self._operations += 1
         prefix = self._ctx.multiprocessing_options.barrier_sync_key_prefix or ""
-        return f"{prefix}{self._directory}/{self._operations}/{what}"
+        return f"{prefix}{self._directory}/{self._opened}/{self._operations}/{what}"
 
     def _barrier(self, what: str) -> None:
         if self._processes.count > 1:

@@ -116,6 +116,9 @@ if mode == "preempt":  # a SIGTERM to process 1 alone: every process saves at JA
                     ckptr.save(step + 1, {"v": np.zeros(2)}, force=True)
             except TimeoutError as e:
                 print(f"process 0 timed out: {e}", flush=True)
+    with Checkpointer(directory) as ckptr:  # opened again in the same job: its barriers are new ones
+        ckptr.save(100, {"v": np.zeros(2)})  # (decided as the first Checkpointer's first save was)
+        print(f"process {pid} reopened and saved {[c.step for c in ckptr.checkpoints][-1]}", flush=True)
     sys.exit(0)
 
 if mode == "tiers":  # two tiers: each process's local tier, then process 1's host is replaced

@@ -94,3 +94,7 @@ def test_a_jax_array_loaded_without_a_sharding_is_on_each_process_own_default_de
 
 def test_a_save_only_one_process_makes_raises_ckpt_timeout_error_after_the_timeout(preempt_job):
     assert "process 0 timed out: process 0 of 2 waited 2 s for the other processes at" in preempt_job[0], preempt_job[0]
+
+
+def test_a_checkpointer_opened_again_on_the_same_root_in_the_same_job_saves(preempt_job):
+    assert all(f"process {pid} reopened and saved 100" in out for pid, out in enumerate(preempt_job)), preempt_job

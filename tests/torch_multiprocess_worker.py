@@ -181,14 +181,20 @@ def run(this_rank: int, this_world: int, port: int, mode: str) -> None:
 
 
 def free_save() -> None:
-    """Every rank calls ``ckpt.save`` with its shards of a small and a large DTensor: one checkpoint."""
+    """Every rank calls ``ckpt.save`` with its shards of a small and a large DTensor: one checkpoint (after a
+    save rank 0 made alone, which the ranks' saves together do not count)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
+    if rank == 0:
+        alone = ckpt.MultiprocessingOptions(processes=ckpt.distributed.SingleProcess())
+        with ckpt.Context(multiprocessing_options=alone):
+            ckpt.save(f"{directory}-rank0", {"x": torch.ones(2)})
     mesh = init_device_mesh("cpu", (world,))
     whole = {"small": torch.arange(8.0), "big": torch.arange(600 * 600.0).reshape(600, 600)}
     path = f"{directory}-free"
-    ckpt.save(path, {k: distribute_tensor(v, mesh, [Shard(0)], src_data_rank=None) for k, v in whole.items()})
+    with ckpt.Context(async_options=ckpt.AsyncOptions(timeout_secs=30)):
+        ckpt.save(path, {k: distribute_tensor(v, mesh, [Shard(0)], src_data_rank=None) for k, v in whole.items()})
     loaded = ckpt.load(path)
     assert all(torch.equal(loaded[k], v) for k, v in whole.items()), loaded
     say(f"rank {rank} free save: whole")

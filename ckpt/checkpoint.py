@@ -8,7 +8,6 @@ Example::
 from __future__ import annotations
 
 import concurrent.futures
-import itertools
 import os
 import warnings
 from pathlib import Path
@@ -22,9 +21,6 @@ from ckpt.metadata import CheckpointMetadata
 from ckpt.training import checkpoint_metadata
 
 
-_FREE_SAVES = itertools.count()  # this process's free saves: the n-th is the same save in every process
-
-
 def _writer(path: str | os.PathLike, checkpointables: dict[str, Any], overwrite: bool,
             custom_metadata: Any) -> saving.StepWriter:
     """The writer of a free save. In a multi-process job (``jax.distributed``, ``torch.distributed``, or
@@ -33,12 +29,19 @@ def _writer(path: str | os.PathLike, checkpointables: dict[str, Any], overwrite:
     final = storage.location(path)
     options = get_context()
     processes = options.multiprocessing_options.processes or distributed.current()
-    trees, handled = custom.split(checkpointables, options.checkpointables_options.registry)
-    plan = saving.plan(trees, custom_metadata=custom_metadata, storage=options.array_options.saving)
-    tmp = storage.temporary_for(final)
-    root.check_target(final, tmp, step=None, overwrite=overwrite)
+    tmp, prepared = storage.temporary_for(final), []
     prefix = options.multiprocessing_options.barrier_sync_key_prefix or ""
-    operation, timeout = f"{prefix}ckpt.save/{next(_FREE_SAVES)}", options.async_options.timeout_secs
+    number = distributed.call_number(processes, "ckpt.save")  # (not by path: the processes' paths are compared)
+    operation, timeout = f"{prefix}ckpt.save/{number}", options.async_options.timeout_secs
+
+    def prepare() -> None:  # a failure in any process raises in all, before any writes
+        trees, handled = custom.split(checkpointables, options.checkpointables_options.registry)
+        plan = saving.plan(trees, custom_metadata=custom_metadata, storage=options.array_options.saving)
+        root.check_target(final, tmp, step=None, overwrite=overwrite)
+        prepared.append((plan, handled))
+
+    distributed.settle(processes, f"{operation}/planned", prepare, timeout, f"the save of {final}")
+    (plan, handled), = prepared
     saving.agree(plan, final, processes, f"{operation}/checked", timeout)
     storage.make_dir(final.parent)
     writer = saving.StepWriter(plan, tmp, final, overwrite=overwrite, processes=processes, operation=operation,

@@ -16,11 +16,12 @@ Example::
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import sys
 import threading
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Callable, Iterator, Protocol, runtime_checkable
 
 
 @runtime_checkable
@@ -89,14 +90,26 @@ class JaxProcesses:
         self.count = count
 
     def barrier(self, name: str, timeout_secs: float) -> None:
-        self._client.wait_at_barrier(f"ckpt:{name}", int(timeout_secs * 1000))
+        with self._timeout(f"the other processes at {name!r}", timeout_secs):
+            self._client.wait_at_barrier(f"ckpt:{name}", int(timeout_secs * 1000))
 
     def broadcast(self, name: str, value: Any, timeout_secs: float) -> Any:
         key = f"ckpt:{name}"
         if self.index == 0:
             self._client.key_value_set(key, json.dumps(value))
             return value
-        return json.loads(self._client.blocking_key_value_get(key, int(timeout_secs * 1000)))
+        with self._timeout(f"process 0's {name!r}", timeout_secs):
+            return json.loads(self._client.blocking_key_value_get(key, int(timeout_secs * 1000)))
+
+    @contextlib.contextmanager
+    def _timeout(self, what: str, timeout_secs: float) -> Iterator[None]:
+        """Turns the JAX service's timeout (an XlaRuntimeError saying DEADLINE_EXCEEDED) into ckpt's TimeoutError."""
+        try:
+            yield
+        except Exception as e:
+            if "DEADLINE_EXCEEDED" not in str(e):
+                raise
+            raise _timed_out("process", self, what, timeout_secs, e) from None
 
     def compare(self, name: str, key: Any, value: Any, timeout_secs: float) -> dict[int, Any]:
         if self.broadcast(f"{name}/key", key, timeout_secs) != key:
@@ -144,11 +157,7 @@ class TorchProcesses:
         try:
             store.wait([key], datetime.timedelta(seconds=timeout_secs))
         except Exception as e:  # torch raises DistStoreError (a RuntimeError) on timeout
-            raise TimeoutError(f"rank {self.index} of {self.count} waited {timeout_secs:g} s for {what}; a rank "
-                               "stopped, or does not make the same ckpt calls: every rank calls a Checkpointer's methods and "
-                               "ckpt.save alike (to save from one rank alone, save inside ckpt.Context(multiprocessing_"
-                               f"options=ckpt.MultiprocessingOptions(processes=ckpt.distributed.SingleProcess()))) ({e})"
-                               ) from None
+            raise _timed_out("rank", self, what, timeout_secs, e) from None
 
     def barrier(self, name: str, timeout_secs: float) -> None:
         store = self._store()
@@ -176,6 +185,75 @@ class TorchProcesses:
         out = {0: self.broadcast(f"{name}/primary", value, timeout_secs)}
         out.update(json.loads(store.get(f"{name}/differ/{slot}")) for slot in range(1, count + 1))
         return out
+
+
+_calls: dict[str, int] = {}  # (see call_number)
+_calls_lock = threading.Lock()
+
+
+def call_number(processes: Processes, what: str) -> int:
+    """How many times before this process called ``what`` (a Checkpointer opened on a directory, a free
+    save) with several processes: the same in every process, as they make the same calls, so
+    that barrier names made with it are new at each call (a barrier's name once passed may not be used
+    again) and alike in every process. Calls of one process alone are not counted: a process may make
+    them without the others.
+
+    Example::
+
+        one = ckpt.distributed.SingleProcess()
+        assert ckpt.distributed.call_number(one, "open runs/exp1") == 0   # one process: never counted
+    """
+    if processes.count == 1:
+        return 0
+    with _calls_lock:
+        number = _calls[what] = _calls.get(what, -1) + 1
+    return number
+
+
+def settle(processes: Processes, name: str, part: Callable[[], None], timeout_secs: float, task: str) -> None:
+    """Runs this process's ``part`` of ``task`` (in words, for the error: "the save of runs/exp1/7"), then
+    meets the other processes at the barrier ``name``, where each says whether its part failed. A failure
+    anywhere raises on every process at once (its own error where it failed, a RuntimeError naming the
+    failed processes and their errors elsewhere): none waits for the timeout, and none goes on to commit
+    what another failed to write. (A Processes object without ``compare``: a failed process raises at
+    once, the others at the timeout.)
+
+    Example::
+
+        copied = []
+        one = ckpt.distributed.SingleProcess()          # in a job: ckpt.distributed.current()
+        ckpt.distributed.settle(one, "copy/7", lambda: copied.append(7), 600, "the copy of step 7")
+        assert copied == [7]                             # (and every process's part succeeded)
+    """
+    compare = getattr(processes, "compare", None)
+    if processes.count == 1 or compare is None:
+        part()
+        if processes.count > 1:
+            processes.barrier(name, timeout_secs)
+        return
+    try:
+        part()
+        failure = None
+    except Exception as e:
+        failure = e
+    said = None if failure is None else f"{type(failure).__name__}: {failure}"
+    failed = {i: why for i, why in compare(name, said is not None, said, timeout_secs).items() if why is not None}
+    if failure is not None:
+        raise failure
+    if failed:
+        raise RuntimeError(f"{task} failed in another process ("
+                           + "; ".join(f"process {i}: {why}" for i, why in sorted(failed.items()))
+                           + "); nothing was committed")
+
+
+def _timed_out(member: str, processes: Processes, what: str, timeout_secs: float, error: BaseException) -> TimeoutError:
+    """The error of a barrier or broadcast that waited ``timeout_secs`` for ``what`` in vain (``member``:
+    what the engine calls a process)."""
+    return TimeoutError(
+        f"{member} {processes.index} of {processes.count} waited {timeout_secs:g} s for {what}; a {member} stopped, "
+        f"or does not make the same ckpt calls: every {member} calls a Checkpointer's methods and ckpt.save alike (to "
+        f"save from one {member} alone, save inside ckpt.Context(multiprocessing_options=ckpt.MultiprocessingOptions("
+        f"processes=ckpt.distributed.SingleProcess()))) ({error})")
 
 
 def _torch_store_address(dist: Any) -> tuple[str, int]:

@@ -12,6 +12,10 @@ scheduler's wrapper) still sees the signal. When the previous handler is the def
 - else (a script that only reads checkpoints, a Checkpointer closed, a policy that never saves on a
   preemption) SIGTERM terminates at once, as it would without ckpt.
 
+In a job of several ``jax.distributed`` processes, JAX's preemption service takes SIGTERM instead: a
+SIGTERM to any process makes every process reach JAX's preemption sync point at the same step, which
+the save decisions ask, and terminates none of them.
+
 Example::
 
     for step in range(start, num_steps):
@@ -170,15 +174,29 @@ def _forget_listeners_in_child() -> None:
 os.register_at_fork(after_in_child=_forget_listeners_in_child)
 
 
+def _jax_listens() -> bool:
+    """Whether JAX's preemption service takes SIGTERM in this process (a job of several ``jax.distributed``
+    processes): it tells every process of the job, which :func:`reached` then asks. Its handler is set in
+    C, where ``signal.getsignal`` does not see it, and replacing it would keep a SIGTERM to one process
+    from the others."""
+    jax = sys.modules.get("jax")
+    if jax is None:
+        return False
+    from jax._src import distributed
+
+    return getattr(distributed.global_state, "preemption_sync_manager", None) is not None and jax.process_count() > 1
+
+
 def install() -> None:
-    """Installs the SIGTERM handler once per process (only possible from the main thread).
+    """Installs the SIGTERM handler once per process (only possible from the main thread), except where
+    JAX's preemption service takes SIGTERM (see :func:`_jax_listens`).
 
     Example::
 
         ckpt.preemption.install()        # every Checkpointer does this
     """
     global _installed, _previous
-    if _installed or threading.current_thread() is not threading.main_thread():
+    if _installed or threading.current_thread() is not threading.main_thread() or _jax_listens():
         return
     current = signal.getsignal(signal.SIGTERM)
     if current is _handler:

@@ -250,6 +250,21 @@ def check_target(final: storage.Location, tmp: storage.Location, *, step: int | 
                 "Move it away, or save to another step or path.", path=tmp)
 
 
+def check_shared(tmp: storage.Location, index: int) -> None:
+    """Checks that process ``index`` (not the primary) sees the temporary directory ``tmp`` that process 0
+    made for a step (every process writes its shards there).
+
+    Raises:
+      RootDirectoryError: it does not: the root is not one directory every process sees, and the step
+        would lack this process's files.
+    """
+    if not storage.is_marked(tmp):
+        raise RootDirectoryError(
+            f"process {index} does not see {tmp}, which process 0 made to save the step in: the root must be one "
+            "directory that every process sees (a shared file system, or an object store), or the step would "
+            "lack this process's shards", path=tmp.parent)
+
+
 def commit(tmp: storage.Location, final: storage.Location, *, step: int | None, overwrite: bool) -> None:
     """Commits a fully written temporary (see :func:`ckpt.storage.commit_dir`) after checking ``final``
     again as :func:`check_target` did before the save began: whatever took its name while the step was

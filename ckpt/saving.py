@@ -522,14 +522,18 @@ class StepWriter:
     def start_custom(self, handled: dict[str, tuple[type | None, Any]]) -> None:
         """Runs the caller's part of the handlers' saves (see :func:`ckpt.custom.start`); the rest runs in :meth:`run`.
         With several processes, every process's handlers run (each may write files of its own): the primary
-        makes the step's directory first, so that any of them may make its directory at once."""
+        makes the step's directory first, so that any of them may make its directory at once; a failure in
+        any process raises in all (see :func:`ckpt.distributed.settle`)."""
         if not handled:
             return
+
+        def start() -> None:
+            self.custom = custom.start(handled, self.tmp_dir, self.prepare_dir)
+
         try:
             if self.processes.count > 1:
-                self.prepare_dir()
-                self._barrier("custom")
-            self.custom = custom.start(handled, self.tmp_dir, self.prepare_dir)
+                self._settle("custom", self.prepare_dir)
+            self._settle("custom/started", start)
         except BaseException:
             self.discard()
             raise
@@ -789,21 +793,31 @@ class StepWriter:
         if self.processes.count > 1:
             self.processes.barrier(f"{self.operation}/{phase}", self.timeout_secs)
 
+    def _settle(self, phase: str, part: Callable[[], None]) -> None:
+        """This process's ``part`` of ``phase``, then the barrier ending it (see :func:`ckpt.distributed.settle`)."""
+        distributed.settle(self.processes, f"{self.operation}/{phase}", part, self.timeout_secs,
+                           f"the save of {self.final_dir}")
+
+    def _write_own(self) -> None:
+        """This process's part of the step: every process's shards of the arrays spread over processes, the
+        primary's everything else; each handler's files."""
+        if not self.primary:
+            root.check_shared(self.tmp_dir, self.processes.index)
+        self.write_arrays(self.plan.arrays)
+        if self.primary:
+            self.write_packed()
+        if self.custom is not None:
+            self.custom.finish()
+        for directory in self._unsynced:
+            storage.fsync_files(directory)
+
     def run(self, step: int | None) -> dict:
         """Writes everything not yet written, then commits; returns the manifest. A save that fails
         before its commit removes its temporary directory."""
         try:
             self.plan.materialize_unpacked()
-            self.prepare_dir()
-            self._barrier("prepared")
-            self.write_arrays(self.plan.arrays)
-            if self.primary:
-                self.write_packed()
-            if self.custom is not None:
-                self.custom.finish()
-            for directory in self._unsynced:
-                storage.fsync_files(directory)
-            self._barrier("written")
+            self._settle("prepared", self.prepare_dir)
+            self._settle("written", self._write_own)
             if self.primary:
                 self.write_manifest(step)
                 self.commit(step)

@@ -379,54 +379,68 @@ def _copy_step(source: Path, final: storage.Location, step: int, overwrite: bool
     """Copies a committed local step directory to ``final`` (byte for byte: its checksums hold) and commits
     it: on an object store the manifest is written last; locally the temporary directory is renamed.
     ``final`` is checked first and at the commit as a save's is (see :func:`ckpt.root.commit`). With
-    several processes each copies its own files and the primary commits after a barrier. A promotion
-    that fails before its commit removes its temporary directory, as a save does.
+    several processes each copies its own files and the primary commits once every process's copy
+    succeeded (a failure in one fails the promotion in all, see :func:`ckpt.distributed.settle`). A
+    promotion that fails before its commit removes its temporary directory, as a save does.
     Returns the bytes this process copied."""
-    primary, tmp, marker = durable.processes.index == 0, storage.temporary_for(final), None
-    if primary:
-        root.check_target(final, tmp, step=step, overwrite=overwrite)
-        marker = storage.make_temporary(tmp)
+    primary, tmp, markers = durable.processes.index == 0, storage.temporary_for(final), []
+    task = f"the promotion of {source} to {final}"
+
+    def prepare() -> None:
+        if primary:  # (only the primary makes the temporary)
+            root.check_target(final, tmp, step=step, overwrite=overwrite)
+            markers.append(storage.make_temporary(tmp))
+
     try:
-        copied = _copy_files(source, final, tmp, step, overwrite, durable, barrier)
+        distributed.settle(durable.processes, f"{barrier}/prepared", prepare, durable.timeout_secs, task)
+        copied = _copy_files(source, final, tmp, step, overwrite, durable, barrier, task)
     except BaseException:
-        if primary:  # (only the primary makes it)
+        if markers:
             storage.remove_failed_temporary(tmp)
         raise
     finally:
-        storage.release_temporary(marker)
+        if markers:
+            storage.release_temporary(markers[0])
     _barrier(durable, f"{barrier}/committed")
     return copied
 
 
 def _copy_files(source: Path, final: storage.Location, tmp: storage.Location, step: int, overwrite: bool,
-                durable: DurableRoot, barrier: str) -> int:
+                durable: DurableRoot, barrier: str, task: str) -> int:
     primary = durable.processes.index == 0
-    _barrier(durable, f"{barrier}/prepared")
     files = sorted(p for p in source.rglob("*") if p.is_file())
     skip = {source / fmt.MANIFEST} if primary else {source / fmt.MANIFEST, source / fmt.TREE}
     store = ts.KvStore.open(storage.kvstore(tmp), context=storage.ts_context(background=True)).result()
-    pending: list[tuple[int, Any]] = []
-    inflight = copied = 0
-    with storage.io_errors(f"promoting {source} to {final}"):
-        try:
-            for path in files:
-                if path in skip:
-                    continue
-                data = path.read_bytes()
-                pending.append((len(data), store.write(path.relative_to(source).as_posix(), data)))
-                inflight += len(data)
-                while inflight > _COPY_INFLIGHT_BYTES:
-                    size, write = pending.pop(0)
-                    write.result()
-                    inflight -= size
-                copied += len(data)
-        finally:  # every write ends, even after a failure: none may land once the temporary is removed
-            failures = [write.exception() for _, write in pending]
-        failure = next(filter(None, failures), None)
-        if failure is not None:
-            raise failure
-        _barrier(durable, f"{barrier}/written")
-        if primary:
+    copied = 0
+
+    def copy_own() -> None:
+        nonlocal copied
+        if not primary:
+            root.check_shared(tmp, durable.processes.index)
+        pending: list[tuple[int, Any]] = []
+        inflight = 0
+        with storage.io_errors(f"promoting {source} to {final}"):
+            try:
+                for path in files:
+                    if path in skip:
+                        continue
+                    data = path.read_bytes()
+                    pending.append((len(data), store.write(path.relative_to(source).as_posix(), data)))
+                    inflight += len(data)
+                    while inflight > _COPY_INFLIGHT_BYTES:
+                        size, write = pending.pop(0)
+                        write.result()
+                        inflight -= size
+                    copied += len(data)
+            finally:  # every write ends, even after a failure: none may land once the temporary is removed
+                failures = [write.exception() for _, write in pending]
+            failure = next(filter(None, failures), None)
+            if failure is not None:
+                raise failure
+
+    distributed.settle(durable.processes, f"{barrier}/written", copy_own, durable.timeout_secs, task)
+    if primary:
+        with storage.io_errors(f"promoting {source} to {final}"):
             manifest = (source / fmt.MANIFEST).read_bytes()
             store.write(fmt.MANIFEST, manifest).result()  # the commit record, last
             copied += len(manifest)

@@ -130,6 +130,7 @@ class Checkpointer:
         self._warned_behind = False
         self._processes = self._ctx.multiprocessing_options.processes or distributed.current()
         self._operations = 0
+        self._opened = distributed.call_number(self._processes, f"open {self._directory}")  # (see _operation)
         self._preempted_at: int | None = None
         self._decided_once = False  # (whether it listens for a preemption is known from the first decision)
         self._due: int | None = None  # the step the last should_save said yes to, until a save or reload
@@ -380,8 +381,9 @@ class Checkpointer:
             multiprocessing_options=self._ctx.multiprocessing_options)
         current = CheckpointMetadata(step, None, commit_timestamp_nsecs=now_nsecs(), monotonic_nsecs=time.monotonic_ns())
         decision = bool(self._save_policy.should_save(current, previous, context=context))
-        if self._processes.count > 1:  # time and signals differ between processes: the primary decides
-            decision, reached = self._processes.broadcast(self._operation(f"decide/{step}"), [decision, reached],
+        if self._processes.count > 1:  # time and signals differ between processes: the primary decides (for
+            # its step: processes saving other steps then meet in the save's check of the paths, not a timeout)
+            decision, reached = self._processes.broadcast(self._operation("decide"), [decision, reached],
                                                           self._ctx.async_options.timeout_secs)
         if reached and self._preempted_at is None:
             self._preempted_at = step
@@ -397,7 +399,7 @@ class Checkpointer:
         """A name unique to this call, the same on every process (they call the same methods in order)."""
         self._operations += 1
         prefix = self._ctx.multiprocessing_options.barrier_sync_key_prefix or ""
-        return f"{prefix}{self._directory}/{self._operations}/{what}"
+        return f"{prefix}{self._directory}/{self._opened}/{self._operations}/{what}"
 
     def _barrier(self, what: str) -> None:
         if self._processes.count > 1:
@@ -516,17 +518,26 @@ class Checkpointer:
                                     preempted=self.reached_preemption(step), metrics=metrics,
                                     custom_metadata=custom_metadata)
         options = self._ctx
-        trees, handled = custom.split(checkpointables, options.checkpointables_options.registry)
-        plan = saving.plan(trees, metrics=metrics, custom_metadata=custom_metadata, previous=self._staging.layout,
-                           storage=options.array_options.saving)
-        self._staging.layout = plan.layout
         final = self._directory / step_lib.checked_name(self._name_format, step)
-        self.wait()
-        root.check_target(final, storage.temporary_for(final), step=step, overwrite=overwrite)
-        # every process judges the step's names, and saves the same tree, before any makes its temporary
-        saving.agree(plan, final, self._processes, self._operation(f"save/{step}/checked"), options.async_options.timeout_secs)
-        if self._processes.index == 0:
-            self._take_directory()
+        prepared: list[tuple[saving.Plan, dict]] = []
+
+        def prepare() -> None:  # a failure in any process raises in all, before any writes
+            trees, handled = custom.split(checkpointables, options.checkpointables_options.registry)
+            plan = saving.plan(trees, metrics=metrics, custom_metadata=custom_metadata, previous=self._staging.layout,
+                               storage=options.array_options.saving)
+            self._staging.layout = plan.layout
+            self.wait()
+            root.check_target(final, storage.temporary_for(final), step=step, overwrite=overwrite)
+            if self._processes.index == 0:
+                self._take_directory()
+            prepared.append((plan, handled))
+
+        timeout = options.async_options.timeout_secs
+        distributed.settle(self._processes, self._operation("save/planned"), prepare, timeout, f"the save of {final}")
+        (plan, handled), = prepared
+        # every process saves the same tree to the same step (named without it, so that processes saving
+        # other steps are told so), before any makes its temporary
+        saving.agree(plan, final, self._processes, self._operation("save/checked"), timeout)
         writer = saving.StepWriter(plan, storage.temporary_for(final), final, overwrite=overwrite,
                                    dir_mode=self._ctx.file_options.path_permission_mode,
                                    processes=self._processes, operation=self._operation(f"save/{step}"),

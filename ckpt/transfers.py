@@ -230,9 +230,11 @@ def with_callers_placement(fn: Callable[[], T]) -> Callable[[], T]:
 
 
 def _default_device(jax: Any) -> Any:
+    """Where jax puts an array it is given no place for: the configured default device, else this
+    process's first one (as jax does: ``jax.devices()[0]`` is process 0's in a multi-process job)."""
     device = jax.config.jax_default_device
     if device is None or isinstance(device, str):
-        return jax.devices(device)[0]
+        return jax.local_devices(backend=device)[0]
     return device
 
 

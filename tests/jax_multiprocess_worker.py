@@ -1,6 +1,6 @@
 """One process of a 2-process JAX job on 127.0.0.1 (used by tests/test_distributed_jax.py).
 
-usage: jax_multiprocess_worker.py PORT PROCESS_ID DIR MODE   (MODE: save | resume | tiers)
+usage: jax_multiprocess_worker.py PORT PROCESS_ID DIR MODE   (MODE: save | resume | tiers | preempt)
 """
 import faulthandler
 import os
@@ -89,6 +89,37 @@ def save_custom(ckptr: Checkpointer, steps: list[int]) -> None:
                 want = expected(step).astype(jax.numpy.bfloat16).astype(np.float32)[shard.index]
                 np.testing.assert_array_equal(np.asarray(shard.data), want)
 
+
+if mode == "preempt":  # a SIGTERM to process 1 alone: every process saves at JAX's preemption sync point
+    import signal
+    import time
+
+    only_preemption = sdp.AnySavePolicy([sdp.FixedIntervalPolicy(1000), sdp.PreemptionCheckpointingPolicy()])
+    with Checkpointer(directory, save_decision_policy=only_preemption) as ckptr:
+        for step in range(1, 60):
+            if step == 3 and pid == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+            ckptr.save(step, {"v": jax.numpy.arange(4.0) * step})  # on this process's own first device
+            if ckptr.reached_preemption(step):
+                break
+            time.sleep(0.05)
+        print(f"process {pid} stopped at {step} steps {[c.step for c in ckptr.checkpoints]}", flush=True)
+        loaded = ckptr.load(step)["v"]  # no abstract tree: on this process's default device, as jax puts arrays
+        assert loaded.devices() == {jax.local_devices()[0]}, loaded.devices()
+        np.testing.assert_array_equal(np.asarray(loaded), np.arange(4.0) * step)
+        print(f"process {pid} loaded on its own device", flush=True)
+        if pid == 0:  # a save process 1 does not make: a bounded wait, then ckpt's TimeoutError
+            import ckpt
+
+            try:
+                with ckpt.Context(async_options=ckpt.AsyncOptions(timeout_secs=2)):
+                    ckptr.save(step + 1, {"v": np.zeros(2)}, force=True)
+            except TimeoutError as e:
+                print(f"process 0 timed out: {e}", flush=True)
+    with Checkpointer(directory) as ckptr:  # opened again in the same job: its barriers are new ones
+        ckptr.save(100, {"v": np.zeros(2)})  # (decided as the first Checkpointer's first save was)
+        print(f"process {pid} reopened and saved {[c.step for c in ckptr.checkpoints][-1]}", flush=True)
+    sys.exit(0)
 
 if mode == "tiers":  # two tiers: each process's local tier, then process 1's host is replaced
     import shutil

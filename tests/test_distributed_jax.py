@@ -1,6 +1,7 @@
 """Multi-process JAX: two processes on 127.0.0.1 save sharded arrays, are killed, and resume."""
 from __future__ import annotations
 
+import re
 import socket
 from pathlib import Path
 
@@ -73,3 +74,27 @@ def test_two_tiers_each_process_keeps_its_shards_locally_and_a_replaced_host_res
     with ckpt.Checkpointer(tmp_path / "durable") as durable:  # every process's shards were promoted
         restored = durable.load(2, {"w": np.zeros((8, 12), np.float32), "bias": None, "step": None})
     np.testing.assert_array_equal(restored["w"], np.arange(96, dtype=np.float32).reshape(8, 12) * 2)
+
+
+
+@pytest.fixture(scope="module")
+def preempt_job(tmp_path_factory) -> list[str]:
+    return run_job(tmp_path_factory.mktemp("preempt"), "preempt")
+
+
+def test_a_sigterm_to_one_process_makes_every_process_save_at_jax_preemption_sync_point_and_stop(preempt_job):
+    stops = [re.search(rf"process {pid} stopped at (\d+) steps \[(\d+)\]", out) for pid, out in enumerate(preempt_job)]
+    assert all(stops), preempt_job
+    assert stops[0].groups() == stops[1].groups() and int(stops[0][1]) < 59, preempt_job  # the same step, saved
+
+
+def test_a_jax_array_loaded_without_a_sharding_is_on_each_process_own_default_device(preempt_job):
+    assert all(f"process {pid} loaded on its own device" in out for pid, out in enumerate(preempt_job)), preempt_job
+
+
+def test_a_save_only_one_process_makes_raises_ckpt_timeout_error_after_the_timeout(preempt_job):
+    assert "process 0 timed out: process 0 of 2 waited 2 s for the other processes at" in preempt_job[0], preempt_job[0]
+
+
+def test_a_checkpointer_opened_again_on_the_same_root_in_the_same_job_saves(preempt_job):
+    assert all(f"process {pid} reopened and saved 100" in out for pid, out in enumerate(preempt_job)), preempt_job

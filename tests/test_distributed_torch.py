@@ -2,6 +2,7 @@
 ranks and in a plain process, and a single-process checkpoint loaded into DTensor templates."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -62,13 +63,14 @@ def test_ranks_that_each_call_the_free_save_write_one_whole_checkpoint(tmp_path)
 
 
 @pytest.mark.timeout(300)
-def test_ranks_saving_trees_with_other_keys_or_to_other_paths_are_refused_on_every_rank_before_anything_is_written(tmp_path):
+def test_ranks_saving_other_keys_paths_or_steps_are_refused_on_every_rank_before_anything_is_written(tmp_path):
     out = run_jobs(tmp_path / "run", tmp_path / "unused.npz", "differ:2")
     for r in (0, 1):
         assert (f"rank {r} checkpointer refused: [\"state['stage0.weight'] on process 0, not on process 1\", "
                 f"\"state['stage1.weight'] on process 1, not on process 0\"]") in out, out
         assert f"rank {r} free refused: [\"state['stage0.weight'] on process 0" in out, out
         assert f"rank {r} path refused: ['process 1 saves to {tmp_path / 'run'}-rank1, process 0 to " in out, out
+        assert f"rank {r} step refused: ['process 1 saves to {tmp_path / 'run' / '6'}, process 0 to " in out, out
         assert f"rank {r} steps [] entries ['run']" in out, out
 
 
@@ -82,3 +84,40 @@ def test_dtensors_of_unusual_layouts_at_four_ranks(tmp_path):
         assert f"rank {r} fsdp+tp exact, steps [2]" in out, out  # FSDP2 over tensor parallelism: saved as it is
         assert f"rank {r} small gathered exact: 7 dtypes" in out, out
         assert f"rank {r} 0-d loaded DTensor () 7" in out, out
+
+
+@pytest.mark.timeout(300)
+def test_a_save_failing_on_one_rank_raises_on_every_rank_at_once_and_commits_nothing(tmp_path):
+    out = run_jobs(tmp_path / "run", tmp_path / "unused.npz", "fail:2")
+    for how, step in (("sync", 1), ("async", 2)):
+        assert f"rank 1 {how} failed: OSError: disk full on rank 1" in out, out
+        assert (f"rank 0 {how} failed: RuntimeError: the save of {tmp_path / 'run' / str(step)} failed in another "
+                "process (process 1: OSError: disk full on rank 1); nothing was committed") in out, out
+    assert "rank 1 start failed: ValueError: no snapshot on rank 1" in out, out
+    assert (f"rank 0 start failed: RuntimeError: the save of {tmp_path / 'run' / '3'} failed in another process "
+            "(process 1: ValueError: no snapshot on rank 1); nothing was committed") in out, out
+    for how, path in (("plan", tmp_path / "run" / "4"), ("free", tmp_path / "run-free")):
+        assert f"rank 1 {how} failed: UnregisteredTypeError: checkpointable 'state': leaf at ['w'] has type" in out, out
+        assert (f"rank 0 {how} failed: RuntimeError: the save of {path} failed in another process (process 1: "
+                "UnregisteredTypeError: checkpointable 'state': leaf at ['w'] has type builtins.object") in out, out
+    assert "rank 0 steps [5]" in out and "rank 1 steps [5]" in out, out
+    assert not (tmp_path / "run-free").exists()
+
+
+@pytest.mark.timeout(300)
+def test_a_root_one_rank_does_not_see_is_refused_on_every_rank_at_a_save_and_a_promotion(tmp_path):
+    out = run_jobs(tmp_path / "run", tmp_path / "unused.npz", "unshared:2")
+    if "rank 1 cannot make a mount namespace" in out:
+        pytest.skip("no mount namespaces here (a root that one rank does not see needs one)")
+    said = (f"RootDirectoryError: process 1 does not see {tmp_path / 'run' / '1.ckpt-tmp'}, which process 0 made to "
+            "save the step in: the root must be one directory that every process sees")
+    assert f"rank 1 refused: {said}" in out, out
+    assert (f"rank 0 refused: RuntimeError: the save of {tmp_path / 'run' / '1'} failed in another process "
+            f"(process 1: {said}") in out, out
+    assert "rank 0 steps []" in out and "rank 1 steps []" in out, out
+    assert sorted(os.listdir(tmp_path / "run")) == [".ckpt.lock", "durable"]  # nothing committed, nothing left
+    said = said.replace("/1.ckpt-tmp", "/durable/2.ckpt-tmp")  # two tiers: a promotion, the same way
+    assert f"rank 1 promotion refused: {said}" in out, out
+    assert (f"rank 0 promotion refused: RuntimeError: the promotion of {tmp_path / 'run-local' / 'process_0' / '2'} to "
+            f"{tmp_path / 'run' / 'durable' / '2'} failed in another process (process 1: {said}") in out, out
+    assert "rank 0 durable steps ['.ckpt.lock']" in out, out

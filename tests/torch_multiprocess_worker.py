@@ -12,8 +12,9 @@ checks it against REFERENCE. ``crash``: saves steps forever (the test SIGKILLs a
 the others, and goes on with the next job); ``resume``:
 continues after the latest committed step with one more save. ``free``: every rank saves DTensors with
 ``ckpt.save`` (one coordinated save) and loads them back. ``differ``: the ranks save trees with other keys,
-through the Checkpointer and ``ckpt.save``, and to other paths; every save is refused, nothing is written.
+through the Checkpointer and ``ckpt.save``, and to other paths and steps; every save is refused, nothing is written.
 ``dtensors`` (4 ranks): DTensors of unusual layouts, saved and loaded through the Checkpointer.
+``fail``: saves that fail on rank 1. ``unshared``: rank 1 sees another directory at DIR.
 Each rank prints what it did.
 """
 import os
@@ -109,6 +110,9 @@ def run(this_rank: int, this_world: int, port: int, mode: str) -> None:
     global rank, world
     rank, world = this_rank, this_world
     say(f"rank {rank} pid {os.getpid()}")
+    if mode == "unshared" and rank == 1 and not sees_another_root():
+        say("rank 1 cannot make a mount namespace")
+        os._exit(0)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     with Checkpointer(directory, save_decision_policy=sdp.FixedIntervalPolicy(1)) as ckptr:
         assert isinstance(ckpt.distributed.current(), ckpt.distributed.TorchProcesses if world > 1 else ckpt.distributed.SingleProcess)
@@ -150,6 +154,23 @@ def run(this_rank: int, this_world: int, port: int, mode: str) -> None:
             differing_trees(ckptr)
         elif mode == "dtensors":
             unusual_dtensors(ckptr)
+        elif mode == "fail":
+            failing_saves(ckptr)
+        elif mode == "unshared":  # rank 1 sees another directory at DIR
+            try:
+                ckptr.save(1, {"w": torch.ones(2)}, force=True)
+            except (RuntimeError, OSError) as e:
+                say(f"rank {rank} refused: {type(e).__name__}: {e}")
+            say(f"rank {rank} steps {[c.step for c in ckptr.checkpoints]}")
+            local = ckpt.LocalCheckpointOptions(f"{directory}-local", save_decision_policy=sdp.FixedIntervalPolicy(1))
+            durable = f"{directory}/durable"
+            with Checkpointer(durable, save_decision_policy=sdp.FixedIntervalPolicy(2), local=local) as tiers:
+                try:
+                    tiers.save(2, {"w": torch.ones(2)})
+                    tiers.wait()  # (the promotion runs in the background)
+                except (RuntimeError, OSError) as e:
+                    say(f"rank {rank} promotion refused: {type(e).__name__}: {e}")
+            say(f"rank {rank} durable steps {sorted(os.listdir(durable))}")
         else:  # resume after a crash
             latest = ckptr.latest.step
             model, optimizer = load_into_fresh_model(ckptr)
@@ -160,34 +181,104 @@ def run(this_rank: int, this_world: int, port: int, mode: str) -> None:
 
 
 def free_save() -> None:
-    """Every rank calls ``ckpt.save`` with its shards of a small and a large DTensor: one checkpoint."""
+    """Every rank calls ``ckpt.save`` with its shards of a small and a large DTensor: one checkpoint (after a
+    save rank 0 made alone, which the ranks' saves together do not count)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
+    if rank == 0:
+        alone = ckpt.MultiprocessingOptions(processes=ckpt.distributed.SingleProcess())
+        with ckpt.Context(multiprocessing_options=alone):
+            ckpt.save(f"{directory}-rank0", {"x": torch.ones(2)})
     mesh = init_device_mesh("cpu", (world,))
     whole = {"small": torch.arange(8.0), "big": torch.arange(600 * 600.0).reshape(600, 600)}
     path = f"{directory}-free"
-    ckpt.save(path, {k: distribute_tensor(v, mesh, [Shard(0)], src_data_rank=None) for k, v in whole.items()})
+    with ckpt.Context(async_options=ckpt.AsyncOptions(timeout_secs=30)):
+        ckpt.save(path, {k: distribute_tensor(v, mesh, [Shard(0)], src_data_rank=None) for k, v in whole.items()})
     loaded = ckpt.load(path)
     assert all(torch.equal(loaded[k], v) for k, v in whole.items()), loaded
     say(f"rank {rank} free save: whole")
 
 
 def differing_trees(ckptr: Checkpointer) -> None:
-    """Each rank saves a tree of its own (a pipeline stage's keys): refused on every rank, nothing written."""
+    """Each rank saves a tree of its own (a pipeline stage's keys), or another step: refused on every rank
+    (within seconds, not after a timeout), nothing written."""
     stage = {f"stage{rank}.weight": torch.ones(2, 2)}
     saves = {"checkpointer": lambda: ckptr.save(1, stage, force=True),
              "free": lambda: ckpt.save(f"{directory}-differ", stage),
-             "path": lambda: ckpt.save(f"{directory}-rank{rank}", {"w": torch.ones(2)})}
+             "path": lambda: ckpt.save(f"{directory}-rank{rank}", {"w": torch.ones(2)}),
+             "step": lambda: ckptr.save(5 + rank, {"w": torch.ones(2)})}
     for what, save in saves.items():
         try:
-            save()
+            with ckpt.Context(async_options=ckpt.AsyncOptions(timeout_secs=30)):
+                save()
         except ckpt.errors.TreeMismatchError as e:
             say(f"rank {rank} {what} refused: {e.differences}")
     dist.barrier()
     ckptr.reload()
     written = sorted(p.name for p in Path(directory).parent.iterdir() if p.name.startswith(Path(directory).name))
     say(f"rank {rank} steps {[c.step for c in ckptr.checkpoints]} entries {written}")
+
+
+def sees_another_root() -> bool:
+    """Puts this process in a mount namespace of its own where DIR is another, empty directory (a root
+    that the other ranks do not see); False where it may not (not root, no mount namespaces)."""
+    import ctypes
+    import subprocess
+
+    own = f"{directory}-rank1-own"
+    os.makedirs(directory, exist_ok=True)
+    os.makedirs(own, exist_ok=True)
+    if ctypes.CDLL(None, use_errno=True).unshare(0x00020000) != 0:  # CLONE_NEWNS
+        return False
+    mount = [["mount", "--make-rprivate", "/"], ["mount", "--bind", own, directory]]
+    return all(subprocess.run(m, capture_output=True).returncode == 0 for m in mount)
+
+
+class FailsOnRank1:
+    """A checkpointable whose save fails on rank 1 (its disk is full; or ``at_start``, in the part of the
+    save its caller waits for) and writes a file on the others."""
+
+    def __init__(self, at_start: bool = False):
+        self.at_start = at_start
+
+    async def save(self, directory):
+        if self.at_start and rank == 1:
+            raise ValueError(f"no snapshot on rank {rank}")
+        path = await directory.await_creation()
+
+        async def write():
+            if rank == 1:
+                raise OSError(f"disk full on rank {rank}")
+            (path / f"rank_{rank}").write_text("written")
+        return write()
+
+    async def load(self, directory):
+        async def read():
+            pass
+        return read()
+
+
+def failing_saves(ckptr: Checkpointer) -> None:
+    """A save that fails on rank 1 (sync, async, in the part of the save its caller waits for, and in its
+    plan, through the Checkpointer and ``ckpt.save``): every rank raises within seconds, not after the
+    timeout, and nothing is committed; the next save is whole."""
+    with ckpt.Context(async_options=ckpt.AsyncOptions(timeout_secs=20)):
+        for step, how in ((1, "sync"), (2, "async"), (3, "start"), (4, "plan"), (None, "free")):
+            items = {"state": {"w": torch.ones(2)}, "extra": FailsOnRank1(at_start=how == "start")}
+            if how in ("plan", "free"):  # a leaf ckpt cannot store, on rank 1 alone
+                items = {"state": {"w": torch.ones(2) if rank == 0 else object()}}
+            try:
+                if how == "async":
+                    ckptr.save_checkpointables_async(step, items, force=True).result()
+                elif how == "free":
+                    ckpt.save_checkpointables(f"{directory}-free", items)
+                else:
+                    ckptr.save_checkpointables(step, items, force=True)
+            except (OSError, ValueError, TypeError) if rank == 1 else RuntimeError as e:
+                say(f"rank {rank} {how} failed: {type(e).__name__}: {e}")
+        ckptr.save(5, {"w": torch.ones(2)}, force=True)
+    say(f"rank {rank} steps {[c.step for c in ckptr.checkpoints]}")
 
 
 def unusual_dtensors(ckptr: Checkpointer) -> None:

@@ -109,6 +109,9 @@ CONFIGS: dict[str, Config] = {
     # the killed run is killed after fit (as during a trainer.test after it); the restarted one ends at once
     "module_should_stop_mid_epoch": Config(kill_at=11, stop_at=11, scheduler="plateau_epoch", epoch_metrics=True),
     "module_should_stop_validates": Config(kill_at=11, stop_at=11, val=True, epoch_metrics=True),
+    # a stop min_epochs holds back: the run trains on, and its restart runs the rest of the iteration itself
+    "module_should_stop_before_min_epochs": Config(kill_at=12, stop_at=12, val=True, scheduler="plateau_step",
+                                                   trainer=(("val_check_interval", 0.5), ("min_epochs", 3))),
     "lightning_pytorch_namespace": Config(kill_at=13, val=True, epoch_metrics=True,
                                           namespace="lightning.pytorch"),
 }

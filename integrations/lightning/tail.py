@@ -107,9 +107,9 @@ def finish_iteration(trainer: Any, saved_in: str, should_stop: bool) -> None:
         connector.on_batch_end()
         connector.update_train_step_metrics()
         epoch_loop.update_lr_schedulers("step", update_plateau_schedulers=True)
-    elif saved_in == "on_validation_end" and should_stop:
+    elif saved_in == "on_validation_end" and should_stop and fit_loop._can_stop_early:
         # Lightning's restart runs the rest of on_advance_end in its next iteration, but a stopping
-        # run has none
+        # run has none (a stop that min_epochs or min_steps holds back has one: it goes on training)
         epoch_loop.update_lr_schedulers("step", update_plateau_schedulers=True)
         if not epoch_loop._should_accumulate():
             epoch_loop._batches_that_stepped += 1

@@ -339,6 +339,54 @@ def test_on_save_checkpoint_hooks_run_once_per_saved_step_and_at_no_other(tmp_pa
     assert "on_save_checkpoint" not in vars(model)  # the module's own method again
 
 
+class LogsEpochLoss(example.Regressor):
+    def training_step(self, batch, batch_idx):
+        loss = torch.nn.functional.mse_loss(self.net(batch[0]), batch[1])
+        self.log("train_loss", loss, on_step=True, on_epoch=True)
+        return loss
+
+
+class RecordingLogger(pl.loggers.Logger):
+    """Records what Lightning hands a logger (CSVLogger, TensorBoardLogger): each call's step and metrics."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list = []
+
+    @property
+    def name(self):
+        return "recording"
+
+    @property
+    def version(self):
+        return 0
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+    def log_metrics(self, metrics, step=None):
+        self.calls.append((step, metrics))
+
+
+def test_resumed_from_an_epochs_end_the_loggers_get_that_epochs_metrics_at_its_step_and_number(tmp_path):
+    """The step saved at the end of epoch 0 is saved after that epoch ended; the resumed run logs what the
+    run never stopped logged after it, the epoch's metrics included (with "epoch": 0, not 1)."""
+    def fit_logged() -> list:
+        pl.seed_everything(0, verbose=False)
+        logger = RecordingLogger()
+        trainer = pl.Trainer(max_epochs=2, logger=logger, log_every_n_steps=1, accelerator="cpu",
+                             enable_progress_bar=False, enable_model_summary=False, callbacks=[
+                                 CheckpointCallback(tmp_path, save_decision_policy=sdp.SpecificStepsPolicy([20]))])
+        trainer.fit(LogsEpochLoss(), DataLoader(example.synthetic_data(), batch_size=16, shuffle=True))
+        return logger.calls
+
+    uninterrupted = fit_logged()  # 20 batches an epoch
+    shutil.rmtree(tmp_path / "40")
+    resumed = fit_logged()
+    assert resumed[0][1].keys() == {"train_loss_epoch", "epoch"} and resumed[0][1]["epoch"] == 0
+    assert resumed == uninterrupted[-len(resumed):]
+
+
 def test_final_step_is_saved_on_train_end_when_the_policy_skips_it(tmp_path):
     fit(tmp_path, max_steps=5, save_decision_policy=sdp.FixedIntervalPolicy(2), async_save=False)
     assert steps_in(tmp_path) == [2, 4, 5]

@@ -114,18 +114,19 @@ def finish_iteration(trainer: Any, saved_in: str, should_stop: bool) -> None:
         if not epoch_loop._should_accumulate():
             epoch_loop._batches_that_stepped += 1
     elif saved_in == "on_train_epoch_end":
-        # the rest of FitLoop.on_advance_end, with the epoch number it had (not yet completed)
+        # the rest of FitLoop.on_advance_end, with the epoch number it had (not yet completed): the
+        # schedulers step by it and the loggers get it beside the epoch's metrics
         connector.on_epoch_end()
         progress = fit_loop.epoch_progress.current
         completed, progress.completed = progress.completed, progress.processed - 1
         try:
             if epoch_loop._num_ready_batches_reached():
                 epoch_loop.update_lr_schedulers("epoch", update_plateau_schedulers=True)
+            epoch_loop._batches_that_stepped -= 1
+            connector.update_train_epoch_metrics()
+            epoch_loop._batches_that_stepped += 1
         finally:
             progress.completed = completed
-        epoch_loop._batches_that_stepped -= 1
-        connector.update_train_epoch_metrics()
-        epoch_loop._batches_that_stepped += 1
 
 
 def end_restart(trainer: Any) -> None:

@@ -387,6 +387,20 @@ def test_resumed_from_an_epochs_end_the_loggers_get_that_epochs_metrics_at_its_s
     assert resumed == uninterrupted[-len(resumed):]
 
 
+def test_fast_dev_run_trains_its_batches_without_restoring_saving_or_taking_the_directory(tmp_path):
+    """Lightning's smoke test of the code suppresses checkpointing: restored, it would start at the latest
+    step and train no batch; and it may run beside the training that writes the directory."""
+    fit(tmp_path, max_steps=6)
+    steps = steps_in(tmp_path)
+    with ckpt.Checkpointer(tmp_path, cleanup_tmp_directories=True):  # the training run, holding the directory
+        pl.seed_everything(0, verbose=False)
+        trainer = pl.Trainer(fast_dev_run=2, callbacks=[CheckpointCallback(tmp_path)], accelerator="cpu",
+                             enable_progress_bar=False, enable_model_summary=False)
+        trainer.fit(example.Regressor(), DataLoader(example.synthetic_data(), batch_size=16, shuffle=True))
+    assert trainer.global_step == 2
+    assert steps_in(tmp_path) == steps and steps[-1] == 6
+
+
 def test_final_step_is_saved_on_train_end_when_the_policy_skips_it(tmp_path):
     fit(tmp_path, max_steps=5, save_decision_policy=sdp.FixedIntervalPolicy(2), async_save=False)
     assert steps_in(tmp_path) == [2, 4, 5]

@@ -6,7 +6,8 @@ and returns it as ``trainer.checkpoint_callback``.
 
 What happens when:
 
-- ``setup`` (fit): every rank opens the :class:`ckpt.Checkpointer`; under ``torch.distributed`` they
+- ``setup`` (fit): every rank opens the :class:`ckpt.Checkpointer` (not under ``fast_dev_run``, a smoke
+  test that saves and restores nothing); under ``torch.distributed`` they
   coordinate through its store (rank 0 decides and commits; replicated state is written by rank 0
   only, the shards of sharded state, FSDP2's DTensors, by the ranks that hold them).
 - fit start: every rank learns the latest committed step from rank 0 and, with ``restore`` and no
@@ -228,7 +229,7 @@ class CheckpointCallbackMixin:
         if stage == "fit":
             self._training_started = False
             resume.call_first_at_fit_start(trainer, self._restore_modules)
-        if stage == "fit" and not self._open:
+        if stage == "fit" and not self._open and not trainer.fast_dev_run:  # (a smoke test: nothing saved)
             # the callback is the directory's only writer: what crashed saves left is removed
             self._checkpointer = Checkpointer(self.directory, cleanup_tmp_directories=True,
                                               **self._checkpointer_options)
@@ -237,9 +238,11 @@ class CheckpointCallbackMixin:
 
     def _restore_modules(self, trainer: Any, pl_module: Any) -> None:
         """At fit start, before the other callbacks' ``on_fit_start`` (as Lightning's own restore): finds
-        the latest step and restores the model, datamodule and callbacks from it."""
+        the latest step and restores the model, datamodule and callbacks from it (nothing under ``fast_dev_run``,
+        which opens no Checkpointer: restored, the smoke test would start at the latest step and train no batch)."""
         peers = _peers(trainer)
-        found_by_peer = trainer.strategy.broadcast([_latest(c._checkpointer) for c in peers], src=0)
+        found_by_peer = trainer.strategy.broadcast([_latest(c._checkpointer if c._open else None) for c in peers],
+                                                   src=0)
         found = found_by_peer[peers.index(self)]
         self._latest_step = None if found is None else found[0]
         # with several callbacks, the one whose directory holds the newest step restores (the first, if equal)

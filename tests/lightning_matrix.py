@@ -47,7 +47,7 @@ class Config:
     early_stopping: bool = False  # EarlyStopping on val_loss
     model: str = "mlp"  # mlp | batchnorm | manual (two optimizers, manual optimization) | finetune (a backbone)
     scheduler: str = "step"  # step | onecycle | plateau_step | plateau_epoch
-    epoch_metrics: bool = False  # self.log(on_epoch=True) and a torchmetrics Metric logged per epoch
+    epoch_metrics: bool = False  # self.log(on_epoch=True) and torchmetrics Metrics logged per epoch and validation
     data: str = "map"  # map | iterable | datamodule
     workers: int = 0
     model_checkpoint: bool = False  # Lightning's ModelCheckpoint beside ours
@@ -71,6 +71,8 @@ CONFIGS: dict[str, Config] = {
     "max_steps_last_batch": Config(kill_at=8, max_epochs=-1, max_steps=20, scheduler="plateau_epoch",
                                    epoch_metrics=True),
     "sanity_check_val_last_batch": Config(kill_at=8, val=True, trainer=(("num_sanity_val_steps", 2),)),
+    "val_torchmetric_due_at_checkpoint": Config(kill_at=12, val=True, epoch_metrics=True,
+                                                trainer=(("val_check_interval", 0.5),)),
     "val_due_at_checkpoint_early_stopping": Config(kill_at=20, max_epochs=6, val=True, early_stopping=True,
                                                    trainer=(("val_check_interval", 0.5),)),
     "plateau_step": Config(kill_at=10, scheduler="plateau_step"),
@@ -138,6 +140,7 @@ def _classes(namespace: str) -> dict[str, Any]:
                 self.backbone = self.net[0]
             self.other = nn.Linear(4, 1)  # the second optimizer's parameters (manual optimization)
             self.train_mse = torchmetrics.MeanSquaredError()
+            self.val_mse = torchmetrics.MeanSquaredError()  # Lightning resets it after each validation
             self.automatic_optimization = cfg.model != "manual"
             self.trace: list = []
             self.trace_file: Any = None  # each entry is also written here as it is made (a JSON line)
@@ -177,6 +180,9 @@ def _classes(namespace: str) -> dict[str, Any]:
         def validation_step(self, batch: Any, batch_idx: int) -> None:
             _, x, y = batch
             self.log("val_loss", nn.functional.mse_loss(self.net(x), y))
+            if self.cfg.epoch_metrics:
+                self.val_mse(self.net(x), y)
+                self.log("val_mse", self.val_mse)
 
         def configure_optimizers(self) -> Any:
             kind = self.cfg.scheduler

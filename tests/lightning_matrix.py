@@ -53,7 +53,8 @@ class Config:
     model_checkpoint: bool = False  # Lightning's ModelCheckpoint beside ours
     ckpt_path: str | None = None  # "last_model_path": the restarted run passes the callback's (a step directory)
     namespace: str = "pytorch_lightning"
-    callbacks: tuple = ()  # Lightning's beside ours: "swa", "ema", "accumulation_scheduler", "batch_size_finder"
+    callbacks: tuple = ()  # Lightning's beside ours: "swa", "ema", "accumulation_scheduler", "batch_size_finder",
+    # "stop_at_second_validation" (EarlyStopping that stops at the second validation, mid-epoch)
     stop_at: int | None = None  # the module sets trainer.should_stop in the training step that ends at this step
 
     def reference_key(self) -> "Config":
@@ -114,6 +115,10 @@ CONFIGS: dict[str, Config] = {
     # a stop min_epochs holds back: the run trains on, and its restart runs the rest of the iteration itself
     "module_should_stop_before_min_epochs": Config(kill_at=12, stop_at=12, val=True, scheduler="plateau_step",
                                                    trainer=(("val_check_interval", 0.5), ("min_epochs", 3))),
+    # the stop comes with the saved step's validation: the step is saved after the epoch it cuts short
+    "early_stopping_mid_epoch": Config(kill_at=6, val=True, epoch_metrics=True, scheduler="plateau_epoch",
+                                       callbacks=("stop_at_second_validation",),
+                                       trainer=(("val_check_interval", 3), ("check_val_every_n_epoch", None))),
     "lightning_pytorch_namespace": Config(kill_at=13, val=True, epoch_metrics=True,
                                           namespace="lightning.pytorch"),
 }
@@ -330,6 +335,8 @@ def run(cfg: Config, directory: str | None, kill: bool, trace_path: str) -> dict
         callbacks.append(pl.callbacks.BackboneFinetuning(unfreeze_backbone_at_epoch=1))
     if "batch_size_finder" in cfg.callbacks:  # its trials at fit start end by restoring a checkpoint of its own
         callbacks.append(pl.callbacks.BatchSizeFinder(init_val=4, max_trials=1, steps_per_trial=2))
+    if "stop_at_second_validation" in cfg.callbacks:
+        callbacks.append(pl.callbacks.EarlyStopping("val_loss", patience=1, min_delta=100.0))
     if "ema" in cfg.callbacks:
         callbacks.append(pl.callbacks.EMAWeightAveraging(decay=0.9))
     if "accumulation_scheduler" in cfg.callbacks:

@@ -387,6 +387,45 @@ def test_resumed_from_an_epochs_end_the_loggers_get_that_epochs_metrics_at_its_s
     assert resumed == uninterrupted[-len(resumed):]
 
 
+class EpochScheduled(LogsEpochLoss):
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+        return [optimizer], [torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)]  # per epoch
+
+
+class Stream(torch.utils.data.IterableDataset):
+    """The samples of ``example.synthetic_data(64)`` in order, without a length (Lightning knows an epoch's
+    end only when the iterator ends)."""
+
+    def __iter__(self):
+        yield from example.synthetic_data(64)
+
+
+@pytest.mark.parametrize("data", [
+    lambda: DataLoader(example.synthetic_data(64), batch_size=16, shuffle=True),
+    lambda: DataLoader(Stream(), batch_size=16),
+], ids=["shuffled", "iterable_without_length"])
+def test_a_run_that_max_steps_ends_at_an_epochs_last_batch_extends_as_if_it_had_never_stopped(tmp_path, data):
+    """Saved at once, before the epoch's end (as mid-epoch), the longer run skipped that end (its hooks and
+    metrics: epoch 1's train_loss_epoch averaged 8 batches), and without a length the next epoch (12 steps
+    became 8)."""
+    def fit_bounded(directory, **bounds) -> pl.Trainer:
+        pl.seed_everything(0, verbose=False)
+        callbacks = [CheckpointCallback(directory)] if directory else []
+        trainer = pl.Trainer(callbacks=callbacks, enable_checkpointing=bool(directory), accelerator="cpu",
+                             logger=RecordingLogger(), log_every_n_steps=1, enable_progress_bar=False,
+                             enable_model_summary=False, **bounds)
+        trainer.fit(EpochScheduled(), data())  # 4 batches an epoch
+        return trainer
+
+    expected = fit_bounded(None, max_epochs=3)
+    fit_bounded(tmp_path, max_steps=4)
+    extended = fit_bounded(tmp_path, max_steps=-1, max_epochs=3)
+    assert extended.lightning_module.global_step == 12 and same(final_state(extended), final_state(expected))
+    logged = extended.logger.calls  # the end of epoch 0 first, then what the run never stopped logged
+    assert logged[0][1].keys() == {"train_loss_epoch", "epoch"} and logged == expected.logger.calls[-len(logged):]
+
+
 def test_fast_dev_run_trains_its_batches_without_restoring_saving_or_taking_the_directory(tmp_path):
     """Lightning's smoke test of the code suppresses checkpointing: restored, it would start at the latest
     step and train no batch; and it may run beside the training that writes the directory."""

@@ -33,10 +33,10 @@ class SavePoint:
       replaces it while it runs, and the training loop puts it back after).
     last: the run ends after this step by a bound that a run started again checks again (``max_steps``,
       ``Timer``'s ``max_time``; see :func:`bound_reached`): the save is taken right away, before Lightning
-      ends the epoch early, and records no stop, so that a longer run resumed from it goes on as if it had
-      never stopped. A stop requested otherwise (by the module or a callback setting ``trainer.should_stop``)
-      is saved after the epoch it cuts short ends, and recorded: the resumed fit ends at once, as the stopped
-      one did.
+      ends the epoch early (at the epoch's last batch, after the epoch's end, which is not early), and
+      records no stop, so that a longer run resumed from it goes on as if it had never stopped. A stop
+      requested otherwise (by the module or a callback setting ``trainer.should_stop``) is saved after the
+      epoch it cuts short ends, and recorded: the resumed fit ends at once, as the stopped one did.
     """
 
     hook: str
@@ -60,19 +60,20 @@ def bound_reached(trainer: Any) -> bool:
 
 
 def save_point(trainer: Any, last: bool) -> SavePoint:
-    """Where the step that just ended is saved (``last``: :func:`ends_after_batch`): at once when the run
-    ends after it by a bound (:func:`bound_reached`), after the epoch's end when a stop cuts the epoch
-    short or the epoch ends, else after its validation if due. Call on every rank."""
+    """Where the step that just ended is saved (``last``: :func:`ends_after_batch`): after the epoch's end
+    when the epoch ends (a bound reached at its last batch included) or a stop cuts it short, at once when
+    the run ends after it by a bound (:func:`bound_reached`) mid-epoch, else after its validation if due.
+    Call on every rank."""
     fit_loop = trainer.fit_loop
     epoch_loop = fit_loop.epoch_loop
     first_loop_iter = trainer._logger_connector._first_loop_iter
     bounded = last and bound_reached(trainer)
     if trainer.world_size > 1:  # rank 0's clock decides for every rank, as Timer's does
         bounded = trainer.strategy.broadcast(bounded, src=0)
-    if bounded:
-        hook = "on_train_batch_end"
-    elif last or epoch_loop._num_ready_batches_reached():
+    if epoch_loop._num_ready_batches_reached() or (last and not bounded):
         hook = "on_train_epoch_end"
+    elif bounded:
+        hook = "on_train_batch_end"
     elif (getattr(trainer, "_val_check_time_interval", None) is None  # a clock's decision cannot be foreseen
           and epoch_loop._should_check_val_fx(fit_loop._data_fetcher)):
         hook = "on_validation_end"

@@ -620,6 +620,18 @@ def test_restoring_a_directory_written_by_a_different_model_names_the_differing_
         fit(tmp_path, model=example.Regressor(hidden=8), max_steps=4)
 
 
+class AdamRegressor(example.Regressor):
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
+def test_restoring_a_directory_saved_with_other_optimizers_names_them(tmp_path):
+    """SGD's state loads into Adam without complaint; Adam's first step then failed with KeyError: 'step'."""
+    fit(tmp_path, max_steps=2)
+    with pytest.raises(ValueError, match=r"saved with the optimizers \['SGD'\], and this run has \['Adam'\]"):
+        fit(tmp_path, model=AdamRegressor(), max_steps=4)
+
+
 def test_ckpt_path_given_by_the_user_wins_over_the_directorys_latest_step(tmp_path):
     trainer, _ = fit(tmp_path / "a", max_steps=4, save_decision_policy=sdp.FixedIntervalPolicy(2))
     lightning_file = tmp_path / "step4.ckpt"

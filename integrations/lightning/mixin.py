@@ -190,7 +190,7 @@ class CheckpointCallbackMixin:
     def state_dict(self) -> dict[str, Any]:
         """What Lightning's checkpoint lacks for an exact resume: per rank, the RNG states now and at the
         start of the epoch and the logged values and metrics; the hook the checkpoint was taken in, the
-        ``accumulate_grad_batches`` in force and which parameters require gradients."""
+        ``accumulate_grad_batches`` in force, which parameters require gradients and the optimizers' classes."""
         trainer = self._trainer
         if trainer is None or not self._training_started:  # e.g. BatchSizeFinder's checkpoint before training
             return {}
@@ -204,7 +204,8 @@ class CheckpointCallbackMixin:
                 "epoch_rng": self._gather(peers[0]._epoch_rng), "logged": self._gather(state),
                 "saved_in": point.hook, "should_stop": bool(trainer.should_stop) and not point.last,
                 "accumulate_grad_batches": trainer.accumulate_grad_batches,
-                "trainable": resume.trainable(trainer.lightning_module)}
+                "trainable": resume.trainable(trainer.lightning_module),
+                "optimizers": resume.optimizer_classes(trainer)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._loaded_state = state_dict
@@ -268,6 +269,7 @@ class CheckpointCallbackMixin:
             path, checkpoint, sharded_model = str(trainer.ckpt_path), resume.loaded_checkpoint(trainer), False
         else:
             return
+        resume.check_optimizers(trainer, _loaded_state(trainer).get("optimizers"), source=path)
         resume.restore_training_state(trainer, checkpoint, source=path)
         if sharded_model:
             sharded.set_states(trainer, checkpoint)

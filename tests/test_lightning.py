@@ -7,6 +7,7 @@ import logging
 import math
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -641,6 +642,20 @@ def test_ckpt_path_given_by_the_user_wins_over_the_directorys_latest_step(tmp_pa
     trainer, _ = fit(tmp_path / "b", max_steps=6, ckpt_path=lightning_file, save_decision_policy=sdp.FixedIntervalPolicy(2))
     assert steps_in(tmp_path / "b") == [2, 6]  # continued from step 4 of the file, not from step 2
     assert trainer.global_step == 6
+
+
+def test_resumed_mid_epoch_from_a_file_of_lightnings_own_the_callback_keeps_lightnings_warning(tmp_path):
+    """Such a file holds no record of the epoch's data order, so its epoch goes on in another order (as with
+    Lightning alone); Lightning's warning that results may differ was silenced all the same."""
+    pl.seed_everything(0, verbose=False)
+    trainer = pl.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(example.Regressor(), DataLoader(example.synthetic_data(), batch_size=16, shuffle=True))
+    trainer.save_checkpoint(tmp_path / "step3.ckpt")  # mid-epoch (20 batches an epoch)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(tmp_path / "ckpt", max_steps=5, ckpt_path=tmp_path / "step3.ckpt")
+    assert [w for w in caught if "checkpoint that ended before the epoch ended" in str(w.message)]
 
 
 def test_resuming_an_older_ckpt_path_into_a_directory_with_later_steps_is_refused(tmp_path):

@@ -426,8 +426,9 @@ class CheckpointCallbackMixin:
         epoch_rng = _for_rank(saved.get("epoch_rng"), trainer.global_rank)
         position = resume.plan_data_position(trainer)
         loaders = resume.train_loaders(trainer)
-        if position is not None:
-            # Lightning warns that a plain DataLoader replays the epoch; this callback moves it instead
+        if position is not None and epoch_rng is not None:
+            # Lightning warns that a plain DataLoader replays the epoch; this callback replays its data order
+            # instead (from a checkpoint that recorded it: not a file of ModelCheckpoint's, which stays warned of)
             warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
         if position is not None and position.replay_epoch:
             epoch = trainer.current_epoch if epoch_rng is None else epoch_rng["epoch"]

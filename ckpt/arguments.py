@@ -78,6 +78,9 @@ def _describe(value: Any) -> str:
 def _hint(value: Any) -> str:
     if isinstance(value, type):
         return f" (the class itself: pass an instance, {value.__name__}(...))"
+    if type(value).__module__.startswith("omegaconf."):
+        return (" (an OmegaConf config: Hydra's instantiate gives the objects it makes inside a list back as "
+                "configs unless told `_convert_: object` beside the `_target_`)")
     if isinstance(value, dict) and "class_path" in value:
         return (" (a class_path configuration that was not instantiated: jsonargparse, as LightningCLI uses "
                 "it, leaves one as a dict when an object inside it does not parse, e.g. a policy of your own "

@@ -47,13 +47,14 @@ class Config:
     early_stopping: bool = False  # EarlyStopping on val_loss
     model: str = "mlp"  # mlp | batchnorm | manual (two optimizers, manual optimization) | finetune (a backbone)
     scheduler: str = "step"  # step | onecycle | plateau_step | plateau_epoch
-    epoch_metrics: bool = False  # self.log(on_epoch=True) and a torchmetrics Metric logged per epoch
+    epoch_metrics: bool = False  # self.log(on_epoch=True) and torchmetrics Metrics logged per epoch and validation
     data: str = "map"  # map | iterable | datamodule
     workers: int = 0
     model_checkpoint: bool = False  # Lightning's ModelCheckpoint beside ours
     ckpt_path: str | None = None  # "last_model_path": the restarted run passes the callback's (a step directory)
     namespace: str = "pytorch_lightning"
-    callbacks: tuple = ()  # Lightning's beside ours: "swa", "ema", "accumulation_scheduler", "batch_size_finder"
+    callbacks: tuple = ()  # Lightning's beside ours: "swa", "ema", "accumulation_scheduler", "batch_size_finder",
+    # "stop_at_second_validation" (EarlyStopping that stops at the second validation, mid-epoch)
     stop_at: int | None = None  # the module sets trainer.should_stop in the training step that ends at this step
 
     def reference_key(self) -> "Config":
@@ -71,6 +72,8 @@ CONFIGS: dict[str, Config] = {
     "max_steps_last_batch": Config(kill_at=8, max_epochs=-1, max_steps=20, scheduler="plateau_epoch",
                                    epoch_metrics=True),
     "sanity_check_val_last_batch": Config(kill_at=8, val=True, trainer=(("num_sanity_val_steps", 2),)),
+    "val_torchmetric_due_at_checkpoint": Config(kill_at=12, val=True, epoch_metrics=True,
+                                                trainer=(("val_check_interval", 0.5),)),
     "val_due_at_checkpoint_early_stopping": Config(kill_at=20, max_epochs=6, val=True, early_stopping=True,
                                                    trainer=(("val_check_interval", 0.5),)),
     "plateau_step": Config(kill_at=10, scheduler="plateau_step"),
@@ -109,6 +112,13 @@ CONFIGS: dict[str, Config] = {
     # the killed run is killed after fit (as during a trainer.test after it); the restarted one ends at once
     "module_should_stop_mid_epoch": Config(kill_at=11, stop_at=11, scheduler="plateau_epoch", epoch_metrics=True),
     "module_should_stop_validates": Config(kill_at=11, stop_at=11, val=True, epoch_metrics=True),
+    # a stop min_epochs holds back: the run trains on, and its restart runs the rest of the iteration itself
+    "module_should_stop_before_min_epochs": Config(kill_at=12, stop_at=12, val=True, scheduler="plateau_step",
+                                                   trainer=(("val_check_interval", 0.5), ("min_epochs", 3))),
+    # the stop comes with the saved step's validation: the step is saved after the epoch it cuts short
+    "early_stopping_mid_epoch": Config(kill_at=6, val=True, epoch_metrics=True, scheduler="plateau_epoch",
+                                       callbacks=("stop_at_second_validation",),
+                                       trainer=(("val_check_interval", 3), ("check_val_every_n_epoch", None))),
     "lightning_pytorch_namespace": Config(kill_at=13, val=True, epoch_metrics=True,
                                           namespace="lightning.pytorch"),
 }
@@ -135,6 +145,7 @@ def _classes(namespace: str) -> dict[str, Any]:
                 self.backbone = self.net[0]
             self.other = nn.Linear(4, 1)  # the second optimizer's parameters (manual optimization)
             self.train_mse = torchmetrics.MeanSquaredError()
+            self.val_mse = torchmetrics.MeanSquaredError()  # Lightning resets it after each validation
             self.automatic_optimization = cfg.model != "manual"
             self.trace: list = []
             self.trace_file: Any = None  # each entry is also written here as it is made (a JSON line)
@@ -174,6 +185,9 @@ def _classes(namespace: str) -> dict[str, Any]:
         def validation_step(self, batch: Any, batch_idx: int) -> None:
             _, x, y = batch
             self.log("val_loss", nn.functional.mse_loss(self.net(x), y))
+            if self.cfg.epoch_metrics:
+                self.val_mse(self.net(x), y)
+                self.log("val_mse", self.val_mse)
 
         def configure_optimizers(self) -> Any:
             kind = self.cfg.scheduler
@@ -321,6 +335,8 @@ def run(cfg: Config, directory: str | None, kill: bool, trace_path: str) -> dict
         callbacks.append(pl.callbacks.BackboneFinetuning(unfreeze_backbone_at_epoch=1))
     if "batch_size_finder" in cfg.callbacks:  # its trials at fit start end by restoring a checkpoint of its own
         callbacks.append(pl.callbacks.BatchSizeFinder(init_val=4, max_trials=1, steps_per_trial=2))
+    if "stop_at_second_validation" in cfg.callbacks:
+        callbacks.append(pl.callbacks.EarlyStopping("val_loss", patience=1, min_delta=100.0))
     if "ema" in cfg.callbacks:
         callbacks.append(pl.callbacks.EMAWeightAveraging(decay=0.9))
     if "accumulation_scheduler" in cfg.callbacks:

@@ -7,6 +7,7 @@ import logging
 import math
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -339,6 +340,107 @@ def test_on_save_checkpoint_hooks_run_once_per_saved_step_and_at_no_other(tmp_pa
     assert "on_save_checkpoint" not in vars(model)  # the module's own method again
 
 
+class LogsEpochLoss(example.Regressor):
+    def training_step(self, batch, batch_idx):
+        loss = torch.nn.functional.mse_loss(self.net(batch[0]), batch[1])
+        self.log("train_loss", loss, on_step=True, on_epoch=True)
+        return loss
+
+
+class RecordingLogger(pl.loggers.Logger):
+    """Records what Lightning hands a logger (CSVLogger, TensorBoardLogger): each call's step and metrics."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list = []
+
+    @property
+    def name(self):
+        return "recording"
+
+    @property
+    def version(self):
+        return 0
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+    def log_metrics(self, metrics, step=None):
+        self.calls.append((step, metrics))
+
+
+def test_resumed_from_an_epochs_end_the_loggers_get_that_epochs_metrics_at_its_step_and_number(tmp_path):
+    """The step saved at the end of epoch 0 is saved after that epoch ended; the resumed run logs what the
+    run never stopped logged after it, the epoch's metrics included (with "epoch": 0, not 1)."""
+    def fit_logged() -> list:
+        pl.seed_everything(0, verbose=False)
+        logger = RecordingLogger()
+        trainer = pl.Trainer(max_epochs=2, logger=logger, log_every_n_steps=1, accelerator="cpu",
+                             enable_progress_bar=False, enable_model_summary=False, callbacks=[
+                                 CheckpointCallback(tmp_path, save_decision_policy=sdp.SpecificStepsPolicy([20]))])
+        trainer.fit(LogsEpochLoss(), DataLoader(example.synthetic_data(), batch_size=16, shuffle=True))
+        return logger.calls
+
+    uninterrupted = fit_logged()  # 20 batches an epoch
+    shutil.rmtree(tmp_path / "40")
+    resumed = fit_logged()
+    assert resumed[0][1].keys() == {"train_loss_epoch", "epoch"} and resumed[0][1]["epoch"] == 0
+    assert resumed == uninterrupted[-len(resumed):]
+
+
+class EpochScheduled(LogsEpochLoss):
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+        return [optimizer], [torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)]  # per epoch
+
+
+class Stream(torch.utils.data.IterableDataset):
+    """The samples of ``example.synthetic_data(64)`` in order, without a length (Lightning knows an epoch's
+    end only when the iterator ends)."""
+
+    def __iter__(self):
+        yield from example.synthetic_data(64)
+
+
+@pytest.mark.parametrize("data", [
+    lambda: DataLoader(example.synthetic_data(64), batch_size=16, shuffle=True),
+    lambda: DataLoader(Stream(), batch_size=16),
+], ids=["shuffled", "iterable_without_length"])
+def test_a_run_that_max_steps_ends_at_an_epochs_last_batch_extends_as_if_it_had_never_stopped(tmp_path, data):
+    """Saved at once, before the epoch's end (as mid-epoch), the longer run skipped that end (its hooks and
+    metrics: epoch 1's train_loss_epoch averaged 8 batches), and without a length the next epoch (12 steps
+    became 8)."""
+    def fit_bounded(directory, **bounds) -> pl.Trainer:
+        pl.seed_everything(0, verbose=False)
+        callbacks = [CheckpointCallback(directory)] if directory else []
+        trainer = pl.Trainer(callbacks=callbacks, enable_checkpointing=bool(directory), accelerator="cpu",
+                             logger=RecordingLogger(), log_every_n_steps=1, enable_progress_bar=False,
+                             enable_model_summary=False, **bounds)
+        trainer.fit(EpochScheduled(), data())  # 4 batches an epoch
+        return trainer
+
+    expected = fit_bounded(None, max_epochs=3)
+    fit_bounded(tmp_path, max_steps=4)
+    extended = fit_bounded(tmp_path, max_steps=-1, max_epochs=3)
+    assert extended.lightning_module.global_step == 12 and same(final_state(extended), final_state(expected))
+    logged = extended.logger.calls  # the end of epoch 0 first, then what the run never stopped logged
+    assert logged[0][1].keys() == {"train_loss_epoch", "epoch"} and logged == expected.logger.calls[-len(logged):]
+
+
+def test_fast_dev_run_trains_its_batches_without_restoring_saving_or_taking_the_directory(tmp_path):
+    """Lightning's smoke test of the code suppresses checkpointing: restored, it would start at the latest
+    step and train no batch; and it may run beside the training that writes the directory."""
+    fit(tmp_path, max_steps=6)
+    steps = steps_in(tmp_path)
+    with ckpt.Checkpointer(tmp_path, cleanup_tmp_directories=True):  # the training run, holding the directory
+        pl.seed_everything(0, verbose=False)
+        trainer = pl.Trainer(fast_dev_run=2, callbacks=[CheckpointCallback(tmp_path)], accelerator="cpu",
+                             enable_progress_bar=False, enable_model_summary=False)
+        trainer.fit(example.Regressor(), DataLoader(example.synthetic_data(), batch_size=16, shuffle=True))
+    assert trainer.global_step == 2
+    assert steps_in(tmp_path) == steps and steps[-1] == 6
+
+
 def test_final_step_is_saved_on_train_end_when_the_policy_skips_it(tmp_path):
     fit(tmp_path, max_steps=5, save_decision_policy=sdp.FixedIntervalPolicy(2), async_save=False)
     assert steps_in(tmp_path) == [2, 4, 5]
@@ -519,6 +621,18 @@ def test_restoring_a_directory_written_by_a_different_model_names_the_differing_
         fit(tmp_path, model=example.Regressor(hidden=8), max_steps=4)
 
 
+class AdamRegressor(example.Regressor):
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
+def test_restoring_a_directory_saved_with_other_optimizers_names_them(tmp_path):
+    """SGD's state loads into Adam without complaint; Adam's first step then failed with KeyError: 'step'."""
+    fit(tmp_path, max_steps=2)
+    with pytest.raises(ValueError, match=r"saved with the optimizers \['SGD'\], and this run has \['Adam'\]"):
+        fit(tmp_path, model=AdamRegressor(), max_steps=4)
+
+
 def test_ckpt_path_given_by_the_user_wins_over_the_directorys_latest_step(tmp_path):
     trainer, _ = fit(tmp_path / "a", max_steps=4, save_decision_policy=sdp.FixedIntervalPolicy(2))
     lightning_file = tmp_path / "step4.ckpt"
@@ -528,6 +642,20 @@ def test_ckpt_path_given_by_the_user_wins_over_the_directorys_latest_step(tmp_pa
     trainer, _ = fit(tmp_path / "b", max_steps=6, ckpt_path=lightning_file, save_decision_policy=sdp.FixedIntervalPolicy(2))
     assert steps_in(tmp_path / "b") == [2, 6]  # continued from step 4 of the file, not from step 2
     assert trainer.global_step == 6
+
+
+def test_resumed_mid_epoch_from_a_file_of_lightnings_own_the_callback_keeps_lightnings_warning(tmp_path):
+    """Such a file holds no record of the epoch's data order, so its epoch goes on in another order (as with
+    Lightning alone); Lightning's warning that results may differ was silenced all the same."""
+    pl.seed_everything(0, verbose=False)
+    trainer = pl.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(example.Regressor(), DataLoader(example.synthetic_data(), batch_size=16, shuffle=True))
+    trainer.save_checkpoint(tmp_path / "step3.ckpt")  # mid-epoch (20 batches an epoch)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(tmp_path / "ckpt", max_steps=5, ckpt_path=tmp_path / "step3.ckpt")
+    assert [w for w in caught if "checkpoint that ended before the epoch ended" in str(w.message)]
 
 
 def test_resuming_an_older_ckpt_path_into_a_directory_with_later_steps_is_refused(tmp_path):

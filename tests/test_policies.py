@@ -283,6 +283,19 @@ def test_steps_of_any_container_are_taken_without_iterating_it():
     assert decide(sdp.SpecificStepsPolicy(range(0, 10**15, 1000)), 3000)
 
 
+def test_policies_hydra_gave_back_as_configs_are_refused_naming_the_convert_option_to_set():
+    """Hydra's instantiate, by default, hands ``AnySavePolicy`` the policies it made in a list as OmegaConf
+    configs again (a dataclass becomes a structured config)."""
+    hydra_utils = pytest.importorskip("hydra.utils")
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.create({"_target_": "ckpt.training.save_decision_policies.AnySavePolicy", "policies": [
+        {"_target_": "ckpt.training.save_decision_policies.FixedIntervalPolicy", "interval": 2}]})
+    with pytest.raises(Exception, match=r"policies\[0\] must be an object .* `_convert_: object`"):
+        hydra_utils.instantiate(config)
+    assert hydra_utils.instantiate(config, _convert_="object").policies == [sdp.FixedIntervalPolicy(2)]
+
+
 @pytest.mark.parametrize("options, names", [
     (dict(save_decision_policy={"class_path": "ckpt.training.save_decision_policies.FixedIntervalPolicy"}),
      "save_decision_policy must be an object with a should_save method"),

@@ -59,6 +59,9 @@ Not restored, because no checkpoint can hold it:
   saves there too), and the resumed run does not run the module's hook again;
 - with ``persistent_workers=True``, randomness inside the DataLoader workers after the first epoch: the
   resumed run's workers draw new seeds, where the uninterrupted run keeps its workers across epochs;
+- with an ``IterableDataset`` without ``__len__`` read in the main process (``num_workers=0``) that draws
+  random numbers while it iterates, the batch Lightning had fetched ahead at the save: it was drawn between
+  the previous steps' draws (dropout), which a resumed run cannot replay;
 - a SIGTERM during validation, or during the training step of a batch whose validation is due: the step
   is saved partway through that validation, and the restarted run skips the rest of it.
 """

@@ -15,6 +15,7 @@ Example::
 """
 from __future__ import annotations
 
+import copy
 import importlib
 from typing import Any
 
@@ -23,9 +24,13 @@ import torch
 _REDUCTIONS = ("mean", "sum", "max", "min")
 
 
-def capture(trainer: Any) -> dict[str, Any]:
-    """The training loop's logged values, the reported metrics and the module's torchmetrics states."""
+def capture(trainer: Any, *, in_validation_end: bool = False) -> dict[str, Any]:
+    """The training loop's logged values, the reported metrics and the module's torchmetrics states.
+
+    ``in_validation_end``: taken in ``on_validation_end``, after which Lightning resets the torchmetrics
+    that validation logged; they are recorded reset, as the run goes on with them."""
     connector = trainer._logger_connector
+    reset = _validation_logged(trainer) if in_validation_end else set()
     return {
         "results": [_result_entry(key, metric) for key, metric in trainer.fit_loop.epoch_loop._results.items()],
         # as [name, value] pairs: metric names may hold "/" or "."
@@ -34,7 +39,8 @@ def capture(trainer: Any) -> dict[str, Any]:
         "progress_bar_metrics": _pairs(connector._progress_bar_metrics),
         "first_loop_iter": connector._first_loop_iter,
         "current_fx": connector._current_fx,
-        "torchmetrics": [[name, _metric_state(m)] for name, m in _torchmetrics(trainer.lightning_module)],
+        "torchmetrics": [[name, _metric_state(m, reset=name in reset)]
+                         for name, m in _torchmetrics(trainer.lightning_module)],
     }
 
 
@@ -116,7 +122,16 @@ def _torchmetrics(module: Any) -> list[tuple[str, Any]]:
     return [(name, m) for name, m in module.named_modules() if isinstance(m, Metric) and name]
 
 
-def _metric_state(metric: Any) -> dict[str, Any]:
+def _validation_logged(trainer: Any) -> set[str]:
+    """The attribute names of the torchmetrics ``Metric`` objects the validation under way logged."""
+    results = trainer.fit_loop.epoch_loop.val_loop._results
+    return {metric.meta.metric_attribute for metric in results.values() if not metric.is_tensor}
+
+
+def _metric_state(metric: Any, reset: bool = False) -> dict[str, Any]:
+    """``metric``'s state, or (``reset``) the one ``metric.reset()`` gives it, which is left unchanged."""
+    if reset:
+        return {"update_count": 0, "computed": None, "states": copy.deepcopy(metric._defaults)}
     return {"update_count": metric._update_count, "computed": _tensor_or_none(metric._computed),
             "states": {name: getattr(metric, name) for name in metric._defaults}}
 

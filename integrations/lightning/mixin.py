@@ -6,7 +6,8 @@ and returns it as ``trainer.checkpoint_callback``.
 
 What happens when:
 
-- ``setup`` (fit): every rank opens the :class:`ckpt.Checkpointer`; under ``torch.distributed`` they
+- ``setup`` (fit): every rank opens the :class:`ckpt.Checkpointer` (not under ``fast_dev_run``, a smoke
+  test that saves and restores nothing); under ``torch.distributed`` they
   coordinate through its store (rank 0 decides and commits; replicated state is written by rank 0
   only, the shards of sharded state, FSDP2's DTensors, by the ranks that hold them).
 - fit start: every rank learns the latest committed step from rank 0 and, with ``restore`` and no
@@ -189,21 +190,22 @@ class CheckpointCallbackMixin:
     def state_dict(self) -> dict[str, Any]:
         """What Lightning's checkpoint lacks for an exact resume: per rank, the RNG states now and at the
         start of the epoch and the logged values and metrics; the hook the checkpoint was taken in, the
-        ``accumulate_grad_batches`` in force and which parameters require gradients."""
+        ``accumulate_grad_batches`` in force, which parameters require gradients and the optimizers' classes."""
         trainer = self._trainer
         if trainer is None or not self._training_started:  # e.g. BatchSizeFinder's checkpoint before training
             return {}
         peers = _peers(trainer)  # any of them may be taking the checkpoint; the first keeps the epoch's record
         point = next((c._saving_at for c in peers if c._saving_at is not None),
                      tail.SavePoint(hook="on_train_batch_end", first_loop_iter=None))
-        state = logged.capture(trainer)
+        state = logged.capture(trainer, in_validation_end=point.hook == "on_validation_end")
         if point.hook == "on_validation_end":  # validation ran inside the training loop's logging
             state.update(first_loop_iter=point.first_loop_iter, current_fx=None)
         return {"rng": self._gather(rng.capture(resume.train_loaders(trainer))),
                 "epoch_rng": self._gather(peers[0]._epoch_rng), "logged": self._gather(state),
                 "saved_in": point.hook, "should_stop": bool(trainer.should_stop) and not point.last,
                 "accumulate_grad_batches": trainer.accumulate_grad_batches,
-                "trainable": resume.trainable(trainer.lightning_module)}
+                "trainable": resume.trainable(trainer.lightning_module),
+                "optimizers": resume.optimizer_classes(trainer)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._loaded_state = state_dict
@@ -228,7 +230,7 @@ class CheckpointCallbackMixin:
         if stage == "fit":
             self._training_started = False
             resume.call_first_at_fit_start(trainer, self._restore_modules)
-        if stage == "fit" and not self._open:
+        if stage == "fit" and not self._open and not trainer.fast_dev_run:  # (a smoke test: nothing saved)
             # the callback is the directory's only writer: what crashed saves left is removed
             self._checkpointer = Checkpointer(self.directory, cleanup_tmp_directories=True,
                                               **self._checkpointer_options)
@@ -237,9 +239,11 @@ class CheckpointCallbackMixin:
 
     def _restore_modules(self, trainer: Any, pl_module: Any) -> None:
         """At fit start, before the other callbacks' ``on_fit_start`` (as Lightning's own restore): finds
-        the latest step and restores the model, datamodule and callbacks from it."""
+        the latest step and restores the model, datamodule and callbacks from it (nothing under ``fast_dev_run``,
+        which opens no Checkpointer: restored, the smoke test would start at the latest step and train no batch)."""
         peers = _peers(trainer)
-        found_by_peer = trainer.strategy.broadcast([_latest(c._checkpointer) for c in peers], src=0)
+        found_by_peer = trainer.strategy.broadcast([_latest(c._checkpointer if c._open else None) for c in peers],
+                                                   src=0)
         found = found_by_peer[peers.index(self)]
         self._latest_step = None if found is None else found[0]
         # with several callbacks, the one whose directory holds the newest step restores (the first, if equal)
@@ -265,6 +269,7 @@ class CheckpointCallbackMixin:
             path, checkpoint, sharded_model = str(trainer.ckpt_path), resume.loaded_checkpoint(trainer), False
         else:
             return
+        resume.check_optimizers(trainer, _loaded_state(trainer).get("optimizers"), source=path)
         resume.restore_training_state(trainer, checkpoint, source=path)
         if sharded_model:
             sharded.set_states(trainer, checkpoint)
@@ -316,7 +321,9 @@ class CheckpointCallbackMixin:
             self._prepare(translate.to_checkpointables(resume.dump_checkpoint(trainer, hooks=False)))
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
-        if self._pending is not None and self._pending[0].hook == "on_validation_end" and not trainer.sanity_checking:
+        # a stop this validation requested (EarlyStopping) cuts the epoch short: saved after the epoch's end
+        if (self._pending is not None and self._pending[0].hook == "on_validation_end" and not trainer.sanity_checking
+                and not tail.ends_after_batch(trainer)):
             self._save(trainer, trainer.global_step, *self._pending)
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
@@ -419,8 +426,9 @@ class CheckpointCallbackMixin:
         epoch_rng = _for_rank(saved.get("epoch_rng"), trainer.global_rank)
         position = resume.plan_data_position(trainer)
         loaders = resume.train_loaders(trainer)
-        if position is not None:
-            # Lightning warns that a plain DataLoader replays the epoch; this callback moves it instead
+        if position is not None and epoch_rng is not None:
+            # Lightning warns that a plain DataLoader replays the epoch; this callback replays its data order
+            # instead (from a checkpoint that recorded it: not a file of ModelCheckpoint's, which stays warned of)
             warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
         if position is not None and position.replay_epoch:
             epoch = trainer.current_epoch if epoch_rng is None else epoch_rng["epoch"]

@@ -47,6 +47,23 @@ def restore_training_state(trainer: Any, checkpoint: dict, *, source: str) -> No
     rank_zero_info(trainer, f"Restored all states from the ckpt checkpoint at {source}")
 
 
+def optimizer_classes(trainer: Any) -> list[str]:
+    """The class names of ``trainer``'s optimizers, which no Lightning checkpoint records."""
+    return [type(optimizer).__qualname__ for optimizer in trainer.optimizers]
+
+
+def check_optimizers(trainer: Any, saved: list[str] | None, *, source: str) -> None:
+    """Raises ValueError when ``trainer``'s optimizers are not of the classes ``saved`` (from
+    :func:`optimizer_classes`; None: not recorded) that the checkpoint at ``source`` was saved with: an
+    optimizer's state loads into another class without complaint, and its first step fails (SGD's state
+    in Adam: ``KeyError: 'step'``)."""
+    current = optimizer_classes(trainer)
+    if saved is not None and list(saved) != current:
+        raise ValueError(f"{source} was saved with the optimizers {list(saved)}, and this run has {current}: "
+                         "their states do not fit each other. Use the optimizers it was trained with, or a new "
+                         "directory.")
+
+
 def loaded_checkpoint(trainer: Any) -> dict | None:
     """The checkpoint of ``trainer.fit(ckpt_path=...)`` whose training state Lightning has yet to restore
     (None when there is none, or once restored)."""

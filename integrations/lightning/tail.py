@@ -33,10 +33,10 @@ class SavePoint:
       replaces it while it runs, and the training loop puts it back after).
     last: the run ends after this step by a bound that a run started again checks again (``max_steps``,
       ``Timer``'s ``max_time``; see :func:`bound_reached`): the save is taken right away, before Lightning
-      ends the epoch early, and records no stop, so that a longer run resumed from it goes on as if it had
-      never stopped. A stop requested otherwise (by the module or a callback setting ``trainer.should_stop``)
-      is saved after the epoch it cuts short ends, and recorded: the resumed fit ends at once, as the stopped
-      one did.
+      ends the epoch early (at the epoch's last batch, after the epoch's end, which is not early), and
+      records no stop, so that a longer run resumed from it goes on as if it had never stopped. A stop
+      requested otherwise (by the module or a callback setting ``trainer.should_stop``) is saved after the
+      epoch it cuts short ends, and recorded: the resumed fit ends at once, as the stopped one did.
     """
 
     hook: str
@@ -60,19 +60,20 @@ def bound_reached(trainer: Any) -> bool:
 
 
 def save_point(trainer: Any, last: bool) -> SavePoint:
-    """Where the step that just ended is saved (``last``: :func:`ends_after_batch`): at once when the run
-    ends after it by a bound (:func:`bound_reached`), after the epoch's end when a stop cuts the epoch
-    short or the epoch ends, else after its validation if due. Call on every rank."""
+    """Where the step that just ended is saved (``last``: :func:`ends_after_batch`): after the epoch's end
+    when the epoch ends (a bound reached at its last batch included) or a stop cuts it short, at once when
+    the run ends after it by a bound (:func:`bound_reached`) mid-epoch, else after its validation if due.
+    Call on every rank."""
     fit_loop = trainer.fit_loop
     epoch_loop = fit_loop.epoch_loop
     first_loop_iter = trainer._logger_connector._first_loop_iter
     bounded = last and bound_reached(trainer)
     if trainer.world_size > 1:  # rank 0's clock decides for every rank, as Timer's does
         bounded = trainer.strategy.broadcast(bounded, src=0)
-    if bounded:
-        hook = "on_train_batch_end"
-    elif last or epoch_loop._num_ready_batches_reached():
+    if epoch_loop._num_ready_batches_reached() or (last and not bounded):
         hook = "on_train_epoch_end"
+    elif bounded:
+        hook = "on_train_batch_end"
     elif (getattr(trainer, "_val_check_time_interval", None) is None  # a clock's decision cannot be foreseen
           and epoch_loop._should_check_val_fx(fit_loop._data_fetcher)):
         hook = "on_validation_end"
@@ -107,25 +108,26 @@ def finish_iteration(trainer: Any, saved_in: str, should_stop: bool) -> None:
         connector.on_batch_end()
         connector.update_train_step_metrics()
         epoch_loop.update_lr_schedulers("step", update_plateau_schedulers=True)
-    elif saved_in == "on_validation_end" and should_stop:
+    elif saved_in == "on_validation_end" and should_stop and fit_loop._can_stop_early:
         # Lightning's restart runs the rest of on_advance_end in its next iteration, but a stopping
-        # run has none
+        # run has none (a stop that min_epochs or min_steps holds back has one: it goes on training)
         epoch_loop.update_lr_schedulers("step", update_plateau_schedulers=True)
         if not epoch_loop._should_accumulate():
             epoch_loop._batches_that_stepped += 1
     elif saved_in == "on_train_epoch_end":
-        # the rest of FitLoop.on_advance_end, with the epoch number it had (not yet completed)
+        # the rest of FitLoop.on_advance_end, with the epoch number it had (not yet completed): the
+        # schedulers step by it and the loggers get it beside the epoch's metrics
         connector.on_epoch_end()
         progress = fit_loop.epoch_progress.current
         completed, progress.completed = progress.completed, progress.processed - 1
         try:
             if epoch_loop._num_ready_batches_reached():
                 epoch_loop.update_lr_schedulers("epoch", update_plateau_schedulers=True)
+            epoch_loop._batches_that_stepped -= 1
+            connector.update_train_epoch_metrics()
+            epoch_loop._batches_that_stepped += 1
         finally:
             progress.completed = completed
-        epoch_loop._batches_that_stepped -= 1
-        connector.update_train_epoch_metrics()
-        epoch_loop._batches_that_stepped += 1
 
 
 def end_restart(trainer: Any) -> None:

@@ -18,11 +18,29 @@ from typing import Any
 import tensorstore as ts
 
 SCHEMES = {"s3": "s3", "gs": "gcs"}
+_REFUSED = ("PERMISSION_DENIED", "UNAUTHENTICATED")  # tensorstore's status of a request refused (403, 401)
+_UNSERVED = ("UNAVAILABLE", "ABORTED", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED")  # (after tensorstore's retries)
 
 
 @functools.lru_cache(maxsize=None)
 def _bucket(spec: tuple) -> ts.KvStore:
     return ts.KvStore.open(dict(spec)).result()
+
+
+def access_error(error: ValueError, what: str) -> OSError | None:
+    """tensorstore's ``error`` as the OSError to raise, naming ``what``, when the store refused the request
+    (credentials, permissions: a PermissionError) or could not serve it (a server down or unreachable, once
+    tensorstore's retries are spent); None for any other error, one about what was read (a missing or
+    malformed object), which a load reports as damage. The server's XML is left out."""
+    text = str(error)
+    status, short = text.split(":", 1)[0], text.split(" [", 1)[0]
+    if status in _REFUSED:
+        return PermissionError(errno.EACCES, f"{what}: access denied ({short}); check the credentials (for s3://, "
+                               "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY) and what they may do there")
+    if status in _UNSERVED:
+        return OSError(errno.EIO, f"{what}: the store did not answer ({short}); check the endpoint (for s3://, "
+                       "AWS_ENDPOINT_URL) and the network")
+    return None
 
 
 def is_url(directory: Any) -> bool:
@@ -89,15 +107,16 @@ class ObjectPath:
         return _bucket(tuple(sorted({**self.kvstore(), "path": ""}.items())))
 
     def _wait(self, future: ts.Future) -> Any:
-        """``future.result()`` of a request about this path; a bucket that does not exist is a FileNotFoundError
-        that names it, not tensorstore's error with the server's XML."""
+        """``future.result()`` of a request about this path. A failure is an OSError that names the path, not
+        tensorstore's ValueError with the server's XML: FileNotFoundError for a bucket that does not exist,
+        PermissionError for a request refused (see :func:`access_error`), else OSError."""
         try:
             return future.result()
         except ValueError as e:
-            if "NoSuchBucket" not in str(e):
-                raise
-            raise FileNotFoundError(errno.ENOENT, f"{self}: the bucket {self.bucket!r} does not exist (ckpt creates "
-                                    "none: create it, or check its name and AWS_ENDPOINT_URL)") from None
+            if "NoSuchBucket" in str(e):
+                raise FileNotFoundError(errno.ENOENT, f"{self}: the bucket {self.bucket!r} does not exist (ckpt "
+                                        "creates none: create it, or check its name and AWS_ENDPOINT_URL)") from None
+            raise access_error(e, str(self)) or OSError(errno.EIO, f"{self}: {e}") from None
 
     def read_bytes(self) -> bytes:
         result = self._wait(self._store().read(self.key.encode()))

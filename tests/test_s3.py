@@ -187,3 +187,47 @@ def test_s3_loading_a_step_without_its_manifest_says_it_is_not_committed(bucket)
     for read in (ckpt.load, ckpt.metadata):
         with pytest.raises(errors.CheckpointCorruptedError, match="manifest.json is missing: .* is not a committed"):
             read(f"{bucket}/one")  # was: StepNotFoundError, 'deleted while it was being read'
+
+
+REFUSED = """
+import sys
+import numpy as np
+import ckpt
+from ckpt.training import Checkpointer
+try:
+    Checkpointer(sys.argv[1])
+except PermissionError as e:
+    print("refused:", e)
+"""
+
+
+def test_s3_credentials_the_store_refuses_are_a_permission_error_naming_the_root(bucket, s3_user):
+    s3_user({})
+    env = {"AWS_ACCESS_KEY_ID": "AKIAUNKNOWN", "AWS_SECRET_ACCESS_KEY": "wrong"}
+    result = procs.run_script(REFUSED, bucket, **env)
+    assert f"refused: [Errno 13] {bucket}: access denied (PERMISSION_DENIED: InvalidAccessKeyId" in result.stdout, result.stderr
+    assert "http_response_body" not in result.stdout  # was: ValueError, tensorstore's text and the server's XML
+    listed = procs.run_script(procs.REPO / "ckpt" / "cli.py", "ls", bucket, **env)
+    assert listed.returncode == 2 and "access denied" in listed.stderr  # was: a traceback
+
+
+COLLECTED = """
+import sys
+import numpy as np
+from ckpt.training import Checkpointer, preservation_policies as pp, save_decision_policies as sdp
+with Checkpointer(sys.argv[1], save_decision_policy=sdp.FixedIntervalPolicy(1), preservation_policy=pp.LatestN(1)) as c:
+    c.save(0, {"w": np.arange(3)})
+    try:
+        c.save(1, {"w": np.arange(3) + 1})
+    except OSError as e:
+        print("failed:", e)
+    print("latest", c.latest.step, "step 0", c.load(0)["w"].tolist())
+"""
+
+
+def test_s3_a_delete_the_store_refuses_fails_garbage_collection_naming_the_step_after_the_commit(bucket, s3_user):
+    env = s3_user({"s3:DeleteObject": "*"})
+    result = procs.run_script(COLLECTED, bucket, **env)
+    assert ("failed: the checkpoint was committed, but garbage collection could not delete: step 0 "
+            f"({bucket}/0): [Errno 13] {bucket}/0/manifest.json: access denied") in result.stdout, result.stderr
+    assert "latest 1 step 0 [0, 1, 2]" in result.stdout  # was: tensorstore's ValueError, naming no step

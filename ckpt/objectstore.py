@@ -10,10 +10,11 @@ S3-compatible server), ``AWS_REGION``, and the credentials (``AWS_ACCESS_KEY_ID`
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import os
-from typing import Any
+from typing import Any, Iterator
 
 import tensorstore as ts
 
@@ -41,6 +42,19 @@ def access_error(error: ValueError, what: str) -> OSError | None:
         return OSError(errno.EIO, f"{what}: the store did not answer ({short}); check the endpoint (for s3://, "
                        "AWS_ENDPOINT_URL) and the network")
     return None
+
+
+@contextlib.contextmanager
+def access_errors(what: str) -> Iterator[None]:
+    """Re-raises a tensorstore error of the block that :func:`access_error` recognises as its OSError naming
+    ``what``; any other passes as it is."""
+    try:
+        yield
+    except ValueError as e:
+        error = access_error(e, what)
+        if error is None:
+            raise
+        raise error from None
 
 
 def is_url(directory: Any) -> bool:

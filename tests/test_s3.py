@@ -231,3 +231,27 @@ def test_s3_a_delete_the_store_refuses_fails_garbage_collection_naming_the_step_
     assert ("failed: the checkpoint was committed, but garbage collection could not delete: step 0 "
             f"({bucket}/0): [Errno 13] {bucket}/0/manifest.json: access denied") in result.stdout, result.stderr
     assert "latest 1 step 0 [0, 1, 2]" in result.stdout  # was: tensorstore's ValueError, naming no step
+
+
+READ_REFUSED = """
+import sys
+import ckpt
+try:
+    ckpt.load(sys.argv[1])
+except PermissionError as e:
+    print("refused:", e)
+"""
+
+
+@pytest.mark.parametrize("objects", ["arrays", "packed"])
+def test_s3_a_read_the_store_refuses_is_a_permission_error_not_damage(bucket, s3_user, objects):
+    import ckpt
+
+    ckpt.save(f"{bucket}/one", state(1))
+    name, prefix = bucket.removeprefix("s3://").split("/", 1)
+    env = s3_user({"s3:GetObject": f"arn:aws:s3:::{name}/{prefix}/one/{objects}/*"})
+    loaded = procs.run_script(READ_REFUSED, f"{bucket}/one", **env)
+    assert "refused: [Errno 13] " in loaded.stdout and "access denied" in loaded.stdout, loaded.stderr[-3000:]
+    verified = procs.run_script(procs.REPO / "ckpt" / "cli.py", "verify", f"{bucket}/one", **env)
+    assert verified.returncode == 2 and "access denied" in verified.stderr  # was: 1, 'DAMAGED'
+    assert "DAMAGED" not in verified.stdout

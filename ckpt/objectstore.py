@@ -6,13 +6,16 @@ hold ckpt's marker (``.ckpt-owned``, written first) are removed by the next writ
 touched. Deletion removes the manifest first and the marker last.
 
 S3 settings come from the usual environment variables: ``AWS_ENDPOINT_URL`` (e.g. a local
-S3-compatible server), ``AWS_REGION``, and the credentials (``AWS_ACCESS_KEY_ID``, ...).
+S3-compatible server), ``AWS_REGION``, and the credentials: ``AWS_ACCESS_KEY_ID`` (with
+``AWS_SECRET_ACCESS_KEY`` and ``AWS_SESSION_TOKEN``) when set, else AWS's usual chain (``~/.aws``, the
+instance's role).
 """
 from __future__ import annotations
 
 import contextlib
 import errno
 import functools
+import json
 import os
 from typing import Any, Iterator
 
@@ -24,8 +27,9 @@ _UNSERVED = ("UNAVAILABLE", "ABORTED", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED"
 
 
 @functools.lru_cache(maxsize=None)
-def _bucket(spec: tuple) -> ts.KvStore:
-    return ts.KvStore.open(dict(spec)).result()
+def _bucket(spec: str) -> ts.KvStore:
+    """The store of a bucket, opened once for each kvstore spec (its JSON, keys sorted)."""
+    return ts.KvStore.open(json.loads(spec)).result()
 
 
 def access_error(error: ValueError, what: str) -> OSError | None:
@@ -115,10 +119,12 @@ class ObjectPath:
             if os.environ.get("AWS_ENDPOINT_URL"):
                 spec["endpoint"] = os.environ["AWS_ENDPOINT_URL"]
             spec["aws_region"] = os.environ.get("AWS_REGION", os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
+            if os.environ.get("AWS_ACCESS_KEY_ID"):  # (else the default chain logs 5 errors a store: no ~/.aws/config)
+                spec["aws_credentials"] = {"type": "environment"}
         return spec
 
     def _store(self) -> ts.KvStore:
-        return _bucket(tuple(sorted({**self.kvstore(), "path": ""}.items())))
+        return _bucket(json.dumps({**self.kvstore(), "path": ""}, sort_keys=True))
 
     def _wait(self, future: ts.Future) -> Any:
         """``future.result()`` of a request about this path. A failure is an OSError that names the path, not

@@ -255,3 +255,18 @@ def test_s3_a_read_the_store_refuses_is_a_permission_error_not_damage(bucket, s3
     verified = procs.run_script(procs.REPO / "ckpt" / "cli.py", "verify", f"{bucket}/one", **env)
     assert verified.returncode == 2 and "access denied" in verified.stderr  # was: 1, 'DAMAGED'
     assert "DAMAGED" not in verified.stdout
+
+
+QUIET = """
+import sys
+import numpy as np
+import ckpt
+ckpt.save(sys.argv[1], {"big": np.ones(300_000, np.float32), "small": np.arange(3)})
+assert ckpt.load(sys.argv[1])["small"].tolist() == [0, 1, 2]
+"""
+
+
+def test_s3_credentials_in_the_environment_are_used_without_logging_errors(bucket, tmp_path):
+    result = procs.run_script(QUIET, f"{bucket}/one", HOME=str(tmp_path))  # no ~/.aws
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr == ""  # was: 5 lines 'E... Failed to open file ... .aws/config' for each array opened

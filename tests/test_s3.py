@@ -270,3 +270,24 @@ def test_s3_credentials_in_the_environment_are_used_without_logging_errors(bucke
     result = procs.run_script(QUIET, f"{bucket}/one", HOME=str(tmp_path))  # no ~/.aws
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stderr == ""  # was: 5 lines 'E... Failed to open file ... .aws/config' for each array opened
+
+
+def test_s3_a_reader_listing_while_a_writer_deletes_a_step_neither_lists_it_nor_warns(bucket, monkeypatch, caplog):
+    from ckpt import loading, storage
+    from ckpt.objectstore import ObjectPath
+
+    with Checkpointer(bucket, save_decision_policy=ALWAYS) as ckptr:
+        ckptr.save(0, state(0))
+        ckptr.save(1, state(1))
+    read_manifest = loading.read_manifest
+
+    def deleted_meanwhile(step_dir):  # the writer's garbage collection deletes step 0 between a reader's looks
+        if step_dir.name == "0" and ObjectPath(f"{step_dir}/manifest.json").exists():
+            storage.delete_dir(step_dir)
+        return read_manifest(step_dir)
+
+    monkeypatch.setattr(loading, "read_manifest", deleted_meanwhile)
+    with Checkpointer(bucket) as reader:
+        assert [c.step for c in reader.checkpoints] == [1]
+    assert "skipping" not in caplog.text  # was: 'skipping .../0 ...: step 0 is not a committed step, so ckpt
+    #                                       never lists, overwrites or deletes it', for each step deleted so

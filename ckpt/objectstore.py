@@ -152,9 +152,9 @@ class ObjectPath:
         return ts.KvStore.KeyRange(prefix, prefix[:-1] + b"0" if prefix else b"")
 
     def exists(self) -> bool:
-        """True for an object, or a 'directory' holding at least one object."""
+        """True for an object, or a 'directory' holding at least one object (a bucket: one not empty)."""
         store = self._store()
-        if self._wait(store.read(self.key.encode())).state == "value":
+        if self.key and self._wait(store.read(self.key.encode())).state == "value":  # (no object has the empty key)
             return True
         return bool(self._wait(store.list(self._prefix_range())))
 

@@ -291,3 +291,15 @@ def test_s3_a_reader_listing_while_a_writer_deletes_a_step_neither_lists_it_nor_
         assert [c.step for c in reader.checkpoints] == [1]
     assert "skipping" not in caplog.text  # was: 'skipping .../0 ...: step 0 is not a committed step, so ckpt
     #                                       never lists, overwrites or deletes it', for each step deleted so
+
+
+def test_s3_a_checkpoint_at_a_buckets_root_is_saved_and_loaded(bucket):
+    import ckpt
+    from ckpt import errors
+
+    whole = bucket.rsplit("/", 2)[0]  # s3://<bucket>
+    with pytest.raises(errors.CheckpointNotFoundError, match="the path does not exist"):
+        ckpt.load(whole)  # was: OSError (before, ValueError) 'Invalid S3 object name', for every entry point
+    ckpt.save(whole, state(2))
+    assert ckpt.load(whole)["step"] == 2
+    assert ckpt.metadata(whole).metadata["big"].shape == (300_000,)

@@ -303,3 +303,28 @@ def test_s3_a_checkpoint_at_a_buckets_root_is_saved_and_loaded(bucket):
     ckpt.save(whole, state(2))
     assert ckpt.load(whole)["step"] == 2
     assert ckpt.metadata(whole).metadata["big"].shape == (300_000,)
+
+
+WRITE_REFUSED = """
+import sys
+import numpy as np
+from ckpt.training import Checkpointer
+with Checkpointer(sys.argv[1]) as ckptr:
+    for save in (ckptr.save, lambda *args: ckptr.save_async(*args).result()):
+        try:
+            save(1, {"big": np.ones(300_000, np.float32), "small": np.arange(3)})
+        except PermissionError as e:
+            print("refused:", e)
+from ckpt.objectstore import ObjectPath
+print("left:", ObjectPath(sys.argv[1]).children())
+"""
+
+
+def test_s3_a_write_the_store_refuses_is_a_permission_error_naming_the_leaf_and_leaves_nothing(bucket, s3_user):
+    name, prefix = bucket.removeprefix("s3://").split("/", 1)
+    env = s3_user({"s3:PutObject": f"arn:aws:s3:::{name}/{prefix}/1/arrays/*"})
+    result = procs.run_script(WRITE_REFUSED, bucket, **env)
+    said = f"refused: [Errno 13] writing ['big'] to {bucket}/1: access denied (PERMISSION_DENIED: "
+    assert result.stdout.count(said) == 2, result.stdout + result.stderr[-3000:]  # was: OSError, no errno, the XML
+    assert "http_response_body" not in result.stdout
+    assert "left: []" in result.stdout

@@ -22,7 +22,7 @@ from typing import Any, BinaryIO, Callable, Iterator, NamedTuple
 import numpy as np
 
 from ckpt import format as fmt
-from ckpt import host_memory, progress, storage
+from ckpt import host_memory, objectstore, progress, storage
 
 _SUM_BLOCK = 2 << 20  # read, then summed while still in the CPU's caches (2 MiB measured best here)
 
@@ -309,13 +309,16 @@ def _read(source: LocalArray | Any, chunk: Chunk, out: np.ndarray, row_bytes: in
     else through tensorstore. Returns why it is damaged, or None."""
     if isinstance(source, LocalArray):
         return read_chunk(f"{source.directory}/{chunk.key}", out, chunk.file_bytes, expected_crc32, expected_sum64)
+    what = f"reading chunk {chunk.key}"  # (a request refused or unanswered is no damage: an OSError)
     try:
-        store = source.result()
+        with objectstore.access_errors(what):
+            store = source.result()
     except ValueError as e:  # the same for every chunk of the array: a load says it once
         return f"the array cannot be opened: {e}"
     try:
-        rows = store[chunk.start // row_bytes: chunk.stop // row_bytes]
-        out[...] = np.ascontiguousarray(rows.read().result()).reshape(-1).view(np.uint8)
+        with objectstore.access_errors(what):
+            rows = store[chunk.start // row_bytes: chunk.stop // row_bytes]
+            out[...] = np.ascontiguousarray(rows.read().result()).reshape(-1).view(np.uint8)
     except ValueError as e:
         return f"chunk {chunk.key} cannot be read: {e}"
     why = _mismatch(out, None if expected_sum64 is None else sum64(out), expected_crc32, expected_sum64)

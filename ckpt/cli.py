@@ -500,6 +500,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # the reader went away (`ckpt show DIR | head`): stop quietly, as on SIGPIPE
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (else the flush at exit raises again)
         return 128 + signal.SIGPIPE
+    except OSError as e:  # a directory that cannot be read, an object store refusing or not answering
+        _print(f"ckpt: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import numpy as np
 from ckpt import chunks, collector, custom
 from ckpt import format as fmt
 from ckpt import leaves as leaves_lib
-from ckpt import progress, shardings, storage, transfers
+from ckpt import objectstore, progress, shardings, storage, transfers
 from ckpt import tree as tree_lib
 from ckpt.errors import (CheckpointableNotFoundError, CheckpointCorruptedError, InvalidLayoutError, TreeMismatchError,
                          UnregisteredTypeError, UnsupportedLayoutError)
@@ -199,9 +199,10 @@ class _LeafSource:
         bytes_stored = meta.get("stored_as") == "bytes"
         if self._array is None:  # spread over processes: read now, the slice asked for or the whole leaf
             try:
-                if index is not None and not bytes_stored:
-                    return self._open()[index].read().result()
-                self._array = self._open().read().result()
+                with objectstore.access_errors(f"reading {self.where} from {self.step_dir}"):  # (no damage)
+                    if index is not None and not bytes_stored:
+                        return self._open()[index].read().result()
+                    self._array = self._open().read().result()
             except ValueError as e:
                 raise self._fail(str(e)) from None
         array = (self._array.view(leaves_lib.parse_dtype(meta["dtype"])).reshape(meta["shape"]) if bytes_stored

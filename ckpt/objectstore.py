@@ -6,23 +6,59 @@ hold ckpt's marker (``.ckpt-owned``, written first) are removed by the next writ
 touched. Deletion removes the manifest first and the marker last.
 
 S3 settings come from the usual environment variables: ``AWS_ENDPOINT_URL`` (e.g. a local
-S3-compatible server), ``AWS_REGION``, and the credentials (``AWS_ACCESS_KEY_ID``, ...).
+S3-compatible server), ``AWS_REGION``, and the credentials: ``AWS_ACCESS_KEY_ID`` (with
+``AWS_SECRET_ACCESS_KEY`` and ``AWS_SESSION_TOKEN``) when set, else AWS's usual chain (``~/.aws``, the
+instance's role).
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
+import json
 import os
-from typing import Any
+from typing import Any, Iterator
 
 import tensorstore as ts
 
 SCHEMES = {"s3": "s3", "gs": "gcs"}
+_REFUSED = ("PERMISSION_DENIED", "UNAUTHENTICATED")  # tensorstore's status of a request refused (403, 401)
+_UNSERVED = ("UNAVAILABLE", "ABORTED", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED")  # (after tensorstore's retries)
 
 
 @functools.lru_cache(maxsize=None)
-def _bucket(spec: tuple) -> ts.KvStore:
-    return ts.KvStore.open(dict(spec)).result()
+def _bucket(spec: str) -> ts.KvStore:
+    """The store of a bucket, opened once for each kvstore spec (its JSON, keys sorted)."""
+    return ts.KvStore.open(json.loads(spec)).result()
+
+
+def access_error(error: ValueError, what: str) -> OSError | None:
+    """tensorstore's ``error`` as the OSError to raise, naming ``what``, when the store refused the request
+    (credentials, permissions: a PermissionError) or could not serve it (a server down or unreachable, once
+    tensorstore's retries are spent); None for any other error, one about what was read (a missing or
+    malformed object), which a load reports as damage. The server's XML is left out."""
+    text = str(error)
+    status, short = text.split(":", 1)[0], text.split(" [", 1)[0]
+    if status in _REFUSED:
+        return PermissionError(errno.EACCES, f"{what}: access denied ({short}); check the credentials (for s3://, "
+                               "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY) and what they may do there")
+    if status in _UNSERVED:
+        return OSError(errno.EIO, f"{what}: the store did not answer ({short}); check the endpoint (for s3://, "
+                       "AWS_ENDPOINT_URL) and the network")
+    return None
+
+
+@contextlib.contextmanager
+def access_errors(what: str) -> Iterator[None]:
+    """Re-raises a tensorstore error of the block that :func:`access_error` recognises as its OSError naming
+    ``what``; any other passes as it is."""
+    try:
+        yield
+    except ValueError as e:
+        error = access_error(e, what)
+        if error is None:
+            raise
+        raise error from None
 
 
 def is_url(directory: Any) -> bool:
@@ -83,21 +119,24 @@ class ObjectPath:
             if os.environ.get("AWS_ENDPOINT_URL"):
                 spec["endpoint"] = os.environ["AWS_ENDPOINT_URL"]
             spec["aws_region"] = os.environ.get("AWS_REGION", os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
+            if os.environ.get("AWS_ACCESS_KEY_ID"):  # (else the default chain logs 5 errors a store: no ~/.aws/config)
+                spec["aws_credentials"] = {"type": "environment"}
         return spec
 
     def _store(self) -> ts.KvStore:
-        return _bucket(tuple(sorted({**self.kvstore(), "path": ""}.items())))
+        return _bucket(json.dumps({**self.kvstore(), "path": ""}, sort_keys=True))
 
     def _wait(self, future: ts.Future) -> Any:
-        """``future.result()`` of a request about this path; a bucket that does not exist is a FileNotFoundError
-        that names it, not tensorstore's error with the server's XML."""
+        """``future.result()`` of a request about this path. A failure is an OSError that names the path, not
+        tensorstore's ValueError with the server's XML: FileNotFoundError for a bucket that does not exist,
+        PermissionError for a request refused (see :func:`access_error`), else OSError."""
         try:
             return future.result()
         except ValueError as e:
-            if "NoSuchBucket" not in str(e):
-                raise
-            raise FileNotFoundError(errno.ENOENT, f"{self}: the bucket {self.bucket!r} does not exist (ckpt creates "
-                                    "none: create it, or check its name and AWS_ENDPOINT_URL)") from None
+            if "NoSuchBucket" in str(e):
+                raise FileNotFoundError(errno.ENOENT, f"{self}: the bucket {self.bucket!r} does not exist (ckpt "
+                                        "creates none: create it, or check its name and AWS_ENDPOINT_URL)") from None
+            raise access_error(e, str(self)) or OSError(errno.EIO, f"{self}: {e}") from None
 
     def read_bytes(self) -> bytes:
         result = self._wait(self._store().read(self.key.encode()))
@@ -113,9 +152,9 @@ class ObjectPath:
         return ts.KvStore.KeyRange(prefix, prefix[:-1] + b"0" if prefix else b"")
 
     def exists(self) -> bool:
-        """True for an object, or a 'directory' holding at least one object."""
+        """True for an object, or a 'directory' holding at least one object (a bucket: one not empty)."""
         store = self._store()
-        if self._wait(store.read(self.key.encode())).state == "value":
+        if self.key and self._wait(store.read(self.key.encode())).state == "value":  # (no object has the empty key)
             return True
         return bool(self._wait(store.list(self._prefix_range())))
 

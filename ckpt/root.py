@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
+import errno
 import os
 import stat
 from pathlib import Path
@@ -151,7 +152,9 @@ def classify_temporary(path: storage.Location) -> Entry:
 
 def classify(path: storage.Location, step: int | None, *, read_manifest: bool = True) -> Entry:
     """What ``path`` (which exists) is, named like ``step`` (None: the directory of ``ckpt.save``). A symbolic
-    link, a file, a directory without a readable ckpt manifest are FOREIGN; nothing is followed or changed."""
+    link, a file, a directory without a readable ckpt manifest are FOREIGN; nothing is followed or changed.
+    On an object store, a step whose deletion is under way is a TEMPORARY, and FileNotFoundError is raised
+    once nothing is left of it."""
     local = isinstance(path, Path)
     if local and not _is_dir(path):
         return Entry(path, Kind.FOREIGN, step, storage.describe(path))
@@ -170,12 +173,17 @@ def classify(path: storage.Location, step: int | None, *, read_manifest: bool = 
         try:
             return Entry(path, Kind.STEP, step, Kind.STEP.value, loading.read_manifest(path))
         except CheckpointCorruptedError as e:
-            return Entry(path, Kind.FOREIGN, step, f"{storage.describe(path)}, which ckpt cannot read: {e}")
+            if local or manifest_path.exists():
+                return Entry(path, Kind.FOREIGN, step, f"{storage.describe(path)}, which ckpt cannot read: {e}")
+            # (an object store) its manifest was deleted since: a deletion under way (see storage.delete_dir)
+    marked = storage.is_marked(path)  # (before describe: a deletion on an object store removes the marker last)
     holds = storage.describe(path)
-    if storage.is_marked(path):
-        if not local:  # a save ckpt began in place (object stores have no rename) and never committed
+    if marked:
+        if not local:  # a save ckpt began in place (object stores have no rename) and never committed, or a deletion
             return Entry(path, Kind.TEMPORARY, step, holds)
         holds = f"{holds}: a step of ckpt's whose {fmt.MANIFEST} is missing (damaged; kept for inspection)"
+    elif not exists(path):  # removed since it was listed (an object store's deletion, object by object)
+        raise FileNotFoundError(errno.ENOENT, f"{path} was removed", str(path))
     return Entry(path, Kind.FOREIGN, step, holds)
 
 

@@ -31,7 +31,7 @@ import tensorstore as ts
 
 from ckpt import format as fmt
 from ckpt.errors import DirectoryLockedError, ForeignEntryError, RootDirectoryError, RootNotWritableError
-from ckpt.objectstore import SCHEMES, ObjectPath, is_url
+from ckpt.objectstore import SCHEMES, ObjectPath, access_error, is_url
 
 Location = Path | ObjectPath
 logger = logging.getLogger("ckpt")
@@ -823,14 +823,15 @@ def is_plain_relative(path: str) -> bool:
 @contextlib.contextmanager
 def io_errors(what: str) -> Iterator[None]:
     """Re-raises tensorstore's errors as OSErrors that name ``what``, with the errno of the system call
-    that failed when tensorstore reports one (so disk full is ``errno.ENOSPC``, permissions a PermissionError)."""
+    that failed when tensorstore reports one (so disk full is ``errno.ENOSPC``, permissions a PermissionError);
+    an object store's refusal is a PermissionError too (see :func:`ckpt.objectstore.access_error`)."""
     try:
         yield
     except ValueError as e:
         code = re.search(r"\[os_error_code='(\d+)'\]", str(e))
         if code:
             raise OSError(int(code.group(1)), f"{what}: {e}") from e
-        raise OSError(f"{what}: {e}") from e
+        raise access_error(e, what) or OSError(f"{what}: {e}") from e
 
 
 def list_names(root: Location) -> list[str]:

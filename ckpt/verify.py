@@ -28,7 +28,7 @@ import numpy as np
 
 from ckpt import chunks
 from ckpt import format as fmt
-from ckpt import formats, loading, orbax, progress, root, storage
+from ckpt import formats, loading, objectstore, orbax, progress, root, storage
 from ckpt.errors import CheckpointCorruptedError, InvalidLayoutError, UnsupportedLayoutError
 
 _IN_FLIGHT = 2  # chunk reads kept in flight
@@ -166,21 +166,22 @@ def _verify_array(step_dir: storage.Location, files: storage.LocalFiles | None, 
     spec = meta["array"]
     expected = meta.get("chunk_crc32"), meta.get("chunk_sum64")
     try:
-        why = files and chunks.check_array_files(_source(spec, step_dir, files), meta)
-        if why:
-            return why
-        store = storage.open_for_read(storage.resolve_kvstore(spec, step_dir))
-        pending: collections.deque = collections.deque()
-        for index, (box, _, _) in enumerate(chunks.grid(spec["metadata"])):
-            pending.append((index, store[box].read()))
-            if len(pending) >= _IN_FLIGHT:
+        with objectstore.access_errors(f"verifying {step_dir}"):  # (an OSError: no damage)
+            why = files and chunks.check_array_files(_source(spec, step_dir, files), meta)
+            if why:
+                return why
+            store = storage.open_for_read(storage.resolve_kvstore(spec, step_dir))
+            pending: collections.deque = collections.deque()
+            for index, (box, _, _) in enumerate(chunks.grid(spec["metadata"])):
+                pending.append((index, store[box].read()))
+                if len(pending) >= _IN_FLIGHT:
+                    why = _check_chunk(*pending.popleft(), *expected, tracker)
+                    if why:
+                        return why
+            while pending:
                 why = _check_chunk(*pending.popleft(), *expected, tracker)
                 if why:
                     return why
-        while pending:
-            why = _check_chunk(*pending.popleft(), *expected, tracker)
-            if why:
-                return why
     except ValueError as e:
         return str(e)
     return None
@@ -215,7 +216,8 @@ def _verify_packed(step_dir: storage.Location, files: storage.LocalFiles | None,
         why = files and chunks.check_metadata(_source(spec, step_dir, files), packed_doc)
         if why:
             raise ValueError(why)
-        store = storage.open_for_read(storage.resolve_kvstore(spec, step_dir))
+        with objectstore.access_errors(f"verifying {step_dir}"):
+            store = storage.open_for_read(storage.resolve_kvstore(spec, step_dir))
     except ValueError as e:
         return [Damage(where, f"the packed array {fmt.PACKED}/ cannot be opened: {e}") for where, _ in leaves]
     held: tuple[int, Any, str] = (-1, None, "")  # the chunk read last: its index, bytes, why it cannot be read
@@ -226,7 +228,8 @@ def _verify_packed(step_dir: storage.Location, files: storage.LocalFiles | None,
         if why:
             return i, None, f"its bytes in {fmt.PACKED}/ cannot be read: {why}"
         try:
-            data = store[i * window: min((i + 1) * window, packed_doc["nbytes"])].read().result()
+            with objectstore.access_errors(f"verifying {step_dir}"):
+                data = store[i * window: min((i + 1) * window, packed_doc["nbytes"])].read().result()
         except ValueError as e:
             return i, None, f"its bytes in {fmt.PACKED}/ cannot be read: {e}"
         tracker.advance(data.nbytes)

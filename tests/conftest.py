@@ -2,6 +2,7 @@
 Orbax runs of every layout ckpt reads, and the ckpt.progress logger put back after each test."""
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import subprocess
@@ -61,6 +62,39 @@ def bucket(s3_server, monkeypatch, request):
     name = f"b{abs(hash(request.node.nodeid)) % 10**8}"
     urllib.request.urlopen(urllib.request.Request(f"{s3_server}/{name}", method="PUT"))
     return f"s3://{name}/runs/exp"
+
+
+@pytest.fixture
+def s3_user(bucket, s3_server):
+    """``make(deny)``: the AWS_* environment (a dict) of a new user of the local server who may do anything in
+    S3 but the actions ``deny`` (IAM's names, such as ``s3:DeleteObject``, each with the resource it is
+    denied on). From the first call until the test ends, the server checks every request's credentials."""
+    boto3 = pytest.importorskip("boto3")
+    keys = {"endpoint_url": s3_server, "region_name": "us-east-1", "aws_access_key_id": "test",
+            "aws_secret_access_key": "test"}
+    iam = boto3.client("iam", **keys)
+
+    def make(deny: dict[str, str]) -> dict[str, str]:
+        name = f"u{len(iam.list_users()['Users'])}"
+        iam.create_user(UserName=name)
+        statements = [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}] + [
+            {"Effect": "Deny", "Action": action, "Resource": resource} for action, resource in deny.items()]
+        iam.put_user_policy(UserName=name, PolicyName="p", PolicyDocument=json.dumps(
+            {"Version": "2012-10-17", "Statement": statements}))
+        key = iam.create_access_key(UserName=name)["AccessKey"]
+        _reset_auth(s3_server, "0")
+        return {"AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]}
+
+    try:
+        yield make
+    finally:
+        _reset_auth(s3_server, "inf")
+
+
+def _reset_auth(endpoint: str, count: str) -> None:
+    """Makes the moto server check the credentials of every request after ``count`` more ("inf": none)."""
+    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset-auth", data=count.encode(), method="POST",
+                                                  headers={"Content-Type": "text/plain"}))
 
 
 @pytest.fixture(autouse=True)

@@ -187,3 +187,144 @@ def test_s3_loading_a_step_without_its_manifest_says_it_is_not_committed(bucket)
     for read in (ckpt.load, ckpt.metadata):
         with pytest.raises(errors.CheckpointCorruptedError, match="manifest.json is missing: .* is not a committed"):
             read(f"{bucket}/one")  # was: StepNotFoundError, 'deleted while it was being read'
+
+
+REFUSED = """
+import sys
+import numpy as np
+import ckpt
+from ckpt.training import Checkpointer
+try:
+    Checkpointer(sys.argv[1])
+except PermissionError as e:
+    print("refused:", e)
+"""
+
+
+def test_s3_credentials_the_store_refuses_are_a_permission_error_naming_the_root(bucket, s3_user):
+    s3_user({})
+    env = {"AWS_ACCESS_KEY_ID": "AKIAUNKNOWN", "AWS_SECRET_ACCESS_KEY": "wrong"}
+    result = procs.run_script(REFUSED, bucket, **env)
+    assert f"refused: [Errno 13] {bucket}: access denied (PERMISSION_DENIED: InvalidAccessKeyId" in result.stdout, result.stderr
+    assert "http_response_body" not in result.stdout  # was: ValueError, tensorstore's text and the server's XML
+    listed = procs.run_script(procs.REPO / "ckpt" / "cli.py", "ls", bucket, **env)
+    assert listed.returncode == 2 and "access denied" in listed.stderr  # was: a traceback
+
+
+COLLECTED = """
+import sys
+import numpy as np
+from ckpt.training import Checkpointer, preservation_policies as pp, save_decision_policies as sdp
+with Checkpointer(sys.argv[1], save_decision_policy=sdp.FixedIntervalPolicy(1), preservation_policy=pp.LatestN(1)) as c:
+    c.save(0, {"w": np.arange(3)})
+    try:
+        c.save(1, {"w": np.arange(3) + 1})
+    except OSError as e:
+        print("failed:", e)
+    print("latest", c.latest.step, "step 0", c.load(0)["w"].tolist())
+"""
+
+
+def test_s3_a_delete_the_store_refuses_fails_garbage_collection_naming_the_step_after_the_commit(bucket, s3_user):
+    env = s3_user({"s3:DeleteObject": "*"})
+    result = procs.run_script(COLLECTED, bucket, **env)
+    assert ("failed: the checkpoint was committed, but garbage collection could not delete: step 0 "
+            f"({bucket}/0): [Errno 13] {bucket}/0/manifest.json: access denied") in result.stdout, result.stderr
+    assert "latest 1 step 0 [0, 1, 2]" in result.stdout  # was: tensorstore's ValueError, naming no step
+
+
+READ_REFUSED = """
+import sys
+import ckpt
+try:
+    ckpt.load(sys.argv[1])
+except PermissionError as e:
+    print("refused:", e)
+"""
+
+
+@pytest.mark.parametrize("objects", ["arrays", "packed"])
+def test_s3_a_read_the_store_refuses_is_a_permission_error_not_damage(bucket, s3_user, objects):
+    import ckpt
+
+    ckpt.save(f"{bucket}/one", state(1))
+    name, prefix = bucket.removeprefix("s3://").split("/", 1)
+    env = s3_user({"s3:GetObject": f"arn:aws:s3:::{name}/{prefix}/one/{objects}/*"})
+    loaded = procs.run_script(READ_REFUSED, f"{bucket}/one", **env)
+    assert "refused: [Errno 13] " in loaded.stdout and "access denied" in loaded.stdout, loaded.stderr[-3000:]
+    verified = procs.run_script(procs.REPO / "ckpt" / "cli.py", "verify", f"{bucket}/one", **env)
+    assert verified.returncode == 2 and "access denied" in verified.stderr  # was: 1, 'DAMAGED'
+    assert "DAMAGED" not in verified.stdout
+
+
+QUIET = """
+import sys
+import numpy as np
+import ckpt
+ckpt.save(sys.argv[1], {"big": np.ones(300_000, np.float32), "small": np.arange(3)})
+assert ckpt.load(sys.argv[1])["small"].tolist() == [0, 1, 2]
+"""
+
+
+def test_s3_credentials_in_the_environment_are_used_without_logging_errors(bucket, tmp_path):
+    result = procs.run_script(QUIET, f"{bucket}/one", HOME=str(tmp_path))  # no ~/.aws
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr == ""  # was: 5 lines 'E... Failed to open file ... .aws/config' for each array opened
+
+
+def test_s3_a_reader_listing_while_a_writer_deletes_a_step_neither_lists_it_nor_warns(bucket, monkeypatch, caplog):
+    from ckpt import loading, storage
+    from ckpt.objectstore import ObjectPath
+
+    with Checkpointer(bucket, save_decision_policy=ALWAYS) as ckptr:
+        ckptr.save(0, state(0))
+        ckptr.save(1, state(1))
+    read_manifest = loading.read_manifest
+
+    def deleted_meanwhile(step_dir):  # the writer's garbage collection deletes step 0 between a reader's looks
+        if step_dir.name == "0" and ObjectPath(f"{step_dir}/manifest.json").exists():
+            storage.delete_dir(step_dir)
+        return read_manifest(step_dir)
+
+    monkeypatch.setattr(loading, "read_manifest", deleted_meanwhile)
+    with Checkpointer(bucket) as reader:
+        assert [c.step for c in reader.checkpoints] == [1]
+    assert "skipping" not in caplog.text  # was: 'skipping .../0 ...: step 0 is not a committed step, so ckpt
+    #                                       never lists, overwrites or deletes it', for each step deleted so
+
+
+def test_s3_a_checkpoint_at_a_buckets_root_is_saved_and_loaded(bucket):
+    import ckpt
+    from ckpt import errors
+
+    whole = bucket.rsplit("/", 2)[0]  # s3://<bucket>
+    with pytest.raises(errors.CheckpointNotFoundError, match="the path does not exist"):
+        ckpt.load(whole)  # was: OSError (before, ValueError) 'Invalid S3 object name', for every entry point
+    ckpt.save(whole, state(2))
+    assert ckpt.load(whole)["step"] == 2
+    assert ckpt.metadata(whole).metadata["big"].shape == (300_000,)
+
+
+WRITE_REFUSED = """
+import sys
+import numpy as np
+from ckpt.training import Checkpointer
+with Checkpointer(sys.argv[1]) as ckptr:
+    for save in (ckptr.save, lambda *args: ckptr.save_async(*args).result()):
+        try:
+            save(1, {"big": np.ones(300_000, np.float32), "small": np.arange(3)})
+        except PermissionError as e:
+            print("refused:", e)
+from ckpt.objectstore import ObjectPath
+print("left:", ObjectPath(sys.argv[1]).children())
+"""
+
+
+def test_s3_a_write_the_store_refuses_is_a_permission_error_naming_the_leaf_and_leaves_nothing(bucket, s3_user):
+    name, prefix = bucket.removeprefix("s3://").split("/", 1)
+    env = s3_user({"s3:PutObject": f"arn:aws:s3:::{name}/{prefix}/1/arrays/*"})
+    result = procs.run_script(WRITE_REFUSED, bucket, **env)
+    said = f"refused: [Errno 13] writing ['big'] to {bucket}/1: access denied (PERMISSION_DENIED: "
+    assert result.stdout.count(said) == 2, result.stdout + result.stderr[-3000:]  # was: OSError, no errno, the XML
+    assert "http_response_body" not in result.stdout
+    assert "left: []" in result.stdout

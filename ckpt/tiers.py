@@ -22,7 +22,8 @@ is created empty. ``checkpoints`` and ``latest`` list both tiers; each entry is 
 :class:`TieredCheckpointMetadata` that says where the step lives.
 
 A preemption (SIGTERM, ``ckpt.preemption.notify()``, JAX's preemption sync point) saves the current
-step locally at once and promotes it. ``wait()`` then waits for the promotion for at most
+step locally at once and promotes it (that step only: a job that goes on saves later steps as its
+policies say). ``wait()`` then waits for the promotion for at most
 ``grace_period_secs`` (counted from the save) and logs how long it took, or that the step is on the
 local tier only; past that, ``close()`` (as the interpreter at exit) lets the upload go on until it
 ends or the job is killed. An interrupted promotion leaves no listed step: its leftovers are swept by
@@ -260,8 +261,10 @@ class LocalTier:
     def save(self, step: int, checkpointables: dict[str, Any], *, force: bool, overwrite: bool, blocking: bool,
              preempted: bool, metrics: Any, custom_metadata: Any) -> background.AsyncResponse[bool]:
         """Saves ``step`` locally and promotes it when the durable tier wants it (``force``: both tiers).
-        Called after a positive decision of either tier (or with ``force``). A promotion that failed since
-        the last save, ``wait`` or ``close`` is raised first, before anything is written, as a failed save is.
+        Called after a positive decision of either tier (or with ``force``). ``preempted``: ``step`` is the
+        step at which the preemption was seen (only that one; later steps follow the policies). A promotion
+        that failed since the last save, ``wait`` or ``close`` is raised first, before anything is written,
+        as a failed save is.
         """
         self._durable.writer.raise_failure()
         promote = force or preempted or self._decided == (step, True)

@@ -385,7 +385,8 @@ class Checkpointer:
                                                           self._ctx.async_options.timeout_secs)
         if reached and self._preempted_at is None:
             self._preempted_at = step
-        return decision if self._local is None else self._local.decide(step, durable=decision, preempted=reached,
+        return decision if self._local is None else self._local.decide(step, durable=decision,
+                                                                       preempted=step == self._preempted_at,
                                                                        replacing=replacing)
 
     @property
@@ -513,7 +514,7 @@ class Checkpointer:
             return None  # a step below the latest, or one the policy skips
         if self._local is not None:
             return self._local.save(step, checkpointables, force=force, overwrite=overwrite, blocking=blocking,
-                                    preempted=self.reached_preemption(step), metrics=metrics,
+                                    preempted=step == self._preempted_at, metrics=metrics,
                                     custom_metadata=custom_metadata)
         options = self._ctx
         trees, handled = custom.split(checkpointables, options.checkpointables_options.registry)

@@ -383,3 +383,23 @@ def test_load_async_of_the_latest_falls_back_to_older_steps_as_load_does(tmp_pat
         assert_bit_exact(ckptr.load(), 2)
         assert_bit_exact(ckptr.load_async().result(timeout=60), 2)  # was: CheckpointCorruptedError of step 3
         assert_bit_exact(ckptr.load_checkpointables_async().result(timeout=60)["state"], 2)
+
+
+def test_only_the_step_saved_for_a_preemption_is_promoted_as_one_later_saves_follow_the_policies(tmp_path):
+    """A job that goes on after a preemption (``reset()``): each later local save was promoted too, as a
+    preemption save, whatever the durable policy said."""
+    local = ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1))
+    policy = sdp.AnySavePolicy([sdp.FixedIntervalPolicy(1000), sdp.PreemptionCheckpointingPolicy()])
+    with ckpt.Checkpointer(tmp_path / "durable", save_decision_policy=policy, local=local) as ckptr:
+        ckptr.save(1, {"w": np.ones(2)})
+        try:
+            ckpt.preemption.notify()
+            ckptr.save(2, {"w": np.ones(2)})
+        finally:
+            ckpt.preemption.reset()
+        for step in range(3, 6):
+            ckptr.save(step, {"w": np.ones(2)})
+        ckptr.wait()
+        assert steps_in(tmp_path / "durable") == [2]  # was: [2, 3, 4, 5]
+        assert [(c.step, sorted(c.locations)) for c in ckptr.checkpoints] == [
+            (2, ["durable"]), (4, ["local"]), (5, ["local"])]

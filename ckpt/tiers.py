@@ -11,9 +11,11 @@ same split: ``LocalCheckpointOptions`` and ``PersistentCheckpointOptions``):
 Every save goes to the local tier first: the loop blocks once, for the snapshot of an async save. A
 step the durable policy also wants is then *promoted*: its committed local directory is copied to the
 durable root on the durable tier's background writer, and committed there (on an object store its
-manifest, copied last, is the commit record). The loop never waits for a promotion; promotions queue
-behind each other, and the local preservation policy keeps a step until its promotion is done, when the
-policy is applied again (so ``wait()`` leaves each tier holding what its policy keeps).
+manifest, copied last, is the commit record). The loop never waits for a promotion. One runs at a time
+and at most one waits: a newer one replaces the waiting one, whose step stays an ordinary local step
+(forced and preemption saves are never replaced; they replace a waiting one and wait behind the one
+running). The local preservation policy keeps a step until its promotion is done, when the policy is
+applied again (so ``wait()`` leaves each tier holding what its policy keeps).
 
 Restore (``load`` with no step) takes the newest step of either tier; a step in both is read from the
 local tier. Loading checks every checksum, so a damaged or vanished local step falls back to the
@@ -162,6 +164,16 @@ class DurableRoot:
     timeout_secs: float
 
 
+@dataclasses.dataclass(eq=False)
+class _Promotion:
+    """A promotion handed to the durable tier's writer. A ``replaceable`` one not started yet is
+    ``skipped`` when a newer promotion is queued (see :meth:`LocalTier._enqueue`)."""
+
+    step: int
+    replaceable: bool
+    skipped: bool = False
+
+
 @dataclasses.dataclass
 class _KeepPromoting:
     """The local preservation policy, plus: keep the steps whose promotion has not finished."""
@@ -198,6 +210,7 @@ class LocalTier:
         self._decide = decide  # a Checkpointer's save decision: (checkpointer, step, replacing=...) -> bool
         self._durable = durable
         self._promoting: set[int] = set()
+        self._waiting: _Promotion | None = None  # the replaceable promotion not started yet (at most one)
         self._lock = threading.Lock()
         self._deadline: tuple[int, float] | None = None  # (step, monotonic time) of a preemption's promotion
         self._decided: tuple[int, bool] | None = None  # (step, durable decision) of the last decision
@@ -291,15 +304,41 @@ class LocalTier:
         if preempted:
             self._deadline = (step, time.monotonic() + self._options.grace_period_secs)
         barrier = self._durable.operation(f"promote/{step}")  # named here: every process counts its calls alike
-        response = self._durable.writer.submit(lambda: self._promote(step, local, preempted, barrier, overwrite))
+        promotion = self._enqueue(step, replaceable=not (force or preempted) and self._durable.processes.count == 1)
+        response = self._durable.writer.submit(lambda: self._promote(promotion, local, preempted, barrier, overwrite))
         if blocking:
             return background.finished(response.result())
         return response
 
-    def _promote(self, step: int, local: background.AsyncResponse[bool], preempted: bool, barrier: str,
+    def _enqueue(self, step: int, *, replaceable: bool) -> _Promotion:
+        """A promotion of ``step``, to queue behind the one running: it replaces the replaceable promotion still
+        waiting, if any, whose step becomes an ordinary local step (under the local policy), so that saves
+        chosen faster than uploads end neither queue without bound nor keep every step locally. Forced and
+        preemption saves are not ``replaceable`` (nor, with several processes, any: each would have to
+        replace the same one)."""
+        promotion = _Promotion(step, replaceable)
+        with self._lock:
+            replaced, self._waiting = self._waiting, promotion if replaceable else None
+            if replaced is not None:
+                replaced.skipped = True
+                if replaced.step != step:
+                    self._promoting.discard(replaced.step)
+        if replaced is not None:
+            logger.info("ckpt: step %d is not promoted to the durable tier: step %d, newer, replaced it while it "
+                        "waited for the promotion in flight; it stays on the local tier as its policy says",
+                        replaced.step, step)
+        return promotion
+
+    def _promote(self, promotion: _Promotion, local: background.AsyncResponse[bool], preempted: bool, barrier: str,
                  overwrite: bool) -> bool:
-        """Copies the committed local ``step`` to the durable root and commits it there (a background job),
-        replacing a committed step there only with ``overwrite``."""
+        """Copies the committed local step to the durable root and commits it there (a background job),
+        replacing a committed step there only with ``overwrite``; nothing when a newer promotion replaced it."""
+        with self._lock:
+            if self._waiting is promotion:
+                self._waiting = None  # running: no longer replaceable
+            if promotion.skipped:
+                return local.result()
+        step = promotion.step
         try:
             local.result()
             start = time.monotonic()

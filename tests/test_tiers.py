@@ -100,8 +100,12 @@ def test_each_tier_keeps_its_own_policies_and_ckpt_ls_shows_where_each_step_live
     local = ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(2))
     with ckpt.Checkpointer(tmp_path / "durable", save_decision_policy=sdp.FixedIntervalPolicy(3),
                            local=local) as ckptr:
-        saved = [step for step in range(10) if ckptr.save_async(step, {"step": step}) is not None]
-        ckptr.wait()
+        saved = []
+        for step in range(10):
+            response = ckptr.save_async(step, {"step": step})
+            if response is not None:  # each promotion ends before the next save (a newer one replaces a waiting one)
+                saved.append(step)
+                response.result()
         assert saved == [0, 2, 3, 4, 6, 8, 9]
         listed = [(c.step, sorted(c.locations)) for c in ckptr.checkpoints]
     where = dict(listed)
@@ -403,3 +407,34 @@ def test_only_the_step_saved_for_a_preemption_is_promoted_as_one_later_saves_fol
         assert steps_in(tmp_path / "durable") == [2]  # was: [2, 3, 4, 5]
         assert [(c.step, sorted(c.locations)) for c in ckptr.checkpoints] == [
             (2, ["durable"]), (4, ["local"]), (5, ["local"])]
+
+
+def test_a_waiting_promotion_is_replaced_by_a_newer_one_but_never_a_forced_one(tmp_path, monkeypatch, caplog):
+    """Saves the durable policy chose faster than uploads: every promotion queued, and the local tier kept
+    each step until its turn (a disk filling up). At most one waits now; a newer one replaces it."""
+    copying, released, copy_step = threading.Event(), threading.Event(), tiers._copy_step
+
+    def held_copy(*args, **kwargs):
+        copying.set()
+        assert released.wait(60), "the test never released the promotion"
+        return copy_step(*args, **kwargs)
+
+    monkeypatch.setattr(tiers, "_copy_step", held_copy)
+    local = ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1),
+                                        preservation_policy=pp.LatestN(1))
+    with ckpt.Checkpointer(tmp_path / "durable", save_decision_policy=sdp.FixedIntervalPolicy(1),
+                           local=local) as ckptr, caplog.at_level(logging.INFO, "ckpt"):
+        ckptr.save_async(0, {"w": np.zeros(2)})
+        assert copying.wait(60)  # step 0's promotion runs (held)
+        ckptr.save_async(1, {"w": np.ones(2)})  # waits, then is replaced by the forced step 2
+        ckptr.save_async(2, {"w": np.ones(2)}, force=True)  # never replaced
+        ckptr.save_async(3, {"w": np.ones(2)})  # waits behind step 2, replaced by step 4
+        response = ckptr.save_async(4, {"w": np.ones(2)})
+        released.set()
+        assert response.result(timeout=60)
+        ckptr.wait()
+        assert steps_in(tmp_path / "durable") == [0, 2, 4]  # was: [0, 1, 2, 3, 4]
+        assert steps_in(tmp_path / "local") == [4]
+    for skipped, newer in ((1, 2), (3, 4)):
+        assert (f"step {skipped} is not promoted to the durable tier: step {newer}, newer, replaced it while it "
+                "waited for the promotion in flight") in caplog.text

@@ -41,7 +41,9 @@ def main(mode: str, durable: str, local: str) -> None:
     if mode == "run":
         with checkpointer(durable, local) as ckptr:
             for step in range(14):
-                ckptr.save_async(step, state(step))
+                response = ckptr.save_async(step, state(step))
+                if step % DURABLE_EVERY == 0:  # promoted before the next: a newer one would replace it waiting
+                    response.result()
             ckptr.wait()
             print("ready", flush=True)
             time.sleep(600)

@@ -29,7 +29,8 @@ policies say). ``wait()`` then waits for the promotion for at most
 ``grace_period_secs`` (counted from the save) and logs how long it took, or that the step is on the
 local tier only; past that, ``close()`` (as the interpreter at exit) lets the upload go on until it
 ends or the job is killed. An interrupted promotion leaves no listed step: its leftovers are swept by
-the next writer of the durable root.
+the next writer of the durable root, which also promotes, at its first save, the newest local step a
+crash left unpromoted (see :meth:`LocalTier._recover`).
 
 Multi-process jobs: each process's local tier is its own directory (``<directory>/process_<i>``) and
 holds the shards that process owns, plus every replicated leaf. A promotion copies each process's
@@ -156,6 +157,8 @@ class DurableRoot:
 
     directory: storage.Location  # its root
     step_dir: Callable[[int], storage.Location]  # where a step goes
+    checkpoints: Callable[[], Sequence[CheckpointMetadata]]  # its committed steps, ascending
+    save_policy: save_decision_policies.SaveDecisionPolicy  # its save decision policy
     writer: background.BackgroundWriter  # the durable tier's writer: promotions run there, one at a time
     take: Callable[[], None]  # becomes the root's writer (its lock, the first sweep)
     committed: Callable[[int, storage.Location, dict], None]  # lists a committed step, collects garbage
@@ -212,6 +215,7 @@ class LocalTier:
         self._promoting: set[int] = set()
         self._waiting: _Promotion | None = None  # the replaceable promotion not started yet (at most one)
         self._lock = threading.Lock()
+        self._recovered = durable.processes.count > 1  # (see _recover)
         self._deadline: tuple[int, float] | None = None  # (step, monotonic time) of a preemption's promotion
         self._decided: tuple[int, bool] | None = None  # (step, durable decision) of the last decision
         directory = local_directory(options.directory)
@@ -280,6 +284,8 @@ class LocalTier:
         as a failed save is.
         """
         self._durable.writer.raise_failure()
+        if not self._recovered:
+            self._recover(step)
         promote = force or preempted or self._decided == (step, True)
         if promote:  # checked before anything is written (and again by the promotion); kept locally until copied
             final = self._durable.step_dir(step)
@@ -299,16 +305,48 @@ class LocalTier:
             local = background.finished(local) if blocking else local
         if not promote:
             return local
+        response = self._submit(step, local, preempted=preempted, overwrite=overwrite,
+                                replaceable=not (force or preempted) and self._durable.processes.count == 1)
+        if blocking:
+            return background.finished(response.result())
+        return response
+
+    def _recover(self, saving: int) -> None:
+        """Promotes the step a crash left unpromoted: the newest committed local step, newer than the durable
+        tier's latest (and other than ``saving``), that the durable policy chose; its promotion was interrupted
+        or never began. Older ones are useless once it is durable. Where what the policy chose cannot be asked
+        again (see :func:`ckpt.training.save_decision_policies.decides_by_step_numbers`), the newest local step
+        newer than the durable latest. Called once, at this writer's first save: it then becomes the durable
+        root's writer, and sweeps the interrupted promotion's leftovers (a Checkpointer that only reads writes
+        nothing). Not with several processes, whose local tiers would have to hold the same step."""
+        self._recovered = True
+        durable = self._durable.checkpoints()
+        latest = durable[-1].step if durable else -1
+        newer = [c for c in self.checkpointer.checkpoints if c.step > latest and c.step != saving]
+        policy = self._durable.save_policy
+        if save_decision_policies.decides_by_step_numbers(policy):
+            context = save_decision_policies.DecisionContext()
+            newer = [c for c in newer if policy.should_save(c, durable, context=context)]
+        if not newer:
+            return
+        step = newer[-1].step
+        logger.warning("ckpt: step %d, newer than the durable tier's latest (%s), is on the local tier only: a crash "
+                       "left it unpromoted. Promoting it now", step, durable[-1].step if durable else "none")
+        with self._lock:
+            self._promoting.add(step)
+        self._submit(step, background.finished(True), preempted=False, overwrite=False, replaceable=True)
+
+    def _submit(self, step: int, local: background.AsyncResponse[bool], *, preempted: bool, overwrite: bool,
+                replaceable: bool) -> background.AsyncResponse[bool]:
+        """Queues the promotion of ``step``, which runs once ``local`` (its local save) is committed; the
+        caller has added ``step`` to the steps kept locally until promoted."""
         if self._durable.processes.index == 0:
             self._durable.take()
         if preempted:
             self._deadline = (step, time.monotonic() + self._options.grace_period_secs)
         barrier = self._durable.operation(f"promote/{step}")  # named here: every process counts its calls alike
-        promotion = self._enqueue(step, replaceable=not (force or preempted) and self._durable.processes.count == 1)
-        response = self._durable.writer.submit(lambda: self._promote(promotion, local, preempted, barrier, overwrite))
-        if blocking:
-            return background.finished(response.result())
-        return response
+        promotion = self._enqueue(step, replaceable=replaceable)
+        return self._durable.writer.submit(lambda: self._promote(promotion, local, preempted, barrier, overwrite))
 
     def _enqueue(self, step: int, *, replaceable: bool) -> _Promotion:
         """A promotion of ``step``, to queue behind the one running: it replaces the replaceable promotion still

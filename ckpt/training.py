@@ -145,6 +145,7 @@ class Checkpointer:
         self._local = None if local is None else tiers.LocalTier(
             local, tiers.DurableRoot(self._directory,
                                      lambda step: self._directory / step_lib.checked_name(self._name_format, step),
+                                     lambda: self._infos, self._save_policy,
                                      self._writer, self._take_directory, self._committed, self._processes,
                                      self._operation, self._context.async_options.timeout_secs),
             Checkpointer, Checkpointer._collect_garbage, Checkpointer._decide, context=self._context,

@@ -438,3 +438,52 @@ def test_a_waiting_promotion_is_replaced_by_a_newer_one_but_never_a_forced_one(t
     for skipped, newer in ((1, 2), (3, 4)):
         assert (f"step {skipped} is not promoted to the durable tier: step {newer}, newer, replaced it while it "
                 "waited for the promotion in flight") in caplog.text
+
+
+def test_a_step_whose_promotion_a_crash_cut_short_is_promoted_by_the_next_writer(bucket, tmp_path, caplog):
+    """Step 10, chosen by the durable policy, committed locally, its upload killed before its manifest: the
+    restarted run promoted nothing but the steps its policy chose from then on, so step 10 stayed on the
+    local tier only (lost with the machine)."""
+    local = tmp_path / "local"
+    proc = procs.start(WORKER, "interrupt", bucket, str(local))
+    try:
+        procs.wait_for_line(proc, "saved", timeout=120)
+    finally:
+        assert procs.stop(proc) == -signal.SIGKILL
+    with tiers_worker.checkpointer(bucket, str(local)) as ckptr, caplog.at_level(logging.WARNING, "ckpt"):
+        assert [(c.step, sorted(c.locations)) for c in ckptr.checkpoints] == [
+            (0, ["durable"]), (5, ["durable"]), (10, ["local"]), (11, ["local"]), (12, ["local"])]
+        ckptr.save(13, tiers_worker.state(13))  # the first save of the restarted run's writer
+        ckptr.wait()
+        assert [(c.step, sorted(c.locations)) for c in ckptr.checkpoints] == [
+            (5, ["durable"]), (10, ["durable"]), (12, ["local"]), (13, ["local"])]  # was: 10 never promoted
+    assert "step 10, newer than the durable tier's latest (5), is on the local tier only" in caplog.text
+    with ckpt.Checkpointer(bucket) as durable:
+        assert_bit_exact(durable.load(10), 10)
+
+
+@pytest.mark.parametrize("policy, promoted", [(sdp.FixedIntervalPolicy(2), 4),  # its newest choice; not 2 too
+                                              (sdp.ContinuousCheckpointingPolicy(), 5)],  # cannot be asked again
+                         ids=["chose by step numbers", "chose by the clock"])
+def test_the_next_writer_promotes_only_the_newest_unpromoted_step_the_durable_policy_chose(tmp_path, policy, promoted):
+    local = ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1),
+                                        preservation_policy=pp.LatestN(4))
+    with ckpt.Checkpointer(tmp_path / "durable", save_decision_policy=sdp.FixedIntervalPolicy(1000),
+                           local=local) as ckptr:
+        for step in range(6):
+            ckptr.save(step, {"w": np.full(2, step)})
+    assert steps_in(tmp_path / "local") == [2, 3, 4, 5] and steps_in(tmp_path / "durable") == [0]
+    with ckpt.Checkpointer(tmp_path / "durable", save_decision_policy=policy, local=local) as ckptr:
+        assert steps_in(tmp_path / "durable") == [0]  # opening writes nothing: a reader may open the root
+        ckptr.save(7, {"w": np.full(2, 7)}, force=True)
+        ckptr.wait()
+    assert steps_in(tmp_path / "durable") == [0, promoted, 7]
+    assert ckpt.load(tmp_path / "durable" / str(promoted))["w"][0] == promoted
+
+
+def test_only_policies_that_decide_by_step_numbers_can_be_asked_again_what_they_chose():
+    assert sdp.decides_by_step_numbers(sdp.AnySavePolicy([sdp.InitialSavePolicy(), sdp.FixedIntervalPolicy(5),
+                                                          sdp.SpecificStepsPolicy([3])]))
+    assert not sdp.decides_by_step_numbers(sdp.AnySavePolicy([sdp.FixedIntervalPolicy(5),
+                                                              sdp.PreemptionCheckpointingPolicy()]))
+    assert not sdp.decides_by_step_numbers(sdp.ContinuousCheckpointingPolicy())

@@ -216,7 +216,8 @@ class LocalTier:
         self._waiting: _Promotion | None = None  # the replaceable promotion not started yet (at most one)
         self._lock = threading.Lock()
         self._recovered = durable.processes.count > 1  # (see _recover)
-        self._deadline: tuple[int, float] | None = None  # (step, monotonic time) of a preemption's promotion
+        # (step, monotonic time, promotion) of a preemption's promotion, which wait() waits for until then
+        self._deadline: tuple[int, float, background.AsyncResponse[bool]] | None = None
         self._decided: tuple[int, bool] | None = None  # (step, durable decision) of the last decision
         directory = local_directory(options.directory)
         if durable.processes.count > 1:
@@ -342,11 +343,12 @@ class LocalTier:
         caller has added ``step`` to the steps kept locally until promoted."""
         if self._durable.processes.index == 0:
             self._durable.take()
-        if preempted:
-            self._deadline = (step, time.monotonic() + self._options.grace_period_secs)
         barrier = self._durable.operation(f"promote/{step}")  # named here: every process counts its calls alike
         promotion = self._enqueue(step, replaceable=replaceable)
-        return self._durable.writer.submit(lambda: self._promote(promotion, local, preempted, barrier, overwrite))
+        response = self._durable.writer.submit(lambda: self._promote(promotion, local, preempted, barrier, overwrite))
+        if preempted:
+            self._deadline = (step, time.monotonic() + self._options.grace_period_secs, response)
+        return response
 
     def _enqueue(self, step: int, *, replaceable: bool) -> _Promotion:
         """A promotion of ``step``, to queue behind the one running: it replaces the replaceable promotion still
@@ -432,11 +434,13 @@ class LocalTier:
         return self.checkpointer.is_saving_in_progress()
 
     def wait(self) -> None:
-        """Waits for the local save in flight, then for the promotions: after a preemption, for at most
-        the grace period (logging that the step is on the local tier only when it ran out)."""
+        """Waits for the local save in flight, then for the promotions: while a preemption's promotion is
+        unfinished, for at most the grace period (logging that the step is on the local tier only when it
+        ran out)."""
         self.checkpointer.wait()
         deadline = self._deadline
-        if deadline is None:
+        if deadline is None or deadline[2].done():
+            self._deadline = None
             self._durable.writer.wait(self._durable.timeout_secs)
             return
         try:

@@ -487,3 +487,31 @@ def test_only_policies_that_decide_by_step_numbers_can_be_asked_again_what_they_
     assert not sdp.decides_by_step_numbers(sdp.AnySavePolicy([sdp.FixedIntervalPolicy(5),
                                                               sdp.PreemptionCheckpointingPolicy()]))
     assert not sdp.decides_by_step_numbers(sdp.ContinuousCheckpointingPolicy())
+
+
+def test_once_a_preemptions_promotion_has_ended_wait_waits_for_the_promotions_again(tmp_path, monkeypatch):
+    """A preemption's promotion that outlasted the grace period left its expired deadline behind: every
+    later wait() (a job going on after ``reset()``) returned at once, promotions unfinished, failures unraised."""
+    held, copy_step = {2: threading.Event(), 5: threading.Event()}, tiers._copy_step
+
+    def held_copy(source, final, step, *args, **kwargs):
+        assert step not in held or held[step].wait(60), "the test never released the promotion"
+        return copy_step(source, final, step, *args, **kwargs)
+
+    monkeypatch.setattr(tiers, "_copy_step", held_copy)
+    local = ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1),
+                                        grace_period_secs=0)
+    with ckpt.Checkpointer(tmp_path / "durable", save_decision_policy=sdp.FixedIntervalPolicy(5), local=local) as ckptr:
+        try:
+            ckpt.preemption.notify()
+            promotion = ckptr.save_async(2, {"w": np.ones(2)})
+            ckptr.wait()  # the grace period ran out
+        finally:
+            ckpt.preemption.reset()
+        held[2].set()
+        assert promotion.result(timeout=60)
+        threading.Timer(0.5, held[5].set).start()
+        for step in (3, 4, 5):
+            ckptr.save_async(step, {"w": np.ones(2)})
+        ckptr.wait()
+        assert steps_in(tmp_path / "durable") == [2, 5]  # was: [2], step 5 still being promoted

@@ -64,7 +64,7 @@ from typing import Any, Callable, Sequence
 
 import tensorstore as ts
 
-from ckpt import arguments, background, distributed, errors, loading, root, storage
+from ckpt import arguments, background, distributed, errors, formats, loading, root, storage
 from ckpt import format as fmt
 from ckpt.context import Context, MultiprocessingOptions
 from ckpt.metadata import CheckpointMetadata
@@ -202,6 +202,23 @@ def local_directory(directory: str | os.PathLike) -> Path:
     return storage.location(directory)
 
 
+def check_owner(directory: Path, durable: str) -> None:
+    """Refuses a local directory that holds the local tier of another durable root than ``durable`` (a run
+    before, on the same machine), whose steps are not this run's. The first Checkpointer of a local
+    directory records its durable root there (``ckpt-root.json``); a local tier written before ckpt recorded
+    it is taken as any root's.
+
+    Raises:
+      ValueError: ``directory`` belongs to another durable root (both named).
+      CheckpointCorruptedError: its ``ckpt-root.json`` is damaged.
+    """
+    owner = formats.root_custom_metadata(directory)
+    owner = owner.get(_DURABLE_ROOT, durable) if isinstance(owner, dict) else durable
+    if owner != durable:
+        raise ValueError(f"{directory} holds the local tier of the durable root {owner}, not of {durable}: its "
+                         "steps are another run's")
+
+
 class LocalTier:
     """The local tier of a Checkpointer and the promotion of its steps to the durable tier."""
 
@@ -235,22 +252,17 @@ class LocalTier:
         self._check_owner(str(durable.directory))
 
     def _check_owner(self, durable: str) -> None:
-        """Refuses a local directory that holds the local tier of another durable root (a run before, on
-        the same machine): its steps would be restored as this run's when their numbers are higher. The
-        first Checkpointer of a local directory records its durable root there (``ckpt-root.json``); a local
-        tier written before ckpt recorded it is taken as this root's.
+        """:func:`check_owner` of the local directory (its steps would be restored as this run's).
 
         Raises:
           ValueError: the local directory belongs to another durable root (nothing was written).
         """
-        owner = self.checkpointer.root_metadata().custom_metadata
-        owner = owner.get(_DURABLE_ROOT, durable) if isinstance(owner, dict) else durable
-        if owner != durable:
+        try:
+            check_owner(self.checkpointer.directory, durable)
+        except ValueError as e:
             self.checkpointer.close()
-            raise ValueError(f"LocalCheckpointOptions directory {self.checkpointer.directory} holds the local tier "
-                             f"of the durable root {owner}, not of {durable}: its steps are another run's, and would "
-                             "be restored as this one's. Use another local directory (or delete that one if the "
-                             "run it belongs to is over).")
+            raise ValueError(f"LocalCheckpointOptions directory {e}, and would be restored as this one's. Use another "
+                             "local directory (or delete that one if the run it belongs to is over).") from None
 
     # ----------------------------------------------------------------------------- listing
     def merged(self, durable: Sequence[CheckpointMetadata]) -> list[TieredCheckpointMetadata]:

@@ -515,3 +515,16 @@ def test_once_a_preemptions_promotion_has_ended_wait_waits_for_the_promotions_ag
             ckptr.save_async(step, {"w": np.ones(2)})
         ckptr.wait()
         assert steps_in(tmp_path / "durable") == [2, 5]  # was: [2], step 5 still being promoted
+
+
+def test_ckpt_ls_refuses_a_local_tier_of_another_durable_root_as_the_checkpointer_does(tmp_path, capsys):
+    local = ckpt.LocalCheckpointOptions(tmp_path / "ssd", save_decision_policy=sdp.FixedIntervalPolicy(1))
+    with ckpt.Checkpointer(tmp_path / "run1", save_decision_policy=sdp.FixedIntervalPolicy(100), local=local) as ckptr:
+        for step in range(3):
+            ckptr.save(step, {"w": np.full(2, step)})
+    ckpt.save(tmp_path / "run2" / "0", {"w": np.zeros(2)})
+    assert cli.main(["ls", str(tmp_path / "run2"), "--local", str(tmp_path / "ssd")]) == 2  # was: 0, latest step 2
+    assert (f"--local {tmp_path / 'ssd'} holds the local tier of the durable root {tmp_path / 'run1'}, not of "
+            f"{tmp_path / 'run2'}") in capsys.readouterr().err
+    assert cli.main(["ls", str(tmp_path / "run1"), "--local", str(tmp_path / "ssd"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["latest"] == 2

@@ -389,10 +389,10 @@ class LocalTier:
             if self._waiting is promotion:
                 self._waiting = None  # running: no longer replaceable
             if promotion.skipped:
-                return local.result()
+                return _saved(local)
         step = promotion.step
         try:
-            local.result()
+            _saved(local)
             start = time.monotonic()
             source = self.checkpointer.directory / self._step_name(step)
             final = self._durable.step_dir(step)
@@ -464,6 +464,15 @@ class LocalTier:
 
     def close(self) -> None:
         self.checkpointer.close()
+
+
+def _saved(local: background.AsyncResponse[bool]) -> bool:
+    """Waits for a local save; raises its failure, which the local tier's writer raises to the caller too
+    (whichever does first: the failure is raised once, see ckpt.background)."""
+    failure = local.exception()
+    if failure is not None:
+        raise failure
+    return True
 
 
 def _megabytes(nbytes: int) -> str:

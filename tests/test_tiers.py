@@ -528,3 +528,22 @@ def test_ckpt_ls_refuses_a_local_tier_of_another_durable_root_as_the_checkpointe
             f"{tmp_path / 'run2'}") in capsys.readouterr().err
     assert cli.main(["ls", str(tmp_path / "run1"), "--local", str(tmp_path / "ssd"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["latest"] == 2
+
+
+def test_a_failed_local_save_of_a_step_to_promote_is_raised_once(tmp_path):
+    """Its failure was kept by both writers, the local save's and the promotion's that waited for it: raised
+    by the next save or wait, then again by the one after (a loop that had handled it died at close)."""
+    with fsutil.tmpfs(tmp_path / "mnt", size="2m") as mnt:
+        local = ckpt.LocalCheckpointOptions(mnt / "local", save_decision_policy=sdp.FixedIntervalPolicy(1))
+        with ckpt.Checkpointer(tmp_path / "durable", save_decision_policy=sdp.FixedIntervalPolicy(1), local=local) as ckptr:
+            ckptr.save(0, {"w": np.full(100_000, 0, np.float32)})
+            fsutil.fill(mnt, 64 << 10)
+            ckptr.save_async(1, {"w": np.full(100_000, 1, np.float32)})
+            with pytest.raises(OSError, match=r"local/1\.ckpt-tmp") as info:
+                ckptr.wait()
+            assert info.value.errno == errno.ENOSPC
+            (mnt / "filler").unlink()
+            ckptr.save(2, {"w": np.full(100_000, 2, np.float32)})  # was: the same ENOSPC again, here or at wait()
+            ckptr.wait()
+            assert [(c.step, sorted(c.locations)) for c in ckptr.checkpoints] == [
+                (0, ["durable", "local"]), (2, ["durable", "local"])]

@@ -130,7 +130,8 @@ class Checkpointer:
         self._warned_behind = False
         self._processes = self._ctx.multiprocessing_options.processes or distributed.current()
         self._operations = 0
-        self._preempted_at: int | None = None
+        self._preempted_at: int | None = None  # the step at which the last preemption was first seen
+        self._reached = False  # whether the last decision saw a preemption (a new one begins after one that did not)
         self._decided_once = False  # (whether it listens for a preemption is known from the first decision)
         self._due: int | None = None  # the step the last should_save said yes to, until a save or reload
         self._in_flight: CheckpointMetadata | None = None  # the step of the last save handed to the writer
@@ -384,8 +385,9 @@ class Checkpointer:
         if self._processes.count > 1:  # time and signals differ between processes: the primary decides
             decision, reached = self._processes.broadcast(self._operation(f"decide/{step}"), [decision, reached],
                                                           self._ctx.async_options.timeout_secs)
-        if reached and self._preempted_at is None:
+        if reached and (self._preempted_at is None or not self._reached):
             self._preempted_at = step
+        self._reached = reached
         return decision if self._local is None else self._local.decide(step, durable=decision,
                                                                        preempted=step == self._preempted_at,
                                                                        replacing=replacing)

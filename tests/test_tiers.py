@@ -547,3 +547,16 @@ def test_a_failed_local_save_of_a_step_to_promote_is_raised_once(tmp_path):
             ckptr.wait()
             assert [(c.step, sorted(c.locations)) for c in ckptr.checkpoints] == [
                 (0, ["durable", "local"]), (2, ["durable", "local"])]
+
+
+def test_a_second_preemption_after_a_reset_is_saved_and_promoted_as_the_first(tmp_path):
+    local = ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(2))
+    with ckpt.Checkpointer(tmp_path / "durable", save_decision_policy=sdp.FixedIntervalPolicy(1000), local=local) as ckptr:
+        for step in range(1, 6):
+            try:
+                if step in (3, 5):  # a notice, withdrawn after the step is saved
+                    ckpt.preemption.notify()
+                assert ckptr.save(step, {"w": np.full(2, step)}) == (step != 1)
+            finally:
+                ckpt.preemption.reset()
+        assert steps_in(tmp_path / "durable") == [3, 5]  # was: [3], step 5 no preemption save

@@ -294,15 +294,18 @@ class LocalTier:
         Called after a positive decision of either tier (or with ``force``). ``preempted``: ``step`` is the
         step at which the preemption was seen (only that one; later steps follow the policies). A promotion
         that failed since the last save, ``wait`` or ``close`` is raised first, before anything is written,
-        as a failed save is.
+        as a failed save is. The durable tier is not asked here about a promotion the policies chose (an
+        object store out of reach for a while must not stop the local saves); one asked for (``force``,
+        ``overwrite``) is refused here, before anything is written, where the durable root cannot take it.
         """
         self._durable.writer.raise_failure()
         if not self._recovered:
             self._recover(step)
         promote = force or preempted or self._decided == (step, True)
-        if promote:  # checked before anything is written (and again by the promotion); kept locally until copied
-            final = self._durable.step_dir(step)
-            root.check_target(final, storage.temporary_for(final), step=step, overwrite=overwrite)
+        if promote:  # kept locally until copied
+            if force or overwrite:  # asked for: refused before anything is written (the promotion checks again)
+                final = self._durable.step_dir(step)
+                root.check_target(final, storage.temporary_for(final), step=step, overwrite=overwrite)
             with self._lock:
                 self._promoting.add(step)
         if not overwrite and any(c.step == step for c in self.checkpointer.checkpoints):

@@ -560,3 +560,29 @@ def test_a_second_preemption_after_a_reset_is_saved_and_promoted_as_the_first(tm
             finally:
                 ckpt.preemption.reset()
         assert steps_in(tmp_path / "durable") == [3, 5]  # was: [3], step 5 no preemption save
+
+
+def test_a_promotion_the_policies_chose_leaves_the_durable_tier_to_the_background(tmp_path, monkeypatch):
+    """save_async of a step the durable policy chose asked the durable root about the step from the loop's
+    thread: with an object store out of reach (tensorstore retrying for minutes) the loop stopped, local
+    saves and all. Only a save asked for (force, overwrite) is checked there, before anything is written."""
+    from ckpt import root
+
+    asked, check_target = [], root.check_target
+
+    def recording(final, *args, **kwargs):
+        if final.parent == tmp_path / "durable":
+            asked.append(threading.current_thread() is threading.main_thread())
+        return check_target(final, *args, **kwargs)
+
+    monkeypatch.setattr(root, "check_target", recording)
+    local = ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1))
+    with ckpt.Checkpointer(tmp_path / "durable", save_decision_policy=sdp.FixedIntervalPolicy(2), local=local) as ckptr:
+        for step in range(4):
+            ckptr.save_async(step, {"w": np.full(2, step)})
+        ckptr.wait()
+        assert asked and not any(asked)  # was: the loop's thread asked first, for each step
+        before = len(asked)
+        ckptr.save(5, {"w": np.full(2, 5)}, force=True)
+        assert asked[before] and not any(asked[before + 1:])
+        assert steps_in(tmp_path / "durable") == [0, 2, 5]

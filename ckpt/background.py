@@ -1,7 +1,8 @@
 """The single background writer and ``AsyncResponse``.
 
 At most one job runs at a time. A job's failure is kept and raised once, by the next ``wait`` (which
-every new save, ``Checkpointer.wait`` and ``close`` call) or by its own response's ``result()``.
+every new save, ``Checkpointer.wait`` and ``close`` call) or by its own response's ``result()``; once
+even where two writers keep it (a two-tier save's local save, and its promotion that waited for it).
 
 A process forked while a job runs (a worker started from the training loop) has no such job: its
 copy of the writer has nothing in flight, so ``wait`` and ``close`` there return at once instead of
@@ -23,6 +24,14 @@ from typing import Any, Callable, Generic, TypeVar
 
 T = TypeVar("T")
 logger = logging.getLogger("ckpt")
+_RAISED = "_ckpt_raised"  # set on a failure once raised to a caller (see _first_raise)
+
+
+def _first_raise(error: BaseException) -> bool:
+    """Records that ``error`` is being raised to a caller; whether it is the first time."""
+    first = not getattr(error, _RAISED, False)
+    setattr(error, _RAISED, True)
+    return first
 
 
 class AsyncResponse(Generic[T]):
@@ -52,9 +61,17 @@ class AsyncResponse(Generic[T]):
             return self._future.result(timeout)
         except concurrent.futures.TimeoutError:
             raise TimeoutError(f"the background operation did not finish within {timeout} s") from None
-        except BaseException:
+        except BaseException as e:
+            _first_raise(e)
             self._on_result()
             raise
+
+    def exception(self) -> BaseException | None:
+        """Waits for the operation and returns its error, or None; unlike ``result()`` it leaves the error to
+        be raised by the next ``save``, ``wait`` or ``close`` (for a job that waits for another's outcome)."""
+        if not self._future.done():
+            self._hurry()
+        return self._future.exception()
 
     def done(self) -> bool:
         """True once the operation finished, successfully or not."""
@@ -163,7 +180,7 @@ class BackgroundWriter:
         """Raises a failure not yet reported (once), without waiting for the job in flight."""
         with self._lock:
             error, self._error = self._error, None
-        if error is not None:
+        if error is not None and _first_raise(error):
             raise error
 
     def when_idle(self, callback: Callable[[], None]) -> None:

@@ -243,11 +243,15 @@ def ls(directory: storage.Location, *, as_json: bool, local: Path | None = None)
     (the local tier of a two-tier Checkpointer whose durable root is ``directory``) the steps of both
     tiers and where each lives; a missing local directory is an empty tier."""
     steps, checkpoints, others = ([_read_step(directory)], [], []) if _is_step_dir(directory) else _scan(directory)
-    tiers = None
+    held_by = None
     if local is not None:
+        try:  # another run's steps are not this root's
+            tiers.check_owner(local, str(directory))
+        except ValueError as e:
+            raise UsageError(f"--local {e}") from None
         local_steps, local_checkpoints, local_others = _scan(local) if local.is_dir() else ([], [], [])
-        steps, tiers = _tiers(steps, local_steps)
-        tiers += [["durable"]] * len(checkpoints) + [["local"]] * len(local_checkpoints)
+        steps, held_by = _tiers(steps, local_steps)
+        held_by += [["durable"]] * len(checkpoints) + [["local"]] * len(local_checkpoints)
         checkpoints += local_checkpoints
         others += local_others
     latest = _latest(steps)
@@ -262,7 +266,7 @@ def ls(directory: storage.Location, *, as_json: bool, local: Path | None = None)
         "metrics": s.manifest.get("metrics") if s.manifest else None,
         "orbax": _by_orbax(s.manifest),
         "error": s.error,
-        **({} if tiers is None else {"tiers": tiers[i]}),
+        **({} if held_by is None else {"tiers": held_by[i]}),
     } for i, s in enumerate(steps)]
     temps = [{"path": str(e.path), "disk_bytes": _disk_bytes(e.path)} for e in others if e.kind in root_lib.REMOVABLE]
     foreign = [{"path": str(e.path), "holds": e.holds} for e in others if e.kind is root_lib.Kind.FOREIGN]
@@ -275,12 +279,12 @@ def ls(directory: storage.Location, *, as_json: bool, local: Path | None = None)
     if steps:
         rows = [[("* " if r["latest"] else "  ") + (f"{s.path.name}/ (not a step)" if s.step is None else str(s.step))
                  + (" (Orbax)" if r["orbax"] else ""),
-                 *([] if tiers is None else ["+".join(r["tiers"])]),
+                 *([] if held_by is None else ["+".join(r["tiers"])]),
                  (s.manifest and _time(s.manifest.get("commit_timestamp_nsecs"), iso=False)) or "-",
                  _size(r["disk_bytes"]),
                  f"DAMAGED: {s.error}" if s.error else _metrics_text(r["metrics"])]
                 for r, s in zip(records, steps)]
-        headers = ["  STEP", *([] if tiers is None else ["TIERS"]), "COMMITTED", "SIZE", "METRICS"]
+        headers = ["  STEP", *([] if held_by is None else ["TIERS"]), "COMMITTED", "SIZE", "METRICS"]
         print(_table(headers, rows, right=[len(headers) - 2]))
     if temps:
         print(f"{len(temps)} temporar{'ies' if len(temps) != 1 else 'y'} (saves in progress or killed; "

@@ -11,9 +11,11 @@ same split: ``LocalCheckpointOptions`` and ``PersistentCheckpointOptions``):
 Every save goes to the local tier first: the loop blocks once, for the snapshot of an async save. A
 step the durable policy also wants is then *promoted*: its committed local directory is copied to the
 durable root on the durable tier's background writer, and committed there (on an object store its
-manifest, copied last, is the commit record). The loop never waits for a promotion; promotions queue
-behind each other, and the local preservation policy keeps a step until its promotion is done, when the
-policy is applied again (so ``wait()`` leaves each tier holding what its policy keeps).
+manifest, copied last, is the commit record). The loop never waits for a promotion. One runs at a time
+and at most one waits: a newer one replaces the waiting one, whose step stays an ordinary local step
+(forced and preemption saves are never replaced; they replace a waiting one and wait behind the one
+running). The local preservation policy keeps a step until its promotion is done, when the policy is
+applied again (so ``wait()`` leaves each tier holding what its policy keeps).
 
 Restore (``load`` with no step) takes the newest step of either tier; a step in both is read from the
 local tier. Loading checks every checksum, so a damaged or vanished local step falls back to the
@@ -22,11 +24,13 @@ is created empty. ``checkpoints`` and ``latest`` list both tiers; each entry is 
 :class:`TieredCheckpointMetadata` that says where the step lives.
 
 A preemption (SIGTERM, ``ckpt.preemption.notify()``, JAX's preemption sync point) saves the current
-step locally at once and promotes it. ``wait()`` then waits for the promotion for at most
+step locally at once and promotes it (that step only: a job that goes on saves later steps as its
+policies say). ``wait()`` then waits for the promotion for at most
 ``grace_period_secs`` (counted from the save) and logs how long it took, or that the step is on the
 local tier only; past that, ``close()`` (as the interpreter at exit) lets the upload go on until it
 ends or the job is killed. An interrupted promotion leaves no listed step: its leftovers are swept by
-the next writer of the durable root.
+the next writer of the durable root, which also promotes, at its first save, the newest local step a
+crash left unpromoted (see :meth:`LocalTier._recover`).
 
 Multi-process jobs: each process's local tier is its own directory (``<directory>/process_<i>``) and
 holds the shards that process owns, plus every replicated leaf. A promotion copies each process's
@@ -60,7 +64,7 @@ from typing import Any, Callable, Sequence
 
 import tensorstore as ts
 
-from ckpt import arguments, background, distributed, errors, loading, root, storage
+from ckpt import arguments, background, distributed, errors, formats, loading, root, storage
 from ckpt import format as fmt
 from ckpt.context import Context, MultiprocessingOptions
 from ckpt.metadata import CheckpointMetadata
@@ -153,12 +157,24 @@ class DurableRoot:
 
     directory: storage.Location  # its root
     step_dir: Callable[[int], storage.Location]  # where a step goes
+    checkpoints: Callable[[], Sequence[CheckpointMetadata]]  # its committed steps, ascending
+    save_policy: save_decision_policies.SaveDecisionPolicy  # its save decision policy
     writer: background.BackgroundWriter  # the durable tier's writer: promotions run there, one at a time
     take: Callable[[], None]  # becomes the root's writer (its lock, the first sweep)
     committed: Callable[[int, storage.Location, dict], None]  # lists a committed step, collects garbage
     processes: distributed.Processes
     operation: Callable[[str], str]  # a barrier name, the same on every process
     timeout_secs: float
+
+
+@dataclasses.dataclass(eq=False)
+class _Promotion:
+    """A promotion handed to the durable tier's writer. A ``replaceable`` one not started yet is
+    ``skipped`` when a newer promotion is queued (see :meth:`LocalTier._enqueue`)."""
+
+    step: int
+    replaceable: bool
+    skipped: bool = False
 
 
 @dataclasses.dataclass
@@ -186,6 +202,23 @@ def local_directory(directory: str | os.PathLike) -> Path:
     return storage.location(directory)
 
 
+def check_owner(directory: Path, durable: str) -> None:
+    """Refuses a local directory that holds the local tier of another durable root than ``durable`` (a run
+    before, on the same machine), whose steps are not this run's. The first Checkpointer of a local
+    directory records its durable root there (``ckpt-root.json``); a local tier written before ckpt recorded
+    it is taken as any root's.
+
+    Raises:
+      ValueError: ``directory`` belongs to another durable root (both named).
+      CheckpointCorruptedError: its ``ckpt-root.json`` is damaged.
+    """
+    owner = formats.root_custom_metadata(directory)
+    owner = owner.get(_DURABLE_ROOT, durable) if isinstance(owner, dict) else durable
+    if owner != durable:
+        raise ValueError(f"{directory} holds the local tier of the durable root {owner}, not of {durable}: its "
+                         "steps are another run's")
+
+
 class LocalTier:
     """The local tier of a Checkpointer and the promotion of its steps to the durable tier."""
 
@@ -197,8 +230,11 @@ class LocalTier:
         self._decide = decide  # a Checkpointer's save decision: (checkpointer, step, replacing=...) -> bool
         self._durable = durable
         self._promoting: set[int] = set()
+        self._waiting: _Promotion | None = None  # the replaceable promotion not started yet (at most one)
         self._lock = threading.Lock()
-        self._deadline: tuple[int, float] | None = None  # (step, monotonic time) of a preemption's promotion
+        self._recovered = durable.processes.count > 1  # (see _recover)
+        # (step, monotonic time, promotion) of a preemption's promotion, which wait() waits for until then
+        self._deadline: tuple[int, float, background.AsyncResponse[bool]] | None = None
         self._decided: tuple[int, bool] | None = None  # (step, durable decision) of the last decision
         directory = local_directory(options.directory)
         if durable.processes.count > 1:
@@ -216,22 +252,17 @@ class LocalTier:
         self._check_owner(str(durable.directory))
 
     def _check_owner(self, durable: str) -> None:
-        """Refuses a local directory that holds the local tier of another durable root (a run before, on
-        the same machine): its steps would be restored as this run's when their numbers are higher. The
-        first Checkpointer of a local directory records its durable root there (``ckpt-root.json``); a local
-        tier written before ckpt recorded it is taken as this root's.
+        """:func:`check_owner` of the local directory (its steps would be restored as this run's).
 
         Raises:
           ValueError: the local directory belongs to another durable root (nothing was written).
         """
-        owner = self.checkpointer.root_metadata().custom_metadata
-        owner = owner.get(_DURABLE_ROOT, durable) if isinstance(owner, dict) else durable
-        if owner != durable:
+        try:
+            check_owner(self.checkpointer.directory, durable)
+        except ValueError as e:
             self.checkpointer.close()
-            raise ValueError(f"LocalCheckpointOptions directory {self.checkpointer.directory} holds the local tier "
-                             f"of the durable root {owner}, not of {durable}: its steps are another run's, and would "
-                             "be restored as this one's. Use another local directory (or delete that one if the "
-                             "run it belongs to is over).")
+            raise ValueError(f"LocalCheckpointOptions directory {e}, and would be restored as this one's. Use another "
+                             "local directory (or delete that one if the run it belongs to is over).") from None
 
     # ----------------------------------------------------------------------------- listing
     def merged(self, durable: Sequence[CheckpointMetadata]) -> list[TieredCheckpointMetadata]:
@@ -260,14 +291,21 @@ class LocalTier:
     def save(self, step: int, checkpointables: dict[str, Any], *, force: bool, overwrite: bool, blocking: bool,
              preempted: bool, metrics: Any, custom_metadata: Any) -> background.AsyncResponse[bool]:
         """Saves ``step`` locally and promotes it when the durable tier wants it (``force``: both tiers).
-        Called after a positive decision of either tier (or with ``force``). A promotion that failed since
-        the last save, ``wait`` or ``close`` is raised first, before anything is written, as a failed save is.
+        Called after a positive decision of either tier (or with ``force``). ``preempted``: ``step`` is the
+        step at which the preemption was seen (only that one; later steps follow the policies). A promotion
+        that failed since the last save, ``wait`` or ``close`` is raised first, before anything is written,
+        as a failed save is. The durable tier is not asked here about a promotion the policies chose (an
+        object store out of reach for a while must not stop the local saves); one asked for (``force``,
+        ``overwrite``) is refused here, before anything is written, where the durable root cannot take it.
         """
         self._durable.writer.raise_failure()
+        if not self._recovered:
+            self._recover(step)
         promote = force or preempted or self._decided == (step, True)
-        if promote:  # checked before anything is written (and again by the promotion); kept locally until copied
-            final = self._durable.step_dir(step)
-            root.check_target(final, storage.temporary_for(final), step=step, overwrite=overwrite)
+        if promote:  # kept locally until copied
+            if force or overwrite:  # asked for: refused before anything is written (the promotion checks again)
+                final = self._durable.step_dir(step)
+                root.check_target(final, storage.temporary_for(final), step=step, overwrite=overwrite)
             with self._lock:
                 self._promoting.add(step)
         if not overwrite and any(c.step == step for c in self.checkpointer.checkpoints):
@@ -283,22 +321,81 @@ class LocalTier:
             local = background.finished(local) if blocking else local
         if not promote:
             return local
-        if self._durable.processes.index == 0:
-            self._durable.take()
-        if preempted:
-            self._deadline = (step, time.monotonic() + self._options.grace_period_secs)
-        barrier = self._durable.operation(f"promote/{step}")  # named here: every process counts its calls alike
-        response = self._durable.writer.submit(lambda: self._promote(step, local, preempted, barrier, overwrite))
+        response = self._submit(step, local, preempted=preempted, overwrite=overwrite,
+                                replaceable=not (force or preempted) and self._durable.processes.count == 1)
         if blocking:
             return background.finished(response.result())
         return response
 
-    def _promote(self, step: int, local: background.AsyncResponse[bool], preempted: bool, barrier: str,
+    def _recover(self, saving: int) -> None:
+        """Promotes the step a crash left unpromoted: the newest committed local step, newer than the durable
+        tier's latest (and other than ``saving``), that the durable policy chose; its promotion was interrupted
+        or never began. Older ones are useless once it is durable. Where what the policy chose cannot be asked
+        again (see :func:`ckpt.training.save_decision_policies.decides_by_step_numbers`), the newest local step
+        newer than the durable latest. Called once, at this writer's first save: it then becomes the durable
+        root's writer, and sweeps the interrupted promotion's leftovers (a Checkpointer that only reads writes
+        nothing). Not with several processes, whose local tiers would have to hold the same step."""
+        self._recovered = True
+        durable = self._durable.checkpoints()
+        latest = durable[-1].step if durable else -1
+        newer = [c for c in self.checkpointer.checkpoints if c.step > latest and c.step != saving]
+        policy = self._durable.save_policy
+        if save_decision_policies.decides_by_step_numbers(policy):
+            context = save_decision_policies.DecisionContext()
+            newer = [c for c in newer if policy.should_save(c, durable, context=context)]
+        if not newer:
+            return
+        step = newer[-1].step
+        logger.warning("ckpt: step %d, newer than the durable tier's latest (%s), is on the local tier only: a crash "
+                       "left it unpromoted. Promoting it now", step, durable[-1].step if durable else "none")
+        with self._lock:
+            self._promoting.add(step)
+        self._submit(step, background.finished(True), preempted=False, overwrite=False, replaceable=True)
+
+    def _submit(self, step: int, local: background.AsyncResponse[bool], *, preempted: bool, overwrite: bool,
+                replaceable: bool) -> background.AsyncResponse[bool]:
+        """Queues the promotion of ``step``, which runs once ``local`` (its local save) is committed; the
+        caller has added ``step`` to the steps kept locally until promoted."""
+        if self._durable.processes.index == 0:
+            self._durable.take()
+        barrier = self._durable.operation(f"promote/{step}")  # named here: every process counts its calls alike
+        promotion = self._enqueue(step, replaceable=replaceable)
+        response = self._durable.writer.submit(lambda: self._promote(promotion, local, preempted, barrier, overwrite))
+        if preempted:
+            self._deadline = (step, time.monotonic() + self._options.grace_period_secs, response)
+        return response
+
+    def _enqueue(self, step: int, *, replaceable: bool) -> _Promotion:
+        """A promotion of ``step``, to queue behind the one running: it replaces the replaceable promotion still
+        waiting, if any, whose step becomes an ordinary local step (under the local policy), so that saves
+        chosen faster than uploads end neither queue without bound nor keep every step locally. Forced and
+        preemption saves are not ``replaceable`` (nor, with several processes, any: each would have to
+        replace the same one)."""
+        promotion = _Promotion(step, replaceable)
+        with self._lock:
+            replaced, self._waiting = self._waiting, promotion if replaceable else None
+            if replaced is not None:
+                replaced.skipped = True
+                if replaced.step != step:
+                    self._promoting.discard(replaced.step)
+        if replaced is not None:
+            logger.info("ckpt: step %d is not promoted to the durable tier: step %d, newer, replaced it while it "
+                        "waited for the promotion in flight; it stays on the local tier as its policy says",
+                        replaced.step, step)
+        return promotion
+
+    def _promote(self, promotion: _Promotion, local: background.AsyncResponse[bool], preempted: bool, barrier: str,
                  overwrite: bool) -> bool:
-        """Copies the committed local ``step`` to the durable root and commits it there (a background job),
-        replacing a committed step there only with ``overwrite``."""
+        """Copies the committed local step to the durable root and commits it there (a background job),
+        replacing a committed step there only with ``overwrite``; nothing when a newer promotion replaced it."""
+        with self._lock:
+            if self._waiting is promotion:
+                self._waiting = None  # running: no longer replaceable
+            if promotion.skipped:
+                return _saved(local)
+        step = promotion.step
         try:
-            local.result()
+            _saved(local)
             start = time.monotonic()
             source = self.checkpointer.directory / self._step_name(step)
             final = self._durable.step_dir(step)
@@ -352,11 +449,13 @@ class LocalTier:
         return self.checkpointer.is_saving_in_progress()
 
     def wait(self) -> None:
-        """Waits for the local save in flight, then for the promotions: after a preemption, for at most
-        the grace period (logging that the step is on the local tier only when it ran out)."""
+        """Waits for the local save in flight, then for the promotions: while a preemption's promotion is
+        unfinished, for at most the grace period (logging that the step is on the local tier only when it
+        ran out)."""
         self.checkpointer.wait()
         deadline = self._deadline
-        if deadline is None:
+        if deadline is None or deadline[2].done():
+            self._deadline = None
             self._durable.writer.wait(self._durable.timeout_secs)
             return
         try:
@@ -368,6 +467,15 @@ class LocalTier:
 
     def close(self) -> None:
         self.checkpointer.close()
+
+
+def _saved(local: background.AsyncResponse[bool]) -> bool:
+    """Waits for a local save; raises its failure, which the local tier's writer raises to the caller too
+    (whichever does first: the failure is raised once, see ckpt.background)."""
+    failure = local.exception()
+    if failure is not None:
+        raise failure
+    return True
 
 
 def _megabytes(nbytes: int) -> str:

@@ -131,7 +131,8 @@ class Checkpointer:
         self._processes = self._ctx.multiprocessing_options.processes or distributed.current()
         self._operations = 0
         self._opened = distributed.call_number(self._processes, f"open {self._directory}")  # (see _operation)
-        self._preempted_at: int | None = None
+        self._preempted_at: int | None = None  # the step at which the last preemption was first seen
+        self._reached = False  # whether the last decision saw a preemption (a new one begins after one that did not)
         self._decided_once = False  # (whether it listens for a preemption is known from the first decision)
         self._due: int | None = None  # the step the last should_save said yes to, until a save or reload
         self._in_flight: CheckpointMetadata | None = None  # the step of the last save handed to the writer
@@ -146,6 +147,7 @@ class Checkpointer:
         self._local = None if local is None else tiers.LocalTier(
             local, tiers.DurableRoot(self._directory,
                                      lambda step: self._directory / step_lib.checked_name(self._name_format, step),
+                                     lambda: self._infos, self._save_policy,
                                      self._writer, self._take_directory, self._committed, self._processes,
                                      self._operation, self._context.async_options.timeout_secs),
             Checkpointer, Checkpointer._collect_garbage, Checkpointer._decide, context=self._context,
@@ -385,9 +387,11 @@ class Checkpointer:
             # its step: processes saving other steps then meet in the save's check of the paths, not a timeout)
             decision, reached = self._processes.broadcast(self._operation("decide"), [decision, reached],
                                                           self._ctx.async_options.timeout_secs)
-        if reached and self._preempted_at is None:
+        if reached and (self._preempted_at is None or not self._reached):
             self._preempted_at = step
-        return decision if self._local is None else self._local.decide(step, durable=decision, preempted=reached,
+        self._reached = reached
+        return decision if self._local is None else self._local.decide(step, durable=decision,
+                                                                       preempted=step == self._preempted_at,
                                                                        replacing=replacing)
 
     @property
@@ -515,7 +519,7 @@ class Checkpointer:
             return None  # a step below the latest, or one the policy skips
         if self._local is not None:
             return self._local.save(step, checkpointables, force=force, overwrite=overwrite, blocking=blocking,
-                                    preempted=self.reached_preemption(step), metrics=metrics,
+                                    preempted=step == self._preempted_at, metrics=metrics,
                                     custom_metadata=custom_metadata)
         options = self._ctx
         final = self._directory / step_lib.checked_name(self._name_format, step)

@@ -696,6 +696,7 @@ trainer:
     - class_path: ckpt.integrations.lightning.pytorch_lightning.CheckpointCallback
       init_args:
         directory: {durable}
+        async_save: false  # each promotion ends before the next save (a newer one replaces one waiting)
         save_decision_policy:
           class_path: ckpt.training.save_decision_policies.AnySavePolicy
           init_args:

@@ -100,8 +100,12 @@ def test_each_tier_keeps_its_own_policies_and_ckpt_ls_shows_where_each_step_live
     local = ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(2))
     with ckpt.Checkpointer(tmp_path / "durable", save_decision_policy=sdp.FixedIntervalPolicy(3),
                            local=local) as ckptr:
-        saved = [step for step in range(10) if ckptr.save_async(step, {"step": step}) is not None]
-        ckptr.wait()
+        saved = []
+        for step in range(10):
+            response = ckptr.save_async(step, {"step": step})
+            if response is not None:  # each promotion ends before the next save (a newer one replaces a waiting one)
+                saved.append(step)
+                response.result()
         assert saved == [0, 2, 3, 4, 6, 8, 9]
         listed = [(c.step, sorted(c.locations)) for c in ckptr.checkpoints]
     where = dict(listed)
@@ -383,3 +387,202 @@ def test_load_async_of_the_latest_falls_back_to_older_steps_as_load_does(tmp_pat
         assert_bit_exact(ckptr.load(), 2)
         assert_bit_exact(ckptr.load_async().result(timeout=60), 2)  # was: CheckpointCorruptedError of step 3
         assert_bit_exact(ckptr.load_checkpointables_async().result(timeout=60)["state"], 2)
+
+
+def test_only_the_step_saved_for_a_preemption_is_promoted_as_one_later_saves_follow_the_policies(tmp_path):
+    """A job that goes on after a preemption (``reset()``): each later local save was promoted too, as a
+    preemption save, whatever the durable policy said."""
+    local = ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1))
+    policy = sdp.AnySavePolicy([sdp.FixedIntervalPolicy(1000), sdp.PreemptionCheckpointingPolicy()])
+    with ckpt.Checkpointer(tmp_path / "durable", save_decision_policy=policy, local=local) as ckptr:
+        ckptr.save(1, {"w": np.ones(2)})
+        try:
+            ckpt.preemption.notify()
+            ckptr.save(2, {"w": np.ones(2)})
+        finally:
+            ckpt.preemption.reset()
+        for step in range(3, 6):
+            ckptr.save(step, {"w": np.ones(2)})
+        ckptr.wait()
+        assert steps_in(tmp_path / "durable") == [2]  # was: [2, 3, 4, 5]
+        assert [(c.step, sorted(c.locations)) for c in ckptr.checkpoints] == [
+            (2, ["durable"]), (4, ["local"]), (5, ["local"])]
+
+
+def test_a_waiting_promotion_is_replaced_by_a_newer_one_but_never_a_forced_one(tmp_path, monkeypatch, caplog):
+    """Saves the durable policy chose faster than uploads: every promotion queued, and the local tier kept
+    each step until its turn (a disk filling up). At most one waits now; a newer one replaces it."""
+    copying, released, copy_step = threading.Event(), threading.Event(), tiers._copy_step
+
+    def held_copy(*args, **kwargs):
+        copying.set()
+        assert released.wait(60), "the test never released the promotion"
+        return copy_step(*args, **kwargs)
+
+    monkeypatch.setattr(tiers, "_copy_step", held_copy)
+    local = ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1),
+                                        preservation_policy=pp.LatestN(1))
+    with ckpt.Checkpointer(tmp_path / "durable", save_decision_policy=sdp.FixedIntervalPolicy(1),
+                           local=local) as ckptr, caplog.at_level(logging.INFO, "ckpt"):
+        ckptr.save_async(0, {"w": np.zeros(2)})
+        assert copying.wait(60)  # step 0's promotion runs (held)
+        ckptr.save_async(1, {"w": np.ones(2)})  # waits, then is replaced by the forced step 2
+        ckptr.save_async(2, {"w": np.ones(2)}, force=True)  # never replaced
+        ckptr.save_async(3, {"w": np.ones(2)})  # waits behind step 2, replaced by step 4
+        response = ckptr.save_async(4, {"w": np.ones(2)})
+        released.set()
+        assert response.result(timeout=60)
+        ckptr.wait()
+        assert steps_in(tmp_path / "durable") == [0, 2, 4]  # was: [0, 1, 2, 3, 4]
+        assert steps_in(tmp_path / "local") == [4]
+    for skipped, newer in ((1, 2), (3, 4)):
+        assert (f"step {skipped} is not promoted to the durable tier: step {newer}, newer, replaced it while it "
+                "waited for the promotion in flight") in caplog.text
+
+
+def test_a_step_whose_promotion_a_crash_cut_short_is_promoted_by_the_next_writer(bucket, tmp_path, caplog):
+    """Step 10, chosen by the durable policy, committed locally, its upload killed before its manifest: the
+    restarted run promoted nothing but the steps its policy chose from then on, so step 10 stayed on the
+    local tier only (lost with the machine)."""
+    local = tmp_path / "local"
+    proc = procs.start(WORKER, "interrupt", bucket, str(local))
+    try:
+        procs.wait_for_line(proc, "saved", timeout=120)
+    finally:
+        assert procs.stop(proc) == -signal.SIGKILL
+    with tiers_worker.checkpointer(bucket, str(local)) as ckptr, caplog.at_level(logging.WARNING, "ckpt"):
+        assert [(c.step, sorted(c.locations)) for c in ckptr.checkpoints] == [
+            (0, ["durable"]), (5, ["durable"]), (10, ["local"]), (11, ["local"]), (12, ["local"])]
+        ckptr.save(13, tiers_worker.state(13))  # the first save of the restarted run's writer
+        ckptr.wait()
+        assert [(c.step, sorted(c.locations)) for c in ckptr.checkpoints] == [
+            (5, ["durable"]), (10, ["durable"]), (12, ["local"]), (13, ["local"])]  # was: 10 never promoted
+    assert "step 10, newer than the durable tier's latest (5), is on the local tier only" in caplog.text
+    with ckpt.Checkpointer(bucket) as durable:
+        assert_bit_exact(durable.load(10), 10)
+
+
+@pytest.mark.parametrize("policy, promoted", [(sdp.FixedIntervalPolicy(2), 4),  # its newest choice; not 2 too
+                                              (sdp.ContinuousCheckpointingPolicy(), 5)],  # cannot be asked again
+                         ids=["chose by step numbers", "chose by the clock"])
+def test_the_next_writer_promotes_only_the_newest_unpromoted_step_the_durable_policy_chose(tmp_path, policy, promoted):
+    local = ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1),
+                                        preservation_policy=pp.LatestN(4))
+    with ckpt.Checkpointer(tmp_path / "durable", save_decision_policy=sdp.FixedIntervalPolicy(1000),
+                           local=local) as ckptr:
+        for step in range(6):
+            ckptr.save(step, {"w": np.full(2, step)})
+    assert steps_in(tmp_path / "local") == [2, 3, 4, 5] and steps_in(tmp_path / "durable") == [0]
+    with ckpt.Checkpointer(tmp_path / "durable", save_decision_policy=policy, local=local) as ckptr:
+        assert steps_in(tmp_path / "durable") == [0]  # opening writes nothing: a reader may open the root
+        ckptr.save(7, {"w": np.full(2, 7)}, force=True)
+        ckptr.wait()
+    assert steps_in(tmp_path / "durable") == [0, promoted, 7]
+    assert ckpt.load(tmp_path / "durable" / str(promoted))["w"][0] == promoted
+
+
+def test_only_policies_that_decide_by_step_numbers_can_be_asked_again_what_they_chose():
+    assert sdp.decides_by_step_numbers(sdp.AnySavePolicy([sdp.InitialSavePolicy(), sdp.FixedIntervalPolicy(5),
+                                                          sdp.SpecificStepsPolicy([3])]))
+    assert not sdp.decides_by_step_numbers(sdp.AnySavePolicy([sdp.FixedIntervalPolicy(5),
+                                                              sdp.PreemptionCheckpointingPolicy()]))
+    assert not sdp.decides_by_step_numbers(sdp.ContinuousCheckpointingPolicy())
+
+
+def test_once_a_preemptions_promotion_has_ended_wait_waits_for_the_promotions_again(tmp_path, monkeypatch):
+    """A preemption's promotion that outlasted the grace period left its expired deadline behind: every
+    later wait() (a job going on after ``reset()``) returned at once, promotions unfinished, failures unraised."""
+    held, copy_step = {2: threading.Event(), 5: threading.Event()}, tiers._copy_step
+
+    def held_copy(source, final, step, *args, **kwargs):
+        assert step not in held or held[step].wait(60), "the test never released the promotion"
+        return copy_step(source, final, step, *args, **kwargs)
+
+    monkeypatch.setattr(tiers, "_copy_step", held_copy)
+    local = ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1),
+                                        grace_period_secs=0)
+    with ckpt.Checkpointer(tmp_path / "durable", save_decision_policy=sdp.FixedIntervalPolicy(5), local=local) as ckptr:
+        try:
+            ckpt.preemption.notify()
+            promotion = ckptr.save_async(2, {"w": np.ones(2)})
+            ckptr.wait()  # the grace period ran out
+        finally:
+            ckpt.preemption.reset()
+        held[2].set()
+        assert promotion.result(timeout=60)
+        threading.Timer(0.5, held[5].set).start()
+        for step in (3, 4, 5):
+            ckptr.save_async(step, {"w": np.ones(2)})
+        ckptr.wait()
+        assert steps_in(tmp_path / "durable") == [2, 5]  # was: [2], step 5 still being promoted
+
+
+def test_ckpt_ls_refuses_a_local_tier_of_another_durable_root_as_the_checkpointer_does(tmp_path, capsys):
+    local = ckpt.LocalCheckpointOptions(tmp_path / "ssd", save_decision_policy=sdp.FixedIntervalPolicy(1))
+    with ckpt.Checkpointer(tmp_path / "run1", save_decision_policy=sdp.FixedIntervalPolicy(100), local=local) as ckptr:
+        for step in range(3):
+            ckptr.save(step, {"w": np.full(2, step)})
+    ckpt.save(tmp_path / "run2" / "0", {"w": np.zeros(2)})
+    assert cli.main(["ls", str(tmp_path / "run2"), "--local", str(tmp_path / "ssd")]) == 2  # was: 0, latest step 2
+    assert (f"--local {tmp_path / 'ssd'} holds the local tier of the durable root {tmp_path / 'run1'}, not of "
+            f"{tmp_path / 'run2'}") in capsys.readouterr().err
+    assert cli.main(["ls", str(tmp_path / "run1"), "--local", str(tmp_path / "ssd"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["latest"] == 2
+
+
+def test_a_failed_local_save_of_a_step_to_promote_is_raised_once(tmp_path):
+    """Its failure was kept by both writers, the local save's and the promotion's that waited for it: raised
+    by the next save or wait, then again by the one after (a loop that had handled it died at close)."""
+    with fsutil.tmpfs(tmp_path / "mnt", size="2m") as mnt:
+        local = ckpt.LocalCheckpointOptions(mnt / "local", save_decision_policy=sdp.FixedIntervalPolicy(1))
+        with ckpt.Checkpointer(tmp_path / "durable", save_decision_policy=sdp.FixedIntervalPolicy(1), local=local) as ckptr:
+            ckptr.save(0, {"w": np.full(100_000, 0, np.float32)})
+            fsutil.fill(mnt, 64 << 10)
+            ckptr.save_async(1, {"w": np.full(100_000, 1, np.float32)})
+            with pytest.raises(OSError, match=r"local/1\.ckpt-tmp") as info:
+                ckptr.wait()
+            assert info.value.errno == errno.ENOSPC
+            (mnt / "filler").unlink()
+            ckptr.save(2, {"w": np.full(100_000, 2, np.float32)})  # was: the same ENOSPC again, here or at wait()
+            ckptr.wait()
+            assert [(c.step, sorted(c.locations)) for c in ckptr.checkpoints] == [
+                (0, ["durable", "local"]), (2, ["durable", "local"])]
+
+
+def test_a_second_preemption_after_a_reset_is_saved_and_promoted_as_the_first(tmp_path):
+    local = ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(2))
+    with ckpt.Checkpointer(tmp_path / "durable", save_decision_policy=sdp.FixedIntervalPolicy(1000), local=local) as ckptr:
+        for step in range(1, 6):
+            try:
+                if step in (3, 5):  # a notice, withdrawn after the step is saved
+                    ckpt.preemption.notify()
+                assert ckptr.save(step, {"w": np.full(2, step)}) == (step != 1)
+            finally:
+                ckpt.preemption.reset()
+        assert steps_in(tmp_path / "durable") == [3, 5]  # was: [3], step 5 no preemption save
+
+
+def test_a_promotion_the_policies_chose_leaves_the_durable_tier_to_the_background(tmp_path, monkeypatch):
+    """save_async of a step the durable policy chose asked the durable root about the step from the loop's
+    thread: with an object store out of reach (tensorstore retrying for minutes) the loop stopped, local
+    saves and all. Only a save asked for (force, overwrite) is checked there, before anything is written."""
+    from ckpt import root
+
+    asked, check_target = [], root.check_target
+
+    def recording(final, *args, **kwargs):
+        if final.parent == tmp_path / "durable":
+            asked.append(threading.current_thread() is threading.main_thread())
+        return check_target(final, *args, **kwargs)
+
+    monkeypatch.setattr(root, "check_target", recording)
+    local = ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1))
+    with ckpt.Checkpointer(tmp_path / "durable", save_decision_policy=sdp.FixedIntervalPolicy(2), local=local) as ckptr:
+        for step in range(4):
+            ckptr.save_async(step, {"w": np.full(2, step)})
+        ckptr.wait()
+        assert asked and not any(asked)  # was: the loop's thread asked first, for each step
+        before = len(asked)
+        ckptr.save(5, {"w": np.full(2, 5)}, force=True)
+        assert asked[before] and not any(asked[before + 1:])
+        assert steps_in(tmp_path / "durable") == [0, 2, 5]

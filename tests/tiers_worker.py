@@ -4,7 +4,9 @@ The local tier saves every step and keeps two; the durable tier (DURABLE, an s3:
 saves every ``DURABLE_EVERY`` steps. MODE ``run`` saves steps 0 to 13, waits for the promotions,
 prints ``ready`` and waits to be killed. MODE ``preempt`` saves one step after another, printing
 ``saved N``, until a preemption notice (SIGTERM) reaches a save; it prints ``stopped at N`` and closes
-the Checkpointer, which waits for the step's promotion within the grace period.
+the Checkpointer, which waits for the step's promotion within the grace period. MODE ``interrupt`` saves
+steps 0 to 12 as ``run`` does, but the promotion of step 10 hangs once its files are copied, before its
+manifest (an upload cut short): it prints ``saved`` once the local saves are committed and waits to be killed.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import time
 import numpy as np
 
 import ckpt
+from ckpt import tiers
 from ckpt.training import preservation_policies as pp
 from ckpt.training import save_decision_policies as sdp
 
@@ -41,9 +44,29 @@ def main(mode: str, durable: str, local: str) -> None:
     if mode == "run":
         with checkpointer(durable, local) as ckptr:
             for step in range(14):
-                ckptr.save_async(step, state(step))
+                response = ckptr.save_async(step, state(step))
+                if step % DURABLE_EVERY == 0:  # promoted before the next: a newer one would replace it waiting
+                    response.result()
             ckptr.wait()
             print("ready", flush=True)
+            time.sleep(600)
+    if mode == "interrupt":
+        barrier = tiers._barrier
+
+        def hang_before_the_manifest_of_step_10(root, name):
+            if name.endswith("promote/10/written"):
+                time.sleep(600)
+            barrier(root, name)
+
+        tiers._barrier = hang_before_the_manifest_of_step_10
+        with checkpointer(durable, local) as ckptr:
+            for step in range(13):
+                response = ckptr.save_async(step, state(step))
+                if step in (0, DURABLE_EVERY):  # promoted before the next (step 10's hangs)
+                    response.result()
+            while ckptr.latest.step != 12:  # (wait() would wait for the hung promotion)
+                time.sleep(0.01)
+            print("saved", flush=True)
             time.sleep(600)
     with checkpointer(durable, local, durable_every=1000) as ckptr:
         step = 1

@@ -213,6 +213,22 @@ def saves_on_preemption(policy: SaveDecisionPolicy) -> bool:
                                    InitialSavePolicy))
 
 
+def decides_by_step_numbers(policy: SaveDecisionPolicy) -> bool:
+    """Whether ``policy``'s answers depend on step numbers only (the step's and the previous steps'), so
+    that what it chose can be asked again later: True for built-in policies made only of
+    :class:`FixedIntervalPolicy`, :class:`SpecificStepsPolicy` and :class:`InitialSavePolicy`; False
+    where the clock, a save in flight, a preemption or a policy of the user's may have answered.
+
+    Example::
+
+        assert decides_by_step_numbers(AnySavePolicy([InitialSavePolicy(), FixedIntervalPolicy(100)]))
+        assert not decides_by_step_numbers(default_policy())
+    """
+    if isinstance(policy, AnySavePolicy):
+        return all(map(decides_by_step_numbers, policy.policies))
+    return isinstance(policy, (FixedIntervalPolicy, SpecificStepsPolicy, InitialSavePolicy))
+
+
 def default_policy() -> AnySavePolicy:
     """Save the first step, then whenever no save is in flight, and on preemption (Orbax's default).
 

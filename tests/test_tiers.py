@@ -12,6 +12,7 @@ import shutil
 import signal
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -34,13 +35,19 @@ def assert_bit_exact(loaded: dict, step: int) -> None:
         assert np.asarray(got).tobytes() == np.asarray(want).tobytes()
 
 
-def test_a_killed_run_restores_from_the_local_tier_when_newer_and_from_the_durable_tier_without_it(bucket, tmp_path):
+def kill_worker(mode: str, line: str, bucket: str, tmp_path: Path) -> Path:
+    """Runs tests/tiers_worker.py's ``mode`` until it prints ``line``, then SIGKILLs it; its local tier."""
     local = tmp_path / "local"
-    proc = procs.start(WORKER, "run", bucket, str(local))
+    proc = procs.start(WORKER, mode, bucket, str(local))
     try:
-        procs.wait_for_line(proc, "ready", timeout=120)
+        procs.wait_for_line(proc, line, timeout=120)
     finally:
         assert procs.stop(proc) == -signal.SIGKILL
+    return local
+
+
+def test_a_killed_run_restores_from_the_local_tier_when_newer_and_from_the_durable_tier_without_it(bucket, tmp_path):
+    local = kill_worker("run", "ready", bucket, tmp_path)
     with tiers_worker.checkpointer(bucket, str(local)) as ckptr:
         where = {c.step: sorted(c.locations) for c in ckptr.checkpoints}
         # step 10 stays local too when its promotion outlasted the next local commits (kept until copied)
@@ -444,12 +451,7 @@ def test_a_step_whose_promotion_a_crash_cut_short_is_promoted_by_the_next_writer
     """Step 10, chosen by the durable policy, committed locally, its upload killed before its manifest: the
     restarted run promoted nothing but the steps its policy chose from then on, so step 10 stayed on the
     local tier only (lost with the machine)."""
-    local = tmp_path / "local"
-    proc = procs.start(WORKER, "interrupt", bucket, str(local))
-    try:
-        procs.wait_for_line(proc, "saved", timeout=120)
-    finally:
-        assert procs.stop(proc) == -signal.SIGKILL
+    local = kill_worker("interrupt", "saved", bucket, tmp_path)
     with tiers_worker.checkpointer(bucket, str(local)) as ckptr, caplog.at_level(logging.WARNING, "ckpt"):
         assert [(c.step, sorted(c.locations)) for c in ckptr.checkpoints] == [
             (0, ["durable"]), (5, ["durable"]), (10, ["local"]), (11, ["local"]), (12, ["local"])]

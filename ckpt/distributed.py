@@ -32,7 +32,9 @@ class Processes(Protocol):
     have it): it compares every process's JSON ``key`` with the primary's and returns, on every process
     alike, ``{index: value}`` of the processes whose key differs, with the primary's own ``value`` at 0,
     or ``{}`` when all agree; and returns only once every process called it, as a barrier. Saves use it
-    to refuse trees that differ between processes; without it they are not compared.
+    to refuse trees that differ between processes; without it they are not compared. And it may have
+    ``notice(name, here) -> bool`` (see :meth:`TorchProcesses.notice`), through which a preemption seen by
+    one process only reaches the primary's save decisions.
 
     Example::
 
@@ -140,6 +142,7 @@ class TorchProcesses:
     def __init__(self, host: str, port: int, index: int, count: int):
         self._address = (host, port)
         self._local = threading.local()
+        self._announced: set[str] = set()  # (see notice)
         self.index = index
         self.count = count
 
@@ -172,6 +175,25 @@ class TorchProcesses:
             return value
         self._wait(store, name, f"rank 0's {name!r}", timeout_secs)
         return json.loads(store.get(name))
+
+    def notice(self, name: str, here: bool) -> bool:
+        """Carries a notice one rank may get alone (a SIGTERM to the ranks of one node) to the primary, which
+        decides for all. Elsewhere: announces ``here`` once (again after a call without it: a new notice),
+        and returns False. On the primary: whether another rank announced one since it last asked (it is
+        taken). One store request a call on the primary, whose process holds the store."""
+        store = self._store()
+        key = f"notice/{name}"
+        if self.index != 0:
+            if here and name not in self._announced:
+                store.set(key, str(self.index))
+                self._announced.add(name)
+            elif not here:
+                self._announced.discard(name)
+            return False
+        if not store.check([key]):
+            return False
+        store.delete_key(key)
+        return True
 
     def compare(self, name: str, key: Any, value: Any, timeout_secs: float) -> dict[int, Any]:
         store = self._store()
@@ -244,6 +266,20 @@ def settle(processes: Processes, name: str, part: Callable[[], None], timeout_se
         raise RuntimeError(f"{task} failed in another process ("
                            + "; ".join(f"process {i}: {why}" for i, why in sorted(failed.items()))
                            + "); nothing was committed")
+
+
+def noticed_elsewhere(processes: Processes, name: str, here: bool) -> bool:
+    """Whether, on the primary, another process announced the notice ``name`` (a preemption it saw alone);
+    ``here``: whether this process has it (announced, elsewhere). False where ``processes`` cannot carry
+    notices (see :class:`Processes`).
+
+    Example::
+
+        one = ckpt.distributed.SingleProcess()
+        assert not ckpt.distributed.noticed_elsewhere(one, "preemption", here=True)
+    """
+    notice = getattr(processes, "notice", None)
+    return notice is not None and notice(name, here)
 
 
 def _timed_out(member: str, processes: Processes, what: str, timeout_secs: float, error: BaseException) -> TimeoutError:

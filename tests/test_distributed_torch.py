@@ -105,6 +105,16 @@ def test_a_save_failing_on_one_rank_raises_on_every_rank_at_once_and_commits_not
 
 
 @pytest.mark.timeout(300)
+def test_a_sigterm_to_one_rank_alone_saves_the_same_step_on_every_rank(tmp_path):
+    """A SIGTERM to rank 1 only (its node preempted) was swallowed: rank 0 decides for all, and no rank saved."""
+    out = run_jobs(tmp_path / "run", tmp_path / "unused.npz", "sigterm:2")
+    stopped = {line.split(" stopped at ")[1] for line in out.splitlines() if " stopped at " in line}
+    assert len(stopped) == 1 and "rank 0 stopped at" in out and "rank 1 stopped at" in out, out
+    step = int(stopped.pop().split(",")[0])
+    assert step in (3, 4) and f"steps [0, {step}]" in out, out
+
+
+@pytest.mark.timeout(300)
 def test_a_root_one_rank_does_not_see_is_refused_on_every_rank_at_a_save_and_a_promotion(tmp_path):
     out = run_jobs(tmp_path / "run", tmp_path / "unused.npz", "unshared:2")
     if "rank 1 cannot make a mount namespace" in out:

@@ -14,7 +14,8 @@ continues after the latest committed step with one more save. ``free``: every ra
 ``ckpt.save`` (one coordinated save) and loads them back. ``differ``: the ranks save trees with other keys,
 through the Checkpointer and ``ckpt.save``, and to other paths and steps; every save is refused, nothing is written.
 ``dtensors`` (4 ranks): DTensors of unusual layouts, saved and loaded through the Checkpointer.
-``fail``: saves that fail on rank 1. ``unshared``: rank 1 sees another directory at DIR.
+``fail``: saves that fail on rank 1. ``unshared``: rank 1 sees another directory at DIR. ``sigterm``: a
+SIGTERM to rank 1 alone, in a loop saving on preemption.
 Each rank prints what it did.
 """
 import os
@@ -156,6 +157,8 @@ def run(this_rank: int, this_world: int, port: int, mode: str) -> None:
             unusual_dtensors(ckptr)
         elif mode == "fail":
             failing_saves(ckptr)
+        elif mode == "sigterm":
+            preempted_rank()
         elif mode == "unshared":  # rank 1 sees another directory at DIR
             try:
                 ckptr.save(1, {"w": torch.ones(2)}, force=True)
@@ -218,6 +221,21 @@ def differing_trees(ckptr: Checkpointer) -> None:
     ckptr.reload()
     written = sorted(p.name for p in Path(directory).parent.iterdir() if p.name.startswith(Path(directory).name))
     say(f"rank {rank} steps {[c.step for c in ckptr.checkpoints]} entries {written}")
+
+
+def preempted_rank() -> None:
+    """Rank 1 alone gets a SIGTERM at step 3 (its node is preempted): every rank saves the same step and stops."""
+    policy = sdp.AnySavePolicy([sdp.FixedIntervalPolicy(1000), sdp.PreemptionCheckpointingPolicy()])
+    with Checkpointer(f"{directory}-sigterm", save_decision_policy=policy) as ckptr:
+        for step in range(40):
+            if step == 3 and rank == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+            ckptr.save(step, {"w": torch.full((2,), float(step))})
+            if ckptr.reached_preemption(step):
+                break
+            dist.barrier()  # (a training step's all-reduce)
+        say(f"rank {rank} stopped at {step}, steps {[c.step for c in ckptr.checkpoints]}")
+        ckpt.preemption.reset()  # (the job goes on: rank 1 is not terminated at the close)
 
 
 def sees_another_root() -> bool:

@@ -88,8 +88,22 @@ class JaxProcesses:
 
     def __init__(self, client: Any, index: int, count: int):
         self._client = client
+        self._announced: set[str] = set()  # (see notice)
         self.index = index
         self.count = count
+
+    def notice(self, name: str, here: bool) -> bool:
+        """As :meth:`TorchProcesses.notice`, through the service's key-value directory ``ckpt:notice/<name>``
+        (JAX's own preemption service carries a SIGTERM; this carries ``ckpt.preemption.notify()``)."""
+        key = f"ckpt:notice/{name}"
+        if self.index != 0:
+            if _announces(self._announced, name, here):
+                self._client.key_value_set(f"{key}/{self.index}", "1", allow_overwrite=True)
+            return False
+        if not self._client.key_value_dir_get(key):
+            return False
+        self._client.key_value_delete(key)  # (with the keys under it)
+        return True
 
     def barrier(self, name: str, timeout_secs: float) -> None:
         with self._timeout(f"the other processes at {name!r}", timeout_secs):
@@ -184,11 +198,8 @@ class TorchProcesses:
         store = self._store()
         key = f"notice/{name}"
         if self.index != 0:
-            if here and name not in self._announced:
+            if _announces(self._announced, name, here):
                 store.set(key, str(self.index))
-                self._announced.add(name)
-            elif not here:
-                self._announced.discard(name)
             return False
         if not store.check([key]):
             return False
@@ -266,6 +277,18 @@ def settle(processes: Processes, name: str, part: Callable[[], None], timeout_se
         raise RuntimeError(f"{task} failed in another process ("
                            + "; ".join(f"process {i}: {why}" for i, why in sorted(failed.items()))
                            + "); nothing was committed")
+
+
+def _announces(announced: set[str], name: str, here: bool) -> bool:
+    """Whether a process other than the primary announces the notice ``name`` now: it has it (``here``) and
+    has not announced it since a call without it (``announced``: the names announced, kept up to date)."""
+    if not here:
+        announced.discard(name)
+        return False
+    if name in announced:
+        return False
+    announced.add(name)
+    return True
 
 
 def noticed_elsewhere(processes: Processes, name: str, here: bool) -> bool:

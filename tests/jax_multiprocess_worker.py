@@ -1,6 +1,6 @@
 """One process of a 2-process JAX job on 127.0.0.1 (used by tests/test_distributed_jax.py).
 
-usage: jax_multiprocess_worker.py PORT PROCESS_ID DIR MODE   (MODE: save | resume | tiers | preempt)
+usage: jax_multiprocess_worker.py PORT PROCESS_ID DIR MODE   (MODE: save | resume | tiers | preempt | notice)
 """
 import faulthandler
 import os
@@ -15,6 +15,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 port, pid, directory, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
 jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=pid, initialization_timeout=60)
 
+import ckpt  # noqa: E402
 from ckpt.training import Checkpointer, save_decision_policies as sdp  # noqa: E402
 
 mesh = Mesh(np.array(jax.devices()), ("x",))
@@ -109,8 +110,6 @@ if mode == "preempt":  # a SIGTERM to process 1 alone: every process saves at JA
         np.testing.assert_array_equal(np.asarray(loaded), np.arange(4.0) * step)
         print(f"process {pid} loaded on its own device", flush=True)
         if pid == 0:  # a save process 1 does not make: a bounded wait, then ckpt's TimeoutError
-            import ckpt
-
             try:
                 with ckpt.Context(async_options=ckpt.AsyncOptions(timeout_secs=2)):
                     ckptr.save(step + 1, {"v": np.zeros(2)}, force=True)
@@ -119,6 +118,21 @@ if mode == "preempt":  # a SIGTERM to process 1 alone: every process saves at JA
     with Checkpointer(directory) as ckptr:  # opened again in the same job: its barriers are new ones
         ckptr.save(100, {"v": np.zeros(2)})  # (decided as the first Checkpointer's first save was)
         print(f"process {pid} reopened and saved {[c.step for c in ckptr.checkpoints][-1]}", flush=True)
+    sys.exit(0)
+
+if mode == "notice":  # ckpt.preemption.notify() on process 1 alone: every process saves the same step
+    from jax.experimental import multihost_utils
+
+    only_preemption = sdp.AnySavePolicy([sdp.FixedIntervalPolicy(1000), sdp.PreemptionCheckpointingPolicy()])
+    with Checkpointer(directory, save_decision_policy=only_preemption) as ckptr:
+        for step in range(1, 60):
+            if step == 3 and pid == 1:
+                ckpt.preemption.notify()  # a maintenance notice seen on process 1's host alone
+            ckptr.save(step, {"v": np.full(2, step)})
+            if ckptr.reached_preemption(step):
+                break
+            multihost_utils.sync_global_devices(f"step {step}")  # (a training step's all-reduce)
+        print(f"process {pid} noticed at {step} steps {[c.step for c in ckptr.checkpoints]}", flush=True)
     sys.exit(0)
 
 if mode == "tiers":  # two tiers: each process's local tier, then process 1's host is replaced

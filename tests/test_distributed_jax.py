@@ -88,6 +88,14 @@ def test_a_sigterm_to_one_process_makes_every_process_save_at_jax_preemption_syn
     assert stops[0].groups() == stops[1].groups() and int(stops[0][1]) < 59, preempt_job  # the same step, saved
 
 
+def test_a_preemption_notified_on_one_process_alone_makes_every_process_save_the_same_step(tmp_path):
+    """``ckpt.preemption.notify()`` on process 1 only never reached process 0, which decides for all."""
+    outs = run_job(tmp_path, "notice")
+    stops = [re.search(rf"process {pid} noticed at (\d+) steps \[(\d+)\]", out) for pid, out in enumerate(outs)]
+    assert all(stops), outs
+    assert stops[0].groups() == stops[1].groups() and int(stops[0][1]) in (3, 4), outs
+
+
 def test_a_jax_array_loaded_without_a_sharding_is_on_each_process_own_default_device(preempt_job):
     assert all(f"process {pid} loaded on its own device" in out for pid, out in enumerate(preempt_job)), preempt_job
 

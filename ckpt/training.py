@@ -378,8 +378,10 @@ class Checkpointer:
         if previous and step <= previous[-1].step and not replacing:
             return False if self._local is None else self._local.decide(step, durable=False, preempted=False)
         reached = preemption.reached(step)
-        if self._processes.count > 1 and distributed.noticed_elsewhere(self._processes, "preemption", reached):
-            preemption.notify()  # (the primary: another process was preempted; latched here as a SIGTERM is)
+        # a SIGTERM or notify() in another process (not JAX's sync point, which every process sees at once)
+        if self._processes.count > 1 and distributed.noticed_elsewhere(self._processes, "preemption",
+                                                                       preemption.preempted()):
+            preemption.notify()  # (on the primary: latched here as a SIGTERM is)
             reached = True
         context = save_decision_policies.DecisionContext(
             is_saving_in_progress=saving, reached_preemption=reached,

@@ -9,7 +9,7 @@ A DTensor smaller than ``format.SMALL_LEAF_BYTES`` is gathered instead and packe
 small leaves (one collective, not one file per rank and leaf).
 
 Loading into a DTensor template (the state dict of a freshly sharded model, at any world size and
-mesh), each rank reads only the slice of its own local shard. Without a template the saved array
+mesh, made on the meta device or not), each rank reads only the slice of its own local shard. Without a template the saved array
 comes back whole, as a plain tensor. FSDP1's ``ShardedTensor`` is refused, and so is a DTensor whose
 local shard is not one block (a lone ``_StridedShard``).
 
@@ -195,13 +195,21 @@ def own_shards(x: Any) -> list[tuple[Index, Any]]:
     return out
 
 
-def restore(template: Any, read: Callable[[Index], np.ndarray], to_torch: Callable[[np.ndarray, Any], Any]) -> Any:
+def restore(template: Any, read: Callable[[Index], np.ndarray],
+            to_torch: Callable[[np.ndarray, Any, Any], Any]) -> Any:
     """A DTensor like ``template`` (its mesh, placements and global shape) holding the saved values:
-    this rank reads only the slice of its local shard through ``read``."""
+    this rank reads only the slice of its local shard through ``read`` and makes it a tensor with
+    ``to_torch(array, device, dtype)``. A template on the meta device (a model made there, then sharded)
+    gives only shapes, dtypes and layouts: the local shard goes to the device type of its mesh."""
+    import torch
     from torch.distributed.tensor import DTensor
 
     like = template.to_local()
-    local = to_torch(read(_local_index(template)), like) if like.numel() else like.new_empty(like.shape)
+    device = torch.device(template.device_mesh.device_type) if like.device.type == "meta" else like.device
+    if like.numel():
+        local = to_torch(read(_local_index(template)), device, like.dtype)
+    else:
+        local = torch.empty(like.shape, dtype=like.dtype, device=device)
     return DTensor.from_local(local, template.device_mesh, template.placements, run_check=False,
                               shape=template.shape, stride=template.stride())
 

@@ -382,7 +382,7 @@ def restore(meta: dict, read: Reader | np.ndarray | None, abstract: Any,
                             or abstract is jax.Array or abstract is jax.ShapeDtypeStruct):
         return _restore_jax(meta, read, abstract, jax, to_device)
     if dtensor.is_dtensor(abstract):
-        return dtensor.restore(abstract, read, lambda array, like: numpy_to_torch(array).to(like.device, like.dtype))
+        return dtensor.restore(abstract, read, lambda array, device, dtype: numpy_to_torch(array).to(device, dtype))
     torch = sys.modules.get("torch")
     if torch is not None and (isinstance(abstract, torch.Tensor) or abstract is torch.Tensor):
         tensor = numpy_to_torch(read(None))

@@ -60,6 +60,7 @@ def test_an_fsdp2_checkpoint_of_two_ranks_reloads_bit_exact_at_two_one_and_four_
 def test_ranks_that_each_call_the_free_save_write_one_whole_checkpoint(tmp_path):
     out = run_jobs(tmp_path / "run", tmp_path / "unused.npz", "free:2")
     assert "rank 0 free save: whole" in out and "rank 1 free save: whole" in out, out
+    assert "rank 0 meta templates: ['cpu']" in out and "rank 1 meta templates: ['cpu']" in out, out  # not more meta
 
 
 @pytest.mark.timeout(300)

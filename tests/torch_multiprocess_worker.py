@@ -11,7 +11,7 @@ them. ``load``: loads the latest step of DIR into the templates of a model shard
 checks it against REFERENCE. ``crash``: saves steps forever (the test SIGKILLs a rank, this process
 the others, and goes on with the next job); ``resume``:
 continues after the latest committed step with one more save. ``free``: every rank saves DTensors with
-``ckpt.save`` (one coordinated save) and loads them back. ``differ``: the ranks save trees with other keys,
+``ckpt.save`` (one coordinated save) and loads them back, whole and into templates on the meta device. ``differ``: the ranks save trees with other keys,
 through the Checkpointer and ``ckpt.save``, and to other paths and steps; every save is refused, nothing is written.
 ``dtensors`` (4 ranks): DTensors of unusual layouts, saved and loaded through the Checkpointer.
 ``fail``: saves that fail on rank 1. ``unshared``: rank 1 sees another directory at DIR. ``sigterm``: a
@@ -201,6 +201,13 @@ def free_save() -> None:
     loaded = ckpt.load(path)
     assert all(torch.equal(loaded[k], v) for k, v in whole.items()), loaded
     say(f"rank {rank} free save: whole")
+    with torch.device("meta"):  # a model made on the meta device, then sharded: shapes, dtypes and layouts only
+        templates = {k: distribute_tensor(torch.empty(v.shape, dtype=v.dtype), mesh, [Shard(0)], src_data_rank=None)
+                     for k, v in whole.items()}
+    loaded = ckpt.load(path, templates)
+    devices = sorted({loaded[k].to_local().device.type for k in whole})
+    assert all(torch.equal(ckpt.dtensor.gather(loaded[k]), v) for k, v in whole.items()), devices
+    say(f"rank {rank} meta templates: {devices}")
 
 
 def differing_trees(ckptr: Checkpointer) -> None:

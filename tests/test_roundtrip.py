@@ -519,6 +519,27 @@ def test_an_ordered_dict_such_as_a_torch_state_dict_round_trips_as_an_ordered_di
     assert type(restored["a"]) is collections.OrderedDict
 
 
+def test_a_multistep_schedulers_state_dict_whose_milestones_are_a_counter_round_trips(tmp_path):
+    torch = pytest.importorskip("torch")
+    import collections
+
+    def scheduler():
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=1.0)
+        return optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[2, 4, 4], gamma=0.5)
+
+    optimizer, saved = scheduler()
+    for _ in range(3):
+        optimizer.step()
+        saved.step()
+    ckpt.save(tmp_path / "c", {"scheduler": saved.state_dict()})
+    assert ckpt.load(tmp_path / "c")["scheduler"]["milestones"] == {2: 1, 4: 2}
+    _, fresh = scheduler()
+    restored = ckpt.load(tmp_path / "c", {"scheduler": fresh.state_dict()})["scheduler"]
+    assert type(restored["milestones"]) is collections.Counter and restored == saved.state_dict()
+    fresh.load_state_dict(restored)
+    assert fresh.last_epoch == 3 and sorted(fresh.milestones.elements()) == [2, 4, 4]
+
+
 def test_loaded_arrays_start_at_64_byte_boundaries_and_restore_into_jax_arrays(tmp_path):
     state = {"big": np.arange(600_000, dtype=np.float32), **{f"s{i}": np.arange(i + 1, dtype=np.int16) for i in range(5)}}
     ckpt.save(tmp_path / "0", state)

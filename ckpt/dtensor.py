@@ -57,6 +57,15 @@ def refuse_sharded_tensor(path: KeyPath, x: Any) -> None:
             "dict (StateDictType.FULL_STATE_DICT)")
 
 
+def refuse_partial(path: KeyPath, x: Any) -> None:
+    """Raises TypeError for a DTensor with a ``Partial`` placement, small or large: a pending reduction
+    is no state to save (gathered as bytes, a small one would be the sum of the ranks' bit patterns)."""
+    for placement in x.placements:
+        if placement.is_partial():
+            raise TypeError(f"DTensor at {keystr(path) or 'the root'} has the placement {placement} (a pending "
+                            "reduction); reduce it (redistribute to Replicate or Shard) before saving")
+
+
 def is_small(x: Any) -> bool:
     """Whether the whole of DTensor ``x`` is gathered and packed rather than written shard by shard."""
     return math.prod(x.shape) * x.element_size() < fmt.SMALL_LEAF_BYTES
@@ -80,16 +89,24 @@ def gather(x: Any) -> Any:
     return bytes_of.full_tensor().view(x.dtype)
 
 
-def gather_small(values: list[Any]) -> list[Any]:
-    """``values`` with each small DTensor replaced by its whole tensor (every rank calls it alike). Those
-    split on their first dimension over a one-dimensional mesh (FSDP2's layout) are gathered together,
-    one collective per mesh and device instead of one per tensor; the others one by one."""
+def gather_small(flat: list[tuple[KeyPath, Any]]) -> list[Any]:
+    """The values of ``flat`` ((key path, value) pairs) with each small DTensor replaced by its whole
+    tensor (every rank calls it alike). Those split on their first dimension over a one-dimensional mesh
+    (FSDP2's layout) are gathered together, one collective per mesh and device instead of one per tensor;
+    the others one by one.
+
+    Raises:
+      TypeError: a small DTensor with a ``Partial`` placement (see :func:`refuse_partial`), before any
+        collective.
+    """
+    values = [value for _, value in flat]
     if sys.modules.get("torch.distributed.tensor") is None:
         return values
     groups: dict[tuple, list[int]] = {}
     out = list(values)
-    for i, x in enumerate(values):
+    for i, (path, x) in enumerate(flat):
         if is_dtensor(x) and is_small(x):
+            refuse_partial(path, x)
             placement = x.placements[0]
             if len(x.placements) == 1 and type(placement).__name__ == "Shard" and placement.dim == 0 and x.ndim:
                 groups.setdefault((x.device_mesh, x.to_local().device), []).append(i)
@@ -140,8 +157,7 @@ def chunk_shape(path: KeyPath, x: Any) -> tuple[int, ...]:
     shape and placements only), as the shared zarr.json requires.
 
     Raises:
-      TypeError: a ``Partial`` placement (a pending reduction is no state to save), or a local shard that
-        is not one block of the global tensor (see :func:`_strided_apart`).
+      TypeError: a local shard that is not one block of the global tensor (see :func:`_strided_apart`).
     """
     splits: dict[int, list[tuple[int, bool]]] = {}  # dim -> (mesh size, a plain Shard) of each split
     apart = _strided_apart(x)
@@ -149,9 +165,6 @@ def chunk_shape(path: KeyPath, x: Any) -> tuple[int, ...]:
         raise TypeError(f"DTensor at {keystr(path) or 'the root'} has the placements {x.placements}: {apart}; "
                         "redistribute it (to Shard or Replicate) before saving")
     for mesh_dim, placement in enumerate(x.placements):
-        if placement.is_partial():
-            raise TypeError(f"DTensor at {keystr(path) or 'the root'} has the placement {placement} (a pending "
-                            "reduction); reduce it (redistribute to Replicate or Shard) before saving")
         if placement.is_shard():
             splits.setdefault(placement.dim, []).append((x.device_mesh.size(mesh_dim), type(placement).__name__ == "Shard"))
     shape = []

@@ -199,7 +199,7 @@ def describe(flat: list[tuple[KeyPath, Any]]) -> tuple[list[dict], list[np.ndarr
         metas, arrays, spreads = describe([(("w",), np.ones(2)), (("b",), np.zeros(2))])
         assert metas[0] is metas[1] == {"type": "numpy", "dtype": "float64", "shape": [2]}
     """
-    values = dtensor.gather_small([value for _, value in flat])
+    values = dtensor.gather_small(flat)
     native, shared, max_ndim = _NATIVE_NAMES, {}, fmt.MAX_NDIM
     found = [  # to_host's first case, inline
         shared.get(key) or shared.setdefault(key, {"type": "numpy", "dtype": key[0], "shape": list(key[1])})
@@ -224,6 +224,7 @@ def _jax_leaf(meta: dict, x: Any) -> HostLeaf:
 
 def _dtensor_leaf(path: KeyPath, x: Any) -> HostLeaf:
     """A DTensor: gathered and stored as a plain tensor when small, else written shard by shard."""
+    dtensor.refuse_partial(path, x)
     if dtensor.is_small(x):
         return to_host(path, dtensor.gather(x))
     local = torch_to_numpy(path, x.to_local())  # the dtype as stored, even from an empty shard

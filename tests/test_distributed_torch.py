@@ -85,6 +85,9 @@ def test_dtensors_of_unusual_layouts_at_four_ranks(tmp_path):
         assert f"rank {r} fsdp+tp exact, steps [2]" in out, out  # FSDP2 over tensor parallelism: saved as it is
         assert f"rank {r} small gathered exact: 7 dtypes" in out, out
         assert f"rank {r} 0-d loaded DTensor () 7" in out, out
+        for shape in ((2, 3), (600, 520)):  # a small one too, which was gathered as bytes: sums of bit patterns
+            assert (f"rank {r} partial {shape} refused: checkpointable 'state': DTensor at ['p'] has the placement "
+                    "P(sum) (a pending reduction)") in out, out
 
 
 @pytest.mark.timeout(300)

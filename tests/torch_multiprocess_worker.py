@@ -309,9 +309,9 @@ def failing_saves(ckptr: Checkpointer) -> None:
 def unusual_dtensors(ckptr: Checkpointer) -> None:
     """At 4 ranks: a ``_StridedShard`` alone (each rank holds rows apart: refused), FSDP2 over tensor
     parallelism (``_StridedShard`` then ``Shard`` on a 2-D mesh: each rank's rows are one block), small
-    DTensors of the dtypes gloo does not gather, a 0-d one."""
+    DTensors of the dtypes gloo does not gather, ``Partial`` ones (refused), a 0-d one."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor import Partial, Replicate, Shard, distribute_tensor
     from torch.distributed.tensor.placement_types import _StridedShard
 
     line, grid = init_device_mesh("cpu", (world,)), init_device_mesh("cpu", (2, world // 2))
@@ -334,6 +334,12 @@ def unusual_dtensors(ckptr: Checkpointer) -> None:
     assert all(loaded[k].dtype == v.dtype and torch.equal(loaded[k].view(torch.uint8), v.view(torch.uint8))
                for k, v in small.items()), loaded
     say(f"rank {rank} small gathered exact: {len(small)} dtypes")
+    # a pending reduction (Partial), small or large: refused, never saved as the sum of the ranks' bit patterns
+    for step, part in ((5, torch.full((2, 3), 1.5)), (6, torch.full((600, 520), 1.5))):
+        try:
+            ckptr.save(step, {"p": DTensor.from_local(part, line, [Partial()], run_check=False)}, force=True)
+        except TypeError as e:
+            say(f"rank {rank} partial {tuple(part.shape)} refused: {e}")
     # 0-d (a replicated counter), loaded into a 0-d template
     ckptr.save(4, {"n": distribute_tensor(torch.tensor(7), line, [Replicate()])}, force=True)
     loaded = ckptr.load(4, {"n": distribute_tensor(torch.tensor(0), line, [Replicate()])})["n"]

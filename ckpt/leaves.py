@@ -252,13 +252,15 @@ def torch_to_numpy(path: KeyPath, t: Any) -> np.ndarray:
     if t.device.type != "cpu":
         t = t.cpu()
     name = str(t.dtype).removeprefix("torch.")
-    if name in _TORCH_VIEWS:
-        carrier, target = _TORCH_VIEWS[name]
-        return t.contiguous().view(getattr(torch, carrier)).numpy().view(getattr(ml_dtypes, target))
     try:
+        if name in _TORCH_VIEWS:
+            carrier, target = _TORCH_VIEWS[name]
+            return t.contiguous().view(getattr(torch, carrier)).numpy().view(getattr(ml_dtypes, target))
         return t.contiguous().numpy()
-    except (TypeError, RuntimeError) as e:
-        raise TypeError(f"torch tensor at {where} has dtype {t.dtype}, which ckpt cannot store ({e})") from None
+    except (TypeError, RuntimeError) as e:  # a dtype numpy lacks, or a wrapper subclass (torchao's NF4Tensor)
+        what = f"dtype {t.dtype}" if type(t) is torch.Tensor else (
+            f"type {type(t).__module__}.{type(t).__qualname__} (a tensor subclass)")
+        raise TypeError(f"torch tensor at {where} has {what}, which ckpt cannot store ({e})") from None
 
 
 def numpy_to_torch(array: np.ndarray) -> Any:

@@ -311,13 +311,17 @@ def check_leaf(path: KeyPath, meta: dict, abstract: Any) -> str | None:
 def _key_data_mismatch(meta: dict, abstract: Any, want: tuple[int, ...] | None) -> str | None:
     """Why an abstract leaf that is not a typed key cannot receive saved PRNG keys, or None. A jax leaf (an
     array, a ``ShapeDtypeStruct``: ``metadata()``'s uint32 leaves) of the keys' shape receives the keys; a
-    numpy leaf receives their uint32 key data, of shape ``key_shape + (words,)``."""
+    numpy leaf or a torch tensor receives their uint32 key data, of shape ``key_shape + (words,)``."""
     dtype = None if isinstance(abstract, type) else getattr(abstract, "dtype", None)
-    if dtype is not None and np.dtype(dtype) != np.uint32:
-        return f"saved {meta.get('impl')!r} PRNG keys (uint32 key data), abstract leaf wants {np.dtype(dtype)}"
-    shape = meta["shape"] if isinstance(abstract, (np.ndarray, np.generic)) else _logical_shape(meta)
+    wanted = None if dtype is None else str(dtype).removeprefix("torch.")  # (a torch dtype is no numpy dtype)
+    if wanted is not None and wanted != "uint32":
+        return f"saved {meta.get('impl')!r} PRNG keys (uint32 key data), abstract leaf wants {wanted}"
+    torch = sys.modules.get("torch")
+    as_data = isinstance(abstract, (np.ndarray, np.generic)) or (
+        torch is not None and isinstance(abstract, torch.Tensor))
+    shape = meta["shape"] if as_data else _logical_shape(meta)
     if want is not None and tuple(shape) != want:
-        what = "their key data has" if isinstance(abstract, (np.ndarray, np.generic)) else "the keys have"
+        what = "their key data has" if as_data else "the keys have"
         return f"saved {meta.get('impl')!r} PRNG keys, {what} shape {tuple(shape)}, abstract leaf wants {want}"
     return None
 

@@ -361,6 +361,22 @@ def test_prng_keys_go_into_uint32_leaves_of_their_shape_and_a_numpy_leaf_of_thei
             ckpt.load(tmp_path / "c", {"k": target})
 
 
+def test_prng_keys_go_into_a_torch_tensor_of_their_key_datas_shape_and_uint32_else_a_mismatch(tmp_path):
+    """A torch abstract leaf raised numpy's 'Cannot interpret torch.float32 as a data type', naming no leaf."""
+    jax = pytest.importorskip("jax")
+    torch = pytest.importorskip("torch")
+
+    ckpt.save(tmp_path / "c", {"k": jax.random.key(3)})
+    data = np.asarray(jax.random.key_data(jax.random.key(3)))
+    loaded = ckpt.load(tmp_path / "c", {"k": torch.zeros(2, dtype=torch.uint32)})["k"]
+    assert isinstance(loaded, torch.Tensor) and np.array_equal(loaded.numpy(), data)
+    for target, why in [(torch.zeros(2), r"PRNG keys \(uint32 key data\), abstract leaf wants float32"),
+                        (torch.zeros((), dtype=torch.uint32), r"PRNG keys, their key data has shape \(2,\), abstract "
+                                                              r"leaf wants \(\)")]:
+        with pytest.raises(ckpt.errors.TreeMismatchError, match=r"\['k'\]: saved 'threefry2x32' " + why):
+            ckpt.load(tmp_path / "c", {"k": target})
+
+
 def test_shape_dtype_struct_dtype_casts_and_a_shape_mismatch_names_the_leaf(tmp_path):
     jax = pytest.importorskip("jax")
     import jax.numpy as jnp

@@ -9,9 +9,10 @@ A DTensor smaller than ``format.SMALL_LEAF_BYTES`` is gathered instead and packe
 small leaves (one collective, not one file per rank and leaf).
 
 Loading into a DTensor template (the state dict of a freshly sharded model, at any world size and
-mesh, made on the meta device or not), each rank reads only the slice of its own local shard. Without a template the saved array
-comes back whole, as a plain tensor. FSDP1's ``ShardedTensor`` is refused, and so is a DTensor whose
-local shard is not one block (a lone ``_StridedShard``).
+mesh, made on the meta device or not), each rank reads only the slice of its own local shard.
+Without a template the saved array comes back whole, as a plain tensor. FSDP1's ``ShardedTensor`` is
+refused, so is a DTensor with a ``Partial`` placement (a pending reduction), and so is a DTensor
+whose local shard is not one block (a lone ``_StridedShard``).
 
 Example::
 

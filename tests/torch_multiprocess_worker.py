@@ -11,7 +11,8 @@ them. ``load``: loads the latest step of DIR into the templates of a model shard
 checks it against REFERENCE. ``crash``: saves steps forever (the test SIGKILLs a rank, this process
 the others, and goes on with the next job); ``resume``:
 continues after the latest committed step with one more save. ``free``: every rank saves DTensors with
-``ckpt.save`` (one coordinated save) and loads them back, whole and into templates on the meta device. ``differ``: the ranks save trees with other keys,
+``ckpt.save`` (one coordinated save) and loads them back, whole and into templates on the meta device.
+``differ``: the ranks save trees with other keys,
 through the Checkpointer and ``ckpt.save``, and to other paths and steps; every save is refused, nothing is written.
 ``dtensors`` (4 ranks): DTensors of unusual layouts, saved and loaded through the Checkpointer.
 ``fail``: saves that fail on rank 1. ``unshared``: rank 1 sees another directory at DIR. ``sigterm``: a

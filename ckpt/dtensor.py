@@ -152,10 +152,13 @@ def _gather_rows(mesh: Any, device: Any, tensors: list[Any]) -> list[Any]:
 
 
 def chunk_shape(path: KeyPath, x: Any) -> tuple[int, ...]:
-    """The zarr3 chunk shape of a DTensor: along a dimension split over one mesh dimension of size k,
-    ``ceil(n / k)`` (``torch.chunk``'s split: each rank's shard is whole chunks); along a dimension
-    split over several, 1; whole along the others. The same on every rank (it depends on the global
-    shape and placements only), as the shared zarr.json requires.
+    """The zarr3 chunk shape of a DTensor, under which no two ranks' shards share a chunk: along a
+    dimension split over one mesh dimension of size k by a ``Shard``, ``ceil(n / k)`` (``torch.chunk``'s
+    split: each rank's shard is whole chunks); along a dimension split over mesh dimensions of sizes
+    k1, k2, ... (nested, or FSDP2's ``_StridedShard`` over tensor parallelism's ``Shard``), ``n / (k1 *
+    k2 ...)`` when that divides it (each rank's shard is one of those equal blocks), else 1; whole along
+    the others. The same on every rank (it depends on the global shape and placements only), as the
+    shared zarr.json requires.
 
     Raises:
       TypeError: a local shard that is not one block of the global tensor (see :func:`_strided_apart`).
@@ -166,18 +169,28 @@ def chunk_shape(path: KeyPath, x: Any) -> tuple[int, ...]:
         raise TypeError(f"DTensor at {keystr(path) or 'the root'} has the placements {x.placements}: {apart}; "
                         "redistribute it (to Shard or Replicate) before saving")
     for mesh_dim, placement in enumerate(x.placements):
-        if placement.is_shard():
-            splits.setdefault(placement.dim, []).append((x.device_mesh.size(mesh_dim), type(placement).__name__ == "Shard"))
+        dim = _split_dim(placement)
+        if dim is not None:
+            splits.setdefault(dim, []).append((x.device_mesh.size(mesh_dim), type(placement).__name__ == "Shard"))
     shape = []
     for dim, n in enumerate(x.shape):
         ways = splits.get(dim, [])
+        parts = math.prod(k for k, _ in ways)
         if not ways:
             shape.append(n)
         elif len(ways) == 1 and ways[0][1]:
-            shape.append(-(-n // ways[0][0]))
-        else:  # nested or strided splits: one-wide chunks fit every shard
-            shape.append(1)
+            shape.append(-(-n // parts))
+        else:  # nested or strided splits: equal blocks, or one-wide chunks, fit every shard
+            shape.append(n // parts if n % parts == 0 else 1)
     return tuple(shape)
+
+
+def _split_dim(placement: Any) -> int | None:
+    """The tensor dimension ``placement`` splits (a ``Shard``, or a ``_StridedShard``, which torch 2.13's
+    ``is_shard()`` denies), or None."""
+    if placement.is_shard() or type(placement).__name__ == "_StridedShard":
+        return placement.dim
+    return None
 
 
 def _strided_apart(x: Any) -> str | None:
@@ -189,7 +202,7 @@ def _strided_apart(x: Any) -> str | None:
         if type(placement).__name__ != "_StridedShard":
             continue
         later = math.prod(x.device_mesh.size(d) for d, p in enumerate(x.placements)
-                          if d > mesh_dim and p.is_shard() and p.dim == placement.dim)
+                          if d > mesh_dim and _split_dim(p) == placement.dim)
         if later != placement.split_factor:
             return (f"its {placement} on mesh dimension {mesh_dim} leaves each rank {placement.split_factor // later} "
                     f"pieces of dimension {placement.dim} apart, not one block")

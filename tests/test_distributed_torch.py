@@ -82,7 +82,8 @@ def test_dtensors_of_unusual_layouts_at_four_ranks(tmp_path):
         # a lone _StridedShard: each rank's rows lie apart (torch reports one wrong block): refused, not miswritten
         assert (f"rank {r} strided refused: checkpointable 'state': DTensor at ['x'] has the placements "
                 "(_StridedShard(dim=0, sf=2),): its _S(0, 2) on mesh dimension 0 leaves each rank 2 pieces") in out, out
-        assert f"rank {r} fsdp+tp exact, steps [2]" in out, out  # FSDP2 over tensor parallelism: saved as it is
+        # FSDP2 over tensor parallelism: saved as it is, a chunk per rank (not one per row: 600 files)
+        assert f"rank {r} fsdp+tp exact, steps [2], 4 chunk files" in out, out
         assert f"rank {r} small gathered exact: 7 dtypes" in out, out
         assert f"rank {r} 0-d loaded DTensor () 7" in out, out
         for shape in ((2, 3), (600, 520)):  # a small one too, which was gathered as bytes: sums of bit patterns

@@ -326,7 +326,8 @@ def unusual_dtensors(ckptr: Checkpointer) -> None:
     ckptr.save(2, {"x": distribute_tensor(rows, grid, fsdp_tp, src_data_rank=None)}, force=True)
     loaded = ckptr.load(2, {"x": distribute_tensor(torch.zeros_like(rows), grid, fsdp_tp, src_data_rank=None)})
     assert torch.equal(loaded["x"].full_tensor(), rows) and torch.equal(ckptr.load(2)["x"], rows)
-    say(f"rank {rank} fsdp+tp exact, steps {[c.step for c in ckptr.checkpoints]}")
+    chunks = sum(1 for f in (Path(directory) / "2" / "arrays").rglob("*") if f.is_file() and f.name != "zarr.json")
+    say(f"rank {rank} fsdp+tp exact, steps {[c.step for c in ckptr.checkpoints]}, {chunks} chunk files")
     # small ones split on dim 1: gathered whole, as bytes (gloo gathers none of these dtypes itself)
     small = {str(dtype): torch.arange(24).reshape(4, 6).to(dtype) for dtype in (
         torch.int16, torch.uint16, torch.uint32, torch.uint64, torch.float8_e4m3fn, torch.bfloat16, torch.bool)}

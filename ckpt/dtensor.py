@@ -9,9 +9,10 @@ A DTensor smaller than ``format.SMALL_LEAF_BYTES`` is gathered instead and packe
 small leaves (one collective, not one file per rank and leaf).
 
 Loading into a DTensor template (the state dict of a freshly sharded model, at any world size and
-mesh), each rank reads only the slice of its own local shard. Without a template the saved array
-comes back whole, as a plain tensor. FSDP1's ``ShardedTensor`` is refused, and so is a DTensor whose
-local shard is not one block (a lone ``_StridedShard``).
+mesh, made on the meta device or not), each rank reads only the slice of its own local shard.
+Without a template the saved array comes back whole, as a plain tensor. FSDP1's ``ShardedTensor`` is
+refused, so is a DTensor with a ``Partial`` placement (a pending reduction), and so is a DTensor
+whose local shard is not one block (a lone ``_StridedShard``).
 
 Example::
 
@@ -57,6 +58,15 @@ def refuse_sharded_tensor(path: KeyPath, x: Any) -> None:
             "dict (StateDictType.FULL_STATE_DICT)")
 
 
+def refuse_partial(path: KeyPath, x: Any) -> None:
+    """Raises TypeError for a DTensor with a ``Partial`` placement, small or large: a pending reduction
+    is no state to save (gathered as bytes, a small one would be the sum of the ranks' bit patterns)."""
+    for placement in x.placements:
+        if placement.is_partial():
+            raise TypeError(f"DTensor at {keystr(path) or 'the root'} has the placement {placement} (a pending "
+                            "reduction); reduce it (redistribute to Replicate or Shard) before saving")
+
+
 def is_small(x: Any) -> bool:
     """Whether the whole of DTensor ``x`` is gathered and packed rather than written shard by shard."""
     return math.prod(x.shape) * x.element_size() < fmt.SMALL_LEAF_BYTES
@@ -80,16 +90,24 @@ def gather(x: Any) -> Any:
     return bytes_of.full_tensor().view(x.dtype)
 
 
-def gather_small(values: list[Any]) -> list[Any]:
-    """``values`` with each small DTensor replaced by its whole tensor (every rank calls it alike). Those
-    split on their first dimension over a one-dimensional mesh (FSDP2's layout) are gathered together,
-    one collective per mesh and device instead of one per tensor; the others one by one."""
+def gather_small(flat: list[tuple[KeyPath, Any]]) -> list[Any]:
+    """The values of ``flat`` ((key path, value) pairs) with each small DTensor replaced by its whole
+    tensor (every rank calls it alike). Those split on their first dimension over a one-dimensional mesh
+    (FSDP2's layout) are gathered together, one collective per mesh and device instead of one per tensor;
+    the others one by one.
+
+    Raises:
+      TypeError: a small DTensor with a ``Partial`` placement (see :func:`refuse_partial`), before any
+        collective.
+    """
+    values = [value for _, value in flat]
     if sys.modules.get("torch.distributed.tensor") is None:
         return values
     groups: dict[tuple, list[int]] = {}
     out = list(values)
-    for i, x in enumerate(values):
+    for i, (path, x) in enumerate(flat):
         if is_dtensor(x) and is_small(x):
+            refuse_partial(path, x)
             placement = x.placements[0]
             if len(x.placements) == 1 and type(placement).__name__ == "Shard" and placement.dim == 0 and x.ndim:
                 groups.setdefault((x.device_mesh, x.to_local().device), []).append(i)
@@ -134,14 +152,16 @@ def _gather_rows(mesh: Any, device: Any, tensors: list[Any]) -> list[Any]:
 
 
 def chunk_shape(path: KeyPath, x: Any) -> tuple[int, ...]:
-    """The zarr3 chunk shape of a DTensor: along a dimension split over one mesh dimension of size k,
-    ``ceil(n / k)`` (``torch.chunk``'s split: each rank's shard is whole chunks); along a dimension
-    split over several, 1; whole along the others. The same on every rank (it depends on the global
-    shape and placements only), as the shared zarr.json requires.
+    """The zarr3 chunk shape of a DTensor, under which no two ranks' shards share a chunk: along a
+    dimension split over one mesh dimension of size k by a ``Shard``, ``ceil(n / k)`` (``torch.chunk``'s
+    split: each rank's shard is whole chunks); along a dimension split over mesh dimensions of sizes
+    k1, k2, ... (nested, or FSDP2's ``_StridedShard`` over tensor parallelism's ``Shard``), ``n / (k1 *
+    k2 ...)`` when that divides it (each rank's shard is one of those equal blocks), else 1; whole along
+    the others. The same on every rank (it depends on the global shape and placements only), as the
+    shared zarr.json requires.
 
     Raises:
-      TypeError: a ``Partial`` placement (a pending reduction is no state to save), or a local shard that
-        is not one block of the global tensor (see :func:`_strided_apart`).
+      TypeError: a local shard that is not one block of the global tensor (see :func:`_strided_apart`).
     """
     splits: dict[int, list[tuple[int, bool]]] = {}  # dim -> (mesh size, a plain Shard) of each split
     apart = _strided_apart(x)
@@ -149,21 +169,28 @@ def chunk_shape(path: KeyPath, x: Any) -> tuple[int, ...]:
         raise TypeError(f"DTensor at {keystr(path) or 'the root'} has the placements {x.placements}: {apart}; "
                         "redistribute it (to Shard or Replicate) before saving")
     for mesh_dim, placement in enumerate(x.placements):
-        if placement.is_partial():
-            raise TypeError(f"DTensor at {keystr(path) or 'the root'} has the placement {placement} (a pending "
-                            "reduction); reduce it (redistribute to Replicate or Shard) before saving")
-        if placement.is_shard():
-            splits.setdefault(placement.dim, []).append((x.device_mesh.size(mesh_dim), type(placement).__name__ == "Shard"))
+        dim = _split_dim(placement)
+        if dim is not None:
+            splits.setdefault(dim, []).append((x.device_mesh.size(mesh_dim), type(placement).__name__ == "Shard"))
     shape = []
     for dim, n in enumerate(x.shape):
         ways = splits.get(dim, [])
+        parts = math.prod(k for k, _ in ways)
         if not ways:
             shape.append(n)
         elif len(ways) == 1 and ways[0][1]:
-            shape.append(-(-n // ways[0][0]))
-        else:  # nested or strided splits: one-wide chunks fit every shard
-            shape.append(1)
+            shape.append(-(-n // parts))
+        else:  # nested or strided splits: equal blocks, or one-wide chunks, fit every shard
+            shape.append(n // parts if n % parts == 0 else 1)
     return tuple(shape)
+
+
+def _split_dim(placement: Any) -> int | None:
+    """The tensor dimension ``placement`` splits (a ``Shard``, or a ``_StridedShard``, which torch 2.13's
+    ``is_shard()`` denies), or None."""
+    if placement.is_shard() or type(placement).__name__ == "_StridedShard":
+        return placement.dim
+    return None
 
 
 def _strided_apart(x: Any) -> str | None:
@@ -175,7 +202,7 @@ def _strided_apart(x: Any) -> str | None:
         if type(placement).__name__ != "_StridedShard":
             continue
         later = math.prod(x.device_mesh.size(d) for d, p in enumerate(x.placements)
-                          if d > mesh_dim and p.is_shard() and p.dim == placement.dim)
+                          if d > mesh_dim and _split_dim(p) == placement.dim)
         if later != placement.split_factor:
             return (f"its {placement} on mesh dimension {mesh_dim} leaves each rank {placement.split_factor // later} "
                     f"pieces of dimension {placement.dim} apart, not one block")
@@ -195,13 +222,21 @@ def own_shards(x: Any) -> list[tuple[Index, Any]]:
     return out
 
 
-def restore(template: Any, read: Callable[[Index], np.ndarray], to_torch: Callable[[np.ndarray, Any], Any]) -> Any:
+def restore(template: Any, read: Callable[[Index], np.ndarray],
+            to_torch: Callable[[np.ndarray, Any, Any], Any]) -> Any:
     """A DTensor like ``template`` (its mesh, placements and global shape) holding the saved values:
-    this rank reads only the slice of its local shard through ``read``."""
+    this rank reads only the slice of its local shard through ``read`` and makes it a tensor with
+    ``to_torch(array, device, dtype)``. A template on the meta device (a model made there, then sharded)
+    gives only shapes, dtypes and layouts: the local shard goes to the device type of its mesh."""
+    import torch
     from torch.distributed.tensor import DTensor
 
     like = template.to_local()
-    local = to_torch(read(_local_index(template)), like) if like.numel() else like.new_empty(like.shape)
+    device = torch.device(template.device_mesh.device_type) if like.device.type == "meta" else like.device
+    if like.numel():
+        local = to_torch(read(_local_index(template)), device, like.dtype)
+    else:
+        local = torch.empty(like.shape, dtype=like.dtype, device=device)
     return DTensor.from_local(local, template.device_mesh, template.placements, run_check=False,
                               shape=template.shape, stride=template.stride())
 

@@ -199,7 +199,7 @@ def describe(flat: list[tuple[KeyPath, Any]]) -> tuple[list[dict], list[np.ndarr
         metas, arrays, spreads = describe([(("w",), np.ones(2)), (("b",), np.zeros(2))])
         assert metas[0] is metas[1] == {"type": "numpy", "dtype": "float64", "shape": [2]}
     """
-    values = dtensor.gather_small([value for _, value in flat])
+    values = dtensor.gather_small(flat)
     native, shared, max_ndim = _NATIVE_NAMES, {}, fmt.MAX_NDIM
     found = [  # to_host's first case, inline
         shared.get(key) or shared.setdefault(key, {"type": "numpy", "dtype": key[0], "shape": list(key[1])})
@@ -224,6 +224,7 @@ def _jax_leaf(meta: dict, x: Any) -> HostLeaf:
 
 def _dtensor_leaf(path: KeyPath, x: Any) -> HostLeaf:
     """A DTensor: gathered and stored as a plain tensor when small, else written shard by shard."""
+    dtensor.refuse_partial(path, x)
     if dtensor.is_small(x):
         return to_host(path, dtensor.gather(x))
     local = torch_to_numpy(path, x.to_local())  # the dtype as stored, even from an empty shard
@@ -251,13 +252,15 @@ def torch_to_numpy(path: KeyPath, t: Any) -> np.ndarray:
     if t.device.type != "cpu":
         t = t.cpu()
     name = str(t.dtype).removeprefix("torch.")
-    if name in _TORCH_VIEWS:
-        carrier, target = _TORCH_VIEWS[name]
-        return t.contiguous().view(getattr(torch, carrier)).numpy().view(getattr(ml_dtypes, target))
     try:
+        if name in _TORCH_VIEWS:
+            carrier, target = _TORCH_VIEWS[name]
+            return t.contiguous().view(getattr(torch, carrier)).numpy().view(getattr(ml_dtypes, target))
         return t.contiguous().numpy()
-    except (TypeError, RuntimeError) as e:
-        raise TypeError(f"torch tensor at {where} has dtype {t.dtype}, which ckpt cannot store ({e})") from None
+    except (TypeError, RuntimeError) as e:  # a dtype numpy lacks, or a wrapper subclass (torchao's NF4Tensor)
+        what = f"dtype {t.dtype}" if type(t) is torch.Tensor else (
+            f"type {type(t).__module__}.{type(t).__qualname__} (a tensor subclass)")
+        raise TypeError(f"torch tensor at {where} has {what}, which ckpt cannot store ({e})") from None
 
 
 def numpy_to_torch(array: np.ndarray) -> Any:
@@ -308,13 +311,17 @@ def check_leaf(path: KeyPath, meta: dict, abstract: Any) -> str | None:
 def _key_data_mismatch(meta: dict, abstract: Any, want: tuple[int, ...] | None) -> str | None:
     """Why an abstract leaf that is not a typed key cannot receive saved PRNG keys, or None. A jax leaf (an
     array, a ``ShapeDtypeStruct``: ``metadata()``'s uint32 leaves) of the keys' shape receives the keys; a
-    numpy leaf receives their uint32 key data, of shape ``key_shape + (words,)``."""
+    numpy leaf or a torch tensor receives their uint32 key data, of shape ``key_shape + (words,)``."""
     dtype = None if isinstance(abstract, type) else getattr(abstract, "dtype", None)
-    if dtype is not None and np.dtype(dtype) != np.uint32:
-        return f"saved {meta.get('impl')!r} PRNG keys (uint32 key data), abstract leaf wants {np.dtype(dtype)}"
-    shape = meta["shape"] if isinstance(abstract, (np.ndarray, np.generic)) else _logical_shape(meta)
+    wanted = None if dtype is None else str(dtype).removeprefix("torch.")  # (a torch dtype is no numpy dtype)
+    if wanted is not None and wanted != "uint32":
+        return f"saved {meta.get('impl')!r} PRNG keys (uint32 key data), abstract leaf wants {wanted}"
+    torch = sys.modules.get("torch")
+    as_data = isinstance(abstract, (np.ndarray, np.generic)) or (
+        torch is not None and isinstance(abstract, torch.Tensor))
+    shape = meta["shape"] if as_data else _logical_shape(meta)
     if want is not None and tuple(shape) != want:
-        what = "their key data has" if isinstance(abstract, (np.ndarray, np.generic)) else "the keys have"
+        what = "their key data has" if as_data else "the keys have"
         return f"saved {meta.get('impl')!r} PRNG keys, {what} shape {tuple(shape)}, abstract leaf wants {want}"
     return None
 
@@ -382,7 +389,7 @@ def restore(meta: dict, read: Reader | np.ndarray | None, abstract: Any,
                             or abstract is jax.Array or abstract is jax.ShapeDtypeStruct):
         return _restore_jax(meta, read, abstract, jax, to_device)
     if dtensor.is_dtensor(abstract):
-        return dtensor.restore(abstract, read, lambda array, like: numpy_to_torch(array).to(like.device, like.dtype))
+        return dtensor.restore(abstract, read, lambda array, device, dtype: numpy_to_torch(array).to(device, dtype))
     torch = sys.modules.get("torch")
     if torch is not None and (isinstance(abstract, torch.Tensor) or abstract is torch.Tensor):
         tensor = numpy_to_torch(read(None))

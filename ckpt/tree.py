@@ -1,9 +1,9 @@
 """Flatten and unflatten trees with key paths, and describe their structure as JSON.
 
-Containers: dict and OrderedDict (str or int keys; a torch ``state_dict`` is an OrderedDict), list,
-tuple, NamedTuple and, when jax is imported, every registered jax pytree node (flax struct dataclasses,
-FrozenDict, nnx.State, optax states). Everything else is a leaf, including None, which is stored as a
-value so that it round-trips.
+Containers: dict, OrderedDict and Counter (str or int keys; a torch ``state_dict`` is an OrderedDict,
+the milestones in ``MultiStepLR``'s a Counter), list, tuple, NamedTuple and, when jax is imported, every
+registered jax pytree node (flax struct dataclasses, FrozenDict, nnx.State, optax states). Everything
+else is a leaf, including None, which is stored as a value so that it round-trips.
 
 A key path is a tuple of entries ``("key", k)`` (a dict key), ``("idx", i)`` (a sequence position) or
 ``("attr", name)`` (a field); :func:`keystr` renders it as jax does: ``['params']['w']``, ``[0]``, ``.mu``.
@@ -26,6 +26,10 @@ KeyPath = tuple[KeyEntry, ...]
 # array types join when first seen (an isinstance check against jax.Array costs about 2 us).
 _PLAIN_LEAVES = {np.ndarray, int, float, bool, str, bytes, type(None)}
 _STR = {str}
+# The dict types stored as dicts, each with what makes it again from (key, value) pairs (Counter's own
+# constructor would count the pairs).
+_DICTS = {dict: dict, collections.OrderedDict: collections.OrderedDict,
+          collections.Counter: lambda pairs: collections.Counter(dict(pairs))}
 
 
 @dataclasses.dataclass(eq=False)
@@ -140,13 +144,13 @@ def flatten(tree: Any, *, prefix: KeyPath = ()) -> tuple[Node, list[tuple[KeyPat
         if type(x) in _PLAIN_LEAVES:
             leaves.append((path, x))
             return LEAF
-        if type(x) in (dict, collections.OrderedDict):
+        if type(x) in _DICTS:
             if not set(map(type, x)) <= _STR:
                 for k in x:
                     check_key(k, path)
             keys = list(zip(itertools.repeat("key"), x))
             return Node("dict", keys, visit_children(keys, x.values(), path),
-                        rebuild=lambda vals, ks=list(x), t=type(x): t(zip(ks, vals)), container=type(x))
+                        rebuild=lambda vals, ks=list(x), make=_DICTS[type(x)]: make(zip(ks, vals)), container=type(x))
         if _is_namedtuple(x):
             keys = [("attr", f) for f in type(x)._fields]
             return Node("namedtuple", keys, visit_children(keys, x, path), name=type(x).__name__,

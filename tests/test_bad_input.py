@@ -98,6 +98,10 @@ def nested_lists(depth: int) -> Any:
     return tree
 
 
+TWO_TENSOR = ("__import__('torch.testing._internal.two_tensor', fromlist=['TwoTensor'])"
+              ".TwoTensor(torch.ones(3, dtype={0}), torch.zeros(3, dtype={0}))")
+
+
 def save_torch(make: str) -> Callable[[Checkpointer, Path], Any]:
     """A save of a torch tensor made by ``make`` (a Python expression of ``torch``)."""
     def call(ckptr: Checkpointer, root: Path) -> Any:
@@ -152,6 +156,10 @@ CASES = {
     "a tree 2,000 lists deep": Case(save({"deep": nested_lists(2000)}), ValueError, r"nested deeper than"),
     "sparse tensor": Case(save_torch("torch.eye(3).to_sparse()"), TypeError, r"\['t'\] is torch.sparse_coo"),
     "meta tensor": Case(save_torch("torch.empty(3, device='meta')"), TypeError, r"\['t'\] is on the meta device"),
+    # a wrapper tensor subclass (torchao's NF4Tensor of a QLoRA model is one, of bfloat16)
+    "bfloat16 tensor subclass": Case(save_torch(TWO_TENSOR.format("torch.bfloat16")), TypeError,
+                                     r"\['t'\] has type torch\.testing\._internal\.two_tensor\.TwoTensor \(a tensor subclass\)"),
+    "float32 tensor subclass": Case(save_torch(TWO_TENSOR.format("torch.float32")), TypeError, r"\['t'\] has type .*TwoTensor"),
     "tuple key of a jax pytree": Case(save_pytree_with_key((1, 2)), TypeError, r"dict key \(1, 2\) of type tuple at \['d'\]"),
     # dict keys that cannot round-trip
     "tuple key": Case(save({"a": {(1, 2): 1}}), TypeError, r"dict key \(1, 2\) of type tuple at \['a'\]"),

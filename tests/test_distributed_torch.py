@@ -60,6 +60,7 @@ def test_an_fsdp2_checkpoint_of_two_ranks_reloads_bit_exact_at_two_one_and_four_
 def test_ranks_that_each_call_the_free_save_write_one_whole_checkpoint(tmp_path):
     out = run_jobs(tmp_path / "run", tmp_path / "unused.npz", "free:2")
     assert "rank 0 free save: whole" in out and "rank 1 free save: whole" in out, out
+    assert "rank 0 meta templates: ['cpu']" in out and "rank 1 meta templates: ['cpu']" in out, out  # not more meta
 
 
 @pytest.mark.timeout(300)
@@ -81,9 +82,13 @@ def test_dtensors_of_unusual_layouts_at_four_ranks(tmp_path):
         # a lone _StridedShard: each rank's rows lie apart (torch reports one wrong block): refused, not miswritten
         assert (f"rank {r} strided refused: checkpointable 'state': DTensor at ['x'] has the placements "
                 "(_StridedShard(dim=0, sf=2),): its _S(0, 2) on mesh dimension 0 leaves each rank 2 pieces") in out, out
-        assert f"rank {r} fsdp+tp exact, steps [2]" in out, out  # FSDP2 over tensor parallelism: saved as it is
+        # FSDP2 over tensor parallelism: saved as it is, a chunk per rank (not one per row: 600 files)
+        assert f"rank {r} fsdp+tp exact, steps [2], 4 chunk files" in out, out
         assert f"rank {r} small gathered exact: 7 dtypes" in out, out
         assert f"rank {r} 0-d loaded DTensor () 7" in out, out
+        for shape in ((2, 3), (600, 520)):  # a small one too, which was gathered as bytes: sums of bit patterns
+            assert (f"rank {r} partial {shape} refused: checkpointable 'state': DTensor at ['p'] has the placement "
+                    "P(sum) (a pending reduction)") in out, out
 
 
 @pytest.mark.timeout(300)

@@ -584,6 +584,39 @@ def test_zero_dimensional_tensors_resume_with_their_shapes(tmp_path):
     assert same(fresh.state_dict(), trainer.lightning_module.state_dict())
 
 
+class Counted(torch.nn.Module):
+    """A module whose state holds a value that is no tensor (``get_extra_state``: a dict of counts)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = {"batches": 0}
+
+    def forward(self, x):
+        self.seen = {"batches": self.seen["batches"] + 1}
+        return x
+
+    def get_extra_state(self):
+        return self.seen
+
+    def set_extra_state(self, state):
+        self.seen = dict(state)
+
+
+class WithExtraState(example.Regressor):
+    def __init__(self):
+        super().__init__()
+        self.net.insert(0, Counted())
+
+
+def test_a_module_with_extra_state_that_is_no_tensor_resumes_and_loads_its_weights(tmp_path):
+    fit(tmp_path, model=WithExtraState(), max_steps=2)
+    trainer, _ = fit(tmp_path, model=WithExtraState(), max_steps=3)
+    assert trainer.lightning_module.net[0].seen == {"batches": 3}
+    fresh = WithExtraState()
+    assert load_weights(fresh, tmp_path) == 3
+    assert fresh.net[0].seen == {"batches": 3} and same(fresh.state_dict(), trainer.lightning_module.state_dict())
+
+
 class FailsAt(example.Regressor):
     def __init__(self, step: int):
         super().__init__()

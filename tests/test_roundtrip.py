@@ -361,6 +361,22 @@ def test_prng_keys_go_into_uint32_leaves_of_their_shape_and_a_numpy_leaf_of_thei
             ckpt.load(tmp_path / "c", {"k": target})
 
 
+def test_prng_keys_go_into_a_torch_tensor_of_their_key_datas_shape_and_uint32_else_a_mismatch(tmp_path):
+    """A torch abstract leaf raised numpy's 'Cannot interpret torch.float32 as a data type', naming no leaf."""
+    jax = pytest.importorskip("jax")
+    torch = pytest.importorskip("torch")
+
+    ckpt.save(tmp_path / "c", {"k": jax.random.key(3)})
+    data = np.asarray(jax.random.key_data(jax.random.key(3)))
+    loaded = ckpt.load(tmp_path / "c", {"k": torch.zeros(2, dtype=torch.uint32)})["k"]
+    assert isinstance(loaded, torch.Tensor) and np.array_equal(loaded.numpy(), data)
+    for target, why in [(torch.zeros(2), r"PRNG keys \(uint32 key data\), abstract leaf wants float32"),
+                        (torch.zeros((), dtype=torch.uint32), r"PRNG keys, their key data has shape \(2,\), abstract "
+                                                              r"leaf wants \(\)")]:
+        with pytest.raises(ckpt.errors.TreeMismatchError, match=r"\['k'\]: saved 'threefry2x32' " + why):
+            ckpt.load(tmp_path / "c", {"k": target})
+
+
 def test_shape_dtype_struct_dtype_casts_and_a_shape_mismatch_names_the_leaf(tmp_path):
     jax = pytest.importorskip("jax")
     import jax.numpy as jnp
@@ -517,6 +533,27 @@ def test_an_ordered_dict_such_as_a_torch_state_dict_round_trips_as_an_ordered_di
     restored = ckpt.load(tmp_path / "c", state)
     assert type(restored) is collections.OrderedDict and list(restored) == ["b", "a"]
     assert type(restored["a"]) is collections.OrderedDict
+
+
+def test_a_multistep_schedulers_state_dict_whose_milestones_are_a_counter_round_trips(tmp_path):
+    torch = pytest.importorskip("torch")
+    import collections
+
+    def scheduler():
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=1.0)
+        return optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[2, 4, 4], gamma=0.5)
+
+    optimizer, saved = scheduler()
+    for _ in range(3):
+        optimizer.step()
+        saved.step()
+    ckpt.save(tmp_path / "c", {"scheduler": saved.state_dict()})
+    assert ckpt.load(tmp_path / "c")["scheduler"]["milestones"] == {2: 1, 4: 2}
+    _, fresh = scheduler()
+    restored = ckpt.load(tmp_path / "c", {"scheduler": fresh.state_dict()})["scheduler"]
+    assert type(restored["milestones"]) is collections.Counter and restored == saved.state_dict()
+    fresh.load_state_dict(restored)
+    assert fresh.last_epoch == 3 and sorted(fresh.milestones.elements()) == [2, 4, 4]
 
 
 def test_loaded_arrays_start_at_64_byte_boundaries_and_restore_into_jax_arrays(tmp_path):

@@ -11,7 +11,8 @@ them. ``load``: loads the latest step of DIR into the templates of a model shard
 checks it against REFERENCE. ``crash``: saves steps forever (the test SIGKILLs a rank, this process
 the others, and goes on with the next job); ``resume``:
 continues after the latest committed step with one more save. ``free``: every rank saves DTensors with
-``ckpt.save`` (one coordinated save) and loads them back. ``differ``: the ranks save trees with other keys,
+``ckpt.save`` (one coordinated save) and loads them back, whole and into templates on the meta device.
+``differ``: the ranks save trees with other keys,
 through the Checkpointer and ``ckpt.save``, and to other paths and steps; every save is refused, nothing is written.
 ``dtensors`` (4 ranks): DTensors of unusual layouts, saved and loaded through the Checkpointer.
 ``fail``: saves that fail on rank 1. ``unshared``: rank 1 sees another directory at DIR. ``sigterm``: a
@@ -201,6 +202,13 @@ def free_save() -> None:
     loaded = ckpt.load(path)
     assert all(torch.equal(loaded[k], v) for k, v in whole.items()), loaded
     say(f"rank {rank} free save: whole")
+    with torch.device("meta"):  # a model made on the meta device, then sharded: shapes, dtypes and layouts only
+        templates = {k: distribute_tensor(torch.empty(v.shape, dtype=v.dtype), mesh, [Shard(0)], src_data_rank=None)
+                     for k, v in whole.items()}
+    loaded = ckpt.load(path, templates)
+    devices = sorted({loaded[k].to_local().device.type for k in whole})
+    assert all(torch.equal(ckpt.dtensor.gather(loaded[k]), v) for k, v in whole.items()), devices
+    say(f"rank {rank} meta templates: {devices}")
 
 
 def differing_trees(ckptr: Checkpointer) -> None:
@@ -302,9 +310,9 @@ def failing_saves(ckptr: Checkpointer) -> None:
 def unusual_dtensors(ckptr: Checkpointer) -> None:
     """At 4 ranks: a ``_StridedShard`` alone (each rank holds rows apart: refused), FSDP2 over tensor
     parallelism (``_StridedShard`` then ``Shard`` on a 2-D mesh: each rank's rows are one block), small
-    DTensors of the dtypes gloo does not gather, a 0-d one."""
+    DTensors of the dtypes gloo does not gather, ``Partial`` ones (refused), a 0-d one."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor import Partial, Replicate, Shard, distribute_tensor
     from torch.distributed.tensor.placement_types import _StridedShard
 
     line, grid = init_device_mesh("cpu", (world,)), init_device_mesh("cpu", (2, world // 2))
@@ -318,7 +326,8 @@ def unusual_dtensors(ckptr: Checkpointer) -> None:
     ckptr.save(2, {"x": distribute_tensor(rows, grid, fsdp_tp, src_data_rank=None)}, force=True)
     loaded = ckptr.load(2, {"x": distribute_tensor(torch.zeros_like(rows), grid, fsdp_tp, src_data_rank=None)})
     assert torch.equal(loaded["x"].full_tensor(), rows) and torch.equal(ckptr.load(2)["x"], rows)
-    say(f"rank {rank} fsdp+tp exact, steps {[c.step for c in ckptr.checkpoints]}")
+    chunks = sum(1 for f in (Path(directory) / "2" / "arrays").rglob("*") if f.is_file() and f.name != "zarr.json")
+    say(f"rank {rank} fsdp+tp exact, steps {[c.step for c in ckptr.checkpoints]}, {chunks} chunk files")
     # small ones split on dim 1: gathered whole, as bytes (gloo gathers none of these dtypes itself)
     small = {str(dtype): torch.arange(24).reshape(4, 6).to(dtype) for dtype in (
         torch.int16, torch.uint16, torch.uint32, torch.uint64, torch.float8_e4m3fn, torch.bfloat16, torch.bool)}
@@ -327,6 +336,12 @@ def unusual_dtensors(ckptr: Checkpointer) -> None:
     assert all(loaded[k].dtype == v.dtype and torch.equal(loaded[k].view(torch.uint8), v.view(torch.uint8))
                for k, v in small.items()), loaded
     say(f"rank {rank} small gathered exact: {len(small)} dtypes")
+    # a pending reduction (Partial), small or large: refused, never saved as the sum of the ranks' bit patterns
+    for step, part in ((5, torch.full((2, 3), 1.5)), (6, torch.full((600, 520), 1.5))):
+        try:
+            ckptr.save(step, {"p": DTensor.from_local(part, line, [Partial()], run_check=False)}, force=True)
+        except TypeError as e:
+            say(f"rank {rank} partial {tuple(part.shape)} refused: {e}")
     # 0-d (a replicated counter), loaded into a 0-d template
     ckptr.save(4, {"n": distribute_tensor(torch.tensor(7), line, [Replicate()])}, force=True)
     loaded = ckptr.load(4, {"n": distribute_tensor(torch.tensor(0), line, [Replicate()])})["n"]

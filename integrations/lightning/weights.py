@@ -90,7 +90,8 @@ def step_path(directory: str | os.PathLike, step: int | None,
 
 
 def check_model(saved: Mapping[str, Any], model: torch.nn.Module, *, source: str, strict: bool = True) -> None:
-    """Raises ValueError naming every key that ``saved`` (a state dict) lacks, adds, or shapes differently."""
+    """Raises ValueError naming every key that ``saved`` (a state dict) lacks, adds, or shapes differently
+    (of the model's tensors: a module's extra state, ``get_extra_state``, may be any value)."""
     current = model.state_dict()
     problems = []
     if strict:
@@ -101,9 +102,10 @@ def check_model(saved: Mapping[str, Any], model: torch.nn.Module, *, source: str
         if unexpected:
             problems.append(f"unexpected keys {unexpected}")
     for key, value in saved.items():
-        if key in current and tuple(getattr(value, "shape", ())) != tuple(current[key].shape):
-            problems.append(f"{key!r} has shape {tuple(value.shape)} there and {tuple(current[key].shape)} "
-                            "in the model")
+        want = getattr(current.get(key), "shape", None)  # None: not in the model, or not a tensor there
+        have = tuple(getattr(value, "shape", ()))
+        if want is not None and have != tuple(want):
+            problems.append(f"{key!r} has shape {have} there and {tuple(want)} in the model")
     if problems:
         raise ValueError(f"{source} holds a different model than this {type(model).__name__}: "
                          + "; ".join(problems) + ". Use the directory this model was trained in, or a new one.")

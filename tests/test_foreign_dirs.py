@@ -420,9 +420,13 @@ def test_the_root_metadata_is_never_written_through_what_is_at_its_temporary_nam
 
 
 def test_a_users_directories_that_only_resemble_orbax_steps_are_never_listed_nor_deleted(tmp_path):
-    """A pickle called ``checkpoint`` (its first byte is a msgpack map's) and a ``commit_success.txt`` of
-    the user's own made directories named like steps Orbax steps, which a preservation policy deleted."""
+    """A pickle called ``checkpoint`` (its first byte is a msgpack map's), a ``commit_success.txt`` and a
+    tensorstore OCDBT database (``manifest.ocdbt``, which every Orbax item written with OCDBT holds beside
+    its ``_METADATA`` or msgpack ``checkpoint``) of the user's own made directories named like steps
+    Orbax steps, which a preservation policy deleted."""
     import pickle
+
+    import tensorstore as ts
 
     root = tmp_path / "root"
     (root / "0" / "model").mkdir(parents=True)
@@ -430,13 +434,15 @@ def test_a_users_directories_that_only_resemble_orbax_steps_are_never_listed_nor
     (root / "1").mkdir()
     (root / "1" / "commit_success.txt").write_text("done\n")
     (root / "1" / "results.csv").write_text("step,loss\n")
+    ts.open({"driver": "zarr3", "kvstore": {"driver": "ocdbt", "base": f"file://{root}/2/embeddings/"},
+             "metadata": {"shape": [4], "data_type": "float32"}, "create": True}).result().write(np.ones(4, np.float32)).result()
     whole = fsutil.snapshot(root)
     with Checkpointer(root, preservation_policy=pp.LatestN(1)) as ckptr:
         assert ckptr.checkpoints == []
-        for step in (2, 3):
+        for step in (3, 4):
             ckptr.save(step, STATE)
-        assert [c.step for c in ckptr.checkpoints] == [3]
-    assert {k: v for k, v in fsutil.snapshot(root).items() if k.split("/")[0] in ("0", "1")} == whole
+        assert [c.step for c in ckptr.checkpoints] == [4]
+    assert {k: v for k, v in fsutil.snapshot(root).items() if k.split("/")[0] in ("0", "1", "2")} == whole
 
 
 @pytest.mark.timeout(60)

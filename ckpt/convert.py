@@ -74,6 +74,8 @@ def convert_root(source: str | os.PathLike, destination: str | os.PathLike) -> I
       ValueError: ``source`` or ``destination`` is not a local directory, or they are one directory.
       FileExistsError: ``destination`` holds anything but what a convert of the same steps left, or is not
         a directory (before anything is written).
+      RootDirectoryError: ``destination`` lies below a file or a symbolic link loop (raised by the iterator,
+        before anything is written).
       FileNotFoundError: ``source`` holds no step; or it is one checkpoint, not a root.
       CheckpointCorruptedError: a step of ``source`` is damaged (before anything is written), or a
         converted step differs from its source (named with the key path; raised by the iterator).
@@ -124,7 +126,7 @@ def _converted_before(destination: Path, steps: list[tuple[int, Path]]) -> set[s
 
 def _convert_steps(steps: list[tuple[int, Path]], source: Path, destination: Path, done: set[str]) -> Iterator[Converted]:
     made = [p for p in (destination, *destination.parents) if not os.path.lexists(p)]  # innermost first
-    storage.make_dir(destination)
+    root_lib.make(destination)
     lock = storage.DirectoryLock(destination / fmt.LOCK)
     lock.acquire()
     written: list[Path] = []  # what this convert wrote in destination, removed if it fails

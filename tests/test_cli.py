@@ -217,6 +217,15 @@ def test_show_of_a_step_directory_written_by_ckpt_save(tmp_path, capsys):
     assert status == 0 and json.loads(out)["checkpointables"]["state"][0]["dtype"] == "float16"
 
 
+@pytest.mark.parametrize("command", ["ls", "show", "verify"])
+def test_a_checkpoint_named_with_a_digit_int_cannot_read_is_shown_and_verified(tmp_path, capsys, command):
+    """'²' is a digit to str.isdigit, not to int(): such a name is no step number."""
+    path = tmp_path / "best_\u00b2"
+    ckpt.save(path, {"w": np.ones(3)})
+    assert cli.main([command, str(path)]) == 0
+    assert str(path) in capsys.readouterr().out
+
+
 def test_show_of_a_missing_step_exits_2_listing_the_steps(root, capsys):
     status, _, err = run_cli(capsys, "show", root, "5")
     assert status == 2 and "no checkpoint at step 5" in err and "[0, 10, 20]" in err

@@ -547,3 +547,16 @@ def test_a_hostile_orbax_tree_metadata_raises_a_ckpt_error(orbax_runs, tmp_path)
     path.write_text(json.dumps(metadata))
     with pytest.raises(errors.CheckpointCorruptedError, match="levels deep"):
         ckpt.load(root / "1")
+
+
+def test_an_orbax_sequence_key_of_a_digit_int_cannot_read_raises_a_ckpt_error(orbax_runs, tmp_path):
+    """'²' is a digit to str.isdigit, not to int()."""
+    root = copy_run(orbax_runs, "v1", tmp_path)
+    path = root / "1" / "state" / "_METADATA"
+    metadata = json.loads(path.read_text())
+    metadata["tree_metadata"]["odd"] = {"key_metadata": [{"key": "odd", "key_type": 2}, {"key": "\u00b2", "key_type": 1}],
+                                        "value_metadata": {"value_type": "None"}}
+    path.write_text(json.dumps(metadata))
+    with pytest.raises(errors.CheckpointCorruptedError, match="has a key") as info:
+        ckpt.load(root / "1")
+    assert str(root / "1") in str(info.value)

@@ -717,9 +717,10 @@ def set_aside_step(path: Location) -> Path | None:
     """The name of the step that ``path``, a ``<step>.ckpt-replaced`` directory, must be put back as: a
     commit with ``overwrite=True`` on a file system that cannot swap two directories atomically (NFS, many
     FUSE file systems) renames the committed step aside, then the new one into its name; a crash between
-    the two renames leaves the step under its aside name, and nothing under its own. None for anything else
-    (a name that holds something, which then replaced it, or another entry)."""
-    if not (isinstance(path, Path) and path.name.endswith(fmt.REPLACED_SUFFIX)):
+    the two renames leaves the step under its aside name, and nothing under its own (marked as ckpt's: the
+    commit marks it before it sets it aside). None for anything else (a name that holds something, which
+    then replaced it, or another entry: an empty directory of the user's named so is never renamed)."""
+    if not (isinstance(path, Path) and path.name.endswith(fmt.REPLACED_SUFFIX) and is_marked(path)):
         return None
     final = path.with_name(path.name[: -len(fmt.REPLACED_SUFFIX)])
     return None if os.path.lexists(final) else final

@@ -151,6 +151,22 @@ def test_a_foreign_entry_named_like_a_temporary_is_never_removed_and_other_saves
            {k: v for k, v in whole.items()} | {"root/" + fmt.LOCK: after["root/" + fmt.LOCK]}
 
 
+def test_an_empty_directory_named_like_a_step_set_aside_is_never_put_back_as_the_step(tmp_path, caplog):
+    """A step a crash left set aside (``<step>.ckpt-replaced``) holds ckpt's marker, as the commit marks it
+    before it sets it aside: an empty directory of that name is no such step, and renaming it to the step's
+    name made an empty directory there (a foreign entry a save of the step refuses)."""
+    root = tmp_path / "root"
+    root.mkdir()
+    for name in ("7", "data"):
+        (root / f"{name}{fmt.REPLACED_SUFFIX}").mkdir()
+    with caplog.at_level(logging.WARNING, logger="ckpt"), Checkpointer(root) as ckptr:
+        assert ckptr.checkpoints == []
+        assert not os.path.lexists(root / "7") and not os.path.lexists(root / "data")
+        assert "put back" not in caplog.text
+        assert ckptr.save(7, STATE, force=True)
+        assert ckptr.load(7)["w"].tolist() == STATE["w"].tolist()
+
+
 @pytest.mark.parametrize("lightweight", [False, True])
 def test_a_step_whose_manifest_is_a_link_a_fifo_or_a_directory_is_never_listed(tmp_path, lightweight, caplog):
     """Each is a complete copy of a committed step but for its manifest.json; the listing, which takes a

@@ -472,11 +472,19 @@ def writing_to(root: Location) -> Iterator[None]:
 
 
 def make_dir(path: Location, *, mode: int | None = None) -> None:
+    """Creates a directory (with its parents) when it is missing; ``mode`` is given to it only then (as in
+    Orbax): an existing directory, a user's, keeps its own. FileExistsError when a file is at ``path``."""
     if isinstance(path, ObjectPath):
         return
-    path.mkdir(parents=True, exist_ok=True)
-    if mode is not None:
-        os.chmod(path, mode)
+    if mode is None:
+        return path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True)
+    except FileExistsError:
+        if not path.is_dir():
+            raise
+        return
+    os.chmod(path, mode)  # (mkdir's mode is cut by the umask)
 
 
 class DirectoryLock:

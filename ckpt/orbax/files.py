@@ -16,9 +16,11 @@ MAX_JSON_BYTES = 64 << 20  # Orbax's largest JSON file, _METADATA, takes ~300 by
 
 
 def read_json(path: Path, step_dir: Path) -> Any:
-    """The JSON in ``path``; FileNotFoundError when it is missing, CheckpointCorruptedError (naming the
-    file) for a symlink, a special file, a file over ``MAX_JSON_BYTES`` or malformed JSON."""
+    """The JSON in ``path`` (below ``step_dir``, a step or a root); FileNotFoundError when it is missing,
+    CheckpointCorruptedError (naming the file) for a symlink (the file, or a directory between ``step_dir``
+    and it), a special file, a file over ``MAX_JSON_BYTES`` or malformed JSON."""
     try:
+        storage.LocalFiles(step_dir).size(str(path))  # no link on the way: what it leads to lies outside
         data = storage.read_json_bytes(path, MAX_JSON_BYTES)
     except ValueError as e:  # a link, a special file or too large: storage's message names the file
         raise CheckpointCorruptedError(f"{e}; not a file of an Orbax checkpoint", path=step_dir) from None

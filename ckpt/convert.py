@@ -26,7 +26,7 @@ from ckpt import root as root_lib
 from ckpt.path import step as step_lib
 from ckpt import leaves as leaves_lib
 from ckpt import tree as tree_lib
-from ckpt.errors import CheckpointCorruptedError
+from ckpt.errors import CheckpointCorruptedError, UnsupportedLayoutError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +79,8 @@ def convert_root(source: str | os.PathLike, destination: str | os.PathLike) -> I
       FileNotFoundError: ``source`` holds no step; or it is one checkpoint, not a root.
       CheckpointCorruptedError: a step of ``source`` is damaged (before anything is written), or a
         converted step differs from its source (named with the key path; raised by the iterator).
+      UnsupportedLayoutError: a step of ``source`` holds checkpointables saved by handlers (raised by the
+        iterator, before that step is written).
 
     Example::
 
@@ -163,9 +165,24 @@ def _undo(written: list[Path], lock: storage.DirectoryLock, made: list[Path]) ->
             break  # not empty: something else is there now
 
 
+def _source_trees(path: Path) -> dict[str, Any]:
+    """The trees of a source step as saved (see :func:`_as_saved`).
+
+    Raises:
+      UnsupportedLayoutError: the step holds checkpointables saved by handlers (``ckpt.handlers``), whose
+        files only their handlers read: a convert copies trees.
+    """
+    handled = formats.handled(path)
+    if handled:
+        raise UnsupportedLayoutError(f"{path} holds {', '.join(map(repr, handled))}, saved by a handler "
+                                     "(ckpt.handlers) whose files ckpt convert cannot copy (it copies trees); "
+                                     "convert a root without them", path=path)
+    return _as_saved(path, formats.load_checkpointables(path, None))
+
+
 def _convert_step(step: int, path: Path, final: Path) -> Converted:
     info = formats.info(path)
-    trees = _as_saved(path, formats.load_checkpointables(path, None))
+    trees = _source_trees(path)
     plan = saving.plan(trees, metrics=fmt.decode_json(info, "metrics"),
                        custom_metadata=fmt.decode_json(info, "custom_metadata"))
     plan.init_timestamp_nsecs = info.get("init_timestamp_nsecs") or plan.init_timestamp_nsecs
@@ -177,7 +194,7 @@ def _convert_step(step: int, path: Path, final: Path) -> Converted:
 
 def _check_step(step: int, path: Path, final: Path) -> Converted:
     """A step converted before, checked against its source as :func:`_convert_step` checks its copy."""
-    trees = _as_saved(path, formats.load_checkpointables(path, None))
+    trees = _source_trees(path)
     count = _check_same(trees, _as_saved(final, formats.load_checkpointables(final, None)), final)
     return Converted(step, final, count, saving.plan(trees).nbytes)
 

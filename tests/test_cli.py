@@ -511,6 +511,31 @@ def test_convert_of_a_root_holding_a_damaged_step_of_ckpts_stops_before_writing(
     assert not (tmp_path / "copy").exists()
 
 
+class SavesItself:
+    """A StatefulCheckpointable: its directory is its own, which no reader but itself understands."""
+
+    async def save(self, directory):
+        path = await directory.await_creation()
+
+        async def write():
+            (path / "n").write_text("3")
+        return write()
+
+    async def load(self, directory):
+        async def read():
+            pass
+        return read()
+
+
+def test_convert_of_a_root_holding_what_a_handler_saved_says_so_and_leaves_nothing(root, tmp_path, capsys):
+    """Was a ValueError's traceback (Orbax's words for a load without the object)."""
+    with ckpt.Checkpointer(root) as ckptr:
+        ckptr.save_checkpointables(30, {"state": {"w": np.ones(3)}, "counter": SavesItself()}, force=True)
+    status, _, err = run_cli(capsys, "convert", root, tmp_path / "copy")
+    assert status == 2 and f"{root / '30'}" in err and "'counter'" in err and "Traceback" not in err
+    assert not (tmp_path / "copy").exists()
+
+
 def test_convert_of_one_step_directory_says_it_takes_a_root(root, tmp_path, capsys):
     status, _, err = run_cli(capsys, "convert", root / "10", tmp_path / "copy")
     assert status == 2 and "is one checkpoint, not a root" in err and f"convert its root ({root})" in err

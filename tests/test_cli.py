@@ -536,6 +536,21 @@ def test_convert_of_a_root_holding_what_a_handler_saved_says_so_and_leaves_nothi
     assert not (tmp_path / "copy").exists()
 
 
+@pytest.mark.parametrize("as_json", [False, True])
+def test_convert_names_the_checkpoints_of_the_root_it_does_not_convert(root, tmp_path, capsys, as_json):
+    """A run that changed its step_name_format holds steps of another naming, which ls and verify name:
+    convert skipped them without a word, and the source looked converted whole."""
+    names = ckpt.path.step.standard_name_format(step_prefix="step")
+    with ckpt.Checkpointer(root, step_name_format=names) as ckptr:
+        ckptr.save(30, {"w": np.ones(3)}, force=True)
+    status, out, err = run_cli(capsys, "convert", root, tmp_path / "copy", *(["--json"] if as_json else []))
+    assert status == 0 and sorted(os.listdir(tmp_path / "copy"))[-1] == "20"
+    if as_json:
+        assert json.loads(out)["not_steps"] == [str(root / "step_30")]
+    else:
+        assert f"not converted, not steps of {root} (named otherwise): step_30" in out + err
+
+
 def test_convert_of_one_step_directory_says_it_takes_a_root(root, tmp_path, capsys):
     status, _, err = run_cli(capsys, "convert", root / "10", tmp_path / "copy")
     assert status == 2 and "is one checkpoint, not a root" in err and f"convert its root ({root})" in err

@@ -909,6 +909,22 @@ def open_regular(path: str | Path, flags: int = os.O_RDONLY) -> tuple[int, int]:
     return fd, found.st_size
 
 
+def regular_files(directory: Path) -> list[Path]:
+    """The regular files below ``directory``, sorted, found without following any link. ValueError naming
+    the first entry that is neither a regular file nor a directory: a symbolic link (what it leads to lies
+    elsewhere), a FIFO (a read would wait on it), a socket or a device."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(directory):
+        for name in dirnames + filenames:
+            path = Path(dirpath, name)
+            mode = os.lstat(path).st_mode
+            if stat.S_ISREG(mode):
+                found.append(path)
+            elif not stat.S_ISDIR(mode):
+                raise ValueError(f"{path} is {describe(path)}")
+    return sorted(found)
+
+
 def _kind(mode: int) -> str:
     for test, name in [(stat.S_ISLNK, "a symbolic link"), (stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
                        (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device")]:

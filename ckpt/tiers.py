@@ -57,7 +57,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import stat
 import threading
 import time
 from pathlib import Path
@@ -558,24 +557,17 @@ def _copy_files(source: Path, final: storage.Location, tmp: storage.Location, st
 
 
 def _files(step_dir: Path) -> list[Path]:
-    """The files of a local step, found without following any link.
+    """The files of a local step (:func:`ckpt.storage.regular_files`).
 
     Raises:
       CheckpointCorruptedError: the step holds a symbolic link (what it leads to lies outside the step), a
         FIFO (a copy would wait on it), a socket or a device, which ckpt never writes: it is not promoted.
     """
-    found = []
-    for dirpath, dirnames, filenames in os.walk(step_dir):
-        for name in dirnames + filenames:
-            path = Path(dirpath, name)
-            mode = os.lstat(path).st_mode
-            if stat.S_ISREG(mode):
-                found.append(path)
-            elif not stat.S_ISDIR(mode):
-                raise errors.CheckpointCorruptedError(
-                    f"{path} is {storage.describe(path)}, which ckpt never writes into a step: the local step "
-                    f"{step_dir} is not promoted", path=step_dir)
-    return sorted(found)
+    try:
+        return storage.regular_files(step_dir)
+    except ValueError as e:
+        raise errors.CheckpointCorruptedError(f"{e}, which ckpt never writes into a step: the local step "
+                                              f"{step_dir} is not promoted", path=step_dir) from None
 
 
 def _read(path: Path) -> bytes:

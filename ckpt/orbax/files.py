@@ -45,12 +45,11 @@ def check_plain_tree(directory: Path, step_dir: Path) -> None:
     directories (a symlink could lead tensorstore's reads outside the step, a FIFO could hang them)."""
     if not is_plain_dir(directory):
         raise CheckpointCorruptedError(f"{directory} is not a plain directory", path=step_dir)
-    for dirpath, dirnames, filenames in os.walk(directory):
-        for name in dirnames + filenames:
-            mode = os.lstat(os.path.join(dirpath, name)).st_mode
-            if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
-                raise CheckpointCorruptedError(f"{os.path.join(dirpath, name)} is a symlink or a special file, which "
-                                               "an Orbax checkpoint never holds", path=step_dir)
+    try:
+        storage.regular_files(directory)
+    except ValueError as e:
+        raise CheckpointCorruptedError(f"{e}; an Orbax checkpoint never holds a symlink or a special file",
+                                       path=step_dir) from None
 
 
 def is_plain_dir(path: Path) -> bool:

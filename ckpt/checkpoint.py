@@ -43,7 +43,7 @@ def _writer(path: str | os.PathLike, checkpointables: dict[str, Any], overwrite:
     distributed.settle(processes, f"{operation}/planned", prepare, timeout, f"the save of {final}")
     (plan, handled), = prepared
     saving.agree(plan, final, processes, f"{operation}/checked", timeout)
-    storage.make_dir(final.parent)
+    root.make(final.parent, what=f"the directory {final.name} is saved in")
     writer = saving.StepWriter(plan, tmp, final, overwrite=overwrite, processes=processes, operation=operation,
                                timeout_secs=timeout)
     writer.start_custom(handled)

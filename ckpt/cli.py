@@ -418,7 +418,8 @@ def _verify_current(target: _Step) -> VerifyResult:
 
 # --------------------------------------------------------------------------------------- convert
 def convert_root(source: storage.Location, destination: storage.Location, *, as_json: bool) -> int:
-    """``ckpt convert``: one line per step as it is written and checked against its source."""
+    """``ckpt convert``: one line per step as it is written and checked against its source. The checkpoints
+    in the root that are not its steps (named otherwise) are named, not converted."""
     records = []
     try:
         converted = convert.convert_root(source, destination)
@@ -431,10 +432,15 @@ def convert_root(source: storage.Location, destination: storage.Location, *, as_
         if not as_json:
             print(f"step {done.step} -> {done.path}: {done.leaves} leaves, {progress.format_bytes(done.nbytes)}, "
                   "checked against its source", flush=True)
+    _, checkpoints, _ = _scan(source)
     if as_json:
-        _print_json({"source": str(source), "destination": str(destination), "steps": records})
+        _print_json({"source": str(source), "destination": str(destination), "steps": records,
+                     "not_steps": [str(s.path) for s in checkpoints]})
     else:
         print(f"{len(records)} step{'s' if len(records) != 1 else ''} converted into {destination}")
+        if checkpoints:
+            _print(f"not converted, not steps of {source} (named otherwise): "
+                   + ", ".join(s.path.name for s in checkpoints))
     return 0
 
 

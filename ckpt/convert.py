@@ -26,7 +26,7 @@ from ckpt import root as root_lib
 from ckpt.path import step as step_lib
 from ckpt import leaves as leaves_lib
 from ckpt import tree as tree_lib
-from ckpt.errors import CheckpointCorruptedError
+from ckpt.errors import CheckpointCorruptedError, UnsupportedLayoutError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,9 +74,13 @@ def convert_root(source: str | os.PathLike, destination: str | os.PathLike) -> I
       ValueError: ``source`` or ``destination`` is not a local directory, or they are one directory.
       FileExistsError: ``destination`` holds anything but what a convert of the same steps left, or is not
         a directory (before anything is written).
+      RootDirectoryError: ``destination`` lies below a file or a symbolic link loop (raised by the iterator,
+        before anything is written).
       FileNotFoundError: ``source`` holds no step; or it is one checkpoint, not a root.
       CheckpointCorruptedError: a step of ``source`` is damaged (before anything is written), or a
         converted step differs from its source (named with the key path; raised by the iterator).
+      UnsupportedLayoutError: a step of ``source`` holds checkpointables saved by handlers (raised by the
+        iterator, before that step is written).
 
     Example::
 
@@ -124,7 +128,7 @@ def _converted_before(destination: Path, steps: list[tuple[int, Path]]) -> set[s
 
 def _convert_steps(steps: list[tuple[int, Path]], source: Path, destination: Path, done: set[str]) -> Iterator[Converted]:
     made = [p for p in (destination, *destination.parents) if not os.path.lexists(p)]  # innermost first
-    storage.make_dir(destination)
+    root_lib.make(destination)
     lock = storage.DirectoryLock(destination / fmt.LOCK)
     lock.acquire()
     written: list[Path] = []  # what this convert wrote in destination, removed if it fails
@@ -161,9 +165,24 @@ def _undo(written: list[Path], lock: storage.DirectoryLock, made: list[Path]) ->
             break  # not empty: something else is there now
 
 
+def _source_trees(path: Path) -> dict[str, Any]:
+    """The trees of a source step as saved (see :func:`_as_saved`).
+
+    Raises:
+      UnsupportedLayoutError: the step holds checkpointables saved by handlers (``ckpt.handlers``), whose
+        files only their handlers read: a convert copies trees.
+    """
+    handled = formats.handled(path)
+    if handled:
+        raise UnsupportedLayoutError(f"{path} holds {', '.join(map(repr, handled))}, saved by a handler "
+                                     "(ckpt.handlers) whose files ckpt convert cannot copy (it copies trees); "
+                                     "convert a root without them", path=path)
+    return _as_saved(path, formats.load_checkpointables(path, None))
+
+
 def _convert_step(step: int, path: Path, final: Path) -> Converted:
     info = formats.info(path)
-    trees = _as_saved(path, formats.load_checkpointables(path, None))
+    trees = _source_trees(path)
     plan = saving.plan(trees, metrics=fmt.decode_json(info, "metrics"),
                        custom_metadata=fmt.decode_json(info, "custom_metadata"))
     plan.init_timestamp_nsecs = info.get("init_timestamp_nsecs") or plan.init_timestamp_nsecs
@@ -175,7 +194,7 @@ def _convert_step(step: int, path: Path, final: Path) -> Converted:
 
 def _check_step(step: int, path: Path, final: Path) -> Converted:
     """A step converted before, checked against its source as :func:`_convert_step` checks its copy."""
-    trees = _as_saved(path, formats.load_checkpointables(path, None))
+    trees = _source_trees(path)
     count = _check_same(trees, _as_saved(final, formats.load_checkpointables(final, None)), final)
     return Converted(step, final, count, saving.plan(trees).nbytes)
 

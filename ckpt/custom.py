@@ -21,12 +21,15 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import os
+import stat
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 from ckpt import format as fmt
 from ckpt import handlers, storage
 from ckpt.context import get_context
+from ckpt.errors import CheckpointCorruptedError
 
 
 def run(awaitable: Awaitable) -> Any:
@@ -161,7 +164,7 @@ def load(step_dir: Path, records: dict[str, dict], abstract: dict[str, Any],
     registry = _registry(registry)
     out = {}
     for name, target in abstract.items():
-        directory = step_dir / name
+        directory = _made_directory(step_dir, name)
         if _is_stateful(target) and not isinstance(target, type):
             run(run(target.load(directory)))
             out[name] = target
@@ -183,5 +186,19 @@ def metadata(step_dir: Path, records: dict[str, dict],
         except (KeyError, ValueError):  # no handler for it; ValueError: it saved itself
             out[name] = None
             continue
-        out[name] = run(handler.metadata(step_dir / name))
+        out[name] = run(handler.metadata(_made_directory(step_dir, name)))
     return out
+
+
+def _made_directory(step_dir: Path, name: str) -> Path:
+    """``<step>/<name>``, the directory ckpt made for the checkpointable's files, for its handler.
+
+    Raises:
+      CheckpointCorruptedError: something else is there (a symbolic link, which would hand the handler
+        what lies outside the step; a file): ckpt never hands it over.
+    """
+    directory = step_dir / name
+    if isinstance(directory, Path) and os.path.lexists(directory) and not stat.S_ISDIR(os.lstat(directory).st_mode):
+        raise CheckpointCorruptedError(f"{directory} is {storage.describe(directory)}, not the directory ckpt made "
+                                       f"for checkpointable {name!r}: its handler is not given it", path=step_dir)
+    return directory

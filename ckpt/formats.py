@@ -38,7 +38,7 @@ def step_of(path: storage.Location, info: dict) -> int | None:
     if isinstance(step, int):
         return step
     digits = path.name.rsplit("_", 1)[-1]
-    return int(digits) if digits.isdigit() else None
+    return int(digits) if digits.isascii() and digits.isdigit() else None  # ('²' is a digit to isdigit)
 
 
 def is_orbax(step_dir: storage.Location) -> bool:

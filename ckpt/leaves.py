@@ -296,6 +296,9 @@ def check_leaf(path: KeyPath, meta: dict, abstract: Any) -> str | None:
     inline = meta["type"] in ("int", "float", "bool", "str", "none")
     if want is not None and inline and (want != () or not _becomes_array(meta["type"], abstract)):
         return f"{keystr(path)}: saved a {meta['type']} value, abstract leaf wants an array of shape {want}"
+    python = _PYTHON_RECEIVES.get(abstract if isinstance(abstract, type) else type(abstract))
+    if python is not None and _as_python(meta) != python:
+        return f"{keystr(path)}: saved {_saved_what(meta)}, abstract leaf wants a Python {python}"
     impl = _key_impl(abstract)
     if meta["type"] == "jax_key" and impl is None:
         why = _key_data_mismatch(meta, abstract, want)
@@ -306,6 +309,30 @@ def check_leaf(path: KeyPath, meta: dict, abstract: Any) -> str | None:
     if meta["type"] == "jax_key" and impl is not None and impl != meta.get("impl"):
         return f"{keystr(path)}: saved {meta.get('impl')!r} PRNG keys, abstract leaf wants {impl!r} keys"
     return None
+
+
+_PYTHON_RECEIVES = {int: "number", float: "number", bool: "number", str: "str", bytes: "bytes"}
+"""What an abstract leaf of each Python type receives: a saved number (cast, as Orbax casts), str or bytes.
+Never a value made up from another (an array's printout as a str, a str's truth as a bool)."""
+
+
+def _as_python(meta: dict) -> str | None:
+    """What a saved leaf is as one Python value ("number", "str", "bytes"), or None (None, an array that is
+    not 0-d, PRNG keys)."""
+    kind = meta["type"]
+    if kind in ("int", "float", "bool"):
+        return "number"
+    if kind in ("str", "bytes"):
+        return kind
+    if kind in ("numpy", "np_scalar", "jax", "torch") and not meta.get("shape"):
+        return {"U": "str", "S": "bytes"}.get(parse_dtype(meta["dtype"]).kind, "number")
+    return None
+
+
+def _saved_what(meta: dict) -> str:
+    if meta["type"] in ("int", "float", "bool", "str", "none", "bytes"):
+        return f"a {meta['type']} value"
+    return f"a {meta['type']} leaf of dtype {meta.get('dtype')} and shape {tuple(_logical_shape(meta))}"
 
 
 def _key_data_mismatch(meta: dict, abstract: Any, want: tuple[int, ...] | None) -> str | None:

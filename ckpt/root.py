@@ -205,19 +205,22 @@ def exists(path: storage.Location) -> bool:
     return os.path.lexists(path) if isinstance(path, Path) else path.exists()
 
 
-def make(directory: storage.Location, *, mode: int | None = None) -> None:
-    """Creates a root directory (with its parents) when it is missing.
+def make(directory: storage.Location, *, mode: int | None = None, what: str = "a checkpoint root") -> None:
+    """Creates a root directory (with its parents) when it is missing; ``what`` it is, for the error.
 
     Raises:
-      RootDirectoryError: the path is a file or lies under one, or this process may not create it.
+      RootDirectoryError: the path is a file, lies under one or under a symbolic link loop, or this
+        process may not create it.
     """
     try:
         with storage.writing_to(directory):
             storage.make_dir(directory, mode=mode)
-    except (FileExistsError, NotADirectoryError):
+    except OSError as e:
+        if e.errno not in (errno.EEXIST, errno.ENOTDIR, errno.ELOOP):
+            raise
         in_the_way = next(p for p in (directory, *directory.parents) if os.path.lexists(p))
         raise RootDirectoryError(
-            f"{directory} cannot be a checkpoint root: {in_the_way} is {storage.describe(in_the_way)}, not a "
+            f"{directory} cannot be {what}: {in_the_way} is {storage.describe(in_the_way)}, not a "
             "directory. Pass the path of a directory; it is created when missing.", path=directory) from None
 
 

@@ -472,11 +472,19 @@ def writing_to(root: Location) -> Iterator[None]:
 
 
 def make_dir(path: Location, *, mode: int | None = None) -> None:
+    """Creates a directory (with its parents) when it is missing; ``mode`` is given to it only then (as in
+    Orbax): an existing directory, a user's, keeps its own. FileExistsError when a file is at ``path``."""
     if isinstance(path, ObjectPath):
         return
-    path.mkdir(parents=True, exist_ok=True)
-    if mode is not None:
-        os.chmod(path, mode)
+    if mode is None:
+        return path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True)
+    except FileExistsError:
+        if not path.is_dir():
+            raise
+        return
+    os.chmod(path, mode)  # (mkdir's mode is cut by the umask)
 
 
 class DirectoryLock:
@@ -717,9 +725,10 @@ def set_aside_step(path: Location) -> Path | None:
     """The name of the step that ``path``, a ``<step>.ckpt-replaced`` directory, must be put back as: a
     commit with ``overwrite=True`` on a file system that cannot swap two directories atomically (NFS, many
     FUSE file systems) renames the committed step aside, then the new one into its name; a crash between
-    the two renames leaves the step under its aside name, and nothing under its own. None for anything else
-    (a name that holds something, which then replaced it, or another entry)."""
-    if not (isinstance(path, Path) and path.name.endswith(fmt.REPLACED_SUFFIX)):
+    the two renames leaves the step under its aside name, and nothing under its own (marked as ckpt's: the
+    commit marks it before it sets it aside). None for anything else (a name that holds something, which
+    then replaced it, or another entry: an empty directory of the user's named so is never renamed)."""
+    if not (isinstance(path, Path) and path.name.endswith(fmt.REPLACED_SUFFIX) and is_marked(path)):
         return None
     final = path.with_name(path.name[: -len(fmt.REPLACED_SUFFIX)])
     return None if os.path.lexists(final) else final
@@ -898,6 +907,22 @@ def open_regular(path: str | Path, flags: int = os.O_RDONLY) -> tuple[int, int]:
         raise ValueError(f"{path} is {_kind(found.st_mode)}, not a regular file; ckpt reads only regular files "
                          "inside a checkpoint")
     return fd, found.st_size
+
+
+def regular_files(directory: Path) -> list[Path]:
+    """The regular files below ``directory``, sorted, found without following any link. ValueError naming
+    the first entry that is neither a regular file nor a directory: a symbolic link (what it leads to lies
+    elsewhere), a FIFO (a read would wait on it), a socket or a device."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(directory):
+        for name in dirnames + filenames:
+            path = Path(dirpath, name)
+            mode = os.lstat(path).st_mode
+            if stat.S_ISREG(mode):
+                found.append(path)
+            elif not stat.S_ISDIR(mode):
+                raise ValueError(f"{path} is {describe(path)}")
+    return sorted(found)
 
 
 def _kind(mode: int) -> str:

@@ -516,7 +516,7 @@ def _copy_step(source: Path, final: storage.Location, step: int, overwrite: bool
 def _copy_files(source: Path, final: storage.Location, tmp: storage.Location, step: int, overwrite: bool,
                 durable: DurableRoot, barrier: str, task: str) -> int:
     primary = durable.processes.index == 0
-    files = sorted(p for p in source.rglob("*") if p.is_file())
+    files = _files(source)
     skip = {source / fmt.MANIFEST} if primary else {source / fmt.MANIFEST, source / fmt.TREE}
     store = ts.KvStore.open(storage.kvstore(tmp), context=storage.ts_context(background=True)).result()
     copied = 0
@@ -532,7 +532,7 @@ def _copy_files(source: Path, final: storage.Location, tmp: storage.Location, st
                 for path in files:
                     if path in skip:
                         continue
-                    data = path.read_bytes()
+                    data = _read(path)
                     pending.append((len(data), store.write(path.relative_to(source).as_posix(), data)))
                     inflight += len(data)
                     while inflight > _COPY_INFLIGHT_BYTES:
@@ -549,11 +549,32 @@ def _copy_files(source: Path, final: storage.Location, tmp: storage.Location, st
     distributed.settle(durable.processes, f"{barrier}/written", copy_own, durable.timeout_secs, task)
     if primary:
         with storage.io_errors(f"promoting {source} to {final}"):
-            manifest = (source / fmt.MANIFEST).read_bytes()
+            manifest = _read(source / fmt.MANIFEST)
             store.write(fmt.MANIFEST, manifest).result()  # the commit record, last
             copied += len(manifest)
             root.commit(tmp, final, step=step, overwrite=overwrite)
     return copied
+
+
+def _files(step_dir: Path) -> list[Path]:
+    """The files of a local step (:func:`ckpt.storage.regular_files`).
+
+    Raises:
+      CheckpointCorruptedError: the step holds a symbolic link (what it leads to lies outside the step), a
+        FIFO (a copy would wait on it), a socket or a device, which ckpt never writes: it is not promoted.
+    """
+    try:
+        return storage.regular_files(step_dir)
+    except ValueError as e:
+        raise errors.CheckpointCorruptedError(f"{e}, which ckpt never writes into a step: the local step "
+                                              f"{step_dir} is not promoted", path=step_dir) from None
+
+
+def _read(path: Path) -> bytes:
+    """The bytes of a regular file, never read through a link (ValueError, as a listing found it otherwise)."""
+    fd, _ = storage.open_regular(path)
+    with open(fd, "rb") as f:
+        return f.read()
 
 
 def _barrier(durable: DurableRoot, name: str) -> None:

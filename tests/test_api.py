@@ -402,6 +402,31 @@ def test_standard_name_format_names_steps_and_parses_them_back(kwargs, name):
     assert name_format.parse_name(name + fmt.TMP_SUFFIX) is None
 
 
+@pytest.mark.parametrize("kwargs,name", [
+    ({}, "2\u0663"),                                              # 2 and ARABIC-INDIC DIGIT THREE: int() reads 23
+    ({"step_format_fixed_length": 4}, "\u0660\u0660\u0662\u0663"),
+    ({"step_prefix": "step"}, "step_2\uff13"),                    # FULLWIDTH DIGIT THREE
+    ({"step_prefix": "step", "step_format_fixed_length": 4}, "step_00\u09e8\u09e9"),
+    ({}, "23\n"),                                                 # a regex's $ matches before a final newline
+])
+def test_a_name_of_digits_other_than_ascii_is_no_step_and_is_never_listed_nor_deleted(tmp_path, kwargs, name):
+    """build_name writes ASCII digits and nothing after them: any other name is a user's, though Python's
+    int() reads it as a number."""
+    from ckpt.training import preservation_policies as pp
+
+    name_format = ckpt.path.step.standard_name_format(**kwargs)
+    assert name_format.parse_name(name) is None
+    with Checkpointer(tmp_path, step_name_format=name_format, preservation_policy=pp.LatestN(1)) as ckptr:
+        ckptr.save(1, {"a": 1}, force=True)
+        os.rename(ckptr.latest.path, tmp_path / name)  # a step's copy (whose manifest says step 1) by the user
+        ckptr.reload()
+        assert ckptr.checkpoints == []
+        ckptr.save(30, {"a": 30}, force=True)
+        ckptr.save(31, {"a": 31}, force=True)
+        assert [c.step for c in ckptr.checkpoints] == [31]
+    assert ckpt.load(tmp_path / name) == {"a": 1}
+
+
 def test_step_name_format_names_the_step_directories_and_ignores_other_names(tmp_path):
     name_format = ckpt.path.step.standard_name_format(step_prefix="step", step_format_fixed_length=4)
     (tmp_path / "7").mkdir()

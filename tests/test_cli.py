@@ -217,6 +217,15 @@ def test_show_of_a_step_directory_written_by_ckpt_save(tmp_path, capsys):
     assert status == 0 and json.loads(out)["checkpointables"]["state"][0]["dtype"] == "float16"
 
 
+@pytest.mark.parametrize("command", ["ls", "show", "verify"])
+def test_a_checkpoint_named_with_a_digit_int_cannot_read_is_shown_and_verified(tmp_path, capsys, command):
+    """'²' is a digit to str.isdigit, not to int(): such a name is no step number."""
+    path = tmp_path / "best_\u00b2"
+    ckpt.save(path, {"w": np.ones(3)})
+    assert cli.main([command, str(path)]) == 0
+    assert str(path) in capsys.readouterr().out
+
+
 def test_show_of_a_missing_step_exits_2_listing_the_steps(root, capsys):
     status, _, err = run_cli(capsys, "show", root, "5")
     assert status == 2 and "no checkpoint at step 5" in err and "[0, 10, 20]" in err
@@ -500,6 +509,46 @@ def test_convert_of_a_root_holding_a_damaged_step_of_ckpts_stops_before_writing(
     status, _, err = run_cli(capsys, "convert", root, tmp_path / "copy")
     assert status == 1 and "holds step 10, which is damaged" in err
     assert not (tmp_path / "copy").exists()
+
+
+class SavesItself:
+    """A StatefulCheckpointable: its directory is its own, which no reader but itself understands."""
+
+    async def save(self, directory):
+        path = await directory.await_creation()
+
+        async def write():
+            (path / "n").write_text("3")
+        return write()
+
+    async def load(self, directory):
+        async def read():
+            pass
+        return read()
+
+
+def test_convert_of_a_root_holding_what_a_handler_saved_says_so_and_leaves_nothing(root, tmp_path, capsys):
+    """Was a ValueError's traceback (Orbax's words for a load without the object)."""
+    with ckpt.Checkpointer(root) as ckptr:
+        ckptr.save_checkpointables(30, {"state": {"w": np.ones(3)}, "counter": SavesItself()}, force=True)
+    status, _, err = run_cli(capsys, "convert", root, tmp_path / "copy")
+    assert status == 2 and f"{root / '30'}" in err and "'counter'" in err and "Traceback" not in err
+    assert not (tmp_path / "copy").exists()
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_convert_names_the_checkpoints_of_the_root_it_does_not_convert(root, tmp_path, capsys, as_json):
+    """A run that changed its step_name_format holds steps of another naming, which ls and verify name:
+    convert skipped them without a word, and the source looked converted whole."""
+    names = ckpt.path.step.standard_name_format(step_prefix="step")
+    with ckpt.Checkpointer(root, step_name_format=names) as ckptr:
+        ckptr.save(30, {"w": np.ones(3)}, force=True)
+    status, out, err = run_cli(capsys, "convert", root, tmp_path / "copy", *(["--json"] if as_json else []))
+    assert status == 0 and sorted(os.listdir(tmp_path / "copy"))[-1] == "20"
+    if as_json:
+        assert json.loads(out)["not_steps"] == [str(root / "step_30")]
+    else:
+        assert f"not converted, not steps of {root} (named otherwise): step_30" in out + err
 
 
 def test_convert_of_one_step_directory_says_it_takes_a_root(root, tmp_path, capsys):

@@ -120,3 +120,21 @@ def test_options_ckpt_cannot_honour_are_refused_before_anything_is_written(tmp_p
     with pytest.raises(ValueError, match=setting):
         Checkpointer(tmp_path / "root", context=ctx)
     assert not (tmp_path / "root").exists()
+
+
+def test_path_permission_mode_is_given_to_the_directories_ckpt_creates_never_to_an_existing_one(tmp_path):
+    """As in Orbax: the directory a Checkpointer is opened on is the user's once it exists (a home, a
+    shared project directory), and its mode stays theirs."""
+    import os
+    import stat
+
+    ctx = ckpt.Context(file_options=ckpt.FileOptions(path_permission_mode=0o750))
+    existing = tmp_path / "existing"
+    existing.mkdir(mode=0o755)
+    os.chmod(existing, 0o755)
+    for root in (existing, tmp_path / "new"):
+        with Checkpointer(root, context=ctx) as ckptr:
+            ckptr.save(0, STATE)
+    assert stat.S_IMODE(os.stat(existing).st_mode) == 0o755
+    assert stat.S_IMODE(os.stat(tmp_path / "new").st_mode) == 0o750
+    assert stat.S_IMODE(os.stat(existing / "0").st_mode) == 0o750

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import ckpt
-from ckpt import Checkpointer
+from ckpt import Checkpointer, errors
 from ckpt.training import save_decision_policies as sdp
 
 
@@ -124,6 +124,28 @@ def test_the_metadata_of_a_stateful_checkpointable_is_none_as_in_orbax(tmp_path)
     ckpt.save_checkpointables(tmp_path / "m", {"state": {"w": np.ones(2)}, "counter": Counter(7)})
     trees = ckpt.checkpointables_metadata(tmp_path / "m").metadata
     assert trees["counter"] is None and trees["state"]["w"].shape == (2,)
+
+
+@pytest.mark.parametrize("how", ["a link to a directory outside", "a file"])
+def test_a_handlers_directory_that_is_not_the_one_ckpt_made_is_never_handed_to_it(tmp_path, how):
+    """Was: a step's ``counter`` a link to a directory outside, the handler read the file there."""
+    with Checkpointer(tmp_path / "run", context=registry_context()) as ckptr:
+        ckptr.save_checkpointables(0, {"state": {"w": np.ones(3)}, "counter": Counter(3), "vocab": Vocab(["a"])})
+    step = tmp_path / "run" / "0"
+    outside = tmp_path / "outside"
+    shutil.copytree(step / "counter", outside)
+    (outside / "n").write_text("999")
+    shutil.rmtree(step / "counter")
+    if how == "a file":
+        (step / "counter").write_text("999")
+    else:
+        os.symlink(outside, step / "counter")
+    with Checkpointer(tmp_path / "run", context=registry_context()) as ckptr:
+        counter = Counter(0)
+        with pytest.raises(errors.CheckpointCorruptedError, match=f"{step / 'counter'} is a") as info:
+            ckptr.load_checkpointables(0, {"counter": counter})
+        assert counter.n == 0 and info.value.path == step
+        assert ckptr.load_checkpointables(0, {"vocab": AbstractVocab()}) == {"vocab": Vocab(["a"])}
 
 
 def test_a_handler_name_on_disk_is_only_looked_up_never_imported(tmp_path):

@@ -151,6 +151,22 @@ def test_a_foreign_entry_named_like_a_temporary_is_never_removed_and_other_saves
            {k: v for k, v in whole.items()} | {"root/" + fmt.LOCK: after["root/" + fmt.LOCK]}
 
 
+def test_an_empty_directory_named_like_a_step_set_aside_is_never_put_back_as_the_step(tmp_path, caplog):
+    """A step a crash left set aside (``<step>.ckpt-replaced``) holds ckpt's marker, as the commit marks it
+    before it sets it aside: an empty directory of that name is no such step, and renaming it to the step's
+    name made an empty directory there (a foreign entry a save of the step refuses)."""
+    root = tmp_path / "root"
+    root.mkdir()
+    for name in ("7", "data"):
+        (root / f"{name}{fmt.REPLACED_SUFFIX}").mkdir()
+    with caplog.at_level(logging.WARNING, logger="ckpt"), Checkpointer(root) as ckptr:
+        assert ckptr.checkpoints == []
+        assert not os.path.lexists(root / "7") and not os.path.lexists(root / "data")
+        assert "put back" not in caplog.text
+        assert ckptr.save(7, STATE, force=True)
+        assert ckptr.load(7)["w"].tolist() == STATE["w"].tolist()
+
+
 @pytest.mark.parametrize("lightweight", [False, True])
 def test_a_step_whose_manifest_is_a_link_a_fifo_or_a_directory_is_never_listed(tmp_path, lightweight, caplog):
     """Each is a complete copy of a committed step but for its manifest.json; the listing, which takes a
@@ -420,9 +436,13 @@ def test_the_root_metadata_is_never_written_through_what_is_at_its_temporary_nam
 
 
 def test_a_users_directories_that_only_resemble_orbax_steps_are_never_listed_nor_deleted(tmp_path):
-    """A pickle called ``checkpoint`` (its first byte is a msgpack map's) and a ``commit_success.txt`` of
-    the user's own made directories named like steps Orbax steps, which a preservation policy deleted."""
+    """A pickle called ``checkpoint`` (its first byte is a msgpack map's), a ``commit_success.txt`` and a
+    tensorstore OCDBT database (``manifest.ocdbt``, which every Orbax item written with OCDBT holds beside
+    its ``_METADATA`` or msgpack ``checkpoint``) of the user's own made directories named like steps
+    Orbax steps, which a preservation policy deleted."""
     import pickle
+
+    import tensorstore as ts
 
     root = tmp_path / "root"
     (root / "0" / "model").mkdir(parents=True)
@@ -430,13 +450,15 @@ def test_a_users_directories_that_only_resemble_orbax_steps_are_never_listed_nor
     (root / "1").mkdir()
     (root / "1" / "commit_success.txt").write_text("done\n")
     (root / "1" / "results.csv").write_text("step,loss\n")
+    ts.open({"driver": "zarr3", "kvstore": {"driver": "ocdbt", "base": f"file://{root}/2/embeddings/"},
+             "metadata": {"shape": [4], "data_type": "float32"}, "create": True}).result().write(np.ones(4, np.float32)).result()
     whole = fsutil.snapshot(root)
     with Checkpointer(root, preservation_policy=pp.LatestN(1)) as ckptr:
         assert ckptr.checkpoints == []
-        for step in (2, 3):
+        for step in (3, 4):
             ckptr.save(step, STATE)
-        assert [c.step for c in ckptr.checkpoints] == [3]
-    assert {k: v for k, v in fsutil.snapshot(root).items() if k.split("/")[0] in ("0", "1")} == whole
+        assert [c.step for c in ckptr.checkpoints] == [4]
+    assert {k: v for k, v in fsutil.snapshot(root).items() if k.split("/")[0] in ("0", "1", "2")} == whole
 
 
 @pytest.mark.timeout(60)

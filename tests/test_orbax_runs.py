@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import warnings
 import shutil
@@ -437,6 +438,27 @@ def test_a_symlink_in_an_orbax_item_is_refused(orbax_runs, tmp_path):
         ckpt.load(root / "1")
 
 
+@pytest.mark.parametrize("linked", ["metrics", "metadata"])
+def test_a_directory_of_an_orbax_step_or_root_that_is_a_link_is_never_read_through(orbax_runs, tmp_path, caplog, linked):
+    """The step's metrics/ (or the root's metadata/) a link to a directory outside holding a file of the
+    same name: ckpt read that file (a file's own link was refused, the directories on the way followed)."""
+    root = copy_run(orbax_runs, "v1", tmp_path)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    for name in ("metrics", "_ROOT_METADATA"):
+        (outside / name).write_text(json.dumps({"custom_metadata": "OUTSIDE", "loss": "OUTSIDE"}))
+    where = root / "1" / "metrics" if linked == "metrics" else root / "metadata"
+    shutil.rmtree(where)
+    os.symlink(outside, where)
+    with caplog.at_level(logging.WARNING, logger="ckpt"), ckpt.Checkpointer(root) as ckptr:
+        if linked == "metrics":
+            assert all("OUTSIDE" not in repr(c.metrics) for c in ckptr.checkpoints)
+            assert f"{where} is a symbolic link" in caplog.text
+        else:
+            with pytest.raises(errors.CheckpointCorruptedError, match=f"{where} is a symbolic link"):
+                ckptr.root_metadata()
+
+
 # ------------------------------------------------------------------------------ the command line
 def run_cli(capsys, *args: str) -> tuple[int, str]:
     code = cli.main(list(args))
@@ -547,3 +569,16 @@ def test_a_hostile_orbax_tree_metadata_raises_a_ckpt_error(orbax_runs, tmp_path)
     path.write_text(json.dumps(metadata))
     with pytest.raises(errors.CheckpointCorruptedError, match="levels deep"):
         ckpt.load(root / "1")
+
+
+def test_an_orbax_sequence_key_of_a_digit_int_cannot_read_raises_a_ckpt_error(orbax_runs, tmp_path):
+    """'²' is a digit to str.isdigit, not to int()."""
+    root = copy_run(orbax_runs, "v1", tmp_path)
+    path = root / "1" / "state" / "_METADATA"
+    metadata = json.loads(path.read_text())
+    metadata["tree_metadata"]["odd"] = {"key_metadata": [{"key": "odd", "key_type": 2}, {"key": "\u00b2", "key_type": 1}],
+                                        "value_metadata": {"value_type": "None"}}
+    path.write_text(json.dumps(metadata))
+    with pytest.raises(errors.CheckpointCorruptedError, match="has a key") as info:
+        ckpt.load(root / "1")
+    assert str(root / "1") in str(info.value)

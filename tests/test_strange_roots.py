@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import ckpt
-from ckpt import cli, errors, loading
+from ckpt import cli, convert, errors, loading
 from ckpt import format as fmt
 from ckpt.training import Checkpointer
 from ckpt.training import preservation_policies as pp
@@ -46,6 +46,28 @@ def test_a_root_that_is_a_file_gets_an_error_that_names_it_and_says_what_to_do(t
     assert f"{file} is a regular file of 15 bytes" in message
     assert info.value.path == root
     assert fsutil.snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("way", ["Checkpointer", "ckpt.save", "ckpt.save_async", "ckpt convert"])
+@pytest.mark.parametrize("in_the_way", ["a file", "a symbolic link to itself"])
+def test_a_path_below_a_file_or_a_link_loop_gets_the_error_that_names_what_is_in_the_way(tmp_path, way, in_the_way):
+    """Not a FileExistsError that reads as if the checkpoint existed, nor an OSError of a link loop."""
+    runs = tmp_path / "runs"
+    if in_the_way == "a file":
+        runs.write_text("not a directory")
+    else:
+        os.symlink(runs, runs)
+    path = runs / "exp1" / "model"
+    before = fsutil.snapshot(tmp_path)
+    with pytest.raises(errors.RootDirectoryError) as info:
+        if way == "Checkpointer":
+            Checkpointer(path)
+        elif way == "ckpt convert":
+            list(convert.convert_root(_saved_root(tmp_path / "source"), path))
+        else:
+            getattr(ckpt, way.split(".")[1])(path, STATE)
+    assert f"{runs} is {'a regular file' if in_the_way == 'a file' else 'a symbolic link'}" in str(info.value)
+    assert {k: v for k, v in fsutil.snapshot(tmp_path).items() if not k.startswith("source")} == before
 
 
 def test_a_file_named_like_a_step_or_a_step_whose_manifest_is_a_directory_does_not_stop_the_root(tmp_path, caplog):

@@ -7,6 +7,7 @@ import errno
 import importlib.util
 import json
 import logging
+import os
 import re
 import shutil
 import signal
@@ -299,6 +300,29 @@ def test_a_promotion_that_fails_leaves_no_temporary_and_the_next_one_succeeds(tm
             ckptr.save(2, {"w": np.full(100_000, 2, np.float32)})
             assert [(c.step, sorted(c.locations)) for c in ckptr.checkpoints] == [
                 (0, ["durable"]), (1, ["local"]), (2, ["durable", "local"])]
+
+
+@pytest.mark.parametrize("planted", ["a link to a file outside", "a link to a directory outside", "a FIFO"])
+def test_a_promotion_never_copies_what_a_link_in_the_local_step_leads_to_nor_waits_on_a_fifo(tmp_path, planted):
+    """The local step is input too: its files are copied only as the regular files they are, and the step
+    that holds anything else is not promoted (was: a link's target, outside the step, was uploaded)."""
+    secret = tmp_path / "secret.txt"
+    secret.write_bytes(b"OUTSIDE-THE-STEP" * 8)
+    local = ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1))
+    with ckpt.Checkpointer(tmp_path / "durable", save_decision_policy=sdp.FixedIntervalPolicy(1000),
+                           local=local) as ckptr:
+        ckptr.save(5, {"w": np.ones(3)})
+        where = tmp_path / "local" / "5" / "notes"
+        if planted == "a FIFO":
+            os.mkfifo(where)
+        else:
+            where.symlink_to(secret if planted == "a link to a file outside" else tmp_path)
+        with pytest.raises(errors.CheckpointCorruptedError, match=f"{where}.*(symbolic link|FIFO)") as info:
+            ckptr.save(5, {"w": np.ones(3)}, force=True)
+            ckptr.wait()
+        assert info.value.path == tmp_path / "local" / "5"
+        assert [(c.step, sorted(c.locations)) for c in ckptr.checkpoints] == [(5, ["local"])]
+    assert not any(b"OUTSIDE" in p.read_bytes() for p in (tmp_path / "durable").rglob("*") if p.is_file())
 
 
 def test_a_failed_promotion_is_raised_by_the_next_save_before_it_writes_anything(tmp_path):

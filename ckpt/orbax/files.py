@@ -16,9 +16,11 @@ MAX_JSON_BYTES = 64 << 20  # Orbax's largest JSON file, _METADATA, takes ~300 by
 
 
 def read_json(path: Path, step_dir: Path) -> Any:
-    """The JSON in ``path``; FileNotFoundError when it is missing, CheckpointCorruptedError (naming the
-    file) for a symlink, a special file, a file over ``MAX_JSON_BYTES`` or malformed JSON."""
+    """The JSON in ``path`` (below ``step_dir``, a step or a root); FileNotFoundError when it is missing,
+    CheckpointCorruptedError (naming the file) for a symlink (the file, or a directory between ``step_dir``
+    and it), a special file, a file over ``MAX_JSON_BYTES`` or malformed JSON."""
     try:
+        storage.LocalFiles(step_dir).size(str(path))  # no link on the way: what it leads to lies outside
         data = storage.read_json_bytes(path, MAX_JSON_BYTES)
     except ValueError as e:  # a link, a special file or too large: storage's message names the file
         raise CheckpointCorruptedError(f"{e}; not a file of an Orbax checkpoint", path=step_dir) from None
@@ -43,12 +45,11 @@ def check_plain_tree(directory: Path, step_dir: Path) -> None:
     directories (a symlink could lead tensorstore's reads outside the step, a FIFO could hang them)."""
     if not is_plain_dir(directory):
         raise CheckpointCorruptedError(f"{directory} is not a plain directory", path=step_dir)
-    for dirpath, dirnames, filenames in os.walk(directory):
-        for name in dirnames + filenames:
-            mode = os.lstat(os.path.join(dirpath, name)).st_mode
-            if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
-                raise CheckpointCorruptedError(f"{os.path.join(dirpath, name)} is a symlink or a special file, which "
-                                               "an Orbax checkpoint never holds", path=step_dir)
+    try:
+        storage.regular_files(directory)
+    except ValueError as e:
+        raise CheckpointCorruptedError(f"{e}; an Orbax checkpoint never holds a symlink or a special file",
+                                       path=step_dir) from None
 
 
 def is_plain_dir(path: Path) -> bool:

@@ -294,7 +294,7 @@ def _keys(entry: Any, where: str, directory: Path) -> list[tuple[str, Any]]:
     out = []
     for key in keys:
         value, kind = (key.get("key"), key.get("key_type")) if isinstance(key, dict) else (None, None)
-        if kind == _SEQUENCE and str(value).isdigit():
+        if kind == _SEQUENCE and str(value).isascii() and str(value).isdigit():  # ('²' is a digit to isdigit)
             out.append(("idx", int(value)))
         elif isinstance(value, (str, int)) and kind in (_MAPPING, None):
             out.append(("key", value))

@@ -101,11 +101,10 @@ def _is_msgpack_tree(path: Path) -> bool:
 
 
 def _is_item(item: Path, step_dir: Path) -> bool:
-    """Whether an item directory holds Orbax's files: an OCDBT manifest, a ``_METADATA`` JSON object
-    with ``tree_metadata``, or the msgpack ``checkpoint`` file of the oldest PyTree handler (not
-    TensorFlow's text file of that name, nor a directory called so)."""
-    if files.is_plain_file(item / "manifest.ocdbt"):
-        return True
+    """Whether an item directory holds Orbax's files: a ``_METADATA`` JSON object with ``tree_metadata``,
+    or the msgpack ``checkpoint`` file of the oldest PyTree handler (not TensorFlow's text file of that
+    name, nor a directory called so). An OCDBT database alone (``manifest.ocdbt``) is not one: Orbax
+    writes one of those files beside it, and tensorstore users write such databases of their own."""
     if files.is_plain_file(item / "_METADATA"):
         try:
             metadata = files.read_json(item / "_METADATA", step_dir)

@@ -115,14 +115,14 @@ class StandardNameFormat(_FindsSteps):
             raise ValueError(f"step_format_fixed_length must be a positive int, got {length!r}")
         prefix = "" if self.step_prefix is None else re.escape(self.step_prefix) + "_"
         digits = r"0|[1-9]\d*" if length is None else rf"\d{{{length}}}|[1-9]\d{{{length},}}"
-        object.__setattr__(self, "_regex", re.compile(rf"^{prefix}({digits})$"))
+        object.__setattr__(self, "_regex", re.compile(rf"{prefix}({digits})", re.ASCII))  # digits 0-9 only
 
     def build_name(self, step: int) -> str:
         number = str(step) if self.step_format_fixed_length is None else f"{step:0{self.step_format_fixed_length}d}"
         return number if self.step_prefix is None else f"{self.step_prefix}_{number}"
 
     def parse_name(self, name: str) -> int | None:
-        match = self._regex.match(name)
+        match = self._regex.fullmatch(name)
         return int(match.group(1)) if match else None
 
 
@@ -252,7 +252,7 @@ def find_all(directory: str | os.PathLike, name_format: NameFormat | None = None
     return {e.step: e.path.name for e in entries if e.kind in root.LISTED}
 
 
-_NUMBERED = re.compile(r"^(?:(.+)_)?(\d+)$")
+_NUMBERED = re.compile(r"(?:(.+)_)?(\d+)", re.ASCII)
 _CANDIDATES = 4  # the formats, besides the default, whose steps are counted (the ones most names fit)
 
 
@@ -271,7 +271,7 @@ def name_format_of(directory: str | os.PathLike | storage.Location) -> StandardN
     location = storage.location(directory)
     suggested: dict[StandardNameFormat, int] = {}
     for name in storage.list_names(location):
-        match = _NUMBERED.match(name)  # (a temporary's name ends otherwise: never a candidate)
+        match = _NUMBERED.fullmatch(name)  # (a temporary's name ends otherwise: never a candidate)
         if match is None or not _is_plain_name(match.group(1) or "x"):
             continue
         digits = match.group(2)

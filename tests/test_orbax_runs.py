@@ -221,6 +221,20 @@ def test_free_functions_read_an_orbax_step_directory(orbax_runs):
     assert info.metadata["params"]["Dense_0"]["kernel"].shape == (flax_train.FEATURES, 64)
 
 
+def test_a_direct_orbax_checkpoint_loads_as_its_one_tree(orbax_runs):
+    """v0's StandardCheckpointer().save(path, tree) writes one tree in the directory itself (its
+    _CHECKPOINT_METADATA names one handler), which Orbax's load reads; ckpt raised CheckpointableNotFoundError
+    naming OCDBT's directories, 'd' and 'ocdbt.process_0', as the checkpoint's checkpointables."""
+    for step, string in ((3, False), (4, True)):
+        step_dir = orbax_runs / "direct" / str(step)
+        want = orbax_writer.mixed_state(step, string=string)
+        assert_same(ckpt.load(step_dir, orbax_writer.mixed_abstract(step, string=string)), want)
+        assert ckpt.metadata(step_dir).metadata["table"].shape == (3, 4)
+    with ckpt.Checkpointer(orbax_runs / "direct") as ckptr:
+        assert [c.step for c in ckptr.checkpoints] == [3, 4]
+        assert_same(ckptr.load(4, orbax_writer.mixed_abstract(4)), orbax_writer.mixed_state(4))
+
+
 def test_the_state_orbax_before_0_12_named_pytree_loads_by_that_name_and_the_default_says_so(orbax_runs):
     step_dir = orbax_runs / "v1_pytree" / "0"
     with pytest.raises(errors.CheckpointableNotFoundError, match=r"it has \['pytree'\]: the state of a step written "

@@ -7,6 +7,8 @@ Layouts read (Orbax 0.5 and later, local file systems)::
     <step>/<item>/                 v1 training.Checkpointer: state/ and other checkpointables; v0
                                    CheckpointManager: default/ (one item) or one directory per named item
     <step>/metrics/metrics         the metrics (JSON), a checkpointable of their own
+    <step>/_METADATA, ...          a v0 direct checkpoint (``StandardCheckpointer().save(path, tree)``): one
+                                   tree in the directory itself, loaded as ``state``
 
 An item written by a PyTree handler (``PyTreeHandler``, ``PyTreeCheckpointHandler``,
 ``StandardCheckpointHandler``) or by ``ArrayCheckpointHandler`` (one array) is read by
@@ -163,9 +165,13 @@ def root_custom_metadata(root: Path) -> Any:
     return data.get("custom_metadata") if isinstance(data, dict) else None
 
 
-def items(step_dir: Path) -> dict[str, str]:
-    """Each checkpointable of the step (not ``metrics``) and the handler that wrote it ('' when unnamed)."""
+def items(step_dir: Path) -> dict[str, tuple[str, Path]]:
+    """Each checkpointable of the step (not ``metrics``): the handler that wrote it ('' when unnamed) and its
+    directory. A direct checkpoint (v0 ``StandardCheckpointer().save(path, tree)``, whose metadata names one
+    handler, not one per item) is one tree, ``state``, in the step directory itself, as Orbax's ``load`` reads it."""
     handlers = _step_metadata(step_dir).get("item_handlers")
+    if isinstance(handlers, str):
+        return {fmt.DEFAULT_CHECKPOINTABLE: (handlers, step_dir)}
     if isinstance(handlers, dict):  # a name without its directory wrote nothing (Orbax's own reader skips it:
         # its generated v1 steps name a 'descriptor' whose directory was removed)
         found = {name: handler if isinstance(handler, str) else "" for name, handler in handlers.items()
@@ -177,7 +183,7 @@ def items(step_dir: Path) -> dict[str, str]:
             raise CheckpointCorruptedError(f"{step_dir}/{CHECKPOINT_METADATA} names item {name!r}, which is not a "
                                            "directory of the step", path=step_dir)
     found.pop(METRICS, None)
-    return found
+    return {name: (handler, step_dir / name) for name, handler in found.items()}
 
 
 class Step:
@@ -206,7 +212,7 @@ class Step:
                 self.unreadable[name] = str(e)
 
     def _read_item(self, name: str) -> dict:
-        handler, directory = self.handlers[name], self.step_dir / name
+        handler, directory = self.handlers[name]
         short = handler.rsplit(".", 1)[-1]
         if short in (*_PYTREE_HANDLERS, _ARRAY_HANDLER) or (not short and os.path.lexists(directory / "_METADATA")):
             item = self.pytrees[name] = PyTreeItem(self.step_dir, name, directory, one_array=short == _ARRAY_HANDLER)
@@ -254,8 +260,9 @@ class Step:
 
 def _json_file(directory: Path) -> str | None:
     """The name of a JSON item's one file (``metadata`` for v0's JsonCheckpointHandler), if it has one
-    that starts as JSON does."""
-    names = [n for n in sorted(os.listdir(directory)) if n != COMMIT_SUCCESS and not n.startswith(".")]
+    that starts as JSON does (beside the step's own files, in a direct checkpoint)."""
+    names = [n for n in sorted(os.listdir(directory)) if n not in (COMMIT_SUCCESS, CHECKPOINT_METADATA)
+             and not n.startswith(".")]
     if len(names) != 1 or not files.is_plain_file(directory / names[0]):
         return None
     with open(directory / names[0], "rb") as f:

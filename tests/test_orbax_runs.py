@@ -235,6 +235,24 @@ def test_a_direct_orbax_checkpoint_loads_as_its_one_tree(orbax_runs):
         assert_same(ckptr.load(4, orbax_writer.mixed_abstract(4)), orbax_writer.mixed_state(4))
 
 
+def test_an_item_of_an_orbax_step_is_no_checkpoint_nor_a_root_of_direct_checkpoints_one(orbax_runs, tmp_path, capsys):
+    """<step>/default (a v0 item, which holds a commit_success.txt of its own) was taken for a committed step:
+    is_orbax_checkpoint said True (Orbax's says False), a load named OCDBT's directories 'd' and
+    'ocdbt.process_0' as its checkpointables, and ckpt.delete deleted it, leaving its step listed and unloadable;
+    a root of direct checkpoints was listed by ckpt ls as one checkpoint."""
+    item = orbax_runs / "single" / "step_0003" / "default"
+    assert not ckpt.is_orbax_checkpoint(item) and not ckpt.is_orbax_checkpoint(orbax_runs / "v1" / "1" / "state")
+    with pytest.raises(errors.CheckpointNotFoundError, match=r"checkpointable 'default' of the Orbax step .*step_0003"
+                                                             r".*checkpointable_name='default'"):
+        ckpt.load(item)
+    code, out = run_cli(capsys, "ls", str(orbax_runs / "direct"))
+    assert code == 0 and "2 checkpoints" in out and "* 4 (Orbax)" in out
+    root = copy_run(orbax_runs, "single", tmp_path)
+    with pytest.raises(errors.ForeignEntryError, match="not a committed"):
+        ckpt.delete(root / "step_0003" / "default")
+    assert file_hashes(root) == file_hashes(orbax_runs / "single")
+
+
 def test_the_state_orbax_before_0_12_named_pytree_loads_by_that_name_and_the_default_says_so(orbax_runs):
     step_dir = orbax_runs / "v1_pytree" / "0"
     with pytest.raises(errors.CheckpointableNotFoundError, match=r"it has \['pytree'\]: the state of a step written "

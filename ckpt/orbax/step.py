@@ -45,8 +45,9 @@ def is_step(path: Any) -> bool:
     save never committed (see :func:`check_committed`), or (Orbax before 0.5) an item directory with
     Orbax's files (see :func:`_is_item`). A step of a layout ckpt cannot read is still one: loading it
     says so, and the root never looks empty. Anything less (a user's directory, a save Orbax never
-    committed) is not a step: ckpt never lists, overwrites or deletes it."""
-    if not (isinstance(path, Path) and files.is_plain_dir(path)):
+    committed, one item of a step, such as ``<step>/state``, which Orbax does not load as a checkpoint
+    either) is not a step: ckpt never lists, overwrites or deletes it."""
+    if not (isinstance(path, Path) and files.is_plain_dir(path)) or _is_item(path, path):
         return False
     if _head(path / COMMIT_SUCCESS, len(_COMMITTED)) == _COMMITTED:
         return True
@@ -71,14 +72,21 @@ def _head(path: Path, size: int) -> bytes:
         return f.read(size)
 
 
-def check_committed(path: storage.Location) -> None:
-    """Raises CheckpointNotFoundError naming ``path`` when it is a save Orbax began and never committed
-    (a ``_CHECKPOINT_METADATA`` without a commit time): Orbax neither lists nor loads it, and its items may
-    be half-written."""
-    if isinstance(path, Path) and files.is_plain_dir(path) and _never_committed(path):
+def check_checkpoint(path: storage.Location) -> None:
+    """Raises CheckpointNotFoundError naming ``path`` when it holds Orbax's files but is no checkpoint
+    Orbax loads: a save Orbax began and never committed (a ``_CHECKPOINT_METADATA`` without a commit
+    time: its items may be half-written), or one item of a step (``<step>/state``), whose step is the
+    checkpoint to load."""
+    if not (isinstance(path, Path) and files.is_plain_dir(path)):
+        return
+    if _never_committed(path):
         raise CheckpointNotFoundError(
             f"no checkpoint at {path}: it is a save Orbax began and never committed (its {CHECKPOINT_METADATA} "
             "has no commit time: the save was interrupted), which Orbax does not load either")
+    if _is_item(path, path) and is_step(path.parent):
+        raise CheckpointNotFoundError(
+            f"no checkpoint at {path}: it is the checkpointable {path.name!r} of the Orbax step {path.parent}, "
+            f"which Orbax does not load alone either; load the step with checkpointable_name={path.name!r}")
 
 
 def _never_committed(step_dir: Path) -> bool:
@@ -105,7 +113,10 @@ def _is_msgpack_tree(path: Path) -> bool:
 def _is_item(item: Path, step_dir: Path) -> bool:
     """Whether an item directory holds Orbax's files: an OCDBT manifest, a ``_METADATA`` JSON object
     with ``tree_metadata``, or the msgpack ``checkpoint`` file of the oldest PyTree handler (not
-    TensorFlow's text file of that name, nor a directory called so)."""
+    TensorFlow's text file of that name, nor a directory called so). A directory with a
+    ``_CHECKPOINT_METADATA`` is a checkpoint (a direct one), never an item."""
+    if os.path.lexists(item / CHECKPOINT_METADATA):
+        return False
     if files.is_plain_file(item / "manifest.ocdbt"):
         return True
     if files.is_plain_file(item / "_METADATA"):

@@ -312,6 +312,19 @@ def test_a_flax_run_orbax_wrote_continues_under_ckpt_bit_for_bit(orbax_runs, tmp
         assert_same(restore_train_state(again, jax.eval_shape(flax_train.create_state)), never_stopped)
 
 
+def test_overwrite_never_replaces_an_orbax_step_a_composite_name_format_reads_under_another_name(orbax_runs, tmp_path):
+    """step_0005 (Orbax's) read by composite_name_format(new, [new, old]): overwrite=True of step 5 wrote 5
+    beside it, where Orbax's step under the name written is never overwritten."""
+    root = copy_run(orbax_runs, "single", tmp_path)
+    before = file_hashes(root)
+    new = step_lib.standard_name_format()
+    with ckpt.Checkpointer(root, step_name_format=step_lib.composite_name_format(new, [new, SINGLE_NAMES])) as ckptr:
+        with pytest.raises(errors.ForeignEntryError, match="step_0005, a step Orbax wrote"):
+            ckptr.save(5, {"w": np.ones(3)}, force=True, overwrite=True)
+        assert [(c.step, c.path.name) for c in ckptr.checkpoints] == [(3, "step_0003"), (5, "step_0005")]
+    assert file_hashes(root) == before and not (root / "5").exists()
+
+
 def test_an_nnx_model_and_optimizer_orbax_saved_with_int_keys_restore_in_place(orbax_runs):
     nnx = pytest.importorskip("flax.nnx")
     model, optimizer = nnx_train.create()

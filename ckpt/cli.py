@@ -83,7 +83,7 @@ def _scan(root: storage.Location) -> tuple[list[_Step], list[_Step], list[root_l
     if isinstance(root, Path) and not root.is_dir():
         raise UsageError(f"{root} is not a directory")
     try:
-        orbax.check_committed(root)
+        orbax.check_checkpoint(root)
     except CheckpointNotFoundError as e:
         raise UsageError(str(e)) from None
     name_format = step_lib.name_format_of(root)

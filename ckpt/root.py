@@ -261,6 +261,24 @@ def check_target(final: storage.Location, tmp: storage.Location, *, step: int | 
                 "Move it away, or save to another step or path.", path=tmp)
 
 
+def replaced_elsewhere(existing: storage.Location | None, final: storage.Location, step: int) -> storage.Location | None:
+    """The directory of the step a save with ``overwrite=True`` to ``final`` replaces, when it is under
+    another name (``existing``, which a composite name format reads but does not write): the caller deletes
+    it once the new step is committed, as Orbax deletes the step it overwrites, so that it never comes back
+    as the step once the new one is gone. None when there is none.
+
+    Raises:
+      ForeignEntryError: that directory is a step Orbax wrote, which ckpt never overwrites (nothing is written).
+    """
+    if existing is None or existing == final:
+        return None
+    if formats.is_orbax(existing):
+        raise ForeignEntryError(
+            f"cannot save step {step} with overwrite=True: the step is {existing}, {Kind.ORBAX.value}. Move it "
+            "away, or save to another step.", path=existing)
+    return existing
+
+
 def check_shared(tmp: storage.Location, index: int) -> None:
     """Checks that process ``index`` (not the primary) sees the temporary directory ``tmp`` that process 0
     made for a step (every process writes its shards there).

@@ -528,6 +528,7 @@ class Checkpointer:
                                     custom_metadata=custom_metadata)
         options = self._ctx
         final = self._directory / step_lib.checked_name(self._name_format, step)
+        elsewhere = root.replaced_elsewhere(existing and existing.path, final, step) if overwrite else None
         prepared: list[tuple[saving.Plan, dict]] = []
 
         def prepare() -> None:  # a failure in any process raises in all, before any writes
@@ -566,6 +567,8 @@ class Checkpointer:
                 if plan.staging:
                     self._staging.give(plan.staging)
             self._committed(step, writer.final_dir, manifest, callback)
+            if elsewhere is not None and self._processes.index == 0:
+                root.delete_step(elsewhere, step)  # the step as it was, under another name the format reads
             return True
 
         if blocking:

@@ -15,6 +15,8 @@ DIRECTORY/keys:   v0 CheckpointManager, named items ocdbt and files (PyTreeCheck
                   ``HAIKU_PARAMS``, whose keys hold '/' as Haiku's do; ints: ``INT_KEYS``, a dict of int keys; step 1
 DIRECTORY/array:  v0 CheckpointManager, named items: arr (ArrayCheckpointHandler, ``ARRAY`` times the step)
                   and std (StandardCheckpointHandler), steps 1 and 2
+DIRECTORY/direct: v0 direct checkpoints, one tree in the directory itself: 3 (StandardCheckpointer, without
+                  the string) and 4 (PyTreeCheckpointer), :func:`mixed_state` of the step
 
 The values are functions of the step (:func:`mixed_state`, :func:`flax_run`), so a test rebuilds them
 without Orbax and compares bit for bit. Everything but ``main`` imports without orbax.
@@ -128,6 +130,11 @@ def main(directory: Path) -> None:
         for step in (1, 2):
             manager.save(step, args=ocp.args.Composite(arr=ocp.args.ArraySave(ARRAY * step),
                                                        std=ocp.args.StandardSave({"x": np.float32(step)})))
+
+    with ocp.StandardCheckpointer() as direct:
+        direct.save(directory / "direct" / "3", mixed_state(3, string=False))
+    with ocp.PyTreeCheckpointer() as direct:
+        direct.save(directory / "direct" / "4", mixed_state(4))
 
 
 if __name__ == "__main__":

@@ -453,6 +453,24 @@ def test_composite_name_format_writes_one_naming_and_reads_every_one_it_lists(tm
         step_names.composite_name_format(new, [old])
 
 
+def test_overwrite_replaces_a_step_a_composite_name_format_reads_under_its_other_name(tmp_path):
+    """overwrite=True of step 2, stored as step_2, wrote ckpt_2 beside it: once garbage collection deleted
+    ckpt_2, step_2 came back as step 2, with the value the overwrite had replaced."""
+    step_names = ckpt.path.step
+    old, new = step_names.standard_name_format(step_prefix="step"), step_names.standard_name_format(step_prefix="ckpt")
+    with Checkpointer(tmp_path, step_name_format=old) as ckptr:
+        ckptr.save(2, {"a": 2})
+    names = step_names.composite_name_format(new, [new, old])
+    with Checkpointer(tmp_path, step_name_format=names,
+                      preservation_policy=training.preservation_policies.LatestN(1)) as ckptr:
+        ckptr.save(2, {"a": 20}, force=True, overwrite=True)
+        assert [(c.step, c.path.name) for c in ckptr.checkpoints] == [(2, "ckpt_2")]
+        ckptr.save(3, {"a": 3}, force=True)
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["ckpt_3"]
+    with Checkpointer(tmp_path, step_name_format=names) as ckptr:
+        assert [c.step for c in ckptr.checkpoints] == [3]
+
+
 class EpochNames:
     """A step name format written to Orbax's protocol (build_name, find_all, find_step): no parse_name."""
 

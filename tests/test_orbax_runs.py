@@ -222,6 +222,38 @@ def test_free_functions_read_an_orbax_step_directory(orbax_runs):
     assert info.metadata["params"]["Dense_0"]["kernel"].shape == (flax_train.FEATURES, 64)
 
 
+def test_a_direct_orbax_checkpoint_loads_as_its_one_tree(orbax_runs):
+    """v0's StandardCheckpointer().save(path, tree) writes one tree in the directory itself (its
+    _CHECKPOINT_METADATA names one handler), which Orbax's load reads; ckpt raised CheckpointableNotFoundError
+    naming OCDBT's directories, 'd' and 'ocdbt.process_0', as the checkpoint's checkpointables."""
+    for step, string in ((3, False), (4, True)):
+        step_dir = orbax_runs / "direct" / str(step)
+        want = orbax_writer.mixed_state(step, string=string)
+        assert_same(ckpt.load(step_dir, orbax_writer.mixed_abstract(step, string=string)), want)
+        assert ckpt.metadata(step_dir).metadata["table"].shape == (3, 4)
+    with ckpt.Checkpointer(orbax_runs / "direct") as ckptr:
+        assert [c.step for c in ckptr.checkpoints] == [3, 4]
+        assert_same(ckptr.load(4, orbax_writer.mixed_abstract(4)), orbax_writer.mixed_state(4))
+
+
+def test_an_item_of_an_orbax_step_is_no_checkpoint_nor_a_root_of_direct_checkpoints_one(orbax_runs, tmp_path, capsys):
+    """<step>/default (a v0 item, which holds a commit_success.txt of its own) was taken for a committed step:
+    is_orbax_checkpoint said True (Orbax's says False), a load named OCDBT's directories 'd' and
+    'ocdbt.process_0' as its checkpointables, and ckpt.delete deleted it, leaving its step listed and unloadable;
+    a root of direct checkpoints was listed by ckpt ls as one checkpoint."""
+    item = orbax_runs / "single" / "step_0003" / "default"
+    assert not ckpt.is_orbax_checkpoint(item) and not ckpt.is_orbax_checkpoint(orbax_runs / "v1" / "1" / "state")
+    with pytest.raises(errors.CheckpointNotFoundError, match=r"checkpointable 'default' of the Orbax step .*step_0003"
+                                                             r".*checkpointable_name='default'"):
+        ckpt.load(item)
+    code, out = run_cli(capsys, "ls", str(orbax_runs / "direct"))
+    assert code == 0 and "2 checkpoints" in out and "* 4 (Orbax)" in out
+    root = copy_run(orbax_runs, "single", tmp_path)
+    with pytest.raises(errors.ForeignEntryError, match="not a committed"):
+        ckpt.delete(root / "step_0003" / "default")
+    assert file_hashes(root) == file_hashes(orbax_runs / "single")
+
+
 def test_the_state_orbax_before_0_12_named_pytree_loads_by_that_name_and_the_default_says_so(orbax_runs):
     step_dir = orbax_runs / "v1_pytree" / "0"
     with pytest.raises(errors.CheckpointableNotFoundError, match=r"it has \['pytree'\]: the state of a step written "
@@ -279,6 +311,19 @@ def test_a_flax_run_orbax_wrote_continues_under_ckpt_bit_for_bit(orbax_runs, tmp
     assert {k: v for k, v in file_hashes(root).items() if k.split("/")[0] in ("2", "4", "6")} == before
     with ckpt.Checkpointer(root) as again:  # the mixed sequence restores from ckpt's latest step
         assert_same(restore_train_state(again, jax.eval_shape(flax_train.create_state)), never_stopped)
+
+
+def test_overwrite_never_replaces_an_orbax_step_a_composite_name_format_reads_under_another_name(orbax_runs, tmp_path):
+    """step_0005 (Orbax's) read by composite_name_format(new, [new, old]): overwrite=True of step 5 wrote 5
+    beside it, where Orbax's step under the name written is never overwritten."""
+    root = copy_run(orbax_runs, "single", tmp_path)
+    before = file_hashes(root)
+    new = step_lib.standard_name_format()
+    with ckpt.Checkpointer(root, step_name_format=step_lib.composite_name_format(new, [new, SINGLE_NAMES])) as ckptr:
+        with pytest.raises(errors.ForeignEntryError, match="step_0005, a step Orbax wrote"):
+            ckptr.save(5, {"w": np.ones(3)}, force=True, overwrite=True)
+        assert [(c.step, c.path.name) for c in ckptr.checkpoints] == [(3, "step_0003"), (5, "step_0005")]
+    assert file_hashes(root) == before and not (root / "5").exists()
 
 
 def test_an_nnx_model_and_optimizer_orbax_saved_with_int_keys_restore_in_place(orbax_runs):

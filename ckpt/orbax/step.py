@@ -7,6 +7,8 @@ Layouts read (Orbax 0.5 and later, local file systems)::
     <step>/<item>/                 v1 training.Checkpointer: state/ and other checkpointables; v0
                                    CheckpointManager: default/ (one item) or one directory per named item
     <step>/metrics/metrics         the metrics (JSON), a checkpointable of their own
+    <step>/_METADATA, ...          a v0 direct checkpoint (``StandardCheckpointer().save(path, tree)``): one
+                                   tree in the directory itself, loaded as ``state``
 
 An item written by a PyTree handler (``PyTreeHandler``, ``PyTreeCheckpointHandler``,
 ``StandardCheckpointHandler``) or by ``ArrayCheckpointHandler`` (one array) is read by
@@ -43,8 +45,9 @@ def is_step(path: Any) -> bool:
     save never committed (see :func:`check_committed`), or (Orbax before 0.5) an item directory with
     Orbax's files (see :func:`_is_item`). A step of a layout ckpt cannot read is still one: loading it
     says so, and the root never looks empty. Anything less (a user's directory, a save Orbax never
-    committed) is not a step: ckpt never lists, overwrites or deletes it."""
-    if not (isinstance(path, Path) and files.is_plain_dir(path)):
+    committed, one item of a step, such as ``<step>/state``, which Orbax does not load as a checkpoint
+    either) is not a step: ckpt never lists, overwrites or deletes it."""
+    if not (isinstance(path, Path) and files.is_plain_dir(path)) or _is_item(path, path):
         return False
     if _head(path / COMMIT_SUCCESS, len(_COMMITTED)) == _COMMITTED:
         return True
@@ -69,14 +72,21 @@ def _head(path: Path, size: int) -> bytes:
         return f.read(size)
 
 
-def check_committed(path: storage.Location) -> None:
-    """Raises CheckpointNotFoundError naming ``path`` when it is a save Orbax began and never committed
-    (a ``_CHECKPOINT_METADATA`` without a commit time): Orbax neither lists nor loads it, and its items may
-    be half-written."""
-    if isinstance(path, Path) and files.is_plain_dir(path) and _never_committed(path):
+def check_checkpoint(path: storage.Location) -> None:
+    """Raises CheckpointNotFoundError naming ``path`` when it holds Orbax's files but is no checkpoint
+    Orbax loads: a save Orbax began and never committed (a ``_CHECKPOINT_METADATA`` without a commit
+    time: its items may be half-written), or one item of a step (``<step>/state``), whose step is the
+    checkpoint to load."""
+    if not (isinstance(path, Path) and files.is_plain_dir(path)):
+        return
+    if _never_committed(path):
         raise CheckpointNotFoundError(
             f"no checkpoint at {path}: it is a save Orbax began and never committed (its {CHECKPOINT_METADATA} "
             "has no commit time: the save was interrupted), which Orbax does not load either")
+    if _is_item(path, path) and is_step(path.parent):
+        raise CheckpointNotFoundError(
+            f"no checkpoint at {path}: it is the checkpointable {path.name!r} of the Orbax step {path.parent}, "
+            f"which Orbax does not load alone either; load the step with checkpointable_name={path.name!r}")
 
 
 def _never_committed(step_dir: Path) -> bool:
@@ -104,7 +114,10 @@ def _is_item(item: Path, step_dir: Path) -> bool:
     """Whether an item directory holds Orbax's files: a ``_METADATA`` JSON object with ``tree_metadata``,
     or the msgpack ``checkpoint`` file of the oldest PyTree handler (not TensorFlow's text file of that
     name, nor a directory called so). An OCDBT database alone (``manifest.ocdbt``) is not one: Orbax
-    writes one of those files beside it, and tensorstore users write such databases of their own."""
+    writes one of those files beside it, and tensorstore users write such databases of their own. A
+    directory with a ``_CHECKPOINT_METADATA`` is a checkpoint (a direct one), never an item."""
+    if os.path.lexists(item / CHECKPOINT_METADATA):
+        return False
     if files.is_plain_file(item / "_METADATA"):
         try:
             metadata = files.read_json(item / "_METADATA", step_dir)
@@ -162,9 +175,13 @@ def root_custom_metadata(root: Path) -> Any:
     return data.get("custom_metadata") if isinstance(data, dict) else None
 
 
-def items(step_dir: Path) -> dict[str, str]:
-    """Each checkpointable of the step (not ``metrics``) and the handler that wrote it ('' when unnamed)."""
+def items(step_dir: Path) -> dict[str, tuple[str, Path]]:
+    """Each checkpointable of the step (not ``metrics``): the handler that wrote it ('' when unnamed) and its
+    directory. A direct checkpoint (v0 ``StandardCheckpointer().save(path, tree)``, whose metadata names one
+    handler, not one per item) is one tree, ``state``, in the step directory itself, as Orbax's ``load`` reads it."""
     handlers = _step_metadata(step_dir).get("item_handlers")
+    if isinstance(handlers, str):
+        return {fmt.DEFAULT_CHECKPOINTABLE: (handlers, step_dir)}
     if isinstance(handlers, dict):  # a name without its directory wrote nothing (Orbax's own reader skips it:
         # its generated v1 steps name a 'descriptor' whose directory was removed)
         found = {name: handler if isinstance(handler, str) else "" for name, handler in handlers.items()
@@ -176,7 +193,7 @@ def items(step_dir: Path) -> dict[str, str]:
             raise CheckpointCorruptedError(f"{step_dir}/{CHECKPOINT_METADATA} names item {name!r}, which is not a "
                                            "directory of the step", path=step_dir)
     found.pop(METRICS, None)
-    return found
+    return {name: (handler, step_dir / name) for name, handler in found.items()}
 
 
 class Step:
@@ -205,7 +222,7 @@ class Step:
                 self.unreadable[name] = str(e)
 
     def _read_item(self, name: str) -> dict:
-        handler, directory = self.handlers[name], self.step_dir / name
+        handler, directory = self.handlers[name]
         short = handler.rsplit(".", 1)[-1]
         if short in (*_PYTREE_HANDLERS, _ARRAY_HANDLER) or (not short and os.path.lexists(directory / "_METADATA")):
             item = self.pytrees[name] = PyTreeItem(self.step_dir, name, directory, one_array=short == _ARRAY_HANDLER)
@@ -253,8 +270,9 @@ class Step:
 
 def _json_file(directory: Path) -> str | None:
     """The name of a JSON item's one file (``metadata`` for v0's JsonCheckpointHandler), if it has one
-    that starts as JSON does."""
-    names = [n for n in sorted(os.listdir(directory)) if n != COMMIT_SUCCESS and not n.startswith(".")]
+    that starts as JSON does (beside the step's own files, in a direct checkpoint)."""
+    names = [n for n in sorted(os.listdir(directory)) if n not in (COMMIT_SUCCESS, CHECKPOINT_METADATA)
+             and not n.startswith(".")]
     if len(names) != 1 or not files.is_plain_file(directory / names[0]):
         return None
     with open(directory / names[0], "rb") as f:

@@ -26,7 +26,7 @@ from ckpt import root as root_lib
 from ckpt.path import step as step_lib
 from ckpt import leaves as leaves_lib
 from ckpt import tree as tree_lib
-from ckpt.errors import CheckpointCorruptedError
+from ckpt.errors import CheckpointCorruptedError, UnsupportedLayoutError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +77,8 @@ def convert_root(source: str | os.PathLike, destination: str | os.PathLike) -> I
       FileNotFoundError: ``source`` holds no step; or it is one checkpoint, not a root.
       CheckpointCorruptedError: a step of ``source`` is damaged (before anything is written), or a
         converted step differs from its source (named with the key path; raised by the iterator).
+      UnsupportedLayoutError: a step holds a checkpointable that only its handler reads (an Orbax item of
+        grain's, one a handler of :mod:`ckpt.custom` wrote), which cannot be copied (raised by the iterator).
 
     Example::
 
@@ -163,7 +165,7 @@ def _undo(written: list[Path], lock: storage.DirectoryLock, made: list[Path]) ->
 
 def _convert_step(step: int, path: Path, final: Path) -> Converted:
     info = formats.info(path)
-    trees = _as_saved(path, formats.load_checkpointables(path, None))
+    trees = _source_trees(path)
     plan = saving.plan(trees, metrics=fmt.decode_json(info, "metrics"),
                        custom_metadata=fmt.decode_json(info, "custom_metadata"))
     plan.init_timestamp_nsecs = info.get("init_timestamp_nsecs") or plan.init_timestamp_nsecs
@@ -175,9 +177,24 @@ def _convert_step(step: int, path: Path, final: Path) -> Converted:
 
 def _check_step(step: int, path: Path, final: Path) -> Converted:
     """A step converted before, checked against its source as :func:`_convert_step` checks its copy."""
-    trees = _as_saved(path, formats.load_checkpointables(path, None))
+    trees = _source_trees(path)
     count = _check_same(trees, _as_saved(final, formats.load_checkpointables(final, None)), final)
     return Converted(step, final, count, saving.plan(trees).nbytes)
+
+
+def _source_trees(path: Path) -> dict[str, Any]:
+    """The trees of a step of the source, as saved (:func:`_as_saved`).
+
+    Raises:
+      UnsupportedLayoutError: a checkpointable of the step was written by a handler or by the object itself
+        (:mod:`ckpt.custom`): only that handler reads it, so it can be neither copied nor checked.
+    """
+    unread = formats.unread_handled(formats.handled(path))
+    if unread:
+        raise UnsupportedLayoutError(f"{path}: ckpt convert copies trees only, and " + "; ".join(
+            f"checkpointable {name!r} is {why}" for name, why in unread.items()) + "; move the step away to "
+            "convert the others", path=path)
+    return _as_saved(path, formats.load_checkpointables(path, None))
 
 
 _SAVED_AS = ("type", "sharding", "impl", "key_shape")  # what a framework's leaf was saved as, beyond its bytes

@@ -76,6 +76,15 @@ def readable_trees(step_dir: storage.Location) -> tuple[dict[str, dict], dict[st
     return trees(step_dir), {}
 
 
+def unread_handled(records: dict[str, dict]) -> dict[str, str]:
+    """Why ckpt's own readers (``ckpt show``, ``verify``, ``convert``) leave the checkpointables a handler or
+    the object itself wrote (:func:`handled`'s records) unread, name -> why: only that handler reads them,
+    in a program holding it."""
+    return {name: f"written by {record['handler']}, which only that handler reads (in a program that registers it)"
+            if record.get("handler") else "saved by the object itself (a StatefulCheckpointable), which only that "
+            "object reads (passed to a load as the object to load into)" for name, record in records.items()}
+
+
 def metadata_trees(step_dir: storage.Location) -> dict[str, Any]:
     """Each checkpointable's tree with :class:`ckpt.LeafMetadata` leaves; None for an item Orbax's JsonHandler
     wrote, as Orbax reports the metadata of one."""

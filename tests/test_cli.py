@@ -20,6 +20,7 @@ from ckpt import format as fmt
 from ckpt.objectstore import ObjectPath
 from ckpt.verify import verify_step
 from tests import procs
+from tests.test_custom_checkpointables import Counter, Vocab, registry_context
 from tests.fsutil import tree_doc
 
 
@@ -499,6 +500,21 @@ def test_convert_of_a_root_holding_a_damaged_step_of_ckpts_stops_before_writing(
     (root / "10" / fmt.MANIFEST).unlink()  # not a step the Checkpointer lists, yet not to be left behind silently
     status, _, err = run_cli(capsys, "convert", root, tmp_path / "copy")
     assert status == 1 and "holds step 10, which is damaged" in err
+    assert not (tmp_path / "copy").exists()
+
+
+def test_convert_of_a_step_holding_what_a_handler_wrote_exits_2_naming_it_and_leaves_no_destination(tmp_path, capsys):
+    """It ended in a traceback: the load of every checkpointable raised ValueError (a StatefulCheckpointable's,
+    loaded without the object) or KeyError (a handler's, not registered in the command's process)."""
+    with ckpt.Checkpointer(tmp_path / "run", context=registry_context()) as ckptr:
+        ckptr.save_checkpointables(1, {"state": {"w": np.ones(3)}}, force=True)
+        ckptr.save_checkpointables(2, {"state": {"w": np.ones(3)}, "vocab": Vocab(["a"]), "counter": Counter(3)},
+                                   force=True)
+    status, out, err = run_cli(capsys, "convert", tmp_path / "run", tmp_path / "copy")
+    assert status == 2 and "step 1 ->" in out
+    assert f"{tmp_path / 'run' / '2'}: ckpt convert copies trees only" in err
+    assert "'vocab' is written by tests.test_custom_checkpointables.VocabHandler" in err
+    assert "'counter' is saved by the object itself (a StatefulCheckpointable)" in err
     assert not (tmp_path / "copy").exists()
 
 

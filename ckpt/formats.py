@@ -68,12 +68,14 @@ def trees(step_dir: storage.Location, names: list[str] | None = None) -> dict[st
 
 
 def readable_trees(step_dir: storage.Location) -> tuple[dict[str, dict], dict[str, str]]:
-    """:func:`trees` of every checkpointable ckpt reads, and the others: an Orbax item written by a handler
-    ckpt does not read (a grain iterator's), name -> why (none in ckpt's steps)."""
+    """:func:`trees` of every checkpointable ckpt reads without a program's handlers, and the others, name ->
+    why: an Orbax item written by a handler ckpt does not read (a grain iterator's), and in ckpt's steps
+    those a handler or the object itself wrote (:func:`unread_handled`)."""
     if _by_orbax(step_dir):
         step = orbax.Step(step_dir, skip_unreadable=True)
         return step.trees, step.unreadable
-    return trees(step_dir), {}
+    doc = loading.read_tree(step_dir, loading.read_manifest(step_dir))
+    return doc["checkpointables"], unread_handled(doc.get("handled", {}))
 
 
 def unread_handled(records: dict[str, dict]) -> dict[str, str]:

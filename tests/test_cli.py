@@ -503,6 +503,22 @@ def test_convert_of_a_root_holding_a_damaged_step_of_ckpts_stops_before_writing(
     assert not (tmp_path / "copy").exists()
 
 
+def test_show_and_verify_name_the_checkpointables_a_handler_wrote_as_not_read(tmp_path, capsys):
+    """They were left out without a word: show listed the step's trees alone, verify said ok of the trees."""
+    with ckpt.Checkpointer(tmp_path / "run", context=registry_context()) as ckptr:
+        ckptr.save_checkpointables(1, {"state": {"w": np.ones(3)}, "vocab": Vocab(["a"]), "counter": Counter(3)},
+                                   force=True)
+    vocab_why = "written by tests.test_custom_checkpointables.VocabHandler, which only that handler reads"
+    counter_why = "saved by the object itself (a StatefulCheckpointable), which only that object reads"
+    status, out, _ = run_cli(capsys, "show", tmp_path / "run")
+    assert status == 0 and f"vocab: not read by ckpt: {vocab_why}" in out and f"counter: not read by ckpt: {counter_why}" in out
+    status, out, _ = run_cli(capsys, "verify", tmp_path / "run", "--json")
+    unchecked = json.loads(out)["steps"][0]["unchecked"]
+    assert status == 0 and vocab_why in unchecked["vocab"] and counter_why in unchecked["counter"]
+    status, out, _ = run_cli(capsys, "verify", tmp_path / "run" / "1")
+    assert status == 0 and f"not checked: vocab: {vocab_why}" in out
+
+
 def test_convert_of_a_step_holding_what_a_handler_wrote_exits_2_naming_it_and_leaves_no_destination(tmp_path, capsys):
     """It ended in a traceback: the load of every checkpointable raised ValueError (a StatefulCheckpointable's,
     loaded without the object) or KeyError (a handler's, not registered in the command's process)."""

@@ -65,6 +65,17 @@ def test_ls_lists_every_step_with_metrics_and_marks_the_latest(root, capsys):
     assert "loss=1" in rows["0"] and not rows["0"].startswith("*")
 
 
+def test_ls_and_show_print_a_nan_metric_as_a_number_and_a_string_metric_quoted(tmp_path, capsys):
+    """A NaN loss was printed as the string the manifest stores it as, as a metric that is a string is."""
+    with ckpt.Checkpointer(tmp_path) as ckptr:
+        ckptr.save(1, {"w": np.ones(2)}, metrics={"loss": float("nan"), "best": float("-inf"), "note": "nan"},
+                   custom_metadata={"lr": float("inf")})
+    row = run_cli(capsys, "ls", tmp_path)[1].splitlines()[2]
+    assert row.endswith('loss=nan best=-inf note="nan"'), row
+    out = run_cli(capsys, "show", tmp_path)[1]
+    assert 'metrics: loss=nan best=-inf note="nan"' in out and 'custom metadata: {"lr": "inf"}' in out
+
+
 def test_ls_json_reports_steps_sizes_times_metrics_and_temporaries(root, capsys):
     (root / ("30" + fmt.TMP_SUFFIX)).mkdir()
     (root / ("30" + fmt.TMP_SUFFIX) / fmt.MARKER).write_bytes(b"")

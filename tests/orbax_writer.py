@@ -124,6 +124,9 @@ def main(directory: Path) -> None:
         manager.save(1, args=ocp.args.Composite(**{name: ocp.args.PyTreeSave(HAIKU_PARAMS) for name in handlers},
                                                 ints=ocp.args.PyTreeSave(INT_KEYS)))
 
+    with ocp.StandardCheckpointer() as checkpointer:  # one tree at a path of its own, as Flax's guides save one
+        checkpointer.save(directory / "standalone", mixed_state(2, string=False))
+
     with ocp.CheckpointManager(directory / "array") as manager:
         for step in (1, 2):
             manager.save(step, args=ocp.args.Composite(arr=ocp.args.ArraySave(ARRAY * step),

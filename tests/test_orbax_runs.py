@@ -221,6 +221,23 @@ def test_free_functions_read_an_orbax_step_directory(orbax_runs):
     assert info.metadata["params"]["Dense_0"]["kernel"].shape == (flax_train.FEATURES, 64)
 
 
+@pytest.mark.parametrize("where, step, string", [("standalone", 2, False), ("v1/1/state", 1, True)])
+def test_a_tree_orbax_saved_at_a_path_of_its_own_or_a_steps_item_directory_loads_shows_and_verifies_as_the_state(
+        orbax_runs, capsys, where, step, string):
+    """Such a directory holds the item's own files, which were taken for its items: ckpt.load raised
+    'it has ['array_metadatas', 'd', 'ocdbt.process_0']', and ckpt verify said ok of it, reading no array."""
+    directory, want = orbax_runs / where, orbax_writer.mixed_state(step, string=string)
+    assert sorted(ckpt.load(directory)) == sorted(want)
+    assert_same(ckpt.load(directory, orbax_writer.mixed_abstract(step, string=string)), want)
+    assert cli.main(["verify", str(directory), "--json"]) == 0
+    checked = json.loads(capsys.readouterr().out)["steps"][0]
+    arrays = [v[2] if isinstance(v, tuple) else v for v in leaves(want).values() if isinstance(v, tuple)
+              or hasattr(v, "nbytes")]  # (typed keys as their key data)
+    assert checked["leaves"] >= len(arrays) and checked["nbytes"] >= sum(a.nbytes for a in arrays) > 0
+    assert cli.main(["show", str(directory)]) == 0
+    assert "\nstate: " in capsys.readouterr().out
+
+
 def test_the_state_orbax_before_0_12_named_pytree_loads_by_that_name_and_the_default_says_so(orbax_runs):
     step_dir = orbax_runs / "v1_pytree" / "0"
     with pytest.raises(errors.CheckpointableNotFoundError, match=r"it has \['pytree'\]: the state of a step written "

@@ -7,6 +7,8 @@ Layouts read (Orbax 0.5 and later, local file systems)::
     <step>/<item>/                 v1 training.Checkpointer: state/ and other checkpointables; v0
                                    CheckpointManager: default/ (one item) or one directory per named item
     <step>/metrics/metrics         the metrics (JSON), a checkpointable of their own
+    <item>/                        one item saved at a path of its own (``StandardCheckpointer().save(path,
+                                   tree)``, a step's state/ directory): read as the step's one item, ``state``
 
 An item written by a PyTree handler (``PyTreeHandler``, ``PyTreeCheckpointHandler``,
 ``StandardCheckpointHandler``) or by ``ArrayCheckpointHandler`` (one array) is read by
@@ -163,9 +165,16 @@ def root_custom_metadata(root: Path) -> Any:
     return data.get("custom_metadata") if isinstance(data, dict) else None
 
 
-def items(step_dir: Path) -> dict[str, str]:
-    """Each checkpointable of the step (not ``metrics``) and the handler that wrote it ('' when unnamed)."""
+ITEM_AT_STEP = "state"  # the name of the one item a directory holds as its own files
+
+
+def items(step_dir: Path) -> dict[str, tuple[str, Path]]:
+    """Each checkpointable of the step (not ``metrics``): the handler that wrote it ('' when unnamed) and its
+    directory. A directory that is one item itself (``StandardCheckpointer().save(path, tree)`` names one
+    handler for it; a step's item directory, which names none) holds one: ``state``, itself."""
     handlers = _step_metadata(step_dir).get("item_handlers")
+    if isinstance(handlers, str) or handlers is None and _is_item(step_dir, step_dir):
+        return {ITEM_AT_STEP: (handlers or "", step_dir)}
     if isinstance(handlers, dict):  # a name without its directory wrote nothing (Orbax's own reader skips it:
         # its generated v1 steps name a 'descriptor' whose directory was removed)
         found = {name: handler if isinstance(handler, str) else "" for name, handler in handlers.items()
@@ -177,7 +186,7 @@ def items(step_dir: Path) -> dict[str, str]:
             raise CheckpointCorruptedError(f"{step_dir}/{CHECKPOINT_METADATA} names item {name!r}, which is not a "
                                            "directory of the step", path=step_dir)
     found.pop(METRICS, None)
-    return found
+    return {name: (handler, step_dir / name) for name, handler in found.items()}
 
 
 class Step:
@@ -206,7 +215,7 @@ class Step:
                 self.unreadable[name] = str(e)
 
     def _read_item(self, name: str) -> dict:
-        handler, directory = self.handlers[name], self.step_dir / name
+        handler, directory = self.handlers[name]
         short = handler.rsplit(".", 1)[-1]
         if short in (*_PYTREE_HANDLERS, _ARRAY_HANDLER) or (not short and os.path.lexists(directory / "_METADATA")):
             item = self.pytrees[name] = PyTreeItem(self.step_dir, name, directory, one_array=short == _ARRAY_HANDLER)

@@ -238,6 +238,22 @@ def test_a_tree_orbax_saved_at_a_path_of_its_own_or_a_steps_item_directory_loads
     assert "\nstate: " in capsys.readouterr().out
 
 
+def test_a_root_of_trees_orbax_saved_at_paths_of_their_own_is_listed_and_converted_as_the_checkpointer_lists_it(
+        orbax_runs, tmp_path, capsys):
+    """The root was taken for one step of Orbax before 0.5 (a directory of items): ckpt ls showed one checkpoint,
+    not a step, and ckpt convert said it is one checkpoint, not a root, where a Checkpointer lists steps 1 and 2."""
+    for step in (1, 2):
+        shutil.copytree(orbax_runs / "standalone", tmp_path / "root" / str(step))
+    with ckpt.Checkpointer(tmp_path / "root") as ckptr:
+        assert [c.step for c in ckptr.checkpoints] == [1, 2]
+    assert cli.main(["ls", str(tmp_path / "root"), "--json"]) == 0
+    listing = json.loads(capsys.readouterr().out)
+    assert [s["step"] for s in listing["steps"]] == [1, 2] and listing["latest"] == 2
+    assert [done.step for done in convert_root(tmp_path / "root", tmp_path / "copy")] == [1, 2]
+    abstract = orbax_writer.mixed_abstract(2, string=False)
+    assert_same(ckpt.load(tmp_path / "copy" / "2", abstract), orbax_writer.mixed_state(2, string=False))
+
+
 def test_the_state_orbax_before_0_12_named_pytree_loads_by_that_name_and_the_default_says_so(orbax_runs):
     step_dir = orbax_runs / "v1_pytree" / "0"
     with pytest.raises(errors.CheckpointableNotFoundError, match=r"it has \['pytree'\]: the state of a step written "

@@ -43,7 +43,8 @@ def is_step(path: Any) -> bool:
     """Whether ``path`` is a local directory Orbax wrote as a committed step: it has the
     ``commit_success.txt`` Orbax writes, or ``_CHECKPOINT_METADATA`` (regular files) that does not say the
     save never committed (see :func:`check_committed`), or (Orbax before 0.5) an item directory with
-    Orbax's files (see :func:`_is_item`). A step of a layout ckpt cannot read is still one: loading it
+    Orbax's files (see :func:`_is_item`) and no ``_CHECKPOINT_METADATA``, which would make it a checkpoint of
+    its own (``StandardCheckpointer().save(path, tree)``'s) and ``path`` their root. A step of a layout ckpt cannot read is still one: loading it
     says so, and the root never looks empty. Anything less (a user's directory, a save Orbax never
     committed) is not a step: ckpt never lists, overwrites or deletes it."""
     if not (isinstance(path, Path) and files.is_plain_dir(path)):
@@ -52,7 +53,9 @@ def is_step(path: Any) -> bool:
         return True
     if files.is_plain_file(path / CHECKPOINT_METADATA):
         return not _never_committed(path)
-    return any(files.is_plain_dir(path / name) and _is_item(path / name, path) for name in os.listdir(path))
+    return any(files.is_plain_dir(path / name) and _is_item(path / name, path)
+               and not os.path.lexists(path / name / CHECKPOINT_METADATA)  # (a checkpoint of its own: path is a root)
+               for name in os.listdir(path))
 
 
 _COMMITTED = b"Checkpoint commit was successful"  # what Orbax writes into commit_success.txt

@@ -176,9 +176,18 @@ def _convert_step(step: int, path: Path, final: Path) -> Converted:
 
 
 def _check_step(step: int, path: Path, final: Path) -> Converted:
-    """A step converted before, checked against its source as :func:`_convert_step` checks its copy."""
+    """A step converted before, checked against its source as :func:`_convert_step` checks its copy.
+
+    Raises:
+      FileExistsError: the step is not a copy of its source (a convert of another run left it).
+    """
     trees = _source_trees(path)
-    count = _check_same(trees, _as_saved(final, formats.load_checkpointables(final, None)), final)
+    copy = _as_saved(final, formats.load_checkpointables(final, None))
+    try:
+        count = _check_same(trees, copy, final)
+    except CheckpointCorruptedError as e:
+        raise FileExistsError(f"{final.parent} is not empty: its step {final.name} is not a copy of {path} ({e}), "
+                              "so no convert of these steps left it; convert into a new directory") from None
     return Converted(step, final, count, saving.plan(trees).nbytes)
 
 

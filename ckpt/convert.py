@@ -77,6 +77,8 @@ def convert_root(source: str | os.PathLike, destination: str | os.PathLike) -> I
       FileNotFoundError: ``source`` holds no step; or it is one checkpoint, not a root.
       CheckpointCorruptedError: a step of ``source`` is damaged (before anything is written), or a
         converted step differs from its source (named with the key path; raised by the iterator).
+      StepNotFoundError: a step was deleted while it was converted (by a run saving there; raised by the
+        iterator).
       UnsupportedLayoutError: a step holds a checkpointable that only its handler reads (an Orbax item of
         grain's, one a handler of :mod:`ckpt.custom` wrote), which cannot be copied (raised by the iterator).
 
@@ -164,8 +166,9 @@ def _undo(written: list[Path], lock: storage.DirectoryLock, made: list[Path]) ->
 
 
 def _convert_step(step: int, path: Path, final: Path) -> Converted:
-    info = formats.info(path)
-    trees = _source_trees(path)
+    with root_lib.reading(path, step):  # a step a run saving there deletes meanwhile: StepNotFoundError
+        info = formats.info(path)
+        trees = _source_trees(path)
     plan = saving.plan(trees, metrics=fmt.decode_json(info, "metrics"),
                        custom_metadata=fmt.decode_json(info, "custom_metadata"))
     plan.init_timestamp_nsecs = info.get("init_timestamp_nsecs") or plan.init_timestamp_nsecs
@@ -181,7 +184,8 @@ def _check_step(step: int, path: Path, final: Path) -> Converted:
     Raises:
       FileExistsError: the step is not a copy of its source (a convert of another run left it).
     """
-    trees = _source_trees(path)
+    with root_lib.reading(path, step):
+        trees = _source_trees(path)
     copy = _as_saved(final, formats.load_checkpointables(final, None))
     try:
         count = _check_same(trees, copy, final)

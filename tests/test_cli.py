@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import ckpt
-from ckpt import cli, progress
+from ckpt import cli, convert, progress, storage
 from ckpt import root as root_lib
 from ckpt import format as fmt
 from ckpt.objectstore import ObjectPath
@@ -502,6 +502,17 @@ def test_a_convert_into_the_copy_of_another_run_with_the_same_steps_exits_2_sayi
     status, _, err = run_cli(capsys, "convert", tmp_path / "b", tmp_path / "copy")
     assert status == 2 and f"its step 1 is not a copy of {tmp_path / 'b' / '1'}" in err and "into a new directory" in err
     np.testing.assert_array_equal(ckpt.load(tmp_path / "copy" / "1")["w"], np.full(3, 1.0))
+
+
+def test_a_convert_of_a_root_whose_step_a_run_deletes_meanwhile_says_it_is_gone_not_damaged(root, tmp_path):
+    """It said the step 'is not a checkpoint: it has none of the files ckpt writes (run `ckpt verify` for
+    details)', as of damage, where the garbage collection of a run saving there had deleted it."""
+    converting = convert.convert_root(root, tmp_path / "copy")
+    assert next(converting).step == 0
+    storage.remove_owned(root / "10")  # as a Checkpointer's garbage collection removes a step
+    with pytest.raises(ckpt.errors.StepNotFoundError, match=r"step 10 .* was deleted while it was being read"):
+        next(converting)
+    assert not (tmp_path / "copy").exists()
 
 
 def test_convert_without_torch_keeps_torch_tensors_torch_tensors(tmp_path):

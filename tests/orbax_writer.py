@@ -126,6 +126,8 @@ def main(directory: Path) -> None:
 
     with ocp.StandardCheckpointer() as checkpointer:  # one tree at a path of its own, as Flax's guides save one
         checkpointer.save(directory / "standalone", mixed_state(2, string=False))
+    with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as checkpointer:
+        checkpointer.save(directory / "standalone_json", {"lr": 0.1, "layers": [64, 1], "name": "mlp"})
 
     with ocp.CheckpointManager(directory / "array") as manager:
         for step in (1, 2):

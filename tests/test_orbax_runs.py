@@ -238,6 +238,13 @@ def test_a_tree_orbax_saved_at_a_path_of_its_own_or_a_steps_item_directory_loads
     assert "\nstate: " in capsys.readouterr().out
 
 
+def test_a_json_item_orbax_saved_at_a_path_of_its_own_loads_as_the_state(orbax_runs, capsys):
+    """It was said to be 'a JSON item without one JSON file': the checkpoint's own _CHECKPOINT_METADATA was counted."""
+    assert ckpt.load(orbax_runs / "standalone_json") == {"lr": 0.1, "layers": [64, 1], "name": "mlp"}
+    assert cli.main(["verify", str(orbax_runs / "standalone_json")]) == 0
+    assert "not checked" not in capsys.readouterr().out
+
+
 def test_a_root_of_trees_orbax_saved_at_paths_of_their_own_is_listed_and_converted_as_the_checkpointer_lists_it(
         orbax_runs, tmp_path, capsys):
     """The root was taken for one step of Orbax before 0.5 (a directory of items): ckpt ls showed one checkpoint,

@@ -267,7 +267,8 @@ class Step:
 def _json_file(directory: Path) -> str | None:
     """The name of a JSON item's one file (``metadata`` for v0's JsonCheckpointHandler), if it has one
     that starts as JSON does."""
-    names = [n for n in sorted(os.listdir(directory)) if n != COMMIT_SUCCESS and not n.startswith(".")]
+    names = [n for n in sorted(os.listdir(directory))
+             if n not in (COMMIT_SUCCESS, CHECKPOINT_METADATA) and not n.startswith(".")]  # (the item may be the step)
     if len(names) != 1 or not files.is_plain_file(directory / names[0]):
         return None
     with open(directory / names[0], "rb") as f:

@@ -44,9 +44,9 @@ def is_step(path: Any) -> bool:
     ``commit_success.txt`` Orbax writes, or ``_CHECKPOINT_METADATA`` (regular files) that does not say the
     save never committed (see :func:`check_committed`), or (Orbax before 0.5) an item directory with
     Orbax's files (see :func:`_is_item`) and no ``_CHECKPOINT_METADATA``, which would make it a checkpoint of
-    its own (``StandardCheckpointer().save(path, tree)``'s) and ``path`` their root. A step of a layout ckpt cannot read is still one: loading it
-    says so, and the root never looks empty. Anything less (a user's directory, a save Orbax never
-    committed) is not a step: ckpt never lists, overwrites or deletes it."""
+    its own (``StandardCheckpointer().save(path, tree)``'s) and ``path`` their root. A step of a layout ckpt
+    cannot read is still one: loading it says so, and the root never looks empty. Anything less (a user's
+    directory, a save Orbax never committed) is not a step: ckpt never lists, overwrites or deletes it."""
     if not (isinstance(path, Path) and files.is_plain_dir(path)):
         return False
     if _head(path / COMMIT_SUCCESS, len(_COMMITTED)) == _COMMITTED:
@@ -176,7 +176,7 @@ def items(step_dir: Path) -> dict[str, tuple[str, Path]]:
     directory. A directory that is one item itself (``StandardCheckpointer().save(path, tree)`` names one
     handler for it; a step's item directory, which names none) holds one: ``state``, itself."""
     handlers = _step_metadata(step_dir).get("item_handlers")
-    if isinstance(handlers, str) or handlers is None and _is_item(step_dir, step_dir):
+    if isinstance(handlers, str) or (handlers is None and _is_item(step_dir, step_dir)):
         return {ITEM_AT_STEP: (handlers or "", step_dir)}
     if isinstance(handlers, dict):  # a name without its directory wrote nothing (Orbax's own reader skips it:
         # its generated v1 steps name a 'descriptor' whose directory was removed)

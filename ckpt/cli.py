@@ -78,8 +78,8 @@ def _scan(root: storage.Location) -> tuple[list[_Step], list[_Step], list[root_l
     found by :func:`ckpt.path.step.name_format_of`): its steps, ascending, with the steps of ckpt's that
     are damaged (``error`` set; never listed by a Checkpointer); the checkpoints in it that are not its
     steps (``ckpt.save``'s, named otherwise: step None); and the other entries a Checkpointer would not
-    list: ckpt's temporaries, and foreign entries (a user's directory at a step's name, a symbolic link),
-    which are never followed."""
+    list: ckpt's temporaries, and foreign entries (a user's directory at a step's name, a symbolic link,
+    an Orbax save in progress or killed), which are never followed."""
     if isinstance(root, Path) and not root.is_dir():
         raise UsageError(f"{root} is not a directory")
     try:
@@ -104,6 +104,9 @@ def _scan(root: storage.Location) -> tuple[list[_Step], list[_Step], list[root_l
                 continue  # removed since the listing
             if entry.kind in root_lib.LISTED:
                 checkpoints.append(_Step(entry.path, None, entry.manifest))
+            elif orbax.is_temporary(name):  # listed with the entries ckpt did not write, never touched
+                others.append(dataclasses.replace(entry, kind=root_lib.Kind.FOREIGN,
+                                                  holds=f"an Orbax save in progress or killed: {entry.holds}"))
     return steps, checkpoints, others
 
 

@@ -261,6 +261,19 @@ def test_a_root_of_trees_orbax_saved_at_paths_of_their_own_is_listed_and_convert
     assert_same(ckpt.load(tmp_path / "copy" / "2", abstract), orbax_writer.mixed_state(2, string=False))
 
 
+def test_ls_lists_a_save_orbax_began_and_a_crash_interrupted_with_the_entries_ckpt_did_not_write(
+        orbax_runs, tmp_path, capsys):
+    """It was not listed at all, neither as a temporary nor as an entry ckpt did not write."""
+    run = copy_run(orbax_runs, "v1", tmp_path)
+    (run / "2.orbax-checkpoint-tmp" / "state").mkdir(parents=True)   # as Orbax 0.12 names a save it writes
+    assert cli.main(["ls", str(run), "--json"]) == 0
+    listing = json.loads(capsys.readouterr().out)
+    assert [s["step"] for s in listing["steps"]] == [0, 1] and listing["temporaries"] == []
+    assert listing["foreign"] == [{"path": str(run / "2.orbax-checkpoint-tmp"),
+                                   "holds": "an Orbax save in progress or killed: a directory holding 'state'"}]
+    assert (run / "2.orbax-checkpoint-tmp" / "state").is_dir()
+
+
 def test_the_state_orbax_before_0_12_named_pytree_loads_by_that_name_and_the_default_says_so(orbax_runs):
     step_dir = orbax_runs / "v1_pytree" / "0"
     with pytest.raises(errors.CheckpointableNotFoundError, match=r"it has \['pytree'\]: the state of a step written "

@@ -58,6 +58,12 @@ def is_step(path: Any) -> bool:
                for name in os.listdir(path))
 
 
+def is_temporary(name: str) -> bool:
+    """Whether ``name`` is one Orbax gives a save while it writes it (``10.orbax-checkpoint-tmp``; before
+    Orbax 0.11 with a time after it): a directory so named in a root is a save a crash interrupted."""
+    return ".orbax-checkpoint-tmp" in name
+
+
 _COMMITTED = b"Checkpoint commit was successful"  # what Orbax writes into commit_success.txt
 _MSGPACK_MAP_HEADERS = {**{byte: 1 for byte in range(0x81, 0x90)}, 0xDE: 3, 0xDF: 5}  # first byte -> header length
 _MSGPACK_STRINGS = frozenset([*range(0xA0, 0xC0), 0xD9, 0xDA, 0xDB])  # the first byte of a msgpack str

@@ -130,6 +130,7 @@ def _convert_steps(steps: list[tuple[int, Path]], source: Path, destination: Pat
     made = [p for p in (destination, *destination.parents) if not os.path.lexists(p)]  # innermost first
     storage.make_dir(destination)
     lock = storage.DirectoryLock(destination / fmt.LOCK)
+    made_lock = not os.path.lexists(lock.path)  # (a finished convert's, or a Checkpointer's, is kept)
     lock.acquire()
     written: list[Path] = []  # what this convert wrote in destination, removed if it fails
     try:
@@ -144,20 +145,22 @@ def _convert_steps(steps: list[tuple[int, Path]], source: Path, destination: Pat
             written.append(destination / path.name)
             yield _convert_step(step, path, written[-1])
     except (Exception, KeyboardInterrupt):
-        _undo(written, lock, made)
+        _undo(written, lock if made_lock else None, made)
         raise
     finally:
         lock.release()
 
 
-def _undo(written: list[Path], lock: storage.DirectoryLock, made: list[Path]) -> None:
+def _undo(written: list[Path], lock: storage.DirectoryLock | None, made: list[Path]) -> None:
     """Removes what a failed convert wrote: its steps (each holds ckpt's marker; one never committed is
-    already gone), the root's metadata, the lock, and the directories it created while they are empty."""
+    already gone), the root's metadata, the lock when it made it, and the directories it created while
+    they are empty."""
     for path in reversed(written):
         with contextlib.suppress(OSError):  # (ForeignEntryError too: what ckpt did not make stays)
             os.unlink(path) if path.name == fmt.ROOT_METADATA else storage.remove_owned(path)
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(lock.path)  # still held: no other convert or Checkpointer took it meanwhile
+    if lock is not None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock.path)  # still held: no other convert or Checkpointer took it meanwhile
     for directory in made:
         try:
             os.rmdir(directory)

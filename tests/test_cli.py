@@ -492,16 +492,29 @@ def test_a_convert_killed_before_it_could_clean_up_is_resumed_by_running_it_agai
     assert status == 2 and "'notes.txt', not left by a convert" in err
 
 
-def test_a_convert_into_the_copy_of_another_run_with_the_same_steps_exits_2_saying_so_and_keeps_it(tmp_path, capsys):
-    """It said the copy's leaf 'differs from its source (run `ckpt verify` for details)', exit status 1 (damage),
-    though the copy verifies: the copy is another run's, which the docstring says raises FileExistsError."""
+def converted_run_a_with_run_b_beside(tmp_path: Path, capsys) -> None:
+    """Runs a and b (step 1 each, other values) in ``tmp_path``, and a converted into ``tmp_path / "copy"``."""
     for name, value in (("a", 1.0), ("b", 2.0)):
         with ckpt.Checkpointer(tmp_path / name) as ckptr:
             ckptr.save(1, {"w": np.full(3, value)}, force=True)
     assert run_cli(capsys, "convert", tmp_path / "a", tmp_path / "copy")[0] == 0
+
+
+def test_a_convert_into_the_copy_of_another_run_with_the_same_steps_exits_2_saying_so_and_keeps_it(tmp_path, capsys):
+    """It said the copy's leaf 'differs from its source (run `ckpt verify` for details)', exit status 1 (damage),
+    though the copy verifies: the copy is another run's, which the docstring says raises FileExistsError."""
+    converted_run_a_with_run_b_beside(tmp_path, capsys)
     status, _, err = run_cli(capsys, "convert", tmp_path / "b", tmp_path / "copy")
     assert status == 2 and f"its step 1 is not a copy of {tmp_path / 'b' / '1'}" in err and "into a new directory" in err
     np.testing.assert_array_equal(ckpt.load(tmp_path / "copy" / "1")["w"], np.full(3, 1.0))
+
+
+def test_a_failed_convert_keeps_the_lock_file_it_found_in_its_destination(tmp_path, capsys):
+    """The failed convert removed the lock file the finished convert before it had left: not as it found it."""
+    converted_run_a_with_run_b_beside(tmp_path, capsys)
+    found = sorted(os.listdir(tmp_path / "copy"))
+    assert run_cli(capsys, "convert", tmp_path / "b", tmp_path / "copy")[0] == 2
+    assert sorted(os.listdir(tmp_path / "copy")) == found == [fmt.LOCK, "1"]
 
 
 def test_a_convert_of_a_root_whose_step_a_run_deletes_meanwhile_says_it_is_gone_not_damaged(root, tmp_path):

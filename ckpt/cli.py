@@ -78,8 +78,8 @@ def _scan(root: storage.Location) -> tuple[list[_Step], list[_Step], list[root_l
     found by :func:`ckpt.path.step.name_format_of`): its steps, ascending, with the steps of ckpt's that
     are damaged (``error`` set; never listed by a Checkpointer); the checkpoints in it that are not its
     steps (``ckpt.save``'s, named otherwise: step None); and the other entries a Checkpointer would not
-    list: ckpt's temporaries, and foreign entries (a user's directory at a step's name, a symbolic link),
-    which are never followed."""
+    list: ckpt's temporaries, and foreign entries (a user's directory at a step's name, a symbolic link,
+    an Orbax save in progress or killed), which are never followed."""
     if isinstance(root, Path) and not root.is_dir():
         raise UsageError(f"{root} is not a directory")
     try:
@@ -104,6 +104,9 @@ def _scan(root: storage.Location) -> tuple[list[_Step], list[_Step], list[root_l
                 continue  # removed since the listing
             if entry.kind in root_lib.LISTED:
                 checkpoints.append(_Step(entry.path, None, entry.manifest))
+            elif orbax.is_temporary(name):  # listed with the entries ckpt did not write, never touched
+                others.append(dataclasses.replace(entry, kind=root_lib.Kind.FOREIGN,
+                                                  holds=f"an Orbax save in progress or killed: {entry.holds}"))
     return steps, checkpoints, others
 
 
@@ -263,7 +266,7 @@ def ls(directory: storage.Location, *, as_json: bool, local: Path | None = None)
         "time": _time(s.manifest.get("commit_timestamp_nsecs"), iso=True) if s.manifest else None,
         "nbytes": s.manifest.get("nbytes") if s.manifest else None,
         "disk_bytes": _disk_bytes(s.path),
-        "metrics": s.manifest.get("metrics") if s.manifest else None,
+        "metrics": fmt.decode_json(s.manifest, "metrics") if s.manifest else None,
         "orbax": _by_orbax(s.manifest),
         "error": s.error,
         **({} if held_by is None else {"tiers": held_by[i]}),
@@ -315,22 +318,23 @@ def show(directory: storage.Location, step: int | None, *, as_json: bool) -> int
     selected = _select(directory, step)[0]
     step_dir, number = selected.path, selected.step
     manifest = formats.info(step_dir)
+    metrics, custom_metadata = fmt.decode_json(manifest, "metrics"), fmt.decode_json(manifest, "custom_metadata")
     trees, unreadable = formats.readable_trees(step_dir)
     records = {name: [_leaf_record(name, meta) for meta in doc["leaves"]] for name, doc in trees.items()}
     if as_json:
         _print_json({"step": number, "path": str(step_dir), "orbax": _by_orbax(manifest),
                      "time": _time(manifest.get("commit_timestamp_nsecs"), iso=True),
-                     "metrics": manifest.get("metrics"), "custom_metadata": manifest.get("custom_metadata"),
+                     "metrics": metrics, "custom_metadata": custom_metadata,
                      "nbytes": manifest.get("nbytes"), "checkpointables": records, "unreadable": unreadable})
         return 0
     _print(f"{_named(number)}  {step_dir}" + ("  (written by Orbax)" if _by_orbax(manifest) else ""))
     print(f"committed {_time(manifest.get('commit_timestamp_nsecs'), iso=False)}, "
           f"{progress.format_bytes(manifest.get('nbytes') or sum(r['nbytes'] for rs in records.values() for r in rs))} of data, "
           f"{_size(_disk_bytes(step_dir))} on disk")
-    if manifest.get("metrics") is not None:
-        _print(f"metrics: {_metrics_text(manifest['metrics'])}")
-    if manifest.get("custom_metadata") is not None:
-        _print(f"custom metadata: {json.dumps(_strict(manifest['custom_metadata']))}")
+    if metrics is not None:
+        _print(f"metrics: {_metrics_text(metrics)}")
+    if custom_metadata is not None:
+        _print(f"custom metadata: {json.dumps(_strict(custom_metadata))}")
     for name, rs in records.items():
         total = sum(r["nbytes"] for r in rs)
         _print(f"\n{name}: {len(rs)} leaves, {progress.format_bytes(total)}")

@@ -79,8 +79,10 @@ def convert_root(source: str | os.PathLike, destination: str | os.PathLike) -> I
       FileNotFoundError: ``source`` holds no step; or it is one checkpoint, not a root.
       CheckpointCorruptedError: a step of ``source`` is damaged (before anything is written), or a
         converted step differs from its source (named with the key path; raised by the iterator).
-      UnsupportedLayoutError: a step of ``source`` holds checkpointables saved by handlers (raised by the
-        iterator, before that step is written).
+      StepNotFoundError: a step was deleted while it was converted (by a run saving there; raised by the
+        iterator).
+      UnsupportedLayoutError: a step holds a checkpointable that only its handler reads (an Orbax item of
+        grain's, one a handler of :mod:`ckpt.custom` wrote), which cannot be copied (raised by the iterator).
 
     Example::
 
@@ -130,6 +132,7 @@ def _convert_steps(steps: list[tuple[int, Path]], source: Path, destination: Pat
     made = [p for p in (destination, *destination.parents) if not os.path.lexists(p)]  # innermost first
     root_lib.make(destination)
     lock = storage.DirectoryLock(destination / fmt.LOCK)
+    made_lock = not os.path.lexists(lock.path)  # (a finished convert's, or a Checkpointer's, is kept)
     lock.acquire()
     written: list[Path] = []  # what this convert wrote in destination, removed if it fails
     try:
@@ -144,20 +147,22 @@ def _convert_steps(steps: list[tuple[int, Path]], source: Path, destination: Pat
             written.append(destination / path.name)
             yield _convert_step(step, path, written[-1])
     except (Exception, KeyboardInterrupt):
-        _undo(written, lock, made)
+        _undo(written, lock if made_lock else None, made)
         raise
     finally:
         lock.release()
 
 
-def _undo(written: list[Path], lock: storage.DirectoryLock, made: list[Path]) -> None:
+def _undo(written: list[Path], lock: storage.DirectoryLock | None, made: list[Path]) -> None:
     """Removes what a failed convert wrote: its steps (each holds ckpt's marker; one never committed is
-    already gone), the root's metadata, the lock, and the directories it created while they are empty."""
+    already gone), the root's metadata, the lock when it made it, and the directories it created while
+    they are empty."""
     for path in reversed(written):
         with contextlib.suppress(OSError):  # (ForeignEntryError too: what ckpt did not make stays)
             os.unlink(path) if path.name == fmt.ROOT_METADATA else storage.remove_owned(path)
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(lock.path)  # still held: no other convert or Checkpointer took it meanwhile
+    if lock is not None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock.path)  # still held: no other convert or Checkpointer took it meanwhile
     for directory in made:
         try:
             os.rmdir(directory)
@@ -165,24 +170,10 @@ def _undo(written: list[Path], lock: storage.DirectoryLock, made: list[Path]) ->
             break  # not empty: something else is there now
 
 
-def _source_trees(path: Path) -> dict[str, Any]:
-    """The trees of a source step as saved (see :func:`_as_saved`).
-
-    Raises:
-      UnsupportedLayoutError: the step holds checkpointables saved by handlers (``ckpt.handlers``), whose
-        files only their handlers read: a convert copies trees.
-    """
-    handled = formats.handled(path)
-    if handled:
-        raise UnsupportedLayoutError(f"{path} holds {', '.join(map(repr, handled))}, saved by a handler "
-                                     "(ckpt.handlers) whose files ckpt convert cannot copy (it copies trees); "
-                                     "convert a root without them", path=path)
-    return _as_saved(path, formats.load_checkpointables(path, None))
-
-
 def _convert_step(step: int, path: Path, final: Path) -> Converted:
-    info = formats.info(path)
-    trees = _source_trees(path)
+    with root_lib.reading(path, step):  # a step a run saving there deletes meanwhile: StepNotFoundError
+        info = formats.info(path)
+        trees = _source_trees(path)
     plan = saving.plan(trees, metrics=fmt.decode_json(info, "metrics"),
                        custom_metadata=fmt.decode_json(info, "custom_metadata"))
     plan.init_timestamp_nsecs = info.get("init_timestamp_nsecs") or plan.init_timestamp_nsecs
@@ -193,10 +184,35 @@ def _convert_step(step: int, path: Path, final: Path) -> Converted:
 
 
 def _check_step(step: int, path: Path, final: Path) -> Converted:
-    """A step converted before, checked against its source as :func:`_convert_step` checks its copy."""
-    trees = _source_trees(path)
-    count = _check_same(trees, _as_saved(final, formats.load_checkpointables(final, None)), final)
+    """A step converted before, checked against its source as :func:`_convert_step` checks its copy.
+
+    Raises:
+      FileExistsError: the step is not a copy of its source (a convert of another run left it).
+    """
+    with root_lib.reading(path, step):
+        trees = _source_trees(path)
+    copy = _as_saved(final, formats.load_checkpointables(final, None))
+    try:
+        count = _check_same(trees, copy, final)
+    except CheckpointCorruptedError as e:
+        raise FileExistsError(f"{final.parent} is not empty: its step {final.name} is not a copy of {path} ({e}), "
+                              "so no convert of these steps left it; convert into a new directory") from None
     return Converted(step, final, count, saving.plan(trees).nbytes)
+
+
+def _source_trees(path: Path) -> dict[str, Any]:
+    """The trees of a step of the source, as saved (:func:`_as_saved`).
+
+    Raises:
+      UnsupportedLayoutError: a checkpointable of the step was written by a handler or by the object itself
+        (:mod:`ckpt.custom`): only that handler reads it, so it can be neither copied nor checked.
+    """
+    unread = formats.unread_handled(formats.handled(path))
+    if unread:
+        raise UnsupportedLayoutError(f"{path}: ckpt convert copies trees only, and " + "; ".join(
+            f"checkpointable {name!r} is {why}" for name, why in unread.items()) + "; move the step away to "
+            "convert the others", path=path)
+    return _as_saved(path, formats.load_checkpointables(path, None))
 
 
 _SAVED_AS = ("type", "sharding", "impl", "key_shape")  # what a framework's leaf was saved as, beyond its bytes

@@ -154,8 +154,9 @@ class CheckpointCorruptedError(ValueError):
 
 
 class UnsupportedLayoutError(ValueError):
-    """A checkpoint written by another tool (Orbax) in a layout ckpt cannot read; the message names the
-    directory and what it holds. Never taken for an empty directory.
+    """A checkpoint written by another tool (Orbax) in a layout ckpt cannot read, or (to ``ckpt convert``) a
+    step holding a checkpointable only its handler reads; the message names the directory and what it
+    holds. Never taken for an empty directory.
 
     Attributes:
       path: the step (or item) directory.

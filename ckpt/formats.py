@@ -68,12 +68,23 @@ def trees(step_dir: storage.Location, names: list[str] | None = None) -> dict[st
 
 
 def readable_trees(step_dir: storage.Location) -> tuple[dict[str, dict], dict[str, str]]:
-    """:func:`trees` of every checkpointable ckpt reads, and the others: an Orbax item written by a handler
-    ckpt does not read (a grain iterator's), name -> why (none in ckpt's steps)."""
+    """:func:`trees` of every checkpointable ckpt reads without a program's handlers, and the others, name ->
+    why: an Orbax item written by a handler ckpt does not read (a grain iterator's), and in ckpt's steps
+    those a handler or the object itself wrote (:func:`unread_handled`)."""
     if _by_orbax(step_dir):
         step = orbax.Step(step_dir, skip_unreadable=True)
         return step.trees, step.unreadable
-    return trees(step_dir), {}
+    doc = loading.read_tree(step_dir, loading.read_manifest(step_dir))
+    return doc["checkpointables"], unread_handled(doc.get("handled", {}))
+
+
+def unread_handled(records: dict[str, dict]) -> dict[str, str]:
+    """Why ckpt's own readers (``ckpt show``, ``verify``, ``convert``) leave the checkpointables a handler or
+    the object itself wrote (:func:`handled`'s records) unread, name -> why: only that handler reads them,
+    in a program holding it."""
+    return {name: f"written by {record['handler']}, which only that handler reads (in a program that registers it)"
+            if record.get("handler") else "saved by the object itself (a StatefulCheckpointable), which only that "
+            "object reads (passed to a load as the object to load into)" for name, record in records.items()}
 
 
 def metadata_trees(step_dir: storage.Location) -> dict[str, Any]:

@@ -7,7 +7,8 @@ it), and each array's zarr.json against its CRC32 in tree.json (a local step) an
 every chunk's word sum (``chunk_sum64``, of the packed array and of large leaves), the check a load
 makes, so that a step that passes ``verify`` loads.
 Memory stays bounded by two chunks (at most 2 x 16 MiB for large leaves, 2 x 4 MiB for packed ones).
-A step Orbax wrote is checked by reading every array of it through tensorstore, one at a time.
+A step Orbax wrote is checked by reading every array of it through tensorstore, one at a time. A
+checkpointable a handler wrote (:mod:`ckpt.custom`) is named in ``unchecked``: no checksum covers its files.
 
 Example::
 
@@ -62,7 +63,7 @@ class VerifyResult:
     leaves: int = 0
     nbytes: int = 0
     damaged: list[Damage] = dataclasses.field(default_factory=list)
-    unchecked: dict[str, str] = dataclasses.field(default_factory=dict)  # an Orbax item ckpt does not read -> why
+    unchecked: dict[str, str] = dataclasses.field(default_factory=dict)  # an item only its handler reads -> why
 
     @property
     def ok(self) -> bool:
@@ -112,6 +113,7 @@ def _verify(step_dir: storage.Location) -> VerifyResult:
     except CheckpointCorruptedError as e:
         result.damaged.append(Damage(fmt.TREE, str(e)))
         return result
+    result.unchecked = formats.unread_handled(doc.get("handled", {}))
     packed, arrays = [], []
     for name, tree in doc["checkpointables"].items():
         for meta in tree["leaves"]:

@@ -17,6 +17,7 @@ DIRECTORY/array:  v0 CheckpointManager, named items: arr (ArrayCheckpointHandler
                   and std (StandardCheckpointHandler), steps 1 and 2
 DIRECTORY/direct: v0 direct checkpoints, one tree in the directory itself: 3 (StandardCheckpointer, without
                   the string) and 4 (PyTreeCheckpointer), :func:`mixed_state` of the step
+DIRECTORY/direct_json: a v0 JSON item saved at a path of its own (JsonCheckpointHandler)
 
 The values are functions of the step (:func:`mixed_state`, :func:`flax_run`), so a test rebuilds them
 without Orbax and compares bit for bit. Everything but ``main`` imports without orbax.
@@ -125,6 +126,9 @@ def main(directory: Path) -> None:
                                item_handlers={**handlers, "ints": ocp.PyTreeCheckpointHandler()}) as manager:
         manager.save(1, args=ocp.args.Composite(**{name: ocp.args.PyTreeSave(HAIKU_PARAMS) for name in handlers},
                                                 ints=ocp.args.PyTreeSave(INT_KEYS)))
+
+    with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as checkpointer:  # a JSON item at a path of its own
+        checkpointer.save(directory / "direct_json", {"lr": 0.1, "layers": [64, 1], "name": "mlp"})
 
     with ocp.CheckpointManager(directory / "array") as manager:
         for step in (1, 2):

@@ -14,12 +14,13 @@ import numpy as np
 import pytest
 
 import ckpt
-from ckpt import cli, progress
+from ckpt import cli, convert, progress, storage
 from ckpt import root as root_lib
 from ckpt import format as fmt
 from ckpt.objectstore import ObjectPath
 from ckpt.verify import verify_step
 from tests import procs
+from tests.test_custom_checkpointables import Counter, Vocab, registry_context
 from tests.fsutil import tree_doc
 
 
@@ -62,6 +63,17 @@ def test_ls_lists_every_step_with_metrics_and_marks_the_latest(root, capsys):
     assert set(rows) == {"0", "10", "20"}
     assert rows["20"].startswith("* 20") and "loss=0.047619" in rows["20"]
     assert "loss=1" in rows["0"] and not rows["0"].startswith("*")
+
+
+def test_ls_and_show_print_a_nan_metric_as_a_number_and_a_string_metric_quoted(tmp_path, capsys):
+    """A NaN loss was printed as the string the manifest stores it as, as a metric that is a string is."""
+    with ckpt.Checkpointer(tmp_path) as ckptr:
+        ckptr.save(1, {"w": np.ones(2)}, metrics={"loss": float("nan"), "best": float("-inf"), "note": "nan"},
+                   custom_metadata={"lr": float("inf")})
+    row = run_cli(capsys, "ls", tmp_path)[1].splitlines()[2]
+    assert row.endswith('loss=nan best=-inf note="nan"'), row
+    out = run_cli(capsys, "show", tmp_path)[1]
+    assert 'metrics: loss=nan best=-inf note="nan"' in out and 'custom metadata: {"lr": "inf"}' in out
 
 
 def test_ls_json_reports_steps_sizes_times_metrics_and_temporaries(root, capsys):
@@ -489,6 +501,42 @@ def test_a_convert_killed_before_it_could_clean_up_is_resumed_by_running_it_agai
     assert status == 2 and "'notes.txt', not left by a convert" in err
 
 
+def converted_run_a_with_run_b_beside(tmp_path: Path, capsys) -> None:
+    """Runs a and b (step 1 each, other values) in ``tmp_path``, and a converted into ``tmp_path / "copy"``."""
+    for name, value in (("a", 1.0), ("b", 2.0)):
+        with ckpt.Checkpointer(tmp_path / name) as ckptr:
+            ckptr.save(1, {"w": np.full(3, value)}, force=True)
+    assert run_cli(capsys, "convert", tmp_path / "a", tmp_path / "copy")[0] == 0
+
+
+def test_a_convert_into_the_copy_of_another_run_with_the_same_steps_exits_2_saying_so_and_keeps_it(tmp_path, capsys):
+    """It said the copy's leaf 'differs from its source (run `ckpt verify` for details)', exit status 1 (damage),
+    though the copy verifies: the copy is another run's, which the docstring says raises FileExistsError."""
+    converted_run_a_with_run_b_beside(tmp_path, capsys)
+    status, _, err = run_cli(capsys, "convert", tmp_path / "b", tmp_path / "copy")
+    assert status == 2 and f"its step 1 is not a copy of {tmp_path / 'b' / '1'}" in err and "into a new directory" in err
+    np.testing.assert_array_equal(ckpt.load(tmp_path / "copy" / "1")["w"], np.full(3, 1.0))
+
+
+def test_a_failed_convert_keeps_the_lock_file_it_found_in_its_destination(tmp_path, capsys):
+    """The failed convert removed the lock file the finished convert before it had left: not as it found it."""
+    converted_run_a_with_run_b_beside(tmp_path, capsys)
+    found = sorted(os.listdir(tmp_path / "copy"))
+    assert run_cli(capsys, "convert", tmp_path / "b", tmp_path / "copy")[0] == 2
+    assert sorted(os.listdir(tmp_path / "copy")) == found == [fmt.LOCK, "1"]
+
+
+def test_a_convert_of_a_root_whose_step_a_run_deletes_meanwhile_says_it_is_gone_not_damaged(root, tmp_path):
+    """It said the step 'is not a checkpoint: it has none of the files ckpt writes (run `ckpt verify` for
+    details)', as of damage, where the garbage collection of a run saving there had deleted it."""
+    converting = convert.convert_root(root, tmp_path / "copy")
+    assert next(converting).step == 0
+    storage.remove_owned(root / "10")  # as a Checkpointer's garbage collection removes a step
+    with pytest.raises(ckpt.errors.StepNotFoundError, match=r"step 10 .* was deleted while it was being read"):
+        next(converting)
+    assert not (tmp_path / "copy").exists()
+
+
 def test_convert_without_torch_keeps_torch_tensors_torch_tensors(tmp_path):
     """Converted where torch is not installed, tensors were copied as the numpy arrays they load as."""
     torch = pytest.importorskip("torch")
@@ -549,6 +597,37 @@ def test_convert_names_the_checkpoints_of_the_root_it_does_not_convert(root, tmp
         assert json.loads(out)["not_steps"] == [str(root / "step_30")]
     else:
         assert f"not converted, not steps of {root} (named otherwise): step_30" in out + err
+
+
+def test_show_and_verify_name_the_checkpointables_a_handler_wrote_as_not_read(tmp_path, capsys):
+    """They were left out without a word: show listed the step's trees alone, verify said ok of the trees."""
+    with ckpt.Checkpointer(tmp_path / "run", context=registry_context()) as ckptr:
+        ckptr.save_checkpointables(1, {"state": {"w": np.ones(3)}, "vocab": Vocab(["a"]), "counter": Counter(3)},
+                                   force=True)
+    vocab_why = "written by tests.test_custom_checkpointables.VocabHandler, which only that handler reads"
+    counter_why = "saved by the object itself (a StatefulCheckpointable), which only that object reads"
+    status, out, _ = run_cli(capsys, "show", tmp_path / "run")
+    assert status == 0 and f"vocab: not read by ckpt: {vocab_why}" in out and f"counter: not read by ckpt: {counter_why}" in out
+    status, out, _ = run_cli(capsys, "verify", tmp_path / "run", "--json")
+    unchecked = json.loads(out)["steps"][0]["unchecked"]
+    assert status == 0 and vocab_why in unchecked["vocab"] and counter_why in unchecked["counter"]
+    status, out, _ = run_cli(capsys, "verify", tmp_path / "run" / "1")
+    assert status == 0 and f"not checked: vocab: {vocab_why}" in out
+
+
+def test_convert_of_a_step_holding_what_a_handler_wrote_exits_2_naming_it_and_leaves_no_destination(tmp_path, capsys):
+    """It ended in a traceback: the load of every checkpointable raised ValueError (a StatefulCheckpointable's,
+    loaded without the object) or KeyError (a handler's, not registered in the command's process)."""
+    with ckpt.Checkpointer(tmp_path / "run", context=registry_context()) as ckptr:
+        ckptr.save_checkpointables(1, {"state": {"w": np.ones(3)}}, force=True)
+        ckptr.save_checkpointables(2, {"state": {"w": np.ones(3)}, "vocab": Vocab(["a"]), "counter": Counter(3)},
+                                   force=True)
+    status, out, err = run_cli(capsys, "convert", tmp_path / "run", tmp_path / "copy")
+    assert status == 2 and "step 1 ->" in out
+    assert f"{tmp_path / 'run' / '2'}: ckpt convert copies trees only" in err
+    assert "'vocab' is written by tests.test_custom_checkpointables.VocabHandler" in err
+    assert "'counter' is saved by the object itself (a StatefulCheckpointable)" in err
+    assert not (tmp_path / "copy").exists()
 
 
 def test_convert_of_one_step_directory_says_it_takes_a_root(root, tmp_path, capsys):

@@ -50,7 +50,8 @@ VALUES = [None, True, False, -1, 0, 1, 2**31, 2**64, 2**100, 1.5, float("nan"), 
           [], {}, [0], [[]], [-1, 2], [0, 2**63], ["key", "x"], {"a": 1}]
 FEWER_VALUES = [None, -1, 2**31, 2**64, "x", [], {}]  # for Orbax steps, whose every forgery opens each array
 # Orbax steps (tests/orbax_writer.py): the run and step, the checkpointable a load asks for
-ORBAX_STEPS = {"v1 (OCDBT, zarr3)": ("v1/0", "state"), "v0 named items (zarr v2, no OCDBT)": ("named/7", "model")}
+ORBAX_STEPS = {"v1 (OCDBT, zarr3)": ("v1/0", "state"), "v0 named items (zarr v2, no OCDBT)": ("named/7", "model"),
+               "a tree saved at a path of its own": ("direct/3", "state")}
 MEMORY_CAP = 3 << 30  # RLIMIT_AS of the child
 SECONDS_PER_FORGERY = 20
 SWEEP_TIMEOUT_SECS = 900
@@ -219,7 +220,8 @@ def test_every_field_of_an_orbax_step_forged_is_refused_with_a_ckpt_error_or_rea
                 files.append(str(path.relative_to(sound)))
     if arrays:
         files.append(max(arrays, key=arrays.get))  # one of the most dimensions
-    assert "_CHECKPOINT_METADATA" in files and f"{name}/_METADATA" in files
+    item_metadata = f"{name}/_METADATA" if (sound / name).is_dir() else "_METADATA"  # (an item may be the step)
+    assert "_CHECKPOINT_METADATA" in files and item_metadata in files
     count, problems = run_sweep(sound, files, name)
     assert count >= 2000, f"only {count} forgeries of {files}"
     assert not problems, f"{len(problems)} of {count} forgeries of {layout}:\n  " + "\n  ".join(problems[:20])

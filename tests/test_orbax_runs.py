@@ -252,6 +252,52 @@ def test_an_item_of_an_orbax_step_is_no_checkpoint_nor_a_root_of_direct_checkpoi
     with pytest.raises(errors.ForeignEntryError, match="not a committed"):
         ckpt.delete(root / "step_0003" / "default")
     assert file_hashes(root) == file_hashes(orbax_runs / "single")
+def test_a_tree_orbax_saved_at_a_path_of_its_own_loads_shows_and_verifies_as_the_state(orbax_runs, capsys):
+    """Such a directory holds the item's own files, which were taken for its items: ckpt.load raised
+    'it has ['array_metadatas', 'd', 'ocdbt.process_0']', and ckpt verify said ok of it, reading no array."""
+    directory, step, string = orbax_runs / "direct" / "3", 3, False
+    want = orbax_writer.mixed_state(step, string=string)
+    assert sorted(ckpt.load(directory)) == sorted(want)
+    assert_same(ckpt.load(directory, orbax_writer.mixed_abstract(step, string=string)), want)
+    assert cli.main(["verify", str(directory), "--json"]) == 0
+    checked = json.loads(capsys.readouterr().out)["steps"][0]
+    arrays = [v[2] if isinstance(v, tuple) else v for v in leaves(want).values() if isinstance(v, tuple)
+              or hasattr(v, "nbytes")]  # (typed keys as their key data)
+    assert checked["leaves"] >= len(arrays) and checked["nbytes"] >= sum(a.nbytes for a in arrays) > 0
+    assert cli.main(["show", str(directory)]) == 0
+    assert "\nstate: " in capsys.readouterr().out
+
+
+def test_a_json_item_orbax_saved_at_a_path_of_its_own_loads_as_the_state(orbax_runs, capsys):
+    """It was said to be 'a JSON item without one JSON file': the checkpoint's own _CHECKPOINT_METADATA was counted."""
+    assert ckpt.load(orbax_runs / "direct_json") == {"lr": 0.1, "layers": [64, 1], "name": "mlp"}
+    assert cli.main(["verify", str(orbax_runs / "direct_json")]) == 0
+    assert "not checked" not in capsys.readouterr().out
+
+
+def test_a_root_of_trees_orbax_saved_at_paths_of_their_own_is_listed_and_converted_as_the_checkpointer_lists_it(
+        orbax_runs, tmp_path, capsys):
+    """The root was taken for one step of Orbax before 0.5 (a directory of items): ckpt ls showed one checkpoint,
+    not a step, and ckpt convert said it is one checkpoint, not a root, where a Checkpointer lists its steps."""
+    assert cli.main(["ls", str(orbax_runs / "direct"), "--json"]) == 0
+    listing = json.loads(capsys.readouterr().out)
+    assert [s["step"] for s in listing["steps"]] == [3, 4] and listing["latest"] == 4
+    assert [done.step for done in convert_root(orbax_runs / "direct", tmp_path / "copy")] == [3, 4]
+    abstract = orbax_writer.mixed_abstract(3, string=False)
+    assert_same(ckpt.load(tmp_path / "copy" / "3", abstract), orbax_writer.mixed_state(3, string=False))
+
+
+def test_ls_lists_a_save_orbax_began_and_a_crash_interrupted_with_the_entries_ckpt_did_not_write(
+        orbax_runs, tmp_path, capsys):
+    """It was not listed at all, neither as a temporary nor as an entry ckpt did not write."""
+    run = copy_run(orbax_runs, "v1", tmp_path)
+    (run / "2.orbax-checkpoint-tmp" / "state").mkdir(parents=True)   # as Orbax 0.12 names a save it writes
+    assert cli.main(["ls", str(run), "--json"]) == 0
+    listing = json.loads(capsys.readouterr().out)
+    assert [s["step"] for s in listing["steps"]] == [0, 1] and listing["temporaries"] == []
+    assert listing["foreign"] == [{"path": str(run / "2.orbax-checkpoint-tmp"),
+                                   "holds": "an Orbax save in progress or killed: a directory holding 'state'"}]
+    assert (run / "2.orbax-checkpoint-tmp" / "state").is_dir()
 
 
 def test_the_state_orbax_before_0_12_named_pytree_loads_by_that_name_and_the_default_says_so(orbax_runs):

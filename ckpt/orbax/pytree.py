@@ -128,7 +128,8 @@ class PyTreeItem:
                     meta.update(type="jax_key", impl=impls[name])
                 elif kind == "jax.Array" and name in placed:
                     meta["sharding"] = placed[name]
-                meta["stored"] = f"{(self.directory / name).relative_to(self.step_dir)}" + (" (OCDBT)" if self._ocdbt else "/")
+                stored = (self.directory / name).relative_to(self.step_dir)  # (the item may be the step itself)
+                meta["stored"] = f"{stored}" + (" (OCDBT)" if self._ocdbt else "/")
                 opening[i] = ts.open(self._spec(name), open=True, context=_CONTEXT)
             else:
                 raise UnsupportedLayoutError(

@@ -42,7 +42,7 @@ _JSON_HANDLERS = ("JsonHandler", "JsonCheckpointHandler", "MetricsHandler")
 def is_step(path: Any) -> bool:
     """Whether ``path`` is a local directory Orbax wrote as a committed step: it has the
     ``commit_success.txt`` Orbax writes, or ``_CHECKPOINT_METADATA`` (regular files) that does not say the
-    save never committed (see :func:`check_committed`), or (Orbax before 0.5) an item directory with
+    save never committed (see :func:`check_checkpoint`), or (Orbax before 0.5) an item directory with
     Orbax's files (see :func:`_is_item`). A step of a layout ckpt cannot read is still one: loading it
     says so, and the root never looks empty. Anything less (a user's directory, a save Orbax never
     committed, one item of a step, such as ``<step>/state``, which Orbax does not load as a checkpoint
@@ -53,7 +53,15 @@ def is_step(path: Any) -> bool:
         return True
     if files.is_plain_file(path / CHECKPOINT_METADATA):
         return not _never_committed(path)
-    return any(files.is_plain_dir(path / name) and _is_item(path / name, path) for name in os.listdir(path))
+    return any(files.is_plain_dir(path / name) and _is_item(path / name, path)
+               and not os.path.lexists(path / name / CHECKPOINT_METADATA)  # (a checkpoint of its own: path is a root)
+               for name in os.listdir(path))
+
+
+def is_temporary(name: str) -> bool:
+    """Whether ``name`` is one Orbax gives a save while it writes it (``10.orbax-checkpoint-tmp``; before
+    Orbax 0.11 with a time after it): a directory so named in a root is a save a crash interrupted."""
+    return ".orbax-checkpoint-tmp" in name
 
 
 _COMMITTED = b"Checkpoint commit was successful"  # what Orbax writes into commit_success.txt

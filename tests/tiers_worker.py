@@ -17,7 +17,7 @@ import time
 import numpy as np
 
 import ckpt
-from ckpt import tiers
+from ckpt import distributed
 from ckpt.training import preservation_policies as pp
 from ckpt.training import save_decision_policies as sdp
 
@@ -51,14 +51,14 @@ def main(mode: str, durable: str, local: str) -> None:
             print("ready", flush=True)
             time.sleep(600)
     if mode == "interrupt":
-        barrier = tiers._barrier
+        settle = distributed.settle
 
-        def hang_before_the_manifest_of_step_10(root, name):
+        def hang_before_the_manifest_of_step_10(processes, name, part, timeout_secs, task):
+            settle(processes, name, part, timeout_secs, task)  # step 10's files copied, then its manifest never
             if name.endswith("promote/10/written"):
                 time.sleep(600)
-            barrier(root, name)
 
-        tiers._barrier = hang_before_the_manifest_of_step_10
+        distributed.settle = hang_before_the_manifest_of_step_10
         with checkpointer(durable, local) as ckptr:
             for step in range(13):
                 response = ckptr.save_async(step, state(step))

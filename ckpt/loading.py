@@ -229,7 +229,7 @@ def _leaf_metadata(meta: dict) -> LeafMetadata:
     dtype = leaves_lib.parse_dtype(meta["dtype"])
     shape = tuple(meta.get("key_shape", meta["shape"]))
     sharding = None
-    if meta["type"] == "jax" and "sharding" in meta and "jax" in sys.modules:  # (a read of metadata imports no jax)
+    if meta["type"] in ("jax", "jax_key") and "sharding" in meta and "jax" in sys.modules:  # (a read imports no jax)
         sharding = shardings.restore(meta["sharding"], warn=False)
     return LeafMetadata(meta["type"], shape, dtype, math.prod(meta["shape"]) * dtype.itemsize, sharding)
 

@@ -446,7 +446,7 @@ def load_trees(step_dir: Any, trees: dict[str, dict], abstract: dict[str, Any] |
     tracker.finish()
     for reader, job_reads in jobs:
         reader.check([next(results) for _ in job_reads])
-    with collector.paused():
+    with collector.paused(), transfers.explicit():
         built = {}
         for name in abstract:
             try:

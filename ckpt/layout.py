@@ -228,7 +228,7 @@ def where(column: list[Any], value: Any) -> list[int]:
 
 def signature(x: Any) -> Any:
     """What must not change for a plan to be reused: the type, and for array data shape and dtype
-    (plus, for jax, the sharding); None for a leaf whose plan is never reused."""
+    (plus, for jax, the sharding and weak type); None for a leaf whose plan is never reused."""
     kind = type(x)
     if kind in leaves_lib.INLINE_TYPES:
         return kind
@@ -243,7 +243,9 @@ def signature(x: Any) -> Any:
         return (kind, x.shape, x.dtype, x.device)
     jax = sys.modules.get("jax")
     if jax is not None and isinstance(x, jax.Array) and not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-        return None if x.is_deleted() else (kind, x.shape, x.dtype, x.sharding)  # a donated one: planned to be refused
+        if x.is_deleted():  # a donated one: planned to be refused
+            return None
+        return (kind, x.shape, x.dtype, x.sharding, x.weak_type)
     return None
 
 

@@ -177,6 +177,8 @@ def to_host(path: KeyPath, x: Any) -> HostLeaf:
                     "shape": list(data.shape), "key_shape": list(x.shape)}
         else:
             meta, data = {"type": "jax", "dtype": dtype_name(np.dtype(x.dtype)), "shape": list(x.shape)}, x
+            if x.weak_type:  # a Python scalar's type, which takes the dtype of the arrays it meets
+                meta["weak_type"] = True
         sharding = shardings.describe(x.sharding)
         if sharding is not None:
             meta["sharding"] = sharding
@@ -449,8 +451,7 @@ def _restore_as_saved(meta: dict, read: Reader, to_device: transfers.ToDevice) -
         if sharding is not None and kind == "jax_key":
             return _restore_keys(jax, meta, read, meta["impl"], sharding)
         if sharding is not None:  # where it was saved
-            abstract = jax.ShapeDtypeStruct(tuple(meta["shape"]), parse_dtype(meta["dtype"]), sharding=sharding)
-            return _restore_jax(meta, read, abstract, jax, to_device)
+            return _restore_jax(meta, read, _as_saved(jax, meta, sharding), jax, to_device)
     array = read(None)
     if kind == "bytes":
         return array.tobytes()
@@ -462,11 +463,19 @@ def _restore_as_saved(meta: dict, read: Reader, to_device: transfers.ToDevice) -
             return array
         if kind == "jax_key":
             return _wrap_key(jax, meta, array, meta["impl"])
+        if meta.get("weak_type") is True:
+            return _restore_jax(meta, _reader(array), _as_saved(jax, meta, None), jax, to_device)
         return to_device.jax(array, None)
     if kind == "torch":
         torch = _import_or_none("torch")
         return array if torch is None else numpy_to_torch(array)
     return array
+
+
+def _as_saved(jax: Any, meta: dict, sharding: Any) -> Any:
+    """The abstract leaf of a saved jax array: its shape, dtype and weak type, placed by ``sharding``."""
+    return jax.ShapeDtypeStruct(tuple(meta["shape"]), parse_dtype(meta["dtype"]), sharding=sharding,
+                                weak_type=meta.get("weak_type") is True)
 
 
 class LeafDataError(ValueError):
@@ -547,6 +556,20 @@ def _restore_jax(meta: dict, read: Reader, abstract: Any, jax: Any, to_device: t
         if is_key:
             return _restore_keys(jax, meta, read, meta.get("impl") or _key_impl(abstract), sharding)
         dtype = parse_dtype(meta["dtype"]) if want_dtype is None else np.dtype(want_dtype)
-    if sharding is None or (sharding.is_fully_addressable and sharding.is_fully_replicated):
+    weak = not isinstance(abstract, type) and abstract.weak_type  # (a ShapeDtypeStruct's or a jax.Array's)
+    if not weak and (sharding is None or (sharding.is_fully_addressable and sharding.is_fully_replicated)):
         return to_device.jax(read(None).astype(dtype, copy=False), sharding)
-    return jax.make_array_from_callback(tuple(meta["shape"]), sharding, lambda index: read(index).astype(dtype, copy=False))
+    if sharding is None:
+        array = jax.device_put(read(None).astype(dtype, copy=False))
+    else:
+        array = jax.make_array_from_callback(tuple(meta["shape"]), sharding,
+                                             lambda index: read(index).astype(dtype, copy=False))
+    return _weakly_typed(array) if weak else array
+
+
+def _weakly_typed(array: Any) -> Any:
+    """``array``, placed where it is, with the weak type jax gives a Python scalar (which takes the dtype of
+    the arrays it meets: a bf16 array times it stays bf16). jax has no public way to make one."""
+    from jax._src.lax import lax
+
+    return lax._convert_element_type(array, weak_type=True)

@@ -229,7 +229,7 @@ def _leaf_metadata(meta: dict) -> LeafMetadata:
     dtype = leaves_lib.parse_dtype(meta["dtype"])
     shape = tuple(meta.get("key_shape", meta["shape"]))
     sharding = None
-    if meta["type"] == "jax" and "sharding" in meta and "jax" in sys.modules:  # (a read of metadata imports no jax)
+    if meta["type"] in ("jax", "jax_key") and "sharding" in meta and "jax" in sys.modules:  # (a read imports no jax)
         sharding = shardings.restore(meta["sharding"], warn=False)
     return LeafMetadata(meta["type"], shape, dtype, math.prod(meta["shape"]) * dtype.itemsize, sharding)
 
@@ -446,7 +446,7 @@ def load_trees(step_dir: Any, trees: dict[str, dict], abstract: dict[str, Any] |
     tracker.finish()
     for reader, job_reads in jobs:
         reader.check([next(results) for _ in job_reads])
-    with collector.paused():
+    with collector.paused(), transfers.explicit():
         built = {}
         for name in abstract:
             try:
@@ -513,8 +513,8 @@ def _build(table: LeafTable, saved_node: tree_lib.Node, plan: Plan | None, sourc
                                            mismatch=abstract_leaf is not None) from None
 
     # The usual leaf, a numpy array read already (a packed one), is returned as it is, cast into a numpy
-    # abstract leaf, or put on the default device for a jax.ShapeDtypeStruct without a sharding (as
-    # jax.eval_shape gives), without a call: what leaves.restore would make of it.
+    # abstract leaf, or put on the default device for a jax.ShapeDtypeStruct without a sharding nor a weak
+    # type (as jax.eval_shape gives most), without a call: what leaves.restore would make of it.
     skip, array = leaves_lib.PLACEHOLDER, np.ndarray
     if plan is None:
         values = [read if type(read) is array and kind == "numpy" else value(i, None)
@@ -531,7 +531,7 @@ def _build(table: LeafTable, saved_node: tree_lib.Node, plan: Plan | None, sourc
                    else read.astype(leaf.dtype, copy=False) if type(read) is array and type(leaf) is array
                    else put(read.astype(leaf.dtype, copy=False), None)
                    if type(read) is array and type(leaf) is shaped and leaf.sharding is None and kinds[i] == "jax"
-                   and isinstance(leaf.dtype, np.dtype)
+                   and isinstance(leaf.dtype, np.dtype) and not leaf.weak_type
                    else value(i, None if isinstance(leaf, LeafMetadata) else leaf)
                    for (_, leaf), i, read in zip(abstract_leaves, order, received)]
         except _CANNOT_BECOME:  # a cast above failed: the general path finds the leaf and names it

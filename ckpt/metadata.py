@@ -137,9 +137,10 @@ PyTreeMetadata = Any
 @dataclasses.dataclass(frozen=True)
 class LeafMetadata:
     """A saved leaf: its ``type`` (numpy, jax, torch, int, str, ...), ``shape`` and ``dtype`` (None inline),
-    ``nbytes``, and ``sharding``: the ``jax.sharding.NamedSharding`` a jax array was saved with when jax is
-    imported and this job's devices can hold it, else None (as for every other leaf), so that Orbax's idiom
-    ``jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=m.sharding)`` builds an abstract tree from it.
+    ``nbytes``, and ``sharding``: the ``jax.sharding.NamedSharding`` a jax array (typed PRNG keys included) was
+    saved with when jax is imported and this job's devices can hold it, else None (as for every other leaf), so
+    that Orbax's idiom ``jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=m.sharding)`` builds an abstract tree
+    from it.
 
     Example::
 

@@ -229,6 +229,15 @@ def with_callers_placement(fn: Callable[[], T]) -> Callable[[], T]:
     return run
 
 
+def explicit() -> contextlib.AbstractContextManager:
+    """A scope in which jax counts this thread's transfers to devices as explicit ones, as it counts
+    ``jax.device_put``'s: a load is one (:class:`ToDevice` calls jax's per-array transfer itself), which
+    ``jax.transfer_guard("disallow")`` lets through, as it lets Orbax's, and ``"disallow_explicit"`` stops."""
+    jax_config = sys.modules.get("jax._src.config")
+    scope = getattr(jax_config, "explicit_device_put_scope", None)  # (absent from older jax)
+    return contextlib.nullcontext() if scope is None else scope()
+
+
 def _default_device(jax: Any) -> Any:
     """Where jax puts an array it is given no place for: the configured default device, else this
     process's first one (as jax does: ``jax.devices()[0]`` is process 0's in a multi-process job)."""

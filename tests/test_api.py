@@ -676,11 +676,15 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 sharding = NamedSharding(Mesh(np.array(jax.devices()).reshape(2, 2), ("x", "y")), P("x", "y"))
 with ckpt.Checkpointer(sys.argv[1]) as ckptr:
-    ckptr.save(0, {"a": jax.device_put(jnp.arange(32.0).reshape(8, 4), sharding), "n": np.ones(3)})
+    keys = jax.device_put(jax.random.split(jax.random.key(0), 4).reshape(2, 2), sharding)
+    ckptr.save(0, {"a": jax.device_put(jnp.arange(32.0).reshape(8, 4), sharding), "n": np.ones(3), "k": keys})
     meta = ckptr.metadata(0).metadata
     assert meta["a"].sharding == sharding and meta["n"].sharding is None
+    assert meta["k"].sharding == sharding, meta["k"]  # typed keys' too, as a load without a tree restores it
     abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=m.sharding), meta)  # Orbax's idiom
-    assert ckptr.load(0, abstract)["a"].sharding == sharding
+    restored = ckptr.load(0, abstract)
+    assert restored["a"].sharding == sharding and restored["k"].sharding == sharding
+    np.testing.assert_array_equal(jax.random.key_data(restored["k"]), jax.random.key_data(keys))
 print("METADATA-SHARDING-OK")
 """
 

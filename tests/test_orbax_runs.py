@@ -163,6 +163,31 @@ def test_an_orbax_array_loaded_without_a_tree_gets_its_saved_sharding_where_the_
         assert isinstance(w.sharding, jax.sharding.NamedSharding) and not told, (w.sharding, told)
 
 
+ORBAX_SHARDED_KEYS = r"""
+import sys
+import jax, numpy as np
+from orbax.checkpoint import v1 as ocp
+import ckpt
+mesh = jax.make_mesh((2,), ("x",))
+sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("x"))
+keys = jax.device_put(jax.random.split(jax.random.key(3, impl="rbg"), 4), sharding)
+ocp.save_pytree(sys.argv[1], {"keys": keys})
+loaded = ckpt.load(sys.argv[1])["keys"]
+assert loaded.sharding == sharding, loaded.sharding
+assert str(jax.random.key_impl(loaded)) == str(jax.random.key_impl(keys))
+np.testing.assert_array_equal(jax.random.key_data(loaded), jax.random.key_data(keys))
+print("KEYS-AS-SAVED")
+"""
+
+
+def test_orbax_typed_keys_loaded_without_a_tree_get_their_saved_sharding(tmp_path):
+    """Orbax restores sharded typed keys as it saved them; ckpt put them on the default device (it read
+    no sharding for keys, and Orbax's is the key data's: ['x', None] for keys of shape (4,))."""
+    result = procs.run_script(ORBAX_SHARDED_KEYS, str(tmp_path / "orbax"), timeout=120, JAX_PLATFORMS="cpu",
+                              XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    assert result.returncode == 0 and "KEYS-AS-SAVED" in result.stdout, result.stdout + result.stderr[-3000:]
+
+
 def test_v0_single_and_named_items_load_bit_for_bit(orbax_runs):
     with ckpt.Checkpointer(orbax_runs / "single", step_name_format=SINGLE_NAMES) as ckptr:
         for step in (3, 5):

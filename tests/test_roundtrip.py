@@ -335,6 +335,31 @@ def test_typed_prng_keys_round_trip_with_their_impl_and_raw_keys_as_uint32(tmp_p
         assert jax.random.uniform(restored["key"]) == jax.random.uniform(state["key"])
 
 
+def test_weak_typed_jax_arrays_keep_their_weak_type_with_and_without_an_abstract_tree(tmp_path):
+    """A weak-typed scalar (jnp.asarray(0.5): a Python scalar's type) came back strong, into jax.eval_shape's
+    weak abstract leaf too: a resumed step multiplying bf16 params by it made them float32."""
+    jax = pytest.importorskip("jax")
+    import jax.numpy as jnp
+
+    state = {"params": jnp.ones(4, jnp.bfloat16), "scale": jnp.asarray(0.5), "count": jnp.asarray(3),
+             "strong": jnp.float32(2.0)}
+    weak = {key: value.weak_type for key, value in state.items()}
+    assert weak == {"params": False, "scale": True, "count": True, "strong": False}
+    ckpt.save(tmp_path / "c", state)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    placed = {key: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=device, weak_type=v.weak_type) for key, v in state.items()}
+    for target in (None, jax.eval_shape(lambda: state), placed, state):
+        restored = ckpt.load(tmp_path / "c", target)
+        assert {key: value.weak_type for key, value in restored.items()} == weak
+        assert (restored["params"] * restored["scale"]).dtype == jnp.bfloat16
+        for key, value in state.items():
+            assert restored[key].dtype == value.dtype and restored[key].item(0) == value.item(0), key
+    with ckpt.Checkpointer(tmp_path / "run") as ckptr:  # the second save, of another weak type, plans anew
+        ckptr.save(0, {"s": jnp.asarray(0.5)}, force=True)
+        ckptr.save(1, {"s": jnp.float32(0.5)}, force=True)
+        assert ckptr.load(0)["s"].weak_type and not ckptr.load(1)["s"].weak_type
+
+
 def test_prng_keys_of_another_impl_than_the_abstract_leafs_are_a_mismatch_naming_the_leaf(tmp_path):
     jax = pytest.importorskip("jax")
 

@@ -66,6 +66,28 @@ def test_thousands_of_jax_leaves_load_as_jax_arrays_with_the_abstract_sharding(t
         np.testing.assert_array_equal(np.asarray(restored[key]), np.asarray(value), err_msg=key)
 
 
+def test_a_load_is_an_explicit_transfer_that_a_transfer_guard_against_implicit_ones_lets_through(tmp_path):
+    """Under jax.transfer_guard("disallow") (implicit transfers only), a load raised jax's 'Disallowed
+    host-to-device transfer': ToDevice calls jax's per-array transfer itself, outside jax.device_put's
+    explicit scope. Orbax's load goes through; "disallow_explicit" stops both."""
+    state = {"w": jnp.arange(4.0), "scale": jnp.asarray(0.5), "keys": jax.random.split(jax.random.key(0), 2),
+             "n": np.ones(3, np.float32)}
+    ckpt.save(tmp_path / "c", state)
+    abstract = jax.eval_shape(lambda: state)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    placed = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
+    loaded = []
+    with jax.transfer_guard("disallow"):
+        for target in (None, abstract, placed):
+            loaded.append(ckpt.load(tmp_path / "c", target))
+    for restored in loaded:
+        assert isinstance(restored["w"], jax.Array)
+        np.testing.assert_array_equal(np.asarray(restored["w"]), np.arange(4.0))
+        np.testing.assert_array_equal(jax.random.key_data(restored["keys"]), jax.random.key_data(state["keys"]))
+    with jax.transfer_guard("disallow_explicit"), pytest.raises(Exception, match="Disallowed host-to-device"):
+        ckpt.load(tmp_path / "c")
+
+
 def test_torch_abstract_tensors_receive_their_dtype_and_device_in_one_pass(tmp_path):
     torch = pytest.importorskip("torch")
     state = {"a": torch.arange(6, dtype=torch.float32), "b": torch.ones(3, dtype=torch.bfloat16)}

@@ -8,7 +8,8 @@ keys joined with dots: ``params.w``), ``scalar`` (a 0-d array, restored as a Pyt
 containers. A jax array's ``NamedSharding`` is in ``_sharding`` (by the base64 of its name), restored
 as ckpt restores its own (``ckpt.shardings``). Arrays live in one OCDBT database (``manifest.ocdbt``, ``d/``, ``ocdbt.process_<i>/``) or,
 with ``use_ocdbt=False``, one directory each; zarr3 or zarr v2 by ``use_zarr3``. A typed PRNG key is
-stored as its key data, its implementation in ``array_metadatas/process_<i>``.
+stored as its key data, its implementation in ``array_metadatas/process_<i>``, and its sharding (the key
+data's) as the keys'.
 """
 from __future__ import annotations
 
@@ -126,7 +127,7 @@ class PyTreeItem:
                 meta["type"] = {"jax.Array": "jax", "np.ndarray": "numpy", "scalar": "scalar"}[kind]
                 if name in impls:
                     meta.update(type="jax_key", impl=impls[name])
-                elif kind == "jax.Array" and name in placed:
+                if kind == "jax.Array" and name in placed:
                     meta["sharding"] = placed[name]
                 stored = (self.directory / name).relative_to(self.step_dir)  # (the item may be the step itself)
                 meta["stored"] = f"{stored}" + (" (OCDBT)" if self._ocdbt else "/")
@@ -152,6 +153,7 @@ class PyTreeItem:
             meta.update(dtype=leaves_lib.dtype_name(np.dtype(store.dtype.numpy_dtype)), shape=list(store.shape))
             if meta["type"] == "jax_key":
                 meta["key_shape"] = meta["shape"][:-1]
+                _as_keys_sharding(meta)
             self.stores[i] = store
         scalars = {i: self.stores.pop(i).read() for i, m in enumerate(self.metas) if m["type"] == "scalar"}
         for i, read in scalars.items():  # Orbax restores a scalar as a Python number: ckpt stores those inline
@@ -238,6 +240,15 @@ def _named_sharding(entry: Any) -> Any:
         return sharding
     except (TypeError, KeyError, IndexError):
         return entry
+
+
+def _as_keys_sharding(meta: dict) -> None:
+    """Makes the saved sharding of a typed key's array (Orbax's is its key data's, whose last axis is whole:
+    ``["x", null]`` for keys of shape (8,)) the keys' own, as ckpt stores it (``["x"]``)."""
+    sharding = meta.get("sharding")
+    spec = sharding.get("spec") if isinstance(sharding, dict) else None
+    if isinstance(spec, list) and len(spec) > len(meta["key_shape"]):
+        sharding["spec"] = spec[:len(meta["key_shape"])]
 
 
 def _unreadable(store: ts.TensorStore, budget: int) -> str | None:

@@ -48,7 +48,7 @@ class Config:
     model: str = "mlp"  # mlp | batchnorm | manual (two optimizers, manual optimization) | finetune (a backbone)
     scheduler: str = "step"  # step | onecycle | plateau_step | plateau_epoch
     epoch_metrics: bool = False  # self.log(on_epoch=True) and torchmetrics Metrics logged per epoch and validation
-    data: str = "map"  # map | iterable | datamodule
+    data: str = "map"  # map | iterable | datamodule | stateful (a loader with state_dict, as torchdata's)
     workers: int = 0
     model_checkpoint: bool = False  # Lightning's ModelCheckpoint beside ours
     ckpt_path: str | None = None  # "last_model_path": the restarted run passes the callback's (a step directory)
@@ -87,6 +87,8 @@ CONFIGS: dict[str, Config] = {
     "one_cycle_lr": Config(kill_at=11, scheduler="onecycle"),
     "bf16_mixed": Config(kill_at=11, trainer=(("precision", "bf16-mixed"),)),
     "iterable_dataset": Config(kill_at=11, data="iterable", max_epochs=-1, max_steps=20),
+    "stateful_loader_mid_epoch": Config(kill_at=11, data="stateful"),  # positioned by Lightning
+    "stateful_loader_last_batch": Config(kill_at=8, data="stateful"),  # the next epoch: its state, then seeds
     "datamodule_state": Config(kill_at=11, data="datamodule"),
     "model_checkpoint_beside": Config(kill_at=11, model_checkpoint=True),
     "fit_ckpt_path_last": Config(kill_at=11, ckpt_path="last"),
@@ -305,10 +307,44 @@ def _dataset() -> torch.utils.data.TensorDataset:
     return torch.utils.data.TensorDataset(torch.arange(SAMPLES), x, y)
 
 
+class ResumableSampler(torch.utils.data.Sampler):
+    """Shuffles each epoch by a generator seeded with the epoch's number and counts what it yielded."""
+
+    def __init__(self, size: int) -> None:
+        self.size, self.epoch, self.position = size, 0, 0
+        self.next_epoch, self.start = 0, 0  # where the next iteration begins
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):
+        self.epoch, self.position = self.next_epoch, self.start
+        self.next_epoch, self.start = self.epoch + 1, 0
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.epoch)).tolist()
+        for i in order[self.position:]:
+            self.position += 1
+            yield i
+
+
+class StatefulLoader(torch.utils.data.DataLoader):
+    """A DataLoader that resumes where its state says (Lightning saves and loads it), as torchdata's
+    ``StatefulDataLoader`` does; its iterator still draws a seed from torch's generator."""
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.sampler.epoch, "position": self.sampler.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        ended = state["position"] >= self.sampler.size
+        self.sampler.next_epoch = state["epoch"] + ended
+        self.sampler.start = 0 if ended else state["position"]
+
+
 def _loader(cfg: Config, batch_size: int = BATCH) -> torch.utils.data.DataLoader:
     data = _dataset()
     if cfg.data == "iterable":
         return torch.utils.data.DataLoader(_classes(cfg.namespace)["Samples"](data), batch_size=batch_size)
+    if cfg.data == "stateful":
+        return StatefulLoader(data, batch_size=batch_size, sampler=ResumableSampler(len(data)))
     return torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=True, num_workers=cfg.workers,
                                        persistent_workers=False)
 

@@ -713,6 +713,12 @@ def test_model_checkpoints_options_are_refused_naming_what_to_pass_instead():
         CheckpointCallback("runs/exp1", save_decision_policy={"class_path": "my_policies.EveryHour"})
 
 
+@pytest.mark.parametrize("option", ["async_save", "restore"])
+def test_a_switch_that_is_not_a_bool_is_refused_at_construction_naming_it(option):
+    with pytest.raises(TypeError, match=f"{option} must be an instance of bool, got str 'no'"):
+        CheckpointCallback("runs/exp1", **{option: "no"})  # a truthy string would have switched it on
+
+
 class SyntheticData(pl.LightningDataModule):
     def train_dataloader(self):
         return DataLoader(example.synthetic_data(), batch_size=16, shuffle=True)

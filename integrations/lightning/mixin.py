@@ -47,7 +47,7 @@ from typing import Any, Sequence
 import torch
 
 import ckpt
-from ckpt import preemption, storage, training
+from ckpt import arguments, preemption, storage, training
 from ckpt.path import step as step_lib
 from ckpt.training import Checkpointer, preservation_policies, save_decision_policies
 
@@ -108,6 +108,8 @@ class CheckpointCallbackMixin:
             raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
         if monitor is not None and not isinstance(monitor, str):
             raise TypeError(f"monitor must be a metric name (str) or None, got {monitor!r}")
+        for name, flag in (("async_save", async_save), ("restore", restore)):
+            arguments.instance_of(flag, bool, name)  # "no" would have meant yes
         training.check_options(save_decision_policy=save_decision_policy, preservation_policy=preservation_policy,
                                step_name_format=step_name_format, context=context, local=local)
         self.directory = os.fspath(directory)

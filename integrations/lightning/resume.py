@@ -169,7 +169,7 @@ class DataPosition:
       recorded at its start, and ``skip`` batches passed over.
     new_epoch: a new epoch starts with the next batch; Lightning makes no iterator for it (after a
       restore it reuses the one from ``setup_data``, which drew its seeds before the RNG states
-      were restored).
+      were restored, and for which stateful loaders may not have had their states yet).
     epoch_start_hook: ``on_train_epoch_start`` runs before the next batch.
     """
 
@@ -180,13 +180,13 @@ class DataPosition:
 
 
 def plan_data_position(trainer: Any) -> DataPosition | None:
-    """How to position the data of a restored fit; None when Lightning restores it (stateful loaders),
-    nothing was restored, or Lightning first finishes the saved epoch and then iterates as usual.
-    Call in ``on_train_start``, after ``FitLoop.reset`` set the restart stages."""
+    """How to position the data of a restored fit; None when Lightning restores it (stateful loaders
+    whose states it loaded), nothing was restored, or Lightning first finishes the saved epoch and then
+    iterates as usual. Call in ``on_train_start``, after ``FitLoop.reset`` set the restart stages."""
     fit_loop = trainer.fit_loop
     fetcher = _private(fit_loop, "_data_fetcher")
-    if (not fit_loop.is_resuming or fetcher is None or _loaders_are_stateful(fetcher)
-            or _private(fit_loop, "restarted_on_epoch_end")):
+    if (not fit_loop.is_resuming or fetcher is None or _private(fit_loop, "restarted_on_epoch_end")
+            or (_loaders_are_stateful(fetcher) and not _unloaded_loader_states(fit_loop))):
         return None
     hook = not fit_loop.restarted_mid_epoch
     epoch_loop = fit_loop.epoch_loop
@@ -201,8 +201,21 @@ def plan_data_position(trainer: Any) -> DataPosition | None:
 
 
 def new_epoch_iterator(trainer: Any) -> None:
-    """Makes the epoch's data iterator, as ``_TrainingEpochLoop.on_run_start`` does for epochs after the first."""
-    iter(trainer.fit_loop._data_fetcher)
+    """Makes the epoch's data iterator, as ``_TrainingEpochLoop.on_run_start`` does for epochs after the first,
+    once stateful loaders have the restored states that Lightning left unloaded."""
+    fit_loop = trainer.fit_loop
+    states = _unloaded_loader_states(fit_loop)
+    if states:
+        fit_loop._combined_loader._load_state_dicts(states)
+        fit_loop._combined_loader_states_to_load = []
+    iter(fit_loop._data_fetcher)
+
+
+def _unloaded_loader_states(fit_loop: Any) -> list[dict]:
+    """The restored states of stateful loaders that Lightning has not loaded: it loads them in ``setup_data``
+    only while its loops restart, and a checkpoint taken at an epoch's end starts the next epoch instead
+    (see :func:`ckpt.integrations.lightning.tail.continue_after`)."""
+    return _private(fit_loop, "_combined_loader_states_to_load")
 
 
 def skip_batches(trainer: Any, count: int, epoch: int) -> None:

@@ -49,8 +49,8 @@ Not restored, because no checkpoint can hold it:
   Lightning offers no later point before the next batch is drawn, and the hook's arguments, the
   batch and its outputs, are gone in the resumed run);
 - a time-based ``val_check_interval``: the resumed run validates by its own clock;
-- after SIGTERM during gradient accumulation, the accumulated gradients: the run resumes from the last
-  step whose accumulation was complete.
+- after SIGTERM during gradient accumulation, nothing is saved (Lightning's batch position is past the
+  step's first batches): the run resumes from the last step the save policy saved, not the last complete one;
 - ``StochasticWeightAveraging`` resumed mid-epoch: Lightning's restart skips the epoch-start hook that
   swaps in its learning-rate scheduler (warned of); from an epoch's end it resumes exactly, and so does
   ``EMAWeightAveraging`` from any step;

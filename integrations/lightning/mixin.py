@@ -357,8 +357,9 @@ class CheckpointCallbackMixin:
             except Exception:
                 log.exception("ckpt: the save of step %d after SIGTERM failed", step)
         elif trainer.received_sigterm and not self._at_step_boundary:
-            log.warning("ckpt: SIGTERM arrived while gradients were being accumulated; the run resumes from "
-                        "step %s, the last one whose accumulation was complete", self._saved_step)
+            log.warning("ckpt: SIGTERM arrived while gradients were being accumulated, so nothing was saved; the "
+                        "run resumes from %s", "the start" if self._saved_step is None else
+                        f"step {self._saved_step}, the last one saved")
         try:
             self._close()
         except Exception:

@@ -224,6 +224,15 @@ def test_latest_duration_keeps_recent_ones():
     assert keep(pp.LatestDuration(datetime.timedelta(hours=1)), cps) == [1, 2]
 
 
+def test_latest_duration_keeps_every_checkpoint_after_the_first_recent_one_as_orbax_does():
+    """Reopened, the steps are listed by step: step 10, saved again with overwrite a minute ago, comes before
+    step 20, two hours old. Orbax keeps 20 (it keeps from the first recent checkpoint on); ckpt deleted it."""
+    now = datetime.datetime.now(datetime.timezone.utc).timestamp()
+    cps = [CheckpointMetadata(s, None, commit_timestamp_nsecs=int((now - age) * 1e9))
+           for s, age in [(0, 7200), (10, 60), (20, 7200), (30, 5)]]
+    assert keep(pp.LatestDuration(datetime.timedelta(hours=1)), cps) == [10, 20, 30]
+
+
 def test_any_preservation_policy_is_an_elementwise_or():
     cps = [info(s) for s in range(10)]
     policy = pp.AnyPreservationPolicy([pp.LatestN(2), pp.EveryNSteps(4)])

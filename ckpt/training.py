@@ -889,6 +889,7 @@ class Checkpointer:
             self._staging.clear()
             if self._loader is not None:
                 self._loader.shutdown(wait=True)
+                self._loader = None  # (a load_async after close starts another: loading goes on working)
             self._writer.when_idle(self._lock.release)
 
     def _check_open(self) -> None:

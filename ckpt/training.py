@@ -358,14 +358,20 @@ class Checkpointer:
                 if ckptr.reached_preemption(step):      # step is saved: exit before the job is killed
                     break
         """
-        preemption.listen(self)  # a loop that asks stops on a preemption: a first SIGTERM may wait for it
+        self._listen()  # a loop that asks stops on a preemption: a first SIGTERM may wait for it
         return self._preempted_at is not None and step >= self._preempted_at
+
+    def _listen(self) -> None:
+        """Defers a first SIGTERM until this Checkpointer's loop has saved for it (see ckpt.preemption), while
+        the Checkpointer is open: a closed one saves nothing, so SIGTERM goes on terminating at once."""
+        if not self._closed:
+            preemption.listen(self)
 
     def _decide(self, step: int, *, replacing: bool) -> bool:
         if not self._decided_once:
             self._decided_once = True
             if self._local is not None or save_decision_policies.saves_on_preemption(self._save_policy):
-                preemption.listen(self)
+                self._listen()
         elif self._preempted_at is not None and step > self._preempted_at:
             preemption.end_deferred_sigterm(self.wait)  # the loop went on past the step saved for a SIGTERM
         previous = self._infos  # replaced, never changed in place: no copy on this per-step path
@@ -883,6 +889,7 @@ class Checkpointer:
             self._staging.clear()
             if self._loader is not None:
                 self._loader.shutdown(wait=True)
+                self._loader = None  # (a load_async after close starts another: loading goes on working)
             self._writer.when_idle(self._lock.release)
 
     def _check_open(self) -> None:

@@ -53,6 +53,16 @@ def test_context_manager_closes_and_a_closed_checkpointer_refuses_to_save(tmp_pa
     assert ckptr.load(0) == {"a": 1}  # reading still works
 
 
+def test_loading_in_the_background_goes_on_working_after_close_as_loading_does(tmp_path):
+    """A load_async before close shut its thread down with the Checkpointer; the next one raised
+    'cannot schedule new futures after shutdown'."""
+    with Checkpointer(tmp_path) as ckptr:
+        ckptr.save(0, {"a": 1})
+        assert ckptr.load_async(0).result(timeout=60) == {"a": 1}
+    assert ckptr.load_async(0).result(timeout=60) == {"a": 1}
+    assert ckptr.load_checkpointables_async().result(timeout=60) == {"state": {"a": 1}}
+
+
 # ------------------------------------------------------------------------------- listing
 def test_checkpoints_are_ascending_and_latest_is_the_highest_step(tmp_path):
     with Checkpointer(tmp_path) as ckptr:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime
+import random
 import time
 
 import numpy as np
@@ -224,6 +225,15 @@ def test_latest_duration_keeps_recent_ones():
     assert keep(pp.LatestDuration(datetime.timedelta(hours=1)), cps) == [1, 2]
 
 
+def test_latest_duration_keeps_every_checkpoint_after_the_first_recent_one_as_orbax_does():
+    """Reopened, the steps are listed by step: step 10, saved again with overwrite a minute ago, comes before
+    step 20, two hours old. Orbax keeps 20 (it keeps from the first recent checkpoint on); ckpt deleted it."""
+    now = datetime.datetime.now(datetime.timezone.utc).timestamp()
+    cps = [CheckpointMetadata(s, None, commit_timestamp_nsecs=int((now - age) * 1e9))
+           for s, age in [(0, 7200), (10, 60), (20, 7200), (30, 5)]]
+    assert keep(pp.LatestDuration(datetime.timedelta(hours=1)), cps) == [10, 20, 30]
+
+
 def test_any_preservation_policy_is_an_elementwise_or():
     cps = [info(s) for s in range(10)]
     policy = pp.AnyPreservationPolicy([pp.LatestN(2), pp.EveryNSteps(4)])
@@ -311,3 +321,87 @@ def test_a_checkpointer_of_wrong_arguments_names_them_and_writes_nothing(tmp_pat
         Checkpointer(tmp_path / "run", **options)
     assert names in str(raised.value)
     assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------- side by side with Orbax's policies
+class _FixedClock(datetime.datetime):
+    """Now is T0 + 40 s, for both libraries' clocks (``datetime.datetime.now``)."""
+
+    @classmethod
+    def now(cls, tz=None):
+        return datetime.datetime.fromtimestamp(T0 / 1e9 + 40, tz or datetime.timezone.utc)
+
+
+def _random_preservation(rng, nested=True):
+    """A random preservation policy, as a function of the module that holds the classes (ckpt's or Orbax's)."""
+    kind = rng.choice(["PreserveAll", "LatestN", "EveryNSteps", "EveryNStepsClosest", "EveryNSeconds", "CustomSteps",
+                       "BestN", "LatestDuration"] + ["AnyPreservationPolicy"] * nested)
+    if kind == "AnyPreservationPolicy":
+        parts = [_random_preservation(rng, False) for _ in range(rng.randint(1, 3))]
+        return lambda module: module.AnyPreservationPolicy([part(module) for part in parts])
+    size, interval = rng.choice([None, 0, 1, 2, 3]), rng.choice([1, 2, 5])
+    args = {"LatestN": {"n": size},
+            "EveryNSteps": {"interval_steps": interval, "exact_interval": rng.random() < 0.5, "max_to_keep": size},
+            "EveryNStepsClosest": {"interval_steps": interval, "max_to_keep": size},
+            "EveryNSeconds": {"interval_secs": rng.choice([0.5, 1, 3, 10])},
+            "CustomSteps": {"steps": rng.sample(range(30), rng.randint(0, 5))},
+            "BestN": {"get_metric_fn": lambda m: m["loss"], "reverse": rng.random() < 0.5, "n": size,
+                      "keep_checkpoints_without_metrics": rng.random() < 0.5},
+            "LatestDuration": {"duration": datetime.timedelta(seconds=rng.choice([2, 5, 10, 30]))}}.get(kind, {})
+    return lambda module: getattr(module, kind)(**args)
+
+
+def _random_save_decision(rng, nested=True):
+    """A random save-decision policy, as a function of the module that holds the classes."""
+    kind = rng.choice(["FixedIntervalPolicy", "SpecificStepsPolicy", "InitialSavePolicy",
+                       "ContinuousCheckpointingPolicy", "PreemptionCheckpointingPolicy"] + ["AnySavePolicy"] * nested)
+    if kind == "AnySavePolicy":
+        parts = [_random_save_decision(rng, False) for _ in range(rng.randint(1, 3))]
+        return lambda module: module.AnySavePolicy([part(module) for part in parts])
+    args = {"FixedIntervalPolicy": {"interval": rng.choice([1, 2, 5])},
+            "SpecificStepsPolicy": {"steps": set(rng.sample(range(30), 4))},
+            "ContinuousCheckpointingPolicy": {"minimum_interval_secs": rng.choice([None, 0, 1, 3])}}.get(kind, {})
+    return lambda module: getattr(module, kind)(**args)
+
+
+def _random_checkpoints(rng) -> list[CheckpointMetadata]:
+    """Up to 8 checkpoints in the order saved: mostly ascending steps and times, sometimes not (a step saved
+    again with overwrite, listed by step once reopened; a wall clock set back)."""
+    steps = rng.sample(range(30), rng.randint(0, 8))
+    if rng.random() < 0.6:
+        steps.sort()
+    nsecs, out = T0 + rng.choice([0, 20, 30]) * 10**9, []
+    for step in steps:
+        nsecs += int(rng.choice([0, 0.5, 1, 2, 3, 7, -2, -5, -10]) * 1e9)
+        metrics = rng.choice([None, {"loss": 0.1}, {"loss": 0.2}, {"loss": float(step)}, {"loss": -float(step)}])
+        out.append(info(step, secs=(nsecs - T0) / 1e9, metrics=metrics))
+    return out
+
+
+def test_policies_decide_as_orbaxs_do_on_seeded_random_checkpoints(monkeypatch):
+    """Differential: the same checkpoints (steps, times, metrics) handed to each ckpt policy and to Orbax's of
+    the same name and arguments give the same answers."""
+    orbax_training = pytest.importorskip("orbax.checkpoint.experimental.v1.training",
+                                         reason="needs orbax-checkpoint (the dev extra): its policies are the reference")
+    from orbax.checkpoint import options as orbax_options
+
+    monkeypatch.setattr(datetime, "datetime", _FixedClock)
+    rng = random.Random(0)
+    for case in range(400):
+        checkpoints = _random_checkpoints(rng)
+        preserve = _random_preservation(rng)
+        answers = [list(preserve(module).should_preserve(checkpoints, context=module.PreservationContext()))
+                   for module in (pp, orbax_training.preservation_policies)]
+        assert answers[0] == answers[1], (case, preserve(pp), [(c.step, c.time, c.metrics) for c in checkpoints])
+
+        save_policy = _random_save_decision(rng)
+        last = (checkpoints[-1].commit_timestamp_nsecs - T0) / 1e9 if checkpoints else 0
+        step = info(rng.randint(0, 35), secs=last + rng.choice([0, 1, 2, 5]))
+        saving, preempted = rng.random() < 0.2, rng.random() < 0.2
+        contexts = [sdp.DecisionContext(is_saving_in_progress=saving, reached_preemption=preempted),
+                    orbax_training.save_decision_policies.DecisionContext(
+                        is_saving_in_progress=saving, reached_preemption=preempted,
+                        multiprocessing_options=orbax_options.MultiprocessingOptions())]
+        answers = [save_policy(module).should_save(step, checkpoints, context=context) for module, context in
+                   zip((sdp, orbax_training.save_decision_policies), contexts)]
+        assert answers[0] == answers[1], (case, save_policy(sdp), step.step, [(c.step, c.time) for c in checkpoints])

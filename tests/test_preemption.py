@@ -115,11 +115,21 @@ train()
 gc.collect()
 """
 
+ASKED_AFTER_CLOSE = """
+import sys
+from ckpt.training import Checkpointer
+with Checkpointer(sys.argv[1]) as ckptr:
+    pass
+assert ckptr.should_save(0)  # a closed one still answers, as Orbax's does
+assert not ckptr.reached_preemption(0)
+"""
 
-@pytest.mark.parametrize("script", [CLOSED, DROPPED], ids=["closed", "dropped without close"])
+
+@pytest.mark.parametrize("script", [CLOSED, DROPPED, ASKED_AFTER_CLOSE],
+                         ids=["closed", "dropped without close", "asked after close"])
 def test_a_checkpointer_closed_or_dropped_leaves_sigterm_to_terminate(tmp_path, script):
     """A dropped one's listening outlived it: the first SIGTERM was deferred for a loop that no longer
-    exists, for ever."""
+    exists, for ever; so was it for one asked ``should_save`` or ``reached_preemption`` after ``close``."""
     then_wait = 'import time\nprint("done", flush=True)\ntime.sleep(60)\nprint("still running", flush=True)\n'
     proc = procs.start(script + then_wait, str(tmp_path))
     procs.wait_for_line(proc, "done")

@@ -297,7 +297,9 @@ class BestN:
 
 @dataclasses.dataclass(frozen=True)
 class LatestDuration:
-    """Keeps the checkpoints committed within ``duration`` of now.
+    """Keeps the checkpoints committed within ``duration`` of now and, as in Orbax, every one after the first
+    of them in the order given: once reopened, steps are listed by step, and a step saved again with
+    ``overwrite=True`` may be newer than the steps listed after it, which are kept too.
 
     Example::
 
@@ -316,7 +318,9 @@ class LatestDuration:
     def should_preserve(self, checkpoints: Sequence[CheckpointMetadata], *,
                         context: PreservationContext) -> Sequence[bool]:
         cutoff = now_nsecs() - self.duration // datetime.timedelta(microseconds=1) * 1000  # Orbax's clock
-        return [(c.commit_timestamp_nsecs or 0) >= cutoff for c in checkpoints]
+        first = next((i for i, c in enumerate(checkpoints) if (c.commit_timestamp_nsecs or 0) >= cutoff),
+                     len(checkpoints))
+        return [i >= first for i in range(len(checkpoints))]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -148,7 +148,7 @@ def _walk_json(obj: Any, where: str, depth: int = 0, finite: bool = True, number
     if isinstance(obj, dict):
         for k, v in obj.items():
             if not isinstance(k, str):
-                raise ValueError(f"{where} must be JSON: key {k!r} is a {type(k).__name__}, not a str")
+                raise ValueError(f"{where} must be JSON: key {k!r} is of type {type(k).__name__}, not str")
             _walk_json(v, f"{where}[{k!r}]", depth + 1, finite, numbers)
     elif isinstance(obj, (list, tuple)):
         for i, v in enumerate(obj):

@@ -172,7 +172,7 @@ CASES = {
     "complex metric": Case(save(metrics={"z": np.complex64(1j)}), ValueError, r"metrics\['z'\] must be JSON .*complex64"),
     "numpy custom metadata": Case(save(custom_metadata={"n": np.int64(1)}), ValueError,
                                   r"custom_metadata\['n'\] must be JSON .*int64, shape \(\)"),
-    "int metric key": Case(save(metrics={1: 2.0}), ValueError, r"metrics must be JSON: key 1 is a int"),
+    "int metric key": Case(save(metrics={1: 2.0}), ValueError, r"metrics must be JSON: key 1 is of type int, not str"),
     "object metric": Case(save(metrics={"m": Opaque()}), ValueError, r"metrics\['m'\] must be JSON .*type Opaque$"),
     "metrics 1,000 levels deep": Case(save(metrics=nested_lists(1000)), ValueError, r"metrics.*nested at most 64"),
     "metrics that hold themselves": Case(save(metrics=holding_itself(0.5)), ValueError, r"metrics.*nested at most 64"),

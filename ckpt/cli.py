@@ -55,6 +55,11 @@ class _Step:
 
 # ----------------------------------------------------------------------------------- finding steps
 def _is_step_dir(path: storage.Location) -> bool:
+    """Whether DIR is one checkpoint, not a root; UsageError when it is a temporary of ckpt's (uncommitted)."""
+    try:
+        root_lib.check_committed(path)
+    except CheckpointNotFoundError as e:
+        raise UsageError(str(e)) from None
     return formats.is_step(path)
 
 

@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
 
 from ckpt import format as fmt
 from ckpt import formats, loading, schema, storage
-from ckpt.errors import (CheckpointCorruptedError, ForeignEntryError, InvalidLayoutError, RootDirectoryError,
-                         StepAlreadyExistsError, StepNotFoundError, StepReplacedError)
+from ckpt.errors import (CheckpointCorruptedError, CheckpointNotFoundError, ForeignEntryError, InvalidLayoutError,
+                         RootDirectoryError, StepAlreadyExistsError, StepNotFoundError, StepReplacedError)
 
 if TYPE_CHECKING:
     from ckpt.path.step import NameFormat
@@ -153,8 +153,11 @@ def classify_temporary(path: storage.Location) -> Entry:
 def classify(path: storage.Location, step: int | None, *, read_manifest: bool = True) -> Entry:
     """What ``path`` (which exists) is, named like ``step`` (None: the directory of ``ckpt.save``). A symbolic
     link, a file, a directory without a readable ckpt manifest are FOREIGN; nothing is followed or changed.
+    A path named like a temporary is classified as one (:func:`classify_temporary`), whatever it holds.
     On an object store, a step whose deletion is under way is a TEMPORARY, and FileNotFoundError is raised
     once nothing is left of it."""
+    if path.name.endswith(fmt.TEMPORARY_SUFFIXES):
+        return dataclasses.replace(classify_temporary(path), step=step)
     local = isinstance(path, Path)
     if local and not _is_dir(path):
         return Entry(path, Kind.FOREIGN, step, storage.describe(path))
@@ -185,6 +188,32 @@ def classify(path: storage.Location, step: int | None, *, read_manifest: bool = 
     elif not exists(path):  # removed since it was listed (an object store's deletion, object by object)
         raise FileNotFoundError(errno.ENOENT, f"{path} was removed", str(path))
     return Entry(path, Kind.FOREIGN, step, holds)
+
+
+def check_committed(path: storage.Location) -> None:
+    """Checks that ``path``, named directly as a checkpoint (by ``ckpt.load``, ``ckpt show``, ``ckpt verify``),
+    is not a temporary of ckpt's, which no reader takes for a checkpoint: a save never committed (its
+    files may be incomplete), a step being deleted, or a step a save with ``overwrite=True`` set aside.
+
+    Raises:
+      CheckpointNotFoundError: it is one; the message says which, and what to load instead.
+    """
+    name = path.name
+    if not name.endswith(fmt.TEMPORARY_SUFFIXES) or classify_temporary(path).kind is not Kind.TEMPORARY:
+        return  # (on an object store, a save never committed lacks its manifest: loading.read_manifest says so)
+    if name.endswith(fmt.TMP_SUFFIX):
+        what = (f"a save of {name[:-len(fmt.TMP_SUFFIX)]} that was never committed (in progress, or interrupted "
+                "by a crash): its files may be incomplete, and the next save in its directory removes it")
+    elif name.endswith(fmt.DELETING_SUFFIX):
+        what = ("a checkpoint being deleted (or whose deletion a crash interrupted); the next save in its directory "
+                "removes it")
+    elif storage.set_aside_step(path) is not None:
+        what = (f"{name[:-len(fmt.REPLACED_SUFFIX)]} as it was committed before a save with overwrite=True that a "
+                f"crash interrupted: rename it back (a Checkpointer opened on {path.parent} does so), then load that")
+    else:
+        what = (f"what a save with overwrite=True replaced by {name[:-len(fmt.REPLACED_SUFFIX)]}; the next save in its "
+                "directory removes it")
+    raise CheckpointNotFoundError(f"no checkpoint at {path}: it is a temporary of ckpt's, {what}")
 
 
 def _mode(path: Path) -> int | None:

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 import ckpt
+import ckpt.cli
 from ckpt import format as fmt
 from ckpt.path import step as step_lib
 from ckpt.training import Checkpointer
@@ -258,6 +259,36 @@ def test_a_free_load_of_a_checkpoint_a_crash_left_set_aside_says_where_it_is(tmp
     with pytest.raises(ckpt.errors.CheckpointNotFoundError,
                        match=r"model\.ckpt-replaced holds it as it was before a save with overwrite=True"):
         ckpt.load(tmp_path / "model")
+
+
+KILLED_BEFORE_ITS_RENAME = """
+import os, signal, sys
+import numpy as np
+from ckpt import storage
+from ckpt.training import Checkpointer
+with Checkpointer(sys.argv[1]) as ckptr:
+    ckptr.save(4, {"v": np.zeros(3)}, force=True)
+    storage.rename_noreplace = lambda a, b: os.kill(os.getpid(), signal.SIGKILL)   # every file written and fsync'd
+    ckptr.save(5, {"v": np.ones(3)}, force=True)
+"""
+
+
+def test_a_save_a_crash_left_uncommitted_named_directly_is_refused_as_a_temporary(tmp_path, capsys):
+    """A step killed just before its rename (5.ckpt-tmp, every file there) was loaded by ckpt.load, and shown and
+    verified by the ckpt command, as a committed checkpoint (`ckpt show` gave its 'committed' time)."""
+    root = tmp_path / "root"
+    assert procs.run_script(KILLED_BEFORE_ITS_RENAME, str(root)).returncode == -9
+    tmp = root / ("5" + fmt.TMP_SUFFIX)
+    said = r"5\.ckpt-tmp: it is a temporary of ckpt's, a save of 5 that was never committed"
+    for read in (ckpt.load, ckpt.load_checkpointables, ckpt.metadata):
+        with pytest.raises(ckpt.errors.CheckpointNotFoundError, match=said):
+            read(tmp)
+    assert not ckpt.is_orbax_checkpoint(tmp)
+    for command in (["show", str(tmp)], ["verify", str(tmp)], ["ls", str(tmp)], ["convert", str(tmp), str(tmp_path / "to")]):
+        assert ckpt.cli.main(command) == 2, command
+        assert re.search(said, capsys.readouterr().err), command
+    with Checkpointer(root) as ckptr:
+        assert [c.step for c in ckptr.checkpoints] == [4]
 
 
 # ------------------------------------------------------------------- a multi-rank save killed on one rank

@@ -90,7 +90,11 @@ def scan(root: storage.Location, name_format: NameFormat, *, read_manifests: boo
             entries.append(entry or classify(path, step, read_manifest=read_manifests))
         except FileNotFoundError:
             continue
-    return sorted(entries, key=lambda e: (e.step is None, e.step or 0, e.path.name))
+    written = name_format.build_name
+    # Of two entries of one step (a composite name format reads several names), the one at the name the
+    # format writes comes first: a save with overwrite=True wrote it after the other (see replaced_elsewhere).
+    return sorted(entries, key=lambda e: (e.step is None, e.step or 0, e.step is None or e.path.name != written(e.step),
+                                          e.path.name))
 
 
 def step_parser(name_format: Any, root: storage.Location) -> Callable[[str], int | None]:
@@ -294,7 +298,8 @@ def replaced_elsewhere(existing: storage.Location | None, final: storage.Locatio
     """The directory of the step a save with ``overwrite=True`` to ``final`` replaces, when it is under
     another name (``existing``, which a composite name format reads but does not write): the caller deletes
     it once the new step is committed, as Orbax deletes the step it overwrites, so that it never comes back
-    as the step once the new one is gone. None when there is none.
+    as the step once the new one is gone (one a crash left then is never listed, and the root's next writer
+    deletes it: :func:`replaced_and_left`). None when there is none.
 
     Raises:
       ForeignEntryError: that directory is a step Orbax wrote, which ckpt never overwrites (nothing is written).
@@ -306,6 +311,28 @@ def replaced_elsewhere(existing: storage.Location | None, final: storage.Locatio
             f"cannot save step {step} with overwrite=True: the step is {existing}, {Kind.ORBAX.value}. Move it "
             "away, or save to another step.", path=existing)
     return existing
+
+
+def replaced_and_left(entries: list[Entry], name_format: NameFormat) -> list[Entry]:
+    """The steps of ckpt's among ``entries`` (from :func:`scan`) that a save with ``overwrite=True`` replaced
+    under another name (see :func:`replaced_elsewhere`) and that a crash (or a failed deletion) left: the
+    same step is committed later under the name ``name_format`` writes. Never listed (:func:`scan` puts that
+    one first); the root's writer deletes them, as the save would have."""
+    written = {e.step: e for e in entries if e.kind is Kind.STEP and e.path.name == name_format.build_name(e.step)}
+    replaced = []
+    for entry in entries:
+        newer = written.get(entry.step)
+        if entry.kind is Kind.STEP and newer is not None and entry is not newer:
+            times = [_commit_time(entry), _commit_time(newer)]
+            if None not in times and times[0] < times[1]:
+                replaced.append(entry)
+    return replaced
+
+
+def _commit_time(entry: Entry) -> int | None:
+    """A step's commit time from its manifest (read now when the scan did not), or None when it cannot be read."""
+    manifest = entry.manifest or _unless_bad(loading.read_manifest, entry.path)
+    return None if manifest is None else manifest.get("commit_timestamp_nsecs")
 
 
 def check_shared(tmp: storage.Location, index: int) -> None:

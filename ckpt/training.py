@@ -600,9 +600,25 @@ class Checkpointer:
                     storage.remove_owned(entry.path)
                 except OSError as e:
                     logger.warning("ckpt: could not remove %s, left by a crashed save or deletion: %s", entry.path, e)
+        replaced = root.replaced_and_left(entries, self._name_format)
+        for entry in replaced:
+            logger.warning("ckpt: deleting %s, step %d as it was before a save with overwrite=True replaced it under "
+                           "another name (a crash or an error stopped that save before it deleted it)",
+                           entry.path, entry.step)
+            self._delete_replaced(entry.path, entry.step)
         self._swept = True
-        if put_back:
+        if put_back or replaced:
             self.reload()
+
+    def _delete_replaced(self, path: storage.Location, step: int) -> None:
+        """Deletes step ``step`` as it was under another name before a save with ``overwrite=True`` replaced it
+        (see :func:`ckpt.root.replaced_elsewhere`), which a crash left. A failure is logged: what is left is never
+        listed, and the root's next writer tries again."""
+        try:
+            root.delete_step(path, step)
+        except OSError as e:
+            logger.warning("ckpt: step %d was committed, but %s, the step it replaced under another name, could not "
+                           "be deleted: %s", step, path, e)
 
     def _put_back(self, entries: list[root.Entry]) -> bool:
         """Puts back every step of ``entries`` that a commit with ``overwrite=True`` set aside and a crash

@@ -291,6 +291,39 @@ def test_a_save_a_crash_left_uncommitted_named_directly_is_refused_as_a_temporar
         assert [c.step for c in ckptr.checkpoints] == [4]
 
 
+KILLED_BEFORE_IT_DELETES_THE_STEP_REPLACED = """
+import os, signal, sys
+import numpy as np
+from ckpt import root
+from ckpt.path import step as step_lib
+from ckpt.training import Checkpointer
+old, new = step_lib.standard_name_format(), step_lib.standard_name_format(step_prefix="step")
+with Checkpointer(sys.argv[1], step_name_format=old) as ckptr:
+    ckptr.save(5, {"v": np.zeros(3)}, force=True)
+with Checkpointer(sys.argv[1], step_name_format=step_lib.composite_name_format(new, [new, old])) as ckptr:
+    root.delete_step = lambda path, step: os.kill(os.getpid(), signal.SIGKILL)   # step_5 committed, 5 still there
+    ckptr.save(5, {"v": np.ones(3)}, force=True, overwrite=True)
+"""
+
+
+def test_an_overwrite_under_a_composite_name_killed_before_it_deletes_the_old_name_lists_and_keeps_the_new_step(tmp_path):
+    """Killed between the commit of step_5 and the deletion of 5 (the step it replaced, under the name the
+    composite format reads but does not write), the next Checkpointer listed and loaded 5, the value the
+    overwrite had replaced; once garbage collection deleted it, step_5 came back as step 5."""
+    root = tmp_path / "root"
+    assert procs.run_script(KILLED_BEFORE_IT_DELETES_THE_STEP_REPLACED, str(root)).returncode == -9
+    assert sorted(n for n in os.listdir(root) if not n.startswith(".")) == ["5", "step_5"]
+    old, new = step_lib.standard_name_format(), step_lib.standard_name_format(step_prefix="step")
+    names = step_lib.composite_name_format(new, [new, old])
+    with Checkpointer(root, step_name_format=names, preservation_policy=ckpt.training.preservation_policies.LatestN(1)) as ckptr:
+        assert [(c.step, c.path.name) for c in ckptr.checkpoints] == [(5, "step_5")]
+        assert ckptr.load(5)["v"].tolist() == [1.0] * 3
+        assert step_lib.find_all(root, names) == {5: "step_5"}
+        ckptr.save(6, {"v": np.full(3, 6.0)}, force=True)
+    with Checkpointer(root, step_name_format=names) as ckptr:
+        assert [c.step for c in ckptr.checkpoints] == [6]
+
+
 # ------------------------------------------------------------------- a multi-rank save killed on one rank
 TORCH_WORKER = procs.REPO / "tests" / "torch_multiprocess_worker.py"
 

@@ -568,7 +568,7 @@ class Checkpointer:
                     self._staging.give(plan.staging)
             self._committed(step, writer.final_dir, manifest, callback)
             if elsewhere is not None and self._processes.index == 0:
-                root.delete_step(elsewhere, step)  # the step as it was, under another name the format reads
+                self._delete_replaced(elsewhere, step)  # the step as it was, under another name the format reads
             return True
 
         if blocking:
@@ -612,8 +612,9 @@ class Checkpointer:
 
     def _delete_replaced(self, path: storage.Location, step: int) -> None:
         """Deletes step ``step`` as it was under another name before a save with ``overwrite=True`` replaced it
-        (see :func:`ckpt.root.replaced_elsewhere`), which a crash left. A failure is logged: what is left is never
-        listed, and the root's next writer tries again."""
+        (see :func:`ckpt.root.replaced_elsewhere`), after that save's commit or after a crash between the two. A
+        failure does not fail the save, which is committed: it is logged, as for a step replaced under its own name
+        (``storage.commit_dir``), and what is left is never listed; the root's next writer tries again."""
         try:
             root.delete_step(path, step)
         except OSError as e:

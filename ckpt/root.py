@@ -91,10 +91,14 @@ def scan(root: storage.Location, name_format: NameFormat, *, read_manifests: boo
         except FileNotFoundError:
             continue
     written = name_format.build_name
-    # Of two entries of one step (a composite name format reads several names), the one at the name the
-    # format writes comes first: a save with overwrite=True wrote it after the other (see replaced_elsewhere).
-    return sorted(entries, key=lambda e: (e.step is None, e.step or 0, e.step is None or e.path.name != written(e.step),
-                                          e.path.name))
+
+    def order(e: Entry) -> tuple:
+        # Of two entries of one step (a composite name format reads several names), the one committed last comes
+        # first, else (manifests not read) the one at the name the format writes: see replaced_and_left.
+        committed = (e.manifest or {}).get("commit_timestamp_nsecs") or 0
+        return e.step is None, e.step or 0, -committed, e.step is None or e.path.name != written(e.step), e.path.name
+
+    return sorted(entries, key=order)
 
 
 def step_parser(name_format: Any, root: storage.Location) -> Callable[[str], int | None]:
@@ -313,19 +317,23 @@ def replaced_elsewhere(existing: storage.Location | None, final: storage.Locatio
     return existing
 
 
-def replaced_and_left(entries: list[Entry], name_format: NameFormat) -> list[Entry]:
-    """The steps of ckpt's among ``entries`` (from :func:`scan`) that a save with ``overwrite=True`` replaced
-    under another name (see :func:`replaced_elsewhere`) and that a crash (or a failed deletion) left: the
-    same step is committed later under the name ``name_format`` writes. Never listed (:func:`scan` puts that
-    one first); the root's writer deletes them, as the save would have."""
-    written = {e.step: e for e in entries if e.kind is Kind.STEP and e.path.name == name_format.build_name(e.step)}
-    replaced = []
+def replaced_and_left(entries: list[Entry]) -> list[Entry]:
+    """The steps of ckpt's among ``entries`` (from :func:`scan`) that the same step committed later under
+    another name (a composite name format reads several) replaced: a save with ``overwrite=True`` deletes
+    the step it replaces under another name once the new one is committed (see :func:`replaced_elsewhere`),
+    and a crash (or a failed deletion) between the two left it. Never listed (:func:`scan` puts the step
+    committed last first); the root's writer deletes them, as the save would have."""
+    by_step: dict[int, list[Entry]] = {}
     for entry in entries:
-        newer = written.get(entry.step)
-        if entry.kind is Kind.STEP and newer is not None and entry is not newer:
-            times = [_commit_time(entry), _commit_time(newer)]
-            if None not in times and times[0] < times[1]:
-                replaced.append(entry)
+        if entry.kind is Kind.STEP:
+            by_step.setdefault(entry.step, []).append(entry)
+    replaced = []
+    for same in by_step.values():
+        if len(same) < 2:
+            continue
+        times = [_commit_time(e) for e in same]
+        if None not in times:
+            replaced += [e for e, committed in zip(same, times) if committed < max(times)]
     return replaced
 
 

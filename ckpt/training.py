@@ -600,7 +600,7 @@ class Checkpointer:
                     storage.remove_owned(entry.path)
                 except OSError as e:
                     logger.warning("ckpt: could not remove %s, left by a crashed save or deletion: %s", entry.path, e)
-        replaced = root.replaced_and_left(entries, self._name_format)
+        replaced = root.replaced_and_left(entries)
         for entry in replaced:
             logger.warning("ckpt: deleting %s, step %d as it was before a save with overwrite=True replaced it under "
                            "another name (a crash or an error stopped that save before it deleted it)",

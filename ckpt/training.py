@@ -25,6 +25,7 @@ import collections
 import concurrent.futures
 import logging
 import os
+import sys
 import threading
 import time
 import warnings
@@ -132,6 +133,7 @@ class Checkpointer:
         self._operations = 0
         self._opened = distributed.call_number(self._processes, f"open {self._directory}")  # (see _operation)
         self._preempted_at: int | None = None  # the step at which the last preemption was first seen
+        self._saved_since_preemption = False  # (a SIGTERM held back for a save no save served ends at close)
         self._reached = False  # whether the last decision saw a preemption (a new one begins after one that did not)
         self._decided_once = False  # (whether it listens for a preemption is known from the first decision)
         self._due: int | None = None  # the step the last should_save said yes to, until a save or reload
@@ -522,6 +524,7 @@ class Checkpointer:
         if not force and not due:
             self._warn_of_a_step_behind(step)
             return None  # a step below the latest, or one the policy skips
+        self._saved_since_preemption = self._saved_since_preemption or preemption.preempted()
         if self._local is not None:
             return self._local.save(step, checkpointables, force=force, overwrite=overwrite, blocking=blocking,
                                     preempted=step == self._preempted_at, metrics=metrics,
@@ -901,6 +904,8 @@ class Checkpointer:
             if self._loader is not None:
                 self._loader.shutdown(wait=True)
             self._writer.when_idle(self._lock.release)
+        if not self._saved_since_preemption and sys.exc_info()[0] is None:  # (an exception ends it, with its traceback)
+            preemption.end_unserved_sigterm()  # (after the last save decision: the save it was held back for never came)
 
     def _check_open(self) -> None:
         if self._closed:

@@ -246,9 +246,17 @@ def make(directory: storage.Location, *, mode: int | None = None, what: str = "a
     """Creates a root directory (with its parents) when it is missing; ``what`` it is, for the error.
 
     Raises:
+      ValueError: the path is, or lies in, a directory named like a temporary of ckpt's, which the next
+        writer of its parent removes (with what was saved there) when it is one.
       RootDirectoryError: the path is a file, lies under one or under a symbolic link loop, or this
         process may not create it.
     """
+    named = (directory, *getattr(directory, "parents", ()))  # (an object store's path: itself)
+    temporary = next((p for p in named if p.name.endswith(fmt.TEMPORARY_SUFFIXES)), None)
+    if temporary is not None:
+        raise ValueError(f"{directory} cannot be {what}: {temporary.name} is named like a temporary of ckpt's (a "
+                         f"name ending in one of {fmt.TEMPORARY_SUFFIXES}), which the next save in its directory "
+                         "removes, with what was saved in it; choose another directory")
     try:
         with storage.writing_to(directory):
             storage.make_dir(directory, mode=mode)

@@ -324,6 +324,20 @@ def test_an_overwrite_under_a_composite_name_killed_before_it_deletes_the_old_na
         assert [c.step for c in ckptr.checkpoints] == [6]
 
 
+def test_a_save_a_crash_left_uncommitted_is_refused_as_a_root_or_a_directory_to_save_in(tmp_path):
+    """A Checkpointer opened on 5.ckpt-tmp saved its steps there, and the root's next writer removed them with
+    the temporary (a user's step 0 gone); ckpt.save into it likewise."""
+    root = tmp_path / "root"
+    assert procs.run_script(KILLED_BEFORE_ITS_RENAME, str(root)).returncode == -9
+    tmp = root / ("5" + fmt.TMP_SUFFIX)
+    said = r"5\.ckpt-tmp is named like a temporary of ckpt's"
+    with pytest.raises(ValueError, match=said):
+        Checkpointer(tmp)
+    with pytest.raises(ValueError, match=said):
+        ckpt.save(tmp / "model", {"v": np.ones(3)})
+    assert sorted(os.listdir(tmp)) == sorted([fmt.MARKER, fmt.MANIFEST, fmt.TREE, fmt.PACKED])  # nothing written
+
+
 # ------------------------------------------------------------------- a multi-rank save killed on one rank
 TORCH_WORKER = procs.REPO / "tests" / "torch_multiprocess_worker.py"
 

@@ -125,6 +125,7 @@ def _existing(path: str | os.PathLike) -> storage.Location:
                 f"; {aside} holds it as it was before a save with overwrite=True that a crash interrupted: "
                 "rename it back")
             raise CheckpointNotFoundError(f"no checkpoint at {step_dir}: the path does not exist{hint}")
+        root.check_committed(step_dir)
         orbax.check_checkpoint(step_dir)
         if not isinstance(step_dir, Path):
             loading.read_manifest(step_dir)  # raises: its manifest is missing

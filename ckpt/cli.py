@@ -55,6 +55,11 @@ class _Step:
 
 # ----------------------------------------------------------------------------------- finding steps
 def _is_step_dir(path: storage.Location) -> bool:
+    """Whether DIR is one checkpoint, not a root; UsageError when it is a temporary of ckpt's (uncommitted)."""
+    try:
+        root_lib.check_committed(path)
+    except CheckpointNotFoundError as e:
+        raise UsageError(str(e)) from None
     return formats.is_step(path)
 
 
@@ -241,7 +246,8 @@ def _tiers(durable: list[_Step], local: list[_Step]) -> tuple[list[_Step], list[
 
 def ls(directory: storage.Location, *, as_json: bool, local: Path | None = None) -> int:
     """``ckpt ls``: one line per step (a damaged one says why), then per checkpoint in the root that is not
-    one of its steps, then the temporaries crashed saves left, then the entries ckpt did not write (named
+    one of its steps, then the temporaries crashed saves left, then the steps a crash left set aside (during
+    a save with ``overwrite=True``; not temporaries: put back, not removed), then the entries ckpt did not write (named
     like a step or a temporary: a user's directory, a symbolic link, never followed). With ``local``
     (the local tier of a two-tier Checkpointer whose durable root is ``directory``) the steps of both
     tiers and where each lives; a missing local directory is an empty tier."""
@@ -271,11 +277,14 @@ def ls(directory: storage.Location, *, as_json: bool, local: Path | None = None)
         "error": s.error,
         **({} if held_by is None else {"tiers": held_by[i]}),
     } for i, s in enumerate(steps)]
-    temps = [{"path": str(e.path), "disk_bytes": _disk_bytes(e.path)} for e in others if e.kind in root_lib.REMOVABLE]
+    removable = [(e, storage.set_aside_step(e.path)) for e in others if e.kind in root_lib.REMOVABLE]
+    temps = [{"path": str(e.path), "disk_bytes": _disk_bytes(e.path)} for e, final in removable if final is None]
+    set_aside = [{"path": str(e.path), "name": final.name, "disk_bytes": _disk_bytes(e.path)}
+                 for e, final in removable if final is not None]
     foreign = [{"path": str(e.path), "holds": e.holds} for e in others if e.kind is root_lib.Kind.FOREIGN]
     if as_json:
         _print_json({"directory": str(directory), "latest": None if latest is None else latest.step,
-                     "steps": records, "temporaries": temps, "foreign": foreign})
+                     "steps": records, "temporaries": temps, "set_aside": set_aside, "foreign": foreign})
         return 0
     summary = f"{len(steps)} checkpoint{'s' if len(steps) != 1 else ''}"
     _print(f"{directory}: {summary}" + ("" if latest is None else f", latest step {latest.step}"))
@@ -294,6 +303,12 @@ def ls(directory: storage.Location, *, as_json: bool, local: Path | None = None)
               "Checkpointer(..., cleanup_tmp_directories=True) removes them):")
         print(_table(["  NAME", "SIZE"], [["  " + Path(t["path"]).name, progress.format_bytes(t["disk_bytes"])]
                                           for t in temps], right=[1]))
+    if set_aside:
+        print(f"{len(set_aside)} step{'s' if len(set_aside) != 1 else ''} set aside by a save with overwrite=True that "
+              "a crash interrupted (a Checkpointer opened on the root puts each back under its name):")
+        print(_table(["  NAME", "PUT BACK AS", "SIZE"],
+                     [["  " + Path(t["path"]).name, t["name"], progress.format_bytes(t["disk_bytes"])] for t in set_aside],
+                     right=[2]))
     if foreign:
         print(f"{len(foreign)} entr{'ies' if len(foreign) != 1 else 'y'} ckpt did not write (never listed, "
               "changed or removed):")

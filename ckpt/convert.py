@@ -26,7 +26,7 @@ from ckpt import root as root_lib
 from ckpt.path import step as step_lib
 from ckpt import leaves as leaves_lib
 from ckpt import tree as tree_lib
-from ckpt.errors import CheckpointCorruptedError, UnsupportedLayoutError
+from ckpt.errors import CheckpointCorruptedError, CheckpointNotFoundError, UnsupportedLayoutError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +76,7 @@ def convert_root(source: str | os.PathLike, destination: str | os.PathLike) -> I
         a directory (before anything is written).
       RootDirectoryError: ``destination`` lies below a file or a symbolic link loop (raised by the iterator,
         before anything is written).
-      FileNotFoundError: ``source`` holds no step; or it is one checkpoint, not a root.
+      FileNotFoundError: ``source`` holds no step; or it is one checkpoint, or a temporary of ckpt's, not a root.
       CheckpointCorruptedError: a step of ``source`` is damaged (before anything is written), or a
         converted step differs from its source (named with the key path; raised by the iterator).
       StepNotFoundError: a step was deleted while it was converted (by a run saving there; raised by the
@@ -96,6 +96,10 @@ def convert_root(source: str | os.PathLike, destination: str | os.PathLike) -> I
         raise FileExistsError(f"{destination} is {storage.describe(destination)}, not a directory; "
                               "convert into a new or empty directory")
     if source.is_dir() and formats.is_step(source):
+        try:
+            root_lib.check_committed(source)
+        except CheckpointNotFoundError as e:
+            raise FileNotFoundError(str(e)) from None
         raise FileNotFoundError(f"{source} is one checkpoint, not a root of steps; convert its root "
                                 f"({source.parent}), the directory that holds the steps")
     steps = steps_of(source) if source.is_dir() else []

@@ -9,6 +9,8 @@ scheduler's wrapper) still sees the signal. When the previous handler is the def
   that the loop saves the step and stops; a second SIGTERM terminates. A loop that goes on to a later
   step instead of stopping (it never asks ``reached_preemption``) is ended there, once the step is
   saved, as the SIGTERM would have ended it (:func:`end_deferred_sigterm`);
+  A SIGTERM deferred after the loop's last save decision, for which no step is saved, is acted on when
+  the loop's Checkpointer closes (:func:`end_unserved_sigterm`);
 - else (a script that only reads checkpoints, a Checkpointer closed, a policy that never saves on a
   preemption) SIGTERM terminates at once, as it would without ckpt.
 
@@ -141,6 +143,20 @@ def end_deferred_sigterm(finish: Callable[[], None] = lambda: None) -> None:
     """
     if _deferred:
         finish()
+        _terminate()
+
+
+def end_unserved_sigterm() -> None:
+    """Terminates the process as a deferred SIGTERM would have, once nothing listens for one any more (the
+    training loop's Checkpointer closed without saving a step since the SIGTERM: it arrived after the loop's
+    last save decision), so that a SIGTERM held back for a save that never came is not swallowed; nothing
+    when no SIGTERM was deferred or something still listens.
+
+    Example::
+
+        ckpt.preemption.end_unserved_sigterm()           # no SIGTERM was held back: nothing happens
+    """
+    if _deferred and not _listening:
         _terminate()
 
 

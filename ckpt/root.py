@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
 
 from ckpt import format as fmt
 from ckpt import formats, loading, schema, storage
-from ckpt.errors import (CheckpointCorruptedError, ForeignEntryError, InvalidLayoutError, RootDirectoryError,
-                         StepAlreadyExistsError, StepNotFoundError, StepReplacedError)
+from ckpt.errors import (CheckpointCorruptedError, CheckpointNotFoundError, ForeignEntryError, InvalidLayoutError,
+                         RootDirectoryError, StepAlreadyExistsError, StepNotFoundError, StepReplacedError)
 
 if TYPE_CHECKING:
     from ckpt.path.step import NameFormat
@@ -90,7 +90,15 @@ def scan(root: storage.Location, name_format: NameFormat, *, read_manifests: boo
             entries.append(entry or classify(path, step, read_manifest=read_manifests))
         except FileNotFoundError:
             continue
-    return sorted(entries, key=lambda e: (e.step is None, e.step or 0, e.path.name))
+    written = name_format.build_name
+
+    def order(e: Entry) -> tuple:
+        # Of two entries of one step (a composite name format reads several names), the one committed last comes
+        # first, else (manifests not read) the one at the name the format writes: see replaced_and_left.
+        committed = (e.manifest or {}).get("commit_timestamp_nsecs") or 0
+        return e.step is None, e.step or 0, -committed, e.step is None or e.path.name != written(e.step), e.path.name
+
+    return sorted(entries, key=order)
 
 
 def step_parser(name_format: Any, root: storage.Location) -> Callable[[str], int | None]:
@@ -153,8 +161,11 @@ def classify_temporary(path: storage.Location) -> Entry:
 def classify(path: storage.Location, step: int | None, *, read_manifest: bool = True) -> Entry:
     """What ``path`` (which exists) is, named like ``step`` (None: the directory of ``ckpt.save``). A symbolic
     link, a file, a directory without a readable ckpt manifest are FOREIGN; nothing is followed or changed.
+    A path named like a temporary is classified as one (:func:`classify_temporary`), whatever it holds.
     On an object store, a step whose deletion is under way is a TEMPORARY, and FileNotFoundError is raised
     once nothing is left of it."""
+    if path.name.endswith(fmt.TEMPORARY_SUFFIXES):
+        return dataclasses.replace(classify_temporary(path), step=step)
     local = isinstance(path, Path)
     if local and not _is_dir(path):
         return Entry(path, Kind.FOREIGN, step, storage.describe(path))
@@ -187,6 +198,32 @@ def classify(path: storage.Location, step: int | None, *, read_manifest: bool = 
     return Entry(path, Kind.FOREIGN, step, holds)
 
 
+def check_committed(path: storage.Location) -> None:
+    """Checks that ``path``, named directly as a checkpoint (by ``ckpt.load``, ``ckpt show``, ``ckpt verify``),
+    is not a temporary of ckpt's, which no reader takes for a checkpoint: a save never committed (its
+    files may be incomplete), a step being deleted, or a step a save with ``overwrite=True`` set aside.
+
+    Raises:
+      CheckpointNotFoundError: it is one; the message says which, and what to load instead.
+    """
+    name = path.name
+    if not name.endswith(fmt.TEMPORARY_SUFFIXES) or classify_temporary(path).kind is not Kind.TEMPORARY:
+        return  # (on an object store, a save never committed lacks its manifest: loading.read_manifest says so)
+    if name.endswith(fmt.TMP_SUFFIX):
+        what = (f"a save of {name[:-len(fmt.TMP_SUFFIX)]} that was never committed (in progress, or interrupted "
+                "by a crash): its files may be incomplete, and the next save in its directory removes it")
+    elif name.endswith(fmt.DELETING_SUFFIX):
+        what = ("a checkpoint being deleted (or whose deletion a crash interrupted); the next save in its directory "
+                "removes it")
+    elif storage.set_aside_step(path) is not None:
+        what = (f"{name[:-len(fmt.REPLACED_SUFFIX)]} as it was committed before a save with overwrite=True that a "
+                f"crash interrupted: rename it back (a Checkpointer opened on {path.parent} does so), then load that")
+    else:
+        what = (f"what a save with overwrite=True replaced by {name[:-len(fmt.REPLACED_SUFFIX)]}; the next save in its "
+                "directory removes it")
+    raise CheckpointNotFoundError(f"no checkpoint at {path}: it is a temporary of ckpt's, {what}")
+
+
 def _mode(path: Path) -> int | None:
     """The mode of ``path`` itself (a link is not followed), or None when there is nothing."""
     try:
@@ -209,9 +246,17 @@ def make(directory: storage.Location, *, mode: int | None = None, what: str = "a
     """Creates a root directory (with its parents) when it is missing; ``what`` it is, for the error.
 
     Raises:
+      ValueError: the path is, or lies in, a directory named like a temporary of ckpt's, which the next
+        writer of its parent removes (with what was saved there) when it is one.
       RootDirectoryError: the path is a file, lies under one or under a symbolic link loop, or this
         process may not create it.
     """
+    named = (directory, *getattr(directory, "parents", ()))  # (an object store's path: itself)
+    temporary = next((p for p in named if p.name.endswith(fmt.TEMPORARY_SUFFIXES)), None)
+    if temporary is not None:
+        raise ValueError(f"{directory} cannot be {what}: {temporary.name} is named like a temporary of ckpt's (a "
+                         f"name ending in one of {fmt.TEMPORARY_SUFFIXES}), which the next save in its directory "
+                         "removes, with what was saved in it; choose another directory")
     try:
         with storage.writing_to(directory):
             storage.make_dir(directory, mode=mode)
@@ -265,7 +310,8 @@ def replaced_elsewhere(existing: storage.Location | None, final: storage.Locatio
     """The directory of the step a save with ``overwrite=True`` to ``final`` replaces, when it is under
     another name (``existing``, which a composite name format reads but does not write): the caller deletes
     it once the new step is committed, as Orbax deletes the step it overwrites, so that it never comes back
-    as the step once the new one is gone. None when there is none.
+    as the step once the new one is gone (one a crash left then is never listed, and the root's next writer
+    deletes it: :func:`replaced_and_left`). None when there is none.
 
     Raises:
       ForeignEntryError: that directory is a step Orbax wrote, which ckpt never overwrites (nothing is written).
@@ -277,6 +323,32 @@ def replaced_elsewhere(existing: storage.Location | None, final: storage.Locatio
             f"cannot save step {step} with overwrite=True: the step is {existing}, {Kind.ORBAX.value}. Move it "
             "away, or save to another step.", path=existing)
     return existing
+
+
+def replaced_and_left(entries: list[Entry]) -> list[Entry]:
+    """The steps of ckpt's among ``entries`` (from :func:`scan`) that the same step committed later under
+    another name (a composite name format reads several) replaced: a save with ``overwrite=True`` deletes
+    the step it replaces under another name once the new one is committed (see :func:`replaced_elsewhere`),
+    and a crash (or a failed deletion) between the two left it. Never listed (:func:`scan` puts the step
+    committed last first); the root's writer deletes them, as the save would have."""
+    by_step: dict[int, list[Entry]] = {}
+    for entry in entries:
+        if entry.kind is Kind.STEP:
+            by_step.setdefault(entry.step, []).append(entry)
+    replaced = []
+    for same in by_step.values():
+        if len(same) < 2:
+            continue
+        times = [_commit_time(e) for e in same]
+        if None not in times:
+            replaced += [e for e, committed in zip(same, times) if committed < max(times)]
+    return replaced
+
+
+def _commit_time(entry: Entry) -> int | None:
+    """A step's commit time from its manifest (read now when the scan did not), or None when it cannot be read."""
+    manifest = entry.manifest or _unless_bad(loading.read_manifest, entry.path)
+    return None if manifest is None else manifest.get("commit_timestamp_nsecs")
 
 
 def check_shared(tmp: storage.Location, index: int) -> None:

@@ -25,6 +25,7 @@ import collections
 import concurrent.futures
 import logging
 import os
+import sys
 import threading
 import time
 import warnings
@@ -132,6 +133,7 @@ class Checkpointer:
         self._operations = 0
         self._opened = distributed.call_number(self._processes, f"open {self._directory}")  # (see _operation)
         self._preempted_at: int | None = None  # the step at which the last preemption was first seen
+        self._saved_since_preemption = False  # (a SIGTERM held back for a save no save served ends at close)
         self._reached = False  # whether the last decision saw a preemption (a new one begins after one that did not)
         self._decided_once = False  # (whether it listens for a preemption is known from the first decision)
         self._due: int | None = None  # the step the last should_save said yes to, until a save or reload
@@ -528,6 +530,7 @@ class Checkpointer:
         if not force and not due:
             self._warn_of_a_step_behind(step)
             return None  # a step below the latest, or one the policy skips
+        self._saved_since_preemption = self._saved_since_preemption or preemption.preempted()
         if self._local is not None:
             return self._local.save(step, checkpointables, force=force, overwrite=overwrite, blocking=blocking,
                                     preempted=step == self._preempted_at, metrics=metrics,
@@ -574,7 +577,7 @@ class Checkpointer:
                     self._staging.give(plan.staging)
             self._committed(step, writer.final_dir, manifest, callback)
             if elsewhere is not None and self._processes.index == 0:
-                root.delete_step(elsewhere, step)  # the step as it was, under another name the format reads
+                self._delete_replaced(elsewhere, step)  # the step as it was, under another name the format reads
             return True
 
         if blocking:
@@ -606,9 +609,26 @@ class Checkpointer:
                     storage.remove_owned(entry.path)
                 except OSError as e:
                     logger.warning("ckpt: could not remove %s, left by a crashed save or deletion: %s", entry.path, e)
+        replaced = root.replaced_and_left(entries)
+        for entry in replaced:
+            logger.warning("ckpt: deleting %s, step %d as it was before a save with overwrite=True replaced it under "
+                           "another name (a crash or an error stopped that save before it deleted it)",
+                           entry.path, entry.step)
+            self._delete_replaced(entry.path, entry.step)
         self._swept = True
-        if put_back:
+        if put_back or replaced:
             self.reload()
+
+    def _delete_replaced(self, path: storage.Location, step: int) -> None:
+        """Deletes step ``step`` as it was under another name before a save with ``overwrite=True`` replaced it
+        (see :func:`ckpt.root.replaced_elsewhere`), after that save's commit or after a crash between the two. A
+        failure does not fail the save, which is committed: it is logged, as for a step replaced under its own name
+        (``storage.commit_dir``), and what is left is never listed; the root's next writer tries again."""
+        try:
+            root.delete_step(path, step)
+        except OSError as e:
+            logger.warning("ckpt: step %d was committed, but %s, the step it replaced under another name, could not "
+                           "be deleted: %s", step, path, e)
 
     def _put_back(self, entries: list[root.Entry]) -> bool:
         """Puts back every step of ``entries`` that a commit with ``overwrite=True`` set aside and a crash
@@ -891,6 +911,8 @@ class Checkpointer:
                 self._loader.shutdown(wait=True)
                 self._loader = None  # (a load_async after close starts another: loading goes on working)
             self._writer.when_idle(self._lock.release)
+        if not self._saved_since_preemption and sys.exc_info()[0] is None:  # (an exception ends it, with its traceback)
+            preemption.end_unserved_sigterm()  # (after the last save decision: the save it was held back for never came)
 
     def _check_open(self) -> None:
         if self._closed:

@@ -481,6 +481,22 @@ def test_overwrite_replaces_a_step_a_composite_name_format_reads_under_its_other
         assert [c.step for c in ckptr.checkpoints] == [3]
 
 
+def test_of_two_directories_of_one_step_a_composite_name_format_lists_the_one_committed_last(tmp_path):
+    """step_2 (a composite format's run) then 2 (a run with the old format, which does not read step_2): the
+    composite format listed and loaded step_2, the older, for it lists the name it writes first."""
+    step_names = ckpt.path.step
+    old, new = step_names.standard_name_format(), step_names.standard_name_format(step_prefix="step")
+    names = step_names.composite_name_format(new, [new, old])
+    with Checkpointer(tmp_path, step_name_format=names) as ckptr:
+        ckptr.save(2, {"a": 1}, force=True)
+    with Checkpointer(tmp_path, step_name_format=old) as ckptr:
+        ckptr.save(2, {"a": 2}, force=True)
+    with Checkpointer(tmp_path, step_name_format=names) as ckptr:
+        assert [(c.step, c.path.name) for c in ckptr.checkpoints] == [(2, "2")] and ckptr.load(2) == {"a": 2}
+        ckptr.save(3, {"a": 3}, force=True)  # its writer deletes step_2, which 2 replaced
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["2", "step_3"]
+
+
 class EpochNames:
     """A step name format written to Orbax's protocol (build_name, find_all, find_step): no parse_name."""
 

@@ -5,6 +5,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -113,6 +114,21 @@ def test_ls_shows_leftover_temporaries_in_the_table(root, capsys):
     (root / ("30" + fmt.TMP_SUFFIX)).mkdir()
     _, out, _ = run_cli(capsys, "ls", root)
     assert "1 temporary" in out and "30" + fmt.TMP_SUFFIX in out
+
+
+def test_ls_names_a_step_a_crash_left_set_aside_as_one_to_put_back_not_a_temporary_to_remove(root, capsys):
+    """A commit with overwrite=True killed between its two renames (no atomic exchange) leaves step 20 as
+    20.ckpt-replaced, which the next Checkpointer puts back: ls called it a temporary that
+    cleanup_tmp_directories=True removes."""
+    os.rename(root / "20", root / ("20" + fmt.REPLACED_SUFFIX))  # as the crash leaves it (marked, as every step)
+    _, out, _ = run_cli(capsys, "ls", root)
+    assert "temporar" not in out and "1 step set aside by a save with overwrite=True that a crash interrupted" in out
+    assert re.search(r"20\.ckpt-replaced +20 ", out)
+    listing = json.loads(run_cli(capsys, "ls", root, "--json")[1])
+    assert listing["temporaries"] == [] and [(Path(t["path"]).name, t["name"]) for t in listing["set_aside"]] == [
+        ("20" + fmt.REPLACED_SUFFIX, "20")]
+    with ckpt.Checkpointer(root) as ckptr:
+        assert ckptr.latest.step == 20
 
 
 def test_ls_finds_steps_of_any_name_format(tmp_path, capsys):

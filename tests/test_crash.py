@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 import ckpt
+import ckpt.cli
 from ckpt import format as fmt
 from ckpt.path import step as step_lib
 from ckpt.training import Checkpointer
@@ -258,6 +259,83 @@ def test_a_free_load_of_a_checkpoint_a_crash_left_set_aside_says_where_it_is(tmp
     with pytest.raises(ckpt.errors.CheckpointNotFoundError,
                        match=r"model\.ckpt-replaced holds it as it was before a save with overwrite=True"):
         ckpt.load(tmp_path / "model")
+
+
+KILLED_BEFORE_ITS_RENAME = """
+import os, signal, sys
+import numpy as np
+from ckpt import storage
+from ckpt.training import Checkpointer
+with Checkpointer(sys.argv[1]) as ckptr:
+    ckptr.save(4, {"v": np.zeros(3)}, force=True)
+    storage.rename_noreplace = lambda a, b: os.kill(os.getpid(), signal.SIGKILL)   # every file written and fsync'd
+    ckptr.save(5, {"v": np.ones(3)}, force=True)
+"""
+
+
+def test_a_save_a_crash_left_uncommitted_named_directly_is_refused_as_a_temporary(tmp_path, capsys):
+    """A step killed just before its rename (5.ckpt-tmp, every file there) was loaded by ckpt.load, and shown and
+    verified by the ckpt command, as a committed checkpoint (`ckpt show` gave its 'committed' time)."""
+    root = tmp_path / "root"
+    assert procs.run_script(KILLED_BEFORE_ITS_RENAME, str(root)).returncode == -9
+    tmp = root / ("5" + fmt.TMP_SUFFIX)
+    said = r"5\.ckpt-tmp: it is a temporary of ckpt's, a save of 5 that was never committed"
+    for read in (ckpt.load, ckpt.load_checkpointables, ckpt.metadata):
+        with pytest.raises(ckpt.errors.CheckpointNotFoundError, match=said):
+            read(tmp)
+    assert not ckpt.is_orbax_checkpoint(tmp)
+    for command in (["show", str(tmp)], ["verify", str(tmp)], ["ls", str(tmp)], ["convert", str(tmp), str(tmp_path / "to")]):
+        assert ckpt.cli.main(command) == 2, command
+        assert re.search(said, capsys.readouterr().err), command
+    with Checkpointer(root) as ckptr:
+        assert [c.step for c in ckptr.checkpoints] == [4]
+
+
+KILLED_BEFORE_IT_DELETES_THE_STEP_REPLACED = """
+import os, signal, sys
+import numpy as np
+from ckpt import root
+from ckpt.path import step as step_lib
+from ckpt.training import Checkpointer
+old, new = step_lib.standard_name_format(), step_lib.standard_name_format(step_prefix="step")
+with Checkpointer(sys.argv[1], step_name_format=old) as ckptr:
+    ckptr.save(5, {"v": np.zeros(3)}, force=True)
+with Checkpointer(sys.argv[1], step_name_format=step_lib.composite_name_format(new, [new, old])) as ckptr:
+    root.delete_step = lambda path, step: os.kill(os.getpid(), signal.SIGKILL)   # step_5 committed, 5 still there
+    ckptr.save(5, {"v": np.ones(3)}, force=True, overwrite=True)
+"""
+
+
+def test_an_overwrite_under_a_composite_name_killed_before_it_deletes_the_old_name_lists_and_keeps_the_new_step(tmp_path):
+    """Killed between the commit of step_5 and the deletion of 5 (the step it replaced, under the name the
+    composite format reads but does not write), the next Checkpointer listed and loaded 5, the value the
+    overwrite had replaced; once garbage collection deleted it, step_5 came back as step 5."""
+    root = tmp_path / "root"
+    assert procs.run_script(KILLED_BEFORE_IT_DELETES_THE_STEP_REPLACED, str(root)).returncode == -9
+    assert sorted(n for n in os.listdir(root) if not n.startswith(".")) == ["5", "step_5"]
+    old, new = step_lib.standard_name_format(), step_lib.standard_name_format(step_prefix="step")
+    names = step_lib.composite_name_format(new, [new, old])
+    with Checkpointer(root, step_name_format=names, preservation_policy=ckpt.training.preservation_policies.LatestN(1)) as ckptr:
+        assert [(c.step, c.path.name) for c in ckptr.checkpoints] == [(5, "step_5")]
+        assert ckptr.load(5)["v"].tolist() == [1.0] * 3
+        assert step_lib.find_all(root, names) == {5: "step_5"}
+        ckptr.save(6, {"v": np.full(3, 6.0)}, force=True)
+    with Checkpointer(root, step_name_format=names) as ckptr:
+        assert [c.step for c in ckptr.checkpoints] == [6]
+
+
+def test_a_save_a_crash_left_uncommitted_is_refused_as_a_root_or_a_directory_to_save_in(tmp_path):
+    """A Checkpointer opened on 5.ckpt-tmp saved its steps there, and the root's next writer removed them with
+    the temporary (a user's step 0 gone); ckpt.save into it likewise."""
+    root = tmp_path / "root"
+    assert procs.run_script(KILLED_BEFORE_ITS_RENAME, str(root)).returncode == -9
+    tmp = root / ("5" + fmt.TMP_SUFFIX)
+    said = r"5\.ckpt-tmp is named like a temporary of ckpt's"
+    with pytest.raises(ValueError, match=said):
+        Checkpointer(tmp)
+    with pytest.raises(ValueError, match=said):
+        ckpt.save(tmp / "model", {"v": np.ones(3)})
+    assert sorted(os.listdir(tmp)) == sorted([fmt.MARKER, fmt.MANIFEST, fmt.TREE, fmt.PACKED])  # nothing written
 
 
 # ------------------------------------------------------------------- a multi-rank save killed on one rank

@@ -155,6 +155,30 @@ def test_an_overwrite_whose_replaced_step_cannot_be_removed_is_committed_and_say
         assert sorted(os.listdir(root)) == [fmt.LOCK, "0", "1"]
 
 
+def test_an_overwrite_whose_step_under_another_name_cannot_be_deleted_is_committed_and_says_so(tmp_path, caplog):
+    # (composite_name_format) the save raised the deletion's error, naming only step_0, though step 0 was committed
+    # as 0; step_0, left, is never listed, and the next writer deletes it
+    root = tmp_path / "root"
+    names = ckpt.path.step
+    old, new = names.standard_name_format(step_prefix="step"), names.standard_name_format()
+    with Checkpointer(root, step_name_format=old) as ckptr:
+        ckptr.save(0, SMALL, force=True)
+    composite = names.composite_name_format(new, [new, old])
+    with Checkpointer(root, step_name_format=composite) as ckptr:
+        thaw = fsutil.undeletable(root / "step_0")
+        try:
+            assert ckptr.save(0, {"w": SMALL["w"] + 1}, force=True, overwrite=True)
+            assert ckptr.save_async(1, SMALL, force=True).result() is True
+        finally:
+            thaw()
+        assert f"step 0 was committed, but {root / 'step_0'}, the step it replaced under another name" in caplog.text
+        assert [(c.step, c.path.name) for c in ckptr.checkpoints] == [(0, "0"), (1, "1")]
+    with Checkpointer(root, step_name_format=composite) as ckptr:
+        np.testing.assert_array_equal(ckptr.load(0)["w"], SMALL["w"] + 1)
+        ckptr.save(2, SMALL, force=True)  # the first save of a writer deletes what was left
+    assert sorted(os.listdir(root)) == [fmt.LOCK, "0", "1", "2"]
+
+
 def test_a_leftover_temporary_that_cannot_be_removed_is_left_and_the_saves_go_on(tmp_path, caplog):
     # the first save of every writer swept it, failed, and raised: no save of any step could be made there
     root = tmp_path / "root"

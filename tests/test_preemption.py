@@ -87,6 +87,38 @@ def test_a_loop_that_does_not_stop_after_the_preemption_save_is_ended_as_sigterm
         assert [c.step for c in ckptr.checkpoints] == [ckptr.latest.step]
 
 
+AFTER_THE_LAST_DECISION = """
+import sys, time
+import numpy as np
+from ckpt.training import Checkpointer
+with Checkpointer(sys.argv[1]) as ckptr:
+    for step in range(1, 4):
+        ckptr.save(step, {"w": np.full(8, step, np.float32)})   # each saved (ContinuousCheckpointingPolicy)
+    print("the loop ended", flush=True)
+    time.sleep(3)   # a final evaluation: the SIGTERM comes now, after the last save decision
+    if sys.argv[2] == "raises":
+        raise RuntimeError("the evaluation failed")
+print("closed", flush=True)
+"""
+
+
+@pytest.mark.parametrize("then", ["closes", "raises"])
+def test_a_sigterm_after_the_last_save_decision_terminates_once_the_checkpointer_closes(tmp_path, then):
+    """Held back for a save decision that never came, the SIGTERM was swallowed: the script ran on after
+    close() as if it had never been sent (until the scheduler's SIGKILL). An exception leaving the ``with``
+    block ends the process itself, with its traceback."""
+    proc = procs.start(AFTER_THE_LAST_DECISION, str(tmp_path), then)
+    procs.wait_for_line(proc, "the loop ended")
+    proc.send_signal(signal.SIGTERM)
+    out = procs.output(proc, timeout=60)
+    if then == "raises":
+        assert proc.returncode == 1 and "RuntimeError: the evaluation failed" in out, out
+    else:
+        assert proc.returncode == -signal.SIGTERM and "closed" not in out, out
+    with Checkpointer(tmp_path) as ckptr:
+        assert ckptr.latest.step == 3
+
+
 @pytest.mark.parametrize("mode", ["interval-only", "read-only"])
 def test_sigterm_terminates_at_once_where_no_save_would_be_made_for_it(tmp_path, mode):
     """A policy that never saves on a preemption, or a Checkpointer that only reads: SIGTERM does what it

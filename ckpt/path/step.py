@@ -249,7 +249,11 @@ def find_all(directory: str | os.PathLike, name_format: NameFormat | None = None
         find_all("runs/exp2", standard_name_format(step_prefix="step"))  # {5: 'step_5'}
     """
     entries = root.scan(storage.location(directory), name_format or standard_name_format(), read_manifests=False)
-    return {e.step: e.path.name for e in entries if e.kind in root.LISTED}
+    found: dict[int, str] = {}
+    for e in entries:
+        if e.kind in root.LISTED:
+            found.setdefault(e.step, e.path.name)  # (the first of a step's names, as a Checkpointer lists it)
+    return found
 
 
 _NUMBERED = re.compile(r"(?:(.+)_)?(\d+)", re.ASCII)

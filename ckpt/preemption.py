@@ -41,6 +41,7 @@ _installed = False
 _previous: Any = None
 _listening: set[int] = set()  # ids of the objects that save on a preemption (see listen())
 _deferred = False  # a SIGTERM whose default action (terminate) was put off for the loop to save
+_served = False  # a step was saved since the preemption recorded now (see serve())
 
 
 def notify() -> None:
@@ -63,9 +64,9 @@ def reset() -> None:
         ckpt.preemption.reset()                          # saved, and the job goes on after all
         assert not ckpt.preemption.preempted()
     """
-    global _deferred
+    global _deferred, _served
     _event.clear()
-    _deferred = False
+    _deferred = _served = False
 
 
 def preempted() -> bool:
@@ -146,17 +147,29 @@ def end_deferred_sigterm(finish: Callable[[], None] = lambda: None) -> None:
         _terminate()
 
 
+def serve() -> None:
+    """Records that a step is being saved after the preemption recorded now (nothing when none is): the
+    SIGTERM deferred for it is served, and closing a Checkpointer no longer ends the process for it.
+
+    Example::
+
+        ckpt.preemption.serve()                          # what a Checkpointer's save does
+    """
+    global _served
+    _served = _served or _event.is_set()
+
+
 def end_unserved_sigterm() -> None:
-    """Terminates the process as a deferred SIGTERM would have, once nothing listens for one any more (the
-    training loop's Checkpointer closed without saving a step since the SIGTERM: it arrived after the loop's
-    last save decision), so that a SIGTERM held back for a save that never came is not swallowed; nothing
-    when no SIGTERM was deferred or something still listens.
+    """Terminates the process as a deferred SIGTERM would have, once nothing listens for one any more and
+    no step was saved since it (:func:`serve`: it arrived after the training loop's last save decision), so
+    that a SIGTERM held back for a save that never came is not swallowed; nothing when no SIGTERM was
+    deferred, one was served, or something still listens.
 
     Example::
 
         ckpt.preemption.end_unserved_sigterm()           # no SIGTERM was held back: nothing happens
     """
-    if _deferred and not _listening:
+    if _deferred and not _served and not _listening:
         _terminate()
 
 

@@ -133,7 +133,6 @@ class Checkpointer:
         self._operations = 0
         self._opened = distributed.call_number(self._processes, f"open {self._directory}")  # (see _operation)
         self._preempted_at: int | None = None  # the step at which the last preemption was first seen
-        self._saved_since_preemption = False  # (a SIGTERM held back for a save no save served ends at close)
         self._reached = False  # whether the last decision saw a preemption (a new one begins after one that did not)
         self._decided_once = False  # (whether it listens for a preemption is known from the first decision)
         self._due: int | None = None  # the step the last should_save said yes to, until a save or reload
@@ -530,7 +529,7 @@ class Checkpointer:
         if not force and not due:
             self._warn_of_a_step_behind(step)
             return None  # a step below the latest, or one the policy skips
-        self._saved_since_preemption = self._saved_since_preemption or preemption.preempted()
+        preemption.serve()  # (a SIGTERM held back for a save no save served ends the process at close)
         if self._local is not None:
             return self._local.save(step, checkpointables, force=force, overwrite=overwrite, blocking=blocking,
                                     preempted=step == self._preempted_at, metrics=metrics,
@@ -911,7 +910,7 @@ class Checkpointer:
                 self._loader.shutdown(wait=True)
                 self._loader = None  # (a load_async after close starts another: loading goes on working)
             self._writer.when_idle(self._lock.release)
-        if not self._saved_since_preemption and sys.exc_info()[0] is None:  # (an exception ends it, with its traceback)
+        if sys.exc_info()[0] is None:  # (an exception ends it, with its traceback)
             preemption.end_unserved_sigterm()  # (after the last save decision: the save it was held back for never came)
 
     def _check_open(self) -> None:

@@ -119,6 +119,41 @@ def test_a_sigterm_after_the_last_save_decision_terminates_once_the_checkpointer
         assert ckptr.latest.step == 3
 
 
+SERVED_THEN = """
+import os, signal, sys
+import numpy as np
+import ckpt
+with ckpt.Checkpointer(sys.argv[1]) as ckptr:
+    for step in range(10):
+        if step == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+        ckptr.save(step, {"w": np.full(8, step, np.float32)})
+        if ckptr.reached_preemption(step):
+            if sys.argv[2] == "reset":
+                ckpt.preemption.reset()   # saved, and the job goes on after all
+            break
+    if sys.argv[2] == "reset":
+        os.kill(os.getpid(), signal.SIGTERM)   # a second preemption, after the last save decision
+print("the loop ended", flush=True)
+with ckpt.Checkpointer(sys.argv[1]) as reader:   # the script goes on: a report of the last step
+    print(f"latest {reader.latest.step}", flush=True)
+print("done", flush=True)
+"""
+
+
+@pytest.mark.parametrize("then", ["stops", "reset"])
+def test_closing_ends_the_process_only_for_a_sigterm_no_save_served(tmp_path, then):
+    """A loop that saved the step a SIGTERM arrived at and stopped goes on as it chooses: a Checkpointer the
+    script opened next (to read) ended the process as it closed (each Checkpointer asked whether it had saved
+    since the preemption). After ``preemption.reset()``, a second SIGTERM after the last save decision was
+    swallowed (the loop's Checkpointer had saved for the first)."""
+    out = procs.run_script(SERVED_THEN, str(tmp_path), then)
+    if then == "stops":
+        assert out.returncode == 0 and "latest 5" in out.stdout and "done" in out.stdout, out
+    else:
+        assert out.returncode == -signal.SIGTERM and "the loop ended" not in out.stdout, out
+
+
 @pytest.mark.parametrize("mode", ["interval-only", "read-only"])
 def test_sigterm_terminates_at_once_where_no_save_would_be_made_for_it(tmp_path, mode):
     """A policy that never saves on a preemption, or a Checkpointer that only reads: SIGTERM does what it

@@ -44,10 +44,11 @@ class Spread:
 
 @dataclasses.dataclass
 class HostLeaf:
-    """A leaf ready to be written: its manifest entry and, for array leaves, its host bytes."""
+    """A leaf ready to be written: its manifest entry and, for array leaves, its host bytes (or, for a
+    large jax array whose host copy a save makes a chunk at a time, a :class:`ckpt.transfers.DeviceRows`)."""
 
     meta: dict[str, Any]
-    array: np.ndarray | None = None
+    array: np.ndarray | transfers.DeviceRows | None = None
     spread: Spread | None = None  # spread over processes: each writes the shards it owns
     shards: list[tuple[Any, np.ndarray]] | None = None  # (index, host copy) of this process's shards, once snapshot
 
@@ -126,7 +127,8 @@ def _native(array: np.ndarray) -> np.ndarray:
 
 
 def to_host(path: KeyPath, x: Any) -> HostLeaf:
-    """Classifies a leaf and returns its manifest entry plus its data as a numpy array (maybe a view).
+    """Classifies a leaf and returns its manifest entry plus its data as a numpy array (maybe a view), or
+    as :class:`ckpt.transfers.DeviceRows` for a large jax array a save copies a chunk at a time.
 
     Raises:
       UnregisteredTypeError: the leaf's type cannot be stored (a TypeError); the message names the key path
@@ -190,7 +192,8 @@ def to_host(path: KeyPath, x: Any) -> HostLeaf:
     )
 
 
-def describe(flat: list[tuple[KeyPath, Any]]) -> tuple[list[dict], list[np.ndarray | None], list[Spread | None]]:
+def describe(flat: list[tuple[KeyPath, Any]]) -> tuple[list[dict], list[np.ndarray | transfers.DeviceRows | None],
+                                                     list[Spread | None]]:
     """:func:`to_host` of each (key path, leaf) as three columns: the manifest entries, the host arrays
     and the spreads, with no object per numpy array. Numpy arrays of one dtype and shape share one
     manifest entry: copy an entry before changing it. The small DTensors among the leaves are gathered
@@ -218,7 +221,7 @@ def describe(flat: list[tuple[KeyPath, Any]]) -> tuple[list[dict], list[np.ndarr
 
 def _jax_leaf(meta: dict, x: Any) -> HostLeaf:
     if x.is_fully_addressable:
-        return HostLeaf(meta, np.asarray(x))
+        return HostLeaf(meta, transfers.device_rows(x) or np.asarray(x))
     return HostLeaf(meta, None, spread=Spread(
         tuple(x.sharding.shard_shape(x.shape)),
         lambda: [(s.index, np.asarray(s.data)) for s in x.addressable_shards if s.replica_id == 0]))

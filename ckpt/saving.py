@@ -411,6 +411,8 @@ def _staged(array: np.ndarray, staging: StagingBuffers, plan: Plan, pinned: bool
     buffer = staging.take(array.nbytes, pinned)
     plan.staging.append(buffer)
     copy = buffer.view(array.dtype).reshape(array.shape)
+    if isinstance(array, transfers.DeviceRows):
+        return array.copy_rows(copy, 0)
     np.copyto(copy, array)
     return copy
 
@@ -470,6 +472,29 @@ def _snapshot_reused(plan: Plan, staging: StagingBuffers) -> None:
         plan.staging.append(buffer)
         copies[i] = to_host.copy(i, layout.view_of(i, buffer))
     to_host.wait()
+
+
+def _chunks_of(meta: dict, source: np.ndarray | transfers.DeviceRows
+               ) -> Iterator[tuple[chunks.Chunk, slice, Any, np.ndarray | None]]:
+    """Each chunk of a large leaf's array (``meta``: its entry; ``source``: its data, at least 1-d), with
+    its rows, their data and, where they lie in memory as one block, their bytes. A leaf left on its
+    devices is copied into one host buffer a chunk at a time, and each chunk's checksums are taken as it
+    is copied: the caller writes each chunk before it asks for the next."""
+    layout, row_bytes = chunks.layout(meta), source.nbytes // max(1, source.shape[0])
+    if not isinstance(source, transfers.DeviceRows):
+        raw = _raw_bytes(source) if source.flags.c_contiguous else None  # (a view: never a copy of a large leaf)
+        for chunk in layout:
+            rows = slice(chunk.start // row_bytes, chunk.stop // row_bytes)
+            yield chunk, rows, source[rows], None if raw is None else raw[chunk.start: chunk.stop]
+        return
+    buffer = host_memory.empty(max(chunk.stop - chunk.start for chunk in layout))
+    crc32s, sum64s = meta["chunk_crc32"], meta["chunk_sum64"] = [], []
+    for chunk in layout:
+        rows, raw = slice(chunk.start // row_bytes, chunk.stop // row_bytes), buffer[: chunk.stop - chunk.start]
+        data = source.copy_rows(raw.view(source.dtype).reshape((rows.stop - rows.start, *source.shape[1:])), rows.start)
+        crc32s.append(fmt.crc32(raw))
+        sum64s.append(chunks.sum64(raw))
+        yield chunk, rows, data, raw
 
 
 class StepWriter:
@@ -598,9 +623,10 @@ class StepWriter:
 
     @staticmethod
     def _checksum_arrays(leaves: list[PlannedLeaf]) -> None:
-        """Records each chunk's CRC32 and word sum (arrays spread over processes use crc32c instead)."""
+        """Records each chunk's CRC32 and word sum (arrays spread over processes use crc32c instead; the
+        writer takes those of a leaf left on its devices as it copies each chunk)."""
         for leaf in leaves:
-            if leaf.host.spread is None:
+            if leaf.host.spread is None and not isinstance(leaf.host.array, transfers.DeviceRows):
                 meta = leaf.host.meta
                 raw, layout = _raw_bytes(leaf.host.array), chunks.layout(meta)
                 meta["chunk_crc32"], meta["chunk_sum64"] = chunks.checksums(raw, layout), chunks.sums(raw, layout)
@@ -609,7 +635,8 @@ class StepWriter:
         """Writes a leaf's chunks, or starts their writes; returns what is left to wait for. A chunk
         whose bytes lie aligned in memory (as in a snapshot's buffers) goes straight to its file (see
         :func:`storage.write_direct`); the others through ``store``: one at a time and each file's
-        writeback started when ``slow`` (opened for the background), until :meth:`hurry`."""
+        writeback started when ``slow`` (opened for the background), until :meth:`hurry`, or when the leaf
+        is left on its devices (its chunks are copied to host memory one at a time)."""
         if leaf.host.spread is not None:
             shards = leaf.host.shards if leaf.host.shards is not None else leaf.host.spread.own_shards()
             leaf.host.shards = None
@@ -618,22 +645,21 @@ class StepWriter:
         source = _raw_bytes(leaf.host.array) if "stored_as" in leaf.host.meta else leaf.host.array
         if source.ndim == 0:
             return [store.write(source, can_reference_source_data_indefinitely=True).commit]
-        row_bytes = source.nbytes // max(1, source.shape[0])
-        raw = _raw_bytes(source) if source.flags.c_contiguous else None  # (a view: never a copy of a large leaf)
+        on_device = isinstance(source, transfers.DeviceRows)
         directory, pending = self.tmp_dir / leaf.array_name, []
         with _settled_on_error(lambda: pending):
-            for chunk in chunks.layout(leaf.host.meta):
-                if raw is not None and self._written_direct(directory, chunk, raw[chunk.start: chunk.stop]):
+            for chunk, rows, data, raw in _chunks_of(leaf.host.meta, source):
+                if raw is not None and self._written_direct(directory, chunk, raw):
                     continue
                 file = directory / chunk.key
                 if slow and not self._slow():  # hurried: the rest at full speed
                     slow, store = False, self._open(leaf.host.meta["array"]).result()
-                rows = slice(chunk.start // row_bytes, chunk.stop // row_bytes)
-                written = store[rows].write(source[rows], can_reference_source_data_indefinitely=True).commit
-                if slow:
+                written = store[rows].write(data, can_reference_source_data_indefinitely=not on_device).commit
+                if slow or on_device:  # (a leaf on its devices: the buffer is the next chunk's)
                     written.result()
+                if slow:
                     storage.start_writeback(file)
-                else:
+                elif not on_device:
                     pending.append(written)
         return pending
 

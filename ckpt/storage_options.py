@@ -123,7 +123,8 @@ def cast(host: leaves_lib.HostLeaf, dtype: np.dtype) -> None:
         return
     host.meta["dtype"] = leaves_lib.dtype_name(dtype)
     if host.spread is None:
-        host.array = host.array.astype(dtype, copy=False)
+        if host.array.dtype != dtype:  # (a DeviceRows is copied whole: the cast copies anyway)
+            host.array = np.asarray(host.array).astype(dtype)
         return
     own_shards = host.spread.own_shards
     host.spread = dataclasses.replace(

@@ -13,7 +13,8 @@ compiles for seconds per layout. Torch tensors bound for a CUDA device go over t
 the next leaves are read; the load synchronizes once, at the end. On CPU nothing is copied.
 
 A snapshot copies small torch tensors of one device together too (:class:`TorchRun`), and large ones
-with non-blocking copies on a side stream into page-locked buffers (:class:`ToHost`).
+with non-blocking copies on a side stream into page-locked buffers (:class:`ToHost`). A large jax array
+sharded over CPU devices is copied from its shards a chunk of rows at a time (:class:`DeviceRows`).
 """
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ from typing import Any, Callable, TypeVar
 
 import numpy as np
 
-from ckpt import chunks, host_memory, packing, shardings
+from ckpt import chunks, host_memory, packing, shardings, storage
+from ckpt import format as fmt
 
 T = TypeVar("T")
 
@@ -342,6 +344,51 @@ class ToHost:
 
 
 ASIDE_COPY_BYTES = 1 << 20
+
+
+class DeviceRows:
+    """A large jax array sharded over several CPU devices, whose host copy would be a gather, kept as
+    its shards: a save copies it to host memory a chunk of rows at a time (:meth:`copy_rows`), so that a
+    sync save holds one chunk of it, never the whole array. It has the array's ``shape``, ``dtype``,
+    ``ndim`` and ``nbytes``; ``np.asarray`` gives it whole.
+
+    Example::
+
+        rows = DeviceRows(x)                      # x: a (1024, 512) jax array over a (4, 2) mesh
+        part = np.empty((256, 512), rows.dtype)
+        rows.copy_rows(part, 512)                 # rows 512 to 767
+    """
+
+    def __init__(self, x: Any):
+        self.array, self.shape, self.ndim, self.nbytes = x, x.shape, x.ndim, x.nbytes
+        self.dtype = np.dtype(x.dtype)
+        self._shards = [(s.index, s.data) for s in x.addressable_shards if s.replica_id == 0]
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        return np.asarray(self.array, dtype)
+
+    def copy_rows(self, out: np.ndarray, start: int) -> np.ndarray:
+        """Copies rows ``start`` to ``start + len(out)`` into ``out`` (that shape, this dtype) from the
+        shards that hold them (each a view of its buffer in host memory); returns ``out``."""
+        stop = start + out.shape[0]
+        for index, data in self._shards:
+            first, last, _ = index[0].indices(self.shape[0])
+            low, high = max(start, first), min(stop, last)
+            if low < high:
+                out[(slice(low - start, high - start), *index[1:])] = np.asarray(data)[low - first: high - first]
+        return out
+
+
+def device_rows(x: Any) -> DeviceRows | None:
+    """``x`` (a fully addressable jax array) as :class:`DeviceRows` when it is large (an array of its own
+    on disk, stored as its dtype) and split over several CPU devices; else None. (On an accelerator a
+    chunk's copy would be a slice on the device, compiled for each shape: a leaf there is copied whole.)"""
+    if x.ndim == 0 or x.nbytes < fmt.SMALL_LEAF_BYTES or not storage.zarr_stores(np.dtype(x.dtype)):
+        return None
+    devices = x.sharding.device_set
+    if len(devices) == 1 or x.sharding.is_fully_replicated or any(device.platform != "cpu" for device in devices):
+        return None
+    return DeviceRows(x)
 
 
 def _copy_aside(target: np.ndarray, source: np.ndarray) -> list[Any]:

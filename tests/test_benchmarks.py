@@ -125,6 +125,17 @@ def test_the_jax_leaves_benchmark_times_both_loads_alternating(tmp_path):
     assert result["jax_us_per_leaf_range"][0] <= result["jax_us_per_leaf"] <= result["jax_us_per_leaf_range"][1]
 
 
+def test_the_sharded_save_benchmark_times_both_saves_and_measures_their_memory(tmp_path):
+    pytest.importorskip("jax")
+    out = tmp_path / "sharded_save.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "sharded_save.py"), "--mib", "16", "--reps", "1",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    assert len(result["save_sharded_s"]) == len(result["save_numpy_s"]) == 1 and result["time_ratio"] > 0
+    assert result["state_bytes"] == 16 << 20 and set(result["peak_ratio"]) == {"sharded", "numpy"}
+
+
 def test_the_gpu_benchmark_runs_on_cpu_arrays_with_every_figure(tmp_path):
     """benchmarks/gpu.py gets one short go when a GPU is lent: run it here first, tiny, on CPU arrays."""
     pytest.importorskip("jax")

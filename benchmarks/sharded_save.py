@@ -6,11 +6,12 @@ Usage (CPU is enough; under a minute)::
     python benchmarks/sharded_save.py [--mib 256] [--reps 5] [--out bench-results/sharded_save.json]
 
 Eight float32 arrays of ``--mib`` in all, each sharded over a (4, 2) mesh of 8 CPU devices (both
-axes), are saved with ``Checkpointer.save`` ``--reps`` times after a warm-up, alternating with the
-same save of their numpy copies (one buffer each in host memory, which a save writes from without a
-copy), each save of new arrays (``x + 1``, as a training step makes them). Then one more save of each
-measures its peak RSS increase (``memory.py``). Targets (SPEC):
-the sync save's extra memory <= 0.1x the state; its time, the ratio of the two saves' medians, near 1.
+axes), are saved with ``Checkpointer.save`` and then with ``save_async`` (its blocking time, in the
+steady state of a reused layout and staging buffers) ``--reps`` times after a warm-up, alternating
+with the same saves of their numpy copies (one buffer each in host memory), each save of new arrays
+(``x + 1``, as a training step makes them). Then one more round measures each one's peak RSS increase
+(``memory.py``). Targets (SPEC): a sync save's extra memory <= 0.1x the state; the times, sharded
+over numpy (the ratio of the medians), near 1.
 """
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ import memory  # noqa: E402
 
 
 def measure(mib: int, reps: int, root: Path) -> dict:
-    """Seconds of each save (lists of ``reps``), each kind's peak RSS increase, and the ratios."""
+    """Seconds of each sync save and each async save's blocking (lists of ``reps``), each one's peak
+    RSS increase, and the ratios, sharded over numpy."""
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("a", "b"))
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("a", "b"))
     rows = max(8, (mib << 20) // 8 // (2048 * 4) // 8 * 8)
@@ -41,28 +43,33 @@ def measure(mib: int, reps: int, root: Path) -> dict:
     states = {"sharded": jax.block_until_ready({k: jax.device_put(v, sharding) for k, v in host.items()}),
               "numpy": host}
     nbytes = sum(v.nbytes for v in host.values())
-    times: dict[str, list[float]] = {"sharded": [], "numpy": []}
-    peaks: dict[str, int] = {}
-    with ckpt.Checkpointer(root) as checkpointer:
-        step = 0
-        for rep in range(reps + 2):  # a warm-up, the timed repetitions, the memory pass
-            for name in states:
+    times: dict[str, list[float]] = {f"{op}_{name}": [] for op in ("save", "blocking") for name in states}
+    peaks: dict[str, float] = {}
+    checkpointers = {(op, name): ckpt.Checkpointer(root / f"{op}_{name}")
+                     for op in ("save", "blocking") for name in states}
+    step = 0
+    for rep in range(reps + 2):  # a warm-up, the timed repetitions, the memory pass
+        for name in states:
+            for op in ("save", "blocking"):  # each on a Checkpointer of its own, as a training loop saves
+                checkpointer = checkpointers[op, name]
+                save = checkpointer.save if op == "save" else checkpointer.save_async
                 # new arrays, as a training step makes (a jax array keeps the host copy a gather made)
-                state = states[name] = {k: v + 1 for k, v in states[name].items()}
-                jax.block_until_ready(state)
+                state = states[name] = jax.block_until_ready({k: v + 1 for k, v in states[name].items()})
+                base = memory.reset_peak() if rep == reps + 1 else 0
+                start = time.perf_counter()
+                save(step, state, force=True)
+                elapsed = time.perf_counter() - start
                 if rep == reps + 1:
-                    base = memory.reset_peak()
-                    checkpointer.save(step, state, force=True)
-                    peaks[name] = memory.peak_increase(base)
-                else:
-                    start = time.perf_counter()
-                    checkpointer.save(step, state, force=True)
-                    if rep:
-                        times[name].append(time.perf_counter() - start)
+                    peaks[f"{op}_{name}"] = memory.peak_increase(base) / nbytes
+                elif rep:
+                    times[f"{op}_{name}"].append(elapsed)
+                checkpointer.wait()
                 step += 1
-    return {"state_bytes": nbytes, "save_sharded_s": times["sharded"], "save_numpy_s": times["numpy"],
-            "time_ratio": statistics.median(times["sharded"]) / statistics.median(times["numpy"]),
-            "peak_bytes": peaks, "peak_ratio": {name: peak / nbytes for name, peak in peaks.items()}}
+    for checkpointer in checkpointers.values():
+        checkpointer.close()
+    median = {key: statistics.median(values) for key, values in times.items()}
+    return {"state_bytes": nbytes, "seconds": times, "peak_ratio": peaks,
+            "time_ratio": {op: median[f"{op}_sharded"] / median[f"{op}_numpy"] for op in ("save", "blocking")}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,10 +83,15 @@ def main(argv: list[str] | None = None) -> int:
     result["environment"] = {"jax": jax.__version__, "cpus": os.cpu_count(), "load_average": os.getloadavg()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
-    print(f"sync save of {result['state_bytes'] >> 20} MiB over 8 CPU devices: "
-          f"{statistics.median(result['save_sharded_s']):.3f} s, as numpy {statistics.median(result['save_numpy_s']):.3f} s "
-          f"(sharded / numpy {result['time_ratio']:.2f}); peak extra memory {result['peak_ratio']['sharded']:.3f}x the "
-          f"state (as numpy {result['peak_ratio']['numpy']:.3f}x; target <= 0.1x)")
+    seconds = {key: statistics.median(values) for key, values in result["seconds"].items()}
+    peaks, ratio = result["peak_ratio"], result["time_ratio"]
+    print(f"{result['state_bytes'] >> 20} MiB over 8 CPU devices: sync save "
+          f"{seconds['save_sharded']:.3f} s, as numpy {seconds['save_numpy']:.3f} s "
+          f"(sharded / numpy {ratio['save']:.2f}), peak extra "
+          f"memory {peaks['save_sharded']:.3f}x the state (as numpy {peaks['save_numpy']:.3f}x; target <= 0.1x); "
+          f"async blocking {seconds['blocking_sharded'] * 1e3:.0f} ms, as numpy "
+          f"{seconds['blocking_numpy'] * 1e3:.0f} ms (sharded / numpy {ratio['blocking']:.2f}), "
+          f"peak extra {peaks['blocking_sharded']:.3f}x (as numpy {peaks['blocking_numpy']:.3f}x)")
     return 0
 
 

@@ -269,7 +269,8 @@ class ToHost:
     and :meth:`wait` synchronizes once. CPU tensors and arrays are plain copies; a numpy (or jax on
     the host) array of ``ASIDE_COPY_BYTES`` or more is copied on the reading threads, large ones in
     parts (the caller blocks anyway, and one core's copy leaves the memory bus half idle), which
-    :meth:`wait` waits for.
+    :meth:`wait` waits for; a jax array sharded over CPU devices is copied so from its shards
+    (:class:`DeviceRows`), never gathered.
 
     Example::
 
@@ -283,10 +284,15 @@ class ToHost:
         self.values = values
         self._streams: dict[Any, Any] = {}
         self._aside: list[Any] = []  # the futures of the copies on the reading threads
+        self._rows: dict[int, DeviceRows] = {}  # the leaves copied from their shards (no gathered copy)
         jax = sys.modules.get("jax")
         for i in device_leaves:
             if jax is not None and isinstance(values[i], jax.Array):
-                values[i].copy_to_host_async()
+                rows = device_rows(values[i])
+                if rows is None:
+                    values[i].copy_to_host_async()
+                else:
+                    self._rows[i] = rows
 
     def copy(self, i: int, view: np.ndarray) -> np.ndarray:
         """Copies leaf ``i`` into ``view`` (its shape; cast to its dtype, which a storage dtype may
@@ -294,6 +300,8 @@ class ToHost:
         x = self.values[i]
         if type(x) is np.ndarray:
             return self._copy_array(view, x)
+        if i in self._rows:
+            return self._copy_rows(view, self._rows[i])
         torch = sys.modules.get("torch")
         if torch is not None and isinstance(x, torch.Tensor):
             from ckpt.leaves import numpy_to_torch
@@ -311,6 +319,14 @@ class ToHost:
             self._aside.extend(_copy_aside(view, x))
         else:
             np.copyto(view, x, casting="unsafe")
+        return view
+
+    def _copy_rows(self, view: np.ndarray, rows: DeviceRows) -> np.ndarray:
+        """Copies a sharded leaf from its shards on the reading threads, in one part of rows per thread but one."""
+        threads, count = chunks.pool()
+        step = -(-rows.shape[0] // max(1, min(count - 1, rows.nbytes // (4 << 20))))
+        self._aside.extend(threads.submit(rows.copy_rows, view[start: start + step], start)
+                           for start in range(0, rows.shape[0], step))
         return view
 
     def copy_run(self, run: TorchRun, target: Any) -> None:

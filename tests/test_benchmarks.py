@@ -132,8 +132,10 @@ def test_the_sharded_save_benchmark_times_both_saves_and_measures_their_memory(t
                            "--out", str(out)], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     result = json.loads(out.read_text())
-    assert len(result["save_sharded_s"]) == len(result["save_numpy_s"]) == 1 and result["time_ratio"] > 0
-    assert result["state_bytes"] == 16 << 20 and set(result["peak_ratio"]) == {"sharded", "numpy"}
+    kinds = {"save_sharded", "save_numpy", "blocking_sharded", "blocking_numpy"}
+    assert result["state_bytes"] == 16 << 20 and set(result["seconds"]) == set(result["peak_ratio"]) == kinds
+    assert all(len(seconds) == 1 for seconds in result["seconds"].values())
+    assert result["time_ratio"]["save"] > 0 and result["time_ratio"]["blocking"] > 0
 
 
 def test_the_gpu_benchmark_runs_on_cpu_arrays_with_every_figure(tmp_path):

@@ -317,13 +317,12 @@ class Checkpointer:
         return found
 
     def _written(self, step: int, find: Callable[[int], CheckpointMetadata | None]) -> CheckpointMetadata | None:
-        """``find(step)``; when the save in flight is of ``step``, once it is committed (or its failure raised)."""
-        found = find(step)
+        """``find(step)``; when the save in flight is of ``step``, once it is committed (or its failure raised):
+        a step being overwritten is found as the save in flight leaves it, not as it was."""
         in_flight = self._in_flight
-        if found is None and in_flight is not None and in_flight.step == step:
+        if in_flight is not None and in_flight.step == step:
             self.wait()
-            found = find(step)
-        return found
+        return find(step)
 
     # ---------------------------------------------------------------------------------- deciding
     def should_save(self, step: int | CheckpointMetadata) -> bool:

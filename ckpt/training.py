@@ -158,8 +158,11 @@ class Checkpointer:
         if cleanup_tmp_directories and primary:
             self._take_directory()
         preemption.install()
+        if primary:  # (it puts back a step a crash left set aside: before any other process lists the root)
+            self.reload()
         self._barrier("init")
-        self.reload()
+        if not primary:
+            self.reload()
 
     # ----------------------------------------------------------------------------------- listing
     @property

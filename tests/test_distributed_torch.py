@@ -145,3 +145,19 @@ def test_a_rank_whose_store_stopped_raises_at_once_saying_so(tmp_path):
     out = run_jobs(tmp_path / "run", tmp_path / "unused.npz", "stopped:2")
     assert ("rank 1 raised at once: rank 1 of 2 lost the job's store (kept by rank 0's process, or by the launcher's) "
             f"while it waited for rank 0's '{tmp_path / 'run'}/0/") in out, out
+
+
+@pytest.mark.timeout(300)
+def test_every_rank_lists_a_step_a_crash_left_set_aside_once_the_checkpointer_is_open(tmp_path):
+    """A crash in an overwrite's commit where directories cannot be swapped (NFS) leaves the step set aside: rank 0
+    put it back while rank 1 listed the root, so rank 1 resumed from step 4 and rank 0 from step 5."""
+    import ckpt
+    from ckpt import format as fmt
+
+    directory = tmp_path / "run"
+    with ckpt.Checkpointer(directory) as ckptr:
+        for step in (4, 5):
+            ckptr.save(step, {"w": np.ones(2)}, force=True)
+    os.rename(directory / "5", directory / ("5" + fmt.REPLACED_SUFFIX))  # as the crash leaves it (marked)
+    out = run_jobs(directory, tmp_path / "unused.npz", "list:2")
+    assert "rank 0 lists [4, 5]" in out and "rank 1 lists [4, 5]" in out, out

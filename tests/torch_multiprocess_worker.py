@@ -15,7 +15,7 @@ continues after the latest committed step with one more save. ``free``: every ra
 ``differ``: the ranks save trees with other keys,
 through the Checkpointer and ``ckpt.save``, and to other paths and steps; every save is refused, nothing is written.
 ``dtensors`` (4 ranks): DTensors of unusual layouts, saved and loaded through the Checkpointer.
-``fail``: saves that fail on rank 1. ``stopped``: rank 0 stops in the middle of a save. ``unshared``: rank 1 sees another directory at DIR. ``sigterm``: a
+``fail``: saves that fail on rank 1. ``stopped``: rank 0 stops in the middle of a save. ``list``: prints the steps each rank lists. ``unshared``: rank 1 sees another directory at DIR. ``sigterm``: a
 SIGTERM to rank 1 alone, in a loop saving on preemption.
 Each rank prints what it did.
 """
@@ -163,6 +163,8 @@ def run(this_rank: int, this_world: int, port: int, mode: str) -> None:
             preempted_rank()
         elif mode == "stopped":
             rank_0_stops(ckptr)
+        elif mode == "list":
+            say(f"rank {rank} lists {[c.step for c in ckptr.checkpoints]}")
         elif mode == "unshared":  # rank 1 sees another directory at DIR
             try:
                 ckptr.save(1, {"w": torch.ones(2)}, force=True)

@@ -252,7 +252,7 @@ class MultiprocessingOptions(_Options):
     (:func:`ckpt.distributed.current`). primary_host: the process that writes the
     manifest and commits (ckpt's is always process 0). barrier_sync_key_prefix: a prefix of the names
     of this Checkpointer's barriers (as Orbax's; ckpt's names already differ between Checkpointers, being
-    made of the directory and how many were opened on it before).
+    made of how many were opened in the job before).
 
     Example::
 

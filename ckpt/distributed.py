@@ -291,6 +291,25 @@ def settle(processes: Processes, name: str, part: Callable[[], None], timeout_se
                            + "); nothing was committed")
 
 
+def differences(processes: Processes, name: str, key: Any, value: Any, timeout_secs: float) -> dict[int, Any]:
+    """``{index: value}`` of the processes whose JSON ``key`` differs from the primary's, with the primary's
+    own ``value`` at 0, or ``{}`` when all agree (see :class:`Processes`); a barrier named ``name``. One
+    process, or a Processes object without ``compare`` (whose processes are not compared): ``{}``.
+
+    Example::
+
+        one = ckpt.distributed.SingleProcess()          # in a job: ckpt.distributed.current()
+        assert ckpt.distributed.differences(one, "root", "runs/exp1", "runs/exp1", 600) == {}
+    """
+    if processes.count == 1:
+        return {}
+    compare = getattr(processes, "compare", None)
+    if compare is None:
+        processes.barrier(name, timeout_secs)
+        return {}
+    return compare(name, key, value, timeout_secs)
+
+
 def _announces(announced: set[str], name: str, here: bool) -> bool:
     """Whether a process other than the primary announces the notice ``name`` now: it has it (``here``) and
     has not announced it since a call without it (``announced``: the names announced, kept up to date)."""

@@ -13,7 +13,8 @@ the others, and goes on with the next job); ``resume``:
 continues after the latest committed step with one more save. ``free``: every rank saves DTensors with
 ``ckpt.save`` (one coordinated save) and loads them back, whole and into templates on the meta device.
 ``differ``: the ranks save trees with other keys,
-through the Checkpointer and ``ckpt.save``, and to other paths and steps; every save is refused, nothing is written.
+through the Checkpointer and ``ckpt.save``, and to other paths and steps, and open Checkpointers on other roots;
+every one is refused, nothing is written.
 ``dtensors`` (4 ranks): DTensors of unusual layouts, saved and loaded through the Checkpointer.
 ``fail``: saves that fail on rank 1. ``stopped``: rank 0 stops in the middle of a save. ``list``: prints the steps each rank lists. ``unshared``: rank 1 sees another directory at DIR. ``sigterm``: a
 SIGTERM to rank 1 alone, in a loop saving on preemption.
@@ -230,6 +231,11 @@ def differing_trees(ckptr: Checkpointer) -> None:
                 save()
         except ckpt.errors.TreeMismatchError as e:
             say(f"rank {rank} {what} refused: {e.differences}")
+    try:  # Checkpointers on roots of their own (they waited at every barrier, then timed out)
+        with ckpt.Context(async_options=ckpt.AsyncOptions(timeout_secs=30)):
+            Checkpointer(f"{directory}-root{rank}")
+    except ckpt.errors.RootDirectoryError as e:
+        say(f"rank {rank} roots refused: {e}")
     dist.barrier()
     ckptr.reload()
     written = sorted(p.name for p in Path(directory).parent.iterdir() if p.name.startswith(Path(directory).name))

@@ -248,13 +248,15 @@ class ArrayOptions(_Options):
 @dataclasses.dataclass(kw_only=True)
 class MultiprocessingOptions(_Options):
     """processes: how the processes of a multi-process job agree (:class:`ckpt.distributed.Processes`);
-    None detects ``jax.distributed``, else a single process. primary_host: the process that writes the
+    None detects ``jax.distributed``, else ``torch.distributed``, else a single process
+    (:func:`ckpt.distributed.current`). primary_host: the process that writes the
     manifest and commits (ckpt's is always process 0). barrier_sync_key_prefix: a prefix of the names
-    of this Checkpointer's barriers (two Checkpointers in one job need different ones).
+    of this Checkpointer's barriers (as Orbax's; ckpt's names already differ between Checkpointers, being
+    made of how many were opened in the job before).
 
     Example::
 
-        processes = ckpt.distributed.SingleProcess()     # or your object for torch.distributed
+        processes = ckpt.distributed.SingleProcess()     # or an object of yours for another engine
         ctx = ckpt.Context(multiprocessing_options=ckpt.MultiprocessingOptions(processes=processes))
         with ckpt.Checkpointer("runs/exp1", context=ctx) as ckptr:
             ckptr.save(0, {"w": np.ones(3)})

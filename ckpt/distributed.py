@@ -170,25 +170,37 @@ class TorchProcesses:
             store = self._local.store = dist.PrefixStore("ckpt", client)
         return store
 
-    def _wait(self, store: Any, key: str, what: str, timeout_secs: float) -> None:
+    @contextlib.contextmanager
+    def _waiting(self, what: str, timeout_secs: float) -> Iterator[None]:
+        """Turns the store's errors into ckpt's, naming ``what`` this rank waited for: a lost connection (the
+        process that keeps the store, rank 0's or the launcher's, stopped) into ConnectionError, at once; a
+        timeout (torch's DistStoreError) into TimeoutError."""
+        import torch.distributed as dist
+
         try:
-            store.wait([key], datetime.timedelta(seconds=timeout_secs))
-        except Exception as e:  # torch raises DistStoreError (a RuntimeError) on timeout
+            yield
+        except dist.DistNetworkError as e:
+            raise ConnectionError(
+                f"rank {self.index} of {self.count} lost the job's store (kept by rank 0's process, or by the "
+                f"launcher's) while it waited for {what}: that process stopped ({e})") from None
+        except dist.DistStoreError as e:
             raise _timed_out("rank", self, what, timeout_secs, e) from None
 
     def barrier(self, name: str, timeout_secs: float) -> None:
-        store = self._store()
-        if store.add(f"{name}/arrived", 1) == self.count:
-            store.set(f"{name}/done", b"1")
-        self._wait(store, f"{name}/done", f"the other ranks at {name!r}", timeout_secs)
+        with self._waiting(f"the other ranks at {name!r}", timeout_secs):
+            store = self._store()
+            if store.add(f"{name}/arrived", 1) == self.count:
+                store.set(f"{name}/done", b"1")
+            store.wait([f"{name}/done"], datetime.timedelta(seconds=timeout_secs))
 
     def broadcast(self, name: str, value: Any, timeout_secs: float) -> Any:
-        store = self._store()
-        if self.index == 0:
-            store.set(name, json.dumps(value))
-            return value
-        self._wait(store, name, f"rank 0's {name!r}", timeout_secs)
-        return json.loads(store.get(name))
+        with self._waiting(f"rank 0's {name!r}", timeout_secs):
+            store = self._store()
+            if self.index == 0:
+                store.set(name, json.dumps(value))
+                return value
+            store.wait([name], datetime.timedelta(seconds=timeout_secs))
+            return json.loads(store.get(name))
 
     def notice(self, name: str, here: bool) -> bool:
         """Carries a notice one rank may get alone (a SIGTERM to the ranks of one node) to the primary, which
@@ -277,6 +289,25 @@ def settle(processes: Processes, name: str, part: Callable[[], None], timeout_se
         raise RuntimeError(f"{task} failed in another process ("
                            + "; ".join(f"process {i}: {why}" for i, why in sorted(failed.items()))
                            + "); nothing was committed")
+
+
+def differences(processes: Processes, name: str, key: Any, value: Any, timeout_secs: float) -> dict[int, Any]:
+    """``{index: value}`` of the processes whose JSON ``key`` differs from the primary's, with the primary's
+    own ``value`` at 0, or ``{}`` when all agree (see :class:`Processes`); a barrier named ``name``. One
+    process, or a Processes object without ``compare`` (whose processes are not compared): ``{}``.
+
+    Example::
+
+        one = ckpt.distributed.SingleProcess()          # in a job: ckpt.distributed.current()
+        assert ckpt.distributed.differences(one, "root", "runs/exp1", "runs/exp1", 600) == {}
+    """
+    if processes.count == 1:
+        return {}
+    compare = getattr(processes, "compare", None)
+    if compare is None:
+        processes.barrier(name, timeout_secs)
+        return {}
+    return compare(name, key, value, timeout_secs)
 
 
 def _announces(announced: set[str], name: str, here: bool) -> bool:

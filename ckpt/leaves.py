@@ -501,7 +501,7 @@ def _restore_keys(jax: Any, meta: dict, read: Reader, impl: str, sharding: Any) 
     if not isinstance(sharding, jax.sharding.NamedSharding):
         keys = _wrap_key(jax, meta, read(None), impl)
         return keys if sharding is None else jax.device_put(keys, sharding)
-    data = jax.make_array_from_callback(tuple(meta["shape"]), sharding, read)
+    data = jax.make_array_from_callback(tuple(meta["shape"]), sharding, read, dtype=parse_dtype(meta["dtype"]))
     return _wrap_key(jax, meta, data, impl, sharding)
 
 
@@ -565,8 +565,8 @@ def _restore_jax(meta: dict, read: Reader, abstract: Any, jax: Any, to_device: t
     if sharding is None:
         array = jax.device_put(read(None).astype(dtype, copy=False))
     else:
-        array = jax.make_array_from_callback(tuple(meta["shape"]), sharding,
-                                             lambda index: read(index).astype(dtype, copy=False))
+        array = jax.make_array_from_callback(tuple(meta["shape"]), sharding,  # (dtype: for a process holding none)
+                                             lambda index: read(index).astype(dtype, copy=False), dtype=dtype)
     return _weakly_typed(array) if weak else array
 
 

@@ -286,13 +286,9 @@ def agree(plan: Plan, final: storage.Location, processes: distributed.Processes,
     """
     if processes.count == 1:
         return
-    compare = getattr(processes, "compare", None)
-    if compare is None:  # a Processes object of the user's without it: the trees are not compared
-        processes.barrier(operation, timeout_secs)
-        return
     value = {"path": str(final), "structures": plan.structures}
     key = hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
-    differing = compare(operation, key, value, timeout_secs)
+    differing = distributed.differences(processes, operation, key, value, timeout_secs)
     if not differing:
         return
     primary = differing.pop(0)

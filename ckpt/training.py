@@ -131,7 +131,8 @@ class Checkpointer:
         self._warned_behind = False
         self._processes = self._ctx.multiprocessing_options.processes or distributed.current()
         self._operations = 0
-        self._opened = distributed.call_number(self._processes, f"open {self._directory}")  # (see _operation)
+        self._opened = distributed.call_number(self._processes, "open")  # (not by root: the roots are compared)
+        self._check_one_root()
         self._preempted_at: int | None = None  # the step at which the last preemption was first seen
         self._reached = False  # whether the last decision saw a preemption (a new one begins after one that did not)
         self._decided_once = False  # (whether it listens for a preemption is known from the first decision)
@@ -158,8 +159,26 @@ class Checkpointer:
         if cleanup_tmp_directories and primary:
             self._take_directory()
         preemption.install()
+        if primary:  # (it puts back a step a crash left set aside: before any other process lists the root)
+            self.reload()
         self._barrier("init")
-        self.reload()
+        if not primary:
+            self.reload()
+
+    def _check_one_root(self) -> None:
+        """Raises RootDirectoryError on every process at once when the processes of a multi-process job open
+        Checkpointers on different roots (each would wait for the others at every barrier, then time out)."""
+        prefix = self._ctx.multiprocessing_options.barrier_sync_key_prefix or ""
+        root_dir = str(self._directory)
+        differ = distributed.differences(self._processes, f"{prefix}open/{self._opened}", root_dir, root_dir,
+                                         self._ctx.async_options.timeout_secs)
+        if differ:
+            roots = "; ".join(f"process {i}: {d}" for i, d in sorted(differ.items()))
+            raise errors.RootDirectoryError(
+                f"the processes of this job open Checkpointers on different roots ({roots}): every process opens "
+                "the same root, one directory that every process sees (for a process's own checkpoints, open its "
+                "Checkpointer inside ckpt.Context(multiprocessing_options=ckpt.MultiprocessingOptions("
+                "processes=ckpt.distributed.SingleProcess())))", path=self._directory)
 
     # ----------------------------------------------------------------------------------- listing
     @property
@@ -317,13 +336,12 @@ class Checkpointer:
         return found
 
     def _written(self, step: int, find: Callable[[int], CheckpointMetadata | None]) -> CheckpointMetadata | None:
-        """``find(step)``; when the save in flight is of ``step``, once it is committed (or its failure raised)."""
-        found = find(step)
+        """``find(step)``; when the save in flight is of ``step``, once it is committed (or its failure raised):
+        a step being overwritten is found as the save in flight leaves it, not as it was."""
         in_flight = self._in_flight
-        if found is None and in_flight is not None and in_flight.step == step:
+        if in_flight is not None and in_flight.step == step:
             self.wait()
-            found = find(step)
-        return found
+        return find(step)
 
     # ---------------------------------------------------------------------------------- deciding
     def should_save(self, step: int | CheckpointMetadata) -> bool:

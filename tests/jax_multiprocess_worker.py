@@ -193,9 +193,22 @@ with Checkpointer(directory, save_decision_policy=policy) as ckptr:
             for shard in restored["keys"].addressable_shards:
                 np.testing.assert_array_equal(jax.random.key_data(shard.data), data[shard.index])
         print(f"process {pid} restored sharded keys", flush=True)
+        # an array (and keys) on process 0's devices alone: process 1 holds no shard, saving or loading
+        on_0 = NamedSharding(Mesh(np.array(jax.local_devices(process_index=0)), ("x",)), P("x"))
+        lone = jax.make_array_from_callback(SHAPE, on_0, lambda index: expected(1)[index], dtype=np.float32)
+        lone_data = jax.make_array_from_callback(data.shape, on_0, lambda index: data[index], dtype=data.dtype)
+        ckptr.save(latest + 5, {"lone": lone, "keys": jax.random.wrap_key_data(lone_data)}, force=True)
+        abstract = {"lone": jax.ShapeDtypeStruct(SHAPE, np.float32, sharding=on_0),
+                    "keys": jax.ShapeDtypeStruct((4,), keys.dtype, sharding=on_0)}
+        for restored in (ckptr.load(latest + 5), ckptr.load(latest + 5, abstract)):  # as saved, and into on_0
+            assert restored["lone"].sharding == on_0 and restored["keys"].sharding == on_0
+            for shard in restored["lone"].addressable_shards:
+                np.testing.assert_array_equal(np.asarray(shard.data), expected(1)[shard.index])
+        here = len(restored["lone"].addressable_shards)
+        print(f"process {pid} restored arrays of process 0 alone, {here} shards here", flush=True)
         import ckpt
 
         try:  # a key only one process holds: refused on both, before anything is written
-            ckptr.save(latest + 5, {**state(latest + 5), f"only_on_{pid}": 1}, force=True)
+            ckptr.save(latest + 6, {**state(latest + 6), f"only_on_{pid}": 1}, force=True)
         except ckpt.errors.TreeMismatchError as e:
             print(f"process {pid} refused {e.differences} steps {[c.step for c in ckptr.checkpoints]}", flush=True)

@@ -141,6 +141,17 @@ def test_overwriting_the_step_an_async_save_is_writing_waits_for_it_then_replace
         np.testing.assert_array_equal(ckptr.load(1)["big"], np.full(BIG, 7, np.float32))
 
 
+def test_loading_the_step_an_async_overwrite_is_writing_waits_for_it_and_gets_the_new_values(
+        tmp_path, written_once_waited_for):
+    """The old version of the step was read (and its metadata given) while the new one was written."""
+    with Checkpointer(tmp_path) as ckptr:
+        written_once_waited_for.set()
+        ckptr.save(1, state(1))
+        written_once_waited_for.clear()
+        ckptr.save_async(1, state(7), overwrite=True)
+        assert ckptr.load(1)["n"] == 7 and written_once_waited_for.is_set()  # was 1
+
+
 def test_saving_the_step_an_async_save_is_writing_without_overwrite_raises_step_already_exists(
         tmp_path, written_once_waited_for):
     with Checkpointer(tmp_path) as ckptr:

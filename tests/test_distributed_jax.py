@@ -44,8 +44,10 @@ def test_two_processes_save_sharded_arrays_are_killed_and_resume(tmp_path):
         # then custom checkpointables (a handler's, and one every process writes a file of) with a storage dtype
         assert f"process {pid} saved custom checkpointables [5, 6]" in resumed[pid]
         assert f"process {pid} restored sharded keys" in resumed[pid]  # typed PRNG keys over both processes
+        # arrays on process 0's devices alone: process 1, holding no shard, gets them too (it raised 'damaged')
+        assert f"process {pid} restored arrays of process 0 alone, {2 - 2 * pid} shards here" in resumed[pid]
         assert (f"process {pid} refused [\"state['only_on_0'] on process 0, not on process 1\", "
-                f"\"state['only_on_1'] on process 1, not on process 0\"] steps [1, 2, 3, 4, 5, 6, 7]") in resumed[pid]
+                f"\"state['only_on_1'] on process 1, not on process 0\"] steps [1, 2, 3, 4, 5, 6, 7, 8]") in resumed[pid]
     for step in ("5", "6"):
         assert sorted(p.name for p in (tmp_path / step / "counter").iterdir() if not p.name.startswith(".")) == [
             "process_0", "process_1"]

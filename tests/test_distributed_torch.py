@@ -65,6 +65,7 @@ def test_ranks_that_each_call_the_free_save_write_one_whole_checkpoint(tmp_path)
 
 @pytest.mark.timeout(300)
 def test_ranks_saving_other_keys_paths_or_steps_are_refused_on_every_rank_before_anything_is_written(tmp_path):
+    """(Checkpointers opened on other roots waited for each other at every barrier until the timeout.)"""
     out = run_jobs(tmp_path / "run", tmp_path / "unused.npz", "differ:2")
     for r in (0, 1):
         assert (f"rank {r} checkpointer refused: [\"state['stage0.weight'] on process 0, not on process 1\", "
@@ -72,6 +73,8 @@ def test_ranks_saving_other_keys_paths_or_steps_are_refused_on_every_rank_before
         assert f"rank {r} free refused: [\"state['stage0.weight'] on process 0" in out, out
         assert f"rank {r} path refused: ['process 1 saves to {tmp_path / 'run'}-rank1, process 0 to " in out, out
         assert f"rank {r} step refused: ['process 1 saves to {tmp_path / 'run' / '6'}, process 0 to " in out, out
+        assert (f"rank {r} roots refused: the processes of this job open Checkpointers on different roots (process 0: "
+                f"{tmp_path / 'run'}-root0; process 1: {tmp_path / 'run'}-root1)") in out, out
         assert f"rank {r} steps [] entries ['run']" in out, out
 
 
@@ -136,3 +139,28 @@ def test_a_root_one_rank_does_not_see_is_refused_on_every_rank_at_a_save_and_a_p
     assert (f"rank 0 promotion refused: RuntimeError: the promotion of {tmp_path / 'run-local' / 'process_0' / '2'} to "
             f"{tmp_path / 'run' / 'durable' / '2'} failed in another process (process 1: {said}") in out, out
     assert "rank 0 durable steps ['.ckpt.lock']" in out, out
+
+
+@pytest.mark.timeout(300)
+def test_a_rank_whose_store_stopped_raises_at_once_saying_so(tmp_path):
+    """Rank 0's process, which keeps the job's store, stopping in a save: rank 1 raised at once a TimeoutError
+    saying that it had waited the whole timeout (60 s) for rank 0."""
+    out = run_jobs(tmp_path / "run", tmp_path / "unused.npz", "stopped:2")
+    assert ("rank 1 raised at once: rank 1 of 2 lost the job's store (kept by rank 0's process, or by the launcher's) "
+            f"while it waited for rank 0's '{tmp_path / 'run'}/") in out, out
+
+
+@pytest.mark.timeout(300)
+def test_every_rank_lists_a_step_a_crash_left_set_aside_once_the_checkpointer_is_open(tmp_path):
+    """A crash in an overwrite's commit where directories cannot be swapped (NFS) leaves the step set aside: rank 0
+    put it back while rank 1 listed the root, so rank 1 resumed from step 4 and rank 0 from step 5."""
+    import ckpt
+    from ckpt import format as fmt
+
+    directory = tmp_path / "run"
+    with ckpt.Checkpointer(directory) as ckptr:
+        for step in (4, 5):
+            ckptr.save(step, {"w": np.ones(2)}, force=True)
+    os.rename(directory / "5", directory / ("5" + fmt.REPLACED_SUFFIX))  # as the crash leaves it (marked)
+    out = run_jobs(directory, tmp_path / "unused.npz", "list:2")
+    assert "rank 0 lists [4, 5]" in out and "rank 1 lists [4, 5]" in out, out

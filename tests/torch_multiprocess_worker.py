@@ -13,9 +13,10 @@ the others, and goes on with the next job); ``resume``:
 continues after the latest committed step with one more save. ``free``: every rank saves DTensors with
 ``ckpt.save`` (one coordinated save) and loads them back, whole and into templates on the meta device.
 ``differ``: the ranks save trees with other keys,
-through the Checkpointer and ``ckpt.save``, and to other paths and steps; every save is refused, nothing is written.
+through the Checkpointer and ``ckpt.save``, and to other paths and steps, and open Checkpointers on other roots;
+every one is refused, nothing is written.
 ``dtensors`` (4 ranks): DTensors of unusual layouts, saved and loaded through the Checkpointer.
-``fail``: saves that fail on rank 1. ``unshared``: rank 1 sees another directory at DIR. ``sigterm``: a
+``fail``: saves that fail on rank 1. ``stopped``: rank 0 stops in the middle of a save. ``list``: prints the steps each rank lists. ``unshared``: rank 1 sees another directory at DIR. ``sigterm``: a
 SIGTERM to rank 1 alone, in a loop saving on preemption.
 Each rank prints what it did.
 """
@@ -23,6 +24,7 @@ import os
 import signal
 import socket
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -160,6 +162,10 @@ def run(this_rank: int, this_world: int, port: int, mode: str) -> None:
             failing_saves(ckptr)
         elif mode == "sigterm":
             preempted_rank()
+        elif mode == "stopped":
+            rank_0_stops(ckptr)
+        elif mode == "list":
+            say(f"rank {rank} lists {[c.step for c in ckptr.checkpoints]}")
         elif mode == "unshared":  # rank 1 sees another directory at DIR
             try:
                 ckptr.save(1, {"w": torch.ones(2)}, force=True)
@@ -225,6 +231,11 @@ def differing_trees(ckptr: Checkpointer) -> None:
                 save()
         except ckpt.errors.TreeMismatchError as e:
             say(f"rank {rank} {what} refused: {e.differences}")
+    try:  # Checkpointers on roots of their own (they waited at every barrier, then timed out)
+        with ckpt.Context(async_options=ckpt.AsyncOptions(timeout_secs=30)):
+            Checkpointer(f"{directory}-root{rank}")
+    except ckpt.errors.RootDirectoryError as e:
+        say(f"rank {rank} roots refused: {e}")
     dist.barrier()
     ckptr.reload()
     written = sorted(p.name for p in Path(directory).parent.iterdir() if p.name.startswith(Path(directory).name))
@@ -305,6 +316,37 @@ def failing_saves(ckptr: Checkpointer) -> None:
                 say(f"rank {rank} {how} failed: {type(e).__name__}: {e}")
         ckptr.save(5, {"w": torch.ones(2)}, force=True)
     say(f"rank {rank} steps {[c.step for c in ckptr.checkpoints]}")
+
+
+class StopsRank0:
+    """A checkpointable whose write ends rank 0's process at once (as a SIGKILL would; exit status 0, so
+    that the job lets the other rank go on) and writes a file on the others."""
+
+    async def save(self, directory):
+        path = await directory.await_creation()
+
+        async def write():
+            if rank == 0:
+                os._exit(0)
+            (path / f"rank_{rank}").write_text("written")
+        return write()
+
+    async def load(self, directory):
+        async def read():
+            pass
+        return read()
+
+
+def rank_0_stops(ckptr: Checkpointer) -> None:
+    """Rank 0, whose process keeps the job's store, stops in the middle of a save: the other rank raises at
+    once, saying so (it said it had waited the whole timeout)."""
+    start = time.monotonic()
+    with ckpt.Context(async_options=ckpt.AsyncOptions(timeout_secs=60)):
+        try:
+            ckptr.save_checkpointables(1, {"state": {"w": torch.ones(2)}, "extra": StopsRank0()}, force=True)
+        except ConnectionError as e:
+            say(f"rank {rank} raised {'at once' if time.monotonic() - start < 30 else 'after the timeout'}: {e}")
+    os._exit(0)  # (the job's store is gone)
 
 
 def unusual_dtensors(ckptr: Checkpointer) -> None:

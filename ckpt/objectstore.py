@@ -66,7 +66,9 @@ def is_url(directory: Any) -> bool:
 
 
 class ObjectPath:
-    """A path in a bucket that behaves like the ``pathlib.Path`` operations ckpt uses.
+    """A path in a bucket that behaves like the ``pathlib.Path`` operations ckpt uses, and those a handler
+    (:mod:`ckpt.handlers`) reads and writes its files with: ``read_text``, ``write_text``, ``read_bytes``,
+    ``write_bytes``, ``exists``.
 
     Example::
 
@@ -146,6 +148,12 @@ class ObjectPath:
 
     def write_bytes(self, data: bytes) -> None:
         self._wait(self._store().write(self.key.encode(), data))
+
+    def read_text(self, encoding: str = "utf-8") -> str:
+        return self.read_bytes().decode(encoding)
+
+    def write_text(self, data: str, encoding: str = "utf-8") -> None:
+        self.write_bytes(data.encode(encoding))
 
     def _prefix_range(self) -> ts.KvStore.KeyRange:
         prefix = f"{self.key}/".encode() if self.key else b""

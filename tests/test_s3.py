@@ -328,3 +328,16 @@ def test_s3_a_write_the_store_refuses_is_a_permission_error_naming_the_leaf_and_
     assert result.stdout.count(said) == 2, result.stdout + result.stderr[-3000:]  # was: OSError, no errno, the XML
     assert "http_response_body" not in result.stdout
     assert "left: []" in result.stdout
+
+
+def test_s3_checkpointables_a_handler_or_the_object_itself_writes_are_saved_and_loaded(bucket):
+    import ckpt
+    from tests.test_custom_checkpointables import Counter, Vocab, registry_context
+
+    with Checkpointer(bucket, context=registry_context()) as ckptr:  # the handler of ckpt.handlers' example
+        ckptr.save_checkpointables(0, {"state": {"w": np.ones(3)}, "vocab": Vocab(["a", "é"])})
+        assert ckptr.load_checkpointables(0)["vocab"] == Vocab(["a", "é"])  # was: AttributeError, no write_text
+    ckpt.save_checkpointables(f"{bucket}/m", {"counter": Counter(7)})
+    counter = Counter()
+    ckpt.load_checkpointables(f"{bucket}/m", {"counter": counter})
+    assert counter.n == 7

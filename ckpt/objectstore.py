@@ -166,11 +166,14 @@ class ObjectPath:
             return True
         return bool(self._wait(store.list(self._prefix_range())))
 
+    def keys(self) -> list[str]:
+        """Every key below this path, relative to it (``100/manifest.json``), from one listing."""
+        n = len(self.key) + 1 if self.key else 0
+        return [key.decode()[n:] for key in self._wait(self._store().list(self._prefix_range()))]
+
     def children(self) -> list[str]:
         """The names directly below this path."""
-        n = len(self.key) + 1 if self.key else 0
-        keys = self._wait(self._store().list(self._prefix_range()))
-        return sorted({key.decode()[n:].split("/", 1)[0] for key in keys})
+        return sorted({key.split("/", 1)[0] for key in self.keys()})
 
     def unlink(self) -> None:
         """Deletes this one object (none is fine)."""

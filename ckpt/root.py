@@ -77,12 +77,12 @@ def scan(root: storage.Location, name_format: NameFormat, *, read_manifests: boo
     """
     entries, named = [], []
     parse = step_parser(name_format, root)
-    for name, is_dir in _listing(root):
+    for name, may_be_step in _listing(root):
         try:
             if name.endswith(fmt.TEMPORARY_SUFFIXES):
                 entries.append(classify_temporary(root / name))
             elif (step := parse(name)) is not None:
-                named.append((root / name, step, is_dir))
+                named.append((root / name, step, may_be_step))
         except FileNotFoundError:
             continue  # removed since the listing
     for (path, step, _), entry in zip(named, _committed(named, read_manifests)):
@@ -112,10 +112,13 @@ def step_parser(name_format: Any, root: storage.Location) -> Callable[[str], int
 
 
 def _listing(root: storage.Location) -> list[tuple[str, bool]]:
-    """The names in ``root``, each with whether the listing shows a directory itself (not a link to one),
-    which a local directory's listing tells without a system call per name (False on an object store)."""
+    """The names in ``root``, each with whether the listing shows it may be a committed step, which it tells
+    without a request or system call per name: locally, a directory itself (not a link to one); on an object
+    store, whose listing holds every key below the root, a name with a ``manifest.json`` directly in it."""
     if not isinstance(root, Path):
-        return [(name, False) for name in storage.list_names(root)]
+        keys = root.keys()
+        committed = {key[: -len(fmt.MANIFEST) - 1] for key in keys if key.endswith("/" + fmt.MANIFEST)}
+        return [(name, name in committed) for name in sorted({key.split("/", 1)[0] for key in keys})]
     try:
         with os.scandir(root) as found:
             return [(e.name, e.is_dir(follow_symlinks=False)) for e in found]
@@ -124,14 +127,16 @@ def _listing(root: storage.Location) -> list[tuple[str, bool]]:
 
 
 def _committed(named: list[tuple[storage.Location, int, bool]], read_manifest: bool) -> list[Entry | None]:
-    """For each ``(path, step, whether the listing shows a directory itself)``: a committed step, as
-    :func:`classify` finds it, with the fewest system calls, when it is a directory holding a regular
-    ``manifest.json`` (which ``read_manifest`` reads and validates); None for anything else, which
-    classify looks at. All the manifests are read first, then parsed (see ``schema.manifest_bytes``)."""
-    if not read_manifest:
-        return [Entry(path, Kind.STEP, step, Kind.STEP.value) if is_dir and _unless_bad(_manifest_is_regular, path)
-                else None for path, step, is_dir in named]
-    found = [_unless_bad(schema.manifest_bytes, path) if is_dir else None for path, _, is_dir in named]
+    """For each ``(path, step, whether the listing shows it may be a committed step)`` (see :func:`_listing`): a
+    committed step, as :func:`classify` finds it, with the fewest system calls or requests, when it is a
+    directory holding a regular ``manifest.json`` (which ``read_manifest`` reads and validates); None for
+    anything else, which classify looks at. All the manifests are read first, then parsed (see
+    ``schema.manifest_bytes``)."""
+    if not read_manifest:  # (on an object store, the listing showed the manifest)
+        return [Entry(path, Kind.STEP, step, Kind.STEP.value)
+                if may_be and (not isinstance(path, Path) or _unless_bad(_manifest_is_regular, path)) else None
+                for path, step, may_be in named]
+    found = [_unless_bad(schema.manifest_bytes, path) if may_be else None for path, _, may_be in named]
     entries = []
     for (path, step, _), data in zip(named, found):
         manifest = None if data is None else _unless_bad(schema.parse_manifest, path, data)

@@ -273,20 +273,20 @@ def test_s3_credentials_in_the_environment_are_used_without_logging_errors(bucke
 
 
 def test_s3_a_reader_listing_while_a_writer_deletes_a_step_neither_lists_it_nor_warns(bucket, monkeypatch, caplog):
-    from ckpt import loading, storage
+    from ckpt import schema, storage
     from ckpt.objectstore import ObjectPath
 
     with Checkpointer(bucket, save_decision_policy=ALWAYS) as ckptr:
         ckptr.save(0, state(0))
         ckptr.save(1, state(1))
-    read_manifest = loading.read_manifest
+    manifest_bytes = schema.manifest_bytes
 
-    def deleted_meanwhile(step_dir):  # the writer's garbage collection deletes step 0 between a reader's looks
+    def deleted_meanwhile(step_dir):  # the writer's garbage collection deletes step 0 between the listing and the read
         if step_dir.name == "0" and ObjectPath(f"{step_dir}/manifest.json").exists():
             storage.delete_dir(step_dir)
-        return read_manifest(step_dir)
+        return manifest_bytes(step_dir)
 
-    monkeypatch.setattr(loading, "read_manifest", deleted_meanwhile)
+    monkeypatch.setattr(schema, "manifest_bytes", deleted_meanwhile)
     with Checkpointer(bucket) as reader:
         assert [c.step for c in reader.checkpoints] == [1]
     assert "skipping" not in caplog.text  # was: 'skipping .../0 ...: step 0 is not a committed step, so ckpt
@@ -341,3 +341,30 @@ def test_s3_checkpointables_a_handler_or_the_object_itself_writes_are_saved_and_
     counter = Counter()
     ckpt.load_checkpointables(f"{bucket}/m", {"counter": counter})
     assert counter.n == 7
+
+
+def test_s3_opening_a_root_reads_each_manifest_once_and_its_listing_tells_the_steps_without_one(bucket, monkeypatch):
+    from ckpt.objectstore import ObjectPath
+
+    with Checkpointer(bucket, save_decision_policy=ALWAYS) as ckptr:
+        for step in range(3):
+            ckptr.save(step, state(step))
+    manifests = [f"{bucket}/{step}/manifest.json" for step in range(3)]
+    requests = []
+    wait = ObjectPath._wait
+
+    def counted(self, future):
+        requests.append(str(self))
+        return wait(self, future)
+
+    monkeypatch.setattr(ObjectPath, "_wait", counted)
+    with Checkpointer(bucket) as ckptr:
+        assert [c.step for c in ckptr.checkpoints] == [0, 1, 2] and ckptr.latest.metrics is None
+        assert sorted(r for r in requests if r in manifests) == manifests  # was: each twice, checked to exist, then read
+        requests.clear()
+        ckptr.save(3, state(3), force=True)  # the first save sweeps the root: its listing tells what to remove
+        assert [r for r in requests if r in manifests] == []  # was: each checked to exist
+    requests.clear()
+    with Checkpointer(bucket, lightweight_initialize=True) as ckptr:
+        assert [c.step for c in ckptr.checkpoints] == [0, 1, 2, 3]
+    assert [r for r in requests if r.endswith("manifest.json")] == []  # was: each checked to exist

@@ -61,6 +61,17 @@ def access_errors(what: str) -> Iterator[None]:
         raise error from None
 
 
+@functools.lru_cache(maxsize=None)
+def _invalid_bucket(scheme: str, bucket: str) -> bool:
+    """Whether the store's driver refuses ``bucket`` as a bucket's name (``s3://ab``, ``gs://My_Bucket``); no
+    request is made."""
+    try:
+        ts.KvStore.Spec({"driver": SCHEMES[scheme], "bucket": bucket})
+    except ValueError:
+        return True
+    return False
+
+
 def is_url(directory: Any) -> bool:
     return isinstance(directory, (str, ObjectPath)) and str(directory).split("://", 1)[0] in SCHEMES
 
@@ -82,6 +93,8 @@ class ObjectPath:
         bucket, _, key = rest.partition("/")
         if scheme not in SCHEMES or not bucket:
             raise ValueError(f"{url!r} is not an object-store URL like s3://bucket/path")
+        if _invalid_bucket(scheme, bucket):  # (tensorstore's error at the first request named neither URL nor root)
+            raise ValueError(f"{url!r} does not name a bucket: {bucket!r} is not a valid {scheme}:// bucket name")
         parts = [p for p in key.split("/") if p]
         if any(p in (".", "..") for p in parts):
             raise ValueError(f"{url!r} has '.' or '..' in its path")

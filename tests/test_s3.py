@@ -368,3 +368,16 @@ def test_s3_opening_a_root_reads_each_manifest_once_and_its_listing_tells_the_st
     with Checkpointer(bucket, lightweight_initialize=True) as ckptr:
         assert [c.step for c in ckptr.checkpoints] == [0, 1, 2, 3]
     assert [r for r in requests if r.endswith("manifest.json")] == []  # was: each checked to exist
+
+
+@pytest.mark.parametrize("url", ["s3://ab/runs/exp", "s3://my bucket/runs/exp", "gs://My_Bucket/runs/exp"])
+def test_a_bucket_name_the_store_refuses_is_a_value_error_naming_the_url_at_every_entry_point(url, capsys):
+    import ckpt
+    from ckpt import cli
+
+    said = f"{url!r} does not name a bucket: "
+    for call in (Checkpointer, ckpt.load, lambda u: ckpt.save(u, {"w": 1})):
+        with pytest.raises(ValueError, match=said):  # was: tensorstore's 'Invalid S3 bucket name: "ab"', no URL
+            call(url)
+    assert cli.main(["ls", url]) == 2  # was: a ValueError traceback
+    assert said in capsys.readouterr().err

@@ -175,7 +175,8 @@ class ObjectPath:
     def exists(self) -> bool:
         """True for an object, or a 'directory' holding at least one object (a bucket: one not empty)."""
         store = self._store()
-        if self.key and self._wait(store.read(self.key.encode())).state == "value":  # (no object has the empty key)
+        # (no object has the empty key; reading no bytes asks for the object's metadata only, not its bytes)
+        if self.key and self._wait(store.read(self.key.encode(), byte_range=slice(0, 0))).state == "value":
             return True
         return bool(self._wait(store.list(self._prefix_range())))
 

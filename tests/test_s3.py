@@ -381,3 +381,27 @@ def test_a_bucket_name_the_store_refuses_is_a_value_error_naming_the_url_at_ever
             call(url)
     assert cli.main(["ls", url]) == 2  # was: a ValueError traceback
     assert said in capsys.readouterr().err
+
+
+def test_s3_a_path_that_is_a_large_object_is_told_apart_without_fetching_its_bytes(bucket, monkeypatch):
+    import ckpt
+    from ckpt import errors
+    from ckpt.objectstore import ObjectPath
+
+    model = ObjectPath(f"{bucket}/model.bin")  # a user's file, named by mistake as a checkpoint
+    model.write_bytes(bytes(4 << 20))
+    fetched = []
+    wait = ObjectPath._wait
+
+    def counted(self, future):
+        result = wait(self, future)
+        if self == model:
+            fetched.append(len(getattr(result, "value", b"")))
+        return result
+
+    monkeypatch.setattr(ObjectPath, "_wait", counted)
+    with pytest.raises(errors.ForeignEntryError, match="holds an object"):
+        ckpt.save(str(model), state(0))
+    with pytest.raises(errors.CheckpointCorruptedError, match="is not a committed ckpt checkpoint"):
+        ckpt.load(str(model))
+    assert fetched and set(fetched) == {0}  # was: its 4 MiB, fetched by every check that something is there

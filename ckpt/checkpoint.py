@@ -216,7 +216,7 @@ def delete(path: str | os.PathLike, *, checkpointable_name: str | None = None, m
         raise ValueError(f"ckpt deletes whole checkpoints only, not checkpointable {checkpointable_name!r}: the trees "
                          "of a checkpoint share its files (save the others again without it)")
     step_dir = storage.location(path)
-    if not root.exists(step_dir):
+    if not storage.exists(step_dir):
         if missing_ok:
             return False
         raise CheckpointNotFoundError(f"no checkpoint at {step_dir}: the path does not exist")
@@ -245,7 +245,7 @@ def is_orbax_checkpoint(path: str | os.PathLike) -> bool:
         assert ckpt.is_orbax_checkpoint("model") and not ckpt.is_orbax_checkpoint("nothing/here")
     """
     step_dir = storage.location(path)
-    if not root.exists(step_dir):
+    if not storage.exists(step_dir):
         return False
     return root.classify(step_dir, None).kind in root.LISTED
 

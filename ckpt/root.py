@@ -198,7 +198,7 @@ def classify(path: storage.Location, step: int | None, *, read_manifest: bool = 
         if not local:  # a save ckpt began in place (object stores have no rename) and never committed, or a deletion
             return Entry(path, Kind.TEMPORARY, step, holds)
         holds = f"{holds}: a step of ckpt's whose {fmt.MANIFEST} is missing (damaged; kept for inspection)"
-    elif not exists(path):  # removed since it was listed (an object store's deletion, object by object)
+    elif not storage.exists(path):  # removed since it was listed (an object store's deletion, object by object)
         raise FileNotFoundError(errno.ENOENT, f"{path} was removed", str(path))
     return Entry(path, Kind.FOREIGN, step, holds)
 
@@ -240,11 +240,6 @@ def _mode(path: Path) -> int | None:
 def _is_dir(path: Path) -> bool:
     """A directory itself, not a symbolic link to one."""
     return stat.S_ISDIR(os.lstat(path).st_mode)
-
-
-def exists(path: storage.Location) -> bool:
-    """Whether anything (a symbolic link included, never followed) is at ``path``."""
-    return os.path.lexists(path) if isinstance(path, Path) else path.exists()
 
 
 def make(directory: storage.Location, *, mode: int | None = None, what: str = "a checkpoint root") -> None:
@@ -290,7 +285,7 @@ def check_target(final: storage.Location, tmp: storage.Location, *, step: int | 
         raise ValueError(f"cannot save {what} to {final}: a name ending in one of {fmt.TEMPORARY_SUFFIXES} is "
                          "that of a temporary of ckpt's, which the next save in its "
                          "directory removes; choose another name")
-    if exists(final):
+    if storage.exists(final):
         entry = classify(final, step)
         if entry.kind is Kind.TEMPORARY and final == tmp:  # (an object store) a save of ckpt's never committed
             return
@@ -302,7 +297,7 @@ def check_target(final: storage.Location, tmp: storage.Location, *, step: int | 
         if not overwrite:
             where = f"{final} already exists" if step is None else f"step {step} already exists at {final}"
             raise StepAlreadyExistsError(f"{where}; pass overwrite=True to replace it", step=step, path=final)
-    if tmp != final and exists(tmp):
+    if tmp != final and storage.exists(tmp):
         entry = classify_temporary(tmp)
         if entry.kind is Kind.FOREIGN:
             raise ForeignEntryError(
@@ -403,7 +398,7 @@ def reading(step_dir: storage.Location, step: int | None = None) -> Iterator[Cal
 
     def gone(why: str) -> StepNotFoundError | None:
         # A local deletion renames the whole step aside; one on an object store removes its manifest first.
-        if not exists(step_dir if isinstance(step_dir, Path) else step_dir / fmt.MANIFEST):
+        if not storage.exists(step_dir if isinstance(step_dir, Path) else step_dir / fmt.MANIFEST):
             return StepNotFoundError(f"{what} was deleted while it was being read (by another process's garbage "
                                      f"collection?): it is gone ({why})", step=step, path=step_dir)
         if _identity(step_dir) != before:

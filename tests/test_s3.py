@@ -402,6 +402,24 @@ def test_s3_a_path_that_is_a_large_object_is_told_apart_without_fetching_its_byt
     monkeypatch.setattr(ObjectPath, "_wait", counted)
     with pytest.raises(errors.ForeignEntryError, match="holds an object"):
         ckpt.save(str(model), state(0))
-    with pytest.raises(errors.CheckpointCorruptedError, match="is not a committed ckpt checkpoint"):
+    with pytest.raises(errors.InvalidLayoutError, match="is not a checkpoint"):
         ckpt.load(str(model))
     assert fetched and set(fetched) == {0}  # was: its 4 MiB, fetched by every check that something is there
+
+
+def test_s3_a_root_of_steps_named_as_one_checkpoint_is_not_a_checkpoint_and_load_weights_reads_its_latest(bucket):
+    import ckpt
+    from ckpt import errors
+
+    torch = pytest.importorskip("torch")
+    from ckpt.integrations.lightning import weights
+
+    with Checkpointer(bucket, save_decision_policy=ALWAYS) as ckptr:
+        for step in (3, 5):
+            ckptr.save_checkpointables(step, {"model": {"weight": torch.full((2,), float(step))}})
+    with pytest.raises(errors.InvalidLayoutError, match="has none of the files ckpt writes"):
+        ckpt.load(bucket)  # as for a local root; was: CheckpointCorruptedError, 'manifest.json is missing'
+    model = torch.nn.Linear(2, 1, bias=False)
+    model.weight = torch.nn.Parameter(torch.zeros(2))
+    assert weights.load_weights(model, bucket) == 5  # was: CheckpointCorruptedError
+    assert model.weight.tolist() == [5.0, 5.0]

@@ -423,3 +423,17 @@ def test_s3_a_root_of_steps_named_as_one_checkpoint_is_not_a_checkpoint_and_load
     model.weight = torch.nn.Parameter(torch.zeros(2))
     assert weights.load_weights(model, bucket) == 5  # was: CheckpointCorruptedError
     assert model.weight.tolist() == [5.0, 5.0]
+
+
+def test_s3_deleting_a_checkpoint_whose_deletion_or_save_a_crash_cut_short_finishes_it(bucket):
+    import ckpt
+    from ckpt.objectstore import ObjectPath
+
+    for cut_short in ("a deletion", "a save"):
+        ckpt.save(f"{bucket}/m", state(1))
+        ObjectPath(f"{bucket}/m/manifest.json").unlink()  # what either leaves: ckpt's marker, no manifest
+        if cut_short == "a save":
+            ObjectPath(f"{bucket}/m/tree.json").unlink()
+        ObjectPath(f"{bucket}/m2/notes").write_bytes(b"a user's")
+        assert ckpt.delete(f"{bucket}/m", missing_ok=True) is True  # was: ForeignEntryError, 'not a committed step'
+        assert ObjectPath(bucket).children() == ["m2"]

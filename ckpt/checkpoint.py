@@ -202,7 +202,9 @@ def delete(path: str | os.PathLike, *, checkpointable_name: str | None = None, m
     aside first, so that a deletion interrupted leaves no half checkpoint at ``path``. Anything else there
     (not a checkpoint) raises ``ForeignEntryError`` and is left alone. No process may be using it.
 
-    Returns True when it was deleted, False when nothing was at ``path`` and ``missing_ok`` is set.
+    Returns True when it was deleted, False when nothing was at ``path`` and ``missing_ok`` is set. On an
+    object store (``s3://``, ``gs://``), what a save or a deletion of ckpt's that a crash cut short left at
+    ``path`` is deleted too (locally it lies under a temporary name, which the next save there removes).
     ``checkpointable_name`` (Orbax deletes one checkpointable of a checkpoint) raises ValueError: a ckpt
     checkpoint's trees share its files.
 
@@ -216,10 +218,13 @@ def delete(path: str | os.PathLike, *, checkpointable_name: str | None = None, m
         raise ValueError(f"ckpt deletes whole checkpoints only, not checkpointable {checkpointable_name!r}: the trees "
                          "of a checkpoint share its files (save the others again without it)")
     step_dir = storage.location(path)
-    if not root.exists(step_dir):
+    if not storage.exists(step_dir):
         if missing_ok:
             return False
         raise CheckpointNotFoundError(f"no checkpoint at {step_dir}: the path does not exist")
+    if not isinstance(step_dir, Path) and root.classify(step_dir, None).kind is root.Kind.TEMPORARY:
+        storage.remove_owned(step_dir)  # a save or deletion a crash cut short in place (an object store has no rename)
+        return True
     root.delete_step(step_dir, None)
     return True
 
@@ -245,7 +250,7 @@ def is_orbax_checkpoint(path: str | os.PathLike) -> bool:
         assert ckpt.is_orbax_checkpoint("model") and not ckpt.is_orbax_checkpoint("nothing/here")
     """
     step_dir = storage.location(path)
-    if not root.exists(step_dir):
+    if not storage.exists(step_dir):
         return False
     return root.classify(step_dir, None).kind in root.LISTED
 

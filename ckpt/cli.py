@@ -301,7 +301,7 @@ def ls(directory: storage.Location, *, as_json: bool, local: Path | None = None)
     if temps:
         print(f"{len(temps)} temporar{'ies' if len(temps) != 1 else 'y'} (saves in progress or killed; "
               "Checkpointer(..., cleanup_tmp_directories=True) removes them):")
-        print(_table(["  NAME", "SIZE"], [["  " + Path(t["path"]).name, progress.format_bytes(t["disk_bytes"])]
+        print(_table(["  NAME", "SIZE"], [["  " + Path(t["path"]).name, _size(t["disk_bytes"])]
                                           for t in temps], right=[1]))
     if set_aside:
         print(f"{len(set_aside)} step{'s' if len(set_aside) != 1 else ''} set aside by a save with overwrite=True that "

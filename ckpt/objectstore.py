@@ -61,12 +61,25 @@ def access_errors(what: str) -> Iterator[None]:
         raise error from None
 
 
+@functools.lru_cache(maxsize=None)
+def _invalid_bucket(scheme: str, bucket: str) -> bool:
+    """Whether the store's driver refuses ``bucket`` as a bucket's name (``s3://ab``, ``gs://My_Bucket``); no
+    request is made."""
+    try:
+        ts.KvStore.Spec({"driver": SCHEMES[scheme], "bucket": bucket})
+    except ValueError:
+        return True
+    return False
+
+
 def is_url(directory: Any) -> bool:
     return isinstance(directory, (str, ObjectPath)) and str(directory).split("://", 1)[0] in SCHEMES
 
 
 class ObjectPath:
-    """A path in a bucket that behaves like the ``pathlib.Path`` operations ckpt uses.
+    """A path in a bucket that behaves like the ``pathlib.Path`` operations ckpt uses, and those a handler
+    (:mod:`ckpt.handlers`) reads and writes its files with: ``read_text``, ``write_text``, ``read_bytes``,
+    ``write_bytes``, ``exists``.
 
     Example::
 
@@ -80,6 +93,8 @@ class ObjectPath:
         bucket, _, key = rest.partition("/")
         if scheme not in SCHEMES or not bucket:
             raise ValueError(f"{url!r} is not an object-store URL like s3://bucket/path")
+        if _invalid_bucket(scheme, bucket):  # (tensorstore's error at the first request named neither URL nor root)
+            raise ValueError(f"{url!r} does not name a bucket: {bucket!r} is not a valid {scheme}:// bucket name")
         parts = [p for p in key.split("/") if p]
         if any(p in (".", "..") for p in parts):
             raise ValueError(f"{url!r} has '.' or '..' in its path")
@@ -147,6 +162,12 @@ class ObjectPath:
     def write_bytes(self, data: bytes) -> None:
         self._wait(self._store().write(self.key.encode(), data))
 
+    def read_text(self, encoding: str = "utf-8") -> str:
+        return self.read_bytes().decode(encoding)
+
+    def write_text(self, data: str, encoding: str = "utf-8") -> None:
+        self.write_bytes(data.encode(encoding))
+
     def _prefix_range(self) -> ts.KvStore.KeyRange:
         prefix = f"{self.key}/".encode() if self.key else b""
         return ts.KvStore.KeyRange(prefix, prefix[:-1] + b"0" if prefix else b"")
@@ -154,15 +175,19 @@ class ObjectPath:
     def exists(self) -> bool:
         """True for an object, or a 'directory' holding at least one object (a bucket: one not empty)."""
         store = self._store()
-        if self.key and self._wait(store.read(self.key.encode())).state == "value":  # (no object has the empty key)
+        # (no object has the empty key; reading no bytes asks for the object's metadata only, not its bytes)
+        if self.key and self._wait(store.read(self.key.encode(), byte_range=slice(0, 0))).state == "value":
             return True
         return bool(self._wait(store.list(self._prefix_range())))
 
+    def keys(self) -> list[str]:
+        """Every key below this path, relative to it (``100/manifest.json``), from one listing."""
+        n = len(self.key) + 1 if self.key else 0
+        return [key.decode()[n:] for key in self._wait(self._store().list(self._prefix_range()))]
+
     def children(self) -> list[str]:
         """The names directly below this path."""
-        n = len(self.key) + 1 if self.key else 0
-        keys = self._wait(self._store().list(self._prefix_range()))
-        return sorted({key.decode()[n:].split("/", 1)[0] for key in keys})
+        return sorted({key.split("/", 1)[0] for key in self.keys()})
 
     def unlink(self) -> None:
         """Deletes this one object (none is fine)."""

@@ -77,12 +77,12 @@ def scan(root: storage.Location, name_format: NameFormat, *, read_manifests: boo
     """
     entries, named = [], []
     parse = step_parser(name_format, root)
-    for name, is_dir in _listing(root):
+    for name, may_be_step in _listing(root):
         try:
             if name.endswith(fmt.TEMPORARY_SUFFIXES):
                 entries.append(classify_temporary(root / name))
             elif (step := parse(name)) is not None:
-                named.append((root / name, step, is_dir))
+                named.append((root / name, step, may_be_step))
         except FileNotFoundError:
             continue  # removed since the listing
     for (path, step, _), entry in zip(named, _committed(named, read_manifests)):
@@ -112,10 +112,13 @@ def step_parser(name_format: Any, root: storage.Location) -> Callable[[str], int
 
 
 def _listing(root: storage.Location) -> list[tuple[str, bool]]:
-    """The names in ``root``, each with whether the listing shows a directory itself (not a link to one),
-    which a local directory's listing tells without a system call per name (False on an object store)."""
+    """The names in ``root``, each with whether the listing shows it may be a committed step, which it tells
+    without a request or system call per name: locally, a directory itself (not a link to one); on an object
+    store, whose listing holds every key below the root, a name with a ``manifest.json`` directly in it."""
     if not isinstance(root, Path):
-        return [(name, False) for name in storage.list_names(root)]
+        keys = root.keys()
+        committed = {key[: -len(fmt.MANIFEST) - 1] for key in keys if key.endswith("/" + fmt.MANIFEST)}
+        return [(name, name in committed) for name in sorted({key.split("/", 1)[0] for key in keys})]
     try:
         with os.scandir(root) as found:
             return [(e.name, e.is_dir(follow_symlinks=False)) for e in found]
@@ -124,14 +127,16 @@ def _listing(root: storage.Location) -> list[tuple[str, bool]]:
 
 
 def _committed(named: list[tuple[storage.Location, int, bool]], read_manifest: bool) -> list[Entry | None]:
-    """For each ``(path, step, whether the listing shows a directory itself)``: a committed step, as
-    :func:`classify` finds it, with the fewest system calls, when it is a directory holding a regular
-    ``manifest.json`` (which ``read_manifest`` reads and validates); None for anything else, which
-    classify looks at. All the manifests are read first, then parsed (see ``schema.manifest_bytes``)."""
-    if not read_manifest:
-        return [Entry(path, Kind.STEP, step, Kind.STEP.value) if is_dir and _unless_bad(_manifest_is_regular, path)
-                else None for path, step, is_dir in named]
-    found = [_unless_bad(schema.manifest_bytes, path) if is_dir else None for path, _, is_dir in named]
+    """For each ``(path, step, whether the listing shows it may be a committed step)`` (see :func:`_listing`): a
+    committed step, as :func:`classify` finds it, with the fewest system calls or requests, when it is a
+    directory holding a regular ``manifest.json`` (which ``read_manifest`` reads and validates); None for
+    anything else, which classify looks at. All the manifests are read first, then parsed (see
+    ``schema.manifest_bytes``)."""
+    if not read_manifest:  # (on an object store, the listing showed the manifest)
+        return [Entry(path, Kind.STEP, step, Kind.STEP.value)
+                if may_be and (not isinstance(path, Path) or _unless_bad(_manifest_is_regular, path)) else None
+                for path, step, may_be in named]
+    found = [_unless_bad(schema.manifest_bytes, path) if may_be else None for path, _, may_be in named]
     entries = []
     for (path, step, _), data in zip(named, found):
         manifest = None if data is None else _unless_bad(schema.parse_manifest, path, data)
@@ -193,7 +198,7 @@ def classify(path: storage.Location, step: int | None, *, read_manifest: bool = 
         if not local:  # a save ckpt began in place (object stores have no rename) and never committed, or a deletion
             return Entry(path, Kind.TEMPORARY, step, holds)
         holds = f"{holds}: a step of ckpt's whose {fmt.MANIFEST} is missing (damaged; kept for inspection)"
-    elif not exists(path):  # removed since it was listed (an object store's deletion, object by object)
+    elif not storage.exists(path):  # removed since it was listed (an object store's deletion, object by object)
         raise FileNotFoundError(errno.ENOENT, f"{path} was removed", str(path))
     return Entry(path, Kind.FOREIGN, step, holds)
 
@@ -235,11 +240,6 @@ def _mode(path: Path) -> int | None:
 def _is_dir(path: Path) -> bool:
     """A directory itself, not a symbolic link to one."""
     return stat.S_ISDIR(os.lstat(path).st_mode)
-
-
-def exists(path: storage.Location) -> bool:
-    """Whether anything (a symbolic link included, never followed) is at ``path``."""
-    return os.path.lexists(path) if isinstance(path, Path) else path.exists()
 
 
 def make(directory: storage.Location, *, mode: int | None = None, what: str = "a checkpoint root") -> None:
@@ -285,7 +285,7 @@ def check_target(final: storage.Location, tmp: storage.Location, *, step: int | 
         raise ValueError(f"cannot save {what} to {final}: a name ending in one of {fmt.TEMPORARY_SUFFIXES} is "
                          "that of a temporary of ckpt's, which the next save in its "
                          "directory removes; choose another name")
-    if exists(final):
+    if storage.exists(final):
         entry = classify(final, step)
         if entry.kind is Kind.TEMPORARY and final == tmp:  # (an object store) a save of ckpt's never committed
             return
@@ -297,7 +297,7 @@ def check_target(final: storage.Location, tmp: storage.Location, *, step: int | 
         if not overwrite:
             where = f"{final} already exists" if step is None else f"step {step} already exists at {final}"
             raise StepAlreadyExistsError(f"{where}; pass overwrite=True to replace it", step=step, path=final)
-    if tmp != final and exists(tmp):
+    if tmp != final and storage.exists(tmp):
         entry = classify_temporary(tmp)
         if entry.kind is Kind.FOREIGN:
             raise ForeignEntryError(
@@ -398,7 +398,7 @@ def reading(step_dir: storage.Location, step: int | None = None) -> Iterator[Cal
 
     def gone(why: str) -> StepNotFoundError | None:
         # A local deletion renames the whole step aside; one on an object store removes its manifest first.
-        if not exists(step_dir if isinstance(step_dir, Path) else step_dir / fmt.MANIFEST):
+        if not storage.exists(step_dir if isinstance(step_dir, Path) else step_dir / fmt.MANIFEST):
             return StepNotFoundError(f"{what} was deleted while it was being read (by another process's garbage "
                                      f"collection?): it is gone ({why})", step=step, path=step_dir)
         if _identity(step_dir) != before:

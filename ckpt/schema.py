@@ -98,8 +98,7 @@ def manifest_bytes(step_dir: storage.Location) -> bytes:
         return _read(step_dir, _manifest_path(step_dir), fmt.MANIFEST_MAX_BYTES,
                      f": {step_dir} is not a committed ckpt checkpoint")
     except CheckpointCorruptedError:
-        if isinstance(step_dir, Path) and not any(os.path.lexists(step_dir / name)
-                                                  for name in (fmt.MANIFEST, fmt.TREE, fmt.PACKED, fmt.ARRAYS)):
+        if not any(storage.exists(step_dir / name) for name in (fmt.MANIFEST, fmt.TREE, fmt.PACKED, fmt.ARRAYS)):
             raise InvalidLayoutError(f"{step_dir} is not a checkpoint: it has none of the files ckpt writes "
                                      f"({fmt.MANIFEST}, {fmt.TREE}, {fmt.PACKED}/, {fmt.ARRAYS}/)") from None
         raise

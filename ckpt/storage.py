@@ -286,6 +286,11 @@ def write_file_atomic(path: Path, data: bytes, *, mode: int | None = None) -> No
     fsync_path(path.parent)
 
 
+def exists(path: Location) -> bool:
+    """Whether anything (a symbolic link included, never followed) is at ``path``."""
+    return os.path.lexists(path) if isinstance(path, Path) else path.exists()
+
+
 def describe(path: Location) -> str:
     """What is at ``path``, in words, for messages: a regular file of 12 bytes, a symbolic link to ...,
     a directory holding a, b (and 3 more), nothing. Never follows a symbolic link."""

@@ -699,7 +699,7 @@ class Checkpointer:
         try:
             root.delete_step(info.path, info.step)
         except FileNotFoundError:
-            if root.exists(info.path):
+            if storage.exists(info.path):
                 raise
         self._forget(info.step)
 

@@ -696,6 +696,15 @@ def test_ls_show_and_verify_work_on_an_s3_root(bucket, capsys):
     assert status == 1 and "state['small']" in out
 
 
+def test_ls_of_an_s3_root_holding_a_step_a_killed_save_left_lists_it_as_a_temporary(bucket, capsys):
+    with ckpt.Checkpointer(bucket) as ckptr:
+        ckptr.save(1, {"w": np.arange(3)})
+    storage.make_temporary(ObjectPath(bucket) / "2")  # what a save killed before its manifest leaves there
+    status, out, err = run_cli(capsys, "ls", bucket)
+    assert status == 0, err  # was: exit status 2, a TypeError traceback (an object store's size is unknown)
+    assert "1 temporary" in out and re.search(r"^  2 +-$", out, re.M)
+
+
 # -------------------------------------------------------------------------------------- docstrings
 @pytest.mark.parametrize("obj", [cli.main, progress.format_bytes, progress.Tracker, progress.enable, verify_step,
                                  ckpt.verify.Damage, ckpt.verify.VerifyResult],

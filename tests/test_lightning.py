@@ -563,6 +563,16 @@ def test_validate_and_test_read_ckpt_path_best_a_step_directory_or_a_lightning_f
     assert named.last_model_path.endswith("step_2") and same(fresh.evaluated, saved.state_dict())
 
 
+def test_the_callbacks_directory_on_s3_as_ckpt_path_reads_its_latest_step(bucket):
+    _, callback = fit(bucket, model=Evaluated(), max_steps=4, save_decision_policy=sdp.FixedIntervalPolicy(2))
+    evaluation = pl.Trainer(callbacks=[CheckpointCallback(bucket)], accelerator="cpu", logger=False,
+                            enable_progress_bar=False, enable_model_summary=False)
+    fresh, saved = Evaluated(), Evaluated()
+    data = DataLoader(example.synthetic_data(32), batch_size=16)
+    evaluation.validate(fresh, data, ckpt_path=bucket, verbose=False)  # was: Lightning's reader, a torch.load error
+    assert load_weights(saved, bucket) == 4 and same(fresh.evaluated, saved.state_dict())
+
+
 class WithScalarState(example.Regressor):
     """BatchNorm (a 0-d ``num_batches_tracked`` buffer) and Adam (a 0-d ``step`` per parameter)."""
 

@@ -273,20 +273,20 @@ def test_s3_credentials_in_the_environment_are_used_without_logging_errors(bucke
 
 
 def test_s3_a_reader_listing_while_a_writer_deletes_a_step_neither_lists_it_nor_warns(bucket, monkeypatch, caplog):
-    from ckpt import loading, storage
+    from ckpt import schema, storage
     from ckpt.objectstore import ObjectPath
 
     with Checkpointer(bucket, save_decision_policy=ALWAYS) as ckptr:
         ckptr.save(0, state(0))
         ckptr.save(1, state(1))
-    read_manifest = loading.read_manifest
+    manifest_bytes = schema.manifest_bytes
 
-    def deleted_meanwhile(step_dir):  # the writer's garbage collection deletes step 0 between a reader's looks
+    def deleted_meanwhile(step_dir):  # the writer's garbage collection deletes step 0 between the listing and the read
         if step_dir.name == "0" and ObjectPath(f"{step_dir}/manifest.json").exists():
             storage.delete_dir(step_dir)
-        return read_manifest(step_dir)
+        return manifest_bytes(step_dir)
 
-    monkeypatch.setattr(loading, "read_manifest", deleted_meanwhile)
+    monkeypatch.setattr(schema, "manifest_bytes", deleted_meanwhile)
     with Checkpointer(bucket) as reader:
         assert [c.step for c in reader.checkpoints] == [1]
     assert "skipping" not in caplog.text  # was: 'skipping .../0 ...: step 0 is not a committed step, so ckpt
@@ -328,3 +328,112 @@ def test_s3_a_write_the_store_refuses_is_a_permission_error_naming_the_leaf_and_
     assert result.stdout.count(said) == 2, result.stdout + result.stderr[-3000:]  # was: OSError, no errno, the XML
     assert "http_response_body" not in result.stdout
     assert "left: []" in result.stdout
+
+
+def test_s3_checkpointables_a_handler_or_the_object_itself_writes_are_saved_and_loaded(bucket):
+    import ckpt
+    from tests.test_custom_checkpointables import Counter, Vocab, registry_context
+
+    with Checkpointer(bucket, context=registry_context()) as ckptr:  # the handler of ckpt.handlers' example
+        ckptr.save_checkpointables(0, {"state": {"w": np.ones(3)}, "vocab": Vocab(["a", "é"])})
+        assert ckptr.load_checkpointables(0)["vocab"] == Vocab(["a", "é"])  # was: AttributeError, no write_text
+    ckpt.save_checkpointables(f"{bucket}/m", {"counter": Counter(7)})
+    counter = Counter()
+    ckpt.load_checkpointables(f"{bucket}/m", {"counter": counter})
+    assert counter.n == 7
+
+
+def test_s3_opening_a_root_reads_each_manifest_once_and_its_listing_tells_the_steps_without_one(bucket, monkeypatch):
+    from ckpt.objectstore import ObjectPath
+
+    with Checkpointer(bucket, save_decision_policy=ALWAYS) as ckptr:
+        for step in range(3):
+            ckptr.save(step, state(step))
+    manifests = [f"{bucket}/{step}/manifest.json" for step in range(3)]
+    requests = []
+    wait = ObjectPath._wait
+
+    def counted(self, future):
+        requests.append(str(self))
+        return wait(self, future)
+
+    monkeypatch.setattr(ObjectPath, "_wait", counted)
+    with Checkpointer(bucket) as ckptr:
+        assert [c.step for c in ckptr.checkpoints] == [0, 1, 2] and ckptr.latest.metrics is None
+        assert sorted(r for r in requests if r in manifests) == manifests  # was: each twice, checked to exist, then read
+        requests.clear()
+        ckptr.save(3, state(3), force=True)  # the first save sweeps the root: its listing tells what to remove
+        assert [r for r in requests if r in manifests] == []  # was: each checked to exist
+    requests.clear()
+    with Checkpointer(bucket, lightweight_initialize=True) as ckptr:
+        assert [c.step for c in ckptr.checkpoints] == [0, 1, 2, 3]
+    assert [r for r in requests if r.endswith("manifest.json")] == []  # was: each checked to exist
+
+
+@pytest.mark.parametrize("url", ["s3://ab/runs/exp", "s3://my bucket/runs/exp", "gs://My_Bucket/runs/exp"])
+def test_a_bucket_name_the_store_refuses_is_a_value_error_naming_the_url_at_every_entry_point(url, capsys):
+    import ckpt
+    from ckpt import cli
+
+    said = f"{url!r} does not name a bucket: "
+    for call in (Checkpointer, ckpt.load, lambda u: ckpt.save(u, {"w": 1})):
+        with pytest.raises(ValueError, match=said):  # was: tensorstore's 'Invalid S3 bucket name: "ab"', no URL
+            call(url)
+    assert cli.main(["ls", url]) == 2  # was: a ValueError traceback
+    assert said in capsys.readouterr().err
+
+
+def test_s3_a_path_that_is_a_large_object_is_told_apart_without_fetching_its_bytes(bucket, monkeypatch):
+    import ckpt
+    from ckpt import errors
+    from ckpt.objectstore import ObjectPath
+
+    model = ObjectPath(f"{bucket}/model.bin")  # a user's file, named by mistake as a checkpoint
+    model.write_bytes(bytes(4 << 20))
+    fetched = []
+    wait = ObjectPath._wait
+
+    def counted(self, future):
+        result = wait(self, future)
+        if self == model:
+            fetched.append(len(getattr(result, "value", b"")))
+        return result
+
+    monkeypatch.setattr(ObjectPath, "_wait", counted)
+    with pytest.raises(errors.ForeignEntryError, match="holds an object"):
+        ckpt.save(str(model), state(0))
+    with pytest.raises(errors.InvalidLayoutError, match="is not a checkpoint"):
+        ckpt.load(str(model))
+    assert fetched and set(fetched) == {0}  # was: its 4 MiB, fetched by every check that something is there
+
+
+def test_s3_a_root_of_steps_named_as_one_checkpoint_is_not_a_checkpoint_and_load_weights_reads_its_latest(bucket):
+    import ckpt
+    from ckpt import errors
+
+    torch = pytest.importorskip("torch")
+    from ckpt.integrations.lightning import weights
+
+    with Checkpointer(bucket, save_decision_policy=ALWAYS) as ckptr:
+        for step in (3, 5):
+            ckptr.save_checkpointables(step, {"model": {"weight": torch.full((2,), float(step))}})
+    with pytest.raises(errors.InvalidLayoutError, match="has none of the files ckpt writes"):
+        ckpt.load(bucket)  # as for a local root; was: CheckpointCorruptedError, 'manifest.json is missing'
+    model = torch.nn.Linear(2, 1, bias=False)
+    model.weight = torch.nn.Parameter(torch.zeros(2))
+    assert weights.load_weights(model, bucket) == 5  # was: CheckpointCorruptedError
+    assert model.weight.tolist() == [5.0, 5.0]
+
+
+def test_s3_deleting_a_checkpoint_whose_deletion_or_save_a_crash_cut_short_finishes_it(bucket):
+    import ckpt
+    from ckpt.objectstore import ObjectPath
+
+    for cut_short in ("a deletion", "a save"):
+        ckpt.save(f"{bucket}/m", state(1))
+        ObjectPath(f"{bucket}/m/manifest.json").unlink()  # what either leaves: ckpt's marker, no manifest
+        if cut_short == "a save":
+            ObjectPath(f"{bucket}/m/tree.json").unlink()
+        ObjectPath(f"{bucket}/m2/notes").write_bytes(b"a user's")
+        assert ckpt.delete(f"{bucket}/m", missing_ok=True) is True  # was: ForeignEntryError, 'not a committed step'
+        assert ObjectPath(bucket).children() == ["m2"]

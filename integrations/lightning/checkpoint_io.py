@@ -36,7 +36,7 @@ class StepCheckpointIO:
         """The checkpoint dict of the step directory ``path`` (tensors on the CPU, where Lightning's restore
         puts them on the model's device), of the latest step when ``path`` is a root of steps, or what
         ``inner`` reads from a file."""
-        if is_step_directory(path):
+        if is_step_directory(path, self.step_name_format):
             step, step_dir = weights.step_path(path, None, self.step_name_format)
             if step_dir != os.fspath(path):
                 log.info("ckpt: %s is a directory of steps; reading its latest, step %d (%s)", path, step, step_dir)
@@ -64,7 +64,10 @@ def install(strategy: Any, step_name_format: step_lib.NameFormat | None = None) 
         strategy.checkpoint_io = StepCheckpointIO(current, step_name_format)
 
 
-def is_step_directory(path: Any) -> bool:
-    """Whether ``path`` is a directory (local) or holds a ckpt checkpoint (``s3://``, ``gs://``)."""
+def is_step_directory(path: Any, step_name_format: step_lib.NameFormat | None = None) -> bool:
+    """Whether ``path`` is a directory (local), or holds a ckpt checkpoint or steps named by ``step_name_format``
+    (``s3://``, ``gs://``, where a root of steps is no object of its own)."""
     path = os.fspath(path)
-    return os.path.isdir(path) if "://" not in path else weights.is_checkpoint(path)
+    if "://" not in path:
+        return os.path.isdir(path)
+    return weights.is_checkpoint(path) or bool(step_lib.find_all(path, step_name_format))

@@ -99,6 +99,11 @@ CONFIGS: dict[str, Config] = {
     "batchnorm_buffers": Config(kill_at=11, model="batchnorm"),
     "reload_dataloaders_with_workers": Config(kill_at=11, workers=2,
                                               trainer=(("reload_dataloaders_every_n_epochs", 1),)),
+    # resumed in an epoch without a reload: the next reload comes when it came in the run never stopped
+    "reload_dataloaders_every_2_epochs_mid_epoch": Config(kill_at=11,
+                                                         trainer=(("reload_dataloaders_every_n_epochs", 2),)),
+    "reload_dataloaders_every_2_epochs_last_batch": Config(kill_at=16, data="datamodule",
+                                                          trainer=(("reload_dataloaders_every_n_epochs", 2),)),
     "val_every_3_steps_across_epochs": Config(kill_at=9, val=True, trainer=(("val_check_interval", 3),
                                                                               ("check_val_every_n_epoch", None))),
     "swa_last_batch": Config(kill_at=8, callbacks=("swa",)),  # mid-epoch: warned of (Lightning skips its hook)

@@ -192,7 +192,8 @@ class CheckpointCallbackMixin:
     def state_dict(self) -> dict[str, Any]:
         """What Lightning's checkpoint lacks for an exact resume: per rank, the RNG states now and at the
         start of the epoch and the logged values and metrics; the hook the checkpoint was taken in, the
-        ``accumulate_grad_batches`` in force, which parameters require gradients and the optimizers' classes."""
+        ``accumulate_grad_batches`` in force, which parameters require gradients, the optimizers' classes and the
+        epoch the training DataLoaders were last made in."""
         trainer = self._trainer
         if trainer is None or not self._training_started:  # e.g. BatchSizeFinder's checkpoint before training
             return {}
@@ -207,7 +208,8 @@ class CheckpointCallbackMixin:
                 "saved_in": point.hook, "should_stop": bool(trainer.should_stop) and not point.last,
                 "accumulate_grad_batches": trainer.accumulate_grad_batches,
                 "trainable": resume.trainable(trainer.lightning_module),
-                "optimizers": resume.optimizer_classes(trainer)}
+                "optimizers": resume.optimizer_classes(trainer),
+                "loaders_made_in": resume.loaders_made_in(trainer)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._loaded_state = state_dict
@@ -415,6 +417,7 @@ class CheckpointCallbackMixin:
             tail.finish_iteration(trainer, saved["saved_in"], saved["should_stop"])
             self._restored_logged = True
         resume.restore_trainable(trainer.lightning_module, saved.get("trainable"))  # after BaseFinetuning's setup
+        resume.restore_loaders_made_in(trainer, saved.get("loaders_made_in"))
         if trainer.fit_loop.restarted_mid_epoch:  # Lightning skips the epoch-start hooks
             if saved.get("accumulate_grad_batches") is not None:  # which GradientAccumulationScheduler sets it in
                 self._accumulation_after_epoch = trainer.accumulate_grad_batches

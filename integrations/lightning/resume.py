@@ -85,6 +85,21 @@ def restore_trainable(module: Any, flags: Any) -> None:
             parameter.requires_grad_(bool(flag))
 
 
+def loaders_made_in(trainer: Any) -> int | None:
+    """The epoch whose start last made the training DataLoaders (None before any), which
+    ``reload_dataloaders_every_n_epochs`` counts from and no Lightning checkpoint records: a resumed fit
+    makes them at its start, and would reload them every ``n`` epochs from there."""
+    epoch = _private(trainer.fit_loop, "_last_train_dl_reload_epoch")
+    return epoch if isinstance(epoch, int) else None
+
+
+def restore_loaders_made_in(trainer: Any, epoch: int | None) -> None:
+    """Has the next reload of the training DataLoaders come when it came in the saved run (``epoch``: from
+    :func:`loaders_made_in`; None: not recorded). Call in ``on_train_start``, after Lightning made them."""
+    if epoch is not None:
+        trainer.fit_loop._last_train_dl_reload_epoch = epoch
+
+
 def call_first_at_fit_start(trainer: Any, hook: Callable[[Any, Any], None]) -> None:
     """Has ``hook(trainer, pl_module)`` called at fit start before every callback's ``on_fit_start``, by a
     callback put first in ``trainer.callbacks`` (once per hook): Lightning runs checkpoint callbacks last.

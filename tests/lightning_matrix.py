@@ -96,6 +96,10 @@ CONFIGS: dict[str, Config] = {
     "fit_ckpt_path_step_directory_max_steps_last_batch": Config(
         kill_at=8, max_epochs=-1, max_steps=20, scheduler="plateau_epoch", epoch_metrics=True,
         ckpt_path="last_model_path"),
+    # BatchSizeFinder's trials at fit start restore a checkpoint of their own, which ends Lightning's of ckpt_path
+    "fit_ckpt_path_step_directory_batch_size_finder": Config(
+        kill_at=11, data="datamodule", callbacks=("batch_size_finder",), trainer=(("limit_val_batches", 0),),
+        ckpt_path="last_model_path"),
     "batchnorm_buffers": Config(kill_at=11, model="batchnorm"),
     "reload_dataloaders_with_workers": Config(kill_at=11, workers=2,
                                               trainer=(("reload_dataloaders_every_n_epochs", 1),)),

@@ -244,7 +244,10 @@ class CheckpointCallbackMixin:
     def _restore_modules(self, trainer: Any, pl_module: Any) -> None:
         """At fit start, before the other callbacks' ``on_fit_start`` (as Lightning's own restore): finds
         the latest step and restores the model, datamodule and callbacks from it (nothing under ``fast_dev_run``,
-        which opens no Checkpointer: restored, the smoke test would start at the latest step and train no batch)."""
+        which opens no Checkpointer: restored, the smoke test would start at the latest step and train no batch).
+        With ``trainer.fit(ckpt_path=...)`` of a checkpoint this callback wrote, which Lightning has restored the
+        modules and callbacks from, keeps it for :meth:`on_fit_start`: a callback's ``on_fit_start`` may restore
+        a checkpoint of its own meanwhile (``BatchSizeFinder`` does), which ends Lightning's."""
         peers = _peers(trainer)
         found_by_peer = trainer.strategy.broadcast([_latest(c._checkpointer if c._open else None) for c in peers],
                                                    src=0)
@@ -262,17 +265,16 @@ class CheckpointCallbackMixin:
             check_model(checkpoint["state_dict"], pl_module, source=path,
                         strict=getattr(pl_module, "strict_loading", True))  # strict_loading: Lightning >= 2.2
             self._restoring = (path, resume.restore_modules(trainer, checkpoint, source=path), sharded_model)
+        elif self is peers[0] and _loaded_state(trainer) and resume.loaded_checkpoint(trainer) is not None:
+            self._restoring = (str(trainer.ckpt_path), resume.loaded_checkpoint(trainer), False)
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         """After the other callbacks' ``on_fit_start``: restores the rest of the step found before them.
         With ``trainer.fit(ckpt_path=...)`` of a checkpoint this callback wrote, restores it the same way
         (Lightning would restore the loops after every ``on_fit_start``, too late to set where they go on)."""
-        if self._restoring is not None:
-            (path, checkpoint, sharded_model), self._restoring = self._restoring, None
-        elif _loaded_state(trainer) and resume.loaded_checkpoint(trainer) is not None:
-            path, checkpoint, sharded_model = str(trainer.ckpt_path), resume.loaded_checkpoint(trainer), False
-        else:
+        if self._restoring is None:
             return
+        (path, checkpoint, sharded_model), self._restoring = self._restoring, None
         resume.check_optimizers(trainer, _loaded_state(trainer).get("optimizers"), source=path)
         resume.restore_training_state(trainer, checkpoint, source=path)
         if sharded_model:

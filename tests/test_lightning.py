@@ -427,6 +427,30 @@ def test_a_run_that_max_steps_ends_at_an_epochs_last_batch_extends_as_if_it_had_
     assert logged[0][1].keys() == {"train_loss_epoch", "epoch"} and logged == expected.logger.calls[-len(logged):]
 
 
+class ShortStream(torch.utils.data.IterableDataset):
+    """The first 16 samples of ``Stream``: the data of a run resumed after it became shorter."""
+
+    def __iter__(self):
+        data = example.synthetic_data(64)
+        yield from (data[i] for i in range(16))
+
+
+def test_resumed_mid_epoch_into_an_iterable_dataset_now_shorter_than_the_saved_position_ends_that_epoch(
+        tmp_path, caplog):
+    """The epoch's replay ran out of batches (2 of the 3 trained) and the fit raised a bare StopIteration."""
+    def fit_stream(dataset, **bounds) -> pl.Trainer:
+        trainer = pl.Trainer(callbacks=[CheckpointCallback(tmp_path)], accelerator="cpu", logger=False,
+                             enable_progress_bar=False, enable_model_summary=False, **bounds)
+        trainer.fit(example.Regressor(), DataLoader(dataset, batch_size=8))
+        return trainer
+
+    fit_stream(Stream(), max_steps=11)  # 8 batches an epoch: saved after epoch 1's third
+    with caplog.at_level(logging.WARNING, logger="ckpt"):
+        resumed = fit_stream(ShortStream(), max_epochs=3)  # 2 batches an epoch
+    assert resumed.global_step == 11 + 2 * 1  # epoch 1 ends at once; epoch 2 trains its 2 batches
+    assert "the training data of epoch 1 ended after 2 batches, where the checkpoint had trained 3" in caplog.text
+
+
 def test_fast_dev_run_trains_its_batches_without_restoring_saving_or_taking_the_directory(tmp_path):
     """Lightning's smoke test of the code suppresses checkpointing: restored, it would start at the latest
     step and train no batch; and it may run beside the training that writes the directory."""

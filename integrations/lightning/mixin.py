@@ -446,7 +446,11 @@ class CheckpointCallbackMixin:
                 if epoch > 0:
                     resume.new_epoch_iterator(trainer)
             self._epoch_rng = epoch_rng
-            resume.skip_batches(trainer, position.skip, epoch)
+            skipped = resume.skip_batches(trainer, position.skip, epoch)
+            if skipped < position.skip and trainer.global_rank == 0:
+                log.warning("ckpt: the training data of epoch %d ended after %d batches, where the checkpoint had "
+                            "trained %d: it is shorter than when it was saved, and the epoch ends here",
+                            epoch, skipped, position.skip)
             if position.epoch_start_hook:
                 self._epoch_start_action = "keep"
         if saved_rng is not None:

@@ -233,8 +233,9 @@ def _unloaded_loader_states(fit_loop: Any) -> list[dict]:
     return _private(fit_loop, "_combined_loader_states_to_load")
 
 
-def skip_batches(trainer: Any, count: int, epoch: int) -> None:
-    """Draws ``count`` batches of the current epoch, leaving the fetcher's counters as Lightning expects.
+def skip_batches(trainer: Any, count: int, epoch: int) -> int:
+    """Draws ``count`` batches of the current epoch, leaving the fetcher's counters as Lightning expects;
+    returns how many there were (fewer when the data has become shorter: the epoch then ends at once).
 
     The samplers get ``epoch`` first (Lightning sets it only after ``on_train_start``; a
     ``DistributedSampler`` shuffles by it). Lightning adds the restored batch count to ``fetched``
@@ -245,9 +246,15 @@ def skip_batches(trainer: Any, count: int, epoch: int) -> None:
             if hasattr(sampler, "set_epoch"):
                 sampler.set_epoch(epoch)
     fetcher = trainer.fit_loop._data_fetcher
-    for _ in range(count):
-        next(fetcher)
-    fetcher.fetched -= count
+    drawn = 0
+    while drawn < count:
+        try:
+            next(fetcher)
+        except StopIteration:  # an IterableDataset without __len__ shorter than when it was saved
+            break
+        drawn += 1
+    fetcher.fetched -= drawn
+    return drawn
 
 
 def train_loaders(trainer: Any) -> list[Any]:

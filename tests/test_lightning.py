@@ -166,6 +166,7 @@ def test_two_callbacks_keep_their_own_steps_and_the_newest_step_of_either_resume
     killed, out, final = kill_then_restart(tmp_path, *flags, kill_at=13)
     assert killed == [5, 10]
     assert started_at(out) == 12  # the second directory's step 12 is newer than the first's 10
+    assert re.findall(r"Restored all states from the ckpt checkpoint at (\S+)", out) == [str(second / "12")]
     assert steps_in(tmp_path / "ckpt") == [5, 10, 15, 20, 24]
     assert steps_in(second)[-1] == 24
     assert same(final, expected())

@@ -265,7 +265,8 @@ class CheckpointCallbackMixin:
             check_model(checkpoint["state_dict"], pl_module, source=path,
                         strict=getattr(pl_module, "strict_loading", True))  # strict_loading: Lightning >= 2.2
             self._restoring = (path, resume.restore_modules(trainer, checkpoint, source=path), sharded_model)
-        elif self is peers[0] and _loaded_state(trainer) and resume.loaded_checkpoint(trainer) is not None:
+        elif (trainer.ckpt_path is not None and self is peers[0] and _loaded_state(trainer)
+              and resume.loaded_checkpoint(trainer) is not None):
             self._restoring = (str(trainer.ckpt_path), resume.loaded_checkpoint(trainer), False)
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:

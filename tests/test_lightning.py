@@ -294,6 +294,18 @@ def test_monitor_scores_a_step_only_by_a_validation_run_since_the_previous_save(
     assert CheckpointCallback(tmp_path, monitor="val_loss").best_model_path == str(tmp_path / "4")
 
 
+def test_a_save_waiting_for_a_validation_that_does_not_run_is_taken_at_the_next_step(tmp_path):
+    """A validation loader without batches: Lightning skips the validation due at steps 4 and 12 and its
+    ``on_validation_end``, where their saves waited; they went to the epoch's end (steps 8 and 16), where the
+    policy declined them, and step 16 counted as saved: the fit ended with no checkpoint at all."""
+    callback = CheckpointCallback(tmp_path, save_decision_policy=sdp.SpecificStepsPolicy([4, 12]))
+    trainer = pl.Trainer(max_epochs=2, val_check_interval=0.5, num_sanity_val_steps=0, callbacks=[callback],
+                         accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    empty = DataLoader(torch.utils.data.Subset(example.synthetic_data(), []), batch_size=16)
+    trainer.fit(ValidatedAt(), DataLoader(example.synthetic_data(128), batch_size=16), empty)  # 8 batches an epoch
+    assert [c.step for c in callback.checkpointer.checkpoints] == [5, 13, 16]
+
+
 def test_a_monitor_that_no_step_logged_is_warned_of_at_the_end_of_fit(tmp_path, caplog):
     """Lightning's ModelCheckpoint raises for a monitored key it cannot find; steps saved before a
     validation lack a validation metric, so the callback says it once the fit is over."""

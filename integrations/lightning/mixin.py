@@ -25,9 +25,9 @@ What happens when:
 - ``on_train_batch_end``: once per new ``trainer.global_step`` (accumulating batches and repeated
   steps decide nothing), rank 0's policy decides for every rank; a save snapshots the state on the
   training thread and writes it in the background. SIGTERM saves the step too. A step whose
-  validation is due is saved after it (``on_validation_end``), and the last step of an epoch after
-  the epoch's end (``on_train_epoch_end``): Lightning skips on resume what a checkpoint taken
-  before them owes, and the resumed run finishes the rest of the saved iteration (see
+  validation is due is saved after it (``on_validation_end``; the next step is, when it does not run), and
+  the last step of an epoch after the epoch's end (``on_train_epoch_end``): Lightning skips on resume what
+  a checkpoint taken before them owes, and the resumed run finishes the rest of the saved iteration (see
   :mod:`ckpt.integrations.lightning.tail`).
 - ``on_train_end``: saves the final step if it is not saved, and waits for the write.
 - ``on_exception``: after SIGTERM, saves the current step (all ranks got the signal's exception at
@@ -316,13 +316,16 @@ class CheckpointCallbackMixin:
             return
         self._decided_step = step
         last = tail.ends_after_batch(trainer)
-        if self._decide(trainer, step, last):  # rank 0's save follows its should_save (SIGTERM: both tiers)
+        # a save still waiting for its step's validation, which did not run (a validation loader without
+        # batches): it is taken at this step instead
+        missed = self._pending is not None
+        if self._decide(trainer, step, last) or missed:  # rank 0's save follows its should_save (SIGTERM: both tiers)
             self._prepare_after_step = False  # the save makes its own memory, kept for the next ones
-            point = tail.save_point(trainer, last)
+            point, force = tail.save_point(trainer, last), last or trainer.received_sigterm or missed
             if point.hook == "on_train_batch_end":
-                self._save(trainer, step, point, force=last or trainer.received_sigterm)
+                self._save(trainer, step, point, force=force)
             else:
-                self._pending = (point, last or trainer.received_sigterm)
+                self._pending = (point, force)
         elif self._prepare_after_step:
             self._prepare_after_step = False
             self._prepare(translate.to_checkpointables(resume.dump_checkpoint(trainer, hooks=False)))

@@ -3,6 +3,7 @@ policies, and the errors a user meets. Crash and resume runs are subprocesses (t
 the rest runs small Trainers in this process."""
 from __future__ import annotations
 
+import datetime
 import logging
 import math
 import re
@@ -462,6 +463,27 @@ def test_resumed_mid_epoch_into_an_iterable_dataset_now_shorter_than_the_saved_p
         resumed = fit_stream(ShortStream(), max_epochs=3)  # 2 batches an epoch
     assert resumed.global_step == 11 + 2 * 1  # epoch 1 ends at once; epoch 2 trains its 2 batches
     assert "the training data of epoch 1 ended after 2 batches, where the checkpoint had trained 3" in caplog.text
+
+
+@pytest.mark.parametrize("policy", [sdp.SpecificStepsPolicy([]), sdp.FixedIntervalPolicy(4)],
+                         ids=["saved_at_train_end", "saved_at_the_epochs_end"])
+def test_a_run_that_an_epoch_interval_timer_ends_extends_as_if_it_had_never_stopped(tmp_path, policy):
+    """``Timer(interval="epoch")`` stops at an epoch's end, after the step's save was decided: the stop was
+    recorded as one that code requested, and the longer run ended at once."""
+    def fit_timed(directory, duration: datetime.timedelta) -> pl.Trainer:
+        pl.seed_everything(0, verbose=False)
+        callbacks = [pl.callbacks.Timer(duration=duration, interval="epoch")]
+        if directory:
+            callbacks.append(CheckpointCallback(directory, save_decision_policy=policy))
+        trainer = pl.Trainer(max_epochs=3, callbacks=callbacks, enable_checkpointing=bool(directory),
+                             accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+        trainer.fit(EpochScheduled(), DataLoader(example.synthetic_data(64), batch_size=16, shuffle=True))
+        return trainer
+
+    expected = fit_timed(None, datetime.timedelta(hours=1))
+    assert fit_timed(tmp_path, datetime.timedelta(milliseconds=1)).global_step == 4  # 4 batches an epoch
+    extended = fit_timed(tmp_path, datetime.timedelta(hours=1))
+    assert extended.global_step == 12 and same(final_state(extended), final_state(expected))
 
 
 def test_fast_dev_run_trains_its_batches_without_restoring_saving_or_taking_the_directory(tmp_path):

@@ -203,9 +203,12 @@ class CheckpointCallbackMixin:
         state = logged.capture(trainer, in_validation_end=point.hook == "on_validation_end")
         if point.hook == "on_validation_end":  # validation ran inside the training loop's logging
             state.update(first_loop_iter=point.first_loop_iter, current_fx=None)
+        # a stop by a bound (a Timer of interval "epoch" stops at an epoch's end, after the step was decided)
+        # is no stop to record: a longer run goes on from the step
+        bounded = point.last or tail.bound_reached(trainer)
         return {"rng": self._gather(rng.capture(resume.train_loaders(trainer))),
                 "epoch_rng": self._gather(peers[0]._epoch_rng), "logged": self._gather(state),
-                "saved_in": point.hook, "should_stop": bool(trainer.should_stop) and not point.last,
+                "saved_in": point.hook, "should_stop": bool(trainer.should_stop) and not bounded,
                 "accumulate_grad_batches": trainer.accumulate_grad_batches,
                 "trainable": resume.trainable(trainer.lightning_module),
                 "optimizers": resume.optimizer_classes(trainer),

@@ -48,7 +48,8 @@ class Config:
     model: str = "mlp"  # mlp | batchnorm | manual (two optimizers, manual optimization) | finetune (a backbone)
     scheduler: str = "step"  # step | onecycle | plateau_step | plateau_epoch
     epoch_metrics: bool = False  # self.log(on_epoch=True) and torchmetrics Metrics logged per epoch and validation
-    data: str = "map"  # map | iterable | datamodule | stateful (a loader with state_dict, as torchdata's)
+    data: str = "map"  # map | iterable | datamodule | stateful (a loader with state_dict, as torchdata's) |
+    # batch_sampler (a BatchSampler over a RandomSampler with a generator of its own)
     workers: int = 0
     model_checkpoint: bool = False  # Lightning's ModelCheckpoint beside ours
     ckpt_path: str | None = None  # "last_model_path": the restarted run passes the callback's (a step directory)
@@ -90,15 +91,25 @@ CONFIGS: dict[str, Config] = {
     "stateful_loader_mid_epoch": Config(kill_at=11, data="stateful"),  # positioned by Lightning
     "stateful_loader_last_batch": Config(kill_at=8, data="stateful"),  # the next epoch: its state, then seeds
     "datamodule_state": Config(kill_at=11, data="datamodule"),
+    "batch_sampler_with_a_generator": Config(kill_at=11, data="batch_sampler"),
     "model_checkpoint_beside": Config(kill_at=11, model_checkpoint=True),
     "fit_ckpt_path_last": Config(kill_at=11, ckpt_path="last"),
     "fit_ckpt_path_step_directory": Config(kill_at=11, ckpt_path="last_model_path"),
     "fit_ckpt_path_step_directory_max_steps_last_batch": Config(
         kill_at=8, max_epochs=-1, max_steps=20, scheduler="plateau_epoch", epoch_metrics=True,
         ckpt_path="last_model_path"),
+    # BatchSizeFinder's trials at fit start restore a checkpoint of their own, which ends Lightning's of ckpt_path
+    "fit_ckpt_path_step_directory_batch_size_finder": Config(
+        kill_at=11, data="datamodule", callbacks=("batch_size_finder",), trainer=(("limit_val_batches", 0),),
+        ckpt_path="last_model_path"),
     "batchnorm_buffers": Config(kill_at=11, model="batchnorm"),
     "reload_dataloaders_with_workers": Config(kill_at=11, workers=2,
                                               trainer=(("reload_dataloaders_every_n_epochs", 1),)),
+    # resumed in an epoch without a reload: the next reload comes when it came in the run never stopped
+    "reload_dataloaders_every_2_epochs_mid_epoch": Config(kill_at=11,
+                                                         trainer=(("reload_dataloaders_every_n_epochs", 2),)),
+    "reload_dataloaders_every_2_epochs_last_batch": Config(kill_at=16, data="datamodule",
+                                                          trainer=(("reload_dataloaders_every_n_epochs", 2),)),
     "val_every_3_steps_across_epochs": Config(kill_at=9, val=True, trainer=(("val_check_interval", 3),
                                                                               ("check_val_every_n_epoch", None))),
     "swa_last_batch": Config(kill_at=8, callbacks=("swa",)),  # mid-epoch: warned of (Lightning skips its hook)
@@ -345,6 +356,10 @@ def _loader(cfg: Config, batch_size: int = BATCH) -> torch.utils.data.DataLoader
         return torch.utils.data.DataLoader(_classes(cfg.namespace)["Samples"](data), batch_size=batch_size)
     if cfg.data == "stateful":
         return StatefulLoader(data, batch_size=batch_size, sampler=ResumableSampler(len(data)))
+    if cfg.data == "batch_sampler":
+        sampler = torch.utils.data.RandomSampler(data, generator=torch.Generator().manual_seed(9))
+        batches = torch.utils.data.BatchSampler(sampler, batch_size, drop_last=False)
+        return torch.utils.data.DataLoader(data, batch_sampler=batches)
     return torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=True, num_workers=cfg.workers,
                                        persistent_workers=False)
 

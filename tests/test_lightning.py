@@ -3,6 +3,7 @@ policies, and the errors a user meets. Crash and resume runs are subprocesses (t
 the rest runs small Trainers in this process."""
 from __future__ import annotations
 
+import datetime
 import logging
 import math
 import re
@@ -166,6 +167,7 @@ def test_two_callbacks_keep_their_own_steps_and_the_newest_step_of_either_resume
     killed, out, final = kill_then_restart(tmp_path, *flags, kill_at=13)
     assert killed == [5, 10]
     assert started_at(out) == 12  # the second directory's step 12 is newer than the first's 10
+    assert re.findall(r"Restored all states from the ckpt checkpoint at (\S+)", out) == [str(second / "12")]
     assert steps_in(tmp_path / "ckpt") == [5, 10, 15, 20, 24]
     assert steps_in(second)[-1] == 24
     assert same(final, expected())
@@ -291,6 +293,18 @@ def test_monitor_scores_a_step_only_by_a_validation_run_since_the_previous_save(
     assert callback.best_model_path == str(tmp_path / "4")
     assert {c.step: c.metrics.get("val_loss") for c in callback.checkpointer.checkpoints} == {4: 1.0, 14: None}
     assert CheckpointCallback(tmp_path, monitor="val_loss").best_model_path == str(tmp_path / "4")
+
+
+def test_a_save_waiting_for_a_validation_that_does_not_run_is_taken_at_the_next_step(tmp_path):
+    """A validation loader without batches: Lightning skips the validation due at steps 4 and 12 and its
+    ``on_validation_end``, where their saves waited; they went to the epoch's end (steps 8 and 16), where the
+    policy declined them, and step 16 counted as saved: the fit ended with no checkpoint at all."""
+    callback = CheckpointCallback(tmp_path, save_decision_policy=sdp.SpecificStepsPolicy([4, 12]))
+    trainer = pl.Trainer(max_epochs=2, val_check_interval=0.5, num_sanity_val_steps=0, callbacks=[callback],
+                         accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    empty = DataLoader(torch.utils.data.Subset(example.synthetic_data(), []), batch_size=16)
+    trainer.fit(ValidatedAt(), DataLoader(example.synthetic_data(128), batch_size=16), empty)  # 8 batches an epoch
+    assert [c.step for c in callback.checkpointer.checkpoints] == [5, 13, 16]
 
 
 def test_a_monitor_that_no_step_logged_is_warned_of_at_the_end_of_fit(tmp_path, caplog):
@@ -425,6 +439,51 @@ def test_a_run_that_max_steps_ends_at_an_epochs_last_batch_extends_as_if_it_had_
     assert extended.lightning_module.global_step == 12 and same(final_state(extended), final_state(expected))
     logged = extended.logger.calls  # the end of epoch 0 first, then what the run never stopped logged
     assert logged[0][1].keys() == {"train_loss_epoch", "epoch"} and logged == expected.logger.calls[-len(logged):]
+
+
+class ShortStream(torch.utils.data.IterableDataset):
+    """The first 16 samples of ``Stream``: the data of a run resumed after it became shorter."""
+
+    def __iter__(self):
+        data = example.synthetic_data(64)
+        yield from (data[i] for i in range(16))
+
+
+def test_resumed_mid_epoch_into_an_iterable_dataset_now_shorter_than_the_saved_position_ends_that_epoch(
+        tmp_path, caplog):
+    """The epoch's replay ran out of batches (2 of the 3 trained) and the fit raised a bare StopIteration."""
+    def fit_stream(dataset, **bounds) -> pl.Trainer:
+        trainer = pl.Trainer(callbacks=[CheckpointCallback(tmp_path)], accelerator="cpu", logger=False,
+                             enable_progress_bar=False, enable_model_summary=False, **bounds)
+        trainer.fit(example.Regressor(), DataLoader(dataset, batch_size=8))
+        return trainer
+
+    fit_stream(Stream(), max_steps=11)  # 8 batches an epoch: saved after epoch 1's third
+    with caplog.at_level(logging.WARNING, logger="ckpt"):
+        resumed = fit_stream(ShortStream(), max_epochs=3)  # 2 batches an epoch
+    assert resumed.global_step == 11 + 2 * 1  # epoch 1 ends at once; epoch 2 trains its 2 batches
+    assert "the training data of epoch 1 ended after 2 batches, where the checkpoint had trained 3" in caplog.text
+
+
+@pytest.mark.parametrize("policy", [sdp.SpecificStepsPolicy([]), sdp.FixedIntervalPolicy(4)],
+                         ids=["saved_at_train_end", "saved_at_the_epochs_end"])
+def test_a_run_that_an_epoch_interval_timer_ends_extends_as_if_it_had_never_stopped(tmp_path, policy):
+    """``Timer(interval="epoch")`` stops at an epoch's end, after the step's save was decided: the stop was
+    recorded as one that code requested, and the longer run ended at once."""
+    def fit_timed(directory, duration: datetime.timedelta) -> pl.Trainer:
+        pl.seed_everything(0, verbose=False)
+        callbacks = [pl.callbacks.Timer(duration=duration, interval="epoch")]
+        if directory:
+            callbacks.append(CheckpointCallback(directory, save_decision_policy=policy))
+        trainer = pl.Trainer(max_epochs=3, callbacks=callbacks, enable_checkpointing=bool(directory),
+                             accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+        trainer.fit(EpochScheduled(), DataLoader(example.synthetic_data(64), batch_size=16, shuffle=True))
+        return trainer
+
+    expected = fit_timed(None, datetime.timedelta(hours=1))
+    assert fit_timed(tmp_path, datetime.timedelta(milliseconds=1)).global_step == 4  # 4 batches an epoch
+    extended = fit_timed(tmp_path, datetime.timedelta(hours=1))
+    assert extended.global_step == 12 and same(final_state(extended), final_state(expected))
 
 
 def test_fast_dev_run_trains_its_batches_without_restoring_saving_or_taking_the_directory(tmp_path):

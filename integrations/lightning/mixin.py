@@ -25,9 +25,9 @@ What happens when:
 - ``on_train_batch_end``: once per new ``trainer.global_step`` (accumulating batches and repeated
   steps decide nothing), rank 0's policy decides for every rank; a save snapshots the state on the
   training thread and writes it in the background. SIGTERM saves the step too. A step whose
-  validation is due is saved after it (``on_validation_end``), and the last step of an epoch after
-  the epoch's end (``on_train_epoch_end``): Lightning skips on resume what a checkpoint taken
-  before them owes, and the resumed run finishes the rest of the saved iteration (see
+  validation is due is saved after it (``on_validation_end``; the next step is, when it does not run), and
+  the last step of an epoch after the epoch's end (``on_train_epoch_end``): Lightning skips on resume what
+  a checkpoint taken before them owes, and the resumed run finishes the rest of the saved iteration (see
   :mod:`ckpt.integrations.lightning.tail`).
 - ``on_train_end``: saves the final step if it is not saved, and waits for the write.
 - ``on_exception``: after SIGTERM, saves the current step (all ranks got the signal's exception at
@@ -192,7 +192,8 @@ class CheckpointCallbackMixin:
     def state_dict(self) -> dict[str, Any]:
         """What Lightning's checkpoint lacks for an exact resume: per rank, the RNG states now and at the
         start of the epoch and the logged values and metrics; the hook the checkpoint was taken in, the
-        ``accumulate_grad_batches`` in force, which parameters require gradients and the optimizers' classes."""
+        ``accumulate_grad_batches`` in force, which parameters require gradients, the optimizers' classes and the
+        epoch the training DataLoaders were last made in."""
         trainer = self._trainer
         if trainer is None or not self._training_started:  # e.g. BatchSizeFinder's checkpoint before training
             return {}
@@ -202,12 +203,16 @@ class CheckpointCallbackMixin:
         state = logged.capture(trainer, in_validation_end=point.hook == "on_validation_end")
         if point.hook == "on_validation_end":  # validation ran inside the training loop's logging
             state.update(first_loop_iter=point.first_loop_iter, current_fx=None)
+        # a stop by a bound (a Timer of interval "epoch" stops at an epoch's end, after the step was decided)
+        # is no stop to record: a longer run goes on from the step
+        bounded = point.last or tail.bound_reached(trainer)
         return {"rng": self._gather(rng.capture(resume.train_loaders(trainer))),
                 "epoch_rng": self._gather(peers[0]._epoch_rng), "logged": self._gather(state),
-                "saved_in": point.hook, "should_stop": bool(trainer.should_stop) and not point.last,
+                "saved_in": point.hook, "should_stop": bool(trainer.should_stop) and not bounded,
                 "accumulate_grad_batches": trainer.accumulate_grad_batches,
                 "trainable": resume.trainable(trainer.lightning_module),
-                "optimizers": resume.optimizer_classes(trainer)}
+                "optimizers": resume.optimizer_classes(trainer),
+                "loaders_made_in": resume.loaders_made_in(trainer)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._loaded_state = state_dict
@@ -242,7 +247,10 @@ class CheckpointCallbackMixin:
     def _restore_modules(self, trainer: Any, pl_module: Any) -> None:
         """At fit start, before the other callbacks' ``on_fit_start`` (as Lightning's own restore): finds
         the latest step and restores the model, datamodule and callbacks from it (nothing under ``fast_dev_run``,
-        which opens no Checkpointer: restored, the smoke test would start at the latest step and train no batch)."""
+        which opens no Checkpointer: restored, the smoke test would start at the latest step and train no batch).
+        With ``trainer.fit(ckpt_path=...)`` of a checkpoint this callback wrote, which Lightning has restored the
+        modules and callbacks from, keeps it for :meth:`on_fit_start`: a callback's ``on_fit_start`` may restore
+        a checkpoint of its own meanwhile (``BatchSizeFinder`` does), which ends Lightning's."""
         peers = _peers(trainer)
         found_by_peer = trainer.strategy.broadcast([_latest(c._checkpointer if c._open else None) for c in peers],
                                                    src=0)
@@ -260,17 +268,17 @@ class CheckpointCallbackMixin:
             check_model(checkpoint["state_dict"], pl_module, source=path,
                         strict=getattr(pl_module, "strict_loading", True))  # strict_loading: Lightning >= 2.2
             self._restoring = (path, resume.restore_modules(trainer, checkpoint, source=path), sharded_model)
+        elif (trainer.ckpt_path is not None and self is peers[0] and _loaded_state(trainer)
+              and resume.loaded_checkpoint(trainer) is not None):
+            self._restoring = (str(trainer.ckpt_path), resume.loaded_checkpoint(trainer), False)
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         """After the other callbacks' ``on_fit_start``: restores the rest of the step found before them.
         With ``trainer.fit(ckpt_path=...)`` of a checkpoint this callback wrote, restores it the same way
         (Lightning would restore the loops after every ``on_fit_start``, too late to set where they go on)."""
-        if self._restoring is not None:
-            (path, checkpoint, sharded_model), self._restoring = self._restoring, None
-        elif _loaded_state(trainer) and resume.loaded_checkpoint(trainer) is not None:
-            path, checkpoint, sharded_model = str(trainer.ckpt_path), resume.loaded_checkpoint(trainer), False
-        else:
+        if self._restoring is None:
             return
+        (path, checkpoint, sharded_model), self._restoring = self._restoring, None
         resume.check_optimizers(trainer, _loaded_state(trainer).get("optimizers"), source=path)
         resume.restore_training_state(trainer, checkpoint, source=path)
         if sharded_model:
@@ -311,13 +319,16 @@ class CheckpointCallbackMixin:
             return
         self._decided_step = step
         last = tail.ends_after_batch(trainer)
-        if self._decide(trainer, step, last):  # rank 0's save follows its should_save (SIGTERM: both tiers)
+        # a save still waiting for its step's validation, which did not run (a validation loader without
+        # batches): it is taken at this step instead
+        missed = self._pending is not None
+        if self._decide(trainer, step, last) or missed:  # rank 0's save follows its should_save (SIGTERM: both tiers)
             self._prepare_after_step = False  # the save makes its own memory, kept for the next ones
-            point = tail.save_point(trainer, last)
+            point, force = tail.save_point(trainer, last), last or trainer.received_sigterm or missed
             if point.hook == "on_train_batch_end":
-                self._save(trainer, step, point, force=last or trainer.received_sigterm)
+                self._save(trainer, step, point, force=force)
             else:
-                self._pending = (point, last or trainer.received_sigterm)
+                self._pending = (point, force)
         elif self._prepare_after_step:
             self._prepare_after_step = False
             self._prepare(translate.to_checkpointables(resume.dump_checkpoint(trainer, hooks=False)))
@@ -415,6 +426,7 @@ class CheckpointCallbackMixin:
             tail.finish_iteration(trainer, saved["saved_in"], saved["should_stop"])
             self._restored_logged = True
         resume.restore_trainable(trainer.lightning_module, saved.get("trainable"))  # after BaseFinetuning's setup
+        resume.restore_loaders_made_in(trainer, saved.get("loaders_made_in"))
         if trainer.fit_loop.restarted_mid_epoch:  # Lightning skips the epoch-start hooks
             if saved.get("accumulate_grad_batches") is not None:  # which GradientAccumulationScheduler sets it in
                 self._accumulation_after_epoch = trainer.accumulate_grad_batches
@@ -441,7 +453,11 @@ class CheckpointCallbackMixin:
                 if epoch > 0:
                     resume.new_epoch_iterator(trainer)
             self._epoch_rng = epoch_rng
-            resume.skip_batches(trainer, position.skip, epoch)
+            skipped = resume.skip_batches(trainer, position.skip, epoch)
+            if skipped < position.skip and trainer.global_rank == 0:
+                log.warning("ckpt: the training data of epoch %d ended after %d batches, where the checkpoint had "
+                            "trained %d: it is shorter than when it was saved, and the epoch ends here",
+                            epoch, skipped, position.skip)
             if position.epoch_start_hook:
                 self._epoch_start_action = "keep"
         if saved_rng is not None:

@@ -85,6 +85,21 @@ def restore_trainable(module: Any, flags: Any) -> None:
             parameter.requires_grad_(bool(flag))
 
 
+def loaders_made_in(trainer: Any) -> int | None:
+    """The epoch whose start last made the training DataLoaders (None before any), which
+    ``reload_dataloaders_every_n_epochs`` counts from and no Lightning checkpoint records: a resumed fit
+    makes them at its start, and would reload them every ``n`` epochs from there."""
+    epoch = _private(trainer.fit_loop, "_last_train_dl_reload_epoch")
+    return epoch if isinstance(epoch, int) else None
+
+
+def restore_loaders_made_in(trainer: Any, epoch: int | None) -> None:
+    """Has the next reload of the training DataLoaders come when it came in the saved run (``epoch``: from
+    :func:`loaders_made_in`; None: not recorded). Call in ``on_train_start``, after Lightning made them."""
+    if epoch is not None:
+        trainer.fit_loop._last_train_dl_reload_epoch = epoch
+
+
 def call_first_at_fit_start(trainer: Any, hook: Callable[[Any, Any], None]) -> None:
     """Has ``hook(trainer, pl_module)`` called at fit start before every callback's ``on_fit_start``, by a
     callback put first in ``trainer.callbacks`` (once per hook): Lightning runs checkpoint callbacks last.
@@ -218,8 +233,9 @@ def _unloaded_loader_states(fit_loop: Any) -> list[dict]:
     return _private(fit_loop, "_combined_loader_states_to_load")
 
 
-def skip_batches(trainer: Any, count: int, epoch: int) -> None:
-    """Draws ``count`` batches of the current epoch, leaving the fetcher's counters as Lightning expects.
+def skip_batches(trainer: Any, count: int, epoch: int) -> int:
+    """Draws ``count`` batches of the current epoch, leaving the fetcher's counters as Lightning expects;
+    returns how many there were (fewer when the data has become shorter: the epoch then ends at once).
 
     The samplers get ``epoch`` first (Lightning sets it only after ``on_train_start``; a
     ``DistributedSampler`` shuffles by it). Lightning adds the restored batch count to ``fetched``
@@ -230,9 +246,15 @@ def skip_batches(trainer: Any, count: int, epoch: int) -> None:
             if hasattr(sampler, "set_epoch"):
                 sampler.set_epoch(epoch)
     fetcher = trainer.fit_loop._data_fetcher
-    for _ in range(count):
-        next(fetcher)
-    fetcher.fetched -= count
+    drawn = 0
+    while drawn < count:
+        try:
+            next(fetcher)
+        except StopIteration:  # an IterableDataset without __len__ shorter than when it was saved
+            break
+        drawn += 1
+    fetcher.fetched -= drawn
+    return drawn
 
 
 def train_loaders(trainer: Any) -> list[Any]:

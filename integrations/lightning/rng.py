@@ -2,8 +2,9 @@
 
 Covers torch's default generator (CPU, and CUDA when initialised), numpy's global ``RandomState``,
 Python's ``random``, and the ``torch.Generator`` objects held by DataLoaders and their samplers
-(``DataLoader(generator=...)``). States are tensors and Python numbers only, so that ckpt stores them
-as they are and a Lightning ``.ckpt`` holding them still loads with ``torch.load(weights_only=True)``.
+(``DataLoader(generator=...)``, a sampler's ``generator``). States are tensors and Python numbers only, so
+that ckpt stores them as they are and a Lightning ``.ckpt`` holding them still loads with
+``torch.load(weights_only=True)``.
 
 Example::
 
@@ -51,10 +52,12 @@ def restore(state: dict[str, Any], loaders: Iterable[Any] = ()) -> None:
 
 
 def _loader_generators(loaders: Iterable[Any]) -> list[torch.Generator]:
-    """The distinct generators of the loaders and their samplers, in a stable order."""
+    """The distinct generators of the loaders and their samplers (a ``batch_sampler``'s and its sampler's
+    included: ``DataLoader(batch_sampler=BatchSampler(RandomSampler(data, generator=g), ...))``), in a stable order."""
     found: list[torch.Generator] = []
     for loader in loaders:
-        for owner in (loader, getattr(loader, "sampler", None)):
+        batch_sampler = getattr(loader, "batch_sampler", None)
+        for owner in (loader, getattr(loader, "sampler", None), batch_sampler, getattr(batch_sampler, "sampler", None)):
             generator = getattr(owner, "generator", None)
             if isinstance(generator, torch.Generator) and all(generator is not g for g in found):
                 found.append(generator)

@@ -154,7 +154,7 @@ def _unless_bad(read: Callable[..., T], *args: Any) -> T | None:
 def classify_temporary(path: storage.Location) -> Entry:
     """What ``path`` (which exists), named like a temporary, is: TEMPORARY when it is a directory that holds
     ckpt's marker or nothing at all, else FOREIGN."""
-    owned = storage.is_marked(path) or (isinstance(path, Path) and _is_dir(path) and not os.listdir(path))
+    owned = storage.is_marked(path) or (isinstance(path, Path) and _is_empty_dir(path))
     return Entry(path, Kind.TEMPORARY if owned else Kind.FOREIGN, None, storage.describe(path))
 
 
@@ -183,7 +183,7 @@ def classify(path: storage.Location, step: int | None, *, read_manifest: bool = 
             return Entry(path, Kind.STEP, step, Kind.STEP.value)
         try:
             return Entry(path, Kind.STEP, step, Kind.STEP.value, loading.read_manifest(path))
-        except CheckpointCorruptedError as e:
+        except (CheckpointCorruptedError, InvalidLayoutError) as e:  # (the latter: its files removed since)
             if local or manifest_path.exists():
                 return Entry(path, Kind.FOREIGN, step, f"{storage.describe(path)}, which ckpt cannot read: {e}")
             # (an object store) its manifest was deleted since: a deletion under way (see storage.delete_dir)
@@ -225,16 +225,25 @@ def check_committed(path: storage.Location) -> None:
 
 
 def _mode(path: Path) -> int | None:
-    """The mode of ``path`` itself (a link is not followed), or None when there is nothing."""
+    """The mode of ``path`` itself (a link is not followed), or None when there is nothing (its directory
+    included: replaced by a file since it was listed)."""
     try:
         return os.lstat(path).st_mode
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
 
 
 def _is_dir(path: Path) -> bool:
     """A directory itself, not a symbolic link to one."""
     return stat.S_ISDIR(os.lstat(path).st_mode)
+
+
+def _is_empty_dir(path: Path) -> bool:
+    """A directory itself that holds nothing; False once it is replaced by a file (since it was listed)."""
+    try:
+        return _is_dir(path) and not os.listdir(path)
+    except NotADirectoryError:
+        return False
 
 
 def exists(path: storage.Location) -> bool:

@@ -53,9 +53,13 @@ def is_step(path: Any) -> bool:
         return True
     if files.is_plain_file(path / CHECKPOINT_METADATA):
         return not _never_committed(path)
+    try:
+        names = os.listdir(path)
+    except (FileNotFoundError, NotADirectoryError):  # removed, or replaced by a file, since it was looked at
+        return False
     return any(files.is_plain_dir(path / name) and _is_item(path / name, path)
                and not os.path.lexists(path / name / CHECKPOINT_METADATA)  # (a checkpoint of its own: path is a root)
-               for name in os.listdir(path))
+               for name in names)
 
 
 def is_temporary(name: str) -> bool:

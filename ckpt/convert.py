@@ -26,7 +26,7 @@ from ckpt import root as root_lib
 from ckpt.path import step as step_lib
 from ckpt import leaves as leaves_lib
 from ckpt import tree as tree_lib
-from ckpt.errors import CheckpointCorruptedError, CheckpointNotFoundError, UnsupportedLayoutError
+from ckpt.errors import CheckpointCorruptedError, CheckpointNotFoundError, StepNotFoundError, UnsupportedLayoutError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,14 +52,22 @@ def steps_of(root: Path) -> list[tuple[int, Path]]:
 
     Raises:
       CheckpointCorruptedError: a step of ckpt's there is damaged (its manifest missing or unreadable).
+      StepNotFoundError: a step is set aside under another name (``5.ckpt-replaced``: a save with
+        ``overwrite=True`` that a crash interrupted), which a Checkpointer opened on the root puts back and
+        lists; a convert, which never changes its source, would leave it out.
     """
-    found = []
-    for entry in root_lib.scan(root, step_lib.name_format_of(root)):
+    found, name_format = [], step_lib.name_format_of(root)
+    for entry in root_lib.scan(root, name_format):
         if entry.kind in root_lib.LISTED:
             found.append((entry.step, entry.path))
         elif root_lib.is_damaged_step(entry):
             raise CheckpointCorruptedError(f"{root} holds step {entry.step}, which is damaged ({entry.holds}); "
                                            "move it away to convert the other steps", path=entry.path)
+        elif entry.kind is root_lib.Kind.TEMPORARY and (final := storage.set_aside_step(entry.path)) is not None:
+            raise StepNotFoundError(f"{root} holds step {final.name} set aside as {entry.path.name} by a save with "
+                                    "overwrite=True that a crash interrupted, which a convert would leave out: open a "
+                                    f"Checkpointer on {root} (it puts the step back), then convert",
+                                    step=name_format.parse_name(final.name), path=root)
     return found
 
 
@@ -76,7 +84,8 @@ def convert_root(source: str | os.PathLike, destination: str | os.PathLike) -> I
         a directory (before anything is written).
       RootDirectoryError: ``destination`` lies below a file or a symbolic link loop (raised by the iterator,
         before anything is written).
-      FileNotFoundError: ``source`` holds no step; or it is one checkpoint, or a temporary of ckpt's, not a root.
+      FileNotFoundError: ``source`` holds no step; or it is one checkpoint, or a temporary of ckpt's, not a root;
+        StepNotFoundError (one) when a step of it is set aside by a crash, to put back first (see :func:`steps_of`).
       CheckpointCorruptedError: a step of ``source`` is damaged (before anything is written), or a
         converted step differs from its source (named with the key path; raised by the iterator).
       StepNotFoundError: a step was deleted while it was converted (by a run saving there; raised by the

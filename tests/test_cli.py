@@ -575,6 +575,22 @@ def test_convert_of_a_root_holding_a_damaged_step_of_ckpts_stops_before_writing(
     assert not (tmp_path / "copy").exists()
 
 
+def test_convert_of_a_root_whose_step_a_crash_left_set_aside_stops_before_writing_saying_what_to_do(root, tmp_path,
+                                                                                                   capsys):
+    """A commit with overwrite=True killed between its two renames (no atomic exchange) leaves step 20 as
+    20.ckpt-replaced, which a Checkpointer opened on the root puts back and lists as its latest step: convert
+    converted steps 0 and 10 and said nothing of it, so the converted run lost its latest step."""
+    os.rename(root / "20", root / ("20" + fmt.REPLACED_SUFFIX))  # as the crash leaves it (marked, as every step)
+    status, _, err = run_cli(capsys, "convert", root, tmp_path / "copy")
+    assert status == 2 and f"step 20 set aside as 20{fmt.REPLACED_SUFFIX}" in err and "open a Checkpointer" in err
+    assert not (tmp_path / "copy").exists()
+    with ckpt.Checkpointer(root):  # puts it back
+        pass
+    assert run_cli(capsys, "convert", root, tmp_path / "copy")[0] == 0
+    with ckpt.Checkpointer(tmp_path / "copy") as ckptr:
+        assert [c.step for c in ckptr.checkpoints] == [0, 10, 20]
+
+
 class SavesItself:
     """A StatefulCheckpointable: its directory is its own, which no reader but itself understands."""
 

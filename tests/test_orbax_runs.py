@@ -554,6 +554,35 @@ def test_a_symlink_in_an_orbax_item_is_refused(orbax_runs, tmp_path):
         ckpt.load(root / "1")
 
 
+READS_UNDER_A_MEMORY_CAP = """
+import resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (3 << 30, resource.getrlimit(resource.RLIMIT_AS)[1]))
+import ckpt
+from ckpt import cli
+try:
+    ckpt.load(sys.argv[1], checkpointable_name=sys.argv[2])
+except ckpt.errors.CheckpointCorruptedError as e:
+    print("load refused:", e)
+print("verify exit status", cli.main(["verify", sys.argv[1]]))
+"""
+
+
+@pytest.mark.parametrize("run, step, item, file", [
+    ("v1", "1", "state", "manifest.ocdbt"), ("v1", "1", "state", "ocdbt.process_0/manifest.ocdbt"),
+    ("named", "7", "model", "params.w/.zarray"), ("named", "7", "model", "params.w/0.0")])
+def test_a_file_of_an_orbax_item_too_large_to_read_is_refused_naming_it_not_an_abort(orbax_runs, tmp_path, run, step,
+                                                                                    item, file):
+    """tensorstore reads an OCDBT manifest, an array's metadata or a chunk (without OCDBT) whole, and aborts the
+    process when it cannot allocate that: one such file made sparse, 64 GiB, ended the load and ckpt verify with
+    SIGABRT ("Failed to allocate memory"), as no checksum seals Orbax's files."""
+    step_dir = copy_run(orbax_runs, run, tmp_path) / step
+    os.truncate(step_dir / item / file, 64 << 30)
+    result = procs.run_script(READS_UNDER_A_MEMORY_CAP, str(step_dir), item)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"load refused: {step_dir / item / file} is a file of {64 << 30} bytes" in result.stdout
+    assert "verify exit status 1" in result.stdout and "DAMAGED" in result.stdout
+
+
 @pytest.mark.parametrize("linked", ["metrics", "metadata"])
 def test_a_directory_of_an_orbax_step_or_root_that_is_a_link_is_never_read_through(orbax_runs, tmp_path, caplog, linked):
     """The step's metrics/ (or the root's metadata/) a link to a directory outside holding a file of the

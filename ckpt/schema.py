@@ -260,6 +260,8 @@ def _count_leaves(node: Any, name: str) -> tuple[int, int]:
         if keys is not None and not (type(keys) is list and len(keys) == len(children) and _are_keys(keys)):
             raise _Invalid(f"checkpointable {name!r}: the keys {_short(keys)} of a {kind} node are not one "
                            "[kind, key] pair per child")
+        if keys is not None and len(set(map(tuple, keys))) != len(keys):  # (one child would take another's place)
+            raise _Invalid(f"checkpointable {name!r}: the keys {_short(keys)} of a {kind} node repeat a key")
         leaves = children.count(_LEAF)  # the usual leaves, counted without a step each
         count, levels = count + leaves, max(levels, level)
         below = (children if not leaves else () if leaves == len(children)

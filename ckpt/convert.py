@@ -79,7 +79,8 @@ def convert_root(source: str | os.PathLike, destination: str | os.PathLike) -> I
     again: the steps it committed are checked against their source and kept.
 
     Raises:
-      ValueError: ``source`` or ``destination`` is not a local directory, or they are one directory.
+      ValueError: ``source`` or ``destination`` is not a local directory, or they are one directory, or
+        ``destination`` is (or lies in) a directory named like a temporary of ckpt's.
       FileExistsError: ``destination`` holds anything but what a convert of the same steps left, or is not
         a directory (before anything is written).
       RootDirectoryError: ``destination`` lies below a file or a symbolic link loop (raised by the iterator,
@@ -101,6 +102,7 @@ def convert_root(source: str | os.PathLike, destination: str | os.PathLike) -> I
     source, destination = storage.location(source), storage.location(destination)
     if not isinstance(source, Path) or not isinstance(destination, Path):
         raise ValueError("ckpt convert reads and writes local directories")
+    root_lib.check_outside_temporaries(destination, "the root a convert writes")
     if os.path.lexists(destination) and not destination.is_dir():
         raise FileExistsError(f"{destination} is {storage.describe(destination)}, not a directory; "
                               "convert into a new or empty directory")

@@ -251,14 +251,13 @@ def exists(path: storage.Location) -> bool:
     return os.path.lexists(path) if isinstance(path, Path) else path.exists()
 
 
-def make(directory: storage.Location, *, mode: int | None = None, what: str = "a checkpoint root") -> None:
-    """Creates a root directory (with its parents) when it is missing; ``what`` it is, for the error.
+def check_outside_temporaries(directory: storage.Location, what: str) -> None:
+    """Checks that ``directory`` (``what`` it is to be, for the error) neither is nor lies in a directory named
+    like a temporary of ckpt's, which the next writer of its parent removes (with what was saved there) when it
+    is one.
 
     Raises:
-      ValueError: the path is, or lies in, a directory named like a temporary of ckpt's, which the next
-        writer of its parent removes (with what was saved there) when it is one.
-      RootDirectoryError: the path is a file, lies under one or under a symbolic link loop, or this
-        process may not create it.
+      ValueError: it is or does, named.
     """
     named = (directory, *getattr(directory, "parents", ()))  # (an object store's path: itself)
     temporary = next((p for p in named if p.name.endswith(fmt.TEMPORARY_SUFFIXES)), None)
@@ -266,6 +265,18 @@ def make(directory: storage.Location, *, mode: int | None = None, what: str = "a
         raise ValueError(f"{directory} cannot be {what}: {temporary.name} is named like a temporary of ckpt's (a "
                          f"name ending in one of {fmt.TEMPORARY_SUFFIXES}), which the next save in its directory "
                          "removes, with what was saved in it; choose another directory")
+
+
+def make(directory: storage.Location, *, mode: int | None = None, what: str = "a checkpoint root") -> None:
+    """Creates a root directory (with its parents) when it is missing; ``what`` it is, for the error.
+
+    Raises:
+      ValueError: the path is, or lies in, a directory named like a temporary of ckpt's (see
+        :func:`check_outside_temporaries`).
+      RootDirectoryError: the path is a file, lies under one or under a symbolic link loop, or this
+        process may not create it.
+    """
+    check_outside_temporaries(directory, what)
     try:
         with storage.writing_to(directory):
             storage.make_dir(directory, mode=mode)

@@ -444,6 +444,16 @@ def test_convert_into_an_empty_path_or_a_bucket_is_a_usage_error_and_writes_noth
     assert list((tmp_path / "here").iterdir()) == []
 
 
+@pytest.mark.parametrize("destination", [f"copy{fmt.TMP_SUFFIX}", f"x{fmt.REPLACED_SUFFIX}/copy"])
+def test_convert_into_a_directory_named_like_a_temporary_is_a_usage_error_naming_it(root, tmp_path, capsys,
+                                                                                    destination):
+    """Its refusal (the next writer of its parent removes such a directory, with the steps in it) came from
+    the convert's iterator, past the command's check of its arguments: a ValueError's traceback, exit status 1."""
+    status, _, err = run_cli(capsys, "convert", root, tmp_path / destination)
+    assert status == 2 and f"{tmp_path / destination} cannot be the root a convert writes" in err
+    assert "is named like a temporary of ckpt's" in err and sorted(os.listdir(tmp_path)) == ["run"]
+
+
 def test_convert_copies_the_steps_the_checkpointer_lists_and_never_follows_a_link(root, tmp_path, capsys):
     (root / "7").mkdir()
     (root / "7" / fmt.MANIFEST).write_text('{"a user\'s": "own manifest"}')  # skipped by ls and Checkpointer

@@ -85,6 +85,8 @@ def convert_root(source: str | os.PathLike, destination: str | os.PathLike) -> I
         a directory (before anything is written).
       RootDirectoryError: ``destination`` lies below a file or a symbolic link loop (raised by the iterator,
         before anything is written).
+      DirectoryLockedError: another writer (a Checkpointer, a convert) holds ``destination`` (raised by the
+        iterator, before anything is written).
       FileNotFoundError: ``source`` holds no step; or it is one checkpoint, or a temporary of ckpt's, not a root;
         StepNotFoundError (one) when a step of it is set aside by a crash, to put back first (see :func:`steps_of`).
       CheckpointCorruptedError: a step of ``source`` is damaged (before anything is written), or a

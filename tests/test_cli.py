@@ -552,6 +552,15 @@ def test_a_failed_convert_keeps_the_lock_file_it_found_in_its_destination(tmp_pa
     assert sorted(os.listdir(tmp_path / "copy")) == found == [fmt.LOCK, "1"]
 
 
+def test_a_convert_into_a_directory_another_writer_holds_exits_2_saying_so_and_writes_nothing(root, tmp_path, capsys):
+    """A Checkpointer that has begun to save in the (still empty) destination holds its lock: the convert's
+    DirectoryLockedError was a traceback, exit status 1."""
+    with ckpt.Checkpointer(tmp_path / "copy", cleanup_tmp_directories=True):  # (its sweep takes the lock)
+        status, _, err = run_cli(capsys, "convert", root, tmp_path / "copy")
+        assert status == 2 and f"{tmp_path / 'copy'} is being written by another Checkpointer" in err
+        assert os.listdir(tmp_path / "copy") == [fmt.LOCK]
+
+
 def test_a_convert_of_a_root_whose_step_a_run_deletes_meanwhile_says_it_is_gone_not_damaged(root, tmp_path):
     """It said the step 'is not a checkpoint: it has none of the files ckpt writes (run `ckpt verify` for
     details)', as of damage, where the garbage collection of a run saving there had deleted it."""

@@ -94,7 +94,8 @@ def convert_root(source: str | os.PathLike, destination: str | os.PathLike) -> I
       StepNotFoundError: a step was deleted while it was converted (by a run saving there; raised by the
         iterator).
       UnsupportedLayoutError: a step holds a checkpointable that only its handler reads (an Orbax item of
-        grain's, one a handler of :mod:`ckpt.custom` wrote), which cannot be copied (raised by the iterator).
+        grain's, one a handler of :mod:`ckpt.custom` wrote), which cannot be copied, or metrics or custom
+        metadata a ckpt manifest cannot hold (Orbax's, nested or larger past its limits; raised by the iterator).
 
     Example::
 
@@ -191,8 +192,11 @@ def _convert_step(step: int, path: Path, final: Path) -> Converted:
     with root_lib.reading(path, step):  # a step a run saving there deletes meanwhile: StepNotFoundError
         info = formats.info(path)
         trees = _source_trees(path)
-    plan = saving.plan(trees, metrics=fmt.decode_json(info, "metrics"),
-                       custom_metadata=fmt.decode_json(info, "custom_metadata"))
+    try:
+        plan = saving.plan(trees, metrics=fmt.decode_json(info, "metrics"),
+                           custom_metadata=fmt.decode_json(info, "custom_metadata"))
+    except ValueError as e:  # (Orbax's metrics or custom metadata: nested deeper, or larger, than a manifest holds)
+        raise UnsupportedLayoutError(f"{path}: ckpt convert cannot store step {step} as it is: {e}", path=path) from None
     plan.init_timestamp_nsecs = info.get("init_timestamp_nsecs") or plan.init_timestamp_nsecs
     plan.commit_timestamp_nsecs = info.get("commit_timestamp_nsecs")
     saving.StepWriter(plan, storage.temporary_for(final), final).run(step)

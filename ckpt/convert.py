@@ -95,7 +95,8 @@ def convert_root(source: str | os.PathLike, destination: str | os.PathLike) -> I
         iterator).
       UnsupportedLayoutError: a step holds a checkpointable that only its handler reads (an Orbax item of
         grain's, one a handler of :mod:`ckpt.custom` wrote), which cannot be copied, or metrics or custom
-        metadata a ckpt manifest cannot hold (Orbax's, nested or larger past its limits; raised by the iterator).
+        metadata a ckpt manifest (or the root's metadata) cannot hold (Orbax's, nested or larger past its limits;
+        raised by the iterator).
 
     Example::
 
@@ -156,8 +157,10 @@ def _convert_steps(steps: list[tuple[int, Path]], source: Path, destination: Pat
     try:
         custom = formats.root_custom_metadata(source)
         if custom is not None and not os.path.lexists(destination / fmt.ROOT_METADATA):  # (a resumed convert's)
+            with _storable(source, "the root's custom metadata"):
+                data = fmt.root_metadata_bytes(custom)
             written.append(destination / fmt.ROOT_METADATA)
-            storage.write_file_atomic(written[-1], fmt.root_metadata_bytes(custom))
+            storage.write_file_atomic(written[-1], data)
         for step, path in steps:
             if path.name in done:  # committed by the convert this one resumes: checked again, kept
                 yield _check_step(step, path, destination / path.name)
@@ -169,6 +172,16 @@ def _convert_steps(steps: list[tuple[int, Path]], source: Path, destination: Pat
         raise
     finally:
         lock.release()
+
+
+@contextlib.contextmanager
+def _storable(where: Path, what: str) -> Iterator[None]:
+    """Raises the ValueError of metadata ckpt cannot store (Orbax's JSON: nested deeper, or larger, than a
+    manifest or ckpt-root.json holds) as UnsupportedLayoutError naming ``where`` (a step, or the root) and ``what``."""
+    try:
+        yield
+    except ValueError as e:
+        raise UnsupportedLayoutError(f"{where}: ckpt convert cannot store {what} as it is: {e}", path=where) from None
 
 
 def _undo(written: list[Path], lock: storage.DirectoryLock | None, made: list[Path]) -> None:
@@ -192,11 +205,9 @@ def _convert_step(step: int, path: Path, final: Path) -> Converted:
     with root_lib.reading(path, step):  # a step a run saving there deletes meanwhile: StepNotFoundError
         info = formats.info(path)
         trees = _source_trees(path)
-    try:
+    with _storable(path, f"step {step}"):
         plan = saving.plan(trees, metrics=fmt.decode_json(info, "metrics"),
                            custom_metadata=fmt.decode_json(info, "custom_metadata"))
-    except ValueError as e:  # (Orbax's metrics or custom metadata: nested deeper, or larger, than a manifest holds)
-        raise UnsupportedLayoutError(f"{path}: ckpt convert cannot store step {step} as it is: {e}", path=path) from None
     plan.init_timestamp_nsecs = info.get("init_timestamp_nsecs") or plan.init_timestamp_nsecs
     plan.commit_timestamp_nsecs = info.get("commit_timestamp_nsecs")
     saving.StepWriter(plan, storage.temporary_for(final), final).run(step)

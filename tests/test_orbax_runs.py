@@ -653,17 +653,19 @@ def test_an_orbax_item_ckpt_does_not_read_is_named_not_checked_by_verify_and_sho
         ckpt.load_checkpointables(root / "1")
 
 
-def test_ckpt_convert_of_an_orbax_step_whose_custom_metadata_ckpt_cannot_store_exits_2_naming_it(orbax_runs, tmp_path,
-                                                                                              capsys):
-    """Orbax's custom metadata nested past the 64 levels a ckpt manifest holds: the convert printed the
-    ValueError's traceback (exit status 1) once it reached the step, naming neither the step nor the run."""
+@pytest.mark.parametrize("file, what", [("1/_CHECKPOINT_METADATA", "1: ckpt convert cannot store step 1"),
+                                        ("metadata/_ROOT_METADATA", ": ckpt convert cannot store the root's custom")])
+def test_ckpt_convert_of_orbax_custom_metadata_ckpt_cannot_store_exits_2_naming_it(orbax_runs, tmp_path, capsys, file,
+                                                                                  what):
+    """Orbax's custom metadata of a step (or of the root) nested past the 64 levels ckpt stores: the convert
+    printed the ValueError's traceback (exit status 1) once it reached it, naming neither the step nor the run."""
     root = copy_run(orbax_runs, "v1", tmp_path)
-    metadata = json.loads((root / "1" / "_CHECKPOINT_METADATA").read_text())
+    metadata = json.loads((root / file).read_text())
     metadata["custom_metadata"] = json.loads('{"a":' * 70 + "1" + "}" * 70)
-    (root / "1" / "_CHECKPOINT_METADATA").write_text(json.dumps(metadata))
+    (root / file).write_text(json.dumps(metadata))
     assert cli.main(["convert", str(root), str(tmp_path / "copy")]) == 2
     err = capsys.readouterr().err
-    assert f"{root / '1'}: ckpt convert cannot store step 1 as it is: custom_metadata" in err and "64 levels" in err
+    assert f"{root}{'/' if what[0] != ':' else ''}{what}" in err and "64 levels" in err
     assert not (tmp_path / "copy").exists()
 
 

@@ -544,6 +544,25 @@ def test_a_committed_orbax_step_whose_metadata_is_damaged_is_reported_not_silent
     assert "holds step 0, which is damaged" in capsys.readouterr().err and not (tmp_path / "copy").exists()
 
 
+@pytest.mark.parametrize("file", ["metrics/metrics", "_CHECKPOINT_METADATA"])
+def test_an_orbax_step_whose_metrics_or_custom_metadata_nest_past_ckpts_limit_is_listed_as_damaged(orbax_runs,
+                                                                                                  tmp_path, file):
+    """Orbax's metrics (or custom metadata) nested 600 levels: ckpt ls and show ended with a RecursionError's
+    traceback (exit status 1), printing them level by level, and verify passed the step. ckpt's own manifests
+    may nest 64 levels; a step of Orbax's nested deeper is damaged as one of ckpt's would be."""
+    root = copy_run(orbax_runs, "v1", tmp_path)
+    deep = json.loads('{"a":' * 600 + "1" + "}" * 600)
+    doc = json.loads((root / "1" / file).read_text())
+    doc = deep if file == "metrics/metrics" else {**doc, "custom_metadata": deep}
+    (root / "1" / file).write_text(json.dumps(doc))
+    said = f"{root / '1'}: its {'metrics' if file == 'metrics/metrics' else 'custom_metadata'} nest deeper than the 64"
+    for argv, status in [(["ls", str(root)], 0), (["show", str(root), "1"], 1), (["verify", str(root)], 1)]:
+        result = procs.run_script(f"import sys; from ckpt import cli; sys.exit(cli.main({argv!r}))")
+        assert result.returncode == status and said in result.stdout + result.stderr, result.stdout + result.stderr
+    with ckpt.Checkpointer(root) as ckptr:
+        assert [c.step for c in ckptr.checkpoints] == [0]
+
+
 def test_a_symlink_in_an_orbax_item_is_refused(orbax_runs, tmp_path):
     root = copy_run(orbax_runs, "v1", tmp_path)
     (tmp_path / "elsewhere").write_text("{}")
@@ -653,19 +672,21 @@ def test_an_orbax_item_ckpt_does_not_read_is_named_not_checked_by_verify_and_sho
         ckpt.load_checkpointables(root / "1")
 
 
-@pytest.mark.parametrize("file, what", [("1/_CHECKPOINT_METADATA", "1: ckpt convert cannot store step 1"),
-                                        ("metadata/_ROOT_METADATA", ": ckpt convert cannot store the root's custom")])
+@pytest.mark.parametrize("file, metadata, said", [
+    ("1/_CHECKPOINT_METADATA", {"text": "a" * (17 << 20)}, "1: ckpt convert cannot store step 1 as it is: the metrics "
+                                                           "and custom metadata takes"),
+    ("metadata/_ROOT_METADATA", json.loads('{"a":' * 70 + "1" + "}" * 70), ": ckpt convert cannot store the root's "
+                                                                           "custom metadata as it is")])
 def test_ckpt_convert_of_orbax_custom_metadata_ckpt_cannot_store_exits_2_naming_it(orbax_runs, tmp_path, capsys, file,
-                                                                                  what):
-    """Orbax's custom metadata of a step (or of the root) nested past the 64 levels ckpt stores: the convert
-    printed the ValueError's traceback (exit status 1) once it reached it, naming neither the step nor the run."""
+                                                                                  metadata, said):
+    """Orbax's custom metadata of a step larger than a ckpt manifest holds (16 MiB), or the root's nested past
+    the 64 levels ckpt stores: the convert printed the ValueError's traceback (exit status 1) once it reached
+    it, naming neither the step nor the run."""
     root = copy_run(orbax_runs, "v1", tmp_path)
-    metadata = json.loads((root / file).read_text())
-    metadata["custom_metadata"] = json.loads('{"a":' * 70 + "1" + "}" * 70)
-    (root / file).write_text(json.dumps(metadata))
+    doc = json.loads((root / file).read_text())
+    (root / file).write_text(json.dumps({**doc, "custom_metadata": metadata}))
     assert cli.main(["convert", str(root), str(tmp_path / "copy")]) == 2
-    err = capsys.readouterr().err
-    assert f"{root}{'/' if what[0] != ':' else ''}{what}" in err and "64 levels" in err
+    assert f"{root}{'/' if said[0] != ':' else ''}{said}" in capsys.readouterr().err
     assert not (tmp_path / "copy").exists()
 
 

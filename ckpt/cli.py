@@ -32,8 +32,8 @@ from typing import Any, Sequence, TextIO
 from ckpt import __version__, convert, formats, leaves, orbax, progress, storage, tiers
 from ckpt import root as root_lib
 from ckpt import format as fmt
-from ckpt.errors import (CheckpointCorruptedError, CheckpointNotFoundError, InvalidLayoutError, StepNotFoundError,
-                         StepReplacedError, UnsupportedLayoutError)
+from ckpt.errors import (CheckpointCorruptedError, CheckpointNotFoundError, DirectoryLockedError, InvalidLayoutError,
+                         StepNotFoundError, StepReplacedError, UnsupportedLayoutError)
 from ckpt.path import step as step_lib
 from ckpt.verify import VerifyResult, verify_step
 
@@ -523,8 +523,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CheckpointCorruptedError, InvalidLayoutError) as e:
         _print(f"ckpt: error: {e} (run `ckpt verify` for details)", file=sys.stderr)
         return 1
-    except (UnsupportedLayoutError, FileExistsError, FileNotFoundError) as e:
-        _print(f"ckpt: error: {e}", file=sys.stderr)
+    except (UnsupportedLayoutError, FileExistsError, FileNotFoundError, DirectoryLockedError) as e:
+        _print(f"ckpt: error: {e}", file=sys.stderr)  # (the last: convert's destination has another writer)
         return 2
     except BrokenPipeError:  # the reader went away (`ckpt show DIR | head`): stop quietly, as on SIGPIPE
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (else the flush at exit raises again)

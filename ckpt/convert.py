@@ -26,7 +26,7 @@ from ckpt import root as root_lib
 from ckpt.path import step as step_lib
 from ckpt import leaves as leaves_lib
 from ckpt import tree as tree_lib
-from ckpt.errors import CheckpointCorruptedError, CheckpointNotFoundError, UnsupportedLayoutError
+from ckpt.errors import CheckpointCorruptedError, CheckpointNotFoundError, StepNotFoundError, UnsupportedLayoutError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,14 +52,22 @@ def steps_of(root: Path) -> list[tuple[int, Path]]:
 
     Raises:
       CheckpointCorruptedError: a step of ckpt's there is damaged (its manifest missing or unreadable).
+      StepNotFoundError: a step is set aside under another name (``5.ckpt-replaced``: a save with
+        ``overwrite=True`` that a crash interrupted), which a Checkpointer opened on the root puts back and
+        lists; a convert, which never changes its source, would leave it out.
     """
-    found = []
-    for entry in root_lib.scan(root, step_lib.name_format_of(root)):
+    found, name_format = [], step_lib.name_format_of(root)
+    for entry in root_lib.scan(root, name_format):
         if entry.kind in root_lib.LISTED:
             found.append((entry.step, entry.path))
         elif root_lib.is_damaged_step(entry):
             raise CheckpointCorruptedError(f"{root} holds step {entry.step}, which is damaged ({entry.holds}); "
                                            "move it away to convert the other steps", path=entry.path)
+        elif entry.kind is root_lib.Kind.TEMPORARY and (final := storage.set_aside_step(entry.path)) is not None:
+            raise StepNotFoundError(f"{root} holds step {final.name} set aside as {entry.path.name} by a save with "
+                                    "overwrite=True that a crash interrupted, which a convert would leave out: open a "
+                                    f"Checkpointer on {root} (it puts the step back), then convert",
+                                    step=name_format.parse_name(final.name), path=root)
     return found
 
 
@@ -71,18 +79,24 @@ def convert_root(source: str | os.PathLike, destination: str | os.PathLike) -> I
     again: the steps it committed are checked against their source and kept.
 
     Raises:
-      ValueError: ``source`` or ``destination`` is not a local directory, or they are one directory.
+      ValueError: ``source`` or ``destination`` is not a local directory, or they are one directory, or
+        ``destination`` is (or lies in) a directory named like a temporary of ckpt's.
       FileExistsError: ``destination`` holds anything but what a convert of the same steps left, or is not
         a directory (before anything is written).
       RootDirectoryError: ``destination`` lies below a file or a symbolic link loop (raised by the iterator,
         before anything is written).
-      FileNotFoundError: ``source`` holds no step; or it is one checkpoint, or a temporary of ckpt's, not a root.
+      DirectoryLockedError: another writer (a Checkpointer, a convert) holds ``destination`` (raised by the
+        iterator, before anything is written).
+      FileNotFoundError: ``source`` holds no step; or it is one checkpoint, or a temporary of ckpt's, not a root;
+        StepNotFoundError (one) when a step of it is set aside by a crash, to put back first (see :func:`steps_of`).
       CheckpointCorruptedError: a step of ``source`` is damaged (before anything is written), or a
         converted step differs from its source (named with the key path; raised by the iterator).
       StepNotFoundError: a step was deleted while it was converted (by a run saving there; raised by the
         iterator).
       UnsupportedLayoutError: a step holds a checkpointable that only its handler reads (an Orbax item of
-        grain's, one a handler of :mod:`ckpt.custom` wrote), which cannot be copied (raised by the iterator).
+        grain's, one a handler of :mod:`ckpt.custom` wrote), which cannot be copied, or metrics or custom
+        metadata a ckpt manifest (or the root's metadata) cannot hold (Orbax's, nested or larger past its limits;
+        raised by the iterator).
 
     Example::
 
@@ -92,6 +106,7 @@ def convert_root(source: str | os.PathLike, destination: str | os.PathLike) -> I
     source, destination = storage.location(source), storage.location(destination)
     if not isinstance(source, Path) or not isinstance(destination, Path):
         raise ValueError("ckpt convert reads and writes local directories")
+    root_lib.check_outside_temporaries(destination, "the root a convert writes")
     if os.path.lexists(destination) and not destination.is_dir():
         raise FileExistsError(f"{destination} is {storage.describe(destination)}, not a directory; "
                               "convert into a new or empty directory")
@@ -142,8 +157,10 @@ def _convert_steps(steps: list[tuple[int, Path]], source: Path, destination: Pat
     try:
         custom = formats.root_custom_metadata(source)
         if custom is not None and not os.path.lexists(destination / fmt.ROOT_METADATA):  # (a resumed convert's)
+            with _storable(source, "the root's custom metadata"):
+                data = fmt.root_metadata_bytes(custom)
             written.append(destination / fmt.ROOT_METADATA)
-            storage.write_file_atomic(written[-1], fmt.root_metadata_bytes(custom))
+            storage.write_file_atomic(written[-1], data)
         for step, path in steps:
             if path.name in done:  # committed by the convert this one resumes: checked again, kept
                 yield _check_step(step, path, destination / path.name)
@@ -155,6 +172,16 @@ def _convert_steps(steps: list[tuple[int, Path]], source: Path, destination: Pat
         raise
     finally:
         lock.release()
+
+
+@contextlib.contextmanager
+def _storable(where: Path, what: str) -> Iterator[None]:
+    """Raises the ValueError of metadata ckpt cannot store (Orbax's JSON: nested deeper, or larger, than a
+    manifest or ckpt-root.json holds) as UnsupportedLayoutError naming ``where`` (a step, or the root) and ``what``."""
+    try:
+        yield
+    except ValueError as e:
+        raise UnsupportedLayoutError(f"{where}: ckpt convert cannot store {what} as it is: {e}", path=where) from None
 
 
 def _undo(written: list[Path], lock: storage.DirectoryLock | None, made: list[Path]) -> None:
@@ -178,8 +205,9 @@ def _convert_step(step: int, path: Path, final: Path) -> Converted:
     with root_lib.reading(path, step):  # a step a run saving there deletes meanwhile: StepNotFoundError
         info = formats.info(path)
         trees = _source_trees(path)
-    plan = saving.plan(trees, metrics=fmt.decode_json(info, "metrics"),
-                       custom_metadata=fmt.decode_json(info, "custom_metadata"))
+    with _storable(path, f"step {step}"):
+        plan = saving.plan(trees, metrics=fmt.decode_json(info, "metrics"),
+                           custom_metadata=fmt.decode_json(info, "custom_metadata"))
     plan.init_timestamp_nsecs = info.get("init_timestamp_nsecs") or plan.init_timestamp_nsecs
     plan.commit_timestamp_nsecs = info.get("commit_timestamp_nsecs")
     saving.StepWriter(plan, storage.temporary_for(final), final).run(step)

@@ -65,6 +65,7 @@ ALIGN = 64                        # packed offsets; loaded arrays start at such 
 
 # The most bytes a reader reads of each JSON file (a larger one is refused: see docs/format.md).
 MANIFEST_MAX_BYTES = 16 << 20     # metrics and custom metadata included
+MANIFEST_ROOM = 64 << 10          # what a manifest holds besides metrics and custom metadata, at most
 TREE_MAX_BYTES = 256 << 20        # about 700,000 leaves
 ZARR_JSON_MAX_BYTES = 1 << 20     # an array's zarr.json: a few hundred bytes
 MAX_JSON_DEPTH = 64               # how deep metrics and custom metadata may nest

@@ -159,7 +159,7 @@ def _unless_bad(read: Callable[..., T], *args: Any) -> T | None:
 def classify_temporary(path: storage.Location) -> Entry:
     """What ``path`` (which exists), named like a temporary, is: TEMPORARY when it is a directory that holds
     ckpt's marker or nothing at all, else FOREIGN."""
-    owned = storage.is_marked(path) or (isinstance(path, Path) and _is_dir(path) and not os.listdir(path))
+    owned = storage.is_marked(path) or (isinstance(path, Path) and _is_empty_dir(path))
     return Entry(path, Kind.TEMPORARY if owned else Kind.FOREIGN, None, storage.describe(path))
 
 
@@ -188,7 +188,7 @@ def classify(path: storage.Location, step: int | None, *, read_manifest: bool = 
             return Entry(path, Kind.STEP, step, Kind.STEP.value)
         try:
             return Entry(path, Kind.STEP, step, Kind.STEP.value, loading.read_manifest(path))
-        except CheckpointCorruptedError as e:
+        except (CheckpointCorruptedError, InvalidLayoutError) as e:  # (the latter: its files removed since)
             if local or manifest_path.exists():
                 return Entry(path, Kind.FOREIGN, step, f"{storage.describe(path)}, which ckpt cannot read: {e}")
             # (an object store) its manifest was deleted since: a deletion under way (see storage.delete_dir)
@@ -230,10 +230,11 @@ def check_committed(path: storage.Location) -> None:
 
 
 def _mode(path: Path) -> int | None:
-    """The mode of ``path`` itself (a link is not followed), or None when there is nothing."""
+    """The mode of ``path`` itself (a link is not followed), or None when there is nothing (its directory
+    included: replaced by a file since it was listed)."""
     try:
         return os.lstat(path).st_mode
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
 
 
@@ -242,14 +243,21 @@ def _is_dir(path: Path) -> bool:
     return stat.S_ISDIR(os.lstat(path).st_mode)
 
 
-def make(directory: storage.Location, *, mode: int | None = None, what: str = "a checkpoint root") -> None:
-    """Creates a root directory (with its parents) when it is missing; ``what`` it is, for the error.
+def _is_empty_dir(path: Path) -> bool:
+    """A directory itself that holds nothing; False once it is replaced by a file (since it was listed)."""
+    try:
+        return _is_dir(path) and not os.listdir(path)
+    except NotADirectoryError:
+        return False
+
+
+def check_outside_temporaries(directory: storage.Location, what: str) -> None:
+    """Checks that ``directory`` (``what`` it is to be, for the error) neither is nor lies in a directory named
+    like a temporary of ckpt's, which the next writer of its parent removes (with what was saved there) when it
+    is one.
 
     Raises:
-      ValueError: the path is, or lies in, a directory named like a temporary of ckpt's, which the next
-        writer of its parent removes (with what was saved there) when it is one.
-      RootDirectoryError: the path is a file, lies under one or under a symbolic link loop, or this
-        process may not create it.
+      ValueError: it is or does, named.
     """
     named = (directory, *getattr(directory, "parents", ()))  # (an object store's path: itself)
     temporary = next((p for p in named if p.name.endswith(fmt.TEMPORARY_SUFFIXES)), None)
@@ -257,6 +265,18 @@ def make(directory: storage.Location, *, mode: int | None = None, what: str = "a
         raise ValueError(f"{directory} cannot be {what}: {temporary.name} is named like a temporary of ckpt's (a "
                          f"name ending in one of {fmt.TEMPORARY_SUFFIXES}), which the next save in its directory "
                          "removes, with what was saved in it; choose another directory")
+
+
+def make(directory: storage.Location, *, mode: int | None = None, what: str = "a checkpoint root") -> None:
+    """Creates a root directory (with its parents) when it is missing; ``what`` it is, for the error.
+
+    Raises:
+      ValueError: the path is, or lies in, a directory named like a temporary of ckpt's (see
+        :func:`check_outside_temporaries`).
+      RootDirectoryError: the path is a file, lies under one or under a symbolic link loop, or this
+        process may not create it.
+    """
+    check_outside_temporaries(directory, what)
     try:
         with storage.writing_to(directory):
             storage.make_dir(directory, mode=mode)

@@ -166,8 +166,8 @@ def plan(checkpointables: dict[str, Any], *, metrics: Any = None, custom_metadat
     the same ``storage`` options (a Context's ``array.saving`` group) and no per-leaf creator, reuses it.
 
     Raises:
-      ValueError: an invalid checkpointable name, metrics/custom metadata that are not JSON, or bad
-        storage options.
+      ValueError: an invalid checkpointable name, metrics/custom metadata that are not JSON or take more
+        than a manifest holds, or bad storage options.
       TypeError: a leaf that cannot be stored (named by its key path).
     """
     if not isinstance(checkpointables, dict):  # empty when every checkpointable has a handler (ckpt.custom)
@@ -179,6 +179,8 @@ def plan(checkpointables: dict[str, Any], *, metrics: Any = None, custom_metadat
         metrics, non_finite["metrics"] = fmt.stored_json(metrics, "metrics", numbers=True)
     if custom_metadata is not None:
         custom_metadata, non_finite["custom_metadata"] = fmt.stored_json(custom_metadata, "custom_metadata")
+    fmt.to_json_bytes({"metrics": metrics, "custom_metadata": custom_metadata, fmt.NON_FINITE: non_finite},
+                      "the metrics and custom metadata", fmt.MANIFEST_MAX_BYTES - fmt.MANIFEST_ROOM)  # (the manifest's)
     stored = storage_options.of(storage)
     reusable = previous is not None and previous.storage == stored and stored.scoped is None
     values = previous.leaves_of(checkpointables) if reusable else None

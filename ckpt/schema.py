@@ -205,7 +205,7 @@ def _check_manifest(manifest: dict) -> None:
         except ValueError as e:
             raise _Invalid(str(e)) from None
     for key in ("metrics", "custom_metadata"):
-        if not _nested_within(manifest.get(key), fmt.MAX_JSON_DEPTH):
+        if not nested_within(manifest.get(key), fmt.MAX_JSON_DEPTH):
             raise _Invalid(f"{key!r} is nested deeper than the {fmt.MAX_JSON_DEPTH} levels a save accepts")
     if not _is_count(manifest.get("nbytes")):
         raise _Invalid(f"'nbytes' {_short(manifest.get('nbytes'))} is not a non-negative int")
@@ -259,6 +259,8 @@ def _count_leaves(node: Any, name: str) -> tuple[int, int]:
         if keys is not None and not (type(keys) is list and len(keys) == len(children) and _are_keys(keys)):
             raise _Invalid(f"checkpointable {name!r}: the keys {_short(keys)} of a {kind} node are not one "
                            "[kind, key] pair per child")
+        if keys is not None and len(set(map(tuple, keys))) != len(keys):  # (one child would take another's place)
+            raise _Invalid(f"checkpointable {name!r}: the keys {_short(keys)} of a {kind} node repeat a key")
         leaves = children.count(_LEAF)  # the usual leaves, counted without a step each
         count, levels = count + leaves, max(levels, level)
         below = (children if not leaves else () if leaves == len(children)
@@ -617,7 +619,7 @@ def _checked_nbytes(shape: Any, itemsize: int, what: str, where: str) -> int:
     return nbytes
 
 
-def _nested_within(value: Any, depth: int) -> bool:
+def nested_within(value: Any, depth: int) -> bool:
     """Whether JSON ``value`` nests at most ``depth`` containers deep (checked without recursion)."""
     level = [value] if type(value) in (dict, list) else []
     for _ in range(depth + 1):  # the containers at depth 0, 1, ... ``depth``

@@ -723,7 +723,7 @@ def commit_dir(tmp: Location, final: Location, *, replace: bool) -> None:
     os.rename(final, old)
     os.rename(tmp, final)
     fsync_path(final.parent)
-    _remove_replaced(old)
+    _remove_replaced(old, set_aside=True)
 
 
 def set_aside_step(path: Location) -> Path | None:
@@ -751,12 +751,15 @@ def put_back(path: Path, final: Path) -> None:
                    "interrupted while it replaced it (it had been set aside as %s)", final, path.name)
 
 
-def _remove_replaced(step_dir: Path) -> None:
+def _remove_replaced(step_dir: Path, *, set_aside: bool = False) -> None:
     """Removes the step a commit replaced, renamed to ``step_dir``. The new step is committed by then, so a
     failure here does not fail its save: it is logged, and what is left (marked as ckpt's, never listed)
-    is removed by the next save of the step or the next writer of the root."""
+    is removed by the next save of the step or the next writer of the root. ``set_aside``: ``step_dir`` bears
+    the name of a step set aside (see :func:`set_aside_step`), so it is deleted as a step is (:func:`delete_dir`:
+    renamed to a deletion's name first): what a failed removal leaves is never put back as the step once the
+    new one is deleted."""
     try:
-        remove_owned(step_dir)
+        delete_dir(step_dir) if set_aside else remove_owned(step_dir)
     except OSError as e:
         logger.warning("ckpt: the step was committed, but the one it replaced could not be removed from %s: %s",
                        step_dir, e)

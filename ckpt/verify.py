@@ -139,10 +139,12 @@ def _verify(step_dir: storage.Location) -> VerifyResult:
 
 def _verify_orbax(step_dir: Path) -> VerifyResult:
     """Reads every array of a step Orbax wrote (tensorstore checks what Orbax's format records: the
-    crc32c of each zarr3 shard index, the zstd frames); its metadata must parse as a load parses it. An
-    item ckpt does not read (a grain iterator's) is named in ``unchecked``, not damaged."""
+    crc32c of each zarr3 shard index, the zstd frames); its metadata must parse as a load parses it, and
+    as a listing reads it (metrics, times). An item ckpt does not read (a grain iterator's) is named in
+    ``unchecked``, not damaged."""
     result = VerifyResult(step_dir, formats.step_of(step_dir, {}))
     try:
+        orbax.info(step_dir)
         step = orbax.Step(step_dir, skip_unreadable=True)
     except (CheckpointCorruptedError, UnsupportedLayoutError) as e:
         result.damaged.append(Damage(step_dir.name, str(e)))

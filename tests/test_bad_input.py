@@ -176,6 +176,9 @@ CASES = {
     "object metric": Case(save(metrics={"m": Opaque()}), ValueError, r"metrics\['m'\] must be JSON .*type Opaque$"),
     "metrics 1,000 levels deep": Case(save(metrics=nested_lists(1000)), ValueError, r"metrics.*nested at most 64"),
     "metrics that hold themselves": Case(save(metrics=holding_itself(0.5)), ValueError, r"metrics.*nested at most 64"),
+    # refused by save_async itself, before the background writes every array: after them (at the manifest) once
+    "custom metadata larger than a manifest holds": Case(save_async(custom_metadata={"x": "a" * (17 << 20)}), ValueError,
+                                                         r"metrics and custom metadata takes \d+ bytes as JSON, more"),
     "set in custom metadata": Case(save(custom_metadata={"x": [{math.nan}]}), ValueError,
                                    r"custom_metadata\[.x.\]\[0\] must be JSON .*type set$"),
     # checkpointable names

@@ -444,6 +444,16 @@ def test_convert_into_an_empty_path_or_a_bucket_is_a_usage_error_and_writes_noth
     assert list((tmp_path / "here").iterdir()) == []
 
 
+@pytest.mark.parametrize("destination", [f"copy{fmt.TMP_SUFFIX}", f"x{fmt.REPLACED_SUFFIX}/copy"])
+def test_convert_into_a_directory_named_like_a_temporary_is_a_usage_error_naming_it(root, tmp_path, capsys,
+                                                                                    destination):
+    """Its refusal (the next writer of its parent removes such a directory, with the steps in it) came from
+    the convert's iterator, past the command's check of its arguments: a ValueError's traceback, exit status 1."""
+    status, _, err = run_cli(capsys, "convert", root, tmp_path / destination)
+    assert status == 2 and f"{tmp_path / destination} cannot be the root a convert writes" in err
+    assert "is named like a temporary of ckpt's" in err and sorted(os.listdir(tmp_path)) == ["run"]
+
+
 def test_convert_copies_the_steps_the_checkpointer_lists_and_never_follows_a_link(root, tmp_path, capsys):
     (root / "7").mkdir()
     (root / "7" / fmt.MANIFEST).write_text('{"a user\'s": "own manifest"}')  # skipped by ls and Checkpointer
@@ -542,6 +552,15 @@ def test_a_failed_convert_keeps_the_lock_file_it_found_in_its_destination(tmp_pa
     assert sorted(os.listdir(tmp_path / "copy")) == found == [fmt.LOCK, "1"]
 
 
+def test_a_convert_into_a_directory_another_writer_holds_exits_2_saying_so_and_writes_nothing(root, tmp_path, capsys):
+    """A Checkpointer that has begun to save in the (still empty) destination holds its lock: the convert's
+    DirectoryLockedError was a traceback, exit status 1."""
+    with ckpt.Checkpointer(tmp_path / "copy", cleanup_tmp_directories=True):  # (its sweep takes the lock)
+        status, _, err = run_cli(capsys, "convert", root, tmp_path / "copy")
+        assert status == 2 and f"{tmp_path / 'copy'} is being written by another Checkpointer" in err
+        assert os.listdir(tmp_path / "copy") == [fmt.LOCK]
+
+
 def test_a_convert_of_a_root_whose_step_a_run_deletes_meanwhile_says_it_is_gone_not_damaged(root, tmp_path):
     """It said the step 'is not a checkpoint: it has none of the files ckpt writes (run `ckpt verify` for
     details)', as of damage, where the garbage collection of a run saving there had deleted it."""
@@ -573,6 +592,22 @@ def test_convert_of_a_root_holding_a_damaged_step_of_ckpts_stops_before_writing(
     status, _, err = run_cli(capsys, "convert", root, tmp_path / "copy")
     assert status == 1 and "holds step 10, which is damaged" in err
     assert not (tmp_path / "copy").exists()
+
+
+def test_convert_of_a_root_whose_step_a_crash_left_set_aside_stops_before_writing_saying_what_to_do(root, tmp_path,
+                                                                                                   capsys):
+    """A commit with overwrite=True killed between its two renames (no atomic exchange) leaves step 20 as
+    20.ckpt-replaced, which a Checkpointer opened on the root puts back and lists as its latest step: convert
+    converted steps 0 and 10 and said nothing of it, so the converted run lost its latest step."""
+    os.rename(root / "20", root / ("20" + fmt.REPLACED_SUFFIX))  # as the crash leaves it (marked, as every step)
+    status, _, err = run_cli(capsys, "convert", root, tmp_path / "copy")
+    assert status == 2 and f"step 20 set aside as 20{fmt.REPLACED_SUFFIX}" in err and "open a Checkpointer" in err
+    assert not (tmp_path / "copy").exists()
+    with ckpt.Checkpointer(root):  # puts it back
+        pass
+    assert run_cli(capsys, "convert", root, tmp_path / "copy")[0] == 0
+    with ckpt.Checkpointer(tmp_path / "copy") as ckptr:
+        assert [c.step for c in ckptr.checkpoints] == [0, 10, 20]
 
 
 class SavesItself:

@@ -8,6 +8,7 @@ the phases of a save; nothing asserts on timing. ``CKPT_SOAK_TRIALS=1000`` runs 
 from __future__ import annotations
 
 import collections
+import errno
 import os
 import random
 import re
@@ -23,8 +24,10 @@ import pytest
 import ckpt
 import ckpt.cli
 from ckpt import format as fmt
+from ckpt import storage
 from ckpt.path import step as step_lib
 from ckpt.training import Checkpointer
+from ckpt.training import preservation_policies as pp
 from tests import crash_worker, procs
 
 MODES = ("sync", "async", "mixed")
@@ -249,6 +252,35 @@ def test_a_save_killed_before_any_file_operation_of_its_commit_keeps_the_old_or_
                 assert listed in ([0], [0, 1]) and values[0] == [0.0] * 3, where
                 assert values.get(1, [1.0] * 3) == [1.0] * 3, where
             assert ckptr.save(step + 1, {"v": np.ones(3)}, force=True)
+
+
+def test_a_replaced_step_a_failed_removal_left_never_comes_back_once_its_step_is_deleted(tmp_path, monkeypatch,
+                                                                                          caplog):
+    """Without an atomic exchange (NFS), an overwrite sets the committed step aside (``5.ckpt-replaced``),
+    renames the new one into its name and removes the old one. A removal that failed (EBUSY: a file of it held
+    open, which NFS keeps as a .nfs file) left the old step under the set-aside name; once garbage collection
+    deleted step 5, the next Checkpointer put the old step back as step 5: a deleted step listed again, with
+    the values the overwrite had replaced."""
+    monkeypatch.setattr(storage, "rename_exchange", lambda a, b: False)
+    remove_owned = storage.remove_owned
+
+    def busy(directory):
+        if directory.name.startswith(f"5{fmt.REPLACED_SUFFIX}") and os.path.lexists(directory):
+            raise OSError(errno.EBUSY, "Device or resource busy", str(directory))
+        remove_owned(directory)
+
+    root = tmp_path / "root"
+    with Checkpointer(root, preservation_policy=pp.LatestN(1)) as ckptr:
+        ckptr.save(5, {"v": np.zeros(3)}, force=True)
+        with monkeypatch.context() as patched:
+            patched.setattr(storage, "remove_owned", busy)
+            ckptr.save(5, {"v": np.ones(3)}, force=True, overwrite=True)
+        assert "could not be removed" in caplog.text
+        ckptr.save(6, {"v": np.full(3, 6.0)}, force=True)  # garbage collection deletes step 5
+    with Checkpointer(root) as ckptr:
+        assert [c.step for c in ckptr.checkpoints] == [6], sorted(os.listdir(root))
+        ckptr.save(7, {"v": np.full(3, 7.0)}, force=True)  # its writer removes what the removal left
+    assert sorted(os.listdir(root)) == [fmt.LOCK, "6", "7"]
 
 
 def test_a_free_load_of_a_checkpoint_a_crash_left_set_aside_says_where_it_is(tmp_path):

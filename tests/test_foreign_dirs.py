@@ -7,13 +7,14 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import traceback
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import ckpt
-from ckpt import errors
+from ckpt import cli, errors
 from ckpt import format as fmt
 from ckpt.training import Checkpointer
 from ckpt.training import preservation_policies as pp
@@ -573,6 +574,78 @@ def test_a_child_forked_while_a_save_writes_does_not_keep_its_temporary_locked(t
     with Checkpointer(tmp_path, cleanup_tmp_directories=True):
         pass
     assert not tmp.exists()
+
+
+def _removes_its_manifest(entry: Path) -> None:
+    os.unlink(entry / fmt.MANIFEST)
+
+
+def _becomes_a_file(entry: Path) -> None:
+    shutil.rmtree(entry)
+    entry.write_text("the user's file now")
+
+
+def _is_removed(entry: Path) -> None:
+    shutil.rmtree(entry)
+
+
+# (what the user's directory holds, what another process does to it, and when: just before or after ckpt calls
+# the function named on it (within the function named last, if one is), so that the race lands between two of
+# ckpt's looks at the entry)
+_CHANGES = {
+    "its manifest removed as ckpt reads it": (fmt.MANIFEST, _removes_its_manifest, "ckpt.loading", "read_manifest",
+                                              "before", None),
+    "a file once ckpt found it a directory": (fmt.MANIFEST, _becomes_a_file, "ckpt.root", "_is_dir", "after", None),
+    "a file once ckpt looked for Orbax's files": (fmt.MANIFEST, _becomes_a_file, "ckpt.formats", "is_orbax", "after",
+                                                  None),
+    "removed once ckpt found no Orbax item in it": ("notes.txt", _is_removed, "ckpt.orbax.step", "_is_item", "after",
+                                                    "is_damaged_step"),  # (the command's question, once listed)
+}
+
+
+@pytest.mark.parametrize("change, name", [
+    ("its manifest removed as ckpt reads it", "7"), ("its manifest removed as ckpt reads it", "notes"),
+    ("a file once ckpt found it a directory", "7"), ("a file once ckpt found it a directory", f"8{fmt.TMP_SUFFIX}"),
+    ("a file once ckpt looked for Orbax's files", "notes"), ("removed once ckpt found no Orbax item in it", "7"),
+])
+def test_a_listing_goes_on_when_an_entry_ckpt_did_not_write_changes_while_it_is_looked_at(tmp_path, monkeypatch,
+                                                                                         capsys, change, name):
+    """A user's directory in the root (named like a step, a temporary or otherwise) removed, or replaced by a
+    file, by another process while ckpt looked at it made opening a Checkpointer raise InvalidLayoutError
+    ("not a checkpoint"), or NotADirectoryError, and ckpt ls and verify fail (exit status 1 or 2) naming the
+    user's entry: the listing now goes on, the entry skipped or listed as what it holds now."""
+    root = tmp_path / "root"
+    ckpt.save(root / "1", STATE)
+    entry = root / name
+    holds, how, module, function, when, during = _CHANGES[change]
+    owner = __import__(module, fromlist=[function])
+    real = getattr(owner, function)
+
+    def looked_at(path, *args, **kwargs):
+        changes = (Path(path) in (entry, entry / fmt.MANIFEST) and entry.is_dir() and not changed
+                   and (during is None or any(frame.name == during for frame in traceback.extract_stack())))
+        if changes and when == "before":
+            changed.append(how(entry))
+        found = real(path, *args, **kwargs)
+        if changes and when == "after":
+            changed.append(how(entry))
+        return found
+
+    runs = [lambda: cli.main(["ls", str(root)]), lambda: cli.main(["verify", str(root)])]
+    if name != "notes" and during is None:  # (a Checkpointer never looks at an entry not named like a step)
+        runs.append(lambda: Checkpointer(root).close())
+    for run in runs:
+        if os.path.lexists(entry):
+            shutil.rmtree(entry) if entry.is_dir() else os.unlink(entry)
+        entry.mkdir()
+        (entry / holds).write_text("{}")
+        changed: list = []
+        with monkeypatch.context() as patched:
+            patched.setattr(owner, function, looked_at)
+            assert run() in (None, 0), capsys.readouterr().err
+        assert changed
+    with Checkpointer(root) as ckptr:
+        assert [c.step for c in ckptr.checkpoints] == [1]
 
 
 @pytest.mark.parametrize("tiered", [False, True], ids=["one tier", "two tiers"])

@@ -374,6 +374,8 @@ CASES: dict[str, Case] = {
                        "tree", fmt.TREE),
     "a key whose kind is a list": Case(in_tree(lambda t: t["checkpointables"]["state"]["tree"]["k"][0].__setitem__(
         0, ["key"])), "tree", fmt.TREE),
+    "a dict's keys repeat a key": Case(in_tree(lambda t: t["checkpointables"]["state"]["tree"]["k"][1].__setitem__(
+        1, t["checkpointables"]["state"]["tree"]["k"][0][1])), "tree", fmt.TREE),  # (a load dropped a leaf)
     "a key of three parts": Case(in_tree(lambda t: t["checkpointables"]["state"]["tree"]["k"][0].append("x")),
                                  "tree", fmt.TREE),
     "every key an index, of a string": Case(in_tree(lambda t: [key.__setitem__(0, "idx") for key in

@@ -544,6 +544,25 @@ def test_a_committed_orbax_step_whose_metadata_is_damaged_is_reported_not_silent
     assert "holds step 0, which is damaged" in capsys.readouterr().err and not (tmp_path / "copy").exists()
 
 
+@pytest.mark.parametrize("file", ["metrics/metrics", "_CHECKPOINT_METADATA"])
+def test_an_orbax_step_whose_metrics_or_custom_metadata_nest_past_ckpts_limit_is_listed_as_damaged(orbax_runs,
+                                                                                                  tmp_path, file):
+    """Orbax's metrics (or custom metadata) nested 600 levels: ckpt ls and show ended with a RecursionError's
+    traceback (exit status 1), printing them level by level, and verify passed the step. ckpt's own manifests
+    may nest 64 levels; a step of Orbax's nested deeper is damaged as one of ckpt's would be."""
+    root = copy_run(orbax_runs, "v1", tmp_path)
+    deep = json.loads('{"a":' * 600 + "1" + "}" * 600)
+    doc = json.loads((root / "1" / file).read_text())
+    doc = deep if file == "metrics/metrics" else {**doc, "custom_metadata": deep}
+    (root / "1" / file).write_text(json.dumps(doc))
+    said = f"{root / '1'}: its {'metrics' if file == 'metrics/metrics' else 'custom_metadata'} nest deeper than the 64"
+    for argv, status in [(["ls", str(root)], 0), (["show", str(root), "1"], 1), (["verify", str(root)], 1)]:
+        result = procs.run_script(f"import sys; from ckpt import cli; sys.exit(cli.main({argv!r}))")
+        assert result.returncode == status and said in result.stdout + result.stderr, result.stdout + result.stderr
+    with ckpt.Checkpointer(root) as ckptr:
+        assert [c.step for c in ckptr.checkpoints] == [0]
+
+
 def test_a_symlink_in_an_orbax_item_is_refused(orbax_runs, tmp_path):
     root = copy_run(orbax_runs, "v1", tmp_path)
     (tmp_path / "elsewhere").write_text("{}")
@@ -552,6 +571,35 @@ def test_a_symlink_in_an_orbax_item_is_refused(orbax_runs, tmp_path):
     os.symlink(tmp_path / "elsewhere", target)
     with pytest.raises(errors.CheckpointCorruptedError, match="symlink"):
         ckpt.load(root / "1")
+
+
+READS_UNDER_A_MEMORY_CAP = """
+import resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (3 << 30, resource.getrlimit(resource.RLIMIT_AS)[1]))
+import ckpt
+from ckpt import cli
+try:
+    ckpt.load(sys.argv[1], checkpointable_name=sys.argv[2])
+except ckpt.errors.CheckpointCorruptedError as e:
+    print("load refused:", e)
+print("verify exit status", cli.main(["verify", sys.argv[1]]))
+"""
+
+
+@pytest.mark.parametrize("run, step, item, file", [
+    ("v1", "1", "state", "manifest.ocdbt"), ("v1", "1", "state", "ocdbt.process_0/manifest.ocdbt"),
+    ("named", "7", "model", "params.w/.zarray"), ("named", "7", "model", "params.w/0.0")])
+def test_a_file_of_an_orbax_item_too_large_to_read_is_refused_naming_it_not_an_abort(orbax_runs, tmp_path, run, step,
+                                                                                    item, file):
+    """tensorstore reads an OCDBT manifest, an array's metadata or a chunk (without OCDBT) whole, and aborts the
+    process when it cannot allocate that: one such file made sparse, 64 GiB, ended the load and ckpt verify with
+    SIGABRT ("Failed to allocate memory"), as no checksum seals Orbax's files."""
+    step_dir = copy_run(orbax_runs, run, tmp_path) / step
+    os.truncate(step_dir / item / file, 64 << 30)
+    result = procs.run_script(READS_UNDER_A_MEMORY_CAP, str(step_dir), item)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"load refused: {step_dir / item / file} is a file of {64 << 30} bytes" in result.stdout
+    assert "verify exit status 1" in result.stdout and "DAMAGED" in result.stdout
 
 
 @pytest.mark.parametrize("linked", ["metrics", "metadata"])
@@ -622,6 +670,24 @@ def test_an_orbax_item_ckpt_does_not_read_is_named_not_checked_by_verify_and_sho
     assert ckpt.load(root / "1", checkpointable_name="state")["params"]["w"].shape == (8, 3)
     with pytest.raises(errors.UnsupportedLayoutError, match="load the other checkpointables by name"):
         ckpt.load_checkpointables(root / "1")
+
+
+@pytest.mark.parametrize("file, metadata, said", [
+    ("1/_CHECKPOINT_METADATA", {"text": "a" * (17 << 20)}, "1: ckpt convert cannot store step 1 as it is: the metrics "
+                                                           "and custom metadata takes"),
+    ("metadata/_ROOT_METADATA", json.loads('{"a":' * 70 + "1" + "}" * 70), ": ckpt convert cannot store the root's "
+                                                                           "custom metadata as it is")])
+def test_ckpt_convert_of_orbax_custom_metadata_ckpt_cannot_store_exits_2_naming_it(orbax_runs, tmp_path, capsys, file,
+                                                                                  metadata, said):
+    """Orbax's custom metadata of a step larger than a ckpt manifest holds (16 MiB), or the root's nested past
+    the 64 levels ckpt stores: the convert printed the ValueError's traceback (exit status 1) once it reached
+    it, naming neither the step nor the run."""
+    root = copy_run(orbax_runs, "v1", tmp_path)
+    doc = json.loads((root / file).read_text())
+    (root / file).write_text(json.dumps({**doc, "custom_metadata": metadata}))
+    assert cli.main(["convert", str(root), str(tmp_path / "copy")]) == 2
+    assert f"{root}{'/' if said[0] != ':' else ''}{said}" in capsys.readouterr().err
+    assert not (tmp_path / "copy").exists()
 
 
 def test_ckpt_convert_copies_every_layout_keeping_names_metrics_times_and_empty_states(orbax_runs, tmp_path, capsys):

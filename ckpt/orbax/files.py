@@ -13,6 +13,8 @@ from ckpt import storage
 from ckpt.errors import CheckpointCorruptedError
 
 MAX_JSON_BYTES = 64 << 20  # Orbax's largest JSON file, _METADATA, takes ~300 bytes a leaf
+# What tensorstore reads whole to open an array: its zarr metadata, an OCDBT database's manifest (a few hundred bytes)
+METADATA_FILES = frozenset({".zarray", ".zattrs", ".zgroup", "zarr.json", "manifest.ocdbt"})
 
 
 def read_json(path: Path, step_dir: Path) -> Any:
@@ -40,16 +42,32 @@ def read_required_json(path: Path, step_dir: Path) -> Any:
                                        path=step_dir) from None
 
 
-def check_plain_tree(directory: Path, step_dir: Path) -> None:
+def check_plain_tree(directory: Path, step_dir: Path, budget: int) -> None:
     """Raises CheckpointCorruptedError when ``directory`` is, or holds, anything but plain files and
-    directories (a symlink could lead tensorstore's reads outside the step, a FIFO could hang them)."""
+    directories (a symlink could lead tensorstore's reads outside the step, a FIFO could hang them), or a
+    file larger than tensorstore can read: it reads each file whole (but an OCDBT database's data files,
+    ``d/``, by byte range), and aborts the process when it cannot allocate that. So an array's metadata or
+    a database's manifest (``METADATA_FILES``) over ``MAX_JSON_BYTES``, or a chunk over ``budget`` (what this
+    process may allocate), is refused, naming it."""
     if not is_plain_dir(directory):
         raise CheckpointCorruptedError(f"{directory} is not a plain directory", path=step_dir)
     try:
-        storage.regular_files(directory)
+        found = storage.regular_files(directory)
     except ValueError as e:
         raise CheckpointCorruptedError(f"{e}; an Orbax checkpoint never holds a symlink or a special file",
                                        path=step_dir) from None
+    for path in found:
+        limit = MAX_JSON_BYTES if path.name in METADATA_FILES else None if _is_ocdbt_data(path) else budget
+        size = os.lstat(path).st_size
+        if limit is not None and size > limit:
+            raise CheckpointCorruptedError(f"{path} is a file of {size} bytes, more than the {limit} ckpt reads "
+                                           f"there ({'metadata' if limit == MAX_JSON_BYTES else 'a chunk'} that "
+                                           "tensorstore reads whole)", path=step_dir)
+
+
+def _is_ocdbt_data(path: Path) -> bool:
+    """A data file of an OCDBT database (``<db>/d/<id>``, beside its ``manifest.ocdbt``), read by byte range."""
+    return path.parent.name == "d" and is_plain_file(path.parent.parent / "manifest.ocdbt")
 
 
 def is_plain_dir(path: Path) -> bool:

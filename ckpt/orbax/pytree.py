@@ -72,7 +72,8 @@ class PyTreeItem:
 
     def __init__(self, step_dir: Path, name: str, directory: Path, *, one_array: bool = False):
         self.step_dir, self.name, self.directory = step_dir, name, directory
-        files.check_plain_tree(directory, step_dir)
+        budget = _allocatable()
+        files.check_plain_tree(directory, step_dir, budget)
         metadata = files.read_required_json(directory / "_METADATA", step_dir)
         entries = metadata.get("tree_metadata") if isinstance(metadata, dict) else None
         if not isinstance(entries, dict):
@@ -94,7 +95,7 @@ class PyTreeItem:
         by_path = {tuple(k for _, k in keys): value for keys, value in found}
         self.metas: list[dict] = []
         self.stores: dict[int, ts.TensorStore] = {}
-        self._describe(leaf_paths, by_path)
+        self._describe(leaf_paths, by_path, budget)
         if one_array:
             node = self._unwrapped(node)
         self.doc = {"tree": tree_lib.to_json(node), "leaves": self.metas}
@@ -107,9 +108,9 @@ class PyTreeItem:
         self.metas[0]["path"] = tree_lib.keystr(())
         return tree_lib.LEAF
 
-    def _describe(self, leaf_paths: list[tree_lib.KeyPath], by_path: dict[tuple, dict]) -> None:
-        """Fills ``metas`` (opening every array, all at once) and ``stores``."""
-        strings, impls, opening, budget = None, self._key_impls(), {}, _allocatable()
+    def _describe(self, leaf_paths: list[tree_lib.KeyPath], by_path: dict[tuple, dict], budget: int) -> None:
+        """Fills ``metas`` (opening every array, all at once, each refused past ``budget`` bytes) and ``stores``."""
+        strings, impls, opening = None, self._key_impls(), {}
         placed = self._shardings()
         for i, path in enumerate(leaf_paths):
             value = by_path[tuple(k for _, k in path)]

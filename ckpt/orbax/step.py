@@ -53,9 +53,13 @@ def is_step(path: Any) -> bool:
         return True
     if files.is_plain_file(path / CHECKPOINT_METADATA):
         return not _never_committed(path)
+    try:
+        names = os.listdir(path)
+    except (FileNotFoundError, NotADirectoryError):  # removed, or replaced by a file, since it was looked at
+        return False
     return any(files.is_plain_dir(path / name) and _is_item(path / name, path)
                and not os.path.lexists(path / name / CHECKPOINT_METADATA)  # (a checkpoint of its own: path is a root)
-               for name in os.listdir(path))
+               for name in names)
 
 
 def is_temporary(name: str) -> bool:
@@ -154,13 +158,22 @@ def _step_metadata(step_dir: Path) -> dict:
 
 
 def info(step_dir: Path) -> dict:
-    """The step's metrics, times and custom metadata, under the names of ckpt's manifest."""
+    """The step's metrics, times and custom metadata, under the names of ckpt's manifest.
+
+    Raises:
+      CheckpointCorruptedError: its metadata cannot be read, or its metrics or custom metadata nest deeper
+        than ckpt's own manifests may (``fmt.MAX_JSON_DEPTH``), which ckpt's readers need not handle.
+    """
     data = _step_metadata(step_dir)
     metrics = data.get("metrics") or None
     try:
         metrics = files.read_json(step_dir / METRICS / METRICS, step_dir)
     except FileNotFoundError:
         pass
+    for key, value in (("metrics", metrics), ("custom_metadata", data.get("custom_metadata"))):
+        if not schema.nested_within(value, fmt.MAX_JSON_DEPTH):
+            raise CheckpointCorruptedError(f"{step_dir}: its {key} nest deeper than the {fmt.MAX_JSON_DEPTH} levels "
+                                           "ckpt reads", path=step_dir)
     commit = data.get("commit_timestamp_nsecs")
     if not schema.is_timestamp(commit):  # Orbax's own fallback: the directory's time
         commit = os.lstat(step_dir).st_mtime_ns

@@ -141,6 +141,7 @@ def run(this_rank: int, this_world: int, port: int, mode: str) -> None:
                 ckpt.save(f"{directory}-fsdp1-{rank}", {"w": empty(spec, 4, 2)})
             except TypeError as e:
                 say(f"rank {rank} refused: {e}")
+            dist.barrier()  # rank 0's process keeps the store the refusal's agreement reads last: it waits for rank 1
         elif mode == "load":
             model, optimizer = load_into_fresh_model(ckptr)
             check(model, optimizer, f"loaded step {ckptr.latest.step}")

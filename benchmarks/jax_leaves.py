@@ -16,11 +16,9 @@ load calls once per leaf. Each load's result is freed after its clock stops.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -29,6 +27,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import ckpt  # noqa: E402
+import standalone  # noqa: E402
 
 
 def measure(leaves: int, reps: int, root: Path) -> dict:
@@ -60,11 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=9)
     parser.add_argument("--out", type=Path, default=Path("bench-results/jax_leaves.json"))
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="ckpt-jax-leaves-") as scratch:
-        result = measure(args.leaves, args.reps, Path(scratch) / "root")
-    result["environment"] = {"jax": jax.__version__, "cpus": os.cpu_count(), "load_average": os.getloadavg()}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
+    result = standalone.measure_into(args.out, lambda root: measure(args.leaves, args.reps, root), "ckpt-jax-leaves-",
+                                     jax=jax.__version__)
     print(f"{args.leaves} jax leaves: load into eval_shape {statistics.median(result['load_jax_s']):.3f} s, "
           f"into numpy {statistics.median(result['load_numpy_s']):.3f} s; jax / numpy {result['ratio']:.2f} "
           f"(pairs {result['ratio_range'][0]:.2f}-{result['ratio_range'][1]:.2f}; target <= 1.5); jax's part "

@@ -16,11 +16,9 @@ over numpy (the ratio of the medians), near 1.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -31,6 +29,7 @@ import numpy as np  # noqa: E402
 
 import ckpt  # noqa: E402
 import memory  # noqa: E402
+import standalone  # noqa: E402
 
 
 def measure(mib: int, reps: int, root: Path) -> dict:
@@ -78,11 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("bench-results/sharded_save.json"))
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="ckpt-sharded-save-") as scratch:
-        result = measure(args.mib, args.reps, Path(scratch) / "root")
-    result["environment"] = {"jax": jax.__version__, "cpus": os.cpu_count(), "load_average": os.getloadavg()}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
+    result = standalone.measure_into(args.out, lambda root: measure(args.mib, args.reps, root), "ckpt-sharded-save-",
+                                     jax=jax.__version__)
     seconds = {key: statistics.median(values) for key, values in result["seconds"].items()}
     peaks, ratio = result["peak_ratio"], result["time_ratio"]
     print(f"{result['state_bytes'] >> 20} MiB over 8 CPU devices: sync save "

@@ -277,17 +277,22 @@ class FailsOnRank1:
     """A checkpointable whose save fails on rank 1 (its disk is full; or ``at_start``, in the part of the
     save its caller waits for) and writes a file on the others."""
 
+    odd_rank = 1
+
     def __init__(self, at_start: bool = False):
         self.at_start = at_start
 
+    def odd_write(self) -> None:
+        raise OSError(f"disk full on rank {rank}")
+
     async def save(self, directory):
-        if self.at_start and rank == 1:
+        if self.at_start and rank == self.odd_rank:
             raise ValueError(f"no snapshot on rank {rank}")
         path = await directory.await_creation()
 
         async def write():
-            if rank == 1:
-                raise OSError(f"disk full on rank {rank}")
+            if rank == self.odd_rank:
+                self.odd_write()
             (path / f"rank_{rank}").write_text("written")
         return write()
 
@@ -319,23 +324,14 @@ def failing_saves(ckptr: Checkpointer) -> None:
     say(f"rank {rank} steps {[c.step for c in ckptr.checkpoints]}")
 
 
-class StopsRank0:
+class StopsRank0(FailsOnRank1):
     """A checkpointable whose write ends rank 0's process at once (as a SIGKILL would; exit status 0, so
     that the job lets the other rank go on) and writes a file on the others."""
 
-    async def save(self, directory):
-        path = await directory.await_creation()
+    odd_rank = 0
 
-        async def write():
-            if rank == 0:
-                os._exit(0)
-            (path / f"rank_{rank}").write_text("written")
-        return write()
-
-    async def load(self, directory):
-        async def read():
-            pass
-        return read()
+    def odd_write(self) -> None:
+        os._exit(0)
 
 
 def rank_0_stops(ckptr: Checkpointer) -> None:

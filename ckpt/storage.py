@@ -759,7 +759,10 @@ def _remove_replaced(step_dir: Path, *, set_aside: bool = False) -> None:
     renamed to a deletion's name first): what a failed removal leaves is never put back as the step once the
     new one is deleted."""
     try:
-        delete_dir(step_dir) if set_aside else remove_owned(step_dir)
+        if set_aside:
+            delete_dir(step_dir)
+        else:
+            remove_owned(step_dir)
     except OSError as e:
         logger.warning("ckpt: the step was committed, but the one it replaced could not be removed from %s: %s",
                        step_dir, e)

@@ -501,7 +501,7 @@ def _restore_keys(jax: Any, meta: dict, read: Reader, impl: str, sharding: Any) 
     if not isinstance(sharding, jax.sharding.NamedSharding):
         keys = _wrap_key(jax, meta, read(None), impl)
         return keys if sharding is None else jax.device_put(keys, sharding)
-    data = jax.make_array_from_callback(tuple(meta["shape"]), sharding, read, dtype=parse_dtype(meta["dtype"]))
+    data = _from_callback(jax, meta, sharding, read, parse_dtype(meta["dtype"]))
     return _wrap_key(jax, meta, data, impl, sharding)
 
 
@@ -565,9 +565,17 @@ def _restore_jax(meta: dict, read: Reader, abstract: Any, jax: Any, to_device: t
     if sharding is None:
         array = jax.device_put(read(None).astype(dtype, copy=False))
     else:
-        array = jax.make_array_from_callback(tuple(meta["shape"]), sharding,  # (dtype: for a process holding none)
-                                             lambda index: read(index).astype(dtype, copy=False), dtype=dtype)
+        array = _from_callback(jax, meta, sharding, lambda index: read(index).astype(dtype, copy=False), dtype)
     return _weakly_typed(array) if weak else array
+
+
+def _from_callback(jax: Any, meta: dict, sharding: Any, read: Callable[[Any], Any], dtype: np.dtype) -> Any:
+    """``jax.make_array_from_callback`` of a saved leaf (``meta``) for ``sharding``, given ``dtype`` where this
+    process holds no device of it (jax cannot take it from a shard then; older jax, which the flax extra
+    allows, has no such argument, and needs none elsewhere)."""
+    if sharding.addressable_devices:
+        return jax.make_array_from_callback(tuple(meta["shape"]), sharding, read)
+    return jax.make_array_from_callback(tuple(meta["shape"]), sharding, read, dtype=dtype)
 
 
 def _weakly_typed(array: Any) -> Any:

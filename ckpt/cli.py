@@ -126,17 +126,41 @@ def _select(directory: storage.Location, step: int | None) -> list[_Step]:
         if step is not None:
             raise UsageError(f"{directory} is one checkpoint; drop the STEP argument")
         return [_read_step(directory)]
-    steps, checkpoints, _ = _scan(directory)
+    steps, checkpoints, others = _scan(directory)
+    set_aside = _set_aside(others)
     if step is None:
         latest = _latest(steps)
         if latest is None:
-            raise UsageError(f"no checkpoints in {directory}{_unnumbered(checkpoints)}")
+            raise UsageError(f"no checkpoints in {directory}{_unnumbered(checkpoints)}{_put_back(set_aside)}")
+        _note_set_aside(set_aside, "listed")
         return [latest]
     found = [s for s in steps if s.step == step]
     if not found:
         raise UsageError(f"no checkpoint at step {step} in {directory} (steps: {[s.step for s in steps]})"
-                         f"{_unnumbered(checkpoints)}")
+                         f"{_unnumbered(checkpoints)}{_put_back(set_aside)}")
     return found
+
+
+def _set_aside(others: list[root_lib.Entry]) -> list[tuple[root_lib.Entry, Path]]:
+    """Of the entries :func:`_scan` did not list, the steps set aside by a save with ``overwrite=True`` that a
+    crash interrupted (``5.ckpt-replaced``), each with the name a Checkpointer opened on the root puts it back as."""
+    found = [(e, storage.set_aside_step(e.path)) for e in others if e.kind in root_lib.REMOVABLE]
+    return [(e, final) for e, final in found if final is not None]
+
+
+def _put_back(set_aside: list[tuple[root_lib.Entry, Path]]) -> str:
+    """What to say of the steps set aside in a root: which, and that a Checkpointer opened on it puts them back."""
+    if not set_aside:
+        return ""
+    names = ", ".join(f"{final.name} (as {e.path.name})" for e, final in set_aside)
+    return (f"; set aside by a save with overwrite=True that a crash interrupted, not listed until a Checkpointer "
+            f"opened on the root puts them back: {names}")
+
+
+def _note_set_aside(set_aside: list[tuple[root_lib.Entry, Path]], done: str) -> None:
+    """Tells (on stderr) of the steps set aside in the root a command went through, which it has not ``done``."""
+    if set_aside:
+        _print(f"ckpt: note: not {done}{_put_back(set_aside)}", file=sys.stderr)
 
 
 def _unnumbered(checkpoints: list[_Step]) -> str:
@@ -277,10 +301,11 @@ def ls(directory: storage.Location, *, as_json: bool, local: Path | None = None)
         "error": s.error,
         **({} if held_by is None else {"tiers": held_by[i]}),
     } for i, s in enumerate(steps)]
-    removable = [(e, storage.set_aside_step(e.path)) for e in others if e.kind in root_lib.REMOVABLE]
-    temps = [{"path": str(e.path), "disk_bytes": _disk_bytes(e.path)} for e, final in removable if final is None]
-    set_aside = [{"path": str(e.path), "name": final.name, "disk_bytes": _disk_bytes(e.path)}
-                 for e, final in removable if final is not None]
+    aside = _set_aside(others)
+    aside_paths = {e.path for e, _ in aside}
+    temps = [{"path": str(e.path), "disk_bytes": _disk_bytes(e.path)}
+             for e in others if e.kind in root_lib.REMOVABLE and e.path not in aside_paths]
+    set_aside = [{"path": str(e.path), "name": final.name, "disk_bytes": _disk_bytes(e.path)} for e, final in aside]
     foreign = [{"path": str(e.path), "holds": e.holds} for e in others if e.kind is root_lib.Kind.FOREIGN]
     if as_json:
         _print_json({"directory": str(directory), "latest": None if latest is None else latest.step,
@@ -385,9 +410,11 @@ def verify(directory: storage.Location, step: int | None, *, as_json: bool) -> i
     checkpoints: list[_Step] = []
     every = step is None and not _is_step_dir(directory)
     if every:
-        targets, checkpoints, _ = _scan(directory)
+        targets, checkpoints, others = _scan(directory)
+        set_aside = _set_aside(others)
         if not targets:
-            raise UsageError(f"no checkpoints in {directory}{_unnumbered(checkpoints)}")
+            raise UsageError(f"no checkpoints in {directory}{_unnumbered(checkpoints)}{_put_back(set_aside)}")
+        _note_set_aside(set_aside, "checked")
     else:
         targets = _select(directory, step)
     results, gone = [], []

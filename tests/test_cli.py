@@ -594,6 +594,24 @@ def test_convert_of_a_root_holding_a_damaged_step_of_ckpts_stops_before_writing(
     assert not (tmp_path / "copy").exists()
 
 
+def test_show_and_verify_of_a_root_name_a_step_a_crash_left_set_aside_which_they_did_not_read(root, capsys):
+    """Step 20 set aside (20.ckpt-replaced, the root's latest once a Checkpointer puts it back): ckpt show
+    of the root showed step 10 as if it were the latest, ckpt verify checked 0 and 10 and said all was ok,
+    and show of step 20 said there was no such step, none of them mentioning it."""
+    os.rename(root / "20", root / ("20" + fmt.REPLACED_SUFFIX))  # as the crash leaves it (marked, as every step)
+    note = f"20 (as 20{fmt.REPLACED_SUFFIX})"
+    status, out, err = run_cli(capsys, "show", root)
+    assert status == 0 and "step 10" in out and "not listed" in err and note in err and "puts them back" in err
+    status, out, err = run_cli(capsys, "verify", root)
+    assert status == 0 and "2 of 2 steps ok" in out and "not checked" in err and note in err
+    status, _, err = run_cli(capsys, "show", root, "20")
+    assert status == 2 and "no checkpoint at step 20" in err and note in err
+    with ckpt.Checkpointer(root):  # puts it back
+        pass
+    status, out, err = run_cli(capsys, "verify", root)
+    assert status == 0 and "3 of 3 steps ok" in out and "set aside" not in err
+
+
 def test_convert_of_a_root_whose_step_a_crash_left_set_aside_stops_before_writing_saying_what_to_do(root, tmp_path,
                                                                                                    capsys):
     """A commit with overwrite=True killed between its two renames (no atomic exchange) leaves step 20 as

@@ -26,6 +26,12 @@ def is_step(path: storage.Location) -> bool:
     return (path / fmt.MANIFEST).exists() or orbax.is_step(path)
 
 
+def has_step_files(path: Path) -> bool:
+    """Whether the local ``path`` holds the files of a step directory of either format, committed or not:
+    ckpt's manifest.json beside its tree.json, or Orbax's (see :func:`ckpt.orbax.has_step_files`). A few stats."""
+    return (os.path.isfile(path / fmt.MANIFEST) and os.path.isfile(path / fmt.TREE)) or orbax.has_step_files(path)
+
+
 def _by_orbax(step_dir: storage.Location) -> bool:
     """A step Orbax wrote: asked only of directories without ckpt's manifest (a root's listing asks for
     every step)."""

@@ -267,16 +267,37 @@ def check_outside_temporaries(directory: storage.Location, what: str) -> None:
                          "removes, with what was saved in it; choose another directory")
 
 
+def check_outside_steps(directory: storage.Location, what: str) -> None:
+    """Checks that the local ``directory`` (``what`` it is to be, for the error) neither is nor lies in a
+    checkpoint's step directory (ckpt's or Orbax's, see :func:`ckpt.formats.has_step_files`): a root opened
+    on a step instead of on the directory holding it would write its steps and its lock into that step.
+    (On an object store, where that asks the store before the root's first error, it is not checked.)
+
+    Raises:
+      RootDirectoryError: it is or does, with the step named.
+    """
+    named = (directory, *directory.parents) if isinstance(directory, Path) else ()
+    step = next((p for p in named if formats.has_step_files(p)), None)
+    if step is not None:
+        where = "is" if step == directory else f"lies in {step}, which is"
+        raise RootDirectoryError(
+            f"{directory} cannot be {what}: it {where} a checkpoint (a step directory), and what is saved there "
+            f"would be written into that checkpoint. Pass the directory that holds the steps ({step.parent} for "
+            "this one), or another one.", path=directory)
+
+
 def make(directory: storage.Location, *, mode: int | None = None, what: str = "a checkpoint root") -> None:
     """Creates a root directory (with its parents) when it is missing; ``what`` it is, for the error.
 
     Raises:
       ValueError: the path is, or lies in, a directory named like a temporary of ckpt's (see
         :func:`check_outside_temporaries`).
-      RootDirectoryError: the path is a file, lies under one or under a symbolic link loop, or this
+      RootDirectoryError: the path is, or lies in, a checkpoint's step directory (see
+        :func:`check_outside_steps`), is a file, lies under one or under a symbolic link loop, or this
         process may not create it.
     """
     check_outside_temporaries(directory, what)
+    check_outside_steps(directory, what)
     try:
         with storage.writing_to(directory):
             storage.make_dir(directory, mode=mode)

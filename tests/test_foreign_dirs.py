@@ -658,3 +658,26 @@ def test_on_s3_the_leftover_of_a_crashed_save_of_a_step_does_not_stop_the_next_s
         assert ckptr.save(7, STATE, force=True)
         ckptr.wait()
         np.testing.assert_array_equal(ckpt.load(f"{bucket}/7")["w"], STATE["w"])
+
+
+@pytest.mark.parametrize("way", ["Checkpointer", "ckpt.save", "ckpt.save_async"])
+@pytest.mark.parametrize("where", ["the step", "a directory in it"])
+def test_a_root_or_checkpoint_opened_on_a_committed_step_is_refused_before_writing_into_it(tmp_path, way, where):
+    """The step's directory passed instead of the root's: its steps, its lock (and a free save's checkpoint)
+    would be written into what was committed."""
+    with Checkpointer(tmp_path / "root") as ckptr:
+        ckptr.save(5, STATE)
+    step = tmp_path / "root" / "5"
+    path = step if where == "the step" else step / "sub" / "dir"
+    target = path if way == "Checkpointer" else path / "model"
+    before = fsutil.snapshot(tmp_path)
+    with pytest.raises(errors.RootDirectoryError) as info:
+        if way == "Checkpointer":
+            Checkpointer(path)
+        else:
+            getattr(ckpt, way.split(".")[1])(target, STATE)
+    message = str(info.value)
+    assert "a checkpoint (a step directory)" in message and f"({step.parent} for this one)" in message
+    assert message.startswith(str(target if way == "Checkpointer" else target.parent))
+    assert fsutil.snapshot(tmp_path) == before
+    np.testing.assert_array_equal(ckpt.load(step)["w"], STATE["w"])

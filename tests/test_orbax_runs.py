@@ -98,6 +98,18 @@ def test_orbax_steps_the_name_format_does_not_name_are_reported_not_silently_ski
     assert "step_0003, step_0005" in caplog.text and "step_name_format" in caplog.text
 
 
+@pytest.mark.parametrize("where", ["step", "item"])
+def test_a_checkpointer_opened_on_an_orbax_step_or_item_is_refused_before_writing_into_it(orbax_runs, tmp_path, where):
+    """The step's directory (or one of its items) passed instead of the root's: a save would write into
+    what Orbax committed."""
+    run = copy_run(orbax_runs, "v1", tmp_path)
+    path = run / "1" if where == "step" else run / "1" / "state"
+    before = sorted((str(p), p.stat().st_mtime_ns) for p in run.rglob("*"))
+    with pytest.raises(errors.RootDirectoryError, match=f"it (is|lies in {run / '1'}, which is) a checkpoint"):
+        ckpt.Checkpointer(path)
+    assert sorted((str(p), p.stat().st_mtime_ns) for p in run.rglob("*")) == before
+
+
 # -------------------------------------------------------------------------------------- loading
 def test_v1_checkpointables_load_bit_for_bit_as_saved_and_into_abstract_trees(orbax_runs):
     with ckpt.Checkpointer(orbax_runs / "v1") as ckptr:

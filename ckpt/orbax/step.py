@@ -62,6 +62,12 @@ def is_step(path: Any) -> bool:
                for name in names)
 
 
+def has_step_files(path: Path) -> bool:
+    """Whether ``path`` holds the files Orbax gives a step directory (``_CHECKPOINT_METADATA`` or
+    ``commit_success.txt``), committed or not: two stats, where :func:`is_step` may list the directory."""
+    return files.is_plain_file(path / CHECKPOINT_METADATA) or files.is_plain_file(path / COMMIT_SUCCESS)
+
+
 def is_temporary(name: str) -> bool:
     """Whether ``name`` is one Orbax gives a save while it writes it (``10.orbax-checkpoint-tmp``; before
     Orbax 0.11 with a time after it): a directory so named in a root is a save a crash interrupted."""

@@ -10,7 +10,7 @@ scheduler's wrapper) still sees the signal. When the previous handler is the def
   step instead of stopping (it never asks ``reached_preemption``) is ended there, once the step is
   saved, as the SIGTERM would have ended it (:func:`end_deferred_sigterm`);
   A SIGTERM deferred after the loop's last save decision, for which no step is saved, is acted on when
-  the loop's Checkpointer closes (:func:`end_unserved_sigterm`);
+  the loop's Checkpointer closes (:func:`end_unserved_sigterm`), or when the interpreter exits;
 - else (a script that only reads checkpoints, a Checkpointer closed, a policy that never saves on a
   preemption) SIGTERM terminates at once, as it would without ckpt.
 
@@ -28,6 +28,7 @@ Example::
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import signal
@@ -173,6 +174,16 @@ def end_unserved_sigterm() -> None:
         _terminate()
 
 
+def _end_at_exit() -> None:
+    """At the interpreter's exit (after the saves still writing are finished), :func:`end_unserved_sigterm`
+    of a script that ended without closing its Checkpointer: its exit status is SIGTERM's, not 0, which
+    a scheduler would take for a job that finished. An exception that ended the script keeps its status
+    (as when it leaves a Checkpointer's ``with`` block)."""
+    if getattr(sys, "last_value", None) is None:  # (set by the interpreter for the exception it reports)
+        _listening.clear()
+        end_unserved_sigterm()
+
+
 def _terminate() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.raise_signal(signal.SIGTERM)
@@ -233,4 +244,5 @@ def install() -> None:
         return
     _previous = current
     signal.signal(signal.SIGTERM, _handler)
+    atexit.register(_end_at_exit)
     _installed = True

@@ -119,6 +119,28 @@ def test_a_sigterm_after_the_last_save_decision_terminates_once_the_checkpointer
         assert ckptr.latest.step == 3
 
 
+NEVER_CLOSED = """
+import os, signal, sys
+import numpy as np
+import ckpt
+ckptr = ckpt.Checkpointer(sys.argv[1])
+for step in range(3):
+    ckptr.save(step, {"w": np.full(1 << 20, step, np.float32)})
+os.kill(os.getpid(), signal.SIGTERM)   # after the last save decision (a final evaluation, say)
+print("the script ends without close()", flush=True)
+"""
+
+
+def test_a_sigterm_after_the_last_save_decision_of_a_script_that_never_closes_ends_it_at_exit(tmp_path):
+    """It was swallowed: the script exited with status 0, which a scheduler takes for a job that finished
+    (and does not requeue). The saves still writing are finished first."""
+    out = procs.run_script(NEVER_CLOSED, str(tmp_path))
+    assert out.returncode == -signal.SIGTERM and "the script ends without close()" in out.stdout, out
+    with Checkpointer(tmp_path) as ckptr:
+        assert [c.step for c in ckptr.checkpoints] == [0, 1, 2]
+        np.testing.assert_array_equal(ckptr.load(2)["w"], np.full(1 << 20, 2, np.float32))
+
+
 SERVED_THEN = """
 import os, signal, sys
 import numpy as np

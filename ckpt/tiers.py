@@ -296,13 +296,15 @@ class LocalTier:
         that failed since the last save, ``wait`` or ``close`` is raised first, before anything is written,
         as a failed save is. The durable tier is not asked here about a promotion the policies chose (an
         object store out of reach for a while must not stop the local saves); one asked for (``force``,
-        ``overwrite``) is refused here, before anything is written, where the durable root cannot take it.
+        ``overwrite``) is refused here, before anything is written, where the durable root cannot take it. A step
+        to promote is saved only once this process is the durable root's writer (:meth:`_take_durable`).
         """
         self._durable.writer.raise_failure()
         if not self._recovered:
             self._recover(step)
         promote = force or preempted or self._decided == (step, True)
         if promote:  # kept locally until copied
+            self._take_durable()
             if force or overwrite:  # asked for: refused before anything is written (the promotion checks again)
                 final = self._durable.step_dir(step)
                 root.check_target(final, storage.temporary_for(final), step=step, overwrite=overwrite)
@@ -335,7 +337,6 @@ class LocalTier:
         newer than the durable latest. Called once, at this writer's first save: it then becomes the durable
         root's writer, and sweeps the interrupted promotion's leftovers (a Checkpointer that only reads writes
         nothing). Not with several processes, whose local tiers would have to hold the same step."""
-        self._recovered = True
         durable = self._durable.checkpoints()
         latest = durable[-1].step if durable else -1
         newer = [c for c in self.checkpointer.checkpoints if c.step > latest and c.step != saving]
@@ -343,6 +344,9 @@ class LocalTier:
         if save_decision_policies.decides_by_step_numbers(policy):
             context = save_decision_policies.DecisionContext()
             newer = [c for c in newer if policy.should_save(c, durable, context=context)]
+        if newer:
+            self._take_durable()  # (raised before anything is written; asked again at the next save)
+        self._recovered = True
         if not newer:
             return
         step = newer[-1].step
@@ -355,15 +359,27 @@ class LocalTier:
     def _submit(self, step: int, local: background.AsyncResponse[bool], *, preempted: bool, overwrite: bool,
                 replaceable: bool) -> background.AsyncResponse[bool]:
         """Queues the promotion of ``step``, which runs once ``local`` (its local save) is committed; the
-        caller has added ``step`` to the steps kept locally until promoted."""
-        if self._durable.processes.index == 0:
-            self._durable.take()
+        caller has taken the durable root (:meth:`_take_durable`) and added ``step`` to the steps kept locally
+        until promoted."""
         barrier = self._durable.operation(f"promote/{step}")  # named here: every process counts its calls alike
         promotion = self._enqueue(step, replaceable=replaceable)
         response = self._durable.writer.submit(lambda: self._promote(promotion, local, preempted, barrier, overwrite))
         if preempted:
             self._deadline = (step, time.monotonic() + self._options.grace_period_secs, response)
         return response
+
+    def _take_durable(self) -> None:
+        """Becomes the durable root's writer (its lock; the first time, its sweep) before a step to promote is
+        saved locally: a durable root this process cannot write (read-only, another writer's) raises before
+        anything is written, not after the local save, which would leave the step kept locally for a
+        promotion that never runs.
+
+        Raises:
+          DirectoryLockedError: another writer holds the durable root.
+          RootDirectoryError: this process may not write there.
+        """
+        if self._durable.processes.index == 0:
+            self._durable.take()
 
     def _enqueue(self, step: int, *, replaceable: bool) -> _Promotion:
         """A promotion of ``step``, to queue behind the one running: it replaces the replaceable promotion still

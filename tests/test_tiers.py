@@ -612,3 +612,22 @@ def test_a_promotion_the_policies_chose_leaves_the_durable_tier_to_the_backgroun
         ckptr.save(5, {"w": np.full(2, 5)}, force=True)
         assert asked[before] and not any(asked[before + 1:])
         assert steps_in(tmp_path / "durable") == [0, 2, 5]
+
+
+def test_a_step_to_promote_to_a_durable_root_another_writer_holds_is_refused_before_it_is_saved_locally(tmp_path):
+    """The durable root was taken only after the local save: the save raised DirectoryLockedError (or, on a
+    read-only durable root, RootDirectoryError) with the step committed locally all the same, and kept there
+    for ever for a promotion that never ran (LatestN(2) left every such step on the local disk)."""
+    local = ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1))
+    with ckpt.Checkpointer(tmp_path / "durable") as other_writer:
+        other_writer.save(0, {"w": np.zeros(2)})
+        with ckpt.Checkpointer(tmp_path / "durable", save_decision_policy=sdp.FixedIntervalPolicy(3),
+                               local=local) as ckptr:
+            for step in range(1, 8):
+                if step % 3:
+                    ckptr.save(step, {"w": np.full(2, step)})
+                    continue
+                with pytest.raises(errors.DirectoryLockedError, match="being written by another Checkpointer"):
+                    ckptr.save(step, {"w": np.full(2, step)})
+            assert steps_in(tmp_path / "local") == [5, 7]  # was: [3, 6, 7], each refused step saved and kept
+            assert steps_in(tmp_path / "durable") == [0]

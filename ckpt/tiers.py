@@ -13,9 +13,10 @@ step the durable policy also wants is then *promoted*: its committed local direc
 durable root on the durable tier's background writer, and committed there (on an object store its
 manifest, copied last, is the commit record). The loop never waits for a promotion. One runs at a time
 and at most one waits: a newer one replaces the waiting one, whose step stays an ordinary local step
-(forced and preemption saves are never replaced; they replace a waiting one and wait behind the one
-running). The local preservation policy keeps a step until its promotion is done, when the policy is
-applied again (so ``wait()`` leaves each tier holding what its policy keeps).
+(forced and preemption saves, and overwrites of a step the durable tier holds, which replace its durable
+copy too, are never replaced; they replace a waiting one and wait behind the one running). The local
+preservation policy keeps a step until its promotion is done, when the policy is applied again (so
+``wait()`` leaves each tier holding what its policy keeps).
 
 Restore (``load`` with no step) takes the newest step of either tier; a step in both is read from the
 local tier. Loading checks every checksum, so a damaged or vanished local step falls back to the
@@ -290,7 +291,8 @@ class LocalTier:
     # ------------------------------------------------------------------------------ saving
     def save(self, step: int, checkpointables: dict[str, Any], *, force: bool, overwrite: bool, blocking: bool,
              preempted: bool, metrics: Any, custom_metadata: Any) -> background.AsyncResponse[bool]:
-        """Saves ``step`` locally and promotes it when the durable tier wants it (``force``: both tiers).
+        """Saves ``step`` locally and promotes it when the durable tier wants it (``force``: both tiers; an
+        ``overwrite`` of a step the durable tier holds: both, never replaced by a newer promotion).
         Called after a positive decision of either tier (or with ``force``). ``preempted``: ``step`` is the
         step at which the preemption was seen (only that one; later steps follow the policies). A promotion
         that failed since the last save, ``wait`` or ``close`` is raised first, before anything is written,
@@ -302,7 +304,9 @@ class LocalTier:
         self._durable.writer.raise_failure()
         if not self._recovered:
             self._recover(step)
-        promote = force or preempted or self._decided == (step, True)
+        # an overwrite replaces the durable copy too: left there, it would be restored once the local copy is gone
+        replaces_durable = overwrite and any(c.step == step for c in self._durable.checkpoints())
+        promote = force or preempted or replaces_durable or self._decided == (step, True)
         if promote:  # kept locally until copied
             self._take_durable()
             if force or overwrite:  # asked for: refused before anything is written (the promotion checks again)
@@ -324,7 +328,8 @@ class LocalTier:
         if not promote:
             return local
         response = self._submit(step, local, preempted=preempted, overwrite=overwrite,
-                                replaceable=not (force or preempted) and self._durable.processes.count == 1)
+                                replaceable=not (force or preempted or replaces_durable)
+                                and self._durable.processes.count == 1)
         if blocking:
             return background.finished(response.result())
         return response

@@ -631,3 +631,20 @@ def test_a_step_to_promote_to_a_durable_root_another_writer_holds_is_refused_bef
                     ckptr.save(step, {"w": np.full(2, step)})
             assert steps_in(tmp_path / "local") == [5, 7]  # was: [3, 6, 7], each refused step saved and kept
             assert steps_in(tmp_path / "durable") == [0]
+
+
+def test_an_overwrite_of_a_step_the_durable_tier_holds_replaces_its_durable_copy_too(tmp_path):
+    """overwrite=True of a step on both tiers, which the durable policy does not choose, replaced the local copy
+    only: once the local copy was gone (a new machine, a damaged local step) the old values were restored."""
+    local = ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1))
+    with ckpt.Checkpointer(tmp_path / "durable", save_decision_policy=sdp.FixedIntervalPolicy(5), local=local) as ckptr:
+        ckptr.save(4, {"w": np.full(2, 4)}, force=True)
+        ckptr.save(6, {"w": np.full(2, 6)})  # the local tier only
+        assert ckptr.save(4, {"w": np.full(2, 40)}, overwrite=True)
+        ckptr.save(6, {"w": np.full(2, 60)}, overwrite=True)
+        ckptr.wait()
+        assert [(c.step, sorted(c.locations)) for c in ckptr.checkpoints] == [
+            (4, ["durable", "local"]), (6, ["local"])]
+    shutil.rmtree(tmp_path / "local")  # a new machine
+    with ckpt.Checkpointer(tmp_path / "durable", local=local) as ckptr:
+        assert ckptr.load(4)["w"][0] == 40  # was: 4, the values the overwrite replaced

@@ -299,11 +299,14 @@ class LocalTier:
         as a failed save is. The durable tier is not asked here about a promotion the policies chose (an
         object store out of reach for a while must not stop the local saves); one asked for (``force``,
         ``overwrite``) is refused here, before anything is written, where the durable root cannot take it. A step
-        to promote is saved only once this process is the durable root's writer (:meth:`_take_durable`).
+        to promote is saved only once this process is the durable root's writer (:meth:`_take_durable`). An
+        ``overwrite`` of a step whose promotion is queued or running waits for the promotions first.
         """
         self._durable.writer.raise_failure()
         if not self._recovered:
             self._recover(step)
+        if overwrite and step in self._promoting:  # its promotion would copy the local step while it is replaced
+            self._durable.writer.wait(self._durable.timeout_secs)
         # an overwrite replaces the durable copy too: left there, it would be restored once the local copy is gone
         replaces_durable = overwrite and any(c.step == step for c in self._durable.checkpoints())
         promote = force or preempted or replaces_durable or self._decided == (step, True)

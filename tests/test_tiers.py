@@ -648,3 +648,35 @@ def test_an_overwrite_of_a_step_the_durable_tier_holds_replaces_its_durable_copy
     shutil.rmtree(tmp_path / "local")  # a new machine
     with ckpt.Checkpointer(tmp_path / "durable", local=local) as ckptr:
         assert ckptr.load(4)["w"][0] == 40  # was: 4, the values the overwrite replaced
+
+
+def test_an_overwrite_of_a_step_being_promoted_waits_so_that_the_promotion_copies_one_whole_step(tmp_path, monkeypatch):
+    """The promotion of step 4 copied its local files while save(4, overwrite=True) replaced them: the durable
+    step it committed held the old arrays and the new tree.json, damaged (listed, not loadable) until the
+    overwrite's own promotion replaced it, and for good when the process died first."""
+    reading, released, read = threading.Event(), threading.Event(), tiers._read
+
+    def held_read(path):
+        data = read(path)
+        if "arrays" in path.parts and not reading.is_set():  # the old array copied; the rest of the step next
+            reading.set()
+            assert released.wait(60), "the test never released the promotion"
+        return data
+
+    durable_copies, copy_step = [], tiers._copy_step
+
+    def copy_and_load(source, final, *args, **kwargs):
+        copied = copy_step(source, final, *args, **kwargs)
+        durable_copies.append(ckpt.load(final)["w"][0])  # was: CheckpointCorruptedError for the first
+        return copied
+
+    monkeypatch.setattr(tiers, "_read", held_read)
+    monkeypatch.setattr(tiers, "_copy_step", copy_and_load)
+    local = ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1))
+    with ckpt.Checkpointer(tmp_path / "durable", save_decision_policy=sdp.FixedIntervalPolicy(4), local=local) as ckptr:
+        ckptr.save_async(4, {"w": np.full(300_000, 4, np.float32)})
+        assert reading.wait(60)
+        threading.Timer(0.5, released.set).start()
+        ckptr.save(4, {"w": np.full(300_000, 40, np.float32)}, overwrite=True)  # waits for step 4's promotion
+        ckptr.wait()
+    assert durable_copies == [4, 40]

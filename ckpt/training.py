@@ -401,7 +401,7 @@ class Checkpointer:
         if saving and in_flight is not None and (not previous or in_flight.step > previous[-1].step):
             previous = [*previous, in_flight]  # the step being written counts, as in Orbax
         if previous and step <= previous[-1].step and not replacing:
-            return False if self._local is None else self._local.decide(step, durable=False, preempted=False)
+            return False  # (with two tiers too: below the durable tier's latest, it is below the latest of either)
         reached = preemption.reached(step)
         # a SIGTERM or notify() in another process (not JAX's sync point, which every process sees at once)
         if self._processes.count > 1 and distributed.noticed_elsewhere(self._processes, "preemption",

@@ -391,6 +391,23 @@ def test_should_save_is_false_for_a_step_below_the_latest_that_only_the_local_ti
         assert ckptr.load(0)["w"][0] == 10
 
 
+def test_a_step_below_the_latest_that_only_the_durable_tier_holds_is_not_saved_on_a_new_machine(tmp_path, caplog):
+    """A new machine (an empty local tier) whose loop began again below the durable tier's latest step (it did not
+    load): should_save was True and each step was saved on the local tier, where one tier skips them and says so."""
+    local = ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1))
+    with ckpt.Checkpointer(tmp_path / "durable", save_decision_policy=sdp.FixedIntervalPolicy(5), local=local) as ckptr:
+        for step in range(11):
+            ckptr.save(step, {"w": np.full(3, step)})
+    shutil.rmtree(tmp_path / "local")
+    with ckpt.Checkpointer(tmp_path / "durable", save_decision_policy=sdp.FixedIntervalPolicy(5), local=local) as ckptr, \
+            caplog.at_level(logging.WARNING, "ckpt"):
+        assert not ckptr.should_save(3)  # was: True
+        assert not ckptr.save(3, {"w": np.full(3, 30)})
+        assert [c.step for c in ckptr.checkpoints] == [0, 5, 10]  # was: [0, 3, 5, 10], step 3 on the local tier
+        assert ckptr.save(11, {"w": np.full(3, 11)})
+    assert "step 3 is not saved, nor any step up to 10" in caplog.text
+
+
 def test_an_overwrite_of_a_step_only_the_local_tier_holds_asks_its_policy_as_one_tier_does(tmp_path):
     local = ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1))
     with ckpt.Checkpointer(tmp_path / "durable", save_decision_policy=sdp.FixedIntervalPolicy(5), local=local) as ckptr:

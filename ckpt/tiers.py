@@ -342,27 +342,41 @@ class LocalTier:
         tier's latest (and other than ``saving``), that the durable policy chose; its promotion was interrupted
         or never began. Older ones are useless once it is durable. Where what the policy chose cannot be asked
         again (see :func:`ckpt.training.save_decision_policies.decides_by_step_numbers`), the newest local step
-        newer than the durable latest. Called once, at this writer's first save: it then becomes the durable
-        root's writer, and sweeps the interrupted promotion's leftovers (a Checkpointer that only reads writes
-        nothing). Not with several processes, whose local tiers would have to hold the same step."""
+        newer than the durable latest. Also promotes again each step whose local copy was saved again
+        (``overwrite=True``) after its durable copy was made (a later commit time: a promotion copies the
+        manifest, times included), whose promotion a crash cut short: its durable copy holds the values the
+        overwrite replaced. Called once, at this writer's first save: it then becomes the durable root's writer,
+        and sweeps the interrupted promotion's leftovers (a Checkpointer that only reads writes nothing). Not with
+        several processes, whose local tiers would have to hold the same step."""
         durable = self._durable.checkpoints()
         latest = durable[-1].step if durable else -1
-        newer = [c for c in self.checkpointer.checkpoints if c.step > latest and c.step != saving]
+        local = [c for c in self.checkpointer.checkpoints if c.step != saving]
+        newer = [c for c in local if c.step > latest]
         policy = self._durable.save_policy
         if save_decision_policies.decides_by_step_numbers(policy):
             context = save_decision_policies.DecisionContext()
             newer = [c for c in newer if policy.should_save(c, durable, context=context)]
-        if newer:
+        copies = {c.step: c for c in durable}
+        stale = [c.step for c in local if c.step in copies and _saved_after(c, copies[c.step])]
+        if newer or stale:
             self._take_durable()  # (raised before anything is written; asked again at the next save)
         self._recovered = True
-        if not newer:
-            return
-        step = newer[-1].step
-        logger.warning("ckpt: step %d, newer than the durable tier's latest (%s), is on the local tier only: a crash "
-                       "left it unpromoted. Promoting it now", step, durable[-1].step if durable else "none")
+        for step in stale:
+            logger.warning("ckpt: step %d was saved again on the local tier (overwrite=True) after its durable copy "
+                           "was made, and a crash left that copy as it was: promoting it again now", step)
+            self._promote_again(step, overwrite=True)
+        if newer:
+            step = newer[-1].step
+            logger.warning("ckpt: step %d, newer than the durable tier's latest (%s), is on the local tier only: a "
+                           "crash left it unpromoted. Promoting it now", step, durable[-1].step if durable else "none")
+            self._promote_again(step, overwrite=False)
+
+    def _promote_again(self, step: int, *, overwrite: bool) -> None:
+        """Queues the promotion of a committed local step that a crash left unpromoted (see :meth:`_recover`); one
+        that replaces a durable copy (``overwrite``) is never replaced by a newer promotion."""
         with self._lock:
             self._promoting.add(step)
-        self._submit(step, background.finished(True), preempted=False, overwrite=False, replaceable=True)
+        self._submit(step, background.finished(True), preempted=False, overwrite=overwrite, replaceable=not overwrite)
 
     def _submit(self, step: int, local: background.AsyncResponse[bool], *, preempted: bool, overwrite: bool,
                 replaceable: bool) -> background.AsyncResponse[bool]:
@@ -500,6 +514,12 @@ def _saved(local: background.AsyncResponse[bool]) -> bool:
     if failure is not None:
         raise failure
     return True
+
+
+def _saved_after(local: CheckpointMetadata, durable: CheckpointMetadata) -> bool:
+    """Whether the local copy of a step was committed after its durable copy (None times, unknown: no)."""
+    return None not in (local.commit_timestamp_nsecs, durable.commit_timestamp_nsecs) and (
+        local.commit_timestamp_nsecs > durable.commit_timestamp_nsecs)
 
 
 def _megabytes(nbytes: int) -> str:

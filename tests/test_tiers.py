@@ -697,3 +697,20 @@ def test_an_overwrite_of_a_step_being_promoted_waits_so_that_the_promotion_copie
         ckptr.save(4, {"w": np.full(300_000, 40, np.float32)}, overwrite=True)  # waits for step 4's promotion
         ckptr.wait()
     assert durable_copies == [4, 40]
+
+
+def test_a_durable_copy_left_behind_by_a_crash_during_an_overwrites_promotion_is_replaced_by_the_next_writer(tmp_path):
+    """Step 4 saved again with overwrite=True, committed locally, its promotion cut short by a crash: its durable
+    copy kept the replaced values for good (the next writer promoted only steps newer than the durable latest),
+    and a new machine restored them."""
+    local = ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1))
+    with ckpt.Checkpointer(tmp_path / "durable", save_decision_policy=sdp.FixedIntervalPolicy(5), local=local) as ckptr:
+        ckptr.save(4, {"w": np.full(2, 4)}, force=True)
+        ckptr.save(5, {"w": np.full(2, 5)})
+    with ckpt.Checkpointer(tmp_path / "local") as local_tier:  # what the crash left: the local copy saved again only
+        local_tier.save(4, {"w": np.full(2, 40)}, overwrite=True)
+    with ckpt.Checkpointer(tmp_path / "durable", save_decision_policy=sdp.FixedIntervalPolicy(5), local=local) as ckptr:
+        ckptr.save(6, {"w": np.full(2, 6)})
+        ckptr.wait()
+    assert ckpt.load(tmp_path / "durable" / "4")["w"][0] == 40  # was: 4
+    assert ckpt.load(tmp_path / "durable" / "5")["w"][0] == 5

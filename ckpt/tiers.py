@@ -453,7 +453,18 @@ class LocalTier:
         return True
 
     def _step_name(self, step: int) -> str:
-        return next(c.path.name for c in self.checkpointer.checkpoints if c.step == step)
+        """The name of ``step``'s directory on the local tier.
+
+        Raises:
+          StepNotFoundError: the local tier no longer lists the step (removed since it was saved, found gone by a
+            load meanwhile): there is nothing to promote.
+        """
+        name = next((c.path.name for c in self.checkpointer.checkpoints if c.step == step), None)
+        if name is None:
+            raise errors.StepNotFoundError(f"step {step} was removed from the local tier {self.checkpointer.directory} "
+                                           "before its promotion to the durable tier began: it is not promoted",
+                                           step=step, path=self.checkpointer.directory)
+        return name
 
     def _finished(self, step: int) -> None:
         with self._lock:

@@ -714,3 +714,30 @@ def test_a_durable_copy_left_behind_by_a_crash_during_an_overwrites_promotion_is
         ckptr.wait()
     assert ckpt.load(tmp_path / "durable" / "4")["w"][0] == 40  # was: 4
     assert ckpt.load(tmp_path / "durable" / "5")["w"][0] == 5
+
+
+def test_a_local_step_found_gone_before_its_promotion_began_fails_it_naming_the_step(tmp_path, monkeypatch):
+    """Step 4, its promotion waiting behind step 2's, removed from the local tier (a cleaner of the SSD) and found
+    gone by a load: wait() raised a bare StopIteration, naming nothing."""
+    released, copy_step = threading.Event(), tiers._copy_step
+
+    def held_copy(source, final, step, *args, **kwargs):
+        assert step != 2 or released.wait(60), "the test never released the promotion"
+        return copy_step(source, final, step, *args, **kwargs)
+
+    monkeypatch.setattr(tiers, "_copy_step", held_copy)
+    local = ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1))
+    with ckpt.Checkpointer(tmp_path / "durable", save_decision_policy=sdp.FixedIntervalPolicy(2), local=local) as ckptr:
+        for step in (2, 3, 4):
+            ckptr.save_async(step, {"w": np.full(2, step)})
+        while ckptr.latest.step != 4:  # committed locally (wait() would wait for the held promotion)
+            time.sleep(0.01)
+        shutil.rmtree(tmp_path / "local" / "4")
+        with pytest.raises(errors.StepNotFoundError):
+            ckptr.load(4)
+        released.set()
+        with pytest.raises(errors.StepNotFoundError, match=r"step 4 was removed from the local tier .*local before its "
+                                                           r"promotion to the durable tier began") as info:
+            ckptr.wait()  # was: StopIteration()
+        assert info.value.step == 4
+        assert [(c.step, sorted(c.locations)) for c in ckptr.checkpoints] == [(2, ["durable", "local"]), (3, ["local"])]

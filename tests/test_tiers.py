@@ -741,3 +741,28 @@ def test_a_local_step_found_gone_before_its_promotion_began_fails_it_naming_the_
             ckptr.wait()  # was: StopIteration()
         assert info.value.step == 4
         assert [(c.step, sorted(c.locations)) for c in ckptr.checkpoints] == [(2, ["durable", "local"]), (3, ["local"])]
+
+
+def test_ckpt_show_and_verify_with_local_read_the_step_a_load_reads_and_check_every_copy_on_either_tier(tmp_path, capsys):
+    """show and verify of the durable root read that tier alone: show gave its latest (2) where a load reads step
+    3 of the local tier, and verify passed while the local copy a load reads first was damaged."""
+    local = ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1))
+    with ckpt.Checkpointer(tmp_path / "durable", save_decision_policy=sdp.FixedIntervalPolicy(2), local=local) as ckptr:
+        for step in range(4):
+            ckptr.save(step, tiers_worker.state(step))
+    durable, tier = str(tmp_path / "durable"), str(tmp_path / "local")
+    assert cli.main(["show", durable, "--local", tier, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["path"] == str(tmp_path / "local" / "3")
+    assert cli.main(["show", durable, "2", "--local", tier, "--json"]) == 0  # on both tiers: the local copy
+    assert json.loads(capsys.readouterr().out)["path"] == str(tmp_path / "local" / "2")
+    fsutil.flip(tmp_path / "local" / "2" / "arrays" / "0" / "c" / "0" / "0", 9)
+    assert cli.main(["verify", durable, "--local", tier, "--json"]) == 1
+    printed = json.loads(capsys.readouterr().out)
+    assert [(s["path"], s["ok"]) for s in printed["steps"]] == [
+        (str(tmp_path / "durable" / "0"), True), (str(tmp_path / "durable" / "2"), True),
+        (str(tmp_path / "local" / "2"), False), (str(tmp_path / "local" / "3"), True)]
+    assert cli.main(["verify", durable, "2", "--local", tier]) == 1
+    assert re.search(r"^step 2 +.*durable/2: ok.*\n^step 2 +.*local/2: DAMAGED", capsys.readouterr().out, re.M)
+    assert cli.main(["verify", durable, "--local", str(tmp_path / "ssd")]) == 0  # a new machine: the durable tier
+    assert cli.main(["verify", f"{durable}/2", "--local", tier]) == 2  # one checkpoint, not a root
+    assert "drop --local" in capsys.readouterr().err

@@ -337,10 +337,12 @@ class Checkpointer:
 
     def _written(self, step: int, find: Callable[[int], CheckpointMetadata | None]) -> CheckpointMetadata | None:
         """``find(step)``; when the save in flight is of ``step``, once it is committed (or its failure raised):
-        a step being overwritten is found as the save in flight leaves it, not as it was."""
-        in_flight = self._in_flight
+        a step being overwritten is found as the save in flight leaves it, not as it was. With two tiers, the
+        save in flight is the local tier's (every save goes there first; its promotion is not waited for)."""
+        saver = self if self._local is None else self._local.checkpointer
+        in_flight = saver._in_flight
         if in_flight is not None and in_flight.step == step:
-            self.wait()
+            saver.wait()
         return find(step)
 
     # ---------------------------------------------------------------------------------- deciding

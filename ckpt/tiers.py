@@ -237,6 +237,7 @@ class LocalTier:
         # (step, monotonic time, promotion) of a preemption's promotion, which wait() waits for until then
         self._deadline: tuple[int, float, background.AsyncResponse[bool]] | None = None
         self._decided: tuple[int, bool] | None = None  # (step, durable decision) of the last decision
+        self._saving: tuple[int, background.AsyncResponse[bool]] | None = None  # (step, response): last local save
         directory = local_directory(options.directory)
         if durable.processes.count > 1:
             directory = directory / f"process_{durable.processes.index}"
@@ -279,14 +280,23 @@ class LocalTier:
     def decide(self, step: int, *, durable: bool, preempted: bool, replacing: bool = False) -> bool:
         """Whether either tier saves ``step``, given the durable tier's decision (remembered for the save);
         a preemption saves the step locally whatever the local policy says. With one process, the durable
-        tier's yes to a step at or below the newest local step is a no unless ``replacing`` (an overwrite):
-        that step is below the latest, as the durable tier alone cannot tell. (With several processes the
-        latest is the durable tier's, which each process's local tier does not change.)"""
-        latest = self.checkpointer.latest if self._durable.processes.count == 1 and not replacing else None
-        if latest is not None and step <= latest.step:
+        tier's yes to a step at or below the newest local step (committed, or being written by the local save in
+        flight) is a no unless ``replacing`` (an overwrite): that step is below the latest, as the durable tier
+        alone cannot tell. (With several processes the latest is the durable tier's, which each process's local
+        tier does not change.)"""
+        newest = self._newest() if self._durable.processes.count == 1 and not replacing else None
+        if newest is not None and step <= newest:
             durable = False
         self._decided = (step, durable)
         return self._decide(self.checkpointer, step, replacing=replacing) or durable or preempted
+
+    def _newest(self) -> int | None:
+        """The newest step of the local tier: committed, or being written by its save in flight."""
+        latest = self.checkpointer.latest
+        steps = [] if latest is None else [latest.step]
+        if self._saving is not None and not self._saving[1].done():
+            steps.append(self._saving[0])
+        return max(steps, default=None)
 
     # ------------------------------------------------------------------------------ saving
     def save(self, step: int, checkpointables: dict[str, Any], *, force: bool, overwrite: bool, blocking: bool,
@@ -328,6 +338,7 @@ class LocalTier:
                 self._finished(step)
                 raise
             local = background.finished(local) if blocking else local
+            self._saving = (step, local)
         if not promote:
             return local
         response = self._submit(step, local, preempted=preempted, overwrite=overwrite,

@@ -5,6 +5,7 @@
     ckpt show DIR [STEP]     the saved trees: key paths, types, dtypes, shapes, bytes (default: latest step)
     ckpt verify DIR [STEP]   re-reads the data and checks every checksum (default: every step);
                              exit status 1 when anything is damaged
+    show and verify --local L: the step a two-tier Checkpointer loads; every copy on either tier
     ckpt convert DIR DST     copies every step of DIR (ckpt's or Orbax's) into a new ckpt root DST,
                              keeping names, metrics and times, and checks each against its source
 
@@ -115,18 +116,38 @@ def _scan(root: storage.Location) -> tuple[list[_Step], list[_Step], list[root_l
     return steps, checkpoints, others
 
 
+def _local_tier(directory: storage.Location, local: Path) -> tuple[list[_Step], list[_Step], list[root_lib.Entry]]:
+    """What ``local``, the local tier of the two-tier Checkpointer whose durable root is ``directory``, holds (see
+    :func:`_scan`); nothing when it is missing (a new machine).
+
+    Raises:
+      UsageError: ``local`` holds the local tier of another durable root (another run's steps), or ``directory``
+        is one checkpoint, not a root.
+    """
+    if _is_step_dir(directory):
+        raise UsageError(f"{directory} is one checkpoint, not the durable root of two tiers; drop --local")
+    try:
+        tiers.check_owner(local, str(directory))
+    except ValueError as e:
+        raise UsageError(f"--local {e}") from None
+    return _scan(local) if local.is_dir() else ([], [], [])
+
+
 def _latest(steps: list[_Step]) -> _Step | None:
     committed = [s for s in steps if s.manifest is not None and s.step is not None]
     return committed[-1] if committed else None
 
 
-def _select(directory: storage.Location, step: int | None) -> list[_Step]:
-    """The checkpoints a command acts on: DIR itself, DIR's ``step``, or (``step`` None) its latest."""
-    if _is_step_dir(directory):
+def _select(directory: storage.Location, step: int | None, local: Path | None = None) -> list[_Step]:
+    """The checkpoints a command acts on: DIR itself, DIR's ``step``, or (``step`` None) its latest; with ``local``
+    (see :func:`ls`), of either tier, a step in both as its local copy (the one a Checkpointer loads first)."""
+    if local is None and _is_step_dir(directory):
         if step is not None:
             raise UsageError(f"{directory} is one checkpoint; drop the STEP argument")
         return [_read_step(directory)]
     steps, checkpoints, others = _scan(directory)
+    if local is not None:
+        steps = _tiers(steps, _local_tier(directory, local)[0])[0]
     set_aside = _set_aside(others)
     if step is None:
         latest = _latest(steps)
@@ -278,11 +299,7 @@ def ls(directory: storage.Location, *, as_json: bool, local: Path | None = None)
     steps, checkpoints, others = ([_read_step(directory)], [], []) if _is_step_dir(directory) else _scan(directory)
     held_by = None
     if local is not None:
-        try:  # another run's steps are not this root's
-            tiers.check_owner(local, str(directory))
-        except ValueError as e:
-            raise UsageError(f"--local {e}") from None
-        local_steps, local_checkpoints, local_others = _scan(local) if local.is_dir() else ([], [], [])
+        local_steps, local_checkpoints, local_others = _local_tier(directory, local)
         steps, held_by = _tiers(steps, local_steps)
         held_by += [["durable"]] * len(checkpoints) + [["local"]] * len(local_checkpoints)
         checkpoints += local_checkpoints
@@ -353,9 +370,10 @@ def _leaf_record(name: str, meta: dict) -> dict:
     return record
 
 
-def show(directory: storage.Location, step: int | None, *, as_json: bool) -> int:
-    """``ckpt show``: the step's metadata, then one table of leaves per checkpointable."""
-    selected = _select(directory, step)[0]
+def show(directory: storage.Location, step: int | None, *, as_json: bool, local: Path | None = None) -> int:
+    """``ckpt show``: the step's metadata, then one table of leaves per checkpointable. With ``local`` (see
+    :func:`ls`) the step of either tier, as a two-tier Checkpointer reads it."""
+    selected = _select(directory, step, local)[0]
     step_dir, number = selected.path, selected.step
     manifest = formats.info(step_dir)
     metrics, custom_metadata = fmt.decode_json(manifest, "metrics"), fmt.decode_json(manifest, "custom_metadata")
@@ -399,8 +417,9 @@ def _verify_record(result: VerifyResult) -> dict:
             "unchecked": result.unchecked}
 
 
-def verify(directory: storage.Location, step: int | None, *, as_json: bool) -> int:
-    """``ckpt verify``: checks DIR's steps (all of them, or ``step``); 1 if any is damaged, else 0.
+def verify(directory: storage.Location, step: int | None, *, as_json: bool, local: Path | None = None) -> int:
+    """``ckpt verify``: checks DIR's steps (all of them, or ``step``); 1 if any is damaged, else 0. With ``local``
+    (see :func:`ls`), every copy on either tier: a step in both is checked twice, each copy named by its path.
 
     Of every step, one deleted while it is checked (by the garbage collection of a run saving there) is
     reported as gone, not as damaged, and one saved again meanwhile (``overwrite=True``) is checked again;
@@ -408,15 +427,24 @@ def verify(directory: storage.Location, step: int | None, *, as_json: bool) -> i
     The checkpoints in the root that are not its steps are named, not checked (verify each as DIR).
     """
     checkpoints: list[_Step] = []
-    every = step is None and not _is_step_dir(directory)
+    every = step is None and (local is not None or not _is_step_dir(directory))
     if every:
+        local_steps, local_checkpoints, local_others = ([], [], []) if local is None else _local_tier(directory, local)
         targets, checkpoints, others = _scan(directory)
+        if local_steps:  # (a stable sort: a step's durable copy first)
+            targets = sorted(targets + local_steps, key=lambda s: s.step)
+        checkpoints, others = checkpoints + local_checkpoints, others + local_others
         set_aside = _set_aside(others)
         if not targets:
             raise UsageError(f"no checkpoints in {directory}{_unnumbered(checkpoints)}{_put_back(set_aside)}")
         _note_set_aside(set_aside, "checked")
-    else:
+    elif local is None:
         targets = _select(directory, step)
+    else:
+        local_steps = _local_tier(directory, local)[0]
+        targets = [s for s in [*_scan(directory)[0], *local_steps] if s.step == step]
+        if not targets:
+            raise UsageError(f"no checkpoint at step {step} in {directory} nor in --local {local}")
     results, gone = [], []
     for target in targets:
         try:
@@ -512,9 +540,12 @@ def _parser() -> argparse.ArgumentParser:
         if name == "convert":
             command.add_argument("destination", metavar="DST", help="a new or empty local directory")
         command.add_argument("--json", action="store_true", help="print JSON instead of tables")
-        if name == "ls":
+        if name != "convert":
             command.add_argument("--local", metavar="L", help="the local tier of a two-tier Checkpointer whose "
-                                 "durable root is DIR: list both tiers' steps and where each lives")
+                                 "durable root is DIR: " + {"ls": "list both tiers' steps and where each lives",
+                                                            "show": "the step of either tier (a step in both: its "
+                                                                    "local copy, which a load reads first)",
+                                                            "verify": "check every copy on either tier"}[name])
     return parser
 
 
@@ -540,10 +571,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "ls":
             return ls(directory, as_json=args.json, local=local)
         if args.command == "show":
-            return show(directory, args.step, as_json=args.json)
+            return show(directory, args.step, as_json=args.json, local=local)
         if args.command == "convert":
             return convert_root(directory, destination, as_json=args.json)
-        return verify(directory, args.step, as_json=args.json)
+        return verify(directory, args.step, as_json=args.json, local=local)
     except UsageError as e:
         _print(f"ckpt: error: {e}", file=sys.stderr)
         return 2

@@ -13,9 +13,10 @@ step the durable policy also wants is then *promoted*: its committed local direc
 durable root on the durable tier's background writer, and committed there (on an object store its
 manifest, copied last, is the commit record). The loop never waits for a promotion. One runs at a time
 and at most one waits: a newer one replaces the waiting one, whose step stays an ordinary local step
-(forced and preemption saves are never replaced; they replace a waiting one and wait behind the one
-running). The local preservation policy keeps a step until its promotion is done, when the policy is
-applied again (so ``wait()`` leaves each tier holding what its policy keeps).
+(forced and preemption saves, and overwrites of a step the durable tier holds, which replace its durable
+copy too, are never replaced; they replace a waiting one and wait behind the one running). The local
+preservation policy keeps a step until its promotion is done, when the policy is applied again (so
+``wait()`` leaves each tier holding what its policy keeps).
 
 Restore (``load`` with no step) takes the newest step of either tier; a step in both is read from the
 local tier. Loading checks every checksum, so a damaged or vanished local step falls back to the
@@ -236,6 +237,7 @@ class LocalTier:
         # (step, monotonic time, promotion) of a preemption's promotion, which wait() waits for until then
         self._deadline: tuple[int, float, background.AsyncResponse[bool]] | None = None
         self._decided: tuple[int, bool] | None = None  # (step, durable decision) of the last decision
+        self._saving: tuple[int, background.AsyncResponse[bool]] | None = None  # (step, response): last local save
         directory = local_directory(options.directory)
         if durable.processes.count > 1:
             directory = directory / f"process_{durable.processes.index}"
@@ -278,31 +280,48 @@ class LocalTier:
     def decide(self, step: int, *, durable: bool, preempted: bool, replacing: bool = False) -> bool:
         """Whether either tier saves ``step``, given the durable tier's decision (remembered for the save);
         a preemption saves the step locally whatever the local policy says. With one process, the durable
-        tier's yes to a step at or below the newest local step is a no unless ``replacing`` (an overwrite):
-        that step is below the latest, as the durable tier alone cannot tell. (With several processes the
-        latest is the durable tier's, which each process's local tier does not change.)"""
-        latest = self.checkpointer.latest if self._durable.processes.count == 1 and not replacing else None
-        if latest is not None and step <= latest.step:
+        tier's yes to a step at or below the newest local step (committed, or being written by the local save in
+        flight) is a no unless ``replacing`` (an overwrite): that step is below the latest, as the durable tier
+        alone cannot tell. (With several processes the latest is the durable tier's, which each process's local
+        tier does not change.)"""
+        newest = self._newest() if self._durable.processes.count == 1 and not replacing else None
+        if newest is not None and step <= newest:
             durable = False
         self._decided = (step, durable)
         return self._decide(self.checkpointer, step, replacing=replacing) or durable or preempted
 
+    def _newest(self) -> int | None:
+        """The newest step of the local tier: committed, or being written by its save in flight."""
+        latest = self.checkpointer.latest
+        steps = [] if latest is None else [latest.step]
+        if self._saving is not None and not self._saving[1].done():
+            steps.append(self._saving[0])
+        return max(steps, default=None)
+
     # ------------------------------------------------------------------------------ saving
     def save(self, step: int, checkpointables: dict[str, Any], *, force: bool, overwrite: bool, blocking: bool,
              preempted: bool, metrics: Any, custom_metadata: Any) -> background.AsyncResponse[bool]:
-        """Saves ``step`` locally and promotes it when the durable tier wants it (``force``: both tiers).
+        """Saves ``step`` locally and promotes it when the durable tier wants it (``force``: both tiers; an
+        ``overwrite`` of a step the durable tier holds: both, never replaced by a newer promotion).
         Called after a positive decision of either tier (or with ``force``). ``preempted``: ``step`` is the
         step at which the preemption was seen (only that one; later steps follow the policies). A promotion
         that failed since the last save, ``wait`` or ``close`` is raised first, before anything is written,
         as a failed save is. The durable tier is not asked here about a promotion the policies chose (an
         object store out of reach for a while must not stop the local saves); one asked for (``force``,
-        ``overwrite``) is refused here, before anything is written, where the durable root cannot take it.
+        ``overwrite``) is refused here, before anything is written, where the durable root cannot take it. A step
+        to promote is saved only once this process is the durable root's writer (:meth:`_take_durable`). An
+        ``overwrite`` of a step whose promotion is queued or running waits for the promotions first.
         """
         self._durable.writer.raise_failure()
         if not self._recovered:
             self._recover(step)
-        promote = force or preempted or self._decided == (step, True)
+        if overwrite and step in self._promoting:  # its promotion would copy the local step while it is replaced
+            self._durable.writer.wait(self._durable.timeout_secs)
+        # an overwrite replaces the durable copy too: left there, it would be restored once the local copy is gone
+        replaces_durable = overwrite and any(c.step == step for c in self._durable.checkpoints())
+        promote = force or preempted or replaces_durable or self._decided == (step, True)
         if promote:  # kept locally until copied
+            self._take_durable()
             if force or overwrite:  # asked for: refused before anything is written (the promotion checks again)
                 final = self._durable.step_dir(step)
                 root.check_target(final, storage.temporary_for(final), step=step, overwrite=overwrite)
@@ -319,10 +338,12 @@ class LocalTier:
                 self._finished(step)
                 raise
             local = background.finished(local) if blocking else local
+            self._saving = (step, local)
         if not promote:
             return local
         response = self._submit(step, local, preempted=preempted, overwrite=overwrite,
-                                replaceable=not (force or preempted) and self._durable.processes.count == 1)
+                                replaceable=not (force or preempted or replaces_durable)
+                                and self._durable.processes.count == 1)
         if blocking:
             return background.finished(response.result())
         return response
@@ -332,38 +353,66 @@ class LocalTier:
         tier's latest (and other than ``saving``), that the durable policy chose; its promotion was interrupted
         or never began. Older ones are useless once it is durable. Where what the policy chose cannot be asked
         again (see :func:`ckpt.training.save_decision_policies.decides_by_step_numbers`), the newest local step
-        newer than the durable latest. Called once, at this writer's first save: it then becomes the durable
-        root's writer, and sweeps the interrupted promotion's leftovers (a Checkpointer that only reads writes
-        nothing). Not with several processes, whose local tiers would have to hold the same step."""
-        self._recovered = True
+        newer than the durable latest. Also promotes again each step whose local copy was saved again
+        (``overwrite=True``) after its durable copy was made (a later commit time: a promotion copies the
+        manifest, times included), whose promotion a crash cut short: its durable copy holds the values the
+        overwrite replaced. Called once, at this writer's first save: it then becomes the durable root's writer,
+        and sweeps the interrupted promotion's leftovers (a Checkpointer that only reads writes nothing). Not with
+        several processes, whose local tiers would have to hold the same step."""
         durable = self._durable.checkpoints()
         latest = durable[-1].step if durable else -1
-        newer = [c for c in self.checkpointer.checkpoints if c.step > latest and c.step != saving]
+        local = [c for c in self.checkpointer.checkpoints if c.step != saving]
+        newer = [c for c in local if c.step > latest]
         policy = self._durable.save_policy
         if save_decision_policies.decides_by_step_numbers(policy):
             context = save_decision_policies.DecisionContext()
             newer = [c for c in newer if policy.should_save(c, durable, context=context)]
-        if not newer:
-            return
-        step = newer[-1].step
-        logger.warning("ckpt: step %d, newer than the durable tier's latest (%s), is on the local tier only: a crash "
-                       "left it unpromoted. Promoting it now", step, durable[-1].step if durable else "none")
+        copies = {c.step: c for c in durable}
+        stale = [c.step for c in local if c.step in copies and _saved_after(c, copies[c.step])]
+        if newer or stale:
+            self._take_durable()  # (raised before anything is written; asked again at the next save)
+        self._recovered = True
+        for step in stale:
+            logger.warning("ckpt: step %d was saved again on the local tier (overwrite=True) after its durable copy "
+                           "was made, and a crash left that copy as it was: promoting it again now", step)
+            self._promote_again(step, overwrite=True)
+        if newer:
+            step = newer[-1].step
+            logger.warning("ckpt: step %d, newer than the durable tier's latest (%s), is on the local tier only: a "
+                           "crash left it unpromoted. Promoting it now", step, durable[-1].step if durable else "none")
+            self._promote_again(step, overwrite=False)
+
+    def _promote_again(self, step: int, *, overwrite: bool) -> None:
+        """Queues the promotion of a committed local step that a crash left unpromoted (see :meth:`_recover`); one
+        that replaces a durable copy (``overwrite``) is never replaced by a newer promotion."""
         with self._lock:
             self._promoting.add(step)
-        self._submit(step, background.finished(True), preempted=False, overwrite=False, replaceable=True)
+        self._submit(step, background.finished(True), preempted=False, overwrite=overwrite, replaceable=not overwrite)
 
     def _submit(self, step: int, local: background.AsyncResponse[bool], *, preempted: bool, overwrite: bool,
                 replaceable: bool) -> background.AsyncResponse[bool]:
         """Queues the promotion of ``step``, which runs once ``local`` (its local save) is committed; the
-        caller has added ``step`` to the steps kept locally until promoted."""
-        if self._durable.processes.index == 0:
-            self._durable.take()
+        caller has taken the durable root (:meth:`_take_durable`) and added ``step`` to the steps kept locally
+        until promoted."""
         barrier = self._durable.operation(f"promote/{step}")  # named here: every process counts its calls alike
         promotion = self._enqueue(step, replaceable=replaceable)
         response = self._durable.writer.submit(lambda: self._promote(promotion, local, preempted, barrier, overwrite))
         if preempted:
             self._deadline = (step, time.monotonic() + self._options.grace_period_secs, response)
         return response
+
+    def _take_durable(self) -> None:
+        """Becomes the durable root's writer (its lock; the first time, its sweep) before a step to promote is
+        saved locally: a durable root this process cannot write (read-only, another writer's) raises before
+        anything is written, not after the local save, which would leave the step kept locally for a
+        promotion that never runs.
+
+        Raises:
+          DirectoryLockedError: another writer holds the durable root.
+          RootDirectoryError: this process may not write there.
+        """
+        if self._durable.processes.index == 0:
+            self._durable.take()
 
     def _enqueue(self, step: int, *, replaceable: bool) -> _Promotion:
         """A promotion of ``step``, to queue behind the one running: it replaces the replaceable promotion still
@@ -415,7 +464,18 @@ class LocalTier:
         return True
 
     def _step_name(self, step: int) -> str:
-        return next(c.path.name for c in self.checkpointer.checkpoints if c.step == step)
+        """The name of ``step``'s directory on the local tier.
+
+        Raises:
+          StepNotFoundError: the local tier no longer lists the step (removed since it was saved, found gone by a
+            load meanwhile): there is nothing to promote.
+        """
+        name = next((c.path.name for c in self.checkpointer.checkpoints if c.step == step), None)
+        if name is None:
+            raise errors.StepNotFoundError(f"step {step} was removed from the local tier {self.checkpointer.directory} "
+                                           "before its promotion to the durable tier began: it is not promoted",
+                                           step=step, path=self.checkpointer.directory)
+        return name
 
     def _finished(self, step: int) -> None:
         with self._lock:
@@ -476,6 +536,12 @@ def _saved(local: background.AsyncResponse[bool]) -> bool:
     if failure is not None:
         raise failure
     return True
+
+
+def _saved_after(local: CheckpointMetadata, durable: CheckpointMetadata) -> bool:
+    """Whether the local copy of a step was committed after its durable copy (None times, unknown: no)."""
+    return None not in (local.commit_timestamp_nsecs, durable.commit_timestamp_nsecs) and (
+        local.commit_timestamp_nsecs > durable.commit_timestamp_nsecs)
 
 
 def _megabytes(nbytes: int) -> str:

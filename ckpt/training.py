@@ -337,10 +337,12 @@ class Checkpointer:
 
     def _written(self, step: int, find: Callable[[int], CheckpointMetadata | None]) -> CheckpointMetadata | None:
         """``find(step)``; when the save in flight is of ``step``, once it is committed (or its failure raised):
-        a step being overwritten is found as the save in flight leaves it, not as it was."""
-        in_flight = self._in_flight
+        a step being overwritten is found as the save in flight leaves it, not as it was. With two tiers, the
+        save in flight is the local tier's (every save goes there first; its promotion is not waited for)."""
+        saver = self if self._local is None else self._local.checkpointer
+        in_flight = saver._in_flight
         if in_flight is not None and in_flight.step == step:
-            self.wait()
+            saver.wait()
         return find(step)
 
     # ---------------------------------------------------------------------------------- deciding
@@ -401,7 +403,7 @@ class Checkpointer:
         if saving and in_flight is not None and (not previous or in_flight.step > previous[-1].step):
             previous = [*previous, in_flight]  # the step being written counts, as in Orbax
         if previous and step <= previous[-1].step and not replacing:
-            return False if self._local is None else self._local.decide(step, durable=False, preempted=False)
+            return False  # (with two tiers too: below the durable tier's latest, it is below the latest of either)
         reached = preemption.reached(step)
         # a SIGTERM or notify() in another process (not JAX's sync point, which every process sees at once)
         if self._processes.count > 1 and distributed.noticed_elsewhere(self._processes, "preemption",

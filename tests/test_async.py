@@ -131,6 +131,30 @@ def test_loading_the_step_an_async_save_is_writing_waits_for_it(tmp_path, writte
             ckptr.load(3)
 
 
+def test_with_two_tiers_loading_the_step_an_async_save_is_writing_waits_for_it(tmp_path, written_once_waited_for):
+    """The local tier's save in flight was not waited for: load(2) and metadata(2) raised StepNotFoundError."""
+    local = ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=ALWAYS)
+    with Checkpointer(tmp_path / "durable", save_decision_policy=sdp.FixedIntervalPolicy(1000), local=local) as ckptr:
+        ckptr.save_async(2, state(2))
+        assert ckptr.latest is None and not written_once_waited_for.is_set()
+        np.testing.assert_array_equal(ckptr.load(2)["big"], np.full(BIG, 2, np.float32))  # was: StepNotFoundError
+        ckptr.save_async(3, state(3))
+        assert ckptr.metadata(3).step == 3
+
+
+def test_with_two_tiers_a_step_below_the_one_an_async_save_is_writing_is_not_saved(tmp_path, gate):
+    """should_save(6) while step 7 was written on the local tier was True (the durable policy wanted step 6, and the
+    local tier's latest committed step was below it): step 6 was saved on both tiers, below the latest."""
+    local = ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=ALWAYS)
+    with Checkpointer(tmp_path / "durable", save_decision_policy=ALWAYS, local=local) as ckptr:
+        ckptr.save_async(7, state(7))
+        assert not ckptr.should_save(6)  # was: True
+        gate.set()
+        assert not ckptr.save(6, state(6))
+        ckptr.wait()
+        assert [c.step for c in ckptr.checkpoints] == [7]
+
+
 def test_overwriting_the_step_an_async_save_is_writing_waits_for_it_then_replaces_it(tmp_path,
                                                                                       written_once_waited_for):
     with Checkpointer(tmp_path) as ckptr:

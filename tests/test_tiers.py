@@ -391,6 +391,23 @@ def test_should_save_is_false_for_a_step_below_the_latest_that_only_the_local_ti
         assert ckptr.load(0)["w"][0] == 10
 
 
+def test_a_step_below_the_latest_that_only_the_durable_tier_holds_is_not_saved_on_a_new_machine(tmp_path, caplog):
+    """A new machine (an empty local tier) whose loop began again below the durable tier's latest step (it did not
+    load): should_save was True and each step was saved on the local tier, where one tier skips them and says so."""
+    local = ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1))
+    with ckpt.Checkpointer(tmp_path / "durable", save_decision_policy=sdp.FixedIntervalPolicy(5), local=local) as ckptr:
+        for step in range(11):
+            ckptr.save(step, {"w": np.full(3, step)})
+    shutil.rmtree(tmp_path / "local")
+    with ckpt.Checkpointer(tmp_path / "durable", save_decision_policy=sdp.FixedIntervalPolicy(5), local=local) as ckptr, \
+            caplog.at_level(logging.WARNING, "ckpt"):
+        assert not ckptr.should_save(3)  # was: True
+        assert not ckptr.save(3, {"w": np.full(3, 30)})
+        assert [c.step for c in ckptr.checkpoints] == [0, 5, 10]  # was: [0, 3, 5, 10], step 3 on the local tier
+        assert ckptr.save(11, {"w": np.full(3, 11)})
+    assert "step 3 is not saved, nor any step up to 10" in caplog.text
+
+
 def test_an_overwrite_of_a_step_only_the_local_tier_holds_asks_its_policy_as_one_tier_does(tmp_path):
     local = ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1))
     with ckpt.Checkpointer(tmp_path / "durable", save_decision_policy=sdp.FixedIntervalPolicy(5), local=local) as ckptr:
@@ -612,3 +629,140 @@ def test_a_promotion_the_policies_chose_leaves_the_durable_tier_to_the_backgroun
         ckptr.save(5, {"w": np.full(2, 5)}, force=True)
         assert asked[before] and not any(asked[before + 1:])
         assert steps_in(tmp_path / "durable") == [0, 2, 5]
+
+
+def test_a_step_to_promote_to_a_durable_root_another_writer_holds_is_refused_before_it_is_saved_locally(tmp_path):
+    """The durable root was taken only after the local save: the save raised DirectoryLockedError (or, on a
+    read-only durable root, RootDirectoryError) with the step committed locally all the same, and kept there
+    for ever for a promotion that never ran (LatestN(2) left every such step on the local disk)."""
+    local = ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1))
+    with ckpt.Checkpointer(tmp_path / "durable") as other_writer:
+        other_writer.save(0, {"w": np.zeros(2)})
+        with ckpt.Checkpointer(tmp_path / "durable", save_decision_policy=sdp.FixedIntervalPolicy(3),
+                               local=local) as ckptr:
+            for step in range(1, 8):
+                if step % 3:
+                    ckptr.save(step, {"w": np.full(2, step)})
+                    continue
+                with pytest.raises(errors.DirectoryLockedError, match="being written by another Checkpointer"):
+                    ckptr.save(step, {"w": np.full(2, step)})
+            assert steps_in(tmp_path / "local") == [5, 7]  # was: [3, 6, 7], each refused step saved and kept
+            assert steps_in(tmp_path / "durable") == [0]
+
+
+def test_an_overwrite_of_a_step_the_durable_tier_holds_replaces_its_durable_copy_too(tmp_path):
+    """overwrite=True of a step on both tiers, which the durable policy does not choose, replaced the local copy
+    only: once the local copy was gone (a new machine, a damaged local step) the old values were restored."""
+    local = ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1))
+    with ckpt.Checkpointer(tmp_path / "durable", save_decision_policy=sdp.FixedIntervalPolicy(5), local=local) as ckptr:
+        ckptr.save(4, {"w": np.full(2, 4)}, force=True)
+        ckptr.save(6, {"w": np.full(2, 6)})  # the local tier only
+        assert ckptr.save(4, {"w": np.full(2, 40)}, overwrite=True)
+        ckptr.save(6, {"w": np.full(2, 60)}, overwrite=True)
+        ckptr.wait()
+        assert [(c.step, sorted(c.locations)) for c in ckptr.checkpoints] == [
+            (4, ["durable", "local"]), (6, ["local"])]
+    shutil.rmtree(tmp_path / "local")  # a new machine
+    with ckpt.Checkpointer(tmp_path / "durable", local=local) as ckptr:
+        assert ckptr.load(4)["w"][0] == 40  # was: 4, the values the overwrite replaced
+
+
+def test_an_overwrite_of_a_step_being_promoted_waits_so_that_the_promotion_copies_one_whole_step(tmp_path, monkeypatch):
+    """The promotion of step 4 copied its local files while save(4, overwrite=True) replaced them: the durable
+    step it committed held the old arrays and the new tree.json, damaged (listed, not loadable) until the
+    overwrite's own promotion replaced it, and for good when the process died first."""
+    reading, released, read = threading.Event(), threading.Event(), tiers._read
+
+    def held_read(path):
+        data = read(path)
+        if "arrays" in path.parts and not reading.is_set():  # the old array copied; the rest of the step next
+            reading.set()
+            assert released.wait(60), "the test never released the promotion"
+        return data
+
+    durable_copies, copy_step = [], tiers._copy_step
+
+    def copy_and_load(source, final, *args, **kwargs):
+        copied = copy_step(source, final, *args, **kwargs)
+        durable_copies.append(ckpt.load(final)["w"][0])  # was: CheckpointCorruptedError for the first
+        return copied
+
+    monkeypatch.setattr(tiers, "_read", held_read)
+    monkeypatch.setattr(tiers, "_copy_step", copy_and_load)
+    local = ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1))
+    with ckpt.Checkpointer(tmp_path / "durable", save_decision_policy=sdp.FixedIntervalPolicy(4), local=local) as ckptr:
+        ckptr.save_async(4, {"w": np.full(300_000, 4, np.float32)})
+        assert reading.wait(60)
+        threading.Timer(0.5, released.set).start()
+        ckptr.save(4, {"w": np.full(300_000, 40, np.float32)}, overwrite=True)  # waits for step 4's promotion
+        ckptr.wait()
+    assert durable_copies == [4, 40]
+
+
+def test_a_durable_copy_left_behind_by_a_crash_during_an_overwrites_promotion_is_replaced_by_the_next_writer(tmp_path):
+    """Step 4 saved again with overwrite=True, committed locally, its promotion cut short by a crash: its durable
+    copy kept the replaced values for good (the next writer promoted only steps newer than the durable latest),
+    and a new machine restored them."""
+    local = ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1))
+    with ckpt.Checkpointer(tmp_path / "durable", save_decision_policy=sdp.FixedIntervalPolicy(5), local=local) as ckptr:
+        ckptr.save(4, {"w": np.full(2, 4)}, force=True)
+        ckptr.save(5, {"w": np.full(2, 5)})
+    with ckpt.Checkpointer(tmp_path / "local") as local_tier:  # what the crash left: the local copy saved again only
+        local_tier.save(4, {"w": np.full(2, 40)}, overwrite=True)
+    with ckpt.Checkpointer(tmp_path / "durable", save_decision_policy=sdp.FixedIntervalPolicy(5), local=local) as ckptr:
+        ckptr.save(6, {"w": np.full(2, 6)})
+        ckptr.wait()
+    assert ckpt.load(tmp_path / "durable" / "4")["w"][0] == 40  # was: 4
+    assert ckpt.load(tmp_path / "durable" / "5")["w"][0] == 5
+
+
+def test_a_local_step_found_gone_before_its_promotion_began_fails_it_naming_the_step(tmp_path, monkeypatch):
+    """Step 4, its promotion waiting behind step 2's, removed from the local tier (a cleaner of the SSD) and found
+    gone by a load: wait() raised a bare StopIteration, naming nothing."""
+    released, copy_step = threading.Event(), tiers._copy_step
+
+    def held_copy(source, final, step, *args, **kwargs):
+        assert step != 2 or released.wait(60), "the test never released the promotion"
+        return copy_step(source, final, step, *args, **kwargs)
+
+    monkeypatch.setattr(tiers, "_copy_step", held_copy)
+    local = ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1))
+    with ckpt.Checkpointer(tmp_path / "durable", save_decision_policy=sdp.FixedIntervalPolicy(2), local=local) as ckptr:
+        for step in (2, 3, 4):
+            ckptr.save_async(step, {"w": np.full(2, step)})
+        while ckptr.latest.step != 4:  # committed locally (wait() would wait for the held promotion)
+            time.sleep(0.01)
+        shutil.rmtree(tmp_path / "local" / "4")
+        with pytest.raises(errors.StepNotFoundError):
+            ckptr.load(4)
+        released.set()
+        with pytest.raises(errors.StepNotFoundError, match=r"step 4 was removed from the local tier .*local before its "
+                                                           r"promotion to the durable tier began") as info:
+            ckptr.wait()  # was: StopIteration()
+        assert info.value.step == 4
+        assert [(c.step, sorted(c.locations)) for c in ckptr.checkpoints] == [(2, ["durable", "local"]), (3, ["local"])]
+
+
+def test_ckpt_show_and_verify_with_local_read_the_step_a_load_reads_and_check_every_copy_on_either_tier(tmp_path, capsys):
+    """show and verify of the durable root read that tier alone: show gave its latest (2) where a load reads step
+    3 of the local tier, and verify passed while the local copy a load reads first was damaged."""
+    local = ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1))
+    with ckpt.Checkpointer(tmp_path / "durable", save_decision_policy=sdp.FixedIntervalPolicy(2), local=local) as ckptr:
+        for step in range(4):
+            ckptr.save(step, tiers_worker.state(step))
+    durable, tier = str(tmp_path / "durable"), str(tmp_path / "local")
+    assert cli.main(["show", durable, "--local", tier, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["path"] == str(tmp_path / "local" / "3")
+    assert cli.main(["show", durable, "2", "--local", tier, "--json"]) == 0  # on both tiers: the local copy
+    assert json.loads(capsys.readouterr().out)["path"] == str(tmp_path / "local" / "2")
+    fsutil.flip(tmp_path / "local" / "2" / "arrays" / "0" / "c" / "0" / "0", 9)
+    assert cli.main(["verify", durable, "--local", tier, "--json"]) == 1
+    printed = json.loads(capsys.readouterr().out)
+    assert [(s["path"], s["ok"]) for s in printed["steps"]] == [
+        (str(tmp_path / "durable" / "0"), True), (str(tmp_path / "durable" / "2"), True),
+        (str(tmp_path / "local" / "2"), False), (str(tmp_path / "local" / "3"), True)]
+    assert cli.main(["verify", durable, "2", "--local", tier]) == 1
+    assert re.search(r"^step 2 +.*durable/2: ok.*\n^step 2 +.*local/2: DAMAGED", capsys.readouterr().out, re.M)
+    assert cli.main(["verify", durable, "--local", str(tmp_path / "ssd")]) == 0  # a new machine: the durable tier
+    assert cli.main(["verify", f"{durable}/2", "--local", tier]) == 2  # one checkpoint, not a root
+    assert "drop --local" in capsys.readouterr().err

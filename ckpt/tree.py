@@ -94,7 +94,7 @@ def _jax_children(x: Any) -> tuple[list[KeyEntry], list[Any], Any] | None:
         return None
     tree_util = jax.tree_util
     flat, treedef = tree_util.tree_flatten_with_path(x, is_leaf=lambda node: node is not x)
-    if tree_util.treedef_is_leaf(treedef):
+    if treedef.num_leaves == 1 and tree_util.treedef_is_leaf(treedef):  # (a node without children has no leaf)
         return None
     keys, children = [], []
     for path, child in flat:

@@ -15,7 +15,8 @@ optax = pytest.importorskip("optax")
 
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
+from flax import nnx, struct  # noqa: E402
+from flax.core import FrozenDict  # noqa: E402
 from flax.training import train_state  # noqa: E402
 
 import ckpt  # noqa: E402
@@ -182,6 +183,26 @@ def test_typed_and_raw_keys_bfloat16_params_and_int32_step_round_trip_exactly(ck
         assert {leaf.dtype for leaf in jax.tree.leaves(restored.params)} == {jnp.dtype(jnp.bfloat16)}
         assert restored.step.dtype == jnp.int32 and int(restored.step) == 3
         assert_same_leaves(restored, state)
+
+
+@struct.dataclass
+class StaticOnly:
+    """A flax struct dataclass whose fields are all static: a pytree node without children."""
+
+    name: str = struct.field(pytree_node=False, default="adam")
+
+
+def test_registered_pytree_nodes_without_children_are_saved_and_restored_as_nodes(ckptr):
+    model = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
+    state = {"params": FrozenDict({"w": jnp.ones(2)}), "batch_stats": FrozenDict({}), "config": StaticOnly(),
+             "nnx_stats": nnx.state(model, nnx.BatchStat)}  # a filter that matches nothing: an empty nnx.State
+    ckptr.save(1, state, force=True)
+
+    restored = restore_train_state(ckptr, state)
+
+    assert jax.tree_util.tree_structure(restored) == jax.tree_util.tree_structure(state)
+    assert restored["batch_stats"] == FrozenDict({}) and restored["config"] == StaticOnly()
+    assert ckptr.load(1, None)["batch_stats"] is None  # without an abstract tree: as an optax EmptyState
 
 
 def test_restore_without_checkpoint_returns_target_unchanged(ckptr):

@@ -278,7 +278,8 @@ def ls(directory: storage.Location, *, as_json: bool, local: Path | None = None)
     steps, checkpoints, others = ([_read_step(directory)], [], []) if _is_step_dir(directory) else _scan(directory)
     held_by = None
     if local is not None:
-        try:  # another run's steps are not this root's
+        try:  # the root itself, or another run's steps, are not this root's local tier
+            tiers.check_apart(local, directory)
             tiers.check_owner(local, str(directory))
         except ValueError as e:
             raise UsageError(f"--local {e}") from None

@@ -79,8 +79,8 @@ def convert_root(source: str | os.PathLike, destination: str | os.PathLike) -> I
     again: the steps it committed are checked against their source and kept.
 
     Raises:
-      ValueError: ``source`` or ``destination`` is not a local directory, or they are one directory, or
-        ``destination`` is (or lies in) a directory named like a temporary of ckpt's.
+      ValueError: ``source`` or ``destination`` is not a local directory, or ``destination`` is ``source`` or
+        lies in it, or is (or lies in) a directory named like a temporary of ckpt's.
       FileExistsError: ``destination`` holds anything but what a convert of the same steps left, or is not
         a directory (before anything is written).
       RootDirectoryError: ``destination`` lies below a file or a symbolic link loop (raised by the iterator,
@@ -120,8 +120,11 @@ def convert_root(source: str | os.PathLike, destination: str | os.PathLike) -> I
     steps = steps_of(source) if source.is_dir() else []
     if not steps:
         raise FileNotFoundError(f"{source} holds no checkpoint steps to convert")
-    if destination.exists() and os.path.samefile(source, destination):
-        raise ValueError(f"{destination} is the root being converted; convert into a new directory")
+    real_source, real_destination = Path(os.path.realpath(source)), Path(os.path.realpath(destination))
+    if real_destination.is_relative_to(real_source):  # (an entry of the root: at a step's name, in that step's way)
+        where = "is the root being converted" if real_destination == real_source else (
+            f"lies in the root being converted ({source})")
+        raise ValueError(f"{destination} {where}; convert into a new directory outside it")
     done = _converted_before(destination, steps) if destination.exists() else set()
     return _convert_steps(steps, source, destination, done)
 

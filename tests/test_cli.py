@@ -465,6 +465,20 @@ def test_convert_copies_the_steps_the_checkpointer_lists_and_never_follows_a_lin
     assert sorted(os.listdir(tmp_path / "copy")) == [fmt.LOCK, "0", "10", "20"]
 
 
+@pytest.mark.parametrize("inside", ["30", "copies/run"])
+def test_convert_into_a_directory_inside_the_root_it_converts_is_a_usage_error_and_writes_nothing(root, capsys,
+                                                                                                 inside):
+    """Into root/30, the copy took step 30's name in the run it copied: a Checkpointer saving step 30 there raised
+    ForeignEntryError."""
+    before = sorted(os.listdir(root))
+    status, _, err = run_cli(capsys, "convert", root, root / inside)
+    assert status == 2 and f"lies in the root being converted ({root})" in err
+    assert sorted(os.listdir(root)) == before
+    with ckpt.Checkpointer(root) as ckptr:
+        ckptr.save(30, {"w": np.ones(2)}, force=True)
+        assert [c.step for c in ckptr.checkpoints] == [0, 10, 20, 30]
+
+
 def test_convert_into_a_file_is_a_usage_error(root, tmp_path, capsys):
     (tmp_path / "file").write_text("a user's")
     status, _, err = run_cli(capsys, "convert", root, tmp_path / "file")

@@ -1,9 +1,10 @@
 """Copies a root of steps (Orbax's or ckpt's) into a new ckpt root, step by step (``ckpt convert``).
 
 The root keeps its custom metadata; each step keeps its directory name, metrics, custom metadata and
-times, and its trees as saved (jax arrays stay jax arrays, typed keys typed keys, an Orbax
-``EmptyState``'s None stays None and is received by an ``EmptyState`` again). Each converted step is read back and compared with its source,
-leaf by leaf and byte for byte, before the next one is converted.
+times, and its trees as saved (their structure, namedtuples and pytree nodes with their names, an Orbax
+``EmptyState``'s None, which an ``EmptyState`` receives again; jax arrays stay jax arrays with their sharding,
+typed keys typed keys). Each converted step is read back and compared with its source, structure and
+leaves, byte for byte, before the next one is converted.
 
 Example::
 
@@ -254,26 +255,23 @@ _SAVED_AS = ("type", "sharding", "impl", "key_shape")  # what a framework's leaf
 _FRAMEWORK_TYPES = ("jax", "jax_key", "torch")
 
 
-def _as_saved(step_dir: Path, trees: dict[str, Any]) -> dict[str, Any]:
-    """``trees``, loaded from ``step_dir``, with each jax array, typed key and torch tensor as the leaf it
-    was saved as (a ``HostLeaf``: its type, saved sharding and key implementation, and its bytes), which
-    this process may not be able to restore: without jax or torch it loads as numpy, without the saved
-    mesh's devices on the default device."""
+def _as_saved(step_dir: Path, trees: dict[str, Any]) -> dict[str, tree_lib.Stored]:
+    """``trees``, loaded from ``step_dir`` without an abstract tree, as the step stores them: each with its
+    saved structure (namedtuples and pytree nodes, which such a load gives as dicts or None), and each jax
+    array, typed key and torch tensor as the leaf it was saved as (a ``HostLeaf``: its type, saved sharding
+    and key implementation, and its bytes), which this process may not be able to restore: without jax or
+    torch it loads as numpy, without the saved mesh's devices on the default device."""
     docs = formats.trees(step_dir, list(trees))
     out = {}
     for name, tree in trees.items():
-        saved = {meta["path"]: meta for meta in docs[name]["leaves"] if meta.get("type") in _FRAMEWORK_TYPES}
-        if not saved:
-            out[name] = tree
-            continue
-        node, flat = tree_lib.flatten(tree)
-        out[name] = tree_lib.unflatten(node, iter([_saved_leaf(path, leaf, saved.get(tree_lib.keystr(path)))
-                                                   for path, leaf in flat]))
+        node = tree_lib.from_json(docs[name]["tree"])
+        leaves = zip(tree_lib.leaf_paths(node), tree_lib.stored_leaves(node, tree), docs[name]["leaves"])
+        out[name] = tree_lib.Stored(node, [_saved_leaf(path, leaf, saved) for path, leaf, saved in leaves])
     return out
 
 
-def _saved_leaf(path: tree_lib.KeyPath, leaf: Any, saved: dict | None) -> Any:
-    if saved is None:
+def _saved_leaf(path: tree_lib.KeyPath, leaf: Any, saved: dict) -> Any:
+    if saved.get("type") not in _FRAMEWORK_TYPES:
         return leaf
     host = leaves_lib.to_host(path, leaf)
     meta = {key: value for key, value in host.meta.items() if key not in _SAVED_AS}
@@ -286,7 +284,7 @@ def _check_same(source: dict[str, Any], copy: dict[str, Any], where: Path) -> in
     count = 0
     for name, tree in source.items():
         want, got = tree_lib.flatten(tree), tree_lib.flatten(copy.get(name))
-        if tree_lib.leaf_paths(want[0]) != tree_lib.leaf_paths(got[0]):
+        if tree_lib.to_text(want[0]) != tree_lib.to_text(got[0]):
             raise CheckpointCorruptedError(f"{where}: the converted {name!r} has another tree than its source",
                                            path=where)
         for (path, a), (_, b) in zip(want[1], got[1]):

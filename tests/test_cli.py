@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 import pytest
@@ -599,6 +600,36 @@ def test_convert_without_torch_keeps_torch_tensors_torch_tensors(tmp_path):
     copy = ckpt.load(tmp_path / "copy" / "1")
     assert isinstance(copy["t"], torch.Tensor) and copy["t"].dtype == torch.bfloat16 and copy["t"].tolist() == [0, 1, 2, 3]
     assert type(copy["n"]) is np.ndarray
+
+
+class Moments(NamedTuple):
+    mu: Any
+    count: Any
+
+
+class NoState(NamedTuple):
+    """A state without fields (as optax's EmptyState)."""
+
+
+def test_convert_keeps_namedtuples_and_the_leaves_under_them_as_saved(tmp_path):
+    """A tree loaded without an abstract tree has dicts for namedtuples and None for empty ones: the copy held
+    those (keys ['mu'] for .mu, a None leaf), and a leaf under a namedtuple lost what it was saved as, matched
+    by a key path the loaded tree no longer had (a torch tensor, converted where torch is not, became numpy)."""
+    torch = pytest.importorskip("torch")
+    state = (Moments(mu={"w": torch.arange(4, dtype=torch.bfloat16)}, count=np.int32(3)), NoState())
+    with ckpt.Checkpointer(tmp_path / "run") as ckptr:
+        ckptr.save(1, state, force=True)
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from ckpt.convert import convert_root\n"
+            "print([done.step for done in convert_root(sys.argv[1], sys.argv[2])])")
+    result = procs.run_script(code, str(tmp_path / "run"), str(tmp_path / "copy"))
+    assert result.returncode == 0 and "[1]" in result.stdout, result.stdout + result.stderr
+
+    assert str(ckpt.metadata(tmp_path / "copy" / "1").metadata) == str(ckpt.metadata(tmp_path / "run" / "1").metadata)
+    assert (tmp_path / "copy" / "1" / fmt.TREE).read_text().count('"NoState"') == 1
+    copy = ckpt.load(tmp_path / "copy" / "1", state)
+    assert type(copy[0]) is Moments and copy[1] == NoState()
+    assert isinstance(copy[0].mu["w"], torch.Tensor) and copy[0].mu["w"].dtype == torch.bfloat16
 
 
 def test_convert_of_a_root_holding_a_damaged_step_of_ckpts_stops_before_writing(root, tmp_path, capsys):

@@ -126,17 +126,17 @@ def convert_root(source: str | os.PathLike, destination: str | os.PathLike) -> I
         where = "is the root being converted" if real_destination == real_source else (
             f"lies in the root being converted ({source})")
         raise ValueError(f"{destination} {where}; convert into a new directory outside it")
-    done = _converted_before(destination, steps) if destination.exists() else set()
+    done = _converted_before(destination, steps, source) if destination.exists() else set()
     return _convert_steps(steps, source, destination, done)
 
 
-def _converted_before(destination: Path, steps: list[tuple[int, Path]]) -> set[str]:
+def _converted_before(destination: Path, steps: list[tuple[int, Path]], source: Path) -> set[str]:
     """The names of the steps a convert of the same source, killed before it could clean up, committed in
-    ``destination``: the rest of what it may have left there is ckpt's own (its lock, the root's metadata,
-    a temporary of the step it was writing). Empty for an empty directory.
+    ``destination``: the rest of what it may have left there is ckpt's own (its lock, the root's metadata
+    it copied from ``source``, a temporary of the step it was writing). Empty for an empty directory.
 
     Raises:
-      FileExistsError: ``destination`` holds anything else.
+      FileExistsError: ``destination`` holds anything else (another run's root metadata included).
     """
     names = {path.name for _, path in steps}
     done = set()
@@ -144,11 +144,22 @@ def _converted_before(destination: Path, steps: list[tuple[int, Path]]) -> set[s
         entry = destination / name
         if name in names and root_lib.classify(entry, None).kind is root_lib.Kind.STEP:
             done.add(name)
-        elif name not in (fmt.LOCK, fmt.ROOT_METADATA) and not (
+        elif name == fmt.ROOT_METADATA and _copied_root_metadata(entry, source):
+            continue
+        elif name != fmt.LOCK and not (
                 name.endswith(fmt.TMP_SUFFIX) and root_lib.classify_temporary(entry).kind is root_lib.Kind.TEMPORARY):
             raise FileExistsError(f"{destination} is not empty (it holds {name!r}, not left by a convert of these "
                                   "steps); convert into a new directory")
     return done
+
+
+def _copied_root_metadata(path: Path, source: Path) -> bool:
+    """Whether ``path`` (a destination's ckpt-root.json) holds what a convert of ``source`` writes there."""
+    custom = formats.root_custom_metadata(source)
+    try:
+        return custom is not None and storage.read_json_bytes(path) == fmt.root_metadata_bytes(custom)
+    except (OSError, ValueError):  # not a file ckpt reads, or metadata a convert could not have written
+        return False
 
 
 def _convert_steps(steps: list[tuple[int, Path]], source: Path, destination: Path, done: set[str]) -> Iterator[Converted]:

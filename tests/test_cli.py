@@ -559,6 +559,23 @@ def test_a_convert_into_the_copy_of_another_run_with_the_same_steps_exits_2_sayi
     np.testing.assert_array_equal(ckpt.load(tmp_path / "copy" / "1")["w"], np.full(3, 1.0))
 
 
+def test_a_convert_into_the_root_of_another_run_holding_its_metadata_exits_2_and_keeps_it(tmp_path, capsys):
+    """The destination's root metadata (another run's, of a Checkpointer opened there) was taken for the one a
+    convert killed before had copied: the converted root's metadata was that run's, not its source's."""
+    with ckpt.Checkpointer(tmp_path / "run", custom_metadata={"run": "a", "loss": float("nan")}) as ckptr:
+        ckptr.save(1, {"w": np.ones(2)}, force=True)
+    ckpt.Checkpointer(tmp_path / "other", custom_metadata={"run": "b"}).close()
+
+    status, _, err = run_cli(capsys, "convert", tmp_path / "run", tmp_path / "other")
+    assert status == 2 and f"{tmp_path / 'other'} is not empty (it holds 'ckpt-root.json'" in err
+    with ckpt.Checkpointer(tmp_path / "other") as other:
+        assert other.root_metadata().custom_metadata == {"run": "b"} and other.latest is None
+    assert run_cli(capsys, "convert", tmp_path / "run", tmp_path / "copy")[0] == 0
+    assert run_cli(capsys, "convert", tmp_path / "run", tmp_path / "copy")[0] == 0  # its own metadata: resumed
+    with ckpt.Checkpointer(tmp_path / "copy") as copy:
+        assert copy.root_metadata().custom_metadata["run"] == "a"
+
+
 def test_a_failed_convert_keeps_the_lock_file_it_found_in_its_destination(tmp_path, capsys):
     """The failed convert removed the lock file the finished convert before it had left: not as it found it."""
     converted_run_a_with_run_b_beside(tmp_path, capsys)

@@ -330,6 +330,22 @@ def test_hook_decides_before_touching_state_or_metrics_on_steps_it_skips(tmp_pat
         assert checkpointer.latest is None
 
 
+def test_hook_asks_flax_whether_a_leaf_is_an_nnx_object_once_per_type_not_once_per_leaf(tmp_path, no_preemption,
+                                                                                        monkeypatch):
+    """Each save of a Linen state asked nnx.graph.is_graph_node of every leaf (microseconds each, where flax.nnx
+    is imported): 0.27 s of blocking per save of 50,000 leaves, about as long as the save's own."""
+    asked = []
+    is_graph_node = nnx.graph.is_graph_node
+    monkeypatch.setattr(nnx.graph, "is_graph_node", lambda x: asked.append(type(x)) or is_graph_node(x))
+    state = {"params": {f"w{i}": np.full(2, i, np.float32) for i in range(1000)}, "step": jnp.int32(1),
+             "opt": (optax.EmptyState(), {"mu": jnp.zeros(2)})}
+    with Checkpointer(tmp_path) as checkpointer:
+        for step in (1, 2):
+            CheckpointHook(checkpointer, final_step=step)(step, state)
+        assert [c.step for c in checkpointer.checkpoints] == [1, 2]
+    assert len(asked) == len(set(asked)) <= 6, asked[:10]  # (dict, ndarray, jax array, tuple, EmptyState)
+
+
 def test_hook_saves_due_steps_asynchronously_from_a_snapshot_with_metrics(tmp_path, no_preemption):
     policy = save_decision_policies.FixedIntervalPolicy(10)
     with Checkpointer(tmp_path, save_decision_policy=policy) as checkpointer:

@@ -260,6 +260,20 @@ def test_show_of_a_missing_step_exits_2_listing_the_steps(root, capsys):
     assert status == 2 and "no checkpoint at step 5" in err and "[0, 10, 20]" in err
 
 
+@pytest.mark.parametrize("command", ["show", "verify"])
+def test_show_and_verify_take_the_step_after_an_option_that_follows_the_directory(root, capsys, command):
+    """`ckpt show DIR --json STEP` exited 2 with 'unrecognized arguments: STEP': argparse gives the optional
+    STEP nothing once an option follows DIR."""
+    status, out, err = run_cli(capsys, command, root, "--json", "10")
+    assert status == 0, err
+    printed = json.loads(out)
+    assert (printed["step"] if command == "show" else [s["step"] for s in printed["steps"]]) == (
+        10 if command == "show" else [10])
+    with pytest.raises(SystemExit) as exited:  # still one step at most (argparse exits)
+        cli.main([command, str(root), "--json", "10", "20"])
+    assert exited.value.code == 2 and "unrecognized arguments: 20" in capsys.readouterr().err
+
+
 # -------------------------------------------------------------------------------------------- verify
 def test_verify_passes_an_intact_root_and_checks_every_byte(root, capsys):
     status, out, _ = run_cli(capsys, "verify", root, "--json")

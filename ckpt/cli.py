@@ -121,12 +121,13 @@ def _local_tier(directory: storage.Location, local: Path) -> tuple[list[_Step], 
     :func:`_scan`); nothing when it is missing (a new machine).
 
     Raises:
-      UsageError: ``local`` holds the local tier of another durable root (another run's steps), or ``directory``
-        is one checkpoint, not a root.
+      UsageError: ``local`` is ``directory`` itself or holds the local tier of another durable root (another run's
+        steps), or ``directory`` is one checkpoint, not a root.
     """
     if _is_step_dir(directory):
         raise UsageError(f"{directory} is one checkpoint, not the durable root of two tiers; drop --local")
-    try:
+    try:  # the root itself, or another run's steps, are not this root's local tier
+        tiers.check_apart(local, directory)
         tiers.check_owner(local, str(directory))
     except ValueError as e:
         raise UsageError(f"--local {e}") from None
@@ -519,19 +520,34 @@ def convert_root(source: storage.Location, destination: storage.Location, *, as_
 
 
 # ------------------------------------------------------------------------------------------ main
-def _parser() -> argparse.ArgumentParser:
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The command line's arguments. A command's options may come anywhere after it (``ckpt show DIR --json
+    STEP``): argparse gives an optional positional (STEP) nothing once an option follows DIR, so a command line
+    it leaves arguments of is parsed again by the command's own parser, options and positionals intermixed."""
+    parser, commands = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if not extra:
+        return args
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return commands[args.command].parse_intermixed_args(argv[argv.index(args.command) + 1:],
+                                                        argparse.Namespace(command=args.command))
+
+
+def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The ``ckpt`` parser, and the parser of each of its commands."""
     parser = argparse.ArgumentParser(prog="ckpt", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("--version", action="version", version=f"ckpt {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    by_name = {}
     for name, text, has_step in [
         ("ls", "list the steps of a checkpoint root", False),
         ("show", "show the saved trees of a step (default: the latest)", True),
         ("verify", "re-read a step's data and check its checksums (default: every step)", True),
         ("convert", "copy every step of DIR (ckpt's or Orbax's) into the new ckpt root DST, checking each", False),
     ]:
-        command = commands.add_parser(name, help=text, description=text)
+        command = by_name[name] = commands.add_parser(name, help=text, description=text)
         command.add_argument("directory", metavar="DIR",
                              help="a checkpoint root (local)" if name == "convert" else
                              "a checkpoint root or one step directory (local, s3:// or gs://)")
@@ -546,7 +562,7 @@ def _parser() -> argparse.ArgumentParser:
                                                             "show": "the step of either tier (a step in both: its "
                                                                     "local copy, which a load reads first)",
                                                             "verify": "check every copy on either tier"}[name])
-    return parser
+    return parser, by_name
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -558,7 +574,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         main(["ls", "runs/exp1"])           # prints the steps of runs/exp1
         main(["verify", "runs/exp1", "100"])
     """
-    args = _parser().parse_args(argv)
+    args = _parse(argv)
     progress.enable()
     try:
         directory = storage.location(args.directory)

@@ -1,9 +1,10 @@
 """Copies a root of steps (Orbax's or ckpt's) into a new ckpt root, step by step (``ckpt convert``).
 
 The root keeps its custom metadata; each step keeps its directory name, metrics, custom metadata and
-times, and its trees as saved (jax arrays stay jax arrays, typed keys typed keys, an Orbax
-``EmptyState``'s None stays None and is received by an ``EmptyState`` again). Each converted step is read back and compared with its source,
-leaf by leaf and byte for byte, before the next one is converted.
+times, and its trees as saved (their structure, namedtuples and pytree nodes with their names, an Orbax
+``EmptyState``'s None, which an ``EmptyState`` receives again; jax arrays stay jax arrays with their sharding,
+typed keys typed keys). Each converted step is read back and compared with its source, structure and
+leaves, byte for byte, before the next one is converted.
 
 Example::
 
@@ -79,8 +80,8 @@ def convert_root(source: str | os.PathLike, destination: str | os.PathLike) -> I
     again: the steps it committed are checked against their source and kept.
 
     Raises:
-      ValueError: ``source`` or ``destination`` is not a local directory, or they are one directory, or
-        ``destination`` is (or lies in) a directory named like a temporary of ckpt's.
+      ValueError: ``source`` or ``destination`` is not a local directory, or ``destination`` is ``source`` or
+        lies in it, or is (or lies in) a directory named like a temporary of ckpt's.
       FileExistsError: ``destination`` holds anything but what a convert of the same steps left, or is not
         a directory (before anything is written).
       RootDirectoryError: ``destination`` lies below a file or a symbolic link loop (raised by the iterator,
@@ -120,19 +121,22 @@ def convert_root(source: str | os.PathLike, destination: str | os.PathLike) -> I
     steps = steps_of(source) if source.is_dir() else []
     if not steps:
         raise FileNotFoundError(f"{source} holds no checkpoint steps to convert")
-    if destination.exists() and os.path.samefile(source, destination):
-        raise ValueError(f"{destination} is the root being converted; convert into a new directory")
-    done = _converted_before(destination, steps) if destination.exists() else set()
+    real_source, real_destination = Path(os.path.realpath(source)), Path(os.path.realpath(destination))
+    if real_destination.is_relative_to(real_source):  # (an entry of the root: at a step's name, in that step's way)
+        where = "is the root being converted" if real_destination == real_source else (
+            f"lies in the root being converted ({source})")
+        raise ValueError(f"{destination} {where}; convert into a new directory outside it")
+    done = _converted_before(destination, steps, source) if destination.exists() else set()
     return _convert_steps(steps, source, destination, done)
 
 
-def _converted_before(destination: Path, steps: list[tuple[int, Path]]) -> set[str]:
+def _converted_before(destination: Path, steps: list[tuple[int, Path]], source: Path) -> set[str]:
     """The names of the steps a convert of the same source, killed before it could clean up, committed in
-    ``destination``: the rest of what it may have left there is ckpt's own (its lock, the root's metadata,
-    a temporary of the step it was writing). Empty for an empty directory.
+    ``destination``: the rest of what it may have left there is ckpt's own (its lock, the root's metadata
+    it copied from ``source``, a temporary of the step it was writing). Empty for an empty directory.
 
     Raises:
-      FileExistsError: ``destination`` holds anything else.
+      FileExistsError: ``destination`` holds anything else (another run's root metadata included).
     """
     names = {path.name for _, path in steps}
     done = set()
@@ -140,11 +144,22 @@ def _converted_before(destination: Path, steps: list[tuple[int, Path]]) -> set[s
         entry = destination / name
         if name in names and root_lib.classify(entry, None).kind is root_lib.Kind.STEP:
             done.add(name)
-        elif name not in (fmt.LOCK, fmt.ROOT_METADATA) and not (
+        elif name == fmt.ROOT_METADATA and _copied_root_metadata(entry, source):
+            continue
+        elif name != fmt.LOCK and not (
                 name.endswith(fmt.TMP_SUFFIX) and root_lib.classify_temporary(entry).kind is root_lib.Kind.TEMPORARY):
             raise FileExistsError(f"{destination} is not empty (it holds {name!r}, not left by a convert of these "
                                   "steps); convert into a new directory")
     return done
+
+
+def _copied_root_metadata(path: Path, source: Path) -> bool:
+    """Whether ``path`` (a destination's ckpt-root.json) holds what a convert of ``source`` writes there."""
+    custom = formats.root_custom_metadata(source)
+    try:
+        return custom is not None and storage.read_json_bytes(path) == fmt.root_metadata_bytes(custom)
+    except (OSError, ValueError):  # not a file ckpt reads, or metadata a convert could not have written
+        return False
 
 
 def _convert_steps(steps: list[tuple[int, Path]], source: Path, destination: Path, done: set[str]) -> Iterator[Converted]:
@@ -251,26 +266,23 @@ _SAVED_AS = ("type", "sharding", "impl", "key_shape")  # what a framework's leaf
 _FRAMEWORK_TYPES = ("jax", "jax_key", "torch")
 
 
-def _as_saved(step_dir: Path, trees: dict[str, Any]) -> dict[str, Any]:
-    """``trees``, loaded from ``step_dir``, with each jax array, typed key and torch tensor as the leaf it
-    was saved as (a ``HostLeaf``: its type, saved sharding and key implementation, and its bytes), which
-    this process may not be able to restore: without jax or torch it loads as numpy, without the saved
-    mesh's devices on the default device."""
+def _as_saved(step_dir: Path, trees: dict[str, Any]) -> dict[str, tree_lib.Stored]:
+    """``trees``, loaded from ``step_dir`` without an abstract tree, as the step stores them: each with its
+    saved structure (namedtuples and pytree nodes, which such a load gives as dicts or None), and each jax
+    array, typed key and torch tensor as the leaf it was saved as (a ``HostLeaf``: its type, saved sharding
+    and key implementation, and its bytes), which this process may not be able to restore: without jax or
+    torch it loads as numpy, without the saved mesh's devices on the default device."""
     docs = formats.trees(step_dir, list(trees))
     out = {}
     for name, tree in trees.items():
-        saved = {meta["path"]: meta for meta in docs[name]["leaves"] if meta.get("type") in _FRAMEWORK_TYPES}
-        if not saved:
-            out[name] = tree
-            continue
-        node, flat = tree_lib.flatten(tree)
-        out[name] = tree_lib.unflatten(node, iter([_saved_leaf(path, leaf, saved.get(tree_lib.keystr(path)))
-                                                   for path, leaf in flat]))
+        node = tree_lib.from_json(docs[name]["tree"])
+        leaves = zip(tree_lib.leaf_paths(node), tree_lib.stored_leaves(node, tree), docs[name]["leaves"])
+        out[name] = tree_lib.Stored(node, [_saved_leaf(path, leaf, saved) for path, leaf, saved in leaves])
     return out
 
 
-def _saved_leaf(path: tree_lib.KeyPath, leaf: Any, saved: dict | None) -> Any:
-    if saved is None:
+def _saved_leaf(path: tree_lib.KeyPath, leaf: Any, saved: dict) -> Any:
+    if saved.get("type") not in _FRAMEWORK_TYPES:
         return leaf
     host = leaves_lib.to_host(path, leaf)
     meta = {key: value for key, value in host.meta.items() if key not in _SAVED_AS}
@@ -283,7 +295,7 @@ def _check_same(source: dict[str, Any], copy: dict[str, Any], where: Path) -> in
     count = 0
     for name, tree in source.items():
         want, got = tree_lib.flatten(tree), tree_lib.flatten(copy.get(name))
-        if tree_lib.leaf_paths(want[0]) != tree_lib.leaf_paths(got[0]):
+        if tree_lib.to_text(want[0]) != tree_lib.to_text(got[0]):
             raise CheckpointCorruptedError(f"{where}: the converted {name!r} has another tree than its source",
                                            path=where)
         for (path, a), (_, b) in zip(want[1], got[1]):

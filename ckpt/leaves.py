@@ -117,6 +117,10 @@ def _check_jax_array(path: KeyPath, x: Any, jax: Any) -> None:
     if x.is_deleted():
         raise ValueError(f"jax array at {where} has been deleted (donated to a jitted function, or .delete()): "
                          "save the array the function returned in its place")
+    unreduced = getattr(getattr(x.sharding, "spec", None), "unreduced", None)  # (older jax has none)
+    if unreduced:
+        raise TypeError(f"jax array at {where} is unreduced over the mesh axes {sorted(unreduced)} (each device holds "
+                        "a partial sum, not its values): reduce it first (jax.lax.psum, or jax.sharding.reshard)")
     _check_ndim(path, x.shape, "jax array")
 
 

@@ -4,7 +4,8 @@ the devices of the caller's ``jax.set_mesh`` mesh (:func:`on_devices`).
 
 The JSON is ``{"mesh_shape": [2, 4], "axis_names": ["x", "y"], "axis_types": ["Explicit", "Explicit"],
 "device_ids": [0, ..., 7], "spec": ["x", null, ["x", "y"]]}`` (``axis_types``, the mesh's
-``jax.sharding.AxisType`` names, is absent from older steps: jax's default then). The mesh's axis types
+``jax.sharding.AxisType`` names, is absent from older steps: jax's default then), with ``"reduced": ["y"]``
+for a spec whose ``reduced`` set names mesh axes. The mesh's axis types
 are part of it because jax refuses to combine arrays whose meshes differ in them (``jax.make_mesh``
 makes Explicit axes, ``Mesh(...)`` Auto ones). It is restored only when every device id is one of this
 process's jax devices; otherwise (another topology, or a malformed entry) the array goes to the
@@ -32,10 +33,13 @@ def describe(sharding: Any) -> dict | None:
     jax = sys.modules["jax"]
     if not isinstance(sharding, jax.sharding.NamedSharding):
         return None
-    mesh = sharding.mesh
-    return {"mesh_shape": list(mesh.devices.shape), "axis_names": list(mesh.axis_names),
-            "axis_types": [t.name for t in mesh.axis_types], "device_ids": [int(d.id) for d in mesh.devices.flat],
-            "spec": [p if p is None or isinstance(p, str) else list(p) for p in sharding.spec]}
+    mesh, spec = sharding.mesh, sharding.spec
+    doc = {"mesh_shape": list(mesh.devices.shape), "axis_names": list(mesh.axis_names),
+           "axis_types": [t.name for t in mesh.axis_types], "device_ids": [int(d.id) for d in mesh.devices.flat],
+           "spec": [p if p is None or isinstance(p, str) else list(p) for p in getattr(spec, "partitions", spec)]}
+    if getattr(spec, "reduced", None):  # (older jax has no reduced axes)
+        doc["reduced"] = sorted(spec.reduced)
+    return doc
 
 
 def restore(doc: Any, *, warn: bool = True) -> Any:
@@ -44,7 +48,8 @@ def restore(doc: Any, *, warn: bool = True) -> Any:
     try:
         types = doc.get("axis_types")
         key = (tuple(doc["mesh_shape"]), tuple(doc["axis_names"]), None if types is None else tuple(types),
-               tuple(doc["device_ids"]), tuple(p if p is None or isinstance(p, str) else tuple(p) for p in doc["spec"]))
+               tuple(doc["device_ids"]), tuple(p if p is None or isinstance(p, str) else tuple(p) for p in doc["spec"]),
+               tuple(doc.get("reduced", ())))
         return _build(key)
     except (TypeError, ValueError, KeyError, AttributeError) as e:
         if not warn:
@@ -57,7 +62,7 @@ def restore(doc: Any, *, warn: bool = True) -> Any:
 @functools.lru_cache(maxsize=256)
 def _build(key: tuple) -> Any:
     jax = sys.modules["jax"]
-    mesh_shape, axis_names, axis_types, device_ids, spec = key
+    mesh_shape, axis_names, axis_types, device_ids, spec, reduced = key
     by_id = {d.id: d for d in jax.devices()}
     missing = [i for i in device_ids if i not in by_id]
     if missing:
@@ -66,7 +71,9 @@ def _build(key: tuple) -> Any:
     devices[:] = [by_id[i] for i in device_ids]
     types = None if axis_types is None else tuple(jax.sharding.AxisType[name] for name in axis_types)
     mesh = jax.sharding.Mesh(devices.reshape(mesh_shape), axis_names, axis_types=types)
-    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+    partition_spec = jax.sharding.PartitionSpec(*spec, reduced=frozenset(reduced)) if reduced else (
+        jax.sharding.PartitionSpec(*spec))
+    return jax.sharding.NamedSharding(mesh, partition_spec)
 
 
 def on_devices(sharding: Any) -> Any:

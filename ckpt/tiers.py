@@ -203,6 +203,17 @@ def local_directory(directory: str | os.PathLike) -> Path:
     return storage.location(directory)
 
 
+def check_apart(directory: Path, durable: storage.Location) -> None:
+    """Refuses a local tier's directory that is the durable root itself (each step would be in both tiers).
+
+    Raises:
+      ValueError: ``directory`` is ``durable`` (named as it was given).
+    """
+    if isinstance(durable, Path) and os.path.realpath(directory) == os.path.realpath(durable):
+        raise ValueError(f"the local tier's directory is the root itself ({durable}): give it a directory of its own "
+                         "(on a local disk), or leave local out")
+
+
 def check_owner(directory: Path, durable: str) -> None:
     """Refuses a local directory that holds the local tier of another durable root than ``durable`` (a run
     before, on the same machine), whose steps are not this run's. The first Checkpointer of a local

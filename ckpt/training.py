@@ -107,10 +107,8 @@ class Checkpointer:
         if custom_metadata is not None:
             fmt.stored_json(custom_metadata, "custom_metadata")
         self._directory = storage.location(directory)
-        if local is not None and isinstance(self._directory, Path) and (
-                os.path.realpath(storage.location(local.directory)) == os.path.realpath(self._directory)):
-            raise ValueError(f"the local tier's directory is the root itself ({self._directory}): give it a "
-                             "directory of its own (on a local disk), or leave local out")
+        if local is not None:
+            tiers.check_apart(storage.location(local.directory), self._directory)
         self._context = context or Context()
         options = self._ctx
         options.multiprocessing_options.check()

@@ -52,6 +52,17 @@ class Node:
 LEAF = Node("leaf")  # every leaf's node: nodes are never changed once built
 
 
+@dataclasses.dataclass(frozen=True)
+class Stored:
+    """A tree given as a step stores it: its structure (read from tree.json, :func:`from_json`) and its
+    leaves in flatten order. :func:`flatten` gives back that very structure, namedtuples, pytree nodes and
+    their names included, which a tree loaded without an abstract tree no longer has (``ckpt convert``).
+    """
+
+    node: Node
+    leaves: list[Any]
+
+
 def keystr(path: KeyPath) -> str:
     """Renders a key path the way jax does: ``['params']['w']``, ``[0]``, ``.count``."""
     return "".join(map(_entry_str, path))
@@ -94,7 +105,7 @@ def _jax_children(x: Any) -> tuple[list[KeyEntry], list[Any], Any] | None:
         return None
     tree_util = jax.tree_util
     flat, treedef = tree_util.tree_flatten_with_path(x, is_leaf=lambda node: node is not x)
-    if tree_util.treedef_is_leaf(treedef):
+    if treedef.num_leaves == 1 and tree_util.treedef_is_leaf(treedef):  # (a node without children has no leaf)
         return None
     keys, children = [], []
     for path, child in flat:
@@ -126,6 +137,8 @@ def flatten(tree: Any, *, prefix: KeyPath = ()) -> tuple[Node, list[tuple[KeyPat
       TypeError: a dict key (or a registered pytree's) that is neither str nor int (named by its key path).
       ValueError: a tree nested deeper than Python's recursion allows, or one that holds itself.
     """
+    if type(tree) is Stored:
+        return tree.node, list(zip(leaf_paths(tree.node, prefix), tree.leaves))
     leaves: list[tuple[KeyPath, Any]] = []
 
     def check_key(k: Any, path: KeyPath) -> None:
@@ -301,6 +314,17 @@ def leaf_order(a: Node, b: Node) -> list[int] | None:
         return True
 
     return out if visit(a, b, 0) else None
+
+
+def stored_leaves(node: Node, tree: Any) -> list[Any]:
+    """The leaves of ``tree``, which :func:`unflatten` built from ``node`` (a structure read from a manifest,
+    so of plain containers), in flatten order: a typed node without children, loaded as None, has none."""
+    if node.kind == "leaf":
+        return [tree]
+    if not node.children:
+        return []
+    values = tree.values() if isinstance(tree, dict) else tree
+    return [leaf for child, value in zip(node.children, values) for leaf in stored_leaves(child, value)]
 
 
 def leaf_paths(node: Node, prefix: KeyPath = ()) -> list[KeyPath]:

@@ -750,6 +750,46 @@ def test_loading_without_a_tree_keeps_the_saved_meshs_axis_types_so_the_arrays_c
     assert result.returncode == 0 and "AXIS-TYPES-OK" in result.stdout, result.stdout + result.stderr
 
 
+REDUCED_AXES = r"""
+import os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+import jax, jax.numpy as jnp, numpy as np
+import ckpt
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+if not hasattr(P(), "reduced"):
+    print("REDUCED-OK (this jax has no reduced axes)")
+    sys.exit(0)
+mesh = jax.make_mesh((2, 2), ("x", "y"))
+x = jax.device_put(jnp.arange(32.0).reshape(8, 4), NamedSharding(mesh, P("x", reduced={"y"})))
+ckpt.save(os.path.join(sys.argv[1], "reduced"), {"x": x})
+loaded = ckpt.load(os.path.join(sys.argv[1], "reduced"))["x"]
+assert loaded.sharding == x.sharding, loaded.sharding
+np.testing.assert_array_equal(np.asarray(loaded), np.asarray(x))
+try:
+    unreduced = jax.device_put(jnp.arange(32.0).reshape(8, 4), NamedSharding(mesh, P("x", unreduced={"y"})))
+except Exception:  # (a jax that cannot make one here)
+    pass
+else:
+    try:
+        ckpt.save(os.path.join(sys.argv[1], "unreduced"), {"params": {"w": unreduced}})
+    except TypeError as e:
+        assert "['params']['w'] is unreduced over the mesh axes ['y']" in str(e), e
+    else:
+        raise AssertionError("saved an unreduced array")
+    assert not os.path.exists(os.path.join(sys.argv[1], "unreduced"))
+print("REDUCED-OK")
+"""
+
+
+def test_a_sharding_with_reduced_axes_round_trips_and_an_unreduced_array_is_refused_naming_its_key_path(tmp_path):
+    """Both raised jax's ValueError ('Using *pspec is dangerous when PartitionSpec has non-empty unreduced/reduced
+    set') from the save, naming no leaf; an unreduced array holds partial sums, not its values."""
+    pytest.importorskip("jax")
+    result = procs.run_script(REDUCED_AXES, str(tmp_path), timeout=120, JAX_PLATFORMS="cpu")
+    assert result.returncode == 0 and "REDUCED-OK" in result.stdout, result.stdout + result.stderr
+
+
 DEFAULT_DEVICE = r"""
 import os, sys
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 import pytest
@@ -259,6 +260,20 @@ def test_show_of_a_missing_step_exits_2_listing_the_steps(root, capsys):
     assert status == 2 and "no checkpoint at step 5" in err and "[0, 10, 20]" in err
 
 
+@pytest.mark.parametrize("command", ["show", "verify"])
+def test_show_and_verify_take_the_step_after_an_option_that_follows_the_directory(root, capsys, command):
+    """`ckpt show DIR --json STEP` exited 2 with 'unrecognized arguments: STEP': argparse gives the optional
+    STEP nothing once an option follows DIR."""
+    status, out, err = run_cli(capsys, command, root, "--json", "10")
+    assert status == 0, err
+    printed = json.loads(out)
+    assert (printed["step"] if command == "show" else [s["step"] for s in printed["steps"]]) == (
+        10 if command == "show" else [10])
+    with pytest.raises(SystemExit) as exited:  # still one step at most (argparse exits)
+        cli.main([command, str(root), "--json", "10", "20"])
+    assert exited.value.code == 2 and "unrecognized arguments: 20" in capsys.readouterr().err
+
+
 # -------------------------------------------------------------------------------------------- verify
 def test_verify_passes_an_intact_root_and_checks_every_byte(root, capsys):
     status, out, _ = run_cli(capsys, "verify", root, "--json")
@@ -465,6 +480,20 @@ def test_convert_copies_the_steps_the_checkpointer_lists_and_never_follows_a_lin
     assert sorted(os.listdir(tmp_path / "copy")) == [fmt.LOCK, "0", "10", "20"]
 
 
+@pytest.mark.parametrize("inside", ["30", "copies/run"])
+def test_convert_into_a_directory_inside_the_root_it_converts_is_a_usage_error_and_writes_nothing(root, capsys,
+                                                                                                 inside):
+    """Into root/30, the copy took step 30's name in the run it copied: a Checkpointer saving step 30 there raised
+    ForeignEntryError."""
+    before = sorted(os.listdir(root))
+    status, _, err = run_cli(capsys, "convert", root, root / inside)
+    assert status == 2 and f"lies in the root being converted ({root})" in err
+    assert sorted(os.listdir(root)) == before
+    with ckpt.Checkpointer(root) as ckptr:
+        ckptr.save(30, {"w": np.ones(2)}, force=True)
+        assert [c.step for c in ckptr.checkpoints] == [0, 10, 20, 30]
+
+
 def test_convert_into_a_file_is_a_usage_error(root, tmp_path, capsys):
     (tmp_path / "file").write_text("a user's")
     status, _, err = run_cli(capsys, "convert", root, tmp_path / "file")
@@ -544,6 +573,23 @@ def test_a_convert_into_the_copy_of_another_run_with_the_same_steps_exits_2_sayi
     np.testing.assert_array_equal(ckpt.load(tmp_path / "copy" / "1")["w"], np.full(3, 1.0))
 
 
+def test_a_convert_into_the_root_of_another_run_holding_its_metadata_exits_2_and_keeps_it(tmp_path, capsys):
+    """The destination's root metadata (another run's, of a Checkpointer opened there) was taken for the one a
+    convert killed before had copied: the converted root's metadata was that run's, not its source's."""
+    with ckpt.Checkpointer(tmp_path / "run", custom_metadata={"run": "a", "loss": float("nan")}) as ckptr:
+        ckptr.save(1, {"w": np.ones(2)}, force=True)
+    ckpt.Checkpointer(tmp_path / "other", custom_metadata={"run": "b"}).close()
+
+    status, _, err = run_cli(capsys, "convert", tmp_path / "run", tmp_path / "other")
+    assert status == 2 and f"{tmp_path / 'other'} is not empty (it holds 'ckpt-root.json'" in err
+    with ckpt.Checkpointer(tmp_path / "other") as other:
+        assert other.root_metadata().custom_metadata == {"run": "b"} and other.latest is None
+    assert run_cli(capsys, "convert", tmp_path / "run", tmp_path / "copy")[0] == 0
+    assert run_cli(capsys, "convert", tmp_path / "run", tmp_path / "copy")[0] == 0  # its own metadata: resumed
+    with ckpt.Checkpointer(tmp_path / "copy") as copy:
+        assert copy.root_metadata().custom_metadata["run"] == "a"
+
+
 def test_a_failed_convert_keeps_the_lock_file_it_found_in_its_destination(tmp_path, capsys):
     """The failed convert removed the lock file the finished convert before it had left: not as it found it."""
     converted_run_a_with_run_b_beside(tmp_path, capsys)
@@ -585,6 +631,36 @@ def test_convert_without_torch_keeps_torch_tensors_torch_tensors(tmp_path):
     copy = ckpt.load(tmp_path / "copy" / "1")
     assert isinstance(copy["t"], torch.Tensor) and copy["t"].dtype == torch.bfloat16 and copy["t"].tolist() == [0, 1, 2, 3]
     assert type(copy["n"]) is np.ndarray
+
+
+class Moments(NamedTuple):
+    mu: Any
+    count: Any
+
+
+class NoState(NamedTuple):
+    """A state without fields (as optax's EmptyState)."""
+
+
+def test_convert_keeps_namedtuples_and_the_leaves_under_them_as_saved(tmp_path):
+    """A tree loaded without an abstract tree has dicts for namedtuples and None for empty ones: the copy held
+    those (keys ['mu'] for .mu, a None leaf), and a leaf under a namedtuple lost what it was saved as, matched
+    by a key path the loaded tree no longer had (a torch tensor, converted where torch is not, became numpy)."""
+    torch = pytest.importorskip("torch")
+    state = (Moments(mu={"w": torch.arange(4, dtype=torch.bfloat16)}, count=np.int32(3)), NoState())
+    with ckpt.Checkpointer(tmp_path / "run") as ckptr:
+        ckptr.save(1, state, force=True)
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from ckpt.convert import convert_root\n"
+            "print([done.step for done in convert_root(sys.argv[1], sys.argv[2])])")
+    result = procs.run_script(code, str(tmp_path / "run"), str(tmp_path / "copy"))
+    assert result.returncode == 0 and "[1]" in result.stdout, result.stdout + result.stderr
+
+    assert str(ckpt.metadata(tmp_path / "copy" / "1").metadata) == str(ckpt.metadata(tmp_path / "run" / "1").metadata)
+    assert (tmp_path / "copy" / "1" / fmt.TREE).read_text().count('"NoState"') == 1
+    copy = ckpt.load(tmp_path / "copy" / "1", state)
+    assert type(copy[0]) is Moments and copy[1] == NoState()
+    assert isinstance(copy[0].mu["w"], torch.Tensor) and copy[0].mu["w"].dtype == torch.bfloat16
 
 
 def test_convert_of_a_root_holding_a_damaged_step_of_ckpts_stops_before_writing(root, tmp_path, capsys):

@@ -15,7 +15,8 @@ optax = pytest.importorskip("optax")
 
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
+from flax import nnx, struct  # noqa: E402
+from flax.core import FrozenDict  # noqa: E402
 from flax.training import train_state  # noqa: E402
 
 import ckpt  # noqa: E402
@@ -184,6 +185,26 @@ def test_typed_and_raw_keys_bfloat16_params_and_int32_step_round_trip_exactly(ck
         assert_same_leaves(restored, state)
 
 
+@struct.dataclass
+class StaticOnly:
+    """A flax struct dataclass whose fields are all static: a pytree node without children."""
+
+    name: str = struct.field(pytree_node=False, default="adam")
+
+
+def test_registered_pytree_nodes_without_children_are_saved_and_restored_as_nodes(ckptr):
+    model = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
+    state = {"params": FrozenDict({"w": jnp.ones(2)}), "batch_stats": FrozenDict({}), "config": StaticOnly(),
+             "nnx_stats": nnx.state(model, nnx.BatchStat)}  # a filter that matches nothing: an empty nnx.State
+    ckptr.save(1, state, force=True)
+
+    restored = restore_train_state(ckptr, state)
+
+    assert jax.tree_util.tree_structure(restored) == jax.tree_util.tree_structure(state)
+    assert restored["batch_stats"] == FrozenDict({}) and restored["config"] == StaticOnly()
+    assert ckptr.load(1, None)["batch_stats"] is None  # without an abstract tree: as an optax EmptyState
+
+
 def test_restore_without_checkpoint_returns_target_unchanged(ckptr):
     target = create_state()
     model = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
@@ -307,6 +328,22 @@ def test_hook_decides_before_touching_state_or_metrics_on_steps_it_skips(tmp_pat
 
         assert [hook(step, state, metrics) for step in range(1, 10)] == [False] * 9
         assert checkpointer.latest is None
+
+
+def test_hook_asks_flax_whether_a_leaf_is_an_nnx_object_once_per_type_not_once_per_leaf(tmp_path, no_preemption,
+                                                                                        monkeypatch):
+    """Each save of a Linen state asked nnx.graph.is_graph_node of every leaf (microseconds each, where flax.nnx
+    is imported): 0.27 s of blocking per save of 50,000 leaves, about as long as the save's own."""
+    asked = []
+    is_graph_node = nnx.graph.is_graph_node
+    monkeypatch.setattr(nnx.graph, "is_graph_node", lambda x: asked.append(type(x)) or is_graph_node(x))
+    state = {"params": {f"w{i}": np.full(2, i, np.float32) for i in range(1000)}, "step": jnp.int32(1),
+             "opt": (optax.EmptyState(), {"mu": jnp.zeros(2)})}
+    with Checkpointer(tmp_path) as checkpointer:
+        for step in (1, 2):
+            CheckpointHook(checkpointer, final_step=step)(step, state)
+        assert [c.step for c in checkpointer.checkpoints] == [1, 2]
+    assert len(asked) == len(set(asked)) <= 6, asked[:10]  # (dict, ndarray, jax array, tuple, EmptyState)
 
 
 def test_hook_saves_due_steps_asynchronously_from_a_snapshot_with_metrics(tmp_path, no_preemption):

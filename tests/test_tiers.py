@@ -573,6 +573,13 @@ def test_ckpt_ls_refuses_a_local_tier_of_another_durable_root_as_the_checkpointe
     assert json.loads(capsys.readouterr().out)["latest"] == 2
 
 
+def test_ckpt_ls_refuses_the_root_itself_as_its_local_tier_as_the_checkpointer_does(tmp_path, capsys):
+    ckpt.save(tmp_path / "run" / "1", {"w": np.zeros(2)})
+    for local in (tmp_path / "run", tmp_path / "x" / ".." / "run"):
+        assert cli.main(["ls", str(tmp_path / "run"), "--local", str(local)]) == 2  # was: 0, step 1 in both tiers
+        assert f"the local tier's directory is the root itself ({tmp_path / 'run'})" in capsys.readouterr().err
+
+
 def test_a_failed_local_save_of_a_step_to_promote_is_raised_once(tmp_path):
     """Its failure was kept by both writers, the local save's and the promotion's that waited for it: raised
     by the next save or wait, then again by the one after (a loop that had handled it died at close)."""

@@ -21,12 +21,23 @@ import jax
 
 def is_nnx_object(x: Any) -> bool:
     """True for an NNX graph object (a Module, an Optimizer, Rngs), False for a Variable or anything else."""
-    nnx = sys.modules.get("flax.nnx")
-    return nnx is not None and nnx.graph.is_graph_node(x) and not isinstance(x, nnx.Variable)
+    kind = type(x)
+    found = _NNX_TYPES.get(kind)
+    if found is None:  # (asked once per type: flax's test costs microseconds, a save asks it of every leaf)
+        nnx = sys.modules.get("flax.nnx")
+        found = nnx is not None and nnx.graph.is_graph_node(x) and not isinstance(x, nnx.Variable)
+        if nnx is not None:
+            _NNX_TYPES[kind] = found
+    return found
+
+
+_NNX_TYPES: dict[type, bool] = {}  # whether the objects of a type are NNX objects (a type's own property)
 
 
 def contains_nnx_objects(tree: Any) -> bool:
-    """True when some node of ``tree`` is an NNX object."""
+    """True when some node of ``tree`` is an NNX object (never when ``flax.nnx`` is not imported)."""
+    if "flax.nnx" not in sys.modules:
+        return False
     return any(is_nnx_object(leaf) for leaf in jax.tree.leaves(tree, is_leaf=is_nnx_object))
 
 

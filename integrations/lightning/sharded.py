@@ -30,6 +30,19 @@ def is_sharded(trainer: Any) -> bool:
     return any(dtensor.is_dtensor(p) for p in trainer.lightning_module.parameters())
 
 
+def check_strategy(trainer: Any) -> None:
+    """Raises ValueError, on every rank, for a sharded model whose strategy gives its state to rank 0 alone:
+    ``ModelParallelStrategy(save_distributed_checkpoint=False)`` gathers the whole model and optimizer
+    state there (for a checkpoint file of Lightning's own) and none to the other ranks, where the
+    callback saves and restores each rank's shards (its first save would find the ranks' trees differ)."""
+    if is_sharded(trainer) and not getattr(trainer.strategy, "_save_distributed_checkpoint", True):
+        raise ValueError(
+            f"{type(trainer.strategy).__name__}(save_distributed_checkpoint=False) gives the state of the sharded "
+            "model and its optimizers to rank 0 alone, whole, and none to the other ranks; CheckpointCallback saves "
+            "each rank's shards (and restores them at any number of devices): leave save_distributed_checkpoint at "
+            "its default, True (load_weights reads the full weights of a step into a plain model)")
+
+
 def load(trainer: Any, path: str) -> dict[str, Any]:
     """The ``"model"`` and ``"trainer"`` checkpointables of step ``path``, the model's and optimizers'
     tensors as DTensors shaped like this run's (each rank reads its own shards), the rest as saved."""

@@ -76,6 +76,21 @@ class SingleProcess:
         return {}
 
 
+class OwnPart(SingleProcess):
+    """One process of a job saving its own part of the job's state alone (its local tier, see
+    :mod:`ckpt.tiers`): of an array spread over the job's processes, its steps hold this process's shards
+    only, which a step that every process saves puts together. (:class:`SingleProcess` refuses such an
+    array: a step that lacks some of its shards cannot be loaded.)
+
+    Example::
+
+        part = ckpt.distributed.OwnPart()             # what a local tier of a multi-process job saves with
+        assert (part.index, part.count, part.partial) == (0, 1, True)
+    """
+
+    partial = True
+
+
 class JaxProcesses:
     """Coordination through the JAX distributed service (``jax.distributed.initialize``).
 

@@ -56,3 +56,19 @@ def test_a_model_parallel_strategy_giving_the_state_to_rank_0_alone_is_refused_o
     assert code != 0 and "ValueError: ModelParallelStrategy(save_distributed_checkpoint=False) gives the state" in out, out
     assert "TreeMismatchError" not in out and "step 1 train_loss" not in out, out  # before any training step
     assert steps_in(tmp_path / "ckpt") == []
+
+
+def test_a_model_parallel_run_whose_module_shards_nothing_resumes_its_weights_and_optimizer(tmp_path):
+    """A configure_model that leaves the parameters plain (a small model): the resume restored the loops alone,
+    and went on from step 8 with the freshly initialized weights and an empty optimizer state."""
+    flags = ("--model-parallel", "2", "--unsharded", "--policy", "every:4", "--dir", str(tmp_path / "ckpt"),
+             "--out", str(tmp_path / "final.pt"))
+    finished("--max-steps", "8", *flags)
+    out = finished("--max-steps", "12", *flags)
+    assert started_at(out) == 8
+    start = torch.load(str(tmp_path / "final.pt") + ".start")
+    saved = ckpt.load_checkpointables(tmp_path / "ckpt" / "8")
+    assert same(start["model"], saved["model"])
+    optimizer = saved["trainer"]["optimizer_states"][0]
+    names = optimizer["param_groups"][0]["params"]
+    assert same([start["optimizer"]["state"][i] for i in range(len(names))], [optimizer["state"][n] for n in names])

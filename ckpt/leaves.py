@@ -40,7 +40,7 @@ class Spread:
 
     chunk_shape: tuple[int, ...]
     own_shards: Callable[[], list[tuple[Any, np.ndarray]]]
-    processes: int  # how many processes hold its shards: a save by fewer would miss some
+    one_process: bool  # whether this process holds every shard (a save by it alone is whole)
 
 
 @dataclasses.dataclass
@@ -226,8 +226,7 @@ def _jax_leaf(meta: dict, x: Any) -> HostLeaf:
         return HostLeaf(meta, transfers.device_rows(x) or np.asarray(x))
     return HostLeaf(meta, None, spread=Spread(
         tuple(x.sharding.shard_shape(x.shape)),
-        lambda: [(s.index, np.asarray(s.data)) for s in x.addressable_shards if s.replica_id == 0],
-        len({device.process_index for device in x.sharding.device_set})))
+        lambda: [(s.index, np.asarray(s.data)) for s in x.addressable_shards if s.replica_id == 0], False))
 
 
 def _dtensor_leaf(path: KeyPath, x: Any) -> HostLeaf:
@@ -241,7 +240,7 @@ def _dtensor_leaf(path: KeyPath, x: Any) -> HostLeaf:
         return HostLeaf(meta, None, gather=x)
     return HostLeaf(meta, None, spread=Spread(
         dtensor.chunk_shape(path, x), lambda: [(index, torch_to_numpy(path, t)) for index, t in dtensor.own_shards(x)],
-        x.device_mesh.size()))
+        x.device_mesh.size() == 1))
 
 
 def gather(leaves: list[tuple[KeyPath, HostLeaf]]) -> None:

@@ -292,23 +292,27 @@ def agree(plan: Plan, final: storage.Location, processes: distributed.Processes,
     Raises:
       TreeMismatchError: on every process alike, naming each key path not every process holds (and a
         path that differs); nothing is written.
-      ValueError: an array spread over more processes than save it (a DTensor saved by one rank alone,
-        under ``MultiprocessingOptions(processes=SingleProcess())``, not :class:`ckpt.distributed.OwnPart`):
-        the step would miss the others' shards; nothing is written.
+      ValueError: an array spread over processes saved by one alone (a DTensor saved by one rank, under
+        ``MultiprocessingOptions(processes=SingleProcess())``, not :class:`ckpt.distributed.OwnPart`): the
+        step would miss the others' shards; nothing is written.
     """
-    for name, planned in plan.leaves.items():
-        for leaf in planned:
-            spread = leaf.host.spread
-            if spread is not None and spread.processes > processes.count and not getattr(processes, "partial", False):
-                raise ValueError(
-                    f"checkpointable {name!r}: the array at {keystr(leaf.path) or 'the root'} is spread over "
-                    f"{spread.processes} processes, but {final} is saved by {processes.count} (MultiprocessingOptions."
-                    "processes): the step would hold only its shards. Save it from every process (ckpt's default), "
-                    "or save its whole (DTensor.full_tensor()) or this process's shard (to_local()) instead. Nothing "
-                    "was written.")
+    if processes.count == 1 and not getattr(processes, "partial", False):
+        _refuse_spread(plan, final)
     if processes.count > 1:
         _compare(plan, final, processes, operation, timeout_secs)
     leaves_lib.gather([(leaf.path, leaf.host) for leaves in plan.leaves.values() for leaf in leaves])
+
+
+def _refuse_spread(plan: Plan, final: storage.Location) -> None:
+    """:func:`agree`'s ValueError for an array spread over processes that one process saves alone."""
+    for name, planned in plan.leaves.items():
+        for leaf in planned:
+            if leaf.host.spread is not None and not leaf.host.spread.one_process:
+                raise ValueError(
+                    f"checkpointable {name!r}: the array at {keystr(leaf.path) or 'the root'} is spread over "
+                    f"processes, but this process saves {final} alone (MultiprocessingOptions.processes): the step "
+                    "would hold only its shards. Save it from every process (ckpt's default), or save its whole "
+                    "(DTensor.full_tensor()) or this process's shard (to_local()) instead. Nothing was written.")
 
 
 def _compare(plan: Plan, final: storage.Location, processes: distributed.Processes, operation: str,

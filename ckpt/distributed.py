@@ -34,7 +34,8 @@ class Processes(Protocol):
     or ``{}`` when all agree; and returns only once every process called it, as a barrier. Saves use it
     to refuse trees that differ between processes; without it they are not compared. And it may have
     ``notice(name, here) -> bool`` (see :meth:`TorchProcesses.notice`), through which a preemption seen by
-    one process only reaches the primary's save decisions.
+    one process only reaches the primary's save decisions. A single process with ``partial = True`` (see
+    :class:`OwnPart`) saves its own shards of arrays spread over processes, which others refuse.
 
     Example::
 

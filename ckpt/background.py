@@ -163,15 +163,15 @@ class BackgroundWriter:
     def in_progress(self) -> bool:
         return self._future is not None and not self._future.done()
 
-    def wait(self, timeout: float | None) -> None:
-        """Hurries the job in flight and waits for it; raises a failure not yet reported (once)."""
+    def wait(self, timeout: float | None, what: str = "a checkpoint save") -> None:
+        """Hurries the job in flight and waits for it; raises a failure not yet reported (once). ``what``:
+        the job in flight, in words, for the TimeoutError after ``timeout``."""
         future = self._future
         if future is not None and not future.done():
             self.hurry()
             done, _ = concurrent.futures.wait([future], timeout=timeout)
             if not done:
-                raise TimeoutError(f"a checkpoint save is still running after {timeout} s "
-                                   "(AsyncOptions.timeout_secs)")
+                raise TimeoutError(f"{what} is still running after {timeout} s (AsyncOptions.timeout_secs)")
         if future is None or future.done():
             _unfinished.discard(self)
         self.raise_failure()

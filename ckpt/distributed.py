@@ -34,7 +34,8 @@ class Processes(Protocol):
     or ``{}`` when all agree; and returns only once every process called it, as a barrier. Saves use it
     to refuse trees that differ between processes; without it they are not compared. And it may have
     ``notice(name, here) -> bool`` (see :meth:`TorchProcesses.notice`), through which a preemption seen by
-    one process only reaches the primary's save decisions.
+    one process only reaches the primary's save decisions. A single process with ``partial = True`` (see
+    :class:`OwnPart`) saves its own shards of arrays spread over processes, which others refuse.
 
     Example::
 
@@ -74,6 +75,21 @@ class SingleProcess:
 
     def compare(self, name: str, key: Any, value: Any, timeout_secs: float) -> dict[int, Any]:
         return {}
+
+
+class OwnPart(SingleProcess):
+    """One process of a job saving its own part of the job's state alone (its local tier, see
+    :mod:`ckpt.tiers`): of an array spread over the job's processes, its steps hold this process's shards
+    only, which a step that every process saves puts together. (:class:`SingleProcess` refuses such an
+    array: a step that lacks some of its shards cannot be loaded.)
+
+    Example::
+
+        part = ckpt.distributed.OwnPart()             # what a local tier of a multi-process job saves with
+        assert (part.index, part.count, part.partial) == (0, 1, True)
+    """
+
+    partial = True
 
 
 class JaxProcesses:

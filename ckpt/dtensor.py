@@ -49,6 +49,21 @@ def holds_dtensors(tree: Any) -> bool:
         is_dtensor(leaf) for _, leaf in tree_lib.flatten(tree)[1])
 
 
+def layouts(name: str, flat: list[tuple[KeyPath, Any]]) -> list[str]:
+    """Each DTensor among ``flat`` ((key path, value) pairs of checkpointable ``name``) with its global shape,
+    dtype, placements and mesh shape, in words: what every process of a job holds alike (nothing without
+    torch.distributed.tensor imported).
+
+    Example::
+
+        assert layouts("state", [(("w",), np.ones(2))]) == []
+    """
+    if sys.modules.get("torch.distributed.tensor") is None:
+        return []
+    return [f"{name}{keystr(path)}: a DTensor of shape {tuple(x.shape)}, {str(x.dtype).removeprefix('torch.')}, "
+            f"{x.placements} over a mesh of shape {tuple(x.device_mesh.shape)}" for path, x in flat if is_dtensor(x)]
+
+
 def refuse_sharded_tensor(path: KeyPath, x: Any) -> None:
     """Raises TypeError for FSDP1's ``ShardedTensor`` (its shards' layout is not a DTensor's)."""
     if type(x).__name__ == "ShardedTensor" and type(x).__module__.startswith("torch.distributed._shard"):

@@ -40,6 +40,7 @@ class Spread:
 
     chunk_shape: tuple[int, ...]
     own_shards: Callable[[], list[tuple[Any, np.ndarray]]]
+    one_process: bool  # whether this process holds every shard (a save by it alone is whole)
 
 
 @dataclasses.dataclass
@@ -50,6 +51,7 @@ class HostLeaf:
     meta: dict[str, Any]
     array: np.ndarray | transfers.DeviceRows | None = None
     spread: Spread | None = None  # spread over processes: each writes the shards it owns
+    gather: Any = None  # a small DTensor, whose whole :func:`gather` puts in ``array`` (None until then)
     shards: list[tuple[Any, np.ndarray]] | None = None  # (index, host copy) of this process's shards, once snapshot
 
 
@@ -197,30 +199,30 @@ def to_host(path: KeyPath, x: Any) -> HostLeaf:
 
 
 def describe(flat: list[tuple[KeyPath, Any]]) -> tuple[list[dict], list[np.ndarray | transfers.DeviceRows | None],
-                                                     list[Spread | None]]:
-    """:func:`to_host` of each (key path, leaf) as three columns: the manifest entries, the host arrays
-    and the spreads, with no object per numpy array. Numpy arrays of one dtype and shape share one
-    manifest entry: copy an entry before changing it. The small DTensors among the leaves are gathered
-    together (in a multi-process job, every process calls it with the same tree).
+                                                     list[Spread | None], list[Any]]:
+    """:func:`to_host` of each (key path, leaf) as four columns: the manifest entries, the host arrays,
+    the spreads and the small DTensors left to :func:`gather` (``HostLeaf.gather``; their arrays None until
+    then: no collective here), with no object per numpy array. Numpy arrays of one dtype and shape share
+    one manifest entry: copy an entry before changing it.
 
     Example::
 
-        metas, arrays, spreads = describe([(("w",), np.ones(2)), (("b",), np.zeros(2))])
+        metas, arrays, spreads, gathers = describe([(("w",), np.ones(2)), (("b",), np.zeros(2))])
         assert metas[0] is metas[1] == {"type": "numpy", "dtype": "float64", "shape": [2]}
     """
-    values = dtensor.gather_small(flat)
+    values = [x for _, x in flat]
     native, shared, max_ndim = _NATIVE_NAMES, {}, fmt.MAX_NDIM
     found = [  # to_host's first case, inline
         shared.get(key) or shared.setdefault(key, {"type": "numpy", "dtype": key[0], "shape": list(key[1])})
         if type(x) is np.ndarray and (key := (native.get(x.dtype), x.shape))[0] is not None and len(key[1]) <= max_ndim
         else to_host(path, x)
-        for (path, _), x in zip(flat, values)]
+        for path, x in flat]
     hosts = [i for i, entry in enumerate(found) if type(entry) is HostLeaf]
-    metas, arrays, spreads = found, values, [None] * len(found)
+    metas, arrays, spreads, gathers = found, values, [None] * len(found), [None] * len(found)
     for i in hosts:
         host = found[i]
-        metas[i], arrays[i], spreads[i] = host.meta, host.array, host.spread
-    return metas, arrays, spreads
+        metas[i], arrays[i], spreads[i], gathers[i] = host.meta, host.array, host.spread, host.gather
+    return metas, arrays, spreads, gathers
 
 
 def _jax_leaf(meta: dict, x: Any) -> HostLeaf:
@@ -228,18 +230,34 @@ def _jax_leaf(meta: dict, x: Any) -> HostLeaf:
         return HostLeaf(meta, transfers.device_rows(x) or np.asarray(x))
     return HostLeaf(meta, None, spread=Spread(
         tuple(x.sharding.shard_shape(x.shape)),
-        lambda: [(s.index, np.asarray(s.data)) for s in x.addressable_shards if s.replica_id == 0]))
+        lambda: [(s.index, np.asarray(s.data)) for s in x.addressable_shards if s.replica_id == 0], False))
 
 
 def _dtensor_leaf(path: KeyPath, x: Any) -> HostLeaf:
-    """A DTensor: gathered and stored as a plain tensor when small, else written shard by shard."""
+    """A DTensor: stored as a plain tensor when small (its whole left to :func:`gather`), else written
+    shard by shard."""
     dtensor.refuse_partial(path, x)
-    if dtensor.is_small(x):
-        return to_host(path, dtensor.gather(x))
     local = torch_to_numpy(path, x.to_local())  # the dtype as stored, even from an empty shard
     meta = {"type": "torch", "dtype": dtype_name(local.dtype), "shape": list(x.shape)}
+    if dtensor.is_small(x):
+        _check_array(path, local.dtype, tuple(x.shape), "torch tensor")
+        return HostLeaf(meta, None, gather=x)
     return HostLeaf(meta, None, spread=Spread(
-        dtensor.chunk_shape(path, x), lambda: [(index, torch_to_numpy(path, t)) for index, t in dtensor.own_shards(x)]))
+        dtensor.chunk_shape(path, x), lambda: [(index, torch_to_numpy(path, t)) for index, t in dtensor.own_shards(x)],
+        x.device_mesh.size() == 1))
+
+
+def gather(leaves: list[tuple[KeyPath, HostLeaf]]) -> None:
+    """Puts in each leaf of a small DTensor (``HostLeaf.gather``) among ``leaves`` (key path, leaf) its whole
+    tensor, as its entry's dtype (a storage option may have changed it). A collective: in a multi-process
+    job every process calls it with leaves of the same DTensors, which only a comparison of their trees
+    makes sure of (see :func:`ckpt.saving.agree`); a process missing one would leave the others waiting
+    in it, or end them.
+    """
+    pending = [(path, host) for path, host in leaves if host.gather is not None]
+    for (path, host), whole in zip(pending, dtensor.gather_small([(path, host.gather) for path, host in pending])):
+        array = torch_to_numpy(path, whole)
+        host.array, host.gather = array.astype(parse_dtype(host.meta["dtype"]), copy=False), None
 
 
 _TORCH_VIEWS = {"bfloat16": ("int16", "bfloat16"), "float8_e4m3fn": ("uint8", "float8_e4m3fn"),

@@ -23,8 +23,8 @@ import tensorstore as ts
 from ckpt import format as fmt
 from ckpt import layout as layout_lib
 from ckpt import leaves as leaves_lib
-from ckpt import chunks, collector, custom, distributed, entries, loading, packing, preemption, progress, root, storage
-from ckpt import host_memory, storage_options, transfers
+from ckpt import chunks, collector, custom, distributed, dtensor, entries, loading, packing, preemption, progress, root
+from ckpt import host_memory, storage, storage_options, transfers
 from ckpt import tree as tree_lib
 from ckpt.errors import TreeMismatchError
 from ckpt.metadata import now_nsecs
@@ -65,6 +65,7 @@ class Plan:
     packed_copies: dict[int, np.ndarray] = dataclasses.field(default_factory=dict)  # the same, of packed leaves
 
     unpacked: dict[int, PlannedLeaf] = dataclasses.field(default_factory=dict)  # a reused plan's other leaves
+    dtensors: list[str] = dataclasses.field(default_factory=list)  # each DTensor's key path and layout (see agree)
     non_finite: dict[str, list] = dataclasses.field(default_factory=dict)  # the manifest's "non_finite"
 
     @property
@@ -198,6 +199,7 @@ def _plan(checkpointables: dict[str, Any], metrics: Any, custom_metadata: Any, s
     """:func:`plan` of a tree that reuses no layout. Each leaf's fields are made as columns; a tree whose
     leaves are all in host memory is written from its layout's tables, with no planned leaf per leaf."""
     structures, nodes, counts, paths, values, metas, arrays, spreads = {}, [], [], [], [], [], [], []
+    gathers, dtensors = [], []
     for name, tree in checkpointables.items():
         try:
             node, flat = tree_lib.flatten(tree)
@@ -205,6 +207,7 @@ def _plan(checkpointables: dict[str, Any], metrics: Any, custom_metadata: Any, s
         except TypeError as e:
             raise type(e)(f"checkpointable {name!r}: {e}") from None  # the same error, naming the checkpointable
         structures[name] = tree_lib.to_text(node)
+        dtensors += dtensor.layouts(name, flat)
         nodes.append(node)
         counts.append(len(flat))
         paths += [path for path, _ in flat]
@@ -212,7 +215,8 @@ def _plan(checkpointables: dict[str, Any], metrics: Any, custom_metadata: Any, s
         metas += described[0]
         arrays += described[1]
         spreads += described[2]
-    chunk_bytes = _apply_storage(stored, paths, values, metas, arrays, spreads)
+        gathers += described[3]
+    chunk_bytes = _apply_storage(stored, paths, values, metas, arrays, spreads, gathers)
     nbytes = [0 if "dtype" not in meta else array.nbytes if array is not None else
               math.prod(meta["shape"]) * leaves_lib.parse_dtype(meta["dtype"]).itemsize
               for meta, array in zip(metas, arrays)]
@@ -235,30 +239,31 @@ def _plan(checkpointables: dict[str, Any], metrics: Any, custom_metadata: Any, s
         # the host arrays are not kept: the writer copies from the leaves themselves
         return Plan(structures, {}, [], [], packed_nbytes, metrics, custom_metadata, now_nsecs(), layout=layout,
                     values=values)
-    hosts = map(leaves_lib.HostLeaf, metas, arrays, spreads)
+    hosts = map(leaves_lib.HostLeaf, metas, arrays, spreads, gathers)
     flat_planned = list(map(PlannedLeaf, paths, hosts, location, offset, nbytes, array_name))
     planned, start = {}, 0
     for name, count in zip(checkpointables, counts):
         planned[name], start = flat_planned[start: start + count], start + count
     packed = sorted((leaf for leaf in flat_planned if leaf.location == "packed"), key=_OFFSET)
     return Plan(structures, planned, packed, [flat_planned[i] for i in own_arrays], packed_nbytes, metrics,
-                custom_metadata, now_nsecs(), layout=layout)
+                custom_metadata, now_nsecs(), layout=layout, dtensors=dtensors)
 
 
 _OFFSET = operator.attrgetter("offset")
 
 
 def _apply_storage(stored: storage_options.Storage, paths: list[KeyPath], values: list[Any], metas: list[dict],
-                   arrays: list[np.ndarray | None], spreads: list[leaves_lib.Spread | None]) -> Callable[[int], int]:
-    """Casts each leaf stored as another dtype (by ``stored`` or its per-leaf creator; ``metas``,
-    ``arrays`` and ``spreads``: the columns of :func:`ckpt.leaves.describe`, changed in place); returns
-    the chunk size of leaf i's array."""
+                   arrays: list[np.ndarray | None], spreads: list[leaves_lib.Spread | None],
+                   gathers: list[Any]) -> Callable[[int], int]:
+    """Casts each leaf stored as another dtype (by ``stored`` or its per-leaf creator; ``metas``, ``arrays``,
+    ``spreads`` and ``gathers``: the columns of :func:`ckpt.leaves.describe`, changed in place); returns the
+    chunk size of leaf i's array."""
     if stored.dtype is None and stored.scoped is None:
         return lambda i: stored.chunk_bytes or fmt.ARRAY_CHUNK_BYTES
     options = [stored.of_leaf(path, value) for path, value in zip(paths, values)]
     for i, leaf_storage in enumerate(options):
         if leaf_storage.dtype is not None:  # an entry of its own (see leaves.describe)
-            host = leaves_lib.HostLeaf(dict(metas[i]), arrays[i], spreads[i])
+            host = leaves_lib.HostLeaf(dict(metas[i]), arrays[i], spreads[i], gathers[i])
             storage_options.cast(host, leaf_storage.dtype)
             metas[i], arrays[i], spreads[i] = host.meta, host.array, host.spread
     return lambda i: options[i].chunk_bytes or fmt.ARRAY_CHUNK_BYTES
@@ -279,16 +284,41 @@ def _describe_array(meta: dict, spread: leaves_lib.Spread | None, nbytes: int, n
 def agree(plan: Plan, final: storage.Location, processes: distributed.Processes, operation: str,
           timeout_secs: float) -> None:
     """Checks, before any process writes anything, that every process of a multi-process job saves the
-    same tree (the same key paths) to ``final``: the primary writes the replicated leaves once, so a leaf
-    that only another process holds would be lost. A barrier named ``operation``; nothing in one process.
+    same tree (the same key paths, and DTensors of the same layouts at the same ones) to ``final``: the
+    primary writes the replicated leaves once, so a leaf that only another process holds would be lost.
+    A barrier named ``operation``; nothing in one process. Then gathers the plan's small DTensors (see
+    :func:`ckpt.leaves.gather`: a collective, which processes holding other DTensors would leave waiting).
 
     Raises:
       TreeMismatchError: on every process alike, naming each key path not every process holds (and a
         path that differs); nothing is written.
+      ValueError: an array spread over processes saved by one alone (a DTensor saved by one rank, under
+        ``MultiprocessingOptions(processes=SingleProcess())``, not :class:`ckpt.distributed.OwnPart`): the
+        step would miss the others' shards; nothing is written.
     """
-    if processes.count == 1:
-        return
-    value = {"path": str(final), "structures": plan.structures}
+    if processes.count == 1 and not getattr(processes, "partial", False):
+        _refuse_spread(plan, final)
+    if processes.count > 1:
+        _compare(plan, final, processes, operation, timeout_secs)
+    leaves_lib.gather([(leaf.path, leaf.host) for leaves in plan.leaves.values() for leaf in leaves])
+
+
+def _refuse_spread(plan: Plan, final: storage.Location) -> None:
+    """:func:`agree`'s ValueError for an array spread over processes that one process saves alone."""
+    for name, planned in plan.leaves.items():
+        for leaf in planned:
+            if leaf.host.spread is not None and not leaf.host.spread.one_process:
+                raise ValueError(
+                    f"checkpointable {name!r}: the array at {keystr(leaf.path) or 'the root'} is spread over "
+                    f"processes, but this process saves {final} alone (MultiprocessingOptions.processes): the step "
+                    "would hold only its shards. Save it from every process (ckpt's default), or save its whole "
+                    "(DTensor.full_tensor()) or this process's shard (to_local()) instead. Nothing was written.")
+
+
+def _compare(plan: Plan, final: storage.Location, processes: distributed.Processes, operation: str,
+             timeout_secs: float) -> None:
+    """:func:`agree`'s comparison of the processes' trees."""
+    value = {"path": str(final), "structures": plan.structures, "dtensors": plan.dtensors}
     key = hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
     differing = distributed.differences(processes, operation, key, value, timeout_secs)
     if not differing:
@@ -298,7 +328,9 @@ def agree(plan: Plan, final: storage.Location, processes: distributed.Processes,
     for index, other in sorted(differing.items()):
         if other["path"] != primary["path"]:
             diffs.append(f"process {index} saves to {other['path']}, process 0 to {primary['path']}")
-        diffs += _tree_differences(primary["structures"], other["structures"], index)
+        diffs += (_tree_differences(primary["structures"], other["structures"], index)
+                  or _dtensor_differences(primary["dtensors"], other["dtensors"], index)
+                  or [f"process {index} holds the same key paths in other containers (or checkpointables)"])
     raise TreeMismatchError(
         f"the processes of this job save different trees to {final}, and ckpt writes a leaf the processes "
         f"replicate once, from process 0: {'; '.join(diffs)}. Every process saves the same key paths (each "
@@ -306,6 +338,14 @@ def agree(plan: Plan, final: storage.Location, processes: distributed.Processes,
         "stages), save each process's with ckpt.save to a path of its own inside ckpt.Context(multiprocessing_options="
         "ckpt.MultiprocessingOptions(processes=ckpt.distributed.SingleProcess())). Nothing was written.",
         differences=diffs)
+
+
+def _dtensor_differences(primary: list[str], other: list[str], index: int) -> list[str]:
+    """The DTensors (key path and layout, see :func:`ckpt.dtensor.layouts`) of process 0 not in process
+    ``index``'s, and the reverse."""
+    ours, theirs = set(primary), set(other)
+    diffs = [f"{d} on process 0, not on process {index}" for d in primary if d not in theirs]
+    return diffs + [f"{d} on process {index}, not on process 0" for d in other if d not in ours]
 
 
 def _tree_differences(primary: dict[str, str], other: dict[str, str], index: int) -> list[str]:
@@ -317,8 +357,7 @@ def _tree_differences(primary: dict[str, str], other: dict[str, str], index: int
 
     ours, theirs = paths(primary), paths(other)
     diffs = [f"{p} on process 0, not on process {index}" for p in sorted(ours - theirs)]
-    diffs += [f"{p} on process {index}, not on process 0" for p in sorted(theirs - ours)]
-    return diffs or [f"process {index} holds the same key paths in other containers (or checkpointables)"]
+    return diffs + [f"{p} on process {index}, not on process 0" for p in sorted(theirs - ours)]
 
 
 class StagingBuffers:

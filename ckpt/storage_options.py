@@ -122,6 +122,8 @@ def cast(host: leaves_lib.HostLeaf, dtype: np.dtype) -> None:
     if host.meta["type"] not in _CAST:
         return
     host.meta["dtype"] = leaves_lib.dtype_name(dtype)
+    if host.gather is not None:  # a small DTensor, gathered later as its entry's dtype
+        return
     if host.spread is None:
         if host.array.dtype != dtype:  # (a DeviceRows is copied whole: the cast copies anyway)
             host.array = np.asarray(host.array).astype(dtype)

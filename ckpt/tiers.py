@@ -254,7 +254,7 @@ class LocalTier:
             directory = directory / f"process_{durable.processes.index}"
         # A process of its own (read when it is made), with the Checkpointer's very Context afterwards: a
         # Context copies the groups it starts from, and a change of the Checkpointer's options must reach it.
-        with Context(context, multiprocessing_options=MultiprocessingOptions(processes=distributed.SingleProcess())):
+        with Context(context, multiprocessing_options=MultiprocessingOptions(processes=distributed.OwnPart())):
             self.checkpointer = checkpointer(
                 directory, context=context, save_decision_policy=options.save_decision_policy,
                 preservation_policy=_KeepPromoting(options.preservation_policy or preservation_policies.LatestN(2),

@@ -3,12 +3,13 @@
     python tests/lightning_run.py --dir D --out final.pt --max-steps 30 [--max-epochs 2] [--kill-at 13]
         [--sigterm-at 13] [--policy every:4] [--preserve latest:2] [--monitor train_loss] [--accumulate 2]
         [--samples 336] [--no-callback] [--second-dir D2] [--ddp] [--model-parallel N] [--accelerator gpu] [--sync-save]
-        [--kill-in-flight]
+        [--kill-in-flight] [--full-state-dict] [--unsharded]
 
 ``--out`` receives the final parameters, optimizer and scheduler state (torch.save, rank 0; ``OUT.start``
 the state the run started training from). ``--ddp`` runs two processes (``ddp_fork``, gloo).
 ``--model-parallel N`` runs N processes (forked) under ``ModelParallelStrategy(data_parallel_size=N)``
-with the model sharded by FSDP2 (its 1 MiB hidden layers written shard by shard). ``--kill-at K`` SIGKILLs the whole process group once step K's
+with the model sharded by FSDP2 (its 1 MiB hidden layers written shard by shard; ``--full-state-dict``: with
+``save_distributed_checkpoint=False``; ``--unsharded``: its ``configure_model`` shards nothing). ``--kill-at K`` SIGKILLs the whole process group once step K's
 save is committed (``--kill-in-flight``: without waiting for it); ``--sigterm-at K`` sends SIGTERM to
 itself during step K. ``--sweep`` instead, in this one process, saves every step of a run, resumes from
 each and prints ``sweep <step> ok|DIFF|NOT RESUMED``. ``train`` and ``final_state`` serve in-process tests.
@@ -96,6 +97,14 @@ class ShardedStoppingRegressor(StoppingRegressor):
         fully_shard(self, mesh=mesh)
 
 
+class UnshardedStoppingRegressor(StoppingRegressor):
+    """The example's model under ``ModelParallelStrategy`` whose ``configure_model`` shards nothing (a small
+    model): its parameters stay plain tensors."""
+
+    def configure_model(self):
+        pass
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser()
     p.add_argument("--dir")
@@ -116,6 +125,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sync-save", action="store_true")
     p.add_argument("--ddp", action="store_true")
     p.add_argument("--model-parallel", type=int, default=0, help="devices of a ModelParallelStrategy (FSDP2)")
+    p.add_argument("--full-state-dict", action="store_true", help="ModelParallelStrategy(save_distributed_checkpoint=False)")
+    p.add_argument("--unsharded", action="store_true", help="a --model-parallel module that shards nothing")
     p.add_argument("--accelerator", default="cpu", help="cpu | gpu (deterministic algorithms on gpu)")
     p.add_argument("--sweep", action="store_true")
     return p.parse_args(argv)
@@ -141,7 +152,8 @@ def train(args: argparse.Namespace, directory: str | None, kill: bool = True) ->
                                             monitor="train_loss", async_save=not args.sync_save))
     strategy, devices = ("ddp_fork", 2) if args.ddp else ("auto", 1)
     if args.model_parallel:
-        strategy = pl.strategies.ModelParallelStrategy(data_parallel_size=args.model_parallel, tensor_parallel_size=1)
+        strategy = pl.strategies.ModelParallelStrategy(data_parallel_size=args.model_parallel, tensor_parallel_size=1,
+                                                       save_distributed_checkpoint=not args.full_state_dict)
         strategy._configure_launcher = lambda: fork_launcher(strategy)  # forked ranks: no second import of torch
         devices = args.model_parallel
     trainer = pl.Trainer(
@@ -149,7 +161,8 @@ def train(args: argparse.Namespace, directory: str | None, kill: bool = True) ->
         enable_checkpointing=directory is not None, accelerator=args.accelerator, devices=devices,
         deterministic=args.accelerator != "cpu", strategy=strategy, logger=False, enable_progress_bar=False,
         enable_model_summary=False, max_time=None if args.max_time_us is None else {"microseconds": args.max_time_us})
-    model = (ShardedStoppingRegressor if args.model_parallel else StoppingRegressor)(
+    model = (UnshardedStoppingRegressor if args.unsharded else ShardedStoppingRegressor if args.model_parallel
+             else StoppingRegressor)(
         args.kill_at if kill else None, args.sigterm_at if kill else None,
         wait_for_save=not args.kill_in_flight, out=args.out if kill else None)
     trainer.fit(model, DataLoader(example.synthetic_data(args.samples), batch_size=16, shuffle=True))

@@ -58,14 +58,22 @@ def test_an_fsdp2_checkpoint_of_two_ranks_reloads_bit_exact_at_two_one_and_four_
 
 @pytest.mark.timeout(300)
 def test_ranks_that_each_call_the_free_save_write_one_whole_checkpoint(tmp_path):
+    """(A rank saving a large DTensor alone, under MultiprocessingOptions(processes=SingleProcess()), wrote a step
+    of its own shards only, which no load could read.)"""
     out = run_jobs(tmp_path / "run", tmp_path / "unused.npz", "free:2")
     assert "rank 0 free save: whole" in out and "rank 1 free save: whole" in out, out
+    for r in (0, 1):  # one rank saving a DTensor alone wrote its own shards only: a step that did not load
+        assert (f"rank {r} alone refused: checkpointable 'state': the array at ['big'] is spread over processes, but "
+                f"this process saves {tmp_path / f'run-alone{r}'} alone (MultiprocessingOptions.processes)") in out, out
+        assert not (tmp_path / f"run-alone{r}").exists()
     assert "rank 0 meta templates: ['cpu']" in out and "rank 1 meta templates: ['cpu']" in out, out  # not more meta
 
 
 @pytest.mark.timeout(300)
 def test_ranks_saving_other_keys_paths_or_steps_are_refused_on_every_rank_before_anything_is_written(tmp_path):
-    """(Checkpointers opened on other roots waited for each other at every barrier until the timeout.)"""
+    """(Checkpointers opened on other roots waited for each other at every barrier until the timeout; a small
+    DTensor that one rank alone saved, or of another layout there, ended the job in gloo's gathering of small
+    DTensors, which ran before the trees were compared, or saved one rank's bytes as another's.)"""
     out = run_jobs(tmp_path / "run", tmp_path / "unused.npz", "differ:2")
     for r in (0, 1):
         assert (f"rank {r} checkpointer refused: [\"state['stage0.weight'] on process 0, not on process 1\", "
@@ -73,6 +81,10 @@ def test_ranks_saving_other_keys_paths_or_steps_are_refused_on_every_rank_before
         assert f"rank {r} free refused: [\"state['stage0.weight'] on process 0" in out, out
         assert f"rank {r} path refused: ['process 1 saves to {tmp_path / 'run'}-rank1, process 0 to " in out, out
         assert f"rank {r} step refused: ['process 1 saves to {tmp_path / 'run' / '6'}, process 0 to " in out, out
+        assert f"rank {r} dtensor refused: [\"state['b'] on process 0, not on process 1\"]" in out, out
+        assert (f"rank {r} layout refused: [\"state['a']: a DTensor of shape (4, 6), float32, (Shard(dim=0),) over a "
+                "mesh of shape (2,) on process 0, not on process 1\", \"state['a']: a DTensor of shape (4, 6), float32, "
+                "(Shard(dim=1),) over a mesh of shape (2,) on process 1, not on process 0\"]") in out, out
         assert (f"rank {r} roots refused: the processes of this job open Checkpointers on different roots (process 0: "
                 f"{tmp_path / 'run'}-root0; process 1: {tmp_path / 'run'}-root1)") in out, out
         assert f"rank {r} steps [] entries ['run']" in out, out

@@ -13,7 +13,7 @@ import torch  # noqa: E402
 import ckpt  # noqa: E402
 from ckpt.integrations.lightning import load_weights  # noqa: E402
 from tests.lightning_run import ShardedStoppingRegressor, same  # noqa: E402
-from tests.test_lightning import finished, kill_then_restart, reference, started_at, steps_in  # noqa: E402,F401
+from tests.test_lightning import Run, finished, kill_then_restart, reference, started_at, steps_in  # noqa: E402,F401
 
 FLAGS = ("--max-steps", "12", "--policy", "every:4")
 
@@ -46,3 +46,29 @@ def test_model_parallel_run_killed_after_a_committed_step_resumes_bit_exact_at_t
     model = ShardedStoppingRegressor(None, None, False, None)
     assert load_weights(model, tmp_path / "ckpt") == 12
     assert same(model.state_dict(), final["model"])
+
+
+def test_a_model_parallel_strategy_giving_the_state_to_rank_0_alone_is_refused_on_every_rank_before_training(tmp_path):
+    """ModelParallelStrategy(save_distributed_checkpoint=False) gathers the state whole on rank 0 and gives the other
+    ranks none: the first save failed with a TreeMismatchError listing every key of the model and optimizer."""
+    code, out = Run("--model-parallel", "2", *FLAGS, "--full-state-dict", "--dir", str(tmp_path / "ckpt"),
+                    "--out", str(tmp_path / "final.pt")).result()
+    assert code != 0 and "ValueError: ModelParallelStrategy(save_distributed_checkpoint=False) gives the state" in out, out
+    assert "TreeMismatchError" not in out and "step 1 train_loss" not in out, out  # before any training step
+    assert steps_in(tmp_path / "ckpt") == []
+
+
+def test_a_model_parallel_run_whose_module_shards_nothing_resumes_its_weights_and_optimizer(tmp_path):
+    """A configure_model that leaves the parameters plain (a small model): the resume restored the loops alone,
+    and went on from step 8 with the freshly initialized weights and an empty optimizer state."""
+    flags = ("--model-parallel", "2", "--unsharded", "--policy", "every:4", "--dir", str(tmp_path / "ckpt"),
+             "--out", str(tmp_path / "final.pt"))
+    finished("--max-steps", "8", *flags)
+    out = finished("--max-steps", "12", *flags)
+    assert started_at(out) == 8
+    start = torch.load(str(tmp_path / "final.pt") + ".start")
+    saved = ckpt.load_checkpointables(tmp_path / "ckpt" / "8")
+    assert same(start["model"], saved["model"])
+    optimizer = saved["trainer"]["optimizer_states"][0]
+    names = optimizer["param_groups"][0]["params"]
+    assert same([start["optimizer"]["state"][i] for i in range(len(names))], [optimizer["state"][n] for n in names])

@@ -193,12 +193,13 @@ def run(this_rank: int, this_world: int, port: int, mode: str) -> None:
 
 def free_save() -> None:
     """Every rank calls ``ckpt.save`` with its shards of a small and a large DTensor: one checkpoint (after a
-    save rank 0 made alone, which the ranks' saves together do not count)."""
+    save rank 0 made alone, which the ranks' saves together do not count). A rank saving the large one alone
+    is refused (it would write its shards only)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
+    alone = ckpt.MultiprocessingOptions(processes=ckpt.distributed.SingleProcess())
     if rank == 0:
-        alone = ckpt.MultiprocessingOptions(processes=ckpt.distributed.SingleProcess())
         with ckpt.Context(multiprocessing_options=alone):
             ckpt.save(f"{directory}-rank0", {"x": torch.ones(2)})
     mesh = init_device_mesh("cpu", (world,))
@@ -209,6 +210,11 @@ def free_save() -> None:
     loaded = ckpt.load(path)
     assert all(torch.equal(loaded[k], v) for k, v in whole.items()), loaded
     say(f"rank {rank} free save: whole")
+    with ckpt.Context(multiprocessing_options=alone):
+        try:
+            ckpt.save(f"{directory}-alone{rank}", {"big": distribute_tensor(whole["big"], mesh, [Shard(0)], src_data_rank=None)})
+        except ValueError as e:
+            say(f"rank {rank} alone refused: {e}")
     with torch.device("meta"):  # a model made on the meta device, then sharded: shapes, dtypes and layouts only
         templates = {k: distribute_tensor(torch.empty(v.shape, dtype=v.dtype), mesh, [Shard(0)], src_data_rank=None)
                      for k, v in whole.items()}
@@ -219,13 +225,21 @@ def free_save() -> None:
 
 
 def differing_trees(ckptr: Checkpointer) -> None:
-    """Each rank saves a tree of its own (a pipeline stage's keys), or another step: refused on every rank
-    (within seconds, not after a timeout), nothing written."""
+    """Each rank saves a tree of its own (a pipeline stage's keys, a small DTensor more, or of another
+    layout), or another step: refused on every rank (within seconds, not after a timeout, nor ended by
+    gloo in the gathering of small DTensors), nothing written."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    small = lambda dim: distribute_tensor(torch.arange(24.0).reshape(4, 6), mesh, [Shard(dim)], src_data_rank=None)
     stage = {f"stage{rank}.weight": torch.ones(2, 2)}
     saves = {"checkpointer": lambda: ckptr.save(1, stage, force=True),
              "free": lambda: ckpt.save(f"{directory}-differ", stage),
              "path": lambda: ckpt.save(f"{directory}-rank{rank}", {"w": torch.ones(2)}),
-             "step": lambda: ckptr.save(5 + rank, {"w": torch.ones(2)})}
+             "step": lambda: ckptr.save(5 + rank, {"w": torch.ones(2)}),
+             "dtensor": lambda: ckptr.save(1, {"a": small(0), **({"b": small(0)} if rank == 0 else {})}, force=True),
+             "layout": lambda: ckpt.save(f"{directory}-differ", {"a": small(rank)})}
     for what, save in saves.items():
         try:
             with ckpt.Context(async_options=ckpt.AsyncOptions(timeout_secs=30)):

@@ -138,7 +138,7 @@ class CheckpointCallbackMixin:
         self._epoch_rng: dict | None = None  # {"epoch": int, "rng": the states at the epoch's start}
         self._loaded_state: dict | None = None  # this callback's state from a restored checkpoint
         self._epoch_start_action: str | None = None  # for the next on_train_epoch_start (see _start_epoch)
-        self._restoring: tuple[str, dict, bool] | None = None  # path, checkpoint, sharded: between a restore's halves
+        self._restoring: tuple[str, dict, bool] | None = None  # path, checkpoint, set by torch (sharded.restores_itself)
         self._accumulation_after_epoch: int | None = None  # the Trainer's, while the saved epoch's is in force
         self._metrics = monitor_lib.MeasuredMetrics(monitor)  # a save's metrics: monitor only where measured
 
@@ -251,6 +251,7 @@ class CheckpointCallbackMixin:
         With ``trainer.fit(ckpt_path=...)`` of a checkpoint this callback wrote, which Lightning has restored the
         modules and callbacks from, keeps it for :meth:`on_fit_start`: a callback's ``on_fit_start`` may restore
         a checkpoint of its own meanwhile (``BatchSizeFinder`` does), which ends Lightning's."""
+        sharded.check_strategy(trainer)
         peers = _peers(trainer)
         found_by_peer = trainer.strategy.broadcast([_latest(c._checkpointer if c._open else None) for c in peers],
                                                    src=0)
@@ -262,12 +263,12 @@ class CheckpointCallbackMixin:
         if (self.restore and found is not None and trainer.ckpt_path is None
                 and peers[-newest[1]] is self):
             step, path = found
-            sharded_model = sharded.is_sharded(trainer)
-            loaded = sharded.load(trainer, path) if sharded_model else translate.load(self._checkpointer, step)
+            set_by_torch = sharded.restores_itself(trainer)
+            loaded = sharded.load(trainer, path) if set_by_torch else translate.load(self._checkpointer, step)
             checkpoint = translate.from_checkpointables(loaded)
             check_model(checkpoint["state_dict"], pl_module, source=path,
                         strict=getattr(pl_module, "strict_loading", True))  # strict_loading: Lightning >= 2.2
-            self._restoring = (path, resume.restore_modules(trainer, checkpoint, source=path), sharded_model)
+            self._restoring = (path, resume.restore_modules(trainer, checkpoint, source=path), set_by_torch)
         elif (trainer.ckpt_path is not None and self is peers[0] and _loaded_state(trainer)
               and resume.loaded_checkpoint(trainer) is not None):
             self._restoring = (str(trainer.ckpt_path), resume.loaded_checkpoint(trainer), False)
@@ -278,10 +279,10 @@ class CheckpointCallbackMixin:
         (Lightning would restore the loops after every ``on_fit_start``, too late to set where they go on)."""
         if self._restoring is None:
             return
-        (path, checkpoint, sharded_model), self._restoring = self._restoring, None
+        (path, checkpoint, set_by_torch), self._restoring = self._restoring, None
         resume.check_optimizers(trainer, _loaded_state(trainer).get("optimizers"), source=path)
         resume.restore_training_state(trainer, checkpoint, source=path)
-        if sharded_model:
+        if set_by_torch:
             sharded.set_states(trainer, checkpoint)
         tail.continue_after(trainer, _loaded_state(trainer).get("saved_in", "on_train_batch_end"))
 

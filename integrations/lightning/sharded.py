@@ -1,5 +1,5 @@
-"""Restoring sharded models (``ModelParallelStrategy`` with FSDP2 in ``configure_model``): their state
-dicts hold DTensors, and such strategies restore neither the model (``load_model_state_dict`` is a
+"""Restoring models under strategies such as ``ModelParallelStrategy`` (FSDP2 in ``configure_model``: their
+state dicts hold DTensors), which restore neither the model (``load_model_state_dict`` is a
 no-op) nor the optimizers (``lightning_restore_optimizer`` is False) from a checkpoint dict: Lightning
 leaves it to their own ``load_checkpoint``, which reads torch's DCP format. Here, each rank reads the
 shards of its own DTensors from a ckpt step, at any number of devices, and hands them to torch's
@@ -23,11 +23,25 @@ from ckpt.integrations.lightning.translate import MODEL, TRAINER
 _OPTIMIZERS = "optimizer_states"
 
 
-def is_sharded(trainer: Any) -> bool:
-    """Whether the strategy restores models and optimizers itself and the model's state holds DTensors."""
-    if getattr(trainer.strategy, "lightning_restore_optimizer", True):
-        return False
-    return any(dtensor.is_dtensor(p) for p in trainer.lightning_module.parameters())
+def restores_itself(trainer: Any) -> bool:
+    """Whether the strategy restores the model and optimizers itself, from its own ``load_checkpoint``
+    (``lightning_restore_optimizer`` is False, and its ``load_model_state_dict`` does nothing): the callback
+    then sets them with torch's ``set_model_state_dict`` / ``set_optimizer_state_dict``, whether
+    ``configure_model`` sharded the module's parameters (DTensors) or left them plain."""
+    return not getattr(trainer.strategy, "lightning_restore_optimizer", True)
+
+
+def check_strategy(trainer: Any) -> None:
+    """Raises ValueError, on every rank, for a model whose strategy gives its state to rank 0 alone:
+    ``ModelParallelStrategy(save_distributed_checkpoint=False)`` gathers the whole model and optimizer
+    state there (for a checkpoint file of Lightning's own) and none to the other ranks, where the
+    callback saves and restores each rank's shards (its first save would find the ranks' trees differ)."""
+    if restores_itself(trainer) and not getattr(trainer.strategy, "_save_distributed_checkpoint", True):
+        raise ValueError(
+            f"{type(trainer.strategy).__name__}(save_distributed_checkpoint=False) gives the state of the sharded "
+            "model and its optimizers to rank 0 alone, whole, and none to the other ranks; CheckpointCallback saves "
+            "each rank's shards (and restores them at any number of devices): leave save_distributed_checkpoint at "
+            "its default, True (load_weights reads the full weights of a step into a plain model)")
 
 
 def load(trainer: Any, path: str) -> dict[str, Any]:

@@ -152,3 +152,17 @@ def test_a_step_delete_async_is_deleting_counts_for_no_save_decision_meanwhile(t
         release.set()
         assert response.result(timeout=60) and ckptr.save(5, {"w": np.full(3, 2.0)})
         assert ckptr.load(5)["w"].tolist() == [2, 2, 2]
+
+
+def test_an_overwrite_the_policy_skips_keeps_the_step_and_steps_are_compared_with_the_latest_not_the_last_saved(
+        tmp_path):
+    every_2 = ckpt.training.save_decision_policies.FixedIntervalPolicy(2)
+    with ckpt.training.Checkpointer(tmp_path, save_decision_policy=every_2) as ckptr:
+        for step in (10, 20):
+            ckptr.save(step, {"w": np.full(3, step)})
+        assert ckptr.save(5, {"w": np.full(3, 5)}, force=True)
+        assert not ckptr.should_save(6) and not ckptr.should_save(20)   # Orbax: yes, above 5, the step saved last
+        assert not ckptr.save(5, {"w": np.zeros(3)}, overwrite=True)    # skipped by the policy: Orbax deletes step 5
+        assert ckptr.load(5)["w"].tolist() == [5, 5, 5]
+        assert ckptr.save(10, {"w": np.zeros(3)}, overwrite=True)       # below the latest: the policy decides
+        assert ckptr.load(10)["w"].tolist() == [0, 0, 0] and [c.step for c in ckptr.checkpoints] == [5, 10, 20]

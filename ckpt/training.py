@@ -845,6 +845,7 @@ class Checkpointer:
 
         Raises:
           StepNotFoundError: no such step, and ``missing_ok`` is not set.
+          RuntimeError: the Checkpointer is closed (Orbax's deletes again).
 
         Example::
 

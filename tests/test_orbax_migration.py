@@ -136,6 +136,8 @@ def test_checkpointer_delete_and_delete_async_delete_a_step_whatever_the_policy_
         with pytest.raises(ValueError, match="whole checkpoints only"):
             ckptr.delete(1, checkpointable_name="state")
         assert ckptr.save(4, {"w": np.full(3, 4)}) and ckptr.load(2)["w"].tolist() == [2, 2, 2]
+    with pytest.raises(RuntimeError, match="is closed"):
+        ckptr.delete(1)
     with ckpt.training.Checkpointer(tmp_path) as reopened:
         assert [c.step for c in reopened.checkpoints] == [1, 2, 4]
 

@@ -214,9 +214,7 @@ def delete(path: str | os.PathLike, *, checkpointable_name: str | None = None, m
         assert ckpt.delete("model") and not os.path.exists("model")
         assert ckpt.delete("model", missing_ok=True) is False
     """
-    if checkpointable_name is not None:
-        raise ValueError(f"ckpt deletes whole checkpoints only, not checkpointable {checkpointable_name!r}: the trees "
-                         "of a checkpoint share its files (save the others again without it)")
+    root.whole_checkpoints_only(checkpointable_name)
     step_dir = storage.location(path)
     if not storage.exists(step_dir):
         if missing_ok:

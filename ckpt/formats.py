@@ -112,6 +112,10 @@ def load_checkpointables(step_dir: storage.Location, abstract: dict[str, Any] | 
     ``registry``: the handlers of custom checkpointables, see :mod:`ckpt.custom`)."""
     if _by_orbax(step_dir):
         abstract = loading.unwrap(abstract)
+        only = None if abstract is None else loading.only_tree(orbax.items(step_dir), {}, abstract)
+        if only is not None:  # a lone "state" the step lacks: its only item (a v0 CheckpointManager's default/)
+            (name, tree), = abstract.items()
+            return {name: orbax.Step(step_dir, [only]).load({only: tree}, partial_load=partial_load)[only]}
         return orbax.Step(step_dir, None if abstract is None else list(abstract)).load(abstract, partial_load=partial_load)
     return loading.load_checkpointables(step_dir, abstract, partial_load=partial_load, registry=registry)
 

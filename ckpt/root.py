@@ -478,6 +478,14 @@ def is_damaged_step(entry: Entry) -> bool:
             and (storage.is_marked(entry.path) or formats.is_orbax(entry.path)))
 
 
+def whole_checkpoints_only(checkpointable_name: str | None) -> None:
+    """Raises ValueError for a ``checkpointable_name`` given to a deletion (Orbax deletes one checkpointable of a
+    checkpoint; a ckpt checkpoint's trees share its files)."""
+    if checkpointable_name is not None:
+        raise ValueError(f"ckpt deletes whole checkpoints only, not checkpointable {checkpointable_name!r}: the trees "
+                         "of a checkpoint share its files (save the others again without it)")
+
+
 def delete_step(path: storage.Location, step: int) -> None:
     """Deletes a listed step (see :func:`ckpt.storage.delete_dir`) after checking, again, that it is one,
     its manifest (or Orbax's metadata) read and validated.

@@ -328,10 +328,13 @@ class Checkpointer:
         number = _step_number(step)
         found = self._written(number, self._committed_step)
         if found is None:
-            steps = [c.step for c in self.checkpoints]
-            raise errors.StepNotFoundError(f"no checkpoint at step {number} in {self._directory} (steps: {steps})",
-                                           step=number, path=self._directory)
+            raise self._not_found(number)
         return found
+
+    def _not_found(self, step: int) -> errors.StepNotFoundError:
+        steps = [c.step for c in self.checkpoints]
+        return errors.StepNotFoundError(f"no checkpoint at step {step} in {self._directory} (steps: {steps})",
+                                        step=step, path=self._directory)
 
     def _written(self, step: int, find: Callable[[int], CheckpointMetadata | None]) -> CheckpointMetadata | None:
         """``find(step)``; when the save in flight is of ``step``, once it is committed (or its failure raised):
@@ -828,6 +831,68 @@ class Checkpointer:
         if self._loader is None:
             self._loader = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-loader")
         return background.AsyncResponse(self._loader.submit(transfers.with_callers_placement(fn)))
+
+    # ---------------------------------------------------------------------------------- deleting
+    def delete(self, step: int | CheckpointMetadata, *, checkpointable_name: str | None = None,
+               missing_ok: bool = False) -> bool:
+        """Deletes ``step`` now, whatever the preservation policy says (the latest step too), as Orbax's
+        ``delete`` does; returns True, or False when there is no such step and ``missing_ok`` is set.
+
+        The save in flight is waited for first. The step is renamed aside before its files are removed, as
+        garbage collection deletes, so an interrupted deletion never leaves half a step listed. With a local
+        tier, the step goes from both tiers. ``checkpointable_name`` (Orbax deletes one checkpointable of a
+        step) raises ValueError: a step's trees share its files.
+
+        Raises:
+          StepNotFoundError: no such step, and ``missing_ok`` is not set.
+          RuntimeError: the Checkpointer is closed (Orbax's deletes again).
+
+        Example::
+
+            ckptr.save(0, {"w": np.ones(3)})
+            assert ckptr.delete(0) and ckptr.latest is None
+            assert ckptr.delete(0, missing_ok=True) is False
+        """
+        return self.delete_async(step, checkpointable_name=checkpointable_name, missing_ok=missing_ok).result()
+
+    def delete_async(self, step: int | CheckpointMetadata, *, checkpointable_name: str | None = None,
+                     missing_ok: bool = False) -> background.AsyncResponse[bool]:
+        """:meth:`delete` in the background. The step leaves ``checkpoints`` at once; a later save, ``wait`` and
+        ``close`` wait for the deletion and raise its failure, after which the step is listed again.
+
+        Example::
+
+            ckptr.save(0, {"w": np.ones(3)})
+            response = ckptr.delete_async(0)
+            assert not ckptr.checkpoints and response.result(timeout=60)
+        """
+        self._check_open()
+        root.whole_checkpoints_only(checkpointable_name)
+        number = _step_number(step)
+        self.wait()  # (the save in flight may be of this step)
+        self._in_flight = None  # (committed: while the deletion runs, no step being written counts for a decision)
+        held_locally = self._local is not None and self._local.checkpointer.delete(number, missing_ok=True)
+        info = self._find(number)
+        if info is None:
+            if held_locally or missing_ok:
+                return background.finished(held_locally)
+            raise self._not_found(number)
+        self._forget(number)
+        if self._processes.index != 0:  # every process forgets it; the primary deletes
+            return background.finished(True)
+        self._take_directory()
+
+        def job() -> bool:
+            try:
+                with self._gc_lock:
+                    self._delete(info)
+            except BaseException:
+                with self._infos_lock:  # still there: listed again
+                    self._infos = sorted([*self._infos, info], key=lambda c: c.step)
+                raise
+            return True
+
+        return self._writer.submit(job)
 
     # ---------------------------------------------------------------------------------- metadata
     def metadata(self, step: int | CheckpointMetadata | None = None) -> CheckpointMetadata:

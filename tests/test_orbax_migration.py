@@ -6,12 +6,13 @@ not shipped in its wheel; these are our own tests of the same behaviours (README
 from __future__ import annotations
 
 import datetime
+import threading
 
 import numpy as np
 import pytest
 
 import ckpt
-from ckpt import errors
+from ckpt import errors, root
 from ckpt.training import preservation_policies as pp
 from tests.test_custom_checkpointables import AbstractVocab, Counter, Vocab, VocabHandler
 
@@ -116,3 +117,54 @@ def test_checkpoint_metadata_from_metadata_is_an_abstract_tree_to_load_into(tmp_
     assert abstract.metadata["w"].dtype == np.int16 and abstract.step is None and abstract.path is None
     loaded = ckpt.load(tmp_path / "c", abstract)
     assert loaded["w"].dtype == np.int16 and loaded["w"].tolist() == [0, 1, 2] and loaded["n"] == 2
+
+
+def test_checkpointer_delete_and_delete_async_delete_a_step_whatever_the_policy_as_orbaxs_do(tmp_path):
+    keep_all = pp.PreserveAll()
+    with ckpt.training.Checkpointer(tmp_path, preservation_policy=keep_all) as ckptr:
+        for step in range(3):
+            ckptr.save(step, {"w": np.full(3, step)})
+        ckptr.save_async(3, {"w": np.full(3, 3)})
+        assert ckptr.delete(3)                      # the latest, still being written: waited for, then deleted
+        assert [c.step for c in ckptr.checkpoints] == [0, 1, 2] and not (tmp_path / "3").exists()
+        response = ckptr.delete_async(ckptr.checkpoints[0])
+        assert [c.step for c in ckptr.checkpoints] == [1, 2]    # at once, as in Orbax
+        assert response.result(timeout=60) and not (tmp_path / "0").exists()
+        assert ckptr.delete(0, missing_ok=True) is False
+        with pytest.raises(errors.StepNotFoundError, match=r"no checkpoint at step 0 .*\(steps: \[1, 2\]\)"):
+            ckptr.delete(0)
+        with pytest.raises(ValueError, match="whole checkpoints only"):
+            ckptr.delete(1, checkpointable_name="state")
+        assert ckptr.save(4, {"w": np.full(3, 4)}) and ckptr.load(2)["w"].tolist() == [2, 2, 2]
+    with pytest.raises(RuntimeError, match="is closed"):
+        ckptr.delete(1)
+    with ckpt.training.Checkpointer(tmp_path) as reopened:
+        assert [c.step for c in reopened.checkpoints] == [1, 2, 4]
+
+
+def test_a_step_delete_async_is_deleting_counts_for_no_save_decision_meanwhile(tmp_path, monkeypatch):
+    release, delete_step = threading.Event(), root.delete_step
+    monkeypatch.setattr(root, "delete_step", lambda path, step: release.wait(10) and delete_step(path, step))
+    every_5 = ckpt.training.save_decision_policies.FixedIntervalPolicy(5)
+    with ckpt.training.Checkpointer(tmp_path, save_decision_policy=every_5) as ckptr:
+        ckptr.save(0, {"w": np.zeros(3)})
+        assert ckptr.save_async(5, {"w": np.ones(3)}).result(timeout=60)
+        response = ckptr.delete_async(5)
+        assert ckptr.should_save(5)                 # step 5 is gone: the policy decides, as Orbax's does
+        release.set()
+        assert response.result(timeout=60) and ckptr.save(5, {"w": np.full(3, 2.0)})
+        assert ckptr.load(5)["w"].tolist() == [2, 2, 2]
+
+
+def test_an_overwrite_the_policy_skips_keeps_the_step_and_steps_are_compared_with_the_latest_not_the_last_saved(
+        tmp_path):
+    every_2 = ckpt.training.save_decision_policies.FixedIntervalPolicy(2)
+    with ckpt.training.Checkpointer(tmp_path, save_decision_policy=every_2) as ckptr:
+        for step in (10, 20):
+            ckptr.save(step, {"w": np.full(3, step)})
+        assert ckptr.save(5, {"w": np.full(3, 5)}, force=True)
+        assert not ckptr.should_save(6) and not ckptr.should_save(20)   # Orbax: yes, above 5, the step saved last
+        assert not ckptr.save(5, {"w": np.zeros(3)}, overwrite=True)    # skipped by the policy: Orbax deletes step 5
+        assert ckptr.load(5)["w"].tolist() == [5, 5, 5]
+        assert ckptr.save(10, {"w": np.zeros(3)}, overwrite=True)       # below the latest: the policy decides
+        assert ckptr.load(10)["w"].tolist() == [0, 0, 0] and [c.step for c in ckptr.checkpoints] == [5, 10, 20]

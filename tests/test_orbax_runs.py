@@ -215,6 +215,19 @@ def test_v0_single_and_named_items_load_bit_for_bit(orbax_runs):
     assert ckpt.checkpointables_metadata(step_dir).metadata["std"]["x"].shape == (2, 3)
 
 
+def test_the_one_item_of_a_v0_step_loads_without_its_name_as_orbaxs_load_reads_it(orbax_runs):
+    """ckpt.load of a v0 CheckpointManager's step holding only default/ raised CheckpointableNotFoundError
+    ('state' is not in it), where Orbax's load returns that item, and ckpt's own steps fall back to their only tree."""
+    step_dir = orbax_runs / "single" / "step_0003"
+    want = orbax_writer.mixed_state(3, string=False)
+    assert_same(ckpt.load(step_dir, orbax_writer.mixed_abstract(3, string=False)), want)
+    with ckpt.Checkpointer(orbax_runs / "single", step_name_format=SINGLE_NAMES) as ckptr:
+        assert_same(ckptr.load(3, orbax_writer.mixed_abstract(3, string=False)), want)
+        assert ckptr.load()["table"].tolist() == orbax_writer.mixed_state(5)["table"].tolist()   # the latest, as saved
+    with pytest.raises(errors.CheckpointableNotFoundError, match=r"\['state'\] are not in .*\['cfg', 'model', 'std'\]"):
+        ckpt.load(orbax_runs / "named" / "7")  # several items, none 'state': no fallback
+
+
 def test_an_array_orbax_saved_alone_loads_as_that_array_as_orbax_restores_it_and_converts(orbax_runs, tmp_path):
     """ArraySave's item (ArrayCheckpointHandler) made every load of its steps, ckpt show and ckpt convert fail."""
     with ckpt.Checkpointer(orbax_runs / "array") as ckptr:
@@ -337,12 +350,18 @@ def test_ls_lists_a_save_orbax_began_and_a_crash_interrupted_with_the_entries_ck
     assert (run / "2.orbax-checkpoint-tmp" / "state").is_dir()
 
 
-def test_the_state_orbax_before_0_12_named_pytree_loads_by_that_name_and_the_default_says_so(orbax_runs):
+def test_the_state_orbax_before_0_12_named_pytree_loads_by_that_name_and_the_default_says_so(orbax_runs, tmp_path):
     step_dir = orbax_runs / "v1_pytree" / "0"
-    with pytest.raises(errors.CheckpointableNotFoundError, match=r"it has \['pytree'\]: the state of a step written "
-                                                                 r"by Orbax before 0\.12 .*checkpointable_name='pytree'"):
-        ckpt.load(step_dir)
     abstract, saved = orbax_writer.mixed_abstract(0), orbax_writer.mixed_state(0)
+    assert_same(ckpt.load(step_dir, abstract), saved)  # the step's only tree, as Orbax's load reads it
+    beside = Path(shutil.copytree(step_dir, tmp_path / "0"))  # with a checkpointable beside it: named, or said so
+    shutil.copytree(beside / "pytree", beside / "extra")
+    metadata = orbax_file(beside, "_CHECKPOINT_METADATA")
+    metadata["item_handlers"]["extra"] = metadata["item_handlers"]["pytree"]
+    (beside / "_CHECKPOINT_METADATA").write_text(json.dumps(metadata))
+    with pytest.raises(errors.CheckpointableNotFoundError, match=r"it has \['extra', 'pytree'\]: the state of a step "
+                                                                 r"written by Orbax before 0\.12 .*checkpointable_name='pytree'"):
+        ckpt.load(beside)
     assert_same(ckpt.load(step_dir, abstract, checkpointable_name="pytree"), saved)
     with ckpt.Checkpointer(orbax_runs / "v1_pytree") as ckptr:
         assert_same(ckptr.load(0, abstract, checkpointable_name="pytree"), saved)

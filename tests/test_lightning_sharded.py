@@ -4,6 +4,7 @@ devices and at another; ``load_weights`` gives the full weights."""
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -35,17 +36,22 @@ def test_model_parallel_run_killed_after_a_committed_step_resumes_bit_exact_at_t
     shutil.copytree(tmp_path / "ckpt" / "8", other / "ckpt" / "8")
     out = finished("--model-parallel", "1", *FLAGS, "--dir", str(other / "ckpt"), "--out", str(other / "final.pt"))
     assert started_at(out) == 8 and "of 1 ranks" in out
-    start = torch.load(str(other / "final.pt") + ".start")
-    saved = ckpt.load_checkpointables(other / "ckpt" / "8")
-    assert same(start["model"], saved["model"])
-    optimizer = saved["trainer"]["optimizer_states"][0]
-    names = optimizer["param_groups"][0]["params"]
-    assert same([start["optimizer"]["state"][i] for i in range(len(names))], [optimizer["state"][n] for n in names])
+    assert_started_from(other / "final.pt", other / "ckpt" / "8")
 
     # The full weights, for inference in a plain process.
     model = ShardedStoppingRegressor(None, None, False, None)
     assert load_weights(model, tmp_path / "ckpt") == 12
     assert same(model.state_dict(), final["model"])
+
+
+def assert_started_from(final: Path, step_dir: Path) -> None:
+    """The resumed run's weights and optimizer state at its start (``final``.start) are the step's, exactly."""
+    start = torch.load(str(final) + ".start")
+    saved = ckpt.load_checkpointables(step_dir)
+    assert same(start["model"], saved["model"])
+    optimizer = saved["trainer"]["optimizer_states"][0]
+    names = optimizer["param_groups"][0]["params"]
+    assert same([start["optimizer"]["state"][i] for i in range(len(names))], [optimizer["state"][n] for n in names])
 
 
 def test_a_model_parallel_strategy_giving_the_state_to_rank_0_alone_is_refused_on_every_rank_before_training(tmp_path):
@@ -66,9 +72,4 @@ def test_a_model_parallel_run_whose_module_shards_nothing_resumes_its_weights_an
     finished("--max-steps", "8", *flags)
     out = finished("--max-steps", "12", *flags)
     assert started_at(out) == 8
-    start = torch.load(str(tmp_path / "final.pt") + ".start")
-    saved = ckpt.load_checkpointables(tmp_path / "ckpt" / "8")
-    assert same(start["model"], saved["model"])
-    optimizer = saved["trainer"]["optimizer_states"][0]
-    names = optimizer["param_groups"][0]["params"]
-    assert same([start["optimizer"]["state"][i] for i in range(len(names))], [optimizer["state"][n] for n in names])
+    assert_started_from(tmp_path / "final.pt", tmp_path / "ckpt" / "8")

@@ -97,9 +97,10 @@ class ForeignEntryError(FileExistsError):
 
 
 class RootDirectoryError(OSError):
-    """A checkpoint root cannot be used as asked: it is a file (or lies under one), or this process may not
-    create or write it. The message says what is wrong and what to do. A read-only root can still be
-    listed and loaded: only a save needs to write.
+    """A checkpoint root cannot be used as asked: it is a file (or lies under one), a checkpoint's step
+    directory (or lies in one: pass the directory that holds the steps), or this process may not create or
+    write it. The message says what is wrong and what to do. A read-only root can still be listed and
+    loaded: only a save needs to write.
 
     Attributes:
       path: the root directory.

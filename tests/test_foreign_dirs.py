@@ -661,14 +661,16 @@ def test_on_s3_the_leftover_of_a_crashed_save_of_a_step_does_not_stop_the_next_s
 
 
 @pytest.mark.parametrize("way", ["Checkpointer", "ckpt.save", "ckpt.save_async"])
-@pytest.mark.parametrize("where", ["the step", "a directory in it"])
+@pytest.mark.parametrize("where", ["the step", "a directory in it", "a link to a directory in it"])
 def test_a_root_or_checkpoint_opened_on_a_committed_step_is_refused_before_writing_into_it(tmp_path, way, where):
     """The step's directory passed instead of the root's: its steps, its lock (and a free save's checkpoint)
     would be written into what was committed."""
     with Checkpointer(tmp_path / "root") as ckptr:
         ckptr.save(5, STATE)
     step = tmp_path / "root" / "5"
-    path = step if where == "the step" else step / "sub" / "dir"
+    path = {"the step": step, "a directory in it": step / "sub" / "dir", "a link to a directory in it": tmp_path / "link"}[where]
+    if where.startswith("a link"):
+        path.symlink_to(next(p for p in step.iterdir() if p.is_dir()), target_is_directory=True)
     target = path if way == "Checkpointer" else path / "model"
     before = fsutil.snapshot(tmp_path)
     with pytest.raises(errors.RootDirectoryError) as info:

@@ -23,7 +23,7 @@ from ckpt.objectstore import ObjectPath
 from ckpt.verify import verify_step
 from tests import procs
 from tests.test_custom_checkpointables import Counter, Vocab, registry_context
-from tests.fsutil import tree_doc
+from tests.fsutil import rewrite_tree, tree_doc
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
@@ -772,6 +772,24 @@ def test_convert_of_a_step_holding_what_a_handler_wrote_exits_2_naming_it_and_le
     assert f"{tmp_path / 'run' / '2'}: ckpt convert copies trees only" in err
     assert "'vocab' is written by tests.test_custom_checkpointables.VocabHandler" in err
     assert "'counter' is saved by the object itself (a StatefulCheckpointable)" in err
+    assert not (tmp_path / "copy").exists()
+
+
+def test_convert_of_a_step_whose_saved_sharding_holds_a_nan_exits_2_naming_the_leaf_and_leaves_no_destination(
+        tmp_path, capsys):
+    """The load of such a step puts the array on the default device, with a warning; convert copied the saved
+    sharding into the new tree.json and ended in a traceback (ValueError: Out of range float values are not
+    JSON compliant), naming neither the step nor the leaf."""
+    jax = pytest.importorskip("jax")
+    for step in (1, 2):
+        ckpt.save(tmp_path / "run" / str(step), {"w": jax.numpy.arange(4.0), "n": 1})
+    nan_mesh = {"mesh_shape": [float("nan")], "axis_names": ["x"], "device_ids": [0], "spec": ["x"]}
+    rewrite_tree(tmp_path / "run" / "2",
+                 lambda tree: tree["checkpointables"]["state"]["leaves"][0].update(sharding=nan_mesh))
+    with pytest.warns(UserWarning, match="cannot be restored on these devices"):
+        status, out, err = run_cli(capsys, "convert", tmp_path / "run", tmp_path / "copy")
+    assert status == 2 and "step 1 ->" in out
+    assert f"{tmp_path / 'run' / '2'}: ckpt convert cannot store leaf state['w'] as it is" in err and "sharding" in err
     assert not (tmp_path / "copy").exists()
 
 

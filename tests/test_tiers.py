@@ -580,6 +580,18 @@ def test_ckpt_ls_refuses_the_root_itself_as_its_local_tier_as_the_checkpointer_d
         assert f"the local tier's directory is the root itself ({tmp_path / 'run'})" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", ["ls", "show", "verify"])
+def test_the_ckpt_command_refuses_a_step_as_the_local_tier_as_the_checkpointer_does(tmp_path, capsys, command):
+    """A step of the root (a typo for the local tier) was read as an empty local tier: exit status 0, every step
+    durable only."""
+    ckpt.save(tmp_path / "run" / "1", {"w": np.zeros(2)})
+    for local in (tmp_path / "run" / "1", tmp_path / "run" / "1" / "sub"):
+        with pytest.raises(errors.RootDirectoryError, match="it (is|lies in) .*a checkpoint"):
+            ckpt.Checkpointer(tmp_path / "run", local=ckpt.LocalCheckpointOptions(local))
+        assert cli.main([command, str(tmp_path / "run"), "--local", str(local)]) == 2  # was: 0
+        assert "--local" in (err := capsys.readouterr().err) and "a checkpoint (a step directory)" in err
+
+
 def test_a_failed_local_save_of_a_step_to_promote_is_raised_once(tmp_path):
     """Its failure was kept by both writers, the local save's and the promotion's that waited for it: raised
     by the next save or wait, then again by the one after (a loop that had handled it died at close)."""

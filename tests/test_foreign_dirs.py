@@ -683,3 +683,20 @@ def test_a_root_or_checkpoint_opened_on_a_committed_step_is_refused_before_writi
     assert message.startswith(str(target if way == "Checkpointer" else target.parent))
     assert fsutil.snapshot(tmp_path) == before
     np.testing.assert_array_equal(ckpt.load(step)["w"], STATE["w"])
+
+
+def test_a_project_holding_a_manifest_json_and_a_tree_json_of_its_own_is_no_step_and_runs_save_in_it(tmp_path):
+    """A web app's manifest.json beside a tree.json at a project's top made every root and checkpoint under
+    it a directory inside a checkpoint (RootDirectoryError); a step of ckpt's is told by its marker or its
+    manifest, which a step an earlier ckpt wrote without the marker still has."""
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / fmt.MANIFEST).write_text('{"name": "my app", "icons": []}')
+    (project / fmt.TREE).write_text('{"nodes": []}')
+    with Checkpointer(project / "runs" / "exp") as ckptr:
+        assert ckptr.save(0, STATE)
+    ckpt.save(project / "out" / "model", STATE)
+    np.testing.assert_array_equal(ckpt.load(project / "out" / "model")["w"], STATE["w"])
+    (project / "runs" / "exp" / "0" / fmt.MARKER).unlink()  # as an earlier ckpt wrote it
+    with pytest.raises(errors.RootDirectoryError, match="a checkpoint"):
+        Checkpointer(project / "runs" / "exp" / "0")

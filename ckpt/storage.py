@@ -806,7 +806,8 @@ def _renameat2(a: Path, b: Path, flag: int) -> bool:
 def delete_dir(step_dir: Location) -> None:
     """Deletes a committed step (the caller has checked that it is one) so that no half-deleted step is
     ever listed: marked as ckpt's, then locally renamed aside (and the root fsync'd), on an object store
-    its manifest removed first."""
+    its manifest removed first. The step is deleted from then on: a failure to remove what is left (a
+    file another client of an NFS server holds open) is logged, and the root's next writer removes it."""
     if isinstance(step_dir, Path) and not stat.S_ISDIR(os.lstat(step_dir).st_mode):
         raise _foreign(step_dir)  # a symbolic link is never followed to delete what it points at
     if not is_marked(step_dir):  # a step an earlier ckpt wrote
@@ -818,7 +819,11 @@ def delete_dir(step_dir: Location) -> None:
         os.rename(step_dir, doomed)
         fsync_path(step_dir.parent)
         step_dir = doomed
-    remove_owned(step_dir)
+    try:
+        remove_owned(step_dir)
+    except OSError as e:
+        logger.warning("ckpt: the step was deleted, but what is left of it in %s could not be removed (the root's "
+                       "next writer removes it): %s", step_dir, e)
 
 
 def _aside(step_dir: Path) -> Path:

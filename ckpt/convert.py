@@ -133,18 +133,19 @@ def convert_root(source: str | os.PathLike, destination: str | os.PathLike) -> I
 def _converted_before(destination: Path, steps: list[tuple[int, Path]], source: Path) -> set[str]:
     """The names of the steps a convert of the same source, killed before it could clean up, committed in
     ``destination``: the rest of what it may have left there is ckpt's own (its lock, the root's metadata
-    it copied from ``source``, a temporary of the step it was writing). Empty for an empty directory.
+    it copied from ``source`` or was copying, a temporary of the step it was writing). Empty for an empty directory.
 
     Raises:
       FileExistsError: ``destination`` holds anything else (another run's root metadata included).
     """
     names = {path.name for _, path in steps}
+    root_metadata = {fmt.ROOT_METADATA, storage.atomic_temporary(destination / fmt.ROOT_METADATA).name}
     done = set()
     for name in sorted(os.listdir(destination)):
         entry = destination / name
         if name in names and root_lib.classify(entry, None).kind is root_lib.Kind.STEP:
             done.add(name)
-        elif name == fmt.ROOT_METADATA and _copied_root_metadata(entry, source):
+        elif name in root_metadata and _copied_root_metadata(entry, source):  # (or its write, killed before its rename)
             continue
         elif name != fmt.LOCK and not (
                 name.endswith(fmt.TMP_SUFFIX) and root_lib.classify_temporary(entry).kind is root_lib.Kind.TEMPORARY):

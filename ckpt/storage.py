@@ -277,13 +277,19 @@ def _not_own_file(path: Path, holds: str | None = None) -> ForeignEntryError:
 
 
 def write_file_atomic(path: Path, data: bytes, *, mode: int | None = None) -> None:
-    """Writes ``path`` through a temporary file, fsync and rename, then fsyncs its directory."""
+    """Writes ``path`` through a temporary file (:func:`atomic_temporary`), fsync and rename, then fsyncs its
+    directory."""
     if isinstance(path, ObjectPath):
         return path.write_bytes(data)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = atomic_temporary(path)
     write_file(tmp, data, mode=mode)
     os.replace(tmp, path)
     fsync_path(path.parent)
+
+
+def atomic_temporary(path: Path) -> Path:
+    """The file :func:`write_file_atomic` writes before renaming it to ``path`` (left there by a crash between the two)."""
+    return path.with_name(path.name + ".tmp")
 
 
 def exists(path: Location) -> bool:

@@ -556,6 +556,32 @@ def test_a_convert_killed_before_it_could_clean_up_is_resumed_by_running_it_agai
     assert status == 2 and "'notes.txt', not left by a convert" in err
 
 
+KILLED_ROOT_METADATA_WRITE = r"""
+import os, signal, sys
+from ckpt import convert
+replace = os.replace
+def killed_before_the_rename(source, target):
+    if os.path.basename(target) == "ckpt-root.json":
+        os.kill(os.getpid(), signal.SIGKILL)   # its temporary is written, not yet renamed
+    replace(source, target)
+os.replace = killed_before_the_rename
+list(convert.convert_root(sys.argv[1], sys.argv[2]))
+"""
+
+
+def test_a_convert_killed_while_it_wrote_the_roots_metadata_is_resumed_by_running_it_again(tmp_path, capsys):
+    """It left ckpt-root.json.tmp, which running it again took for a user's file: 'is not empty'."""
+    with ckpt.Checkpointer(tmp_path / "run", custom_metadata={"run": "a"}) as ckptr:
+        ckptr.save(1, {"w": np.ones(2)}, force=True)
+    killed = procs.run_script(KILLED_ROOT_METADATA_WRITE, str(tmp_path / "run"), str(tmp_path / "copy"))
+    assert killed.returncode == -9 and sorted(os.listdir(tmp_path / "copy")) == [fmt.LOCK, fmt.ROOT_METADATA + ".tmp"]
+    status, out, _ = run_cli(capsys, "convert", tmp_path / "run", tmp_path / "copy")
+    assert status == 0 and "1 step converted" in out
+    assert sorted(os.listdir(tmp_path / "copy")) == [fmt.LOCK, "1", fmt.ROOT_METADATA]
+    with ckpt.Checkpointer(tmp_path / "copy") as copy:
+        assert copy.root_metadata().custom_metadata == {"run": "a"}
+
+
 def converted_run_a_with_run_b_beside(tmp_path: Path, capsys) -> None:
     """Runs a and b (step 1 each, other values) in ``tmp_path``, and a converted into ``tmp_path / "copy"``."""
     for name, value in (("a", 1.0), ("b", 2.0)):

@@ -278,7 +278,8 @@ def _as_saved(step_dir: Path, trees: dict[str, Any]) -> dict[str, tree_lib.Store
     for name, tree in trees.items():
         node = tree_lib.from_json(docs[name]["tree"])
         leaves = zip(tree_lib.leaf_paths(node), tree_lib.stored_leaves(node, tree), docs[name]["leaves"])
-        out[name] = tree_lib.Stored(node, [_saved_leaf(step_dir, name, path, leaf, saved) for path, leaf, saved in leaves])
+        out[name] = tree_lib.Stored(node, [_saved_leaf(step_dir, name, path, leaf, saved)
+                                           for path, leaf, saved in leaves])
     return out
 
 

@@ -270,8 +270,8 @@ def check_outside_temporaries(directory: storage.Location, what: str) -> None:
 def check_outside_steps(directory: storage.Location, what: str) -> None:
     """Checks that the local ``directory`` (``what`` it is to be, for the error) neither is nor lies in a
     checkpoint's step directory (ckpt's or Orbax's, see :func:`ckpt.formats.has_step_files`), its symbolic
-    links followed: a root opened
-    on a step instead of on the directory holding it would write its steps and its lock into that step.
+    links followed: a root opened on a step instead of on the directory holding it would write its steps and
+    its lock into that step.
     (On an object store, where that asks the store before the root's first error, it is not checked.)
 
     Raises:

@@ -288,7 +288,8 @@ def write_file_atomic(path: Path, data: bytes, *, mode: int | None = None) -> No
 
 
 def atomic_temporary(path: Path) -> Path:
-    """The file :func:`write_file_atomic` writes before renaming it to ``path`` (left there by a crash between the two)."""
+    """The file :func:`write_file_atomic` writes before renaming it to ``path`` (a crash between the two
+    leaves it)."""
     return path.with_name(path.name + ".tmp")
 
 

@@ -845,7 +845,8 @@ class Checkpointer:
 
         Raises:
           StepNotFoundError: no such step, and ``missing_ok`` is not set.
-          DirectoryLockedError: another Checkpointer writes the root; the step is kept, and still listed.
+          DirectoryLockedError, RootNotWritableError: another Checkpointer writes the root, or this process may
+            not write there; the step is kept, and still listed.
           RuntimeError: the Checkpointer is closed (Orbax's deletes again).
 
         Example::

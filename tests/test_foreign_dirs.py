@@ -668,7 +668,8 @@ def test_a_root_or_checkpoint_opened_on_a_committed_step_is_refused_before_writi
     with Checkpointer(tmp_path / "root") as ckptr:
         ckptr.save(5, STATE)
     step = tmp_path / "root" / "5"
-    path = {"the step": step, "a directory in it": step / "sub" / "dir", "a link to a directory in it": tmp_path / "link"}[where]
+    path = {"the step": step, "a directory in it": step / "sub" / "dir",
+            "a link to a directory in it": tmp_path / "link"}[where]
     if where.startswith("a link"):
         path.symlink_to(next(p for p in step.iterdir() if p.is_dir()), target_is_directory=True)
     target = path if way == "Checkpointer" else path / "model"

@@ -242,6 +242,20 @@ def test_a_local_directory_holding_another_durable_roots_tier_is_refused_not_res
         ckpt.Checkpointer(tmp_path / "run2", local=local())
 
 
+def test_the_durable_root_named_through_a_symbolic_link_is_the_owner_of_its_local_tier(tmp_path, capsys):
+    """The same run opened as /scratch/run (a link) and as its target was refused as another run's ('Use another
+    local directory, or delete that one'), its steps not yet promoted with it."""
+    local = ckpt.LocalCheckpointOptions(tmp_path / "ssd", save_decision_policy=sdp.FixedIntervalPolicy(1))
+    with ckpt.Checkpointer(tmp_path / "run", save_decision_policy=sdp.FixedIntervalPolicy(100), local=local) as ckptr:
+        for step in range(3):
+            ckptr.save(step, tiers_worker.state(step))
+    (tmp_path / "link").symlink_to(tmp_path / "run", target_is_directory=True)
+    with ckpt.Checkpointer(tmp_path / "link", local=local) as ckptr:
+        assert ckptr.latest.step == 2 and sorted(ckptr.latest.locations) == ["local"]
+    assert cli.main(["ls", str(tmp_path / "link"), "--local", str(tmp_path / "ssd")]) == 0
+    assert "local" in capsys.readouterr().out
+
+
 def test_a_local_copy_removed_after_the_listing_falls_back_to_its_durable_copy(tmp_path):
     local = ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1))
     with ckpt.Checkpointer(tmp_path / "durable", save_decision_policy=sdp.FixedIntervalPolicy(1), local=local) as ckptr:

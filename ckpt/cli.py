@@ -34,7 +34,7 @@ from ckpt import __version__, convert, formats, leaves, orbax, progress, storage
 from ckpt import root as root_lib
 from ckpt import format as fmt
 from ckpt.errors import (CheckpointCorruptedError, CheckpointNotFoundError, DirectoryLockedError, InvalidLayoutError,
-                         StepNotFoundError, StepReplacedError, UnsupportedLayoutError)
+                         RootDirectoryError, StepNotFoundError, StepReplacedError, UnsupportedLayoutError)
 from ckpt.path import step as step_lib
 from ckpt.verify import VerifyResult, verify_step
 
@@ -121,15 +121,17 @@ def _local_tier(directory: storage.Location, local: Path) -> tuple[list[_Step], 
     :func:`_scan`); nothing when it is missing (a new machine).
 
     Raises:
-      UsageError: ``local`` is ``directory`` itself or holds the local tier of another durable root (another run's
+      UsageError: ``local`` is ``directory`` itself, is or lies in a checkpoint's step directory (which a
+        Checkpointer refuses as its local tier), or holds the local tier of another durable root (another run's
         steps), or ``directory`` is one checkpoint, not a root.
     """
     if _is_step_dir(directory):
         raise UsageError(f"{directory} is one checkpoint, not the durable root of two tiers; drop --local")
-    try:  # the root itself, or another run's steps, are not this root's local tier
+    try:  # the root itself, a step, or another run's steps, are not this root's local tier
         tiers.check_apart(local, directory)
+        root_lib.check_outside_steps(local, "the local tier's directory")
         tiers.check_owner(local, str(directory))
-    except ValueError as e:
+    except (ValueError, RootDirectoryError) as e:
         raise UsageError(f"--local {e}") from None
     return _scan(local) if local.is_dir() else ([], [], [])
 

@@ -96,8 +96,8 @@ def convert_root(source: str | os.PathLike, destination: str | os.PathLike) -> I
         iterator).
       UnsupportedLayoutError: a step holds a checkpointable that only its handler reads (an Orbax item of
         grain's, one a handler of :mod:`ckpt.custom` wrote), which cannot be copied, or metrics or custom
-        metadata a ckpt manifest (or the root's metadata) cannot hold (Orbax's, nested or larger past its limits;
-        raised by the iterator).
+        metadata a ckpt manifest (or the root's metadata) cannot hold (Orbax's, nested or larger past its limits),
+        or a leaf's saved sharding that is not JSON (a NaN; raised by the iterator).
 
     Example::
 
@@ -133,18 +133,19 @@ def convert_root(source: str | os.PathLike, destination: str | os.PathLike) -> I
 def _converted_before(destination: Path, steps: list[tuple[int, Path]], source: Path) -> set[str]:
     """The names of the steps a convert of the same source, killed before it could clean up, committed in
     ``destination``: the rest of what it may have left there is ckpt's own (its lock, the root's metadata
-    it copied from ``source``, a temporary of the step it was writing). Empty for an empty directory.
+    it copied from ``source`` or was copying, a temporary of the step it was writing). Empty for an empty directory.
 
     Raises:
       FileExistsError: ``destination`` holds anything else (another run's root metadata included).
     """
     names = {path.name for _, path in steps}
+    root_metadata = {fmt.ROOT_METADATA, storage.atomic_temporary(destination / fmt.ROOT_METADATA).name}
     done = set()
     for name in sorted(os.listdir(destination)):
         entry = destination / name
         if name in names and root_lib.classify(entry, None).kind is root_lib.Kind.STEP:
             done.add(name)
-        elif name == fmt.ROOT_METADATA and _copied_root_metadata(entry, source):
+        elif name in root_metadata and _copied_root_metadata(entry, source):  # (or its write, killed before its rename)
             continue
         elif name != fmt.LOCK and not (
                 name.endswith(fmt.TMP_SUFFIX) and root_lib.classify_temporary(entry).kind is root_lib.Kind.TEMPORARY):
@@ -277,16 +278,25 @@ def _as_saved(step_dir: Path, trees: dict[str, Any]) -> dict[str, tree_lib.Store
     for name, tree in trees.items():
         node = tree_lib.from_json(docs[name]["tree"])
         leaves = zip(tree_lib.leaf_paths(node), tree_lib.stored_leaves(node, tree), docs[name]["leaves"])
-        out[name] = tree_lib.Stored(node, [_saved_leaf(path, leaf, saved) for path, leaf, saved in leaves])
+        out[name] = tree_lib.Stored(node, [_saved_leaf(step_dir, name, path, leaf, saved)
+                                           for path, leaf, saved in leaves])
     return out
 
 
-def _saved_leaf(path: tree_lib.KeyPath, leaf: Any, saved: dict) -> Any:
+def _saved_leaf(step_dir: Path, name: str, path: tree_lib.KeyPath, leaf: Any, saved: dict) -> Any:
+    """The leaf at ``path`` of checkpointable ``name`` as saved in ``step_dir``.
+
+    Raises:
+      UnsupportedLayoutError: what the leaf was saved as is not JSON a ckpt step can hold (a NaN in its sharding).
+    """
     if saved.get("type") not in _FRAMEWORK_TYPES:
         return leaf
     host = leaves_lib.to_host(path, leaf)
     meta = {key: value for key, value in host.meta.items() if key not in _SAVED_AS}
-    return leaves_lib.HostLeaf({**meta, **{key: saved[key] for key in _SAVED_AS if key in saved}}, host.array)
+    kept = {key: saved[key] for key in _SAVED_AS if key in saved}
+    with _storable(step_dir, f"leaf {name}{tree_lib.keystr(path)}"):
+        fmt.to_json_bytes(kept, f"what it was saved as ({', '.join(kept)})")
+    return leaves_lib.HostLeaf({**meta, **kept}, host.array)
 
 
 def _check_same(source: dict[str, Any], copy: dict[str, Any], where: Path) -> int:

@@ -18,7 +18,7 @@ from typing import Any
 
 from ckpt import format as fmt
 from ckpt import loading, orbax, storage
-from ckpt.errors import CheckpointableNotFoundError, CheckpointCorruptedError
+from ckpt.errors import CheckpointableNotFoundError, CheckpointCorruptedError, InvalidLayoutError
 
 
 def is_step(path: storage.Location) -> bool:
@@ -28,8 +28,20 @@ def is_step(path: storage.Location) -> bool:
 
 def has_step_files(path: Path) -> bool:
     """Whether the local ``path`` holds the files of a step directory of either format, committed or not:
-    ckpt's manifest.json beside its tree.json, or Orbax's (see :func:`ckpt.orbax.has_step_files`). A few stats."""
-    return (os.path.isfile(path / fmt.MANIFEST) and os.path.isfile(path / fmt.TREE)) or orbax.has_step_files(path)
+    ckpt's manifest.json beside its tree.json, the step ckpt's (its marker, or a manifest ckpt reads: a
+    project's own manifest.json and tree.json are not a step), or Orbax's (see :func:`ckpt.orbax.has_step_files`).
+    A few stats."""
+    ckpt_files = os.path.isfile(path / fmt.MANIFEST) and os.path.isfile(path / fmt.TREE)
+    return (ckpt_files and (storage.is_marked(path) or _reads_as_manifest(path))) or orbax.has_step_files(path)
+
+
+def _reads_as_manifest(path: Path) -> bool:
+    """Whether ``path``'s manifest.json is a ckpt manifest (read and validated)."""
+    try:
+        loading.read_manifest(path)
+    except (CheckpointCorruptedError, InvalidLayoutError, OSError):
+        return False
+    return True
 
 
 def _by_orbax(step_dir: storage.Location) -> bool:

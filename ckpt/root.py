@@ -269,17 +269,19 @@ def check_outside_temporaries(directory: storage.Location, what: str) -> None:
 
 def check_outside_steps(directory: storage.Location, what: str) -> None:
     """Checks that the local ``directory`` (``what`` it is to be, for the error) neither is nor lies in a
-    checkpoint's step directory (ckpt's or Orbax's, see :func:`ckpt.formats.has_step_files`): a root opened
-    on a step instead of on the directory holding it would write its steps and its lock into that step.
+    checkpoint's step directory (ckpt's or Orbax's, see :func:`ckpt.formats.has_step_files`), its symbolic
+    links followed: a root opened on a step instead of on the directory holding it would write its steps and
+    its lock into that step.
     (On an object store, where that asks the store before the root's first error, it is not checked.)
 
     Raises:
       RootDirectoryError: it is or does, with the step named.
     """
-    named = (directory, *directory.parents) if isinstance(directory, Path) else ()
+    real = Path(os.path.realpath(directory)) if isinstance(directory, Path) else None  # (a link into a step too)
+    named = (real, *real.parents) if real is not None else ()
     step = next((p for p in named if formats.has_step_files(p)), None)
     if step is not None:
-        where = "is" if step == directory else f"lies in {step}, which is"
+        where = "is" if step == real else f"lies in {step}, which is"
         raise RootDirectoryError(
             f"{directory} cannot be {what}: it {where} a checkpoint (a step directory), and what is saved there "
             f"would be written into that checkpoint. Pass the directory that holds the steps ({step.parent} for "

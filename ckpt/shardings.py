@@ -63,6 +63,12 @@ def restore(doc: Any, *, warn: bool = True) -> Any:
 def _build(key: tuple) -> Any:
     jax = sys.modules["jax"]
     mesh_shape, axis_names, axis_types, device_ids, spec, reduced = key
+    in_spec = [axis for p in spec if p is not None for axis in ((p,) if isinstance(p, str) else p)]
+    for what, names in (("device id", device_ids), ("axis name", axis_names), ("mesh axis of the spec", in_spec)):
+        if len(set(names)) != len(names):  # (jax takes such a mesh, and fails when an array is put on it)
+            raise ValueError(f"a {what} is repeated")
+    if not device_ids:
+        raise ValueError("the mesh has no devices")
     by_id = {d.id: d for d in jax.devices()}
     missing = [i for i in device_ids if i not in by_id]
     if missing:

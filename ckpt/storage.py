@@ -277,13 +277,20 @@ def _not_own_file(path: Path, holds: str | None = None) -> ForeignEntryError:
 
 
 def write_file_atomic(path: Path, data: bytes, *, mode: int | None = None) -> None:
-    """Writes ``path`` through a temporary file, fsync and rename, then fsyncs its directory."""
+    """Writes ``path`` through a temporary file (:func:`atomic_temporary`), fsync and rename, then fsyncs its
+    directory."""
     if isinstance(path, ObjectPath):
         return path.write_bytes(data)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = atomic_temporary(path)
     write_file(tmp, data, mode=mode)
     os.replace(tmp, path)
     fsync_path(path.parent)
+
+
+def atomic_temporary(path: Path) -> Path:
+    """The file :func:`write_file_atomic` writes before renaming it to ``path`` (a crash between the two
+    leaves it)."""
+    return path.with_name(path.name + ".tmp")
 
 
 def exists(path: Location) -> bool:
@@ -806,7 +813,8 @@ def _renameat2(a: Path, b: Path, flag: int) -> bool:
 def delete_dir(step_dir: Location) -> None:
     """Deletes a committed step (the caller has checked that it is one) so that no half-deleted step is
     ever listed: marked as ckpt's, then locally renamed aside (and the root fsync'd), on an object store
-    its manifest removed first."""
+    its manifest removed first. The step is deleted from then on: a failure to remove what is left (a
+    file another client of an NFS server holds open) is logged, and the root's next writer removes it."""
     if isinstance(step_dir, Path) and not stat.S_ISDIR(os.lstat(step_dir).st_mode):
         raise _foreign(step_dir)  # a symbolic link is never followed to delete what it points at
     if not is_marked(step_dir):  # a step an earlier ckpt wrote
@@ -818,7 +826,11 @@ def delete_dir(step_dir: Location) -> None:
         os.rename(step_dir, doomed)
         fsync_path(step_dir.parent)
         step_dir = doomed
-    remove_owned(step_dir)
+    try:
+        remove_owned(step_dir)
+    except OSError as e:
+        logger.warning("ckpt: the step was deleted, but what is left of it in %s could not be removed (the root's "
+                       "next writer removes it): %s", step_dir, e)
 
 
 def _aside(step_dir: Path) -> Path:

@@ -218,7 +218,7 @@ def check_owner(directory: Path, durable: str) -> None:
     """Refuses a local directory that holds the local tier of another durable root than ``durable`` (a run
     before, on the same machine), whose steps are not this run's. The first Checkpointer of a local
     directory records its durable root there (``ckpt-root.json``); a local tier written before ckpt recorded
-    it is taken as any root's.
+    it is taken as any root's, and one local path of the recorded directory (through a link) as its own.
 
     Raises:
       ValueError: ``directory`` belongs to another durable root (both named).
@@ -226,9 +226,18 @@ def check_owner(directory: Path, durable: str) -> None:
     """
     owner = formats.root_custom_metadata(directory)
     owner = owner.get(_DURABLE_ROOT, durable) if isinstance(owner, dict) else durable
-    if owner != durable:
+    if not _same_root(owner, durable):
         raise ValueError(f"{directory} holds the local tier of the durable root {owner}, not of {durable}: its "
                          "steps are another run's")
+
+
+def _same_root(recorded: Any, durable: str) -> bool:
+    """Whether the durable root a local tier recorded is ``durable``: the same name, or two local paths of one
+    directory (a symbolic link's and its target's)."""
+    if recorded == durable:
+        return True
+    return (isinstance(recorded, str) and not storage.is_url(recorded) and not storage.is_url(durable)
+            and os.path.realpath(recorded) == os.path.realpath(durable))
 
 
 class LocalTier:

@@ -845,6 +845,8 @@ class Checkpointer:
 
         Raises:
           StepNotFoundError: no such step, and ``missing_ok`` is not set.
+          DirectoryLockedError, RootNotWritableError: another Checkpointer writes the root, or this process may
+            not write there; the step is kept, and still listed.
           RuntimeError: the Checkpointer is closed (Orbax's deletes again).
 
         Example::
@@ -871,8 +873,10 @@ class Checkpointer:
         number = _step_number(step)
         self.wait()  # (the save in flight may be of this step)
         self._in_flight = None  # (committed: while the deletion runs, no step being written counts for a decision)
-        held_locally = self._local is not None and self._local.checkpointer.delete(number, missing_ok=True)
         info = self._find(number)
+        if info is not None and self._processes.index == 0:
+            self._take_directory()  # (before anything is deleted or forgotten: another writer may hold the root)
+        held_locally = self._local is not None and self._local.checkpointer.delete(number, missing_ok=True)
         if info is None:
             if held_locally or missing_ok:
                 return background.finished(held_locally)
@@ -880,7 +884,6 @@ class Checkpointer:
         self._forget(number)
         if self._processes.index != 0:  # every process forgets it; the primary deletes
             return background.finished(True)
-        self._take_directory()
 
         def job() -> bool:
             try:

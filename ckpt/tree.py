@@ -257,10 +257,8 @@ def from_json(data: dict) -> Node:
     if kind == "leaf":
         return LEAF
     children = [LEAF if c["t"] == "leaf" else from_json(c) for c in data["c"]]  # leaves without a call
-    if "k" in data:
-        keys = list(map(tuple, data["k"]))
-    else:
-        keys = [("idx", i) for i in range(len(children))]
+    keys = data.get("k")  # (null, as absent: the keys of a pytree node's children are their indices)
+    keys = [("idx", i) for i in range(len(children))] if keys is None else list(map(tuple, keys))
     return Node(kind, keys, children, name=data.get("n"))
 
 

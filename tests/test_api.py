@@ -17,7 +17,7 @@ from ckpt import format as fmt
 from ckpt.training import Checkpointer
 from ckpt.training import save_decision_policies as sdp
 from tests import procs
-from tests.fsutil import snapshot
+from tests.fsutil import rewrite_tree, snapshot
 
 ALWAYS = sdp.FixedIntervalPolicy(1)
 BIG = (1 << 20) // 8 + 1  # float64 elements: just over the packing threshold
@@ -788,6 +788,20 @@ def test_a_sharding_with_reduced_axes_round_trips_and_an_unreduced_array_is_refu
     pytest.importorskip("jax")
     result = procs.run_script(REDUCED_AXES, str(tmp_path), timeout=120, JAX_PLATFORMS="cpu")
     assert result.returncode == 0 and "REDUCED-OK" in result.stdout, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("forged", [{"device_ids": [0, 0], "mesh_shape": [2]}, {"spec": ["x", "x"]},
+                                    {"axis_names": ["x", "x"], "mesh_shape": [1, 1]}, {"device_ids": [], "mesh_shape": [0]}])
+def test_a_saved_sharding_repeating_a_device_or_an_axis_loads_on_the_default_device_with_a_warning(tmp_path, forged):
+    """jax takes such a mesh and spec, then fails to put an array on them (JaxRuntimeError, IndexError, its
+    DuplicateSpecError), which a load raised as it is, naming no leaf."""
+    jax = pytest.importorskip("jax")
+    ckpt.save(tmp_path / "c", {"a": jax.numpy.arange(4.0).reshape(2, 2)})
+    sharding = {"mesh_shape": [1], "axis_names": ["x"], "device_ids": [jax.devices()[0].id], "spec": ["x", None], **forged}
+    rewrite_tree(tmp_path / "c", lambda tree: tree["checkpointables"]["state"]["leaves"][0].update(sharding=sharding))
+    with pytest.warns(UserWarning, match="cannot be restored on these devices"):
+        assert ckpt.load(tmp_path / "c")["a"].tolist() == [[0, 1], [2, 3]]
+    assert ckpt.metadata(tmp_path / "c").metadata["a"].sharding is None
 
 
 DEFAULT_DEVICE = r"""

@@ -23,7 +23,7 @@ from ckpt.objectstore import ObjectPath
 from ckpt.verify import verify_step
 from tests import procs
 from tests.test_custom_checkpointables import Counter, Vocab, registry_context
-from tests.fsutil import tree_doc
+from tests.fsutil import rewrite_tree, tree_doc
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
@@ -556,6 +556,32 @@ def test_a_convert_killed_before_it_could_clean_up_is_resumed_by_running_it_agai
     assert status == 2 and "'notes.txt', not left by a convert" in err
 
 
+KILLED_ROOT_METADATA_WRITE = r"""
+import os, signal, sys
+from ckpt import convert
+replace = os.replace
+def killed_before_the_rename(source, target):
+    if os.path.basename(target) == "ckpt-root.json":
+        os.kill(os.getpid(), signal.SIGKILL)   # its temporary is written, not yet renamed
+    replace(source, target)
+os.replace = killed_before_the_rename
+list(convert.convert_root(sys.argv[1], sys.argv[2]))
+"""
+
+
+def test_a_convert_killed_while_it_wrote_the_roots_metadata_is_resumed_by_running_it_again(tmp_path, capsys):
+    """It left ckpt-root.json.tmp, which running it again took for a user's file: 'is not empty'."""
+    with ckpt.Checkpointer(tmp_path / "run", custom_metadata={"run": "a"}) as ckptr:
+        ckptr.save(1, {"w": np.ones(2)}, force=True)
+    killed = procs.run_script(KILLED_ROOT_METADATA_WRITE, str(tmp_path / "run"), str(tmp_path / "copy"))
+    assert killed.returncode == -9 and sorted(os.listdir(tmp_path / "copy")) == [fmt.LOCK, fmt.ROOT_METADATA + ".tmp"]
+    status, out, _ = run_cli(capsys, "convert", tmp_path / "run", tmp_path / "copy")
+    assert status == 0 and "1 step converted" in out
+    assert sorted(os.listdir(tmp_path / "copy")) == [fmt.LOCK, "1", fmt.ROOT_METADATA]
+    with ckpt.Checkpointer(tmp_path / "copy") as copy:
+        assert copy.root_metadata().custom_metadata == {"run": "a"}
+
+
 def converted_run_a_with_run_b_beside(tmp_path: Path, capsys) -> None:
     """Runs a and b (step 1 each, other values) in ``tmp_path``, and a converted into ``tmp_path / "copy"``."""
     for name, value in (("a", 1.0), ("b", 2.0)):
@@ -772,6 +798,24 @@ def test_convert_of_a_step_holding_what_a_handler_wrote_exits_2_naming_it_and_le
     assert f"{tmp_path / 'run' / '2'}: ckpt convert copies trees only" in err
     assert "'vocab' is written by tests.test_custom_checkpointables.VocabHandler" in err
     assert "'counter' is saved by the object itself (a StatefulCheckpointable)" in err
+    assert not (tmp_path / "copy").exists()
+
+
+def test_convert_of_a_step_whose_saved_sharding_holds_a_nan_exits_2_naming_the_leaf_and_leaves_no_destination(
+        tmp_path, capsys):
+    """The load of such a step puts the array on the default device, with a warning; convert copied the saved
+    sharding into the new tree.json and ended in a traceback (ValueError: Out of range float values are not
+    JSON compliant), naming neither the step nor the leaf."""
+    jax = pytest.importorskip("jax")
+    for step in (1, 2):
+        ckpt.save(tmp_path / "run" / str(step), {"w": jax.numpy.arange(4.0), "n": 1})
+    nan_mesh = {"mesh_shape": [float("nan")], "axis_names": ["x"], "device_ids": [0], "spec": ["x"]}
+    rewrite_tree(tmp_path / "run" / "2",
+                 lambda tree: tree["checkpointables"]["state"]["leaves"][0].update(sharding=nan_mesh))
+    with pytest.warns(UserWarning, match="cannot be restored on these devices"):
+        status, out, err = run_cli(capsys, "convert", tmp_path / "run", tmp_path / "copy")
+    assert status == 2 and "step 1 ->" in out
+    assert f"{tmp_path / 'run' / '2'}: ckpt convert cannot store leaf state['w'] as it is" in err and "sharding" in err
     assert not (tmp_path / "copy").exists()
 
 

@@ -661,14 +661,17 @@ def test_on_s3_the_leftover_of_a_crashed_save_of_a_step_does_not_stop_the_next_s
 
 
 @pytest.mark.parametrize("way", ["Checkpointer", "ckpt.save", "ckpt.save_async"])
-@pytest.mark.parametrize("where", ["the step", "a directory in it"])
+@pytest.mark.parametrize("where", ["the step", "a directory in it", "a link to a directory in it"])
 def test_a_root_or_checkpoint_opened_on_a_committed_step_is_refused_before_writing_into_it(tmp_path, way, where):
     """The step's directory passed instead of the root's: its steps, its lock (and a free save's checkpoint)
     would be written into what was committed."""
     with Checkpointer(tmp_path / "root") as ckptr:
         ckptr.save(5, STATE)
     step = tmp_path / "root" / "5"
-    path = step if where == "the step" else step / "sub" / "dir"
+    path = {"the step": step, "a directory in it": step / "sub" / "dir",
+            "a link to a directory in it": tmp_path / "link"}[where]
+    if where.startswith("a link"):
+        path.symlink_to(next(p for p in step.iterdir() if p.is_dir()), target_is_directory=True)
     target = path if way == "Checkpointer" else path / "model"
     before = fsutil.snapshot(tmp_path)
     with pytest.raises(errors.RootDirectoryError) as info:
@@ -681,3 +684,20 @@ def test_a_root_or_checkpoint_opened_on_a_committed_step_is_refused_before_writi
     assert message.startswith(str(target if way == "Checkpointer" else target.parent))
     assert fsutil.snapshot(tmp_path) == before
     np.testing.assert_array_equal(ckpt.load(step)["w"], STATE["w"])
+
+
+def test_a_project_holding_a_manifest_json_and_a_tree_json_of_its_own_is_no_step_and_runs_save_in_it(tmp_path):
+    """A web app's manifest.json beside a tree.json at a project's top made every root and checkpoint under
+    it a directory inside a checkpoint (RootDirectoryError); a step of ckpt's is told by its marker or its
+    manifest, which a step an earlier ckpt wrote without the marker still has."""
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / fmt.MANIFEST).write_text('{"name": "my app", "icons": []}')
+    (project / fmt.TREE).write_text('{"nodes": []}')
+    with Checkpointer(project / "runs" / "exp") as ckptr:
+        assert ckptr.save(0, STATE)
+    ckpt.save(project / "out" / "model", STATE)
+    np.testing.assert_array_equal(ckpt.load(project / "out" / "model")["w"], STATE["w"])
+    (project / "runs" / "exp" / "0" / fmt.MARKER).unlink()  # as an earlier ckpt wrote it
+    with pytest.raises(errors.RootDirectoryError, match="a checkpoint"):
+        Checkpointer(project / "runs" / "exp" / "0")

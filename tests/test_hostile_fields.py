@@ -241,3 +241,14 @@ def test_a_forged_prng_key_is_refused_naming_its_leaf(tmp_path, forge, why):
     with pytest.raises(errors.CheckpointCorruptedError, match=why) as caught:
         ckpt.load(step)
     assert str(step) in str(caught.value) and caught.value.key_paths == ("state['rng']",)
+
+
+def test_a_pytree_node_whose_keys_are_null_reads_as_one_without_keys(tmp_path):
+    """The schema takes a null 'k' for none (a pytree node's children keyed by position); reading the
+    structure raised TypeError ('NoneType' object is not iterable) from every reader."""
+    flax_core = pytest.importorskip("flax.core")
+    step = tmp_path / "step"
+    ckpt.save(step, {"params": flax_core.FrozenDict({"w": np.ones(3)}), "n": 1})
+    rewrite_tree(step, lambda tree: tree["checkpointables"]["state"]["tree"]["c"][0].update(k=None))
+    assert ckpt.load(step)["params"][0].tolist() == [1, 1, 1]
+    assert ckpt.metadata(step).metadata["params"][0].shape == (3,) and not verify_step(step).damaged

@@ -142,6 +142,16 @@ def test_checkpointer_delete_and_delete_async_delete_a_step_whatever_the_policy_
         assert [c.step for c in reopened.checkpoints] == [1, 2, 4]
 
 
+def test_a_delete_refused_because_another_writer_holds_the_root_keeps_the_step_listed(tmp_path):
+    with ckpt.training.Checkpointer(tmp_path) as writer:
+        writer.save(1, {"w": np.ones(3)})
+        reader = ckpt.training.Checkpointer(tmp_path)
+        with pytest.raises(errors.DirectoryLockedError, match="being written by another Checkpointer"):
+            reader.delete(1)
+        assert [c.step for c in reader.checkpoints] == [1] and reader.load(1)["w"].tolist() == [1, 1, 1]
+        reader.close()
+
+
 def test_a_step_delete_async_is_deleting_counts_for_no_save_decision_meanwhile(tmp_path, monkeypatch):
     release, delete_step = threading.Event(), root.delete_step
     monkeypatch.setattr(root, "delete_step", lambda path, step: release.wait(10) and delete_step(path, step))

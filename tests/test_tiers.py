@@ -242,6 +242,20 @@ def test_a_local_directory_holding_another_durable_roots_tier_is_refused_not_res
         ckpt.Checkpointer(tmp_path / "run2", local=local())
 
 
+def test_the_durable_root_named_through_a_symbolic_link_is_the_owner_of_its_local_tier(tmp_path, capsys):
+    """The same run opened as /scratch/run (a link) and as its target was refused as another run's ('Use another
+    local directory, or delete that one'), its steps not yet promoted with it."""
+    local = ckpt.LocalCheckpointOptions(tmp_path / "ssd", save_decision_policy=sdp.FixedIntervalPolicy(1))
+    with ckpt.Checkpointer(tmp_path / "run", save_decision_policy=sdp.FixedIntervalPolicy(100), local=local) as ckptr:
+        for step in range(3):
+            ckptr.save(step, tiers_worker.state(step))
+    (tmp_path / "link").symlink_to(tmp_path / "run", target_is_directory=True)
+    with ckpt.Checkpointer(tmp_path / "link", local=local) as ckptr:
+        assert ckptr.latest.step == 2 and sorted(ckptr.latest.locations) == ["local"]
+    assert cli.main(["ls", str(tmp_path / "link"), "--local", str(tmp_path / "ssd")]) == 0
+    assert "local" in capsys.readouterr().out
+
+
 def test_a_local_copy_removed_after_the_listing_falls_back_to_its_durable_copy(tmp_path):
     local = ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1))
     with ckpt.Checkpointer(tmp_path / "durable", save_decision_policy=sdp.FixedIntervalPolicy(1), local=local) as ckptr:
@@ -578,6 +592,18 @@ def test_ckpt_ls_refuses_the_root_itself_as_its_local_tier_as_the_checkpointer_d
     for local in (tmp_path / "run", tmp_path / "x" / ".." / "run"):
         assert cli.main(["ls", str(tmp_path / "run"), "--local", str(local)]) == 2  # was: 0, step 1 in both tiers
         assert f"the local tier's directory is the root itself ({tmp_path / 'run'})" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["ls", "show", "verify"])
+def test_the_ckpt_command_refuses_a_step_as_the_local_tier_as_the_checkpointer_does(tmp_path, capsys, command):
+    """A step of the root (a typo for the local tier) was read as an empty local tier: exit status 0, every step
+    durable only."""
+    ckpt.save(tmp_path / "run" / "1", {"w": np.zeros(2)})
+    for local in (tmp_path / "run" / "1", tmp_path / "run" / "1" / "sub"):
+        with pytest.raises(errors.RootDirectoryError, match="it (is|lies in) .*a checkpoint"):
+            ckpt.Checkpointer(tmp_path / "run", local=ckpt.LocalCheckpointOptions(local))
+        assert cli.main([command, str(tmp_path / "run"), "--local", str(local)]) == 2  # was: 0
+        assert "--local" in (err := capsys.readouterr().err) and "a checkpoint (a step directory)" in err
 
 
 def test_a_failed_local_save_of_a_step_to_promote_is_raised_once(tmp_path):

@@ -841,7 +841,9 @@ class Checkpointer:
         The save in flight is waited for first. The step is renamed aside before its files are removed, as
         garbage collection deletes, so an interrupted deletion never leaves half a step listed. With a local
         tier, the step goes from both tiers. ``checkpointable_name`` (Orbax deletes one checkpointable of a
-        step) raises ValueError: a step's trees share its files.
+        step) raises ValueError: a step's trees share its files. In a multi-process job every process calls
+        it, as it saves: process 0 deletes the step, and every process returns once it is gone (a save of the
+        same step may follow at once).
 
         Raises:
           StepNotFoundError: no such step, and ``missing_ok`` is not set.
@@ -878,17 +880,24 @@ class Checkpointer:
                 return background.finished(held_locally)
             raise self._not_found(number)
         self._forget(number)
-        if self._processes.index != 0:  # every process forgets it; the primary deletes
-            return background.finished(True)
-        self._take_directory()
+        operation, timeout = self._operation(f"delete/{number}"), self._ctx.async_options.timeout_secs
+        primary = self._processes.index == 0
+        if primary:
+            self._take_directory()
 
-        def job() -> bool:
-            try:
+        def delete_here() -> None:  # every process forgets it; the primary deletes
+            if primary:
                 with self._gc_lock:
                     self._delete(info)
+
+        def job() -> bool:  # every process returns (or raises) once the step is deleted
+            try:
+                distributed.settle(self._processes, operation, delete_here, timeout,
+                                   f"the deletion of step {number} ({info.path})")
             except BaseException:
-                with self._infos_lock:  # still there: listed again
-                    self._infos = sorted([*self._infos, info], key=lambda c: c.step)
+                if storage.exists(info.path):  # still there: listed again
+                    with self._infos_lock:
+                        self._infos = sorted([*self._infos, info], key=lambda c: c.step)
                 raise
             return True
 

@@ -125,6 +125,15 @@ def test_a_save_failing_on_one_rank_raises_on_every_rank_at_once_and_commits_not
 
 
 @pytest.mark.timeout(300)
+def test_a_step_every_rank_deletes_is_gone_on_every_rank_before_any_saves_it_again(tmp_path):
+    """(Rank 1 returned from delete at once, rank 0 deleting the step: rank 1's save of the step found it still
+    there, StepAlreadyExistsError.)"""
+    out = run_jobs(tmp_path / "run", tmp_path / "unused.npz", "delete:2")
+    assert "rank 0 steps [0, 1, 2], step 2 holds [25.0, 25.0]" in out, out
+    assert "rank 1 steps [0, 1, 2], step 2 holds [25.0, 25.0]" in out, out
+
+
+@pytest.mark.timeout(300)
 def test_a_sigterm_to_one_rank_alone_saves_the_same_step_on_every_rank(tmp_path):
     """A SIGTERM to rank 1 only (its node preempted) was swallowed: rank 0 decides for all, and no rank saved."""
     out = run_jobs(tmp_path / "run", tmp_path / "unused.npz", "sigterm:2")

@@ -16,7 +16,7 @@ continues after the latest committed step with one more save. ``free``: every ra
 through the Checkpointer and ``ckpt.save``, and to other paths and steps, and open Checkpointers on other roots;
 every one is refused, nothing is written.
 ``dtensors`` (4 ranks): DTensors of unusual layouts, saved and loaded through the Checkpointer.
-``fail``: saves that fail on rank 1. ``stopped``: rank 0 stops in the middle of a save. ``list``: prints the steps each rank lists. ``unshared``: rank 1 sees another directory at DIR. ``sigterm``: a
+``fail``: saves that fail on rank 1. ``delete``: steps every rank deletes and saves again at once. ``stopped``: rank 0 stops in the middle of a save. ``list``: prints the steps each rank lists. ``unshared``: rank 1 sees another directory at DIR. ``sigterm``: a
 SIGTERM to rank 1 alone, in a loop saving on preemption.
 Each rank prints what it did.
 """
@@ -161,6 +161,8 @@ def run(this_rank: int, this_world: int, port: int, mode: str) -> None:
             unusual_dtensors(ckptr)
         elif mode == "fail":
             failing_saves(ckptr)
+        elif mode == "delete":
+            deleted_and_saved_again(ckptr)
         elif mode == "sigterm":
             preempted_rank()
         elif mode == "stopped":
@@ -336,6 +338,17 @@ def failing_saves(ckptr: Checkpointer) -> None:
                 say(f"rank {rank} {how} failed: {type(e).__name__}: {e}")
         ckptr.save(5, {"w": torch.ones(2)}, force=True)
     say(f"rank {rank} steps {[c.step for c in ckptr.checkpoints]}")
+
+
+def deleted_and_saved_again(ckptr: Checkpointer) -> None:
+    """Every rank deletes step 2 (``delete``, or ``delete_async`` not waited for) and saves it again at once:
+    no save finds the step still there (rank 1 returned from the deletion before rank 0 had deleted it)."""
+    for step in range(3):
+        ckptr.save(step, {"w": torch.full((2,), float(step))}, force=True)
+    for trial in range(6):
+        ckptr.delete(2) if trial % 2 else ckptr.delete_async(2)
+        ckptr.save(2, {"w": torch.full((2,), 20.0 + trial)}, force=True)
+    say(f"rank {rank} steps {[c.step for c in ckptr.checkpoints]}, step 2 holds {ckptr.load(2)['w'].tolist()}")
 
 
 class StopsRank0(FailsOnRank1):

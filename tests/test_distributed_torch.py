@@ -125,12 +125,18 @@ def test_a_save_failing_on_one_rank_raises_on_every_rank_at_once_and_commits_not
 
 
 @pytest.mark.timeout(300)
-def test_a_step_every_rank_deletes_is_gone_on_every_rank_before_any_saves_it_again(tmp_path):
+def test_a_step_or_checkpoint_every_rank_deletes_is_gone_on_every_rank_before_any_uses_it_again(tmp_path):
     """(Rank 1 returned from delete at once, rank 0 deleting the step: rank 1's save of the step found it still
-    there, StepAlreadyExistsError.)"""
+    there, StepAlreadyExistsError. Every rank deleting one checkpoint with ckpt.delete, as Orbax's says, raced:
+    one deleted it while another still loaded it, or found nothing to delete, CheckpointNotFoundError.)"""
     out = run_jobs(tmp_path / "run", tmp_path / "unused.npz", "delete:2")
     assert "rank 0 steps [0, 1, 2], step 2 holds [25.0, 25.0]" in out, out
     assert "rank 1 steps [0, 1, 2], step 2 holds [25.0, 25.0]" in out, out
+    # ckpt.delete on every rank: rank 0 deleted while rank 1 still loaded, rank 1 found nothing to delete
+    for r in (0, 1):
+        assert (f"rank {r} free deletes refused: the processes of this job delete different checkpoints (process 0: "
+                f"{tmp_path / 'run' / '0'}; process 1: {tmp_path / 'run' / '1'})") in out, out
+        assert f"rank {r} free deletes: steps [0, 1, 2]" in out, out
 
 
 @pytest.mark.timeout(300)

@@ -16,7 +16,7 @@ continues after the latest committed step with one more save. ``free``: every ra
 through the Checkpointer and ``ckpt.save``, and to other paths and steps, and open Checkpointers on other roots;
 every one is refused, nothing is written.
 ``dtensors`` (4 ranks): DTensors of unusual layouts, saved and loaded through the Checkpointer.
-``fail``: saves that fail on rank 1. ``delete``: steps every rank deletes and saves again at once. ``stopped``: rank 0 stops in the middle of a save. ``list``: prints the steps each rank lists. ``unshared``: rank 1 sees another directory at DIR. ``sigterm``: a
+``fail``: saves that fail on rank 1. ``delete``: steps every rank deletes and saves again at once; checkpoints every rank deletes with ``ckpt.delete``. ``stopped``: rank 0 stops in the middle of a save. ``list``: prints the steps each rank lists. ``unshared``: rank 1 sees another directory at DIR. ``sigterm``: a
 SIGTERM to rank 1 alone, in a loop saving on preemption.
 Each rank prints what it did.
 """
@@ -342,13 +342,23 @@ def failing_saves(ckptr: Checkpointer) -> None:
 
 def deleted_and_saved_again(ckptr: Checkpointer) -> None:
     """Every rank deletes step 2 (``delete``, or ``delete_async`` not waited for) and saves it again at once:
-    no save finds the step still there (rank 1 returned from the deletion before rank 0 had deleted it)."""
+    no save finds the step still there (rank 1 returned from the deletion before rank 0 had deleted it). Then
+    every rank saves, loads and deletes a checkpoint with the free functions, and deletes other paths (refused)."""
     for step in range(3):
         ckptr.save(step, {"w": torch.full((2,), float(step))}, force=True)
     for trial in range(6):
         ckptr.delete(2) if trial % 2 else ckptr.delete_async(2)
         ckptr.save(2, {"w": torch.full((2,), 20.0 + trial)}, force=True)
     say(f"rank {rank} steps {[c.step for c in ckptr.checkpoints]}, step 2 holds {ckptr.load(2)['w'].tolist()}")
+    for trial in range(3):  # the free functions: each rank saves, loads and deletes one checkpoint
+        ckpt.save(f"{directory}-free", {"w": torch.full((2,), float(trial))})
+        assert ckpt.load(f"{directory}-free")["w"].tolist() == [trial] * 2
+        assert ckpt.delete(f"{directory}-free") and not os.path.exists(f"{directory}-free")
+    try:
+        ckpt.delete(directory + ("/0" if rank == 0 else "/1"))
+    except ValueError as e:
+        say(f"rank {rank} free deletes refused: {e}")
+    say(f"rank {rank} free deletes: steps {[c.step for c in ckptr.checkpoints]}")
 
 
 class StopsRank0(FailsOnRank1):

@@ -55,6 +55,7 @@ Example::
 """
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import logging
 import os
@@ -165,7 +166,7 @@ class DurableRoot:
     committed: Callable[[int, storage.Location, dict], None]  # lists a committed step, collects garbage
     processes: distributed.Processes
     operation: Callable[[str], str]  # a barrier name, the same on every process
-    timeout_secs: float
+    timeout_secs: Callable[[], float]  # AsyncOptions.timeout_secs of the call (the active Context's, else its own)
 
 
 @dataclasses.dataclass(eq=False)
@@ -327,7 +328,7 @@ class LocalTier:
         if not self._recovered:
             self._recover(step)
         if overwrite and step in self._promoting:  # its promotion would copy the local step while it is replaced
-            self._durable.writer.wait(self._durable.timeout_secs)
+            self._durable.writer.wait(self._durable.timeout_secs())
         # an overwrite replaces the durable copy too: left there, it would be restored once the local copy is gone
         replaces_durable = overwrite and any(c.step == step for c in self._durable.checkpoints())
         promote = force or preempted or replaces_durable or self._decided == (step, True)
@@ -407,7 +408,9 @@ class LocalTier:
         until promoted."""
         barrier = self._durable.operation(f"promote/{step}")  # named here: every process counts its calls alike
         promotion = self._enqueue(step, replaceable=replaceable)
-        response = self._durable.writer.submit(lambda: self._promote(promotion, local, preempted, barrier, overwrite))
+        in_call = contextvars.copy_context()  # (the options of the save: its timeout, in the writer's thread)
+        response = self._durable.writer.submit(
+            lambda: in_call.run(self._promote, promotion, local, preempted, barrier, overwrite))
         if preempted:
             self._deadline = (step, time.monotonic() + self._options.grace_period_secs, response)
         return response
@@ -527,7 +530,7 @@ class LocalTier:
         deadline = self._deadline
         if deadline is None or deadline[2].done():
             self._deadline = None
-            self._durable.writer.wait(self._durable.timeout_secs)
+            self._durable.writer.wait(self._durable.timeout_secs())
             return
         try:
             self._durable.writer.wait(max(0.0, deadline[1] - time.monotonic()))
@@ -577,7 +580,7 @@ def _copy_step(source: Path, final: storage.Location, step: int, overwrite: bool
             markers.append(storage.make_temporary(tmp))
 
     try:
-        distributed.settle(durable.processes, f"{barrier}/prepared", prepare, durable.timeout_secs, task)
+        distributed.settle(durable.processes, f"{barrier}/prepared", prepare, durable.timeout_secs(), task)
         copied = _copy_files(source, final, tmp, step, overwrite, durable, barrier, task)
     except BaseException:
         if markers:
@@ -623,7 +626,7 @@ def _copy_files(source: Path, final: storage.Location, tmp: storage.Location, st
             if failure is not None:
                 raise failure
 
-    distributed.settle(durable.processes, f"{barrier}/written", copy_own, durable.timeout_secs, task)
+    distributed.settle(durable.processes, f"{barrier}/written", copy_own, durable.timeout_secs(), task)
     if primary:
         with storage.io_errors(f"promoting {source} to {final}"):
             manifest = _read(source / fmt.MANIFEST)
@@ -656,4 +659,4 @@ def _read(path: Path) -> bytes:
 
 def _barrier(durable: DurableRoot, name: str) -> None:
     if durable.processes.count > 1:
-        durable.processes.barrier(name, durable.timeout_secs)
+        durable.processes.barrier(name, durable.timeout_secs())

@@ -149,7 +149,7 @@ class Checkpointer:
                                      lambda step: self._directory / step_lib.checked_name(self._name_format, step),
                                      lambda: self._infos, self._save_policy,
                                      self._writer, self._take_directory, self._committed, self._processes,
-                                     self._operation, self._context.async_options.timeout_secs),
+                                     self._operation, lambda: self._ctx.async_options.timeout_secs),
             Checkpointer, Checkpointer._collect_garbage, Checkpointer._decide, context=self._context,
             step_name_format=self._name_format, lightweight_initialize=lightweight_initialize,
             cleanup_tmp_directories=cleanup_tmp_directories)

@@ -773,3 +773,27 @@ def test_ckpt_show_and_verify_with_local_read_the_step_a_load_reads_and_check_ev
     assert cli.main(["verify", durable, "--local", str(tmp_path / "ssd")]) == 0  # a new machine: the durable tier
     assert cli.main(["verify", f"{durable}/2", "--local", tier]) == 2  # one checkpoint, not a root
     assert "drop --local" in capsys.readouterr().err
+
+
+def test_a_promotion_waits_for_the_other_processes_as_long_as_the_active_context_says(tmp_path):
+    """(A promotion's barriers took the timeout of the Checkpointer's constructor, 1200 s by default, not the
+    one of the ``with ckpt.Context(...)`` block the saves ran in: a process killed in a promotion left the
+    others waiting 20 minutes, where the job asked for 5 seconds.)"""
+
+    class Primary(ckpt.distributed.SingleProcess):  # the primary of two processes, recording how long it waits
+        count, waits = 2, []
+
+        def barrier(self, name, timeout_secs):
+            self.waits.append((name.rsplit("/", 1)[-1], timeout_secs))
+
+        def compare(self, name, key, value, timeout_secs):
+            self.barrier(name, timeout_secs)
+            return {}
+
+    options = ckpt.MultiprocessingOptions(processes=Primary())
+    with ckpt.Context(async_options=ckpt.AsyncOptions(timeout_secs=5), multiprocessing_options=options):
+        with tiers_worker.checkpointer(str(tmp_path / "durable"), str(tmp_path / "local"), durable_every=1) as ckptr:
+            ckptr.save_async(1, {"w": np.ones(3)})
+            ckptr.wait()
+    promotion = [(name, secs) for name, secs in Primary.waits if name in ("prepared", "written", "committed")]
+    assert promotion == [("prepared", 5), ("written", 5), ("committed", 5)], Primary.waits

@@ -38,7 +38,9 @@ holds the shards that process owns, plus every replicated leaf. A promotion copi
 files to the durable root and the primary process commits after a barrier, so the durable step holds
 every shard. Restoring from the local tiers would need every process to hold the same step with the
 same sharding; nothing in the Processes protocol gathers that, so multi-process loads read the
-durable tier only (a replaced host, whose local tier is empty, restores like the others).
+durable tier only (a replaced host, whose local tier is empty, restores like the others), and a
+Checkpointer opened there deletes the local steps newer than the durable tier's latest (the job saves
+them again).
 
 Example::
 
@@ -301,6 +303,19 @@ class LocalTier:
             durable = False
         self._decided = (step, durable)
         return self._decide(self.checkpointer, step, replacing=replacing) or durable or preempted
+
+    def drop_leftovers(self) -> None:
+        """With several processes, once the durable tier is listed: deletes the local steps newer than its latest,
+        which a job stopped before promoting them left (loads read the durable tier only: the job resumes below
+        them). Kept, each process would decide alone that a step it saves again is below its own latest, and a
+        promotion would copy the old run's copy of a step into the new run's durable step."""
+        durable = self._durable.checkpoints()
+        latest = durable[-1].step if durable else -1
+        for info in [c for c in self.checkpointer.checkpoints if c.step > latest]:
+            logger.warning("ckpt: deleting step %d of the local tier %s, newer than the durable tier's latest (%s): a "
+                           "multi-process job resumes from the durable tier, and saves that step again", info.step,
+                           self.checkpointer.directory, latest if durable else "none")
+            self.checkpointer.delete(info.step)
 
     def _newest(self) -> int | None:
         """The newest step of the local tier: committed, or being written by its save in flight."""

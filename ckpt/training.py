@@ -162,6 +162,8 @@ class Checkpointer:
         self._barrier("init")
         if not primary:
             self.reload()
+        if self._local is not None and self._processes.count > 1:
+            self._local.drop_leftovers()
 
     def _check_one_root(self) -> None:
         """Raises RootDirectoryError on every process at once when the processes of a multi-process job open

@@ -291,9 +291,10 @@ class LocalTier:
         return merge(local, durable)
 
     # ---------------------------------------------------------------------------- deciding
-    def decide(self, step: int, *, durable: bool, preempted: bool, replacing: bool = False) -> bool:
-        """Whether either tier saves ``step``, given the durable tier's decision (remembered for the save);
-        a preemption saves the step locally whatever the local policy says. With one process, the durable
+    def decide(self, step: int, *, durable: bool, reached: bool, preempted: bool, replacing: bool = False) -> bool:
+        """Whether either tier saves ``step``, given the durable tier's decision (remembered for the save) and
+        whether it saw a preemption (``reached``: the local tier's policy sees the same, as its processes agreed
+        on it, not this process's own signals); a preemption saves the step locally whatever the local policy says. With one process, the durable
         tier's yes to a step at or below the newest local step (committed, or being written by the local save in
         flight) is a no unless ``replacing`` (an overwrite): that step is below the latest, as the durable tier
         alone cannot tell. (With several processes the latest is the durable tier's, which each process's local
@@ -302,7 +303,7 @@ class LocalTier:
         if newest is not None and step <= newest:
             durable = False
         self._decided = (step, durable)
-        return self._decide(self.checkpointer, step, replacing=replacing) or durable or preempted
+        return self._decide(self.checkpointer, step, replacing=replacing, reached=reached) or durable or preempted
 
     def drop_leftovers(self) -> None:
         """With several processes, once the durable tier is listed: deletes the local steps newer than its latest,

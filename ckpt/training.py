@@ -391,7 +391,9 @@ class Checkpointer:
         if not self._closed:
             preemption.listen(self)
 
-    def _decide(self, step: int, *, replacing: bool) -> bool:
+    def _decide(self, step: int, *, replacing: bool, reached: bool | None = None) -> bool:
+        """The save decision of ``step``. ``reached``: whether a preemption was seen, as the Checkpointer whose
+        local tier this one is decided it (its processes agreed on it); None: this one asks."""
         if not self._decided_once:
             self._decided_once = True
             if self._local is not None or save_decision_policies.saves_on_preemption(self._save_policy):
@@ -407,12 +409,13 @@ class Checkpointer:
             previous = [*previous, in_flight]  # the step being written counts, as in Orbax
         if previous and step <= previous[-1].step and not replacing:
             return False  # (with two tiers too: below the durable tier's latest, it is below the latest of either)
-        reached = preemption.reached(step)
-        # a SIGTERM or notify() in another process (not JAX's sync point, which every process sees at once)
-        if self._processes.count > 1 and distributed.noticed_elsewhere(self._processes, "preemption",
-                                                                       preemption.preempted()):
-            preemption.notify()  # (on the primary: latched here as a SIGTERM is)
-            reached = True
+        if reached is None:
+            reached = preemption.reached(step)
+            # a SIGTERM or notify() in another process (not JAX's sync point, which every process sees at once)
+            if self._processes.count > 1 and distributed.noticed_elsewhere(self._processes, "preemption",
+                                                                           preemption.preempted()):
+                preemption.notify()  # (on the primary: latched here as a SIGTERM is)
+                reached = True
         context = save_decision_policies.DecisionContext(
             is_saving_in_progress=saving, reached_preemption=reached,
             multiprocessing_options=self._ctx.multiprocessing_options)
@@ -425,7 +428,7 @@ class Checkpointer:
         if reached and (self._preempted_at is None or not self._reached):
             self._preempted_at = step
         self._reached = reached
-        return decision if self._local is None else self._local.decide(step, durable=decision,
+        return decision if self._local is None else self._local.decide(step, durable=decision, reached=reached,
                                                                        preempted=step == self._preempted_at,
                                                                        replacing=replacing)
 

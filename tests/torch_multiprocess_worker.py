@@ -260,18 +260,24 @@ def differing_trees(ckptr: Checkpointer) -> None:
 
 
 def preempted_rank() -> None:
-    """Rank 1 alone gets a SIGTERM at step 3 (its node is preempted): every rank saves the same step and stops."""
+    """Rank 1 alone gets a SIGTERM at step 3, once rank 0 has decided that step (its node is preempted): every
+    rank saves step 4 and stops; then again with two tiers (each rank's local tier saving every other step)."""
     policy = sdp.AnySavePolicy([sdp.FixedIntervalPolicy(1000), sdp.PreemptionCheckpointingPolicy()])
-    with Checkpointer(f"{directory}-sigterm", save_decision_policy=policy) as ckptr:
-        for step in range(40):
-            if step == 3 and rank == 1:
-                os.kill(os.getpid(), signal.SIGTERM)
-            ckptr.save(step, {"w": torch.full((2,), float(step))})
-            if ckptr.reached_preemption(step):
-                break
-            dist.barrier()  # (a training step's all-reduce)
-        say(f"rank {rank} stopped at {step}, steps {[c.step for c in ckptr.checkpoints]}")
-        ckpt.preemption.reset()  # (the job goes on: rank 1 is not terminated at the close)
+    for tiers, local in (("", None), (" with two tiers", ckpt.LocalCheckpointOptions(
+            f"{directory}-local", save_decision_policy=sdp.FixedIntervalPolicy(2)))):
+        with Checkpointer(f"{directory}-sigterm{tiers}", save_decision_policy=policy, local=local) as ckptr:
+            for step in range(40):
+                if step == 3 and rank == 1:  # once rank 0 decided step 3 without it: every rank saves step 4
+                    dist.barrier()
+                    os.kill(os.getpid(), signal.SIGTERM)
+                ckptr.save(step, {"w": torch.full((2,), float(step))})
+                if step == 3 and rank == 0:
+                    dist.barrier()
+                if ckptr.reached_preemption(step):
+                    break
+                dist.barrier()  # (a training step's all-reduce)
+            say(f"rank {rank}{tiers} stopped at {step}, steps {[c.step for c in ckptr.checkpoints]}")
+            ckpt.preemption.reset()  # (the job goes on: rank 1 is not terminated at the close)
 
 
 def sees_another_root() -> bool:

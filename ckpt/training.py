@@ -428,9 +428,14 @@ class Checkpointer:
         if reached and (self._preempted_at is None or not self._reached):
             self._preempted_at = step
         self._reached = reached
-        return decision if self._local is None else self._local.decide(step, durable=decision, reached=reached,
-                                                                       preempted=step == self._preempted_at,
-                                                                       replacing=replacing)
+        if self._local is None:
+            return decision
+        either = self._local.decide(step, durable=decision, reached=reached, preempted=step == self._preempted_at,
+                                    replacing=replacing)
+        if self._processes.count > 1:  # each process's local tier decides alone (its policy, its clock): the primary's
+            either = self._processes.broadcast(self._operation("decide/local"), either,
+                                               self._ctx.async_options.timeout_secs)
+        return either
 
     @property
     def _ctx(self) -> Context:

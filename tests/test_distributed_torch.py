@@ -140,6 +140,16 @@ def test_a_step_or_checkpoint_every_rank_deletes_is_gone_on_every_rank_before_an
 
 
 @pytest.mark.timeout(300)
+def test_with_two_tiers_every_rank_gets_rank_0s_save_decision_whatever_its_local_policy_says(tmp_path):
+    """(Each rank's local tier decided alone: with local policies that differ, or decide by each rank's clock,
+    should_save and save answered True on one rank and False on another, at steps 2, 3 and 4.)"""
+    out = run_jobs(tmp_path / "run", tmp_path / "unused.npz", "policies:2")
+    for r in (0, 1):
+        assert (f"rank {r} saved [True, False, True, False, True, False, True], locally "
+                "['.ckpt.lock', '4', '6', 'ckpt-root.json']") in out, out
+
+
+@pytest.mark.timeout(300)
 def test_a_sigterm_to_one_rank_alone_saves_the_same_step_on_every_rank(tmp_path):
     """A SIGTERM to rank 1 only (its node preempted) was swallowed: rank 0 decides for all, and no rank saved.
     With two tiers, rank 1's local tier latched the preemption at the step rank 1 saw it (3), which rank 0 had

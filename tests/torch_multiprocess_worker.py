@@ -16,7 +16,7 @@ continues after the latest committed step with one more save. ``free``: every ra
 through the Checkpointer and ``ckpt.save``, and to other paths and steps, and open Checkpointers on other roots;
 every one is refused, nothing is written.
 ``dtensors`` (4 ranks): DTensors of unusual layouts, saved and loaded through the Checkpointer.
-``fail``: saves that fail on rank 1. ``delete``: steps every rank deletes and saves again at once; checkpoints every rank deletes with ``ckpt.delete``. ``stopped``: rank 0 stops in the middle of a save. ``list``: prints the steps each rank lists. ``unshared``: rank 1 sees another directory at DIR. ``sigterm``: a
+``fail``: saves that fail on rank 1. ``policies``: two tiers whose local policies differ between ranks. ``delete``: steps every rank deletes and saves again at once; checkpoints every rank deletes with ``ckpt.delete``. ``stopped``: rank 0 stops in the middle of a save. ``list``: prints the steps each rank lists. ``unshared``: rank 1 sees another directory at DIR. ``sigterm``: a
 SIGTERM to rank 1 alone, in a loop saving on preemption.
 Each rank prints what it did.
 """
@@ -163,6 +163,8 @@ def run(this_rank: int, this_world: int, port: int, mode: str) -> None:
             failing_saves(ckptr)
         elif mode == "delete":
             deleted_and_saved_again(ckptr)
+        elif mode == "policies":
+            local_policies_differ()
         elif mode == "sigterm":
             preempted_rank()
         elif mode == "stopped":
@@ -344,6 +346,15 @@ def failing_saves(ckptr: Checkpointer) -> None:
                 say(f"rank {rank} {how} failed: {type(e).__name__}: {e}")
         ckptr.save(5, {"w": torch.ones(2)}, force=True)
     say(f"rank {rank} steps {[c.step for c in ckptr.checkpoints]}")
+
+
+def local_policies_differ() -> None:
+    """Two tiers whose local tiers' policies differ between ranks (or decide by each one's clock): every rank
+    gets rank 0's answer, and saves the same steps."""
+    local = ckpt.LocalCheckpointOptions(f"{directory}-local", save_decision_policy=sdp.FixedIntervalPolicy(2 + rank))
+    with Checkpointer(f"{directory}/durable", save_decision_policy=sdp.FixedIntervalPolicy(4), local=local) as ckptr:
+        said = [ckptr.should_save(step) and ckptr.save(step, {"w": torch.ones(2)}) for step in range(7)]
+    say(f"rank {rank} saved {said}, locally {sorted(os.listdir(f'{directory}-local/process_{rank}'))}")
 
 
 def deleted_and_saved_again(ckptr: Checkpointer) -> None:

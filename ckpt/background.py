@@ -59,9 +59,9 @@ class AsyncResponse(Generic[T]):
             self._hurry()
         try:
             return self._future.result(timeout)
-        except concurrent.futures.TimeoutError:
-            raise TimeoutError(f"the background operation did not finish within {timeout} s") from None
         except BaseException as e:
+            if isinstance(e, concurrent.futures.TimeoutError) and not self._future.done():  # (else the operation's)
+                raise TimeoutError(f"the background operation did not finish within {timeout} s") from None
             _first_raise(e)
             self._on_result()
             raise

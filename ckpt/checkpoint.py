@@ -11,7 +11,7 @@ import concurrent.futures
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ckpt import background, custom, distributed, formats, loading, orbax, root, saving, storage, transfers
 from ckpt import format as fmt
@@ -21,6 +21,15 @@ from ckpt.metadata import CheckpointMetadata
 from ckpt.training import checkpoint_metadata
 
 
+def _coordination(what: str) -> tuple[distributed.Processes, str, float]:
+    """The processes of a free ``what`` (``ckpt.save``) under the active context, the name of this call's
+    barriers (the same in every process: not by path, as the processes' paths are compared) and their timeout."""
+    options = get_context().multiprocessing_options
+    processes = options.processes or distributed.current()
+    number = distributed.call_number(processes, what)
+    return processes, f"{options.barrier_sync_key_prefix or ''}{what}/{number}", get_context().async_options.timeout_secs
+
+
 def _writer(path: str | os.PathLike, checkpointables: dict[str, Any], overwrite: bool,
             custom_metadata: Any) -> saving.StepWriter:
     """The writer of a free save. In a multi-process job (``jax.distributed``, ``torch.distributed``, or
@@ -28,11 +37,8 @@ def _writer(path: str | os.PathLike, checkpointables: dict[str, Any], overwrite:
     each writes its own shards, process 0 the rest and the commit."""
     final = storage.location(path)
     options = get_context()
-    processes = options.multiprocessing_options.processes or distributed.current()
+    processes, operation, timeout = _coordination("ckpt.save")
     tmp, prepared = storage.temporary_for(final), []
-    prefix = options.multiprocessing_options.barrier_sync_key_prefix or ""
-    number = distributed.call_number(processes, "ckpt.save")  # (not by path: the processes' paths are compared)
-    operation, timeout = f"{prefix}ckpt.save/{number}", options.async_options.timeout_secs
 
     def prepare() -> None:  # a failure in any process raises in all, before any writes
         trees, handled = custom.split(checkpointables, options.checkpointables_options.registry)
@@ -206,7 +212,9 @@ def delete(path: str | os.PathLike, *, checkpointable_name: str | None = None, m
     object store (``s3://``, ``gs://``), what a save or a deletion of ckpt's that a crash cut short left at
     ``path`` is deleted too (locally it lies under a temporary name, which the next save there removes).
     ``checkpointable_name`` (Orbax deletes one checkpointable of a checkpoint) raises ValueError: a ckpt
-    checkpoint's trees share its files.
+    checkpoint's trees share its files. In a multi-process job every process calls it, as it saves (and as
+    Orbax's): process 0 deletes once every process has called it, and every process returns once the
+    checkpoint is gone, or raises process 0's error; processes deleting other paths raise ValueError.
 
     Example::
 
@@ -214,17 +222,7 @@ def delete(path: str | os.PathLike, *, checkpointable_name: str | None = None, m
         assert ckpt.delete("model") and not os.path.exists("model")
         assert ckpt.delete("model", missing_ok=True) is False
     """
-    root.whole_checkpoints_only(checkpointable_name)
-    step_dir = storage.location(path)
-    if not storage.exists(step_dir):
-        if missing_ok:
-            return False
-        raise CheckpointNotFoundError(f"no checkpoint at {step_dir}: the path does not exist")
-    if not isinstance(step_dir, Path) and root.classify(step_dir, None).kind is root.Kind.TEMPORARY:
-        storage.remove_owned(step_dir)  # a save or deletion a crash cut short in place (an object store has no rename)
-        return True
-    root.delete_step(step_dir, None)
-    return True
+    return _deletion(path, checkpointable_name, missing_ok)()
 
 
 def delete_async(path: str | os.PathLike, *, checkpointable_name: str | None = None,
@@ -236,7 +234,40 @@ def delete_async(path: str | os.PathLike, *, checkpointable_name: str | None = N
         ckpt.save("model", {"w": np.ones(3)})
         assert ckpt.delete_async("model").result(timeout=60)
     """
-    return _in_background(delete, path, checkpointable_name=checkpointable_name, missing_ok=missing_ok)
+    return _in_background(_deletion(path, checkpointable_name, missing_ok))
+
+
+def _deletion(path: str | os.PathLike, checkpointable_name: str | None, missing_ok: bool) -> Callable[[], bool]:
+    """:func:`delete`, its arguments checked and its barriers named (in the caller's thread, as they are
+    named in the order of the calls)."""
+    root.whole_checkpoints_only(checkpointable_name)
+    step_dir = storage.location(path)
+    processes, operation, timeout = _coordination("ckpt.delete")
+
+    def delete_here() -> None:
+        if processes.index != 0:  # (every process sees the directory: the primary deletes)
+            return
+        if not isinstance(step_dir, Path) and root.classify(step_dir, None).kind is root.Kind.TEMPORARY:
+            storage.remove_owned(step_dir)  # a save or deletion a crash cut short in place (an object store has no rename)
+        else:
+            root.delete_step(step_dir, None)
+
+    def deletion() -> bool:
+        if not storage.exists(step_dir):  # (asked before the first barrier: the primary deletes after it)
+            if missing_ok:
+                return False
+            raise CheckpointNotFoundError(f"no checkpoint at {step_dir}: the path does not exist")
+        differ = distributed.differences(processes, f"{operation}/path", str(step_dir), str(step_dir), timeout)
+        if differ:
+            paths = "; ".join(f"process {i}: {p}" for i, p in sorted(differ.items()))
+            raise ValueError(f"the processes of this job delete different checkpoints ({paths}): every process deletes "
+                             "the same one (to delete from one process alone, delete inside ckpt.Context("
+                             "multiprocessing_options=ckpt.MultiprocessingOptions(processes=ckpt.distributed."
+                             "SingleProcess()))); nothing was deleted")
+        distributed.settle(processes, f"{operation}/deleted", delete_here, timeout, f"the deletion of {step_dir}")
+        return True
+
+    return deletion
 
 
 def is_orbax_checkpoint(path: str | os.PathLike) -> bool:

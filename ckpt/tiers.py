@@ -38,7 +38,9 @@ holds the shards that process owns, plus every replicated leaf. A promotion copi
 files to the durable root and the primary process commits after a barrier, so the durable step holds
 every shard. Restoring from the local tiers would need every process to hold the same step with the
 same sharding; nothing in the Processes protocol gathers that, so multi-process loads read the
-durable tier only (a replaced host, whose local tier is empty, restores like the others).
+durable tier only (a replaced host, whose local tier is empty, restores like the others), and a
+Checkpointer opened there deletes the local steps newer than the durable tier's latest (the job saves
+them again).
 
 Example::
 
@@ -55,6 +57,7 @@ Example::
 """
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import logging
 import os
@@ -165,7 +168,7 @@ class DurableRoot:
     committed: Callable[[int, storage.Location, dict], None]  # lists a committed step, collects garbage
     processes: distributed.Processes
     operation: Callable[[str], str]  # a barrier name, the same on every process
-    timeout_secs: float
+    timeout_secs: Callable[[], float]  # AsyncOptions.timeout_secs of the call (the active Context's, else its own)
 
 
 @dataclasses.dataclass(eq=False)
@@ -297,9 +300,10 @@ class LocalTier:
         return merge(local, durable)
 
     # ---------------------------------------------------------------------------- deciding
-    def decide(self, step: int, *, durable: bool, preempted: bool, replacing: bool = False) -> bool:
-        """Whether either tier saves ``step``, given the durable tier's decision (remembered for the save);
-        a preemption saves the step locally whatever the local policy says. With one process, the durable
+    def decide(self, step: int, *, durable: bool, reached: bool, preempted: bool, replacing: bool = False) -> bool:
+        """Whether either tier saves ``step``, given the durable tier's decision (remembered for the save) and
+        whether it saw a preemption (``reached``: the local tier's policy sees the same, as its processes agreed
+        on it, not this process's own signals); a preemption saves the step locally whatever the local policy says. With one process, the durable
         tier's yes to a step at or below the newest local step (committed, or being written by the local save in
         flight) is a no unless ``replacing`` (an overwrite): that step is below the latest, as the durable tier
         alone cannot tell. (With several processes the latest is the durable tier's, which each process's local
@@ -308,7 +312,20 @@ class LocalTier:
         if newest is not None and step <= newest:
             durable = False
         self._decided = (step, durable)
-        return self._decide(self.checkpointer, step, replacing=replacing) or durable or preempted
+        return self._decide(self.checkpointer, step, replacing=replacing, reached=reached) or durable or preempted
+
+    def drop_leftovers(self) -> None:
+        """With several processes, once the durable tier is listed: deletes the local steps newer than its latest,
+        which a job stopped before promoting them left (loads read the durable tier only: the job resumes below
+        them). Kept, each process would decide alone that a step it saves again is below its own latest, and a
+        promotion would copy the old run's copy of a step into the new run's durable step."""
+        durable = self._durable.checkpoints()
+        latest = durable[-1].step if durable else -1
+        for info in [c for c in self.checkpointer.checkpoints if c.step > latest]:
+            logger.warning("ckpt: deleting step %d of the local tier %s, newer than the durable tier's latest (%s): a "
+                           "multi-process job resumes from the durable tier, and saves that step again", info.step,
+                           self.checkpointer.directory, latest if durable else "none")
+            self.checkpointer.delete(info.step)
 
     def _newest(self) -> int | None:
         """The newest step of the local tier: committed, or being written by its save in flight."""
@@ -336,7 +353,7 @@ class LocalTier:
         if not self._recovered:
             self._recover(step)
         if overwrite and step in self._promoting:  # its promotion would copy the local step while it is replaced
-            self._durable.writer.wait(self._durable.timeout_secs)
+            self._durable.writer.wait(self._durable.timeout_secs())
         # an overwrite replaces the durable copy too: left there, it would be restored once the local copy is gone
         replaces_durable = overwrite and any(c.step == step for c in self._durable.checkpoints())
         promote = force or preempted or replaces_durable or self._decided == (step, True)
@@ -416,7 +433,9 @@ class LocalTier:
         until promoted."""
         barrier = self._durable.operation(f"promote/{step}")  # named here: every process counts its calls alike
         promotion = self._enqueue(step, replaceable=replaceable)
-        response = self._durable.writer.submit(lambda: self._promote(promotion, local, preempted, barrier, overwrite))
+        in_call = contextvars.copy_context()  # (the options of the save: its timeout, in the writer's thread)
+        response = self._durable.writer.submit(
+            lambda: in_call.run(self._promote, promotion, local, preempted, barrier, overwrite))
         if preempted:
             self._deadline = (step, time.monotonic() + self._options.grace_period_secs, response)
         return response
@@ -536,7 +555,7 @@ class LocalTier:
         deadline = self._deadline
         if deadline is None or deadline[2].done():
             self._deadline = None
-            self._durable.writer.wait(self._durable.timeout_secs)
+            self._durable.writer.wait(self._durable.timeout_secs())
             return
         try:
             self._durable.writer.wait(max(0.0, deadline[1] - time.monotonic()))
@@ -586,7 +605,7 @@ def _copy_step(source: Path, final: storage.Location, step: int, overwrite: bool
             markers.append(storage.make_temporary(tmp))
 
     try:
-        distributed.settle(durable.processes, f"{barrier}/prepared", prepare, durable.timeout_secs, task)
+        distributed.settle(durable.processes, f"{barrier}/prepared", prepare, durable.timeout_secs(), task)
         copied = _copy_files(source, final, tmp, step, overwrite, durable, barrier, task)
     except BaseException:
         if markers:
@@ -632,7 +651,7 @@ def _copy_files(source: Path, final: storage.Location, tmp: storage.Location, st
             if failure is not None:
                 raise failure
 
-    distributed.settle(durable.processes, f"{barrier}/written", copy_own, durable.timeout_secs, task)
+    distributed.settle(durable.processes, f"{barrier}/written", copy_own, durable.timeout_secs(), task)
     if primary:
         with storage.io_errors(f"promoting {source} to {final}"):
             manifest = _read(source / fmt.MANIFEST)
@@ -665,4 +684,4 @@ def _read(path: Path) -> bytes:
 
 def _barrier(durable: DurableRoot, name: str) -> None:
     if durable.processes.count > 1:
-        durable.processes.barrier(name, durable.timeout_secs)
+        durable.processes.barrier(name, durable.timeout_secs())

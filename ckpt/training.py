@@ -149,7 +149,7 @@ class Checkpointer:
                                      lambda step: self._directory / step_lib.checked_name(self._name_format, step),
                                      lambda: self._infos, self._save_policy,
                                      self._writer, self._take_directory, self._committed, self._processes,
-                                     self._operation, self._context.async_options.timeout_secs),
+                                     self._operation, lambda: self._ctx.async_options.timeout_secs),
             Checkpointer, Checkpointer._collect_garbage, Checkpointer._decide, context=self._context,
             step_name_format=self._name_format, lightweight_initialize=lightweight_initialize,
             cleanup_tmp_directories=cleanup_tmp_directories)
@@ -162,6 +162,8 @@ class Checkpointer:
         self._barrier("init")
         if not primary:
             self.reload()
+        if self._local is not None and self._processes.count > 1:
+            self._local.drop_leftovers()
 
     def _check_one_root(self) -> None:
         """Raises RootDirectoryError on every process at once when the processes of a multi-process job open
@@ -389,7 +391,9 @@ class Checkpointer:
         if not self._closed:
             preemption.listen(self)
 
-    def _decide(self, step: int, *, replacing: bool) -> bool:
+    def _decide(self, step: int, *, replacing: bool, reached: bool | None = None) -> bool:
+        """The save decision of ``step``. ``reached``: whether a preemption was seen, as the Checkpointer whose
+        local tier this one is decided it (its processes agreed on it); None: this one asks."""
         if not self._decided_once:
             self._decided_once = True
             if self._local is not None or save_decision_policies.saves_on_preemption(self._save_policy):
@@ -405,12 +409,13 @@ class Checkpointer:
             previous = [*previous, in_flight]  # the step being written counts, as in Orbax
         if previous and step <= previous[-1].step and not replacing:
             return False  # (with two tiers too: below the durable tier's latest, it is below the latest of either)
-        reached = preemption.reached(step)
-        # a SIGTERM or notify() in another process (not JAX's sync point, which every process sees at once)
-        if self._processes.count > 1 and distributed.noticed_elsewhere(self._processes, "preemption",
-                                                                       preemption.preempted()):
-            preemption.notify()  # (on the primary: latched here as a SIGTERM is)
-            reached = True
+        if reached is None:
+            reached = preemption.reached(step)
+            # a SIGTERM or notify() in another process (not JAX's sync point, which every process sees at once)
+            if self._processes.count > 1 and distributed.noticed_elsewhere(self._processes, "preemption",
+                                                                           preemption.preempted()):
+                preemption.notify()  # (on the primary: latched here as a SIGTERM is)
+                reached = True
         context = save_decision_policies.DecisionContext(
             is_saving_in_progress=saving, reached_preemption=reached,
             multiprocessing_options=self._ctx.multiprocessing_options)
@@ -423,9 +428,14 @@ class Checkpointer:
         if reached and (self._preempted_at is None or not self._reached):
             self._preempted_at = step
         self._reached = reached
-        return decision if self._local is None else self._local.decide(step, durable=decision,
-                                                                       preempted=step == self._preempted_at,
-                                                                       replacing=replacing)
+        if self._local is None:
+            return decision
+        either = self._local.decide(step, durable=decision, reached=reached, preempted=step == self._preempted_at,
+                                    replacing=replacing)
+        if self._processes.count > 1:  # each process's local tier decides alone (its policy, its clock): the primary's
+            either = self._processes.broadcast(self._operation("decide/local"), either,
+                                               self._ctx.async_options.timeout_secs)
+        return either
 
     @property
     def _ctx(self) -> Context:
@@ -841,7 +851,9 @@ class Checkpointer:
         The save in flight is waited for first. The step is renamed aside before its files are removed, as
         garbage collection deletes, so an interrupted deletion never leaves half a step listed. With a local
         tier, the step goes from both tiers. ``checkpointable_name`` (Orbax deletes one checkpointable of a
-        step) raises ValueError: a step's trees share its files.
+        step) raises ValueError: a step's trees share its files. In a multi-process job every process calls
+        it, as it saves: process 0 deletes the step, and every process returns once it is gone (a save of the
+        same step may follow at once).
 
         Raises:
           StepNotFoundError: no such step, and ``missing_ok`` is not set.
@@ -882,16 +894,22 @@ class Checkpointer:
                 return background.finished(held_locally)
             raise self._not_found(number)
         self._forget(number)
-        if self._processes.index != 0:  # every process forgets it; the primary deletes
-            return background.finished(True)
+        operation, timeout = self._operation(f"delete/{number}"), self._ctx.async_options.timeout_secs
+        primary = self._processes.index == 0
 
-        def job() -> bool:
-            try:
+        def delete_here() -> None:  # every process forgets it; the primary deletes
+            if primary:
                 with self._gc_lock:
                     self._delete(info)
+
+        def job() -> bool:  # every process returns (or raises) once the step is deleted
+            try:
+                distributed.settle(self._processes, operation, delete_here, timeout,
+                                   f"the deletion of step {number} ({info.path})")
             except BaseException:
-                with self._infos_lock:  # still there: listed again
-                    self._infos = sorted([*self._infos, info], key=lambda c: c.step)
+                if storage.exists(info.path):  # still there: listed again
+                    with self._infos_lock:
+                        self._infos = sorted([*self._infos, info], key=lambda c: c.step)
                 raise
             return True
 

@@ -267,6 +267,21 @@ def test_a_background_failure_is_raised_by_the_next_call_and_the_step_is_never_l
         assert again.load(1)["n"] == 1
 
 
+def test_a_background_save_that_timed_out_raises_its_own_timeout_error_once(tmp_path, monkeypatch):
+    """(A write that timed out, an object store's socket.timeout or a barrier's TimeoutError naming the step and
+    rank, reached result() as 'the background operation did not finish within None s', and the next wait
+    raised it again.)"""
+    def write_manifest(self, step, extra=None):
+        raise TimeoutError("timed out writing to the object store")
+
+    monkeypatch.setattr(saving.StepWriter, "write_manifest", write_manifest)
+    with Checkpointer(tmp_path, save_decision_policy=ALWAYS) as ckptr:
+        with pytest.raises(TimeoutError, match="^timed out writing to the object store$"):
+            ckptr.save_async(1, state(1)).result(timeout=30)
+        ckptr.wait()  # reported once only
+        assert not ckptr.checkpoints
+
+
 def test_sync_save_is_save_async_then_result(tmp_path):
     with Checkpointer(tmp_path, save_decision_policy=ALWAYS) as ckptr:
         assert ckptr.save(0, state(0)) is True

@@ -125,13 +125,43 @@ def test_a_save_failing_on_one_rank_raises_on_every_rank_at_once_and_commits_not
 
 
 @pytest.mark.timeout(300)
+def test_a_step_or_checkpoint_every_rank_deletes_is_gone_on_every_rank_before_any_uses_it_again(tmp_path):
+    """(Rank 1 returned from delete at once, rank 0 deleting the step: rank 1's save of the step found it still
+    there, StepAlreadyExistsError. Every rank deleting one checkpoint with ckpt.delete, as Orbax's says, raced:
+    one deleted it while another still loaded it, or found nothing to delete, CheckpointNotFoundError.)"""
+    out = run_jobs(tmp_path / "run", tmp_path / "unused.npz", "delete:2")
+    assert "rank 0 steps [0, 1, 2], step 2 holds [25.0, 25.0]" in out, out
+    assert "rank 1 steps [0, 1, 2], step 2 holds [25.0, 25.0]" in out, out
+    # ckpt.delete on every rank: rank 0 deleted while rank 1 still loaded, rank 1 found nothing to delete
+    for r in (0, 1):
+        assert (f"rank {r} free deletes refused: the processes of this job delete different checkpoints (process 0: "
+                f"{tmp_path / 'run' / '0'}; process 1: {tmp_path / 'run' / '1'})") in out, out
+        assert f"rank {r} free deletes: steps [0, 1, 2]" in out, out
+
+
+@pytest.mark.timeout(300)
+def test_with_two_tiers_every_rank_gets_rank_0s_save_decision_whatever_its_local_policy_says(tmp_path):
+    """(Each rank's local tier decided alone: with local policies that differ, or decide by each rank's clock,
+    should_save and save answered True on one rank and False on another, at steps 2, 3 and 4.)"""
+    out = run_jobs(tmp_path / "run", tmp_path / "unused.npz", "policies:2")
+    for r in (0, 1):
+        assert (f"rank {r} saved [True, False, True, False, True, False, True], locally "
+                "['.ckpt.lock', '4', '6', 'ckpt-root.json']") in out, out
+
+
+@pytest.mark.timeout(300)
 def test_a_sigterm_to_one_rank_alone_saves_the_same_step_on_every_rank(tmp_path):
-    """A SIGTERM to rank 1 only (its node preempted) was swallowed: rank 0 decides for all, and no rank saved."""
+    """A SIGTERM to rank 1 only (its node preempted) was swallowed: rank 0 decides for all, and no rank saved.
+    With two tiers, rank 1's local tier latched the preemption at the step rank 1 saw it (3), which rank 0 had
+    decided without it, and ended rank 1's process at the next step (4), the one every rank saves for it:
+    nothing reached the durable tier."""
     out = run_jobs(tmp_path / "run", tmp_path / "unused.npz", "sigterm:2")
-    stopped = {line.split(" stopped at ")[1] for line in out.splitlines() if " stopped at " in line}
-    assert len(stopped) == 1 and "rank 0 stopped at" in out and "rank 1 stopped at" in out, out
-    step = int(stopped.pop().split(",")[0])
-    assert step in (3, 4) and f"steps [0, {step}]" in out, out
+    for tiers in ("", " with two tiers"):
+        stopped = {line.split(" stopped at ")[1] for line in out.splitlines() if f"{tiers} stopped at " in line
+                   and (tiers or "two tiers" not in line)}
+        assert len(stopped) == 1 and f"rank 0{tiers} stopped at" in out and f"rank 1{tiers} stopped at" in out, out
+        step = int(stopped.pop().split(",")[0])
+        assert step == 4 and f"{tiers} stopped at 4, steps [0, 4]" in out, out
 
 
 @pytest.mark.timeout(300)

@@ -799,3 +799,50 @@ def test_ckpt_show_and_verify_with_local_read_the_step_a_load_reads_and_check_ev
     assert cli.main(["verify", durable, "--local", str(tmp_path / "ssd")]) == 0  # a new machine: the durable tier
     assert cli.main(["verify", f"{durable}/2", "--local", tier]) == 2  # one checkpoint, not a root
     assert "drop --local" in capsys.readouterr().err
+
+
+class Primary(ckpt.distributed.SingleProcess):
+    """The primary of two processes whose other one is always there at once; records how long it waits."""
+
+    count, waits = 2, []
+
+    def barrier(self, name, timeout_secs):
+        self.waits.append((name.rsplit("/", 1)[-1], timeout_secs))
+
+    def compare(self, name, key, value, timeout_secs):
+        self.barrier(name, timeout_secs)
+        return {}
+
+
+def test_a_promotion_waits_for_the_other_processes_as_long_as_the_active_context_says(tmp_path):
+    """(A promotion's barriers took the timeout of the Checkpointer's constructor, 1200 s by default, not the
+    one of the ``with ckpt.Context(...)`` block the saves ran in: a process killed in a promotion left the
+    others waiting 20 minutes, where the job asked for 5 seconds.)"""
+    options = ckpt.MultiprocessingOptions(processes=Primary())
+    with ckpt.Context(async_options=ckpt.AsyncOptions(timeout_secs=5), multiprocessing_options=options):
+        with tiers_worker.checkpointer(str(tmp_path / "durable"), str(tmp_path / "local"), durable_every=1) as ckptr:
+            ckptr.save_async(1, {"w": np.ones(3)})
+            ckptr.wait()
+    promotion = [(name, secs) for name, secs in Primary.waits if name in ("prepared", "written", "committed")]
+    assert promotion == [("prepared", 5), ("written", 5), ("committed", 5)], Primary.waits
+
+
+def test_a_multi_process_job_resuming_from_the_durable_tier_saves_again_the_local_steps_a_stopped_job_left(
+        tmp_path, caplog):
+    """(Local steps newer than the durable latest, left by a job stopped before promoting them, stayed: each
+    process decided alone that the steps it saved again were below its own latest (False on one rank, True on
+    another), and a promotion copied the old run's local copy into the new run's durable step, with the other
+    processes' new files: a durable step of two runs, which failed its checksums.)"""
+    durable, local = str(tmp_path / "durable"), str(tmp_path / "local")
+    with ckpt.Context(multiprocessing_options=ckpt.MultiprocessingOptions(processes=Primary())):
+        with tiers_worker.checkpointer(durable, local, durable_every=3) as ckptr:
+            for step in range(8):
+                ckptr.save(step, {"w": np.full(3, step)})
+        shutil.rmtree(tmp_path / "durable" / "6")  # its promotion cut short: local steps 6 and 7 are newer than 3
+        with tiers_worker.checkpointer(durable, local, durable_every=3) as ckptr, caplog.at_level(logging.WARNING, "ckpt"):
+            assert ckptr.latest.step == 3  # (a multi-process job resumes from the durable tier)
+            assert [ckptr.save(step, {"w": np.full(3, 100 + step)}) for step in range(4, 8)] == [True] * 4
+            ckptr.wait()
+            assert [c.step for c in ckptr.checkpoints] == [3, 6]
+            assert ckptr.load(6)["w"].tolist() == [106] * 3
+    assert "deleting step 7 of the local tier" in caplog.text

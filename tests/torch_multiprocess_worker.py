@@ -16,7 +16,7 @@ continues after the latest committed step with one more save. ``free``: every ra
 through the Checkpointer and ``ckpt.save``, and to other paths and steps, and open Checkpointers on other roots;
 every one is refused, nothing is written.
 ``dtensors`` (4 ranks): DTensors of unusual layouts, saved and loaded through the Checkpointer.
-``fail``: saves that fail on rank 1. ``stopped``: rank 0 stops in the middle of a save. ``list``: prints the steps each rank lists. ``unshared``: rank 1 sees another directory at DIR. ``sigterm``: a
+``fail``: saves that fail on rank 1. ``policies``: two tiers whose local policies differ between ranks. ``delete``: steps every rank deletes and saves again at once; checkpoints every rank deletes with ``ckpt.delete``. ``stopped``: rank 0 stops in the middle of a save. ``list``: prints the steps each rank lists. ``unshared``: rank 1 sees another directory at DIR. ``sigterm``: a
 SIGTERM to rank 1 alone, in a loop saving on preemption.
 Each rank prints what it did.
 """
@@ -161,6 +161,10 @@ def run(this_rank: int, this_world: int, port: int, mode: str) -> None:
             unusual_dtensors(ckptr)
         elif mode == "fail":
             failing_saves(ckptr)
+        elif mode == "delete":
+            deleted_and_saved_again(ckptr)
+        elif mode == "policies":
+            local_policies_differ()
         elif mode == "sigterm":
             preempted_rank()
         elif mode == "stopped":
@@ -258,18 +262,24 @@ def differing_trees(ckptr: Checkpointer) -> None:
 
 
 def preempted_rank() -> None:
-    """Rank 1 alone gets a SIGTERM at step 3 (its node is preempted): every rank saves the same step and stops."""
+    """Rank 1 alone gets a SIGTERM at step 3, once rank 0 has decided that step (its node is preempted): every
+    rank saves step 4 and stops; then again with two tiers (each rank's local tier saving every other step)."""
     policy = sdp.AnySavePolicy([sdp.FixedIntervalPolicy(1000), sdp.PreemptionCheckpointingPolicy()])
-    with Checkpointer(f"{directory}-sigterm", save_decision_policy=policy) as ckptr:
-        for step in range(40):
-            if step == 3 and rank == 1:
-                os.kill(os.getpid(), signal.SIGTERM)
-            ckptr.save(step, {"w": torch.full((2,), float(step))})
-            if ckptr.reached_preemption(step):
-                break
-            dist.barrier()  # (a training step's all-reduce)
-        say(f"rank {rank} stopped at {step}, steps {[c.step for c in ckptr.checkpoints]}")
-        ckpt.preemption.reset()  # (the job goes on: rank 1 is not terminated at the close)
+    for tiers, local in (("", None), (" with two tiers", ckpt.LocalCheckpointOptions(
+            f"{directory}-local", save_decision_policy=sdp.FixedIntervalPolicy(2)))):
+        with Checkpointer(f"{directory}-sigterm{tiers}", save_decision_policy=policy, local=local) as ckptr:
+            for step in range(40):
+                if step == 3 and rank == 1:  # once rank 0 decided step 3 without it: every rank saves step 4
+                    dist.barrier()
+                    os.kill(os.getpid(), signal.SIGTERM)
+                ckptr.save(step, {"w": torch.full((2,), float(step))})
+                if step == 3 and rank == 0:
+                    dist.barrier()
+                if ckptr.reached_preemption(step):
+                    break
+                dist.barrier()  # (a training step's all-reduce)
+            say(f"rank {rank}{tiers} stopped at {step}, steps {[c.step for c in ckptr.checkpoints]}")
+            ckpt.preemption.reset()  # (the job goes on: rank 1 is not terminated at the close)
 
 
 def sees_another_root() -> bool:
@@ -336,6 +346,36 @@ def failing_saves(ckptr: Checkpointer) -> None:
                 say(f"rank {rank} {how} failed: {type(e).__name__}: {e}")
         ckptr.save(5, {"w": torch.ones(2)}, force=True)
     say(f"rank {rank} steps {[c.step for c in ckptr.checkpoints]}")
+
+
+def local_policies_differ() -> None:
+    """Two tiers whose local tiers' policies differ between ranks (or decide by each one's clock): every rank
+    gets rank 0's answer, and saves the same steps."""
+    local = ckpt.LocalCheckpointOptions(f"{directory}-local", save_decision_policy=sdp.FixedIntervalPolicy(2 + rank))
+    with Checkpointer(f"{directory}/durable", save_decision_policy=sdp.FixedIntervalPolicy(4), local=local) as ckptr:
+        said = [ckptr.should_save(step) and ckptr.save(step, {"w": torch.ones(2)}) for step in range(7)]
+    say(f"rank {rank} saved {said}, locally {sorted(os.listdir(f'{directory}-local/process_{rank}'))}")
+
+
+def deleted_and_saved_again(ckptr: Checkpointer) -> None:
+    """Every rank deletes step 2 (``delete``, or ``delete_async`` not waited for) and saves it again at once:
+    no save finds the step still there (rank 1 returned from the deletion before rank 0 had deleted it). Then
+    every rank saves, loads and deletes a checkpoint with the free functions, and deletes other paths (refused)."""
+    for step in range(3):
+        ckptr.save(step, {"w": torch.full((2,), float(step))}, force=True)
+    for trial in range(6):
+        ckptr.delete(2) if trial % 2 else ckptr.delete_async(2)
+        ckptr.save(2, {"w": torch.full((2,), 20.0 + trial)}, force=True)
+    say(f"rank {rank} steps {[c.step for c in ckptr.checkpoints]}, step 2 holds {ckptr.load(2)['w'].tolist()}")
+    for trial in range(3):  # the free functions: each rank saves, loads and deletes one checkpoint
+        ckpt.save(f"{directory}-free", {"w": torch.full((2,), float(trial))})
+        assert ckpt.load(f"{directory}-free")["w"].tolist() == [trial] * 2
+        assert ckpt.delete(f"{directory}-free") and not os.path.exists(f"{directory}-free")
+    try:
+        ckpt.delete(directory + ("/0" if rank == 0 else "/1"))
+    except ValueError as e:
+        say(f"rank {rank} free deletes refused: {e}")
+    say(f"rank {rank} free deletes: steps {[c.step for c in ckptr.checkpoints]}")
 
 
 class StopsRank0(FailsOnRank1):

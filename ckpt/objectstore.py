@@ -72,6 +72,16 @@ def _invalid_bucket(scheme: str, bucket: str) -> bool:
     return False
 
 
+def _endpoint(url: str) -> str | None:
+    """``AWS_ENDPOINT_URL`` (None when unset), checked for ``url``: ValueError, naming both, when it is not an
+    http:// or https:// URL (tensorstore's error named neither)."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint and not endpoint.startswith(("http://", "https://")):  # (tensorstore: lowercase only)
+        raise ValueError(f"{url}: AWS_ENDPOINT_URL is {endpoint!r}, which is not an http:// or https:// URL; give "
+                         f"its scheme too (such as http://{endpoint})")
+    return endpoint or None
+
+
 def is_url(directory: Any) -> bool:
     return isinstance(directory, (str, ObjectPath)) and str(directory).split("://", 1)[0] in SCHEMES
 
@@ -95,6 +105,8 @@ class ObjectPath:
             raise ValueError(f"{url!r} is not an object-store URL like s3://bucket/path")
         if _invalid_bucket(scheme, bucket):  # (tensorstore's error at the first request named neither URL nor root)
             raise ValueError(f"{url!r} does not name a bucket: {bucket!r} is not a valid {scheme}:// bucket name")
+        if scheme == "s3":
+            _endpoint(url)
         parts = [p for p in key.split("/") if p]
         if any(p in (".", "..") for p in parts):
             raise ValueError(f"{url!r} has '.' or '..' in its path")
@@ -131,8 +143,8 @@ class ObjectPath:
         spec: dict[str, Any] = {"driver": SCHEMES[self.scheme], "bucket": self.bucket,
                                 "path": f"{self.key}/" if self.key else ""}
         if self.scheme == "s3":
-            if os.environ.get("AWS_ENDPOINT_URL"):
-                spec["endpoint"] = os.environ["AWS_ENDPOINT_URL"]
+            if endpoint := _endpoint(str(self)):
+                spec["endpoint"] = endpoint
             spec["aws_region"] = os.environ.get("AWS_REGION", os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
             if os.environ.get("AWS_ACCESS_KEY_ID"):  # (else the default chain logs 5 errors a store: no ~/.aws/config)
                 spec["aws_credentials"] = {"type": "environment"}

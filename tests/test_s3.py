@@ -383,6 +383,22 @@ def test_a_bucket_name_the_store_refuses_is_a_value_error_naming_the_url_at_ever
     assert said in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("endpoint", ["127.0.0.1:9000", "HTTP://127.0.0.1:9000"])
+def test_an_endpoint_without_its_scheme_is_a_value_error_naming_it_and_the_url_at_every_entry_point(endpoint,
+                                                                                                   monkeypatch, capsys):
+    import ckpt
+    from ckpt import cli
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    url = "s3://bucket/runs/exp"
+    said = f"{url}: AWS_ENDPOINT_URL is {endpoint!r}, which is not an http:// or https:// URL"
+    for call in (Checkpointer, ckpt.load, lambda u: ckpt.save(u, {"w": 1})):
+        with pytest.raises(ValueError, match=said):  # was: tensorstore's 'Endpoint ... has invalid scheme', no URL
+            call(url)
+    assert cli.main(["ls", url]) == 2  # was: a ValueError traceback
+    assert said in capsys.readouterr().err
+
+
 def test_s3_a_path_that_is_a_large_object_is_told_apart_without_fetching_its_bytes(bucket, monkeypatch):
     import ckpt
     from ckpt import errors

@@ -24,12 +24,24 @@ import tensorstore as ts
 SCHEMES = {"s3": "s3", "gs": "gcs"}
 _REFUSED = ("PERMISSION_DENIED", "UNAUTHENTICATED")  # tensorstore's status of a request refused (403, 401)
 _UNSERVED = ("UNAVAILABLE", "ABORTED", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED")  # (after tensorstore's retries)
+_FIRST_CONTACT = {"max_retries": 3, "initial_delay": "0.5s", "max_delay": "2s"}  # (tensorstore's: 32, 1 s, 32 s)
+_UNANSWERED = "[curl_code="  # in tensorstore's error for a request no server answered (refused, host unknown)
 
 
 @functools.lru_cache(maxsize=None)
 def _bucket(spec: str) -> ts.KvStore:
-    """The store of a bucket, opened once for each kvstore spec (its JSON, keys sorted)."""
-    return ts.KvStore.open(json.loads(spec)).result()
+    """The store of a bucket, opened once for each kvstore spec (its JSON, keys sorted), once its server has
+    answered a first request made with few retries (seconds; any answer will do, a 404 or a 403): a server out
+    of reach (a wrong endpoint, no network) raises tensorstore's error then, where each request retries for
+    about 15 minutes, as later requests still do (a server's brief outage during a run)."""
+    parsed = json.loads(spec)
+    first = ts.KvStore.open({**parsed, "context": {f"{parsed['driver']}_request_retries": _FIRST_CONTACT}}).result()
+    try:
+        first.read(b"ckpt-first-contact", byte_range=slice(0, 0)).result()
+    except ValueError as e:
+        if _UNANSWERED in str(e):
+            raise
+    return ts.KvStore.open(parsed).result()
 
 
 def access_error(error: ValueError, what: str) -> OSError | None:
@@ -151,19 +163,27 @@ class ObjectPath:
         return spec
 
     def _store(self) -> ts.KvStore:
-        return _bucket(json.dumps({**self.kvstore(), "path": ""}, sort_keys=True))
+        """The bucket's store; an OSError naming this path when its server does not answer (see :func:`_bucket`)."""
+        try:
+            return _bucket(json.dumps({**self.kvstore(), "path": ""}, sort_keys=True))
+        except ValueError as e:
+            raise self._failure(e) from None
 
     def _wait(self, future: ts.Future) -> Any:
-        """``future.result()`` of a request about this path. A failure is an OSError that names the path, not
-        tensorstore's ValueError with the server's XML: FileNotFoundError for a bucket that does not exist,
-        PermissionError for a request refused (see :func:`access_error`), else OSError."""
+        """``future.result()`` of a request about this path; a failure is raised as :meth:`_failure`'s OSError."""
         try:
             return future.result()
         except ValueError as e:
-            if "NoSuchBucket" in str(e):
-                raise FileNotFoundError(errno.ENOENT, f"{self}: the bucket {self.bucket!r} does not exist (ckpt "
-                                        "creates none: create it, or check its name and AWS_ENDPOINT_URL)") from None
-            raise access_error(e, str(self)) or OSError(errno.EIO, f"{self}: {e}") from None
+            raise self._failure(e) from None
+
+    def _failure(self, error: ValueError) -> OSError:
+        """tensorstore's ``error`` about this path as an OSError that names the path, without the server's XML:
+        FileNotFoundError for a bucket that does not exist, PermissionError for a request refused, OSError for
+        one not served (see :func:`access_error`), else OSError with tensorstore's text."""
+        if "NoSuchBucket" in str(error):
+            return FileNotFoundError(errno.ENOENT, f"{self}: the bucket {self.bucket!r} does not exist (ckpt creates "
+                                     "none: create it, or check its name and AWS_ENDPOINT_URL)")
+        return access_error(error, str(self)) or OSError(errno.EIO, f"{self}: {error}")
 
     def read_bytes(self) -> bytes:
         result = self._wait(self._store().read(self.key.encode()))

@@ -2,6 +2,8 @@
 (the ``bucket`` fixture of conftest.py; skipped without moto)."""
 from __future__ import annotations
 
+import socket
+
 import numpy as np
 import pytest
 
@@ -397,6 +399,34 @@ def test_an_endpoint_without_its_scheme_is_a_value_error_naming_it_and_the_url_a
             call(url)
     assert cli.main(["ls", url]) == 2  # was: a ValueError traceback
     assert said in capsys.readouterr().err
+
+
+UNREACHED = """
+import sys, time
+import ckpt
+from ckpt import cli
+from ckpt.training import Checkpointer
+for name, call in [("open", Checkpointer), ("load", ckpt.load), ("save", lambda url: ckpt.save(url, {"w": 1})),
+                   ("ls", lambda url: cli.main(["ls", url]))]:
+    start = time.monotonic()
+    try:
+        print(name, "returned", call(sys.argv[1]))
+    except OSError as e:
+        print(name, f"{time.monotonic() - start:.0f}s", e)
+"""
+
+
+def test_an_endpoint_that_does_not_answer_fails_the_first_request_in_seconds_naming_the_url():
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{s.getsockname()[1]}"
+    url = "s3://bucket/runs/exp"
+    result = procs.run_script(UNREACHED, url, timeout=100, AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="test",
+                              AWS_SECRET_ACCESS_KEY="test")  # was: each entry point retried for about 15 minutes
+    for name in ("open", "load", "save"):
+        line = next(line for line in result.stdout.splitlines() if line.startswith(name))
+        assert int(line.split()[1][:-1]) < 20 and f" {url}" in line and "the store did not answer" in line, result.stdout
+    assert "ls returned 2" in result.stdout and f"error: [Errno 5] {url}" in result.stderr
 
 
 def test_s3_a_path_that_is_a_large_object_is_told_apart_without_fetching_its_bytes(bucket, monkeypatch):

@@ -12,14 +12,17 @@ instance's role).
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import errno
 import functools
 import json
 import os
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import tensorstore as ts
+
+T = TypeVar("T")
 
 SCHEMES = {"s3": "s3", "gs": "gcs"}
 _REFUSED = ("PERMISSION_DENIED", "UNAUTHENTICATED")  # tensorstore's status of a request refused (403, 401)
@@ -92,6 +95,28 @@ def _endpoint(url: str) -> str | None:
         raise ValueError(f"{url}: AWS_ENDPOINT_URL is {endpoint!r}, which is not an http:// or https:// URL; give "
                          f"its scheme too (such as http://{endpoint})")
     return endpoint or None
+
+
+REQUESTS_AT_ONCE = 32  # requests in flight at once in :func:`each` (each mostly waits on the network)
+
+
+@functools.cache
+def _request_threads() -> concurrent.futures.ThreadPoolExecutor:
+    """The threads of :func:`each` (made once per process; a forked child, which has none of its parent's
+    threads, makes its own)."""
+    return concurrent.futures.ThreadPoolExecutor(REQUESTS_AT_ONCE, thread_name_prefix="ckpt-request")
+
+
+os.register_at_fork(after_in_child=_request_threads.cache_clear)
+
+
+def each(function: Callable[[Any], T], items: Iterable[Any]) -> list[T]:
+    """``[function(item) for item in items]``, several at once: for requests to an object store, where one after
+    another each waits a round trip (the manifests of a root of 200 steps, 30 ms away: 6.5 s). The first
+    error is raised once all are done."""
+    futures = [_request_threads().submit(function, item) for item in items]
+    concurrent.futures.wait(futures)
+    return [future.result() for future in futures]
 
 
 def is_url(directory: Any) -> bool:

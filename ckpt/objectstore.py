@@ -6,7 +6,8 @@ hold ckpt's marker (``.ckpt-owned``, written first) are removed by the next writ
 touched. Deletion removes the manifest first and the marker last.
 
 S3 settings come from the usual environment variables: ``AWS_ENDPOINT_URL`` (e.g. a local
-S3-compatible server), ``AWS_REGION``, and the credentials: ``AWS_ACCESS_KEY_ID`` (with
+S3-compatible server), ``AWS_REGION`` (or ``AWS_DEFAULT_REGION``; when neither is set, tensorstore asks
+the bucket's region), and the credentials: ``AWS_ACCESS_KEY_ID`` (with
 ``AWS_SECRET_ACCESS_KEY`` and ``AWS_SESSION_TOKEN``) when set, else AWS's usual chain (``~/.aws``, the
 instance's role).
 """
@@ -182,7 +183,8 @@ class ObjectPath:
         if self.scheme == "s3":
             if endpoint := _endpoint(str(self)):
                 spec["endpoint"] = endpoint
-            spec["aws_region"] = os.environ.get("AWS_REGION", os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
+            if region := os.environ.get("AWS_REGION", os.environ.get("AWS_DEFAULT_REGION")):
+                spec["aws_region"] = region
             if os.environ.get("AWS_ACCESS_KEY_ID"):  # (else the default chain logs 5 errors a store: no ~/.aws/config)
                 spec["aws_credentials"] = {"type": "environment"}
         return spec

@@ -404,6 +404,23 @@ def test_a_bucket_name_the_store_refuses_is_a_value_error_naming_the_url_at_ever
     assert said in capsys.readouterr().err
 
 
+def test_s3_without_a_region_set_the_buckets_own_region_is_used_not_us_east_1(bucket, monkeypatch):
+    import ckpt
+    from ckpt.objectstore import ObjectPath
+
+    for name in ("AWS_REGION", "AWS_DEFAULT_REGION"):
+        monkeypatch.delenv(name, raising=False)
+    # (no region: tensorstore asks the bucket's; was us-east-1, whose endpoint AWS answers for any other
+    # region's bucket with a redirect, a failed request)
+    assert "aws_region" not in ObjectPath(bucket).kvstore()
+    ckpt.save(f"{bucket}/one", {"w": np.arange(3)})  # a server of no region (this one) is used as before
+    assert ckpt.load(f"{bucket}/one")["w"].tolist() == [0, 1, 2]
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
+    assert ObjectPath(bucket).kvstore()["aws_region"] == "eu-west-1"
+    monkeypatch.setenv("AWS_REGION", "ap-south-1")
+    assert ObjectPath(bucket).kvstore()["aws_region"] == "ap-south-1"
+
+
 @pytest.mark.parametrize("endpoint", ["127.0.0.1:9000", "HTTP://127.0.0.1:9000"])
 def test_an_endpoint_without_its_scheme_is_a_value_error_naming_it_and_the_url_at_every_entry_point(endpoint,
                                                                                                    monkeypatch, capsys):

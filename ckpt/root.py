@@ -20,13 +20,14 @@ import contextlib
 import dataclasses
 import enum
 import errno
+import functools
 import os
 import stat
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
 
 from ckpt import format as fmt
-from ckpt import formats, loading, schema, storage
+from ckpt import formats, loading, objectstore, schema, storage
 from ckpt.errors import (CheckpointCorruptedError, CheckpointNotFoundError, ForeignEntryError, InvalidLayoutError,
                          RootDirectoryError, StepAlreadyExistsError, StepNotFoundError, StepReplacedError)
 
@@ -130,13 +131,17 @@ def _committed(named: list[tuple[storage.Location, int, bool]], read_manifest: b
     """For each ``(path, step, whether the listing shows it may be a committed step)`` (see :func:`_listing`): a
     committed step, as :func:`classify` finds it, with the fewest system calls or requests, when it is a
     directory holding a regular ``manifest.json`` (which ``read_manifest`` reads and validates); None for
-    anything else, which classify looks at. All the manifests are read first, then parsed (see
-    ``schema.manifest_bytes``)."""
+    anything else, which classify looks at. All the manifests are read first (on an object store, several
+    requests at once), then parsed (see ``schema.manifest_bytes``)."""
     if not read_manifest:  # (on an object store, the listing showed the manifest)
         return [Entry(path, Kind.STEP, step, Kind.STEP.value)
                 if may_be and (not isinstance(path, Path) or _unless_bad(_manifest_is_regular, path)) else None
                 for path, step, may_be in named]
-    found = [_unless_bad(schema.manifest_bytes, path) if may_be else None for path, _, may_be in named]
+    paths = [path for path, _, may_be in named if may_be]
+    read = functools.partial(_unless_bad, schema.manifest_bytes)
+    read_all = map if not paths or isinstance(paths[0], Path) else objectstore.each  # (a request each, at once)
+    manifests = iter(list(read_all(read, paths)))
+    found = [next(manifests) if may_be else None for _, _, may_be in named]
     entries = []
     for (path, step, _), data in zip(named, found):
         manifest = None if data is None else _unless_bad(schema.parse_manifest, path, data)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import bisect
 import collections
 import concurrent.futures
+import contextlib
 import logging
 import os
 import sys
@@ -602,6 +603,10 @@ class Checkpointer:
         def job() -> bool:
             try:
                 manifest = writer.run(step)
+            except BaseException:
+                if existing is not None:
+                    self._forget_if_gone(existing)
+                raise
             finally:
                 if plan.staging:
                     self._staging.give(plan.staging)
@@ -715,6 +720,13 @@ class Checkpointer:
             if storage.exists(info.path):
                 raise
         self._forget(info.step)
+
+    def _forget_if_gone(self, info: CheckpointMetadata) -> None:
+        """Forgets the step a failed save with overwrite=True was to replace when it is gone: on an object store,
+        where a step is written in place, the save deleted it before writing."""
+        with contextlib.suppress(OSError):  # (the save's own error is the one raised)
+            if not storage.exists(info.path / fmt.MANIFEST):
+                self._forget(info.step)
 
     def _forget(self, step: int) -> None:
         with self._infos_lock:

@@ -303,11 +303,11 @@ class LocalTier:
     def decide(self, step: int, *, durable: bool, reached: bool, preempted: bool, replacing: bool = False) -> bool:
         """Whether either tier saves ``step``, given the durable tier's decision (remembered for the save) and
         whether it saw a preemption (``reached``: the local tier's policy sees the same, as its processes agreed
-        on it, not this process's own signals); a preemption saves the step locally whatever the local policy says. With one process, the durable
-        tier's yes to a step at or below the newest local step (committed, or being written by the local save in
-        flight) is a no unless ``replacing`` (an overwrite): that step is below the latest, as the durable tier
-        alone cannot tell. (With several processes the latest is the durable tier's, which each process's local
-        tier does not change.)"""
+        on it, not this process's own signals); a preemption saves the step locally whatever the local policy
+        says. With one process, the durable tier's yes to a step at or below the newest local step (committed,
+        or being written by the local save in flight) is a no unless ``replacing`` (an overwrite): that step is
+        below the latest, as the durable tier alone cannot tell. (With several processes the latest is the
+        durable tier's, which each process's local tier does not change.)"""
         newest = self._newest() if self._durable.processes.count == 1 and not replacing else None
         if newest is not None and step <= newest:
             durable = False

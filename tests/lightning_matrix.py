@@ -132,6 +132,10 @@ CONFIGS: dict[str, Config] = {
     "early_stopping_mid_epoch": Config(kill_at=6, val=True, epoch_metrics=True, scheduler="plateau_epoch",
                                        callbacks=("stop_at_second_validation",),
                                        trainer=(("val_check_interval", 3), ("check_val_every_n_epoch", None))),
+    # the killed run is killed after fit; the restarted one, restored at its end, skips training
+    "finished_by_max_epochs": Config(kill_at=24, val=True, epoch_metrics=True, scheduler="plateau_epoch"),
+    "finished_by_max_steps_at_an_epochs_last_batch": Config(kill_at=16, max_epochs=-1, max_steps=16,
+                                                            epoch_metrics=True, scheduler="plateau_epoch"),
     "lightning_pytorch_namespace": Config(kill_at=13, val=True, epoch_metrics=True,
                                           namespace="lightning.pytorch"),
 }
@@ -234,6 +238,10 @@ def _classes(namespace: str) -> dict[str, Any]:
 
         def on_train_start(self) -> None:
             self.started_at = self.trainer.global_step
+
+        def on_fit_end(self) -> None:
+            if self.started_at is None:  # a fit restored at its end skips training, on_train_start included
+                self.started_at = self.trainer.global_step
 
         def _record(self, entry: list) -> None:
             if "batch_size_finder" in self.cfg.callbacks and not self.trainer.callbacks:

@@ -49,7 +49,8 @@ class Config:
     scheduler: str = "step"  # step | onecycle | plateau_step | plateau_epoch
     epoch_metrics: bool = False  # self.log(on_epoch=True) and torchmetrics Metrics logged per epoch and validation
     data: str = "map"  # map | iterable | datamodule | stateful (a loader with state_dict, as torchdata's) |
-    # batch_sampler (a BatchSampler over a RandomSampler with a generator of its own)
+    # batch_sampler (a BatchSampler over a RandomSampler with a generator of its own) | epoch_sampler (a sampler
+    # that shuffles by the number set_epoch gives it, as DistributedSampler)
     workers: int = 0
     model_checkpoint: bool = False  # Lightning's ModelCheckpoint beside ours
     ckpt_path: str | None = None  # "last_model_path": the restarted run passes the callback's (a step directory)
@@ -92,6 +93,8 @@ CONFIGS: dict[str, Config] = {
     "stateful_loader_last_batch": Config(kill_at=8, data="stateful"),  # the next epoch: its state, then seeds
     "datamodule_state": Config(kill_at=11, data="datamodule"),
     "batch_sampler_with_a_generator": Config(kill_at=11, data="batch_sampler"),
+    # workers draw the first indices as the iterator is made: the sampler must have its epoch by then
+    "epoch_sampler_with_workers_mid_epoch": Config(kill_at=11, data="epoch_sampler", workers=2),
     "model_checkpoint_beside": Config(kill_at=11, model_checkpoint=True),
     "fit_ckpt_path_last": Config(kill_at=11, ckpt_path="last"),
     "fit_ckpt_path_step_directory": Config(kill_at=11, ckpt_path="last_model_path"),
@@ -345,6 +348,22 @@ class ResumableSampler(torch.utils.data.Sampler):
             yield i
 
 
+class EpochSampler(torch.utils.data.Sampler):
+    """Shuffles by a generator seeded with the number ``set_epoch`` gave it, as ``DistributedSampler`` does."""
+
+    def __init__(self, size: int) -> None:
+        self.size, self.epoch = size, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):
+        return iter(torch.randperm(self.size, generator=torch.Generator().manual_seed(self.epoch)).tolist())
+
+
 class StatefulLoader(torch.utils.data.DataLoader):
     """A DataLoader that resumes where its state says (Lightning saves and loads it), as torchdata's
     ``StatefulDataLoader`` does; its iterator still draws a seed from torch's generator."""
@@ -364,6 +383,9 @@ def _loader(cfg: Config, batch_size: int = BATCH) -> torch.utils.data.DataLoader
         return torch.utils.data.DataLoader(_classes(cfg.namespace)["Samples"](data), batch_size=batch_size)
     if cfg.data == "stateful":
         return StatefulLoader(data, batch_size=batch_size, sampler=ResumableSampler(len(data)))
+    if cfg.data == "epoch_sampler":
+        return torch.utils.data.DataLoader(data, batch_size=batch_size, sampler=EpochSampler(len(data)),
+                                           num_workers=cfg.workers)
     if cfg.data == "batch_sampler":
         sampler = torch.utils.data.RandomSampler(data, generator=torch.Generator().manual_seed(9))
         batches = torch.utils.data.BatchSampler(sampler, batch_size, drop_last=False)

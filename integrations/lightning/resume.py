@@ -217,12 +217,14 @@ def plan_data_position(trainer: Any) -> DataPosition | None:
 
 def new_epoch_iterator(trainer: Any) -> None:
     """Makes the epoch's data iterator, as ``_TrainingEpochLoop.on_run_start`` does for epochs after the first,
-    once stateful loaders have the restored states that Lightning left unloaded."""
+    once stateful loaders have the restored states that Lightning left unloaded and the samplers the epoch's
+    number (a DataLoader with workers draws its first indices as the iterator is made)."""
     fit_loop = trainer.fit_loop
     states = _unloaded_loader_states(fit_loop)
     if states:
         fit_loop._combined_loader._load_state_dicts(states)
         fit_loop._combined_loader_states_to_load = []
+    _set_sampler_epoch(trainer, fit_loop.epoch_progress.current.processed)  # the number FitLoop gives them
     iter(fit_loop._data_fetcher)
 
 
@@ -241,10 +243,7 @@ def skip_batches(trainer: Any, count: int, epoch: int) -> int:
     ``DistributedSampler`` shuffles by it). Lightning adds the restored batch count to ``fetched``
     when the epoch loop starts, so the batches drawn here are taken off it again.
     """
-    for loader in train_loaders(trainer):
-        for sampler in (getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None)):
-            if hasattr(sampler, "set_epoch"):
-                sampler.set_epoch(epoch)
+    _set_sampler_epoch(trainer, epoch)
     fetcher = trainer.fit_loop._data_fetcher
     drawn = 0
     while drawn < count:
@@ -255,6 +254,14 @@ def skip_batches(trainer: Any, count: int, epoch: int) -> int:
         drawn += 1
     fetcher.fetched -= drawn
     return drawn
+
+
+def _set_sampler_epoch(trainer: Any, epoch: int) -> None:
+    """Gives the training loaders' samplers with ``set_epoch`` (a ``DistributedSampler`` shuffles by it) ``epoch``."""
+    for loader in train_loaders(trainer):
+        for sampler in (getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None)):
+            if hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(epoch)
 
 
 def train_loaders(trainer: Any) -> list[Any]:

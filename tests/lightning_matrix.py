@@ -90,7 +90,8 @@ CONFIGS: dict[str, Config] = {
     "bf16_mixed": Config(kill_at=11, trainer=(("precision", "bf16-mixed"),)),
     "iterable_dataset": Config(kill_at=11, data="iterable", max_epochs=-1, max_steps=20),
     "stateful_loader_mid_epoch": Config(kill_at=11, data="stateful"),  # positioned by Lightning
-    "stateful_loader_last_batch": Config(kill_at=8, data="stateful"),  # the next epoch: its state, then seeds
+    # the loader's state ends the saved epoch; the next epoch's iterator then draws the seeds it drew
+    "stateful_loader_last_batch": Config(kill_at=8, data="stateful"),
     "datamodule_state": Config(kill_at=11, data="datamodule"),
     "batch_sampler_with_a_generator": Config(kill_at=11, data="batch_sampler"),
     # workers draw the first indices as the iterator is made: the sampler must have its epoch by then
@@ -339,9 +340,12 @@ class ResumableSampler(torch.utils.data.Sampler):
     def __len__(self) -> int:
         return self.size
 
-    def __iter__(self):
+    def begin(self) -> None:
+        """Moves to where the next iteration begins (as its DataLoader's iterator is made)."""
         self.epoch, self.position = self.next_epoch, self.start
         self.next_epoch, self.start = self.epoch + 1, 0
+
+    def __iter__(self):
         order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.epoch)).tolist()
         for i in order[self.position:]:
             self.position += 1
@@ -366,15 +370,18 @@ class EpochSampler(torch.utils.data.Sampler):
 
 class StatefulLoader(torch.utils.data.DataLoader):
     """A DataLoader that resumes where its state says (Lightning saves and loads it), as torchdata's
-    ``StatefulDataLoader`` does; its iterator still draws a seed from torch's generator."""
+    ``StatefulDataLoader`` does: from a state taken at an epoch's end, its next iterator ends at once and
+    the one after starts the next epoch. Its iterators still draw a seed from torch's generator."""
 
     def state_dict(self) -> dict:
         return {"epoch": self.sampler.epoch, "position": self.sampler.position}
 
     def load_state_dict(self, state: dict) -> None:
-        ended = state["position"] >= self.sampler.size
-        self.sampler.next_epoch = state["epoch"] + ended
-        self.sampler.start = 0 if ended else state["position"]
+        self.sampler.next_epoch, self.sampler.start = state["epoch"], state["position"]
+
+    def __iter__(self):
+        self.sampler.begin()  # the state applies to the iterator made now, as in torchdata
+        return super().__iter__()
 
 
 def _loader(cfg: Config, batch_size: int = BATCH) -> torch.utils.data.DataLoader:

@@ -20,6 +20,8 @@ from typing import Any, Callable
 
 import torch
 
+from ckpt.integrations.lightning import rng
+
 
 def restore_modules(trainer: Any, checkpoint: dict, *, source: str) -> dict:
     """Restores what Lightning's own restore puts back before the callbacks' ``on_fit_start``: the model,
@@ -217,13 +219,20 @@ def plan_data_position(trainer: Any) -> DataPosition | None:
 
 def new_epoch_iterator(trainer: Any) -> None:
     """Makes the epoch's data iterator, as ``_TrainingEpochLoop.on_run_start`` does for epochs after the first,
-    once stateful loaders have the restored states that Lightning left unloaded and the samplers the epoch's
-    number (a DataLoader with workers draws its first indices as the iterator is made)."""
+    once stateful loaders have ended the saved epoch with the restored states that Lightning left unloaded, and
+    the samplers have the epoch's number (a DataLoader with workers draws its first indices as the iterator is
+    made)."""
     fit_loop = trainer.fit_loop
     states = _unloaded_loader_states(fit_loop)
     if states:
         fit_loop._combined_loader._load_state_dicts(states)
         fit_loop._combined_loader_states_to_load = []
+        # states taken at an epoch's end give iterators that end at once (torchdata's StatefulDataLoader): made
+        # here, they end that epoch, as in Lightning's own restart; their draws are undone, so that the next
+        # epoch's iterator draws what it drew in the run never stopped
+        draws = rng.capture(train_loaders(trainer))
+        iter(fit_loop._data_fetcher)
+        rng.restore(draws, train_loaders(trainer))
     _set_sampler_epoch(trainer, fit_loop.epoch_progress.current.processed)  # the number FitLoop gives them
     iter(fit_loop._data_fetcher)
 

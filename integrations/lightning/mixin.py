@@ -444,6 +444,7 @@ class CheckpointCallbackMixin:
                             "EMAWeightAveraging / WeightAveraging, which resume exactly from any step.")
         saved_rng = _for_rank(saved.get("rng"), trainer.global_rank)
         epoch_rng = _for_rank(saved.get("epoch_rng"), trainer.global_rank)
+        resume.load_loader_states_left_unloaded(trainer)
         position = resume.plan_data_position(trainer)
         loaders = resume.train_loaders(trainer)
         if position is not None and epoch_rng is not None:

@@ -217,6 +217,19 @@ def plan_data_position(trainer: Any) -> DataPosition | None:
     return DataPosition(skip=0, replay_epoch=False, new_epoch=True, epoch_start_hook=hook)
 
 
+def load_loader_states_left_unloaded(trainer: Any) -> None:
+    """Loads the restored states of stateful loaders into them and makes the data iterator again, where
+    Lightning meant to while its loops restart but did not: ``setup_data`` made the loaders before the
+    restore (``trainer.estimated_stepping_batches`` read in ``configure_optimizers``), and skips them
+    after it (Lightning issue #20550). Call in ``on_train_start``, before :func:`plan_data_position`."""
+    fit_loop = trainer.fit_loop
+    states = _unloaded_loader_states(fit_loop)
+    if fit_loop.restarting and states:
+        fit_loop._combined_loader._load_state_dicts(states)
+        fit_loop._combined_loader_states_to_load = []
+        iter(fit_loop._data_fetcher)
+
+
 def new_epoch_iterator(trainer: Any) -> None:
     """Makes the epoch's data iterator, as ``_TrainingEpochLoop.on_run_start`` does for epochs after the first,
     once stateful loaders have ended the saved epoch with the restored states that Lightning left unloaded, and

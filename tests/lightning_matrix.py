@@ -46,10 +46,12 @@ class Config:
     val: bool = False  # a validation loader and a logged val_loss
     early_stopping: bool = False  # EarlyStopping on val_loss
     model: str = "mlp"  # mlp | batchnorm | manual (two optimizers, manual optimization) | finetune (a backbone)
-    scheduler: str = "step"  # step | onecycle | plateau_step | plateau_epoch
+    scheduler: str = "step"  # step | onecycle | onecycle_estimated (its total steps from
+    # trainer.estimated_stepping_batches, which makes the loaders before the restore) | plateau_step | plateau_epoch
     epoch_metrics: bool = False  # self.log(on_epoch=True) and torchmetrics Metrics logged per epoch and validation
     data: str = "map"  # map | iterable | datamodule | stateful (a loader with state_dict, as torchdata's) |
-    # batch_sampler (a BatchSampler over a RandomSampler with a generator of its own)
+    # batch_sampler (a BatchSampler over a RandomSampler with a generator of its own) | epoch_sampler (a sampler
+    # that shuffles by the number set_epoch gives it, as DistributedSampler)
     workers: int = 0
     model_checkpoint: bool = False  # Lightning's ModelCheckpoint beside ours
     ckpt_path: str | None = None  # "last_model_path": the restarted run passes the callback's (a step directory)
@@ -89,9 +91,15 @@ CONFIGS: dict[str, Config] = {
     "bf16_mixed": Config(kill_at=11, trainer=(("precision", "bf16-mixed"),)),
     "iterable_dataset": Config(kill_at=11, data="iterable", max_epochs=-1, max_steps=20),
     "stateful_loader_mid_epoch": Config(kill_at=11, data="stateful"),  # positioned by Lightning
-    "stateful_loader_last_batch": Config(kill_at=8, data="stateful"),  # the next epoch: its state, then seeds
+    # Lightning leaves the loader's state unloaded (its issue #20550): it is loaded for Lightning
+    "stateful_loader_mid_epoch_estimated_stepping_batches": Config(kill_at=11, data="stateful",
+                                                                  scheduler="onecycle_estimated"),
+    # the loader's state ends the saved epoch; the next epoch's iterator then draws the seeds it drew
+    "stateful_loader_last_batch": Config(kill_at=8, data="stateful"),
     "datamodule_state": Config(kill_at=11, data="datamodule"),
     "batch_sampler_with_a_generator": Config(kill_at=11, data="batch_sampler"),
+    # workers draw the first indices as the iterator is made: the sampler must have its epoch by then
+    "epoch_sampler_with_workers_mid_epoch": Config(kill_at=11, data="epoch_sampler", workers=2),
     "model_checkpoint_beside": Config(kill_at=11, model_checkpoint=True),
     "fit_ckpt_path_last": Config(kill_at=11, ckpt_path="last"),
     "fit_ckpt_path_step_directory": Config(kill_at=11, ckpt_path="last_model_path"),
@@ -132,6 +140,10 @@ CONFIGS: dict[str, Config] = {
     "early_stopping_mid_epoch": Config(kill_at=6, val=True, epoch_metrics=True, scheduler="plateau_epoch",
                                        callbacks=("stop_at_second_validation",),
                                        trainer=(("val_check_interval", 3), ("check_val_every_n_epoch", None))),
+    # the killed run is killed after fit; the restarted one, restored at its end, skips training
+    "finished_by_max_epochs": Config(kill_at=24, val=True, epoch_metrics=True, scheduler="plateau_epoch"),
+    "finished_by_max_steps_at_an_epochs_last_batch": Config(kill_at=16, max_epochs=-1, max_steps=16,
+                                                            epoch_metrics=True, scheduler="plateau_epoch"),
     "lightning_pytorch_namespace": Config(kill_at=13, val=True, epoch_metrics=True,
                                           namespace="lightning.pytorch"),
 }
@@ -209,8 +221,9 @@ def _classes(namespace: str) -> dict[str, Any]:
                 second = torch.optim.Adam(self.other.parameters(), lr=0.01)
                 return [first, second], [torch.optim.lr_scheduler.StepLR(first, 5, 0.5)]
             optimizer = torch.optim.SGD([p for p in self.net.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
-            if kind == "onecycle":
-                scheduler = {"scheduler": torch.optim.lr_scheduler.OneCycleLR(optimizer, 0.1, total_steps=40),
+            if kind.startswith("onecycle"):
+                total = self.trainer.estimated_stepping_batches if kind == "onecycle_estimated" else 40
+                scheduler = {"scheduler": torch.optim.lr_scheduler.OneCycleLR(optimizer, 0.1, total_steps=total),
                              "interval": "step"}
             elif kind == "plateau_step":
                 scheduler = {"scheduler": torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, patience=1, factor=0.7),
@@ -234,6 +247,10 @@ def _classes(namespace: str) -> dict[str, Any]:
 
         def on_train_start(self) -> None:
             self.started_at = self.trainer.global_step
+
+        def on_fit_end(self) -> None:
+            if self.started_at is None:  # a fit restored at its end skips training, on_train_start included
+                self.started_at = self.trainer.global_step
 
         def _record(self, entry: list) -> None:
             if "batch_size_finder" in self.cfg.callbacks and not self.trainer.callbacks:
@@ -328,26 +345,48 @@ class ResumableSampler(torch.utils.data.Sampler):
     def __len__(self) -> int:
         return self.size
 
-    def __iter__(self):
+    def begin(self) -> None:
+        """Moves to where the next iteration begins (as its DataLoader's iterator is made)."""
         self.epoch, self.position = self.next_epoch, self.start
         self.next_epoch, self.start = self.epoch + 1, 0
+
+    def __iter__(self):
         order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.epoch)).tolist()
         for i in order[self.position:]:
             self.position += 1
             yield i
 
 
+class EpochSampler(torch.utils.data.Sampler):
+    """Shuffles by a generator seeded with the number ``set_epoch`` gave it, as ``DistributedSampler`` does."""
+
+    def __init__(self, size: int) -> None:
+        self.size, self.epoch = size, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):
+        return iter(torch.randperm(self.size, generator=torch.Generator().manual_seed(self.epoch)).tolist())
+
+
 class StatefulLoader(torch.utils.data.DataLoader):
     """A DataLoader that resumes where its state says (Lightning saves and loads it), as torchdata's
-    ``StatefulDataLoader`` does; its iterator still draws a seed from torch's generator."""
+    ``StatefulDataLoader`` does: from a state taken at an epoch's end, its next iterator ends at once and
+    the one after starts the next epoch. Its iterators still draw a seed from torch's generator."""
 
     def state_dict(self) -> dict:
         return {"epoch": self.sampler.epoch, "position": self.sampler.position}
 
     def load_state_dict(self, state: dict) -> None:
-        ended = state["position"] >= self.sampler.size
-        self.sampler.next_epoch = state["epoch"] + ended
-        self.sampler.start = 0 if ended else state["position"]
+        self.sampler.next_epoch, self.sampler.start = state["epoch"], state["position"]
+
+    def __iter__(self):
+        self.sampler.begin()  # the state applies to the iterator made now, as in torchdata
+        return super().__iter__()
 
 
 def _loader(cfg: Config, batch_size: int = BATCH) -> torch.utils.data.DataLoader:
@@ -356,6 +395,9 @@ def _loader(cfg: Config, batch_size: int = BATCH) -> torch.utils.data.DataLoader
         return torch.utils.data.DataLoader(_classes(cfg.namespace)["Samples"](data), batch_size=batch_size)
     if cfg.data == "stateful":
         return StatefulLoader(data, batch_size=batch_size, sampler=ResumableSampler(len(data)))
+    if cfg.data == "epoch_sampler":
+        return torch.utils.data.DataLoader(data, batch_size=batch_size, sampler=EpochSampler(len(data)),
+                                           num_workers=cfg.workers)
     if cfg.data == "batch_sampler":
         sampler = torch.utils.data.RandomSampler(data, generator=torch.Generator().manual_seed(9))
         batches = torch.utils.data.BatchSampler(sampler, batch_size, drop_last=False)

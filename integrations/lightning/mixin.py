@@ -30,6 +30,8 @@ What happens when:
   a checkpoint taken before them owes, and the resumed run finishes the rest of the saved iteration (see
   :mod:`ckpt.integrations.lightning.tail`).
 - ``on_train_end``: saves the final step if it is not saved, and waits for the write.
+- ``on_fit_end``: a fit restored from a finished run's last step, whose training Lightning skips
+  (``on_train_start`` included), gets the logged values and the rest of the saved iteration there.
 - ``on_exception``: after SIGTERM, saves the current step (all ranks got the signal's exception at
   the same batch); otherwise only waits for the save in flight.
 """
@@ -350,6 +352,12 @@ class CheckpointCallbackMixin:
         if self._accumulation_after_epoch is not None:
             trainer.accumulate_grad_batches, self._accumulation_after_epoch = self._accumulation_after_epoch, None
 
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        # a fit restored from a finished run's last step trains nothing (Lightning skips its training loop and
+        # on_train_start): it ends with the metrics the finished run ended with
+        if not self._training_started and self is _peers(trainer)[0]:
+            _finish_saved_iteration(trainer, _loaded_state(trainer), skipped=True)
+
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         step = trainer.global_step
         if step != self._saved_step and not trainer.fast_dev_run:
@@ -421,11 +429,7 @@ class CheckpointCallbackMixin:
     def _resume_data_and_rng(self, trainer: Any) -> None:
         """Continues the data where the checkpoint left it, with the RNG states it recorded."""
         saved = _loaded_state(trainer)
-        saved_logged = _for_rank(saved.get("logged"), trainer.global_rank)
-        if saved_logged is not None:  # checkpoints of earlier versions lack it
-            logged.restore(trainer, saved_logged)
-            tail.finish_iteration(trainer, saved["saved_in"], saved["should_stop"])
-            self._restored_logged = True
+        self._restored_logged = _finish_saved_iteration(trainer, saved)
         resume.restore_trainable(trainer.lightning_module, saved.get("trainable"))  # after BaseFinetuning's setup
         resume.restore_loaders_made_in(trainer, saved.get("loaders_made_in"))
         if trainer.fit_loop.restarted_mid_epoch:  # Lightning skips the epoch-start hooks
@@ -440,6 +444,7 @@ class CheckpointCallbackMixin:
                             "EMAWeightAveraging / WeightAveraging, which resume exactly from any step.")
         saved_rng = _for_rank(saved.get("rng"), trainer.global_rank)
         epoch_rng = _for_rank(saved.get("epoch_rng"), trainer.global_rank)
+        resume.load_loader_states_left_unloaded(trainer)
         position = resume.plan_data_position(trainer)
         loaders = resume.train_loaders(trainer)
         if position is not None and epoch_rng is not None:
@@ -539,6 +544,19 @@ def _loaded_state(trainer: Any) -> dict:
     """The callbacks' state from the checkpoint restored ({} if none): every CheckpointCallback's state in a
     checkpoint is the same record of the run, but a callback added since has none."""
     return next((c._loaded_state for c in _peers(trainer) if c._loaded_state), {})
+
+
+def _finish_saved_iteration(trainer: Any, saved: dict, skipped: bool = False) -> bool:
+    """Puts back the logged values of the restored checkpoint ``saved`` (this rank's) and runs the rest of the
+    iteration it was saved in (``skipped``: in a fit whose training loop Lightning skipped); False when it has
+    none (no restore, or a checkpoint of an earlier version)."""
+    saved_logged = _for_rank(saved.get("logged"), trainer.global_rank)
+    if saved_logged is None:
+        return False
+    logged.restore(trainer, saved_logged)
+    finish = tail.finish_skipped_fit if skipped else tail.finish_iteration
+    finish(trainer, saved["saved_in"], saved["should_stop"])
+    return True
 
 
 def _latest(checkpointer: Checkpointer | None) -> tuple[int, str] | None:

@@ -20,6 +20,8 @@ from typing import Any, Callable
 
 import torch
 
+from ckpt.integrations.lightning import rng
+
 
 def restore_modules(trainer: Any, checkpoint: dict, *, source: str) -> dict:
     """Restores what Lightning's own restore puts back before the callbacks' ``on_fit_start``: the model,
@@ -215,14 +217,36 @@ def plan_data_position(trainer: Any) -> DataPosition | None:
     return DataPosition(skip=0, replay_epoch=False, new_epoch=True, epoch_start_hook=hook)
 
 
+def load_loader_states_left_unloaded(trainer: Any) -> None:
+    """Loads the restored states of stateful loaders into them and makes the data iterator again, where
+    Lightning meant to while its loops restart but did not: ``setup_data`` made the loaders before the
+    restore (``trainer.estimated_stepping_batches`` read in ``configure_optimizers``), and skips them
+    after it (Lightning issue #20550). Call in ``on_train_start``, before :func:`plan_data_position`."""
+    fit_loop = trainer.fit_loop
+    states = _unloaded_loader_states(fit_loop)
+    if fit_loop.restarting and states:
+        fit_loop._combined_loader._load_state_dicts(states)
+        fit_loop._combined_loader_states_to_load = []
+        iter(fit_loop._data_fetcher)
+
+
 def new_epoch_iterator(trainer: Any) -> None:
     """Makes the epoch's data iterator, as ``_TrainingEpochLoop.on_run_start`` does for epochs after the first,
-    once stateful loaders have the restored states that Lightning left unloaded."""
+    once stateful loaders have ended the saved epoch with the restored states that Lightning left unloaded, and
+    the samplers have the epoch's number (a DataLoader with workers draws its first indices as the iterator is
+    made)."""
     fit_loop = trainer.fit_loop
     states = _unloaded_loader_states(fit_loop)
     if states:
         fit_loop._combined_loader._load_state_dicts(states)
         fit_loop._combined_loader_states_to_load = []
+        # states taken at an epoch's end give iterators that end at once (torchdata's StatefulDataLoader): made
+        # here, they end that epoch, as in Lightning's own restart; their draws are undone, so that the next
+        # epoch's iterator draws what it drew in the run never stopped
+        draws = rng.capture(train_loaders(trainer))
+        iter(fit_loop._data_fetcher)
+        rng.restore(draws, train_loaders(trainer))
+    _set_sampler_epoch(trainer, fit_loop.epoch_progress.current.processed)  # the number FitLoop gives them
     iter(fit_loop._data_fetcher)
 
 
@@ -241,10 +265,7 @@ def skip_batches(trainer: Any, count: int, epoch: int) -> int:
     ``DistributedSampler`` shuffles by it). Lightning adds the restored batch count to ``fetched``
     when the epoch loop starts, so the batches drawn here are taken off it again.
     """
-    for loader in train_loaders(trainer):
-        for sampler in (getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None)):
-            if hasattr(sampler, "set_epoch"):
-                sampler.set_epoch(epoch)
+    _set_sampler_epoch(trainer, epoch)
     fetcher = trainer.fit_loop._data_fetcher
     drawn = 0
     while drawn < count:
@@ -255,6 +276,14 @@ def skip_batches(trainer: Any, count: int, epoch: int) -> int:
         drawn += 1
     fetcher.fetched -= drawn
     return drawn
+
+
+def _set_sampler_epoch(trainer: Any, epoch: int) -> None:
+    """Gives the training loaders' samplers with ``set_epoch`` (a ``DistributedSampler`` shuffles by it) ``epoch``."""
+    for loader in train_loaders(trainer):
+        for sampler in (getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None)):
+            if hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(epoch)
 
 
 def train_loaders(trainer: Any) -> list[Any]:

@@ -130,6 +130,19 @@ def finish_iteration(trainer: Any, saved_in: str, should_stop: bool) -> None:
             progress.completed = completed
 
 
+def finish_skipped_fit(trainer: Any, saved_in: str, should_stop: bool) -> None:
+    """:func:`finish_iteration` in a fit restored from the last step of a finished run (``max_epochs`` or
+    ``max_steps`` reached), whose training loop Lightning skips, ``reset`` and the epoch's end included: sets
+    the restart stages that ``reset`` sets, and counts the saved epoch as completed, as the finished run did
+    after it ended. Call in ``on_fit_end``, after the logged values are restored."""
+    fit_loop = trainer.fit_loop
+    fit_loop.update_restart_stage()
+    finish_iteration(trainer, saved_in, should_stop)
+    if saved_in == "on_train_epoch_end":
+        progress = fit_loop.epoch_progress.current
+        progress.completed = progress.processed
+
+
 def end_restart(trainer: Any) -> None:
     """Lets the first epoch after a resume from this callback's checkpoint end as any other (call in
     its ``on_train_epoch_end``).

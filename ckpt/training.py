@@ -137,6 +137,7 @@ class Checkpointer:
         self._decided_once = False  # (whether it listens for a preemption is known from the first decision)
         self._due: int | None = None  # the step the last should_save said yes to, until a save or reload
         self._in_flight: CheckpointMetadata | None = None  # the step of the last save handed to the writer
+        self._deleting: set[int] = set()  # the steps delete_async is deleting (gone for reload too)
         mode = self._ctx.file_options.path_permission_mode
         root.make(self._directory, mode=mode)
         self._lock = storage.DirectoryLock(self._directory / fmt.LOCK)
@@ -224,7 +225,8 @@ class Checkpointer:
             return self._infos[-1] if self._infos else None
 
     def reload(self) -> None:
-        """Rescans the root directory (after another process added or removed steps).
+        """Rescans the root directory (after another process added or removed steps). A step :meth:`delete_async`
+        is still deleting is not listed (Orbax's reload waits for the deletion).
 
         Example::
 
@@ -247,7 +249,7 @@ class Checkpointer:
         if not infos:
             self._warn_of_orbax_steps_named_otherwise()
         with self._infos_lock:
-            self._infos = infos
+            self._infos = [c for c in infos if c.step not in self._deleting]
         self._due = None  # a yes was given against the listing just replaced
         if self._local is not None:
             self._local.checkpointer.reload()
@@ -906,6 +908,7 @@ class Checkpointer:
                 return background.finished(held_locally)
             raise self._not_found(number)
         self._forget(number)
+        self._deleting.add(number)
         operation, timeout = self._operation(f"delete/{number}"), self._ctx.async_options.timeout_secs
         primary = self._processes.index == 0
 
@@ -923,6 +926,8 @@ class Checkpointer:
                     with self._infos_lock:
                         self._infos = sorted([*self._infos, info], key=lambda c: c.step)
                 raise
+            finally:
+                self._deleting.discard(number)
             return True
 
         return self._writer.submit(job)

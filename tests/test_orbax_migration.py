@@ -166,6 +166,21 @@ def test_a_step_delete_async_is_deleting_counts_for_no_save_decision_meanwhile(t
         assert ckptr.load(5)["w"].tolist() == [2, 2, 2]
 
 
+def test_a_reload_while_delete_async_deletes_a_step_does_not_list_it_again(tmp_path, monkeypatch):
+    release, delete_step = threading.Event(), root.delete_step
+    monkeypatch.setattr(root, "delete_step", lambda path, step: release.wait(10) and delete_step(path, step))
+    with ckpt.training.Checkpointer(tmp_path) as ckptr:
+        for step in (0, 5):
+            ckptr.save(step, {"w": np.full(3, step)}, force=True)
+        response = ckptr.delete_async(5)
+        ckptr.reload()                                # the step is still on disk, being deleted
+        assert [c.step for c in ckptr.checkpoints] == [0] and ckptr.latest.step == 0
+        release.set()
+        assert response.result(timeout=60)
+        ckptr.reload()
+        assert [c.step for c in ckptr.checkpoints] == [0]
+
+
 def test_an_overwrite_the_policy_skips_keeps_the_step_and_steps_are_compared_with_the_latest_not_the_last_saved(
         tmp_path):
     every_2 = ckpt.training.save_decision_policies.FixedIntervalPolicy(2)

@@ -26,6 +26,7 @@ Example::
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Awaitable, Protocol, Sequence, TypeVar, runtime_checkable
 
@@ -42,6 +43,9 @@ class PathAwaitingCreation(Protocol):
 
     async def await_creation(self) -> Path:
         """Waits until the directory exists; returns it."""
+
+    def __truediv__(self, other: str | os.PathLike) -> "PathAwaitingCreation":
+        """A path below the directory, whose ``await_creation()`` waits for the directory and returns it."""
 
 
 @runtime_checkable

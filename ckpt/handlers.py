@@ -33,6 +33,11 @@ from typing import Any, Awaitable, Protocol, Sequence, TypeVar, runtime_checkabl
 T = TypeVar("T")
 AbstractT = TypeVar("AbstractT")
 
+Checkpointable = Any
+"""Orbax's name for what a handler saves (any object), for annotations."""
+AbstractCheckpointable = Any
+"""Orbax's name for what a handler loads into and its ``metadata`` returns, for annotations."""
+
 
 class PathAwaitingCreation(Protocol):
     """A directory that exists once ``await_creation()`` returns (handed to ``save``)."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import threading
+import typing
 
 import numpy as np
 import pytest
@@ -117,6 +118,33 @@ def test_checkpoint_metadata_from_metadata_is_an_abstract_tree_to_load_into(tmp_
     assert abstract.metadata["w"].dtype == np.int16 and abstract.step is None and abstract.path is None
     loaded = ckpt.load(tmp_path / "c", abstract)
     assert loaded["w"].dtype == np.int16 and loaded["w"].tolist() == [0, 1, 2] and loaded["n"] == 2
+
+
+class AnnotatedVocabHandler(VocabHandler):
+    """A handler annotated with Orbax's type names, as Orbax's docs write one."""
+
+    async def save(self, directory: ckpt.path.PathAwaitingCreation, checkpointable: ckpt.Checkpointable):
+        return await super().save(directory, checkpointable)
+
+    async def load(self, directory: ckpt.path.Path, abstract_checkpointable: ckpt.handlers.AbstractCheckpointable = None):
+        return await super().load(directory, abstract_checkpointable)
+
+    async def metadata(self, directory: ckpt.path.Path) -> ckpt.AbstractCheckpointable:
+        return await super().metadata(directory)
+
+    def is_handleable(self, checkpointable: ckpt.handlers.Checkpointable) -> bool:
+        return super().is_handleable(checkpointable)
+
+
+def test_orbaxs_type_names_for_a_handlers_annotations_are_there(tmp_path):
+    """Was: AttributeError: module 'ckpt.path' has no attribute 'PathAwaitingCreation' (and 'Path',
+    ckpt.Checkpointable, ckpt.handlers.AbstractCheckpointable), where a class defines its methods."""
+    for method in ("save", "load", "metadata", "is_handleable"):
+        typing.get_type_hints(getattr(AnnotatedVocabHandler, method))  # evaluates them, as a module without
+    assert isinstance(ckpt.path.Path("a") / "b", ckpt.path.PathLike)   # `from __future__ import annotations` does
+    with ckpt.Context(checkpointables_options=ckpt.CheckpointablesOptions.create_with_handlers(AnnotatedVocabHandler)):
+        ckpt.save_checkpointables(tmp_path / "c", {"vocab": Vocab(["a"])})
+        assert ckpt.load_checkpointables(tmp_path / "c", {"vocab": AbstractVocab()})["vocab"] == Vocab(["a"])
 
 
 def test_checkpointer_delete_and_delete_async_delete_a_step_whatever_the_policy_as_orbaxs_do(tmp_path):

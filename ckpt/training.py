@@ -138,6 +138,7 @@ class Checkpointer:
         self._due: int | None = None  # the step the last should_save said yes to, until a save or reload
         self._in_flight: CheckpointMetadata | None = None  # the step of the last save handed to the writer
         self._deleting: set[int] = set()  # the steps delete_async is deleting (gone for reload too)
+        self._deletion: background.AsyncResponse[bool] | None = None  # the last deletion handed to the writer
         mode = self._ctx.file_options.path_permission_mode
         root.make(self._directory, mode=mode)
         self._lock = storage.DirectoryLock(self._directory / fmt.LOCK)
@@ -406,7 +407,7 @@ class Checkpointer:
         previous = self._infos  # replaced, never changed in place: no copy on this per-step path
         if replacing:
             previous = [c for c in previous if c.step != step]
-        saving = self._writer.in_progress()
+        saving = self._saving()
         in_flight = self._in_flight
         if saving and in_flight is not None and (not previous or in_flight.step > previous[-1].step):
             previous = [*previous, in_flight]  # the step being written counts, as in Orbax
@@ -930,7 +931,8 @@ class Checkpointer:
                 self._deleting.discard(number)
             return True
 
-        return self._writer.submit(job)
+        self._deletion = self._writer.submit(job)
+        return self._deletion
 
     # ---------------------------------------------------------------------------------- metadata
     def metadata(self, step: int | CheckpointMetadata | None = None) -> CheckpointMetadata:
@@ -975,7 +977,7 @@ class Checkpointer:
 
     # ------------------------------------------------------------------------------- life cycle
     def is_saving_in_progress(self) -> bool:
-        """True while an async save is being written.
+        """True while an async save is being written (not while :meth:`delete_async` deletes a step, as in Orbax).
 
         Example::
 
@@ -984,7 +986,12 @@ class Checkpointer:
             ckptr.wait()
             assert not ckptr.is_saving_in_progress()
         """
-        return self._writer.in_progress() or (self._local is not None and self._local.in_progress())
+        return self._saving() or (self._local is not None and self._local.in_progress())
+
+    def _saving(self) -> bool:
+        """Whether the writer writes a save (or promotes one). A deletion it runs is no save, as in Orbax, whose
+        deletions run beside its saves: a policy that waits for the save in flight saves the next step."""
+        return self._writer.in_progress() and (self._deletion is None or self._deletion.done())
 
     def wait(self) -> None:
         """Waits for the save in flight, which goes on at full speed (not on one core) from then on;

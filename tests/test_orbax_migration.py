@@ -194,6 +194,31 @@ def test_a_step_delete_async_is_deleting_counts_for_no_save_decision_meanwhile(t
         assert ckptr.load(5)["w"].tolist() == [2, 2, 2]
 
 
+def test_a_save_while_delete_async_deletes_a_step_is_decided_as_no_save_were_in_progress(tmp_path, monkeypatch):
+    """Was: the deletion counted as a save in progress, so the default policy (ContinuousCheckpointingPolicy)
+    skipped a save made while it ran: save returned False and the step was never written (Orbax's saves it)."""
+    release, delete_step = threading.Event(), root.delete_step
+    monkeypatch.setattr(root, "delete_step", lambda path, step: release.wait(10) and delete_step(path, step))
+    sdp, seen = ckpt.training.save_decision_policies, []
+    default = sdp.AnySavePolicy([sdp.InitialSavePolicy(), sdp.ContinuousCheckpointingPolicy(),
+                                 sdp.PreemptionCheckpointingPolicy()])  # the default policy
+
+    class ReleasingTheDeletion:  # the default policy, which lets the deletion end once it has decided
+        def should_save(self, step, previous_steps, *, context):
+            seen.append((step.step, context.is_saving_in_progress, ckptr.is_saving_in_progress()))
+            decision = default.should_save(step, previous_steps, context=context)
+            release.set()
+            return decision
+
+    with ckpt.training.Checkpointer(tmp_path, save_decision_policy=ReleasingTheDeletion()) as ckptr:
+        for step in (0, 5):
+            ckptr.save(step, {"w": np.full(3, step)}, force=True)
+        response = ckptr.delete_async(5)
+        assert ckptr.save(5, {"w": np.full(3, 7.0)})  # decided while step 5 is being deleted
+        assert seen == [(5, False, False)] and response.result(timeout=60)
+        assert ckptr.load(5)["w"].tolist() == [7, 7, 7]
+
+
 def test_a_reload_while_delete_async_deletes_a_step_does_not_list_it_again(tmp_path, monkeypatch):
     release, delete_step = threading.Event(), root.delete_step
     monkeypatch.setattr(root, "delete_step", lambda path, step: release.wait(10) and delete_step(path, step))

@@ -6,6 +6,7 @@ not shipped in its wheel; these are our own tests of the same behaviours (README
 from __future__ import annotations
 
 import datetime
+import os
 import threading
 import typing
 
@@ -44,6 +45,24 @@ def test_a_missing_checkpoint_path_is_an_invalid_layout_as_in_orbax_and_a_file_n
         call(tmp_path / "typo")
     assert isinstance(info.value, errors.InvalidLayoutError) and isinstance(info.value, FileNotFoundError)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("what", ["a run's root", "a user's directory", "a file", "a link to a checkpoint"])
+def test_a_free_delete_of_what_is_no_checkpoint_is_an_invalid_layout_as_in_orbax_and_deletes_nothing(tmp_path, what):
+    """Was: a ForeignEntryError alone (an OSError), which Orbax's ``except ocp.errors.InvalidLayoutError`` missed."""
+    with ckpt.training.Checkpointer(tmp_path / "run") as ckptr:
+        ckptr.save(0, {"w": np.ones(2)})
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("keep")
+    (tmp_path / "link").symlink_to(tmp_path / "run" / "0")
+    path = {"a run's root": tmp_path / "run", "a user's directory": tmp_path / "notes",
+            "a file": tmp_path / "notes" / "todo.txt", "a link to a checkpoint": tmp_path / "link"}[what]
+    for delete in (ckpt.delete, lambda p: ckpt.delete_async(p).result(timeout=60)):
+        with pytest.raises(errors.InvalidLayoutError, match="it was not deleted") as info:
+            delete(path)
+        assert isinstance(info.value, errors.ForeignEntryError) and info.value.path == path
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "keep" and os.path.islink(tmp_path / "link")
+    assert ckpt.load(tmp_path / "run" / "0")["w"].tolist() == [1, 1]
 
 
 def test_requested_checkpointables_a_step_lacks_are_named_beside_every_one_it_has(tmp_path):

@@ -199,15 +199,15 @@ def local_registry(other_registry: CheckpointableHandlerRegistry | None = None, 
     return registry
 
 
-def register_handler(handler_type: type, *, checkpointable_name: str | None = None,
+def register_handler(cls: type, *, checkpointable_name: str | None = None,
                      secondary_typestrs: Sequence[str] | None = None) -> type:
-    """Adds ``handler_type`` to the global registry (usable as a class decorator); returns it.
+    """Adds the handler class ``cls`` to the global registry (usable as a class decorator); returns it.
 
     Example::
 
         @ckpt.handlers.register_handler
         class TokenizerHandler: ...
     """
-    if (handler_type, checkpointable_name) not in _GLOBAL.get_all_entries():
-        _GLOBAL.add(handler_type, checkpointable_name=checkpointable_name, secondary_typestrs=secondary_typestrs)
-    return handler_type
+    if (cls, checkpointable_name) not in _GLOBAL.get_all_entries():
+        _GLOBAL.add(cls, checkpointable_name=checkpointable_name, secondary_typestrs=secondary_typestrs)
+    return cls

@@ -863,9 +863,10 @@ class Checkpointer:
         """Deletes ``step`` now, whatever the preservation policy says (the latest step too), as Orbax's
         ``delete`` does; returns True, or False when there is no such step and ``missing_ok`` is set.
 
-        The save in flight is waited for first. The step is renamed aside before its files are removed, as
-        garbage collection deletes, so an interrupted deletion never leaves half a step listed. With a local
-        tier, the step goes from both tiers. ``checkpointable_name`` (Orbax deletes one checkpointable of a
+        The save in flight is waited for first; a step not listed is looked for again on disk (one committed
+        since the root was listed, as Orbax's delete deletes what is at the step's name). The step is renamed
+        aside before its files are removed, as garbage collection deletes, so an interrupted deletion never
+        leaves half a step listed. With a local tier, the step goes from both tiers. ``checkpointable_name`` (Orbax deletes one checkpointable of a
         step) raises ValueError: a step's trees share its files. In a multi-process job every process calls
         it, as it saves: process 0 deletes the step, and every process returns once it is gone (a save of the
         same step may follow at once).
@@ -901,6 +902,9 @@ class Checkpointer:
         self.wait()  # (the save in flight may be of this step)
         self._in_flight = None  # (committed: while the deletion runs, no step being written counts for a decision)
         info = self._find(number)
+        if info is None:  # a step committed since the root was listed (Orbax's delete deletes what is at its name)
+            self.reload()
+            info = self._find(number)
         if info is not None and self._processes.index == 0:
             self._take_directory()  # (before anything is deleted or forgotten: another writer may hold the root)
         held_locally = self._local is not None and self._local.checkpointer.delete(number, missing_ok=True)

@@ -243,6 +243,16 @@ def test_checkpointer_delete_and_delete_async_delete_a_step_whatever_the_policy_
         assert [c.step for c in reopened.checkpoints] == [1, 2, 4]
 
 
+def test_a_delete_of_a_step_committed_since_the_root_was_listed_deletes_it_as_orbaxs_does(tmp_path):
+    """Was: StepNotFoundError 'no checkpoint at step 7 (steps: [0])', the step left on disk, until a reload()."""
+    with ckpt.training.Checkpointer(tmp_path) as ckptr:
+        ckptr.save(0, {"w": np.zeros(3)})
+        ckpt.save(tmp_path / "7", {"w": np.ones(3)})  # a step committed after the Checkpointer listed its root
+        assert [c.step for c in ckptr.checkpoints] == [0]
+        assert ckptr.delete(7) and not (tmp_path / "7").exists()
+        assert [c.step for c in ckptr.checkpoints] == [0] and ckptr.delete(12, missing_ok=True) is False
+
+
 def test_a_delete_refused_because_another_writer_holds_the_root_keeps_the_step_listed(tmp_path):
     with ckpt.training.Checkpointer(tmp_path) as writer:
         writer.save(1, {"w": np.ones(3)})

@@ -17,6 +17,7 @@ from ckpt.checkpoint import (checkpointables_metadata, delete, delete_async, is_
 from ckpt.context import (ArrayOptions, AsyncOptions, CheckpointablesOptions, Context, DeletionOptions, FileOptions,
                           MemoryOptions, MultiprocessingOptions, PyTreeOptions)
 from ckpt.handlers import CheckpointableHandler, StatefulCheckpointable
+from ckpt.handlers import AbstractCheckpointable, Checkpointable  # noqa: F401  (Orbax's names, for annotations: Any)
 from ckpt.leaves import PLACEHOLDER
 from ckpt.metadata import CheckpointMetadata, LeafMetadata, RootMetadata
 from ckpt.metadata import PyTreeMetadata  # noqa: F401  (Orbax's type name, for annotations: not in __all__, it is Any)

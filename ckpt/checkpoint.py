@@ -16,7 +16,7 @@ from typing import Any, Callable
 from ckpt import background, custom, distributed, formats, loading, orbax, root, saving, storage, transfers
 from ckpt import format as fmt
 from ckpt.context import get_context
-from ckpt.errors import CheckpointNotFoundError
+from ckpt.errors import CheckpointNotFoundError, ForeignEntryError, NotACheckpointError
 from ckpt.metadata import CheckpointMetadata
 from ckpt.training import checkpoint_metadata
 
@@ -206,7 +206,8 @@ def _in_background(fn: Any, *args: Any, **kwargs: Any) -> background.AsyncRespon
 def delete(path: str | os.PathLike, *, checkpointable_name: str | None = None, missing_ok: bool = False) -> bool:
     """Deletes the checkpoint at ``path`` (ckpt's or Orbax's) as garbage collection deletes a step: renamed
     aside first, so that a deletion interrupted leaves no half checkpoint at ``path``. Anything else there
-    (not a checkpoint) raises ``ForeignEntryError`` and is left alone. No process may be using it.
+    (not a checkpoint) raises ``NotACheckpointError`` (a ``ForeignEntryError`` and an ``InvalidLayoutError``,
+    as Orbax's) and is left alone. No process may be using it.
 
     Returns True when it was deleted, False when nothing was at ``path`` and ``missing_ok`` is set. On an
     object store (``s3://``, ``gs://``), what a save or a deletion of ckpt's that a crash cut short left at
@@ -250,7 +251,10 @@ def _deletion(path: str | os.PathLike, checkpointable_name: str | None, missing_
         if not isinstance(step_dir, Path) and root.classify(step_dir, None).kind is root.Kind.TEMPORARY:
             storage.remove_owned(step_dir)  # a save or deletion a crash cut short in place (an object store has no rename)
         else:
-            root.delete_step(step_dir, None)
+            try:
+                root.delete_step(step_dir, None)
+            except ForeignEntryError as e:
+                raise NotACheckpointError(str(e), path=e.path) from None
 
     def deletion() -> bool:
         if not storage.exists(step_dir):  # (asked before the first barrier: the primary deletes after it)

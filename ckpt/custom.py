@@ -57,6 +57,11 @@ class _Directory:
         self.make()
         return self.path
 
+    def __truediv__(self, other: str | os.PathLike) -> "_Directory":
+        """A path below this directory, as Orbax's: awaiting it makes this directory and returns the path
+        (the handler makes the subdirectory itself)."""
+        return _Directory(self.path / other, self.make)
+
 
 def _is_stateful(value: Any) -> bool:
     # a plain container never saves itself, and asking a runtime Protocol costs tens of microseconds

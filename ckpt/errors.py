@@ -204,6 +204,21 @@ class CheckpointNotFoundError(InvalidLayoutError, FileNotFoundError):
     """
 
 
+class NotACheckpointError(ForeignEntryError, InvalidLayoutError):
+    """``ckpt.delete`` (or ``delete_async``) of a path that holds no checkpoint: a run's root, one item of
+    an Orbax step, a user's directory or file, a link. Nothing is deleted. A ForeignEntryError (ckpt never
+    deletes what it did not write) and an InvalidLayoutError, as Orbax's ``delete`` raises.
+
+    Example::
+
+        Path("notes").mkdir()
+        try:
+            ckpt.delete("notes")
+        except ckpt.errors.InvalidLayoutError as e:      # or ckpt.errors.ForeignEntryError
+            print(e)                                     # names notes and what it holds; it is left alone
+    """
+
+
 class CheckpointableNotFoundError(KeyError):
     """A checkpointable asked for by name is not in the step; the message names those asked for that are
     missing (Orbax's words: "Requested checkpointables") and those the step has.

@@ -26,11 +26,17 @@ Example::
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Awaitable, Protocol, Sequence, TypeVar, runtime_checkable
 
 T = TypeVar("T")
 AbstractT = TypeVar("AbstractT")
+
+Checkpointable = Any
+"""Orbax's name for what a handler saves (any object), for annotations."""
+AbstractCheckpointable = Any
+"""Orbax's name for what a handler loads into and its ``metadata`` returns, for annotations."""
 
 
 class PathAwaitingCreation(Protocol):
@@ -42,6 +48,9 @@ class PathAwaitingCreation(Protocol):
 
     async def await_creation(self) -> Path:
         """Waits until the directory exists; returns it."""
+
+    def __truediv__(self, other: str | os.PathLike) -> "PathAwaitingCreation":
+        """A path below the directory, whose ``await_creation()`` waits for the directory and returns it."""
 
 
 @runtime_checkable
@@ -190,15 +199,15 @@ def local_registry(other_registry: CheckpointableHandlerRegistry | None = None, 
     return registry
 
 
-def register_handler(handler_type: type, *, checkpointable_name: str | None = None,
+def register_handler(cls: type, *, checkpointable_name: str | None = None,
                      secondary_typestrs: Sequence[str] | None = None) -> type:
-    """Adds ``handler_type`` to the global registry (usable as a class decorator); returns it.
+    """Adds the handler class ``cls`` to the global registry (usable as a class decorator); returns it.
 
     Example::
 
         @ckpt.handlers.register_handler
         class TokenizerHandler: ...
     """
-    if (handler_type, checkpointable_name) not in _GLOBAL.get_all_entries():
-        _GLOBAL.add(handler_type, checkpointable_name=checkpointable_name, secondary_typestrs=secondary_typestrs)
-    return handler_type
+    if (cls, checkpointable_name) not in _GLOBAL.get_all_entries():
+        _GLOBAL.add(cls, checkpointable_name=checkpointable_name, secondary_typestrs=secondary_typestrs)
+    return cls

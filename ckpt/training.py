@@ -138,6 +138,7 @@ class Checkpointer:
         self._due: int | None = None  # the step the last should_save said yes to, until a save or reload
         self._in_flight: CheckpointMetadata | None = None  # the step of the last save handed to the writer
         self._deleting: set[int] = set()  # the steps delete_async is deleting (gone for reload too)
+        self._deletion: background.AsyncResponse[bool] | None = None  # the last deletion handed to the writer
         mode = self._ctx.file_options.path_permission_mode
         root.make(self._directory, mode=mode)
         self._lock = storage.DirectoryLock(self._directory / fmt.LOCK)
@@ -406,7 +407,7 @@ class Checkpointer:
         previous = self._infos  # replaced, never changed in place: no copy on this per-step path
         if replacing:
             previous = [c for c in previous if c.step != step]
-        saving = self._writer.in_progress()
+        saving = self._saving()
         in_flight = self._in_flight
         if saving and in_flight is not None and (not previous or in_flight.step > previous[-1].step):
             previous = [*previous, in_flight]  # the step being written counts, as in Orbax
@@ -862,9 +863,10 @@ class Checkpointer:
         """Deletes ``step`` now, whatever the preservation policy says (the latest step too), as Orbax's
         ``delete`` does; returns True, or False when there is no such step and ``missing_ok`` is set.
 
-        The save in flight is waited for first. The step is renamed aside before its files are removed, as
-        garbage collection deletes, so an interrupted deletion never leaves half a step listed. With a local
-        tier, the step goes from both tiers. ``checkpointable_name`` (Orbax deletes one checkpointable of a
+        The save in flight is waited for first; a step not listed is looked for again on disk (one committed
+        since the root was listed, as Orbax's delete deletes what is at the step's name). The step is renamed
+        aside before its files are removed, as garbage collection deletes, so an interrupted deletion never
+        leaves half a step listed. With a local tier, the step goes from both tiers. ``checkpointable_name`` (Orbax deletes one checkpointable of a
         step) raises ValueError: a step's trees share its files. In a multi-process job every process calls
         it, as it saves: process 0 deletes the step, and every process returns once it is gone (a save of the
         same step may follow at once).
@@ -900,6 +902,9 @@ class Checkpointer:
         self.wait()  # (the save in flight may be of this step)
         self._in_flight = None  # (committed: while the deletion runs, no step being written counts for a decision)
         info = self._find(number)
+        if info is None:  # a step committed since the root was listed (Orbax's delete deletes what is at its name)
+            self.reload()
+            info = self._find(number)
         if info is not None and self._processes.index == 0:
             self._take_directory()  # (before anything is deleted or forgotten: another writer may hold the root)
         held_locally = self._local is not None and self._local.checkpointer.delete(number, missing_ok=True)
@@ -930,7 +935,8 @@ class Checkpointer:
                 self._deleting.discard(number)
             return True
 
-        return self._writer.submit(job)
+        self._deletion = self._writer.submit(job)
+        return self._deletion
 
     # ---------------------------------------------------------------------------------- metadata
     def metadata(self, step: int | CheckpointMetadata | None = None) -> CheckpointMetadata:
@@ -975,7 +981,7 @@ class Checkpointer:
 
     # ------------------------------------------------------------------------------- life cycle
     def is_saving_in_progress(self) -> bool:
-        """True while an async save is being written.
+        """True while an async save is being written (not while :meth:`delete_async` deletes a step, as in Orbax).
 
         Example::
 
@@ -984,7 +990,12 @@ class Checkpointer:
             ckptr.wait()
             assert not ckptr.is_saving_in_progress()
         """
-        return self._writer.in_progress() or (self._local is not None and self._local.in_progress())
+        return self._saving() or (self._local is not None and self._local.in_progress())
+
+    def _saving(self) -> bool:
+        """Whether the writer writes a save (or promotes one). A deletion it runs is no save, as in Orbax, whose
+        deletions run beside its saves: a policy that waits for the save in flight saves the next step."""
+        return self._writer.in_progress() and (self._deletion is None or self._deletion.done())
 
     def wait(self) -> None:
         """Waits for the save in flight, which goes on at full speed (not on one core) from then on;

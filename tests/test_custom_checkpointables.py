@@ -116,6 +116,34 @@ def test_a_stateful_checkpointable_saves_itself_and_loads_in_place(tmp_path):
         ckpt.load_checkpointables(tmp_path / "m")
 
 
+class ShardedCounter(Counter):
+    """Writes into a subdirectory, named through the PathAwaitingCreation it is given, as Orbax's allows."""
+
+    async def save(self, directory):
+        n, part = self.n, directory / "part0"
+
+        async def write():
+            path = await part.await_creation()  # the checkpointable's directory exists; part0 is ours to make
+            assert path == directory.path / "part0" and path.parent.is_dir()
+            path.mkdir()
+            (path / "n").write_text(str(n))
+        return write()
+
+    async def load(self, directory):
+        async def read():
+            self.n = int((directory / "part0" / "n").read_text())
+        return read()
+
+
+def test_a_checkpointable_names_a_subdirectory_of_the_directory_awaiting_creation_as_in_orbax(tmp_path):
+    """Was: ``directory / "part0"`` raised TypeError (unsupported operand type(s) for /)."""
+    with Checkpointer(tmp_path / "run") as ckptr:
+        ckptr.save_checkpointables(0, {"state": {"w": np.ones(2)}, "counter": ShardedCounter(5)})
+        target = ShardedCounter()
+        ckptr.load_checkpointables(0, {"counter": target})
+    assert target.n == 5 and (tmp_path / "run" / "0" / "counter" / "part0" / "n").read_text() == "5"
+
+
 def test_the_metadata_of_a_stateful_checkpointable_is_none_as_in_orbax(tmp_path):
     with Checkpointer(tmp_path / "run") as ckptr:
         ckptr.save_checkpointables(0, {"state": {"w": np.ones(2)}, "counter": Counter(7)})

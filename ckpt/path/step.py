@@ -127,9 +127,14 @@ class StandardNameFormat(_FindsSteps):
 
 
 def standard_name_format(
-    step_prefix: str | None = None, step_format_fixed_length: int | None = None
+    step_prefix: str | None = None, step_format_fixed_length: int | None = None, *,
+    single_host_load_and_broadcast: bool = False,
 ) -> StandardNameFormat:
     """The usual step names: ``23``, ``0023`` (fixed length 4), ``step_23`` (prefix ``step``).
+
+    ``single_host_load_and_broadcast`` is accepted for code written for Orbax (whose process 0 then lists
+    the steps alone and sends them to the others) and changes nothing: each process lists the root, which
+    every process of a job sees, as Orbax's processes do by default.
 
     Example::
 

@@ -73,7 +73,8 @@ def test_ranks_that_each_call_the_free_save_write_one_whole_checkpoint(tmp_path)
 def test_ranks_saving_other_keys_paths_or_steps_are_refused_on_every_rank_before_anything_is_written(tmp_path):
     """(Checkpointers opened on other roots waited for each other at every barrier until the timeout; a small
     DTensor that one rank alone saved, or of another layout there, ended the job in gloo's gathering of small
-    DTensors, which ran before the trees were compared, or saved one rank's bytes as another's.)"""
+    DTensors, which ran before the trees were compared, or saved one rank's bytes as another's. A tensor of another
+    shape or dtype on rank 1, rank 0's written alone, was saved, rank 1's lost.)"""
     out = run_jobs(tmp_path / "run", tmp_path / "unused.npz", "differ:2")
     for r in (0, 1):
         assert (f"rank {r} checkpointer refused: [\"state['stage0.weight'] on process 0, not on process 1\", "
@@ -85,6 +86,10 @@ def test_ranks_saving_other_keys_paths_or_steps_are_refused_on_every_rank_before
         assert (f"rank {r} layout refused: [\"state['a']: a DTensor of shape (4, 6), float32, (Shard(dim=0),) over a "
                 "mesh of shape (2,) on process 0, not on process 1\", \"state['a']: a DTensor of shape (4, 6), float32, "
                 "(Shard(dim=1),) over a mesh of shape (2,) on process 1, not on process 0\"]") in out, out
+        assert (f"rank {r} shape refused: [\"state['buf']: float32 of shape (3,) on process 0, float32 of "
+                "shape (4,) on process 1\"]") in out, out
+        assert (f"rank {r} dtype refused: [\"state['buf']: int64 of shape (2,) on process 0, float32 of "
+                "shape (2,) on process 1\"]") in out, out
         assert (f"rank {r} roots refused: the processes of this job open Checkpointers on different roots (process 0: "
                 f"{tmp_path / 'run'}-root0; process 1: {tmp_path / 'run'}-root1)") in out, out
         assert f"rank {r} steps [] entries ['run']" in out, out

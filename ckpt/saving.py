@@ -305,10 +305,13 @@ def agree(plan: Plan, final: storage.Location, processes: distributed.Processes,
 
 
 def _refuse_spread(plan: Plan, final: storage.Location) -> None:
-    """:func:`agree`'s ValueError for an array spread over processes that one process saves alone."""
+    """:func:`agree`'s ValueError for an array spread over processes that one process saves alone (a small
+    DTensor split over ranks too: its gathering is a collective, which would wait for the other processes,
+    or meet one of their own)."""
     for name, planned in plan.leaves.items():
         for leaf in planned:
-            if leaf.host.spread is not None and not leaf.host.spread.one_process:
+            spread, small = leaf.host.spread, leaf.host.gather
+            if (spread is not None and not spread.one_process) or (small is not None and dtensor.split(small)):
                 raise ValueError(
                     f"checkpointable {name!r}: the array at {keystr(leaf.path) or 'the root'} is spread over "
                     f"processes, but this process saves {final} alone (MultiprocessingOptions.processes): the step "

@@ -197,8 +197,8 @@ def run(this_rank: int, this_world: int, port: int, mode: str) -> None:
 
 def free_save() -> None:
     """Every rank calls ``ckpt.save`` with its shards of a small and a large DTensor: one checkpoint (after a
-    save rank 0 made alone, which the ranks' saves together do not count). A rank saving the large one alone
-    is refused (it would write its shards only)."""
+    save rank 0 made alone, which the ranks' saves together do not count). A rank saving either alone is
+    refused (it would write its shards only, or wait in the gathering of the small one for the others)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
@@ -214,11 +214,13 @@ def free_save() -> None:
     loaded = ckpt.load(path)
     assert all(torch.equal(loaded[k], v) for k, v in whole.items()), loaded
     say(f"rank {rank} free save: whole")
-    with ckpt.Context(multiprocessing_options=alone):
-        try:
-            ckpt.save(f"{directory}-alone{rank}", {"big": distribute_tensor(whole["big"], mesh, [Shard(0)], src_data_rank=None)})
-        except ValueError as e:
-            say(f"rank {rank} alone refused: {e}")
+    for key in ("big", "small"):  # (a small one was gathered: a collective, which waited for a rank that saved not)
+        with ckpt.Context(multiprocessing_options=alone):
+            try:
+                split = distribute_tensor(whole[key], mesh, [Shard(0)], src_data_rank=None)
+                ckpt.save(f"{directory}-alone{rank}", {key: split})
+            except ValueError as e:
+                say(f"rank {rank} alone refused: {e}")
     with torch.device("meta"):  # a model made on the meta device, then sharded: shapes, dtypes and layouts only
         templates = {k: distribute_tensor(torch.empty(v.shape, dtype=v.dtype), mesh, [Shard(0)], src_data_rank=None)
                      for k, v in whole.items()}

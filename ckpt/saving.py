@@ -345,15 +345,13 @@ def _compare(plan: Plan, final: storage.Location, processes: distributed.Process
         differences=diffs)
 
 
-def _array_types(plan: Plan) -> list[list | None]:
-    """The [dtype, shape] of each leaf of ``plan`` stored as an array, None for a leaf stored inline, in
-    flatten order: a leaf the primary writes alone, which another process holds with another dtype or
-    shape, is not one that the processes replicate."""
+def _array_types(plan: Plan) -> str:
+    """The dtype and shape of each leaf of ``plan`` (see :func:`ckpt.layout.array_types`), made once per
+    layout: a leaf the primary writes alone, which another process holds with another dtype or shape, is
+    not one that the processes replicate."""
     if plan.values is not None:  # a reused layout (its leaves' dtypes and shapes are its own)
-        metas = plan.layout.meta
-    else:
-        metas = [leaf.host.meta for leaves in plan.leaves.values() for leaf in leaves]
-    return [[meta["dtype"], meta["shape"]] if "shape" in meta else None for meta in metas]
+        return plan.layout.array_types
+    return layout_lib.array_types([leaf.host.meta for leaves in plan.leaves.values() for leaf in leaves])
 
 
 def _array_differences(primary: dict, other: dict, index: int) -> list[str]:
@@ -366,7 +364,8 @@ def _array_differences(primary: dict, other: dict, index: int) -> list[str]:
         return "a value stored inline" if kind is None else f"{kind[0]} of shape {tuple(kind[1])}"
 
     return [f"{path}: {said(ours)} on process 0, {said(theirs)} on process {index}"
-            for path, ours, theirs in zip(paths, primary["arrays"], other["arrays"]) if ours != theirs]
+            for path, ours, theirs in zip(paths, json.loads(primary["arrays"]), json.loads(other["arrays"]))
+            if ours != theirs]
 
 
 def _dtensor_differences(primary: list[str], other: list[str], index: int) -> list[str]:

@@ -108,6 +108,8 @@ def test_dtensors_of_unusual_layouts_at_four_ranks(tmp_path):
         assert f"rank {r} fsdp+tp exact, steps [2], 4 chunk files" in out, out
         assert f"rank {r} small gathered exact: 7 dtypes" in out, out
         assert f"rank {r} 0-d loaded DTensor () 7" in out, out
+        # (tensorstore refused it while it was written: "Rank 33 is outside valid range [0, 32]", naming no leaf)
+        assert f"rank {r} 33 dimensions refused: torch tensor at ['d'] has 33 dimensions; ckpt stores at most 32" in out
         for shape in ((2, 3), (600, 520)):  # a small one too, which was gathered as bytes: sums of bit patterns
             assert (f"rank {r} partial {shape} refused: checkpointable 'state': DTensor at ['p'] has the placement "
                     "P(sum) (a pending reduction)") in out, out

@@ -408,7 +408,8 @@ def rank_0_stops(ckptr: Checkpointer) -> None:
 def unusual_dtensors(ckptr: Checkpointer) -> None:
     """At 4 ranks: a ``_StridedShard`` alone (each rank holds rows apart: refused), FSDP2 over tensor
     parallelism (``_StridedShard`` then ``Shard`` on a 2-D mesh: each rank's rows are one block), small
-    DTensors of the dtypes gloo does not gather, ``Partial`` ones (refused), a 0-d one."""
+    DTensors of the dtypes gloo does not gather, ``Partial`` ones (refused), one of 33 dimensions (refused),
+    a 0-d one."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Partial, Replicate, Shard, distribute_tensor
     from torch.distributed.tensor.placement_types import _StridedShard
@@ -440,6 +441,12 @@ def unusual_dtensors(ckptr: Checkpointer) -> None:
             ckptr.save(step, {"p": DTensor.from_local(part, line, [Partial()], run_check=False)}, force=True)
         except TypeError as e:
             say(f"rank {rank} partial {tuple(part.shape)} refused: {e}")
+    # more dimensions than a zarr array has (1.2 MB: written shard by shard): refused naming it, before any write
+    deep = torch.ones((1,) * 32 + (300000,))
+    try:
+        ckptr.save(7, {"d": distribute_tensor(deep, line, [Shard(32)], src_data_rank=None)}, force=True)
+    except ValueError as e:
+        say(f"rank {rank} 33 dimensions refused: {e}")
     # 0-d (a replicated counter), loaded into a 0-d template
     ckptr.save(4, {"n": distribute_tensor(torch.tensor(7), line, [Replicate()])}, force=True)
     loaded = ckptr.load(4, {"n": distribute_tensor(torch.tensor(0), line, [Replicate()])})["n"]

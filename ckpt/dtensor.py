@@ -87,6 +87,12 @@ def is_small(x: Any) -> bool:
     return math.prod(x.shape) * x.element_size() < fmt.SMALL_LEAF_BYTES
 
 
+def split(x: Any) -> bool:
+    """Whether DTensor ``x`` is split over several ranks (a ``Shard`` on a mesh dimension of more than one):
+    its whole needs the other ranks' shards."""
+    return any(_split_dim(p) is not None and x.device_mesh.size(d) > 1 for d, p in enumerate(x.placements))
+
+
 _CARRIERS = {1: "uint8", 2: "float16", 4: "int32", 8: "int64"}  # by element size: dtypes every backend gathers
 
 

@@ -15,13 +15,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import json
 import operator
 import sys
 from typing import Any, Callable
 
 import numpy as np
 
-from ckpt import entries
+from ckpt import collector, entries
 from ckpt import format as fmt
 from ckpt import leaves as leaves_lib
 from ckpt import packing, storage_options, transfers
@@ -100,6 +101,11 @@ class Layout:
     def path_strings(self) -> list[str]:
         """Each leaf's key path as tree.json writes it."""
         return tree_lib.keystrs(self.paths)
+
+    @functools.cached_property
+    def array_types(self) -> str:
+        """Each leaf's dtype and shape as :func:`array_types` gives them (made once)."""
+        return array_types(self.meta)
 
     @functools.cached_property
     def rows(self) -> dict[str, list[str]]:
@@ -214,6 +220,20 @@ def of(names: tuple[str, ...], nodes: list[tree_lib.Node], structures: dict[str,
     return Layout(names, [_walker(node) for node in nodes], structures, counts, paths, kinds,
                   list(map(_SHAPE, arrays)), list(map(_DTYPE, arrays)), signatures, meta, location, offset, nbytes,
                   array_name, packed_nbytes, storage)
+
+
+def array_types(meta: list[dict]) -> str:
+    """The dtype and shape of each leaf of manifest entries ``meta`` as JSON text, ``[dtype, shape]`` or
+    ``null`` for a leaf stored inline: what the processes of a job compare before a save (see
+    :func:`ckpt.saving.agree`).
+
+    Example::
+
+        assert array_types([{"type": "numpy", "dtype": "float32", "shape": [2]}, {"type": "int", "value": 1}]) == (
+            '[["float32", [2]], null]')
+    """
+    with collector.paused():
+        return json.dumps([[entry["dtype"], entry["shape"]] if "shape" in entry else None for entry in meta])
 
 
 def where(column: list[Any], value: Any) -> list[int]:

@@ -238,9 +238,9 @@ def _dtensor_leaf(path: KeyPath, x: Any) -> HostLeaf:
     shard by shard."""
     dtensor.refuse_partial(path, x)
     local = torch_to_numpy(path, x.to_local())  # the dtype as stored, even from an empty shard
+    _check_array(path, local.dtype, tuple(x.shape), "torch tensor")
     meta = {"type": "torch", "dtype": dtype_name(local.dtype), "shape": list(x.shape)}
     if dtensor.is_small(x):
-        _check_array(path, local.dtype, tuple(x.shape), "torch tensor")
         return HostLeaf(meta, None, gather=x)
     return HostLeaf(meta, None, spread=Spread(
         dtensor.chunk_shape(path, x), lambda: [(index, torch_to_numpy(path, t)) for index, t in dtensor.own_shards(x)],

@@ -284,14 +284,15 @@ def _describe_array(meta: dict, spread: leaves_lib.Spread | None, nbytes: int, n
 def agree(plan: Plan, final: storage.Location, processes: distributed.Processes, operation: str,
           timeout_secs: float) -> None:
     """Checks, before any process writes anything, that every process of a multi-process job saves the
-    same tree (the same key paths, and DTensors of the same layouts at the same ones) to ``final``: the
-    primary writes the replicated leaves once, so a leaf that only another process holds would be lost.
+    same tree (the same key paths, arrays of the same dtypes and shapes, and DTensors of the same layouts at
+    the same ones) to ``final``: the primary writes the replicated leaves once, so a leaf that only another
+    process holds, or holds otherwise, would be lost.
     A barrier named ``operation``; nothing in one process. Then gathers the plan's small DTensors (see
     :func:`ckpt.leaves.gather`: a collective, which processes holding other DTensors would leave waiting).
 
     Raises:
-      TreeMismatchError: on every process alike, naming each key path not every process holds (and a
-        path that differs); nothing is written.
+      TreeMismatchError: on every process alike, naming each key path not every process holds (or holds
+        with another dtype or shape) and a path that differs; nothing is written.
       ValueError: an array spread over processes saved by one alone (a DTensor saved by one rank, under
         ``MultiprocessingOptions(processes=SingleProcess())``, not :class:`ckpt.distributed.OwnPart`): the
         step would miss the others' shards; nothing is written.
@@ -304,10 +305,13 @@ def agree(plan: Plan, final: storage.Location, processes: distributed.Processes,
 
 
 def _refuse_spread(plan: Plan, final: storage.Location) -> None:
-    """:func:`agree`'s ValueError for an array spread over processes that one process saves alone."""
+    """:func:`agree`'s ValueError for an array spread over processes that one process saves alone (a small
+    DTensor split over ranks too: its gathering is a collective, which would wait for the other processes,
+    or meet one of their own)."""
     for name, planned in plan.leaves.items():
         for leaf in planned:
-            if leaf.host.spread is not None and not leaf.host.spread.one_process:
+            spread, small = leaf.host.spread, leaf.host.gather
+            if (spread is not None and not spread.one_process) or (small is not None and dtensor.split(small)):
                 raise ValueError(
                     f"checkpointable {name!r}: the array at {keystr(leaf.path) or 'the root'} is spread over "
                     f"processes, but this process saves {final} alone (MultiprocessingOptions.processes): the step "
@@ -318,7 +322,7 @@ def _refuse_spread(plan: Plan, final: storage.Location) -> None:
 def _compare(plan: Plan, final: storage.Location, processes: distributed.Processes, operation: str,
              timeout_secs: float) -> None:
     """:func:`agree`'s comparison of the processes' trees."""
-    value = {"path": str(final), "structures": plan.structures, "dtensors": plan.dtensors}
+    value = {"path": str(final), "structures": plan.structures, "dtensors": plan.dtensors, "arrays": _array_types(plan)}
     key = hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
     differing = distributed.differences(processes, operation, key, value, timeout_secs)
     if not differing:
@@ -330,6 +334,7 @@ def _compare(plan: Plan, final: storage.Location, processes: distributed.Process
             diffs.append(f"process {index} saves to {other['path']}, process 0 to {primary['path']}")
         diffs += (_tree_differences(primary["structures"], other["structures"], index)
                   or _dtensor_differences(primary["dtensors"], other["dtensors"], index)
+                  or _array_differences(primary, other, index)
                   or [f"process {index} holds the same key paths in other containers (or checkpointables)"])
     raise TreeMismatchError(
         f"the processes of this job save different trees to {final}, and ckpt writes a leaf the processes "
@@ -338,6 +343,29 @@ def _compare(plan: Plan, final: storage.Location, processes: distributed.Process
         "stages), save each process's with ckpt.save to a path of its own inside ckpt.Context(multiprocessing_options="
         "ckpt.MultiprocessingOptions(processes=ckpt.distributed.SingleProcess())). Nothing was written.",
         differences=diffs)
+
+
+def _array_types(plan: Plan) -> str:
+    """The dtype and shape of each leaf of ``plan`` (see :func:`ckpt.layout.array_types`), made once per
+    layout: a leaf the primary writes alone, which another process holds with another dtype or shape, is
+    not one that the processes replicate."""
+    if plan.values is not None:  # a reused layout (its leaves' dtypes and shapes are its own)
+        return plan.layout.array_types
+    return layout_lib.array_types([leaf.host.meta for leaves in plan.leaves.values() for leaf in leaves])
+
+
+def _array_differences(primary: dict, other: dict, index: int) -> list[str]:
+    """The leaves that process ``index`` holds with another dtype or shape than process 0 (see
+    :func:`_array_types`), in trees of the same key paths."""
+    paths = [f"{name}{keystr(path)}" for name, text in primary["structures"].items()
+             for path in tree_lib.leaf_paths(tree_lib.from_json(json.loads(text)))]
+
+    def said(kind: list | None) -> str:
+        return "a value stored inline" if kind is None else f"{kind[0]} of shape {tuple(kind[1])}"
+
+    return [f"{path}: {said(ours)} on process 0, {said(theirs)} on process {index}"
+            for path, ours, theirs in zip(paths, json.loads(primary["arrays"]), json.loads(other["arrays"]))
+            if ours != theirs]
 
 
 def _dtensor_differences(primary: list[str], other: list[str], index: int) -> list[str]:

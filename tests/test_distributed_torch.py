@@ -63,8 +63,10 @@ def test_ranks_that_each_call_the_free_save_write_one_whole_checkpoint(tmp_path)
     out = run_jobs(tmp_path / "run", tmp_path / "unused.npz", "free:2")
     assert "rank 0 free save: whole" in out and "rank 1 free save: whole" in out, out
     for r in (0, 1):  # one rank saving a DTensor alone wrote its own shards only: a step that did not load
-        assert (f"rank {r} alone refused: checkpointable 'state': the array at ['big'] is spread over processes, but "
-                f"this process saves {tmp_path / f'run-alone{r}'} alone (MultiprocessingOptions.processes)") in out, out
+        for key in ("big", "small"):  # (a small one was gathered: rank 0 alone waited there for rank 1)
+            assert (f"rank {r} alone refused: checkpointable 'state': the array at ['{key}'] is spread over processes, "
+                    f"but this process saves {tmp_path / f'run-alone{r}'} alone (MultiprocessingOptions.processes)"
+                    ) in out, out
         assert not (tmp_path / f"run-alone{r}").exists()
     assert "rank 0 meta templates: ['cpu']" in out and "rank 1 meta templates: ['cpu']" in out, out  # not more meta
 
@@ -73,7 +75,8 @@ def test_ranks_that_each_call_the_free_save_write_one_whole_checkpoint(tmp_path)
 def test_ranks_saving_other_keys_paths_or_steps_are_refused_on_every_rank_before_anything_is_written(tmp_path):
     """(Checkpointers opened on other roots waited for each other at every barrier until the timeout; a small
     DTensor that one rank alone saved, or of another layout there, ended the job in gloo's gathering of small
-    DTensors, which ran before the trees were compared, or saved one rank's bytes as another's.)"""
+    DTensors, which ran before the trees were compared, or saved one rank's bytes as another's. A tensor of another
+    shape or dtype on rank 1, rank 0's written alone, was saved, rank 1's lost.)"""
     out = run_jobs(tmp_path / "run", tmp_path / "unused.npz", "differ:2")
     for r in (0, 1):
         assert (f"rank {r} checkpointer refused: [\"state['stage0.weight'] on process 0, not on process 1\", "
@@ -85,6 +88,10 @@ def test_ranks_saving_other_keys_paths_or_steps_are_refused_on_every_rank_before
         assert (f"rank {r} layout refused: [\"state['a']: a DTensor of shape (4, 6), float32, (Shard(dim=0),) over a "
                 "mesh of shape (2,) on process 0, not on process 1\", \"state['a']: a DTensor of shape (4, 6), float32, "
                 "(Shard(dim=1),) over a mesh of shape (2,) on process 1, not on process 0\"]") in out, out
+        assert (f"rank {r} shape refused: [\"state['buf']: float32 of shape (3,) on process 0, float32 of "
+                "shape (4,) on process 1\"]") in out, out
+        assert (f"rank {r} dtype refused: [\"state['buf']: int64 of shape (2,) on process 0, float32 of "
+                "shape (2,) on process 1\"]") in out, out
         assert (f"rank {r} roots refused: the processes of this job open Checkpointers on different roots (process 0: "
                 f"{tmp_path / 'run'}-root0; process 1: {tmp_path / 'run'}-root1)") in out, out
         assert f"rank {r} steps [] entries ['run']" in out, out
@@ -101,6 +108,8 @@ def test_dtensors_of_unusual_layouts_at_four_ranks(tmp_path):
         assert f"rank {r} fsdp+tp exact, steps [2], 4 chunk files" in out, out
         assert f"rank {r} small gathered exact: 7 dtypes" in out, out
         assert f"rank {r} 0-d loaded DTensor () 7" in out, out
+        # (tensorstore refused it while it was written: "Rank 33 is outside valid range [0, 32]", naming no leaf)
+        assert f"rank {r} 33 dimensions refused: torch tensor at ['d'] has 33 dimensions; ckpt stores at most 32" in out
         for shape in ((2, 3), (600, 520)):  # a small one too, which was gathered as bytes: sums of bit patterns
             assert (f"rank {r} partial {shape} refused: checkpointable 'state': DTensor at ['p'] has the placement "
                     "P(sum) (a pending reduction)") in out, out

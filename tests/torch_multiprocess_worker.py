@@ -197,8 +197,8 @@ def run(this_rank: int, this_world: int, port: int, mode: str) -> None:
 
 def free_save() -> None:
     """Every rank calls ``ckpt.save`` with its shards of a small and a large DTensor: one checkpoint (after a
-    save rank 0 made alone, which the ranks' saves together do not count). A rank saving the large one alone
-    is refused (it would write its shards only)."""
+    save rank 0 made alone, which the ranks' saves together do not count). A rank saving either alone is
+    refused (it would write its shards only, or wait in the gathering of the small one for the others)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
@@ -214,11 +214,13 @@ def free_save() -> None:
     loaded = ckpt.load(path)
     assert all(torch.equal(loaded[k], v) for k, v in whole.items()), loaded
     say(f"rank {rank} free save: whole")
-    with ckpt.Context(multiprocessing_options=alone):
-        try:
-            ckpt.save(f"{directory}-alone{rank}", {"big": distribute_tensor(whole["big"], mesh, [Shard(0)], src_data_rank=None)})
-        except ValueError as e:
-            say(f"rank {rank} alone refused: {e}")
+    for key in ("big", "small"):  # (a small one was gathered: a collective, which waited for a rank that saved not)
+        with ckpt.Context(multiprocessing_options=alone):
+            try:
+                split = distribute_tensor(whole[key], mesh, [Shard(0)], src_data_rank=None)
+                ckpt.save(f"{directory}-alone{rank}", {key: split})
+            except ValueError as e:
+                say(f"rank {rank} alone refused: {e}")
     with torch.device("meta"):  # a model made on the meta device, then sharded: shapes, dtypes and layouts only
         templates = {k: distribute_tensor(torch.empty(v.shape, dtype=v.dtype), mesh, [Shard(0)], src_data_rank=None)
                      for k, v in whole.items()}
@@ -230,20 +232,23 @@ def free_save() -> None:
 
 def differing_trees(ckptr: Checkpointer) -> None:
     """Each rank saves a tree of its own (a pipeline stage's keys, a small DTensor more, or of another
-    layout), or another step: refused on every rank (within seconds, not after a timeout, nor ended by
-    gloo in the gathering of small DTensors), nothing written."""
+    layout, a tensor of another shape or dtype), or another step: refused on every rank (within seconds,
+    not after a timeout, nor ended by gloo in the gathering of small DTensors), nothing written."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
     mesh = init_device_mesh("cpu", (world,))
     small = lambda dim: distribute_tensor(torch.arange(24.0).reshape(4, 6), mesh, [Shard(dim)], src_data_rank=None)
     stage = {f"stage{rank}.weight": torch.ones(2, 2)}
+    dtypes = (torch.int64, torch.float32)
     saves = {"checkpointer": lambda: ckptr.save(1, stage, force=True),
              "free": lambda: ckpt.save(f"{directory}-differ", stage),
              "path": lambda: ckpt.save(f"{directory}-rank{rank}", {"w": torch.ones(2)}),
              "step": lambda: ckptr.save(5 + rank, {"w": torch.ones(2)}),
              "dtensor": lambda: ckptr.save(1, {"a": small(0), **({"b": small(0)} if rank == 0 else {})}, force=True),
-             "layout": lambda: ckpt.save(f"{directory}-differ", {"a": small(rank)})}
+             "layout": lambda: ckpt.save(f"{directory}-differ", {"a": small(rank)}),
+             "shape": lambda: ckptr.save(1, {"buf": torch.ones(3 + rank), "n": rank}, force=True),
+             "dtype": lambda: ckpt.save(f"{directory}-differ", {"buf": torch.ones(2, dtype=dtypes[rank])})}
     for what, save in saves.items():
         try:
             with ckpt.Context(async_options=ckpt.AsyncOptions(timeout_secs=30)):
@@ -403,7 +408,8 @@ def rank_0_stops(ckptr: Checkpointer) -> None:
 def unusual_dtensors(ckptr: Checkpointer) -> None:
     """At 4 ranks: a ``_StridedShard`` alone (each rank holds rows apart: refused), FSDP2 over tensor
     parallelism (``_StridedShard`` then ``Shard`` on a 2-D mesh: each rank's rows are one block), small
-    DTensors of the dtypes gloo does not gather, ``Partial`` ones (refused), a 0-d one."""
+    DTensors of the dtypes gloo does not gather, ``Partial`` ones (refused), one of 33 dimensions (refused),
+    a 0-d one."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Partial, Replicate, Shard, distribute_tensor
     from torch.distributed.tensor.placement_types import _StridedShard
@@ -435,6 +441,12 @@ def unusual_dtensors(ckptr: Checkpointer) -> None:
             ckptr.save(step, {"p": DTensor.from_local(part, line, [Partial()], run_check=False)}, force=True)
         except TypeError as e:
             say(f"rank {rank} partial {tuple(part.shape)} refused: {e}")
+    # more dimensions than a zarr array has (1.2 MB: written shard by shard): refused naming it, before any write
+    deep = torch.ones((1,) * 32 + (300000,))
+    try:
+        ckptr.save(7, {"d": distribute_tensor(deep, line, [Shard(32)], src_data_rank=None)}, force=True)
+    except ValueError as e:
+        say(f"rank {rank} 33 dimensions refused: {e}")
     # 0-d (a replicated counter), loaded into a 0-d template
     ckptr.save(4, {"n": distribute_tensor(torch.tensor(7), line, [Replicate()])}, force=True)
     loaded = ckptr.load(4, {"n": distribute_tensor(torch.tensor(0), line, [Replicate()])})["n"]

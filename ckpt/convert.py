@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -227,7 +228,7 @@ def _convert_step(step: int, path: Path, final: Path) -> Converted:
     plan.init_timestamp_nsecs = info.get("init_timestamp_nsecs") or plan.init_timestamp_nsecs
     plan.commit_timestamp_nsecs = info.get("commit_timestamp_nsecs")
     saving.StepWriter(plan, storage.temporary_for(final), final).run(step)
-    count = _check_same(trees, _as_saved(final, formats.load_checkpointables(final, None)), final)
+    count = _check_same(trees, _as_saved(final), final)
     return Converted(step, final, count, plan.nbytes)
 
 
@@ -239,7 +240,7 @@ def _check_step(step: int, path: Path, final: Path) -> Converted:
     """
     with root_lib.reading(path, step):
         trees = _source_trees(path)
-    copy = _as_saved(final, formats.load_checkpointables(final, None))
+    copy = _as_saved(final)
     try:
         count = _check_same(trees, copy, final)
     except CheckpointCorruptedError as e:
@@ -260,19 +261,23 @@ def _source_trees(path: Path) -> dict[str, Any]:
         raise UnsupportedLayoutError(f"{path}: ckpt convert copies trees only, and " + "; ".join(
             f"checkpointable {name!r} is {why}" for name, why in unread.items()) + "; move the step away to "
             "convert the others", path=path)
-    return _as_saved(path, formats.load_checkpointables(path, None))
+    return _as_saved(path)
 
 
 _SAVED_AS = ("type", "sharding", "impl", "key_shape")  # what a framework's leaf was saved as, beyond its bytes
 _FRAMEWORK_TYPES = ("jax", "jax_key", "torch")
 
 
-def _as_saved(step_dir: Path, trees: dict[str, Any]) -> dict[str, tree_lib.Stored]:
-    """``trees``, loaded from ``step_dir`` without an abstract tree, as the step stores them: each with its
+def _as_saved(step_dir: Path) -> dict[str, tree_lib.Stored]:
+    """The trees of ``step_dir``, loaded without an abstract tree, as the step stores them: each with its
     saved structure (namedtuples and pytree nodes, which such a load gives as dicts or None), and each jax
     array, typed key and torch tensor as the leaf it was saved as (a ``HostLeaf``: its type, saved sharding
     and key implementation, and its bytes), which this process may not be able to restore: without jax or
-    torch it loads as numpy, without the saved mesh's devices on the default device."""
+    torch it loads as numpy, without the saved mesh's devices on the default device (without the load's
+    warning that it is: the copy keeps the saved sharding)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="ckpt: the saved sharding", category=UserWarning)
+        trees = formats.load_checkpointables(step_dir, None)
     docs = formats.trees(step_dir, list(trees))
     out = {}
     for name, tree in trees.items():

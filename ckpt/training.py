@@ -248,7 +248,7 @@ class Checkpointer:
                 logger.warning("ckpt: skipping %s, which holds %s: %s not a committed step, so ckpt never lists, "
                                "overwrites or deletes it", entry.path, entry.holds, what)
         if not infos:
-            self._warn_of_orbax_steps_named_otherwise()
+            self._warn_of_steps_named_otherwise()
         with self._infos_lock:
             self._infos = [c for c in infos if c.step not in self._deleting]
         self._due = None  # a yes was given against the listing just replaced
@@ -272,16 +272,19 @@ class Checkpointer:
         finally:
             self._lock.release()
 
-    def _warn_of_orbax_steps_named_otherwise(self) -> None:
-        """An Orbax run written with a step prefix or zero padding lists nothing under the default names:
-        say so, rather than let a resumed run quietly start from scratch."""
-        others = (orbax.named_otherwise(self._directory, root.step_parser(self._name_format, self._directory))
-                  if isinstance(self._directory, Path) else [])
+    def _warn_of_steps_named_otherwise(self) -> None:
+        """A run written with another step name format (a prefix, zero padding: Orbax's step_0010,
+        flax.training.checkpoints' checkpoint_100, ckpt's own) lists nothing under this one: say so, naming
+        the format that lists its steps, rather than let a resumed run quietly start from scratch."""
+        if not isinstance(self._directory, Path):
+            return
+        found = step_lib.name_format_of(self._directory)
+        others = list(step_lib.find_all(self._directory, found).values()) if found != self._name_format else []
         if others:
-            logger.warning("ckpt: %s holds Orbax steps (%s) that step_name_format %r does not name, so none is "
-                           "listed; pass the step_name_format they were written with, e.g. standard_name_format("
-                           "step_prefix='step', step_format_fixed_length=4) for step_0010", self._directory,
-                           ", ".join(others[:3]) + (" ..." if len(others) > 3 else ""), self._name_format)
+            logger.warning("ckpt: %s holds steps (%s) that step_name_format %r does not name, so none is listed; "
+                           "pass the step_name_format they were written with: step_name_format=%s", self._directory,
+                           ", ".join(others[:3]) + (" ..." if len(others) > 3 else ""), self._name_format,
+                           _as_call(found))
 
     def _with_manifests(self) -> list[CheckpointMetadata]:
         """The checkpoints with the metrics and times ``lightweight_initialize`` skipped, read now and kept:
@@ -1170,3 +1173,9 @@ def _step_metadata(step: int, path: storage.Location, manifest: dict, monotonic_
                               monotonic_nsecs=monotonic_nsecs, init_timestamp_nsecs=manifest.get("init_timestamp_nsecs"),
                               commit_timestamp_nsecs=manifest.get("commit_timestamp_nsecs"),
                               custom_metadata=fmt.reported_custom_metadata(fmt.decode_json(manifest, "custom_metadata")))
+
+
+def _as_call(name_format: step_lib.StandardNameFormat) -> str:
+    """``standard_name_format(step_prefix='step', step_format_fixed_length=4)``: the call that makes ``name_format``."""
+    given = {"step_prefix": name_format.step_prefix, "step_format_fixed_length": name_format.step_format_fixed_length}
+    return "standard_name_format(" + ", ".join(f"{k}={v!r}" for k, v in given.items() if v is not None) + ")"

@@ -450,6 +450,23 @@ def test_step_name_format_names_the_step_directories_and_ignores_other_names(tmp
         assert ckptr.load(3) == {"a": 3}
 
 
+def test_a_checkpointer_whose_name_format_names_none_of_the_roots_steps_warns_naming_the_format_that_does(
+        tmp_path, caplog):
+    """A run resumed without the step_name_format it saved with (flax.training.checkpoints' checkpoint_100)
+    lists nothing and starts from scratch: the warning names the steps and the format that lists them."""
+    written_with = ckpt.path.step.standard_name_format(step_prefix="checkpoint", step_format_fixed_length=4)
+    with Checkpointer(tmp_path, step_name_format=written_with) as ckptr:
+        ckptr.save(100, {"a": 1}, force=True)
+    with caplog.at_level(logging.WARNING, logger="ckpt"), Checkpointer(tmp_path) as ckptr:
+        assert ckptr.latest is None
+    assert "checkpoint_0100" in caplog.text
+    assert "standard_name_format(step_prefix='checkpoint', step_format_fixed_length=4)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="ckpt"), Checkpointer(tmp_path, step_name_format=written_with) as ckptr:
+        assert ckptr.latest.step == 100
+    assert "step_name_format" not in caplog.text
+
+
 def test_composite_name_format_writes_one_naming_and_reads_every_one_it_lists(tmp_path):
     step_names = ckpt.path.step
     old, new = step_names.standard_name_format(step_prefix="step"), step_names.standard_name_format(step_prefix="ckpt")

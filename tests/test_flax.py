@@ -299,6 +299,30 @@ def test_nnx_model_optimizer_and_rngs_are_restored_in_place(ckptr):
     assert_same_leaves(nnx.state(other), nnx.state((model, optimizer, rngs)))
 
 
+class SowingNet(NnxNet):
+    def __call__(self, x):
+        y = super().__call__(x)
+        self.sow(nnx.Intermediate, "activations", y)  # (an auxiliary loss or a logged activation)
+        return y
+
+
+def test_nnx_model_that_sows_intermediates_is_saved_without_them_and_restored_into_a_fresh_model(ckptr):
+    """The hook saved nnx.state(model), the last call's nnx.Intermediate values included (outputs of a step,
+    not state): a fresh model has none, and restore_train_state raised a TreeMismatchError."""
+    model = SowingNet(nnx.Rngs(params=0, dropout=1))
+    optimizer = nnx.Optimizer(model, optax.adamw(1e-2), wrt=nnx.Param)
+    nnx_step(model, optimizer, jnp.ones((5, 3)))
+    assert nnx.state(model, nnx.Intermediate)  # the model holds what its call sowed
+    assert CheckpointHook(ckptr, final_step=1)(1, (model, optimizer))
+    fresh = SowingNet(nnx.Rngs(params=9, dropout=9))
+    fresh_optimizer = nnx.Optimizer(fresh, optax.adamw(1e-2), wrt=nnx.Param)
+
+    restore_train_state(ckptr, (fresh, fresh_optimizer))
+
+    assert_same_leaves(nnx.state((fresh, fresh_optimizer), nnx.Not(nnx.Intermediate)),
+                       nnx.state((model, optimizer), nnx.Not(nnx.Intermediate)))
+
+
 def test_nnx_abstract_model_alone_is_restored_in_place(ckptr):
     model, _ = create_nnx(seed=0)
     ckptr.save(1, nnx.state(model), force=True)

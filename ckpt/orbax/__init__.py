@@ -12,7 +12,7 @@ Example::
         trees = orbax.Step(Path("orbax_run/100")).load(None, partial_load=False)   # {"state": {...}}
 """
 from ckpt.orbax.step import (ROOT_METADATA, Step, check_checkpoint, has_step_files, info, is_step, is_temporary,
-                              items, named_otherwise, root_custom_metadata)
+                              items, root_custom_metadata)
 
 __all__ = ["ROOT_METADATA", "Step", "check_checkpoint", "has_step_files", "info", "is_step", "is_temporary", "items",
-           "named_otherwise", "root_custom_metadata"]
+           "root_custom_metadata"]

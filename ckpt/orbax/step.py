@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 from ckpt import leaves as leaves_lib
 from ckpt import format as fmt
@@ -144,13 +144,6 @@ def _is_item(item: Path, step_dir: Path) -> bool:
         if isinstance(metadata, dict) and "tree_metadata" in metadata:
             return True
     return _is_msgpack_tree(item / "checkpoint")
-
-
-def named_otherwise(root: Path, parse: Callable[[str], int | None]) -> list[str]:
-    """The names of the Orbax steps in ``root`` that ``parse`` (a step name format's, see
-    ``ckpt.root.step_parser``) does not read: written with another ``step_name_format`` (a prefix, zero padding)."""
-    names = os.listdir(root) if files.is_plain_dir(root) else []
-    return sorted(n for n in names if parse(n) is None and is_step(root / n))
 
 
 def _step_metadata(step_dir: Path) -> dict:

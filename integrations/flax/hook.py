@@ -22,8 +22,8 @@ class CheckpointHook:
     policy (unless that step is already saved), waits until the checkpoint is committed, and returns True.
 
     ``state`` is any pytree the checkpointer can store: a TrainState, or NNX objects (a model, an
-    ``nnx.Optimizer``, a tuple of them), which are saved as ``nnx.state(obj)`` so that
-    ``restore_train_state`` restores them in place. ``metrics`` (scalars, jax or numpy ones
+    ``nnx.Optimizer``, a tuple of them), which are saved as ``nnx.state(obj)`` (less the ``nnx.Intermediate``
+    values ``sow`` recorded) so that ``restore_train_state`` restores them in place. ``metrics`` (scalars, jax or numpy ones
     included) are stored with the step for ``BestN``.
 
     Two tiers: build the checkpointer with a local directory,

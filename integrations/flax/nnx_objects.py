@@ -1,7 +1,8 @@
 """NNX objects (models, optimizers, ``nnx.Rngs``) as checkpointable trees, restored in place.
 
 An NNX object is stored as ``nnx.state(obj)``, the pytree of its Variables (key paths such as
-``['linear']['kernel'].value``), the form the Flax guide saves. Anything else in a tree is left as is,
+``['linear']['kernel'].value``), the form the Flax guide saves, less the ``nnx.Intermediate`` values
+``sow`` recorded in its last call. Anything else in a tree is left as is,
 so ``(model, optimizer)`` becomes ``(nnx.state(model), nnx.state(optimizer))`` and a TrainState
 passes through untouched. ``flax.nnx`` is looked up only if it is already imported: a tree that holds
 an NNX object implies it is.
@@ -42,11 +43,14 @@ def contains_nnx_objects(tree: Any) -> bool:
 
 
 def nnx_states(tree: Any) -> Any:
-    """``tree`` with every NNX object replaced by ``nnx.state(obj)``; the tree itself when it has none."""
+    """``tree`` with every NNX object replaced by its state, ``nnx.state(obj)`` without the ``nnx.Intermediate``
+    values its last call sowed (outputs of a step, not state: a fresh model has none); the tree itself when it
+    has no NNX object."""
     if not contains_nnx_objects(tree):
         return tree
     nnx = sys.modules["flax.nnx"]
-    return jax.tree.map(lambda x: nnx.state(x) if is_nnx_object(x) else x, tree, is_leaf=is_nnx_object)
+    state = nnx.Not(nnx.Intermediate)
+    return jax.tree.map(lambda x: nnx.state(x, state) if is_nnx_object(x) else x, tree, is_leaf=is_nnx_object)
 
 
 def update_nnx_in_place(target: Any, restored: Any) -> Any:

@@ -139,13 +139,13 @@ def _converted_before(destination: Path, steps: list[tuple[int, Path]], source: 
       FileExistsError: ``destination`` holds anything else (another run's root metadata included).
     """
     names = {path.name for _, path in steps}
-    root_metadata = {fmt.ROOT_METADATA, storage.atomic_temporary(destination / fmt.ROOT_METADATA).name}
+    written = storage.atomic_temporary(destination / fmt.ROOT_METADATA).name  # (killed before its rename)
     done = set()
     for name in sorted(os.listdir(destination)):
         entry = destination / name
         if name in names and root_lib.classify(entry, None).kind is root_lib.Kind.STEP:
             done.add(name)
-        elif name in root_metadata and _copied_root_metadata(entry, source):  # (or its write, killed before its rename)
+        elif name in (fmt.ROOT_METADATA, written) and _copied_root_metadata(entry, source, whole=name != written):
             continue
         elif name != fmt.LOCK and not (
                 name.endswith(fmt.TMP_SUFFIX) and root_lib.classify_temporary(entry).kind is root_lib.Kind.TEMPORARY):
@@ -154,13 +154,17 @@ def _converted_before(destination: Path, steps: list[tuple[int, Path]], source: 
     return done
 
 
-def _copied_root_metadata(path: Path, source: Path) -> bool:
-    """Whether ``path`` (a destination's ckpt-root.json) holds what a convert of ``source`` writes there."""
+def _copied_root_metadata(path: Path, source: Path, *, whole: bool) -> bool:
+    """Whether ``path`` (a destination's ckpt-root.json) holds what a convert of ``source`` writes there; not
+    ``whole``: or the start of it (its temporary, which a convert killed while writing it left partly written)."""
     custom = formats.root_custom_metadata(source)
     try:
-        return custom is not None and storage.read_json_bytes(path) == fmt.root_metadata_bytes(custom)
+        if custom is None:
+            return False
+        found, expected = storage.read_json_bytes(path), fmt.root_metadata_bytes(custom)
     except (OSError, ValueError):  # not a file ckpt reads, or metadata a convert could not have written
         return False
+    return found == expected if whole else expected.startswith(found)
 
 
 def _convert_steps(steps: list[tuple[int, Path]], source: Path, destination: Path, done: set[str]) -> Iterator[Converted]:

@@ -559,21 +559,31 @@ def test_a_convert_killed_before_it_could_clean_up_is_resumed_by_running_it_agai
 KILLED_ROOT_METADATA_WRITE = r"""
 import os, signal, sys
 from ckpt import convert
-replace = os.replace
+replace, write = os.replace, os.write
 def killed_before_the_rename(source, target):
     if os.path.basename(target) == "ckpt-root.json":
         os.kill(os.getpid(), signal.SIGKILL)   # its temporary is written, not yet renamed
     replace(source, target)
-os.replace = killed_before_the_rename
+def killed_halfway(fd, data):
+    if os.readlink(f"/proc/self/fd/{fd}").endswith("ckpt-root.json.tmp"):
+        write(fd, bytes(data)[: len(data) // 2])
+        os.kill(os.getpid(), signal.SIGKILL)   # its temporary is half written
+    return write(fd, data)
+if sys.argv[3] == "rename":
+    os.replace = killed_before_the_rename
+else:
+    os.write = killed_halfway
 list(convert.convert_root(sys.argv[1], sys.argv[2]))
 """
 
 
-def test_a_convert_killed_while_it_wrote_the_roots_metadata_is_resumed_by_running_it_again(tmp_path, capsys):
-    """It left ckpt-root.json.tmp, which running it again took for a user's file: 'is not empty'."""
+@pytest.mark.parametrize("where", ["rename", "write"])
+def test_a_convert_killed_while_it_wrote_the_roots_metadata_is_resumed_by_running_it_again(tmp_path, capsys, where):
+    """It left ckpt-root.json.tmp, which running it again took for a user's file: 'is not empty' (also when killed
+    before that file was whole)."""
     with ckpt.Checkpointer(tmp_path / "run", custom_metadata={"run": "a"}) as ckptr:
         ckptr.save(1, {"w": np.ones(2)}, force=True)
-    killed = procs.run_script(KILLED_ROOT_METADATA_WRITE, str(tmp_path / "run"), str(tmp_path / "copy"))
+    killed = procs.run_script(KILLED_ROOT_METADATA_WRITE, str(tmp_path / "run"), str(tmp_path / "copy"), where)
     assert killed.returncode == -9 and sorted(os.listdir(tmp_path / "copy")) == [fmt.LOCK, fmt.ROOT_METADATA + ".tmp"]
     status, out, _ = run_cli(capsys, "convert", tmp_path / "run", tmp_path / "copy")
     assert status == 0 and "1 step converted" in out

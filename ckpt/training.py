@@ -406,7 +406,7 @@ class Checkpointer:
         previous = self._infos  # replaced, never changed in place: no copy on this per-step path
         if replacing:
             previous = [c for c in previous if c.step != step]
-        saving = self._writer.in_progress()
+        saving = self._saving()
         in_flight = self._in_flight
         if saving and in_flight is not None and (not previous or in_flight.step > previous[-1].step):
             previous = [*previous, in_flight]  # the step being written counts, as in Orbax
@@ -984,7 +984,13 @@ class Checkpointer:
             ckptr.wait()
             assert not ckptr.is_saving_in_progress()
         """
-        return self._writer.in_progress() or (self._local is not None and self._local.in_progress())
+        return self._saving() or (self._local is not None and self._local.in_progress())
+
+    def _saving(self) -> bool:
+        """Whether the writer runs a save (with two tiers, a promotion), not a deletion of :meth:`delete_async`, which
+        neither Orbax's ``is_saving_in_progress`` nor its policies count (ContinuousCheckpointingPolicy skipped
+        every step while one ran)."""
+        return self._writer.in_progress() and not self._deleting
 
     def wait(self) -> None:
         """Waits for the save in flight, which goes on at full speed (not on one core) from then on;

@@ -166,6 +166,20 @@ def test_a_step_delete_async_is_deleting_counts_for_no_save_decision_meanwhile(t
         assert ckptr.load(5)["w"].tolist() == [2, 2, 2]
 
 
+def test_a_deletion_in_the_background_is_no_save_in_progress_for_the_policy_nor_the_caller(tmp_path, monkeypatch):
+    """is_saving_in_progress() said True while delete_async deleted, so the default ContinuousCheckpointingPolicy
+    skipped every step meanwhile (save returned False), where Orbax's counts saves only."""
+    release, delete_step = threading.Event(), root.delete_step
+    monkeypatch.setattr(root, "delete_step", lambda path, step: release.wait(10) and delete_step(path, step))
+    with ckpt.training.Checkpointer(tmp_path) as ckptr:   # the default policy: continuous
+        ckptr.save(0, {"w": np.zeros(3)})
+        response = ckptr.delete_async(0)
+        assert not ckptr.is_saving_in_progress() and ckptr.should_save(1)
+        release.set()
+        assert ckptr.save(1, {"w": np.ones(3)}) and response.result(timeout=60)
+        assert [c.step for c in ckptr.checkpoints] == [1]
+
+
 def test_a_reload_while_delete_async_deletes_a_step_does_not_list_it_again(tmp_path, monkeypatch):
     release, delete_step = threading.Event(), root.delete_step
     monkeypatch.setattr(root, "delete_step", lambda path, step: release.wait(10) and delete_step(path, step))

@@ -191,7 +191,7 @@ def _terminate() -> None:
 
 
 def _handler(signum: int, frame: Any) -> None:
-    global _deferred
+    global _deferred, _served
     _event.set()
     previous = _previous
     if callable(previous):
@@ -199,7 +199,7 @@ def _handler(signum: int, frame: Any) -> None:
     elif previous == signal.SIG_DFL:
         if _deferred or not _listening:  # (a preemption notify() recorded first does not make this SIGTERM a second)
             _terminate()
-        _deferred = True
+        _deferred, _served = True, False  # (a step saved before served that notify() only)
 
 
 def _forget_listeners_in_child() -> None:

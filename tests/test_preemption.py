@@ -91,23 +91,29 @@ with Checkpointer(sys.argv[1], save_decision_policy=policy) as ckptr:
         if ckptr.reached_preemption(step):
             print(f"stopped at {step}", flush=True)
             break
+    if sys.argv[2] == "0":
+        signal.raise_signal(signal.SIGTERM)           # after the step is saved: the last decision is past
 print("closed", flush=True)
 """
 
 
-@pytest.mark.parametrize("sigterms", [1, 2])
+@pytest.mark.parametrize("sigterms", [1, 2, 0])
 def test_a_sigterm_right_after_a_notified_preemption_is_deferred_for_the_loop_to_save_a_second_is_not(tmp_path,
                                                                                                       sigterms):
     """The first SIGTERM after ``notify()`` was taken for a second one and terminated at once: the step the loop
-    was about to save for the preemption (or was saving) was lost."""
+    was about to save for the preemption (or was saving) was lost. One after that step's save decision ends the
+    process when the Checkpointer closes, as any SIGTERM after the last save decision does."""
     done = procs.run_script(NOTICE_THEN_SIGTERM, str(tmp_path), str(sigterms))
     with Checkpointer(tmp_path) as ckptr:
         if sigterms == 1:
             assert done.returncode == 0 and "stopped at 20" in done.stdout and "closed" in done.stdout, done
             assert [c.step for c in ckptr.checkpoints] == [20]
-        else:
+        elif sigterms == 2:
             assert done.returncode == -signal.SIGTERM and "stopped" not in done.stdout, done
             assert ckptr.checkpoints == []
+        else:
+            assert done.returncode == -signal.SIGTERM and "stopped at 20" in done.stdout, done
+            assert "closed" not in done.stdout and [c.step for c in ckptr.checkpoints] == [20]
 
 
 def test_a_loop_that_does_not_stop_after_the_preemption_save_is_ended_as_sigterm_would_end_it(tmp_path):

@@ -111,7 +111,7 @@ class BackgroundWriter:
         self._hurry: Callable[[], None] = _nothing
         self._error: BaseException | None = None
         self._lock = threading.Lock()
-        self._running = False  # from submit until the job has ended (its future is done a moment later)
+        self._jobs = 0  # submitted and not ended (each job's future is done a moment later); several are queued
         self._when_idle: list[Callable[[], None]] = []
         _writers.add(self)
 
@@ -121,13 +121,15 @@ class BackgroundWriter:
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=self._name)
         self._future, self._hurry, self._error = None, _nothing, None
         self._lock = threading.Lock()
-        self._running, self._when_idle = False, []
+        self._jobs, self._when_idle = 0, []
 
     def submit(self, job: Callable[[], Any], hurry: Callable[[], None] = lambda: None) -> AsyncResponse:
-        """Starts ``job`` in the background; the caller must have waited for the previous one.
-        ``hurry()`` asks the job to finish at full speed: :meth:`wait` calls it."""
-        self._hurry = hurry  # forgotten once the job ends: it may hold the job's memory
-        self._running = True
+        """Starts ``job`` in the background, once the jobs submitted before it have ended (a save waits for the
+        previous one first; a local tier queues a promotion behind the one running). ``hurry()`` asks the job
+        to finish at full speed: :meth:`wait` calls it."""
+        self._hurry = hurry  # forgotten once the jobs end: it may hold the job's memory
+        with self._lock:
+            self._jobs += 1
         _unfinished.add(self)
         future = self._executor.submit(self._run, job)
         self._future = future
@@ -142,13 +144,14 @@ class BackgroundWriter:
                     self._error = e
             raise
         finally:
-            self._hurry = _nothing
             with self._lock:
-                self._running, idle = False, self._when_idle
-                self._when_idle = []
+                self._jobs -= 1
+                idle = [] if self._jobs else self._when_idle
+                if not self._jobs:
+                    self._hurry, self._when_idle = _nothing, []
             for callback in idle:
                 callback()
-        _unfinished.discard(self)  # (a failed job's writer stays there until its failure is raised)
+        self._settled()  # (a failed job's writer stays there until its failure is raised)
         return result
 
     def hurry(self) -> None:
@@ -158,7 +161,14 @@ class BackgroundWriter:
     def _clear_error(self) -> None:
         with self._lock:
             self._error = None
-        _unfinished.discard(self)
+        self._settled()
+
+    def _settled(self) -> None:
+        """Leaves the writers the interpreter's exit waits for, once no job is queued or running and no
+        failure is left to raise (a job ended while the next is queued: not yet)."""
+        with self._lock:
+            if not self._jobs and self._error is None:
+                _unfinished.discard(self)
 
     def in_progress(self) -> bool:
         return self._future is not None and not self._future.done()
@@ -184,10 +194,10 @@ class BackgroundWriter:
             raise error
 
     def when_idle(self, callback: Callable[[], None]) -> None:
-        """Calls ``callback()`` once the job in flight has ended, before its response gives its result (at
-        once when none is in flight)."""
+        """Calls ``callback()`` once the jobs in flight and queued have ended, before the last one's response gives
+        its result (at once when none is)."""
         with self._lock:
-            if self._running:
+            if self._jobs:
                 self._when_idle.append(callback)
                 return
         callback()

@@ -134,34 +134,39 @@ def convert_root(source: str | os.PathLike, destination: str | os.PathLike) -> I
 def _converted_before(destination: Path, steps: list[tuple[int, Path]], source: Path) -> set[str]:
     """The names of the steps a convert of the same source, killed before it could clean up, committed in
     ``destination``: the rest of what it may have left there is ckpt's own (its lock, the root's metadata
-    it copied from ``source`` or was copying, a temporary of the step it was writing). Empty for an empty directory.
+    it copied from ``source`` or was copying, a temporary of the step it was writing, a step it was deleting
+    as it cleaned up). Empty for an empty directory.
 
     Raises:
       FileExistsError: ``destination`` holds anything else (another run's root metadata included).
     """
     names = {path.name for _, path in steps}
-    root_metadata = {fmt.ROOT_METADATA, storage.atomic_temporary(destination / fmt.ROOT_METADATA).name}
+    written = storage.atomic_temporary(destination / fmt.ROOT_METADATA).name  # (killed before its rename)
     done = set()
     for name in sorted(os.listdir(destination)):
         entry = destination / name
         if name in names and root_lib.classify(entry, None).kind is root_lib.Kind.STEP:
             done.add(name)
-        elif name in root_metadata and _copied_root_metadata(entry, source):  # (or its write, killed before its rename)
+        elif name in (fmt.ROOT_METADATA, written) and _copied_root_metadata(entry, source, whole=name != written):
             continue
-        elif name != fmt.LOCK and not (
-                name.endswith(fmt.TMP_SUFFIX) and root_lib.classify_temporary(entry).kind is root_lib.Kind.TEMPORARY):
+        elif name != fmt.LOCK and not (name.endswith((fmt.TMP_SUFFIX, fmt.DELETING_SUFFIX))
+                                       and root_lib.classify_temporary(entry).kind is root_lib.Kind.TEMPORARY):
             raise FileExistsError(f"{destination} is not empty (it holds {name!r}, not left by a convert of these "
                                   "steps); convert into a new directory")
     return done
 
 
-def _copied_root_metadata(path: Path, source: Path) -> bool:
-    """Whether ``path`` (a destination's ckpt-root.json) holds what a convert of ``source`` writes there."""
+def _copied_root_metadata(path: Path, source: Path, *, whole: bool) -> bool:
+    """Whether ``path`` (a destination's ckpt-root.json) holds what a convert of ``source`` writes there; not
+    ``whole``: or the start of it (its temporary, which a convert killed while writing it left partly written)."""
     custom = formats.root_custom_metadata(source)
     try:
-        return custom is not None and storage.read_json_bytes(path) == fmt.root_metadata_bytes(custom)
+        if custom is None:
+            return False
+        found, expected = storage.read_json_bytes(path), fmt.root_metadata_bytes(custom)
     except (OSError, ValueError):  # not a file ckpt reads, or metadata a convert could not have written
         return False
+    return found == expected if whole else expected.startswith(found)
 
 
 def _convert_steps(steps: list[tuple[int, Path]], source: Path, destination: Path, done: set[str]) -> Iterator[Converted]:
@@ -172,6 +177,7 @@ def _convert_steps(steps: list[tuple[int, Path]], source: Path, destination: Pat
     lock.acquire()
     written: list[Path] = []  # what this convert wrote in destination, removed if it fails
     try:
+        _remove_deletions_left(destination)
         custom = formats.root_custom_metadata(source)
         if custom is not None and not os.path.lexists(destination / fmt.ROOT_METADATA):  # (a resumed convert's)
             with _storable(source, "the root's custom metadata"):
@@ -201,13 +207,22 @@ def _storable(where: Path, what: str) -> Iterator[None]:
         raise UnsupportedLayoutError(f"{where}: ckpt convert cannot store {what} as it is: {e}", path=where) from None
 
 
+def _remove_deletions_left(destination: Path) -> None:
+    """Removes the steps a convert killed while it cleaned up after a failure was deleting (see :func:`_undo`)."""
+    for name in os.listdir(destination):
+        path = destination / name
+        if name.endswith(fmt.DELETING_SUFFIX) and root_lib.classify_temporary(path).kind is root_lib.Kind.TEMPORARY:
+            storage.remove_owned(path)
+
+
 def _undo(written: list[Path], lock: storage.DirectoryLock | None, made: list[Path]) -> None:
-    """Removes what a failed convert wrote: its steps (each holds ckpt's marker; one never committed is
-    already gone), the root's metadata, the lock when it made it, and the directories it created while
-    they are empty."""
+    """Removes what a failed convert wrote: its steps (deleted as a Checkpointer deletes, renamed aside first, so
+    that a convert killed meanwhile, at a second Ctrl-C, leaves no half-removed step to resume on; one never
+    committed is already gone), the root's metadata, the lock when it made it, and the directories it created
+    while they are empty."""
     for path in reversed(written):
         with contextlib.suppress(OSError):  # (ForeignEntryError too: what ckpt did not make stays)
-            os.unlink(path) if path.name == fmt.ROOT_METADATA else storage.remove_owned(path)
+            os.unlink(path) if path.name == fmt.ROOT_METADATA else root_lib.delete_step(path, None)
     if lock is not None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(lock.path)  # still held: no other convert or Checkpointer took it meanwhile

@@ -6,7 +6,8 @@ scheduler's wrapper) still sees the signal. When the previous handler is the def
 
 - while a training loop listens (an open Checkpointer that has made a save decision with a policy
   that saves on a preemption, see :func:`listen`), the first SIGTERM only records the preemption, so
-  that the loop saves the step and stops; a second SIGTERM terminates. A loop that goes on to a later
+  that the loop saves the step and stops (also when ``notify()`` recorded one first: a cloud's notice, the
+  scheduler's SIGTERM right behind it); a second SIGTERM terminates. A loop that goes on to a later
   step instead of stopping (it never asks ``reached_preemption``) is ended there, once the step is
   saved, as the SIGTERM would have ended it (:func:`end_deferred_sigterm`);
   A SIGTERM deferred after the loop's last save decision, for which no step is saved, is acted on when
@@ -190,16 +191,15 @@ def _terminate() -> None:
 
 
 def _handler(signum: int, frame: Any) -> None:
-    global _deferred
-    first = not _event.is_set()
+    global _deferred, _served
     _event.set()
     previous = _previous
     if callable(previous):
         previous(signum, frame)
     elif previous == signal.SIG_DFL:
-        if not first or not _listening:
+        if _deferred or not _listening:  # (a preemption notify() recorded first does not make this SIGTERM a second)
             _terminate()
-        _deferred = True
+        _deferred, _served = True, False  # (a step saved before served that notify() only)
 
 
 def _forget_listeners_in_child() -> None:

@@ -493,7 +493,7 @@ def whole_checkpoints_only(checkpointable_name: str | None) -> None:
                          "of a checkpoint share its files (save the others again without it)")
 
 
-def delete_step(path: storage.Location, step: int) -> None:
+def delete_step(path: storage.Location, step: int | None) -> None:
     """Deletes a listed step (see :func:`ckpt.storage.delete_dir`) after checking, again, that it is one,
     its manifest (or Orbax's metadata) read and validated.
 

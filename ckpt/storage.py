@@ -836,11 +836,12 @@ def delete_dir(step_dir: Location) -> None:
 def _aside(step_dir: Path) -> Path:
     """The name a step is renamed to before it is removed: ``<name>.ckpt-deleting``, once what a crashed
     deletion left there is removed; a name of its own (``<name>.<random>.ckpt-deleting``) when something
-    ckpt did not make holds that one, which is left alone."""
+    ckpt did not make holds that one, which is left alone, or when what an earlier deletion left there cannot
+    be removed yet (a file an NFS client holds open), which the root's next writer tries again."""
     doomed = step_dir.with_name(step_dir.name + fmt.DELETING_SUFFIX)
     try:
         remove_owned(doomed)
-    except ForeignEntryError:
+    except OSError:  # (ForeignEntryError included)
         doomed = step_dir.with_name(f"{step_dir.name}.{secrets.token_hex(4)}{fmt.DELETING_SUFFIX}")
     return doomed
 

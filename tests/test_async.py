@@ -408,6 +408,11 @@ if how == "function":
     ckpt.save_async(root + "/one", state)
 elif how == "two tiers":  # the local save, then its promotion to the durable root, both still running
     ckpt.Checkpointer(root, local=ckpt.LocalCheckpointOptions(root + "-local")).save_async(0, state, force=True)
+elif how == "two promotions":  # step 0's promotion waited for, step 1's queued behind it
+    ckptr = ckpt.Checkpointer(root, local=ckpt.LocalCheckpointOptions(root + "-local"))
+    first = ckptr.save_async(0, state, force=True)
+    ckptr.save_async(1, state, force=True)
+    first.result()
 else:
     ckpt.Checkpointer(root).save_async(0, state)
 if how == "raises":
@@ -415,9 +420,10 @@ if how == "raises":
 """
 
 
-@pytest.mark.parametrize("how", ["returns", "raises", "function", "two tiers"])
+@pytest.mark.parametrize("how", ["returns", "raises", "function", "two tiers", "two promotions"])
 def test_a_script_that_ends_after_save_async_without_waiting_commits_the_step(tmp_path, how):
-    # concurrent.futures stops every thread pool at exit: the save, mid-write, used to fail there silently
+    # concurrent.futures stops every thread pool at exit: the save, mid-write, used to fail there silently (and
+    # a promotion queued behind one that ended, which the exit took for no promotion left, was lost)
     done = procs.run_script(_ENDS_AFTER_SAVE_ASYNC, str(tmp_path), how, timeout=120)
     assert done.returncode == (1 if how == "raises" else 0), done.stderr
     assert "ckpt: the interpreter is exiting while a save is still being written: finishing it first" in done.stderr
@@ -426,8 +432,8 @@ def test_a_script_that_ends_after_save_async_without_waiting_commits_the_step(tm
         loaded = ckpt.load(tmp_path / "one")
     else:
         with Checkpointer(tmp_path) as ckptr:
-            assert [c.step for c in ckptr.checkpoints] == [0]
-            loaded = ckptr.load(0)
+            assert [c.step for c in ckptr.checkpoints] == ([0, 1] if how == "two promotions" else [0])
+            loaded = ckptr.load()
     if how == "two tiers":
         assert ckpt.load(f"{tmp_path}-local/0")["n"] == 3
     np.testing.assert_array_equal(loaded["w"], np.full((1 << 20) + 3, 3, np.float32))

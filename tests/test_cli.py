@@ -559,27 +559,70 @@ def test_a_convert_killed_before_it_could_clean_up_is_resumed_by_running_it_agai
 KILLED_ROOT_METADATA_WRITE = r"""
 import os, signal, sys
 from ckpt import convert
-replace = os.replace
+replace, write = os.replace, os.write
 def killed_before_the_rename(source, target):
     if os.path.basename(target) == "ckpt-root.json":
         os.kill(os.getpid(), signal.SIGKILL)   # its temporary is written, not yet renamed
     replace(source, target)
-os.replace = killed_before_the_rename
+def killed_halfway(fd, data):
+    if os.readlink(f"/proc/self/fd/{fd}").endswith("ckpt-root.json.tmp"):
+        write(fd, bytes(data)[: len(data) // 2])
+        os.kill(os.getpid(), signal.SIGKILL)   # its temporary is half written
+    return write(fd, data)
+if sys.argv[3] == "rename":
+    os.replace = killed_before_the_rename
+else:
+    os.write = killed_halfway
 list(convert.convert_root(sys.argv[1], sys.argv[2]))
 """
 
 
-def test_a_convert_killed_while_it_wrote_the_roots_metadata_is_resumed_by_running_it_again(tmp_path, capsys):
-    """It left ckpt-root.json.tmp, which running it again took for a user's file: 'is not empty'."""
+@pytest.mark.parametrize("where", ["rename", "write"])
+def test_a_convert_killed_while_it_wrote_the_roots_metadata_is_resumed_by_running_it_again(tmp_path, capsys, where):
+    """It left ckpt-root.json.tmp, which running it again took for a user's file: 'is not empty' (also when killed
+    before that file was whole)."""
     with ckpt.Checkpointer(tmp_path / "run", custom_metadata={"run": "a"}) as ckptr:
         ckptr.save(1, {"w": np.ones(2)}, force=True)
-    killed = procs.run_script(KILLED_ROOT_METADATA_WRITE, str(tmp_path / "run"), str(tmp_path / "copy"))
+    killed = procs.run_script(KILLED_ROOT_METADATA_WRITE, str(tmp_path / "run"), str(tmp_path / "copy"), where)
     assert killed.returncode == -9 and sorted(os.listdir(tmp_path / "copy")) == [fmt.LOCK, fmt.ROOT_METADATA + ".tmp"]
     status, out, _ = run_cli(capsys, "convert", tmp_path / "run", tmp_path / "copy")
     assert status == 0 and "1 step converted" in out
     assert sorted(os.listdir(tmp_path / "copy")) == [fmt.LOCK, "1", fmt.ROOT_METADATA]
     with ckpt.Checkpointer(tmp_path / "copy") as copy:
         assert copy.root_metadata().custom_metadata == {"run": "a"}
+
+
+KILLED_IN_ITS_CLEANUP = r"""
+import os, signal, sys
+from ckpt import convert
+convert_step, unlink = convert._convert_step, os.unlink
+def interrupted(step, path, final):
+    if step == 2:
+        raise KeyboardInterrupt   # Ctrl-C while step 2 is converted: the convert removes steps 0 and 1 again
+    return convert_step(step, path, final)
+def killed_in_the_removal(path, *args, **kwargs):
+    unlink(path, *args, **kwargs)
+    if os.path.basename(path) == "manifest.json":
+        os.kill(os.getpid(), signal.SIGKILL)   # a second Ctrl-C, a SIGKILL: step 1 half removed
+convert._convert_step, os.unlink = interrupted, killed_in_the_removal
+list(convert.convert_root(sys.argv[1], sys.argv[2]))
+"""
+
+
+def test_a_convert_killed_while_it_removed_its_steps_after_a_failure_is_resumed_by_running_it_again(tmp_path, capsys):
+    """Its cleanup removed step 1 where it was: killed then, it left a step 1 without its manifest (or with only
+    some of its files), which running it again took for another run's ('is not empty', exit status 2) or for a
+    damaged copy (exit status 1), for ever."""
+    with ckpt.Checkpointer(tmp_path / "run") as ckptr:
+        for step in range(3):
+            ckptr.save(step, {"w": np.full(2, step)}, force=True)
+    killed = procs.run_script(KILLED_IN_ITS_CLEANUP, str(tmp_path / "run"), str(tmp_path / "copy"))
+    assert killed.returncode == -9, killed.stderr
+    status, out, err = run_cli(capsys, "convert", tmp_path / "run", tmp_path / "copy")
+    assert status == 0 and "3 steps converted" in out, err
+    assert sorted(os.listdir(tmp_path / "copy")) == [fmt.LOCK, "0", "1", "2"]
+    with ckpt.Checkpointer(tmp_path / "copy") as copy:
+        assert [copy.load(step)["w"].tolist() for step in range(3)] == [[0, 0], [1, 1], [2, 2]]
 
 
 def converted_run_a_with_run_b_beside(tmp_path: Path, capsys) -> None:

@@ -152,3 +152,22 @@ def test_a_step_whose_files_cannot_all_be_removed_once_renamed_aside_is_deleted_
     with Checkpointer(tmp_path, save_decision_policy=ALWAYS) as ckptr:
         assert ckptr.save(5, {"x": np.arange(3)})  # the root's next writer removes what was left
     assert sorted(os.listdir(tmp_path)) == [fmt.LOCK, "3", "4", "5"]
+
+
+def test_a_step_saved_again_after_a_deletion_left_part_of_it_is_deleted_again(tmp_path):
+    """The second deletion removed what the first left at 2.ckpt-deleting before its rename, and failed there:
+    delete() raised PermissionError naming 'zarr.json' alone, the step stayed listed, and so at every try."""
+    with Checkpointer(tmp_path, save_decision_policy=ALWAYS) as ckptr:
+        for step in (1, 2, 3):
+            ckptr.save(step, {"x": np.arange(3) + step})
+        fsutil.undeletable(tmp_path / "2" / fmt.PACKED)
+        try:
+            assert ckptr.delete(2)
+            assert ckptr.save(2, {"x": np.arange(3) + 20}, force=True)
+            assert ckptr.delete(2) and [c.step for c in ckptr.checkpoints] == [1, 3]
+        finally:
+            subprocess.run(["chattr", "-R", "-i", str(tmp_path)], check=True)  # (renamed aside)
+    with Checkpointer(tmp_path) as ckptr:
+        assert [c.step for c in ckptr.checkpoints] == [1, 3]
+        assert ckptr.save(4, {"x": np.arange(3)})  # the root's next writer removes what both deletions left
+    assert sorted(os.listdir(tmp_path)) == [fmt.LOCK, "1", "3", "4"]

@@ -75,6 +75,47 @@ def test_notify_makes_the_preemption_policy_save_the_next_step(tmp_path):
         assert [c.step for c in ckptr.checkpoints] == [7]
 
 
+NOTICE_THEN_SIGTERM = """
+import signal, sys
+import numpy as np
+from ckpt import preemption
+from ckpt.training import Checkpointer, save_decision_policies as sdp
+policy = sdp.AnySavePolicy([sdp.FixedIntervalPolicy(1000), sdp.PreemptionCheckpointingPolicy()])
+with Checkpointer(sys.argv[1], save_decision_policy=policy) as ckptr:
+    for step in range(1, 100):
+        if step == 20:
+            preemption.notify()                       # a cloud's maintenance notice,
+            for _ in range(int(sys.argv[2])):         # then the scheduler's SIGTERM (twice: kill now)
+                signal.raise_signal(signal.SIGTERM)
+        ckptr.save_async(step, {"w": np.full(8, step)})
+        if ckptr.reached_preemption(step):
+            print(f"stopped at {step}", flush=True)
+            break
+    if sys.argv[2] == "0":
+        signal.raise_signal(signal.SIGTERM)           # after the step is saved: the last decision is past
+print("closed", flush=True)
+"""
+
+
+@pytest.mark.parametrize("sigterms", [1, 2, 0])
+def test_a_sigterm_right_after_a_notified_preemption_is_deferred_for_the_loop_to_save_a_second_is_not(tmp_path,
+                                                                                                      sigterms):
+    """The first SIGTERM after ``notify()`` was taken for a second one and terminated at once: the step the loop
+    was about to save for the preemption (or was saving) was lost. One after that step's save decision ends the
+    process when the Checkpointer closes, as any SIGTERM after the last save decision does."""
+    done = procs.run_script(NOTICE_THEN_SIGTERM, str(tmp_path), str(sigterms))
+    with Checkpointer(tmp_path) as ckptr:
+        if sigterms == 1:
+            assert done.returncode == 0 and "stopped at 20" in done.stdout and "closed" in done.stdout, done
+            assert [c.step for c in ckptr.checkpoints] == [20]
+        elif sigterms == 2:
+            assert done.returncode == -signal.SIGTERM and "stopped" not in done.stdout, done
+            assert ckptr.checkpoints == []
+        else:
+            assert done.returncode == -signal.SIGTERM and "stopped at 20" in done.stdout, done
+            assert "closed" not in done.stdout and [c.step for c in ckptr.checkpoints] == [20]
+
+
 def test_a_loop_that_does_not_stop_after_the_preemption_save_is_ended_as_sigterm_would_end_it(tmp_path):
     """An Orbax-style loop that never asks ``reached_preemption``: the step is saved, and the next step's
     save ends the process by SIGTERM's default action (it ran on until a second signal before)."""

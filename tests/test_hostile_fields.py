@@ -133,6 +133,27 @@ def _write(step: Path, name: str, doc: Any) -> None:
         (step / name).write_text(json.dumps(doc))
 
 
+def _entries(directory: Path) -> dict[str, tuple[int, int]]:
+    """Every entry below ``directory``: relative path -> (size, mtime in ns)."""
+    return {str(path.relative_to(directory)): (path.lstat().st_size, path.lstat().st_mtime_ns)
+            for path in directory.rglob("*")}
+
+
+def _forge(sound: Path, step: Path, file: str, doc: Any,
+           left: dict[str, tuple[int, int]] | None) -> dict[str, tuple[int, int]]:
+    """Makes ``step`` the sound step with ``file`` forged into ``doc``; returns its entries then. The step
+    is copied afresh when there is none yet (``left`` None) or a reader changed it since the last forgery
+    (``left``: its entries after that one); else only the files a forgery writes get their sound bytes
+    back before it writes them."""
+    if left is None or _entries(step) != left:
+        shutil.rmtree(step, ignore_errors=True)
+        shutil.copytree(sound, step)
+    for written in {file, fmt.MANIFEST} if file == fmt.TREE else {file}:  # (a new tree.json reseals the manifest)
+        shutil.copyfile(sound / written, step / written)
+    _write(step, file, doc)
+    return _entries(step)
+
+
 def sweep(sound: str, files: list[str], name: str | None, conn: Any) -> None:
     """The child: every forgery of each of ``files`` (relative to step ``sound``; a ckpt step when
     ``name`` is None, else an Orbax step whose checkpointable ``name`` a load asks for); sends
@@ -141,6 +162,7 @@ def sweep(sound: str, files: list[str], name: str | None, conn: Any) -> None:
     signal.signal(signal.SIGALRM, _timeout)
     sound_dir = Path(sound)
     step = sound_dir.parent / "forged"
+    left = None
     readers = ({"load": lambda: ckpt.load(step), "load into STATE": lambda: ckpt.load(step, STATE),
                 "metadata": lambda: ckpt.metadata(step)} if name is None else
                {"load": lambda: ckpt.load(step, checkpointable_name=name), "metadata": lambda: ckpt.metadata(step, name)})
@@ -151,9 +173,7 @@ def sweep(sound: str, files: list[str], name: str | None, conn: Any) -> None:
         for what, forge in forgeries(doc, VALUES if name is None else FEWER_VALUES):
             forged = copy.deepcopy(doc)
             forge(forged)
-            shutil.rmtree(step, ignore_errors=True)
-            shutil.copytree(sound_dir, step)
-            _write(step, file, forged)
+            left = _forge(sound_dir, step, file, forged, left)
             count += 1
             what = f"{file} {what}"
             (sound_dir.parent / "current").write_text(what)  # what the parent names if this child dies

@@ -25,6 +25,7 @@ import contextlib
 import copy
 import io
 import json
+import os
 import resource
 import shutil
 import signal
@@ -134,9 +135,13 @@ def _write(step: Path, name: str, doc: Any) -> None:
 
 
 def _entries(directory: Path) -> dict[str, tuple[int, int]]:
-    """Every entry below ``directory``: relative path -> (size, mtime in ns)."""
-    return {str(path.relative_to(directory)): (path.lstat().st_size, path.lstat().st_mtime_ns)
-            for path in directory.rglob("*")}
+    """Every entry below ``directory``: path -> (size, mtime in ns)."""
+    out = {}
+    for parent, dirs, files in os.walk(directory):
+        for name in dirs + files:
+            found = os.lstat(path := os.path.join(parent, name))
+            out[path] = (found.st_size, found.st_mtime_ns)
+    return out
 
 
 def _forge(sound: Path, step: Path, file: str, doc: Any,

@@ -5,16 +5,21 @@ committed step of ``root``, keeps the last two steps (``LatestN(2)``, so garbage
 every commit), and appends ``ready`` to the file ``log``, then ``begin N`` before each save and
 ``committed N`` once step N is committed. The test kills it with SIGKILL at a random moment.
 :func:`start` forks it from a clean forkserver, :func:`wait_for` waits for one of its lines.
+:func:`kill_at_the_nth_operation` is the child of the test that kills a save at each of its file operations.
 """
 from __future__ import annotations
 
 import multiprocessing
 import os
+import shutil
+import signal
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 
+from ckpt import storage
 from ckpt.training import Checkpointer
 from ckpt.training import preservation_policies as pp
 from tests import procs
@@ -59,6 +64,37 @@ def main(root: str, mode: str, log: str) -> None:
                 response = ckptr.save_async(step, state(step), force=True, metrics=metrics(step))
                 response.on_complete(lambda _, s=step: say(f"committed {s}"))
             step += 1
+
+
+def kill_at_the_nth_operation(root: str, kill_at: int, overwrite: bool, exchange: bool, log: str) -> None:
+    """Saves step 0, then step 0 again (``overwrite``) or step 1, and SIGKILLs itself before the ``kill_at``-th
+    file operation (rename, replace, fsync, rmtree, exchange or no-replace rename) of that second save (0:
+    never); prints ``operations N``, how many it made, and sends everything it prints to the file ``log``.
+    Without ``exchange``, as on a file system that cannot swap two directories atomically (NFS, FUSE)."""
+    out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(out, 1)
+    os.dup2(out, 2)
+    if not exchange:
+        storage.rename_exchange = lambda a, b: False
+    count = 0
+
+    def counted(fn: Callable) -> Callable:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            nonlocal count
+            count += 1
+            if count == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return fn(*args, **kwargs)
+        return call
+
+    with Checkpointer(root) as ckptr:
+        ckptr.save(0, {"v": np.zeros(3)}, force=True)
+        for owner, name in [(os, "rename"), (os, "replace"), (os, "fsync"), (shutil, "rmtree"),
+                            (storage, "rename_exchange"), (storage, "rename_noreplace")]:
+            if hasattr(owner, name):
+                setattr(owner, name, counted(getattr(owner, name)))
+        ckptr.save(0 if overwrite else 1, {"v": np.ones(3)}, force=True, overwrite=overwrite)
+    print("operations", count, flush=True)
 
 
 def start(root: Path, mode: str) -> tuple[multiprocessing.Process, Path]:

@@ -194,35 +194,20 @@ def test_data_is_fsynced_before_the_manifest_the_manifest_before_the_rename_and_
 
 
 # ------------------------------------------------------------------------ a kill at each commit step
-KILL_AT_THE_NTH_OPERATION = """
-import os, shutil, signal, sys
-import numpy as np
-from ckpt import storage
-from ckpt.training import Checkpointer
-
-root, kill_at, overwrite = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "overwrite"
-if sys.argv[4] == "no exchange":  # a file system that cannot swap two directories atomically (NFS, FUSE)
-    storage.rename_exchange = lambda a, b: False
-count = 0
-
-def counted(fn):
-    def call(*args, **kwargs):
-        global count
-        count += 1
-        if count == kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return fn(*args, **kwargs)
-    return call
-
-with Checkpointer(root) as ckptr:
-    ckptr.save(0, {"v": np.zeros(3)}, force=True)
-    for owner, name in [(os, "rename"), (os, "replace"), (os, "fsync"), (shutil, "rmtree"),
-                        (storage, "rename_exchange"), (storage, "rename_noreplace")]:
-        if hasattr(owner, name):
-            setattr(owner, name, counted(getattr(owner, name)))
-    ckptr.save(0 if overwrite else 1, {"v": np.ones(3)}, force=True, overwrite=overwrite)
-print("operations", count)
-"""
+def kill_at_the_nth_operation(root: Path, kill_at: int, overwrite: bool, exchange: bool) -> tuple[int, str]:
+    """Runs :func:`crash_worker.kill_at_the_nth_operation` in a child forked from the clean forkserver; returns
+    its exit code and what it printed."""
+    log = root.with_name(root.name + ".log")
+    child = procs.forkserver(crash_worker.__name__).Process(
+        target=crash_worker.kill_at_the_nth_operation,
+        args=(str(root), kill_at, overwrite, exchange, str(log)))
+    child.start()
+    child.join(120)
+    if child.exitcode is None:
+        child.kill()
+        child.join()
+        raise AssertionError(f"the save killed at file operation {kill_at} ran over 120 s:\n{log.read_text()}")
+    return child.exitcode, log.read_text()
 
 
 @pytest.mark.parametrize("overwrite, exchange", [(False, "exchange"), (True, "exchange"), (True, "no exchange")],
@@ -231,16 +216,15 @@ def test_a_save_killed_before_any_file_operation_of_its_commit_keeps_the_old_or_
                                                                                                exchange):
     """Without an atomic exchange, a kill between the commit's two renames left the step under an aside name
     and nothing under its own: the next writer removed it as a leftover (a committed step lost)."""
-    mode = "overwrite" if overwrite else "new"
-    dry = procs.run_script(KILL_AT_THE_NTH_OPERATION, str(tmp_path / "dry"), "0", mode, exchange)
-    assert dry.returncode == 0, dry.stderr
-    total = int(re.search(r"operations (\d+)", dry.stdout).group(1))
+    code, said = kill_at_the_nth_operation(tmp_path / "dry", 0, overwrite, exchange == "exchange")
+    assert code == 0, said
+    total = int(re.search(r"operations (\d+)", said).group(1))
     assert total >= 5  # removing a stale temporary, fsyncs, renames, removing the replaced step
     step = 0 if overwrite else 1
     for kill_at in range(1, total + 1):
         root = tmp_path / str(kill_at)
-        result = procs.run_script(KILL_AT_THE_NTH_OPERATION, str(root), str(kill_at), mode, exchange)
-        assert result.returncode == -9, result.stderr
+        code, said = kill_at_the_nth_operation(root, kill_at, overwrite, exchange == "exchange")
+        assert code == -9, said
         with Checkpointer(root) as ckptr:
             listed = [c.step for c in ckptr.checkpoints]
             where = f"killed before file operation {kill_at} of {total}, the root holds {sorted(os.listdir(root))}"

@@ -9,8 +9,8 @@ The files: a ckpt step's tree.json (in format versions 2 and 1) and manifest.jso
 large, inline, 0-d, bytes and nested leaves), and the JSON files of Orbax steps in two layouts (OCDBT and
 zarr3; one directory per array in zarr v2: one ``.zarray`` of them), which no checksum seals. Each
 forgery is read by ``ckpt.load`` (for a ckpt step also into the abstract tree), ``ckpt.metadata``,
-``verify_step`` and ``ckpt show``, all in one child forked from a clean interpreter, under a memory cap
-and a time limit per forgery.
+``verify_step`` and ``ckpt show``, in two children forked from a clean interpreter (every other forgery
+each), under a memory cap and a time limit per forgery.
 
 What must hold for each: every outcome is success or a ckpt error whose message names the step. For a
 ckpt step also: a step that ``verify`` passes loads and its metadata reads, and a load that finds damage
@@ -25,9 +25,11 @@ import contextlib
 import copy
 import io
 import json
+import os
 import resource
 import shutil
 import signal
+import time
 import traceback
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -55,6 +57,7 @@ ORBAX_STEPS = {"v1 (OCDBT, zarr3)": ("v1/0", "state"), "v0 named items (zarr v2,
 MEMORY_CAP = 3 << 30  # RLIMIT_AS of the child
 SECONDS_PER_FORGERY = 20
 SWEEP_TIMEOUT_SECS = 900
+PARTS = 2  # children that share a sweep, each reading every other forgery: the two cores of a CI runner
 
 
 def positions(node: Any, path: tuple = ()) -> Iterator[tuple]:
@@ -133,14 +136,40 @@ def _write(step: Path, name: str, doc: Any) -> None:
         (step / name).write_text(json.dumps(doc))
 
 
-def sweep(sound: str, files: list[str], name: str | None, conn: Any) -> None:
-    """The child: every forgery of each of ``files`` (relative to step ``sound``; a ckpt step when
-    ``name`` is None, else an Orbax step whose checkpointable ``name`` a load asks for); sends
-    (forgeries, problems)."""
+def _entries(directory: Path) -> dict[str, tuple[int, int]]:
+    """Every entry below ``directory``: path -> (size, mtime in ns)."""
+    out = {}
+    for parent, dirs, files in os.walk(directory):
+        for name in dirs + files:
+            found = os.lstat(path := os.path.join(parent, name))
+            out[path] = (found.st_size, found.st_mtime_ns)
+    return out
+
+
+def _forge(sound: Path, step: Path, file: str, doc: Any,
+           left: dict[str, tuple[int, int]] | None) -> dict[str, tuple[int, int]]:
+    """Makes ``step`` the sound step with ``file`` forged into ``doc``; returns its entries then. The step
+    is copied afresh when there is none yet (``left`` None) or a reader changed it since the last forgery
+    (``left``: its entries after that one); else only the files a forgery writes get their sound bytes
+    back before it writes them."""
+    if left is None or _entries(step) != left:
+        shutil.rmtree(step, ignore_errors=True)
+        shutil.copytree(sound, step)
+    for written in {file, fmt.MANIFEST} if file == fmt.TREE else {file}:  # (a new tree.json reseals the manifest)
+        shutil.copyfile(sound / written, step / written)
+    _write(step, file, doc)
+    return _entries(step)
+
+
+def sweep(sound: str, files: list[str], name: str | None, part: int, conn: Any) -> None:
+    """The child: its ``part`` of the forgeries of ``files`` (every PARTS-th, from the ``part``-th; the files
+    relative to step ``sound``; a ckpt step when ``name`` is None, else an Orbax step whose checkpointable
+    ``name`` a load asks for), each in a step directory of its own; sends (forgeries, problems)."""
     resource.setrlimit(resource.RLIMIT_AS, (MEMORY_CAP, resource.getrlimit(resource.RLIMIT_AS)[1]))
     signal.signal(signal.SIGALRM, _timeout)
     sound_dir = Path(sound)
-    step = sound_dir.parent / "forged"
+    step, current = sound_dir.parent / f"forged{part}", sound_dir.parent / f"current{part}"
+    left, index = None, -1
     readers = ({"load": lambda: ckpt.load(step), "load into STATE": lambda: ckpt.load(step, STATE),
                 "metadata": lambda: ckpt.metadata(step)} if name is None else
                {"load": lambda: ckpt.load(step, checkpointable_name=name), "metadata": lambda: ckpt.metadata(step, name)})
@@ -149,14 +178,15 @@ def sweep(sound: str, files: list[str], name: str | None, conn: Any) -> None:
     for file in files:
         doc = _read(sound_dir / file)
         for what, forge in forgeries(doc, VALUES if name is None else FEWER_VALUES):
+            index += 1
+            if index % PARTS != part:
+                continue
             forged = copy.deepcopy(doc)
             forge(forged)
-            shutil.rmtree(step, ignore_errors=True)
-            shutil.copytree(sound_dir, step)
-            _write(step, file, forged)
+            left = _forge(sound_dir, step, file, forged, left)
             count += 1
             what = f"{file} {what}"
-            (sound_dir.parent / "current").write_text(what)  # what the parent names if this child dies
+            current.write_text(what)  # what the parent names if this child dies
             signal.alarm(SECONDS_PER_FORGERY)
             try:
                 found = {reader: outcome(step, read) for reader, read in readers.items()}
@@ -174,22 +204,34 @@ def sweep(sound: str, files: list[str], name: str | None, conn: Any) -> None:
 
 
 def run_sweep(sound: Path, files: list[str], name: str | None) -> tuple[int, list[str]]:
+    """Every forgery of ``files`` (see :func:`sweep`), shared by PARTS children at once; returns (forgeries,
+    problems)."""
     ctx = procs.forkserver(__name__)
-    receive, send = ctx.Pipe(duplex=False)
-    child = ctx.Process(target=sweep, args=(str(sound), files, name, send), daemon=True)
-    child.start()
-    send.close()
+    children = []
+    for part in range(PARTS):
+        receive, send = ctx.Pipe(duplex=False)
+        child = ctx.Process(target=sweep, args=(str(sound), files, name, part, send), daemon=True)
+        child.start()
+        send.close()
+        children.append((child, receive))
+    deadline = time.monotonic() + SWEEP_TIMEOUT_SECS
+    count, problems = 0, []
     try:
-        assert receive.poll(SWEEP_TIMEOUT_SECS), f"the sweep of {files} ran over {SWEEP_TIMEOUT_SECS} s"
-        count, problems = json.loads(receive.recv_bytes())
-    except EOFError:
-        child.join(10)
-        current = sound.parent / "current"
-        raise AssertionError(f"the sweep's child died (exit code {child.exitcode}) at "
-                             f"{current.read_text() if current.exists() else 'its start'}") from None
+        for part, (child, receive) in enumerate(children):
+            assert receive.poll(max(0.0, deadline - time.monotonic())), \
+                f"the sweep of {files} ran over {SWEEP_TIMEOUT_SECS} s"
+            try:
+                done, found = json.loads(receive.recv_bytes())
+            except EOFError:
+                child.join(10)
+                current = sound.parent / f"current{part}"
+                raise AssertionError(f"the sweep's child died (exit code {child.exitcode}) at "
+                                     f"{current.read_text() if current.exists() else 'its start'}") from None
+            count, problems = count + done, problems + found
     finally:
-        child.kill()
-        child.join()
+        for child, _ in children:
+            child.kill()
+            child.join()
     return count, problems
 
 

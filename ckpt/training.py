@@ -869,10 +869,10 @@ class Checkpointer:
         The save in flight is waited for first; a step not listed is looked for again on disk (one committed
         since the root was listed, as Orbax's delete deletes what is at the step's name). The step is renamed
         aside before its files are removed, as garbage collection deletes, so an interrupted deletion never
-        leaves half a step listed. With a local tier, the step goes from both tiers. ``checkpointable_name`` (Orbax deletes one checkpointable of a
-        step) raises ValueError: a step's trees share its files. In a multi-process job every process calls
-        it, as it saves: process 0 deletes the step, and every process returns once it is gone (a save of the
-        same step may follow at once).
+        leaves half a step listed. With a local tier, the step goes from both tiers. ``checkpointable_name``
+        (Orbax deletes one checkpointable of a step) raises ValueError: a step's trees share its files. In a
+        multi-process job every process calls it, as it saves: process 0 deletes the step, and every process
+        returns once it is gone (a save of the same step may follow at once).
 
         Raises:
           StepNotFoundError: no such step, and ``missing_ok`` is not set.

@@ -23,8 +23,8 @@ class CheckpointHook:
 
     ``state`` is any pytree the checkpointer can store: a TrainState, or NNX objects (a model, an
     ``nnx.Optimizer``, a tuple of them), which are saved as ``nnx.state(obj)`` (less the ``nnx.Intermediate``
-    values ``sow`` recorded) so that ``restore_train_state`` restores them in place. ``metrics`` (scalars, jax or numpy ones
-    included) are stored with the step for ``BestN``.
+    values ``sow`` recorded) so that ``restore_train_state`` restores them in place. ``metrics`` (scalars,
+    jax or numpy ones included) are stored with the step for ``BestN``.
 
     Two tiers: build the checkpointer with a local directory,
     ``Checkpointer("gs://bucket/exp1", ..., local=ckpt.LocalCheckpointOptions("/mnt/ssd/exp1", ...))``.

@@ -149,8 +149,7 @@ def _converted_before(destination: Path, steps: list[tuple[int, Path]], source: 
             done.add(name)
         elif name in (fmt.ROOT_METADATA, written) and _copied_root_metadata(entry, source, whole=name != written):
             continue
-        elif name != fmt.LOCK and not (name.endswith((fmt.TMP_SUFFIX, fmt.DELETING_SUFFIX))
-                                       and root_lib.classify_temporary(entry).kind is root_lib.Kind.TEMPORARY):
+        elif name != fmt.LOCK and not root_lib.is_temporary(entry, (fmt.TMP_SUFFIX, fmt.DELETING_SUFFIX)):
             raise FileExistsError(f"{destination} is not empty (it holds {name!r}, not left by a convert of these "
                                   "steps); convert into a new directory")
     return done
@@ -210,9 +209,8 @@ def _storable(where: Path, what: str) -> Iterator[None]:
 def _remove_deletions_left(destination: Path) -> None:
     """Removes the steps a convert killed while it cleaned up after a failure was deleting (see :func:`_undo`)."""
     for name in os.listdir(destination):
-        path = destination / name
-        if name.endswith(fmt.DELETING_SUFFIX) and root_lib.classify_temporary(path).kind is root_lib.Kind.TEMPORARY:
-            storage.remove_owned(path)
+        if root_lib.is_temporary(destination / name, (fmt.DELETING_SUFFIX,)):
+            storage.remove_owned(destination / name)
 
 
 def _undo(written: list[Path], lock: storage.DirectoryLock | None, made: list[Path]) -> None:

@@ -208,6 +208,12 @@ def classify(path: storage.Location, step: int | None, *, read_manifest: bool = 
     return Entry(path, Kind.FOREIGN, step, holds)
 
 
+def is_temporary(path: storage.Location, suffixes: tuple[str, ...] = fmt.TEMPORARY_SUFFIXES) -> bool:
+    """Whether ``path`` (which exists) is a temporary of ckpt's (see :func:`classify_temporary`) named with one
+    of ``suffixes``: what ckpt may remove."""
+    return path.name.endswith(suffixes) and classify_temporary(path).kind is Kind.TEMPORARY
+
+
 def check_committed(path: storage.Location) -> None:
     """Checks that ``path``, named directly as a checkpoint (by ``ckpt.load``, ``ckpt show``, ``ckpt verify``),
     is not a temporary of ckpt's, which no reader takes for a checkpoint: a save never committed (its
@@ -217,7 +223,7 @@ def check_committed(path: storage.Location) -> None:
       CheckpointNotFoundError: it is one; the message says which, and what to load instead.
     """
     name = path.name
-    if not name.endswith(fmt.TEMPORARY_SUFFIXES) or classify_temporary(path).kind is not Kind.TEMPORARY:
+    if not is_temporary(path):
         return  # (on an object store, a save never committed lacks its manifest: loading.read_manifest says so)
     if name.endswith(fmt.TMP_SUFFIX):
         what = (f"a save of {name[:-len(fmt.TMP_SUFFIX)]} that was never committed (in progress, or interrupted "

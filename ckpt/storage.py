@@ -71,8 +71,9 @@ def location(directory: str | os.PathLike | ObjectPath) -> Location:
     if isinstance(directory, str):
         directory = _local_path(directory)
     path = (directory if isinstance(directory, Path) else Path(directory)).expanduser().absolute()
-    if ".." in path.parts:  # tensorstore refuses '..'; what the system means by it (after symbolic links) is meant
-        path = path.resolve()
+    if ".." in path.parts:  # tensorstore refuses '..'; what the system means by it (after symbolic links) is meant,
+        # and as the system does, a link named last is not followed (a save or a deletion never goes through it)
+        path = path.resolve() if path.name == ".." else path.parent.resolve() / path.name
     try:
         str(path).encode("utf-8")
     except UnicodeEncodeError:

@@ -376,3 +376,19 @@ def test_a_root_given_with_dot_dot_means_what_the_system_means(tmp_path):
         ckptr.save(0, {"big": np.arange(300_000, dtype=np.float32)})
     assert sorted(os.listdir(tmp_path / "real")) == ["deep", "root"]
     assert (tmp_path / "real" / "root" / "0" / fmt.MANIFEST).exists()
+
+
+def test_a_path_with_dot_dot_ending_in_a_symbolic_link_is_the_link_which_no_save_or_deletion_goes_through(tmp_path):
+    ckpt.save(tmp_path / "model", STATE)
+    (tmp_path / "link").symlink_to(tmp_path / "model")
+    (tmp_path / "dangling").symlink_to(tmp_path / "elsewhere")
+    through = tmp_path / "sub" / ".."  # (the system follows no link named last, '..' or not)
+    (tmp_path / "sub").mkdir()
+    with pytest.raises(errors.NotACheckpointError, match="link"):
+        ckpt.delete(through / "link")
+    with pytest.raises(errors.ForeignEntryError, match="symbolic link"):
+        ckpt.save(through / "link", {"w": np.zeros(2)}, overwrite=True)
+    with pytest.raises(errors.ForeignEntryError, match="symbolic link"):
+        ckpt.save(through / "dangling", {"w": np.zeros(2)})
+    assert not (tmp_path / "elsewhere").exists() and ckpt.load(through / "link")["n"] == STATE["n"]
+    np.testing.assert_array_equal(ckpt.load(tmp_path / "model")["w"], STATE["w"])

@@ -471,6 +471,20 @@ def reading(step_dir: storage.Location, step: int | None = None) -> Iterator[Cal
         raise
 
 
+def check_still_a_step(step_dir: storage.Location, step: int) -> None:
+    """Checks that the local directory of a listed ``step`` is still a directory itself: a read never goes through
+    a symbolic link (or reads a file) that took the step's name since it was listed, which a listing skips.
+
+    Raises:
+      StepNotFoundError: it is not, with what it holds named.
+    """
+    mode = _mode(step_dir) if isinstance(step_dir, Path) else None
+    if mode is not None and not stat.S_ISDIR(mode):  # (nothing there: the read says it was deleted)
+        raise StepNotFoundError(f"step {step} ({step_dir}) is no committed step now: it holds "
+                                f"{storage.describe(step_dir)}, put there since it was listed, which ckpt never reads, "
+                                "lists or deletes", step=step, path=step_dir)
+
+
 def _identity(step_dir: storage.Location) -> tuple[int, int] | None:
     """The local step directory's device and inode (a replacement is another directory); None on an object store."""
     if not isinstance(step_dir, Path):

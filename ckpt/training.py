@@ -811,10 +811,11 @@ class Checkpointer:
     def _read_step(self, step: int, path: storage.Location, read: Callable[[storage.Location], T]) -> T:
         """``read(path)`` of this root's ``step``, which garbage collection keeps meanwhile. A step deleted
         meanwhile raises StepNotFoundError (and is no longer listed); one replaced (``overwrite=True``) is
-        read again, once."""
+        read again, once; one replaced by something else (a symbolic link) raises StepNotFoundError."""
         self._reading[step] += 1
         try:
             try:
+                root.check_still_a_step(path, step)
                 with root.reading(path, step):
                     return read(path)
             except errors.StepReplacedError:  # saved again meanwhile: the new one is the step now

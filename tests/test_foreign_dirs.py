@@ -238,6 +238,20 @@ def test_a_step_replaced_by_something_foreign_after_listing_is_not_garbage_colle
     assert fsutil.snapshot(tmp_path / "0") == before
 
 
+@pytest.mark.parametrize("kind", ["symlink-to-another-root's-step", "file"])
+def test_a_listed_step_replaced_by_a_link_or_a_file_is_not_read_through_it(tmp_path, kind):
+    with Checkpointer(tmp_path / "run", save_decision_policy=ALWAYS) as ckptr:
+        ckptr.save(0, STATE)
+        ckptr.save(1, STATE)
+        (tmp_path / "run" / "1").rename(tmp_path / "moved")  # another hand puts something at step 1's name
+        word = _make(kind, tmp_path / "run" / "1", tmp_path)
+        with pytest.raises(errors.StepNotFoundError, match=f"step 1 .*{word}"):
+            ckptr.load(1)
+        assert [c.step for c in ckptr.checkpoints] == [0]
+        with pytest.raises(errors.StepNotFoundError):
+            ckptr.metadata(1)
+
+
 @pytest.mark.parametrize("kind", ["directory", "empty-directory", "orbax-step", "file", "symlink-to-directory"])
 def test_the_free_save_never_overwrites_a_foreign_path_or_its_temporary_name(tmp_path, kind):
     target = tmp_path / "model"

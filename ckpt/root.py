@@ -520,9 +520,12 @@ def delete_step(path: storage.Location, step: int | None) -> None:
     Raises:
       ForeignEntryError: ``path`` is not a committed step (replaced by something else, or listed without
         reading its manifest by ``lightweight_initialize``): nothing is removed.
+      RootNotWritableError, RootDirectoryError: this process may not write in its directory (which became
+        read-only), or the file system is read-only: nothing is removed.
     """
     entry = classify(path, step)
     if entry.kind not in LISTED:
         raise ForeignEntryError(f"{path} is not a committed ckpt step (it holds {entry.holds}); "
                                 "it was not deleted", path=path)
-    storage.delete_dir(path)
+    with storage.writing_to(path.parent):
+        storage.delete_dir(path)

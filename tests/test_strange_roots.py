@@ -108,6 +108,17 @@ def test_a_read_only_root_is_listed_and_loaded_and_a_save_says_why_it_cannot_wri
     assert fsutil.snapshot(root) == before
 
 
+def test_a_deletion_in_a_root_that_became_read_only_says_so_naming_the_root_and_keeps_the_step(tmp_path):
+    root = _saved_root(tmp_path / "root")
+    with Checkpointer(root, save_decision_policy=ALWAYS) as ckptr:
+        ckptr.save(2, STATE)  # (the root taken: its lock held)
+        with fsutil.read_only(root):
+            for delete in (ckptr.delete, lambda step: ckpt.delete(root / str(step))):
+                with pytest.raises(errors.RootDirectoryError, match=f"cannot write in {root}: Read-only"):
+                    delete(1)
+            assert [c.step for c in ckptr.checkpoints] == [0, 1, 2] and ckptr.load(1)["n"] == 1
+
+
 # --------------------------------------------------------------------------------- races
 GARBAGE_COLLECT = """
 import sys

@@ -267,6 +267,11 @@ _TORCH_VIEWS = {"bfloat16": ("int16", "bfloat16"), "float8_e4m3fn": ("uint8", "f
 _NUMPY_VIEWS = {np.dtype(getattr(ml_dtypes, target)): (carrier, name) for name, (carrier, target) in _TORCH_VIEWS.items()}
 
 
+def torch_holds(dtype: np.dtype) -> bool:
+    """Whether a torch tensor converts to a numpy array of ``dtype`` (:func:`torch_to_numpy`) and back."""
+    return dtype.kind in "biufc" or dtype in _NUMPY_VIEWS
+
+
 def torch_to_numpy(path: KeyPath, t: Any) -> np.ndarray:
     """A CPU numpy view (or copy, off-CPU) of a torch tensor, bfloat16 and float8 (e8m0 too) included."""
     torch = sys.modules["torch"]

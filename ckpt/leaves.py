@@ -554,6 +554,18 @@ def _wrap_key(jax: Any, meta: dict, data: Any, impl: str, sharding: Any = None) 
                                          f"{impl!r} PRNG keys: {e}") from None
 
 
+def refused_keys(meta: dict) -> str | None:
+    """Why jax, where it is installed, refuses the saved PRNG keys ``meta`` (a ``jax_key`` leaf) as a load restores
+    them (an implementation it does not know, key data not of its shape), checked on one key's data; else None."""
+    jax = _import_or_none("jax")
+    try:
+        if jax is not None:
+            _wrap_key(jax, meta, np.zeros(meta["shape"][len(meta["key_shape"]):], np.uint32), meta["impl"])
+    except LeafDataError as e:
+        return e.why
+    return None
+
+
 def _import_or_none(name: str) -> Any:
     try:
         return __import__(name)

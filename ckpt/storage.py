@@ -838,13 +838,18 @@ def _aside(step_dir: Path) -> Path:
     """The name a step is renamed to before it is removed: ``<name>.ckpt-deleting``, once what a crashed
     deletion left there is removed; a name of its own (``<name>.<random>.ckpt-deleting``) when something
     ckpt did not make holds that one, which is left alone, or when what an earlier deletion left there cannot
-    be removed yet (a file an NFS client holds open), which the root's next writer tries again."""
+    be removed yet (a file an NFS client holds open), which the root's next writer tries again; or when that
+    name is longer than a file name may be (a step's name of 242 bytes or more), the start of the step's name."""
     doomed = step_dir.with_name(step_dir.name + fmt.DELETING_SUFFIX)
     try:
         remove_owned(doomed)
-    except OSError:  # (ForeignEntryError included)
-        doomed = step_dir.with_name(f"{step_dir.name}.{secrets.token_hex(4)}{fmt.DELETING_SUFFIX}")
+    except OSError:  # (ForeignEntryError and ENAMETOOLONG included)
+        own = f".{secrets.token_hex(4)}{fmt.DELETING_SUFFIX}"
+        doomed = step_dir.with_name(os.fsdecode(os.fsencode(step_dir.name)[: _NAME_MAX - len(own)]) + own)
     return doomed
+
+
+_NAME_MAX = 255  # the bytes of the longest file name (of a directory entry) that Linux's file systems take
 
 
 def is_plain_relative(path: str) -> bool:

@@ -265,15 +265,18 @@ def _is_empty_dir(path: Path) -> bool:
 def check_outside_temporaries(directory: storage.Location, what: str) -> None:
     """Checks that ``directory`` (``what`` it is to be, for the error) neither is nor lies in a directory named
     like a temporary of ckpt's, which the next writer of its parent removes (with what was saved there) when it
-    is one.
+    is one; as written, and locally with its symbolic links followed (a link into a temporary too).
 
     Raises:
       ValueError: it is or does, named.
     """
-    named = (directory, *getattr(directory, "parents", ()))  # (an object store's path: itself)
-    temporary = next((p for p in named if p.name.endswith(fmt.TEMPORARY_SUFFIXES)), None)
+    written = (directory, *getattr(directory, "parents", ()))  # (an object store's path: itself)
+    real = Path(os.path.realpath(directory)) if isinstance(directory, Path) else None
+    followed = (real, *real.parents) if real is not None else ()
+    temporary = next((p for p in (*written, *followed) if p.name.endswith(fmt.TEMPORARY_SUFFIXES)), None)
     if temporary is not None:
-        raise ValueError(f"{directory} cannot be {what}: {temporary.name} is named like a temporary of ckpt's (a "
+        where = temporary.name if temporary in written else temporary
+        raise ValueError(f"{directory} cannot be {what}: {where} is named like a temporary of ckpt's (a "
                          f"name ending in one of {fmt.TEMPORARY_SUFFIXES}), which the next save in its directory "
                          "removes, with what was saved in it; choose another directory")
 

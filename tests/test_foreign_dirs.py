@@ -715,3 +715,24 @@ def test_a_project_holding_a_manifest_json_and_a_tree_json_of_its_own_is_no_step
     (project / "runs" / "exp" / "0" / fmt.MARKER).unlink()  # as an earlier ckpt wrote it
     with pytest.raises(errors.RootDirectoryError, match="a checkpoint"):
         Checkpointer(project / "runs" / "exp" / "0")
+
+
+@pytest.mark.parametrize("way", ["Checkpointer", "ckpt.save", "ckpt convert"])
+def test_a_root_or_checkpoint_opened_through_a_link_into_a_temporary_is_refused_before_writing_into_it(tmp_path, way):
+    """Was: accepted through the link (only the names as written were looked at), and the next writer of the
+    temporary's root removed it, with the steps and checkpoints saved there."""
+    for run in ("root", "other"):
+        with Checkpointer(tmp_path / run) as ckptr:
+            ckptr.save(0, STATE)
+    (tmp_path / "root" / ("5" + fmt.TMP_SUFFIX)).mkdir()  # a save a crash interrupted
+    (tmp_path / "root" / ("5" + fmt.TMP_SUFFIX) / fmt.MARKER).touch()
+    (tmp_path / "link").symlink_to(tmp_path / "root" / ("5" + fmt.TMP_SUFFIX), target_is_directory=True)
+    before = fsutil.snapshot(tmp_path)
+    with pytest.raises(ValueError, match=r"5\.ckpt-tmp is named like a temporary of ckpt's"):
+        if way == "Checkpointer":
+            Checkpointer(tmp_path / "link" / "run")
+        elif way == "ckpt.save":
+            ckpt.save(tmp_path / "link" / "model", STATE)
+        else:
+            ckpt.convert.convert_root(tmp_path / "other", tmp_path / "link" / "copy")
+    assert fsutil.snapshot(tmp_path) == before

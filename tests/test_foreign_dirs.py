@@ -450,6 +450,17 @@ def test_the_root_metadata_is_never_written_through_what_is_at_its_temporary_nam
     assert not (root / fmt.ROOT_METADATA).exists()
 
 
+def test_a_dangling_link_at_the_root_metadatas_name_is_never_replaced(tmp_path):
+    """Was: taken for no metadata (exists() followed it), and replaced by a Checkpointer's custom_metadata."""
+    (tmp_path / "root").mkdir()
+    (tmp_path / "root" / fmt.ROOT_METADATA).symlink_to(tmp_path / "nowhere" / "meta.json")
+    with Checkpointer(tmp_path / "root", custom_metadata={"run": "a"}) as ckptr:
+        ckptr.save(0, STATE)
+        with pytest.raises(errors.CheckpointCorruptedError, match="symbolic link"):
+            ckptr.root_metadata()
+    assert os.readlink(tmp_path / "root" / fmt.ROOT_METADATA) == str(tmp_path / "nowhere" / "meta.json")
+
+
 def test_a_users_directories_that_only_resemble_orbax_steps_are_never_listed_nor_deleted(tmp_path):
     """A pickle called ``checkpoint`` (its first byte is a msgpack map's), a ``commit_success.txt`` and a
     tensorstore OCDBT database (``manifest.ocdbt``, which every Orbax item written with OCDBT holds beside

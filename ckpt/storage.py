@@ -472,11 +472,13 @@ def in_use(directory: Location) -> bool:
 @contextlib.contextmanager
 def writing_to(root: Location) -> Iterator[None]:
     """Re-raises an error for lack of permission, or of a read-only file system, on writing in ``root`` as
-    a RootDirectoryError that says what to do."""
+    a RootDirectoryError that says what to do (unless this process may write in ``root``: then the error is
+    of what it names in it, an immutable step, and is raised as it is)."""
     try:
         yield
     except OSError as e:
-        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS) or (isinstance(root, Path)
+                                                                     and os.access(root, os.W_OK)):
             raise
         error = RootNotWritableError if e.errno in (errno.EACCES, errno.EPERM) else RootDirectoryError
         raise error(

@@ -109,6 +109,7 @@ def test_a_read_only_root_is_listed_and_loaded_and_a_save_says_why_it_cannot_wri
 
 
 def test_a_deletion_in_a_root_that_became_read_only_says_so_naming_the_root_and_keeps_the_step(tmp_path):
+    """And a deletion refused by the step alone (immutable), in a root this process may write, names the step."""
     root = _saved_root(tmp_path / "root")
     with Checkpointer(root, save_decision_policy=ALWAYS) as ckptr:
         ckptr.save(2, STATE)  # (the root taken: its lock held)
@@ -117,6 +118,13 @@ def test_a_deletion_in_a_root_that_became_read_only_says_so_naming_the_root_and_
                 with pytest.raises(errors.RootDirectoryError, match=f"cannot write in {root}: Read-only"):
                     delete(1)
             assert [c.step for c in ckptr.checkpoints] == [0, 1, 2] and ckptr.load(1)["n"] == 1
+        thaw = fsutil.undeletable(root / "1")  # the root is writable, step 1 alone is not: its error, not the root's
+        try:
+            with pytest.raises(PermissionError, match=f"'{root / '1'}' ->") as info:
+                ckptr.delete(1)
+            assert not isinstance(info.value, errors.RootDirectoryError)
+        finally:
+            thaw()
 
 
 # --------------------------------------------------------------------------------- races

@@ -134,6 +134,15 @@ class FileOptions(_Options):
     path_class: Any = None
     skip_sync_file_validations: bool = False
 
+    def check(self) -> None:
+        """ValueError for a path_permission_mode that is no mode of a directory its owner reads, writes and enters
+        (0o700 set, at most 0o7777): ckpt writes into the directories it makes."""
+        mode = arguments.count(self.path_permission_mode, "FileOptions.path_permission_mode", optional=True)
+        if mode is not None and (mode > 0o7777 or mode & 0o700 != 0o700):
+            raise ValueError(f"FileOptions.path_permission_mode={oct(mode)} is no mode of a directory its owner reads, "
+                             "writes and enters (0o700 set, at most 0o7777; e.g. 0o750): ckpt writes into the "
+                             "directories it makes")
+
 
 @dataclasses.dataclass(kw_only=True)
 class MemoryOptions(_Options):

@@ -113,6 +113,7 @@ class Checkpointer:
         self._context = context or Context()
         options = self._ctx
         options.multiprocessing_options.check()
+        options.file_options.check()
         if options.deletion_options.gcs_deletion_options.todelete_full_path is not None:
             raise ValueError("DeletionOptions.gcs_deletion_options.todelete_full_path: ckpt deletes steps it "
                              "does not keep; it cannot move them elsewhere")

@@ -122,6 +122,16 @@ def test_options_ckpt_cannot_honour_are_refused_before_anything_is_written(tmp_p
     assert not (tmp_path / "root").exists()
 
 
+@pytest.mark.parametrize("mode", [-1, "0o750", 0o500, 2**40])
+def test_a_path_permission_mode_that_is_no_writable_directory_mode_is_refused_before_anything_is_written(tmp_path, mode):
+    """Was: -1 gave the directories mode 0o7777 (world-writable, setuid), 0o500 ones their owner could not write
+    into (RootNotWritableError once made), '0o750' and 2**40 TypeError and OverflowError once the root was made."""
+    ctx = ckpt.Context(file_options=ckpt.FileOptions(path_permission_mode=mode))
+    with pytest.raises(ValueError, match="FileOptions.path_permission_mode"):
+        Checkpointer(tmp_path / "root", context=ctx)
+    assert not (tmp_path / "root").exists()
+
+
 def test_path_permission_mode_is_given_to_the_directories_ckpt_creates_never_to_an_existing_one(tmp_path):
     """As in Orbax: the directory a Checkpointer is opened on is the user's once it exists (a home, a
     shared project directory), and its mode stays theirs."""

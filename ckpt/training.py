@@ -112,8 +112,9 @@ class Checkpointer:
             tiers.check_apart(storage.location(local.directory), self._directory)
         self._context = context or Context()
         options = self._ctx
-        options.multiprocessing_options.check()
-        options.file_options.check()
+        for group in (options.multiprocessing_options, options.file_options, options.async_options,
+                      options.memory_options):
+            group.check()
         if options.deletion_options.gcs_deletion_options.todelete_full_path is not None:
             raise ValueError("DeletionOptions.gcs_deletion_options.todelete_full_path: ckpt deletes steps it "
                              "does not keep; it cannot move them elsewhere")

@@ -239,8 +239,8 @@ def _same_root(recorded: Any, durable: str) -> bool:
     directory (a symbolic link's and its target's)."""
     if recorded == durable:
         return True
-    return (isinstance(recorded, str) and not storage.is_url(recorded) and not storage.is_url(durable)
-            and os.path.realpath(recorded) == os.path.realpath(durable))
+    return (isinstance(recorded, str) and "\0" not in recorded and not storage.is_url(recorded)
+            and not storage.is_url(durable) and os.path.realpath(recorded) == os.path.realpath(durable))
 
 
 class LocalTier:

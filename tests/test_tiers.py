@@ -242,6 +242,14 @@ def test_a_local_directory_holding_another_durable_roots_tier_is_refused_not_res
         ckpt.Checkpointer(tmp_path / "run2", local=local())
 
 
+def test_a_local_tier_whose_recorded_owner_holds_a_nul_is_another_runs_naming_its_directory(tmp_path):
+    """Was: ValueError 'LocalCheckpointOptions directory embedded null byte, ...' (os.path.realpath's), naming nothing."""
+    (tmp_path / "ssd").mkdir()
+    (tmp_path / "ssd" / "ckpt-root.json").write_text('{"custom_metadata": {"durable_root": "run\\u0000x"}}')
+    with pytest.raises(ValueError, match=f"{tmp_path / 'ssd'} holds the local tier of the durable root run"):
+        ckpt.Checkpointer(tmp_path / "run", local=ckpt.LocalCheckpointOptions(tmp_path / "ssd"))
+
+
 def test_the_durable_root_named_through_a_symbolic_link_is_the_owner_of_its_local_tier(tmp_path, capsys):
     """The same run opened as /scratch/run (a link) and as its target was refused as another run's ('Use another
     local directory, or delete that one'), its steps not yet promoted with it."""

@@ -109,7 +109,8 @@ class Checkpointer:
             fmt.stored_json(custom_metadata, "custom_metadata")
         self._directory = storage.location(directory)
         if local is not None:
-            tiers.check_apart(storage.location(local.directory), self._directory)
+            tiers.check_apart(storage.location(local.directory), self._directory,
+                              step_name_format or step_lib.standard_name_format())
         self._context = context or Context()
         options = self._ctx
         for group in (options.multiprocessing_options, options.file_options, options.async_options,

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextvars
 import copy
 import dataclasses
+import numbers
 from typing import Any, Callable
 
 from ckpt import arguments, handlers
@@ -117,6 +118,19 @@ class AsyncOptions(_Options):
     post_finalization_callback: Callable[[], None] | None = None
     create_directories_asynchronously: bool = True
 
+    def check(self) -> None:
+        """ValueError for a timeout_secs that is no number of seconds > 0 (None: no limit; 0 would fail every save,
+        a blocking one too), TypeError for a post_finalization_callback that cannot be called."""
+        timeout = self.timeout_secs
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, numbers.Real)
+                                    or not timeout > 0):
+            raise ValueError(f"AsyncOptions.timeout_secs must be a number of seconds > 0 or None, got "
+                             f"{type(timeout).__name__} {timeout!r:.200}")
+        callback = self.post_finalization_callback
+        if callback is not None and not callable(callback):
+            raise TypeError(f"AsyncOptions.post_finalization_callback must be a function (called with no argument "
+                            f"after each commit) or None, got {type(callback).__name__} {callback!r:.200}")
+
 
 @dataclasses.dataclass(kw_only=True)
 class FileOptions(_Options):
@@ -133,6 +147,15 @@ class FileOptions(_Options):
     path_permission_mode: int | None = None
     path_class: Any = None
     skip_sync_file_validations: bool = False
+
+    def check(self) -> None:
+        """ValueError for a path_permission_mode that is no mode of a directory its owner reads, writes and enters
+        (0o700 set, at most 0o7777): ckpt writes into the directories it makes."""
+        mode = arguments.count(self.path_permission_mode, "FileOptions.path_permission_mode", optional=True)
+        if mode is not None and (mode > 0o7777 or mode & 0o700 != 0o700):
+            raise ValueError(f"FileOptions.path_permission_mode={oct(mode)} is no mode of a directory its owner reads, "
+                             "writes and enters (0o700 set, at most 0o7777; e.g. 0o750): ckpt writes into the "
+                             "directories it makes")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -158,6 +181,13 @@ class MemoryOptions(_Options):
     is_prioritized_key_fn: Callable[..., bool] | None = None
     serialization_status_callback: Any = None
     deepcopy_host_arrays: bool = True
+
+    def check(self) -> None:
+        """ValueError for a max_inflight_bytes that is no number of bytes >= 0 (None: no bound)."""
+        value = self.max_inflight_bytes
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 0):
+            raise ValueError(f"MemoryOptions.max_inflight_bytes must be a number of bytes >= 0 or None, got "
+                             f"{type(value).__name__} {value!r:.200}")
 
 
 @dataclasses.dataclass(kw_only=True)

@@ -187,8 +187,7 @@ def _convert_steps(steps: list[tuple[int, Path]], source: Path, destination: Pat
             if path.name in done:  # committed by the convert this one resumes: checked again, kept
                 yield _check_step(step, path, destination / path.name)
                 continue
-            written.append(destination / path.name)
-            yield _convert_step(step, path, written[-1])
+            yield _convert_step(step, path, destination / path.name, written)
     except (Exception, KeyboardInterrupt):
         _undo(written, lock if made_lock else None, made)
         raise
@@ -231,7 +230,9 @@ def _undo(written: list[Path], lock: storage.DirectoryLock | None, made: list[Pa
             break  # not empty: something else is there now
 
 
-def _convert_step(step: int, path: Path, final: Path) -> Converted:
+def _convert_step(step: int, path: Path, final: Path, written: list[Path]) -> Converted:
+    """Converts one step of the source into ``final``, added to ``written`` once this convert committed it (not
+    before: what took its name meanwhile, which the commit refuses, is not the convert's to remove)."""
     with root_lib.reading(path, step):  # a step a run saving there deletes meanwhile: StepNotFoundError
         info = formats.info(path)
         trees = _source_trees(path)
@@ -241,6 +242,7 @@ def _convert_step(step: int, path: Path, final: Path) -> Converted:
     plan.init_timestamp_nsecs = info.get("init_timestamp_nsecs") or plan.init_timestamp_nsecs
     plan.commit_timestamp_nsecs = info.get("commit_timestamp_nsecs")
     saving.StepWriter(plan, storage.temporary_for(final), final).run(step)
+    written.append(final)
     count = _check_same(trees, _as_saved(final), final)
     return Converted(step, final, count, plan.nbytes)
 

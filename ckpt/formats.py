@@ -135,7 +135,7 @@ def load_checkpointables(step_dir: storage.Location, abstract: dict[str, Any] | 
 def has_root_metadata(root: storage.Location) -> bool:
     """Whether the root holds its metadata, ckpt's or Orbax's: the first Checkpointer's, which a later one
     given other custom metadata keeps (as Orbax does)."""
-    return (root / fmt.ROOT_METADATA).exists() or (isinstance(root, Path) and os.path.lexists(root / orbax.ROOT_METADATA))
+    return storage.exists(root / fmt.ROOT_METADATA) or (isinstance(root, Path) and os.path.lexists(root / orbax.ROOT_METADATA))
 
 
 def root_custom_metadata(root: storage.Location) -> Any:

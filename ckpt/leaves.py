@@ -267,6 +267,11 @@ _TORCH_VIEWS = {"bfloat16": ("int16", "bfloat16"), "float8_e4m3fn": ("uint8", "f
 _NUMPY_VIEWS = {np.dtype(getattr(ml_dtypes, target)): (carrier, name) for name, (carrier, target) in _TORCH_VIEWS.items()}
 
 
+def torch_holds(dtype: np.dtype) -> bool:
+    """Whether a torch tensor converts to a numpy array of ``dtype`` (:func:`torch_to_numpy`) and back."""
+    return dtype.kind in "biufc" or dtype in _NUMPY_VIEWS
+
+
 def torch_to_numpy(path: KeyPath, t: Any) -> np.ndarray:
     """A CPU numpy view (or copy, off-CPU) of a torch tensor, bfloat16 and float8 (e8m0 too) included."""
     torch = sys.modules["torch"]
@@ -547,6 +552,18 @@ def _wrap_key(jax: Any, meta: dict, data: Any, impl: str, sharding: Any = None) 
             raise
         raise LeafDataError(meta["path"], f"jax refuses its key data ({data.dtype}, shape {list(data.shape)}) as "
                                          f"{impl!r} PRNG keys: {e}") from None
+
+
+def refused_keys(meta: dict) -> str | None:
+    """Why jax, where it is installed, refuses the saved PRNG keys ``meta`` (a ``jax_key`` leaf) as a load restores
+    them (an implementation it does not know, key data not of its shape), checked on one key's data; else None."""
+    jax = _import_or_none("jax")
+    try:
+        if jax is not None:
+            _wrap_key(jax, meta, np.zeros(meta["shape"][len(meta["key_shape"]):], np.uint32), meta["impl"])
+    except LeafDataError as e:
+        return e.why
+    return None
 
 
 def _import_or_none(name: str) -> Any:

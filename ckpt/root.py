@@ -265,15 +265,18 @@ def _is_empty_dir(path: Path) -> bool:
 def check_outside_temporaries(directory: storage.Location, what: str) -> None:
     """Checks that ``directory`` (``what`` it is to be, for the error) neither is nor lies in a directory named
     like a temporary of ckpt's, which the next writer of its parent removes (with what was saved there) when it
-    is one.
+    is one; as written, and locally with its symbolic links followed (a link into a temporary too).
 
     Raises:
       ValueError: it is or does, named.
     """
-    named = (directory, *getattr(directory, "parents", ()))  # (an object store's path: itself)
-    temporary = next((p for p in named if p.name.endswith(fmt.TEMPORARY_SUFFIXES)), None)
+    written = (directory, *getattr(directory, "parents", ()))  # (an object store's path: itself)
+    real = Path(os.path.realpath(directory)) if isinstance(directory, Path) else None
+    followed = (real, *real.parents) if real is not None else ()
+    temporary = next((p for p in (*written, *followed) if p.name.endswith(fmt.TEMPORARY_SUFFIXES)), None)
     if temporary is not None:
-        raise ValueError(f"{directory} cannot be {what}: {temporary.name} is named like a temporary of ckpt's (a "
+        where = temporary.name if temporary in written else temporary
+        raise ValueError(f"{directory} cannot be {what}: {where} is named like a temporary of ckpt's (a "
                          f"name ending in one of {fmt.TEMPORARY_SUFFIXES}), which the next save in its directory "
                          "removes, with what was saved in it; choose another directory")
 
@@ -471,6 +474,20 @@ def reading(step_dir: storage.Location, step: int | None = None) -> Iterator[Cal
         raise
 
 
+def check_still_a_step(step_dir: storage.Location, step: int) -> None:
+    """Checks that the local directory of a listed ``step`` is still a directory itself: a read never goes through
+    a symbolic link (or reads a file) that took the step's name since it was listed, which a listing skips.
+
+    Raises:
+      StepNotFoundError: it is not, with what it holds named.
+    """
+    mode = _mode(step_dir) if isinstance(step_dir, Path) else None
+    if mode is not None and not stat.S_ISDIR(mode):  # (nothing there: the read says it was deleted)
+        raise StepNotFoundError(f"step {step} ({step_dir}) is no committed step now: it holds "
+                                f"{storage.describe(step_dir)}, put there since it was listed, which ckpt never reads, "
+                                "lists or deletes", step=step, path=step_dir)
+
+
 def _identity(step_dir: storage.Location) -> tuple[int, int] | None:
     """The local step directory's device and inode (a replacement is another directory); None on an object store."""
     if not isinstance(step_dir, Path):
@@ -506,9 +523,12 @@ def delete_step(path: storage.Location, step: int | None) -> None:
     Raises:
       ForeignEntryError: ``path`` is not a committed step (replaced by something else, or listed without
         reading its manifest by ``lightweight_initialize``): nothing is removed.
+      RootNotWritableError, RootDirectoryError: this process may not write in its directory (which became
+        read-only), or the file system is read-only: nothing is removed.
     """
     entry = classify(path, step)
     if entry.kind not in LISTED:
         raise ForeignEntryError(f"{path} is not a committed ckpt step (it holds {entry.holds}); "
                                 "it was not deleted", path=path)
-    storage.delete_dir(path)
+    with storage.writing_to(path.parent):
+        storage.delete_dir(path)

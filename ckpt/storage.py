@@ -71,8 +71,9 @@ def location(directory: str | os.PathLike | ObjectPath) -> Location:
     if isinstance(directory, str):
         directory = _local_path(directory)
     path = (directory if isinstance(directory, Path) else Path(directory)).expanduser().absolute()
-    if ".." in path.parts:  # tensorstore refuses '..'; what the system means by it (after symbolic links) is meant
-        path = path.resolve()
+    if ".." in path.parts:  # tensorstore refuses '..'; what the system means by it (after symbolic links) is meant,
+        # and as the system does, a link named last is not followed (a save or a deletion never goes through it)
+        path = path.resolve() if path.name == ".." else path.parent.resolve() / path.name
     try:
         str(path).encode("utf-8")
     except UnicodeEncodeError:
@@ -471,11 +472,13 @@ def in_use(directory: Location) -> bool:
 @contextlib.contextmanager
 def writing_to(root: Location) -> Iterator[None]:
     """Re-raises an error for lack of permission, or of a read-only file system, on writing in ``root`` as
-    a RootDirectoryError that says what to do."""
+    a RootDirectoryError that says what to do (unless this process may write in ``root``: then the error is
+    of what it names in it, an immutable step, and is raised as it is)."""
     try:
         yield
     except OSError as e:
-        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS) or (isinstance(root, Path)
+                                                                     and os.access(root, os.W_OK)):
             raise
         error = RootNotWritableError if e.errno in (errno.EACCES, errno.EPERM) else RootDirectoryError
         raise error(
@@ -837,13 +840,18 @@ def _aside(step_dir: Path) -> Path:
     """The name a step is renamed to before it is removed: ``<name>.ckpt-deleting``, once what a crashed
     deletion left there is removed; a name of its own (``<name>.<random>.ckpt-deleting``) when something
     ckpt did not make holds that one, which is left alone, or when what an earlier deletion left there cannot
-    be removed yet (a file an NFS client holds open), which the root's next writer tries again."""
+    be removed yet (a file an NFS client holds open), which the root's next writer tries again; or when that
+    name is longer than a file name may be (a step's name of 242 bytes or more), the start of the step's name."""
     doomed = step_dir.with_name(step_dir.name + fmt.DELETING_SUFFIX)
     try:
         remove_owned(doomed)
-    except OSError:  # (ForeignEntryError included)
-        doomed = step_dir.with_name(f"{step_dir.name}.{secrets.token_hex(4)}{fmt.DELETING_SUFFIX}")
+    except OSError:  # (ForeignEntryError and ENAMETOOLONG included)
+        own = f".{secrets.token_hex(4)}{fmt.DELETING_SUFFIX}"
+        doomed = step_dir.with_name(os.fsdecode(os.fsencode(step_dir.name)[: _NAME_MAX - len(own)]) + own)
     return doomed
+
+
+_NAME_MAX = 255  # the bytes of the longest file name (of a directory entry) that Linux's file systems take
 
 
 def is_plain_relative(path: str) -> bool:

@@ -206,15 +206,29 @@ def local_directory(directory: str | os.PathLike) -> Path:
     return storage.location(directory)
 
 
-def check_apart(directory: Path, durable: storage.Location) -> None:
-    """Refuses a local tier's directory that is the durable root itself (each step would be in both tiers).
+def check_apart(directory: Path, durable: storage.Location, name_format: Any = None) -> None:
+    """Refuses a local tier's directory that is the durable root itself (each step would be in both tiers), or,
+    given the tiers' step ``name_format``, one of the two directories that lies in the other at the name of a
+    step (whose save would find the other tier in its way).
 
     Raises:
-      ValueError: ``directory`` is ``durable`` (named as it was given).
+      ValueError: ``directory`` is ``durable``, or lies in it at a step's name, or the other way round (named as
+        they were given).
     """
-    if isinstance(durable, Path) and os.path.realpath(directory) == os.path.realpath(durable):
+    if not isinstance(durable, Path):
+        return
+    local, root = Path(os.path.realpath(directory)), Path(os.path.realpath(durable))
+    if local == root:
         raise ValueError(f"the local tier's directory is the root itself ({durable}): give it a directory of its own "
                          "(on a local disk), or leave local out")
+    parse = getattr(name_format, "parse_name", None)
+    for inner, outer in ((local, root), (root, local)):
+        name = inner.relative_to(outer).parts[0] if parse is not None and inner.is_relative_to(outer) else None
+        step = None if name is None else parse(name)
+        if step is not None and not formats.has_step_files(outer / name):  # (a step there: check_outside_steps's)
+            raise ValueError(f"the local tier's directory {directory} and the root {durable} lie one in the other at "
+                             f"{outer / name}, the name of step {step}: give the local tier a directory apart "
+                             "(on a local disk)")
 
 
 def check_owner(directory: Path, durable: str) -> None:
@@ -239,8 +253,8 @@ def _same_root(recorded: Any, durable: str) -> bool:
     directory (a symbolic link's and its target's)."""
     if recorded == durable:
         return True
-    return (isinstance(recorded, str) and not storage.is_url(recorded) and not storage.is_url(durable)
-            and os.path.realpath(recorded) == os.path.realpath(durable))
+    return (isinstance(recorded, str) and "\0" not in recorded and not storage.is_url(recorded)
+            and not storage.is_url(durable) and os.path.realpath(recorded) == os.path.realpath(durable))
 
 
 class LocalTier:

@@ -109,10 +109,13 @@ class Checkpointer:
             fmt.stored_json(custom_metadata, "custom_metadata")
         self._directory = storage.location(directory)
         if local is not None:
-            tiers.check_apart(storage.location(local.directory), self._directory)
+            tiers.check_apart(storage.location(local.directory), self._directory,
+                              step_name_format or step_lib.standard_name_format())
         self._context = context or Context()
         options = self._ctx
-        options.multiprocessing_options.check()
+        for group in (options.multiprocessing_options, options.file_options, options.async_options,
+                      options.memory_options):
+            group.check()
         if options.deletion_options.gcs_deletion_options.todelete_full_path is not None:
             raise ValueError("DeletionOptions.gcs_deletion_options.todelete_full_path: ckpt deletes steps it "
                              "does not keep; it cannot move them elsewhere")
@@ -811,10 +814,11 @@ class Checkpointer:
     def _read_step(self, step: int, path: storage.Location, read: Callable[[storage.Location], T]) -> T:
         """``read(path)`` of this root's ``step``, which garbage collection keeps meanwhile. A step deleted
         meanwhile raises StepNotFoundError (and is no longer listed); one replaced (``overwrite=True``) is
-        read again, once."""
+        read again, once; one replaced by something else (a symbolic link) raises StepNotFoundError."""
         self._reading[step] += 1
         try:
             try:
+                root.check_still_a_step(path, step)
                 with root.reading(path, step):
                     return read(path)
             except errors.StepReplacedError:  # saved again meanwhile: the new one is the step now

@@ -5,7 +5,8 @@ packed leaf against its CRC32 in tree.json, every chunk of every large leaf (it 
 and matches its ``chunk_crc32`` in tree.json, or the crc32c that tensorstore's zarr3 codec stored with
 it), and each array's zarr.json against its CRC32 in tree.json (a local step) and the spec there; and
 every chunk's word sum (``chunk_sum64``, of the packed array and of large leaves), the check a load
-makes, so that a step that passes ``verify`` loads.
+makes, so that a step that passes ``verify`` loads; and, where jax is installed, that it takes each saved PRNG
+key's implementation and key data's shape, as a load does.
 Memory stays bounded by two chunks (at most 2 x 16 MiB for large leaves, 2 x 4 MiB for packed ones).
 A step Orbax wrote is checked by reading every array of it through tensorstore, one at a time. A
 checkpointable a handler wrote (:mod:`ckpt.custom`) is named in ``unchecked``: no checksum covers its files.
@@ -28,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from ckpt import chunks
+from ckpt import leaves as leaves_lib
 from ckpt import format as fmt
 from ckpt import formats, loading, objectstore, orbax, progress, root, storage
 from ckpt.errors import CheckpointCorruptedError, InvalidLayoutError, UnsupportedLayoutError
@@ -119,6 +121,9 @@ def _verify(step_dir: storage.Location) -> VerifyResult:
         for meta in tree["leaves"]:
             result.leaves += 1
             where = f"{name}{meta['path']}"
+            why = meta["type"] == "jax_key" and leaves_lib.refused_keys(meta)
+            if why:
+                result.damaged.append(Damage(where, why))
             if "packed" in meta:
                 packed.append((where, meta))
             elif "array" in meta:

@@ -596,10 +596,10 @@ KILLED_IN_ITS_CLEANUP = r"""
 import os, signal, sys
 from ckpt import convert
 convert_step, unlink = convert._convert_step, os.unlink
-def interrupted(step, path, final):
+def interrupted(step, *args):
     if step == 2:
         raise KeyboardInterrupt   # Ctrl-C while step 2 is converted: the convert removes steps 0 and 1 again
-    return convert_step(step, path, final)
+    return convert_step(step, *args)
 def killed_in_the_removal(path, *args, **kwargs):
     unlink(path, *args, **kwargs)
     if os.path.basename(path) == "manifest.json":
@@ -623,6 +623,19 @@ def test_a_convert_killed_while_it_removed_its_steps_after_a_failure_is_resumed_
     assert sorted(os.listdir(tmp_path / "copy")) == [fmt.LOCK, "0", "1", "2"]
     with ckpt.Checkpointer(tmp_path / "copy") as copy:
         assert [copy.load(step)["w"].tolist() for step in range(3)] == [[0, 0], [1, 1], [2, 2]]
+
+
+def test_a_failed_convert_never_removes_a_checkpoint_saved_at_a_steps_name_while_it_ran(tmp_path):
+    """Was: the step was counted as written before it was, so the convert's cleanup deleted the user's checkpoint."""
+    with ckpt.Checkpointer(tmp_path / "run") as ckptr:
+        for step in (0, 1):
+            ckptr.save(step, {"w": np.full(2, step)}, force=True)
+    converting = convert.convert_root(tmp_path / "run", tmp_path / "copy")
+    assert next(converting).step == 0
+    ckpt.save(tmp_path / "copy" / "1", {"mine": np.arange(3)})  # (a save of someone else's, at step 1's name)
+    with pytest.raises(ckpt.errors.StepAlreadyExistsError):
+        next(converting)
+    assert sorted(os.listdir(tmp_path / "copy")) == ["1"] and ckpt.load(tmp_path / "copy" / "1")["mine"].tolist() == [0, 1, 2]
 
 
 def converted_run_a_with_run_b_beside(tmp_path: Path, capsys) -> None:

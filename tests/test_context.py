@@ -122,6 +122,31 @@ def test_options_ckpt_cannot_honour_are_refused_before_anything_is_written(tmp_p
     assert not (tmp_path / "root").exists()
 
 
+@pytest.mark.parametrize("mode", [-1, "0o750", 0o500, 2**40])
+def test_a_path_permission_mode_that_is_no_writable_directory_mode_is_refused_before_anything_is_written(tmp_path, mode):
+    """Was: -1 gave the directories mode 0o7777 (world-writable, setuid), 0o500 ones their owner could not write
+    into (RootNotWritableError once made), '0o750' and 2**40 TypeError and OverflowError once the root was made."""
+    ctx = ckpt.Context(file_options=ckpt.FileOptions(path_permission_mode=mode))
+    with pytest.raises(ValueError, match="FileOptions.path_permission_mode"):
+        Checkpointer(tmp_path / "root", context=ctx)
+    assert not (tmp_path / "root").exists()
+
+
+@pytest.mark.parametrize("option, value", [
+    ("timeout_secs", -1), ("timeout_secs", float("nan")), ("timeout_secs", "10"), ("timeout_secs", 0),
+    ("post_finalization_callback", "print"), ("max_inflight_bytes", -5), ("max_inflight_bytes", "1GB")])
+def test_an_async_or_memory_option_of_the_wrong_kind_is_refused_naming_it_before_anything_is_written(tmp_path, option,
+                                                                                                     value):
+    """Was: '10', 'print', '1GB' raised TypeError from deep inside the first save (after it committed, for the
+    callback), naming no option; a timeout of 0, -1 or NaN failed every save, a blocking one too, with TimeoutError."""
+    memory = option == "max_inflight_bytes"
+    group = (ckpt.MemoryOptions if memory else ckpt.AsyncOptions)(**{option: value})
+    kind = "memory_options" if memory else "async_options"
+    with pytest.raises((ValueError, TypeError), match=f"{type(group).__name__}.{option}"):
+        Checkpointer(tmp_path / "root", context=ckpt.Context(**{kind: group}))
+    assert not (tmp_path / "root").exists()
+
+
 def test_path_permission_mode_is_given_to_the_directories_ckpt_creates_never_to_an_existing_one(tmp_path):
     """As in Orbax: the directory a Checkpointer is opened on is the user's once it exists (a home, a
     shared project directory), and its mode stays theirs."""

@@ -238,6 +238,20 @@ def test_a_step_replaced_by_something_foreign_after_listing_is_not_garbage_colle
     assert fsutil.snapshot(tmp_path / "0") == before
 
 
+@pytest.mark.parametrize("kind", ["symlink-to-another-root's-step", "file"])
+def test_a_listed_step_replaced_by_a_link_or_a_file_is_not_read_through_it(tmp_path, kind):
+    with Checkpointer(tmp_path / "run", save_decision_policy=ALWAYS) as ckptr:
+        ckptr.save(0, STATE)
+        ckptr.save(1, STATE)
+        (tmp_path / "run" / "1").rename(tmp_path / "moved")  # another hand puts something at step 1's name
+        word = _make(kind, tmp_path / "run" / "1", tmp_path)
+        with pytest.raises(errors.StepNotFoundError, match=f"step 1 .*{word}"):
+            ckptr.load(1)
+        assert [c.step for c in ckptr.checkpoints] == [0]
+        with pytest.raises(errors.StepNotFoundError):
+            ckptr.metadata(1)
+
+
 @pytest.mark.parametrize("kind", ["directory", "empty-directory", "orbax-step", "file", "symlink-to-directory"])
 def test_the_free_save_never_overwrites_a_foreign_path_or_its_temporary_name(tmp_path, kind):
     target = tmp_path / "model"
@@ -434,6 +448,17 @@ def test_the_root_metadata_is_never_written_through_what_is_at_its_temporary_nam
         Checkpointer(root, custom_metadata={"experiment": "a"})
     assert fsutil.snapshot(tmp_path / "elsewhere") == whole
     assert not (root / fmt.ROOT_METADATA).exists()
+
+
+def test_a_dangling_link_at_the_root_metadatas_name_is_never_replaced(tmp_path):
+    """Was: taken for no metadata (exists() followed it), and replaced by a Checkpointer's custom_metadata."""
+    (tmp_path / "root").mkdir()
+    (tmp_path / "root" / fmt.ROOT_METADATA).symlink_to(tmp_path / "nowhere" / "meta.json")
+    with Checkpointer(tmp_path / "root", custom_metadata={"run": "a"}) as ckptr:
+        ckptr.save(0, STATE)
+        with pytest.raises(errors.CheckpointCorruptedError, match="symbolic link"):
+            ckptr.root_metadata()
+    assert os.readlink(tmp_path / "root" / fmt.ROOT_METADATA) == str(tmp_path / "nowhere" / "meta.json")
 
 
 def test_a_users_directories_that_only_resemble_orbax_steps_are_never_listed_nor_deleted(tmp_path):
@@ -701,3 +726,24 @@ def test_a_project_holding_a_manifest_json_and_a_tree_json_of_its_own_is_no_step
     (project / "runs" / "exp" / "0" / fmt.MARKER).unlink()  # as an earlier ckpt wrote it
     with pytest.raises(errors.RootDirectoryError, match="a checkpoint"):
         Checkpointer(project / "runs" / "exp" / "0")
+
+
+@pytest.mark.parametrize("way", ["Checkpointer", "ckpt.save", "ckpt convert"])
+def test_a_root_or_checkpoint_opened_through_a_link_into_a_temporary_is_refused_before_writing_into_it(tmp_path, way):
+    """Was: accepted through the link (only the names as written were looked at), and the next writer of the
+    temporary's root removed it, with the steps and checkpoints saved there."""
+    for run in ("root", "other"):
+        with Checkpointer(tmp_path / run) as ckptr:
+            ckptr.save(0, STATE)
+    (tmp_path / "root" / ("5" + fmt.TMP_SUFFIX)).mkdir()  # a save a crash interrupted
+    (tmp_path / "root" / ("5" + fmt.TMP_SUFFIX) / fmt.MARKER).touch()
+    (tmp_path / "link").symlink_to(tmp_path / "root" / ("5" + fmt.TMP_SUFFIX), target_is_directory=True)
+    before = fsutil.snapshot(tmp_path)
+    with pytest.raises(ValueError, match=r"5\.ckpt-tmp is named like a temporary of ckpt's"):
+        if way == "Checkpointer":
+            Checkpointer(tmp_path / "link" / "run")
+        elif way == "ckpt.save":
+            ckpt.save(tmp_path / "link" / "model", STATE)
+        else:
+            ckpt.convert.convert_root(tmp_path / "other", tmp_path / "link" / "copy")
+    assert fsutil.snapshot(tmp_path) == before

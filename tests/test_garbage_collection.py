@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from ckpt import format as fmt
+from ckpt.path import step as step_lib
 from ckpt.training import Checkpointer
 from ckpt.training import preservation_policies as pp
 from ckpt.training import save_decision_policies as sdp
@@ -171,3 +172,15 @@ def test_a_step_saved_again_after_a_deletion_left_part_of_it_is_deleted_again(tm
         assert [c.step for c in ckptr.checkpoints] == [1, 3]
         assert ckptr.save(4, {"x": np.arange(3)})  # the root's next writer removes what both deletions left
     assert sorted(os.listdir(tmp_path)) == [fmt.LOCK, "1", "3", "4"]
+
+
+def test_a_step_whose_name_is_too_long_for_its_deletion_name_is_still_deleted(tmp_path):
+    """Was: a name of 242 to 246 bytes was saved (its temporary's fits in 255 bytes), but '<name>.ckpt-deleting'
+    did not fit: every deletion failed with 'File name too long', so garbage collection failed every save."""
+    names = step_lib.standard_name_format(step_prefix="é" * 120)  # (242 bytes: 'é' is two)
+    with Checkpointer(tmp_path, save_decision_policy=ALWAYS, preservation_policy=pp.LatestN(1),
+                      step_name_format=names) as ckptr:
+        for step in (0, 1, 2):
+            ckptr.save(step, {"x": np.arange(3) + step})
+        assert [c.step for c in ckptr.checkpoints] == [2] and ckptr.delete(2) and not ckptr.checkpoints
+    assert os.listdir(tmp_path) == [fmt.LOCK]

@@ -33,6 +33,7 @@ import ckpt
 from ckpt import chunks, cli, storage
 from ckpt import format as fmt
 from ckpt.training import Checkpointer
+from ckpt.verify import verify_step
 from tests import procs
 from tests.fsutil import rewrite_manifest, rewrite_tree, seal_manifest, write_tree
 
@@ -609,10 +610,27 @@ def test_a_step_with_a_bad_timestamp_is_listed_as_damaged_and_the_rest_of_the_ro
     assert status == 0 and text.startswith(f"step 0  {root / '0'}")
 
 
-def test_a_torch_leaf_of_a_dtype_torch_has_no_type_for_is_damage_naming_the_leaf(tmp_path):
-    pytest.importorskip("torch")
-    ckpt.save(tmp_path / "c", {"ok": np.ones(2), "q": np.arange(24, dtype=np.uint8)})
-    rewrite_tree(tmp_path / "c", lambda t: leaf(t, "['q']").update(type="torch", dtype="int4"))
-    with pytest.raises(ckpt.errors.CheckpointCorruptedError, match=r"leaf state\['q'\] is damaged: it cannot be "
-                                                                   r"restored as saved \(TypeError"):
+@pytest.mark.parametrize("impl", ["no_such_impl", "rbg"])  # (rbg: key data of 4 words, not threefry's 2)
+def test_a_prng_key_leaf_of_an_implementation_jax_refuses_is_damage_for_verify_as_for_load(tmp_path, impl):
+    jax = pytest.importorskip("jax")
+    ckpt.save(tmp_path / "c", {"ok": np.ones(2), "k": jax.random.key(0)})
+    rewrite_tree(tmp_path / "c", lambda t: leaf(t, "['k']").update(impl=impl))
+    with pytest.raises(ckpt.errors.CheckpointCorruptedError, match=rf"leaf state\['k'\] is damaged: jax refuses .*{impl}"):
         ckpt.load(tmp_path / "c")
+    result = verify_step(tmp_path / "c")
+    assert [d.where for d in result.damaged] == ["state['k']"] and impl in result.damaged[0].why
+
+
+@pytest.mark.parametrize("kind, dtype", [("torch", "int4"), ("torch", "float8_e4m3b11fnuz"), ("jax", "float128")])
+def test_a_framework_leaf_of_a_dtype_its_framework_has_no_type_for_is_damage_naming_the_leaf_for_load_and_verify(
+        tmp_path, kind, dtype):
+    """Was: verify passed them; a load raised TypeError as damage (torch), or jax's own error naming no leaf."""
+    pytest.importorskip(kind)
+    if np.dtype(np.longdouble).itemsize <= 8 and dtype == "float128":
+        pytest.skip("numpy has no float128 here")
+    ckpt.save(tmp_path / "c", {"ok": np.ones(2), "q": np.arange(48, dtype=np.uint8)})
+    shape = [48 // ckpt.leaves.parse_dtype(dtype).itemsize]  # (its bytes as saved)
+    rewrite_tree(tmp_path / "c", lambda t: leaf(t, "['q']").update(type=kind, dtype=dtype, shape=shape))
+    with pytest.raises(ckpt.errors.CheckpointCorruptedError, match=rf"leaf state\['q'\]: a {kind} leaf of dtype {dtype}"):
+        ckpt.load(tmp_path / "c")
+    assert not verify_step(tmp_path / "c").ok

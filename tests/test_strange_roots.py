@@ -108,6 +108,25 @@ def test_a_read_only_root_is_listed_and_loaded_and_a_save_says_why_it_cannot_wri
     assert fsutil.snapshot(root) == before
 
 
+def test_a_deletion_in_a_root_that_became_read_only_says_so_naming_the_root_and_keeps_the_step(tmp_path):
+    """And a deletion refused by the step alone (immutable), in a root this process may write, names the step."""
+    root = _saved_root(tmp_path / "root")
+    with Checkpointer(root, save_decision_policy=ALWAYS) as ckptr:
+        ckptr.save(2, STATE)  # (the root taken: its lock held)
+        with fsutil.read_only(root):
+            for delete in (ckptr.delete, lambda step: ckpt.delete(root / str(step))):
+                with pytest.raises(errors.RootDirectoryError, match=f"cannot write in {root}: Read-only"):
+                    delete(1)
+            assert [c.step for c in ckptr.checkpoints] == [0, 1, 2] and ckptr.load(1)["n"] == 1
+        thaw = fsutil.undeletable(root / "1")  # the root is writable, step 1 alone is not: its error, not the root's
+        try:
+            with pytest.raises(PermissionError, match=f"'{root / '1'}' ->") as info:
+                ckptr.delete(1)
+            assert not isinstance(info.value, errors.RootDirectoryError)
+        finally:
+            thaw()
+
+
 # --------------------------------------------------------------------------------- races
 GARBAGE_COLLECT = """
 import sys
@@ -376,3 +395,19 @@ def test_a_root_given_with_dot_dot_means_what_the_system_means(tmp_path):
         ckptr.save(0, {"big": np.arange(300_000, dtype=np.float32)})
     assert sorted(os.listdir(tmp_path / "real")) == ["deep", "root"]
     assert (tmp_path / "real" / "root" / "0" / fmt.MANIFEST).exists()
+
+
+def test_a_path_with_dot_dot_ending_in_a_symbolic_link_is_the_link_which_no_save_or_deletion_goes_through(tmp_path):
+    ckpt.save(tmp_path / "model", STATE)
+    (tmp_path / "link").symlink_to(tmp_path / "model")
+    (tmp_path / "dangling").symlink_to(tmp_path / "elsewhere")
+    through = tmp_path / "sub" / ".."  # (the system follows no link named last, '..' or not)
+    (tmp_path / "sub").mkdir()
+    with pytest.raises(errors.NotACheckpointError, match="link"):
+        ckpt.delete(through / "link")
+    with pytest.raises(errors.ForeignEntryError, match="symbolic link"):
+        ckpt.save(through / "link", {"w": np.zeros(2)}, overwrite=True)
+    with pytest.raises(errors.ForeignEntryError, match="symbolic link"):
+        ckpt.save(through / "dangling", {"w": np.zeros(2)})
+    assert not (tmp_path / "elsewhere").exists() and ckpt.load(through / "link")["n"] == STATE["n"]
+    np.testing.assert_array_equal(ckpt.load(tmp_path / "model")["w"], STATE["w"])

@@ -221,6 +221,16 @@ def test_a_local_tier_in_the_roots_own_directory_is_refused_before_anything_is_w
     assert not root.exists()
 
 
+@pytest.mark.parametrize("local, durable", [("run/3", "run"), ("ssd", "ssd/7/run")])
+def test_a_local_tier_and_a_root_one_in_the_other_at_a_steps_name_are_refused_before_anything_is_written(
+        tmp_path, local, durable):
+    """Was: accepted; the step of that name, once reached, found the other tier's directory in its way
+    (ForeignEntryError at its save, after the steps before it were saved)."""
+    with pytest.raises(ValueError, match=r"lie one in the other at .*, the name of step [37]"):
+        ckpt.Checkpointer(tmp_path / durable, local=ckpt.LocalCheckpointOptions(tmp_path / local))
+    assert os.listdir(tmp_path) == []
+
+
 def test_a_local_directory_holding_another_durable_roots_tier_is_refused_not_restored_from(tmp_path):
     """A local SSD directory reused by the next run (another durable root): its steps, numbered higher than
     the new run's, were restored as the new run's latest state."""
@@ -240,6 +250,14 @@ def test_a_local_directory_holding_another_durable_roots_tier_is_refused_not_res
         assert ckptr.latest.step == 2
     with pytest.raises(ValueError, match="holds the local tier of the durable root"):
         ckpt.Checkpointer(tmp_path / "run2", local=local())
+
+
+def test_a_local_tier_whose_recorded_owner_holds_a_nul_is_another_runs_naming_its_directory(tmp_path):
+    """Was: ValueError 'LocalCheckpointOptions directory embedded null byte, ...' (os.path.realpath's), naming nothing."""
+    (tmp_path / "ssd").mkdir()
+    (tmp_path / "ssd" / "ckpt-root.json").write_text('{"custom_metadata": {"durable_root": "run\\u0000x"}}')
+    with pytest.raises(ValueError, match=f"{tmp_path / 'ssd'} holds the local tier of the durable root run"):
+        ckpt.Checkpointer(tmp_path / "run", local=ckpt.LocalCheckpointOptions(tmp_path / "ssd"))
 
 
 def test_the_durable_root_named_through_a_symbolic_link_is_the_owner_of_its_local_tier(tmp_path, capsys):

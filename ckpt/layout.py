@@ -64,6 +64,7 @@ class Layout:
     run_targets: list[tuple[packing.Run, np.ndarray]] = dataclasses.field(default_factory=list)
     alone_views: list[tuple[int, np.ndarray]] = dataclasses.field(default_factory=list)
     torch_run_targets: list[tuple[transfers.TorchRun, Any]] = dataclasses.field(default_factory=list)
+    windows_by_size: dict[int, list[tuple[list[packing.Run], list[int]]]] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         """Makes the tables a save from the layout needs."""
@@ -95,7 +96,7 @@ class Layout:
         keys = dict(zip(self.numpy_index, [  # type is numpy) and its own dtype
             (meta[i]["dtype"], dtype, shape if nbytes[i] <= align else None)
             for i, shape, dtype in zip(self.numpy_index, self.numpy_shapes, self.numpy_dtypes)]))
-        return packing.runs(self.packed_order, keys, self.meta, self.offset, self.nbytes, fmt.PACKED_CHUNK_BYTES)
+        return packing.runs(self.packed_order, keys, self.meta, self.offset, self.nbytes, packing.piece_bytes())
 
     @functools.cached_property
     def path_strings(self) -> list[str]:
@@ -115,30 +116,31 @@ class Layout:
                  for where, offset, nbytes in zip(self.location, self.offset, self.nbytes)]
         return entries.rows(self.path_strings, self.meta, spans)
 
-    @functools.cached_property
-    def windows(self) -> list[tuple[list[packing.Run], list[int]]]:
-        """The runs and lone leaves of each chunk of the packed array (see :func:`ckpt.packing.by_window`)."""
-        return packing.by_window(*self.copy_groups, self.offset, fmt.PACKED_CHUNK_BYTES)
+    def windows(self, size: int) -> list[tuple[list[packing.Run], list[int]]]:
+        """The runs and lone leaves of each window of ``size`` bytes of the packed array, a chunk or a
+        piece (see :func:`ckpt.packing.by_window`); made once per size."""
+        found = self.windows_by_size.get(size)
+        if found is None:
+            found = self.windows_by_size[size] = packing.by_window(*self.copy_groups, self.offset, size)
+        return found
 
-    def filler(self, values: list[Any]) -> Callable[[np.ndarray, int, int], int]:
-        """The ``fill`` of :func:`ckpt.packing.windows` for this layout's leaves ``values``: the chunks of
-        the packed array of a save that keeps no copy of the state (each transfer from a device waited
-        for before its chunk is written)."""
-        windows, offset, nbytes, size = self.windows, self.offset, self.nbytes, fmt.PACKED_CHUNK_BYTES
+    def filler(self, values: list[Any], size: int) -> Callable[[np.ndarray, int, int], int]:
+        """The ``fill`` of :func:`ckpt.packing.windows` for this layout's leaves ``values``, by windows of
+        ``size`` bytes (a chunk or a piece): the packed array of a save that keeps no copy of the state
+        (each transfer from a device waited for before its window is written)."""
+        windows, offset, nbytes = self.windows(size), self.offset, self.nbytes
         to_host = transfers.ToHost(values, self.device_leaves)
 
         def fill(buffer: np.ndarray, lo: int, hi: int) -> int:
             runs, alone = windows[lo // size] if lo // size < len(windows) else ((), ())
+            end = max([run.stop for run in runs] + [offset[i] - lo + packing.slot(nbytes[i]) for i in alone], default=0)
             if alone or any(run.shape is not None for run in runs):  # leaves copied without their padding
-                buffer[min([run.start for run in runs] + [offset[i] - lo for i in alone]):] = 0
-            end = 0
+                buffer[min([run.start for run in runs] + [offset[i] - lo for i in alone]): end] = 0
             for run in runs:
                 run.copy(values, run.target(buffer))
-                end = max(end, run.stop)
             for i in alone:
                 start = offset[i] - lo
                 to_host.copy(i, self.view_of(i, buffer[start: start + nbytes[i]]))
-                end = max(end, start + packing.slot(nbytes[i]))
             to_host.wait()
             return end
         return fill

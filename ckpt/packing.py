@@ -20,6 +20,16 @@ from ckpt import format as fmt
 from ckpt import leaves as leaves_lib
 
 
+PIECE_BYTES = 256 << 10  # a sync save to local files fills and writes the packed array this much at a time
+
+
+def piece_bytes() -> int:
+    """The window by which a sync save to local files fills and writes the packed array, so that it holds
+    a piece of it at a time, not a chunk: :data:`PIECE_BYTES`, or a whole chunk where that does not
+    divide ``fmt.PACKED_CHUNK_BYTES``. Runs of leaves never cross such a window."""
+    return PIECE_BYTES if fmt.PACKED_CHUNK_BYTES % PIECE_BYTES == 0 else fmt.PACKED_CHUNK_BYTES
+
+
 def slot(nbytes: Any) -> Any:
     """The bytes a packed leaf of ``nbytes`` takes in the packed array (padded to the alignment); of
     each, for an array of sizes."""
@@ -114,7 +124,7 @@ def runs(order: list[int], keys: dict[int, Any], meta: list[dict], offset: list[
 
     Example::
 
-        together, alone = runs(order, keys, meta, offset, nbytes, fmt.PACKED_CHUNK_BYTES)
+        together, alone = runs(order, keys, meta, offset, nbytes, piece_bytes())
     """
     if not order:
         return [], []

@@ -10,6 +10,7 @@ import contextlib
 import ctypes
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
 import operator
@@ -147,15 +148,17 @@ def _filler(packed: list[PlannedLeaf]) -> Callable[[np.ndarray, int, int], int]:
 
     def fill(buffer: np.ndarray, lo: int, hi: int) -> int:
         nonlocal position
-        end = 0
-        if position < len(packed):  # the padding of each slot
-            buffer[packed[position].offset - lo:] = 0
+        first = position
         while position < len(packed) and packed[position].offset < hi:
-            leaf = packed[position]
+            position += 1
+        if first == position:
+            return 0
+        last = packed[position - 1]
+        end = last.offset - lo + packing.slot(last.nbytes)
+        buffer[packed[first].offset - lo: end] = 0  # the padding of each slot (and no byte past it: see windows)
+        for leaf in packed[first: position]:
             start = leaf.offset - lo
             buffer[start: start + leaf.nbytes] = _raw_bytes(leaf.host.array)
-            end = start + packing.slot(leaf.nbytes)
-            position += 1
         return end
     return fill
 
@@ -747,25 +750,50 @@ class StepWriter:
             layout = chunks.spec_layout(spec)
             if slow:
                 self._unsynced.add(directory)
-            for start, chunk in self._packed_chunks():
-                self.packed_sums.append(chunks.sum64(chunk))
-                if not chunk.size:  # only empty leaves: no chunk at all
-                    continue
-                self.progress.advance(chunk.size)
-                where = layout[start // fmt.PACKED_CHUNK_BYTES]
-                if self._written_direct(directory, where, chunk):
-                    continue
-                file = directory / where.key
-                if slow and not self._slow():  # hurried: the rest at full speed
-                    slow, store = False, self._open(spec).result()
-                if len(pending) >= 2:
-                    self._written(*pending.pop(0))
-                pending.append((store[start: start + chunk.size].write(
-                    chunk, can_reference_source_data_indefinitely=True).commit, file if slow else None))
+            if not slow and plan.packed_buffer is None and plan.packed_nbytes and isinstance(directory, Path):
+                self._write_pieces(directory, layout)  # a sync save to local files
+            else:
+                for start, chunk in self._packed_chunks(fmt.PACKED_CHUNK_BYTES):
+                    self.packed_sums.append(chunks.sum64(chunk))
+                    if not chunk.size:  # only empty leaves: no chunk at all
+                        continue
+                    self.progress.advance(chunk.size)
+                    where = layout[start // fmt.PACKED_CHUNK_BYTES]
+                    if self._written_direct(directory, where, chunk):
+                        continue
+                    file = directory / where.key
+                    if slow and not self._slow():  # hurried: the rest at full speed
+                        slow, store = False, self._open(spec).result()
+                    if len(pending) >= 2:
+                        self._written(*pending.pop(0))
+                    pending.append((store[start: start + chunk.size].write(
+                        chunk, can_reference_source_data_indefinitely=True).commit, file if slow else None))
             for written in pending:
                 self._written(*written)
         self.packed_spec = spec
         self.packed_zarr_json_crc32 = fmt.crc32(storage.read_json_bytes(directory / "zarr.json"))
+
+    def _write_pieces(self, directory: Path, layout: list[chunks.Chunk]) -> None:
+        """Writes the packed array's chunk files (``layout``) from its pieces (see
+        :func:`ckpt.packing.piece_bytes`) as they are filled, through the page cache (each file's writeback
+        started once it is written, all of them fsync'd before tree.json): the save holds a piece of the
+        packed array at a time, not a chunk."""
+        self._unsynced.add(directory)
+        step = packing.piece_bytes()
+        pieces = self._packed_chunks(step)
+        for chunk in layout:
+            sums: list[int] = []
+
+            def parts(count: int) -> Iterator[np.ndarray]:
+                for _, piece in itertools.islice(pieces, count):
+                    sums.append(chunks.sum64(piece))  # (additive: each piece starts at a multiple of 8 bytes)
+                    self.progress.advance(piece.size)
+                    yield piece
+
+            count = -(-(chunk.stop - chunk.start) // step)  # (pieces never cross a chunk's edge)
+            storage.write_new_file(directory / chunk.key, parts(count), chunk.file_bytes)
+            storage.start_writeback(directory / chunk.key)
+            self.packed_sums.append(sum(sums) & 0xFFFFFFFFFFFFFFFF)
 
     def _open(self, spec: dict, *, background: bool = False, synced: bool = True) -> ts.Future:
         """Starts opening the array of ``spec`` (its kvstore relative to the step's temporary directory)
@@ -790,16 +818,17 @@ class StepWriter:
         if unsynced_file is not None:
             storage.start_writeback(unsynced_file)
 
-    def _packed_chunks(self) -> Iterator[tuple[int, np.ndarray]]:
-        """The packed array's chunks, in order (see :func:`ckpt.packing.windows`). The CRC32s of the
-        small leaves (``packed_crcs``, in offset order) are taken from each chunk before it is written,
-        while tensorstore writes the chunks before (in the background, all of them first: one busy
-        thread at a time)."""
-        plan, size = self.plan, fmt.PACKED_CHUNK_BYTES
+    def _packed_chunks(self, size: int) -> Iterator[tuple[int, np.ndarray]]:
+        """The packed array's windows of ``size`` bytes (chunks, or pieces of them), in order (see
+        :func:`ckpt.packing.windows`; from a snapshot's buffer, chunks). The CRC32s of the small leaves
+        (``packed_crcs``, in offset order) are taken from each window before it is written, while
+        tensorstore writes the chunks before (in the background, all of them first: one busy thread at
+        a time)."""
+        plan = self.plan
         checksums = packing.Checksums(*plan.packed_spans)
         self.packed_crcs = checksums.values
         if plan.packed_buffer is None:
-            fill = plan.layout.filler(plan.values) if plan.values is not None else _filler(plan.packed)
+            fill = plan.layout.filler(plan.values, size) if plan.values is not None else _filler(plan.packed)
             source: Iterator[tuple[int, np.ndarray]] = packing.windows(fill, plan.packed_nbytes, size)
         else:
             whole = [(start, plan.packed_buffer[start: start + size]) for start in range(0, max(plan.packed_nbytes, 1), size)]

@@ -24,7 +24,7 @@ import stat
 import urllib.parse
 import weakref
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import tensorstore as ts
@@ -194,6 +194,27 @@ def write_direct(path: Location, data: np.ndarray) -> bool:
         raise OSError(e.errno, e.strerror, str(path)) from None
     os.close(fd)
     return True
+
+
+def write_new_file(path: Path, parts: Iterable[np.ndarray], size: int) -> None:
+    """Writes ``parts`` (flat uint8 arrays) one after another as the new file ``path`` of ``size`` bytes,
+    zeros after them, making its parent directories; through the page cache, not fsync'd (see
+    :func:`fsync_files`).
+
+    Raises:
+      OSError: naming the file; also when something is at ``path`` already (never followed, never replaced).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with naming(path):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+        try:
+            for part in parts:
+                view = memoryview(part)
+                while view:
+                    view = view[os.write(fd, view):]
+            os.ftruncate(fd, size)
+        finally:
+            os.close(fd)
 
 
 FSYNC_THREADS = 8  # fsyncs in flight at once: each mostly waits, for the disk or a network file system's server

@@ -446,6 +446,9 @@ def test_an_abstract_tree_with_its_keys_in_another_order_gets_each_leaf_by_its_k
         np.testing.assert_array_equal(restored[key], value)
     with pytest.raises(ValueError, match=r"\['w2'\]: saved shape \(5,\), abstract leaf wants \(4,\)"):
         ckpt.load(tmp_path / "c", {**reverse, "w2": np.empty(4)})
+    renamed = {("v0" if key == "w0" else key): value for key, value in reverse.items()}  # as many keys, one other
+    with pytest.raises(ValueError, match=r"(?s)\['v0'\]: in the abstract tree, not in the checkpoint.*\['w0'\]: in the"):
+        ckpt.load(tmp_path / "c", renamed)
     nested = {"z": {"b": np.ones(2), "a": [np.zeros(1), 3]}, "y": np.arange(3)}  # reordered at two levels
     ckpt.save(tmp_path / "n", nested)
     restored = ckpt.load(tmp_path / "n", {"y": np.empty(3, np.int8), "z": {"a": [np.empty(1), 0], "b": np.empty(2)}})

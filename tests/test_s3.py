@@ -461,6 +461,18 @@ def test_an_endpoint_without_its_scheme_is_a_value_error_naming_it_and_the_url_a
     assert said in capsys.readouterr().err
 
 
+def test_s3_aws_endpoint_url_s3_is_used_before_aws_endpoint_url_as_aws_sdks_do(bucket, s3_server, monkeypatch):
+    import ckpt
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_server)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")  # other services' endpoint: nothing answers there
+    ckpt.save(f"{bucket}/one", {"w": np.arange(3)})  # was: OSError 'the store did not answer' (the port 1 above)
+    assert ckpt.load(f"{bucket}/one")["w"].tolist() == [0, 1, 2]
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "127.0.0.1:9000")
+    with pytest.raises(ValueError, match=f"{bucket}: AWS_ENDPOINT_URL_S3 is '127.0.0.1:9000', which is not an http"):
+        Checkpointer(bucket)
+
+
 UNREACHED = """
 import sys, time
 import ckpt

@@ -148,25 +148,27 @@ class Checkpointer:
         if primary and custom_metadata is not None and not formats.has_root_metadata(self._directory):
             with storage.writing_to(self._directory):
                 storage.write_file_atomic(root_file, fmt.root_metadata_bytes(custom_metadata))
-        self._local = None if local is None else tiers.LocalTier(
-            local, tiers.DurableRoot(self._directory,
-                                     lambda step: self._directory / step_lib.checked_name(self._name_format, step),
-                                     lambda: self._infos, self._save_policy,
-                                     self._writer, self._take_directory, self._committed, self._processes,
-                                     self._operation, lambda: self._ctx.async_options.timeout_secs,
-                                     lambda: self._begun),
-            Checkpointer, Checkpointer._collect_garbage, Checkpointer._decide, context=self._context,
-            step_name_format=self._name_format, lightweight_initialize=lightweight_initialize,
-            cleanup_tmp_directories=cleanup_tmp_directories)
+        self._local: tiers.LocalTier | None = None  # (made below, once this root is listed)
         self._swept = False
-        if cleanup_tmp_directories and primary:
-            self._take_directory()
         preemption.install()
         if primary:  # (it puts back a step a crash left set aside: before any other process lists the root)
             self.reload()
         self._barrier("init")
         if not primary:
             self.reload()
+        if local is not None:  # (a durable root that cannot be listed, no such bucket, leaves the local one untouched)
+            self._local = tiers.LocalTier(
+                local, tiers.DurableRoot(self._directory,
+                                         lambda step: self._directory / step_lib.checked_name(self._name_format, step),
+                                         lambda: self._infos, self._save_policy,
+                                         self._writer, self._take_directory, self._committed, self._processes,
+                                         self._operation, lambda: self._ctx.async_options.timeout_secs,
+                                         lambda: self._begun),
+                Checkpointer, Checkpointer._collect_garbage, Checkpointer._decide, context=self._context,
+                step_name_format=self._name_format, lightweight_initialize=lightweight_initialize,
+                cleanup_tmp_directories=cleanup_tmp_directories)
+        if cleanup_tmp_directories and primary:
+            self._take_directory()
         if self._local is not None and self._processes.count > 1:
             self._local.drop_leftovers()
 

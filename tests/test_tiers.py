@@ -242,6 +242,19 @@ def test_a_local_directory_holding_another_durable_roots_tier_is_refused_not_res
         ckpt.Checkpointer(tmp_path / "run2", local=local())
 
 
+def test_a_durable_root_that_cannot_be_listed_leaves_the_local_directory_free_for_the_right_one(bucket, tmp_path):
+    """A bucket's name mistyped (or the bucket not made yet): the open failed, but only after the local tier had
+    recorded the mistyped root as its owner, so the run with the right name was refused ('holds the local tier of
+    the durable root s3://nosuch..., not of s3://...: its steps are another run's'), though the tier held nothing."""
+    local = ckpt.LocalCheckpointOptions(tmp_path / "local")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ckpt.Checkpointer(bucket.replace("s3://", "s3://nosuch"), local=local)
+    assert not (tmp_path / "local").exists()
+    with ckpt.Checkpointer(bucket, local=local) as ckptr:
+        ckptr.save(0, {"w": np.arange(2)})
+        assert [(c.step, sorted(c.locations)) for c in ckptr.checkpoints] == [(0, ["durable", "local"])]
+
+
 def test_the_durable_root_named_through_a_symbolic_link_is_the_owner_of_its_local_tier(tmp_path, capsys):
     """The same run opened as /scratch/run (a link) and as its target was refused as another run's ('Use another
     local directory, or delete that one'), its steps not yet promoted with it."""

@@ -126,6 +126,10 @@ def each(function: Callable[[Any], T], items: Iterable[Any]) -> list[T]:
 
 
 def is_url(directory: Any) -> bool:
+    """Whether ``directory`` is an s3:// or gs:// URL: a string, an :class:`ObjectPath`, or a path object that
+    keeps the URL whole (``etils.epath.Path("gs://bucket/run")``, as code written for Orbax passes)."""
+    if isinstance(directory, os.PathLike):
+        directory = os.fspath(directory)
     return isinstance(directory, (str, ObjectPath)) and str(directory).split("://", 1)[0] in SCHEMES
 
 

@@ -69,7 +69,7 @@ def location(directory: str | os.PathLike | ObjectPath) -> Location:
         or a name that is not UTF-8 (tensorstore cannot open it).
     """
     if is_url(directory):
-        return ObjectPath(str(directory))
+        return ObjectPath(os.fspath(directory) if isinstance(directory, os.PathLike) else str(directory))
     if isinstance(directory, str):
         directory = _local_path(directory)
     path = directory if isinstance(directory, Path) else Path(directory)

@@ -473,6 +473,19 @@ def test_s3_aws_endpoint_url_s3_is_used_before_aws_endpoint_url_as_aws_sdks_do(b
         Checkpointer(bucket)
 
 
+def test_s3_a_root_given_as_an_epath_path_as_orbax_code_gives_it_is_the_bucket_not_a_local_directory(bucket):
+    import ckpt
+    from ckpt import storage
+    from ckpt.objectstore import ObjectPath
+
+    epath = pytest.importorskip("etils.epath")
+    root = epath.Path(bucket)  # (os.fspath keeps 's3://', where pathlib would give 's3:/')
+    assert storage.location(root) == ObjectPath(bucket)  # was: PosixPath('/s3/<bucket>/runs/exp'), on the local disk
+    with Checkpointer(root) as ckptr:
+        ckptr.save(0, {"w": np.arange(3)})
+    assert ObjectPath(bucket).children() == ["0"] and ckpt.load(root / "0")["w"].tolist() == [0, 1, 2]
+
+
 UNREACHED = """
 import sys, time
 import ckpt

@@ -106,8 +106,11 @@ def convert_root(source: str | os.PathLike, destination: str | os.PathLike) -> I
         assert [c.step for c in convert_root("runs/old", "runs/new")] == [1]
     """
     source, destination = storage.location(source), storage.location(destination)
-    if not isinstance(source, Path) or not isinstance(destination, Path):
-        raise ValueError("ckpt convert reads and writes local directories")
+    for what, path in (("source", source), ("destination", destination)):
+        if not isinstance(path, Path):
+            raise ValueError(f"ckpt convert reads and writes local directories, and its {what} {path} is on an "
+                             "object store: convert a local copy of the root, into a local directory (then copy "
+                             "that to the store if it is wanted there)")
     root_lib.check_outside_temporaries(destination, "the root a convert writes")
     if os.path.lexists(destination) and not destination.is_dir():
         raise FileExistsError(f"{destination} is {storage.describe(destination)}, not a directory; "

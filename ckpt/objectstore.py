@@ -5,11 +5,11 @@ An object store has no rename: a step is written in place under its final name, 
 hold ckpt's marker (``.ckpt-owned``, written first) are removed by the next writer, others are never
 touched. Deletion removes the manifest first and the marker last.
 
-S3 settings come from the usual environment variables: ``AWS_ENDPOINT_URL`` (e.g. a local
-S3-compatible server), ``AWS_REGION`` (or ``AWS_DEFAULT_REGION``; when neither is set, tensorstore asks
-the bucket's region), and the credentials: ``AWS_ACCESS_KEY_ID`` (with
-``AWS_SECRET_ACCESS_KEY`` and ``AWS_SESSION_TOKEN``) when set, else AWS's usual chain (``~/.aws``, the
-instance's role).
+S3 settings come from the usual environment variables: ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL``
+(e.g. a local S3-compatible server; the first wins, as in AWS's SDKs), ``AWS_REGION`` (or
+``AWS_DEFAULT_REGION``; when neither is set, tensorstore asks the bucket's region), and the credentials:
+``AWS_ACCESS_KEY_ID`` (with ``AWS_SECRET_ACCESS_KEY`` and ``AWS_SESSION_TOKEN``) when set, else AWS's usual
+chain (``~/.aws``, the instance's role).
 """
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ def access_error(error: ValueError, what: str) -> OSError | None:
                                "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY) and what they may do there")
     if status in _UNSERVED:
         return OSError(errno.EIO, f"{what}: the store did not answer ({short}); check the endpoint (for s3://, "
-                       "AWS_ENDPOINT_URL) and the network")
+                       "AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL) and the network")
     return None
 
 
@@ -88,14 +88,19 @@ def _invalid_bucket(scheme: str, bucket: str) -> bool:
     return False
 
 
+_ENDPOINT_VARIABLES = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")  # S3's own first, as AWS's SDKs and CLI read them
+
+
 def _endpoint(url: str) -> str | None:
-    """``AWS_ENDPOINT_URL`` (None when unset), checked for ``url``: ValueError, naming both, when it is not an
+    """The endpoint the environment gives S3 (``AWS_ENDPOINT_URL_S3``, else ``AWS_ENDPOINT_URL``; None when
+    neither is set), checked for ``url``: ValueError, naming the variable and the URL, when it is not an
     http:// or https:// URL (tensorstore's error named neither)."""
-    endpoint = os.environ.get("AWS_ENDPOINT_URL")
+    name, endpoint = next(((name, os.environ[name]) for name in _ENDPOINT_VARIABLES if os.environ.get(name)),
+                          ("", None))
     if endpoint and not endpoint.startswith(("http://", "https://")):  # (tensorstore: lowercase only)
-        raise ValueError(f"{url}: AWS_ENDPOINT_URL is {endpoint!r}, which is not an http:// or https:// URL; give "
+        raise ValueError(f"{url}: {name} is {endpoint!r}, which is not an http:// or https:// URL; give "
                          f"its scheme too (such as http://{endpoint})")
-    return endpoint or None
+    return endpoint
 
 
 REQUESTS_AT_ONCE = 32  # requests in flight at once in :func:`each` (each mostly waits on the network)
@@ -121,6 +126,10 @@ def each(function: Callable[[Any], T], items: Iterable[Any]) -> list[T]:
 
 
 def is_url(directory: Any) -> bool:
+    """Whether ``directory`` is an s3:// or gs:// URL: a string, an :class:`ObjectPath`, or a path object that
+    keeps the URL whole (``etils.epath.Path("gs://bucket/run")``, as code written for Orbax passes)."""
+    if isinstance(directory, os.PathLike):
+        directory = os.fspath(directory)
     return isinstance(directory, (str, ObjectPath)) and str(directory).split("://", 1)[0] in SCHEMES
 
 
@@ -209,7 +218,8 @@ class ObjectPath:
         one not served (see :func:`access_error`), else OSError with tensorstore's text."""
         if "NoSuchBucket" in str(error):
             return FileNotFoundError(errno.ENOENT, f"{self}: the bucket {self.bucket!r} does not exist (ckpt creates "
-                                     "none: create it, or check its name and AWS_ENDPOINT_URL)")
+                                     "none: create it, or check its name and AWS_ENDPOINT_URL_S3 or "
+                                     "AWS_ENDPOINT_URL)")
         return access_error(error, str(self)) or OSError(errno.EIO, f"{self}: {error}")
 
     def read_bytes(self) -> bytes:

@@ -382,6 +382,13 @@ def replaced_elsewhere(existing: storage.Location | None, final: storage.Locatio
     return existing
 
 
+def begun_in_place(entries: list[Entry]) -> set[int]:
+    """The steps of ``entries`` (from :func:`scan`) whose names hold what ckpt began there and never finished: on
+    an object store, which has no rename, a save (or a promotion) written in place and never committed, or a
+    deletion cut short (a crash, a failure)."""
+    return {e.step for e in entries if e.kind is Kind.TEMPORARY and e.step is not None}
+
+
 def replaced_and_left(entries: list[Entry]) -> list[Entry]:
     """The steps of ckpt's among ``entries`` (from :func:`scan`) that the same step committed later under
     another name (a composite name format reads several) replaced: a save with ``overwrite=True`` deletes

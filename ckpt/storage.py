@@ -63,14 +63,22 @@ def location(directory: str | os.PathLike | ObjectPath) -> Location:
 
     Raises:
       ValueError: an empty path (which would mean the current directory), a URL of a scheme ckpt cannot
-        store to (which would be a relative directory named ``hdfs:``), a local path with a backslash
-        (tensorstore would write elsewhere) or a name that is not UTF-8 (tensorstore cannot open it).
+        store to (which would be a relative directory named ``hdfs:``), an s3:// or gs:// URL that lost a
+        slash (``s3:/bucket/x``, what ``pathlib.Path("s3://bucket/x")`` makes of it: a relative directory
+        named ``s3:`` on the local disk), a local path with a backslash (tensorstore would write elsewhere)
+        or a name that is not UTF-8 (tensorstore cannot open it).
     """
     if is_url(directory):
-        return ObjectPath(str(directory))
+        return ObjectPath(os.fspath(directory) if isinstance(directory, os.PathLike) else str(directory))
     if isinstance(directory, str):
         directory = _local_path(directory)
-    path = (directory if isinstance(directory, Path) else Path(directory)).expanduser().absolute()
+    path = directory if isinstance(directory, Path) else Path(directory)
+    if path.parts and path.parts[0].endswith(":") and path.parts[0][:-1].lower() in SCHEMES:
+        url = f"{path.parts[0][:-1]}://{'/'.join(path.parts[1:])}"
+        raise ValueError(f"the path {str(path)!r} is the URL {url!r} with a slash lost (pathlib.Path and "
+                         f"os.path.normpath make '{path.parts[0]}//' into '{path.parts[0]}/'), which would be a "
+                         f"directory named {path.parts[0]!r} on the local disk; give the URL as a string")
+    path = path.expanduser().absolute()
     if ".." in path.parts:  # tensorstore refuses '..'; what the system means by it (after symbolic links) is meant,
         # and as the system does, a link named last is not followed (a save or a deletion never goes through it)
         path = path.resolve() if path.name == ".." else path.parent.resolve() / path.name

@@ -169,6 +169,7 @@ class DurableRoot:
     processes: distributed.Processes
     operation: Callable[[str], str]  # a barrier name, the same on every process
     timeout_secs: Callable[[], float]  # AsyncOptions.timeout_secs of the call (the active Context's, else its own)
+    begun: Callable[[], set[int]]  # the steps its listings showed begun in place and never committed (object stores)
 
 
 @dataclasses.dataclass(eq=False)
@@ -407,9 +408,13 @@ class LocalTier:
         newer than the durable latest. Also promotes again each step whose local copy was saved again
         (``overwrite=True``) after its durable copy was made (a later commit time: a promotion copies the
         manifest, times included), whose promotion a crash cut short: its durable copy holds the values the
-        overwrite replaced. Called once, at this writer's first save: it then becomes the durable root's writer,
-        and sweeps the interrupted promotion's leftovers (a Checkpointer that only reads writes nothing). Not with
-        several processes, whose local tiers would have to hold the same step."""
+        overwrite replaced. On an object store, where a promotion writes in place and so deletes the durable copy
+        it replaces first, such a step has no durable copy left but what the promotion began at its name: each
+        local step committed after every durable step (saved again, or with ``force=True``, after them) whose
+        promotion a crash cut short so is promoted again. Called once, at this writer's first save: it then
+        becomes the durable root's writer, and sweeps the interrupted promotion's leftovers (a Checkpointer that
+        only reads writes nothing). Not with several processes, whose local tiers would have to hold the same
+        step."""
         durable = self._durable.checkpoints()
         latest = durable[-1].step if durable else -1
         local = [c for c in self.checkpointer.checkpoints if c.step != saving]
@@ -420,12 +425,22 @@ class LocalTier:
             newer = [c for c in newer if policy.should_save(c, durable, context=context)]
         copies = {c.step: c for c in durable}
         stale = [c.step for c in local if c.step in copies and _saved_after(c, copies[c.step])]
-        if newer or stale:
+        last = max(durable, key=lambda c: c.commit_timestamp_nsecs or 0, default=None)
+        chosen = {c.step for c in newer}  # (the newest of them is promoted below)
+        cut_short = [c.step for c in local if c.step in self._durable.begun() and c.step not in copies
+                     and c.step not in chosen and (last is None or _saved_after(c, last))]
+        if newer or stale or cut_short:
             self._take_durable()  # (raised before anything is written; asked again at the next save)
         self._recovered = True
         for step in stale:
             logger.warning("ckpt: step %d was saved again on the local tier (overwrite=True) after its durable copy "
                            "was made, and a crash left that copy as it was: promoting it again now", step)
+            self._promote_again(step, overwrite=True)
+        for step in cut_short:
+            logger.warning("ckpt: step %d, saved on the local tier after every step of the durable tier (with "
+                           "overwrite=True or force=True), is on the local tier only: a crash cut its promotion short "
+                           "(on an object store, after it had deleted the durable copy it replaced). Promoting it "
+                           "again now", step)
             self._promote_again(step, overwrite=True)
         if newer:
             step = newer[-1].step

@@ -142,6 +142,7 @@ class Checkpointer:
         self._in_flight: CheckpointMetadata | None = None  # the step of the last save handed to the writer
         self._deleting: set[int] = set()  # the steps delete_async is deleting (gone for reload too)
         self._deletion: background.AsyncResponse[bool] | None = None  # the last deletion handed to the writer
+        self._begun: set[int] = set()  # the steps an object store's listings showed begun in place, never committed
         mode = self._ctx.file_options.path_permission_mode
         root.make(self._directory, mode=mode)
         self._lock = storage.DirectoryLock(self._directory / fmt.LOCK)
@@ -150,24 +151,27 @@ class Checkpointer:
         if primary and custom_metadata is not None and not formats.has_root_metadata(self._directory):
             with storage.writing_to(self._directory):
                 storage.write_file_atomic(root_file, fmt.root_metadata_bytes(custom_metadata))
-        self._local = None if local is None else tiers.LocalTier(
-            local, tiers.DurableRoot(self._directory,
-                                     lambda step: self._directory / step_lib.checked_name(self._name_format, step),
-                                     lambda: self._infos, self._save_policy,
-                                     self._writer, self._take_directory, self._committed, self._processes,
-                                     self._operation, lambda: self._ctx.async_options.timeout_secs),
-            Checkpointer, Checkpointer._collect_garbage, Checkpointer._decide, context=self._context,
-            step_name_format=self._name_format, lightweight_initialize=lightweight_initialize,
-            cleanup_tmp_directories=cleanup_tmp_directories)
+        self._local: tiers.LocalTier | None = None  # (made below, once this root is listed)
         self._swept = False
-        if cleanup_tmp_directories and primary:
-            self._take_directory()
         preemption.install()
         if primary:  # (it puts back a step a crash left set aside: before any other process lists the root)
             self.reload()
         self._barrier("init")
         if not primary:
             self.reload()
+        if local is not None:  # (a durable root that cannot be listed, no such bucket, leaves the local one untouched)
+            self._local = tiers.LocalTier(
+                local, tiers.DurableRoot(self._directory,
+                                         lambda step: self._directory / step_lib.checked_name(self._name_format, step),
+                                         lambda: self._infos, self._save_policy,
+                                         self._writer, self._take_directory, self._committed, self._processes,
+                                         self._operation, lambda: self._ctx.async_options.timeout_secs,
+                                         lambda: self._begun),
+                Checkpointer, Checkpointer._collect_garbage, Checkpointer._decide, context=self._context,
+                step_name_format=self._name_format, lightweight_initialize=lightweight_initialize,
+                cleanup_tmp_directories=cleanup_tmp_directories)
+        if cleanup_tmp_directories and primary:
+            self._take_directory()
         if self._local is not None and self._processes.count > 1:
             self._local.drop_leftovers()
 
@@ -242,6 +246,7 @@ class Checkpointer:
         entries = root.scan(self._directory, self._name_format, read_manifests=not self._lightweight)
         if self._processes.index == 0 and self._put_back_when_free(entries):
             entries = root.scan(self._directory, self._name_format, read_manifests=not self._lightweight)
+        self._begun |= root.begun_in_place(entries)
         for entry in entries:
             if entry.kind in root.LISTED and (not infos or infos[-1].step != entry.step):
                 infos.append(CheckpointMetadata(entry.step, entry.path) if entry.manifest is None
@@ -646,6 +651,7 @@ class Checkpointer:
         if self._swept:
             return
         entries = root.scan(self._directory, self._name_format, read_manifests=False)
+        self._begun |= root.begun_in_place(entries)  # (a local tier's recovery asks, after this sweep: see tiers)
         put_back = self._put_back(entries)
         for entry in entries:
             if entry.kind in root.REMOVABLE and not storage.in_use(entry.path):  # (another process's free save)

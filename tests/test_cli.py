@@ -448,8 +448,9 @@ def test_the_cli_reports_progress_of_a_long_verify_on_stderr(root, monkeypatch, 
     assert status == 0 and f"ckpt: verifying {root / '0'}" in err and "verifying" not in out
 
 
-@pytest.mark.parametrize("destination, error", [("", "the directory is ''"),
-                                                ("s3://bucket/run", "reads and writes local directories")])
+@pytest.mark.parametrize("destination, error", [
+    ("", "the directory is ''"),
+    ("s3://bucket/run", "reads and writes local directories, and its destination s3://bucket/run is on an object store")])
 def test_convert_into_an_empty_path_or_a_bucket_is_a_usage_error_and_writes_nothing(
         root, tmp_path, monkeypatch, capsys, destination, error):
     (tmp_path / "here").mkdir()

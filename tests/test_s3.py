@@ -461,6 +461,31 @@ def test_an_endpoint_without_its_scheme_is_a_value_error_naming_it_and_the_url_a
     assert said in capsys.readouterr().err
 
 
+def test_s3_aws_endpoint_url_s3_is_used_before_aws_endpoint_url_as_aws_sdks_do(bucket, s3_server, monkeypatch):
+    import ckpt
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_server)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")  # other services' endpoint: nothing answers there
+    ckpt.save(f"{bucket}/one", {"w": np.arange(3)})  # was: OSError 'the store did not answer' (the port 1 above)
+    assert ckpt.load(f"{bucket}/one")["w"].tolist() == [0, 1, 2]
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "127.0.0.1:9000")
+    with pytest.raises(ValueError, match=f"{bucket}: AWS_ENDPOINT_URL_S3 is '127.0.0.1:9000', which is not an http"):
+        Checkpointer(bucket)
+
+
+def test_s3_a_root_given_as_an_epath_path_as_orbax_code_gives_it_is_the_bucket_not_a_local_directory(bucket):
+    import ckpt
+    from ckpt import storage
+    from ckpt.objectstore import ObjectPath
+
+    epath = pytest.importorskip("etils.epath")
+    root = epath.Path(bucket)  # (os.fspath keeps 's3://', where pathlib would give 's3:/')
+    assert storage.location(root) == ObjectPath(bucket)  # was: PosixPath('/s3/<bucket>/runs/exp'), on the local disk
+    with Checkpointer(root) as ckptr:
+        ckptr.save(0, {"w": np.arange(3)})
+    assert ObjectPath(bucket).children() == ["0"] and ckpt.load(root / "0")["w"].tolist() == [0, 1, 2]
+
+
 UNREACHED = """
 import sys, time
 import ckpt

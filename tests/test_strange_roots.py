@@ -349,6 +349,8 @@ def test_a_path_that_is_not_utf8_is_refused_before_anything_is_written(tmp_path,
     ("", r"the directory is '': give the checkpoint root's path"),
     ("hdfs://namenode/runs", r"'hdfs://namenode/runs' is a hdfs:// URL; ckpt stores to local directories"),
     ("file://runs/exp1", r"a file:// URL names a local path from the root"),
+    (str(Path("s3://bucket/runs") / "exp1"),  # was: a directory s3: in the current one, the run lost with the machine
+     r"the path 's3:/bucket/runs/exp1' is the URL 's3://bucket/runs/exp1' with a slash lost"),
 ])
 @pytest.mark.parametrize("make", [
     lambda directory: Checkpointer(directory),

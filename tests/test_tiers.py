@@ -260,6 +260,19 @@ def test_a_local_tier_whose_recorded_owner_holds_a_nul_is_another_runs_naming_it
         ckpt.Checkpointer(tmp_path / "run", local=ckpt.LocalCheckpointOptions(tmp_path / "ssd"))
 
 
+def test_a_durable_root_that_cannot_be_listed_leaves_the_local_directory_free_for_the_right_one(bucket, tmp_path):
+    """A bucket's name mistyped (or the bucket not made yet): the open failed, but only after the local tier had
+    recorded the mistyped root as its owner, so the run with the right name was refused ('holds the local tier of
+    the durable root s3://nosuch..., not of s3://...: its steps are another run's'), though the tier held nothing."""
+    local = ckpt.LocalCheckpointOptions(tmp_path / "local")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ckpt.Checkpointer(bucket.replace("s3://", "s3://nosuch"), local=local)
+    assert not (tmp_path / "local").exists()
+    with ckpt.Checkpointer(bucket, local=local) as ckptr:
+        ckptr.save(0, {"w": np.arange(2)})
+        assert [(c.step, sorted(c.locations)) for c in ckptr.checkpoints] == [(0, ["durable", "local"])]
+
+
 def test_the_durable_root_named_through_a_symbolic_link_is_the_owner_of_its_local_tier(tmp_path, capsys):
     """The same run opened as /scratch/run (a link) and as its target was refused as another run's ('Use another
     local directory, or delete that one'), its steps not yet promoted with it."""
@@ -765,6 +778,29 @@ def test_a_durable_copy_left_behind_by_a_crash_during_an_overwrites_promotion_is
         ckptr.wait()
     assert ckpt.load(tmp_path / "durable" / "4")["w"][0] == 40  # was: 4
     assert ckpt.load(tmp_path / "durable" / "5")["w"][0] == 5
+
+
+@pytest.mark.parametrize("cleanup", [False, True], ids=["swept at the first save", "swept at open"])
+def test_on_s3_a_step_whose_overwrites_promotion_a_crash_cut_short_is_promoted_again_by_the_next_writer(
+        bucket, tmp_path, cleanup):
+    """Step 4 saved again with overwrite=True, committed locally; its promotion, which on an object store deletes the
+    durable copy first (no rename), cut short by a crash: the next writer promoted only steps newer than the durable
+    latest, so step 4 stayed on the local tier only, and was lost from both tiers once the local policy dropped it."""
+    local = ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1))
+    with ckpt.Checkpointer(bucket, save_decision_policy=sdp.FixedIntervalPolicy(5), local=local) as ckptr:
+        ckptr.save(4, {"w": np.full(2, 4)}, force=True)
+        ckptr.save(5, {"w": np.full(2, 5)})
+    with ckpt.Checkpointer(tmp_path / "local") as local_tier:  # what the crash left: the local copy saved again,
+        local_tier.save(4, {"w": np.full(2, 40)}, overwrite=True)
+    ckpt.objectstore.ObjectPath(f"{bucket}/4/manifest.json").unlink()  # the durable copy's commit undone
+    with ckpt.Checkpointer(bucket, save_decision_policy=sdp.FixedIntervalPolicy(5), local=local,
+                           cleanup_tmp_directories=cleanup) as ckptr:
+        for step in (6, 7, 8):  # the local policy (LatestN(2)) drops step 4 meanwhile
+            ckptr.save(step, {"w": np.full(2, step)})
+        ckptr.wait()
+        assert [(c.step, sorted(c.locations)) for c in ckptr.checkpoints] == [
+            (4, ["durable"]), (5, ["durable"]), (7, ["local"]), (8, ["local"])]  # was: 4 nowhere
+    assert ckpt.load(f"{bucket}/4")["w"][0] == 40
 
 
 def test_a_local_step_found_gone_before_its_promotion_began_fails_it_naming_the_step(tmp_path, monkeypatch):

@@ -686,6 +686,23 @@ def test_a_module_with_extra_state_that_is_no_tensor_resumes_and_loads_its_weigh
     assert fresh.net[0].seen == {"batches": 3} and same(fresh.state_dict(), trainer.lightning_module.state_dict())
 
 
+class Lazy(example.Regressor):
+    """Its layers take their input sizes at the first forward (``nn.LazyLinear``): a fresh one has no shapes."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.LazyLinear(64), torch.nn.ReLU(), torch.nn.LazyLinear(1))
+
+
+def test_a_module_with_lazy_layers_resumes_and_loads_its_weights(tmp_path):
+    fit(tmp_path, model=Lazy(), max_steps=2)
+    trainer, _ = fit(tmp_path, model=Lazy(), max_steps=3)
+    assert trainer.global_step == 3
+    fresh = Lazy()
+    assert load_weights(fresh, tmp_path) == 3
+    assert same(fresh.state_dict(), trainer.lightning_module.state_dict())
+
+
 class FailsAt(example.Regressor):
     def __init__(self, step: int):
         super().__init__()

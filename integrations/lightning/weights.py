@@ -91,7 +91,8 @@ def step_path(directory: str | os.PathLike, step: int | None,
 
 def check_model(saved: Mapping[str, Any], model: torch.nn.Module, *, source: str, strict: bool = True) -> None:
     """Raises ValueError naming every key that ``saved`` (a state dict) lacks, adds, or shapes differently
-    (of the model's tensors: a module's extra state, ``get_extra_state``, may be any value)."""
+    (of the model's tensors: a module's extra state, ``get_extra_state``, may be any value; a lazy module's
+    parameters, not yet initialized, take their shapes from ``saved``)."""
     current = model.state_dict()
     problems = []
     if strict:
@@ -102,7 +103,9 @@ def check_model(saved: Mapping[str, Any], model: torch.nn.Module, *, source: str
         if unexpected:
             problems.append(f"unexpected keys {unexpected}")
     for key, value in saved.items():
-        want = getattr(current.get(key), "shape", None)  # None: not in the model, or not a tensor there
+        target = current.get(key)
+        # None: not in the model, not a tensor there, or a lazy module's (its load gives it the saved shape)
+        want = None if torch.nn.parameter.is_lazy(target) else getattr(target, "shape", None)
         have = tuple(getattr(value, "shape", ()))
         if want is not None and have != tuple(want):
             problems.append(f"{key!r} has shape {have} there and {tuple(want)} in the model")

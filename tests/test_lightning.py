@@ -740,6 +740,32 @@ def test_restoring_a_directory_written_by_a_different_model_names_the_differing_
         fit(tmp_path, model=example.Regressor(hidden=8), max_steps=4)
 
 
+class LeavesOutItsFrozenLayer(example.Regressor):
+    """Keeps its frozen first layer out of checkpoints (``on_save_checkpoint``) and puts the one it has back
+    in ``on_load_checkpoint``, where Lightning lets a module complete or migrate the saved weights."""
+
+    def __init__(self):
+        super().__init__()
+        self.net[0].requires_grad_(False)
+        self.started_at = None
+
+    def on_train_start(self):
+        self.started_at = self.trainer.global_step
+
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("net.0.")}
+
+    def on_load_checkpoint(self, checkpoint):
+        checkpoint["state_dict"].update({k: v for k, v in self.state_dict().items() if k.startswith("net.0.")})
+
+
+def test_the_weights_are_checked_as_the_modules_on_load_checkpoint_leaves_them(tmp_path):
+    """The module's hook runs first, as in Lightning's restore: the check named the layer left out as missing."""
+    fit(tmp_path, model=LeavesOutItsFrozenLayer(), max_steps=2)
+    trainer, _ = fit(tmp_path, model=LeavesOutItsFrozenLayer(), max_steps=3)
+    assert trainer.lightning_module.started_at == 2
+
+
 class AdamRegressor(example.Regressor):
     def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=1e-3)

@@ -267,10 +267,10 @@ class CheckpointCallbackMixin:
             step, path = found
             set_by_torch = sharded.restores_itself(trainer)
             loaded = sharded.load(trainer, path) if set_by_torch else translate.load(self._checkpointer, step)
-            checkpoint = translate.from_checkpointables(loaded)
-            check_model(checkpoint["state_dict"], pl_module, source=path,
-                        strict=getattr(pl_module, "strict_loading", True))  # strict_loading: Lightning >= 2.2
-            self._restoring = (path, resume.restore_modules(trainer, checkpoint, source=path), set_by_torch)
+            checkpoint = resume.restore_modules(
+                trainer, translate.from_checkpointables(loaded), source=path,
+                check_model=lambda state: check_model(state, pl_module, source=path, strict=pl_module.strict_loading))
+            self._restoring = (path, checkpoint, set_by_torch)
         elif (trainer.ckpt_path is not None and self is peers[0] and _loaded_state(trainer)
               and resume.loaded_checkpoint(trainer) is not None):
             self._restoring = (str(trainer.ckpt_path), resume.loaded_checkpoint(trainer), False)

@@ -23,15 +23,23 @@ import torch
 from ckpt.integrations.lightning import rng
 
 
-def restore_modules(trainer: Any, checkpoint: dict, *, source: str) -> dict:
+def restore_modules(trainer: Any, checkpoint: dict, *, source: str,
+                    check_model: Callable[[dict], None] | None = None) -> dict:
     """Restores what Lightning's own restore puts back before the callbacks' ``on_fit_start``: the model,
     the datamodule and the callbacks' states (``BaseFinetuning`` adds back its parameter groups in
     ``on_fit_start`` from its state). Call on every rank, after the strategy set the model and optimizers
     up, before the other callbacks' ``on_fit_start`` (see :func:`call_first_at_fit_start`); then
-    :func:`restore_training_state` with the checkpoint returned (upgraded by Lightning's migration)."""
+    :func:`restore_training_state` with the checkpoint returned (upgraded by Lightning's migration).
+    ``check_model(state_dict)`` sees the weights as the module's ``on_load_checkpoint`` left them (keys
+    renamed, weights its ``on_save_checkpoint`` left out put back), before they are loaded."""
     connector = _private(trainer, "_checkpoint_connector")
-    connector._loaded_checkpoint = migrate(lightning_package(trainer), checkpoint, source)
-    connector.restore_model()
+    connector._loaded_checkpoint = checkpoint = migrate(lightning_package(trainer), checkpoint, source)
+    # Lightning's connector.restore_model(), with the check between its hook and its load
+    call = importlib.import_module(f"{lightning_package(trainer)}.trainer.call")
+    call._call_lightning_module_hook(trainer, "on_load_checkpoint", checkpoint)
+    if check_model is not None:
+        check_model(checkpoint["state_dict"])
+    trainer.strategy.load_model_state_dict(checkpoint, strict=trainer.lightning_module.strict_loading)
     connector.restore_datamodule()
     connector.restore_callbacks()
     return connector._loaded_checkpoint

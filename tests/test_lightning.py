@@ -825,6 +825,23 @@ def test_model_checkpoints_options_are_refused_naming_what_to_pass_instead():
         CheckpointCallback("runs/exp1", save_decision_policy={"class_path": "my_policies.EveryHour"})
 
 
+def test_save_top_k_as_its_refusal_says_keeps_the_k_best_validated_steps(tmp_path):
+    """The refusal's BestN read m['val_loss'], which a step saved before the first validation lacks: the fit
+    failed with KeyError: 'val_loss' at its first garbage collection."""
+    with pytest.raises(TypeError) as refused:
+        CheckpointCallback(tmp_path, save_top_k=2)
+    advice = re.search(r"the k best: (.*) \(reverse", str(refused.value)).group(1).replace("n=k", "n=2")
+    options = eval(f"dict({advice})", {"preservation_policies": pp, "math": math})  # as a user would type it
+    callback = CheckpointCallback(tmp_path, save_decision_policy=sdp.FixedIntervalPolicy(1), async_save=False,
+                                  **options)
+    trainer = pl.Trainer(max_steps=14, val_check_interval=4, check_val_every_n_epoch=None, num_sanity_val_steps=0,
+                         callbacks=[callback], accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    trainer.fit(ValidatedAt(), DataLoader(example.synthetic_data(), batch_size=16),
+                DataLoader(example.synthetic_data(32), batch_size=16))
+    assert [c.step for c in callback.checkpointer.checkpoints] == [4, 8, 14]  # val_loss 1.0 and 5.0, the latest
+
+
 @pytest.mark.parametrize("option", ["async_save", "restore"])
 def test_a_switch_that_is_not_a_bool_is_refused_at_construction_naming_it(option):
     with pytest.raises(TypeError, match=f"{option} must be an instance of bool, got str 'no'"):

@@ -511,8 +511,10 @@ _MODEL_CHECKPOINT = {
                            "minimum_interval_secs=s)",
     "every_n_epochs": "save_decision_policy=FixedIntervalPolicy(steps per epoch * n)",
     "save_on_train_epoch_end": "none: a step is saved after the validation or epoch end that is due at it",
-    "save_top_k": "monitor= keeps the best step (and the latest); the k best: preservation_policy=preservation_"
-                  "policies.BestN(get_metric_fn=lambda m: m['val_loss'], reverse=True, n=k) (reverse: lowest first)",
+    "save_top_k": "monitor= keeps the best step (and the latest); the k best: monitor='val_loss', preservation_"
+                  "policy=preservation_policies.BestN(get_metric_fn=lambda m: m.get('val_loss', math.inf), "
+                  "reverse=True, n=k) (reverse: lowest first; a step not validated since the save before it has no "
+                  "val_loss)",
     "save_last": "none: the latest step is always kept",
     "save_weights_only": "none: the full state is saved; load_weights reads only the weights",
     "verbose": "none", "auto_insert_metric_name": "none", "enable_version_counter": "none",

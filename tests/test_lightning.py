@@ -816,6 +816,8 @@ def test_model_checkpoints_options_are_refused_naming_what_to_pass_instead():
     with pytest.raises(TypeError, match=r"(?s)\['dirpath', 'every_n_train_steps'\]; these are ModelCheckpoint's.*"
                                         r"dirpath: the directory.*FixedIntervalPolicy\(n\)"):
         CheckpointCallback(dirpath="runs/exp1", every_n_train_steps=100)
+    with pytest.raises(TypeError, match=r"(?s)\['save_on_exception'\]; these are ModelCheckpoint's.*saved on SIGTERM"):
+        CheckpointCallback("runs/exp1", save_on_exception=True)  # ModelCheckpoint's since Lightning 2.5
     with pytest.raises(TypeError, match=r"\['saev_top_k'\]\nIt takes: directory, save_decision_policy, "):
         CheckpointCallback("runs/exp1", saev_top_k=2)
     with pytest.raises(TypeError, match="needs the directory"):

@@ -517,6 +517,8 @@ _MODEL_CHECKPOINT = {
                   "val_loss)",
     "save_last": "none: the latest step is always kept",
     "save_weights_only": "none: the full state is saved; load_weights reads only the weights",
+    "save_on_exception": "none: the step is saved on SIGTERM (a preemption); an error in training saves nothing, "
+                         "and a run started again resumes from the last step saved before it",
     "verbose": "none", "auto_insert_metric_name": "none", "enable_version_counter": "none",
 }
 

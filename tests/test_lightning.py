@@ -295,6 +295,25 @@ def test_monitor_scores_a_step_only_by_a_validation_run_since_the_previous_save(
     assert CheckpointCallback(tmp_path, monitor="val_loss").best_model_path == str(tmp_path / "4")
 
 
+class BestAtTheEnd(ValidatedAt):
+    VAL_LOSS = {4: 5.0, 8: 1.0}
+
+
+def test_the_step_max_steps_ends_at_is_saved_after_its_validation(tmp_path):
+    """It was saved at once, before the validation due at it: its metrics lacked that validation's val_loss,
+    so a best last step was not best_model_path (ModelCheckpoint's is), and a longer run resumed from it
+    skipped that validation (EarlyStopping, plateau schedulers and callback_metrics without it)."""
+    callback = CheckpointCallback(tmp_path, monitor="val_loss", save_decision_policy=sdp.FixedIntervalPolicy(4),
+                                  async_save=False)
+    trainer = pl.Trainer(max_steps=8, val_check_interval=4, check_val_every_n_epoch=None, num_sanity_val_steps=0,
+                         callbacks=[callback], accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    trainer.fit(BestAtTheEnd(), DataLoader(example.synthetic_data(), batch_size=16),
+                DataLoader(example.synthetic_data(32), batch_size=16))
+    assert callback.best_model_path == str(tmp_path / "8")
+    assert callback.checkpointer.checkpoints[-1].metrics["val_loss"] == 1.0
+
+
 def test_a_save_waiting_for_a_validation_that_does_not_run_is_taken_at_the_next_step(tmp_path):
     """A validation loader without batches: Lightning skips the validation due at steps 4 and 12 and its
     ``on_validation_end``, where their saves waited; they went to the epoch's end (steps 8 and 16), where the

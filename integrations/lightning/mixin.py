@@ -337,9 +337,10 @@ class CheckpointCallbackMixin:
             self._prepare(translate.to_checkpointables(resume.dump_checkpoint(trainer, hooks=False)))
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
-        # a stop this validation requested (EarlyStopping) cuts the epoch short: saved after the epoch's end
+        # a stop this validation requested (EarlyStopping) cuts the epoch short: saved after the epoch's end;
+        # a bound reached at this step (SavePoint.last) is saved here, before Lightning ends the epoch
         if (self._pending is not None and self._pending[0].hook == "on_validation_end" and not trainer.sanity_checking
-                and not tail.ends_after_batch(trainer)):
+                and (self._pending[0].last or not tail.ends_after_batch(trainer))):
             self._save(trainer, trainer.global_step, *self._pending)
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:

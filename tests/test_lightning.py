@@ -574,6 +574,38 @@ def test_a_step_directory_such_as_best_model_path_gives_its_weights_or_the_modul
         load_from_checkpoint(example.Regressor, tmp_path, step=3)
 
 
+class CountingData(pl.LightningDataModule):
+    """Saves its hyperparameters and counts the batches it gave (its state)."""
+
+    def __init__(self, batch_size: int = 16):
+        super().__init__()
+        self.save_hyperparameters()
+        self.given = 0
+
+    def train_dataloader(self):
+        return DataLoader(example.synthetic_data(), batch_size=self.hparams.batch_size)
+
+    def on_before_batch_transfer(self, batch, dataloader_idx):
+        self.given += 1
+        return batch
+
+    def state_dict(self):
+        return {"given": self.given}
+
+    def load_state_dict(self, state):
+        self.given = state["given"]
+
+
+def test_load_from_checkpoint_makes_the_datamodule_a_step_saved(tmp_path):
+    """As LightningDataModule.load_from_checkpoint does for a file; a DataModule class raised a bare StopIteration."""
+    pl.seed_everything(0, verbose=False)
+    trainer = pl.Trainer(max_steps=3, callbacks=[CheckpointCallback(tmp_path)], accelerator="cpu", logger=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(example.Regressor(), datamodule=CountingData(batch_size=8))
+    data = load_from_checkpoint(CountingData, tmp_path)
+    assert type(data) is CountingData and data.hparams.batch_size == 8 and data.given == 3
+
+
 def test_load_weights_reads_a_read_only_directory(tmp_path):
     trainer, _ = fit(tmp_path, max_steps=2, save_decision_policy=sdp.FixedIntervalPolicy(2))
     fresh = example.Regressor()

@@ -56,10 +56,12 @@ def load_from_checkpoint(cls: type, directory: str | os.PathLike, step: int | No
                          **kwargs: Any) -> Any:
     """What ``cls.load_from_checkpoint(path)`` gives for a ``.ckpt`` file, for a step the callback saved:
     a ``cls`` made from the step's saved hyperparameters (``kwargs`` override them, as in Lightning),
-    with its ``on_load_checkpoint`` called and the step's weights loaded, on the CPU.
+    with its ``on_load_checkpoint`` called and the step's weights loaded, on the CPU; a LightningDataModule
+    with the state its ``state_dict`` gave.
 
     Args:
-      cls: the LightningModule class (``save_hyperparameters()`` in its ``__init__`` stores the arguments).
+      cls: the LightningModule or LightningDataModule class (``save_hyperparameters()`` in its ``__init__``
+        stores the arguments).
       directory, step, step_name_format: as in :func:`load_weights`.
       strict: as in Lightning (None: the module's ``strict_loading``).
 
@@ -68,7 +70,8 @@ def load_from_checkpoint(cls: type, directory: str | os.PathLike, step: int | No
         model = load_from_checkpoint(MyLightningModule, "runs/exp1", step=120, dropout=0.0)
     """
     _, path = step_path(directory, step, step_name_format)
-    package = next(c.__module__.split(".core.")[0] for c in cls.__mro__ if c.__name__ == "LightningModule")
+    package = next(c.__module__.split(".core.")[0] for c in cls.__mro__
+                   if c.__name__ in ("LightningModule", "LightningDataModule"))
     checkpoint = resume.migrate(package, translate.read(path), path)
     checkpoint.setdefault(cls.CHECKPOINT_HYPER_PARAMS_KEY, {}).update(kwargs)
     return importlib.import_module(f"{package}.core.saving")._load_state(cls, checkpoint, strict=strict, **kwargs)

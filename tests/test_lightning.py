@@ -572,6 +572,8 @@ def test_a_step_directory_such_as_best_model_path_gives_its_weights_or_the_modul
     assert earlier.hparams.lr == 0.5 and not same(earlier.state_dict(), trained)
     with pytest.raises(ckpt.errors.StepNotFoundError, match="no checkpoint at step 3"):
         load_from_checkpoint(example.Regressor, tmp_path, step=3)
+    with pytest.raises(TypeError, match=r"makes a LightningModule or LightningDataModule, and .*Linear.* is neither"):
+        load_from_checkpoint(torch.nn.Linear, tmp_path)  # was a bare StopIteration
 
 
 class CountingData(pl.LightningDataModule):

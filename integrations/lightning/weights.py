@@ -70,8 +70,11 @@ def load_from_checkpoint(cls: type, directory: str | os.PathLike, step: int | No
         model = load_from_checkpoint(MyLightningModule, "runs/exp1", step=120, dropout=0.0)
     """
     _, path = step_path(directory, step, step_name_format)
-    package = next(c.__module__.split(".core.")[0] for c in cls.__mro__
-                   if c.__name__ in ("LightningModule", "LightningDataModule"))
+    package = next((c.__module__.split(".core.")[0] for c in getattr(cls, "__mro__", ())
+                    if c.__name__ in ("LightningModule", "LightningDataModule")), None)
+    if package is None:
+        raise TypeError(f"load_from_checkpoint makes a LightningModule or LightningDataModule, and {cls!r} is "
+                        "neither: read the weights into a module you made with load_weights(module, directory)")
     checkpoint = resume.migrate(package, translate.read(path), path)
     checkpoint.setdefault(cls.CHECKPOINT_HYPER_PARAMS_KEY, {}).update(kwargs)
     return importlib.import_module(f"{package}.core.saving")._load_state(cls, checkpoint, strict=strict, **kwargs)

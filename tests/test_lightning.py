@@ -314,16 +314,39 @@ def test_the_step_max_steps_ends_at_is_saved_after_its_validation(tmp_path):
     assert callback.checkpointer.checkpoints[-1].metrics["val_loss"] == 1.0
 
 
-def test_a_save_waiting_for_a_validation_that_does_not_run_is_taken_at_the_next_step(tmp_path):
+@pytest.mark.parametrize("every_n_epochs, saved", [(1, [4, 12, 16]), (2, [4, 13, 16])])
+def test_a_save_waiting_for_a_validation_that_does_not_run_is_taken_at_the_next_step(tmp_path, every_n_epochs, saved):
     """A validation loader without batches: Lightning skips the validation due at steps 4 and 12 and its
     ``on_validation_end``, where their saves waited; they went to the epoch's end (steps 8 and 16), where the
-    policy declined them, and step 16 counted as saved: the fit ended with no checkpoint at all."""
+    policy declined them, and step 16 counted as saved: the fit ended with no checkpoint at all. A loader
+    Lightning has made (at the start of an epoch that validates) is known to be empty, and such a step is
+    saved at once; at step 12 of the second (every_n_epochs=2) it is not yet made."""
     callback = CheckpointCallback(tmp_path, save_decision_policy=sdp.SpecificStepsPolicy([4, 12]))
-    trainer = pl.Trainer(max_epochs=2, val_check_interval=0.5, num_sanity_val_steps=0, callbacks=[callback],
-                         accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = pl.Trainer(max_epochs=2, val_check_interval=0.5, check_val_every_n_epoch=every_n_epochs,
+                         num_sanity_val_steps=0, callbacks=[callback], accelerator="cpu", logger=False,
+                         enable_progress_bar=False, enable_model_summary=False)
     empty = DataLoader(torch.utils.data.Subset(example.synthetic_data(), []), batch_size=16)
     trainer.fit(ValidatedAt(), DataLoader(example.synthetic_data(128), batch_size=16), empty)  # 8 batches an epoch
-    assert [c.step for c in callback.checkpointer.checkpoints] == [5, 13, 16]
+    assert [c.step for c in callback.checkpointer.checkpoints] == saved
+
+
+def test_a_bound_at_a_step_whose_validation_has_no_batches_extends_as_if_it_had_never_stopped(tmp_path):
+    """The step max_steps ends at waits for its validation; one that Lightning skips (no batches) left the save
+    to the end of the epoch the bound cut short, and the longer run started the next epoch instead of its rest."""
+    def fit_to(directory, max_steps):
+        pl.seed_everything(0, verbose=False)
+        only_the_last = sdp.SpecificStepsPolicy([])
+        callbacks = [CheckpointCallback(directory, save_decision_policy=only_the_last)] if directory else []
+        trainer = pl.Trainer(max_steps=max_steps, val_check_interval=0.5, num_sanity_val_steps=0, callbacks=callbacks,
+                             enable_checkpointing=bool(directory), accelerator="cpu", logger=False,
+                             enable_progress_bar=False, enable_model_summary=False)
+        empty = DataLoader(torch.utils.data.Subset(example.synthetic_data(), []), batch_size=16)
+        trainer.fit(ValidatedAt(), DataLoader(example.synthetic_data(128), batch_size=16, shuffle=True), empty)
+        return trainer
+
+    expected = final_state(fit_to(None, 12))
+    fit_to(tmp_path, 4)
+    assert same(final_state(fit_to(tmp_path, 12)), expected)
 
 
 def test_a_monitor_that_no_step_logged_is_warned_of_at_the_end_of_fit(tmp_path, caplog):

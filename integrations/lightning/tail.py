@@ -87,6 +87,9 @@ def _validation_due(trainer: Any) -> bool:
     if getattr(trainer, "_val_check_time_interval", None) is not None:  # a clock's decision cannot be foreseen
         return False
     fit_loop = trainer.fit_loop
+    val_loop = fit_loop.epoch_loop.val_loop
+    if val_loop._combined_loader is not None and val_loop.skip:  # no batches: Lightning skips it, hooks included
+        return False
     should_stop, trainer.should_stop = trainer.should_stop, False
     try:
         return fit_loop.epoch_loop._should_check_val_fx(fit_loop._data_fetcher)

@@ -582,6 +582,18 @@ def test_load_weights_reads_the_latest_or_a_given_step_into_a_fresh_model(tmp_pa
         load_weights(fresh, tmp_path, step=3)
 
 
+def test_load_weights_without_the_step_name_format_the_steps_were_saved_with_names_the_format_to_pass(tmp_path):
+    """It said 'no checkpoints in DIR' of a directory full of steps (the callback given a step_name_format)."""
+    named = ckpt.path.step.standard_name_format(step_prefix="step", step_format_fixed_length=6)
+    with ckpt.Checkpointer(tmp_path, step_name_format=named) as checkpointer:
+        checkpointer.save_checkpointables(3, {"model": {"w": torch.ones(2)}}, force=True)
+    with pytest.raises(ckpt.errors.StepNotFoundError, match=r"no checkpoints in .*holds steps named step_000003.*pass "
+                                                            r"step_name_format=ckpt.path.step.StandardNameFormat\("
+                                                            r"step_prefix='step', step_format_fixed_length=6\)"):
+        load_weights(torch.nn.Linear(2, 1), tmp_path)
+    assert load_weights(torch.nn.Module(), tmp_path, step_name_format=named, strict=False) == 3
+
+
 def test_a_step_directory_such_as_best_model_path_gives_its_weights_or_the_module_it_saved(tmp_path):
     trainer, callback = fit(tmp_path, model=example.Regressor(hidden=8, lr=0.02), max_steps=4,
                             save_decision_policy=sdp.FixedIntervalPolicy(2))

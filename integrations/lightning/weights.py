@@ -90,9 +90,26 @@ def step_path(directory: str | os.PathLike, step: int | None,
     if step is None and found:
         step = max(found)
     if step not in found:
-        what = "no checkpoints" if not found else f"no checkpoint at step {step} (steps: {sorted(found)})"
-        raise ckpt.errors.StepNotFoundError(f"{what} in {directory}", step=step, path=directory)
+        what = f"no checkpoint at step {step} (steps: {sorted(found)})" if found else "no checkpoints"
+        hint = "" if found else _named_otherwise(directory, step_name_format)
+        raise ckpt.errors.StepNotFoundError(f"{what} in {directory}{hint}", step=step, path=directory)
     return step, f"{os.fspath(directory).rstrip('/')}/{found[step]}"
+
+
+def _named_otherwise(directory: str | os.PathLike, step_name_format: step_lib.NameFormat | None) -> str:
+    """What to pass when ``directory``'s steps are named by a standard format other than ``step_name_format``
+    (the callback's was given one: ``step_000120``); "" when none names any."""
+    try:
+        other = step_lib.name_format_of(directory)
+    except OSError:  # no such directory
+        return ""
+    given = step_name_format or step_lib.standard_name_format()
+    named = step_lib.find_all(directory, other) if other != given else {}
+    if not named:
+        return ""
+    names = sorted(named.values())
+    return (f"; it holds steps named {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}, which another step "
+            f"name format names: pass step_name_format=ckpt.path.step.{other!r}")
 
 
 def check_model(saved: Mapping[str, Any], model: torch.nn.Module, *, source: str, strict: bool = True) -> None:

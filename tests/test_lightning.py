@@ -866,6 +866,23 @@ def test_restoring_a_directory_saved_with_other_optimizers_names_them(tmp_path):
         fit(tmp_path, model=AdamRegressor(), max_steps=4)
 
 
+class TrainsItsHeadOnly(example.Regressor):
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.net[3].parameters(), lr=0.1)
+
+
+def test_restoring_a_directory_saved_with_optimizers_of_other_parameters_names_them(tmp_path):
+    """A second stage of training (the whole model, after its head alone) in the first stage's directory: torch
+    refused the restore with "loaded state dict contains a parameter group that doesn't match the size of
+    optimizer's group", naming neither the directory nor the step."""
+    fit(tmp_path, model=TrainsItsHeadOnly(), max_steps=2)
+    saved = steps_in(tmp_path)
+    with pytest.raises(ValueError, match=r"/2 was saved with optimizers whose parameter groups hold \[\[2\]\] "
+                                         r"parameters, and this run's hold \[\[4\]\]"):
+        fit(tmp_path, max_steps=4)
+    assert steps_in(tmp_path) == saved
+
+
 def test_ckpt_path_given_by_the_user_wins_over_the_directorys_latest_step(tmp_path):
     trainer, _ = fit(tmp_path / "a", max_steps=4, save_decision_policy=sdp.FixedIntervalPolicy(2))
     lightning_file = tmp_path / "step4.ckpt"

@@ -74,6 +74,24 @@ def check_optimizers(trainer: Any, saved: list[str] | None, *, source: str) -> N
                          "directory.")
 
 
+def check_parameter_groups(trainer: Any, checkpoint: dict, *, source: str) -> None:
+    """Raises ValueError when the optimizer states of ``checkpoint`` (saved at ``source``) hold other numbers of
+    parameters per group than ``trainer``'s optimizers: a fit of another stage in the same directory (a head
+    trained first, then the whole model), whose restore torch refuses with "loaded state dict contains a
+    parameter group that doesn't match the size of optimizer's group", naming neither. Strategies that set
+    their optimizers themselves (``lightning_restore_optimizer`` False) are left to torch."""
+    states = checkpoint.get("optimizer_states")
+    if states is None or not getattr(trainer.strategy, "lightning_restore_optimizer", True):
+        return
+    saved = [[len(group["params"]) for group in state["param_groups"]] for state in states]
+    current = [[len(group["params"]) for group in optimizer.param_groups] for optimizer in trainer.optimizers]
+    if saved != current:
+        raise ValueError(f"{source} was saved with optimizers whose parameter groups hold {saved} parameters, and "
+                         f"this run's hold {current}: it trains other parameters (another stage of training, or "
+                         "another model). Give each stage a directory of its own, or use the optimizers it was "
+                         "trained with.")
+
+
 def loaded_checkpoint(trainer: Any) -> dict | None:
     """The checkpoint of ``trainer.fit(ckpt_path=...)`` whose training state Lightning has yet to restore
     (None when there is none, or once restored)."""

@@ -295,16 +295,58 @@ def test_monitor_scores_a_step_only_by_a_validation_run_since_the_previous_save(
     assert CheckpointCallback(tmp_path, monitor="val_loss").best_model_path == str(tmp_path / "4")
 
 
-def test_a_save_waiting_for_a_validation_that_does_not_run_is_taken_at_the_next_step(tmp_path):
+class BestAtTheEnd(ValidatedAt):
+    VAL_LOSS = {4: 5.0, 8: 1.0}
+
+
+def test_the_step_max_steps_ends_at_is_saved_after_its_validation(tmp_path):
+    """It was saved at once, before the validation due at it: its metrics lacked that validation's val_loss,
+    so a best last step was not best_model_path (ModelCheckpoint's is), and a longer run resumed from it
+    skipped that validation (EarlyStopping, plateau schedulers and callback_metrics without it)."""
+    callback = CheckpointCallback(tmp_path, monitor="val_loss", save_decision_policy=sdp.FixedIntervalPolicy(4),
+                                  async_save=False)
+    trainer = pl.Trainer(max_steps=8, val_check_interval=4, check_val_every_n_epoch=None, num_sanity_val_steps=0,
+                         callbacks=[callback], accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    trainer.fit(BestAtTheEnd(), DataLoader(example.synthetic_data(), batch_size=16),
+                DataLoader(example.synthetic_data(32), batch_size=16))
+    assert callback.best_model_path == str(tmp_path / "8")
+    assert callback.checkpointer.checkpoints[-1].metrics["val_loss"] == 1.0
+
+
+@pytest.mark.parametrize("every_n_epochs, saved", [(1, [4, 12, 16]), (2, [4, 13, 16])])
+def test_a_save_waiting_for_a_validation_that_does_not_run_is_taken_at_the_next_step(tmp_path, every_n_epochs, saved):
     """A validation loader without batches: Lightning skips the validation due at steps 4 and 12 and its
     ``on_validation_end``, where their saves waited; they went to the epoch's end (steps 8 and 16), where the
-    policy declined them, and step 16 counted as saved: the fit ended with no checkpoint at all."""
+    policy declined them, and step 16 counted as saved: the fit ended with no checkpoint at all. A loader
+    Lightning has made (at the start of an epoch that validates) is known to be empty, and such a step is
+    saved at once; at step 12 of the second (every_n_epochs=2) it is not yet made."""
     callback = CheckpointCallback(tmp_path, save_decision_policy=sdp.SpecificStepsPolicy([4, 12]))
-    trainer = pl.Trainer(max_epochs=2, val_check_interval=0.5, num_sanity_val_steps=0, callbacks=[callback],
-                         accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = pl.Trainer(max_epochs=2, val_check_interval=0.5, check_val_every_n_epoch=every_n_epochs,
+                         num_sanity_val_steps=0, callbacks=[callback], accelerator="cpu", logger=False,
+                         enable_progress_bar=False, enable_model_summary=False)
     empty = DataLoader(torch.utils.data.Subset(example.synthetic_data(), []), batch_size=16)
     trainer.fit(ValidatedAt(), DataLoader(example.synthetic_data(128), batch_size=16), empty)  # 8 batches an epoch
-    assert [c.step for c in callback.checkpointer.checkpoints] == [5, 13, 16]
+    assert [c.step for c in callback.checkpointer.checkpoints] == saved
+
+
+def test_a_bound_at_a_step_whose_validation_has_no_batches_extends_as_if_it_had_never_stopped(tmp_path):
+    """The step max_steps ends at waits for its validation; one that Lightning skips (no batches) left the save
+    to the end of the epoch the bound cut short, and the longer run started the next epoch instead of its rest."""
+    def fit_to(directory, max_steps):
+        pl.seed_everything(0, verbose=False)
+        only_the_last = sdp.SpecificStepsPolicy([])
+        callbacks = [CheckpointCallback(directory, save_decision_policy=only_the_last)] if directory else []
+        trainer = pl.Trainer(max_steps=max_steps, val_check_interval=0.5, num_sanity_val_steps=0, callbacks=callbacks,
+                             enable_checkpointing=bool(directory), accelerator="cpu", logger=False,
+                             enable_progress_bar=False, enable_model_summary=False)
+        empty = DataLoader(torch.utils.data.Subset(example.synthetic_data(), []), batch_size=16)
+        trainer.fit(ValidatedAt(), DataLoader(example.synthetic_data(128), batch_size=16, shuffle=True), empty)
+        return trainer
+
+    expected = final_state(fit_to(None, 12))
+    fit_to(tmp_path, 4)
+    assert same(final_state(fit_to(tmp_path, 12)), expected)
 
 
 def test_a_monitor_that_no_step_logged_is_warned_of_at_the_end_of_fit(tmp_path, caplog):
@@ -540,6 +582,18 @@ def test_load_weights_reads_the_latest_or_a_given_step_into_a_fresh_model(tmp_pa
         load_weights(fresh, tmp_path, step=3)
 
 
+def test_load_weights_without_the_step_name_format_the_steps_were_saved_with_names_the_format_to_pass(tmp_path):
+    """It said 'no checkpoints in DIR' of a directory full of steps (the callback given a step_name_format)."""
+    named = ckpt.path.step.standard_name_format(step_prefix="step", step_format_fixed_length=6)
+    with ckpt.Checkpointer(tmp_path, step_name_format=named) as checkpointer:
+        checkpointer.save_checkpointables(3, {"model": {"w": torch.ones(2)}}, force=True)
+    with pytest.raises(ckpt.errors.StepNotFoundError, match=r"no checkpoints in .*holds steps named step_000003.*pass "
+                                                            r"step_name_format=ckpt.path.step.StandardNameFormat\("
+                                                            r"step_prefix='step', step_format_fixed_length=6\)"):
+        load_weights(torch.nn.Linear(2, 1), tmp_path)
+    assert load_weights(torch.nn.Module(), tmp_path, step_name_format=named, strict=False) == 3
+
+
 def test_a_step_directory_such_as_best_model_path_gives_its_weights_or_the_module_it_saved(tmp_path):
     trainer, callback = fit(tmp_path, model=example.Regressor(hidden=8, lr=0.02), max_steps=4,
                             save_decision_policy=sdp.FixedIntervalPolicy(2))
@@ -553,6 +607,40 @@ def test_a_step_directory_such_as_best_model_path_gives_its_weights_or_the_modul
     assert earlier.hparams.lr == 0.5 and not same(earlier.state_dict(), trained)
     with pytest.raises(ckpt.errors.StepNotFoundError, match="no checkpoint at step 3"):
         load_from_checkpoint(example.Regressor, tmp_path, step=3)
+    with pytest.raises(TypeError, match=r"makes a LightningModule or LightningDataModule, and .*Linear.* is neither"):
+        load_from_checkpoint(torch.nn.Linear, tmp_path)  # was a bare StopIteration
+
+
+class CountingData(pl.LightningDataModule):
+    """Saves its hyperparameters and counts the batches it gave (its state)."""
+
+    def __init__(self, batch_size: int = 16):
+        super().__init__()
+        self.save_hyperparameters()
+        self.given = 0
+
+    def train_dataloader(self):
+        return DataLoader(example.synthetic_data(), batch_size=self.hparams.batch_size)
+
+    def on_before_batch_transfer(self, batch, dataloader_idx):
+        self.given += 1
+        return batch
+
+    def state_dict(self):
+        return {"given": self.given}
+
+    def load_state_dict(self, state):
+        self.given = state["given"]
+
+
+def test_load_from_checkpoint_makes_the_datamodule_a_step_saved(tmp_path):
+    """As LightningDataModule.load_from_checkpoint does for a file; a DataModule class raised a bare StopIteration."""
+    pl.seed_everything(0, verbose=False)
+    trainer = pl.Trainer(max_steps=3, callbacks=[CheckpointCallback(tmp_path)], accelerator="cpu", logger=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(example.Regressor(), datamodule=CountingData(batch_size=8))
+    data = load_from_checkpoint(CountingData, tmp_path)
+    assert type(data) is CountingData and data.hparams.batch_size == 8 and data.given == 3
 
 
 def test_load_weights_reads_a_read_only_directory(tmp_path):
@@ -686,6 +774,23 @@ def test_a_module_with_extra_state_that_is_no_tensor_resumes_and_loads_its_weigh
     assert fresh.net[0].seen == {"batches": 3} and same(fresh.state_dict(), trainer.lightning_module.state_dict())
 
 
+class Lazy(example.Regressor):
+    """Its layers take their input sizes at the first forward (``nn.LazyLinear``): a fresh one has no shapes."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.LazyLinear(64), torch.nn.ReLU(), torch.nn.LazyLinear(1))
+
+
+def test_a_module_with_lazy_layers_resumes_and_loads_its_weights(tmp_path):
+    fit(tmp_path, model=Lazy(), max_steps=2)
+    trainer, _ = fit(tmp_path, model=Lazy(), max_steps=3)
+    assert trainer.global_step == 3
+    fresh = Lazy()
+    assert load_weights(fresh, tmp_path) == 3
+    assert same(fresh.state_dict(), trainer.lightning_module.state_dict())
+
+
 class FailsAt(example.Regressor):
     def __init__(self, step: int):
         super().__init__()
@@ -723,6 +828,32 @@ def test_restoring_a_directory_written_by_a_different_model_names_the_differing_
         fit(tmp_path, model=example.Regressor(hidden=8), max_steps=4)
 
 
+class LeavesOutItsFrozenLayer(example.Regressor):
+    """Keeps its frozen first layer out of checkpoints (``on_save_checkpoint``) and puts the one it has back
+    in ``on_load_checkpoint``, where Lightning lets a module complete or migrate the saved weights."""
+
+    def __init__(self):
+        super().__init__()
+        self.net[0].requires_grad_(False)
+        self.started_at = None
+
+    def on_train_start(self):
+        self.started_at = self.trainer.global_step
+
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("net.0.")}
+
+    def on_load_checkpoint(self, checkpoint):
+        checkpoint["state_dict"].update({k: v for k, v in self.state_dict().items() if k.startswith("net.0.")})
+
+
+def test_the_weights_are_checked_as_the_modules_on_load_checkpoint_leaves_them(tmp_path):
+    """The module's hook runs first, as in Lightning's restore: the check named the layer left out as missing."""
+    fit(tmp_path, model=LeavesOutItsFrozenLayer(), max_steps=2)
+    trainer, _ = fit(tmp_path, model=LeavesOutItsFrozenLayer(), max_steps=3)
+    assert trainer.lightning_module.started_at == 2
+
+
 class AdamRegressor(example.Regressor):
     def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=1e-3)
@@ -733,6 +864,23 @@ def test_restoring_a_directory_saved_with_other_optimizers_names_them(tmp_path):
     fit(tmp_path, max_steps=2)
     with pytest.raises(ValueError, match=r"saved with the optimizers \['SGD'\], and this run has \['Adam'\]"):
         fit(tmp_path, model=AdamRegressor(), max_steps=4)
+
+
+class TrainsItsHeadOnly(example.Regressor):
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.net[3].parameters(), lr=0.1)
+
+
+def test_restoring_a_directory_saved_with_optimizers_of_other_parameters_names_them(tmp_path):
+    """A second stage of training (the whole model, after its head alone) in the first stage's directory: torch
+    refused the restore with "loaded state dict contains a parameter group that doesn't match the size of
+    optimizer's group", naming neither the directory nor the step."""
+    fit(tmp_path, model=TrainsItsHeadOnly(), max_steps=2)
+    saved = steps_in(tmp_path)
+    with pytest.raises(ValueError, match=r"/2 was saved with optimizers whose parameter groups hold \[\[2\]\] "
+                                         r"parameters, and this run's hold \[\[4\]\]"):
+        fit(tmp_path, max_steps=4)
+    assert steps_in(tmp_path) == saved
 
 
 def test_ckpt_path_given_by_the_user_wins_over_the_directorys_latest_step(tmp_path):
@@ -773,6 +921,8 @@ def test_model_checkpoints_options_are_refused_naming_what_to_pass_instead():
     with pytest.raises(TypeError, match=r"(?s)\['dirpath', 'every_n_train_steps'\]; these are ModelCheckpoint's.*"
                                         r"dirpath: the directory.*FixedIntervalPolicy\(n\)"):
         CheckpointCallback(dirpath="runs/exp1", every_n_train_steps=100)
+    with pytest.raises(TypeError, match=r"(?s)\['save_on_exception'\]; these are ModelCheckpoint's.*saved on SIGTERM"):
+        CheckpointCallback("runs/exp1", save_on_exception=True)  # ModelCheckpoint's since Lightning 2.5
     with pytest.raises(TypeError, match=r"\['saev_top_k'\]\nIt takes: directory, save_decision_policy, "):
         CheckpointCallback("runs/exp1", saev_top_k=2)
     with pytest.raises(TypeError, match="needs the directory"):
@@ -780,6 +930,23 @@ def test_model_checkpoints_options_are_refused_naming_what_to_pass_instead():
     with pytest.raises(TypeError, match=r"save_decision_policy must be an object with a should_save method .*"
                                         r"class_path configuration that was not instantiated"):
         CheckpointCallback("runs/exp1", save_decision_policy={"class_path": "my_policies.EveryHour"})
+
+
+def test_save_top_k_as_its_refusal_says_keeps_the_k_best_validated_steps(tmp_path):
+    """The refusal's BestN read m['val_loss'], which a step saved before the first validation lacks: the fit
+    failed with KeyError: 'val_loss' at its first garbage collection."""
+    with pytest.raises(TypeError) as refused:
+        CheckpointCallback(tmp_path, save_top_k=2)
+    advice = re.search(r"the k best: (.*) \(reverse", str(refused.value)).group(1).replace("n=k", "n=2")
+    options = eval(f"dict({advice})", {"preservation_policies": pp, "math": math})  # as a user would type it
+    callback = CheckpointCallback(tmp_path, save_decision_policy=sdp.FixedIntervalPolicy(1), async_save=False,
+                                  **options)
+    trainer = pl.Trainer(max_steps=14, val_check_interval=4, check_val_every_n_epoch=None, num_sanity_val_steps=0,
+                         callbacks=[callback], accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    trainer.fit(ValidatedAt(), DataLoader(example.synthetic_data(), batch_size=16),
+                DataLoader(example.synthetic_data(32), batch_size=16))
+    assert [c.step for c in callback.checkpointer.checkpoints] == [4, 8, 14]  # val_loss 1.0 and 5.0, the latest
 
 
 @pytest.mark.parametrize("option", ["async_save", "restore"])

@@ -267,10 +267,10 @@ class CheckpointCallbackMixin:
             step, path = found
             set_by_torch = sharded.restores_itself(trainer)
             loaded = sharded.load(trainer, path) if set_by_torch else translate.load(self._checkpointer, step)
-            checkpoint = translate.from_checkpointables(loaded)
-            check_model(checkpoint["state_dict"], pl_module, source=path,
-                        strict=getattr(pl_module, "strict_loading", True))  # strict_loading: Lightning >= 2.2
-            self._restoring = (path, resume.restore_modules(trainer, checkpoint, source=path), set_by_torch)
+            checkpoint = resume.restore_modules(
+                trainer, translate.from_checkpointables(loaded), source=path,
+                check_model=lambda state: check_model(state, pl_module, source=path, strict=pl_module.strict_loading))
+            self._restoring = (path, checkpoint, set_by_torch)
         elif (trainer.ckpt_path is not None and self is peers[0] and _loaded_state(trainer)
               and resume.loaded_checkpoint(trainer) is not None):
             self._restoring = (str(trainer.ckpt_path), resume.loaded_checkpoint(trainer), False)
@@ -283,6 +283,7 @@ class CheckpointCallbackMixin:
             return
         (path, checkpoint, set_by_torch), self._restoring = self._restoring, None
         resume.check_optimizers(trainer, _loaded_state(trainer).get("optimizers"), source=path)
+        resume.check_parameter_groups(trainer, checkpoint, source=path)
         resume.restore_training_state(trainer, checkpoint, source=path)
         if set_by_torch:
             sharded.set_states(trainer, checkpoint)
@@ -337,9 +338,10 @@ class CheckpointCallbackMixin:
             self._prepare(translate.to_checkpointables(resume.dump_checkpoint(trainer, hooks=False)))
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
-        # a stop this validation requested (EarlyStopping) cuts the epoch short: saved after the epoch's end
+        # a stop this validation requested (EarlyStopping) cuts the epoch short: saved after the epoch's end;
+        # a bound reached at this step (SavePoint.last) is saved here, before Lightning ends the epoch
         if (self._pending is not None and self._pending[0].hook == "on_validation_end" and not trainer.sanity_checking
-                and not tail.ends_after_batch(trainer)):
+                and (self._pending[0].last or not tail.ends_after_batch(trainer))):
             self._save(trainer, trainer.global_step, *self._pending)
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
@@ -511,10 +513,14 @@ _MODEL_CHECKPOINT = {
                            "minimum_interval_secs=s)",
     "every_n_epochs": "save_decision_policy=FixedIntervalPolicy(steps per epoch * n)",
     "save_on_train_epoch_end": "none: a step is saved after the validation or epoch end that is due at it",
-    "save_top_k": "monitor= keeps the best step (and the latest); the k best: preservation_policy=preservation_"
-                  "policies.BestN(get_metric_fn=lambda m: m['val_loss'], reverse=True, n=k) (reverse: lowest first)",
+    "save_top_k": "monitor= keeps the best step (and the latest); the k best: monitor='val_loss', preservation_"
+                  "policy=preservation_policies.BestN(get_metric_fn=lambda m: m.get('val_loss', math.inf), "
+                  "reverse=True, n=k) (reverse: lowest first; a step not validated since the save before it has no "
+                  "val_loss)",
     "save_last": "none: the latest step is always kept",
     "save_weights_only": "none: the full state is saved; load_weights reads only the weights",
+    "save_on_exception": "none: the step is saved on SIGTERM (a preemption); an error in training saves nothing, "
+                         "and a run started again resumes from the last step saved before it",
     "verbose": "none", "auto_insert_metric_name": "none", "enable_version_counter": "none",
 }
 

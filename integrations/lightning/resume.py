@@ -23,15 +23,23 @@ import torch
 from ckpt.integrations.lightning import rng
 
 
-def restore_modules(trainer: Any, checkpoint: dict, *, source: str) -> dict:
+def restore_modules(trainer: Any, checkpoint: dict, *, source: str,
+                    check_model: Callable[[dict], None] | None = None) -> dict:
     """Restores what Lightning's own restore puts back before the callbacks' ``on_fit_start``: the model,
     the datamodule and the callbacks' states (``BaseFinetuning`` adds back its parameter groups in
     ``on_fit_start`` from its state). Call on every rank, after the strategy set the model and optimizers
     up, before the other callbacks' ``on_fit_start`` (see :func:`call_first_at_fit_start`); then
-    :func:`restore_training_state` with the checkpoint returned (upgraded by Lightning's migration)."""
+    :func:`restore_training_state` with the checkpoint returned (upgraded by Lightning's migration).
+    ``check_model(state_dict)`` sees the weights as the module's ``on_load_checkpoint`` left them (keys
+    renamed, weights its ``on_save_checkpoint`` left out put back), before they are loaded."""
     connector = _private(trainer, "_checkpoint_connector")
-    connector._loaded_checkpoint = migrate(lightning_package(trainer), checkpoint, source)
-    connector.restore_model()
+    connector._loaded_checkpoint = checkpoint = migrate(lightning_package(trainer), checkpoint, source)
+    # Lightning's connector.restore_model(), with the check between its hook and its load
+    call = importlib.import_module(f"{lightning_package(trainer)}.trainer.call")
+    call._call_lightning_module_hook(trainer, "on_load_checkpoint", checkpoint)
+    if check_model is not None:
+        check_model(checkpoint["state_dict"])
+    trainer.strategy.load_model_state_dict(checkpoint, strict=trainer.lightning_module.strict_loading)
     connector.restore_datamodule()
     connector.restore_callbacks()
     return connector._loaded_checkpoint
@@ -64,6 +72,24 @@ def check_optimizers(trainer: Any, saved: list[str] | None, *, source: str) -> N
         raise ValueError(f"{source} was saved with the optimizers {list(saved)}, and this run has {current}: "
                          "their states do not fit each other. Use the optimizers it was trained with, or a new "
                          "directory.")
+
+
+def check_parameter_groups(trainer: Any, checkpoint: dict, *, source: str) -> None:
+    """Raises ValueError when the optimizer states of ``checkpoint`` (saved at ``source``) hold other numbers of
+    parameters per group than ``trainer``'s optimizers: a fit of another stage in the same directory (a head
+    trained first, then the whole model), whose restore torch refuses with "loaded state dict contains a
+    parameter group that doesn't match the size of optimizer's group", naming neither. Strategies that set
+    their optimizers themselves (``lightning_restore_optimizer`` False) are left to torch."""
+    states = checkpoint.get("optimizer_states")
+    if states is None or not getattr(trainer.strategy, "lightning_restore_optimizer", True):
+        return
+    saved = [[len(group["params"]) for group in state["param_groups"]] for state in states]
+    current = [[len(group["params"]) for group in optimizer.param_groups] for optimizer in trainer.optimizers]
+    if saved != current:
+        raise ValueError(f"{source} was saved with optimizers whose parameter groups hold {saved} parameters, and "
+                         f"this run's hold {current}: it trains other parameters (another stage of training, or "
+                         "another model). Give each stage a directory of its own, or use the optimizers it was "
+                         "trained with.")
 
 
 def loaded_checkpoint(trainer: Any) -> dict | None:

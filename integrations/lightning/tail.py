@@ -32,8 +32,9 @@ class SavePoint:
     first_loop_iter: the training loop's logging state when the save was decided (validation
       replaces it while it runs, and the training loop puts it back after).
     last: the run ends after this step by a bound that a run started again checks again (``max_steps``,
-      ``Timer``'s ``max_time``; see :func:`bound_reached`): the save is taken right away, before Lightning
-      ends the epoch early (at the epoch's last batch, after the epoch's end, which is not early), and
+      ``Timer``'s ``max_time``; see :func:`bound_reached`): the save is taken before Lightning ends the
+      epoch early (right away, or after the step's validation if one is due at it; at the epoch's last
+      batch, after the epoch's end, which is not early), and
       records no stop, so that a longer run resumed from it goes on as if it had never stopped. A stop
       requested otherwise (by the module or a callback setting ``trainer.should_stop``) is saved after the
       epoch it cuts short ends, and recorded: the resumed fit ends at once, as the stopped one did.
@@ -61,25 +62,39 @@ def bound_reached(trainer: Any) -> bool:
 
 def save_point(trainer: Any, last: bool) -> SavePoint:
     """Where the step that just ended is saved (``last``: :func:`ends_after_batch`): after the epoch's end
-    when the epoch ends (a bound reached at its last batch included) or a stop cuts it short, at once when
-    the run ends after it by a bound (:func:`bound_reached`) mid-epoch, else after its validation if due.
-    Call on every rank."""
-    fit_loop = trainer.fit_loop
-    epoch_loop = fit_loop.epoch_loop
+    when the epoch ends (a bound reached at its last batch included) or a stop cuts it short, else after its
+    validation if one is due at it (a bound reached mid-epoch included: :func:`bound_reached`), else at once
+    (before Lightning ends an epoch that a bound cuts short). Call on every rank."""
+    epoch_loop = trainer.fit_loop.epoch_loop
     first_loop_iter = trainer._logger_connector._first_loop_iter
     bounded = last and bound_reached(trainer)
     if trainer.world_size > 1:  # rank 0's clock decides for every rank, as Timer's does
         bounded = trainer.strategy.broadcast(bounded, src=0)
     if epoch_loop._num_ready_batches_reached() or (last and not bounded):
         hook = "on_train_epoch_end"
-    elif bounded:
-        hook = "on_train_batch_end"
-    elif (getattr(trainer, "_val_check_time_interval", None) is None  # a clock's decision cannot be foreseen
-          and epoch_loop._should_check_val_fx(fit_loop._data_fetcher)):
+    elif _validation_due(trainer):
         hook = "on_validation_end"
     else:
         hook = "on_train_batch_end"
     return SavePoint(hook=hook, first_loop_iter=first_loop_iter, last=bounded)
+
+
+def _validation_due(trainer: Any) -> bool:
+    """Whether the step that just ended is validated by the Trainer's interval (``val_check_interval``,
+    ``check_val_every_n_epoch``), as a run going on after it would validate it: Lightning also validates
+    at any step where the run stops by ``trainer.should_stop`` (a ``Timer``'s), which a longer run resumed
+    from the step would not do, so that stop is left out of the question."""
+    if getattr(trainer, "_val_check_time_interval", None) is not None:  # a clock's decision cannot be foreseen
+        return False
+    fit_loop = trainer.fit_loop
+    val_loop = fit_loop.epoch_loop.val_loop
+    if val_loop._combined_loader is not None and val_loop.skip:  # no batches: Lightning skips it, hooks included
+        return False
+    should_stop, trainer.should_stop = trainer.should_stop, False
+    try:
+        return fit_loop.epoch_loop._should_check_val_fx(fit_loop._data_fetcher)
+    finally:
+        trainer.should_stop = should_stop
 
 
 def continue_after(trainer: Any, saved_in: str) -> None:
@@ -94,10 +109,11 @@ def continue_after(trainer: Any, saved_in: str) -> None:
         trainer.fit_loop.epoch_loop.restarting = False
 
 
-def finish_iteration(trainer: Any, saved_in: str, should_stop: bool) -> None:
+def finish_iteration(trainer: Any, saved_in: str, should_stop: bool, finished: bool = False) -> None:
     """Runs what the uninterrupted run ran after the hook ``saved_in`` and a restart leaves out.
 
-    Call in ``on_train_start`` of the resumed run, after the logged values are restored.
+    Call in ``on_train_start`` of the resumed run, after the logged values are restored (``finished``: in a fit
+    whose training loop Lightning skips, see :func:`finish_skipped_fit`).
     """
     fit_loop = trainer.fit_loop
     epoch_loop = fit_loop.epoch_loop
@@ -108,8 +124,8 @@ def finish_iteration(trainer: Any, saved_in: str, should_stop: bool) -> None:
         connector.on_batch_end()
         connector.update_train_step_metrics()
         epoch_loop.update_lr_schedulers("step", update_plateau_schedulers=True)
-    elif saved_in == "on_validation_end" and should_stop and fit_loop._can_stop_early:
-        # Lightning's restart runs the rest of on_advance_end in its next iteration, but a stopping
+    elif saved_in == "on_validation_end" and (finished or should_stop and fit_loop._can_stop_early):
+        # Lightning's restart runs the rest of on_advance_end in its next iteration, but a finished or stopping
         # run has none (a stop that min_epochs or min_steps holds back has one: it goes on training)
         epoch_loop.update_lr_schedulers("step", update_plateau_schedulers=True)
         if not epoch_loop._should_accumulate():
@@ -137,7 +153,7 @@ def finish_skipped_fit(trainer: Any, saved_in: str, should_stop: bool) -> None:
     after it ended. Call in ``on_fit_end``, after the logged values are restored."""
     fit_loop = trainer.fit_loop
     fit_loop.update_restart_stage()
-    finish_iteration(trainer, saved_in, should_stop)
+    finish_iteration(trainer, saved_in, should_stop, finished=True)
     if saved_in == "on_train_epoch_end":
         progress = fit_loop.epoch_progress.current
         progress.completed = progress.processed

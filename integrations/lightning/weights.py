@@ -56,10 +56,12 @@ def load_from_checkpoint(cls: type, directory: str | os.PathLike, step: int | No
                          **kwargs: Any) -> Any:
     """What ``cls.load_from_checkpoint(path)`` gives for a ``.ckpt`` file, for a step the callback saved:
     a ``cls`` made from the step's saved hyperparameters (``kwargs`` override them, as in Lightning),
-    with its ``on_load_checkpoint`` called and the step's weights loaded, on the CPU.
+    with its ``on_load_checkpoint`` called and the step's weights loaded, on the CPU; a LightningDataModule
+    with the state its ``state_dict`` gave.
 
     Args:
-      cls: the LightningModule class (``save_hyperparameters()`` in its ``__init__`` stores the arguments).
+      cls: the LightningModule or LightningDataModule class (``save_hyperparameters()`` in its ``__init__``
+        stores the arguments).
       directory, step, step_name_format: as in :func:`load_weights`.
       strict: as in Lightning (None: the module's ``strict_loading``).
 
@@ -68,7 +70,11 @@ def load_from_checkpoint(cls: type, directory: str | os.PathLike, step: int | No
         model = load_from_checkpoint(MyLightningModule, "runs/exp1", step=120, dropout=0.0)
     """
     _, path = step_path(directory, step, step_name_format)
-    package = next(c.__module__.split(".core.")[0] for c in cls.__mro__ if c.__name__ == "LightningModule")
+    package = next((c.__module__.split(".core.")[0] for c in getattr(cls, "__mro__", ())
+                    if c.__name__ in ("LightningModule", "LightningDataModule")), None)
+    if package is None:
+        raise TypeError(f"load_from_checkpoint makes a LightningModule or LightningDataModule, and {cls!r} is "
+                        "neither: read the weights into a module you made with load_weights(module, directory)")
     checkpoint = resume.migrate(package, translate.read(path), path)
     checkpoint.setdefault(cls.CHECKPOINT_HYPER_PARAMS_KEY, {}).update(kwargs)
     return importlib.import_module(f"{package}.core.saving")._load_state(cls, checkpoint, strict=strict, **kwargs)
@@ -84,14 +90,32 @@ def step_path(directory: str | os.PathLike, step: int | None,
     if step is None and found:
         step = max(found)
     if step not in found:
-        what = "no checkpoints" if not found else f"no checkpoint at step {step} (steps: {sorted(found)})"
-        raise ckpt.errors.StepNotFoundError(f"{what} in {directory}", step=step, path=directory)
+        what = f"no checkpoint at step {step} (steps: {sorted(found)})" if found else "no checkpoints"
+        hint = "" if found else _named_otherwise(directory, step_name_format)
+        raise ckpt.errors.StepNotFoundError(f"{what} in {directory}{hint}", step=step, path=directory)
     return step, f"{os.fspath(directory).rstrip('/')}/{found[step]}"
+
+
+def _named_otherwise(directory: str | os.PathLike, step_name_format: step_lib.NameFormat | None) -> str:
+    """What to pass when ``directory``'s steps are named by a standard format other than ``step_name_format``
+    (the callback's was given one: ``step_000120``); "" when none names any."""
+    try:
+        other = step_lib.name_format_of(directory)
+    except OSError:  # no such directory
+        return ""
+    given = step_name_format or step_lib.standard_name_format()
+    named = step_lib.find_all(directory, other) if other != given else {}
+    if not named:
+        return ""
+    names = sorted(named.values())
+    return (f"; it holds steps named {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}, which another step "
+            f"name format names: pass step_name_format=ckpt.path.step.{other!r}")
 
 
 def check_model(saved: Mapping[str, Any], model: torch.nn.Module, *, source: str, strict: bool = True) -> None:
     """Raises ValueError naming every key that ``saved`` (a state dict) lacks, adds, or shapes differently
-    (of the model's tensors: a module's extra state, ``get_extra_state``, may be any value)."""
+    (of the model's tensors: a module's extra state, ``get_extra_state``, may be any value; a lazy module's
+    parameters, not yet initialized, take their shapes from ``saved``)."""
     current = model.state_dict()
     problems = []
     if strict:
@@ -102,7 +126,9 @@ def check_model(saved: Mapping[str, Any], model: torch.nn.Module, *, source: str
         if unexpected:
             problems.append(f"unexpected keys {unexpected}")
     for key, value in saved.items():
-        want = getattr(current.get(key), "shape", None)  # None: not in the model, or not a tensor there
+        target = current.get(key)
+        # None: not in the model, not a tensor there, or a lazy module's (its load gives it the saved shape)
+        want = None if torch.nn.parameter.is_lazy(target) else getattr(target, "shape", None)
         have = tuple(getattr(value, "shape", ()))
         if want is not None and have != tuple(want):
             problems.append(f"{key!r} has shape {have} there and {tuple(want)} in the model")

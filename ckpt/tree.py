@@ -137,7 +137,8 @@ def flatten(tree: Any, *, prefix: KeyPath = ()) -> tuple[Node, list[tuple[KeyPat
 
     Raises:
       TypeError: a dict key (or a registered pytree's) that is neither str nor int (named by its key path).
-      ValueError: a tree nested deeper than Python's recursion allows, or one that holds itself.
+      ValueError: a tree nested deeper than Python's recursion allows, or one that holds itself; a registered
+        pytree node that gives two children the same key.
     """
     if type(tree) is Stored:
         return tree.node, list(zip(leaf_paths(tree.node, prefix), tree.leaves))
@@ -180,6 +181,8 @@ def flatten(tree: Any, *, prefix: KeyPath = ()) -> tuple[Node, list[tuple[KeyPat
                 for kind, k in keys:
                     if kind == "key":
                         check_key(k, path)
+                if len(set(map(_KEY, keys))) != len(keys):
+                    raise _repeated_keys(x, keys, path)
                 children = visit_children(keys, values, path)
                 jax = sys.modules["jax"]
                 return Node(
@@ -196,6 +199,20 @@ def flatten(tree: Any, *, prefix: KeyPath = ()) -> tuple[Node, list[tuple[KeyPat
                          "container inside itself): neither can be stored") from None
     del visit  # it refers to itself: kept, it would keep ``leaves`` until the collector found the cycle
     return node, leaves
+
+
+def _repeated_keys(x: Any, keys: list[KeyEntry], path: KeyPath) -> ValueError:
+    """The error for a registered pytree node whose flatten gives two children the same key (a custom key
+    type rendered as the same text, ``.a`` beside ``['a']``): a step keeps each child under its key, so a
+    load could not tell them apart."""
+    seen: dict[Any, KeyEntry] = {}
+    for entry in keys:
+        first = seen.setdefault(entry[1], entry)
+        if first is not entry:
+            break
+    return ValueError(f"the {type(x).__name__} at {keystr(path) or 'the root'} gives two of its children the key "
+                      f"{entry[1]!r} ({keystr(path + (first,))} and {keystr(path + (entry,))}): ckpt stores each child "
+                      "under its key, so they must differ (give the pytree's flatten_with_keys distinct keys)")
 
 
 def unflatten(node: Node, leaves: Iterator[Any]) -> Any:

@@ -6,6 +6,7 @@ afterwards: no temporary, no lock change, no partial step.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from pathlib import Path
@@ -133,6 +134,28 @@ def save_jax(how: str) -> Callable[[Checkpointer, Path], Any]:
     return call
 
 
+class RepeatingKeys:
+    """A jax pytree whose flatten gives both its children the key 'a' (.a and ['a'])."""
+
+    def __init__(self, a: Any, b: Any):
+        self.a, self.b = a, b
+
+
+@functools.cache
+def _register_repeating_keys() -> None:
+    tree_util = pytest.importorskip("jax").tree_util
+    tree_util.register_pytree_with_keys(
+        RepeatingKeys, lambda r: (((tree_util.GetAttrKey("a"), r.a), (tree_util.DictKey("a"), r.b)), None),
+        lambda _, children: RepeatingKeys(*children))
+
+
+def save_repeating_keys(ckptr: Checkpointer, root: Path) -> Any:
+    """A save of a pytree whose children share a key: the step could never be loaded (or, loaded without an
+    abstract tree, would give one leaf of the two)."""
+    _register_repeating_keys()
+    return ckptr.save(1, {"r": RepeatingKeys(np.ones(2), np.zeros(2))}, force=True)
+
+
 STRUCTURED = np.dtype([("x", "<i4"), ("y", "<f8")])
 
 
@@ -160,6 +183,9 @@ CASES = {
     "bfloat16 tensor subclass": Case(save_torch(TWO_TENSOR.format("torch.bfloat16")), TypeError,
                                      r"\['t'\] has type torch\.testing\._internal\.two_tensor\.TwoTensor \(a tensor subclass\)"),
     "float32 tensor subclass": Case(save_torch(TWO_TENSOR.format("torch.float32")), TypeError, r"\['t'\] has type .*TwoTensor"),
+    "jax pytree whose children share a key": Case(save_repeating_keys, ValueError,
+                                                  r"RepeatingKeys at \['r'\] gives two of its children the key 'a' "
+                                                  r"\(\['r'\]\.a and \['r'\]\['a'\]\)"),
     "tuple key of a jax pytree": Case(save_pytree_with_key((1, 2)), TypeError, r"dict key \(1, 2\) of type tuple at \['d'\]"),
     # dict keys that cannot round-trip
     "tuple key": Case(save({"a": {(1, 2): 1}}), TypeError, r"dict key \(1, 2\) of type tuple at \['a'\]"),

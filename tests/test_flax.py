@@ -324,6 +324,19 @@ def test_nnx_model_that_sows_intermediates_is_saved_without_them_and_restored_in
                        nnx.state((model, optimizer), nnx.Not(nnx.Intermediate)))
 
 
+def test_nnx_target_with_none_leaves_receives_the_values_as_saved_there(ckptr):
+    """A None beside NNX objects (what the loop does not rebuild) failed with jax's 'pytree structure error'."""
+    model, optimizer = create_nnx(seed=0)
+    assert CheckpointHook(ckptr, final_step=1)(1, {"model": model, "optimizer": optimizer, "epoch": 3})
+    fresh = create_nnx(seed=5)[0]
+
+    restored = restore_train_state(ckptr, {"model": fresh, "optimizer": None, "epoch": None})
+
+    assert restored["model"] is fresh and restored["epoch"] == 3
+    assert_same_leaves(restored["optimizer"], ckptr.load(1)["optimizer"])
+    assert_same_leaves(nnx.state(fresh), nnx.state(model))
+
+
 def test_nnx_abstract_model_alone_is_restored_in_place(ckptr):
     model, _ = create_nnx(seed=0)
     ckptr.save(1, nnx.state(model), force=True)

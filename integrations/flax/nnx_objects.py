@@ -69,4 +69,5 @@ def update_nnx_in_place(target: Any, restored: Any) -> Any:
         nnx.update(node, state)
         return node
 
-    return jax.tree.map(put, target, restored, is_leaf=is_nnx_object)
+    # (a None of target is a leaf: it received the value as saved, which may be any subtree)
+    return jax.tree.map(put, target, restored, is_leaf=lambda x: x is None or is_nnx_object(x))

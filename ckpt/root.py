@@ -530,12 +530,13 @@ def delete_step(path: storage.Location, step: int | None) -> None:
     Raises:
       ForeignEntryError: ``path`` is not a committed step (replaced by something else, or listed without
         reading its manifest by ``lightweight_initialize``): nothing is removed.
-      RootNotWritableError, RootDirectoryError: this process may not write in its directory (which became
+      RootNotWritableError, RootDirectoryError: this process may not write in its local directory (which became
         read-only), or the file system is read-only: nothing is removed.
     """
     entry = classify(path, step)
     if entry.kind not in LISTED:
         raise ForeignEntryError(f"{path} is not a committed ckpt step (it holds {entry.holds}); "
                                 "it was not deleted", path=path)
-    with storage.writing_to(path.parent):
+    # (an object store that refuses a deletion may still take saves: its error, naming the object, is raised as it is)
+    with storage.writing_to(path.parent) if isinstance(path, Path) else contextlib.nullcontext():
         storage.delete_dir(path)

@@ -424,6 +424,8 @@ def make_temporary(tmp: Location, *, mode: int | None = None) -> int | None:
 
     Raises:
       DirectoryLockedError: another save (of another process) is writing a temporary at ``tmp``.
+      OSError: the directory or its marker could not be made (a full disk, no inode left); what was made is
+        removed.
     """
     if isinstance(tmp, ObjectPath):
         if (tmp / fmt.MANIFEST).exists():
@@ -437,13 +439,16 @@ def make_temporary(tmp: Location, *, mode: int | None = None) -> int | None:
                                    "one writer per step")
     remove_owned(tmp)
     make_dir(tmp, mode=mode)
-    fd = os.open(tmp / fmt.MARKER, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    fd = None
     try:
+        fd = os.open(tmp / fmt.MARKER, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
         with contextlib.suppress(OSError):  # a file system without flock: the save goes on, unguarded
             fcntl.flock(fd, fcntl.LOCK_SH)
         os.fsync(fd)  # as every file of a step
     except BaseException:
-        os.close(fd)
+        if fd is not None:
+            os.close(fd)
+        remove_failed_temporary(tmp)  # (its caller, given no marker, removes nothing)
         raise
     _MARKERS.add(fd)
     return fd

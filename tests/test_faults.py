@@ -111,6 +111,24 @@ def test_a_disk_full_before_the_first_save_takes_the_lock_raises_enospc_and_a_la
             assert_intact(ckptr, [0])
 
 
+@pytest.mark.parametrize("surface", ["sync", "wait"])
+def test_a_save_whose_temporarys_marker_cannot_be_made_leaves_no_temporary(tmp_path, surface):
+    # no inode left for the marker once the temporary's directory took the last one: the directory was
+    # left behind (the save had not begun, so its cleanup removed nothing) until the root's next writer
+    with fsutil.tmpfs(tmp_path / "mnt", size="2m", inodes=64) as mnt:
+        with Checkpointer(mnt / "root") as ckptr:
+            ckptr.save(0, SMALL, force=True)
+            fsutil.fill_inodes(mnt, 1)
+            with pytest.raises(OSError) as info:
+                save(ckptr, 1, SMALL, surface)
+            assert info.value.errno == errno.ENOSPC, info.value
+            assert str(mnt / "root" / ("1" + fmt.TMP_SUFFIX) / fmt.MARKER) in str(info.value)
+            assert_intact(ckptr, [0])
+            shutil.rmtree(mnt / "inodes")
+            ckptr.save(1, SMALL, force=True)
+            assert_intact(ckptr, [0, 1])
+
+
 def test_a_commit_that_fails_raises_its_own_error_even_when_its_temporary_cannot_be_removed(tmp_path, monkeypatch):
     # the removal of the temporary failed as well, and its error (naming only the temporary) replaced the rename's
     root, undo = tmp_path / "root", []

@@ -873,7 +873,10 @@ def _aside(step_dir: Path) -> Path:
         remove_owned(doomed)
     except OSError:  # (ForeignEntryError and ENAMETOOLONG included)
         own = f".{secrets.token_hex(4)}{fmt.DELETING_SUFFIX}"
-        doomed = step_dir.with_name(os.fsdecode(os.fsencode(step_dir.name)[: _NAME_MAX - len(own)]) + own)
+        start = step_dir.name
+        while len(os.fsencode(start + own)) > _NAME_MAX:  # (whole characters: a cut 'é' is no UTF-8)
+            start = start[:-1]
+        doomed = step_dir.with_name(start + own)
     return doomed
 
 

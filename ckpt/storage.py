@@ -444,7 +444,8 @@ def make_temporary(tmp: Location, *, mode: int | None = None) -> int | None:
         fd = os.open(tmp / fmt.MARKER, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
         with contextlib.suppress(OSError):  # a file system without flock: the save goes on, unguarded
             fcntl.flock(fd, fcntl.LOCK_SH)
-        os.fsync(fd)  # as every file of a step
+        with naming(tmp / fmt.MARKER):  # (an NFS client reports a write's ENOSPC or EDQUOT at the fsync)
+            os.fsync(fd)  # as every file of a step
     except BaseException:
         if fd is not None:
             os.close(fd)

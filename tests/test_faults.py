@@ -129,6 +129,26 @@ def test_a_save_whose_temporarys_marker_cannot_be_made_leaves_no_temporary(tmp_p
             assert_intact(ckptr, [0, 1])
 
 
+def test_a_failed_fsync_of_a_temporarys_marker_is_an_error_naming_the_marker(tmp_path, monkeypatch):
+    # an NFS client reports the quota a write exceeded at the file's fsync: the error named no file
+    fsync = os.fsync
+
+    def quota_exceeded_at_the_marker(fd: int) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(fmt.MARKER):
+            raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
+        fsync(fd)
+
+    with Checkpointer(tmp_path / "root") as ckptr:
+        ckptr.save(0, SMALL, force=True)
+        with monkeypatch.context() as patched:
+            patched.setattr(os, "fsync", quota_exceeded_at_the_marker)
+            with pytest.raises(OSError) as info:
+                ckptr.save(1, SMALL, force=True)
+        assert info.value.errno == errno.EDQUOT
+        assert str(tmp_path / "root" / ("1" + fmt.TMP_SUFFIX) / fmt.MARKER) in str(info.value)
+        assert_intact(ckptr, [0])
+
+
 def test_a_commit_that_fails_raises_its_own_error_even_when_its_temporary_cannot_be_removed(tmp_path, monkeypatch):
     # the removal of the temporary failed as well, and its error (naming only the temporary) replaced the rename's
     root, undo = tmp_path / "root", []

@@ -758,7 +758,12 @@ def commit_dir(tmp: Location, final: Location, *, replace: bool) -> None:
     old = final.with_name(final.name + fmt.REPLACED_SUFFIX)  # (see set_aside_step: a crash between the renames)
     remove_owned(old)  # one an earlier such crash left, its step put back or replaced since
     os.rename(final, old)
-    os.rename(tmp, final)
+    try:
+        os.rename(tmp, final)
+    except BaseException:
+        with contextlib.suppress(OSError):  # the step back at its name (else its root's next writer puts it back)
+            rename_noreplace(old, final)
+        raise
     fsync_path(final.parent)
     _remove_replaced(old, set_aside=True)
 

@@ -432,6 +432,8 @@ def make_temporary(tmp: Location, *, mode: int | None = None) -> int | None:
 
     Raises:
       DirectoryLockedError: another save (of another process) is writing a temporary at ``tmp``.
+      OSError: the directory or its marker could not be made (a full disk, no inode left); what was made is
+        removed.
     """
     if isinstance(tmp, ObjectPath):
         if (tmp / fmt.MANIFEST).exists():
@@ -445,13 +447,17 @@ def make_temporary(tmp: Location, *, mode: int | None = None) -> int | None:
                                    "one writer per step")
     remove_owned(tmp)
     make_dir(tmp, mode=mode)
-    fd = os.open(tmp / fmt.MARKER, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    fd = None
     try:
+        fd = os.open(tmp / fmt.MARKER, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
         with contextlib.suppress(OSError):  # a file system without flock: the save goes on, unguarded
             fcntl.flock(fd, fcntl.LOCK_SH)
-        os.fsync(fd)  # as every file of a step
+        with naming(tmp / fmt.MARKER):  # (an NFS client reports a write's ENOSPC or EDQUOT at the fsync)
+            os.fsync(fd)  # as every file of a step
     except BaseException:
-        os.close(fd)
+        if fd is not None:
+            os.close(fd)
+        remove_failed_temporary(tmp)  # (its caller, given no marker, removes nothing)
         raise
     _MARKERS.add(fd)
     return fd
@@ -760,7 +766,12 @@ def commit_dir(tmp: Location, final: Location, *, replace: bool) -> None:
     old = final.with_name(final.name + fmt.REPLACED_SUFFIX)  # (see set_aside_step: a crash between the renames)
     remove_owned(old)  # one an earlier such crash left, its step put back or replaced since
     os.rename(final, old)
-    os.rename(tmp, final)
+    try:
+        os.rename(tmp, final)
+    except BaseException:
+        with contextlib.suppress(OSError):  # the step back at its name (else its root's next writer puts it back)
+            rename_noreplace(old, final)
+        raise
     fsync_path(final.parent)
     _remove_replaced(old, set_aside=True)
 
@@ -876,7 +887,10 @@ def _aside(step_dir: Path) -> Path:
         remove_owned(doomed)
     except OSError:  # (ForeignEntryError and ENAMETOOLONG included)
         own = f".{secrets.token_hex(4)}{fmt.DELETING_SUFFIX}"
-        doomed = step_dir.with_name(os.fsdecode(os.fsencode(step_dir.name)[: _NAME_MAX - len(own)]) + own)
+        start = step_dir.name
+        while len(os.fsencode(start + own)) > _NAME_MAX:  # (whole characters: a cut 'é' is no UTF-8)
+            start = start[:-1]
+        doomed = step_dir.with_name(start + own)
     return doomed
 
 

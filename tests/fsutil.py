@@ -35,10 +35,12 @@ def snapshot(root: Path) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def tmpfs(mount_point: Path, size: str = "2m") -> Iterator[Path]:
-    """Mounts a tmpfs of ``size`` at ``mount_point`` (skips the test when mounting is not permitted)."""
+def tmpfs(mount_point: Path, size: str = "2m", inodes: int | None = None) -> Iterator[Path]:
+    """Mounts a tmpfs of ``size`` (and of at most ``inodes`` files and directories) at ``mount_point`` (skips
+    the test when mounting is not permitted)."""
     mount_point.mkdir(parents=True, exist_ok=True)
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount_point)],
+    options = f"size={size}" if inodes is None else f"size={size},nr_inodes={inodes}"
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount_point)],
                             capture_output=True, text=True, timeout=30)
     if result.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs (needs root or CAP_SYS_ADMIN): {result.stderr.strip()}")
@@ -85,6 +87,15 @@ def fill(directory: Path, leave_bytes: int) -> None:
     with open(directory / "filler", "wb") as f:
         f.truncate(0)
         f.write(b"\0" * max(0, free - leave_bytes))
+
+
+def fill_inodes(directory: Path, leave: int) -> None:
+    """Takes every free inode of the file system of ``directory`` but ``leave``, with empty files in its new
+    directory ``inodes``."""
+    taken = directory / "inodes"
+    taken.mkdir()
+    for i in range(os.statvfs(directory).f_favail - leave):
+        (taken / str(i)).touch()
 
 
 def flip(path: Path | ObjectPath, offset: int | None = None) -> None:

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import ckpt
-from ckpt import errors, saving
+from ckpt import errors, saving, storage
 from ckpt import format as fmt
 from ckpt.training import Checkpointer
 from tests import fsutil
@@ -111,6 +111,44 @@ def test_a_disk_full_before_the_first_save_takes_the_lock_raises_enospc_and_a_la
             assert_intact(ckptr, [0])
 
 
+@pytest.mark.parametrize("surface", ["sync", "wait"])
+def test_a_save_whose_temporarys_marker_cannot_be_made_leaves_no_temporary(tmp_path, surface):
+    # no inode left for the marker once the temporary's directory took the last one: the directory was
+    # left behind (the save had not begun, so its cleanup removed nothing) until the root's next writer
+    with fsutil.tmpfs(tmp_path / "mnt", size="2m", inodes=64) as mnt:
+        with Checkpointer(mnt / "root") as ckptr:
+            ckptr.save(0, SMALL, force=True)
+            fsutil.fill_inodes(mnt, 1)
+            with pytest.raises(OSError) as info:
+                save(ckptr, 1, SMALL, surface)
+            assert info.value.errno == errno.ENOSPC, info.value
+            assert str(mnt / "root" / ("1" + fmt.TMP_SUFFIX) / fmt.MARKER) in str(info.value)
+            assert_intact(ckptr, [0])
+            shutil.rmtree(mnt / "inodes")
+            ckptr.save(1, SMALL, force=True)
+            assert_intact(ckptr, [0, 1])
+
+
+def test_a_failed_fsync_of_a_temporarys_marker_is_an_error_naming_the_marker(tmp_path, monkeypatch):
+    # an NFS client reports the quota a write exceeded at the file's fsync: the error named no file
+    fsync = os.fsync
+
+    def quota_exceeded_at_the_marker(fd: int) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(fmt.MARKER):
+            raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
+        fsync(fd)
+
+    with Checkpointer(tmp_path / "root") as ckptr:
+        ckptr.save(0, SMALL, force=True)
+        with monkeypatch.context() as patched:
+            patched.setattr(os, "fsync", quota_exceeded_at_the_marker)
+            with pytest.raises(OSError) as info:
+                ckptr.save(1, SMALL, force=True)
+        assert info.value.errno == errno.EDQUOT
+        assert str(tmp_path / "root" / ("1" + fmt.TMP_SUFFIX) / fmt.MARKER) in str(info.value)
+        assert_intact(ckptr, [0])
+
+
 def test_a_commit_that_fails_raises_its_own_error_even_when_its_temporary_cannot_be_removed(tmp_path, monkeypatch):
     # the removal of the temporary failed as well, and its error (naming only the temporary) replaced the rename's
     root, undo = tmp_path / "root", []
@@ -133,6 +171,35 @@ def test_a_commit_that_fails_raises_its_own_error_even_when_its_temporary_cannot
         monkeypatch.undo()
         ckptr.save(0, SMALL, force=True)  # removes the temporary left
         assert_intact(ckptr, [0])
+
+
+def test_an_overwrite_whose_new_step_cannot_be_renamed_into_place_keeps_the_old_one_at_its_name(tmp_path, monkeypatch):
+    """Without an atomic exchange (NFS), an overwrite renames the committed step aside, then the new one into its
+    name. When that second rename failed, the step stayed aside: the Checkpointer listed no step (latest None,
+    load raised StepNotFoundError) until the root's next writer, in another process, put it back."""
+    monkeypatch.setattr(storage, "rename_exchange", lambda a, b: False)
+    write_manifest, undo = saving.StepWriter.write_manifest, []
+
+    def then_freeze_the_temporary(self, step, extra=None):
+        write_manifest(self, step, extra)
+        undo.append(fsutil.undeletable(self.tmp_dir))  # its rename into the step's name fails (EPERM)
+
+    with Checkpointer(tmp_path / "root") as ckptr:
+        ckptr.save(0, SMALL, force=True)
+        try:
+            with monkeypatch.context() as patched, pytest.raises(PermissionError):
+                patched.setattr(saving.StepWriter, "write_manifest", then_freeze_the_temporary)
+                ckptr.save(0, {"w": SMALL["w"] + 1}, force=True, overwrite=True)
+        finally:
+            for thaw in undo:
+                thaw()
+        assert [c.step for c in ckptr.checkpoints] == [0] and ckptr.latest.step == 0
+        np.testing.assert_array_equal(ckptr.load(0)["w"], SMALL["w"])
+        assert "0" + fmt.REPLACED_SUFFIX not in os.listdir(tmp_path / "root")
+        ckptr.save(1, SMALL, force=True)
+    with Checkpointer(tmp_path / "root") as fresh:
+        assert [c.step for c in fresh.checkpoints] == [0, 1]
+        np.testing.assert_array_equal(fresh.load(0)["w"], SMALL["w"])
 
 
 def test_an_overwrite_whose_replaced_step_cannot_be_removed_is_committed_and_says_so(tmp_path, caplog):

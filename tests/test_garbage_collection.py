@@ -184,3 +184,21 @@ def test_a_step_whose_name_is_too_long_for_its_deletion_name_is_still_deleted(tm
             ckptr.save(step, {"x": np.arange(3) + step})
         assert [c.step for c in ckptr.checkpoints] == [2] and ckptr.delete(2) and not ckptr.checkpoints
     assert os.listdir(tmp_path) == [fmt.LOCK]
+
+
+def test_a_deletion_name_cut_from_a_long_step_name_is_cut_between_characters(tmp_path):
+    """Was: '<start of name>.<random>.ckpt-deleting' kept the name's first bytes, cutting a two-byte 'é' in half:
+    what a deletion whose removal failed left in the root had a name that is no UTF-8 ('\\udcc3' in ckpt ls)."""
+    names = step_lib.standard_name_format(step_prefix="a" + "é" * 121)  # (244 bytes with the step)
+    with Checkpointer(tmp_path, step_name_format=names) as ckptr:
+        ckptr.save(0, {"x": np.arange(3)}, force=True)
+        fsutil.undeletable(ckptr.checkpoints[0].path / fmt.PACKED)
+        try:
+            assert ckptr.delete(0) and not ckptr.checkpoints
+            [left] = [name for name in os.listdir(os.fsencode(tmp_path)) if name != os.fsencode(fmt.LOCK)]
+            assert left.decode("utf-8").startswith("a" + "é" * 115) and left.endswith(b".ckpt-deleting")
+        finally:
+            subprocess.run(["chattr", "-R", "-i", str(tmp_path)], check=True)  # (renamed aside)
+    with Checkpointer(tmp_path, step_name_format=names) as ckptr:
+        assert ckptr.save(1, {"x": np.arange(3)}, force=True)  # the root's next writer removes what was left
+    assert sorted(os.listdir(tmp_path)) == [fmt.LOCK, names.build_name(1)]

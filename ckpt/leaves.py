@@ -92,12 +92,19 @@ def _parse_dtype(name: str) -> np.dtype | None:
     return None if dtype is None or dtype.hasobject else dtype
 
 
+_FLOAT0 = np.dtype([("float0", np.void, 0)])  # jax.dtypes.float0, known without importing jax
+
+
 def _check_array(path: KeyPath, dtype: np.dtype, shape: tuple[int, ...], what: str) -> None:
     """Raises TypeError (ValueError for the shape) naming the key path for an array ckpt cannot store."""
     where = keystr(path) or "the root"
     if dtype.hasobject:
         raise TypeError(f"{what} at {where} has dtype {dtype}, which holds Python objects; store numeric, bool, "
                         "string or bytes data instead (nothing is pickled)")
+    if dtype == _FLOAT0:
+        raise TypeError(f"{what} at {where} has jax's dtype float0 (the gradient of an integer or bool input), which "
+                        "holds no values and which ckpt does not store: drop the leaf or replace it with None before "
+                        "saving")
     if dtype.fields is not None or dtype.subdtype is not None:
         raise TypeError(f"{what} at {where} has the structured dtype {dtype}, which ckpt does not store (its field "
                         "names would be lost): store each field as an array of its own")

@@ -297,6 +297,26 @@ def torch_to_numpy(path: KeyPath, t: Any) -> np.ndarray:
         raise TypeError(f"torch tensor at {where} has {what}, which ckpt cannot store ({e})") from None
 
 
+def _check_torch_template(dtype: Any) -> None:
+    """Raises TypeError for a template whose dtype torch cannot copy values into (bits, quantized and
+    sub-byte dtypes)."""
+    why = _torch_cannot_receive(dtype)
+    if why is not None:
+        raise TypeError(f"the template has dtype {dtype}, which torch cannot copy values into ({why}): give it "
+                        "the dtype the leaf was saved with, or another numeric one")
+
+
+@functools.lru_cache(maxsize=None)
+def _torch_cannot_receive(dtype: Any) -> str | None:
+    """Why torch cannot copy values into a tensor of ``dtype``, or None (asked of torch once per dtype)."""
+    torch = sys.modules["torch"]
+    try:
+        torch.zeros(1, dtype=torch.uint8).to(dtype=dtype)
+    except (NotImplementedError, RuntimeError) as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
 def numpy_to_torch(array: np.ndarray) -> Any:
     """A CPU torch tensor viewing ``array`` (bfloat16/float8 included; a numpy scalar, as a 0-d array's
     element reads, becomes a 0-d tensor)."""
@@ -450,9 +470,12 @@ def restore(meta: dict, read: Reader | np.ndarray | None, abstract: Any,
                             or abstract is jax.Array or abstract is jax.ShapeDtypeStruct):
         return _restore_jax(meta, read, abstract, jax, to_device)
     if dtensor.is_dtensor(abstract):
+        _check_torch_template(abstract.dtype)
         return dtensor.restore(abstract, read, lambda array, device, dtype: numpy_to_torch(array).to(device, dtype))
     torch = sys.modules.get("torch")
     if torch is not None and (isinstance(abstract, torch.Tensor) or abstract is torch.Tensor):
+        if abstract is not torch.Tensor:
+            _check_torch_template(abstract.dtype)
         tensor = numpy_to_torch(read(None))
         return tensor if abstract is torch.Tensor else to_device.torch(tensor, abstract)
     if isinstance(abstract, type):

@@ -15,7 +15,7 @@ Example::
 
     mesh = jax.sharding.Mesh(np.array(jax.devices()), ("x",))
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("x"))
-    assert restore(describe(sharding)) == sharding
+    assert restore(describe(sharding), 1) == sharding
 """
 from __future__ import annotations
 
@@ -42,10 +42,12 @@ def describe(sharding: Any) -> dict | None:
     return doc
 
 
-def restore(doc: Any, *, warn: bool = True) -> Any:
-    """The ``NamedSharding`` of :func:`describe`'s JSON, or None (with a warning unless ``warn`` is False)
-    when these devices cannot hold it."""
+def restore(doc: Any, rank: int, *, warn: bool = True) -> Any:
+    """The ``NamedSharding`` of :func:`describe`'s JSON for an array of ``rank`` dimensions, or None (with a
+    warning unless ``warn`` is False) when these devices cannot hold it, or it cannot shard such an array."""
     try:
+        if len(doc["spec"]) > rank:  # (jax refuses it only when the array is put on it)
+            raise ValueError(f"its spec has {len(doc['spec'])} entries, for an array of {rank} dimensions")
         types = doc.get("axis_types")
         key = (tuple(doc["mesh_shape"]), tuple(doc["axis_names"]), None if types is None else tuple(types),
                tuple(doc["device_ids"]), tuple(p if p is None or isinstance(p, str) else tuple(p) for p in doc["spec"]),

@@ -808,10 +808,12 @@ def test_a_sharding_with_reduced_axes_round_trips_and_an_unreduced_array_is_refu
 
 
 @pytest.mark.parametrize("forged", [{"device_ids": [0, 0], "mesh_shape": [2]}, {"spec": ["x", "x"]},
-                                    {"axis_names": ["x", "x"], "mesh_shape": [1, 1]}, {"device_ids": [], "mesh_shape": [0]}])
-def test_a_saved_sharding_repeating_a_device_or_an_axis_loads_on_the_default_device_with_a_warning(tmp_path, forged):
+                                    {"axis_names": ["x", "x"], "mesh_shape": [1, 1]}, {"device_ids": [], "mesh_shape": [0]},
+                                    {"spec": ["x", None, None]}])
+def test_a_saved_sharding_these_devices_cannot_apply_loads_on_the_default_device_with_a_warning(tmp_path, forged):
     """jax takes such a mesh and spec, then fails to put an array on them (JaxRuntimeError, IndexError, its
-    DuplicateSpecError), which a load raised as it is, naming no leaf."""
+    DuplicateSpecError), which a load raised as it is, naming no leaf; a spec longer than the array's rank
+    was raised as damage (CheckpointCorruptedError), unlike the other shardings these devices cannot apply."""
     jax = pytest.importorskip("jax")
     ckpt.save(tmp_path / "c", {"a": jax.numpy.arange(4.0).reshape(2, 2)})
     sharding = {"mesh_shape": [1], "axis_names": ["x"], "device_ids": [jax.devices()[0].id], "spec": ["x", None], **forged}

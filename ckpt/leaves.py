@@ -502,7 +502,7 @@ def _restore_as_saved(meta: dict, read: Reader, to_device: transfers.ToDevice) -
     kind = meta["type"]
     if kind in ("jax", "jax_key") and "sharding" in meta:
         jax = _import_or_none("jax")
-        sharding = None if jax is None else shardings.restore(meta["sharding"], len(_logical_shape(meta)))
+        sharding = None if jax is None else shardings.restore(meta["sharding"], _logical_shape(meta))
         if sharding is not None and kind == "jax_key":
             return _restore_keys(jax, meta, read, meta["impl"], sharding)
         if sharding is not None:  # where it was saved

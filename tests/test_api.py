@@ -823,6 +823,33 @@ def test_a_saved_sharding_these_devices_cannot_apply_loads_on_the_default_device
     assert ckpt.metadata(tmp_path / "c").metadata["a"].sharding is None
 
 
+INDIVISIBLE = r"""
+import os, sys, warnings
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+import jax, numpy as np
+import ckpt
+
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    loaded = ckpt.load(sys.argv[1])["a"]
+assert loaded.devices() == {jax.devices()[0]} and np.asarray(loaded).tolist() == [0, 1, 2, 3, 4, 5], loaded
+assert any("cannot be restored on these devices" in str(w.message) and "evenly divide" in str(w.message)
+           for w in caught), [str(w.message) for w in caught]
+assert ckpt.metadata(sys.argv[1]).metadata["a"].sharding is None
+print("INDIVISIBLE-OK")
+"""
+
+
+def test_a_saved_sharding_that_does_not_divide_the_array_loads_on_the_default_device_with_a_warning(tmp_path):
+    """(It failed the load with CheckpointCorruptedError: jax's IndivisibleError from putting the array on it.)"""
+    jax = pytest.importorskip("jax")
+    ckpt.save(tmp_path / "c", {"a": jax.numpy.arange(6.0)})
+    sharding = {"mesh_shape": [4], "axis_names": ["x"], "device_ids": [0, 1, 2, 3], "spec": ["x"]}  # 6 rows over 4
+    rewrite_tree(tmp_path / "c", lambda tree: tree["checkpointables"]["state"]["leaves"][0].update(sharding=sharding))
+    result = procs.run_script(INDIVISIBLE, str(tmp_path / "c"), timeout=120, JAX_PLATFORMS="cpu")
+    assert result.returncode == 0 and "INDIVISIBLE-OK" in result.stdout, result.stdout + result.stderr
+
+
 DEFAULT_DEVICE = r"""
 import os, sys
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"

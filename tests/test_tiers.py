@@ -137,6 +137,17 @@ def test_ckpt_ls_refuses_a_local_tier_that_is_no_local_directory(tmp_path, capsy
     assert error in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("under", ["", "/sub"])
+def test_ckpt_ls_refuses_a_file_given_as_the_local_tier_naming_it(tmp_path, capsys, under):
+    """(It said '--local FILE/ckpt-root.json cannot be read as the root's metadata (NotADirectoryError ...)'.)"""
+    ckpt.save(tmp_path / "durable" / "1", {"a": np.zeros(2)})
+    (tmp_path / "notes.txt").write_text("notes")
+    local = f"{tmp_path / 'notes.txt'}{under}"
+    assert cli.main(["ls", str(tmp_path / "durable"), "--local", local]) == 2
+    assert (f"--local {local} cannot be the local tier's directory: {tmp_path / 'notes.txt'} is a regular file of 5 "
+            "bytes, not a directory") in capsys.readouterr().err
+
+
 def test_ckpt_ls_finds_a_local_tier_given_with_a_tilde(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HOME", str(tmp_path))
     with ckpt.Checkpointer(tmp_path / "durable", save_decision_policy=sdp.FixedIntervalPolicy(3),

@@ -85,7 +85,7 @@ def save_checkpointables_async(path: str | os.PathLike, checkpointables: dict[st
         writer.discard()
         raise
     saver = background.BackgroundWriter("ckpt-save")
-    response = saver.submit(lambda: writer.run(None) and None, hurry=writer.hurry)
+    response = saver.submit(lambda: writer.run(None) and None, hurry=writer.hurry, what=f"the save of {writer.final_dir}")
     saver.shutdown(wait=False)
     return response
 

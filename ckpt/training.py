@@ -628,7 +628,7 @@ class Checkpointer:
         except BaseException:
             writer.discard()
             raise
-        return self._writer.submit(job, hurry=writer.hurry)
+        return self._writer.submit(job, hurry=writer.hurry, what=f"the save of step {step} ({final})")
 
     def _inflight_budget(self) -> int | None:
         """How many bytes an async save copies before it writes the rest itself (with several processes
@@ -938,7 +938,7 @@ class Checkpointer:
                 self._deleting.discard(number)
             return True
 
-        self._deletion = self._writer.submit(job)
+        self._deletion = self._writer.submit(job, what=f"the deletion of step {number} ({info.path})")
         return self._deletion
 
     # ---------------------------------------------------------------------------------- metadata

@@ -138,6 +138,7 @@ class Checkpointer:
         self._due: int | None = None  # the step the last should_save said yes to, until a save or reload
         self._in_flight: CheckpointMetadata | None = None  # the step of the last save handed to the writer
         self._deleting: set[int] = set()  # the steps delete_async is deleting (gone for reload too)
+        self._deleted: set[int] = set()  # the steps delete_async deleted, until saved again (for a read's error)
         self._deletion: background.AsyncResponse[bool] | None = None  # the last deletion handed to the writer
         mode = self._ctx.file_options.path_permission_mode
         root.make(self._directory, mode=mode)
@@ -687,6 +688,7 @@ class Checkpointer:
 
     def _committed(self, step: int, path: storage.Location, manifest: dict, callback: Any = None) -> None:
         info = _step_metadata(step, path, manifest, time.monotonic_ns())
+        self._deleted.discard(step)
         with self._infos_lock:
             self._infos = sorted([c for c in self._infos if c.step != step] + [info], key=lambda c: c.step)
         self._collect_garbage()
@@ -822,8 +824,11 @@ class Checkpointer:
                     return read(path)
         except errors.StepReplacedError:
             raise
-        except errors.StepNotFoundError:
+        except errors.StepNotFoundError as e:
             self._forget(step)
+            if step in self._deleting or step in self._deleted:
+                raise errors.StepNotFoundError(f"step {step} ({path}) was deleted while it was being read, by this "
+                                               "Checkpointer's delete() or delete_async()", step=step, path=path) from e
             raise
         finally:
             self._reading[step] -= 1
@@ -929,6 +934,7 @@ class Checkpointer:
             try:
                 distributed.settle(self._processes, operation, delete_here, timeout,
                                    f"the deletion of step {number} ({info.path})")
+                self._deleted.add(number)
             except BaseException:
                 if storage.exists(info.path):  # still there: listed again
                     with self._infos_lock:

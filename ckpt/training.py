@@ -933,7 +933,7 @@ class Checkpointer:
         def job() -> bool:  # every process returns (or raises) once the step is deleted
             try:
                 distributed.settle(self._processes, operation, delete_here, timeout,
-                                   f"the deletion of step {number} ({info.path})")
+                                   f"the deletion of step {number} ({info.path})", commits=False)
                 self._deleted.add(number)
             except BaseException:
                 if storage.exists(info.path):  # still there: listed again

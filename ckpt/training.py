@@ -281,6 +281,7 @@ class Checkpointer:
             return
         found = step_lib.name_format_of(self._directory)
         others = list(step_lib.find_all(self._directory, found).values()) if found != self._name_format else []
+        others = [name for name in others if not _saved_alone(self._directory / name)]
         if others:
             logger.warning("ckpt: %s holds steps (%s) that step_name_format %r does not name, so none is listed; "
                            "pass the step_name_format they were written with: step_name_format=%s", self._directory,
@@ -1179,6 +1180,16 @@ def _step_metadata(step: int, path: storage.Location, manifest: dict, monotonic_
                               monotonic_nsecs=monotonic_nsecs, init_timestamp_nsecs=manifest.get("init_timestamp_nsecs"),
                               commit_timestamp_nsecs=manifest.get("commit_timestamp_nsecs"),
                               custom_metadata=fmt.reported_custom_metadata(fmt.decode_json(manifest, "custom_metadata")))
+
+
+def _saved_alone(path: Path) -> bool:
+    """Whether ``path`` is a checkpoint of ``ckpt.save`` (its manifest names no step: ``best_10``), which no
+    Checkpointer wrote as a step."""
+    try:
+        manifest = formats.info(path)
+    except (errors.CheckpointCorruptedError, OSError):
+        return False
+    return manifest.get("format") == "ckpt" and manifest.get("step") is None
 
 
 def _as_call(name_format: step_lib.StandardNameFormat) -> str:

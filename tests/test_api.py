@@ -467,6 +467,26 @@ def test_a_checkpointer_whose_name_format_names_none_of_the_roots_steps_warns_na
     assert "step_name_format" not in caplog.text
 
 
+def test_a_root_holding_only_checkpoints_of_ckpt_save_named_like_steps_gets_no_step_name_format_warning(
+        tmp_path, caplog):
+    """ckpt.save(root / "best_10") names no step: the warning took them for a run's steps and told to pass
+    step_prefix='best', under which a Checkpointer lists them as its steps, and its preservation policy
+    deletes them."""
+    for n in (10, 20):
+        ckpt.save(tmp_path / f"best_{n}", {"a": n})
+    with Checkpointer(tmp_path / "steps", step_name_format=ckpt.path.step.standard_name_format(step_prefix="best")) as c:
+        c.save(30, {"a": 30}, force=True)
+    (tmp_path / "steps" / "best_30").rename(tmp_path / "best_30")  # a Checkpointer's step among them: warned of
+    with caplog.at_level(logging.WARNING, logger="ckpt"), Checkpointer(tmp_path) as ckptr:
+        assert ckptr.latest is None
+    assert "holds steps (best_30) that step_name_format" in caplog.text, caplog.text
+    caplog.clear()
+    (tmp_path / "best_30").rename(tmp_path / "steps" / "best_30")
+    with caplog.at_level(logging.WARNING, logger="ckpt"), Checkpointer(tmp_path) as ckptr:
+        assert ckptr.latest is None
+    assert "step_name_format" not in caplog.text, caplog.text
+
+
 def test_composite_name_format_writes_one_naming_and_reads_every_one_it_lists(tmp_path):
     step_names = ckpt.path.step
     old, new = step_names.standard_name_format(step_prefix="step"), step_names.standard_name_format(step_prefix="ckpt")

@@ -185,15 +185,17 @@ class BackgroundWriter:
         with self._lock:
             return list(self._unended)
 
-    def wait(self, timeout: float | None, what: str = "a checkpoint save") -> None:
-        """Hurries the job in flight and waits for it; raises a failure not yet reported (once). ``what``:
-        the job in flight, in words, for the TimeoutError after ``timeout``."""
+    def wait(self, timeout: float | None) -> None:
+        """Hurries the job in flight and waits for it and those queued; raises a failure not yet reported (once).
+        After ``timeout``, a TimeoutError names the job running (see ``submit``) and those queued behind it."""
         future = self._future
         if future is not None and not future.done():
             self.hurry()
             done, _ = concurrent.futures.wait([future], timeout=timeout)
             if not done:
-                raise TimeoutError(f"{what} is still running after {timeout} s (AsyncOptions.timeout_secs)")
+                running, *queued = self.unended() or ["a background job"]
+                raise TimeoutError(f"{running} is still running after {timeout} s (AsyncOptions.timeout_secs)"
+                                   + (f"; queued behind it: {'; '.join(queued)}" if queued else ""))
         if future is None or future.done():
             _unfinished.discard(self)
         self.raise_failure()

@@ -1021,9 +1021,7 @@ class Checkpointer:
         if self._local is not None:
             self._local.wait()  # the local save, then the promotions (after a preemption: the grace period)
         else:
-            in_flight = self._in_flight
-            what = "a checkpoint save" if in_flight is None else f"the save of step {in_flight.step} ({in_flight.path})"
-            self._writer.wait(self._ctx.async_options.timeout_secs, what)
+            self._writer.wait(self._ctx.async_options.timeout_secs)
 
     def close(self) -> None:
         """Waits for the save in flight, then releases the directory (raises a background failure). A save

@@ -157,6 +157,24 @@ def test_ckpt_ls_finds_a_local_tier_given_with_a_tilde(tmp_path, monkeypatch, ca
     assert [s["tiers"] for s in json.loads(capsys.readouterr().out)["steps"]] == [["local"]]
 
 
+def test_a_promotion_outlasting_the_timeout_is_named_by_the_timeout_error(tmp_path, monkeypatch):
+    """wait() and close() said 'a checkpoint save is still running after 0.2 s' (as after a rank died mid-promotion
+    in a multi-process job), naming no promotion, after the step's local save was committed."""
+    gate, copy = threading.Event(), tiers._copy_step
+    monkeypatch.setattr(tiers, "_copy_step", lambda *args: gate.wait(60) and copy(*args))
+    context = ckpt.Context(async_options=ckpt.AsyncOptions(timeout_secs=0.2))
+    local = ckpt.LocalCheckpointOptions(tmp_path / "local")
+    with ckpt.Checkpointer(tmp_path / "durable", context=context, local=local) as ckptr:
+        ckptr.save_async(0, {"a": np.zeros(2)}, force=True)
+        said = f"the promotion of step 0 to the durable tier {tmp_path / 'durable'} is still running after 0.2 s"
+        try:
+            with pytest.raises(TimeoutError, match=re.escape(said)):
+                ckptr.wait()
+        finally:
+            gate.set()
+    np.testing.assert_array_equal(ckpt.load(tmp_path / "durable" / "0")["a"], np.zeros(2))
+
+
 def test_a_step_kept_locally_while_its_promotion_outlasts_the_last_local_commit_is_deleted_once_promoted(
         tmp_path, monkeypatch):
     released, copy_step = threading.Event(), tiers._copy_step

@@ -25,6 +25,7 @@ from typing import Any, Callable, Generic, TypeVar
 T = TypeVar("T")
 logger = logging.getLogger("ckpt")
 _RAISED = "_ckpt_raised"  # set on a failure once raised to a caller (see _first_raise)
+_FAILED_JOB = "_ckpt_failed_job"  # set on a failure: the job it ended, in words (for the log at exit)
 
 
 def _first_raise(error: BaseException) -> bool:
@@ -111,7 +112,9 @@ class BackgroundWriter:
         self._hurry: Callable[[], None] = _nothing
         self._error: BaseException | None = None
         self._lock = threading.Lock()
-        self._jobs = 0  # submitted and not ended (each job's future is done a moment later); several are queued
+        # The jobs submitted and not ended, in words, in order (each job's future is done a moment later);
+        # several are queued.
+        self._unended: list[str] = []
         self._when_idle: list[Callable[[], None]] = []
         _writers.add(self)
 
@@ -121,33 +124,37 @@ class BackgroundWriter:
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=self._name)
         self._future, self._hurry, self._error = None, _nothing, None
         self._lock = threading.Lock()
-        self._jobs, self._when_idle = 0, []
+        self._unended, self._when_idle = [], []
 
-    def submit(self, job: Callable[[], Any], hurry: Callable[[], None] = lambda: None) -> AsyncResponse:
+    def submit(self, job: Callable[[], Any], hurry: Callable[[], None] = lambda: None, *,
+               what: str = "a background job") -> AsyncResponse:
         """Starts ``job`` in the background, once the jobs submitted before it have ended (a save waits for the
         previous one first; a local tier queues a promotion behind the one running). ``hurry()`` asks the job
-        to finish at full speed: :meth:`wait` calls it."""
+        to finish at full speed: :meth:`wait` calls it. ``what``: the job in words ("the deletion of step 3"),
+        which the interpreter's exit names while it waits for the job."""
         self._hurry = hurry  # forgotten once the jobs end: it may hold the job's memory
         with self._lock:
-            self._jobs += 1
+            self._unended.append(what)
         _unfinished.add(self)
-        future = self._executor.submit(self._run, job)
+        future = self._executor.submit(self._run, job, what)
         self._future = future
         return AsyncResponse(future, on_result=self._clear_error, hurry=self.hurry)
 
-    def _run(self, job: Callable[[], Any]) -> Any:
+    def _run(self, job: Callable[[], Any], what: str) -> Any:
         try:
             result = job()
         except BaseException as e:
+            if not hasattr(e, _FAILED_JOB):  # (a failure two jobs raise: the first one's)
+                setattr(e, _FAILED_JOB, what)
             with self._lock:
                 if self._error is None:
                     self._error = e
             raise
         finally:
             with self._lock:
-                self._jobs -= 1
-                idle = [] if self._jobs else self._when_idle
-                if not self._jobs:
+                self._unended.pop(0)
+                idle = [] if self._unended else self._when_idle
+                if not self._unended:
                     self._hurry, self._when_idle = _nothing, []
             for callback in idle:
                 callback()
@@ -167,21 +174,28 @@ class BackgroundWriter:
         """Leaves the writers the interpreter's exit waits for, once no job is queued or running and no
         failure is left to raise (a job ended while the next is queued: not yet)."""
         with self._lock:
-            if not self._jobs and self._error is None:
+            if not self._unended and self._error is None:
                 _unfinished.discard(self)
 
     def in_progress(self) -> bool:
         return self._future is not None and not self._future.done()
 
-    def wait(self, timeout: float | None, what: str = "a checkpoint save") -> None:
-        """Hurries the job in flight and waits for it; raises a failure not yet reported (once). ``what``:
-        the job in flight, in words, for the TimeoutError after ``timeout``."""
+    def unended(self) -> list[str]:
+        """The jobs running or queued, in words, in order (see ``submit``)."""
+        with self._lock:
+            return list(self._unended)
+
+    def wait(self, timeout: float | None) -> None:
+        """Hurries the job in flight and waits for it and those queued; raises a failure not yet reported (once).
+        After ``timeout``, a TimeoutError names the job running (see ``submit``) and those queued behind it."""
         future = self._future
         if future is not None and not future.done():
             self.hurry()
             done, _ = concurrent.futures.wait([future], timeout=timeout)
             if not done:
-                raise TimeoutError(f"{what} is still running after {timeout} s (AsyncOptions.timeout_secs)")
+                running, *queued = self.unended() or ["a background job"]
+                raise TimeoutError(f"{running} is still running after {timeout} s (AsyncOptions.timeout_secs)"
+                                   + (f"; queued behind it: {'; '.join(queued)}" if queued else ""))
         if future is None or future.done():
             _unfinished.discard(self)
         self.raise_failure()
@@ -197,7 +211,7 @@ class BackgroundWriter:
         """Calls ``callback()`` once the jobs in flight and queued have ended, before the last one's response gives
         its result (at once when none is)."""
         with self._lock:
-            if self._jobs:
+            if self._unended:
                 self._when_idle.append(callback)
                 return
         callback()
@@ -220,14 +234,15 @@ def _finish_at_exit() -> None:
     handler while it exits: Ctrl-C does not stop the wait, SIGKILL does (the next save of the root
     removes the temporary directory left)."""
     for writer in list(_unfinished):
-        if writer.in_progress():
-            logger.warning("ckpt: the interpreter is exiting while a save is still being written: finishing it "
-                           "first (call Checkpointer.wait() or close() before the end of the script)")
+        unended = writer.unended()
+        if unended:
+            logger.warning("ckpt: the interpreter is exiting with background work unfinished (%s): finishing it first "
+                           "(call Checkpointer.wait() or close() before the end of the script)", "; ".join(unended))
         try:
             writer.wait(None)
         except Exception as e:  # (a second Ctrl-C stops the wait)
-            logger.error("ckpt: a background save failed before the interpreter exited: %s: %s",
-                         type(e).__name__, e)
+            logger.error("ckpt: %s failed in the background before the interpreter exited: %s: %s",
+                         getattr(e, _FAILED_JOB, "a background job"), type(e).__name__, e)
 
 
 def _forget_parent_jobs() -> None:

@@ -85,7 +85,7 @@ def save_checkpointables_async(path: str | os.PathLike, checkpointables: dict[st
         writer.discard()
         raise
     saver = background.BackgroundWriter("ckpt-save")
-    response = saver.submit(lambda: writer.run(None) and None, hurry=writer.hurry)
+    response = saver.submit(lambda: writer.run(None) and None, hurry=writer.hurry, what=f"the save of {writer.final_dir}")
     saver.shutdown(wait=False)
     return response
 
@@ -268,7 +268,8 @@ def _deletion(path: str | os.PathLike, checkpointable_name: str | None, missing_
                              "the same one (to delete from one process alone, delete inside ckpt.Context("
                              "multiprocessing_options=ckpt.MultiprocessingOptions(processes=ckpt.distributed."
                              "SingleProcess()))); nothing was deleted")
-        distributed.settle(processes, f"{operation}/deleted", delete_here, timeout, f"the deletion of {step_dir}")
+        distributed.settle(processes, f"{operation}/deleted", delete_here, timeout, f"the deletion of {step_dir}",
+                           commits=False)
         return True
 
     return deletion

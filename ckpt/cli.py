@@ -129,6 +129,7 @@ def _local_tier(directory: storage.Location, local: Path) -> tuple[list[_Step], 
     if _is_step_dir(directory):
         raise UsageError(f"{directory} is one checkpoint, not the durable root of two tiers; drop --local")
     try:  # the root itself, a step, or another run's steps, are not this root's local tier
+        root_lib.check_no_file_in_the_way(local, "the local tier's directory")
         tiers.check_apart(local, directory)
         root_lib.check_outside_steps(local, "the local tier's directory")
         tiers.check_owner(local, str(directory))

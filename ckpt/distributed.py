@@ -271,12 +271,14 @@ def call_number(processes: Processes, what: str) -> int:
     return number
 
 
-def settle(processes: Processes, name: str, part: Callable[[], None], timeout_secs: float, task: str) -> None:
+def settle(processes: Processes, name: str, part: Callable[[], None], timeout_secs: float, task: str, *,
+           commits: bool = True) -> None:
     """Runs this process's ``part`` of ``task`` (in words, for the error: "the save of runs/exp1/7"), then
     meets the other processes at the barrier ``name``, where each says whether its part failed. A failure
     anywhere raises on every process at once (its own error where it failed, a RuntimeError naming the
-    failed processes and their errors elsewhere): none waits for the timeout, and none goes on to commit
-    what another failed to write. (A Processes object without ``compare``: a failed process raises at
+    failed processes and their errors elsewhere, which says that nothing was committed when the task
+    ``commits``, as a save does and a deletion does not): none waits for the timeout, and none goes on to
+    commit what another failed to write. (A Processes object without ``compare``: a failed process raises at
     once, the others at the timeout.)
 
     Example::
@@ -304,7 +306,7 @@ def settle(processes: Processes, name: str, part: Callable[[], None], timeout_se
     if failed:
         raise RuntimeError(f"{task} failed in another process ("
                            + "; ".join(f"process {i}: {why}" for i, why in sorted(failed.items()))
-                           + "); nothing was committed")
+                           + ("); nothing was committed" if commits else ")"))
 
 
 def differences(processes: Processes, name: str, key: Any, value: Any, timeout_secs: float) -> dict[int, Any]:

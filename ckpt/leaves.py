@@ -92,12 +92,19 @@ def _parse_dtype(name: str) -> np.dtype | None:
     return None if dtype is None or dtype.hasobject else dtype
 
 
+_FLOAT0 = np.dtype([("float0", np.void, 0)])  # jax.dtypes.float0, known without importing jax
+
+
 def _check_array(path: KeyPath, dtype: np.dtype, shape: tuple[int, ...], what: str) -> None:
     """Raises TypeError (ValueError for the shape) naming the key path for an array ckpt cannot store."""
     where = keystr(path) or "the root"
     if dtype.hasobject:
         raise TypeError(f"{what} at {where} has dtype {dtype}, which holds Python objects; store numeric, bool, "
                         "string or bytes data instead (nothing is pickled)")
+    if dtype == _FLOAT0:
+        raise TypeError(f"{what} at {where} has jax's dtype float0 (the gradient of an integer or bool input), which "
+                        "holds no values and which ckpt does not store: drop the leaf or replace it with None before "
+                        "saving")
     if dtype.fields is not None or dtype.subdtype is not None:
         raise TypeError(f"{what} at {where} has the structured dtype {dtype}, which ckpt does not store (its field "
                         "names would be lost): store each field as an array of its own")
@@ -295,6 +302,26 @@ def torch_to_numpy(path: KeyPath, t: Any) -> np.ndarray:
         raise TypeError(f"torch tensor at {where} has {what}, which ckpt cannot store ({e})") from None
 
 
+def _check_torch_template(dtype: Any) -> None:
+    """Raises TypeError for a template whose dtype torch cannot copy values into (bits, quantized and
+    sub-byte dtypes)."""
+    why = _torch_cannot_receive(dtype)
+    if why is not None:
+        raise TypeError(f"the template has dtype {dtype}, which torch cannot copy values into ({why}): give it "
+                        "the dtype the leaf was saved with, or another numeric one")
+
+
+@functools.lru_cache(maxsize=None)
+def _torch_cannot_receive(dtype: Any) -> str | None:
+    """Why torch cannot copy values into a tensor of ``dtype``, or None (asked of torch once per dtype)."""
+    torch = sys.modules["torch"]
+    try:
+        torch.zeros(1, dtype=torch.uint8).to(dtype=dtype)
+    except (NotImplementedError, RuntimeError) as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
 def numpy_to_torch(array: np.ndarray) -> Any:
     """A CPU torch tensor viewing ``array`` (bfloat16/float8 included; a numpy scalar, as a 0-d array's
     element reads, becomes a 0-d tensor)."""
@@ -448,9 +475,12 @@ def restore(meta: dict, read: Reader | np.ndarray | None, abstract: Any,
                             or abstract is jax.Array or abstract is jax.ShapeDtypeStruct):
         return _restore_jax(meta, read, abstract, jax, to_device)
     if dtensor.is_dtensor(abstract):
+        _check_torch_template(abstract.dtype)
         return dtensor.restore(abstract, read, lambda array, device, dtype: numpy_to_torch(array).to(device, dtype))
     torch = sys.modules.get("torch")
     if torch is not None and (isinstance(abstract, torch.Tensor) or abstract is torch.Tensor):
+        if abstract is not torch.Tensor:
+            _check_torch_template(abstract.dtype)
         tensor = numpy_to_torch(read(None))
         return tensor if abstract is torch.Tensor else to_device.torch(tensor, abstract)
     if isinstance(abstract, type):
@@ -477,7 +507,7 @@ def _restore_as_saved(meta: dict, read: Reader, to_device: transfers.ToDevice) -
     kind = meta["type"]
     if kind in ("jax", "jax_key") and "sharding" in meta:
         jax = _import_or_none("jax")
-        sharding = None if jax is None else shardings.restore(meta["sharding"])
+        sharding = None if jax is None else shardings.restore(meta["sharding"], _logical_shape(meta))
         if sharding is not None and kind == "jax_key":
             return _restore_keys(jax, meta, read, meta["impl"], sharding)
         if sharding is not None:  # where it was saved

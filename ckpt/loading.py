@@ -230,7 +230,7 @@ def _leaf_metadata(meta: dict) -> LeafMetadata:
     shape = tuple(meta.get("key_shape", meta["shape"]))
     sharding = None
     if meta["type"] in ("jax", "jax_key") and "sharding" in meta and "jax" in sys.modules:  # (a read imports no jax)
-        sharding = shardings.restore(meta["sharding"], warn=False)
+        sharding = shardings.restore(meta["sharding"], shape, warn=False)
     return LeafMetadata(meta["type"], shape, dtype, math.prod(meta["shape"]) * dtype.itemsize, sharding)
 
 

@@ -320,10 +320,22 @@ def make(directory: storage.Location, *, mode: int | None = None, what: str = "a
     except OSError as e:
         if e.errno not in (errno.EEXIST, errno.ENOTDIR, errno.ELOOP):
             raise
-        in_the_way = next(p for p in (directory, *directory.parents) if os.path.lexists(p))
+        check_no_file_in_the_way(directory, what)
+        raise
+
+
+def check_no_file_in_the_way(directory: Path, what: str) -> None:
+    """Refuses a local path that is, or lies under, something other than a directory (a file, a symbolic
+    link loop); a missing one passes (it is created when needed). ``what`` it is to be, for the error.
+
+    Raises:
+      RootDirectoryError: naming ``directory`` and what is in the way.
+    """
+    in_the_way = next((p for p in (directory, *directory.parents) if os.path.lexists(p)), None)
+    if in_the_way is not None and not in_the_way.is_dir():
         raise RootDirectoryError(
             f"{directory} cannot be {what}: {in_the_way} is {storage.describe(in_the_way)}, not a "
-            "directory. Pass the path of a directory; it is created when missing.", path=directory) from None
+            "directory. Pass the path of a directory, or of one not made yet.", path=directory) from None
 
 
 def check_target(final: storage.Location, tmp: storage.Location, *, step: int | None, overwrite: bool) -> None:

@@ -15,14 +15,14 @@ Example::
 
     mesh = jax.sharding.Mesh(np.array(jax.devices()), ("x",))
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("x"))
-    assert restore(describe(sharding)) == sharding
+    assert restore(describe(sharding), (8,)) == sharding
 """
 from __future__ import annotations
 
 import functools
 import sys
 import warnings
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -42,15 +42,21 @@ def describe(sharding: Any) -> dict | None:
     return doc
 
 
-def restore(doc: Any, *, warn: bool = True) -> Any:
-    """The ``NamedSharding`` of :func:`describe`'s JSON, or None (with a warning unless ``warn`` is False)
-    when these devices cannot hold it."""
+def restore(doc: Any, shape: Sequence[int], *, warn: bool = True) -> Any:
+    """The ``NamedSharding`` of :func:`describe`'s JSON for an array of ``shape``, or None (with a warning
+    unless ``warn`` is False) when these devices cannot hold it, or it cannot shard such an array."""
     try:
+        # (jax makes a sharding of another rank, or that does not divide the shape, and refuses it only when
+        # the array is put on it)
+        if len(doc["spec"]) > len(shape):
+            raise ValueError(f"its spec has {len(doc['spec'])} entries, for an array of {len(shape)} dimensions")
         types = doc.get("axis_types")
         key = (tuple(doc["mesh_shape"]), tuple(doc["axis_names"]), None if types is None else tuple(types),
                tuple(doc["device_ids"]), tuple(p if p is None or isinstance(p, str) else tuple(p) for p in doc["spec"]),
                tuple(doc.get("reduced", ())))
-        return _build(key)
+        sharding = _build(key)
+        sharding.shard_shape(tuple(shape))
+        return sharding
     except (TypeError, ValueError, KeyError, AttributeError) as e:
         if not warn:
             return None

@@ -464,7 +464,8 @@ class LocalTier:
         promotion = self._enqueue(step, replaceable=replaceable)
         in_call = contextvars.copy_context()  # (the options of the save: its timeout, in the writer's thread)
         response = self._durable.writer.submit(
-            lambda: in_call.run(self._promote, promotion, local, preempted, barrier, overwrite))
+            lambda: in_call.run(self._promote, promotion, local, preempted, barrier, overwrite),
+            what=f"the promotion of step {step} to the durable tier {self._durable.directory}")
         if preempted:
             self._deadline = (step, time.monotonic() + self._options.grace_period_secs, response)
         return response

@@ -141,6 +141,7 @@ class Checkpointer:
         self._due: int | None = None  # the step the last should_save said yes to, until a save or reload
         self._in_flight: CheckpointMetadata | None = None  # the step of the last save handed to the writer
         self._deleting: set[int] = set()  # the steps delete_async is deleting (gone for reload too)
+        self._deleted: set[int] = set()  # the steps delete_async deleted, until saved again (for a read's error)
         self._deletion: background.AsyncResponse[bool] | None = None  # the last deletion handed to the writer
         self._begun: set[int] = set()  # the steps an object store's listings showed begun in place, never committed
         mode = self._ctx.file_options.path_permission_mode
@@ -288,6 +289,7 @@ class Checkpointer:
             return
         found = step_lib.name_format_of(self._directory)
         others = list(step_lib.find_all(self._directory, found).values()) if found != self._name_format else []
+        others = [name for name in others if not _saved_alone(self._directory / name)]
         if others:
             logger.warning("ckpt: %s holds steps (%s) that step_name_format %r does not name, so none is listed; "
                            "pass the step_name_format they were written with: step_name_format=%s", self._directory,
@@ -636,7 +638,7 @@ class Checkpointer:
         except BaseException:
             writer.discard()
             raise
-        return self._writer.submit(job, hurry=writer.hurry)
+        return self._writer.submit(job, hurry=writer.hurry, what=f"the save of step {step} ({final})")
 
     def _inflight_budget(self) -> int | None:
         """How many bytes an async save copies before it writes the rest itself (with several processes
@@ -696,6 +698,7 @@ class Checkpointer:
 
     def _committed(self, step: int, path: storage.Location, manifest: dict, callback: Any = None) -> None:
         info = _step_metadata(step, path, manifest, time.monotonic_ns())
+        self._deleted.discard(step)
         with self._infos_lock:
             self._infos = sorted([c for c in self._infos if c.step != step] + [info], key=lambda c: c.step)
         self._collect_garbage()
@@ -832,8 +835,11 @@ class Checkpointer:
                     return read(path)
         except errors.StepReplacedError:
             raise
-        except errors.StepNotFoundError:
+        except errors.StepNotFoundError as e:
             self._forget(step)
+            if step in self._deleting or step in self._deleted:
+                raise errors.StepNotFoundError(f"step {step} ({path}) was deleted while it was being read, by this "
+                                               "Checkpointer's delete() or delete_async()", step=step, path=path) from e
             raise
         finally:
             self._reading[step] -= 1
@@ -938,7 +944,8 @@ class Checkpointer:
         def job() -> bool:  # every process returns (or raises) once the step is deleted
             try:
                 distributed.settle(self._processes, operation, delete_here, timeout,
-                                   f"the deletion of step {number} ({info.path})")
+                                   f"the deletion of step {number} ({info.path})", commits=False)
+                self._deleted.add(number)
             except BaseException:
                 if storage.exists(info.path):  # still there: listed again
                     with self._infos_lock:
@@ -948,7 +955,7 @@ class Checkpointer:
                 self._deleting.discard(number)
             return True
 
-        self._deletion = self._writer.submit(job)
+        self._deletion = self._writer.submit(job, what=f"the deletion of step {number} ({info.path})")
         return self._deletion
 
     # ---------------------------------------------------------------------------------- metadata
@@ -1024,9 +1031,7 @@ class Checkpointer:
         if self._local is not None:
             self._local.wait()  # the local save, then the promotions (after a preemption: the grace period)
         else:
-            in_flight = self._in_flight
-            what = "a checkpoint save" if in_flight is None else f"the save of step {in_flight.step} ({in_flight.path})"
-            self._writer.wait(self._ctx.async_options.timeout_secs, what)
+            self._writer.wait(self._ctx.async_options.timeout_secs)
 
     def close(self) -> None:
         """Waits for the save in flight, then releases the directory (raises a background failure). A save
@@ -1183,6 +1188,16 @@ def _step_metadata(step: int, path: storage.Location, manifest: dict, monotonic_
                               monotonic_nsecs=monotonic_nsecs, init_timestamp_nsecs=manifest.get("init_timestamp_nsecs"),
                               commit_timestamp_nsecs=manifest.get("commit_timestamp_nsecs"),
                               custom_metadata=fmt.reported_custom_metadata(fmt.decode_json(manifest, "custom_metadata")))
+
+
+def _saved_alone(path: Path) -> bool:
+    """Whether ``path`` is a checkpoint of ``ckpt.save`` (its manifest names no step: ``best_10``), which no
+    Checkpointer wrote as a step."""
+    try:
+        manifest = formats.info(path)
+    except (errors.CheckpointCorruptedError, OSError):
+        return False
+    return manifest.get("format") == "ckpt" and manifest.get("step") is None
 
 
 def _as_call(name_format: step_lib.StandardNameFormat) -> str:

@@ -467,6 +467,26 @@ def test_a_checkpointer_whose_name_format_names_none_of_the_roots_steps_warns_na
     assert "step_name_format" not in caplog.text
 
 
+def test_a_root_holding_only_checkpoints_of_ckpt_save_named_like_steps_gets_no_step_name_format_warning(
+        tmp_path, caplog):
+    """ckpt.save(root / "best_10") names no step: the warning took them for a run's steps and told to pass
+    step_prefix='best', under which a Checkpointer lists them as its steps, and its preservation policy
+    deletes them."""
+    for n in (10, 20):
+        ckpt.save(tmp_path / f"best_{n}", {"a": n})
+    with Checkpointer(tmp_path / "steps", step_name_format=ckpt.path.step.standard_name_format(step_prefix="best")) as c:
+        c.save(30, {"a": 30}, force=True)
+    (tmp_path / "steps" / "best_30").rename(tmp_path / "best_30")  # a Checkpointer's step among them: warned of
+    with caplog.at_level(logging.WARNING, logger="ckpt"), Checkpointer(tmp_path) as ckptr:
+        assert ckptr.latest is None
+    assert "holds steps (best_30) that step_name_format" in caplog.text, caplog.text
+    caplog.clear()
+    (tmp_path / "best_30").rename(tmp_path / "steps" / "best_30")
+    with caplog.at_level(logging.WARNING, logger="ckpt"), Checkpointer(tmp_path) as ckptr:
+        assert ckptr.latest is None
+    assert "step_name_format" not in caplog.text, caplog.text
+
+
 def test_composite_name_format_writes_one_naming_and_reads_every_one_it_lists(tmp_path):
     step_names = ckpt.path.step
     old, new = step_names.standard_name_format(step_prefix="step"), step_names.standard_name_format(step_prefix="ckpt")
@@ -808,10 +828,12 @@ def test_a_sharding_with_reduced_axes_round_trips_and_an_unreduced_array_is_refu
 
 
 @pytest.mark.parametrize("forged", [{"device_ids": [0, 0], "mesh_shape": [2]}, {"spec": ["x", "x"]},
-                                    {"axis_names": ["x", "x"], "mesh_shape": [1, 1]}, {"device_ids": [], "mesh_shape": [0]}])
-def test_a_saved_sharding_repeating_a_device_or_an_axis_loads_on_the_default_device_with_a_warning(tmp_path, forged):
+                                    {"axis_names": ["x", "x"], "mesh_shape": [1, 1]}, {"device_ids": [], "mesh_shape": [0]},
+                                    {"spec": ["x", None, None]}])
+def test_a_saved_sharding_these_devices_cannot_apply_loads_on_the_default_device_with_a_warning(tmp_path, forged):
     """jax takes such a mesh and spec, then fails to put an array on them (JaxRuntimeError, IndexError, its
-    DuplicateSpecError), which a load raised as it is, naming no leaf."""
+    DuplicateSpecError), which a load raised as it is, naming no leaf; a spec longer than the array's rank
+    was raised as damage (CheckpointCorruptedError), unlike the other shardings these devices cannot apply."""
     jax = pytest.importorskip("jax")
     ckpt.save(tmp_path / "c", {"a": jax.numpy.arange(4.0).reshape(2, 2)})
     sharding = {"mesh_shape": [1], "axis_names": ["x"], "device_ids": [jax.devices()[0].id], "spec": ["x", None], **forged}
@@ -819,6 +841,33 @@ def test_a_saved_sharding_repeating_a_device_or_an_axis_loads_on_the_default_dev
     with pytest.warns(UserWarning, match="cannot be restored on these devices"):
         assert ckpt.load(tmp_path / "c")["a"].tolist() == [[0, 1], [2, 3]]
     assert ckpt.metadata(tmp_path / "c").metadata["a"].sharding is None
+
+
+INDIVISIBLE = r"""
+import os, sys, warnings
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+import jax, numpy as np
+import ckpt
+
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    loaded = ckpt.load(sys.argv[1])["a"]
+assert loaded.devices() == {jax.devices()[0]} and np.asarray(loaded).tolist() == [0, 1, 2, 3, 4, 5], loaded
+assert any("cannot be restored on these devices" in str(w.message) and "evenly divide" in str(w.message)
+           for w in caught), [str(w.message) for w in caught]
+assert ckpt.metadata(sys.argv[1]).metadata["a"].sharding is None
+print("INDIVISIBLE-OK")
+"""
+
+
+def test_a_saved_sharding_that_does_not_divide_the_array_loads_on_the_default_device_with_a_warning(tmp_path):
+    """(It failed the load with CheckpointCorruptedError: jax's IndivisibleError from putting the array on it.)"""
+    jax = pytest.importorskip("jax")
+    ckpt.save(tmp_path / "c", {"a": jax.numpy.arange(6.0)})
+    sharding = {"mesh_shape": [4], "axis_names": ["x"], "device_ids": [0, 1, 2, 3], "spec": ["x"]}  # 6 rows over 4
+    rewrite_tree(tmp_path / "c", lambda tree: tree["checkpointables"]["state"]["leaves"][0].update(sharding=sharding))
+    result = procs.run_script(INDIVISIBLE, str(tmp_path / "c"), timeout=120, JAX_PLATFORMS="cpu")
+    assert result.returncode == 0 and "INDIVISIBLE-OK" in result.stdout, result.stdout + result.stderr
 
 
 DEFAULT_DEVICE = r"""

@@ -426,7 +426,16 @@ def test_a_script_that_ends_after_save_async_without_waiting_commits_the_step(tm
     # a promotion queued behind one that ended, which the exit took for no promotion left, was lost)
     done = procs.run_script(_ENDS_AFTER_SAVE_ASYNC, str(tmp_path), how, timeout=120)
     assert done.returncode == (1 if how == "raises" else 0), done.stderr
-    assert "ckpt: the interpreter is exiting while a save is still being written: finishing it first" in done.stderr
+    # (two tiers: the exit waits for each tier's writer in turn, and names what is unfinished at its turn)
+    unfinished = {"returns": [f"the save of step 0 ({tmp_path}/0)"], "raises": [f"the save of step 0 ({tmp_path}/0)"],
+                  "function": [f"the save of {tmp_path}/one"],
+                  "two tiers": [f"the save of step 0 ({tmp_path}-local/0)",
+                                f"the promotion of step 0 to the durable tier {tmp_path}"],
+                  "two promotions": [f"the save of step 1 ({tmp_path}-local/1)",
+                                     f"the promotion of step 1 to the durable tier {tmp_path}"]}[how]
+    said = re.findall(r"ckpt: the interpreter is exiting with background work unfinished \((.*)\): finishing it first",
+                      done.stderr)
+    assert said and all(any(what in line for what in unfinished) for line in said), done.stderr
     assert "failed" not in done.stderr
     if how == "function":
         loaded = ckpt.load(tmp_path / "one")
@@ -438,6 +447,44 @@ def test_a_script_that_ends_after_save_async_without_waiting_commits_the_step(tm
         assert ckpt.load(f"{tmp_path}-local/0")["n"] == 3
     np.testing.assert_array_equal(loaded["w"], np.full((1 << 20) + 3, 3, np.float32))
     assert loaded["n"] == 3
+
+
+_ENDS_AFTER_DELETE_ASYNC = """
+import sys
+import time
+import numpy as np
+import ckpt
+from ckpt import root
+
+
+def slow_delete(*args):  # still deleting at the exit
+    time.sleep(0.5)
+    if sys.argv[2] == "fails":
+        raise PermissionError("read-only")
+    delete(*args)
+
+
+delete, root.delete_step = root.delete_step, slow_delete
+ckptr = ckpt.Checkpointer(sys.argv[1])
+for step in (0, 1):
+    ckptr.save(step, {"w": np.ones(3)}, force=True)
+ckptr.delete_async(0)
+"""
+
+
+@pytest.mark.parametrize("how", ["succeeds", "fails"])
+def test_a_deletion_still_running_at_exit_is_finished_and_named_as_a_deletion(tmp_path, how):
+    """(The exit said 'a save is still being written', and of a failed deletion 'a background save failed'.)"""
+    done = procs.run_script(_ENDS_AFTER_DELETE_ASYNC, str(tmp_path), how, timeout=120)
+    assert done.returncode == 0, done.stderr
+    deletion = f"the deletion of step 0 ({tmp_path}/0)"
+    assert f"ckpt: the interpreter is exiting with background work unfinished ({deletion}): finishing it" in done.stderr
+    if how == "fails":
+        assert (f"ckpt: {deletion} failed in the background before the interpreter exited: PermissionError: "
+                "read-only") in done.stderr
+    with Checkpointer(tmp_path) as ckptr:
+        assert [c.step for c in ckptr.checkpoints] == ([0, 1] if how == "fails" else [1])
+    assert "save" not in done.stderr
 
 
 def test_a_background_failure_no_caller_was_told_of_is_logged_at_exit(tmp_path):
@@ -455,7 +502,7 @@ ckpt.Checkpointer(sys.argv[1]).save_async(7, {"w": np.ones(1 << 20, np.float32)}
 """
     done = procs.run_script(code, str(tmp_path), timeout=120)
     assert done.returncode == 0, done.stderr
-    assert "ckpt: a background save failed before the interpreter exited: OSError" in done.stderr
+    assert f"ckpt: the save of step 7 ({tmp_path}/7) failed in the background before the interpreter exited: OSError" in done.stderr
     assert "No space left on device" in done.stderr and "7.ckpt-tmp" in done.stderr
     assert sorted(os.listdir(tmp_path)) == [".ckpt.lock"]  # its temporary directory removed, nothing committed
 

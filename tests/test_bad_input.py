@@ -156,6 +156,13 @@ def save_repeating_keys(ckptr: Checkpointer, root: Path) -> Any:
     return ckptr.save(1, {"r": RepeatingKeys(np.ones(2), np.zeros(2))}, force=True)
 
 
+def save_int_gradients(ckptr: Checkpointer, root: Path) -> Any:
+    """A save of jax's gradients of an integer input: arrays of dtype float0."""
+    jax = pytest.importorskip("jax")
+    grads = jax.grad(lambda x, i: (x * i).sum(), argnums=(0, 1), allow_int=True)(jax.numpy.ones(3), jax.numpy.arange(3))
+    return ckptr.save(1, {"grads": grads}, force=True)
+
+
 STRUCTURED = np.dtype([("x", "<i4"), ("y", "<f8")])
 
 
@@ -172,6 +179,9 @@ CASES = {
     "masked array": Case(save({"m": np.ma.array([1, 2], mask=[0, 1])}), TypeError, r"\['m'\] is a masked array"),
     "structured array": Case(save({"a": np.zeros(2, STRUCTURED)}), TypeError, r"\['a'\] has the structured dtype"),
     "record array": Case(save({"a": np.rec.array(np.zeros(2, STRUCTURED))}), TypeError, r"\['a'\].*structured"),
+    # (it was refused as a structured dtype, with the advice to store each of its fields as an array)
+    "float0 gradient": Case(save_int_gradients, TypeError, r"\['grads'\]\[1\] has jax's dtype float0 \(the gradient "
+                            r"of an integer or bool input\), which holds no values.*drop the leaf or replace it with None"),
     "structured scalar": Case(save({"a": np.zeros((), STRUCTURED)[()]}), TypeError, r"scalar at \['a'\].*structured"),
     "33 dimensions": Case(save({"a": np.zeros((1,) * 33)}), ValueError, r"\['a'\] has 33 dimensions; .* at most 32"),
     "an int of 4,000 digits": Case(save({"seed": 10 ** 4000}), ValueError, r"int at \['seed'\] has \d+ bits"),

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import collections
 import math
+import warnings
 
 import ml_dtypes
 import numpy as np
@@ -513,6 +514,21 @@ def test_a_tensor_abstract_leaf_casts_to_its_dtype_and_an_array_leaf_returns_num
     assert restored["w"].dtype == torch.bfloat16
     assert torch.equal(restored["w"], torch.linspace(0, 1, 6).to(torch.bfloat16))
     assert isinstance(restored["b"], np.ndarray) and restored["b"].dtype == ml_dtypes.bfloat16
+
+
+@pytest.mark.parametrize("dtype", ["bits8", "qint8"])
+def test_a_tensor_template_of_a_dtype_torch_cannot_copy_into_is_a_mismatch_naming_the_leaf(tmp_path, dtype):
+    """torch's NotImplementedError ('"copy_" not implemented for 'Bits8'') or RuntimeError came out of the load,
+    naming no leaf."""
+    torch = pytest.importorskip("torch")
+    ckpt.save(tmp_path / "c", {"ok": torch.ones(2), "w": torch.arange(6, dtype=torch.uint8)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (torch deprecates its quantized dtypes)
+        template = (torch.empty(6, dtype=torch.bits8) if dtype == "bits8"
+                    else torch.quantize_per_tensor(torch.zeros(6), 0.1, 0, torch.qint8))
+    with pytest.raises(errors.TreeMismatchError, match=rf"state\['w'\]: .*the template has dtype torch\.{dtype}, "
+                                                       "which torch cannot copy values into"):
+        ckpt.load(tmp_path / "c", {"ok": torch.empty(2), "w": template})
 
 
 def test_a_model_made_on_the_meta_device_is_an_abstract_tree_loaded_as_cpu_tensors(tmp_path):

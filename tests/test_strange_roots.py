@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -163,6 +164,31 @@ def test_a_checkpointer_load_of_a_step_another_process_deletes_meanwhile_says_th
         assert [c.step for c in reader.checkpoints] == [1]  # forgotten; a reload lists what is left
         reader.reload()
         assert [c.step for c in reader.checkpoints] == [2]
+
+
+def test_a_load_async_of_a_step_this_checkpointer_deletes_meanwhile_says_that_it_deleted_it(tmp_path, monkeypatch):
+    """(Its error blamed another process's garbage collection.)"""
+    root = _saved_root(tmp_path / "root")
+    with Checkpointer(root) as ckptr:
+        read_tree, deleting = loading.read_tree, ckptr.delete
+
+        def then_deleted(step_dir, manifest):  # after the manifest was read, before the arrays
+            found = read_tree(step_dir, manifest)
+            deleting(0)
+            return found
+
+        monkeypatch.setattr(loading, "read_tree", then_deleted)
+        with pytest.raises(errors.StepNotFoundError) as info:
+            ckptr.load_async(0).result()
+        assert str(info.value) == (f"step 0 ({root / '0'}) was deleted while it was being read, by this Checkpointer's "
+                                   "delete() or delete_async()")
+        ckptr.save(0, STATE, force=True)  # saved again, then removed by another tool: no longer its deletion
+
+        def deleting(step: int) -> None:
+            shutil.rmtree(root / str(step))
+
+        with pytest.raises(errors.StepNotFoundError, match="by another process's garbage collection"):
+            ckptr.load(0)
 
 
 def test_the_free_load_of_a_step_another_process_deletes_meanwhile_says_the_step_is_gone(tmp_path, monkeypatch):

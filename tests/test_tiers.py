@@ -137,6 +137,17 @@ def test_ckpt_ls_refuses_a_local_tier_that_is_no_local_directory(tmp_path, capsy
     assert error in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("under", ["", "/sub"])
+def test_ckpt_ls_refuses_a_file_given_as_the_local_tier_naming_it(tmp_path, capsys, under):
+    """(It said '--local FILE/ckpt-root.json cannot be read as the root's metadata (NotADirectoryError ...)'.)"""
+    ckpt.save(tmp_path / "durable" / "1", {"a": np.zeros(2)})
+    (tmp_path / "notes.txt").write_text("notes")
+    local = f"{tmp_path / 'notes.txt'}{under}"
+    assert cli.main(["ls", str(tmp_path / "durable"), "--local", local]) == 2
+    assert (f"--local {local} cannot be the local tier's directory: {tmp_path / 'notes.txt'} is a regular file of 5 "
+            "bytes, not a directory") in capsys.readouterr().err
+
+
 def test_ckpt_ls_finds_a_local_tier_given_with_a_tilde(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HOME", str(tmp_path))
     with ckpt.Checkpointer(tmp_path / "durable", save_decision_policy=sdp.FixedIntervalPolicy(3),
@@ -144,6 +155,24 @@ def test_ckpt_ls_finds_a_local_tier_given_with_a_tilde(tmp_path, monkeypatch, ca
         ckptr.save(1, {"a": np.zeros(2)})
     assert cli.main(["ls", str(tmp_path / "durable"), "--local", "~/local", "--json"]) == 0
     assert [s["tiers"] for s in json.loads(capsys.readouterr().out)["steps"]] == [["local"]]
+
+
+def test_a_promotion_outlasting_the_timeout_is_named_by_the_timeout_error(tmp_path, monkeypatch):
+    """wait() and close() said 'a checkpoint save is still running after 0.2 s' (as after a rank died mid-promotion
+    in a multi-process job), naming no promotion, after the step's local save was committed."""
+    gate, copy = threading.Event(), tiers._copy_step
+    monkeypatch.setattr(tiers, "_copy_step", lambda *args: gate.wait(60) and copy(*args))
+    context = ckpt.Context(async_options=ckpt.AsyncOptions(timeout_secs=0.2))
+    local = ckpt.LocalCheckpointOptions(tmp_path / "local")
+    with ckpt.Checkpointer(tmp_path / "durable", context=context, local=local) as ckptr:
+        ckptr.save_async(0, {"a": np.zeros(2)}, force=True)
+        said = f"the promotion of step 0 to the durable tier {tmp_path / 'durable'} is still running after 0.2 s"
+        try:
+            with pytest.raises(TimeoutError, match=re.escape(said)):
+                ckptr.wait()
+        finally:
+            gate.set()
+    np.testing.assert_array_equal(ckpt.load(tmp_path / "durable" / "0")["a"], np.zeros(2))
 
 
 def test_a_step_kept_locally_while_its_promotion_outlasts_the_last_local_commit_is_deleted_once_promoted(

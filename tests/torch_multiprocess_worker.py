@@ -16,7 +16,7 @@ continues after the latest committed step with one more save. ``free``: every ra
 through the Checkpointer and ``ckpt.save``, and to other paths and steps, and open Checkpointers on other roots;
 every one is refused, nothing is written.
 ``dtensors`` (4 ranks): DTensors of unusual layouts, saved and loaded through the Checkpointer.
-``fail``: saves that fail on rank 1. ``policies``: two tiers whose local policies differ between ranks. ``delete``: steps every rank deletes and saves again at once; checkpoints every rank deletes with ``ckpt.delete``. ``stopped``: rank 0 stops in the middle of a save. ``list``: prints the steps each rank lists. ``unshared``: rank 1 sees another directory at DIR. ``sigterm``: a
+``fail``: saves that fail on rank 1. ``policies``: two tiers whose local policies differ between ranks. ``delete``: steps every rank deletes and saves again at once; checkpoints every rank deletes with ``ckpt.delete``; a deletion that fails on rank 0. ``stopped``: rank 0 stops in the middle of a save. ``list``: prints the steps each rank lists. ``unshared``: rank 1 sees another directory at DIR. ``sigterm``: a
 SIGTERM to rank 1 alone, in a loop saving on preemption.
 Each rank prints what it did.
 """
@@ -365,7 +365,8 @@ def local_policies_differ() -> None:
 def deleted_and_saved_again(ckptr: Checkpointer) -> None:
     """Every rank deletes step 2 (``delete``, or ``delete_async`` not waited for) and saves it again at once:
     no save finds the step still there (rank 1 returned from the deletion before rank 0 had deleted it). Then
-    every rank saves, loads and deletes a checkpoint with the free functions, and deletes other paths (refused)."""
+    every rank saves, loads and deletes a checkpoint with the free functions, and deletes other paths (refused).
+    Last, a deletion of step 1 that fails on rank 0, where it is deleted."""
     for step in range(3):
         ckptr.save(step, {"w": torch.full((2,), float(step))}, force=True)
     for trial in range(6):
@@ -381,6 +382,17 @@ def deleted_and_saved_again(ckptr: Checkpointer) -> None:
     except ValueError as e:
         say(f"rank {rank} free deletes refused: {e}")
     say(f"rank {rank} free deletes: steps {[c.step for c in ckptr.checkpoints]}")
+    delete_step = ckpt.root.delete_step
+    if rank == 0:  # a deletion that fails where the step is deleted
+        def refused(path, step):
+            raise PermissionError(f"cannot delete {path}")
+        ckpt.root.delete_step = refused
+    try:
+        ckptr.delete(1)
+    except (PermissionError, RuntimeError) as e:
+        say(f"rank {rank} deletion failed: {type(e).__name__}: {e}")
+    ckpt.root.delete_step = delete_step
+    say(f"rank {rank} after the failed deletion: steps {[c.step for c in ckptr.checkpoints]}")
 
 
 class StopsRank0(FailsOnRank1):

@@ -156,6 +156,14 @@ def test_with_two_tiers_every_rank_gets_rank_0s_save_decision_whatever_its_local
     for r in (0, 1):
         assert (f"rank {r} saved [True, False, True, False, True, False, True], locally "
                 "['.ckpt.lock', '4', '6', 'ckpt-root.json']") in out, out
+    import ckpt
+
+    # (each rank copied its own values of the leaves rank 0 writes alone into the durable steps, which their
+    # checksums, rank 0's, did not match: every durable step was damaged, and the job could not resume)
+    for step in (0, 4):
+        loaded = ckpt.load(tmp_path / "run" / "durable" / str(step))
+        assert loaded["rng"].tolist() == [0, 0, 0] and not loaded["big_rng"].any(), step
+        assert torch.equal(loaded["rows"], torch.arange(600 * 520.0).reshape(600, 520)), step
 
 
 @pytest.mark.timeout(300)

@@ -355,10 +355,17 @@ def failing_saves(ckptr: Checkpointer) -> None:
 
 def local_policies_differ() -> None:
     """Two tiers whose local tiers' policies differ between ranks (or decide by each one's clock): every rank
-    gets rank 0's answer, and saves the same steps."""
+    gets rank 0's answer, and saves the same steps. Each rank's state holds values of its own (an RNG state, small
+    and large) besides its shards of a large DTensor: the durable steps hold rank 0's, as a save's do."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    rows = distribute_tensor(torch.arange(600 * 520.0).reshape(600, 520), init_device_mesh("cpu", (world,)), [Shard(0)],
+                             src_data_rank=None)
+    state = {"w": torch.ones(2), "rng": torch.full((3,), rank), "big_rng": torch.full((300_000,), rank), "rows": rows}
     local = ckpt.LocalCheckpointOptions(f"{directory}-local", save_decision_policy=sdp.FixedIntervalPolicy(2 + rank))
     with Checkpointer(f"{directory}/durable", save_decision_policy=sdp.FixedIntervalPolicy(4), local=local) as ckptr:
-        said = [ckptr.should_save(step) and ckptr.save(step, {"w": torch.ones(2)}) for step in range(7)]
+        said = [ckptr.should_save(step) and ckptr.save(step, state) for step in range(7)]
     say(f"rank {rank} saved {said}, locally {sorted(os.listdir(f'{directory}-local/process_{rank}'))}")
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
+import socket
 import sys
 import threading
 from typing import Any, Callable, Iterator, Protocol, runtime_checkable
@@ -176,13 +177,20 @@ class TorchProcesses:
         self.index = index
         self.count = count
 
-    def _store(self) -> Any:
+    def _store(self, timeout_secs: float = 300) -> Any:
+        """This thread's connection to the store, opened on its first request."""
         store = getattr(self._local, "store", None)
         if store is None:
             import torch.distributed as dist
 
+            # The store was up when the job began: a connection refused (or unanswered) now is its process
+            # stopped, which TCPStore's connection would retry for its whole timeout (300 s, whatever timeout_secs).
+            try:
+                socket.create_connection(self._address, timeout=timeout_secs).close()
+            except OSError as e:
+                raise dist.DistNetworkError(f"no connection to {self._address[0]}:{self._address[1]}: {e}") from None
             client = dist.TCPStore(*self._address, is_master=False, wait_for_workers=False,
-                                   timeout=datetime.timedelta(seconds=300))
+                                   timeout=datetime.timedelta(seconds=min(timeout_secs, 300)))
             store = self._local.store = dist.PrefixStore("ckpt", client)
         return store
 
@@ -204,14 +212,14 @@ class TorchProcesses:
 
     def barrier(self, name: str, timeout_secs: float) -> None:
         with self._waiting(f"the other ranks at {name!r}", timeout_secs):
-            store = self._store()
+            store = self._store(timeout_secs)
             if store.add(f"{name}/arrived", 1) == self.count:
                 store.set(f"{name}/done", b"1")
             store.wait([f"{name}/done"], datetime.timedelta(seconds=timeout_secs))
 
     def broadcast(self, name: str, value: Any, timeout_secs: float) -> Any:
         with self._waiting(f"rank 0's {name!r}", timeout_secs):
-            store = self._store()
+            store = self._store(timeout_secs)
             if self.index == 0:
                 store.set(name, json.dumps(value))
                 return value
@@ -235,8 +243,9 @@ class TorchProcesses:
         return True
 
     def compare(self, name: str, key: Any, value: Any, timeout_secs: float) -> dict[int, Any]:
+        differs = self.broadcast(f"{name}/key", key, timeout_secs) != key  # (opens this thread's connection)
         store = self._store()
-        if self.broadcast(f"{name}/key", key, timeout_secs) != key:
+        if differs:
             slot = store.add(f"{name}/differ", 1)
             store.set(f"{name}/differ/{slot}", json.dumps([self.index, value]))
         self.barrier(f"{name}/compared", timeout_secs)

@@ -402,13 +402,18 @@ class StopsRank0(FailsOnRank1):
 
 def rank_0_stops(ckptr: Checkpointer) -> None:
     """Rank 0, whose process keeps the job's store, stops in the middle of a save: the other rank raises at
-    once, saying so (it said it had waited the whole timeout)."""
-    start = time.monotonic()
+    once, saying so (it said it had waited the whole timeout); and so does its deletion of a step then, whose
+    writer thread opens its first connection to the store (retried for 300 s, whatever the timeout)."""
     with ckpt.Context(async_options=ckpt.AsyncOptions(timeout_secs=60)):
-        try:
-            ckptr.save_checkpointables(1, {"state": {"w": torch.ones(2)}, "extra": StopsRank0()}, force=True)
-        except ConnectionError as e:
-            say(f"rank {rank} raised {'at once' if time.monotonic() - start < 30 else 'after the timeout'}: {e}")
+        ckptr.save(0, {"w": torch.ones(2)}, force=True)  # (sync: in this thread, as the next)
+        for what, call in (("raised", lambda: ckptr.save_checkpointables(
+                1, {"state": {"w": torch.ones(2)}, "extra": StopsRank0()}, force=True)),
+                           ("deletion raised", lambda: ckptr.delete(0))):
+            start = time.monotonic()
+            try:
+                call()
+            except ConnectionError as e:
+                say(f"rank {rank} {what} {'at once' if time.monotonic() - start < 30 else 'after the timeout'}: {e}")
     os._exit(0)  # (the job's store is gone)
 
 

@@ -161,7 +161,9 @@ class TorchProcesses:
 
     Each thread talks to the store through a connection of its own: a store client serves one
     request at a time, so a background save waiting at a barrier would hold up the training
-    thread's next decision on a shared one.
+    thread's next decision on a shared one. ``server``: the default group's store object, kept while
+    this object lives: where the store runs in this process (rank 0's), a save still in flight at
+    ``destroy_process_group()`` (the end of a script) still reaches the other ranks.
 
     Example::
 
@@ -170,8 +172,9 @@ class TorchProcesses:
         assert (processes.index, processes.count) == (torch.distributed.get_rank(), torch.distributed.get_world_size())
     """
 
-    def __init__(self, host: str, port: int, index: int, count: int):
+    def __init__(self, host: str, port: int, index: int, count: int, server: Any = None):
         self._address = (host, port)
+        self._server = server
         self._local = threading.local()
         self._announced: set[str] = set()  # (see notice)
         self.index = index
@@ -371,8 +374,8 @@ def _timed_out(member: str, processes: Processes, what: str, timeout_secs: float
         f"processes=ckpt.distributed.SingleProcess()))) ({error})")
 
 
-def _torch_store_address(dist: Any) -> tuple[str, int]:
-    """Where the TCPStore of the default process group listens; ValueError for any other store."""
+def _torch_store(dist: Any) -> Any:
+    """The TCPStore of the default process group; ValueError for any other store."""
     from torch.distributed import distributed_c10d
 
     store = distributed_c10d._get_default_store()
@@ -383,7 +386,7 @@ def _torch_store_address(dist: Any) -> tuple[str, int]:
             f"torch.distributed's default process group keeps its keys in a {type(store).__name__}, not a "
             "TCPStore, which ckpt coordinates its ranks through: initialize it with init_method='env://' or "
             "'tcp://...', or pass ckpt.MultiprocessingOptions(processes=...)")
-    return store.host, store.port
+    return store
 
 
 def current() -> Processes:
@@ -406,5 +409,6 @@ def current() -> Processes:
     torch = sys.modules.get("torch")
     dist = getattr(torch, "distributed", None)
     if dist is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return TorchProcesses(*_torch_store_address(dist), dist.get_rank(), dist.get_world_size())
+        store = _torch_store(dist)
+        return TorchProcesses(store.host, store.port, dist.get_rank(), dist.get_world_size(), server=store)
     return SingleProcess()

@@ -213,6 +213,19 @@ def test_a_rank_whose_store_stopped_raises_at_once_saying_so(tmp_path):
 
 
 @pytest.mark.timeout(300)
+def test_ranks_that_end_after_save_async_and_destroy_process_group_without_waiting_commit_the_step(tmp_path):
+    """(The end of rank 0's process group stopped the job's store, which it kept: the exit finished neither
+    rank's save, 'a background save failed before the interpreter exited: ConnectionError', exit status 0.)"""
+    result = procs.run_script(WORKER, str(tmp_path / "run"), str(tmp_path / "unused.npz"), "exit:2", timeout=300)
+    assert result.returncode == 0 and "rank 0 ends" in result.stdout and "rank 1 ends" in result.stdout, result
+    assert "finishing it first" in result.stderr and "save failed" not in result.stderr, result.stderr
+    import ckpt
+
+    assert ckpt.load(tmp_path / "run" / "1")["w"].tolist() == [1, 1], result.stderr
+    assert sorted(os.listdir(tmp_path / "run" / "1" / "extra")) == ["rank_0", "rank_1"]
+
+
+@pytest.mark.timeout(300)
 def test_every_rank_lists_a_step_a_crash_left_set_aside_once_the_checkpointer_is_open(tmp_path):
     """A crash in an overwrite's commit where directories cannot be swapped (NFS) leaves the step set aside: rank 0
     put it back while rank 1 listed the root, so rank 1 resumed from step 4 and rank 0 from step 5."""

@@ -6,10 +6,12 @@ is written. ``snapshot`` copies the leaves into memory the checkpointer owns (as
 """
 from __future__ import annotations
 
+import bisect
 import contextlib
 import ctypes
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
 import operator
@@ -217,6 +219,7 @@ def _plan(checkpointables: dict[str, Any], metrics: Any, custom_metadata: Any, s
         spreads += described[2]
         gathers += described[3]
     chunk_bytes = _apply_storage(stored, paths, values, metas, arrays, spreads, gathers)
+    _refuse_spread_bytes(list(checkpointables), counts, paths, metas, spreads)
     nbytes = [0 if "dtype" not in meta else array.nbytes if array is not None else
               math.prod(meta["shape"]) * leaves_lib.parse_dtype(meta["dtype"]).itemsize
               for meta, array in zip(metas, arrays)]
@@ -267,6 +270,21 @@ def _apply_storage(stored: storage_options.Storage, paths: list[KeyPath], values
             storage_options.cast(host, leaf_storage.dtype)
             metas[i], arrays[i], spreads[i] = host.meta, host.array, host.spread
     return lambda i: options[i].chunk_bytes or fmt.ARRAY_CHUNK_BYTES
+
+
+def _refuse_spread_bytes(names: list[str], counts: list[int], paths: list[KeyPath], metas: list[dict],
+                         spreads: list[leaves_lib.Spread | None]) -> None:
+    """Raises TypeError for an array spread over processes of a dtype zarr3 does not store (uint4, float8_e4m3,
+    float6_*): such an array is stored whole, as bytes (see :func:`_describe_array`), which no process holding
+    only its shards can write (its step was committed unreadable, or its save failed while it wrote)."""
+    for i, spread in enumerate(spreads):
+        dtype = None if spread is None else leaves_lib.parse_dtype(metas[i]["dtype"])
+        if dtype is not None and not storage.zarr_stores(dtype):
+            name = names[bisect.bisect_right(list(itertools.accumulate(counts)), i)]
+            raise TypeError(
+                f"checkpointable {name!r}: the array at {keystr(paths[i]) or 'the root'} is spread over processes "
+                f"and has dtype {dtype}, which ckpt stores only whole (zarr3 lacks it), and no process holds it whole: "
+                "save it as another dtype (astype, or ckpt's storage option dtype), or whole. Nothing was written.")
 
 
 def _describe_array(meta: dict, spread: leaves_lib.Spread | None, nbytes: int, name: str, chunk_bytes: int) -> None:

@@ -23,6 +23,8 @@ from __future__ import annotations
 import contextvars
 import copy
 import dataclasses
+import math
+import numbers
 from typing import Any, Callable
 
 from ckpt import arguments, handlers
@@ -116,6 +118,14 @@ class AsyncOptions(_Options):
     timeout_secs: float = 1200.0
     post_finalization_callback: Callable[[], None] | None = None
     create_directories_asynchronously: bool = True
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "timeout_secs":
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
+                raise ValueError(f"AsyncOptions.timeout_secs must be a number of seconds above 0, got {value!r} (for "
+                                 "a wait with no practical limit, give a large number, 86400 for a day)")
+            value = float(value)  # (a numpy number: timedelta takes no numpy integer)
+        super().__setattr__(name, value)
 
 
 @dataclasses.dataclass(kw_only=True)

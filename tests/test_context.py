@@ -1,4 +1,5 @@
 """ckpt.Context: Orbax's option tree, the constructor's Context, and ``with ctx:`` scoping."""
+import math
 import threading
 
 import numpy as np
@@ -79,6 +80,22 @@ def test_a_misspelt_option_is_an_error_not_silently_ignored():
     with pytest.raises(AttributeError, match="no option 'partial_loading'; its options are partial_load"):
         ctx.pytree.loading.partial_loading = True
     ctx.array.saving.use_zarr3 = True                        # an Orbax option that cannot apply: accepted
+
+
+@pytest.mark.parametrize("timeout", ["600", math.inf, math.nan, 0, -1, True, None])
+def test_a_timeout_that_is_no_positive_number_of_seconds_is_refused_where_it_is_given(tmp_path, timeout):
+    # (accepted, then wait() raised "TypeError: '>' not supported between instances of 'str' and 'int'", "OverflowError:
+    # timestamp out of range for platform time_t", or TimeoutError at once; a multi-process save, in its barriers)
+    with pytest.raises(ValueError, match="AsyncOptions.timeout_secs must be a number of seconds above 0, got "):
+        ckpt.AsyncOptions(timeout_secs=timeout)
+    ctx = ckpt.Context()
+    with pytest.raises(ValueError, match="AsyncOptions.timeout_secs"):
+        ctx.async_options.timeout_secs = timeout
+    ctx.async_options.timeout_secs = np.int64(60)  # (timedelta takes no numpy integer)
+    with ckpt.Checkpointer(tmp_path, context=ctx) as ckptr:
+        ckptr.save_async(0, {"w": np.ones(3)})
+        ckptr.wait()
+        assert ctx.async_options.timeout_secs == 60.0 and [c.step for c in ckptr.checkpoints] == [0]
 
 
 def test_a_context_is_frozen_only_where_it_is_active():

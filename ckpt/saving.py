@@ -302,8 +302,8 @@ def _describe_array(meta: dict, spread: leaves_lib.Spread | None, nbytes: int, n
 def agree(plan: Plan, final: storage.Location, processes: distributed.Processes, operation: str,
           timeout_secs: float) -> None:
     """Checks, before any process writes anything, that every process of a multi-process job saves the
-    same tree (the same key paths, arrays of the same dtypes and shapes, and DTensors of the same layouts at
-    the same ones) to ``final``: the primary writes the replicated leaves once, so a leaf that only another
+    same tree (the same key paths, arrays of the same dtypes and shapes, and DTensors and jax arrays spread over
+    processes of the same layouts at the same ones) to ``final``: the primary writes the replicated leaves once, so a leaf that only another
     process holds, or holds otherwise, would be lost.
     A barrier named ``operation``; nothing in one process. Then gathers the plan's small DTensors (see
     :func:`ckpt.leaves.gather`: a collective, which processes holding other DTensors would leave waiting).
@@ -340,7 +340,8 @@ def _refuse_spread(plan: Plan, final: storage.Location) -> None:
 def _compare(plan: Plan, final: storage.Location, processes: distributed.Processes, operation: str,
              timeout_secs: float) -> None:
     """:func:`agree`'s comparison of the processes' trees."""
-    value = {"path": str(final), "structures": plan.structures, "dtensors": plan.dtensors, "arrays": _array_types(plan)}
+    value = {"path": str(final), "structures": plan.structures, "dtensors": plan.dtensors + _jax_layouts(plan),
+             "arrays": _array_types(plan)}
     key = hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
     differing = distributed.differences(processes, operation, key, value, timeout_secs)
     if not differing:
@@ -361,6 +362,25 @@ def _compare(plan: Plan, final: storage.Location, processes: distributed.Process
         "stages), save each process's with ckpt.save to a path of its own inside ckpt.Context(multiprocessing_options="
         "ckpt.MultiprocessingOptions(processes=ckpt.distributed.SingleProcess())). Nothing was written.",
         differences=diffs)
+
+
+def _jax_layouts(plan: Plan) -> list[str]:
+    """Each jax array of ``plan`` spread over processes, with its chunks and sharding (a ``NamedSharding``'s mesh,
+    device ids and spec), in words: each process writes the chunks its own sharding gives it, so processes whose
+    shardings of an array differ (another spec, a mesh of the devices in another order) would write some chunks
+    twice and leave others unwritten (a step no load can read)."""
+    overs: dict[int, str] = {}  # (by sharding: shardings.describe gives one dict per sharding, which many share)
+
+    def said(meta: dict, chunks: tuple[int, ...]) -> str:
+        sharding = meta.get("sharding")
+        over = "" if sharding is None else overs.get(id(sharding)) or overs.setdefault(id(sharding), (
+            f" over devices {sharding['device_ids']} (a mesh of shape {tuple(sharding['mesh_shape'])}), spec "
+            f"{sharding['spec']}"))
+        return f"a jax array of shape {tuple(meta['shape'])}, {meta['dtype']}, in chunks of {chunks}{over}"
+
+    return [f"{name}{keystr(leaf.path)}: {said(leaf.host.meta, leaf.host.spread.chunk_shape)}"
+            for name, leaves in plan.leaves.items() for leaf in leaves
+            if leaf.host.spread is not None and leaf.host.meta["type"] != "torch"]
 
 
 def _array_types(plan: Plan) -> str:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextvars
 import copy
 import dataclasses
+import math
 import numbers
 from typing import Any, Callable
 
@@ -118,14 +119,17 @@ class AsyncOptions(_Options):
     post_finalization_callback: Callable[[], None] | None = None
     create_directories_asynchronously: bool = True
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "timeout_secs":
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
+                raise ValueError(f"AsyncOptions.timeout_secs must be a number of seconds above 0, got {value!r} (for "
+                                 "a wait with no practical limit, give a large number, 86400 for a day)")
+            value = float(value)  # (a numpy number: timedelta takes no numpy integer)
+        super().__setattr__(name, value)
+
     def check(self) -> None:
-        """ValueError for a timeout_secs that is no number of seconds > 0 (None: no limit; 0 would fail every save,
-        a blocking one too), TypeError for a post_finalization_callback that cannot be called."""
-        timeout = self.timeout_secs
-        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, numbers.Real)
-                                    or not timeout > 0):
-            raise ValueError(f"AsyncOptions.timeout_secs must be a number of seconds > 0 or None, got "
-                             f"{type(timeout).__name__} {timeout!r:.200}")
+        """TypeError for a post_finalization_callback that cannot be called (timeout_secs is checked where it is
+        set)."""
         callback = self.post_finalization_callback
         if callback is not None and not callable(callback):
             raise TypeError(f"AsyncOptions.post_finalization_callback must be a function (called with no argument "

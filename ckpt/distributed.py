@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
+import socket
 import sys
 import threading
 from typing import Any, Callable, Iterator, Protocol, runtime_checkable
@@ -160,7 +161,9 @@ class TorchProcesses:
 
     Each thread talks to the store through a connection of its own: a store client serves one
     request at a time, so a background save waiting at a barrier would hold up the training
-    thread's next decision on a shared one.
+    thread's next decision on a shared one. ``server``: the default group's store object, kept while
+    this object lives: where the store runs in this process (rank 0's), a save still in flight at
+    ``destroy_process_group()`` (the end of a script) still reaches the other ranks.
 
     Example::
 
@@ -169,20 +172,28 @@ class TorchProcesses:
         assert (processes.index, processes.count) == (torch.distributed.get_rank(), torch.distributed.get_world_size())
     """
 
-    def __init__(self, host: str, port: int, index: int, count: int):
+    def __init__(self, host: str, port: int, index: int, count: int, server: Any = None):
         self._address = (host, port)
+        self._server = server
         self._local = threading.local()
         self._announced: set[str] = set()  # (see notice)
         self.index = index
         self.count = count
 
-    def _store(self) -> Any:
+    def _store(self, timeout_secs: float = 300) -> Any:
+        """This thread's connection to the store, opened on its first request."""
         store = getattr(self._local, "store", None)
         if store is None:
             import torch.distributed as dist
 
+            # The store was up when the job began: a connection refused (or unanswered) now is its process
+            # stopped, which TCPStore's connection would retry for its whole timeout (300 s, whatever timeout_secs).
+            try:
+                socket.create_connection(self._address, timeout=timeout_secs).close()
+            except OSError as e:
+                raise dist.DistNetworkError(f"no connection to {self._address[0]}:{self._address[1]}: {e}") from None
             client = dist.TCPStore(*self._address, is_master=False, wait_for_workers=False,
-                                   timeout=datetime.timedelta(seconds=300))
+                                   timeout=datetime.timedelta(seconds=min(timeout_secs, 300)))
             store = self._local.store = dist.PrefixStore("ckpt", client)
         return store
 
@@ -204,14 +215,14 @@ class TorchProcesses:
 
     def barrier(self, name: str, timeout_secs: float) -> None:
         with self._waiting(f"the other ranks at {name!r}", timeout_secs):
-            store = self._store()
+            store = self._store(timeout_secs)
             if store.add(f"{name}/arrived", 1) == self.count:
                 store.set(f"{name}/done", b"1")
             store.wait([f"{name}/done"], datetime.timedelta(seconds=timeout_secs))
 
     def broadcast(self, name: str, value: Any, timeout_secs: float) -> Any:
         with self._waiting(f"rank 0's {name!r}", timeout_secs):
-            store = self._store()
+            store = self._store(timeout_secs)
             if self.index == 0:
                 store.set(name, json.dumps(value))
                 return value
@@ -235,8 +246,9 @@ class TorchProcesses:
         return True
 
     def compare(self, name: str, key: Any, value: Any, timeout_secs: float) -> dict[int, Any]:
+        differs = self.broadcast(f"{name}/key", key, timeout_secs) != key  # (opens this thread's connection)
         store = self._store()
-        if self.broadcast(f"{name}/key", key, timeout_secs) != key:
+        if differs:
             slot = store.add(f"{name}/differ", 1)
             store.set(f"{name}/differ/{slot}", json.dumps([self.index, value]))
         self.barrier(f"{name}/compared", timeout_secs)
@@ -364,8 +376,8 @@ def _timed_out(member: str, processes: Processes, what: str, timeout_secs: float
         f"processes=ckpt.distributed.SingleProcess()))) ({error})")
 
 
-def _torch_store_address(dist: Any) -> tuple[str, int]:
-    """Where the TCPStore of the default process group listens; ValueError for any other store."""
+def _torch_store(dist: Any) -> Any:
+    """The TCPStore of the default process group; ValueError for any other store."""
     from torch.distributed import distributed_c10d
 
     store = distributed_c10d._get_default_store()
@@ -376,7 +388,7 @@ def _torch_store_address(dist: Any) -> tuple[str, int]:
             f"torch.distributed's default process group keeps its keys in a {type(store).__name__}, not a "
             "TCPStore, which ckpt coordinates its ranks through: initialize it with init_method='env://' or "
             "'tcp://...', or pass ckpt.MultiprocessingOptions(processes=...)")
-    return store.host, store.port
+    return store
 
 
 def current() -> Processes:
@@ -399,5 +411,6 @@ def current() -> Processes:
     torch = sys.modules.get("torch")
     dist = getattr(torch, "distributed", None)
     if dist is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return TorchProcesses(*_torch_store_address(dist), dist.get_rank(), dist.get_world_size())
+        store = _torch_store(dist)
+        return TorchProcesses(store.host, store.port, dist.get_rank(), dist.get_world_size(), server=store)
     return SingleProcess()

@@ -265,7 +265,7 @@ def signature(x: Any) -> Any:
         return (kind, x.shape, x.dtype, x.device)
     jax = sys.modules.get("jax")
     if jax is not None and isinstance(x, jax.Array) and not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-        if x.is_deleted():  # a donated one: planned to be refused
+        if x.is_deleted() or leaves_lib.primarys_alone(x):  # a donated one: planned to be refused; (see there)
             return None
         return (kind, x.shape, x.dtype, x.sharding, x.weak_type)
     return None

@@ -235,9 +235,18 @@ def describe(flat: list[tuple[KeyPath, Any]]) -> tuple[list[dict], list[np.ndarr
 def _jax_leaf(meta: dict, x: Any) -> HostLeaf:
     if x.is_fully_addressable:
         return HostLeaf(meta, transfers.device_rows(x) or np.asarray(x))
+    if primarys_alone(x):  # the primary holds it whole, and writes it so: planned here as there, never read
+        return HostLeaf(meta, np.zeros(meta["shape"], parse_dtype(meta["dtype"])))
     return HostLeaf(meta, None, spread=Spread(
         tuple(x.sharding.shard_shape(x.shape)),
         lambda: [(s.index, np.asarray(s.data)) for s in x.addressable_shards if s.replica_id == 0], False))
+
+
+def primarys_alone(x: Any) -> bool:
+    """Whether a jax array that is not fully addressable here lies on the primary process's devices alone (none
+    of its shards here): the primary sees it whole, and plans it as a leaf it writes alone (packed when small), which
+    every process must plan alike (the same places, the same array names)."""
+    return not x.addressable_shards and all(device.process_index == 0 for device in x.sharding.device_set)
 
 
 def _dtensor_leaf(path: KeyPath, x: Any) -> HostLeaf:

@@ -6,6 +6,7 @@ is written. ``snapshot`` copies the leaves into memory the checkpointer owns (as
 """
 from __future__ import annotations
 
+import bisect
 import contextlib
 import ctypes
 import dataclasses
@@ -220,6 +221,7 @@ def _plan(checkpointables: dict[str, Any], metrics: Any, custom_metadata: Any, s
         spreads += described[2]
         gathers += described[3]
     chunk_bytes = _apply_storage(stored, paths, values, metas, arrays, spreads, gathers)
+    _refuse_spread_bytes(list(checkpointables), counts, paths, metas, spreads)
     nbytes = [0 if "dtype" not in meta else array.nbytes if array is not None else
               math.prod(meta["shape"]) * leaves_lib.parse_dtype(meta["dtype"]).itemsize
               for meta, array in zip(metas, arrays)]
@@ -272,6 +274,21 @@ def _apply_storage(stored: storage_options.Storage, paths: list[KeyPath], values
     return lambda i: options[i].chunk_bytes or fmt.ARRAY_CHUNK_BYTES
 
 
+def _refuse_spread_bytes(names: list[str], counts: list[int], paths: list[KeyPath], metas: list[dict],
+                         spreads: list[leaves_lib.Spread | None]) -> None:
+    """Raises TypeError for an array spread over processes of a dtype zarr3 does not store (uint4, float8_e4m3,
+    float6_*): such an array is stored whole, as bytes (see :func:`_describe_array`), which no process holding
+    only its shards can write (its step was committed unreadable, or its save failed while it wrote)."""
+    for i, spread in enumerate(spreads):
+        dtype = None if spread is None else leaves_lib.parse_dtype(metas[i]["dtype"])
+        if dtype is not None and not storage.zarr_stores(dtype):
+            name = names[bisect.bisect_right(list(itertools.accumulate(counts)), i)]
+            raise TypeError(
+                f"checkpointable {name!r}: the array at {keystr(paths[i]) or 'the root'} is spread over processes "
+                f"and has dtype {dtype}, which ckpt stores only whole (zarr3 lacks it), and no process holds it whole: "
+                "save it as another dtype (astype, or ckpt's storage option dtype), or whole. Nothing was written.")
+
+
 def _describe_array(meta: dict, spread: leaves_lib.Spread | None, nbytes: int, name: str, chunk_bytes: int) -> None:
     """Puts the zarr3 spec of a large leaf (stored as array ``name``) in its manifest entry (raw bytes
     for dtypes zarr3 lacks)."""
@@ -287,8 +304,8 @@ def _describe_array(meta: dict, spread: leaves_lib.Spread | None, nbytes: int, n
 def agree(plan: Plan, final: storage.Location, processes: distributed.Processes, operation: str,
           timeout_secs: float) -> None:
     """Checks, before any process writes anything, that every process of a multi-process job saves the
-    same tree (the same key paths, arrays of the same dtypes and shapes, and DTensors of the same layouts at
-    the same ones) to ``final``: the primary writes the replicated leaves once, so a leaf that only another
+    same tree (the same key paths, arrays of the same dtypes and shapes, and DTensors and jax arrays spread over
+    processes of the same layouts at the same ones) to ``final``: the primary writes the replicated leaves once, so a leaf that only another
     process holds, or holds otherwise, would be lost.
     A barrier named ``operation``; nothing in one process. Then gathers the plan's small DTensors (see
     :func:`ckpt.leaves.gather`: a collective, which processes holding other DTensors would leave waiting).
@@ -325,7 +342,8 @@ def _refuse_spread(plan: Plan, final: storage.Location) -> None:
 def _compare(plan: Plan, final: storage.Location, processes: distributed.Processes, operation: str,
              timeout_secs: float) -> None:
     """:func:`agree`'s comparison of the processes' trees."""
-    value = {"path": str(final), "structures": plan.structures, "dtensors": plan.dtensors, "arrays": _array_types(plan)}
+    value = {"path": str(final), "structures": plan.structures, "dtensors": plan.dtensors + _jax_layouts(plan),
+             "arrays": _array_types(plan)}
     key = hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
     differing = distributed.differences(processes, operation, key, value, timeout_secs)
     if not differing:
@@ -346,6 +364,25 @@ def _compare(plan: Plan, final: storage.Location, processes: distributed.Process
         "stages), save each process's with ckpt.save to a path of its own inside ckpt.Context(multiprocessing_options="
         "ckpt.MultiprocessingOptions(processes=ckpt.distributed.SingleProcess())). Nothing was written.",
         differences=diffs)
+
+
+def _jax_layouts(plan: Plan) -> list[str]:
+    """Each jax array of ``plan`` spread over processes, with its chunks and sharding (a ``NamedSharding``'s mesh,
+    device ids and spec), in words: each process writes the chunks its own sharding gives it, so processes whose
+    shardings of an array differ (another spec, a mesh of the devices in another order) would write some chunks
+    twice and leave others unwritten (a step no load can read)."""
+    overs: dict[int, str] = {}  # (by sharding: shardings.describe gives one dict per sharding, which many share)
+
+    def said(meta: dict, chunks: tuple[int, ...]) -> str:
+        sharding = meta.get("sharding")
+        over = "" if sharding is None else overs.get(id(sharding)) or overs.setdefault(id(sharding), (
+            f" over devices {sharding['device_ids']} (a mesh of shape {tuple(sharding['mesh_shape'])}), spec "
+            f"{sharding['spec']}"))
+        return f"a jax array of shape {tuple(meta['shape'])}, {meta['dtype']}, in chunks of {chunks}{over}"
+
+    return [f"{name}{keystr(leaf.path)}: {said(leaf.host.meta, leaf.host.spread.chunk_shape)}"
+            for name, leaves in plan.leaves.items() for leaf in leaves
+            if leaf.host.spread is not None and leaf.host.meta["type"] != "torch"]
 
 
 def _array_types(plan: Plan) -> str:

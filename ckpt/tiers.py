@@ -35,12 +35,12 @@ crash left unpromoted (see :meth:`LocalTier._recover`).
 
 Multi-process jobs: each process's local tier is its own directory (``<directory>/process_<i>``) and
 holds the shards that process owns, plus every replicated leaf. A promotion copies each process's
-files to the durable root and the primary process commits after a barrier, so the durable step holds
-every shard. Restoring from the local tiers would need every process to hold the same step with the
-same sharding; nothing in the Processes protocol gathers that, so multi-process loads read the
-durable tier only (a replaced host, whose local tier is empty, restores like the others), and a
-Checkpointer opened there deletes the local steps newer than the durable tier's latest (the job saves
-them again).
+shards to the durable root, the primary's replicated leaves (as a save writes the primary's), and the
+primary process commits after a barrier, so the durable step holds every shard. Restoring from the
+local tiers would need every process to hold the same step with the same sharding; nothing in the
+Processes protocol gathers that, so multi-process loads read the durable tier only (a replaced host,
+whose local tier is empty, restores like the others), and a Checkpointer opened there deletes the local
+steps newer than the durable tier's latest (the job saves them again).
 
 Example::
 
@@ -622,9 +622,10 @@ def _copy_step(source: Path, final: storage.Location, step: int, overwrite: bool
     """Copies a committed local step directory to ``final`` (byte for byte: its checksums hold) and commits
     it: on an object store the manifest is written last; locally the temporary directory is renamed.
     ``final`` is checked first and at the commit as a save's is (see :func:`ckpt.root.commit`). With
-    several processes each copies its own files and the primary commits once every process's copy
-    succeeded (a failure in one fails the promotion in all, see :func:`ckpt.distributed.settle`). A
-    promotion that fails before its commit removes its temporary directory, as a save does.
+    several processes each copies its shards (the primary the rest too, see :func:`_written_by_primary`) and
+    the primary commits once every process's copy succeeded (a failure in one fails the promotion in all,
+    see :func:`ckpt.distributed.settle`). A promotion that fails before its commit removes its temporary
+    directory, as a save does.
     Returns the bytes this process copied."""
     primary, tmp, markers = durable.processes.index == 0, storage.temporary_for(final), []
     task = f"the promotion of {source} to {final}"
@@ -652,6 +653,9 @@ def _copy_files(source: Path, final: storage.Location, tmp: storage.Location, st
                 durable: DurableRoot, barrier: str, task: str) -> int:
     primary = durable.processes.index == 0
     files = _files(source)
+    if not primary:  # (the primary's copies of them are the step's, as a save's are)
+        written_by_primary = _written_by_primary(source)
+        files = [path for path in files if not any(path.is_relative_to(d) for d in written_by_primary)]
     skip = {source / fmt.MANIFEST} if primary else {source / fmt.MANIFEST, source / fmt.TREE}
     store = ts.KvStore.open(storage.kvstore(tmp), context=storage.ts_context(background=True)).result()
     copied = 0
@@ -689,6 +693,18 @@ def _copy_files(source: Path, final: storage.Location, tmp: storage.Location, st
             copied += len(manifest)
             root.commit(tmp, final, step=step, overwrite=overwrite)
     return copied
+
+
+def _written_by_primary(step_dir: Path) -> list[Path]:
+    """The directories of a process's local step that the primary alone writes into a step of several processes
+    (see :meth:`ckpt.saving.StepWriter.write_arrays`): the packed small leaves and each large leaf's array not
+    spread over processes (it has chunk checksums). Each process's local step holds its own values of them, which
+    need not be the primary's (a per-process RNG state): copied by every process, the durable step would mix
+    files of several processes, which its checksums (the primary's) do not match."""
+    doc = loading.read_tree(step_dir, loading.read_manifest(step_dir))
+    arrays = [step_dir / storage.relative_path(more["array"]) for tree in doc["checkpointables"].values()
+              for more in tree["leaves"].more if more and "chunk_crc32" in more]
+    return [step_dir / fmt.PACKED, *arrays]
 
 
 def _files(step_dir: Path) -> list[Path]:

@@ -48,6 +48,13 @@ def test_two_processes_save_sharded_arrays_are_killed_and_resume(tmp_path):
         assert f"process {pid} restored arrays of process 0 alone, {2 - 2 * pid} shards here" in resumed[pid]
         assert (f"process {pid} refused [\"state['only_on_0'] on process 0, not on process 1\", "
                 f"\"state['only_on_1'] on process 1, not on process 0\"] steps [1, 2, 3, 4, 5, 6, 7, 8]") in resumed[pid]
+        # (saved and committed with chunks 2 and 3 missing, written by neither process: 'chunk file ... is missing')
+        refused = re.search(r"process \d mesh refused: (.*) steps \[1, 2, 3, 4, 5, 6, 7, 8\]", resumed[pid])
+        assert refused and refused[1].count("['w']: a jax array of shape (8, 12), float32, in chunks of (2, 12) over "
+                                            "devices [") == 2, resumed[pid]
+        # (committed as bytes no load could read: 'an array without 'chunk_crc32' must use the crc32c codec')
+        assert (f"process {pid} uint4 refused: checkpointable 'state': the array at ['q'] is spread over processes and "
+                "has dtype uint4") in resumed[pid] and "steps [1, 2, 3, 4, 5, 6, 7, 8]\n" in resumed[pid]
     for step in ("5", "6"):
         assert sorted(p.name for p in (tmp_path / step / "counter").iterdir() if not p.name.startswith(".")) == [
             "process_0", "process_1"]

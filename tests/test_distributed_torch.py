@@ -162,6 +162,14 @@ def test_with_two_tiers_every_rank_gets_rank_0s_save_decision_whatever_its_local
     for r in (0, 1):
         assert (f"rank {r} saved [True, False, True, False, True, False, True], locally "
                 "['.ckpt.lock', '4', '6', 'ckpt-root.json']") in out, out
+    import ckpt
+
+    # (each rank copied its own values of the leaves rank 0 writes alone into the durable steps, which their
+    # checksums, rank 0's, did not match: every durable step was damaged, and the job could not resume)
+    for step in (0, 4):
+        loaded = ckpt.load(tmp_path / "run" / "durable" / str(step))
+        assert loaded["rng"].tolist() == [0, 0, 0] and not loaded["big_rng"].any(), step
+        assert torch.equal(loaded["rows"], torch.arange(600 * 520.0).reshape(600, 520)), step
 
 
 @pytest.mark.timeout(300)
@@ -201,10 +209,26 @@ def test_a_root_one_rank_does_not_see_is_refused_on_every_rank_at_a_save_and_a_p
 @pytest.mark.timeout(300)
 def test_a_rank_whose_store_stopped_raises_at_once_saying_so(tmp_path):
     """Rank 0's process, which keeps the job's store, stopping in a save: rank 1 raised at once a TimeoutError
-    saying that it had waited the whole timeout (60 s) for rank 0."""
+    saying that it had waited the whole timeout (60 s) for rank 0. A deletion on rank 1 then, whose writer thread
+    connected to the store for the first time, waited 300 s (TCPStore's retries), whatever the timeout."""
     out = run_jobs(tmp_path / "run", tmp_path / "unused.npz", "stopped:2")
     assert ("rank 1 raised at once: rank 1 of 2 lost the job's store (kept by rank 0's process, or by the launcher's) "
             f"while it waited for rank 0's '{tmp_path / 'run'}/") in out, out
+    assert ("rank 1 deletion raised at once: rank 1 of 2 lost the job's store (kept by rank 0's process, or by the "
+            f"launcher's) while it waited for rank 0's '{tmp_path / 'run'}/") in out, out
+
+
+@pytest.mark.timeout(300)
+def test_ranks_that_end_after_save_async_and_destroy_process_group_without_waiting_commit_the_step(tmp_path):
+    """(The end of rank 0's process group stopped the job's store, which it kept: the exit finished neither
+    rank's save, 'a background save failed before the interpreter exited: ConnectionError', exit status 0.)"""
+    result = procs.run_script(WORKER, str(tmp_path / "run"), str(tmp_path / "unused.npz"), "exit:2", timeout=300)
+    assert result.returncode == 0 and "rank 0 ends" in result.stdout and "rank 1 ends" in result.stdout, result
+    assert "finishing it first" in result.stderr and "save failed" not in result.stderr, result.stderr
+    import ckpt
+
+    assert ckpt.load(tmp_path / "run" / "1")["w"].tolist() == [1, 1], result.stderr
+    assert sorted(os.listdir(tmp_path / "run" / "1" / "extra")) == ["rank_0", "rank_1"]
 
 
 @pytest.mark.timeout(300)

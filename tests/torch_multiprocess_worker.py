@@ -16,7 +16,7 @@ continues after the latest committed step with one more save. ``free``: every ra
 through the Checkpointer and ``ckpt.save``, and to other paths and steps, and open Checkpointers on other roots;
 every one is refused, nothing is written.
 ``dtensors`` (4 ranks): DTensors of unusual layouts, saved and loaded through the Checkpointer.
-``fail``: saves that fail on rank 1. ``policies``: two tiers whose local policies differ between ranks. ``delete``: steps every rank deletes and saves again at once; checkpoints every rank deletes with ``ckpt.delete``; a deletion that fails on rank 0. ``stopped``: rank 0 stops in the middle of a save. ``list``: prints the steps each rank lists. ``unshared``: rank 1 sees another directory at DIR. ``sigterm``: a
+``fail``: saves that fail on rank 1. ``policies``: two tiers whose local policies differ between ranks. ``delete``: steps every rank deletes and saves again at once; checkpoints every rank deletes with ``ckpt.delete``; a deletion that fails on rank 0. ``stopped``: rank 0 stops in the middle of a save. ``exit``: the ranks end without closing. ``list``: prints the steps each rank lists. ``unshared``: rank 1 sees another directory at DIR. ``sigterm``: a
 SIGTERM to rank 1 alone, in a loop saving on preemption.
 Each rank prints what it did.
 """
@@ -24,6 +24,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -118,6 +119,8 @@ def run(this_rank: int, this_world: int, port: int, mode: str) -> None:
         say("rank 1 cannot make a mount namespace")
         os._exit(0)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    if mode == "exit":
+        ends_without_closing()
     with Checkpointer(directory, save_decision_policy=sdp.FixedIntervalPolicy(1)) as ckptr:
         assert isinstance(ckpt.distributed.current(), ckpt.distributed.TorchProcesses if world > 1 else ckpt.distributed.SingleProcess)
         if mode == "train":
@@ -355,10 +358,17 @@ def failing_saves(ckptr: Checkpointer) -> None:
 
 def local_policies_differ() -> None:
     """Two tiers whose local tiers' policies differ between ranks (or decide by each one's clock): every rank
-    gets rank 0's answer, and saves the same steps."""
+    gets rank 0's answer, and saves the same steps. Each rank's state holds values of its own (an RNG state, small
+    and large) besides its shards of a large DTensor: the durable steps hold rank 0's, as a save's do."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    rows = distribute_tensor(torch.arange(600 * 520.0).reshape(600, 520), init_device_mesh("cpu", (world,)), [Shard(0)],
+                             src_data_rank=None)
+    state = {"w": torch.ones(2), "rng": torch.full((3,), rank), "big_rng": torch.full((300_000,), rank), "rows": rows}
     local = ckpt.LocalCheckpointOptions(f"{directory}-local", save_decision_policy=sdp.FixedIntervalPolicy(2 + rank))
     with Checkpointer(f"{directory}/durable", save_decision_policy=sdp.FixedIntervalPolicy(4), local=local) as ckptr:
-        said = [ckptr.should_save(step) and ckptr.save(step, {"w": torch.ones(2)}) for step in range(7)]
+        said = [ckptr.should_save(step) and ckptr.save(step, state) for step in range(7)]
     say(f"rank {rank} saved {said}, locally {sorted(os.listdir(f'{directory}-local/process_{rank}'))}")
 
 
@@ -395,6 +405,32 @@ def deleted_and_saved_again(ckptr: Checkpointer) -> None:
     say(f"rank {rank} after the failed deletion: steps {[c.step for c in ckptr.checkpoints]}")
 
 
+class WrittenAtTheEnd(FailsOnRank1):
+    """A checkpointable whose files every rank writes once the script has ended: its save is in flight then."""
+
+    ended = threading.Event()
+
+    @property
+    def odd_rank(self) -> int:  # (every rank)
+        return rank
+
+    def odd_write(self) -> None:
+        self.ended.wait()
+
+
+def ends_without_closing() -> None:
+    """Every rank ends as many scripts do: an async save, ``destroy_process_group()`` and the end of the script,
+    without ``wait()`` or ``close()``: the interpreter's exit finishes the save (rank 0's process kept the
+    job's store until then)."""
+    ckptr = Checkpointer(directory)
+    ckptr.save(0, {"w": torch.zeros(2)}, force=True)
+    ckptr.save_checkpointables_async(1, {"state": {"w": torch.ones(2)}, "extra": WrittenAtTheEnd()}, force=True)
+    dist.destroy_process_group()
+    say(f"rank {rank} ends")
+    WrittenAtTheEnd.ended.set()
+    sys.exit(0)
+
+
 class StopsRank0(FailsOnRank1):
     """A checkpointable whose write ends rank 0's process at once (as a SIGKILL would; exit status 0, so
     that the job lets the other rank go on) and writes a file on the others."""
@@ -407,13 +443,18 @@ class StopsRank0(FailsOnRank1):
 
 def rank_0_stops(ckptr: Checkpointer) -> None:
     """Rank 0, whose process keeps the job's store, stops in the middle of a save: the other rank raises at
-    once, saying so (it said it had waited the whole timeout)."""
-    start = time.monotonic()
+    once, saying so (it said it had waited the whole timeout); and so does its deletion of a step then, whose
+    writer thread opens its first connection to the store (retried for 300 s, whatever the timeout)."""
     with ckpt.Context(async_options=ckpt.AsyncOptions(timeout_secs=60)):
-        try:
-            ckptr.save_checkpointables(1, {"state": {"w": torch.ones(2)}, "extra": StopsRank0()}, force=True)
-        except ConnectionError as e:
-            say(f"rank {rank} raised {'at once' if time.monotonic() - start < 30 else 'after the timeout'}: {e}")
+        ckptr.save(0, {"w": torch.ones(2)}, force=True)  # (sync: in this thread, as the next)
+        for what, call in (("raised", lambda: ckptr.save_checkpointables(
+                1, {"state": {"w": torch.ones(2)}, "extra": StopsRank0()}, force=True)),
+                           ("deletion raised", lambda: ckptr.delete(0))):
+            start = time.monotonic()
+            try:
+                call()
+            except ConnectionError as e:
+                say(f"rank {rank} {what} {'at once' if time.monotonic() - start < 30 else 'after the timeout'}: {e}")
     os._exit(0)  # (the job's store is gone)
 
 
@@ -480,6 +521,8 @@ def job(mode: str, ranks: int) -> bool:
             code = 0
             try:
                 run(r, ranks, port, mode)
+            except SystemExit:
+                raise  # (a rank that ends as a script does, through the interpreter's exit and its exit hooks)
             except BaseException:
                 traceback.print_exc()
                 code = 1

@@ -41,6 +41,7 @@ def _writer(path: str | os.PathLike, checkpointables: dict[str, Any], overwrite:
     tmp, prepared = storage.temporary_for(final), []
 
     def prepare() -> None:  # a failure in any process raises in all, before any writes
+        options.file_options.check()
         trees, handled = custom.split(checkpointables, options.checkpointables_options.registry)
         plan = saving.plan(trees, custom_metadata=custom_metadata, storage=options.array_options.saving)
         root.check_target(final, tmp, step=None, overwrite=overwrite)
@@ -50,8 +51,9 @@ def _writer(path: str | os.PathLike, checkpointables: dict[str, Any], overwrite:
     (plan, handled), = prepared
     saving.agree(plan, final, processes, f"{operation}/checked", timeout)
     root.make(final.parent, what=f"the directory {final.name} is saved in")
-    writer = saving.StepWriter(plan, tmp, final, overwrite=overwrite, processes=processes, operation=operation,
-                               timeout_secs=timeout)
+    writer = saving.StepWriter(plan, tmp, final, overwrite=overwrite,
+                               dir_mode=options.file_options.path_permission_mode, processes=processes,
+                               operation=operation, timeout_secs=timeout)
     writer.start_custom(handled)
     return writer
 

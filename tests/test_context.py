@@ -132,6 +132,23 @@ def test_a_path_permission_mode_that_is_no_writable_directory_mode_is_refused_be
     assert not (tmp_path / "root").exists()
 
 
+
+def test_the_free_saves_give_path_permission_mode_to_the_checkpoint_and_refuse_a_bad_one_before_writing(tmp_path):
+    """Was: ckpt.save, save_async and save_checkpointables under a Context with path_permission_mode=0o710
+    made the checkpoint with the umask's mode (Orbax's free saves give it the mode, as a Checkpointer's steps)."""
+    import os
+    import stat
+
+    with ckpt.Context(file_options=ckpt.FileOptions(path_permission_mode=0o710)):  # (no umask's outcome)
+        ckpt.save(tmp_path / "a", STATE)
+        ckpt.save_async(tmp_path / "b", STATE).result(timeout=60)
+        ckpt.save_checkpointables(tmp_path / "c", {"state": STATE})
+    assert [oct(stat.S_IMODE(os.stat(tmp_path / name).st_mode)) for name in "abc"] == [oct(0o710)] * 3
+    with ckpt.Context(file_options=ckpt.FileOptions(path_permission_mode=0o500)):
+        with pytest.raises(ValueError, match="FileOptions.path_permission_mode"):
+            ckpt.save(tmp_path / "d", STATE)
+    assert sorted(os.listdir(tmp_path)) == ["a", "b", "c"]
+
 @pytest.mark.parametrize("option, value", [
     ("timeout_secs", -1), ("timeout_secs", float("nan")), ("timeout_secs", "10"), ("timeout_secs", 0),
     ("post_finalization_callback", "print"), ("max_inflight_bytes", -5), ("max_inflight_bytes", "1GB")])

@@ -41,7 +41,7 @@ def _writer(path: str | os.PathLike, checkpointables: dict[str, Any], overwrite:
     tmp, prepared = storage.temporary_for(final), []
 
     def prepare() -> None:  # a failure in any process raises in all, before any writes
-        options.file_options.check()
+        options.check()
         trees, handled = custom.split(checkpointables, options.checkpointables_options.registry)
         plan = saving.plan(trees, custom_metadata=custom_metadata, storage=options.array_options.saving)
         root.check_target(final, tmp, step=None, overwrite=overwrite)
@@ -244,6 +244,7 @@ def _deletion(path: str | os.PathLike, checkpointable_name: str | None, missing_
     """:func:`delete`, its arguments checked and its barriers named (in the caller's thread, as they are
     named in the order of the calls)."""
     root.whole_checkpoints_only(checkpointable_name)
+    get_context().check()
     step_dir = storage.location(path)
     processes, operation, timeout = _coordination("ckpt.delete")
 

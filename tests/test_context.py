@@ -110,6 +110,9 @@ def test_post_finalization_callback_runs_after_each_commit(tmp_path):
 
 @pytest.mark.parametrize("setting", ["primary_host", "active_processes", "todelete_full_path"])
 def test_options_ckpt_cannot_honour_are_refused_before_anything_is_written(tmp_path, setting):
+    """By the free saves and deletion too. Was: ckpt.save, save_async and delete took them and went on (a free
+    save with active_processes={0}, process 0 saving alone as in Orbax, waited for the other processes)."""
+    ckpt.save(tmp_path / "kept", STATE)
     ctx = ckpt.Context()
     if setting == "primary_host":
         ctx.multiprocessing.primary_host = 1
@@ -119,7 +122,12 @@ def test_options_ckpt_cannot_honour_are_refused_before_anything_is_written(tmp_p
         ctx.deletion.gcs_deletion_options.todelete_full_path = "trash"
     with pytest.raises(ValueError, match=setting):
         Checkpointer(tmp_path / "root", context=ctx)
-    assert not (tmp_path / "root").exists()
+    with ctx:
+        for call in (lambda: ckpt.save(tmp_path / "root", STATE), lambda: ckpt.save_async(tmp_path / "root", STATE),
+                     lambda: ckpt.delete(tmp_path / "kept")):
+            with pytest.raises(ValueError, match=setting):
+                call()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"]
 
 
 @pytest.mark.parametrize("mode", [-1, "0o750", 0o500, 2**40])

@@ -1154,6 +1154,8 @@ def checkpoint_metadata(step_dir: storage.Location, name: str | None, *, step: i
     checkpointable saved by a handler is what its handler's ``metadata`` says (``registry``: the handlers)."""
     manifest = formats.info(step_dir)
     handled = formats.handled(step_dir)
+    if name == fmt.AUTO and fmt.DEFAULT_CHECKPOINTABLE in handled:  # (a tree named state: loading.only_tree)
+        name = fmt.DEFAULT_CHECKPOINTABLE
     if name is None:
         tree = {**formats.metadata_trees(step_dir), **custom.metadata(step_dir, handled, registry)}
     elif name in handled:

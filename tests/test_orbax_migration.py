@@ -96,6 +96,9 @@ def test_orbaxs_auto_name_reads_the_state_beside_other_trees_as_orbaxs_load_does
     with ckpt.Checkpointer(tmp_path / "run") as ckptr:
         ckptr.save_checkpointables(0, {"state": {"w": np.arange(2)}, "extra": {"e": np.zeros(1)}})
         assert ckptr.load(0, checkpointable_name="AUTO")["w"].tolist() == [0, 1]
+    ckpt.save_checkpointables(tmp_path / "h", {"state": Counter(3), "extra": {"e": np.zeros(1)}})  # a handler's state
+    assert ckpt.load(tmp_path / "h", Counter(0), checkpointable_name="AUTO").n == 3
+    assert ckpt.metadata(tmp_path / "h", checkpointable_name="AUTO").metadata == ckpt.metadata(tmp_path / "h").metadata
 
 
 @pytest.mark.parametrize("leaf", [complex(1, 2), 2j, Vocab(["a"])])

@@ -41,6 +41,7 @@ def _writer(path: str | os.PathLike, checkpointables: dict[str, Any], overwrite:
     tmp, prepared = storage.temporary_for(final), []
 
     def prepare() -> None:  # a failure in any process raises in all, before any writes
+        options.check()
         trees, handled = custom.split(checkpointables, options.checkpointables_options.registry)
         plan = saving.plan(trees, custom_metadata=custom_metadata, storage=options.array_options.saving)
         root.check_target(final, tmp, step=None, overwrite=overwrite)
@@ -50,8 +51,9 @@ def _writer(path: str | os.PathLike, checkpointables: dict[str, Any], overwrite:
     (plan, handled), = prepared
     saving.agree(plan, final, processes, f"{operation}/checked", timeout)
     root.make(final.parent, what=f"the directory {final.name} is saved in")
-    writer = saving.StepWriter(plan, tmp, final, overwrite=overwrite, processes=processes, operation=operation,
-                               timeout_secs=timeout)
+    writer = saving.StepWriter(plan, tmp, final, overwrite=overwrite,
+                               dir_mode=options.file_options.path_permission_mode, processes=processes,
+                               operation=operation, timeout_secs=timeout)
     writer.start_custom(handled)
     return writer
 
@@ -153,9 +155,16 @@ def load_checkpointables(path: str | os.PathLike, abstract_checkpointables: dict
         return formats.load_checkpointables(step_dir, abstract_checkpointables, partial_load=partial)
 
 
+def _tree_name(checkpointable_name: str | None) -> str:
+    """The name a free load reads: Orbax's None (the tree of a checkpoint whose files are the tree itself, as
+    Orbax's direct checkpoints are) is read as ``"AUTO"``: ``state``, else the checkpoint's only tree."""
+    return fmt.AUTO if checkpointable_name is None else checkpointable_name
+
+
 def load(path: str | os.PathLike, abstract_state: Any = None, *,
-         checkpointable_name: str = fmt.DEFAULT_CHECKPOINTABLE) -> Any:
+         checkpointable_name: str | None = fmt.DEFAULT_CHECKPOINTABLE) -> Any:
     """Loads one tree of the checkpoint at ``path``; see ``Checkpointer.load`` for ``abstract_state``.
+    ``checkpointable_name=None`` reads the tree of a checkpoint without named trees (Orbax's direct ones).
 
     Example::
 
@@ -166,11 +175,12 @@ def load(path: str | os.PathLike, abstract_state: Any = None, *,
         state = ckpt.load("model", {"w": ckpt.PLACEHOLDER, "step": 0})   # "w" is not read
         assert ckpt.PLACEHOLDER is ... and state["w"] is ...
     """
-    return load_checkpointables(path, {checkpointable_name: abstract_state})[checkpointable_name]
+    name = _tree_name(checkpointable_name)
+    return load_checkpointables(path, {name: abstract_state})[name]
 
 
 def load_async(path: str | os.PathLike, abstract_state: Any = None, *,
-               checkpointable_name: str = fmt.DEFAULT_CHECKPOINTABLE) -> background.AsyncResponse[Any]:
+               checkpointable_name: str | None = fmt.DEFAULT_CHECKPOINTABLE) -> background.AsyncResponse[Any]:
     """:func:`load` in a background thread.
 
     Example::
@@ -242,6 +252,7 @@ def _deletion(path: str | os.PathLike, checkpointable_name: str | None, missing_
     """:func:`delete`, its arguments checked and its barriers named (in the caller's thread, as they are
     named in the order of the calls)."""
     root.whole_checkpoints_only(checkpointable_name)
+    get_context().check()
     step_dir = storage.location(path)
     processes, operation, timeout = _coordination("ckpt.delete")
 
@@ -289,8 +300,10 @@ def is_orbax_checkpoint(path: str | os.PathLike) -> bool:
     return root.classify(step_dir, None).kind in root.LISTED
 
 
-def metadata(path: str | os.PathLike, checkpointable_name: str = fmt.DEFAULT_CHECKPOINTABLE) -> CheckpointMetadata:
-    """One tree of the checkpoint at ``path`` (``state``, else its only one), with :class:`ckpt.LeafMetadata` leaves.
+def metadata(path: str | os.PathLike,
+             checkpointable_name: str | None = fmt.DEFAULT_CHECKPOINTABLE) -> CheckpointMetadata:
+    """One tree of the checkpoint at ``path`` (``state``, else its only one), with :class:`ckpt.LeafMetadata` leaves;
+    ``checkpointable_name`` as for :func:`load`.
 
     Example::
 
@@ -301,7 +314,8 @@ def metadata(path: str | os.PathLike, checkpointable_name: str = fmt.DEFAULT_CHE
     """
     step_dir = _existing(path)
     with root.reading(step_dir):
-        return checkpoint_metadata(step_dir, checkpointable_name, registry=get_context().checkpointables_options.registry)
+        return checkpoint_metadata(step_dir, _tree_name(checkpointable_name),
+                                   registry=get_context().checkpointables_options.registry)
 
 
 def checkpointables_metadata(path: str | os.PathLike) -> CheckpointMetadata:

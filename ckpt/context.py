@@ -416,6 +416,26 @@ class Context:
     deletion_options = deletion = property(lambda self: self._deletion_options)
     memory_options = memory = property(lambda self: self._memory_options)
 
+    def check(self) -> None:
+        """Raises ValueError (or TypeError) naming the first option ckpt cannot honour as set: a value of the
+        wrong kind, or what ckpt cannot do (a primary other than process 0, a subset of the processes,
+        moving deleted steps aside). Every save and deletion checks its Context first, before anything is
+        written or deleted.
+
+        Example::
+
+            ctx = ckpt.Context(multiprocessing_options=ckpt.MultiprocessingOptions(primary_host=1))
+            try:
+                ctx.check()
+            except ValueError as e:
+                assert "primary_host" in str(e)
+        """
+        for group in (self.multiprocessing_options, self.file_options, self.async_options, self.memory_options):
+            group.check()
+        if self.deletion_options.gcs_deletion_options.todelete_full_path is not None:
+            raise ValueError("DeletionOptions.gcs_deletion_options.todelete_full_path: ckpt deletes steps it "
+                             "does not keep; it cannot move them elsewhere")
+
     def _option_groups(self) -> list[_Options]:
         return [group for name, value in vars(self).items() if name.endswith("_options") for group in _groups(value)]
 

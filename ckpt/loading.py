@@ -327,8 +327,10 @@ def unwrap(abstract: Any) -> dict[str, Any] | None:
 def only_tree(trees: dict, handled: dict, names: Iterable[str]) -> str | None:
     """The name to read when ``names`` is just ``"state"`` (or Orbax's ``"AUTO"``) and the step has no
     such checkpointable but exactly one tree (beside any checkpointables saved by handlers): that tree's
-    name, as Orbax falls back to it; else None."""
+    name, as Orbax falls back to it; for ``"AUTO"``, ``"state"`` where the step has it; else None."""
     names = list(names)
+    if names == [fmt.AUTO] and (fmt.DEFAULT_CHECKPOINTABLE in trees or fmt.DEFAULT_CHECKPOINTABLE in handled):
+        return fmt.DEFAULT_CHECKPOINTABLE
     if (len(names) == 1 and names[0] in (fmt.DEFAULT_CHECKPOINTABLE, fmt.AUTO) and names[0] not in trees
             and names[0] not in handled and len(trees) == 1):
         return next(iter(trees))

@@ -112,13 +112,7 @@ class Checkpointer:
             tiers.check_apart(storage.location(local.directory), self._directory,
                               step_name_format or step_lib.standard_name_format())
         self._context = context or Context()
-        options = self._ctx
-        for group in (options.multiprocessing_options, options.file_options, options.async_options,
-                      options.memory_options):
-            group.check()
-        if options.deletion_options.gcs_deletion_options.todelete_full_path is not None:
-            raise ValueError("DeletionOptions.gcs_deletion_options.todelete_full_path: ckpt deletes steps it "
-                             "does not keep; it cannot move them elsewhere")
+        self._ctx.check()
         self._save_policy = save_decision_policy or save_decision_policies.default_policy()
         self._preservation_policy = preservation_policy or preservation_policies.PreserveAll()
         self._name_format = step_name_format or step_lib.standard_name_format()
@@ -1165,6 +1159,8 @@ def checkpoint_metadata(step_dir: storage.Location, name: str | None, *, step: i
     checkpointable saved by a handler is what its handler's ``metadata`` says (``registry``: the handlers)."""
     manifest = formats.info(step_dir)
     handled = formats.handled(step_dir)
+    if name == fmt.AUTO and fmt.DEFAULT_CHECKPOINTABLE in handled:  # (a tree named state: loading.only_tree)
+        name = fmt.DEFAULT_CHECKPOINTABLE
     if name is None:
         tree = {**formats.metadata_trees(step_dir), **custom.metadata(step_dir, handled, registry)}
     elif name in handled:

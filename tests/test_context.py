@@ -127,6 +127,9 @@ def test_post_finalization_callback_runs_after_each_commit(tmp_path):
 
 @pytest.mark.parametrize("setting", ["primary_host", "active_processes", "todelete_full_path"])
 def test_options_ckpt_cannot_honour_are_refused_before_anything_is_written(tmp_path, setting):
+    """By the free saves and deletion too. Was: ckpt.save, save_async and delete took them and went on (a free
+    save with active_processes={0}, process 0 saving alone as in Orbax, waited for the other processes)."""
+    ckpt.save(tmp_path / "kept", STATE)
     ctx = ckpt.Context()
     if setting == "primary_host":
         ctx.multiprocessing.primary_host = 1
@@ -136,7 +139,12 @@ def test_options_ckpt_cannot_honour_are_refused_before_anything_is_written(tmp_p
         ctx.deletion.gcs_deletion_options.todelete_full_path = "trash"
     with pytest.raises(ValueError, match=setting):
         Checkpointer(tmp_path / "root", context=ctx)
-    assert not (tmp_path / "root").exists()
+    with ctx:
+        for call in (lambda: ckpt.save(tmp_path / "root", STATE), lambda: ckpt.save_async(tmp_path / "root", STATE),
+                     lambda: ckpt.delete(tmp_path / "kept")):
+            with pytest.raises(ValueError, match=setting):
+                call()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"]
 
 
 @pytest.mark.parametrize("mode", [-1, "0o750", 0o500, 2**40])
@@ -147,6 +155,23 @@ def test_a_path_permission_mode_that_is_no_writable_directory_mode_is_refused_be
     with pytest.raises(ValueError, match="FileOptions.path_permission_mode"):
         Checkpointer(tmp_path / "root", context=ctx)
     assert not (tmp_path / "root").exists()
+
+
+def test_the_free_saves_give_path_permission_mode_to_the_checkpoint_and_refuse_a_bad_one_before_writing(tmp_path):
+    """Was: ckpt.save, save_async and save_checkpointables under a Context with path_permission_mode=0o710
+    made the checkpoint with the umask's mode (Orbax's free saves give it the mode, as a Checkpointer's steps)."""
+    import os
+    import stat
+
+    with ckpt.Context(file_options=ckpt.FileOptions(path_permission_mode=0o710)):  # (no umask's outcome)
+        ckpt.save(tmp_path / "a", STATE)
+        ckpt.save_async(tmp_path / "b", STATE).result(timeout=60)
+        ckpt.save_checkpointables(tmp_path / "c", {"state": STATE})
+    assert [oct(stat.S_IMODE(os.stat(tmp_path / name).st_mode)) for name in "abc"] == [oct(0o710)] * 3
+    with ckpt.Context(file_options=ckpt.FileOptions(path_permission_mode=0o500)):
+        with pytest.raises(ValueError, match="FileOptions.path_permission_mode"):
+            ckpt.save(tmp_path / "d", STATE)
+    assert sorted(os.listdir(tmp_path)) == ["a", "b", "c"]
 
 
 @pytest.mark.parametrize("option, value", [  # (timeout_secs: refused where it is given, tested above)

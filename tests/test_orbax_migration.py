@@ -87,6 +87,20 @@ def test_load_without_a_name_falls_back_to_the_only_tree_beside_checkpointables_
         ckpt.load(tmp_path / "two")
 
 
+def test_orbaxs_auto_name_reads_the_state_beside_other_trees_as_orbaxs_load_does(tmp_path):
+    """Was: checkpointable_name="AUTO" (Orbax's default name of load and metadata) raised
+    CheckpointableNotFoundError "['AUTO'] are not in ..." on a step holding state beside another tree."""
+    ckpt.save_checkpointables(tmp_path / "c", {"state": {"w": np.arange(2)}, "extra": {"e": np.zeros(1)}})
+    assert ckpt.load(tmp_path / "c", checkpointable_name="AUTO")["w"].tolist() == [0, 1]
+    assert list(ckpt.metadata(tmp_path / "c", checkpointable_name="AUTO").metadata) == ["w"]
+    with ckpt.Checkpointer(tmp_path / "run") as ckptr:
+        ckptr.save_checkpointables(0, {"state": {"w": np.arange(2)}, "extra": {"e": np.zeros(1)}})
+        assert ckptr.load(0, checkpointable_name="AUTO")["w"].tolist() == [0, 1]
+    ckpt.save_checkpointables(tmp_path / "h", {"state": Counter(3), "extra": {"e": np.zeros(1)}})  # a handler's state
+    assert ckpt.load(tmp_path / "h", Counter(0), checkpointable_name="AUTO").n == 3
+    assert ckpt.metadata(tmp_path / "h", checkpointable_name="AUTO").metadata == ckpt.metadata(tmp_path / "h").metadata
+
+
 @pytest.mark.parametrize("leaf", [complex(1, 2), 2j, Vocab(["a"])])
 def test_an_unsupported_leaf_is_an_unregistered_type_error_both_type_and_value_error_before_anything_is_written(
         tmp_path, leaf):

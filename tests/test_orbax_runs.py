@@ -281,6 +281,10 @@ def test_a_direct_orbax_checkpoint_loads_as_its_one_tree(orbax_runs):
         want = orbax_writer.mixed_state(step, string=string)
         assert_same(ckpt.load(step_dir, orbax_writer.mixed_abstract(step, string=string)), want)
         assert ckpt.metadata(step_dir).metadata["table"].shape == (3, 4)
+        # Orbax's documented name for such a checkpoint's tree, the directory itself (was: load raised
+        # CheckpointableNotFoundError "[None] are not in ...", metadata gave {'state': tree}, not the tree)
+        assert_same(ckpt.load(step_dir, checkpointable_name=None), ckpt.load(step_dir))
+        assert ckpt.metadata(step_dir, checkpointable_name=None).metadata["table"].shape == (3, 4)
     with ckpt.Checkpointer(orbax_runs / "direct") as ckptr:
         assert [c.step for c in ckptr.checkpoints] == [3, 4]
         assert_same(ckptr.load(4, orbax_writer.mixed_abstract(4)), orbax_writer.mixed_state(4))

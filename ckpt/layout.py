@@ -64,6 +64,7 @@ class Layout:
     run_targets: list[tuple[packing.Run, np.ndarray]] = dataclasses.field(default_factory=list)
     alone_views: list[tuple[int, np.ndarray]] = dataclasses.field(default_factory=list)
     torch_run_targets: list[tuple[transfers.TorchRun, Any]] = dataclasses.field(default_factory=list)
+    groups_by_size: dict[int, tuple[list[packing.Run], list[int]]] = dataclasses.field(default_factory=dict)
     windows_by_size: dict[int, list[tuple[list[packing.Run], list[int]]]] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
@@ -88,15 +89,19 @@ class Layout:
         self.packed_sizes = list(map(self.nbytes.__getitem__, self.packed_order))
         self.unpacked = sorted(self.own_arrays + where(self.location, "inline"))
 
-    @functools.cached_property
-    def copy_groups(self) -> tuple[list[packing.Run], list[int]]:
-        """The runs of packed numpy leaves a snapshot copies together, and the packed leaves it copies
-        one by one (made when the layout is first reused)."""
-        align, meta, nbytes = fmt.ALIGN, self.meta, self.nbytes  # a numpy leaf's key: packing.group's (its
-        keys = dict(zip(self.numpy_index, [  # type is numpy) and its own dtype
-            (meta[i]["dtype"], dtype, shape if nbytes[i] <= align else None)
-            for i, shape, dtype in zip(self.numpy_index, self.numpy_shapes, self.numpy_dtypes)]))
-        return packing.runs(self.packed_order, keys, self.meta, self.offset, self.nbytes, packing.piece_bytes())
+    def copy_groups(self, size: int) -> tuple[list[packing.Run], list[int]]:
+        """The runs of packed numpy leaves copied together, none crossing a window of ``size`` bytes of the
+        packed array (a snapshot's: a chunk; a sync save's: a piece, in more runs), and the packed leaves
+        copied one by one; made once per size, when the layout is first reused."""
+        found = self.groups_by_size.get(size)
+        if found is None:
+            align, meta, nbytes = fmt.ALIGN, self.meta, self.nbytes  # a numpy leaf's key: packing.group's (its
+            keys = dict(zip(self.numpy_index, [  # type is numpy) and its own dtype
+                (meta[i]["dtype"], dtype, shape if nbytes[i] <= align else None)
+                for i, shape, dtype in zip(self.numpy_index, self.numpy_shapes, self.numpy_dtypes)]))
+            found = self.groups_by_size[size] = packing.runs(self.packed_order, keys, self.meta, self.offset,
+                                                             self.nbytes, size)
+        return found
 
     @functools.cached_property
     def path_strings(self) -> list[str]:
@@ -121,7 +126,7 @@ class Layout:
         piece (see :func:`ckpt.packing.by_window`); made once per size."""
         found = self.windows_by_size.get(size)
         if found is None:
-            found = self.windows_by_size[size] = packing.by_window(*self.copy_groups, self.offset, size)
+            found = self.windows_by_size[size] = packing.by_window(*self.copy_groups(size), self.offset, size)
         return found
 
     def filler(self, values: list[Any], size: int) -> Callable[[np.ndarray, int, int], int]:
@@ -150,7 +155,7 @@ class Layout:
         snapshot usually gets the same one back)."""
         if buffer is not self.buffer:
             self.buffer = buffer
-            runs, alone = self.copy_groups
+            runs, alone = self.copy_groups(fmt.PACKED_CHUNK_BYTES)
             self.packed_views = {i: self.view_of(i, buffer[self.offset[i]: self.offset[i] + self.nbytes[i]])
                                  for i in self.packed_order}
             self.run_targets = [(run, run.target(buffer)) for run in runs]

@@ -112,7 +112,7 @@ def test_packed_numpy_leaves_are_copied_in_runs_and_saved_as_a_fresh_plan_saves_
     with ckpt.Checkpointer(tmp_path / "reused") as ckptr:
         ckptr.save_async(0, packable_state(0))
         layout = ckptr._staging.layout
-        runs, _ = layout.copy_groups
+        runs, _ = layout.copy_groups(fmt.PACKED_CHUNK_BYTES)
         assert len(runs) >= 8 and sum(len(run.indices) for run in runs) >= 60
         state = packable_state(1)
         ckptr.save_async(1, state, force=True)
@@ -193,7 +193,7 @@ def test_sync_saves_of_a_reused_layout_fill_each_chunk_as_a_fresh_plan_does(tmp_
         ckptr.wait()
         windows = layout.windows(packing.piece_bytes())
         assert len(windows) > 10 and all(0 <= run.start < 1024 for runs, _ in windows for run in runs)
-        runs = layout.copy_groups[0]
+        runs = layout.copy_groups(packing.piece_bytes())[0]
         assert len(runs) == sum(len(runs) for runs, _ in windows)
         assert all(len({layout.offset[i] // 1024 for i in run.indices}) == 1 for run in runs), "runs split at chunk edges"
         for step in (1, 2, 3):

@@ -108,14 +108,13 @@ class Checkpointer:
         if custom_metadata is not None:
             fmt.stored_json(custom_metadata, "custom_metadata")
         self._directory = storage.location(directory)
+        self._name_format = step_name_format or step_lib.standard_name_format()
         if local is not None:
-            tiers.check_apart(storage.location(local.directory), self._directory,
-                              step_name_format or step_lib.standard_name_format())
+            tiers.check_apart(storage.location(local.directory), self._directory, self._name_format)
         self._context = context or Context()
         self._ctx.check()
         self._save_policy = save_decision_policy or save_decision_policies.default_policy()
         self._preservation_policy = preservation_policy or preservation_policies.PreserveAll()
-        self._name_format = step_name_format or step_lib.standard_name_format()
         self._lightweight = lightweight_initialize
         self._writer = background.BackgroundWriter()
         self._staging = saving.StagingBuffers()

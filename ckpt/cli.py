@@ -370,6 +370,8 @@ def _leaf_record(name: str, meta: dict) -> dict:
         nbytes = math.prod(meta["shape"]) * leaves.parse_dtype(meta["dtype"]).itemsize
         stored = meta.get("stored") or (f"{fmt.PACKED}/" if "packed" in meta else meta["array"]["kvstore"]["path"])
         record.update(dtype=meta["dtype"], shape=meta.get("key_shape", meta["shape"]), nbytes=nbytes, stored=stored)
+        if "impl" in meta:  # typed PRNG keys: ``shape`` is the keys', ``dtype`` and ``nbytes`` their key data's
+            record["impl"] = meta["impl"]
     else:
         record.update(dtype=None, shape=None, nbytes=0, stored="inline", value=meta.get("value"))
     return record
@@ -401,7 +403,8 @@ def show(directory: storage.Location, step: int | None, *, as_json: bool, local:
     for name, rs in records.items():
         total = sum(r["nbytes"] for r in rs)
         _print(f"\n{name}: {len(rs)} leaves, {progress.format_bytes(total)}")
-        rows = [[r["path"] or "(root)", r["type"], r["dtype"] or "", "" if r["shape"] is None else str(tuple(r["shape"])),
+        rows = [[r["path"] or "(root)", r["type"], f"key<{r['impl']}>" if "impl" in r else r["dtype"] or "",
+                 "" if r["shape"] is None else str(tuple(r["shape"])),
                  progress.format_bytes(r["nbytes"]) if r["dtype"] else "",
                  r["stored"] if r["dtype"] else f"inline: {_short(r['value'])}"] for r in rs]
         print(_table(["KEY PATH", "TYPE", "DTYPE", "SHAPE", "BYTES", "STORED"], rows, right=[4]))

@@ -342,7 +342,7 @@ def _refuse_spread(plan: Plan, final: storage.Location) -> None:
 def _compare(plan: Plan, final: storage.Location, processes: distributed.Processes, operation: str,
              timeout_secs: float) -> None:
     """:func:`agree`'s comparison of the processes' trees."""
-    value = {"path": str(final), "structures": plan.structures, "dtensors": plan.dtensors + _jax_layouts(plan),
+    value = {"path": storage.place(final), "structures": plan.structures, "dtensors": plan.dtensors + _jax_layouts(plan),
              "arrays": _array_types(plan)}
     key = hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
     differing = distributed.differences(processes, operation, key, value, timeout_secs)

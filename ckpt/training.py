@@ -108,6 +108,7 @@ class Checkpointer:
         if custom_metadata is not None:
             fmt.stored_json(custom_metadata, "custom_metadata")
         self._directory = storage.location(directory)
+        self._place = storage.place(self._directory)  # (the same on every process: barrier names hold it)
         self._name_format = step_name_format or step_lib.standard_name_format()
         if local is not None:
             tiers.check_apart(storage.location(local.directory), self._directory, self._name_format)
@@ -173,9 +174,8 @@ class Checkpointer:
         """Raises RootDirectoryError on every process at once when the processes of a multi-process job open
         Checkpointers on different roots (each would wait for the others at every barrier, then time out)."""
         prefix = self._ctx.multiprocessing_options.barrier_sync_key_prefix or ""
-        root_dir = str(self._directory)
-        differ = distributed.differences(self._processes, f"{prefix}open/{self._opened}", root_dir, root_dir,
-                                         self._ctx.async_options.timeout_secs)
+        differ = distributed.differences(self._processes, f"{prefix}open/{self._opened}", self._place,
+                                         str(self._directory), self._ctx.async_options.timeout_secs)
         if differ:
             roots = "; ".join(f"process {i}: {d}" for i, d in sorted(differ.items()))
             raise errors.RootDirectoryError(
@@ -456,7 +456,7 @@ class Checkpointer:
         """A name unique to this call, the same on every process (they call the same methods in order)."""
         self._operations += 1
         prefix = self._ctx.multiprocessing_options.barrier_sync_key_prefix or ""
-        return f"{prefix}{self._directory}/{self._opened}/{self._operations}/{what}"
+        return f"{prefix}{self._place}/{self._opened}/{self._operations}/{what}"
 
     def _barrier(self, what: str) -> None:
         if self._processes.count > 1:

@@ -207,6 +207,18 @@ def test_a_root_one_rank_does_not_see_is_refused_on_every_rank_at_a_save_and_a_p
 
 
 @pytest.mark.timeout(300)
+def test_a_root_one_rank_names_through_a_symbolic_link_is_one_root(tmp_path):
+    """Rank 1 opening the root through a link to it was refused ('the processes of this job open Checkpointers
+    on different roots'), and a free save there ('process 1 saves to ...'): paths were compared as strings."""
+    (tmp_path / "run-real").mkdir()
+    (tmp_path / "run-link").symlink_to(tmp_path / "run-real")
+    out = run_jobs(tmp_path / "run", tmp_path / "unused.npz", "linked:2")
+    for r in (0, 1):
+        assert f"rank {r} linked steps [2]" in out and f"rank {r} linked free [0.0, 1.0, 2.0]" in out, out
+    assert sorted(os.listdir(tmp_path / "run-real")) == [".ckpt.lock", "2"]
+
+
+@pytest.mark.timeout(300)
 def test_a_rank_whose_store_stopped_raises_at_once_saying_so(tmp_path):
     """Rank 0's process, which keeps the job's store, stopping in a save: rank 1 raised at once a TimeoutError
     saying that it had waited the whole timeout (60 s) for rank 0. A deletion on rank 1 then, whose writer thread

@@ -16,7 +16,7 @@ continues after the latest committed step with one more save. ``free``: every ra
 through the Checkpointer and ``ckpt.save``, and to other paths and steps, and open Checkpointers on other roots;
 every one is refused, nothing is written.
 ``dtensors`` (4 ranks): DTensors of unusual layouts, saved and loaded through the Checkpointer.
-``fail``: saves that fail on rank 1. ``policies``: two tiers whose local policies differ between ranks. ``delete``: steps every rank deletes and saves again at once; checkpoints every rank deletes with ``ckpt.delete``; a deletion that fails on rank 0. ``stopped``: rank 0 stops in the middle of a save. ``exit``: the ranks end without closing. ``list``: prints the steps each rank lists. ``unshared``: rank 1 sees another directory at DIR. ``sigterm``: a
+``fail``: saves that fail on rank 1. ``policies``: two tiers whose local policies differ between ranks. ``delete``: steps every rank deletes and saves again at once; checkpoints every rank deletes with ``ckpt.delete``; a deletion that fails on rank 0. ``stopped``: rank 0 stops in the middle of a save. ``exit``: the ranks end without closing. ``list``: prints the steps each rank lists. ``unshared``: rank 1 sees another directory at DIR. ``linked``: rank 1 names the root through a symbolic link. ``sigterm``: a
 SIGTERM to rank 1 alone, in a loop saving on preemption.
 Each rank prints what it did.
 """
@@ -172,6 +172,8 @@ def run(this_rank: int, this_world: int, port: int, mode: str) -> None:
             preempted_rank()
         elif mode == "stopped":
             rank_0_stops(ckptr)
+        elif mode == "linked":
+            through_a_link()
         elif mode == "list":
             say(f"rank {rank} lists {[c.step for c in ckptr.checkpoints]}")
         elif mode == "unshared":  # rank 1 sees another directory at DIR
@@ -267,6 +269,21 @@ def differing_trees(ckptr: Checkpointer) -> None:
     ckptr.reload()
     written = sorted(p.name for p in Path(directory).parent.iterdir() if p.name.startswith(Path(directory).name))
     say(f"rank {rank} steps {[c.step for c in ckptr.checkpoints]} entries {written}")
+
+
+def through_a_link() -> None:
+    """Rank 1 names the root DIR-real through the symbolic link DIR-link to it: one root all the same, saved
+    to, listed and deleted from, by a Checkpointer and by ckpt.save and ckpt.delete."""
+    root = f"{directory}-real" if rank == 0 else f"{directory}-link"
+    with ckpt.Context(async_options=ckpt.AsyncOptions(timeout_secs=30)):
+        with Checkpointer(root) as ckptr:
+            ckptr.save(1, {"w": torch.ones(2)}, force=True)
+            ckptr.save_async(2, {"w": torch.ones(2)}, force=True)
+            ckptr.delete(1)
+            say(f"rank {rank} linked steps {[c.step for c in ckptr.checkpoints]}")
+        ckpt.save(f"{root}/free", {"w": torch.arange(3.0)})
+        say(f"rank {rank} linked free {ckpt.load(f'{root}/free')['w'].tolist()}")
+        ckpt.delete(f"{root}/free")
 
 
 def preempted_rank() -> None:

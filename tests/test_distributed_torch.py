@@ -230,6 +230,35 @@ def test_a_rank_whose_store_stopped_raises_at_once_saying_so(tmp_path):
             f"launcher's) while it waited for rank 0's '{tmp_path / 'run'}/") in out, out
 
 
+def test_a_rank_that_times_out_at_a_barrier_names_the_ranks_that_never_arrived():
+    """It named none ('rank 0 of 4 waited 1 s for the other ranks at ...'); in a job of more ranks than the
+    store's 63-bit count can name, it says how many. (Ranks as threads, each with its own connection to a
+    real TCPStore.)"""
+    import datetime
+    import threading
+
+    import torch.distributed as dist
+    from ckpt.distributed import TorchProcesses
+
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=datetime.timedelta(seconds=9))
+    ranks = [TorchProcesses("127.0.0.1", store.port, index, count) for index, count in [(0, 4), (1, 4), (5, 64)]]
+    said: dict[int, str] = {}
+
+    def arrive(rank: TorchProcesses) -> None:
+        with pytest.raises(TimeoutError) as raised:
+            rank.barrier(f"barrier of {rank.count}", 1)
+        said[rank.index] = str(raised.value)
+
+    threads = [threading.Thread(target=arrive, args=(rank,)) for rank in ranks]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for i in (0, 1):
+        assert f"rank {i} of 4 waited 1 s for the other ranks at 'barrier of 4' (ranks 2, 3 never arrived);" in said[i]
+    assert "rank 5 of 64 waited 1 s for the other ranks at 'barrier of 64' (63 of 64 ranks never arrived);" in said[5]
+
+
 @pytest.mark.timeout(300)
 def test_ranks_that_end_after_save_async_and_destroy_process_group_without_waiting_commit_the_step(tmp_path):
     """(The end of rank 0's process group stopped the job's store, which it kept: the exit finished neither

@@ -351,12 +351,14 @@ def _compare(plan: Plan, final: storage.Location, processes: distributed.Process
     primary = differing.pop(0)
     diffs = []
     for index, other in sorted(differing.items()):
-        if other["path"] != primary["path"]:
+        elsewhere = other["path"] != primary["path"]
+        if elsewhere:
             diffs.append(f"process {index} saves to {other['path']}, process 0 to {primary['path']}")
         diffs += (_tree_differences(primary["structures"], other["structures"], index)
                   or _dtensor_differences(primary["dtensors"], other["dtensors"], index)
                   or _array_differences(primary, other, index)
-                  or [f"process {index} holds the same key paths in other containers (or checkpointables)"])
+                  or ([] if elsewhere else
+                      [f"process {index} holds the same key paths in other containers (or checkpointables)"]))
     raise TreeMismatchError(
         f"the processes of this job save different trees to {final}, and ckpt writes a leaf the processes "
         f"replicate once, from process 0: {'; '.join(diffs)}. Every process saves the same key paths (each "

@@ -82,8 +82,10 @@ def test_ranks_saving_other_keys_paths_or_steps_are_refused_on_every_rank_before
         assert (f"rank {r} checkpointer refused: [\"state['stage0.weight'] on process 0, not on process 1\", "
                 f"\"state['stage1.weight'] on process 1, not on process 0\"]") in out, out
         assert f"rank {r} free refused: [\"state['stage0.weight'] on process 0" in out, out
-        assert f"rank {r} path refused: ['process 1 saves to {tmp_path / 'run'}-rank1, process 0 to " in out, out
-        assert f"rank {r} step refused: ['process 1 saves to {tmp_path / 'run' / '6'}, process 0 to " in out, out
+        assert (f"rank {r} path refused: ['process 1 saves to {tmp_path / 'run'}-rank1, process 0 to "
+                f"{tmp_path / 'run'}-rank0']") in out, out  # (nothing else: it said the containers differed too)
+        assert (f"rank {r} step refused: ['process 1 saves to {tmp_path / 'run' / '6'}, process 0 to "
+                f"{tmp_path / 'run' / '5'}']") in out, out
         assert f"rank {r} dtensor refused: [\"state['b'] on process 0, not on process 1\"]" in out, out
         assert (f"rank {r} layout refused: [\"state['a']: a DTensor of shape (4, 6), float32, (Shard(dim=0),) over a "
                 "mesh of shape (2,) on process 0, not on process 1\", \"state['a']: a DTensor of shape (4, 6), float32, "

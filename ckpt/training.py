@@ -561,13 +561,19 @@ class Checkpointer:
         # A step still being written exists: overwritten or refused. With two tiers a step either holds counts,
         # except for a forced save, which promotes the copy the local tier holds (see LocalTier.save).
         existing = self._written(step, self._find if force else self._committed_step)
+        refused = None
         if existing is not None and not overwrite:
-            raise errors.StepAlreadyExistsError(
+            refused = errors.StepAlreadyExistsError(
                 f"step {step} already exists at {existing.path}; pass overwrite=True to replace it",
                 step=step, path=existing.path)
+            if self._processes.count == 1 or self._local is not None:
+                raise refused
+            # (in a job, raised where every process meets (prepare): a process told to overwrite would wait there)
         answered_yes, self._due = self._due == step, None
-        due = force or (answered_yes and not overwrite) or self._decide(step, replacing=existing is not None)
+        due = force or (answered_yes and existing is None) or self._decide(step, replacing=existing is not None)
         if not force and not due:
+            if refused is not None:
+                raise refused
             self._warn_of_a_step_behind(step)
             return None  # a step below the latest, or one the policy skips
         preemption.serve()  # (a SIGTERM held back for a save no save served ends the process at close)
@@ -581,6 +587,8 @@ class Checkpointer:
         prepared: list[tuple[saving.Plan, dict]] = []
 
         def prepare() -> None:  # a failure in any process raises in all, before any writes
+            if refused is not None:
+                raise refused
             trees, handled = custom.split(checkpointables, options.checkpointables_options.registry)
             plan = saving.plan(trees, metrics=metrics, custom_metadata=custom_metadata, previous=self._staging.layout,
                                storage=options.array_options.saving)

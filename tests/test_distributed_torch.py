@@ -131,7 +131,11 @@ def test_a_save_failing_on_one_rank_raises_on_every_rank_at_once_and_commits_not
         assert f"rank 1 {how} failed: UnregisteredTypeError: checkpointable 'state': leaf at ['w'] has type" in out, out
         assert (f"rank 0 {how} failed: RuntimeError: the save of {path} failed in another process (process 1: "
                 "UnregisteredTypeError: checkpointable 'state': leaf at ['w'] has type builtins.object") in out, out
-    assert "rank 0 steps [5]" in out and "rank 1 steps [5]" in out, out
+    said = f"StepAlreadyExistsError: step 5 already exists at {tmp_path / 'run' / '5'}; pass overwrite=True to replace it"
+    assert f"rank 1 overwrite failed: {said}" in out, out  # (rank 0 waited for rank 1 until the timeout)
+    assert (f"rank 0 overwrite failed: RuntimeError: the save of {tmp_path / 'run' / '5'} failed in another process "
+            f"(process 1: {said}); nothing was committed") in out, out
+    assert "rank 0 steps [5], step 5 holds [1.0, 1.0]" in out and "rank 1 steps [5], step 5 holds [1.0, 1.0]" in out, out
     assert not (tmp_path / "run-free").exists()
 
 

@@ -353,8 +353,8 @@ class FailsOnRank1:
 
 def failing_saves(ckptr: Checkpointer) -> None:
     """A save that fails on rank 1 (sync, async, in the part of the save its caller waits for, and in its
-    plan, through the Checkpointer and ``ckpt.save``): every rank raises within seconds, not after the
-    timeout, and nothing is committed; the next save is whole."""
+    plan, through the Checkpointer and ``ckpt.save``; an overwrite only rank 0 asks for): every rank raises
+    within seconds, not after the timeout, and nothing is committed; the next save is whole."""
     with ckpt.Context(async_options=ckpt.AsyncOptions(timeout_secs=20)):
         for step, how in ((1, "sync"), (2, "async"), (3, "start"), (4, "plan"), (None, "free")):
             items = {"state": {"w": torch.ones(2)}, "extra": FailsOnRank1(at_start=how == "start")}
@@ -370,7 +370,11 @@ def failing_saves(ckptr: Checkpointer) -> None:
             except (OSError, ValueError, TypeError) if rank == 1 else RuntimeError as e:
                 say(f"rank {rank} {how} failed: {type(e).__name__}: {e}")
         ckptr.save(5, {"w": torch.ones(2)}, force=True)
-    say(f"rank {rank} steps {[c.step for c in ckptr.checkpoints]}")
+        try:  # an overwrite rank 1 is not told of: it refuses, at the step every rank meets (rank 0 waited there)
+            ckptr.save(5, {"w": torch.zeros(2)}, force=True, overwrite=rank == 0)
+        except ckpt.errors.StepAlreadyExistsError if rank == 1 else RuntimeError as e:
+            say(f"rank {rank} overwrite failed: {type(e).__name__}: {e}")
+    say(f"rank {rank} steps {[c.step for c in ckptr.checkpoints]}, step 5 holds {ckptr.load(5)['w'].tolist()}")
 
 
 def local_policies_differ() -> None:

@@ -135,7 +135,14 @@ def _local_tier(directory: storage.Location, local: Path) -> tuple[list[_Step], 
         tiers.check_owner(local, str(directory))
     except (ValueError, RootDirectoryError) as e:
         raise UsageError(f"--local {e}") from None
-    return _scan(local) if local.is_dir() else ([], [], [])
+    if not local.is_dir():
+        return [], [], []
+    processes = tiers.process_directories(local)
+    if processes:
+        _print(f"ckpt: note: not read: the local tiers of a multi-process job's processes in {local} "
+               f"({', '.join(p.name for p in processes)}), which such a job does not load from (it loads the durable "
+               f"tier's steps); name one to see or check its copies: --local {processes[0]}", file=sys.stderr)
+    return _scan(local)
 
 
 def _latest(steps: list[_Step]) -> _Step | None:

@@ -893,6 +893,8 @@ class Checkpointer:
 
         Raises:
           StepNotFoundError: no such step, and ``missing_ok`` is not set.
+          ValueError: in a multi-process job, the processes delete different steps (on every process; nothing is
+            deleted).
           DirectoryLockedError, RootNotWritableError: another Checkpointer writes the root, or this process may
             not write there; the step is kept, and still listed.
           RuntimeError: the Checkpointer is closed (Orbax's deletes again).
@@ -934,7 +936,7 @@ class Checkpointer:
             raise self._not_found(number)
         self._forget(number)
         self._deleting.add(number)
-        operation, timeout = self._operation(f"delete/{number}"), self._ctx.async_options.timeout_secs
+        operation, timeout = self._operation("delete"), self._ctx.async_options.timeout_secs
         primary = self._processes.index == 0
 
         def delete_here() -> None:  # every process forgets it; the primary deletes
@@ -944,6 +946,11 @@ class Checkpointer:
 
         def job() -> bool:  # every process returns (or raises) once the step is deleted
             try:
+                differ = distributed.differences(self._processes, f"{operation}/step", number, number, timeout)
+                if differ:
+                    steps = "; ".join(f"process {i}: {step}" for i, step in sorted(differ.items()))
+                    raise ValueError(f"the processes of this job delete different steps ({steps}) of "
+                                     f"{self._directory}: every process deletes the same one; nothing was deleted")
                 distributed.settle(self._processes, operation, delete_here, timeout,
                                    f"the deletion of step {number} ({info.path})", commits=False)
                 self._deleted.add(number)

@@ -396,8 +396,8 @@ def local_policies_differ() -> None:
 def deleted_and_saved_again(ckptr: Checkpointer) -> None:
     """Every rank deletes step 2 (``delete``, or ``delete_async`` not waited for) and saves it again at once:
     no save finds the step still there (rank 1 returned from the deletion before rank 0 had deleted it). Then
-    every rank saves, loads and deletes a checkpoint with the free functions, and deletes other paths (refused).
-    Last, a deletion of step 1 that fails on rank 0, where it is deleted."""
+    every rank saves, loads and deletes a checkpoint with the free functions, and deletes other paths (refused), and
+    other steps (refused). Last, a deletion of step 1 that fails on rank 0, where it is deleted."""
     for step in range(3):
         ckptr.save(step, {"w": torch.full((2,), float(step))}, force=True)
     for trial in range(6):
@@ -413,6 +413,12 @@ def deleted_and_saved_again(ckptr: Checkpointer) -> None:
     except ValueError as e:
         say(f"rank {rank} free deletes refused: {e}")
     say(f"rank {rank} free deletes: steps {[c.step for c in ckptr.checkpoints]}")
+    with ckpt.Context(async_options=ckpt.AsyncOptions(timeout_secs=20)):
+        try:  # other steps (rank 0 deleted its own, then both waited at barriers of other names)
+            ckptr.delete(rank)
+        except ValueError as e:
+            say(f"rank {rank} deletes refused: {e}")
+    say(f"rank {rank} deletes: steps {[c.step for c in ckptr.checkpoints]}")
     delete_step = ckpt.root.delete_step
     if rank == 0:  # a deletion that fails where the step is deleted
         def refused(path, step):

@@ -272,7 +272,8 @@ def _deletion(path: str | os.PathLike, checkpointable_name: str | None, missing_
             if missing_ok:
                 return False
             raise CheckpointNotFoundError(f"no checkpoint at {step_dir}: the path does not exist")
-        differ = distributed.differences(processes, f"{operation}/path", str(step_dir), str(step_dir), timeout)
+        differ = distributed.differences(processes, f"{operation}/path", storage.place(step_dir), str(step_dir),
+                                         timeout)
         if differ:
             paths = "; ".join(f"process {i}: {p}" for i, p in sorted(differ.items()))
             raise ValueError(f"the processes of this job delete different checkpoints ({paths}): every process deletes "

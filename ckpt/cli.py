@@ -135,7 +135,14 @@ def _local_tier(directory: storage.Location, local: Path) -> tuple[list[_Step], 
         tiers.check_owner(local, str(directory))
     except (ValueError, RootDirectoryError) as e:
         raise UsageError(f"--local {e}") from None
-    return _scan(local) if local.is_dir() else ([], [], [])
+    if not local.is_dir():
+        return [], [], []
+    processes = tiers.process_directories(local)
+    if processes:
+        _print(f"ckpt: note: not read: the local tiers of a multi-process job's processes in {local} "
+               f"({', '.join(p.name for p in processes)}), which such a job does not load from (it loads the durable "
+               f"tier's steps); name one to see or check its copies: --local {processes[0]}", file=sys.stderr)
+    return _scan(local)
 
 
 def _latest(steps: list[_Step]) -> _Step | None:
@@ -370,6 +377,8 @@ def _leaf_record(name: str, meta: dict) -> dict:
         nbytes = math.prod(meta["shape"]) * leaves.parse_dtype(meta["dtype"]).itemsize
         stored = meta.get("stored") or (f"{fmt.PACKED}/" if "packed" in meta else meta["array"]["kvstore"]["path"])
         record.update(dtype=meta["dtype"], shape=meta.get("key_shape", meta["shape"]), nbytes=nbytes, stored=stored)
+        if "impl" in meta:  # typed PRNG keys: ``shape`` is the keys', ``dtype`` and ``nbytes`` their key data's
+            record["impl"] = meta["impl"]
     else:
         record.update(dtype=None, shape=None, nbytes=0, stored="inline", value=meta.get("value"))
     return record
@@ -401,7 +410,8 @@ def show(directory: storage.Location, step: int | None, *, as_json: bool, local:
     for name, rs in records.items():
         total = sum(r["nbytes"] for r in rs)
         _print(f"\n{name}: {len(rs)} leaves, {progress.format_bytes(total)}")
-        rows = [[r["path"] or "(root)", r["type"], r["dtype"] or "", "" if r["shape"] is None else str(tuple(r["shape"])),
+        rows = [[r["path"] or "(root)", r["type"], f"key<{r['impl']}>" if "impl" in r else r["dtype"] or "",
+                 "" if r["shape"] is None else str(tuple(r["shape"])),
                  progress.format_bytes(r["nbytes"]) if r["dtype"] else "",
                  r["stored"] if r["dtype"] else f"inline: {_short(r['value'])}"] for r in rs]
         print(_table(["KEY PATH", "TYPE", "DTYPE", "SHAPE", "BYTES", "STORED"], rows, right=[4]))

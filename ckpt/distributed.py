@@ -198,10 +198,10 @@ class TorchProcesses:
         return store
 
     @contextlib.contextmanager
-    def _waiting(self, what: str, timeout_secs: float) -> Iterator[None]:
+    def _waiting(self, what: str, timeout_secs: float, absent: Callable[[], str] | None = None) -> Iterator[None]:
         """Turns the store's errors into ckpt's, naming ``what`` this rank waited for: a lost connection (the
         process that keeps the store, rank 0's or the launcher's, stopped) into ConnectionError, at once; a
-        timeout (torch's DistStoreError) into TimeoutError."""
+        timeout (torch's DistStoreError) into TimeoutError, saying which ranks never arrived (``absent``)."""
         import torch.distributed as dist
 
         try:
@@ -211,14 +211,31 @@ class TorchProcesses:
                 f"rank {self.index} of {self.count} lost the job's store (kept by rank 0's process, or by the "
                 f"launcher's) while it waited for {what}: that process stopped ({e})") from None
         except dist.DistStoreError as e:
-            raise _timed_out("rank", self, what, timeout_secs, e) from None
+            absentees = "" if absent is None else absent()
+            raise _timed_out("rank", self, what + (f" ({absentees})" if absentees else ""), timeout_secs, e) from None
 
     def barrier(self, name: str, timeout_secs: float) -> None:
-        with self._waiting(f"the other ranks at {name!r}", timeout_secs):
+        # Each rank adds its own bit to the count of arrivals where the ranks fit in its 63 bits, so that a
+        # rank timing out can name the ranks that never arrived.
+        named = self.count <= 63
+        arrived = f"{name}/arrived"
+        with self._waiting(f"the other ranks at {name!r}", timeout_secs, lambda: self._absent(arrived, named)):
             store = self._store(timeout_secs)
-            if store.add(f"{name}/arrived", 1) == self.count:
+            if store.add(arrived, 1 << self.index if named else 1) == ((1 << self.count) - 1 if named else self.count):
                 store.set(f"{name}/done", b"1")
             store.wait([f"{name}/done"], datetime.timedelta(seconds=timeout_secs))
+
+    def _absent(self, arrived: str, named: bool) -> str:
+        """Which ranks have not added themselves to the count ``arrived`` of a barrier, or how many ('' when the
+        store does not answer)."""
+        try:
+            count = self._store().add(arrived, 0)
+        except RuntimeError:  # (torch's store errors)
+            return ""
+        if not named:
+            return f"{self.count - count} of {self.count} ranks never arrived"
+        absent = [str(i) for i in range(self.count) if not count >> i & 1]
+        return f"rank{'s' if len(absent) > 1 else ''} {', '.join(absent)} never arrived"
 
     def broadcast(self, name: str, value: Any, timeout_secs: float) -> Any:
         with self._waiting(f"rank 0's {name!r}", timeout_secs):

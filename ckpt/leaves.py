@@ -372,6 +372,11 @@ def check_leaf(path: KeyPath, meta: dict, abstract: Any) -> str | None:
         why = _key_data_mismatch(meta, abstract, want)
         if why:
             return f"{keystr(path)}: {why}"
+    elif meta["type"] != "jax_key" and impl is not None:
+        data_shape = want + tuple(abstract.dtype._impl.key_shape)
+        if meta.get("dtype") != "uint32" or tuple(meta.get("shape", ())) != data_shape:
+            return (f"{keystr(path)}: saved {_saved_what(meta)}, abstract leaf wants {impl!r} PRNG keys of shape "
+                    f"{want}, which only their uint32 key data (shape {data_shape}) becomes")
     elif want is not None and not inline and tuple(_logical_shape(meta)) != want:
         return f"{keystr(path)}: saved shape {tuple(_logical_shape(meta))}, abstract leaf wants {want}"
     if meta["type"] == "jax_key" and impl is not None and impl != meta.get("impl"):

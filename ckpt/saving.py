@@ -342,7 +342,7 @@ def _refuse_spread(plan: Plan, final: storage.Location) -> None:
 def _compare(plan: Plan, final: storage.Location, processes: distributed.Processes, operation: str,
              timeout_secs: float) -> None:
     """:func:`agree`'s comparison of the processes' trees."""
-    value = {"path": str(final), "structures": plan.structures, "dtensors": plan.dtensors + _jax_layouts(plan),
+    value = {"path": storage.place(final), "structures": plan.structures, "dtensors": plan.dtensors + _jax_layouts(plan),
              "arrays": _array_types(plan)}
     key = hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
     differing = distributed.differences(processes, operation, key, value, timeout_secs)
@@ -351,12 +351,14 @@ def _compare(plan: Plan, final: storage.Location, processes: distributed.Process
     primary = differing.pop(0)
     diffs = []
     for index, other in sorted(differing.items()):
-        if other["path"] != primary["path"]:
+        elsewhere = other["path"] != primary["path"]
+        if elsewhere:
             diffs.append(f"process {index} saves to {other['path']}, process 0 to {primary['path']}")
         diffs += (_tree_differences(primary["structures"], other["structures"], index)
                   or _dtensor_differences(primary["dtensors"], other["dtensors"], index)
                   or _array_differences(primary, other, index)
-                  or [f"process {index} holds the same key paths in other containers (or checkpointables)"])
+                  or ([] if elsewhere else
+                      [f"process {index} holds the same key paths in other containers (or checkpointables)"]))
     raise TreeMismatchError(
         f"the processes of this job save different trees to {final}, and ckpt writes a leaf the processes "
         f"replicate once, from process 0: {'; '.join(diffs)}. Every process saves the same key paths (each "

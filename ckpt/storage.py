@@ -93,6 +93,13 @@ def location(directory: str | os.PathLike | ObjectPath) -> Location:
     return path
 
 
+def place(path: Location) -> str:
+    """What the processes of a job compare to tell whether they name one directory: a local path with its
+    symbolic links resolved (a root and a link to it, spelled otherwise on each process, are one place),
+    an object store's URL as it is."""
+    return os.path.realpath(path) if isinstance(path, Path) else str(path)
+
+
 def _local_path(directory: str) -> str:
     """``directory`` as a local path: a ``file://`` URL's path; ValueError for an empty string or another URL."""
     if not directory.strip():

@@ -194,6 +194,21 @@ class _KeepPromoting:
         return [kept or info.step in self.promoting for kept, info in zip(keep, checkpoints)]
 
 
+def process_directory(directory: Path, index: int) -> Path:
+    """The local tier of process ``index`` of a multi-process job whose local directory is ``directory``."""
+    return directory / f"{_PROCESS}{index}"
+
+
+def process_directories(directory: Path) -> list[Path]:
+    """The local tiers of a multi-process job's processes in its local directory ``directory``, in process order."""
+    found = [p for p in directory.iterdir() if p.name.startswith(_PROCESS) and p.name[len(_PROCESS):].isdecimal()
+             and p.is_dir() and not p.is_symlink()]
+    return sorted(found, key=lambda p: int(p.name[len(_PROCESS):]))
+
+
+_PROCESS = "process_"
+
+
 def local_directory(directory: str | os.PathLike) -> Path:
     """The local tier's directory as an absolute path.
 
@@ -278,7 +293,7 @@ class LocalTier:
         self._saving: tuple[int, background.AsyncResponse[bool]] | None = None  # (step, response): last local save
         directory = local_directory(options.directory)
         if durable.processes.count > 1:
-            directory = directory / f"process_{durable.processes.index}"
+            directory = process_directory(directory, durable.processes.index)
         # A process of its own (read when it is made), with the Checkpointer's very Context afterwards: a
         # Context copies the groups it starts from, and a change of the Checkpointer's options must reach it.
         with Context(context, multiprocessing_options=MultiprocessingOptions(processes=distributed.OwnPart())):

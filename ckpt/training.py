@@ -108,6 +108,7 @@ class Checkpointer:
         if custom_metadata is not None:
             fmt.stored_json(custom_metadata, "custom_metadata")
         self._directory = storage.location(directory)
+        self._place = storage.place(self._directory)  # (the same on every process: barrier names hold it)
         self._name_format = step_name_format or step_lib.standard_name_format()
         if local is not None:
             tiers.check_apart(storage.location(local.directory), self._directory, self._name_format)
@@ -173,9 +174,8 @@ class Checkpointer:
         """Raises RootDirectoryError on every process at once when the processes of a multi-process job open
         Checkpointers on different roots (each would wait for the others at every barrier, then time out)."""
         prefix = self._ctx.multiprocessing_options.barrier_sync_key_prefix or ""
-        root_dir = str(self._directory)
-        differ = distributed.differences(self._processes, f"{prefix}open/{self._opened}", root_dir, root_dir,
-                                         self._ctx.async_options.timeout_secs)
+        differ = distributed.differences(self._processes, f"{prefix}open/{self._opened}", self._place,
+                                         str(self._directory), self._ctx.async_options.timeout_secs)
         if differ:
             roots = "; ".join(f"process {i}: {d}" for i, d in sorted(differ.items()))
             raise errors.RootDirectoryError(
@@ -456,7 +456,7 @@ class Checkpointer:
         """A name unique to this call, the same on every process (they call the same methods in order)."""
         self._operations += 1
         prefix = self._ctx.multiprocessing_options.barrier_sync_key_prefix or ""
-        return f"{prefix}{self._directory}/{self._opened}/{self._operations}/{what}"
+        return f"{prefix}{self._place}/{self._opened}/{self._operations}/{what}"
 
     def _barrier(self, what: str) -> None:
         if self._processes.count > 1:
@@ -561,13 +561,19 @@ class Checkpointer:
         # A step still being written exists: overwritten or refused. With two tiers a step either holds counts,
         # except for a forced save, which promotes the copy the local tier holds (see LocalTier.save).
         existing = self._written(step, self._find if force else self._committed_step)
+        refused = None
         if existing is not None and not overwrite:
-            raise errors.StepAlreadyExistsError(
+            refused = errors.StepAlreadyExistsError(
                 f"step {step} already exists at {existing.path}; pass overwrite=True to replace it",
                 step=step, path=existing.path)
+            if self._processes.count == 1 or self._local is not None:
+                raise refused
+            # (in a job, raised where every process meets (prepare): a process told to overwrite would wait there)
         answered_yes, self._due = self._due == step, None
-        due = force or (answered_yes and not overwrite) or self._decide(step, replacing=existing is not None)
+        due = force or (answered_yes and existing is None) or self._decide(step, replacing=existing is not None)
         if not force and not due:
+            if refused is not None:
+                raise refused
             self._warn_of_a_step_behind(step)
             return None  # a step below the latest, or one the policy skips
         preemption.serve()  # (a SIGTERM held back for a save no save served ends the process at close)
@@ -581,6 +587,8 @@ class Checkpointer:
         prepared: list[tuple[saving.Plan, dict]] = []
 
         def prepare() -> None:  # a failure in any process raises in all, before any writes
+            if refused is not None:
+                raise refused
             trees, handled = custom.split(checkpointables, options.checkpointables_options.registry)
             plan = saving.plan(trees, metrics=metrics, custom_metadata=custom_metadata, previous=self._staging.layout,
                                storage=options.array_options.saving)
@@ -885,6 +893,8 @@ class Checkpointer:
 
         Raises:
           StepNotFoundError: no such step, and ``missing_ok`` is not set.
+          ValueError: in a multi-process job, the processes delete different steps (on every process; nothing is
+            deleted).
           DirectoryLockedError, RootNotWritableError: another Checkpointer writes the root, or this process may
             not write there; the step is kept, and still listed.
           RuntimeError: the Checkpointer is closed (Orbax's deletes again).
@@ -926,7 +936,7 @@ class Checkpointer:
             raise self._not_found(number)
         self._forget(number)
         self._deleting.add(number)
-        operation, timeout = self._operation(f"delete/{number}"), self._ctx.async_options.timeout_secs
+        operation, timeout = self._operation("delete"), self._ctx.async_options.timeout_secs
         primary = self._processes.index == 0
 
         def delete_here() -> None:  # every process forgets it; the primary deletes
@@ -936,6 +946,11 @@ class Checkpointer:
 
         def job() -> bool:  # every process returns (or raises) once the step is deleted
             try:
+                differ = distributed.differences(self._processes, f"{operation}/step", number, number, timeout)
+                if differ:
+                    steps = "; ".join(f"process {i}: {step}" for i, step in sorted(differ.items()))
+                    raise ValueError(f"the processes of this job delete different steps ({steps}) of "
+                                     f"{self._directory}: every process deletes the same one; nothing was deleted")
                 distributed.settle(self._processes, operation, delete_here, timeout,
                                    f"the deletion of step {number} ({info.path})", commits=False)
                 self._deleted.add(number)

@@ -175,7 +175,11 @@ def flatten(tree: Any, *, prefix: KeyPath = ()) -> tuple[Node, list[tuple[KeyPat
             keys = list(zip(itertools.repeat("idx"), range(len(x))))
             return Node(type(x).__name__, keys, visit_children(keys, x, path), rebuild=type(x), container=type(x))
         if x is not None:
-            node = _jax_children(x)
+            try:
+                node = _jax_children(x)
+            except (TypeError, ValueError) as e:  # (a defaultdict of int and str keys, which jax sorts)
+                raise TypeError(f"the {type(x).__name__} at {keystr(path) or 'the root'} cannot be flattened as the "
+                                f"jax pytree node it is: {e}") from None
             if node is not None:
                 keys, values, treedef = node
                 for kind, k in keys:

@@ -111,13 +111,13 @@ def save_torch(make: str) -> Callable[[Checkpointer, Path], Any]:
     return call
 
 
-def save_pytree_with_key(key: Any) -> Callable[[Checkpointer, Path], Any]:
-    """A save of a defaultdict (a jax pytree once jax is imported, flattened by jax) with ``key``."""
+def save_pytree_with_key(*keys: Any) -> Callable[[Checkpointer, Path], Any]:
+    """A save of a defaultdict (a jax pytree once jax is imported, flattened by jax) with ``keys``."""
     def call(ckptr: Checkpointer, root: Path) -> Any:
         import collections
 
         pytest.importorskip("jax")
-        return ckptr.save(1, {"d": collections.defaultdict(list, {key: np.ones(2)})}, force=True)
+        return ckptr.save(1, {"d": collections.defaultdict(list, {key: np.ones(2) for key in keys})}, force=True)
     return call
 
 
@@ -197,6 +197,9 @@ CASES = {
                                                   r"RepeatingKeys at \['r'\] gives two of its children the key 'a' "
                                                   r"\(\['r'\]\.a and \['r'\]\['a'\]\)"),
     "tuple key of a jax pytree": Case(save_pytree_with_key((1, 2)), TypeError, r"dict key \(1, 2\) of type tuple at \['d'\]"),
+    # (jax's flatten sorts its keys: 'checkpointable 'state': '<' not supported between instances of 'str' and 'int'')
+    "int and str keys of a jax pytree": Case(save_pytree_with_key(0, "a"), TypeError, r"the defaultdict at \['d'\] "
+                                             r"cannot be flattened as the jax pytree node it is: '<' not supported"),
     # dict keys that cannot round-trip
     "tuple key": Case(save({"a": {(1, 2): 1}}), TypeError, r"dict key \(1, 2\) of type tuple at \['a'\]"),
     "float key": Case(save({1.5: 1}), TypeError, r"dict key 1\.5 of type float at the root"),

@@ -246,6 +246,20 @@ def test_show_of_a_step_directory_written_by_ckpt_save(tmp_path, capsys):
     assert status == 0 and json.loads(out)["checkpointables"]["state"][0]["dtype"] == "float16"
 
 
+def test_show_names_typed_prng_keys_as_keys_of_their_implementation(tmp_path, capsys):
+    """Typed keys were shown as uint32 of the keys' shape with their key data's bytes ('uint32  ()  8 B'),
+    the implementation nowhere, so threefry and rbg keys looked alike and a 0-d uint32 held 8 bytes."""
+    jax = pytest.importorskip("jax")
+    ckpt.save(tmp_path / "c", {"k": jax.random.split(jax.random.key(0), 3), "rbg": jax.random.key(1, impl="rbg")})
+    status, out, _ = run_cli(capsys, "show", tmp_path / "c")
+    assert status == 0
+    assert re.search(r"\['k'\] +jax_key +key<threefry2x32> +\(3,\) +24 B", out), out
+    assert re.search(r"\['rbg'\] +jax_key +key<rbg> +\(\) +16 B", out), out
+    status, out, _ = run_cli(capsys, "show", tmp_path / "c", "--json")
+    k, rbg = json.loads(out)["checkpointables"]["state"]
+    assert (k["impl"], k["dtype"], k["shape"], rbg["impl"]) == ("threefry2x32", "uint32", [3], "rbg")
+
+
 @pytest.mark.parametrize("command", ["ls", "show", "verify"])
 def test_a_checkpoint_named_with_a_digit_int_cannot_read_is_shown_and_verified(tmp_path, capsys, command):
     """'²' is a digit to str.isdigit, not to int(): such a name is no step number."""

@@ -82,8 +82,10 @@ def test_ranks_saving_other_keys_paths_or_steps_are_refused_on_every_rank_before
         assert (f"rank {r} checkpointer refused: [\"state['stage0.weight'] on process 0, not on process 1\", "
                 f"\"state['stage1.weight'] on process 1, not on process 0\"]") in out, out
         assert f"rank {r} free refused: [\"state['stage0.weight'] on process 0" in out, out
-        assert f"rank {r} path refused: ['process 1 saves to {tmp_path / 'run'}-rank1, process 0 to " in out, out
-        assert f"rank {r} step refused: ['process 1 saves to {tmp_path / 'run' / '6'}, process 0 to " in out, out
+        assert (f"rank {r} path refused: ['process 1 saves to {tmp_path / 'run'}-rank1, process 0 to "
+                f"{tmp_path / 'run'}-rank0']") in out, out  # (nothing else: it said the containers differed too)
+        assert (f"rank {r} step refused: ['process 1 saves to {tmp_path / 'run' / '6'}, process 0 to "
+                f"{tmp_path / 'run' / '5'}']") in out, out
         assert f"rank {r} dtensor refused: [\"state['b'] on process 0, not on process 1\"]" in out, out
         assert (f"rank {r} layout refused: [\"state['a']: a DTensor of shape (4, 6), float32, (Shard(dim=0),) over a "
                 "mesh of shape (2,) on process 0, not on process 1\", \"state['a']: a DTensor of shape (4, 6), float32, "
@@ -129,7 +131,11 @@ def test_a_save_failing_on_one_rank_raises_on_every_rank_at_once_and_commits_not
         assert f"rank 1 {how} failed: UnregisteredTypeError: checkpointable 'state': leaf at ['w'] has type" in out, out
         assert (f"rank 0 {how} failed: RuntimeError: the save of {path} failed in another process (process 1: "
                 "UnregisteredTypeError: checkpointable 'state': leaf at ['w'] has type builtins.object") in out, out
-    assert "rank 0 steps [5]" in out and "rank 1 steps [5]" in out, out
+    said = f"StepAlreadyExistsError: step 5 already exists at {tmp_path / 'run' / '5'}; pass overwrite=True to replace it"
+    assert f"rank 1 overwrite failed: {said}" in out, out  # (rank 0 waited for rank 1 until the timeout)
+    assert (f"rank 0 overwrite failed: RuntimeError: the save of {tmp_path / 'run' / '5'} failed in another process "
+            f"(process 1: {said}); nothing was committed") in out, out
+    assert "rank 0 steps [5], step 5 holds [1.0, 1.0]" in out and "rank 1 steps [5], step 5 holds [1.0, 1.0]" in out, out
     assert not (tmp_path / "run-free").exists()
 
 
@@ -146,6 +152,9 @@ def test_a_step_or_checkpoint_every_rank_deletes_is_gone_on_every_rank_before_an
         assert (f"rank {r} free deletes refused: the processes of this job delete different checkpoints (process 0: "
                 f"{tmp_path / 'run' / '0'}; process 1: {tmp_path / 'run' / '1'})") in out, out
         assert f"rank {r} free deletes: steps [0, 1, 2]" in out, out
+        assert (f"rank {r} deletes refused: the processes of this job delete different steps (process 0: 0; process 1: "
+                f"1) of {tmp_path / 'run'}: every process deletes the same one; nothing was deleted") in out, out
+        assert f"rank {r} deletes: steps [0, 1, 2]" in out, out
         assert f"rank {r} after the failed deletion: steps [0, 1, 2]" in out, out
     # a deletion that failed where the step is deleted (it said "; nothing was committed" on the other rank)
     said = f"PermissionError: cannot delete {tmp_path / 'run' / '1'}"
@@ -207,6 +216,18 @@ def test_a_root_one_rank_does_not_see_is_refused_on_every_rank_at_a_save_and_a_p
 
 
 @pytest.mark.timeout(300)
+def test_a_root_one_rank_names_through_a_symbolic_link_is_one_root(tmp_path):
+    """Rank 1 opening the root through a link to it was refused ('the processes of this job open Checkpointers
+    on different roots'), and a free save there ('process 1 saves to ...'): paths were compared as strings."""
+    (tmp_path / "run-real").mkdir()
+    (tmp_path / "run-link").symlink_to(tmp_path / "run-real")
+    out = run_jobs(tmp_path / "run", tmp_path / "unused.npz", "linked:2")
+    for r in (0, 1):
+        assert f"rank {r} linked steps [2]" in out and f"rank {r} linked free [0.0, 1.0, 2.0]" in out, out
+    assert sorted(os.listdir(tmp_path / "run-real")) == [".ckpt.lock", "2"]
+
+
+@pytest.mark.timeout(300)
 def test_a_rank_whose_store_stopped_raises_at_once_saying_so(tmp_path):
     """Rank 0's process, which keeps the job's store, stopping in a save: rank 1 raised at once a TimeoutError
     saying that it had waited the whole timeout (60 s) for rank 0. A deletion on rank 1 then, whose writer thread
@@ -216,6 +237,35 @@ def test_a_rank_whose_store_stopped_raises_at_once_saying_so(tmp_path):
             f"while it waited for rank 0's '{tmp_path / 'run'}/") in out, out
     assert ("rank 1 deletion raised at once: rank 1 of 2 lost the job's store (kept by rank 0's process, or by the "
             f"launcher's) while it waited for rank 0's '{tmp_path / 'run'}/") in out, out
+
+
+def test_a_rank_that_times_out_at_a_barrier_names_the_ranks_that_never_arrived():
+    """It named none ('rank 0 of 4 waited 1 s for the other ranks at ...'); in a job of more ranks than the
+    store's 63-bit count can name, it says how many. (Ranks as threads, each with its own connection to a
+    real TCPStore.)"""
+    import datetime
+    import threading
+
+    import torch.distributed as dist
+    from ckpt.distributed import TorchProcesses
+
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=datetime.timedelta(seconds=9))
+    ranks = [TorchProcesses("127.0.0.1", store.port, index, count) for index, count in [(0, 4), (1, 4), (5, 64)]]
+    said: dict[int, str] = {}
+
+    def arrive(rank: TorchProcesses) -> None:
+        with pytest.raises(TimeoutError) as raised:
+            rank.barrier(f"barrier of {rank.count}", 1)
+        said[rank.index] = str(raised.value)
+
+    threads = [threading.Thread(target=arrive, args=(rank,)) for rank in ranks]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for i in (0, 1):
+        assert f"rank {i} of 4 waited 1 s for the other ranks at 'barrier of 4' (ranks 2, 3 never arrived);" in said[i]
+    assert "rank 5 of 64 waited 1 s for the other ranks at 'barrier of 64' (63 of 64 ranks never arrived);" in said[5]
 
 
 @pytest.mark.timeout(300)

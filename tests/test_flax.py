@@ -337,6 +337,20 @@ def test_nnx_target_with_none_leaves_receives_the_values_as_saved_there(ckptr):
     assert_same_leaves(nnx.state(fresh), nnx.state(model))
 
 
+def test_dicts_with_int_and_str_keys_are_saved_by_the_hook_and_restored_beside_nnx_objects(ckptr):
+    """With flax.nnx imported, the hook and restore_train_state failed on such a dict ('Comparator raised
+    exception while sorting pytree dictionary keys': jax sorts a dict's keys) before anything was saved."""
+    model, _ = create_nnx(seed=0)
+    assert CheckpointHook(ckptr, final_step=1)(1, {0: jnp.arange(2.0), "a": {1: model, "b": jnp.ones(3)}})
+    fresh = create_nnx(seed=5)[0]
+
+    restored = restore_train_state(ckptr, {0: jnp.zeros(2), "a": {1: fresh, "b": jnp.zeros(3)}})
+
+    assert list(restored) == [0, "a"] and list(restored["a"]) == [1, "b"] and restored["a"][1] is fresh
+    assert_same_leaves(nnx.state(fresh), nnx.state(model))
+    assert_same_leaves([restored[0], restored["a"]["b"]], [jnp.arange(2.0), jnp.ones(3)])
+
+
 def test_nnx_abstract_model_alone_is_restored_in_place(ckptr):
     model, _ = create_nnx(seed=0)
     ckptr.save(1, nnx.state(model), force=True)

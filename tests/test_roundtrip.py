@@ -394,6 +394,29 @@ def test_prng_keys_go_into_uint32_leaves_of_their_shape_and_a_numpy_leaf_of_thei
             ckpt.load(tmp_path / "c", {"k": target})
 
 
+def test_raw_key_data_goes_into_typed_keys_of_its_shape_less_the_key_data_dimension_and_nowhere_else(tmp_path):
+    """A state saved with jax.random.PRNGKey keys, loaded into one with jax.random.key keys: a uint32 (2,) leaf
+    into a 0-d key was refused ('saved shape (2,), abstract leaf wants ()'), and one into two keys (shape (2,))
+    silently became a single 0-d key."""
+    jax = pytest.importorskip("jax")
+    import jax.numpy as jnp
+
+    raw = {"k": jax.random.PRNGKey(3), "ks": jax.random.key_data(jax.random.split(jax.random.key(1), 3)),
+           "two": jnp.arange(2, dtype=jnp.uint32), "f": jnp.ones(2)}
+    ckpt.save(tmp_path / "c", raw)
+    target = {"k": jax.eval_shape(lambda: jax.random.key(0)), "ks": jax.random.split(jax.random.key(0), 3),
+              "two": None, "f": None}
+    loaded = ckpt.load(tmp_path / "c", target)
+    for name in ("k", "ks"):
+        assert loaded[name].dtype == target[name].dtype and loaded[name].shape == target[name].shape, name
+        np.testing.assert_array_equal(jax.random.key_data(loaded[name]), raw[name])
+    two_keys = jax.random.split(jax.random.key(0))
+    for name, dtype in [("two", "uint32"), ("f", "float32")]:
+        with pytest.raises(ckpt.errors.TreeMismatchError, match=rf"\['{name}'\]: saved a jax leaf of dtype {dtype} and "
+                           r"shape \(2,\), abstract leaf wants 'threefry2x32' PRNG keys of shape \(2,\), which only "
+                           r"their uint32 key data \(shape \(2, 2\)\) becomes"):
+            ckpt.load(tmp_path / "c", {**target, name: two_keys})
+
 def test_prng_keys_go_into_a_torch_tensor_of_their_key_datas_shape_and_uint32_else_a_mismatch(tmp_path):
     """A torch abstract leaf raised numpy's 'Cannot interpret torch.float32 as a data type', naming no leaf."""
     jax = pytest.importorskip("jax")

@@ -929,3 +929,23 @@ def test_a_multi_process_job_resuming_from_the_durable_tier_saves_again_the_loca
             assert [c.step for c in ckptr.checkpoints] == [3, 6]
             assert ckptr.load(6)["w"].tolist() == [106] * 3
     assert "deleting step 7 of the local tier" in caplog.text
+
+
+def test_ckpt_ls_show_and_verify_of_a_multi_process_local_directory_name_its_process_tiers(tmp_path, capsys):
+    """(They read the local directory itself, which holds no step, and said nothing of LOCAL/process_<i>: step 3
+    was listed on the durable tier alone, and verify's 'every copy' left the local copies unchecked.)"""
+    durable, local = tmp_path / "durable", tmp_path / "local"
+    with ckpt.Context(multiprocessing_options=ckpt.MultiprocessingOptions(processes=Primary())):
+        with tiers_worker.checkpointer(str(durable), str(local), durable_every=3) as ckptr:
+            for step in range(5):
+                ckptr.save(step, {"w": np.full(3, step)})
+    (local / "process_1").mkdir()  # (the other process's, empty: its host was replaced)
+    note = (f"ckpt: note: not read: the local tiers of a multi-process job's processes in {local} (process_0, "
+            f"process_1), which such a job does not load from (it loads the durable tier's steps); name one to see or "
+            f"check its copies: --local {local / 'process_0'}")
+    for command in ("ls", "show", "verify"):
+        assert cli.main([command, str(durable), "--local", str(local)]) == 0
+        assert note in capsys.readouterr().err, command
+    assert cli.main(["ls", str(durable), "--local", str(local / "process_0"), "--json"]) == 0
+    assert [(s["step"], s["tiers"]) for s in json.loads(capsys.readouterr().out)["steps"]] == [
+        (0, ["durable"]), (3, ["durable", "local"]), (4, ["local"])]

@@ -16,7 +16,7 @@ continues after the latest committed step with one more save. ``free``: every ra
 through the Checkpointer and ``ckpt.save``, and to other paths and steps, and open Checkpointers on other roots;
 every one is refused, nothing is written.
 ``dtensors`` (4 ranks): DTensors of unusual layouts, saved and loaded through the Checkpointer.
-``fail``: saves that fail on rank 1. ``policies``: two tiers whose local policies differ between ranks. ``delete``: steps every rank deletes and saves again at once; checkpoints every rank deletes with ``ckpt.delete``; a deletion that fails on rank 0. ``stopped``: rank 0 stops in the middle of a save. ``exit``: the ranks end without closing. ``list``: prints the steps each rank lists. ``unshared``: rank 1 sees another directory at DIR. ``sigterm``: a
+``fail``: saves that fail on rank 1. ``policies``: two tiers whose local policies differ between ranks. ``delete``: steps every rank deletes and saves again at once; checkpoints every rank deletes with ``ckpt.delete``; a deletion that fails on rank 0. ``stopped``: rank 0 stops in the middle of a save. ``exit``: the ranks end without closing. ``list``: prints the steps each rank lists. ``unshared``: rank 1 sees another directory at DIR. ``linked``: rank 1 names the root through a symbolic link. ``sigterm``: a
 SIGTERM to rank 1 alone, in a loop saving on preemption.
 Each rank prints what it did.
 """
@@ -172,6 +172,8 @@ def run(this_rank: int, this_world: int, port: int, mode: str) -> None:
             preempted_rank()
         elif mode == "stopped":
             rank_0_stops(ckptr)
+        elif mode == "linked":
+            through_a_link()
         elif mode == "list":
             say(f"rank {rank} lists {[c.step for c in ckptr.checkpoints]}")
         elif mode == "unshared":  # rank 1 sees another directory at DIR
@@ -269,6 +271,21 @@ def differing_trees(ckptr: Checkpointer) -> None:
     say(f"rank {rank} steps {[c.step for c in ckptr.checkpoints]} entries {written}")
 
 
+def through_a_link() -> None:
+    """Rank 1 names the root DIR-real through the symbolic link DIR-link to it: one root all the same, saved
+    to, listed and deleted from, by a Checkpointer and by ckpt.save and ckpt.delete."""
+    root = f"{directory}-real" if rank == 0 else f"{directory}-link"
+    with ckpt.Context(async_options=ckpt.AsyncOptions(timeout_secs=30)):
+        with Checkpointer(root) as ckptr:
+            ckptr.save(1, {"w": torch.ones(2)}, force=True)
+            ckptr.save_async(2, {"w": torch.ones(2)}, force=True)
+            ckptr.delete(1)
+            say(f"rank {rank} linked steps {[c.step for c in ckptr.checkpoints]}")
+        ckpt.save(f"{root}/free", {"w": torch.arange(3.0)})
+        say(f"rank {rank} linked free {ckpt.load(f'{root}/free')['w'].tolist()}")
+        ckpt.delete(f"{root}/free")
+
+
 def preempted_rank() -> None:
     """Rank 1 alone gets a SIGTERM at step 3, once rank 0 has decided that step (its node is preempted): every
     rank saves step 4 and stops; then again with two tiers (each rank's local tier saving every other step)."""
@@ -336,8 +353,8 @@ class FailsOnRank1:
 
 def failing_saves(ckptr: Checkpointer) -> None:
     """A save that fails on rank 1 (sync, async, in the part of the save its caller waits for, and in its
-    plan, through the Checkpointer and ``ckpt.save``): every rank raises within seconds, not after the
-    timeout, and nothing is committed; the next save is whole."""
+    plan, through the Checkpointer and ``ckpt.save``; an overwrite only rank 0 asks for): every rank raises
+    within seconds, not after the timeout, and nothing is committed; the next save is whole."""
     with ckpt.Context(async_options=ckpt.AsyncOptions(timeout_secs=20)):
         for step, how in ((1, "sync"), (2, "async"), (3, "start"), (4, "plan"), (None, "free")):
             items = {"state": {"w": torch.ones(2)}, "extra": FailsOnRank1(at_start=how == "start")}
@@ -353,7 +370,11 @@ def failing_saves(ckptr: Checkpointer) -> None:
             except (OSError, ValueError, TypeError) if rank == 1 else RuntimeError as e:
                 say(f"rank {rank} {how} failed: {type(e).__name__}: {e}")
         ckptr.save(5, {"w": torch.ones(2)}, force=True)
-    say(f"rank {rank} steps {[c.step for c in ckptr.checkpoints]}")
+        try:  # an overwrite rank 1 is not told of: it refuses, at the step every rank meets (rank 0 waited there)
+            ckptr.save(5, {"w": torch.zeros(2)}, force=True, overwrite=rank == 0)
+        except ckpt.errors.StepAlreadyExistsError if rank == 1 else RuntimeError as e:
+            say(f"rank {rank} overwrite failed: {type(e).__name__}: {e}")
+    say(f"rank {rank} steps {[c.step for c in ckptr.checkpoints]}, step 5 holds {ckptr.load(5)['w'].tolist()}")
 
 
 def local_policies_differ() -> None:
@@ -375,8 +396,8 @@ def local_policies_differ() -> None:
 def deleted_and_saved_again(ckptr: Checkpointer) -> None:
     """Every rank deletes step 2 (``delete``, or ``delete_async`` not waited for) and saves it again at once:
     no save finds the step still there (rank 1 returned from the deletion before rank 0 had deleted it). Then
-    every rank saves, loads and deletes a checkpoint with the free functions, and deletes other paths (refused).
-    Last, a deletion of step 1 that fails on rank 0, where it is deleted."""
+    every rank saves, loads and deletes a checkpoint with the free functions, and deletes other paths (refused), and
+    other steps (refused). Last, a deletion of step 1 that fails on rank 0, where it is deleted."""
     for step in range(3):
         ckptr.save(step, {"w": torch.full((2,), float(step))}, force=True)
     for trial in range(6):
@@ -392,6 +413,12 @@ def deleted_and_saved_again(ckptr: Checkpointer) -> None:
     except ValueError as e:
         say(f"rank {rank} free deletes refused: {e}")
     say(f"rank {rank} free deletes: steps {[c.step for c in ckptr.checkpoints]}")
+    with ckpt.Context(async_options=ckpt.AsyncOptions(timeout_secs=20)):
+        try:  # other steps (rank 0 deleted its own, then both waited at barriers of other names)
+            ckptr.delete(rank)
+        except ValueError as e:
+            say(f"rank {rank} deletes refused: {e}")
+    say(f"rank {rank} deletes: steps {[c.step for c in ckptr.checkpoints]}")
     delete_step = ckpt.root.delete_step
     if rank == 0:  # a deletion that fails where the step is deleted
         def refused(path, step):

@@ -15,7 +15,7 @@ Example:
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import Any, Callable
 
 import jax
 
@@ -39,7 +39,29 @@ def contains_nnx_objects(tree: Any) -> bool:
     """True when some node of ``tree`` is an NNX object (never when ``flax.nnx`` is not imported)."""
     if "flax.nnx" not in sys.modules:
         return False
-    return any(is_nnx_object(leaf) for leaf in jax.tree.leaves(tree, is_leaf=is_nnx_object))
+    return any(is_nnx_object(leaf) or (_mixed_keys(leaf) and any(map(contains_nnx_objects, leaf.values())))
+               for leaf in jax.tree.leaves(tree, is_leaf=_stop))
+
+
+def _mixed_keys(x: Any) -> bool:
+    """True for a dict whose keys are of more than one type (int beside str): jax sorts a dict's keys to
+    flatten it, which fails for these, so the functions here descend into them themselves."""
+    return type(x) is dict and len(set(map(type, x))) > 1
+
+
+def _stop(x: Any) -> bool:
+    return is_nnx_object(x) or _mixed_keys(x)
+
+
+def _map(fn: Callable[..., Any], tree: Any, *rest: Any) -> Any:
+    """``jax.tree.map(fn, tree, *rest)`` with NNX objects and None as leaves, and dicts of mixed key types
+    descended into here, their keys kept in order."""
+    def visit(x: Any, *others: Any) -> Any:
+        if _mixed_keys(x):
+            return {k: _map(fn, v, *(other[k] for other in others)) for k, v in x.items()}
+        return fn(x, *others)
+
+    return jax.tree.map(visit, tree, *rest, is_leaf=lambda x: x is None or _stop(x))
 
 
 def nnx_states(tree: Any) -> Any:
@@ -50,7 +72,7 @@ def nnx_states(tree: Any) -> Any:
         return tree
     nnx = sys.modules["flax.nnx"]
     state = nnx.Not(nnx.Intermediate)
-    return jax.tree.map(lambda x: nnx.state(x, state) if is_nnx_object(x) else x, tree, is_leaf=is_nnx_object)
+    return _map(lambda x: nnx.state(x, state) if is_nnx_object(x) else x, tree)
 
 
 def update_nnx_in_place(target: Any, restored: Any) -> Any:
@@ -69,5 +91,4 @@ def update_nnx_in_place(target: Any, restored: Any) -> Any:
         nnx.update(node, state)
         return node
 
-    # (a None of target is a leaf: it received the value as saved, which may be any subtree)
-    return jax.tree.map(put, target, restored, is_leaf=lambda x: x is None or is_nnx_object(x))
+    return _map(put, target, restored)  # (a None of target is a leaf: it received the value as saved, any subtree)

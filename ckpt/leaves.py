@@ -485,7 +485,8 @@ def restore(meta: dict, read: Reader | np.ndarray | None, abstract: Any,
         return _restore_jax(meta, read, abstract, jax, to_device)
     if dtensor.is_dtensor(abstract):
         _check_torch_template(abstract.dtype)
-        return dtensor.restore(abstract, read, lambda array, device, dtype: numpy_to_torch(array).to(device, dtype))
+        return transfers.as_template(
+            dtensor.restore(abstract, read, lambda array, device, dtype: numpy_to_torch(array).to(device, dtype)), abstract)
     torch = sys.modules.get("torch")
     if torch is not None and (isinstance(abstract, torch.Tensor) or abstract is torch.Tensor):
         if abstract is not torch.Tensor:

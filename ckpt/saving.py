@@ -316,12 +316,22 @@ def agree(plan: Plan, final: storage.Location, processes: distributed.Processes,
       ValueError: an array spread over processes saved by one alone (a DTensor saved by one rank, under
         ``MultiprocessingOptions(processes=SingleProcess())``, not :class:`ckpt.distributed.OwnPart`): the
         step would miss the others' shards; nothing is written.
+      ConnectionError: the gathering of small DTensors failed in torch.distributed (a rank stopped in it);
+        nothing is written.
     """
     if processes.count == 1 and not getattr(processes, "partial", False):
         _refuse_spread(plan, final)
     if processes.count > 1:
         _compare(plan, final, processes, operation, timeout_secs)
-    leaves_lib.gather([(leaf.path, leaf.host) for leaves in plan.leaves.values() for leaf in leaves])
+    try:
+        leaves_lib.gather([(leaf.path, leaf.host) for leaves in plan.leaves.values() for leaf in leaves])
+    except RuntimeError as e:  # torch.distributed's collective (gloo's 'Connection closed by peer', NCCL's errors)
+        if processes.count == 1:
+            raise
+        raise ConnectionError(
+            f"rank {processes.index} of {processes.count}: the save of {final} failed while the ranks gathered its "
+            f"small DTensors: another rank stopped, or the process group failed ({type(e).__name__}: "
+            f"{str(e).strip()}). Nothing was written.") from e
 
 
 def _refuse_spread(plan: Plan, final: storage.Location) -> None:

@@ -243,6 +243,12 @@ def own_shards(x: Any) -> list[tuple[Index, Any]]:
     return out
 
 
+def whole(x: Any) -> list[tuple[Index, Any]]:
+    """(global index, local torch tensor) of a DTensor this rank holds whole (not :func:`split`): its
+    local shard, whichever replica it is (what a rank saving it alone writes), unless empty."""
+    return [(tuple(slice(0, n) for n in x.shape), x.to_local())] if math.prod(x.shape) else []
+
+
 def restore(template: Any, read: Callable[[Index], np.ndarray],
             to_torch: Callable[[np.ndarray, Any, Any], Any]) -> Any:
     """A DTensor like ``template`` (its mesh, placements and global shape) holding the saved values:

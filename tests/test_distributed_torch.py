@@ -59,7 +59,7 @@ def test_an_fsdp2_checkpoint_of_two_ranks_reloads_bit_exact_at_two_one_and_four_
 @pytest.mark.timeout(300)
 def test_ranks_that_each_call_the_free_save_write_one_whole_checkpoint(tmp_path):
     """(A rank saving a large DTensor alone, under MultiprocessingOptions(processes=SingleProcess()), wrote a step
-    of its own shards only, which no load could read.)"""
+    of its own shards only, which no load could read. A large replicated one, held whole, was refused.)"""
     out = run_jobs(tmp_path / "run", tmp_path / "unused.npz", "free:2")
     assert "rank 0 free save: whole" in out and "rank 1 free save: whole" in out, out
     for r in (0, 1):  # one rank saving a DTensor alone wrote its own shards only: a step that did not load
@@ -68,6 +68,7 @@ def test_ranks_that_each_call_the_free_save_write_one_whole_checkpoint(tmp_path)
                     f"but this process saves {tmp_path / f'run-alone{r}'} alone (MultiprocessingOptions.processes)"
                     ) in out, out
         assert not (tmp_path / f"run-alone{r}").exists()
+        assert f"rank {r} alone replicated: whole" in out, out  # (was refused as spread over processes)
     assert "rank 0 meta templates: ['cpu']" in out and "rank 1 meta templates: ['cpu']" in out, out  # not more meta
 
 

@@ -203,9 +203,10 @@ def run(this_rank: int, this_world: int, port: int, mode: str) -> None:
 def free_save() -> None:
     """Every rank calls ``ckpt.save`` with its shards of a small and a large DTensor: one checkpoint (after a
     save rank 0 made alone, which the ranks' saves together do not count). A rank saving either alone is
-    refused (it would write its shards only, or wait in the gathering of the small one for the others)."""
+    refused (it would write its shards only, or wait in the gathering of the small one for the others); a large
+    replicated one, which it holds whole, it saves alone."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
     alone = ckpt.MultiprocessingOptions(processes=ckpt.distributed.SingleProcess())
     if rank == 0:
@@ -226,6 +227,11 @@ def free_save() -> None:
                 ckpt.save(f"{directory}-alone{rank}", {key: split})
             except ValueError as e:
                 say(f"rank {rank} alone refused: {e}")
+    with ckpt.Context(multiprocessing_options=alone):  # a large replicated one: whole here, written whole (async)
+        ckpt.save_async(f"{directory}-replicated{rank}",
+                        {"big": distribute_tensor(whole["big"], mesh, [Replicate()], src_data_rank=None)}).result()
+    assert torch.equal(ckpt.load(f"{directory}-replicated{rank}")["big"], whole["big"])
+    say(f"rank {rank} alone replicated: whole")
     with torch.device("meta"):  # a model made on the meta device, then sharded: shapes, dtypes and layouts only
         templates = {k: distribute_tensor(torch.empty(v.shape, dtype=v.dtype), mesh, [Shard(0)], src_data_rank=None)
                      for k, v in whole.items()}

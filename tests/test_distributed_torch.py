@@ -87,8 +87,14 @@ def test_ranks_saving_other_keys_paths_or_steps_are_refused_on_every_rank_before
         assert f"rank {r} step refused: ['process 1 saves to {tmp_path / 'run' / '6'}, process 0 to " in out, out
         assert f"rank {r} dtensor refused: [\"state['b'] on process 0, not on process 1\"]" in out, out
         assert (f"rank {r} layout refused: [\"state['a']: a DTensor of shape (4, 6), float32, (Shard(dim=0),) over a "
-                "mesh of shape (2,) on process 0, not on process 1\", \"state['a']: a DTensor of shape (4, 6), float32, "
-                "(Shard(dim=1),) over a mesh of shape (2,) on process 1, not on process 0\"]") in out, out
+                "mesh of shape (2,) of ranks 0-1 on process 0, not on process 1\", \"state['a']: a DTensor of shape "
+                "(4, 6), float32, (Shard(dim=1),) over a mesh of shape (2,) of ranks 0-1 on process 1, not on process 0\"]"
+                ) in out, out
+        # the same key over meshes of other ranks (pipeline stages naming their parameters alike): each stage's
+        # shards went into one array, a large one's chunks mixed, a small one saved as rank 0's alone
+        assert (f"rank {r} mesh refused: [\"state['a']: a DTensor of shape (2,), float32, (Shard(dim=0),) over a "
+                "mesh of shape (1,) of rank 0 on process 0, not on process 1\", \"state['a']: a DTensor of shape (2,), "
+                "float32, (Shard(dim=0),) over a mesh of shape (1,) of rank 1 on process 1, not on process 0\"]") in out, out
         assert (f"rank {r} shape refused: [\"state['buf']: float32 of shape (3,) on process 0, float32 of "
                 "shape (4,) on process 1\"]") in out, out
         assert (f"rank {r} dtype refused: [\"state['buf']: int64 of shape (2,) on process 0, float32 of "

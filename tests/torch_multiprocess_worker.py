@@ -243,12 +243,14 @@ def free_save() -> None:
 
 def differing_trees(ckptr: Checkpointer) -> None:
     """Each rank saves a tree of its own (a pipeline stage's keys, a small DTensor more, or of another
-    layout, a tensor of another shape or dtype), or another step: refused on every rank (within seconds,
-    not after a timeout, nor ended by gloo in the gathering of small DTensors), nothing written."""
-    from torch.distributed.device_mesh import init_device_mesh
+    layout or over a mesh of other ranks, a tensor of another shape or dtype), or another step: refused on every
+    rank (within seconds, not after a timeout, nor ended by gloo in the gathering of small DTensors), nothing
+    written."""
+    from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
     mesh = init_device_mesh("cpu", (world,))
+    own = [DeviceMesh("cpu", [r]) for r in range(world)][rank]  # (every rank makes every mesh's group)
     small = lambda dim: distribute_tensor(torch.arange(24.0).reshape(4, 6), mesh, [Shard(dim)], src_data_rank=None)
     stage = {f"stage{rank}.weight": torch.ones(2, 2)}
     dtypes = (torch.int64, torch.float32)
@@ -258,6 +260,7 @@ def differing_trees(ckptr: Checkpointer) -> None:
              "step": lambda: ckptr.save(5 + rank, {"w": torch.ones(2)}),
              "dtensor": lambda: ckptr.save(1, {"a": small(0), **({"b": small(0)} if rank == 0 else {})}, force=True),
              "layout": lambda: ckpt.save(f"{directory}-differ", {"a": small(rank)}),
+             "mesh": lambda: ckpt.save(f"{directory}-differ", {"a": distribute_tensor(torch.ones(2), own, [Shard(0)])}),
              "shape": lambda: ckptr.save(1, {"buf": torch.ones(3 + rank), "n": rank}, force=True),
              "dtype": lambda: ckpt.save(f"{directory}-differ", {"buf": torch.ones(2, dtype=dtypes[rank])})}
     for what, save in saves.items():

@@ -24,6 +24,7 @@ Example::
 """
 from __future__ import annotations
 
+import functools
 import math
 import sys
 from typing import Any, Callable
@@ -51,8 +52,9 @@ def holds_dtensors(tree: Any) -> bool:
 
 def layouts(name: str, flat: list[tuple[KeyPath, Any]]) -> list[str]:
     """Each DTensor among ``flat`` ((key path, value) pairs of checkpointable ``name``) with its global shape,
-    dtype, placements and mesh shape, in words: what every process of a job holds alike (nothing without
-    torch.distributed.tensor imported).
+    dtype, placements and mesh (its shape and ranks), in words: what every process of a job holds alike
+    (nothing without torch.distributed.tensor imported). Ranks holding a key over meshes of other ranks
+    (pipeline stages whose modules name their parameters alike) would write their shards into one array.
 
     Example::
 
@@ -61,7 +63,18 @@ def layouts(name: str, flat: list[tuple[KeyPath, Any]]) -> list[str]:
     if sys.modules.get("torch.distributed.tensor") is None:
         return []
     return [f"{name}{keystr(path)}: a DTensor of shape {tuple(x.shape)}, {str(x.dtype).removeprefix('torch.')}, "
-            f"{x.placements} over a mesh of shape {tuple(x.device_mesh.shape)}" for path, x in flat if is_dtensor(x)]
+            f"{x.placements} over {_mesh_words(x.device_mesh)}" for path, x in flat if is_dtensor(x)]
+
+
+@functools.lru_cache(maxsize=64)
+def _mesh_words(mesh: Any) -> str:
+    """``mesh`` in words: its shape and ranks (a range of them as its ends), made once per mesh."""
+    ranks = mesh.mesh.flatten().tolist()
+    if ranks == list(range(ranks[0], ranks[0] + len(ranks))):
+        held = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]}-{ranks[-1]}"
+    else:
+        held = f"ranks {mesh.mesh.tolist()}"
+    return f"a mesh of shape {tuple(mesh.shape)} of {held}"
 
 
 def refuse_sharded_tensor(path: KeyPath, x: Any) -> None:
@@ -241,6 +254,12 @@ def own_shards(x: Any) -> list[tuple[Index, Any]]:
         if math.prod(chunk.sizes):
             out.append((_index(chunk), x.to_local()))
     return out
+
+
+def whole(x: Any) -> list[tuple[Index, Any]]:
+    """(global index, local torch tensor) of a DTensor this rank holds whole (not :func:`split`): its
+    local shard, whichever replica it is (what a rank saving it alone writes), unless empty."""
+    return [(tuple(slice(0, n) for n in x.shape), x.to_local())] if math.prod(x.shape) else []
 
 
 def restore(template: Any, read: Callable[[Index], np.ndarray],

@@ -35,12 +35,13 @@ INLINE_TYPES = {int: "int", float: "float", bool: "bool", str: "str", type(None)
 @dataclasses.dataclass
 class Spread:
     """An array spread over processes (a jax.Array or a DTensor): the zarr3 chunk shape under which no
-    two processes' shards share a chunk, and ``own_shards()``, the (global index, host array) of the
-    shards this process writes (the primary replica of each)."""
+    two processes' shards share a chunk, ``own_shards()``, the (global index, host array) of the
+    shards this process writes (the primary replica of each), and ``whole``, where this process holds
+    every shard (a DTensor replicated, or on a mesh of one rank), what it writes of them saving alone."""
 
     chunk_shape: tuple[int, ...]
     own_shards: Callable[[], list[tuple[Any, np.ndarray]]]
-    one_process: bool  # whether this process holds every shard (a save by it alone is whole)
+    whole: Callable[[], list[tuple[Any, np.ndarray]]] | None = None
 
 
 @dataclasses.dataclass
@@ -239,7 +240,7 @@ def _jax_leaf(meta: dict, x: Any) -> HostLeaf:
         return HostLeaf(meta, np.zeros(meta["shape"], parse_dtype(meta["dtype"])))
     return HostLeaf(meta, None, spread=Spread(
         tuple(x.sharding.shard_shape(x.shape)),
-        lambda: [(s.index, np.asarray(s.data)) for s in x.addressable_shards if s.replica_id == 0], False))
+        lambda: [(s.index, np.asarray(s.data)) for s in x.addressable_shards if s.replica_id == 0]))
 
 
 def primarys_alone(x: Any) -> bool:
@@ -258,9 +259,12 @@ def _dtensor_leaf(path: KeyPath, x: Any) -> HostLeaf:
     meta = {"type": "torch", "dtype": dtype_name(local.dtype), "shape": list(x.shape)}
     if dtensor.is_small(x):
         return HostLeaf(meta, None, gather=x)
+    def host(shards: list[tuple[dtensor.Index, Any]]) -> list[tuple[dtensor.Index, np.ndarray]]:
+        return [(index, torch_to_numpy(path, t)) for index, t in shards]
+
     return HostLeaf(meta, None, spread=Spread(
-        dtensor.chunk_shape(path, x), lambda: [(index, torch_to_numpy(path, t)) for index, t in dtensor.own_shards(x)],
-        x.device_mesh.size() == 1))
+        dtensor.chunk_shape(path, x), lambda: host(dtensor.own_shards(x)),
+        None if dtensor.split(x) else lambda: host(dtensor.whole(x))))
 
 
 def gather(leaves: list[tuple[KeyPath, HostLeaf]]) -> None:
@@ -490,7 +494,8 @@ def restore(meta: dict, read: Reader | np.ndarray | None, abstract: Any,
         return _restore_jax(meta, read, abstract, jax, to_device)
     if dtensor.is_dtensor(abstract):
         _check_torch_template(abstract.dtype)
-        return dtensor.restore(abstract, read, lambda array, device, dtype: numpy_to_torch(array).to(device, dtype))
+        return transfers.as_template(
+            dtensor.restore(abstract, read, lambda array, device, dtype: numpy_to_torch(array).to(device, dtype)), abstract)
     torch = sys.modules.get("torch")
     if torch is not None and (isinstance(abstract, torch.Tensor) or abstract is torch.Tensor):
         if abstract is not torch.Tensor:

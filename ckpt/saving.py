@@ -316,22 +316,34 @@ def agree(plan: Plan, final: storage.Location, processes: distributed.Processes,
       ValueError: an array spread over processes saved by one alone (a DTensor saved by one rank, under
         ``MultiprocessingOptions(processes=SingleProcess())``, not :class:`ckpt.distributed.OwnPart`): the
         step would miss the others' shards; nothing is written.
+      ConnectionError: the gathering of small DTensors failed in torch.distributed (a rank stopped in it);
+        nothing is written.
     """
     if processes.count == 1 and not getattr(processes, "partial", False):
         _refuse_spread(plan, final)
     if processes.count > 1:
         _compare(plan, final, processes, operation, timeout_secs)
-    leaves_lib.gather([(leaf.path, leaf.host) for leaves in plan.leaves.values() for leaf in leaves])
+    try:
+        leaves_lib.gather([(leaf.path, leaf.host) for leaves in plan.leaves.values() for leaf in leaves])
+    except RuntimeError as e:  # torch.distributed's collective (gloo's 'Connection closed by peer', NCCL's errors)
+        if processes.count == 1:
+            raise
+        raise ConnectionError(
+            f"rank {processes.index} of {processes.count}: the save of {final} failed while the ranks gathered its "
+            f"small DTensors: another rank stopped, or the process group failed ({type(e).__name__}: "
+            f"{str(e).strip()}). Nothing was written.") from e
 
 
 def _refuse_spread(plan: Plan, final: storage.Location) -> None:
     """:func:`agree`'s ValueError for an array spread over processes that one process saves alone (a small
     DTensor split over ranks too: its gathering is a collective, which would wait for the other processes,
-    or meet one of their own)."""
+    or meet one of their own). One this process holds whole (a replicated DTensor) it writes whole."""
     for name, planned in plan.leaves.items():
         for leaf in planned:
             spread, small = leaf.host.spread, leaf.host.gather
-            if (spread is not None and not spread.one_process) or (small is not None and dtensor.split(small)):
+            if spread is not None and spread.whole is not None:
+                leaf.host.spread = dataclasses.replace(spread, own_shards=spread.whole)
+            elif spread is not None or (small is not None and dtensor.split(small)):
                 raise ValueError(
                     f"checkpointable {name!r}: the array at {keystr(leaf.path) or 'the root'} is spread over "
                     f"processes, but this process saves {final} alone (MultiprocessingOptions.processes): the step "

@@ -78,6 +78,7 @@ class ToDevice:
         self._small: list[tuple[int, Any, Any]] = []  # (slot, host tensor, like) of small tensors for CUDA
         self._aside: list[tuple[int, concurrent.futures.Future]] = []  # (slot, the copy) of large ones
         self._torch_devices: set[Any] = set()
+        self._templates: list[tuple[int, Any]] = []  # (slot, like) of tensors made as a Parameter, or needing grads
 
     def _pending(self) -> Pending:
         self._slots += 1
@@ -118,14 +119,16 @@ class ToDevice:
         return (sharding, devices) if len(devices) == 1 else None
 
     def torch(self, tensor: Any, like: Any) -> Any:
-        """``tensor`` (on the CPU) with ``like``'s dtype and device: on a CUDA device, a :class:`Pending`
-        that :meth:`run` replaces by it. A ``like`` on the meta device asks only for a shape and dtype: the
-        tensor stays on the CPU."""
+        """``tensor`` (on the CPU) with ``like``'s dtype and device, made as ``like`` is (see
+        :func:`as_template`): on a CUDA device, a :class:`Pending` that :meth:`run` replaces by it. A ``like``
+        on the meta device asks only for a shape and dtype: the tensor stays on the CPU."""
         if like.device.type not in TORCH_BATCHED_DEVICES:
             device = None if like.device.type == "meta" else like.device
-            return tensor.to(device=device, dtype=like.dtype, non_blocking=True)
+            return as_template(tensor.to(device=device, dtype=like.dtype, non_blocking=True), like)
         pending = self._pending()
         self._torch_devices.add(like.device)
+        if like.requires_grad or isinstance(like, sys.modules["torch"].nn.Parameter):
+            self._templates.append((pending.index, like))
         if tensor.nbytes < TORCH_ASIDE_BYTES:
             self._small.append((pending.index, tensor, like))
         else:
@@ -153,11 +156,23 @@ class ToDevice:
         for device in self._torch_devices:
             if device.type == "cuda":
                 sys.modules["torch"].cuda.synchronize(device)
+        for slot, like in self._templates:
+            made[slot] = as_template(made[slot], like)
         slots = self._slots
         self._forget_pending()
         if not slots:
             return lambda values: values
         return lambda values: [made[v.index] if type(v) is Pending else v for v in values]
+
+
+def as_template(tensor: Any, like: Any) -> Any:
+    """``tensor`` as the template ``like`` holds its values: an ``nn.Parameter`` for a Parameter, as
+    ``torch.load`` gives one back (a module's attribute takes nothing else), and requiring gradients where
+    ``like`` does; else ``tensor`` itself."""
+    torch = sys.modules["torch"]
+    if isinstance(like, torch.nn.Parameter):
+        return torch.nn.Parameter(tensor, requires_grad=like.requires_grad)
+    return tensor.requires_grad_() if like.requires_grad else tensor
 
 
 TORCH_BATCHED_DEVICES = ("cuda",)  # the devices whose tensors wait for run(); from the CPU, on the CPU, no copy

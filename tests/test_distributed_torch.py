@@ -59,7 +59,7 @@ def test_an_fsdp2_checkpoint_of_two_ranks_reloads_bit_exact_at_two_one_and_four_
 @pytest.mark.timeout(300)
 def test_ranks_that_each_call_the_free_save_write_one_whole_checkpoint(tmp_path):
     """(A rank saving a large DTensor alone, under MultiprocessingOptions(processes=SingleProcess()), wrote a step
-    of its own shards only, which no load could read.)"""
+    of its own shards only, which no load could read. A large replicated one, held whole, was refused.)"""
     out = run_jobs(tmp_path / "run", tmp_path / "unused.npz", "free:2")
     assert "rank 0 free save: whole" in out and "rank 1 free save: whole" in out, out
     for r in (0, 1):  # one rank saving a DTensor alone wrote its own shards only: a step that did not load
@@ -68,6 +68,7 @@ def test_ranks_that_each_call_the_free_save_write_one_whole_checkpoint(tmp_path)
                     f"but this process saves {tmp_path / f'run-alone{r}'} alone (MultiprocessingOptions.processes)"
                     ) in out, out
         assert not (tmp_path / f"run-alone{r}").exists()
+        assert f"rank {r} alone replicated: whole" in out, out  # (was refused as spread over processes)
     assert "rank 0 meta templates: ['cpu']" in out and "rank 1 meta templates: ['cpu']" in out, out  # not more meta
 
 
@@ -88,8 +89,14 @@ def test_ranks_saving_other_keys_paths_or_steps_are_refused_on_every_rank_before
                 f"{tmp_path / 'run' / '5'}']") in out, out
         assert f"rank {r} dtensor refused: [\"state['b'] on process 0, not on process 1\"]" in out, out
         assert (f"rank {r} layout refused: [\"state['a']: a DTensor of shape (4, 6), float32, (Shard(dim=0),) over a "
-                "mesh of shape (2,) on process 0, not on process 1\", \"state['a']: a DTensor of shape (4, 6), float32, "
-                "(Shard(dim=1),) over a mesh of shape (2,) on process 1, not on process 0\"]") in out, out
+                "mesh of shape (2,) of ranks 0-1 on process 0, not on process 1\", \"state['a']: a DTensor of shape "
+                "(4, 6), float32, (Shard(dim=1),) over a mesh of shape (2,) of ranks 0-1 on process 1, not on process 0\"]"
+                ) in out, out
+        # the same key over meshes of other ranks (pipeline stages naming their parameters alike): each stage's
+        # shards went into one array, a large one's chunks mixed, a small one saved as rank 0's alone
+        assert (f"rank {r} mesh refused: [\"state['a']: a DTensor of shape (2,), float32, (Shard(dim=0),) over a "
+                "mesh of shape (1,) of rank 0 on process 0, not on process 1\", \"state['a']: a DTensor of shape (2,), "
+                "float32, (Shard(dim=0),) over a mesh of shape (1,) of rank 1 on process 1, not on process 0\"]") in out, out
         assert (f"rank {r} shape refused: [\"state['buf']: float32 of shape (3,) on process 0, float32 of "
                 "shape (4,) on process 1\"]") in out, out
         assert (f"rank {r} dtype refused: [\"state['buf']: int64 of shape (2,) on process 0, float32 of "
@@ -228,11 +235,14 @@ def test_a_root_one_rank_names_through_a_symbolic_link_is_one_root(tmp_path):
 
 
 @pytest.mark.timeout(300)
-def test_a_rank_whose_store_stopped_raises_at_once_saying_so(tmp_path):
+def test_a_rank_whose_store_or_whose_peer_in_a_gathering_stopped_raises_at_once_saying_so(tmp_path):
     """Rank 0's process, which keeps the job's store, stopping in a save: rank 1 raised at once a TimeoutError
     saying that it had waited the whole timeout (60 s) for rank 0. A deletion on rank 1 then, whose writer thread
-    connected to the store for the first time, waited 300 s (TCPStore's retries), whatever the timeout."""
-    out = run_jobs(tmp_path / "run", tmp_path / "unused.npz", "stopped:2")
+    connected to the store for the first time, waited 300 s (TCPStore's retries), whatever the timeout. Rank 1
+    stopping in the gathering of small DTensors: rank 0 raised gloo's RuntimeError, naming no save."""
+    out = run_jobs(tmp_path / "run", tmp_path / "unused.npz", "stopped:2", "gone:2")
+    assert (f"rank 0 raised: rank 0 of 2: the save of {tmp_path / 'run' / '1'} failed while the ranks gathered its "
+            "small DTensors: another rank stopped, or the process group failed (RuntimeError: ") in out, out
     assert ("rank 1 raised at once: rank 1 of 2 lost the job's store (kept by rank 0's process, or by the launcher's) "
             f"while it waited for rank 0's '{tmp_path / 'run'}/") in out, out
     assert ("rank 1 deletion raised at once: rank 1 of 2 lost the job's store (kept by rank 0's process, or by the "

@@ -589,6 +589,24 @@ def test_a_conjugated_or_negated_torch_view_saves_its_values(tmp_path):
     assert torch.equal(loaded["conj"], torch.tensor([1 - 2j, 3 + 1j])) and torch.equal(loaded["neg"], -x)
 
 
+def test_a_parameter_template_gives_a_parameter_and_one_requiring_grad_a_tensor_that_does(tmp_path):
+    """(Every torch template gave a plain tensor without gradients: a module's attribute refused it, 'cannot
+    assign torch.FloatTensor as parameter', and a loop's leaf tensors trained no more; torch.load keeps both.)"""
+    torch = pytest.importorskip("torch")
+    saved = torch.nn.Linear(3, 2)
+    ckpt.save(tmp_path / "c", {"weight": saved.weight, "bias": saved.bias, "leaf": torch.ones(2), "plain": torch.ones(2)})
+    with torch.device("meta"):
+        model = torch.nn.Linear(3, 2)
+    model.bias.requires_grad_(False)
+    loaded = ckpt.load(tmp_path / "c", {"weight": model.weight, "bias": model.bias,
+                                        "leaf": torch.zeros(2, requires_grad=True), "plain": torch.zeros(2)})
+    assert [(type(v).__name__, v.requires_grad) for v in loaded.values()] == [
+        ("Parameter", True), ("Parameter", False), ("Tensor", True), ("Tensor", False)]
+    model.weight, model.bias = loaded["weight"], loaded["bias"]
+    model(torch.ones(1, 3)).sum().backward()
+    assert torch.equal(model.weight.grad, torch.ones(2, 3)) and torch.equal(model.bias, saved.bias)
+
+
 def test_an_array_whose_last_chunk_is_partial_round_trips(tmp_path):
     # 5000 rows of 4 KiB: the last 16 MiB chunk holds fewer rows, and zarr3 stores it padded to full size.
     a = np.random.default_rng(0).random((5000, 1024), dtype=np.float32)

@@ -16,7 +16,7 @@ continues after the latest committed step with one more save. ``free``: every ra
 through the Checkpointer and ``ckpt.save``, and to other paths and steps, and open Checkpointers on other roots;
 every one is refused, nothing is written.
 ``dtensors`` (4 ranks): DTensors of unusual layouts, saved and loaded through the Checkpointer.
-``fail``: saves that fail on rank 1. ``policies``: two tiers whose local policies differ between ranks. ``delete``: steps every rank deletes and saves again at once; checkpoints every rank deletes with ``ckpt.delete``; a deletion that fails on rank 0. ``stopped``: rank 0 stops in the middle of a save. ``exit``: the ranks end without closing. ``list``: prints the steps each rank lists. ``unshared``: rank 1 sees another directory at DIR. ``linked``: rank 1 names the root through a symbolic link. ``sigterm``: a
+``fail``: saves that fail on rank 1. ``policies``: two tiers whose local policies differ between ranks. ``delete``: steps every rank deletes and saves again at once; checkpoints every rank deletes with ``ckpt.delete``; a deletion that fails on rank 0. ``stopped``: rank 0 stops in the middle of a save. ``gone``: rank 1 stops in the gathering of a small DTensor. ``exit``: the ranks end without closing. ``list``: prints the steps each rank lists. ``unshared``: rank 1 sees another directory at DIR. ``linked``: rank 1 names the root through a symbolic link. ``sigterm``: a
 SIGTERM to rank 1 alone, in a loop saving on preemption.
 Each rank prints what it did.
 """
@@ -174,6 +174,8 @@ def run(this_rank: int, this_world: int, port: int, mode: str) -> None:
             rank_0_stops(ckptr)
         elif mode == "linked":
             through_a_link()
+        elif mode == "gone":
+            rank_1_stops_in_a_gathering(ckptr)
         elif mode == "list":
             say(f"rank {rank} lists {[c.step for c in ckptr.checkpoints]}")
         elif mode == "unshared":  # rank 1 sees another directory at DIR
@@ -203,9 +205,10 @@ def run(this_rank: int, this_world: int, port: int, mode: str) -> None:
 def free_save() -> None:
     """Every rank calls ``ckpt.save`` with its shards of a small and a large DTensor: one checkpoint (after a
     save rank 0 made alone, which the ranks' saves together do not count). A rank saving either alone is
-    refused (it would write its shards only, or wait in the gathering of the small one for the others)."""
+    refused (it would write its shards only, or wait in the gathering of the small one for the others); a large
+    replicated one, which it holds whole, it saves alone."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
     alone = ckpt.MultiprocessingOptions(processes=ckpt.distributed.SingleProcess())
     if rank == 0:
@@ -226,6 +229,11 @@ def free_save() -> None:
                 ckpt.save(f"{directory}-alone{rank}", {key: split})
             except ValueError as e:
                 say(f"rank {rank} alone refused: {e}")
+    with ckpt.Context(multiprocessing_options=alone):  # a large replicated one: whole here, written whole (async)
+        ckpt.save_async(f"{directory}-replicated{rank}",
+                        {"big": distribute_tensor(whole["big"], mesh, [Replicate()], src_data_rank=None)}).result()
+    assert torch.equal(ckpt.load(f"{directory}-replicated{rank}")["big"], whole["big"])
+    say(f"rank {rank} alone replicated: whole")
     with torch.device("meta"):  # a model made on the meta device, then sharded: shapes, dtypes and layouts only
         templates = {k: distribute_tensor(torch.empty(v.shape, dtype=v.dtype), mesh, [Shard(0)], src_data_rank=None)
                      for k, v in whole.items()}
@@ -237,12 +245,14 @@ def free_save() -> None:
 
 def differing_trees(ckptr: Checkpointer) -> None:
     """Each rank saves a tree of its own (a pipeline stage's keys, a small DTensor more, or of another
-    layout, a tensor of another shape or dtype), or another step: refused on every rank (within seconds,
-    not after a timeout, nor ended by gloo in the gathering of small DTensors), nothing written."""
-    from torch.distributed.device_mesh import init_device_mesh
+    layout or over a mesh of other ranks, a tensor of another shape or dtype), or another step: refused on every
+    rank (within seconds, not after a timeout, nor ended by gloo in the gathering of small DTensors), nothing
+    written."""
+    from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
     mesh = init_device_mesh("cpu", (world,))
+    own = [DeviceMesh("cpu", [r]) for r in range(world)][rank]  # (every rank makes every mesh's group)
     small = lambda dim: distribute_tensor(torch.arange(24.0).reshape(4, 6), mesh, [Shard(dim)], src_data_rank=None)
     stage = {f"stage{rank}.weight": torch.ones(2, 2)}
     dtypes = (torch.int64, torch.float32)
@@ -252,6 +262,7 @@ def differing_trees(ckptr: Checkpointer) -> None:
              "step": lambda: ckptr.save(5 + rank, {"w": torch.ones(2)}),
              "dtensor": lambda: ckptr.save(1, {"a": small(0), **({"b": small(0)} if rank == 0 else {})}, force=True),
              "layout": lambda: ckpt.save(f"{directory}-differ", {"a": small(rank)}),
+             "mesh": lambda: ckpt.save(f"{directory}-differ", {"a": distribute_tensor(torch.ones(2), own, [Shard(0)])}),
              "shape": lambda: ckptr.save(1, {"buf": torch.ones(3 + rank), "n": rank}, force=True),
              "dtype": lambda: ckpt.save(f"{directory}-differ", {"buf": torch.ones(2, dtype=dtypes[rank])})}
     for what, save in saves.items():
@@ -483,6 +494,22 @@ def rank_0_stops(ckptr: Checkpointer) -> None:
             except ConnectionError as e:
                 say(f"rank {rank} {what} {'at once' if time.monotonic() - start < 30 else 'after the timeout'}: {e}")
     os._exit(0)  # (the job's store is gone)
+
+
+def rank_1_stops_in_a_gathering(ckptr: Checkpointer) -> None:
+    """Rank 1 stops in the gathering of a small DTensor (a collective, after the ranks agreed on the tree): rank 0
+    raises at once, naming the save (it raised gloo's error, 'Connection reset by peer', naming nothing)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    small = distribute_tensor(torch.ones(4, 2), init_device_mesh("cpu", (world,)), [Shard(0)], src_data_rank=None)
+    if rank == 1:
+        ckpt.dtensor._gather_rows = lambda *args: os._exit(0)
+    try:
+        ckptr.save(1, {"w": small}, force=True)
+    except ConnectionError as e:
+        say(f"rank {rank} raised: {e}")
+    os._exit(0)  # (rank 1 is gone: no closing barrier)
 
 
 def unusual_dtensors(ckptr: Checkpointer) -> None:

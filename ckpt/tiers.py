@@ -60,6 +60,7 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import logging
+import math
 import os
 import threading
 import time
@@ -115,8 +116,10 @@ class LocalCheckpointOptions:
             local_directory(self.directory)
         except ValueError as e:
             raise ValueError(f"LocalCheckpointOptions directory: {e}") from None
-        if not isinstance(self.grace_period_secs, (int, float)) or self.grace_period_secs < 0:
-            raise ValueError(f"grace_period_secs must be a number >= 0, got {self.grace_period_secs!r}")
+        arguments.number(self.grace_period_secs, "LocalCheckpointOptions.grace_period_secs")
+        if self.grace_period_secs == math.inf:  # (a wait cannot take it: OverflowError at the preemption's wait())
+            raise ValueError("LocalCheckpointOptions.grace_period_secs must be a finite number of seconds, got inf (for "
+                             "a wait with no practical limit, give a large number, 86400 for a day)")
         if self.save_decision_policy is not None:
             arguments.implements(self.save_decision_policy, save_decision_policies.SaveDecisionPolicy,
                                  "LocalCheckpointOptions.save_decision_policy")

@@ -7,6 +7,7 @@ import errno
 import importlib.util
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -203,8 +204,9 @@ def test_a_step_kept_locally_while_its_promotion_outlasts_the_last_local_commit_
 def test_local_tier_options_are_checked_before_anything_is_written(tmp_path):
     with pytest.raises(ValueError, match="local directory"):
         ckpt.LocalCheckpointOptions("s3://bucket/local")
-    with pytest.raises(ValueError, match="grace_period_secs"):
-        ckpt.LocalCheckpointOptions(tmp_path, grace_period_secs=-1)
+    for grace in (-1, math.nan, math.inf, True, "30"):  # was: nan and True taken (nan: no wait), inf an OverflowError at
+        with pytest.raises(ValueError, match="grace_period_secs"):  # the wait() after a preemption, and at close()
+            ckpt.LocalCheckpointOptions(tmp_path, grace_period_secs=grace)
 
 
 def test_the_benchmark_reports_blocking_and_lost_work_for_two_tiers_and_durable_only(tmp_path, capsys):

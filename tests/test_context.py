@@ -1,5 +1,6 @@
 """ckpt.Context: Orbax's option tree, the constructor's Context, and ``with ctx:`` scoping."""
 import contextlib
+import functools
 import math
 import threading
 
@@ -174,6 +175,22 @@ def test_options_given_to_an_open_checkpointer_are_refused_by_its_saves_and_dele
                     with pytest.raises(ValueError, match=setting):
                         call()
         assert sorted(os.listdir(tmp_path)) == [".ckpt.lock", "0"]
+
+
+@pytest.mark.parametrize("option, value", [("multiprocessing.processes", 3), ("multiprocessing.processes", "jax"),
+                                           ("checkpointables.registry", []), ("checkpointables.registry", None),
+                                           ("array.saving.scoped_storage_options_creator", 3)])
+def test_options_of_the_wrong_kind_are_named_by_a_type_error_before_anything_is_written(tmp_path, option, value):
+    """Was: AttributeError "'int' object has no attribute 'count'" (or 'get_all_entries'), TypeError "'int' object
+    is not callable", naming no option; a Checkpointer with registry=None saved while the free save failed."""
+    ctx = ckpt.Context()
+    group, name = option.rsplit(".", 1)
+    setattr(functools.reduce(getattr, group.split("."), ctx), name, value)
+    with pytest.raises(TypeError, match=name), Checkpointer(tmp_path / "root", context=ctx) as ckptr:
+        ckptr.save(0, STATE)
+    with ctx, pytest.raises(TypeError, match=name):
+        ckpt.save(tmp_path / "model", STATE)
+    assert not (tmp_path / "model").exists() and not list(tmp_path.glob("root/*"))
 
 
 @pytest.mark.parametrize("mode", [-1, "0o750", 0o500, 2**40])

@@ -701,6 +701,18 @@ def test_a_convert_of_a_root_whose_step_a_run_deletes_meanwhile_says_it_is_gone_
     assert not (tmp_path / "copy").exists()
 
 
+def test_a_convert_of_a_root_whose_step_is_replaced_by_a_link_meanwhile_never_copies_what_it_leads_to(root, tmp_path):
+    """Was: the copy's step 10 held what the link leads to (another run's step 10), and the convert succeeded."""
+    ckpt.save(tmp_path / "other", {"w": np.zeros(2)})
+    converting = convert.convert_root(root, tmp_path / "copy")
+    assert next(converting).step == 0
+    (root / "10").rename(tmp_path / "moved")
+    (root / "10").symlink_to(tmp_path / "other")
+    with pytest.raises(ckpt.errors.StepNotFoundError, match=r"step 10 .* is no committed step now: it holds a symbolic"):
+        next(converting)
+    assert not (tmp_path / "copy").exists()
+
+
 def test_convert_without_torch_keeps_torch_tensors_torch_tensors(tmp_path):
     """Converted where torch is not installed, tensors were copied as the numpy arrays they load as."""
     torch = pytest.importorskip("torch")

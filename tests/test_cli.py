@@ -326,6 +326,29 @@ def test_verify_reports_a_step_deleted_while_it_is_checked_as_gone_not_damaged(r
         verify_step(doomed)
 
 
+def test_verify_of_a_root_never_checks_a_step_through_a_link_put_at_its_name_since_the_listing(root, tmp_path,
+                                                                                               monkeypatch, capsys):
+    """Was: step 10, replaced by a link to another run's step 10 while step 0 was checked, was reported ok."""
+    monkeypatch.setattr(progress, "DELAY_SECS", 0.0)  # a report at the first chunk read
+    ckpt.save(tmp_path / "other", {"w": np.zeros(2)})
+
+    class Replacer(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if f"verifying {root / '0'}:" in record.getMessage() and not (root / "10").is_symlink():
+                (root / "10").rename(tmp_path / "moved")
+                (root / "10").symlink_to(tmp_path / "other")
+
+    replacer = Replacer()
+    logging.getLogger("ckpt.progress").addHandler(replacer)
+    try:
+        status, out, _ = run_cli(capsys, "verify", root, "--json")
+    finally:
+        logging.getLogger("ckpt.progress").removeHandler(replacer)
+    report = json.loads(out)
+    assert status == 0 and [s["step"] for s in report["steps"]] == [0, 20]
+    assert report["gone"] == [{"step": 10, "path": str(root / "10")}]
+
+
 def test_verify_checks_a_step_replaced_while_it_is_checked_again_not_as_damaged(root, monkeypatch, capsys):
     """A rolling checkpoint (a step saved again with overwrite=True) replaced mid-check was reported DAMAGED."""
     monkeypatch.setattr(progress, "DELAY_SECS", 0.0)  # a report at the first chunk read

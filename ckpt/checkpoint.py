@@ -25,6 +25,7 @@ def _coordination(what: str) -> tuple[distributed.Processes, str, float]:
     """The processes of a free ``what`` (``ckpt.save``) under the active context, the name of this call's
     barriers (the same in every process: not by path, as the processes' paths are compared) and their timeout."""
     options = get_context().multiprocessing_options
+    options.check()  # (its processes are asked here, before the call's own check)
     processes = options.processes or distributed.current()
     number = distributed.call_number(processes, what)
     return processes, f"{options.barrier_sync_key_prefix or ''}{what}/{number}", get_context().async_options.timeout_secs

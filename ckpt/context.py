@@ -27,7 +27,7 @@ import math
 import numbers
 from typing import Any, Callable
 
-from ckpt import arguments, handlers
+from ckpt import arguments, distributed, handlers
 
 # Orbax options ckpt accepts and cannot apply, with the reason (README, "What differs").
 NOT_APPLICABLE = {
@@ -302,11 +302,14 @@ class MultiprocessingOptions(_Options):
     processes: Any = None
 
     def check(self) -> None:
-        """ValueError for what ckpt cannot do: a primary other than process 0, a subset of processes."""
+        """ValueError for what ckpt cannot do: a primary other than process 0, a subset of processes; TypeError
+        for processes that are no :class:`ckpt.distributed.Processes`."""
         if self.primary_host not in (0, None):
             raise ValueError(f"MultiprocessingOptions.primary_host={self.primary_host!r}: ckpt's primary is process 0")
         if self.active_processes is not None:
             raise ValueError("MultiprocessingOptions.active_processes: ckpt saves with every process of the job")
+        if self.processes is not None:
+            arguments.implements(self.processes, distributed.Processes, "MultiprocessingOptions.processes")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -336,6 +339,10 @@ class CheckpointablesOptions(_Options):
         for handler_type in handler_types:
             registry.add(handler_type)
         return cls(registry=registry)
+
+    def check(self) -> None:
+        """TypeError for a registry that is no CheckpointableHandlerRegistry (``ckpt.handlers.local_registry()``)."""
+        arguments.instance_of(self.registry, handlers.CheckpointableHandlerRegistry, "CheckpointablesOptions.registry")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -430,7 +437,8 @@ class Context:
             except ValueError as e:
                 assert "primary_host" in str(e)
         """
-        for group in (self.multiprocessing_options, self.file_options, self.async_options, self.memory_options):
+        for group in (self.multiprocessing_options, self.file_options, self.async_options, self.memory_options,
+                      self.checkpointables_options):
             group.check()
         if self.deletion_options.gcs_deletion_options.todelete_full_path is not None:
             raise ValueError("DeletionOptions.gcs_deletion_options.todelete_full_path: ckpt deletes steps it "

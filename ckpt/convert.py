@@ -93,8 +93,8 @@ def convert_root(source: str | os.PathLike, destination: str | os.PathLike) -> I
         StepNotFoundError (one) when a step of it is set aside by a crash, to put back first (see :func:`steps_of`).
       CheckpointCorruptedError: a step of ``source`` is damaged (before anything is written), or a
         converted step differs from its source (named with the key path; raised by the iterator).
-      StepNotFoundError: a step was deleted while it was converted (by a run saving there; raised by the
-        iterator).
+      StepNotFoundError: a step was deleted while it was converted (by a run saving there), or replaced by a
+        symbolic link or a file since it was listed (raised by the iterator).
       UnsupportedLayoutError: a step holds a checkpointable that only its handler reads (an Orbax item of
         grain's, one a handler of :mod:`ckpt.custom` wrote), which cannot be copied, or metrics or custom
         metadata a ckpt manifest (or the root's metadata) cannot hold (Orbax's, nested or larger past its limits),
@@ -187,6 +187,7 @@ def _convert_steps(steps: list[tuple[int, Path]], source: Path, destination: Pat
             written.append(destination / fmt.ROOT_METADATA)
             storage.write_file_atomic(written[-1], data)
         for step, path in steps:
+            root_lib.check_still_a_step(path, step)  # (a link put at its name since the listing is never read)
             if path.name in done:  # committed by the convert this one resumes: checked again, kept
                 yield _check_step(step, path, destination / path.name)
                 continue

@@ -13,6 +13,7 @@ import itertools
 import math
 import operator
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
@@ -316,11 +317,19 @@ def _empty_receives(meta: dict, abstract_node: tree_lib.Node, path: KeyPath) -> 
 
 def unwrap(abstract: Any) -> dict[str, Any] | None:
     """The abstract trees, where a :class:`CheckpointMetadata` (what ``metadata()`` returned) stands
-    for its ``.metadata``, as Orbax accepts ``load(path, metadata(path))``."""
+    for its ``.metadata``, as Orbax accepts ``load(path, metadata(path))``.
+
+    Raises:
+      TypeError: ``abstract`` is no mapping of checkpointable names (a list of names, a tree's name).
+    """
     if isinstance(abstract, CheckpointMetadata):
         abstract = abstract.metadata
     if abstract is None:
         return None
+    if not isinstance(abstract, Mapping):
+        raise TypeError(f"abstract_checkpointables must be a dict of checkpointable names to abstract trees ({{'state': "
+                        f"None}} reads 'state' as saved; None reads every one), got {type(abstract).__name__} "
+                        f"{abstract!r:.200}")
     return {name: tree.metadata if isinstance(tree, CheckpointMetadata) else tree for name, tree in abstract.items()}
 
 

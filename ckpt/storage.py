@@ -439,6 +439,8 @@ def make_temporary(tmp: Location, *, mode: int | None = None) -> int | None:
 
     Raises:
       DirectoryLockedError: another save (of another process) is writing a temporary at ``tmp``.
+      RootNotWritableError, RootDirectoryError: this process may no longer write in ``tmp``'s directory (a
+        root that became read-only after it was taken): nothing is made.
       OSError: the directory or its marker could not be made (a full disk, no inode left); what was made is
         removed.
     """
@@ -452,8 +454,9 @@ def make_temporary(tmp: Location, *, mode: int | None = None) -> int | None:
     if in_use(tmp):
         raise DirectoryLockedError(f"{tmp} is being written by another save of the same step (another process); "
                                    "one writer per step")
-    remove_owned(tmp)
-    make_dir(tmp, mode=mode)
+    with writing_to(tmp.parent):  # (a root that became read-only since it was taken: its error, naming it)
+        remove_owned(tmp)
+        make_dir(tmp, mode=mode)
     fd = None
     try:
         fd = os.open(tmp / fmt.MARKER, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)

@@ -81,9 +81,13 @@ def of(saving: Any) -> Storage:
 
     Raises:
       ValueError: the dtype is not a numeric dtype, or the chunk size is not a positive int.
+      TypeError: the scoped_storage_options_creator is not a function.
     """
     if saving is None:
         return DEFAULT
+    if saving.scoped_storage_options_creator is not None and not callable(saving.scoped_storage_options_creator):
+        raise TypeError(f"ctx.array.saving.scoped_storage_options_creator must be a function (keypath, value) -> "
+                        f"StorageOptions or None, got {saving.scoped_storage_options_creator!r:.200}")
     options = saving.storage_options
     return dataclasses.replace(_checked(options.dtype, options.chunk_byte_size),
                                scoped=saving.scoped_storage_options_creator)

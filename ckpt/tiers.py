@@ -60,6 +60,7 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import logging
+import math
 import os
 import threading
 import time
@@ -115,8 +116,10 @@ class LocalCheckpointOptions:
             local_directory(self.directory)
         except ValueError as e:
             raise ValueError(f"LocalCheckpointOptions directory: {e}") from None
-        if not isinstance(self.grace_period_secs, (int, float)) or self.grace_period_secs < 0:
-            raise ValueError(f"grace_period_secs must be a number >= 0, got {self.grace_period_secs!r}")
+        arguments.number(self.grace_period_secs, "LocalCheckpointOptions.grace_period_secs")
+        if self.grace_period_secs == math.inf:  # (a wait cannot take it: OverflowError at the preemption's wait())
+            raise ValueError("LocalCheckpointOptions.grace_period_secs must be a finite number of seconds, got inf (for "
+                             "a wait with no practical limit, give a large number, 86400 for a day)")
         if self.save_decision_policy is not None:
             arguments.implements(self.save_decision_policy, save_decision_policies.SaveDecisionPolicy,
                                  "LocalCheckpointOptions.save_decision_policy")
@@ -636,7 +639,9 @@ def _copy_step(source: Path, final: storage.Location, step: int, overwrite: bool
                barrier: str) -> int:
     """Copies a committed local step directory to ``final`` (byte for byte: its checksums hold) and commits
     it: on an object store the manifest is written last; locally the temporary directory is renamed.
-    ``final`` is checked first and at the commit as a save's is (see :func:`ckpt.root.commit`). With
+    ``source`` is checked to be still a directory (StepNotFoundError for a link or a file put at its name
+    since it was listed: see :func:`ckpt.root.check_still_a_step`), and ``final`` first and at the commit
+    as a save's is (see :func:`ckpt.root.commit`). With
     several processes each copies its shards (the primary the rest too, see :func:`_written_by_primary`) and
     the primary commits once every process's copy succeeded (a failure in one fails the promotion in all,
     see :func:`ckpt.distributed.settle`). A promotion that fails before its commit removes its temporary
@@ -646,6 +651,7 @@ def _copy_step(source: Path, final: storage.Location, step: int, overwrite: bool
     task = f"the promotion of {source} to {final}"
 
     def prepare() -> None:
+        root.check_still_a_step(source, step)  # (never copies what a link put at its name since leads to)
         if primary:  # (only the primary makes the temporary)
             root.check_target(final, tmp, step=step, overwrite=overwrite)
             markers.append(storage.make_temporary(tmp))

@@ -577,6 +577,7 @@ class Checkpointer:
             self._warn_of_a_step_behind(step)
             return None  # a step below the latest, or one the policy skips
         preemption.serve()  # (a SIGTERM held back for a save no save served ends the process at close)
+        self._ctx.check()  # (a ``with ctx:`` block around this call: its options, not checked when this was opened)
         if self._local is not None:
             return self._local.save(step, checkpointables, force=force, overwrite=overwrite, blocking=blocking,
                                     preempted=step == self._preempted_at, metrics=metrics,
@@ -920,6 +921,7 @@ class Checkpointer:
         """
         self._check_open()
         root.whole_checkpoints_only(checkpointable_name)
+        self._ctx.check()
         number = _step_number(step)
         self.wait()  # (the save in flight may be of this step)
         self._in_flight = None  # (committed: while the deletion runs, no step being written counts for a decision)

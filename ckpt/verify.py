@@ -82,8 +82,9 @@ def verify_step(step_dir: str | os.PathLike | storage.Location, *, step: int | N
 
     Raises:
       StepNotFoundError: the step was deleted while it was checked (by another process's garbage
-        collection): what could not be read is gone, not damaged; StepReplacedError (one) when it was
-        saved again with ``overwrite=True`` meanwhile.
+        collection): what could not be read is gone, not damaged; or, given ``step``, its directory is
+        a symbolic link or a file now; StepReplacedError (one) when it was saved again with
+        ``overwrite=True`` meanwhile.
 
     Example::
 
@@ -91,6 +92,8 @@ def verify_step(step_dir: str | os.PathLike | storage.Location, *, step: int | N
         assert result.ok, [d.where for d in result.damaged]
     """
     step_dir = storage.location(step_dir)
+    if step is not None:  # a listed step: never checked through a link put at its name since
+        root.check_still_a_step(step_dir, step)
     with root.reading(step_dir, step) as gone:
         result = _verify_orbax(step_dir) if formats.is_orbax(step_dir) else _verify(step_dir)
     if step is not None:

@@ -265,6 +265,11 @@ CASES = {
                                r"\['b'\]\['c'\]: in the checkpoint, not in the abstract tree\n"
                                r"To load only the abstract tree's part .*PyTreeOptions\(partial_load=True\)"),
     "unknown checkpointable": Case(lambda c, r: c.load_checkpointables(0, {"model": None}), KeyError, r"'model'"),
+    # was: AttributeError "'list' object has no attribute 'items'"
+    "checkpointables as a list": Case(lambda c, r: c.load_checkpointables(0, ["state"]), TypeError,
+                                      r"abstract_checkpointables must be a dict .*got list \['state'\]"),
+    "free load of a name": Case(lambda c, r: ckpt.load_checkpointables(r / "0", "state"), TypeError,
+                                r"abstract_checkpointables must be a dict .*got str 'state'"),
 }
 
 

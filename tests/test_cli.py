@@ -340,6 +340,29 @@ def test_verify_reports_a_step_deleted_while_it_is_checked_as_gone_not_damaged(r
         verify_step(doomed)
 
 
+def test_verify_of_a_root_never_checks_a_step_through_a_link_put_at_its_name_since_the_listing(root, tmp_path,
+                                                                                               monkeypatch, capsys):
+    """Was: step 10, replaced by a link to another run's step 10 while step 0 was checked, was reported ok."""
+    monkeypatch.setattr(progress, "DELAY_SECS", 0.0)  # a report at the first chunk read
+    ckpt.save(tmp_path / "other", {"w": np.zeros(2)})
+
+    class Replacer(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if f"verifying {root / '0'}:" in record.getMessage() and not (root / "10").is_symlink():
+                (root / "10").rename(tmp_path / "moved")
+                (root / "10").symlink_to(tmp_path / "other")
+
+    replacer = Replacer()
+    logging.getLogger("ckpt.progress").addHandler(replacer)
+    try:
+        status, out, _ = run_cli(capsys, "verify", root, "--json")
+    finally:
+        logging.getLogger("ckpt.progress").removeHandler(replacer)
+    report = json.loads(out)
+    assert status == 0 and [s["step"] for s in report["steps"]] == [0, 20]
+    assert report["gone"] == [{"step": 10, "path": str(root / "10")}]
+
+
 def test_verify_checks_a_step_replaced_while_it_is_checked_again_not_as_damaged(root, monkeypatch, capsys):
     """A rolling checkpoint (a step saved again with overwrite=True) replaced mid-check was reported DAMAGED."""
     monkeypatch.setattr(progress, "DELAY_SECS", 0.0)  # a report at the first chunk read
@@ -711,6 +734,18 @@ def test_a_convert_of_a_root_whose_step_a_run_deletes_meanwhile_says_it_is_gone_
     assert next(converting).step == 0
     storage.remove_owned(root / "10")  # as a Checkpointer's garbage collection removes a step
     with pytest.raises(ckpt.errors.StepNotFoundError, match=r"step 10 .* was deleted while it was being read"):
+        next(converting)
+    assert not (tmp_path / "copy").exists()
+
+
+def test_a_convert_of_a_root_whose_step_is_replaced_by_a_link_meanwhile_never_copies_what_it_leads_to(root, tmp_path):
+    """Was: the copy's step 10 held what the link leads to (another run's step 10), and the convert succeeded."""
+    ckpt.save(tmp_path / "other", {"w": np.zeros(2)})
+    converting = convert.convert_root(root, tmp_path / "copy")
+    assert next(converting).step == 0
+    (root / "10").rename(tmp_path / "moved")
+    (root / "10").symlink_to(tmp_path / "other")
+    with pytest.raises(ckpt.errors.StepNotFoundError, match=r"step 10 .* is no committed step now: it holds a symbolic"):
         next(converting)
     assert not (tmp_path / "copy").exists()
 

@@ -1,4 +1,6 @@
 """ckpt.Context: Orbax's option tree, the constructor's Context, and ``with ctx:`` scoping."""
+import contextlib
+import functools
 import math
 import threading
 
@@ -145,6 +147,50 @@ def test_options_ckpt_cannot_honour_are_refused_before_anything_is_written(tmp_p
             with pytest.raises(ValueError, match=setting):
                 call()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"]
+
+
+@pytest.mark.parametrize("setting", ["primary_host", "todelete_full_path", "path_permission_mode"])
+def test_options_given_to_an_open_checkpointer_are_refused_by_its_saves_and_deletions_before_anything_is_written(
+        tmp_path, setting):
+    """A ``with ctx:`` block around the call, or the constructor's Context changed since. Was: checked when the
+    Checkpointer was opened only: its saves made steps of mode 0o7777 (path_permission_mode=-1), with primary_host=1,
+    and its deletion with todelete_full_path deleted for good."""
+    import os
+
+    ctx = ckpt.Context()
+    with Checkpointer(tmp_path, context=ctx) as ckptr:
+        ckptr.save(0, STATE)
+        bad = ckpt.Context()
+        for options in (bad, ctx):
+            if setting == "primary_host":
+                options.multiprocessing.primary_host = 1
+            elif setting == "todelete_full_path":
+                options.deletion.gcs_deletion_options.todelete_full_path = "trash"
+            else:
+                options.file.path_permission_mode = -1
+        for active in (bad, contextlib.nullcontext()):
+            with active:
+                for call in (lambda: ckptr.save(1, STATE, force=True), lambda: ckptr.save_async(1, STATE, force=True),
+                             lambda: ckptr.delete(0)):
+                    with pytest.raises(ValueError, match=setting):
+                        call()
+        assert sorted(os.listdir(tmp_path)) == [".ckpt.lock", "0"]
+
+
+@pytest.mark.parametrize("option, value", [("multiprocessing.processes", 3), ("multiprocessing.processes", "jax"),
+                                           ("checkpointables.registry", []), ("checkpointables.registry", None),
+                                           ("array.saving.scoped_storage_options_creator", 3)])
+def test_options_of_the_wrong_kind_are_named_by_a_type_error_before_anything_is_written(tmp_path, option, value):
+    """Was: AttributeError "'int' object has no attribute 'count'" (or 'get_all_entries'), TypeError "'int' object
+    is not callable", naming no option; a Checkpointer with registry=None saved while the free save failed."""
+    ctx = ckpt.Context()
+    group, name = option.rsplit(".", 1)
+    setattr(functools.reduce(getattr, group.split("."), ctx), name, value)
+    with pytest.raises(TypeError, match=name), Checkpointer(tmp_path / "root", context=ctx) as ckptr:
+        ckptr.save(0, STATE)
+    with ctx, pytest.raises(TypeError, match=name):
+        ckpt.save(tmp_path / "model", STATE)
+    assert not (tmp_path / "model").exists() and not list(tmp_path.glob("root/*"))
 
 
 @pytest.mark.parametrize("mode", [-1, "0o750", 0o500, 2**40])

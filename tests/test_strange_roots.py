@@ -128,6 +128,26 @@ def test_a_deletion_in_a_root_that_became_read_only_says_so_naming_the_root_and_
             thaw()
 
 
+def test_a_save_in_a_root_that_became_read_only_says_so_naming_the_root_and_keeps_the_steps(tmp_path):
+    root = _saved_root(tmp_path / "root")
+    with Checkpointer(root, save_decision_policy=ALWAYS) as ckptr:
+        ckptr.save(2, STATE)  # (the root taken: its lock held)
+        before = fsutil.snapshot(root)
+        with fsutil.read_only(root):
+            saves = (lambda: ckptr.save(3, STATE), lambda: (ckptr.save_async(3, STATE), ckptr.wait()),
+                     lambda: ckpt.save(root / "model", STATE))
+            for save in saves:
+                with pytest.raises(errors.RootDirectoryError, match=f"cannot write in {root}: Read-only"):
+                    save()
+        thaw = fsutil.undeletable(root)  # permission refused (EPERM): RootNotWritableError, a PermissionError
+        try:
+            with pytest.raises(errors.RootNotWritableError, match=f"cannot write in {root}: Operation not permitted"):
+                ckptr.save(3, STATE)
+        finally:
+            thaw()
+        assert fsutil.snapshot(root) == before and [c.step for c in ckptr.checkpoints] == [0, 1, 2]
+
+
 # --------------------------------------------------------------------------------- races
 GARBAGE_COLLECT = """
 import sys

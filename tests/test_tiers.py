@@ -7,6 +7,7 @@ import errno
 import importlib.util
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -203,8 +204,9 @@ def test_a_step_kept_locally_while_its_promotion_outlasts_the_last_local_commit_
 def test_local_tier_options_are_checked_before_anything_is_written(tmp_path):
     with pytest.raises(ValueError, match="local directory"):
         ckpt.LocalCheckpointOptions("s3://bucket/local")
-    with pytest.raises(ValueError, match="grace_period_secs"):
-        ckpt.LocalCheckpointOptions(tmp_path, grace_period_secs=-1)
+    for grace in (-1, math.nan, math.inf, True, "30"):  # was: nan and True taken (nan: no wait), inf an OverflowError at
+        with pytest.raises(ValueError, match="grace_period_secs"):  # the wait() after a preemption, and at close()
+            ckpt.LocalCheckpointOptions(tmp_path, grace_period_secs=grace)
 
 
 def test_the_benchmark_reports_blocking_and_lost_work_for_two_tiers_and_durable_only(tmp_path, capsys):
@@ -857,6 +859,28 @@ def test_a_local_step_found_gone_before_its_promotion_began_fails_it_naming_the_
             ckptr.wait()  # was: StopIteration()
         assert info.value.step == 4
         assert [(c.step, sorted(c.locations)) for c in ckptr.checkpoints] == [(2, ["durable", "local"]), (3, ["local"])]
+
+
+def test_a_local_step_replaced_by_a_link_before_its_promotion_is_not_promoted_through_it(tmp_path, monkeypatch):
+    """Step 4, its promotion waiting behind step 2's, replaced on the local tier by a link to another run's step 4: the
+    promotion copied what the link leads to, and the durable step 4 held the other run's values."""
+    ckpt.save(tmp_path / "other", {"w": np.full(2, 999)})
+    released, copy_step = threading.Event(), tiers._copy_step
+    monkeypatch.setattr(tiers, "_copy_step", lambda source, final, step, *args: (
+        step != 2 or released.wait(60)) and copy_step(source, final, step, *args))
+    local = ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1))
+    with ckpt.Checkpointer(tmp_path / "durable", save_decision_policy=sdp.FixedIntervalPolicy(2), local=local) as ckptr:
+        for step in (2, 4):
+            ckptr.save_async(step, {"w": np.full(2, step)})
+        while ckptr.latest.step != 4:  # committed locally (wait() would wait for the held promotion)
+            time.sleep(0.01)
+        (tmp_path / "local" / "4").rename(tmp_path / "moved")
+        (tmp_path / "local" / "4").symlink_to(tmp_path / "other")
+        released.set()
+        with pytest.raises(errors.StepNotFoundError, match=r"step 4 \(.*local/4\) is no committed step now: it holds "
+                                                           r"a symbolic link"):
+            ckptr.wait()
+    assert sorted(os.listdir(tmp_path / "durable")) == [".ckpt.lock", "2"]  # was: 4, holding 999
 
 
 def test_ckpt_show_and_verify_with_local_read_the_step_a_load_reads_and_check_every_copy_on_either_tier(tmp_path, capsys):

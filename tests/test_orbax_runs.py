@@ -290,6 +290,21 @@ def test_a_direct_orbax_checkpoint_loads_as_its_one_tree(orbax_runs):
         assert_same(ckptr.load(4, orbax_writer.mixed_abstract(4)), orbax_writer.mixed_state(4))
 
 
+def test_a_direct_orbax_checkpoint_whose_metadata_names_no_handler_loads_as_its_one_tree(orbax_runs, tmp_path):
+    """Orbax's wheel ships such a checkpoint among the ones its load must read (a _CHECKPOINT_METADATA without
+    item_handlers: the tree at the top tells it); ckpt raised CheckpointableNotFoundError naming 'd' and
+    'ocdbt.process_0' as its checkpointables, and ckpt.metadata UnsupportedLayoutError of 'd'."""
+    step_dir = copy_run(orbax_runs, "direct", tmp_path) / "3"
+    metadata = orbax_file(step_dir, "_CHECKPOINT_METADATA")
+    del metadata["item_handlers"]
+    (step_dir / "_CHECKPOINT_METADATA").write_text(json.dumps(metadata))
+    want, abstract = orbax_writer.mixed_state(3, string=False), orbax_writer.mixed_abstract(3, string=False)
+    assert_same(ckpt.load(step_dir, abstract), want)
+    assert ckpt.metadata(step_dir).metadata["table"].shape == (3, 4)
+    with ckpt.Checkpointer(step_dir.parent) as ckptr:
+        assert_same(ckptr.load(3, abstract), want)
+
+
 def test_an_item_of_an_orbax_step_is_no_checkpoint_nor_a_root_of_direct_checkpoints_one(orbax_runs, tmp_path, capsys):
     """<step>/default (a v0 item, which holds a commit_success.txt of its own) was taken for a committed step:
     is_orbax_checkpoint said True (Orbax's says False), a load named OCDBT's directories 'd' and

@@ -343,3 +343,19 @@ def test_an_overwrite_the_policy_skips_keeps_the_step_and_steps_are_compared_wit
         assert ckptr.load(5)["w"].tolist() == [5, 5, 5]
         assert ckptr.save(10, {"w": np.zeros(3)}, overwrite=True)       # below the latest: the policy decides
         assert ckptr.load(10)["w"].tolist() == [0, 0, 0] and [c.step for c in ckptr.checkpoints] == [5, 10, 20]
+
+
+@pytest.mark.parametrize("length", [None, 0, 3])
+def test_a_step_name_format_names_and_finds_steps_as_orbaxs_of_the_same_arguments(tmp_path, length):
+    """Was: step_format_fixed_length=0 (Orbax's: no padding) raised ValueError 'must be a positive int'."""
+    step_lib = pytest.importorskip("orbax.checkpoint.experimental.v1", reason="needs orbax-checkpoint").path.step
+    theirs = step_lib.standard_name_format(step_prefix="step", step_format_fixed_length=length)
+    ours = ckpt.path.step.standard_name_format(step_prefix="step", step_format_fixed_length=length)
+    names = [theirs.build_name(step) for step in (0, 7, 12345)]
+    assert [ours.build_name(step) for step in (0, 7, 12345)] == names
+    for name in (*names, "step_07", "step_0007", "7", "step_x"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "commit_success.txt").write_text("Checkpoint commit was successful")  # (Orbax's mark)
+    assert sorted(ours.parse_name(p.name) for p in tmp_path.iterdir() if ours.parse_name(p.name) is not None) == \
+        sorted(m.step for m in theirs.find_all(tmp_path))
+    assert ckpt.path.step.name_format_of(tmp_path) == ours  # (what ckpt ls lists such a root with)

@@ -92,7 +92,7 @@ class StandardNameFormat(_FindsSteps):
 
     Args:
       step_prefix: joined to the number with ``_``; None for bare numbers.
-      step_format_fixed_length: zero-pads the number to this many digits.
+      step_format_fixed_length: zero-pads the number to this many digits; None or 0 (as in Orbax) for none.
 
     Example::
 
@@ -111,8 +111,10 @@ class StandardNameFormat(_FindsSteps):
                 "(empty, starts with '.', or contains a path separator)"
             )
         length = self.step_format_fixed_length
-        if length is not None and (not isinstance(length, int) or length < 1):
-            raise ValueError(f"step_format_fixed_length must be a positive int, got {length!r}")
+        if length is not None and (not isinstance(length, int) or length < 0):
+            raise ValueError(f"step_format_fixed_length must be an int of at least 0, got {length!r}")
+        if not length:  # 0 is no padding: the format equals the one without
+            object.__setattr__(self, "step_format_fixed_length", length := None)
         prefix = "" if self.step_prefix is None else re.escape(self.step_prefix) + "_"
         digits = r"0|[1-9]\d*" if length is None else rf"\d{{{length}}}|[1-9]\d{{{length},}}"
         object.__setattr__(self, "_regex", re.compile(rf"{prefix}({digits})", re.ASCII))  # digits 0-9 only

@@ -345,16 +345,17 @@ def test_an_overwrite_the_policy_skips_keeps_the_step_and_steps_are_compared_wit
         assert ckptr.load(10)["w"].tolist() == [0, 0, 0] and [c.step for c in ckptr.checkpoints] == [5, 10, 20]
 
 
-@pytest.mark.parametrize("length", [None, 0, 3])
-def test_a_step_name_format_names_and_finds_steps_as_orbaxs_of_the_same_arguments(tmp_path, length):
-    """Was: step_format_fixed_length=0 (Orbax's: no padding) raised ValueError 'must be a positive int'."""
+@pytest.mark.parametrize("prefix, length", [("step", None), ("step", 0), ("step", 3), ("", None)])
+def test_a_step_name_format_names_and_finds_steps_as_orbaxs_of_the_same_arguments(tmp_path, prefix, length):
+    """Was: step_format_fixed_length=0 (Orbax's: no padding) raised ValueError 'must be a positive int', and
+    step_prefix='' (Orbax's names: _23) 'not a plain directory-name prefix'."""
     step_lib = pytest.importorskip("orbax.checkpoint.experimental.v1", reason="needs orbax-checkpoint").path.step
-    theirs = step_lib.standard_name_format(step_prefix="step", step_format_fixed_length=length)
-    ours = ckpt.path.step.standard_name_format(step_prefix="step", step_format_fixed_length=length)
+    theirs = step_lib.standard_name_format(step_prefix=prefix, step_format_fixed_length=length)
+    ours = ckpt.path.step.standard_name_format(step_prefix=prefix, step_format_fixed_length=length)
     names = [theirs.build_name(step) for step in (0, 7, 12345)]
     assert [ours.build_name(step) for step in (0, 7, 12345)] == names
-    for name in (*names, "step_07", "step_0007", "7", "step_x"):
-        (tmp_path / name).mkdir()
+    for name in (*names, f"{prefix}_07", f"{prefix}_0007", "7", f"{prefix}_x"):
+        (tmp_path / name).mkdir(exist_ok=True)
         (tmp_path / name / "commit_success.txt").write_text("Checkpoint commit was successful")  # (Orbax's mark)
     assert sorted(ours.parse_name(p.name) for p in tmp_path.iterdir() if ours.parse_name(p.name) is not None) == \
         sorted(m.step for m in theirs.find_all(tmp_path))

@@ -316,10 +316,11 @@ def _empty_receives(meta: dict, abstract_node: tree_lib.Node, path: KeyPath) -> 
 
 def unwrap(abstract: Any) -> dict[str, Any] | None:
     """The abstract trees, where a :class:`CheckpointMetadata` (what ``metadata()`` returned) stands
-    for its ``.metadata``, as Orbax accepts ``load(path, metadata(path))``."""
+    for its ``.metadata``, as Orbax accepts ``load(path, metadata(path))``; None (every checkpointable) for
+    None or an empty dict, as Orbax loads every checkpointable for either."""
     if isinstance(abstract, CheckpointMetadata):
         abstract = abstract.metadata
-    if abstract is None:
+    if not abstract:
         return None
     return {name: tree.metadata if isinstance(tree, CheckpointMetadata) else tree for name, tree in abstract.items()}
 

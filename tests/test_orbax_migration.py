@@ -78,6 +78,17 @@ def test_requested_checkpointables_a_step_lacks_are_named_beside_every_one_it_ha
             ckptr.load_checkpointables(0, {"opt": None})
 
 
+def test_an_empty_dict_of_checkpointables_loads_every_one_as_orbaxs_load_checkpointables_does(tmp_path):
+    """Was: {} loaded nothing ({}), where Orbax loads every checkpointable for None and {} alike."""
+    trees = {"params": {"w": np.ones(2)}, "extra": {"lr": 0.5}}
+    ckpt.save_checkpointables(tmp_path / "c", trees)
+    loaded = ckpt.load_checkpointables(tmp_path / "c", {})
+    assert sorted(loaded) == ["extra", "params"] and loaded["extra"] == {"lr": 0.5}
+    with ckpt.Checkpointer(tmp_path / "run") as ckptr:
+        ckptr.save_checkpointables(0, trees)
+        assert sorted(ckptr.load_checkpointables(0, {})) == sorted(ckptr.load_checkpointables_async(0, {}).result()) \
+            == ["extra", "params"]
+
 def test_load_without_a_name_falls_back_to_the_only_tree_beside_checkpointables_saved_by_handlers(tmp_path):
     ckpt.save_checkpointables(tmp_path / "c", {"params": {"w": np.arange(2)}, "counter": Counter(3)})
     assert ckpt.load(tmp_path / "c")["w"].tolist() == [0, 1]

@@ -321,6 +321,21 @@ def test_an_item_of_an_orbax_step_is_no_checkpoint_nor_a_root_of_direct_checkpoi
     with pytest.raises(errors.ForeignEntryError, match="not a committed"):
         ckpt.delete(root / "step_0003" / "default")
     assert file_hashes(root) == file_hashes(orbax_runs / "single")
+
+
+def test_a_tree_orbax_saved_without_a_checkpoint_metadata_file_says_how_ckpt_loads_it(orbax_runs, tmp_path):
+    """A tree an Orbax handler saved alone (StandardCheckpointHandler().save(path, ...): no _CHECKPOINT_METADATA)
+    is, to ckpt, an item of a step of Orbax before 0.5 (its directory); the error said Orbax does not load it
+    alone either, where Orbax's load reads it."""
+    tree = Path(shutil.copytree(orbax_runs / "direct" / "3", tmp_path / "models" / "orbax-test"))
+    (tree / "_CHECKPOINT_METADATA").unlink()
+    with pytest.raises(errors.CheckpointNotFoundError, match=r"Orbax's load reads such a tree alone\); load the step "
+                                                             r"with checkpointable_name='orbax-test'") as info:
+        ckpt.load(tree)
+    assert "does not load alone" not in str(info.value)
+    abstract = orbax_writer.mixed_abstract(3, string=False)
+    assert_same(ckpt.load(tree.parent, abstract, checkpointable_name="orbax-test"),
+                orbax_writer.mixed_state(3, string=False))
 def test_a_tree_orbax_saved_at_a_path_of_its_own_loads_shows_and_verifies_as_the_state(orbax_runs, capsys):
     """Such a directory holds the item's own files, which were taken for its items: ckpt.load raised
     'it has ['array_metadatas', 'd', 'ocdbt.process_0']', and ckpt verify said ok of it, reading no array."""

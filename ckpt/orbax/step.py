@@ -102,9 +102,12 @@ def check_checkpoint(path: storage.Location) -> None:
             f"no checkpoint at {path}: it is a save Orbax began and never committed (its {CHECKPOINT_METADATA} "
             "has no commit time: the save was interrupted), which Orbax does not load either")
     if _is_item(path, path) and is_step(path.parent):
+        why = ("which Orbax does not load alone either" if has_step_files(path.parent) else
+               f"as ckpt reads a directory of Orbax's trees without a {CHECKPOINT_METADATA} (a step of Orbax before "
+               "0.5, or trees a handler saved without a Checkpointer; Orbax's load reads such a tree alone)")
         raise CheckpointNotFoundError(
             f"no checkpoint at {path}: it is the checkpointable {path.name!r} of the Orbax step {path.parent}, "
-            f"which Orbax does not load alone either; load the step with checkpointable_name={path.name!r}")
+            f"{why}; load the step with checkpointable_name={path.name!r}")
 
 
 def _never_committed(step_dir: Path) -> bool:

@@ -3,6 +3,7 @@ loaded, continued and converted by ckpt in this process, where importing orbax f
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import logging
 import os
@@ -303,6 +304,31 @@ def test_a_direct_orbax_checkpoint_whose_metadata_names_no_handler_loads_as_its_
     assert ckpt.metadata(step_dir).metadata["table"].shape == (3, 4)
     with ckpt.Checkpointer(step_dir.parent) as ckptr:
         assert_same(ckptr.load(3, abstract), want)
+
+
+def _shipped_checkpoints() -> Path:
+    """The v0 checkpoints Orbax's wheel ships for its v1 loads to read (testing/compatibility/checkpoints)."""
+    try:
+        wheel = importlib.metadata.distribution("orbax-checkpoint")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("needs orbax-checkpoint's wheel (the dev extra): its checkpoints are the input")
+    return Path(wheel.locate_file("orbax/checkpoint/experimental/v1/_src/testing/compatibility/checkpoints/"
+                                  "v0_checkpoints"))
+
+
+@pytest.mark.parametrize("kind", ["direct_checkpoint", "composite_checkpoint"])
+def test_every_checkpoint_orbaxs_wheel_ships_as_readable_loads_as_orbaxs_load_reads_it(kind):
+    """Orbax's v1 tests in the wheel read one of them; its loads read each of these (its metadata files
+    complete, or one of them altered in a way Orbax calls non-critical). The direct checkpoint without
+    item_handlers raised CheckpointableNotFoundError."""
+    base = _shipped_checkpoints() / kind
+    wanted = {"a": np.arange(8, dtype=np.int32), "b": {"c": np.array([1, 2, 3], np.int32)}}
+    paths = [base / "checkpoint_metadata_present" / "pytree_checkpointable_has_metadata",
+             *sorted((base / "non_critical_metadata_alterations").iterdir())]
+    for path in paths:
+        assert_same(ckpt.load(path), wanted)
+        assert_same(ckpt.load_checkpointables(path)["state"], wanted)
+        assert ckpt.metadata(path).metadata["b"]["c"].shape == (3,), path
 
 
 def test_an_item_of_an_orbax_step_is_no_checkpoint_nor_a_root_of_direct_checkpoints_one(orbax_runs, tmp_path, capsys):

@@ -317,14 +317,15 @@ def _empty_receives(meta: dict, abstract_node: tree_lib.Node, path: KeyPath) -> 
 
 def unwrap(abstract: Any) -> dict[str, Any] | None:
     """The abstract trees, where a :class:`CheckpointMetadata` (what ``metadata()`` returned) stands
-    for its ``.metadata``, as Orbax accepts ``load(path, metadata(path))``.
+    for its ``.metadata``, as Orbax accepts ``load(path, metadata(path))``; None (every checkpointable) for
+    None or an empty dict, as Orbax loads every checkpointable for either.
 
     Raises:
       TypeError: ``abstract`` is no mapping of checkpointable names (a list of names, a tree's name).
     """
     if isinstance(abstract, CheckpointMetadata):
         abstract = abstract.metadata
-    if abstract is None:
+    if abstract is None or (isinstance(abstract, Mapping) and not abstract):
         return None
     if not isinstance(abstract, Mapping):
         raise TypeError(f"abstract_checkpointables must be a dict of checkpointable names to abstract trees ({{'state': "

@@ -255,10 +255,10 @@ def _is_dir(path: Path) -> bool:
 
 
 def _is_empty_dir(path: Path) -> bool:
-    """A directory itself that holds nothing; False once it is replaced by a file (since it was listed)."""
+    """A directory itself that holds nothing; False once it is gone or replaced by a file (since it was listed)."""
     try:
         return _is_dir(path) and not os.listdir(path)
-    except NotADirectoryError:
+    except (FileNotFoundError, NotADirectoryError):
         return False
 
 
@@ -338,33 +338,40 @@ def check_no_file_in_the_way(directory: Path, what: str) -> None:
             "directory. Pass the path of a directory, or of one not made yet.", path=directory) from None
 
 
-def check_target(final: storage.Location, tmp: storage.Location, *, step: int | None, overwrite: bool) -> None:
+def check_target(final: storage.Location, tmp: storage.Location, *, step: int | None, overwrite: bool) -> bool:
     """Checks, before a save writes anything, that it will destroy nothing ckpt did not write: ``final``
-    is absent or a committed ckpt step (replaced only with ``overwrite``), and ``tmp``, the temporary name
-    it is written under, is absent or a temporary of ckpt's.
+    is absent or a committed ckpt step (replaced only with ``overwrite``; for ``ckpt.save``, ``step`` None,
+    also an empty directory, as Orbax's save takes it: the commit takes its name only while it is empty),
+    and ``tmp``, the temporary name it is written under, is absent or a temporary of ckpt's.
 
     Raises:
       ValueError: ``final``'s name ends as a temporary's does, so the next writer in its directory would
         remove the checkpoint as the leftover of a crashed save.
-      StepAlreadyExistsError: ``final`` is a committed step and ``overwrite`` is not set.
+      StepAlreadyExistsError: ``final`` is a committed step (or such a directory) and ``overwrite`` is not set.
       ForeignEntryError: ``final`` or ``tmp`` is something ckpt did not write (named, with what it holds).
+
+    Returns:
+      Whether ``final`` is such an empty directory.
     """
     what = "the checkpoint" if step is None else f"step {step}"
     if final.name.endswith(fmt.TEMPORARY_SUFFIXES):
         raise ValueError(f"cannot save {what} to {final}: a name ending in one of {fmt.TEMPORARY_SUFFIXES} is "
                          "that of a temporary of ckpt's, which the next save in its "
                          "directory removes; choose another name")
+    empty = False
     if storage.exists(final):
         entry = classify(final, step)
         if entry.kind is Kind.TEMPORARY and final == tmp:  # (an object store) a save of ckpt's never committed
-            return
-        if entry.kind is not Kind.STEP:
+            return False
+        empty = step is None and isinstance(final, Path) and _is_empty_dir(final)
+        if entry.kind is not Kind.STEP and not empty:
             raise ForeignEntryError(
                 f"cannot save {what}: {final} holds {entry.holds}, which ckpt did not write, and ckpt never "
                 "overwrites, renames or deletes such a thing, even with overwrite=True. Move it away, or save "
                 "to another step or path.", path=final)
         if not overwrite:
-            where = f"{final} already exists" if step is None else f"step {step} already exists at {final}"
+            where = f"step {step} already exists at {final}" if step is not None else (
+                f"{final} already exists" + (" (an empty directory)" if empty else ""))
             raise StepAlreadyExistsError(f"{where}; pass overwrite=True to replace it", step=step, path=final)
     if tmp != final and storage.exists(tmp):
         entry = classify_temporary(tmp)
@@ -373,6 +380,7 @@ def check_target(final: storage.Location, tmp: storage.Location, *, step: int | 
                 f"cannot save {what}: {tmp}, the name it is written under until it is complete, holds "
                 f"{entry.holds} without ckpt's {fmt.MARKER} marker; ckpt never removes what it did not write. "
                 "Move it away, or save to another step or path.", path=tmp)
+    return empty
 
 
 def replaced_elsewhere(existing: storage.Location | None, final: storage.Location, step: int) -> storage.Location | None:
@@ -450,9 +458,8 @@ def commit(tmp: storage.Location, final: storage.Location, *, step: int | None, 
     Raises:
       StepAlreadyExistsError, ForeignEntryError: as :func:`check_target`; the step is not committed.
     """
-    if isinstance(final, Path):
-        check_target(final, final, step=step, overwrite=overwrite)
-    storage.commit_dir(tmp, final, replace=overwrite)
+    empty = isinstance(final, Path) and check_target(final, final, step=step, overwrite=overwrite)
+    storage.commit_dir(tmp, final, replace=overwrite and not empty, over_empty=empty)
 
 
 @contextlib.contextmanager

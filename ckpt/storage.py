@@ -746,18 +746,31 @@ def temporary_for(final: Location) -> Location:
     return final if isinstance(final, ObjectPath) else final.with_name(final.name + fmt.TMP_SUFFIX)
 
 
-def commit_dir(tmp: Location, final: Location, *, replace: bool) -> None:
+def commit_dir(tmp: Location, final: Location, *, replace: bool, over_empty: bool = False) -> None:
     """Makes a fully written step visible: fsyncs the temporary tree, renames it to its final name
     and fsyncs the root. ``replace``: ``final`` is a committed step the caller has just checked (see
-    :func:`ckpt.root.commit`), moved aside only now and removed after; else ``final`` must still be
-    absent, and whatever took the name meanwhile is never replaced.
+    :func:`ckpt.root.commit`), moved aside only now and removed after; ``over_empty``: ``final`` was an
+    empty directory, replaced only while it still is (the rename itself checks); else ``final`` must still
+    be absent, and whatever took the name meanwhile is never replaced.
 
     Raises:
-      ForeignEntryError: without ``replace``, something appeared at ``final`` while the step was written.
+      ForeignEntryError: without ``replace``, something appeared at ``final`` while the step was written
+        (or, ``over_empty``, the empty directory was filled).
     """
     if isinstance(final, ObjectPath):
         return
     fsync_all([Path(dirpath) for dirpath, _, _ in os.walk(tmp)])
+    if over_empty:
+        try:
+            os.rename(tmp, final)
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+                raise
+            raise ForeignEntryError(f"{final} was filled while the checkpoint was written (it holds "
+                                    f"{describe(final)}): ckpt never replaces what it did not check, so the "
+                                    "checkpoint was not committed", path=final) from None
+        fsync_path(final.parent)
+        return
     if not (replace and os.path.lexists(final)):
         try:
             rename_noreplace(tmp, final)

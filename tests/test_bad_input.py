@@ -248,8 +248,8 @@ CASES = {
     # step name formats
     "prefix with /": Case(lambda c, r: step_lib.standard_name_format(step_prefix="a/b"), ValueError, r"'a/b'"),
     "prefix ..": Case(lambda c, r: step_lib.standard_name_format(step_prefix=".."), ValueError, r"'\.\.'"),
-    "zero fixed length": Case(lambda c, r: step_lib.standard_name_format(step_format_fixed_length=0), ValueError,
-                              r"positive int"),
+    "negative fixed length": Case(lambda c, r: step_lib.standard_name_format(step_format_fixed_length=-1), ValueError,
+                                  r"at least 0, got -1"),
     "format escaping the root": Case(with_format(EscapingFormat()), ValueError,
                                      r"'\.\./escaped_1' .*not a plain directory name"),
     "format that does not parse back": Case(with_format(OneWayFormat()), ValueError,

@@ -257,8 +257,9 @@ def test_the_free_save_never_overwrites_a_foreign_path_or_its_temporary_name(tmp
     target = tmp_path / "model"
     word = _make(kind, target, tmp_path)
     whole = fsutil.snapshot(tmp_path)
-    for overwrite in (False, True):
-        with pytest.raises(errors.ForeignEntryError) as info:
+    for overwrite in (False, True) if kind != "empty-directory" else (False,):  # (see the test below)
+        with pytest.raises(errors.ForeignEntryError if kind != "empty-directory" else errors.StepAlreadyExistsError,
+                           match="pass overwrite=True" if kind == "empty-directory" else None) as info:
             ckpt.save(target, STATE, overwrite=overwrite)
         assert str(target) in str(info.value) and word in str(info.value)
     assert fsutil.snapshot(tmp_path) == whole
@@ -273,6 +274,39 @@ def test_the_free_save_never_overwrites_a_foreign_path_or_its_temporary_name(tmp
     with pytest.raises(errors.ForeignEntryError, match=f"other{fmt.TMP_SUFFIX}"):
         ckpt.save(other, STATE)
     assert fsutil.snapshot(tmp_path) == whole
+
+
+@pytest.mark.parametrize("filled", [None, "while written", "after the last check"])
+def test_the_free_save_takes_an_empty_directory_with_overwrite_only_while_it_is_empty(tmp_path, monkeypatch, filled):
+    """As Orbax's save does (ckpt.save(tmp_path, state, overwrite=True) into a directory made for it); it raised
+    ForeignEntryError. The commit renames over the directory, which the kernel refuses once anything is in it."""
+    target = tmp_path / "model"
+    target.mkdir()
+    check_target = ckpt.root.check_target
+
+    def fill(*args, **kwargs):
+        empty = check_target(*args, **kwargs)
+        if filled == "after the last check" and args[0] == args[1]:  # (the commit's check of the name)
+            (target / "notes.txt").write_text("the user's own notes")
+        return empty
+
+    write_manifest = ckpt.saving.StepWriter.write_manifest
+
+    def meanwhile(writer, *args, **kwargs):  # the last write before the commit
+        (target / "notes.txt").write_text("the user's own notes")
+        return write_manifest(writer, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt.root, "check_target", fill)
+    if filled == "while written":
+        monkeypatch.setattr(ckpt.saving.StepWriter, "write_manifest", meanwhile)
+    if filled is None:
+        ckpt.save(target, {"w": np.ones(2)}, overwrite=True)
+        np.testing.assert_array_equal(ckpt.load(target)["w"], np.ones(2))
+    else:
+        with pytest.raises(errors.ForeignEntryError, match="notes.txt"):
+            ckpt.save(target, {"w": np.ones(2)}, overwrite=True)
+        assert sorted(os.listdir(target)) == ["notes.txt"]
+    assert sorted(os.listdir(tmp_path)) == ["model"]  # (no temporary left)
 
 
 def test_the_free_save_replaces_a_checkpoint_of_its_own_with_overwrite(tmp_path):

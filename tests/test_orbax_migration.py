@@ -78,6 +78,17 @@ def test_requested_checkpointables_a_step_lacks_are_named_beside_every_one_it_ha
             ckptr.load_checkpointables(0, {"opt": None})
 
 
+def test_an_empty_dict_of_checkpointables_loads_every_one_as_orbaxs_load_checkpointables_does(tmp_path):
+    """Was: {} loaded nothing ({}), where Orbax loads every checkpointable for None and {} alike."""
+    trees = {"params": {"w": np.ones(2)}, "extra": {"lr": 0.5}}
+    ckpt.save_checkpointables(tmp_path / "c", trees)
+    loaded = ckpt.load_checkpointables(tmp_path / "c", {})
+    assert sorted(loaded) == ["extra", "params"] and loaded["extra"] == {"lr": 0.5}
+    with ckpt.Checkpointer(tmp_path / "run") as ckptr:
+        ckptr.save_checkpointables(0, trees)
+        assert sorted(ckptr.load_checkpointables(0, {})) == sorted(ckptr.load_checkpointables_async(0, {}).result()) \
+            == ["extra", "params"]
+
 def test_load_without_a_name_falls_back_to_the_only_tree_beside_checkpointables_saved_by_handlers(tmp_path):
     ckpt.save_checkpointables(tmp_path / "c", {"params": {"w": np.arange(2)}, "counter": Counter(3)})
     assert ckpt.load(tmp_path / "c")["w"].tolist() == [0, 1]
@@ -343,3 +354,20 @@ def test_an_overwrite_the_policy_skips_keeps_the_step_and_steps_are_compared_wit
         assert ckptr.load(5)["w"].tolist() == [5, 5, 5]
         assert ckptr.save(10, {"w": np.zeros(3)}, overwrite=True)       # below the latest: the policy decides
         assert ckptr.load(10)["w"].tolist() == [0, 0, 0] and [c.step for c in ckptr.checkpoints] == [5, 10, 20]
+
+
+@pytest.mark.parametrize("prefix, length", [("step", None), ("step", 0), ("step", 3), ("", None)])
+def test_a_step_name_format_names_and_finds_steps_as_orbaxs_of_the_same_arguments(tmp_path, prefix, length):
+    """Was: step_format_fixed_length=0 (Orbax's: no padding) raised ValueError 'must be a positive int', and
+    step_prefix='' (Orbax's names: _23) 'not a plain directory-name prefix'."""
+    step_lib = pytest.importorskip("orbax.checkpoint.experimental.v1", reason="needs orbax-checkpoint").path.step
+    theirs = step_lib.standard_name_format(step_prefix=prefix, step_format_fixed_length=length)
+    ours = ckpt.path.step.standard_name_format(step_prefix=prefix, step_format_fixed_length=length)
+    names = [theirs.build_name(step) for step in (0, 7, 12345)]
+    assert [ours.build_name(step) for step in (0, 7, 12345)] == names
+    for name in (*names, f"{prefix}_07", f"{prefix}_0007", "7", f"{prefix}_x"):
+        (tmp_path / name).mkdir(exist_ok=True)
+        (tmp_path / name / "commit_success.txt").write_text("Checkpoint commit was successful")  # (Orbax's mark)
+    assert sorted(ours.parse_name(p.name) for p in tmp_path.iterdir() if ours.parse_name(p.name) is not None) == \
+        sorted(m.step for m in theirs.find_all(tmp_path))
+    assert ckpt.path.step.name_format_of(tmp_path) == ours  # (what ckpt ls lists such a root with)

@@ -3,6 +3,7 @@ loaded, continued and converted by ckpt in this process, where importing orbax f
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import logging
 import os
@@ -290,6 +291,46 @@ def test_a_direct_orbax_checkpoint_loads_as_its_one_tree(orbax_runs):
         assert_same(ckptr.load(4, orbax_writer.mixed_abstract(4)), orbax_writer.mixed_state(4))
 
 
+def test_a_direct_orbax_checkpoint_whose_metadata_names_no_handler_loads_as_its_one_tree(orbax_runs, tmp_path):
+    """Orbax's wheel ships such a checkpoint among the ones its load must read (a _CHECKPOINT_METADATA without
+    item_handlers: the tree at the top tells it); ckpt raised CheckpointableNotFoundError naming 'd' and
+    'ocdbt.process_0' as its checkpointables, and ckpt.metadata UnsupportedLayoutError of 'd'."""
+    step_dir = copy_run(orbax_runs, "direct", tmp_path) / "3"
+    metadata = orbax_file(step_dir, "_CHECKPOINT_METADATA")
+    del metadata["item_handlers"]
+    (step_dir / "_CHECKPOINT_METADATA").write_text(json.dumps(metadata))
+    want, abstract = orbax_writer.mixed_state(3, string=False), orbax_writer.mixed_abstract(3, string=False)
+    assert_same(ckpt.load(step_dir, abstract), want)
+    assert ckpt.metadata(step_dir).metadata["table"].shape == (3, 4)
+    with ckpt.Checkpointer(step_dir.parent) as ckptr:
+        assert_same(ckptr.load(3, abstract), want)
+
+
+def _shipped_checkpoints() -> Path:
+    """The v0 checkpoints Orbax's wheel ships for its v1 loads to read (testing/compatibility/checkpoints)."""
+    try:
+        wheel = importlib.metadata.distribution("orbax-checkpoint")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("needs orbax-checkpoint's wheel (the dev extra): its checkpoints are the input")
+    return Path(wheel.locate_file("orbax/checkpoint/experimental/v1/_src/testing/compatibility/checkpoints/"
+                                  "v0_checkpoints"))
+
+
+@pytest.mark.parametrize("kind", ["direct_checkpoint", "composite_checkpoint"])
+def test_every_checkpoint_orbaxs_wheel_ships_as_readable_loads_as_orbaxs_load_reads_it(kind):
+    """Orbax's v1 tests in the wheel read one of them; its loads read each of these (its metadata files
+    complete, or one of them altered in a way Orbax calls non-critical). The direct checkpoint without
+    item_handlers raised CheckpointableNotFoundError."""
+    base = _shipped_checkpoints() / kind
+    wanted = {"a": np.arange(8, dtype=np.int32), "b": {"c": np.array([1, 2, 3], np.int32)}}
+    paths = [base / "checkpoint_metadata_present" / "pytree_checkpointable_has_metadata",
+             *sorted((base / "non_critical_metadata_alterations").iterdir())]
+    for path in paths:
+        assert_same(ckpt.load(path), wanted)
+        assert_same(ckpt.load_checkpointables(path)["state"], wanted)
+        assert ckpt.metadata(path).metadata["b"]["c"].shape == (3,), path
+
+
 def test_an_item_of_an_orbax_step_is_no_checkpoint_nor_a_root_of_direct_checkpoints_one(orbax_runs, tmp_path, capsys):
     """<step>/default (a v0 item, which holds a commit_success.txt of its own) was taken for a committed step:
     is_orbax_checkpoint said True (Orbax's says False), a load named OCDBT's directories 'd' and
@@ -306,6 +347,21 @@ def test_an_item_of_an_orbax_step_is_no_checkpoint_nor_a_root_of_direct_checkpoi
     with pytest.raises(errors.ForeignEntryError, match="not a committed"):
         ckpt.delete(root / "step_0003" / "default")
     assert file_hashes(root) == file_hashes(orbax_runs / "single")
+
+
+def test_a_tree_orbax_saved_without_a_checkpoint_metadata_file_says_how_ckpt_loads_it(orbax_runs, tmp_path):
+    """A tree an Orbax handler saved alone (StandardCheckpointHandler().save(path, ...): no _CHECKPOINT_METADATA)
+    is, to ckpt, an item of a step of Orbax before 0.5 (its directory); the error said Orbax does not load it
+    alone either, where Orbax's load reads it."""
+    tree = Path(shutil.copytree(orbax_runs / "direct" / "3", tmp_path / "models" / "orbax-test"))
+    (tree / "_CHECKPOINT_METADATA").unlink()
+    with pytest.raises(errors.CheckpointNotFoundError, match=r"Orbax's load reads such a tree alone\); load the step "
+                                                             r"with checkpointable_name='orbax-test'") as info:
+        ckpt.load(tree)
+    assert "does not load alone" not in str(info.value)
+    abstract = orbax_writer.mixed_abstract(3, string=False)
+    assert_same(ckpt.load(tree.parent, abstract, checkpointable_name="orbax-test"),
+                orbax_writer.mixed_state(3, string=False))
 def test_a_tree_orbax_saved_at_a_path_of_its_own_loads_shows_and_verifies_as_the_state(orbax_runs, capsys):
     """Such a directory holds the item's own files, which were taken for its items: ckpt.load raised
     'it has ['array_metadatas', 'd', 'ocdbt.process_0']', and ckpt verify said ok of it, reading no array."""

@@ -102,9 +102,12 @@ def check_checkpoint(path: storage.Location) -> None:
             f"no checkpoint at {path}: it is a save Orbax began and never committed (its {CHECKPOINT_METADATA} "
             "has no commit time: the save was interrupted), which Orbax does not load either")
     if _is_item(path, path) and is_step(path.parent):
+        why = ("which Orbax does not load alone either" if has_step_files(path.parent) else
+               f"as ckpt reads a directory of Orbax's trees without a {CHECKPOINT_METADATA} (a step of Orbax before "
+               "0.5, or trees a handler saved without a Checkpointer; Orbax's load reads such a tree alone)")
         raise CheckpointNotFoundError(
             f"no checkpoint at {path}: it is the checkpointable {path.name!r} of the Orbax step {path.parent}, "
-            f"which Orbax does not load alone either; load the step with checkpointable_name={path.name!r}")
+            f"{why}; load the step with checkpointable_name={path.name!r}")
 
 
 def _never_committed(step_dir: Path) -> bool:
@@ -134,8 +137,11 @@ def _is_item(item: Path, step_dir: Path) -> bool:
     name, nor a directory called so). An OCDBT database alone (``manifest.ocdbt``) is not one: Orbax
     writes one of those files beside it, and tensorstore users write such databases of their own. A
     directory with a ``_CHECKPOINT_METADATA`` is a checkpoint (a direct one), never an item."""
-    if os.path.lexists(item / CHECKPOINT_METADATA):
-        return False
+    return not os.path.lexists(item / CHECKPOINT_METADATA) and _holds_tree(item, step_dir)
+
+
+def _holds_tree(item: Path, step_dir: Path) -> bool:
+    """Whether ``item`` holds a PyTree handler's files (see :func:`_is_item`)."""
     if files.is_plain_file(item / "_METADATA"):
         try:
             metadata = files.read_json(item / "_METADATA", step_dir)
@@ -202,6 +208,8 @@ def items(step_dir: Path) -> dict[str, tuple[str, Path]]:
     handlers = _step_metadata(step_dir).get("item_handlers")
     if isinstance(handlers, str):
         return {fmt.DEFAULT_CHECKPOINTABLE: (handlers, step_dir)}
+    if handlers is None and _holds_tree(step_dir, step_dir):  # a direct checkpoint whose metadata names no handler
+        return {fmt.DEFAULT_CHECKPOINTABLE: ("", step_dir)}  # (an older Orbax): its tree, as Orbax reads it
     if isinstance(handlers, dict):  # a name without its directory wrote nothing (Orbax's own reader skips it:
         # its generated v1 steps name a 'descriptor' whose directory was removed)
         found = {name: handler if isinstance(handler, str) else "" for name, handler in handlers.items()

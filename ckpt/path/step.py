@@ -91,8 +91,8 @@ class StandardNameFormat(_FindsSteps):
     """Names like ``23``, ``0023``, ``step_23`` or ``step_0023``.
 
     Args:
-      step_prefix: joined to the number with ``_``; None for bare numbers.
-      step_format_fixed_length: zero-pads the number to this many digits.
+      step_prefix: joined to the number with ``_``; None for bare numbers ("" names step 23 ``_23``, as in Orbax).
+      step_format_fixed_length: zero-pads the number to this many digits; None or 0 (as in Orbax) for none.
 
     Example::
 
@@ -105,14 +105,17 @@ class StandardNameFormat(_FindsSteps):
     step_format_fixed_length: int | None = None
 
     def __post_init__(self):
-        if self.step_prefix is not None and not _is_plain_name(self.step_prefix):
+        if self.step_prefix is not None and not (isinstance(self.step_prefix, str)
+                                                 and _is_plain_name(self.step_prefix + "_")):
             raise ValueError(
                 f"step_prefix {self.step_prefix!r} is not a plain directory-name prefix "
-                "(empty, starts with '.', or contains a path separator)"
+                "(no str, starts with '.', or contains a path separator)"
             )
         length = self.step_format_fixed_length
-        if length is not None and (not isinstance(length, int) or length < 1):
-            raise ValueError(f"step_format_fixed_length must be a positive int, got {length!r}")
+        if length is not None and (not isinstance(length, int) or length < 0):
+            raise ValueError(f"step_format_fixed_length must be an int of at least 0, got {length!r}")
+        if not length:  # 0 is no padding: the format equals the one without
+            object.__setattr__(self, "step_format_fixed_length", length := None)
         prefix = "" if self.step_prefix is None else re.escape(self.step_prefix) + "_"
         digits = r"0|[1-9]\d*" if length is None else rf"\d{{{length}}}|[1-9]\d{{{length},}}"
         object.__setattr__(self, "_regex", re.compile(rf"{prefix}({digits})", re.ASCII))  # digits 0-9 only
@@ -261,7 +264,7 @@ def find_all(directory: str | os.PathLike, name_format: NameFormat | None = None
     return found
 
 
-_NUMBERED = re.compile(r"(?:(.+)_)?(\d+)", re.ASCII)
+_NUMBERED = re.compile(r"(?:(.*)_)?(\d+)", re.ASCII)
 _CANDIDATES = 4  # the formats, besides the default, whose steps are counted (the ones most names fit)
 
 

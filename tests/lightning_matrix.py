@@ -53,7 +53,8 @@ class Config:
     # batch_sampler (a BatchSampler over a RandomSampler with a generator of its own) | epoch_sampler (a sampler
     # that shuffles by the number set_epoch gives it, as DistributedSampler)
     workers: int = 0
-    model_checkpoint: bool = False  # Lightning's ModelCheckpoint beside ours
+    model_checkpoint: str = ""  # "before" | "after": Lightning's ModelCheckpoint (a file every 3 steps, the latest
+    # kept) listed before or after ours; its state and files are compared
     ckpt_path: str | None = None  # "last_model_path": the restarted run passes the callback's (a step directory)
     namespace: str = "pytorch_lightning"
     callbacks: tuple = ()  # Lightning's beside ours: "swa", "ema", "accumulation_scheduler", "batch_size_finder",
@@ -100,7 +101,9 @@ CONFIGS: dict[str, Config] = {
     "batch_sampler_with_a_generator": Config(kill_at=11, data="batch_sampler"),
     # workers draw the first indices as the iterator is made: the sampler must have its epoch by then
     "epoch_sampler_with_workers_mid_epoch": Config(kill_at=11, data="epoch_sampler", workers=2),
-    "model_checkpoint_beside": Config(kill_at=11, model_checkpoint=True),
+    "model_checkpoint_beside": Config(kill_at=11, model_checkpoint="before"),
+    # its file of the kill step is saved after our checkpoint of it was taken, unless ours runs after it
+    "model_checkpoint_listed_after_ours": Config(kill_at=12, model_checkpoint="after"),
     "fit_ckpt_path_last": Config(kill_at=11, ckpt_path="last"),
     "fit_ckpt_path_step_directory": Config(kill_at=11, ckpt_path="last_model_path"),
     "fit_ckpt_path_step_directory_max_steps_last_batch": Config(
@@ -435,13 +438,14 @@ def run(cfg: Config, directory: str | None, kill: bool, trace_path: str) -> dict
     if "accumulation_scheduler" in cfg.callbacks:
         callbacks.append(pl.callbacks.GradientAccumulationScheduler({0: 1, 1: 2}))
     if cfg.model_checkpoint:
-        mc_dir = os.path.join(directory or os.path.dirname(trace_path), "lightning")
-        callbacks.append(pl.callbacks.ModelCheckpoint(mc_dir, every_n_train_steps=3, save_top_k=-1))
+        mc_dir = os.path.join(directory or trace_path + ".d", "lightning")
+        callbacks.append(pl.callbacks.ModelCheckpoint(mc_dir, every_n_train_steps=3))
     if directory is not None:
-        callbacks.append(callback_module.CheckpointCallback(
-            os.path.join(directory, "ckpt"), save_decision_policy=sdp.SpecificStepsPolicy([cfg.kill_at])))
+        ours = callback_module.CheckpointCallback(
+            os.path.join(directory, "ckpt"), save_decision_policy=sdp.SpecificStepsPolicy([cfg.kill_at]))
+        callbacks.insert(len(callbacks) - (cfg.model_checkpoint == "after"), ours)
     trainer = pl.Trainer(max_epochs=cfg.max_epochs, max_steps=cfg.max_steps, callbacks=callbacks,
-                         enable_checkpointing=directory is not None or cfg.model_checkpoint, accelerator="cpu",
+                         enable_checkpointing=directory is not None or bool(cfg.model_checkpoint), accelerator="cpu",
                          devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
                          **{"num_sanity_val_steps": 0, **dict(cfg.trainer)})
     model = classes["Model"](cfg)
@@ -456,7 +460,7 @@ def run(cfg: Config, directory: str | None, kill: bool, trace_path: str) -> dict
             torch.utils.data.TensorDataset(torch.arange(16), x, x.sum(1, keepdim=True)), batch_size=8)
     ckpt_path = cfg.ckpt_path
     if ckpt_path == "last_model_path":
-        ckpt_path = (callbacks[-1].last_model_path or None) if directory is not None else None
+        ckpt_path = (ours.last_model_path or None) if directory is not None else None
     trainer.fit(model, ckpt_path=ckpt_path, **loaders)
     return {"trace": model.trace, "started_at": model.started_at, "final": final_state(trainer, data)}
 
@@ -476,7 +480,21 @@ def final_state(trainer: Any, datamodule: Any = None) -> dict:
     }
     if datamodule is not None:
         state["datamodule"] = datamodule.state_dict()
+    model_checkpoint = next((c for c in trainer.callbacks if type(c).__name__ == "ModelCheckpoint"), None)
+    if model_checkpoint is not None:  # its paths by their names: each run has a directory of its own
+        state["model_checkpoint"] = {
+            "files": sorted(os.listdir(model_checkpoint.dirpath)),
+            "state": {k: _names(v) for k, v in model_checkpoint.state_dict().items() if k != "dirpath"}}
     return state
+
+
+def _names(value: Any) -> Any:
+    """``value`` with the paths in it (a ModelCheckpoint's state) replaced by their file names."""
+    if isinstance(value, str):
+        return os.path.basename(value)
+    if isinstance(value, dict):
+        return {_names(k): _names(v) for k, v in value.items()}
+    return value
 
 
 # ---------------------------------------------------------------------------- the comparison

@@ -268,6 +268,22 @@ def test_callback_is_the_trainers_checkpoint_callback_and_exposes_best_and_last_
     assert all(math.isfinite(c.metrics["train_loss"]) for c in checkpoints)
 
 
+
+def test_a_model_checkpoint_listed_after_the_callback_runs_before_it_and_the_callback_stays_the_first_after_fit(
+        tmp_path):
+    """The callback's saves run after the other callbacks' hooks (its step then holds the ModelCheckpoint state
+    naming the file it saved at the step: tests/lightning_matrix.py's model_checkpoint_listed_after_ours); after
+    fit the Trainer has the order given, so that ckpt_path="best" reads the callback listed first."""
+    callback = CheckpointCallback(tmp_path / "ckpt", save_decision_policy=sdp.FixedIntervalPolicy(2))
+    model_checkpoint = pl.callbacks.ModelCheckpoint(tmp_path / "lightning", every_n_train_steps=2)
+    trainer = pl.Trainer(max_steps=2, callbacks=[callback, model_checkpoint], accelerator="cpu", logger=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    given = list(trainer.callbacks)
+    trainer.fit(example.Regressor(), DataLoader(example.synthetic_data(), batch_size=16))
+    saved = translate.read(callback.last_model_path)["callbacks"][model_checkpoint.state_key]
+    assert Path(saved["best_model_path"]).name == "epoch=0-step=2.ckpt"
+    assert [c for c in trainer.callbacks if c in given] == given and trainer.checkpoint_callback is callback
+
 class ValidatedAt(example.Regressor):
     """Logs a ``val_loss`` chosen by the step it is validated at."""
 

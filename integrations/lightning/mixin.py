@@ -142,6 +142,7 @@ class CheckpointCallbackMixin:
         self._epoch_start_action: str | None = None  # for the next on_train_epoch_start (see _start_epoch)
         self._restoring: tuple[str, dict, bool] | None = None  # path, checkpoint, set by torch (sharded.restores_itself)
         self._accumulation_after_epoch: int | None = None  # the Trainer's, while the saved epoch's is in force
+        self._callbacks_order: list | None = None  # trainer.callbacks as given, while this fit runs ours last
         self._metrics = monitor_lib.MeasuredMetrics(monitor)  # a save's metrics: monitor only where measured
 
     # ------------------------------------------------------------------ what Lightning reads
@@ -239,6 +240,7 @@ class CheckpointCallbackMixin:
         if stage == "fit":
             self._training_started = False
             resume.call_first_at_fit_start(trainer, self._restore_modules)
+            self._callbacks_order = resume.run_after_the_others(trainer, _peers(trainer))
         if stage == "fit" and not self._open and not trainer.fast_dev_run:  # (a smoke test: nothing saved)
             # the callback is the directory's only writer: what crashed saves left is removed
             self._checkpointer = Checkpointer(self.directory, cleanup_tmp_directories=True,
@@ -382,6 +384,8 @@ class CheckpointCallbackMixin:
             log.warning("ckpt: SIGTERM arrived while gradients were being accumulated, so nothing was saved; the "
                         "run resumes from %s", "the start" if self._saved_step is None else
                         f"step {self._saved_step}, the last one saved")
+        resume.restore_order(trainer, self._callbacks_order)
+        self._callbacks_order = None
         try:
             self._close()
         except Exception:
@@ -389,6 +393,8 @@ class CheckpointCallbackMixin:
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage == "fit":
+            resume.restore_order(trainer, self._callbacks_order)
+            self._callbacks_order = None
             self._close()
 
     # ------------------------------------------------------------------------------ saving

@@ -7,7 +7,7 @@ Lightning once: an uninterrupted reference run (shared by configurations that di
 step), and a run with the callback that SIGKILLs itself (its DataLoader workers are orphaned, as after
 an OOM kill) as soon as the checkpoint of the kill step is committed, then, at once, the same run again. It answers
 ``{"name", "ok", "problems", "seconds"}``: the restarted run must start from the kill step and end
-with the reference's final state (weights, optimizer and scheduler states, callback and datamodule
+with the reference's final state (weights, optimizer and scheduler states, loop progress, callback and datamodule
 states, torchmetrics states, logged metrics), and the killed run's trace up to its checkpoint followed
 by the restarted run's must be the reference's per-batch trace (sample ids, loss, learning rate) with
 its epoch metrics, bit for bit. Closing stdin ends the worker.
@@ -147,6 +147,11 @@ CONFIGS: dict[str, Config] = {
     "finished_by_max_epochs": Config(kill_at=24, val=True, epoch_metrics=True, scheduler="plateau_epoch"),
     "finished_by_max_steps_at_an_epochs_last_batch": Config(kill_at=16, max_epochs=-1, max_steps=16,
                                                             epoch_metrics=True, scheduler="plateau_epoch"),
+    # max_steps ends the epoch early: the finished run ended it after the step's save (and its validation)
+    "finished_by_max_steps_mid_epoch": Config(kill_at=12, max_epochs=-1, max_steps=12, epoch_metrics=True,
+                                              scheduler="plateau_epoch"),
+    "finished_by_max_steps_mid_epoch_after_validation": Config(
+        kill_at=12, max_epochs=-1, max_steps=12, val=True, epoch_metrics=True, trainer=(("val_check_interval", 4),)),
     "lightning_pytorch_namespace": Config(kill_at=13, val=True, epoch_metrics=True,
                                           namespace="lightning.pytorch"),
 }
@@ -470,6 +475,7 @@ def final_state(trainer: Any, datamodule: Any = None) -> dict:
     module = trainer.lightning_module
     state = {
         "step": trainer.global_step, "epoch": trainer.current_epoch, "model": module.state_dict(),
+        "loops": trainer.fit_loop.state_dict(),  # the progress counters, which a later checkpoint would hold
         "optimizers": [o.state_dict() for o in trainer.optimizers],
         "schedulers": [c.scheduler.state_dict() for c in trainer.lr_scheduler_configs],
         "callback_metrics": _metrics(trainer.callback_metrics),

@@ -279,10 +279,17 @@ def test_a_model_checkpoint_listed_after_the_callback_runs_before_it_and_the_cal
     trainer = pl.Trainer(max_steps=2, callbacks=[callback, model_checkpoint], accelerator="cpu", logger=False,
                          enable_progress_bar=False, enable_model_summary=False)
     given = list(trainer.callbacks)
-    trainer.fit(example.Regressor(), DataLoader(example.synthetic_data(), batch_size=16))
+    model = ReadsTheCheckpointCallbackAtFitEnd()
+    trainer.fit(model, DataLoader(example.synthetic_data(), batch_size=16))
     saved = translate.read(callback.last_model_path)["callbacks"][model_checkpoint.state_key]
     assert Path(saved["best_model_path"]).name == "epoch=0-step=2.ckpt"
     assert [c for c in trainer.callbacks if c in given] == given and trainer.checkpoint_callback is callback
+    assert model.read_at_fit_end is callback
+
+
+class ReadsTheCheckpointCallbackAtFitEnd(example.Regressor):
+    def on_fit_end(self):
+        self.read_at_fit_end = self.trainer.checkpoint_callback
 
 class ValidatedAt(example.Regressor):
     """Logs a ``val_loss`` chosen by the step it is validated at."""

@@ -9,7 +9,8 @@ What happens when:
 - ``setup`` (fit): every rank opens the :class:`ckpt.Checkpointer` (not under ``fast_dev_run``, a smoke
   test that saves and restores nothing); under ``torch.distributed`` they
   coordinate through its store (rank 0 decides and commits; replicated state is written by rank 0
-  only, the shards of sharded state, FSDP2's DTensors, by the ranks that hold them).
+  only, the shards of sharded state, FSDP2's DTensors, by the ranks that hold them). Until the training
+  ends, the callbacks run after every other callback (a ``ModelCheckpoint`` listed after them included).
 - fit start: every rank learns the latest committed step from rank 0 and, with ``restore`` and no
   ``trainer.fit(ckpt_path=...)``, restores the full training state from it in Lightning's own order:
   the model, datamodule and callbacks' states before the other callbacks' ``on_fit_start`` (a callback
@@ -371,6 +372,7 @@ class CheckpointCallbackMixin:
             why = monitor_lib.never_logged(self.monitor, self._checkpointer.checkpoints, trainer.callback_metrics)
             if why is not None and trainer.global_rank == 0:
                 log.warning("ckpt: %s", why)
+        self._restore_callbacks_order(trainer)  # the module's on_train_end and on_fit_end see the order given
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         step = trainer.global_step
@@ -384,8 +386,7 @@ class CheckpointCallbackMixin:
             log.warning("ckpt: SIGTERM arrived while gradients were being accumulated, so nothing was saved; the "
                         "run resumes from %s", "the start" if self._saved_step is None else
                         f"step {self._saved_step}, the last one saved")
-        resume.restore_order(trainer, self._callbacks_order)
-        self._callbacks_order = None
+        self._restore_callbacks_order(trainer)
         try:
             self._close()
         except Exception:
@@ -393,9 +394,12 @@ class CheckpointCallbackMixin:
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage == "fit":
-            resume.restore_order(trainer, self._callbacks_order)
-            self._callbacks_order = None
+            self._restore_callbacks_order(trainer)
             self._close()
+
+    def _restore_callbacks_order(self, trainer: Any) -> None:
+        resume.restore_order(trainer, self._callbacks_order)
+        self._callbacks_order = None
 
     # ------------------------------------------------------------------------------ saving
     def _decide(self, trainer: Any, step: int, last: bool) -> bool:

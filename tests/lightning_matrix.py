@@ -15,6 +15,7 @@ its epoch metrics, bit for bit. Closing stdin ends the worker.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import importlib
 import json
 import os
@@ -54,8 +55,10 @@ class Config:
     # that shuffles by the number set_epoch gives it, as DistributedSampler)
     workers: int = 0
     model_checkpoint: str = ""  # "before" | "after": Lightning's ModelCheckpoint (a file every 3 steps, the latest
-    # kept) listed before or after ours; its state and files are compared
-    ckpt_path: str | None = None  # "last_model_path": the restarted run passes the callback's (a step directory)
+    # kept) listed before or after ours; "val_loss": one keeping every file, by val_loss (saved after validation, or
+    # at the epoch's end when it validates there); its state and files are compared
+    ckpt_path: str | None = None  # "last_model_path": the restarted run passes the callback's (a step directory);
+    # "model_checkpoint": the ModelCheckpoint's file of the kill step
     namespace: str = "pytorch_lightning"
     callbacks: tuple = ()  # Lightning's beside ours: "swa", "ema", "accumulation_scheduler", "batch_size_finder",
     # "stop_at_second_validation" (EarlyStopping that stops at the second validation, mid-epoch)
@@ -106,6 +109,13 @@ CONFIGS: dict[str, Config] = {
     "model_checkpoint_listed_after_ours": Config(kill_at=12, model_checkpoint="after"),
     "fit_ckpt_path_last": Config(kill_at=11, ckpt_path="last"),
     "fit_ckpt_path_step_directory": Config(kill_at=11, ckpt_path="last_model_path"),
+    # a file of ModelCheckpoint's holds the callback's record too, taken in ModelCheckpoint's hook
+    "fit_ckpt_path_model_checkpoints_epoch_end_file": Config(
+        kill_at=8, val=True, epoch_metrics=True, scheduler="plateau_epoch", model_checkpoint="val_loss",
+        ckpt_path="model_checkpoint"),
+    "fit_ckpt_path_model_checkpoints_validation_end_file": Config(
+        kill_at=12, val=True, epoch_metrics=True, model_checkpoint="val_loss", ckpt_path="model_checkpoint",
+        trainer=(("val_check_interval", 0.5),)),
     "fit_ckpt_path_step_directory_max_steps_last_batch": Config(
         kill_at=8, max_epochs=-1, max_steps=20, scheduler="plateau_epoch", epoch_metrics=True,
         ckpt_path="last_model_path"),
@@ -444,7 +454,9 @@ def run(cfg: Config, directory: str | None, kill: bool, trace_path: str) -> dict
         callbacks.append(pl.callbacks.GradientAccumulationScheduler({0: 1, 1: 2}))
     if cfg.model_checkpoint:
         mc_dir = os.path.join(directory or trace_path + ".d", "lightning")
-        callbacks.append(pl.callbacks.ModelCheckpoint(mc_dir, every_n_train_steps=3))
+        every = {"monitor": "val_loss", "save_top_k": -1} if cfg.model_checkpoint == "val_loss" else {
+            "every_n_train_steps": 3}
+        callbacks.append(pl.callbacks.ModelCheckpoint(mc_dir, **every))
     if directory is not None:
         ours = callback_module.CheckpointCallback(
             os.path.join(directory, "ckpt"), save_decision_policy=sdp.SpecificStepsPolicy([cfg.kill_at]))
@@ -464,6 +476,9 @@ def run(cfg: Config, directory: str | None, kill: bool, trace_path: str) -> dict
         loaders["val_dataloaders"] = torch.utils.data.DataLoader(
             torch.utils.data.TensorDataset(torch.arange(16), x, x.sum(1, keepdim=True)), batch_size=8)
     ckpt_path = cfg.ckpt_path
+    if ckpt_path == "model_checkpoint":
+        files = glob.glob(os.path.join(mc_dir, f"*-step={cfg.kill_at}.ckpt")) if directory is not None else []
+        ckpt_path = files[0] if files else None
     if ckpt_path == "last_model_path":
         ckpt_path = (ours.last_model_path or None) if directory is not None else None
     trainer.fit(model, ckpt_path=ckpt_path, **loaders)

@@ -202,8 +202,7 @@ class CheckpointCallbackMixin:
         if trainer is None or not self._training_started:  # e.g. BatchSizeFinder's checkpoint before training
             return {}
         peers = _peers(trainer)  # any of them may be taking the checkpoint; the first keeps the epoch's record
-        point = next((c._saving_at for c in peers if c._saving_at is not None),
-                     tail.SavePoint(hook="on_train_batch_end", first_loop_iter=None))
+        point = next((c._saving_at for c in peers if c._saving_at is not None), None) or tail.others_save_point(trainer)
         state = logged.capture(trainer, in_validation_end=point.hook == "on_validation_end")
         if point.hook == "on_validation_end":  # validation ran inside the training loop's logging
             state.update(first_loop_iter=point.first_loop_iter, current_fx=None)

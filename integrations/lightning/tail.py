@@ -79,6 +79,18 @@ def save_point(trainer: Any, last: bool) -> SavePoint:
     return SavePoint(hook=hook, first_loop_iter=first_loop_iter, last=bounded)
 
 
+def others_save_point(trainer: Any) -> SavePoint:
+    """Where a checkpoint that no CheckpointCallback takes is taken (a ``ModelCheckpoint``'s, which a fit may
+    resume from with ``ckpt_path=``; ``trainer.save_checkpoint``): in the ``on_train_epoch_end`` or
+    ``on_validation_end`` hooks (``ModelCheckpoint`` saves there) when taken there, else as at a step's end."""
+    hook = trainer.lightning_module._current_fx_name
+    if hook not in ("on_train_epoch_end", "on_validation_end"):
+        hook = "on_train_batch_end"
+    # the training loop's logging state is a bool once it trained a batch, which validation follows; its
+    # value makes no difference to a restart (the next batch sets it to False)
+    return SavePoint(hook=hook, first_loop_iter=False if hook == "on_validation_end" else None)
+
+
 def _validation_due(trainer: Any) -> bool:
     """Whether the step that just ended is validated by the Trainer's interval (``val_check_interval``,
     ``check_val_every_n_epoch``), as a run going on after it would validate it: Lightning also validates

@@ -845,6 +845,20 @@ def test_unstorable_object_in_the_checkpoint_fails_at_fit_start_naming_its_key(t
     assert steps_in(tmp_path) == []
 
 
+class ConvertsItsObjectOnSave(HoldsAnObject):
+    """Does what the error above advises: its ``on_save_checkpoint`` makes the object storable."""
+
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["hyper_parameters"]["helper"] = type(checkpoint["hyper_parameters"]["helper"]).__name__
+
+
+def test_an_unstorable_object_that_on_save_checkpoint_converts_is_saved_as_converted(tmp_path):
+    """The fit-start check dumps the checkpoint without the hooks (it is no save), and refused the object that
+    the module's hook converts, with an error advising to convert it in on_save_checkpoint."""
+    fit(tmp_path, model=ConvertsItsObjectOnSave(helper=HoldsAnObject()), max_steps=2)
+    assert translate.read(str(tmp_path / "2"))["hyper_parameters"]["helper"] == "HoldsAnObject"
+
+
 def test_restoring_a_directory_written_by_a_different_model_names_the_differing_keys(tmp_path):
     fit(tmp_path, max_steps=2)
     with pytest.raises(ValueError, match=r"different model.*'net.0.weight' has shape \(64, 16\) there and \(8, 16\)"):

@@ -300,8 +300,7 @@ class CheckpointCallbackMixin:
                 + (f" (from ckpt_path={trainer.ckpt_path!r})" if trainer.ckpt_path else " (restore=False)")
                 + ": its checkpoints would collide with those steps. Use a new directory, or remove the steps "
                 f"after {step}.")
-        # un-storable values fail now; no on_save_checkpoint hook sees this dump, which saves nothing
-        self._prepare(translate.to_checkpointables(resume.dump_checkpoint(trainer, hooks=False)))
+        self._prepare(trainer)  # un-storable values fail now
         self._prepare_after_step = self.async_save  # optimizers make their state in their first step
         self._decided_step = step
         self._saved_step = self._latest_step
@@ -337,7 +336,7 @@ class CheckpointCallbackMixin:
                 self._pending = (point, force)
         elif self._prepare_after_step:
             self._prepare_after_step = False
-            self._prepare(translate.to_checkpointables(resume.dump_checkpoint(trainer, hooks=False)))
+            self._prepare(trainer)
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
         # a stop this validation requested (EarlyStopping) cuts the epoch short: saved after the epoch's end;
@@ -425,9 +424,17 @@ class CheckpointCallbackMixin:
         else:
             self._checkpointer.save_checkpointables(step, items, force=force, metrics=metrics)
 
-    def _prepare(self, items: dict[str, Any]) -> None:
-        """Has the memory of the next async save of ``items`` made and touched in the background: copying
-        into fresh memory faults its pages in, which made a first save block several times as long."""
+    def _prepare(self, trainer: Any) -> None:
+        """Checks what a save would store now, and has the memory of the next async save of it made and touched
+        in the background: copying into fresh memory faults its pages in, which made a first save block several
+        times as long. No ``on_save_checkpoint`` hook sees this dump, which saves nothing: a value ckpt cannot
+        store fails here unless such a hook of the module or a callback may convert it (the save checks it then)."""
+        try:
+            items = translate.to_checkpointables(resume.dump_checkpoint(trainer, hooks=False))
+        except TypeError:
+            if resume.saving_hooks_overridden(trainer):
+                return
+            raise
         if self._checkpointer is not None and self.async_save:
             self._checkpointer.prepare_async_save(items)
 

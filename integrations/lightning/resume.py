@@ -220,6 +220,16 @@ def dump_checkpoint(trainer: Any, *, hooks: bool = True) -> dict:
 _NONE = object()
 
 
+def saving_hooks_overridden(trainer: Any) -> bool:
+    """Whether the module or a callback of ``trainer`` has an ``on_save_checkpoint`` of its own, which may change
+    what a save stores (make a value storable, as the error for an unstorable value advises)."""
+    package = lightning_package(trainer)
+    module_hook = importlib.import_module(f"{package}.core.hooks").CheckpointHooks.on_save_checkpoint
+    callback_hook = importlib.import_module(f"{package}.callbacks").Callback.on_save_checkpoint
+    return (type(trainer.lightning_module).on_save_checkpoint is not module_hook
+            or any(type(c).on_save_checkpoint is not callback_hook for c in trainer.callbacks))
+
+
 def _no_hook(*args: Any) -> None:
     return None
 

@@ -224,6 +224,16 @@ def test_extending_a_finished_run_continues_as_if_it_had_never_stopped(tmp_path,
     assert same(final_state(trainer), expected)
 
 
+def test_a_fit_whose_max_epochs_is_below_the_restored_steps_epoch_trains_nothing_and_ends_that_epoch_unfinished(
+        tmp_path):
+    """Lightning skips such a fit and counts the restored epoch as not ended (its own resume from the step does);
+    the epoch end of a run that max_steps or max_time ended mid-epoch is not to be run there."""
+    train(parse_args(["--policy", "every:25", "--max-steps", "-1", "--max-epochs", "2"]), str(tmp_path), kill=False)
+    shutil.rmtree(tmp_path / "40")  # killed after step 25, mid-epoch 1
+    trainer = train(parse_args(["--max-steps", "-1", "--max-epochs", "1"]), str(tmp_path), kill=False)
+    assert (trainer.global_step, trainer.current_epoch) == (25, 1)
+
+
 
 def fit(directory: Path, *, model: pl.LightningModule | None = None, max_steps: int = 4, **kwargs):
     """A small fit in this process; returns the trainer and its callback."""

@@ -161,10 +161,10 @@ def finish_iteration(trainer: Any, saved_in: str, should_stop: bool, finished: b
 def finish_skipped_fit(trainer: Any, saved_in: str, should_stop: bool) -> None:
     """:func:`finish_iteration` in a fit restored from the last step of a finished run (``max_epochs`` or
     ``max_steps`` reached), whose training loop Lightning skips, ``reset`` and the epoch's end included: sets
-    the restart stages that ``reset`` sets, counts the saved batch as completed, ends an epoch that ``max_steps``
-    cut short (its epoch metrics; the ``on_train_epoch_end`` hooks are not run again) and counts the saved epoch
-    as completed, as the finished run did after it ended. Call in ``on_fit_end``, after the logged values are
-    restored."""
+    the restart stages that ``reset`` sets, counts the saved batch as completed, ends an epoch that a bound
+    (``max_steps``, ``max_time``) cut short (its epoch metrics; the ``on_train_epoch_end`` hooks are not run
+    again) and counts the saved epoch as completed, as the finished run did after it ended. Call in
+    ``on_fit_end``, after the logged values are restored."""
     fit_loop = trainer.fit_loop
     epoch_loop = fit_loop.epoch_loop
     fit_loop.update_restart_stage()
@@ -172,7 +172,7 @@ def finish_skipped_fit(trainer: Any, saved_in: str, should_stop: bool) -> None:
     if saved_in == "on_train_batch_end" and epoch_loop.restarted_on_train_batch_end:  # what reset would count
         epoch_loop.batch_progress.increment_completed()
         epoch_loop._batches_that_stepped += 1
-    if saved_in in ("on_train_batch_end", "on_validation_end"):  # a bound reached mid-epoch (SavePoint.last)
+    if saved_in in ("on_train_batch_end", "on_validation_end") and bound_reached(trainer):  # SavePoint.last
         trainer._logger_connector.epoch_end_reached()
         fit_loop.epoch_progress.increment_processed()
         finish_iteration(trainer, "on_train_epoch_end", should_stop, finished=True)

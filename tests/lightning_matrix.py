@@ -7,7 +7,7 @@ Lightning once: an uninterrupted reference run (shared by configurations that di
 step), and a run with the callback that SIGKILLs itself (its DataLoader workers are orphaned, as after
 an OOM kill) as soon as the checkpoint of the kill step is committed, then, at once, the same run again. It answers
 ``{"name", "ok", "problems", "seconds"}``: the restarted run must start from the kill step and end
-with the reference's final state (weights, optimizer and scheduler states, callback and datamodule
+with the reference's final state (weights, optimizer and scheduler states, loop progress, callback and datamodule
 states, torchmetrics states, logged metrics), and the killed run's trace up to its checkpoint followed
 by the restarted run's must be the reference's per-batch trace (sample ids, loss, learning rate) with
 its epoch metrics, bit for bit. Closing stdin ends the worker.
@@ -15,6 +15,7 @@ its epoch metrics, bit for bit. Closing stdin ends the worker.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import importlib
 import json
 import os
@@ -53,8 +54,11 @@ class Config:
     # batch_sampler (a BatchSampler over a RandomSampler with a generator of its own) | epoch_sampler (a sampler
     # that shuffles by the number set_epoch gives it, as DistributedSampler)
     workers: int = 0
-    model_checkpoint: bool = False  # Lightning's ModelCheckpoint beside ours
-    ckpt_path: str | None = None  # "last_model_path": the restarted run passes the callback's (a step directory)
+    model_checkpoint: str = ""  # "before" | "after": Lightning's ModelCheckpoint (a file every 3 steps, the latest
+    # kept) listed before or after ours; "val_loss": one keeping every file, by val_loss (saved after validation, or
+    # at the epoch's end when it validates there); its state and files are compared
+    ckpt_path: str | None = None  # "last_model_path": the restarted run passes the callback's (a step directory);
+    # "model_checkpoint": the ModelCheckpoint's file of the kill step
     namespace: str = "pytorch_lightning"
     callbacks: tuple = ()  # Lightning's beside ours: "swa", "ema", "accumulation_scheduler", "batch_size_finder",
     # "stop_at_second_validation" (EarlyStopping that stops at the second validation, mid-epoch)
@@ -100,9 +104,18 @@ CONFIGS: dict[str, Config] = {
     "batch_sampler_with_a_generator": Config(kill_at=11, data="batch_sampler"),
     # workers draw the first indices as the iterator is made: the sampler must have its epoch by then
     "epoch_sampler_with_workers_mid_epoch": Config(kill_at=11, data="epoch_sampler", workers=2),
-    "model_checkpoint_beside": Config(kill_at=11, model_checkpoint=True),
+    "model_checkpoint_beside": Config(kill_at=11, model_checkpoint="before"),
+    # its file of the kill step is saved after our checkpoint of it was taken, unless ours runs after it
+    "model_checkpoint_listed_after_ours": Config(kill_at=12, model_checkpoint="after"),
     "fit_ckpt_path_last": Config(kill_at=11, ckpt_path="last"),
     "fit_ckpt_path_step_directory": Config(kill_at=11, ckpt_path="last_model_path"),
+    # a file of ModelCheckpoint's holds the callback's record too, taken in ModelCheckpoint's hook
+    "fit_ckpt_path_model_checkpoints_epoch_end_file": Config(
+        kill_at=8, val=True, epoch_metrics=True, scheduler="plateau_epoch", model_checkpoint="val_loss",
+        ckpt_path="model_checkpoint"),
+    "fit_ckpt_path_model_checkpoints_validation_end_file": Config(
+        kill_at=12, val=True, epoch_metrics=True, model_checkpoint="val_loss", ckpt_path="model_checkpoint",
+        trainer=(("val_check_interval", 0.5),)),
     "fit_ckpt_path_step_directory_max_steps_last_batch": Config(
         kill_at=8, max_epochs=-1, max_steps=20, scheduler="plateau_epoch", epoch_metrics=True,
         ckpt_path="last_model_path"),
@@ -144,6 +157,11 @@ CONFIGS: dict[str, Config] = {
     "finished_by_max_epochs": Config(kill_at=24, val=True, epoch_metrics=True, scheduler="plateau_epoch"),
     "finished_by_max_steps_at_an_epochs_last_batch": Config(kill_at=16, max_epochs=-1, max_steps=16,
                                                             epoch_metrics=True, scheduler="plateau_epoch"),
+    # max_steps ends the epoch early: the finished run ended it after the step's save (and its validation)
+    "finished_by_max_steps_mid_epoch": Config(kill_at=12, max_epochs=-1, max_steps=12, epoch_metrics=True,
+                                              scheduler="plateau_epoch"),
+    "finished_by_max_steps_mid_epoch_after_validation": Config(
+        kill_at=12, max_epochs=-1, max_steps=12, val=True, epoch_metrics=True, trainer=(("val_check_interval", 4),)),
     "lightning_pytorch_namespace": Config(kill_at=13, val=True, epoch_metrics=True,
                                           namespace="lightning.pytorch"),
 }
@@ -435,13 +453,16 @@ def run(cfg: Config, directory: str | None, kill: bool, trace_path: str) -> dict
     if "accumulation_scheduler" in cfg.callbacks:
         callbacks.append(pl.callbacks.GradientAccumulationScheduler({0: 1, 1: 2}))
     if cfg.model_checkpoint:
-        mc_dir = os.path.join(directory or os.path.dirname(trace_path), "lightning")
-        callbacks.append(pl.callbacks.ModelCheckpoint(mc_dir, every_n_train_steps=3, save_top_k=-1))
+        mc_dir = os.path.join(directory or trace_path + ".d", "lightning")
+        every = {"monitor": "val_loss", "save_top_k": -1} if cfg.model_checkpoint == "val_loss" else {
+            "every_n_train_steps": 3}
+        callbacks.append(pl.callbacks.ModelCheckpoint(mc_dir, **every))
     if directory is not None:
-        callbacks.append(callback_module.CheckpointCallback(
-            os.path.join(directory, "ckpt"), save_decision_policy=sdp.SpecificStepsPolicy([cfg.kill_at])))
+        ours = callback_module.CheckpointCallback(
+            os.path.join(directory, "ckpt"), save_decision_policy=sdp.SpecificStepsPolicy([cfg.kill_at]))
+        callbacks.insert(len(callbacks) - (cfg.model_checkpoint == "after"), ours)
     trainer = pl.Trainer(max_epochs=cfg.max_epochs, max_steps=cfg.max_steps, callbacks=callbacks,
-                         enable_checkpointing=directory is not None or cfg.model_checkpoint, accelerator="cpu",
+                         enable_checkpointing=directory is not None or bool(cfg.model_checkpoint), accelerator="cpu",
                          devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
                          **{"num_sanity_val_steps": 0, **dict(cfg.trainer)})
     model = classes["Model"](cfg)
@@ -455,8 +476,11 @@ def run(cfg: Config, directory: str | None, kill: bool, trace_path: str) -> dict
         loaders["val_dataloaders"] = torch.utils.data.DataLoader(
             torch.utils.data.TensorDataset(torch.arange(16), x, x.sum(1, keepdim=True)), batch_size=8)
     ckpt_path = cfg.ckpt_path
+    if ckpt_path == "model_checkpoint":
+        files = glob.glob(os.path.join(mc_dir, f"*-step={cfg.kill_at}.ckpt")) if directory is not None else []
+        ckpt_path = files[0] if files else None
     if ckpt_path == "last_model_path":
-        ckpt_path = (callbacks[-1].last_model_path or None) if directory is not None else None
+        ckpt_path = (ours.last_model_path or None) if directory is not None else None
     trainer.fit(model, ckpt_path=ckpt_path, **loaders)
     return {"trace": model.trace, "started_at": model.started_at, "final": final_state(trainer, data)}
 
@@ -466,6 +490,7 @@ def final_state(trainer: Any, datamodule: Any = None) -> dict:
     module = trainer.lightning_module
     state = {
         "step": trainer.global_step, "epoch": trainer.current_epoch, "model": module.state_dict(),
+        "loops": trainer.fit_loop.state_dict(),  # the progress counters, which a later checkpoint would hold
         "optimizers": [o.state_dict() for o in trainer.optimizers],
         "schedulers": [c.scheduler.state_dict() for c in trainer.lr_scheduler_configs],
         "callback_metrics": _metrics(trainer.callback_metrics),
@@ -476,7 +501,21 @@ def final_state(trainer: Any, datamodule: Any = None) -> dict:
     }
     if datamodule is not None:
         state["datamodule"] = datamodule.state_dict()
+    model_checkpoint = next((c for c in trainer.callbacks if type(c).__name__ == "ModelCheckpoint"), None)
+    if model_checkpoint is not None:  # its paths by their names: each run has a directory of its own
+        state["model_checkpoint"] = {
+            "files": sorted(os.listdir(model_checkpoint.dirpath)),
+            "state": {k: _names(v) for k, v in model_checkpoint.state_dict().items() if k != "dirpath"}}
     return state
+
+
+def _names(value: Any) -> Any:
+    """``value`` with the paths in it (a ModelCheckpoint's state) replaced by their file names."""
+    if isinstance(value, str):
+        return os.path.basename(value)
+    if isinstance(value, dict):
+        return {_names(k): _names(v) for k, v in value.items()}
+    return value
 
 
 # ---------------------------------------------------------------------------- the comparison

@@ -224,6 +224,16 @@ def test_extending_a_finished_run_continues_as_if_it_had_never_stopped(tmp_path,
     assert same(final_state(trainer), expected)
 
 
+def test_a_fit_whose_max_epochs_is_below_the_restored_steps_epoch_trains_nothing_and_ends_that_epoch_unfinished(
+        tmp_path):
+    """Lightning skips such a fit and counts the restored epoch as not ended (its own resume from the step does);
+    the epoch end of a run that max_steps or max_time ended mid-epoch is not to be run there."""
+    train(parse_args(["--policy", "every:25", "--max-steps", "-1", "--max-epochs", "2"]), str(tmp_path), kill=False)
+    shutil.rmtree(tmp_path / "40")  # killed after step 25, mid-epoch 1
+    trainer = train(parse_args(["--max-steps", "-1", "--max-epochs", "1"]), str(tmp_path), kill=False)
+    assert (trainer.global_step, trainer.current_epoch) == (25, 1)
+
+
 
 def fit(directory: Path, *, model: pl.LightningModule | None = None, max_steps: int = 4, **kwargs):
     """A small fit in this process; returns the trainer and its callback."""
@@ -267,6 +277,29 @@ def test_callback_is_the_trainers_checkpoint_callback_and_exposes_best_and_last_
     assert callback.best_model_path == str(best.path)
     assert all(math.isfinite(c.metrics["train_loss"]) for c in checkpoints)
 
+
+
+def test_a_model_checkpoint_listed_after_the_callback_runs_before_it_and_the_callback_stays_the_first_after_fit(
+        tmp_path):
+    """The callback's saves run after the other callbacks' hooks (its step then holds the ModelCheckpoint state
+    naming the file it saved at the step: tests/lightning_matrix.py's model_checkpoint_listed_after_ours); after
+    fit the Trainer has the order given, so that ckpt_path="best" reads the callback listed first."""
+    callback = CheckpointCallback(tmp_path / "ckpt", save_decision_policy=sdp.FixedIntervalPolicy(2))
+    model_checkpoint = pl.callbacks.ModelCheckpoint(tmp_path / "lightning", every_n_train_steps=2)
+    trainer = pl.Trainer(max_steps=2, callbacks=[callback, model_checkpoint], accelerator="cpu", logger=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    given = list(trainer.callbacks)
+    model = ReadsTheCheckpointCallbackAtFitEnd()
+    trainer.fit(model, DataLoader(example.synthetic_data(), batch_size=16))
+    saved = translate.read(callback.last_model_path)["callbacks"][model_checkpoint.state_key]
+    assert Path(saved["best_model_path"]).name == "epoch=0-step=2.ckpt"
+    assert [c for c in trainer.callbacks if c in given] == given and trainer.checkpoint_callback is callback
+    assert model.read_at_fit_end is callback
+
+
+class ReadsTheCheckpointCallbackAtFitEnd(example.Regressor):
+    def on_fit_end(self):
+        self.read_at_fit_end = self.trainer.checkpoint_callback
 
 class ValidatedAt(example.Regressor):
     """Logs a ``val_loss`` chosen by the step it is validated at."""
@@ -820,6 +853,20 @@ def test_unstorable_object_in_the_checkpoint_fails_at_fit_start_naming_its_key(t
     with pytest.raises(TypeError, match=r"checkpoint\['hyper_parameters'\]\['helper'\] is a .*HoldsAnObject"):
         fit(tmp_path, model=HoldsAnObject(helper=HoldsAnObject()))
     assert steps_in(tmp_path) == []
+
+
+class ConvertsItsObjectOnSave(HoldsAnObject):
+    """Does what the error above advises: its ``on_save_checkpoint`` makes the object storable."""
+
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["hyper_parameters"]["helper"] = type(checkpoint["hyper_parameters"]["helper"]).__name__
+
+
+def test_an_unstorable_object_that_on_save_checkpoint_converts_is_saved_as_converted(tmp_path):
+    """The fit-start check dumps the checkpoint without the hooks (it is no save), and refused the object that
+    the module's hook converts, with an error advising to convert it in on_save_checkpoint."""
+    fit(tmp_path, model=ConvertsItsObjectOnSave(helper=HoldsAnObject()), max_steps=2)
+    assert translate.read(str(tmp_path / "2"))["hyper_parameters"]["helper"] == "HoldsAnObject"
 
 
 def test_restoring_a_directory_written_by_a_different_model_names_the_differing_keys(tmp_path):

@@ -1,6 +1,6 @@
 """Every Trainer configuration in tests/lightning_matrix.py, SIGKILLed after the checkpoint of the step
 that exposes its problem and started again at once, ends bit-identical to a run never killed: final
-weights, optimizer, scheduler, callback, datamodule and torchmetrics states, logged metrics, and the
+weights, optimizer, scheduler, loop progress, callback, datamodule and torchmetrics states, logged metrics, and the
 per-batch trace of sample ids, losses and learning rates.
 
 One worker process (imports done once) runs the configurations; each run is a forked child."""

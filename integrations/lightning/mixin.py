@@ -9,7 +9,8 @@ What happens when:
 - ``setup`` (fit): every rank opens the :class:`ckpt.Checkpointer` (not under ``fast_dev_run``, a smoke
   test that saves and restores nothing); under ``torch.distributed`` they
   coordinate through its store (rank 0 decides and commits; replicated state is written by rank 0
-  only, the shards of sharded state, FSDP2's DTensors, by the ranks that hold them).
+  only, the shards of sharded state, FSDP2's DTensors, by the ranks that hold them). Until the training
+  ends, the callbacks run after every other callback (a ``ModelCheckpoint`` listed after them included).
 - fit start: every rank learns the latest committed step from rank 0 and, with ``restore`` and no
   ``trainer.fit(ckpt_path=...)``, restores the full training state from it in Lightning's own order:
   the model, datamodule and callbacks' states before the other callbacks' ``on_fit_start`` (a callback
@@ -142,6 +143,7 @@ class CheckpointCallbackMixin:
         self._epoch_start_action: str | None = None  # for the next on_train_epoch_start (see _start_epoch)
         self._restoring: tuple[str, dict, bool] | None = None  # path, checkpoint, set by torch (sharded.restores_itself)
         self._accumulation_after_epoch: int | None = None  # the Trainer's, while the saved epoch's is in force
+        self._callbacks_order: list | None = None  # trainer.callbacks as given, while this fit runs ours last
         self._metrics = monitor_lib.MeasuredMetrics(monitor)  # a save's metrics: monitor only where measured
 
     # ------------------------------------------------------------------ what Lightning reads
@@ -200,8 +202,7 @@ class CheckpointCallbackMixin:
         if trainer is None or not self._training_started:  # e.g. BatchSizeFinder's checkpoint before training
             return {}
         peers = _peers(trainer)  # any of them may be taking the checkpoint; the first keeps the epoch's record
-        point = next((c._saving_at for c in peers if c._saving_at is not None),
-                     tail.SavePoint(hook="on_train_batch_end", first_loop_iter=None))
+        point = next((c._saving_at for c in peers if c._saving_at is not None), None) or tail.others_save_point(trainer)
         state = logged.capture(trainer, in_validation_end=point.hook == "on_validation_end")
         if point.hook == "on_validation_end":  # validation ran inside the training loop's logging
             state.update(first_loop_iter=point.first_loop_iter, current_fx=None)
@@ -239,6 +240,7 @@ class CheckpointCallbackMixin:
         if stage == "fit":
             self._training_started = False
             resume.call_first_at_fit_start(trainer, self._restore_modules)
+            self._callbacks_order = resume.run_after_the_others(trainer, _peers(trainer))
         if stage == "fit" and not self._open and not trainer.fast_dev_run:  # (a smoke test: nothing saved)
             # the callback is the directory's only writer: what crashed saves left is removed
             self._checkpointer = Checkpointer(self.directory, cleanup_tmp_directories=True,
@@ -298,8 +300,7 @@ class CheckpointCallbackMixin:
                 + (f" (from ckpt_path={trainer.ckpt_path!r})" if trainer.ckpt_path else " (restore=False)")
                 + ": its checkpoints would collide with those steps. Use a new directory, or remove the steps "
                 f"after {step}.")
-        # un-storable values fail now; no on_save_checkpoint hook sees this dump, which saves nothing
-        self._prepare(translate.to_checkpointables(resume.dump_checkpoint(trainer, hooks=False)))
+        self._prepare(trainer)  # un-storable values fail now
         self._prepare_after_step = self.async_save  # optimizers make their state in their first step
         self._decided_step = step
         self._saved_step = self._latest_step
@@ -335,7 +336,7 @@ class CheckpointCallbackMixin:
                 self._pending = (point, force)
         elif self._prepare_after_step:
             self._prepare_after_step = False
-            self._prepare(translate.to_checkpointables(resume.dump_checkpoint(trainer, hooks=False)))
+            self._prepare(trainer)
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
         # a stop this validation requested (EarlyStopping) cuts the epoch short: saved after the epoch's end;
@@ -369,6 +370,7 @@ class CheckpointCallbackMixin:
             why = monitor_lib.never_logged(self.monitor, self._checkpointer.checkpoints, trainer.callback_metrics)
             if why is not None and trainer.global_rank == 0:
                 log.warning("ckpt: %s", why)
+        self._restore_callbacks_order(trainer)  # the module's on_train_end and on_fit_end see the order given
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         step = trainer.global_step
@@ -382,6 +384,7 @@ class CheckpointCallbackMixin:
             log.warning("ckpt: SIGTERM arrived while gradients were being accumulated, so nothing was saved; the "
                         "run resumes from %s", "the start" if self._saved_step is None else
                         f"step {self._saved_step}, the last one saved")
+        self._restore_callbacks_order(trainer)
         try:
             self._close()
         except Exception:
@@ -389,7 +392,12 @@ class CheckpointCallbackMixin:
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage == "fit":
+            self._restore_callbacks_order(trainer)
             self._close()
+
+    def _restore_callbacks_order(self, trainer: Any) -> None:
+        resume.restore_order(trainer, self._callbacks_order)
+        self._callbacks_order = None
 
     # ------------------------------------------------------------------------------ saving
     def _decide(self, trainer: Any, step: int, last: bool) -> bool:
@@ -416,9 +424,17 @@ class CheckpointCallbackMixin:
         else:
             self._checkpointer.save_checkpointables(step, items, force=force, metrics=metrics)
 
-    def _prepare(self, items: dict[str, Any]) -> None:
-        """Has the memory of the next async save of ``items`` made and touched in the background: copying
-        into fresh memory faults its pages in, which made a first save block several times as long."""
+    def _prepare(self, trainer: Any) -> None:
+        """Checks what a save would store now, and has the memory of the next async save of it made and touched
+        in the background: copying into fresh memory faults its pages in, which made a first save block several
+        times as long. No ``on_save_checkpoint`` hook sees this dump, which saves nothing: a value ckpt cannot
+        store fails here unless such a hook of the module or a callback may convert it (the save checks it then)."""
+        try:
+            items = translate.to_checkpointables(resume.dump_checkpoint(trainer, hooks=False))
+        except TypeError:
+            if resume.saving_hooks_overridden(trainer):
+                return
+            raise
         if self._checkpointer is not None and self.async_save:
             self._checkpointer.prepare_async_save(items)
 

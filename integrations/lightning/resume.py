@@ -136,6 +136,27 @@ def call_first_at_fit_start(trainer: Any, hook: Callable[[Any, Any], None]) -> N
         trainer.callbacks = [_first_callback_class(lightning_package(trainer))(hook), *trainer.callbacks]
 
 
+def run_after_the_others(trainer: Any, ours: list[Any]) -> list[Any] | None:
+    """Moves ``ours`` (callbacks of ``trainer``, kept in their order) after every other callback, so that a
+    checkpoint they take in a hook holds the states the others' same hook gave (a ``ModelCheckpoint`` listed
+    after them saves its file of the step there, and its state then names it); returns the list as it was
+    (None: already so), for :func:`restore_order`. Call in ``setup``: the list is replaced, not changed in place."""
+    callbacks = list(trainer.callbacks)
+    mine = {id(c) for c in ours}
+    moved = [c for c in callbacks if id(c) not in mine] + [c for c in callbacks if id(c) in mine]
+    if [id(c) for c in moved] == [id(c) for c in callbacks]:
+        return None
+    trainer.callbacks = moved
+    return callbacks
+
+
+def restore_order(trainer: Any, order: list[Any] | None) -> None:
+    """Puts ``trainer``'s callbacks back in ``order`` (from :func:`run_after_the_others`) when they are the same
+    callbacks: Lightning's ``ckpt_path="best"`` reads the first checkpoint callback in the order the user gave."""
+    if order is not None and sorted(map(id, order)) == sorted(map(id, trainer.callbacks)):
+        trainer.callbacks = order
+
+
 @functools.cache
 def _first_callback_class(package: str) -> type:
     base = importlib.import_module(f"{package}.callbacks").Callback
@@ -197,6 +218,16 @@ def dump_checkpoint(trainer: Any, *, hooks: bool = True) -> dict:
 
 
 _NONE = object()
+
+
+def saving_hooks_overridden(trainer: Any) -> bool:
+    """Whether the module or a callback of ``trainer`` has an ``on_save_checkpoint`` of its own, which may change
+    what a save stores (make a value storable, as the error for an unstorable value advises)."""
+    package = lightning_package(trainer)
+    module_hook = importlib.import_module(f"{package}.core.hooks").CheckpointHooks.on_save_checkpoint
+    callback_hook = importlib.import_module(f"{package}.callbacks").Callback.on_save_checkpoint
+    return (type(trainer.lightning_module).on_save_checkpoint is not module_hook
+            or any(type(c).on_save_checkpoint is not callback_hook for c in trainer.callbacks))
 
 
 def _no_hook(*args: Any) -> None:

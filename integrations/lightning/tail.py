@@ -79,6 +79,18 @@ def save_point(trainer: Any, last: bool) -> SavePoint:
     return SavePoint(hook=hook, first_loop_iter=first_loop_iter, last=bounded)
 
 
+def others_save_point(trainer: Any) -> SavePoint:
+    """Where a checkpoint that no CheckpointCallback takes is taken (a ``ModelCheckpoint``'s, which a fit may
+    resume from with ``ckpt_path=``; ``trainer.save_checkpoint``): in the ``on_train_epoch_end`` or
+    ``on_validation_end`` hooks (``ModelCheckpoint`` saves there) when taken there, else as at a step's end."""
+    hook = trainer.lightning_module._current_fx_name
+    if hook not in ("on_train_epoch_end", "on_validation_end"):
+        hook = "on_train_batch_end"
+    # the training loop's logging state is a bool once it trained a batch, which validation follows; its
+    # value makes no difference to a restart (the next batch sets it to False)
+    return SavePoint(hook=hook, first_loop_iter=False if hook == "on_validation_end" else None)
+
+
 def _validation_due(trainer: Any) -> bool:
     """Whether the step that just ended is validated by the Trainer's interval (``val_check_interval``,
     ``check_val_every_n_epoch``), as a run going on after it would validate it: Lightning also validates
@@ -149,14 +161,25 @@ def finish_iteration(trainer: Any, saved_in: str, should_stop: bool, finished: b
 def finish_skipped_fit(trainer: Any, saved_in: str, should_stop: bool) -> None:
     """:func:`finish_iteration` in a fit restored from the last step of a finished run (``max_epochs`` or
     ``max_steps`` reached), whose training loop Lightning skips, ``reset`` and the epoch's end included: sets
-    the restart stages that ``reset`` sets, and counts the saved epoch as completed, as the finished run did
-    after it ended. Call in ``on_fit_end``, after the logged values are restored."""
+    the restart stages that ``reset`` sets, counts the saved batch as completed, ends an epoch that a bound
+    (``max_steps``, ``max_time``) cut short (its epoch metrics; the ``on_train_epoch_end`` hooks are not run
+    again) and counts the saved epoch as completed, as the finished run did after it ended. Call in
+    ``on_fit_end``, after the logged values are restored."""
     fit_loop = trainer.fit_loop
+    epoch_loop = fit_loop.epoch_loop
     fit_loop.update_restart_stage()
     finish_iteration(trainer, saved_in, should_stop, finished=True)
+    if saved_in == "on_train_batch_end" and epoch_loop.restarted_on_train_batch_end:  # what reset would count
+        epoch_loop.batch_progress.increment_completed()
+        epoch_loop._batches_that_stepped += 1
+    if saved_in in ("on_train_batch_end", "on_validation_end") and bound_reached(trainer):  # SavePoint.last
+        trainer._logger_connector.epoch_end_reached()
+        fit_loop.epoch_progress.increment_processed()
+        finish_iteration(trainer, "on_train_epoch_end", should_stop, finished=True)
+        saved_in = "on_train_epoch_end"
     if saved_in == "on_train_epoch_end":
-        progress = fit_loop.epoch_progress.current
-        progress.completed = progress.processed
+        for progress in (fit_loop.epoch_progress.total, fit_loop.epoch_progress.current):
+            progress.completed = progress.processed
 
 
 def end_restart(trainer: Any) -> None:

@@ -254,9 +254,9 @@ def _dtensor_leaf(path: KeyPath, x: Any) -> HostLeaf:
     """A DTensor: stored as a plain tensor when small (its whole left to :func:`gather`), else written
     shard by shard."""
     dtensor.refuse_partial(path, x)
-    local = torch_to_numpy(path, x.to_local())  # the dtype as stored, even from an empty shard
-    _check_array(path, local.dtype, tuple(x.shape), "torch tensor")
-    meta = {"type": "torch", "dtype": dtype_name(local.dtype), "shape": list(x.shape)}
+    dtype = torch_to_numpy(path, x.to_local().unsqueeze(0)[:0]).dtype  # from an empty view: no copy off a device
+    _check_array(path, dtype, tuple(x.shape), "torch tensor")
+    meta = {"type": "torch", "dtype": dtype_name(dtype), "shape": list(x.shape)}
     if dtensor.is_small(x):
         return HostLeaf(meta, None, gather=x)
     def host(shards: list[tuple[dtensor.Index, Any]]) -> list[tuple[dtensor.Index, np.ndarray]]:

@@ -385,7 +385,8 @@ def test_every_file_and_directory_is_fsynced_before_the_manifest_and_the_rename_
 # ------------------------------------------------------- a table of packed leaves, read column by column
 PACKED_ONLY = {"f": np.arange(7, dtype=np.float32), "i": np.arange(6, dtype=np.int64).reshape(2, 3),
                "zero_d": np.array(2.5, np.float64), "empty": np.zeros((0, 4), np.int16),
-               "odd": np.array([b"abc", b"de"], "S3"), "h": np.arange(5, dtype=ml_dtypes.bfloat16),
+               "odd": np.array([b"abc", b"de"], "S3"), "odd_0d": np.array(b"xyz", "S3"),
+               "h": np.arange(5, dtype=ml_dtypes.bfloat16),
                "nested": {"b": np.array([True, False]), "u": np.arange(3, dtype=np.uint8)}}
 
 

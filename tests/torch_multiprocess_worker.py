@@ -217,8 +217,18 @@ def free_save() -> None:
     mesh = init_device_mesh("cpu", (world,))
     whole = {"small": torch.arange(8.0), "big": torch.arange(600 * 600.0).reshape(600, 600)}
     path = f"{directory}-free"
-    with ckpt.Context(async_options=ckpt.AsyncOptions(timeout_secs=30)):
-        ckpt.save(path, {k: distribute_tensor(v, mesh, [Shard(0)], src_data_rank=None) for k, v in whole.items()})
+    copies, to_numpy = {}, ckpt.leaves.torch_to_numpy  # each tensor's bytes a save reads (a copy off an accelerator)
+
+    def counted(where, t):
+        copies[where[0][1]] = copies.get(where[0][1], 0) + (t.numel() > 0)
+        return to_numpy(where, t)
+    ckpt.leaves.torch_to_numpy = counted
+    try:
+        with ckpt.Context(async_options=ckpt.AsyncOptions(timeout_secs=30)):
+            ckpt.save(path, {k: distribute_tensor(v, mesh, [Shard(0)], src_data_rank=None) for k, v in whole.items()})
+    finally:
+        ckpt.leaves.torch_to_numpy = to_numpy
+    say(f"rank {rank} free save copies: {sorted(copies.items())}")
     loaded = ckpt.load(path)
     assert all(torch.equal(loaded[k], v) for k, v in whole.items()), loaded
     say(f"rank {rank} free save: whole")

@@ -142,6 +142,14 @@ def test_a_save_failing_on_one_rank_raises_on_every_rank_at_once_and_commits_not
     assert f"rank 1 overwrite failed: {said}" in out, out  # (rank 0 waited for rank 1 until the timeout)
     assert (f"rank 0 overwrite failed: RuntimeError: the save of {tmp_path / 'run' / '5'} failed in another process "
             f"(process 1: {said}); nothing was committed") in out, out
+    # (a forced save skipped the decision's broadcast: the ranks waited for each other until the timeout)
+    said = ("process 1 saves step 6 without force=True, process 0 with it: every process passes the same force (a "
+            f"forced save skips the save-decision policy) to the save of one step of {tmp_path / 'run'}; nothing was written")
+    assert f"rank 1 force failed: ValueError: {said}\n" in out, out
+    assert (f"rank 0 force failed: RuntimeError: the save of {tmp_path / 'run' / '6'} failed in another process "
+            f"(process 1: ValueError: {said}); nothing was committed") in out, out
+    assert "rank 0 behind forced: False" in out, out  # rank 0's policy declines a step below the latest
+    assert "rank 1 behind forced failed: process 1 saves step 3 with force=True, process 0 without it" in out, out
     assert "rank 0 steps [5], step 5 holds [1.0, 1.0]" in out and "rank 1 steps [5], step 5 holds [1.0, 1.0]" in out, out
     assert not (tmp_path / "run-free").exists()
 

@@ -365,7 +365,8 @@ class FailsOnRank1:
 def failing_saves(ckptr: Checkpointer) -> None:
     """A save that fails on rank 1 (sync, async, in the part of the save its caller waits for, and in its
     plan, through the Checkpointer and ``ckpt.save``; an overwrite only rank 0 asks for): every rank raises
-    within seconds, not after the timeout, and nothing is committed; the next save is whole."""
+    within seconds, not after the timeout, and nothing is committed; the next save is whole. Then saves forced on
+    one rank alone."""
     with ckpt.Context(async_options=ckpt.AsyncOptions(timeout_secs=20)):
         for step, how in ((1, "sync"), (2, "async"), (3, "start"), (4, "plan"), (None, "free")):
             items = {"state": {"w": torch.ones(2)}, "extra": FailsOnRank1(at_start=how == "start")}
@@ -385,6 +386,14 @@ def failing_saves(ckptr: Checkpointer) -> None:
             ckptr.save(5, {"w": torch.zeros(2)}, force=True, overwrite=rank == 0)
         except ckpt.errors.StepAlreadyExistsError if rank == 1 else RuntimeError as e:
             say(f"rank {rank} overwrite failed: {type(e).__name__}: {e}")
+        try:  # a save rank 0 alone forces (rank 1 asks its policy): every rank raises where every rank meets
+            ckptr.save(6, {"w": torch.ones(2)}, force=rank == 0)
+        except ValueError if rank == 1 else RuntimeError as e:
+            say(f"rank {rank} force failed: {type(e).__name__}: {e}")
+        try:  # a step below the latest that rank 1 alone forces: rank 0 declines it, rank 1 raises
+            say(f"rank {rank} behind forced: {ckptr.save(3, {'w': torch.ones(2)}, force=rank == 1)}")
+        except ValueError as e:
+            say(f"rank {rank} behind forced failed: {e}")
     say(f"rank {rank} steps {[c.step for c in ckptr.checkpoints]}, step 5 holds {ckptr.load(5)['w'].tolist()}")
 
 

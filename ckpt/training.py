@@ -919,8 +919,8 @@ class Checkpointer:
 
         Raises:
           StepNotFoundError: no such step, and ``missing_ok`` is not set.
-          ValueError: in a multi-process job, the processes delete different steps (on every process; nothing is
-            deleted).
+          ValueError: in a multi-process job, the processes delete different steps, one of which some do not hold
+            (on every process; nothing is deleted).
           DirectoryLockedError, RootNotWritableError: another Checkpointer writes the root, or this process may
             not write there; the step is kept, and still listed.
           RuntimeError: the Checkpointer is closed (Orbax's deletes again).
@@ -957,13 +957,16 @@ class Checkpointer:
         if info is not None and self._processes.index == 0:
             self._take_directory()  # (before anything is deleted or forgotten: another writer may hold the root)
         held_locally = self._local is not None and self._local.checkpointer.delete(number, missing_ok=True)
+        operation, timeout = self._operation("delete"), self._ctx.async_options.timeout_secs
         if info is None:
+            if self._processes.count > 1:  # (the others compare their steps with this one's, then delete: here too,
+                # so that a rank deleting another step is named on every rank, and none waits for this one)
+                self._delete_everywhere(operation, number, lambda: None, timeout, f"the deletion of step {number}")
             if held_locally or missing_ok:
                 return background.finished(held_locally)
             raise self._not_found(number)
         self._forget(number)
         self._deleting.add(number)
-        operation, timeout = self._operation("delete"), self._ctx.async_options.timeout_secs
         primary = self._processes.index == 0
 
         def delete_here() -> None:  # every process forgets it; the primary deletes
@@ -973,13 +976,8 @@ class Checkpointer:
 
         def job() -> bool:  # every process returns (or raises) once the step is deleted
             try:
-                differ = distributed.differences(self._processes, f"{operation}/step", number, number, timeout)
-                if differ:
-                    steps = "; ".join(f"process {i}: {step}" for i, step in sorted(differ.items()))
-                    raise ValueError(f"the processes of this job delete different steps ({steps}) of "
-                                     f"{self._directory}: every process deletes the same one; nothing was deleted")
-                distributed.settle(self._processes, operation, delete_here, timeout,
-                                   f"the deletion of step {number} ({info.path})", commits=False)
+                self._delete_everywhere(operation, number, delete_here, timeout,
+                                        f"the deletion of step {number} ({info.path})")
                 self._deleted.add(number)
             except BaseException:
                 if storage.exists(info.path):  # still there: listed again
@@ -992,6 +990,18 @@ class Checkpointer:
 
         self._deletion = self._writer.submit(job, what=f"the deletion of step {number} ({info.path})")
         return self._deletion
+
+    def _delete_everywhere(self, operation: str, number: int, delete_here: Callable[[], None], timeout: float,
+                           task: str) -> None:
+        """Compares this process's step ``number`` with the others', then runs ``delete_here`` where each process
+        meets the others (see :func:`ckpt.distributed.settle`): a ValueError on every process when their steps
+        differ, nothing deleted."""
+        differ = distributed.differences(self._processes, f"{operation}/step", number, number, timeout)
+        if differ:
+            steps = "; ".join(f"process {i}: {step}" for i, step in sorted(differ.items()))
+            raise ValueError(f"the processes of this job delete different steps ({steps}) of "
+                             f"{self._directory}: every process deletes the same one; nothing was deleted")
+        distributed.settle(self._processes, operation, delete_here, timeout, task, commits=False)
 
     # ---------------------------------------------------------------------------------- metadata
     def metadata(self, step: int | CheckpointMetadata | None = None) -> CheckpointMetadata:

@@ -169,6 +169,8 @@ def test_a_step_or_checkpoint_every_rank_deletes_is_gone_on_every_rank_before_an
         assert f"rank {r} free deletes: steps [0, 1, 2]" in out, out
         assert (f"rank {r} deletes refused: the processes of this job delete different steps (process 0: 0; process 1: "
                 f"1) of {tmp_path / 'run'}: every process deletes the same one; nothing was deleted") in out, out
+        assert (f"rank {r} missing deletes refused: the processes of this job delete different steps (process 0: 2; "
+                f"process 1: 7) of {tmp_path / 'run'}: every process deletes the same one; nothing was deleted") in out, out
         assert f"rank {r} deletes: steps [0, 1, 2]" in out, out
         assert f"rank {r} after the failed deletion: steps [0, 1, 2]" in out, out
     # a deletion that failed where the step is deleted (it said "; nothing was committed" on the other rank)

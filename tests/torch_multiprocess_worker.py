@@ -417,7 +417,7 @@ def deleted_and_saved_again(ckptr: Checkpointer) -> None:
     """Every rank deletes step 2 (``delete``, or ``delete_async`` not waited for) and saves it again at once:
     no save finds the step still there (rank 1 returned from the deletion before rank 0 had deleted it). Then
     every rank saves, loads and deletes a checkpoint with the free functions, and deletes other paths (refused), and
-    other steps (refused). Last, a deletion of step 1 that fails on rank 0, where it is deleted."""
+    other steps (refused), one of which rank 1 does not hold. Last, a deletion of step 1 that fails on rank 0, where it is deleted."""
     for step in range(3):
         ckptr.save(step, {"w": torch.full((2,), float(step))}, force=True)
     for trial in range(6):
@@ -438,6 +438,10 @@ def deleted_and_saved_again(ckptr: Checkpointer) -> None:
             ckptr.delete(rank)
         except ValueError as e:
             say(f"rank {rank} deletes refused: {e}")
+        try:  # a step rank 1 does not hold (rank 1 returned at once, rank 0 waited, and the job's later calls too)
+            ckptr.delete(2 if rank == 0 else 7, missing_ok=rank == 1)
+        except ValueError as e:
+            say(f"rank {rank} missing deletes refused: {e}")
     say(f"rank {rank} deletes: steps {[c.step for c in ckptr.checkpoints]}")
     delete_step = ckpt.root.delete_step
     if rank == 0:  # a deletion that fails where the step is deleted

@@ -77,7 +77,7 @@ def test_ranks_saving_other_keys_paths_or_steps_are_refused_on_every_rank_before
     """(Checkpointers opened on other roots waited for each other at every barrier until the timeout; a small
     DTensor that one rank alone saved, or of another layout there, ended the job in gloo's gathering of small
     DTensors, which ran before the trees were compared, or saved one rank's bytes as another's. A tensor of another
-    shape or dtype on rank 1, rank 0's written alone, was saved, rank 1's lost.)"""
+    shape or dtype on rank 1, rank 0's written alone, was saved, rank 1's lost, as was a value of another type.)"""
     out = run_jobs(tmp_path / "run", tmp_path / "unused.npz", "differ:2")
     for r in (0, 1):
         assert (f"rank {r} checkpointer refused: [\"state['stage0.weight'] on process 0, not on process 1\", "
@@ -101,6 +101,9 @@ def test_ranks_saving_other_keys_paths_or_steps_are_refused_on_every_rank_before
                 "shape (4,) on process 1\"]") in out, out
         assert (f"rank {r} dtype refused: [\"state['buf']: int64 of shape (2,) on process 0, float32 of "
                 "shape (2,) on process 1\"]") in out, out
+        # (saved as rank 0's int: rank 1's str was lost, and loaded as an int there; values alike in type are saved)
+        assert (f"rank {r} inline refused: [\"state['n']: a value of type int stored inline on process 0, a value of "
+                "type str stored inline on process 1\"]") in out, out
         assert (f"rank {r} roots refused: the processes of this job open Checkpointers on different roots (process 0: "
                 f"{tmp_path / 'run'}-root0; process 1: {tmp_path / 'run'}-root1)") in out, out
         assert f"rank {r} steps [] entries ['run']" in out, out

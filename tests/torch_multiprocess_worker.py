@@ -245,7 +245,7 @@ def free_save() -> None:
 
 def differing_trees(ckptr: Checkpointer) -> None:
     """Each rank saves a tree of its own (a pipeline stage's keys, a small DTensor more, or of another
-    layout or over a mesh of other ranks, a tensor of another shape or dtype), or another step: refused on every
+    layout or over a mesh of other ranks, a tensor of another shape or dtype, a value of another type), or another step: refused on every
     rank (within seconds, not after a timeout, nor ended by gloo in the gathering of small DTensors), nothing
     written."""
     from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
@@ -264,7 +264,8 @@ def differing_trees(ckptr: Checkpointer) -> None:
              "layout": lambda: ckpt.save(f"{directory}-differ", {"a": small(rank)}),
              "mesh": lambda: ckpt.save(f"{directory}-differ", {"a": distribute_tensor(torch.ones(2), own, [Shard(0)])}),
              "shape": lambda: ckptr.save(1, {"buf": torch.ones(3 + rank), "n": rank}, force=True),
-             "dtype": lambda: ckpt.save(f"{directory}-differ", {"buf": torch.ones(2, dtype=dtypes[rank])})}
+             "dtype": lambda: ckpt.save(f"{directory}-differ", {"buf": torch.ones(2, dtype=dtypes[rank])}),
+             "inline": lambda: ckptr.save(1, {"n": 1 if rank == 0 else "one", "m": rank}, force=True)}
     for what, save in saves.items():
         try:
             with ckpt.Context(async_options=ckpt.AsyncOptions(timeout_secs=30)):

@@ -230,17 +230,17 @@ def of(names: tuple[str, ...], nodes: list[tree_lib.Node], structures: dict[str,
 
 
 def array_types(meta: list[dict]) -> str:
-    """The dtype and shape of each leaf of manifest entries ``meta`` as JSON text, ``[dtype, shape]`` or
-    ``null`` for a leaf stored inline: what the processes of a job compare before a save (see
-    :func:`ckpt.saving.agree`).
+    """The dtype and shape of each leaf of manifest entries ``meta`` as JSON text, ``[dtype, shape]``, or the
+    type of a leaf stored inline (``"int"``, ``"str"``, ``"none"``): what the processes of a job compare before
+    a save (see :func:`ckpt.saving.agree`).
 
     Example::
 
         assert array_types([{"type": "numpy", "dtype": "float32", "shape": [2]}, {"type": "int", "value": 1}]) == (
-            '[["float32", [2]], null]')
+            '[["float32", [2]], "int"]')
     """
     with collector.paused():
-        return json.dumps([[entry["dtype"], entry["shape"]] if "shape" in entry else None for entry in meta])
+        return json.dumps([[entry["dtype"], entry["shape"]] if "shape" in entry else entry["type"] for entry in meta])
 
 
 def where(column: list[Any], value: Any) -> list[int]:

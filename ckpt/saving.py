@@ -312,7 +312,8 @@ def agree(plan: Plan, final: storage.Location, processes: distributed.Processes,
 
     Raises:
       TreeMismatchError: on every process alike, naming each key path not every process holds (or holds
-        with another dtype or shape) and a path that differs; nothing is written.
+        with another dtype or shape, or as an inline value of another type) and a path that differs; nothing is
+        written.
       ValueError: an array spread over processes saved by one alone (a DTensor saved by one rank, under
         ``MultiprocessingOptions(processes=SingleProcess())``, not :class:`ckpt.distributed.OwnPart`): the
         step would miss the others' shards; nothing is written.
@@ -400,22 +401,24 @@ def _jax_layouts(plan: Plan) -> list[str]:
 
 
 def _array_types(plan: Plan) -> str:
-    """The dtype and shape of each leaf of ``plan`` (see :func:`ckpt.layout.array_types`), made once per
-    layout: a leaf the primary writes alone, which another process holds with another dtype or shape, is
-    not one that the processes replicate."""
+    """The dtype and shape of each leaf of ``plan`` (an inline value's type; see :func:`ckpt.layout.array_types`),
+    made once per layout: a leaf the primary writes alone, which another process holds with another dtype or shape
+    (or type), is not one that the processes replicate."""
     if plan.values is not None:  # a reused layout (its leaves' dtypes and shapes are its own)
         return plan.layout.array_types
     return layout_lib.array_types([leaf.host.meta for leaves in plan.leaves.values() for leaf in leaves])
 
 
 def _array_differences(primary: dict, other: dict, index: int) -> list[str]:
-    """The leaves that process ``index`` holds with another dtype or shape than process 0 (see
-    :func:`_array_types`), in trees of the same key paths."""
+    """The leaves that process ``index`` holds with another dtype or shape than process 0, or stores inline as a
+    value of another type (see :func:`_array_types`), in trees of the same key paths."""
     paths = [f"{name}{keystr(path)}" for name, text in primary["structures"].items()
              for path in tree_lib.leaf_paths(tree_lib.from_json(json.loads(text)))]
 
-    def said(kind: list | None) -> str:
-        return "a value stored inline" if kind is None else f"{kind[0]} of shape {tuple(kind[1])}"
+    def said(kind: list | str) -> str:
+        if isinstance(kind, str):
+            return f"{'None' if kind == 'none' else 'a value of type ' + kind} stored inline"
+        return f"{kind[0]} of shape {tuple(kind[1])}"
 
     return [f"{path}: {said(ours)} on process 0, {said(theirs)} on process {index}"
             for path, ours, theirs in zip(paths, json.loads(primary["arrays"]), json.loads(other["arrays"]))

@@ -133,6 +133,7 @@ class Checkpointer:
         self._reached = False  # whether the last decision saw a preemption (a new one begins after one that did not)
         self._decided_once = False  # (whether it listens for a preemption is known from the first decision)
         self._due: int | None = None  # the step the last should_save said yes to, until a save or reload
+        self._unlike: ValueError | None = None  # the last decision's: this process's force is not the primary's
         self._in_flight: CheckpointMetadata | None = None  # the step of the last save handed to the writer
         self._deleting: set[int] = set()  # the steps delete_async is deleting (gone for reload too)
         self._deleted: set[int] = set()  # the steps delete_async deleted, until saved again (for a read's error)
@@ -401,9 +402,12 @@ class Checkpointer:
         if not self._closed:
             preemption.listen(self)
 
-    def _decide(self, step: int, *, replacing: bool, reached: bool | None = None) -> bool:
+    def _decide(self, step: int, *, replacing: bool, reached: bool | None = None, force: bool = False) -> bool:
         """The save decision of ``step``. ``reached``: whether a preemption was seen, as the Checkpointer whose
-        local tier this one is decided it (its processes agreed on it); None: this one asks."""
+        local tier this one is decided it (its processes agreed on it); None: this one asks. ``force``: a forced
+        save in a job, which takes the primary's decision too, so that every process passes through the same steps."""
+        if force:
+            return self._primarys(step, True, False, force=True)[0]
         if not self._decided_once:
             self._decided_once = True
             if self._local is not None or save_decision_policies.saves_on_preemption(self._save_policy):
@@ -418,7 +422,9 @@ class Checkpointer:
         if saving and in_flight is not None and (not previous or in_flight.step > previous[-1].step):
             previous = [*previous, in_flight]  # the step being written counts, as in Orbax
         if previous and step <= previous[-1].step and not replacing:
-            return False  # (with two tiers too: below the durable tier's latest, it is below the latest of either)
+            # (with two tiers too: below the durable tier's latest, it is below the latest of either; in a job, the
+            # primary's answer still, as a process forcing this save waits for it)
+            return self._processes.count > 1 and self._primarys(step, False, False, force=False)[0]
         if reached is None:
             reached = preemption.reached(step)
             # a SIGTERM or notify() in another process (not JAX's sync point, which every process sees at once)
@@ -433,8 +439,9 @@ class Checkpointer:
         decision = bool(self._save_policy.should_save(current, previous, context=context))
         if self._processes.count > 1:  # time and signals differ between processes: the primary decides (for
             # its step: processes saving other steps then meet in the save's check of the paths, not a timeout)
-            decision, reached = self._processes.broadcast(self._operation("decide"), [decision, reached],
-                                                          self._ctx.async_options.timeout_secs)
+            decision, reached = self._primarys(step, decision, reached, force=False)
+            if self._unlike is not None:  # the primary forced its save: no local decision follows there
+                return decision
         if reached and (self._preempted_at is None or not self._reached):
             self._preempted_at = step
         self._reached = reached
@@ -446,6 +453,18 @@ class Checkpointer:
             either = self._processes.broadcast(self._operation("decide/local"), either,
                                                self._ctx.async_options.timeout_secs)
         return either
+
+    def _primarys(self, step: int, decision: bool, reached: bool, *, force: bool) -> tuple[bool, bool]:
+        """The primary's save decision and preemption, and whether it forced its save; keeps in ``_unlike`` the
+        error of a process whose ``force`` is not the primary's, raised by its save where every process meets
+        (when the primary saves) or at once (when it does not): the others would wait for it there."""
+        decision, reached, forced = self._processes.broadcast(self._operation("decide"), [decision, reached, force],
+                                                              self._ctx.async_options.timeout_secs)
+        self._unlike = None if forced == force else ValueError(
+            f"process {self._processes.index} saves step {step} {'with' if force else 'without'} force=True, process "
+            f"0 {'with' if forced else 'without'} it: every process passes the same force (a forced save skips the "
+            f"save-decision policy) to the save of one step of {self._directory}; nothing was written")
+        return decision, reached
 
     @property
     def _ctx(self) -> Context:
@@ -570,8 +589,12 @@ class Checkpointer:
                 raise refused
             # (in a job, raised where every process meets (prepare): a process told to overwrite would wait there)
         answered_yes, self._due = self._due == step, None
-        due = force or (answered_yes and existing is None) or self._decide(step, replacing=existing is not None)
-        if not force and not due:
+        if (answered_yes and existing is None) or (force and self._processes.count == 1):
+            due = True
+        else:
+            due = self._decide(step, replacing=existing is not None, force=force)
+        refused, self._unlike = self._unlike or refused, None
+        if not due:
             if refused is not None:
                 raise refused
             self._warn_of_a_step_behind(step)
@@ -579,6 +602,8 @@ class Checkpointer:
         preemption.serve()  # (a SIGTERM held back for a save no save served ends the process at close)
         self._ctx.check()  # (a ``with ctx:`` block around this call: its options, not checked when this was opened)
         if self._local is not None:
+            if refused is not None:
+                raise refused
             return self._local.save(step, checkpointables, force=force, overwrite=overwrite, blocking=blocking,
                                     preempted=step == self._preempted_at, metrics=metrics,
                                     custom_metadata=custom_metadata)
@@ -894,8 +919,8 @@ class Checkpointer:
 
         Raises:
           StepNotFoundError: no such step, and ``missing_ok`` is not set.
-          ValueError: in a multi-process job, the processes delete different steps (on every process; nothing is
-            deleted).
+          ValueError: in a multi-process job, the processes delete different steps, one of which some do not hold
+            (on every process; nothing is deleted).
           DirectoryLockedError, RootNotWritableError: another Checkpointer writes the root, or this process may
             not write there; the step is kept, and still listed.
           RuntimeError: the Checkpointer is closed (Orbax's deletes again).
@@ -932,13 +957,16 @@ class Checkpointer:
         if info is not None and self._processes.index == 0:
             self._take_directory()  # (before anything is deleted or forgotten: another writer may hold the root)
         held_locally = self._local is not None and self._local.checkpointer.delete(number, missing_ok=True)
+        operation, timeout = self._operation("delete"), self._ctx.async_options.timeout_secs
         if info is None:
+            if self._processes.count > 1:  # (the others compare their steps with this one's, then delete: here too,
+                # so that a rank deleting another step is named on every rank, and none waits for this one)
+                self._delete_everywhere(operation, number, lambda: None, timeout, f"the deletion of step {number}")
             if held_locally or missing_ok:
                 return background.finished(held_locally)
             raise self._not_found(number)
         self._forget(number)
         self._deleting.add(number)
-        operation, timeout = self._operation("delete"), self._ctx.async_options.timeout_secs
         primary = self._processes.index == 0
 
         def delete_here() -> None:  # every process forgets it; the primary deletes
@@ -948,13 +976,8 @@ class Checkpointer:
 
         def job() -> bool:  # every process returns (or raises) once the step is deleted
             try:
-                differ = distributed.differences(self._processes, f"{operation}/step", number, number, timeout)
-                if differ:
-                    steps = "; ".join(f"process {i}: {step}" for i, step in sorted(differ.items()))
-                    raise ValueError(f"the processes of this job delete different steps ({steps}) of "
-                                     f"{self._directory}: every process deletes the same one; nothing was deleted")
-                distributed.settle(self._processes, operation, delete_here, timeout,
-                                   f"the deletion of step {number} ({info.path})", commits=False)
+                self._delete_everywhere(operation, number, delete_here, timeout,
+                                        f"the deletion of step {number} ({info.path})")
                 self._deleted.add(number)
             except BaseException:
                 if storage.exists(info.path):  # still there: listed again
@@ -967,6 +990,18 @@ class Checkpointer:
 
         self._deletion = self._writer.submit(job, what=f"the deletion of step {number} ({info.path})")
         return self._deletion
+
+    def _delete_everywhere(self, operation: str, number: int, delete_here: Callable[[], None], timeout: float,
+                           task: str) -> None:
+        """Compares this process's step ``number`` with the others', then runs ``delete_here`` where each process
+        meets the others (see :func:`ckpt.distributed.settle`): a ValueError on every process when their steps
+        differ, nothing deleted."""
+        differ = distributed.differences(self._processes, f"{operation}/step", number, number, timeout)
+        if differ:
+            steps = "; ".join(f"process {i}: {step}" for i, step in sorted(differ.items()))
+            raise ValueError(f"the processes of this job delete different steps ({steps}) of "
+                             f"{self._directory}: every process deletes the same one; nothing was deleted")
+        distributed.settle(self._processes, operation, delete_here, timeout, task, commits=False)
 
     # ---------------------------------------------------------------------------------- metadata
     def metadata(self, step: int | CheckpointMetadata | None = None) -> CheckpointMetadata:

@@ -80,7 +80,7 @@ def test_ranks_saving_other_keys_paths_or_steps_are_refused_on_every_rank_before
     """(Checkpointers opened on other roots waited for each other at every barrier until the timeout; a small
     DTensor that one rank alone saved, or of another layout there, ended the job in gloo's gathering of small
     DTensors, which ran before the trees were compared, or saved one rank's bytes as another's. A tensor of another
-    shape or dtype on rank 1, rank 0's written alone, was saved, rank 1's lost.)"""
+    shape or dtype on rank 1, rank 0's written alone, was saved, rank 1's lost, as was a value of another type.)"""
     out = run_jobs(tmp_path / "run", tmp_path / "unused.npz", "differ:2")
     for r in (0, 1):
         assert (f"rank {r} checkpointer refused: [\"state['stage0.weight'] on process 0, not on process 1\", "
@@ -104,6 +104,9 @@ def test_ranks_saving_other_keys_paths_or_steps_are_refused_on_every_rank_before
                 "shape (4,) on process 1\"]") in out, out
         assert (f"rank {r} dtype refused: [\"state['buf']: int64 of shape (2,) on process 0, float32 of "
                 "shape (2,) on process 1\"]") in out, out
+        # (saved as rank 0's int: rank 1's str was lost, and loaded as an int there; values alike in type are saved)
+        assert (f"rank {r} inline refused: [\"state['n']: a value of type int stored inline on process 0, a value of "
+                "type str stored inline on process 1\"]") in out, out
         assert (f"rank {r} roots refused: the processes of this job open Checkpointers on different roots (process 0: "
                 f"{tmp_path / 'run'}-root0; process 1: {tmp_path / 'run'}-root1)") in out, out
         assert f"rank {r} steps [] entries ['run']" in out, out
@@ -145,6 +148,14 @@ def test_a_save_failing_on_one_rank_raises_on_every_rank_at_once_and_commits_not
     assert f"rank 1 overwrite failed: {said}" in out, out  # (rank 0 waited for rank 1 until the timeout)
     assert (f"rank 0 overwrite failed: RuntimeError: the save of {tmp_path / 'run' / '5'} failed in another process "
             f"(process 1: {said}); nothing was committed") in out, out
+    # (a forced save skipped the decision's broadcast: the ranks waited for each other until the timeout)
+    said = ("process 1 saves step 6 without force=True, process 0 with it: every process passes the same force (a "
+            f"forced save skips the save-decision policy) to the save of one step of {tmp_path / 'run'}; nothing was written")
+    assert f"rank 1 force failed: ValueError: {said}\n" in out, out
+    assert (f"rank 0 force failed: RuntimeError: the save of {tmp_path / 'run' / '6'} failed in another process "
+            f"(process 1: ValueError: {said}); nothing was committed") in out, out
+    assert "rank 0 behind forced: False" in out, out  # rank 0's policy declines a step below the latest
+    assert "rank 1 behind forced failed: process 1 saves step 3 with force=True, process 0 without it" in out, out
     assert "rank 0 steps [5], step 5 holds [1.0, 1.0]" in out and "rank 1 steps [5], step 5 holds [1.0, 1.0]" in out, out
     assert not (tmp_path / "run-free").exists()
 
@@ -164,6 +175,8 @@ def test_a_step_or_checkpoint_every_rank_deletes_is_gone_on_every_rank_before_an
         assert f"rank {r} free deletes: steps [0, 1, 2]" in out, out
         assert (f"rank {r} deletes refused: the processes of this job delete different steps (process 0: 0; process 1: "
                 f"1) of {tmp_path / 'run'}: every process deletes the same one; nothing was deleted") in out, out
+        assert (f"rank {r} missing deletes refused: the processes of this job delete different steps (process 0: 2; "
+                f"process 1: 7) of {tmp_path / 'run'}: every process deletes the same one; nothing was deleted") in out, out
         assert f"rank {r} deletes: steps [0, 1, 2]" in out, out
         assert f"rank {r} after the failed deletion: steps [0, 1, 2]" in out, out
     # a deletion that failed where the step is deleted (it said "; nothing was committed" on the other rank)

@@ -255,7 +255,7 @@ def free_save() -> None:
 
 def differing_trees(ckptr: Checkpointer) -> None:
     """Each rank saves a tree of its own (a pipeline stage's keys, a small DTensor more, or of another
-    layout or over a mesh of other ranks, a tensor of another shape or dtype), or another step: refused on every
+    layout or over a mesh of other ranks, a tensor of another shape or dtype, a value of another type), or another step: refused on every
     rank (within seconds, not after a timeout, nor ended by gloo in the gathering of small DTensors), nothing
     written."""
     from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
@@ -274,7 +274,8 @@ def differing_trees(ckptr: Checkpointer) -> None:
              "layout": lambda: ckpt.save(f"{directory}-differ", {"a": small(rank)}),
              "mesh": lambda: ckpt.save(f"{directory}-differ", {"a": distribute_tensor(torch.ones(2), own, [Shard(0)])}),
              "shape": lambda: ckptr.save(1, {"buf": torch.ones(3 + rank), "n": rank}, force=True),
-             "dtype": lambda: ckpt.save(f"{directory}-differ", {"buf": torch.ones(2, dtype=dtypes[rank])})}
+             "dtype": lambda: ckpt.save(f"{directory}-differ", {"buf": torch.ones(2, dtype=dtypes[rank])}),
+             "inline": lambda: ckptr.save(1, {"n": 1 if rank == 0 else "one", "m": rank}, force=True)}
     for what, save in saves.items():
         try:
             with ckpt.Context(async_options=ckpt.AsyncOptions(timeout_secs=30)):
@@ -375,7 +376,8 @@ class FailsOnRank1:
 def failing_saves(ckptr: Checkpointer) -> None:
     """A save that fails on rank 1 (sync, async, in the part of the save its caller waits for, and in its
     plan, through the Checkpointer and ``ckpt.save``; an overwrite only rank 0 asks for): every rank raises
-    within seconds, not after the timeout, and nothing is committed; the next save is whole."""
+    within seconds, not after the timeout, and nothing is committed; the next save is whole. Then saves forced on
+    one rank alone."""
     with ckpt.Context(async_options=ckpt.AsyncOptions(timeout_secs=20)):
         for step, how in ((1, "sync"), (2, "async"), (3, "start"), (4, "plan"), (None, "free")):
             items = {"state": {"w": torch.ones(2)}, "extra": FailsOnRank1(at_start=how == "start")}
@@ -395,6 +397,14 @@ def failing_saves(ckptr: Checkpointer) -> None:
             ckptr.save(5, {"w": torch.zeros(2)}, force=True, overwrite=rank == 0)
         except ckpt.errors.StepAlreadyExistsError if rank == 1 else RuntimeError as e:
             say(f"rank {rank} overwrite failed: {type(e).__name__}: {e}")
+        try:  # a save rank 0 alone forces (rank 1 asks its policy): every rank raises where every rank meets
+            ckptr.save(6, {"w": torch.ones(2)}, force=rank == 0)
+        except ValueError if rank == 1 else RuntimeError as e:
+            say(f"rank {rank} force failed: {type(e).__name__}: {e}")
+        try:  # a step below the latest that rank 1 alone forces: rank 0 declines it, rank 1 raises
+            say(f"rank {rank} behind forced: {ckptr.save(3, {'w': torch.ones(2)}, force=rank == 1)}")
+        except ValueError as e:
+            say(f"rank {rank} behind forced failed: {e}")
     say(f"rank {rank} steps {[c.step for c in ckptr.checkpoints]}, step 5 holds {ckptr.load(5)['w'].tolist()}")
 
 
@@ -418,7 +428,7 @@ def deleted_and_saved_again(ckptr: Checkpointer) -> None:
     """Every rank deletes step 2 (``delete``, or ``delete_async`` not waited for) and saves it again at once:
     no save finds the step still there (rank 1 returned from the deletion before rank 0 had deleted it). Then
     every rank saves, loads and deletes a checkpoint with the free functions, and deletes other paths (refused), and
-    other steps (refused). Last, a deletion of step 1 that fails on rank 0, where it is deleted."""
+    other steps (refused), one of which rank 1 does not hold. Last, a deletion of step 1 that fails on rank 0, where it is deleted."""
     for step in range(3):
         ckptr.save(step, {"w": torch.full((2,), float(step))}, force=True)
     for trial in range(6):
@@ -439,6 +449,10 @@ def deleted_and_saved_again(ckptr: Checkpointer) -> None:
             ckptr.delete(rank)
         except ValueError as e:
             say(f"rank {rank} deletes refused: {e}")
+        try:  # a step rank 1 does not hold (rank 1 returned at once, rank 0 waited, and the job's later calls too)
+            ckptr.delete(2 if rank == 0 else 7, missing_ok=rank == 1)
+        except ValueError as e:
+            say(f"rank {rank} missing deletes refused: {e}")
     say(f"rank {rank} deletes: steps {[c.step for c in ckptr.checkpoints]}")
     delete_step = ckpt.root.delete_step
     if rank == 0:  # a deletion that fails where the step is deleted

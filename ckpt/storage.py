@@ -442,12 +442,13 @@ def make_temporary(tmp: Location, *, mode: int | None = None) -> int | None:
       OSError: the directory or its marker could not be made (a full disk, no inode left); what was made is
         removed.
     """
-    if isinstance(tmp, ObjectPath):
-        if (tmp / fmt.MANIFEST).exists():
-            delete_dir(tmp)
-        remove_owned(tmp)
-        make_dir(tmp, mode=mode)
-        mark(tmp)
+    if isinstance(tmp, ObjectPath):  # the step's own name: marked at every moment until its commit, so that what a
+        # crash leaves there is found begun (root.begun_in_place), even once the step it replaces is gone
+        if not (tmp / fmt.MANIFEST).exists() and tmp.children() and not is_marked(tmp):
+            raise _foreign(tmp)
+        mark(tmp)  # (a committed step the caller checked is marked before its manifest goes, as delete_dir does)
+        (tmp / fmt.MANIFEST).unlink()
+        tmp.remove_tree(last=fmt.MARKER, keep_last=True)
         return None
     if in_use(tmp):
         raise DirectoryLockedError(f"{tmp} is being written by another save of the same step (another process); "

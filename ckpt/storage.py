@@ -763,12 +763,12 @@ def commit_dir(tmp: Location, final: Location, *, replace: bool) -> None:
             raise ForeignEntryError(f"{final} appeared while the step was written (it holds {describe(final)}): "
                                     "ckpt never replaces what it did not check, so the step was not committed",
                                     path=final) from None
-        fsync_path(final.parent)
+        _fsync_root(final)
         return
     if not is_marked(final):
         mark(final, durable=True)  # the committed step it replaces goes below
     if rename_exchange(tmp, final):  # no moment without the step, even on a crash
-        fsync_path(final.parent)
+        _fsync_root(final)
         _remove_replaced(tmp)  # the replaced step, now under the temporary name
         return
     old = final.with_name(final.name + fmt.REPLACED_SUFFIX)  # (see set_aside_step: a crash between the renames)
@@ -780,8 +780,23 @@ def commit_dir(tmp: Location, final: Location, *, replace: bool) -> None:
         with contextlib.suppress(OSError):  # the step back at its name (else its root's next writer puts it back)
             rename_noreplace(old, final)
         raise
-    fsync_path(final.parent)
+    _fsync_root(final)
     _remove_replaced(old, set_aside=True)
+
+
+def _fsync_root(final: Path) -> None:
+    """fsyncs the root of a step just renamed into place as ``final``.
+
+    Raises:
+      OSError: the fsync failed (its errno, naming the root), saying that the step is in place all the same.
+    """
+    try:
+        fsync_path(final.parent)
+    except OSError as e:
+        raise OSError(e.errno, f"{e.strerror}: the fsync of the root failed after the step was renamed into place "
+                      f"as {final}, so it may not survive a power loss. The save raises this, but the step is in place: "
+                      "the Checkpointers opened on the root from now on list it (save it again with overwrite=True "
+                      "to make it durable)", e.filename) from e
 
 
 def set_aside_step(path: Location) -> Path | None:

@@ -262,13 +262,14 @@ class ObjectPath:
         """Deletes this one object (none is fine)."""
         self._wait(self._store().delete_range(ts.KvStore.KeyRange(self.key.encode(), self.key.encode() + b"\0")))
 
-    def remove_tree(self, *, last: str) -> None:
+    def remove_tree(self, *, last: str, keep_last: bool = False) -> None:
         """Deletes everything below this path (a 'directory'); the object named ``last`` directly below it
-        goes last, so that a crash midway leaves it. An object at this path itself is not below it: it is
-        left alone (a user's, beside a step of ckpt's)."""
+        goes last, so that a crash midway leaves it (with ``keep_last``, it stays). An object at this path
+        itself is not below it: it is left alone (a user's, beside a step of ckpt's)."""
         store = self._store()
         prefix = self._prefix_range()
         kept = f"{self.key}/{last}".encode() if self.key else last.encode()
         self._wait(store.delete_range(ts.KvStore.KeyRange(prefix.inclusive_min, kept)))
         self._wait(store.delete_range(ts.KvStore.KeyRange(kept + b"\0", prefix.exclusive_max)))
-        self._wait(store.delete_range(ts.KvStore.KeyRange(kept, kept + b"\0")))
+        if not keep_last:
+            self._wait(store.delete_range(ts.KvStore.KeyRange(kept, kept + b"\0")))

@@ -444,12 +444,13 @@ def make_temporary(tmp: Location, *, mode: int | None = None) -> int | None:
       OSError: the directory or its marker could not be made (a full disk, no inode left); what was made is
         removed.
     """
-    if isinstance(tmp, ObjectPath):
-        if (tmp / fmt.MANIFEST).exists():
-            delete_dir(tmp)
-        remove_owned(tmp)
-        make_dir(tmp, mode=mode)
-        mark(tmp)
+    if isinstance(tmp, ObjectPath):  # the step's own name: marked at every moment until its commit, so that what a
+        # crash leaves there is found begun (root.begun_in_place), even once the step it replaces is gone
+        if not (tmp / fmt.MANIFEST).exists() and tmp.children() and not is_marked(tmp):
+            raise _foreign(tmp)
+        mark(tmp)  # (a committed step the caller checked is marked before its manifest goes, as delete_dir does)
+        (tmp / fmt.MANIFEST).unlink()
+        tmp.remove_tree(last=fmt.MARKER, keep_last=True)
         return None
     if in_use(tmp):
         raise DirectoryLockedError(f"{tmp} is being written by another save of the same step (another process); "
@@ -778,12 +779,12 @@ def commit_dir(tmp: Location, final: Location, *, replace: bool, over_empty: boo
             raise ForeignEntryError(f"{final} appeared while the step was written (it holds {describe(final)}): "
                                     "ckpt never replaces what it did not check, so the step was not committed",
                                     path=final) from None
-        fsync_path(final.parent)
+        _fsync_root(final)
         return
     if not is_marked(final):
         mark(final, durable=True)  # the committed step it replaces goes below
     if rename_exchange(tmp, final):  # no moment without the step, even on a crash
-        fsync_path(final.parent)
+        _fsync_root(final)
         _remove_replaced(tmp)  # the replaced step, now under the temporary name
         return
     old = final.with_name(final.name + fmt.REPLACED_SUFFIX)  # (see set_aside_step: a crash between the renames)
@@ -795,8 +796,23 @@ def commit_dir(tmp: Location, final: Location, *, replace: bool, over_empty: boo
         with contextlib.suppress(OSError):  # the step back at its name (else its root's next writer puts it back)
             rename_noreplace(old, final)
         raise
-    fsync_path(final.parent)
+    _fsync_root(final)
     _remove_replaced(old, set_aside=True)
+
+
+def _fsync_root(final: Path) -> None:
+    """fsyncs the root of a step just renamed into place as ``final``.
+
+    Raises:
+      OSError: the fsync failed (its errno, naming the root), saying that the step is in place all the same.
+    """
+    try:
+        fsync_path(final.parent)
+    except OSError as e:
+        raise OSError(e.errno, f"{e.strerror}: the fsync of the root failed after the step was renamed into place "
+                      f"as {final}, so it may not survive a power loss. The save raises this, but the step is in place: "
+                      "the Checkpointers opened on the root from now on list it (save it again with overwrite=True "
+                      "to make it durable)", e.filename) from e
 
 
 def set_aside_step(path: Location) -> Path | None:

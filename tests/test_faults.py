@@ -149,6 +149,34 @@ def test_a_failed_fsync_of_a_temporarys_marker_is_an_error_naming_the_marker(tmp
         assert_intact(ckptr, [0])
 
 
+@pytest.mark.parametrize("overwrite", [False, True], ids=["new step", "overwrite"])
+def test_a_failed_fsync_of_the_root_after_the_commit_rename_says_the_step_is_in_place(tmp_path, monkeypatch,
+                                                                                       overwrite):
+    """The error named the root only ('[Errno 5] Input/output error: .../root'), as if the step had not been saved,
+    though it was in place under its name: listed by the root's next Checkpointer, and refused as existing by a
+    save of it again."""
+    root, fsync = tmp_path / "root", os.fsync
+    step = 0 if overwrite else 1
+
+    def failing_once_the_step_is_in_place(fd: int) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}") == str(root) and (root / str(step) / fmt.MANIFEST).exists():
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        fsync(fd)
+
+    with Checkpointer(root) as ckptr:
+        ckptr.save(0, SMALL, force=True)
+        with monkeypatch.context() as patched:
+            patched.setattr(os, "fsync", failing_once_the_step_is_in_place)
+            with pytest.raises(OSError, match=rf"the fsync of the root failed after the step was renamed into place "
+                                              rf"as {root / str(step)}, so it may not survive a power loss\. The save "
+                                              r"raises this, but the step is in place") as info:
+                ckptr.save(step, {"w": np.full(3, 7.0)}, force=True, overwrite=overwrite)
+        assert info.value.errno == errno.EIO and info.value.filename == str(root)
+    with Checkpointer(root) as ckptr:
+        assert [c.step for c in ckptr.checkpoints] == [0, 1][:step + 1]
+        assert ckptr.load(step)["w"].tolist() == [7.0] * 3
+
+
 def test_a_commit_that_fails_raises_its_own_error_even_when_its_temporary_cannot_be_removed(tmp_path, monkeypatch):
     # the removal of the temporary failed as well, and its error (naming only the temporary) replaced the rename's
     root, undo = tmp_path / "root", []

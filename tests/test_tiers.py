@@ -824,6 +824,12 @@ def test_on_s3_a_step_whose_overwrites_promotion_a_crash_cut_short_is_promoted_a
     with ckpt.Checkpointer(tmp_path / "local") as local_tier:  # what the crash left: the local copy saved again,
         local_tier.save(4, {"w": np.full(2, 40)}, overwrite=True)
     ckpt.objectstore.ObjectPath(f"{bucket}/4/manifest.json").unlink()  # the durable copy's commit undone
+    assert_step_4_promoted_again_by_the_next_writer(bucket, local, cleanup=cleanup)
+
+
+def assert_step_4_promoted_again_by_the_next_writer(bucket: str, local: ckpt.LocalCheckpointOptions, *,
+                                                    cleanup: bool = False) -> None:
+    """Step 4, saved again as 40 on the local tier, its promotion cut short: the next writer's saves promote it."""
     with ckpt.Checkpointer(bucket, save_decision_policy=sdp.FixedIntervalPolicy(5), local=local,
                            cleanup_tmp_directories=cleanup) as ckptr:
         for step in (6, 7, 8):  # the local policy (LatestN(2)) drops step 4 meanwhile
@@ -832,6 +838,41 @@ def test_on_s3_a_step_whose_overwrites_promotion_a_crash_cut_short_is_promoted_a
         assert [(c.step, sorted(c.locations)) for c in ckptr.checkpoints] == [
             (4, ["durable"]), (5, ["durable"]), (7, ["local"]), (8, ["local"])]  # was: 4 nowhere
     assert ckpt.load(f"{bucket}/4")["w"][0] == 40
+
+
+_KILLED_AFTER_THE_DURABLE_COPY_IS_REMOVED = """
+import os, signal, sys
+import numpy as np
+import ckpt
+from ckpt.objectstore import ObjectPath
+from ckpt.training import save_decision_policies as sdp
+
+bucket, local = sys.argv[1:]
+remove_tree = ObjectPath.remove_tree
+
+def remove_then_die(self, **kwargs):
+    remove_tree(self, **kwargs)
+    if self.key.endswith("/4"):  # the promotion of step 4 has just removed its durable copy's objects
+        os.kill(os.getpid(), signal.SIGKILL)
+
+options = ckpt.LocalCheckpointOptions(local, save_decision_policy=sdp.FixedIntervalPolicy(1))
+with ckpt.Checkpointer(bucket, save_decision_policy=sdp.FixedIntervalPolicy(5), local=options) as ckptr:
+    ckptr.save(4, {"w": np.full(2, 4)}, force=True)
+    ckptr.save(5, {"w": np.full(2, 5)})
+    ckptr.wait()
+    ObjectPath.remove_tree = remove_then_die
+    ckptr.save(4, {"w": np.full(2, 40)}, force=True, overwrite=True)
+"""
+
+
+def test_on_s3_an_overwrites_promotion_killed_once_it_removed_the_durable_copy_is_promoted_again(bucket, tmp_path):
+    """SIGKILL between the promotion's removal of the durable copy it replaces and its first write: the step's name
+    held nothing at all, so the next writer saw no promotion begun there and step 4 was lost from both tiers once
+    the local policy dropped it (load: CheckpointNotFoundError)."""
+    killed = procs.run_script(_KILLED_AFTER_THE_DURABLE_COPY_IS_REMOVED, bucket, str(tmp_path / "local"))
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    assert_step_4_promoted_again_by_the_next_writer(bucket, ckpt.LocalCheckpointOptions(
+        tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1)))
 
 
 def test_a_local_step_found_gone_before_its_promotion_began_fails_it_naming_the_step(tmp_path, monkeypatch):

@@ -252,16 +252,24 @@ def check_apart(directory: Path, durable: storage.Location, name_format: Any = N
 
 def check_owner(directory: Path, durable: str) -> None:
     """Refuses a local directory that holds the local tier of another durable root than ``durable`` (a run
-    before, on the same machine), whose steps are not this run's. The first Checkpointer of a local
-    directory records its durable root there (``ckpt-root.json``); a local tier written before ckpt recorded
-    it is taken as any root's, and one local path of the recorded directory (through a link) as its own.
+    before, on the same machine), whose steps are not this run's, or a root of its own (a Checkpointer's, or
+    Orbax's: root metadata that names no durable root), whose steps the local tier's preservation policy would
+    delete. The first Checkpointer of a local directory records its durable root there (``ckpt-root.json``); a
+    local tier written before ckpt recorded it (no root metadata at all) is taken as any root's, and one local
+    path of the recorded directory (through a link) as its own.
 
     Raises:
-      ValueError: ``directory`` belongs to another durable root (both named).
+      ValueError: ``directory`` belongs to another durable root (both named), or is a root of its own.
       CheckpointCorruptedError: its ``ckpt-root.json`` is damaged.
     """
+    if not formats.has_root_metadata(directory):
+        return
     owner = formats.root_custom_metadata(directory)
-    owner = owner.get(_DURABLE_ROOT, durable) if isinstance(owner, dict) else durable
+    owner = owner.get(_DURABLE_ROOT) if isinstance(owner, dict) else None
+    if owner is None:
+        raise ValueError(f"{directory} is a checkpoint root of its own, not a local tier (its root metadata names no "
+                         "durable root, as a local tier's does): its steps are another run's (which the local tier's "
+                         "preservation policy would delete)")
     if not _same_root(owner, durable):
         raise ValueError(f"{directory} holds the local tier of the durable root {owner}, not of {durable}: its "
                          "steps are another run's")
@@ -299,6 +307,7 @@ class LocalTier:
             directory = process_directory(directory, durable.processes.index)
         # A process of its own (read when it is made), with the Checkpointer's very Context afterwards: a
         # Context copies the groups it starts from, and a change of the Checkpointer's options must reach it.
+        self._check_owner(directory, str(durable.directory))
         with Context(context, multiprocessing_options=MultiprocessingOptions(processes=distributed.OwnPart())):
             self.checkpointer = checkpointer(
                 directory, context=context, save_decision_policy=options.save_decision_policy,
@@ -307,18 +316,19 @@ class LocalTier:
                 step_name_format=step_name_format, lightweight_initialize=lightweight_initialize,
                 cleanup_tmp_directories=cleanup_tmp_directories,
                 custom_metadata={_DURABLE_ROOT: str(durable.directory)})
-        self._check_owner(str(durable.directory))
 
-    def _check_owner(self, durable: str) -> None:
-        """:func:`check_owner` of the local directory (its steps would be restored as this run's).
+    @staticmethod
+    def _check_owner(directory: Path, durable: str) -> None:
+        """:func:`check_owner` of the local directory (its steps would be restored as this run's), before its
+        Checkpointer is made.
 
         Raises:
-          ValueError: the local directory belongs to another durable root (nothing was written).
+          ValueError: the local directory belongs to another durable root, or is a root of its own (nothing was
+            written).
         """
         try:
-            check_owner(self.checkpointer.directory, durable)
+            check_owner(directory, durable)
         except ValueError as e:
-            self.checkpointer.close()
             raise ValueError(f"LocalCheckpointOptions directory {e}, and would be restored as this one's. Use another "
                              "local directory (or delete that one if the run it belongs to is over).") from None
 

@@ -283,6 +283,21 @@ def test_a_local_directory_holding_another_durable_roots_tier_is_refused_not_res
         ckpt.Checkpointer(tmp_path / "run2", local=local())
 
 
+@pytest.mark.parametrize("custom_metadata", [{"lr": 0.1}, "notes"])
+def test_a_plain_checkpointer_root_given_as_the_local_tier_is_refused_before_its_steps_are_deleted(tmp_path,
+                                                                                                   custom_metadata):
+    """Was: adopted as this run's local tier: its latest step restored and promoted to the new durable root, and
+    its other steps deleted by the local tier's LatestN(2). Root metadata naming no durable root is no local
+    tier's (ckpt has always recorded its owner in a local tier's root metadata)."""
+    with ckpt.Checkpointer(tmp_path / "old", custom_metadata=custom_metadata) as ckptr:
+        for step in range(4):
+            ckptr.save(step, tiers_worker.state(step))
+    with pytest.raises(ValueError, match=f"{tmp_path / 'old'} is a checkpoint root of its own, not a local tier"):
+        ckpt.Checkpointer(tmp_path / "run", local=ckpt.LocalCheckpointOptions(tmp_path / "old"))
+    with ckpt.Checkpointer(tmp_path / "old") as ckptr:
+        assert [c.step for c in ckptr.checkpoints] == [0, 1, 2, 3]
+
+
 def test_a_local_tier_whose_recorded_owner_holds_a_nul_is_another_runs_naming_its_directory(tmp_path):
     """Was: ValueError 'LocalCheckpointOptions directory embedded null byte, ...' (os.path.realpath's), naming nothing."""
     (tmp_path / "ssd").mkdir()

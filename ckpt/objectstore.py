@@ -241,13 +241,19 @@ class ObjectPath:
         prefix = f"{self.key}/".encode() if self.key else b""
         return ts.KvStore.KeyRange(prefix, prefix[:-1] + b"0" if prefix else b"")
 
+    def _is_object(self, key: str) -> bool:
+        # (reading no bytes asks for the object's metadata only, not its bytes)
+        return self._wait(self._store().read(key.encode(), byte_range=slice(0, 0))).state == "value"
+
+    def holds(self, name: str) -> bool:
+        """Whether the object ``name`` is directly below this path: one request, whose failure names this path."""
+        return self._is_object(f"{self.key}/{name}" if self.key else name)
+
     def exists(self) -> bool:
         """True for an object, or a 'directory' holding at least one object (a bucket: one not empty)."""
-        store = self._store()
-        # (no object has the empty key; reading no bytes asks for the object's metadata only, not its bytes)
-        if self.key and self._wait(store.read(self.key.encode(), byte_range=slice(0, 0))).state == "value":
+        if self.key and self._is_object(self.key):  # (no object has the empty key)
             return True
-        return bool(self._wait(store.list(self._prefix_range())))
+        return bool(self._wait(self._store().list(self._prefix_range())))
 
     def keys(self) -> list[str]:
         """Every key below this path, relative to it (``100/manifest.json``), from one listing."""

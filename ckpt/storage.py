@@ -899,16 +899,25 @@ def delete_dir(step_dir: Location) -> None:
                        "next writer removes it): %s", step_dir, e)
 
 
+def remove_deletion_leftover(step_dir: Path) -> bool:
+    """Removes what a deletion of ``step_dir`` that a crash cut short left (``<name>.ckpt-deleting``, marked as
+    ckpt's: the step was deleted once it was renamed there). Returns whether that name is free now: False
+    when something ckpt did not make holds it, which is left alone, or when it cannot be removed yet (a file
+    an NFS client holds open), or when the name is longer than a file name may be."""
+    try:
+        remove_owned(step_dir.with_name(step_dir.name + fmt.DELETING_SUFFIX))
+    except OSError:  # (ForeignEntryError and ENAMETOOLONG included)
+        return False
+    return True
+
+
 def _aside(step_dir: Path) -> Path:
     """The name a step is renamed to before it is removed: ``<name>.ckpt-deleting``, once what a crashed
-    deletion left there is removed; a name of its own (``<name>.<random>.ckpt-deleting``) when something
-    ckpt did not make holds that one, which is left alone, or when what an earlier deletion left there cannot
-    be removed yet (a file an NFS client holds open), which the root's next writer tries again; or when that
-    name is longer than a file name may be (a step's name of 242 bytes or more), the start of the step's name."""
+    deletion left there is removed (see :func:`remove_deletion_leftover`); else a name of its own
+    (``<name>.<random>.ckpt-deleting``), which the root's next writer removes; or when that name is longer than
+    a file name may be (a step's name of 242 bytes or more), the start of the step's name."""
     doomed = step_dir.with_name(step_dir.name + fmt.DELETING_SUFFIX)
-    try:
-        remove_owned(doomed)
-    except OSError:  # (ForeignEntryError and ENAMETOOLONG included)
+    if not remove_deletion_leftover(step_dir):
         own = f".{secrets.token_hex(4)}{fmt.DELETING_SUFFIX}"
         start = step_dir.name
         while len(os.fsencode(start + own)) > _NAME_MAX:  # (whole characters: a cut 'é' is no UTF-8)

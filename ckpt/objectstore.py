@@ -3,7 +3,8 @@
 An object store has no rename: a step is written in place under its final name, and its
 ``manifest.json``, written last, is the commit record. Steps without one are not listed; those that
 hold ckpt's marker (``.ckpt-owned``, written first) are removed by the next writer, others are never
-touched. Deletion removes the manifest first and the marker last.
+touched. Deletion removes the manifest first and the marker last; a save in place of a step (``overwrite``)
+writes the marker before it removes the old step and keeps it.
 
 S3 settings come from the usual environment variables: ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL``
 (e.g. a local S3-compatible server; the first wins, as in AWS's SDKs), ``AWS_REGION`` (or
@@ -268,13 +269,17 @@ class ObjectPath:
         """Deletes this one object (none is fine)."""
         self._wait(self._store().delete_range(ts.KvStore.KeyRange(self.key.encode(), self.key.encode() + b"\0")))
 
-    def remove_tree(self, *, last: str) -> None:
-        """Deletes everything below this path (a 'directory'); the object named ``last`` directly below it
-        goes last, so that a crash midway leaves it. An object at this path itself is not below it: it is
-        left alone (a user's, beside a step of ckpt's)."""
+    def remove_all_but(self, name: str) -> None:
+        """Deletes everything below this path (a 'directory') but the object ``name`` directly below it. An object
+        at this path itself is not below it: it is left alone (a user's, beside a step of ckpt's)."""
         store = self._store()
         prefix = self._prefix_range()
-        kept = f"{self.key}/{last}".encode() if self.key else last.encode()
+        kept = f"{self.key}/{name}".encode() if self.key else name.encode()
         self._wait(store.delete_range(ts.KvStore.KeyRange(prefix.inclusive_min, kept)))
         self._wait(store.delete_range(ts.KvStore.KeyRange(kept + b"\0", prefix.exclusive_max)))
-        self._wait(store.delete_range(ts.KvStore.KeyRange(kept, kept + b"\0")))
+
+    def remove_tree(self, *, last: str) -> None:
+        """Deletes everything below this path (a 'directory'); the object named ``last`` directly below it
+        goes last, so that a crash midway leaves it (see :meth:`remove_all_but`)."""
+        self.remove_all_but(last)
+        (self / last).unlink()

@@ -445,11 +445,13 @@ def make_temporary(tmp: Location, *, mode: int | None = None) -> int | None:
         removed.
     """
     if isinstance(tmp, ObjectPath):
-        if (tmp / fmt.MANIFEST).exists():
-            delete_dir(tmp)
-        remove_owned(tmp)
-        make_dir(tmp, mode=mode)
+        if not (tmp / fmt.MANIFEST).exists() and tmp.children() and not is_marked(tmp):
+            raise _foreign(tmp)
+        # The marker first, kept while the step replaced (or what a crash left) is removed: a crash at any
+        # moment leaves the name marked, as begun and never committed, for the next writer to see.
         mark(tmp)
+        (tmp / fmt.MANIFEST).unlink()
+        tmp.remove_all_but(fmt.MARKER)
         return None
     if in_use(tmp):
         raise DirectoryLockedError(f"{tmp} is being written by another save of the same step (another process); "

@@ -849,6 +849,44 @@ def test_on_s3_a_step_whose_overwrites_promotion_a_crash_cut_short_is_promoted_a
     assert ckpt.load(f"{bucket}/4")["w"][0] == 40
 
 
+KILLED_ONCE_THE_DURABLE_COPY_IS_REMOVED = """
+import os, signal, sys
+import numpy as np
+import ckpt
+from ckpt.objectstore import ObjectPath
+from ckpt.training import save_decision_policies as sdp
+local = ckpt.LocalCheckpointOptions(sys.argv[2], save_decision_policy=sdp.FixedIntervalPolicy(1))
+with ckpt.Checkpointer(sys.argv[1], save_decision_policy=sdp.FixedIntervalPolicy(5), local=local) as ckptr:
+    ckptr.save(4, {"w": np.full(2, 4)}, force=True)
+    ckptr.save(5, {"w": np.full(2, 5)})
+    ckptr.wait()
+    def killed_after(remove):
+        def removed(path, *args, **kwargs):
+            remove(path, *args, **kwargs)
+            if path.name == "4":  # the durable copy of step 4 removed, its new one not yet written
+                os.kill(os.getpid(), signal.SIGKILL)
+        return removed
+    ObjectPath.remove_tree, ObjectPath.remove_all_but = map(killed_after, (ObjectPath.remove_tree,
+                                                                           ObjectPath.remove_all_but))
+    ckptr.save(4, {"w": np.full(2, 40)}, overwrite=True)
+    ckptr.wait()
+"""
+
+
+def test_on_s3_an_overwrites_promotion_killed_once_it_removed_the_durable_copy_is_promoted_again(bucket, tmp_path):
+    """Was: killed between the removal of the old durable copy's marker and the new one's (one request apart), the
+    promotion left nothing at the step's name; the next writer saw no promotion begun there and never promoted the
+    step again, which was lost from both tiers once the local policy dropped it."""
+    result = procs.run_script(KILLED_ONCE_THE_DURABLE_COPY_IS_REMOVED, bucket, str(tmp_path / "local"))
+    assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
+    local = ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1))
+    with ckpt.Checkpointer(bucket, save_decision_policy=sdp.FixedIntervalPolicy(5), local=local) as ckptr:
+        ckptr.save(6, {"w": np.full(2, 6)})
+        ckptr.wait()
+        assert [c.step for c in ckptr.checkpoints if "durable" in c.locations] == [4, 5]
+    assert ckpt.load(f"{bucket}/4")["w"][0] == 40  # was: no checkpoint at .../4
+
+
 def test_a_local_step_found_gone_before_its_promotion_began_fails_it_naming_the_step(tmp_path, monkeypatch):
     """Step 4, its promotion waiting behind step 2's, removed from the local tier (a cleaner of the SSD) and found
     gone by a load: wait() raised a bare StopIteration, naming nothing."""

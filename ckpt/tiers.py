@@ -305,9 +305,9 @@ class LocalTier:
         directory = local_directory(options.directory)
         if durable.processes.count > 1:
             directory = process_directory(directory, durable.processes.index)
+        self._check_owner(directory, str(durable.directory))
         # A process of its own (read when it is made), with the Checkpointer's very Context afterwards: a
         # Context copies the groups it starts from, and a change of the Checkpointer's options must reach it.
-        self._check_owner(directory, str(durable.directory))
         with Context(context, multiprocessing_options=MultiprocessingOptions(processes=distributed.OwnPart())):
             self.checkpointer = checkpointer(
                 directory, context=context, save_decision_policy=options.save_decision_policy,

@@ -413,13 +413,17 @@ def remove_owned(directory: Location) -> None:
     os.rmdir(directory)
 
 
-def remove_failed_temporary(tmp: Location) -> None:
+def remove_failed_temporary(tmp: Location, *, keep_marker: bool = False) -> None:
     """Removes the temporary directory of a save (or a promotion) that failed, while its error is raised,
     which a failure to remove it (often the same fault: a file system gone read-only) must not replace:
     that is logged, and what is left, never listed, is removed by the next save of the step or the next
-    writer of the root."""
+    writer of the root. ``keep_marker``, on an object store (where a step is written in place): everything
+    but the marker is removed, which shows the next writer the step begun there and never committed."""
     try:
-        remove_owned(tmp)
+        if keep_marker and isinstance(tmp, ObjectPath):
+            tmp.remove_all_but(fmt.MARKER)
+        else:
+            remove_owned(tmp)
     except OSError as e:
         logger.warning("ckpt: could not remove %s, the temporary directory of the failed save: %s", tmp, e)
 

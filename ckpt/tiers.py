@@ -655,7 +655,8 @@ def _copy_step(source: Path, final: storage.Location, step: int, overwrite: bool
     several processes each copies its shards (the primary the rest too, see :func:`_written_by_primary`) and
     the primary commits once every process's copy succeeded (a failure in one fails the promotion in all,
     see :func:`ckpt.distributed.settle`). A promotion that fails before its commit removes its temporary
-    directory, as a save does.
+    directory, as a save does (on an object store, an overwrite's but its marker: the durable copy it replaced
+    is gone, and the next writer promotes the step again).
     Returns the bytes this process copied."""
     primary, tmp, markers = durable.processes.index == 0, storage.temporary_for(final), []
     task = f"the promotion of {source} to {final}"
@@ -670,8 +671,8 @@ def _copy_step(source: Path, final: storage.Location, step: int, overwrite: bool
         distributed.settle(durable.processes, f"{barrier}/prepared", prepare, durable.timeout_secs(), task)
         copied = _copy_files(source, final, tmp, step, overwrite, durable, barrier, task)
     except BaseException:
-        if markers:
-            storage.remove_failed_temporary(tmp)
+        if markers:  # (an overwrite has removed the durable copy it replaces: see LocalTier._recover)
+            storage.remove_failed_temporary(tmp, keep_marker=overwrite)
         raise
     finally:
         if markers:

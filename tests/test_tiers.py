@@ -849,6 +849,38 @@ def test_on_s3_a_step_whose_overwrites_promotion_a_crash_cut_short_is_promoted_a
     assert ckpt.load(f"{bucket}/4")["w"][0] == 40
 
 
+def test_on_s3_an_overwrites_promotion_that_failed_once_it_removed_the_durable_copy_is_promoted_again(bucket, tmp_path,
+                                                                                                     monkeypatch):
+    """Was: the failed promotion removed all it had begun at the step's name, the marker too, after the durable copy
+    it replaced was gone; the next writer saw nothing begun there and never promoted the step again, which was lost
+    from both tiers once the local policy dropped it (found with a store that refused the step's writes)."""
+    copy_files = tiers._copy_files
+
+    def refused(source, final, *args, **kwargs):
+        if source.name == "4":
+            raise PermissionError(errno.EACCES, f"promoting {source} to {final}: access denied")
+        return copy_files(source, final, *args, **kwargs)
+
+    def local() -> ckpt.LocalCheckpointOptions:
+        return ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1))
+
+    with ckpt.Checkpointer(bucket, save_decision_policy=sdp.FixedIntervalPolicy(5), local=local()) as ckptr:
+        ckptr.save(4, {"w": np.full(2, 4)}, force=True)
+        ckptr.save(5, {"w": np.full(2, 5)})
+        ckptr.wait()
+        monkeypatch.setattr(tiers, "_copy_files", refused)
+        with pytest.raises(PermissionError, match="access denied"):
+            ckptr.save(4, {"w": np.full(2, 40)}, overwrite=True)
+            ckptr.wait()
+    monkeypatch.setattr(tiers, "_copy_files", copy_files)
+    with ckpt.Checkpointer(bucket, save_decision_policy=sdp.FixedIntervalPolicy(5), local=local()) as ckptr:
+        for step in (6, 7, 8):  # the local policy (LatestN(2)) drops step 4 meanwhile
+            ckptr.save(step, {"w": np.full(2, step)})
+        ckptr.wait()
+        assert [c.step for c in ckptr.checkpoints if "durable" in c.locations] == [4, 5]  # was: [5]
+    assert ckpt.load(f"{bucket}/4")["w"][0] == 40
+
+
 KILLED_ONCE_THE_DURABLE_COPY_IS_REMOVED = """
 import os, signal, sys
 import numpy as np

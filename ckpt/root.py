@@ -299,12 +299,19 @@ def check_outside_steps(directory: storage.Location, what: str) -> None:
         while named[-1].key:
             named.append(named[-1].parent)
         step = formats.first_holding_a_step(named)
-    if step is not None:
-        where = "is" if step == real else f"lies in {step}, which is"
+    if step is None:
+        return
+    where = "is" if step == real else f"lies in {step}, which is"
+    if not isinstance(step, Path) and not (step / fmt.MANIFEST).exists():
         raise RootDirectoryError(
-            f"{directory} cannot be {what}: it {where} a checkpoint (a step directory), and what is saved there "
-            f"would be written into that checkpoint. Pass the directory that holds the steps ({step.parent} for "
-            "this one), or another one.", path=directory)
+            f"{directory} cannot be {what}: it {where} a checkpoint of ckpt's not committed (ckpt's marker, no "
+            "manifest: a save in progress, or a save or a deletion that a crash cut short), which would be removed "
+            f"with what is saved there. Pass another directory (once no save runs there, ckpt.delete({str(step)!r}) "
+            "removes it).", path=directory)
+    raise RootDirectoryError(
+        f"{directory} cannot be {what}: it {where} a checkpoint (a step directory), and what is saved there "
+        f"would be written into that checkpoint. Pass the directory that holds the steps ({step.parent} for "
+        "this one), or another one.", path=directory)
 
 
 def make(directory: storage.Location, *, mode: int | None = None, what: str = "a checkpoint root") -> None:

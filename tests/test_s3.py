@@ -592,3 +592,7 @@ def test_s3_a_checkpoint_or_root_inside_a_step_is_refused_before_anything_is_wri
                                                         f"{bucket}/run/5, which is a checkpoint"):
         Checkpointer(f"{bucket}/run/5/sub")
     assert "inner" not in ObjectPath(f"{bucket}/m").children() and "sub" not in ObjectPath(f"{bucket}/run/5").children()
+    ObjectPath(f"{bucket}/run/5/manifest.json").unlink()  # what a save of step 5 killed before its commit leaves
+    with pytest.raises(errors.RootDirectoryError, match=r"lies in .*/run/5, which is a checkpoint of ckpt's not "
+                                                        r"committed \(ckpt's marker, no manifest: a save in progress"):
+        Checkpointer(f"{bucket}/run/5/sub")  # was: 'which is a checkpoint (a step directory)'

@@ -59,6 +59,14 @@ def _writer(path: str | os.PathLike, checkpointables: dict[str, Any], overwrite:
     return writer
 
 
+def _write(writer: saving.StepWriter) -> None:
+    """Writes and commits a free save, then removes what a deletion of its path that a crash cut short left
+    beside it (locally, ``<name>.ckpt-deleting``: no root's writer sweeps the directory of a free save)."""
+    writer.run(None)
+    if writer.primary and isinstance(writer.final_dir, Path):
+        storage.remove_deletion_leftover(writer.final_dir)
+
+
 def save_checkpointables(path: str | os.PathLike, checkpointables: dict[str, Any], *, overwrite: bool = False,
                          custom_metadata: Any = None) -> None:
     """Saves named trees as one checkpoint directory at ``path``, atomically.
@@ -68,7 +76,7 @@ def save_checkpointables(path: str | os.PathLike, checkpointables: dict[str, Any
         ckpt.save_checkpointables("model", {"params": {"w": np.ones(3)}, "opt_state": {"m": np.zeros(3)}})
         params = ckpt.load("model", checkpointable_name="params")
     """
-    _writer(path, checkpointables, overwrite, custom_metadata).run(None)
+    _write(_writer(path, checkpointables, overwrite, custom_metadata))
 
 
 def save_checkpointables_async(path: str | os.PathLike, checkpointables: dict[str, Any], *, overwrite: bool = False,
@@ -88,7 +96,7 @@ def save_checkpointables_async(path: str | os.PathLike, checkpointables: dict[st
         writer.discard()
         raise
     saver = background.BackgroundWriter("ckpt-save")
-    response = saver.submit(lambda: writer.run(None) and None, hurry=writer.hurry, what=f"the save of {writer.final_dir}")
+    response = saver.submit(lambda: _write(writer), hurry=writer.hurry, what=f"the save of {writer.final_dir}")
     saver.shutdown(wait=False)
     return response
 

@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from ckpt import format as fmt
-from ckpt import loading, orbax, storage
+from ckpt import loading, objectstore, orbax, storage
 from ckpt.errors import CheckpointableNotFoundError, CheckpointCorruptedError, InvalidLayoutError
+from ckpt.objectstore import ObjectPath
 
 
 def is_step(path: storage.Location) -> bool:
@@ -35,7 +36,23 @@ def has_step_files(path: Path) -> bool:
     return (ckpt_files and (storage.is_marked(path) or _reads_as_manifest(path))) or orbax.has_step_files(path)
 
 
-def _reads_as_manifest(path: Path) -> bool:
+def first_holding_a_step(paths: list[ObjectPath]) -> ObjectPath | None:
+    """The first of ``paths`` on an object store that holds a step of ckpt's, committed or not (its marker: ckpt
+    removes what lies below it with it), or committed by an earlier ckpt (a manifest ckpt reads beside its
+    tree.json); None when none does. Two requests a path, all at once. A path the store does not let this
+    process read is taken as holding none (a bucket's policy may grant the root's prefix alone)."""
+    def holds(request: tuple[ObjectPath, str]) -> bool:
+        try:
+            return request[0].holds(request[1])
+        except PermissionError:
+            return False
+
+    found = objectstore.each(holds, [(path, name) for path in paths for name in (fmt.MARKER, fmt.MANIFEST)])
+    return next((path for path, marked, manifest in zip(paths, found[::2], found[1::2])
+                 if marked or (manifest and path.holds(fmt.TREE) and _reads_as_manifest(path))), None)
+
+
+def _reads_as_manifest(path: storage.Location) -> bool:
     """Whether ``path``'s manifest.json is a ckpt manifest (read and validated)."""
     try:
         loading.read_manifest(path)

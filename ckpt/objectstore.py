@@ -3,7 +3,8 @@
 An object store has no rename: a step is written in place under its final name, and its
 ``manifest.json``, written last, is the commit record. Steps without one are not listed; those that
 hold ckpt's marker (``.ckpt-owned``, written first) are removed by the next writer, others are never
-touched. Deletion removes the manifest first and the marker last.
+touched. Deletion removes the manifest first and the marker last; a save in place of a step (``overwrite``)
+writes the marker before it removes the old step and keeps it.
 
 S3 settings come from the usual environment variables: ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL``
 (e.g. a local S3-compatible server; the first wins, as in AWS's SDKs), ``AWS_REGION`` (or
@@ -241,13 +242,19 @@ class ObjectPath:
         prefix = f"{self.key}/".encode() if self.key else b""
         return ts.KvStore.KeyRange(prefix, prefix[:-1] + b"0" if prefix else b"")
 
+    def _is_object(self, key: str) -> bool:
+        # (reading no bytes asks for the object's metadata only, not its bytes)
+        return self._wait(self._store().read(key.encode(), byte_range=slice(0, 0))).state == "value"
+
+    def holds(self, name: str) -> bool:
+        """Whether the object ``name`` is directly below this path: one request, whose failure names this path."""
+        return self._is_object(f"{self.key}/{name}" if self.key else name)
+
     def exists(self) -> bool:
         """True for an object, or a 'directory' holding at least one object (a bucket: one not empty)."""
-        store = self._store()
-        # (no object has the empty key; reading no bytes asks for the object's metadata only, not its bytes)
-        if self.key and self._wait(store.read(self.key.encode(), byte_range=slice(0, 0))).state == "value":
+        if self.key and self._is_object(self.key):  # (no object has the empty key)
             return True
-        return bool(self._wait(store.list(self._prefix_range())))
+        return bool(self._wait(self._store().list(self._prefix_range())))
 
     def keys(self) -> list[str]:
         """Every key below this path, relative to it (``100/manifest.json``), from one listing."""
@@ -262,14 +269,17 @@ class ObjectPath:
         """Deletes this one object (none is fine)."""
         self._wait(self._store().delete_range(ts.KvStore.KeyRange(self.key.encode(), self.key.encode() + b"\0")))
 
-    def remove_tree(self, *, last: str, keep_last: bool = False) -> None:
-        """Deletes everything below this path (a 'directory'); the object named ``last`` directly below it
-        goes last, so that a crash midway leaves it (with ``keep_last``, it stays). An object at this path
-        itself is not below it: it is left alone (a user's, beside a step of ckpt's)."""
+    def remove_all_but(self, name: str) -> None:
+        """Deletes everything below this path (a 'directory') but the object ``name`` directly below it. An object
+        at this path itself is not below it: it is left alone (a user's, beside a step of ckpt's)."""
         store = self._store()
         prefix = self._prefix_range()
-        kept = f"{self.key}/{last}".encode() if self.key else last.encode()
+        kept = f"{self.key}/{name}".encode() if self.key else name.encode()
         self._wait(store.delete_range(ts.KvStore.KeyRange(prefix.inclusive_min, kept)))
         self._wait(store.delete_range(ts.KvStore.KeyRange(kept + b"\0", prefix.exclusive_max)))
-        if not keep_last:
-            self._wait(store.delete_range(ts.KvStore.KeyRange(kept, kept + b"\0")))
+
+    def remove_tree(self, *, last: str) -> None:
+        """Deletes everything below this path (a 'directory'); the object named ``last`` directly below it
+        goes last, so that a crash midway leaves it (see :meth:`remove_all_but`)."""
+        self.remove_all_but(last)
+        (self / last).unlink()

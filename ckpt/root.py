@@ -282,24 +282,36 @@ def check_outside_temporaries(directory: storage.Location, what: str) -> None:
 
 
 def check_outside_steps(directory: storage.Location, what: str) -> None:
-    """Checks that the local ``directory`` (``what`` it is to be, for the error) neither is nor lies in a
-    checkpoint's step directory (ckpt's or Orbax's, see :func:`ckpt.formats.has_step_files`), its symbolic
+    """Checks that ``directory`` (``what`` it is to be, for the error) neither is nor lies in a checkpoint's
+    step directory (ckpt's or Orbax's, see :func:`ckpt.formats.has_step_files`), locally with its symbolic
     links followed: a root opened on a step instead of on the directory holding it would write its steps and
-    its lock into that step.
-    (On an object store, where that asks the store before the root's first error, it is not checked.)
+    its lock into that step, and a save there would be deleted with the step. On an object store, in one round
+    trip: a step of ckpt's (see :func:`ckpt.formats.first_holding_a_step`).
 
     Raises:
       RootDirectoryError: it is or does, with the step named.
     """
-    real = Path(os.path.realpath(directory)) if isinstance(directory, Path) else None  # (a link into a step too)
-    named = (real, *real.parents) if real is not None else ()
-    step = next((p for p in named if formats.has_step_files(p)), None)
-    if step is not None:
-        where = "is" if step == real else f"lies in {step}, which is"
+    if isinstance(directory, Path):
+        real = Path(os.path.realpath(directory))  # (a link into a step too)
+        step = next((p for p in (real, *real.parents) if formats.has_step_files(p)), None)
+    else:
+        real, named = directory, [directory]
+        while named[-1].key:
+            named.append(named[-1].parent)
+        step = formats.first_holding_a_step(named)
+    if step is None:
+        return
+    where = "is" if step == real else f"lies in {step}, which is"
+    if not isinstance(step, Path) and not (step / fmt.MANIFEST).exists():
         raise RootDirectoryError(
-            f"{directory} cannot be {what}: it {where} a checkpoint (a step directory), and what is saved there "
-            f"would be written into that checkpoint. Pass the directory that holds the steps ({step.parent} for "
-            "this one), or another one.", path=directory)
+            f"{directory} cannot be {what}: it {where} a checkpoint of ckpt's not committed (ckpt's marker, no "
+            "manifest: a save in progress, or a save or a deletion that a crash cut short), which would be removed "
+            f"with what is saved there. Pass another directory (once no save runs there, ckpt.delete({str(step)!r}) "
+            "removes it).", path=directory)
+    raise RootDirectoryError(
+        f"{directory} cannot be {what}: it {where} a checkpoint (a step directory), and what is saved there "
+        f"would be written into that checkpoint. Pass the directory that holds the steps ({step.parent} for "
+        "this one), or another one.", path=directory)
 
 
 def make(directory: storage.Location, *, mode: int | None = None, what: str = "a checkpoint root") -> None:

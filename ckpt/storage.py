@@ -413,13 +413,17 @@ def remove_owned(directory: Location) -> None:
     os.rmdir(directory)
 
 
-def remove_failed_temporary(tmp: Location) -> None:
+def remove_failed_temporary(tmp: Location, *, keep_marker: bool = False) -> None:
     """Removes the temporary directory of a save (or a promotion) that failed, while its error is raised,
     which a failure to remove it (often the same fault: a file system gone read-only) must not replace:
     that is logged, and what is left, never listed, is removed by the next save of the step or the next
-    writer of the root."""
+    writer of the root. ``keep_marker``, on an object store (where a step is written in place): everything
+    but the marker is removed, which shows the next writer the step begun there and never committed."""
     try:
-        remove_owned(tmp)
+        if keep_marker and isinstance(tmp, ObjectPath):
+            tmp.remove_all_but(fmt.MARKER)
+        else:
+            remove_owned(tmp)
     except OSError as e:
         logger.warning("ckpt: could not remove %s, the temporary directory of the failed save: %s", tmp, e)
 
@@ -444,13 +448,14 @@ def make_temporary(tmp: Location, *, mode: int | None = None) -> int | None:
       OSError: the directory or its marker could not be made (a full disk, no inode left); what was made is
         removed.
     """
-    if isinstance(tmp, ObjectPath):  # the step's own name: marked at every moment until its commit, so that what a
-        # crash leaves there is found begun (root.begun_in_place), even once the step it replaces is gone
+    if isinstance(tmp, ObjectPath):
         if not (tmp / fmt.MANIFEST).exists() and tmp.children() and not is_marked(tmp):
             raise _foreign(tmp)
-        mark(tmp)  # (a committed step the caller checked is marked before its manifest goes, as delete_dir does)
+        # The marker first, kept while the step replaced (or what a crash left) is removed: a crash at any
+        # moment leaves the name marked, as begun and never committed, for the next writer to see.
+        mark(tmp)
         (tmp / fmt.MANIFEST).unlink()
-        tmp.remove_tree(last=fmt.MARKER, keep_last=True)
+        tmp.remove_all_but(fmt.MARKER)
         return None
     if in_use(tmp):
         raise DirectoryLockedError(f"{tmp} is being written by another save of the same step (another process); "
@@ -915,16 +920,25 @@ def delete_dir(step_dir: Location) -> None:
                        "next writer removes it): %s", step_dir, e)
 
 
+def remove_deletion_leftover(step_dir: Path) -> bool:
+    """Removes what a deletion of ``step_dir`` that a crash cut short left (``<name>.ckpt-deleting``, marked as
+    ckpt's: the step was deleted once it was renamed there). Returns whether that name is free now: False
+    when something ckpt did not make holds it, which is left alone, or when it cannot be removed yet (a file
+    an NFS client holds open), or when the name is longer than a file name may be."""
+    try:
+        remove_owned(step_dir.with_name(step_dir.name + fmt.DELETING_SUFFIX))
+    except OSError:  # (ForeignEntryError and ENAMETOOLONG included)
+        return False
+    return True
+
+
 def _aside(step_dir: Path) -> Path:
     """The name a step is renamed to before it is removed: ``<name>.ckpt-deleting``, once what a crashed
-    deletion left there is removed; a name of its own (``<name>.<random>.ckpt-deleting``) when something
-    ckpt did not make holds that one, which is left alone, or when what an earlier deletion left there cannot
-    be removed yet (a file an NFS client holds open), which the root's next writer tries again; or when that
-    name is longer than a file name may be (a step's name of 242 bytes or more), the start of the step's name."""
+    deletion left there is removed (see :func:`remove_deletion_leftover`); else a name of its own
+    (``<name>.<random>.ckpt-deleting``), which the root's next writer removes; or when that name is longer than
+    a file name may be (a step's name of 242 bytes or more), the start of the step's name."""
     doomed = step_dir.with_name(step_dir.name + fmt.DELETING_SUFFIX)
-    try:
-        remove_owned(doomed)
-    except OSError:  # (ForeignEntryError and ENAMETOOLONG included)
+    if not remove_deletion_leftover(step_dir):
         own = f".{secrets.token_hex(4)}{fmt.DELETING_SUFFIX}"
         start = step_dir.name
         while len(os.fsencode(start + own)) > _NAME_MAX:  # (whole characters: a cut 'é' is no UTF-8)

@@ -252,16 +252,24 @@ def check_apart(directory: Path, durable: storage.Location, name_format: Any = N
 
 def check_owner(directory: Path, durable: str) -> None:
     """Refuses a local directory that holds the local tier of another durable root than ``durable`` (a run
-    before, on the same machine), whose steps are not this run's. The first Checkpointer of a local
-    directory records its durable root there (``ckpt-root.json``); a local tier written before ckpt recorded
-    it is taken as any root's, and one local path of the recorded directory (through a link) as its own.
+    before, on the same machine), whose steps are not this run's, or a root of its own (a Checkpointer's, or
+    Orbax's: root metadata that names no durable root), whose steps the local tier's preservation policy would
+    delete. The first Checkpointer of a local directory records its durable root there (``ckpt-root.json``); a
+    local tier written before ckpt recorded it (no root metadata at all) is taken as any root's, and one local
+    path of the recorded directory (through a link) as its own.
 
     Raises:
-      ValueError: ``directory`` belongs to another durable root (both named).
+      ValueError: ``directory`` belongs to another durable root (both named), or is a root of its own.
       CheckpointCorruptedError: its ``ckpt-root.json`` is damaged.
     """
+    if not formats.has_root_metadata(directory):
+        return
     owner = formats.root_custom_metadata(directory)
-    owner = owner.get(_DURABLE_ROOT, durable) if isinstance(owner, dict) else durable
+    owner = owner.get(_DURABLE_ROOT) if isinstance(owner, dict) else None
+    if owner is None:
+        raise ValueError(f"{directory} is a checkpoint root of its own, not a local tier (its root metadata names no "
+                         "durable root, as a local tier's does): its steps are another run's (which the local tier's "
+                         "preservation policy would delete)")
     if not _same_root(owner, durable):
         raise ValueError(f"{directory} holds the local tier of the durable root {owner}, not of {durable}: its "
                          "steps are another run's")
@@ -297,6 +305,7 @@ class LocalTier:
         directory = local_directory(options.directory)
         if durable.processes.count > 1:
             directory = process_directory(directory, durable.processes.index)
+        self._check_owner(directory, str(durable.directory))
         # A process of its own (read when it is made), with the Checkpointer's very Context afterwards: a
         # Context copies the groups it starts from, and a change of the Checkpointer's options must reach it.
         with Context(context, multiprocessing_options=MultiprocessingOptions(processes=distributed.OwnPart())):
@@ -307,18 +316,19 @@ class LocalTier:
                 step_name_format=step_name_format, lightweight_initialize=lightweight_initialize,
                 cleanup_tmp_directories=cleanup_tmp_directories,
                 custom_metadata={_DURABLE_ROOT: str(durable.directory)})
-        self._check_owner(str(durable.directory))
 
-    def _check_owner(self, durable: str) -> None:
-        """:func:`check_owner` of the local directory (its steps would be restored as this run's).
+    @staticmethod
+    def _check_owner(directory: Path, durable: str) -> None:
+        """:func:`check_owner` of the local directory (its steps would be restored as this run's), before its
+        Checkpointer is made.
 
         Raises:
-          ValueError: the local directory belongs to another durable root (nothing was written).
+          ValueError: the local directory belongs to another durable root, or is a root of its own (nothing was
+            written).
         """
         try:
-            check_owner(self.checkpointer.directory, durable)
+            check_owner(directory, durable)
         except ValueError as e:
-            self.checkpointer.close()
             raise ValueError(f"LocalCheckpointOptions directory {e}, and would be restored as this one's. Use another "
                              "local directory (or delete that one if the run it belongs to is over).") from None
 
@@ -645,7 +655,8 @@ def _copy_step(source: Path, final: storage.Location, step: int, overwrite: bool
     several processes each copies its shards (the primary the rest too, see :func:`_written_by_primary`) and
     the primary commits once every process's copy succeeded (a failure in one fails the promotion in all,
     see :func:`ckpt.distributed.settle`). A promotion that fails before its commit removes its temporary
-    directory, as a save does.
+    directory, as a save does (on an object store, an overwrite's but its marker: the durable copy it replaced
+    is gone, and the next writer promotes the step again).
     Returns the bytes this process copied."""
     primary, tmp, markers = durable.processes.index == 0, storage.temporary_for(final), []
     task = f"the promotion of {source} to {final}"
@@ -660,8 +671,8 @@ def _copy_step(source: Path, final: storage.Location, step: int, overwrite: bool
         distributed.settle(durable.processes, f"{barrier}/prepared", prepare, durable.timeout_secs(), task)
         copied = _copy_files(source, final, tmp, step, overwrite, durable, barrier, task)
     except BaseException:
-        if markers:
-            storage.remove_failed_temporary(tmp)
+        if markers:  # (an overwrite has removed the durable copy it replaces: see LocalTier._recover)
+            storage.remove_failed_temporary(tmp, keep_marker=overwrite)
         raise
     finally:
         if markers:

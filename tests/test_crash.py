@@ -396,3 +396,28 @@ def test_a_two_rank_save_killed_on_one_rank_leaves_only_committed_loadable_steps
 
 def torch_equal(a, b) -> bool:
     return a.dtype == b.dtype and a.shape == b.shape and bool((a == b).all())
+
+
+KILLED_WHILE_IT_REMOVES_A_DELETED_CHECKPOINT = """
+import os, signal, sys
+import ckpt
+from ckpt import storage
+storage.remove_owned = lambda path: os.kill(os.getpid(), signal.SIGKILL) if path.name == "model.ckpt-deleting" and \\
+    not path.parent.joinpath("model").exists() else None   # renamed aside: deleted, its files still there
+ckpt.delete(sys.argv[1])
+"""
+
+
+def test_a_free_save_removes_what_a_deletion_of_its_path_killed_midway_left(tmp_path):
+    """Was: model.ckpt-deleting, what a ckpt.delete killed after its rename left (the whole checkpoint's bytes),
+    stayed beside every later save at that path: no root's writer sweeps a free checkpoint's directory."""
+    runs, leftover = tmp_path / "runs", tmp_path / "runs" / ("model" + fmt.DELETING_SUFFIX)
+    ckpt.save(runs / "model", {"v": np.zeros(1000)})
+    assert procs.run_script(KILLED_WHILE_IT_REMOVES_A_DELETED_CHECKPOINT, str(runs / "model")).returncode == -9
+    assert os.listdir(runs) == [leftover.name]
+    shutil.copytree(leftover, tmp_path / "left")
+    for save in (ckpt.save, lambda *args: ckpt.save_async(*args).result(timeout=60)):
+        save(runs / "model", {"v": np.ones(3)})
+        assert os.listdir(runs) == ["model"] and ckpt.load(runs / "model")["v"].tolist() == [1.0] * 3
+        ckpt.delete(runs / "model")
+        shutil.copytree(tmp_path / "left", leftover)

@@ -568,3 +568,31 @@ def test_s3_deleting_a_checkpoint_whose_deletion_or_save_a_crash_cut_short_finis
         ObjectPath(f"{bucket}/m2/notes").write_bytes(b"a user's")
         assert ckpt.delete(f"{bucket}/m", missing_ok=True) is True  # was: ForeignEntryError, 'not a committed step'
         assert ObjectPath(bucket).children() == ["m2"]
+
+
+def test_s3_a_checkpoint_or_root_inside_a_step_is_refused_before_anything_is_written(bucket):
+    """Was: accepted (local paths were refused), and deleted with the step: ckpt.save(m, overwrite=True) removed
+    m/inner, as garbage collection of step 5 would remove the root run/5/sub."""
+    import ckpt
+    from ckpt import errors
+    from ckpt.objectstore import ObjectPath
+
+    ckpt.save(f"{bucket}/m", state(1))
+    for marked in (True, False):  # (without ckpt's marker: a step an earlier ckpt committed)
+        if not marked:
+            ObjectPath(f"{bucket}/m/.ckpt-owned").unlink()
+        with pytest.raises(errors.RootDirectoryError, match=f"{bucket}/m cannot be the directory inner is saved in: it "
+                                                            "is a checkpoint"):
+            ckpt.save(f"{bucket}/m/inner", state(2))
+    ObjectPath(f"{bucket}/elsewhere/manifest.json").write_text("{}")  # a user's, beside no tree.json: no step
+    ckpt.save(f"{bucket}/elsewhere/inner", state(2))
+    with Checkpointer(f"{bucket}/run") as ckptr:
+        ckptr.save(5, state(5))
+    with pytest.raises(errors.RootDirectoryError, match=f"{bucket}/run/5/sub cannot be a checkpoint root: it lies in "
+                                                        f"{bucket}/run/5, which is a checkpoint"):
+        Checkpointer(f"{bucket}/run/5/sub")
+    assert "inner" not in ObjectPath(f"{bucket}/m").children() and "sub" not in ObjectPath(f"{bucket}/run/5").children()
+    ObjectPath(f"{bucket}/run/5/manifest.json").unlink()  # what a save of step 5 killed before its commit leaves
+    with pytest.raises(errors.RootDirectoryError, match=r"lies in .*/run/5, which is a checkpoint of ckpt's not "
+                                                        r"committed \(ckpt's marker, no manifest: a save in progress"):
+        Checkpointer(f"{bucket}/run/5/sub")  # was: 'which is a checkpoint (a step directory)'

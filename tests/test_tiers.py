@@ -283,6 +283,21 @@ def test_a_local_directory_holding_another_durable_roots_tier_is_refused_not_res
         ckpt.Checkpointer(tmp_path / "run2", local=local())
 
 
+@pytest.mark.parametrize("custom_metadata", [{"lr": 0.1}, "notes"])
+def test_a_plain_checkpointer_root_given_as_the_local_tier_is_refused_before_its_steps_are_deleted(tmp_path,
+                                                                                                   custom_metadata):
+    """Was: adopted as this run's local tier: its latest step restored and promoted to the new durable root, and
+    its other steps deleted by the local tier's LatestN(2). Root metadata naming no durable root is no local
+    tier's (ckpt has always recorded its owner in a local tier's root metadata)."""
+    with ckpt.Checkpointer(tmp_path / "old", custom_metadata=custom_metadata) as ckptr:
+        for step in range(4):
+            ckptr.save(step, tiers_worker.state(step))
+    with pytest.raises(ValueError, match=f"{tmp_path / 'old'} is a checkpoint root of its own, not a local tier"):
+        ckpt.Checkpointer(tmp_path / "run", local=ckpt.LocalCheckpointOptions(tmp_path / "old"))
+    with ckpt.Checkpointer(tmp_path / "old") as ckptr:
+        assert [c.step for c in ckptr.checkpoints] == [0, 1, 2, 3]
+
+
 def test_a_local_tier_whose_recorded_owner_holds_a_nul_is_another_runs_naming_its_directory(tmp_path):
     """Was: ValueError 'LocalCheckpointOptions directory embedded null byte, ...' (os.path.realpath's), naming nothing."""
     (tmp_path / "ssd").mkdir()
@@ -840,28 +855,54 @@ def assert_step_4_promoted_again_by_the_next_writer(bucket: str, local: ckpt.Loc
     assert ckpt.load(f"{bucket}/4")["w"][0] == 40
 
 
-_KILLED_AFTER_THE_DURABLE_COPY_IS_REMOVED = """
+def test_on_s3_an_overwrites_promotion_that_failed_once_it_removed_the_durable_copy_is_promoted_again(bucket, tmp_path,
+                                                                                                     monkeypatch):
+    """Was: the failed promotion removed all it had begun at the step's name, the marker too, after the durable copy
+    it replaced was gone; the next writer saw nothing begun there and never promoted the step again, which was lost
+    from both tiers once the local policy dropped it (found with a store that refused the step's writes)."""
+    copy_files = tiers._copy_files
+
+    def refused(source, final, *args, **kwargs):
+        if source.name == "4":
+            raise PermissionError(errno.EACCES, f"promoting {source} to {final}: access denied")
+        return copy_files(source, final, *args, **kwargs)
+
+    def local() -> ckpt.LocalCheckpointOptions:
+        return ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1))
+
+    with ckpt.Checkpointer(bucket, save_decision_policy=sdp.FixedIntervalPolicy(5), local=local()) as ckptr:
+        ckptr.save(4, {"w": np.full(2, 4)}, force=True)
+        ckptr.save(5, {"w": np.full(2, 5)})
+        ckptr.wait()
+        monkeypatch.setattr(tiers, "_copy_files", refused)
+        with pytest.raises(PermissionError, match="access denied"):
+            ckptr.save(4, {"w": np.full(2, 40)}, overwrite=True)
+            ckptr.wait()
+    monkeypatch.setattr(tiers, "_copy_files", copy_files)
+    assert_step_4_promoted_again_by_the_next_writer(bucket, local())
+
+
+KILLED_ONCE_THE_DURABLE_COPY_IS_REMOVED = """
 import os, signal, sys
 import numpy as np
 import ckpt
 from ckpt.objectstore import ObjectPath
 from ckpt.training import save_decision_policies as sdp
-
-bucket, local = sys.argv[1:]
-remove_tree = ObjectPath.remove_tree
-
-def remove_then_die(self, **kwargs):
-    remove_tree(self, **kwargs)
-    if self.key.endswith("/4"):  # the promotion of step 4 has just removed its durable copy's objects
-        os.kill(os.getpid(), signal.SIGKILL)
-
-options = ckpt.LocalCheckpointOptions(local, save_decision_policy=sdp.FixedIntervalPolicy(1))
-with ckpt.Checkpointer(bucket, save_decision_policy=sdp.FixedIntervalPolicy(5), local=options) as ckptr:
+local = ckpt.LocalCheckpointOptions(sys.argv[2], save_decision_policy=sdp.FixedIntervalPolicy(1))
+with ckpt.Checkpointer(sys.argv[1], save_decision_policy=sdp.FixedIntervalPolicy(5), local=local) as ckptr:
     ckptr.save(4, {"w": np.full(2, 4)}, force=True)
     ckptr.save(5, {"w": np.full(2, 5)})
     ckptr.wait()
-    ObjectPath.remove_tree = remove_then_die
-    ckptr.save(4, {"w": np.full(2, 40)}, force=True, overwrite=True)
+    def killed_after(remove):
+        def removed(path, *args, **kwargs):
+            remove(path, *args, **kwargs)
+            if path.name == "4":  # the durable copy of step 4 removed, its new one not yet written
+                os.kill(os.getpid(), signal.SIGKILL)
+        return removed
+    ObjectPath.remove_tree, ObjectPath.remove_all_but = map(killed_after, (ObjectPath.remove_tree,
+                                                                           ObjectPath.remove_all_but))
+    ckptr.save(4, {"w": np.full(2, 40)}, overwrite=True)
+    ckptr.wait()
 """
 
 
@@ -869,7 +910,7 @@ def test_on_s3_an_overwrites_promotion_killed_once_it_removed_the_durable_copy_i
     """SIGKILL between the promotion's removal of the durable copy it replaces and its first write: the step's name
     held nothing at all, so the next writer saw no promotion begun there and step 4 was lost from both tiers once
     the local policy dropped it (load: CheckpointNotFoundError)."""
-    killed = procs.run_script(_KILLED_AFTER_THE_DURABLE_COPY_IS_REMOVED, bucket, str(tmp_path / "local"))
+    killed = procs.run_script(KILLED_ONCE_THE_DURABLE_COPY_IS_REMOVED, bucket, str(tmp_path / "local"))
     assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
     assert_step_4_promoted_again_by_the_next_writer(bucket, ckpt.LocalCheckpointOptions(
         tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1)))

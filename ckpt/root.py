@@ -348,7 +348,8 @@ def check_target(final: storage.Location, tmp: storage.Location, *, step: int | 
       ValueError: ``final``'s name ends as a temporary's does, so the next writer in its directory would
         remove the checkpoint as the leftover of a crashed save.
       StepAlreadyExistsError: ``final`` is a committed step (or such a directory) and ``overwrite`` is not set.
-      ForeignEntryError: ``final`` or ``tmp`` is something ckpt did not write (named, with what it holds).
+      ForeignEntryError: ``final`` or ``tmp`` is something ckpt did not write (named, with what it holds), or
+        ``final`` is an empty directory that is a mount point.
 
     Returns:
       Whether ``final`` is such an empty directory.
@@ -364,6 +365,11 @@ def check_target(final: storage.Location, tmp: storage.Location, *, step: int | 
         if entry.kind is Kind.TEMPORARY and final == tmp:  # (an object store) a save of ckpt's never committed
             return False
         empty = step is None and isinstance(final, Path) and _is_empty_dir(final)
+        if empty and os.path.ismount(final):
+            raise ForeignEntryError(
+                f"cannot save {what} to {final}: it is a mount point (a file system mounted there), which a save "
+                "cannot replace, even with overwrite=True. Save into a directory in it, such as "
+                f"{final / 'checkpoint'}.", path=final)
         if entry.kind is not Kind.STEP and not empty:
             raise ForeignEntryError(
                 f"cannot save {what}: {final} holds {entry.holds}, which ckpt did not write, and ckpt never "

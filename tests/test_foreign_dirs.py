@@ -4,9 +4,11 @@ Each kind of foreign entry is put in a root, every writing path is run, and the 
 bytes are compared before and after."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
+import subprocess
 import traceback
 from pathlib import Path
 
@@ -307,6 +309,29 @@ def test_the_free_save_takes_an_empty_directory_with_overwrite_only_while_it_is_
             ckpt.save(target, {"w": np.ones(2)}, overwrite=True)
         assert sorted(os.listdir(target)) == ["notes.txt"]
     assert sorted(os.listdir(tmp_path)) == ["model"]  # (no temporary left)
+
+
+@pytest.mark.parametrize("mount", ["tmpfs", "bind mount of its own file system"])
+def test_the_free_save_never_takes_an_empty_mount_point_for_an_empty_directory_it_may_replace(tmp_path, mount):
+    """A volume mounted where the checkpoint goes (a container's, a tmpfs) cannot be renamed over: the save
+    wrote everything, then raised OSError [Errno 16] Device or resource busy at its commit."""
+    target = tmp_path / "volume"
+    target.mkdir()
+    if mount == "tmpfs":
+        mounted = fsutil.tmpfs(target)
+    else:
+        result = subprocess.run(["mount", "--bind", str(target), str(target)], capture_output=True, text=True)
+        if result.returncode != 0:
+            pytest.skip(f"cannot bind-mount (needs root or CAP_SYS_ADMIN): {result.stderr.strip()}")
+        mounted = contextlib.ExitStack()
+        mounted.callback(fsutil.unmount, target)
+    with mounted:  # (os.path.ismount misses a bind mount of its own file system: the commit's rename refuses it)
+        for overwrite in (False, True) if mount == "tmpfs" else (True,):
+            with pytest.raises(errors.ForeignEntryError, match="volume: it is a mount point"):
+                ckpt.save(target, STATE, overwrite=overwrite)
+            assert os.listdir(target) == [] and os.listdir(tmp_path) == ["volume"]
+        ckpt.save(target / "checkpoint", STATE)
+        np.testing.assert_array_equal(ckpt.load(target / "checkpoint")["w"], STATE["w"])
 
 
 def test_the_free_save_replaces_a_checkpoint_of_its_own_with_overwrite(tmp_path):

@@ -459,12 +459,16 @@ def check_shared(tmp: storage.Location, index: int) -> None:
 def commit(tmp: storage.Location, final: storage.Location, *, step: int | None, overwrite: bool) -> None:
     """Commits a fully written temporary (see :func:`ckpt.storage.commit_dir`) after checking ``final``
     again as :func:`check_target` did before the save began: whatever took its name while the step was
-    written (a user's directory, another process's save of the step) is never replaced.
+    written (a user's directory, another process's save of the step) is never replaced. An empty directory
+    ``ckpt.save`` replaces gives the checkpoint its mode.
 
     Raises:
       StepAlreadyExistsError, ForeignEntryError: as :func:`check_target`; the step is not committed.
     """
     empty = isinstance(final, Path) and check_target(final, final, step=step, overwrite=overwrite)
+    if empty:  # the user's directory keeps its mode (mkdtemp's 0o700 too), as one saved into would
+        with contextlib.suppress(FileNotFoundError):  # (gone since: the rename says what took its name)
+            os.chmod(tmp, stat.S_IMODE(os.lstat(final).st_mode))
     storage.commit_dir(tmp, final, replace=overwrite and not empty, over_empty=empty)
 
 

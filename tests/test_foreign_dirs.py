@@ -279,11 +279,14 @@ def test_the_free_save_never_overwrites_a_foreign_path_or_its_temporary_name(tmp
 
 
 @pytest.mark.parametrize("filled", [None, "while written", "after the last check"])
-def test_the_free_save_takes_an_empty_directory_with_overwrite_only_while_it_is_empty(tmp_path, monkeypatch, filled):
+def test_the_free_save_takes_an_empty_directory_with_overwrite_only_while_it_is_empty_keeping_its_mode(
+        tmp_path, monkeypatch, filled):
     """As Orbax's save does (ckpt.save(tmp_path, state, overwrite=True) into a directory made for it); it raised
-    ForeignEntryError. The commit renames over the directory, which the kernel refuses once anything is in it."""
+    ForeignEntryError. The commit renames over the directory, which the kernel refuses once anything is in it.
+    A private directory (mkdtemp's 0o700) stays so: it became 0o755, the checkpoint readable by every user."""
     target = tmp_path / "model"
     target.mkdir()
+    os.chmod(target, 0o700)
     check_target = ckpt.root.check_target
 
     def fill(*args, **kwargs):
@@ -304,6 +307,7 @@ def test_the_free_save_takes_an_empty_directory_with_overwrite_only_while_it_is_
     if filled is None:
         ckpt.save(target, {"w": np.ones(2)}, overwrite=True)
         np.testing.assert_array_equal(ckpt.load(target)["w"], np.ones(2))
+        assert oct(os.stat(target).st_mode & 0o7777) == oct(0o700)
     else:
         with pytest.raises(errors.ForeignEntryError, match="notes.txt"):
             ckpt.save(target, {"w": np.ones(2)}, overwrite=True)

@@ -466,9 +466,9 @@ def commit(tmp: storage.Location, final: storage.Location, *, step: int | None, 
       StepAlreadyExistsError, ForeignEntryError: as :func:`check_target`; the step is not committed.
     """
     empty = isinstance(final, Path) and check_target(final, final, step=step, overwrite=overwrite)
-    if empty:  # the user's directory keeps its mode (mkdtemp's 0o700 too), as one saved into would
-        with contextlib.suppress(FileNotFoundError):  # (gone since: the rename says what took its name)
-            os.chmod(tmp, stat.S_IMODE(os.lstat(final).st_mode))
+    mode = _mode(final) if empty else None  # (gone, or no directory since: the rename says what took its name)
+    if mode is not None and stat.S_ISDIR(mode):  # the user's directory keeps its mode (mkdtemp's 0o700 too)
+        os.chmod(tmp, stat.S_IMODE(mode))
     storage.commit_dir(tmp, final, replace=overwrite and not empty, over_empty=empty)
 
 

@@ -456,19 +456,22 @@ def check_shared(tmp: storage.Location, index: int) -> None:
             "lack this process's shards", path=tmp.parent)
 
 
-def commit(tmp: storage.Location, final: storage.Location, *, step: int | None, overwrite: bool) -> None:
+def commit(tmp: storage.Location, final: storage.Location, *, step: int | None, overwrite: bool,
+           mode: int | None = None) -> None:
     """Commits a fully written temporary (see :func:`ckpt.storage.commit_dir`) after checking ``final``
     again as :func:`check_target` did before the save began: whatever took its name while the step was
     written (a user's directory, another process's save of the step) is never replaced. An empty directory
-    ``ckpt.save`` replaces gives the checkpoint its mode.
+    ``ckpt.save`` replaces gives the checkpoint its mode, unless the temporary was made with a ``mode`` of
+    its own (``FileOptions.path_permission_mode``).
 
     Raises:
       StepAlreadyExistsError, ForeignEntryError: as :func:`check_target`; the step is not committed.
     """
     empty = isinstance(final, Path) and check_target(final, final, step=step, overwrite=overwrite)
-    mode = _mode(final) if empty else None  # (gone, or no directory since: the rename says what took its name)
-    if mode is not None and stat.S_ISDIR(mode):  # the user's directory keeps its mode (mkdtemp's 0o700 too)
-        os.chmod(tmp, stat.S_IMODE(mode))
+    # the user's directory keeps its mode (mkdtemp's 0o700 too); one gone or replaced since: the rename says so
+    found = _mode(final) if empty and mode is None else None
+    if found is not None and stat.S_ISDIR(found):
+        os.chmod(tmp, stat.S_IMODE(found))
     storage.commit_dir(tmp, final, replace=overwrite and not empty, over_empty=empty)
 
 

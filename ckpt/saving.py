@@ -959,7 +959,7 @@ class StepWriter:
 
     def commit(self, step: int | None) -> None:
         """Makes the written step visible atomically (see :func:`ckpt.root.commit`)."""
-        root.commit(self.tmp_dir, self.final_dir, step=step, overwrite=self.overwrite)
+        root.commit(self.tmp_dir, self.final_dir, step=step, overwrite=self.overwrite, mode=self.dir_mode)
 
     def _barrier(self, phase: str) -> None:
         if self.processes.count > 1:

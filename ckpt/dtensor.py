@@ -256,8 +256,14 @@ def own_shards(x: Any) -> list[tuple[Index, Any]]:
     return out
 
 
+def held_whole(x: Any) -> bool:
+    """Whether this rank holds the whole of DTensor ``x``: it is not :func:`split`, and this rank is in its mesh
+    (a rank outside it holds an empty local tensor)."""
+    return not split(x) and x.device_mesh.get_coordinate() is not None
+
+
 def whole(x: Any) -> list[tuple[Index, Any]]:
-    """(global index, local torch tensor) of a DTensor this rank holds whole (not :func:`split`): its
+    """(global index, local torch tensor) of a DTensor this rank holds whole (:func:`held_whole`): its
     local shard, whichever replica it is (what a rank saving it alone writes), unless empty."""
     return [(tuple(slice(0, n) for n in x.shape), x.to_local())] if math.prod(x.shape) else []
 

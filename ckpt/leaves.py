@@ -264,7 +264,7 @@ def _dtensor_leaf(path: KeyPath, x: Any) -> HostLeaf:
 
     return HostLeaf(meta, None, spread=Spread(
         dtensor.chunk_shape(path, x), lambda: host(dtensor.own_shards(x)),
-        None if dtensor.split(x) else lambda: host(dtensor.whole(x))))
+        (lambda: host(dtensor.whole(x))) if dtensor.held_whole(x) else None))
 
 
 def gather(leaves: list[tuple[KeyPath, HostLeaf]]) -> None:

@@ -360,7 +360,8 @@ def check_target(final: storage.Location, tmp: storage.Location, *, step: int | 
       ValueError: ``final``'s name ends as a temporary's does, so the next writer in its directory would
         remove the checkpoint as the leftover of a crashed save.
       StepAlreadyExistsError: ``final`` is a committed step (or such a directory) and ``overwrite`` is not set.
-      ForeignEntryError: ``final`` or ``tmp`` is something ckpt did not write (named, with what it holds).
+      ForeignEntryError: ``final`` or ``tmp`` is something ckpt did not write (named, with what it holds), or
+        ``final`` is an empty directory that is a mount point.
 
     Returns:
       Whether ``final`` is such an empty directory.
@@ -376,6 +377,11 @@ def check_target(final: storage.Location, tmp: storage.Location, *, step: int | 
         if entry.kind is Kind.TEMPORARY and final == tmp:  # (an object store) a save of ckpt's never committed
             return False
         empty = step is None and isinstance(final, Path) and _is_empty_dir(final)
+        if empty and os.path.ismount(final):
+            raise ForeignEntryError(
+                f"cannot save {what} to {final}: it is a mount point (a file system mounted there), which a save "
+                "cannot replace, even with overwrite=True. Save into a directory in it, such as "
+                f"{final / 'checkpoint'}.", path=final)
         if entry.kind is not Kind.STEP and not empty:
             raise ForeignEntryError(
                 f"cannot save {what}: {final} holds {entry.holds}, which ckpt did not write, and ckpt never "
@@ -462,15 +468,22 @@ def check_shared(tmp: storage.Location, index: int) -> None:
             "lack this process's shards", path=tmp.parent)
 
 
-def commit(tmp: storage.Location, final: storage.Location, *, step: int | None, overwrite: bool) -> None:
+def commit(tmp: storage.Location, final: storage.Location, *, step: int | None, overwrite: bool,
+           mode: int | None = None) -> None:
     """Commits a fully written temporary (see :func:`ckpt.storage.commit_dir`) after checking ``final``
     again as :func:`check_target` did before the save began: whatever took its name while the step was
-    written (a user's directory, another process's save of the step) is never replaced.
+    written (a user's directory, another process's save of the step) is never replaced. An empty directory
+    ``ckpt.save`` replaces gives the checkpoint its mode, unless the temporary was made with a ``mode`` of
+    its own (``FileOptions.path_permission_mode``).
 
     Raises:
       StepAlreadyExistsError, ForeignEntryError: as :func:`check_target`; the step is not committed.
     """
     empty = isinstance(final, Path) and check_target(final, final, step=step, overwrite=overwrite)
+    # the user's directory keeps its mode (mkdtemp's 0o700 too); one gone or replaced since: the rename says so
+    found = _mode(final) if empty and mode is None else None
+    if found is not None and stat.S_ISDIR(found):
+        os.chmod(tmp, stat.S_IMODE(found))
     storage.commit_dir(tmp, final, replace=overwrite and not empty, over_empty=empty)
 
 

@@ -338,13 +338,14 @@ def agree(plan: Plan, final: storage.Location, processes: distributed.Processes,
 def _refuse_spread(plan: Plan, final: storage.Location) -> None:
     """:func:`agree`'s ValueError for an array spread over processes that one process saves alone (a small
     DTensor split over ranks too: its gathering is a collective, which would wait for the other processes,
-    or meet one of their own). One this process holds whole (a replicated DTensor) it writes whole."""
+    or meet one of their own; one on a mesh of other ranks, of which it holds nothing). One this process holds
+    whole (a replicated DTensor) it writes whole."""
     for name, planned in plan.leaves.items():
         for leaf in planned:
             spread, small = leaf.host.spread, leaf.host.gather
             if spread is not None and spread.whole is not None:
                 leaf.host.spread = dataclasses.replace(spread, own_shards=spread.whole)
-            elif spread is not None or (small is not None and dtensor.split(small)):
+            elif spread is not None or (small is not None and not dtensor.held_whole(small)):
                 raise ValueError(
                     f"checkpointable {name!r}: the array at {keystr(leaf.path) or 'the root'} is spread over "
                     f"processes, but this process saves {final} alone (MultiprocessingOptions.processes): the step "
@@ -961,7 +962,7 @@ class StepWriter:
 
     def commit(self, step: int | None) -> None:
         """Makes the written step visible atomically (see :func:`ckpt.root.commit`)."""
-        root.commit(self.tmp_dir, self.final_dir, step=step, overwrite=self.overwrite)
+        root.commit(self.tmp_dir, self.final_dir, step=step, overwrite=self.overwrite, mode=self.dir_mode)
 
     def _barrier(self, phase: str) -> None:
         if self.processes.count > 1:

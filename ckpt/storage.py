@@ -761,7 +761,7 @@ def commit_dir(tmp: Location, final: Location, *, replace: bool, over_empty: boo
 
     Raises:
       ForeignEntryError: without ``replace``, something appeared at ``final`` while the step was written
-        (or, ``over_empty``, the empty directory was filled).
+        (or, ``over_empty``, the empty directory was filled, or is a mount point).
     """
     if isinstance(final, ObjectPath):
         return
@@ -770,6 +770,10 @@ def commit_dir(tmp: Location, final: Location, *, replace: bool, over_empty: boo
         try:
             os.rename(tmp, final)
         except OSError as e:
+            if e.errno == errno.EBUSY:  # (a bind mount of the file system itself, which os.path.ismount misses)
+                raise ForeignEntryError(f"cannot save the checkpoint to {final}: it is a mount point, which a save "
+                                        "cannot replace; the checkpoint was not committed. Save into a directory "
+                                        "in it.", path=final) from None
             if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
                 raise
             raise ForeignEntryError(f"{final} was filled while the checkpoint was written (it holds "

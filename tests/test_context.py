@@ -213,11 +213,13 @@ def test_the_free_saves_give_path_permission_mode_to_the_checkpoint_and_refuse_a
         ckpt.save(tmp_path / "a", STATE)
         ckpt.save_async(tmp_path / "b", STATE).result(timeout=60)
         ckpt.save_checkpointables(tmp_path / "c", {"state": STATE})
-    assert [oct(stat.S_IMODE(os.stat(tmp_path / name).st_mode)) for name in "abc"] == [oct(0o710)] * 3
+        (tmp_path / "e").mkdir(mode=0o700)  # (an empty directory replaced: the option's mode, not its own)
+        ckpt.save(tmp_path / "e", STATE, overwrite=True)
+    assert [oct(stat.S_IMODE(os.stat(tmp_path / name).st_mode)) for name in "abce"] == [oct(0o710)] * 4
     with ckpt.Context(file_options=ckpt.FileOptions(path_permission_mode=0o500)):
         with pytest.raises(ValueError, match="FileOptions.path_permission_mode"):
             ckpt.save(tmp_path / "d", STATE)
-    assert sorted(os.listdir(tmp_path)) == ["a", "b", "c"]
+    assert sorted(os.listdir(tmp_path)) == ["a", "b", "c", "e"]
 
 
 @pytest.mark.parametrize("option, value", [  # (timeout_secs: refused where it is given, tested above)

@@ -4,9 +4,11 @@ Each kind of foreign entry is put in a root, every writing path is run, and the 
 bytes are compared before and after."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
+import subprocess
 import traceback
 from pathlib import Path
 
@@ -277,11 +279,14 @@ def test_the_free_save_never_overwrites_a_foreign_path_or_its_temporary_name(tmp
 
 
 @pytest.mark.parametrize("filled", [None, "while written", "after the last check"])
-def test_the_free_save_takes_an_empty_directory_with_overwrite_only_while_it_is_empty(tmp_path, monkeypatch, filled):
+def test_the_free_save_takes_an_empty_directory_with_overwrite_only_while_it_is_empty_keeping_its_mode(
+        tmp_path, monkeypatch, filled):
     """As Orbax's save does (ckpt.save(tmp_path, state, overwrite=True) into a directory made for it); it raised
-    ForeignEntryError. The commit renames over the directory, which the kernel refuses once anything is in it."""
+    ForeignEntryError. The commit renames over the directory, which the kernel refuses once anything is in it.
+    A private directory (mkdtemp's 0o700) stays so: it became 0o755, the checkpoint readable by every user."""
     target = tmp_path / "model"
     target.mkdir()
+    os.chmod(target, 0o700)
     check_target = ckpt.root.check_target
 
     def fill(*args, **kwargs):
@@ -302,11 +307,35 @@ def test_the_free_save_takes_an_empty_directory_with_overwrite_only_while_it_is_
     if filled is None:
         ckpt.save(target, {"w": np.ones(2)}, overwrite=True)
         np.testing.assert_array_equal(ckpt.load(target)["w"], np.ones(2))
+        assert oct(os.stat(target).st_mode & 0o7777) == oct(0o700)
     else:
         with pytest.raises(errors.ForeignEntryError, match="notes.txt"):
             ckpt.save(target, {"w": np.ones(2)}, overwrite=True)
         assert sorted(os.listdir(target)) == ["notes.txt"]
     assert sorted(os.listdir(tmp_path)) == ["model"]  # (no temporary left)
+
+
+@pytest.mark.parametrize("mount", ["tmpfs", "bind mount of its own file system"])
+def test_the_free_save_never_takes_an_empty_mount_point_for_an_empty_directory_it_may_replace(tmp_path, mount):
+    """A volume mounted where the checkpoint goes (a container's, a tmpfs) cannot be renamed over: the save
+    wrote everything, then raised OSError [Errno 16] Device or resource busy at its commit."""
+    target = tmp_path / "volume"
+    target.mkdir()
+    if mount == "tmpfs":
+        mounted = fsutil.tmpfs(target)
+    else:
+        result = subprocess.run(["mount", "--bind", str(target), str(target)], capture_output=True, text=True)
+        if result.returncode != 0:
+            pytest.skip(f"cannot bind-mount (needs root or CAP_SYS_ADMIN): {result.stderr.strip()}")
+        mounted = contextlib.ExitStack()
+        mounted.callback(fsutil.unmount, target)
+    with mounted:  # (os.path.ismount misses a bind mount of its own file system: the commit's rename refuses it)
+        for overwrite in (False, True) if mount == "tmpfs" else (True,):
+            with pytest.raises(errors.ForeignEntryError, match="volume: it is a mount point"):
+                ckpt.save(target, STATE, overwrite=overwrite)
+            assert os.listdir(target) == [] and os.listdir(tmp_path) == ["volume"]
+        ckpt.save(target / "checkpoint", STATE)
+        np.testing.assert_array_equal(ckpt.load(target / "checkpoint")["w"], STATE["w"])
 
 
 def test_the_free_save_replaces_a_checkpoint_of_its_own_with_overwrite(tmp_path):

@@ -279,15 +279,19 @@ def test_callback_is_the_trainers_checkpoint_callback_and_exposes_best_and_last_
 
 
 
+@pytest.mark.parametrize("ours", [1, 2])
 def test_a_model_checkpoint_listed_after_the_callback_runs_before_it_and_the_callback_stays_the_first_after_fit(
-        tmp_path):
+        tmp_path, ours):
     """The callback's saves run after the other callbacks' hooks (its step then holds the ModelCheckpoint state
     naming the file it saved at the step: tests/lightning_matrix.py's model_checkpoint_listed_after_ours); after
-    fit the Trainer has the order given, so that ckpt_path="best" reads the callback listed first."""
+    fit the Trainer has the order given, so that ckpt_path="best" reads the callback listed first. With two
+    CheckpointCallbacks the ModelCheckpoint stayed first: the second's setup added a callback after the first
+    recorded the order given."""
     callback = CheckpointCallback(tmp_path / "ckpt", save_decision_policy=sdp.FixedIntervalPolicy(2))
+    others = [CheckpointCallback(tmp_path / "other", restore=False)] if ours == 2 else []
     model_checkpoint = pl.callbacks.ModelCheckpoint(tmp_path / "lightning", every_n_train_steps=2)
-    trainer = pl.Trainer(max_steps=2, callbacks=[callback, model_checkpoint], accelerator="cpu", logger=False,
-                         enable_progress_bar=False, enable_model_summary=False)
+    trainer = pl.Trainer(max_steps=2, callbacks=[callback, *others, model_checkpoint], accelerator="cpu",
+                         logger=False, enable_progress_bar=False, enable_model_summary=False)
     given = list(trainer.callbacks)
     model = ReadsTheCheckpointCallbackAtFitEnd()
     trainer.fit(model, DataLoader(example.synthetic_data(), batch_size=16))

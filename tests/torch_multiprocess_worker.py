@@ -22,6 +22,7 @@ Each rank prints what it did.
 """
 import os
 import signal
+import shutil
 import socket
 import sys
 import threading
@@ -207,7 +208,7 @@ def free_save() -> None:
     save rank 0 made alone, which the ranks' saves together do not count). A rank saving either alone is
     refused (it would write its shards only, or wait in the gathering of the small one for the others); a large
     replicated one, which it holds whole, it saves alone."""
-    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
     alone = ckpt.MultiprocessingOptions(processes=ckpt.distributed.SingleProcess())
@@ -239,6 +240,16 @@ def free_save() -> None:
                 ckpt.save(f"{directory}-alone{rank}", {key: split})
             except ValueError as e:
                 say(f"rank {rank} alone refused: {e}")
+    rank0 = DeviceMesh("cpu", torch.tensor([0]))  # (every rank makes it; rank 1 holds empty local tensors on it)
+    for key in ("big", "small"):  # (rank 1 wrote its empty tensor as the whole: OSError 'Error aligning dimensions')
+        with ckpt.Context(multiprocessing_options=alone):
+            try:
+                ckpt.save(f"{directory}-outside{rank}", {key: distribute_tensor(whole[key], rank0, [Replicate()])})
+                assert torch.equal(ckpt.load(f"{directory}-outside{rank}")[key], whole[key])
+                shutil.rmtree(f"{directory}-outside{rank}")
+                say(f"rank {rank} in rank 0's mesh: whole")
+            except ValueError as e:
+                say(f"rank {rank} outside rank 0's mesh refused: {e}")
     with ckpt.Context(multiprocessing_options=alone):  # a large replicated one: whole here, written whole (async)
         ckpt.save_async(f"{directory}-replicated{rank}",
                         {"big": distribute_tensor(whole["big"], mesh, [Replicate()], src_data_rank=None)}).result()

@@ -151,10 +151,12 @@ def run_after_the_others(trainer: Any, ours: list[Any]) -> list[Any] | None:
 
 
 def restore_order(trainer: Any, order: list[Any] | None) -> None:
-    """Puts ``trainer``'s callbacks back in ``order`` (from :func:`run_after_the_others`) when they are the same
-    callbacks: Lightning's ``ckpt_path="best"`` reads the first checkpoint callback in the order the user gave."""
-    if order is not None and sorted(map(id, order)) == sorted(map(id, trainer.callbacks)):
-        trainer.callbacks = order
+    """Puts ``trainer``'s callbacks back in ``order`` (from :func:`run_after_the_others`) when it still holds them
+    all: Lightning's ``ckpt_path="best"`` reads the first checkpoint callback in the order the user gave. Those
+    added since (by another CheckpointCallback's ``setup``: :func:`call_first_at_fit_start`) go first."""
+    given = {id(c) for c in order or ()}
+    if order is not None and given <= {id(c) for c in trainer.callbacks}:
+        trainer.callbacks = [c for c in trainer.callbacks if id(c) not in given] + order
 
 
 @functools.cache

@@ -24,7 +24,7 @@ import stat
 import urllib.parse
 import weakref
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import tensorstore as ts
@@ -637,9 +637,11 @@ class DirectoryLock:
             DirectoryLock._held.discard(self)
             os.close(fd)
 
-    def __del__(self) -> None:  # a Checkpointer dropped unclosed (a notebook cell run again) lets its root go
+    def __del__(self, _close: Callable[[int], None] = os.close) -> None:
+        # A Checkpointer dropped unclosed (a notebook cell run again) lets its root go. os.close is bound at
+        # definition: one a script's global holds is dropped at exit after this module's globals are cleared.
         if self._fd is not None:
-            os.close(self._fd)
+            _close(self._fd)
 
 
 os.register_at_fork(after_in_child=DirectoryLock._close_in_child)

@@ -22,6 +22,7 @@ from flax.training import train_state  # noqa: E402
 import ckpt  # noqa: E402
 from ckpt.integrations.flax import CheckpointHook, restore_train_state  # noqa: E402
 from ckpt.training import Checkpointer, errors, save_decision_policies  # noqa: E402
+from tests import procs  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT_TIMEOUT_S = 120
@@ -494,6 +495,27 @@ def test_sigterm_saves_the_current_step_stops_and_resumes_to_same_state(tmp_path
     assert resumed.returncode == 0, output_of(resumed)
     assert "start 6" in resumed.stdout
     assert_same_arrays(dict(np.load(tmp_path / "final.npz")), uninterrupted_run)
+
+
+_LOOP_ENDING_UNCLOSED = """
+import sys
+import jax.numpy as jnp
+from ckpt.integrations.flax import CheckpointHook
+from ckpt.training import Checkpointer
+
+ckptr = Checkpointer(sys.argv[1])
+hook = CheckpointHook(ckptr, final_step=3)
+for step in range(1, 4):
+    hook(step, {"w": jnp.full(2, step)})
+"""
+
+
+def test_a_script_whose_global_checkpointer_is_never_closed_exits_without_an_error_printed(tmp_path):
+    done = procs.run_script(_LOOP_ENDING_UNCLOSED, str(tmp_path))
+
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    with Checkpointer(tmp_path) as checkpointer:
+        assert checkpointer.latest.step == 3
 
 
 def test_restore_with_sharding_places_every_leaf_with_that_sharding(tmp_path, run_script):

@@ -173,6 +173,7 @@ class DurableRoot:
     operation: Callable[[str], str]  # a barrier name, the same on every process
     timeout_secs: Callable[[], float]  # AsyncOptions.timeout_secs of the call (the active Context's, else its own)
     begun: Callable[[], set[int]]  # the steps its listings showed begun in place and never committed (object stores)
+    forget_if_gone: Callable[[CheckpointMetadata], bool]  # unlists a step a failed overwrite deleted; whether it did
 
 
 @dataclasses.dataclass(eq=False)
@@ -298,6 +299,7 @@ class LocalTier:
         self._waiting: _Promotion | None = None  # the replaceable promotion not started yet (at most one)
         self._lock = threading.Lock()
         self._recovered = durable.processes.count > 1  # (see _recover)
+        self._again: set[int] = set()  # steps whose overwrite's promotion failed once their durable copy was gone
         # (step, monotonic time, promotion) of a preemption's promotion, which wait() waits for until then
         self._deadline: tuple[int, float, background.AsyncResponse[bool]] | None = None
         self._decided: tuple[int, bool] | None = None  # (step, durable decision) of the last decision
@@ -395,6 +397,7 @@ class LocalTier:
         self._durable.writer.raise_failure()
         if not self._recovered:
             self._recover(step)
+        self._promote_failed_again()
         if overwrite and step in self._promoting:  # its promotion would copy the local step while it is replaced
             self._durable.writer.wait(self._durable.timeout_secs())
         # an overwrite replaces the durable copy too: left there, it would be restored once the local copy is gone
@@ -476,6 +479,32 @@ class LocalTier:
                            "crash left it unpromoted. Promoting it now", step, durable[-1].step if durable else "none")
             self._promote_again(step, overwrite=False)
 
+    def _left_local_only(self, step: int, final: storage.Location, replaced: CheckpointMetadata | None) -> bool:
+        """Whether the failed overwrite's promotion of ``step`` to ``final`` left the step on the local tier alone,
+        with one process: on an object store, where a promotion writes in place, it deleted the durable copy it
+        replaced (``replaced``, unlisted now), or an earlier failure had."""
+        if isinstance(final, Path) or self._durable.processes.count > 1 or not any(
+                c.step == step for c in self.checkpointer.checkpoints):
+            return False
+        if replaced is not None:
+            return self._durable.forget_if_gone(replaced)
+        try:
+            return not storage.exists(final / fmt.MANIFEST)
+        except OSError:  # (the promotion's own error is the one raised)
+            return False
+
+    def _promote_failed_again(self) -> None:
+        """Queues again the promotion of each step whose overwrite's promotion failed once it had deleted the
+        durable copy it replaced (on an object store, which has no rename), its local copy kept meanwhile: a run
+        that goes on after the failure would otherwise lose the step from both tiers once the local policy drops
+        it (a later writer promotes it again too, see :meth:`_recover`)."""
+        with self._lock:
+            again, self._again = sorted(self._again), set()
+        if again:
+            self._take_durable()
+        for step in again:
+            self._promote_again(step, overwrite=True)
+
     def _promote_again(self, step: int, *, overwrite: bool) -> None:
         """Queues the promotion of a committed local step that a crash left unpromoted (see :meth:`_recover`); one
         that replaces a durable copy (``overwrite``) is never replaced by a newer promotion."""
@@ -539,16 +568,23 @@ class LocalTier:
                 self._waiting = None  # running: no longer replaceable
             if promotion.skipped:
                 return _saved(local)
-        step = promotion.step
+        step, final = promotion.step, self._durable.step_dir(promotion.step)
+        replaced, kept = next((c for c in self._durable.checkpoints() if c.step == step), None), False
         try:
             _saved(local)
             start = time.monotonic()
             source = self.checkpointer.directory / self._step_name(step)
-            final = self._durable.step_dir(step)
             nbytes = _copy_step(source, final, step, overwrite, self._durable, barrier)
             self._durable.committed(step, final, loading.read_manifest(final))
+        except BaseException:
+            kept = overwrite and self._left_local_only(step, final, replaced)
+            if kept:
+                with self._lock:  # (kept locally, see _promote_failed_again)
+                    self._again.add(step)
+            raise
         finally:
-            self._finished(step)
+            if not kept:
+                self._finished(step)
         # Kept locally for its promotion only: deleted now, not at the next local commit (there may be none).
         self._collect_garbage(self.checkpointer)
         seconds = time.monotonic() - start

@@ -162,7 +162,7 @@ class Checkpointer:
                                          lambda: self._infos, self._save_policy,
                                          self._writer, self._take_directory, self._committed, self._processes,
                                          self._operation, lambda: self._ctx.async_options.timeout_secs,
-                                         lambda: self._begun),
+                                         lambda: self._begun, self._forget_if_gone),
                 Checkpointer, Checkpointer._collect_garbage, Checkpointer._decide, context=self._context,
                 step_name_format=self._name_format, lightweight_initialize=lightweight_initialize,
                 cleanup_tmp_directories=cleanup_tmp_directories)
@@ -766,12 +766,14 @@ class Checkpointer:
                 raise
         self._forget(info.step)
 
-    def _forget_if_gone(self, info: CheckpointMetadata) -> None:
-        """Forgets the step a failed save with overwrite=True was to replace when it is gone: on an object store,
-        where a step is written in place, the save deleted it before writing."""
+    def _forget_if_gone(self, info: CheckpointMetadata) -> bool:
+        """Forgets the step a failed save (or promotion) with overwrite=True was to replace when it is gone: on an
+        object store, where a step is written in place, the save deleted it before writing. Returns whether it did."""
         with contextlib.suppress(OSError):  # (the save's own error is the one raised)
             if not storage.exists(info.path / fmt.MANIFEST):
                 self._forget(info.step)
+                return True
+        return False
 
     def _forget(self, step: int) -> None:
         with self._infos_lock:

@@ -855,11 +855,9 @@ def assert_step_4_promoted_again_by_the_next_writer(bucket: str, local: ckpt.Loc
     assert ckpt.load(f"{bucket}/4")["w"][0] == 40
 
 
-def test_on_s3_an_overwrites_promotion_that_failed_once_it_removed_the_durable_copy_is_promoted_again(bucket, tmp_path,
-                                                                                                     monkeypatch):
-    """Was: the failed promotion removed all it had begun at the step's name, the marker too, after the durable copy
-    it replaced was gone; the next writer saw nothing begun there and never promoted the step again, which was lost
-    from both tiers once the local policy dropped it (found with a store that refused the step's writes)."""
+def overwrite_step_4_refused(ckptr: ckpt.Checkpointer, monkeypatch) -> None:
+    """Saves steps 4 and 5 on both tiers, then step 4 again as 40 (``overwrite=True``), whose promotion fails (a
+    store that refuses the step's writes) once it has removed the durable copy it replaces."""
     copy_files = tiers._copy_files
 
     def refused(source, final, *args, **kwargs):
@@ -867,19 +865,42 @@ def test_on_s3_an_overwrites_promotion_that_failed_once_it_removed_the_durable_c
             raise PermissionError(errno.EACCES, f"promoting {source} to {final}: access denied")
         return copy_files(source, final, *args, **kwargs)
 
+    ckptr.save(4, {"w": np.full(2, 4)}, force=True)
+    ckptr.save(5, {"w": np.full(2, 5)})
+    ckptr.wait()
+    monkeypatch.setattr(tiers, "_copy_files", refused)
+    with pytest.raises(PermissionError, match="access denied"):
+        ckptr.save(4, {"w": np.full(2, 40)}, overwrite=True)
+    monkeypatch.setattr(tiers, "_copy_files", copy_files)
+
+
+def test_on_s3_an_overwrites_promotion_that_failed_once_it_removed_the_durable_copy_is_promoted_again(bucket, tmp_path,
+                                                                                                     monkeypatch):
+    """Was: the failed promotion removed all it had begun at the step's name, the marker too, after the durable copy
+    it replaced was gone; the next writer saw nothing begun there and never promoted the step again, which was lost
+    from both tiers once the local policy dropped it (found with a store that refused the step's writes)."""
     def local() -> ckpt.LocalCheckpointOptions:
         return ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1))
 
     with ckpt.Checkpointer(bucket, save_decision_policy=sdp.FixedIntervalPolicy(5), local=local()) as ckptr:
-        ckptr.save(4, {"w": np.full(2, 4)}, force=True)
-        ckptr.save(5, {"w": np.full(2, 5)})
-        ckptr.wait()
-        monkeypatch.setattr(tiers, "_copy_files", refused)
-        with pytest.raises(PermissionError, match="access denied"):
-            ckptr.save(4, {"w": np.full(2, 40)}, overwrite=True)
-            ckptr.wait()
-    monkeypatch.setattr(tiers, "_copy_files", copy_files)
+        overwrite_step_4_refused(ckptr, monkeypatch)
     assert_step_4_promoted_again_by_the_next_writer(bucket, local())
+
+
+def test_on_s3_an_overwrites_promotion_that_failed_is_promoted_again_by_the_next_save_of_its_run(bucket, tmp_path,
+                                                                                                monkeypatch):
+    """Was: a run that went on after the failure (its error caught) still listed step 4 as durable, its durable copy
+    gone; the local policy dropped the local copy at the next saves, and step 4 was lost from both tiers."""
+    local = ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1))
+    with ckpt.Checkpointer(bucket, save_decision_policy=sdp.FixedIntervalPolicy(5), local=local) as ckptr:
+        overwrite_step_4_refused(ckptr, monkeypatch)
+        assert sorted(ckptr.checkpoints[0].locations) == ["local"]  # was: durable too, though gone from there
+        for step in (6, 7, 8):  # the local policy (LatestN(2)) drops step 4 once promoted
+            ckptr.save(step, {"w": np.full(2, step)})
+        ckptr.wait()
+        assert [(c.step, sorted(c.locations)) for c in ckptr.checkpoints] == [
+            (4, ["durable"]), (5, ["durable"]), (7, ["local"]), (8, ["local"])]  # was: 4 nowhere
+    assert ckpt.load(f"{bucket}/4")["w"][0] == 40
 
 
 KILLED_ONCE_THE_DURABLE_COPY_IS_REMOVED = """

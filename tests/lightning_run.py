@@ -3,7 +3,7 @@
     python tests/lightning_run.py --dir D --out final.pt --max-steps 30 [--max-epochs 2] [--kill-at 13]
         [--sigterm-at 13] [--policy every:4] [--preserve latest:2] [--monitor train_loss] [--accumulate 2]
         [--samples 336] [--no-callback] [--second-dir D2] [--ddp] [--model-parallel N] [--accelerator gpu] [--sync-save]
-        [--kill-in-flight] [--full-state-dict] [--unsharded]
+        [--kill-in-flight] [--full-state-dict] [--unsharded] [--stop-rank0-at 6]
 
 ``--out`` receives the final parameters, optimizer and scheduler state (torch.save, rank 0; ``OUT.start``
 the state the run started training from). ``--ddp`` runs two processes (``ddp_fork``, gloo).
@@ -11,7 +11,7 @@ the state the run started training from). ``--ddp`` runs two processes (``ddp_fo
 with the model sharded by FSDP2 (its 1 MiB hidden layers written shard by shard; ``--full-state-dict``: with
 ``save_distributed_checkpoint=False``; ``--unsharded``: its ``configure_model`` shards nothing). ``--kill-at K`` SIGKILLs the whole process group once step K's
 save is committed (``--kill-in-flight``: without waiting for it); ``--sigterm-at K`` sends SIGTERM to
-itself during step K. ``--sweep`` instead, in this one process, saves every step of a run, resumes from
+itself during step K; ``--stop-rank0-at K`` sets ``trainer.should_stop`` on rank 0 alone during step K. ``--sweep`` instead, in this one process, saves every step of a run, resumes from
 each and prints ``sweep <step> ok|DIFF|NOT RESUMED``. ``train`` and ``final_state`` serve in-process tests.
 """
 from __future__ import annotations
@@ -43,10 +43,12 @@ from ckpt.training import save_decision_policies as sdp  # noqa: E402
 class StoppingRegressor(example.Regressor):
     """The example's model, which kills or signals its own process at a chosen step."""
 
-    def __init__(self, kill_at: int | None, sigterm_at: int | None, wait_for_save: bool, out: str | None) -> None:
+    def __init__(self, kill_at: int | None, sigterm_at: int | None, wait_for_save: bool, out: str | None,
+                 stop_rank0_at: int = 0) -> None:
         super().__init__(lr_step_size=7)
         self.started_at: int | None = None
         self.kill_at, self.sigterm_at, self.wait_for_save, self.out = kill_at, sigterm_at, wait_for_save, out
+        self.stop_rank0_at = stop_rank0_at
 
     def on_train_start(self):
         self.started_at = self.trainer.global_step
@@ -59,6 +61,8 @@ class StoppingRegressor(example.Regressor):
     def training_step(self, batch, batch_idx):
         if self.sigterm_at is not None and self.trainer.global_step == self.sigterm_at - 1 and self.global_rank == 0:
             os.kill(os.getpid(), signal.SIGTERM)
+        if self.trainer.global_step == self.stop_rank0_at - 1 and self.global_rank == 0:
+            self.trainer.should_stop = True
         return super().training_step(batch, batch_idx)
 
     def on_train_batch_end(self, outputs, batch, batch_idx):  # runs after every callback's hook
@@ -119,6 +123,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--kill-at", type=int)
     p.add_argument("--kill-in-flight", action="store_true")
     p.add_argument("--sigterm-at", type=int)
+    p.add_argument("--stop-rank0-at", type=int, default=0)
     p.add_argument("--max-time-us", type=int, help="the Trainer's max_time, in microseconds (1: stops after step 1)")
     p.add_argument("--no-callback", action="store_true")
     p.add_argument("--second-dir", help="a second CheckpointCallback (every 3 steps, best train_loss kept) beside --dir's")
@@ -164,7 +169,7 @@ def train(args: argparse.Namespace, directory: str | None, kill: bool = True) ->
     model = (UnshardedStoppingRegressor if args.unsharded else ShardedStoppingRegressor if args.model_parallel
              else StoppingRegressor)(
         args.kill_at if kill else None, args.sigterm_at if kill else None,
-        wait_for_save=not args.kill_in_flight, out=args.out if kill else None)
+        wait_for_save=not args.kill_in_flight, out=args.out if kill else None, stop_rank0_at=args.stop_rank0_at)
     trainer.fit(model, DataLoader(example.synthetic_data(args.samples), batch_size=16, shuffle=True))
     return trainer
 

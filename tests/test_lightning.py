@@ -197,6 +197,15 @@ def test_ddp_two_processes_agree_write_once_survive_sigkill_and_resume_exactly(t
     assert same(final, expected())
 
 
+def test_ddp_a_stop_on_rank_0_alone_saves_its_step_on_every_rank(tmp_path):
+    """A save that rank 0 forces (its ``should_stop``, its SIGTERM) is forced on every rank: each rank's own
+    flag made rank 1 save without ``force`` and every rank raise "process 1 saves step 6 without force=True",
+    losing the step. (Lightning does not share this stop: rank 0 ends, then rank 1 loses its peer.)"""
+    code, log = Run("--ddp", "--dir", str(tmp_path / "ckpt"), "--max-steps", "20", "--policy", "every:4",
+                    "--stop-rank0-at", "6").result()
+    assert "force=True" not in log and steps_in(tmp_path / "ckpt") == [4, 6], log[-3000:]
+
+
 def test_example_resumes_where_it_stopped(tmp_path):
     directory = str(tmp_path / "run")
     first = procs.run_script(EXAMPLE, "--dir", directory, "--max-steps", "12", "--save-every", "5", timeout=120)

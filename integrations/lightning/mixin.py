@@ -327,9 +327,10 @@ class CheckpointCallbackMixin:
         # a save still waiting for its step's validation, which did not run (a validation loader without
         # batches): it is taken at this step instead
         missed = self._pending is not None
-        if self._decide(trainer, step, last) or missed:  # rank 0's save follows its should_save (SIGTERM: both tiers)
+        decision, forced = self._decide(trainer, step, last)
+        if decision or missed:  # rank 0's save follows its should_save (SIGTERM: both tiers)
             self._prepare_after_step = False  # the save makes its own memory, kept for the next ones
-            point, force = tail.save_point(trainer, last), last or trainer.received_sigterm or missed
+            point, force = tail.save_point(trainer, last), forced or missed
             if point.hook == "on_train_batch_end":
                 self._save(trainer, step, point, force=force)
             else:
@@ -400,13 +401,15 @@ class CheckpointCallbackMixin:
         self._callbacks_order = None
 
     # ------------------------------------------------------------------------------ saving
-    def _decide(self, trainer: Any, step: int, last: bool) -> bool:
-        """Rank 0's decision, on every rank (time- and signal-based policies may differ between ranks):
-        the policy's, or yes when SIGTERM arrived or the run ends after this step (``last``)."""
-        decision = self._checkpointer.should_save(step) or last or trainer.received_sigterm
+    def _decide(self, trainer: Any, step: int, last: bool) -> tuple[bool, bool]:
+        """Rank 0's decision, on every rank (time- and signal-based policies, SIGTERM and ``should_stop`` may
+        differ between ranks): whether to save (the policy's, or yes when SIGTERM arrived or the run ends after
+        this step, ``last``), and whether the save is forced (for those two)."""
+        forced = last or trainer.received_sigterm
+        decision = self._checkpointer.should_save(step) or forced
         if trainer.world_size > 1:
-            decision = trainer.strategy.broadcast(decision, src=0)
-        return decision
+            decision, forced = trainer.strategy.broadcast((decision, forced), src=0)
+        return decision, forced
 
     def _save(self, trainer: Any, step: int, point: tail.SavePoint, force: bool = True) -> None:
         """Snapshots the full training state, taken in ``point``, and writes it (call on every rank).

@@ -479,13 +479,14 @@ class LocalTier:
                            "crash left it unpromoted. Promoting it now", step, durable[-1].step if durable else "none")
             self._promote_again(step, overwrite=False)
 
-    def _left_local_only(self, step: int, final: storage.Location, replaced: CheckpointMetadata | None) -> bool:
+    def _left_local_only(self, step: int, final: storage.Location) -> bool:
         """Whether the failed overwrite's promotion of ``step`` to ``final`` left the step on the local tier alone,
         with one process: on an object store, where a promotion writes in place, it deleted the durable copy it
-        replaced (``replaced``, unlisted now), or an earlier failure had."""
+        replaced (still listed: unlisted now), or an earlier failure had."""
         if isinstance(final, Path) or self._durable.processes.count > 1 or not any(
                 c.step == step for c in self.checkpointer.checkpoints):
             return False
+        replaced = next((c for c in self._durable.checkpoints() if c.step == step), None)
         if replaced is not None:
             return self._durable.forget_if_gone(replaced)
         try:
@@ -568,8 +569,7 @@ class LocalTier:
                 self._waiting = None  # running: no longer replaceable
             if promotion.skipped:
                 return _saved(local)
-        step, final = promotion.step, self._durable.step_dir(promotion.step)
-        replaced, kept = next((c for c in self._durable.checkpoints() if c.step == step), None), False
+        step, final, kept = promotion.step, self._durable.step_dir(promotion.step), False
         try:
             _saved(local)
             start = time.monotonic()
@@ -577,7 +577,7 @@ class LocalTier:
             nbytes = _copy_step(source, final, step, overwrite, self._durable, barrier)
             self._durable.committed(step, final, loading.read_manifest(final))
         except BaseException:
-            kept = overwrite and self._left_local_only(step, final, replaced)
+            kept = overwrite and self._left_local_only(step, final)
             if kept:
                 with self._lock:  # (kept locally, see _promote_failed_again)
                     self._again.add(step)

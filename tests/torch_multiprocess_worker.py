@@ -550,8 +550,8 @@ def rank_1_stops_in_a_gathering(ckptr: Checkpointer) -> None:
 def unusual_dtensors(ckptr: Checkpointer) -> None:
     """At 4 ranks: a ``_StridedShard`` alone (each rank holds rows apart: refused), FSDP2 over tensor
     parallelism (``_StridedShard`` then ``Shard`` on a 2-D mesh: each rank's rows are one block), small
-    DTensors of the dtypes gloo does not gather, ``Partial`` ones (refused), one of 33 dimensions (refused),
-    a 0-d one."""
+    DTensors of the dtypes gloo does not gather and conjugated ones, ``Partial`` ones (refused), one of 33
+    dimensions (refused), a 0-d one."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Partial, Replicate, Shard, distribute_tensor
     from torch.distributed.tensor.placement_types import _StridedShard
@@ -577,6 +577,13 @@ def unusual_dtensors(ckptr: Checkpointer) -> None:
     assert all(loaded[k].dtype == v.dtype and torch.equal(loaded[k].view(torch.uint8), v.view(torch.uint8))
                for k, v in small.items()), loaded
     say(f"rank {rank} small gathered exact: {len(small)} dtypes")
+    # a lazily conjugated complex one (a view), split on either dimension: its values (gathering it as bytes raised)
+    values = torch.arange(24.0).reshape(4, 6).to(torch.complex64) * (1 + 2j)
+    conjugated = {f"dim {d}": DTensor.from_local(distribute_tensor(values, line, [Shard(d)], src_data_rank=None)
+                                                 .to_local().conj(), line, [Shard(d)], run_check=False,
+                                                 shape=values.shape, stride=values.stride()) for d in (0, 1)}
+    ckptr.save(8, conjugated, force=True)
+    say(f"rank {rank} small conjugated: {all(torch.equal(v, values.conj()) for v in ckptr.load(8).values())}")
     # a pending reduction (Partial), small or large: refused, never saved as the sum of the ranks' bit patterns
     for step, part in ((5, torch.full((2, 3), 1.5)), (6, torch.full((600, 520), 1.5))):
         try:

@@ -16,7 +16,7 @@ continues after the latest committed step with one more save. ``free``: every ra
 through the Checkpointer and ``ckpt.save``, and to other paths and steps, and open Checkpointers on other roots;
 every one is refused, nothing is written.
 ``dtensors`` (4 ranks): DTensors of unusual layouts, saved and loaded through the Checkpointer.
-``fail``: saves that fail on rank 1. ``policies``: two tiers whose local policies differ between ranks. ``delete``: steps every rank deletes and saves again at once; checkpoints every rank deletes with ``ckpt.delete``; a deletion that fails on rank 0. ``stopped``: rank 0 stops in the middle of a save. ``gone``: rank 1 stops in the gathering of a small DTensor. ``exit``: the ranks end without closing. ``list``: prints the steps each rank lists. ``unshared``: rank 1 sees another directory at DIR. ``linked``: rank 1 names the root through a symbolic link. ``sigterm``: a
+``fail``: saves that fail on rank 1. ``policies``: two tiers whose local policies differ between ranks. ``delete``: steps every rank deletes and saves again at once; checkpoints every rank deletes with ``ckpt.delete``; a deletion that fails on rank 0. ``stopped``: rank 0 stops in the middle of a save. ``gone``: rank 1 runs out of device memory in the gathering of a small DTensor, and stops. ``exit``: the ranks end without closing. ``list``: prints the steps each rank lists. ``unshared``: rank 1 sees another directory at DIR. ``linked``: rank 1 names the root through a symbolic link. ``sigterm``: a
 SIGTERM to rank 1 alone, in a loop saving on preemption.
 Each rank prints what it did.
 """
@@ -532,18 +532,22 @@ def rank_0_stops(ckptr: Checkpointer) -> None:
 
 
 def rank_1_stops_in_a_gathering(ckptr: Checkpointer) -> None:
-    """Rank 1 stops in the gathering of a small DTensor (a collective, after the ranks agreed on the tree): rank 0
+    """Rank 1 runs out of device memory in the gathering of a small DTensor (a collective, after the ranks agreed
+    on the tree), and stops: it raises torch's error (it was a ConnectionError saying another rank stopped); rank 0
     raises at once, naming the save (it raised gloo's error, 'Connection reset by peer', naming nothing)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
+    def out_of_memory(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 MiB")
+
     small = distribute_tensor(torch.ones(4, 2), init_device_mesh("cpu", (world,)), [Shard(0)], src_data_rank=None)
     if rank == 1:
-        ckpt.dtensor._gather_rows = lambda *args: os._exit(0)
+        ckpt.dtensor._gather_rows = out_of_memory
     try:
         ckptr.save(1, {"w": small}, force=True)
-    except ConnectionError as e:
-        say(f"rank {rank} raised: {e}")
+    except (ConnectionError, torch.OutOfMemoryError) as e:
+        say(f"rank {rank} raised {type(e).__name__}: {e}")
     os._exit(0)  # (rank 1 is gone: no closing barrier)
 
 

@@ -117,11 +117,17 @@ def gather(x: Any) -> Any:
     from torch.distributed.tensor import DTensor
 
     carrier = _CARRIERS.get(x.element_size())
-    if carrier is None or x.dtype == getattr(torch, carrier):
-        return x.full_tensor()
-    local = x.to_local().view(getattr(torch, carrier))
+    local = _values(x)
+    if carrier is not None and x.dtype != getattr(torch, carrier):
+        local = local.view(getattr(torch, carrier))
     bytes_of = DTensor.from_local(local, x.device_mesh, x.placements, run_check=False, shape=x.shape, stride=x.stride())
     return bytes_of.full_tensor().view(x.dtype)
+
+
+def _values(x: Any) -> Any:
+    """DTensor ``x``'s local shard holding its values: a lazily conjugated or negated view resolved (a view
+    as another dtype, the gathering's, would raise on it)."""
+    return x.to_local().detach().resolve_conj().resolve_neg()
 
 
 def gather_small(flat: list[tuple[KeyPath, Any]]) -> list[Any]:
@@ -169,7 +175,7 @@ def _gather_rows(mesh: Any, device: Any, tensors: list[Any]) -> list[Any]:
     mine = torch.zeros(longest, dtype=torch.uint8, device=device)
     at = 0
     for x, held in zip(tensors, sizes):
-        local = x.to_local().detach().contiguous().reshape(-1).view(torch.uint8)
+        local = _values(x).contiguous().reshape(-1).view(torch.uint8)
         if local.numel() != held[me]:
             raise ValueError(f"a DTensor's local shard holds {local.numel()} bytes, not the {held[me]} of "
                              "torch.chunk's split on its first dimension")

@@ -15,6 +15,7 @@ import itertools
 import json
 import math
 import operator
+import sys
 import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -318,7 +319,7 @@ def agree(plan: Plan, final: storage.Location, processes: distributed.Processes,
         ``MultiprocessingOptions(processes=SingleProcess())``, not :class:`ckpt.distributed.OwnPart`): the
         step would miss the others' shards; nothing is written.
       ConnectionError: the gathering of small DTensors failed in torch.distributed (a rank stopped in it);
-        nothing is written.
+        nothing is written. This rank running out of device memory there raises torch's ``OutOfMemoryError``.
     """
     if processes.count == 1 and not getattr(processes, "partial", False):
         _refuse_spread(plan, final)
@@ -327,8 +328,8 @@ def agree(plan: Plan, final: storage.Location, processes: distributed.Processes,
     try:
         leaves_lib.gather([(leaf.path, leaf.host) for leaves in plan.leaves.values() for leaf in leaves])
     except RuntimeError as e:  # torch.distributed's collective (gloo's 'Connection closed by peer', NCCL's errors)
-        if processes.count == 1:
-            raise
+        if processes.count == 1 or isinstance(e, getattr(sys.modules.get("torch"), "OutOfMemoryError", ())):
+            raise  # (torch's OutOfMemoryError is this rank's own failure, which its message says)
         raise ConnectionError(
             f"rank {processes.index} of {processes.count}: the save of {final} failed while the ranks gathered its "
             f"small DTensors: another rank stopped, or the process group failed ({type(e).__name__}: "

@@ -16,7 +16,7 @@ continues after the latest committed step with one more save. ``free``: every ra
 through the Checkpointer and ``ckpt.save``, and to other paths and steps, and open Checkpointers on other roots;
 every one is refused, nothing is written.
 ``dtensors`` (4 ranks): DTensors of unusual layouts, saved and loaded through the Checkpointer.
-``fail``: saves that fail on rank 1. ``policies``: two tiers whose local policies differ between ranks. ``delete``: steps every rank deletes and saves again at once; checkpoints every rank deletes with ``ckpt.delete``; a deletion that fails on rank 0. ``stopped``: rank 0 stops in the middle of a save. ``gone``: rank 1 stops in the gathering of a small DTensor. ``exit``: the ranks end without closing. ``list``: prints the steps each rank lists. ``unshared``: rank 1 sees another directory at DIR. ``linked``: rank 1 names the root through a symbolic link. ``sigterm``: a
+``fail``: saves that fail on rank 1. ``policies``: two tiers whose local policies differ between ranks. ``delete``: steps every rank deletes and saves again at once; checkpoints every rank deletes with ``ckpt.delete``; a deletion that fails on rank 0. ``stopped``: rank 0 stops in the middle of a save. ``gone``: rank 1 runs out of device memory in the gathering of a small DTensor, and stops. ``exit``: the ranks end without closing. ``list``: prints the steps each rank lists. ``unshared``: rank 1 sees another directory at DIR. ``linked``: rank 1 names the root through a symbolic link. ``sigterm``: a
 SIGTERM to rank 1 alone, in a loop saving on preemption.
 Each rank prints what it did.
 """
@@ -532,26 +532,30 @@ def rank_0_stops(ckptr: Checkpointer) -> None:
 
 
 def rank_1_stops_in_a_gathering(ckptr: Checkpointer) -> None:
-    """Rank 1 stops in the gathering of a small DTensor (a collective, after the ranks agreed on the tree): rank 0
+    """Rank 1 runs out of device memory in the gathering of a small DTensor (a collective, after the ranks agreed
+    on the tree), and stops: it raises torch's error (it was a ConnectionError saying another rank stopped); rank 0
     raises at once, naming the save (it raised gloo's error, 'Connection reset by peer', naming nothing)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
+    def out_of_memory(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 MiB")
+
     small = distribute_tensor(torch.ones(4, 2), init_device_mesh("cpu", (world,)), [Shard(0)], src_data_rank=None)
     if rank == 1:
-        ckpt.dtensor._gather_rows = lambda *args: os._exit(0)
+        ckpt.dtensor._gather_rows = out_of_memory
     try:
         ckptr.save(1, {"w": small}, force=True)
-    except ConnectionError as e:
-        say(f"rank {rank} raised: {e}")
+    except (ConnectionError, torch.OutOfMemoryError) as e:
+        say(f"rank {rank} raised {type(e).__name__}: {e}")
     os._exit(0)  # (rank 1 is gone: no closing barrier)
 
 
 def unusual_dtensors(ckptr: Checkpointer) -> None:
     """At 4 ranks: a ``_StridedShard`` alone (each rank holds rows apart: refused), FSDP2 over tensor
     parallelism (``_StridedShard`` then ``Shard`` on a 2-D mesh: each rank's rows are one block), small
-    DTensors of the dtypes gloo does not gather, ``Partial`` ones (refused), one of 33 dimensions (refused),
-    a 0-d one."""
+    DTensors of the dtypes gloo does not gather and conjugated ones, ``Partial`` ones (refused), one of 33
+    dimensions (refused), a 0-d one."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Partial, Replicate, Shard, distribute_tensor
     from torch.distributed.tensor.placement_types import _StridedShard
@@ -577,6 +581,13 @@ def unusual_dtensors(ckptr: Checkpointer) -> None:
     assert all(loaded[k].dtype == v.dtype and torch.equal(loaded[k].view(torch.uint8), v.view(torch.uint8))
                for k, v in small.items()), loaded
     say(f"rank {rank} small gathered exact: {len(small)} dtypes")
+    # a lazily conjugated complex one (a view), split on either dimension: its values (gathering it as bytes raised)
+    values = torch.arange(24.0).reshape(4, 6).to(torch.complex64) * (1 + 2j)
+    conjugated = {f"dim {d}": DTensor.from_local(distribute_tensor(values, line, [Shard(d)], src_data_rank=None)
+                                                 .to_local().conj(), line, [Shard(d)], run_check=False,
+                                                 shape=values.shape, stride=values.stride()) for d in (0, 1)}
+    ckptr.save(8, conjugated, force=True)
+    say(f"rank {rank} small conjugated: {all(torch.equal(v, values.conj()) for v in ckptr.load(8).values())}")
     # a pending reduction (Partial), small or large: refused, never saved as the sum of the ranks' bit patterns
     for step, part in ((5, torch.full((2, 3), 1.5)), (6, torch.full((600, 520), 1.5))):
         try:

@@ -448,16 +448,23 @@ def check_leaves(flat: list[tuple[KeyPath, Any]], table: LeafTable, order: list[
     """:func:`check_leaf` of each (key path, abstract leaf) in ``flat`` and the saved leaf of its position
     (row ``order[j]`` of ``table`` for leaf j; None: row j): why each cannot receive it. Abstract leaves
     whose shapes all match the saved ones (the usual tree) are checked in a few passes in C."""
-    shapes = table.shape if order is None else [table.shape[i] for i in order]
-    try:
-        wanted = list(map(list, map(_SHAPE, map(_SECOND, flat))))
-    except (AttributeError, TypeError):  # an abstract leaf without a shape (None, a type, a placeholder)
-        wanted = None
-    if wanted == shapes and (table.more.count(None) == len(table)
-                             or not any("key_shape" in more for more in table.more if more is not None)):
+    if shapes_match(list(map(_SECOND, flat)), table, order):
         return []
     rows = range(len(flat)) if order is None else order
     return [why for (path, leaf), i in zip(flat, rows) if (why := check_leaf(path, table[i], leaf))]
+
+
+def shapes_match(leaves: list[Any], table: LeafTable, order: list[int] | None = None) -> bool:
+    """Whether each abstract leaf of ``leaves`` has the shape of the saved leaf of its position (see
+    :func:`check_leaves`) and no saved leaf is a PRNG key: then :func:`check_leaf` finds nothing to say
+    of any of them. Checked in a few passes in C."""
+    shapes = table.shape if order is None else [table.shape[i] for i in order]
+    try:
+        wanted = list(map(list, map(_SHAPE, leaves)))
+    except (AttributeError, TypeError):  # an abstract leaf without a shape (None, a type, a placeholder)
+        return False
+    return wanted == shapes and (table.more.count(None) == len(table)
+                                 or not any("key_shape" in more for more in table.more if more is not None))
 
 
 _SECOND, _SHAPE = operator.itemgetter(1), operator.attrgetter("shape")

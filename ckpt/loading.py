@@ -247,12 +247,13 @@ def tree_metadata(doc: dict) -> Any:
 
 
 class Plan(NamedTuple):
-    """How the abstract tree receives the saved leaves: its structure and (key path, leaf) pairs, and
-    either ``order`` (leaf j receives saved leaf ``order[j]``; None: saved leaf j), or ``pairs``: the
-    saved leaves each leaf receives (a placeholder none, a None leaf a saved subtree)."""
+    """How the abstract tree receives the saved leaves: its structure (that of the saved tree when the
+    two are alike in plain containers) and its leaves in flatten order, and either ``order`` (leaf j
+    receives saved leaf ``order[j]``; None: saved leaf j), or ``pairs``: the saved leaves each leaf
+    receives (a placeholder none, a None leaf a saved subtree)."""
 
     node: tree_lib.Node
-    leaves: list[tuple[KeyPath, Any]]
+    leaves: list[Any]
     pairs: list[tuple[KeyPath, Any, list[int]]] | None
     order: list[int] | None = None
 
@@ -260,14 +261,18 @@ class Plan(NamedTuple):
 def _match(table: LeafTable, saved_node: tree_lib.Node, abstract: Any, name: str,
            partial: bool) -> tuple[Plan, list[str]]:
     """Pairs each abstract leaf with the saved leaves it receives (``table``: theirs); lists every difference."""
+    plain = tree_lib.plain_leaves(saved_node, abstract)
+    if plain is not None and leaves_lib.shapes_match(plain, table):  # the usual case, found without key paths
+        return Plan(saved_node, plain, None), []
     abstract_node, abstract_leaves = tree_lib.flatten(abstract)
-    if tree_lib.same_keys(abstract_node, saved_node):  # the usual case: leaf i receives saved leaf i
+    leaves = list(map(_SECOND, abstract_leaves))
+    if tree_lib.same_keys(abstract_node, saved_node):  # leaf i receives saved leaf i
         diffs = [f"{name}{why}" for why in leaves_lib.check_leaves(abstract_leaves, table)]
-        return Plan(abstract_node, abstract_leaves, None), diffs
+        return Plan(abstract_node, leaves, None), diffs
     order = tree_lib.leaf_order(abstract_node, saved_node)
     if order is not None:  # the same keys in another order: leaf j receives saved leaf order[j]
         diffs = [f"{name}{why}" for why in leaves_lib.check_leaves(abstract_leaves, table, order)]
-        return Plan(abstract_node, abstract_leaves, None, order), diffs
+        return Plan(abstract_node, leaves, None, order), diffs
     saved_paths = tree_lib.leaf_paths(saved_node)
     index = {tuple([k for _, k in p]): i for i, p in enumerate(saved_paths)}
     as_text: dict[tuple, int] = {}
@@ -298,7 +303,7 @@ def _match(table: LeafTable, saved_node: tree_lib.Node, abstract: Any, name: str
         for i, p in enumerate(saved_paths):
             if i not in covered and not _empty_receives(table[i], abstract_node, p):
                 diffs.append(f"{name}{keystr(p)}{_ONLY_SAVED}")
-    return Plan(abstract_node, abstract_leaves, pairs), diffs
+    return Plan(abstract_node, leaves, pairs), diffs
 
 
 _ONLY_SAVED = ": in the checkpoint, not in the abstract tree"  # a difference partial_load accepts
@@ -483,9 +488,9 @@ def _wanted(count: int, plan: Plan | None) -> Iterable[int]:
         return range(count)
     if plan.pairs is None:
         order = range(count) if plan.order is None else plan.order
-        if _PLACEHOLDER_TYPE not in set(map(type, map(_SECOND, plan.leaves))):  # (by type: == may be elementwise)
+        if _PLACEHOLDER_TYPE not in set(map(type, plan.leaves)):  # (by type: == may be elementwise)
             return order
-        return [i for i, (_, leaf) in zip(order, plan.leaves) if leaf is not leaves_lib.PLACEHOLDER]
+        return [i for i, leaf in zip(order, plan.leaves) if leaf is not leaves_lib.PLACEHOLDER]
     return (i for _, leaf, idx in plan.pairs if leaf is not leaves_lib.PLACEHOLDER for i in idx)
 
 
@@ -512,7 +517,7 @@ def _build(table: LeafTable, saved_node: tree_lib.Node, plan: Plan | None, sourc
         return tree_lib.unflatten(saved_node, iter(sources))
     if plan is not None and plan.pairs is None:
         received = sources if plan.order is None else [sources[i] for i in plan.order]
-        leaves = list(map(_SECOND, plan.leaves))
+        leaves = plan.leaves
         if (set(map(type, leaves)) == _NDARRAY and set(map(type, received)) == _NDARRAY
                 and list(map(_DTYPE, leaves)) == list(map(_DTYPE, received))):
             return tree_lib.unflatten(plan.node, iter(received))
@@ -550,10 +555,10 @@ def _build(table: LeafTable, saved_node: tree_lib.Node, plan: Plan | None, sourc
                    if type(read) is array and type(leaf) is shaped and leaf.sharding is None and kinds[i] == "jax"
                    and isinstance(leaf.dtype, np.dtype) and not leaf.weak_type
                    else value(i, None if isinstance(leaf, LeafMetadata) else leaf)
-                   for (_, leaf), i, read in zip(abstract_leaves, order, received)]
+                   for leaf, i, read in zip(abstract_leaves, order, received)]
         except _CANNOT_BECOME:  # a cast above failed: the general path finds the leaf and names it
             out = [leaf if leaf is skip else value(i, None if isinstance(leaf, LeafMetadata) else leaf)
-                   for (_, leaf), i in zip(abstract_leaves, order)]
+                   for leaf, i in zip(abstract_leaves, order)]
     else:
         out = []
         for path, leaf, idx in pairs:

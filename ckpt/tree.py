@@ -298,6 +298,46 @@ def same_keys(a: Node, b: Node) -> bool:
     return True
 
 
+def plain_leaves(node: Node, tree: Any) -> list[Any] | None:
+    """The leaves of ``tree`` in flatten order when it has the structure ``node`` (read from a manifest)
+    in plain containers: a dict, list or tuple where ``node`` has one, with the same keys in the same order
+    (and of the same types), and a leaf of a type :func:`flatten` never descends into where ``node`` has
+    a leaf; else None. :func:`flatten` of such a tree gives :func:`same_keys` structures, so its leaves
+    pair with ``node``'s in order: this finds them without a key path made per leaf."""
+    out: list[Any] = []
+    try:
+        if not _plain_walk(node, tree, out):
+            return None
+    except RecursionError:  # (flatten says why)
+        return None
+    return out if set(map(type, out)) <= _PLAIN_LEAVES else None
+
+
+_PLAIN_KINDS = {"dict": dict, "list": list, "tuple": tuple}
+
+
+def _plain_walk(node: Node, x: Any, out: list[Any]) -> bool:
+    if node.kind == "leaf":
+        out.append(x)
+        return True
+    if type(x) is not _PLAIN_KINDS.get(node.kind):
+        return False
+    keys = list(map(_KEY, node.keys))
+    if type(x) is dict:
+        if list(x) != keys or (not set(map(type, x)) <= _STR and list(map(type, x)) != list(map(type, keys))):
+            return False  # (1 == 1.0 == True: the keys' types count, as flatten refuses all but str and int)
+        values: Any = x.values()
+    elif keys != list(range(len(x))):
+        return False
+    else:
+        values = x
+    children = node.children
+    if children.count(LEAF) == len(children):  # the usual node, its leaves taken at once
+        out.extend(values)
+        return True
+    return all(map(_plain_walk, children, values, itertools.repeat(out)))
+
+
 def leaf_order(a: Node, b: Node) -> list[int] | None:
     """Where each leaf of ``a`` is among the leaves of ``b`` (positions in flatten order) when the two
     have the same keys at every level, in any order (a dict saved in insertion order, its

@@ -485,6 +485,30 @@ def test_an_abstract_tree_with_its_keys_in_another_order_gets_each_leaf_by_its_k
     assert some["y"] is ckpt.PLACEHOLDER and some["z"]["a"][1] == 3 and list(some["z"]) == ["a", "b"]
 
 
+def test_an_abstract_tree_like_the_saved_one_in_plain_containers_gets_its_own_containers_keys_and_checks(tmp_path):
+    """The usual load (an abstract tree of dicts, lists and tuples with the saved keys in the saved order)
+    finds its leaves without key paths: its containers, keys and mismatches stay those of any other load."""
+    state = {"a": {"x": np.arange(3), 1: np.ones(2)}, "l": [np.zeros(1), np.arange(4.0)], "t": (np.int8(3) * np.ones(()),)}
+    ckpt.save(tmp_path / "c", state)
+    restored = ckpt.load(tmp_path / "c", state)
+    assert type(restored["a"]) is dict and list(map(type, restored["a"])) == [str, int]
+    assert type(restored["l"]) is list and type(restored["t"]) is tuple and restored["t"][0].shape == ()
+    np.testing.assert_array_equal(restored["l"][1], np.arange(4.0))
+    as_tuple = ckpt.load(tmp_path / "c", {**state, "l": tuple(state["l"])})
+    assert type(as_tuple["l"]) is tuple
+    ordered = ckpt.load(tmp_path / "c", {**state, "a": collections.OrderedDict(state["a"])})
+    assert type(ordered["a"]) is collections.OrderedDict and list(ordered["a"]) == ["x", 1]
+    as_text = ckpt.load(tmp_path / "c", {**state, "a": {"x": np.arange(3), "1": np.ones(2)}})  # (as Orbax keys)
+    assert list(as_text["a"]) == ["x", "1"] and as_text["a"]["1"].tolist() == [1.0, 1.0]
+    with pytest.raises(errors.TreeMismatchError, match=r"\['a'\]\['y'\]: in the abstract tree, not in the"):
+        ckpt.load(tmp_path / "c", {**state, "a": {"x": np.arange(3), "y": np.ones(2)}})
+    for key in (1.0, True):
+        with pytest.raises(TypeError, match=f"dict key {key!r} of type {type(key).__name__}"):
+            ckpt.load(tmp_path / "c", {**state, "a": {"x": np.arange(3), key: np.ones(2)}})
+    with pytest.raises(errors.TreeMismatchError, match=r"\['l'\]\[1\]: saved shape \(4,\), abstract leaf wants \(5,\)"):
+        ckpt.load(tmp_path / "c", {**state, "l": [np.zeros(1), np.empty(5)]})
+
+
 def test_registered_pytree_nodes_come_back_as_their_types_from_an_abstract_tree(tmp_path):
     jax = pytest.importorskip("jax")
     optax = pytest.importorskip("optax")

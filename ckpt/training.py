@@ -80,7 +80,8 @@ class Checkpointer:
         written to Orbax's protocol (``build_name``, ``find_all``, ``find_step``) or ``composite_name_format`` too.
       custom_metadata: JSON for the whole sequence, written once (a later Checkpointer keeps it).
       cleanup_tmp_directories: remove the temporary directories crashed saves left behind now, at
-        construction (a writer also removes them before its first save; they are never listed).
+        construction (a writer also removes them before its first save; they are never listed). In a
+        root this process may not write, they are left, with a warning: its steps are listed and loaded.
       lightweight_initialize: do not read each step's manifest when listing (no metrics or times),
         for roots with thousands of steps.
       local: a second, local tier (:class:`ckpt.LocalCheckpointOptions`) with policies of its own: every
@@ -167,7 +168,10 @@ class Checkpointer:
                 step_name_format=self._name_format, lightweight_initialize=lightweight_initialize,
                 cleanup_tmp_directories=cleanup_tmp_directories)
         if cleanup_tmp_directories and primary:
-            self._take_directory()
+            try:
+                self._take_directory()
+            except errors.RootDirectoryError as e:  # (only a lack of write permission: the root is listed)
+                logger.warning("ckpt: temporary directories left in place: %s", e)
         if self._local is not None and self._processes.count > 1:
             self._local.drop_leftovers()
 

@@ -51,6 +51,22 @@ def tmpfs(mount_point: Path, size: str = "2m", inodes: int | None = None) -> Ite
 
 
 @contextlib.contextmanager
+def without_root() -> Iterator[None]:
+    """Runs the block with the effective uid and gid of ``nobody`` when the test runs as root (root ignores
+    permission bits); glibc switches every thread, tensorstore's included. Restored in any case."""
+    if os.geteuid() != 0:
+        yield
+        return
+    os.setegid(65534)
+    os.seteuid(65534)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+        os.setegid(0)
+
+
+@contextlib.contextmanager
 def read_only(directory: Path) -> Iterator[Path]:
     """Makes ``directory`` read-only with a read-only bind mount over it (skips when not permitted)."""
     result = subprocess.run(["mount", "--bind", str(directory), str(directory)], capture_output=True, text=True,

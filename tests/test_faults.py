@@ -7,14 +7,12 @@ with the reason otherwise); permission denied drops root for the block that save
 """
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest
@@ -313,22 +311,6 @@ def test_a_read_only_file_system_raises_erofs_and_keeps_the_earlier_step(tmp_pat
         assert_intact(ckptr, [0, 1])
 
 
-@contextlib.contextmanager
-def without_root() -> Iterator[None]:
-    """Runs the block with the effective uid and gid of ``nobody`` when the test runs as root (root ignores
-    permission bits); glibc switches every thread, tensorstore's included. Restored in any case."""
-    if os.geteuid() != 0:
-        yield
-        return
-    os.setegid(65534)
-    os.seteuid(65534)
-    try:
-        yield
-    finally:
-        os.seteuid(0)
-        os.setegid(0)
-
-
 def raised(fn) -> BaseException | None:
     try:
         fn()
@@ -346,7 +328,7 @@ def test_permission_denied_is_a_permission_error_naming_the_path_and_reading_sti
             writer.save(0, SMALL, force=True)
         os.chmod(root, 0o555)
         before = fsutil.snapshot(root)
-        with without_root():  # only ckpt runs here: modules imported lazily may be unreadable without root
+        with fsutil.without_root():  # only ckpt runs here: modules imported lazily may be unreadable without root
             with Checkpointer(root) as ckptr:
                 listed = [c.step for c in ckptr.checkpoints]
                 loaded = ckptr.load(0)["w"]

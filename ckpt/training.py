@@ -23,7 +23,6 @@ from __future__ import annotations
 import bisect
 import collections
 import concurrent.futures
-import contextlib
 import logging
 import os
 import sys
@@ -772,12 +771,15 @@ class Checkpointer:
 
     def _forget_if_gone(self, info: CheckpointMetadata) -> bool:
         """Forgets the step a failed save (or promotion) with overwrite=True was to replace when it is gone: on an
-        object store, where a step is written in place, the save deleted it before writing. Returns whether it did."""
-        with contextlib.suppress(OSError):  # (the save's own error is the one raised)
-            if not storage.exists(info.path / fmt.MANIFEST):
-                self._forget(info.step)
-                return True
-        return False
+        object store, where a step is written in place, the save deleted it before writing. Returns whether it may
+        be gone: it is (forgotten), or the store did not tell (kept listed; the save's own error is the one raised)."""
+        try:
+            gone = not storage.exists(info.path / fmt.MANIFEST)
+        except OSError:
+            return True
+        if gone:
+            self._forget(info.step)
+        return gone
 
     def _forget(self, step: int) -> None:
         with self._infos_lock:

@@ -494,6 +494,16 @@ class LocalTier:
         except OSError:  # (the promotion's own error is the one raised)
             return True
 
+    def delete(self, step: int) -> bool:
+        """Deletes the local copy of ``step`` (see :meth:`ckpt.Checkpointer.delete`), and the promotion a failure left
+        for the next save to queue again (:meth:`_promote_failed_again`): the user deleted the step. Whether it held one."""
+        held = self.checkpointer.delete(step, missing_ok=True)  # (a failure forgets nothing: the step is kept)
+        with self._lock:
+            if step in self._again:
+                self._again.discard(step)
+                self._promoting.discard(step)
+        return held
+
     def _promote_failed_again(self) -> None:
         """Queues again the promotion of each step whose overwrite's promotion failed once it had deleted the
         durable copy it replaced (on an object store, which has no rename), its local copy kept meanwhile: a run

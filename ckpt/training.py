@@ -964,7 +964,7 @@ class Checkpointer:
             info = self._find(number)
         if info is not None and self._processes.index == 0:
             self._take_directory()  # (before anything is deleted or forgotten: another writer may hold the root)
-        held_locally = self._local is not None and self._local.checkpointer.delete(number, missing_ok=True)
+        held_locally = self._local is not None and self._local.delete(number)
         operation, timeout = self._operation("delete"), self._ctx.async_options.timeout_secs
         if info is None:
             if self._processes.count > 1:  # (the others compare their steps with this one's, then delete: here too,

@@ -934,6 +934,20 @@ def test_on_s3_an_overwrites_promotion_that_failed_where_the_store_refused_to_te
     assert ckpt.load(f"{bucket}/4")["w"][0] == 40  # was: CheckpointNotFoundError
 
 
+def test_on_s3_a_step_deleted_after_its_overwrites_promotion_failed_is_not_promoted_again(bucket, tmp_path,
+                                                                                          monkeypatch):
+    """Step 4 deleted by the user once its overwrite's promotion failed (its local copy kept to promote it again):
+    the next save queued its promotion all the same, which failed, and wait() raised 'step 4 was removed from the
+    local tier ... it is not promoted' for a step the user had deleted."""
+    local = ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1))
+    with ckpt.Checkpointer(bucket, save_decision_policy=sdp.FixedIntervalPolicy(5), local=local) as ckptr:
+        overwrite_step_4_refused(ckptr, monkeypatch)
+        assert ckptr.delete(4)
+        ckptr.save(6, {"w": np.full(2, 6)})
+        ckptr.wait()
+        assert [(c.step, sorted(c.locations)) for c in ckptr.checkpoints] == [(5, ["durable", "local"]), (6, ["local"])]
+
+
 KILLED_ONCE_THE_DURABLE_COPY_IS_REMOVED = """
 import os, signal, sys
 import numpy as np

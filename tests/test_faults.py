@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import ckpt
-from ckpt import errors, saving, storage
+from ckpt import cli, errors, saving, storage
 from ckpt import format as fmt
 from ckpt.training import Checkpointer
 from tests import fsutil
@@ -342,6 +342,23 @@ def test_permission_denied_is_a_permission_error_naming_the_path_and_reading_sti
         assert fsutil.snapshot(root) == before
     finally:
         os.chmod(root, 0o755)
+        shutil.rmtree(base)
+
+
+def test_a_local_chunk_this_process_may_not_read_is_named_without_a_hint_at_object_store_credentials(capsys):
+    """Was: ckpt verify said 'access denied (...local file...); check the credentials (for s3://,
+    AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)' of a local step's chunk file of mode 000."""
+    base = Path(tempfile.mkdtemp(prefix="ckpt-perm-"))  # outside tmp_path, whose parents only root may enter
+    try:
+        os.chmod(base, 0o755)
+        ckpt.save(base / "c", {"big": np.arange(140_000.0)})
+        chunk = base / "c" / fmt.ARRAYS / "0" / "c" / "0"
+        os.chmod(chunk, 0)
+        with fsutil.without_root():
+            status = cli.main(["verify", str(base / "c")])
+        message = capsys.readouterr().err
+        assert status == 2 and f'{chunk}": Permission denied' in message and "credentials" not in message, message
+    finally:
         shutil.rmtree(base)
 
 

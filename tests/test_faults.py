@@ -11,8 +11,6 @@ import errno
 import os
 import shutil
 import subprocess
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -319,11 +317,9 @@ def raised(fn) -> BaseException | None:
     return None
 
 
-def test_permission_denied_is_a_permission_error_naming_the_path_and_reading_still_works(tmp_path):
-    base = Path(tempfile.mkdtemp(prefix="ckpt-perm-"))  # outside tmp_path, whose parents only root may enter
-    root = base / "root"
-    try:
-        os.chmod(base, 0o755)
+def test_permission_denied_is_a_permission_error_naming_the_path_and_reading_still_works():
+    with fsutil.shared_directory() as base:
+        root = base / "root"
         with Checkpointer(root) as writer:
             writer.save(0, SMALL, force=True)
         os.chmod(root, 0o555)
@@ -340,17 +336,12 @@ def test_permission_denied_is_a_permission_error_naming_the_path_and_reading_sti
             assert isinstance(error, PermissionError) and error.errno == errno.EACCES, (surface, error)
             assert str(root) in str(error)
         assert fsutil.snapshot(root) == before
-    finally:
-        os.chmod(root, 0o755)
-        shutil.rmtree(base)
 
 
 def test_a_local_chunk_this_process_may_not_read_is_named_without_a_hint_at_object_store_credentials(capsys):
     """Was: ckpt verify said 'access denied (...local file...); check the credentials (for s3://,
     AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)' of a local step's chunk file of mode 000."""
-    base = Path(tempfile.mkdtemp(prefix="ckpt-perm-"))  # outside tmp_path, whose parents only root may enter
-    try:
-        os.chmod(base, 0o755)
+    with fsutil.shared_directory() as base:
         ckpt.save(base / "c", {"big": np.arange(140_000.0)})
         chunk = base / "c" / fmt.ARRAYS / "0" / "c" / "0"
         os.chmod(chunk, 0)
@@ -358,8 +349,33 @@ def test_a_local_chunk_this_process_may_not_read_is_named_without_a_hint_at_obje
             status = cli.main(["verify", str(base / "c")])
         message = capsys.readouterr().err
         assert status == 2 and f'{chunk}": Permission denied' in message and "credentials" not in message, message
-    finally:
-        shutil.rmtree(base)
+
+
+def test_a_step_and_a_temporary_this_process_may_not_enter_are_skipped_and_the_root_still_opens_and_saves(capsys):
+    """Another user's step directory and crashed save of mode 0700 in a shared root: Checkpointer(root) raised
+    PermissionError, ckpt ls exited 2, and every save failed in its sweep of the temporaries."""
+    with fsutil.shared_directory() as base:
+        root = base / "root"
+        with Checkpointer(root) as writer:
+            writer.save(0, SMALL, force=True)
+            writer.save(1, SMALL, force=True)
+        (root / ("2" + fmt.TMP_SUFFIX)).mkdir()
+        for path, mode in ((root, 0o777), (root / fmt.LOCK, 0o666), (root / "1", 0o700),
+                           (root / ("2" + fmt.TMP_SUFFIX), 0o700)):
+            os.chmod(path, mode)
+        with fsutil.without_root():
+            with Checkpointer(root) as ckptr:
+                listed = [c.step for c in ckptr.checkpoints]
+                ckptr.save(3, SMALL, force=True)
+                saved = [c.step for c in ckptr.checkpoints]
+            status = cli.main(["ls", str(root)])
+            converted = cli.main(["convert", str(root), str(base / "copy")])  # (it would leave step 1 out)
+        out, err = capsys.readouterr()
+        assert listed == [0] and saved == [0, 3] and (root / ("2" + fmt.TMP_SUFFIX)).is_dir()
+        assert status == 0 and f"a directory this process may not read ([Errno 13] Permission denied: '{root / '1'}" \
+            in out
+        assert converted == 2 and f"{root} holds 1, named like step 1, which may be a step" in err
+        assert not (base / "copy").exists()
 
 
 @pytest.mark.parametrize("saved_before", [True, False], ids=["after a save", "before any save"])

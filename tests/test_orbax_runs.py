@@ -11,7 +11,6 @@ import re
 import warnings
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import jax
@@ -671,9 +670,7 @@ def test_an_orbax_step_with_a_file_this_process_may_not_read_is_damaged_and_the_
                                                                                                 caplog, capsys):
     """Was: a PermissionError out of Checkpointer(root), ckpt ls, show and verify (exit 2) for the whole root, as
     ckpt's own steps are not (an unreadable manifest.json makes its step damaged)."""
-    base = Path(tempfile.mkdtemp(prefix="ckpt-orbax-perm-"))  # (tmp_path's parents only root may enter)
-    try:
-        os.chmod(base, 0o755)
+    with fsutil.shared_directory() as base:
         root = copy_run(orbax_runs, "v1", base)
         os.chmod(root / "1" / file, 0)
         said = f"{root / '1'}: [Errno 13] Permission denied: '{root / '1' / file}'"
@@ -685,8 +682,6 @@ def test_an_orbax_step_with_a_file_this_process_may_not_read_is_damaged_and_the_
                 ckpt.metadata(root / "1")
             status, listed = cli.main(["ls", str(root)]), capsys.readouterr().out
         assert status == 0 and "latest step 0" in listed and f"DAMAGED: {said}" in listed
-    finally:
-        shutil.rmtree(base)
 
 
 READS_UNDER_A_MEMORY_CAP = """

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import os
 import warnings
 from pathlib import Path
@@ -57,6 +58,7 @@ def steps_of(root: Path) -> list[tuple[int, Path]]:
       StepNotFoundError: a step is set aside under another name (``5.ckpt-replaced``: a save with
         ``overwrite=True`` that a crash interrupted), which a Checkpointer opened on the root puts back and
         lists; a convert, which never changes its source, would leave it out.
+      PermissionError: a directory named like a step is one this process may not read (it may be a step).
     """
     found, name_format = [], step_lib.name_format_of(root)
     for entry in root_lib.scan(root, name_format):
@@ -65,6 +67,10 @@ def steps_of(root: Path) -> list[tuple[int, Path]]:
         elif root_lib.is_damaged_step(entry):
             raise CheckpointCorruptedError(f"{root} holds step {entry.step}, which is damaged ({entry.holds}); "
                                            "move it away to convert the other steps", path=entry.path)
+        elif entry.step is not None and root_lib.is_unreadable(entry):
+            raise PermissionError(errno.EACCES, f"{root} holds {entry.path.name}, named like step {entry.step}, "
+                                  f"which may be a step a convert would leave out: {entry.holds}; convert as a user "
+                                  "who may read it, or move it away", str(entry.path))
         elif entry.kind is root_lib.Kind.TEMPORARY and (final := storage.set_aside_step(entry.path)) is not None:
             raise StepNotFoundError(f"{root} holds step {final.name} set aside as {entry.path.name} by a save with "
                                     "overwrite=True that a crash interrupted, which a convert would leave out: open a "

@@ -31,6 +31,7 @@ _REFUSED = ("PERMISSION_DENIED", "UNAUTHENTICATED")  # tensorstore's status of a
 _UNSERVED = ("UNAVAILABLE", "ABORTED", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED")  # (after tensorstore's retries)
 _FIRST_CONTACT = {"max_retries": 3, "initial_delay": "0.5s", "max_delay": "2s"}  # (tensorstore's: 32, 1 s, 32 s)
 _UNANSWERED = "[curl_code="  # in tensorstore's error for a request no server answered (refused, host unknown)
+_OS_ERROR = "[os_error_code="  # in tensorstore's error for a system call that failed (a local file)
 
 
 @functools.lru_cache(maxsize=None)
@@ -56,6 +57,8 @@ def access_error(error: ValueError, what: str) -> OSError | None:
     malformed object), which a load reports as damage. The server's XML is left out."""
     text = str(error)
     status, short = text.split(":", 1)[0], text.split(" [", 1)[0]
+    if status in _REFUSED and _OS_ERROR in text:  # a local file this process may not read: no credentials asked
+        return PermissionError(errno.EACCES, f"{what}: access denied ({short})")
     if status in _REFUSED:
         return PermissionError(errno.EACCES, f"{what}: access denied ({short}); check the credentials (for s3://, "
                                "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY) and what they may do there")

@@ -179,6 +179,25 @@ def classify(path: storage.Location, step: int | None, *, read_manifest: bool = 
     local = isinstance(path, Path)
     if local and not _is_dir(path):
         return Entry(path, Kind.FOREIGN, step, storage.describe(path))
+    try:
+        return _classify_dir(path, step, local=local, read_manifest=read_manifest)
+    except PermissionError as e:  # (another user's directory of mode 0700: one entry, not the root, unreadable;
+        if not local:  # an object store's refusal, which credentials that expired give every entry, is raised)
+            raise
+        return Entry(path, Kind.FOREIGN, step, f"{_UNREADABLE} ({e})")
+
+
+_UNREADABLE = "a directory this process may not read"
+
+
+def is_unreadable(entry: Entry) -> bool:
+    """Whether ``entry`` is a local directory this process may not look into (see :func:`classify`): a step of
+    ckpt's or Orbax's, or a user's directory, for all it can tell."""
+    return entry.kind is Kind.FOREIGN and entry.holds.startswith(_UNREADABLE)
+
+
+def _classify_dir(path: storage.Location, step: int | None, *, local: bool, read_manifest: bool) -> Entry:
+    """:func:`classify` of a directory (locally, not a symbolic link)."""
     if formats.is_orbax(path):
         try:
             return Entry(path, Kind.ORBAX, step, Kind.ORBAX.value, formats.info(path) if read_manifest else None)
@@ -255,10 +274,11 @@ def _is_dir(path: Path) -> bool:
 
 
 def _is_empty_dir(path: Path) -> bool:
-    """A directory itself that holds nothing; False once it is gone or replaced by a file (since it was listed)."""
+    """A directory itself that holds nothing; False once it is gone or replaced by a file (since it was listed), and
+    for one this process may not list."""
     try:
         return _is_dir(path) and not os.listdir(path)
-    except (FileNotFoundError, NotADirectoryError):
+    except (FileNotFoundError, NotADirectoryError, PermissionError):
         return False
 
 
@@ -555,8 +575,11 @@ def is_damaged_step(entry: Entry) -> bool:
     marker) whose manifest is missing or cannot be read, or a step Orbax committed whose metadata cannot be
     read: damaged and kept for inspection, not a user's directory. Such a step is never listed, overwritten
     or deleted; readers report it as damaged."""
-    return (entry.kind is Kind.FOREIGN and entry.step is not None
-            and (storage.is_marked(entry.path) or formats.is_orbax(entry.path)))
+    try:
+        return (entry.kind is Kind.FOREIGN and entry.step is not None
+                and (storage.is_marked(entry.path) or formats.is_orbax(entry.path)))
+    except PermissionError:  # a directory this process may not look into: shown as found, not taken for a step
+        return False
 
 
 def whole_checkpoints_only(checkpointable_name: str | None) -> None:

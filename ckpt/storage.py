@@ -374,12 +374,13 @@ def mark(directory: Location, *, durable: bool = False) -> None:
 
 
 def is_marked(directory: Location) -> bool:
-    """Whether ``directory`` is a real directory (not a link) that holds ckpt's marker as a regular file."""
+    """Whether ``directory`` is a real directory (not a link) that holds ckpt's marker as a regular file (False
+    for a local directory this process may not look into: never taken for ckpt's, so never removed)."""
     if isinstance(directory, ObjectPath):
         return (directory / fmt.MARKER).exists()
     try:
         return stat.S_ISDIR(os.lstat(directory).st_mode) and stat.S_ISREG(os.lstat(directory / fmt.MARKER).st_mode)
-    except (FileNotFoundError, NotADirectoryError):
+    except (FileNotFoundError, NotADirectoryError, PermissionError):
         return False
 
 

@@ -173,7 +173,7 @@ class DurableRoot:
     operation: Callable[[str], str]  # a barrier name, the same on every process
     timeout_secs: Callable[[], float]  # AsyncOptions.timeout_secs of the call (the active Context's, else its own)
     begun: Callable[[], set[int]]  # the steps its listings showed begun in place and never committed (object stores)
-    forget_if_gone: Callable[[CheckpointMetadata], bool]  # unlists a step a failed overwrite deleted; whether it did
+    forget_if_gone: Callable[[CheckpointMetadata], bool]  # unlists a step a failed overwrite deleted; whether it may be gone
 
 
 @dataclasses.dataclass(eq=False)
@@ -482,7 +482,7 @@ class LocalTier:
     def _left_local_only(self, step: int, final: storage.Location) -> bool:
         """Whether the failed overwrite's promotion of ``step`` to ``final`` left the step on the local tier alone,
         with one process: on an object store, where a promotion writes in place, it deleted the durable copy it
-        replaced (still listed: unlisted now), or an earlier failure had."""
+        replaced (still listed: unlisted now), or an earlier failure had; or may have, when the store does not tell."""
         if isinstance(final, Path) or self._durable.processes.count > 1 or not any(
                 c.step == step for c in self.checkpointer.checkpoints):
             return False
@@ -492,7 +492,17 @@ class LocalTier:
         try:
             return not storage.exists(final / fmt.MANIFEST)
         except OSError:  # (the promotion's own error is the one raised)
-            return False
+            return True
+
+    def delete(self, step: int) -> bool:
+        """Deletes the local copy of ``step`` (see :meth:`ckpt.Checkpointer.delete`), and the promotion a failure left
+        for the next save to queue again (:meth:`_promote_failed_again`): the user deleted the step. Whether it held one."""
+        held = self.checkpointer.delete(step, missing_ok=True)  # (a failure forgets nothing: the step is kept)
+        with self._lock:
+            if step in self._again:
+                self._again.discard(step)
+                self._promoting.discard(step)
+        return held
 
     def _promote_failed_again(self) -> None:
         """Queues again the promotion of each step whose overwrite's promotion failed once it had deleted the

@@ -23,7 +23,6 @@ from __future__ import annotations
 import bisect
 import collections
 import concurrent.futures
-import contextlib
 import logging
 import os
 import sys
@@ -80,7 +79,8 @@ class Checkpointer:
         written to Orbax's protocol (``build_name``, ``find_all``, ``find_step``) or ``composite_name_format`` too.
       custom_metadata: JSON for the whole sequence, written once (a later Checkpointer keeps it).
       cleanup_tmp_directories: remove the temporary directories crashed saves left behind now, at
-        construction (a writer also removes them before its first save; they are never listed).
+        construction (a writer also removes them before its first save; they are never listed). In a
+        root this process may not write, they are left, with a warning: its steps are listed and loaded.
       lightweight_initialize: do not read each step's manifest when listing (no metrics or times),
         for roots with thousands of steps.
       local: a second, local tier (:class:`ckpt.LocalCheckpointOptions`) with policies of its own: every
@@ -167,7 +167,10 @@ class Checkpointer:
                 step_name_format=self._name_format, lightweight_initialize=lightweight_initialize,
                 cleanup_tmp_directories=cleanup_tmp_directories)
         if cleanup_tmp_directories and primary:
-            self._take_directory()
+            try:
+                self._take_directory()
+            except errors.RootDirectoryError as e:  # (only a lack of write permission: the root is listed)
+                logger.warning("ckpt: temporary directories left in place: %s", e)
         if self._local is not None and self._processes.count > 1:
             self._local.drop_leftovers()
 
@@ -768,12 +771,15 @@ class Checkpointer:
 
     def _forget_if_gone(self, info: CheckpointMetadata) -> bool:
         """Forgets the step a failed save (or promotion) with overwrite=True was to replace when it is gone: on an
-        object store, where a step is written in place, the save deleted it before writing. Returns whether it did."""
-        with contextlib.suppress(OSError):  # (the save's own error is the one raised)
-            if not storage.exists(info.path / fmt.MANIFEST):
-                self._forget(info.step)
-                return True
-        return False
+        object store, where a step is written in place, the save deleted it before writing. Returns whether it may
+        be gone: it is (forgotten), or the store did not tell (kept listed; the save's own error is the one raised)."""
+        try:
+            gone = not storage.exists(info.path / fmt.MANIFEST)
+        except OSError:
+            return True
+        if gone:
+            self._forget(info.step)
+        return gone
 
     def _forget(self, step: int) -> None:
         with self._infos_lock:
@@ -958,7 +964,7 @@ class Checkpointer:
             info = self._find(number)
         if info is not None and self._processes.index == 0:
             self._take_directory()  # (before anything is deleted or forgotten: another writer may hold the root)
-        held_locally = self._local is not None and self._local.checkpointer.delete(number, missing_ok=True)
+        held_locally = self._local is not None and self._local.delete(number)
         operation, timeout = self._operation("delete"), self._ctx.async_options.timeout_secs
         if info is None:
             if self._processes.count > 1:  # (the others compare their steps with this one's, then delete: here too,

@@ -6,8 +6,10 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import stat
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -48,6 +50,35 @@ def tmpfs(mount_point: Path, size: str = "2m", inodes: int | None = None) -> Ite
         yield mount_point
     finally:
         unmount(mount_point)
+
+
+@contextlib.contextmanager
+def shared_directory() -> Iterator[Path]:
+    """A new directory that every user may enter (tmp_path's parents only root may: see :func:`without_root`),
+    removed afterwards with whatever a test made unreadable in it."""
+    base = Path(tempfile.mkdtemp(prefix="ckpt-shared-"))
+    try:
+        os.chmod(base, 0o755)
+        yield base
+    finally:
+        subprocess.run(["chmod", "-R", "u+rwx", str(base)], check=False, capture_output=True, timeout=30)
+        shutil.rmtree(base)
+
+
+@contextlib.contextmanager
+def without_root() -> Iterator[None]:
+    """Runs the block with the effective uid and gid of ``nobody`` when the test runs as root (root ignores
+    permission bits); glibc switches every thread, tensorstore's included. Restored in any case."""
+    if os.geteuid() != 0:
+        yield
+        return
+    os.setegid(65534)
+    os.seteuid(65534)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+        os.setegid(0)
 
 
 @contextlib.contextmanager

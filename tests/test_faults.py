@@ -7,20 +7,16 @@ with the reason otherwise); permission denied drops root for the block that save
 """
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import shutil
 import subprocess
-import tempfile
-from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest
 
 import ckpt
-from ckpt import errors, saving, storage
+from ckpt import cli, errors, saving, storage
 from ckpt import format as fmt
 from ckpt.training import Checkpointer
 from tests import fsutil
@@ -313,22 +309,6 @@ def test_a_read_only_file_system_raises_erofs_and_keeps_the_earlier_step(tmp_pat
         assert_intact(ckptr, [0, 1])
 
 
-@contextlib.contextmanager
-def without_root() -> Iterator[None]:
-    """Runs the block with the effective uid and gid of ``nobody`` when the test runs as root (root ignores
-    permission bits); glibc switches every thread, tensorstore's included. Restored in any case."""
-    if os.geteuid() != 0:
-        yield
-        return
-    os.setegid(65534)
-    os.seteuid(65534)
-    try:
-        yield
-    finally:
-        os.seteuid(0)
-        os.setegid(0)
-
-
 def raised(fn) -> BaseException | None:
     try:
         fn()
@@ -337,16 +317,14 @@ def raised(fn) -> BaseException | None:
     return None
 
 
-def test_permission_denied_is_a_permission_error_naming_the_path_and_reading_still_works(tmp_path):
-    base = Path(tempfile.mkdtemp(prefix="ckpt-perm-"))  # outside tmp_path, whose parents only root may enter
-    root = base / "root"
-    try:
-        os.chmod(base, 0o755)
+def test_permission_denied_is_a_permission_error_naming_the_path_and_reading_still_works():
+    with fsutil.shared_directory() as base:
+        root = base / "root"
         with Checkpointer(root) as writer:
             writer.save(0, SMALL, force=True)
         os.chmod(root, 0o555)
         before = fsutil.snapshot(root)
-        with without_root():  # only ckpt runs here: modules imported lazily may be unreadable without root
+        with fsutil.without_root():  # only ckpt runs here: modules imported lazily may be unreadable without root
             with Checkpointer(root) as ckptr:
                 listed = [c.step for c in ckptr.checkpoints]
                 loaded = ckptr.load(0)["w"]
@@ -358,9 +336,46 @@ def test_permission_denied_is_a_permission_error_naming_the_path_and_reading_sti
             assert isinstance(error, PermissionError) and error.errno == errno.EACCES, (surface, error)
             assert str(root) in str(error)
         assert fsutil.snapshot(root) == before
-    finally:
-        os.chmod(root, 0o755)
-        shutil.rmtree(base)
+
+
+def test_a_local_chunk_this_process_may_not_read_is_named_without_a_hint_at_object_store_credentials(capsys):
+    """Was: ckpt verify said 'access denied (...local file...); check the credentials (for s3://,
+    AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)' of a local step's chunk file of mode 000."""
+    with fsutil.shared_directory() as base:
+        ckpt.save(base / "c", {"big": np.arange(140_000.0)})
+        chunk = base / "c" / fmt.ARRAYS / "0" / "c" / "0"
+        os.chmod(chunk, 0)
+        with fsutil.without_root():
+            status = cli.main(["verify", str(base / "c")])
+        message = capsys.readouterr().err
+        assert status == 2 and f'{chunk}": Permission denied' in message and "credentials" not in message, message
+
+
+def test_a_step_and_a_temporary_this_process_may_not_enter_are_skipped_and_the_root_still_opens_and_saves(capsys):
+    """Another user's step directory and crashed save of mode 0700 in a shared root: Checkpointer(root) raised
+    PermissionError, ckpt ls exited 2, and every save failed in its sweep of the temporaries."""
+    with fsutil.shared_directory() as base:
+        root = base / "root"
+        with Checkpointer(root) as writer:
+            writer.save(0, SMALL, force=True)
+            writer.save(1, SMALL, force=True)
+        (root / ("2" + fmt.TMP_SUFFIX)).mkdir()
+        for path, mode in ((root, 0o777), (root / fmt.LOCK, 0o666), (root / "1", 0o700),
+                           (root / ("2" + fmt.TMP_SUFFIX), 0o700)):
+            os.chmod(path, mode)
+        with fsutil.without_root():
+            with Checkpointer(root) as ckptr:
+                listed = [c.step for c in ckptr.checkpoints]
+                ckptr.save(3, SMALL, force=True)
+                saved = [c.step for c in ckptr.checkpoints]
+            status = cli.main(["ls", str(root)])
+            converted = cli.main(["convert", str(root), str(base / "copy")])  # (it would leave step 1 out)
+        out, err = capsys.readouterr()
+        assert listed == [0] and saved == [0, 3] and (root / ("2" + fmt.TMP_SUFFIX)).is_dir()
+        assert status == 0 and f"a directory this process may not read ([Errno 13] Permission denied: '{root / '1'}" \
+            in out
+        assert converted == 2 and f"{root} holds 1, named like step 1, which may be a step" in err
+        assert not (base / "copy").exists()
 
 
 @pytest.mark.parametrize("saved_before", [True, False], ids=["after a save", "before any save"])

@@ -7,6 +7,7 @@ import importlib.metadata
 import json
 import logging
 import os
+import re
 import warnings
 import shutil
 import sys
@@ -22,7 +23,7 @@ from ckpt.convert import convert_root
 from ckpt.integrations.flax import CheckpointHook, restore_train_state
 from ckpt.path import step as step_lib
 from ckpt.training import preservation_policies, save_decision_policies
-from tests import orbax_writer, procs
+from tests import fsutil, orbax_writer, procs
 from tests.orbax_writer import FLAX_SAVES, flax_train, nnx_train
 
 SINGLE_NAMES = step_lib.standard_name_format(step_prefix="step", step_format_fixed_length=4)
@@ -662,6 +663,25 @@ def test_a_symlink_in_an_orbax_item_is_refused(orbax_runs, tmp_path):
     os.symlink(tmp_path / "elsewhere", target)
     with pytest.raises(errors.CheckpointCorruptedError, match="symlink"):
         ckpt.load(root / "1")
+
+
+@pytest.mark.parametrize("file", ["_CHECKPOINT_METADATA", "metrics/metrics"])
+def test_an_orbax_step_with_a_file_this_process_may_not_read_is_damaged_and_the_root_still_opens(orbax_runs, file,
+                                                                                                caplog, capsys):
+    """Was: a PermissionError out of Checkpointer(root), ckpt ls, show and verify (exit 2) for the whole root, as
+    ckpt's own steps are not (an unreadable manifest.json makes its step damaged)."""
+    with fsutil.shared_directory() as base:
+        root = copy_run(orbax_runs, "v1", base)
+        os.chmod(root / "1" / file, 0)
+        said = f"{root / '1'}: [Errno 13] Permission denied: '{root / '1' / file}'"
+        with fsutil.without_root():
+            with caplog.at_level(logging.WARNING, logger="ckpt"), ckpt.Checkpointer(root) as ckptr:
+                assert [c.step for c in ckptr.checkpoints] == [0]
+            assert said in caplog.text
+            with pytest.raises(errors.CheckpointCorruptedError, match=re.escape(said)):
+                ckpt.metadata(root / "1")
+            status, listed = cli.main(["ls", str(root)]), capsys.readouterr().out
+        assert status == 0 and "latest step 0" in listed and f"DAMAGED: {said}" in listed
 
 
 READS_UNDER_A_MEMORY_CAP = """

@@ -89,10 +89,14 @@ def test_a_file_named_like_a_step_or_a_step_whose_manifest_is_a_directory_does_n
     assert fsutil.snapshot(root) == before
 
 
-def test_a_read_only_root_is_listed_and_loaded_and_a_save_says_why_it_cannot_write(tmp_path):
+def test_a_read_only_root_is_listed_and_loaded_and_a_save_says_why_it_cannot_write(tmp_path, caplog):
     root = _saved_root(tmp_path / "root")
+    (root / "2.ckpt-tmp").mkdir()  # what a crashed save leaves
     before = fsutil.snapshot(root)
     with fsutil.read_only(root):
+        with Checkpointer(root, cleanup_tmp_directories=True) as ckptr:  # was: RootDirectoryError at the open
+            assert [c.step for c in ckptr.checkpoints] == [0, 1] and ckptr.load(1)["n"] == 1
+        assert f"temporary directories left in place: [Errno 30] cannot write in {root}" in caplog.text
         with Checkpointer(root, save_decision_policy=ALWAYS, custom_metadata={"run": "other"}) as ckptr:
             assert [c.step for c in ckptr.checkpoints] == [0, 1]
             assert ckptr.checkpoints[1].metrics == {"loss": 0.5}

@@ -903,6 +903,51 @@ def test_on_s3_an_overwrites_promotion_that_failed_is_promoted_again_by_the_next
     assert ckpt.load(f"{bucket}/4")["w"][0] == 40
 
 
+def test_on_s3_an_overwrites_promotion_that_failed_where_the_store_refused_to_tell_whether_the_copy_is_gone_is_kept(
+        bucket, tmp_path, monkeypatch):
+    """The store refused every request for step 4 once the promotion had removed its durable copy (credentials that
+    expired then), the check whether the copy is gone as well: the run took the copy for still there, listed step 4
+    as durable, and its local policy dropped the local copy at the next saves; step 4 was lost from both tiers."""
+    local = ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1))
+    ObjectPath = ckpt.objectstore.ObjectPath
+    exists, remove_all_but, removed = ObjectPath.exists, ObjectPath.remove_all_but, []
+
+    def removing(path, *args):
+        remove_all_but(path, *args)
+        removed.append(path.name)
+
+    def refused(path):
+        if removed.count("4") >= 2 and path.parent.name == "4":  # (from the second removal: the overwrite's)
+            raise PermissionError(errno.EACCES, f"{path}: access denied")
+        return exists(path)
+
+    with ckpt.Checkpointer(bucket, save_decision_policy=sdp.FixedIntervalPolicy(5), local=local) as ckptr:
+        with monkeypatch.context() as refusing:
+            refusing.setattr(ObjectPath, "remove_all_but", removing)
+            refusing.setattr(ObjectPath, "exists", refused)
+            overwrite_step_4_refused(ckptr, monkeypatch)
+        for step in (6, 7, 8):  # the local policy (LatestN(2)) drops step 4 once promoted
+            ckptr.save(step, {"w": np.full(2, step)})
+        ckptr.wait()
+        assert [(c.step, sorted(c.locations)) for c in ckptr.checkpoints] == [
+            (4, ["durable"]), (5, ["durable"]), (7, ["local"]), (8, ["local"])]
+    assert ckpt.load(f"{bucket}/4")["w"][0] == 40  # was: CheckpointNotFoundError
+
+
+def test_on_s3_a_step_deleted_after_its_overwrites_promotion_failed_is_not_promoted_again(bucket, tmp_path,
+                                                                                          monkeypatch):
+    """Step 4 deleted by the user once its overwrite's promotion failed (its local copy kept to promote it again):
+    the next save queued its promotion all the same, which failed, and wait() raised 'step 4 was removed from the
+    local tier ... it is not promoted' for a step the user had deleted."""
+    local = ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1))
+    with ckpt.Checkpointer(bucket, save_decision_policy=sdp.FixedIntervalPolicy(5), local=local) as ckptr:
+        overwrite_step_4_refused(ckptr, monkeypatch)
+        assert ckptr.delete(4)
+        ckptr.save(6, {"w": np.full(2, 6)})
+        ckptr.wait()
+        assert [(c.step, sorted(c.locations)) for c in ckptr.checkpoints] == [(5, ["durable", "local"]), (6, ["local"])]
+
+
 KILLED_ONCE_THE_DURABLE_COPY_IS_REMOVED = """
 import os, signal, sys
 import numpy as np

@@ -20,12 +20,16 @@ METADATA_FILES = frozenset({".zarray", ".zattrs", ".zgroup", "zarr.json", "manif
 def read_json(path: Path, step_dir: Path) -> Any:
     """The JSON in ``path`` (below ``step_dir``, a step or a root); FileNotFoundError when it is missing,
     CheckpointCorruptedError (naming the file) for a symlink (the file, or a directory between ``step_dir``
-    and it), a special file, a file over ``MAX_JSON_BYTES`` or malformed JSON."""
+    and it), a special file, a file over ``MAX_JSON_BYTES``, one this process may not read, or malformed JSON."""
     try:
         storage.LocalFiles(step_dir).size(str(path))  # no link on the way: what it leads to lies outside
         data = storage.read_json_bytes(path, MAX_JSON_BYTES)
+    except FileNotFoundError:
+        raise
     except ValueError as e:  # a link, a special file or too large: storage's message names the file
         raise CheckpointCorruptedError(f"{e}; not a file of an Orbax checkpoint", path=step_dir) from None
+    except OSError as e:  # (as for ckpt's own manifest: one unreadable step is damaged, not its root unreadable)
+        raise CheckpointCorruptedError(f"{step_dir}: {e}", path=step_dir) from None
     try:
         return json.loads(data)
     except (ValueError, RecursionError) as e:  # (UnicodeDecodeError is a ValueError)

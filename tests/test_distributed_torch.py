@@ -165,6 +165,16 @@ def test_a_save_failing_on_one_rank_raises_on_every_rank_at_once_and_commits_not
 
 
 @pytest.mark.timeout(300)
+def test_should_save_or_reload_on_rank_0_alone_changes_no_save_on_any_rank(tmp_path):
+    """(Each decision's message was named by a count of decisions: a should_save on rank 0 alone shifted every later
+    name, so rank 1 read the answers of earlier steps: it returned False from the save of step 4, which rank 0
+    waited for until the timeout, step 4 lost; a reload on rank 0 alone made both ranks wait until the timeout.)"""
+    out = run_jobs(tmp_path / "run", tmp_path / "unused.npz", "alone:2")
+    for r in (0, 1):
+        assert f"rank {r} alone saved {[step % 2 == 0 for step in range(10)]}, steps [0, 2, 4, 6, 8]" in out, out
+
+
+@pytest.mark.timeout(300)
 def test_a_step_or_checkpoint_every_rank_deletes_is_gone_on_every_rank_before_any_uses_it_again(tmp_path):
     """(Rank 1 returned from delete at once, rank 0 deleting the step: rank 1's save of the step found it still
     there, StepAlreadyExistsError. Every rank deleting one checkpoint with ckpt.delete, as Orbax's says, raced:

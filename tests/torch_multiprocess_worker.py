@@ -16,7 +16,7 @@ continues after the latest committed step with one more save. ``free``: every ra
 through the Checkpointer and ``ckpt.save``, and to other paths and steps, and open Checkpointers on other roots;
 every one is refused, nothing is written.
 ``dtensors`` (4 ranks): DTensors of unusual layouts, saved and loaded through the Checkpointer.
-``fail``: saves that fail on rank 1. ``policies``: two tiers whose local policies differ between ranks. ``delete``: steps every rank deletes and saves again at once; checkpoints every rank deletes with ``ckpt.delete``; a deletion that fails on rank 0. ``stopped``: rank 0 stops in the middle of a save. ``gone``: rank 1 stops in the gathering of a small DTensor. ``exit``: the ranks end without closing. ``list``: prints the steps each rank lists. ``unshared``: rank 1 sees another directory at DIR. ``linked``: rank 1 names the root through a symbolic link. ``sigterm``: a
+``fail``: saves that fail on rank 1. ``alone``: should_save and reload on rank 0 alone. ``policies``: two tiers whose local policies differ between ranks. ``delete``: steps every rank deletes and saves again at once; checkpoints every rank deletes with ``ckpt.delete``; a deletion that fails on rank 0. ``stopped``: rank 0 stops in the middle of a save. ``gone``: rank 1 stops in the gathering of a small DTensor. ``exit``: the ranks end without closing. ``list``: prints the steps each rank lists. ``unshared``: rank 1 sees another directory at DIR. ``linked``: rank 1 names the root through a symbolic link. ``sigterm``: a
 SIGTERM to rank 1 alone, in a loop saving on preemption.
 Each rank prints what it did.
 """
@@ -167,6 +167,9 @@ def run(this_rank: int, this_world: int, port: int, mode: str) -> None:
             failing_saves(ckptr)
         elif mode == "delete":
             deleted_and_saved_again(ckptr)
+        elif mode == "alone":
+            with ckpt.Context(async_options=ckpt.AsyncOptions(timeout_secs=10)):
+                asked_on_rank_0_alone()
         elif mode == "policies":
             local_policies_differ()
         elif mode == "sigterm":
@@ -417,6 +420,23 @@ def failing_saves(ckptr: Checkpointer) -> None:
         except ValueError as e:
             say(f"rank {rank} behind forced failed: {e}")
     say(f"rank {rank} steps {[c.step for c in ckptr.checkpoints]}, step 5 holds {ckptr.load(5)['w'].tolist()}")
+
+
+def asked_on_rank_0_alone() -> None:
+    """should_save and reload called on rank 0 alone (a user's ``if rank == 0:``, to log a step due), before saves
+    every rank makes: every rank saves the same steps, as the policy says."""
+    said = []
+    with Checkpointer(f"{directory}-alone", save_decision_policy=sdp.FixedIntervalPolicy(2)) as ckptr:
+        for step in range(6):
+            if rank == 0 and step % 3 == 1:  # a no (1), then a yes (4)
+                ckptr.should_save(step)
+            said.append(bool(ckptr.save(step, {"w": torch.full((2,), step)})))
+        for step in range(6, 10):  # every rank asks, rank 0 alone lists the root again before the save
+            due = ckptr.should_save(step)
+            if rank == 0:
+                ckptr.reload()
+            said.append(bool(due and ckptr.save(step, {"w": torch.full((2,), step)})))
+        say(f"rank {rank} alone saved {said}, steps {[c.step for c in ckptr.checkpoints]}")
 
 
 def local_policies_differ() -> None:

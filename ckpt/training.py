@@ -1110,10 +1110,17 @@ class Checkpointer:
             ckptr.wait()                                 # step 0 is committed, or its error raised here
             assert ckptr.latest.step == 0
         """
-        if self._local is not None:
-            self._local.wait()  # the local save, then the promotions (after a preemption: the grace period)
-        else:
-            self._writer.wait(self._ctx.async_options.timeout_secs)
+        try:
+            if self._local is not None:
+                self._local.wait()  # the local save, then the promotions (after a preemption: the grace period)
+            else:
+                self._writer.wait(self._ctx.async_options.timeout_secs)
+        except TimeoutError as e:
+            waits = distributed.waited_for(self._processes)  # (a save waiting for a process that stopped)
+            if not waits:
+                raise
+            raise TimeoutError(f"{e}; it waits for {waits}: a process stopped, or does not make the same ckpt calls"
+                               ) from None
 
     def close(self) -> None:
         """Waits for the save in flight, then releases the directory (raises a background failure). A save

@@ -269,8 +269,13 @@ def test_a_rank_whose_store_or_whose_peer_in_a_gathering_stopped_raises_at_once_
     """Rank 0's process, which keeps the job's store, stopping in a save: rank 1 raised at once a TimeoutError
     saying that it had waited the whole timeout (60 s) for rank 0. A deletion on rank 1 then, whose writer thread
     connected to the store for the first time, waited 300 s (TCPStore's retries), whatever the timeout. Rank 1
-    stopping in the gathering of small DTensors: rank 0 raised gloo's RuntimeError, naming no save."""
-    out = run_jobs(tmp_path / "run", tmp_path / "unused.npz", "stopped:2", "gone:2")
+    stopping in the gathering of small DTensors: rank 0 raised gloo's RuntimeError, naming no save. Rank 1 stopping
+    in an async save: rank 0's wait said only that the save was still running after the timeout."""
+    out = run_jobs(tmp_path / "run", tmp_path / "unused.npz", "stopped:2", "gone:2", "vanish:2")
+    assert (f"rank 0 wait raised: the save of step 1 ({tmp_path / 'run' / '1'}) is still running after 2.0 s "
+            f"(AsyncOptions.timeout_secs); it waits for the other ranks at '{tmp_path / 'run'}/") in out, out
+    assert "(rank 1 never arrived): a process stopped, or does not make the same ckpt calls" in out, out
+    assert "rank 0 steps [0]" in out and not (tmp_path / "run" / "1").exists(), out
     assert (f"rank 0 raised: rank 0 of 2: the save of {tmp_path / 'run' / '1'} failed while the ranks gathered its "
             "small DTensors: another rank stopped, or the process group failed (RuntimeError: ") in out, out
     assert ("rank 1 raised at once: rank 1 of 2 lost the job's store (kept by rank 0's process, or by the launcher's) "

@@ -425,8 +425,7 @@ class Checkpointer:
         if answered and self._processes.index == 0 and self._asked_of(step) is not None:
             _, (decision, reached, _), either = self._asked
             self._primarys(step, decision, reached, force=False, in_save=True)
-            return either if self._local is None else self._processes.broadcast(
-                f"{self._agreed[0]}/local", either, self._ctx.async_options.timeout_secs)
+            return either if self._local is None else self._primarys_either(either)
         if not self._decided_once:
             self._decided_once = True
             if self._local is not None or save_decision_policies.saves_on_preemption(self._save_policy):
@@ -469,7 +468,7 @@ class Checkpointer:
         either = self._local.decide(step, durable=decision, reached=reached, preempted=step == self._preempted_at,
                                     replacing=replacing)
         if self._processes.count > 1:  # each process's local tier decides alone (its policy, its clock): the primary's
-            either = self._processes.broadcast(f"{self._agreed[0]}/local", either, self._ctx.async_options.timeout_secs)
+            either = self._primarys_either(either)
         return either
 
     def _primarys(self, step: int, decision: bool, reached: bool, *, force: bool, in_save: bool) -> tuple[bool, bool]:
@@ -490,6 +489,10 @@ class Checkpointer:
             f"0 {'with' if forced else 'without'} it: every process passes the same force (a forced save skips the "
             f"save-decision policy) to the save of one step of {self._directory}; nothing was written")
         return decision, reached
+
+    def _primarys_either(self, either: bool) -> bool:
+        """The primary's decision with its local tier (``either`` here), after the decision :meth:`_primarys` took."""
+        return self._processes.broadcast(f"{self._agreed[0]}/local", either, self._ctx.async_options.timeout_secs)
 
     @property
     def _ctx(self) -> Context:

@@ -481,7 +481,14 @@ class Checkpointer:
         (:meth:`_should_save_name`): should_save called on some processes only (``if rank == 0``) shifts no later name,
         and the save that follows takes the primary's save decision whatever each process's should_save said."""
         name = self._operation("decide") if in_save else self._should_save_name(step)
-        value = self._processes.broadcast(name, [decision, reached, force], self._ctx.async_options.timeout_secs)
+        try:
+            value = self._processes.broadcast(name, [decision, reached, force], self._ctx.async_options.timeout_secs)
+        except TimeoutError as e:
+            if in_save:
+                raise
+            raise TimeoutError(f"should_save({step}) on process {self._processes.index} waited for process 0's answer, "
+                               f"which decides for every process: call should_save({step}) on process 0 too wherever "
+                               f"another process calls it ({e})") from None
         self._agreed = (name, value)
         decision, reached, forced = value
         self._unlike = None if forced == force else ValueError(

@@ -168,10 +168,15 @@ def test_a_save_failing_on_one_rank_raises_on_every_rank_at_once_and_commits_not
 def test_should_save_or_reload_on_rank_0_alone_changes_no_save_on_any_rank(tmp_path):
     """(Each decision's message was named by a count of decisions: a should_save on rank 0 alone shifted every later
     name, so rank 1 read the answers of earlier steps: it returned False from the save of step 4, which rank 0
-    waited for until the timeout, step 4 lost; a reload on rank 0 alone made both ranks wait until the timeout.)"""
+    waited for until the timeout, step 4 lost; a reload on rank 0 alone made both ranks wait until the timeout. A
+    should_save on rank 1 alone, which waits for rank 0's answer, timed out saying that every rank calls the same
+    methods, which should_save need not.)"""
     out = run_jobs(tmp_path / "run", tmp_path / "unused.npz", "alone:2")
     for r in (0, 1):
         assert f"rank {r} alone saved {[step % 2 == 0 for step in range(10)]}, steps [0, 2, 4, 6, 8]" in out, out
+    assert ("rank 1 alone asked: should_save(10) on process 1 waited for process 0's answer, which decides for every "
+            "process: call should_save(10) on process 0 too wherever another process calls it (rank 1 of 2 waited 1 s "
+            f"for rank 0's '{tmp_path / 'run'}-alone/") in out, out
 
 
 @pytest.mark.timeout(300)

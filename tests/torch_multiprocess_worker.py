@@ -426,7 +426,7 @@ def failing_saves(ckptr: Checkpointer) -> None:
 
 def asked_on_rank_0_alone() -> None:
     """should_save and reload called on rank 0 alone (a user's ``if rank == 0:``, to log a step due), before saves
-    every rank makes: every rank saves the same steps, as the policy says."""
+    every rank makes: every rank saves the same steps, as the policy says. Then should_save on rank 1 alone."""
     said = []
     with Checkpointer(f"{directory}-alone", save_decision_policy=sdp.FixedIntervalPolicy(2)) as ckptr:
         for step in range(6):
@@ -439,6 +439,13 @@ def asked_on_rank_0_alone() -> None:
                 ckptr.reload()
             said.append(bool(due and ckptr.save(step, {"w": torch.full((2,), step)})))
         say(f"rank {rank} alone saved {said}, steps {[c.step for c in ckptr.checkpoints]}")
+        if rank == 1:  # without rank 0, which decides: an error that says so (at the timeout)
+            try:
+                with ckpt.Context(async_options=ckpt.AsyncOptions(timeout_secs=1)):
+                    ckptr.should_save(10)
+            except TimeoutError as e:
+                say(f"rank 1 alone asked: {e}")
+        dist.barrier()  # (rank 0's process keeps the store rank 1 waits on)
 
 
 def local_policies_differ() -> None:

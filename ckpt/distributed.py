@@ -35,7 +35,8 @@ class Processes(Protocol):
     or ``{}`` when all agree; and returns only once every process called it, as a barrier. Saves use it
     to refuse trees that differ between processes; without it they are not compared. And it may have
     ``notice(name, here) -> bool`` (see :meth:`TorchProcesses.notice`), through which a preemption seen by
-    one process only reaches the primary's save decisions. A single process with ``partial = True`` (see
+    one process only reaches the primary's save decisions, and ``waiting() -> list[str]`` (see :func:`waited_for`).
+    A single process with ``partial = True`` (see
     :class:`OwnPart`) saves its own shards of arrays spread over processes, which others refuse.
 
     Example::
@@ -106,8 +107,13 @@ class JaxProcesses:
     def __init__(self, client: Any, index: int, count: int):
         self._client = client
         self._announced: set[str] = set()  # (see notice)
+        self._waits = _Waits()
         self.index = index
         self.count = count
+
+    def waiting(self) -> list[str]:
+        """What this process's threads wait for now (see :func:`waited_for`)."""
+        return self._waits.described()
 
     def notice(self, name: str, here: bool) -> bool:
         """As :meth:`TorchProcesses.notice`, through the service's key-value directory ``ckpt:notice/<name>``
@@ -128,8 +134,8 @@ class JaxProcesses:
 
     def broadcast(self, name: str, value: Any, timeout_secs: float) -> Any:
         key = f"ckpt:{name}"
-        if self.index == 0:
-            self._client.key_value_set(key, json.dumps(value))
+        if self.index == 0:  # (should_save's answer of a step asked again, after another: its name again)
+            self._client.key_value_set(key, json.dumps(value), allow_overwrite=True)
             return value
         with self._timeout(f"process 0's {name!r}", timeout_secs):
             return json.loads(self._client.blocking_key_value_get(key, int(timeout_secs * 1000)))
@@ -138,7 +144,8 @@ class JaxProcesses:
     def _timeout(self, what: str, timeout_secs: float) -> Iterator[None]:
         """Turns the JAX service's timeout (an XlaRuntimeError saying DEADLINE_EXCEEDED) into ckpt's TimeoutError."""
         try:
-            yield
+            with self._waits.on(what):
+                yield
         except Exception as e:
             if "DEADLINE_EXCEEDED" not in str(e):
                 raise
@@ -177,8 +184,13 @@ class TorchProcesses:
         self._server = server
         self._local = threading.local()
         self._announced: set[str] = set()  # (see notice)
+        self._waits = _Waits()
         self.index = index
         self.count = count
+
+    def waiting(self) -> list[str]:
+        """What this rank's threads wait for now, with the ranks that never arrived (see :func:`waited_for`)."""
+        return self._waits.described()
 
     def _store(self, timeout_secs: float = 300) -> Any:
         """This thread's connection to the store, opened on its first request."""
@@ -205,14 +217,14 @@ class TorchProcesses:
         import torch.distributed as dist
 
         try:
-            yield
+            with self._waits.on(what, absent):
+                yield
         except dist.DistNetworkError as e:
             raise ConnectionError(
                 f"rank {self.index} of {self.count} lost the job's store (kept by rank 0's process, or by the "
                 f"launcher's) while it waited for {what}: that process stopped ({e})") from None
         except dist.DistStoreError as e:
-            absentees = "" if absent is None else absent()
-            raise _timed_out("rank", self, what + (f" ({absentees})" if absentees else ""), timeout_secs, e) from None
+            raise _timed_out("rank", self, _with_absent(what, absent), timeout_secs, e) from None
 
     def barrier(self, name: str, timeout_secs: float) -> None:
         # Each rank adds its own bit to the count of arrivals where the ranks fit in its 63 bits, so that a
@@ -355,6 +367,47 @@ def differences(processes: Processes, name: str, key: Any, value: Any, timeout_s
         processes.barrier(name, timeout_secs)
         return {}
     return compare(name, key, value, timeout_secs)
+
+
+class _Waits:
+    """The waits for other processes in progress in this process's threads, to name them where another thread
+    gives up on them (:func:`waited_for`)."""
+
+    def __init__(self) -> None:
+        self._now: dict[int, tuple[str, Callable[[], str] | None]] = {}
+
+    @contextlib.contextmanager
+    def on(self, what: str, absent: Callable[[], str] | None = None) -> Iterator[None]:
+        """Records the wait for ``what`` (and how to say who never arrived) while the block runs."""
+        thread = threading.get_ident()
+        self._now[thread] = (what, absent)
+        try:
+            yield
+        finally:
+            self._now.pop(thread, None)
+
+    def described(self) -> list[str]:
+        return [_with_absent(what, absent) for what, absent in list(self._now.values())]
+
+
+def _with_absent(what: str, absent: Callable[[], str] | None) -> str:
+    """``what`` a process waits for, with who never arrived (``absent()``, where known)."""
+    absentees = "" if absent is None else absent()
+    return what + (f" ({absentees})" if absentees else "")
+
+
+def waited_for(processes: Processes) -> str:
+    """What this process's threads wait for now from the others (a barrier, a broadcast), in words, naming the
+    processes that never arrived where the engine tells: what a save that runs too long waits for. '' where none
+    waits, or ``processes`` cannot tell (it has no ``waiting()``).
+
+    Example::
+
+        one = ckpt.distributed.SingleProcess()          # in a job: ckpt.distributed.current()
+        assert ckpt.distributed.waited_for(one) == ""
+    """
+    waiting = getattr(processes, "waiting", None)
+    return "" if waiting is None else "; ".join(waiting())
 
 
 def _announces(announced: set[str], name: str, here: bool) -> bool:

@@ -133,6 +133,8 @@ class Checkpointer:
         self._reached = False  # whether the last decision saw a preemption (a new one begins after one that did not)
         self._decided_once = False  # (whether it listens for a preemption is known from the first decision)
         self._due: int | None = None  # the step the last should_save said yes to, until a save or reload
+        self._agreed: tuple[str, list] | None = None  # in a job: the last save decision's message and value
+        self._asked: tuple[str, list, bool] | None = None  # in a job: the last should_save's message, value and answer
         self._unlike: ValueError | None = None  # the last decision's: this process's force is not the primary's
         self._in_flight: CheckpointMetadata | None = None  # the step of the last save handed to the writer
         self._deleting: set[int] = set()  # the steps delete_async is deleting (gone for reload too)
@@ -367,9 +369,12 @@ class Checkpointer:
         """Whether the save-decision policy saves ``step``; False for a step <= the latest.
 
         After a yes, the save of this step that follows saves it without asking the policy again (a caller
-        that copied its state to the host on that answer gets the save; a multi-process job decides once).
+        that copied its state to the host on that answer gets the save).
         After a no, the save asks again, as Orbax does: the answer may have changed since (the save in
-        flight finished, the policy's minimum interval passed).
+        flight finished, the policy's minimum interval passed). In a multi-process job the primary process
+        decides, and the save takes its decision whatever each process's should_save said: should_save may be
+        called on some processes only (``if rank == 0``), the primary among them wherever others ask (they wait
+        for its answer); a step asked again before any other step or save gets the same answer.
 
         Example::
 
@@ -378,7 +383,13 @@ class Checkpointer:
             assert not ckptr.should_save(0)              # not again
         """
         number = _step_number(step)
-        due = self._decide(number, replacing=False)
+        asked = self._asked_of(number)
+        if asked is not None:  # (in a job: asked again, the same answer, which the other processes got)
+            due = asked[2]
+        else:
+            due = self._decide(number, replacing=False)
+            if self._processes.count > 1:
+                self._asked = (*self._agreed, due)
         self._due = number if due else None
         return due
 
@@ -405,12 +416,19 @@ class Checkpointer:
         if not self._closed:
             preemption.listen(self)
 
-    def _decide(self, step: int, *, replacing: bool, reached: bool | None = None, force: bool = False) -> bool:
+    def _decide(self, step: int, *, replacing: bool, reached: bool | None = None, force: bool = False,
+                in_save: bool = False, answered: bool = False) -> bool:
         """The save decision of ``step``. ``reached``: whether a preemption was seen, as the Checkpointer whose
         local tier this one is decided it (its processes agreed on it); None: this one asks. ``force``: a forced
-        save in a job, which takes the primary's decision too, so that every process passes through the same steps."""
+        save in a job, which takes the primary's decision too, so that every process passes through the same steps.
+        ``in_save``: a save's decision, not should_save's (see :meth:`_primarys`); ``answered``: a save the primary's
+        should_save said yes to, which takes that answer without asking the policy again."""
         if force:
-            return self._primarys(step, True, False, force=True)[0]
+            return self._primarys(step, True, False, force=True, in_save=in_save)[0]
+        if answered and self._processes.index == 0 and self._asked_of(step) is not None:
+            _, (decision, reached, _), either = self._asked
+            self._primarys(step, decision, reached, force=False, in_save=True)
+            return either if self._local is None else self._primarys_either(either)
         if not self._decided_once:
             self._decided_once = True
             if self._local is not None or save_decision_policies.saves_on_preemption(self._save_policy):
@@ -427,7 +445,7 @@ class Checkpointer:
         if previous and step <= previous[-1].step and not replacing:
             # (with two tiers too: below the durable tier's latest, it is below the latest of either; in a job, the
             # primary's answer still, as a process forcing this save waits for it)
-            return self._processes.count > 1 and self._primarys(step, False, False, force=False)[0]
+            return self._processes.count > 1 and self._primarys(step, False, False, force=False, in_save=in_save)[0]
         if reached is None:
             reached = preemption.reached(step)
             # a SIGTERM or notify() in another process (not JAX's sync point, which every process sees at once)
@@ -442,7 +460,7 @@ class Checkpointer:
         decision = bool(self._save_policy.should_save(current, previous, context=context))
         if self._processes.count > 1:  # time and signals differ between processes: the primary decides (for
             # its step: processes saving other steps then meet in the save's check of the paths, not a timeout)
-            decision, reached = self._primarys(step, decision, reached, force=False)
+            decision, reached = self._primarys(step, decision, reached, force=False, in_save=in_save)
             if self._unlike is not None:  # the primary forced its save: no local decision follows there
                 return decision
         if reached and (self._preempted_at is None or not self._reached):
@@ -453,26 +471,53 @@ class Checkpointer:
         either = self._local.decide(step, durable=decision, reached=reached, preempted=step == self._preempted_at,
                                     replacing=replacing)
         if self._processes.count > 1:  # each process's local tier decides alone (its policy, its clock): the primary's
-            either = self._processes.broadcast(self._operation("decide/local"), either,
-                                               self._ctx.async_options.timeout_secs)
+            either = self._primarys_either(either)
         return either
 
-    def _primarys(self, step: int, decision: bool, reached: bool, *, force: bool) -> tuple[bool, bool]:
+    def _primarys(self, step: int, decision: bool, reached: bool, *, force: bool, in_save: bool) -> tuple[bool, bool]:
         """The primary's save decision and preemption, and whether it forced its save; keeps in ``_unlike`` the
         error of a process whose ``force`` is not the primary's, raised by its save where every process meets
-        (when the primary saves) or at once (when it does not): the others would wait for it there."""
-        decision, reached, forced = self._processes.broadcast(self._operation("decide"), [decision, reached, force],
-                                                              self._ctx.async_options.timeout_secs)
+        (when the primary saves) or at once (when it does not): the others would wait for it there.
+
+        A save's message is named by the calls before it that every process makes (saves and deletions), so that
+        processes saving other steps meet in the save's check of the paths; should_save's by that and its step
+        (:meth:`_should_save_name`): should_save called on some processes only (``if rank == 0``) shifts no later name,
+        and the save that follows takes the primary's save decision whatever each process's should_save said."""
+        name = self._operation("decide") if in_save else self._should_save_name(step)
+        try:
+            value = self._processes.broadcast(name, [decision, reached, force], self._ctx.async_options.timeout_secs)
+        except TimeoutError as e:
+            if in_save:
+                raise
+            raise TimeoutError(f"should_save({step}) on process {self._processes.index} waited for process 0's answer, "
+                               f"which decides for every process: call should_save({step}) on process 0 too wherever "
+                               f"another process calls it ({e})") from None
+        self._agreed = (name, value)
+        decision, reached, forced = value
         self._unlike = None if forced == force else ValueError(
             f"process {self._processes.index} saves step {step} {'with' if force else 'without'} force=True, process "
             f"0 {'with' if forced else 'without'} it: every process passes the same force (a forced save skips the "
             f"save-decision policy) to the save of one step of {self._directory}; nothing was written")
         return decision, reached
 
+    def _primarys_either(self, either: bool) -> bool:
+        """The primary's decision with its local tier (``either`` here), after the decision :meth:`_primarys` took."""
+        return self._processes.broadcast(f"{self._agreed[0]}/local", either, self._ctx.async_options.timeout_secs)
+
     @property
     def _ctx(self) -> Context:
         """The options of this call: the active ``with ctx:`` block's, else the constructor's."""
         return get_context(self._context)
+
+    def _should_save_name(self, step: int) -> str:
+        """The name of should_save's decision of ``step`` (see :meth:`_primarys`)."""
+        prefix = self._ctx.multiprocessing_options.barrier_sync_key_prefix or ""
+        return f"{prefix}{self._place}/{self._opened}/{self._operations}/should_save/{step}"
+
+    def _asked_of(self, step: int) -> tuple[str, list, bool] | None:
+        """In a job, should_save's answer of ``step`` since the last save or deletion (its message, value, answer)."""
+        asked = self._asked
+        return asked if asked is not None and asked[0] == self._should_save_name(step) else None
 
     def _operation(self, what: str) -> str:
         """A name unique to this call, the same on every process (they call the same methods in order)."""
@@ -591,11 +636,11 @@ class Checkpointer:
             if self._processes.count == 1 or self._local is not None:
                 raise refused
             # (in a job, raised where every process meets (prepare): a process told to overwrite would wait there)
-        answered_yes, self._due = self._due == step, None
-        if (answered_yes and existing is None) or (force and self._processes.count == 1):
-            due = True
-        else:
-            due = self._decide(step, replacing=existing is not None, force=force)
+        answered_yes, self._due = self._due == step and existing is None, None
+        if self._processes.count == 1:
+            due = answered_yes or force or self._decide(step, replacing=existing is not None)
+        else:  # every process takes the primary's decision of its save, which may not be its should_save's answer
+            due = self._decide(step, replacing=existing is not None, force=force, in_save=True, answered=answered_yes)
         refused, self._unlike = self._unlike or refused, None
         if not due:
             if refused is not None:
@@ -1081,10 +1126,17 @@ class Checkpointer:
             ckptr.wait()                                 # step 0 is committed, or its error raised here
             assert ckptr.latest.step == 0
         """
-        if self._local is not None:
-            self._local.wait()  # the local save, then the promotions (after a preemption: the grace period)
-        else:
-            self._writer.wait(self._ctx.async_options.timeout_secs)
+        try:
+            if self._local is not None:
+                self._local.wait()  # the local save, then the promotions (after a preemption: the grace period)
+            else:
+                self._writer.wait(self._ctx.async_options.timeout_secs)
+        except TimeoutError as e:
+            waits = distributed.waited_for(self._processes)  # (a save waiting for a process that stopped)
+            if not waits:
+                raise
+            raise TimeoutError(f"{e}; it waits for {waits}: a process stopped, or does not make the same ckpt calls"
+                               ) from None
 
     def close(self) -> None:
         """Waits for the save in flight, then releases the directory (raises a background failure). A save

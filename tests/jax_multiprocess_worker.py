@@ -116,6 +116,8 @@ if mode == "preempt":  # a SIGTERM to process 1 alone: every process saves at JA
             except TimeoutError as e:
                 print(f"process 0 timed out: {e}", flush=True)
     with Checkpointer(directory) as ckptr:  # opened again in the same job: its barriers are new ones
+        if pid == 0:  # should_save on process 0 alone (to log), a step asked again after another
+            print(f"process 0 asked {[ckptr.should_save(step) for step in (101, 102, 101)]}", flush=True)
         ckptr.save(100, {"v": np.zeros(2)})  # (decided as the first Checkpointer's first save was)
         print(f"process {pid} reopened and saved {[c.step for c in ckptr.checkpoints][-1]}", flush=True)
     sys.exit(0)

@@ -166,6 +166,21 @@ def test_a_save_failing_on_one_rank_raises_on_every_rank_at_once_and_commits_not
 
 
 @pytest.mark.timeout(300)
+def test_should_save_or_reload_on_rank_0_alone_changes_no_save_on_any_rank(tmp_path):
+    """(Each decision's message was named by a count of decisions: a should_save on rank 0 alone shifted every later
+    name, so rank 1 read the answers of earlier steps: it returned False from the save of step 4, which rank 0
+    waited for until the timeout, step 4 lost; a reload on rank 0 alone made both ranks wait until the timeout. A
+    should_save on rank 1 alone, which waits for rank 0's answer, timed out saying that every rank calls the same
+    methods, which should_save need not.)"""
+    out = run_jobs(tmp_path / "run", tmp_path / "unused.npz", "alone:2")
+    for r in (0, 1):
+        assert f"rank {r} alone saved {[step % 2 == 0 for step in range(10)]}, steps [0, 2, 4, 6, 8]" in out, out
+    assert ("rank 1 alone asked: should_save(10) on process 1 waited for process 0's answer, which decides for every "
+            "process: call should_save(10) on process 0 too wherever another process calls it (rank 1 of 2 waited 1 s "
+            f"for rank 0's '{tmp_path / 'run'}-alone/") in out, out
+
+
+@pytest.mark.timeout(300)
 def test_a_step_or_checkpoint_every_rank_deletes_is_gone_on_every_rank_before_any_uses_it_again(tmp_path):
     """(Rank 1 returned from delete at once, rank 0 deleting the step: rank 1's save of the step found it still
     there, StepAlreadyExistsError. Every rank deleting one checkpoint with ckpt.delete, as Orbax's says, raced:
@@ -261,12 +276,17 @@ def test_a_rank_whose_store_or_whose_peer_in_a_gathering_stopped_raises_at_once_
     saying that it had waited the whole timeout (60 s) for rank 0. A deletion on rank 1 then, whose writer thread
     connected to the store for the first time, waited 300 s (TCPStore's retries), whatever the timeout. Rank 1
     stopping in the gathering of small DTensors: rank 0 raised gloo's RuntimeError, naming no save; rank 1, out of
-    device memory there, a ConnectionError saying that another rank stopped."""
-    out = run_jobs(tmp_path / "run", tmp_path / "unused.npz", "stopped:2", "gone:2")
+    device memory there, a ConnectionError saying that another rank stopped. Rank 1 stopping in an async save: rank
+    0's wait said only that the save was still running after the timeout."""
+    out = run_jobs(tmp_path / "run", tmp_path / "unused.npz", "stopped:2", "gone:2", "vanish:2")
     assert (f"rank 0 raised ConnectionError: rank 0 of 2: the save of {tmp_path / 'run' / '1'} failed while the "
             "ranks gathered its small DTensors: another rank stopped, or the process group failed (RuntimeError: "
             ) in out, out
     assert "rank 1 raised OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 MiB\n" in out, out
+    assert (f"rank 0 wait raised: the save of step 1 ({tmp_path / 'run' / '1'}) is still running after 2.0 s "
+            f"(AsyncOptions.timeout_secs); it waits for the other ranks at '{tmp_path / 'run'}/") in out, out
+    assert "(rank 1 never arrived): a process stopped, or does not make the same ckpt calls" in out, out
+    assert "rank 0 steps [0]" in out and not (tmp_path / "run" / "1").exists(), out
     assert ("rank 1 raised at once: rank 1 of 2 lost the job's store (kept by rank 0's process, or by the launcher's) "
             f"while it waited for rank 0's '{tmp_path / 'run'}/") in out, out
     assert ("rank 1 deletion raised at once: rank 1 of 2 lost the job's store (kept by rank 0's process, or by the "

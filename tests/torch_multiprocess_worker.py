@@ -16,7 +16,7 @@ continues after the latest committed step with one more save. ``free``: every ra
 through the Checkpointer and ``ckpt.save``, and to other paths and steps, and open Checkpointers on other roots;
 every one is refused, nothing is written.
 ``dtensors`` (4 ranks): DTensors of unusual layouts, saved and loaded through the Checkpointer.
-``fail``: saves that fail on rank 1. ``policies``: two tiers whose local policies differ between ranks. ``delete``: steps every rank deletes and saves again at once; checkpoints every rank deletes with ``ckpt.delete``; a deletion that fails on rank 0. ``stopped``: rank 0 stops in the middle of a save. ``gone``: rank 1 runs out of device memory in the gathering of a small DTensor, and stops. ``exit``: the ranks end without closing. ``list``: prints the steps each rank lists. ``unshared``: rank 1 sees another directory at DIR. ``linked``: rank 1 names the root through a symbolic link. ``sigterm``: a
+``fail``: saves that fail on rank 1. ``alone``: should_save and reload on rank 0 alone. ``policies``: two tiers whose local policies differ between ranks. ``delete``: steps every rank deletes and saves again at once; checkpoints every rank deletes with ``ckpt.delete``; a deletion that fails on rank 0. ``stopped``: rank 0 stops in the middle of a save. ``gone``: rank 1 runs out of device memory in the gathering of a small DTensor, and stops. ``vanish``: rank 1 stops in an async save. ``exit``: the ranks end without closing. ``list``: prints the steps each rank lists. ``unshared``: rank 1 sees another directory at DIR. ``linked``: rank 1 names the root through a symbolic link. ``sigterm``: a
 SIGTERM to rank 1 alone, in a loop saving on preemption.
 Each rank prints what it did.
 """
@@ -167,6 +167,9 @@ def run(this_rank: int, this_world: int, port: int, mode: str) -> None:
             failing_saves(ckptr)
         elif mode == "delete":
             deleted_and_saved_again(ckptr)
+        elif mode == "alone":
+            with ckpt.Context(async_options=ckpt.AsyncOptions(timeout_secs=10)):
+                asked_on_rank_0_alone()
         elif mode == "policies":
             local_policies_differ()
         elif mode == "sigterm":
@@ -177,6 +180,8 @@ def run(this_rank: int, this_world: int, port: int, mode: str) -> None:
             through_a_link()
         elif mode == "gone":
             rank_1_stops_in_a_gathering(ckptr)
+        elif mode == "vanish":
+            rank_1_stops_in_an_async_save(ckptr)
         elif mode == "list":
             say(f"rank {rank} lists {[c.step for c in ckptr.checkpoints]}")
         elif mode == "unshared":  # rank 1 sees another directory at DIR
@@ -419,6 +424,30 @@ def failing_saves(ckptr: Checkpointer) -> None:
     say(f"rank {rank} steps {[c.step for c in ckptr.checkpoints]}, step 5 holds {ckptr.load(5)['w'].tolist()}")
 
 
+def asked_on_rank_0_alone() -> None:
+    """should_save and reload called on rank 0 alone (a user's ``if rank == 0:``, to log a step due), before saves
+    every rank makes: every rank saves the same steps, as the policy says. Then should_save on rank 1 alone."""
+    said = []
+    with Checkpointer(f"{directory}-alone", save_decision_policy=sdp.FixedIntervalPolicy(2)) as ckptr:
+        for step in range(6):
+            if rank == 0 and step % 3 == 1:  # a no (1), then a yes (4)
+                ckptr.should_save(step)
+            said.append(bool(ckptr.save(step, {"w": torch.full((2,), step)})))
+        for step in range(6, 10):  # every rank asks, rank 0 alone lists the root again before the save
+            due = ckptr.should_save(step)
+            if rank == 0:
+                ckptr.reload()
+            said.append(bool(due and ckptr.save(step, {"w": torch.full((2,), step)})))
+        say(f"rank {rank} alone saved {said}, steps {[c.step for c in ckptr.checkpoints]}")
+        if rank == 1:  # without rank 0, which decides: an error that says so (at the timeout)
+            try:
+                with ckpt.Context(async_options=ckpt.AsyncOptions(timeout_secs=1)):
+                    ckptr.should_save(10)
+            except TimeoutError as e:
+                say(f"rank 1 alone asked: {e}")
+        dist.barrier()  # (rank 0's process keeps the store rank 1 waits on)
+
+
 def local_policies_differ() -> None:
     """Two tiers whose local tiers' policies differ between ranks (or decide by each one's clock): every rank
     gets rank 0's answer, and saves the same steps. Each rank's state holds values of its own (an RNG state, small
@@ -529,6 +558,25 @@ def rank_0_stops(ckptr: Checkpointer) -> None:
             except ConnectionError as e:
                 say(f"rank {rank} {what} {'at once' if time.monotonic() - start < 30 else 'after the timeout'}: {e}")
     os._exit(0)  # (the job's store is gone)
+
+
+class StopsRank1(StopsRank0):
+    """A checkpointable whose write ends rank 1's process at once, as a SIGKILL would."""
+
+    odd_rank = 1
+
+
+def rank_1_stops_in_an_async_save(ckptr: Checkpointer) -> None:
+    """Rank 1 stops while its async save is written: rank 0's wait raises at the timeout, naming what the save waits
+    for there and rank 1, which never arrived (it said only that the save was still running); nothing is committed."""
+    with ckpt.Context(async_options=ckpt.AsyncOptions(timeout_secs=2)):
+        ckptr.save_checkpointables_async(1, {"state": {"w": torch.ones(2)}, "extra": StopsRank1()}, force=True)
+        try:
+            ckptr.wait()
+        except TimeoutError as e:
+            say(f"rank {rank} wait raised: {e}")
+    say(f"rank {rank} steps {[c.step for c in ckptr.checkpoints]}")
+    os._exit(0)  # (rank 1 is gone: no closing barrier)
 
 
 def rank_1_stops_in_a_gathering(ckptr: Checkpointer) -> None:

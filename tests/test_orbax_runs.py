@@ -410,6 +410,30 @@ def test_ls_lists_a_save_orbax_began_and_a_crash_interrupted_with_the_entries_ck
     assert (run / "2.orbax-checkpoint-tmp" / "state").is_dir()
 
 
+def test_a_save_orbax_committed_and_a_crash_kept_from_its_rename_is_no_checkpoint_as_in_orbax(orbax_runs, tmp_path,
+                                                                                             capsys):
+    """Orbax writes commit_success.txt and the commit time, then renames 2.orbax-checkpoint-tmp to 2; a writer
+    killed between the two left a directory that ckpt.load and metadata read, is_orbax_checkpoint, show and
+    verify took for a checkpoint, and ckpt ls listed among the root's checkpoints: Orbax loads none of it
+    (InvalidLayoutError) and never lists it."""
+    run = copy_run(orbax_runs, "v1", tmp_path)
+    killed = Path(shutil.copytree(run / "1", run / "2.orbax-checkpoint-tmp"))  # as a real kill at the rename leaves it
+    before = file_hashes(killed)
+    for read in (ckpt.load, ckpt.metadata, ckpt.load_checkpointables):
+        with pytest.raises(errors.CheckpointNotFoundError, match="a save Orbax began and did not finish"):
+            read(killed)
+    assert not ckpt.is_orbax_checkpoint(killed)
+    for command in ("show", "verify"):
+        assert cli.main([command, str(killed)]) == 2
+    assert cli.main(["ls", str(run), "--json"]) == 0
+    listing = json.loads(capsys.readouterr().out)
+    assert [s["step"] for s in listing["steps"]] == [0, 1]  # (a checkpoint that is no step: step None)
+    assert [f["path"] for f in listing["foreign"]] == [str(killed)]
+    with pytest.raises(errors.InvalidLayoutError):
+        ckpt.delete(killed)
+    assert file_hashes(killed) == before
+
+
 def test_the_state_orbax_before_0_12_named_pytree_loads_by_that_name_and_the_default_says_so(orbax_runs, tmp_path):
     step_dir = orbax_runs / "v1_pytree" / "0"
     abstract, saved = orbax_writer.mixed_abstract(0), orbax_writer.mixed_state(0)

@@ -46,8 +46,11 @@ def is_step(path: Any) -> bool:
     Orbax's files (see :func:`_is_item`). A step of a layout ckpt cannot read is still one: loading it
     says so, and the root never looks empty. Anything less (a user's directory, a save Orbax never
     committed, one item of a step, such as ``<step>/state``, which Orbax does not load as a checkpoint
-    either) is not a step: ckpt never lists, overwrites or deletes it."""
-    if not (isinstance(path, Path) and files.is_plain_dir(path)) or _is_item(path, path):
+    either) is not a step: ckpt never lists, overwrites or deletes it. Nor is a save Orbax began and did not
+    rename to its step's name (:func:`is_temporary`), whatever it holds: Orbax writes ``commit_success.txt``
+    before that rename, and never lists or loads such a directory."""
+    if (not (isinstance(path, Path) and files.is_plain_dir(path)) or is_temporary(path.name)
+            or _is_item(path, path)):
         return False
     if _head(path / COMMIT_SUCCESS, len(_COMMITTED)) == _COMMITTED:
         return True
@@ -93,10 +96,14 @@ def _head(path: Path, size: int) -> bytes:
 def check_checkpoint(path: storage.Location) -> None:
     """Raises CheckpointNotFoundError naming ``path`` when it holds Orbax's files but is no checkpoint
     Orbax loads: a save Orbax began and never committed (a ``_CHECKPOINT_METADATA`` without a commit
-    time: its items may be half-written), or one item of a step (``<step>/state``), whose step is the
-    checkpoint to load."""
+    time: its items may be half-written) or did not rename to its step's name (``3.orbax-checkpoint-tmp``),
+    or one item of a step (``<step>/state``), whose step is the checkpoint to load."""
     if not (isinstance(path, Path) and files.is_plain_dir(path)):
         return
+    if is_temporary(path.name) and has_step_files(path):
+        raise CheckpointNotFoundError(
+            f"no checkpoint at {path}: it is a save Orbax began and did not finish (it renames a save to its step's "
+            "name once committed; a crash came first), which Orbax does not load either")
     if _never_committed(path):
         raise CheckpointNotFoundError(
             f"no checkpoint at {path}: it is a save Orbax began and never committed (its {CHECKPOINT_METADATA} "

@@ -484,6 +484,8 @@ def test_a_flax_run_orbax_wrote_continues_under_ckpt_bit_for_bit(orbax_runs, tmp
     with ckpt.Checkpointer(root, save_decision_policy=policy) as ckptr:
         state = restore_train_state(ckptr, jax.eval_shape(flax_train.create_state))
         assert int(state.step) == 6
+        with pytest.raises(errors.StepAlreadyExistsError, match="a step Orbax wrote, which no save replaces"):
+            ckptr.save(6, state, force=True)  # (it told to pass overwrite=True, which is refused:)
         with pytest.raises(errors.ForeignEntryError, match="Orbax"):  # Orbax's step is never overwritten
             ckptr.save(6, state, force=True, overwrite=True)
         hook = CheckpointHook(ckptr, final_step=10)

@@ -349,6 +349,24 @@ def test_an_item_of_an_orbax_step_is_no_checkpoint_nor_a_root_of_direct_checkpoi
     assert file_hashes(root) == file_hashes(orbax_runs / "single")
 
 
+@pytest.mark.parametrize("run, item, says", [("named", "7/cfg", "checkpointable 'cfg' of the Orbax step"),
+                                              ("named", "7/metrics", "the metrics of the Orbax step"),
+                                              ("v1", "1/metrics", "the metrics of the Orbax step")])
+def test_a_json_item_or_the_metrics_of_an_orbax_step_is_no_checkpoint_and_never_deleted(orbax_runs, tmp_path, run,
+                                                                                      item, says):
+    """A JSON item (v0's JsonSave) or the metrics hold a commit_success.txt of their own, as the PyTree items
+    the test above reads: ckpt.delete deleted the item out of its committed step, is_orbax_checkpoint said True
+    and ckpt show called it a checkpoint written by Orbax (Orbax's delete raises 'is a checkpointable directory')."""
+    root = copy_run(orbax_runs, run, tmp_path)
+    before = file_hashes(root)
+    assert not ckpt.is_orbax_checkpoint(root / item)
+    with pytest.raises(errors.CheckpointNotFoundError, match=says):
+        ckpt.load(root / item)
+    with pytest.raises(errors.ForeignEntryError, match="not a committed"):
+        ckpt.delete(root / item)
+    assert file_hashes(root) == before
+
+
 def test_a_tree_orbax_saved_without_a_checkpoint_metadata_file_says_how_ckpt_loads_it(orbax_runs, tmp_path):
     """A tree an Orbax handler saved alone (StandardCheckpointHandler().save(path, ...): no _CHECKPOINT_METADATA)
     is, to ckpt, an item of a step of Orbax before 0.5 (its directory); the error said Orbax does not load it

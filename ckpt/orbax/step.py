@@ -46,11 +46,12 @@ def is_step(path: Any) -> bool:
     Orbax's files (see :func:`_is_item`). A step of a layout ckpt cannot read is still one: loading it
     says so, and the root never looks empty. Anything less (a user's directory, a save Orbax never
     committed, one item of a step, such as ``<step>/state``, which Orbax does not load as a checkpoint
-    either) is not a step: ckpt never lists, overwrites or deletes it. Nor is a save Orbax began and did not
+    either, or a JSON item or the metrics, which hold a ``commit_success.txt`` of their own: see
+    :func:`_is_named_item`) is not a step: ckpt never lists, overwrites or deletes it. Nor is a save Orbax began and did not
     rename to its step's name (:func:`is_temporary`), whatever it holds: Orbax writes ``commit_success.txt``
     before that rename, and never lists or loads such a directory."""
     if (not (isinstance(path, Path) and files.is_plain_dir(path)) or is_temporary(path.name)
-            or _is_item(path, path)):
+            or _is_item(path, path) or _is_named_item(path)):
         return False
     if _head(path / COMMIT_SUCCESS, len(_COMMITTED)) == _COMMITTED:
         return True
@@ -108,7 +109,11 @@ def check_checkpoint(path: storage.Location) -> None:
         raise CheckpointNotFoundError(
             f"no checkpoint at {path}: it is a save Orbax began and never committed (its {CHECKPOINT_METADATA} "
             "has no commit time: the save was interrupted), which Orbax does not load either")
-    if _is_item(path, path) and is_step(path.parent):
+    if path.name == METRICS and _is_named_item(path):
+        raise CheckpointNotFoundError(
+            f"no checkpoint at {path}: it holds the metrics of the Orbax step {path.parent}, which Orbax does not "
+            "load alone either; they are the step's metadata (metrics)")
+    if (_is_item(path, path) or _is_named_item(path)) and is_step(path.parent):
         why = ("which Orbax does not load alone either" if has_step_files(path.parent) else
                f"as ckpt reads a directory of Orbax's trees without a {CHECKPOINT_METADATA} (a step of Orbax before "
                "0.5, or trees a handler saved without a Checkpointer; Orbax's load reads such a tree alone)")
@@ -128,6 +133,19 @@ def _never_committed(step_dir: Path) -> bool:
     except (OSError, CheckpointCorruptedError):
         return False
     return isinstance(data, dict) and "commit_timestamp_nsecs" in data and data["commit_timestamp_nsecs"] is None
+
+
+def _is_named_item(path: Path) -> bool:
+    """Whether the Orbax step that holds ``path`` names it as one of its items (in the ``item_handlers`` of
+    its ``_CHECKPOINT_METADATA``): a JSON item, the metrics or another handler's item, which Orbax commits
+    with a ``commit_success.txt`` of their own, as it does a step."""
+    if not files.is_plain_file(path.parent / CHECKPOINT_METADATA):
+        return False
+    try:
+        handlers = _step_metadata(path.parent).get("item_handlers")
+    except (OSError, CheckpointCorruptedError):
+        return False
+    return isinstance(handlers, dict) and path.name in handlers
 
 
 def _is_msgpack_tree(path: Path) -> bool:

@@ -47,9 +47,9 @@ def is_step(path: Any) -> bool:
     says so, and the root never looks empty. Anything less (a user's directory, a save Orbax never
     committed, one item of a step, such as ``<step>/state``, which Orbax does not load as a checkpoint
     either, or a JSON item or the metrics, which hold a ``commit_success.txt`` of their own: see
-    :func:`_is_named_item`) is not a step: ckpt never lists, overwrites or deletes it. Nor is a save Orbax began and did not
-    rename to its step's name (:func:`is_temporary`), whatever it holds: Orbax writes ``commit_success.txt``
-    before that rename, and never lists or loads such a directory."""
+    :func:`_is_named_item`) is not a step: ckpt never lists, overwrites or deletes it. Nor is a save Orbax
+    began and did not rename to its step's name (:func:`is_temporary`), whatever it holds: Orbax writes
+    ``commit_success.txt`` before that rename, and never lists or loads such a directory."""
     if (not (isinstance(path, Path) and files.is_plain_dir(path)) or is_temporary(path.name)
             or _is_item(path, path) or _is_named_item(path)):
         return False

@@ -215,14 +215,31 @@ def info(step_dir: Path) -> dict:
 
 
 ROOT_METADATA = Path("metadata", "_ROOT_METADATA")  # a root's, relative to it
+LEGACY_ROOT_METADATA = Path("metadata", "metadata")  # Orbax before 0.11: the custom metadata itself, as a JSON item
+_ROOT_METADATA_FIELDS = ("custom_metadata", "internal_metadata")
+
+
+def has_root_metadata(root: Path) -> bool:
+    """Whether Orbax wrote metadata for the root (see :func:`root_custom_metadata`)."""
+    return os.path.lexists(root / ROOT_METADATA) or os.path.lexists(root / LEGACY_ROOT_METADATA)
 
 
 def root_custom_metadata(root: Path) -> Any:
-    """The custom metadata Orbax keeps for a root (``metadata/_ROOT_METADATA``), or None."""
+    """The custom metadata Orbax keeps for a root (``metadata/_ROOT_METADATA``), or None. Where that file is
+    missing, Orbax reads the one its versions before 0.11 wrote (``metadata/metadata``), taking its keys other
+    than its own fields for custom metadata; so does ckpt."""
     try:
         data = files.read_json(root / ROOT_METADATA, root)
     except FileNotFoundError:
-        return None
+        try:
+            data = files.read_json(root / LEGACY_ROOT_METADATA, root)
+        except FileNotFoundError:
+            return None
+        if not isinstance(data, dict):
+            return None
+        custom = data.get("custom_metadata")
+        return {**(custom if isinstance(custom, dict) else {}),
+                **{k: v for k, v in data.items() if k not in _ROOT_METADATA_FIELDS}}
     return data.get("custom_metadata") if isinstance(data, dict) else None
 
 

@@ -541,16 +541,17 @@ def test_an_nnx_model_and_optimizer_orbax_saved_with_int_keys_restore_in_place(o
     assert_same(nnx.state((model, optimizer)), nnx.state(orbax_writer.nnx_run()))
 
 
-@pytest.mark.parametrize("layout", ["current", "before 0.11"])
+@pytest.mark.parametrize("layout", ["current", "0.10", "before 0.10"])
 def test_a_checkpointer_continuing_an_orbax_run_keeps_orbaxs_root_metadata(orbax_runs, tmp_path, layout):
     """The root's metadata is the first Checkpointer's, as in Orbax: a ckpt-root.json written beside
-    Orbax's metadata/_ROOT_METADATA shadowed it. Orbax before 0.11 (0.9.1, measured) wrote the custom metadata
-    itself to metadata/metadata, which Orbax 0.12.8 reads where _ROOT_METADATA is missing: ckpt read none
-    there, and wrote its own."""
+    Orbax's metadata/_ROOT_METADATA shadowed it. Orbax 0.10.0 wrote the custom metadata itself there, and 0.9.1
+    to metadata/metadata (both measured), which Orbax 0.12.8 reads as custom metadata (the second where
+    _ROOT_METADATA is missing): ckpt read none, and wrote its own."""
     root = copy_run(orbax_runs, "v1", tmp_path)
-    if layout == "before 0.11":
+    if layout != "current":
         (root / "metadata" / "_ROOT_METADATA").unlink()
-        (root / "metadata" / "metadata").write_text(json.dumps({"model": "mixed"}))
+        name = "_ROOT_METADATA" if layout == "0.10" else "metadata"
+        (root / "metadata" / name).write_text(json.dumps({"model": "mixed"}))
     with ckpt.Checkpointer(root, custom_metadata={"model": "other"}) as ckptr:
         assert ckptr.root_metadata().custom_metadata == {"model": "mixed"}
         ckptr.save(2, {"w": np.ones(3)}, force=True)

@@ -215,7 +215,7 @@ def info(step_dir: Path) -> dict:
 
 
 ROOT_METADATA = Path("metadata", "_ROOT_METADATA")  # a root's, relative to it
-LEGACY_ROOT_METADATA = Path("metadata", "metadata")  # Orbax before 0.11: the custom metadata itself, as a JSON item
+LEGACY_ROOT_METADATA = Path("metadata", "metadata")  # Orbax before 0.10: the custom metadata itself, as a JSON item
 _ROOT_METADATA_FIELDS = ("custom_metadata", "internal_metadata")
 
 
@@ -225,9 +225,10 @@ def has_root_metadata(root: Path) -> bool:
 
 
 def root_custom_metadata(root: Path) -> Any:
-    """The custom metadata Orbax keeps for a root (``metadata/_ROOT_METADATA``), or None. Where that file is
-    missing, Orbax reads the one its versions before 0.11 wrote (``metadata/metadata``), taking its keys other
-    than its own fields for custom metadata; so does ckpt."""
+    """The custom metadata Orbax keeps for a root (``metadata/_ROOT_METADATA``, or where that is missing the
+    file of Orbax before 0.10, ``metadata/metadata``), or None. Read as Orbax reads either: its
+    ``custom_metadata``, with the keys that are none of Orbax's fields (Orbax 0.10 wrote the custom metadata
+    itself to ``_ROOT_METADATA``, as earlier versions to ``metadata/metadata``)."""
     try:
         data = files.read_json(root / ROOT_METADATA, root)
     except FileNotFoundError:
@@ -235,12 +236,10 @@ def root_custom_metadata(root: Path) -> Any:
             data = files.read_json(root / LEGACY_ROOT_METADATA, root)
         except FileNotFoundError:
             return None
-        if not isinstance(data, dict):
-            return None
-        custom = data.get("custom_metadata")
-        return {**(custom if isinstance(custom, dict) else {}),
-                **{k: v for k, v in data.items() if k not in _ROOT_METADATA_FIELDS}}
-    return data.get("custom_metadata") if isinstance(data, dict) else None
+    if not isinstance(data, dict):
+        return None
+    custom, others = data.get("custom_metadata"), {k: v for k, v in data.items() if k not in _ROOT_METADATA_FIELDS}
+    return {**(custom if isinstance(custom, dict) else {}), **others} if others else custom
 
 
 def items(step_dir: Path) -> dict[str, tuple[str, Path]]:

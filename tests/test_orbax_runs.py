@@ -229,6 +229,22 @@ def test_the_one_item_of_a_v0_step_loads_without_its_name_as_orbaxs_load_reads_i
         ckpt.load(orbax_runs / "named" / "7")  # several items, none 'state': no fallback
 
 
+def test_a_v0_step_whose_metadata_names_no_item_handler_loads_its_item_directories_as_orbax_does(orbax_runs,
+                                                                                                  tmp_path):
+    """Orbax 0.10.0's CheckpointManager (measured) wrote "item_handlers": {} into each step's
+    _CHECKPOINT_METADATA: ckpt found no item in such a step ("['state'] are not in ...; it has []") where Orbax
+    0.12.8's load reads its default/ item, as for a step whose metadata names no handlers."""
+    root = copy_run(orbax_runs, "single", tmp_path)
+    metadata = orbax_file(root / "step_0003", "_CHECKPOINT_METADATA")
+    metadata["item_handlers"] = {}
+    (root / "step_0003" / "_CHECKPOINT_METADATA").write_text(json.dumps(metadata))
+    want = orbax_writer.mixed_state(3, string=False)
+    assert_same(ckpt.load(root / "step_0003", orbax_writer.mixed_abstract(3, string=False)), want)
+    with ckpt.Checkpointer(root, step_name_format=SINGLE_NAMES) as ckptr:
+        assert_same(ckptr.load_checkpointables(3, {"default": orbax_writer.mixed_abstract(3, string=False)})["default"],
+                    want)
+
+
 def test_an_array_orbax_saved_alone_loads_as_that_array_as_orbax_restores_it_and_converts(orbax_runs, tmp_path):
     """ArraySave's item (ArrayCheckpointHandler) made every load of its steps, ckpt show and ckpt convert fail."""
     with ckpt.Checkpointer(orbax_runs / "array") as ckptr:

@@ -251,11 +251,11 @@ def items(step_dir: Path) -> dict[str, tuple[str, Path]]:
         return {fmt.DEFAULT_CHECKPOINTABLE: (handlers, step_dir)}
     if handlers is None and _holds_tree(step_dir, step_dir):  # a direct checkpoint whose metadata names no handler
         return {fmt.DEFAULT_CHECKPOINTABLE: ("", step_dir)}  # (an older Orbax): its tree, as Orbax reads it
-    if isinstance(handlers, dict):  # a name without its directory wrote nothing (Orbax's own reader skips it:
-        # its generated v1 steps name a 'descriptor' whose directory was removed)
+    if isinstance(handlers, dict) and handlers:  # a name without its directory wrote nothing (Orbax's own reader
+        # skips it: its generated v1 steps name a 'descriptor' whose directory was removed)
         found = {name: handler if isinstance(handler, str) else "" for name, handler in handlers.items()
                  if not (files.is_plain_name(name) and not os.path.lexists(step_dir / name))}
-    else:  # Orbax before 0.6 named no handlers: every item directory
+    else:  # Orbax before 0.6 named no handlers, and 0.10 none of a CheckpointManager's ({}): every item directory
         found = {name: "" for name in sorted(os.listdir(step_dir)) if files.is_plain_dir(step_dir / name)}
     for name in found:
         if not files.is_plain_name(name) or not files.is_plain_dir(step_dir / name):

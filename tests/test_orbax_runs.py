@@ -307,13 +307,19 @@ def test_a_direct_orbax_checkpoint_loads_as_its_one_tree(orbax_runs):
         assert_same(ckptr.load(4, orbax_writer.mixed_abstract(4)), orbax_writer.mixed_state(4))
 
 
-def test_a_direct_orbax_checkpoint_whose_metadata_names_no_handler_loads_as_its_one_tree(orbax_runs, tmp_path):
+@pytest.mark.parametrize("handlers", ["missing", "{}"])
+def test_a_direct_orbax_checkpoint_whose_metadata_names_no_handler_loads_as_its_one_tree(orbax_runs, tmp_path,
+                                                                                         handlers):
     """Orbax's wheel ships such a checkpoint among the ones its load must read (a _CHECKPOINT_METADATA without
     item_handlers: the tree at the top tells it); ckpt raised CheckpointableNotFoundError naming 'd' and
-    'ocdbt.process_0' as its checkpointables, and ckpt.metadata UnsupportedLayoutError of 'd'."""
+    'ocdbt.process_0' as its checkpointables, and ckpt.metadata UnsupportedLayoutError of 'd'. Orbax 0.10.0's
+    PyTreeCheckpointer (measured) wrote "item_handlers": {} there, which named them too."""
     step_dir = copy_run(orbax_runs, "direct", tmp_path) / "3"
     metadata = orbax_file(step_dir, "_CHECKPOINT_METADATA")
-    del metadata["item_handlers"]
+    if handlers == "missing":
+        del metadata["item_handlers"]
+    else:
+        metadata["item_handlers"] = {}
     (step_dir / "_CHECKPOINT_METADATA").write_text(json.dumps(metadata))
     want, abstract = orbax_writer.mixed_state(3, string=False), orbax_writer.mixed_abstract(3, string=False)
     assert_same(ckpt.load(step_dir, abstract), want)

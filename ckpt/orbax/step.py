@@ -249,7 +249,7 @@ def items(step_dir: Path) -> dict[str, tuple[str, Path]]:
     handlers = _step_metadata(step_dir).get("item_handlers")
     if isinstance(handlers, str):
         return {fmt.DEFAULT_CHECKPOINTABLE: (handlers, step_dir)}
-    if handlers is None and _holds_tree(step_dir, step_dir):  # a direct checkpoint whose metadata names no handler
+    if not handlers and _holds_tree(step_dir, step_dir):  # a direct checkpoint whose metadata names no handler
         return {fmt.DEFAULT_CHECKPOINTABLE: ("", step_dir)}  # (an older Orbax): its tree, as Orbax reads it
     if isinstance(handlers, dict) and handlers:  # a name without its directory wrote nothing (Orbax's own reader
         # skips it: its generated v1 steps name a 'descriptor' whose directory was removed)

@@ -257,6 +257,26 @@ def test_an_array_orbax_saved_alone_loads_as_that_array_as_orbax_restores_it_and
     assert_same(ckpt.load(tmp_path / "copy" / "2", checkpointable_name="arr"), orbax_writer.ARRAY * 2)
 
 
+@pytest.mark.parametrize("handlers", ["missing", "named"])
+def test_an_array_orbax_before_0_12_saved_alone_loads_as_that_array(orbax_runs, tmp_path, capsys, handlers):
+    """ArrayCheckpointHandler before Orbax 0.12 (0.9.1 and 0.10.0 measured) wrote its array alone, a zarr array in
+    <item>/checkpoint/ without the _METADATA 0.12 writes, and 0.9.1 no item_handlers: ckpt raised
+    UnsupportedLayoutError ('an Orbax handler that left ['checkpoint']') for every load of such a step."""
+    root = copy_run(orbax_runs, "array", tmp_path)
+    (root / "1" / "arr" / "_METADATA").unlink()
+    (root / "1" / "arr" / "commit_success.txt").unlink()
+    if handlers == "missing":
+        metadata = orbax_file(root / "1", "_CHECKPOINT_METADATA")
+        (root / "1" / "_CHECKPOINT_METADATA").write_text(json.dumps({k: metadata[k] for k in (
+            "init_timestamp_nsecs", "commit_timestamp_nsecs")}))
+    with ckpt.Checkpointer(root) as ckptr:
+        trees = ckptr.load_checkpointables(1)
+        assert_same(trees["arr"], orbax_writer.ARRAY)
+        assert float(trees["std"]["x"]) == 1
+        assert ckptr.checkpointables_metadata(1).metadata["arr"].shape == (2, 3)
+    assert cli.main(["verify", str(root / "1")]) == 0 and "ok" in capsys.readouterr().out
+
+
 def test_keys_holding_a_slash_as_haikus_do_load_as_orbax_restores_them(orbax_runs, tmp_path):
     """Orbax names an array by its keys ('mlp/~/linear_0.w': a path inside the item); ckpt refused every
     such name as 'not a plain name', a CheckpointCorruptedError for a step Orbax restores."""

@@ -29,7 +29,7 @@ from ckpt import tree as tree_lib
 from ckpt.errors import (CheckpointableNotFoundError, CheckpointCorruptedError, CheckpointNotFoundError,
                          UnsupportedLayoutError)
 from ckpt.orbax import files
-from ckpt.orbax.pytree import ArraySource, PyTreeItem
+from ckpt.orbax.pytree import ArraySource, PyTreeItem, is_bare_array
 
 CHECKPOINT_METADATA = "_CHECKPOINT_METADATA"
 COMMIT_SUCCESS = "commit_success.txt"
@@ -293,8 +293,9 @@ class Step:
     def _read_item(self, name: str) -> dict:
         handler, directory = self.handlers[name]
         short = handler.rsplit(".", 1)[-1]
-        if short in (*_PYTREE_HANDLERS, _ARRAY_HANDLER) or (not short and os.path.lexists(directory / "_METADATA")):
-            item = self.pytrees[name] = PyTreeItem(self.step_dir, name, directory, one_array=short == _ARRAY_HANDLER)
+        one_array = short == _ARRAY_HANDLER or not short and is_bare_array(directory)
+        if short in _PYTREE_HANDLERS or one_array or (not short and os.path.lexists(directory / "_METADATA")):
+            item = self.pytrees[name] = PyTreeItem(self.step_dir, name, directory, one_array=one_array)
             return item.doc
         if short in _JSON_HANDLERS or not short and _json_file(directory) is not None:
             return _json_doc(self.step_dir, directory)

@@ -152,11 +152,12 @@ def load_checkpointables(step_dir: storage.Location, abstract: dict[str, Any] | 
 def has_root_metadata(root: storage.Location) -> bool:
     """Whether the root holds its metadata, ckpt's or Orbax's: the first Checkpointer's, which a later one
     given other custom metadata keeps (as Orbax does)."""
-    return storage.exists(root / fmt.ROOT_METADATA) or (isinstance(root, Path) and os.path.lexists(root / orbax.ROOT_METADATA))
+    return storage.exists(root / fmt.ROOT_METADATA) or (isinstance(root, Path) and orbax.has_root_metadata(root))
 
 
 def root_custom_metadata(root: storage.Location) -> Any:
-    """The custom metadata of a root: ckpt's (``ckpt-root.json``), else Orbax's (``metadata/_ROOT_METADATA``).
+    """The custom metadata of a root: ckpt's (``ckpt-root.json``), else Orbax's (see
+    :func:`ckpt.orbax.root_custom_metadata`).
 
     Raises:
       CheckpointCorruptedError: the file is not what ckpt (or Orbax) writes there: not a regular file,

@@ -630,9 +630,11 @@ class Checkpointer:
         existing = self._written(step, self._find if force else self._committed_step)
         refused = None
         if existing is not None and not overwrite:
-            refused = errors.StepAlreadyExistsError(
-                f"step {step} already exists at {existing.path}; pass overwrite=True to replace it",
-                step=step, path=existing.path)
+            advice = ("it is a step Orbax wrote, which no save replaces, even with overwrite=True: delete it first "
+                      "(delete(step)), or save another step") if formats.is_orbax(existing.path) else (
+                "pass overwrite=True to replace it")
+            refused = errors.StepAlreadyExistsError(f"step {step} already exists at {existing.path}; {advice}",
+                                                    step=step, path=existing.path)
             if self._processes.count == 1 or self._local is not None:
                 raise refused
             # (in a job, raised where every process meets (prepare): a process told to overwrite would wait there)

@@ -230,6 +230,22 @@ def test_the_one_item_of_a_v0_step_loads_without_its_name_as_orbaxs_load_reads_i
         ckpt.load(orbax_runs / "named" / "7")  # several items, none 'state': no fallback
 
 
+def test_a_v0_step_whose_metadata_names_no_item_handler_loads_its_item_directories_as_orbax_does(orbax_runs,
+                                                                                                  tmp_path):
+    """Orbax 0.10.0's CheckpointManager (measured) wrote "item_handlers": {} into each step's
+    _CHECKPOINT_METADATA: ckpt found no item in such a step ("['state'] are not in ...; it has []") where Orbax
+    0.12.8's load reads its default/ item, as for a step whose metadata names no handlers."""
+    root = copy_run(orbax_runs, "single", tmp_path)
+    metadata = orbax_file(root / "step_0003", "_CHECKPOINT_METADATA")
+    metadata["item_handlers"] = {}
+    (root / "step_0003" / "_CHECKPOINT_METADATA").write_text(json.dumps(metadata))
+    want = orbax_writer.mixed_state(3, string=False)
+    assert_same(ckpt.load(root / "step_0003", orbax_writer.mixed_abstract(3, string=False)), want)
+    with ckpt.Checkpointer(root, step_name_format=SINGLE_NAMES) as ckptr:
+        assert_same(ckptr.load_checkpointables(3, {"default": orbax_writer.mixed_abstract(3, string=False)})["default"],
+                    want)
+
+
 def test_an_array_orbax_saved_alone_loads_as_that_array_as_orbax_restores_it_and_converts(orbax_runs, tmp_path):
     """ArraySave's item (ArrayCheckpointHandler) made every load of its steps, ckpt show and ckpt convert fail."""
     with ckpt.Checkpointer(orbax_runs / "array") as ckptr:
@@ -240,6 +256,26 @@ def test_an_array_orbax_saved_alone_loads_as_that_array_as_orbax_restores_it_and
             assert ckptr.checkpointables_metadata(step).metadata["arr"].shape == (2, 3)
     assert [c.step for c in convert_root(orbax_runs / "array", tmp_path / "copy")] == [1, 2]
     assert_same(ckpt.load(tmp_path / "copy" / "2", checkpointable_name="arr"), orbax_writer.ARRAY * 2)
+
+
+@pytest.mark.parametrize("handlers", ["missing", "named"])
+def test_an_array_orbax_before_0_12_saved_alone_loads_as_that_array(orbax_runs, tmp_path, capsys, handlers):
+    """ArrayCheckpointHandler before Orbax 0.12 (0.9.1 and 0.10.0 measured) wrote its array alone, a zarr array in
+    <item>/checkpoint/ without the _METADATA 0.12 writes, and 0.9.1 no item_handlers: ckpt raised
+    UnsupportedLayoutError ('an Orbax handler that left ['checkpoint']') for every load of such a step."""
+    root = copy_run(orbax_runs, "array", tmp_path)
+    (root / "1" / "arr" / "_METADATA").unlink()
+    (root / "1" / "arr" / "commit_success.txt").unlink()
+    if handlers == "missing":
+        metadata = orbax_file(root / "1", "_CHECKPOINT_METADATA")
+        (root / "1" / "_CHECKPOINT_METADATA").write_text(json.dumps({k: metadata[k] for k in (
+            "init_timestamp_nsecs", "commit_timestamp_nsecs")}))
+    with ckpt.Checkpointer(root) as ckptr:
+        trees = ckptr.load_checkpointables(1)
+        assert_same(trees["arr"], orbax_writer.ARRAY)
+        assert float(trees["std"]["x"]) == 1
+        assert ckptr.checkpointables_metadata(1).metadata["arr"].shape == (2, 3)
+    assert cli.main(["verify", str(root / "1")]) == 0 and "ok" in capsys.readouterr().out
 
 
 def test_keys_holding_a_slash_as_haikus_do_load_as_orbax_restores_them(orbax_runs, tmp_path):
@@ -292,13 +328,19 @@ def test_a_direct_orbax_checkpoint_loads_as_its_one_tree(orbax_runs):
         assert_same(ckptr.load(4, orbax_writer.mixed_abstract(4)), orbax_writer.mixed_state(4))
 
 
-def test_a_direct_orbax_checkpoint_whose_metadata_names_no_handler_loads_as_its_one_tree(orbax_runs, tmp_path):
+@pytest.mark.parametrize("handlers", ["missing", "{}"])
+def test_a_direct_orbax_checkpoint_whose_metadata_names_no_handler_loads_as_its_one_tree(orbax_runs, tmp_path,
+                                                                                         handlers):
     """Orbax's wheel ships such a checkpoint among the ones its load must read (a _CHECKPOINT_METADATA without
     item_handlers: the tree at the top tells it); ckpt raised CheckpointableNotFoundError naming 'd' and
-    'ocdbt.process_0' as its checkpointables, and ckpt.metadata UnsupportedLayoutError of 'd'."""
+    'ocdbt.process_0' as its checkpointables, and ckpt.metadata UnsupportedLayoutError of 'd'. Orbax 0.10.0's
+    PyTreeCheckpointer (measured) wrote "item_handlers": {} there, which named them too."""
     step_dir = copy_run(orbax_runs, "direct", tmp_path) / "3"
     metadata = orbax_file(step_dir, "_CHECKPOINT_METADATA")
-    del metadata["item_handlers"]
+    if handlers == "missing":
+        del metadata["item_handlers"]
+    else:
+        metadata["item_handlers"] = {}
     (step_dir / "_CHECKPOINT_METADATA").write_text(json.dumps(metadata))
     want, abstract = orbax_writer.mixed_state(3, string=False), orbax_writer.mixed_abstract(3, string=False)
     assert_same(ckpt.load(step_dir, abstract), want)
@@ -348,6 +390,24 @@ def test_an_item_of_an_orbax_step_is_no_checkpoint_nor_a_root_of_direct_checkpoi
     with pytest.raises(errors.ForeignEntryError, match="not a committed"):
         ckpt.delete(root / "step_0003" / "default")
     assert file_hashes(root) == file_hashes(orbax_runs / "single")
+
+
+@pytest.mark.parametrize("run, item, says", [("named", "7/cfg", "checkpointable 'cfg' of the Orbax step"),
+                                              ("named", "7/metrics", "the metrics of the Orbax step"),
+                                              ("v1", "1/metrics", "the metrics of the Orbax step")])
+def test_a_json_item_or_the_metrics_of_an_orbax_step_is_no_checkpoint_and_never_deleted(orbax_runs, tmp_path, run,
+                                                                                      item, says):
+    """A JSON item (v0's JsonSave) or the metrics hold a commit_success.txt of their own, as the PyTree items
+    the test above reads: ckpt.delete deleted the item out of its committed step, is_orbax_checkpoint said True
+    and ckpt show called it a checkpoint written by Orbax (Orbax's delete raises 'is a checkpointable directory')."""
+    root = copy_run(orbax_runs, run, tmp_path)
+    before = file_hashes(root)
+    assert not ckpt.is_orbax_checkpoint(root / item)
+    with pytest.raises(errors.CheckpointNotFoundError, match=says):
+        ckpt.load(root / item)
+    with pytest.raises(errors.ForeignEntryError, match="not a committed"):
+        ckpt.delete(root / item)
+    assert file_hashes(root) == before
 
 
 def test_a_tree_orbax_saved_without_a_checkpoint_metadata_file_says_how_ckpt_loads_it(orbax_runs, tmp_path):
@@ -411,6 +471,30 @@ def test_ls_lists_a_save_orbax_began_and_a_crash_interrupted_with_the_entries_ck
     assert (run / "2.orbax-checkpoint-tmp" / "state").is_dir()
 
 
+def test_a_save_orbax_committed_and_a_crash_kept_from_its_rename_is_no_checkpoint_as_in_orbax(orbax_runs, tmp_path,
+                                                                                             capsys):
+    """Orbax writes commit_success.txt and the commit time, then renames 2.orbax-checkpoint-tmp to 2; a writer
+    killed between the two left a directory that ckpt.load and metadata read, is_orbax_checkpoint, show and
+    verify took for a checkpoint, and ckpt ls listed among the root's checkpoints: Orbax loads none of it
+    (InvalidLayoutError) and never lists it."""
+    run = copy_run(orbax_runs, "v1", tmp_path)
+    killed = Path(shutil.copytree(run / "1", run / "2.orbax-checkpoint-tmp"))  # as a real kill at the rename leaves it
+    before = file_hashes(killed)
+    for read in (ckpt.load, ckpt.metadata, ckpt.load_checkpointables):
+        with pytest.raises(errors.CheckpointNotFoundError, match="a save Orbax began and did not finish"):
+            read(killed)
+    assert not ckpt.is_orbax_checkpoint(killed)
+    for command in ("show", "verify"):
+        assert cli.main([command, str(killed)]) == 2
+    assert cli.main(["ls", str(run), "--json"]) == 0
+    listing = json.loads(capsys.readouterr().out)
+    assert [s["step"] for s in listing["steps"]] == [0, 1]  # (a checkpoint that is no step: step None)
+    assert [f["path"] for f in listing["foreign"]] == [str(killed)]
+    with pytest.raises(errors.InvalidLayoutError):
+        ckpt.delete(killed)
+    assert file_hashes(killed) == before
+
+
 def test_the_state_orbax_before_0_12_named_pytree_loads_by_that_name_and_the_default_says_so(orbax_runs, tmp_path):
     step_dir = orbax_runs / "v1_pytree" / "0"
     abstract, saved = orbax_writer.mixed_abstract(0), orbax_writer.mixed_state(0)
@@ -461,6 +545,8 @@ def test_a_flax_run_orbax_wrote_continues_under_ckpt_bit_for_bit(orbax_runs, tmp
     with ckpt.Checkpointer(root, save_decision_policy=policy) as ckptr:
         state = restore_train_state(ckptr, jax.eval_shape(flax_train.create_state))
         assert int(state.step) == 6
+        with pytest.raises(errors.StepAlreadyExistsError, match="a step Orbax wrote, which no save replaces"):
+            ckptr.save(6, state, force=True)  # (it told to pass overwrite=True, which is refused:)
         with pytest.raises(errors.ForeignEntryError, match="Orbax"):  # Orbax's step is never overwritten
             ckptr.save(6, state, force=True, overwrite=True)
         hook = CheckpointHook(ckptr, final_step=10)
@@ -498,10 +584,17 @@ def test_an_nnx_model_and_optimizer_orbax_saved_with_int_keys_restore_in_place(o
     assert_same(nnx.state((model, optimizer)), nnx.state(orbax_writer.nnx_run()))
 
 
-def test_a_checkpointer_continuing_an_orbax_run_keeps_orbaxs_root_metadata(orbax_runs, tmp_path):
+@pytest.mark.parametrize("layout", ["current", "0.10", "before 0.10"])
+def test_a_checkpointer_continuing_an_orbax_run_keeps_orbaxs_root_metadata(orbax_runs, tmp_path, layout):
     """The root's metadata is the first Checkpointer's, as in Orbax: a ckpt-root.json written beside
-    Orbax's metadata/_ROOT_METADATA shadowed it."""
+    Orbax's metadata/_ROOT_METADATA shadowed it. Orbax 0.10.0 wrote the custom metadata itself there, and 0.9.1
+    to metadata/metadata (both measured), which Orbax 0.12.8 reads as custom metadata (the second where
+    _ROOT_METADATA is missing): ckpt read none, and wrote its own."""
     root = copy_run(orbax_runs, "v1", tmp_path)
+    if layout != "current":
+        (root / "metadata" / "_ROOT_METADATA").unlink()
+        name = "_ROOT_METADATA" if layout == "0.10" else "metadata"
+        (root / "metadata" / name).write_text(json.dumps({"model": "mixed"}))
     with ckpt.Checkpointer(root, custom_metadata={"model": "other"}) as ckptr:
         assert ckptr.root_metadata().custom_metadata == {"model": "mixed"}
         ckptr.save(2, {"w": np.ones(3)}, force=True)

@@ -34,6 +34,11 @@ from ckpt.orbax import files
 _CONTEXT = ts.Context({"cache_pool": {"total_bytes_limit": 0}, "cache_pool#ocdbt": {"total_bytes_limit": 64 << 20}})
 _SEQUENCE, _MAPPING = 1, 2
 _EMPTY = {"Dict": "dict", "List": "list", "Tuple": "tuple"}
+# An item of Orbax's ArrayCheckpointHandler before 0.12: its one array alone, a zarr array named checkpoint, without
+# the _METADATA that 0.12 writes (this one, which ckpt reads it by)
+_BARE_ARRAY_METADATA = {"tree_metadata": {"('checkpoint',)": {"key_metadata": [{"key": "checkpoint", "key_type": 2}],
+                                                              "value_metadata": {"value_type": "np.ndarray"}}},
+                        "use_ocdbt": False, "use_zarr3": False}
 _MAX_DEPTH = 200  # a hostile _METADATA cannot make the tree deeper than Python's recursion allows
 
 
@@ -64,6 +69,12 @@ class ArraySource:
         return array if index is None else array[index]
 
 
+def is_bare_array(directory: Path) -> bool:
+    """Whether ``directory`` is an item of Orbax's ArrayCheckpointHandler before 0.12: no ``_METADATA``, and its
+    array in ``checkpoint/`` (zarr)."""
+    return not os.path.lexists(directory / "_METADATA") and files.is_plain_file(directory / "checkpoint" / ".zarray")
+
+
 class PyTreeItem:
     """A PyTree item directory: ``doc`` is its tree and leaf entries as in ckpt's tree.json, ``stores``
     the opened array of each leaf stored as one (by leaf index). ``one_array``: the item of Orbax's
@@ -74,7 +85,8 @@ class PyTreeItem:
         self.step_dir, self.name, self.directory = step_dir, name, directory
         budget = _allocatable()
         files.check_plain_tree(directory, step_dir, budget)
-        metadata = files.read_required_json(directory / "_METADATA", step_dir)
+        metadata = (_BARE_ARRAY_METADATA if one_array and is_bare_array(directory)
+                    else files.read_required_json(directory / "_METADATA", step_dir))
         entries = metadata.get("tree_metadata") if isinstance(metadata, dict) else None
         if not isinstance(entries, dict):
             raise UnsupportedLayoutError(f"{directory}/_METADATA has no tree_metadata: this Orbax layout (written "

@@ -29,7 +29,7 @@ from ckpt import tree as tree_lib
 from ckpt.errors import (CheckpointableNotFoundError, CheckpointCorruptedError, CheckpointNotFoundError,
                          UnsupportedLayoutError)
 from ckpt.orbax import files
-from ckpt.orbax.pytree import ArraySource, PyTreeItem
+from ckpt.orbax.pytree import ArraySource, PyTreeItem, is_bare_array
 
 CHECKPOINT_METADATA = "_CHECKPOINT_METADATA"
 COMMIT_SUCCESS = "commit_success.txt"
@@ -46,8 +46,12 @@ def is_step(path: Any) -> bool:
     Orbax's files (see :func:`_is_item`). A step of a layout ckpt cannot read is still one: loading it
     says so, and the root never looks empty. Anything less (a user's directory, a save Orbax never
     committed, one item of a step, such as ``<step>/state``, which Orbax does not load as a checkpoint
-    either) is not a step: ckpt never lists, overwrites or deletes it."""
-    if not (isinstance(path, Path) and files.is_plain_dir(path)) or _is_item(path, path):
+    either, or a JSON item or the metrics, which hold a ``commit_success.txt`` of their own: see
+    :func:`_is_named_item`) is not a step: ckpt never lists, overwrites or deletes it. Nor is a save Orbax
+    began and did not rename to its step's name (:func:`is_temporary`), whatever it holds: Orbax writes
+    ``commit_success.txt`` before that rename, and never lists or loads such a directory."""
+    if (not (isinstance(path, Path) and files.is_plain_dir(path)) or is_temporary(path.name)
+            or _is_item(path, path) or _is_named_item(path)):
         return False
     if _head(path / COMMIT_SUCCESS, len(_COMMITTED)) == _COMMITTED:
         return True
@@ -93,15 +97,23 @@ def _head(path: Path, size: int) -> bytes:
 def check_checkpoint(path: storage.Location) -> None:
     """Raises CheckpointNotFoundError naming ``path`` when it holds Orbax's files but is no checkpoint
     Orbax loads: a save Orbax began and never committed (a ``_CHECKPOINT_METADATA`` without a commit
-    time: its items may be half-written), or one item of a step (``<step>/state``), whose step is the
-    checkpoint to load."""
+    time: its items may be half-written) or did not rename to its step's name (``3.orbax-checkpoint-tmp``),
+    or one item of a step (``<step>/state``), whose step is the checkpoint to load."""
     if not (isinstance(path, Path) and files.is_plain_dir(path)):
         return
+    if is_temporary(path.name) and has_step_files(path):
+        raise CheckpointNotFoundError(
+            f"no checkpoint at {path}: it is a save Orbax began and did not finish (it renames a save to its step's "
+            "name once committed; a crash came first), which Orbax does not load either")
     if _never_committed(path):
         raise CheckpointNotFoundError(
             f"no checkpoint at {path}: it is a save Orbax began and never committed (its {CHECKPOINT_METADATA} "
             "has no commit time: the save was interrupted), which Orbax does not load either")
-    if _is_item(path, path) and is_step(path.parent):
+    if path.name == METRICS and _is_named_item(path):
+        raise CheckpointNotFoundError(
+            f"no checkpoint at {path}: it holds the metrics of the Orbax step {path.parent}, which Orbax does not "
+            "load alone either; they are the step's metadata (metrics)")
+    if (_is_item(path, path) or _is_named_item(path)) and is_step(path.parent):
         why = ("which Orbax does not load alone either" if has_step_files(path.parent) else
                f"as ckpt reads a directory of Orbax's trees without a {CHECKPOINT_METADATA} (a step of Orbax before "
                "0.5, or trees a handler saved without a Checkpointer; Orbax's load reads such a tree alone)")
@@ -121,6 +133,19 @@ def _never_committed(step_dir: Path) -> bool:
     except (OSError, CheckpointCorruptedError):
         return False
     return isinstance(data, dict) and "commit_timestamp_nsecs" in data and data["commit_timestamp_nsecs"] is None
+
+
+def _is_named_item(path: Path) -> bool:
+    """Whether the Orbax step that holds ``path`` names it as one of its items (in the ``item_handlers`` of
+    its ``_CHECKPOINT_METADATA``): a JSON item, the metrics or another handler's item, which Orbax commits
+    with a ``commit_success.txt`` of their own, as it does a step."""
+    if not files.is_plain_file(path.parent / CHECKPOINT_METADATA):
+        return False
+    try:
+        handlers = _step_metadata(path.parent).get("item_handlers")
+    except (OSError, CheckpointCorruptedError):
+        return False
+    return isinstance(handlers, dict) and path.name in handlers
 
 
 def _is_msgpack_tree(path: Path) -> bool:
@@ -190,15 +215,31 @@ def info(step_dir: Path) -> dict:
 
 
 ROOT_METADATA = Path("metadata", "_ROOT_METADATA")  # a root's, relative to it
+LEGACY_ROOT_METADATA = Path("metadata", "metadata")  # Orbax before 0.10: the custom metadata itself, as a JSON item
+_ROOT_METADATA_FIELDS = ("custom_metadata", "internal_metadata")
+
+
+def has_root_metadata(root: Path) -> bool:
+    """Whether Orbax wrote metadata for the root (see :func:`root_custom_metadata`)."""
+    return os.path.lexists(root / ROOT_METADATA) or os.path.lexists(root / LEGACY_ROOT_METADATA)
 
 
 def root_custom_metadata(root: Path) -> Any:
-    """The custom metadata Orbax keeps for a root (``metadata/_ROOT_METADATA``), or None."""
+    """The custom metadata Orbax keeps for a root (``metadata/_ROOT_METADATA``, or where that is missing the
+    file of Orbax before 0.10, ``metadata/metadata``), or None. Read as Orbax reads either: its
+    ``custom_metadata``, with the keys that are none of Orbax's fields (Orbax 0.10 wrote the custom metadata
+    itself to ``_ROOT_METADATA``, as earlier versions to ``metadata/metadata``)."""
     try:
         data = files.read_json(root / ROOT_METADATA, root)
     except FileNotFoundError:
+        try:
+            data = files.read_json(root / LEGACY_ROOT_METADATA, root)
+        except FileNotFoundError:
+            return None
+    if not isinstance(data, dict):
         return None
-    return data.get("custom_metadata") if isinstance(data, dict) else None
+    custom, others = data.get("custom_metadata"), {k: v for k, v in data.items() if k not in _ROOT_METADATA_FIELDS}
+    return {**(custom if isinstance(custom, dict) else {}), **others} if others else custom
 
 
 def items(step_dir: Path) -> dict[str, tuple[str, Path]]:
@@ -208,13 +249,13 @@ def items(step_dir: Path) -> dict[str, tuple[str, Path]]:
     handlers = _step_metadata(step_dir).get("item_handlers")
     if isinstance(handlers, str):
         return {fmt.DEFAULT_CHECKPOINTABLE: (handlers, step_dir)}
-    if handlers is None and _holds_tree(step_dir, step_dir):  # a direct checkpoint whose metadata names no handler
+    if not handlers and _holds_tree(step_dir, step_dir):  # a direct checkpoint whose metadata names no handler
         return {fmt.DEFAULT_CHECKPOINTABLE: ("", step_dir)}  # (an older Orbax): its tree, as Orbax reads it
-    if isinstance(handlers, dict):  # a name without its directory wrote nothing (Orbax's own reader skips it:
-        # its generated v1 steps name a 'descriptor' whose directory was removed)
+    if isinstance(handlers, dict) and handlers:  # a name without its directory wrote nothing (Orbax's own reader
+        # skips it: its generated v1 steps name a 'descriptor' whose directory was removed)
         found = {name: handler if isinstance(handler, str) else "" for name, handler in handlers.items()
                  if not (files.is_plain_name(name) and not os.path.lexists(step_dir / name))}
-    else:  # Orbax before 0.6 named no handlers: every item directory
+    else:  # Orbax before 0.6 named no handlers, and 0.10 none of a CheckpointManager's ({}): every item directory
         found = {name: "" for name in sorted(os.listdir(step_dir)) if files.is_plain_dir(step_dir / name)}
     for name in found:
         if not files.is_plain_name(name) or not files.is_plain_dir(step_dir / name):
@@ -252,8 +293,9 @@ class Step:
     def _read_item(self, name: str) -> dict:
         handler, directory = self.handlers[name]
         short = handler.rsplit(".", 1)[-1]
-        if short in (*_PYTREE_HANDLERS, _ARRAY_HANDLER) or (not short and os.path.lexists(directory / "_METADATA")):
-            item = self.pytrees[name] = PyTreeItem(self.step_dir, name, directory, one_array=short == _ARRAY_HANDLER)
+        one_array = short == _ARRAY_HANDLER or not short and is_bare_array(directory)
+        if short in _PYTREE_HANDLERS or one_array or (not short and os.path.lexists(directory / "_METADATA")):
+            item = self.pytrees[name] = PyTreeItem(self.step_dir, name, directory, one_array=one_array)
             return item.doc
         if short in _JSON_HANDLERS or not short and _json_file(directory) is not None:
             return _json_doc(self.step_dir, directory)

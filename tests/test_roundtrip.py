@@ -297,6 +297,25 @@ def test_partial_load_reads_a_subtree_only_when_asked(tmp_path):
             ckptr.load(0, {"model": {"w": np.empty(3), "extra": np.empty(1)}})
 
 
+def test_a_fresh_optimizers_empty_state_in_the_template_leads_to_none_not_to_a_partial_load(tmp_path):
+    # was: the hint suggested partial_load, which silently dropped Adam's moments on resume
+    torch = pytest.importorskip("torch")
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.Adam(model.parameters())
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    ckpt.save(tmp_path / "c", {"optim": optimizer.state_dict()})
+    template = {"optim": torch.optim.Adam(torch.nn.Linear(3, 2).parameters()).state_dict()}
+    with pytest.raises(errors.TreeMismatchError) as info:
+        ckpt.load(tmp_path / "c", template)
+    assert "state['optim']['state'][0]['exp_avg']: in the checkpoint, not in the abstract tree (where " \
+           "state['optim']['state'] is empty)" in str(info.value)
+    assert "put None in its place" in str(info.value) and "partial_load=True" not in str(info.value)
+    template["optim"]["state"] = None
+    loaded = ckpt.load(tmp_path / "c", template)["optim"]["state"]
+    assert torch.equal(loaded[0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
+
+
 # --------------------------------------------------------------------------------- jax
 def test_jax_arrays_of_every_dtype_round_trip_as_jax_arrays(tmp_path):
     jax = pytest.importorskip("jax")

@@ -127,7 +127,7 @@ class ToDevice:
             return as_template(tensor.to(device=device, dtype=like.dtype, non_blocking=True), like)
         pending = self._pending()
         self._torch_devices.add(like.device)
-        if like.requires_grad or isinstance(like, sys.modules["torch"].nn.Parameter):
+        if _made_as_template(like):
             self._templates.append((pending.index, like))
         if tensor.nbytes < TORCH_ASIDE_BYTES:
             self._small.append((pending.index, tensor, like))
@@ -169,10 +169,18 @@ def as_template(tensor: Any, like: Any) -> Any:
     """``tensor`` as the template ``like`` holds its values: an ``nn.Parameter`` for a Parameter, as
     ``torch.load`` gives one back (a module's attribute takes nothing else), and requiring gradients where
     ``like`` does; else ``tensor`` itself."""
+    if not _made_as_template(like):
+        return tensor
     torch = sys.modules["torch"]
     if isinstance(like, torch.nn.Parameter):
         return torch.nn.Parameter(tensor, requires_grad=like.requires_grad)
-    return tensor.requires_grad_() if like.requires_grad else tensor
+    return tensor.requires_grad_()
+
+
+def _made_as_template(like: Any) -> bool:
+    """Whether :func:`as_template` gives more than the tensor itself for the template ``like`` (the one place
+    that decides it: a load on a CUDA device leaves to its end only the tensors it changes)."""
+    return like.requires_grad or isinstance(like, sys.modules["torch"].nn.Parameter)
 
 
 TORCH_BATCHED_DEVICES = ("cuda",)  # the devices whose tensors wait for run(); from the CPU, on the CPU, no copy

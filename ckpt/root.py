@@ -555,8 +555,21 @@ def is_damaged_step(entry: Entry) -> bool:
     marker) whose manifest is missing or cannot be read, or a step Orbax committed whose metadata cannot be
     read: damaged and kept for inspection, not a user's directory. Such a step is never listed, overwritten
     or deleted; readers report it as damaged."""
-    return (entry.kind is Kind.FOREIGN and entry.step is not None
-            and (storage.is_marked(entry.path) or formats.is_orbax(entry.path)))
+    return entry.step is not None and _is_damaged(entry)
+
+
+def _is_damaged(entry: Entry) -> bool:
+    """:func:`is_damaged_step` for a checkpoint named as a step or not."""
+    return entry.kind is Kind.FOREIGN and (storage.is_marked(entry.path) or formats.is_orbax(entry.path))
+
+
+def removal_hint(entry: Entry) -> str:
+    """For an error that names ``entry``: how to remove it where it is a damaged checkpoint (see
+    :func:`is_damaged_step`), which ckpt keeps; else ''."""
+    if not _is_damaged(entry):
+        return ""
+    how = f"`rm -r {entry.path}`" if isinstance(entry.path, Path) else "with your object store's own tools"
+    return f"; to remove it, delete it yourself ({how}; `ckpt verify` says what is damaged)"
 
 
 def whole_checkpoints_only(checkpointable_name: str | None) -> None:
@@ -580,7 +593,7 @@ def delete_step(path: storage.Location, step: int | None) -> None:
     entry = classify(path, step)
     if entry.kind not in LISTED:
         raise ForeignEntryError(f"{path} is not a committed ckpt step (it holds {entry.holds}); "
-                                "it was not deleted", path=path)
+                                f"it was not deleted{removal_hint(entry)}", path=path)
     # (an object store that refuses a deletion may still take saves: its error, naming the object, is raised as it is)
     with storage.writing_to(path.parent) if isinstance(path, Path) else contextlib.nullcontext():
         storage.delete_dir(path)

@@ -383,10 +383,11 @@ def check_target(final: storage.Location, tmp: storage.Location, *, step: int | 
                 "cannot replace, even with overwrite=True. Save into a directory in it, such as "
                 f"{final / 'checkpoint'}.", path=final)
         if entry.kind is not Kind.STEP and not empty:
+            kept = ("; a damaged checkpoint, which ckpt never overwrites, renames or deletes" if _is_damaged(entry) else
+                    ", which ckpt did not write, and ckpt never overwrites, renames or deletes such a thing")
             raise ForeignEntryError(
-                f"cannot save {what}: {final} holds {entry.holds}, which ckpt did not write, and ckpt never "
-                "overwrites, renames or deletes such a thing, even with overwrite=True. Move it away, or save "
-                "to another step or path.", path=final)
+                f"cannot save {what}: {final} holds {entry.holds}{kept}, even with overwrite=True. Move it away, or "
+                f"save to another step or path{removal_hint(entry)}.", path=final)
         if not overwrite:
             where = f"step {step} already exists at {final}" if step is not None else (
                 f"{final} already exists" + (" (an empty directory)" if empty else ""))

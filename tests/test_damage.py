@@ -197,6 +197,19 @@ def test_a_deletion_of_a_step_with_a_damaged_manifest_is_refused_saying_how_to_r
     assert (root / "1").is_dir()
 
 
+@pytest.mark.parametrize("case", ["manifest truncated", "manifest missing"])
+def test_a_save_over_a_step_with_a_damaged_manifest_is_refused_as_damaged_not_as_a_users(root, case):
+    """Was: '... which ckpt did not write', of a step ckpt wrote, and nothing on how to remove it."""
+    name, damage = STRUCTURE_DAMAGE[case]
+    damage(root / "1" / name)
+    with Checkpointer(root) as ckptr, pytest.raises(errors.ForeignEntryError) as info:
+        ckptr.save(1, STATE, force=True, overwrite=True)
+    assert "; a damaged checkpoint, which ckpt never overwrites, renames or deletes, even with overwrite=True" in \
+        str(info.value) and "did not write" not in str(info.value)
+    assert str(info.value).endswith(f"; to remove it, delete it yourself (`rm -r {root / '1'}`; `ckpt verify` says "
+                                    "what is damaged).")
+
+
 # ---------------------------------------------------------------------------------- hostile manifests
 @pytest.mark.parametrize("damaged, key_paths", [(None, ()), ("arrays/0/c/0", (BIG,)), ("packed/c/0", ("state['s']",))])
 def test_a_step_saved_without_word_sums_is_checked_against_its_crc32s(root, damaged, key_paths):

@@ -598,6 +598,23 @@ def test_zero_dimensional_torch_tensors_keep_their_shape(tmp_path):
     assert ckpt.load(tmp_path / "c")["bf"].dtype == torch.bfloat16
 
 
+def test_a_tensor_template_of_another_layout_gives_its_values_in_that_layout(tmp_path):
+    """A channels_last (or transposed) template gave back a contiguous tensor: a result used directly lost the
+    template's layout, which DCP, loading into the template, keeps."""
+    torch = pytest.importorskip("torch")
+    saved = {"conv": torch.randn(2, 3, 4, 5), "conv3d": torch.randn(2, 3, 2, 2, 2), "t": torch.randn(3, 4)}
+    ckpt.save(tmp_path / "c", saved)
+    templates = {"conv": torch.nn.Parameter(torch.empty(2, 3, 4, 5).to(memory_format=torch.channels_last)),
+                 "conv3d": torch.empty(2, 3, 2, 2, 2, device="meta").to(memory_format=torch.channels_last_3d),
+                 "t": torch.empty(4, 3).t()}
+    loaded = ckpt.load(tmp_path / "c", templates)
+    assert isinstance(loaded["conv"], torch.nn.Parameter) and loaded["conv"].requires_grad
+    assert loaded["conv"].is_contiguous(memory_format=torch.channels_last)
+    assert loaded["conv3d"].is_contiguous(memory_format=torch.channels_last_3d)
+    assert loaded["t"].stride() == (1, 3)
+    assert all(torch.equal(loaded[k].detach(), saved[k]) for k in saved)
+
+
 def test_a_conjugated_or_negated_torch_view_saves_its_values(tmp_path):
     """torch.conj and torch.neg of some tensors are lazy views, a bit set on the tensor; numpy() refuses them."""
     torch = pytest.importorskip("torch")

@@ -401,7 +401,7 @@ def show(directory: storage.Location, step: int | None, *, as_json: bool, local:
         return 0
     _print(f"{_named(number)}  {step_dir}" + ("  (written by Orbax)" if _by_orbax(manifest) else ""))
     print(f"committed {_time(manifest.get('commit_timestamp_nsecs'), iso=False)}, "
-          f"{progress.format_bytes(manifest.get('nbytes') or sum(r['nbytes'] for rs in records.values() for r in rs))} of data, "
+          f"{progress.format_bytes(sum(r['nbytes'] for rs in records.values() for r in rs))} of data, "
           f"{_size(_disk_bytes(step_dir))} on disk")
     if metrics is not None:
         _print(f"metrics: {_metrics_text(metrics)}")

@@ -302,20 +302,42 @@ def _match(table: LeafTable, saved_node: tree_lib.Node, abstract: Any, name: str
     if not partial:
         for i, p in enumerate(saved_paths):
             if i not in covered and not _empty_receives(table[i], abstract_node, p):
-                diffs.append(f"{name}{keystr(p)}{_ONLY_SAVED}")
+                empty = _empty_above(abstract_node, p)
+                diffs.append(f"{name}{keystr(p)}{_ONLY_SAVED}" if empty is None else
+                             f"{name}{keystr(p)}{_UNDER_EMPTY}{name}{keystr(empty)} is empty)")
     return Plan(abstract_node, leaves, pairs), diffs
 
 
 _ONLY_SAVED = ": in the checkpoint, not in the abstract tree"  # a difference partial_load accepts
+_UNDER_EMPTY = ": in the checkpoint, not in the abstract tree (where "  # one it would silently drop
 
 
 def _partial_load_hint(diffs: list[str]) -> str:
-    """How to load a part of a checkpoint, when all that differs is what the abstract tree leaves out."""
+    """How to load what the abstract tree leaves out: for entries under an empty container of the
+    abstract tree, read that part as saved (a partial load would drop them); when all that differs is what
+    the abstract tree leaves out, load a part."""
+    if any(_UNDER_EMPTY in d for d in diffs):
+        return ("\nAn empty container of the abstract tree receives none of the checkpoint's entries under it (a "
+                "torch optimizer's state_dict() holds an empty 'state' until its first step): put None in its place "
+                "(or in place of a container above it) to read that part as saved; a partial load would leave "
+                "those entries out.")
     if diffs and all(d.endswith(_ONLY_SAVED) for d in diffs):
         return ("\nTo load only the abstract tree's part of the checkpoint, load inside "
                 "`with ckpt.Context(pytree_options=ckpt.PyTreeOptions(partial_load=True)):` (Orbax's "
                 "ctx.pytree.loading.partial_load).")
     return ""
+
+
+def _empty_above(abstract_node: tree_lib.Node, path: KeyPath) -> KeyPath | None:
+    """The path of the empty container (``{}``, ``[]``) of the abstract tree that ``path`` (a saved leaf's)
+    lies under, or None if it lies under none."""
+    for depth in range(len(path)):
+        node = tree_lib.subtree(abstract_node, path[:depth])
+        if node is None:
+            return None
+        if node.kind != "leaf" and not node.children:
+            return path[:depth]
+    return None
 
 
 def _empty_receives(meta: dict, abstract_node: tree_lib.Node, path: KeyPath) -> bool:

@@ -403,10 +403,11 @@ def check_target(final: storage.Location, tmp: storage.Location, *, step: int | 
                 "cannot replace, even with overwrite=True. Save into a directory in it, such as "
                 f"{final / 'checkpoint'}.", path=final)
         if entry.kind is not Kind.STEP and not empty:
+            kept = ("; a damaged checkpoint, which ckpt never overwrites, renames or deletes" if _is_damaged(entry) else
+                    ", which ckpt did not write, and ckpt never overwrites, renames or deletes such a thing")
             raise ForeignEntryError(
-                f"cannot save {what}: {final} holds {entry.holds}, which ckpt did not write, and ckpt never "
-                "overwrites, renames or deletes such a thing, even with overwrite=True. Move it away, or save "
-                "to another step or path.", path=final)
+                f"cannot save {what}: {final} holds {entry.holds}{kept}, even with overwrite=True. Move it away, or "
+                f"save to another step or path{removal_hint(entry)}.", path=final)
         if not overwrite:
             where = f"step {step} already exists at {final}" if step is not None else (
                 f"{final} already exists" + (" (an empty directory)" if empty else ""))
@@ -575,11 +576,24 @@ def is_damaged_step(entry: Entry) -> bool:
     marker) whose manifest is missing or cannot be read, or a step Orbax committed whose metadata cannot be
     read: damaged and kept for inspection, not a user's directory. Such a step is never listed, overwritten
     or deleted; readers report it as damaged."""
+    return entry.step is not None and _is_damaged(entry)
+
+
+def _is_damaged(entry: Entry) -> bool:
+    """:func:`is_damaged_step` for a checkpoint named as a step or not."""
     try:
-        return (entry.kind is Kind.FOREIGN and entry.step is not None
-                and (storage.is_marked(entry.path) or formats.is_orbax(entry.path)))
+        return entry.kind is Kind.FOREIGN and (storage.is_marked(entry.path) or formats.is_orbax(entry.path))
     except PermissionError:  # a directory this process may not look into: shown as found, not taken for a step
         return False
+
+
+def removal_hint(entry: Entry) -> str:
+    """For an error that names ``entry``: how to remove it where it is a damaged checkpoint (see
+    :func:`is_damaged_step`), which ckpt keeps; else ''."""
+    if not _is_damaged(entry):
+        return ""
+    how = f"`rm -r {entry.path}`" if isinstance(entry.path, Path) else "with your object store's own tools"
+    return f"; to remove it, delete it yourself ({how}; `ckpt verify` says what is damaged)"
 
 
 def whole_checkpoints_only(checkpointable_name: str | None) -> None:
@@ -603,7 +617,7 @@ def delete_step(path: storage.Location, step: int | None) -> None:
     entry = classify(path, step)
     if entry.kind not in LISTED:
         raise ForeignEntryError(f"{path} is not a committed ckpt step (it holds {entry.holds}); "
-                                "it was not deleted", path=path)
+                                f"it was not deleted{removal_hint(entry)}", path=path)
     # (an object store that refuses a deletion may still take saves: its error, naming the object, is raised as it is)
     with storage.writing_to(path.parent) if isinstance(path, Path) else contextlib.nullcontext():
         storage.delete_dir(path)

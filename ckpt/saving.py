@@ -364,6 +364,7 @@ def _compare(plan: Plan, final: storage.Location, processes: distributed.Process
     if not differing:
         return
     primary = differing.pop(0)
+    _refuse_full_state_dict(primary, differing, final)
     diffs = []
     for index, other in sorted(differing.items()):
         elsewhere = other["path"] != primary["path"]
@@ -381,6 +382,25 @@ def _compare(plan: Plan, final: storage.Location, processes: distributed.Process
         "stages), save each process's with ckpt.save to a path of its own inside ckpt.Context(multiprocessing_options="
         "ckpt.MultiprocessingOptions(processes=ckpt.distributed.SingleProcess())). Nothing was written.",
         differences=diffs)
+
+
+def _refuse_full_state_dict(primary: dict, differing: dict[int, dict], final: storage.Location) -> None:
+    """:func:`_compare`'s TreeMismatchError where processes other than 0 save trees without a leaf and process 0 a
+    tree with some: a full state dict (torch's ``get_state_dict`` with ``full_state_dict=True`` gives the whole
+    state to rank 0 and empty dicts to the others), which rank 0 saves alone."""
+    held = sorted(_leaf_paths(primary["structures"]))
+    empty = [index for index, other in sorted(differing.items()) if not _leaf_paths(other["structures"])]
+    if not held or not empty:
+        return
+    diffs = [f"{held[0]} on process 0, not on process {index}" for index in empty]
+    raise TreeMismatchError(
+        f"the processes of this job save different trees to {final}: process{'es' if len(empty) > 1 else ''} "
+        f"{', '.join(map(str, empty))} save{'' if len(empty) > 1 else 's'} no leaf, process 0 saves {len(held)} "
+        f"({held[0]} first). State that process 0 alone holds (a full state dict: torch's get_state_dict with "
+        "StateDictOptions(full_state_dict=True) gives the whole state to rank 0 and empty dicts to the others) is saved "
+        "from process 0 alone (`if rank == 0:`) inside `with ckpt.Context(multiprocessing_options=ckpt."
+        "MultiprocessingOptions(processes=ckpt.distributed.SingleProcess())):` (see the README); or save the sharded "
+        "state dicts of get_state_dict's default options from every rank. Nothing was written.", differences=diffs)
 
 
 def _jax_layouts(plan: Plan) -> list[str]:
@@ -438,13 +458,15 @@ def _dtensor_differences(primary: list[str], other: list[str], index: int) -> li
 def _tree_differences(primary: dict[str, str], other: dict[str, str], index: int) -> list[str]:
     """The key paths of process 0's structures (each checkpointable's, as tree.json writes it) not in
     process ``index``'s, and the reverse."""
-    def paths(structures: dict[str, str]) -> set[str]:
-        return {f"{name}{keystr(path)}" for name, text in structures.items()
-                for path in tree_lib.leaf_paths(tree_lib.from_json(json.loads(text)))}
-
-    ours, theirs = paths(primary), paths(other)
+    ours, theirs = _leaf_paths(primary), _leaf_paths(other)
     diffs = [f"{p} on process 0, not on process {index}" for p in sorted(ours - theirs)]
     return diffs + [f"{p} on process {index}, not on process 0" for p in sorted(theirs - ours)]
+
+
+def _leaf_paths(structures: dict[str, str]) -> set[str]:
+    """The key paths of the leaves of each checkpointable's structure (as tree.json writes it), in words."""
+    return {f"{name}{keystr(path)}" for name, text in structures.items()
+            for path in tree_lib.leaf_paths(tree_lib.from_json(json.loads(text)))}
 
 
 class StagingBuffers:

@@ -254,7 +254,7 @@ class Checkpointer:
             elif entry.kind is root.Kind.FOREIGN:
                 what = "it is" if entry.step is None else f"step {entry.step} is"
                 logger.warning("ckpt: skipping %s, which holds %s: %s not a committed step, so ckpt never lists, "
-                               "overwrites or deletes it", entry.path, entry.holds, what)
+                               "overwrites or deletes it%s", entry.path, entry.holds, what, root.removal_hint(entry))
         if not infos:
             self._warn_of_steps_named_otherwise()
         with self._infos_lock:
@@ -351,8 +351,18 @@ class Checkpointer:
 
     def _not_found(self, step: int) -> errors.StepNotFoundError:
         steps = [c.step for c in self.checkpoints]
-        return errors.StepNotFoundError(f"no checkpoint at step {step} in {self._directory} (steps: {steps})",
-                                        step=step, path=self._directory)
+        return errors.StepNotFoundError(f"no checkpoint at step {step} in {self._directory} (steps: {steps})"
+                                        f"{self._damaged_at(step)}", step=step, path=self._directory)
+
+    def _damaged_at(self, step: int) -> str:
+        """For an error saying there is no ``step``: the damaged step at its name, if any, and how to remove it."""
+        path = self._directory / self._name_format.build_name(step)
+        try:
+            entry = root.classify(path, step) if storage.exists(path) else None
+        except FileNotFoundError:  # (removed since)
+            return ""
+        hint = "" if entry is None else root.removal_hint(entry)
+        return hint and f"; {path} holds {entry.holds}{hint}"
 
     def _written(self, step: int, find: Callable[[int], CheckpointMetadata | None]) -> CheckpointMetadata | None:
         """``find(step)``; when the save in flight is of ``step``, once it is committed (or its failure raised):

@@ -29,7 +29,7 @@ from typing import Any, Callable, TypeVar
 
 import numpy as np
 
-from ckpt import chunks, host_memory, packing, shardings, storage
+from ckpt import chunks, dtensor, host_memory, packing, shardings, storage
 from ckpt import format as fmt
 
 T = TypeVar("T")
@@ -127,7 +127,7 @@ class ToDevice:
             return as_template(tensor.to(device=device, dtype=like.dtype, non_blocking=True), like)
         pending = self._pending()
         self._torch_devices.add(like.device)
-        if like.requires_grad or isinstance(like, sys.modules["torch"].nn.Parameter):
+        if _made_as_template(like):
             self._templates.append((pending.index, like))
         if tensor.nbytes < TORCH_ASIDE_BYTES:
             self._small.append((pending.index, tensor, like))
@@ -166,13 +166,30 @@ class ToDevice:
 
 
 def as_template(tensor: Any, like: Any) -> Any:
-    """``tensor`` as the template ``like`` holds its values: an ``nn.Parameter`` for a Parameter, as
-    ``torch.load`` gives one back (a module's attribute takes nothing else), and requiring gradients where
-    ``like`` does; else ``tensor`` itself."""
+    """``tensor`` (contiguous) as the template ``like`` holds its values: laid out with ``like``'s strides where
+    those are not the default (``channels_last``, a transposed tensor), as DCP, which loads into the template,
+    keeps them; an ``nn.Parameter`` for a Parameter, as ``torch.load`` gives one back (a module's attribute takes
+    nothing else), and requiring gradients where ``like`` does; else ``tensor`` itself."""
+    if not _made_as_template(like):
+        return tensor
     torch = sys.modules["torch"]
+    if _strided_otherwise(like):
+        tensor = torch.empty_like(like, dtype=tensor.dtype, device=tensor.device).copy_(tensor)
     if isinstance(like, torch.nn.Parameter):
         return torch.nn.Parameter(tensor, requires_grad=like.requires_grad)
     return tensor.requires_grad_() if like.requires_grad else tensor
+
+
+def _made_as_template(like: Any) -> bool:
+    """Whether :func:`as_template` gives more than the tensor itself for the template ``like`` (the one place
+    that decides it: a load on a CUDA device leaves to its end only the tensors it changes)."""
+    return like.requires_grad or isinstance(like, sys.modules["torch"].nn.Parameter) or _strided_otherwise(like)
+
+
+def _strided_otherwise(like: Any) -> bool:
+    """Whether the template ``like`` (not a DTensor, whose local shard its own load lays out) has strides other
+    than a contiguous tensor's."""
+    return like.layout is sys.modules["torch"].strided and not like.is_contiguous() and not dtensor.is_dtensor(like)
 
 
 TORCH_BATCHED_DEVICES = ("cuda",)  # the devices whose tensors wait for run(); from the CPU, on the CPU, no copy

@@ -229,6 +229,14 @@ def test_show_lists_key_paths_dtypes_shapes_bytes_of_the_latest_step(root, capsy
     assert "inline: 20" in out and 'inline: "mlp"' in out
 
 
+def test_show_counts_the_leaves_bytes_as_data_not_the_padding_between_packed_ones(tmp_path, capsys):
+    """'125.0 KiB of data' for 2,000 one-byte leaves: the figure counted the padding that aligns packed leaves."""
+    ckpt.save(tmp_path / "c", {f"x{i}": np.ones(1, np.int8) for i in range(2000)})
+    status, out, _ = run_cli(capsys, "show", tmp_path / "c")
+    assert status == 0 and ", 2.0 KiB of data, " in out.splitlines()[1], out[:200]
+    assert "state: 2000 leaves, 2.0 KiB" in out
+
+
 def test_show_json_groups_leaves_by_checkpointable(tmp_path, capsys):
     with ckpt.Checkpointer(tmp_path) as ckptr:
         ckptr.save_checkpointables(3, {"model": {"w": np.zeros((2, 3), np.int8)}, "opt": {"lr": 0.1}}, force=True)

@@ -12,6 +12,7 @@ import logging
 import marshal
 import os
 import pickle
+import re
 from pathlib import Path
 from typing import Callable
 
@@ -178,6 +179,35 @@ def test_a_step_with_a_damaged_manifest_is_not_listed_and_latest_is_the_step_bef
         assert ckptr.latest.step == 0
         np.testing.assert_array_equal(ckptr.load()["big"], STATE["big"])
     assert any("step 1" in r.getMessage() and fmt.MANIFEST in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("case", ["manifest truncated", "manifest missing"])
+def test_a_deletion_of_a_step_with_a_damaged_manifest_is_refused_saying_how_to_remove_it(root, case, caplog):
+    """ckpt keeps a damaged step; its refusals said only 'it was not deleted' and 'no checkpoint at step 1'."""
+    name, damage = STRUCTURE_DAMAGE[case]
+    damage(root / "1" / name)
+    remove_it = f"; to remove it, delete it yourself (`rm -r {root / '1'}`; `ckpt verify` says what is damaged)"
+    with pytest.raises(errors.NotACheckpointError, match=re.escape(f"it was not deleted{remove_it}")):
+        ckpt.delete(root / "1")
+    with caplog.at_level(logging.WARNING, logger="ckpt"), Checkpointer(root) as ckptr:
+        with pytest.raises(errors.StepNotFoundError) as info:
+            ckptr.delete(1)
+    assert str(info.value).startswith(f"no checkpoint at step 1 in {root} (steps: [0]); {root / '1'} holds a ")
+    assert str(info.value).endswith(remove_it) and any(remove_it in r.getMessage() for r in caplog.records)
+    assert (root / "1").is_dir()
+
+
+@pytest.mark.parametrize("case", ["manifest truncated", "manifest missing"])
+def test_a_save_over_a_step_with_a_damaged_manifest_is_refused_as_damaged_not_as_a_users(root, case):
+    """Was: '... which ckpt did not write', of a step ckpt wrote, and nothing on how to remove it."""
+    name, damage = STRUCTURE_DAMAGE[case]
+    damage(root / "1" / name)
+    with Checkpointer(root) as ckptr, pytest.raises(errors.ForeignEntryError) as info:
+        ckptr.save(1, STATE, force=True, overwrite=True)
+    assert "; a damaged checkpoint, which ckpt never overwrites, renames or deletes, even with overwrite=True" in \
+        str(info.value) and "did not write" not in str(info.value)
+    assert str(info.value).endswith(f"; to remove it, delete it yourself (`rm -r {root / '1'}`; `ckpt verify` says "
+                                    "what is damaged).")
 
 
 # ---------------------------------------------------------------------------------- hostile manifests

@@ -111,6 +111,10 @@ def test_ranks_saving_other_keys_paths_or_steps_are_refused_on_every_rank_before
         # (saved as rank 0's int: rank 1's str was lost, and loaded as an int there; values alike in type are saved)
         assert (f"rank {r} inline refused: [\"state['n']: a value of type int stored inline on process 0, a value of "
                 "type str stored inline on process 1\"]") in out, out
+        assert (f"rank {r} full state dict refused: the processes of this job save different trees to "
+                f"{tmp_path / 'run'}-full: process 1 saves no leaf, process 0 saves 22 (state['model']['bias'] first). "
+                "State that process 0 alone holds (a full state dict: ") in out, out
+        assert "is saved from process 0 alone (`if rank == 0:`) inside `with ckpt.Context(multiprocessing_options=" in out
         assert (f"rank {r} roots refused: the processes of this job open Checkpointers on different roots (process 0: "
                 f"{tmp_path / 'run'}-root0; process 1: {tmp_path / 'run'}-root1)") in out, out
         assert f"rank {r} steps [] entries ['run']" in out, out

@@ -297,6 +297,25 @@ def test_partial_load_reads_a_subtree_only_when_asked(tmp_path):
             ckptr.load(0, {"model": {"w": np.empty(3), "extra": np.empty(1)}})
 
 
+def test_a_fresh_optimizers_empty_state_in_the_template_leads_to_none_not_to_a_partial_load(tmp_path):
+    # was: the hint suggested partial_load, which silently dropped Adam's moments on resume
+    torch = pytest.importorskip("torch")
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.Adam(model.parameters())
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    ckpt.save(tmp_path / "c", {"optim": optimizer.state_dict()})
+    template = {"optim": torch.optim.Adam(torch.nn.Linear(3, 2).parameters()).state_dict()}
+    with pytest.raises(errors.TreeMismatchError) as info:
+        ckpt.load(tmp_path / "c", template)
+    assert "state['optim']['state'][0]['exp_avg']: in the checkpoint, not in the abstract tree (where " \
+           "state['optim']['state'] is empty)" in str(info.value)
+    assert "put None in its place" in str(info.value) and "partial_load=True" not in str(info.value)
+    template["optim"]["state"] = None
+    loaded = ckpt.load(tmp_path / "c", template)["optim"]["state"]
+    assert torch.equal(loaded[0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
+
+
 # --------------------------------------------------------------------------------- jax
 def test_jax_arrays_of_every_dtype_round_trip_as_jax_arrays(tmp_path):
     jax = pytest.importorskip("jax")
@@ -601,6 +620,23 @@ def test_zero_dimensional_torch_tensors_keep_their_shape(tmp_path):
     for loaded in (ckpt.load(tmp_path / "c"), ckpt.load(tmp_path / "c", {k: torch.empty(()) for k in saved})):
         assert all(loaded[k].shape == () for k in saved), {k: loaded[k].shape for k in loaded}
     assert ckpt.load(tmp_path / "c")["bf"].dtype == torch.bfloat16
+
+
+def test_a_tensor_template_of_another_layout_gives_its_values_in_that_layout(tmp_path):
+    """A channels_last (or transposed) template gave back a contiguous tensor: a result used directly lost the
+    template's layout, which DCP, loading into the template, keeps."""
+    torch = pytest.importorskip("torch")
+    saved = {"conv": torch.randn(2, 3, 4, 5), "conv3d": torch.randn(2, 3, 2, 2, 2), "t": torch.randn(3, 4)}
+    ckpt.save(tmp_path / "c", saved)
+    templates = {"conv": torch.nn.Parameter(torch.empty(2, 3, 4, 5).to(memory_format=torch.channels_last)),
+                 "conv3d": torch.empty(2, 3, 2, 2, 2, device="meta").to(memory_format=torch.channels_last_3d),
+                 "t": torch.empty(4, 3).t()}
+    loaded = ckpt.load(tmp_path / "c", templates)
+    assert isinstance(loaded["conv"], torch.nn.Parameter) and loaded["conv"].requires_grad
+    assert loaded["conv"].is_contiguous(memory_format=torch.channels_last)
+    assert loaded["conv3d"].is_contiguous(memory_format=torch.channels_last_3d)
+    assert loaded["t"].stride() == (1, 3)
+    assert all(torch.equal(loaded[k].detach(), saved[k]) for k in saved)
 
 
 def test_a_conjugated_or_negated_torch_view_saves_its_values(tmp_path):

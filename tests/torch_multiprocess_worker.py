@@ -13,7 +13,8 @@ the others, and goes on with the next job); ``resume``:
 continues after the latest committed step with one more save. ``free``: every rank saves DTensors with
 ``ckpt.save`` (one coordinated save) and loads them back, whole and into templates on the meta device.
 ``differ``: the ranks save trees with other keys,
-through the Checkpointer and ``ckpt.save``, and to other paths and steps, and open Checkpointers on other roots;
+through the Checkpointer and ``ckpt.save``, and to other paths and steps, a full state dict (rank 1's empty), and open
+Checkpointers on other roots;
 every one is refused, nothing is written.
 ``dtensors`` (4 ranks): DTensors of unusual layouts, saved and loaded through the Checkpointer.
 ``fail``: saves that fail on rank 1. ``alone``: should_save and reload on rank 0 alone. ``policies``: two tiers whose local policies differ between ranks. ``delete``: steps every rank deletes and saves again at once; checkpoints every rank deletes with ``ckpt.delete``; a deletion that fails on rank 0. ``stopped``: rank 0 stops in the middle of a save. ``gone``: rank 1 runs out of device memory in the gathering of a small DTensor, and stops. ``vanish``: rank 1 stops in an async save. ``exit``: the ranks end without closing. ``list``: prints the steps each rank lists. ``unshared``: rank 1 sees another directory at DIR. ``linked``: rank 1 names the root through a symbolic link. ``sigterm``: a
@@ -33,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
@@ -298,6 +299,19 @@ def differing_trees(ckptr: Checkpointer) -> None:
                 save()
         except ckpt.errors.TreeMismatchError as e:
             say(f"rank {rank} {what} refused: {e.differences}")
+    tiny = torch.nn.Linear(2, 2)
+    fully_shard(tiny)
+    optimizer = torch.optim.Adam(tiny.parameters())
+    tiny(torch.ones(1, 2)).sum().backward()
+    optimizer.step()
+    # a full state dict: the whole state on rank 0, empty dicts on rank 1 (was: every key listed, and a hint at
+    # pipeline stages)
+    full = get_state_dict(tiny, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    try:
+        with ckpt.Context(async_options=ckpt.AsyncOptions(timeout_secs=30)):
+            ckpt.save(f"{directory}-full", dict(zip(("model", "optim"), full)))
+    except ckpt.errors.TreeMismatchError as e:
+        say(f"rank {rank} full state dict refused: {e}")
     try:  # Checkpointers on roots of their own (they waited at every barrier, then timed out)
         with ckpt.Context(async_options=ckpt.AsyncOptions(timeout_secs=30)):
             Checkpointer(f"{directory}-root{rank}")

@@ -957,12 +957,14 @@ def test_a_hostile_orbax_tree_metadata_raises_a_ckpt_error(orbax_runs, tmp_path)
         ckpt.load(root / "1")
 
 
-def test_an_orbax_sequence_key_of_a_digit_int_cannot_read_raises_a_ckpt_error(orbax_runs, tmp_path):
-    """'²' is a digit to str.isdigit, not to int()."""
+@pytest.mark.parametrize("key", [{"key": "\u00b2", "key_type": 1}, {"key": True, "key_type": 2}], ids=["digit", "bool"])
+def test_an_orbax_key_ckpt_cannot_read_raises_a_ckpt_error(orbax_runs, tmp_path, key):
+    """'²' is a digit to str.isdigit, not to int(). A dict key JSON's true (which no tree ckpt flattens holds: True
+    == 1) was read as the key True: a load into an abstract tree with that key returned it."""
     root = copy_run(orbax_runs, "v1", tmp_path)
     path = root / "1" / "state" / "_METADATA"
     metadata = json.loads(path.read_text())
-    metadata["tree_metadata"]["odd"] = {"key_metadata": [{"key": "odd", "key_type": 2}, {"key": "\u00b2", "key_type": 1}],
+    metadata["tree_metadata"]["odd"] = {"key_metadata": [{"key": "odd", "key_type": 2}, key],
                                         "value_metadata": {"value_type": "None"}}
     path.write_text(json.dumps(metadata))
     with pytest.raises(errors.CheckpointCorruptedError, match="has a key") as info:

@@ -321,7 +321,7 @@ def _keys(entry: Any, where: str, directory: Path) -> list[tuple[str, Any]]:
         value, kind = (key.get("key"), key.get("key_type")) if isinstance(key, dict) else (None, None)
         if kind == _SEQUENCE and str(value).isascii() and str(value).isdigit():  # ('²' is a digit to isdigit)
             out.append(("idx", int(value)))
-        elif isinstance(value, (str, int)) and kind in (_MAPPING, None):
+        elif type(value) in (str, int) and kind in (_MAPPING, None):  # (not JSON's true: True == 1)
             out.append(("key", value))
         else:
             raise CheckpointCorruptedError(f"{directory}/_METADATA: entry {where!r} has a key {key!r} ckpt does not "

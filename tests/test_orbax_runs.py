@@ -585,16 +585,24 @@ def test_an_nnx_model_and_optimizer_orbax_saved_with_int_keys_restore_in_place(o
 
 
 @pytest.mark.parametrize("layout", ["current", "0.10", "before 0.10"])
-def test_a_checkpointer_continuing_an_orbax_run_keeps_orbaxs_root_metadata(orbax_runs, tmp_path, layout):
+def test_a_checkpointer_continuing_an_orbax_run_keeps_orbaxs_root_metadata(orbax_runs, tmp_path, capsys, layout):
     """The root's metadata is the first Checkpointer's, as in Orbax: a ckpt-root.json written beside
     Orbax's metadata/_ROOT_METADATA shadowed it. Orbax 0.10.0 wrote the custom metadata itself there, and 0.9.1
     to metadata/metadata (both measured), which Orbax 0.12.8 reads as custom metadata (the second where
-    _ROOT_METADATA is missing): ckpt read none, and wrote its own."""
+    _ROOT_METADATA is missing): ckpt read none, and wrote its own. Orbax 0.9.1's metadata directory, committed
+    with a _CHECKPOINT_METADATA as a step is, was listed by `ckpt ls` as a checkpoint not named as a step."""
     root = copy_run(orbax_runs, "v1", tmp_path)
     if layout != "current":
         (root / "metadata" / "_ROOT_METADATA").unlink()
         name = "_ROOT_METADATA" if layout == "0.10" else "metadata"
         (root / "metadata" / name).write_text(json.dumps({"model": "mixed"}))
+    if layout == "before 0.10":
+        (root / "metadata" / "_CHECKPOINT_METADATA").write_text(json.dumps(
+            {"init_timestamp_nsecs": 1796635505271021622, "commit_timestamp_nsecs": 1796635505274411569}))
+        code, out = run_cli(capsys, "ls", str(root))
+        assert code == 0 and "metadata" not in out and ": 2 checkpoints," in out, out
+        with pytest.raises(errors.CheckpointNotFoundError, match="custom metadata of the Orbax root"):
+            ckpt.load(root / "metadata")
     with ckpt.Checkpointer(root, custom_metadata={"model": "other"}) as ckptr:
         assert ckptr.root_metadata().custom_metadata == {"model": "mixed"}
         ckptr.save(2, {"w": np.ones(3)}, force=True)

@@ -51,7 +51,7 @@ def is_step(path: Any) -> bool:
     began and did not rename to its step's name (:func:`is_temporary`), whatever it holds: Orbax writes
     ``commit_success.txt`` before that rename, and never lists or loads such a directory."""
     if (not (isinstance(path, Path) and files.is_plain_dir(path)) or is_temporary(path.name)
-            or _is_item(path, path) or _is_named_item(path)):
+            or _is_item(path, path) or _is_named_item(path) or _is_legacy_root_metadata(path)):
         return False
     if _head(path / COMMIT_SUCCESS, len(_COMMITTED)) == _COMMITTED:
         return True
@@ -109,6 +109,10 @@ def check_checkpoint(path: storage.Location) -> None:
         raise CheckpointNotFoundError(
             f"no checkpoint at {path}: it is a save Orbax began and never committed (its {CHECKPOINT_METADATA} "
             "has no commit time: the save was interrupted), which Orbax does not load either")
+    if _is_legacy_root_metadata(path):
+        raise CheckpointNotFoundError(
+            f"no checkpoint at {path}: it holds the custom metadata of the Orbax root {path.parent} (as Orbax before "
+            "0.10 wrote it), which Checkpointer(root).root_metadata() reads")
     if path.name == METRICS and _is_named_item(path):
         raise CheckpointNotFoundError(
             f"no checkpoint at {path}: it holds the metrics of the Orbax step {path.parent}, which Orbax does not "
@@ -133,6 +137,12 @@ def _never_committed(step_dir: Path) -> bool:
     except (OSError, CheckpointCorruptedError):
         return False
     return isinstance(data, dict) and "commit_timestamp_nsecs" in data and data["commit_timestamp_nsecs"] is None
+
+
+def _is_legacy_root_metadata(path: Path) -> bool:
+    """Whether ``path`` is the directory where Orbax before 0.10 kept its root's metadata (``metadata/metadata``,
+    committed with a ``_CHECKPOINT_METADATA`` of its own, as a step is)."""
+    return path.name == LEGACY_ROOT_METADATA.parent.name and files.is_plain_file(path.parent / LEGACY_ROOT_METADATA)
 
 
 def _is_named_item(path: Path) -> bool:

@@ -943,6 +943,27 @@ def test_restoring_a_directory_saved_with_optimizers_of_other_parameters_names_t
     assert steps_in(tmp_path) == saved
 
 
+def test_a_tuners_search_before_a_resumed_fit_starts_from_the_module_as_given_and_the_fit_resumes(tmp_path):
+    """Tuner.lr_find runs a fit of its own, which its finder ends at fit start: the callback restored the latest
+    step there, so the script run again searched from the trained weights and put another learning rate in the
+    module's hparams than the first run did; Lightning's own resume (ckpt_path= of the training fit) searches
+    from the module as given, as the first run did."""
+    def tuned_fit(max_steps: int) -> tuple[list[float], float, pl.Trainer]:
+        pl.seed_everything(0, verbose=False)
+        trainer = pl.Trainer(max_steps=max_steps, callbacks=[CheckpointCallback(tmp_path / "ckpt")],
+                             default_root_dir=tmp_path, accelerator="cpu", logger=False, enable_progress_bar=False,
+                             enable_model_summary=False)
+        model, loader = example.Regressor(), DataLoader(example.synthetic_data(), batch_size=16, shuffle=True)
+        search = pl.tuner.Tuner(trainer).lr_find(model, loader, num_training=6, update_attr=True)
+        trainer.fit(model, loader)
+        return search.results["loss"], model.hparams.lr, trainer
+
+    first_losses, first_lr, _ = tuned_fit(max_steps=4)
+    losses, lr, trainer = tuned_fit(max_steps=8)  # resumed from step 4 (else: "already holds step 4")
+    assert (losses, lr) == (first_losses, first_lr)
+    assert trainer.global_step == 8
+
+
 def test_ckpt_path_given_by_the_user_wins_over_the_directorys_latest_step(tmp_path):
     trainer, _ = fit(tmp_path / "a", max_steps=4, save_decision_policy=sdp.FixedIntervalPolicy(2))
     lightning_file = tmp_path / "step4.ckpt"

@@ -251,7 +251,8 @@ class CheckpointCallbackMixin:
     def _restore_modules(self, trainer: Any, pl_module: Any) -> None:
         """At fit start, before the other callbacks' ``on_fit_start`` (as Lightning's own restore): finds
         the latest step and restores the model, datamodule and callbacks from it (nothing under ``fast_dev_run``,
-        which opens no Checkpointer: restored, the smoke test would start at the latest step and train no batch).
+        which opens no Checkpointer: restored, the smoke test would start at the latest step and train no batch;
+        nothing in a fit that Lightning's ``Tuner`` runs for its search, which starts from the module as given).
         With ``trainer.fit(ckpt_path=...)`` of a checkpoint this callback wrote, which Lightning has restored the
         modules and callbacks from, keeps it for :meth:`on_fit_start`: a callback's ``on_fit_start`` may restore
         a checkpoint of its own meanwhile (``BatchSizeFinder`` does), which ends Lightning's."""
@@ -265,7 +266,7 @@ class CheckpointCallbackMixin:
         newest = max(((f[0], -i) for i, (c, f) in enumerate(zip(peers, found_by_peer)) if f is not None and c.restore),
                      default=None)
         if (self.restore and found is not None and trainer.ckpt_path is None
-                and peers[-newest[1]] is self):
+                and peers[-newest[1]] is self and not resume.tuner_fit(trainer)):
             step, path = found
             set_by_torch = sharded.restores_itself(trainer)
             loaded = sharded.load(trainer, path) if set_by_torch else translate.load(self._checkpointer, step)

@@ -964,6 +964,18 @@ def test_a_tuners_search_before_a_resumed_fit_starts_from_the_module_as_given_an
     assert trainer.global_step == 8
 
 
+def test_a_fit_resumed_from_a_file_trainer_save_checkpoint_wrote_after_fit_ends_as_that_fit_ended(tmp_path):
+    """trainer.save_checkpoint after a fit that max_steps ended mid-epoch: the file's loops have that epoch ended, and
+    the callback's record in it took the save as one at a step's end, so a fit of the same max_steps resumed from the
+    file (which trains nothing) ended the epoch again: epoch 2, where the fit that wrote it, and Lightning's own resume
+    from the file, stand at epoch 1."""
+    trainer, _ = fit(tmp_path / "first", max_steps=12)  # 20 batches per epoch
+    trainer.save_checkpoint(tmp_path / "final.ckpt")
+    resumed, _ = fit(tmp_path / "second", max_steps=12, ckpt_path=str(tmp_path / "final.ckpt"))
+    assert (resumed.global_step, resumed.current_epoch) == (trainer.global_step, trainer.current_epoch) == (12, 1)
+    assert resumed.fit_loop.state_dict() == trainer.fit_loop.state_dict()
+
+
 def test_ckpt_path_given_by_the_user_wins_over_the_directorys_latest_step(tmp_path):
     trainer, _ = fit(tmp_path / "a", max_steps=4, save_decision_policy=sdp.FixedIntervalPolicy(2))
     lightning_file = tmp_path / "step4.ckpt"

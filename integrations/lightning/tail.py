@@ -82,9 +82,13 @@ def save_point(trainer: Any, last: bool) -> SavePoint:
 def others_save_point(trainer: Any) -> SavePoint:
     """Where a checkpoint that no CheckpointCallback takes is taken (a ``ModelCheckpoint``'s, which a fit may
     resume from with ``ckpt_path=``; ``trainer.save_checkpoint``): in the ``on_train_epoch_end`` or
-    ``on_validation_end`` hooks (``ModelCheckpoint`` saves there) when taken there, else as at a step's end."""
+    ``on_validation_end`` hooks (``ModelCheckpoint`` saves there) when taken there, as at the training's end when
+    taken after it (in ``on_train_end`` or later: ``trainer.save_checkpoint`` after ``fit``, when the training loop
+    has run its last epoch end), else as at a step's end."""
     hook = trainer.lightning_module._current_fx_name
-    if hook not in ("on_train_epoch_end", "on_validation_end"):
+    if hook in ("on_train_end", "on_fit_end", "teardown") or trainer.state.status == "finished":
+        hook = "on_train_end"
+    elif hook not in ("on_train_epoch_end", "on_validation_end"):
         hook = "on_train_batch_end"
     # the training loop's logging state is a bool once it trained a batch, which validation follows; its
     # value makes no difference to a restart (the next batch sets it to False)

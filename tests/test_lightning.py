@@ -987,17 +987,41 @@ def test_ckpt_path_given_by_the_user_wins_over_the_directorys_latest_step(tmp_pa
     assert trainer.global_step == 6
 
 
+def lightning_fit(max_steps: int, ckpt_path: Path | None = None) -> pl.Trainer:
+    """A fit with Lightning alone (no checkpoint callback)."""
+    pl.seed_everything(0, verbose=False)
+    trainer = pl.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(example.Regressor(), DataLoader(example.synthetic_data(), batch_size=16, shuffle=True),
+                ckpt_path=ckpt_path)
+    return trainer
+
+
+def lightning_file_mid_epoch(directory: Path) -> Path:
+    """A file of Lightning's own, ``directory/step3.ckpt``, taken mid-epoch (step 3 of 20 batches an epoch)."""
+    lightning_fit(max_steps=3).save_checkpoint(directory / "step3.ckpt")
+    return directory / "step3.ckpt"
+
+
 def test_resumed_mid_epoch_from_a_file_of_lightnings_own_the_callback_keeps_lightnings_warning(tmp_path):
     """Such a file holds no record of the epoch's data order, so its epoch goes on in another order (as with
     Lightning alone); Lightning's warning that results may differ was silenced all the same."""
-    pl.seed_everything(0, verbose=False)
-    trainer = pl.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(example.Regressor(), DataLoader(example.synthetic_data(), batch_size=16, shuffle=True))
-    trainer.save_checkpoint(tmp_path / "step3.ckpt")  # mid-epoch (20 batches an epoch)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        fit(tmp_path / "ckpt", max_steps=5, ckpt_path=tmp_path / "step3.ckpt")
+        fit(tmp_path / "ckpt", max_steps=5, ckpt_path=lightning_file_mid_epoch(tmp_path))
+    assert [w for w in caught if "checkpoint that ended before the epoch ended" in str(w.message)]
+
+
+def test_lightnings_warning_of_a_replayed_epoch_is_silenced_for_the_fit_the_callback_positions_alone(tmp_path):
+    """The callback silences the warning in the fit whose data it positions; its filter stayed for the life of the
+    process, so a later fit resumed mid-epoch from a file of Lightning's own replayed its epoch unwarned."""
+    fit(tmp_path / "ckpt", max_steps=3)
+    lightning_file = lightning_file_mid_epoch(tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(tmp_path / "ckpt", max_steps=5)  # resumed from step 3 by the callback, which continues the epoch
+        assert not [w for w in caught if "checkpoint that ended before the epoch ended" in str(w.message)]
+        lightning_fit(max_steps=5, ckpt_path=lightning_file)
     assert [w for w in caught if "checkpoint that ended before the epoch ended" in str(w.message)]
 
 

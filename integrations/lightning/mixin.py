@@ -145,6 +145,7 @@ class CheckpointCallbackMixin:
         self._accumulation_after_epoch: int | None = None  # the Trainer's, while the saved epoch's is in force
         self._callbacks_order: list | None = None  # trainer.callbacks as given, while this fit runs ours last
         self._metrics = monitor_lib.MeasuredMetrics(monitor)  # a save's metrics: monitor only where measured
+        self._silenced: tuple | None = None  # the warnings filter of _silence_replay_warning, while it is in force
 
     # ------------------------------------------------------------------ what Lightning reads
     @property
@@ -318,6 +319,9 @@ class CheckpointCallbackMixin:
         if self is _peers(trainer)[0]:  # the others' checkpoints take its record
             self._start_epoch(trainer, action)
 
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        self._end_silence()
+
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
         self._at_step_boundary = step != self._decided_step
@@ -348,6 +352,7 @@ class CheckpointCallbackMixin:
             self._save(trainer, trainer.global_step, *self._pending)
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        self._end_silence()  # an epoch resumed after its last batch
         if self._restored_logged:  # the metrics Lightning's restart does not trust are restored
             self._restored_logged = False
             tail.end_restart(trainer)
@@ -364,6 +369,7 @@ class CheckpointCallbackMixin:
             _finish_saved_iteration(trainer, _loaded_state(trainer), skipped=True)
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        self._end_silence()  # a fit that ends at once
         step = trainer.global_step
         if step != self._saved_step and not trainer.fast_dev_run:
             self._save(trainer, step, tail.SavePoint(hook="on_train_end", first_loop_iter=None))
@@ -375,6 +381,7 @@ class CheckpointCallbackMixin:
         self._restore_callbacks_order(trainer)  # the module's on_train_end and on_fit_end see the order given
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self._end_silence()
         step = trainer.global_step
         if (trainer.received_sigterm and self._decided_step is not None and self._at_step_boundary
                 and step != self._saved_step and not trainer.fast_dev_run):
@@ -470,9 +477,7 @@ class CheckpointCallbackMixin:
         position = resume.plan_data_position(trainer)
         loaders = resume.train_loaders(trainer)
         if position is not None and epoch_rng is not None:
-            # Lightning warns that a plain DataLoader replays the epoch; this callback replays its data order
-            # instead (from a checkpoint that recorded it: not a file of ModelCheckpoint's, which stays warned of)
-            warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
+            self._silence_replay_warning()
         if position is not None and position.replay_epoch:
             epoch = trainer.current_epoch if epoch_rng is None else epoch_rng["epoch"]
             resume.rank_zero_info(trainer, f"Continuing epoch {epoch} after its batch {position.skip} (ckpt)")
@@ -495,6 +500,21 @@ class CheckpointCallbackMixin:
                 self._epoch_start_action = "iterate"
             else:
                 self._start_epoch(trainer, "iterate")
+
+    def _silence_replay_warning(self) -> None:
+        """Silences Lightning's warning that a plain DataLoader replays the epoch, which it gives as its epoch loop
+        restarts: this callback replays the data order instead (from a checkpoint that recorded it: not a file of
+        ModelCheckpoint's, which stays warned of). Only this fit's: :meth:`_end_silence` removes the filter."""
+        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
+        self._silenced = warnings.filters[0]
+
+    def _end_silence(self) -> None:
+        """Removes the filter of :meth:`_silence_replay_warning` (call in the first hook after the epoch loop's
+        restart), so that other fits of the process resumed mid-epoch from Lightning's own files are warned of."""
+        if self._silenced is not None:
+            if self._silenced in warnings.filters:
+                warnings.filters.remove(self._silenced)
+            self._silenced = None
 
     def _start_epoch(self, trainer: Any, action: str | None) -> None:
         """Records the RNG states at the start of an epoch (and, with ``"iterate"``, then makes its

@@ -964,14 +964,34 @@ def test_a_tuners_search_before_a_resumed_fit_starts_from_the_module_as_given_an
     assert trainer.global_step == 8
 
 
-def test_a_fit_resumed_from_a_file_trainer_save_checkpoint_wrote_after_fit_ends_as_that_fit_ended(tmp_path):
+class SavedAfterValidation(example.Regressor):
+    """The example's model, which saves the Trainer's checkpoint to ``self.path`` at the end of a ``trainer.validate()``."""
+
+    path: Path | None = None
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", torch.nn.functional.mse_loss(self.net(batch[0]), batch[1]))
+
+    def on_validation_end(self):
+        if self.trainer.state.fn == "validate":
+            self.trainer.save_checkpoint(self.path)
+
+
+@pytest.mark.parametrize("when", ["after_fit", "in_a_later_validate"])
+def test_a_fit_resumed_from_a_file_trainer_save_checkpoint_wrote_after_fit_ends_as_that_fit_ended(tmp_path, when):
     """trainer.save_checkpoint after a fit that max_steps ended mid-epoch: the file's loops have that epoch ended, and
     the callback's record in it took the save as one at a step's end, so a fit of the same max_steps resumed from the
     file (which trains nothing) ended the epoch again: epoch 2, where the fit that wrote it, and Lightning's own resume
     from the file, stand at epoch 1."""
-    trainer, _ = fit(tmp_path / "first", max_steps=12)  # 20 batches per epoch
-    trainer.save_checkpoint(tmp_path / "final.ckpt")
-    resumed, _ = fit(tmp_path / "second", max_steps=12, ckpt_path=str(tmp_path / "final.ckpt"))
+    model = SavedAfterValidation()
+    trainer, _ = fit(tmp_path / "first", model=model, max_steps=12)  # 20 batches per epoch
+    if when == "after_fit":
+        trainer.save_checkpoint(tmp_path / "final.ckpt")
+    else:
+        model.path = tmp_path / "final.ckpt"
+        trainer.validate(model, DataLoader(example.synthetic_data(32), batch_size=16))
+    resumed, _ = fit(tmp_path / "second", model=SavedAfterValidation(), max_steps=12,
+                     ckpt_path=str(tmp_path / "final.ckpt"))
     assert (resumed.global_step, resumed.current_epoch) == (trainer.global_step, trainer.current_epoch) == (12, 1)
     assert resumed.fit_loop.state_dict() == trainer.fit_loop.state_dict()
 

@@ -83,10 +83,11 @@ def others_save_point(trainer: Any) -> SavePoint:
     """Where a checkpoint that no CheckpointCallback takes is taken (a ``ModelCheckpoint``'s, which a fit may
     resume from with ``ckpt_path=``; ``trainer.save_checkpoint``): in the ``on_train_epoch_end`` or
     ``on_validation_end`` hooks (``ModelCheckpoint`` saves there) when taken there, as at the training's end when
-    taken after it (in ``on_train_end`` or later: ``trainer.save_checkpoint`` after ``fit``, when the training loop
-    has run its last epoch end), else as at a step's end."""
+    taken after it (in ``on_train_end`` or later: ``trainer.save_checkpoint`` after ``fit`` or in a later
+    ``validate``/``test``/``predict``, when the training loop has run its last epoch end), else as at a step's end."""
     hook = trainer.lightning_module._current_fx_name
-    if hook in ("on_train_end", "on_fit_end", "teardown") or trainer.state.status == "finished":
+    state = trainer.state
+    if hook in ("on_train_end", "on_fit_end", "teardown") or state.status == "finished" or state.fn != "fit":
         hook = "on_train_end"
     elif hook not in ("on_train_epoch_end", "on_validation_end"):
         hook = "on_train_batch_end"

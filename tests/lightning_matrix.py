@@ -63,6 +63,8 @@ class Config:
     callbacks: tuple = ()  # Lightning's beside ours: "swa", "ema", "accumulation_scheduler", "batch_size_finder",
     # "stop_at_second_validation" (EarlyStopping that stops at the second validation, mid-epoch)
     stop_at: int | None = None  # the module sets trainer.should_stop in the training step that ends at this step
+    sigterm_in: str = ""  # "on_validation_end": the run to stop sends itself SIGTERM there at kill_at (no SIGKILL; the
+    # policy saves nothing by itself: the callback saves the step on SIGTERM), and exits by Lightning's SIGTERMException
 
     def reference_key(self) -> "Config":
         return dataclasses.replace(self, kill_at=0)
@@ -162,6 +164,10 @@ CONFIGS: dict[str, Config] = {
                                               scheduler="plateau_epoch"),
     "finished_by_max_steps_mid_epoch_after_validation": Config(
         kill_at=12, max_epochs=-1, max_steps=12, val=True, epoch_metrics=True, trainer=(("val_check_interval", 4),)),
+    # SIGTERM after the validation of a step no save was due at: the step is saved after its whole iteration, which
+    # Lightning's restart takes for a save in on_validation_end (as ModelCheckpoint's) and runs the step's end again
+    "sigterm_after_a_steps_validation": Config(kill_at=12, val=True, epoch_metrics=True, scheduler="plateau_step",
+                                               trainer=(("val_check_interval", 0.5),), sigterm_in="on_validation_end"),
     "lightning_pytorch_namespace": Config(kill_at=13, val=True, epoch_metrics=True,
                                           namespace="lightning.pytorch"),
 }
@@ -256,7 +262,7 @@ def _classes(namespace: str) -> dict[str, Any]:
         # the kill: at the first hook after the kill step's checkpoint is committed
         def _maybe_kill(self) -> None:
             checkpointer = next((c.checkpointer for c in self.trainer.callbacks if hasattr(c, "checkpointer")), None)
-            if self.kill_at is None or checkpointer is None:
+            if self.kill_at is None or checkpointer is None or self.cfg.sigterm_in:
                 return
             checkpointer.wait()
             latest = checkpointer.latest
@@ -284,6 +290,9 @@ def _classes(namespace: str) -> dict[str, Any]:
             self._maybe_kill()
 
         def on_validation_end(self) -> None:
+            if self.kill_at == self.trainer.global_step and self.cfg.sigterm_in == "on_validation_end":
+                self.kill_at = None
+                os.kill(os.getpid(), signal.SIGTERM)
             self._maybe_kill()
 
         def on_train_end(self) -> None:
@@ -459,7 +468,7 @@ def run(cfg: Config, directory: str | None, kill: bool, trace_path: str) -> dict
         callbacks.append(pl.callbacks.ModelCheckpoint(mc_dir, **every))
     if directory is not None:
         ours = callback_module.CheckpointCallback(
-            os.path.join(directory, "ckpt"), save_decision_policy=sdp.SpecificStepsPolicy([cfg.kill_at]))
+            os.path.join(directory, "ckpt"), save_decision_policy=sdp.SpecificStepsPolicy([] if cfg.sigterm_in else [cfg.kill_at]))
         callbacks.insert(len(callbacks) - (cfg.model_checkpoint == "after"), ours)
     trainer = pl.Trainer(max_epochs=cfg.max_epochs, max_steps=cfg.max_steps, callbacks=callbacks,
                          enable_checkpointing=directory is not None or bool(cfg.model_checkpoint), accelerator="cpu",
@@ -610,8 +619,8 @@ class Worker:
         killed_pid = _fork(lambda: _run_to(cfg, base, True, killed_out))
         killed_code = _wait(killed_pid)
         problems = []
-        if killed_code != -signal.SIGKILL:
-            problems.append(f"the run to kill exited with {killed_code}, not by SIGKILL")
+        if killed_code != (1 if cfg.sigterm_in else -signal.SIGKILL):
+            problems.append(f"the run to kill exited with {killed_code}, not by {cfg.sigterm_in and 'SIGTERM' or 'SIGKILL'}")
         # started again at once, while the killed run's DataLoader workers may still live
         resumed_pid = _fork(lambda: _run_to(cfg, base, False, resumed_out))
         resumed_code = _wait(resumed_pid)

@@ -146,6 +146,7 @@ class CheckpointCallbackMixin:
         self._callbacks_order: list | None = None  # trainer.callbacks as given, while this fit runs ours last
         self._metrics = monitor_lib.MeasuredMetrics(monitor)  # a save's metrics: monitor only where measured
         self._silenced: tuple | None = None  # the warnings filter of _silence_replay_warning, while it is in force
+        self._held: list = []  # schedulers' configs held by tail.hold_repeated_step_end until the next batch
 
     # ------------------------------------------------------------------ what Lightning reads
     @property
@@ -320,7 +321,7 @@ class CheckpointCallbackMixin:
             self._start_epoch(trainer, action)
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        self._end_silence()
+        self._end_restart()
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
@@ -352,7 +353,7 @@ class CheckpointCallbackMixin:
             self._save(trainer, trainer.global_step, *self._pending)
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-        self._end_silence()  # an epoch resumed after its last batch
+        self._end_restart()  # an epoch resumed after its last batch
         if self._restored_logged:  # the metrics Lightning's restart does not trust are restored
             self._restored_logged = False
             tail.end_restart(trainer)
@@ -369,7 +370,7 @@ class CheckpointCallbackMixin:
             _finish_saved_iteration(trainer, _loaded_state(trainer), skipped=True)
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-        self._end_silence()  # a fit that ends at once
+        self._end_restart()  # a fit that ends at once
         step = trainer.global_step
         if step != self._saved_step and not trainer.fast_dev_run:
             self._save(trainer, step, tail.SavePoint(hook="on_train_end", first_loop_iter=None))
@@ -381,7 +382,7 @@ class CheckpointCallbackMixin:
         self._restore_callbacks_order(trainer)  # the module's on_train_end and on_fit_end see the order given
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
-        self._end_silence()
+        self._end_restart()
         step = trainer.global_step
         if (trainer.received_sigterm and self._decided_step is not None and self._at_step_boundary
                 and step != self._saved_step and not trainer.fast_dev_run):
@@ -459,6 +460,7 @@ class CheckpointCallbackMixin:
         """Continues the data where the checkpoint left it, with the RNG states it recorded."""
         saved = _loaded_state(trainer)
         self._restored_logged = _finish_saved_iteration(trainer, saved)
+        self._held = tail.hold_repeated_step_end(trainer, saved.get("saved_in"))
         resume.restore_trainable(trainer.lightning_module, saved.get("trainable"))  # after BaseFinetuning's setup
         resume.restore_loaders_made_in(trainer, saved.get("loaders_made_in"))
         if trainer.fit_loop.restarted_mid_epoch:  # Lightning skips the epoch-start hooks
@@ -504,13 +506,16 @@ class CheckpointCallbackMixin:
     def _silence_replay_warning(self) -> None:
         """Silences Lightning's warning that a plain DataLoader replays the epoch, which it gives as its epoch loop
         restarts: this callback replays the data order instead (from a checkpoint that recorded it: not a file of
-        ModelCheckpoint's, which stays warned of). Only this fit's: :meth:`_end_silence` removes the filter."""
+        ModelCheckpoint's, which stays warned of). Only this fit's: :meth:`_end_restart` removes the filter."""
         warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
         self._silenced = warnings.filters[0]
 
-    def _end_silence(self) -> None:
-        """Removes the filter of :meth:`_silence_replay_warning` (call in the first hook after the epoch loop's
-        restart), so that other fits of the process resumed mid-epoch from Lightning's own files are warned of."""
+    def _end_restart(self) -> None:
+        """Ends what the restart held until Lightning's epoch loop restarted (call in the first hook after it): the
+        schedulers :func:`tail.hold_repeated_step_end` held, and the filter of :meth:`_silence_replay_warning`, so that
+        other fits of the process resumed mid-epoch from Lightning's own files are warned of."""
+        tail.release(self._held)
+        self._held = []
         if self._silenced is not None:
             if self._silenced in warnings.filters:
                 warnings.filters.remove(self._silenced)

@@ -275,6 +275,16 @@ def test_one_decision_per_global_step_under_gradient_accumulation(tmp_path):
     assert steps_in(tmp_path) == [1, 2, 3, 4, 5]
 
 
+def test_a_trainer_fits_again_after_the_callback_is_taken_out_of_it(tmp_path):
+    """The callback leaves its fit-start callback in the Trainer; the next fit of a Trainer whose callbacks no longer
+    hold it raised ValueError: '<CheckpointCallback object> is not in list'."""
+    trainer, callback = fit(tmp_path, max_steps=3)
+    trainer.callbacks = [c for c in trainer.callbacks if c is not callback]
+    trainer.fit_loop.epoch_loop.max_steps = 6
+    trainer.fit(trainer.lightning_module, DataLoader(example.synthetic_data(), batch_size=16, shuffle=True))
+    assert trainer.global_step == 6 and steps_in(tmp_path)[-1] == 3
+
+
 def test_callback_is_the_trainers_checkpoint_callback_and_exposes_best_and_last_paths(tmp_path):
     trainer, callback = fit(tmp_path, max_steps=6, monitor="train_loss", mode="min",
                             save_decision_policy=sdp.FixedIntervalPolicy(2), preservation_policy=pp.LatestN(1))

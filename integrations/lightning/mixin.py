@@ -258,8 +258,10 @@ class CheckpointCallbackMixin:
         With ``trainer.fit(ckpt_path=...)`` of a checkpoint this callback wrote, which Lightning has restored the
         modules and callbacks from, keeps it for :meth:`on_fit_start`: a callback's ``on_fit_start`` may restore
         a checkpoint of its own meanwhile (``BatchSizeFinder`` does), which ends Lightning's."""
-        sharded.check_strategy(trainer)
         peers = _peers(trainer)
+        if self not in peers:  # taken out of the Trainer after a fit of its own, whose fit-start callback stays
+            return
+        sharded.check_strategy(trainer)
         found_by_peer = trainer.strategy.broadcast([_latest(c._checkpointer if c._open else None) for c in peers],
                                                    src=0)
         found = found_by_peer[peers.index(self)]

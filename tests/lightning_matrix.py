@@ -56,7 +56,8 @@ class Config:
     workers: int = 0
     model_checkpoint: str = ""  # "before" | "after": Lightning's ModelCheckpoint (a file every 3 steps, the latest
     # kept) listed before or after ours; "val_loss": one keeping every file, by val_loss (saved after validation, or
-    # at the epoch's end when it validates there); its state and files are compared
+    # at the epoch's end when it validates there); its state and files are compared; "on_exception": an
+    # OnExceptionCheckpoint (its file is the restarted run's ckpt_path="model_checkpoint")
     ckpt_path: str | None = None  # "last_model_path": the restarted run passes the callback's (a step directory);
     # "model_checkpoint": the ModelCheckpoint's file of the kill step
     namespace: str = "pytorch_lightning"
@@ -168,6 +169,10 @@ CONFIGS: dict[str, Config] = {
     # Lightning's restart takes for a save in on_validation_end (as ModelCheckpoint's) and runs the step's end again
     "sigterm_after_a_steps_validation": Config(kill_at=12, val=True, epoch_metrics=True, scheduler="plateau_step",
                                                trainer=(("val_check_interval", 0.5),), sigterm_in="on_validation_end"),
+    # the same SIGTERM, resumed from OnExceptionCheckpoint's file, which holds the callback's record too
+    "sigterm_after_a_steps_validation_on_exception_checkpoints_file": Config(
+        kill_at=12, val=True, epoch_metrics=True, scheduler="plateau_step", trainer=(("val_check_interval", 0.5),),
+        sigterm_in="on_validation_end", model_checkpoint="on_exception", ckpt_path="model_checkpoint"),
     "lightning_pytorch_namespace": Config(kill_at=13, val=True, epoch_metrics=True,
                                           namespace="lightning.pytorch"),
 }
@@ -465,7 +470,8 @@ def run(cfg: Config, directory: str | None, kill: bool, trace_path: str) -> dict
         mc_dir = os.path.join(directory or trace_path + ".d", "lightning")
         every = {"monitor": "val_loss", "save_top_k": -1} if cfg.model_checkpoint == "val_loss" else {
             "every_n_train_steps": 3}
-        callbacks.append(pl.callbacks.ModelCheckpoint(mc_dir, **every))
+        callbacks.append(pl.callbacks.OnExceptionCheckpoint(mc_dir) if cfg.model_checkpoint == "on_exception"
+                         else pl.callbacks.ModelCheckpoint(mc_dir, **every))
     if directory is not None:
         ours = callback_module.CheckpointCallback(
             os.path.join(directory, "ckpt"), save_decision_policy=sdp.SpecificStepsPolicy([] if cfg.sigterm_in else [cfg.kill_at]))
@@ -487,6 +493,7 @@ def run(cfg: Config, directory: str | None, kill: bool, trace_path: str) -> dict
     ckpt_path = cfg.ckpt_path
     if ckpt_path == "model_checkpoint":
         files = glob.glob(os.path.join(mc_dir, f"*-step={cfg.kill_at}.ckpt")) if directory is not None else []
+        files += glob.glob(os.path.join(mc_dir, "on_exception.ckpt")) if directory is not None else []
         ckpt_path = files[0] if files else None
     if ckpt_path == "last_model_path":
         ckpt_path = (ours.last_model_path or None) if directory is not None else None

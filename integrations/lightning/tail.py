@@ -81,16 +81,18 @@ def save_point(trainer: Any, last: bool) -> SavePoint:
 
 def others_save_point(trainer: Any) -> SavePoint:
     """Where a checkpoint that no CheckpointCallback takes is taken (a ``ModelCheckpoint``'s, which a fit may
-    resume from with ``ckpt_path=``; ``trainer.save_checkpoint``): in the ``on_train_epoch_end`` or
-    ``on_validation_end`` hooks (``ModelCheckpoint`` saves there) when taken there, as at the training's end when
-    taken after it (in ``on_train_end`` or later: ``trainer.save_checkpoint`` after ``fit`` or in a later
-    ``validate``/``test``/``predict``, when the training loop has run its last epoch end), else as at a step's end."""
+    resume from with ``ckpt_path=``; ``trainer.save_checkpoint``): in the hook it is taken in when that is
+    ``on_train_epoch_end``, ``on_validation_end`` (``ModelCheckpoint`` saves there) or, after SIGTERM, ``on_exception``
+    (``OnExceptionCheckpoint``); as at the training's end when taken after it (in ``on_train_end`` or later:
+    ``trainer.save_checkpoint`` after ``fit`` or in a later ``validate``/``test``/``predict``, when the training loop
+    has run its last epoch end); else as at a step's end."""
     hook = trainer.lightning_module._current_fx_name
     state = trainer.state
     if hook in ("on_train_end", "on_fit_end", "teardown") or state.status == "finished" or state.fn != "fit":
         hook = "on_train_end"
-    elif hook not in ("on_train_epoch_end", "on_validation_end"):
-        hook = "on_train_batch_end"
+    elif hook not in ("on_train_epoch_end", "on_validation_end") and not (hook == "on_exception"
+                                                                        and trainer.received_sigterm):
+        hook = "on_train_batch_end"  # (an error's exception: wherever it was raised)
     # the training loop's logging state is a bool once it trained a batch, which validation follows; its
     # value makes no difference to a restart (the next batch sets it to False)
     return SavePoint(hook=hook, first_loop_iter=False if hook == "on_validation_end" else None)

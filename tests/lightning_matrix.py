@@ -56,13 +56,16 @@ class Config:
     workers: int = 0
     model_checkpoint: str = ""  # "before" | "after": Lightning's ModelCheckpoint (a file every 3 steps, the latest
     # kept) listed before or after ours; "val_loss": one keeping every file, by val_loss (saved after validation, or
-    # at the epoch's end when it validates there); its state and files are compared
+    # at the epoch's end when it validates there); its state and files are compared; "on_exception": an
+    # OnExceptionCheckpoint (its file is the restarted run's ckpt_path="model_checkpoint")
     ckpt_path: str | None = None  # "last_model_path": the restarted run passes the callback's (a step directory);
     # "model_checkpoint": the ModelCheckpoint's file of the kill step
     namespace: str = "pytorch_lightning"
     callbacks: tuple = ()  # Lightning's beside ours: "swa", "ema", "accumulation_scheduler", "batch_size_finder",
     # "stop_at_second_validation" (EarlyStopping that stops at the second validation, mid-epoch)
     stop_at: int | None = None  # the module sets trainer.should_stop in the training step that ends at this step
+    sigterm_in: str = ""  # "on_validation_end": the run to stop sends itself SIGTERM there at kill_at (no SIGKILL; the
+    # policy saves nothing by itself: the callback saves the step on SIGTERM), and exits by Lightning's SIGTERMException
 
     def reference_key(self) -> "Config":
         return dataclasses.replace(self, kill_at=0)
@@ -162,6 +165,14 @@ CONFIGS: dict[str, Config] = {
                                               scheduler="plateau_epoch"),
     "finished_by_max_steps_mid_epoch_after_validation": Config(
         kill_at=12, max_epochs=-1, max_steps=12, val=True, epoch_metrics=True, trainer=(("val_check_interval", 4),)),
+    # SIGTERM after the validation of a step no save was due at: the step is saved after its whole iteration, which
+    # Lightning's restart takes for a save in on_validation_end (as ModelCheckpoint's) and runs the step's end again
+    "sigterm_after_a_steps_validation": Config(kill_at=12, val=True, epoch_metrics=True, scheduler="plateau_step",
+                                               trainer=(("val_check_interval", 0.5),), sigterm_in="on_validation_end"),
+    # the same SIGTERM, resumed from OnExceptionCheckpoint's file, which holds the callback's record too
+    "sigterm_after_a_steps_validation_on_exception_checkpoints_file": Config(
+        kill_at=12, val=True, epoch_metrics=True, scheduler="plateau_step", trainer=(("val_check_interval", 0.5),),
+        sigterm_in="on_validation_end", model_checkpoint="on_exception", ckpt_path="model_checkpoint"),
     "lightning_pytorch_namespace": Config(kill_at=13, val=True, epoch_metrics=True,
                                           namespace="lightning.pytorch"),
 }
@@ -256,7 +267,7 @@ def _classes(namespace: str) -> dict[str, Any]:
         # the kill: at the first hook after the kill step's checkpoint is committed
         def _maybe_kill(self) -> None:
             checkpointer = next((c.checkpointer for c in self.trainer.callbacks if hasattr(c, "checkpointer")), None)
-            if self.kill_at is None or checkpointer is None:
+            if self.kill_at is None or checkpointer is None or self.cfg.sigterm_in:
                 return
             checkpointer.wait()
             latest = checkpointer.latest
@@ -284,6 +295,9 @@ def _classes(namespace: str) -> dict[str, Any]:
             self._maybe_kill()
 
         def on_validation_end(self) -> None:
+            if self.kill_at == self.trainer.global_step and self.cfg.sigterm_in == "on_validation_end":
+                self.kill_at = None
+                os.kill(os.getpid(), signal.SIGTERM)
             self._maybe_kill()
 
         def on_train_end(self) -> None:
@@ -456,10 +470,11 @@ def run(cfg: Config, directory: str | None, kill: bool, trace_path: str) -> dict
         mc_dir = os.path.join(directory or trace_path + ".d", "lightning")
         every = {"monitor": "val_loss", "save_top_k": -1} if cfg.model_checkpoint == "val_loss" else {
             "every_n_train_steps": 3}
-        callbacks.append(pl.callbacks.ModelCheckpoint(mc_dir, **every))
+        callbacks.append(pl.callbacks.OnExceptionCheckpoint(mc_dir) if cfg.model_checkpoint == "on_exception"
+                         else pl.callbacks.ModelCheckpoint(mc_dir, **every))
     if directory is not None:
         ours = callback_module.CheckpointCallback(
-            os.path.join(directory, "ckpt"), save_decision_policy=sdp.SpecificStepsPolicy([cfg.kill_at]))
+            os.path.join(directory, "ckpt"), save_decision_policy=sdp.SpecificStepsPolicy([] if cfg.sigterm_in else [cfg.kill_at]))
         callbacks.insert(len(callbacks) - (cfg.model_checkpoint == "after"), ours)
     trainer = pl.Trainer(max_epochs=cfg.max_epochs, max_steps=cfg.max_steps, callbacks=callbacks,
                          enable_checkpointing=directory is not None or bool(cfg.model_checkpoint), accelerator="cpu",
@@ -478,6 +493,7 @@ def run(cfg: Config, directory: str | None, kill: bool, trace_path: str) -> dict
     ckpt_path = cfg.ckpt_path
     if ckpt_path == "model_checkpoint":
         files = glob.glob(os.path.join(mc_dir, f"*-step={cfg.kill_at}.ckpt")) if directory is not None else []
+        files += glob.glob(os.path.join(mc_dir, "on_exception.ckpt")) if directory is not None else []
         ckpt_path = files[0] if files else None
     if ckpt_path == "last_model_path":
         ckpt_path = (ours.last_model_path or None) if directory is not None else None
@@ -610,8 +626,8 @@ class Worker:
         killed_pid = _fork(lambda: _run_to(cfg, base, True, killed_out))
         killed_code = _wait(killed_pid)
         problems = []
-        if killed_code != -signal.SIGKILL:
-            problems.append(f"the run to kill exited with {killed_code}, not by SIGKILL")
+        if killed_code != (1 if cfg.sigterm_in else -signal.SIGKILL):
+            problems.append(f"the run to kill exited with {killed_code}, not by {cfg.sigterm_in and 'SIGTERM' or 'SIGKILL'}")
         # started again at once, while the killed run's DataLoader workers may still live
         resumed_pid = _fork(lambda: _run_to(cfg, base, False, resumed_out))
         resumed_code = _wait(resumed_pid)

@@ -275,6 +275,16 @@ def test_one_decision_per_global_step_under_gradient_accumulation(tmp_path):
     assert steps_in(tmp_path) == [1, 2, 3, 4, 5]
 
 
+def test_a_trainer_fits_again_after_the_callback_is_taken_out_of_it(tmp_path):
+    """The callback leaves its fit-start callback in the Trainer; the next fit of a Trainer whose callbacks no longer
+    hold it raised ValueError: '<CheckpointCallback object> is not in list'."""
+    trainer, callback = fit(tmp_path, max_steps=3)
+    trainer.callbacks = [c for c in trainer.callbacks if c is not callback]
+    trainer.fit_loop.epoch_loop.max_steps = 6
+    trainer.fit(trainer.lightning_module, DataLoader(example.synthetic_data(), batch_size=16, shuffle=True))
+    assert trainer.global_step == 6 and steps_in(tmp_path)[-1] == 3
+
+
 def test_callback_is_the_trainers_checkpoint_callback_and_exposes_best_and_last_paths(tmp_path):
     trainer, callback = fit(tmp_path, max_steps=6, monitor="train_loss", mode="min",
                             save_decision_policy=sdp.FixedIntervalPolicy(2), preservation_policy=pp.LatestN(1))
@@ -943,6 +953,59 @@ def test_restoring_a_directory_saved_with_optimizers_of_other_parameters_names_t
     assert steps_in(tmp_path) == saved
 
 
+def test_a_tuners_search_before_a_resumed_fit_starts_from_the_module_as_given_and_the_fit_resumes(tmp_path):
+    """Tuner.lr_find runs a fit of its own, which its finder ends at fit start: the callback restored the latest
+    step there, so the script run again searched from the trained weights and put another learning rate in the
+    module's hparams than the first run did; Lightning's own resume (ckpt_path= of the training fit) searches
+    from the module as given, as the first run did."""
+    def tuned_fit(max_steps: int) -> tuple[list[float], float, pl.Trainer]:
+        pl.seed_everything(0, verbose=False)
+        trainer = pl.Trainer(max_steps=max_steps, callbacks=[CheckpointCallback(tmp_path / "ckpt")],
+                             default_root_dir=tmp_path, accelerator="cpu", logger=False, enable_progress_bar=False,
+                             enable_model_summary=False)
+        model, loader = example.Regressor(), DataLoader(example.synthetic_data(), batch_size=16, shuffle=True)
+        search = pl.tuner.Tuner(trainer).lr_find(model, loader, num_training=6, update_attr=True)
+        trainer.fit(model, loader)
+        return search.results["loss"], model.hparams.lr, trainer
+
+    first_losses, first_lr, _ = tuned_fit(max_steps=4)
+    losses, lr, trainer = tuned_fit(max_steps=8)  # resumed from step 4 (else: "already holds step 4")
+    assert (losses, lr) == (first_losses, first_lr)
+    assert trainer.global_step == 8
+
+
+class SavedAfterValidation(example.Regressor):
+    """The example's model, which saves the Trainer's checkpoint to ``self.path`` at the end of a ``trainer.validate()``."""
+
+    path: Path | None = None
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", torch.nn.functional.mse_loss(self.net(batch[0]), batch[1]))
+
+    def on_validation_end(self):
+        if self.trainer.state.fn == "validate":
+            self.trainer.save_checkpoint(self.path)
+
+
+@pytest.mark.parametrize("when", ["after_fit", "in_a_later_validate"])
+def test_a_fit_resumed_from_a_file_trainer_save_checkpoint_wrote_after_fit_ends_as_that_fit_ended(tmp_path, when):
+    """trainer.save_checkpoint after a fit that max_steps ended mid-epoch: the file's loops have that epoch ended, and
+    the callback's record in it took the save as one at a step's end, so a fit of the same max_steps resumed from the
+    file (which trains nothing) ended the epoch again: epoch 2, where the fit that wrote it, and Lightning's own resume
+    from the file, stand at epoch 1."""
+    model = SavedAfterValidation()
+    trainer, _ = fit(tmp_path / "first", model=model, max_steps=12)  # 20 batches per epoch
+    if when == "after_fit":
+        trainer.save_checkpoint(tmp_path / "final.ckpt")
+    else:
+        model.path = tmp_path / "final.ckpt"
+        trainer.validate(model, DataLoader(example.synthetic_data(32), batch_size=16))
+    resumed, _ = fit(tmp_path / "second", model=SavedAfterValidation(), max_steps=12,
+                     ckpt_path=str(tmp_path / "final.ckpt"))
+    assert (resumed.global_step, resumed.current_epoch) == (trainer.global_step, trainer.current_epoch) == (12, 1)
+    assert resumed.fit_loop.state_dict() == trainer.fit_loop.state_dict()
+
+
 def test_ckpt_path_given_by_the_user_wins_over_the_directorys_latest_step(tmp_path):
     trainer, _ = fit(tmp_path / "a", max_steps=4, save_decision_policy=sdp.FixedIntervalPolicy(2))
     lightning_file = tmp_path / "step4.ckpt"
@@ -954,17 +1017,41 @@ def test_ckpt_path_given_by_the_user_wins_over_the_directorys_latest_step(tmp_pa
     assert trainer.global_step == 6
 
 
+def lightning_fit(max_steps: int, ckpt_path: Path | None = None) -> pl.Trainer:
+    """A fit with Lightning alone (no checkpoint callback)."""
+    pl.seed_everything(0, verbose=False)
+    trainer = pl.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(example.Regressor(), DataLoader(example.synthetic_data(), batch_size=16, shuffle=True),
+                ckpt_path=ckpt_path)
+    return trainer
+
+
+def lightning_file_mid_epoch(directory: Path) -> Path:
+    """A file of Lightning's own, ``directory/step3.ckpt``, taken mid-epoch (step 3 of 20 batches an epoch)."""
+    lightning_fit(max_steps=3).save_checkpoint(directory / "step3.ckpt")
+    return directory / "step3.ckpt"
+
+
 def test_resumed_mid_epoch_from_a_file_of_lightnings_own_the_callback_keeps_lightnings_warning(tmp_path):
     """Such a file holds no record of the epoch's data order, so its epoch goes on in another order (as with
     Lightning alone); Lightning's warning that results may differ was silenced all the same."""
-    pl.seed_everything(0, verbose=False)
-    trainer = pl.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(example.Regressor(), DataLoader(example.synthetic_data(), batch_size=16, shuffle=True))
-    trainer.save_checkpoint(tmp_path / "step3.ckpt")  # mid-epoch (20 batches an epoch)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        fit(tmp_path / "ckpt", max_steps=5, ckpt_path=tmp_path / "step3.ckpt")
+        fit(tmp_path / "ckpt", max_steps=5, ckpt_path=lightning_file_mid_epoch(tmp_path))
+    assert [w for w in caught if "checkpoint that ended before the epoch ended" in str(w.message)]
+
+
+def test_lightnings_warning_of_a_replayed_epoch_is_silenced_for_the_fit_the_callback_positions_alone(tmp_path):
+    """The callback silences the warning in the fit whose data it positions; its filter stayed for the life of the
+    process, so a later fit resumed mid-epoch from a file of Lightning's own replayed its epoch unwarned."""
+    fit(tmp_path / "ckpt", max_steps=3)
+    lightning_file = lightning_file_mid_epoch(tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(tmp_path / "ckpt", max_steps=5)  # resumed from step 3 by the callback, which continues the epoch
+        assert not [w for w in caught if "checkpoint that ended before the epoch ended" in str(w.message)]
+        lightning_fit(max_steps=5, ckpt_path=lightning_file)
     assert [w for w in caught if "checkpoint that ended before the epoch ended" in str(w.message)]
 
 

@@ -145,6 +145,8 @@ class CheckpointCallbackMixin:
         self._accumulation_after_epoch: int | None = None  # the Trainer's, while the saved epoch's is in force
         self._callbacks_order: list | None = None  # trainer.callbacks as given, while this fit runs ours last
         self._metrics = monitor_lib.MeasuredMetrics(monitor)  # a save's metrics: monitor only where measured
+        self._silenced: tuple | None = None  # the warnings filter of _silence_replay_warning, while it is in force
+        self._held: list = []  # schedulers' configs held by tail.hold_repeated_step_end until the next batch
 
     # ------------------------------------------------------------------ what Lightning reads
     @property
@@ -251,12 +253,15 @@ class CheckpointCallbackMixin:
     def _restore_modules(self, trainer: Any, pl_module: Any) -> None:
         """At fit start, before the other callbacks' ``on_fit_start`` (as Lightning's own restore): finds
         the latest step and restores the model, datamodule and callbacks from it (nothing under ``fast_dev_run``,
-        which opens no Checkpointer: restored, the smoke test would start at the latest step and train no batch).
+        which opens no Checkpointer: restored, the smoke test would start at the latest step and train no batch;
+        nothing in a fit that Lightning's ``Tuner`` runs for its search, which starts from the module as given).
         With ``trainer.fit(ckpt_path=...)`` of a checkpoint this callback wrote, which Lightning has restored the
         modules and callbacks from, keeps it for :meth:`on_fit_start`: a callback's ``on_fit_start`` may restore
         a checkpoint of its own meanwhile (``BatchSizeFinder`` does), which ends Lightning's."""
-        sharded.check_strategy(trainer)
         peers = _peers(trainer)
+        if self not in peers:  # taken out of the Trainer after a fit of its own, whose fit-start callback stays
+            return
+        sharded.check_strategy(trainer)
         found_by_peer = trainer.strategy.broadcast([_latest(c._checkpointer if c._open else None) for c in peers],
                                                    src=0)
         found = found_by_peer[peers.index(self)]
@@ -265,7 +270,7 @@ class CheckpointCallbackMixin:
         newest = max(((f[0], -i) for i, (c, f) in enumerate(zip(peers, found_by_peer)) if f is not None and c.restore),
                      default=None)
         if (self.restore and found is not None and trainer.ckpt_path is None
-                and peers[-newest[1]] is self):
+                and peers[-newest[1]] is self and not resume.tuner_fit(trainer)):
             step, path = found
             set_by_torch = sharded.restores_itself(trainer)
             loaded = sharded.load(trainer, path) if set_by_torch else translate.load(self._checkpointer, step)
@@ -317,6 +322,9 @@ class CheckpointCallbackMixin:
         if self is _peers(trainer)[0]:  # the others' checkpoints take its record
             self._start_epoch(trainer, action)
 
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        self._end_restart()
+
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
         self._at_step_boundary = step != self._decided_step
@@ -347,6 +355,7 @@ class CheckpointCallbackMixin:
             self._save(trainer, trainer.global_step, *self._pending)
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        self._end_restart()  # an epoch resumed after its last batch
         if self._restored_logged:  # the metrics Lightning's restart does not trust are restored
             self._restored_logged = False
             tail.end_restart(trainer)
@@ -363,6 +372,7 @@ class CheckpointCallbackMixin:
             _finish_saved_iteration(trainer, _loaded_state(trainer), skipped=True)
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        self._end_restart()  # a fit that ends at once
         step = trainer.global_step
         if step != self._saved_step and not trainer.fast_dev_run:
             self._save(trainer, step, tail.SavePoint(hook="on_train_end", first_loop_iter=None))
@@ -374,6 +384,7 @@ class CheckpointCallbackMixin:
         self._restore_callbacks_order(trainer)  # the module's on_train_end and on_fit_end see the order given
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self._end_restart()
         step = trainer.global_step
         if (trainer.received_sigterm and self._decided_step is not None and self._at_step_boundary
                 and step != self._saved_step and not trainer.fast_dev_run):
@@ -451,6 +462,7 @@ class CheckpointCallbackMixin:
         """Continues the data where the checkpoint left it, with the RNG states it recorded."""
         saved = _loaded_state(trainer)
         self._restored_logged = _finish_saved_iteration(trainer, saved)
+        self._held = tail.hold_repeated_step_end(trainer, saved.get("saved_in"))
         resume.restore_trainable(trainer.lightning_module, saved.get("trainable"))  # after BaseFinetuning's setup
         resume.restore_loaders_made_in(trainer, saved.get("loaders_made_in"))
         if trainer.fit_loop.restarted_mid_epoch:  # Lightning skips the epoch-start hooks
@@ -469,9 +481,7 @@ class CheckpointCallbackMixin:
         position = resume.plan_data_position(trainer)
         loaders = resume.train_loaders(trainer)
         if position is not None and epoch_rng is not None:
-            # Lightning warns that a plain DataLoader replays the epoch; this callback replays its data order
-            # instead (from a checkpoint that recorded it: not a file of ModelCheckpoint's, which stays warned of)
-            warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
+            self._silence_replay_warning()
         if position is not None and position.replay_epoch:
             epoch = trainer.current_epoch if epoch_rng is None else epoch_rng["epoch"]
             resume.rank_zero_info(trainer, f"Continuing epoch {epoch} after its batch {position.skip} (ckpt)")
@@ -494,6 +504,24 @@ class CheckpointCallbackMixin:
                 self._epoch_start_action = "iterate"
             else:
                 self._start_epoch(trainer, "iterate")
+
+    def _silence_replay_warning(self) -> None:
+        """Silences Lightning's warning that a plain DataLoader replays the epoch, which it gives as its epoch loop
+        restarts: this callback replays the data order instead (from a checkpoint that recorded it: not a file of
+        ModelCheckpoint's, which stays warned of). Only this fit's: :meth:`_end_restart` removes the filter."""
+        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
+        self._silenced = warnings.filters[0]
+
+    def _end_restart(self) -> None:
+        """Ends what the restart held until Lightning's epoch loop restarted (call in the first hook after it): the
+        schedulers :func:`tail.hold_repeated_step_end` held, and the filter of :meth:`_silence_replay_warning`, so that
+        other fits of the process resumed mid-epoch from Lightning's own files are warned of."""
+        tail.release(self._held)
+        self._held = []
+        if self._silenced is not None:
+            if self._silenced in warnings.filters:
+                warnings.filters.remove(self._silenced)
+            self._silenced = None
 
     def _start_epoch(self, trainer: Any, action: str | None) -> None:
         """Records the RNG states at the start of an epoch (and, with ``"iterate"``, then makes its

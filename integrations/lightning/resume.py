@@ -92,6 +92,15 @@ def check_parameter_groups(trainer: Any, checkpoint: dict, *, source: str) -> No
                          "trained with.")
 
 
+def tuner_fit(trainer: Any) -> bool:
+    """Whether the fit under way is one that Lightning's ``Tuner`` runs for its search alone
+    (``Tuner.lr_find``, ``Tuner.scale_batch_size``): its finder callback ends the fit in ``on_fit_start``,
+    and the search starts from the module's weights as they are (no ``ckpt_path`` reaches it)."""
+    callbacks = importlib.import_module(f"{lightning_package(trainer)}.callbacks")
+    finders = (callbacks.LearningRateFinder, callbacks.BatchSizeFinder)
+    return any(isinstance(c, finders) and getattr(c, "_early_exit", False) for c in trainer.callbacks)
+
+
 def loaded_checkpoint(trainer: Any) -> dict | None:
     """The checkpoint of ``trainer.fit(ckpt_path=...)`` whose training state Lightning has yet to restore
     (None when there is none, or once restored)."""

@@ -81,11 +81,18 @@ def save_point(trainer: Any, last: bool) -> SavePoint:
 
 def others_save_point(trainer: Any) -> SavePoint:
     """Where a checkpoint that no CheckpointCallback takes is taken (a ``ModelCheckpoint``'s, which a fit may
-    resume from with ``ckpt_path=``; ``trainer.save_checkpoint``): in the ``on_train_epoch_end`` or
-    ``on_validation_end`` hooks (``ModelCheckpoint`` saves there) when taken there, else as at a step's end."""
+    resume from with ``ckpt_path=``; ``trainer.save_checkpoint``): in the hook it is taken in when that is
+    ``on_train_epoch_end``, ``on_validation_end`` (``ModelCheckpoint`` saves there) or, after SIGTERM, ``on_exception``
+    (``OnExceptionCheckpoint``); as at the training's end when taken after it (in ``on_train_end`` or later:
+    ``trainer.save_checkpoint`` after ``fit`` or in a later ``validate``/``test``/``predict``, when the training loop
+    has run its last epoch end); else as at a step's end."""
     hook = trainer.lightning_module._current_fx_name
-    if hook not in ("on_train_epoch_end", "on_validation_end"):
-        hook = "on_train_batch_end"
+    state = trainer.state
+    if hook in ("on_train_end", "on_fit_end", "teardown") or state.status == "finished" or state.fn != "fit":
+        hook = "on_train_end"
+    elif hook not in ("on_train_epoch_end", "on_validation_end") and not (hook == "on_exception"
+                                                                        and trainer.received_sigterm):
+        hook = "on_train_batch_end"  # (an error's exception: wherever it was raised)
     # the training loop's logging state is a bool once it trained a batch, which validation follows; its
     # value makes no difference to a restart (the next batch sets it to False)
     return SavePoint(hook=hook, first_loop_iter=False if hook == "on_validation_end" else None)
@@ -156,6 +163,36 @@ def finish_iteration(trainer: Any, saved_in: str, should_stop: bool, finished: b
             epoch_loop._batches_that_stepped += 1
         finally:
             progress.completed = completed
+
+
+def hold_repeated_step_end(trainer: Any, saved_in: str | None) -> list[Any]:
+    """Keeps Lightning's restart from running again the end of a step that a SIGTERM save took after it
+    (``saved_in`` ``"on_exception"``) when the step validated: Lightning takes such a checkpoint for one taken in
+    ``on_validation_end`` (where ``ModelCheckpoint`` saves) and runs the rest of ``on_advance_end`` again, so the
+    step-interval ``ReduceLROnPlateau`` schedulers stepped a second time on that validation and the count of batches
+    that stepped (the loggers' step) went one ahead. Call in ``on_train_start`` of the resumed run; returns the
+    schedulers' configs held, for :func:`release` at the next batch's start (or the epoch's or training's end)."""
+    epoch_loop = trainer.fit_loop.epoch_loop
+    val_progress = epoch_loop.val_loop.batch_progress
+    # a SIGTERM during the validation (it stops after a batch that is not its last) stopped before the step's end,
+    # which the restart runs after the rest of the validation, as it should
+    if (saved_in != "on_exception" or not epoch_loop.restarted_on_last or not val_progress.is_last_batch
+            or epoch_loop.val_loop.restarted_mid_evaluation or not _validation_due(trainer)):
+        return []
+    epoch_loop._batches_that_stepped -= 1  # the step's end, run again, counts it again
+    held = [c for c in trainer.lr_scheduler_configs if c.reduce_on_plateau and c.interval == "step"]
+    for config in held:
+        config.interval = _HELD
+    return held
+
+
+def release(held: list[Any]) -> None:
+    """Gives the schedulers' configs that :func:`hold_repeated_step_end` held their interval back."""
+    for config in held:
+        config.interval = "step"
+
+
+_HELD = "held by ckpt until the next batch"
 
 
 def finish_skipped_fit(trainer: Any, saved_in: str, should_stop: bool) -> None:

@@ -164,6 +164,13 @@ def _unless_bad(read: Callable[..., T], *args: Any) -> T | None:
 def classify_temporary(path: storage.Location) -> Entry:
     """What ``path`` (which exists), named like a temporary, is: TEMPORARY when it is a directory that holds
     ckpt's marker or nothing at all, else FOREIGN."""
+    if isinstance(path, Path) and _is_dir(path):
+        try:
+            os.listdir(path)
+        except PermissionError as e:  # (another user's, as for a step: see classify)
+            return Entry(path, Kind.FOREIGN, None, f"{_UNREADABLE} ({e})")
+        except (FileNotFoundError, NotADirectoryError):
+            pass  # (removed or replaced since: classified below as it is now)
     owned = storage.is_marked(path) or (isinstance(path, Path) and _is_empty_dir(path))
     return Entry(path, Kind.TEMPORARY if owned else Kind.FOREIGN, None, storage.describe(path))
 

@@ -270,15 +270,12 @@ def _deletion(path: str | os.PathLike, checkpointable_name: str | None, missing_
     def delete_here() -> None:
         if processes.index != 0:  # (every process sees the directory: the primary deletes)
             return
-        if not isinstance(step_dir, Path) and root.classify(step_dir, None).kind is root.Kind.TEMPORARY:
-            storage.remove_owned(step_dir)  # a save or deletion a crash cut short in place (an object store has no rename)
-        else:
-            if isinstance(step_dir, Path):  # (before: once the checkpoint is gone, it would be taken for it set aside)
-                storage.remove_replaced_leftover(step_dir)
-            try:
-                root.delete_step(step_dir, None)
-            except ForeignEntryError as e:
-                raise NotACheckpointError(str(e), path=e.path) from None
+        if isinstance(step_dir, Path):  # (before: once the checkpoint is gone, it would be taken for it set aside)
+            storage.remove_replaced_leftover(step_dir)
+        try:
+            root.delete_step(step_dir, None)  # (on an object store, also what a crash cut short there)
+        except ForeignEntryError as e:
+            raise NotACheckpointError(str(e), path=e.path) from None
 
     def deletion() -> bool:
         if not storage.exists(step_dir):  # (asked before the first barrier: the primary deletes after it)

@@ -604,7 +604,9 @@ def whole_checkpoints_only(checkpointable_name: str | None) -> None:
 
 def delete_step(path: storage.Location, step: int | None) -> None:
     """Deletes a listed step (see :func:`ckpt.storage.delete_dir`) after checking, again, that it is one,
-    its manifest (or Orbax's metadata) read and validated.
+    its manifest (or Orbax's metadata) read and validated. On an object store, what a save (or a promotion) that
+    ckpt began at its name and never committed, or a deletion cut short, left there instead is removed: a step
+    listed once its overwrite failed so (:meth:`ckpt.Checkpointer.delete`), a path given to ``ckpt.delete``.
 
     Raises:
       ForeignEntryError: ``path`` is not a committed step (replaced by something else, or listed without
@@ -613,6 +615,9 @@ def delete_step(path: storage.Location, step: int | None) -> None:
         read-only), or the file system is read-only: nothing is removed.
     """
     entry = classify(path, step)
+    if entry.kind is Kind.TEMPORARY and not isinstance(path, Path):  # (written in place: no rename)
+        storage.remove_owned(path)
+        return
     if entry.kind not in LISTED:
         raise ForeignEntryError(f"{path} is not a committed ckpt step (it holds {entry.holds}); "
                                 "it was not deleted", path=path)

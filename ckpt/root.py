@@ -418,8 +418,8 @@ def check_target(final: storage.Location, tmp: storage.Location, *, step: int | 
             where = f"step {step} already exists at {final}" if step is not None else (
                 f"{final} already exists" + (" (an empty directory)" if empty else ""))
             raise StepAlreadyExistsError(f"{where}; pass overwrite=True to replace it", step=step, path=final)
-    elif not overwrite and isinstance(final, Path) and storage.set_aside_step(
-            aside := final.with_name(final.name + fmt.REPLACED_SUFFIX)) is not None:
+    elif not overwrite and isinstance(final, Path) and os.path.isdir(final.parent) and storage.set_aside_step(
+            aside := final.with_name(final.name + fmt.REPLACED_SUFFIX)) is not None:  # (else below a file or a link loop: the save names it)
         raise StepAlreadyExistsError(  # (a save that took its name would leave it to be removed as replaced)
             f"{what} already exists, set aside as {aside} by a save with overwrite=True that a crash interrupted; "
             f"pass overwrite=True to replace it (or rename it back to {final})", step=step, path=final)

@@ -60,11 +60,13 @@ def _writer(path: str | os.PathLike, checkpointables: dict[str, Any], overwrite:
 
 
 def _write(writer: saving.StepWriter) -> None:
-    """Writes and commits a free save, then removes what a deletion of its path that a crash cut short left
-    beside it (locally, ``<name>.ckpt-deleting``: no root's writer sweeps the directory of a free save)."""
+    """Writes and commits a free save, then removes what a crash left beside its path (locally: no root's writer
+    sweeps the directory of a free save): ``<name>.ckpt-deleting`` of a deletion, ``<name>.ckpt-replaced`` of an
+    overwrite (the checkpoint this save replaced)."""
     writer.run(None)
     if writer.primary and isinstance(writer.final_dir, Path):
         storage.remove_deletion_leftover(writer.final_dir)
+        storage.remove_replaced_leftover(writer.final_dir)
 
 
 def save_checkpointables(path: str | os.PathLike, checkpointables: dict[str, Any], *, overwrite: bool = False,
@@ -268,13 +270,12 @@ def _deletion(path: str | os.PathLike, checkpointable_name: str | None, missing_
     def delete_here() -> None:
         if processes.index != 0:  # (every process sees the directory: the primary deletes)
             return
-        if not isinstance(step_dir, Path) and root.classify(step_dir, None).kind is root.Kind.TEMPORARY:
-            storage.remove_owned(step_dir)  # a save or deletion a crash cut short in place (an object store has no rename)
-        else:
-            try:
-                root.delete_step(step_dir, None)
-            except ForeignEntryError as e:
-                raise NotACheckpointError(str(e), path=e.path) from None
+        if isinstance(step_dir, Path):  # (before: once the checkpoint is gone, it would be taken for it set aside)
+            storage.remove_replaced_leftover(step_dir)
+        try:
+            root.delete_step(step_dir, None)  # (on an object store, also what a crash cut short there)
+        except ForeignEntryError as e:
+            raise NotACheckpointError(str(e), path=e.path) from None
 
     def deletion() -> bool:
         if not storage.exists(step_dir):  # (asked before the first barrier: the primary deletes after it)

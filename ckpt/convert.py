@@ -58,7 +58,8 @@ def steps_of(root: Path) -> list[tuple[int, Path]]:
       StepNotFoundError: a step is set aside under another name (``5.ckpt-replaced``: a save with
         ``overwrite=True`` that a crash interrupted), which a Checkpointer opened on the root puts back and
         lists; a convert, which never changes its source, would leave it out.
-      PermissionError: a directory named like a step is one this process may not read (it may be a step).
+      PermissionError: a directory named like a step, or like a step set aside (``5.ckpt-replaced``, with nothing
+        at ``5``), is one this process may not read (it may be a step).
     """
     found, name_format = [], step_lib.name_format_of(root)
     for entry in root_lib.scan(root, name_format):
@@ -67,16 +68,28 @@ def steps_of(root: Path) -> list[tuple[int, Path]]:
         elif root_lib.is_damaged_step(entry):
             raise CheckpointCorruptedError(f"{root} holds step {entry.step}, which is damaged ({entry.holds}); "
                                            "move it away to convert the other steps", path=entry.path)
-        elif entry.step is not None and root_lib.is_unreadable(entry):
-            raise PermissionError(errno.EACCES, f"{root} holds {entry.path.name}, named like step {entry.step}, "
-                                  f"which may be a step a convert would leave out: {entry.holds}; convert as a user "
-                                  "who may read it, or move it away", str(entry.path))
+        elif root_lib.is_unreadable(entry) and (named := _named_like_a_step(entry, name_format)) is not None:
+            raise PermissionError(errno.EACCES, f"{root} holds {entry.path.name}, {named}, which may be a step a "
+                                  f"convert would leave out: {entry.holds}; convert as a user who may read it, or "
+                                  "move it away", str(entry.path))
         elif entry.kind is root_lib.Kind.TEMPORARY and (final := storage.set_aside_step(entry.path)) is not None:
             raise StepNotFoundError(f"{root} holds step {final.name} set aside as {entry.path.name} by a save with "
                                     "overwrite=True that a crash interrupted, which a convert would leave out: open a "
                                     f"Checkpointer on {root} (it puts the step back), then convert",
                                     step=name_format.parse_name(final.name), path=root)
     return found
+
+
+def _named_like_a_step(entry: root_lib.Entry, name_format: Any) -> str | None:
+    """How ``entry``, a directory this process may not read, may be a step of its root, in words: named like one, or
+    like one set aside by a save with ``overwrite=True`` that a crash interrupted (its step's name free); else None."""
+    if entry.step is not None:
+        return f"named like step {entry.step}"
+    name = entry.path.name.removesuffix(fmt.REPLACED_SUFFIX)
+    step = name_format.parse_name(name) if name != entry.path.name else None
+    if step is None or os.path.lexists(entry.path.with_name(name)):
+        return None
+    return f"named like step {step} set aside by a save with overwrite=True that a crash interrupted"
 
 
 def convert_root(source: str | os.PathLike, destination: str | os.PathLike) -> Iterator[Converted]:

@@ -164,6 +164,13 @@ def _unless_bad(read: Callable[..., T], *args: Any) -> T | None:
 def classify_temporary(path: storage.Location) -> Entry:
     """What ``path`` (which exists), named like a temporary, is: TEMPORARY when it is a directory that holds
     ckpt's marker or nothing at all, else FOREIGN."""
+    if isinstance(path, Path) and _is_dir(path):
+        try:
+            os.listdir(path)
+        except PermissionError as e:  # (another user's, as for a step: see classify)
+            return Entry(path, Kind.FOREIGN, None, f"{_UNREADABLE} ({e})")
+        except (FileNotFoundError, NotADirectoryError):
+            pass  # (removed or replaced since: classified below as it is now)
     owned = storage.is_marked(path) or (isinstance(path, Path) and _is_empty_dir(path))
     return Entry(path, Kind.TEMPORARY if owned else Kind.FOREIGN, None, storage.describe(path))
 
@@ -412,6 +419,11 @@ def check_target(final: storage.Location, tmp: storage.Location, *, step: int | 
             where = f"step {step} already exists at {final}" if step is not None else (
                 f"{final} already exists" + (" (an empty directory)" if empty else ""))
             raise StepAlreadyExistsError(f"{where}; pass overwrite=True to replace it", step=step, path=final)
+    elif not overwrite and isinstance(final, Path) and os.path.isdir(final.parent) and storage.set_aside_step(
+            aside := final.with_name(final.name + fmt.REPLACED_SUFFIX)) is not None:  # (else below a file or a link loop: the save names it)
+        raise StepAlreadyExistsError(  # (a save that took its name would leave it to be removed as replaced)
+            f"{what} already exists, set aside as {aside} by a save with overwrite=True that a crash interrupted; "
+            f"pass overwrite=True to replace it (or rename it back to {final})", step=step, path=final)
     if tmp != final and storage.exists(tmp):
         entry = classify_temporary(tmp)
         if entry.kind is Kind.FOREIGN:
@@ -606,7 +618,9 @@ def whole_checkpoints_only(checkpointable_name: str | None) -> None:
 
 def delete_step(path: storage.Location, step: int | None) -> None:
     """Deletes a listed step (see :func:`ckpt.storage.delete_dir`) after checking, again, that it is one,
-    its manifest (or Orbax's metadata) read and validated.
+    its manifest (or Orbax's metadata) read and validated. On an object store, what a save (or a promotion) that
+    ckpt began at its name and never committed, or a deletion cut short, left there instead is removed: a step
+    listed once its overwrite failed so (:meth:`ckpt.Checkpointer.delete`), a path given to ``ckpt.delete``.
 
     Raises:
       ForeignEntryError: ``path`` is not a committed step (replaced by something else, or listed without
@@ -615,6 +629,9 @@ def delete_step(path: storage.Location, step: int | None) -> None:
         read-only), or the file system is read-only: nothing is removed.
     """
     entry = classify(path, step)
+    if entry.kind is Kind.TEMPORARY and not isinstance(path, Path):  # (written in place: no rename)
+        storage.remove_owned(path)
+        return
     if entry.kind not in LISTED:
         raise ForeignEntryError(f"{path} is not a committed ckpt step (it holds {entry.holds}); "
                                 f"it was not deleted{removal_hint(entry)}", path=path)

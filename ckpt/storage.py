@@ -939,6 +939,16 @@ def remove_deletion_leftover(step_dir: Path) -> bool:
     return True
 
 
+def remove_replaced_leftover(step_dir: Path) -> None:
+    """Deletes ``<name>.ckpt-replaced`` beside ``step_dir``, a checkpoint: the one a commit with ``overwrite=True``
+    set aside and a crash left there once ``step_dir`` had replaced it (see :func:`commit_dir`). Left there, it
+    would be taken for ``step_dir`` set aside (:func:`set_aside_step`) once ``step_dir`` is deleted. What is not
+    ckpt's is left alone; a failure is logged."""
+    aside = step_dir.with_name(step_dir.name + fmt.REPLACED_SUFFIX)
+    if os.path.lexists(step_dir) and is_marked(aside):
+        _remove_replaced(aside, set_aside=True)
+
+
 def _aside(step_dir: Path) -> Path:
     """The name a step is renamed to before it is removed: ``<name>.ckpt-deleting``, once what a crashed
     deletion left there is removed (see :func:`remove_deletion_leftover`); else a name of its own

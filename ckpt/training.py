@@ -268,12 +268,17 @@ class Checkpointer:
         list the step a crash left set aside. Only while no writer holds the root (one that does may be
         between the two renames, and puts back what a crash left when it begins to save); the lock is
         taken for the moment it takes."""
-        if self._lock.held or not any(e.kind is root.Kind.TEMPORARY and storage.set_aside_step(e.path)
-                                      for e in entries):
+        set_aside = [e.path.name for e in entries if e.kind is root.Kind.TEMPORARY and storage.set_aside_step(e.path)]
+        if self._lock.held or not set_aside:
             return False
         try:
             self._lock.acquire()
-        except (errors.DirectoryLockedError, OSError):  # (a read-only root, a reader's: listed as it is)
+        except errors.DirectoryLockedError:  # (a writer's: it puts them back itself, or is between the two renames)
+            return False
+        except OSError as e:  # (a read-only root, a reader's: listed as it is)
+            logger.warning("ckpt: %s, set aside by a save with overwrite=True that a crash interrupted, is not listed "
+                           "(nor taken for the latest step): this process cannot put it back (%s); a Checkpointer that "
+                           "may write in the root does", ", ".join(set_aside), e)
             return False
         try:
             return self._put_back(entries)

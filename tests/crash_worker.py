@@ -5,7 +5,8 @@ committed step of ``root``, keeps the last two steps (``LatestN(2)``, so garbage
 every commit), and appends ``ready`` to the file ``log``, then ``begin N`` before each save and
 ``committed N`` once step N is committed. The test kills it with SIGKILL at a random moment.
 :func:`start` forks it from a clean forkserver, :func:`wait_for` waits for one of its lines.
-:func:`kill_at_the_nth_operation` is the child of the test that kills a save at each of its file operations.
+:func:`kill_at_the_nth_operation` is the child of the test that kills a save at each of its file operations,
+:func:`free_overwrite_killed_after_a_rename` that of the test of a free overwrite killed between its renames.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+import ckpt
 from ckpt import storage
 from ckpt.training import Checkpointer
 from ckpt.training import preservation_policies as pp
@@ -95,6 +97,23 @@ def kill_at_the_nth_operation(root: str, kill_at: int, overwrite: bool, exchange
                 setattr(owner, name, counted(getattr(owner, name)))
         ckptr.save(0 if overwrite else 1, {"v": np.ones(3)}, force=True, overwrite=overwrite)
     print("operations", count, flush=True)
+
+
+def free_overwrite_killed_after_a_rename(path: str, after: str) -> None:
+    """Saves the checkpoint ``path``, then again with ``overwrite=True`` as on a file system that cannot swap two
+    directories atomically (NFS, FUSE: the commit renames the old one aside, then the new one into place), and
+    SIGKILLs itself once a rename has made ``path + after``."""
+    storage.rename_exchange = lambda a, b: False
+    ckpt.save(path, {"v": np.zeros(3)})
+    rename = os.rename
+
+    def killed_after(a: Any, b: Any) -> None:
+        rename(a, b)
+        if str(b) == path + after:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    os.rename = killed_after
+    ckpt.save(path, {"v": np.ones(3)}, overwrite=True)
 
 
 def start(root: Path, mode: str) -> tuple[multiprocessing.Process, Path]:

@@ -421,3 +421,28 @@ def test_a_free_save_removes_what_a_deletion_of_its_path_killed_midway_left(tmp_
         assert os.listdir(runs) == ["model"] and ckpt.load(runs / "model")["v"].tolist() == [1.0] * 3
         ckpt.delete(runs / "model")
         shutil.copytree(tmp_path / "left", leftover)
+
+
+
+def test_a_free_checkpoint_an_overwrite_killed_between_its_renames_left_aside_is_neither_lost_nor_brought_back(tmp_path):
+    """Was: with model set aside as model.ckpt-replaced by the kill, a save without overwrite=True took the name,
+    leaving the old checkpoint there for good; and once model was deleted (after a kill past the second rename too),
+    ckpt.load said 'model.ckpt-replaced holds it ...: rename it back' of the checkpoint the overwrite had replaced."""
+    model = tmp_path / "model"
+    for after, expected in (("", [1.0] * 3), (fmt.REPLACED_SUFFIX, [2.0] * 3)):
+        shutil.rmtree(tmp_path)
+        tmp_path.mkdir()
+        child = procs.forkserver(crash_worker.__name__).Process(
+            target=crash_worker.free_overwrite_killed_after_a_rename, args=(str(model), after))
+        child.start()
+        child.join(120)
+        assert child.exitcode == -9
+        if after:  # killed between the renames: the checkpoint is aside, and a save must not take its place
+            with pytest.raises(ckpt.errors.StepAlreadyExistsError, match=r"set aside as .*model\.ckpt-replaced"):
+                ckpt.save(model, {"v": np.full(3, 2.0)})
+            ckpt.save(model, {"v": np.full(3, 2.0)}, overwrite=True)
+        assert sorted(os.listdir(tmp_path)) == (["model"] if after else ["model", "model" + fmt.REPLACED_SUFFIX])
+        assert ckpt.load(model)["v"].tolist() == expected
+        assert ckpt.delete(model) and os.listdir(tmp_path) == []
+        with pytest.raises(ckpt.errors.CheckpointNotFoundError, match="the path does not exist$"):
+            ckpt.load(model)

@@ -378,6 +378,28 @@ def test_a_step_and_a_temporary_this_process_may_not_enter_are_skipped_and_the_r
         assert not (base / "copy").exists()
 
 
+def test_ckpt_convert_refuses_a_step_set_aside_that_this_process_may_not_enter_before_it_writes_anything(capsys):
+    """Another user's step 5, set aside as 5.ckpt-replaced (mode 0700) by an overwrite killed between its renames:
+    ckpt convert converted step 0 alone and exited 0, leaving out step 5, which that user's Checkpointer puts back."""
+    with fsutil.shared_directory() as base:
+        root, copy = base / "root", base / "into" / "copy"
+        with Checkpointer(root) as writer:
+            writer.save(0, SMALL, force=True)
+            writer.save(5, SMALL, force=True)
+        storage.mark(root / "5")  # as the commit marks it before it sets it aside
+        os.rename(root / "5", root / ("5" + fmt.REPLACED_SUFFIX))
+        for path, mode in ((root, 0o777), (root / ("5" + fmt.REPLACED_SUFFIX), 0o700), (copy.parent, 0o777)):
+            path.mkdir(exist_ok=True)
+            os.chmod(path, mode)
+        with fsutil.without_root():
+            converted = cli.main(["convert", str(root), str(copy)])
+        assert converted == 2, capsys.readouterr()
+        assert f"{root} holds 5.ckpt-replaced, named like step 5 set aside" in capsys.readouterr().err
+        assert os.listdir(copy.parent) == []
+        with Checkpointer(root) as owner:
+            assert [c.step for c in owner.checkpoints] == [0, 5]
+
+
 @pytest.mark.parametrize("saved_before", [True, False], ids=["after a save", "before any save"])
 @pytest.mark.parametrize("how", ["save", "save_async"])
 def test_a_root_removed_underneath_is_reported_and_not_silently_recreated(tmp_path, how, saved_before):

@@ -113,6 +113,21 @@ def test_a_read_only_root_is_listed_and_loaded_and_a_save_says_why_it_cannot_wri
     assert fsutil.snapshot(root) == before
 
 
+def test_a_read_only_root_holding_its_latest_step_set_aside_by_a_crash_says_that_step_is_not_listed(tmp_path, caplog):
+    """Was: step 1, set aside as 1.ckpt-replaced by an overwrite killed between its two renames (no atomic exchange),
+    which only a Checkpointer that may write puts back, was left out silently: latest was step 0, and load() read it."""
+    root = _saved_root(tmp_path / "root")
+    ckpt.storage.mark(root / "1")  # as the commit leaves it
+    os.rename(root / "1", root / ("1" + fmt.REPLACED_SUFFIX))
+    with fsutil.read_only(root):
+        with Checkpointer(root) as ckptr:
+            assert ckptr.latest.step == 0
+    assert f"1.ckpt-replaced, set aside by a save with overwrite=True that a crash interrupted, is not listed" \
+        in caplog.text
+    with Checkpointer(root) as ckptr:
+        assert ckptr.latest.step == 1
+
+
 def test_a_deletion_in_a_root_that_became_read_only_says_so_naming_the_root_and_keeps_the_step(tmp_path):
     """And a deletion refused by the step alone (immutable), in a root this process may write, names the step."""
     root = _saved_root(tmp_path / "root")

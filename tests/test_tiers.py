@@ -903,12 +903,9 @@ def test_on_s3_an_overwrites_promotion_that_failed_is_promoted_again_by_the_next
     assert ckpt.load(f"{bucket}/4")["w"][0] == 40
 
 
-def test_on_s3_an_overwrites_promotion_that_failed_where_the_store_refused_to_tell_whether_the_copy_is_gone_is_kept(
-        bucket, tmp_path, monkeypatch):
-    """The store refused every request for step 4 once the promotion had removed its durable copy (credentials that
-    expired then), the check whether the copy is gone as well: the run took the copy for still there, listed step 4
-    as durable, and its local policy dropped the local copy at the next saves; step 4 was lost from both tiers."""
-    local = ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1))
+def overwrite_step_4_refused_not_telling_whether_its_copy_is_gone(ckptr: ckpt.Checkpointer, monkeypatch) -> None:
+    """:func:`overwrite_step_4_refused`, the store refusing every request for step 4 once the promotion has removed its
+    durable copy (credentials that expired then), the check whether the copy is gone as well."""
     ObjectPath = ckpt.objectstore.ObjectPath
     exists, remove_all_but, removed = ObjectPath.exists, ObjectPath.remove_all_but, []
 
@@ -921,11 +918,20 @@ def test_on_s3_an_overwrites_promotion_that_failed_where_the_store_refused_to_te
             raise PermissionError(errno.EACCES, f"{path}: access denied")
         return exists(path)
 
+    with monkeypatch.context() as refusing:
+        refusing.setattr(ObjectPath, "remove_all_but", removing)
+        refusing.setattr(ObjectPath, "exists", refused)
+        overwrite_step_4_refused(ckptr, monkeypatch)
+
+
+def test_on_s3_an_overwrites_promotion_that_failed_where_the_store_refused_to_tell_whether_the_copy_is_gone_is_kept(
+        bucket, tmp_path, monkeypatch):
+    """The store refused to tell whether the durable copy of step 4 was gone: the run took the copy for still there,
+    listed step 4 as durable, and its local policy dropped the local copy at the next saves; step 4 was lost from
+    both tiers."""
+    local = ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1))
     with ckpt.Checkpointer(bucket, save_decision_policy=sdp.FixedIntervalPolicy(5), local=local) as ckptr:
-        with monkeypatch.context() as refusing:
-            refusing.setattr(ObjectPath, "remove_all_but", removing)
-            refusing.setattr(ObjectPath, "exists", refused)
-            overwrite_step_4_refused(ckptr, monkeypatch)
+        overwrite_step_4_refused_not_telling_whether_its_copy_is_gone(ckptr, monkeypatch)
         for step in (6, 7, 8):  # the local policy (LatestN(2)) drops step 4 once promoted
             ckptr.save(step, {"w": np.full(2, step)})
         ckptr.wait()
@@ -946,6 +952,20 @@ def test_on_s3_a_step_deleted_after_its_overwrites_promotion_failed_is_not_promo
         ckptr.save(6, {"w": np.full(2, 6)})
         ckptr.wait()
         assert [(c.step, sorted(c.locations)) for c in ckptr.checkpoints] == [(5, ["durable", "local"]), (6, ["local"])]
+
+
+
+def test_on_s3_a_step_deleted_once_its_overwrites_promotion_failed_not_telling_whether_its_copy_is_gone_is_gone(
+        bucket, tmp_path, monkeypatch):
+    """Was: delete(4), once the store answered again, raised ForeignEntryError 's3://.../4 is not a committed ckpt step
+    (it holds a directory holding '.ckpt-owned'); it was not deleted' (what the failed promotion left at its name),
+    after it had deleted the local copy, and listed step 4 as durable again, with nothing there to load."""
+    local = ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1))
+    with ckpt.Checkpointer(bucket, save_decision_policy=sdp.FixedIntervalPolicy(5), local=local) as ckptr:
+        overwrite_step_4_refused_not_telling_whether_its_copy_is_gone(ckptr, monkeypatch)
+        assert ckptr.delete(4)
+        assert [(c.step, sorted(c.locations)) for c in ckptr.checkpoints] == [(5, ["durable", "local"])]
+    assert not ckpt.objectstore.ObjectPath(f"{bucket}/4").exists()
 
 
 KILLED_ONCE_THE_DURABLE_COPY_IS_REMOVED = """

@@ -134,8 +134,8 @@ class JaxProcesses:
 
     def broadcast(self, name: str, value: Any, timeout_secs: float) -> Any:
         key = f"ckpt:{name}"
-        if self.index == 0:  # (should_save's answer of a step asked again, after another: its name again)
-            self._client.key_value_set(key, json.dumps(value), allow_overwrite=True)
+        if self.index == 0:
+            self._client.key_value_set(key, json.dumps(value))
             return value
         with self._timeout(f"process 0's {name!r}", timeout_secs):
             return json.loads(self._client.blocking_key_value_get(key, int(timeout_secs * 1000)))

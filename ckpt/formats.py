@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ckpt import format as fmt
-from ckpt import loading, objectstore, orbax, storage
+from ckpt import loading, objectstore, orbax, schema, storage
 from ckpt.errors import CheckpointableNotFoundError, CheckpointCorruptedError, InvalidLayoutError
 from ckpt.objectstore import ObjectPath
 
@@ -79,6 +79,12 @@ def step_of(path: storage.Location, info: dict) -> int | None:
 def is_orbax(step_dir: storage.Location) -> bool:
     """Whether the step directory was written by Orbax."""
     return _by_orbax(step_dir)
+
+
+def is_unread_but_whole(step_dir: storage.Location) -> bool:
+    """Whether a step this ckpt cannot read (see ``root.is_damaged_step``) is whole all the same: a newer ckpt wrote
+    it, or Orbax metadata that nests deeper than ckpt reads (Orbax reads it)."""
+    return orbax.is_whole(step_dir) if _by_orbax(step_dir) else schema.written_by_newer(step_dir)
 
 
 def info(step_dir: storage.Location) -> dict:

@@ -410,7 +410,8 @@ def check_target(final: storage.Location, tmp: storage.Location, *, step: int | 
                 "cannot replace, even with overwrite=True. Save into a directory in it, such as "
                 f"{final / 'checkpoint'}.", path=final)
         if entry.kind is not Kind.STEP and not empty:
-            kept = ("; a damaged checkpoint, which ckpt never overwrites, renames or deletes" if _is_damaged(entry) else
+            kept = ("; a damaged checkpoint, which ckpt never overwrites, renames or deletes" if _removable(entry) else
+                    "; ckpt never overwrites, renames or deletes a checkpoint it cannot read" if _is_damaged(entry) else
                     ", which ckpt did not write, and ckpt never overwrites, renames or deletes such a thing")
             raise ForeignEntryError(
                 f"cannot save {what}: {final} holds {entry.holds}{kept}, even with overwrite=True. Move it away, or "
@@ -599,10 +600,16 @@ def _is_damaged(entry: Entry) -> bool:
         return False
 
 
+def _removable(entry: Entry) -> bool:
+    """Whether ``entry`` is a damaged checkpoint whose files no reader reads (see :func:`removal_hint`)."""
+    return _is_damaged(entry) and not formats.is_unread_but_whole(entry.path)
+
+
 def removal_hint(entry: Entry) -> str:
     """For an error that names ``entry``: how to remove it where it is a damaged checkpoint (see
-    :func:`is_damaged_step`), which ckpt keeps; else ''."""
-    if not _is_damaged(entry):
+    :func:`is_damaged_step`), which ckpt keeps; else '' (a checkpoint whose files are whole, which this ckpt cannot
+    read: a newer ckpt's, or Orbax's where its metadata nests deeper than ckpt reads, is never said to be removed)."""
+    if not _removable(entry):
         return ""
     how = f"`rm -r {entry.path}`" if isinstance(entry.path, Path) else "with your object store's own tools"
     return f"; to remove it, delete it yourself ({how}; `ckpt verify` says what is damaged)"

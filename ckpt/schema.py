@@ -120,7 +120,7 @@ def parse_manifest(step_dir: storage.Location, data: bytes) -> dict:
                                        path=step_dir)
     version = manifest.get("version")
     if type(version) is not int or version not in fmt.READ_VERSIONS:
-        newer = type(version) is int and version > max(fmt.READ_VERSIONS)
+        newer = _is_newer(version)
         raise CheckpointCorruptedError(
             f"{path} has format version {_short(version)}; this ckpt reads versions "
             f"{', '.join(map(str, fmt.READ_VERSIONS))}" + (": a newer ckpt wrote it, upgrade ckpt to read it"
@@ -130,6 +130,21 @@ def parse_manifest(step_dir: storage.Location, data: bytes) -> dict:
     except _Invalid as e:
         raise CheckpointCorruptedError(f"{path}: {e.why}", path=step_dir) from None
     return manifest
+
+
+def written_by_newer(step_dir: storage.Location) -> bool:
+    """Whether the step's manifest is JSON of ckpt's format with a version above those this ckpt reads: a step a
+    newer ckpt wrote, which this one cannot read, not a damaged one."""
+    try:
+        manifest = json.loads(manifest_bytes(step_dir).decode("utf-8"))
+    except (CheckpointCorruptedError, InvalidLayoutError, OSError, ValueError, RecursionError):
+        return False
+    return (isinstance(manifest, dict) and manifest.get("format") == fmt.FORMAT_NAME
+            and _is_newer(manifest.get("version")))
+
+
+def _is_newer(version: Any) -> bool:
+    return type(version) is int and version > max(fmt.READ_VERSIONS)
 
 
 def _manifest_path(step_dir: storage.Location) -> storage.Location | str:

@@ -134,7 +134,8 @@ class Checkpointer:
         self._decided_once = False  # (whether it listens for a preemption is known from the first decision)
         self._due: int | None = None  # the step the last should_save said yes to, until a save or reload
         self._agreed: tuple[str, list] | None = None  # in a job: the last save decision's message and value
-        self._asked: tuple[str, list, bool] | None = None  # in a job: the last should_save's message, value and answer
+        # in a job: should_save's answers since the last save or deletion (at that count of operations), by message
+        self._asked: tuple[int, dict[str, tuple[list, bool]]] = (0, {})
         self._unlike: ValueError | None = None  # the last decision's: this process's force is not the primary's
         self._in_flight: CheckpointMetadata | None = None  # the step of the last save handed to the writer
         self._deleting: set[int] = set()  # the steps delete_async is deleting (gone for reload too)
@@ -389,7 +390,8 @@ class Checkpointer:
         flight finished, the policy's minimum interval passed). In a multi-process job the primary process
         decides, and the save takes its decision whatever each process's should_save said: should_save may be
         called on some processes only (``if rank == 0``), the primary among them wherever others ask (they wait
-        for its answer); a step asked again before any other step or save gets the same answer.
+        for its answer); a step asked again before the next save or deletion gets the same answer, after other steps
+        too.
 
         Example::
 
@@ -404,7 +406,7 @@ class Checkpointer:
         else:
             due = self._decide(number, replacing=False)
             if self._processes.count > 1:
-                self._asked = (*self._agreed, due)
+                self._remember(due)
         self._due = number if due else None
         return due
 
@@ -440,8 +442,9 @@ class Checkpointer:
         should_save said yes to, which takes that answer without asking the policy again."""
         if force:
             return self._primarys(step, True, False, force=True, in_save=in_save)[0]
-        if answered and self._processes.index == 0 and self._asked_of(step) is not None:
-            _, (decision, reached, _), either = self._asked
+        asked = self._asked_of(step) if answered and self._processes.index == 0 else None
+        if asked is not None:
+            _, (decision, reached, _), either = asked
             self._primarys(step, decision, reached, force=False, in_save=True)
             return either if self._local is None else self._primarys_either(either)
         if not self._decided_once:
@@ -531,8 +534,20 @@ class Checkpointer:
 
     def _asked_of(self, step: int) -> tuple[str, list, bool] | None:
         """In a job, should_save's answer of ``step`` since the last save or deletion (its message, value, answer)."""
-        asked = self._asked
-        return asked if asked is not None and asked[0] == self._should_save_name(step) else None
+        name = self._should_save_name(step)
+        answer = self._asked[1].get(name)
+        return None if answer is None else (name, *answer)
+
+    def _remember(self, due: bool) -> None:
+        """Keeps should_save's answer ``due`` (the decision :meth:`_primarys` took) until the next save or deletion:
+        asked again, even after other steps, a step gets it on every process, and its message is published once (a
+        process asking again could read the first of two answers under one name)."""
+        operations, answers = self._asked
+        if operations != self._operations:
+            answers = {}
+            self._asked = (self._operations, answers)
+        name, value = self._agreed
+        answers[name] = (value, due)
 
     def _operation(self, what: str) -> str:
         """A name unique to this call, the same on every process (they call the same methods in order)."""

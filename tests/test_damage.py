@@ -22,6 +22,7 @@ import pytest
 import ckpt
 from ckpt import errors
 from ckpt import format as fmt
+from ckpt import schema
 from ckpt.training import Checkpointer
 from ckpt.verify import verify_step
 from tests.fsutil import flip, rewrite_tree, tree_doc, without_word_sums
@@ -208,6 +209,25 @@ def test_a_save_over_a_step_with_a_damaged_manifest_is_refused_as_damaged_not_as
         str(info.value) and "did not write" not in str(info.value)
     assert str(info.value).endswith(f"; to remove it, delete it yourself (`rm -r {root / '1'}`; `ckpt verify` says "
                                     "what is damaged).")
+
+
+def test_a_step_a_newer_ckpt_wrote_is_never_said_to_be_removed(root, caplog):
+    """A healthy step of a newer format version was called damaged, and every refusal said to `rm -r` it."""
+    manifest = schema.read_manifest(root / "1")
+    (root / "1" / fmt.MANIFEST).write_bytes(fmt.sealed_manifest({**manifest, "version": max(fmt.READ_VERSIONS) + 1}))
+    with caplog.at_level(logging.WARNING, logger="ckpt"), Checkpointer(root) as ckptr:
+        assert [c.step for c in ckptr.checkpoints] == [0]
+        with pytest.raises(errors.StepNotFoundError) as deleted:
+            ckptr.delete(1)
+        with pytest.raises(errors.ForeignEntryError) as saved:
+            ckptr.save(1, STATE, force=True, overwrite=True)
+    with pytest.raises(errors.NotACheckpointError) as freed:
+        ckpt.delete(root / "1")
+    said = caplog.text + str(deleted.value) + str(saved.value) + str(freed.value)
+    assert "a newer ckpt wrote it, upgrade ckpt to read it" in caplog.text and "rm -r" not in said
+    assert "; ckpt never overwrites, renames or deletes a checkpoint it cannot read, even with overwrite=True" in \
+        str(saved.value) and "damaged" not in str(saved.value)
+    assert (root / "1" / fmt.MANIFEST).is_file()
 
 
 # ---------------------------------------------------------------------------------- hostile manifests

@@ -179,6 +179,9 @@ def test_should_save_or_reload_on_rank_0_alone_changes_no_save_on_any_rank(tmp_p
     out = run_jobs(tmp_path / "run", tmp_path / "unused.npz", "alone:2")
     for r in (0, 1):
         assert f"rank {r} alone saved {[step % 2 == 0 for step in range(10)]}, steps [0, 2, 4, 6, 8]" in out, out
+        # steps 2, 3 and 2 again, the policy's answer changed between: rank 1 asked again before rank 0 (rank 0 said yes
+        # and saved, rank 1 had read its first no: rank 0 waited for rank 1's save until the timeout)
+        assert f"rank {r} asked again [False, False, False, False, True], steps [4]" in out, out
     assert ("rank 1 alone asked: should_save(10) on process 1 waited for process 0's answer, which decides for every "
             "process: call should_save(10) on process 0 too wherever another process calls it (rank 1 of 2 waited 1 s "
             f"for rank 0's '{tmp_path / 'run'}-alone/") in out, out

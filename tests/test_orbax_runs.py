@@ -738,11 +738,12 @@ def test_a_committed_orbax_step_whose_metadata_is_damaged_is_reported_not_silent
 
 
 @pytest.mark.parametrize("file", ["metrics/metrics", "_CHECKPOINT_METADATA"])
-def test_an_orbax_step_whose_metrics_or_custom_metadata_nest_past_ckpts_limit_is_listed_as_damaged(orbax_runs,
-                                                                                                  tmp_path, file):
+def test_an_orbax_step_whose_metrics_or_custom_metadata_nest_past_ckpts_limit_is_listed_as_damaged(
+        orbax_runs, tmp_path, file, caplog):
     """Orbax's metrics (or custom metadata) nested 600 levels: ckpt ls and show ended with a RecursionError's
     traceback (exit status 1), printing them level by level, and verify passed the step. ckpt's own manifests
-    may nest 64 levels; a step of Orbax's nested deeper is damaged as one of ckpt's would be."""
+    may nest 64 levels; a step of Orbax's nested deeper is damaged as one of ckpt's would be, though never said to
+    be removed (the open's warning and a deletion's refusal said `rm -r` of a step Orbax loads)."""
     root = copy_run(orbax_runs, "v1", tmp_path)
     deep = json.loads('{"a":' * 600 + "1" + "}" * 600)
     doc = json.loads((root / "1" / file).read_text())
@@ -752,8 +753,13 @@ def test_an_orbax_step_whose_metrics_or_custom_metadata_nest_past_ckpts_limit_is
     for argv, status in [(["ls", str(root)], 0), (["show", str(root), "1"], 1), (["verify", str(root)], 1)]:
         result = procs.run_script(f"import sys; from ckpt import cli; sys.exit(cli.main({argv!r}))")
         assert result.returncode == status and said in result.stdout + result.stderr, result.stdout + result.stderr
-    with ckpt.Checkpointer(root) as ckptr:
+    with caplog.at_level(logging.WARNING, logger="ckpt"), ckpt.Checkpointer(root) as ckptr:
         assert [c.step for c in ckptr.checkpoints] == [0]
+        with pytest.raises(errors.StepNotFoundError) as info:
+            ckptr.delete(1)
+    with pytest.raises(errors.NotACheckpointError) as refused:
+        ckpt.delete(root / "1")
+    assert said in caplog.text and "rm -r" not in caplog.text + str(info.value) + str(refused.value)
 
 
 def test_a_symlink_in_an_orbax_item_is_refused(orbax_runs, tmp_path):

@@ -460,6 +460,28 @@ def asked_on_rank_0_alone() -> None:
             except TimeoutError as e:
                 say(f"rank 1 alone asked: {e}")
         dist.barrier()  # (rank 0's process keeps the store rank 1 waits on)
+    policy = Changing()
+    with Checkpointer(f"{directory}-again", save_decision_policy=policy) as ckptr:
+        said = [ckptr.should_save(2), ckptr.should_save(3)]
+        policy.yes = True  # (as the save in flight ends: a policy that saves when idle says yes now)
+        if rank == 1:  # step 2 again, before rank 0 asks it again
+            said.append(ckptr.should_save(2))
+            dist.barrier()
+        else:
+            dist.barrier()
+            said.append(ckptr.should_save(2))
+        said.append(bool(said[-1] and ckptr.save(2, {"w": torch.ones(2)})))
+        said.append(bool(ckptr.should_save(4) and ckptr.save(4, {"w": torch.ones(2)})))
+        say(f"rank {rank} asked again {said}, steps {[c.step for c in ckptr.checkpoints]}")
+
+
+class Changing:
+    """A save-decision policy whose answer the test changes (``yes``)."""
+
+    yes = False
+
+    def should_save(self, step, previous_steps, *, context) -> bool:
+        return self.yes
 
 
 def local_policies_differ() -> None:

@@ -224,6 +224,19 @@ def info(step_dir: Path) -> dict:
             "custom_metadata": data.get("custom_metadata")}
 
 
+def is_whole(step_dir: Path) -> bool:
+    """Whether the step's metadata and metrics are JSON that Orbax reads, where :func:`info` refuses them: they
+    nest deeper than ckpt reads, a step ckpt cannot read, not a damaged one."""
+    try:
+        _step_metadata(step_dir)
+        files.read_json(step_dir / METRICS / METRICS, step_dir)
+    except FileNotFoundError:
+        return True
+    except (OSError, CheckpointCorruptedError):
+        return False
+    return True
+
+
 ROOT_METADATA = Path("metadata", "_ROOT_METADATA")  # a root's, relative to it
 LEGACY_ROOT_METADATA = Path("metadata", "metadata")  # Orbax before 0.10: the custom metadata itself, as a JSON item
 _ROOT_METADATA_FIELDS = ("custom_metadata", "internal_metadata")

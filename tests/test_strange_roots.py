@@ -457,6 +457,12 @@ def test_a_free_checkpoint_whose_name_is_too_long_for_its_set_aside_name_is_save
     assert ckpt.delete(model) and os.listdir(tmp_path) == []
 
 
+def test_the_load_of_a_missing_path_too_long_for_its_set_aside_name_says_there_is_no_checkpoint(tmp_path):
+    """Was: OSError 'File name too long: .../<name>.ckpt-replaced', from the look for the checkpoint set aside."""
+    with pytest.raises(errors.CheckpointNotFoundError, match="the path does not exist$"):
+        ckpt.load(tmp_path / ("m" * 245))
+
+
 @pytest.mark.parametrize("name", ["sp ace", "p%20q", "x?y", "h#i", "c:d", "new\nline", "ünï"])
 def test_a_root_with_odd_characters_means_exactly_that_path(tmp_path, name):
     root = tmp_path / name

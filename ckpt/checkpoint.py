@@ -140,7 +140,7 @@ def _existing(path: str | os.PathLike) -> storage.Location:
     if isinstance(step_dir, Path) or not (step_dir / fmt.MANIFEST).exists():
         if not step_dir.exists():
             aside = step_dir.with_name(step_dir.name + fmt.REPLACED_SUFFIX) if isinstance(step_dir, Path) else None
-            hint = "" if aside is None or not aside.is_dir() else (
+            hint = "" if aside is None or not os.path.isdir(aside) else (  # (False for a name too long to be there)
                 f"; {aside} holds it as it was before a save with overwrite=True that a crash interrupted: "
                 "rename it back")
             raise CheckpointNotFoundError(f"no checkpoint at {step_dir}: the path does not exist{hint}")
@@ -270,7 +270,9 @@ def _deletion(path: str | os.PathLike, checkpointable_name: str | None, missing_
     def delete_here() -> None:
         if processes.index != 0:  # (every process sees the directory: the primary deletes)
             return
-        if isinstance(step_dir, Path):  # (before: once the checkpoint is gone, it would be taken for it set aside)
+        # (before: once the checkpoint is gone, it would be taken for it set aside; only beside a checkpoint this
+        # deletes: beside anything else it is the only copy of the checkpoint an overwrite's crash set aside)
+        if isinstance(step_dir, Path) and root.classify(step_dir, None).kind in root.LISTED:
             storage.remove_replaced_leftover(step_dir)
         try:
             root.delete_step(step_dir, None)  # (on an object store, also what a crash cut short there)

@@ -382,6 +382,10 @@ def is_marked(directory: Location) -> bool:
         return stat.S_ISDIR(os.lstat(directory).st_mode) and stat.S_ISREG(os.lstat(directory / fmt.MARKER).st_mode)
     except (FileNotFoundError, NotADirectoryError, PermissionError):
         return False
+    except OSError as e:
+        if e.errno == errno.ENAMETOOLONG:  # (a name longer than a file name may be: nothing is there)
+            return False
+        raise
 
 
 def remove_owned(directory: Location) -> None:

@@ -446,3 +446,23 @@ def test_a_free_checkpoint_an_overwrite_killed_between_its_renames_left_aside_is
         assert ckpt.delete(model) and os.listdir(tmp_path) == []
         with pytest.raises(ckpt.errors.CheckpointNotFoundError, match="the path does not exist$"):
             ckpt.load(model)
+
+
+def test_a_deletion_refused_at_a_path_holding_no_checkpoint_keeps_the_checkpoint_set_aside_beside_it(tmp_path):
+    """Was: with model set aside as model.ckpt-replaced (an overwrite killed between its renames) and an empty
+    directory, a file or a user's directory made at model since, ckpt.delete(model) removed model.ckpt-replaced, the
+    only copy of the checkpoint, then refused model ('it was not deleted')."""
+    model = tmp_path / "model"
+    aside = tmp_path / ("model" + fmt.REPLACED_SUFFIX)
+    ckpt.save(model, {"v": np.ones(3)})
+    if not storage.is_marked(model):
+        storage.mark(model, durable=True)  # (as the commit marks it before it sets it aside)
+    os.rename(model, aside)
+    for make in (os.mkdir, lambda p: p.write_text("x")):
+        make(model)
+        with pytest.raises(ckpt.errors.NotACheckpointError, match="it was not deleted"):
+            ckpt.delete(model)
+        assert sorted(os.listdir(tmp_path)) == ["model", "model" + fmt.REPLACED_SUFFIX]
+        os.rmdir(model) if model.is_dir() else model.unlink()
+    os.rename(aside, model)
+    assert ckpt.load(model)["v"].tolist() == [1.0] * 3

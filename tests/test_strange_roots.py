@@ -446,6 +446,23 @@ def test_a_file_url_means_its_local_path(tmp_path):
     assert (tmp_path / "run" / "0").is_dir() and np.array_equal(loaded["w"], STATE["w"]) and loaded["n"] == 3
 
 
+def test_a_free_checkpoint_whose_name_is_too_long_for_its_set_aside_name_is_saved_overwritten_and_deleted(tmp_path):
+    """Was: for a name of 242 to 246 bytes (its temporary's name fits, '<name>.ckpt-replaced' does not), ckpt.save
+    raised OSError 'File name too long: ...ckpt-replaced', with overwrite=True once the checkpoint was committed, and
+    ckpt.delete raised it too, keeping the checkpoint."""
+    model = tmp_path / ("m" * (255 - len(fmt.TMP_SUFFIX)))
+    ckpt.save(model, {"v": np.ones(3)})
+    ckpt.save(model, {"v": np.full(3, 2.0)}, overwrite=True)
+    assert ckpt.load(model)["v"].tolist() == [2.0] * 3
+    assert ckpt.delete(model) and os.listdir(tmp_path) == []
+
+
+def test_the_load_of_a_missing_path_too_long_for_its_set_aside_name_says_there_is_no_checkpoint(tmp_path):
+    """Was: OSError 'File name too long: .../<name>.ckpt-replaced', from the look for the checkpoint set aside."""
+    with pytest.raises(errors.CheckpointNotFoundError, match="the path does not exist$"):
+        ckpt.load(tmp_path / ("m" * 245))
+
+
 @pytest.mark.parametrize("name", ["sp ace", "p%20q", "x?y", "h#i", "c:d", "new\nline", "ünï"])
 def test_a_root_with_odd_characters_means_exactly_that_path(tmp_path, name):
     root = tmp_path / name

@@ -172,6 +172,8 @@ def classify_temporary(path: storage.Location) -> Entry:
         except (FileNotFoundError, NotADirectoryError):
             pass  # (removed or replaced since: classified below as it is now)
     owned = storage.is_marked(path) or (isinstance(path, Path) and _is_empty_dir(path))
+    if not owned and isinstance(path, Path) and not os.path.lexists(path):  # (removed since it was looked at:
+        owned = True  # by a sweep, which unlinks its marker, then the directory; nothing of anyone's is there)
     return Entry(path, Kind.TEMPORARY if owned else Kind.FOREIGN, None, storage.describe(path))
 
 

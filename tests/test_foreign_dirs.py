@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import ckpt
-from ckpt import cli, errors
+from ckpt import cli, errors, root, storage
 from ckpt import format as fmt
 from ckpt.training import Checkpointer
 from ckpt.training import preservation_policies as pp
@@ -810,3 +810,24 @@ def test_a_root_or_checkpoint_opened_through_a_link_into_a_temporary_is_refused_
         else:
             ckpt.convert.convert_root(tmp_path / "other", tmp_path / "link" / "copy")
     assert fsutil.snapshot(tmp_path) == before
+
+
+def test_a_temporary_a_sweep_removes_while_a_save_looks_at_its_name_is_not_taken_for_a_users(tmp_path, monkeypatch):
+    """Was: in a job, rank 1's save checked its temporary's name while rank 0's sweep removed the temporary a
+    crash had left there (its marker, then the directory): rank 1 found no marker, then no directory, and refused
+    it as holding 'nothing without ckpt's marker', a ForeignEntryError that failed the save on every rank
+    (tests/test_crash.py's two-rank kills, in a fresh clone)."""
+    final, tmp = tmp_path / "5", tmp_path / "5.ckpt-tmp"
+    tmp.mkdir()
+    storage.mark(tmp)
+    marked = storage.is_marked
+
+    def swept_meanwhile(path):
+        if path != tmp:
+            return marked(path)
+        (tmp / fmt.MARKER).unlink()
+        tmp.rmdir()
+        return False
+    monkeypatch.setattr(storage, "is_marked", swept_meanwhile)
+    root.check_target(final, tmp, step=5, overwrite=False)
+    assert not tmp.exists() and not final.exists()

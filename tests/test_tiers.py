@@ -847,12 +847,17 @@ def assert_step_4_promoted_again_by_the_next_writer(bucket: str, local: ckpt.Loc
     """Step 4, saved again as 40 on the local tier, its promotion cut short: the next writer's saves promote it."""
     with ckpt.Checkpointer(bucket, save_decision_policy=sdp.FixedIntervalPolicy(5), local=local,
                            cleanup_tmp_directories=cleanup) as ckptr:
-        for step in (6, 7, 8):  # the local policy (LatestN(2)) drops step 4 meanwhile
-            ckptr.save(step, {"w": np.full(2, step)})
-        ckptr.wait()
-        assert [(c.step, sorted(c.locations)) for c in ckptr.checkpoints] == [
-            (4, ["durable"]), (5, ["durable"]), (7, ["local"]), (8, ["local"])]  # was: 4 nowhere
+        assert_saves_6_to_8_promote_step_4(ckptr)
     assert ckpt.load(f"{bucket}/4")["w"][0] == 40
+
+
+def assert_saves_6_to_8_promote_step_4(ckptr: ckpt.Checkpointer) -> None:
+    """Saves steps 6, 7 and 8, the local policy (LatestN(2)) dropping step 4 meanwhile: step 4 is durable."""
+    for step in (6, 7, 8):
+        ckptr.save(step, {"w": np.full(2, step)})
+    ckptr.wait()
+    assert [(c.step, sorted(c.locations)) for c in ckptr.checkpoints] == [
+        (4, ["durable"]), (5, ["durable"]), (7, ["local"]), (8, ["local"])]  # was: 4 nowhere
 
 
 def overwrite_step_4_refused(ckptr: ckpt.Checkpointer, monkeypatch) -> None:
@@ -895,11 +900,7 @@ def test_on_s3_an_overwrites_promotion_that_failed_is_promoted_again_by_the_next
     with ckpt.Checkpointer(bucket, save_decision_policy=sdp.FixedIntervalPolicy(5), local=local) as ckptr:
         overwrite_step_4_refused(ckptr, monkeypatch)
         assert sorted(ckptr.checkpoints[0].locations) == ["local"]  # was: durable too, though gone from there
-        for step in (6, 7, 8):  # the local policy (LatestN(2)) drops step 4 once promoted
-            ckptr.save(step, {"w": np.full(2, step)})
-        ckptr.wait()
-        assert [(c.step, sorted(c.locations)) for c in ckptr.checkpoints] == [
-            (4, ["durable"]), (5, ["durable"]), (7, ["local"]), (8, ["local"])]  # was: 4 nowhere
+        assert_saves_6_to_8_promote_step_4(ckptr)
     assert ckpt.load(f"{bucket}/4")["w"][0] == 40
 
 
@@ -932,11 +933,7 @@ def test_on_s3_an_overwrites_promotion_that_failed_where_the_store_refused_to_te
     local = ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1))
     with ckpt.Checkpointer(bucket, save_decision_policy=sdp.FixedIntervalPolicy(5), local=local) as ckptr:
         overwrite_step_4_refused_not_telling_whether_its_copy_is_gone(ckptr, monkeypatch)
-        for step in (6, 7, 8):  # the local policy (LatestN(2)) drops step 4 once promoted
-            ckptr.save(step, {"w": np.full(2, step)})
-        ckptr.wait()
-        assert [(c.step, sorted(c.locations)) for c in ckptr.checkpoints] == [
-            (4, ["durable"]), (5, ["durable"]), (7, ["local"]), (8, ["local"])]
+        assert_saves_6_to_8_promote_step_4(ckptr)
     assert ckpt.load(f"{bucket}/4")["w"][0] == 40  # was: CheckpointNotFoundError
 
 

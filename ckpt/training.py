@@ -133,9 +133,10 @@ class Checkpointer:
         self._reached = False  # whether the last decision saw a preemption (a new one begins after one that did not)
         self._decided_once = False  # (whether it listens for a preemption is known from the first decision)
         self._due: int | None = None  # the step the last should_save said yes to, until a save or reload
-        self._agreed: tuple[str, list] | None = None  # in a job: the last save decision's message and value
-        # in a job: should_save's answers since the last save or deletion (at that count of operations), by message
-        self._asked: tuple[int, dict[str, tuple[list, bool]]] = (0, {})
+        self._agreed: tuple[str, list, bool] | None = None  # in a job: the last decision's message, value, and once
+        self._asked: tuple[str, list, bool] | None = None  # in a job: should_save's last message, value and answer
+        # in a job: the highest step should_save asked since the last save or deletion (at that count of operations)
+        self._highest_asked: tuple[int, int] = (0, -1)
         self._unlike: ValueError | None = None  # the last decision's: this process's force is not the primary's
         self._in_flight: CheckpointMetadata | None = None  # the step of the last save handed to the writer
         self._deleting: set[int] = set()  # the steps delete_async is deleting (gone for reload too)
@@ -401,12 +402,12 @@ class Checkpointer:
         """
         number = _step_number(step)
         asked = self._asked_of(number)
-        if asked is not None:  # (in a job: asked again, the same answer, which the other processes got)
+        if asked is not None:  # (in a job: asked again at once, the same answer, which the other processes got)
             due = asked[2]
         else:
             due = self._decide(number, replacing=False)
             if self._processes.count > 1:
-                self._remember(due)
+                self._asked = (*self._agreed[:2], due)
         self._due = number if due else None
         return due
 
@@ -500,17 +501,19 @@ class Checkpointer:
         A save's message is named by the calls before it that every process makes (saves and deletions), so that
         processes saving other steps meet in the save's check of the paths; should_save's by that and its step
         (:meth:`_should_save_name`): should_save called on some processes only (``if rank == 0``) shifts no later name,
-        and the save that follows takes the primary's save decision whatever each process's should_save said."""
+        and the save that follows takes the primary's save decision whatever each process's should_save said. A step
+        should_save asked before since the last save or deletion gets the answer published then (:meth:`_asked_before`)."""
         name = self._operation("decide") if in_save else self._should_save_name(step)
+        once = not in_save and self._asked_before(step)
         try:
-            value = self._processes.broadcast(name, [decision, reached, force], self._ctx.async_options.timeout_secs)
+            value = self._broadcast(name, [decision, reached, force], once)
         except TimeoutError as e:
             if in_save:
                 raise
             raise TimeoutError(f"should_save({step}) on process {self._processes.index} waited for process 0's answer, "
                                f"which decides for every process: call should_save({step}) on process 0 too wherever "
                                f"another process calls it ({e})") from None
-        self._agreed = (name, value)
+        self._agreed = (name, value, once)
         decision, reached, forced = value
         self._unlike = None if forced == force else ValueError(
             f"process {self._processes.index} saves step {step} {'with' if force else 'without'} force=True, process "
@@ -520,7 +523,15 @@ class Checkpointer:
 
     def _primarys_either(self, either: bool) -> bool:
         """The primary's decision with its local tier (``either`` here), after the decision :meth:`_primarys` took."""
-        return self._processes.broadcast(f"{self._agreed[0]}/local", either, self._ctx.async_options.timeout_secs)
+        name, _, once = self._agreed
+        return self._broadcast(f"{name}/local", either, once)
+
+    def _broadcast(self, name: str, value: Any, once: bool) -> Any:
+        """The primary's ``value`` under ``name`` on every process; ``once``: the value published first under it."""
+        timeout = self._ctx.async_options.timeout_secs
+        if once:
+            return distributed.broadcast_once(self._processes, name, value, timeout)
+        return self._processes.broadcast(name, value, timeout)
 
     @property
     def _ctx(self) -> Context:
@@ -533,21 +544,22 @@ class Checkpointer:
         return f"{prefix}{self._place}/{self._opened}/{self._operations}/should_save/{step}"
 
     def _asked_of(self, step: int) -> tuple[str, list, bool] | None:
-        """In a job, should_save's answer of ``step`` since the last save or deletion (its message, value, answer)."""
-        name = self._should_save_name(step)
-        answer = self._asked[1].get(name)
-        return None if answer is None else (name, *answer)
+        """In a job, should_save's answer of ``step`` when it was the last step asked, since the last save or deletion
+        (its message, value, answer): a step asked again at once, or saved after a yes, needs no message."""
+        asked = self._asked
+        return asked if asked is not None and asked[0] == self._should_save_name(step) else None
 
-    def _remember(self, due: bool) -> None:
-        """Keeps should_save's answer ``due`` (the decision :meth:`_primarys` took) until the next save or deletion:
-        asked again, even after other steps, a step gets it on every process, and its message is published once (a
-        process asking again could read the first of two answers under one name)."""
-        operations, answers = self._asked
-        if operations != self._operations:
-            answers = {}
-            self._asked = (self._operations, answers)
-        name, value = self._agreed
-        answers[name] = (value, due)
+    def _asked_before(self, step: int) -> bool:
+        """Whether should_save may have asked ``step`` before since the last save or deletion (it asked a step as high),
+        and records it: asked again, even after other steps, a step gets the answer published first on every process
+        (:func:`ckpt.distributed.broadcast_once`, a round trip more on the primary), so that no process reads the first
+        of two answers under one name. Nothing is kept per step asked: a loop that asks every step and never saves
+        (a policy that saves on preemption only) holds no more memory at its millionth step than at its first."""
+        operations, highest = self._highest_asked
+        before = operations == self._operations and step <= highest
+        if not before:
+            self._highest_asked = (self._operations, step)
+        return before
 
     def _operation(self, what: str) -> str:
         """A name unique to this call, the same on every process (they call the same methods in order)."""

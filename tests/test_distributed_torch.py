@@ -3,6 +3,7 @@ ranks and in a plain process, and a single-process checkpoint loaded into DTenso
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -182,6 +183,9 @@ def test_should_save_or_reload_on_rank_0_alone_changes_no_save_on_any_rank(tmp_p
         # steps 2, 3 and 2 again, the policy's answer changed between: rank 1 asked again before rank 0 (rank 0 said yes
         # and saved, rank 1 had read its first no: rank 0 waited for rank 1's save until the timeout)
         assert f"rank {r} asked again [False, False, False, False, True], steps [4]" in out, out
+        # then 1000 steps asked, none saved: ~250 bytes each were kept until the next save; the first answer still
+        held = re.search(rf"rank {r} asked 1000 steps, holding (\d+) bytes a step; step 5 again: False", out)
+        assert held and int(held[1]) < 10, out
     assert ("rank 1 alone asked: should_save(10) on process 1 waited for process 0's answer, which decides for every "
             "process: call should_save(10) on process 0 too wherever another process calls it (rank 1 of 2 waited 1 s "
             f"for rank 0's '{tmp_path / 'run'}-alone/") in out, out

@@ -17,7 +17,7 @@ through the Checkpointer and ``ckpt.save``, and to other paths and steps, a full
 Checkpointers on other roots;
 every one is refused, nothing is written.
 ``dtensors`` (4 ranks): DTensors of unusual layouts, saved and loaded through the Checkpointer.
-``fail``: saves that fail on rank 1. ``alone``: should_save and reload on rank 0 alone. ``policies``: two tiers whose local policies differ between ranks. ``delete``: steps every rank deletes and saves again at once; checkpoints every rank deletes with ``ckpt.delete``; a deletion that fails on rank 0. ``stopped``: rank 0 stops in the middle of a save. ``gone``: rank 1 runs out of device memory in the gathering of a small DTensor, and stops. ``vanish``: rank 1 stops in an async save. ``exit``: the ranks end without closing. ``list``: prints the steps each rank lists. ``unshared``: rank 1 sees another directory at DIR. ``linked``: rank 1 names the root through a symbolic link. ``sigterm``: a
+``fail``: saves that fail on rank 1. ``alone``: should_save and reload on rank 0 alone, then 1000 steps asked on every rank, none saved. ``policies``: two tiers whose local policies differ between ranks. ``delete``: steps every rank deletes and saves again at once; checkpoints every rank deletes with ``ckpt.delete``; a deletion that fails on rank 0. ``stopped``: rank 0 stops in the middle of a save. ``gone``: rank 1 runs out of device memory in the gathering of a small DTensor, and stops. ``vanish``: rank 1 stops in an async save. ``exit``: the ranks end without closing. ``list``: prints the steps each rank lists. ``unshared``: rank 1 sees another directory at DIR. ``linked``: rank 1 names the root through a symbolic link. ``sigterm``: a
 SIGTERM to rank 1 alone, in a loop saving on preemption.
 Each rank prints what it did.
 """
@@ -28,6 +28,7 @@ import socket
 import sys
 import threading
 import time
+import tracemalloc
 import traceback
 from pathlib import Path
 
@@ -473,6 +474,15 @@ def asked_on_rank_0_alone() -> None:
         said.append(bool(said[-1] and ckptr.save(2, {"w": torch.ones(2)})))
         said.append(bool(ckptr.should_save(4) and ckptr.save(4, {"w": torch.ones(2)})))
         say(f"rank {rank} asked again {said}, steps {[c.step for c in ckptr.checkpoints]}")
+        policy.yes = False  # a loop asking every step, saving none (a policy that saves on preemption only)
+        tracemalloc.start()
+        for step in range(5, 1005):
+            ckptr.should_save(step)
+        held = tracemalloc.get_traced_memory()[0]
+        tracemalloc.stop()
+        policy.yes = True
+        say(f"rank {rank} asked 1000 steps, holding {held // 1000} bytes a step; step 5 again: {ckptr.should_save(5)}")
+        dist.barrier()  # (rank 0's process keeps the store rank 1 reads the answers from)
 
 
 class Changing:

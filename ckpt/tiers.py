@@ -542,7 +542,7 @@ class LocalTier:
         """Queues the promotion of ``step``, which runs once ``local`` (its local save) is committed; the
         caller has taken the durable root (:meth:`_take_durable`) and added ``step`` to the steps kept locally
         until promoted."""
-        barrier = self._durable.operation(f"promote/{step}")  # named here: every process counts its calls alike
+        barrier = self._promotion_barrier(step)  # named here: every process counts its calls alike
         promotion = self._enqueue(step, replaceable=replaceable)
         in_call = contextvars.copy_context()  # (the options of the save: its timeout, in the writer's thread)
         response = self._durable.writer.submit(
@@ -551,6 +551,21 @@ class LocalTier:
         if preempted:
             self._deadline = (step, time.monotonic() + self._options.grace_period_secs, response)
         return response
+
+    def _promotion_barrier(self, step: int) -> str:
+        """The name of the next promotion's barriers, the same on every process (see :func:`_copy_step`)."""
+        return self._durable.operation(f"promote/{step}")
+
+    def refuse(self, step: int, error: BaseException) -> None:
+        """Raises ``error``, this process's refusal of its part of a save of ``step`` that the primary makes and
+        promotes (in a job: this process's ``force`` is not the primary's), once it met the other processes where that
+        promotion's first does (:func:`_copy_step`), so that the promotion fails there at once, naming this process and
+        ``error``, rather than wait for it until the timeout. Nothing is written here."""
+        def refused() -> None:
+            raise error
+
+        distributed.settle(self._durable.processes, _prepared(self._promotion_barrier(step)), refused,
+                           self._durable.timeout_secs(), f"the promotion of step {step}")
 
     def _take_durable(self) -> None:
         """Becomes the durable root's writer (its lock; the first time, its sweep) before a step to promote is
@@ -748,7 +763,7 @@ def _copy_step(source: Path, final: storage.Location, step: int, overwrite: bool
             markers.append(storage.make_temporary(tmp))
 
     try:
-        distributed.settle(durable.processes, f"{barrier}/prepared", prepare, durable.timeout_secs(), task)
+        distributed.settle(durable.processes, _prepared(barrier), prepare, durable.timeout_secs(), task)
         copied = _copy_files(source, final, tmp, step, overwrite, durable, barrier, task)
     except BaseException:
         if markers:  # (an overwrite has removed the durable copy it replaces: see LocalTier._recover)
@@ -759,6 +774,12 @@ def _copy_step(source: Path, final: storage.Location, step: int, overwrite: bool
             storage.release_temporary(markers[0])
     _barrier(durable, f"{barrier}/committed")
     return copied
+
+
+def _prepared(barrier: str) -> str:
+    """The name of the first place where the processes meet in the promotion named ``barrier``: once each process
+    checked its part, before anything is copied."""
+    return f"{barrier}/prepared"
 
 
 def _copy_files(source: Path, final: storage.Location, tmp: storage.Location, step: int, overwrite: bool,

@@ -694,8 +694,8 @@ class Checkpointer:
         preemption.serve()  # (a SIGTERM held back for a save no save served ends the process at close)
         self._ctx.check()  # (a ``with ctx:`` block around this call: its options, not checked when this was opened)
         if self._local is not None:
-            if refused is not None:
-                raise refused
+            if refused is not None:  # (this process's force is not the primary's, which saves and promotes the step)
+                self._local.refuse(step, refused)
             return self._local.save(step, checkpointables, force=force, overwrite=overwrite, blocking=blocking,
                                     preempted=step == self._preempted_at, metrics=metrics,
                                     custom_metadata=custom_metadata)

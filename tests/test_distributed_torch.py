@@ -220,7 +220,8 @@ def test_a_step_or_checkpoint_every_rank_deletes_is_gone_on_every_rank_before_an
 @pytest.mark.timeout(300)
 def test_with_two_tiers_every_rank_gets_rank_0s_save_decision_whatever_its_local_policy_says(tmp_path):
     """(Each rank's local tier decided alone: with local policies that differ, or decide by each rank's clock,
-    should_save and save answered True on one rank and False on another, at steps 2, 3 and 4.)"""
+    should_save and save answered True on one rank and False on another, at steps 2, 3 and 4.) Then a save rank 0
+    alone forces: it raises on every rank at once."""
     out = run_jobs(tmp_path / "run", tmp_path / "unused.npz", "policies:2")
     for r in (0, 1):
         assert (f"rank {r} saved [True, False, True, False, True, False, True], locally "
@@ -233,6 +234,16 @@ def test_with_two_tiers_every_rank_gets_rank_0s_save_decision_whatever_its_local
         loaded = ckpt.load(tmp_path / "run" / "durable" / str(step))
         assert loaded["rng"].tolist() == [0, 0, 0] and not loaded["big_rng"].any(), step
         assert torch.equal(loaded["rows"], torch.arange(600 * 520.0).reshape(600, 520)), step
+    # a save rank 0 alone forces, which it promotes: rank 0 waited in the promotion for rank 1 until the timeout
+    said = ("process 1 saves step 5 without force=True, process 0 with it: every process passes the same force (a forced "
+            f"save skips the save-decision policy) to the save of one step of {tmp_path / 'run' / 'durable2'}; nothing "
+            "was written")
+    assert f"rank 1 tiers force failed: ValueError: {said}\n" in out, out
+    assert (f"rank 0 tiers force failed: RuntimeError: the promotion of {tmp_path / 'run-local2' / 'process_0' / '5'} to "
+            f"{tmp_path / 'run' / 'durable2' / '5'} failed in another process (process 1: ValueError: {said}); nothing "
+            "was committed") in out, out
+    for r in (0, 1):  # (and the ranks still made the same calls)
+        assert f"rank {r} tiers steps [(2, ['durable']), (6, ['durable', 'local'])]" in out, out
 
 
 @pytest.mark.timeout(300)

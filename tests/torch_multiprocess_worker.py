@@ -174,6 +174,7 @@ def run(this_rank: int, this_world: int, port: int, mode: str) -> None:
                 asked_on_rank_0_alone()
         elif mode == "policies":
             local_policies_differ()
+            mismatched_with_two_tiers()
         elif mode == "sigterm":
             preempted_rank()
         elif mode == "stopped":
@@ -508,6 +509,22 @@ def local_policies_differ() -> None:
     with Checkpointer(f"{directory}/durable", save_decision_policy=sdp.FixedIntervalPolicy(4), local=local) as ckptr:
         said = [ckptr.should_save(step) and ckptr.save(step, state) for step in range(7)]
     say(f"rank {rank} saved {said}, locally {sorted(os.listdir(f'{directory}-local/process_{rank}'))}")
+
+
+def mismatched_with_two_tiers() -> None:
+    """Two tiers: a save rank 0 alone forces (rank 1 asks its policy): every rank raises at once where every rank
+    meets, and the next save is made."""
+    local = ckpt.LocalCheckpointOptions(f"{directory}-local2", save_decision_policy=sdp.FixedIntervalPolicy(1))
+    with ckpt.Context(async_options=ckpt.AsyncOptions(timeout_secs=5)), Checkpointer(
+            f"{directory}/durable2", save_decision_policy=sdp.FixedIntervalPolicy(2), local=local) as ckptr:
+        for step in (2, 3):
+            ckptr.save(step, {"w": torch.ones(2)})
+        try:
+            ckptr.save(5, {"w": torch.ones(2)}, force=rank == 0)
+        except (RuntimeError, ValueError, TimeoutError) as e:
+            say(f"rank {rank} tiers force failed: {type(e).__name__}: {e}")
+        ckptr.save(6, {"w": torch.ones(2)})  # (the ranks still make the same calls)
+        say(f"rank {rank} tiers steps {[(c.step, sorted(c.locations)) for c in ckptr.checkpoints]}")
 
 
 def deleted_and_saved_again(ckptr: Checkpointer) -> None:

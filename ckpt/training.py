@@ -1053,12 +1053,16 @@ class Checkpointer:
             info = self._find(number)
         if info is not None and self._processes.index == 0:
             self._take_directory()  # (before anything is deleted or forgotten: another writer may hold the root)
-        held_locally = self._local is not None and self._local.delete(number)
         operation, timeout = self._operation("delete"), self._ctx.async_options.timeout_secs
+        compared = self._local is not None  # (in a job, before any process deletes its local copy)
+        if compared:
+            self._same_step_everywhere(operation, number, timeout)
+        held_locally = self._local is not None and self._local.delete(number)
         if info is None:
             if self._processes.count > 1:  # (the others compare their steps with this one's, then delete: here too,
                 # so that a rank deleting another step is named on every rank, and none waits for this one)
-                self._delete_everywhere(operation, number, lambda: None, timeout, f"the deletion of step {number}")
+                self._delete_everywhere(operation, number, lambda: None, timeout, f"the deletion of step {number}",
+                                        compared=compared)
             if held_locally or missing_ok:
                 return background.finished(held_locally)
             raise self._not_found(number)
@@ -1074,7 +1078,7 @@ class Checkpointer:
         def job() -> bool:  # every process returns (or raises) once the step is deleted
             try:
                 self._delete_everywhere(operation, number, delete_here, timeout,
-                                        f"the deletion of step {number} ({info.path})")
+                                        f"the deletion of step {number} ({info.path})", compared=compared)
                 self._deleted.add(number)
             except BaseException:
                 if storage.exists(info.path):  # still there: listed again
@@ -1089,16 +1093,21 @@ class Checkpointer:
         return self._deletion
 
     def _delete_everywhere(self, operation: str, number: int, delete_here: Callable[[], None], timeout: float,
-                           task: str) -> None:
-        """Compares this process's step ``number`` with the others', then runs ``delete_here`` where each process
-        meets the others (see :func:`ckpt.distributed.settle`): a ValueError on every process when their steps
-        differ, nothing deleted."""
+                           task: str, *, compared: bool = False) -> None:
+        """Compares this process's step ``number`` with the others' (unless ``compared`` already), then runs
+        ``delete_here`` where each process meets the others (see :func:`ckpt.distributed.settle`)."""
+        if not compared:
+            self._same_step_everywhere(operation, number, timeout)
+        distributed.settle(self._processes, operation, delete_here, timeout, task, commits=False)
+
+    def _same_step_everywhere(self, operation: str, number: int, timeout: float) -> None:
+        """Compares this process's step ``number`` with the others' (a barrier): a ValueError on every process when
+        their steps differ, before anything is deleted."""
         differ = distributed.differences(self._processes, f"{operation}/step", number, number, timeout)
         if differ:
             steps = "; ".join(f"process {i}: {step}" for i, step in sorted(differ.items()))
             raise ValueError(f"the processes of this job delete different steps ({steps}) of "
                              f"{self._directory}: every process deletes the same one; nothing was deleted")
-        distributed.settle(self._processes, operation, delete_here, timeout, task, commits=False)
 
     # ---------------------------------------------------------------------------------- metadata
     def metadata(self, step: int | CheckpointMetadata | None = None) -> CheckpointMetadata:

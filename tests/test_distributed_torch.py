@@ -220,8 +220,8 @@ def test_a_step_or_checkpoint_every_rank_deletes_is_gone_on_every_rank_before_an
 @pytest.mark.timeout(300)
 def test_with_two_tiers_every_rank_gets_rank_0s_save_decision_whatever_its_local_policy_says(tmp_path):
     """(Each rank's local tier decided alone: with local policies that differ, or decide by each rank's clock,
-    should_save and save answered True on one rank and False on another, at steps 2, 3 and 4.) Then a save rank 0
-    alone forces: it raises on every rank at once."""
+    should_save and save answered True on one rank and False on another, at steps 2, 3 and 4.) Then steps the ranks
+    delete differently, and a save rank 0 alone forces: each raises on every rank at once, nothing deleted."""
     out = run_jobs(tmp_path / "run", tmp_path / "unused.npz", "policies:2")
     for r in (0, 1):
         assert (f"rank {r} saved [True, False, True, False, True, False, True], locally "
@@ -234,6 +234,13 @@ def test_with_two_tiers_every_rank_gets_rank_0s_save_decision_whatever_its_local
         loaded = ckpt.load(tmp_path / "run" / "durable" / str(step))
         assert loaded["rng"].tolist() == [0, 0, 0] and not loaded["big_rng"].any(), step
         assert torch.equal(loaded["rows"], torch.arange(600 * 520.0).reshape(600, 520)), step
+    # steps the ranks delete differently: each rank had deleted its local copy before they compared their steps
+    for r in (0, 1):
+        assert (f"rank {r} tiers deletes refused: ValueError: the processes of this job delete different steps (process "
+                f"0: 2; process 1: 3) of {tmp_path / 'run' / 'durable2'}: every process deletes the same one; nothing was "
+                "deleted") in out, out
+        assert (f"rank {r} tiers steps after the deletions [(2, ['durable', 'local'])], locally "
+                "['.ckpt.lock', '2', '3', 'ckpt-root.json']") in out, out
     # a save rank 0 alone forces, which it promotes: rank 0 waited in the promotion for rank 1 until the timeout
     said = ("process 1 saves step 5 without force=True, process 0 with it: every process passes the same force (a forced "
             f"save skips the save-decision policy) to the save of one step of {tmp_path / 'run' / 'durable2'}; nothing "

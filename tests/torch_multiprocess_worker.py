@@ -512,13 +512,19 @@ def local_policies_differ() -> None:
 
 
 def mismatched_with_two_tiers() -> None:
-    """Two tiers: a save rank 0 alone forces (rank 1 asks its policy): every rank raises at once where every rank
-    meets, and the next save is made."""
+    """Two tiers: steps each rank deletes differently, and a save rank 0 alone forces (rank 1 asks its policy):
+    every rank raises at once where every rank meets, nothing is deleted on either tier, and the next save is made."""
     local = ckpt.LocalCheckpointOptions(f"{directory}-local2", save_decision_policy=sdp.FixedIntervalPolicy(1))
     with ckpt.Context(async_options=ckpt.AsyncOptions(timeout_secs=5)), Checkpointer(
             f"{directory}/durable2", save_decision_policy=sdp.FixedIntervalPolicy(2), local=local) as ckptr:
         for step in (2, 3):
             ckptr.save(step, {"w": torch.ones(2)})
+        try:
+            ckptr.delete(2 + rank)
+        except (ValueError, TimeoutError) as e:
+            say(f"rank {rank} tiers deletes refused: {type(e).__name__}: {e}")
+        say(f"rank {rank} tiers steps after the deletions {[(c.step, sorted(c.locations)) for c in ckptr.checkpoints]}, "
+            f"locally {sorted(os.listdir(f'{directory}-local2/process_{rank}'))}")
         try:
             ckptr.save(5, {"w": torch.ones(2)}, force=rank == 0)
         except (RuntimeError, ValueError, TimeoutError) as e:

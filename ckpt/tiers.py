@@ -557,10 +557,11 @@ class LocalTier:
         return self._durable.operation(f"promote/{step}")
 
     def refuse(self, step: int, error: BaseException) -> None:
-        """Raises ``error``, this process's refusal of its part of a save of ``step`` that the primary makes and
-        promotes (in a job: this process's ``force`` is not the primary's), once it met the other processes where that
-        promotion's first does (:func:`_copy_step`), so that the promotion fails there at once, naming this process and
-        ``error``, rather than wait for it until the timeout. Nothing is written here."""
+        """Raises ``error``, this process's refusal of its part of a save of ``step`` that the other processes make and
+        promote (in a job: this process's ``force`` is not the primary's, or it does not overwrite the step, which the
+        others replace on both tiers), once it met the other processes where that promotion's first does
+        (:func:`_copy_step`), so that the promotion fails there at once, naming this process and ``error``, rather than
+        wait for it until the timeout. Nothing is written here."""
         def refused() -> None:
             raise error
 

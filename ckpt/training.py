@@ -677,9 +677,10 @@ class Checkpointer:
                 "pass overwrite=True to replace it")
             refused = errors.StepAlreadyExistsError(f"step {step} already exists at {existing.path}; {advice}",
                                                     step=step, path=existing.path)
-            if self._processes.count == 1 or self._local is not None:
+            if self._processes.count == 1:
                 raise refused
-            # (in a job, raised where every process meets (prepare): a process told to overwrite would wait there)
+            # (in a job, raised where every process meets (prepare, or with a local tier the promotion): a process told
+            # to overwrite would wait there)
         answered_yes, self._due = self._due == step and existing is None, None
         if self._processes.count == 1:
             due = answered_yes or force or self._decide(step, replacing=existing is not None)
@@ -694,7 +695,7 @@ class Checkpointer:
         preemption.serve()  # (a SIGTERM held back for a save no save served ends the process at close)
         self._ctx.check()  # (a ``with ctx:`` block around this call: its options, not checked when this was opened)
         if self._local is not None:
-            if refused is not None:  # (this process's force is not the primary's, which saves and promotes the step)
+            if refused is not None:  # (this process's force or overwrite is not the others', which save and promote)
                 self._local.refuse(step, refused)
             return self._local.save(step, checkpointables, force=force, overwrite=overwrite, blocking=blocking,
                                     preempted=step == self._preempted_at, metrics=metrics,

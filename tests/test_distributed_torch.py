@@ -221,7 +221,8 @@ def test_a_step_or_checkpoint_every_rank_deletes_is_gone_on_every_rank_before_an
 def test_with_two_tiers_every_rank_gets_rank_0s_save_decision_whatever_its_local_policy_says(tmp_path):
     """(Each rank's local tier decided alone: with local policies that differ, or decide by each rank's clock,
     should_save and save answered True on one rank and False on another, at steps 2, 3 and 4.) Then steps the ranks
-    delete differently, and a save rank 0 alone forces: each raises on every rank at once, nothing deleted."""
+    delete differently, a save rank 0 alone forces, and a step rank 1 alone overwrites: each raises on every rank at
+    once, nothing deleted or replaced."""
     out = run_jobs(tmp_path / "run", tmp_path / "unused.npz", "policies:2")
     for r in (0, 1):
         assert (f"rank {r} saved [True, False, True, False, True, False, True], locally "
@@ -249,8 +250,16 @@ def test_with_two_tiers_every_rank_gets_rank_0s_save_decision_whatever_its_local
     assert (f"rank 0 tiers force failed: RuntimeError: the promotion of {tmp_path / 'run-local2' / 'process_0' / '5'} to "
             f"{tmp_path / 'run' / 'durable2' / '5'} failed in another process (process 1: ValueError: {said}); nothing "
             "was committed") in out, out
+    # step 6 again, which rank 1 alone overwrites: rank 0 raised at once, rank 1 waited in the promotion for rank 0
+    said = (f"StepAlreadyExistsError: step 6 already exists at {tmp_path / 'run-local2' / 'process_0' / '6'}; pass "
+            "overwrite=True to replace it")
+    assert f"rank 0 tiers overwrite failed: {said}\n" in out, out
+    assert (f"rank 1 tiers overwrite failed: RuntimeError: the promotion of {tmp_path / 'run-local2' / 'process_1' / '6'} "
+            f"to {tmp_path / 'run' / 'durable2' / '6'} failed in another process (process 0: {said}); nothing was "
+            "committed") in out, out
     for r in (0, 1):  # (and the ranks still made the same calls)
-        assert f"rank {r} tiers steps [(2, ['durable']), (6, ['durable', 'local'])]" in out, out
+        assert f"rank {r} tiers steps [(2, ['durable']), (6, ['durable', 'local']), (8, ['durable', 'local'])], step 6 " \
+               "holds [1.0, 1.0]" in out, out
 
 
 @pytest.mark.timeout(300)

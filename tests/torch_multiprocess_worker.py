@@ -512,8 +512,9 @@ def local_policies_differ() -> None:
 
 
 def mismatched_with_two_tiers() -> None:
-    """Two tiers: steps each rank deletes differently, and a save rank 0 alone forces (rank 1 asks its policy):
-    every rank raises at once where every rank meets, nothing is deleted on either tier, and the next save is made."""
+    """Two tiers: steps each rank deletes differently, a save rank 0 alone forces (rank 1 asks its policy), and a step
+    rank 1 alone overwrites: every rank raises at once where every rank meets, nothing is deleted on either tier nor
+    replaced on the durable tier, and the next save is made."""
     local = ckpt.LocalCheckpointOptions(f"{directory}-local2", save_decision_policy=sdp.FixedIntervalPolicy(1))
     with ckpt.Context(async_options=ckpt.AsyncOptions(timeout_secs=5)), Checkpointer(
             f"{directory}/durable2", save_decision_policy=sdp.FixedIntervalPolicy(2), local=local) as ckptr:
@@ -530,7 +531,13 @@ def mismatched_with_two_tiers() -> None:
         except (RuntimeError, ValueError, TimeoutError) as e:
             say(f"rank {rank} tiers force failed: {type(e).__name__}: {e}")
         ckptr.save(6, {"w": torch.ones(2)})  # (the ranks still make the same calls)
-        say(f"rank {rank} tiers steps {[(c.step, sorted(c.locations)) for c in ckptr.checkpoints]}")
+        try:  # step 6 again, which rank 1 alone overwrites
+            ckptr.save(6, {"w": torch.zeros(2)}, overwrite=rank == 1)
+        except (RuntimeError, ckpt.errors.StepAlreadyExistsError) as e:
+            say(f"rank {rank} tiers overwrite failed: {type(e).__name__}: {e}")
+        ckptr.save(8, {"w": torch.ones(2)})
+        say(f"rank {rank} tiers steps {[(c.step, sorted(c.locations)) for c in ckptr.checkpoints]}, step 6 holds "
+            f"{ckpt.load(f'{directory}/durable2/6')['w'].tolist()}")
 
 
 def deleted_and_saved_again(ckptr: Checkpointer) -> None:

@@ -35,7 +35,8 @@ class Processes(Protocol):
     or ``{}`` when all agree; and returns only once every process called it, as a barrier. Saves use it
     to refuse trees that differ between processes; without it they are not compared. And it may have
     ``notice(name, here) -> bool`` (see :meth:`TorchProcesses.notice`), through which a preemption seen by
-    one process only reaches the primary's save decisions, and ``waiting() -> list[str]`` (see :func:`waited_for`).
+    one process only reaches the primary's save decisions, ``waiting() -> list[str]`` (see :func:`waited_for`),
+    and ``broadcast_once(name, value, timeout_secs) -> Any`` (see :func:`broadcast_once`).
     A single process with ``partial = True`` (see
     :class:`OwnPart`) saves its own shards of arrays spread over processes, which others refuse.
 
@@ -151,6 +152,19 @@ class JaxProcesses:
                 raise
             raise _timed_out("process", self, what, timeout_secs, e) from None
 
+    def broadcast_once(self, name: str, value: Any, timeout_secs: float) -> Any:
+        """As :meth:`broadcast`; where the primary published ``name`` before, that first value (see :func:`broadcast_once`)."""
+        if self.index != 0:
+            return self.broadcast(name, value, timeout_secs)
+        try:
+            self._client.key_value_set(f"ckpt:{name}", json.dumps(value))
+            return value
+        except Exception as e:
+            if "ALREADY_EXISTS" not in str(e):
+                raise
+        with self._timeout(f"process 0's {name!r}", timeout_secs):
+            return json.loads(self._client.blocking_key_value_get(f"ckpt:{name}", int(timeout_secs * 1000)))
+
     def compare(self, name: str, key: Any, value: Any, timeout_secs: float) -> dict[int, Any]:
         if self.broadcast(f"{name}/key", key, timeout_secs) != key:
             self._client.key_value_set(f"ckpt:{name}/differ/{self.index}", json.dumps(value))
@@ -258,6 +272,13 @@ class TorchProcesses:
             store.wait([name], datetime.timedelta(seconds=timeout_secs))
             return json.loads(store.get(name))
 
+    def broadcast_once(self, name: str, value: Any, timeout_secs: float) -> Any:
+        """As :meth:`broadcast`; where the primary published ``name`` before, that first value (see :func:`broadcast_once`)."""
+        if self.index != 0:
+            return self.broadcast(name, value, timeout_secs)
+        with self._waiting(f"rank 0's {name!r}", timeout_secs):  # (no value is ever empty: b"" stands for none)
+            return json.loads(self._store(timeout_secs).compare_set(name, b"", json.dumps(value)))
+
     def notice(self, name: str, here: bool) -> bool:
         """Carries a notice one rank may get alone (a SIGTERM to the ranks of one node) to the primary, which
         decides for all. Elsewhere: announces ``here`` once (again after a call without it: a new notice),
@@ -348,6 +369,22 @@ def settle(processes: Processes, name: str, part: Callable[[], None], timeout_se
         raise RuntimeError(f"{task} failed in another process ("
                            + "; ".join(f"process {i}: {why}" for i, why in sorted(failed.items()))
                            + ("); nothing was committed" if commits else ")"))
+
+
+def broadcast_once(processes: Processes, name: str, value: Any, timeout_secs: float) -> Any:
+    """The primary's JSON ``value`` on every process, as ``processes.broadcast``; but where the primary published
+    ``name`` before, every process gets the value published first (the primary's ``value`` now is dropped): a
+    question asked again under one name gets one answer everywhere. (A round trip to the primary's store where
+    ``broadcast`` has none: for names that may have been published only.) A Processes object without
+    ``broadcast_once``: its ``broadcast``.
+
+    Example::
+
+        one = ckpt.distributed.SingleProcess()          # in a job: ckpt.distributed.current()
+        assert ckpt.distributed.broadcast_once(one, "decision/7", [False], 600) == [False]
+    """
+    once = getattr(processes, "broadcast_once", None)
+    return (processes.broadcast if once is None else once)(name, value, timeout_secs)
 
 
 def differences(processes: Processes, name: str, key: Any, value: Any, timeout_secs: float) -> dict[int, Any]:

@@ -442,7 +442,9 @@ class LocalTier:
         overwrite replaced. On an object store, where a promotion writes in place and so deletes the durable copy
         it replaces first, such a step has no durable copy left but what the promotion began at its name: each
         local step committed after every durable step (saved again, or with ``force=True``, after them) whose
-        promotion a crash cut short so is promoted again. Called once, at this writer's first save: it then
+        promotion a crash cut short so is promoted again, and so is each local step an overwrite's promotion marked
+        pending (:func:`_replaces_in_place`) and never committed, whatever its age: it failed at every try while
+        later steps were promoted, or a crash cut it short. Called once, at this writer's first save: it then
         becomes the durable root's writer, and sweeps the interrupted promotion's leftovers (a Checkpointer that
         only reads writes nothing). Not with several processes, whose local tiers would have to hold the same
         step."""
@@ -457,10 +459,11 @@ class LocalTier:
         copies = {c.step: c for c in durable}
         stale = [c.step for c in local if c.step in copies and _saved_after(c, copies[c.step])]
         last = max(durable, key=lambda c: c.commit_timestamp_nsecs or 0, default=None)
+        pending = [c.step for c in local if c.step not in copies and _promotion_pending(c.path)]
         chosen = {c.step for c in newer}  # (the newest of them is promoted below)
         cut_short = [c.step for c in local if c.step in self._durable.begun() and c.step not in copies
-                     and c.step not in chosen and (last is None or _saved_after(c, last))]
-        if newer or stale or cut_short:
+                     and c.step not in chosen and c.step not in pending and (last is None or _saved_after(c, last))]
+        if newer or stale or cut_short or pending:
             self._take_durable()  # (raised before anything is written; asked again at the next save)
         self._recovered = True
         for step in stale:
@@ -473,7 +476,12 @@ class LocalTier:
                            "(on an object store, after it had deleted the durable copy it replaced). Promoting it "
                            "again now", step)
             self._promote_again(step, overwrite=True)
-        if newer:
+        for step in pending:
+            logger.warning("ckpt: step %d is on the local tier only: its promotion, which replaced its durable copy (on "
+                           "an object store, removed first), never committed (it failed, or a crash cut it short). "
+                           "Promoting it again now", step)
+            self._promote_again(step, overwrite=True)
+        if newer and newer[-1].step not in pending:
             step = newer[-1].step
             logger.warning("ckpt: step %d, newer than the durable tier's latest (%s), is on the local tier only: a "
                            "crash left it unpromoted. Promoting it now", step, durable[-1].step if durable else "none")
@@ -483,8 +491,7 @@ class LocalTier:
         """Whether the failed overwrite's promotion of ``step`` to ``final`` left the step on the local tier alone,
         with one process: on an object store, where a promotion writes in place, it deleted the durable copy it
         replaced (still listed: unlisted now), or an earlier failure had; or may have, when the store does not tell."""
-        if isinstance(final, Path) or self._durable.processes.count > 1 or not any(
-                c.step == step for c in self.checkpointer.checkpoints):
+        if not self._replaces_in_place(final) or not any(c.step == step for c in self.checkpointer.checkpoints):
             return False
         replaced = next((c for c in self._durable.checkpoints() if c.step == step), None)
         if replaced is not None:
@@ -493,6 +500,13 @@ class LocalTier:
             return not storage.exists(final / fmt.MANIFEST)
         except OSError:  # (the promotion's own error is the one raised)
             return True
+
+    def _replaces_in_place(self, final: storage.Location) -> bool:
+        """Whether an overwrite's promotion to ``final`` removes the durable copy it replaces before it writes the
+        new one (an object store, which has no rename), with one process: such a promotion marks its local step
+        pending (:data:`ckpt.format.PROMOTING`) first, until it commits, so that a writer after this one promotes
+        the step again however old it is (see :meth:`_recover`)."""
+        return not isinstance(final, Path) and self._durable.processes.count == 1
 
     def delete(self, step: int) -> bool:
         """Deletes the local copy of ``step`` (see :meth:`ckpt.Checkpointer.delete`), and the promotion a failure left
@@ -528,7 +542,7 @@ class LocalTier:
         """Queues the promotion of ``step``, which runs once ``local`` (its local save) is committed; the
         caller has taken the durable root (:meth:`_take_durable`) and added ``step`` to the steps kept locally
         until promoted."""
-        barrier = self._durable.operation(f"promote/{step}")  # named here: every process counts its calls alike
+        barrier = self._promotion_barrier(step)  # named here: every process counts its calls alike
         promotion = self._enqueue(step, replaceable=replaceable)
         in_call = contextvars.copy_context()  # (the options of the save: its timeout, in the writer's thread)
         response = self._durable.writer.submit(
@@ -537,6 +551,22 @@ class LocalTier:
         if preempted:
             self._deadline = (step, time.monotonic() + self._options.grace_period_secs, response)
         return response
+
+    def _promotion_barrier(self, step: int) -> str:
+        """The name of the next promotion's barriers, the same on every process (see :func:`_copy_step`)."""
+        return self._durable.operation(f"promote/{step}")
+
+    def refuse(self, step: int, error: BaseException) -> None:
+        """Raises ``error``, this process's refusal of its part of a save of ``step`` that the other processes make and
+        promote (in a job: this process's ``force`` is not the primary's, or it does not overwrite the step, which the
+        others replace on both tiers), once it met the other processes where that promotion's first does
+        (:func:`_copy_step`), so that the promotion fails there at once, naming this process and ``error``, rather than
+        wait for it until the timeout. Nothing is written here."""
+        def refused() -> None:
+            raise error
+
+        distributed.settle(self._durable.processes, _prepared(self._promotion_barrier(step)), refused,
+                           self._durable.timeout_secs(), f"the promotion of step {step}")
 
     def _take_durable(self) -> None:
         """Becomes the durable root's writer (its lock; the first time, its sweep) before a step to promote is
@@ -584,8 +614,13 @@ class LocalTier:
             _saved(local)
             start = time.monotonic()
             source = self.checkpointer.directory / self._step_name(step)
+            pending = overwrite and self._replaces_in_place(final)
+            if pending:
+                storage.write_file(source / fmt.PROMOTING, b"")
             nbytes = _copy_step(source, final, step, overwrite, self._durable, barrier)
             self._durable.committed(step, final, loading.read_manifest(final))
+            if pending:
+                _promoted(source)
         except BaseException:
             kept = overwrite and self._left_local_only(step, final)
             if kept:
@@ -681,6 +716,21 @@ def _saved(local: background.AsyncResponse[bool]) -> bool:
     return True
 
 
+def _promotion_pending(step_dir: storage.Location) -> bool:
+    """Whether a local step is marked as the source of a promotion that replaces its durable copy and has not
+    committed (see :meth:`LocalTier._replaces_in_place`)."""
+    return os.path.lexists(step_dir / fmt.PROMOTING)
+
+
+def _promoted(step_dir: Path) -> None:
+    """Clears the mark of a local step whose promotion committed; a failure is logged (the next writer promotes the
+    step once more)."""
+    try:
+        os.unlink(step_dir / fmt.PROMOTING)
+    except OSError as e:
+        logger.warning("ckpt: %s was promoted, but its mark as pending could not be removed: %s", step_dir, e)
+
+
 def _saved_after(local: CheckpointMetadata, durable: CheckpointMetadata) -> bool:
     """Whether the local copy of a step was committed after its durable copy (None times, unknown: no)."""
     return None not in (local.commit_timestamp_nsecs, durable.commit_timestamp_nsecs) and (
@@ -714,7 +764,7 @@ def _copy_step(source: Path, final: storage.Location, step: int, overwrite: bool
             markers.append(storage.make_temporary(tmp))
 
     try:
-        distributed.settle(durable.processes, f"{barrier}/prepared", prepare, durable.timeout_secs(), task)
+        distributed.settle(durable.processes, _prepared(barrier), prepare, durable.timeout_secs(), task)
         copied = _copy_files(source, final, tmp, step, overwrite, durable, barrier, task)
     except BaseException:
         if markers:  # (an overwrite has removed the durable copy it replaces: see LocalTier._recover)
@@ -727,6 +777,12 @@ def _copy_step(source: Path, final: storage.Location, step: int, overwrite: bool
     return copied
 
 
+def _prepared(barrier: str) -> str:
+    """The name of the first place where the processes meet in the promotion named ``barrier``: once each process
+    checked its part, before anything is copied."""
+    return f"{barrier}/prepared"
+
+
 def _copy_files(source: Path, final: storage.Location, tmp: storage.Location, step: int, overwrite: bool,
                 durable: DurableRoot, barrier: str, task: str) -> int:
     primary = durable.processes.index == 0
@@ -734,7 +790,7 @@ def _copy_files(source: Path, final: storage.Location, tmp: storage.Location, st
     if not primary:  # (the primary's copies of them are the step's, as a save's are)
         written_by_primary = _written_by_primary(source)
         files = [path for path in files if not any(path.is_relative_to(d) for d in written_by_primary)]
-    skip = {source / fmt.MANIFEST} if primary else {source / fmt.MANIFEST, source / fmt.TREE}
+    skip = {source / fmt.MANIFEST, source / fmt.PROMOTING} | ({source / fmt.TREE} if not primary else set())
     store = ts.KvStore.open(storage.kvstore(tmp), context=storage.ts_context(background=True)).result()
     copied = 0
 

@@ -133,9 +133,10 @@ class Checkpointer:
         self._reached = False  # whether the last decision saw a preemption (a new one begins after one that did not)
         self._decided_once = False  # (whether it listens for a preemption is known from the first decision)
         self._due: int | None = None  # the step the last should_save said yes to, until a save or reload
-        self._agreed: tuple[str, list] | None = None  # in a job: the last save decision's message and value
-        # in a job: should_save's answers since the last save or deletion (at that count of operations), by message
-        self._asked: tuple[int, dict[str, tuple[list, bool]]] = (0, {})
+        self._agreed: tuple[str, list, bool] | None = None  # in a job: the last decision's message, value, and once
+        self._asked: tuple[str, list, bool] | None = None  # in a job: should_save's last message, value and answer
+        # in a job: the highest step should_save asked since the last save or deletion (at that count of operations)
+        self._highest_asked: tuple[int, int] = (0, -1)
         self._unlike: ValueError | None = None  # the last decision's: this process's force is not the primary's
         self._in_flight: CheckpointMetadata | None = None  # the step of the last save handed to the writer
         self._deleting: set[int] = set()  # the steps delete_async is deleting (gone for reload too)
@@ -401,12 +402,12 @@ class Checkpointer:
         """
         number = _step_number(step)
         asked = self._asked_of(number)
-        if asked is not None:  # (in a job: asked again, the same answer, which the other processes got)
+        if asked is not None:  # (in a job: asked again at once, the same answer, which the other processes got)
             due = asked[2]
         else:
             due = self._decide(number, replacing=False)
             if self._processes.count > 1:
-                self._remember(due)
+                self._asked = (*self._agreed[:2], due)
         self._due = number if due else None
         return due
 
@@ -500,17 +501,19 @@ class Checkpointer:
         A save's message is named by the calls before it that every process makes (saves and deletions), so that
         processes saving other steps meet in the save's check of the paths; should_save's by that and its step
         (:meth:`_should_save_name`): should_save called on some processes only (``if rank == 0``) shifts no later name,
-        and the save that follows takes the primary's save decision whatever each process's should_save said."""
+        and the save that follows takes the primary's save decision whatever each process's should_save said. A step
+        should_save asked before since the last save or deletion gets the answer published then (:meth:`_asked_before`)."""
         name = self._operation("decide") if in_save else self._should_save_name(step)
+        once = not in_save and self._asked_before(step)
         try:
-            value = self._processes.broadcast(name, [decision, reached, force], self._ctx.async_options.timeout_secs)
+            value = self._broadcast(name, [decision, reached, force], once)
         except TimeoutError as e:
             if in_save:
                 raise
             raise TimeoutError(f"should_save({step}) on process {self._processes.index} waited for process 0's answer, "
                                f"which decides for every process: call should_save({step}) on process 0 too wherever "
                                f"another process calls it ({e})") from None
-        self._agreed = (name, value)
+        self._agreed = (name, value, once)
         decision, reached, forced = value
         self._unlike = None if forced == force else ValueError(
             f"process {self._processes.index} saves step {step} {'with' if force else 'without'} force=True, process "
@@ -520,7 +523,15 @@ class Checkpointer:
 
     def _primarys_either(self, either: bool) -> bool:
         """The primary's decision with its local tier (``either`` here), after the decision :meth:`_primarys` took."""
-        return self._processes.broadcast(f"{self._agreed[0]}/local", either, self._ctx.async_options.timeout_secs)
+        name, _, once = self._agreed
+        return self._broadcast(f"{name}/local", either, once)
+
+    def _broadcast(self, name: str, value: Any, once: bool) -> Any:
+        """The primary's ``value`` under ``name`` on every process; ``once``: the value published first under it."""
+        timeout = self._ctx.async_options.timeout_secs
+        if once:
+            return distributed.broadcast_once(self._processes, name, value, timeout)
+        return self._processes.broadcast(name, value, timeout)
 
     @property
     def _ctx(self) -> Context:
@@ -533,21 +544,22 @@ class Checkpointer:
         return f"{prefix}{self._place}/{self._opened}/{self._operations}/should_save/{step}"
 
     def _asked_of(self, step: int) -> tuple[str, list, bool] | None:
-        """In a job, should_save's answer of ``step`` since the last save or deletion (its message, value, answer)."""
-        name = self._should_save_name(step)
-        answer = self._asked[1].get(name)
-        return None if answer is None else (name, *answer)
+        """In a job, should_save's answer of ``step`` when it was the last step asked, since the last save or deletion
+        (its message, value, answer): a step asked again at once, or saved after a yes, needs no message."""
+        asked = self._asked
+        return asked if asked is not None and asked[0] == self._should_save_name(step) else None
 
-    def _remember(self, due: bool) -> None:
-        """Keeps should_save's answer ``due`` (the decision :meth:`_primarys` took) until the next save or deletion:
-        asked again, even after other steps, a step gets it on every process, and its message is published once (a
-        process asking again could read the first of two answers under one name)."""
-        operations, answers = self._asked
-        if operations != self._operations:
-            answers = {}
-            self._asked = (self._operations, answers)
-        name, value = self._agreed
-        answers[name] = (value, due)
+    def _asked_before(self, step: int) -> bool:
+        """Whether should_save may have asked ``step`` before since the last save or deletion (it asked a step as high),
+        and records it: asked again, even after other steps, a step gets the answer published first on every process
+        (:func:`ckpt.distributed.broadcast_once`, a round trip more on the primary), so that no process reads the first
+        of two answers under one name. Nothing is kept per step asked: a loop that asks every step and never saves
+        (a policy that saves on preemption only) holds no more memory at its millionth step than at its first."""
+        operations, highest = self._highest_asked
+        before = operations == self._operations and step <= highest
+        if not before:
+            self._highest_asked = (self._operations, step)
+        return before
 
     def _operation(self, what: str) -> str:
         """A name unique to this call, the same on every process (they call the same methods in order)."""
@@ -665,9 +677,10 @@ class Checkpointer:
                 "pass overwrite=True to replace it")
             refused = errors.StepAlreadyExistsError(f"step {step} already exists at {existing.path}; {advice}",
                                                     step=step, path=existing.path)
-            if self._processes.count == 1 or self._local is not None:
+            if self._processes.count == 1:
                 raise refused
-            # (in a job, raised where every process meets (prepare): a process told to overwrite would wait there)
+            # (in a job, raised where every process meets (prepare, or with a local tier the promotion): a process told
+            # to overwrite would wait there)
         answered_yes, self._due = self._due == step and existing is None, None
         if self._processes.count == 1:
             due = answered_yes or force or self._decide(step, replacing=existing is not None)
@@ -682,8 +695,8 @@ class Checkpointer:
         preemption.serve()  # (a SIGTERM held back for a save no save served ends the process at close)
         self._ctx.check()  # (a ``with ctx:`` block around this call: its options, not checked when this was opened)
         if self._local is not None:
-            if refused is not None:
-                raise refused
+            if refused is not None:  # (this process's force or overwrite is not the others', which save and promote)
+                self._local.refuse(step, refused)
             return self._local.save(step, checkpointables, force=force, overwrite=overwrite, blocking=blocking,
                                     preempted=step == self._preempted_at, metrics=metrics,
                                     custom_metadata=custom_metadata)
@@ -1041,12 +1054,16 @@ class Checkpointer:
             info = self._find(number)
         if info is not None and self._processes.index == 0:
             self._take_directory()  # (before anything is deleted or forgotten: another writer may hold the root)
-        held_locally = self._local is not None and self._local.delete(number)
         operation, timeout = self._operation("delete"), self._ctx.async_options.timeout_secs
+        compared = self._local is not None  # (in a job, before any process deletes its local copy)
+        if compared:
+            self._same_step_everywhere(operation, number, timeout)
+        held_locally = self._local is not None and self._local.delete(number)
         if info is None:
             if self._processes.count > 1:  # (the others compare their steps with this one's, then delete: here too,
                 # so that a rank deleting another step is named on every rank, and none waits for this one)
-                self._delete_everywhere(operation, number, lambda: None, timeout, f"the deletion of step {number}")
+                self._delete_everywhere(operation, number, lambda: None, timeout, f"the deletion of step {number}",
+                                        compared=compared)
             if held_locally or missing_ok:
                 return background.finished(held_locally)
             raise self._not_found(number)
@@ -1062,7 +1079,7 @@ class Checkpointer:
         def job() -> bool:  # every process returns (or raises) once the step is deleted
             try:
                 self._delete_everywhere(operation, number, delete_here, timeout,
-                                        f"the deletion of step {number} ({info.path})")
+                                        f"the deletion of step {number} ({info.path})", compared=compared)
                 self._deleted.add(number)
             except BaseException:
                 if storage.exists(info.path):  # still there: listed again
@@ -1077,16 +1094,21 @@ class Checkpointer:
         return self._deletion
 
     def _delete_everywhere(self, operation: str, number: int, delete_here: Callable[[], None], timeout: float,
-                           task: str) -> None:
-        """Compares this process's step ``number`` with the others', then runs ``delete_here`` where each process
-        meets the others (see :func:`ckpt.distributed.settle`): a ValueError on every process when their steps
-        differ, nothing deleted."""
+                           task: str, *, compared: bool = False) -> None:
+        """Compares this process's step ``number`` with the others' (unless ``compared`` already), then runs
+        ``delete_here`` where each process meets the others (see :func:`ckpt.distributed.settle`)."""
+        if not compared:
+            self._same_step_everywhere(operation, number, timeout)
+        distributed.settle(self._processes, operation, delete_here, timeout, task, commits=False)
+
+    def _same_step_everywhere(self, operation: str, number: int, timeout: float) -> None:
+        """Compares this process's step ``number`` with the others' (a barrier): a ValueError on every process when
+        their steps differ, before anything is deleted."""
         differ = distributed.differences(self._processes, f"{operation}/step", number, number, timeout)
         if differ:
             steps = "; ".join(f"process {i}: {step}" for i, step in sorted(differ.items()))
             raise ValueError(f"the processes of this job delete different steps ({steps}) of "
                              f"{self._directory}: every process deletes the same one; nothing was deleted")
-        distributed.settle(self._processes, operation, delete_here, timeout, task, commits=False)
 
     # ---------------------------------------------------------------------------------- metadata
     def metadata(self, step: int | CheckpointMetadata | None = None) -> CheckpointMetadata:

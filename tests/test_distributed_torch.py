@@ -3,6 +3,7 @@ ranks and in a plain process, and a single-process checkpoint loaded into DTenso
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -182,6 +183,9 @@ def test_should_save_or_reload_on_rank_0_alone_changes_no_save_on_any_rank(tmp_p
         # steps 2, 3 and 2 again, the policy's answer changed between: rank 1 asked again before rank 0 (rank 0 said yes
         # and saved, rank 1 had read its first no: rank 0 waited for rank 1's save until the timeout)
         assert f"rank {r} asked again [False, False, False, False, True], steps [4]" in out, out
+        # then 1000 steps asked, none saved: ~250 bytes each were kept until the next save; the first answer still
+        held = re.search(rf"rank {r} asked 1000 steps, holding (\d+) bytes a step; step 5 again: False", out)
+        assert held and int(held[1]) < 10, out
     assert ("rank 1 alone asked: should_save(10) on process 1 waited for process 0's answer, which decides for every "
             "process: call should_save(10) on process 0 too wherever another process calls it (rank 1 of 2 waited 1 s "
             f"for rank 0's '{tmp_path / 'run'}-alone/") in out, out
@@ -216,7 +220,9 @@ def test_a_step_or_checkpoint_every_rank_deletes_is_gone_on_every_rank_before_an
 @pytest.mark.timeout(300)
 def test_with_two_tiers_every_rank_gets_rank_0s_save_decision_whatever_its_local_policy_says(tmp_path):
     """(Each rank's local tier decided alone: with local policies that differ, or decide by each rank's clock,
-    should_save and save answered True on one rank and False on another, at steps 2, 3 and 4.)"""
+    should_save and save answered True on one rank and False on another, at steps 2, 3 and 4.) Then steps the ranks
+    delete differently, a save rank 0 alone forces, and a step rank 1 alone overwrites: each raises on every rank at
+    once, nothing deleted or replaced."""
     out = run_jobs(tmp_path / "run", tmp_path / "unused.npz", "policies:2")
     for r in (0, 1):
         assert (f"rank {r} saved [True, False, True, False, True, False, True], locally "
@@ -229,6 +235,31 @@ def test_with_two_tiers_every_rank_gets_rank_0s_save_decision_whatever_its_local
         loaded = ckpt.load(tmp_path / "run" / "durable" / str(step))
         assert loaded["rng"].tolist() == [0, 0, 0] and not loaded["big_rng"].any(), step
         assert torch.equal(loaded["rows"], torch.arange(600 * 520.0).reshape(600, 520)), step
+    # steps the ranks delete differently: each rank had deleted its local copy before they compared their steps
+    for r in (0, 1):
+        assert (f"rank {r} tiers deletes refused: ValueError: the processes of this job delete different steps (process "
+                f"0: 2; process 1: 3) of {tmp_path / 'run' / 'durable2'}: every process deletes the same one; nothing was "
+                "deleted") in out, out
+        assert (f"rank {r} tiers steps after the deletions [(2, ['durable', 'local'])], locally "
+                "['.ckpt.lock', '2', '3', 'ckpt-root.json']") in out, out
+    # a save rank 0 alone forces, which it promotes: rank 0 waited in the promotion for rank 1 until the timeout
+    said = ("process 1 saves step 5 without force=True, process 0 with it: every process passes the same force (a forced "
+            f"save skips the save-decision policy) to the save of one step of {tmp_path / 'run' / 'durable2'}; nothing "
+            "was written")
+    assert f"rank 1 tiers force failed: ValueError: {said}\n" in out, out
+    assert (f"rank 0 tiers force failed: RuntimeError: the promotion of {tmp_path / 'run-local2' / 'process_0' / '5'} to "
+            f"{tmp_path / 'run' / 'durable2' / '5'} failed in another process (process 1: ValueError: {said}); nothing "
+            "was committed") in out, out
+    # step 6 again, which rank 1 alone overwrites: rank 0 raised at once, rank 1 waited in the promotion for rank 0
+    said = (f"StepAlreadyExistsError: step 6 already exists at {tmp_path / 'run-local2' / 'process_0' / '6'}; pass "
+            "overwrite=True to replace it")
+    assert f"rank 0 tiers overwrite failed: {said}\n" in out, out
+    assert (f"rank 1 tiers overwrite failed: RuntimeError: the promotion of {tmp_path / 'run-local2' / 'process_1' / '6'} "
+            f"to {tmp_path / 'run' / 'durable2' / '6'} failed in another process (process 0: {said}); nothing was "
+            "committed") in out, out
+    for r in (0, 1):  # (and the ranks still made the same calls)
+        assert f"rank {r} tiers steps [(2, ['durable']), (6, ['durable', 'local']), (8, ['durable', 'local'])], step 6 " \
+               "holds [1.0, 1.0]" in out, out
 
 
 @pytest.mark.timeout(300)

@@ -1138,3 +1138,38 @@ def test_ckpt_ls_show_and_verify_of_a_multi_process_local_directory_name_its_pro
     assert cli.main(["ls", str(durable), "--local", str(local / "process_0"), "--json"]) == 0
     assert [(s["step"], s["tiers"]) for s in json.loads(capsys.readouterr().out)["steps"]] == [
         (0, ["durable"]), (3, ["durable", "local"]), (4, ["local"])]
+
+
+def test_on_s3_an_overwrites_promotion_that_kept_failing_while_later_steps_promoted_is_promoted_by_the_next_writer(
+        bucket, tmp_path, monkeypatch, caplog):
+    """Step 4 saved again (overwrite=True), its promotion refused at each try while step 10's was promoted: the run
+    ended with step 4 on the local tier only, and the next writer promoted it no more (its local copy was older than
+    the durable step 10): step 4 was lost from both tiers once the local policy dropped it."""
+    def local() -> ckpt.LocalCheckpointOptions:
+        return ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1))
+
+    copy_files = tiers._copy_files
+
+    def refused(source, *args):
+        if source.name == "4":
+            raise PermissionError(errno.EACCES, "access denied")
+        return copy_files(source, *args)
+
+    with ckpt.Checkpointer(bucket, save_decision_policy=sdp.FixedIntervalPolicy(5), local=local()) as ckptr:
+        overwrite_step_4_refused(ckptr, monkeypatch)
+        monkeypatch.setattr(tiers, "_copy_files", refused)
+        ckptr.save(10, {"w": np.full(2, 10)})  # (step 4's promotion queued again, refused again)
+        with pytest.raises(PermissionError, match="access denied"):
+            ckptr.wait()
+        assert [(c.step, sorted(c.locations)) for c in ckptr.checkpoints] == [
+            (4, ["local"]), (5, ["durable"]), (10, ["durable", "local"])]
+    monkeypatch.setattr(tiers, "_copy_files", copy_files)
+    with ckpt.Checkpointer(bucket, save_decision_policy=sdp.FixedIntervalPolicy(5), local=local()) as ckptr:
+        for step in (11, 12, 13):
+            ckptr.save(step, {"w": np.full(2, step)})
+        ckptr.wait()
+        assert [(c.step, sorted(c.locations)) for c in ckptr.checkpoints] == [
+            (4, ["durable"]), (5, ["durable"]), (10, ["durable"]), (12, ["local"]), (13, ["local"])]  # was: 4 nowhere
+    assert ckpt.load(f"{bucket}/4")["w"][0] == 40
+    assert "step 4 is on the local tier only: its promotion, which replaced its durable copy" in caplog.text
+    assert not ckpt.objectstore.ObjectPath(f"{bucket}/4/{ckpt.format.PROMOTING}").exists()  # the local tier's alone

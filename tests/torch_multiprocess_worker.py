@@ -17,7 +17,7 @@ through the Checkpointer and ``ckpt.save``, and to other paths and steps, a full
 Checkpointers on other roots;
 every one is refused, nothing is written.
 ``dtensors`` (4 ranks): DTensors of unusual layouts, saved and loaded through the Checkpointer.
-``fail``: saves that fail on rank 1. ``alone``: should_save and reload on rank 0 alone. ``policies``: two tiers whose local policies differ between ranks. ``delete``: steps every rank deletes and saves again at once; checkpoints every rank deletes with ``ckpt.delete``; a deletion that fails on rank 0. ``stopped``: rank 0 stops in the middle of a save. ``gone``: rank 1 runs out of device memory in the gathering of a small DTensor, and stops. ``vanish``: rank 1 stops in an async save. ``exit``: the ranks end without closing. ``list``: prints the steps each rank lists. ``unshared``: rank 1 sees another directory at DIR. ``linked``: rank 1 names the root through a symbolic link. ``sigterm``: a
+``fail``: saves that fail on rank 1. ``alone``: should_save and reload on rank 0 alone, then 1000 steps asked on every rank, none saved. ``policies``: two tiers whose local policies differ between ranks. ``delete``: steps every rank deletes and saves again at once; checkpoints every rank deletes with ``ckpt.delete``; a deletion that fails on rank 0. ``stopped``: rank 0 stops in the middle of a save. ``gone``: rank 1 runs out of device memory in the gathering of a small DTensor, and stops. ``vanish``: rank 1 stops in an async save. ``exit``: the ranks end without closing. ``list``: prints the steps each rank lists. ``unshared``: rank 1 sees another directory at DIR. ``linked``: rank 1 names the root through a symbolic link. ``sigterm``: a
 SIGTERM to rank 1 alone, in a loop saving on preemption.
 Each rank prints what it did.
 """
@@ -28,6 +28,7 @@ import socket
 import sys
 import threading
 import time
+import tracemalloc
 import traceback
 from pathlib import Path
 
@@ -173,6 +174,7 @@ def run(this_rank: int, this_world: int, port: int, mode: str) -> None:
                 asked_on_rank_0_alone()
         elif mode == "policies":
             local_policies_differ()
+            mismatched_with_two_tiers()
         elif mode == "sigterm":
             preempted_rank()
         elif mode == "stopped":
@@ -473,6 +475,15 @@ def asked_on_rank_0_alone() -> None:
         said.append(bool(said[-1] and ckptr.save(2, {"w": torch.ones(2)})))
         said.append(bool(ckptr.should_save(4) and ckptr.save(4, {"w": torch.ones(2)})))
         say(f"rank {rank} asked again {said}, steps {[c.step for c in ckptr.checkpoints]}")
+        policy.yes = False  # a loop asking every step, saving none (a policy that saves on preemption only)
+        tracemalloc.start()
+        for step in range(5, 1005):
+            ckptr.should_save(step)
+        held = tracemalloc.get_traced_memory()[0]
+        tracemalloc.stop()
+        policy.yes = True
+        say(f"rank {rank} asked 1000 steps, holding {held // 1000} bytes a step; step 5 again: {ckptr.should_save(5)}")
+        dist.barrier()  # (rank 0's process keeps the store rank 1 reads the answers from)
 
 
 class Changing:
@@ -498,6 +509,35 @@ def local_policies_differ() -> None:
     with Checkpointer(f"{directory}/durable", save_decision_policy=sdp.FixedIntervalPolicy(4), local=local) as ckptr:
         said = [ckptr.should_save(step) and ckptr.save(step, state) for step in range(7)]
     say(f"rank {rank} saved {said}, locally {sorted(os.listdir(f'{directory}-local/process_{rank}'))}")
+
+
+def mismatched_with_two_tiers() -> None:
+    """Two tiers: steps each rank deletes differently, a save rank 0 alone forces (rank 1 asks its policy), and a step
+    rank 1 alone overwrites: every rank raises at once where every rank meets, nothing is deleted on either tier nor
+    replaced on the durable tier, and the next save is made."""
+    local = ckpt.LocalCheckpointOptions(f"{directory}-local2", save_decision_policy=sdp.FixedIntervalPolicy(1))
+    with ckpt.Context(async_options=ckpt.AsyncOptions(timeout_secs=5)), Checkpointer(
+            f"{directory}/durable2", save_decision_policy=sdp.FixedIntervalPolicy(2), local=local) as ckptr:
+        for step in (2, 3):
+            ckptr.save(step, {"w": torch.ones(2)})
+        try:
+            ckptr.delete(2 + rank)
+        except (ValueError, TimeoutError) as e:
+            say(f"rank {rank} tiers deletes refused: {type(e).__name__}: {e}")
+        say(f"rank {rank} tiers steps after the deletions {[(c.step, sorted(c.locations)) for c in ckptr.checkpoints]}, "
+            f"locally {sorted(os.listdir(f'{directory}-local2/process_{rank}'))}")
+        try:
+            ckptr.save(5, {"w": torch.ones(2)}, force=rank == 0)
+        except (RuntimeError, ValueError, TimeoutError) as e:
+            say(f"rank {rank} tiers force failed: {type(e).__name__}: {e}")
+        ckptr.save(6, {"w": torch.ones(2)})  # (the ranks still make the same calls)
+        try:  # step 6 again, which rank 1 alone overwrites
+            ckptr.save(6, {"w": torch.zeros(2)}, overwrite=rank == 1)
+        except (RuntimeError, ckpt.errors.StepAlreadyExistsError) as e:
+            say(f"rank {rank} tiers overwrite failed: {type(e).__name__}: {e}")
+        ckptr.save(8, {"w": torch.ones(2)})
+        say(f"rank {rank} tiers steps {[(c.step, sorted(c.locations)) for c in ckptr.checkpoints]}, step 6 holds "
+            f"{ckpt.load(f'{directory}/durable2/6')['w'].tolist()}")
 
 
 def deleted_and_saved_again(ckptr: Checkpointer) -> None:

@@ -675,7 +675,13 @@ def _from_callback(jax: Any, meta: dict, sharding: Any, read: Callable[[Any], An
 
 def _weakly_typed(array: Any) -> Any:
     """``array``, placed where it is, with the weak type jax gives a Python scalar (which takes the dtype of
-    the arrays it meets: a bf16 array times it stays bf16). jax has no public way to make one."""
+    the arrays it meets: a bf16 array times it stays bf16). jax has no public way to make one. Converted
+    outside the caller's ``jax.set_mesh`` mesh: jax refuses the conversion there of an array placed
+    elsewhere (on another mesh, on one device), and would move one not yet placed onto that mesh."""
+    import jax
     from jax._src.lax import lax
 
-    return lax._convert_element_type(array, weak_type=True)
+    if shardings.context_mesh(jax) is None:
+        return lax._convert_element_type(array, weak_type=True)
+    with jax.set_mesh(None):
+        return lax._convert_element_type(array, weak_type=True)

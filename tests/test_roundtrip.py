@@ -380,6 +380,26 @@ def test_weak_typed_jax_arrays_keep_their_weak_type_with_and_without_an_abstract
         assert ckptr.load(0)["s"].weak_type and not ckptr.load(1)["s"].weak_type
 
 
+def test_weak_typed_arrays_load_under_the_jax_set_mesh_of_another_mesh(tmp_path):
+    """Under jax.set_mesh, a weak-typed array saved on another mesh (a TrainState's step after a jitted step
+    of a pjit loop: 0 + 1 is weak) made a load without an abstract tree call the step damaged, and a load into
+    the state itself a mismatch: jax refused the weak-type conversion of an array off the context's mesh."""
+    jax = pytest.importorskip("jax")
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    if not hasattr(jax, "set_mesh"):
+        pytest.skip("jax.set_mesh is newer than this jax")
+    step = jax.device_put(jnp.asarray(3), NamedSharding(jax.make_mesh((1,), ("saved",)), PartitionSpec()))
+    state = {"step": step, "scale": jnp.asarray(0.5), "w": jnp.ones(2)}
+    ckpt.save(tmp_path / "c", state)
+    with jax.set_mesh(jax.make_mesh((1,), ("other",))):
+        for target in (None, state):
+            restored = ckpt.load(tmp_path / "c", target)
+            assert restored["step"].weak_type and restored["step"].sharding == step.sharding
+            assert restored["step"].item() == 3 and restored["scale"].weak_type
+
+
 def test_prng_keys_of_another_impl_than_the_abstract_leafs_are_a_mismatch_naming_the_leaf(tmp_path):
     jax = pytest.importorskip("jax")
 

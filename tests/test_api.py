@@ -787,6 +787,37 @@ def test_loading_without_a_tree_keeps_the_saved_meshs_axis_types_so_the_arrays_c
     assert result.returncode == 0 and "AXIS-TYPES-OK" in result.stdout, result.stdout + result.stderr
 
 
+
+KEYS_OFF_THE_CONTEXT_MESH = r"""
+import os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+import jax, numpy as np
+import ckpt
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+if not hasattr(jax, "set_mesh"):
+    print("KEYS-OK (this jax has no jax.set_mesh)")
+    sys.exit(0)
+stage = jax.make_mesh((2,), ("stage",), devices=jax.devices()[2:])  # a pipeline stage's devices
+keys = jax.device_put(jax.random.split(jax.random.key(0), 4), NamedSharding(stage, P("stage")))
+ckpt.save(sys.argv[1], {"keys": keys})
+with jax.set_mesh(jax.make_mesh((2, 2), ("data", "model"))):  # the whole job's mesh
+    for target in (None, {"keys": keys}, {"keys": jax.ShapeDtypeStruct((4,), keys.dtype, sharding=keys.sharding)}):
+        restored = ckpt.load(sys.argv[1], target)["keys"]
+        assert restored.sharding == keys.sharding, restored.sharding
+        np.testing.assert_array_equal(jax.random.key_data(restored), jax.random.key_data(keys))
+print("KEYS-OK")
+"""
+
+
+def test_prng_keys_placed_off_the_jax_set_mesh_mesh_load_under_it_where_they_were(tmp_path):
+    """Typed PRNG keys saved on devices other than those of the jax.set_mesh mesh a load ran under (a pipeline
+    stage's, under the whole job's mesh) were called damaged ('jax refuses its key data ...: Received
+    incompatible devices for jitted computation'): the keys were wrapped under the caller's mesh."""
+    pytest.importorskip("jax")
+    result = procs.run_script(KEYS_OFF_THE_CONTEXT_MESH, str(tmp_path / "c"), timeout=120, JAX_PLATFORMS="cpu")
+    assert result.returncode == 0 and "KEYS-OK" in result.stdout, result.stdout + result.stderr
+
 REDUCED_AXES = r"""
 import os, sys
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"

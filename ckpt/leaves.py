@@ -681,4 +681,6 @@ def _weakly_typed(array: Any) -> Any:
     from jax._src.lax import lax
 
     with shardings.outside_context_mesh(jax):
-        return lax._convert_element_type(array, weak_type=True)
+        weak = lax._convert_element_type(array, weak_type=True)
+    # (the conversion's result is in device memory: an array placed in host memory is put back there)
+    return weak if weak.sharding == array.sharding else jax.device_put(weak, array.sharding)

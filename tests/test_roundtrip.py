@@ -400,6 +400,21 @@ def test_weak_typed_arrays_load_under_the_jax_set_mesh_of_another_mesh(tmp_path)
             assert restored["step"].item() == 3 and restored["scale"].weak_type
 
 
+def test_weak_typed_arrays_placed_in_host_memory_load_into_host_memory(tmp_path):
+    """A weak-typed array restored into an abstract leaf placed in host memory (memory_kind='pinned_host': a
+    state offloaded to the host, a TrainState's step among it) came back in device memory, which a jitted
+    step sharded for the host refuses ('Memory kinds passed to jax.jit does not match')."""
+    jax = pytest.importorskip("jax")
+    import jax.numpy as jnp
+
+    host = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind="pinned_host")
+    state = {"step": jax.device_put(jnp.asarray(3), host)}
+    ckpt.save(tmp_path / "c", state)
+    for target in (state, {"step": jax.ShapeDtypeStruct((), jnp.int32, weak_type=True, sharding=host)}):
+        restored = ckpt.load(tmp_path / "c", target)["step"]
+        assert restored.weak_type and restored.sharding == host and restored.item() == 3
+
+
 def test_prng_keys_of_another_impl_than_the_abstract_leafs_are_a_mismatch_naming_the_leaf(tmp_path):
     jax = pytest.importorskip("jax")
 

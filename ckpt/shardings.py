@@ -116,7 +116,8 @@ def outside_context_mesh(jax: Any) -> contextlib.AbstractContextManager:
     """A scope without the caller's ``jax.set_mesh`` mesh, for what a load computes on arrays it has placed
     (a weak type given, PRNG keys wrapped): under a mesh, jax refuses a computation on arrays placed
     elsewhere (another mesh's devices, one device), and moves one not yet placed onto that mesh."""
-    return contextlib.nullcontext() if context_mesh(jax) is None else jax.set_mesh(None)
+    set_mesh = getattr(jax, "set_mesh", None)  # (absent from older jax, whose get_mesh may be there: as before)
+    return contextlib.nullcontext() if set_mesh is None or context_mesh(jax) is None else set_mesh(None)
 
 
 def context_mesh(jax: Any) -> Any:

@@ -928,6 +928,21 @@ def test_a_load_in_the_background_puts_arrays_on_the_callers_default_device_as_a
     assert result.returncode == 0 and "DEFAULT-DEVICE-OK" in result.stdout, result.stdout + result.stderr
 
 
+
+def test_a_load_in_the_background_under_jax_enable_x64_gives_the_64_bit_values_a_load_does(tmp_path):
+    """Inside `with jax.enable_x64(True):` (a setting of the caller's thread alone), load gave int64 values and
+    load_async int32 ones, wrapped (2**40 + 5 became 5): the background thread had 64-bit types off."""
+    jax = pytest.importorskip("jax")
+    if not hasattr(jax, "enable_x64"):
+        pytest.skip("jax.enable_x64 is newer than this jax")
+    ckpt.save(tmp_path / "c", {"i": np.int64(2**40 + 5)})
+    with jax.enable_x64(True), ckpt.Checkpointer(tmp_path / "run") as ckptr:
+        ckptr.save(0, {"i": np.int64(2**40 + 5)})
+        abstract = {"i": jax.ShapeDtypeStruct((), jax.numpy.int64)}
+        for loaded in (ckpt.load(tmp_path / "c", abstract), ckpt.load_async(tmp_path / "c", abstract).result(),
+                       ckptr.load_async(0, abstract).result()):
+            assert loaded["i"].dtype == np.int64 and int(loaded["i"]) == 2**40 + 5, loaded
+
 def test_loading_into_shape_dtype_structs_places_every_leaf_with_its_named_sharding_and_as_saved_keeps_the_saved_one(tmp_path):
 
     pytest.importorskip("jax")

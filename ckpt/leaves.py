@@ -680,7 +680,8 @@ def _weakly_typed(array: Any) -> Any:
     import jax
     from jax._src.lax import lax
 
-    with shardings.outside_context_mesh(jax):
+    # (a copy of saved values, not a computation: jax.debug_nans' checks, which would refuse a NaN, do not apply)
+    with shardings.outside_context_mesh(jax), jax.debug_nans(False), jax.debug_infs(False):
         weak = lax._convert_element_type(array, weak_type=True)
     # (the conversion's result is in device memory: an array placed in host memory is put back there)
     return weak if weak.sharding == array.sharding else jax.device_put(weak, array.sharding)

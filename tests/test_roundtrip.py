@@ -415,6 +415,20 @@ def test_weak_typed_arrays_placed_in_host_memory_load_into_host_memory(tmp_path)
         assert restored.weak_type and restored.sharding == host and restored.item() == 3
 
 
+def test_weak_typed_nans_and_infinities_load_under_jax_debug_nans_and_debug_infs(tmp_path):
+    """Under jax.debug_nans (on while a run's NaNs are hunted), a load of a weak-typed NaN raised jax's
+    FloatingPointError 'invalid value (nan) encountered in convert_element_type', naming no leaf; strong ones loaded."""
+    jax = pytest.importorskip("jax")
+    import jax.numpy as jnp
+
+    state = {"loss": jnp.asarray(float("nan")), "best": jnp.asarray(float("inf")), "w": jnp.array([np.nan, 1.0])}
+    ckpt.save(tmp_path / "c", state)
+    with jax.debug_nans(True), jax.debug_infs(True):
+        for target in (None, state):
+            restored = ckpt.load(tmp_path / "c", target)
+            assert restored["loss"].weak_type and np.isnan(restored["loss"]) and np.isinf(restored["best"])
+
+
 def test_prng_keys_of_another_impl_than_the_abstract_leafs_are_a_mismatch_naming_the_leaf(tmp_path):
     jax = pytest.importorskip("jax")
 

@@ -600,9 +600,10 @@ def _wrap_key(jax: Any, meta: dict, data: Any, impl: str, sharding: Any = None) 
     of implementation ``impl``; a saved key (``meta`` of type jax_key: its implementation and key data
     both come from the checkpoint) that jax refuses raises :class:`LeafDataError`."""
     try:
-        if sharding is None:
-            return jax.random.wrap_key_data(jax.numpy.asarray(data), impl=impl)
-        return _key_wrapper(impl, sharding)(data)
+        with shardings.outside_context_mesh(jax):
+            if sharding is None:
+                return jax.random.wrap_key_data(jax.numpy.asarray(data), impl=impl)
+            return _key_wrapper(impl, sharding)(data)
     except (ValueError, TypeError) as e:
         if meta["type"] != "jax_key":  # saved as plain data, received by a key of the abstract tree
             raise
@@ -676,6 +677,11 @@ def _from_callback(jax: Any, meta: dict, sharding: Any, read: Callable[[Any], An
 def _weakly_typed(array: Any) -> Any:
     """``array``, placed where it is, with the weak type jax gives a Python scalar (which takes the dtype of
     the arrays it meets: a bf16 array times it stays bf16). jax has no public way to make one."""
+    import jax
     from jax._src.lax import lax
 
-    return lax._convert_element_type(array, weak_type=True)
+    # (a copy of saved values, not a computation: jax.debug_nans' checks, which would refuse a NaN, do not apply)
+    with shardings.outside_context_mesh(jax), jax.debug_nans(False), jax.debug_infs(False):
+        weak = lax._convert_element_type(array, weak_type=True)
+    # (the conversion's result is in device memory: an array placed in host memory is put back there)
+    return weak if weak.sharding == array.sharding else jax.device_put(weak, array.sharding)

@@ -1,6 +1,7 @@
 """A jax ``NamedSharding`` as JSON in tree.json, and back, so that a load without an abstract tree puts
-each array where it was (as Orbax does); and an abstract leaf's sharding over an ``AbstractMesh`` put on
-the devices of the caller's ``jax.set_mesh`` mesh (:func:`on_devices`).
+each array where it was (as Orbax does); an abstract leaf's sharding over an ``AbstractMesh`` put on
+the devices of the caller's ``jax.set_mesh`` mesh (:func:`on_devices`); and a scope without that mesh
+(:func:`outside_context_mesh`).
 
 The JSON is ``{"mesh_shape": [2, 4], "axis_names": ["x", "y"], "axis_types": ["Explicit", "Explicit"],
 "device_ids": [0, ..., 7], "spec": ["x", null, ["x", "y"]]}`` (``axis_types``, the mesh's
@@ -19,6 +20,7 @@ Example::
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
 import warnings
@@ -108,6 +110,14 @@ def on_devices(sharding: Any) -> Any:
         raise ValueError(f"its sharding is over the abstract mesh {sharding.mesh} and {found}: load inside "
                          "`with jax.set_mesh(mesh)` of the mesh the abstract tree was made under")
     return jax.sharding.NamedSharding(mesh, sharding.spec, memory_kind=sharding.memory_kind)
+
+
+def outside_context_mesh(jax: Any) -> contextlib.AbstractContextManager:
+    """A scope without the caller's ``jax.set_mesh`` mesh, for what a load computes on arrays it has placed
+    (a weak type given, PRNG keys wrapped): under a mesh, jax refuses a computation on arrays placed
+    elsewhere (another mesh's devices, one device), and moves one not yet placed onto that mesh."""
+    set_mesh = getattr(jax, "set_mesh", None)  # (absent from older jax, whose get_mesh may be there: as before)
+    return contextlib.nullcontext() if set_mesh is None or context_mesh(jax) is None else set_mesh(None)
 
 
 def context_mesh(jax: Any) -> Any:

@@ -243,14 +243,13 @@ _UNKNOWN = object()
 
 def with_callers_placement(fn: Callable[[], T]) -> Callable[[], T]:
     """``fn``, to run in another thread where jax places arrays as it does in this one: under this thread's
-    ``jax.default_device`` and ``jax.set_mesh`` mesh (a new thread has neither), so that a load in the
-    background puts its arrays where the same load here would."""
+    ``jax.default_device``, ``jax.set_mesh`` mesh and 64-bit types (``with jax.enable_x64(True)``: a new
+    thread has none of them), so that a load in the background puts its arrays where the same load here
+    would, of the same dtypes."""
     jax = sys.modules.get("jax")
     if jax is None:
         return fn
-    device, mesh = jax.config.jax_default_device, shardings.context_mesh(jax)
-    if device is None and mesh is None:
-        return fn
+    device, mesh, x64 = jax.config.jax_default_device, shardings.context_mesh(jax), jax.config.jax_enable_x64
 
     def run() -> T:
         with contextlib.ExitStack() as placement:
@@ -258,6 +257,11 @@ def with_callers_placement(fn: Callable[[], T]) -> Callable[[], T]:
                 placement.enter_context(jax.default_device(device))
             if mesh is not None:
                 placement.enter_context(jax.set_mesh(mesh))
+            if jax.config.jax_enable_x64 != x64:  # (a with-block's setting holds in its own thread alone)
+                enable_x64 = getattr(jax, "enable_x64", None)
+                if enable_x64 is None:  # (older jax)
+                    from jax.experimental import enable_x64
+                placement.enter_context(enable_x64(x64))
             return fn()
 
     return run

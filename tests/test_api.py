@@ -787,6 +787,37 @@ def test_loading_without_a_tree_keeps_the_saved_meshs_axis_types_so_the_arrays_c
     assert result.returncode == 0 and "AXIS-TYPES-OK" in result.stdout, result.stdout + result.stderr
 
 
+
+KEYS_OFF_THE_CONTEXT_MESH = r"""
+import os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+import jax, numpy as np
+import ckpt
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+if not hasattr(jax, "set_mesh"):
+    print("KEYS-OK (this jax has no jax.set_mesh)")
+    sys.exit(0)
+stage = jax.make_mesh((2,), ("stage",), devices=jax.devices()[2:])  # a pipeline stage's devices
+keys = jax.device_put(jax.random.split(jax.random.key(0), 4), NamedSharding(stage, P("stage")))
+ckpt.save(sys.argv[1], {"keys": keys})
+with jax.set_mesh(jax.make_mesh((2, 2), ("data", "model"))):  # the whole job's mesh
+    for target in (None, {"keys": keys}, {"keys": jax.ShapeDtypeStruct((4,), keys.dtype, sharding=keys.sharding)}):
+        restored = ckpt.load(sys.argv[1], target)["keys"]
+        assert restored.sharding == keys.sharding, restored.sharding
+        np.testing.assert_array_equal(jax.random.key_data(restored), jax.random.key_data(keys))
+print("KEYS-OK")
+"""
+
+
+def test_prng_keys_placed_off_the_jax_set_mesh_mesh_load_under_it_where_they_were(tmp_path):
+    """Typed PRNG keys saved on devices other than those of the jax.set_mesh mesh a load ran under (a pipeline
+    stage's, under the whole job's mesh) were called damaged ('jax refuses its key data ...: Received
+    incompatible devices for jitted computation'): the keys were wrapped under the caller's mesh."""
+    pytest.importorskip("jax")
+    result = procs.run_script(KEYS_OFF_THE_CONTEXT_MESH, str(tmp_path / "c"), timeout=120, JAX_PLATFORMS="cpu")
+    assert result.returncode == 0 and "KEYS-OK" in result.stdout, result.stdout + result.stderr
+
 REDUCED_AXES = r"""
 import os, sys
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
@@ -896,6 +927,21 @@ def test_a_load_in_the_background_puts_arrays_on_the_callers_default_device_as_a
     result = procs.run_script(DEFAULT_DEVICE, str(tmp_path), timeout=120, JAX_PLATFORMS="cpu")
     assert result.returncode == 0 and "DEFAULT-DEVICE-OK" in result.stdout, result.stdout + result.stderr
 
+
+
+def test_a_load_in_the_background_under_jax_enable_x64_gives_the_64_bit_values_a_load_does(tmp_path):
+    """Inside `with jax.enable_x64(True):` (a setting of the caller's thread alone), load gave int64 values and
+    load_async int32 ones, wrapped (2**40 + 5 became 5): the background thread had 64-bit types off."""
+    jax = pytest.importorskip("jax")
+    if not hasattr(jax, "enable_x64"):
+        pytest.skip("jax.enable_x64 is newer than this jax")
+    ckpt.save(tmp_path / "c", {"i": np.int64(2**40 + 5)})
+    with jax.enable_x64(True), ckpt.Checkpointer(tmp_path / "run") as ckptr:
+        ckptr.save(0, {"i": np.int64(2**40 + 5)})
+        abstract = {"i": jax.ShapeDtypeStruct((), jax.numpy.int64)}
+        for loaded in (ckpt.load(tmp_path / "c", abstract), ckpt.load_async(tmp_path / "c", abstract).result(),
+                       ckptr.load_async(0, abstract).result()):
+            assert loaded["i"].dtype == np.int64 and int(loaded["i"]) == 2**40 + 5, loaded
 
 def test_loading_into_shape_dtype_structs_places_every_leaf_with_its_named_sharding_and_as_saved_keeps_the_saved_one(tmp_path):
 

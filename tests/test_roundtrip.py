@@ -380,6 +380,55 @@ def test_weak_typed_jax_arrays_keep_their_weak_type_with_and_without_an_abstract
         assert ckptr.load(0)["s"].weak_type and not ckptr.load(1)["s"].weak_type
 
 
+def test_weak_typed_arrays_load_under_the_jax_set_mesh_of_another_mesh(tmp_path):
+    """Under jax.set_mesh, a weak-typed array saved on another mesh (a TrainState's step after a jitted step
+    of a pjit loop: 0 + 1 is weak) made a load without an abstract tree call the step damaged, and a load into
+    the state itself a mismatch: jax refused the weak-type conversion of an array off the context's mesh."""
+    jax = pytest.importorskip("jax")
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    if not hasattr(jax, "set_mesh"):
+        pytest.skip("jax.set_mesh is newer than this jax")
+    step = jax.device_put(jnp.asarray(3), NamedSharding(jax.make_mesh((1,), ("saved",)), PartitionSpec()))
+    state = {"step": step, "scale": jnp.asarray(0.5), "w": jnp.ones(2)}
+    ckpt.save(tmp_path / "c", state)
+    with jax.set_mesh(jax.make_mesh((1,), ("other",))):
+        for target in (None, state):
+            restored = ckpt.load(tmp_path / "c", target)
+            assert restored["step"].weak_type and restored["step"].sharding == step.sharding
+            assert restored["step"].item() == 3 and restored["scale"].weak_type
+
+
+def test_weak_typed_arrays_placed_in_host_memory_load_into_host_memory(tmp_path):
+    """A weak-typed array restored into an abstract leaf placed in host memory (memory_kind='pinned_host': a
+    state offloaded to the host, a TrainState's step among it) came back in device memory, which a jitted
+    step sharded for the host refuses ('Memory kinds passed to jax.jit does not match')."""
+    jax = pytest.importorskip("jax")
+    import jax.numpy as jnp
+
+    host = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind="pinned_host")
+    state = {"step": jax.device_put(jnp.asarray(3), host)}
+    ckpt.save(tmp_path / "c", state)
+    for target in (state, {"step": jax.ShapeDtypeStruct((), jnp.int32, weak_type=True, sharding=host)}):
+        restored = ckpt.load(tmp_path / "c", target)["step"]
+        assert restored.weak_type and restored.sharding == host and restored.item() == 3
+
+
+def test_weak_typed_nans_and_infinities_load_under_jax_debug_nans_and_debug_infs(tmp_path):
+    """Under jax.debug_nans (on while a run's NaNs are hunted), a load of a weak-typed NaN raised jax's
+    FloatingPointError 'invalid value (nan) encountered in convert_element_type', naming no leaf; strong ones loaded."""
+    jax = pytest.importorskip("jax")
+    import jax.numpy as jnp
+
+    state = {"loss": jnp.asarray(float("nan")), "best": jnp.asarray(float("inf")), "w": jnp.array([np.nan, 1.0])}
+    ckpt.save(tmp_path / "c", state)
+    with jax.debug_nans(True), jax.debug_infs(True):
+        for target in (None, state):
+            restored = ckpt.load(tmp_path / "c", target)
+            assert restored["loss"].weak_type and np.isnan(restored["loss"]) and np.isinf(restored["best"])
+
+
 def test_prng_keys_of_another_impl_than_the_abstract_leafs_are_a_mismatch_naming_the_leaf(tmp_path):
     jax = pytest.importorskip("jax")
 

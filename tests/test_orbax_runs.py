@@ -960,15 +960,26 @@ def test_ckpt_convert_keeps_jax_leaves_as_saved_without_jax_or_the_saved_devices
             assert_same(restore_train_state(new, abstract), orbax_writer.flax_run(FLAX_SAVES[-1])[0])
 
 
-def test_a_hostile_orbax_tree_metadata_raises_a_ckpt_error(orbax_runs, tmp_path):
+@pytest.mark.parametrize("where, keys, said", [
+    ("deep", [{"key": f"k{i}", "key_type": 2} for i in range(5000)], "levels deep"),
+    ("(" + "'k', " * 5000 + ")", None, "levels deep"),
+    ("-" * 100_000 + "1", None, "has no key path"),
+    ("1" + "+1" * 100_000, None, "has no key path")],
+    ids=["key_metadata", "name", "name past the parser's stack", "name past the parser's recursion"])
+def test_a_hostile_orbax_tree_metadata_raises_a_ckpt_error(orbax_runs, tmp_path, capsys, where, keys, said):
+    """An entry without key_metadata (Orbax before 0.5) has its key path in its name. Was, for such a name 5,000 keys
+    deep: RecursionError out of ckpt.load and ckpt verify (the depth was checked of key_metadata only); for a name
+    Python's parser cannot take, MemoryError or RecursionError."""
     root = copy_run(orbax_runs, "v1", tmp_path)
     path = root / "1" / "state" / "_METADATA"
     metadata = json.loads(path.read_text())
-    keys = [{"key": f"k{i}", "key_type": 2} for i in range(5000)]
-    metadata["tree_metadata"]["deep"] = {"key_metadata": keys, "value_metadata": {"value_type": "None"}}
+    metadata["tree_metadata"][where] = {**({"key_metadata": keys} if keys else {}),
+                                        "value_metadata": {"value_type": "None"}}
     path.write_text(json.dumps(metadata))
-    with pytest.raises(errors.CheckpointCorruptedError, match="levels deep"):
+    with pytest.raises(errors.CheckpointCorruptedError, match=said):
         ckpt.load(root / "1")
+    status, out = run_cli(capsys, "verify", str(root), "1")
+    assert status == 1 and "DAMAGED" in out and said in out
 
 
 @pytest.mark.parametrize("key", [{"key": "\u00b2", "key_type": 1}, {"key": True, "key_type": 2}], ids=["digit", "bool"])

@@ -307,15 +307,17 @@ class _Container:
 def _keys(entry: Any, where: str, directory: Path) -> list[tuple[str, Any]]:
     """A ``_METADATA`` entry's key path as ckpt key entries (``("idx", 0)``, ``("key", "w")``)."""
     keys = entry.get("key_metadata") if isinstance(entry, dict) else None
-    if isinstance(keys, list) and len(keys) > _MAX_DEPTH:
+    if not isinstance(keys, list) or not keys:
+        # Orbax before 0.5 wrote only the key path tuple: "('params', 'w')" (Python's parser raises RecursionError or
+        # MemoryError for one nested past its stack)
+        try:
+            keys = [{"key": k, "key_type": _MAPPING} for k in ast.literal_eval(where)]
+        except (ValueError, SyntaxError, TypeError, RecursionError, MemoryError):
+            raise CheckpointCorruptedError(f"{directory}/_METADATA: entry {where[:80]!r} has no key path",
+                                           path=directory) from None
+    if len(keys) > _MAX_DEPTH:
         raise CheckpointCorruptedError(f"{directory}/_METADATA: entry {where[:80]!r} is {len(keys)} levels deep; "
                                        f"ckpt reads trees up to {_MAX_DEPTH}", path=directory)
-    if not isinstance(keys, list) or not keys:
-        try:  # Orbax before 0.5 wrote only the key path tuple: "('params', 'w')"
-            keys = [{"key": k, "key_type": _MAPPING} for k in ast.literal_eval(where)]
-        except (ValueError, SyntaxError, TypeError):
-            raise CheckpointCorruptedError(f"{directory}/_METADATA: entry {where!r} has no key path",
-                                           path=directory) from None
     out = []
     for key in keys:
         value, kind = (key.get("key"), key.get("key_type")) if isinstance(key, dict) else (None, None)

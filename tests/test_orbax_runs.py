@@ -982,10 +982,12 @@ def test_a_hostile_orbax_tree_metadata_raises_a_ckpt_error(orbax_runs, tmp_path,
     assert status == 1 and "DAMAGED" in out and said in out
 
 
-@pytest.mark.parametrize("key", [{"key": "\u00b2", "key_type": 1}, {"key": True, "key_type": 2}], ids=["digit", "bool"])
+@pytest.mark.parametrize("key", [{"key": "\u00b2", "key_type": 1}, {"key": True, "key_type": 2},
+                                 {"key": "9" * 5000, "key_type": 1}], ids=["digit", "bool", "5,000 digits"])
 def test_an_orbax_key_ckpt_cannot_read_raises_a_ckpt_error(orbax_runs, tmp_path, key):
     """'²' is a digit to str.isdigit, not to int(). A dict key JSON's true (which no tree ckpt flattens holds: True
-    == 1) was read as the key True: a load into an abstract tree with that key returned it."""
+    == 1) was read as the key True: a load into an abstract tree with that key returned it. A position of 5,000
+    digits raised int()'s ValueError ('Exceeds the limit (4300 digits) for integer string conversion')."""
     root = copy_run(orbax_runs, "v1", tmp_path)
     path = root / "1" / "state" / "_METADATA"
     metadata = json.loads(path.read_text())

@@ -321,8 +321,9 @@ def _keys(entry: Any, where: str, directory: Path) -> list[tuple[str, Any]]:
     out = []
     for key in keys:
         value, kind = (key.get("key"), key.get("key_type")) if isinstance(key, dict) else (None, None)
-        if kind == _SEQUENCE and str(value).isascii() and str(value).isdigit():  # ('²' is a digit to isdigit)
-            out.append(("idx", int(value)))
+        index = str(value)  # ('²' is a digit to isdigit; int() refuses more than 4300 digits, no position has 19)
+        if kind == _SEQUENCE and index.isascii() and index.isdigit() and len(index) < 19:
+            out.append(("idx", int(index)))
         elif type(value) in (str, int) and kind in (_MAPPING, None):  # (not JSON's true: True == 1)
             out.append(("key", value))
         else:

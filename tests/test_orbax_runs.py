@@ -787,8 +787,11 @@ def test_an_orbax_step_with_a_file_this_process_may_not_read_is_damaged_and_the_
             assert said in caplog.text
             with pytest.raises(errors.CheckpointCorruptedError, match=re.escape(said)):
                 ckpt.metadata(root / "1")
+            with pytest.raises(errors.NotACheckpointError) as freed:
+                ckpt.delete(root / "1")
             status, listed = cli.main(["ls", str(root)]), capsys.readouterr().out
         assert status == 0 and "latest step 0" in listed and f"DAMAGED: {said}" in listed
+        assert "rm -r" not in caplog.text + str(freed.value)  # (was: told to remove this healthy step, another user's)
 
 
 READS_UNDER_A_MEMORY_CAP = """

@@ -225,15 +225,17 @@ def info(step_dir: Path) -> dict:
 
 
 def is_whole(step_dir: Path) -> bool:
-    """Whether the step's metadata and metrics are JSON that Orbax reads, where :func:`info` refuses them: they
-    nest deeper than ckpt reads, a step ckpt cannot read, not a damaged one."""
+    """Whether the step's metadata and metrics are whole for all ckpt can tell, where :func:`info` refuses them: JSON
+    that Orbax reads nested deeper than ckpt reads, or files this process may not read (another user's); a step ckpt
+    cannot read, not a damaged one."""
+    metrics = step_dir / METRICS / METRICS
     try:
         _step_metadata(step_dir)
-        files.read_json(step_dir / METRICS / METRICS, step_dir)
+        files.read_json(metrics, step_dir)
     except FileNotFoundError:
         return True
     except (OSError, CheckpointCorruptedError):
-        return False
+        return storage.may_not_read(step_dir / CHECKPOINT_METADATA) or storage.may_not_read(metrics)
     return True
 
 

@@ -823,6 +823,21 @@ def test_a_file_of_an_orbax_item_too_large_to_read_is_refused_naming_it_not_an_a
     assert "verify exit status 1" in result.stdout and "DAMAGED" in result.stdout
 
 
+def test_a_file_of_the_users_named_metadata_in_a_root_is_not_taken_for_orbaxs_root_metadata(tmp_path, capsys):
+    """Was: Checkpointer(root).root_metadata() raised CheckpointCorruptedError 'ROOT/metadata is a regular file, not
+    a directory; ... not a file of an Orbax checkpoint', and ckpt convert refused the whole root (exit status 1), for
+    a root ckpt wrote alone that holds the user's notes in a file named metadata (Orbax keeps a root's metadata in
+    a directory of that name)."""
+    root = tmp_path / "run"
+    with ckpt.Checkpointer(root) as ckptr:
+        ckptr.save(1, {"w": np.arange(3.0)}, force=True)
+    (root / "metadata").write_text("lr 0.1, the first try\n")
+    assert ckpt.Checkpointer(root).root_metadata().custom_metadata == {}
+    status, out = run_cli(capsys, "convert", str(root), str(tmp_path / "converted"))
+    assert status == 0 and "1 step converted" in out, out
+    assert (root / "metadata").read_text() == "lr 0.1, the first try\n"
+
+
 @pytest.mark.parametrize("linked", ["metrics", "metadata"])
 def test_a_directory_of_an_orbax_step_or_root_that_is_a_link_is_never_read_through(orbax_runs, tmp_path, caplog, linked):
     """The step's metrics/ (or the root's metadata/) a link to a directory outside holding a file of the

@@ -253,7 +253,10 @@ def root_custom_metadata(root: Path) -> Any:
     """The custom metadata Orbax keeps for a root (``metadata/_ROOT_METADATA``, or where that is missing the
     file of Orbax before 0.10, ``metadata/metadata``), or None. Read as Orbax reads either: its
     ``custom_metadata``, with the keys that are none of Orbax's fields (Orbax 0.10 wrote the custom metadata
-    itself to ``_ROOT_METADATA``, as earlier versions to ``metadata/metadata``)."""
+    itself to ``_ROOT_METADATA``, as earlier versions to ``metadata/metadata``). None where ``metadata`` is a regular
+    file (a user's, of that name, beside the steps): Orbax makes a directory there."""
+    if files.is_plain_file(root / ROOT_METADATA.parent):
+        return None
     try:
         data = files.read_json(root / ROOT_METADATA, root)
     except FileNotFoundError:

@@ -794,6 +794,21 @@ def test_an_orbax_step_with_a_file_this_process_may_not_read_is_damaged_and_the_
         assert "rm -r" not in caplog.text + str(freed.value)  # (was: told to remove this healthy step, another user's)
 
 
+@pytest.mark.parametrize("entry", ["cfg/metadata", "cfg", "model/array_metadatas"])
+def test_an_orbax_item_holding_a_file_or_directory_this_process_may_not_read_is_damaged(orbax_runs, entry, capsys):
+    """Was: a bare PermissionError out of ckpt.load_checkpointables and Checkpointer.load, and ckpt verify of the root
+    stopped at that step with exit status 2, checking no other step (a JSON item's file, or a directory of an item,
+    of mode 0600/0700 under another user)."""
+    with fsutil.shared_directory() as base:
+        root = copy_run(orbax_runs, "named", base)
+        os.chmod(root / "7" / entry, 0o700 if (root / "7" / entry).is_dir() else 0o600)
+        with fsutil.without_root():
+            with pytest.raises(errors.CheckpointCorruptedError, match=re.escape(str(root / "7" / entry))):
+                ckpt.load_checkpointables(root / "7")
+            status, out = run_cli(capsys, "verify", str(root))
+        assert status == 1 and "step 7" in out and "DAMAGED" in out and "Permission denied" in out, out
+
+
 READS_UNDER_A_MEMORY_CAP = """
 import resource, sys
 resource.setrlimit(resource.RLIMIT_AS, (3 << 30, resource.getrlimit(resource.RLIMIT_AS)[1]))

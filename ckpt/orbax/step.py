@@ -317,6 +317,8 @@ class Step:
                 if not skip_unreadable:
                     raise
                 self.unreadable[name] = str(e)
+            except PermissionError as e:  # (another user's file or directory in the item: as files.read_json says)
+                raise CheckpointCorruptedError(f"{step_dir}: {e}", path=step_dir) from None
 
     def _read_item(self, name: str) -> dict:
         handler, directory = self.handlers[name]

@@ -40,6 +40,7 @@ _BARE_ARRAY_METADATA = {"tree_metadata": {"('checkpoint',)": {"key_metadata": [{
                                                               "value_metadata": {"value_type": "np.ndarray"}}},
                         "use_ocdbt": False, "use_zarr3": False}
 _MAX_DEPTH = 200  # a hostile _METADATA cannot make the tree deeper than Python's recursion allows
+_MAX_KEY_PATH_CHARS = 1 << 16  # an entry's name read as its key path (Orbax before 0.5): 200 keys of 300 characters
 
 
 class ArraySource:
@@ -308,8 +309,12 @@ def _keys(entry: Any, where: str, directory: Path) -> list[tuple[str, Any]]:
     """A ``_METADATA`` entry's key path as ckpt key entries (``("idx", 0)``, ``("key", "w")``)."""
     keys = entry.get("key_metadata") if isinstance(entry, dict) else None
     if not isinstance(keys, list) or not keys:
-        # Orbax before 0.5 wrote only the key path tuple: "('params', 'w')" (Python's parser raises RecursionError or
-        # MemoryError for one nested past its stack)
+        # Orbax before 0.5 wrote only the key path tuple: "('params', 'w')". Python's parser takes ~250 bytes a
+        # character of a long one (3 GB for 12 MB of "'k',"), and raises RecursionError or MemoryError for one nested
+        # past its stack: one longer than a key path ckpt reads, or with more commas than its keys, is not parsed
+        if len(where) > _MAX_KEY_PATH_CHARS or where.count(",") > _MAX_DEPTH:
+            raise CheckpointCorruptedError(f"{directory}/_METADATA: entry {where[:80]!r} ({len(where)} characters) is "
+                                           f"no key path of at most {_MAX_DEPTH} keys, as ckpt reads", path=directory)
         try:
             keys = [{"key": k, "key_type": _MAPPING} for k in ast.literal_eval(where)]
         except (ValueError, SyntaxError, TypeError, RecursionError, MemoryError):

@@ -675,6 +675,19 @@ def test_an_item_ckpt_cannot_read_raises_saying_so(orbax_runs, tmp_path):
         assert ckptr.load(1)["step"] == 1  # the other checkpointables load by name
 
 
+def test_a_json_item_nested_deeper_than_ckpt_reads_is_an_item_ckpt_does_not_read(orbax_runs, tmp_path, capsys):
+    """Was: a bare ValueError ('the tree is nested deeper than Python's recursion limit allows ...: neither can be
+    stored') out of ckpt.load_checkpointables and metadata, and ckpt show and verify ended in a traceback, for a JSON
+    item (v0's JsonCheckpointHandler) nested 500 levels deep, which Orbax reads."""
+    root = copy_run(orbax_runs, "named", tmp_path)
+    (root / "7" / "cfg" / "metadata").write_text('{"a": ' * 500 + "1" + "}" * 500)
+    with pytest.raises(errors.UnsupportedLayoutError, match=re.escape(f"{root / '7' / 'cfg' / 'metadata'} nests deeper")):
+        ckpt.load_checkpointables(root / "7")
+    assert ckpt.load(root / "7", checkpointable_name="model")["step"] == 7  # the other checkpointables load by name
+    status, out = run_cli(capsys, "verify", str(root))
+    assert status == 0 and "not checked: cfg" in out, out
+
+
 def test_a_step_of_orbax_before_0_5_is_listed_and_its_items_load_or_say_why_not(orbax_runs, tmp_path):
     root = copy_run(orbax_runs, "named", tmp_path)
     step_dir = root / "7"

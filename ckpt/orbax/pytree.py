@@ -39,7 +39,7 @@ _EMPTY = {"Dict": "dict", "List": "list", "Tuple": "tuple"}
 _BARE_ARRAY_METADATA = {"tree_metadata": {"('checkpoint',)": {"key_metadata": [{"key": "checkpoint", "key_type": 2}],
                                                               "value_metadata": {"value_type": "np.ndarray"}}},
                         "use_ocdbt": False, "use_zarr3": False}
-_MAX_DEPTH = 200  # a hostile _METADATA cannot make the tree deeper than Python's recursion allows
+MAX_DEPTH = 200  # a hostile _METADATA (or JSON item) cannot make a tree deeper than Python's recursion allows
 _MAX_KEY_PATH_CHARS = 1 << 16  # an entry's name read as its key path (Orbax before 0.5): 200 keys of 300 characters
 
 
@@ -312,17 +312,17 @@ def _keys(entry: Any, where: str, directory: Path) -> list[tuple[str, Any]]:
         # Orbax before 0.5 wrote only the key path tuple: "('params', 'w')". Python's parser takes ~250 bytes a
         # character of a long one (3 GB for 12 MB of "'k',"), and raises RecursionError or MemoryError for one nested
         # past its stack: one longer than a key path ckpt reads, or with more commas than its keys, is not parsed
-        if len(where) > _MAX_KEY_PATH_CHARS or where.count(",") > _MAX_DEPTH:
+        if len(where) > _MAX_KEY_PATH_CHARS or where.count(",") > MAX_DEPTH:
             raise CheckpointCorruptedError(f"{directory}/_METADATA: entry {where[:80]!r} ({len(where)} characters) is "
-                                           f"no key path of at most {_MAX_DEPTH} keys, as ckpt reads", path=directory)
+                                           f"no key path of at most {MAX_DEPTH} keys, as ckpt reads", path=directory)
         try:
             keys = [{"key": k, "key_type": _MAPPING} for k in ast.literal_eval(where)]
         except (ValueError, SyntaxError, TypeError, RecursionError, MemoryError):
             raise CheckpointCorruptedError(f"{directory}/_METADATA: entry {where[:80]!r} has no key path",
                                            path=directory) from None
-    if len(keys) > _MAX_DEPTH:
+    if len(keys) > MAX_DEPTH:
         raise CheckpointCorruptedError(f"{directory}/_METADATA: entry {where[:80]!r} is {len(keys)} levels deep; "
-                                       f"ckpt reads trees up to {_MAX_DEPTH}", path=directory)
+                                       f"ckpt reads trees up to {MAX_DEPTH}", path=directory)
     out = []
     for key in keys:
         value, kind = (key.get("key"), key.get("key_type")) if isinstance(key, dict) else (None, None)

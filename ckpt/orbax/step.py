@@ -29,7 +29,7 @@ from ckpt import tree as tree_lib
 from ckpt.errors import (CheckpointableNotFoundError, CheckpointCorruptedError, CheckpointNotFoundError,
                          UnsupportedLayoutError)
 from ckpt.orbax import files
-from ckpt.orbax.pytree import ArraySource, PyTreeItem, is_bare_array
+from ckpt.orbax.pytree import MAX_DEPTH, ArraySource, PyTreeItem, is_bare_array
 
 CHECKPOINT_METADATA = "_CHECKPOINT_METADATA"
 COMMIT_SUCCESS = "commit_success.txt"
@@ -385,6 +385,9 @@ def _json_doc(step_dir: Path, directory: Path) -> dict:
     if name is None:
         raise UnsupportedLayoutError(f"{directory} is a JSON item without one JSON file; ckpt reads one", path=directory)
     value = files.read_json(directory / name, step_dir)
+    if not schema.nested_within(value, MAX_DEPTH):  # (JSON Orbax reads: not damage)
+        raise UnsupportedLayoutError(f"{directory / name} nests deeper than the {MAX_DEPTH} levels ckpt reads of an "
+                                     "Orbax tree", path=directory)
     node, flat = tree_lib.flatten(value)
     metas = [{"path": tree_lib.keystr(path), **leaves_lib.to_host(path, leaf).meta} for path, leaf in flat]
     return {"tree": tree_lib.to_json(node), "leaves": metas, "json": True}

@@ -140,7 +140,7 @@ def _existing(path: str | os.PathLike) -> storage.Location:
     if isinstance(step_dir, Path) or not (step_dir / fmt.MANIFEST).exists():
         if not step_dir.exists():
             aside = step_dir.with_name(step_dir.name + fmt.REPLACED_SUFFIX) if isinstance(step_dir, Path) else None
-            hint = "" if aside is None or not os.path.isdir(aside) else (  # (False for a name too long to be there)
+            hint = "" if aside is None or storage.set_aside_step(aside) is None else (  # (ckpt's only, as a save asks)
                 f"; {aside} holds it as it was before a save with overwrite=True that a crash interrupted: "
                 "rename it back")
             raise CheckpointNotFoundError(f"no checkpoint at {step_dir}: the path does not exist{hint}")

@@ -82,9 +82,12 @@ def is_orbax(step_dir: storage.Location) -> bool:
 
 
 def is_unread_but_whole(step_dir: storage.Location) -> bool:
-    """Whether a step this ckpt cannot read (see ``root.is_damaged_step``) is whole all the same: a newer ckpt wrote
-    it, or Orbax metadata that nests deeper than ckpt reads (Orbax reads it)."""
-    return orbax.is_whole(step_dir) if _by_orbax(step_dir) else schema.written_by_newer(step_dir)
+    """Whether a step this ckpt cannot read (see ``root.is_damaged_step``) is whole all the same, for all it can tell: a
+    newer ckpt wrote it, or Orbax metadata that nests deeper than ckpt reads (Orbax reads it), or its metadata is a file
+    this process may not read (another user's)."""
+    if _by_orbax(step_dir):
+        return orbax.is_whole(step_dir)
+    return schema.written_by_newer(step_dir) or storage.may_not_read(step_dir / fmt.MANIFEST)
 
 
 def info(step_dir: storage.Location) -> dict:

@@ -428,7 +428,10 @@ def check_target(final: storage.Location, tmp: storage.Location, *, step: int | 
             f"{what} already exists, set aside as {aside} by a save with overwrite=True that a crash interrupted; "
             f"pass overwrite=True to replace it (or rename it back to {final})", step=step, path=final)
     if tmp != final and storage.exists(tmp):
-        entry = classify_temporary(tmp)
+        try:
+            entry = classify_temporary(tmp)
+        except FileNotFoundError:  # removed since (a sweep, as in classify_temporary): nothing is there
+            return empty
         if entry.kind is Kind.FOREIGN:
             raise ForeignEntryError(
                 f"cannot save {what}: {tmp}, the name it is written under until it is complete, holds "

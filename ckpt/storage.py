@@ -1058,6 +1058,20 @@ def open_regular(path: str | Path, flags: int = os.O_RDONLY) -> tuple[int, int]:
     return fd, found.st_size
 
 
+def may_not_read(path: Location) -> bool:
+    """Whether ``path`` is a local file this process may not open (another user's, or in a directory this process may
+    not enter): its owner reads it, so that is no sign of damage. False for anything else, a missing file included."""
+    if not isinstance(path, Path):
+        return False
+    try:
+        os.close(open_regular(path)[0])
+    except PermissionError:
+        return True
+    except (OSError, ValueError):
+        return False
+    return False
+
+
 def regular_files(directory: Path) -> list[Path]:
     """The regular files below ``directory``, sorted, found without following any link. ValueError naming
     the first entry that is neither a regular file nor a directory: a symbolic link (what it leads to lies

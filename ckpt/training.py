@@ -362,14 +362,16 @@ class Checkpointer:
                                         f"{self._damaged_at(step)}", step=step, path=self._directory)
 
     def _damaged_at(self, step: int) -> str:
-        """For an error saying there is no ``step``: the damaged step at its name, if any, and how to remove it."""
+        """For an error saying there is no ``step``: the step ckpt cannot read at its name, if any, and how to remove
+        it where it is damaged."""
         path = self._directory / self._name_format.build_name(step)
         try:
             entry = root.classify(path, step) if storage.exists(path) else None
         except FileNotFoundError:  # (removed since)
             return ""
-        hint = "" if entry is None else root.removal_hint(entry)
-        return hint and f"; {path} holds {entry.holds}{hint}"
+        if entry is None or not root.is_damaged_step(entry):
+            return ""
+        return f"; {path} holds {entry.holds}{root.removal_hint(entry)}"
 
     def _written(self, step: int, find: Callable[[int], CheckpointMetadata | None]) -> CheckpointMetadata | None:
         """``find(step)``; when the save in flight is of ``step``, once it is committed (or its failure raised):

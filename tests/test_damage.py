@@ -25,6 +25,7 @@ from ckpt import format as fmt
 from ckpt import schema
 from ckpt.training import Checkpointer
 from ckpt.verify import verify_step
+from tests import fsutil
 from tests.fsutil import flip, rewrite_tree, tree_doc, without_word_sums
 
 STATE = {"big": np.arange(140_000, dtype=np.float64), "s": np.arange(3.0), "t": np.arange(5), "n": 7}
@@ -229,6 +230,27 @@ def test_a_step_a_newer_ckpt_wrote_is_never_said_to_be_removed(root, caplog):
         str(saved.value) and "damaged" not in str(saved.value)
     assert (root / "1" / fmt.MANIFEST).is_file()
 
+
+
+def test_a_step_whose_manifest_this_process_may_not_read_is_never_said_to_be_removed(caplog):
+    """Another user's healthy step whose manifest.json this process may not read (mode 0600, in a shared root) was
+    called damaged, and the warning at open, load's StepNotFoundError and ckpt.delete's refusal said to `rm -r` it."""
+    with fsutil.shared_directory() as base:
+        run = base / "run"
+        with Checkpointer(run) as ckptr:
+            for step in (0, 1):
+                ckptr.save(step, STATE, force=True)
+        os.chmod(run / "1" / fmt.MANIFEST, 0o600)
+        with fsutil.without_root():
+            with caplog.at_level(logging.WARNING, logger="ckpt"), Checkpointer(run) as ckptr:
+                assert [c.step for c in ckptr.checkpoints] == [0]
+                with pytest.raises(errors.StepNotFoundError) as loaded:
+                    ckptr.load(1)
+            with pytest.raises(errors.NotACheckpointError) as freed:
+                ckpt.delete(run / "1")
+        said = caplog.text + str(loaded.value) + str(freed.value)
+        assert f"Permission denied: '{run / '1' / fmt.MANIFEST}'" in str(loaded.value) and "rm -r" not in said
+        assert (run / "1" / fmt.MANIFEST).is_file()
 
 # ---------------------------------------------------------------------------------- hostile manifests
 @pytest.mark.parametrize("damaged, key_paths", [(None, ()), ("arrays/0/c/0", (BIG,)), ("packed/c/0", ("state['s']",))])

@@ -831,3 +831,23 @@ def test_a_temporary_a_sweep_removes_while_a_save_looks_at_its_name_is_not_taken
     monkeypatch.setattr(storage, "is_marked", swept_meanwhile)
     root.check_target(final, tmp, step=5, overwrite=False)
     assert not tmp.exists() and not final.exists()
+
+
+def test_a_temporary_a_sweep_removes_once_a_save_saw_it_is_not_taken_for_a_users_at_the_first_look(tmp_path,
+                                                                                                monkeypatch):
+    """Was, after 19e995b: a bare FileNotFoundError ('No such file or directory: .../5.ckpt-tmp') that failed the
+    save on every rank, where the sweep removed the temporary between the save's seeing something at its name and
+    its first look at what (in a loop of such races, 2% of the checks)."""
+    final, tmp = tmp_path / "5", tmp_path / "5.ckpt-tmp"
+    tmp.mkdir()
+    storage.mark(tmp)
+    exists = storage.exists
+
+    def swept_after(path):
+        seen = exists(path)
+        if path == tmp and seen:
+            storage.remove_owned(tmp)
+        return seen
+    monkeypatch.setattr(storage, "exists", swept_after)
+    root.check_target(final, tmp, step=5, overwrite=False)
+    assert not tmp.exists() and not final.exists()

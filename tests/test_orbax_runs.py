@@ -675,6 +675,19 @@ def test_an_item_ckpt_cannot_read_raises_saying_so(orbax_runs, tmp_path):
         assert ckptr.load(1)["step"] == 1  # the other checkpointables load by name
 
 
+def test_a_json_item_nested_deeper_than_ckpt_reads_is_an_item_ckpt_does_not_read(orbax_runs, tmp_path, capsys):
+    """Was: a bare ValueError ('the tree is nested deeper than Python's recursion limit allows ...: neither can be
+    stored') out of ckpt.load_checkpointables and metadata, and ckpt show and verify ended in a traceback, for a JSON
+    item (v0's JsonCheckpointHandler) nested 500 levels deep, which Orbax reads."""
+    root = copy_run(orbax_runs, "named", tmp_path)
+    (root / "7" / "cfg" / "metadata").write_text('{"a": ' * 500 + "1" + "}" * 500)
+    with pytest.raises(errors.UnsupportedLayoutError, match=re.escape(f"{root / '7' / 'cfg' / 'metadata'} nests deeper")):
+        ckpt.load_checkpointables(root / "7")
+    assert ckpt.load(root / "7", checkpointable_name="model")["step"] == 7  # the other checkpointables load by name
+    status, out = run_cli(capsys, "verify", str(root))
+    assert status == 0 and "not checked: cfg" in out, out
+
+
 def test_a_step_of_orbax_before_0_5_is_listed_and_its_items_load_or_say_why_not(orbax_runs, tmp_path):
     root = copy_run(orbax_runs, "named", tmp_path)
     step_dir = root / "7"
@@ -787,8 +800,26 @@ def test_an_orbax_step_with_a_file_this_process_may_not_read_is_damaged_and_the_
             assert said in caplog.text
             with pytest.raises(errors.CheckpointCorruptedError, match=re.escape(said)):
                 ckpt.metadata(root / "1")
+            with pytest.raises(errors.NotACheckpointError) as freed:
+                ckpt.delete(root / "1")
             status, listed = cli.main(["ls", str(root)]), capsys.readouterr().out
         assert status == 0 and "latest step 0" in listed and f"DAMAGED: {said}" in listed
+        assert "rm -r" not in caplog.text + str(freed.value)  # (was: told to remove this healthy step, another user's)
+
+
+@pytest.mark.parametrize("entry", ["cfg/metadata", "cfg", "model/array_metadatas"])
+def test_an_orbax_item_holding_a_file_or_directory_this_process_may_not_read_is_damaged(orbax_runs, entry, capsys):
+    """Was: a bare PermissionError out of ckpt.load_checkpointables and Checkpointer.load, and ckpt verify of the root
+    stopped at that step with exit status 2, checking no other step (a JSON item's file, or a directory of an item,
+    of mode 0600/0700 under another user)."""
+    with fsutil.shared_directory() as base:
+        root = copy_run(orbax_runs, "named", base)
+        os.chmod(root / "7" / entry, 0o700 if (root / "7" / entry).is_dir() else 0o600)
+        with fsutil.without_root():
+            with pytest.raises(errors.CheckpointCorruptedError, match=re.escape(str(root / "7" / entry))):
+                ckpt.load_checkpointables(root / "7")
+            status, out = run_cli(capsys, "verify", str(root))
+        assert status == 1 and "step 7" in out and "DAMAGED" in out and "Permission denied" in out, out
 
 
 READS_UNDER_A_MEMORY_CAP = """
@@ -818,6 +849,21 @@ def test_a_file_of_an_orbax_item_too_large_to_read_is_refused_naming_it_not_an_a
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"load refused: {step_dir / item / file} is a file of {64 << 30} bytes" in result.stdout
     assert "verify exit status 1" in result.stdout and "DAMAGED" in result.stdout
+
+
+def test_a_file_of_the_users_named_metadata_in_a_root_is_not_taken_for_orbaxs_root_metadata(tmp_path, capsys):
+    """Was: Checkpointer(root).root_metadata() raised CheckpointCorruptedError 'ROOT/metadata is a regular file, not
+    a directory; ... not a file of an Orbax checkpoint', and ckpt convert refused the whole root (exit status 1), for
+    a root ckpt wrote alone that holds the user's notes in a file named metadata (Orbax keeps a root's metadata in
+    a directory of that name)."""
+    root = tmp_path / "run"
+    with ckpt.Checkpointer(root) as ckptr:
+        ckptr.save(1, {"w": np.arange(3.0)}, force=True)
+    (root / "metadata").write_text("lr 0.1, the first try\n")
+    assert ckpt.Checkpointer(root).root_metadata().custom_metadata == {}
+    status, out = run_cli(capsys, "convert", str(root), str(tmp_path / "converted"))
+    assert status == 0 and "1 step converted" in out, out
+    assert (root / "metadata").read_text() == "lr 0.1, the first try\n"
 
 
 @pytest.mark.parametrize("linked", ["metrics", "metadata"])
@@ -960,21 +1006,37 @@ def test_ckpt_convert_keeps_jax_leaves_as_saved_without_jax_or_the_saved_devices
             assert_same(restore_train_state(new, abstract), orbax_writer.flax_run(FLAX_SAVES[-1])[0])
 
 
-def test_a_hostile_orbax_tree_metadata_raises_a_ckpt_error(orbax_runs, tmp_path):
+@pytest.mark.parametrize("where, keys, said", [
+    ("deep", [{"key": f"k{i}", "key_type": 2} for i in range(5000)], "levels deep"),
+    ("(" + "'k', " * 5000 + ")", None, "is no key path of at most 200 keys"),
+    ("(" + "'k' " * 20_000 + ",)", None, "is no key path of at most 200 keys"),
+    ("-" * 7000 + "1", None, "has no key path"),
+    ("1" + "+1" * 5000, None, "has no key path")],
+    ids=["key_metadata", "name", "name of 80,000 characters", "name past the parser's stack",
+         "name past the parser's recursion"])
+def test_a_hostile_orbax_tree_metadata_raises_a_ckpt_error(orbax_runs, tmp_path, capsys, where, keys, said):
+    """An entry without key_metadata (Orbax before 0.5) has its key path in its name. Was, for such a name 5,000 keys
+    deep: RecursionError out of ckpt.load and ckpt verify (the depth was checked of key_metadata only); for a name
+    Python's parser cannot take, MemoryError or RecursionError. A name longer than a key path (or with more commas than
+    its keys) is refused before Python's parser reads it: 12 MB of "'k'," took it 3 GB and 30 s."""
     root = copy_run(orbax_runs, "v1", tmp_path)
     path = root / "1" / "state" / "_METADATA"
     metadata = json.loads(path.read_text())
-    keys = [{"key": f"k{i}", "key_type": 2} for i in range(5000)]
-    metadata["tree_metadata"]["deep"] = {"key_metadata": keys, "value_metadata": {"value_type": "None"}}
+    metadata["tree_metadata"][where] = {**({"key_metadata": keys} if keys else {}),
+                                        "value_metadata": {"value_type": "None"}}
     path.write_text(json.dumps(metadata))
-    with pytest.raises(errors.CheckpointCorruptedError, match="levels deep"):
+    with pytest.raises(errors.CheckpointCorruptedError, match=said):
         ckpt.load(root / "1")
+    status, out = run_cli(capsys, "verify", str(root), "1")
+    assert status == 1 and "DAMAGED" in out and said in out
 
 
-@pytest.mark.parametrize("key", [{"key": "\u00b2", "key_type": 1}, {"key": True, "key_type": 2}], ids=["digit", "bool"])
+@pytest.mark.parametrize("key", [{"key": "\u00b2", "key_type": 1}, {"key": True, "key_type": 2},
+                                 {"key": "9" * 5000, "key_type": 1}], ids=["digit", "bool", "5,000 digits"])
 def test_an_orbax_key_ckpt_cannot_read_raises_a_ckpt_error(orbax_runs, tmp_path, key):
     """'²' is a digit to str.isdigit, not to int(). A dict key JSON's true (which no tree ckpt flattens holds: True
-    == 1) was read as the key True: a load into an abstract tree with that key returned it."""
+    == 1) was read as the key True: a load into an abstract tree with that key returned it. A position of 5,000
+    digits raised int()'s ValueError ('Exceeds the limit (4300 digits) for integer string conversion')."""
     root = copy_run(orbax_runs, "v1", tmp_path)
     path = root / "1" / "state" / "_METADATA"
     metadata = json.loads(path.read_text())

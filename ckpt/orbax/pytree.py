@@ -39,7 +39,8 @@ _EMPTY = {"Dict": "dict", "List": "list", "Tuple": "tuple"}
 _BARE_ARRAY_METADATA = {"tree_metadata": {"('checkpoint',)": {"key_metadata": [{"key": "checkpoint", "key_type": 2}],
                                                               "value_metadata": {"value_type": "np.ndarray"}}},
                         "use_ocdbt": False, "use_zarr3": False}
-_MAX_DEPTH = 200  # a hostile _METADATA cannot make the tree deeper than Python's recursion allows
+MAX_DEPTH = 200  # a hostile _METADATA (or JSON item) cannot make a tree deeper than Python's recursion allows
+_MAX_KEY_PATH_CHARS = 1 << 16  # an entry's name read as its key path (Orbax before 0.5): 200 keys of 300 characters
 
 
 class ArraySource:
@@ -307,20 +308,27 @@ class _Container:
 def _keys(entry: Any, where: str, directory: Path) -> list[tuple[str, Any]]:
     """A ``_METADATA`` entry's key path as ckpt key entries (``("idx", 0)``, ``("key", "w")``)."""
     keys = entry.get("key_metadata") if isinstance(entry, dict) else None
-    if isinstance(keys, list) and len(keys) > _MAX_DEPTH:
-        raise CheckpointCorruptedError(f"{directory}/_METADATA: entry {where[:80]!r} is {len(keys)} levels deep; "
-                                       f"ckpt reads trees up to {_MAX_DEPTH}", path=directory)
     if not isinstance(keys, list) or not keys:
-        try:  # Orbax before 0.5 wrote only the key path tuple: "('params', 'w')"
+        # Orbax before 0.5 wrote only the key path tuple: "('params', 'w')". Python's parser takes ~250 bytes a
+        # character of a long one (3 GB for 12 MB of "'k',"), and raises RecursionError or MemoryError for one nested
+        # past its stack: one longer than a key path ckpt reads, or with more commas than its keys, is not parsed
+        if len(where) > _MAX_KEY_PATH_CHARS or where.count(",") > MAX_DEPTH:
+            raise CheckpointCorruptedError(f"{directory}/_METADATA: entry {where[:80]!r} ({len(where)} characters) is "
+                                           f"no key path of at most {MAX_DEPTH} keys, as ckpt reads", path=directory)
+        try:
             keys = [{"key": k, "key_type": _MAPPING} for k in ast.literal_eval(where)]
-        except (ValueError, SyntaxError, TypeError):
-            raise CheckpointCorruptedError(f"{directory}/_METADATA: entry {where!r} has no key path",
+        except (ValueError, SyntaxError, TypeError, RecursionError, MemoryError):
+            raise CheckpointCorruptedError(f"{directory}/_METADATA: entry {where[:80]!r} has no key path",
                                            path=directory) from None
+    if len(keys) > MAX_DEPTH:
+        raise CheckpointCorruptedError(f"{directory}/_METADATA: entry {where[:80]!r} is {len(keys)} levels deep; "
+                                       f"ckpt reads trees up to {MAX_DEPTH}", path=directory)
     out = []
     for key in keys:
         value, kind = (key.get("key"), key.get("key_type")) if isinstance(key, dict) else (None, None)
-        if kind == _SEQUENCE and str(value).isascii() and str(value).isdigit():  # ('²' is a digit to isdigit)
-            out.append(("idx", int(value)))
+        index = str(value)  # ('²' is a digit to isdigit; int() refuses more than 4300 digits, no position has 19)
+        if kind == _SEQUENCE and index.isascii() and index.isdigit() and len(index) < 19:
+            out.append(("idx", int(index)))
         elif type(value) in (str, int) and kind in (_MAPPING, None):  # (not JSON's true: True == 1)
             out.append(("key", value))
         else:

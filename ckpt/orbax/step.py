@@ -29,7 +29,7 @@ from ckpt import tree as tree_lib
 from ckpt.errors import (CheckpointableNotFoundError, CheckpointCorruptedError, CheckpointNotFoundError,
                          UnsupportedLayoutError)
 from ckpt.orbax import files
-from ckpt.orbax.pytree import ArraySource, PyTreeItem, is_bare_array
+from ckpt.orbax.pytree import MAX_DEPTH, ArraySource, PyTreeItem, is_bare_array
 
 CHECKPOINT_METADATA = "_CHECKPOINT_METADATA"
 COMMIT_SUCCESS = "commit_success.txt"
@@ -225,15 +225,17 @@ def info(step_dir: Path) -> dict:
 
 
 def is_whole(step_dir: Path) -> bool:
-    """Whether the step's metadata and metrics are JSON that Orbax reads, where :func:`info` refuses them: they
-    nest deeper than ckpt reads, a step ckpt cannot read, not a damaged one."""
+    """Whether the step's metadata and metrics are whole for all ckpt can tell, where :func:`info` refuses them: JSON
+    that Orbax reads nested deeper than ckpt reads, or files this process may not read (another user's); a step ckpt
+    cannot read, not a damaged one."""
+    metrics = step_dir / METRICS / METRICS
     try:
         _step_metadata(step_dir)
-        files.read_json(step_dir / METRICS / METRICS, step_dir)
+        files.read_json(metrics, step_dir)
     except FileNotFoundError:
         return True
     except (OSError, CheckpointCorruptedError):
-        return False
+        return storage.may_not_read(step_dir / CHECKPOINT_METADATA) or storage.may_not_read(metrics)
     return True
 
 
@@ -251,7 +253,10 @@ def root_custom_metadata(root: Path) -> Any:
     """The custom metadata Orbax keeps for a root (``metadata/_ROOT_METADATA``, or where that is missing the
     file of Orbax before 0.10, ``metadata/metadata``), or None. Read as Orbax reads either: its
     ``custom_metadata``, with the keys that are none of Orbax's fields (Orbax 0.10 wrote the custom metadata
-    itself to ``_ROOT_METADATA``, as earlier versions to ``metadata/metadata``)."""
+    itself to ``_ROOT_METADATA``, as earlier versions to ``metadata/metadata``). None where ``metadata`` is a regular
+    file (a user's, of that name, beside the steps): Orbax makes a directory there."""
+    if files.is_plain_file(root / ROOT_METADATA.parent):
+        return None
     try:
         data = files.read_json(root / ROOT_METADATA, root)
     except FileNotFoundError:
@@ -312,6 +317,8 @@ class Step:
                 if not skip_unreadable:
                     raise
                 self.unreadable[name] = str(e)
+            except PermissionError as e:  # (another user's file or directory in the item: as files.read_json says)
+                raise CheckpointCorruptedError(f"{step_dir}: {e}", path=step_dir) from None
 
     def _read_item(self, name: str) -> dict:
         handler, directory = self.handlers[name]
@@ -378,6 +385,9 @@ def _json_doc(step_dir: Path, directory: Path) -> dict:
     if name is None:
         raise UnsupportedLayoutError(f"{directory} is a JSON item without one JSON file; ckpt reads one", path=directory)
     value = files.read_json(directory / name, step_dir)
+    if not schema.nested_within(value, MAX_DEPTH):  # (JSON Orbax reads: not damage)
+        raise UnsupportedLayoutError(f"{directory / name} nests deeper than the {MAX_DEPTH} levels ckpt reads of an "
+                                     "Orbax tree", path=directory)
     node, flat = tree_lib.flatten(value)
     metas = [{"path": tree_lib.keystr(path), **leaves_lib.to_host(path, leaf).meta} for path, leaf in flat]
     return {"tree": tree_lib.to_json(node), "leaves": metas, "json": True}

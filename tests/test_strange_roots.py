@@ -296,8 +296,14 @@ import numpy as np
 from ckpt.training import Checkpointer
 ckptr = Checkpointer(sys.argv[1])
 ckptr.save(0, {"w": np.arange(4.0)}, force=True)            # takes the directory lock
-child = multiprocessing.get_context("fork").Process(target=signal.pause)   # a DataLoader worker, say
+def worker(started):
+    started.set()  # (after the fork's own handlers ran in this child)
+    signal.pause()
+fork = multiprocessing.get_context("fork")
+started = fork.Event()
+child = fork.Process(target=worker, args=(started,))    # a DataLoader worker, say
 child.start()
+started.wait()
 print("ready", child.pid, flush=True)
 signal.pause()
 """

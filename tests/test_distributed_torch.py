@@ -132,6 +132,8 @@ def test_dtensors_of_unusual_layouts_at_four_ranks(tmp_path):
         assert f"rank {r} small gathered exact: 7 dtypes" in out, out
         assert f"rank {r} small conjugated: True" in out, out  # (was ConnectionError: 'another rank stopped')
         assert f"rank {r} 0-d loaded DTensor () 7" in out, out
+        assert (f"rank {r} small on half meshes: ['columns 0', 'columns 1', 'replicated 0', 'replicated 1', 'rows 0', "
+                "'rows 1']") in out, out  # (was IndexError outside a mesh, or OSError on rank 0 outside mesh 1)
         # (tensorstore refused it while it was written: "Rank 33 is outside valid range [0, 32]", naming no leaf)
         assert f"rank {r} 33 dimensions refused: torch tensor at ['d'] has 33 dimensions; ckpt stores at most 32" in out
         for shape in ((2, 3), (600, 520)):  # a small one too, which was gathered as bytes: sums of bit patterns

@@ -72,6 +72,7 @@ def test_ranks_that_each_call_the_free_save_write_one_whole_checkpoint(tmp_path)
                     ) in out, out
         assert not (tmp_path / f"run-alone{r}").exists()
         assert f"rank {r} alone replicated: whole" in out, out  # (was refused as spread over processes)
+        assert f"rank {r} alone replicated float16: torch.float16, True" in out, out  # (was numpy's TypeError)
     assert out.count("rank 0 in rank 0's mesh: whole") == 2, out
     for key in ("big", "small"):  # rank 1 holds none of a DTensor on a mesh of rank 0 alone
         assert (f"rank 1 outside rank 0's mesh refused: checkpointable 'state': the array at ['{key}'] is spread over "

@@ -213,7 +213,7 @@ def free_save() -> None:
     """Every rank calls ``ckpt.save`` with its shards of a small and a large DTensor: one checkpoint (after a
     save rank 0 made alone, which the ranks' saves together do not count). A rank saving either alone is
     refused (it would write its shards only, or wait in the gathering of the small one for the others); a large
-    replicated one, which it holds whole, it saves alone."""
+    replicated one, which it holds whole, it saves alone (cast to a storage dtype too)."""
     from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
@@ -261,6 +261,12 @@ def free_save() -> None:
                         {"big": distribute_tensor(whole["big"], mesh, [Replicate()], src_data_rank=None)}).result()
     assert torch.equal(ckpt.load(f"{directory}-replicated{rank}")["big"], whole["big"])
     say(f"rank {rank} alone replicated: whole")
+    as_float16 = ckpt.Context(multiprocessing_options=alone)  # (it wrote the whole uncast: numpy's TypeError)
+    as_float16.array.saving.storage_options.dtype = np.float16
+    with as_float16:
+        ckpt.save(f"{directory}-float16{rank}", {"big": distribute_tensor(whole["big"], mesh, [Replicate()])})
+    say(f"rank {rank} alone replicated float16: {ckpt.load(f'{directory}-float16{rank}')['big'].dtype}, "
+        f"{torch.equal(ckpt.load(f'{directory}-float16{rank}')['big'], whole['big'].half())}")
     with torch.device("meta"):  # a model made on the meta device, then sharded: shapes, dtypes and layouts only
         templates = {k: distribute_tensor(torch.empty(v.shape, dtype=v.dtype), mesh, [Shard(0)], src_data_rank=None)
                      for k, v in whole.items()}

@@ -5,8 +5,8 @@ shards it holds whose replica is the primary one (coordinate 0 on every mesh dim
 replicates the tensor), into one zarr3 array whose chunks follow the sharding, so that no two ranks
 ever write the same chunk. A shard's place in the global array comes from
 ``DTensor.__create_chunk_list__()``, the protocol torch's own ``torch.distributed.checkpoint`` uses.
-A DTensor smaller than ``format.SMALL_LEAF_BYTES`` is gathered instead and packed with the other
-small leaves (one collective, not one file per rank and leaf).
+A DTensor smaller than ``format.SMALL_LEAF_BYTES`` on a mesh of every rank is gathered instead and packed
+with the other small leaves (one collective, not one file per rank and leaf).
 
 Loading into a DTensor template (the state dict of a freshly sharded model, at any world size and
 mesh, made on the meta device or not), each rank reads only the slice of its own local shard.
@@ -96,8 +96,11 @@ def refuse_partial(path: KeyPath, x: Any) -> None:
 
 
 def is_small(x: Any) -> bool:
-    """Whether the whole of DTensor ``x`` is gathered and packed rather than written shard by shard."""
-    return math.prod(x.shape) * x.element_size() < fmt.SMALL_LEAF_BYTES
+    """Whether the whole of DTensor ``x`` is gathered and packed rather than written shard by shard: under
+    ``SMALL_LEAF_BYTES``, on a mesh of every rank of the job (a rank outside the mesh has no part in the
+    gathering, and rank 0, which packs, may be one)."""
+    return (math.prod(x.shape) * x.element_size() < fmt.SMALL_LEAF_BYTES
+            and x.device_mesh.size() == sys.modules["torch.distributed"].get_world_size())
 
 
 def split(x: Any) -> bool:

@@ -296,6 +296,9 @@ def torch_to_numpy(path: KeyPath, t: Any) -> np.ndarray:
     """A CPU numpy view (or copy, off-CPU) of a torch tensor, bfloat16 and float8 (e8m0 too) included."""
     torch = sys.modules["torch"]
     where = keystr(path) or "the root"
+    if uninitialized(t):
+        raise TypeError(f"torch tensor at {where} is an uninitialized parameter of a lazy module, which holds no values "
+                        "yet: run a forward pass (which gives it its shape) before saving")
     if t.layout != torch.strided or t.is_nested or t.device.type == "meta":
         kind = "a nested tensor" if t.is_nested else "on the meta device" if t.device.type == "meta" else f"{t.layout}"
         raise TypeError(f"torch tensor at {where} is {kind}, which ckpt cannot store: store a dense tensor that holds "
@@ -313,6 +316,13 @@ def torch_to_numpy(path: KeyPath, t: Any) -> np.ndarray:
         what = f"dtype {t.dtype}" if type(t) is torch.Tensor else (
             f"type {type(t).__module__}.{type(t).__qualname__} (a tensor subclass)")
         raise TypeError(f"torch tensor at {where} has {what}, which ckpt cannot store ({e})") from None
+
+
+def uninitialized(x: Any) -> bool:
+    """Whether ``x`` is an uninitialized parameter or buffer of a lazy module (``torch.nn.LazyLinear`` before its
+    first forward pass), which has no shape yet."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.nn.parameter.UninitializedTensorMixin)
 
 
 def _check_torch_template(dtype: Any) -> None:
@@ -362,6 +372,10 @@ def check_leaf(path: KeyPath, meta: dict, abstract: Any) -> str | None:
     """Why ``abstract`` cannot receive the saved leaf ``meta``, or None when it can."""
     if abstract is None or abstract is PLACEHOLDER:
         return None
+    if uninitialized(abstract):
+        return (f"{keystr(path)}: the abstract leaf is an uninitialized parameter of a lazy module, which has no shape "
+                "yet: put None in its place to read the leaf as saved (the lazy module's load_state_dict takes it), or "
+                "run a forward pass first")
     if type(abstract) is np.ndarray and meta.get("shape") == list(abstract.shape) and "key_shape" not in meta:
         return None  # the usual leaf
     want = abstract_shape(abstract)
@@ -461,8 +475,8 @@ def shapes_match(leaves: list[Any], table: LeafTable, order: list[int] | None = 
     shapes = table.shape if order is None else [table.shape[i] for i in order]
     try:
         wanted = list(map(list, map(_SHAPE, leaves)))
-    except (AttributeError, TypeError):  # an abstract leaf without a shape (None, a type, a placeholder)
-        return False
+    except (AttributeError, TypeError, RuntimeError):  # a leaf without a shape (None, a type, a placeholder, a lazy
+        return False  # module's uninitialized parameter)
     return wanted == shapes and (table.more.count(None) == len(table)
                                  or not any("key_shape" in more for more in table.more if more is not None))
 

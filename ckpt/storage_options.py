@@ -132,6 +132,12 @@ def cast(host: leaves_lib.HostLeaf, dtype: np.dtype) -> None:
         if host.array.dtype != dtype:  # (a DeviceRows is copied whole: the cast copies anyway)
             host.array = np.asarray(host.array).astype(dtype)
         return
-    own_shards = host.spread.own_shards
-    host.spread = dataclasses.replace(
-        host.spread, own_shards=lambda: [(index, data.astype(dtype, copy=False)) for index, data in own_shards()])
+    own_shards, whole = host.spread.own_shards, host.spread.whole  # (whole: what a process saving alone writes)
+    host.spread = dataclasses.replace(host.spread, own_shards=_cast_shards(own_shards, dtype),
+                                      whole=None if whole is None else _cast_shards(whole, dtype))
+
+
+def _cast_shards(shards: Callable[[], list[tuple[Any, np.ndarray]]], dtype: np.dtype
+                 ) -> Callable[[], list[tuple[Any, np.ndarray]]]:
+    """``shards`` (a function giving (index, host array) pairs) giving them as ``dtype``."""
+    return lambda: [(index, data.astype(dtype, copy=False)) for index, data in shards()]

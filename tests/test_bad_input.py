@@ -189,6 +189,9 @@ CASES = {
     "a tree 2,000 lists deep": Case(save({"deep": nested_lists(2000)}), ValueError, r"nested deeper than"),
     "sparse tensor": Case(save_torch("torch.eye(3).to_sparse()"), TypeError, r"\['t'\] is torch.sparse_coo"),
     "meta tensor": Case(save_torch("torch.empty(3, device='meta')"), TypeError, r"\['t'\] is on the meta device"),
+    # (torch's bare ValueError 'Attempted to use an uninitialized parameter in <method 'detach' ...>', naming no leaf)
+    "lazy module's parameter": Case(save_torch("torch.nn.LazyLinear(2).weight"), TypeError,
+                                    r"\['t'\] is an uninitialized parameter of a lazy module"),
     # a wrapper tensor subclass (torchao's NF4Tensor of a QLoRA model is one, of bfloat16)
     "bfloat16 tensor subclass": Case(save_torch(TWO_TENSOR.format("torch.bfloat16")), TypeError,
                                      r"\['t'\] has type torch\.testing\._internal\.two_tensor\.TwoTensor \(a tensor subclass\)"),

@@ -73,6 +73,7 @@ def test_ranks_that_each_call_the_free_save_write_one_whole_checkpoint(tmp_path)
                     ) in out, out
         assert not (tmp_path / f"run-alone{r}").exists()
         assert f"rank {r} alone replicated: whole" in out, out  # (was refused as spread over processes)
+        assert f"rank {r} alone replicated float16: torch.float16, True" in out, out  # (was numpy's TypeError)
     assert out.count("rank 0 in rank 0's mesh: whole") == 2, out
     for key in ("big", "small"):  # rank 1 holds none of a DTensor on a mesh of rank 0 alone
         assert (f"rank 1 outside rank 0's mesh refused: checkpointable 'state': the array at ['{key}'] is spread over "
@@ -133,6 +134,8 @@ def test_dtensors_of_unusual_layouts_at_four_ranks(tmp_path):
         assert f"rank {r} small gathered exact: 7 dtypes" in out, out
         assert f"rank {r} small conjugated: True" in out, out  # (was ConnectionError: 'another rank stopped')
         assert f"rank {r} 0-d loaded DTensor () 7" in out, out
+        assert (f"rank {r} small on half meshes: ['columns 0', 'columns 1', 'replicated 0', 'replicated 1', 'rows 0', "
+                "'rows 1']") in out, out  # (was IndexError outside a mesh, or OSError on rank 0 outside mesh 1)
         # (tensorstore refused it while it was written: "Rank 33 is outside valid range [0, 32]", naming no leaf)
         assert f"rank {r} 33 dimensions refused: torch tensor at ['d'] has 33 dimensions; ckpt stores at most 32" in out
         for shape in ((2, 3), (600, 520)):  # a small one too, which was gathered as bytes: sums of bit patterns

@@ -297,6 +297,23 @@ def test_partial_load_reads_a_subtree_only_when_asked(tmp_path):
             ckptr.load(0, {"model": {"w": np.empty(3), "extra": np.empty(1)}})
 
 
+def test_a_lazy_modules_uninitialized_parameters_in_the_template_are_a_mismatch_naming_them_and_none_loads_them(tmp_path):
+    """(torch's bare RuntimeError "Can't access the shape of an uninitialized parameter", naming no leaf.)"""
+    torch = pytest.importorskip("torch")
+    trained = torch.nn.Sequential(torch.nn.LazyLinear(3), torch.nn.Linear(3, 2))
+    trained(torch.ones(1, 5))
+    ckpt.save(tmp_path / "c", trained.state_dict())
+    fresh = torch.nn.Sequential(torch.nn.LazyLinear(3), torch.nn.Linear(3, 2))
+    with pytest.raises(errors.TreeMismatchError) as info:
+        ckpt.load(tmp_path / "c", fresh.state_dict())
+    for key in ("0.weight", "0.bias"):
+        assert (f"state['{key}']: the abstract leaf is an uninitialized parameter of a lazy module, which has no "
+                "shape yet: put None in its place") in str(info.value)
+    template = {k: None if isinstance(v, torch.nn.parameter.UninitializedParameter) else v
+                for k, v in fresh.state_dict().items()}
+    fresh.load_state_dict(ckpt.load(tmp_path / "c", template))
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), trained.state_dict().values()))
+
 def test_a_fresh_optimizers_empty_state_in_the_template_leads_to_none_not_to_a_partial_load(tmp_path):
     # was: the hint suggested partial_load, which silently dropped Adam's moments on resume
     torch = pytest.importorskip("torch")

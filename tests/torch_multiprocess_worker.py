@@ -215,7 +215,7 @@ def free_save() -> None:
     """Every rank calls ``ckpt.save`` with its shards of a small and a large DTensor: one checkpoint (after a
     save rank 0 made alone, which the ranks' saves together do not count). A rank saving either alone is
     refused (it would write its shards only, or wait in the gathering of the small one for the others); a large
-    replicated one, which it holds whole, it saves alone."""
+    replicated one, which it holds whole, it saves alone (cast to a storage dtype too)."""
     from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
@@ -263,6 +263,12 @@ def free_save() -> None:
                         {"big": distribute_tensor(whole["big"], mesh, [Replicate()], src_data_rank=None)}).result()
     assert torch.equal(ckpt.load(f"{directory}-replicated{rank}")["big"], whole["big"])
     say(f"rank {rank} alone replicated: whole")
+    as_float16 = ckpt.Context(multiprocessing_options=alone)  # (it wrote the whole uncast: numpy's TypeError)
+    as_float16.array.saving.storage_options.dtype = np.float16
+    with as_float16:
+        ckpt.save(f"{directory}-float16{rank}", {"big": distribute_tensor(whole["big"], mesh, [Replicate()])})
+    say(f"rank {rank} alone replicated float16: {ckpt.load(f'{directory}-float16{rank}')['big'].dtype}, "
+        f"{torch.equal(ckpt.load(f'{directory}-float16{rank}')['big'], whole['big'].half())}")
     with torch.device("meta"):  # a model made on the meta device, then sharded: shapes, dtypes and layouts only
         templates = {k: distribute_tensor(torch.empty(v.shape, dtype=v.dtype), mesh, [Shard(0)], src_data_rank=None)
                      for k, v in whole.items()}
@@ -679,8 +685,8 @@ def unusual_dtensors(ckptr: Checkpointer) -> None:
     """At 4 ranks: a ``_StridedShard`` alone (each rank holds rows apart: refused), FSDP2 over tensor
     parallelism (``_StridedShard`` then ``Shard`` on a 2-D mesh: each rank's rows are one block), small
     DTensors of the dtypes gloo does not gather and conjugated ones, ``Partial`` ones (refused), one of 33
-    dimensions (refused), a 0-d one."""
-    from torch.distributed.device_mesh import init_device_mesh
+    dimensions (refused), a 0-d one, small ones on meshes of half the ranks."""
+    from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
     from torch.distributed.tensor import Partial, Replicate, Shard, distribute_tensor
     from torch.distributed.tensor.placement_types import _StridedShard
 
@@ -728,6 +734,14 @@ def unusual_dtensors(ckptr: Checkpointer) -> None:
     ckptr.save(4, {"n": distribute_tensor(torch.tensor(7), line, [Replicate()])}, force=True)
     loaded = ckptr.load(4, {"n": distribute_tensor(torch.tensor(0), line, [Replicate()])})["n"]
     say(f"rank {rank} 0-d loaded {type(loaded).__name__} {tuple(loaded.shape)} {loaded.full_tensor().item()}")
+    # small ones on meshes of ranks 0-1 and 2-3, which every rank holds (empty outside its mesh): written by their
+    # ranks (gathered, they raised IndexError outside the mesh, or OSError on rank 0, which packs, outside mesh b)
+    halves = [DeviceMesh("cpu", torch.tensor([0, 1])), DeviceMesh("cpu", torch.tensor([2, 3]))]
+    values = torch.arange(12.0).reshape(3, 4)
+    placements = {"rows": Shard(0), "columns": Shard(1), "replicated": Replicate()}
+    ckptr.save(9, {f"{name} {m}": distribute_tensor(values, half, [placement], src_data_rank=None)
+                   for m, half in enumerate(halves) for name, placement in placements.items()}, force=True)
+    say(f"rank {rank} small on half meshes: {sorted(k for k, v in ckptr.load(9).items() if torch.equal(v, values))}")
 
 
 def free_port() -> int:

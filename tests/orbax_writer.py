@@ -18,6 +18,8 @@ DIRECTORY/array:  v0 CheckpointManager, named items: arr (ArrayCheckpointHandler
 DIRECTORY/direct: v0 direct checkpoints, one tree in the directory itself: 3 (StandardCheckpointer, without
                   the string) and 4 (PyTreeCheckpointer), :func:`mixed_state` of the step
 DIRECTORY/direct_json: a v0 JSON item saved at a path of its own (JsonCheckpointHandler)
+DIRECTORY/handled: v1 save_checkpointables_async, names ckpt_002: ``state``, ``vocab`` (a custom handler's,
+                  registered globally) and ``counter`` (a StatefulCheckpointable), of tests/test_custom_checkpointables
 
 The values are functions of the step (:func:`mixed_state`, :func:`flax_run`), so a test rebuilds them
 without Orbax and compares bit for bit. Everything but ``main`` imports without orbax.
@@ -134,6 +136,14 @@ def main(directory: Path) -> None:
         for step in (1, 2):
             manager.save(step, args=ocp.args.Composite(arr=ocp.args.ArraySave(ARRAY * step),
                                                        std=ocp.args.StandardSave({"x": np.float32(step)})))
+
+    from orbax.checkpoint import v1
+    from tests.test_custom_checkpointables import Counter, Vocab, VocabHandler  # (importable by the same names in ckpt)
+    v1.handlers.register_handler(VocabHandler)
+    with training.Checkpointer(directory / "handled",
+                               step_name_format=v1.path.step.standard_name_format(step_prefix="ckpt")) as ckptr:
+        ckptr.save_checkpointables_async(2, {"state": {"w": np.arange(3.0)}, "vocab": Vocab(["a", "b"]),
+                                             "counter": Counter(7)}, force=True).result()
 
     with ocp.StandardCheckpointer() as direct:
         direct.save(directory / "direct" / "3", mixed_state(3, string=False))

@@ -675,6 +675,31 @@ def test_an_item_ckpt_cannot_read_raises_saying_so(orbax_runs, tmp_path):
         assert ckptr.load(1)["step"] == 1  # the other checkpointables load by name
 
 
+def test_orbax_items_of_a_custom_handler_or_a_stateful_checkpointable_load_through_it_as_in_orbax(orbax_runs, tmp_path):
+    """A run Orbax saved with a custom handler's item and a data iterator's (a StatefulCheckpointable) beside its
+    state raised UnsupportedLayoutError for both, with the handler registered and the iterator passed, and its
+    checkpointables_metadata raised for the whole step: a resumed run lost its data position."""
+    from tests.test_custom_checkpointables import AbstractVocab, Counter, Vocab, registry_context
+    root = copy_run(orbax_runs, "handled", tmp_path)
+    name_format = step_lib.standard_name_format(step_prefix="ckpt")
+    with ckpt.Checkpointer(root, step_name_format=name_format) as ckptr:
+        with pytest.raises(errors.UnsupportedLayoutError, match="test_custom_checkpointables.VocabHandler"):
+            ckptr.load_checkpointables(2, {"vocab": None})  # no handler registered for it
+    with ckpt.Checkpointer(root, step_name_format=name_format, context=registry_context()) as ckptr:
+        counter = Counter()
+        loaded = ckptr.load_checkpointables(2, {"state": None, "vocab": None, "counter": counter})
+        assert loaded["vocab"] == Vocab(["a", "b"]) and loaded["counter"] is counter and counter.n == 7
+        assert np.array_equal(loaded["state"]["w"], np.arange(3.0))
+        with pytest.raises(ValueError, match="To restore a `StatefulCheckpointable`, you must pass an instance"):
+            ckptr.load_checkpointables(2)
+        metadata = ckptr.checkpointables_metadata(2).metadata
+        assert isinstance(metadata["vocab"], AbstractVocab) and metadata["counter"] is None
+        assert metadata["state"]["w"].shape == (3,)
+        ckptr.save_checkpointables(3, {**loaded, "counter": Counter(counter.n + 1)}, force=True)
+        assert [c.step for c in ckptr.checkpoints] == [2, 3]
+        assert ckptr.load_checkpointables(3, {"vocab": AbstractVocab()}) == {"vocab": Vocab(["a", "b"])}
+
+
 def test_a_step_of_orbax_before_0_5_is_listed_and_its_items_load_or_say_why_not(orbax_runs, tmp_path):
     root = copy_run(orbax_runs, "named", tmp_path)
     step_dir = root / "7"

@@ -18,6 +18,8 @@ DIRECTORY/array:  v0 CheckpointManager, named items: arr (ArrayCheckpointHandler
 DIRECTORY/direct: v0 direct checkpoints, one tree in the directory itself: 3 (StandardCheckpointer, without
                   the string) and 4 (PyTreeCheckpointer), :func:`mixed_state` of the step
 DIRECTORY/direct_json: a v0 JSON item saved at a path of its own (JsonCheckpointHandler)
+DIRECTORY/rich:   v1 training.Checkpointer with PyTreeMetadataOptions(support_rich_types=True): :func:`mixed_state`
+                  of step 0 (optax's EmptyState stored as an empty NamedTuple)
 DIRECTORY/handled: v1 save_checkpointables_async, names ckpt_002: ``state``, ``vocab`` (a custom handler's,
                   registered globally) and ``counter`` (a StatefulCheckpointable), of tests/test_custom_checkpointables
 
@@ -138,6 +140,12 @@ def main(directory: Path) -> None:
                                                        std=ocp.args.StandardSave({"x": np.float32(step)})))
 
     from orbax.checkpoint import v1
+    from orbax.checkpoint._src.metadata.pytree_metadata_options import PyTreeMetadataOptions
+    rich = v1.options.PyTreeOptions.Saving(pytree_metadata_options=PyTreeMetadataOptions(support_rich_types=True))
+    with training.Checkpointer(directory / "rich",
+                               context=v1.Context(pytree_options=v1.options.PyTreeOptions(saving=rich))) as ckptr:
+        ckptr.save(0, mixed_state(0), force=True)
+
     from tests.test_custom_checkpointables import Counter, Vocab, VocabHandler  # (importable by the same names in ckpt)
     v1.handlers.register_handler(VocabHandler)
     with training.Checkpointer(directory / "handled",

@@ -137,6 +137,14 @@ def test_v1_checkpointables_load_bit_for_bit_as_saved_and_into_abstract_trees(or
         assert ckptr.load_checkpointables_async(0, {"extra": None}).result(timeout=60)["extra"]["a"].tolist() == [0, 1, 2]
 
 
+def test_an_optax_empty_state_orbax_stored_as_an_empty_named_tuple_loads_into_the_abstract_tree(orbax_runs):
+    """Saved with PyTreeMetadataOptions(support_rich_types=True), Orbax stores an optax EmptyState as an empty
+    NamedTuple: ckpt refused the whole step (UnsupportedLayoutError: value type 'NamedTuple')."""
+    with ckpt.Checkpointer(orbax_runs / "rich") as ckptr:
+        assert_same(ckptr.load(0, orbax_writer.mixed_abstract(0)), orbax_writer.mixed_state(0))
+        assert ckptr.load(0)["opt_state"][0] == ()  # (empty: as saved, without an abstract tree)
+
+
 def test_a_sharded_orbax_array_loads_into_the_abstract_trees_sharding(orbax_runs):
     sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(jax.devices()[:1]), ("x",)),
                                           jax.sharding.PartitionSpec("x"))

@@ -33,7 +33,8 @@ from ckpt.orbax import files
 
 _CONTEXT = ts.Context({"cache_pool": {"total_bytes_limit": 0}, "cache_pool#ocdbt": {"total_bytes_limit": 64 << 20}})
 _SEQUENCE, _MAPPING = 1, 2
-_EMPTY = {"Dict": "dict", "List": "list", "Tuple": "tuple"}
+_EMPTY = {"Dict": "dict", "List": "list", "Tuple": "tuple", "NamedTuple": "tuple"}  # (NamedTuple: an EmptyState, with
+# PyTreeMetadataOptions(support_rich_types=True); without, Orbax stores it as None)
 # An item of Orbax's ArrayCheckpointHandler before 0.12: its one array alone, a zarr array named checkpoint, without
 # the _METADATA that 0.12 writes (this one, which ckpt reads it by)
 _BARE_ARRAY_METADATA = {"tree_metadata": {"('checkpoint',)": {"key_metadata": [{"key": "checkpoint", "key_type": 2}],

@@ -20,6 +20,7 @@ DIRECTORY/direct: v0 direct checkpoints, one tree in the directory itself: 3 (St
 DIRECTORY/direct_json: a v0 JSON item saved at a path of its own (JsonCheckpointHandler)
 DIRECTORY/rich:   v1 training.Checkpointer with PyTreeMetadataOptions(support_rich_types=True): :func:`mixed_state`
                   of step 0 (optax's EmptyState stored as an empty NamedTuple)
+DIRECTORY/partial: a v1 checkpoint saved in two parts (``ocp.partial``): :data:`PARTS`, finalized
 DIRECTORY/handled: v1 save_checkpointables_async, names ckpt_002: ``state``, ``vocab`` (a custom handler's,
                   registered globally) and ``counter`` (a StatefulCheckpointable), of tests/test_custom_checkpointables
 
@@ -46,6 +47,7 @@ ARRAY = np.arange(6, dtype=np.int32).reshape(2, 3)
 HAIKU_PARAMS = {"mlp/~/linear_0": {"w": np.arange(6.0).reshape(2, 3), "b": np.ones(3, np.float32)},
                 "mlp/~/linear_1": {"w": np.arange(3, dtype=np.int16)}}
 INT_KEYS = {"layers": {0: np.arange(2.0), 1: np.ones(2), 10: np.zeros(1)}}
+PARTS = ({"w": np.arange(6.0).reshape(2, 3), "n": {"step": 5}}, {"b": np.ones(2, np.int32), "n": {"name": "mlp"}})
 
 
 def mixed_state(step: int, *, string: bool = True) -> dict:
@@ -140,6 +142,10 @@ def main(directory: Path) -> None:
                                                        std=ocp.args.StandardSave({"x": np.float32(step)})))
 
     from orbax.checkpoint import v1
+    for part in PARTS:
+        v1.partial.save(directory / "partial", part)
+    v1.partial.finalize(directory / "partial")
+
     from orbax.checkpoint._src.metadata.pytree_metadata_options import PyTreeMetadataOptions
     rich = v1.options.PyTreeOptions.Saving(pytree_metadata_options=PyTreeMetadataOptions(support_rich_types=True))
     with training.Checkpointer(directory / "rich",

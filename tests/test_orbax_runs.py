@@ -336,6 +336,15 @@ def test_a_direct_orbax_checkpoint_loads_as_its_one_tree(orbax_runs):
         assert_same(ckptr.load(4, orbax_writer.mixed_abstract(4)), orbax_writer.mixed_state(4))
 
 
+def test_a_checkpoint_orbax_saved_in_parts_loads_as_its_one_tree_as_orbaxs_load_reads_it(orbax_runs):
+    """Orbax's partial save (ocp.partial) names its tree a StatefulCheckpointable's in _CHECKPOINT_METADATA; its
+    load reads `state` as a PyTree all the same: ckpt raised (UnsupportedLayoutError, then ValueError asking for
+    the object that saved itself)."""
+    want = {**orbax_writer.PARTS[0], **orbax_writer.PARTS[1], "n": {"step": 5, "name": "mlp"}}
+    assert_same(ckpt.load(orbax_runs / "partial"), want)
+    assert ckpt.metadata(orbax_runs / "partial").metadata["w"].shape == (2, 3)
+
+
 @pytest.mark.parametrize("handlers", ["missing", "{}"])
 def test_a_direct_orbax_checkpoint_whose_metadata_names_no_handler_loads_as_its_one_tree(orbax_runs, tmp_path,
                                                                                          handlers):

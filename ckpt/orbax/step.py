@@ -297,11 +297,18 @@ def handled(step_dir: Path) -> dict[str, dict]:
     ``{"handler": None}`` for an object that saved itself. Their handler, registered in this program, or the
     object passed to the load, reads them, as in Orbax."""
     out = {}
-    for name, (handler, _) in items(step_dir).items():
+    for name, (handler, directory) in items(step_dir).items():
         short = handler.rsplit(".", 1)[-1]
-        if short and short not in (*_PYTREE_HANDLERS, _ARRAY_HANDLER, *_JSON_HANDLERS):
+        if short and short not in (_ARRAY_HANDLER, *_JSON_HANDLERS) and not _is_tree(name, short, directory, step_dir):
             out[name] = {"handler": None if short == _STATEFUL_HANDLER else handler}
     return out
+
+
+def _is_tree(name: str, short: str, directory: Path, step_dir: Path) -> bool:
+    """Whether the item ``name``, written by the handler ``short``, is read as a PyTree: a PyTree handler's, or
+    ``state`` holding one's files whatever handler the step names, as Orbax's load reads it (with the PyTreeHandler
+    it registers for that name; its partial save, ``ocp.partial``, names a StatefulCheckpointable's handler)."""
+    return short in _PYTREE_HANDLERS or name == fmt.DEFAULT_CHECKPOINTABLE and _holds_tree(directory, step_dir)
 
 
 class Step:
@@ -333,7 +340,8 @@ class Step:
         handler, directory = self.handlers[name]
         short = handler.rsplit(".", 1)[-1]
         one_array = short == _ARRAY_HANDLER or not short and is_bare_array(directory)
-        if short in _PYTREE_HANDLERS or one_array or (not short and os.path.lexists(directory / "_METADATA")):
+        if (_is_tree(name, short, directory, self.step_dir) or one_array
+                or (not short and os.path.lexists(directory / "_METADATA"))):
             item = self.pytrees[name] = PyTreeItem(self.step_dir, name, directory, one_array=one_array)
             return item.doc
         if short in _JSON_HANDLERS or not short and _json_file(directory) is not None:

@@ -20,6 +20,8 @@ DIRECTORY/direct: v0 direct checkpoints, one tree in the directory itself: 3 (St
 DIRECTORY/direct_json: a v0 JSON item saved at a path of its own (JsonCheckpointHandler)
 DIRECTORY/rich:   v1 training.Checkpointer with PyTreeMetadataOptions(support_rich_types=True): :func:`mixed_state`
                   of step 0 (optax's EmptyState stored as an empty NamedTuple)
+DIRECTORY/leaf:   v1 checkpoints of a tree that is one leaf (``ocp.save(path, ARRAY)``): array (OCDBT), files
+                  (``use_ocdbt=False``) and string (``"hello"``)
 DIRECTORY/partial: a v1 checkpoint saved in two parts (``ocp.partial``): :data:`PARTS`, finalized
 DIRECTORY/handled: v1 save_checkpointables_async, names ckpt_002: ``state``, ``vocab`` (a custom handler's,
                   registered globally) and ``counter`` (a StatefulCheckpointable), of tests/test_custom_checkpointables
@@ -142,6 +144,11 @@ def main(directory: Path) -> None:
                                                        std=ocp.args.StandardSave({"x": np.float32(step)})))
 
     from orbax.checkpoint import v1
+    v1.save(directory / "leaf" / "array", ARRAY)
+    with v1.Context(array_options=v1.options.ArrayOptions(saving=v1.options.ArrayOptions.Saving(use_ocdbt=False))):
+        v1.save(directory / "leaf" / "files", ARRAY)
+    v1.save(directory / "leaf" / "string", "hello")
+
     for part in PARTS:
         v1.partial.save(directory / "partial", part)
     v1.partial.finalize(directory / "partial")

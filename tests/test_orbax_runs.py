@@ -336,6 +336,15 @@ def test_a_direct_orbax_checkpoint_loads_as_its_one_tree(orbax_runs):
         assert_same(ckptr.load(4, orbax_writer.mixed_abstract(4)), orbax_writer.mixed_state(4))
 
 
+@pytest.mark.parametrize("name, want", [("array", orbax_writer.ARRAY), ("files", orbax_writer.ARRAY),
+                                        ("string", "hello")])
+def test_a_tree_orbax_saved_as_one_leaf_loads_as_that_leaf(orbax_runs, name, want):
+    """ocp.save(path, array) stores the whole tree as one leaf (its _METADATA entry has no key): ckpt.load gave
+    {}, silently, and verify checked nothing."""
+    assert_same({"x": ckpt.load(orbax_runs / "leaf" / name)}, {"x": want})
+    assert cli.main(["verify", str(orbax_runs / "leaf" / name)]) == 0
+
+
 def test_a_checkpoint_orbax_saved_in_parts_loads_as_its_one_tree_as_orbaxs_load_reads_it(orbax_runs):
     """Orbax's partial save (ocp.partial) names its tree a StatefulCheckpointable's in _CHECKPOINT_METADATA; its
     load reads `state` as a PyTree all the same: ckpt raised (UnsupportedLayoutError, then ValueError asking for

@@ -163,6 +163,20 @@ def _loading_handler(name: str, record: dict, abstract: Any, registry: handlers.
                    "registry), or pass the object to load into")
 
 
+def loads(name: str, record: dict, abstract: Any, registry: handlers.CheckpointableHandlerRegistry | None = None
+          ) -> bool:
+    """Whether :func:`load` reads the checkpointable ``name`` (``record``: what its step records): a handler for it
+    is registered, or the object saved itself (the object passed loads it; without one, :func:`load` raises
+    Orbax's error)."""
+    if record.get("handler") is None or _is_stateful(abstract):
+        return True
+    try:
+        _loading_handler(name, record, abstract, _registry(registry), Path())
+    except KeyError:
+        return False
+    return True
+
+
 def load(step_dir: Path, records: dict[str, dict], abstract: dict[str, Any],
          registry: handlers.CheckpointableHandlerRegistry | None = None) -> dict[str, Any]:
     """Loads the named custom checkpointables (``abstract``: name -> abstract checkpointable or None)."""

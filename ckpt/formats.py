@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ckpt import format as fmt
-from ckpt import loading, objectstore, orbax, schema, storage
+from ckpt import custom, loading, objectstore, orbax, schema, storage
 from ckpt.errors import CheckpointableNotFoundError, CheckpointCorruptedError, InvalidLayoutError
 from ckpt.objectstore import ObjectPath
 
@@ -134,13 +134,18 @@ def unread_handled(records: dict[str, dict]) -> dict[str, str]:
 def metadata_trees(step_dir: storage.Location) -> dict[str, Any]:
     """Each checkpointable's tree with :class:`ckpt.LeafMetadata` leaves; None for an item Orbax's JsonHandler
     wrote, as Orbax reports the metadata of one."""
-    return {name: None if doc.get("json") else loading.tree_metadata(doc) for name, doc in trees(step_dir).items()}
+    names = None
+    if _by_orbax(step_dir):  # (an item only its handler reads: :func:`handled`)
+        names = [name for name in orbax.items(step_dir) if name not in orbax.handled(step_dir)]
+    return {name: None if doc.get("json") else loading.tree_metadata(doc)
+            for name, doc in trees(step_dir, names).items()}
 
 
 def handled(step_dir: storage.Location) -> dict[str, dict]:
-    """The step's checkpointables saved by handlers (:mod:`ckpt.custom`): name -> record; none in Orbax's."""
+    """The step's checkpointables saved by handlers (:mod:`ckpt.custom`): name -> record (of Orbax's, those
+    written by a handler ckpt does not read itself: :func:`ckpt.orbax.handled`)."""
     if _by_orbax(step_dir):
-        return {}
+        return orbax.handled(step_dir)
     return loading.read_tree(step_dir, loading.read_manifest(step_dir)).get("handled", {})
 
 
@@ -150,6 +155,14 @@ def load_checkpointables(step_dir: storage.Location, abstract: dict[str, Any] | 
     ``registry``: the handlers of custom checkpointables, see :mod:`ckpt.custom`)."""
     if _by_orbax(step_dir):
         abstract = loading.unwrap(abstract)
+        records = orbax.handled(step_dir)
+        wanted = {name: None for name in orbax.items(step_dir)} if abstract is None else abstract
+        customs = {name: target for name, target in wanted.items()
+                   if name in records and custom.loads(name, records[name], target, registry)}
+        if customs:  # an item ckpt reads only through its handler, or the object that saved it
+            rest = {name: target for name, target in wanted.items() if name not in customs}
+            trees = load_checkpointables(step_dir, rest, partial_load=partial_load) if rest else {}
+            return {**trees, **custom.load(step_dir, records, customs, registry)}
         only = None if abstract is None else loading.only_tree(orbax.items(step_dir), {}, abstract)
         if only is not None:  # a lone "state" the step lacks: its only item (a v0 CheckpointManager's default/)
             (name, tree), = abstract.items()

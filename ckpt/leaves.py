@@ -526,12 +526,12 @@ def restore(meta: dict, read: Reader | np.ndarray | None, abstract: Any,
     if isinstance(abstract, type):
         if abstract is np.ndarray:
             return read(None)
-        return _cast_python(_restore_as_saved(meta, read, to_device), abstract)
+        return _restore_python(meta, read, abstract, to_device)
     if isinstance(abstract, np.generic):
         return abstract.dtype.type(read(None).astype(abstract.dtype)[()])
     if hasattr(abstract, "shape") and hasattr(abstract, "dtype"):
         return read(None).astype(np.dtype(abstract.dtype), copy=False)
-    return _cast_python(_restore_as_saved(meta, read, to_device), abstract)
+    return _restore_python(meta, read, abstract, to_device)
 
 
 def _reader(array: np.ndarray) -> Reader:
@@ -642,6 +642,15 @@ def _import_or_none(name: str) -> Any:
         return __import__(name)
     except ImportError:
         return None
+
+
+def _restore_python(meta: dict, read: Reader, abstract: Any, to_device: transfers.ToDevice) -> Any:
+    """The leaf as an abstract leaf that is no array asks (a Python value or type; anything else: as saved). A
+    jax array becomes a Python number from its host bytes: restored where it was saved, it would be a
+    :class:`ckpt.transfers.Pending` until the load's transfers run, which no cast can take."""
+    if meta["type"] == "jax" and (abstract if isinstance(abstract, type) else type(abstract)) in (int, float, bool, str):
+        return _cast_python(read(None), abstract)
+    return _cast_python(_restore_as_saved(meta, read, to_device), abstract)
 
 
 def _cast_python(value: Any, abstract: Any) -> Any:

@@ -18,6 +18,13 @@ DIRECTORY/array:  v0 CheckpointManager, named items: arr (ArrayCheckpointHandler
 DIRECTORY/direct: v0 direct checkpoints, one tree in the directory itself: 3 (StandardCheckpointer, without
                   the string) and 4 (PyTreeCheckpointer), :func:`mixed_state` of the step
 DIRECTORY/direct_json: a v0 JSON item saved at a path of its own (JsonCheckpointHandler)
+DIRECTORY/rich:   v1 training.Checkpointer with PyTreeMetadataOptions(support_rich_types=True): :func:`mixed_state`
+                  of step 0 (optax's EmptyState stored as an empty NamedTuple)
+DIRECTORY/leaf:   v1 checkpoints of a tree that is one leaf (``ocp.save(path, ARRAY)``): array (OCDBT), files
+                  (``use_ocdbt=False``) and string (``"hello"``)
+DIRECTORY/partial: a v1 checkpoint saved in two parts (``ocp.partial``): :data:`PARTS`, finalized
+DIRECTORY/handled: v1 save_checkpointables_async, names ckpt_002: ``state``, ``vocab`` (a custom handler's,
+                  registered globally) and ``counter`` (a StatefulCheckpointable), of tests/test_custom_checkpointables
 
 The values are functions of the step (:func:`mixed_state`, :func:`flax_run`), so a test rebuilds them
 without Orbax and compares bit for bit. Everything but ``main`` imports without orbax.
@@ -42,6 +49,7 @@ ARRAY = np.arange(6, dtype=np.int32).reshape(2, 3)
 HAIKU_PARAMS = {"mlp/~/linear_0": {"w": np.arange(6.0).reshape(2, 3), "b": np.ones(3, np.float32)},
                 "mlp/~/linear_1": {"w": np.arange(3, dtype=np.int16)}}
 INT_KEYS = {"layers": {0: np.arange(2.0), 1: np.ones(2), 10: np.zeros(1)}}
+PARTS = ({"w": np.arange(6.0).reshape(2, 3), "n": {"step": 5}}, {"b": np.ones(2, np.int32), "n": {"name": "mlp"}})
 
 
 def mixed_state(step: int, *, string: bool = True) -> dict:
@@ -134,6 +142,29 @@ def main(directory: Path) -> None:
         for step in (1, 2):
             manager.save(step, args=ocp.args.Composite(arr=ocp.args.ArraySave(ARRAY * step),
                                                        std=ocp.args.StandardSave({"x": np.float32(step)})))
+
+    from orbax.checkpoint import v1
+    v1.save(directory / "leaf" / "array", ARRAY)
+    with v1.Context(array_options=v1.options.ArrayOptions(saving=v1.options.ArrayOptions.Saving(use_ocdbt=False))):
+        v1.save(directory / "leaf" / "files", ARRAY)
+    v1.save(directory / "leaf" / "string", "hello")
+
+    for part in PARTS:
+        v1.partial.save(directory / "partial", part)
+    v1.partial.finalize(directory / "partial")
+
+    from orbax.checkpoint._src.metadata.pytree_metadata_options import PyTreeMetadataOptions
+    rich = v1.options.PyTreeOptions.Saving(pytree_metadata_options=PyTreeMetadataOptions(support_rich_types=True))
+    with training.Checkpointer(directory / "rich",
+                               context=v1.Context(pytree_options=v1.options.PyTreeOptions(saving=rich))) as ckptr:
+        ckptr.save(0, mixed_state(0), force=True)
+
+    from tests.test_custom_checkpointables import Counter, Vocab, VocabHandler  # (importable by the same names in ckpt)
+    v1.handlers.register_handler(VocabHandler)
+    with training.Checkpointer(directory / "handled",
+                               step_name_format=v1.path.step.standard_name_format(step_prefix="ckpt")) as ckptr:
+        ckptr.save_checkpointables_async(2, {"state": {"w": np.arange(3.0)}, "vocab": Vocab(["a", "b"]),
+                                             "counter": Counter(7)}, force=True).result()
 
     with ocp.StandardCheckpointer() as direct:
         direct.save(directory / "direct" / "3", mixed_state(3, string=False))

@@ -692,6 +692,7 @@ state = {
     "one_device_mesh": np.arange(6, dtype=np.int32).reshape(2, 3),
     "default_device": jnp.asarray(1.5, jnp.bfloat16),
     "sharded_keys": jax.device_put(jax.random.split(jax.random.key(1), 4), rows),
+    "step": jax.device_put(jnp.asarray(7, jnp.int32), replicated),            # a TrainState's, after a sharded step
 }
 ckpt.save(path, state)
 as_saved = ckpt.load(path)  # no abstract tree: a saved NamedSharding is restored, keys' too
@@ -708,9 +709,11 @@ abstract = {
     "one_device_mesh": jax.ShapeDtypeStruct((2, 3), jnp.int32, sharding=NamedSharding(Mesh(np.array(jax.devices()[3:]), ("x",)), P())),
     "default_device": jax.ShapeDtypeStruct((), jnp.bfloat16),
     "sharded_keys": None,
+    "step": 0,  # a Python int, as TrainState.create gives it (was: TypeError, int() of a pending transfer)
 }
 restored = ckpt.load(path, abstract)
-del abstract["sharded_keys"]
+assert type(restored["step"]) is int and restored["step"] == 7, restored["step"]
+del abstract["sharded_keys"], abstract["step"]
 for key, want in abstract.items():
     got = restored[key]
     assert isinstance(got, jax.Array), key

@@ -137,6 +137,14 @@ def test_v1_checkpointables_load_bit_for_bit_as_saved_and_into_abstract_trees(or
         assert ckptr.load_checkpointables_async(0, {"extra": None}).result(timeout=60)["extra"]["a"].tolist() == [0, 1, 2]
 
 
+def test_an_optax_empty_state_orbax_stored_as_an_empty_named_tuple_loads_into_the_abstract_tree(orbax_runs):
+    """Saved with PyTreeMetadataOptions(support_rich_types=True), Orbax stores an optax EmptyState as an empty
+    NamedTuple: ckpt refused the whole step (UnsupportedLayoutError: value type 'NamedTuple')."""
+    with ckpt.Checkpointer(orbax_runs / "rich") as ckptr:
+        assert_same(ckptr.load(0, orbax_writer.mixed_abstract(0)), orbax_writer.mixed_state(0))
+        assert ckptr.load(0)["opt_state"][0] == ()  # (empty: as saved, without an abstract tree)
+
+
 def test_a_sharded_orbax_array_loads_into_the_abstract_trees_sharding(orbax_runs):
     sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(jax.devices()[:1]), ("x",)),
                                           jax.sharding.PartitionSpec("x"))
@@ -326,6 +334,24 @@ def test_a_direct_orbax_checkpoint_loads_as_its_one_tree(orbax_runs):
     with ckpt.Checkpointer(orbax_runs / "direct") as ckptr:
         assert [c.step for c in ckptr.checkpoints] == [3, 4]
         assert_same(ckptr.load(4, orbax_writer.mixed_abstract(4)), orbax_writer.mixed_state(4))
+
+
+@pytest.mark.parametrize("name, want", [("array", orbax_writer.ARRAY), ("files", orbax_writer.ARRAY),
+                                        ("string", "hello")])
+def test_a_tree_orbax_saved_as_one_leaf_loads_as_that_leaf(orbax_runs, name, want):
+    """ocp.save(path, array) stores the whole tree as one leaf (its _METADATA entry has no key): ckpt.load gave
+    {}, silently, and verify checked nothing."""
+    assert_same({"x": ckpt.load(orbax_runs / "leaf" / name)}, {"x": want})
+    assert cli.main(["verify", str(orbax_runs / "leaf" / name)]) == 0
+
+
+def test_a_checkpoint_orbax_saved_in_parts_loads_as_its_one_tree_as_orbaxs_load_reads_it(orbax_runs):
+    """Orbax's partial save (ocp.partial) names its tree a StatefulCheckpointable's in _CHECKPOINT_METADATA; its
+    load reads `state` as a PyTree all the same: ckpt raised (UnsupportedLayoutError, then ValueError asking for
+    the object that saved itself)."""
+    want = {**orbax_writer.PARTS[0], **orbax_writer.PARTS[1], "n": {"step": 5, "name": "mlp"}}
+    assert_same(ckpt.load(orbax_runs / "partial"), want)
+    assert ckpt.metadata(orbax_runs / "partial").metadata["w"].shape == (2, 3)
 
 
 @pytest.mark.parametrize("handlers", ["missing", "{}"])
@@ -686,6 +712,31 @@ def test_a_json_item_nested_deeper_than_ckpt_reads_is_an_item_ckpt_does_not_read
     assert ckpt.load(root / "7", checkpointable_name="model")["step"] == 7  # the other checkpointables load by name
     status, out = run_cli(capsys, "verify", str(root))
     assert status == 0 and "not checked: cfg" in out, out
+
+
+def test_orbax_items_of_a_custom_handler_or_a_stateful_checkpointable_load_through_it_as_in_orbax(orbax_runs, tmp_path):
+    """A run Orbax saved with a custom handler's item and a data iterator's (a StatefulCheckpointable) beside its
+    state raised UnsupportedLayoutError for both, with the handler registered and the iterator passed, and its
+    checkpointables_metadata raised for the whole step: a resumed run lost its data position."""
+    from tests.test_custom_checkpointables import AbstractVocab, Counter, Vocab, registry_context
+    root = copy_run(orbax_runs, "handled", tmp_path)
+    name_format = step_lib.standard_name_format(step_prefix="ckpt")
+    with ckpt.Checkpointer(root, step_name_format=name_format) as ckptr:
+        with pytest.raises(errors.UnsupportedLayoutError, match="test_custom_checkpointables.VocabHandler"):
+            ckptr.load_checkpointables(2, {"vocab": None})  # no handler registered for it
+    with ckpt.Checkpointer(root, step_name_format=name_format, context=registry_context()) as ckptr:
+        counter = Counter()
+        loaded = ckptr.load_checkpointables(2, {"state": None, "vocab": None, "counter": counter})
+        assert loaded["vocab"] == Vocab(["a", "b"]) and loaded["counter"] is counter and counter.n == 7
+        assert np.array_equal(loaded["state"]["w"], np.arange(3.0))
+        with pytest.raises(ValueError, match="To restore a `StatefulCheckpointable`, you must pass an instance"):
+            ckptr.load_checkpointables(2)
+        metadata = ckptr.checkpointables_metadata(2).metadata
+        assert isinstance(metadata["vocab"], AbstractVocab) and metadata["counter"] is None
+        assert metadata["state"]["w"].shape == (3,)
+        ckptr.save_checkpointables(3, {**loaded, "counter": Counter(counter.n + 1)}, force=True)
+        assert [c.step for c in ckptr.checkpoints] == [2, 3]
+        assert ckptr.load_checkpointables(3, {"vocab": AbstractVocab()}) == {"vocab": Vocab(["a", "b"])}
 
 
 def test_a_step_of_orbax_before_0_5_is_listed_and_its_items_load_or_say_why_not(orbax_runs, tmp_path):

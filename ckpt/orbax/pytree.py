@@ -33,7 +33,8 @@ from ckpt.orbax import files
 
 _CONTEXT = ts.Context({"cache_pool": {"total_bytes_limit": 0}, "cache_pool#ocdbt": {"total_bytes_limit": 64 << 20}})
 _SEQUENCE, _MAPPING = 1, 2
-_EMPTY = {"Dict": "dict", "List": "list", "Tuple": "tuple"}
+_EMPTY = {"Dict": "dict", "List": "list", "Tuple": "tuple", "NamedTuple": "tuple"}  # (NamedTuple: an EmptyState, with
+# PyTreeMetadataOptions(support_rich_types=True); without, Orbax stores it as None)
 # An item of Orbax's ArrayCheckpointHandler before 0.12: its one array alone, a zarr array named checkpoint, without
 # the _METADATA that 0.12 writes (this one, which ckpt reads it by)
 _BARE_ARRAY_METADATA = {"tree_metadata": {"('checkpoint',)": {"key_metadata": [{"key": "checkpoint", "key_type": 2}],
@@ -102,8 +103,14 @@ class PyTreeItem:
             if not isinstance(value, dict) or not isinstance(value.get("value_type", ""), str):
                 raise CheckpointCorruptedError(f"{directory}/_METADATA: entry {where[:80]!r} has a value_metadata that "
                                                "is not an object with a string value_type", path=directory)
-            _insert(root, keys, value, where, directory, found)
-        node = _node(root, directory)
+            if not keys and len(entries) > 1:
+                raise CheckpointCorruptedError(f"{directory}/_METADATA: entry {where[:80]!r} is the whole tree, beside "
+                                               f"{len(entries) - 1} other entries", path=directory)
+            if keys:
+                _insert(root, keys, value, where, directory, found)
+            else:  # the tree is one leaf (ocp.save(path, np.arange(3))), stored under the name ''
+                found.append((keys, value))
+        node = _node(root, directory) if root.children or not found else tree_lib.LEAF
         leaf_paths = tree_lib.leaf_paths(node)
         by_path = {tuple(k for _, k in keys): value for keys, value in found}
         self.metas: list[dict] = []
@@ -184,12 +191,14 @@ class PyTreeItem:
             del meta["dtype"], meta["shape"], meta["stored"]
 
     def _spec(self, name: str) -> dict:
-        if not storage.is_plain_relative(name):  # a key may hold '/' (Haiku's 'mlp/~/linear_0'): nested directories
+        # A key may hold '/' (Haiku's 'mlp/~/linear_0'): nested directories. '': a tree that is one leaf, whose
+        # array is the item directory's own.
+        if name and not storage.is_plain_relative(name):
             raise CheckpointCorruptedError(f"{self.directory}: array name {name!r} is not a relative path inside the "
                                            "item", path=self.step_dir)
         base = {"driver": "file", "path": str(self.directory) + "/"}
-        kvstore = ({"driver": "ocdbt", "base": base, "path": name + "/", "cache_pool": "cache_pool#ocdbt"}
-                   if self._ocdbt else {"driver": "file", "path": os.path.join(self.directory, name) + "/"})
+        kvstore = ({"driver": "ocdbt", "base": base, "path": name and name + "/", "cache_pool": "cache_pool#ocdbt"}
+                   if self._ocdbt else {"driver": "file", "path": os.path.join(self.directory, name, "")})
         return {"driver": "zarr3" if self._zarr3 else "zarr", "kvstore": kvstore,
                 "fill_missing_data_reads": self._fill_missing}
 

@@ -13,8 +13,10 @@ Layouts read (Orbax 0.5 and later, local file systems)::
 An item written by a PyTree handler (``PyTreeHandler``, ``PyTreeCheckpointHandler``,
 ``StandardCheckpointHandler``) or by ``ArrayCheckpointHandler`` (one array) is read by
 :mod:`ckpt.orbax.pytree`; a JSON item (``JsonHandler``,
-``JsonCheckpointHandler``) is its one JSON file. Any other item raises UnsupportedLayoutError when it
-is loaded, naming its handler.
+``JsonCheckpointHandler``) is its one JSON file. An item of any other handler named in the step's metadata
+(:func:`handled`) is loaded by :mod:`ckpt.custom`, through that handler registered in this program or the
+object that saved itself; without one, and for an item of no handler ckpt recognises, loading raises
+UnsupportedLayoutError naming it.
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ METRICS = "metrics"
 _PYTREE_HANDLERS = ("PyTreeHandler", "PyTreeCheckpointHandler", "StandardCheckpointHandler")
 _ARRAY_HANDLER = "ArrayCheckpointHandler"  # one array, in a PyTree item of one leaf
 _JSON_HANDLERS = ("JsonHandler", "JsonCheckpointHandler", "MetricsHandler")
+_STATEFUL_HANDLER = "StatefulCheckpointableHandler"  # the item of an object that saved itself
 
 
 def is_step(path: Any) -> bool:
@@ -293,6 +296,26 @@ def items(step_dir: Path) -> dict[str, tuple[str, Path]]:
     return {name: (handler, step_dir / name) for name, handler in found.items()}
 
 
+def handled(step_dir: Path) -> dict[str, dict]:
+    """The step's items written by a handler ckpt does not read itself (a custom ``CheckpointableHandler``, a
+    ``StatefulCheckpointable``), as :mod:`ckpt.custom` records ckpt's own: name -> ``{"handler": its name}``,
+    ``{"handler": None}`` for an object that saved itself. Their handler, registered in this program, or the
+    object passed to the load, reads them, as in Orbax."""
+    out = {}
+    for name, (handler, directory) in items(step_dir).items():
+        short = handler.rsplit(".", 1)[-1]
+        if short and short not in (_ARRAY_HANDLER, *_JSON_HANDLERS) and not _is_tree(name, short, directory, step_dir):
+            out[name] = {"handler": None if short == _STATEFUL_HANDLER else handler}
+    return out
+
+
+def _is_tree(name: str, short: str, directory: Path, step_dir: Path) -> bool:
+    """Whether the item ``name``, written by the handler ``short``, is read as a PyTree: a PyTree handler's, or
+    ``state`` holding one's files whatever handler the step names, as Orbax's load reads it (with the PyTreeHandler
+    it registers for that name; its partial save, ``ocp.partial``, names a StatefulCheckpointable's handler)."""
+    return short in _PYTREE_HANDLERS or name == fmt.DEFAULT_CHECKPOINTABLE and _holds_tree(directory, step_dir)
+
+
 class Step:
     """The items of one Orbax step read as ckpt reads a step: ``trees`` (name -> tree and leaf entries).
 
@@ -324,7 +347,8 @@ class Step:
         handler, directory = self.handlers[name]
         short = handler.rsplit(".", 1)[-1]
         one_array = short == _ARRAY_HANDLER or not short and is_bare_array(directory)
-        if short in _PYTREE_HANDLERS or one_array or (not short and os.path.lexists(directory / "_METADATA")):
+        if (_is_tree(name, short, directory, self.step_dir) or one_array
+                or (not short and os.path.lexists(directory / "_METADATA"))):
             item = self.pytrees[name] = PyTreeItem(self.step_dir, name, directory, one_array=one_array)
             return item.doc
         if short in _JSON_HANDLERS or not short and _json_file(directory) is not None:
@@ -333,8 +357,8 @@ class Step:
         raise UnsupportedLayoutError(
             f"{directory} was written by {what}, which ckpt does not read (it reads "
             f"items of {', '.join((*_PYTREE_HANDLERS, _ARRAY_HANDLER, *_JSON_HANDLERS))}); "
-            "load the other checkpointables by name: "
-            f"{sorted(n for n in self.handlers if n != name)}", path=directory)
+            "register its handler (or pass the object that saved itself) to load it, or load the other "
+            f"checkpointables by name: {sorted(n for n in self.handlers if n != name)}", path=directory)
 
     def check_arrays(self) -> Iterator[tuple[str, int, str | None]]:
         """Reads every array of the step's PyTree items, one at a time: (key path, bytes, why it cannot

@@ -62,7 +62,8 @@ class Config:
     # "model_checkpoint": the ModelCheckpoint's file of the kill step
     namespace: str = "pytorch_lightning"
     callbacks: tuple = ()  # Lightning's beside ours: "swa", "ema", "accumulation_scheduler", "batch_size_finder",
-    # "stop_at_second_validation" (EarlyStopping that stops at the second validation, mid-epoch)
+    # "stop_at_second_validation" (EarlyStopping that stops at the second validation, mid-epoch), "pruning"
+    # (ModelPruning, whose files hold the pruned weights without their masks), "pruning_masks_saved" (with the masks)
     stop_at: int | None = None  # the module sets trainer.should_stop in the training step that ends at this step
     sigterm_in: str = ""  # "on_validation_end": the run to stop sends itself SIGTERM there at kill_at (no SIGKILL; the
     # policy saves nothing by itself: the callback saves the step on SIGTERM), and exits by Lightning's SIGTERMException
@@ -145,6 +146,10 @@ CONFIGS: dict[str, Config] = {
     "ema_weight_averaging": Config(kill_at=11, callbacks=("ema",)),
     "ema_weight_averaging_val_due": Config(kill_at=16, val=True, callbacks=("ema",)),
     "accumulation_scheduler": Config(kill_at=10, callbacks=("accumulation_scheduler",)),
+    # the masks epoch 0's end made are in force in epoch 1: no Lightning checkpoint gives them back
+    "model_pruning_mid_epoch": Config(kill_at=11, callbacks=("pruning",)),
+    "model_pruning_masks_saved_mid_epoch": Config(kill_at=11, callbacks=("pruning_masks_saved",)),
+    "fit_ckpt_path_step_directory_model_pruning": Config(kill_at=11, callbacks=("pruning",), ckpt_path="last_model_path"),
     "max_time_timer_state": Config(kill_at=11, trainer=(("max_time", "00:01:00:00"),)),
     # the killed run is killed after fit (as during a trainer.test after it); the restarted one ends at once
     "module_should_stop_mid_epoch": Config(kill_at=11, stop_at=11, scheduler="plateau_epoch", epoch_metrics=True),
@@ -466,6 +471,10 @@ def run(cfg: Config, directory: str | None, kill: bool, trace_path: str) -> dict
         callbacks.append(pl.callbacks.EMAWeightAveraging(decay=0.9))
     if "accumulation_scheduler" in cfg.callbacks:
         callbacks.append(pl.callbacks.GradientAccumulationScheduler({0: 1, 1: 2}))
+    for option in ("pruning", "pruning_masks_saved"):  # at each epoch's end
+        if option in cfg.callbacks:
+            callbacks.append(pl.callbacks.ModelPruning("l1_unstructured", amount=0.2, use_lottery_ticket_hypothesis=False,
+                                                       make_pruning_permanent=option == "pruning"))
     if cfg.model_checkpoint:
         mc_dir = os.path.join(directory or trace_path + ".d", "lightning")
         every = {"monitor": "val_loss", "save_top_k": -1} if cfg.model_checkpoint == "val_loss" else {

@@ -32,8 +32,9 @@ model, optimizers, LR schedulers (``ReduceLROnPlateau`` included), loop progress
 datamodule and precision state; what ``self.log`` accumulated for the epoch and the metrics Lightning
 reports (``trainer.callback_metrics``, which schedulers, ``EarlyStopping`` and ``monitor`` read); the
 state of torchmetrics ``Metric`` objects the module holds; ``trainer.should_stop``; the
-``accumulate_grad_batches`` in force (``GradientAccumulationScheduler`` sets it at epoch start) and
-which parameters require gradients (``BaseFinetuning`` unfreezes at epoch start); the
+``accumulate_grad_batches`` in force (``GradientAccumulationScheduler`` sets it at epoch start),
+which parameters require gradients (``BaseFinetuning`` unfreezes at epoch start) and the masks of
+pruned parameters (``ModelPruning``, whose checkpoints hold none); the
 position in the epoch with a plain ``DataLoader`` (the epoch's shuffling is drawn again from the RNG states recorded
 at its start, and the trained batches passed over); the RNG states of torch (CPU and CUDA), numpy,
 ``random`` and DataLoader generators, per rank. A step whose validation is due is saved after that

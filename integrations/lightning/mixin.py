@@ -55,7 +55,7 @@ from ckpt.path import step as step_lib
 from ckpt.training import Checkpointer, preservation_policies, save_decision_policies
 
 from ckpt.integrations.lightning import monitor as monitor_lib
-from ckpt.integrations.lightning import checkpoint_io, logged, resume, rng, sharded, tail, translate
+from ckpt.integrations.lightning import checkpoint_io, logged, pruning, resume, rng, sharded, tail, translate
 from ckpt.integrations.lightning.weights import check_model
 
 log = logging.getLogger(__name__)
@@ -199,7 +199,7 @@ class CheckpointCallbackMixin:
         """What Lightning's checkpoint lacks for an exact resume: per rank, the RNG states now and at the
         start of the epoch and the logged values and metrics; the hook the checkpoint was taken in, the
         ``accumulate_grad_batches`` in force, which parameters require gradients, the optimizers' classes and the
-        epoch the training DataLoaders were last made in."""
+        epoch the training DataLoaders were last made in, and the masks of pruned parameters."""
         trainer = self._trainer
         if trainer is None or not self._training_started:  # e.g. BatchSizeFinder's checkpoint before training
             return {}
@@ -217,7 +217,8 @@ class CheckpointCallbackMixin:
                 "accumulate_grad_batches": trainer.accumulate_grad_batches,
                 "trainable": resume.trainable(trainer.lightning_module),
                 "optimizers": resume.optimizer_classes(trainer),
-                "loaders_made_in": resume.loaders_made_in(trainer)}
+                "loaders_made_in": resume.loaders_made_in(trainer),
+                "pruning": pruning.masks(trainer.lightning_module)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._loaded_state = state_dict
@@ -226,12 +227,18 @@ class CheckpointCallbackMixin:
         """Before Lightning hands the callbacks their states: when none is under this callback's key (the
         directory was moved or copied, or written by a version whose key was ``"CheckpointCallback"``),
         this callback takes another CheckpointCallback's, which is the same record of the run."""
+        own = self._own_state(checkpoint)
+        if own:
+            checkpoint["callbacks"][self.state_key] = own
+
+    def _own_state(self, checkpoint: dict[str, Any]) -> dict[str, Any]:
+        """This callback's state in ``checkpoint`` ({} if none): under its key, or another CheckpointCallback's."""
         states = checkpoint.get("callbacks") or {}
+        if self.state_key in states:
+            return states[self.state_key]
         name = type(self).__qualname__
-        if self.state_key not in states:
-            found = [v for k, v in states.items() if isinstance(k, str) and (k == name or k.startswith(name + "{"))]
-            if found:
-                states[self.state_key] = found[0]
+        found = [v for k, v in states.items() if isinstance(k, str) and (k == name or k.startswith(name + "{"))]
+        return found[0] if found else {}
 
     # ------------------------------------------------------------------------------- hooks
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
@@ -274,13 +281,19 @@ class CheckpointCallbackMixin:
             step, path = found
             set_by_torch = sharded.restores_itself(trainer)
             loaded = sharded.load(trainer, path) if set_by_torch else translate.load(self._checkpointer, step)
-            checkpoint = resume.restore_modules(
-                trainer, translate.from_checkpointables(loaded), source=path,
-                check_model=lambda state: check_model(state, pl_module, source=path, strict=pl_module.strict_loading))
+            checkpoint = translate.from_checkpointables(loaded)
+            masks = self._own_state(checkpoint).get("pruning")
+
+            def prepare_model(state: dict) -> None:
+                pruning.reapply(pl_module, masks, state)  # the weights load into the module pruned as saved
+                check_model(state, pl_module, source=path, strict=pl_module.strict_loading)
+
+            checkpoint = resume.restore_modules(trainer, checkpoint, source=path, check_model=prepare_model)
             self._restoring = (path, checkpoint, set_by_torch)
         elif (trainer.ckpt_path is not None and self is peers[0] and _loaded_state(trainer)
               and resume.loaded_checkpoint(trainer) is not None):
             self._restoring = (str(trainer.ckpt_path), resume.loaded_checkpoint(trainer), False)
+            pruning.reapply(pl_module, _loaded_state(trainer).get("pruning"), {})  # Lightning loaded the weights
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         """After the other callbacks' ``on_fit_start``: restores the rest of the step found before them.

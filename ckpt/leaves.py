@@ -325,6 +325,13 @@ def uninitialized(x: Any) -> bool:
     return torch is not None and isinstance(x, torch.nn.parameter.UninitializedTensorMixin)
 
 
+def _nested(x: Any) -> bool:
+    """Whether ``x`` is a nested torch tensor (``torch.nested``), whose shape torch does not give (or gives
+    with ragged dimensions)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor) and x.is_nested
+
+
 def _check_torch_template(dtype: Any) -> None:
     """Raises TypeError for a template whose dtype torch cannot copy values into (bits, quantized and
     sub-byte dtypes)."""
@@ -376,6 +383,9 @@ def check_leaf(path: KeyPath, meta: dict, abstract: Any) -> str | None:
         return (f"{keystr(path)}: the abstract leaf is an uninitialized parameter of a lazy module, which has no shape "
                 "yet: put None in its place to read the leaf as saved (the lazy module's load_state_dict takes it), or "
                 "run a forward pass first")
+    if _nested(abstract):
+        return (f"{keystr(path)}: the abstract leaf is a nested torch tensor, which ckpt neither stores nor loads into: "
+                "put None in its place to read the leaf as saved, or a dense tensor of its shape")
     if type(abstract) is np.ndarray and meta.get("shape") == list(abstract.shape) and "key_shape" not in meta:
         return None  # the usual leaf
     want = abstract_shape(abstract)

@@ -11,8 +11,9 @@ with the other small leaves (one collective, not one file per rank and leaf).
 Loading into a DTensor template (the state dict of a freshly sharded model, at any world size and
 mesh, made on the meta device or not), each rank reads only the slice of its own local shard.
 Without a template the saved array comes back whole, as a plain tensor. FSDP1's ``ShardedTensor`` is
-refused, so is a DTensor with a ``Partial`` placement (a pending reduction), and so is a DTensor
-whose local shard is not one block (a lone ``_StridedShard``).
+refused, so is a DTensor with a ``Partial`` placement (a pending reduction), so is a DTensor
+whose local shard is not one block (a lone ``_StridedShard``), and so is one split over a mesh dimension
+along which the mesh's ranks are not ascending (see :func:`out_of_order`).
 
 Example::
 
@@ -93,6 +94,29 @@ def refuse_partial(path: KeyPath, x: Any) -> None:
         if placement.is_partial():
             raise TypeError(f"DTensor at {keystr(path) or 'the root'} has the placement {placement} (a pending "
                             "reduction); reduce it (redistribute to Replicate or Shard) before saving")
+
+
+def out_of_order(x: Any) -> str | None:
+    """Why DTensor ``x``'s shards have no one place in the global tensor, or None: it is split over a mesh
+    dimension along which the mesh's ranks are not in ascending order (``DeviceMesh("cpu", [3, 2, 1, 0])``).
+    torch's collectives (``distribute_tensor``, ``full_tensor``) order the shards by rank there, its shard
+    layout (``__create_chunk_list__``, which DCP and ckpt write and read by) by place in the mesh: the two
+    disagree, and either would save or load some shards in another's place."""
+    mesh = x.device_mesh
+    for mesh_dim, placement in enumerate(x.placements):
+        if _split_dim(placement) is not None and mesh.size(mesh_dim) > 1 and _descends(mesh, mesh_dim):
+            return (f"it is split ({placement}) over dimension {mesh_dim} of {_mesh_words(mesh)}, along which the "
+                    "ranks are not in ascending order: torch's collectives (distribute_tensor, full_tensor) place its "
+                    "shards by rank, its shard layout (__create_chunk_list__, DCP's and ckpt's) by place in the mesh, "
+                    "which disagree. Make the mesh with its ranks ascending along that dimension (init_device_mesh "
+                    "does), or redistribute the DTensor to Replicate there")
+    return None
+
+
+@functools.lru_cache(maxsize=64)
+def _descends(mesh: Any, mesh_dim: int) -> bool:
+    """Whether the ranks of ``mesh`` are not in ascending order along ``mesh_dim`` (the same on every rank)."""
+    return not bool((np.diff(mesh.mesh.numpy(), axis=mesh_dim) > 0).all())
 
 
 def is_small(x: Any) -> bool:
@@ -286,6 +310,10 @@ def restore(template: Any, read: Callable[[Index], np.ndarray],
     import torch
     from torch.distributed.tensor import DTensor
 
+    out_of_place = out_of_order(template)  # (a rank whose local shard is empty reads nothing: refused there too)
+    if out_of_place is not None:
+        raise TypeError(f"a DTensor template with the placements {template.placements} cannot be loaded into: "
+                        f"{out_of_place}")
     like = template.to_local()
     device = torch.device(template.device_mesh.device_type) if like.device.type == "meta" else like.device
     if like.numel():

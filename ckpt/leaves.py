@@ -254,6 +254,9 @@ def _dtensor_leaf(path: KeyPath, x: Any) -> HostLeaf:
     """A DTensor: stored as a plain tensor when small (its whole left to :func:`gather`), else written
     shard by shard."""
     dtensor.refuse_partial(path, x)
+    out_of_order = dtensor.out_of_order(x)
+    if out_of_order is not None:
+        raise TypeError(f"DTensor at {keystr(path) or 'the root'} has no one layout: {out_of_order}")
     dtype = torch_to_numpy(path, x.to_local().unsqueeze(0)[:0]).dtype  # from an empty view: no copy off a device
     _check_array(path, dtype, tuple(x.shape), "torch tensor")
     meta = {"type": "torch", "dtype": dtype_name(dtype), "shape": list(x.shape)}

@@ -21,6 +21,7 @@ every one is refused, nothing is written.
 SIGTERM to rank 1 alone, in a loop saving on preemption.
 Each rank prints what it did.
 """
+import math
 import os
 import signal
 import shutil
@@ -742,6 +743,23 @@ def unusual_dtensors(ckptr: Checkpointer) -> None:
     ckptr.save(9, {f"{name} {m}": distribute_tensor(values, half, [placement], src_data_rank=None)
                    for m, half in enumerate(halves) for name, placement in placements.items()}, force=True)
     say(f"rank {rank} small on half meshes: {sorted(k for k, v in ckptr.load(9).items() if torch.equal(v, values))}")
+    # a mesh of ranks out of order: torch's collectives place the shards by rank, its chunk list by place in the mesh
+    # (small ones were gathered in rank order, large ones written in mesh order, both loaded into templates in mesh
+    # order: silently wrong values); split there, refused saved or loaded into; replicated, saved and loaded
+    backwards = DeviceMesh("cpu", torch.tensor([3, 2, 1, 0]))
+    ckptr.save(10, {"r": distribute_tensor(values, backwards, [Replicate()])}, force=True)
+    loaded = ckptr.load(10, {"r": distribute_tensor(torch.zeros_like(values), backwards, [Replicate()])})["r"]
+    say(f"rank {rank} backwards replicated: {torch.equal(loaded.to_local(), values)}")
+    for shape in ((4, 3), (600, 520)):
+        whole = torch.arange(float(math.prod(shape))).reshape(shape)
+        try:
+            ckptr.save(11, {"r": distribute_tensor(whole, backwards, [Shard(0)])}, force=True)
+        except TypeError as e:
+            say(f"rank {rank} backwards {shape} refused: {e}")
+    try:
+        ckptr.load(10, {"r": distribute_tensor(values, backwards, [Shard(0)])})
+    except ckpt.errors.TreeMismatchError as e:
+        say(f"rank {rank} backwards template refused: {e}")
 
 
 def free_port() -> int:

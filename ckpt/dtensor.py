@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 import math
 import sys
+import zlib
 from typing import Any, Callable
 
 import numpy as np
@@ -55,7 +56,10 @@ def layouts(name: str, flat: list[tuple[KeyPath, Any]]) -> list[str]:
     """Each DTensor among ``flat`` ((key path, value) pairs of checkpointable ``name``) with its global shape,
     dtype, placements and mesh (its shape and ranks), in words: what every process of a job holds alike
     (nothing without torch.distributed.tensor imported). Ranks holding a key over meshes of other ranks
-    (pipeline stages whose modules name their parameters alike) would write their shards into one array.
+    (pipeline stages whose modules name their parameters alike) would write their shards into one array; a
+    mesh sliced from a larger one (``root["dp"]``) is named by the slice's dimensions and the larger mesh,
+    alike on every slice: their ranks hold copies of the DTensor, whose values a save compares (see
+    :func:`on_slices`).
 
     Example::
 
@@ -69,13 +73,45 @@ def layouts(name: str, flat: list[tuple[KeyPath, Any]]) -> list[str]:
 
 @functools.lru_cache(maxsize=64)
 def _mesh_words(mesh: Any) -> str:
-    """``mesh`` in words: its shape and ranks (a range of them as its ends), made once per mesh."""
+    """``mesh`` in words: its shape and ranks (a range of them as its ends), or its place in the mesh it is a
+    slice of, made once per mesh."""
+    root = _sliced_from(mesh)
+    if root is not None:
+        return (f"a slice {mesh.mesh_dim_names} of shape {tuple(mesh.shape)} of {_mesh_words(root)} named "
+                f"{root.mesh_dim_names}")
     ranks = mesh.mesh.flatten().tolist()
     if ranks == list(range(ranks[0], ranks[0] + len(ranks))):
         held = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]}-{ranks[-1]}"
     else:
         held = f"ranks {mesh.mesh.tolist()}"
     return f"a mesh of shape {tuple(mesh.shape)} of {held}"
+
+
+@functools.lru_cache(maxsize=64)
+def _sliced_from(mesh: Any) -> Any | None:
+    """The mesh that ``mesh`` is a slice of (``root["dp"]``), where that one holds more ranks, else None."""
+    get_root = getattr(mesh, "_get_root_mesh", None)  # (torch 2.8+; before, the mesh resources' registry)
+    root = get_root() if get_root is not None else (
+        sys.modules["torch.distributed.device_mesh"]._mesh_resources.get_root_mesh(mesh))
+    return root if root.size() > mesh.size() else None
+
+
+def on_slices(flat: list[tuple[KeyPath, Any]]) -> list[int]:
+    """The indices of the DTensors among ``flat`` ((key path, value) pairs) on a slice of a larger mesh (FSDP2's
+    ``mesh["dp"]`` over the modules that tensor parallelism leaves alone): each slice's ranks hold a copy."""
+    if sys.modules.get("torch.distributed.tensor") is None:
+        return []
+    return [i for i, (_, x) in enumerate(flat) if is_dtensor(x) and _sliced_from(x.device_mesh) is not None]
+
+
+def digest(x: Any) -> list:
+    """``[ranks, coordinate, crc]``: the ranks of the mesh of DTensor ``x`` (sorted), this rank's coordinate in
+    it, and the CRC32 of the bytes of this rank's local shard (a copy to host memory off a CPU), which the ranks
+    holding copies of ``x`` on other slices of one mesh compare (see :func:`on_slices`)."""
+    import torch
+
+    local = _values(x).contiguous().reshape(-1).view(torch.uint8).cpu().numpy()
+    return [sorted(x.device_mesh.mesh.flatten().tolist()), list(x.device_mesh.get_coordinate()), zlib.crc32(local)]
 
 
 def refuse_sharded_tensor(path: KeyPath, x: Any) -> None:

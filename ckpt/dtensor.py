@@ -11,8 +11,9 @@ with the other small leaves (one collective, not one file per rank and leaf).
 Loading into a DTensor template (the state dict of a freshly sharded model, at any world size and
 mesh, made on the meta device or not), each rank reads only the slice of its own local shard.
 Without a template the saved array comes back whole, as a plain tensor. FSDP1's ``ShardedTensor`` is
-refused, so is a DTensor with a ``Partial`` placement (a pending reduction), and so is a DTensor
-whose local shard is not one block (a lone ``_StridedShard``).
+refused, so is a DTensor with a ``Partial`` placement (a pending reduction), so is a DTensor
+whose local shard is not one block (a lone ``_StridedShard``), and so is one split over a mesh dimension
+along which the mesh's ranks are not ascending (see :func:`out_of_order`).
 
 Example::
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 import functools
 import math
 import sys
+import zlib
 from typing import Any, Callable
 
 import numpy as np
@@ -54,7 +56,10 @@ def layouts(name: str, flat: list[tuple[KeyPath, Any]]) -> list[str]:
     """Each DTensor among ``flat`` ((key path, value) pairs of checkpointable ``name``) with its global shape,
     dtype, placements and mesh (its shape and ranks), in words: what every process of a job holds alike
     (nothing without torch.distributed.tensor imported). Ranks holding a key over meshes of other ranks
-    (pipeline stages whose modules name their parameters alike) would write their shards into one array.
+    (pipeline stages whose modules name their parameters alike) would write their shards into one array; a
+    mesh sliced from a larger one (``root["dp"]``) is named by the slice's dimensions and the larger mesh,
+    alike on every slice: their ranks hold copies of the DTensor, whose values a save compares (see
+    :func:`on_slices`).
 
     Example::
 
@@ -68,13 +73,45 @@ def layouts(name: str, flat: list[tuple[KeyPath, Any]]) -> list[str]:
 
 @functools.lru_cache(maxsize=64)
 def _mesh_words(mesh: Any) -> str:
-    """``mesh`` in words: its shape and ranks (a range of them as its ends), made once per mesh."""
+    """``mesh`` in words: its shape and ranks (a range of them as its ends), or its place in the mesh it is a
+    slice of, made once per mesh."""
+    root = _sliced_from(mesh)
+    if root is not None:
+        return (f"a slice {mesh.mesh_dim_names} of shape {tuple(mesh.shape)} of {_mesh_words(root)} named "
+                f"{root.mesh_dim_names}")
     ranks = mesh.mesh.flatten().tolist()
     if ranks == list(range(ranks[0], ranks[0] + len(ranks))):
         held = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]}-{ranks[-1]}"
     else:
         held = f"ranks {mesh.mesh.tolist()}"
     return f"a mesh of shape {tuple(mesh.shape)} of {held}"
+
+
+@functools.lru_cache(maxsize=64)
+def _sliced_from(mesh: Any) -> Any | None:
+    """The mesh that ``mesh`` is a slice of (``root["dp"]``), where that one holds more ranks, else None."""
+    get_root = getattr(mesh, "_get_root_mesh", None)  # (torch 2.8+; before, the mesh resources' registry)
+    root = get_root() if get_root is not None else (
+        sys.modules["torch.distributed.device_mesh"]._mesh_resources.get_root_mesh(mesh))
+    return root if root.size() > mesh.size() else None
+
+
+def on_slices(flat: list[tuple[KeyPath, Any]]) -> list[int]:
+    """The indices of the DTensors among ``flat`` ((key path, value) pairs) on a slice of a larger mesh (FSDP2's
+    ``mesh["dp"]`` over the modules that tensor parallelism leaves alone): each slice's ranks hold a copy."""
+    if sys.modules.get("torch.distributed.tensor") is None:
+        return []
+    return [i for i, (_, x) in enumerate(flat) if is_dtensor(x) and _sliced_from(x.device_mesh) is not None]
+
+
+def digest(x: Any) -> list:
+    """``[ranks, coordinate, crc]``: the ranks of the mesh of DTensor ``x`` (sorted), this rank's coordinate in
+    it, and the CRC32 of the bytes of this rank's local shard (a copy to host memory off a CPU), which the ranks
+    holding copies of ``x`` on other slices of one mesh compare (see :func:`on_slices`)."""
+    import torch
+
+    local = _values(x).contiguous().reshape(-1).view(torch.uint8).cpu().numpy()
+    return [sorted(x.device_mesh.mesh.flatten().tolist()), list(x.device_mesh.get_coordinate()), zlib.crc32(local)]
 
 
 def refuse_sharded_tensor(path: KeyPath, x: Any) -> None:
@@ -93,6 +130,29 @@ def refuse_partial(path: KeyPath, x: Any) -> None:
         if placement.is_partial():
             raise TypeError(f"DTensor at {keystr(path) or 'the root'} has the placement {placement} (a pending "
                             "reduction); reduce it (redistribute to Replicate or Shard) before saving")
+
+
+def out_of_order(x: Any) -> str | None:
+    """Why DTensor ``x``'s shards have no one place in the global tensor, or None: it is split over a mesh
+    dimension along which the mesh's ranks are not in ascending order (``DeviceMesh("cpu", [3, 2, 1, 0])``).
+    torch's collectives (``distribute_tensor``, ``full_tensor``) order the shards by rank there, its shard
+    layout (``__create_chunk_list__``, which DCP and ckpt write and read by) by place in the mesh: the two
+    disagree, and either would save or load some shards in another's place."""
+    mesh = x.device_mesh
+    for mesh_dim, placement in enumerate(x.placements):
+        if _split_dim(placement) is not None and mesh.size(mesh_dim) > 1 and _descends(mesh, mesh_dim):
+            return (f"it is split ({placement}) over dimension {mesh_dim} of {_mesh_words(mesh)}, along which the "
+                    "ranks are not in ascending order: torch's collectives (distribute_tensor, full_tensor) place its "
+                    "shards by rank, its shard layout (__create_chunk_list__, DCP's and ckpt's) by place in the mesh, "
+                    "which disagree. Make the mesh with its ranks ascending along that dimension (init_device_mesh "
+                    "does), or redistribute the DTensor to Replicate there")
+    return None
+
+
+@functools.lru_cache(maxsize=64)
+def _descends(mesh: Any, mesh_dim: int) -> bool:
+    """Whether the ranks of ``mesh`` are not in ascending order along ``mesh_dim`` (the same on every rank)."""
+    return not bool((np.diff(mesh.mesh.numpy(), axis=mesh_dim) > 0).all())
 
 
 def is_small(x: Any) -> bool:
@@ -286,6 +346,10 @@ def restore(template: Any, read: Callable[[Index], np.ndarray],
     import torch
     from torch.distributed.tensor import DTensor
 
+    out_of_place = out_of_order(template)  # (a rank whose local shard is empty reads nothing: refused there too)
+    if out_of_place is not None:
+        raise TypeError(f"a DTensor template with the placements {template.placements} cannot be loaded into: "
+                        f"{out_of_place}")
     like = template.to_local()
     device = torch.device(template.device_mesh.device_type) if like.device.type == "meta" else like.device
     if like.numel():

@@ -254,6 +254,9 @@ def _dtensor_leaf(path: KeyPath, x: Any) -> HostLeaf:
     """A DTensor: stored as a plain tensor when small (its whole left to :func:`gather`), else written
     shard by shard."""
     dtensor.refuse_partial(path, x)
+    out_of_order = dtensor.out_of_order(x)
+    if out_of_order is not None:
+        raise TypeError(f"DTensor at {keystr(path) or 'the root'} has no one layout: {out_of_order}")
     dtype = torch_to_numpy(path, x.to_local().unsqueeze(0)[:0]).dtype  # from an empty view: no copy off a device
     _check_array(path, dtype, tuple(x.shape), "torch tensor")
     meta = {"type": "torch", "dtype": dtype_name(dtype), "shape": list(x.shape)}
@@ -325,6 +328,13 @@ def uninitialized(x: Any) -> bool:
     return torch is not None and isinstance(x, torch.nn.parameter.UninitializedTensorMixin)
 
 
+def _nested(x: Any) -> bool:
+    """Whether ``x`` is a nested torch tensor (``torch.nested``), whose shape torch does not give (or gives
+    with ragged dimensions)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor) and x.is_nested
+
+
 def _check_torch_template(dtype: Any) -> None:
     """Raises TypeError for a template whose dtype torch cannot copy values into (bits, quantized and
     sub-byte dtypes)."""
@@ -376,6 +386,9 @@ def check_leaf(path: KeyPath, meta: dict, abstract: Any) -> str | None:
         return (f"{keystr(path)}: the abstract leaf is an uninitialized parameter of a lazy module, which has no shape "
                 "yet: put None in its place to read the leaf as saved (the lazy module's load_state_dict takes it), or "
                 "run a forward pass first")
+    if _nested(abstract):
+        return (f"{keystr(path)}: the abstract leaf is a nested torch tensor, which ckpt neither stores nor loads into: "
+                "put None in its place to read the leaf as saved, or a dense tensor of its shape")
     if type(abstract) is np.ndarray and meta.get("shape") == list(abstract.shape) and "key_shape" not in meta:
         return None  # the usual leaf
     want = abstract_shape(abstract)

@@ -69,6 +69,7 @@ class Plan:
 
     unpacked: dict[int, PlannedLeaf] = dataclasses.field(default_factory=dict)  # a reused plan's other leaves
     dtensors: list[str] = dataclasses.field(default_factory=list)  # each DTensor's key path and layout (see agree)
+    sliced: list[tuple[str, PlannedLeaf, Any]] = dataclasses.field(default_factory=list)  # DTensors with copies (see agree)
     non_finite: dict[str, list] = dataclasses.field(default_factory=dict)  # the manifest's "non_finite"
 
     @property
@@ -204,7 +205,7 @@ def _plan(checkpointables: dict[str, Any], metrics: Any, custom_metadata: Any, s
     """:func:`plan` of a tree that reuses no layout. Each leaf's fields are made as columns; a tree whose
     leaves are all in host memory is written from its layout's tables, with no planned leaf per leaf."""
     structures, nodes, counts, paths, values, metas, arrays, spreads = {}, [], [], [], [], [], [], []
-    gathers, dtensors = [], []
+    gathers, dtensors, sliced = [], [], []
     for name, tree in checkpointables.items():
         try:
             node, flat = tree_lib.flatten(tree)
@@ -213,6 +214,7 @@ def _plan(checkpointables: dict[str, Any], metrics: Any, custom_metadata: Any, s
             raise type(e)(f"checkpointable {name!r}: {e}") from None  # the same error, naming the checkpointable
         structures[name] = tree_lib.to_text(node)
         dtensors += dtensor.layouts(name, flat)
+        sliced += [(name, len(paths) + i, flat[i][1]) for i in dtensor.on_slices(flat)]
         nodes.append(node)
         counts.append(len(flat))
         paths += [path for path, _ in flat]
@@ -252,7 +254,8 @@ def _plan(checkpointables: dict[str, Any], metrics: Any, custom_metadata: Any, s
         planned[name], start = flat_planned[start: start + count], start + count
     packed = sorted((leaf for leaf in flat_planned if leaf.location == "packed"), key=_OFFSET)
     return Plan(structures, planned, packed, [flat_planned[i] for i in own_arrays], packed_nbytes, metrics,
-                custom_metadata, now_nsecs(), layout=layout, dtensors=dtensors)
+                custom_metadata, now_nsecs(), layout=layout, dtensors=dtensors,
+                sliced=[(name, flat_planned[i], x) for name, i, x in sliced])
 
 
 _OFFSET = operator.attrgetter("offset")
@@ -325,6 +328,8 @@ def agree(plan: Plan, final: storage.Location, processes: distributed.Processes,
         _refuse_spread(plan, final)
     if processes.count > 1:
         _compare(plan, final, processes, operation, timeout_secs)
+        if plan.sliced:  # (on every process alike, once the trees and layouts agree)
+            _one_copy(plan, final, processes, operation, timeout_secs)
     try:
         leaves_lib.gather([(leaf.path, leaf.host) for leaves in plan.leaves.values() for leaf in leaves])
     except RuntimeError as e:  # torch.distributed's collective (gloo's 'Connection closed by peer', NCCL's errors)
@@ -382,6 +387,34 @@ def _compare(plan: Plan, final: storage.Location, processes: distributed.Process
         "stages), save each process's with ckpt.save to a path of its own inside ckpt.Context(multiprocessing_options="
         "ckpt.MultiprocessingOptions(processes=ckpt.distributed.SingleProcess())). Nothing was written.",
         differences=diffs)
+
+
+def _one_copy(plan: Plan, final: storage.Location, processes: distributed.Processes, operation: str,
+              timeout_secs: float) -> None:
+    """:func:`agree`'s check of the DTensors on slices of one mesh (``root["dp"]`` at each coordinate of its other
+    dimensions: FSDP2 over the modules that tensor parallelism leaves alone, see :func:`ckpt.dtensor.on_slices`):
+    each slice's ranks hold a copy, written once, by the slice of the lowest rank, where every rank's local shard
+    has the CRC32 of the shards at its coordinate in the other slices (pipeline stages whose modules name their
+    parameters alike hold other values: refused, as one copy would lose the others)."""
+    mine = [[f"{name}{keystr(leaf.path)}", *dtensor.digest(x)] for name, leaf, x in plan.sliced]
+    found = distributed.differences(processes, f"{operation}/copies", mine, mine, timeout_secs)
+    crcs, slices = {}, {}
+    for index in range(processes.count):
+        for key, ranks, coordinate, crc in found.get(index, found[0]) if found else mine:
+            crcs.setdefault((key, tuple(coordinate)), set()).add(crc)
+            slices.setdefault(key, set()).add(tuple(ranks))
+    differ = sorted({key for (key, _), held in crcs.items() if len(held) > 1})
+    if differ:
+        diffs = [f"{key}: its copies on the slices {', '.join(map(str, sorted(slices[key])))} of one mesh hold other "
+                 "values" for key in differ]
+        raise TreeMismatchError(
+            f"the processes of this job save different values under one key path to {final}: {'; '.join(diffs)}. ckpt "
+            "writes a DTensor that the slices of one mesh hold alike (FSDP2 over the modules that tensor parallelism "
+            "leaves alone) once; DTensors that differ between slices (pipeline stages whose modules name their "
+            "parameters alike) cannot share a key path. Nothing was written.", differences=diffs)
+    for (_, leaf, _), (key, ranks, _, _) in zip(plan.sliced, mine):
+        if tuple(ranks) != min(slices[key]):  # another slice's ranks write it
+            leaf.host.spread = dataclasses.replace(leaf.host.spread, own_shards=lambda: [])
 
 
 def _refuse_full_state_dict(primary: dict, differing: dict[int, dict], final: storage.Location) -> None:

@@ -138,6 +138,25 @@ def test_dtensors_of_unusual_layouts_at_four_ranks(tmp_path):
                 "'rows 1']") in out, out  # (was IndexError outside a mesh, or OSError on rank 0 outside mesh 1)
         # (tensorstore refused it while it was written: "Rank 33 is outside valid range [0, 32]", naming no leaf)
         assert f"rank {r} 33 dimensions refused: torch tensor at ['d'] has 33 dimensions; ckpt stores at most 32" in out
+        # a mesh of ranks out of order (torch's collectives and its chunk list disagree on each shard's place): split
+        # there, refused (a small one was saved in rank order and a large one in mesh order, each loaded into a
+        # template in mesh order: silently wrong values); replicated, saved and loaded
+        assert f"rank {r} backwards replicated: True" in out, out
+        for shape in ((4, 3), (600, 520)):
+            assert (f"rank {r} backwards {shape} refused: checkpointable 'state': DTensor at ['r'] has no one layout: it "
+                    "is split (S(0)) over dimension 0 of a mesh of shape (4,) of ranks [3, 2, 1, 0], along which the ranks "
+                    "are not in ascending order") in out, out
+        assert (f"rank {r} backwards template refused: User-provided restore item and on-disk value differ in "
+                f"{tmp_path / 'run' / '10'}: state['r']: it cannot be restored as a DTensor of the abstract tree (TypeError: "
+                "a DTensor template with the placements (Shard(dim=0),) cannot be loaded into: it is split (S(0)) over "
+                "dimension 0 of a mesh of shape (4,) of ranks [3, 2, 1, 0], along which") in out, out
+        # FSDP2 over TP with a LayerNorm and a head the TP plan leaves alone, on mesh["dp"], whose slices hold copies:
+        # saved once and loaded bit for bit as DCP loads it (was refused: "a DTensor ... over a mesh of shape (2,) of
+        # ranks [0, 2] on process 0, not on process 1"); copies that differ (pipeline stages), refused
+        assert f"rank {r} fsdp+tp copies: True, []" in out, out
+        assert (f"rank {r} differing copies refused: the processes of this job save different values under one key path "
+                f"to {tmp_path / 'run' / '14'}: model['3.weight']: its copies on the slices (0, 2), (1, 3) of one mesh "
+                "hold other values.") in out, out
         for shape in ((2, 3), (600, 520)):  # a small one too, which was gathered as bytes: sums of bit patterns
             assert (f"rank {r} partial {shape} refused: checkpointable 'state': DTensor at ['p'] has the placement "
                     "P(sum) (a pending reduction)") in out, out

@@ -314,6 +314,20 @@ def test_a_lazy_modules_uninitialized_parameters_in_the_template_are_a_mismatch_
     fresh.load_state_dict(ckpt.load(tmp_path / "c", template))
     assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), trained.state_dict().values()))
 
+
+def test_a_nested_tensor_in_the_template_is_a_mismatch_naming_it(tmp_path):
+    """(A strided nested tensor raised torch's bare "RuntimeError: Internal error: NestedTensorImpl doesn't support
+    sizes", naming no leaf; a jagged one said "abstract leaf wants (2, j1)".)"""
+    torch = pytest.importorskip("torch")
+    parts = [torch.ones(2), torch.ones(3)]
+    ckpt.save(tmp_path / "c", {"a": torch.ones(2), "b": torch.ones(5)})
+    for layout in (torch.strided, torch.jagged):
+        with pytest.raises(errors.TreeMismatchError) as info:
+            ckpt.load(tmp_path / "c", {"a": torch.zeros(2), "b": torch.nested.nested_tensor(parts, layout=layout)})
+        assert "state['b']: the abstract leaf is a nested torch tensor, which ckpt neither stores nor loads into: put " \
+               "None in its place" in str(info.value), layout
+    assert torch.equal(ckpt.load(tmp_path / "c", {"a": torch.zeros(2), "b": None})["b"], torch.ones(5))
+
 def test_a_fresh_optimizers_empty_state_in_the_template_leads_to_none_not_to_a_partial_load(tmp_path):
     # was: the hint suggested partial_load, which silently dropped Adam's moments on resume
     torch = pytest.importorskip("torch")

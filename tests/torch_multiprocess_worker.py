@@ -21,6 +21,7 @@ every one is refused, nothing is written.
 SIGTERM to rank 1 alone, in a loop saving on preemption.
 Each rank prints what it did.
 """
+import math
 import os
 import signal
 import shutil
@@ -65,11 +66,17 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: i
     optimizer.zero_grad()
 
 
-def full_values(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, np.ndarray]:
-    """Every tensor of the model's and optimizer's state dicts, whole (a collective)."""
+def state_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """Every tensor of the model's and optimizer's state dicts, by ``model/<key>`` and ``optim/<param>/<key>``."""
     model_state, optim_state = get_state_dict(model, optimizer)
     flat = {f"model/{k}": v for k, v in model_state.items()}
     flat.update({f"optim/{p}/{k}": v for p, state in optim_state["state"].items() for k, v in state.items()})
+    return flat
+
+
+def full_values(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, np.ndarray]:
+    """Every tensor of the model's and optimizer's state dicts, whole (a collective)."""
+    flat = state_tensors(model, optimizer)
     return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().numpy() for k, v in flat.items()}
 
 
@@ -742,6 +749,67 @@ def unusual_dtensors(ckptr: Checkpointer) -> None:
     ckptr.save(9, {f"{name} {m}": distribute_tensor(values, half, [placement], src_data_rank=None)
                    for m, half in enumerate(halves) for name, placement in placements.items()}, force=True)
     say(f"rank {rank} small on half meshes: {sorted(k for k, v in ckptr.load(9).items() if torch.equal(v, values))}")
+    # a mesh of ranks out of order: torch's collectives place the shards by rank, its chunk list by place in the mesh
+    # (small ones were gathered in rank order, large ones written in mesh order, both loaded into templates in mesh
+    # order: silently wrong values); split there, refused saved or loaded into; replicated, saved and loaded
+    backwards = DeviceMesh("cpu", torch.tensor([3, 2, 1, 0]))
+    ckptr.save(10, {"r": distribute_tensor(values, backwards, [Replicate()])}, force=True)
+    loaded = ckptr.load(10, {"r": distribute_tensor(torch.zeros_like(values), backwards, [Replicate()])})["r"]
+    say(f"rank {rank} backwards replicated: {torch.equal(loaded.to_local(), values)}")
+    for shape in ((4, 3), (600, 520)):
+        whole = torch.arange(float(math.prod(shape))).reshape(shape)
+        try:
+            ckptr.save(11, {"r": distribute_tensor(whole, backwards, [Shard(0)])}, force=True)
+        except TypeError as e:
+            say(f"rank {rank} backwards {shape} refused: {e}")
+    try:
+        ckptr.load(10, {"r": distribute_tensor(values, backwards, [Shard(0)])})
+    except ckpt.errors.TreeMismatchError as e:
+        say(f"rank {rank} backwards template refused: {e}")
+    # FSDP2 over tensor parallelism, with modules the TP plan leaves alone (a LayerNorm, a head): their DTensors lie on
+    # mesh["dp"], whose slices (ranks 0, 2 and 1, 3) hold copies: written once, loaded into every slice, as DCP does
+    # (refused on every rank as DTensors of one key over meshes of other ranks); copies that differ, refused
+    import torch.distributed.checkpoint as dcp
+
+    def tp_model() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8),
+                                    torch.nn.LayerNorm(8), torch.nn.Linear(8, 4))
+        parallelize_module(model, grid_named["tp"], {"0": ColwiseParallel(), "2": RowwiseParallel()})
+        for layer in (model[0], model[2], model):
+            fully_shard(layer, mesh=grid_named["dp"])
+        return model, torch.optim.Adam(model.parameters(), lr=0.1)
+
+    grid_named = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", "tp"))
+    torch.manual_seed(0)
+    model, optimizer = tp_model()
+    torch.manual_seed(1)
+    model(torch.randn(4, 8)).square().mean().backward()
+    optimizer.step()
+    saved = dict(zip(["model", "optim"], get_state_dict(model, optimizer)))
+    ckptr.save_checkpointables(13, saved, force=True)
+    dcp.save(saved, checkpoint_id=f"{directory}-dcp")
+    ours, theirs = tp_model(), tp_model()
+    for fresh in (ours, theirs):
+        fresh[0](torch.randn(4, 8)).sum().backward()
+        fresh[1].step()  # (the optimizer's state, as templates)
+    into = dict(zip(["model", "optim"], get_state_dict(*ours)))
+    loaded = ckptr.load_checkpointables(13, into)
+    set_state_dict(*ours, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
+    into = dict(zip(["model", "optim"], get_state_dict(*theirs)))
+    dcp.load(into, checkpoint_id=f"{directory}-dcp")
+    set_state_dict(*theirs, model_state_dict=into["model"], optim_state_dict=into["optim"])
+    local = lambda v: v.to_local() if isinstance(v, DTensor) else v
+    values = [{k: local(v) for k, v in state_tensors(*state).items()} for state in (ours, theirs, (model, optimizer))]
+    say(f"rank {rank} fsdp+tp copies: {sorted(values[2]) == sorted(values[0])}, "
+        f"{[k for k in values[2] if not torch.equal(values[0][k], values[1][k]) or not torch.equal(values[0][k], values[2][k])]}")
+    with torch.no_grad():
+        model[3].weight.to_local().add_(rank % 2)  # (pipeline stages naming their parameters alike)
+    try:
+        ckptr.save_checkpointables(14, {"model": get_state_dict(model, optimizer)[0]}, force=True)
+    except ckpt.errors.TreeMismatchError as e:
+        say(f"rank {rank} differing copies refused: {e}")
 
 
 def free_port() -> int:

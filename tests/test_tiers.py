@@ -1173,3 +1173,19 @@ def test_on_s3_an_overwrites_promotion_that_kept_failing_while_later_steps_promo
     assert ckpt.load(f"{bucket}/4")["w"][0] == 40
     assert "step 4 is on the local tier only: its promotion, which replaced its durable copy" in caplog.text
     assert not ckpt.objectstore.ObjectPath(f"{bucket}/4/{ckpt.format.PROMOTING}").exists()  # the local tier's alone
+
+
+def test_on_s3_an_overwrite_saved_again_by_the_next_writer_after_its_promotion_failed_is_promoted(bucket, tmp_path,
+                                                                                                 monkeypatch):
+    """Step 4's overwrite refused by the store once its durable copy was removed; the next run's first save is the
+    same overwrite again: it was saved on the local tier only (the durable tier no longer held step 4, and its policy
+    did not choose it), and step 4 was lost from both tiers once the local policy dropped it."""
+    def local() -> ckpt.LocalCheckpointOptions:
+        return ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1))
+
+    with ckpt.Checkpointer(bucket, save_decision_policy=sdp.FixedIntervalPolicy(5), local=local()) as ckptr:
+        overwrite_step_4_refused(ckptr, monkeypatch)
+    with ckpt.Checkpointer(bucket, save_decision_policy=sdp.FixedIntervalPolicy(5), local=local()) as ckptr:
+        ckptr.save(4, {"w": np.full(2, 400)}, overwrite=True)
+        assert_saves_6_to_8_promote_step_4(ckptr)  # was: 4 nowhere
+    assert ckpt.load(f"{bucket}/4")["w"][0] == 400

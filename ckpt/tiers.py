@@ -627,7 +627,7 @@ class LocalTier:
                 storage.write_file(source / fmt.PROMOTING, b"")
             nbytes = _copy_step(source, final, step, overwrite, self._durable, barrier)
             self._durable.committed(step, final, loading.read_manifest(final))
-            if pending:
+            if pending or _promotion_pending(source):  # (or an earlier overwrite's, this promotion of a forced save's)
                 _promoted(source)
         except BaseException:
             kept = overwrite and self._left_local_only(step, final)

@@ -1189,3 +1189,25 @@ def test_on_s3_an_overwrite_saved_again_by_the_next_writer_after_its_promotion_f
         ckptr.save(4, {"w": np.full(2, 400)}, overwrite=True)
         assert_saves_6_to_8_promote_step_4(ckptr)  # was: 4 nowhere
     assert ckpt.load(f"{bucket}/4")["w"][0] == 400
+
+
+def test_on_s3_a_step_whose_failed_overwrite_a_forced_save_promoted_stays_deleted_from_the_durable_tier(
+        bucket, tmp_path, monkeypatch, caplog):
+    """Step 4's overwrite refused by the store; the next run forced step 4, which promoted its local copy but left it
+    marked pending; deleted from the durable root, step 4 was promoted again by the writer after ('its promotion ...
+    never committed'), a step deleted coming back."""
+    local = ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1),
+                                        preservation_policy=pp.PreserveAll())
+    with ckpt.Checkpointer(bucket, save_decision_policy=sdp.FixedIntervalPolicy(5), local=local) as ckptr:
+        overwrite_step_4_refused(ckptr, monkeypatch)
+    with ckpt.Checkpointer(bucket, save_decision_policy=sdp.FixedIntervalPolicy(5), local=local) as ckptr:
+        ckptr.save(4, {"w": np.full(2, 400)}, force=True)  # (promotes the local copy, 40)
+    assert ckpt.load(f"{bucket}/4")["w"][0] == 40
+    with ckpt.Checkpointer(bucket) as durable:
+        durable.delete(4)
+    with ckpt.Checkpointer(bucket, save_decision_policy=sdp.FixedIntervalPolicy(5), local=local) as ckptr:
+        ckptr.save(6, {"w": np.full(2, 6)})
+        ckptr.wait()
+        assert [(c.step, sorted(c.locations)) for c in ckptr.checkpoints] == [
+            (4, ["local"]), (5, ["durable", "local"]), (6, ["local"])]  # was: 4 durable again
+    assert "never committed" not in caplog.text

@@ -101,10 +101,24 @@ def _endpoint(url: str) -> str | None:
     http:// or https:// URL (tensorstore's error named neither)."""
     name, endpoint = next(((name, os.environ[name]) for name in _ENDPOINT_VARIABLES if os.environ.get(name)),
                           ("", None))
-    if endpoint and not endpoint.startswith(("http://", "https://")):  # (tensorstore: lowercase only)
-        raise ValueError(f"{url}: {name} is {endpoint!r}, which is not an http:// or https:// URL; give "
-                         f"its scheme too (such as http://{endpoint})")
+    problem = endpoint and _endpoint_problem(endpoint)
+    if problem:
+        raise ValueError(f"{url}: {name} is {endpoint!r}, {problem}")
     return endpoint
+
+
+def _endpoint_problem(endpoint: str) -> str | None:
+    """What tensorstore would refuse in an S3 endpoint, in words for the user (None: nothing found)."""
+    if any(c.isspace() for c in endpoint):  # (tensorstore's curl error named neither the variable nor the space)
+        return "which holds white space: remove it"
+    scheme, separator, rest = endpoint.partition("://")
+    if separator and scheme in ("http", "https"):
+        return None if rest.split("/", 1)[0] else "which names no host: give one (such as http://127.0.0.1:9000)"
+    if separator and scheme.lower() in ("http", "https"):  # (tensorstore: lowercase only)
+        return f"which is not an http:// or https:// URL: write its scheme in lowercase ({scheme.lower()}://{rest})"
+    if separator or endpoint.lower().startswith("http"):  # another scheme, or a slash or colon lost (http:/host)
+        return "which is not an http:// or https:// URL (such as http://127.0.0.1:9000 or https://s3.example.com)"
+    return f"which is not an http:// or https:// URL; give its scheme too (such as http://{endpoint})"
 
 
 REQUESTS_AT_ONCE = 32  # requests in flight at once in :func:`each` (each mostly waits on the network)

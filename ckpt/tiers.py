@@ -447,10 +447,11 @@ class LocalTier:
         local step committed after every durable step (saved again, or with ``force=True``, after them) whose
         promotion a crash cut short so is promoted again, and so is each local step an overwrite's promotion marked
         pending (:func:`_replaces_in_place`) and never committed, whatever its age: it failed at every try while
-        later steps were promoted, or a crash cut it short. Called once, at this writer's first save: it then
-        becomes the durable root's writer, and sweeps the interrupted promotion's leftovers (a Checkpointer that
-        only reads writes nothing). Not with several processes, whose local tiers would have to hold the same
-        step."""
+        later steps were promoted, or a crash cut it short (one the durable tier holds, as it was or newer, is marked
+        no more: a crash came between its promotion's commit and the clearing). Called once, at this writer's first
+        save: it then becomes the durable root's writer, and sweeps the interrupted promotion's leftovers (a
+        Checkpointer that only reads writes nothing). Not with several processes, whose local tiers would have to
+        hold the same step."""
         durable = self._durable.checkpoints()
         latest = durable[-1].step if durable else -1
         local = [c for c in self.checkpointer.checkpoints if c.step != saving]
@@ -461,6 +462,9 @@ class LocalTier:
             newer = [c for c in newer if policy.should_save(c, durable, context=context)]
         copies = {c.step: c for c in durable}
         stale = [c.step for c in local if c.step in copies and _saved_after(c, copies[c.step])]
+        for c in local:  # durable since it was marked (a crash cut short the clearing of its mark): owed no more
+            if c.step in copies and c.step not in stale and _promotion_pending(c.path):
+                _promoted(c.path)
         last = max(durable, key=lambda c: c.commit_timestamp_nsecs or 0, default=None)
         pending = [c.step for c in local if c.step not in copies and _promotion_pending(c.path)]
         chosen = {c.step for c in newer}  # (the newest of them is promoted below)

@@ -1203,11 +1203,50 @@ def test_on_s3_a_step_whose_failed_overwrite_a_forced_save_promoted_stays_delete
     with ckpt.Checkpointer(bucket, save_decision_policy=sdp.FixedIntervalPolicy(5), local=local) as ckptr:
         ckptr.save(4, {"w": np.full(2, 400)}, force=True)  # (promotes the local copy, 40)
     assert ckpt.load(f"{bucket}/4")["w"][0] == 40
+    assert_step_4_deleted_from_the_durable_root_stays_deleted(bucket, local, caplog)
+
+
+def assert_step_4_deleted_from_the_durable_root_stays_deleted(bucket: str, local: ckpt.LocalCheckpointOptions,
+                                                             caplog, *, then: int = 6) -> None:
+    """Deletes step 4 from the durable root alone, then saves step ``then`` with the local tier (which keeps every
+    step, local only from step 6 on): step 4 is not promoted again."""
     with ckpt.Checkpointer(bucket) as durable:
         durable.delete(4)
     with ckpt.Checkpointer(bucket, save_decision_policy=sdp.FixedIntervalPolicy(5), local=local) as ckptr:
-        ckptr.save(6, {"w": np.full(2, 6)})
+        ckptr.save(then, {"w": np.full(2, then)})
         ckptr.wait()
         assert [(c.step, sorted(c.locations)) for c in ckptr.checkpoints] == [
-            (4, ["local"]), (5, ["durable", "local"]), (6, ["local"])]  # was: 4 durable again
+            (4, ["local"]), (5, ["durable", "local"]), *[(step, ["local"]) for step in range(6, then + 1)]
+        ]  # was: 4 durable again
     assert "never committed" not in caplog.text
+
+
+KILLED_ONCE_THE_OVERWRITES_PROMOTION_COMMITTED = """
+import os, signal, sys
+import numpy as np
+import ckpt
+from ckpt import tiers
+from ckpt.training import preservation_policies as pp, save_decision_policies as sdp
+local = ckpt.LocalCheckpointOptions(sys.argv[2], save_decision_policy=sdp.FixedIntervalPolicy(1),
+                                    preservation_policy=pp.PreserveAll())
+with ckpt.Checkpointer(sys.argv[1], save_decision_policy=sdp.FixedIntervalPolicy(5), local=local) as ckptr:
+    ckptr.save(4, {"w": np.full(2, 4)}, force=True)
+    ckptr.save(5, {"w": np.full(2, 5)})
+    ckptr.wait()
+    tiers._promoted = lambda step_dir: os.kill(os.getpid(), signal.SIGKILL)  # committed, its mark not yet cleared
+    ckptr.save(4, {"w": np.full(2, 40)}, overwrite=True)
+"""
+
+
+def test_on_s3_a_step_whose_overwrites_promotion_was_killed_once_committed_stays_deleted_from_the_durable_tier(
+        bucket, tmp_path, caplog):
+    """SIGKILL between the commit of step 4's overwrite's promotion and the clearing of its local copy's mark: the mark
+    stayed for good, and once step 4 was deleted from the durable root, the next writer promoted it again."""
+    killed = procs.run_script(KILLED_ONCE_THE_OVERWRITES_PROMOTION_COMMITTED, bucket, str(tmp_path / "local"))
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    local = ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1),
+                                        preservation_policy=pp.PreserveAll())
+    with ckpt.Checkpointer(bucket, save_decision_policy=sdp.FixedIntervalPolicy(5), local=local) as ckptr:
+        ckptr.save(6, {"w": np.full(2, 6)})
+    assert ckpt.load(f"{bucket}/4")["w"][0] == 40
+    assert_step_4_deleted_from_the_durable_root_stays_deleted(bucket, local, caplog, then=7)

@@ -289,10 +289,11 @@ class LocalTier:
     """The local tier of a Checkpointer and the promotion of its steps to the durable tier."""
 
     def __init__(self, options: LocalCheckpointOptions, durable: DurableRoot, checkpointer: Callable[..., Any],
-                 collect_garbage: Callable[[Any], None], decide: Callable[..., bool], *, context: Context,
-                 step_name_format: Any, lightweight_initialize: bool, cleanup_tmp_directories: bool):
+                 collect_garbage: Callable[[Any], None], decide: Callable[..., bool], take: Callable[[Any], None], *,
+                 context: Context, step_name_format: Any, lightweight_initialize: bool, cleanup_tmp_directories: bool):
         self._options = options
         self._collect_garbage = collect_garbage  # applies a Checkpointer's preservation policy now
+        self._take = take  # makes a Checkpointer its root's writer (its lock; the first time, its sweep)
         self._decide = decide  # a Checkpointer's save decision: (checkpointer, step, replacing=...) -> bool
         self._durable = durable
         self._promoting: set[int] = set()
@@ -586,11 +587,15 @@ class LocalTier:
         anything is written, not after the local save, which would leave the step kept locally for a
         promotion that never runs.
 
+        The local directory is taken first: a second job on it (the same job started twice on one machine) is
+        refused before it sweeps the durable root, which on an object store has no lock to refuse it.
+
         Raises:
-          DirectoryLockedError: another writer holds the durable root.
+          DirectoryLockedError: another writer holds the local directory or the durable root.
           RootDirectoryError: this process may not write there.
         """
         if self._durable.processes.index == 0:
+            self._take(self.checkpointer)
             self._durable.take()
 
     def _enqueue(self, step: int, *, replaceable: bool) -> _Promotion:

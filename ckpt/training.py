@@ -167,8 +167,8 @@ class Checkpointer:
                                          self._writer, self._take_directory, self._committed, self._processes,
                                          self._operation, lambda: self._ctx.async_options.timeout_secs,
                                          lambda: self._begun, self._forget_if_gone),
-                Checkpointer, Checkpointer._collect_garbage, Checkpointer._decide, context=self._context,
-                step_name_format=self._name_format, lightweight_initialize=lightweight_initialize,
+                Checkpointer, Checkpointer._collect_garbage, Checkpointer._decide, Checkpointer._take_directory,
+                context=self._context, step_name_format=self._name_format, lightweight_initialize=lightweight_initialize,
                 cleanup_tmp_directories=cleanup_tmp_directories)
         if cleanup_tmp_directories and primary:
             try:

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import ckpt
-from ckpt import cli, errors, formats, tiers
+from ckpt import cli, distributed, errors, formats, tiers
 from ckpt.training import preservation_policies as pp
 from ckpt.training import save_decision_policies as sdp
 from tests import fsutil, procs, tiers_worker
@@ -1250,3 +1250,35 @@ def test_on_s3_a_step_whose_overwrites_promotion_was_killed_once_committed_stays
         ckptr.save(6, {"w": np.full(2, 6)})
     assert ckpt.load(f"{bucket}/4")["w"][0] == 40
     assert_step_4_deleted_from_the_durable_root_stays_deleted(bucket, local, caplog, then=7)
+
+
+def test_on_s3_a_second_job_on_the_same_local_directory_is_refused_before_it_sweeps_the_durable_root(bucket, tmp_path,
+                                                                                                     monkeypatch):
+    """The same job started twice on one machine (one local directory, one durable root on an object store, which has
+    no lock): the second's first save swept the durable root, removing the promotion the first had in flight, and
+    only then raised DirectoryLockedError for the local directory."""
+    settle, written, go = distributed.settle, threading.Event(), threading.Event()
+
+    def hang_once_step_2_is_copied(processes, name, part, timeout_secs, task):
+        settle(processes, name, part, timeout_secs, task)
+        if name.endswith("promote/2/written"):  # (before its manifest)
+            written.set()
+            go.wait(60)
+
+    monkeypatch.setattr(distributed, "settle", hang_once_step_2_is_copied)
+
+    def local() -> ckpt.LocalCheckpointOptions:
+        return ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1))
+
+    with ckpt.Checkpointer(bucket, save_decision_policy=sdp.FixedIntervalPolicy(2), local=local()) as first:
+        first.save(0, {"w": np.full(2, 0)})
+        first.save_async(2, {"w": np.full(2, 2)})
+        assert written.wait(60)
+        in_flight = ckpt.objectstore.ObjectPath(f"{bucket}/2").keys()
+        with ckpt.Checkpointer(bucket, save_decision_policy=sdp.FixedIntervalPolicy(2), local=local()) as second:
+            with pytest.raises(errors.DirectoryLockedError, match="local"):
+                second.save(4, {"w": np.full(2, 4)})
+        assert ckpt.objectstore.ObjectPath(f"{bucket}/2").keys() == in_flight  # was: [] (swept)
+        go.set()
+        first.wait()
+    assert ckpt.load(f"{bucket}/2")["w"][0] == 2

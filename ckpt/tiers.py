@@ -595,8 +595,17 @@ class LocalTier:
           RootDirectoryError: this process may not write there.
         """
         if self._durable.processes.index == 0:
-            self._take(self.checkpointer)
+            self.take_local()
             self._durable.take()
+
+    def take_local(self) -> None:
+        """Becomes the local directory's writer (its lock; the first time, its sweep), before this process writes to
+        or deletes from the durable root: a second job on the local directory is refused before it touches either.
+
+        Raises:
+          DirectoryLockedError: another writer holds the local directory.
+        """
+        self._take(self.checkpointer)
 
     def _enqueue(self, step: int, *, replaceable: bool) -> _Promotion:
         """A promotion of ``step``, to queue behind the one running: it replaces the replaceable promotion still

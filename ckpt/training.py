@@ -1053,6 +1053,8 @@ class Checkpointer:
             self.reload()
             info = self._find(number)
         if info is not None and self._processes.index == 0:
+            if self._local is not None:
+                self._local.take_local()  # (first: a second job on it is refused before the durable root's sweep)
             self._take_directory()  # (before anything is deleted or forgotten: another writer may hold the root)
         operation, timeout = self._operation("delete"), self._ctx.async_options.timeout_secs
         compared = self._local is not None  # (in a job, before any process deletes its local copy)

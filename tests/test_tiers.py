@@ -1252,11 +1252,12 @@ def test_on_s3_a_step_whose_overwrites_promotion_was_killed_once_committed_stays
     assert_step_4_deleted_from_the_durable_root_stays_deleted(bucket, local, caplog, then=7)
 
 
-def test_on_s3_a_second_job_on_the_same_local_directory_is_refused_before_it_sweeps_the_durable_root(bucket, tmp_path,
-                                                                                                     monkeypatch):
+@pytest.mark.parametrize("writes", ["save", "delete"])
+def test_on_s3_a_second_job_on_the_same_local_directory_is_refused_before_it_sweeps_the_durable_root(
+        bucket, tmp_path, monkeypatch, writes):
     """The same job started twice on one machine (one local directory, one durable root on an object store, which has
-    no lock): the second's first save swept the durable root, removing the promotion the first had in flight, and
-    only then raised DirectoryLockedError for the local directory."""
+    no lock): the second's first save (or deletion) swept the durable root, removing the promotion the first had in
+    flight, and only then raised DirectoryLockedError for the local directory."""
     settle, written, go = distributed.settle, threading.Event(), threading.Event()
 
     def hang_once_step_2_is_copied(processes, name, part, timeout_secs, task):
@@ -1277,7 +1278,7 @@ def test_on_s3_a_second_job_on_the_same_local_directory_is_refused_before_it_swe
         in_flight = ckpt.objectstore.ObjectPath(f"{bucket}/2").keys()
         with ckpt.Checkpointer(bucket, save_decision_policy=sdp.FixedIntervalPolicy(2), local=local()) as second:
             with pytest.raises(errors.DirectoryLockedError, match="local"):
-                second.save(4, {"w": np.full(2, 4)})
+                second.save(4, {"w": np.full(2, 4)}) if writes == "save" else second.delete(0)
         assert ckpt.objectstore.ObjectPath(f"{bucket}/2").keys() == in_flight  # was: [] (swept)
         go.set()
         first.wait()

@@ -99,12 +99,42 @@ def _endpoint(url: str) -> str | None:
     """The endpoint the environment gives S3 (``AWS_ENDPOINT_URL_S3``, else ``AWS_ENDPOINT_URL``; None when
     neither is set), checked for ``url``: ValueError, naming the variable and the URL, when it is not an
     http:// or https:// URL (tensorstore's error named neither)."""
-    name, endpoint = next(((name, os.environ[name]) for name in _ENDPOINT_VARIABLES if os.environ.get(name)),
-                          ("", None))
-    if endpoint and not endpoint.startswith(("http://", "https://")):  # (tensorstore: lowercase only)
-        raise ValueError(f"{url}: {name} is {endpoint!r}, which is not an http:// or https:// URL; give "
-                         f"its scheme too (such as http://{endpoint})")
+    name, endpoint = _endpoint_setting()
+    problem = endpoint and _endpoint_problem(endpoint)
+    if problem:
+        raise ValueError(f"{url}: {name} is {endpoint!r}, {problem}")
     return endpoint
+
+
+def _endpoint_setting() -> tuple[str, str | None]:
+    """The variable that gives S3 its endpoint and its value: ``AWS_ENDPOINT_URL_S3``'s, else ``AWS_ENDPOINT_URL``'s
+    (``("", None)`` when neither is set)."""
+    return next(((name, os.environ[name]) for name in _ENDPOINT_VARIABLES if os.environ.get(name)), ("", None))
+
+
+def _endpoint_path() -> str:
+    """For the error of a request that failed, a word on the S3 endpoint's path where it has one
+    (``http://host:9000/bucket``): tensorstore sends every request below it, where few servers answer; else ''."""
+    name, endpoint = _endpoint_setting()
+    path = endpoint.partition("://")[2].partition("/")[2] if endpoint else ""
+    if not path.strip("/"):
+        return ""
+    return (f"; {name} is {endpoint!r}, whose path (/{path}) every request is sent below: give the server's address "
+            f"alone ({endpoint[:-len(path) - 1]}) unless the server is served there")
+
+
+def _endpoint_problem(endpoint: str) -> str | None:
+    """What tensorstore would refuse in an S3 endpoint, in words for the user (None: nothing found)."""
+    if any(c.isspace() for c in endpoint):  # (tensorstore's curl error named neither the variable nor the space)
+        return "which holds white space: remove it"
+    scheme, separator, rest = endpoint.partition("://")
+    if separator and scheme in ("http", "https"):
+        return None if rest.split("/", 1)[0] else "which names no host: give one (such as http://127.0.0.1:9000)"
+    if separator and scheme.lower() in ("http", "https"):  # (tensorstore: lowercase only)
+        return f"which is not an http:// or https:// URL: write its scheme in lowercase ({scheme.lower()}://{rest})"
+    if separator or endpoint.lower().startswith("http"):  # another scheme, or a slash or colon lost (http:/host)
+        return "which is not an http:// or https:// URL (such as http://127.0.0.1:9000 or https://s3.example.com)"
+    return f"which is not an http:// or https:// URL; give its scheme too (such as http://{endpoint})"
 
 
 REQUESTS_AT_ONCE = 32  # requests in flight at once in :func:`each` (each mostly waits on the network)
@@ -219,12 +249,14 @@ class ObjectPath:
     def _failure(self, error: ValueError) -> OSError:
         """tensorstore's ``error`` about this path as an OSError that names the path, without the server's XML:
         FileNotFoundError for a bucket that does not exist, PermissionError for a request refused, OSError for
-        one not served (see :func:`access_error`), else OSError with tensorstore's text."""
+        one not served (see :func:`access_error`), else OSError with tensorstore's text. Where the S3 endpoint has a
+        path, the first and the last say so (:func:`_endpoint_path`)."""
+        endpoint_path = _endpoint_path() if self.scheme == "s3" else ""
         if "NoSuchBucket" in str(error):
             return FileNotFoundError(errno.ENOENT, f"{self}: the bucket {self.bucket!r} does not exist (ckpt creates "
                                      "none: create it, or check its name and AWS_ENDPOINT_URL_S3 or "
-                                     "AWS_ENDPOINT_URL)")
-        return access_error(error, str(self)) or OSError(errno.EIO, f"{self}: {error}")
+                                     f"AWS_ENDPOINT_URL){endpoint_path}")
+        return access_error(error, str(self)) or OSError(errno.EIO, f"{self}: {error}{endpoint_path}")
 
     def read_bytes(self) -> bytes:
         result = self._wait(self._store().read(self.key.encode()))

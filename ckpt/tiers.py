@@ -289,10 +289,11 @@ class LocalTier:
     """The local tier of a Checkpointer and the promotion of its steps to the durable tier."""
 
     def __init__(self, options: LocalCheckpointOptions, durable: DurableRoot, checkpointer: Callable[..., Any],
-                 collect_garbage: Callable[[Any], None], decide: Callable[..., bool], *, context: Context,
-                 step_name_format: Any, lightweight_initialize: bool, cleanup_tmp_directories: bool):
+                 collect_garbage: Callable[[Any], None], decide: Callable[..., bool], take: Callable[[Any], None], *,
+                 context: Context, step_name_format: Any, lightweight_initialize: bool, cleanup_tmp_directories: bool):
         self._options = options
         self._collect_garbage = collect_garbage  # applies a Checkpointer's preservation policy now
+        self._take = take  # makes a Checkpointer its root's writer (its lock; the first time, its sweep)
         self._decide = decide  # a Checkpointer's save decision: (checkpointer, step, replacing=...) -> bool
         self._durable = durable
         self._promoting: set[int] = set()
@@ -384,7 +385,8 @@ class LocalTier:
     def save(self, step: int, checkpointables: dict[str, Any], *, force: bool, overwrite: bool, blocking: bool,
              preempted: bool, metrics: Any, custom_metadata: Any) -> background.AsyncResponse[bool]:
         """Saves ``step`` locally and promotes it when the durable tier wants it (``force``: both tiers; an
-        ``overwrite`` of a step the durable tier holds: both, never replaced by a newer promotion).
+        ``overwrite`` of a step the durable tier holds, or held until an earlier overwrite's promotion failed (its local
+        copy marked pending): both, never replaced by a newer promotion).
         Called after a positive decision of either tier (or with ``force``). ``preempted``: ``step`` is the
         step at which the preemption was seen (only that one; later steps follow the policies). A promotion
         that failed since the last save, ``wait`` or ``close`` is raised first, before anything is written,
@@ -400,8 +402,10 @@ class LocalTier:
         self._promote_failed_again()
         if overwrite and step in self._promoting:  # its promotion would copy the local step while it is replaced
             self._durable.writer.wait(self._durable.timeout_secs())
-        # an overwrite replaces the durable copy too: left there, it would be restored once the local copy is gone
-        replaces_durable = overwrite and any(c.step == step for c in self._durable.checkpoints())
+        # an overwrite replaces the durable copy too: left there, it would be restored once the local copy is gone;
+        # or the copy an earlier overwrite's promotion removed and never replaced (the local copy it marked pending)
+        replaces_durable = overwrite and (any(c.step == step for c in self._durable.checkpoints())
+                                          or self._marked_pending(step))
         promote = force or preempted or replaces_durable or self._decided == (step, True)
         if promote:  # kept locally until copied
             self._take_durable()
@@ -444,10 +448,11 @@ class LocalTier:
         local step committed after every durable step (saved again, or with ``force=True``, after them) whose
         promotion a crash cut short so is promoted again, and so is each local step an overwrite's promotion marked
         pending (:func:`_replaces_in_place`) and never committed, whatever its age: it failed at every try while
-        later steps were promoted, or a crash cut it short. Called once, at this writer's first save: it then
-        becomes the durable root's writer, and sweeps the interrupted promotion's leftovers (a Checkpointer that
-        only reads writes nothing). Not with several processes, whose local tiers would have to hold the same
-        step."""
+        later steps were promoted, or a crash cut it short (one the durable tier holds, as it was or newer, is marked
+        no more: a crash came between its promotion's commit and the clearing). Called once, at this writer's first
+        save: it then becomes the durable root's writer, and sweeps the interrupted promotion's leftovers (a
+        Checkpointer that only reads writes nothing). Not with several processes, whose local tiers would have to
+        hold the same step."""
         durable = self._durable.checkpoints()
         latest = durable[-1].step if durable else -1
         local = [c for c in self.checkpointer.checkpoints if c.step != saving]
@@ -458,6 +463,9 @@ class LocalTier:
             newer = [c for c in newer if policy.should_save(c, durable, context=context)]
         copies = {c.step: c for c in durable}
         stale = [c.step for c in local if c.step in copies and _saved_after(c, copies[c.step])]
+        for c in local:  # durable since it was marked (a crash cut short the clearing of its mark): owed no more
+            if c.step in copies and c.step not in stale and _promotion_pending(c.path):
+                _promoted(c.path)
         last = max(durable, key=lambda c: c.commit_timestamp_nsecs or 0, default=None)
         pending = [c.step for c in local if c.step not in copies and _promotion_pending(c.path)]
         chosen = {c.step for c in newer}  # (the newest of them is promoted below)
@@ -486,6 +494,11 @@ class LocalTier:
             logger.warning("ckpt: step %d, newer than the durable tier's latest (%s), is on the local tier only: a "
                            "crash left it unpromoted. Promoting it now", step, durable[-1].step if durable else "none")
             self._promote_again(step, overwrite=False)
+
+    def _marked_pending(self, step: int) -> bool:
+        """Whether the local copy of ``step`` is marked as the source of an overwrite's promotion that never committed
+        (see :meth:`_replaces_in_place`): the durable copy it replaced is gone, and the durable tier is owed the step."""
+        return any(c.step == step and _promotion_pending(c.path) for c in self.checkpointer.checkpoints)
 
     def _left_local_only(self, step: int, final: storage.Location) -> bool:
         """Whether the failed overwrite's promotion of ``step`` to ``final`` left the step on the local tier alone,
@@ -574,12 +587,25 @@ class LocalTier:
         anything is written, not after the local save, which would leave the step kept locally for a
         promotion that never runs.
 
+        The local directory is taken first: a second job on it (the same job started twice on one machine) is
+        refused before it sweeps the durable root, which on an object store has no lock to refuse it.
+
         Raises:
-          DirectoryLockedError: another writer holds the durable root.
+          DirectoryLockedError: another writer holds the local directory or the durable root.
           RootDirectoryError: this process may not write there.
         """
         if self._durable.processes.index == 0:
+            self.take_local()
             self._durable.take()
+
+    def take_local(self) -> None:
+        """Becomes the local directory's writer (its lock; the first time, its sweep), before this process writes to
+        or deletes from the durable root: a second job on the local directory is refused before it touches either.
+
+        Raises:
+          DirectoryLockedError: another writer holds the local directory.
+        """
+        self._take(self.checkpointer)
 
     def _enqueue(self, step: int, *, replaceable: bool) -> _Promotion:
         """A promotion of ``step``, to queue behind the one running: it replaces the replaceable promotion still
@@ -619,7 +645,7 @@ class LocalTier:
                 storage.write_file(source / fmt.PROMOTING, b"")
             nbytes = _copy_step(source, final, step, overwrite, self._durable, barrier)
             self._durable.committed(step, final, loading.read_manifest(final))
-            if pending:
+            if pending or _promotion_pending(source):  # (or an earlier overwrite's, this promotion of a forced save's)
                 _promoted(source)
         except BaseException:
             kept = overwrite and self._left_local_only(step, final)

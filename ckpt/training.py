@@ -167,8 +167,8 @@ class Checkpointer:
                                          self._writer, self._take_directory, self._committed, self._processes,
                                          self._operation, lambda: self._ctx.async_options.timeout_secs,
                                          lambda: self._begun, self._forget_if_gone),
-                Checkpointer, Checkpointer._collect_garbage, Checkpointer._decide, context=self._context,
-                step_name_format=self._name_format, lightweight_initialize=lightweight_initialize,
+                Checkpointer, Checkpointer._collect_garbage, Checkpointer._decide, Checkpointer._take_directory,
+                context=self._context, step_name_format=self._name_format, lightweight_initialize=lightweight_initialize,
                 cleanup_tmp_directories=cleanup_tmp_directories)
         if cleanup_tmp_directories and primary:
             try:
@@ -1055,6 +1055,8 @@ class Checkpointer:
             self.reload()
             info = self._find(number)
         if info is not None and self._processes.index == 0:
+            if self._local is not None:
+                self._local.take_local()  # (first: a second job on it is refused before the durable root's sweep)
             self._take_directory()  # (before anything is deleted or forgotten: another writer may hold the root)
         operation, timeout = self._operation("delete"), self._ctx.async_options.timeout_secs
         compared = self._local is not None  # (in a job, before any process deletes its local copy)

@@ -461,6 +461,38 @@ def test_an_endpoint_without_its_scheme_is_a_value_error_naming_it_and_the_url_a
     assert said in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("endpoint, advice", [
+    ("HTTP://127.0.0.1:9000", "which is not an http:// or https:// URL: write its scheme in lowercase (http://127"),
+    ("http:/127.0.0.1:9000", "which is not an http:// or https:// URL (such as http://127.0.0.1:9000 or https://"),
+    ("http//127.0.0.1:9000", "which is not an http:// or https:// URL (such as http://127.0.0.1:9000 or https://"),
+    ("http://127.0.0.1:9000 ", "which holds white space: remove it"),
+    ("http://", "which names no host: give one")])
+def test_a_misspelled_endpoint_is_a_value_error_saying_what_to_change(endpoint, advice, monkeypatch):
+    """Was: 'give its scheme too (such as http://HTTP://127.0.0.1:9000)', a scheme put before the scheme; for white
+    space, tensorstore's curl error naming neither the variable nor the space; for no host, 4 s of retries."""
+    import ckpt
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    with pytest.raises(ValueError) as error:
+        ckpt.load("s3://bucket/runs/exp")
+    assert str(error.value).startswith(f"s3://bucket/runs/exp: AWS_ENDPOINT_URL is {endpoint!r}, {advice}")
+    assert "http://http" not in str(error.value).lower()
+
+
+@pytest.mark.parametrize("path", ["bucket", "/s3/v1"])
+def test_s3_a_request_failing_below_an_endpoints_path_names_that_path(bucket, s3_server, monkeypatch, path):
+    """Was: the bucket's name given in the endpoint too raised 'NOT_FOUND: NoSuchKey' and the server's XML, another
+    path that the bucket (which exists) does not exist, neither naming the endpoint's path, where every request went."""
+    path = bucket.split("/")[2] if path == "bucket" else path.strip("/")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"{s3_server}/{path}")
+    with pytest.raises(OSError) as error:
+        Checkpointer(bucket)
+    assert error.value.strerror.startswith(bucket)
+    assert error.value.strerror.endswith(f"; AWS_ENDPOINT_URL is '{s3_server}/{path}', whose path (/{path}) every request "
+                                     f"is sent below: give the server's address alone ({s3_server}) unless the "
+                                     "server is served there")
+
+
 def test_s3_aws_endpoint_url_s3_is_used_before_aws_endpoint_url_as_aws_sdks_do(bucket, s3_server, monkeypatch):
     import ckpt
 

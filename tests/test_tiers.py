@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import ckpt
-from ckpt import cli, errors, formats, tiers
+from ckpt import cli, distributed, errors, formats, tiers
 from ckpt.training import preservation_policies as pp
 from ckpt.training import save_decision_policies as sdp
 from tests import fsutil, procs, tiers_worker
@@ -1173,3 +1173,113 @@ def test_on_s3_an_overwrites_promotion_that_kept_failing_while_later_steps_promo
     assert ckpt.load(f"{bucket}/4")["w"][0] == 40
     assert "step 4 is on the local tier only: its promotion, which replaced its durable copy" in caplog.text
     assert not ckpt.objectstore.ObjectPath(f"{bucket}/4/{ckpt.format.PROMOTING}").exists()  # the local tier's alone
+
+
+def test_on_s3_an_overwrite_saved_again_by_the_next_writer_after_its_promotion_failed_is_promoted(bucket, tmp_path,
+                                                                                                 monkeypatch):
+    """Step 4's overwrite refused by the store once its durable copy was removed; the next run's first save is the
+    same overwrite again: it was saved on the local tier only (the durable tier no longer held step 4, and its policy
+    did not choose it), and step 4 was lost from both tiers once the local policy dropped it."""
+    def local() -> ckpt.LocalCheckpointOptions:
+        return ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1))
+
+    with ckpt.Checkpointer(bucket, save_decision_policy=sdp.FixedIntervalPolicy(5), local=local()) as ckptr:
+        overwrite_step_4_refused(ckptr, monkeypatch)
+    with ckpt.Checkpointer(bucket, save_decision_policy=sdp.FixedIntervalPolicy(5), local=local()) as ckptr:
+        ckptr.save(4, {"w": np.full(2, 400)}, overwrite=True)
+        assert_saves_6_to_8_promote_step_4(ckptr)  # was: 4 nowhere
+    assert ckpt.load(f"{bucket}/4")["w"][0] == 400
+
+
+def test_on_s3_a_step_whose_failed_overwrite_a_forced_save_promoted_stays_deleted_from_the_durable_tier(
+        bucket, tmp_path, monkeypatch, caplog):
+    """Step 4's overwrite refused by the store; the next run forced step 4, which promoted its local copy but left it
+    marked pending; deleted from the durable root, step 4 was promoted again by the writer after ('its promotion ...
+    never committed'), a step deleted coming back."""
+    local = ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1),
+                                        preservation_policy=pp.PreserveAll())
+    with ckpt.Checkpointer(bucket, save_decision_policy=sdp.FixedIntervalPolicy(5), local=local) as ckptr:
+        overwrite_step_4_refused(ckptr, monkeypatch)
+    with ckpt.Checkpointer(bucket, save_decision_policy=sdp.FixedIntervalPolicy(5), local=local) as ckptr:
+        ckptr.save(4, {"w": np.full(2, 400)}, force=True)  # (promotes the local copy, 40)
+    assert ckpt.load(f"{bucket}/4")["w"][0] == 40
+    assert_step_4_deleted_from_the_durable_root_stays_deleted(bucket, local, caplog)
+
+
+def assert_step_4_deleted_from_the_durable_root_stays_deleted(bucket: str, local: ckpt.LocalCheckpointOptions,
+                                                             caplog, *, then: int = 6) -> None:
+    """Deletes step 4 from the durable root alone, then saves step ``then`` with the local tier (which keeps every
+    step, local only from step 6 on): step 4 is not promoted again."""
+    with ckpt.Checkpointer(bucket) as durable:
+        durable.delete(4)
+    with ckpt.Checkpointer(bucket, save_decision_policy=sdp.FixedIntervalPolicy(5), local=local) as ckptr:
+        ckptr.save(then, {"w": np.full(2, then)})
+        ckptr.wait()
+        assert [(c.step, sorted(c.locations)) for c in ckptr.checkpoints] == [
+            (4, ["local"]), (5, ["durable", "local"]), *[(step, ["local"]) for step in range(6, then + 1)]
+        ]  # was: 4 durable again
+    assert "never committed" not in caplog.text
+
+
+KILLED_ONCE_THE_OVERWRITES_PROMOTION_COMMITTED = """
+import os, signal, sys
+import numpy as np
+import ckpt
+from ckpt import tiers
+from ckpt.training import preservation_policies as pp, save_decision_policies as sdp
+local = ckpt.LocalCheckpointOptions(sys.argv[2], save_decision_policy=sdp.FixedIntervalPolicy(1),
+                                    preservation_policy=pp.PreserveAll())
+with ckpt.Checkpointer(sys.argv[1], save_decision_policy=sdp.FixedIntervalPolicy(5), local=local) as ckptr:
+    ckptr.save(4, {"w": np.full(2, 4)}, force=True)
+    ckptr.save(5, {"w": np.full(2, 5)})
+    ckptr.wait()
+    tiers._promoted = lambda step_dir: os.kill(os.getpid(), signal.SIGKILL)  # committed, its mark not yet cleared
+    ckptr.save(4, {"w": np.full(2, 40)}, overwrite=True)
+"""
+
+
+def test_on_s3_a_step_whose_overwrites_promotion_was_killed_once_committed_stays_deleted_from_the_durable_tier(
+        bucket, tmp_path, caplog):
+    """SIGKILL between the commit of step 4's overwrite's promotion and the clearing of its local copy's mark: the mark
+    stayed for good, and once step 4 was deleted from the durable root, the next writer promoted it again."""
+    killed = procs.run_script(KILLED_ONCE_THE_OVERWRITES_PROMOTION_COMMITTED, bucket, str(tmp_path / "local"))
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    local = ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1),
+                                        preservation_policy=pp.PreserveAll())
+    with ckpt.Checkpointer(bucket, save_decision_policy=sdp.FixedIntervalPolicy(5), local=local) as ckptr:
+        ckptr.save(6, {"w": np.full(2, 6)})
+    assert ckpt.load(f"{bucket}/4")["w"][0] == 40
+    assert_step_4_deleted_from_the_durable_root_stays_deleted(bucket, local, caplog, then=7)
+
+
+@pytest.mark.parametrize("writes", ["save", "delete"])
+def test_on_s3_a_second_job_on_the_same_local_directory_is_refused_before_it_sweeps_the_durable_root(
+        bucket, tmp_path, monkeypatch, writes):
+    """The same job started twice on one machine (one local directory, one durable root on an object store, which has
+    no lock): the second's first save (or deletion) swept the durable root, removing the promotion the first had in
+    flight, and only then raised DirectoryLockedError for the local directory."""
+    settle, written, go = distributed.settle, threading.Event(), threading.Event()
+
+    def hang_once_step_2_is_copied(processes, name, part, timeout_secs, task):
+        settle(processes, name, part, timeout_secs, task)
+        if name.endswith("promote/2/written"):  # (before its manifest)
+            written.set()
+            go.wait(60)
+
+    monkeypatch.setattr(distributed, "settle", hang_once_step_2_is_copied)
+
+    def local() -> ckpt.LocalCheckpointOptions:
+        return ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1))
+
+    with ckpt.Checkpointer(bucket, save_decision_policy=sdp.FixedIntervalPolicy(2), local=local()) as first:
+        first.save(0, {"w": np.full(2, 0)})
+        first.save_async(2, {"w": np.full(2, 2)})
+        assert written.wait(60)
+        in_flight = ckpt.objectstore.ObjectPath(f"{bucket}/2").keys()
+        with ckpt.Checkpointer(bucket, save_decision_policy=sdp.FixedIntervalPolicy(2), local=local()) as second:
+            with pytest.raises(errors.DirectoryLockedError, match="local"):
+                second.save(4, {"w": np.full(2, 4)}) if writes == "save" else second.delete(0)
+        assert ckpt.objectstore.ObjectPath(f"{bucket}/2").keys() == in_flight  # was: [] (swept)
+        go.set()
+        first.wait()
+    assert ckpt.load(f"{bucket}/2")["w"][0] == 2

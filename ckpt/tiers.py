@@ -384,8 +384,7 @@ class LocalTier:
     def save(self, step: int, checkpointables: dict[str, Any], *, force: bool, overwrite: bool, blocking: bool,
              preempted: bool, metrics: Any, custom_metadata: Any) -> background.AsyncResponse[bool]:
         """Saves ``step`` locally and promotes it when the durable tier wants it (``force``: both tiers; an
-        ``overwrite`` of a step the durable tier holds, or held until an overwrite's promotion that never committed
-        removed it: both, never replaced by a newer promotion).
+        ``overwrite`` of a step the durable tier holds: both, never replaced by a newer promotion).
         Called after a positive decision of either tier (or with ``force``). ``preempted``: ``step`` is the
         step at which the preemption was seen (only that one; later steps follow the policies). A promotion
         that failed since the last save, ``wait`` or ``close`` is raised first, before anything is written,
@@ -401,10 +400,8 @@ class LocalTier:
         self._promote_failed_again()
         if overwrite and step in self._promoting:  # its promotion would copy the local step while it is replaced
             self._durable.writer.wait(self._durable.timeout_secs())
-        # an overwrite replaces the durable copy too: left there, it would be restored once the local copy is gone;
-        # so it does the copy an earlier overwrite's promotion removed and never replaced (skipped by _recover: saving)
-        replaces_durable = overwrite and (any(c.step == step for c in self._durable.checkpoints())
-                                          or self._marked_pending(step))
+        # an overwrite replaces the durable copy too: left there, it would be restored once the local copy is gone
+        replaces_durable = overwrite and any(c.step == step for c in self._durable.checkpoints())
         promote = force or preempted or replaces_durable or self._decided == (step, True)
         if promote:  # kept locally until copied
             self._take_durable()
@@ -447,10 +444,11 @@ class LocalTier:
         local step committed after every durable step (saved again, or with ``force=True``, after them) whose
         promotion a crash cut short so is promoted again, and so is each local step an overwrite's promotion marked
         pending (:func:`_replaces_in_place`) and never committed, whatever its age: it failed at every try while
-        later steps were promoted, or a crash cut it short. Called once, at this writer's first save: it then
-        becomes the durable root's writer, and sweeps the interrupted promotion's leftovers (a Checkpointer that
-        only reads writes nothing). Not with several processes, whose local tiers would have to hold the same
-        step."""
+        later steps were promoted, or a crash cut it short; ``saving`` too (an overwrite, which waits for that
+        promotion: the step is durable again whether the save then succeeds, is refused or fails). Called once, at
+        this writer's first save: it then becomes the durable root's writer, and sweeps the interrupted promotion's
+        leftovers (a Checkpointer that only reads writes nothing). Not with several processes, whose local tiers
+        would have to hold the same step."""
         durable = self._durable.checkpoints()
         latest = durable[-1].step if durable else -1
         local = [c for c in self.checkpointer.checkpoints if c.step != saving]
@@ -462,7 +460,7 @@ class LocalTier:
         copies = {c.step: c for c in durable}
         stale = [c.step for c in local if c.step in copies and _saved_after(c, copies[c.step])]
         last = max(durable, key=lambda c: c.commit_timestamp_nsecs or 0, default=None)
-        pending = [c.step for c in local if c.step not in copies and _promotion_pending(c.path)]
+        pending = [c.step for c in self.checkpointer.checkpoints if c.step not in copies and _promotion_pending(c.path)]
         chosen = {c.step for c in newer}  # (the newest of them is promoted below)
         cut_short = [c.step for c in local if c.step in self._durable.begun() and c.step not in copies
                      and c.step not in chosen and c.step not in pending and (last is None or _saved_after(c, last))]
@@ -489,11 +487,6 @@ class LocalTier:
             logger.warning("ckpt: step %d, newer than the durable tier's latest (%s), is on the local tier only: a "
                            "crash left it unpromoted. Promoting it now", step, durable[-1].step if durable else "none")
             self._promote_again(step, overwrite=False)
-
-    def _marked_pending(self, step: int) -> bool:
-        """Whether the local copy of ``step`` is marked as the source of an overwrite's promotion that removed the
-        durable copy it replaces and never committed (see :meth:`_replaces_in_place`)."""
-        return any(c.step == step and _promotion_pending(c.path) for c in self.checkpointer.checkpoints)
 
     def _left_local_only(self, step: int, final: storage.Location) -> bool:
         """Whether the failed overwrite's promotion of ``step`` to ``final`` left the step on the local tier alone,

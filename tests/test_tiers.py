@@ -3,6 +3,7 @@ server (moto, the ``bucket`` fixture): restore from the freshest tier after a SI
 made durable within the grace period, a damaged local step falling back to its durable copy."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import importlib.util
 import json
@@ -1175,22 +1176,26 @@ def test_on_s3_an_overwrites_promotion_that_kept_failing_while_later_steps_promo
     assert not ckpt.objectstore.ObjectPath(f"{bucket}/4/{ckpt.format.PROMOTING}").exists()  # the local tier's alone
 
 
-def test_on_s3_an_overwrite_saved_again_by_the_next_writer_after_its_promotion_failed_is_promoted(bucket, tmp_path,
-                                                                                                  monkeypatch):
+
+@pytest.mark.parametrize("leaf, durable", [(np.full(2, 41), 41), (object(), 40)], ids=["saved", "refused"])
+def test_on_s3_a_step_whose_overwrites_promotion_failed_saved_again_by_the_next_writer_stays_durable(
+        bucket, tmp_path, monkeypatch, leaf, durable):
     """Was: step 4's overwrite failed in its promotion once the durable copy was gone (its local step marked pending);
-    the next writer's first save was the same overwrite again: _recover skips the step being saved, and the save
-    promoted it only where the durable tier listed the step, which it no longer did. Step 4 stayed on the local tier
-    alone, the mark gone with the local copy it replaced, and was lost from both tiers once the local policy dropped it."""
+    the next writer's first save was step 4 again (overwrite=True), whose recovery skipped it as the step being saved,
+    and the save promoted it only where the durable tier listed the step, which it no longer did: saved, step 4 stayed
+    on the local tier alone (the mark gone with the copy it replaced); refused (a bad leaf), it was no longer kept for
+    its promotion. Either way the local policy then dropped it, and step 4 was lost from both tiers."""
     def local() -> ckpt.LocalCheckpointOptions:
         return ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1))
 
     with ckpt.Checkpointer(bucket, save_decision_policy=sdp.FixedIntervalPolicy(5), local=local()) as ckptr:
         overwrite_step_4_refused(ckptr, monkeypatch)
     with ckpt.Checkpointer(bucket, save_decision_policy=sdp.FixedIntervalPolicy(5), local=local()) as ckptr:
-        ckptr.save(4, {"w": np.full(2, 41)}, overwrite=True)
+        with pytest.raises(TypeError, match="builtins.object") if durable == 40 else contextlib.nullcontext():
+            ckptr.save(4, {"w": leaf}, overwrite=True)
         for step in (6, 7, 8):
             ckptr.save(step, {"w": np.full(2, step)})
         ckptr.wait()
         assert [(c.step, sorted(c.locations)) for c in ckptr.checkpoints] == [
             (4, ["durable"]), (5, ["durable"]), (7, ["local"]), (8, ["local"])]  # was: 4 nowhere
-    assert ckpt.load(f"{bucket}/4")["w"][0] == 41
+    assert ckpt.load(f"{bucket}/4")["w"][0] == durable

@@ -444,15 +444,15 @@ class LocalTier:
         local step committed after every durable step (saved again, or with ``force=True``, after them) whose
         promotion a crash cut short so is promoted again, and so is each local step an overwrite's promotion marked
         pending (:func:`_replaces_in_place`) and never committed, whatever its age: it failed at every try while
-        later steps were promoted, or a crash cut it short; ``saving`` too (an overwrite, which waits for that
-        promotion: the step is durable again whether the save then succeeds, is refused or fails). Called once, at
-        this writer's first save: it then becomes the durable root's writer, and sweeps the interrupted promotion's
-        leftovers (a Checkpointer that only reads writes nothing). Not with several processes, whose local tiers
-        would have to hold the same step."""
+        later steps were promoted, or a crash cut it short. Each of these is promoted again even where it is
+        ``saving`` (an overwrite, which waits for that promotion: the step is durable as it was saved last, whether
+        the save then succeeds, is refused or fails). Called once, at this writer's first save: it then becomes the
+        durable root's writer, and sweeps the interrupted promotion's leftovers (a Checkpointer that only reads
+        writes nothing). Not with several processes, whose local tiers would have to hold the same step."""
         durable = self._durable.checkpoints()
         latest = durable[-1].step if durable else -1
-        local = [c for c in self.checkpointer.checkpoints if c.step != saving]
-        newer = [c for c in local if c.step > latest]
+        local = self.checkpointer.checkpoints
+        newer = [c for c in local if c.step > latest and c.step != saving]
         policy = self._durable.save_policy
         if save_decision_policies.decides_by_step_numbers(policy):
             context = save_decision_policies.DecisionContext()
@@ -460,7 +460,7 @@ class LocalTier:
         copies = {c.step: c for c in durable}
         stale = [c.step for c in local if c.step in copies and _saved_after(c, copies[c.step])]
         last = max(durable, key=lambda c: c.commit_timestamp_nsecs or 0, default=None)
-        pending = [c.step for c in self.checkpointer.checkpoints if c.step not in copies and _promotion_pending(c.path)]
+        pending = [c.step for c in local if c.step not in copies and _promotion_pending(c.path)]
         chosen = {c.step for c in newer}  # (the newest of them is promoted below)
         cut_short = [c.step for c in local if c.step in self._durable.begun() and c.step not in copies
                      and c.step not in chosen and c.step not in pending and (last is None or _saved_after(c, last))]

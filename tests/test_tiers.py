@@ -843,6 +843,28 @@ def test_on_s3_a_step_whose_overwrites_promotion_a_crash_cut_short_is_promoted_a
     assert_step_4_promoted_again_by_the_next_writer(bucket, local, cleanup=cleanup)
 
 
+@pytest.mark.parametrize("store", ["local", "s3"])
+def test_a_step_whose_overwrites_promotion_a_crash_cut_short_stays_durable_where_the_next_writer_refuses_to_save_it(
+        tmp_path, request, store):
+    """The two tests above, the next writer's first save being step 4 again (overwrite=True), refused (a bad leaf):
+    its recovery skipped the step that save was of, so step 4's durable copy kept the replaced values (local root), or
+    none at all (s3), and the local policy dropped the local copy at the next saves: the values 40 were lost."""
+    durable = tmp_path / "durable" if store == "local" else request.getfixturevalue("bucket")
+    local = ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1))
+    with ckpt.Checkpointer(durable, save_decision_policy=sdp.FixedIntervalPolicy(5), local=local) as ckptr:
+        ckptr.save(4, {"w": np.full(2, 4)}, force=True)
+        ckptr.save(5, {"w": np.full(2, 5)})
+    with ckpt.Checkpointer(tmp_path / "local") as local_tier:  # what the crash left: the local copy saved again
+        local_tier.save(4, {"w": np.full(2, 40)}, overwrite=True)
+    if store == "s3":
+        ckpt.objectstore.ObjectPath(f"{durable}/4/manifest.json").unlink()  # the durable copy's commit undone
+    with ckpt.Checkpointer(durable, save_decision_policy=sdp.FixedIntervalPolicy(5), local=local) as ckptr:
+        with pytest.raises(TypeError, match="builtins.object"):
+            ckptr.save(4, {"w": object()}, overwrite=True)
+        assert_saves_6_to_8_promote_step_4(ckptr)
+    assert ckpt.load(f"{durable}/4")["w"][0] == 40  # was: 4 (local), StepNotFoundError (s3)
+
+
 def assert_step_4_promoted_again_by_the_next_writer(bucket: str, local: ckpt.LocalCheckpointOptions, *,
                                                     cleanup: bool = False) -> None:
     """Step 4, saved again as 40 on the local tier, its promotion cut short: the next writer's saves promote it."""

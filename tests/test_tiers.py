@@ -616,6 +616,26 @@ def test_the_next_writer_promotes_only_the_newest_unpromoted_step_the_durable_po
     assert ckpt.load(tmp_path / "durable" / str(promoted))["w"][0] == promoted
 
 
+def test_the_next_writer_promotes_the_newest_unpromoted_step_though_its_first_save_of_that_step_is_refused(tmp_path):
+    """Step 10, chosen by the durable policy, committed locally, a crash before its promotion; the next writer's first
+    save was step 10 again (overwrite=True), refused (a bad leaf): its recovery skipped the step that save was of, and
+    the local policy dropped step 10 at the next saves: lost from both tiers."""
+    local = ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1))
+    with ckpt.Checkpointer(tmp_path / "durable", save_decision_policy=sdp.FixedIntervalPolicy(5), local=local) as ckptr:
+        ckptr.save(5, {"w": np.full(2, 5)})
+    with ckpt.Checkpointer(tmp_path / "local") as local_tier:  # what the crash left: step 10 on the local tier only
+        local_tier.save(10, {"w": np.full(2, 10)})
+    with ckpt.Checkpointer(tmp_path / "durable", save_decision_policy=sdp.FixedIntervalPolicy(5), local=local) as ckptr:
+        with pytest.raises(TypeError, match="builtins.object"):
+            ckptr.save(10, {"w": object()}, overwrite=True)
+        for step in (11, 12, 13):
+            ckptr.save(step, {"w": np.full(2, step)})
+        ckptr.wait()
+        assert [(c.step, sorted(c.locations)) for c in ckptr.checkpoints] == [
+            (5, ["durable"]), (10, ["durable"]), (12, ["local"]), (13, ["local"])]  # was: 10 nowhere
+    assert ckpt.load(tmp_path / "durable" / "10")["w"][0] == 10
+
+
 def test_only_policies_that_decide_by_step_numbers_can_be_asked_again_what_they_chose():
     assert sdp.decides_by_step_numbers(sdp.AnySavePolicy([sdp.InitialSavePolicy(), sdp.FixedIntervalPolicy(5),
                                                           sdp.SpecificStepsPolicy([3])]))

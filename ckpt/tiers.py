@@ -396,7 +396,7 @@ class LocalTier:
         """
         self._durable.writer.raise_failure()
         if not self._recovered:
-            self._recover()
+            self._recover(None if overwrite else step)
         self._promote_failed_again()
         if overwrite and step in self._promoting:  # its promotion would copy the local step while it is replaced
             self._durable.writer.wait(self._durable.timeout_secs())
@@ -431,7 +431,7 @@ class LocalTier:
             return background.finished(response.result())
         return response
 
-    def _recover(self) -> None:
+    def _recover(self, saving: int | None) -> None:
         """Promotes the step a crash left unpromoted: the newest committed local step, newer than the durable
         tier's latest, that the durable policy chose; its promotion was interrupted or never began. Older ones are
         useless once it is durable. Where what the policy chose cannot be asked
@@ -444,14 +444,16 @@ class LocalTier:
         local step committed after every durable step (saved again, or with ``force=True``, after them) whose
         promotion a crash cut short so is promoted again, and so is each local step an overwrite's promotion marked
         pending (:func:`_replaces_in_place`) and never committed, whatever its age: it failed at every try while
-        later steps were promoted, or a crash cut it short. The step the first save is of is among them where it is
-        one of these (an overwrite, which waits for that promotion: the step is durable as it was saved last, whether
-        the save then succeeds, is refused or fails). Called once, at this writer's first save: it then becomes the
-        durable root's writer, and sweeps the interrupted promotion's leftovers (a Checkpointer that only reads
-        writes nothing). Not with several processes, whose local tiers would have to hold the same step."""
+        later steps were promoted, or a crash cut it short. ``saving``: the step of the first save when it is no
+        overwrite, left to that save (a forced save of a step the local tier holds promotes that copy itself); the
+        step of an overwrite is promoted here too where it is one of these, and the overwrite waits for that promotion
+        (the step is durable as it was saved last, whether the save then succeeds, is refused or fails). Called once,
+        at this writer's first save: it then becomes the durable root's writer, and sweeps the interrupted
+        promotion's leftovers (a Checkpointer that only reads writes nothing). Not with several processes, whose
+        local tiers would have to hold the same step."""
         durable = self._durable.checkpoints()
         latest = durable[-1].step if durable else -1
-        local = self.checkpointer.checkpoints
+        local = [c for c in self.checkpointer.checkpoints if c.step != saving]
         newer = [c for c in local if c.step > latest]
         policy = self._durable.save_policy
         if save_decision_policies.decides_by_step_numbers(policy):

@@ -762,12 +762,18 @@ def _copy_step(source: Path, final: storage.Location, step: int, overwrite: bool
 
     def prepare() -> None:
         root.check_still_a_step(source, step)  # (never copies what a link put at its name since leads to)
-        if primary:  # (only the primary makes the temporary)
+        if primary:
             root.check_target(final, tmp, step=step, overwrite=overwrite)
+
+    def make() -> None:
+        if primary:  # (only the primary makes the temporary)
             markers.append(storage.make_temporary(tmp))
 
     try:
         distributed.settle(durable.processes, _prepared(barrier), prepare, durable.timeout_secs(), task)
+        # Only once no process refused (LocalTier.refuse): on an object store the temporary is the step's own name,
+        # and making it removes the committed step an overwrite replaces.
+        distributed.settle(durable.processes, f"{barrier}/made", make, durable.timeout_secs(), task)
         copied = _copy_files(source, final, tmp, step, overwrite, durable, barrier, task)
     except BaseException:
         if markers:  # (an overwrite has removed the durable copy it replaces: see LocalTier._recover)

@@ -398,7 +398,7 @@ class LocalTier:
         """
         self._durable.writer.raise_failure()
         if not self._recovered:
-            self._recover(step)
+            self._recover(None if overwrite else step)
         self._promote_failed_again()
         if overwrite and step in self._promoting:  # its promotion would copy the local step while it is replaced
             self._durable.writer.wait(self._durable.timeout_secs())
@@ -435,10 +435,10 @@ class LocalTier:
             return background.finished(response.result())
         return response
 
-    def _recover(self, saving: int) -> None:
+    def _recover(self, saving: int | None) -> None:
         """Promotes the step a crash left unpromoted: the newest committed local step, newer than the durable
-        tier's latest (and other than ``saving``), that the durable policy chose; its promotion was interrupted
-        or never began. Older ones are useless once it is durable. Where what the policy chose cannot be asked
+        tier's latest, that the durable policy chose; its promotion was interrupted or never began. Older ones are
+        useless once it is durable. Where what the policy chose cannot be asked
         again (see :func:`ckpt.training.save_decision_policies.decides_by_step_numbers`), the newest local step
         newer than the durable latest. Also promotes again each step whose local copy was saved again
         (``overwrite=True``) after its durable copy was made (a later commit time: a promotion copies the
@@ -449,10 +449,13 @@ class LocalTier:
         promotion a crash cut short so is promoted again, and so is each local step an overwrite's promotion marked
         pending (:func:`_replaces_in_place`) and never committed, whatever its age: it failed at every try while
         later steps were promoted, or a crash cut it short (one the durable tier holds, as it was or newer, is marked
-        no more: a crash came between its promotion's commit and the clearing). Called once, at this writer's first
-        save: it then becomes the durable root's writer, and sweeps the interrupted promotion's leftovers (a
-        Checkpointer that only reads writes nothing). Not with several processes, whose local tiers would have to
-        hold the same step."""
+        no more: a crash came between its promotion's commit and the clearing). ``saving``: the step of the first save
+        when it is no overwrite, left to that save (a forced save of a step the local tier holds promotes that copy
+        itself); the step of an overwrite is promoted here too where it is one of these, and the overwrite waits for
+        that promotion (the step is durable as it was saved last, whether the save then succeeds, is refused or
+        fails). Called once, at this writer's first save: it then becomes the durable root's writer, and sweeps the
+        interrupted promotion's leftovers (a Checkpointer that only reads writes nothing). Not with several processes,
+        whose local tiers would have to hold the same step."""
         durable = self._durable.checkpoints()
         latest = durable[-1].step if durable else -1
         local = [c for c in self.checkpointer.checkpoints if c.step != saving]
@@ -785,12 +788,18 @@ def _copy_step(source: Path, final: storage.Location, step: int, overwrite: bool
 
     def prepare() -> None:
         root.check_still_a_step(source, step)  # (never copies what a link put at its name since leads to)
-        if primary:  # (only the primary makes the temporary)
+        if primary:
             root.check_target(final, tmp, step=step, overwrite=overwrite)
+
+    def make() -> None:
+        if primary:  # (only the primary makes the temporary)
             markers.append(storage.make_temporary(tmp))
 
     try:
         distributed.settle(durable.processes, _prepared(barrier), prepare, durable.timeout_secs(), task)
+        # Only once no process refused (LocalTier.refuse): on an object store the temporary is the step's own name,
+        # and making it removes the committed step an overwrite replaces.
+        distributed.settle(durable.processes, f"{barrier}/made", make, durable.timeout_secs(), task)
         copied = _copy_files(source, final, tmp, step, overwrite, durable, barrier, task)
     except BaseException:
         if markers:  # (an overwrite has removed the durable copy it replaces: see LocalTier._recover)

@@ -284,6 +284,18 @@ def test_with_two_tiers_every_rank_gets_rank_0s_save_decision_whatever_its_local
                "holds [1.0, 1.0]" in out, out
 
 
+def test_with_two_tiers_on_s3_a_step_rank_0_alone_overwrites_keeps_its_durable_copy(tmp_path, bucket, monkeypatch):
+    """(Rank 0's promotion made its temporary before it met rank 1, which refused the overwrite: on an object store the
+    temporary is the step's own name, and making it removed the committed step 6 it was to replace. Every rank raised,
+    saying nothing was committed, and step 6 was gone from the durable tier.)"""
+    monkeypatch.setenv("CKPT_TEST_DURABLE", bucket)
+    out = run_jobs(tmp_path / "run", tmp_path / "unused.npz", "overwritten:2")
+    assert "rank 0 overwrite on rank 0 alone failed: RuntimeError" in out, out
+    assert "rank 1 overwrite on rank 0 alone failed: StepAlreadyExistsError" in out, out
+    for r in (0, 1):
+        assert f"rank {r} durable step 6 holds [1.0, 1.0]" in out, out  # was: not a checkpoint
+
+
 @pytest.mark.timeout(300)
 def test_a_sigterm_to_one_rank_alone_saves_the_same_step_on_every_rank(tmp_path):
     """A SIGTERM to rank 1 only (its node preempted) was swallowed: rank 0 decides for all, and no rank saved.

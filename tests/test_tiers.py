@@ -3,6 +3,7 @@ server (moto, the ``bucket`` fixture): restore from the freshest tier after a SI
 made durable within the grace period, a damaged local step falling back to its durable copy."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import importlib.util
 import json
@@ -615,6 +616,26 @@ def test_the_next_writer_promotes_only_the_newest_unpromoted_step_the_durable_po
     assert ckpt.load(tmp_path / "durable" / str(promoted))["w"][0] == promoted
 
 
+def test_the_next_writer_promotes_the_newest_unpromoted_step_though_its_first_save_of_that_step_is_refused(tmp_path):
+    """Step 10, chosen by the durable policy, committed locally, a crash before its promotion; the next writer's first
+    save was step 10 again (overwrite=True), refused (a bad leaf): its recovery skipped the step that save was of, and
+    the local policy dropped step 10 at the next saves: lost from both tiers."""
+    local = ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1))
+    with ckpt.Checkpointer(tmp_path / "durable", save_decision_policy=sdp.FixedIntervalPolicy(5), local=local) as ckptr:
+        ckptr.save(5, {"w": np.full(2, 5)})
+    with ckpt.Checkpointer(tmp_path / "local") as local_tier:  # what the crash left: step 10 on the local tier only
+        local_tier.save(10, {"w": np.full(2, 10)})
+    with ckpt.Checkpointer(tmp_path / "durable", save_decision_policy=sdp.FixedIntervalPolicy(5), local=local) as ckptr:
+        with pytest.raises(TypeError, match="builtins.object"):
+            ckptr.save(10, {"w": object()}, overwrite=True)
+        for step in (11, 12, 13):
+            ckptr.save(step, {"w": np.full(2, step)})
+        ckptr.wait()
+        assert [(c.step, sorted(c.locations)) for c in ckptr.checkpoints] == [
+            (5, ["durable"]), (10, ["durable"]), (12, ["local"]), (13, ["local"])]  # was: 10 nowhere
+    assert ckpt.load(tmp_path / "durable" / "10")["w"][0] == 10
+
+
 def test_only_policies_that_decide_by_step_numbers_can_be_asked_again_what_they_chose():
     assert sdp.decides_by_step_numbers(sdp.AnySavePolicy([sdp.InitialSavePolicy(), sdp.FixedIntervalPolicy(5),
                                                           sdp.SpecificStepsPolicy([3])]))
@@ -840,6 +861,28 @@ def test_on_s3_a_step_whose_overwrites_promotion_a_crash_cut_short_is_promoted_a
         local_tier.save(4, {"w": np.full(2, 40)}, overwrite=True)
     ckpt.objectstore.ObjectPath(f"{bucket}/4/manifest.json").unlink()  # the durable copy's commit undone
     assert_step_4_promoted_again_by_the_next_writer(bucket, local, cleanup=cleanup)
+
+
+@pytest.mark.parametrize("store", ["local", "s3"])
+def test_a_step_whose_overwrites_promotion_a_crash_cut_short_stays_durable_where_the_next_writer_refuses_to_save_it(
+        tmp_path, request, store):
+    """The two tests above, the next writer's first save being step 4 again (overwrite=True), refused (a bad leaf):
+    its recovery skipped the step that save was of, so step 4's durable copy kept the replaced values (local root), or
+    none at all (s3), and the local policy dropped the local copy at the next saves: the values 40 were lost."""
+    durable = tmp_path / "durable" if store == "local" else request.getfixturevalue("bucket")
+    local = ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1))
+    with ckpt.Checkpointer(durable, save_decision_policy=sdp.FixedIntervalPolicy(5), local=local) as ckptr:
+        ckptr.save(4, {"w": np.full(2, 4)}, force=True)
+        ckptr.save(5, {"w": np.full(2, 5)})
+    with ckpt.Checkpointer(tmp_path / "local") as local_tier:  # what the crash left: the local copy saved again
+        local_tier.save(4, {"w": np.full(2, 40)}, overwrite=True)
+    if store == "s3":
+        ckpt.objectstore.ObjectPath(f"{durable}/4/manifest.json").unlink()  # the durable copy's commit undone
+    with ckpt.Checkpointer(durable, save_decision_policy=sdp.FixedIntervalPolicy(5), local=local) as ckptr:
+        with pytest.raises(TypeError, match="builtins.object"):
+            ckptr.save(4, {"w": object()}, overwrite=True)
+        assert_saves_6_to_8_promote_step_4(ckptr)
+    assert ckpt.load(f"{durable}/4")["w"][0] == 40  # was: 4 (local), StepNotFoundError (s3)
 
 
 def assert_step_4_promoted_again_by_the_next_writer(bucket: str, local: ckpt.LocalCheckpointOptions, *,
@@ -1175,20 +1218,28 @@ def test_on_s3_an_overwrites_promotion_that_kept_failing_while_later_steps_promo
     assert not ckpt.objectstore.ObjectPath(f"{bucket}/4/{ckpt.format.PROMOTING}").exists()  # the local tier's alone
 
 
-def test_on_s3_an_overwrite_saved_again_by_the_next_writer_after_its_promotion_failed_is_promoted(bucket, tmp_path,
-                                                                                                 monkeypatch):
-    """Step 4's overwrite refused by the store once its durable copy was removed; the next run's first save is the
-    same overwrite again: it was saved on the local tier only (the durable tier no longer held step 4, and its policy
-    did not choose it), and step 4 was lost from both tiers once the local policy dropped it."""
+@pytest.mark.parametrize("leaf, durable", [(np.full(2, 41), 41), (object(), 40)], ids=["saved", "refused"])
+def test_on_s3_a_step_whose_overwrites_promotion_failed_saved_again_by_the_next_writer_stays_durable(
+        bucket, tmp_path, monkeypatch, leaf, durable):
+    """Was: step 4's overwrite failed in its promotion once the durable copy was gone (its local step marked pending);
+    the next writer's first save was step 4 again (overwrite=True), whose recovery skipped it as the step being saved,
+    and the save promoted it only where the durable tier listed the step, which it no longer did: saved, step 4 stayed
+    on the local tier alone (the mark gone with the copy it replaced); refused (a bad leaf), it was no longer kept for
+    its promotion. Either way the local policy then dropped it, and step 4 was lost from both tiers."""
     def local() -> ckpt.LocalCheckpointOptions:
         return ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1))
 
     with ckpt.Checkpointer(bucket, save_decision_policy=sdp.FixedIntervalPolicy(5), local=local()) as ckptr:
         overwrite_step_4_refused(ckptr, monkeypatch)
     with ckpt.Checkpointer(bucket, save_decision_policy=sdp.FixedIntervalPolicy(5), local=local()) as ckptr:
-        ckptr.save(4, {"w": np.full(2, 400)}, overwrite=True)
-        assert_saves_6_to_8_promote_step_4(ckptr)  # was: 4 nowhere
-    assert ckpt.load(f"{bucket}/4")["w"][0] == 400
+        with pytest.raises(TypeError, match="builtins.object") if durable == 40 else contextlib.nullcontext():
+            ckptr.save(4, {"w": leaf}, overwrite=True)
+        for step in (6, 7, 8):
+            ckptr.save(step, {"w": np.full(2, step)})
+        ckptr.wait()
+        assert [(c.step, sorted(c.locations)) for c in ckptr.checkpoints] == [
+            (4, ["durable"]), (5, ["durable"]), (7, ["local"]), (8, ["local"])]  # was: 4 nowhere
+    assert ckpt.load(f"{bucket}/4")["w"][0] == durable
 
 
 def test_on_s3_a_step_whose_failed_overwrite_a_forced_save_promoted_stays_deleted_from_the_durable_tier(

@@ -17,7 +17,8 @@ through the Checkpointer and ``ckpt.save``, and to other paths and steps, a full
 Checkpointers on other roots;
 every one is refused, nothing is written.
 ``dtensors`` (4 ranks): DTensors of unusual layouts, saved and loaded through the Checkpointer.
-``fail``: saves that fail on rank 1. ``alone``: should_save and reload on rank 0 alone, then 1000 steps asked on every rank, none saved. ``policies``: two tiers whose local policies differ between ranks. ``delete``: steps every rank deletes and saves again at once; checkpoints every rank deletes with ``ckpt.delete``; a deletion that fails on rank 0. ``stopped``: rank 0 stops in the middle of a save. ``gone``: rank 1 runs out of device memory in the gathering of a small DTensor, and stops. ``vanish``: rank 1 stops in an async save. ``exit``: the ranks end without closing. ``list``: prints the steps each rank lists. ``unshared``: rank 1 sees another directory at DIR. ``linked``: rank 1 names the root through a symbolic link. ``sigterm``: a
+``fail``: saves that fail on rank 1. ``alone``: should_save and reload on rank 0 alone, then 1000 steps asked on every rank, none saved. ``policies``: two tiers whose local policies differ between ranks. ``overwritten``: two tiers on the durable root
+$CKPT_TEST_DURABLE (an s3:// root), a step rank 0 alone overwrites. ``delete``: steps every rank deletes and saves again at once; checkpoints every rank deletes with ``ckpt.delete``; a deletion that fails on rank 0. ``stopped``: rank 0 stops in the middle of a save. ``gone``: rank 1 runs out of device memory in the gathering of a small DTensor, and stops. ``vanish``: rank 1 stops in an async save. ``exit``: the ranks end without closing. ``list``: prints the steps each rank lists. ``unshared``: rank 1 sees another directory at DIR. ``linked``: rank 1 names the root through a symbolic link. ``sigterm``: a
 SIGTERM to rank 1 alone, in a loop saving on preemption.
 Each rank prints what it did.
 """
@@ -182,6 +183,8 @@ def run(this_rank: int, this_world: int, port: int, mode: str) -> None:
         elif mode == "policies":
             local_policies_differ()
             mismatched_with_two_tiers()
+        elif mode == "overwritten":
+            overwritten_on_rank_0_alone()
         elif mode == "sigterm":
             preempted_rank()
         elif mode == "stopped":
@@ -551,6 +554,22 @@ def mismatched_with_two_tiers() -> None:
         ckptr.save(8, {"w": torch.ones(2)})
         say(f"rank {rank} tiers steps {[(c.step, sorted(c.locations)) for c in ckptr.checkpoints]}, step 6 holds "
             f"{ckpt.load(f'{directory}/durable2/6')['w'].tolist()}")
+
+
+def overwritten_on_rank_0_alone() -> None:
+    """Two tiers on the durable root $CKPT_TEST_DURABLE: step 6 again, which rank 0 alone overwrites: every rank raises,
+    the durable step 6 untouched."""
+    durable = os.environ["CKPT_TEST_DURABLE"]
+    local = ckpt.LocalCheckpointOptions(f"{directory}-local3", save_decision_policy=sdp.FixedIntervalPolicy(1))
+    with ckpt.Context(async_options=ckpt.AsyncOptions(timeout_secs=20)), Checkpointer(
+            durable, save_decision_policy=sdp.FixedIntervalPolicy(2), local=local) as ckptr:
+        ckptr.save(6, {"w": torch.ones(2)})
+        try:
+            ckptr.save(6, {"w": torch.zeros(2)}, overwrite=rank == 0)
+        except (RuntimeError, ckpt.errors.StepAlreadyExistsError) as e:
+            say(f"rank {rank} overwrite on rank 0 alone failed: {type(e).__name__}")
+        ckptr.save(8, {"w": torch.ones(2)})  # (the ranks still make the same calls)
+    say(f"rank {rank} durable step 6 holds {ckpt.load(f'{durable}/6')['w'].tolist()}")
 
 
 def deleted_and_saved_again(ckptr: Checkpointer) -> None:

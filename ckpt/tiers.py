@@ -456,24 +456,10 @@ class LocalTier:
         fails). Called once, at this writer's first save: it then becomes the durable root's writer, and sweeps the
         interrupted promotion's leftovers (a Checkpointer that only reads writes nothing). Not with several processes,
         whose local tiers would have to hold the same step."""
-        durable = self._durable.checkpoints()
-        latest = durable[-1].step if durable else -1
-        local = [c for c in self.checkpointer.checkpoints if c.step != saving]
-        newer = [c for c in local if c.step > latest]
-        policy = self._durable.save_policy
-        if save_decision_policies.decides_by_step_numbers(policy):
-            context = save_decision_policies.DecisionContext()
-            newer = [c for c in newer if policy.should_save(c, durable, context=context)]
-        copies = {c.step: c for c in durable}
-        stale = [c.step for c in local if c.step in copies and _saved_after(c, copies[c.step])]
-        for c in local:  # durable since it was marked (a crash cut short the clearing of its mark): owed no more
-            if c.step in copies and c.step not in stale and _promotion_pending(c.path):
+        durable, newer, stale, cut_short, pending = self._unpromoted(saving)
+        for c in self.checkpointer.checkpoints:  # durable since it was marked (a crash cut short the clearing of its
+            if c.step in {d.step for d in durable} and c.step not in stale and _promotion_pending(c.path):  # mark)
                 _promoted(c.path)
-        last = max(durable, key=lambda c: c.commit_timestamp_nsecs or 0, default=None)
-        pending = [c.step for c in local if c.step not in copies and _promotion_pending(c.path)]
-        chosen = {c.step for c in newer}  # (the newest of them is promoted below)
-        cut_short = [c.step for c in local if c.step in self._durable.begun() and c.step not in copies
-                     and c.step not in chosen and c.step not in pending and (last is None or _saved_after(c, last))]
         if newer or stale or cut_short or pending:
             self._take_durable()  # (raised before anything is written; asked again at the next save)
         self._recovered = True
@@ -497,6 +483,39 @@ class LocalTier:
             logger.warning("ckpt: step %d, newer than the durable tier's latest (%s), is on the local tier only: a "
                            "crash left it unpromoted. Promoting it now", step, durable[-1].step if durable else "none")
             self._promote_again(step, overwrite=False)
+
+    def _unpromoted(self, saving: int | None) -> tuple[list[CheckpointMetadata], list[CheckpointMetadata], list[int],
+                                                        list[int], list[int]]:
+        """What :meth:`_recover` promotes again, leaving out ``saving``: the durable steps; the local steps newer than
+        the durable latest that the durable policy chose; the steps stale, cut short, and marked pending."""
+        durable = self._durable.checkpoints()
+        latest = durable[-1].step if durable else -1
+        local = [c for c in self.checkpointer.checkpoints if c.step != saving]
+        newer = [c for c in local if c.step > latest]
+        policy = self._durable.save_policy
+        if save_decision_policies.decides_by_step_numbers(policy):
+            context = save_decision_policies.DecisionContext()
+            newer = [c for c in newer if policy.should_save(c, durable, context=context)]
+        copies = {c.step: c for c in durable}
+        stale = [c.step for c in local if c.step in copies and _saved_after(c, copies[c.step])]
+        last = max(durable, key=lambda c: c.commit_timestamp_nsecs or 0, default=None)
+        pending = [c.step for c in local if c.step not in copies and _promotion_pending(c.path)]
+        chosen = {c.step for c in newer}  # (the newest of them is promoted below)
+        cut_short = [c.step for c in local if c.step in self._durable.begun() and c.step not in copies
+                     and c.step not in chosen and c.step not in pending and (last is None or _saved_after(c, last))]
+        return durable, newer, stale, cut_short, pending
+
+    def before_sweep(self) -> None:
+        """Marks pending (:func:`_mark_pending`) each local step whose promotion a crash cut short (see
+        :meth:`_recover`) before the durable root's first sweep (when this writer takes the root: at open with
+        ``cleanup_tmp_directories``, at a deletion, or at its first save) removes what was begun at its name, which
+        alone shows it: a writer after this one (killed before, or closed without a save) promotes it again."""
+        if self._recovered:
+            return
+        cut_short = set(self._unpromoted(None)[3])
+        for info in self.checkpointer.checkpoints:
+            if info.step in cut_short:
+                _mark_pending(info.path)
 
     def _marked_pending(self, step: int) -> bool:
         """Whether the local copy of ``step`` is marked as the source of an overwrite's promotion that never committed
@@ -645,7 +664,7 @@ class LocalTier:
             source = self.checkpointer.directory / self._step_name(step)
             pending = overwrite and self._replaces_in_place(final)
             if pending:
-                storage.write_file(source / fmt.PROMOTING, b"")
+                _mark_pending(source)
             nbytes = _copy_step(source, final, step, overwrite, self._durable, barrier)
             self._durable.committed(step, final, loading.read_manifest(final))
             if pending or _promotion_pending(source):  # (or an earlier overwrite's, this promotion of a forced save's)
@@ -749,6 +768,12 @@ def _promotion_pending(step_dir: storage.Location) -> bool:
     """Whether a local step is marked as the source of a promotion that replaces its durable copy and has not
     committed (see :meth:`LocalTier._replaces_in_place`)."""
     return os.path.lexists(step_dir / fmt.PROMOTING)
+
+
+def _mark_pending(step_dir: Path) -> None:
+    """Marks a local step as the source of a promotion that replaces its durable copy in place (see
+    :meth:`LocalTier._replaces_in_place`) until it commits: a writer after this one promotes it again."""
+    storage.write_file(step_dir / fmt.PROMOTING, b"")
 
 
 def _promoted(step_dir: Path) -> None:

@@ -776,6 +776,8 @@ class Checkpointer:
             return
         entries = root.scan(self._directory, self._name_format, read_manifests=False)
         self._begun |= root.begun_in_place(entries)  # (a local tier's recovery asks, after this sweep: see tiers)
+        if self._local is not None:  # (the local steps whose promotion what the sweep removes shows cut short)
+            self._local.before_sweep()
         put_back = self._put_back(entries)
         for entry in entries:
             if entry.kind in root.REMOVABLE and not storage.in_use(entry.path):  # (another process's free save)

@@ -1334,3 +1334,93 @@ def test_on_s3_a_second_job_on_the_same_local_directory_is_refused_before_it_swe
         go.set()
         first.wait()
     assert ckpt.load(f"{bucket}/2")["w"][0] == 2
+
+
+def test_on_s3_a_step_saved_again_after_its_overwrites_promotion_was_killed_is_promoted_again(bucket, tmp_path):
+    """SIGKILL once the overwrite's promotion removed the durable copy, then the same save again (the command run
+    again): the save took step 4 for the local tier's alone (no durable copy listed), did not promote it and replaced
+    its mark, and step 4 was lost from both tiers once the local policy dropped it (load: CheckpointNotFoundError)."""
+    killed = procs.run_script(KILLED_ONCE_THE_DURABLE_COPY_IS_REMOVED, bucket, str(tmp_path / "local"))
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    local = ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1))
+    with ckpt.Checkpointer(bucket, save_decision_policy=sdp.FixedIntervalPolicy(5), local=local) as ckptr:
+        ckptr.save(4, {"w": np.full(2, 41)}, overwrite=True)
+        assert_saves_6_to_8_promote_step_4(ckptr)
+    assert ckpt.load(f"{bucket}/4")["w"][0] == 41
+
+
+def test_on_s3_a_refused_save_of_a_step_whose_overwrites_promotion_was_killed_leaves_it_promoted_by_a_later_save(
+        bucket, tmp_path):
+    """SIGKILL once the overwrite's promotion removed the durable copy; the next writer's first save, of step 4 again,
+    refused (a leaf ckpt cannot store: nothing written): the writer had left step 4 to that save, which never replaced
+    it, and promoted it no more; step 4 was lost from both tiers once the local policy dropped it."""
+    killed = procs.run_script(KILLED_ONCE_THE_DURABLE_COPY_IS_REMOVED, bucket, str(tmp_path / "local"))
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    local = ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1))
+    with ckpt.Checkpointer(bucket, save_decision_policy=sdp.FixedIntervalPolicy(5), local=local) as ckptr:
+        with pytest.raises(TypeError, match=r"leaf at \['w'\] has type builtins.object"):
+            ckptr.save(4, {"w": object()}, overwrite=True)
+        assert_saves_6_to_8_promote_step_4(ckptr)
+    assert ckpt.load(f"{bucket}/4")["w"][0] == 40
+
+
+KILLED_ONCE_IT_SWEPT_THE_ROOT = """
+import os, signal, sys
+import numpy as np
+import ckpt
+from ckpt import tiers
+from ckpt.training import save_decision_policies as sdp
+tiers.LocalTier._promote_again = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)  # (once it swept)
+local = ckpt.LocalCheckpointOptions(sys.argv[2], save_decision_policy=sdp.FixedIntervalPolicy(1))
+with ckpt.Checkpointer(sys.argv[1], save_decision_policy=sdp.FixedIntervalPolicy(5), local=local) as ckptr:
+    ckptr.save(8, {"w": np.full(2, 8)})
+"""
+
+
+def test_on_s3_a_forced_step_whose_promotion_two_crashes_cut_short_is_promoted_by_the_third_writer(bucket, tmp_path):
+    """Step 7, forced, its promotion cut short (begun at its name, never committed); the next writer, which swept what
+    was begun there as the durable root's writer, SIGKILLed before it promoted step 7 again: the third writer saw
+    nothing begun at step 7 and never promoted it; step 7 was lost from both tiers once the local policy dropped it."""
+    local = ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1))
+    with ckpt.Checkpointer(bucket, save_decision_policy=sdp.FixedIntervalPolicy(5), local=local) as ckptr:
+        ckptr.save(5, {"w": np.full(2, 5)})
+        ckptr.save(7, {"w": np.full(2, 7)}, force=True)
+    ckpt.objectstore.ObjectPath(f"{bucket}/7/manifest.json").unlink()  # (its promotion cut short before its commit)
+    killed = procs.run_script(KILLED_ONCE_IT_SWEPT_THE_ROOT, bucket, str(tmp_path / "local"))
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    with ckpt.Checkpointer(bucket, save_decision_policy=sdp.FixedIntervalPolicy(5), local=local) as ckptr:
+        for step in (8, 9, 10):
+            ckptr.save(step, {"w": np.full(2, step)})
+        ckptr.wait()
+        assert [(c.step, sorted(c.locations)) for c in ckptr.checkpoints] == [
+            (5, ["durable"]), (7, ["durable"]), (9, ["local"]), (10, ["durable", "local"])]  # was: 7 nowhere
+    assert ckpt.load(f"{bucket}/7")["w"][0] == 7
+
+
+@pytest.mark.parametrize("second", ["opened with cleanup_tmp_directories", "deleting a step"])
+def test_on_s3_a_forced_step_whose_promotion_was_cut_short_is_promoted_after_a_writer_that_saved_nothing(
+        bucket, tmp_path, second):
+    """Step 7, forced, its promotion cut short (begun at its name, never committed); the next writer took the durable
+    root (opened with cleanup_tmp_directories=True, or deleting step 3) and closed without a save: its sweep removed
+    what was begun at step 7's name, which alone showed it, and the writer after it never promoted step 7, lost from
+    both tiers once the local policy dropped it."""
+    def tiered(cleanup: bool = False) -> ckpt.Checkpointer:
+        return ckpt.Checkpointer(bucket, save_decision_policy=sdp.FixedIntervalPolicy(5), cleanup_tmp_directories=cleanup,
+                                 local=ckpt.LocalCheckpointOptions(tmp_path / "local",
+                                                                   save_decision_policy=sdp.FixedIntervalPolicy(1)))
+
+    with tiered() as ckptr:
+        for step in (3, 5):
+            ckptr.save(step, {"w": np.full(2, step)}, force=True)
+        ckptr.save(7, {"w": np.full(2, 7)}, force=True)
+    ckpt.objectstore.ObjectPath(f"{bucket}/7/manifest.json").unlink()  # (its promotion cut short before its commit)
+    with tiered(cleanup=second == "opened with cleanup_tmp_directories") as ckptr:
+        if second == "deleting a step":
+            ckptr.delete(3)
+    assert not ckpt.objectstore.ObjectPath(f"{bucket}/7").exists()  # swept
+    with tiered() as ckptr:
+        for step in (8, 9, 10):
+            ckptr.save(step, {"w": np.full(2, step)})
+        ckptr.wait()
+        assert [c.step for c in ckptr.checkpoints if "durable" in c.locations][-2:] == [7, 10]  # was: [5, 10]
+    assert ckpt.load(f"{bucket}/7")["w"][0] == 7

@@ -314,6 +314,22 @@ def differing_trees(ckptr: Checkpointer) -> None:
                 save()
         except ckpt.errors.TreeMismatchError as e:
             say(f"rank {rank} {what} refused: {e.differences}")
+    # two tiers: each rank's local tier saves its part alone, and a promotion copies files (were saved, rank 0's tree
+    # alone promoted; the others' leaves lost): compared as a save is, before anything is written on either tier
+    tiers = Path(directory).parent / "tiers"
+    local = ckpt.LocalCheckpointOptions(f"{tiers}-local", save_decision_policy=sdp.FixedIntervalPolicy(1))
+    with ckpt.Context(async_options=ckpt.AsyncOptions(timeout_secs=30)), Checkpointer(
+            tiers, save_decision_policy=sdp.FixedIntervalPolicy(2), local=local) as two:
+        for step, tree in ((1, stage), (2, {"buf": torch.ones(3 + rank), "n": 1 if rank == 0 else "one"})):
+            try:
+                two.save(step, tree)
+            except ckpt.errors.TreeMismatchError as e:
+                say(f"rank {rank} two tiers step {step} refused: {e.differences}")
+        for step in (3, 4):  # (trees alike: saved, and step 4 promoted)
+            two.save(step, {"w": torch.full((2,), float(step))})
+        two.wait()
+        say(f"rank {rank} two tiers steps {[(c.step, sorted(c.locations)) for c in two.checkpoints]}, locally "
+            f"{sorted(os.listdir(f'{tiers}-local/process_{rank}'))}, durable {sorted(os.listdir(tiers))}")
     tiny = torch.nn.Linear(2, 2)
     fully_shard(tiny)
     optimizer = torch.optim.Adam(tiny.parameters())
@@ -804,8 +820,22 @@ def unusual_dtensors(ckptr: Checkpointer) -> None:
     values = [{k: local(v) for k, v in state_tensors(*state).items()} for state in (ours, theirs, (model, optimizer))]
     say(f"rank {rank} fsdp+tp copies: {sorted(values[2]) == sorted(values[0])}, "
         f"{[k for k in values[2] if not torch.equal(values[0][k], values[1][k]) or not torch.equal(values[0][k], values[2][k])]}")
-    with torch.no_grad():
-        model[3].weight.to_local().add_(rank % 2)  # (pipeline stages naming their parameters alike)
+    # with two tiers, whose local tiers each save the rank's part alone, the copies are compared too (were promoted:
+    # the durable step held some rows of one slice's copy, some of the other's); copies alike, saved and promoted
+    local = ckpt.LocalCheckpointOptions(f"{directory}-local", save_decision_policy=sdp.FixedIntervalPolicy(1))
+    with Checkpointer(f"{directory}-tiers", save_decision_policy=sdp.FixedIntervalPolicy(1), local=local) as tiers:
+        copy = model[3].weight.full_tensor()
+        tiers.save(1, {"model": get_state_dict(model, optimizer)[0]})
+        tiers.wait()
+        with torch.no_grad():
+            model[3].weight.to_local().add_(rank % 2)  # (pipeline stages naming their parameters alike)
+        try:
+            tiers.save(2, {"model": get_state_dict(model, optimizer)[0]})
+        except ckpt.errors.TreeMismatchError as e:
+            say(f"rank {rank} two tiers differing copies refused: {e.differences}")
+        say(f"rank {rank} two tiers steps {[(c.step, sorted(c.locations)) for c in tiers.checkpoints]}, locally "
+            f"{sorted(os.listdir(f'{directory}-local/process_{rank}'))}, step 1 holds the copies: "
+            f"{torch.equal(ckpt.load(f'{directory}-tiers/1')['model']['3.weight'], copy)}")
     try:
         ckptr.save_checkpointables(14, {"model": get_state_dict(model, optimizer)[0]}, force=True)
     except ckpt.errors.TreeMismatchError as e:

@@ -840,6 +840,8 @@ def unusual_dtensors(ckptr: Checkpointer) -> None:
         ckptr.save_checkpointables(14, {"model": get_state_dict(model, optimizer)[0]}, force=True)
     except ckpt.errors.TreeMismatchError as e:
         say(f"rank {rank} differing copies refused: {e}")
+        if rank == 0:  # a script ending on the error: rank 0's process, which keeps the store, ends at once (the others,
+            os._exit(0)  # still reading the differences there, raised torch's DistNetworkError, naming nothing)
 
 
 def free_port() -> int:

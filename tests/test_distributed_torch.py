@@ -276,14 +276,17 @@ def test_with_two_tiers_every_rank_gets_rank_0s_save_decision_whatever_its_local
                 "deleted") in out, out
         assert (f"rank {r} tiers steps after the deletions [(2, ['durable', 'local'])], locally "
                 "['.ckpt.lock', '2', '3', 'ckpt-root.json']") in out, out
-    # a save rank 0 alone forces, which it promotes: rank 0 waited in the promotion for rank 1 until the timeout (then
-    # failed in the promotion, after its local save; now where the ranks' trees are compared, before either tier's)
-    said = ("process 1 saves step 5 without force=True, process 0 with it: every process passes the same force (a forced "
-            f"save skips the save-decision policy) to the save of one step of {tmp_path / 'run' / 'durable2'}; nothing "
-            "was written")
-    assert f"rank 1 tiers force failed: ValueError: {said}\n" in out, out
-    assert (f"rank 0 tiers force failed: RuntimeError: the save of {tmp_path / 'run' / 'durable2' / '5'} failed in another "
-            f"process (process 1: ValueError: {said}); nothing was committed") in out, out
+    # step 5, which rank 0 alone forces and promotes: rank 0 waited in the promotion for rank 1 until the timeout (then
+    # failed there, after its local save); step 7, which rank 1 alone forces and rank 0's local tier alone saves: rank 0
+    # waited for rank 1 where the trees are compared, and the ranks' next saves for each other. Now each fails where the
+    # ranks' trees are compared, before either tier is written.
+    for step, label, forced in ((5, "force", ("without", "with")), (7, "local force", ("with", "without"))):
+        said = (f"process 1 saves step {step} {forced[0]} force=True, process 0 {forced[1]} it: every process passes the "
+                "same force (a forced save skips the save-decision policy) to the save of one step of "
+                f"{tmp_path / 'run' / 'durable2'}; nothing was written")
+        assert f"rank 1 tiers {label} failed: ValueError: {said}\n" in out, out
+        assert (f"rank 0 tiers {label} failed: RuntimeError: the save of {tmp_path / 'run' / 'durable2' / str(step)} "
+                f"failed in another process (process 1: ValueError: {said}); nothing was committed") in out, out
     # step 6 again, which rank 1 alone overwrites: each rank raises where the ranks meet before either tier is written
     said = (f"StepAlreadyExistsError: step 6 already exists at {tmp_path / 'run-local2' / 'process_0' / '6'}; pass "
             "overwrite=True to replace it")

@@ -564,6 +564,10 @@ def mismatched_with_two_tiers() -> None:
             ckptr.save(6, {"w": torch.zeros(2)}, overwrite=rank == 1)
         except (RuntimeError, ckpt.errors.StepAlreadyExistsError) as e:
             say(f"rank {rank} tiers overwrite failed: {type(e).__name__}: {e}")
+        try:  # step 7, which rank 1 alone forces, and rank 0's local tier alone saves (its durable tier does not)
+            ckptr.save(7, {"w": torch.ones(2)}, force=rank == 1)
+        except (RuntimeError, ValueError) as e:
+            say(f"rank {rank} tiers local force failed: {type(e).__name__}: {e}")
         ckptr.save(8, {"w": torch.ones(2)})
         say(f"rank {rank} tiers steps {[(c.step, sorted(c.locations)) for c in ckptr.checkpoints]}, step 6 holds "
             f"{ckpt.load(f'{directory}/durable2/6')['w'].tolist()}")

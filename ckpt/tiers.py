@@ -422,10 +422,12 @@ class LocalTier:
             try:
                 local = save(step, checkpointables, force=True, overwrite=overwrite, metrics=metrics,
                              custom_metadata=custom_metadata)
-            except BaseException:
-                self._finished(step)
-                raise
-            local = background.finished(local) if blocking else local
+                local = background.finished(local) if blocking else local
+            except Exception as e:
+                if not promote or self._durable.processes.count == 1:
+                    self._finished(step)
+                    raise
+                local = background.failed(e)  # (raised by its promotion where the processes meet: see _promote)
             self._saving = (step, local)
         if not promote:
             return local
@@ -645,9 +647,8 @@ class LocalTier:
                 return _saved(local)
         step, final, kept = promotion.step, self._durable.step_dir(promotion.step), False
         try:
-            _saved(local)
             start = time.monotonic()
-            source = self.checkpointer.directory / self._step_name(step)
+            source = self._source(step, local, barrier)
             pending = overwrite and self._replaces_in_place(final)
             if pending:
                 storage.write_file(source / fmt.PROMOTING, b"")
@@ -674,6 +675,22 @@ class LocalTier:
             logger.info("ckpt: step %d promoted to the durable tier %s in %.2f s (%s)", step, final, seconds,
                         _megabytes(nbytes))
         return True
+
+    def _source(self, step: int, local: background.AsyncResponse[bool], barrier: str) -> Path:
+        """The committed local step to promote, once ``local`` (its local save) succeeded. In a job, a local save that
+        failed here (this host's disk full), or a step gone, fails the promotion on every process at once where they
+        first meet (:func:`_copy_step`): the others would wait there for this one until the timeout."""
+        try:
+            _saved(local)
+            return self.checkpointer.directory / self._step_name(step)
+        except Exception as e:
+            if self._durable.processes.count > 1:
+                def failed() -> None:
+                    raise e
+
+                distributed.settle(self._durable.processes, _prepared(barrier), failed, self._durable.timeout_secs(),
+                                   f"the promotion of step {step} to {self._durable.step_dir(step)}")
+            raise
 
     def _step_name(self, step: int) -> str:
         """The name of ``step``'s directory on the local tier.

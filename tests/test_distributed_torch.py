@@ -202,6 +202,15 @@ def test_a_save_failing_on_one_rank_raises_on_every_rank_at_once_and_commits_not
     assert "rank 1 behind forced failed: process 1 saves step 3 with force=True, process 0 without it" in out, out
     assert "rank 0 steps [5], step 5 holds [1.0, 1.0]" in out and "rank 1 steps [5], step 5 holds [1.0, 1.0]" in out, out
     assert not (tmp_path / "run-free").exists()
+    # two tiers, a local save that fails on rank 1 alone at a step to promote: rank 1 raised, rank 0 waited for it in
+    # the promotion until the timeout, and the ranks' next saves for each other
+    for how, step in (("sync", 2), ("async", 4)):
+        assert f"rank 1 two tiers {how} failed: OSError: disk full on rank 1" in out, out
+        assert (f"rank 0 two tiers {how} failed: RuntimeError: the promotion of {tmp_path / 'run-local' / 'process_0' / str(step)} "
+                f"to {tmp_path / 'run-tiers' / str(step)} failed in another process (process 1: OSError: disk full on rank "
+                "1); nothing was committed") in out, out
+    for r in (0, 1):
+        assert f"rank {r} two tiers steps [(6, ['durable', 'local'])]" in out, out
 
 
 @pytest.mark.timeout(300)

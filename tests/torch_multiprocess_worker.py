@@ -467,6 +467,22 @@ def failing_saves(ckptr: Checkpointer) -> None:
         except ValueError as e:
             say(f"rank {rank} behind forced failed: {e}")
     say(f"rank {rank} steps {[c.step for c in ckptr.checkpoints]}, step 5 holds {ckptr.load(5)['w'].tolist()}")
+    # two tiers: a local save that fails on rank 1 alone (its local disk full) at a step to promote
+    local = ckpt.LocalCheckpointOptions(f"{directory}-local", save_decision_policy=sdp.FixedIntervalPolicy(1))
+    with ckpt.Context(async_options=ckpt.AsyncOptions(timeout_secs=10)), Checkpointer(
+            f"{directory}-tiers", save_decision_policy=sdp.FixedIntervalPolicy(2), local=local) as tiers:
+        for step, how in ((2, "sync"), (4, "async")):
+            items = {"state": {"w": torch.ones(2)}, "extra": FailsOnRank1()}
+            try:
+                if how == "async":
+                    tiers.save_checkpointables_async(step, items).result()
+                else:
+                    tiers.save_checkpointables(step, items)
+            except OSError if rank == 1 else RuntimeError as e:
+                say(f"rank {rank} two tiers {how} failed: {type(e).__name__}: {e}")
+        tiers.save(6, {"w": torch.ones(2)})
+        tiers.wait()
+        say(f"rank {rank} two tiers steps {[(c.step, sorted(c.locations)) for c in tiers.checkpoints]}")
 
 
 def asked_on_rank_0_alone() -> None:

@@ -99,6 +99,13 @@ def finished(value: T) -> AsyncResponse[T]:
     return AsyncResponse(future)
 
 
+def failed(error: BaseException) -> AsyncResponse:
+    """An AsyncResponse that already failed with ``error``."""
+    future: concurrent.futures.Future = concurrent.futures.Future()
+    future.set_exception(error)
+    return AsyncResponse(future)
+
+
 class BackgroundWriter:
     """Runs one job at a time on a daemon thread and keeps the first failure for the next ``wait``."""
 

@@ -307,6 +307,10 @@ class TorchProcesses:
             return {}
         out = {0: self.broadcast(f"{name}/primary", value, timeout_secs)}
         out.update(json.loads(store.get(f"{name}/differ/{slot}")) for slot in range(1, count + 1))
+        # Where the store is rank 0's, rank 0 returns (raises the difference, and may end) once every rank read it; a
+        # rank that read it needs the store no more (its wait may end as rank 0's process does)
+        with contextlib.suppress(ConnectionError) if self.index else contextlib.nullcontext():
+            self.barrier(f"{name}/read", timeout_secs)
         return out
 
 

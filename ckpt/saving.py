@@ -326,10 +326,8 @@ def agree(plan: Plan, final: storage.Location, processes: distributed.Processes,
     """
     if processes.count == 1 and not getattr(processes, "partial", False):
         _refuse_spread(plan, final)
-    if processes.count > 1:
-        _compare(plan, final, processes, operation, timeout_secs)
-        if plan.sliced:  # (on every process alike, once the trees and layouts agree)
-            _one_copy(plan, final, processes, operation, timeout_secs)
+    for leaf in compare(plan, final, processes, operation, timeout_secs):  # another slice's ranks write it
+        leaf.host.spread = dataclasses.replace(leaf.host.spread, own_shards=lambda: [])
     try:
         leaves_lib.gather([(leaf.path, leaf.host) for leaves in plan.leaves.values() for leaf in leaves])
     except RuntimeError as e:  # torch.distributed's collective (gloo's 'Connection closed by peer', NCCL's errors)
@@ -339,6 +337,24 @@ def agree(plan: Plan, final: storage.Location, processes: distributed.Processes,
             f"rank {processes.index} of {processes.count}: the save of {final} failed while the ranks gathered its "
             f"small DTensors: another rank stopped, or the process group failed ({type(e).__name__}: "
             f"{str(e).strip()}). Nothing was written.") from e
+
+
+def compare(plan: Plan, final: storage.Location, processes: distributed.Processes, operation: str,
+            timeout_secs: float) -> list[PlannedLeaf]:
+    """:func:`agree`'s comparison of the processes' trees (to save to ``final``; a barrier named ``operation``,
+    nothing in one process), and of the copies of DTensors on slices of one mesh (see :func:`_one_copy`). Also what
+    a two-tier save in a job checks, whose processes each save their part to a local tier alone (see
+    :mod:`ckpt.tiers`). Returns the DTensors of ``plan`` that another slice's ranks write.
+
+    Raises:
+      TreeMismatchError: on every process alike, as :func:`agree` says; nothing is written.
+    """
+    if processes.count == 1:
+        return []
+    _compare(plan, final, processes, operation, timeout_secs)
+    if not plan.sliced:
+        return []
+    return _one_copy(plan, final, processes, operation, timeout_secs)  # (on every process alike: the trees agree)
 
 
 def _refuse_spread(plan: Plan, final: storage.Location) -> None:
@@ -390,12 +406,13 @@ def _compare(plan: Plan, final: storage.Location, processes: distributed.Process
 
 
 def _one_copy(plan: Plan, final: storage.Location, processes: distributed.Processes, operation: str,
-              timeout_secs: float) -> None:
+              timeout_secs: float) -> list[PlannedLeaf]:
     """:func:`agree`'s check of the DTensors on slices of one mesh (``root["dp"]`` at each coordinate of its other
     dimensions: FSDP2 over the modules that tensor parallelism leaves alone, see :func:`ckpt.dtensor.on_slices`):
     each slice's ranks hold a copy, written once, by the slice of the lowest rank, where every rank's local shard
     has the CRC32 of the shards at its coordinate in the other slices (pipeline stages whose modules name their
-    parameters alike hold other values: refused, as one copy would lose the others)."""
+    parameters alike hold other values: refused, as one copy would lose the others). Returns those another slice's
+    ranks write."""
     mine = [[f"{name}{keystr(leaf.path)}", *dtensor.digest(x)] for name, leaf, x in plan.sliced]
     found = distributed.differences(processes, f"{operation}/copies", mine, mine, timeout_secs)
     crcs, slices = {}, {}
@@ -412,9 +429,7 @@ def _one_copy(plan: Plan, final: storage.Location, processes: distributed.Proces
             "writes a DTensor that the slices of one mesh hold alike (FSDP2 over the modules that tensor parallelism "
             "leaves alone) once; DTensors that differ between slices (pipeline stages whose modules name their "
             "parameters alike) cannot share a key path. Nothing was written.", differences=diffs)
-    for (_, leaf, _), (key, ranks, _, _) in zip(plan.sliced, mine):
-        if tuple(ranks) != min(slices[key]):  # another slice's ranks write it
-            leaf.host.spread = dataclasses.replace(leaf.host.spread, own_shards=lambda: [])
+    return [leaf for (_, leaf, _), (key, ranks, _, _) in zip(plan.sliced, mine) if tuple(ranks) != min(slices[key])]
 
 
 def _refuse_full_state_dict(primary: dict, differing: dict[int, dict], final: storage.Location) -> None:

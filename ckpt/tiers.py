@@ -34,9 +34,10 @@ the next writer of the durable root, which also promotes, at its first save, the
 crash left unpromoted (see :meth:`LocalTier._recover`).
 
 Multi-process jobs: each process's local tier is its own directory (``<directory>/process_<i>``) and
-holds the shards that process owns, plus every replicated leaf. A promotion copies each process's
-shards to the durable root, the primary's replicated leaves (as a save writes the primary's), and the
-primary process commits after a barrier, so the durable step holds every shard. Restoring from the
+holds the shards that process owns, plus every replicated leaf. Each save first checks that every process saves
+the same tree, as a save of several processes does (before anything is written on either tier: a promotion only
+copies files). A promotion copies each process's shards to the durable root, the primary's replicated leaves (as a
+save writes the primary's), and the primary process commits after a barrier, so the durable step holds every shard. Restoring from the
 local tiers would need every process to hold the same step with the same sharding; nothing in the
 Processes protocol gathers that, so multi-process loads read the durable tier only (a replaced host,
 whose local tier is empty, restores like the others), and a Checkpointer opened there deletes the local
@@ -69,9 +70,9 @@ from typing import Any, Callable, Sequence
 
 import tensorstore as ts
 
-from ckpt import arguments, background, distributed, errors, formats, loading, root, storage
+from ckpt import arguments, background, custom, distributed, errors, formats, loading, root, saving, storage
 from ckpt import format as fmt
-from ckpt.context import Context, MultiprocessingOptions
+from ckpt.context import Context, MultiprocessingOptions, get_context
 from ckpt.metadata import CheckpointMetadata
 from ckpt.policies import preservation as preservation_policies
 from ckpt.policies import save_decision as save_decision_policies
@@ -305,6 +306,8 @@ class LocalTier:
         self._deadline: tuple[int, float, background.AsyncResponse[bool]] | None = None
         self._decided: tuple[int, bool] | None = None  # (step, durable decision) of the last decision
         self._saving: tuple[int, background.AsyncResponse[bool]] | None = None  # (step, response): last local save
+        self._context = context
+        self._layout: Any = None  # the last plan's layout (see _agree), which the next one reuses
         directory = local_directory(options.directory)
         if durable.processes.count > 1:
             directory = process_directory(directory, durable.processes.index)
@@ -402,6 +405,8 @@ class LocalTier:
         self._promote_failed_again()
         if overwrite and step in self._promoting:  # its promotion would copy the local step while it is replaced
             self._durable.writer.wait(self._durable.timeout_secs())
+        if self._durable.processes.count > 1:
+            self._agree(step, checkpointables, metrics, custom_metadata)
         # an overwrite replaces the durable copy too: left there, it would be restored once the local copy is gone;
         # or the copy an earlier overwrite's promotion removed and never replaced (the local copy it marked pending)
         replaces_durable = overwrite and (any(c.step == step for c in self._durable.checkpoints())
@@ -421,10 +426,12 @@ class LocalTier:
             try:
                 local = save(step, checkpointables, force=True, overwrite=overwrite, metrics=metrics,
                              custom_metadata=custom_metadata)
-            except BaseException:
-                self._finished(step)
-                raise
-            local = background.finished(local) if blocking else local
+                local = background.finished(local) if blocking else local
+            except Exception as e:
+                if not promote or self._durable.processes.count == 1:
+                    self._finished(step)
+                    raise
+                local = background.failed(e)  # (raised by its promotion where the processes meet: see _promote)
             self._saving = (step, local)
         if not promote:
             return local
@@ -434,6 +441,36 @@ class LocalTier:
         if blocking:
             return background.finished(response.result())
         return response
+
+    def _agree(self, step: int, checkpointables: dict[str, Any], metrics: Any, custom_metadata: Any) -> None:
+        """In a job, before anything is written on either tier, checks that every process saves the same tree to
+        ``step``, as a save of several processes does (:func:`ckpt.saving.compare`): each process's local tier saves
+        its part alone, and a promotion only copies files, so a tree that differs between processes reached the
+        durable step unchecked (process 0's leaves only, or copies of a DTensor on slices of one mesh mixed).
+
+        Raises:
+          TreeMismatchError: on every process alike, naming each key path that differs.
+          TypeError / ValueError: this process's tree cannot be saved (in the others: a RuntimeError naming it).
+        """
+        planned = []
+
+        def prepare() -> None:
+            options = get_context(self._context)
+            trees, _ = custom.split(checkpointables, options.checkpointables_options.registry)
+            plan = saving.plan(trees, metrics=metrics, custom_metadata=custom_metadata, previous=self._layout,
+                               storage=options.array_options.saving)
+            self._layout = plan.layout
+            planned.append(plan)
+
+        self._meet(step, prepare)
+        saving.compare(planned[0], self._durable.step_dir(step), self._durable.processes,
+                       self._durable.operation("save/checked"), self._durable.timeout_secs())
+
+    def _meet(self, step: int, part: Callable[[], None]) -> None:
+        """Runs ``part``, this process's planning of its save of ``step`` in a job (or its refusal), then meets the
+        other processes where each says whether its part failed (:func:`ckpt.distributed.settle`)."""
+        distributed.settle(self._durable.processes, self._durable.operation("save/planned"), part,
+                           self._durable.timeout_secs(), f"the save of {self._durable.step_dir(step)}")
 
     def _recover(self, saving: int | None) -> None:
         """Promotes the step a crash left unpromoted: the newest committed local step, newer than the durable
@@ -594,14 +631,13 @@ class LocalTier:
     def refuse(self, step: int, error: BaseException) -> None:
         """Raises ``error``, this process's refusal of its part of a save of ``step`` that the other processes make and
         promote (in a job: this process's ``force`` is not the primary's, or it does not overwrite the step, which the
-        others replace on both tiers), once it met the other processes where that promotion's first does
-        (:func:`_copy_step`), so that the promotion fails there at once, naming this process and ``error``, rather than
-        wait for it until the timeout. Nothing is written here."""
+        others replace on both tiers), once it met the other processes where their saves' check does (:meth:`_agree`),
+        so that the save fails there at once on every process, naming this process and ``error``, before anything is
+        written on either tier, rather than wait for it until the timeout."""
         def refused() -> None:
             raise error
 
-        distributed.settle(self._durable.processes, _prepared(self._promotion_barrier(step)), refused,
-                           self._durable.timeout_secs(), f"the promotion of step {step}")
+        self._meet(step, refused)
 
     def _take_durable(self) -> None:
         """Becomes the durable root's writer (its lock; the first time, its sweep) before a step to promote is
@@ -659,9 +695,8 @@ class LocalTier:
                 return _saved(local)
         step, final, kept = promotion.step, self._durable.step_dir(promotion.step), False
         try:
-            _saved(local)
             start = time.monotonic()
-            source = self.checkpointer.directory / self._step_name(step)
+            source = self._source(step, local, barrier)
             pending = overwrite and self._replaces_in_place(final)
             if pending:
                 _mark_pending(source)
@@ -688,6 +723,22 @@ class LocalTier:
             logger.info("ckpt: step %d promoted to the durable tier %s in %.2f s (%s)", step, final, seconds,
                         _megabytes(nbytes))
         return True
+
+    def _source(self, step: int, local: background.AsyncResponse[bool], barrier: str) -> Path:
+        """The committed local step to promote, once ``local`` (its local save) succeeded. In a job, a local save that
+        failed here (this host's disk full), or a step gone, fails the promotion on every process at once where they
+        first meet (:func:`_copy_step`): the others would wait there for this one until the timeout."""
+        try:
+            _saved(local)
+            return self.checkpointer.directory / self._step_name(step)
+        except Exception as e:
+            if self._durable.processes.count > 1:
+                def failed() -> None:
+                    raise e
+
+                distributed.settle(self._durable.processes, _prepared(barrier), failed, self._durable.timeout_secs(),
+                                   f"the promotion of step {step} to {self._durable.step_dir(step)}")
+            raise
 
     def _step_name(self, step: int) -> str:
         """The name of ``step``'s directory on the local tier.

@@ -444,7 +444,11 @@ class Checkpointer:
         ``in_save``: a save's decision, not should_save's (see :meth:`_primarys`); ``answered``: a save the primary's
         should_save said yes to, which takes that answer without asking the policy again."""
         if force:
-            return self._primarys(step, True, False, force=True, in_save=in_save)[0]
+            decision = self._primarys(step, True, False, force=True, in_save=in_save)[0]
+            if self._local is None or self._unlike is None or decision:
+                return decision
+            # the primary did not force: its local tier may save the step, where this process's refusal meets the others
+            return self._primarys_either(False)
         asked = self._asked_of(step) if answered and self._processes.index == 0 else None
         if asked is not None:
             _, (decision, reached, _), either = asked
@@ -465,8 +469,13 @@ class Checkpointer:
             previous = [*previous, in_flight]  # the step being written counts, as in Orbax
         if previous and step <= previous[-1].step and not replacing:
             # (with two tiers too: below the durable tier's latest, it is below the latest of either; in a job, the
-            # primary's answer still, as a process forcing this save waits for it)
-            return self._processes.count > 1 and self._primarys(step, False, False, force=False, in_save=in_save)[0]
+            # primary's answer still, as a process forcing this save waits for it, with a local tier for its either too)
+            if self._processes.count == 1:
+                return False
+            decision = self._primarys(step, False, False, force=False, in_save=in_save)[0]
+            if in_save and self._local is not None and self._processes.index == 0:
+                self._primarys_either(False)
+            return decision
         if reached is None:
             reached = preemption.reached(step)
             # a SIGTERM or notify() in another process (not JAX's sync point, which every process sees at once)

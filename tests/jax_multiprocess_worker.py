@@ -149,6 +149,10 @@ if mode == "tiers":  # two tiers: each process's local tier, then process 1's ho
     with tiered() as ckptr:
         for step in (1, 2, 3):
             ckptr.save(step, state(step))
+        try:  # a leaf one process alone holds (each local tier saved its own tree, and process 0's was promoted)
+            ckptr.save(4, {**state(4), f"only{pid}": 1})
+        except ckpt.errors.TreeMismatchError as e:
+            print(f"process {pid} step 4 refused: {e.differences}", flush=True)
         print(f"process {pid} lists {[(c.step, sorted(c.locations)) for c in ckptr.checkpoints]}", flush=True)
     if pid == 1:
         shutil.rmtree(f"{directory}/local/process_1")

@@ -76,6 +76,8 @@ def test_two_tiers_each_process_keeps_its_shards_locally_and_a_replaced_host_res
     outs = run_job(tmp_path, "tiers")
     for pid, out in enumerate(outs):
         assert f"process {pid} lists [(2, ['durable', 'local'])]" in out  # local-only steps differ per process
+        assert (f"process {pid} step 4 refused: [\"state['only0'] on process 0, not on process 1\", \"state['only1'] on "
+                "process 1, not on process 0\"]") in out, out
         assert f"process {pid} restored 2" in out
     assert sorted(p.name for p in (tmp_path / "local").iterdir()) == ["process_0", "process_1"]
     import ckpt

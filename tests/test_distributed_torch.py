@@ -120,6 +120,14 @@ def test_ranks_saving_other_keys_paths_or_steps_are_refused_on_every_rank_before
         assert (f"rank {r} roots refused: the processes of this job open Checkpointers on different roots (process 0: "
                 f"{tmp_path / 'run'}-root0; process 1: {tmp_path / 'run'}-root1)") in out, out
         assert f"rank {r} steps [] entries ['run']" in out, out
+        # two tiers (were saved: each local tier saved alone, the promotion copied rank 0's tree, rank 1's lost)
+        assert (f"rank {r} two tiers step 1 refused: [\"state['stage0.weight'] on process 0, not on process 1\", "
+                f"\"state['stage1.weight'] on process 1, not on process 0\"]") in out, out
+        assert (f"rank {r} two tiers step 2 refused: [\"state['buf']: float32 of shape (3,) on process 0, float32 of "
+                "shape (4,) on process 1\", \"state['n']: a value of type int stored inline on process 0, a value of type "
+                "str stored inline on process 1\"]") in out, out
+        assert (f"rank {r} two tiers steps [(4, ['durable', 'local'])], locally ['.ckpt.lock', '3', '4', "
+                "'ckpt-root.json'], durable ['.ckpt.lock', '4']") in out, out
 
 
 @pytest.mark.timeout(300)
@@ -154,6 +162,10 @@ def test_dtensors_of_unusual_layouts_at_four_ranks(tmp_path):
         # saved once and loaded bit for bit as DCP loads it (was refused: "a DTensor ... over a mesh of shape (2,) of
         # ranks [0, 2] on process 0, not on process 1"); copies that differ (pipeline stages), refused
         assert f"rank {r} fsdp+tp copies: True, []" in out, out
+        assert (f"rank {r} two tiers differing copies refused: [\"state['model']['3.weight']: its copies on the slices (0, 2), "
+                "(1, 3) of one mesh hold other values\"]") in out, out
+        assert (f"rank {r} two tiers steps [(1, ['durable', 'local'])], locally ['.ckpt.lock', '1', 'ckpt-root.json'], "
+                "step 1 holds the copies: True") in out, out
         assert (f"rank {r} differing copies refused: the processes of this job save different values under one key path "
                 f"to {tmp_path / 'run' / '14'}: model['3.weight']: its copies on the slices (0, 2), (1, 3) of one mesh "
                 "hold other values.") in out, out
@@ -190,6 +202,15 @@ def test_a_save_failing_on_one_rank_raises_on_every_rank_at_once_and_commits_not
     assert "rank 1 behind forced failed: process 1 saves step 3 with force=True, process 0 without it" in out, out
     assert "rank 0 steps [5], step 5 holds [1.0, 1.0]" in out and "rank 1 steps [5], step 5 holds [1.0, 1.0]" in out, out
     assert not (tmp_path / "run-free").exists()
+    # two tiers, a local save that fails on rank 1 alone at a step to promote: rank 1 raised, rank 0 waited for it in
+    # the promotion until the timeout, and the ranks' next saves for each other
+    for how, step in (("sync", 2), ("async", 4)):
+        assert f"rank 1 two tiers {how} failed: OSError: disk full on rank 1" in out, out
+        assert (f"rank 0 two tiers {how} failed: RuntimeError: the promotion of {tmp_path / 'run-local' / 'process_0' / str(step)} "
+                f"to {tmp_path / 'run-tiers' / str(step)} failed in another process (process 1: OSError: disk full on rank "
+                "1); nothing was committed") in out, out
+    for r in (0, 1):
+        assert f"rank {r} two tiers steps [(6, ['durable', 'local'])]" in out, out
 
 
 @pytest.mark.timeout(300)
@@ -264,21 +285,23 @@ def test_with_two_tiers_every_rank_gets_rank_0s_save_decision_whatever_its_local
                 "deleted") in out, out
         assert (f"rank {r} tiers steps after the deletions [(2, ['durable', 'local'])], locally "
                 "['.ckpt.lock', '2', '3', 'ckpt-root.json']") in out, out
-    # a save rank 0 alone forces, which it promotes: rank 0 waited in the promotion for rank 1 until the timeout
-    said = ("process 1 saves step 5 without force=True, process 0 with it: every process passes the same force (a forced "
-            f"save skips the save-decision policy) to the save of one step of {tmp_path / 'run' / 'durable2'}; nothing "
-            "was written")
-    assert f"rank 1 tiers force failed: ValueError: {said}\n" in out, out
-    assert (f"rank 0 tiers force failed: RuntimeError: the promotion of {tmp_path / 'run-local2' / 'process_0' / '5'} to "
-            f"{tmp_path / 'run' / 'durable2' / '5'} failed in another process (process 1: ValueError: {said}); nothing "
-            "was committed") in out, out
-    # step 6 again, which rank 1 alone overwrites: rank 0 raised at once, rank 1 waited in the promotion for rank 0
+    # step 5, which rank 0 alone forces and promotes: rank 0 waited in the promotion for rank 1 until the timeout (then
+    # failed there, after its local save); step 7, which rank 1 alone forces and rank 0's local tier alone saves: rank 0
+    # waited for rank 1 where the trees are compared, and the ranks' next saves for each other. Now each fails where the
+    # ranks' trees are compared, before either tier is written.
+    for step, label, forced in ((5, "force", ("without", "with")), (7, "local force", ("with", "without"))):
+        said = (f"process 1 saves step {step} {forced[0]} force=True, process 0 {forced[1]} it: every process passes the "
+                "same force (a forced save skips the save-decision policy) to the save of one step of "
+                f"{tmp_path / 'run' / 'durable2'}; nothing was written")
+        assert f"rank 1 tiers {label} failed: ValueError: {said}\n" in out, out
+        assert (f"rank 0 tiers {label} failed: RuntimeError: the save of {tmp_path / 'run' / 'durable2' / str(step)} "
+                f"failed in another process (process 1: ValueError: {said}); nothing was committed") in out, out
+    # step 6 again, which rank 1 alone overwrites: each rank raises where the ranks meet before either tier is written
     said = (f"StepAlreadyExistsError: step 6 already exists at {tmp_path / 'run-local2' / 'process_0' / '6'}; pass "
             "overwrite=True to replace it")
     assert f"rank 0 tiers overwrite failed: {said}\n" in out, out
-    assert (f"rank 1 tiers overwrite failed: RuntimeError: the promotion of {tmp_path / 'run-local2' / 'process_1' / '6'} "
-            f"to {tmp_path / 'run' / 'durable2' / '6'} failed in another process (process 0: {said}); nothing was "
-            "committed") in out, out
+    assert (f"rank 1 tiers overwrite failed: RuntimeError: the save of {tmp_path / 'run' / 'durable2' / '6'} failed in "
+            f"another process (process 0: {said}); nothing was committed") in out, out
     for r in (0, 1):  # (and the ranks still made the same calls)
         assert f"rank {r} tiers steps [(2, ['durable']), (6, ['durable', 'local']), (8, ['durable', 'local'])], step 6 " \
                "holds [1.0, 1.0]" in out, out

@@ -317,6 +317,22 @@ def differing_trees(ckptr: Checkpointer) -> None:
                 save()
         except ckpt.errors.TreeMismatchError as e:
             say(f"rank {rank} {what} refused: {e.differences}")
+    # two tiers: each rank's local tier saves its part alone, and a promotion copies files (were saved, rank 0's tree
+    # alone promoted; the others' leaves lost): compared as a save is, before anything is written on either tier
+    tiers = Path(directory).parent / "tiers"
+    local = ckpt.LocalCheckpointOptions(f"{tiers}-local", save_decision_policy=sdp.FixedIntervalPolicy(1))
+    with ckpt.Context(async_options=ckpt.AsyncOptions(timeout_secs=30)), Checkpointer(
+            tiers, save_decision_policy=sdp.FixedIntervalPolicy(2), local=local) as two:
+        for step, tree in ((1, stage), (2, {"buf": torch.ones(3 + rank), "n": 1 if rank == 0 else "one"})):
+            try:
+                two.save(step, tree)
+            except ckpt.errors.TreeMismatchError as e:
+                say(f"rank {rank} two tiers step {step} refused: {e.differences}")
+        for step in (3, 4):  # (trees alike: saved, and step 4 promoted)
+            two.save(step, {"w": torch.full((2,), float(step))})
+        two.wait()
+        say(f"rank {rank} two tiers steps {[(c.step, sorted(c.locations)) for c in two.checkpoints]}, locally "
+            f"{sorted(os.listdir(f'{tiers}-local/process_{rank}'))}, durable {sorted(os.listdir(tiers))}")
     tiny = torch.nn.Linear(2, 2)
     fully_shard(tiny)
     optimizer = torch.optim.Adam(tiny.parameters())
@@ -454,6 +470,22 @@ def failing_saves(ckptr: Checkpointer) -> None:
         except ValueError as e:
             say(f"rank {rank} behind forced failed: {e}")
     say(f"rank {rank} steps {[c.step for c in ckptr.checkpoints]}, step 5 holds {ckptr.load(5)['w'].tolist()}")
+    # two tiers: a local save that fails on rank 1 alone (its local disk full) at a step to promote
+    local = ckpt.LocalCheckpointOptions(f"{directory}-local", save_decision_policy=sdp.FixedIntervalPolicy(1))
+    with ckpt.Context(async_options=ckpt.AsyncOptions(timeout_secs=10)), Checkpointer(
+            f"{directory}-tiers", save_decision_policy=sdp.FixedIntervalPolicy(2), local=local) as tiers:
+        for step, how in ((2, "sync"), (4, "async")):
+            items = {"state": {"w": torch.ones(2)}, "extra": FailsOnRank1()}
+            try:
+                if how == "async":
+                    tiers.save_checkpointables_async(step, items).result()
+                else:
+                    tiers.save_checkpointables(step, items)
+            except OSError if rank == 1 else RuntimeError as e:
+                say(f"rank {rank} two tiers {how} failed: {type(e).__name__}: {e}")
+        tiers.save(6, {"w": torch.ones(2)})
+        tiers.wait()
+        say(f"rank {rank} two tiers steps {[(c.step, sorted(c.locations)) for c in tiers.checkpoints]}")
 
 
 def asked_on_rank_0_alone() -> None:
@@ -551,6 +583,10 @@ def mismatched_with_two_tiers() -> None:
             ckptr.save(6, {"w": torch.zeros(2)}, overwrite=rank == 1)
         except (RuntimeError, ckpt.errors.StepAlreadyExistsError) as e:
             say(f"rank {rank} tiers overwrite failed: {type(e).__name__}: {e}")
+        try:  # step 7, which rank 1 alone forces, and rank 0's local tier alone saves (its durable tier does not)
+            ckptr.save(7, {"w": torch.ones(2)}, force=rank == 1)
+        except (RuntimeError, ValueError) as e:
+            say(f"rank {rank} tiers local force failed: {type(e).__name__}: {e}")
         ckptr.save(8, {"w": torch.ones(2)})
         say(f"rank {rank} tiers steps {[(c.step, sorted(c.locations)) for c in ckptr.checkpoints]}, step 6 holds "
             f"{ckpt.load(f'{directory}/durable2/6')['w'].tolist()}")
@@ -823,12 +859,28 @@ def unusual_dtensors(ckptr: Checkpointer) -> None:
     values = [{k: local(v) for k, v in state_tensors(*state).items()} for state in (ours, theirs, (model, optimizer))]
     say(f"rank {rank} fsdp+tp copies: {sorted(values[2]) == sorted(values[0])}, "
         f"{[k for k in values[2] if not torch.equal(values[0][k], values[1][k]) or not torch.equal(values[0][k], values[2][k])]}")
-    with torch.no_grad():
-        model[3].weight.to_local().add_(rank % 2)  # (pipeline stages naming their parameters alike)
+    # with two tiers, whose local tiers each save the rank's part alone, the copies are compared too (were promoted:
+    # the durable step held some rows of one slice's copy, some of the other's); copies alike, saved and promoted
+    local = ckpt.LocalCheckpointOptions(f"{directory}-local", save_decision_policy=sdp.FixedIntervalPolicy(1))
+    with Checkpointer(f"{directory}-tiers", save_decision_policy=sdp.FixedIntervalPolicy(1), local=local) as tiers:
+        copy = model[3].weight.full_tensor()
+        tiers.save(1, {"model": get_state_dict(model, optimizer)[0]})
+        tiers.wait()
+        with torch.no_grad():
+            model[3].weight.to_local().add_(rank % 2)  # (pipeline stages naming their parameters alike)
+        try:
+            tiers.save(2, {"model": get_state_dict(model, optimizer)[0]})
+        except ckpt.errors.TreeMismatchError as e:
+            say(f"rank {rank} two tiers differing copies refused: {e.differences}")
+        say(f"rank {rank} two tiers steps {[(c.step, sorted(c.locations)) for c in tiers.checkpoints]}, locally "
+            f"{sorted(os.listdir(f'{directory}-local/process_{rank}'))}, step 1 holds the copies: "
+            f"{torch.equal(ckpt.load(f'{directory}-tiers/1')['model']['3.weight'], copy)}")
     try:
         ckptr.save_checkpointables(14, {"model": get_state_dict(model, optimizer)[0]}, force=True)
     except ckpt.errors.TreeMismatchError as e:
         say(f"rank {rank} differing copies refused: {e}")
+        if rank == 0:  # a script ending on the error: rank 0's process, which keeps the store, ends at once (the others,
+            os._exit(0)  # still reading the differences there, raised torch's DistNetworkError, naming nothing)
 
 
 def free_port() -> int:

@@ -494,8 +494,9 @@ class LocalTier:
         interrupted promotion's leftovers (a Checkpointer that only reads writes nothing). Not with several processes,
         whose local tiers would have to hold the same step."""
         durable, newer, stale, cut_short, pending = self._unpromoted(saving)
+        copies = {c.step for c in durable}
         for c in self.checkpointer.checkpoints:  # durable since it was marked (a crash cut short the clearing of its
-            if c.step in {d.step for d in durable} and c.step not in stale and _promotion_pending(c.path):  # mark)
+            if c.step != saving and c.step in copies and c.step not in stale and _promotion_pending(c.path):  # mark)
                 _promoted(c.path)
         if newer or stale or cut_short or pending:
             self._take_durable()  # (raised before anything is written; asked again at the next save)

@@ -537,11 +537,12 @@ class LocalTier:
             newer = [c for c in newer if policy.should_save(c, durable, context=context)]
         copies = {c.step: c for c in durable}
         stale = [c.step for c in local if c.step in copies and _saved_after(c, copies[c.step])]
-        last = max(durable, key=lambda c: c.commit_timestamp_nsecs or 0, default=None)
         pending = [c.step for c in local if c.step not in copies and _promotion_pending(c.path)]
         chosen = {c.step for c in newer}  # (the newest of them is promoted below)
-        cut_short = [c.step for c in local if c.step in self._durable.begun() and c.step not in copies
-                     and c.step not in chosen and c.step not in pending and (last is None or _saved_after(c, last))]
+        begun = [c for c in local if c.step in self._durable.begun() and c.step not in copies and c.step not in chosen
+                 and c.step not in pending]
+        last = max(durable, key=lambda c: _committed(c) or 0, default=None) if begun else None
+        cut_short = [c.step for c in begun if last is None or _saved_after(c, last)]
         return durable, newer, stale, cut_short, pending
 
     def before_sweep(self) -> None:
@@ -841,9 +842,15 @@ def _promoted(step_dir: Path) -> None:
 
 
 def _saved_after(local: CheckpointMetadata, durable: CheckpointMetadata) -> bool:
-    """Whether the local copy of a step was committed after its durable copy (None times, unknown: no)."""
-    return None not in (local.commit_timestamp_nsecs, durable.commit_timestamp_nsecs) and (
-        local.commit_timestamp_nsecs > durable.commit_timestamp_nsecs)
+    """Whether the local copy of a step was committed after its durable copy (a time unknown: no)."""
+    local_time, durable_time = _committed(local), _committed(durable)
+    return None not in (local_time, durable_time) and local_time > durable_time
+
+
+def _committed(info: CheckpointMetadata) -> int | None:
+    """A step's commit time: as listed, else read from its manifest now (a listing of ``lightweight_initialize``
+    reads none), or None when it cannot be read."""
+    return info.commit_timestamp_nsecs if info.commit_timestamp_nsecs is not None else root.commit_time(info.path)
 
 
 def _megabytes(nbytes: int) -> str:

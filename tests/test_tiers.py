@@ -830,17 +830,21 @@ def test_an_overwrite_of_a_step_being_promoted_waits_so_that_the_promotion_copie
     assert durable_copies == [4, 40]
 
 
-def test_a_durable_copy_left_behind_by_a_crash_during_an_overwrites_promotion_is_replaced_by_the_next_writer(tmp_path):
+@pytest.mark.parametrize("lightweight", [False, True], ids=["", "lightweight_initialize"])
+def test_a_durable_copy_left_behind_by_a_crash_during_an_overwrites_promotion_is_replaced_by_the_next_writer(tmp_path,
+                                                                                                          lightweight):
     """Step 4 saved again with overwrite=True, committed locally, its promotion cut short by a crash: its durable
     copy kept the replaced values for good (the next writer promoted only steps newer than the durable latest),
-    and a new machine restored them."""
+    and a new machine restored them. So too where the next writer was opened with lightweight_initialize=True, whose
+    listings read no manifest: no commit time told that the local copy was the newer."""
     local = ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1))
     with ckpt.Checkpointer(tmp_path / "durable", save_decision_policy=sdp.FixedIntervalPolicy(5), local=local) as ckptr:
         ckptr.save(4, {"w": np.full(2, 4)}, force=True)
         ckptr.save(5, {"w": np.full(2, 5)})
     with ckpt.Checkpointer(tmp_path / "local") as local_tier:  # what the crash left: the local copy saved again only
         local_tier.save(4, {"w": np.full(2, 40)}, overwrite=True)
-    with ckpt.Checkpointer(tmp_path / "durable", save_decision_policy=sdp.FixedIntervalPolicy(5), local=local) as ckptr:
+    with ckpt.Checkpointer(tmp_path / "durable", save_decision_policy=sdp.FixedIntervalPolicy(5), local=local,
+                           lightweight_initialize=lightweight) as ckptr:
         ckptr.save(6, {"w": np.full(2, 6)})
         ckptr.wait()
     assert ckpt.load(tmp_path / "durable" / "4")["w"][0] == 40  # was: 4

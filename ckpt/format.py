@@ -54,7 +54,7 @@ DELETING_SUFFIX = ".ckpt-deleting"
 REPLACED_SUFFIX = ".ckpt-replaced"  # a step set aside by a commit with overwrite=True (see storage.commit_dir)
 TEMPORARY_SUFFIXES = (TMP_SUFFIX, DELETING_SUFFIX, REPLACED_SUFFIX)
 MARKER = ".ckpt-owned"            # in every directory ckpt makes: only a directory holding it is ever removed
-PROMOTING = ".ckpt-promoting"     # in a local tier's step whose promotion replaces its durable copy in place, until it commits
+PROMOTING = ".ckpt-promoting"     # in a local tier's step whose promotion is owed to the durable tier, until it commits
 DEFAULT_CHECKPOINTABLE = "state"
 AUTO = "AUTO"                     # Orbax's name for "the state, else the first tree checkpointable"
 RESERVED_NAMES = frozenset({"metrics", AUTO, MANIFEST, TREE, ARRAYS, PACKED})

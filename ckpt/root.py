@@ -480,15 +480,17 @@ def replaced_and_left(entries: list[Entry]) -> list[Entry]:
     for same in by_step.values():
         if len(same) < 2:
             continue
-        times = [_commit_time(e) for e in same]
+        times = [commit_time(e.path, e.manifest) for e in same]
         if None not in times:
             replaced += [e for e, committed in zip(same, times) if committed < max(times)]
     return replaced
 
 
-def _commit_time(entry: Entry) -> int | None:
-    """A step's commit time from its manifest (read now when the scan did not), or None when it cannot be read."""
-    manifest = entry.manifest or _unless_bad(loading.read_manifest, entry.path)
+def commit_time(step_dir: storage.Location, manifest: dict | None = None) -> int | None:
+    """A step's commit time from its ``manifest``, or from its manifest read now where the listing read none
+    (:func:`scan` with ``read_manifests=False``, as ``lightweight_initialize`` lists), or None when it cannot be
+    read."""
+    manifest = manifest or _unless_bad(loading.read_manifest, step_dir)
     return None if manifest is None else manifest.get("commit_timestamp_nsecs")
 
 

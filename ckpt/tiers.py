@@ -483,8 +483,9 @@ class LocalTier:
         overwrite replaced. On an object store, where a promotion writes in place and so deletes the durable copy
         it replaces first, such a step has no durable copy left but what the promotion began at its name: each
         local step committed after every durable step (saved again, or with ``force=True``, after them) whose
-        promotion a crash cut short so is promoted again, and so is each local step an overwrite's promotion marked
-        pending (:func:`_replaces_in_place`) and never committed, whatever its age: it failed at every try while
+        promotion a crash cut short so is promoted again, and so is each local step a promotion owed to the durable
+        tier (an overwrite's, a forced or preemption save's) marked pending (:func:`_replaces_in_place`) and never
+        committed, whatever its age: it failed at every try while
         later steps were promoted, or a crash cut it short (one the durable tier holds, as it was or newer, is marked
         no more: a crash came between its promotion's commit and the clearing). ``saving``: the step of the first save
         when it is no overwrite, left to that save (a forced save of a step the local tier holds promotes that copy
@@ -512,8 +513,8 @@ class LocalTier:
                            "again now", step)
             self._promote_again(step, overwrite=True)
         for step in pending:
-            logger.warning("ckpt: step %d is on the local tier only: its promotion, which replaced its durable copy (on "
-                           "an object store, removed first), never committed (it failed, or a crash cut it short). "
+            logger.warning("ckpt: step %d is on the local tier only: its promotion (of a forced or preemption save, or "
+                           "one that replaced its durable copy) never committed (it failed, or a crash cut it short). "
                            "Promoting it again now", step)
             self._promote_again(step, overwrite=True)
         if newer and newer[-1].step not in pending:
@@ -536,11 +537,12 @@ class LocalTier:
             newer = [c for c in newer if policy.should_save(c, durable, context=context)]
         copies = {c.step: c for c in durable}
         stale = [c.step for c in local if c.step in copies and _saved_after(c, copies[c.step])]
-        last = max(durable, key=lambda c: c.commit_timestamp_nsecs or 0, default=None)
         pending = [c.step for c in local if c.step not in copies and _promotion_pending(c.path)]
         chosen = {c.step for c in newer}  # (the newest of them is promoted below)
-        cut_short = [c.step for c in local if c.step in self._durable.begun() and c.step not in copies
-                     and c.step not in chosen and c.step not in pending and (last is None or _saved_after(c, last))]
+        begun = [c for c in local if c.step in self._durable.begun() and c.step not in copies and c.step not in chosen
+                 and c.step not in pending]
+        last = max(durable, key=lambda c: _committed(c) or 0, default=None) if begun else None
+        cut_short = [c.step for c in begun if last is None or _saved_after(c, last)]
         return durable, newer, stale, cut_short, pending
 
     def before_sweep(self) -> None:
@@ -576,9 +578,10 @@ class LocalTier:
 
     def _replaces_in_place(self, final: storage.Location) -> bool:
         """Whether an overwrite's promotion to ``final`` removes the durable copy it replaces before it writes the
-        new one (an object store, which has no rename), with one process: such a promotion marks its local step
-        pending (:data:`ckpt.format.PROMOTING`) first, until it commits, so that a writer after this one promotes
-        the step again however old it is (see :meth:`_recover`)."""
+        new one (an object store, which has no rename), with one process. Such a promotion, as every one no newer
+        promotion replaces (forced and preemption saves), marks its local step pending (:data:`ckpt.format.PROMOTING`)
+        first, until it commits, so that a writer after this one promotes the step again however old it is (see
+        :meth:`_recover`)."""
         return not isinstance(final, Path) and self._durable.processes.count == 1
 
     def delete(self, step: int) -> bool:
@@ -698,7 +701,8 @@ class LocalTier:
         try:
             start = time.monotonic()
             source = self._source(step, local, barrier)
-            pending = overwrite and self._replaces_in_place(final)
+            # (one no newer promotion replaces is owed to the durable tier: a crash before its commit leaves it marked)
+            pending = not promotion.replaceable and self._durable.processes.count == 1
             if pending:
                 _mark_pending(source)
             nbytes = _copy_step(source, final, step, overwrite, self._durable, barrier)
@@ -817,13 +821,13 @@ def _saved(local: background.AsyncResponse[bool]) -> bool:
 
 
 def _promotion_pending(step_dir: storage.Location) -> bool:
-    """Whether a local step is marked as the source of a promotion that replaces its durable copy and has not
-    committed (see :meth:`LocalTier._replaces_in_place`)."""
+    """Whether a local step is marked as the source of a promotion owed to the durable tier (forced, or replacing its
+    durable copy) that has not committed (see :meth:`LocalTier._replaces_in_place`)."""
     return os.path.lexists(step_dir / fmt.PROMOTING)
 
 
 def _mark_pending(step_dir: Path) -> None:
-    """Marks a local step as the source of a promotion that replaces its durable copy in place (see
+    """Marks a local step as the source of a promotion owed to the durable tier (see
     :meth:`LocalTier._replaces_in_place`) until it commits: a writer after this one promotes it again."""
     storage.write_file(step_dir / fmt.PROMOTING, b"")
 
@@ -838,9 +842,15 @@ def _promoted(step_dir: Path) -> None:
 
 
 def _saved_after(local: CheckpointMetadata, durable: CheckpointMetadata) -> bool:
-    """Whether the local copy of a step was committed after its durable copy (None times, unknown: no)."""
-    return None not in (local.commit_timestamp_nsecs, durable.commit_timestamp_nsecs) and (
-        local.commit_timestamp_nsecs > durable.commit_timestamp_nsecs)
+    """Whether the local copy of a step was committed after its durable copy (a time unknown: no)."""
+    local_time, durable_time = _committed(local), _committed(durable)
+    return None not in (local_time, durable_time) and local_time > durable_time
+
+
+def _committed(info: CheckpointMetadata) -> int | None:
+    """A step's commit time: as listed, else read from its manifest now (a listing of ``lightweight_initialize``
+    reads none), or None when it cannot be read."""
+    return info.commit_timestamp_nsecs if info.commit_timestamp_nsecs is not None else root.commit_time(info.path)
 
 
 def _megabytes(nbytes: int) -> str:

@@ -830,17 +830,21 @@ def test_an_overwrite_of_a_step_being_promoted_waits_so_that_the_promotion_copie
     assert durable_copies == [4, 40]
 
 
-def test_a_durable_copy_left_behind_by_a_crash_during_an_overwrites_promotion_is_replaced_by_the_next_writer(tmp_path):
+@pytest.mark.parametrize("lightweight", [False, True], ids=["", "lightweight_initialize"])
+def test_a_durable_copy_left_behind_by_a_crash_during_an_overwrites_promotion_is_replaced_by_the_next_writer(tmp_path,
+                                                                                                          lightweight):
     """Step 4 saved again with overwrite=True, committed locally, its promotion cut short by a crash: its durable
     copy kept the replaced values for good (the next writer promoted only steps newer than the durable latest),
-    and a new machine restored them."""
+    and a new machine restored them. So too where the next writer was opened with lightweight_initialize=True, whose
+    listings read no manifest: no commit time told that the local copy was the newer."""
     local = ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1))
     with ckpt.Checkpointer(tmp_path / "durable", save_decision_policy=sdp.FixedIntervalPolicy(5), local=local) as ckptr:
         ckptr.save(4, {"w": np.full(2, 4)}, force=True)
         ckptr.save(5, {"w": np.full(2, 5)})
     with ckpt.Checkpointer(tmp_path / "local") as local_tier:  # what the crash left: the local copy saved again only
         local_tier.save(4, {"w": np.full(2, 40)}, overwrite=True)
-    with ckpt.Checkpointer(tmp_path / "durable", save_decision_policy=sdp.FixedIntervalPolicy(5), local=local) as ckptr:
+    with ckpt.Checkpointer(tmp_path / "durable", save_decision_policy=sdp.FixedIntervalPolicy(5), local=local,
+                           lightweight_initialize=lightweight) as ckptr:
         ckptr.save(6, {"w": np.full(2, 6)})
         ckptr.wait()
     assert ckpt.load(tmp_path / "durable" / "4")["w"][0] == 40  # was: 4
@@ -1214,7 +1218,8 @@ def test_on_s3_an_overwrites_promotion_that_kept_failing_while_later_steps_promo
         assert [(c.step, sorted(c.locations)) for c in ckptr.checkpoints] == [
             (4, ["durable"]), (5, ["durable"]), (10, ["durable"]), (12, ["local"]), (13, ["local"])]  # was: 4 nowhere
     assert ckpt.load(f"{bucket}/4")["w"][0] == 40
-    assert "step 4 is on the local tier only: its promotion, which replaced its durable copy" in caplog.text
+    assert ("step 4 is on the local tier only: its promotion (of a forced or preemption save, or one that replaced its "
+            "durable copy)") in caplog.text
     assert not ckpt.objectstore.ObjectPath(f"{bucket}/4/{ckpt.format.PROMOTING}").exists()  # the local tier's alone
 
 
@@ -1424,3 +1429,39 @@ def test_on_s3_a_forced_step_whose_promotion_was_cut_short_is_promoted_after_a_w
         ckptr.wait()
         assert [c.step for c in ckptr.checkpoints if "durable" in c.locations][-2:] == [7, 10]  # was: [5, 10]
     assert ckpt.load(f"{bucket}/7")["w"][0] == 7
+
+
+KILLED_AS_A_FORCED_STEPS_COPY_BEGINS = """
+import os, signal, sys
+import numpy as np
+import ckpt
+from ckpt import tiers
+from ckpt.training import save_decision_policies as sdp
+local = ckpt.LocalCheckpointOptions(sys.argv[2], save_decision_policy=sdp.FixedIntervalPolicy(1))
+with ckpt.Checkpointer(sys.argv[1], save_decision_policy=sdp.FixedIntervalPolicy(5), local=local) as ckptr:
+    ckptr.save(5, {"w": np.full(2, 5)})
+    ckptr.save(7, {"w": np.full(2, 7)})
+    ckptr.wait()
+    tiers._copy_step = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)
+    ckptr.save(3, {"w": np.full(2, 3)}, force=True)
+"""
+
+
+@pytest.mark.parametrize("store", ["local", "s3"])
+def test_a_forced_step_below_the_durable_latest_whose_promotion_was_killed_is_promoted_by_the_next_writer(
+        tmp_path, request, store):
+    """Step 3 saved with force=True below the durable latest (5), committed locally, its promotion SIGKILLed before it
+    wrote anything (so too, on a local durable root, anywhere before its rename): the next writer saw nothing begun at
+    step 3's name, and step 3 is no step newer than the durable latest; it was never promoted, and was lost from both
+    tiers once the local policy dropped it."""
+    durable = str(tmp_path / "durable") if store == "local" else request.getfixturevalue("bucket")
+    killed = procs.run_script(KILLED_AS_A_FORCED_STEPS_COPY_BEGINS, durable, str(tmp_path / "local"))
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    local = ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1))
+    with ckpt.Checkpointer(durable, save_decision_policy=sdp.FixedIntervalPolicy(5), local=local) as ckptr:
+        for step in (8, 9, 10):
+            ckptr.save(step, {"w": np.full(2, step)})
+        ckptr.wait()
+        assert [(c.step, sorted(c.locations)) for c in ckptr.checkpoints] == [
+            (3, ["durable"]), (5, ["durable"]), (9, ["local"]), (10, ["durable", "local"])]  # was: 3 nowhere
+    assert ckpt.load(f"{durable}/3")["w"][0] == 3

@@ -18,7 +18,7 @@ from typing import Any, Callable
 import ml_dtypes  # noqa: F401  (registers bfloat16, float8_*, int4 with numpy)
 import numpy as np
 
-from ckpt import dtensor, shardings, transfers
+from ckpt import casts, dtensor, shardings, transfers
 from ckpt import format as fmt
 from ckpt.errors import UnregisteredTypeError
 from ckpt.leaf_table import LeafTable
@@ -521,7 +521,7 @@ def restore(meta: dict, read: Reader | np.ndarray | None, abstract: Any,
     if abstract is None or abstract is np.ndarray and kind == "numpy":
         return _restore_as_saved(meta, read, to_device)
     if type(abstract) is np.ndarray:
-        return read(None).astype(abstract.dtype, copy=False)
+        return casts.cast(read(None), abstract.dtype)
     jax = sys.modules.get("jax")
     if jax is not None and (type(abstract) is jax.ShapeDtypeStruct or isinstance(abstract, (jax.ShapeDtypeStruct, jax.Array))
                             or abstract is jax.Array or abstract is jax.ShapeDtypeStruct):
@@ -541,9 +541,9 @@ def restore(meta: dict, read: Reader | np.ndarray | None, abstract: Any,
             return read(None)
         return _restore_python(meta, read, abstract, to_device)
     if isinstance(abstract, np.generic):
-        return abstract.dtype.type(read(None).astype(abstract.dtype)[()])
+        return abstract.dtype.type(casts.cast(read(None), abstract.dtype)[()])
     if hasattr(abstract, "shape") and hasattr(abstract, "dtype"):
-        return read(None).astype(np.dtype(abstract.dtype), copy=False)
+        return casts.cast(read(None), np.dtype(abstract.dtype))
     return _restore_python(meta, read, abstract, to_device)
 
 
@@ -693,11 +693,11 @@ def _restore_jax(meta: dict, read: Reader, abstract: Any, jax: Any, to_device: t
         dtype = parse_dtype(meta["dtype"]) if want_dtype is None else np.dtype(want_dtype)
     weak = not isinstance(abstract, type) and abstract.weak_type  # (a ShapeDtypeStruct's or a jax.Array's)
     if not weak and (sharding is None or (sharding.is_fully_addressable and sharding.is_fully_replicated)):
-        return to_device.jax(read(None).astype(dtype, copy=False), sharding)
+        return to_device.jax(casts.for_jax(read(None), dtype), sharding)
     if sharding is None:
-        array = jax.device_put(read(None).astype(dtype, copy=False))
+        array = jax.device_put(casts.for_jax(read(None), dtype))
     else:
-        array = _from_callback(jax, meta, sharding, lambda index: read(index).astype(dtype, copy=False), dtype)
+        array = _from_callback(jax, meta, sharding, lambda index: casts.for_jax(read(index), dtype), dtype)
     return _weakly_typed(array) if weak else array
 
 

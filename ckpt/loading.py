@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 import numpy as np
 
-from ckpt import chunks, collector, custom
+from ckpt import casts, chunks, collector, custom
 from ckpt import format as fmt
 from ckpt import leaves as leaves_lib
 from ckpt import objectstore, progress, shardings, storage, transfers
@@ -553,8 +553,9 @@ def _build(table: LeafTable, saved_node: tree_lib.Node, plan: Plan | None, sourc
             if isinstance(e, _SAYS_WHY):
                 raise
             into = "saved" if abstract_leaf is None else f"a {type(abstract_leaf).__name__} of the abstract tree"
+            mismatch = abstract_leaf is not None or isinstance(e, casts.OutOfRangeError)  # (no damage: values jax narrows)
             raise leaves_lib.LeafDataError(table.path[i], f"it cannot be restored as {into} ({type(e).__name__}: {e})",
-                                           mismatch=abstract_leaf is not None) from None
+                                           mismatch=mismatch) from None
 
     # The usual leaf, a numpy array read already (a packed one), is returned as it is, cast into a numpy
     # abstract leaf, or put on the default device for a jax.ShapeDtypeStruct without a sharding nor a weak
@@ -572,8 +573,8 @@ def _build(table: LeafTable, saved_node: tree_lib.Node, plan: Plan | None, sourc
         shaped, put = getattr(sys.modules.get("jax"), "ShapeDtypeStruct", None), to_device.jax
         try:
             out = [leaf if leaf is skip
-                   else read.astype(leaf.dtype, copy=False) if type(read) is array and type(leaf) is array
-                   else put(read.astype(leaf.dtype, copy=False), None)
+                   else casts.cast(read, leaf.dtype) if type(read) is array and type(leaf) is array
+                   else put(casts.cast(read, leaf.dtype), None)
                    if type(read) is array and type(leaf) is shaped and leaf.sharding is None and kinds[i] == "jax"
                    and isinstance(leaf.dtype, np.dtype) and not leaf.weak_type
                    else value(i, None if isinstance(leaf, LeafMetadata) else leaf)

@@ -29,7 +29,7 @@ from typing import Any, Callable, TypeVar
 
 import numpy as np
 
-from ckpt import chunks, dtensor, host_memory, packing, shardings, storage
+from ckpt import casts, chunks, dtensor, host_memory, packing, shardings, storage
 from ckpt import format as fmt
 
 T = TypeVar("T")
@@ -92,7 +92,7 @@ class ToDevice:
         if target is _UNKNOWN:
             target = self._targets[sharding] = self._target(sharding)
         if target is None:
-            self._arrays.append(array)
+            self._arrays.append(casts.for_jax(array))
             self._shardings.append(sharding)
             pending = self._pending()
             self._array_slots.append(pending.index)
@@ -103,7 +103,7 @@ class ToDevice:
             dtype = sys.modules["jax"].dtypes.canonicalize_dtype(array.dtype)
             found = self._avals[key] = (dtype, self._put[1](array.shape, dtype), dtype != array.dtype)
         dtype, aval, cast = found
-        return self._put[0](aval, target[0], [array.astype(dtype) if cast else array], target[1], sharding is not None)
+        return self._put[0](aval, target[0], [casts.for_jax(array) if cast else array], target[1], sharding is not None)
 
     def _target(self, sharding: Any) -> tuple[Any, list[Any]] | None:
         """What jax's per-array transfer takes for ``sharding`` (None: the default device's), or None

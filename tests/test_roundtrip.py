@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import collections
 import math
+import re
 import warnings
 
 import ml_dtypes
@@ -283,6 +284,47 @@ def test_a_value_the_abstract_leaf_cannot_hold_is_a_mismatch_naming_the_leaf(tmp
                        match=r"\['n'\]: (it cannot be restored as a .* of the abstract tree|saved .*, abstract leaf wants)") as info:
         ckpt.load(tmp_path / "c", {"ok": np.ones(2), "n": abstract})
     assert info.value.differences[0].startswith("state['n']")
+
+
+def test_a_cast_into_the_abstract_leafs_dtype_that_would_change_a_value_is_a_mismatch_naming_the_leaf(tmp_path):
+    """numpy and jax wrap integers around (2**40 + 5 becomes 5 in int32) and overflow floats to inf; a load
+    refuses such values (a value in range loads, rounded as numpy rounds)."""
+    jax = pytest.importorskip("jax")
+    fits = {"i": np.array([7, -3], np.int64), "f": np.array([0.1, -2.5]), "step": 40}
+    ckpt.save(tmp_path / "fits", fits)
+    narrow = {"i": np.int32, "f": np.float32, "step": np.int32}
+    one_device = jax.sharding.NamedSharding(jax.sharding.Mesh(jax.devices()[:1], ("x",)), jax.sharding.PartitionSpec())
+    for make in (lambda d: np.zeros((2,), d), lambda d: jax.ShapeDtypeStruct((2,), d)):
+        loaded = ckpt.load(tmp_path / "fits", {k: (make(d) if k != "step" else np.zeros((), d)) for k, d in narrow.items()})
+        assert [np.asarray(loaded[k]).tolist() for k in fits] == [[7, -3], np.float32([0.1, -2.5]).tolist(), 40]
+    cases = {"i": (np.array([7, 2**40 + 5], np.int64), np.zeros(2, np.int32), "int64 values, from 7 to 1099511627781"),
+             "u": (np.array([2**63 + 7], np.uint64), jax.ShapeDtypeStruct((1,), np.int32), "do not fit int32"),
+             "neg": (np.array([-1], np.int8), np.zeros(1, np.uint8), "from -1 to -1, do not fit uint8"),
+             "f": (np.array([1e300, 0.5]), jax.ShapeDtypeStruct((2,), np.float32), "value 1e+300 does not fit float32"),
+             "f8": (np.array([1000.0], np.float32), np.zeros(1, ml_dtypes.float8_e4m3fn), "it would become nan"),
+             "nan": (np.array([np.nan], np.float32), np.zeros(1, np.int32), "from nan to nan, do not fit int32"),
+             "step": (2**40 + 5, jax.ShapeDtypeStruct((), np.int32), "do not fit int32"),
+             "weak": (np.array([2**40]), jax.ShapeDtypeStruct((1,), np.int32, weak_type=True), "do not fit int32"),
+             "placed": (np.array([2**40]), jax.ShapeDtypeStruct((1,), np.int32, weak_type=True, sharding=one_device),
+                        "do not fit int32")}
+    ckpt.save(tmp_path / "c", {k: saved for k, (saved, _, _) in cases.items()})  # (weak, placed: jax's other paths)
+    for key, (_, abstract, why) in cases.items():
+        tree = {k: (abstract if k == key else ckpt.PLACEHOLDER) for k in cases}
+        with pytest.raises(errors.TreeMismatchError, match=rf"state\['{key}'\]: .*{re.escape(why)}"):
+            ckpt.load(tmp_path / "c", tree)
+
+
+def test_without_jax_x64_a_saved_64_bit_jax_array_whose_values_int32_cannot_hold_is_refused_naming_the_leaf(tmp_path):
+    jax = pytest.importorskip("jax")
+    with jax.enable_x64(True):
+        ckpt.save(tmp_path / "c", {"ok": jax.numpy.arange(3, dtype=np.int64),
+                                   "big": jax.numpy.array([2**40 + 5], dtype=np.int64)})
+    assert not jax.config.jax_enable_x64
+    assert ckpt.load(tmp_path / "c", {"ok": None, "big": ckpt.PLACEHOLDER})["ok"].dtype == np.int32
+    for abstract in (None, {"ok": None, "big": None}, {"ok": None, "big": jax.ShapeDtypeStruct((1,), np.int64)}):
+        with pytest.raises(errors.TreeMismatchError, match=r"state\['big'\]: .*do not fit int32 .*: jax holds int64 values as int32 without jax_enable_x64"):
+            ckpt.load(tmp_path / "c", abstract)
+    assert ckpt.load(tmp_path / "c", {"ok": None, "big": np.ndarray})["big"].tolist() == [2**40 + 5]
 
 
 def test_partial_load_reads_a_subtree_only_when_asked(tmp_path):

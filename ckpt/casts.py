@@ -1,0 +1,117 @@
+"""The casts a load makes into the dtype asked for (an abstract leaf's, or jax's): every value kept.
+
+A cast rounds as numpy rounds (float64 to float32, float32 to bfloat16), but a value the dtype cannot
+hold is refused with :class:`OutOfRangeError`, where numpy and jax change it without a word: an
+integer out of range wraps around (``2**40 + 5`` becomes 5 in int32), a finite float becomes
+infinite (``1e300`` in float32) or NaN (float8), a NaN becomes an integer. Casts that hold every
+value of their source (int32 into int64, float32 into float64) cost nothing more; the others cost a
+pass over the values (a min and a max, or a look for infinities), about the time of the cast itself.
+
+Example::
+
+    cast(np.array([2**40 + 5], np.int64), np.int32)   # raises OutOfRangeError
+    for_jax(np.arange(3, dtype=np.int64))             # int32 without jax_enable_x64, int64 with it
+"""
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Any, Callable
+
+import ml_dtypes
+import numpy as np
+
+
+class OutOfRangeError(OverflowError):
+    """Saved values that the dtype a load casts them into cannot hold (an integer out of its range, a finite
+    float that would become infinite): the load raises ``ckpt.errors.TreeMismatchError`` naming the leaf."""
+
+
+def cast(array: np.ndarray, dtype: Any) -> np.ndarray:
+    """``array`` as ``dtype`` (``array`` itself when it has that dtype already), rounded as numpy rounds;
+    raises :class:`OutOfRangeError` where a value does not fit ``dtype``."""
+    if array.dtype == dtype:
+        return array
+    dtype = np.dtype(dtype)
+    check = _check(array.dtype, dtype)
+    if check is None:
+        return array.astype(dtype)
+    with np.errstate(over="ignore", invalid="ignore"):  # (what numpy would warn of is raised below)
+        out = array.astype(dtype)
+    check(array, out)
+    return out
+
+
+def for_jax(array: np.ndarray, dtype: Any = None) -> np.ndarray:
+    """``array`` cast into ``dtype`` (default: its own) as jax holds it (without ``jax_enable_x64``, 64-bit
+    types become 32-bit ones, which jax does without a check); raises :class:`OutOfRangeError` as
+    :func:`cast` does, saying so where it is jax that narrows the dtype."""
+    asked = array.dtype if dtype is None else np.dtype(dtype)
+    held = sys.modules["jax"].dtypes.canonicalize_dtype(asked)
+    try:
+        return cast(array, held)
+    except OutOfRangeError as e:
+        if held == asked:
+            raise
+        raise OutOfRangeError(f"{e}: jax holds {asked} values as {held} without jax_enable_x64; enable it "
+                              "(jax.config.update('jax_enable_x64', True)) to load them, or load the leaf as numpy "
+                              "(np.ndarray as its abstract leaf)") from None
+
+
+@functools.lru_cache(maxsize=None)
+def _check(source: np.dtype, target: np.dtype) -> Callable[[np.ndarray, np.ndarray], None] | None:
+    """What checks a cast from ``source`` into ``target`` (None: it holds every value, or it is numpy's to
+    judge: complex numbers, text, dates). A bool is an integer from 0 to 1 (a saved 2 into a bool is refused)."""
+    into, held = _integer_range(target), _integer_range(source)
+    if into is not None:
+        if held is not None and into[0] <= held[0] and held[1] <= into[1]:
+            return None
+        if held is None and _float_max(source) is None:
+            return None
+        return functools.partial(_check_range, into=into)
+    top = _float_max(target)
+    if top is None:
+        return None
+    reach = _float_max(source) if held is None else max(-held[0], held[1])
+    return None if reach is None or reach <= top else _check_finite
+
+
+def _integer_range(dtype: np.dtype) -> tuple[int, int] | None:
+    if dtype == np.bool_:
+        return 0, 1
+    try:
+        info = ml_dtypes.iinfo(dtype)  # (numpy's integers and ml_dtypes' int4, uint4, int2...)
+    except ValueError:
+        return None
+    return int(info.min), int(info.max)
+
+
+def _float_max(dtype: np.dtype) -> float | None:
+    if dtype.kind == "c":  # (ml_dtypes gives a complex dtype its parts' range)
+        return None
+    try:
+        return float(ml_dtypes.finfo(dtype).max)  # (numpy's floats and ml_dtypes' bfloat16, float8...)
+    except ValueError:
+        return None
+
+
+def _check_range(source: np.ndarray, out: np.ndarray, *, into: tuple[int, int]) -> None:
+    """Every value of ``source`` (integers or floats) is one the integer dtype of ``out`` holds (a float's
+    fraction is dropped, as numpy drops it)."""
+    if not source.size:
+        return
+    low, high = source.min().item(), source.max().item()  # (a NaN in floats makes both NaN: refused below)
+    if into[0] - 1 < low and high < into[1] + 1:
+        return
+    raise OutOfRangeError(f"its {source.dtype} values, from {low} to {high}, do not fit {out.dtype} "
+                          f"(from {into[0]} to {into[1]})")
+
+
+def _check_finite(source: np.ndarray, out: np.ndarray) -> None:
+    """No finite value of ``source`` became infinite or NaN in ``out``."""
+    if np.isfinite(out).all():
+        return
+    lost = np.isfinite(source) & ~np.isfinite(out)
+    if lost.any():
+        raise OutOfRangeError(f"its {source.dtype} value {source[lost][0].item()} does not fit {out.dtype} (it would "
+                              f"become {out[lost][0].item()}; {int(lost.sum())} such value(s))")

@@ -23,7 +23,7 @@ from ckpt.convert import convert_root
 from ckpt.integrations.flax import CheckpointHook, restore_train_state
 from ckpt.path import step as step_lib
 from ckpt.training import preservation_policies, save_decision_policies
-from tests import fsutil, orbax_writer, procs
+from tests import fsutil, orbax_0_5_writer, orbax_writer, procs
 from tests.orbax_writer import FLAX_SAVES, flax_train, nnx_train
 
 SINGLE_NAMES = step_lib.standard_name_format(step_prefix="step", step_format_fixed_length=4)
@@ -223,6 +223,23 @@ def test_v0_single_and_named_items_load_bit_for_bit(orbax_runs):
     assert_same(ckpt.load(step_dir, orbax_writer.mixed_abstract(7), checkpointable_name="model"),
                 orbax_writer.mixed_state(7))
     assert ckpt.checkpointables_metadata(step_dir).metadata["std"]["x"].shape == (2, 3)
+
+
+ORBAX_0_5 = Path(__file__).parent / "orbax_0_5"  # runs Orbax 0.5.9 wrote (tests/orbax_0_5_writer.py)
+
+
+def test_an_item_orbax_0_10_or_earlier_saved_without_ocdbt_loads_and_its_run_continues(tmp_path):
+    """Orbax 0.10 and earlier did not record use_ocdbt in an item's _METADATA; ckpt took every such item for an OCDBT
+    database, so one saved with use_ocdbt=False (a zarr directory per array) raised CheckpointCorruptedError
+    ('Metadata at "k/.zarray" in OCDBT database ... does not exist'), where Orbax looks for the database's manifest."""
+    root = Path(shutil.copytree(ORBAX_0_5 / "no_ocdbt", tmp_path / "run"))
+    before = file_hashes(root)
+    with ckpt.Checkpointer(root) as ckptr:
+        assert [c.step for c in ckptr.checkpoints] == [1]
+        assert_same(ckptr.load(1, checkpointable_name="model"), orbax_0_5_writer.state(1))
+        ckptr.save(2, orbax_0_5_writer.state(2), force=True)
+        assert_same(ckptr.load(2), orbax_0_5_writer.state(2))
+    assert {k: v for k, v in file_hashes(root).items() if k.startswith("1/")} == before
 
 
 def test_the_one_item_of_a_v0_step_loads_without_its_name_as_orbaxs_load_reads_it(orbax_runs):

@@ -93,7 +93,9 @@ class PyTreeItem:
         if not isinstance(entries, dict):
             raise UnsupportedLayoutError(f"{directory}/_METADATA has no tree_metadata: this Orbax layout (written "
                                          "before Orbax 0.5?) is not one ckpt reads", path=directory)
-        self._ocdbt = bool(metadata.get("use_ocdbt", True))
+        # Orbax 0.10 and earlier did not record use_ocdbt: as Orbax reads such an item, its database's manifest says
+        self._ocdbt = (bool(metadata["use_ocdbt"]) if metadata.get("use_ocdbt") is not None
+                       else files.is_plain_file(directory / "manifest.ocdbt"))
         self._zarr3 = bool(metadata.get("use_zarr3", False))
         self._fill_missing = not metadata.get("store_array_data_equal_to_fill_value", False)
         root, found = _Container("dict"), []

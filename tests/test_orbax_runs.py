@@ -242,6 +242,42 @@ def test_an_item_orbax_0_10_or_earlier_saved_without_ocdbt_loads_and_its_run_con
     assert {k: v for k, v in file_hashes(root).items() if k.startswith("1/")} == before
 
 
+def test_leaves_orbax_before_0_5_21_saved_aggregated_load_bit_for_bit_verify_and_continue(tmp_path, capsys):
+    """Flax's save_args_from_target (up to flax 0.8.5) saved every leaf with SaveArgs(aggregate=True): Orbax kept
+    them in the item's msgpack file ``checkpoint``, its _METADATA marking them skip_deserialize. ckpt looked for
+    them as arrays, so every load raised CheckpointCorruptedError ('Metadata at "k/.zarray" ... does not exist'),
+    ckpt verify called the steps damaged and ckpt convert could not copy them."""
+    root = Path(shutil.copytree(ORBAX_0_5 / "aggregate", tmp_path / "run"))
+    before = file_hashes(root)
+    with ckpt.Checkpointer(root) as ckptr:
+        assert [c.step for c in ckptr.checkpoints] == [1, 2]
+        for step in (1, 2):  # 1: every leaf aggregated; 2: the small ones, the others in OCDBT
+            want = orbax_0_5_writer.aggregated(step)
+            assert_same(ckptr.load(step), want)
+            assert_same(ckptr.load(step, want), want)
+        assert ckptr.metadata(1).metadata["params"]["b"].dtype == want["params"]["b"].dtype
+        ckptr.save(3, ckptr.load(2), force=True)
+        assert_same(ckptr.load(3), orbax_0_5_writer.aggregated(2))
+    assert {k: v for k, v in file_hashes(root).items() if k[:2] in ("1/", "2/")} == before
+    status, out = run_cli(capsys, "verify", str(root))
+    assert status == 0 and "3 of 3 steps ok" in out, out
+    assert cli.main(["convert", str(root), str(tmp_path / "copy")]) == 0
+    assert_same(ckpt.load(tmp_path / "copy" / "1"), orbax_0_5_writer.aggregated(1))
+
+
+@pytest.mark.parametrize("damage, said", [
+    (lambda data: data[:-3], "runs past the end"), (lambda data: b"\xc1" + data, "starts no msgpack value"),
+    (lambda data: data.replace(b"float32", b"object\x00"), "dtype 'object"),
+    (lambda data: data.replace(b"\xa6params", b"\xa6paramz"), "no value for leaf default['params']['b']")])
+def test_a_damaged_msgpack_file_of_aggregated_orbax_leaves_raises_naming_it(tmp_path, damage, said):
+    root = Path(shutil.copytree(ORBAX_0_5 / "aggregate", tmp_path / "run"))
+    path = root / "1" / "default" / "checkpoint"
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(errors.CheckpointCorruptedError, match=re.escape(said)) as raised:
+        ckpt.load(root / "1")
+    assert str(path) in str(raised.value)
+
+
 def test_the_one_item_of_a_v0_step_loads_without_its_name_as_orbaxs_load_reads_it(orbax_runs):
     """ckpt.load of a v0 CheckpointManager's step holding only default/ raised CheckpointableNotFoundError
     ('state' is not in it), where Orbax's load returns that item, and ckpt's own steps fall back to their only tree."""

@@ -24,6 +24,8 @@ import os
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
+
 from ckpt import leaves as leaves_lib
 from ckpt import format as fmt
 from ckpt import loading, schema, storage
@@ -364,6 +366,8 @@ class Step:
         """Reads every array of the step's PyTree items, one at a time: (key path, bytes, why it cannot
         be read or None)."""
         for name, item in self.pytrees.items():
+            for array, meta in ((a, item.metas[i]) for i, a in item.aggregated.items()):  # (decoded when opened)
+                yield f"{name}{meta['path']}", array.nbytes, None
             for i, store in item.stores.items():
                 source = ArraySource(item, item.metas[i], store)
                 try:
@@ -377,10 +381,10 @@ class Step:
         """The items as ``loading.load_trees`` builds them from their Orbax files."""
         every: list[ArraySource] = []  # the sources made
 
-        def sources(name: str, metas: list[dict], wanted) -> list[ArraySource | None]:
+        def sources(name: str, metas: list[dict], wanted) -> list[ArraySource | np.ndarray | None]:
             item = self.pytrees.get(name)
             row = item.sources(wanted) if item is not None else [None] * len(metas)
-            every.extend(source for source in row if source is not None)
+            every.extend(source for source in row if isinstance(source, ArraySource))
             return row
 
         def reads() -> list[tuple[ArraySource, list]]:

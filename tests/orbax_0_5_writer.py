@@ -8,6 +8,8 @@ aggregate/:         the legacy CheckpointManager(root, PyTreeCheckpointer()), :f
                     1 with the save_args of flax.training.orbax_utils.save_args_from_target (flax <= 0.8.5:
                     SaveArgs(aggregate=True) for every leaf of a single process), so every leaf is in the msgpack
                     file ``checkpoint``; 2 with the leaves under 4 elements aggregated, as Orbax's docs showed
+direct/tree/:       a direct checkpoint, PyTreeCheckpointer().save(path, state(3)): before 0.6, Orbax's Checkpointer
+                    wrote no _CHECKPOINT_METADATA
 
 The values are functions of the step, rebuilt by tests/test_orbax_runs.py without Orbax.
 """
@@ -44,6 +46,7 @@ def main(directory: Path) -> None:
         manager.save(step, aggregated(step), save_kwargs={"save_args": save_args})
     manager.wait_until_finished()
     manager.close()
+    ocp.PyTreeCheckpointer().save(directory / "direct" / "tree", state(3))
 
 
 if __name__ == "__main__":

@@ -502,6 +502,15 @@ def test_a_tree_orbax_saved_without_a_checkpoint_metadata_file_says_how_ckpt_loa
     abstract = orbax_writer.mixed_abstract(3, string=False)
     assert_same(ckpt.load(tree.parent, abstract, checkpointable_name="orbax-test"),
                 orbax_writer.mixed_state(3, string=False))
+def test_a_direct_checkpoint_of_orbax_before_0_6_says_how_to_load_it_and_loads_so():
+    """Orbax 0.5's PyTreeCheckpointer wrote no _CHECKPOINT_METADATA; README said ckpt.load(path) read every v0 direct
+    checkpoint, and the refusal called the directory an item of a step of Orbax before 0.5."""
+    path = ORBAX_0_5 / "direct" / "tree"
+    with pytest.raises(errors.CheckpointNotFoundError, match="a Checkpointer of Orbax before 0.6, saved alone"):
+        ckpt.load(path)
+    assert_same(ckpt.load(path.parent, checkpointable_name="tree"), orbax_0_5_writer.state(3))
+
+
 def test_a_tree_orbax_saved_at_a_path_of_its_own_loads_shows_and_verifies_as_the_state(orbax_runs, capsys):
     """Such a directory holds the item's own files, which were taken for its items: ckpt.load raised
     'it has ['array_metadatas', 'd', 'ocdbt.process_0']', and ckpt verify said ok of it, reading no array."""

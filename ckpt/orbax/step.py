@@ -125,7 +125,8 @@ def check_checkpoint(path: storage.Location) -> None:
     if (_is_item(path, path) or _is_named_item(path)) and is_step(path.parent):
         why = ("which Orbax does not load alone either" if has_step_files(path.parent) else
                f"as ckpt reads a directory of Orbax's trees without a {CHECKPOINT_METADATA} (a step of Orbax before "
-               "0.5, or trees a handler saved without a Checkpointer; Orbax's load reads such a tree alone)")
+               "0.5, or trees a handler, or a Checkpointer of Orbax before 0.6, saved alone; Orbax's load reads such "
+               "a tree alone)")
         raise CheckpointNotFoundError(
             f"no checkpoint at {path}: it is the checkpointable {path.name!r} of the Orbax step {path.parent}, "
             f"{why}; load the step with checkpointable_name={path.name!r}")

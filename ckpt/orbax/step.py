@@ -99,11 +99,24 @@ def _head(path: Path, size: int) -> bytes:
         return f.read(size)
 
 
+ON_OBJECT_STORE = ("a checkpoint Orbax wrote, which ckpt reads in local directories only: copy it, or its run, into one "
+                   "to load it or continue the run (`ckpt convert` then makes the run ckpt's)")
+
+
+def is_step_on_object_store(path: storage.Location) -> bool:
+    """Whether ``path``, on an object store, holds the files Orbax gives a step (``_CHECKPOINT_METADATA`` or
+    ``commit_success.txt``): a checkpoint Orbax wrote there (:data:`ON_OBJECT_STORE`). Two requests at most."""
+    return not isinstance(path, Path) and any(path.holds(name) for name in (CHECKPOINT_METADATA, COMMIT_SUCCESS))
+
+
 def check_checkpoint(path: storage.Location) -> None:
     """Raises CheckpointNotFoundError naming ``path`` when it holds Orbax's files but is no checkpoint
     Orbax loads: a save Orbax began and never committed (a ``_CHECKPOINT_METADATA`` without a commit
     time: its items may be half-written) or did not rename to its step's name (``3.orbax-checkpoint-tmp``),
-    or one item of a step (``<step>/state``), whose step is the checkpoint to load."""
+    or one item of a step (``<step>/state``), whose step is the checkpoint to load; UnsupportedLayoutError for
+    a checkpoint Orbax wrote on an object store (see :func:`is_step_on_object_store`)."""
+    if is_step_on_object_store(path):
+        raise UnsupportedLayoutError(f"{path} is {ON_OBJECT_STORE}", path=path)
     if not (isinstance(path, Path) and files.is_plain_dir(path)):
         return
     if is_temporary(path.name) and has_step_files(path):

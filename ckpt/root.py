@@ -235,6 +235,8 @@ def _classify_dir(path: storage.Location, step: int | None, *, local: bool, read
         raise FileNotFoundError(errno.ENOENT, f"{path} was removed", str(path))
     elif orbax.is_step_on_object_store(path):
         holds = f"{holds}: {orbax.ON_OBJECT_STORE}"
+    elif local and orbax.is_tree_saved_alone(path):
+        holds = f"{holds}: {orbax.ALONE} (ckpt.load({str(path.parent)!r}, checkpointable_name={path.name!r}))"
     return Entry(path, Kind.FOREIGN, step, holds)
 
 

@@ -502,6 +502,8 @@ def test_a_tree_orbax_saved_without_a_checkpoint_metadata_file_says_how_ckpt_loa
     abstract = orbax_writer.mixed_abstract(3, string=False)
     assert_same(ckpt.load(tree.parent, abstract, checkpointable_name="orbax-test"),
                 orbax_writer.mixed_state(3, string=False))
+
+
 def test_a_direct_checkpoint_of_orbax_before_0_6_says_how_to_load_it_and_loads_so():
     """Orbax 0.5's PyTreeCheckpointer wrote no _CHECKPOINT_METADATA; README said ckpt.load(path) read every v0 direct
     checkpoint, and the refusal called the directory an item of a step of Orbax before 0.5."""
@@ -509,6 +511,31 @@ def test_a_direct_checkpoint_of_orbax_before_0_6_says_how_to_load_it_and_loads_s
     with pytest.raises(errors.CheckpointNotFoundError, match="a Checkpointer of Orbax before 0.6, saved alone"):
         ckpt.load(path)
     assert_same(ckpt.load(path.parent, checkpointable_name="tree"), orbax_0_5_writer.state(3))
+
+
+def test_a_root_of_flax_checkpoints_orbax_before_0_6_wrote_says_why_it_lists_no_step(tmp_path, caplog):
+    """flax.training.checkpoints saved checkpoint_<step> with Orbax's PyTreeCheckpointer, which before 0.6 wrote no
+    _CHECKPOINT_METADATA: ckpt lists such trees as no steps (One directory per step), and a Checkpointer on that root
+    said nothing (a resumed run started over) or, given the prefix, called each 'not a committed step'."""
+    root = tmp_path / "run"
+    for step in (1, 3):
+        shutil.copytree(ORBAX_0_5 / "direct" / "tree", root / f"checkpoint_{step}")
+    before = file_hashes(root)
+    with caplog.at_level(logging.WARNING, logger="ckpt"):
+        assert ckpt.Checkpointer(root).checkpoints == []
+    assert "holds trees (checkpoint_1, checkpoint_3), each a tree Orbax saved without a _CHECKPOINT_METADATA" in \
+        caplog.text and f"ckpt.load({str(root)!r}, checkpointable_name='checkpoint_3')" in caplog.text
+    caplog.clear()
+    name_format = step_lib.standard_name_format(step_prefix="checkpoint")
+    with caplog.at_level(logging.WARNING, logger="ckpt"):
+        with ckpt.Checkpointer(root, step_name_format=name_format,
+                               preservation_policy=preservation_policies.LatestN(1)) as ckptr:
+            ckptr.save(4, {"w": np.ones(2)}, force=True)
+            assert [c.step for c in ckptr.checkpoints] == [4]
+    assert f"skipping {root / 'checkpoint_1'}, which holds a directory holding '_METADATA', 'checkpoint', 'd', " \
+           "'manifest.ocdbt', 'ocdbt.process_0': a tree Orbax saved without a _CHECKPOINT_METADATA" in caplog.text
+    assert {k: v for k, v in file_hashes(root).items() if k.split("/")[0] in ("checkpoint_1", "checkpoint_3")} == before
+    assert_same(ckpt.load(root, checkpointable_name="checkpoint_3"), orbax_0_5_writer.state(3))
 
 
 def test_a_tree_orbax_saved_at_a_path_of_its_own_loads_shows_and_verifies_as_the_state(orbax_runs, capsys):

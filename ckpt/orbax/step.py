@@ -71,6 +71,18 @@ def is_step(path: Any) -> bool:
                for name in names)
 
 
+def is_tree_saved_alone(path: Path) -> bool:
+    """Whether the local directory ``path`` holds an Orbax tree itself, without a ``_CHECKPOINT_METADATA``: a
+    tree a handler saved alone, or a direct checkpoint of Orbax before 0.6 (``flax.training.checkpoints``'
+    ``checkpoint_100`` of then), which ckpt reads as a checkpointable of its directory, not as a step."""
+    return files.is_plain_dir(path) and _is_item(path, path)
+
+
+ALONE = ("a tree Orbax saved without a _CHECKPOINT_METADATA (a direct checkpoint of Orbax before 0.6, as "
+         "flax.training.checkpoints saved its checkpoint_<step> then), which ckpt reads as a checkpointable of its "
+         "directory, not as a step")
+
+
 def has_step_files(path: Path) -> bool:
     """Whether ``path`` holds the files Orbax gives a step directory (``_CHECKPOINT_METADATA`` or
     ``commit_success.txt``), committed or not: two stats, where :func:`is_step` may list the directory."""

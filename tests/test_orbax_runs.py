@@ -268,6 +268,7 @@ def test_leaves_orbax_before_0_5_21_saved_aggregated_load_bit_for_bit_verify_and
 @pytest.mark.parametrize("damage, said", [
     (lambda data: data[:-3], "runs past the end"), (lambda data: b"\xc1" + data, "starts no msgpack value"),
     (lambda data: data.replace(b"float32", b"object\x00"), "dtype 'object"),
+    (lambda data: data.replace(b"\x92\x02\x03\xa7float32", b"\x92\x02\xff\xa7float32"), "is not [shape, dtype, bytes]"),
     (lambda data: data.replace(b"\xa6params", b"\xa6paramz"), "no value for leaf default['params']['b']")])
 def test_a_damaged_msgpack_file_of_aggregated_orbax_leaves_raises_naming_it(tmp_path, damage, said):
     root = Path(shutil.copytree(ORBAX_0_5 / "aggregate", tmp_path / "run"))
@@ -276,6 +277,27 @@ def test_a_damaged_msgpack_file_of_aggregated_orbax_leaves_raises_naming_it(tmp_
     with pytest.raises(errors.CheckpointCorruptedError, match=re.escape(said)) as raised:
         ckpt.load(root / "1")
     assert str(path) in str(raised.value)
+
+
+def test_an_aggregated_orbax_array_split_into_chunks_loads_whole(tmp_path):
+    """Orbax splits an aggregated array over 1 GiB into flat chunks (msgpack_utils' __msgpack_chunked_array__)."""
+    msgpack = pytest.importorskip("msgpack")
+    root = Path(shutil.copytree(ORBAX_0_5 / "aggregate", tmp_path / "run"))
+    path = root / "1" / "default" / "checkpoint"
+    tree = msgpack.unpackb(path.read_bytes())
+    w = orbax_0_5_writer.aggregated(1)["params"]["w"]
+
+    def array(a: np.ndarray):
+        return msgpack.ExtType(1, msgpack.packb([list(a.shape), a.dtype.name, a.tobytes()], use_bin_type=True))
+
+    tree["params"]["w"] = {"__msgpack_chunked_array__": True, "shape": {"0": 2, "1": 3},
+                           "chunks": {"0": array(w.reshape(-1)[:4]), "1": array(w.reshape(-1)[4:])}}
+    path.write_bytes(msgpack.packb(tree, use_bin_type=True))
+    assert_same(ckpt.load(root / "1"), orbax_0_5_writer.aggregated(1))
+    tree["params"]["w"]["shape"] = {"0": -1, "1": 3}
+    path.write_bytes(msgpack.packb(tree, use_bin_type=True))
+    with pytest.raises(errors.CheckpointCorruptedError, match=r"default\['params'\]\['w'\]: an array split into chunks"):
+        ckpt.load(root / "1")
 
 
 def test_the_one_item_of_a_v0_step_loads_without_its_name_as_orbaxs_load_reads_it(orbax_runs):

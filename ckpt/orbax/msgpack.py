@@ -123,15 +123,14 @@ class _Reader:
 
 def _array(fields: Any, at: int) -> np.ndarray:
     """An array from Orbax's ``[shape, dtype name, bytes]``; its size must be that of its bytes."""
-    if not (isinstance(fields, list) and len(fields) == 3 and isinstance(fields[0], list)
-            and all(type(d) is int and d >= 0 for d in fields[0]) and isinstance(fields[2], bytes)):
+    if not (isinstance(fields, list) and len(fields) == 3 and _is_shape(fields[0]) and isinstance(fields[2], bytes)):
         raise MsgpackError(f"an array before byte {at} is not [shape, dtype, bytes]")
     shape, name, buffer = fields
     try:
         dtype = leaves_lib.parse_dtype(name.decode() if isinstance(name, bytes) else name)
     except (ValueError, UnicodeDecodeError):
         raise MsgpackError(f"an array before byte {at} has dtype {name!r}, which ckpt does not read") from None
-    if dtype.itemsize * int(np.prod(shape, dtype=object)) != len(buffer):
+    if dtype.itemsize == 0 or dtype.itemsize * int(np.prod(shape, dtype=object)) != len(buffer):
         raise MsgpackError(f"an array before byte {at} of shape {shape} and dtype {dtype} holds {len(buffer)} bytes")
     return np.frombuffer(buffer, dtype).reshape(shape).copy()
 
@@ -143,8 +142,13 @@ def unchunked(value: Any) -> Any:
     try:
         shape = [value["shape"][str(i)] for i in range(len(value["shape"]))]
         chunks = [value["chunks"][str(i)] for i in range(len(value["chunks"]))]
-        if all(type(d) is int for d in shape) and chunks and all(isinstance(c, np.ndarray) for c in chunks):
+        if _is_shape(shape) and chunks and all(isinstance(c, np.ndarray) for c in chunks):
             return np.concatenate(chunks).reshape(shape)
     except (KeyError, TypeError, ValueError):
         pass
     raise MsgpackError("an array split into chunks is malformed")
+
+
+def _is_shape(shape: Any) -> bool:
+    """A list of at most numpy's 64 sizes, each an int >= 0."""
+    return isinstance(shape, list) and len(shape) <= 64 and all(type(d) is int and d >= 0 for d in shape)

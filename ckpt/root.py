@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
 
 from ckpt import format as fmt
-from ckpt import formats, loading, objectstore, schema, storage
+from ckpt import formats, loading, objectstore, orbax, schema, storage
 from ckpt.errors import (CheckpointCorruptedError, CheckpointNotFoundError, ForeignEntryError, InvalidLayoutError,
                          RootDirectoryError, StepAlreadyExistsError, StepNotFoundError, StepReplacedError)
 
@@ -233,6 +233,10 @@ def _classify_dir(path: storage.Location, step: int | None, *, local: bool, read
         holds = f"{holds}: a step of ckpt's whose {fmt.MANIFEST} is missing (damaged; kept for inspection)"
     elif not storage.exists(path):  # removed since it was listed (an object store's deletion, object by object)
         raise FileNotFoundError(errno.ENOENT, f"{path} was removed", str(path))
+    elif orbax.is_step_on_object_store(path):
+        holds = f"{holds}: {orbax.ON_OBJECT_STORE}"
+    elif local and orbax.is_tree_saved_alone(path):
+        holds = f"{holds}: {orbax.ALONE} (ckpt.load({str(path.parent)!r}, checkpointable_name={path.name!r}))"
     return Entry(path, Kind.FOREIGN, step, holds)
 
 

@@ -301,6 +301,13 @@ class Checkpointer:
                            "pass the step_name_format they were written with: step_name_format=%s", self._directory,
                            ", ".join(others[:3]) + (" ..." if len(others) > 3 else ""), self._name_format,
                            _as_call(found))
+            return
+        alone = sorted(name for name in storage.list_names(self._directory)
+                       if orbax.is_tree_saved_alone(self._directory / name))
+        if alone:
+            logger.warning("ckpt: %s lists no step; it holds %s (%s), each %s: ckpt.load(%r, checkpointable_name=%r)",
+                           self._directory, "trees" if len(alone) > 1 else "a tree", ", ".join(alone[:3])
+                           + (" ..." if len(alone) > 3 else ""), orbax.ALONE, str(self._directory), alone[-1])
 
     def _with_manifests(self) -> list[CheckpointMetadata]:
         """The checkpoints with the metrics and times ``lightweight_initialize`` skipped, read now and kept:

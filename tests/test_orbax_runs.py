@@ -23,7 +23,7 @@ from ckpt.convert import convert_root
 from ckpt.integrations.flax import CheckpointHook, restore_train_state
 from ckpt.path import step as step_lib
 from ckpt.training import preservation_policies, save_decision_policies
-from tests import fsutil, orbax_writer, procs
+from tests import fsutil, orbax_0_5_writer, orbax_writer, procs
 from tests.orbax_writer import FLAX_SAVES, flax_train, nnx_train
 
 SINGLE_NAMES = step_lib.standard_name_format(step_prefix="step", step_format_fixed_length=4)
@@ -223,6 +223,81 @@ def test_v0_single_and_named_items_load_bit_for_bit(orbax_runs):
     assert_same(ckpt.load(step_dir, orbax_writer.mixed_abstract(7), checkpointable_name="model"),
                 orbax_writer.mixed_state(7))
     assert ckpt.checkpointables_metadata(step_dir).metadata["std"]["x"].shape == (2, 3)
+
+
+ORBAX_0_5 = Path(__file__).parent / "orbax_0_5"  # runs Orbax 0.5.9 wrote (tests/orbax_0_5_writer.py)
+
+
+def test_an_item_orbax_0_10_or_earlier_saved_without_ocdbt_loads_and_its_run_continues(tmp_path):
+    """Orbax 0.10 and earlier did not record use_ocdbt in an item's _METADATA; ckpt took every such item for an OCDBT
+    database, so one saved with use_ocdbt=False (a zarr directory per array) raised CheckpointCorruptedError
+    ('Metadata at "k/.zarray" in OCDBT database ... does not exist'), where Orbax looks for the database's manifest."""
+    root = Path(shutil.copytree(ORBAX_0_5 / "no_ocdbt", tmp_path / "run"))
+    before = file_hashes(root)
+    with ckpt.Checkpointer(root) as ckptr:
+        assert [c.step for c in ckptr.checkpoints] == [1]
+        assert_same(ckptr.load(1, checkpointable_name="model"), orbax_0_5_writer.state(1))
+        ckptr.save(2, orbax_0_5_writer.state(2), force=True)
+        assert_same(ckptr.load(2), orbax_0_5_writer.state(2))
+    assert {k: v for k, v in file_hashes(root).items() if k.startswith("1/")} == before
+
+
+def test_leaves_orbax_before_0_5_21_saved_aggregated_load_bit_for_bit_verify_and_continue(tmp_path, capsys):
+    """Flax's save_args_from_target (up to flax 0.8.5) saved every leaf with SaveArgs(aggregate=True): Orbax kept
+    them in the item's msgpack file ``checkpoint``, its _METADATA marking them skip_deserialize. ckpt looked for
+    them as arrays, so every load raised CheckpointCorruptedError ('Metadata at "k/.zarray" ... does not exist'),
+    ckpt verify called the steps damaged and ckpt convert could not copy them."""
+    root = Path(shutil.copytree(ORBAX_0_5 / "aggregate", tmp_path / "run"))
+    before = file_hashes(root)
+    with ckpt.Checkpointer(root) as ckptr:
+        assert [c.step for c in ckptr.checkpoints] == [1, 2]
+        for step in (1, 2):  # 1: every leaf aggregated; 2: the small ones, the others in OCDBT
+            want = orbax_0_5_writer.aggregated(step)
+            assert_same(ckptr.load(step), want)
+            assert_same(ckptr.load(step, want), want)
+        assert ckptr.metadata(1).metadata["params"]["b"].dtype == want["params"]["b"].dtype
+        ckptr.save(3, ckptr.load(2), force=True)
+        assert_same(ckptr.load(3), orbax_0_5_writer.aggregated(2))
+    assert {k: v for k, v in file_hashes(root).items() if k[:2] in ("1/", "2/")} == before
+    status, out = run_cli(capsys, "verify", str(root))
+    assert status == 0 and "3 of 3 steps ok" in out, out
+    assert cli.main(["convert", str(root), str(tmp_path / "copy")]) == 0
+    assert_same(ckpt.load(tmp_path / "copy" / "1"), orbax_0_5_writer.aggregated(1))
+
+
+@pytest.mark.parametrize("damage, said", [
+    (lambda data: data[:-3], "runs past the end"), (lambda data: b"\xc1" + data, "starts no msgpack value"),
+    (lambda data: data.replace(b"float32", b"object\x00"), "dtype 'object"),
+    (lambda data: data.replace(b"\x92\x02\x03\xa7float32", b"\x92\x02\xff\xa7float32"), "is not [shape, dtype, bytes]"),
+    (lambda data: data.replace(b"\xa6params", b"\xa6paramz"), "no value for leaf default['params']['b']")])
+def test_a_damaged_msgpack_file_of_aggregated_orbax_leaves_raises_naming_it(tmp_path, damage, said):
+    root = Path(shutil.copytree(ORBAX_0_5 / "aggregate", tmp_path / "run"))
+    path = root / "1" / "default" / "checkpoint"
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(errors.CheckpointCorruptedError, match=re.escape(said)) as raised:
+        ckpt.load(root / "1")
+    assert str(path) in str(raised.value)
+
+
+def test_an_aggregated_orbax_array_split_into_chunks_loads_whole(tmp_path):
+    """Orbax splits an aggregated array over 1 GiB into flat chunks (msgpack_utils' __msgpack_chunked_array__)."""
+    msgpack = pytest.importorskip("msgpack")
+    root = Path(shutil.copytree(ORBAX_0_5 / "aggregate", tmp_path / "run"))
+    path = root / "1" / "default" / "checkpoint"
+    tree = msgpack.unpackb(path.read_bytes())
+    w = orbax_0_5_writer.aggregated(1)["params"]["w"]
+
+    def array(a: np.ndarray):
+        return msgpack.ExtType(1, msgpack.packb([list(a.shape), a.dtype.name, a.tobytes()], use_bin_type=True))
+
+    tree["params"]["w"] = {"__msgpack_chunked_array__": True, "shape": {"0": 2, "1": 3},
+                           "chunks": {"0": array(w.reshape(-1)[:4]), "1": array(w.reshape(-1)[4:])}}
+    path.write_bytes(msgpack.packb(tree, use_bin_type=True))
+    assert_same(ckpt.load(root / "1"), orbax_0_5_writer.aggregated(1))
+    tree["params"]["w"]["shape"] = {"0": -1, "1": 3}
+    path.write_bytes(msgpack.packb(tree, use_bin_type=True))
+    with pytest.raises(errors.CheckpointCorruptedError, match=r"default\['params'\]\['w'\]: an array split into chunks"):
+        ckpt.load(root / "1")
 
 
 def test_the_one_item_of_a_v0_step_loads_without_its_name_as_orbaxs_load_reads_it(orbax_runs):
@@ -449,6 +524,42 @@ def test_a_tree_orbax_saved_without_a_checkpoint_metadata_file_says_how_ckpt_loa
     abstract = orbax_writer.mixed_abstract(3, string=False)
     assert_same(ckpt.load(tree.parent, abstract, checkpointable_name="orbax-test"),
                 orbax_writer.mixed_state(3, string=False))
+
+
+def test_a_direct_checkpoint_of_orbax_before_0_6_says_how_to_load_it_and_loads_so():
+    """Orbax 0.5's PyTreeCheckpointer wrote no _CHECKPOINT_METADATA; README said ckpt.load(path) read every v0 direct
+    checkpoint, and the refusal called the directory an item of a step of Orbax before 0.5."""
+    path = ORBAX_0_5 / "direct" / "tree"
+    with pytest.raises(errors.CheckpointNotFoundError, match="a Checkpointer of Orbax before 0.6, saved alone"):
+        ckpt.load(path)
+    assert_same(ckpt.load(path.parent, checkpointable_name="tree"), orbax_0_5_writer.state(3))
+
+
+def test_a_root_of_flax_checkpoints_orbax_before_0_6_wrote_says_why_it_lists_no_step(tmp_path, caplog):
+    """flax.training.checkpoints saved checkpoint_<step> with Orbax's PyTreeCheckpointer, which before 0.6 wrote no
+    _CHECKPOINT_METADATA: ckpt lists such trees as no steps (One directory per step), and a Checkpointer on that root
+    said nothing (a resumed run started over) or, given the prefix, called each 'not a committed step'."""
+    root = tmp_path / "run"
+    for step in (1, 3):
+        shutil.copytree(ORBAX_0_5 / "direct" / "tree", root / f"checkpoint_{step}")
+    before = file_hashes(root)
+    with caplog.at_level(logging.WARNING, logger="ckpt"):
+        assert ckpt.Checkpointer(root).checkpoints == []
+    assert "holds trees (checkpoint_1, checkpoint_3), each a tree Orbax saved without a _CHECKPOINT_METADATA" in \
+        caplog.text and f"ckpt.load({str(root)!r}, checkpointable_name='checkpoint_3')" in caplog.text
+    caplog.clear()
+    name_format = step_lib.standard_name_format(step_prefix="checkpoint")
+    with caplog.at_level(logging.WARNING, logger="ckpt"):
+        with ckpt.Checkpointer(root, step_name_format=name_format,
+                               preservation_policy=preservation_policies.LatestN(1)) as ckptr:
+            ckptr.save(4, {"w": np.ones(2)}, force=True)
+            assert [c.step for c in ckptr.checkpoints] == [4]
+    assert f"skipping {root / 'checkpoint_1'}, which holds a directory holding '_METADATA', 'checkpoint', 'd', " \
+           "'manifest.ocdbt', 'ocdbt.process_0': a tree Orbax saved without a _CHECKPOINT_METADATA" in caplog.text
+    assert {k: v for k, v in file_hashes(root).items() if k.split("/")[0] in ("checkpoint_1", "checkpoint_3")} == before
+    assert_same(ckpt.load(root, checkpointable_name="checkpoint_3"), orbax_0_5_writer.state(3))
+
+
 def test_a_tree_orbax_saved_at_a_path_of_its_own_loads_shows_and_verifies_as_the_state(orbax_runs, capsys):
     """Such a directory holds the item's own files, which were taken for its items: ckpt.load raised
     'it has ['array_metadatas', 'd', 'ocdbt.process_0']', and ckpt verify said ok of it, reading no array."""

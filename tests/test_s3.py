@@ -192,6 +192,32 @@ def test_s3_loading_a_step_without_its_manifest_says_it_is_not_committed(bucket)
             read(f"{bucket}/one")  # was: StepNotFoundError, 'deleted while it was being read'
 
 
+def test_s3_an_orbax_run_there_is_said_to_be_read_in_local_directories_only_and_left_whole(bucket, caplog, capsys):
+    """ckpt reads Orbax's steps in local directories; on an object store a Checkpointer skipped them saying each
+    'is not a committed step', and ckpt.load said the step had 'none of the files ckpt writes'."""
+    from pathlib import Path
+
+    import ckpt
+    from ckpt import cli, errors
+    from ckpt.objectstore import ObjectPath
+
+    item = Path(__file__).parent / "orbax_0_5" / "no_ocdbt" / "1"
+    names = [str(p.relative_to(item)) for p in sorted(item.rglob("*")) if p.is_file()]
+    for name in names:
+        ObjectPath(f"{bucket}/1/{name}").write_bytes((item / name).read_bytes())
+    ObjectPath(f"{bucket}/1/commit_success.txt").write_text("Checkpoint commit was successful to s3://...")
+    with Checkpointer(bucket, preservation_policy=pp.LatestN(1)) as ckptr:
+        assert ckptr.checkpoints == []
+        ckptr.save(2, state(2))
+        ckptr.save(3, state(3))
+    assert "s3://" in caplog.text and "a checkpoint Orbax wrote, which ckpt reads in local directories only" in caplog.text
+    for read in (ckpt.load, ckpt.metadata):
+        with pytest.raises(errors.UnsupportedLayoutError, match="Orbax wrote, which ckpt reads in local directories"):
+            read(f"{bucket}/1")
+    assert cli.main(["show", f"{bucket}/1"]) == 2 and "local directories only" in capsys.readouterr().err
+    assert all(ObjectPath(f"{bucket}/1/{name}").exists() for name in names)
+
+
 REFUSED = """
 import sys
 import numpy as np

@@ -11,8 +11,10 @@ Example::
     if orbax.is_step(Path("orbax_run/100")):
         trees = orbax.Step(Path("orbax_run/100")).load(None, partial_load=False)   # {"state": {...}}
 """
-from ckpt.orbax.step import (Step, check_checkpoint, handled, has_root_metadata, has_step_files, info, is_step,
-                              is_temporary, is_whole, items, root_custom_metadata)
+from ckpt.orbax.step import (ALONE, ON_OBJECT_STORE, Step, check_checkpoint, handled, has_root_metadata, has_step_files,
+                              info, is_step, is_step_on_object_store, is_temporary, is_tree_saved_alone, is_whole, items,
+                              root_custom_metadata)
 
-__all__ = ["Step", "check_checkpoint", "handled", "has_root_metadata", "has_step_files", "info", "is_step",
-           "is_temporary", "is_whole", "items", "root_custom_metadata"]
+__all__ = ["ALONE", "ON_OBJECT_STORE", "Step", "check_checkpoint", "handled", "has_root_metadata", "has_step_files",
+           "info", "is_step", "is_step_on_object_store", "is_temporary", "is_tree_saved_alone", "is_whole", "items",
+           "root_custom_metadata"]

@@ -9,7 +9,8 @@ containers. A jax array's ``NamedSharding`` is in ``_sharding`` (by the base64 o
 as ckpt restores its own (``ckpt.shardings``). Arrays live in one OCDBT database (``manifest.ocdbt``, ``d/``, ``ocdbt.process_<i>/``) or,
 with ``use_ocdbt=False``, one directory each; zarr3 or zarr v2 by ``use_zarr3``. A typed PRNG key is
 stored as its key data, its implementation in ``array_metadatas/process_<i>``, and its sharding (the key
-data's) as the keys'.
+data's) as the keys'. A leaf Orbax before 0.5.21 saved with ``SaveArgs(aggregate=True)`` (``skip_deserialize`` in
+``_METADATA``) is in the item's msgpack file ``checkpoint`` instead (:mod:`ckpt.orbax.msgpack`).
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from ckpt import leaves as leaves_lib
 from ckpt import storage
 from ckpt import tree as tree_lib
 from ckpt.errors import CheckpointCorruptedError, UnsupportedLayoutError
-from ckpt.orbax import files
+from ckpt.orbax import files, msgpack
 
 _CONTEXT = ts.Context({"cache_pool": {"total_bytes_limit": 0}, "cache_pool#ocdbt": {"total_bytes_limit": 64 << 20}})
 _SEQUENCE, _MAPPING = 1, 2
@@ -93,7 +94,9 @@ class PyTreeItem:
         if not isinstance(entries, dict):
             raise UnsupportedLayoutError(f"{directory}/_METADATA has no tree_metadata: this Orbax layout (written "
                                          "before Orbax 0.5?) is not one ckpt reads", path=directory)
-        self._ocdbt = bool(metadata.get("use_ocdbt", True))
+        # Orbax 0.10 and earlier did not record use_ocdbt: as Orbax reads such an item, its database's manifest says
+        self._ocdbt = (bool(metadata["use_ocdbt"]) if metadata.get("use_ocdbt") is not None
+                       else files.is_plain_file(directory / "manifest.ocdbt"))
         self._zarr3 = bool(metadata.get("use_zarr3", False))
         self._fill_missing = not metadata.get("store_array_data_equal_to_fill_value", False)
         root, found = _Container("dict"), []
@@ -115,6 +118,7 @@ class PyTreeItem:
         by_path = {tuple(k for _, k in keys): value for keys, value in found}
         self.metas: list[dict] = []
         self.stores: dict[int, ts.TensorStore] = {}
+        self.aggregated: dict[int, np.ndarray] = {}  # the arrays of the msgpack file (see ckpt.orbax.msgpack)
         self._describe(leaf_paths, by_path, budget)
         if one_array:
             node = self._unwrapped(node)
@@ -130,7 +134,7 @@ class PyTreeItem:
 
     def _describe(self, leaf_paths: list[tree_lib.KeyPath], by_path: dict[tuple, dict], budget: int) -> None:
         """Fills ``metas`` (opening every array, all at once, each refused past ``budget`` bytes) and ``stores``."""
-        strings, impls, opening = None, self._key_impls(), {}
+        strings, impls, opening, aggregate = None, self._key_impls(), {}, None
         placed = self._shardings()
         for i, path in enumerate(leaf_paths):
             value = by_path[tuple(k for _, k in path)]
@@ -138,6 +142,9 @@ class PyTreeItem:
             meta: dict[str, Any] = {"path": tree_lib.keystr(path)}
             if kind == "None":
                 meta.update(type="none", value=None)
+            elif value.get("skip_deserialize") is True and kind in ("jax.Array", "np.ndarray", "scalar", "string"):
+                aggregate = self._aggregate(budget) if aggregate is None else aggregate
+                self._describe_aggregated(i, path, kind, meta, aggregate)
             elif kind == "string":
                 strings = self._strings() if strings is None else strings
                 if not isinstance(strings.get(name), str):
@@ -190,6 +197,51 @@ class PyTreeItem:
             meta.update(type=leaves_lib.INLINE_TYPES[type(value)], value=value)
             del meta["dtype"], meta["shape"], meta["stored"]
 
+    def _aggregate(self, budget: int) -> Any:
+        """The decoded msgpack ``checkpoint`` file, which holds the leaves Orbax saved with ``aggregate=True``."""
+        path = self.directory / "checkpoint"
+        try:
+            return msgpack.decode(storage.read_json_bytes(path, budget), MAX_DEPTH)
+        except FileNotFoundError:
+            raise CheckpointCorruptedError(f"{path} is missing: the leaves Orbax saved aggregated are in it",
+                                           path=self.step_dir) from None
+        except msgpack.MsgpackError as e:
+            raise CheckpointCorruptedError(f"{path} is not Orbax's msgpack tree: {e}", path=self.step_dir) from None
+        except ValueError as e:  # a link, a special file, or larger than this process may allocate
+            raise CheckpointCorruptedError(f"{e}; not a file of an Orbax checkpoint", path=self.step_dir) from None
+
+    def _describe_aggregated(self, i: int, path: tree_lib.KeyPath, kind: str, meta: dict, aggregate: Any) -> None:
+        """Fills the entry of leaf ``i``, which Orbax saved into the msgpack file, as ckpt's readers take it:
+        a scalar or string inline, an array in ``aggregated``."""
+        value, where = aggregate, f"{self.name}{meta['path']}"
+        for kind_of_key, key in path:  # (Orbax's msgpack tree: dicts keyed by strs, sequences as arrays)
+            if isinstance(value, list) and kind_of_key == "idx" and key < len(value):
+                value = value[key]
+            elif isinstance(value, dict) and str(key) in value:
+                value = value[str(key)]
+            else:
+                raise CheckpointCorruptedError(f"{self.directory}/checkpoint has no value for leaf {where}, which "
+                                               "_METADATA says Orbax saved there", path=self.step_dir, key_paths=(where,))
+        try:
+            value = msgpack.unchunked(value)
+        except msgpack.MsgpackError as e:
+            raise CheckpointCorruptedError(f"{self.directory}/checkpoint: leaf {where}: {e}", path=self.step_dir,
+                                           key_paths=(where,)) from None
+        if kind == "scalar" and isinstance(value, np.ndarray) and value.shape == ():
+            value = value.item()
+        want = {"string": (str,), "scalar": (int, float, bool)}.get(kind, (np.ndarray,))
+        if type(value) not in want:
+            raise CheckpointCorruptedError(f"{self.directory}/checkpoint holds a {type(value).__name__} for leaf "
+                                           f"{where}, whose _METADATA type is {kind}", path=self.step_dir,
+                                           key_paths=(where,))
+        if kind in ("string", "scalar"):
+            meta.update(type=leaves_lib.INLINE_TYPES[type(value)], value=value)
+            return
+        meta.update(type="jax" if kind == "jax.Array" else "numpy", dtype=leaves_lib.dtype_name(value.dtype),
+                    shape=list(value.shape), stored=f"{(self.directory / 'checkpoint').relative_to(self.step_dir)} "
+                                                    "(msgpack)")
+        self.aggregated[i] = value
+
     def _spec(self, name: str) -> dict:
         # A key may hold '/' (Haiku's 'mlp/~/linear_0'): nested directories. '': a tree that is one leaf, whose
         # array is the item directory's own.
@@ -237,12 +289,14 @@ class PyTreeItem:
                 placed[name] = sharding
         return placed
 
-    def sources(self, wanted) -> list[ArraySource | None]:
+    def sources(self, wanted) -> list[ArraySource | np.ndarray | None]:
         """A source for each wanted leaf stored as an array (None for the others)."""
-        row: list[ArraySource | None] = [None] * len(self.metas)
+        row: list[ArraySource | np.ndarray | None] = [None] * len(self.metas)
         for i in wanted:
             if i in self.stores and row[i] is None:
                 row[i] = ArraySource(self, self.metas[i], self.stores[i])
+            elif i in self.aggregated:  # (read already: the array itself, which ckpt.loading takes for its source)
+                row[i] = self.aggregated[i]
         return row
 
 

@@ -24,6 +24,8 @@ import os
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
+
 from ckpt import leaves as leaves_lib
 from ckpt import format as fmt
 from ckpt import loading, schema, storage
@@ -69,6 +71,18 @@ def is_step(path: Any) -> bool:
                for name in names)
 
 
+def is_tree_saved_alone(path: Path) -> bool:
+    """Whether the local directory ``path`` holds an Orbax tree itself, without a ``_CHECKPOINT_METADATA``: a
+    tree a handler saved alone, or a direct checkpoint of Orbax before 0.6 (``flax.training.checkpoints``'
+    ``checkpoint_100`` of then), which ckpt reads as a checkpointable of its directory, not as a step."""
+    return files.is_plain_dir(path) and _is_item(path, path)
+
+
+ALONE = ("a tree Orbax saved without a _CHECKPOINT_METADATA (a direct checkpoint of Orbax before 0.6, as "
+         "flax.training.checkpoints saved its checkpoint_<step> then), which ckpt reads as a checkpointable of its "
+         "directory, not as a step")
+
+
 def has_step_files(path: Path) -> bool:
     """Whether ``path`` holds the files Orbax gives a step directory (``_CHECKPOINT_METADATA`` or
     ``commit_success.txt``), committed or not: two stats, where :func:`is_step` may list the directory."""
@@ -97,11 +111,24 @@ def _head(path: Path, size: int) -> bytes:
         return f.read(size)
 
 
+ON_OBJECT_STORE = ("a checkpoint Orbax wrote, which ckpt reads in local directories only: copy it, or its run, into one "
+                   "to load it or continue the run (`ckpt convert` then makes the run ckpt's)")
+
+
+def is_step_on_object_store(path: storage.Location) -> bool:
+    """Whether ``path``, on an object store, holds the files Orbax gives a step (``_CHECKPOINT_METADATA`` or
+    ``commit_success.txt``): a checkpoint Orbax wrote there (:data:`ON_OBJECT_STORE`). Two requests at most."""
+    return not isinstance(path, Path) and any(path.holds(name) for name in (CHECKPOINT_METADATA, COMMIT_SUCCESS))
+
+
 def check_checkpoint(path: storage.Location) -> None:
     """Raises CheckpointNotFoundError naming ``path`` when it holds Orbax's files but is no checkpoint
     Orbax loads: a save Orbax began and never committed (a ``_CHECKPOINT_METADATA`` without a commit
     time: its items may be half-written) or did not rename to its step's name (``3.orbax-checkpoint-tmp``),
-    or one item of a step (``<step>/state``), whose step is the checkpoint to load."""
+    or one item of a step (``<step>/state``), whose step is the checkpoint to load; UnsupportedLayoutError for
+    a checkpoint Orbax wrote on an object store (see :func:`is_step_on_object_store`)."""
+    if is_step_on_object_store(path):
+        raise UnsupportedLayoutError(f"{path} is {ON_OBJECT_STORE}", path=path)
     if not (isinstance(path, Path) and files.is_plain_dir(path)):
         return
     if is_temporary(path.name) and has_step_files(path):
@@ -123,7 +150,8 @@ def check_checkpoint(path: storage.Location) -> None:
     if (_is_item(path, path) or _is_named_item(path)) and is_step(path.parent):
         why = ("which Orbax does not load alone either" if has_step_files(path.parent) else
                f"as ckpt reads a directory of Orbax's trees without a {CHECKPOINT_METADATA} (a step of Orbax before "
-               "0.5, or trees a handler saved without a Checkpointer; Orbax's load reads such a tree alone)")
+               "0.5, or trees a handler, or a Checkpointer of Orbax before 0.6, saved alone; Orbax's load reads such "
+               "a tree alone)")
         raise CheckpointNotFoundError(
             f"no checkpoint at {path}: it is the checkpointable {path.name!r} of the Orbax step {path.parent}, "
             f"{why}; load the step with checkpointable_name={path.name!r}")
@@ -364,6 +392,8 @@ class Step:
         """Reads every array of the step's PyTree items, one at a time: (key path, bytes, why it cannot
         be read or None)."""
         for name, item in self.pytrees.items():
+            for array, meta in ((a, item.metas[i]) for i, a in item.aggregated.items()):  # (decoded when opened)
+                yield f"{name}{meta['path']}", array.nbytes, None
             for i, store in item.stores.items():
                 source = ArraySource(item, item.metas[i], store)
                 try:
@@ -377,10 +407,10 @@ class Step:
         """The items as ``loading.load_trees`` builds them from their Orbax files."""
         every: list[ArraySource] = []  # the sources made
 
-        def sources(name: str, metas: list[dict], wanted) -> list[ArraySource | None]:
+        def sources(name: str, metas: list[dict], wanted) -> list[ArraySource | np.ndarray | None]:
             item = self.pytrees.get(name)
             row = item.sources(wanted) if item is not None else [None] * len(metas)
-            every.extend(source for source in row if source is not None)
+            every.extend(source for source in row if isinstance(source, ArraySource))
             return row
 
         def reads() -> list[tuple[ArraySource, list]]:

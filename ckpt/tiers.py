@@ -363,6 +363,10 @@ class LocalTier:
         self._decided = (step, durable)
         return self._decide(self.checkpointer, step, replacing=replacing, reached=reached) or durable or preempted
 
+    def held(self, step: int) -> CheckpointMetadata | None:
+        """The local tier's committed copy of ``step``, if any."""
+        return next((c for c in self.checkpointer.checkpoints if c.step == step), None)
+
     def drop_leftovers(self) -> None:
         """With several processes, once the durable tier is listed: deletes the local steps newer than its latest,
         which a job stopped before promoting them left (loads read the durable tier only: the job resumes below
@@ -419,7 +423,7 @@ class LocalTier:
                 root.check_target(final, storage.temporary_for(final), step=step, overwrite=overwrite)
             with self._lock:
                 self._promoting.add(step)
-        if not overwrite and any(c.step == step for c in self.checkpointer.checkpoints):
+        if not overwrite and self.held(step) is not None:
             local = background.finished(True)  # a forced save of a step the local tier holds: promote that copy
         else:
             save = self.checkpointer.save_checkpointables if blocking else self.checkpointer.save_checkpointables_async

@@ -209,8 +209,14 @@ def test_a_save_failing_on_one_rank_raises_on_every_rank_at_once_and_commits_not
         assert (f"rank 0 two tiers {how} failed: RuntimeError: the promotion of {tmp_path / 'run-local' / 'process_0' / str(step)} "
                 f"to {tmp_path / 'run-tiers' / str(step)} failed in another process (process 1: OSError: disk full on rank "
                 "1); nothing was committed") in out, out
-    for r in (0, 1):
-        assert f"rank {r} two tiers steps [(6, ['durable', 'local'])]" in out, out
+    # steps that stay on the local tiers: rank 1 raised, rank 0's save went on (its step on rank 0 alone); a failure
+    # of an async save no one waited for is raised by the next save on every rank (where the ranks meet)
+    for how, step in (("local sync", 7), ("local async", 9), ("local async, not waited for", 11)):
+        assert f"rank 1 two tiers {how} failed: OSError: disk full on rank 1" in out, out
+        assert (f"rank 0 two tiers {how} failed: RuntimeError: the save of step {step} to the local tiers failed in "
+                "another process (process 1: OSError: disk full on rank 1)\n") in out, out
+    assert "rank 0 two tiers steps [(6, ['durable']), (14, ['durable', 'local'])]" in out, out
+    assert "rank 1 two tiers steps [(6, ['durable', 'local']), (14, ['durable', 'local'])]" in out, out
 
 
 @pytest.mark.timeout(300)

@@ -484,6 +484,21 @@ def failing_saves(ckptr: Checkpointer) -> None:
             except OSError if rank == 1 else RuntimeError as e:
                 say(f"rank {rank} two tiers {how} failed: {type(e).__name__}: {e}")
         tiers.save(6, {"w": torch.ones(2)})
+        # steps that stay on the local tiers (the durable policy skips them): rank 0's save went on
+        for step, how in ((7, "local sync"), (9, "local async"), (11, "local async, not waited for")):
+            items = {"state": {"w": torch.ones(2)}, "extra": FailsOnRank1()}
+            try:
+                if how == "local sync":
+                    tiers.save_checkpointables(step, items)
+                else:
+                    response = tiers.save_checkpointables_async(step, items)
+                    if how == "local async":
+                        response.result()
+                    else:  # (its failure raised by the next save, where the ranks meet)
+                        tiers.save(12, {"w": torch.ones(2)})
+            except OSError if rank == 1 else RuntimeError as e:
+                say(f"rank {rank} two tiers {how} failed: {type(e).__name__}: {e}")
+        tiers.save(14, {"w": torch.ones(2)})
         tiers.wait()
         say(f"rank {rank} two tiers steps {[(c.step, sorted(c.locations)) for c in tiers.checkpoints]}")
 
@@ -600,7 +615,7 @@ def mismatched_with_two_tiers() -> None:
                 say(f"rank {rank} tiers {label} failed: {type(e).__name__}: {e}")
         try:
             ckptr.save_checkpointables(11, {"state": {"w": torch.ones(2)}, "extra": FailsOnRank1()})
-        except OSError as e:
+        except (OSError, RuntimeError) as e:  # (on every rank; rank 0's local copy stays)
             say(f"rank {rank} tiers local save failed: {e}")
         try:
             ckptr.save(11, {"w": torch.zeros(2)}, force=True)

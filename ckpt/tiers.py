@@ -70,7 +70,7 @@ from typing import Any, Callable, Sequence
 
 import tensorstore as ts
 
-from ckpt import arguments, background, custom, distributed, errors, formats, loading, root, saving, storage
+from ckpt import arguments, background, distributed, errors, formats, loading, root, saving, storage
 from ckpt import format as fmt
 from ckpt.context import Context, MultiprocessingOptions, get_context
 from ckpt.metadata import CheckpointMetadata
@@ -490,10 +490,8 @@ class LocalTier:
             self.checkpointer.wait()
             self._settling.wait(self._durable.timeout_secs())
             self._durable.writer.raise_failure()
-            options = get_context(self._context)
-            trees, _ = custom.split(checkpointables, options.checkpointables_options.registry)
-            plan = saving.plan(trees, metrics=metrics, custom_metadata=custom_metadata, previous=self._layout,
-                               storage=options.array_options.saving)
+            plan, _ = saving.plan_checkpointables(checkpointables, get_context(self._context), metrics=metrics,
+                                                  custom_metadata=custom_metadata, previous=self._layout)
             self._layout = plan.layout
             planned.append(plan)
 

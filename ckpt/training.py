@@ -744,9 +744,8 @@ class Checkpointer:
         def prepare() -> None:  # a failure in any process raises in all, before any writes
             if refused is not None:
                 raise refused
-            trees, handled = custom.split(checkpointables, options.checkpointables_options.registry)
-            plan = saving.plan(trees, metrics=metrics, custom_metadata=custom_metadata, previous=self._staging.layout,
-                               storage=options.array_options.saving)
+            plan, handled = saving.plan_checkpointables(checkpointables, options, metrics=metrics,
+                                                        custom_metadata=custom_metadata, previous=self._staging.layout)
             self._staging.layout = plan.layout
             self.wait()
             root.check_target(final, storage.temporary_for(final), step=step, overwrite=overwrite)

@@ -67,10 +67,11 @@ class AsyncResponse(Generic[T]):
             self._on_result()
             raise
 
-    def exception(self) -> BaseException | None:
+    def exception(self, *, hurry: bool = True) -> BaseException | None:
         """Waits for the operation and returns its error, or None; unlike ``result()`` it leaves the error to
-        be raised by the next ``save``, ``wait`` or ``close`` (for a job that waits for another's outcome)."""
-        if not self._future.done():
+        be raised by the next ``save``, ``wait`` or ``close`` (for a job that waits for another's outcome).
+        ``hurry=False``: a save written in the background goes on at its own pace."""
+        if hurry and not self._future.done():
             self._hurry()
         return self._future.exception()
 

@@ -13,7 +13,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable
 
-from ckpt import background, custom, distributed, formats, loading, orbax, root, saving, storage, transfers
+from ckpt import background, distributed, formats, loading, orbax, root, saving, storage, transfers
 from ckpt import format as fmt
 from ckpt.context import get_context
 from ckpt.errors import CheckpointNotFoundError, ForeignEntryError, NotACheckpointError
@@ -43,8 +43,7 @@ def _writer(path: str | os.PathLike, checkpointables: dict[str, Any], overwrite:
 
     def prepare() -> None:  # a failure in any process raises in all, before any writes
         options.check()
-        trees, handled = custom.split(checkpointables, options.checkpointables_options.registry)
-        plan = saving.plan(trees, custom_metadata=custom_metadata, storage=options.array_options.saving)
+        plan, handled = saving.plan_checkpointables(checkpointables, options, custom_metadata=custom_metadata)
         root.check_target(final, tmp, step=None, overwrite=overwrite)
         prepared.append((plan, handled))
 

@@ -29,6 +29,7 @@ from ckpt import leaves as leaves_lib
 from ckpt import chunks, collector, custom, distributed, dtensor, entries, loading, packing, preemption, progress, root
 from ckpt import host_memory, storage, storage_options, transfers
 from ckpt import tree as tree_lib
+from ckpt.context import Context
 from ckpt.errors import TreeMismatchError
 from ckpt.metadata import now_nsecs
 from ckpt.tree import KeyPath, keystr
@@ -164,6 +165,20 @@ def _filler(packed: list[PlannedLeaf]) -> Callable[[np.ndarray, int, int], int]:
             buffer[start: start + leaf.nbytes] = _raw_bytes(leaf.host.array)
         return end
     return fill
+
+
+def plan_checkpointables(checkpointables: dict[str, Any], options: Context, *, metrics: Any = None,
+                         custom_metadata: Any = None, previous: layout_lib.Layout | None = None
+                         ) -> tuple[Plan, dict[str, tuple[type | None, Any]]]:
+    """The :func:`plan` of a save's checkpointables with ``options`` (the call's Context: its handler registry and
+    storage options), and the checkpointables their handlers save (:func:`ckpt.custom.split`).
+
+    Raises:
+      ValueError / TypeError: as :func:`ckpt.custom.split` and :func:`plan` do.
+    """
+    trees, handled = custom.split(checkpointables, options.checkpointables_options.registry)
+    return plan(trees, metrics=metrics, custom_metadata=custom_metadata, previous=previous,
+                storage=options.array_options.saving), handled
 
 
 def plan(checkpointables: dict[str, Any], *, metrics: Any = None, custom_metadata: Any = None,

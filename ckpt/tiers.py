@@ -70,7 +70,7 @@ from typing import Any, Callable, Sequence
 
 import tensorstore as ts
 
-from ckpt import arguments, background, custom, distributed, errors, formats, loading, root, saving, storage
+from ckpt import arguments, background, distributed, errors, formats, loading, root, saving, storage
 from ckpt import format as fmt
 from ckpt.context import Context, MultiprocessingOptions, get_context
 from ckpt.metadata import CheckpointMetadata
@@ -308,6 +308,8 @@ class LocalTier:
         self._saving: tuple[int, background.AsyncResponse[bool]] | None = None  # (step, response): last local save
         self._context = context
         self._layout: Any = None  # the last plan's layout (see _agree), which the next one reuses
+        # in a job: where an async save that stays local meets the other processes once written (see _settled)
+        self._settling = background.BackgroundWriter("ckpt-local-settle") if durable.processes.count > 1 else None
         directory = local_directory(options.directory)
         if durable.processes.count > 1:
             directory = process_directory(directory, durable.processes.index)
@@ -363,6 +365,10 @@ class LocalTier:
         self._decided = (step, durable)
         return self._decide(self.checkpointer, step, replacing=replacing, reached=reached) or durable or preempted
 
+    def held(self, step: int) -> CheckpointMetadata | None:
+        """The local tier's committed copy of ``step``, if any."""
+        return next((c for c in self.checkpointer.checkpoints if c.step == step), None)
+
     def drop_leftovers(self) -> None:
         """With several processes, once the durable tier is listed: deletes the local steps newer than its latest,
         which a job stopped before promoting them left (loads read the durable tier only: the job resumes below
@@ -392,14 +398,16 @@ class LocalTier:
         copy marked pending): both, never replaced by a newer promotion).
         Called after a positive decision of either tier (or with ``force``). ``preempted``: ``step`` is the
         step at which the preemption was seen (only that one; later steps follow the policies). A promotion
-        that failed since the last save, ``wait`` or ``close`` is raised first, before anything is written,
-        as a failed save is. The durable tier is not asked here about a promotion the policies chose (an
+        that failed since the last save, ``wait`` or ``close`` (in a job, or a local save that failed on any process)
+        is raised first, before anything is written, as a failed save is (in a job on every process, where they meet:
+        see :meth:`_agree`). The durable tier is not asked here about a promotion the policies chose (an
         object store out of reach for a while must not stop the local saves); one asked for (``force``,
         ``overwrite``) is refused here, before anything is written, where the durable root cannot take it. A step
         to promote is saved only once this process is the durable root's writer (:meth:`_take_durable`). An
         ``overwrite`` of a step whose promotion is queued or running waits for the promotions first.
         """
-        self._durable.writer.raise_failure()
+        if self._durable.processes.count == 1:  # (in a job: see _agree)
+            self._durable.writer.raise_failure()
         if not self._recovered:
             self._recover(None if overwrite else step)
         self._promote_failed_again()
@@ -419,7 +427,7 @@ class LocalTier:
                 root.check_target(final, storage.temporary_for(final), step=step, overwrite=overwrite)
             with self._lock:
                 self._promoting.add(step)
-        if not overwrite and any(c.step == step for c in self.checkpointer.checkpoints):
+        if not overwrite and self.held(step) is not None:
             local = background.finished(True)  # a forced save of a step the local tier holds: promote that copy
         else:
             save = self.checkpointer.save_checkpointables if blocking else self.checkpointer.save_checkpointables_async
@@ -428,19 +436,39 @@ class LocalTier:
                              custom_metadata=custom_metadata)
                 local = background.finished(local) if blocking else local
             except Exception as e:
-                if not promote or self._durable.processes.count == 1:
+                if self._durable.processes.count == 1:
                     self._finished(step)
                     raise
-                local = background.failed(e)  # (raised by its promotion where the processes meet: see _promote)
+                local = background.failed(e)  # (raised where the processes meet: see _promote, _settled)
             self._saving = (step, local)
         if not promote:
-            return local
+            return local if self._durable.processes.count == 1 else self._settled(step, local, blocking)
         response = self._submit(step, local, preempted=preempted, overwrite=overwrite,
                                 replaceable=not (force or preempted or replaces_durable)
                                 and self._durable.processes.count == 1)
         if blocking:
             return background.finished(response.result())
         return response
+
+    def _settled(self, step: int, local: background.AsyncResponse[bool], blocking: bool) -> background.AsyncResponse[bool]:
+        """In a job, a save of ``step`` that stays on the local tiers, once every process's local save (``local``
+        here) has ended: a failure in one (its local disk full) raises on every process, where they meet (its own
+        error where it failed, a RuntimeError naming it elsewhere), as a plain save's does, rather than on that one
+        alone while the others go on. A blocking save meets them at once; an async one on a writer of its own (not
+        behind the promotions: a process stopped would make each waiting save wait for it until the timeout), whose
+        failure its ``result()``, ``wait``, ``close`` or the next save (where the processes meet) raises; it waits for
+        the local save without hurrying it (an async save is written in the background at its own pace)."""
+        barrier, task = self._durable.operation(f"save/{step}/local"), f"the save of step {step} to the local tiers"
+
+        def settled() -> bool:
+            distributed.settle(self._durable.processes, barrier, lambda: _saved(local, hurry=False),
+                               self._durable.timeout_secs(), task, commits=False)  # (the others' copies are committed)
+            return True
+
+        if blocking:
+            return background.finished(settled())
+        in_call = contextvars.copy_context()  # (the options of the save: its timeout, in the writer's thread)
+        return self._settling.submit(lambda: in_call.run(settled), what=task)
 
     def _agree(self, step: int, checkpointables: dict[str, Any], metrics: Any, custom_metadata: Any) -> None:
         """In a job, before anything is written on either tier, checks that every process saves the same tree to
@@ -451,14 +479,19 @@ class LocalTier:
         Raises:
           TreeMismatchError: on every process alike, naming each key path that differs.
           TypeError / ValueError: this process's tree cannot be saved (in the others: a RuntimeError naming it).
+          Exception: a promotion or a local save that failed since the last save, here or elsewhere (see
+            :meth:`_settled`): this process's error, or in the others a RuntimeError naming it.
         """
         planned = []
 
         def prepare() -> None:
-            options = get_context(self._context)
-            trees, _ = custom.split(checkpointables, options.checkpointables_options.registry)
-            plan = saving.plan(trees, metrics=metrics, custom_metadata=custom_metadata, previous=self._layout,
-                               storage=options.array_options.saving)
+            # the failure of the last local save (here, or another process's: see _settled) or of a promotion since the
+            # last save: raised here, on every process at once (the others would wait here for this one)
+            self.checkpointer.wait()
+            self._settling.wait(self._durable.timeout_secs())
+            self._durable.writer.raise_failure()
+            plan, _ = saving.plan_checkpointables(checkpointables, get_context(self._context), metrics=metrics,
+                                                  custom_metadata=custom_metadata, previous=self._layout)
             self._layout = plan.layout
             planned.append(plan)
 
@@ -788,13 +821,15 @@ class LocalTier:
 
     # -------------------------------------------------------------------------- life cycle
     def in_progress(self) -> bool:
-        return self.checkpointer.is_saving_in_progress()
+        return self.checkpointer.is_saving_in_progress() or (self._settling is not None and self._settling.in_progress())
 
     def wait(self) -> None:
-        """Waits for the local save in flight, then for the promotions: while a preemption's promotion is
+        """Waits for the local save in flight (in a job, for every process's: see _settled), then for the promotions: while a preemption's promotion is
         unfinished, for at most the grace period (logging that the step is on the local tier only when it
         ran out)."""
         self.checkpointer.wait()
+        if self._settling is not None:
+            self._settling.wait(self._durable.timeout_secs())
         deadline = self._deadline
         if deadline is None or deadline[2].done():
             self._deadline = None
@@ -809,12 +844,14 @@ class LocalTier:
 
     def close(self) -> None:
         self.checkpointer.close()
+        if self._settling is not None:
+            self._settling.shutdown(wait=False)  # (waited for by the Checkpointer's wait, unless that gave up)
 
 
-def _saved(local: background.AsyncResponse[bool]) -> bool:
-    """Waits for a local save; raises its failure, which the local tier's writer raises to the caller too
-    (whichever does first: the failure is raised once, see ckpt.background)."""
-    failure = local.exception()
+def _saved(local: background.AsyncResponse[bool], *, hurry: bool = True) -> bool:
+    """Waits for a local save (``hurry``: at full speed from then on); raises its failure, which the local tier's
+    writer raises to the caller too (whichever does first: the failure is raised once, see ckpt.background)."""
+    failure = local.exception(hurry=hurry)
     if failure is not None:
         raise failure
     return True

@@ -444,21 +444,22 @@ class Checkpointer:
             preemption.listen(self)
 
     def _decide(self, step: int, *, replacing: bool, reached: bool | None = None, force: bool = False,
-                in_save: bool = False, answered: bool = False) -> bool:
+                in_save: bool = False, answered: bool = False, keeps: bool = False) -> bool:
         """The save decision of ``step``. ``reached``: whether a preemption was seen, as the Checkpointer whose
         local tier this one is decided it (its processes agreed on it); None: this one asks. ``force``: a forced
-        save in a job, which takes the primary's decision too, so that every process passes through the same steps.
+        save in a job, which takes the primary's decision too, so that every process passes through the same steps;
+        ``keeps``: one that promotes the copy this process's local tier holds (see :meth:`_primarys`).
         ``in_save``: a save's decision, not should_save's (see :meth:`_primarys`); ``answered``: a save the primary's
         should_save said yes to, which takes that answer without asking the policy again."""
         if force:
-            decision = self._primarys(step, True, False, force=True, in_save=in_save)[0]
+            decision = self._primarys(step, True, False, force=True, in_save=in_save, keeps=keeps)[0]
             if self._local is None or self._unlike is None or decision:
                 return decision
             # the primary did not force: its local tier may save the step, where this process's refusal meets the others
             return self._primarys_either(False)
         asked = self._asked_of(step) if answered and self._processes.index == 0 else None
         if asked is not None:
-            _, (decision, reached, _), either = asked
+            _, (decision, reached, *_), either = asked
             self._primarys(step, decision, reached, force=False, in_save=True)
             return either if self._local is None else self._primarys_either(either)
         if not self._decided_once:
@@ -511,10 +512,13 @@ class Checkpointer:
             either = self._primarys_either(either)
         return either
 
-    def _primarys(self, step: int, decision: bool, reached: bool, *, force: bool, in_save: bool) -> tuple[bool, bool]:
+    def _primarys(self, step: int, decision: bool, reached: bool, *, force: bool, in_save: bool,
+                  keeps: bool = False) -> tuple[bool, bool]:
         """The primary's save decision and preemption, and whether it forced its save; keeps in ``_unlike`` the
-        error of a process whose ``force`` is not the primary's, raised by its save where every process meets
-        (when the primary saves) or at once (when it does not): the others would wait for it there.
+        error of a process whose ``force`` is not the primary's, or, in a forced save with a local tier, whose
+        ``keeps`` (it promotes the copy its local tier holds, not a new one) is not the primary's, raised by its save
+        where every process meets (when the primary saves) or at once (when it does not): the others would wait for
+        it there.
 
         A save's message is named by the calls before it that every process makes (saves and deletions), so that
         processes saving other steps meet in the save's check of the paths; should_save's by that and its step
@@ -524,7 +528,7 @@ class Checkpointer:
         name = self._operation("decide") if in_save else self._should_save_name(step)
         once = not in_save and self._asked_before(step)
         try:
-            value = self._broadcast(name, [decision, reached, force], once)
+            value = self._broadcast(name, [decision, reached, force, keeps], once)
         except TimeoutError as e:
             if in_save:
                 raise
@@ -532,11 +536,24 @@ class Checkpointer:
                                f"which decides for every process: call should_save({step}) on process 0 too wherever "
                                f"another process calls it ({e})") from None
         self._agreed = (name, value, once)
-        decision, reached, forced = value
-        self._unlike = None if forced == force else ValueError(
-            f"process {self._processes.index} saves step {step} {'with' if force else 'without'} force=True, process "
-            f"0 {'with' if forced else 'without'} it: every process passes the same force (a forced save skips the "
-            f"save-decision policy) to the save of one step of {self._directory}; nothing was written")
+        decision, reached, forced, kept = value
+        self._unlike = None
+        if forced != force:
+            self._unlike = ValueError(
+                f"process {self._processes.index} saves step {step} {'with' if force else 'without'} force=True, "
+                f"process 0 {'with' if forced else 'without'} it: every process passes the same force (a forced save "
+                f"skips the save-decision policy) to the save of one step of {self._directory}; nothing was written")
+        elif kept != keeps:
+            def saves(copy: bool) -> str:
+                return "promoting the copy its local tier holds" if copy else "anew"
+
+            self._unlike = errors.StepAlreadyExistsError(
+                f"process {self._processes.index} saves step {step} with force=True {saves(keeps)}, process 0 "
+                f"{saves(kept)}: the step would mix the parts of two saves in {self._directory}. A forced save of a "
+                "step the local tiers hold promotes their copies, where every process holds one and none passes "
+                "overwrite=True (a local save that failed on some processes leaves it on the others): pass "
+                "overwrite=True on every process to save it anew; nothing was written",
+                step=step, path=self._directory / self._name_format.build_name(step))
         return decision, reached
 
     def _primarys_either(self, either: bool) -> bool:
@@ -688,6 +705,13 @@ class Checkpointer:
         # A step still being written exists: overwritten or refused. With two tiers a step either holds counts,
         # except for a forced save, which promotes the copy the local tier holds (see LocalTier.save).
         existing = self._written(step, self._find if force else self._committed_step)
+        # In a job `checkpoints` lists the durable tier's steps only: a step this process's local tier holds exists too
+        # (refused without overwrite, as the others' parts of it would be mixed with a new one), and a forced save that
+        # promotes that copy must do so on every process (see _primarys).
+        held = self._local.held(step) if self._local is not None and self._processes.count > 1 else None
+        keeps = force and not overwrite and existing is None and held is not None
+        if existing is None and not force:
+            existing = held
         refused = None
         if existing is not None and not overwrite:
             advice = ("it is a step Orbax wrote, which no save replaces, even with overwrite=True: delete it first "
@@ -703,7 +727,8 @@ class Checkpointer:
         if self._processes.count == 1:
             due = answered_yes or force or self._decide(step, replacing=existing is not None)
         else:  # every process takes the primary's decision of its save, which may not be its should_save's answer
-            due = self._decide(step, replacing=existing is not None, force=force, in_save=True, answered=answered_yes)
+            due = self._decide(step, replacing=existing is not None, force=force, in_save=True, answered=answered_yes,
+                               keeps=keeps)
         refused, self._unlike = self._unlike or refused, None
         if not due:
             if refused is not None:
@@ -726,9 +751,8 @@ class Checkpointer:
         def prepare() -> None:  # a failure in any process raises in all, before any writes
             if refused is not None:
                 raise refused
-            trees, handled = custom.split(checkpointables, options.checkpointables_options.registry)
-            plan = saving.plan(trees, metrics=metrics, custom_metadata=custom_metadata, previous=self._staging.layout,
-                               storage=options.array_options.saving)
+            plan, handled = saving.plan_checkpointables(checkpointables, options, metrics=metrics,
+                                                        custom_metadata=custom_metadata, previous=self._staging.layout)
             self._staging.layout = plan.layout
             self.wait()
             root.check_target(final, storage.temporary_for(final), step=step, overwrite=overwrite)

@@ -484,6 +484,21 @@ def failing_saves(ckptr: Checkpointer) -> None:
             except OSError if rank == 1 else RuntimeError as e:
                 say(f"rank {rank} two tiers {how} failed: {type(e).__name__}: {e}")
         tiers.save(6, {"w": torch.ones(2)})
+        # steps that stay on the local tiers (the durable policy skips them): rank 0's save went on
+        for step, how in ((7, "local sync"), (9, "local async"), (11, "local async, not waited for")):
+            items = {"state": {"w": torch.ones(2)}, "extra": FailsOnRank1()}
+            try:
+                if how == "local sync":
+                    tiers.save_checkpointables(step, items)
+                else:
+                    response = tiers.save_checkpointables_async(step, items)
+                    if how == "local async":
+                        response.result()
+                    else:  # (its failure raised by the next save, where the ranks meet)
+                        tiers.save(12, {"w": torch.ones(2)})
+            except OSError if rank == 1 else RuntimeError as e:
+                say(f"rank {rank} two tiers {how} failed: {type(e).__name__}: {e}")
+        tiers.save(14, {"w": torch.ones(2)})
         tiers.wait()
         say(f"rank {rank} two tiers steps {[(c.step, sorted(c.locations)) for c in tiers.checkpoints]}")
 
@@ -590,6 +605,27 @@ def mismatched_with_two_tiers() -> None:
         ckptr.save(8, {"w": torch.ones(2)})
         say(f"rank {rank} tiers steps {[(c.step, sorted(c.locations)) for c in ckptr.checkpoints]}, step 6 holds "
             f"{ckpt.load(f'{directory}/durable2/6')['w'].tolist()}")
+        # step 9, which the local tiers alone hold (the durable policy skips it), saved again with overwrite=True on
+        # rank 0 alone, and so with force=True too (promoted); step 11, whose local save failed on rank 1, forced again
+        ckptr.save(9, {"w": torch.ones(2)})
+        for label, force in (("local overwrite", False), ("forced overwrite", True)):
+            try:
+                ckptr.save(9, {"w": torch.zeros(2)}, overwrite=rank == 0, force=force)
+            except (RuntimeError, ckpt.errors.StepAlreadyExistsError) as e:
+                say(f"rank {rank} tiers {label} failed: {type(e).__name__}: {e}")
+        try:
+            ckptr.save_checkpointables(11, {"state": {"w": torch.ones(2)}, "extra": FailsOnRank1()})
+        except (OSError, RuntimeError) as e:  # (on every rank; rank 0's local copy stays)
+            say(f"rank {rank} tiers local save failed: {e}")
+        try:
+            ckptr.save(11, {"w": torch.zeros(2)}, force=True)
+        except (RuntimeError, ckpt.errors.StepAlreadyExistsError) as e:
+            say(f"rank {rank} tiers forced again failed: {type(e).__name__}: {e}")
+        ckptr.save(11, {"w": torch.full((2,), 2.0)}, force=True, overwrite=True)
+        ckptr.wait()
+        say(f"rank {rank} tiers step 9 holds {ckpt.load(f'{directory}-local2/process_{rank}/9')['w'].tolist()} locally, "
+            f"durable steps {sorted(c.step for c in ckptr.checkpoints)}, step 11 holds "
+            f"{ckpt.load(f'{directory}/durable2/11')['w'].tolist()}")
 
 
 def overwritten_on_rank_0_alone() -> None:

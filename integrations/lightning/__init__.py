@@ -40,7 +40,8 @@ at its start, and the trained batches passed over); the RNG states of torch (CPU
 ``random`` and DataLoader generators, per rank. A step whose validation is due is saved after that
 validation, and the last step of an epoch after the epoch's end, so that a resumed run owes neither;
 what Lightning's restart still skips after the hook a checkpoint was taken in (a plateau scheduler's
-step, the step's or epoch's logging) is run by the resumed run. Loaders with
+step, the step's or epoch's metrics, which the loggers got from the run that saved it) is run by the resumed
+run. Loaders with
 ``state_dict``/``load_state_dict`` are positioned by Lightning itself.
 
 Not restored, because no checkpoint can hold it:

@@ -46,7 +46,8 @@ class Config:
     trainer: tuple = ()  # extra Trainer keyword arguments, as (name, value) pairs
     val: bool = False  # a validation loader and a logged val_loss
     early_stopping: bool = False  # EarlyStopping on val_loss
-    model: str = "mlp"  # mlp | batchnorm | manual (two optimizers, manual optimization) | finetune (a backbone)
+    model: str = "mlp"  # mlp | batchnorm | manual (two optimizers, manual optimization) | finetune (a backbone) |
+    # module_hooks (buffers its own on_train_batch_end and on_validation_end change, after the callbacks' hooks)
     scheduler: str = "step"  # step | onecycle | onecycle_estimated (its total steps from
     # trainer.estimated_stepping_batches, which makes the loaders before the restore) | plateau_step | plateau_epoch
     epoch_metrics: bool = False  # self.log(on_epoch=True) and torchmetrics Metrics logged per epoch and validation
@@ -128,6 +129,10 @@ CONFIGS: dict[str, Config] = {
         kill_at=11, data="datamodule", callbacks=("batch_size_finder",), trainer=(("limit_val_batches", 0),),
         ckpt_path="last_model_path"),
     "batchnorm_buffers": Config(kill_at=11, model="batchnorm"),
+    # saved after the module's own hook of the step, which Lightning runs after the callbacks'
+    "module_hooks_mid_epoch": Config(kill_at=11, model="module_hooks", val=True, trainer=(("val_check_interval", 0.5),)),
+    "module_hooks_validated_step": Config(kill_at=12, model="module_hooks", val=True,
+                                          trainer=(("val_check_interval", 0.5),)),
     "reload_dataloaders_with_workers": Config(kill_at=11, workers=2,
                                               trainer=(("reload_dataloaders_every_n_epochs", 1),)),
     # resumed in an epoch without a reload: the next reload comes when it came in the run never stopped
@@ -203,6 +208,9 @@ def _classes(namespace: str) -> dict[str, Any]:
             if cfg.model == "finetune":  # what BackboneFinetuning freezes, then unfreezes into a new param group
                 self.backbone = self.net[0]
             self.other = nn.Linear(4, 1)  # the second optimizer's parameters (manual optimization)
+            if cfg.model == "module_hooks":
+                self.register_buffer("average", torch.zeros(16, 4))  # of the first layer's weights, per step
+                self.register_buffer("validations", torch.zeros((), dtype=torch.long))
             self.train_mse = torchmetrics.MeanSquaredError()
             self.val_mse = torchmetrics.MeanSquaredError()  # Lightning resets it after each validation
             self.automatic_optimization = cfg.model != "manual"
@@ -293,6 +301,8 @@ def _classes(namespace: str) -> dict[str, Any]:
             self.trace_file.write(entry)
 
         def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+            if self.cfg.model == "module_hooks":
+                self.average.mul_(0.9).add_(self.net[0].weight.detach(), alpha=0.1)
             self._record([self._batch[0], self.trainer.global_step, *self._batch[1:]])
             self._maybe_kill()
 
@@ -300,6 +310,8 @@ def _classes(namespace: str) -> dict[str, Any]:
             self._maybe_kill()
 
         def on_validation_end(self) -> None:
+            if self.cfg.model == "module_hooks":
+                self.validations += 1
             if self.kill_at == self.trainer.global_step and self.cfg.sigterm_in == "on_validation_end":
                 self.kill_at = None
                 os.kill(os.getpid(), signal.SIGTERM)

@@ -65,10 +65,12 @@ class StoppingRegressor(example.Regressor):
             self.trainer.should_stop = True
         return super().training_step(batch, batch_idx)
 
-    def on_train_batch_end(self, outputs, batch, batch_idx):  # runs after every callback's hook
+    def on_train_batch_end(self, outputs, batch, batch_idx):
         if self.global_rank == 0:
             print(f"step {self.trainer.global_step} train_loss {float(self.trainer.callback_metrics['train_loss'])!r}",
                   flush=True)
+
+    def on_train_batch_start(self, batch, batch_idx):  # the next batch's: a step is saved after on_train_batch_end
         if self.kill_at is not None and self.trainer.global_step == self.kill_at and self.global_rank == 0:
             checkpointer = self.trainer.checkpoint_callback.checkpointer
             if self.wait_for_save and checkpointer is not None:

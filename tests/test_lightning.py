@@ -481,23 +481,33 @@ class RecordingLogger(pl.loggers.Logger):
         self.calls.append((step, metrics))
 
 
-def test_resumed_from_an_epochs_end_the_loggers_get_that_epochs_metrics_at_its_step_and_number(tmp_path):
-    """The step saved at the end of epoch 0 is saved after that epoch ended; the resumed run logs what the
-    run never stopped logged after it, the epoch's metrics included (with "epoch": 0, not 1)."""
-    def fit_logged() -> list:
+@pytest.mark.parametrize("saved_at", [20, 13], ids=["epochs_end", "mid_epoch"])
+def test_resumed_the_loggers_get_what_the_run_never_stopped_logged_after_the_saved_step_as_with_lightnings_files(
+        tmp_path, saved_at):
+    """Lightning sends the loggers a step's values (and at an epoch's end the epoch's metrics) right after the
+    hook that saves the step: the run that saved it sent them, and neither a resume from ckpt nor Lightning's own
+    from its file of the step sends them again (logger steps 0-39, 20 batches an epoch)."""
+    def fit_logged(callbacks, ckpt_path=None) -> list:
         pl.seed_everything(0, verbose=False)
         logger = RecordingLogger()
         trainer = pl.Trainer(max_epochs=2, logger=logger, log_every_n_steps=1, accelerator="cpu",
-                             enable_progress_bar=False, enable_model_summary=False, callbacks=[
-                                 CheckpointCallback(tmp_path, save_decision_policy=sdp.SpecificStepsPolicy([20]))])
-        trainer.fit(LogsEpochLoss(), DataLoader(example.synthetic_data(), batch_size=16, shuffle=True))
+                             enable_checkpointing=bool(callbacks), enable_progress_bar=False,
+                             enable_model_summary=False, callbacks=callbacks)
+        trainer.fit(LogsEpochLoss(), DataLoader(example.synthetic_data(), batch_size=16, shuffle=True),
+                    ckpt_path=ckpt_path)
         return logger.calls
 
-    uninterrupted = fit_logged()  # 20 batches an epoch
-    shutil.rmtree(tmp_path / "40")
-    resumed = fit_logged()
-    assert resumed[0][1].keys() == {"train_loss_epoch", "epoch"} and resumed[0][1]["epoch"] == 0
-    assert resumed == uninterrupted[-len(resumed):]
+    def ours():
+        return CheckpointCallback(tmp_path / "ckpt", save_decision_policy=sdp.SpecificStepsPolicy([saved_at]))
+
+    when = {"every_n_epochs": 1} if saved_at == 20 else {"every_n_train_steps": saved_at}
+    uninterrupted = fit_logged([ours(), pl.callbacks.ModelCheckpoint(tmp_path / "lightning", save_top_k=-1, **when)])
+    shutil.rmtree(tmp_path / "ckpt" / "40")
+    resumed = fit_logged([ours()])
+    assert resumed[0][0] == saved_at and resumed == uninterrupted[-len(resumed):]  # from the step after it
+    lightnings = fit_logged([], ckpt_path=next((tmp_path / "lightning").glob(f"*step={saved_at}.ckpt")))
+    assert [(step, metrics.keys()) for step, metrics in resumed] == [
+        (step, metrics.keys()) for step, metrics in lightnings]
 
 
 class EpochScheduled(LogsEpochLoss):
@@ -535,8 +545,8 @@ def test_a_run_that_max_steps_ends_at_an_epochs_last_batch_extends_as_if_it_had_
     fit_bounded(tmp_path, max_steps=4)
     extended = fit_bounded(tmp_path, max_steps=-1, max_epochs=3)
     assert extended.lightning_module.global_step == 12 and same(final_state(extended), final_state(expected))
-    logged = extended.logger.calls  # the end of epoch 0 first, then what the run never stopped logged
-    assert logged[0][1].keys() == {"train_loss_epoch", "epoch"} and logged == expected.logger.calls[-len(logged):]
+    logged = extended.logger.calls  # what the run never stopped logged after epoch 0 (whose end the first one logged)
+    assert logged[0][0] == 4 and logged == expected.logger.calls[-len(logged):]
 
 
 class ShortStream(torch.utils.data.IterableDataset):

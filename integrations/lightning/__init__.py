@@ -40,24 +40,19 @@ at its start, and the trained batches passed over); the RNG states of torch (CPU
 ``random`` and DataLoader generators, per rank. A step whose validation is due is saved after that
 validation, and the last step of an epoch after the epoch's end, so that a resumed run owes neither;
 what Lightning's restart still skips after the hook a checkpoint was taken in (a plateau scheduler's
-step, the step's or epoch's logging) is run by the resumed run. Loaders with
-``state_dict``/``load_state_dict`` are positioned by Lightning itself.
+step, the step's or epoch's metrics, which the loggers got from the run that saved it) is run by the resumed
+run. A step is saved after the LightningModule's own ``on_train_batch_end`` (``on_validation_end`` when its
+validation is due), which Lightning runs after the callbacks' hooks: what the module's hook changes is saved.
+Loaders with ``state_dict``/``load_state_dict`` are positioned by Lightning itself.
 
 Not restored, because no checkpoint can hold it:
 
-- what ``LightningModule.on_train_batch_end`` does for the checkpointed batch, when no validation is
-  due at it and it ends no epoch (the save runs in the callbacks' hook, just before the module's;
-  Lightning offers no later point before the next batch is drawn, and the hook's arguments, the
-  batch and its outputs, are gone in the resumed run);
 - a time-based ``val_check_interval``: the resumed run validates by its own clock;
 - after SIGTERM during gradient accumulation, nothing is saved (Lightning's batch position is past the
   step's first batches): the run resumes from the last step the save policy saved, not the last complete one;
 - ``StochasticWeightAveraging`` resumed mid-epoch: Lightning's restart skips the epoch-start hook that
   swaps in its learning-rate scheduler (warned of); from an epoch's end it resumes exactly, and so does
   ``EMAWeightAveraging`` from any step;
-- what ``LightningModule.on_validation_end`` does for the validation of a saved step: the step is saved
-  in the callbacks' ``on_validation_end``, which Lightning runs before the module's (``ModelCheckpoint``
-  saves there too), and the resumed run does not run the module's hook again;
 - with ``persistent_workers=True``, randomness inside the DataLoader workers after the first epoch: the
   resumed run's workers draw new seeds, where the uninterrupted run keeps its workers across epochs;
 - with an ``IterableDataset`` without ``__len__`` read in the main process (``num_workers=0``) that draws

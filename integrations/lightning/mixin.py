@@ -25,11 +25,12 @@ What happens when:
   shuffling from them.
 - ``on_train_batch_end``: once per new ``trainer.global_step`` (accumulating batches and repeated
   steps decide nothing), rank 0's policy decides for every rank; a save snapshots the state on the
-  training thread and writes it in the background. SIGTERM saves the step too. A step whose
-  validation is due is saved after it (``on_validation_end``; the next step is, when it does not run), and
-  the last step of an epoch after the epoch's end (``on_train_epoch_end``): Lightning skips on resume what
-  a checkpoint taken before them owes, and the resumed run finishes the rest of the saved iteration (see
-  :mod:`ckpt.integrations.lightning.tail`).
+  training thread right after the LightningModule's own hook, which Lightning calls after the callbacks'
+  (what it changes is saved), and writes it in the background. SIGTERM saves the step too. A step whose
+  validation is due is saved after it (``on_validation_end``, after the module's; the next step is, when
+  it does not run), and the last step of an epoch after the epoch's end (``on_train_epoch_end``):
+  Lightning skips on resume what a checkpoint taken before them owes, and the resumed run finishes the
+  rest of the saved iteration (see :mod:`ckpt.integrations.lightning.tail`).
 - ``on_train_end``: saves the final step if it is not saved, and waits for the write.
 - ``on_fit_end``: a fit restored from a finished run's last step, whose training Lightning skips
   (``on_train_start`` included), gets the logged values and the rest of the saved iteration there.
@@ -351,20 +352,22 @@ class CheckpointCallbackMixin:
         decision, forced = self._decide(trainer, step, last)
         if decision or missed:  # rank 0's save follows its should_save (SIGTERM: both tiers)
             self._prepare_after_step = False  # the save makes its own memory, kept for the next ones
-            point, force = tail.save_point(trainer, last), forced or missed
+            point = tail.save_point(trainer, last)
+            self._pending = (point, forced or missed)
             if point.hook == "on_train_batch_end":
-                self._save(trainer, step, point, force=force)
-            else:
-                self._pending = (point, force)
+                resume.after_module_hook(trainer, point.hook, lambda: self._save(trainer, step, *self._pending))
         elif self._prepare_after_step:
             self._prepare_after_step = False
             self._prepare(trainer)
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
-        # a stop this validation requested (EarlyStopping) cuts the epoch short: saved after the epoch's end;
-        # a bound reached at this step (SavePoint.last) is saved here, before Lightning ends the epoch
-        if (self._pending is not None and self._pending[0].hook == "on_validation_end" and not trainer.sanity_checking
-                and (self._pending[0].last or not tail.ends_after_batch(trainer))):
+        if self._pending is not None and self._pending[0].hook == "on_validation_end" and not trainer.sanity_checking:
+            resume.after_module_hook(trainer, "on_validation_end", lambda: self._save_after_validation(trainer))
+
+    def _save_after_validation(self, trainer: Any) -> None:
+        # a stop this validation requested (EarlyStopping, the module) cuts the epoch short: saved after the epoch's
+        # end; a bound reached at this step (SavePoint.last) is saved here, before Lightning ends the epoch
+        if self._pending is not None and (self._pending[0].last or not tail.ends_after_batch(trainer)):
             self._save(trainer, trainer.global_step, *self._pending)
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:

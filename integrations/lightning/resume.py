@@ -231,6 +231,27 @@ def dump_checkpoint(trainer: Any, *, hooks: bool = True) -> dict:
 _NONE = object()
 
 
+def after_module_hook(trainer: Any, name: str, then: Callable[[], None]) -> None:
+    """Has ``then()`` run right after the LightningModule's own hook ``name`` that Lightning calls next: it calls a
+    hook on the callbacks first, then on the module, so that a checkpoint a callback takes in its hook misses what
+    the module's hook changes (an average of the weights it keeps, a scheduler it steps). Call in a callback's hook
+    ``name``; the module's hook is shadowed on the instance until it runs."""
+    module = trainer.lightning_module
+    own = module.__dict__.get(name, _NONE)
+    hook = getattr(module, name)
+
+    def shadow(*args: Any, **kwargs: Any) -> Any:
+        if own is _NONE:
+            delattr(module, name)
+        else:
+            setattr(module, name, own)
+        result = hook(*args, **kwargs) if callable(hook) else None
+        then()
+        return result
+
+    setattr(module, name, shadow)
+
+
 def saving_hooks_overridden(trainer: Any) -> bool:
     """Whether the module or a callback of ``trainer`` has an ``on_save_checkpoint`` of its own, which may change
     what a save stores (make a value storable, as the error for an unstorable value advises)."""

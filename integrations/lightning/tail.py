@@ -131,6 +131,9 @@ def continue_after(trainer: Any, saved_in: str) -> None:
 def finish_iteration(trainer: Any, saved_in: str, should_stop: bool, finished: bool = False) -> None:
     """Runs what the uninterrupted run ran after the hook ``saved_in`` and a restart leaves out.
 
+    The loggers are not called again: the run that saved the step sent them its values right after the save,
+    and Lightning's own resume does not send them again either (the metrics it reports are updated).
+
     Call in ``on_train_start`` of the resumed run, after the logged values are restored (``finished``: in a fit
     whose training loop Lightning skips, see :func:`finish_skipped_fit`).
     """
@@ -139,9 +142,9 @@ def finish_iteration(trainer: Any, saved_in: str, should_stop: bool, finished: b
     connector = trainer._logger_connector
     trainer.should_stop = should_stop
     if saved_in == "on_train_batch_end" and epoch_loop.restarted_on_train_batch_end:
-        # the rest of _TrainingEpochLoop.advance and on_advance_end (validation was not due)
+        # the rest of _TrainingEpochLoop.advance and on_advance_end (validation was not due), but
+        # update_train_step_metrics, which only sends the loggers what on_batch_end reported
         connector.on_batch_end()
-        connector.update_train_step_metrics()
         epoch_loop.update_lr_schedulers("step", update_plateau_schedulers=True)
     elif saved_in == "on_validation_end" and (finished or should_stop and fit_loop._can_stop_early):
         # Lightning's restart runs the rest of on_advance_end in its next iteration, but a finished or stopping
@@ -150,19 +153,18 @@ def finish_iteration(trainer: Any, saved_in: str, should_stop: bool, finished: b
         if not epoch_loop._should_accumulate():
             epoch_loop._batches_that_stepped += 1
     elif saved_in == "on_train_epoch_end":
-        # the rest of FitLoop.on_advance_end, with the epoch number it had (not yet completed): the
-        # schedulers step by it and the loggers get it beside the epoch's metrics
+        # the rest of FitLoop.on_advance_end, with the epoch number it had (not yet completed), which the
+        # schedulers step by; of update_train_epoch_metrics only its reset (the rest sends the loggers what
+        # on_epoch_end reported)
         connector.on_epoch_end()
         progress = fit_loop.epoch_progress.current
         completed, progress.completed = progress.completed, progress.processed - 1
         try:
             if epoch_loop._num_ready_batches_reached():
                 epoch_loop.update_lr_schedulers("epoch", update_plateau_schedulers=True)
-            epoch_loop._batches_that_stepped -= 1
-            connector.update_train_epoch_metrics()
-            epoch_loop._batches_that_stepped += 1
         finally:
             progress.completed = completed
+        connector.reset_results()
 
 
 def hold_repeated_step_end(trainer: Any, saved_in: str | None) -> list[Any]:

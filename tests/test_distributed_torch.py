@@ -188,6 +188,12 @@ def test_a_save_failing_on_one_rank_raises_on_every_rank_at_once_and_commits_not
         assert f"rank 1 {how} failed: UnregisteredTypeError: checkpointable 'state': leaf at ['w'] has type" in out, out
         assert (f"rank 0 {how} failed: RuntimeError: the save of {path} failed in another process (process 1: "
                 "UnregisteredTypeError: checkpointable 'state': leaf at ['w'] has type builtins.object") in out, out
+    said = ("ValueError: DTensor at ['w'] does not hold what its layout says: its local shard on this rank has the shape "
+            "(1, 6), where its layout (global shape (4, 6), (Shard(dim=0),) over a mesh of shape (2,) of ranks 0-1) puts a "
+            "block of the shape (2, 6) (torch.chunk's split)")
+    assert f"rank 1 misshapen failed: {said}" in out, out  # (was raised in the gathering, rank 0 waiting there)
+    assert (f"rank 0 misshapen failed: RuntimeError: the save of {tmp_path / 'run' / '4'} failed in another process "
+            f"(process 1: {said}") in out, out
     said = f"StepAlreadyExistsError: step 5 already exists at {tmp_path / 'run' / '5'}; pass overwrite=True to replace it"
     assert f"rank 1 overwrite failed: {said}" in out, out  # (rank 0 waited for rank 1 until the timeout)
     assert (f"rank 0 overwrite failed: RuntimeError: the save of {tmp_path / 'run' / '5'} failed in another process "

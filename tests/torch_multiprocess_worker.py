@@ -440,8 +440,11 @@ class FailsOnRank1:
 def failing_saves(ckptr: Checkpointer) -> None:
     """A save that fails on rank 1 (sync, async, in the part of the save its caller waits for, and in its
     plan, through the Checkpointer and ``ckpt.save``; an overwrite only rank 0 asks for): every rank raises
-    within seconds, not after the timeout, and nothing is committed; the next save is whole. Then saves forced on
-    one rank alone."""
+    within seconds, not after the timeout, and nothing is committed; the next save is whole. So does a small DTensor
+    whose local shard on rank 1 is not the one its layout says. Then saves forced on one rank alone."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard
+
     with ckpt.Context(async_options=ckpt.AsyncOptions(timeout_secs=20)):
         for step, how in ((1, "sync"), (2, "async"), (3, "start"), (4, "plan"), (None, "free")):
             items = {"state": {"w": torch.ones(2)}, "extra": FailsOnRank1(at_start=how == "start")}
@@ -456,6 +459,13 @@ def failing_saves(ckptr: Checkpointer) -> None:
                     ckptr.save_checkpointables(step, items, force=True)
             except (OSError, ValueError, TypeError) if rank == 1 else RuntimeError as e:
                 say(f"rank {rank} {how} failed: {type(e).__name__}: {e}")
+        local = torch.ones(2 if rank == 0 else 1, 6)  # rank 1's shard of a small DTensor is not torch.chunk's split
+        misshapen = DTensor.from_local(local, init_device_mesh("cpu", (world,)), [Shard(0)], run_check=False,
+                                       shape=torch.Size((4, 6)), stride=(6, 1))
+        try:  # (rank 1 raised in the gathering, naming no key path, and rank 0 waited there until rank 1's process ended)
+            ckptr.save(4, {"w": misshapen}, force=True)
+        except ValueError if rank == 1 else RuntimeError as e:
+            say(f"rank {rank} misshapen failed: {type(e).__name__}: {e}")
         ckptr.save(5, {"w": torch.ones(2)}, force=True)
         try:  # an overwrite rank 1 is not told of: it refuses, at the step every rank meets (rank 0 waited there)
             ckptr.save(5, {"w": torch.zeros(2)}, force=True, overwrite=rank == 0)

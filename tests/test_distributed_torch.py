@@ -194,6 +194,9 @@ def test_a_save_failing_on_one_rank_raises_on_every_rank_at_once_and_commits_not
     assert f"rank 1 misshapen failed: {said}" in out, out  # (was raised in the gathering, rank 0 waiting there)
     assert (f"rank 0 misshapen failed: RuntimeError: the save of {tmp_path / 'run' / '4'} failed in another process "
             f"(process 1: {said}") in out, out
+    assert "rank 1 copy failed: MemoryError: no memory for the copies on rank 1\n" in out, out
+    assert (f"rank 0 copy failed: RuntimeError: the save of {tmp_path / 'run' / '4'} failed in another process (process 1: "
+            "MemoryError: no memory for the copies on rank 1); nothing was committed") in out, out  # (was the timeout)
     said = f"StepAlreadyExistsError: step 5 already exists at {tmp_path / 'run' / '5'}; pass overwrite=True to replace it"
     assert f"rank 1 overwrite failed: {said}" in out, out  # (rank 0 waited for rank 1 until the timeout)
     assert (f"rank 0 overwrite failed: RuntimeError: the save of {tmp_path / 'run' / '5'} failed in another process "

@@ -440,8 +440,9 @@ class FailsOnRank1:
 def failing_saves(ckptr: Checkpointer) -> None:
     """A save that fails on rank 1 (sync, async, in the part of the save its caller waits for, and in its
     plan, through the Checkpointer and ``ckpt.save``; an overwrite only rank 0 asks for): every rank raises
-    within seconds, not after the timeout, and nothing is committed; the next save is whole. So does a small DTensor
-    whose local shard on rank 1 is not the one its layout says. Then saves forced on one rank alone."""
+    within seconds, not after the timeout, and nothing is committed; the next save is whole. So do a small DTensor
+    whose local shard on rank 1 is not the one its layout says, and an async save whose copies find no memory on rank
+    1. Then saves forced on one rank alone."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard
 
@@ -466,6 +467,16 @@ def failing_saves(ckptr: Checkpointer) -> None:
             ckptr.save(4, {"w": misshapen}, force=True)
         except ValueError if rank == 1 else RuntimeError as e:
             say(f"rank {rank} misshapen failed: {type(e).__name__}: {e}")
+        snapshot = ckpt.saving.snapshot
+        if rank == 1:  # no host memory for an async save's copies, on rank 1 alone
+            def out_of_memory(*args):
+                raise MemoryError("no memory for the copies on rank 1")
+            ckpt.saving.snapshot = out_of_memory
+        try:  # (rank 0 waited for rank 1 in the background until the timeout, and their next save failed)
+            ckptr.save_async(4, {"w": torch.ones(2)}, force=True).result()
+        except MemoryError if rank == 1 else RuntimeError as e:
+            say(f"rank {rank} copy failed: {type(e).__name__}: {e}")
+        ckpt.saving.snapshot = snapshot
         ckptr.save(5, {"w": torch.ones(2)}, force=True)
         try:  # an overwrite rank 1 is not told of: it refuses, at the step every rank meets (rank 0 waited there)
             ckptr.save(5, {"w": torch.zeros(2)}, force=True, overwrite=rank == 0)

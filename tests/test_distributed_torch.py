@@ -267,6 +267,8 @@ def test_a_step_or_checkpoint_every_rank_deletes_is_gone_on_every_rank_before_an
     assert f"rank 0 deletion failed: {said}\n" in out, out
     assert (f"rank 1 deletion failed: RuntimeError: the deletion of step 1 ({tmp_path / 'run' / '1'}) failed in "
             f"another process (process 0: {said})\n") in out, out
+    for r in (0, 1):  # (rank 0 loaded step 2, rank 1 step 3: a sharded state would have mixed the two)
+        assert f"rank {r} loads the latest while step 3 is written: [3.0, 3.0]" in out, out
 
 
 @pytest.mark.timeout(300)

@@ -633,7 +633,8 @@ def deleted_and_saved_again(ckptr: Checkpointer) -> None:
     """Every rank deletes step 2 (``delete``, or ``delete_async`` not waited for) and saves it again at once:
     no save finds the step still there (rank 1 returned from the deletion before rank 0 had deleted it). Then
     every rank saves, loads and deletes a checkpoint with the free functions, and deletes other paths (refused), and
-    other steps (refused), one of which rank 1 does not hold. Last, a deletion of step 1 that fails on rank 0, where it is deleted."""
+    other steps (refused), one of which rank 1 does not hold. Then a deletion of step 1 that fails on rank 0, where it is
+    deleted. Last, a load of the latest step while an async save is in flight: the same step on every rank."""
     for step in range(3):
         ckptr.save(step, {"w": torch.full((2,), float(step))}, force=True)
     for trial in range(6):
@@ -670,6 +671,10 @@ def deleted_and_saved_again(ckptr: Checkpointer) -> None:
         say(f"rank {rank} deletion failed: {type(e).__name__}: {e}")
     ckpt.root.delete_step = delete_step
     say(f"rank {rank} after the failed deletion: steps {[c.step for c in ckptr.checkpoints]}")
+    ckptr.save_async(3, {"w": torch.full((2,), 3.0)}, force=True)
+    if rank == 1:  # (a rank whose writer thread is through with the save: it had step 3, rank 0 step 2)
+        ckptr.wait()
+    say(f"rank {rank} loads the latest while step 3 is written: {ckptr.load()['w'].tolist()}")
 
 
 class WrittenAtTheEnd(FailsOnRank1):

@@ -12,8 +12,9 @@ Loading into a DTensor template (the state dict of a freshly sharded model, at a
 mesh, made on the meta device or not), each rank reads only the slice of its own local shard.
 Without a template the saved array comes back whole, as a plain tensor. FSDP1's ``ShardedTensor`` is
 refused, so is a DTensor with a ``Partial`` placement (a pending reduction), so is a DTensor
-whose local shard is not one block (a lone ``_StridedShard``), and so is one split over a mesh dimension
-along which the mesh's ranks are not ascending (see :func:`out_of_order`).
+whose local shard is not one block (a lone ``_StridedShard``), so is one split over a mesh dimension
+along which the mesh's ranks are not ascending (see :func:`out_of_order`), and so is one whose local shard is not
+the block its layout gives the rank (see :func:`misshapen`).
 
 Example::
 
@@ -238,11 +239,7 @@ def _gather_rows(mesh: Any, device: Any, tensors: list[Any]) -> list[Any]:
     mine = torch.zeros(longest, dtype=torch.uint8, device=device)
     at = 0
     for x, held in zip(tensors, sizes):
-        local = _values(x).contiguous().reshape(-1).view(torch.uint8)
-        if local.numel() != held[me]:
-            raise ValueError(f"a DTensor's local shard holds {local.numel()} bytes, not the {held[me]} of "
-                             "torch.chunk's split on its first dimension")
-        mine[at: at + held[me]] = local
+        mine[at: at + held[me]] = _values(x).contiguous().reshape(-1).view(torch.uint8)  # (its size: see misshapen)
         at += held[me]
     every = [torch.empty_like(mine) for _ in range(ranks)]
     dist.all_gather(every, mine, group=mesh.get_group())
@@ -360,28 +357,52 @@ def restore(template: Any, read: Callable[[Index], np.ndarray],
                               shape=template.shape, stride=template.stride())
 
 
-_LOCAL_INDEX: dict[tuple, Index] = {}  # (shape, mesh, placements, coordinate) -> the local shard's index
+def misshapen(x: Any, local: Any) -> str | None:
+    """Why ``local``, the local shard of DTensor ``x``, is not the block its layout gives this rank, or None: a
+    DTensor made with ``DTensor.from_local(..., shape=...)`` from local shards that ``torch.chunk`` would not split
+    so (each rank would write, or gather, a piece the others do not expect)."""
+    if x.device_mesh.get_coordinate() is None:
+        return None  # (a rank outside the mesh holds nothing)
+    blocks, local = _blocks(x), tuple(local.shape)
+    if len(blocks) == 1 and _sizes(blocks[0]) == local:
+        return None
+    return (f"its local shard on this rank has the shape {local}, where its layout (global shape {tuple(x.shape)}, "
+            f"{x.placements} over {_mesh_words(x.device_mesh)}) puts a block of the shape "
+            f"{' + '.join(str(_sizes(b)) for b in blocks)} (torch.chunk's split)")
+
+
+_BLOCKS: dict[tuple, list[Index]] = {}  # (shape, mesh, placements, coordinate) -> the local shard's blocks
+
+
+def _blocks(x: Any) -> list[Index]:
+    """Where DTensor ``x``'s layout puts this rank's local shard in the global tensor (torch's
+    ``__create_chunk_list__``), asked once per layout: a model's tensors share a few, and
+    ``__create_chunk_list__`` costs about a millisecond."""
+    mesh = x.device_mesh
+    key = (tuple(x.shape), mesh, x.placements, tuple(mesh.get_coordinate() or ()))
+    blocks = _BLOCKS.get(key)
+    if blocks is None:
+        blocks = [_index(chunk) for chunk in x.__create_chunk_list__()]
+        if len(_BLOCKS) < 4096:
+            _BLOCKS[key] = blocks
+    return blocks
+
+
+def _sizes(index: Index) -> tuple[int, ...]:
+    return tuple(s.stop - s.start for s in index)
 
 
 def _local_index(template: Any) -> Index:
-    """Where the local shard of ``template`` lies in the global tensor (asked once per layout: a model's
-    tensors share a few, and ``__create_chunk_list__`` costs about a millisecond)."""
-    mesh = template.device_mesh
-    key = (tuple(template.shape), mesh, template.placements, tuple(mesh.get_coordinate() or ()))
-    index = _LOCAL_INDEX.get(key)
-    if index is None:
-        apart = _strided_apart(template)
-        if apart is not None:
-            raise TypeError(f"a DTensor template with the placements {template.placements} cannot be loaded into: "
-                            f"{apart}")
-        chunks = template.__create_chunk_list__()
-        if len(chunks) != 1 or tuple(chunks[0].sizes) != tuple(template.to_local().shape):
-            raise TypeError(f"a DTensor template whose local shard is not one block of the global tensor "
-                            f"({[tuple(c.sizes) for c in chunks]}) cannot be loaded into")
-        index = _index(chunks[0])
-        if len(_LOCAL_INDEX) < 4096:
-            _LOCAL_INDEX[key] = index
-    return index
+    """Where the local shard of ``template`` lies in the global tensor."""
+    apart = _strided_apart(template)
+    if apart is not None:
+        raise TypeError(f"a DTensor template with the placements {template.placements} cannot be loaded into: "
+                        f"{apart}")
+    blocks = _blocks(template)
+    if len(blocks) != 1 or _sizes(blocks[0]) != tuple(template.to_local().shape):
+        raise TypeError(f"a DTensor template whose local shard is not one block of the global tensor "
+                        f"({[_sizes(b) for b in blocks]}) cannot be loaded into")
+    return blocks[0]
 
 
 def _index(chunk: Any) -> Index:

@@ -257,7 +257,12 @@ def _dtensor_leaf(path: KeyPath, x: Any) -> HostLeaf:
     out_of_order = dtensor.out_of_order(x)
     if out_of_order is not None:
         raise TypeError(f"DTensor at {keystr(path) or 'the root'} has no one layout: {out_of_order}")
-    dtype = torch_to_numpy(path, x.to_local().unsqueeze(0)[:0]).dtype  # from an empty view: no copy off a device
+    local = x.to_local()
+    misshapen = dtensor.misshapen(x, local)
+    if misshapen is not None:
+        raise ValueError(f"DTensor at {keystr(path) or 'the root'} does not hold what its layout says: {misshapen}. "
+                         "Make it with distribute_tensor, or from local shards split as torch.chunk splits them")
+    dtype = torch_to_numpy(path, local.unsqueeze(0)[:0]).dtype  # from an empty view: no copy off a device
     _check_array(path, dtype, tuple(x.shape), "torch tensor")
     meta = {"type": "torch", "dtype": dtype_name(dtype), "shape": list(x.shape)}
     if dtensor.is_small(x):

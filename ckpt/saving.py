@@ -775,8 +775,15 @@ class StepWriter:
     def hand_off(self, max_inflight_bytes: int | None = None, staging: StagingBuffers | None = None) -> None:
         """The part of an async save its caller waits for: copies the leaves into memory the plan owns
         (up to ``max_inflight_bytes``; see :func:`snapshot`) and writes the large ones left uncopied.
-        :meth:`run` then finishes the save in the background, on about one core."""
-        self.write_arrays(snapshot(self.plan, max_inflight_bytes, staging))
+        :meth:`run` then finishes the save in the background, on about one core. A failure here (no memory for
+        the copies) meets the other processes where their :meth:`run` begins, so that they raise at once too.
+        """
+        try:
+            self.write_arrays(snapshot(self.plan, max_inflight_bytes, staging))
+        except Exception as e:
+            def failed() -> None:
+                raise e
+            self._settle("prepared", failed)  # (raises e)
         self._background = True
 
     def hurry(self) -> None:

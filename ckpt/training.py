@@ -353,6 +353,8 @@ class Checkpointer:
 
     def _resolve(self, step: int | CheckpointMetadata | None) -> CheckpointMetadata:
         if step is None:
+            if self._processes.count > 1:  # every process the same step: the save in flight once committed (each
+                self._saver().wait()      # process's writer thread adds it when that process is through with it)
             latest = self.latest
             if latest is None:
                 raise errors.StepNotFoundError(f"no checkpoints in {self._directory}", step=None, path=self._directory)
@@ -384,11 +386,15 @@ class Checkpointer:
         """``find(step)``; when the save in flight is of ``step``, once it is committed (or its failure raised):
         a step being overwritten is found as the save in flight leaves it, not as it was. With two tiers, the
         save in flight is the local tier's (every save goes there first; its promotion is not waited for)."""
-        saver = self if self._local is None else self._local.checkpointer
+        saver = self._saver()
         in_flight = saver._in_flight
         if in_flight is not None and in_flight.step == step:
             saver.wait()
         return find(step)
+
+    def _saver(self) -> Checkpointer:
+        """The Checkpointer whose save is in flight: this one, or with two tiers the local tier's."""
+        return self if self._local is None else self._local.checkpointer
 
     # ---------------------------------------------------------------------------------- deciding
     def should_save(self, step: int | CheckpointMetadata) -> bool:
@@ -931,7 +937,8 @@ class Checkpointer:
         saved (dicts, lists, tuples; numpy, jax and torch arrays; Python scalars).
 
         A step that ``save_async`` is still writing is waited for (its failure raised); ``step=None``
-        is the latest committed step. A load lets go of the host buffers an async save keeps for the
+        is the latest committed step (in a multi-process job, once the save in flight is committed: every process
+        loads the same step). A load lets go of the host buffers an async save keeps for the
         next one, so that the loaded arrays can take their memory: a load after async saves holds no
         third copy of the state, and the next async save makes its buffers anew.
 

@@ -188,6 +188,15 @@ def test_a_save_failing_on_one_rank_raises_on_every_rank_at_once_and_commits_not
         assert f"rank 1 {how} failed: UnregisteredTypeError: checkpointable 'state': leaf at ['w'] has type" in out, out
         assert (f"rank 0 {how} failed: RuntimeError: the save of {path} failed in another process (process 1: "
                 "UnregisteredTypeError: checkpointable 'state': leaf at ['w'] has type builtins.object") in out, out
+    said = ("ValueError: DTensor at ['w'] does not hold what its layout says: its local shard on this rank has the shape "
+            "(1, 6), where its layout (global shape (4, 6), (Shard(dim=0),) over a mesh of shape (2,) of ranks 0-1) puts a "
+            "block of the shape (2, 6) (torch.chunk's split)")
+    assert f"rank 1 misshapen failed: {said}" in out, out  # (was raised in the gathering, rank 0 waiting there)
+    assert (f"rank 0 misshapen failed: RuntimeError: the save of {tmp_path / 'run' / '4'} failed in another process "
+            f"(process 1: {said}") in out, out
+    assert "rank 1 copy failed: MemoryError: no memory for the copies on rank 1\n" in out, out
+    assert (f"rank 0 copy failed: RuntimeError: the save of {tmp_path / 'run' / '4'} failed in another process (process 1: "
+            "MemoryError: no memory for the copies on rank 1); nothing was committed") in out, out  # (was the timeout)
     said = f"StepAlreadyExistsError: step 5 already exists at {tmp_path / 'run' / '5'}; pass overwrite=True to replace it"
     assert f"rank 1 overwrite failed: {said}" in out, out  # (rank 0 waited for rank 1 until the timeout)
     assert (f"rank 0 overwrite failed: RuntimeError: the save of {tmp_path / 'run' / '5'} failed in another process "
@@ -264,6 +273,8 @@ def test_a_step_or_checkpoint_every_rank_deletes_is_gone_on_every_rank_before_an
     assert f"rank 0 deletion failed: {said}\n" in out, out
     assert (f"rank 1 deletion failed: RuntimeError: the deletion of step 1 ({tmp_path / 'run' / '1'}) failed in "
             f"another process (process 0: {said})\n") in out, out
+    for r in (0, 1):  # (rank 0 loaded step 2, rank 1 step 3: a sharded state would have mixed the two)
+        assert f"rank {r} loads the latest while step 3 is written: [3.0, 3.0]" in out, out
 
 
 @pytest.mark.timeout(300)

@@ -440,8 +440,12 @@ class FailsOnRank1:
 def failing_saves(ckptr: Checkpointer) -> None:
     """A save that fails on rank 1 (sync, async, in the part of the save its caller waits for, and in its
     plan, through the Checkpointer and ``ckpt.save``; an overwrite only rank 0 asks for): every rank raises
-    within seconds, not after the timeout, and nothing is committed; the next save is whole. Then saves forced on
-    one rank alone."""
+    within seconds, not after the timeout, and nothing is committed; the next save is whole. So do a small DTensor
+    whose local shard on rank 1 is not the one its layout says, and an async save whose copies find no memory on rank
+    1. Then saves forced on one rank alone."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard
+
     with ckpt.Context(async_options=ckpt.AsyncOptions(timeout_secs=20)):
         for step, how in ((1, "sync"), (2, "async"), (3, "start"), (4, "plan"), (None, "free")):
             items = {"state": {"w": torch.ones(2)}, "extra": FailsOnRank1(at_start=how == "start")}
@@ -456,6 +460,23 @@ def failing_saves(ckptr: Checkpointer) -> None:
                     ckptr.save_checkpointables(step, items, force=True)
             except (OSError, ValueError, TypeError) if rank == 1 else RuntimeError as e:
                 say(f"rank {rank} {how} failed: {type(e).__name__}: {e}")
+        local = torch.ones(2 if rank == 0 else 1, 6)  # rank 1's shard of a small DTensor is not torch.chunk's split
+        misshapen = DTensor.from_local(local, init_device_mesh("cpu", (world,)), [Shard(0)], run_check=False,
+                                       shape=torch.Size((4, 6)), stride=(6, 1))
+        try:  # (rank 1 raised in the gathering, naming no key path, and rank 0 waited there until rank 1's process ended)
+            ckptr.save(4, {"w": misshapen}, force=True)
+        except ValueError if rank == 1 else RuntimeError as e:
+            say(f"rank {rank} misshapen failed: {type(e).__name__}: {e}")
+        snapshot = ckpt.saving.snapshot
+        if rank == 1:  # no host memory for an async save's copies, on rank 1 alone
+            def out_of_memory(*args):
+                raise MemoryError("no memory for the copies on rank 1")
+            ckpt.saving.snapshot = out_of_memory
+        try:  # (rank 0 waited for rank 1 in the background until the timeout, and their next save failed)
+            ckptr.save_async(4, {"w": torch.ones(2)}, force=True).result()
+        except MemoryError if rank == 1 else RuntimeError as e:
+            say(f"rank {rank} copy failed: {type(e).__name__}: {e}")
+        ckpt.saving.snapshot = snapshot
         ckptr.save(5, {"w": torch.ones(2)}, force=True)
         try:  # an overwrite rank 1 is not told of: it refuses, at the step every rank meets (rank 0 waited there)
             ckptr.save(5, {"w": torch.zeros(2)}, force=True, overwrite=rank == 0)
@@ -648,7 +669,8 @@ def deleted_and_saved_again(ckptr: Checkpointer) -> None:
     """Every rank deletes step 2 (``delete``, or ``delete_async`` not waited for) and saves it again at once:
     no save finds the step still there (rank 1 returned from the deletion before rank 0 had deleted it). Then
     every rank saves, loads and deletes a checkpoint with the free functions, and deletes other paths (refused), and
-    other steps (refused), one of which rank 1 does not hold. Last, a deletion of step 1 that fails on rank 0, where it is deleted."""
+    other steps (refused), one of which rank 1 does not hold. Then a deletion of step 1 that fails on rank 0, where it is
+    deleted. Last, a load of the latest step while an async save is in flight: the same step on every rank."""
     for step in range(3):
         ckptr.save(step, {"w": torch.full((2,), float(step))}, force=True)
     for trial in range(6):
@@ -685,6 +707,10 @@ def deleted_and_saved_again(ckptr: Checkpointer) -> None:
         say(f"rank {rank} deletion failed: {type(e).__name__}: {e}")
     ckpt.root.delete_step = delete_step
     say(f"rank {rank} after the failed deletion: steps {[c.step for c in ckptr.checkpoints]}")
+    ckptr.save_async(3, {"w": torch.full((2,), 3.0)}, force=True)
+    if rank == 1:  # (a rank whose writer thread is through with the save: it had step 3, rank 0 step 2)
+        ckptr.wait()
+    say(f"rank {rank} loads the latest while step 3 is written: {ckptr.load()['w'].tolist()}")
 
 
 class WrittenAtTheEnd(FailsOnRank1):

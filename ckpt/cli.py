@@ -152,7 +152,7 @@ def _latest(steps: list[_Step]) -> _Step | None:
 
 def _select(directory: storage.Location, step: int | None, local: Path | None = None) -> list[_Step]:
     """The checkpoints a command acts on: DIR itself, DIR's ``step``, or (``step`` None) its latest; with ``local``
-    (see :func:`ls`), of either tier, a step in both as its local copy (the one a Checkpointer loads first)."""
+    (see :func:`ls`), of either tier, a step in both as the copy a Checkpointer loads first (:func:`_tiers`)."""
     if local is None and _is_step_dir(directory):
         if step is not None:
             raise UsageError(f"{directory} is one checkpoint; drop the STEP argument")
@@ -289,8 +289,8 @@ def _print_json(obj: Any) -> None:
 # -------------------------------------------------------------------------------------------- ls
 def _tiers(durable: list[_Step], local: list[_Step]) -> tuple[list[_Step], list[list[str]]]:
     """The steps of both tiers, ascending, as a two-tier Checkpointer lists them (a step in both as its local
-    copy, which a load reads first; a damaged copy only when its step has no sound one, which the
-    Checkpointer lists and loads), and the tiers that hold each."""
+    copy, which a load reads first, unless its durable copy was committed later; a damaged copy only when its
+    step has no sound one, which the Checkpointer lists and loads), and the tiers that hold each."""
     where: dict[int | None, dict[str, _Step]] = {}
     for tier, steps in (("durable", durable), ("local", local)):
         for s in steps:
@@ -298,7 +298,15 @@ def _tiers(durable: list[_Step], local: list[_Step]) -> tuple[list[_Step], list[
     for step, copies in where.items():
         where[step] = {tier: s for tier, s in copies.items() if s.manifest is not None} or copies
     order = sorted(where, key=lambda n: (n is None, n or 0))
-    return [where[n].get("local") or where[n]["durable"] for n in order], [sorted(where[n]) for n in order]
+    return [_read_first(where[n]) for n in order], [sorted(where[n]) for n in order]
+
+
+def _read_first(copies: dict[str, _Step]) -> _Step:
+    local, durable = copies.get("local"), copies.get("durable")
+    if local is None or durable is None or local.manifest is None or durable.manifest is None:
+        return local or durable
+    times = [s.manifest.get("commit_timestamp_nsecs") for s in (local, durable)]
+    return durable if None not in times and times[1] > times[0] else local
 
 
 def ls(directory: storage.Location, *, as_json: bool, local: Path | None = None) -> int:

@@ -19,8 +19,9 @@ preservation policy keeps a step until its promotion is done, when the policy is
 ``wait()`` leaves each tier holding what its policy keeps).
 
 Restore (``load`` with no step) takes the newest step of either tier; a step in both is read from the
-local tier. Loading checks every checksum, so a damaged or vanished local step falls back to the
-durable copy of the same step, then to older steps. A missing local directory is a new machine: it
+local tier, unless its durable copy was committed later (another writer saved it again there). Loading
+checks every checksum, so a damaged or vanished local step falls back to the durable copy of the same
+step, then to older steps. A missing local directory is a new machine: it
 is created empty. ``checkpoints`` and ``latest`` list both tiers; each entry is a
 :class:`TieredCheckpointMetadata` that says where the step lives.
 
@@ -150,13 +151,34 @@ class TieredCheckpointMetadata(CheckpointMetadata):
 
 
 def merge(local: Sequence[CheckpointMetadata], durable: Sequence[CheckpointMetadata]) -> list[TieredCheckpointMetadata]:
-    """The steps of both tiers, ascending; a step in both is described by its local copy."""
+    """The steps of both tiers, ascending; a step in both is described by its local copy, unless its durable copy
+    was committed later (saved again there by another writer since this machine saved it), as listed (a listing of
+    ``lightweight_initialize`` has no times: local)."""
     by_step: dict[int, dict[str, CheckpointMetadata]] = {}
     for tier, infos in ((LOCAL, local), (DURABLE, durable)):
         for info in infos:
             by_step.setdefault(info.step, {})[tier] = info
-    return [TieredCheckpointMetadata(where.get(LOCAL) or where[DURABLE], {t: i.path for t, i in where.items()})
+    return [TieredCheckpointMetadata(where[_described_by(where)], {t: i.path for t, i in where.items()})
             for step, where in sorted(by_step.items())]
+
+
+def _described_by(copies: dict[str, CheckpointMetadata]) -> str:
+    if LOCAL not in copies:
+        return DURABLE
+    durable = copies.get(DURABLE)
+    if durable is None or None in (durable.commit_timestamp_nsecs, copies[LOCAL].commit_timestamp_nsecs):
+        return LOCAL
+    return DURABLE if durable.commit_timestamp_nsecs > copies[LOCAL].commit_timestamp_nsecs else LOCAL
+
+
+def _read_order(info: TieredCheckpointMetadata) -> tuple[str, str]:
+    """The tiers to read ``info``'s step from, in order: its local copy first, unless its durable copy was committed
+    later (see :func:`merge`); where the listing has no times (``lightweight_initialize``) both manifests' are read."""
+    if info.commit_timestamp_nsecs is None and len(info.locations) == 2:
+        durable_first = _saved_after(*(CheckpointMetadata(info.step, info.locations[t]) for t in (DURABLE, LOCAL)))
+    else:
+        durable_first = info.path == info.locations.get(DURABLE)
+    return (DURABLE, LOCAL) if durable_first else (LOCAL, DURABLE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -766,12 +788,13 @@ class LocalTier:
     # ----------------------------------------------------------------------------- loading
     def load(self, candidates: Sequence[TieredCheckpointMetadata],
              read: Callable[[str, int, storage.Location], Any]) -> Any:
-        """Reads the first of ``candidates`` (newest first) that loads, local copy before durable one, with
-        ``read(tier, step, path)``, which raises StepNotFoundError for a copy deleted meanwhile; a damaged or
-        vanished copy is logged and the next one tried. Raises the first failure if none loads."""
+        """Reads the first of ``candidates`` (newest first) that loads, local copy before durable one (unless the
+        durable one was committed later: :func:`merge`), with ``read(tier, step, path)``, which raises
+        StepNotFoundError for a copy deleted meanwhile; a damaged or vanished copy is logged and the next one tried.
+        Raises the first failure if none loads."""
         first: BaseException | None = None
         for info in candidates:
-            for tier in (LOCAL, DURABLE):
+            for tier in _read_order(info):
                 path = info.locations.get(tier)
                 if path is None or (tier == LOCAL and self._durable.processes.count > 1):
                     continue
@@ -841,10 +864,10 @@ def _promoted(step_dir: Path) -> None:
         logger.warning("ckpt: %s was promoted, but its mark as pending could not be removed: %s", step_dir, e)
 
 
-def _saved_after(local: CheckpointMetadata, durable: CheckpointMetadata) -> bool:
-    """Whether the local copy of a step was committed after its durable copy (a time unknown: no)."""
-    local_time, durable_time = _committed(local), _committed(durable)
-    return None not in (local_time, durable_time) and local_time > durable_time
+def _saved_after(one: CheckpointMetadata, other: CheckpointMetadata) -> bool:
+    """Whether ``one`` (a copy of a step) was committed after ``other`` (a time unknown: no)."""
+    one_time, other_time = _committed(one), _committed(other)
+    return None not in (one_time, other_time) and one_time > other_time
 
 
 def _committed(info: CheckpointMetadata) -> int | None:

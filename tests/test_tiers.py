@@ -453,6 +453,27 @@ def test_ckpt_ls_lists_a_step_whose_local_manifest_is_damaged_by_its_sound_durab
     assert printed["latest"] == 4 and printed["steps"][-1]["path"] == str(tmp_path / "durable" / "4")
 
 
+@pytest.mark.parametrize("durable", ["local", "s3"])
+@pytest.mark.parametrize("lightweight", [False, True], ids=["listed", "lightweight_initialize"])
+def test_a_step_saved_again_in_the_durable_root_by_another_writer_loads_that_newer_copy_not_the_local_one(
+        request, tmp_path, capsys, durable, lightweight):
+    root = request.getfixturevalue("bucket") if durable == "s3" else str(tmp_path / "durable")
+    local = ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1))
+    with ckpt.Checkpointer(root, save_decision_policy=sdp.FixedIntervalPolicy(2), local=local) as ckptr:
+        for step in range(3):
+            ckptr.save(step, {"w": np.full(2, step)})
+    with ckpt.Checkpointer(root) as other:  # another machine's run saves step 2 again in the durable root
+        other.save(2, {"w": np.full(2, 20)}, force=True, overwrite=True)
+    with ckpt.Checkpointer(root, local=local, lightweight_initialize=lightweight) as ckptr:
+        assert sorted(ckptr.latest.locations) == ["durable", "local"]
+        assert ckptr.load(2)["w"].tolist() == ckptr.load()["w"].tolist() == [20, 20]  # was: [2, 2], the local copy
+        assert ckptr.metadata(2).commit_timestamp_nsecs == ckpt.metadata(f"{root}/2").commit_timestamp_nsecs
+        if not lightweight:
+            assert str(ckptr.latest.path) == f"{root}/2"
+    assert cli.main(["ls", root, "--local", str(tmp_path / "local"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["steps"][-1]["path"] == f"{root}/2"
+
+
 def test_saving_again_a_step_only_the_local_tier_holds_raises_as_one_tier_does(tmp_path):
     local = ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1))
     with ckpt.Checkpointer(tmp_path / "durable", save_decision_policy=sdp.FixedIntervalPolicy(5), local=local) as ckptr:

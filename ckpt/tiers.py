@@ -525,25 +525,37 @@ class LocalTier:
             self._take_durable()  # (raised before anything is written; asked again at the next save)
         self._recovered = True
         for step in stale:
-            logger.warning("ckpt: step %d was saved again on the local tier (overwrite=True) after its durable copy "
-                           "was made, and a crash left that copy as it was: promoting it again now", step)
-            self._promote_again(step, overwrite=True)
+            self._promote_recovered(step, True, "ckpt: step %d was saved again on the local tier (overwrite=True) "
+                                    "after its durable copy was made, and a crash left that copy as it was")
         for step in cut_short:
-            logger.warning("ckpt: step %d, saved on the local tier after every step of the durable tier (with "
-                           "overwrite=True or force=True), is on the local tier only: a crash cut its promotion short "
-                           "(on an object store, after it had deleted the durable copy it replaced). Promoting it "
-                           "again now", step)
-            self._promote_again(step, overwrite=True)
+            self._promote_recovered(step, True, "ckpt: step %d, saved on the local tier after every step of the durable "
+                                    "tier (with overwrite=True or force=True), is on the local tier only: a crash cut "
+                                    "its promotion short (on an object store, after it had deleted the durable copy it "
+                                    "replaced)")
         for step in pending:
-            logger.warning("ckpt: step %d is on the local tier only: its promotion (of a forced or preemption save, or "
-                           "one that replaced its durable copy) never committed (it failed, or a crash cut it short). "
-                           "Promoting it again now", step)
-            self._promote_again(step, overwrite=True)
+            self._promote_recovered(step, True, "ckpt: step %d is on the local tier only: its promotion (of a forced or "
+                                    "preemption save, or one that replaced its durable copy) never committed (it "
+                                    "failed, or a crash cut it short)")
         if newer and newer[-1].step not in pending:
-            step = newer[-1].step
-            logger.warning("ckpt: step %d, newer than the durable tier's latest (%s), is on the local tier only: a "
-                           "crash left it unpromoted. Promoting it now", step, durable[-1].step if durable else "none")
-            self._promote_again(step, overwrite=False)
+            self._promote_recovered(newer[-1].step, False, "ckpt: step %d, newer than the durable tier's latest (%s), is "
+                                    "on the local tier only: a crash left it unpromoted",
+                                    durable[-1].step if durable else "none")
+
+    def _promote_recovered(self, step: int, overwrite: bool, why: str, *args: Any) -> None:
+        """:meth:`_promote_again` of a step :meth:`_recover` found unpromoted, logging ``why % (step, *args)``, unless
+        the durable root holds at its name what ckpt never replaces (a damaged step, an entry ckpt did not write):
+        then the step stays on the local tier, and the warning names the entry and what to do, rather than a
+        promotion failing the run's next save or ``wait()`` at every restart."""
+        final = self._durable.step_dir(step)
+        try:
+            root.check_target(final, storage.temporary_for(final), step=step, overwrite=overwrite)
+        except errors.ForeignEntryError as e:
+            logger.warning(why + ", and is not promoted: %s Its local copy stays as the local policy keeps it; once "
+                           "that entry is gone, the next writer promotes the step if the durable tier is still owed "
+                           "it.", step, *args, e)
+            return
+        logger.warning(why + ". Promoting it now", step, *args)
+        self._promote_again(step, overwrite=overwrite)
 
     def _unpromoted(self, saving: int | None) -> tuple[list[CheckpointMetadata], list[CheckpointMetadata], list[int],
                                                         list[int], list[int]]:

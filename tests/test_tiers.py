@@ -618,6 +618,25 @@ def test_a_step_whose_promotion_a_crash_cut_short_is_promoted_by_the_next_writer
         assert_bit_exact(durable.load(10), 10)
 
 
+def test_a_damaged_durable_step_where_the_next_writer_would_promote_its_local_copy_is_named_not_raised(tmp_path,
+                                                                                                       caplog):
+    local = ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1))
+    with ckpt.Checkpointer(tmp_path / "durable", save_decision_policy=sdp.FixedIntervalPolicy(2), local=local) as ckptr:
+        for step in range(3):
+            ckptr.save(step, {"step": step})
+    fsutil.flip(tmp_path / "durable" / "2" / "manifest.json")  # not listed: local step 2 is newer than durable 0
+    damaged = fsutil.snapshot(tmp_path / "durable" / "2")
+    for restart in range(2):
+        with ckpt.Checkpointer(tmp_path / "durable", save_decision_policy=sdp.FixedIntervalPolicy(2),
+                               local=local) as ckptr, caplog.at_level(logging.WARNING, "ckpt"):
+            assert ckptr.load(2)["step"] == 2  # from the local tier
+            ckptr.save(3 + restart, {"step": 3 + restart})
+            ckptr.wait()  # was: ForeignEntryError at every restart, from the promotion of step 2
+        assert (f"step 2, newer than the durable tier's latest (0), is on the local tier only: a crash left it "
+                f"unpromoted, and is not promoted: cannot save step 2: {tmp_path / 'durable' / '2'} holds") in caplog.text
+    assert fsutil.snapshot(tmp_path / "durable" / "2") == damaged
+
+
 @pytest.mark.parametrize("policy, promoted", [(sdp.FixedIntervalPolicy(2), 4),  # its newest choice; not 2 too
                                               (sdp.ContinuousCheckpointingPolicy(), 5)],  # cannot be asked again
                          ids=["chose by step numbers", "chose by the clock"])

@@ -139,16 +139,22 @@ def _existing(path: str | os.PathLike) -> storage.Location:
     step_dir = storage.location(path)
     if isinstance(step_dir, Path) or not (step_dir / fmt.MANIFEST).exists():
         if not step_dir.exists():
-            aside = step_dir.with_name(step_dir.name + fmt.REPLACED_SUFFIX) if isinstance(step_dir, Path) else None
-            hint = "" if aside is None or storage.set_aside_step(aside) is None else (  # (ckpt's only, as a save asks)
-                f"; {aside} holds it as it was before a save with overwrite=True that a crash interrupted: "
-                "rename it back")
-            raise CheckpointNotFoundError(f"no checkpoint at {step_dir}: the path does not exist{hint}")
+            raise _not_found(step_dir)
         root.check_committed(step_dir)
         orbax.check_checkpoint(step_dir)
         if not isinstance(step_dir, Path):
             loading.read_manifest(step_dir)  # raises: its manifest is missing
     return step_dir
+
+
+def _not_found(step_dir: storage.Location) -> CheckpointNotFoundError:
+    """The error for a checkpoint path where nothing is: it names the checkpoint a save with ``overwrite=True`` set
+    aside there when a crash interrupted it (which :func:`save` takes for the checkpoint), and how to get it back."""
+    aside = step_dir.with_name(step_dir.name + fmt.REPLACED_SUFFIX) if isinstance(step_dir, Path) else None
+    hint = "" if aside is None or storage.set_aside_step(aside) is None else (  # (ckpt's only, as a save asks)
+        f"; {aside} holds it as it was before a save with overwrite=True that a crash interrupted: rename it back "
+        f"to {step_dir}")
+    return CheckpointNotFoundError(f"no checkpoint at {step_dir}: the path does not exist{hint}")
 
 
 def load_checkpointables(path: str | os.PathLike, abstract_checkpointables: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -283,7 +289,7 @@ def _deletion(path: str | os.PathLike, checkpointable_name: str | None, missing_
         if not storage.exists(step_dir):  # (asked before the first barrier: the primary deletes after it)
             if missing_ok:
                 return False
-            raise CheckpointNotFoundError(f"no checkpoint at {step_dir}: the path does not exist")
+            raise _not_found(step_dir)
         differ = distributed.differences(processes, f"{operation}/path", storage.place(step_dir), str(step_dir),
                                          timeout)
         if differ:

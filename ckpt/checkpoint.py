@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import threading
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -68,6 +69,49 @@ def _write(writer: saving.StepWriter) -> None:
         storage.remove_replaced_leftover(writer.final_dir)
 
 
+class _Saving:
+    """The paths this process's free saves are writing, which a deletion of one waits for: on an object store a save
+    writes in place, and a deletion meanwhile removed its first objects (ckpt's marker among them), leaving the
+    rest, which ckpt then refused to remove as not its own."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._hurry: dict[str, list[Callable[[], None]]] = {}  # a path's saves' ways to write at full speed
+
+    def begin(self, path: storage.Location) -> list[Callable[[], None]]:
+        """Records a save of ``path`` beginning; returns its entry, where it may put its ``hurry``, for :meth:`end`."""
+        entry: list[Callable[[], None]] = []
+        with self._changed:
+            self._hurry.setdefault(str(path), []).append(entry)
+        return entry
+
+    def end(self, path: storage.Location, entry: list[Callable[[], None]]) -> None:
+        with self._changed:
+            entries = self._hurry[str(path)]
+            entries.remove(entry)
+            if not entries:
+                del self._hurry[str(path)]
+            self._changed.notify_all()
+
+    def wait(self, path: storage.Location, timeout: float) -> None:
+        """Waits for this process's saves of ``path`` to end (hurried to full speed).
+
+        Raises:
+          TimeoutError: one is still writing after ``timeout`` seconds (AsyncOptions.timeout_secs); nothing was deleted.
+        """
+        with self._changed:
+            for entry in self._hurry.get(str(path), []):
+                for hurry in entry:
+                    hurry()
+            if not self._changed.wait_for(lambda: str(path) not in self._hurry, timeout):
+                raise TimeoutError(f"cannot delete {path}: a save of it by this process is still being written after "
+                                   f"{timeout} s (AsyncOptions.timeout_secs); nothing was deleted. Wait for the save "
+                                   "(its result()) first.")
+
+
+_saving = _Saving()
+
+
 def save_checkpointables(path: str | os.PathLike, checkpointables: dict[str, Any], *, overwrite: bool = False,
                          custom_metadata: Any = None) -> None:
     """Saves named trees as one checkpoint directory at ``path``, atomically.
@@ -77,7 +121,12 @@ def save_checkpointables(path: str | os.PathLike, checkpointables: dict[str, Any
         ckpt.save_checkpointables("model", {"params": {"w": np.ones(3)}, "opt_state": {"m": np.zeros(3)}})
         params = ckpt.load("model", checkpointable_name="params")
     """
-    _write(_writer(path, checkpointables, overwrite, custom_metadata))
+    final = storage.location(path)
+    entry = _saving.begin(final)
+    try:
+        _write(_writer(final, checkpointables, overwrite, custom_metadata))
+    finally:
+        _saving.end(final, entry)
 
 
 def save_checkpointables_async(path: str | os.PathLike, checkpointables: dict[str, Any], *, overwrite: bool = False,
@@ -90,14 +139,28 @@ def save_checkpointables_async(path: str | os.PathLike, checkpointables: dict[st
         response.result(timeout=60)
         assert ckpt.load("model", checkpointable_name="data") == {"epoch": 2}
     """
-    writer = _writer(path, checkpointables, overwrite, custom_metadata)
+    final = storage.location(path)
+    entry = _saving.begin(final)
     try:
-        writer.hand_off()
+        writer = _writer(final, checkpointables, overwrite, custom_metadata)
+        try:
+            writer.hand_off()
+        except BaseException:
+            writer.discard()
+            raise
     except BaseException:
-        writer.discard()
+        _saving.end(final, entry)
         raise
+    entry.append(writer.hurry)
+
+    def write() -> None:
+        try:
+            _write(writer)
+        finally:
+            _saving.end(final, entry)
+
     saver = background.BackgroundWriter("ckpt-save")
-    response = saver.submit(lambda: _write(writer), hurry=writer.hurry, what=f"the save of {writer.final_dir}")
+    response = saver.submit(write, hurry=writer.hurry, what=f"the save of {writer.final_dir}")
     saver.shutdown(wait=False)
     return response
 
@@ -138,16 +201,22 @@ def _existing(path: str | os.PathLike) -> storage.Location:
     step_dir = storage.location(path)
     if isinstance(step_dir, Path) or not (step_dir / fmt.MANIFEST).exists():
         if not step_dir.exists():
-            aside = step_dir.with_name(step_dir.name + fmt.REPLACED_SUFFIX) if isinstance(step_dir, Path) else None
-            hint = "" if aside is None or storage.set_aside_step(aside) is None else (  # (ckpt's only, as a save asks)
-                f"; {aside} holds it as it was before a save with overwrite=True that a crash interrupted: "
-                "rename it back")
-            raise CheckpointNotFoundError(f"no checkpoint at {step_dir}: the path does not exist{hint}")
+            raise _not_found(step_dir)
         root.check_committed(step_dir)
         orbax.check_checkpoint(step_dir)
         if not isinstance(step_dir, Path):
             loading.read_manifest(step_dir)  # raises: its manifest is missing
     return step_dir
+
+
+def _not_found(step_dir: storage.Location) -> CheckpointNotFoundError:
+    """The error for a checkpoint path where nothing is: it names the checkpoint a save with ``overwrite=True`` set
+    aside there when a crash interrupted it (which :func:`save` takes for the checkpoint), and how to get it back."""
+    aside = step_dir.with_name(step_dir.name + fmt.REPLACED_SUFFIX) if isinstance(step_dir, Path) else None
+    hint = "" if aside is None or storage.set_aside_step(aside) is None else (  # (ckpt's only, as a save asks)
+        f"; {aside} holds it as it was before a save with overwrite=True that a crash interrupted: rename it back "
+        f"to {step_dir}")
+    return CheckpointNotFoundError(f"no checkpoint at {step_dir}: the path does not exist{hint}")
 
 
 def load_checkpointables(path: str | os.PathLike, abstract_checkpointables: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -227,7 +296,8 @@ def delete(path: str | os.PathLike, *, checkpointable_name: str | None = None, m
     """Deletes the checkpoint at ``path`` (ckpt's or Orbax's) as garbage collection deletes a step: renamed
     aside first, so that a deletion interrupted leaves no half checkpoint at ``path``. Anything else there
     (not a checkpoint) raises ``NotACheckpointError`` (a ``ForeignEntryError`` and an ``InvalidLayoutError``,
-    as Orbax's) and is left alone. No process may be using it.
+    as Orbax's) and is left alone. A save of it by this process (``save_async``, or a save in another thread) is
+    waited for first (for at most ``AsyncOptions.timeout_secs``); no other process may be using it.
 
     Returns True when it was deleted, False when nothing was at ``path`` and ``missing_ok`` is set. On an
     object store (``s3://``, ``gs://``), what a save or a deletion of ckpt's that a crash cut short left at
@@ -279,10 +349,11 @@ def _deletion(path: str | os.PathLike, checkpointable_name: str | None, missing_
             raise NotACheckpointError(str(e), path=e.path) from None
 
     def deletion() -> bool:
+        _saving.wait(step_dir, timeout)
         if not storage.exists(step_dir):  # (asked before the first barrier: the primary deletes after it)
             if missing_ok:
                 return False
-            raise CheckpointNotFoundError(f"no checkpoint at {step_dir}: the path does not exist")
+            raise _not_found(step_dir)
         differ = distributed.differences(processes, f"{operation}/path", storage.place(step_dir), str(step_dir),
                                          timeout)
         if differ:

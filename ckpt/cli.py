@@ -34,6 +34,7 @@ from typing import Any, Sequence, TextIO
 from ckpt import __version__, convert, formats, leaves, orbax, progress, storage, tiers
 from ckpt import root as root_lib
 from ckpt import format as fmt
+from ckpt import tree as tree_lib
 from ckpt.errors import (CheckpointCorruptedError, CheckpointNotFoundError, DirectoryLockedError, InvalidLayoutError,
                          RootDirectoryError, StepNotFoundError, StepReplacedError, UnsupportedLayoutError)
 from ckpt.path import step as step_lib
@@ -152,7 +153,7 @@ def _latest(steps: list[_Step]) -> _Step | None:
 
 def _select(directory: storage.Location, step: int | None, local: Path | None = None) -> list[_Step]:
     """The checkpoints a command acts on: DIR itself, DIR's ``step``, or (``step`` None) its latest; with ``local``
-    (see :func:`ls`), of either tier, a step in both as its local copy (the one a Checkpointer loads first)."""
+    (see :func:`ls`), of either tier, a step in both as the copy a Checkpointer loads first (:func:`_tiers`)."""
     if local is None and _is_step_dir(directory):
         if step is not None:
             raise UsageError(f"{directory} is one checkpoint; drop the STEP argument")
@@ -289,8 +290,8 @@ def _print_json(obj: Any) -> None:
 # -------------------------------------------------------------------------------------------- ls
 def _tiers(durable: list[_Step], local: list[_Step]) -> tuple[list[_Step], list[list[str]]]:
     """The steps of both tiers, ascending, as a two-tier Checkpointer lists them (a step in both as its local
-    copy, which a load reads first; a damaged copy only when its step has no sound one, which the
-    Checkpointer lists and loads), and the tiers that hold each."""
+    copy, which a load reads first, unless its durable copy was committed later; a damaged copy only when its
+    step has no sound one, which the Checkpointer lists and loads), and the tiers that hold each."""
     where: dict[int | None, dict[str, _Step]] = {}
     for tier, steps in (("durable", durable), ("local", local)):
         for s in steps:
@@ -298,7 +299,15 @@ def _tiers(durable: list[_Step], local: list[_Step]) -> tuple[list[_Step], list[
     for step, copies in where.items():
         where[step] = {tier: s for tier, s in copies.items() if s.manifest is not None} or copies
     order = sorted(where, key=lambda n: (n is None, n or 0))
-    return [where[n].get("local") or where[n]["durable"] for n in order], [sorted(where[n]) for n in order]
+    return [_read_first(where[n]) for n in order], [sorted(where[n]) for n in order]
+
+
+def _read_first(copies: dict[str, _Step]) -> _Step:
+    local, durable = copies.get("local"), copies.get("durable")
+    if local is None or durable is None or local.manifest is None or durable.manifest is None:
+        return local or durable
+    times = [s.manifest.get("commit_timestamp_nsecs") for s in (local, durable)]
+    return durable if None not in times and times[1] > times[0] else local
 
 
 def ls(directory: storage.Location, *, as_json: bool, local: Path | None = None) -> int:
@@ -384,6 +393,25 @@ def _leaf_record(name: str, meta: dict) -> dict:
     return record
 
 
+def _records(name: str, doc: dict) -> list[dict]:
+    """The rows of a checkpointable's table, in flatten order: its leaves, and its empty containers (``{}``,
+    ``[]``, ``()``: no leaf, but part of the tree a load gives back), each as an inline value of no bytes."""
+    metas, out = iter(doc["leaves"]), []
+
+    def walk(node: tree_lib.Node, path: tree_lib.KeyPath) -> None:
+        if node.kind == "leaf":
+            out.append(_leaf_record(name, next(metas)))
+        elif not node.children:
+            out.append({"checkpointable": name, "path": tree_lib.keystr(path), "type": node.name or node.kind,
+                        "dtype": None, "shape": None, "nbytes": 0, "stored": "inline",
+                        "value": {} if node.kind == "dict" else []})
+        for key, child in zip(node.keys, node.children):
+            walk(child, path + (key,))
+
+    walk(tree_lib.from_json(doc["tree"]), ())
+    return out
+
+
 def show(directory: storage.Location, step: int | None, *, as_json: bool, local: Path | None = None) -> int:
     """``ckpt show``: the step's metadata, then one table of leaves per checkpointable. With ``local`` (see
     :func:`ls`) the step of either tier, as a two-tier Checkpointer reads it."""
@@ -392,24 +420,24 @@ def show(directory: storage.Location, step: int | None, *, as_json: bool, local:
     manifest = formats.info(step_dir)
     metrics, custom_metadata = fmt.decode_json(manifest, "metrics"), fmt.decode_json(manifest, "custom_metadata")
     trees, unreadable = formats.readable_trees(step_dir)
-    records = {name: [_leaf_record(name, meta) for meta in doc["leaves"]] for name, doc in trees.items()}
+    records = {name: _records(name, doc) for name, doc in trees.items()}
+    nbytes = sum(r["nbytes"] for rs in records.values() for r in rs)  # the leaves' (the manifest's pads packed ones)
     if as_json:
         _print_json({"step": number, "path": str(step_dir), "orbax": _by_orbax(manifest),
                      "time": _time(manifest.get("commit_timestamp_nsecs"), iso=True),
                      "metrics": metrics, "custom_metadata": custom_metadata,
-                     "nbytes": manifest.get("nbytes"), "checkpointables": records, "unreadable": unreadable})
+                     "nbytes": nbytes, "checkpointables": records, "unreadable": unreadable})
         return 0
     _print(f"{_named(number)}  {step_dir}" + ("  (written by Orbax)" if _by_orbax(manifest) else ""))
     print(f"committed {_time(manifest.get('commit_timestamp_nsecs'), iso=False)}, "
-          f"{progress.format_bytes(sum(r['nbytes'] for rs in records.values() for r in rs))} of data, "
-          f"{_size(_disk_bytes(step_dir))} on disk")
+          f"{progress.format_bytes(nbytes)} of data, {_size(_disk_bytes(step_dir))} on disk")
     if metrics is not None:
         _print(f"metrics: {_metrics_text(metrics)}")
     if custom_metadata is not None:
         _print(f"custom metadata: {json.dumps(_strict(custom_metadata))}")
     for name, rs in records.items():
         total = sum(r["nbytes"] for r in rs)
-        _print(f"\n{name}: {len(rs)} leaves, {progress.format_bytes(total)}")
+        _print(f"\n{name}: {len(trees[name]['leaves'])} leaves, {progress.format_bytes(total)}")
         rows = [[r["path"] or "(root)", r["type"], f"key<{r['impl']}>" if "impl" in r else r["dtype"] or "",
                  "" if r["shape"] is None else str(tuple(r["shape"])),
                  progress.format_bytes(r["nbytes"]) if r["dtype"] else "",

@@ -19,8 +19,9 @@ preservation policy keeps a step until its promotion is done, when the policy is
 ``wait()`` leaves each tier holding what its policy keeps).
 
 Restore (``load`` with no step) takes the newest step of either tier; a step in both is read from the
-local tier. Loading checks every checksum, so a damaged or vanished local step falls back to the
-durable copy of the same step, then to older steps. A missing local directory is a new machine: it
+local tier, unless its durable copy was committed later (another writer saved it again there). Loading
+checks every checksum, so a damaged or vanished local step falls back to the durable copy of the same
+step, then to older steps. A missing local directory is a new machine: it
 is created empty. ``checkpoints`` and ``latest`` list both tiers; each entry is a
 :class:`TieredCheckpointMetadata` that says where the step lives.
 
@@ -150,13 +151,34 @@ class TieredCheckpointMetadata(CheckpointMetadata):
 
 
 def merge(local: Sequence[CheckpointMetadata], durable: Sequence[CheckpointMetadata]) -> list[TieredCheckpointMetadata]:
-    """The steps of both tiers, ascending; a step in both is described by its local copy."""
+    """The steps of both tiers, ascending; a step in both is described by its local copy, unless its durable copy
+    was committed later (saved again there by another writer since this machine saved it), as listed (a listing of
+    ``lightweight_initialize`` has no times: local)."""
     by_step: dict[int, dict[str, CheckpointMetadata]] = {}
     for tier, infos in ((LOCAL, local), (DURABLE, durable)):
         for info in infos:
             by_step.setdefault(info.step, {})[tier] = info
-    return [TieredCheckpointMetadata(where.get(LOCAL) or where[DURABLE], {t: i.path for t, i in where.items()})
+    return [TieredCheckpointMetadata(where[_described_by(where)], {t: i.path for t, i in where.items()})
             for step, where in sorted(by_step.items())]
+
+
+def _described_by(copies: dict[str, CheckpointMetadata]) -> str:
+    if LOCAL not in copies:
+        return DURABLE
+    durable = copies.get(DURABLE)
+    if durable is None or None in (durable.commit_timestamp_nsecs, copies[LOCAL].commit_timestamp_nsecs):
+        return LOCAL
+    return DURABLE if durable.commit_timestamp_nsecs > copies[LOCAL].commit_timestamp_nsecs else LOCAL
+
+
+def _read_order(info: TieredCheckpointMetadata) -> tuple[str, str]:
+    """The tiers to read ``info``'s step from, in order: its local copy first, unless its durable copy was committed
+    later (see :func:`merge`); where the listing has no times (``lightweight_initialize``) both manifests' are read."""
+    if info.commit_timestamp_nsecs is None and len(info.locations) == 2:
+        durable_first = _saved_after(*(CheckpointMetadata(info.step, info.locations[t]) for t in (DURABLE, LOCAL)))
+    else:
+        durable_first = info.path == info.locations.get(DURABLE)
+    return (DURABLE, LOCAL) if durable_first else (LOCAL, DURABLE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -536,25 +558,37 @@ class LocalTier:
             self._take_durable()  # (raised before anything is written; asked again at the next save)
         self._recovered = True
         for step in stale:
-            logger.warning("ckpt: step %d was saved again on the local tier (overwrite=True) after its durable copy "
-                           "was made, and a crash left that copy as it was: promoting it again now", step)
-            self._promote_again(step, overwrite=True)
+            self._promote_recovered(step, True, "ckpt: step %d was saved again on the local tier (overwrite=True) "
+                                    "after its durable copy was made, and a crash left that copy as it was")
         for step in cut_short:
-            logger.warning("ckpt: step %d, saved on the local tier after every step of the durable tier (with "
-                           "overwrite=True or force=True), is on the local tier only: a crash cut its promotion short "
-                           "(on an object store, after it had deleted the durable copy it replaced). Promoting it "
-                           "again now", step)
-            self._promote_again(step, overwrite=True)
+            self._promote_recovered(step, True, "ckpt: step %d, saved on the local tier after every step of the durable "
+                                    "tier (with overwrite=True or force=True), is on the local tier only: a crash cut "
+                                    "its promotion short (on an object store, after it had deleted the durable copy it "
+                                    "replaced)")
         for step in pending:
-            logger.warning("ckpt: step %d is on the local tier only: its promotion (of a forced or preemption save, or "
-                           "one that replaced its durable copy) never committed (it failed, or a crash cut it short). "
-                           "Promoting it again now", step)
-            self._promote_again(step, overwrite=True)
+            self._promote_recovered(step, True, "ckpt: step %d is on the local tier only: its promotion (of a forced or "
+                                    "preemption save, or one that replaced its durable copy) never committed (it "
+                                    "failed, or a crash cut it short)")
         if newer and newer[-1].step not in pending:
-            step = newer[-1].step
-            logger.warning("ckpt: step %d, newer than the durable tier's latest (%s), is on the local tier only: a "
-                           "crash left it unpromoted. Promoting it now", step, durable[-1].step if durable else "none")
-            self._promote_again(step, overwrite=False)
+            self._promote_recovered(newer[-1].step, False, "ckpt: step %d, newer than the durable tier's latest (%s), is "
+                                    "on the local tier only: a crash left it unpromoted",
+                                    durable[-1].step if durable else "none")
+
+    def _promote_recovered(self, step: int, overwrite: bool, why: str, *args: Any) -> None:
+        """:meth:`_promote_again` of a step :meth:`_recover` found unpromoted, logging ``why % (step, *args)``, unless
+        the durable root holds at its name what ckpt never replaces (a damaged step, an entry ckpt did not write):
+        then the step stays on the local tier, and the warning names the entry and what to do, rather than a
+        promotion failing the run's next save or ``wait()`` at every restart."""
+        final = self._durable.step_dir(step)
+        try:
+            root.check_target(final, storage.temporary_for(final), step=step, overwrite=overwrite)
+        except errors.ForeignEntryError as e:
+            logger.warning(why + ", and is not promoted: %s Its local copy stays as the local policy keeps it; once "
+                           "that entry is gone, the next writer promotes the step if the durable tier is still owed "
+                           "it.", step, *args, e)
+            return
+        logger.warning(why + ". Promoting it now", step, *args)
+        self._promote_again(step, overwrite=overwrite)
 
     def _unpromoted(self, saving: int | None) -> tuple[list[CheckpointMetadata], list[CheckpointMetadata], list[int],
                                                         list[int], list[int]]:
@@ -799,12 +833,13 @@ class LocalTier:
     # ----------------------------------------------------------------------------- loading
     def load(self, candidates: Sequence[TieredCheckpointMetadata],
              read: Callable[[str, int, storage.Location], Any]) -> Any:
-        """Reads the first of ``candidates`` (newest first) that loads, local copy before durable one, with
-        ``read(tier, step, path)``, which raises StepNotFoundError for a copy deleted meanwhile; a damaged or
-        vanished copy is logged and the next one tried. Raises the first failure if none loads."""
+        """Reads the first of ``candidates`` (newest first) that loads, local copy before durable one (unless the
+        durable one was committed later: :func:`merge`), with ``read(tier, step, path)``, which raises
+        StepNotFoundError for a copy deleted meanwhile; a damaged or vanished copy is logged and the next one tried.
+        Raises the first failure if none loads."""
         first: BaseException | None = None
         for info in candidates:
-            for tier in (LOCAL, DURABLE):
+            for tier in _read_order(info):
                 path = info.locations.get(tier)
                 if path is None or (tier == LOCAL and self._durable.processes.count > 1):
                     continue
@@ -878,10 +913,10 @@ def _promoted(step_dir: Path) -> None:
         logger.warning("ckpt: %s was promoted, but its mark as pending could not be removed: %s", step_dir, e)
 
 
-def _saved_after(local: CheckpointMetadata, durable: CheckpointMetadata) -> bool:
-    """Whether the local copy of a step was committed after its durable copy (a time unknown: no)."""
-    local_time, durable_time = _committed(local), _committed(durable)
-    return None not in (local_time, durable_time) and local_time > durable_time
+def _saved_after(one: CheckpointMetadata, other: CheckpointMetadata) -> bool:
+    """Whether ``one`` (a copy of a step) was committed after ``other`` (a time unknown: no)."""
+    one_time, other_time = _committed(one), _committed(other)
+    return None not in (one_time, other_time) and one_time > other_time
 
 
 def _committed(info: CheckpointMetadata) -> int | None:

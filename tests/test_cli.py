@@ -237,6 +237,22 @@ def test_show_counts_the_leaves_bytes_as_data_not_the_padding_between_packed_one
     assert "state: 2000 leaves, 2.0 KiB" in out
 
 
+def test_show_lists_empty_containers_and_its_json_counts_the_leaves_bytes_not_the_packing_padding(tmp_path, capsys):
+    """Empty subtrees ({}, [], ()), which a load gives back, were left out of the table, and show --json's
+    'nbytes' was the manifest's, with the padding that aligns packed leaves (128 for 17 bytes of data)."""
+    ckpt.save(tmp_path / "c", {"a": {}, "b": [], "d": np.ones(3, np.float32), "e": np.ones(5, np.int8),
+                               "f": {"g": ()}, "h": 7})
+    status, out, _ = run_cli(capsys, "show", tmp_path / "c")
+    rows = [line.split()[:3] for line in out.splitlines() if line.startswith("[")]
+    assert status == 0 and [r[:2] for r in rows] == [["['a']", "dict"], ["['b']", "list"], ["['d']", "numpy"],
+                                                     ["['e']", "numpy"], ["['f']['g']", "tuple"], ["['h']", "int"]]
+    assert "state: 3 leaves, 17 B" in out
+    status, out, _ = run_cli(capsys, "show", tmp_path / "c", "--json")
+    shown = json.loads(out)
+    assert shown["nbytes"] == 17 and [(r["path"], r["nbytes"]) for r in shown["checkpointables"]["state"]] == [
+        ("['a']", 0), ("['b']", 0), ("['d']", 12), ("['e']", 5), ("['f']['g']", 0), ("['h']", 0)]
+
+
 def test_show_json_groups_leaves_by_checkpointable(tmp_path, capsys):
     with ckpt.Checkpointer(tmp_path) as ckptr:
         ckptr.save_checkpointables(3, {"model": {"w": np.zeros((2, 3), np.int8)}, "opt": {"lr": 0.1}}, force=True)

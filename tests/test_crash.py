@@ -267,18 +267,21 @@ def test_a_replaced_step_a_failed_removal_left_never_comes_back_once_its_step_is
     assert sorted(os.listdir(root)) == [fmt.LOCK, "6", "7"]
 
 
-def test_a_free_load_of_a_checkpoint_a_crash_left_set_aside_says_where_it_is(tmp_path):
+def test_a_free_load_or_delete_of_a_checkpoint_a_crash_left_set_aside_says_where_it_is(tmp_path):
     """``ckpt.save(path, overwrite=True)`` killed between the two renames (no atomic exchange): no
-    Checkpointer puts a free checkpoint back, so its load says where the checkpoint is. A directory of the user's
-    named so is no checkpoint set aside: the load was told to rename it back too."""
+    Checkpointer puts a free checkpoint back, so its load and its deletion say where the checkpoint is (as a save
+    there does; the deletion said only that the path did not exist). A directory of the user's named so is no
+    checkpoint set aside: the load was told to rename it back too."""
     model, aside = tmp_path / "model", tmp_path / ("model" + fmt.REPLACED_SUFFIX)
     ckpt.save(model, {"v": np.zeros(3)})
     if not storage.is_marked(model):
         storage.mark(model, durable=True)  # (as the commit marks it before it sets it aside)
     os.rename(model, aside)  # as the crash leaves it
-    with pytest.raises(ckpt.errors.CheckpointNotFoundError,
-                       match=r"model\.ckpt-replaced holds it as it was before a save with overwrite=True"):
-        ckpt.load(model)
+    for call in (ckpt.load, ckpt.delete):
+        with pytest.raises(ckpt.errors.CheckpointNotFoundError,
+                           match=r"model\.ckpt-replaced holds it as it was before a save with overwrite=True"):
+            call(model)
+    assert storage.set_aside_step(aside) is not None  # left as it was
     shutil.rmtree(aside)
     aside.mkdir()
     (aside / "notes.txt").write_text("mine")

@@ -1028,6 +1028,24 @@ def test_a_file_of_the_users_named_metadata_in_a_root_is_not_taken_for_orbaxs_ro
     assert (root / "metadata").read_text() == "lr 0.1, the first try\n"
 
 
+@pytest.mark.parametrize("notes", [b"lr 0.1, the first try\n", b"[1, 2]", b"\xff\xfe"])
+def test_a_users_file_at_metadata_metadata_that_is_no_json_object_is_not_taken_for_orbaxs_root_metadata(tmp_path,
+                                                                                                        notes):
+    """Was: root_metadata() raised CheckpointCorruptedError 'ROOT/metadata/metadata is not valid JSON' for a root
+    holding the user's notes there (Orbax before 0.10 kept a root's custom metadata there, as a JSON object; Orbax
+    0.12.8's root_metadata() raises OSError), and a Checkpointer given custom_metadata took the file for the root's
+    metadata and wrote none. The file is never rewritten."""
+    root = tmp_path / "run"
+    (root / "metadata").mkdir(parents=True)
+    (root / "metadata" / "metadata").write_bytes(notes)
+    with ckpt.Checkpointer(root) as ckptr:
+        ckptr.save(1, {"w": np.arange(3.0)}, force=True)
+        assert ckptr.root_metadata().custom_metadata == {}
+    with ckpt.Checkpointer(root, custom_metadata={"model": "mlp"}) as ckptr:
+        assert ckptr.root_metadata().custom_metadata == {"model": "mlp"}
+    assert (root / "metadata" / "metadata").read_bytes() == notes and os.listdir(root / "metadata") == ["metadata"]
+
+
 @pytest.mark.parametrize("linked", ["metrics", "metadata"])
 def test_a_directory_of_an_orbax_step_or_root_that_is_a_link_is_never_read_through(orbax_runs, tmp_path, caplog, linked):
     """The step's metrics/ (or the root's metadata/) a link to a directory outside holding a file of the

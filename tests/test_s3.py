@@ -628,6 +628,40 @@ def test_s3_deleting_a_checkpoint_whose_deletion_or_save_a_crash_cut_short_finis
         assert ObjectPath(bucket).children() == ["m2"]
 
 
+def test_s3_deleting_a_checkpoint_this_process_is_saving_waits_for_the_save_then_deletes_it_whole(bucket,
+                                                                                                   monkeypatch):
+    """Was: the deletion removed the objects the save had written (ckpt's marker among them), the save went on
+    writing, failed, and left objects that ckpt.delete then refused to remove (NotACheckpointError)."""
+    import ckpt
+    from ckpt import saving, storage
+    from ckpt.objectstore import ObjectPath
+
+    waiting, go, make_temporary, hurry = threading.Event(), threading.Event(), storage.make_temporary, \
+        saving.StepWriter.hurry
+    delete_step = ckpt.checkpoint.root.delete_step
+
+    def held(*args, **kwargs):  # the save has made its directory at the path, marked: it waits there
+        made = make_temporary(*args, **kwargs)
+        waiting.set()
+        assert go.wait(60)
+        return made
+
+    def deleted(*args, **kwargs):  # (without the wait: the deletion runs meanwhile, then lets the save go on)
+        try:
+            return delete_step(*args, **kwargs)
+        finally:
+            go.set()
+
+    monkeypatch.setattr(storage, "make_temporary", held)
+    monkeypatch.setattr(saving.StepWriter, "hurry", lambda self: (go.set(), hurry(self)))
+    monkeypatch.setattr(ckpt.checkpoint.root, "delete_step", deleted)
+    response = ckpt.save_async(f"{bucket}/m", {"w": np.arange(300_000.0)})
+    assert waiting.wait(60)
+    assert ckpt.delete(f"{bucket}/m") is True
+    assert response.result(timeout=60) is None
+    assert not ObjectPath(f"{bucket}/m").exists() and ObjectPath(bucket).children() == []
+
+
 def test_s3_a_checkpoint_or_root_inside_a_step_is_refused_before_anything_is_written(bucket):
     """Was: accepted (local paths were refused), and deleted with the step: ckpt.save(m, overwrite=True) removed
     m/inner, as garbage collection of step 5 would remove the root run/5/sub."""

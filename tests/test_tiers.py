@@ -453,6 +453,27 @@ def test_ckpt_ls_lists_a_step_whose_local_manifest_is_damaged_by_its_sound_durab
     assert printed["latest"] == 4 and printed["steps"][-1]["path"] == str(tmp_path / "durable" / "4")
 
 
+@pytest.mark.parametrize("durable", ["local", "s3"])
+@pytest.mark.parametrize("lightweight", [False, True], ids=["listed", "lightweight_initialize"])
+def test_a_step_saved_again_in_the_durable_root_by_another_writer_loads_that_newer_copy_not_the_local_one(
+        request, tmp_path, capsys, durable, lightweight):
+    root = request.getfixturevalue("bucket") if durable == "s3" else str(tmp_path / "durable")
+    local = ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1))
+    with ckpt.Checkpointer(root, save_decision_policy=sdp.FixedIntervalPolicy(2), local=local) as ckptr:
+        for step in range(3):
+            ckptr.save(step, {"w": np.full(2, step)})
+    with ckpt.Checkpointer(root) as other:  # another machine's run saves step 2 again in the durable root
+        other.save(2, {"w": np.full(2, 20)}, force=True, overwrite=True)
+    with ckpt.Checkpointer(root, local=local, lightweight_initialize=lightweight) as ckptr:
+        assert sorted(ckptr.latest.locations) == ["durable", "local"]
+        assert ckptr.load(2)["w"].tolist() == ckptr.load()["w"].tolist() == [20, 20]  # was: [2, 2], the local copy
+        assert ckptr.metadata(2).commit_timestamp_nsecs == ckpt.metadata(f"{root}/2").commit_timestamp_nsecs
+        if not lightweight:
+            assert str(ckptr.latest.path) == f"{root}/2"
+    assert cli.main(["ls", root, "--local", str(tmp_path / "local"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["steps"][-1]["path"] == f"{root}/2"
+
+
 def test_saving_again_a_step_only_the_local_tier_holds_raises_as_one_tier_does(tmp_path):
     local = ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1))
     with ckpt.Checkpointer(tmp_path / "durable", save_decision_policy=sdp.FixedIntervalPolicy(5), local=local) as ckptr:
@@ -595,6 +616,25 @@ def test_a_step_whose_promotion_a_crash_cut_short_is_promoted_by_the_next_writer
     assert "step 10, newer than the durable tier's latest (5), is on the local tier only" in caplog.text
     with ckpt.Checkpointer(bucket) as durable:
         assert_bit_exact(durable.load(10), 10)
+
+
+def test_a_damaged_durable_step_where_the_next_writer_would_promote_its_local_copy_is_named_not_raised(tmp_path,
+                                                                                                       caplog):
+    local = ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1))
+    with ckpt.Checkpointer(tmp_path / "durable", save_decision_policy=sdp.FixedIntervalPolicy(2), local=local) as ckptr:
+        for step in range(3):
+            ckptr.save(step, {"step": step})
+    fsutil.flip(tmp_path / "durable" / "2" / "manifest.json")  # not listed: local step 2 is newer than durable 0
+    damaged = fsutil.snapshot(tmp_path / "durable" / "2")
+    for restart in range(2):
+        with ckpt.Checkpointer(tmp_path / "durable", save_decision_policy=sdp.FixedIntervalPolicy(2),
+                               local=local) as ckptr, caplog.at_level(logging.WARNING, "ckpt"):
+            assert ckptr.load(2)["step"] == 2  # from the local tier
+            ckptr.save(3 + restart, {"step": 3 + restart})
+            ckptr.wait()  # was: ForeignEntryError at every restart, from the promotion of step 2
+        assert (f"step 2, newer than the durable tier's latest (0), is on the local tier only: a crash left it "
+                f"unpromoted, and is not promoted: cannot save step 2: {tmp_path / 'durable' / '2'} holds") in caplog.text
+    assert fsutil.snapshot(tmp_path / "durable" / "2") == damaged
 
 
 @pytest.mark.parametrize("policy, promoted", [(sdp.FixedIntervalPolicy(2), 4),  # its newest choice; not 2 too

@@ -277,7 +277,18 @@ _ROOT_METADATA_FIELDS = ("custom_metadata", "internal_metadata")
 
 def has_root_metadata(root: Path) -> bool:
     """Whether Orbax wrote metadata for the root (see :func:`root_custom_metadata`)."""
-    return os.path.lexists(root / ROOT_METADATA) or os.path.lexists(root / LEGACY_ROOT_METADATA)
+    return os.path.lexists(root / ROOT_METADATA) or _legacy_root_metadata(root) is not None
+
+
+def _legacy_root_metadata(root: Path) -> dict | None:
+    """What Orbax before 0.10 wrote to ``metadata/metadata``: a JSON object. None where it is missing, or is
+    anything else (not JSON, not an object, not a regular file): a user's file of that name, never Orbax's (nor
+    ever rewritten)."""
+    try:
+        data = files.read_json(root / LEGACY_ROOT_METADATA, root)
+    except (FileNotFoundError, CheckpointCorruptedError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def root_custom_metadata(root: Path) -> Any:
@@ -285,16 +296,15 @@ def root_custom_metadata(root: Path) -> Any:
     file of Orbax before 0.10, ``metadata/metadata``), or None. Read as Orbax reads either: its
     ``custom_metadata``, with the keys that are none of Orbax's fields (Orbax 0.10 wrote the custom metadata
     itself to ``_ROOT_METADATA``, as earlier versions to ``metadata/metadata``). None where ``metadata`` is a regular
-    file (a user's, of that name, beside the steps): Orbax makes a directory there."""
+    file (a user's, of that name, beside the steps): Orbax makes a directory there; and where ``metadata/metadata``,
+    without ``_ROOT_METADATA``, is no JSON object (a user's file; Orbax 0.12.8's ``root_metadata()`` raises
+    OSError)."""
     if files.is_plain_file(root / ROOT_METADATA.parent):
         return None
     try:
         data = files.read_json(root / ROOT_METADATA, root)
     except FileNotFoundError:
-        try:
-            data = files.read_json(root / LEGACY_ROOT_METADATA, root)
-        except FileNotFoundError:
-            return None
+        data = _legacy_root_metadata(root)
     if not isinstance(data, dict):
         return None
     custom, others = data.get("custom_metadata"), {k: v for k, v in data.items() if k not in _ROOT_METADATA_FIELDS}

@@ -279,6 +279,28 @@ def test_a_damaged_msgpack_file_of_aggregated_orbax_leaves_raises_naming_it(tmp_
     assert str(path) in str(raised.value)
 
 
+def test_msgpack_extensions_nested_in_extensions_are_decoded_without_copying_their_bytes(tmp_path):
+    """Each extension (a tuple) copied its payload before decoding it, and each copy lived until its value was
+    decoded: a 1 MiB file of 150 nested tuples took 150 MiB to decode (a 100 MiB one, 15 GiB)."""
+    import tracemalloc
+    msgpack = pytest.importorskip("msgpack")
+    root = Path(shutil.copytree(ORBAX_0_5 / "aggregate", tmp_path / "run"))
+    path = root / "1" / "default" / "checkpoint"
+    tree = msgpack.unpackb(path.read_bytes())
+    nested = msgpack.packb(bytes(1 << 20), use_bin_type=True)
+    for _ in range(150):
+        nested = msgpack.packb(msgpack.ExtType(4, nested))
+    tree["unlisted"] = msgpack.ExtType(4, nested)  # (a value _METADATA does not name: decoded, not loaded)
+    path.write_bytes(msgpack.packb(tree, use_bin_type=True))
+    tracemalloc.start()
+    try:
+        assert_same(ckpt.load(root / "1"), orbax_0_5_writer.aggregated(1))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20, peak
+
+
 def test_an_aggregated_orbax_array_split_into_chunks_loads_whole(tmp_path):
     """Orbax splits an aggregated array over 1 GiB into flat chunks (msgpack_utils' __msgpack_chunked_array__)."""
     msgpack = pytest.importorskip("msgpack")

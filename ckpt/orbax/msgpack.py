@@ -30,11 +30,7 @@ def decode(data: bytes, max_depth: int) -> Any:
     Raises:
       MsgpackError: malformed or truncated bytes, a type it does not decode, or trailing bytes.
     """
-    reader = _Reader(data, max_depth)
-    value = reader.value(0)
-    if reader.at != len(data):
-        raise MsgpackError(f"{len(data) - reader.at} bytes follow the value")
-    return value
+    return _Reader(data, max_depth).whole(len(data), 0)
 
 
 _FIXED = {0xCC: ">B", 0xCD: ">H", 0xCE: ">I", 0xCF: ">Q", 0xD0: ">b", 0xD1: ">h", 0xD2: ">i", 0xD3: ">q",
@@ -46,12 +42,24 @@ _FIXEXT = {0xD4: 1, 0xD5: 2, 0xD6: 4, 0xD7: 8, 0xD8: 16}
 
 
 class _Reader:
-    def __init__(self, data: bytes, max_depth: int):
-        self.data, self.at, self.max_depth = data, 0, max_depth
+    """Decodes ``data`` in place: an extension's payload is read within its bounds (``end``), never copied, so
+    that extensions nested in extensions cost no more memory than the file."""
 
-    def take(self, n: int) -> bytes:
-        if n > len(self.data) - self.at:
-            raise MsgpackError(f"a value of {n} bytes at byte {self.at} runs past the end ({len(self.data)} bytes)")
+    def __init__(self, data: bytes, max_depth: int):
+        self.data, self.at, self.end, self.max_depth = memoryview(data), 0, len(data), max_depth
+
+    def whole(self, end: int, depth: int) -> Any:
+        """The one value that the bytes up to ``end`` hold."""
+        outer, self.end = self.end, end
+        value = self.value(depth)
+        if self.at != end:
+            raise MsgpackError(f"{end - self.at} bytes follow the value that ends at byte {self.at}")
+        self.end = outer
+        return value
+
+    def take(self, n: int) -> memoryview:
+        if n > self.end - self.at:
+            raise MsgpackError(f"a value of {n} bytes at byte {self.at} runs past the end of its bytes (byte {self.end})")
         out = self.data[self.at:self.at + n]
         self.at += n
         return out
@@ -84,16 +92,16 @@ class _Reader:
         if kind == "str":
             return self.text(n)
         if kind == "bin":
-            return self.take(n)
+            return bytes(self.take(n))
         if kind == "ext":
             return self.ext(n, depth)
-        if n > len(self.data) - self.at:  # (each element takes a byte at least)
+        if n > self.end - self.at:  # (each element takes a byte at least)
             raise MsgpackError(f"{n} elements at byte {self.at} cannot fit in the bytes left")
         return [self.value(depth + 1) for _ in range(n)] if kind == "array" else self.mapping(n, depth)
 
     def text(self, n: int) -> str:
         try:
-            return self.take(n).decode()
+            return str(self.take(n), "utf-8")
         except UnicodeDecodeError:
             raise MsgpackError(f"a string before byte {self.at} is not UTF-8") from None
 
@@ -108,16 +116,19 @@ class _Reader:
 
     def ext(self, n: int, depth: int) -> Any:
         code = self.unpack(">b")
-        payload = self.take(n)
+        if n > self.end - self.at:
+            raise MsgpackError(f"an extension of {n} bytes at byte {self.at} runs past the end of its bytes "
+                               f"(byte {self.end})")
+        end = self.at + n
         if code == _TUPLE:
-            return decode(payload, self.max_depth - depth - 1)
+            return self.whole(end, depth + 1)
         if code == _COMPLEX:
-            parts = decode(payload, 1)
+            parts = self.whole(end, self.max_depth - 1)
             if not (isinstance(parts, list) and len(parts) == 2 and all(type(p) in (int, float) for p in parts)):
                 raise MsgpackError(f"a complex number before byte {self.at} is not two numbers")
             return complex(*parts)
         if code in (_ARRAY, _SCALAR):
-            return _array(decode(payload, 2), self.at)
+            return _array(self.whole(end, self.max_depth - 2), self.at)
         raise MsgpackError(f"extension type {code} before byte {self.at} is none of Orbax's")
 
 

@@ -269,7 +269,10 @@ def test_leaves_orbax_before_0_5_21_saved_aggregated_load_bit_for_bit_verify_and
     (lambda data: data[:-3], "runs past the end"), (lambda data: b"\xc1" + data, "starts no msgpack value"),
     (lambda data: data.replace(b"float32", b"object\x00"), "dtype 'object"),
     (lambda data: data.replace(b"\x92\x02\x03\xa7float32", b"\x92\x02\xff\xa7float32"), "is not [shape, dtype, bytes]"),
-    (lambda data: data.replace(b"\xa6params", b"\xa6paramz"), "no value for leaf default['params']['b']")])
+    (lambda data: data.replace(b"\xa6params", b"\xa6paramz"), "no value for leaf default['params']['b']"),
+    (lambda data: data.replace(b"\x92\x02\x03\xa7float32", b"\x92\x01\x03\xa7(2,)<f4"), "an array of (2,) per element"),
+    (lambda data: re.sub(rb"\xc7\x26\x01.{38}", b"\xc7\x16\x01\x93\x92\x00\xcf\x7f" + b"\xff" * 7 + b"\xa7float32\xc4\x00",
+                         data, flags=re.S), "of shape [0, 9223372036854775807] cannot be made")])
 def test_a_damaged_msgpack_file_of_aggregated_orbax_leaves_raises_naming_it(tmp_path, damage, said):
     root = Path(shutil.copytree(ORBAX_0_5 / "aggregate", tmp_path / "run"))
     path = root / "1" / "default" / "checkpoint"

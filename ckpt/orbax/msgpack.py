@@ -141,9 +141,14 @@ def _array(fields: Any, at: int) -> np.ndarray:
         dtype = leaves_lib.parse_dtype(name.decode() if isinstance(name, bytes) else name)
     except (ValueError, UnicodeDecodeError):
         raise MsgpackError(f"an array before byte {at} has dtype {name!r}, which ckpt does not read") from None
+    if dtype.subdtype is not None:  # (numpy would read it as an array of more dimensions than its shape)
+        raise MsgpackError(f"an array before byte {at} has dtype {name!r}, an array of {dtype.shape} per element")
     if dtype.itemsize == 0 or dtype.itemsize * int(np.prod(shape, dtype=object)) != len(buffer):
         raise MsgpackError(f"an array before byte {at} of shape {shape} and dtype {dtype} holds {len(buffer)} bytes")
-    return np.frombuffer(buffer, dtype).reshape(shape).copy()
+    try:
+        return np.frombuffer(buffer, dtype).reshape(shape).copy()
+    except ValueError as e:  # a size past numpy's (an empty array may claim any other size)
+        raise MsgpackError(f"an array before byte {at} of shape {shape} cannot be made: {e}") from None
 
 
 def unchunked(value: Any) -> Any:

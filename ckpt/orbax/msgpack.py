@@ -158,7 +158,9 @@ def unchunked(value: Any) -> Any:
     try:
         shape = [value["shape"][str(i)] for i in range(len(value["shape"]))]
         chunks = [value["chunks"][str(i)] for i in range(len(value["chunks"]))]
-        if _is_shape(shape) and chunks and all(isinstance(c, np.ndarray) for c in chunks):
+        # (Orbax writes slices of the array, of its dtype: numpy would promote chunks of other dtypes)
+        if (_is_shape(shape) and chunks and all(isinstance(c, np.ndarray) for c in chunks)
+                and len({c.dtype for c in chunks}) == 1):
             return np.concatenate(chunks).reshape(shape)
     except (KeyError, TypeError, ValueError):
         pass

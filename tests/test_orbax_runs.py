@@ -304,6 +304,29 @@ def test_msgpack_extensions_nested_in_extensions_are_decoded_without_copying_the
     assert peak < 16 << 20, peak
 
 
+def test_a_msgpack_file_whose_values_would_take_more_memory_than_is_left_is_refused_before_they_are_made(tmp_path):
+    """A byte of msgpack (an empty map) decodes into a dict of 64 bytes: 50 MiB of them took 3.8 GiB, a file of a few
+    GiB more than the machine had (the process was killed; here, under a memory cap, MemoryError), where the file's
+    size alone was checked. Run under a cap of 1 GiB more than the interpreter uses."""
+    root = Path(shutil.copytree(ORBAX_0_5 / "aggregate", tmp_path / "run"))
+    path = root / "1" / "default" / "checkpoint"
+    fixture = path.read_bytes()  # (a map of 5 keys: made one of 6, the sixth 16 Mi empty maps)
+    path.write_bytes(b"\x86" + fixture[1:] + b"\xa4junk\xdd" + (16 << 20).to_bytes(4, "big") + b"\x80" * (16 << 20))
+    script = f"""
+import resource, ckpt
+from ckpt import errors
+used = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
+resource.setrlimit(resource.RLIMIT_AS, (used + (1 << 30), resource.getrlimit(resource.RLIMIT_AS)[1]))
+try:
+    ckpt.load({str(root / "1")!r})
+except errors.CheckpointCorruptedError as e:
+    print("refused:", e)
+"""
+    done = procs.run_script(script)
+    assert "refused: " in done.stdout and f"{path} is not Orbax's msgpack tree: its values, decoded, would take more" \
+        in done.stdout, done.stdout + done.stderr
+
+
 def test_an_aggregated_orbax_array_split_into_chunks_loads_whole(tmp_path):
     """Orbax splits an aggregated array over 1 GiB into flat chunks (msgpack_utils' __msgpack_chunked_array__)."""
     msgpack = pytest.importorskip("msgpack")

@@ -24,13 +24,16 @@ class MsgpackError(ValueError):
     """The bytes are not a value this reader decodes; the message says where."""
 
 
-def decode(data: bytes, max_depth: int) -> Any:
-    """The value ``data`` holds (arrays as numpy arrays, tuples as lists), nested at most ``max_depth`` deep.
+def decode(data: bytes, max_depth: int, memory: int) -> Any:
+    """The value ``data`` holds (arrays as numpy arrays, tuples as lists), nested at most ``max_depth`` deep, in at
+    most ``memory`` bytes (a byte of msgpack, an empty map, is a Python dict of 64 bytes: a hostile file of a few
+    GiB would take all the memory there is).
 
     Raises:
-      MsgpackError: malformed or truncated bytes, a type it does not decode, or trailing bytes.
+      MsgpackError: malformed or truncated bytes, a type it does not decode, trailing bytes, or values that would
+        take more than ``memory`` bytes.
     """
-    return _Reader(data, max_depth).whole(len(data), 0)
+    return _Reader(data, max_depth, memory).whole(len(data), 0)
 
 
 _FIXED = {0xCC: ">B", 0xCD: ">H", 0xCE: ">I", 0xCF: ">Q", 0xD0: ">b", 0xD1: ">h", 0xD2: ">i", 0xD3: ">q",
@@ -39,17 +42,28 @@ _SIZED = {0xD9: (">B", "str"), 0xDA: (">H", "str"), 0xDB: (">I", "str"), 0xC4: (
           0xC6: (">I", "bin"), 0xDC: (">H", "array"), 0xDD: (">I", "array"), 0xDE: (">H", "map"), 0xDF: (">I", "map"),
           0xC7: (">B", "ext"), 0xC8: (">H", "ext"), 0xC9: (">I", "ext")}
 _FIXEXT = {0xD4: 1, 0xD5: 2, 0xD6: 4, 0xD7: 8, 0xD8: 16}
+# The most memory a decoded value takes, charged as its container's header is read (a dict of one item: 184
+# bytes, for 3 values, with its slot in a list)
+_VALUE_BYTES = 96
 
 
 class _Reader:
     """Decodes ``data`` in place: an extension's payload is read within its bounds (``end``), never copied, so
     that extensions nested in extensions cost no more memory than the file."""
 
-    def __init__(self, data: bytes, max_depth: int):
+    def __init__(self, data: bytes, max_depth: int, memory: int):
         self.data, self.at, self.end, self.max_depth = memoryview(data), 0, len(data), max_depth
+        self.memory, self.left = memory, memory
+
+    def charge(self, nbytes: int) -> None:
+        self.left -= nbytes
+        if self.left < 0:
+            raise MsgpackError(f"its values, decoded, would take more than the {self.memory} bytes this process may "
+                               f"still allocate (at byte {self.at})")
 
     def whole(self, end: int, depth: int) -> Any:
         """The one value that the bytes up to ``end`` hold."""
+        self.charge(_VALUE_BYTES)
         outer, self.end = self.end, end
         value = self.value(depth)
         if self.at != end:
@@ -79,25 +93,26 @@ class _Reader:
             return self.unpack(_FIXED[byte])
         if 0xA0 <= byte <= 0xBF:
             return self.text(byte & 0x1F)
-        if 0x90 <= byte <= 0x9F:
-            return [self.value(depth + 1) for _ in range(byte & 0x0F)]
-        if 0x80 <= byte <= 0x8F:
-            return self.mapping(byte & 0x0F, depth)
         if byte in _FIXEXT:
             return self.ext(_FIXEXT[byte], depth)
-        if byte not in _SIZED:
+        if 0x80 <= byte <= 0x9F:
+            kind, n = "map" if byte <= 0x8F else "array", byte & 0x0F
+        elif byte in _SIZED:
+            form, kind = _SIZED[byte]
+            n = self.unpack(form)
+        else:
             raise MsgpackError(f"byte {self.at - 1} starts no msgpack value (0x{byte:02x})")
-        form, kind = _SIZED[byte]
-        n = self.unpack(form)
         if kind == "str":
             return self.text(n)
         if kind == "bin":
+            self.charge(2 * n)  # (and the array made of it)
             return bytes(self.take(n))
         if kind == "ext":
             return self.ext(n, depth)
         if n > self.end - self.at:  # (each element takes a byte at least)
             raise MsgpackError(f"{n} elements at byte {self.at} cannot fit in the bytes left")
-        return [self.value(depth + 1) for _ in range(n)] if kind == "array" else self.mapping(n, depth)
+        self.charge(n * _VALUE_BYTES * (1 if kind == "array" else 2))  # (before any is made: a hostile count is
+        return [self.value(depth + 1) for _ in range(n)] if kind == "array" else self.mapping(n, depth)  # refused)
 
     def text(self, n: int) -> str:
         try:

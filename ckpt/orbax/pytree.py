@@ -201,7 +201,8 @@ class PyTreeItem:
         """The decoded msgpack ``checkpoint`` file, which holds the leaves Orbax saved with ``aggregate=True``."""
         path = self.directory / "checkpoint"
         try:
-            return msgpack.decode(storage.read_json_bytes(path, budget), MAX_DEPTH)
+            data = storage.read_json_bytes(path, budget)
+            return msgpack.decode(data, MAX_DEPTH, budget - len(data))
         except FileNotFoundError:
             raise CheckpointCorruptedError(f"{path} is missing: the leaves Orbax saved aggregated are in it",
                                            path=self.step_dir) from None

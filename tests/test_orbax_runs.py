@@ -304,6 +304,32 @@ def test_msgpack_extensions_nested_in_extensions_are_decoded_without_copying_the
     assert peak < 16 << 20, peak
 
 
+@pytest.mark.parametrize("stored, dtype", [("aggregate", "U2"), ("aggregate", "datetime64[ns]"), ("aggregate", "V8"),
+                                           ("no_ocdbt", "|S4")])
+def test_an_orbax_jax_array_of_a_dtype_jax_has_no_type_for_is_damage_naming_the_leaf_for_load_and_verify(
+        tmp_path, capsys, stored, dtype):
+    """Was: the load raised jax's JaxRuntimeError ('Unknown NumPy dtype'), naming no leaf, and ckpt verify said ok;
+    an array in the msgpack file (aggregated) or in zarr."""
+    msgpack = pytest.importorskip("msgpack")
+    root = Path(shutil.copytree(ORBAX_0_5 / stored, tmp_path / "run"))
+    item, key = (root / "1" / "default", "('params', 'w')") if stored == "aggregate" else (root / "1" / "model", "('w',)")
+    metadata = json.loads((item / "_METADATA").read_text())
+    metadata["tree_metadata"][key]["value_metadata"]["value_type"] = "jax.Array"
+    (item / "_METADATA").write_text(json.dumps(metadata))
+    if stored == "aggregate":
+        tree = msgpack.unpackb((item / "checkpoint").read_bytes())
+        tree["params"]["w"] = msgpack.ExtType(1, msgpack.packb([[2], dtype, bytes(16)], use_bin_type=True))
+        (item / "checkpoint").write_bytes(msgpack.packb(tree, use_bin_type=True))
+    else:
+        zarray = json.loads((item / "w" / ".zarray").read_text())
+        (item / "w" / ".zarray").write_text(json.dumps({**zarray, "dtype": dtype}))
+    with pytest.raises(errors.CheckpointCorruptedError, match=r"leaf default\['params'\]\['w'\] is a jax array of "
+                       r"dtype|leaf model\['w'\] is a jax array of dtype"):
+        ckpt.load(root / "1")
+    status, out = run_cli(capsys, "verify", str(root))
+    assert status == 1 and "1: DAMAGED" in out and "is a jax array of dtype" in out, out
+
+
 def test_a_msgpack_file_whose_values_would_take_more_memory_than_is_left_is_refused_before_they_are_made(tmp_path):
     """A byte of msgpack (an empty map) decodes into a dict of 64 bytes: 50 MiB of them took 3.8 GiB, a file of a few
     GiB more than the machine had (the process was killed; here, under a memory cap, MemoryError), where the file's

@@ -3,7 +3,8 @@
 A cast rounds as numpy rounds (float64 to float32, float32 to bfloat16), but a value the dtype cannot
 hold is refused with :class:`OutOfRangeError`, where numpy and jax change it without a word: an
 integer out of range wraps around (``2**40 + 5`` becomes 5 in int32), a finite float becomes
-infinite (``1e300`` in float32) or NaN (float8), a NaN becomes an integer. Casts that hold every
+infinite (``1e300`` in float32), NaN (float8) or, in a float without infinities, its largest (``100.0``
+becomes 6 in float4_e2m1fn), a NaN becomes an integer. Casts that hold every
 value of their source (int32 into int64, float32 into float64) cost nothing more; the others cost a
 pass over the values (a min and a max, or a look for infinities), about the time of the cast itself.
 
@@ -73,7 +74,13 @@ def _check(source: np.dtype, target: np.dtype) -> Callable[[np.ndarray, np.ndarr
     if top is None:
         return None
     reach = _float_max(source) if held is None else max(-held[0], held[1])
-    return None if reach is None or reach <= top else _check_finite
+    info = ml_dtypes.finfo(target)
+    if reach is None or (reach <= top and float(info.min) == -top):  # (float8_e8m0fnu holds no zero, no negatives)
+        return None
+    if _holds_infinity(target):
+        return _check_finite
+    # (a value from half a step past the largest on would round past it)
+    return functools.partial(_check_saturated, limit=top + float(info.eps) * 2.0 ** (int(info.maxexp) - 2))
 
 
 def _integer_range(dtype: np.dtype) -> tuple[int, int] | None:
@@ -95,6 +102,13 @@ def _float_max(dtype: np.dtype) -> float | None:
         return None
 
 
+def _holds_infinity(dtype: np.dtype) -> bool:
+    """False for the ml_dtypes floats without infinities, which make a value past their range their largest
+    (float4_e2m1fn, float6_*) or NaN (float8_e4m3fn, ...)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return bool(np.isinf(np.array(np.inf).astype(dtype)))
+
+
 def _check_range(source: np.ndarray, out: np.ndarray, *, into: tuple[int, int]) -> None:
     """Every value of ``source`` (integers or floats) is one the integer dtype of ``out`` holds (a float's
     fraction is dropped, as numpy drops it)."""
@@ -109,9 +123,19 @@ def _check_range(source: np.ndarray, out: np.ndarray, *, into: tuple[int, int]) 
 
 def _check_finite(source: np.ndarray, out: np.ndarray) -> None:
     """No finite value of ``source`` became infinite or NaN in ``out``."""
-    if np.isfinite(out).all():
-        return
-    lost = np.isfinite(source) & ~np.isfinite(out)
+    if not np.isfinite(out).all():
+        _refuse_lost(source, out, np.isfinite(source) & ~np.isfinite(out))
+
+
+def _check_saturated(source: np.ndarray, out: np.ndarray, *, limit: float) -> None:
+    """Into a float dtype without infinities: no finite value of ``source`` past its range (``limit``) became its
+    largest, infinite or NaN, and no infinity or NaN became a finite value."""
+    with np.errstate(over="ignore"):  # (a limit past the source dtype's range is its infinity: no value reaches it)
+        past = (source >= limit) | (source <= -limit)
+    _refuse_lost(source, out, np.where(np.isfinite(source), past | ~np.isfinite(out), np.isfinite(out)))
+
+
+def _refuse_lost(source: np.ndarray, out: np.ndarray, lost: np.ndarray) -> None:
     if lost.any():
         raise OutOfRangeError(f"its {source.dtype} value {source[lost][0].item()} does not fit {out.dtype} (it would "
                               f"become {out[lost][0].item()}; {int(lost.sum())} such value(s))")

@@ -399,9 +399,9 @@ def _screen(name: str, table: LeafTable, rows: list[int]) -> tuple[int, int] | N
         return None
     for dtype_name in names - _DTYPES.keys():
         _dtype(dtype_name, name + table.path[rows[dtypes.index(dtype_name)]])  # raises unless ckpt writes it
-    if any(_not_held("torch", _DTYPES[name]) for name in names):  # rare: a dtype some framework lacks (int4, text)
+    if any(not_held("torch", _DTYPES[name]) for name in names):  # rare: a dtype some framework lacks (int4, text)
         kinds = table.type if len(rows) == len(table) else [table.type[i] for i in rows]
-        if any(kind in _FRAMEWORK_TYPES and _not_held(kind, _DTYPES[dtype_name]) for dtype_name, kind in zip(dtypes, kinds)):
+        if any(kind in _FRAMEWORK_TYPES and not_held(kind, _DTYPES[dtype_name]) for dtype_name, kind in zip(dtypes, kinds)):
             return None  # each leaf is checked by _check_leaf, which names the one
     if set(map(type, shapes)) != _LIST:
         return None
@@ -464,7 +464,7 @@ def _check_leaf(name: str, meta: Any) -> int:
     dtype = _DTYPES.get(dtype_name) if type(dtype_name) is str else None
     if dtype is None:  # (not ``or``: a dtype is falsy, its len() being its number of fields)
         dtype = _dtype(dtype_name, name + meta["path"])
-    if kind in _FRAMEWORK_TYPES and _not_held(kind, dtype):
+    if kind in _FRAMEWORK_TYPES and not_held(kind, dtype):
         raise _Invalid(f"a {kind} leaf of dtype {dtype}, which no {kind} array holds", name + meta["path"])
     shape = meta.get("shape")
     nbytes = _nbytes(shape, dtype.itemsize)
@@ -592,7 +592,7 @@ def _check_sums(values: Any, count: int, bits: int, what: str, *where: str) -> N
 _EXTENDED = {np.dtype(np.longdouble), np.dtype(np.clongdouble)} - {np.dtype(np.float64), np.dtype(np.complex128)}
 
 
-def _not_held(kind: str, dtype: np.dtype) -> bool:
+def not_held(kind: str, dtype: np.dtype) -> bool:
     """Whether a leaf of ``kind`` (one of _FRAMEWORK_TYPES) can never be of ``dtype``: text, raw bytes or times,
     what numpy stores and jax and torch arrays never hold (ml_dtypes' types, of kind V too, are numbers); numpy's
     extended precision (float128, complex256), which neither has; for torch, an ml_dtypes type it lacks (int4)."""

@@ -283,10 +283,16 @@ def check_owner(directory: Path, durable: str) -> None:
     path of the recorded directory (through a link) as its own.
 
     Raises:
-      ValueError: ``directory`` belongs to another durable root (both named), or is a root of its own.
+      ValueError: ``directory`` belongs to another durable root (both named), or is a root of its own (Orbax's
+        without root metadata too: it holds Orbax's steps).
       CheckpointCorruptedError: its ``ckpt-root.json`` is damaged.
     """
     if not formats.has_root_metadata(directory):
+        orbax_step = next((path for path in _subdirectories(directory) if formats.is_orbax(path)), None)
+        if orbax_step is not None:
+            raise ValueError(f"{directory} is a checkpoint root of Orbax's, not a local tier (it holds Orbax's step "
+                             f"{orbax_step.name}, which a promotion cannot copy): its steps are another run's (which "
+                             "the local tier's preservation policy would delete)")
         return
     owner = formats.root_custom_metadata(directory)
     owner = owner.get(_DURABLE_ROOT) if isinstance(owner, dict) else None
@@ -297,6 +303,15 @@ def check_owner(directory: Path, durable: str) -> None:
     if not _same_root(owner, durable):
         raise ValueError(f"{directory} holds the local tier of the durable root {owner}, not of {durable}: its "
                          "steps are another run's")
+
+
+def _subdirectories(directory: Path) -> list[Path]:
+    """The directories in ``directory`` (none where it is missing: a new machine's)."""
+    try:
+        with os.scandir(directory) as entries:
+            return [Path(e.path) for e in entries if e.is_dir(follow_symlinks=False)]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
 
 
 def _same_root(recorded: Any, durable: str) -> bool:

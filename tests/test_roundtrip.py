@@ -293,6 +293,8 @@ def test_a_cast_into_the_abstract_leafs_dtype_that_would_change_a_value_is_a_mis
     fits = {"i": np.array([7, -3], np.int64), "f": np.array([0.1, -2.5]), "step": 40}
     ckpt.save(tmp_path / "fits", fits)
     narrow = {"i": np.int32, "f": np.float32, "step": np.int32}
+    ckpt.save(tmp_path / "f4", np.array([6.3, -6.3]))  # (float4 has no infinity: these round to its largest, 6)
+    assert ckpt.load(tmp_path / "f4", np.zeros(2, ml_dtypes.float4_e2m1fn)).astype(float).tolist() == [6, -6]
     one_device = jax.sharding.NamedSharding(jax.sharding.Mesh(jax.devices()[:1], ("x",)), jax.sharding.PartitionSpec())
     for make in (lambda d: np.zeros((2,), d), lambda d: jax.ShapeDtypeStruct((2,), d)):
         loaded = ckpt.load(tmp_path / "fits", {k: (make(d) if k != "step" else np.zeros((), d)) for k, d in narrow.items()})
@@ -302,6 +304,9 @@ def test_a_cast_into_the_abstract_leafs_dtype_that_would_change_a_value_is_a_mis
              "neg": (np.array([-1], np.int8), np.zeros(1, np.uint8), "from -1 to -1, do not fit uint8"),
              "f": (np.array([1e300, 0.5]), jax.ShapeDtypeStruct((2,), np.float32), "value 1e+300 does not fit float32"),
              "f8": (np.array([1000.0], np.float32), np.zeros(1, ml_dtypes.float8_e4m3fn), "it would become nan"),
+             "f4": (np.array([1.0, 100.0], np.float32), np.zeros(2, ml_dtypes.float4_e2m1fn), "100.0 does not fit"),
+             "f4inf": (np.array([np.inf]), np.zeros(1, ml_dtypes.float4_e2m1fn), "value inf does not fit float4_e2m1fn"),
+             "e8m0": (np.array([2.0, 0.0], np.float16), np.zeros(2, ml_dtypes.float8_e8m0fnu), "0.0 does not fit"),
              "nan": (np.array([np.nan], np.float32), np.zeros(1, np.int32), "from nan to nan, do not fit int32"),
              "step": (2**40 + 5, jax.ShapeDtypeStruct((), np.int32), "do not fit int32"),
              "weak": (np.array([2**40]), jax.ShapeDtypeStruct((1,), np.int32, weak_type=True), "do not fit int32"),

@@ -299,6 +299,18 @@ def test_a_plain_checkpointer_root_given_as_the_local_tier_is_refused_before_its
         assert [c.step for c in ckptr.checkpoints] == [0, 1, 2, 3]
 
 
+def test_a_root_of_orbax_without_root_metadata_given_as_the_local_tier_is_refused_before_anything_is_written(
+        tmp_path):
+    """Was: adopted as this run's local tier (Orbax before 0.10 wrote no root metadata): the first save's promotion of
+    Orbax's newest step failed with FileNotFoundError ('.../2/manifest.json'), a forced save of that step first wrote
+    its mark (.ckpt-promoting) into Orbax's step, and the local tier's LatestN(2) deleted Orbax's older steps."""
+    local = Path(shutil.copytree(procs.REPO / "tests" / "orbax_0_5" / "aggregate", tmp_path / "ssd"))
+    before = fsutil.snapshot(local)
+    with pytest.raises(ValueError, match=f"{local} is a checkpoint root of Orbax's, not a local tier .*Orbax's step 2"):
+        ckpt.Checkpointer(tmp_path / "run", local=ckpt.LocalCheckpointOptions(local))
+    assert fsutil.snapshot(local) == before
+
+
 def test_a_local_tier_whose_recorded_owner_holds_a_nul_is_another_runs_naming_its_directory(tmp_path):
     """Was: ValueError 'LocalCheckpointOptions directory embedded null byte, ...' (os.path.realpath's), naming nothing."""
     (tmp_path / "ssd").mkdir()

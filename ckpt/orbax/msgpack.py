@@ -24,17 +24,16 @@ class MsgpackError(ValueError):
     """The bytes are not a value this reader decodes; the message says where."""
 
 
-def decode(data: bytes, max_depth: int) -> Any:
-    """The value ``data`` holds (arrays as numpy arrays, tuples as lists), nested at most ``max_depth`` deep.
+def decode(data: bytes, max_depth: int, memory: int) -> Any:
+    """The value ``data`` holds (arrays as numpy arrays, tuples as lists), nested at most ``max_depth`` deep, in at
+    most ``memory`` bytes (a byte of msgpack, an empty map, is a Python dict of 64 bytes: a hostile file of a few
+    GiB would take all the memory there is).
 
     Raises:
-      MsgpackError: malformed or truncated bytes, a type it does not decode, or trailing bytes.
+      MsgpackError: malformed or truncated bytes, a type it does not decode, trailing bytes, or values that would
+        take more than ``memory`` bytes.
     """
-    reader = _Reader(data, max_depth)
-    value = reader.value(0)
-    if reader.at != len(data):
-        raise MsgpackError(f"{len(data) - reader.at} bytes follow the value")
-    return value
+    return _Reader(data, max_depth, memory).whole(len(data), 0)
 
 
 _FIXED = {0xCC: ">B", 0xCD: ">H", 0xCE: ">I", 0xCF: ">Q", 0xD0: ">b", 0xD1: ">h", 0xD2: ">i", 0xD3: ">q",
@@ -43,15 +42,38 @@ _SIZED = {0xD9: (">B", "str"), 0xDA: (">H", "str"), 0xDB: (">I", "str"), 0xC4: (
           0xC6: (">I", "bin"), 0xDC: (">H", "array"), 0xDD: (">I", "array"), 0xDE: (">H", "map"), 0xDF: (">I", "map"),
           0xC7: (">B", "ext"), 0xC8: (">H", "ext"), 0xC9: (">I", "ext")}
 _FIXEXT = {0xD4: 1, 0xD5: 2, 0xD6: 4, 0xD7: 8, 0xD8: 16}
+# The most memory a decoded value takes, charged as its container's header is read (a dict of one item: 184
+# bytes, for 3 values, with its slot in a list)
+_VALUE_BYTES = 96
 
 
 class _Reader:
-    def __init__(self, data: bytes, max_depth: int):
-        self.data, self.at, self.max_depth = data, 0, max_depth
+    """Decodes ``data`` in place: an extension's payload is read within its bounds (``end``), never copied, so
+    that extensions nested in extensions cost no more memory than the file."""
 
-    def take(self, n: int) -> bytes:
-        if n > len(self.data) - self.at:
-            raise MsgpackError(f"a value of {n} bytes at byte {self.at} runs past the end ({len(self.data)} bytes)")
+    def __init__(self, data: bytes, max_depth: int, memory: int):
+        self.data, self.at, self.end, self.max_depth = memoryview(data), 0, len(data), max_depth
+        self.memory, self.left = memory, memory
+
+    def charge(self, nbytes: int) -> None:
+        self.left -= nbytes
+        if self.left < 0:
+            raise MsgpackError(f"its values, decoded, would take more than the {self.memory} bytes this process may "
+                               f"still allocate (at byte {self.at})")
+
+    def whole(self, end: int, depth: int) -> Any:
+        """The one value that the bytes up to ``end`` hold."""
+        self.charge(_VALUE_BYTES)
+        outer, self.end = self.end, end
+        value = self.value(depth)
+        if self.at != end:
+            raise MsgpackError(f"{end - self.at} bytes follow the value that ends at byte {self.at}")
+        self.end = outer
+        return value
+
+    def take(self, n: int) -> memoryview:
+        if n > self.end - self.at:
+            raise MsgpackError(f"a value of {n} bytes at byte {self.at} runs past the end of its bytes (byte {self.end})")
         out = self.data[self.at:self.at + n]
         self.at += n
         return out
@@ -71,29 +93,30 @@ class _Reader:
             return self.unpack(_FIXED[byte])
         if 0xA0 <= byte <= 0xBF:
             return self.text(byte & 0x1F)
-        if 0x90 <= byte <= 0x9F:
-            return [self.value(depth + 1) for _ in range(byte & 0x0F)]
-        if 0x80 <= byte <= 0x8F:
-            return self.mapping(byte & 0x0F, depth)
         if byte in _FIXEXT:
             return self.ext(_FIXEXT[byte], depth)
-        if byte not in _SIZED:
+        if 0x80 <= byte <= 0x9F:
+            kind, n = "map" if byte <= 0x8F else "array", byte & 0x0F
+        elif byte in _SIZED:
+            form, kind = _SIZED[byte]
+            n = self.unpack(form)
+        else:
             raise MsgpackError(f"byte {self.at - 1} starts no msgpack value (0x{byte:02x})")
-        form, kind = _SIZED[byte]
-        n = self.unpack(form)
         if kind == "str":
             return self.text(n)
         if kind == "bin":
-            return self.take(n)
+            self.charge(2 * n)  # (and the array made of it)
+            return bytes(self.take(n))
         if kind == "ext":
             return self.ext(n, depth)
-        if n > len(self.data) - self.at:  # (each element takes a byte at least)
+        if n > self.end - self.at:  # (each element takes a byte at least)
             raise MsgpackError(f"{n} elements at byte {self.at} cannot fit in the bytes left")
-        return [self.value(depth + 1) for _ in range(n)] if kind == "array" else self.mapping(n, depth)
+        self.charge(n * _VALUE_BYTES * (1 if kind == "array" else 2))  # (before any is made: a hostile count is
+        return [self.value(depth + 1) for _ in range(n)] if kind == "array" else self.mapping(n, depth)  # refused)
 
     def text(self, n: int) -> str:
         try:
-            return self.take(n).decode()
+            return str(self.take(n), "utf-8")
         except UnicodeDecodeError:
             raise MsgpackError(f"a string before byte {self.at} is not UTF-8") from None
 
@@ -108,16 +131,19 @@ class _Reader:
 
     def ext(self, n: int, depth: int) -> Any:
         code = self.unpack(">b")
-        payload = self.take(n)
+        if n > self.end - self.at:
+            raise MsgpackError(f"an extension of {n} bytes at byte {self.at} runs past the end of its bytes "
+                               f"(byte {self.end})")
+        end = self.at + n
         if code == _TUPLE:
-            return decode(payload, self.max_depth - depth - 1)
+            return self.whole(end, depth + 1)
         if code == _COMPLEX:
-            parts = decode(payload, 1)
+            parts = self.whole(end, self.max_depth - 1)
             if not (isinstance(parts, list) and len(parts) == 2 and all(type(p) in (int, float) for p in parts)):
                 raise MsgpackError(f"a complex number before byte {self.at} is not two numbers")
             return complex(*parts)
         if code in (_ARRAY, _SCALAR):
-            return _array(decode(payload, 2), self.at)
+            return _array(self.whole(end, self.max_depth - 2), self.at)
         raise MsgpackError(f"extension type {code} before byte {self.at} is none of Orbax's")
 
 
@@ -130,9 +156,14 @@ def _array(fields: Any, at: int) -> np.ndarray:
         dtype = leaves_lib.parse_dtype(name.decode() if isinstance(name, bytes) else name)
     except (ValueError, UnicodeDecodeError):
         raise MsgpackError(f"an array before byte {at} has dtype {name!r}, which ckpt does not read") from None
+    if dtype.subdtype is not None:  # (numpy would read it as an array of more dimensions than its shape)
+        raise MsgpackError(f"an array before byte {at} has dtype {name!r}, an array of {dtype.shape} per element")
     if dtype.itemsize == 0 or dtype.itemsize * int(np.prod(shape, dtype=object)) != len(buffer):
         raise MsgpackError(f"an array before byte {at} of shape {shape} and dtype {dtype} holds {len(buffer)} bytes")
-    return np.frombuffer(buffer, dtype).reshape(shape).copy()
+    try:
+        return np.frombuffer(buffer, dtype).reshape(shape).copy()
+    except ValueError as e:  # a size past numpy's (an empty array may claim any other size)
+        raise MsgpackError(f"an array before byte {at} of shape {shape} cannot be made: {e}") from None
 
 
 def unchunked(value: Any) -> Any:
@@ -142,7 +173,9 @@ def unchunked(value: Any) -> Any:
     try:
         shape = [value["shape"][str(i)] for i in range(len(value["shape"]))]
         chunks = [value["chunks"][str(i)] for i in range(len(value["chunks"]))]
-        if _is_shape(shape) and chunks and all(isinstance(c, np.ndarray) for c in chunks):
+        # (Orbax writes slices of the array, of its dtype: numpy would promote chunks of other dtypes)
+        if (_is_shape(shape) and chunks and all(isinstance(c, np.ndarray) for c in chunks)
+                and len({c.dtype for c in chunks}) == 1):
             return np.concatenate(chunks).reshape(shape)
     except (KeyError, TypeError, ValueError):
         pass

@@ -27,7 +27,7 @@ import numpy as np
 import tensorstore as ts
 
 from ckpt import leaves as leaves_lib
-from ckpt import storage
+from ckpt import schema, storage
 from ckpt import tree as tree_lib
 from ckpt.errors import CheckpointCorruptedError, UnsupportedLayoutError
 from ckpt.orbax import files, msgpack
@@ -178,7 +178,9 @@ class PyTreeItem:
             if why:
                 raise CheckpointCorruptedError(f"{self.directory}: the array of leaf {self.name}{meta['path']} {why}",
                                                path=self.step_dir, key_paths=(f"{self.name}{meta['path']}",))
-            meta.update(dtype=leaves_lib.dtype_name(np.dtype(store.dtype.numpy_dtype)), shape=list(store.shape))
+            dtype = np.dtype(store.dtype.numpy_dtype)
+            self._check_held(meta["type"] == "jax", dtype, f"{self.name}{meta['path']}", self.directory)
+            meta.update(dtype=leaves_lib.dtype_name(dtype), shape=list(store.shape))
             if meta["type"] == "jax_key":
                 meta["key_shape"] = meta["shape"][:-1]
                 _as_keys_sharding(meta)
@@ -201,7 +203,8 @@ class PyTreeItem:
         """The decoded msgpack ``checkpoint`` file, which holds the leaves Orbax saved with ``aggregate=True``."""
         path = self.directory / "checkpoint"
         try:
-            return msgpack.decode(storage.read_json_bytes(path, budget), MAX_DEPTH)
+            data = storage.read_json_bytes(path, budget)
+            return msgpack.decode(data, MAX_DEPTH, budget - len(data))
         except FileNotFoundError:
             raise CheckpointCorruptedError(f"{path} is missing: the leaves Orbax saved aggregated are in it",
                                            path=self.step_dir) from None
@@ -237,10 +240,17 @@ class PyTreeItem:
         if kind in ("string", "scalar"):
             meta.update(type=leaves_lib.INLINE_TYPES[type(value)], value=value)
             return
+        self._check_held(kind == "jax.Array", value.dtype, where, self.directory / "checkpoint")
         meta.update(type="jax" if kind == "jax.Array" else "numpy", dtype=leaves_lib.dtype_name(value.dtype),
                     shape=list(value.shape), stored=f"{(self.directory / 'checkpoint').relative_to(self.step_dir)} "
                                                     "(msgpack)")
         self.aggregated[i] = value
+
+    def _check_held(self, jax_array: bool, dtype: np.dtype, where: str, file: Path) -> None:
+        """Raises where a leaf Orbax's metadata calls a jax array has a dtype no jax array holds (text, times)."""
+        if jax_array and schema.not_held("jax", dtype):
+            raise CheckpointCorruptedError(f"{file}: leaf {where} is a jax array of dtype {dtype}, which no jax array "
+                                           "holds", path=self.step_dir, key_paths=(where,))
 
     def _spec(self, name: str) -> dict:
         # A key may hold '/' (Haiku's 'mlp/~/linear_0'): nested directories. '': a tree that is one leaf, whose

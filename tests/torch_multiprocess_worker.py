@@ -18,7 +18,7 @@ Checkpointers on other roots;
 every one is refused, nothing is written.
 ``dtensors`` (4 ranks): DTensors of unusual layouts, saved and loaded through the Checkpointer.
 ``fail``: saves that fail on rank 1. ``alone``: should_save and reload on rank 0 alone, then 1000 steps asked on every rank, none saved. ``policies``: two tiers whose local policies differ between ranks. ``overwritten``: two tiers on the durable root
-$CKPT_TEST_DURABLE (an s3:// root), a step rank 0 alone overwrites. ``delete``: steps every rank deletes and saves again at once; checkpoints every rank deletes with ``ckpt.delete``; a deletion that fails on rank 0. ``stopped``: rank 0 stops in the middle of a save. ``gone``: rank 1 runs out of device memory in the gathering of a small DTensor, and stops. ``vanish``: rank 1 stops in an async save. ``exit``: the ranks end without closing. ``list``: prints the steps each rank lists. ``unshared``: rank 1 sees another directory at DIR. ``linked``: rank 1 names the root through a symbolic link. ``sigterm``: a
+$CKPT_TEST_DURABLE (an s3:// root), a step rank 0 alone overwrites. ``delete``: steps every rank deletes and saves again at once; checkpoints every rank deletes with ``ckpt.delete``; a deletion that fails on rank 0. ``stopped``: rank 0 stops in the middle of a save. ``gone``: rank 1 runs out of device memory in the gathering of a small DTensor, and stops. ``vanish``: rank 1 stops in an async save. ``exit``: the ranks end without closing (one and two tiers). ``list``: prints the steps each rank lists. ``unshared``: rank 1 sees another directory at DIR. ``linked``: rank 1 names the root through a symbolic link. ``sigterm``: a
 SIGTERM to rank 1 alone, in a loop saving on preemption.
 Each rank prints what it did.
 """
@@ -131,7 +131,7 @@ def run(this_rank: int, this_world: int, port: int, mode: str) -> None:
         os._exit(0)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     if mode == "exit":
-        ends_without_closing()
+        ends_without_closing(port)
     with Checkpointer(directory, save_decision_policy=sdp.FixedIntervalPolicy(1)) as ckptr:
         assert isinstance(ckpt.distributed.current(), ckpt.distributed.TorchProcesses if world > 1 else ckpt.distributed.SingleProcess)
         if mode == "train":
@@ -700,10 +700,31 @@ class WrittenAtTheEnd(FailsOnRank1):
         self.ended.wait()
 
 
-def ends_without_closing() -> None:
+def ends_without_closing(port: int) -> None:
     """Every rank ends as many scripts do: an async save, ``destroy_process_group()`` and the end of the script,
     without ``wait()`` or ``close()``: the interpreter's exit finishes the save (rank 0's process kept the
-    job's store until then)."""
+    job's store until then). So with two tiers: an async save that stays local, whose meeting of the ranks is
+    rank 1's last request to the store, where rank 1 lingers (as a rank descheduled a moment) until rank 0's
+    process, past the meeting, has ended."""
+    if rank == 1:
+        barrier = ckpt.distributed.TorchProcesses.barrier
+
+        def lingering(self, name: str, timeout_secs: float) -> None:
+            barrier(self, name, timeout_secs)
+            if name.endswith("/local/compared"):
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline:
+                    try:
+                        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                    except OSError:
+                        return  # (rank 0's store is gone)
+                    time.sleep(0.05)
+
+        ckpt.distributed.TorchProcesses.barrier = lingering
+    local = ckpt.LocalCheckpointOptions(f"{directory}-tiers-local", save_decision_policy=sdp.FixedIntervalPolicy(1))
+    tiers = Checkpointer(f"{directory}-tiers", save_decision_policy=sdp.FixedIntervalPolicy(2), local=local)
+    tiers.save(0, {"w": torch.zeros(2)})
+    tiers.save_async(1, {"w": torch.ones(2)})  # (local only)
     ckptr = Checkpointer(directory)
     ckptr.save(0, {"w": torch.zeros(2)}, force=True)
     ckptr.save_checkpointables_async(1, {"state": {"w": torch.ones(2)}, "extra": WrittenAtTheEnd()}, force=True)

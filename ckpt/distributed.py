@@ -249,6 +249,7 @@ class TorchProcesses:
             store = self._store(timeout_secs)
             if store.add(arrived, 1 << self.index if named else 1) == ((1 << self.count) - 1 if named else self.count):
                 store.set(f"{name}/done", b"1")
+                return  # (the last to arrive: rank 0, let go, may end with the store it keeps at once)
             store.wait([f"{name}/done"], datetime.timedelta(seconds=timeout_secs))
 
     def _absent(self, arrived: str, named: bool) -> str:

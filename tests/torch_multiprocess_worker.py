@@ -703,24 +703,11 @@ class WrittenAtTheEnd(FailsOnRank1):
 def ends_without_closing(port: int) -> None:
     """Every rank ends as many scripts do: an async save, ``destroy_process_group()`` and the end of the script,
     without ``wait()`` or ``close()``: the interpreter's exit finishes the save (rank 0's process kept the
-    job's store until then). So with two tiers: an async save that stays local, whose meeting of the ranks is
-    rank 1's last request to the store, where rank 1 lingers (as a rank descheduled a moment) until rank 0's
-    process, past the meeting, has ended."""
+    job's store until then). Rank 1 lingers (as a rank descheduled a moment does) until rank 0's process has ended,
+    where its last requests to the store come once rank 0 may end: after the meeting of an async save with two tiers
+    that stays local, and after it arrived last at the plain save's last barrier."""
     if rank == 1:
-        barrier = ckpt.distributed.TorchProcesses.barrier
-
-        def lingering(self, name: str, timeout_secs: float) -> None:
-            barrier(self, name, timeout_secs)
-            if name.endswith("/local/compared"):
-                deadline = time.monotonic() + 60
-                while time.monotonic() < deadline:
-                    try:
-                        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                    except OSError:
-                        return  # (rank 0's store is gone)
-                    time.sleep(0.05)
-
-        ckpt.distributed.TorchProcesses.barrier = lingering
+        linger_after_rank_0(port)
     local = ckpt.LocalCheckpointOptions(f"{directory}-tiers-local", save_decision_policy=sdp.FixedIntervalPolicy(1))
     tiers = Checkpointer(f"{directory}-tiers", save_decision_policy=sdp.FixedIntervalPolicy(2), local=local)
     tiers.save(0, {"w": torch.zeros(2)})
@@ -732,6 +719,47 @@ def ends_without_closing(port: int) -> None:
     say(f"rank {rank} ends")
     WrittenAtTheEnd.ended.set()
     sys.exit(0)
+
+
+def linger_after_rank_0(port: int) -> None:
+    """Makes this rank wait, where rank 0 may end (see ends_without_closing), until rank 0's process (its store) has
+    ended; and arrive last at the last barrier of step 1's save of ``directory``."""
+    def until_rank_0_ended() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            except OSError:
+                return
+            time.sleep(0.05)
+
+    class Lingering:
+        def __init__(self, store):
+            self.store = store
+
+        def __getattr__(self, name: str):
+            return getattr(self.store, name)
+
+        def add(self, key: str, amount: int) -> int:
+            if key.startswith(directory) and key.endswith("/save/1/committed/arrived"):
+                while not self.store.add(key, 0) & 1:  # (until rank 0 arrived)
+                    time.sleep(0.05)
+            return self.store.add(key, amount)
+
+        def set(self, key: str, value: bytes) -> None:
+            self.store.set(key, value)
+            if key.startswith(directory) and key.endswith("/save/1/committed/done"):
+                until_rank_0_ended()
+
+    barrier, store = ckpt.distributed.TorchProcesses.barrier, ckpt.distributed.TorchProcesses._store
+
+    def lingering(self, name: str, timeout_secs: float) -> None:
+        barrier(self, name, timeout_secs)
+        if name.endswith("/local/compared"):
+            until_rank_0_ended()
+
+    ckpt.distributed.TorchProcesses.barrier = lingering
+    ckpt.distributed.TorchProcesses._store = lambda self, *args: Lingering(store(self, *args))
 
 
 class StopsRank0(FailsOnRank1):

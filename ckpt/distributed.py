@@ -249,6 +249,7 @@ class TorchProcesses:
             store = self._store(timeout_secs)
             if store.add(arrived, 1 << self.index if named else 1) == ((1 << self.count) - 1 if named else self.count):
                 store.set(f"{name}/done", b"1")
+                return  # (the last to arrive: rank 0, let go, may end with the store it keeps at once)
             store.wait([f"{name}/done"], datetime.timedelta(seconds=timeout_secs))
 
     def _absent(self, arrived: str, named: bool) -> str:
@@ -296,13 +297,24 @@ class TorchProcesses:
         return True
 
     def compare(self, name: str, key: Any, value: Any, timeout_secs: float) -> dict[int, Any]:
+        import torch.distributed as dist
+
         differs = self.broadcast(f"{name}/key", key, timeout_secs) != key  # (opens this thread's connection)
         store = self._store()
         if differs:
             slot = store.add(f"{name}/differ", 1)
             store.set(f"{name}/differ/{slot}", json.dumps([self.index, value]))
         self.barrier(f"{name}/compared", timeout_secs)
-        count = store.add(f"{name}/differ", 0)
+        try:
+            count = store.add(f"{name}/differ", 0)
+        except dist.DistNetworkError:
+            if not self.index:
+                raise
+            # Where the store is rank 0's, rank 0 may end as soon as it passed the barrier when no process differs (the
+            # meeting of a save that stays local, or of a deletion, is a job's last request); where one does, it waits
+            # for every rank's read below. Its store gone here, none differs (or it was killed: a later request of this
+            # rank meets the loss)
+            return {}
         if not count:
             return {}
         out = {0: self.broadcast(f"{name}/primary", value, timeout_secs)}

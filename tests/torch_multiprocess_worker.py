@@ -18,7 +18,7 @@ Checkpointers on other roots;
 every one is refused, nothing is written.
 ``dtensors`` (4 ranks): DTensors of unusual layouts, saved and loaded through the Checkpointer.
 ``fail``: saves that fail on rank 1. ``alone``: should_save and reload on rank 0 alone, then 1000 steps asked on every rank, none saved. ``policies``: two tiers whose local policies differ between ranks. ``overwritten``: two tiers on the durable root
-$CKPT_TEST_DURABLE (an s3:// root), a step rank 0 alone overwrites. ``delete``: steps every rank deletes and saves again at once; checkpoints every rank deletes with ``ckpt.delete``; a deletion that fails on rank 0. ``stopped``: rank 0 stops in the middle of a save. ``gone``: rank 1 runs out of device memory in the gathering of a small DTensor, and stops. ``vanish``: rank 1 stops in an async save. ``exit``: the ranks end without closing. ``list``: prints the steps each rank lists. ``unshared``: rank 1 sees another directory at DIR. ``linked``: rank 1 names the root through a symbolic link. ``sigterm``: a
+$CKPT_TEST_DURABLE (an s3:// root), a step rank 0 alone overwrites. ``delete``: steps every rank deletes and saves again at once; checkpoints every rank deletes with ``ckpt.delete``; a deletion that fails on rank 0. ``stopped``: rank 0 stops in the middle of a save. ``gone``: rank 1 runs out of device memory in the gathering of a small DTensor, and stops. ``vanish``: rank 1 stops in an async save. ``exit``: the ranks end without closing (one and two tiers). ``list``: prints the steps each rank lists. ``unshared``: rank 1 sees another directory at DIR. ``linked``: rank 1 names the root through a symbolic link. ``sigterm``: a
 SIGTERM to rank 1 alone, in a loop saving on preemption.
 Each rank prints what it did.
 """
@@ -131,7 +131,7 @@ def run(this_rank: int, this_world: int, port: int, mode: str) -> None:
         os._exit(0)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     if mode == "exit":
-        ends_without_closing()
+        ends_without_closing(port)
     with Checkpointer(directory, save_decision_policy=sdp.FixedIntervalPolicy(1)) as ckptr:
         assert isinstance(ckpt.distributed.current(), ckpt.distributed.TorchProcesses if world > 1 else ckpt.distributed.SingleProcess)
         if mode == "train":
@@ -726,10 +726,18 @@ class WrittenAtTheEnd(FailsOnRank1):
         self.ended.wait()
 
 
-def ends_without_closing() -> None:
+def ends_without_closing(port: int) -> None:
     """Every rank ends as many scripts do: an async save, ``destroy_process_group()`` and the end of the script,
     without ``wait()`` or ``close()``: the interpreter's exit finishes the save (rank 0's process kept the
-    job's store until then)."""
+    job's store until then). Rank 1 lingers (as a rank descheduled a moment does) until rank 0's process has ended,
+    where its last requests to the store come once rank 0 may end: after the meeting of an async save with two tiers
+    that stays local, and after it arrived last at the plain save's last barrier."""
+    if rank == 1:
+        linger_after_rank_0(port)
+    local = ckpt.LocalCheckpointOptions(f"{directory}-tiers-local", save_decision_policy=sdp.FixedIntervalPolicy(1))
+    tiers = Checkpointer(f"{directory}-tiers", save_decision_policy=sdp.FixedIntervalPolicy(2), local=local)
+    tiers.save(0, {"w": torch.zeros(2)})
+    tiers.save_async(1, {"w": torch.ones(2)})  # (local only)
     ckptr = Checkpointer(directory)
     ckptr.save(0, {"w": torch.zeros(2)}, force=True)
     ckptr.save_checkpointables_async(1, {"state": {"w": torch.ones(2)}, "extra": WrittenAtTheEnd()}, force=True)
@@ -737,6 +745,47 @@ def ends_without_closing() -> None:
     say(f"rank {rank} ends")
     WrittenAtTheEnd.ended.set()
     sys.exit(0)
+
+
+def linger_after_rank_0(port: int) -> None:
+    """Makes this rank wait, where rank 0 may end (see ends_without_closing), until rank 0's process (its store) has
+    ended; and arrive last at the last barrier of step 1's save of ``directory``."""
+    def until_rank_0_ended() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            except OSError:
+                return
+            time.sleep(0.05)
+
+    class Lingering:
+        def __init__(self, store):
+            self.store = store
+
+        def __getattr__(self, name: str):
+            return getattr(self.store, name)
+
+        def add(self, key: str, amount: int) -> int:
+            if key.startswith(directory) and key.endswith("/save/1/committed/arrived"):
+                while not self.store.add(key, 0) & 1:  # (until rank 0 arrived)
+                    time.sleep(0.05)
+            return self.store.add(key, amount)
+
+        def set(self, key: str, value: bytes) -> None:
+            self.store.set(key, value)
+            if key.startswith(directory) and key.endswith("/save/1/committed/done"):
+                until_rank_0_ended()
+
+    barrier, store = ckpt.distributed.TorchProcesses.barrier, ckpt.distributed.TorchProcesses._store
+
+    def lingering(self, name: str, timeout_secs: float) -> None:
+        barrier(self, name, timeout_secs)
+        if name.endswith("/local/compared"):
+            until_rank_0_ended()
+
+    ckpt.distributed.TorchProcesses.barrier = lingering
+    ckpt.distributed.TorchProcesses._store = lambda self, *args: Lingering(store(self, *args))
 
 
 class StopsRank0(FailsOnRank1):

@@ -42,6 +42,20 @@ def cast(array: np.ndarray, dtype: Any) -> np.ndarray:
     return out
 
 
+def changes_values(source: Any, target: Any) -> bool:
+    """Whether a cast from dtype ``source`` into ``target`` can change a value: one that :func:`cast`, or
+    :func:`check` after a cast made by other means (torch's), checks."""
+    return _check(np.dtype(source), np.dtype(target)) is not None
+
+
+def check(source: np.ndarray, out: np.ndarray) -> None:
+    """Raises :class:`OutOfRangeError` where ``out``, ``source`` cast by other means (torch's cast, which
+    rounds as numpy's does), lost a value as :func:`cast` would (its dtype cannot hold it)."""
+    found = _check(source.dtype, out.dtype)
+    if found is not None:
+        found(source, out)
+
+
 def for_jax(array: np.ndarray, dtype: Any = None) -> np.ndarray:
     """``array`` cast into ``dtype`` (default: its own) as jax holds it (without ``jax_enable_x64``, 64-bit
     types become 32-bit ones, which jax does without a check); raises :class:`OutOfRangeError` as

@@ -158,6 +158,11 @@ def test_dtensors_of_unusual_layouts_at_four_ranks(tmp_path):
                 f"{tmp_path / 'run' / '10'}: state['r']: it cannot be restored as a DTensor of the abstract tree (TypeError: "
                 "a DTensor template with the placements (Shard(dim=0),) cannot be loaded into: it is split (S(0)) over "
                 "dimension 0 of a mesh of shape (4,) of ranks [3, 2, 1, 0], along which") in out, out
+        # a value the template's dtype cannot hold, in rank 3's shard: refused there (torch made it inf), loaded elsewhere
+        assert (f"rank {r} cast loaded [[0.0, 0.0, 0.0, 0.0, 0.0, 0.0]]" if r < 3 else
+                f"rank 3 cast refused: User-provided restore item and on-disk value differ in {tmp_path / 'run' / '12'}: "
+                "state['h']: it cannot be restored as a DTensor of the abstract tree (OutOfRangeError: its float32 value "
+                "70000.0 does not fit float16 (it would become inf") in out, out
         # FSDP2 over TP with a LayerNorm and a head the TP plan leaves alone, on mesh["dp"], whose slices hold copies:
         # saved once and loaded bit for bit as DCP loads it (was refused: "a DTensor ... over a mesh of shape (2,) of
         # ranks [0, 2] on process 0, not on process 1"); copies that differ (pipeline stages), refused

@@ -704,6 +704,31 @@ def test_a_tensor_abstract_leaf_casts_to_its_dtype_and_an_array_leaf_returns_num
     assert isinstance(restored["b"], np.ndarray) and restored["b"].dtype == ml_dtypes.bfloat16
 
 
+def test_a_cast_into_a_torch_templates_dtype_that_would_change_a_value_is_a_mismatch_naming_the_leaf(tmp_path):
+    """torch's cast wrapped 2**40 + 5 into 5 in an int32 template, made 70000.0 inf in a float16 one and 1000.0
+    448.0 in a float8_e4m3fn one, a NaN INT_MIN, a saved 2 True; a value in range loads, rounded as torch rounds."""
+    torch = pytest.importorskip("torch")
+    ckpt.save(tmp_path / "fits", {"i": torch.tensor([7, -3]), "f": torch.tensor([0.1, 65504.0]), "n": 40})
+    loaded = ckpt.load(tmp_path / "fits", {"i": torch.zeros(2, dtype=torch.int8), "f": torch.zeros(2, dtype=torch.float16),
+                                           "n": torch.nn.Parameter(torch.zeros((), dtype=torch.int16), requires_grad=False)})
+    assert loaded["i"].tolist() == [7, -3] and torch.equal(loaded["f"], torch.tensor([0.1, 65504.0]).half())
+    assert type(loaded["n"]) is torch.nn.Parameter and loaded["n"].item() == 40
+    cases = {"i": (torch.tensor([7, 2**40 + 5]), torch.zeros(2, dtype=torch.int32), "int64 values, from 7 to 1099511627781"),
+             "neg": (torch.tensor([-1], dtype=torch.int8), torch.zeros(1, dtype=torch.uint8), "do not fit uint8"),
+             "f": (torch.tensor([70000.0, 0.5]), torch.nn.Parameter(torch.zeros(2, dtype=torch.float16)),
+                   "value 70000.0 does not fit float16"),
+             "meta": (torch.tensor([1e300], dtype=torch.float64), torch.empty(1, device="meta"), "does not fit float32"),
+             "f8": (torch.tensor([1000.0]), torch.zeros(1, dtype=torch.float8_e4m3fn), "it would become nan"),
+             "nan": (torch.tensor([float("nan")]), torch.zeros(1, dtype=torch.int32), "from nan to nan, do not fit int32"),
+             "bool": (torch.tensor([0, 2]), torch.zeros(2, dtype=torch.bool), "do not fit bool"),
+             "step": (2**40 + 5, torch.zeros((), dtype=torch.int32), "do not fit int32")}
+    ckpt.save(tmp_path / "c", {k: saved for k, (saved, _, _) in cases.items()})
+    for key, (_, template, why) in cases.items():
+        tree = {k: (template if k == key else ckpt.PLACEHOLDER) for k in cases}
+        with pytest.raises(errors.TreeMismatchError, match=rf"state\['{key}'\]: .*{re.escape(why)}"):
+            ckpt.load(tmp_path / "c", tree)
+
+
 @pytest.mark.parametrize("dtype", ["bits8", "qint8"])
 def test_a_tensor_template_of_a_dtype_torch_cannot_copy_into_is_a_mismatch_naming_the_leaf(tmp_path, dtype):
     """torch's NotImplementedError ('"copy_" not implemented for 'Bits8'') or RuntimeError came out of the load,

@@ -821,6 +821,16 @@ def unusual_dtensors(ckptr: Checkpointer) -> None:
         ckptr.load(10, {"r": distribute_tensor(values, backwards, [Shard(0)])})
     except ckpt.errors.TreeMismatchError as e:
         say(f"rank {rank} backwards template refused: {e}")
+    # a value the template's dtype cannot hold (70000.0 in float16), in rank 3's shard: refused there, naming the leaf
+    # (torch's cast made it inf); the other ranks load their shards (a load has no collective)
+    holds = torch.zeros(4, 6)
+    holds[3, 0] = 70000.0
+    ckptr.save(12, {"h": distribute_tensor(holds, line, [Shard(0)], src_data_rank=None)}, force=True)
+    try:
+        into = distribute_tensor(torch.zeros(4, 6, dtype=torch.float16), line, [Shard(0)], src_data_rank=None)
+        say(f"rank {rank} cast loaded {ckptr.load(12, {'h': into})['h'].to_local().tolist()}")
+    except ckpt.errors.TreeMismatchError as e:
+        say(f"rank {rank} cast refused: {e}")
     # FSDP2 over tensor parallelism, with modules the TP plan leaves alone (a LayerNorm, a head): their DTensors lie on
     # mesh["dp"], whose slices (ranks 0, 2 and 1, 3) hold copies: written once, loaded into every slice, as DCP does
     # (refused on every rank as DTensors of one key over meshes of other ranks); copies that differ, refused

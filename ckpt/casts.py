@@ -37,7 +37,7 @@ def cast(array: np.ndarray, dtype: Any) -> np.ndarray:
     if check is None:
         return array.astype(dtype)
     with np.errstate(over="ignore", invalid="ignore"):  # (what numpy would warn of is raised below)
-        out = array.astype(dtype)
+        out = (array.real if array.dtype.kind == "c" and dtype.kind != "c" else array).astype(dtype)
     check(array, out)
     return out
 
@@ -75,8 +75,11 @@ def for_jax(array: np.ndarray, dtype: Any = None) -> np.ndarray:
 @functools.lru_cache(maxsize=None)
 def _check(source: np.dtype, target: np.dtype) -> Callable[[np.ndarray, np.ndarray], None] | None:
     """What checks a cast from ``source`` into ``target`` (None: it holds every value, or it is numpy's to
-    judge: complex numbers, text, dates). A bool is an integer from 0 to 1 (a saved 2 into a bool is refused)."""
+    judge: text, dates). A bool is an integer from 0 to 1 (a saved 2 into a bool is refused); a complex number
+    is two floats, and becomes a real one only without an imaginary part (numpy and torch drop it)."""
     into, held = _integer_range(target), _integer_range(source)
+    if source.kind == "c" and target.kind != "c" and (into is not None or _float_max(target) is not None):
+        return functools.partial(_check_real, then=_check(np.dtype(source.type().real.dtype), target))
     if into is not None:
         if held is not None and into[0] <= held[0] and held[1] <= into[1]:
             return None
@@ -101,10 +104,8 @@ def _integer_range(dtype: np.dtype) -> tuple[int, int] | None:
 
 
 def _float_max(dtype: np.dtype) -> float | None:
-    if dtype.kind == "c":  # (ml_dtypes gives a complex dtype its parts' range)
-        return None
     try:
-        return float(ml_dtypes.finfo(dtype).max)  # (numpy's floats and ml_dtypes' bfloat16, float8...)
+        return float(ml_dtypes.finfo(dtype).max)  # (numpy's floats, a complex dtype's parts, bfloat16, float8...)
     except ValueError:
         return None
 
@@ -119,6 +120,17 @@ def _check_range(source: np.ndarray, out: np.ndarray, *, into: tuple[int, int]) 
         return
     raise OutOfRangeError(f"its {source.dtype} values, from {low} to {high}, do not fit {out.dtype} "
                           f"(from {into[0]} to {into[1]})")
+
+
+def _check_real(source: np.ndarray, out: np.ndarray, *, then: Callable[[np.ndarray, np.ndarray], None] | None) -> None:
+    """No complex value of ``source`` has an imaginary part (``out`` holds its real parts), and ``then`` finds
+    none of the real parts lost."""
+    kept = source.imag == 0
+    if not kept.all():
+        raise OutOfRangeError(f"its {source.dtype} value {source[~kept].flat[0].item()} has an imaginary part, which "
+                              f"{out.dtype} cannot hold ({int((~kept).sum())} such value(s))")
+    if then is not None:
+        then(source.real, out)
 
 
 def _check_finite(source: np.ndarray, out: np.ndarray) -> None:

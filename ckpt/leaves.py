@@ -365,8 +365,8 @@ def torch_cast(array: np.ndarray, dtype: Any) -> Any:
         return tensor
     if target.itemsize == 1:  # torch's float8 casts saturate (1000.0 and inf become 448.0 in float8_e4m3fn) or
         return numpy_to_torch(casts.cast(array, target))  # drop a sign (float8_e8m0fnu), which no check could tell
-    out = tensor.to(dtype)
-    casts.check(array, torch_to_numpy((), out))
+    out = (tensor.real if tensor.is_complex() and not dtype.is_complex else tensor).to(dtype)
+    casts.check(array, torch_to_numpy((), out))  # (a complex one's imaginary parts too)
     return out
 
 

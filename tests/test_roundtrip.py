@@ -304,6 +304,9 @@ def test_a_cast_into_the_abstract_leafs_dtype_that_would_change_a_value_is_a_mis
              "f8": (np.array([1000.0], np.float32), np.zeros(1, ml_dtypes.float8_e4m3fn), "it would become nan"),
              "nan": (np.array([np.nan], np.float32), np.zeros(1, np.int32), "from nan to nan, do not fit int32"),
              "step": (2**40 + 5, jax.ShapeDtypeStruct((), np.int32), "do not fit int32"),
+             "imag": (np.array([1.5 + 0j, 1 + 2j]), np.zeros(2, np.float32),
+                      "value (1+2j) has an imaginary part, which float32 cannot hold"),
+             "c64": (np.array([1e300 + 0j]), np.zeros(1, np.complex64), "value (1e+300+0j) does not fit complex64"),
              "weak": (np.array([2**40]), jax.ShapeDtypeStruct((1,), np.int32, weak_type=True), "do not fit int32"),
              "placed": (np.array([2**40]), jax.ShapeDtypeStruct((1,), np.int32, weak_type=True, sharding=one_device),
                         "do not fit int32")}
@@ -708,10 +711,13 @@ def test_a_cast_into_a_torch_templates_dtype_that_would_change_a_value_is_a_mism
     """torch's cast wrapped 2**40 + 5 into 5 in an int32 template, made 70000.0 inf in a float16 one and 1000.0
     448.0 in a float8_e4m3fn one, a NaN INT_MIN, a saved 2 True; a value in range loads, rounded as torch rounds."""
     torch = pytest.importorskip("torch")
-    ckpt.save(tmp_path / "fits", {"i": torch.tensor([7, -3]), "f": torch.tensor([0.1, 65504.0]), "n": 40})
+    ckpt.save(tmp_path / "fits", {"i": torch.tensor([7, -3]), "f": torch.tensor([0.1, 65504.0]), "n": 40,
+                                  "c": torch.tensor([0.5 + 0j, -2 + 0j], dtype=torch.complex128)})
     loaded = ckpt.load(tmp_path / "fits", {"i": torch.zeros(2, dtype=torch.int8), "f": torch.zeros(2, dtype=torch.float16),
-                                           "n": torch.nn.Parameter(torch.zeros((), dtype=torch.int16), requires_grad=False)})
+                                           "n": torch.nn.Parameter(torch.zeros((), dtype=torch.int16), requires_grad=False),
+                                           "c": torch.zeros(2)})
     assert loaded["i"].tolist() == [7, -3] and torch.equal(loaded["f"], torch.tensor([0.1, 65504.0]).half())
+    assert loaded["c"].dtype == torch.float32 and loaded["c"].tolist() == [0.5, -2.0]  # (no imaginary part to lose)
     assert type(loaded["n"]) is torch.nn.Parameter and loaded["n"].item() == 40
     cases = {"i": (torch.tensor([7, 2**40 + 5]), torch.zeros(2, dtype=torch.int32), "int64 values, from 7 to 1099511627781"),
              "neg": (torch.tensor([-1], dtype=torch.int8), torch.zeros(1, dtype=torch.uint8), "do not fit uint8"),
@@ -721,6 +727,9 @@ def test_a_cast_into_a_torch_templates_dtype_that_would_change_a_value_is_a_mism
              "f8": (torch.tensor([1000.0]), torch.zeros(1, dtype=torch.float8_e4m3fn), "it would become nan"),
              "nan": (torch.tensor([float("nan")]), torch.zeros(1, dtype=torch.int32), "from nan to nan, do not fit int32"),
              "bool": (torch.tensor([0, 2]), torch.zeros(2, dtype=torch.bool), "do not fit bool"),
+             "imag": (torch.tensor([1 + 2j]), torch.zeros(1), "value (1+2j) has an imaginary part, which float32 cannot hold"),
+             "c64": (torch.tensor([1e300 + 0j], dtype=torch.complex128), torch.zeros(1, dtype=torch.complex64),
+                     "does not fit complex64"),
              "step": (2**40 + 5, torch.zeros((), dtype=torch.int32), "do not fit int32")}
     ckpt.save(tmp_path / "c", {k: saved for k, (saved, _, _) in cases.items()})
     for key, (_, template, why) in cases.items():

@@ -90,7 +90,7 @@ def _check(source: np.dtype, target: np.dtype) -> Callable[[np.ndarray, np.ndarr
     if top is None:
         return None
     reach = _float_max(source) if held is None else max(-held[0], held[1])
-    return None if reach is None or reach <= top else _check_finite
+    return None if reach is None or reach <= top else functools.partial(_check_finite, top=top)
 
 
 def _integer_range(dtype: np.dtype) -> tuple[int, int] | None:
@@ -133,8 +133,10 @@ def _check_real(source: np.ndarray, out: np.ndarray, *, then: Callable[[np.ndarr
         then(source.real, out)
 
 
-def _check_finite(source: np.ndarray, out: np.ndarray) -> None:
-    """No finite value of ``source`` became infinite or NaN in ``out``."""
+def _check_finite(source: np.ndarray, out: np.ndarray, *, top: float) -> None:
+    """No finite value of ``source`` became infinite or NaN in ``out`` (whose dtype's largest value is ``top``)."""
+    if source.size and -top <= source.min() and source.max() <= top:  # (a NaN or an inf fails it: looked at below)
+        return
     if np.isfinite(out).all():
         return
     lost = np.isfinite(source) & ~np.isfinite(out)

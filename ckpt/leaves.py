@@ -280,7 +280,22 @@ def gather(leaves: list[tuple[KeyPath, HostLeaf]]) -> None:
     pending = [(path, host) for path, host in leaves if host.gather is not None]
     for (path, host), whole in zip(pending, dtensor.gather_small([(path, host.gather) for path, host in pending])):
         array = torch_to_numpy(path, whole)
-        host.array, host.gather = array.astype(parse_dtype(host.meta["dtype"]), copy=False), None
+        host.array, host.gather = stored_as(path, array, parse_dtype(host.meta["dtype"])), None
+
+
+def stored_as(path: KeyPath, array: np.ndarray, dtype: np.dtype, out: np.ndarray | None = None) -> np.ndarray:
+    """``array`` (the leaf at ``path``) as the storage dtype ``dtype`` asks (a storage option's), rounded as numpy
+    rounds (``out``: that cast made already, by a snapshot's copy, checked); raises ValueError naming the leaf where
+    a value does not fit ``dtype`` (see :func:`ckpt.casts.cast`)."""
+    try:
+        if out is None:
+            return casts.cast(array, dtype)
+        casts.check(array, out)
+        return out
+    except casts.OutOfRangeError as e:
+        raise ValueError(f"the array at {keystr(path) or 'the root'} cannot be stored as {dtype} (the storage options' "
+                         f"dtype): {e}. Store it as a dtype that holds its values (a scoped_storage_options_creator "
+                         "can keep its own for it).") from None
 
 
 _TORCH_VIEWS = {"bfloat16": ("int16", "bfloat16"), "float8_e4m3fn": ("uint8", "float8_e4m3fn"),

@@ -189,6 +189,12 @@ def test_a_save_failing_on_one_rank_raises_on_every_rank_at_once_and_commits_not
     assert "rank 1 start failed: ValueError: no snapshot on rank 1" in out, out
     assert (f"rank 0 start failed: RuntimeError: the save of {tmp_path / 'run' / '3'} failed in another process "
             "(process 1: ValueError: no snapshot on rank 1); nothing was committed") in out, out
+    for how, step in (("sync", 7), ("async", 8)):  # (async: rank 0 waited at the commit until the timeout)
+        refused = ("the array at ['x'] cannot be stored as float16 (the storage options' dtype): its float32 value "
+                   "10000000000.0 does not fit float16 (it would become inf")
+        assert re.search(rf"rank 1 stored {how} failed: \w+Error: .*{re.escape(refused)}", out), out
+        assert (f"rank 0 stored {how} failed: RuntimeError: the save of {tmp_path / 'run' / str(step)} failed in "
+                f"another process (process 1: ") in out and out.count(refused) == 4, out
     for how, path in (("plan", tmp_path / "run" / "4"), ("free", tmp_path / "run-free")):
         assert f"rank 1 {how} failed: UnregisteredTypeError: checkpointable 'state': leaf at ['w'] has type" in out, out
         assert (f"rank 0 {how} failed: RuntimeError: the save of {path} failed in another process (process 1: "

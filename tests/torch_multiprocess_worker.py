@@ -275,10 +275,11 @@ def free_save() -> None:
     say(f"rank {rank} alone replicated: whole")
     as_float16 = ckpt.Context(multiprocessing_options=alone)  # (it wrote the whole uncast: numpy's TypeError)
     as_float16.array.saving.storage_options.dtype = np.float16
+    scaled = whole["big"] / 8  # (float16 holds them)
     with as_float16:
-        ckpt.save(f"{directory}-float16{rank}", {"big": distribute_tensor(whole["big"], mesh, [Replicate()])})
+        ckpt.save(f"{directory}-float16{rank}", {"big": distribute_tensor(scaled, mesh, [Replicate()])})
     say(f"rank {rank} alone replicated float16: {ckpt.load(f'{directory}-float16{rank}')['big'].dtype}, "
-        f"{torch.equal(ckpt.load(f'{directory}-float16{rank}')['big'], whole['big'].half())}")
+        f"{torch.equal(ckpt.load(f'{directory}-float16{rank}')['big'], scaled.half())}")
     with torch.device("meta"):  # a model made on the meta device, then sharded: shapes, dtypes and layouts only
         templates = {k: distribute_tensor(torch.empty(v.shape, dtype=v.dtype), mesh, [Shard(0)], src_data_rank=None)
                      for k, v in whole.items()}
@@ -442,6 +443,9 @@ def failing_saves(ckptr: Checkpointer) -> None:
     plan, through the Checkpointer and ``ckpt.save``; an overwrite only rank 0 asks for): every rank raises
     within seconds, not after the timeout, and nothing is committed; the next save is whole. Then saves forced on
     one rank alone."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
     with ckpt.Context(async_options=ckpt.AsyncOptions(timeout_secs=20)):
         for step, how in ((1, "sync"), (2, "async"), (3, "start"), (4, "plan"), (None, "free")):
             items = {"state": {"w": torch.ones(2)}, "extra": FailsOnRank1(at_start=how == "start")}
@@ -456,6 +460,22 @@ def failing_saves(ckptr: Checkpointer) -> None:
                     ckptr.save_checkpointables(step, items, force=True)
             except (OSError, ValueError, TypeError) if rank == 1 else RuntimeError as e:
                 say(f"rank {rank} {how} failed: {type(e).__name__}: {e}")
+        # a value that the storage dtype cannot hold in rank 1's shard alone (an async save's snapshot refused it
+        # there, and rank 0 waited at the commit until the timeout)
+        rows = torch.zeros(600, 520)
+        rows[-1, 0] = 1e10
+        items = {"x": distribute_tensor(rows, init_device_mesh("cpu", (world,)), [Shard(0)], src_data_rank=None)}
+        stored = ckpt.Context(async_options=ckpt.AsyncOptions(timeout_secs=20))
+        stored.array.saving.storage_options.dtype = np.float16
+        for step, how in ((7, "sync"), (8, "async")):
+            try:
+                with stored:
+                    if how == "async":
+                        ckptr.save_async(step, items, force=True).result()
+                    else:
+                        ckptr.save(step, items, force=True)
+            except (OSError, ValueError) if rank == 1 else RuntimeError as e:
+                say(f"rank {rank} stored {how} failed: {type(e).__name__}: {e}")
         ckptr.save(5, {"w": torch.ones(2)}, force=True)
         try:  # an overwrite rank 1 is not told of: it refuses, at the step every rank meets (rank 0 waited there)
             ckptr.save(5, {"w": torch.zeros(2)}, force=True, overwrite=rank == 0)

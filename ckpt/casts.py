@@ -38,9 +38,23 @@ def cast(array: np.ndarray, dtype: Any) -> np.ndarray:
     if check is None:
         return array.astype(dtype)
     with np.errstate(over="ignore", invalid="ignore"):  # (what numpy would warn of is raised below)
-        out = array.astype(dtype)
+        out = (array.real if array.dtype.kind == "c" and dtype.kind != "c" else array).astype(dtype)
     check(array, out)
     return out
+
+
+def changes_values(source: Any, target: Any) -> bool:
+    """Whether a cast from dtype ``source`` into ``target`` can change a value: one that :func:`cast`, or
+    :func:`check` after a cast made by other means (torch's), checks."""
+    return _check(np.dtype(source), np.dtype(target)) is not None
+
+
+def check(source: np.ndarray, out: np.ndarray) -> None:
+    """Raises :class:`OutOfRangeError` where ``out``, ``source`` cast by other means (torch's cast, which
+    rounds as numpy's does), lost a value as :func:`cast` would (its dtype cannot hold it)."""
+    found = _check(source.dtype, out.dtype)
+    if found is not None:
+        found(source, out)
 
 
 def for_jax(array: np.ndarray, dtype: Any = None) -> np.ndarray:
@@ -62,8 +76,11 @@ def for_jax(array: np.ndarray, dtype: Any = None) -> np.ndarray:
 @functools.lru_cache(maxsize=None)
 def _check(source: np.dtype, target: np.dtype) -> Callable[[np.ndarray, np.ndarray], None] | None:
     """What checks a cast from ``source`` into ``target`` (None: it holds every value, or it is numpy's to
-    judge: complex numbers, text, dates). A bool is an integer from 0 to 1 (a saved 2 into a bool is refused)."""
+    judge: text, dates). A bool is an integer from 0 to 1 (a saved 2 into a bool is refused); a complex number
+    is two floats, and becomes a real one only without an imaginary part (numpy and torch drop it)."""
     into, held = _integer_range(target), _integer_range(source)
+    if source.kind == "c" and target.kind != "c" and (into is not None or _float_max(target) is not None):
+        return functools.partial(_check_real, then=_check(np.dtype(source.type().real.dtype), target))
     if into is not None:
         if held is not None and into[0] <= held[0] and held[1] <= into[1]:
             return None
@@ -78,7 +95,7 @@ def _check(source: np.dtype, target: np.dtype) -> Callable[[np.ndarray, np.ndarr
     if reach is None or (reach <= top and float(info.min) == -top):  # (float8_e8m0fnu holds no zero, no negatives)
         return None
     if _holds_infinity(target):
-        return _check_finite
+        return functools.partial(_check_finite, top=top)
     # (a value from half a step past the largest on would round past it)
     return functools.partial(_check_saturated, limit=top + float(info.eps) * 2.0 ** (int(info.maxexp) - 2))
 
@@ -94,10 +111,8 @@ def _integer_range(dtype: np.dtype) -> tuple[int, int] | None:
 
 
 def _float_max(dtype: np.dtype) -> float | None:
-    if dtype.kind == "c":  # (ml_dtypes gives a complex dtype its parts' range)
-        return None
     try:
-        return float(ml_dtypes.finfo(dtype).max)  # (numpy's floats and ml_dtypes' bfloat16, float8...)
+        return float(ml_dtypes.finfo(dtype).max)  # (numpy's floats, a complex dtype's parts, bfloat16, float8...)
     except ValueError:
         return None
 
@@ -121,8 +136,21 @@ def _check_range(source: np.ndarray, out: np.ndarray, *, into: tuple[int, int]) 
                           f"(from {into[0]} to {into[1]})")
 
 
-def _check_finite(source: np.ndarray, out: np.ndarray) -> None:
-    """No finite value of ``source`` became infinite or NaN in ``out``."""
+def _check_real(source: np.ndarray, out: np.ndarray, *, then: Callable[[np.ndarray, np.ndarray], None] | None) -> None:
+    """No complex value of ``source`` has an imaginary part (``out`` holds its real parts), and ``then`` finds
+    none of the real parts lost."""
+    kept = source.imag == 0
+    if not kept.all():
+        raise OutOfRangeError(f"its {source.dtype} value {source[~kept].flat[0].item()} has an imaginary part, which "
+                              f"{out.dtype} cannot hold ({int((~kept).sum())} such value(s))")
+    if then is not None:
+        then(source.real, out)
+
+
+def _check_finite(source: np.ndarray, out: np.ndarray, *, top: float) -> None:
+    """No finite value of ``source`` became infinite or NaN in ``out`` (whose dtype's largest value is ``top``)."""
+    if source.dtype.kind != "c" and source.size and -top <= source.min() and source.max() <= top:  # (NaN, inf: below)
+        return
     if not np.isfinite(out).all():
         _refuse_lost(source, out, np.isfinite(source) & ~np.isfinite(out))
 

@@ -41,6 +41,7 @@ class Layout:
     ``meta[i]`` is leaf i's manifest entry before any checksum; ``location[i]`` is "inline",
     "packed" (at ``offset[i]``) or "array" (``array_name[i]``). ``storage``: the storage options the
     plan applied (its dtype is in ``meta``, its chunk size in the array specs); a save with others plans anew.
+    ``checked``: the leaves whose casts into the storage dtype can change a value (a snapshot checks them).
     """
 
     names: tuple[str, ...]
@@ -59,6 +60,7 @@ class Layout:
     array_name: list[str]
     packed_nbytes: int
     storage: storage_options.Storage
+    checked: list[int] = dataclasses.field(default_factory=list)
     buffer: np.ndarray | None = None  # the packed staging buffer that the views below view
     packed_views: dict[int, np.ndarray] = dataclasses.field(default_factory=dict)  # leaf i's bytes there
     run_targets: list[tuple[packing.Run, np.ndarray]] = dataclasses.field(default_factory=list)
@@ -214,7 +216,8 @@ class Layout:
 
 def of(names: tuple[str, ...], nodes: list[tree_lib.Node], structures: dict[str, str], counts: list[int],
        paths: list[KeyPath], values: list[Any], meta: list[dict], location: list[str], offset: list[int],
-       nbytes: list[int], array_name: list[str], packed_nbytes: int, storage: storage_options.Storage) -> Layout | None:
+       nbytes: list[int], array_name: list[str], packed_nbytes: int, storage: storage_options.Storage,
+       checked: list[int]) -> Layout | None:
     """The layout of a plan from its columns (``nodes``: each checkpointable's structure, ``counts`` its
     number of leaves; the other lists: each leaf's value or field, in flatten order; see :class:`Layout`),
     or None when a leaf is of a kind whose plan is never reused."""
@@ -226,7 +229,7 @@ def of(names: tuple[str, ...], nodes: list[tree_lib.Node], structures: dict[str,
         return None
     return Layout(names, [_walker(node) for node in nodes], structures, counts, paths, kinds,
                   list(map(_SHAPE, arrays)), list(map(_DTYPE, arrays)), signatures, meta, location, offset, nbytes,
-                  array_name, packed_nbytes, storage)
+                  array_name, packed_nbytes, storage, checked)
 
 
 def array_types(meta: list[dict]) -> str:

@@ -285,7 +285,22 @@ def gather(leaves: list[tuple[KeyPath, HostLeaf]]) -> None:
     pending = [(path, host) for path, host in leaves if host.gather is not None]
     for (path, host), whole in zip(pending, dtensor.gather_small([(path, host.gather) for path, host in pending])):
         array = torch_to_numpy(path, whole)
-        host.array, host.gather = array.astype(parse_dtype(host.meta["dtype"]), copy=False), None
+        host.array, host.gather = stored_as(path, array, parse_dtype(host.meta["dtype"])), None
+
+
+def stored_as(path: KeyPath, array: np.ndarray, dtype: np.dtype, out: np.ndarray | None = None) -> np.ndarray:
+    """``array`` (the leaf at ``path``) as the storage dtype ``dtype`` asks (a storage option's), rounded as numpy
+    rounds (``out``: that cast made already, by a snapshot's copy, checked); raises ValueError naming the leaf where
+    a value does not fit ``dtype`` (see :func:`ckpt.casts.cast`)."""
+    try:
+        if out is None:
+            return casts.cast(array, dtype)
+        casts.check(array, out)
+        return out
+    except casts.OutOfRangeError as e:
+        raise ValueError(f"the array at {keystr(path) or 'the root'} cannot be stored as {dtype} (the storage options' "
+                         f"dtype): {e}. Store it as a dtype that holds its values (a scoped_storage_options_creator "
+                         "can keep its own for it).") from None
 
 
 _TORCH_VIEWS = {"bfloat16": ("int16", "bfloat16"), "float8_e4m3fn": ("uint8", "float8_e4m3fn"),
@@ -358,6 +373,32 @@ def _torch_cannot_receive(dtype: Any) -> str | None:
     except (NotImplementedError, RuntimeError) as e:
         return f"{type(e).__name__}: {e}"
     return None
+
+
+def torch_cast(array: np.ndarray, dtype: Any) -> Any:
+    """A CPU tensor of ``array`` on its way into a tensor of the torch ``dtype``: where the cast can change a
+    value, cast and checked by :mod:`ckpt.casts` (raises ``OutOfRangeError`` for a value ``dtype`` cannot hold);
+    else a view of ``array``, for the caller to cast (on the tensor's device)."""
+    tensor = numpy_to_torch(array)
+    target = _checked_twin(array.dtype, dtype)
+    if target is None:
+        return tensor
+    if target.itemsize == 1:  # torch's float8 casts saturate (1000.0 and inf become 448.0 in float8_e4m3fn) or
+        return numpy_to_torch(casts.cast(array, target))  # drop a sign (float8_e8m0fnu), which no check could tell
+    out = (tensor.real if tensor.is_complex() and not dtype.is_complex else tensor).to(dtype)
+    casts.check(array, torch_to_numpy((), out))  # (a complex one's imaginary parts too)
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _checked_twin(source: np.dtype, dtype: Any) -> np.dtype | None:
+    """The numpy dtype that :func:`torch_to_numpy` gives a tensor of the torch ``dtype``, where a cast from ``source``
+    into it can change a value; else None (or where numpy has no such dtype)."""
+    try:
+        target = torch_to_numpy((), sys.modules["torch"].empty(0, dtype=dtype)).dtype
+    except TypeError:
+        return None
+    return target if casts.changes_values(source, target) else None
 
 
 def numpy_to_torch(array: np.ndarray) -> Any:
@@ -534,12 +575,13 @@ def restore(meta: dict, read: Reader | np.ndarray | None, abstract: Any,
     if dtensor.is_dtensor(abstract):
         _check_torch_template(abstract.dtype)
         return transfers.as_template(
-            dtensor.restore(abstract, read, lambda array, device, dtype: numpy_to_torch(array).to(device, dtype)), abstract)
+            dtensor.restore(abstract, read, lambda array, device, dtype: torch_cast(array, dtype).to(device, dtype)),
+            abstract)
     torch = sys.modules.get("torch")
     if torch is not None and (isinstance(abstract, torch.Tensor) or abstract is torch.Tensor):
         if abstract is not torch.Tensor:
             _check_torch_template(abstract.dtype)
-        tensor = numpy_to_torch(read(None))
+        tensor = numpy_to_torch(read(None)) if abstract is torch.Tensor else torch_cast(read(None), abstract.dtype)
         return tensor if abstract is torch.Tensor else to_device.torch(tensor, abstract)
     if isinstance(abstract, type):
         if abstract is np.ndarray:

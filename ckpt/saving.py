@@ -122,7 +122,7 @@ class Plan:
             array = (self.packed_copies if where == "packed" else self.copies).get(i)
             host = leaves_lib.HostLeaf(dict(layout.meta[i]), leaves_lib.to_host(path, value).array if array is None else array)
             if array is None and layout.storage.dtype is not None:
-                storage_options.cast(host, layout.storage.dtype)
+                storage_options.cast(path, host, layout.storage.dtype)
         return PlannedLeaf(path, host, where, layout.offset[i], layout.nbytes[i], layout.array_name[i])
 
 
@@ -238,7 +238,7 @@ def _plan(checkpointables: dict[str, Any], metrics: Any, custom_metadata: Any, s
         arrays += described[1]
         spreads += described[2]
         gathers += described[3]
-    chunk_bytes = _apply_storage(stored, paths, values, metas, arrays, spreads, gathers)
+    chunk_bytes, checked = _apply_storage(stored, paths, values, metas, arrays, spreads, gathers)
     _refuse_spread_bytes(list(checkpointables), counts, paths, metas, spreads)
     nbytes = [0 if "dtype" not in meta else array.nbytes if array is not None else
               math.prod(meta["shape"]) * leaves_lib.parse_dtype(meta["dtype"]).itemsize
@@ -257,7 +257,7 @@ def _plan(checkpointables: dict[str, Any], metrics: Any, custom_metadata: Any, s
         for i in own_arrays:
             kept[i] = dict(metas[i])
         layout = layout_lib.of(tuple(checkpointables), nodes, structures, counts, paths, values, kept, location,
-                               offset, nbytes, array_name, packed_nbytes, stored)
+                               offset, nbytes, array_name, packed_nbytes, stored, checked)
     if layout is not None and stored.scoped is None and layout.on_host():
         # the host arrays are not kept: the writer copies from the leaves themselves
         return Plan(structures, {}, [], [], packed_nbytes, metrics, custom_metadata, now_nsecs(), layout=layout,
@@ -278,19 +278,23 @@ _OFFSET = operator.attrgetter("offset")
 
 def _apply_storage(stored: storage_options.Storage, paths: list[KeyPath], values: list[Any], metas: list[dict],
                    arrays: list[np.ndarray | None], spreads: list[leaves_lib.Spread | None],
-                   gathers: list[Any]) -> Callable[[int], int]:
+                   gathers: list[Any]) -> tuple[Callable[[int], int], list[int]]:
     """Casts each leaf stored as another dtype (by ``stored`` or its per-leaf creator; ``metas``, ``arrays``,
-    ``spreads`` and ``gathers``: the columns of :func:`ckpt.leaves.describe`, changed in place); returns the
-    chunk size of leaf i's array."""
+    ``spreads`` and ``gathers``: the columns of :func:`ckpt.leaves.describe`, changed in place), refusing a value
+    that dtype cannot hold (ValueError naming the leaf); returns the chunk size of leaf i's array, and the leaves
+    whose casts can change a value (which a snapshot reusing the plan's layout checks as it casts them)."""
     if stored.dtype is None and stored.scoped is None:
-        return lambda i: stored.chunk_bytes or fmt.ARRAY_CHUNK_BYTES
+        return (lambda i: stored.chunk_bytes or fmt.ARRAY_CHUNK_BYTES), []
     options = [stored.of_leaf(path, value) for path, value in zip(paths, values)]
+    checked = []
     for i, leaf_storage in enumerate(options):
         if leaf_storage.dtype is not None:  # an entry of its own (see leaves.describe)
+            if storage_options.changes_values(metas[i], leaf_storage.dtype):
+                checked.append(i)
             host = leaves_lib.HostLeaf(dict(metas[i]), arrays[i], spreads[i], gathers[i])
-            storage_options.cast(host, leaf_storage.dtype)
+            storage_options.cast(paths[i], host, leaf_storage.dtype)
             metas[i], arrays[i], spreads[i] = host.meta, host.array, host.spread
-    return lambda i: options[i].chunk_bytes or fmt.ARRAY_CHUNK_BYTES
+    return (lambda i: options[i].chunk_bytes or fmt.ARRAY_CHUNK_BYTES), checked
 
 
 def _refuse_spread_bytes(names: list[str], counts: list[int], paths: list[KeyPath], metas: list[dict],
@@ -681,6 +685,8 @@ def _snapshot_reused(plan: Plan, staging: StagingBuffers) -> None:
         plan.staging.append(buffer)
         copies[i] = to_host.copy(i, layout.view_of(i, buffer))
     to_host.wait()
+    for i in layout.checked:  # copied into their storage dtype: refused where a value did not fit it
+        storage_options.check(layout.paths[i], values[i], copies[i] if i in copies else layout.packed_views[i])
 
 
 def _chunks_of(meta: dict, source: np.ndarray | transfers.DeviceRows

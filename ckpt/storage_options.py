@@ -5,7 +5,9 @@ A storage dtype casts every array leaf (numpy, jax and torch arrays, whatever th
 does) when a save plans it; tree.json then names the stored dtype. Scalars (Python and numpy) are
 stored as they are. A load gives the stored dtype, or the abstract leaf's dtype when there is one.
 The cast is a copy of each array, made when the save plans it (a sync save holds the state once in
-the storage dtype at its peak); an async save that reuses the last plan casts as it copies.
+the storage dtype at its peak); an async save that reuses the last plan casts as it copies. A value the
+storage dtype cannot hold (1e10 in float16, 300 in int8) is refused, with a ValueError naming the leaf
+(see :func:`ckpt.leaves.stored_as`), where Orbax stores inf or a wrapped integer.
 The chunk size is the target byte size of the chunks of each leaf stored as an array of its own:
 slabs along the first axis, at least one row each (the checksums of tree.json describe such slabs).
 Small leaves, packed together into one array, keep that array's chunks.
@@ -39,6 +41,7 @@ from typing import Any, Callable
 import ml_dtypes
 import numpy as np
 
+from ckpt import casts
 from ckpt import leaves as leaves_lib
 from ckpt import tree as tree_lib
 
@@ -121,8 +124,10 @@ def _dtype(value: Any) -> np.dtype:
     return dtype
 
 
-def cast(host: leaves_lib.HostLeaf, dtype: np.dtype) -> None:
-    """Makes an array leaf stored as ``dtype`` (its bytes and its manifest entry); other leaves are left as they are."""
+def cast(path: tree_lib.KeyPath, host: leaves_lib.HostLeaf, dtype: np.dtype) -> None:
+    """Makes an array leaf (at ``path``) stored as ``dtype`` (its bytes and its manifest entry); other leaves are left
+    as they are. Raises ValueError naming the leaf where a value does not fit ``dtype`` (see
+    :func:`ckpt.leaves.stored_as`): of a leaf spread over processes, when its shards are written."""
     if host.meta["type"] not in _CAST:
         return
     host.meta["dtype"] = leaves_lib.dtype_name(dtype)
@@ -130,14 +135,25 @@ def cast(host: leaves_lib.HostLeaf, dtype: np.dtype) -> None:
         return
     if host.spread is None:
         if host.array.dtype != dtype:  # (a DeviceRows is copied whole: the cast copies anyway)
-            host.array = np.asarray(host.array).astype(dtype)
+            host.array = leaves_lib.stored_as(path, np.asarray(host.array), dtype)
         return
     own_shards, whole = host.spread.own_shards, host.spread.whole  # (whole: what a process saving alone writes)
-    host.spread = dataclasses.replace(host.spread, own_shards=_cast_shards(own_shards, dtype),
-                                      whole=None if whole is None else _cast_shards(whole, dtype))
+    host.spread = dataclasses.replace(host.spread, own_shards=_cast_shards(path, own_shards, dtype),
+                                      whole=None if whole is None else _cast_shards(path, whole, dtype))
 
 
-def _cast_shards(shards: Callable[[], list[tuple[Any, np.ndarray]]], dtype: np.dtype
+def check(path: tree_lib.KeyPath, value: Any, out: np.ndarray) -> None:
+    """Raises ValueError naming the leaf at ``path`` where ``out``, its ``value`` copied into the storage dtype (a
+    snapshot's copy casts as it copies), lost a value (see :func:`ckpt.leaves.stored_as`)."""
+    leaves_lib.stored_as(path, np.asarray(leaves_lib.to_host(path, value).array), out.dtype, out)
+
+
+def changes_values(meta: dict, dtype: np.dtype) -> bool:
+    """Whether storing the leaf of manifest entry ``meta`` as ``dtype`` can change one of its values."""
+    return meta["type"] in _CAST and casts.changes_values(leaves_lib.parse_dtype(meta["dtype"]), dtype)
+
+
+def _cast_shards(path: tree_lib.KeyPath, shards: Callable[[], list[tuple[Any, np.ndarray]]], dtype: np.dtype
                  ) -> Callable[[], list[tuple[Any, np.ndarray]]]:
     """``shards`` (a function giving (index, host array) pairs) giving them as ``dtype``."""
-    return lambda: [(index, data.astype(dtype, copy=False)) for index, data in shards()]
+    return lambda: [(index, leaves_lib.stored_as(path, data, dtype)) for index, data in shards()]

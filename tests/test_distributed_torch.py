@@ -158,6 +158,11 @@ def test_dtensors_of_unusual_layouts_at_four_ranks(tmp_path):
                 f"{tmp_path / 'run' / '10'}: state['r']: it cannot be restored as a DTensor of the abstract tree (TypeError: "
                 "a DTensor template with the placements (Shard(dim=0),) cannot be loaded into: it is split (S(0)) over "
                 "dimension 0 of a mesh of shape (4,) of ranks [3, 2, 1, 0], along which") in out, out
+        # a value the template's dtype cannot hold, in rank 3's shard: refused there (torch made it inf), loaded elsewhere
+        assert (f"rank {r} cast loaded [[0.0, 0.0, 0.0, 0.0, 0.0, 0.0]]" if r < 3 else
+                f"rank 3 cast refused: User-provided restore item and on-disk value differ in {tmp_path / 'run' / '12'}: "
+                "state['h']: it cannot be restored as a DTensor of the abstract tree (OutOfRangeError: its float32 value "
+                "70000.0 does not fit float16 (it would become inf") in out, out
         # FSDP2 over TP with a LayerNorm and a head the TP plan leaves alone, on mesh["dp"], whose slices hold copies:
         # saved once and loaded bit for bit as DCP loads it (was refused: "a DTensor ... over a mesh of shape (2,) of
         # ranks [0, 2] on process 0, not on process 1"); copies that differ (pipeline stages), refused
@@ -184,6 +189,12 @@ def test_a_save_failing_on_one_rank_raises_on_every_rank_at_once_and_commits_not
     assert "rank 1 start failed: ValueError: no snapshot on rank 1" in out, out
     assert (f"rank 0 start failed: RuntimeError: the save of {tmp_path / 'run' / '3'} failed in another process "
             "(process 1: ValueError: no snapshot on rank 1); nothing was committed") in out, out
+    for how, step in (("sync", 7), ("async", 8)):  # (async: rank 0 waited at the commit until the timeout)
+        refused = ("the array at ['x'] cannot be stored as float16 (the storage options' dtype): its float32 value "
+                   "10000000000.0 does not fit float16 (it would become inf")
+        assert re.search(rf"rank 1 stored {how} failed: \w+Error: .*{re.escape(refused)}", out), out
+        assert (f"rank 0 stored {how} failed: RuntimeError: the save of {tmp_path / 'run' / str(step)} failed in "
+                f"another process (process 1: ") in out and out.count(refused) == 4, out
     for how, path in (("plan", tmp_path / "run" / "4"), ("free", tmp_path / "run-free")):
         assert f"rank 1 {how} failed: UnregisteredTypeError: checkpointable 'state': leaf at ['w'] has type" in out, out
         assert (f"rank 0 {how} failed: RuntimeError: the save of {path} failed in another process (process 1: "

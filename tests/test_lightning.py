@@ -908,6 +908,43 @@ def test_restoring_a_directory_written_by_a_different_model_names_the_differing_
         fit(tmp_path, model=example.Regressor(hidden=8), max_steps=4)
 
 
+class HoldsLargeValues(example.Regressor):
+    """A float32 buffer, and SGD momentum after its second step, of values that float16 cannot hold."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("scale", torch.tensor([70000.0, 2.0]))
+
+    def optimizer_step(self, *args, **kwargs):
+        super().optimizer_step(*args, **kwargs)
+        for state in self.trainer.optimizers[0].state.values() if self.trainer.global_step else ():
+            state["momentum_buffer"].fill_(1e10)
+
+
+class InHalf(example.Regressor):
+    """The same model in float16 (its buffer in float32 where ``buffer`` says so)."""
+
+    def __init__(self, buffer: torch.dtype = torch.float16):
+        super().__init__()
+        self.half()
+        self.register_buffer("scale", torch.zeros(2, dtype=buffer))
+
+
+def test_restoring_values_that_the_models_dtypes_cannot_hold_is_refused_naming_them(tmp_path):
+    """(load_state_dict's and Optimizer.load_state_dict's casts made a saved float32 70000.0 inf in a float16
+    buffer, and a momentum of 1e10 inf for float16 parameters, without a word: the restored run went on.)"""
+    fit(tmp_path, model=HoldsLargeValues(), max_steps=2)
+    with pytest.raises(ValueError, match=r"holds values that this InHalf's tensors cannot hold \(their dtypes differ\): "
+                                         r"'scale': its float32 value 70000.0 does not fit float16 \(it would become inf"):
+        fit(tmp_path, model=InHalf(), max_steps=2)
+    with pytest.raises(ValueError, match=r"'scale': its float32 value 70000.0 does not fit float16"):
+        load_weights(InHalf(), tmp_path)
+    with pytest.raises(ValueError, match=r"holds optimizer states that this run's parameters cannot hold: "
+                                         r"optimizer_states\[0\]\['state'\]\[0\]\['momentum_buffer'\]: its float32 "
+                                         r"value 10000000000.0 does not fit float16"):
+        fit(tmp_path, model=InHalf(buffer=torch.float32), max_steps=2)
+
+
 class LeavesOutItsFrozenLayer(example.Regressor):
     """Keeps its frozen first layer out of checkpoints (``on_save_checkpoint``) and puts the one it has back
     in ``on_load_checkpoint``, where Lightning lets a module complete or migrate the saved weights."""

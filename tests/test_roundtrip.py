@@ -309,6 +309,9 @@ def test_a_cast_into_the_abstract_leafs_dtype_that_would_change_a_value_is_a_mis
              "e8m0": (np.array([2.0, 0.0], np.float16), np.zeros(2, ml_dtypes.float8_e8m0fnu), "0.0 does not fit"),
              "nan": (np.array([np.nan], np.float32), np.zeros(1, np.int32), "from nan to nan, do not fit int32"),
              "step": (2**40 + 5, jax.ShapeDtypeStruct((), np.int32), "do not fit int32"),
+             "imag": (np.array([1.5 + 0j, 1 + 2j]), np.zeros(2, np.float32),
+                      "value (1+2j) has an imaginary part, which float32 cannot hold"),
+             "c64": (np.array([1e300 + 0j]), np.zeros(1, np.complex64), "value (1e+300+0j) does not fit complex64"),
              "weak": (np.array([2**40]), jax.ShapeDtypeStruct((1,), np.int32, weak_type=True), "do not fit int32"),
              "placed": (np.array([2**40]), jax.ShapeDtypeStruct((1,), np.int32, weak_type=True, sharding=one_device),
                         "do not fit int32")}
@@ -707,6 +710,37 @@ def test_a_tensor_abstract_leaf_casts_to_its_dtype_and_an_array_leaf_returns_num
     assert restored["w"].dtype == torch.bfloat16
     assert torch.equal(restored["w"], torch.linspace(0, 1, 6).to(torch.bfloat16))
     assert isinstance(restored["b"], np.ndarray) and restored["b"].dtype == ml_dtypes.bfloat16
+
+
+def test_a_cast_into_a_torch_templates_dtype_that_would_change_a_value_is_a_mismatch_naming_the_leaf(tmp_path):
+    """torch's cast wrapped 2**40 + 5 into 5 in an int32 template, made 70000.0 inf in a float16 one and 1000.0
+    448.0 in a float8_e4m3fn one, a NaN INT_MIN, a saved 2 True; a value in range loads, rounded as torch rounds."""
+    torch = pytest.importorskip("torch")
+    ckpt.save(tmp_path / "fits", {"i": torch.tensor([7, -3]), "f": torch.tensor([0.1, 65504.0]), "n": 40,
+                                  "c": torch.tensor([0.5 + 0j, -2 + 0j], dtype=torch.complex128)})
+    loaded = ckpt.load(tmp_path / "fits", {"i": torch.zeros(2, dtype=torch.int8), "f": torch.zeros(2, dtype=torch.float16),
+                                           "n": torch.nn.Parameter(torch.zeros((), dtype=torch.int16), requires_grad=False),
+                                           "c": torch.zeros(2)})
+    assert loaded["i"].tolist() == [7, -3] and torch.equal(loaded["f"], torch.tensor([0.1, 65504.0]).half())
+    assert loaded["c"].dtype == torch.float32 and loaded["c"].tolist() == [0.5, -2.0]  # (no imaginary part to lose)
+    assert type(loaded["n"]) is torch.nn.Parameter and loaded["n"].item() == 40
+    cases = {"i": (torch.tensor([7, 2**40 + 5]), torch.zeros(2, dtype=torch.int32), "int64 values, from 7 to 1099511627781"),
+             "neg": (torch.tensor([-1], dtype=torch.int8), torch.zeros(1, dtype=torch.uint8), "do not fit uint8"),
+             "f": (torch.tensor([70000.0, 0.5]), torch.nn.Parameter(torch.zeros(2, dtype=torch.float16)),
+                   "value 70000.0 does not fit float16"),
+             "meta": (torch.tensor([1e300], dtype=torch.float64), torch.empty(1, device="meta"), "does not fit float32"),
+             "f8": (torch.tensor([1000.0]), torch.zeros(1, dtype=torch.float8_e4m3fn), "it would become nan"),
+             "nan": (torch.tensor([float("nan")]), torch.zeros(1, dtype=torch.int32), "from nan to nan, do not fit int32"),
+             "bool": (torch.tensor([0, 2]), torch.zeros(2, dtype=torch.bool), "do not fit bool"),
+             "imag": (torch.tensor([1 + 2j]), torch.zeros(1), "value (1+2j) has an imaginary part, which float32 cannot hold"),
+             "c64": (torch.tensor([1e300 + 0j], dtype=torch.complex128), torch.zeros(1, dtype=torch.complex64),
+                     "does not fit complex64"),
+             "step": (2**40 + 5, torch.zeros((), dtype=torch.int32), "do not fit int32")}
+    ckpt.save(tmp_path / "c", {k: saved for k, (saved, _, _) in cases.items()})
+    for key, (_, template, why) in cases.items():
+        tree = {k: (template if k == key else ckpt.PLACEHOLDER) for k in cases}
+        with pytest.raises(errors.TreeMismatchError, match=rf"state\['{key}'\]: .*{re.escape(why)}"):
+            ckpt.load(tmp_path / "c", tree)
 
 
 @pytest.mark.parametrize("dtype", ["bits8", "qint8"])

@@ -255,3 +255,36 @@ def test_leaves_alike_stored_differently_each_keep_their_own_entry(tmp_path):
     for name in ("b", "big1", "big2"):
         np.testing.assert_array_equal(loaded[name], tree[name])
     assert verify_step(step).ok
+
+
+def test_a_value_the_storage_dtype_cannot_hold_is_refused_naming_the_leaf_before_anything_is_written(tmp_path):
+    """(A storage dtype's cast stored 1e10 as inf in float16 and 300 as 44 in int8, as Orbax does, without a word:
+    the step was committed holding other values than those saved.)"""
+    torch = pytest.importorskip("torch")
+    cases = [(np.float16, {"ok": np.ones(3, np.float32), "w": np.array([1.0, 1e10], np.float32)},
+              r"the array at \['w'\] cannot be stored as float16 \(the storage options' dtype\): its float32 value "
+              r"10000000000.0 does not fit float16 \(it would become inf"),
+             (np.int8, {"w": torch.tensor([1, 300])}, r"\['w'\] cannot be stored as int8 .*from 1 to 300, do not fit int8"),
+             (ml_dtypes.bfloat16, {"w": np.array([1.0, np.inf, np.nan, 3e38], np.float32)}, None)]  # (all kept)
+    for k, (dtype, tree, refused) in enumerate(cases):
+        with context(dtype):
+            if refused is None:
+                ckpt.save(tmp_path / str(k), tree)
+                continue
+            with pytest.raises(ValueError, match=refused):
+                ckpt.save(tmp_path / str(k), tree)
+        assert not (tmp_path / str(k)).exists()
+    assert np.array_equal(ckpt.load(tmp_path / "2")["w"], cases[2][1]["w"].astype(ml_dtypes.bfloat16), equal_nan=True)
+    # async saves after the first reuse its plan, and cast as they copy (a packed leaf, a large one): checked there
+    with context(np.float16), ckpt.Checkpointer(tmp_path / "root") as ckptr:
+        good = {"small": np.ones(4, np.float32), "big": np.ones((ROWS, 512), np.float32)}
+        ckptr.save_async(1, good, force=True)
+        for step, key in ((2, "small"), (3, "big")):
+            bad = {k: v.copy() for k, v in good.items()}
+            bad[key].flat[-1] = 1e10
+            with pytest.raises(ValueError, match=rf"\['{key}'\] cannot be stored as float16 .* value 10000000000.0"):
+                ckptr.save_async(step, bad, force=True)
+        ckptr.save_async(4, good, force=True)
+        ckptr.wait()
+        assert [c.step for c in ckptr.checkpoints] == [1, 4]
+    assert sorted(p.name for p in (tmp_path / "root").iterdir() if not p.name.startswith((".", "ckpt-"))) == ["1", "4"]

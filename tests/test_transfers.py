@@ -202,9 +202,14 @@ for name, step in (("sync", tmp / "sync"), ("async", tmp / "async" / "0")):
     for key, x in state.items():
         np.testing.assert_array_equal(np.asarray(loaded[key]), as_numpy[key], err_msg=f"{name} {key}")
         assert loaded[key].sharding == x.sharding, (name, key)
-with context(dtype=np.float16):  # a storage dtype casts the leaf whole
-    ckpt.save(tmp / "f16", {"rows": state["rows"]})
-np.testing.assert_array_equal(ckpt.load(tmp / "f16")["rows"], values.astype(np.float16))
+with context(dtype=np.float16):  # a storage dtype casts the leaf whole, and refuses values it cannot hold
+    ckpt.save(tmp / "f16", {"rows": jax.device_put(values / 16, on("x"))})
+    try:
+        ckpt.save(tmp / "inf", {"rows": state["rows"]})
+        raise AssertionError("599999.0 was stored as float16 (inf)")
+    except ValueError as e:
+        assert "the array at ['rows'] cannot be stored as float16" in str(e) and not (tmp / "inf").exists(), e
+np.testing.assert_array_equal(ckpt.load(tmp / "f16")["rows"], (values / 16).astype(np.float16))
 print("ok")
 """
 

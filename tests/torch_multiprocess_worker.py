@@ -275,10 +275,11 @@ def free_save() -> None:
     say(f"rank {rank} alone replicated: whole")
     as_float16 = ckpt.Context(multiprocessing_options=alone)  # (it wrote the whole uncast: numpy's TypeError)
     as_float16.array.saving.storage_options.dtype = np.float16
+    scaled = whole["big"] / 8  # (float16 holds them)
     with as_float16:
-        ckpt.save(f"{directory}-float16{rank}", {"big": distribute_tensor(whole["big"], mesh, [Replicate()])})
+        ckpt.save(f"{directory}-float16{rank}", {"big": distribute_tensor(scaled, mesh, [Replicate()])})
     say(f"rank {rank} alone replicated float16: {ckpt.load(f'{directory}-float16{rank}')['big'].dtype}, "
-        f"{torch.equal(ckpt.load(f'{directory}-float16{rank}')['big'], whole['big'].half())}")
+        f"{torch.equal(ckpt.load(f'{directory}-float16{rank}')['big'], scaled.half())}")
     with torch.device("meta"):  # a model made on the meta device, then sharded: shapes, dtypes and layouts only
         templates = {k: distribute_tensor(torch.empty(v.shape, dtype=v.dtype), mesh, [Shard(0)], src_data_rank=None)
                      for k, v in whole.items()}
@@ -442,9 +443,9 @@ def failing_saves(ckptr: Checkpointer) -> None:
     plan, through the Checkpointer and ``ckpt.save``; an overwrite only rank 0 asks for): every rank raises
     within seconds, not after the timeout, and nothing is committed; the next save is whole. So do a small DTensor
     whose local shard on rank 1 is not the one its layout says, and an async save whose copies find no memory on rank
-    1. Then saves forced on one rank alone."""
+    1, and a value a storage dtype cannot hold in rank 1's shard alone. Then saves forced on one rank alone."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor import Shard, distribute_tensor
 
     with ckpt.Context(async_options=ckpt.AsyncOptions(timeout_secs=20)):
         for step, how in ((1, "sync"), (2, "async"), (3, "start"), (4, "plan"), (None, "free")):
@@ -477,6 +478,22 @@ def failing_saves(ckptr: Checkpointer) -> None:
         except MemoryError if rank == 1 else RuntimeError as e:
             say(f"rank {rank} copy failed: {type(e).__name__}: {e}")
         ckpt.saving.snapshot = snapshot
+        # a value that the storage dtype cannot hold in rank 1's shard alone (an async save's snapshot refused it
+        # there, and rank 0 waited at the commit until the timeout)
+        rows = torch.zeros(600, 520)
+        rows[-1, 0] = 1e10
+        items = {"x": distribute_tensor(rows, init_device_mesh("cpu", (world,)), [Shard(0)], src_data_rank=None)}
+        stored = ckpt.Context(async_options=ckpt.AsyncOptions(timeout_secs=20))
+        stored.array.saving.storage_options.dtype = np.float16
+        for step, how in ((7, "sync"), (8, "async")):
+            try:
+                with stored:
+                    if how == "async":
+                        ckptr.save_async(step, items, force=True).result()
+                    else:
+                        ckptr.save(step, items, force=True)
+            except (OSError, ValueError) if rank == 1 else RuntimeError as e:
+                say(f"rank {rank} stored {how} failed: {type(e).__name__}: {e}")
         ckptr.save(5, {"w": torch.ones(2)}, force=True)
         try:  # an overwrite rank 1 is not told of: it refuses, at the step every rank meets (rank 0 waited there)
             ckptr.save(5, {"w": torch.zeros(2)}, force=True, overwrite=rank == 0)
@@ -932,6 +949,16 @@ def unusual_dtensors(ckptr: Checkpointer) -> None:
         ckptr.load(10, {"r": distribute_tensor(values, backwards, [Shard(0)])})
     except ckpt.errors.TreeMismatchError as e:
         say(f"rank {rank} backwards template refused: {e}")
+    # a value the template's dtype cannot hold (70000.0 in float16), in rank 3's shard: refused there, naming the leaf
+    # (torch's cast made it inf); the other ranks load their shards (a load has no collective)
+    holds = torch.zeros(4, 6)
+    holds[3, 0] = 70000.0
+    ckptr.save(12, {"h": distribute_tensor(holds, line, [Shard(0)], src_data_rank=None)}, force=True)
+    try:
+        into = distribute_tensor(torch.zeros(4, 6, dtype=torch.float16), line, [Shard(0)], src_data_rank=None)
+        say(f"rank {rank} cast loaded {ckptr.load(12, {'h': into})['h'].to_local().tolist()}")
+    except ckpt.errors.TreeMismatchError as e:
+        say(f"rank {rank} cast refused: {e}")
     # FSDP2 over tensor parallelism, with modules the TP plan leaves alone (a LayerNorm, a head): their DTensors lie on
     # mesh["dp"], whose slices (ranks 0, 2 and 1, 3) hold copies: written once, loaded into every slice, as DCP does
     # (refused on every rank as DTensors of one key over meshes of other ranks); copies that differ, refused

@@ -305,6 +305,7 @@ class CheckpointCallbackMixin:
         (path, checkpoint, set_by_torch), self._restoring = self._restoring, None
         resume.check_optimizers(trainer, _loaded_state(trainer).get("optimizers"), source=path)
         resume.check_parameter_groups(trainer, checkpoint, source=path)
+        resume.check_optimizer_values(trainer, checkpoint, source=path)
         resume.restore_training_state(trainer, checkpoint, source=path)
         if set_by_torch:
             sharded.set_states(trainer, checkpoint)

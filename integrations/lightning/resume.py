@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 import torch
 
+from ckpt import casts, leaves
 from ckpt.integrations.lightning import rng
 
 
@@ -90,6 +91,40 @@ def check_parameter_groups(trainer: Any, checkpoint: dict, *, source: str) -> No
                          f"this run's hold {current}: it trains other parameters (another stage of training, or "
                          "another model). Give each stage a directory of its own, or use the optimizers it was "
                          "trained with.")
+
+
+def check_optimizer_values(trainer: Any, checkpoint: dict, *, source: str) -> None:
+    """Raises ValueError naming each optimizer state value of ``checkpoint`` (saved at ``source``) that torch's
+    ``Optimizer.load_state_dict`` would change in its cast into the dtype of its parameter (each state of a
+    floating-point parameter but ``step``): a state saved of float32 parameters, restored for a float16 model,
+    whose ``exp_avg_sq`` of 1e10 torch makes inf. Call after :func:`check_parameter_groups`."""
+    states = checkpoint.get("optimizer_states")
+    if states is None or not getattr(trainer.strategy, "lightning_restore_optimizer", True):
+        return
+    problems = []
+    for k, (state, optimizer) in enumerate(zip(states, trainer.optimizers)):
+        ids = [i for group in state["param_groups"] for i in group["params"]]  # (torch pairs them in this order)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        for i, param in zip(ids, params):
+            for key, value in state["state"].get(i, {}).items() if param.is_floating_point() else ():
+                why = cast_refusal(value, param.dtype) if key != "step" else None
+                if why is not None:
+                    problems.append(f"optimizer_states[{k}]['state'][{i}][{key!r}]: {why}")
+    if problems:
+        raise ValueError(f"{source} holds optimizer states that this run's parameters cannot hold: "
+                         + "; ".join(problems) + ". Restore it into parameters of the dtypes it was saved with.")
+
+
+def cast_refusal(value: Any, dtype: torch.dtype | None) -> str | None:
+    """Why a cast of ``value`` (a tensor; anything else: None) into ``dtype`` (None: none), as a state dict's
+    load makes it, would change one of its values (an integer out of range, a finite float made inf), or None."""
+    if not isinstance(value, torch.Tensor) or dtype is None or value.dtype == dtype:
+        return None
+    try:
+        leaves.torch_cast(leaves.torch_to_numpy((), value), dtype)
+    except casts.OutOfRangeError as e:
+        return f"{e}"
+    return None
 
 
 def tuner_fit(trainer: Any) -> bool:

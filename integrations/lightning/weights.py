@@ -115,7 +115,8 @@ def _named_otherwise(directory: str | os.PathLike, step_name_format: step_lib.Na
 def check_model(saved: Mapping[str, Any], model: torch.nn.Module, *, source: str, strict: bool = True) -> None:
     """Raises ValueError naming every key that ``saved`` (a state dict) lacks, adds, or shapes differently
     (of the model's tensors: a module's extra state, ``get_extra_state``, may be any value; a lazy module's
-    parameters, not yet initialized, take their shapes from ``saved``)."""
+    parameters, not yet initialized, take their shapes from ``saved``), or whose values the model's tensor of
+    another dtype cannot hold (``load_state_dict`` would make 70000.0 inf in float16)."""
     current = model.state_dict()
     problems = []
     if strict:
@@ -135,6 +136,11 @@ def check_model(saved: Mapping[str, Any], model: torch.nn.Module, *, source: str
     if problems:
         raise ValueError(f"{source} holds a different model than this {type(model).__name__}: "
                          + "; ".join(problems) + ". Use the directory this model was trained in, or a new one.")
+    lost = [f"{key!r}: {why}" for key, value in saved.items()
+            if (why := resume.cast_refusal(value, getattr(current.get(key), "dtype", None))) is not None]
+    if lost:
+        raise ValueError(f"{source} holds values that this {type(model).__name__}'s tensors cannot hold (their "
+                         "dtypes differ): " + "; ".join(lost) + ". Load it into a model of the dtypes it was saved with.")
 
 
 def is_checkpoint(path: str | os.PathLike) -> bool:

@@ -304,6 +304,30 @@ def test_msgpack_extensions_nested_in_extensions_are_decoded_without_copying_the
     assert peak < 16 << 20, peak
 
 
+def test_msgpack_values_nested_deeper_than_the_stack_left_allows_raise_naming_the_file(tmp_path):
+    """Tuples nested within the depth the reader allows, decoded from a call whose stack is mostly used already,
+    raised Python's bare RecursionError, naming no file."""
+    import inspect
+    msgpack = pytest.importorskip("msgpack")
+    root = Path(shutil.copytree(ORBAX_0_5 / "aggregate", tmp_path / "run"))
+    path = root / "1" / "default" / "checkpoint"
+    tree = msgpack.unpackb(path.read_bytes())
+    nested = msgpack.packb(0)
+    for _ in range(150):
+        nested = msgpack.packb(msgpack.ExtType(4, nested))
+    tree["unlisted"] = msgpack.ExtType(4, nested)  # (a value _METADATA does not name: decoded, not loaded)
+    path.write_bytes(msgpack.packb(tree, use_bin_type=True))
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(len(inspect.stack(0)) + 200)
+    try:
+        with pytest.raises(errors.CheckpointCorruptedError, match="deeper than the Python stack") as raised:
+            ckpt.load(root / "1")
+    finally:
+        sys.setrecursionlimit(limit)
+    assert str(path) in str(raised.value)
+    assert_same(ckpt.load(root / "1"), orbax_0_5_writer.aggregated(1))
+
+
 @pytest.mark.parametrize("stored, dtype", [("aggregate", "U2"), ("aggregate", "datetime64[ns]"), ("aggregate", "V8"),
                                            ("no_ocdbt", "|S4")])
 def test_an_orbax_jax_array_of_a_dtype_jax_has_no_type_for_is_damage_naming_the_leaf_for_load_and_verify(

@@ -30,10 +30,16 @@ def decode(data: bytes, max_depth: int, memory: int) -> Any:
     GiB would take all the memory there is).
 
     Raises:
-      MsgpackError: malformed or truncated bytes, a type it does not decode, trailing bytes, or values that would
-        take more than ``memory`` bytes.
+      MsgpackError: malformed or truncated bytes, a type it does not decode, trailing bytes, values that would
+        take more than ``memory`` bytes, or values nested deeper than the Python stack left to the caller allows.
     """
-    return _Reader(data, max_depth, memory).whole(len(data), 0)
+    reader = _Reader(data, max_depth, memory)
+    try:
+        return reader.whole(len(data), 0)
+    except RecursionError:  # (max_depth levels fit a fresh stack, not one the caller has filled already)
+        raise MsgpackError(f"its values, nested {max_depth} deep at most, go deeper than the Python stack left to this "
+                           f"call allows (at byte {reader.at}): load it from a shallower call, or raise "
+                           "sys.setrecursionlimit") from None
 
 
 _FIXED = {0xCC: ">B", 0xCD: ">H", 0xCE: ">I", 0xCF: ">Q", 0xD0: ">b", 0xD1: ">h", 0xD2: ">i", 0xD3: ">q",

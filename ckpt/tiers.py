@@ -642,13 +642,14 @@ class LocalTier:
     def _marked_pending(self, step: int) -> bool:
         """Whether the local copy of ``step`` is marked as the source of an overwrite's promotion that never committed
         (see :meth:`_replaces_in_place`): the durable copy it replaced is gone, and the durable tier is owed the step."""
-        return any(c.step == step and _promotion_pending(c.path) for c in self.checkpointer.checkpoints)
+        held = self.held(step)
+        return held is not None and _promotion_pending(held.path)
 
     def _left_local_only(self, step: int, final: storage.Location) -> bool:
         """Whether the failed overwrite's promotion of ``step`` to ``final`` left the step on the local tier alone,
         with one process: on an object store, where a promotion writes in place, it deleted the durable copy it
         replaced (still listed: unlisted now), or an earlier failure had; or may have, when the store does not tell."""
-        if not self._replaces_in_place(final) or not any(c.step == step for c in self.checkpointer.checkpoints):
+        if not self._replaces_in_place(final) or self.held(step) is None:
             return False
         replaced = next((c for c in self._durable.checkpoints() if c.step == step), None)
         if replaced is not None:
@@ -834,12 +835,12 @@ class LocalTier:
           StepNotFoundError: the local tier no longer lists the step (removed since it was saved, found gone by a
             load meanwhile): there is nothing to promote.
         """
-        name = next((c.path.name for c in self.checkpointer.checkpoints if c.step == step), None)
-        if name is None:
+        held = self.held(step)
+        if held is None:
             raise errors.StepNotFoundError(f"step {step} was removed from the local tier {self.checkpointer.directory} "
                                            "before its promotion to the durable tier began: it is not promoted",
                                            step=step, path=self.checkpointer.directory)
-        return name
+        return held.path.name
 
     def _finished(self, step: int) -> None:
         with self._lock:

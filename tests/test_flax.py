@@ -372,6 +372,32 @@ def deleted_arrays() -> tuple[dict, dict]:
         leaf.delete()
     return state, metrics
 
+@pytest.mark.skipif(not hasattr(nnx, "var_defaults"), reason="flax before 0.12 has no ref or hijax Variables")
+@pytest.mark.parametrize("mode", ["ref", "hijax"])
+def test_nnx_model_built_with_ref_or_hijax_variables_is_saved_as_a_plain_model_and_restored_in_its_mode(
+        ckptr, mode):
+    """Under nnx.var_defaults(ref=True) (or hijax=True) a model's values are jax.Refs (or hijax Variables),
+    which are not arrays: the hook raised UnregisteredTypeError naming '[0]['linear']['bias'].value', as
+    Orbax refuses them too."""
+    with nnx.var_defaults(**{mode: True}):
+        model, optimizer = create_nnx(seed=0)
+        fresh, fresh_optimizer = create_nnx(seed=5)
+    plain_model, _ = create_nnx(seed=0)
+    for variable in jax.tree.leaves(nnx.state(model, nnx.Param), is_leaf=lambda v: isinstance(v, nnx.Variable)):
+        variable[...] = variable[...] + 1  # a training step's write (through the Ref in ref mode)
+    assert CheckpointHook(ckptr, final_step=1)(1, (model, optimizer))
+    kernel = fresh.linear.kernel
+
+    restore_train_state(ckptr, (fresh, fresh_optimizer))
+
+    assert fresh.linear.kernel is kernel and getattr(kernel, mode)
+    assert (type(kernel.get_raw_value()).__name__ == "Ref") == (mode == "ref")  # (a fresh Ref, not the model's)
+    assert_same_leaves(nnx.as_pure(nnx.state((fresh, fresh_optimizer))), nnx.as_pure(nnx.state((model, optimizer))))
+    saved = ckptr.load(1, (nnx.state(plain_model), None))[0]  # a plain model's key paths
+    assert_same_leaves(nnx.as_pure(saved), nnx.as_pure(nnx.state(model)))
+    kernel[...] = kernel[...] * 0  # writes go to the fresh model alone
+    assert not np.array_equal(np.asarray(kernel[...]), np.asarray(model.linear.kernel[...]))
+
 
 def test_hook_decides_before_touching_state_or_metrics_on_steps_it_skips(tmp_path, no_preemption):
     policy = save_decision_policies.FixedIntervalPolicy(10)

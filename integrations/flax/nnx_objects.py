@@ -2,7 +2,9 @@
 
 An NNX object is stored as ``nnx.state(obj)``, the pytree of its Variables (key paths such as
 ``['linear']['kernel'].value``), the form the Flax guide saves, less the ``nnx.Intermediate`` values
-``sow`` recorded in its last call. Anything else in a tree is left as is,
+``sow`` recorded in its last call, each Variable as a plain one holding its array (a model built under
+``nnx.var_defaults(ref=True)`` or ``hijax=True`` keeps its values in ``jax.Ref``s or hijax Variables, which
+are not arrays; restored, they are in their mode again). Anything else in a tree is left as is,
 so ``(model, optimizer)`` becomes ``(nnx.state(model), nnx.state(optimizer))`` and a TrainState
 passes through untouched. ``flax.nnx`` is looked up only if it is already imported: a tree that holds
 an NNX object implies it is.
@@ -71,8 +73,43 @@ def nnx_states(tree: Any) -> Any:
     if not contains_nnx_objects(tree):
         return tree
     nnx = sys.modules["flax.nnx"]
-    state = nnx.Not(nnx.Intermediate)
-    return _map(lambda x: nnx.state(x, state) if is_nnx_object(x) else x, tree)
+    return _map(lambda x: _plain(nnx, _state(nnx, x)) if is_nnx_object(x) else x, tree)
+
+
+def _state(nnx: Any, obj: Any) -> Any:
+    """``nnx.state(obj)`` less the ``nnx.Intermediate`` values ``sow`` recorded."""
+    return nnx.state(obj, nnx.Not(nnx.Intermediate))
+
+
+def _variables(nnx: Any, state: Any) -> tuple[list[Any], Any]:
+    """The leaves of ``state`` with its Variables as leaves, and its treedef."""
+    return jax.tree.flatten(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def _plain(nnx: Any, state: Any) -> Any:
+    """``state`` with each Variable in ``ref`` or ``hijax`` mode copied as a plain Variable holding its array
+    (a ``jax.Ref`` read), so that it has the key paths and leaves of a plain model's state."""
+    leaves, treedef = _variables(nnx, state)
+    if not any(_mode(nnx, v, "ref") or _mode(nnx, v, "hijax") for v in leaves):
+        return state
+    plain = [v.copy(ref=False, hijax=False) if isinstance(v, nnx.Variable) else v for v in leaves]
+    return jax.tree.unflatten(treedef, plain)
+
+
+def _mode(nnx: Any, x: Any, mode: str) -> bool:
+    """True for a Variable in that mode (``"ref"``, ``"hijax"``; flax before 0.12 has neither)."""
+    return isinstance(x, nnx.Variable) and bool(getattr(x, mode, False))
+
+
+def _in_modes_of(nnx: Any, obj: Any, state: Any) -> Any:
+    """``state`` (restored into ``_plain(nnx, _state(nnx, obj))``) with each Variable that is a ``ref`` one in
+    ``obj`` made one again: ``nnx.update`` puts a restored Variable's value itself into ``obj``'s, which would
+    otherwise hold a plain array where its code writes into a ``jax.Ref``."""
+    modes = [_mode(nnx, v, "ref") for v in _variables(nnx, _state(nnx, obj))[0]]
+    if not any(modes):
+        return state
+    leaves, treedef = _variables(nnx, state)
+    return jax.tree.unflatten(treedef, [v.copy(ref=True) if ref else v for v, ref in zip(leaves, modes)])
 
 
 def update_nnx_in_place(target: Any, restored: Any) -> Any:
@@ -88,7 +125,7 @@ def update_nnx_in_place(target: Any, restored: Any) -> Any:
     def put(node: Any, state: Any) -> Any:
         if not is_nnx_object(node):
             return state
-        nnx.update(node, state)
+        nnx.update(node, _in_modes_of(nnx, node, state))
         return node
 
     return _map(put, target, restored)  # (a None of target is a leaf: it received the value as saved, any subtree)

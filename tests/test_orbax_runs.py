@@ -822,18 +822,24 @@ def test_an_nnx_model_and_optimizer_orbax_saved_with_int_keys_restore_in_place(o
     assert_same(nnx.state((model, optimizer)), nnx.state(orbax_writer.nnx_run()))
 
 
-@pytest.mark.parametrize("layout", ["current", "0.10", "before 0.10"])
+ROOT_METADATA_OF = {"0.10": {"model": "mixed"}, "0.10.1": {"format": None, "custom": {"model": "mixed"}},
+                    "0.10.2 to 0.11.7": {"custom": {"model": "mixed"}}, "before 0.10": {"model": "mixed"}}
+
+
+@pytest.mark.parametrize("layout", ["current", *ROOT_METADATA_OF])
 def test_a_checkpointer_continuing_an_orbax_run_keeps_orbaxs_root_metadata(orbax_runs, tmp_path, capsys, layout):
     """The root's metadata is the first Checkpointer's, as in Orbax: a ckpt-root.json written beside
     Orbax's metadata/_ROOT_METADATA shadowed it. Orbax 0.10.0 wrote the custom metadata itself there, and 0.9.1
     to metadata/metadata (both measured), which Orbax 0.12.8 reads as custom metadata (the second where
     _ROOT_METADATA is missing): ckpt read none, and wrote its own. Orbax 0.9.1's metadata directory, committed
-    with a _CHECKPOINT_METADATA as a step is, was listed by `ckpt ls` as a checkpoint not named as a step."""
+    with a _CHECKPOINT_METADATA as a step is, was listed by `ckpt ls` as a checkpoint not named as a step.
+    Orbax 0.10.1 to 0.11.7 wrapped it in {"custom": ...} (0.11.7 measured, 0.10.1 read from its source) and read
+    it back unwrapped; Orbax from 0.11.8 (0.12.8 too) gives the wrapper as the custom metadata, and so did ckpt."""
     root = copy_run(orbax_runs, "v1", tmp_path)
     if layout != "current":
         (root / "metadata" / "_ROOT_METADATA").unlink()
-        name = "_ROOT_METADATA" if layout == "0.10" else "metadata"
-        (root / "metadata" / name).write_text(json.dumps({"model": "mixed"}))
+        name = "metadata" if layout == "before 0.10" else "_ROOT_METADATA"
+        (root / "metadata" / name).write_text(json.dumps(ROOT_METADATA_OF[layout]))
     if layout == "before 0.10":
         (root / "metadata" / "_CHECKPOINT_METADATA").write_text(json.dumps(
             {"init_timestamp_nsecs": 1796635505271021622, "commit_timestamp_nsecs": 1796635505274411569}))

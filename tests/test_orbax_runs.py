@@ -552,16 +552,17 @@ def test_a_direct_orbax_checkpoint_whose_metadata_names_no_handler_loads_as_its_
 
 
 def _shipped_checkpoints() -> Path:
-    """The v0 checkpoints Orbax's wheel ships for its v1 loads to read (testing/compatibility/checkpoints)."""
+    """The checkpoints Orbax's wheel ships for its v1 loads to read (testing/compatibility/checkpoints), which
+    its v0 CheckpointManager (v0_checkpoints) and its v1 Checkpointer (v1_checkpoints) wrote."""
     try:
         wheel = importlib.metadata.distribution("orbax-checkpoint")
     except importlib.metadata.PackageNotFoundError:
         pytest.skip("needs orbax-checkpoint's wheel (the dev extra): its checkpoints are the input")
-    return Path(wheel.locate_file("orbax/checkpoint/experimental/v1/_src/testing/compatibility/checkpoints/"
-                                  "v0_checkpoints"))
+    return Path(wheel.locate_file("orbax/checkpoint/experimental/v1/_src/testing/compatibility/checkpoints"))
 
 
-@pytest.mark.parametrize("kind", ["direct_checkpoint", "composite_checkpoint"])
+@pytest.mark.parametrize("kind", ["v0_checkpoints/direct_checkpoint", "v0_checkpoints/composite_checkpoint",
+                                  "v1_checkpoints/composite_checkpoint"])
 def test_every_checkpoint_orbaxs_wheel_ships_as_readable_loads_as_orbaxs_load_reads_it(kind):
     """Orbax's v1 tests in the wheel read one of them; its loads read each of these (its metadata files
     complete, or one of them altered in a way Orbax calls non-critical). The direct checkpoint without
@@ -574,6 +575,9 @@ def test_every_checkpoint_orbaxs_wheel_ships_as_readable_loads_as_orbaxs_load_re
         assert_same(ckpt.load(path), wanted)
         assert_same(ckpt.load_checkpointables(path)["state"], wanted)
         assert ckpt.metadata(path).metadata["b"]["c"].shape == (3,), path
+    for path in sorted((base / "critical_metadata_alterations").iterdir()):  # the tree's d/ or manifest.ocdbt gone
+        with pytest.raises(errors.CheckpointCorruptedError, match=re.escape(str(path))):
+            ckpt.load(path)
 
 
 def test_an_item_of_an_orbax_step_is_no_checkpoint_nor_a_root_of_direct_checkpoints_one(orbax_runs, tmp_path, capsys):

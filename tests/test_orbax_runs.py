@@ -137,6 +137,22 @@ def test_v1_checkpointables_load_bit_for_bit_as_saved_and_into_abstract_trees(or
         assert ckptr.load_checkpointables_async(0, {"extra": None}).result(timeout=60)["extra"]["a"].tolist() == [0, 1, 2]
 
 
+def test_an_orbax_step_saved_anew_at_its_path_loads_its_new_arrays_in_the_same_process(orbax_runs, tmp_path):
+    """Orbax's overwrite=True (or a run started again in its directory) replaces a step's OCDBT database by
+    another at the same path: the next load in a process that had read the step raised CheckpointCorruptedError
+    ("Configuration mismatch on uuid", a database cached for the whole process), and so did metadata."""
+    root = copy_run(orbax_runs, "v1", tmp_path)
+    with ckpt.Checkpointer(root) as ckptr:
+        assert_same(ckptr.load(1, orbax_writer.mixed_abstract(1)), orbax_writer.mixed_state(1))
+        assert ckpt.metadata(root / "1").metadata["table"].shape == (3, 4)
+        shutil.rmtree(root / "1")
+        shutil.copytree(orbax_runs / "v1" / "0", root / "1")  # step 0's database, saved anew as step 1
+        ckptr.reload()
+        assert ckpt.metadata(root / "1").metadata["table"].shape == (3, 4)
+        assert_same(ckptr.load(1, orbax_writer.mixed_abstract(0)), orbax_writer.mixed_state(0))
+        assert_same(ckpt.load(root / "1", orbax_writer.mixed_abstract(0)), orbax_writer.mixed_state(0))
+
+
 def test_an_optax_empty_state_orbax_stored_as_an_empty_named_tuple_loads_into_the_abstract_tree(orbax_runs):
     """Saved with PyTreeMetadataOptions(support_rich_types=True), Orbax stores an optax EmptyState as an empty
     NamedTuple: ckpt refused the whole step (UnsupportedLayoutError: value type 'NamedTuple')."""

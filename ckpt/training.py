@@ -82,7 +82,8 @@ class Checkpointer:
         construction (a writer also removes them before its first save; they are never listed). In a
         root this process may not write, they are left, with a warning: its steps are listed and loaded.
       lightweight_initialize: do not read each step's manifest when listing (no metrics or times),
-        for roots with thousands of steps.
+        for roots with thousands of steps. A save decision reads the latest step's (its time), garbage
+        collection those of the steps it weighs.
       local: a second, local tier (:class:`ckpt.LocalCheckpointOptions`) with policies of its own: every
         save goes there first, and the steps this Checkpointer's policy wants are then copied to
         ``directory`` in the background; ``load`` takes the newest step of either tier (see ckpt.tiers).
@@ -309,16 +310,17 @@ class Checkpointer:
                            self._directory, "trees" if len(alone) > 1 else "a tree", ", ".join(alone[:3])
                            + (" ..." if len(alone) > 3 else ""), orbax.ALONE, str(self._directory), alone[-1])
 
-    def _with_manifests(self) -> list[CheckpointMetadata]:
+    def _with_manifests(self, only: int | None = None) -> list[CheckpointMetadata]:
         """The checkpoints with the metrics and times ``lightweight_initialize`` skipped, read now and kept:
         a preservation policy must not take a recent step for an old one, nor a step with metrics for one
-        without. An entry whose manifest does not validate (a user's directory that holds a file named
-        manifest.json) was never a step: it is dropped, as a full listing would have skipped it."""
+        without, and a save decision must not take the latest for a step saved in 1970 (``only``: read that
+        step's manifest alone). An entry whose manifest does not validate (a user's directory that holds a file
+        named manifest.json) was never a step: it is dropped, as a full listing would have skipped it."""
         infos, dropped = [], set()
         with self._infos_lock:
             listed = list(self._infos)  # this root's steps only (not a local tier's)
         for info in listed:
-            if info.commit_timestamp_nsecs is None:
+            if info.commit_timestamp_nsecs is None and only in (None, info.step):
                 try:
                     info = _step_metadata(info.step, info.path, formats.info(info.path))
                 except (errors.CheckpointCorruptedError, errors.InvalidLayoutError) as e:
@@ -475,6 +477,9 @@ class Checkpointer:
         elif self._preempted_at is not None and step > self._preempted_at:
             preemption.end_deferred_sigterm(self.wait)  # the loop went on past the step saved for a SIGTERM
         previous = self._infos  # replaced, never changed in place: no copy on this per-step path
+        if previous and previous[-1].commit_timestamp_nsecs is None:  # listed by lightweight_initialize, without
+            self._with_manifests(only=previous[-1].step)               # the time ContinuousCheckpointingPolicy reads
+            previous = self._infos
         if replacing:
             previous = [c for c in previous if c.step != step]
         saving = self._saving()

@@ -372,6 +372,19 @@ def test_lightweight_initialize_lists_loads_and_saves_without_reading_manifests(
         assert ckptr.latest.step == 4 and ckptr.latest.metrics == {"loss": 0.1}
 
 
+def test_lightweight_initialize_does_not_make_a_time_based_save_decision_take_the_latest_for_an_old_step(tmp_path):
+    """Listed without its manifest, the latest step had the time 1970: ContinuousCheckpointingPolicy(3600)
+    said to save the step after a step saved a second before (with its time read, it says no, as without
+    lightweight_initialize). Only the latest's manifest is read."""
+    with Checkpointer(tmp_path) as ckptr:
+        for step in (0, 1):
+            ckptr.save(step, {"a": step}, force=True)
+    policy = training.save_decision_policies.ContinuousCheckpointingPolicy(minimum_interval_secs=3600)
+    with Checkpointer(tmp_path, lightweight_initialize=True, save_decision_policy=policy) as ckptr:
+        assert not ckptr.should_save(2) and not ckptr.save(2, {"a": 2})
+        assert [c.commit_timestamp_nsecs is None for c in ckptr.checkpoints] == [True, False]
+
+
 def test_lightweight_initialize_does_not_make_garbage_collection_take_recent_steps_for_old_ones(tmp_path):
     with Checkpointer(tmp_path, save_decision_policy=ALWAYS) as ckptr:
         for step in range(3):

@@ -1,6 +1,7 @@
 """Garbage collection after each commit, driven by the preservation policy."""
 from __future__ import annotations
 
+import datetime
 import os
 import shutil
 import subprocess
@@ -49,6 +50,17 @@ def test_best_n_alone_never_deletes_the_latest_step(tmp_path):
             assert ckptr.latest.step == step
         assert [c.step for c in ckptr.checkpoints] == [0, 2]
         assert ckptr.load()["w"].shape == (2,)
+
+
+@pytest.mark.parametrize("policy", [pp.LatestN(0), pp.CustomSteps([]), pp.LatestDuration(datetime.timedelta(0))],
+                         ids=["LatestN(0)", "CustomSteps([])", "LatestDuration(0)"])
+def test_a_policy_that_keeps_no_step_leaves_the_latest(tmp_path, policy):
+    """Orbax 0.12.8 deletes every step with these (its checkpoints end empty); README, What differs."""
+    with Checkpointer(tmp_path, save_decision_policy=ALWAYS, preservation_policy=policy) as ckptr:
+        for step in range(3):
+            ckptr.save(step, {"w": np.full(2, float(step))})
+        assert [c.step for c in ckptr.checkpoints] == [2] and steps_on_disk(tmp_path) == [2]
+        assert ckptr.load()["w"].tolist() == [2.0, 2.0]
 
 
 def test_policy_sees_steps_found_on_disk_from_an_earlier_run(tmp_path):

@@ -137,6 +137,22 @@ def test_v1_checkpointables_load_bit_for_bit_as_saved_and_into_abstract_trees(or
         assert ckptr.load_checkpointables_async(0, {"extra": None}).result(timeout=60)["extra"]["a"].tolist() == [0, 1, 2]
 
 
+def test_an_orbax_step_saved_anew_at_its_path_loads_its_new_arrays_in_the_same_process(orbax_runs, tmp_path):
+    """Orbax's overwrite=True (or a run started again in its directory) replaces a step's OCDBT database by
+    another at the same path: the next load in a process that had read the step raised CheckpointCorruptedError
+    ("Configuration mismatch on uuid", a database cached for the whole process), and so did metadata."""
+    root = copy_run(orbax_runs, "v1", tmp_path)
+    with ckpt.Checkpointer(root) as ckptr:
+        assert_same(ckptr.load(1, orbax_writer.mixed_abstract(1)), orbax_writer.mixed_state(1))
+        assert ckpt.metadata(root / "1").metadata["table"].shape == (3, 4)
+        shutil.rmtree(root / "1")
+        shutil.copytree(orbax_runs / "v1" / "0", root / "1")  # step 0's database, saved anew as step 1
+        ckptr.reload()
+        assert ckpt.metadata(root / "1").metadata["table"].shape == (3, 4)
+        assert_same(ckptr.load(1, orbax_writer.mixed_abstract(0)), orbax_writer.mixed_state(0))
+        assert_same(ckpt.load(root / "1", orbax_writer.mixed_abstract(0)), orbax_writer.mixed_state(0))
+
+
 def test_an_optax_empty_state_orbax_stored_as_an_empty_named_tuple_loads_into_the_abstract_tree(orbax_runs):
     """Saved with PyTreeMetadataOptions(support_rich_types=True), Orbax stores an optax EmptyState as an empty
     NamedTuple: ckpt refused the whole step (UnsupportedLayoutError: value type 'NamedTuple')."""
@@ -552,16 +568,17 @@ def test_a_direct_orbax_checkpoint_whose_metadata_names_no_handler_loads_as_its_
 
 
 def _shipped_checkpoints() -> Path:
-    """The v0 checkpoints Orbax's wheel ships for its v1 loads to read (testing/compatibility/checkpoints)."""
+    """The checkpoints Orbax's wheel ships for its v1 loads to read (testing/compatibility/checkpoints), which
+    its v0 CheckpointManager (v0_checkpoints) and its v1 Checkpointer (v1_checkpoints) wrote."""
     try:
         wheel = importlib.metadata.distribution("orbax-checkpoint")
     except importlib.metadata.PackageNotFoundError:
         pytest.skip("needs orbax-checkpoint's wheel (the dev extra): its checkpoints are the input")
-    return Path(wheel.locate_file("orbax/checkpoint/experimental/v1/_src/testing/compatibility/checkpoints/"
-                                  "v0_checkpoints"))
+    return Path(wheel.locate_file("orbax/checkpoint/experimental/v1/_src/testing/compatibility/checkpoints"))
 
 
-@pytest.mark.parametrize("kind", ["direct_checkpoint", "composite_checkpoint"])
+@pytest.mark.parametrize("kind", ["v0_checkpoints/direct_checkpoint", "v0_checkpoints/composite_checkpoint",
+                                  "v1_checkpoints/composite_checkpoint"])
 def test_every_checkpoint_orbaxs_wheel_ships_as_readable_loads_as_orbaxs_load_reads_it(kind):
     """Orbax's v1 tests in the wheel read one of them; its loads read each of these (its metadata files
     complete, or one of them altered in a way Orbax calls non-critical). The direct checkpoint without
@@ -574,6 +591,9 @@ def test_every_checkpoint_orbaxs_wheel_ships_as_readable_loads_as_orbaxs_load_re
         assert_same(ckpt.load(path), wanted)
         assert_same(ckpt.load_checkpointables(path)["state"], wanted)
         assert ckpt.metadata(path).metadata["b"]["c"].shape == (3,), path
+    for path in sorted((base / "critical_metadata_alterations").iterdir()):  # the tree's d/ or manifest.ocdbt gone
+        with pytest.raises(errors.CheckpointCorruptedError, match=re.escape(str(path))):
+            ckpt.load(path)
 
 
 def test_an_item_of_an_orbax_step_is_no_checkpoint_nor_a_root_of_direct_checkpoints_one(orbax_runs, tmp_path, capsys):
@@ -822,18 +842,24 @@ def test_an_nnx_model_and_optimizer_orbax_saved_with_int_keys_restore_in_place(o
     assert_same(nnx.state((model, optimizer)), nnx.state(orbax_writer.nnx_run()))
 
 
-@pytest.mark.parametrize("layout", ["current", "0.10", "before 0.10"])
+ROOT_METADATA_OF = {"0.10": {"model": "mixed"}, "0.10.1": {"format": None, "custom": {"model": "mixed"}},
+                    "0.10.2 to 0.11.7": {"custom": {"model": "mixed"}}, "before 0.10": {"model": "mixed"}}
+
+
+@pytest.mark.parametrize("layout", ["current", *ROOT_METADATA_OF])
 def test_a_checkpointer_continuing_an_orbax_run_keeps_orbaxs_root_metadata(orbax_runs, tmp_path, capsys, layout):
     """The root's metadata is the first Checkpointer's, as in Orbax: a ckpt-root.json written beside
     Orbax's metadata/_ROOT_METADATA shadowed it. Orbax 0.10.0 wrote the custom metadata itself there, and 0.9.1
     to metadata/metadata (both measured), which Orbax 0.12.8 reads as custom metadata (the second where
     _ROOT_METADATA is missing): ckpt read none, and wrote its own. Orbax 0.9.1's metadata directory, committed
-    with a _CHECKPOINT_METADATA as a step is, was listed by `ckpt ls` as a checkpoint not named as a step."""
+    with a _CHECKPOINT_METADATA as a step is, was listed by `ckpt ls` as a checkpoint not named as a step.
+    Orbax 0.10.1 to 0.11.7 wrapped it in {"custom": ...} (0.11.7 measured, 0.10.1 read from its source) and read
+    it back unwrapped; Orbax from 0.11.8 (0.12.8 too) gives the wrapper as the custom metadata, and so did ckpt."""
     root = copy_run(orbax_runs, "v1", tmp_path)
     if layout != "current":
         (root / "metadata" / "_ROOT_METADATA").unlink()
-        name = "_ROOT_METADATA" if layout == "0.10" else "metadata"
-        (root / "metadata" / name).write_text(json.dumps({"model": "mixed"}))
+        name = "metadata" if layout == "before 0.10" else "_ROOT_METADATA"
+        (root / "metadata" / name).write_text(json.dumps(ROOT_METADATA_OF[layout]))
     if layout == "before 0.10":
         (root / "metadata" / "_CHECKPOINT_METADATA").write_text(json.dumps(
             {"init_timestamp_nsecs": 1796635505271021622, "commit_timestamp_nsecs": 1796635505274411569}))

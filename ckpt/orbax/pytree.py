@@ -32,7 +32,10 @@ from ckpt import tree as tree_lib
 from ckpt.errors import CheckpointCorruptedError, UnsupportedLayoutError
 from ckpt.orbax import files, msgpack
 
-_CONTEXT = ts.Context({"cache_pool": {"total_bytes_limit": 0}, "cache_pool#ocdbt": {"total_bytes_limit": 64 << 20}})
+# The tensorstore context of one item's arrays: OCDBT's nodes cached while its leaves are opened and read. One per
+# item, never shared by the process: a database cached from a step that was deleted and saved anew since (Orbax's
+# overwrite=True, a run started again in its directory) made the next read of that step fail ("mismatch on uuid").
+_CONTEXT_SPEC = {"cache_pool": {"total_bytes_limit": 0}, "cache_pool#ocdbt": {"total_bytes_limit": 64 << 20}}
 _SEQUENCE, _MAPPING = 1, 2
 _EMPTY = {"Dict": "dict", "List": "list", "Tuple": "tuple", "NamedTuple": "tuple"}  # (NamedTuple: an EmptyState, with
 # PyTreeMetadataOptions(support_rich_types=True); without, Orbax stores it as None)
@@ -135,7 +138,7 @@ class PyTreeItem:
     def _describe(self, leaf_paths: list[tree_lib.KeyPath], by_path: dict[tuple, dict], budget: int) -> None:
         """Fills ``metas`` (opening every array, all at once, each refused past ``budget`` bytes) and ``stores``."""
         strings, impls, opening, aggregate = None, self._key_impls(), {}, None
-        placed = self._shardings()
+        placed, context = self._shardings(), ts.Context(_CONTEXT_SPEC)
         for i, path in enumerate(leaf_paths):
             value = by_path[tuple(k for _, k in path)]
             kind, name = value.get("value_type"), ".".join(str(k) for _, k in path)
@@ -159,7 +162,7 @@ class PyTreeItem:
                     meta["sharding"] = placed[name]
                 stored = (self.directory / name).relative_to(self.step_dir)  # (the item may be the step itself)
                 meta["stored"] = f"{stored}" + (" (OCDBT)" if self._ocdbt else "/")
-                opening[i] = ts.open(self._spec(name), open=True, context=_CONTEXT)
+                opening[i] = ts.open(self._spec(name), open=True, context=context)
             else:
                 raise UnsupportedLayoutError(
                     f"{self.directory}: leaf {self.name}{meta['path']} has value type {kind!r}, written by a type handler "

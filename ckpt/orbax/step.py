@@ -273,6 +273,7 @@ def is_whole(step_dir: Path) -> bool:
 ROOT_METADATA = Path("metadata", "_ROOT_METADATA")  # a root's, relative to it
 LEGACY_ROOT_METADATA = Path("metadata", "metadata")  # Orbax before 0.10: the custom metadata itself, as a JSON item
 _ROOT_METADATA_FIELDS = ("custom_metadata", "internal_metadata")
+_WRAPPED_ROOT_METADATA_FIELDS = {"custom", "format"}  # Orbax 0.10.1 to 0.11.7: {"custom": ...} (0.10.1: "format": null)
 
 
 def has_root_metadata(root: Path) -> bool:
@@ -294,8 +295,10 @@ def _legacy_root_metadata(root: Path) -> dict | None:
 def root_custom_metadata(root: Path) -> Any:
     """The custom metadata Orbax keeps for a root (``metadata/_ROOT_METADATA``, or where that is missing the
     file of Orbax before 0.10, ``metadata/metadata``), or None. Read as Orbax reads either: its
-    ``custom_metadata``, with the keys that are none of Orbax's fields (Orbax 0.10 wrote the custom metadata
-    itself to ``_ROOT_METADATA``, as earlier versions to ``metadata/metadata``). None where ``metadata`` is a regular
+    ``custom_metadata``, with the keys that are none of Orbax's fields (Orbax 0.10.0 wrote the custom metadata
+    itself to ``_ROOT_METADATA``, as earlier versions to ``metadata/metadata``). Orbax 0.10.1 to 0.11.7 wrote it as
+    ``{"custom": ...}`` (0.10.1 with ``"format": null``), and read back what was given: so does ckpt, where Orbax
+    since 0.11.8 gives ``{"custom": ...}`` as the custom metadata. None where ``metadata`` is a regular
     file (a user's, of that name, beside the steps): Orbax makes a directory there; and where ``metadata/metadata``,
     without ``_ROOT_METADATA``, is no JSON object (a user's file; Orbax 0.12.8's ``root_metadata()`` raises
     OSError)."""
@@ -305,6 +308,10 @@ def root_custom_metadata(root: Path) -> Any:
         data = files.read_json(root / ROOT_METADATA, root)
     except FileNotFoundError:
         data = _legacy_root_metadata(root)
+    else:
+        wrapped = isinstance(data, dict) and set(data) <= _WRAPPED_ROOT_METADATA_FIELDS
+        if wrapped and isinstance(data.get("custom"), dict):
+            return data["custom"]
     if not isinstance(data, dict):
         return None
     custom, others = data.get("custom_metadata"), {k: v for k, v in data.items() if k not in _ROOT_METADATA_FIELDS}

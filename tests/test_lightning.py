@@ -945,6 +945,36 @@ def test_restoring_values_that_the_models_dtypes_cannot_hold_is_refused_naming_t
         fit(tmp_path, model=InHalf(buffer=torch.float32), max_steps=2)
 
 
+class TestsInHalf(example.Regressor):
+    """The example's model in float16, with a float16 buffer and a test step."""
+
+    def __init__(self):
+        super().__init__()
+        self.half()
+        self.register_buffer("scale", torch.zeros(2, dtype=torch.float16))
+
+    def test_step(self, batch, batch_idx):
+        pass
+
+
+def test_a_step_given_as_ckpt_path_whose_values_the_models_dtypes_cannot_hold_is_refused_naming_them(tmp_path):
+    """(Lightning loads the weights of ``ckpt_path=`` itself: fit, test and validate of a step directory made a
+    saved float32 70000.0 inf in the float16 buffer without a word, where the callback's own restore refuses it.)"""
+    large = example.Regressor()
+    large.register_buffer("scale", torch.tensor([70000.0, 2.0]))
+    fit(tmp_path / "saved", model=large, max_steps=2)
+    refused = r"saved/2 holds values that this TestsInHalf's tensors cannot hold .*'scale': its float32 value 70000.0"
+    with pytest.raises(ValueError, match=refused):
+        fit(tmp_path / "resumed", model=TestsInHalf(), max_steps=2, ckpt_path=str(tmp_path / "saved" / "2"))
+    assert steps_in(tmp_path / "resumed") == []
+    trainer = pl.Trainer(callbacks=[CheckpointCallback(tmp_path / "saved")], accelerator="cpu", logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_test_batches=1)
+    model = TestsInHalf()
+    with pytest.raises(ValueError, match=refused):
+        trainer.test(model, DataLoader(example.synthetic_data(), batch_size=16), ckpt_path=str(tmp_path / "saved"))
+    assert model.scale.tolist() == [0.0, 0.0]
+
+
 class LeavesOutItsFrozenLayer(example.Regressor):
     """Keeps its frozen first layer out of checkpoints (``on_save_checkpoint``) and puts the one it has back
     in ``on_load_checkpoint``, where Lightning lets a module complete or migrate the saved weights."""

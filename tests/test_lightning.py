@@ -419,6 +419,41 @@ def test_a_monitor_that_no_step_logged_is_warned_of_at_the_end_of_fit(tmp_path, 
     assert not [r for r in caplog.records if "monitor=" in r.getMessage()]
 
 
+class UploadsModels(pl.loggers.CSVLogger):
+    """A logger told to upload the model's checkpoints, as ``WandbLogger(log_model=True)`` or ``MLFlowLogger``'s
+    (which need their services): it records the paths ``after_save_checkpoint`` hands it, as they scan them."""
+
+    def __init__(self, save_dir):
+        super().__init__(save_dir)
+        self._log_model = True
+        self.uploaded: list[str] = []
+
+    def after_save_checkpoint(self, checkpoint_callback):
+        self.uploaded.append(Path(checkpoint_callback.best_model_path).name)
+
+
+def test_a_logger_told_to_upload_the_models_checkpoints_is_warned_of(tmp_path, caplog):
+    """(WandbLogger(log_model=True) and MLFlowLogger's upload the .ckpt files ModelCheckpoint gives them in
+    after_save_checkpoint; beside the callback alone they recorded no model, without a word.) A ModelCheckpoint
+    beside the callback still gives them its files."""
+    def run(directory, *extra):
+        pl.seed_everything(0, verbose=False)
+        logger = UploadsModels(tmp_path / "logs")
+        trainer = pl.Trainer(max_steps=4, callbacks=[CheckpointCallback(directory), *extra], accelerator="cpu",
+                             logger=logger, enable_progress_bar=False, enable_model_summary=False)
+        with caplog.at_level(logging.WARNING):
+            trainer.fit(example.Regressor(), DataLoader(example.synthetic_data(), batch_size=16, shuffle=True))
+        return logger.uploaded, [r.getMessage() for r in caplog.records if "log_model" in r.getMessage()]
+
+    uploaded, warned = run(tmp_path / "alone")
+    assert uploaded == [] and len(warned) == 1
+    assert warned[0].startswith("ckpt: UploadsModels(log_model=True) uploads the .ckpt files of Lightning's "
+                                "ModelCheckpoint; a CheckpointCallback's steps are directories")
+    caplog.clear()
+    uploaded, _ = run(tmp_path / "beside", pl.callbacks.ModelCheckpoint(tmp_path / "files", every_n_train_steps=2))
+    assert uploaded == ["epoch=0-step=2.ckpt", "epoch=0-step=4.ckpt"]
+
+
 class CountsSaves(example.Regressor):
     """Records the steps its ``on_save_checkpoint`` is called at."""
 

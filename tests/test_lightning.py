@@ -197,6 +197,22 @@ def test_ddp_two_processes_agree_write_once_survive_sigkill_and_resume_exactly(t
     assert same(final, expected())
 
 
+def test_resumed_mid_epoch_by_another_number_of_processes_is_warned_of(tmp_path, caplog):
+    """Each of the saved run's processes trained its own share of the epoch, which no run of another size can
+    continue (Lightning replays the epoch, with its warning of a loader that is not resumable); the callback went on
+    after the saved batch count of one process's share at one process, and silenced Lightning's warning."""
+    finished("--ddp", "--dir", str(tmp_path), "--max-steps", "6", "--policy", "every:4", "--out", str(tmp_path / "o"))
+    with caplog.at_level(logging.WARNING):
+        trainer = train(parse_args(["--max-steps", "8"]), str(tmp_path), kill=False)
+    assert trainer.lightning_module.started_at == 6
+    warned = [r.getMessage() for r in caplog.records if "processes" in r.getMessage()]
+    assert warned == ["ckpt: step 6 was saved mid-epoch by 2 processes and this run has 1: each process trained its "
+                      "own share of epoch 0's samples, so the rest of the epoch cannot be the samples the saved run had "
+                      "left; it goes on after batch 6 of each process's share at 1 processes (some samples are seen "
+                      "twice in this epoch, others not at all). Resume with 2 processes, or from a step saved at an "
+                      "epoch's end, to continue exactly."]
+
+
 def test_ddp_a_stop_on_rank_0_alone_saves_its_step_on_every_rank(tmp_path):
     """A save that rank 0 forces (its ``should_stop``, its SIGTERM) is forced on every rank: each rank's own
     flag made rank 1 save without ``force`` and every rank raise "process 1 saves step 6 without force=True",

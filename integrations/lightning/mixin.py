@@ -503,6 +503,15 @@ class CheckpointCallbackMixin:
         if position is not None and position.replay_epoch:
             epoch = trainer.current_epoch if epoch_rng is None else epoch_rng["epoch"]
             resume.rank_zero_info(trainer, f"Continuing epoch {epoch} after its batch {position.skip} (ckpt)")
+            saved_ranks = len(saved.get("rng") or ())
+            if saved_ranks not in (0, trainer.world_size) and trainer.global_rank == 0:
+                log.warning("ckpt: step %d was saved mid-epoch by %d processes and this run has %d: each process "
+                            "trained its own share of epoch %d's samples, so the rest of the epoch cannot be the "
+                            "samples the saved run had left; it goes on after batch %d of each process's share at %d "
+                            "processes (some samples are seen twice in this epoch, others not at all). Resume with "
+                            "%d processes, or from a step saved at an epoch's end, to continue exactly.",
+                            trainer.global_step, saved_ranks, trainer.world_size, epoch, position.skip,
+                            trainer.world_size, saved_ranks)
             if epoch_rng is not None:
                 rng.restore(epoch_rng["rng"], loaders)
                 if epoch > 0:

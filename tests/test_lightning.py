@@ -470,6 +470,29 @@ def test_a_logger_told_to_upload_the_models_checkpoints_is_warned_of(tmp_path, c
     assert uploaded == ["epoch=0-step=2.ckpt", "epoch=0-step=4.ckpt"]
 
 
+class HydraConfigured(example.Regressor):
+    """A module made from a Hydra config, which it saves as its hyperparameters (Lightning stores the DictConfig and
+    its class)."""
+
+    def __init__(self, cfg):
+        super().__init__(hidden=cfg.model.hidden, lr=cfg.lr)
+        self.save_hyperparameters(cfg)
+
+
+def test_hyperparameters_of_a_hydra_config_are_saved_and_loaded_as_the_config(tmp_path):
+    """(``save_hyperparameters(cfg)`` of a DictConfig failed every fit with the callback at its start: "checkpoint
+    ['hyper_parameters'] is a omegaconf.dictconfig.DictConfig", then its class in 'hparams_type'.)"""
+    omegaconf = pytest.importorskip("omegaconf")
+    cfg = omegaconf.OmegaConf.create({"model": {"hidden": 8}, "lr": 0.1, "lr_step_size": 20, "name": "${model.hidden}"})
+    fit(tmp_path, model=HydraConfigured(cfg), max_steps=2)
+    stored = ckpt.load_checkpointables(str(tmp_path / "2"), {"trainer": None})["trainer"]
+    assert stored["hyper_parameters"]["name"] == "${model.hidden}" and stored["hparams_type"] == "DictConfig"
+    loaded = load_from_checkpoint(HydraConfigured, tmp_path)
+    assert isinstance(loaded.hparams, omegaconf.DictConfig) and loaded.hparams == cfg and loaded.hparams.name == 8
+    trainer, _ = fit(tmp_path, model=HydraConfigured(cfg), max_steps=4)
+    assert trainer.global_step == 4 and steps_in(tmp_path)[-1] == 4
+
+
 class CountsSaves(example.Regressor):
     """Records the steps its ``on_save_checkpoint`` is called at."""
 

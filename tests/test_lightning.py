@@ -1049,6 +1049,26 @@ def test_a_step_given_as_ckpt_path_whose_values_the_models_dtypes_cannot_hold_is
     assert model.scale.tolist() == [0.0, 0.0]
 
 
+class LargeBuffer(example.Regressor):
+    """A float32 buffer of a value float16 cannot hold; the module is made in float16 where ``half`` says so."""
+
+    def __init__(self, half: bool = False):
+        super().__init__()
+        self.register_buffer("scale", torch.tensor([70000.0, 2.0]))
+        if half:
+            self.half()
+
+
+def test_load_from_checkpoint_into_a_module_made_in_dtypes_that_cannot_hold_the_values_is_refused_naming_them(tmp_path):
+    """(load_from_checkpoint of a module whose ``__init__`` makes it float16 loaded the saved 70000.0 as inf, without a
+    word, as Lightning's own does.)"""
+    fit(tmp_path, model=LargeBuffer(), max_steps=2)
+    with pytest.raises(ValueError, match=r"2 holds values that this LargeBuffer's tensors cannot hold \(their dtypes "
+                                         r"differ\): 'scale': its float32 value 70000.0 does not fit float16"):
+        load_from_checkpoint(LargeBuffer, tmp_path, half=True)
+    assert load_from_checkpoint(LargeBuffer, tmp_path).scale.tolist() == [70000.0, 2.0]
+
+
 class LeavesOutItsFrozenLayer(example.Regressor):
     """Keeps its frozen first layer out of checkpoints (``on_save_checkpoint``) and puts the one it has back
     in ``on_load_checkpoint``, where Lightning lets a module complete or migrate the saved weights."""

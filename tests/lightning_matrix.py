@@ -47,9 +47,13 @@ class Config:
     val: bool = False  # a validation loader and a logged val_loss
     early_stopping: bool = False  # EarlyStopping on val_loss
     model: str = "mlp"  # mlp | batchnorm | manual (two optimizers, manual optimization) | finetune (a backbone) |
-    # module_hooks (buffers its own on_train_batch_end and on_validation_end change, after the callbacks' hooks)
+    # module_hooks (buffers its own on_train_batch_end and on_validation_end change, after the callbacks' hooks) |
+    # manual_two_schedulers (manual, the second scheduler a plateau the module steps at each epoch's end) |
+    # collection (a torchmetrics MetricCollection logged per epoch, one of its metrics keeping list states)
     scheduler: str = "step"  # step | onecycle | onecycle_estimated (its total steps from
-    # trainer.estimated_stepping_batches, which makes the loaders before the restore) | plateau_step | plateau_epoch
+    # trainer.estimated_stepping_batches, which makes the loaders before the restore) | plateau_step | plateau_epoch |
+    # plateau_val (per epoch, on val_loss) | lbfgs (the LBFGS optimizer) | sequential (SequentialLR of LinearLR and
+    # CosineAnnealingWarmRestarts)
     epoch_metrics: bool = False  # self.log(on_epoch=True) and torchmetrics Metrics logged per epoch and validation
     data: str = "map"  # map | iterable | datamodule | stateful (a loader with state_dict, as torchdata's) |
     # batch_sampler (a BatchSampler over a RandomSampler with a generator of its own) | epoch_sampler (a sampler
@@ -62,7 +66,7 @@ class Config:
     ckpt_path: str | None = None  # "last_model_path": the restarted run passes the callback's (a step directory);
     # "model_checkpoint": the ModelCheckpoint's file of the kill step
     namespace: str = "pytorch_lightning"
-    callbacks: tuple = ()  # Lightning's beside ours: "swa", "ema", "accumulation_scheduler", "batch_size_finder",
+    callbacks: tuple = ()  # Lightning's beside ours: "swa", "ema", "accumulation_scheduler", "batch_size_finder", "lr_finder",
     # "stop_at_second_validation" (EarlyStopping that stops at the second validation, mid-epoch), "pruning"
     # (ModelPruning, whose files hold the pruned weights without their masks), "pruning_masks_saved" (with the masks)
     stop_at: int | None = None  # the module sets trainer.should_stop in the training step that ends at this step
@@ -183,6 +187,18 @@ CONFIGS: dict[str, Config] = {
     "sigterm_after_a_steps_validation_on_exception_checkpoints_file": Config(
         kill_at=12, val=True, epoch_metrics=True, scheduler="plateau_step", trainer=(("val_check_interval", 0.5),),
         sigterm_in="on_validation_end", model_checkpoint="on_exception", ckpt_path="model_checkpoint"),
+    # its trials at fit start restore a checkpoint of their own and set the module's lr, which the restore overrides
+    "learning_rate_finder": Config(kill_at=11, callbacks=("lr_finder",)),
+    "manual_two_schedulers_epoch_end": Config(kill_at=16, model="manual_two_schedulers", epoch_metrics=True),
+    "plateau_on_val_loss_mid_epoch": Config(kill_at=11, val=True, scheduler="plateau_val", epoch_metrics=True),
+    # validation after every 3 batches, also after a batch that only accumulates (batch 3, step 1)
+    "accumulate_with_val_every_3_batches_val_due": Config(kill_at=3, val=True, trainer=(
+        ("accumulate_grad_batches", 2), ("val_check_interval", 3), ("check_val_every_n_epoch", None))),
+    "val_every_2_epochs_at_half_epochs_val_due": Config(kill_at=12, val=True, trainer=(
+        ("check_val_every_n_epoch", 2), ("val_check_interval", 0.5))),
+    "metric_collection_with_list_states_mid_epoch": Config(kill_at=11, model="collection", epoch_metrics=True),
+    "lbfgs": Config(kill_at=11, scheduler="lbfgs"),  # its state holds floats and lists of tensors
+    "sequential_lr_with_warm_restarts": Config(kill_at=11, scheduler="sequential"),  # nested scheduler states
     "lightning_pytorch_namespace": Config(kill_at=13, val=True, epoch_metrics=True,
                                           namespace="lightning.pytorch"),
 }
@@ -213,7 +229,12 @@ def _classes(namespace: str) -> dict[str, Any]:
                 self.register_buffer("validations", torch.zeros((), dtype=torch.long))
             self.train_mse = torchmetrics.MeanSquaredError()
             self.val_mse = torchmetrics.MeanSquaredError()  # Lightning resets it after each validation
-            self.automatic_optimization = cfg.model != "manual"
+            if cfg.model == "collection":  # a MetricCollection, one of whose metrics keeps list states
+                self.collection = torchmetrics.MetricCollection({"mae": torchmetrics.MeanAbsoluteError(),
+                                                                 "spearman": torchmetrics.SpearmanCorrCoef()},
+                                                                prefix="train_")
+            self.automatic_optimization = not cfg.model.startswith("manual")
+            self.lr = 0.05  # what LearningRateFinder sets
             self.trace: list = []
             self.trace_file: Any = None  # each entry is also written here as it is made (a JSON line)
             self.kill_at: int | None = None
@@ -230,6 +251,9 @@ def _classes(namespace: str) -> dict[str, Any]:
                 self.train_mse(prediction.detach().float(), y)
                 self.log("train_mse", self.train_mse, on_step=False, on_epoch=True)
                 self.log("train_loss_max", loss, on_step=False, on_epoch=True, reduce_fx="max")
+            if self.cfg.model == "collection":
+                self.collection(prediction.detach().flatten(), y.flatten())
+                self.log_dict(self.collection, on_step=False, on_epoch=True)
             return loss
 
         def training_step(self, batch: Any, batch_idx: int) -> Any:
@@ -246,7 +270,8 @@ def _classes(namespace: str) -> dict[str, Any]:
             second.zero_grad()
             self.manual_backward(other)
             second.step()
-            self.lr_schedulers().step()
+            schedulers = self.lr_schedulers()
+            (schedulers[0] if isinstance(schedulers, list) else schedulers).step()
             return None
 
         def validation_step(self, batch: Any, batch_idx: int) -> None:
@@ -262,7 +287,12 @@ def _classes(namespace: str) -> dict[str, Any]:
                 first = torch.optim.SGD(self.net.parameters(), lr=0.05, momentum=0.9)
                 second = torch.optim.Adam(self.other.parameters(), lr=0.01)
                 return [first, second], [torch.optim.lr_scheduler.StepLR(first, 5, 0.5)]
-            optimizer = torch.optim.SGD([p for p in self.net.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
+            if self.cfg.model == "manual_two_schedulers":  # the second stepped by the module at each epoch's end
+                first = torch.optim.SGD(self.net.parameters(), lr=0.05, momentum=0.9)
+                second = torch.optim.Adam(self.other.parameters(), lr=0.01)
+                return [first, second], [torch.optim.lr_scheduler.StepLR(first, 5, 0.5),
+                                         torch.optim.lr_scheduler.ReduceLROnPlateau(second, patience=0, factor=0.5)]
+            optimizer = torch.optim.SGD([p for p in self.net.parameters() if p.requires_grad], lr=self.lr, momentum=0.9)
             if kind.startswith("onecycle"):
                 total = self.trainer.estimated_stepping_batches if kind == "onecycle_estimated" else 40
                 scheduler = {"scheduler": torch.optim.lr_scheduler.OneCycleLR(optimizer, 0.1, total_steps=total),
@@ -270,6 +300,17 @@ def _classes(namespace: str) -> dict[str, Any]:
             elif kind == "plateau_step":
                 scheduler = {"scheduler": torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, patience=1, factor=0.7),
                              "interval": "step", "monitor": "train_loss"}
+            elif kind == "lbfgs":
+                optimizer = torch.optim.LBFGS(self.net.parameters(), lr=0.05, history_size=3, max_iter=2)
+                scheduler = {"scheduler": torch.optim.lr_scheduler.StepLR(optimizer, 5, 0.7), "interval": "step"}
+            elif kind == "sequential":
+                warm = torch.optim.lr_scheduler.LinearLR(optimizer, 0.1, 1.0, total_iters=4)
+                cos = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=5)
+                scheduler = {"scheduler": torch.optim.lr_scheduler.SequentialLR(optimizer, [warm, cos], milestones=[4]),
+                             "interval": "step"}
+            elif kind == "plateau_val":
+                scheduler = {"scheduler": torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, patience=0, factor=0.5),
+                             "interval": "epoch", "monitor": "val_loss"}
             elif kind == "plateau_epoch":
                 scheduler = {"scheduler": torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, patience=0, factor=0.5),
                              "interval": "epoch", "monitor": "train_loss_epoch"}
@@ -297,6 +338,8 @@ def _classes(namespace: str) -> dict[str, Any]:
         def _record(self, entry: list) -> None:
             if "batch_size_finder" in self.cfg.callbacks and not self.trainer.callbacks:
                 return  # a trial of BatchSizeFinder's (without callbacks), run again by a resumed fit
+            if any(type(c).__name__ == "_LRCallback" for c in self.trainer.callbacks):
+                return  # a trial of LearningRateFinder's (its callback alone), run again by a resumed fit
             self.trace.append(entry)
             self.trace_file.write(entry)
 
@@ -319,6 +362,10 @@ def _classes(namespace: str) -> dict[str, Any]:
 
         def on_train_end(self) -> None:
             self._maybe_kill()
+
+        def on_train_epoch_end(self) -> None:
+            if self.cfg.model == "manual_two_schedulers":
+                self.lr_schedulers()[1].step(self.trainer.callback_metrics["train_loss_epoch"])
 
         def on_train_epoch_start(self) -> None:
             if self.trainer.current_epoch > 0:
@@ -479,6 +526,8 @@ def run(cfg: Config, directory: str | None, kill: bool, trace_path: str) -> dict
         callbacks.append(pl.callbacks.BatchSizeFinder(init_val=4, max_trials=1, steps_per_trial=2))
     if "stop_at_second_validation" in cfg.callbacks:
         callbacks.append(pl.callbacks.EarlyStopping("val_loss", patience=1, min_delta=100.0))
+    if "lr_finder" in cfg.callbacks:
+        callbacks.append(pl.callbacks.LearningRateFinder(min_lr=1e-4, max_lr=0.1, num_training_steps=5))
     if "ema" in cfg.callbacks:
         callbacks.append(pl.callbacks.EMAWeightAveraging(decay=0.9))
     if "accumulation_scheduler" in cfg.callbacks:

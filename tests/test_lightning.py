@@ -197,6 +197,22 @@ def test_ddp_two_processes_agree_write_once_survive_sigkill_and_resume_exactly(t
     assert same(final, expected())
 
 
+def test_resumed_mid_epoch_by_another_number_of_processes_is_warned_of(tmp_path, caplog):
+    """Each of the saved run's processes trained its own share of the epoch, which no run of another size can
+    continue (Lightning replays the epoch, with its warning of a loader that is not resumable); the callback went on
+    after the saved batch count of one process's share at one process, and silenced Lightning's warning."""
+    finished("--ddp", "--dir", str(tmp_path), "--max-steps", "6", "--policy", "every:4", "--out", str(tmp_path / "o"))
+    with caplog.at_level(logging.WARNING):
+        trainer = train(parse_args(["--max-steps", "8"]), str(tmp_path), kill=False)
+    assert trainer.lightning_module.started_at == 6
+    warned = [r.getMessage() for r in caplog.records if "processes" in r.getMessage()]
+    assert warned == ["ckpt: step 6 was saved mid-epoch by 2 processes and this run has 1: each process trained its "
+                      "own share of epoch 0's samples, so the rest of the epoch cannot be the samples the saved run had "
+                      "left; it goes on after batch 6 of each process's share at 1 processes (some samples are seen "
+                      "twice in this epoch, others not at all). Resume with 2 processes, or from a step saved at an "
+                      "epoch's end, to continue exactly."]
+
+
 def test_ddp_a_stop_on_rank_0_alone_saves_its_step_on_every_rank(tmp_path):
     """A save that rank 0 forces (its ``should_stop``, its SIGTERM) is forced on every rank: each rank's own
     flag made rank 1 save without ``force`` and every rank raise "process 1 saves step 6 without force=True",
@@ -417,6 +433,64 @@ def test_a_monitor_that_no_step_logged_is_warned_of_at_the_end_of_fit(tmp_path, 
     with caplog.at_level(logging.WARNING):
         fit(tmp_path / "right", max_steps=4, monitor="train_loss", save_decision_policy=sdp.FixedIntervalPolicy(2))
     assert not [r for r in caplog.records if "monitor=" in r.getMessage()]
+
+
+class UploadsModels(pl.loggers.CSVLogger):
+    """A logger told to upload the model's checkpoints, as ``WandbLogger(log_model=True)`` or ``MLFlowLogger``'s
+    (which need their services): it records the paths ``after_save_checkpoint`` hands it, as they scan them."""
+
+    def __init__(self, save_dir):
+        super().__init__(save_dir)
+        self._log_model = True
+        self.uploaded: list[str] = []
+
+    def after_save_checkpoint(self, checkpoint_callback):
+        self.uploaded.append(Path(checkpoint_callback.best_model_path).name)
+
+
+def test_a_logger_told_to_upload_the_models_checkpoints_is_warned_of(tmp_path, caplog):
+    """(WandbLogger(log_model=True) and MLFlowLogger's upload the .ckpt files ModelCheckpoint gives them in
+    after_save_checkpoint; beside the callback alone they recorded no model, without a word.) A ModelCheckpoint
+    beside the callback still gives them its files."""
+    def run(directory, *extra):
+        pl.seed_everything(0, verbose=False)
+        logger = UploadsModels(tmp_path / "logs")
+        trainer = pl.Trainer(max_steps=4, callbacks=[CheckpointCallback(directory), *extra], accelerator="cpu",
+                             logger=logger, enable_progress_bar=False, enable_model_summary=False)
+        with caplog.at_level(logging.WARNING):
+            trainer.fit(example.Regressor(), DataLoader(example.synthetic_data(), batch_size=16, shuffle=True))
+        return logger.uploaded, [r.getMessage() for r in caplog.records if "log_model" in r.getMessage()]
+
+    uploaded, warned = run(tmp_path / "alone")
+    assert uploaded == [] and len(warned) == 1
+    assert warned[0].startswith("ckpt: UploadsModels(log_model=True) uploads the .ckpt files of Lightning's "
+                                "ModelCheckpoint; a CheckpointCallback's steps are directories")
+    caplog.clear()
+    uploaded, _ = run(tmp_path / "beside", pl.callbacks.ModelCheckpoint(tmp_path / "files", every_n_train_steps=2))
+    assert uploaded == ["epoch=0-step=2.ckpt", "epoch=0-step=4.ckpt"]
+
+
+class HydraConfigured(example.Regressor):
+    """A module made from a Hydra config, which it saves as its hyperparameters (Lightning stores the DictConfig and
+    its class)."""
+
+    def __init__(self, cfg):
+        super().__init__(hidden=cfg.model.hidden, lr=cfg.lr)
+        self.save_hyperparameters(cfg)
+
+
+def test_hyperparameters_of_a_hydra_config_are_saved_and_loaded_as_the_config(tmp_path):
+    """(``save_hyperparameters(cfg)`` of a DictConfig failed every fit with the callback at its start: "checkpoint
+    ['hyper_parameters'] is a omegaconf.dictconfig.DictConfig", then its class in 'hparams_type'.)"""
+    omegaconf = pytest.importorskip("omegaconf")
+    cfg = omegaconf.OmegaConf.create({"model": {"hidden": 8}, "lr": 0.1, "lr_step_size": 20, "name": "${model.hidden}"})
+    fit(tmp_path, model=HydraConfigured(cfg), max_steps=2)
+    stored = ckpt.load_checkpointables(str(tmp_path / "2"), {"trainer": None})["trainer"]
+    assert stored["hyper_parameters"]["name"] == "${model.hidden}" and stored["hparams_type"] == "DictConfig"
+    loaded = load_from_checkpoint(HydraConfigured, tmp_path)
+    assert isinstance(loaded.hparams, omegaconf.DictConfig) and loaded.hparams == cfg and loaded.hparams.name == 8
+    trainer, _ = fit(tmp_path, model=HydraConfigured(cfg), max_steps=4)
+    assert trainer.global_step == 4 and steps_in(tmp_path)[-1] == 4
 
 
 class CountsSaves(example.Regressor):
@@ -943,6 +1017,56 @@ def test_restoring_values_that_the_models_dtypes_cannot_hold_is_refused_naming_t
                                          r"optimizer_states\[0\]\['state'\]\[0\]\['momentum_buffer'\]: its float32 "
                                          r"value 10000000000.0 does not fit float16"):
         fit(tmp_path, model=InHalf(buffer=torch.float32), max_steps=2)
+
+
+class TestsInHalf(example.Regressor):
+    """The example's model in float16, with a float16 buffer and a test step."""
+
+    def __init__(self):
+        super().__init__()
+        self.half()
+        self.register_buffer("scale", torch.zeros(2, dtype=torch.float16))
+
+    def test_step(self, batch, batch_idx):
+        pass
+
+
+def test_a_step_given_as_ckpt_path_whose_values_the_models_dtypes_cannot_hold_is_refused_naming_them(tmp_path):
+    """(Lightning loads the weights of ``ckpt_path=`` itself: fit, test and validate of a step directory made a
+    saved float32 70000.0 inf in the float16 buffer without a word, where the callback's own restore refuses it.)"""
+    large = example.Regressor()
+    large.register_buffer("scale", torch.tensor([70000.0, 2.0]))
+    fit(tmp_path / "saved", model=large, max_steps=2)
+    refused = r"saved/2 holds values that this TestsInHalf's tensors cannot hold .*'scale': its float32 value 70000.0"
+    with pytest.raises(ValueError, match=refused):
+        fit(tmp_path / "resumed", model=TestsInHalf(), max_steps=2, ckpt_path=str(tmp_path / "saved" / "2"))
+    assert steps_in(tmp_path / "resumed") == []
+    trainer = pl.Trainer(callbacks=[CheckpointCallback(tmp_path / "saved")], accelerator="cpu", logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_test_batches=1)
+    model = TestsInHalf()
+    with pytest.raises(ValueError, match=refused):
+        trainer.test(model, DataLoader(example.synthetic_data(), batch_size=16), ckpt_path=str(tmp_path / "saved"))
+    assert model.scale.tolist() == [0.0, 0.0]
+
+
+class LargeBuffer(example.Regressor):
+    """A float32 buffer of a value float16 cannot hold; the module is made in float16 where ``half`` says so."""
+
+    def __init__(self, half: bool = False):
+        super().__init__()
+        self.register_buffer("scale", torch.tensor([70000.0, 2.0]))
+        if half:
+            self.half()
+
+
+def test_load_from_checkpoint_into_a_module_made_in_dtypes_that_cannot_hold_the_values_is_refused_naming_them(tmp_path):
+    """(load_from_checkpoint of a module whose ``__init__`` makes it float16 loaded the saved 70000.0 as inf, without a
+    word, as Lightning's own does.)"""
+    fit(tmp_path, model=LargeBuffer(), max_steps=2)
+    with pytest.raises(ValueError, match=r"2 holds values that this LargeBuffer's tensors cannot hold \(their dtypes "
+                                         r"differ\): 'scale': its float32 value 70000.0 does not fit float16"):
+        load_from_checkpoint(LargeBuffer, tmp_path, half=True)
+    assert load_from_checkpoint(LargeBuffer, tmp_path).scale.tolist() == [70000.0, 2.0]
 
 
 class LeavesOutItsFrozenLayer(example.Regressor):

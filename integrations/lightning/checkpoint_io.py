@@ -5,7 +5,9 @@ that ``trainer.test()`` picks after a fit) through its strategy's ``CheckpointIO
 ``torch.save`` file. The callback wraps that ``CheckpointIO`` in a :class:`StepCheckpointIO`, which
 reads a step directory as the checkpoint dict Lightning would have saved (a root directory of steps,
 the callback's ``directory``, as its latest step) and hands anything else (a ``.ckpt`` file) to the
-``CheckpointIO`` it wraps.
+``CheckpointIO`` it wraps. The weights of a step are checked against the module before Lightning loads
+them, as the callback's own restore checks them: a value the module's tensor of another dtype cannot
+hold (a saved float32 70000.0 into a float16 buffer, which ``load_state_dict`` makes inf) is refused.
 
 Example (what the callback does in ``setup``)::
 
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import Any, Mapping
 
 from ckpt.path import step as step_lib
 
@@ -28,9 +30,10 @@ log = logging.getLogger(__name__)
 class StepCheckpointIO:
     """A Lightning ``CheckpointIO`` that reads ckpt's step directories and passes all else to ``inner``."""
 
-    def __init__(self, inner: Any, step_name_format: step_lib.NameFormat | None = None) -> None:
+    def __init__(self, inner: Any, step_name_format: step_lib.NameFormat | None = None, strategy: Any = None) -> None:
         self.inner = inner
         self.step_name_format = step_name_format
+        self.strategy = strategy  # whose next load_model_state_dict of a step read here is checked first
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
         """The checkpoint dict of the step directory ``path`` (tensors on the CPU, where Lightning's restore
@@ -40,7 +43,10 @@ class StepCheckpointIO:
             step, step_dir = weights.step_path(path, None, self.step_name_format)
             if step_dir != os.fspath(path):
                 log.info("ckpt: %s is a directory of steps; reading its latest, step %d (%s)", path, step, step_dir)
-            return translate.read(step_dir)
+            checkpoint = translate.read(step_dir)
+            if self.strategy is not None:
+                _check_weights_before_load(self.strategy, step_dir)
+            return checkpoint
         return self.inner.load_checkpoint(path, map_location=map_location, weights_only=weights_only)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
@@ -61,7 +67,26 @@ def install(strategy: Any, step_name_format: step_lib.NameFormat | None = None) 
     their own formats only."""
     current = strategy.checkpoint_io
     if not isinstance(current, StepCheckpointIO):
-        strategy.checkpoint_io = StepCheckpointIO(current, step_name_format)
+        strategy.checkpoint_io = StepCheckpointIO(current, step_name_format, strategy)
+
+
+def _check_weights_before_load(strategy: Any, source: str) -> None:
+    """Has ``strategy``'s next ``load_model_state_dict`` (Lightning's restore of the step read from ``source``, after
+    the module's ``on_load_checkpoint``) first refuse, with :func:`weights.check_model`, weights the module cannot
+    take as they are: keys or shapes that differ, values its tensors of other dtypes cannot hold. The strategy's
+    method is shadowed on the instance until that call."""
+    own = strategy.__dict__.get("load_model_state_dict")
+    load = strategy.load_model_state_dict
+
+    def checked(checkpoint: Mapping[str, Any], strict: bool = True) -> Any:
+        if own is None:
+            del strategy.load_model_state_dict
+        else:
+            strategy.load_model_state_dict = own
+        weights.check_model(checkpoint["state_dict"], strategy.lightning_module, source=source, strict=strict)
+        return load(checkpoint, strict=strict)
+
+    strategy.load_model_state_dict = checked
 
 
 def is_step_directory(path: Any, step_name_format: step_lib.NameFormat | None = None) -> bool:

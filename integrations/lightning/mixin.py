@@ -249,6 +249,7 @@ class CheckpointCallbackMixin:
         checkpoint_io.install(trainer.strategy, self._checkpointer_options["step_name_format"])
         if stage == "fit":
             self._training_started = False
+            _warn_of_model_logging(trainer)
             resume.call_first_at_fit_start(trainer, self._restore_modules)
             self._callbacks_order = resume.run_after_the_others(trainer, _peers(trainer))
         if stage == "fit" and not self._open and not trainer.fast_dev_run:  # (a smoke test: nothing saved)
@@ -502,6 +503,15 @@ class CheckpointCallbackMixin:
         if position is not None and position.replay_epoch:
             epoch = trainer.current_epoch if epoch_rng is None else epoch_rng["epoch"]
             resume.rank_zero_info(trainer, f"Continuing epoch {epoch} after its batch {position.skip} (ckpt)")
+            saved_ranks = len(saved.get("rng") or ())
+            if saved_ranks not in (0, trainer.world_size) and trainer.global_rank == 0:
+                log.warning("ckpt: step %d was saved mid-epoch by %d processes and this run has %d: each process "
+                            "trained its own share of epoch %d's samples, so the rest of the epoch cannot be the "
+                            "samples the saved run had left; it goes on after batch %d of each process's share at %d "
+                            "processes (some samples are seen twice in this epoch, others not at all). Resume with "
+                            "%d processes, or from a step saved at an epoch's end, to continue exactly.",
+                            trainer.global_step, saved_ranks, trainer.world_size, epoch, position.skip,
+                            trainer.world_size, saved_ranks)
             if epoch_rng is not None:
                 rng.restore(epoch_rng["rng"], loaders)
                 if epoch > 0:
@@ -603,6 +613,19 @@ def _instead_of(options: dict[str, Any]) -> str:
                  if p.kind is not p.VAR_KEYWORD]
         message += f"\nIt takes: {', '.join(taken)}"
     return message
+
+
+def _warn_of_model_logging(trainer: Any) -> None:
+    """Warns (rank 0) of each logger told to upload the model's checkpoints (``WandbLogger(log_model=True)``,
+    ``MLFlowLogger``'s, ``LitLogger``'s): they upload the files of Lightning's ``ModelCheckpoint``, which hands them
+    over in ``after_save_checkpoint``; a CheckpointCallback's steps are directories, which they would not upload."""
+    for logger in trainer.loggers if trainer.global_rank == 0 else ():
+        if getattr(logger, "_log_model", False):
+            log.warning("ckpt: %s(log_model=%r) uploads the .ckpt files of Lightning's ModelCheckpoint; a "
+                        "CheckpointCallback's steps are directories, which it is not given and would not upload, so "
+                        "it records no model. Upload a step's directory yourself (callback.best_model_path or "
+                        "last_model_path: wandb's Artifact.add_dir, mlflow's log_artifacts), or add a ModelCheckpoint "
+                        "beside the CheckpointCallback for the logger.", type(logger).__name__, logger._log_model)
 
 
 def _peers(trainer: Any) -> list[CheckpointCallbackMixin]:

@@ -5,6 +5,9 @@
 JSON values, and pickles nothing. This module makes the dict plain, refuses anything else with the key
 that holds it, and splits it in two checkpointables: ``"model"`` (the module's ``state_dict``, which
 :func:`ckpt.integrations.lightning.load_weights` reads on its own) and ``"trainer"`` (the rest).
+Hyperparameters that are an omegaconf ``DictConfig`` (``save_hyperparameters(cfg)`` of a Hydra config), which
+Lightning stores with their class, are stored as their plain container (interpolations kept) and the class's
+name, and come back as that class.
 
 Example::
 
@@ -14,6 +17,8 @@ Example::
 """
 from __future__ import annotations
 
+import importlib
+import sys
 from typing import Any
 
 import numpy as np
@@ -34,7 +39,7 @@ def to_checkpointables(checkpoint: dict) -> dict[str, Any]:
       TypeError: a value is neither a tensor, an array nor a JSON value, or a dict key is neither str
         nor int; the message names its key, e.g. ``checkpoint['hyper_parameters']['net']``.
     """
-    plain = _plain(checkpoint, "checkpoint")
+    plain = _plain(_plain_configs(checkpoint), "checkpoint")
     model = plain.pop(_STATE_DICT, {})
     return {MODEL: model, TRAINER: plain}
 
@@ -54,7 +59,37 @@ def from_checkpointables(loaded: dict[str, Any]) -> dict:
     """Inverse of :func:`to_checkpointables`: the dict Lightning's restore functions read."""
     checkpoint = dict(loaded[TRAINER])
     checkpoint[_STATE_DICT] = loaded[MODEL]
+    for values, kind in _HYPERPARAMETERS:
+        if checkpoint.get(kind) in _CONFIG_TYPES:
+            try:
+                omegaconf = importlib.import_module("omegaconf")
+            except ImportError:  # Lightning reads a class's name as its AttributeDict
+                break
+            checkpoint[kind] = getattr(omegaconf, checkpoint[kind])
+            checkpoint[values] = omegaconf.OmegaConf.create(checkpoint[values])
     return checkpoint
+
+
+# Lightning's keys of a module's and a datamodule's hyperparameters, and of their class where they are an omegaconf
+# config (Lightning stores the class itself)
+_HYPERPARAMETERS = (("hyper_parameters", "hparams_type"), ("datamodule_hyper_parameters", "datamodule_hparams_type"))
+_CONFIG_TYPES = ("DictConfig", "ListConfig")
+
+
+def _plain_configs(checkpoint: dict) -> dict:
+    """``checkpoint`` with hyperparameters that are an omegaconf config as a plain container (interpolations kept,
+    unresolved) and their class as its name (omegaconf is looked for only if it is imported)."""
+    omegaconf = sys.modules.get("omegaconf")
+    if omegaconf is None:
+        return checkpoint
+    out = dict(checkpoint)
+    for values, kind in _HYPERPARAMETERS:
+        if isinstance(out.get(values), omegaconf.Container):
+            out[values] = omegaconf.OmegaConf.to_container(out[values], resolve=False)
+        config_type = out.get(kind)
+        if isinstance(config_type, type) and issubclass(config_type, omegaconf.Container):
+            out[kind] = config_type.__name__
+    return out
 
 
 def _plain(x: Any, where: str) -> Any:

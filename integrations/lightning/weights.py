@@ -65,6 +65,10 @@ def load_from_checkpoint(cls: type, directory: str | os.PathLike, step: int | No
       directory, step, step_name_format: as in :func:`load_weights`.
       strict: as in Lightning (None: the module's ``strict_loading``).
 
+    Raises:
+      ValueError: the step holds values that the tensors of the module as made (``self.half()`` in its
+        ``__init__``) cannot hold in their dtypes, naming each key (Lightning's would load 70000.0 as inf).
+
     Example::
 
         model = load_from_checkpoint(MyLightningModule, "runs/exp1", step=120, dropout=0.0)
@@ -77,7 +81,10 @@ def load_from_checkpoint(cls: type, directory: str | os.PathLike, step: int | No
                         "neither: read the weights into a module you made with load_weights(module, directory)")
     checkpoint = resume.migrate(package, translate.read(path), path)
     checkpoint.setdefault(cls.CHECKPOINT_HYPER_PARAMS_KEY, {}).update(kwargs)
-    return importlib.import_module(f"{package}.core.saving")._load_state(cls, checkpoint, strict=strict, **kwargs)
+    made = importlib.import_module(f"{package}.core.saving")._load_state(cls, checkpoint, strict=strict, **kwargs)
+    if isinstance(made, torch.nn.Module):  # load_state_dict cast the weights into the dtypes the module was made with
+        check_model(checkpoint["state_dict"], made, source=path, strict=False)
+    return made
 
 
 def step_path(directory: str | os.PathLike, step: int | None,

@@ -708,7 +708,8 @@ def _restore_python(meta: dict, read: Reader, abstract: Any, to_device: transfer
     """The leaf as an abstract leaf that is no array asks (a Python value or type; anything else: as saved). A
     jax array becomes a Python number from its host bytes: restored where it was saved, it would be a
     :class:`ckpt.transfers.Pending` until the load's transfers run, which no cast can take."""
-    if meta["type"] == "jax" and (abstract if isinstance(abstract, type) else type(abstract)) in (int, float, bool, str):
+    if meta["type"] in ("jax", "torch") and (abstract if isinstance(abstract, type) else type(abstract)) in (
+            int, float, bool, str):
         return _cast_python(read(None), abstract)
     return _cast_python(_restore_as_saved(meta, read, to_device), abstract)
 
@@ -717,13 +718,37 @@ def _cast_python(value: Any, abstract: Any) -> Any:
     if abstract is None or abstract is PLACEHOLDER:
         return value
     target = abstract if isinstance(abstract, type) else type(abstract)
-    if target in (int, float, bool, str):
-        if isinstance(value, np.ndarray):
-            value = value[()] if value.ndim == 0 else value
-        return target(value)
+    if target in (int, float, bool):
+        return _python_number(value, target)
+    if target is str:
+        return str(value[()] if isinstance(value, np.ndarray) and value.ndim == 0 else value)
     if target is bytes and isinstance(value, (bytes, np.ndarray)):
         return bytes(value)
     return value
+
+
+def _python_number(value: Any, target: type) -> int | float | bool:
+    """``value`` (a saved Python number, or a numpy scalar or 0-d array) as the Python number type ``target``, cast
+    as :func:`ckpt.casts.cast` casts arrays: rounded as numpy rounds (a float's fraction dropped into an int), but a
+    value ``target`` cannot hold raises :class:`ckpt.casts.OutOfRangeError`: into a bool, a value outside 0 to 1
+    (``3``, ``2.0``; ``0.5`` is True, as in a bool array), into an int, a NaN or infinity; an imaginary part; an int
+    past a float's range. An int is exact of any size (a Python int, or one made of a finite float)."""
+    if isinstance(value, int):  # (a Python int or bool: no numpy dtype holds every one)
+        if target is bool and value not in (0, 1):
+            raise casts.OutOfRangeError(f"its int value {value} does not fit bool (from 0 to 1)")
+        try:
+            return target(value)
+        except OverflowError:
+            raise casts.OutOfRangeError(f"its int value ({value.bit_length()} bits) does not fit float") from None
+    array = np.asarray(value)
+    if target is not int:
+        return target(casts.cast(array, np.float64 if target is float else np.bool_)[()])
+    if array.dtype.kind in "biu":
+        return int(array[()])
+    real = casts.cast(array, np.float64)  # (an imaginary part refused; bfloat16, float8 read as float64)
+    if not np.isfinite(real):
+        raise casts.OutOfRangeError(f"its {array.dtype} value {array[()].item()} does not fit int")
+    return int(real[()])
 
 
 def _restore_jax(meta: dict, read: Reader, abstract: Any, jax: Any, to_device: transfers.ToDevice) -> Any:

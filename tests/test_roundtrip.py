@@ -153,6 +153,31 @@ def test_python_types_as_abstract_leaves_cast_the_saved_values(tmp_path):
     assert [type(v) for v in restored.values()] == [float, float, int, int]
 
 
+def test_python_types_as_abstract_leaves_refuse_values_they_cannot_hold_as_array_casts_do(tmp_path):
+    """A Python int, float or bool abstract leaf casts as a numpy dtype does (a fraction dropped, 0.5 is True),
+    and refuses what it cannot hold, naming the leaf, where bool(3) would be True and float(1+2j) 1.0."""
+    torch = pytest.importorskip("torch")
+    fits = {"frac": (2.5, int), "exact": (2.0, int), "huge": (2**100, int), "half": (np.float32(0.5), True),
+            "one": (torch.tensor(1), bool), "real": (np.complex64(1.5 + 0j), float),
+            "bf16": (torch.tensor(-2.5, dtype=torch.bfloat16), 0)}
+    ckpt.save(tmp_path / "fits", {k: saved for k, (saved, _) in fits.items()})
+    loaded = ckpt.load(tmp_path / "fits", {k: abstract for k, (_, abstract) in fits.items()})
+    assert loaded == {"frac": 2, "exact": 2, "huge": 2**100, "half": True, "one": True, "real": 1.5, "bf16": -2}
+    assert [type(v) for v in loaded.values()] == [int, int, int, bool, bool, float, int]
+    cases = {"three": (3, bool, "int value 3 does not fit bool"), "two": (2.0, False, "do not fit bool"),
+             "np": (np.int64(3), bool, "int64 values, from 3 to 3, do not fit bool"),
+             "torch": (torch.tensor(3), True, "do not fit bool"), "nan": (float("nan"), int, "value nan does not fit int"),
+             "inf": (np.float32(np.inf), 0, "float32 value inf does not fit int"),
+             "imag": (np.complex64(1 + 2j), float, "value (1+2j) has an imaginary part"),
+             "imag_int": (np.complex128(1 + 2j), int, "has an imaginary part"),
+             "big": (10**400, float, "int value (1329 bits) does not fit float")}
+    ckpt.save(tmp_path / "c", {k: saved for k, (saved, _, _) in cases.items()})
+    for key, (_, abstract, why) in cases.items():
+        tree = {k: (abstract if k == key else ckpt.PLACEHOLDER) for k in cases}
+        with pytest.raises(errors.TreeMismatchError, match=rf"state\['{key}'\]: .*{re.escape(why)}"):
+            ckpt.load(tmp_path / "c", tree)
+
+
 # --------------------------------------------------------------------------- containers
 class Point(collections.namedtuple("Point", "x y")):
     pass

@@ -327,9 +327,11 @@ class LocalTier:
     """The local tier of a Checkpointer and the promotion of its steps to the durable tier."""
 
     def __init__(self, options: LocalCheckpointOptions, durable: DurableRoot, checkpointer: Callable[..., Any],
-                 collect_garbage: Callable[[Any], None], decide: Callable[..., bool], take: Callable[[Any], None], *,
-                 context: Context, step_name_format: Any, lightweight_initialize: bool, cleanup_tmp_directories: bool):
+                 save: Callable[..., background.AsyncResponse[bool] | None], collect_garbage: Callable[[Any], None],
+                 decide: Callable[..., bool], take: Callable[[Any], None], *, context: Context, step_name_format: Any,
+                 lightweight_initialize: bool, cleanup_tmp_directories: bool):
         self._options = options
+        self._save = save  # a Checkpointer's save: (checkpointer, step, checkpointables, ..., marks=...) -> response
         self._collect_garbage = collect_garbage  # applies a Checkpointer's preservation policy now
         self._take = take  # makes a Checkpointer its root's writer (its lock; the first time, its sweep)
         self._decide = decide  # a Checkpointer's save decision: (checkpointer, step, replacing=...) -> bool
@@ -457,6 +459,10 @@ class LocalTier:
         replaces_durable = overwrite and (any(c.step == step for c in self._durable.checkpoints())
                                           or self._marked_pending(step))
         promote = force or preempted or replaces_durable or self._decided == (step, True)
+        owed = force or preempted or replaces_durable  # (a promotion no newer one replaces)
+        # (marked pending as it is committed locally: a crash before its promotion runs, queued behind another, leaves
+        # the mark for the next writer, which promotes it again)
+        marks = (fmt.PROMOTING,) if owed and self._durable.processes.count == 1 else ()
         if promote:  # kept locally until copied
             self._take_durable()
             if force or overwrite:  # asked for: refused before anything is written (the promotion checks again)
@@ -464,25 +470,26 @@ class LocalTier:
                 root.check_target(final, storage.temporary_for(final), step=step, overwrite=overwrite)
             with self._lock:
                 self._promoting.add(step)
-        if not overwrite and self.held(step) is not None:
-            local = background.finished(True)  # a forced save of a step the local tier holds: promote that copy
-        else:
-            save = self.checkpointer.save_checkpointables if blocking else self.checkpointer.save_checkpointables_async
-            try:
-                local = save(step, checkpointables, force=True, overwrite=overwrite, metrics=metrics,
-                             custom_metadata=custom_metadata)
-                local = background.finished(local) if blocking else local
-            except Exception as e:
-                if self._durable.processes.count == 1:
-                    self._finished(step)
-                    raise
-                local = background.failed(e)  # (raised where the processes meet: see _promote, _settled)
+        held = None if overwrite else self.held(step)
+        try:
+            if held is None:
+                local = self._save(self.checkpointer, step, checkpointables, force=True, overwrite=overwrite,
+                                   metrics=metrics, custom_metadata=custom_metadata, blocking=blocking, marks=marks)
+            else:  # a forced save of a step the local tier holds: promote that copy
+                if marks:
+                    _mark_pending(held.path)
+                local = background.finished(True)
+        except Exception as e:
+            if self._durable.processes.count == 1:
+                self._finished(step)
+                raise
+            local = background.failed(e)  # (raised where the processes meet: see _promote, _settled)
+        if held is None:
             self._saving = (step, local)
         if not promote:
             return local if self._durable.processes.count == 1 else self._settled(step, local, blocking)
         response = self._submit(step, local, preempted=preempted, overwrite=overwrite,
-                                replaceable=not (force or preempted or replaces_durable)
-                                and self._durable.processes.count == 1)
+                                replaceable=not owed and self._durable.processes.count == 1)
         if blocking:
             return background.finished(response.result())
         return response
@@ -662,9 +669,10 @@ class LocalTier:
     def _replaces_in_place(self, final: storage.Location) -> bool:
         """Whether an overwrite's promotion to ``final`` removes the durable copy it replaces before it writes the
         new one (an object store, which has no rename), with one process. Such a promotion, as every one no newer
-        promotion replaces (forced and preemption saves), marks its local step pending (:data:`ckpt.format.PROMOTING`)
-        first, until it commits, so that a writer after this one promotes the step again however old it is (see
-        :meth:`_recover`)."""
+        promotion replaces (forced and preemption saves), has its local step marked pending
+        (:data:`ckpt.format.PROMOTING`: committed with the local step by :meth:`save`, or as the promotion of a step
+        :meth:`_recover` found begins) until it commits, so that a writer after this one promotes the step again however
+        old it is (see :meth:`_recover`)."""
         return not isinstance(final, Path) and self._durable.processes.count == 1
 
     def delete(self, step: int) -> bool:
@@ -784,7 +792,8 @@ class LocalTier:
         try:
             start = time.monotonic()
             source = self._source(step, local, barrier)
-            # (one no newer promotion replaces is owed to the durable tier: a crash before its commit leaves it marked)
+            # (one no newer promotion replaces is owed to the durable tier: a crash before its commit leaves it marked;
+            # its local save committed the mark already, but for a step _recover found)
             pending = not promotion.replaceable and self._durable.processes.count == 1
             if pending:
                 _mark_pending(source)

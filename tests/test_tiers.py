@@ -1483,6 +1483,43 @@ def test_on_s3_a_forced_step_whose_promotion_was_cut_short_is_promoted_after_a_w
     assert ckpt.load(f"{bucket}/7")["w"][0] == 7
 
 
+KILLED_BEFORE_A_FORCED_STEPS_PROMOTION_IS_QUEUED = """
+import os, signal, sys
+import numpy as np
+import ckpt
+from ckpt import tiers
+from ckpt.training import save_decision_policies as sdp
+local = ckpt.LocalCheckpointOptions(sys.argv[2], save_decision_policy=sdp.FixedIntervalPolicy(1))
+with ckpt.Checkpointer(sys.argv[1], save_decision_policy=sdp.FixedIntervalPolicy(5), local=local) as ckptr:
+    ckptr.save(5, {"w": np.full(2, 5)})
+    if sys.argv[3] == "held":
+        ckptr.save(12, {"w": np.full(2, 12)})  # (on the local tier only: the durable policy skips it)
+    ckptr.wait()
+    tiers.LocalTier._submit = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)
+    ckptr.save(12, {"w": np.full(2, 12)}, force=True)
+"""
+
+
+@pytest.mark.parametrize("local_copy", ["saved", "held"])
+def test_a_forced_step_killed_once_committed_locally_before_its_promotion_was_queued_is_promoted_by_the_next_writer(
+        tmp_path, local_copy):
+    """Step 12 saved with force=True (or, held locally already, forced), committed locally and SIGKILLed before its
+    promotion was queued, as when it waits behind another upload: its local copy was marked pending only once its
+    promotion ran, so the next writer, whose policy skips step 12, never promoted it, and it was lost from both tiers
+    once the local policy dropped it. The mark is committed with the local step (or written before the save returns)."""
+    durable, local_dir = tmp_path / "durable", tmp_path / "local"
+    killed = procs.run_script(KILLED_BEFORE_A_FORCED_STEPS_PROMOTION_IS_QUEUED, str(durable), str(local_dir), local_copy)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    local = ckpt.LocalCheckpointOptions(local_dir, save_decision_policy=sdp.FixedIntervalPolicy(1))
+    with ckpt.Checkpointer(durable, save_decision_policy=sdp.FixedIntervalPolicy(5), local=local) as ckptr:
+        for step in (13, 14, 16):
+            ckptr.save(step, {"w": np.full(2, step)})
+        ckptr.wait()
+        assert [(c.step, sorted(c.locations)) for c in ckptr.checkpoints] == [
+            (5, ["durable"]), (12, ["durable"]), (14, ["local"]), (16, ["local"])]  # was: 12 nowhere
+    assert not (local_dir / "12").exists() and ckpt.load(durable / "12")["w"][0] == 12
+
+
 KILLED_AS_A_FORCED_STEPS_COPY_BEGINS = """
 import os, signal, sys
 import numpy as np

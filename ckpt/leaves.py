@@ -355,12 +355,16 @@ def _nested(x: Any) -> bool:
     return torch is not None and isinstance(x, torch.Tensor) and x.is_nested
 
 
-def _check_torch_template(dtype: Any) -> None:
-    """Raises TypeError for a template whose dtype torch cannot copy values into (bits, quantized and
-    sub-byte dtypes)."""
-    why = _torch_cannot_receive(dtype)
+def _check_torch_template(template: Any) -> None:
+    """Raises TypeError for a template of a layout ckpt neither stores nor loads into (sparse: the load gave a dense
+    tensor in its place), or whose dtype torch cannot copy values into (bits, quantized and sub-byte dtypes)."""
+    layout = template.layout
+    if layout != sys.modules["torch"].strided:
+        raise TypeError(f"the template is a {layout} tensor, which ckpt neither stores nor loads into: give a dense "
+                        "tensor of its shape, and make the loaded one sparse after the load (to_sparse())")
+    why = _torch_cannot_receive(template.dtype)
     if why is not None:
-        raise TypeError(f"the template has dtype {dtype}, which torch cannot copy values into ({why}): give it "
+        raise TypeError(f"the template has dtype {template.dtype}, which torch cannot copy values into ({why}): give it "
                         "the dtype the leaf was saved with, or another numeric one")
 
 
@@ -573,14 +577,14 @@ def restore(meta: dict, read: Reader | np.ndarray | None, abstract: Any,
                             or abstract is jax.Array or abstract is jax.ShapeDtypeStruct):
         return _restore_jax(meta, read, abstract, jax, to_device)
     if dtensor.is_dtensor(abstract):
-        _check_torch_template(abstract.dtype)
+        _check_torch_template(abstract)
         return transfers.as_template(
             dtensor.restore(abstract, read, lambda array, device, dtype: torch_cast(array, dtype).to(device, dtype)),
             abstract)
     torch = sys.modules.get("torch")
     if torch is not None and (isinstance(abstract, torch.Tensor) or abstract is torch.Tensor):
         if abstract is not torch.Tensor:
-            _check_torch_template(abstract.dtype)
+            _check_torch_template(abstract)
         tensor = numpy_to_torch(read(None)) if abstract is torch.Tensor else torch_cast(read(None), abstract.dtype)
         return tensor if abstract is torch.Tensor else to_device.torch(tensor, abstract)
     if isinstance(abstract, type):

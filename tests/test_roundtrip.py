@@ -403,6 +403,24 @@ def test_a_nested_tensor_in_the_template_is_a_mismatch_naming_it(tmp_path):
                "None in its place" in str(info.value), layout
     assert torch.equal(ckpt.load(tmp_path / "c", {"a": torch.zeros(2), "b": None})["b"], torch.ones(5))
 
+def test_a_sparse_tensor_in_the_template_is_a_mismatch_naming_it_as_its_save_is_refused(tmp_path):
+    """A sparse COO or CSR template (of the saved shape) gave a dense tensor in its place without a word, where the
+    save of a sparse tensor is refused naming the leaf: ckpt neither stores nor loads into sparse layouts."""
+    torch = pytest.importorskip("torch")
+    dense = torch.tensor([[0.0, 0.0, 3.0], [4.0, 0.0, 0.0]])
+    with pytest.raises(TypeError, match=r"\['b'\] is torch\.sparse_coo, which ckpt cannot store"):
+        ckpt.save(tmp_path / "refused", {"a": torch.ones(2), "b": dense.to_sparse()})
+    ckpt.save(tmp_path / "c", {"a": torch.ones(2), "b": dense})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (torch's CSR support is in beta)
+        templates = {"coo": dense.to_sparse(), "csr": dense.to_sparse_csr(), "shape": torch.zeros(3, 2).to_sparse()}
+    for name, template in templates.items():
+        with pytest.raises(errors.TreeMismatchError, match=r"state\['b'\]: .*(is a torch\.sparse_c.. tensor, which ckpt "
+                                                           r"neither stores nor loads into|wants \(3, 2\))"):
+            ckpt.load(tmp_path / "c", {"a": torch.zeros(2), "b": template})
+    assert torch.equal(ckpt.load(tmp_path / "c", {"a": torch.zeros(2), "b": torch.zeros(2, 3)})["b"], dense)
+
+
 def test_a_fresh_optimizers_empty_state_in_the_template_leads_to_none_not_to_a_partial_load(tmp_path):
     # was: the hint suggested partial_load, which silently dropped Adam's moments on resume
     torch = pytest.importorskip("torch")

@@ -163,12 +163,12 @@ def merge(local: Sequence[CheckpointMetadata], durable: Sequence[CheckpointMetad
 
 
 def _described_by(copies: dict[str, CheckpointMetadata]) -> str:
+    """The tier whose copy describes a step (see :func:`merge`), from the listed commit times only (no manifest read)."""
     if LOCAL not in copies:
         return DURABLE
     durable = copies.get(DURABLE)
-    if durable is None or None in (durable.commit_timestamp_nsecs, copies[LOCAL].commit_timestamp_nsecs):
-        return LOCAL
-    return DURABLE if durable.commit_timestamp_nsecs > copies[LOCAL].commit_timestamp_nsecs else LOCAL
+    later = durable is not None and _later(durable.commit_timestamp_nsecs, copies[LOCAL].commit_timestamp_nsecs)
+    return DURABLE if later else LOCAL
 
 
 def _read_order(info: TieredCheckpointMetadata) -> tuple[str, str]:
@@ -939,9 +939,14 @@ def _promoted(step_dir: Path) -> None:
 
 
 def _saved_after(one: CheckpointMetadata, other: CheckpointMetadata) -> bool:
-    """Whether ``one`` (a copy of a step) was committed after ``other`` (a time unknown: no)."""
-    one_time, other_time = _committed(one), _committed(other)
-    return None not in (one_time, other_time) and one_time > other_time
+    """Whether ``one`` (a copy of a step) was committed after ``other``, their times read from their manifests where
+    the listing has none (a time unknown: no)."""
+    return _later(_committed(one), _committed(other))
+
+
+def _later(one: int | None, other: int | None) -> bool:
+    """Whether commit time ``one`` is later than ``other`` (a time unknown, None: no)."""
+    return None not in (one, other) and one > other
 
 
 def _committed(info: CheckpointMetadata) -> int | None:

@@ -445,9 +445,11 @@ def check_leaf(path: KeyPath, meta: dict, abstract: Any) -> str | None:
     inline = meta["type"] in ("int", "float", "bool", "str", "none")
     if want is not None and inline and (want != () or not _becomes_array(meta["type"], abstract)):
         return f"{keystr(path)}: saved a {meta['type']} value, abstract leaf wants an array of shape {want}"
-    python = _PYTHON_RECEIVES.get(abstract if isinstance(abstract, type) else type(abstract))
+    numpy_type = isinstance(abstract, type) and issubclass(abstract, _NUMPY_NUMBERS)
+    python = "number" if numpy_type else _PYTHON_RECEIVES.get(abstract if isinstance(abstract, type) else type(abstract))
     if python is not None and _as_python(meta) != python:
-        return f"{keystr(path)}: saved {_saved_what(meta)}, abstract leaf wants a Python {python}"
+        wants = f"a numpy {abstract.__name__}" if numpy_type else f"a Python {python}"
+        return f"{keystr(path)}: saved {_saved_what(meta)}, abstract leaf wants {wants}"
     impl = _key_impl(abstract)
     if meta["type"] == "jax_key" and impl is None:
         why = _key_data_mismatch(meta, abstract, want)
@@ -466,6 +468,7 @@ def check_leaf(path: KeyPath, meta: dict, abstract: Any) -> str | None:
 
 
 _PYTHON_RECEIVES = {int: "number", float: "number", bool: "number", str: "str", bytes: "bytes"}
+_NUMPY_NUMBERS = (np.number, np.bool_)  # (numpy scalar types an abstract leaf may be, receiving a number as ints do)
 """What an abstract leaf of each Python type receives: a saved number (cast, as Orbax casts), str or bytes.
 Never a value made up from another (an array's printout as a str, a str's truth as a bool)."""
 
@@ -563,8 +566,11 @@ def restore(meta: dict, read: Reader | np.ndarray | None, abstract: Any,
         value = meta["value"]
         if kind == "float":
             value = float(value)
-        if kind in ("int", "float", "bool") and _is_array_like(abstract):
+        if kind in ("int", "float", "bool") and (_is_array_like(abstract) or _is_array_type(abstract)):
             array = np.asarray(value)  # e.g. TrainState.step saved as a Python int, restored as int32
+            if array.dtype == object:  # (an int past 64 bits)
+                raise casts.OutOfRangeError(f"its int value ({value.bit_length()} bits) does not fit a numpy integer "
+                                            "(int64, uint64), as an array holds it")
             as_numpy = {"type": "numpy", "dtype": dtype_name(array.dtype), "shape": []}
             return restore(as_numpy, _reader(array), abstract, to_device)
         return _cast_python(value, abstract)
@@ -605,6 +611,14 @@ def _reader(array: np.ndarray) -> Reader:
 
 def _is_array_like(abstract: Any) -> bool:
     return not isinstance(abstract, type) and hasattr(abstract, "shape") and hasattr(abstract, "dtype")
+
+
+def _is_array_type(abstract: Any) -> bool:
+    """Whether ``abstract`` is an array class (``np.ndarray``, ``jax.Array``, ``torch.Tensor``), which asks for an
+    array of its kind (a saved Python number becomes a 0-d one)."""
+    jax, torch = sys.modules.get("jax"), sys.modules.get("torch")
+    return (abstract is np.ndarray or (jax is not None and abstract is jax.Array)
+            or (torch is not None and abstract is torch.Tensor))
 
 
 def _restore_as_saved(meta: dict, read: Reader, to_device: transfers.ToDevice) -> Any:
@@ -724,6 +738,8 @@ def _cast_python(value: Any, abstract: Any) -> Any:
     target = abstract if isinstance(abstract, type) else type(abstract)
     if target in (int, float, bool):
         return _python_number(value, target)
+    if issubclass(target, _NUMPY_NUMBERS):  # a numpy scalar type (np.int32) as the abstract leaf, as Orbax takes one
+        return target(casts.cast(np.asarray(value), np.dtype(target))[()])
     if target is str:
         return str(value[()] if isinstance(value, np.ndarray) and value.ndim == 0 else value)
     if target is bytes and isinstance(value, (bytes, np.ndarray)):

@@ -178,6 +178,27 @@ def test_python_types_as_abstract_leaves_refuse_values_they_cannot_hold_as_array
             ckpt.load(tmp_path / "c", tree)
 
 
+def test_numpy_scalar_types_and_array_classes_as_abstract_leaves_give_their_types_and_refuse_as_casts_do(tmp_path):
+    """An abstract leaf np.int32 (the type, as Orbax's restore_type takes) gave the saved value as it was (np.int64
+    2**40, a Python 3 for np.bool_); np.ndarray, jax.Array or torch.Tensor gave a saved Python number as a Python
+    number (np.ndarray an object array for an int past 64 bits). Each gives its type now, cast as arrays are."""
+    jax, torch = pytest.importorskip("jax"), pytest.importorskip("torch")
+    ckpt.save(tmp_path / "fits", {"i": np.int64(7), "f": 3.5, "a": 2, "j": 2.5, "t": 4})
+    loaded = ckpt.load(tmp_path / "fits", {"i": np.int32, "f": np.float16, "a": np.ndarray, "j": jax.Array,
+                                           "t": torch.Tensor})
+    assert [type(v) for v in loaded.values()] == [np.int32, np.float16, np.ndarray, type(jax.numpy.zeros(())),
+                                                  torch.Tensor]
+    assert [v.item() for v in loaded.values()] == [7, 3.5, 2, 2.5, 4]
+    cases = {"big": (np.int64(2**40), np.int32, "int64 values, from 1099511627776 to 1099511627776, do not fit int32"),
+             "three": (3, np.bool_, "from 3 to 3, do not fit bool"), "str": ("x", np.int32, "wants a numpy int32"),
+             "huge": (2**70, np.ndarray, "int value (71 bits) does not fit a numpy integer")}
+    ckpt.save(tmp_path / "c", {k: saved for k, (saved, _, _) in cases.items()})
+    for key, (_, abstract, why) in cases.items():
+        tree = {k: (abstract if k == key else ckpt.PLACEHOLDER) for k in cases}
+        with pytest.raises(errors.TreeMismatchError, match=rf"state\['{key}'\]: .*{re.escape(why)}"):
+            ckpt.load(tmp_path / "c", tree)
+
+
 # --------------------------------------------------------------------------- containers
 class Point(collections.namedtuple("Point", "x y")):
     pass

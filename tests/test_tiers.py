@@ -1500,15 +1500,17 @@ with ckpt.Checkpointer(sys.argv[1], save_decision_policy=sdp.FixedIntervalPolicy
 """
 
 
+@pytest.mark.parametrize("store", ["local", "s3"])
 @pytest.mark.parametrize("local_copy", ["saved", "held"])
 def test_a_forced_step_killed_once_committed_locally_before_its_promotion_was_queued_is_promoted_by_the_next_writer(
-        tmp_path, local_copy):
+        tmp_path, request, local_copy, store):
     """Step 12 saved with force=True (or, held locally already, forced), committed locally and SIGKILLed before its
     promotion was queued, as when it waits behind another upload: its local copy was marked pending only once its
     promotion ran, so the next writer, whose policy skips step 12, never promoted it, and it was lost from both tiers
     once the local policy dropped it. The mark is committed with the local step (or written before the save returns)."""
-    durable, local_dir = tmp_path / "durable", tmp_path / "local"
-    killed = procs.run_script(KILLED_BEFORE_A_FORCED_STEPS_PROMOTION_IS_QUEUED, str(durable), str(local_dir), local_copy)
+    durable = str(tmp_path / "durable") if store == "local" else request.getfixturevalue("bucket")
+    local_dir = tmp_path / "local"
+    killed = procs.run_script(KILLED_BEFORE_A_FORCED_STEPS_PROMOTION_IS_QUEUED, durable, str(local_dir), local_copy)
     assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
     local = ckpt.LocalCheckpointOptions(local_dir, save_decision_policy=sdp.FixedIntervalPolicy(1))
     with ckpt.Checkpointer(durable, save_decision_policy=sdp.FixedIntervalPolicy(5), local=local) as ckptr:
@@ -1517,7 +1519,7 @@ def test_a_forced_step_killed_once_committed_locally_before_its_promotion_was_qu
         ckptr.wait()
         assert [(c.step, sorted(c.locations)) for c in ckptr.checkpoints] == [
             (5, ["durable"]), (12, ["durable"]), (14, ["local"]), (16, ["local"])]  # was: 12 nowhere
-    assert not (local_dir / "12").exists() and ckpt.load(durable / "12")["w"][0] == 12
+    assert not (local_dir / "12").exists() and ckpt.load(f"{durable}/12")["w"][0] == 12
 
 
 KILLED_AS_A_FORCED_STEPS_COPY_BEGINS = """

@@ -477,7 +477,7 @@ class LocalTier:
                                    metrics=metrics, custom_metadata=custom_metadata, blocking=blocking, marks=marks)
             else:  # a forced save of a step the local tier holds: promote that copy
                 if marks:
-                    _mark_pending(held.path)
+                    _mark_pending(held.path, step)
                 local = background.finished(True)
         except Exception as e:
             if self._durable.processes.count == 1:
@@ -644,7 +644,10 @@ class LocalTier:
         cut_short = set(self._unpromoted(None)[3])
         for info in self.checkpointer.checkpoints:
             if info.step in cut_short:
-                _mark_pending(info.path)
+                try:
+                    _mark_pending(info.path, info.step)
+                except errors.StepNotFoundError:  # (a link or a file at its name since it was listed: no step to promote)
+                    pass
 
     def _marked_pending(self, step: int) -> bool:
         """Whether the local copy of ``step`` is marked as the source of an overwrite's promotion that never committed
@@ -796,7 +799,7 @@ class LocalTier:
             # its local save committed the mark already, but for a step _recover found)
             pending = not promotion.replaceable and self._durable.processes.count == 1
             if pending:
-                _mark_pending(source)
+                _mark_pending(source, step)
             nbytes = _copy_step(source, final, step, overwrite, self._durable, barrier)
             self._durable.committed(step, final, loading.read_manifest(final))
             if pending or _promotion_pending(source):  # (or an earlier overwrite's, this promotion of a forced save's)
@@ -923,9 +926,15 @@ def _promotion_pending(step_dir: storage.Location) -> bool:
     return os.path.lexists(step_dir / fmt.PROMOTING)
 
 
-def _mark_pending(step_dir: Path) -> None:
+def _mark_pending(step_dir: Path, step: int) -> None:
     """Marks a local step as the source of a promotion owed to the durable tier (see
-    :meth:`LocalTier._replaces_in_place`) until it commits: a writer after this one promotes it again."""
+    :meth:`LocalTier._replaces_in_place`) until it commits: a writer after this one promotes it again.
+
+    Raises:
+      StepNotFoundError: ``step_dir`` is no directory now (a symbolic link put at its name since it was listed, whose
+        target is never written to; see :func:`ckpt.root.check_still_a_step`).
+    """
+    root.check_still_a_step(step_dir, step)
     storage.write_file(step_dir / fmt.PROMOTING, b"")
 
 

@@ -1147,6 +1147,35 @@ def test_a_local_step_replaced_by_a_link_before_its_promotion_is_not_promoted_th
     assert sorted(os.listdir(tmp_path / "durable")) == [".ckpt.lock", "2"]  # was: 4, holding 999
 
 
+@pytest.mark.parametrize("forced", ["a step the local tier holds", "a step waiting for its promotion"])
+def test_a_local_step_replaced_by_a_link_is_not_marked_pending_through_it(tmp_path, monkeypatch, forced):
+    """A forced save of step 3 held locally (or step 4's forced promotion, waiting behind step 2's), its local
+    directory replaced since it was listed by a link to another run's checkpoint: the mark of a promotion owed
+    (.ckpt-promoting) was written through the link into that checkpoint, and left there, before the promotion was
+    refused."""
+    ckpt.save(tmp_path / "other", {"w": np.full(2, 999)})
+    released, copy_step = threading.Event(), tiers._copy_step
+    monkeypatch.setattr(tiers, "_copy_step", lambda source, final, step, *args: (
+        step != 2 or released.wait(60)) and copy_step(source, final, step, *args))
+    local = ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1))
+    with ckpt.Checkpointer(tmp_path / "durable", save_decision_policy=sdp.FixedIntervalPolicy(2), local=local) as ckptr:
+        step = 3 if forced == "a step the local tier holds" else 4
+        ckptr.save_async(2, {"w": np.full(2, 2)})
+        ckptr.save_async(step, {"w": np.full(2, step)}, force=step == 4)
+        while ckptr.latest.step != step:  # committed locally (wait() would wait for the held promotion)
+            time.sleep(0.01)
+        (tmp_path / "local" / str(step)).rename(tmp_path / "moved")
+        (tmp_path / "local" / str(step)).symlink_to(tmp_path / "other")
+        with pytest.raises(errors.StepNotFoundError, match=rf"step {step} \(.*local/{step}\) is no committed step now: "
+                                                           r"it holds a symbolic link"):
+            if step == 3:
+                ckptr.save(3, {"w": np.full(2, 3)}, force=True)
+            released.set()
+            ckptr.wait()
+        released.set()
+    assert sorted(os.listdir(tmp_path / "other")) == [".ckpt-owned", "manifest.json", "packed", "tree.json"]
+
+
 def test_ckpt_show_and_verify_with_local_read_the_step_a_load_reads_and_check_every_copy_on_either_tier(tmp_path, capsys):
     """show and verify of the durable root read that tier alone: show gave its latest (2) where a load reads step
     3 of the local tier, and verify passed while the local copy a load reads first was damaged."""

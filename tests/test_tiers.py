@@ -1125,14 +1125,21 @@ def test_a_local_step_found_gone_before_its_promotion_began_fails_it_naming_the_
         assert [(c.step, sorted(c.locations)) for c in ckptr.checkpoints] == [(2, ["durable", "local"]), (3, ["local"])]
 
 
-def test_a_local_step_replaced_by_a_link_before_its_promotion_is_not_promoted_through_it(tmp_path, monkeypatch):
-    """Step 4, its promotion waiting behind step 2's, replaced on the local tier by a link to another run's step 4: the
-    promotion copied what the link leads to, and the durable step 4 held the other run's values."""
+def _another_run_and_step_2s_promotion_held(tmp_path: Path, monkeypatch) -> tuple[ckpt.LocalCheckpointOptions,
+                                                                                     threading.Event]:
+    """Saves another run's checkpoint at ``tmp_path / "other"`` and holds the promotion of step 2 until the event is set;
+    returns the local tier's options (a save every step) and the event."""
     ckpt.save(tmp_path / "other", {"w": np.full(2, 999)})
     released, copy_step = threading.Event(), tiers._copy_step
     monkeypatch.setattr(tiers, "_copy_step", lambda source, final, step, *args: (
         step != 2 or released.wait(60)) and copy_step(source, final, step, *args))
-    local = ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1))
+    return ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1)), released
+
+
+def test_a_local_step_replaced_by_a_link_before_its_promotion_is_not_promoted_through_it(tmp_path, monkeypatch):
+    """Step 4, its promotion waiting behind step 2's, replaced on the local tier by a link to another run's step 4: the
+    promotion copied what the link leads to, and the durable step 4 held the other run's values."""
+    local, released = _another_run_and_step_2s_promotion_held(tmp_path, monkeypatch)
     with ckpt.Checkpointer(tmp_path / "durable", save_decision_policy=sdp.FixedIntervalPolicy(2), local=local) as ckptr:
         for step in (2, 4):
             ckptr.save_async(step, {"w": np.full(2, step)})
@@ -1153,11 +1160,7 @@ def test_a_local_step_replaced_by_a_link_is_not_marked_pending_through_it(tmp_pa
     directory replaced since it was listed by a link to another run's checkpoint: the mark of a promotion owed
     (.ckpt-promoting) was written through the link into that checkpoint, and left there, before the promotion was
     refused."""
-    ckpt.save(tmp_path / "other", {"w": np.full(2, 999)})
-    released, copy_step = threading.Event(), tiers._copy_step
-    monkeypatch.setattr(tiers, "_copy_step", lambda source, final, step, *args: (
-        step != 2 or released.wait(60)) and copy_step(source, final, step, *args))
-    local = ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1))
+    local, released = _another_run_and_step_2s_promotion_held(tmp_path, monkeypatch)
     with ckpt.Checkpointer(tmp_path / "durable", save_decision_policy=sdp.FixedIntervalPolicy(2), local=local) as ckptr:
         step = 3 if forced == "a step the local tier holds" else 4
         ckptr.save_async(2, {"w": np.full(2, 2)})

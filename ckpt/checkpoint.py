@@ -212,11 +212,19 @@ def _existing(path: str | os.PathLike) -> storage.Location:
 def _not_found(step_dir: storage.Location) -> CheckpointNotFoundError:
     """The error for a checkpoint path where nothing is: it names the checkpoint a save with ``overwrite=True`` set
     aside there when a crash interrupted it (which :func:`save` takes for the checkpoint), and how to get it back."""
-    aside = step_dir.with_name(step_dir.name + fmt.REPLACED_SUFFIX) if isinstance(step_dir, Path) else None
-    hint = "" if aside is None or storage.set_aside_step(aside) is None else (  # (ckpt's only, as a save asks)
+    aside = _set_aside(step_dir)
+    hint = "" if aside is None else (
         f"; {aside} holds it as it was before a save with overwrite=True that a crash interrupted: rename it back "
         f"to {step_dir}")
     return CheckpointNotFoundError(f"no checkpoint at {step_dir}: the path does not exist{hint}")
+
+
+def _set_aside(step_dir: storage.Location) -> Path | None:
+    """``<step_dir>.ckpt-replaced``, where a save with ``overwrite=True`` that a crash interrupted set the checkpoint
+    aside and nothing is at ``step_dir`` (ckpt's only, as a save asks: see :func:`ckpt.storage.set_aside_step`); else
+    None."""
+    aside = step_dir.with_name(step_dir.name + fmt.REPLACED_SUFFIX) if isinstance(step_dir, Path) else None
+    return None if aside is None or storage.set_aside_step(aside) is None else aside
 
 
 def load_checkpointables(path: str | os.PathLike, abstract_checkpointables: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -299,7 +307,9 @@ def delete(path: str | os.PathLike, *, checkpointable_name: str | None = None, m
     as Orbax's) and is left alone. A save of it by this process (``save_async``, or a save in another thread) is
     waited for first (for at most ``AsyncOptions.timeout_secs``); no other process may be using it.
 
-    Returns True when it was deleted, False when nothing was at ``path`` and ``missing_ok`` is set. On an
+    Returns True when it was deleted, False when nothing was at ``path`` and ``missing_ok`` is set. The checkpoint a
+    save with ``overwrite=True`` that a crash interrupted left set aside (``<path>.ckpt-replaced``, nothing at
+    ``path``), which a save without ``overwrite`` refuses to replace, is the one deleted then. On an
     object store (``s3://``, ``gs://``), what a save or a deletion of ckpt's that a crash cut short left at
     ``path`` is deleted too (locally it lies under a temporary name, which the next save there removes).
     ``checkpointable_name`` (Orbax deletes one checkpointable of a checkpoint) raises ValueError: a ckpt
@@ -336,12 +346,16 @@ def _deletion(path: str | os.PathLike, checkpointable_name: str | None, missing_
     step_dir = storage.location(path)
     processes, operation, timeout = _coordination("ckpt.delete")
 
+    aside: list[Path | None] = []  # the checkpoint set aside, where nothing is at step_dir (see _set_aside)
+
     def delete_here() -> None:
         if processes.index != 0:  # (every process sees the directory: the primary deletes)
             return
-        # (before: once the checkpoint is gone, it would be taken for it set aside; only beside a checkpoint this
-        # deletes: beside anything else it is the only copy of the checkpoint an overwrite's crash set aside)
-        if isinstance(step_dir, Path) and root.classify(step_dir, None).kind in root.LISTED:
+        if aside[0] is not None:  # put back first (as a Checkpointer opened there would), then deleted as any
+            storage.put_back(aside[0], step_dir)
+        elif isinstance(step_dir, Path) and root.classify(step_dir, None).kind in root.LISTED:
+            # (before: once the checkpoint is gone, it would be taken for it set aside; only beside a checkpoint this
+            # deletes: beside anything else it is the only copy of the checkpoint an overwrite's crash set aside)
             storage.remove_replaced_leftover(step_dir)
         try:
             root.delete_step(step_dir, None)  # (on an object store, also what a crash cut short there)
@@ -350,7 +364,9 @@ def _deletion(path: str | os.PathLike, checkpointable_name: str | None, missing_
 
     def deletion() -> bool:
         _saving.wait(step_dir, timeout)
-        if not storage.exists(step_dir):  # (asked before the first barrier: the primary deletes after it)
+        exists = storage.exists(step_dir)  # (asked before the first barrier: the primary deletes after it)
+        aside[:] = [None if exists else _set_aside(step_dir)]
+        if not exists and aside[0] is None:
             if missing_ok:
                 return False
             raise _not_found(step_dir)

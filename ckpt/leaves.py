@@ -355,12 +355,16 @@ def _nested(x: Any) -> bool:
     return torch is not None and isinstance(x, torch.Tensor) and x.is_nested
 
 
-def _check_torch_template(dtype: Any) -> None:
-    """Raises TypeError for a template whose dtype torch cannot copy values into (bits, quantized and
-    sub-byte dtypes)."""
-    why = _torch_cannot_receive(dtype)
+def _check_torch_template(template: Any) -> None:
+    """Raises TypeError for a template of a layout ckpt neither stores nor loads into (sparse: the load gave a dense
+    tensor in its place), or whose dtype torch cannot copy values into (bits, quantized and sub-byte dtypes)."""
+    layout = template.layout
+    if layout != sys.modules["torch"].strided:
+        raise TypeError(f"the template is a {layout} tensor, which ckpt neither stores nor loads into: give a dense "
+                        "tensor of its shape, and make the loaded one sparse after the load (to_sparse())")
+    why = _torch_cannot_receive(template.dtype)
     if why is not None:
-        raise TypeError(f"the template has dtype {dtype}, which torch cannot copy values into ({why}): give it "
+        raise TypeError(f"the template has dtype {template.dtype}, which torch cannot copy values into ({why}): give it "
                         "the dtype the leaf was saved with, or another numeric one")
 
 
@@ -441,9 +445,11 @@ def check_leaf(path: KeyPath, meta: dict, abstract: Any) -> str | None:
     inline = meta["type"] in ("int", "float", "bool", "str", "none")
     if want is not None and inline and (want != () or not _becomes_array(meta["type"], abstract)):
         return f"{keystr(path)}: saved a {meta['type']} value, abstract leaf wants an array of shape {want}"
-    python = _PYTHON_RECEIVES.get(abstract if isinstance(abstract, type) else type(abstract))
+    numpy_type = isinstance(abstract, type) and issubclass(abstract, _NUMPY_NUMBERS)
+    python = "number" if numpy_type else _PYTHON_RECEIVES.get(abstract if isinstance(abstract, type) else type(abstract))
     if python is not None and _as_python(meta) != python:
-        return f"{keystr(path)}: saved {_saved_what(meta)}, abstract leaf wants a Python {python}"
+        wants = f"a numpy {abstract.__name__}" if numpy_type else f"a Python {python}"
+        return f"{keystr(path)}: saved {_saved_what(meta)}, abstract leaf wants {wants}"
     impl = _key_impl(abstract)
     if meta["type"] == "jax_key" and impl is None:
         why = _key_data_mismatch(meta, abstract, want)
@@ -462,6 +468,7 @@ def check_leaf(path: KeyPath, meta: dict, abstract: Any) -> str | None:
 
 
 _PYTHON_RECEIVES = {int: "number", float: "number", bool: "number", str: "str", bytes: "bytes"}
+_NUMPY_NUMBERS = (np.number, np.bool_)  # (numpy scalar types an abstract leaf may be, receiving a number as ints do)
 """What an abstract leaf of each Python type receives: a saved number (cast, as Orbax casts), str or bytes.
 Never a value made up from another (an array's printout as a str, a str's truth as a bool)."""
 
@@ -559,8 +566,11 @@ def restore(meta: dict, read: Reader | np.ndarray | None, abstract: Any,
         value = meta["value"]
         if kind == "float":
             value = float(value)
-        if kind in ("int", "float", "bool") and _is_array_like(abstract):
+        if kind in ("int", "float", "bool") and (_is_array_like(abstract) or _is_array_type(abstract)):
             array = np.asarray(value)  # e.g. TrainState.step saved as a Python int, restored as int32
+            if array.dtype == object:  # (an int past 64 bits)
+                raise casts.OutOfRangeError(f"its int value ({value.bit_length()} bits) does not fit a numpy integer "
+                                            "(int64, uint64), as an array holds it")
             as_numpy = {"type": "numpy", "dtype": dtype_name(array.dtype), "shape": []}
             return restore(as_numpy, _reader(array), abstract, to_device)
         return _cast_python(value, abstract)
@@ -573,14 +583,14 @@ def restore(meta: dict, read: Reader | np.ndarray | None, abstract: Any,
                             or abstract is jax.Array or abstract is jax.ShapeDtypeStruct):
         return _restore_jax(meta, read, abstract, jax, to_device)
     if dtensor.is_dtensor(abstract):
-        _check_torch_template(abstract.dtype)
+        _check_torch_template(abstract)
         return transfers.as_template(
             dtensor.restore(abstract, read, lambda array, device, dtype: torch_cast(array, dtype).to(device, dtype)),
             abstract)
     torch = sys.modules.get("torch")
     if torch is not None and (isinstance(abstract, torch.Tensor) or abstract is torch.Tensor):
         if abstract is not torch.Tensor:
-            _check_torch_template(abstract.dtype)
+            _check_torch_template(abstract)
         tensor = numpy_to_torch(read(None)) if abstract is torch.Tensor else torch_cast(read(None), abstract.dtype)
         return tensor if abstract is torch.Tensor else to_device.torch(tensor, abstract)
     if isinstance(abstract, type):
@@ -601,6 +611,14 @@ def _reader(array: np.ndarray) -> Reader:
 
 def _is_array_like(abstract: Any) -> bool:
     return not isinstance(abstract, type) and hasattr(abstract, "shape") and hasattr(abstract, "dtype")
+
+
+def _is_array_type(abstract: Any) -> bool:
+    """Whether ``abstract`` is an array class (``np.ndarray``, ``jax.Array``, ``torch.Tensor``), which asks for an
+    array of its kind (a saved Python number becomes a 0-d one)."""
+    jax, torch = sys.modules.get("jax"), sys.modules.get("torch")
+    return (abstract is np.ndarray or (jax is not None and abstract is jax.Array)
+            or (torch is not None and abstract is torch.Tensor))
 
 
 def _restore_as_saved(meta: dict, read: Reader, to_device: transfers.ToDevice) -> Any:
@@ -708,7 +726,8 @@ def _restore_python(meta: dict, read: Reader, abstract: Any, to_device: transfer
     """The leaf as an abstract leaf that is no array asks (a Python value or type; anything else: as saved). A
     jax array becomes a Python number from its host bytes: restored where it was saved, it would be a
     :class:`ckpt.transfers.Pending` until the load's transfers run, which no cast can take."""
-    if meta["type"] == "jax" and (abstract if isinstance(abstract, type) else type(abstract)) in (int, float, bool, str):
+    if meta["type"] in ("jax", "torch") and (abstract if isinstance(abstract, type) else type(abstract)) in (
+            int, float, bool, str):
         return _cast_python(read(None), abstract)
     return _cast_python(_restore_as_saved(meta, read, to_device), abstract)
 
@@ -717,13 +736,39 @@ def _cast_python(value: Any, abstract: Any) -> Any:
     if abstract is None or abstract is PLACEHOLDER:
         return value
     target = abstract if isinstance(abstract, type) else type(abstract)
-    if target in (int, float, bool, str):
-        if isinstance(value, np.ndarray):
-            value = value[()] if value.ndim == 0 else value
-        return target(value)
+    if target in (int, float, bool):
+        return _python_number(value, target)
+    if issubclass(target, _NUMPY_NUMBERS):  # a numpy scalar type (np.int32) as the abstract leaf, as Orbax takes one
+        return target(casts.cast(np.asarray(value), np.dtype(target))[()])
+    if target is str:
+        return str(value[()] if isinstance(value, np.ndarray) and value.ndim == 0 else value)
     if target is bytes and isinstance(value, (bytes, np.ndarray)):
         return bytes(value)
     return value
+
+
+def _python_number(value: Any, target: type) -> int | float | bool:
+    """``value`` (a saved Python number, or a numpy scalar or 0-d array) as the Python number type ``target``, cast
+    as :func:`ckpt.casts.cast` casts arrays: rounded as numpy rounds (a float's fraction dropped into an int), but a
+    value ``target`` cannot hold raises :class:`ckpt.casts.OutOfRangeError`: into a bool, a value outside 0 to 1
+    (``3``, ``2.0``; ``0.5`` is True, as in a bool array), into an int, a NaN or infinity; an imaginary part; an int
+    past a float's range. An int is exact of any size (a Python int, or one made of a finite float)."""
+    if isinstance(value, int):  # (a Python int or bool: no numpy dtype holds every one)
+        if target is bool and value not in (0, 1):
+            raise casts.OutOfRangeError(f"its int value {value} does not fit bool (from 0 to 1)")
+        try:
+            return target(value)
+        except OverflowError:
+            raise casts.OutOfRangeError(f"its int value ({value.bit_length()} bits) does not fit float") from None
+    array = np.asarray(value)
+    if target is not int:
+        return target(casts.cast(array, np.float64 if target is float else np.bool_)[()])
+    if array.dtype.kind in "biu":
+        return int(array[()])
+    real = casts.cast(array, np.float64)  # (an imaginary part refused; bfloat16, float8 read as float64)
+    if not np.isfinite(real):
+        raise casts.OutOfRangeError(f"its {array.dtype} value {array[()].item()} does not fit int")
+    return int(real[()])
 
 
 def _restore_jax(meta: dict, read: Reader, abstract: Any, jax: Any, to_device: transfers.ToDevice) -> Any:

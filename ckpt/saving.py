@@ -722,8 +722,9 @@ class StepWriter:
 
     def __init__(self, plan: Plan, tmp_dir: Path, final_dir: Path, *, overwrite: bool = False,
                  dir_mode: int | None = None, processes: distributed.Processes | None = None, operation: str = "",
-                 timeout_secs: float = 1200.0):
+                 timeout_secs: float = 1200.0, marks: tuple[str, ...] = ()):
         self.plan = plan
+        self.marks = marks  # names of empty files the primary writes into the step before its manifest
         self.tmp_dir = tmp_dir
         self.final_dir = final_dir
         self.overwrite = overwrite  # the committed step at final_dir (checked as one) may be replaced
@@ -1093,6 +1094,8 @@ class StepWriter:
             self._settle("prepared", self.prepare_dir)
             self._settle("written", self._write_own)
             if self.primary:
+                for name in self.marks:  # (committed with the step: a crash never leaves it without them)
+                    storage.write_file(self.tmp_dir / name, b"")
                 self.write_manifest(step)
                 self.commit(step)
         except BaseException:

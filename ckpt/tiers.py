@@ -163,12 +163,12 @@ def merge(local: Sequence[CheckpointMetadata], durable: Sequence[CheckpointMetad
 
 
 def _described_by(copies: dict[str, CheckpointMetadata]) -> str:
+    """The tier whose copy describes a step (see :func:`merge`), from the listed commit times only (no manifest read)."""
     if LOCAL not in copies:
         return DURABLE
     durable = copies.get(DURABLE)
-    if durable is None or None in (durable.commit_timestamp_nsecs, copies[LOCAL].commit_timestamp_nsecs):
-        return LOCAL
-    return DURABLE if durable.commit_timestamp_nsecs > copies[LOCAL].commit_timestamp_nsecs else LOCAL
+    later = durable is not None and _later(durable.commit_timestamp_nsecs, copies[LOCAL].commit_timestamp_nsecs)
+    return DURABLE if later else LOCAL
 
 
 def _read_order(info: TieredCheckpointMetadata) -> tuple[str, str]:
@@ -327,9 +327,11 @@ class LocalTier:
     """The local tier of a Checkpointer and the promotion of its steps to the durable tier."""
 
     def __init__(self, options: LocalCheckpointOptions, durable: DurableRoot, checkpointer: Callable[..., Any],
-                 collect_garbage: Callable[[Any], None], decide: Callable[..., bool], take: Callable[[Any], None], *,
-                 context: Context, step_name_format: Any, lightweight_initialize: bool, cleanup_tmp_directories: bool):
+                 save: Callable[..., background.AsyncResponse[bool] | None], collect_garbage: Callable[[Any], None],
+                 decide: Callable[..., bool], take: Callable[[Any], None], *, context: Context, step_name_format: Any,
+                 lightweight_initialize: bool, cleanup_tmp_directories: bool):
         self._options = options
+        self._save = save  # a Checkpointer's save: (checkpointer, step, checkpointables, ..., marks=...) -> response
         self._collect_garbage = collect_garbage  # applies a Checkpointer's preservation policy now
         self._take = take  # makes a Checkpointer its root's writer (its lock; the first time, its sweep)
         self._decide = decide  # a Checkpointer's save decision: (checkpointer, step, replacing=...) -> bool
@@ -457,6 +459,10 @@ class LocalTier:
         replaces_durable = overwrite and (any(c.step == step for c in self._durable.checkpoints())
                                           or self._marked_pending(step))
         promote = force or preempted or replaces_durable or self._decided == (step, True)
+        owed = force or preempted or replaces_durable  # (a promotion no newer one replaces)
+        # (marked pending as it is committed locally: a crash before its promotion runs, queued behind another, leaves
+        # the mark for the next writer, which promotes it again)
+        marks = (fmt.PROMOTING,) if owed and self._durable.processes.count == 1 else ()
         if promote:  # kept locally until copied
             self._take_durable()
             if force or overwrite:  # asked for: refused before anything is written (the promotion checks again)
@@ -464,25 +470,26 @@ class LocalTier:
                 root.check_target(final, storage.temporary_for(final), step=step, overwrite=overwrite)
             with self._lock:
                 self._promoting.add(step)
-        if not overwrite and self.held(step) is not None:
-            local = background.finished(True)  # a forced save of a step the local tier holds: promote that copy
-        else:
-            save = self.checkpointer.save_checkpointables if blocking else self.checkpointer.save_checkpointables_async
-            try:
-                local = save(step, checkpointables, force=True, overwrite=overwrite, metrics=metrics,
-                             custom_metadata=custom_metadata)
-                local = background.finished(local) if blocking else local
-            except Exception as e:
-                if self._durable.processes.count == 1:
-                    self._finished(step)
-                    raise
-                local = background.failed(e)  # (raised where the processes meet: see _promote, _settled)
+        held = None if overwrite else self.held(step)
+        try:
+            if held is None:
+                local = self._save(self.checkpointer, step, checkpointables, force=True, overwrite=overwrite,
+                                   metrics=metrics, custom_metadata=custom_metadata, blocking=blocking, marks=marks)
+            else:  # a forced save of a step the local tier holds: promote that copy
+                if marks:
+                    _mark_pending(held.path, step)
+                local = background.finished(True)
+        except Exception as e:
+            if self._durable.processes.count == 1:
+                self._finished(step)
+                raise
+            local = background.failed(e)  # (raised where the processes meet: see _promote, _settled)
+        if held is None:
             self._saving = (step, local)
         if not promote:
             return local if self._durable.processes.count == 1 else self._settled(step, local, blocking)
         response = self._submit(step, local, preempted=preempted, overwrite=overwrite,
-                                replaceable=not (force or preempted or replaces_durable)
-                                and self._durable.processes.count == 1)
+                                replaceable=not owed and self._durable.processes.count == 1)
         if blocking:
             return background.finished(response.result())
         return response
@@ -637,7 +644,10 @@ class LocalTier:
         cut_short = set(self._unpromoted(None)[3])
         for info in self.checkpointer.checkpoints:
             if info.step in cut_short:
-                _mark_pending(info.path)
+                try:
+                    _mark_pending(info.path, info.step)
+                except errors.StepNotFoundError:  # (a link or a file at its name since it was listed: no step to promote)
+                    pass
 
     def _marked_pending(self, step: int) -> bool:
         """Whether the local copy of ``step`` is marked as the source of an overwrite's promotion that never committed
@@ -662,9 +672,10 @@ class LocalTier:
     def _replaces_in_place(self, final: storage.Location) -> bool:
         """Whether an overwrite's promotion to ``final`` removes the durable copy it replaces before it writes the
         new one (an object store, which has no rename), with one process. Such a promotion, as every one no newer
-        promotion replaces (forced and preemption saves), marks its local step pending (:data:`ckpt.format.PROMOTING`)
-        first, until it commits, so that a writer after this one promotes the step again however old it is (see
-        :meth:`_recover`)."""
+        promotion replaces (forced and preemption saves), has its local step marked pending
+        (:data:`ckpt.format.PROMOTING`: committed with the local step by :meth:`save`, or as the promotion of a step
+        :meth:`_recover` found begins) until it commits, so that a writer after this one promotes the step again however
+        old it is (see :meth:`_recover`)."""
         return not isinstance(final, Path) and self._durable.processes.count == 1
 
     def delete(self, step: int) -> bool:
@@ -784,10 +795,11 @@ class LocalTier:
         try:
             start = time.monotonic()
             source = self._source(step, local, barrier)
-            # (one no newer promotion replaces is owed to the durable tier: a crash before its commit leaves it marked)
+            # (one no newer promotion replaces is owed to the durable tier: a crash before its commit leaves it marked;
+            # its local save committed the mark already, but for a step _recover found)
             pending = not promotion.replaceable and self._durable.processes.count == 1
             if pending:
-                _mark_pending(source)
+                _mark_pending(source, step)
             nbytes = _copy_step(source, final, step, overwrite, self._durable, barrier)
             self._durable.committed(step, final, loading.read_manifest(final))
             if pending or _promotion_pending(source):  # (or an earlier overwrite's, this promotion of a forced save's)
@@ -914,9 +926,15 @@ def _promotion_pending(step_dir: storage.Location) -> bool:
     return os.path.lexists(step_dir / fmt.PROMOTING)
 
 
-def _mark_pending(step_dir: Path) -> None:
+def _mark_pending(step_dir: Path, step: int) -> None:
     """Marks a local step as the source of a promotion owed to the durable tier (see
-    :meth:`LocalTier._replaces_in_place`) until it commits: a writer after this one promotes it again."""
+    :meth:`LocalTier._replaces_in_place`) until it commits: a writer after this one promotes it again.
+
+    Raises:
+      StepNotFoundError: ``step_dir`` is no directory now (a symbolic link put at its name since it was listed, whose
+        target is never written to; see :func:`ckpt.root.check_still_a_step`).
+    """
+    root.check_still_a_step(step_dir, step)
     storage.write_file(step_dir / fmt.PROMOTING, b"")
 
 
@@ -930,9 +948,14 @@ def _promoted(step_dir: Path) -> None:
 
 
 def _saved_after(one: CheckpointMetadata, other: CheckpointMetadata) -> bool:
-    """Whether ``one`` (a copy of a step) was committed after ``other`` (a time unknown: no)."""
-    one_time, other_time = _committed(one), _committed(other)
-    return None not in (one_time, other_time) and one_time > other_time
+    """Whether ``one`` (a copy of a step) was committed after ``other``, their times read from their manifests where
+    the listing has none (a time unknown: no)."""
+    return _later(_committed(one), _committed(other))
+
+
+def _later(one: int | None, other: int | None) -> bool:
+    """Whether commit time ``one`` is later than ``other`` (a time unknown, None: no)."""
+    return None not in (one, other) and one > other
 
 
 def _committed(info: CheckpointMetadata) -> int | None:

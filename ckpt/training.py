@@ -168,7 +168,8 @@ class Checkpointer:
                                          self._writer, self._take_directory, self._committed, self._processes,
                                          self._operation, lambda: self._ctx.async_options.timeout_secs,
                                          lambda: self._begun, self._forget_if_gone),
-                Checkpointer, Checkpointer._collect_garbage, Checkpointer._decide, Checkpointer._take_directory,
+                Checkpointer, Checkpointer._save, Checkpointer._collect_garbage, Checkpointer._decide,
+                Checkpointer._take_directory,
                 context=self._context, step_name_format=self._name_format, lightweight_initialize=lightweight_initialize,
                 cleanup_tmp_directories=cleanup_tmp_directories)
         if cleanup_tmp_directories and primary:
@@ -710,7 +711,10 @@ class Checkpointer:
             lambda: self._staging.reserve(saving.staging_sizes(saving.plan(trees, storage=storage), budget)))
 
     def _save(self, step: int, checkpointables: dict[str, Any], *, force: bool, overwrite: bool, metrics: Any,
-              custom_metadata: Any, blocking: bool) -> background.AsyncResponse[bool] | None:
+              custom_metadata: Any, blocking: bool, marks: tuple[str, ...] = ()) -> background.AsyncResponse[bool] | None:
+        """A save (see :meth:`save_checkpointables`); its response, or None where the policy skips the step. ``marks``:
+        names of empty files written into the step before its commit (a local tier's save of a step owed to the durable
+        tier marks it so, see :meth:`ckpt.tiers.LocalTier.save`)."""
         self._check_open()
         step = _step_number(step)
         # A step still being written exists: overwritten or refused. With two tiers a step either holds counts,
@@ -780,7 +784,7 @@ class Checkpointer:
         writer = saving.StepWriter(plan, storage.temporary_for(final), final, overwrite=overwrite,
                                    dir_mode=self._ctx.file_options.path_permission_mode,
                                    processes=self._processes, operation=self._operation(f"save/{step}"),
-                                   timeout_secs=self._ctx.async_options.timeout_secs)
+                                   timeout_secs=self._ctx.async_options.timeout_secs, marks=marks)
         writer.start_custom(handled)
 
         self._in_flight = CheckpointMetadata(step, final, init_timestamp_nsecs=plan.init_timestamp_nsecs,

@@ -267,26 +267,46 @@ def test_a_replaced_step_a_failed_removal_left_never_comes_back_once_its_step_is
     assert sorted(os.listdir(root)) == [fmt.LOCK, "6", "7"]
 
 
-def test_a_free_load_or_delete_of_a_checkpoint_a_crash_left_set_aside_says_where_it_is(tmp_path):
+def test_a_free_load_of_a_checkpoint_a_crash_left_set_aside_says_where_it_is(tmp_path):
     """``ckpt.save(path, overwrite=True)`` killed between the two renames (no atomic exchange): no
-    Checkpointer puts a free checkpoint back, so its load and its deletion say where the checkpoint is (as a save
-    there does; the deletion said only that the path did not exist). A directory of the user's named so is no
-    checkpoint set aside: the load was told to rename it back too."""
+    Checkpointer puts a free checkpoint back, so its load says where the checkpoint is (as a save there does). A
+    directory of the user's named so is no checkpoint set aside: the load was told to rename it back too, and a
+    deletion, which deletes a checkpoint set aside, leaves it alone."""
     model, aside = tmp_path / "model", tmp_path / ("model" + fmt.REPLACED_SUFFIX)
     ckpt.save(model, {"v": np.zeros(3)})
     if not storage.is_marked(model):
         storage.mark(model, durable=True)  # (as the commit marks it before it sets it aside)
     os.rename(model, aside)  # as the crash leaves it
-    for call in (ckpt.load, ckpt.delete):
-        with pytest.raises(ckpt.errors.CheckpointNotFoundError,
-                           match=r"model\.ckpt-replaced holds it as it was before a save with overwrite=True"):
-            call(model)
+    with pytest.raises(ckpt.errors.CheckpointNotFoundError,
+                       match=r"model\.ckpt-replaced holds it as it was before a save with overwrite=True"):
+        ckpt.load(model)
     assert storage.set_aside_step(aside) is not None  # left as it was
     shutil.rmtree(aside)
     aside.mkdir()
     (aside / "notes.txt").write_text("mine")
     with pytest.raises(ckpt.errors.CheckpointNotFoundError, match="the path does not exist$"):
         ckpt.load(model)
+    assert ckpt.delete(model, missing_ok=True) is False and (aside / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("missing_ok", [True, False])
+def test_a_free_delete_deletes_the_checkpoint_an_overwrite_killed_between_its_renames_left_set_aside(tmp_path,
+                                                                                                    missing_ok):
+    """Was: with model set aside as model.ckpt-replaced by the kill (nothing at model), ckpt.delete(model,
+    missing_ok=True) returned False and left it, and the next ckpt.save(model) without overwrite=True refused it as
+    the checkpoint ('already exists, set aside as ...'); without missing_ok the deletion raised CheckpointNotFoundError
+    (rename it back). The checkpoint set aside is the one a save sees there: it is put back and deleted."""
+    model = tmp_path / "model"
+    child = procs.forkserver(crash_worker.__name__).Process(
+        target=crash_worker.free_overwrite_killed_after_a_rename, args=(str(model), fmt.REPLACED_SUFFIX))
+    child.start()
+    child.join(120)
+    assert child.exitcode == -9 and not model.exists()
+    assert ckpt.delete(model, missing_ok=missing_ok) is True  # was: False (missing_ok), CheckpointNotFoundError
+    assert [name for name in os.listdir(tmp_path) if not name.endswith(fmt.TMP_SUFFIX)] == []
+    ckpt.save(model, {"v": np.full(3, 2.0)})  # was: StepAlreadyExistsError
+    assert ckpt.load(model)["v"].tolist() == [2.0] * 3
+    assert ckpt.delete(model) and ckpt.delete(model, missing_ok=True) is False and os.listdir(tmp_path) == []
 
 
 KILLED_BEFORE_ITS_RENAME = """

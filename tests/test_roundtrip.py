@@ -153,6 +153,52 @@ def test_python_types_as_abstract_leaves_cast_the_saved_values(tmp_path):
     assert [type(v) for v in restored.values()] == [float, float, int, int]
 
 
+def test_python_types_as_abstract_leaves_refuse_values_they_cannot_hold_as_array_casts_do(tmp_path):
+    """A Python int, float or bool abstract leaf casts as a numpy dtype does (a fraction dropped, 0.5 is True),
+    and refuses what it cannot hold, naming the leaf, where bool(3) would be True and float(1+2j) 1.0."""
+    torch = pytest.importorskip("torch")
+    fits = {"frac": (2.5, int), "exact": (2.0, int), "huge": (2**100, int), "half": (np.float32(0.5), True),
+            "one": (torch.tensor(1), bool), "real": (np.complex64(1.5 + 0j), float),
+            "bf16": (torch.tensor(-2.5, dtype=torch.bfloat16), 0)}
+    ckpt.save(tmp_path / "fits", {k: saved for k, (saved, _) in fits.items()})
+    loaded = ckpt.load(tmp_path / "fits", {k: abstract for k, (_, abstract) in fits.items()})
+    assert loaded == {"frac": 2, "exact": 2, "huge": 2**100, "half": True, "one": True, "real": 1.5, "bf16": -2}
+    assert [type(v) for v in loaded.values()] == [int, int, int, bool, bool, float, int]
+    cases = {"three": (3, bool, "int value 3 does not fit bool"), "two": (2.0, False, "do not fit bool"),
+             "np": (np.int64(3), bool, "int64 values, from 3 to 3, do not fit bool"),
+             "torch": (torch.tensor(3), True, "do not fit bool"), "nan": (float("nan"), int, "value nan does not fit int"),
+             "inf": (np.float32(np.inf), 0, "float32 value inf does not fit int"),
+             "imag": (np.complex64(1 + 2j), float, "value (1+2j) has an imaginary part"),
+             "imag_int": (np.complex128(1 + 2j), int, "has an imaginary part"),
+             "big": (10**400, float, "int value (1329 bits) does not fit float")}
+    ckpt.save(tmp_path / "c", {k: saved for k, (saved, _, _) in cases.items()})
+    for key, (_, abstract, why) in cases.items():
+        tree = {k: (abstract if k == key else ckpt.PLACEHOLDER) for k in cases}
+        with pytest.raises(errors.TreeMismatchError, match=rf"state\['{key}'\]: .*{re.escape(why)}"):
+            ckpt.load(tmp_path / "c", tree)
+
+
+def test_numpy_scalar_types_and_array_classes_as_abstract_leaves_give_their_types_and_refuse_as_casts_do(tmp_path):
+    """An abstract leaf np.int32 (the type, as Orbax's restore_type takes) gave the saved value as it was (np.int64
+    2**40, a Python 3 for np.bool_); np.ndarray, jax.Array or torch.Tensor gave a saved Python number as a Python
+    number (np.ndarray an object array for an int past 64 bits). Each gives its type now, cast as arrays are."""
+    jax, torch = pytest.importorskip("jax"), pytest.importorskip("torch")
+    ckpt.save(tmp_path / "fits", {"i": np.int64(7), "f": 3.5, "a": 2, "j": 2.5, "t": 4})
+    loaded = ckpt.load(tmp_path / "fits", {"i": np.int32, "f": np.float16, "a": np.ndarray, "j": jax.Array,
+                                           "t": torch.Tensor})
+    assert [type(v) for v in loaded.values()] == [np.int32, np.float16, np.ndarray, type(jax.numpy.zeros(())),
+                                                  torch.Tensor]
+    assert [v.item() for v in loaded.values()] == [7, 3.5, 2, 2.5, 4]
+    cases = {"big": (np.int64(2**40), np.int32, "int64 values, from 1099511627776 to 1099511627776, do not fit int32"),
+             "three": (3, np.bool_, "from 3 to 3, do not fit bool"), "str": ("x", np.int32, "wants a numpy int32"),
+             "huge": (2**70, np.ndarray, "int value (71 bits) does not fit a numpy integer")}
+    ckpt.save(tmp_path / "c", {k: saved for k, (saved, _, _) in cases.items()})
+    for key, (_, abstract, why) in cases.items():
+        tree = {k: (abstract if k == key else ckpt.PLACEHOLDER) for k in cases}
+        with pytest.raises(errors.TreeMismatchError, match=rf"state\['{key}'\]: .*{re.escape(why)}"):
+            ckpt.load(tmp_path / "c", tree)
+
+
 # --------------------------------------------------------------------------- containers
 class Point(collections.namedtuple("Point", "x y")):
     pass
@@ -377,6 +423,24 @@ def test_a_nested_tensor_in_the_template_is_a_mismatch_naming_it(tmp_path):
         assert "state['b']: the abstract leaf is a nested torch tensor, which ckpt neither stores nor loads into: put " \
                "None in its place" in str(info.value), layout
     assert torch.equal(ckpt.load(tmp_path / "c", {"a": torch.zeros(2), "b": None})["b"], torch.ones(5))
+
+def test_a_sparse_tensor_in_the_template_is_a_mismatch_naming_it_as_its_save_is_refused(tmp_path):
+    """A sparse COO or CSR template (of the saved shape) gave a dense tensor in its place without a word, where the
+    save of a sparse tensor is refused naming the leaf: ckpt neither stores nor loads into sparse layouts."""
+    torch = pytest.importorskip("torch")
+    dense = torch.tensor([[0.0, 0.0, 3.0], [4.0, 0.0, 0.0]])
+    with pytest.raises(TypeError, match=r"\['b'\] is torch\.sparse_coo, which ckpt cannot store"):
+        ckpt.save(tmp_path / "refused", {"a": torch.ones(2), "b": dense.to_sparse()})
+    ckpt.save(tmp_path / "c", {"a": torch.ones(2), "b": dense})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (torch's CSR support is in beta)
+        templates = {"coo": dense.to_sparse(), "csr": dense.to_sparse_csr(), "shape": torch.zeros(3, 2).to_sparse()}
+    for name, template in templates.items():
+        with pytest.raises(errors.TreeMismatchError, match=r"state\['b'\]: .*(is a torch\.sparse_c.. tensor, which ckpt "
+                                                           r"neither stores nor loads into|wants \(3, 2\))"):
+            ckpt.load(tmp_path / "c", {"a": torch.zeros(2), "b": template})
+    assert torch.equal(ckpt.load(tmp_path / "c", {"a": torch.zeros(2), "b": torch.zeros(2, 3)})["b"], dense)
+
 
 def test_a_fresh_optimizers_empty_state_in_the_template_leads_to_none_not_to_a_partial_load(tmp_path):
     # was: the hint suggested partial_load, which silently dropped Adam's moments on resume

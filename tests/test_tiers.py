@@ -1125,14 +1125,21 @@ def test_a_local_step_found_gone_before_its_promotion_began_fails_it_naming_the_
         assert [(c.step, sorted(c.locations)) for c in ckptr.checkpoints] == [(2, ["durable", "local"]), (3, ["local"])]
 
 
-def test_a_local_step_replaced_by_a_link_before_its_promotion_is_not_promoted_through_it(tmp_path, monkeypatch):
-    """Step 4, its promotion waiting behind step 2's, replaced on the local tier by a link to another run's step 4: the
-    promotion copied what the link leads to, and the durable step 4 held the other run's values."""
+def _another_run_and_step_2s_promotion_held(tmp_path: Path, monkeypatch) -> tuple[ckpt.LocalCheckpointOptions,
+                                                                                     threading.Event]:
+    """Saves another run's checkpoint at ``tmp_path / "other"`` and holds the promotion of step 2 until the event is set;
+    returns the local tier's options (a save every step) and the event."""
     ckpt.save(tmp_path / "other", {"w": np.full(2, 999)})
     released, copy_step = threading.Event(), tiers._copy_step
     monkeypatch.setattr(tiers, "_copy_step", lambda source, final, step, *args: (
         step != 2 or released.wait(60)) and copy_step(source, final, step, *args))
-    local = ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1))
+    return ckpt.LocalCheckpointOptions(tmp_path / "local", save_decision_policy=sdp.FixedIntervalPolicy(1)), released
+
+
+def test_a_local_step_replaced_by_a_link_before_its_promotion_is_not_promoted_through_it(tmp_path, monkeypatch):
+    """Step 4, its promotion waiting behind step 2's, replaced on the local tier by a link to another run's step 4: the
+    promotion copied what the link leads to, and the durable step 4 held the other run's values."""
+    local, released = _another_run_and_step_2s_promotion_held(tmp_path, monkeypatch)
     with ckpt.Checkpointer(tmp_path / "durable", save_decision_policy=sdp.FixedIntervalPolicy(2), local=local) as ckptr:
         for step in (2, 4):
             ckptr.save_async(step, {"w": np.full(2, step)})
@@ -1145,6 +1152,31 @@ def test_a_local_step_replaced_by_a_link_before_its_promotion_is_not_promoted_th
                                                            r"a symbolic link"):
             ckptr.wait()
     assert sorted(os.listdir(tmp_path / "durable")) == [".ckpt.lock", "2"]  # was: 4, holding 999
+
+
+@pytest.mark.parametrize("forced", ["a step the local tier holds", "a step waiting for its promotion"])
+def test_a_local_step_replaced_by_a_link_is_not_marked_pending_through_it(tmp_path, monkeypatch, forced):
+    """A forced save of step 3 held locally (or step 4's forced promotion, waiting behind step 2's), its local
+    directory replaced since it was listed by a link to another run's checkpoint: the mark of a promotion owed
+    (.ckpt-promoting) was written through the link into that checkpoint, and left there, before the promotion was
+    refused."""
+    local, released = _another_run_and_step_2s_promotion_held(tmp_path, monkeypatch)
+    with ckpt.Checkpointer(tmp_path / "durable", save_decision_policy=sdp.FixedIntervalPolicy(2), local=local) as ckptr:
+        step = 3 if forced == "a step the local tier holds" else 4
+        ckptr.save_async(2, {"w": np.full(2, 2)})
+        ckptr.save_async(step, {"w": np.full(2, step)}, force=step == 4)
+        while ckptr.latest.step != step:  # committed locally (wait() would wait for the held promotion)
+            time.sleep(0.01)
+        (tmp_path / "local" / str(step)).rename(tmp_path / "moved")
+        (tmp_path / "local" / str(step)).symlink_to(tmp_path / "other")
+        with pytest.raises(errors.StepNotFoundError, match=rf"step {step} \(.*local/{step}\) is no committed step now: "
+                                                           r"it holds a symbolic link"):
+            if step == 3:
+                ckptr.save(3, {"w": np.full(2, 3)}, force=True)
+            released.set()
+            ckptr.wait()
+        released.set()
+    assert sorted(os.listdir(tmp_path / "other")) == [".ckpt-owned", "manifest.json", "packed", "tree.json"]
 
 
 def test_ckpt_show_and_verify_with_local_read_the_step_a_load_reads_and_check_every_copy_on_either_tier(tmp_path, capsys):
@@ -1481,6 +1513,45 @@ def test_on_s3_a_forced_step_whose_promotion_was_cut_short_is_promoted_after_a_w
         ckptr.wait()
         assert [c.step for c in ckptr.checkpoints if "durable" in c.locations][-2:] == [7, 10]  # was: [5, 10]
     assert ckpt.load(f"{bucket}/7")["w"][0] == 7
+
+
+KILLED_BEFORE_A_FORCED_STEPS_PROMOTION_IS_QUEUED = """
+import os, signal, sys
+import numpy as np
+import ckpt
+from ckpt import tiers
+from ckpt.training import save_decision_policies as sdp
+local = ckpt.LocalCheckpointOptions(sys.argv[2], save_decision_policy=sdp.FixedIntervalPolicy(1))
+with ckpt.Checkpointer(sys.argv[1], save_decision_policy=sdp.FixedIntervalPolicy(5), local=local) as ckptr:
+    ckptr.save(5, {"w": np.full(2, 5)})
+    if sys.argv[3] == "held":
+        ckptr.save(12, {"w": np.full(2, 12)})  # (on the local tier only: the durable policy skips it)
+    ckptr.wait()
+    tiers.LocalTier._submit = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)
+    ckptr.save(12, {"w": np.full(2, 12)}, force=True)
+"""
+
+
+@pytest.mark.parametrize("store", ["local", "s3"])
+@pytest.mark.parametrize("local_copy", ["saved", "held"])
+def test_a_forced_step_killed_once_committed_locally_before_its_promotion_was_queued_is_promoted_by_the_next_writer(
+        tmp_path, request, local_copy, store):
+    """Step 12 saved with force=True (or, held locally already, forced), committed locally and SIGKILLed before its
+    promotion was queued, as when it waits behind another upload: its local copy was marked pending only once its
+    promotion ran, so the next writer, whose policy skips step 12, never promoted it, and it was lost from both tiers
+    once the local policy dropped it. The mark is committed with the local step (or written before the save returns)."""
+    durable = str(tmp_path / "durable") if store == "local" else request.getfixturevalue("bucket")
+    local_dir = tmp_path / "local"
+    killed = procs.run_script(KILLED_BEFORE_A_FORCED_STEPS_PROMOTION_IS_QUEUED, durable, str(local_dir), local_copy)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    local = ckpt.LocalCheckpointOptions(local_dir, save_decision_policy=sdp.FixedIntervalPolicy(1))
+    with ckpt.Checkpointer(durable, save_decision_policy=sdp.FixedIntervalPolicy(5), local=local) as ckptr:
+        for step in (13, 14, 16):
+            ckptr.save(step, {"w": np.full(2, step)})
+        ckptr.wait()
+        assert [(c.step, sorted(c.locations)) for c in ckptr.checkpoints] == [
+            (5, ["durable"]), (12, ["durable"]), (14, ["local"]), (16, ["local"])]  # was: 12 nowhere
+    assert not (local_dir / "12").exists() and ckpt.load(f"{durable}/12")["w"][0] == 12
 
 
 KILLED_AS_A_FORCED_STEPS_COPY_BEGINS = """

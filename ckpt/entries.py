@@ -57,9 +57,8 @@ def _fields(metas: list[dict]) -> tuple[list[str], list[str], list[str], list[st
     else:  # tuples would take True for 1 and 1.0 for 1
         keys = list(map(str, shapes))
     shape_texts = {key: NULL if shape is None else _ENCODE(shape) for key, shape in dict(zip(keys, shapes)).items()}
-    more = [NULL if fields == _ARRAY_KEYS else _more(meta) for fields, meta in zip(map(tuple, metas), metas)]
     return (list(map(strings.__getitem__, types)), list(map(strings.__getitem__, dtypes)),
-            list(map(shape_texts.__getitem__, keys)), more)
+            list(map(shape_texts.__getitem__, keys)), more(metas))
 
 
 def _more(meta: dict) -> str:
@@ -71,26 +70,59 @@ def _more(meta: dict) -> str:
 def table(texts: dict[str, list[str]], crcs: Sequence[str]) -> str:
     """The leaf table of tree.json from the texts of :func:`rows` and of each leaf's CRC32 (:data:`NULL`
     for a leaf not packed)."""
-    columns = {**texts, "crc32": crcs}
-    return "{" + ",".join(f'"{name}":[{",".join(columns[name])}]' for name in COLUMNS) + "}"
+    return b"".join(table_parts(head(texts), crcs, texts["more"])).decode()
 
 
-def tree_json(structures: dict[str, str], tables: dict[str, str], handled: dict | None,
+_HEAD_COLUMNS = COLUMNS[:COLUMNS.index("crc32")]
+assert COLUMNS[len(_HEAD_COLUMNS):] == ("crc32", "more")  # (what table_parts writes after the head)
+
+
+def head(texts: dict[str, list[str]]) -> bytes:
+    """The text of a leaf table's columns before ``crc32`` (``path`` to ``packed``) from the texts of
+    :func:`rows`, as ASCII bytes: what does not change from one save of a tree to the next (a layout keeps
+    it, one text per checkpointable, in place of a text per field)."""
+    return ",".join(f'"{name}":[{",".join(texts[name])}]' for name in _HEAD_COLUMNS).encode()
+
+
+def table_parts(head_text: bytes, crcs: Sequence[str], more_texts: Sequence[str]) -> list[bytes]:
+    """The leaf table of tree.json, in parts that :func:`tree_json` joins (the head not copied), from the text
+    of its columns before ``crc32`` (:func:`head`), the texts of each leaf's CRC32 (:data:`NULL` for a leaf
+    not packed) and of its other fields (:func:`more`).
+
+    Example::
+
+        texts = rows([".w"], [{"type": "numpy", "dtype": "float32", "shape": [2]}], [(0, 8)])
+        assert b"".join(table_parts(head(texts), ["7"], texts["more"])).decode() == table(texts, ["7"])
+    """
+    return [b"{", head_text, b',"crc32":[', ",".join(crcs).encode(), b'],"more":[', ",".join(more_texts).encode(),
+            b"]}"]
+
+
+def more(metas: Sequence[dict]) -> list[str]:
+    """The text of each entry's fields that have no column of their own (the ``more`` column of :func:`rows`)."""
+    return [NULL if fields == _ARRAY_KEYS else _more(meta) for fields, meta in zip(map(tuple, metas), metas)]
+
+
+def tree_json(structures: dict[str, str], tables: dict[str, list[bytes]], handled: dict | None,
               packed: dict | None) -> bytes:
     """tree.json: each checkpointable's structure (``structures``: their texts, see :func:`ckpt.tree.to_text`)
-    and its leaf table (``tables``: their texts, see :func:`table`), the checkpointables saved by
-    handlers, and the packed array.
+    and its leaf table (``tables``: the parts of each, see :func:`table_parts`), the checkpointables saved by
+    handlers, and the packed array; joined once (a save holds one copy of the document).
 
     Raises:
       ValueError: the document is larger than a reader accepts (``fmt.TREE_MAX_BYTES``).
     """
-    trees = ",".join(f'{_ENCODE(name)}:{{"tree":{text},"leaves":{tables[name]}}}' for name, text in structures.items())
-    parts = [f'{{"checkpointables":{{{trees}}}']
+    parts = [b'{"checkpointables":{']
+    for k, (name, text) in enumerate(structures.items()):
+        parts += [b"," if k else b"", f'{_ENCODE(name)}:{{"tree":'.encode(), text.encode(), b',"leaves":',
+                  *tables[name], b"}"]
+    parts.append(b"}")
     if handled is not None:
-        parts.append(f',"handled":{_ENCODE(handled)}')
+        parts.append(f',"handled":{_ENCODE(handled)}'.encode())
     if packed is not None:
-        parts.append(f',"packed":{_ENCODE(packed)}')
-    data = "".join([*parts, "}"]).encode()
-    if len(data) > fmt.TREE_MAX_BYTES:
-        raise ValueError(f"the tree takes {len(data)} bytes as JSON, more than the {fmt.TREE_MAX_BYTES} a reader accepts")
-    return data
+        parts.append(f',"packed":{_ENCODE(packed)}'.encode())
+    parts.append(b"}")
+    if sum(map(len, parts)) > fmt.TREE_MAX_BYTES:
+        raise ValueError(f"the tree takes {sum(map(len, parts))} bytes as JSON, more than the {fmt.TREE_MAX_BYTES} "
+                         "a reader accepts")
+    return b"".join(parts)

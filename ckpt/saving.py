@@ -1006,32 +1006,33 @@ class StepWriter:
         return entries.tree_json(plan.structures, self._leaf_tables(), None if self.custom is None else self.custom.records,
                                  packed)
 
-    def _leaf_tables(self) -> dict[str, str]:
-        """Each checkpointable's leaf table in tree.json, as text: a reused plan's from the texts of its
-        layout's rows, those of the leaves not packed made anew."""
+    def _leaf_tables(self) -> dict[str, list[bytes]]:
+        """Each checkpointable's leaf table in tree.json, in parts (:func:`ckpt.entries.table_parts`): a reused
+        plan's from the texts its layout keeps (:attr:`ckpt.layout.Layout.table_texts`), the ``more`` fields of
+        the leaves not packed made anew."""
         plan, crcs = self.plan, list(map(str, self.packed_crcs))
         if plan.values is None:
             crc_of = dict(zip(map(id, plan.packed), crcs))
-            return {name: entries.table(
-                entries.rows(tree_lib.keystrs([leaf.path for leaf in row]), [leaf.host.meta for leaf in row],
-                             [(leaf.offset, leaf.nbytes) if leaf.location == "packed" else None for leaf in row]),
-                [crc_of.get(id(leaf), entries.NULL) for leaf in row]) for name, row in plan.leaves.items()}
+            tables = {}
+            for name, row in plan.leaves.items():
+                texts = entries.rows(tree_lib.keystrs([leaf.path for leaf in row]), [leaf.host.meta for leaf in row],
+                                     [(leaf.offset, leaf.nbytes) if leaf.location == "packed" else None for leaf in row])
+                crc_texts = [crc_of.get(id(leaf), entries.NULL) for leaf in row]
+                tables[name] = entries.table_parts(entries.head(texts), crc_texts, texts["more"])
+            return tables
         layout = plan.layout
-        texts, crc_texts = layout.rows, [entries.NULL] * len(layout.paths)
+        heads, more = layout.table_texts
+        crc_texts = [entries.NULL] * len(more)
         for i, crc in zip(layout.packed_order, crcs):
             crc_texts[i] = crc
-        if plan.unpacked:
-            texts = {column: list(values) for column, values in texts.items()}
-            fresh = entries.rows([layout.path_strings[i] for i in plan.unpacked],
-                                 [leaf.host.meta for leaf in plan.unpacked.values()], [None] * len(plan.unpacked))
-            for column, values in fresh.items():
-                for i, text in zip(plan.unpacked, values):
-                    texts[column][i] = text
+        if plan.unpacked:  # (their other columns do not change: the layout's type, dtype and shape, packed null)
+            more = list(more)
+            for i, text in zip(plan.unpacked, entries.more([leaf.host.meta for leaf in plan.unpacked.values()])):
+                more[i] = text
         out, start = {}, 0
-        for name, count in zip(layout.names, layout.counts):
+        for name, count, head in zip(layout.names, layout.counts, heads):
             stop = start + count
-            out[name] = entries.table({column: values[start: stop] for column, values in texts.items()},
-                                      crc_texts[start: stop])
+            out[name] = entries.table_parts(head, crc_texts[start: stop], more[start: stop])
             start = stop
         return out
 

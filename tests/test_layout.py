@@ -272,6 +272,34 @@ def test_leaf_tables_are_what_json_dumps_writes_and_each_row_is_the_entry(path, 
         assert LeafTable(twice)[1] == entry
 
 
+def test_tree_json_is_joined_once_from_the_table_text_a_layout_keeps(tmp_path):
+    """A save's tree.json is made with one copy of the document in memory (it took four: each table, the
+    checkpointables' part, the whole text, its bytes), and a kept layout holds the columns of its leaf table
+    that do not change as one text per checkpointable, the same tree.json as a fresh plan's."""
+    import tracemalloc
+
+    state = {"a": {f"leaf_{i}": np.full(i % 50 + 1, i, np.float32) for i in range(2000)}, "b": [np.int64(3)]}
+    with ckpt.Checkpointer(tmp_path / "reused") as ckptr:
+        ckptr.save(0, state, force=True)
+        ckptr.save(1, state, force=True)
+        layout = ckptr._staging.layout
+        heads, more = layout.table_texts
+        assert [type(head) for head in heads] == [bytes] and len(more) == 2001
+    with ckpt.Checkpointer(tmp_path / "fresh") as ckptr:
+        ckptr.save(1, state, force=True)
+    document = (tmp_path / "fresh" / "1" / fmt.TREE).read_bytes()
+    assert (tmp_path / "reused" / "1" / fmt.TREE).read_bytes() == document
+    texts = entries.rows([f"['leaf_{i}']" for i in range(2000)], layout.meta[:2000], [(64 * i, 4) for i in range(2000)])
+    tables = {"a": entries.table_parts(entries.head(texts), ["123456789"] * 2000, texts["more"])}
+    tracemalloc.start()
+    try:
+        made = entries.tree_json({"a": layout.structures["state"]}, tables, None, {"nbytes": 1})
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1.5 * len(made), f"{peak / len(made):.2f}x the document"
+
+
 @pytest.mark.parametrize("chunk", [64, 100, 4096])
 def test_checksums_from_chunks_are_each_packed_leafs_crc32(chunk):
     """packing.Checksums takes each leaf's CRC32 from the chunks that hold it, whether it lies in one,

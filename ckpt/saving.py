@@ -933,7 +933,7 @@ class StepWriter:
         started once it is written, all of them fsync'd before tree.json): the save holds a piece of the
         packed array at a time, not a chunk."""
         self._unsynced.add(directory)
-        step = packing.piece_bytes()
+        step = packing.piece_bytes(packing.slot(max(self.plan.packed_spans[1], default=0)))
         pieces = self._packed_chunks(step)
         for chunk in layout:
             sums: list[int] = []

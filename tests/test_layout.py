@@ -227,6 +227,25 @@ def test_a_sync_save_holds_a_piece_of_the_packed_array_at_a_time_not_a_chunk(tmp
             assert_same(checkpointer.load(step), state)
 
 
+def test_a_sync_save_fills_pieces_sized_for_its_largest_packed_leaf(tmp_path, monkeypatch):
+    """A sync save of leaves of 16 KiB at most fills pieces of 128 KiB (two alive while one is written: issue 23's
+    2,000 small leaves peaked 0.05x their 3.8 MiB higher with pieces of 256 KiB); one with a packed leaf over
+    128 KiB fills pieces of 256 KiB, so that such a leaf is not copied again into each next piece."""
+    sizes = []
+    windows = packing.windows
+    monkeypatch.setattr(packing, "windows", lambda fill, total, size: sizes.append(size) or windows(fill, total, size))
+    small = {f"s{i}": np.full(i * 40 + 1, i, np.float32) for i in range(100)}
+    larger = {**small, "x": np.ones(50_000, np.float32)}
+    for step, (state, piece) in enumerate([(small, 128 << 10), (larger, 256 << 10)]):
+        sizes.clear()
+        with ckpt.Checkpointer(tmp_path / str(step)) as ckptr:
+            ckptr.save(0, state, force=True)
+            assert sizes == [piece], step
+            assert_same(ckptr.load(0), state)
+    assert packing.piece_bytes(0) == packing.piece_bytes(128 << 10) == 128 << 10
+    assert packing.piece_bytes((128 << 10) + 1) == packing.piece_bytes(1 << 20) == 256 << 10
+
+
 def test_pieces_of_the_packed_array_make_the_files_and_checksums_a_snapshot_makes(tmp_path, monkeypatch):
     """With pieces of 1 KiB in chunks of 4 KiB (leaves across pieces and chunks, an edge chunk), sync
     saves (a fresh plan, a reused layout) write the tree.json (each leaf's CRC32, each chunk's word sum)

@@ -111,19 +111,13 @@ class Layout:
         return array_types(self.meta)
 
     @functools.cached_property
-    def table_texts(self) -> tuple[list[bytes], list[str]]:
+    def table_texts(self) -> tuple[list[list[bytes]], list[str]]:
         """The text of each checkpointable's leaf table in tree.json before its ``crc32`` column (see
-        :func:`ckpt.entries.head`: one text per checkpointable, not a text per field), and the text of each
+        :func:`ckpt.entries.head`: a few parts per checkpointable, not a text per field), and the text of each
         leaf's ``more`` field; made when the layout's first tree.json is written. A save adds the CRC32s and
         makes the ``more`` of the leaves not packed anew."""
-        spans = [(offset, nbytes) if where == "packed" else None
-                 for where, offset, nbytes in zip(self.location, self.offset, self.nbytes)]
-        texts = entries.rows(tree_lib.keystrs(self.paths), self.meta, spans)
-        heads, start = [], 0
-        for count in self.counts:
-            heads.append(entries.head({column: values[start: start + count] for column, values in texts.items()}))
-            start += count
-        return heads, texts["more"]
+        offsets = [offset if where == "packed" else None for where, offset in zip(self.location, self.offset)]
+        return entries.heads(self.paths, self.meta, offsets, self.nbytes, self.counts)
 
     def windows(self, size: int) -> list[tuple[list[packing.Run], list[int]]]:
         """The runs and lone leaves of each window of ``size`` bytes of the packed array, a chunk or a

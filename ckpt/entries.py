@@ -158,10 +158,11 @@ def more(metas: Sequence[dict]) -> list[str]:
 
 
 def tree_json(structures: dict[str, str], tables: dict[str, list[bytes]], handled: dict | None,
-              packed: dict | None) -> bytes:
-    """tree.json: each checkpointable's structure (``structures``: their texts, see :func:`ckpt.tree.to_text`)
-    and its leaf table (``tables``: the parts of each, see :func:`table_parts`), the checkpointables saved by
-    handlers, and the packed array; joined once (a save holds one copy of the document).
+              packed: dict | None) -> list[bytes]:
+    """tree.json, in parts to write one after another (a save holds no copy of the whole document): each
+    checkpointable's structure (``structures``: their texts, see :func:`ckpt.tree.to_text`) and its leaf table
+    (``tables``: the parts of each, see :func:`table_parts`), the checkpointables saved by handlers, and the
+    packed array.
 
     Raises:
       ValueError: the document is larger than a reader accepts (``fmt.TREE_MAX_BYTES``).
@@ -179,4 +180,4 @@ def tree_json(structures: dict[str, str], tables: dict[str, list[bytes]], handle
     if sum(map(len, parts)) > fmt.TREE_MAX_BYTES:
         raise ValueError(f"the tree takes {sum(map(len, parts))} bytes as JSON, more than the {fmt.TREE_MAX_BYTES} "
                          "a reader accepts")
-    return b"".join(parts)
+    return parts

@@ -996,8 +996,9 @@ class StepWriter:
             checksums.feed(start, chunk)
             yield start, chunk
 
-    def _tree_json(self) -> bytes:
-        """tree.json: each checkpointable's structure and leaf entries, the handled ones, the packed array."""
+    def _tree_json(self) -> list[bytes]:
+        """tree.json, in parts (see :func:`ckpt.entries.tree_json`): each checkpointable's structure and leaf
+        entries, the handled ones, the packed array."""
         plan = self.plan
         packed = None
         if plan.packed_spans[0]:
@@ -1041,8 +1042,11 @@ class StepWriter:
         plan = self.plan
         self.prepare_dir()
         with collector.paused():
-            tree_bytes = self._tree_json()
-        storage.write_file(self.tmp_dir / fmt.TREE, tree_bytes)
+            tree_parts = self._tree_json()
+        storage.write_file(self.tmp_dir / fmt.TREE, tree_parts)
+        tree_crc32 = 0
+        for part in tree_parts:
+            tree_crc32 = fmt.crc32(part, tree_crc32)
         manifest = {
             "format": fmt.FORMAT_NAME,
             "version": fmt.FORMAT_VERSION,
@@ -1054,7 +1058,7 @@ class StepWriter:
             fmt.NON_FINITE: plan.non_finite,
             "checkpointables": list(plan.structures),
             "nbytes": plan.nbytes,
-            "tree_crc32": fmt.crc32(tree_bytes),
+            "tree_crc32": tree_crc32,
             **(extra or {}),
         }
         storage.write_file(self.tmp_dir / fmt.MANIFEST, fmt.sealed_manifest(manifest))

@@ -106,22 +106,18 @@ class Layout:
         return found
 
     @functools.cached_property
-    def path_strings(self) -> list[str]:
-        """Each leaf's key path as tree.json writes it."""
-        return tree_lib.keystrs(self.paths)
-
-    @functools.cached_property
     def array_types(self) -> str:
         """Each leaf's dtype and shape as :func:`array_types` gives them (made once)."""
         return array_types(self.meta)
 
     @functools.cached_property
-    def rows(self) -> dict[str, list[str]]:
-        """The texts of each leaf's fields in tree.json's table, but its CRC32 (see :func:`ckpt.entries.rows`);
-        a save makes those of the leaves not packed anew."""
-        spans = [(offset, nbytes) if where == "packed" else None
-                 for where, offset, nbytes in zip(self.location, self.offset, self.nbytes)]
-        return entries.rows(self.path_strings, self.meta, spans)
+    def table_texts(self) -> tuple[list[list[bytes]], list[str]]:
+        """The text of each checkpointable's leaf table in tree.json before its ``crc32`` column (see
+        :func:`ckpt.entries.head`: a few parts per checkpointable, not a text per field), and the text of each
+        leaf's ``more`` field; made when the layout's first tree.json is written. A save adds the CRC32s and
+        makes the ``more`` of the leaves not packed anew."""
+        offsets = [offset if where == "packed" else None for where, offset in zip(self.location, self.offset)]
+        return entries.heads(self.paths, self.meta, offsets, self.nbytes, self.counts)
 
     def windows(self, size: int) -> list[tuple[list[packing.Run], list[int]]]:
         """The runs and lone leaves of each window of ``size`` bytes of the packed array, a chunk or a

@@ -20,14 +20,23 @@ from ckpt import format as fmt
 from ckpt import leaves as leaves_lib
 
 
-PIECE_BYTES = 256 << 10  # a sync save to local files fills and writes the packed array this much at a time
+PIECE_BYTES = 256 << 10  # a sync save to local files fills and writes the packed array at most this much at a time
+MIN_PIECE_BYTES = 128 << 10  # and at least this much (smaller pieces took more time than they saved memory)
 
 
-def piece_bytes() -> int:
+def piece_bytes(largest: int = PIECE_BYTES) -> int:
     """The window by which a sync save to local files fills and writes the packed array, so that it holds
-    a piece of it at a time, not a chunk: :data:`PIECE_BYTES`, or a whole chunk where that does not
-    divide ``fmt.PACKED_CHUNK_BYTES``. Runs of leaves never cross such a window."""
-    return PIECE_BYTES if fmt.PACKED_CHUNK_BYTES % PIECE_BYTES == 0 else fmt.PACKED_CHUNK_BYTES
+    a piece of it at a time (two while one is written), not a chunk: the smallest power of two from
+    :data:`MIN_PIECE_BYTES` to :data:`PIECE_BYTES` that holds ``largest`` bytes (the largest packed leaf's
+    slot: a leaf longer than a piece is copied again into each next one), or a whole chunk where that does
+    not divide ``fmt.PACKED_CHUNK_BYTES``. Runs of leaves never cross such a window.
+
+    Example::
+
+        assert piece_bytes(16 << 10) == MIN_PIECE_BYTES and piece_bytes(1 << 20) == PIECE_BYTES
+    """
+    size = min(PIECE_BYTES, max(MIN_PIECE_BYTES, 1 << max(largest - 1, 0).bit_length()))
+    return size if fmt.PACKED_CHUNK_BYTES % size == 0 else fmt.PACKED_CHUNK_BYTES
 
 
 def slot(nbytes: Any) -> Any:

@@ -934,7 +934,7 @@ class StepWriter:
         started once it is written, all of them fsync'd before tree.json): the save holds a piece of the
         packed array at a time, not a chunk."""
         self._unsynced.add(directory)
-        step = packing.piece_bytes()
+        step = packing.piece_bytes(packing.slot(max(self.plan.packed_spans[1], default=0)))
         pieces = self._packed_chunks(step)
         for chunk in layout:
             sums: list[int] = []
@@ -997,8 +997,9 @@ class StepWriter:
             checksums.feed(start, chunk)
             yield start, chunk
 
-    def _tree_json(self) -> bytes:
-        """tree.json: each checkpointable's structure and leaf entries, the handled ones, the packed array."""
+    def _tree_json(self) -> list[bytes]:
+        """tree.json, in parts (see :func:`ckpt.entries.tree_json`): each checkpointable's structure and leaf
+        entries, the handled ones, the packed array."""
         plan = self.plan
         packed = None
         if plan.packed_spans[0]:
@@ -1007,32 +1008,33 @@ class StepWriter:
         return entries.tree_json(plan.structures, self._leaf_tables(), None if self.custom is None else self.custom.records,
                                  packed)
 
-    def _leaf_tables(self) -> dict[str, str]:
-        """Each checkpointable's leaf table in tree.json, as text: a reused plan's from the texts of its
-        layout's rows, those of the leaves not packed made anew."""
+    def _leaf_tables(self) -> dict[str, list[bytes]]:
+        """Each checkpointable's leaf table in tree.json, in parts (:func:`ckpt.entries.table_parts`): a reused
+        plan's from the texts its layout keeps (:attr:`ckpt.layout.Layout.table_texts`), the ``more`` fields of
+        the leaves not packed made anew."""
         plan, crcs = self.plan, list(map(str, self.packed_crcs))
         if plan.values is None:
             crc_of = dict(zip(map(id, plan.packed), crcs))
-            return {name: entries.table(
-                entries.rows(tree_lib.keystrs([leaf.path for leaf in row]), [leaf.host.meta for leaf in row],
-                             [(leaf.offset, leaf.nbytes) if leaf.location == "packed" else None for leaf in row]),
-                [crc_of.get(id(leaf), entries.NULL) for leaf in row]) for name, row in plan.leaves.items()}
+            tables = {}
+            for name, row in plan.leaves.items():
+                texts = entries.rows(tree_lib.keystrs([leaf.path for leaf in row]), [leaf.host.meta for leaf in row],
+                                     [(leaf.offset, leaf.nbytes) if leaf.location == "packed" else None for leaf in row])
+                crc_texts = [crc_of.get(id(leaf), entries.NULL) for leaf in row]
+                tables[name] = entries.table_parts(entries.head(texts), crc_texts, texts["more"])
+            return tables
         layout = plan.layout
-        texts, crc_texts = layout.rows, [entries.NULL] * len(layout.paths)
+        heads, more = layout.table_texts
+        crc_texts = [entries.NULL] * len(more)
         for i, crc in zip(layout.packed_order, crcs):
             crc_texts[i] = crc
-        if plan.unpacked:
-            texts = {column: list(values) for column, values in texts.items()}
-            fresh = entries.rows([layout.path_strings[i] for i in plan.unpacked],
-                                 [leaf.host.meta for leaf in plan.unpacked.values()], [None] * len(plan.unpacked))
-            for column, values in fresh.items():
-                for i, text in zip(plan.unpacked, values):
-                    texts[column][i] = text
+        if plan.unpacked:  # (their other columns do not change: the layout's type, dtype and shape, packed null)
+            more = list(more)
+            for i, text in zip(plan.unpacked, entries.more([leaf.host.meta for leaf in plan.unpacked.values()])):
+                more[i] = text
         out, start = {}, 0
-        for name, count in zip(layout.names, layout.counts):
+        for name, count, head in zip(layout.names, layout.counts, heads):
             stop = start + count
-            out[name] = entries.table({column: values[start: stop] for column, values in texts.items()},
-                                      crc_texts[start: stop])
+            out[name] = entries.table_parts(head, crc_texts[start: stop], more[start: stop])
             start = stop
         return out
 
@@ -1041,8 +1043,11 @@ class StepWriter:
         plan = self.plan
         self.prepare_dir()
         with collector.paused():
-            tree_bytes = self._tree_json()
-        storage.write_file(self.tmp_dir / fmt.TREE, tree_bytes)
+            tree_parts = self._tree_json()
+        storage.write_file(self.tmp_dir / fmt.TREE, tree_parts)
+        tree_crc32 = 0
+        for part in tree_parts:
+            tree_crc32 = fmt.crc32(part, tree_crc32)
         manifest = {
             "format": fmt.FORMAT_NAME,
             "version": fmt.FORMAT_VERSION,
@@ -1054,7 +1059,7 @@ class StepWriter:
             fmt.NON_FINITE: plan.non_finite,
             "checkpointables": list(plan.structures),
             "nbytes": plan.nbytes,
-            "tree_crc32": fmt.crc32(tree_bytes),
+            "tree_crc32": tree_crc32,
             **(extra or {}),
         }
         storage.write_file(self.tmp_dir / fmt.MANIFEST, fmt.sealed_manifest(manifest))

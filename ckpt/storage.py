@@ -24,7 +24,7 @@ import stat
 import urllib.parse
 import weakref
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import tensorstore as ts
@@ -264,8 +264,9 @@ def fsync_files(directory: Location) -> None:
     fsync_all([path for path in files if stat.S_ISREG(os.lstat(path).st_mode)])
 
 
-def write_file(path: Path, data: bytes, *, mode: int | None = None) -> None:
-    """Writes and fsyncs ``path`` (not atomic: used inside a temporary directory).
+def write_file(path: Path, data: bytes | Sequence[bytes], *, mode: int | None = None) -> None:
+    """Writes and fsyncs ``path`` (not atomic: used inside a temporary directory): ``data``, or its parts one
+    after another (a local file is written from them without joining them).
 
     Only ever writes a regular file of ckpt's own: what else is at ``path`` (a symbolic link, a FIFO, a
     device, a file with another name elsewhere) is neither followed, opened nor truncated.
@@ -273,14 +274,16 @@ def write_file(path: Path, data: bytes, *, mode: int | None = None) -> None:
     Raises:
       ForeignEntryError: something other than such a file is at ``path``.
     """
+    parts = [data] if isinstance(data, (bytes, bytearray, memoryview)) else data
     if isinstance(path, ObjectPath):
-        return path.write_bytes(data)
+        return path.write_bytes(b"".join(parts))
     fd = _open_own_file(path, 0o666 if mode is None else mode)
     try:
         with naming(path):
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+            for part in parts:
+                view = memoryview(part)
+                while view:
+                    view = view[os.write(fd, view):]
             os.fsync(fd)
     finally:
         os.close(fd)

@@ -11,6 +11,7 @@ import pytest
 import ckpt
 from ckpt import format as fmt
 from ckpt import entries, packing, saving, verify
+from ckpt import tree as tree_lib
 from ckpt.leaf_table import LeafTable
 from ckpt.schema import read_manifest, read_tree
 
@@ -227,6 +228,25 @@ def test_a_sync_save_holds_a_piece_of_the_packed_array_at_a_time_not_a_chunk(tmp
             assert_same(checkpointer.load(step), state)
 
 
+def test_a_sync_save_fills_pieces_sized_for_its_largest_packed_leaf(tmp_path, monkeypatch):
+    """A sync save of leaves of 16 KiB at most fills pieces of 128 KiB (two alive while one is written: issue 23's
+    2,000 small leaves peaked 0.05x their 3.8 MiB higher with pieces of 256 KiB); one with a packed leaf over
+    128 KiB fills pieces of 256 KiB, so that such a leaf is not copied again into each next piece."""
+    sizes = []
+    windows = packing.windows
+    monkeypatch.setattr(packing, "windows", lambda fill, total, size: sizes.append(size) or windows(fill, total, size))
+    small = {f"s{i}": np.full(i * 40 + 1, i, np.float32) for i in range(100)}
+    larger = {**small, "x": np.ones(50_000, np.float32)}
+    for step, (state, piece) in enumerate([(small, 128 << 10), (larger, 256 << 10)]):
+        sizes.clear()
+        with ckpt.Checkpointer(tmp_path / str(step)) as ckptr:
+            ckptr.save(0, state, force=True)
+            assert sizes == [piece], step
+            assert_same(ckptr.load(0), state)
+    assert packing.piece_bytes(0) == packing.piece_bytes(128 << 10) == 128 << 10
+    assert packing.piece_bytes((128 << 10) + 1) == packing.piece_bytes(1 << 20) == 256 << 10
+
+
 def test_pieces_of_the_packed_array_make_the_files_and_checksums_a_snapshot_makes(tmp_path, monkeypatch):
     """With pieces of 1 KiB in chunks of 4 KiB (leaves across pieces and chunks, an edge chunk), sync
     saves (a fresh plan, a reused layout) write the tree.json (each leaf's CRC32, each chunk's word sum)
@@ -270,6 +290,62 @@ def test_leaf_tables_are_what_json_dumps_writes_and_each_row_is_the_entry(path, 
         assert LeafTable(columns)[0] == entry
         twice = json.loads(entries.table(entries.rows([path, path], [meta, meta], [span, span]), [crc, crc]))
         assert LeafTable(twice)[1] == entry
+
+
+def test_tree_json_is_written_from_the_table_text_a_layout_keeps(tmp_path):
+    """A save's tree.json is written from its parts, with no copy of the whole document in memory (it took four:
+    each table, the checkpointables' part, the whole text, its bytes), and a kept layout holds the columns of
+    its leaf table that do not change as a few parts per checkpointable, the same tree.json as a fresh plan's."""
+    import tracemalloc
+
+    state = {"a": {f"leaf_{i}": np.full(i % 50 + 1, i, np.float32) for i in range(2000)}, "b": [np.int64(3)]}
+    with ckpt.Checkpointer(tmp_path / "reused") as ckptr:
+        ckptr.save(0, state, force=True)
+        ckptr.save(1, state, force=True)
+        layout = ckptr._staging.layout
+        heads, more = layout.table_texts
+        assert [type(part) for head in heads for part in head] == [bytes] * 15 and len(more) == 2001
+    with ckpt.Checkpointer(tmp_path / "fresh") as ckptr:
+        ckptr.save(1, state, force=True)
+    document = (tmp_path / "fresh" / "1" / fmt.TREE).read_bytes()
+    assert (tmp_path / "reused" / "1" / fmt.TREE).read_bytes() == document
+    texts = entries.rows([f"['leaf_{i}']" for i in range(2000)], layout.meta[:2000], [(64 * i, 4) for i in range(2000)])
+    tables = {"a": entries.table_parts(entries.head(texts), ["123456789"] * 2000, texts["more"])}
+    tracemalloc.start()
+    try:
+        made = entries.tree_json({"a": layout.structures["state"]}, tables, None, {"nbytes": 1})
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    size = sum(map(len, made))
+    assert peak < 0.5 * size, f"{peak / size:.2f}x the document"
+    assert json.loads(b"".join(made))["checkpointables"]["a"]["leaves"]["crc32"] == [123456789] * 2000
+
+
+def test_a_layout_makes_its_table_text_with_few_of_its_leaves_texts_alive_at_once():
+    """A layout's first tree.json makes the text of its tables' columns that do not change one column at a time,
+    the texts of 256 leaves (a key path's, a span's) at a time: the peak stays under 2x the text kept (1.65x; it
+    kept the texts of every field of every leaf, and each key path's text twice: 5.2x for these 5,000 leaves),
+    and the text is the one the rows of every leaf make."""
+    import tracemalloc
+
+    state = {"a": {f"leaf_{i}": np.full(i % 50 + 1, i, np.float32) for i in range(4000)},
+             "b": [np.int64(i) for i in range(1000)]}
+    layout = saving.plan({"state": state, "other": {"x": np.ones(3)}}).layout
+    tracemalloc.start()
+    try:
+        heads, more = layout.table_texts
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    kept = sum(len(part) for head in heads for part in head) + 8 * len(more)
+    assert peak < 2 * kept, f"{peak / kept:.2f}x the text kept"
+    spans = [(offset, nbytes) if where == "packed" else None
+             for where, offset, nbytes in zip(layout.location, layout.offset, layout.nbytes)]
+    texts = entries.rows(tree_lib.keystrs(layout.paths), layout.meta, spans)
+    assert heads == [entries.head({name: column[:5000] for name, column in texts.items()}),
+                     entries.head({name: column[5000:] for name, column in texts.items()})]
+    assert more == texts["more"]
 
 
 @pytest.mark.parametrize("chunk", [64, 100, 4096])

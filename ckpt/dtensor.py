@@ -105,6 +105,13 @@ def on_slices(flat: list[tuple[KeyPath, Any]]) -> list[int]:
     return [i for i, (_, x) in enumerate(flat) if is_dtensor(x) and _sliced_from(x.device_mesh) is not None]
 
 
+def writes_copy(x: Any) -> bool:
+    """Whether this rank's slice holds the copy of DTensor ``x`` (one of :func:`on_slices`) that a save writes: the
+    slice of the lowest rank of the mesh it is a slice of, as DCP writes it (each rank tells alone, the same way on
+    every rank: the slices share no rank)."""
+    return int(_sliced_from(x.device_mesh).mesh.min()) in x.device_mesh.mesh.flatten().tolist()
+
+
 def digest(x: Any) -> list:
     """``[ranks, coordinate, crc]``: the ranks of the mesh of DTensor ``x`` (sorted), this rank's coordinate in
     it, and the CRC32 of the bytes of this rank's local shard (a copy to host memory off a CPU), which the ranks

@@ -431,7 +431,8 @@ def _one_copy(plan: Plan, final: storage.Location, processes: distributed.Proces
     each slice's ranks hold a copy, written once, by the slice of the lowest rank, where every rank's local shard
     has the CRC32 of the shards at its coordinate in the other slices (pipeline stages whose modules name their
     parameters alike hold other values: refused, as one copy would lose the others). Returns those another slice's
-    ranks write."""
+    ranks write (each rank tells alone, see :func:`ckpt.dtensor.writes_copy`: through a Processes object without
+    ``compare``, which compares nothing, one copy is written too)."""
     mine = [[f"{name}{keystr(leaf.path)}", *dtensor.digest(x)] for name, leaf, x in plan.sliced]
     found = distributed.differences(processes, f"{operation}/copies", mine, mine, timeout_secs)
     crcs, slices = {}, {}
@@ -448,7 +449,7 @@ def _one_copy(plan: Plan, final: storage.Location, processes: distributed.Proces
             "writes a DTensor that the slices of one mesh hold alike (FSDP2 over the modules that tensor parallelism "
             "leaves alone) once; DTensors that differ between slices (pipeline stages whose modules name their "
             "parameters alike) cannot share a key path. Nothing was written.", differences=diffs)
-    return [leaf for (_, leaf, _), (key, ranks, _, _) in zip(plan.sliced, mine) if tuple(ranks) != min(slices[key])]
+    return [leaf for _, leaf, x in plan.sliced if not dtensor.writes_copy(x)]
 
 
 def _refuse_full_state_dict(primary: dict, differing: dict[int, dict], final: storage.Location) -> None:

@@ -61,11 +61,14 @@ def test_an_fsdp2_checkpoint_of_two_ranks_reloads_bit_exact_at_two_one_and_four_
 def test_ranks_that_each_call_the_free_save_write_one_whole_checkpoint(tmp_path):
     """(A rank saving a large DTensor alone, under MultiprocessingOptions(processes=SingleProcess()), wrote a step
     of its own shards only, which no load could read. A large replicated one, held whole, was refused. Each
-    DTensor's local shard was copied to host memory twice a save, once only to learn its dtype.)"""
+    DTensor's local shard was copied to host memory twice a save, once only to learn its dtype. Every slice of a
+    mesh wrote its copy of a DTensor they hold alike, through a Processes object without compare.)"""
     out = run_jobs(tmp_path / "run", tmp_path / "unused.npz", "free:2")
     assert "rank 0 free save: whole" in out and "rank 1 free save: whole" in out, out
     for r in (0, 1):  # each rank's shard of the large one, and the small one's gathered whole, read once (not
         assert f"rank {r} free save copies: [('big', 1), ('small', 1)]" in out, out  # also for its dtype: twice)
+    # (through a Processes object without compare, every slice of a mesh wrote its copy of a DTensor they hold alike)
+    assert "rank 0 uncompared copies: [('copy', 1)], True" in out and "rank 1 uncompared copies: [('copy', 0)], True" in out, out
     for r in (0, 1):  # one rank saving a DTensor alone wrote its own shards only: a step that did not load
         for key in ("big", "small"):  # (a small one was gathered: rank 0 alone waited there for rank 1)
             assert (f"rank {r} alone refused: checkpointable 'state': the array at ['{key}'] is spread over processes, "

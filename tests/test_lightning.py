@@ -734,6 +734,28 @@ def test_load_weights_without_the_step_name_format_the_steps_were_saved_with_nam
     assert load_weights(torch.nn.Module(), tmp_path, step_name_format=named, strict=False) == 3
 
 
+def test_load_weights_reads_the_weights_of_a_model_compiled_otherwise_than_the_one_saved(tmp_path):
+    """A submodule compiled in training (``self.net = torch.compile(net)``: its keys hold ``net._orig_mod.``), read into
+    the same model uncompiled for inference, or a model saved uncompiled into a compiled one, raised 'holds a different
+    model ... missing keys [...]; unexpected keys [...]', as Lightning's own load does (Lightning issue 17415)."""
+    def model(compiled: str = "") -> torch.nn.Module:
+        torch.manual_seed(len(compiled))
+        outer = torch.nn.Module()
+        outer.net, outer.head = torch.nn.Sequential(torch.nn.Linear(3, 4)), torch.nn.Linear(4, 2)
+        if compiled == "net":
+            outer.net = torch.compile(outer.net)  # (a wrapper: nothing is compiled before its first call)
+        return torch.compile(outer) if compiled == "outer" else outer
+
+    for saved_as, loaded_as in (("net", ""), ("", "net"), ("net", "outer"), ("outer", "net")):
+        saved, fresh, run = model(saved_as), model(loaded_as), tmp_path / f"{saved_as or 0} to {loaded_as or 0}"
+        with ckpt.Checkpointer(run) as checkpointer:
+            checkpointer.save_checkpointables(1, {"model": saved.state_dict()}, force=True)
+        assert load_weights(fresh, run) == 1
+        assert same(list(fresh.state_dict().values()), list(saved.state_dict().values())), (saved_as, loaded_as)
+    with pytest.raises(ValueError, match=r"missing keys \['0.weight', '0.bias'\]; unexpected keys \['net._orig_mod"):
+        load_weights(torch.nn.Sequential(torch.nn.Linear(3, 4)), tmp_path / "net to 0")
+
+
 def test_a_step_directory_such_as_best_model_path_gives_its_weights_or_the_module_it_saved(tmp_path):
     trainer, callback = fit(tmp_path, model=example.Regressor(hidden=8, lr=0.02), max_steps=4,
                             save_decision_policy=sdp.FixedIntervalPolicy(2))

@@ -32,6 +32,7 @@ import threading
 import time
 import tracemalloc
 import traceback
+import types
 from pathlib import Path
 
 import numpy as np
@@ -251,6 +252,20 @@ def free_save() -> None:
     loaded = ckpt.load(path)
     assert all(torch.equal(loaded[k], v) for k, v in whole.items()), loaded
     say(f"rank {rank} free save: whole")
+    # a DTensor on the slices of one mesh (root["dp"] of a (1, world) mesh: each rank's slice holds a copy), saved
+    # through a Processes object without compare: the copy of rank 0's slice is written (every slice wrote its own)
+    uncompared = types.SimpleNamespace(index=rank, count=world, barrier=ckpt.distributed.current().barrier,
+                                       broadcast=ckpt.distributed.current().broadcast)
+    sliced = init_device_mesh("cpu", (1, world), mesh_dim_names=("dp", "tp"))["dp"]
+    copies.clear()
+    ckpt.leaves.torch_to_numpy = counted
+    try:
+        with ckpt.Context(multiprocessing_options=ckpt.MultiprocessingOptions(processes=uncompared)):
+            ckpt.save(f"{path}-uncompared", {"copy": distribute_tensor(whole["big"], sliced, [Shard(0)])})
+    finally:
+        ckpt.leaves.torch_to_numpy = to_numpy
+    say(f"rank {rank} uncompared copies: {sorted(copies.items())}, "
+        f"{torch.equal(ckpt.load(f'{path}-uncompared')['copy'], whole['big'])}")
     for key in ("big", "small"):  # (a small one was gathered: a collective, which waited for a rank that saved not)
         with ckpt.Context(multiprocessing_options=alone):
             try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 from typing import Any, Mapping
 
 import torch
@@ -28,7 +29,9 @@ def load_weights(model: torch.nn.Module, directory: str | os.PathLike, step: int
 
     Reads only the ``"model"`` checkpointable (no optimizer or trainer state), installs no signal
     handler and takes no lock, so it is safe in an inference process while training still writes.
-    ``directory`` may be local, ``gs://`` or ``s3://``.
+    ``directory`` may be local, ``gs://`` or ``s3://``. A model compiled otherwise than the one saved
+    (``torch.compile``, whose wrapper adds ``_orig_mod.`` to the keys of the module it wraps, around the
+    model or a submodule, in either) gets the weights of its keys that differ only by that.
 
     Args:
       model: the LightningModule (or any ``nn.Module`` with the same ``state_dict`` keys) to fill.
@@ -45,10 +48,27 @@ def load_weights(model: torch.nn.Module, directory: str | os.PathLike, step: int
       ValueError: the checkpoint holds a different model (the keys and shapes that differ are named).
     """
     step, path = step_path(directory, step, step_name_format)
-    state = ckpt.load_checkpointables(path, {MODEL: None})[MODEL]
+    state = _as_keys_of(ckpt.load_checkpointables(path, {MODEL: None})[MODEL], model.state_dict())
     check_model(state, model, source=f"step {step} in {directory}", strict=strict)
     model.load_state_dict(state, strict=strict)
     return step
+
+
+_COMPILED = re.compile(r"(?:^|(?<=\.))_orig_mod\.")  # torch.compile's wrapper's segment of a key
+
+
+def _as_keys_of(saved: dict[str, Any], current: Mapping[str, Any]) -> dict[str, Any]:
+    """``saved`` (a state dict) with each key that ``current`` (the model's) lacks renamed to the model's key that
+    differs from it only by ``_orig_mod.`` segments (a model compiled otherwise than the one saved), where that key
+    is not saved itself."""
+    if all(key in current for key in saved):
+        return saved
+    plain = {_COMPILED.sub("", key): key for key in current}
+    out = {}
+    for key, value in saved.items():
+        theirs = key if key in current else plain.get(_COMPILED.sub("", key), key)
+        out[key if theirs in saved else theirs] = value
+    return out
 
 
 def load_from_checkpoint(cls: type, directory: str | os.PathLike, step: int | None = None, *,

@@ -288,3 +288,14 @@ def test_a_value_the_storage_dtype_cannot_hold_is_refused_naming_the_leaf_before
         ckptr.wait()
         assert [c.step for c in ckptr.checkpoints] == [1, 4]
     assert sorted(p.name for p in (tmp_path / "root").iterdir() if not p.name.startswith((".", "ckpt-"))) == ["1", "4"]
+    # so do sync saves after the first, whose packed leaves are copied from the state as they are written (a packed
+    # leaf of a sync save's reused plan was stored as inf)
+    with context(np.float16), ckpt.Checkpointer(tmp_path / "sync") as ckptr:
+        ckptr.save(1, good, force=True)
+        for step, key in ((2, "small"), (3, "big")):
+            bad = {k: v.copy() for k, v in good.items()}
+            bad[key].flat[-1] = 1e10
+            with pytest.raises(ValueError, match=rf"\['{key}'\] cannot be stored as float16 .* value 10000000000.0"):
+                ckptr.save(step, bad, force=True)
+        ckptr.save(4, good, force=True)
+        assert [c.step for c in ckptr.checkpoints] == [1, 4]

@@ -399,6 +399,11 @@ def test_an_aggregated_orbax_array_split_into_chunks_loads_whole(tmp_path):
         with pytest.raises(errors.CheckpointCorruptedError, match=r"default\['params'\]\['w'\]: an array split into "):
             ckpt.load(root / "1")
         tree["params"]["w"]["shape"] = {"0": 2, "1": 3}
+    for field in ("shape", "chunks"):  # an array where a map is (raised numpy's bare IndexError, naming no file)
+        lie = {**tree["params"]["w"], field: array(np.arange(2))}
+        path.write_bytes(msgpack.packb({**tree, "params": {**tree["params"], "w": lie}}, use_bin_type=True))
+        with pytest.raises(errors.CheckpointCorruptedError, match=r"default\['params'\]\['w'\]: an array split into "):
+            ckpt.load(root / "1")
 
 
 def test_the_one_item_of_a_v0_step_loads_without_its_name_as_orbaxs_load_reads_it(orbax_runs):

@@ -92,7 +92,8 @@ def _check(source: np.dtype, target: np.dtype) -> Callable[[np.ndarray, np.ndarr
         return None
     reach = _float_max(source) if held is None else max(-held[0], held[1])
     info = ml_dtypes.finfo(target)
-    if reach is None or (reach <= top and float(info.min) == -top):  # (float8_e8m0fnu holds no zero, no negatives)
+    # (float8_e8m0fnu holds no zero, no negatives; float6_e3m2fn makes a float8_e3m4's inf 28, its NaN 0)
+    if reach is None or (reach <= top and float(info.min) == -top and (_holds_nan(target) or not _holds_nan(source))):
         return None
     if _holds_infinity(target):
         return functools.partial(_check_finite, top=top)
@@ -124,6 +125,12 @@ def _holds_infinity(dtype: np.dtype) -> bool:
         return bool(np.isinf(np.array(np.inf).astype(dtype)))
 
 
+def _holds_nan(dtype: np.dtype) -> bool:
+    """False for integers and the ml_dtypes floats without NaN (float4_e2m1fn, float6_*), which make a NaN a number."""
+    with np.errstate(invalid="ignore"):
+        return bool(np.isnan(np.array(np.nan).astype(dtype)))
+
+
 def _check_range(source: np.ndarray, out: np.ndarray, *, into: tuple[int, int]) -> None:
     """Every value of ``source`` (integers or floats) is one the integer dtype of ``out`` holds (a float's
     fraction is dropped, as numpy drops it)."""
@@ -149,7 +156,8 @@ def _check_real(source: np.ndarray, out: np.ndarray, *, then: Callable[[np.ndarr
 
 def _check_finite(source: np.ndarray, out: np.ndarray, *, top: float) -> None:
     """No finite value of ``source`` became infinite or NaN in ``out`` (whose dtype's largest value is ``top``)."""
-    if source.dtype.kind != "c" and source.size and -top <= source.min() and source.max() <= top:  # (NaN, inf: below)
+    # (compared as Python floats: in the source's dtype, top may round up, 65504 to 65536 in bfloat16; NaN, inf: below)
+    if source.dtype.kind != "c" and source.size and -top <= float(source.min()) and float(source.max()) <= top:
         return
     if not np.isfinite(out).all():
         _refuse_lost(source, out, np.isfinite(source) & ~np.isfinite(out))
@@ -158,8 +166,8 @@ def _check_finite(source: np.ndarray, out: np.ndarray, *, top: float) -> None:
 def _check_saturated(source: np.ndarray, out: np.ndarray, *, limit: float) -> None:
     """Into a float dtype without infinities: no finite value of ``source`` past its range (``limit``) became its
     largest, infinite or NaN, and no infinity or NaN became a finite value."""
-    with np.errstate(over="ignore"):  # (a limit past the source dtype's range is its infinity: no value reaches it)
-        past = (source >= limit) | (source <= -limit)
+    bound = np.float64(limit)  # (compared as float64: in the source's dtype, the limit may round down, or overflow)
+    past = (source >= bound) | (source <= -bound)
     _refuse_lost(source, out, np.where(np.isfinite(source), past | ~np.isfinite(out), np.isfinite(out)))
 
 

@@ -380,6 +380,12 @@ def torch_cast(array: np.ndarray, dtype: Any) -> Any:
     value, cast and checked by :mod:`ckpt.casts` (raises ``OutOfRangeError`` for a value ``dtype`` cannot hold);
     else a view of ``array``, for the caller to cast (on the tensor's device)."""
     tensor = numpy_to_torch(array)
+    if dtype == sys.modules["torch"].complex32:  # (no numpy twin: checked as the two float16s it holds)
+        try:
+            for part in (array.real, array.imag) if array.dtype.kind == "c" else (array,):
+                casts.cast(part, np.float16)
+        except casts.OutOfRangeError as e:
+            raise casts.OutOfRangeError(f"{e}: complex32 holds two float16s") from None
     target = _checked_twin(array.dtype, dtype)
     if target is None:
         return tensor

@@ -742,6 +742,11 @@ def test_a_cast_into_a_torch_templates_dtype_that_would_change_a_value_is_a_mism
              "imag": (torch.tensor([1 + 2j]), torch.zeros(1), "value (1+2j) has an imaginary part, which float32 cannot hold"),
              "c64": (torch.tensor([1e300 + 0j], dtype=torch.complex128), torch.zeros(1, dtype=torch.complex64),
                      "does not fit complex64"),
+             # (complex32, which numpy has no twin of, was cast unchecked: 2**40 became inf+0j)
+             "c32": (torch.tensor([2**40]), torch.zeros(1, dtype=torch.complex32),
+                    "value 1099511627776 does not fit float16 (it would become inf; 1 such value(s)): complex32 holds two"),
+             "c32imag": (torch.tensor([1 + 7e4j]), torch.zeros(1, dtype=torch.complex32),
+                        "value 70000.0 does not fit float16"),
              "step": (2**40 + 5, torch.zeros((), dtype=torch.int32), "do not fit int32")}
     ckpt.save(tmp_path / "c", {k: saved for k, (saved, _, _) in cases.items()})
     for key, (_, template, why) in cases.items():

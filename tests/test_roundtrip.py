@@ -314,6 +314,11 @@ def test_a_cast_into_the_abstract_leafs_dtype_that_would_change_a_value_is_a_mis
              # (every finite value in range: inf and NaN loaded as finite values, 28 and -0)
              "f6inf": (np.array([np.inf, np.nan], ml_dtypes.float8_e3m4), np.zeros(2, ml_dtypes.float6_e3m2fn),
                        "value inf does not fit float6_e3m2fn (it would become 28.0; 2 such value(s))"),
+             # (casts into or from text and dates were numpy's: a text cut short, a number as text not its own, a
+             # time made coarser loaded)
+             "text": (np.array(["ab", "cde"]), np.zeros(2, "U1"), "<U3 value ab does not fit <U1 (it would become a;"),
+             "as text": (np.array([1.5, 1e300]), np.zeros(2, "U3"), "float64 values do not fit <U3: they cannot be read"),
+             "day": (np.array([1, 2], "datetime64[s]"), np.zeros(2, "datetime64[D]"), "does not fit datetime64[D]"),
              "nan": (np.array([np.nan], np.float32), np.zeros(1, np.int32), "from nan to nan, do not fit int32"),
              "step": (2**40 + 5, jax.ShapeDtypeStruct((), np.int32), "do not fit int32"),
              "imag": (np.array([1.5 + 0j, 1 + 2j]), np.zeros(2, np.float32),

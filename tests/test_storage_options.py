@@ -265,7 +265,10 @@ def test_a_value_the_storage_dtype_cannot_hold_is_refused_naming_the_leaf_before
               r"the array at \['w'\] cannot be stored as float16 \(the storage options' dtype\): its float32 value "
               r"10000000000.0 does not fit float16 \(it would become inf"),
              (np.int8, {"w": torch.tensor([1, 300])}, r"\['w'\] cannot be stored as int8 .*from 1 to 300, do not fit int8"),
-             (ml_dtypes.bfloat16, {"w": np.array([1.0, np.inf, np.nan, 3e38], np.float32)}, None)]  # (all kept)
+             (ml_dtypes.bfloat16, {"w": np.array([1.0, np.inf, np.nan, 3e38], np.float32)}, None),  # (all kept)
+             # (numpy's refusal of text came out bare, naming no leaf)
+             (np.float16, {"ok": np.ones(2), "t": np.array(["a"])}, r"\['t'\] cannot be stored as float16 .*: could not "
+                                                                    "convert string to float")]
     for k, (dtype, tree, refused) in enumerate(cases):
         with context(dtype):
             if refused is None:

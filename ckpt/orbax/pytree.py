@@ -315,8 +315,12 @@ def _named_sharding(entry: Any) -> Any:
     if not isinstance(entry, dict) or entry.get("sharding_type") != "NamedSharding":
         return None
     try:
-        devices = entry["device_mesh"]["mesh"]
-        for _ in entry["shape"][1:]:
+        devices, shape = entry["device_mesh"]["mesh"], entry["shape"]
+        if not isinstance(shape, list) or len(shape) > 64:  # (a mesh has numpy's 64 axes at most)
+            raise TypeError
+        for _ in shape[1:]:  # (each row a list: strings would be flattened into characters at every axis)
+            if not (isinstance(devices, list) and all(isinstance(row, list) for row in devices)):
+                raise TypeError
             devices = [d for row in devices for d in row]
         sharding = {"mesh_shape": list(entry["shape"]), "axis_names": list(entry["axis_names"]),
                     "device_ids": [d["id"] for d in devices], "spec": list(entry["partition_spec"])}

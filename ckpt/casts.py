@@ -4,8 +4,9 @@ A cast rounds as numpy rounds (float64 to float32, float32 to bfloat16), but a v
 hold is refused with :class:`OutOfRangeError`, where numpy and jax change it without a word: an
 integer out of range wraps around (``2**40 + 5`` becomes 5 in int32), a finite float becomes
 infinite (``1e300`` in float32), NaN (float8) or, in a float without infinities, its largest (``100.0``
-becomes 6 in float4_e2m1fn), a NaN becomes an integer. Casts that hold every
-value of their source (int32 into int64, float32 into float64) cost nothing more; the others cost a
+becomes 6 in float4_e2m1fn), a NaN becomes an integer; into or from a dtype that is no number (text, bytes, dates,
+void, object) a cast must read back as its source (``1e300`` as ``U3`` would be ``'1e+'``, ``'cde'`` as ``U1``
+``'c'``, a time in seconds as days its day). Casts that hold every value of their source (int32 into int64, float32 into float64) cost nothing more; the others cost a
 pass over the values (a min and a max, or a look for infinities), about the time of the cast itself.
 
 Example::
@@ -75,24 +76,24 @@ def for_jax(array: np.ndarray, dtype: Any = None) -> np.ndarray:
 
 @functools.lru_cache(maxsize=None)
 def _check(source: np.dtype, target: np.dtype) -> Callable[[np.ndarray, np.ndarray], None] | None:
-    """What checks a cast from ``source`` into ``target`` (None: it holds every value, or it is numpy's to
-    judge: text, dates). A bool is an integer from 0 to 1 (a saved 2 into a bool is refused); a complex number
-    is two floats, and becomes a real one only without an imaginary part (numpy and torch drop it)."""
+    """What checks a cast from ``source`` into ``target`` (None: it holds every value). A bool is an integer from 0
+    to 1 (a saved 2 into a bool is refused); a complex number is two floats, and becomes a real one only without an
+    imaginary part (numpy and torch drop it); a cast into or from a dtype that is no number (text, dates) must read
+    back as its source."""
     into, held = _integer_range(target), _integer_range(source)
+    if (held is None and _float_max(source) is None) or (into is None and _float_max(target) is None):
+        return _check_round_trip
     if source.kind == "c" and target.kind != "c" and (into is not None or _float_max(target) is not None):
         return functools.partial(_check_real, then=_check(np.dtype(source.type().real.dtype), target))
     if into is not None:
         if held is not None and into[0] <= held[0] and held[1] <= into[1]:
             return None
-        if held is None and _float_max(source) is None:
-            return None
         return functools.partial(_check_range, into=into)
     top = _float_max(target)
-    if top is None:
-        return None
     reach = _float_max(source) if held is None else max(-held[0], held[1])
     info = ml_dtypes.finfo(target)
-    if reach is None or (reach <= top and float(info.min) == -top):  # (float8_e8m0fnu holds no zero, no negatives)
+    # (float8_e8m0fnu holds no zero, no negatives; float6_e3m2fn makes a float8_e3m4's inf 28, its NaN 0)
+    if reach <= top and float(info.min) == -top and (_holds_nan(target) or not _holds_nan(source)):
         return None
     if _holds_infinity(target):
         return functools.partial(_check_finite, top=top)
@@ -124,6 +125,12 @@ def _holds_infinity(dtype: np.dtype) -> bool:
         return bool(np.isinf(np.array(np.inf).astype(dtype)))
 
 
+def _holds_nan(dtype: np.dtype) -> bool:
+    """False for integers and the ml_dtypes floats without NaN (float4_e2m1fn, float6_*), which make a NaN a number."""
+    with np.errstate(invalid="ignore"):
+        return bool(np.isnan(np.array(np.nan).astype(dtype)))
+
+
 def _check_range(source: np.ndarray, out: np.ndarray, *, into: tuple[int, int]) -> None:
     """Every value of ``source`` (integers or floats) is one the integer dtype of ``out`` holds (a float's
     fraction is dropped, as numpy drops it)."""
@@ -149,7 +156,8 @@ def _check_real(source: np.ndarray, out: np.ndarray, *, then: Callable[[np.ndarr
 
 def _check_finite(source: np.ndarray, out: np.ndarray, *, top: float) -> None:
     """No finite value of ``source`` became infinite or NaN in ``out`` (whose dtype's largest value is ``top``)."""
-    if source.dtype.kind != "c" and source.size and -top <= source.min() and source.max() <= top:  # (NaN, inf: below)
+    # (compared as Python floats: in the source's dtype, top may round up, 65504 to 65536 in bfloat16; NaN, inf: below)
+    if source.dtype.kind != "c" and source.size and -top <= float(source.min()) and float(source.max()) <= top:
         return
     if not np.isfinite(out).all():
         _refuse_lost(source, out, np.isfinite(source) & ~np.isfinite(out))
@@ -158,9 +166,25 @@ def _check_finite(source: np.ndarray, out: np.ndarray, *, top: float) -> None:
 def _check_saturated(source: np.ndarray, out: np.ndarray, *, limit: float) -> None:
     """Into a float dtype without infinities: no finite value of ``source`` past its range (``limit``) became its
     largest, infinite or NaN, and no infinity or NaN became a finite value."""
-    with np.errstate(over="ignore"):  # (a limit past the source dtype's range is its infinity: no value reaches it)
-        past = (source >= limit) | (source <= -limit)
+    bound = np.float64(limit)  # (compared as float64: in the source's dtype, the limit may round down, or overflow)
+    past = (source >= bound) | (source <= -bound)
     _refuse_lost(source, out, np.where(np.isfinite(source), past | ~np.isfinite(out), np.isfinite(out)))
+
+
+def _check_round_trip(source: np.ndarray, out: np.ndarray) -> None:
+    """Into or from a dtype that is no number: ``out`` read back as the source's dtype is ``source`` (NaN as NaN, NaT
+    as NaT): a text cut short, a number as text that is not its own, a date made coarser, are refused."""
+    try:
+        with np.errstate(all="ignore"):
+            back = out.astype(source.dtype)
+    except (ValueError, TypeError, OverflowError) as e:
+        raise OutOfRangeError(f"its {source.dtype} values do not fit {out.dtype}: they cannot be read back ({e})") from None
+    same = np.asarray(back == source)
+    if source.dtype.kind in "fc":
+        same |= np.isnan(back) & np.isnan(source)
+    elif source.dtype.kind in "mM":
+        same |= np.isnat(back) & np.isnat(source)
+    _refuse_lost(source, out, ~same)
 
 
 def _refuse_lost(source: np.ndarray, out: np.ndarray, lost: np.ndarray) -> None:

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import os
+import resource
 from typing import Callable, Iterator
 
 import numpy as np
@@ -66,3 +68,21 @@ def _new(nbytes: int, make: Callable[..., np.ndarray]) -> np.ndarray:
     raw = make(nbytes + align, np.uint8)
     start = -raw.ctypes.data % align
     return raw[start: start + nbytes]
+
+
+def allocatable() -> int:
+    """The bytes this process may still allocate: the machine's available memory (its whole memory where
+    /proc does not say), within what its address-space limit (RLIMIT_AS) leaves."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    limit = page * os.sysconf("SC_PHYS_PAGES")
+    with contextlib.suppress(OSError, ValueError, IndexError, StopIteration):
+        with open("/proc/meminfo") as f:
+            limit = next(int(line.split()[1]) << 10 for line in f if line.startswith("MemAvailable:"))
+    soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if soft != resource.RLIM_INFINITY:
+        used = 0
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            with open("/proc/self/statm") as f:
+                used = int(f.read().split()[0]) * page
+        limit = min(limit, soft - used)
+    return limit

@@ -291,13 +291,13 @@ def gather(leaves: list[tuple[KeyPath, HostLeaf]]) -> None:
 def stored_as(path: KeyPath, array: np.ndarray, dtype: np.dtype, out: np.ndarray | None = None) -> np.ndarray:
     """``array`` (the leaf at ``path``) as the storage dtype ``dtype`` asks (a storage option's), rounded as numpy
     rounds (``out``: that cast made already, by a snapshot's copy, checked); raises ValueError naming the leaf where
-    a value does not fit ``dtype`` (see :func:`ckpt.casts.cast`)."""
+    a value does not fit ``dtype`` (see :func:`ckpt.casts.cast`), or numpy cannot cast it (text into a number)."""
     try:
         if out is None:
             return casts.cast(array, dtype)
         casts.check(array, out)
         return out
-    except casts.OutOfRangeError as e:
+    except (casts.OutOfRangeError, ValueError, TypeError) as e:
         raise ValueError(f"the array at {keystr(path) or 'the root'} cannot be stored as {dtype} (the storage options' "
                          f"dtype): {e}. Store it as a dtype that holds its values (a scoped_storage_options_creator "
                          "can keep its own for it).") from None
@@ -384,6 +384,12 @@ def torch_cast(array: np.ndarray, dtype: Any) -> Any:
     value, cast and checked by :mod:`ckpt.casts` (raises ``OutOfRangeError`` for a value ``dtype`` cannot hold);
     else a view of ``array``, for the caller to cast (on the tensor's device)."""
     tensor = numpy_to_torch(array)
+    if dtype == sys.modules["torch"].complex32:  # (no numpy twin: checked as the two float16s it holds)
+        try:
+            for part in (array.real, array.imag) if array.dtype.kind == "c" else (array,):
+                casts.cast(part, np.float16)
+        except casts.OutOfRangeError as e:
+            raise casts.OutOfRangeError(f"{e}: complex32 holds two float16s") from None
     target = _checked_twin(array.dtype, dtype)
     if target is None:
         return tensor

@@ -89,9 +89,16 @@ class Plan:
     def materialize_unpacked(self) -> None:
         """Makes the planned leaves of a reused plan's large and inline leaves (the writer's work, in the
         background for an async save); its packed leaves stay in the layout's tables, their bytes in the
-        packed buffer of a snapshot or still in ``values``."""
+        packed buffer of a snapshot or still in ``values``. Without a snapshot (a sync save), whose writer casts
+        the packed leaves into their storage dtype as it copies them from ``values``, those whose cast can change
+        a value are checked first (ValueError naming the leaf, see :func:`ckpt.storage_options.check`)."""
         if self.values is None:
             return
+        layout = self.layout
+        if self.packed_buffer is None:
+            for i in layout.checked:
+                if layout.location[i] == "packed":
+                    storage_options.check(layout.paths[i], self.values[i], layout.storage.dtype)
         self.unpacked = {i: self._materialize(i, self.values[i]) for i in self.layout.unpacked}
         self.arrays = [self.unpacked[i] for i in self.layout.own_arrays]
         self.copies = {}
@@ -687,7 +694,8 @@ def _snapshot_reused(plan: Plan, staging: StagingBuffers) -> None:
         copies[i] = to_host.copy(i, layout.view_of(i, buffer))
     to_host.wait()
     for i in layout.checked:  # copied into their storage dtype: refused where a value did not fit it
-        storage_options.check(layout.paths[i], values[i], copies[i] if i in copies else layout.packed_views[i])
+        out = copies[i] if i in copies else layout.packed_views[i]
+        storage_options.check(layout.paths[i], values[i], out.dtype, out)
 
 
 def _chunks_of(meta: dict, source: np.ndarray | transfers.DeviceRows

@@ -30,6 +30,7 @@ import numpy as np
 import tensorstore as ts
 
 from ckpt import format as fmt
+from ckpt import host_memory
 from ckpt.errors import DirectoryLockedError, ForeignEntryError, RootDirectoryError, RootNotWritableError
 from ckpt.objectstore import SCHEMES, ObjectPath, access_error, is_url
 
@@ -1004,13 +1005,14 @@ def list_names(root: Location) -> list[str]:
         return []
 
 
-def read_json_bytes(path: Location | str, limit: int = fmt.MANIFEST_MAX_BYTES) -> bytes:
+def read_json_bytes(path: Location | str, limit: int = fmt.MANIFEST_MAX_BYTES, *, parsed: bool = True) -> bytes:
     """The bytes of a small file (JSON) of at most ``limit`` bytes.
 
     A local file is opened as :func:`open_regular` does (never through a link, never a FIFO or a
     device), so that no file in a checkpoint can make a reader wait forever, read without end or read
     outside the directory. Raises ValueError for such a file or a larger one, FileNotFoundError when
-    it is missing.
+    it is missing, and (``parsed``: JSON that the caller decodes) for JSON whose values may take more
+    memory decoded than this process may still allocate (see :data:`JSON_DECODED_BYTES`).
     """
     if isinstance(path, ObjectPath):
         data = path.read_bytes()
@@ -1024,7 +1026,18 @@ def read_json_bytes(path: Location | str, limit: int = fmt.MANIFEST_MAX_BYTES) -
             os.close(fd)
     if max(size, len(data)) > limit:
         raise ValueError(f"{path} has more than the {limit} bytes a reader accepts")
+    if parsed and len(data) > _JSON_CHECKED_FROM and len(data) * JSON_DECODED_BYTES > host_memory.allocatable():
+        raise ValueError(f"{path} holds {len(data)} bytes of JSON, whose values may take up to {JSON_DECODED_BYTES} "
+                         f"times that decoded, more than this process may still allocate ({host_memory.allocatable()} "
+                         "bytes)")
     return data
+
+
+# The most memory a byte of JSON takes decoded: 44 bytes for '[{"":{}},' (a dict of a dict) read by orjson, 33 by
+# json; a sound tree.json takes 21 (orjson; json 11). A hostile tree.json of the 256 MiB a reader accepts would take
+# 11 GiB, more than a machine may have: the load was killed, or raised a bare MemoryError (SystemError from orjson)
+JSON_DECODED_BYTES = 48
+_JSON_CHECKED_FROM = 1 << 20  # (smaller files take 48 MiB at most: every manifest of a listing is not checked)
 
 
 def _read_up_to(fd: int, limit: int, first: int) -> bytes:

@@ -142,10 +142,11 @@ def cast(path: tree_lib.KeyPath, host: leaves_lib.HostLeaf, dtype: np.dtype) -> 
                                       whole=None if whole is None else _cast_shards(path, whole, dtype))
 
 
-def check(path: tree_lib.KeyPath, value: Any, out: np.ndarray) -> None:
-    """Raises ValueError naming the leaf at ``path`` where ``out``, its ``value`` copied into the storage dtype (a
-    snapshot's copy casts as it copies), lost a value (see :func:`ckpt.leaves.stored_as`)."""
-    leaves_lib.stored_as(path, np.asarray(leaves_lib.to_host(path, value).array), out.dtype, out)
+def check(path: tree_lib.KeyPath, value: Any, dtype: np.dtype, out: np.ndarray | None = None) -> None:
+    """Raises ValueError naming the leaf at ``path`` where its ``value`` does not fit the storage dtype ``dtype``:
+    where ``out``, its copy into ``dtype`` made already (a snapshot's copy casts as it copies), lost a value, or
+    without ``out``, where a cast made now would (see :func:`ckpt.leaves.stored_as`)."""
+    leaves_lib.stored_as(path, np.asarray(leaves_lib.to_host(path, value).array), dtype, out)
 
 
 def changes_values(meta: dict, dtype: np.dtype) -> bool:

@@ -634,3 +634,34 @@ def test_a_framework_leaf_of_a_dtype_its_framework_has_no_type_for_is_damage_nam
     with pytest.raises(ckpt.errors.CheckpointCorruptedError, match=rf"leaf state\['q'\]: a {kind} leaf of dtype {dtype}"):
         ckpt.load(tmp_path / "c")
     assert not verify_step(tmp_path / "c").ok
+
+
+def test_a_json_file_whose_values_would_take_more_memory_than_is_left_is_refused_before_it_is_parsed(tmp_path):
+    """A byte of JSON ('[{},{},...]') decodes into up to 44 bytes: a tree.json of the 256 MiB a reader accepts (its
+    checksum resealed) took 11 GiB to load, an Orbax _METADATA of 64 MiB 3 GiB; under a memory cap, orjson raised a
+    bare SystemError after minutes. Run under a cap of 1 GiB more than the interpreter uses, each file 24 MiB."""
+    junk = b"[" + b"{}," * (8 << 20) + b"{}]"
+    ckpt.save(tmp_path / "c", STATE)
+    tree = (tmp_path / "c" / fmt.TREE).read_bytes()
+    write_tree(tmp_path / "c", tree[:-1] + b', "zz": ' + junk + b"}")
+    orbax_step = Path(shutil.copytree(Path(__file__).parent / "orbax_0_5" / "aggregate" / "1", tmp_path / "orbax" / "1"))
+    metadata = orbax_step / "default" / "_METADATA"
+    metadata.write_bytes(metadata.read_bytes()[:-1] + b', "zz": ' + junk + b"}")
+    script = f"""
+import resource, ckpt
+from ckpt import errors
+from ckpt.verify import verify_step
+used = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
+resource.setrlimit(resource.RLIMIT_AS, (used + (1 << 30), resource.getrlimit(resource.RLIMIT_AS)[1]))
+for read in (lambda: ckpt.load({str(tmp_path / "c")!r}), lambda: verify_step({str(tmp_path / "c")!r}).damaged[0].why,
+             lambda: ckpt.load({str(orbax_step)!r})):
+    try:
+        print("read:", read())
+    except errors.CheckpointCorruptedError as e:
+        print("refused:", e)
+"""
+    done = procs.run_script(script)
+    lines = done.stdout.splitlines()
+    assert len(lines) == 3, done.stdout + done.stderr
+    for line, path in zip(lines, (tmp_path / "c" / fmt.TREE, tmp_path / "c" / fmt.TREE, metadata)):
+        assert f"{path} holds {len(path.read_bytes())} bytes of JSON, whose values may take up to 48 times" in line, line

@@ -186,6 +186,23 @@ print("AS-SAVED", np.asarray(w).sum())
 """
 
 
+def test_a_forged_orbax_sharding_whose_mesh_holds_text_loads_at_once_on_the_default_device(orbax_runs, tmp_path):
+    """A NamedSharding in _sharding whose mesh rows are strings and whose shape lists millions of axes: each axis
+    flattened the strings into their characters again, hours of work for a load (10 MB: 5,000,000 axes times 2,000
+    characters). Such an entry is one ckpt cannot read: the leaf loads on the default device, with a warning; the
+    load runs in a child with a time limit, a guard against the hang."""
+    step = Path(shutil.copytree(orbax_runs / "v1" / "1", tmp_path / "run" / "1"))
+    path = step / "state" / "_sharding"
+    entries = json.loads(path.read_text())
+    forged = {"sharding_type": "NamedSharding", "shape": [1] * 5_000_000, "axis_names": ["x"],
+              "partition_spec": ["x"], "device_mesh": {"mesh": ["ab" * 1000]}}
+    path.write_text(json.dumps({key: json.dumps(forged) if "NamedSharding" in text else text
+                                for key, text in entries.items()}))
+    script = f"import ckpt, numpy as np; print('LOADED', np.asarray(ckpt.load({str(step)!r})['params']['w']).sum())"
+    result = procs.run_script(script, timeout=120, JAX_PLATFORMS="cpu")
+    assert result.returncode == 0 and "LOADED 552.0" in result.stdout, result.stdout + result.stderr[-2000:]
+
+
 def test_an_orbax_array_loaded_without_a_tree_gets_its_saved_sharding_where_the_devices_allow(orbax_runs):
     result = procs.run_script(ORBAX_SHARDED_AS_SAVED, str(orbax_runs / "v1"), timeout=120, JAX_PLATFORMS="cpu",
                               XLA_FLAGS="--xla_force_host_platform_device_count=2")
@@ -415,6 +432,11 @@ def test_an_aggregated_orbax_array_split_into_chunks_loads_whole(tmp_path):
         with pytest.raises(errors.CheckpointCorruptedError, match=r"default\['params'\]\['w'\]: an array split into "):
             ckpt.load(root / "1")
         tree["params"]["w"]["shape"] = {"0": 2, "1": 3}
+    for field in ("shape", "chunks"):  # an array where a map is (raised numpy's bare IndexError, naming no file)
+        lie = {**tree["params"]["w"], field: array(np.arange(2))}
+        path.write_bytes(msgpack.packb({**tree, "params": {**tree["params"], "w": lie}}, use_bin_type=True))
+        with pytest.raises(errors.CheckpointCorruptedError, match=r"default\['params'\]\['w'\]: an array split into "):
+            ckpt.load(root / "1")
 
 
 def test_the_one_item_of_a_v0_step_loads_without_its_name_as_orbaxs_load_reads_it(orbax_runs):

@@ -353,6 +353,18 @@ def test_a_cast_into_the_abstract_leafs_dtype_that_would_change_a_value_is_a_mis
              "f4": (np.array([1.0, 100.0], np.float32), np.zeros(2, ml_dtypes.float4_e2m1fn), "100.0 does not fit"),
              "f4inf": (np.array([np.inf]), np.zeros(1, ml_dtypes.float4_e2m1fn), "value inf does not fit float4_e2m1fn"),
              "e8m0": (np.array([2.0, 0.0], np.float16), np.zeros(2, ml_dtypes.float8_e8m0fnu), "0.0 does not fit"),
+             # (compared with the target's largest value in the source's dtype, where it rounded up to 65536 in bfloat16,
+             # to 16 in float8_e4m3fn: values that become inf loaded)
+             "bf16": (np.array([65536.0], ml_dtypes.bfloat16), np.zeros(1, np.float16), "65536.0 does not fit float16"),
+             "e3m4": (np.array([16.0], ml_dtypes.float8_e4m3fn), np.zeros(1, ml_dtypes.float8_e3m4), "16.0 does not fit"),
+             # (every finite value in range: inf and NaN loaded as finite values, 28 and -0)
+             "f6inf": (np.array([np.inf, np.nan], ml_dtypes.float8_e3m4), np.zeros(2, ml_dtypes.float6_e3m2fn),
+                       "value inf does not fit float6_e3m2fn (it would become 28.0; 2 such value(s))"),
+             # (casts into or from text and dates were numpy's: a text cut short, a number as text not its own, a
+             # time made coarser loaded)
+             "text": (np.array(["ab", "cde"]), np.zeros(2, "U1"), "<U3 value ab does not fit <U1 (it would become a;"),
+             "as text": (np.array([1.5, 1e300]), np.zeros(2, "U3"), "float64 values do not fit <U3: they cannot be read"),
+             "day": (np.array([1, 2], "datetime64[s]"), np.zeros(2, "datetime64[D]"), "does not fit datetime64[D]"),
              "nan": (np.array([np.nan], np.float32), np.zeros(1, np.int32), "from nan to nan, do not fit int32"),
              "step": (2**40 + 5, jax.ShapeDtypeStruct((), np.int32), "do not fit int32"),
              "imag": (np.array([1.5 + 0j, 1 + 2j]), np.zeros(2, np.float32),
@@ -799,6 +811,11 @@ def test_a_cast_into_a_torch_templates_dtype_that_would_change_a_value_is_a_mism
              "imag": (torch.tensor([1 + 2j]), torch.zeros(1), "value (1+2j) has an imaginary part, which float32 cannot hold"),
              "c64": (torch.tensor([1e300 + 0j], dtype=torch.complex128), torch.zeros(1, dtype=torch.complex64),
                      "does not fit complex64"),
+             # (complex32, which numpy has no twin of, was cast unchecked: 2**40 became inf+0j)
+             "c32": (torch.tensor([2**40]), torch.zeros(1, dtype=torch.complex32),
+                    "value 1099511627776 does not fit float16 (it would become inf; 1 such value(s)): complex32 holds two"),
+             "c32imag": (torch.tensor([1 + 7e4j]), torch.zeros(1, dtype=torch.complex32),
+                        "value 70000.0 does not fit float16"),
              "step": (2**40 + 5, torch.zeros((), dtype=torch.int32), "do not fit int32")}
     ckpt.save(tmp_path / "c", {k: saved for k, (saved, _, _) in cases.items()})
     for key, (_, template, why) in cases.items():

@@ -265,7 +265,10 @@ def test_a_value_the_storage_dtype_cannot_hold_is_refused_naming_the_leaf_before
               r"the array at \['w'\] cannot be stored as float16 \(the storage options' dtype\): its float32 value "
               r"10000000000.0 does not fit float16 \(it would become inf"),
              (np.int8, {"w": torch.tensor([1, 300])}, r"\['w'\] cannot be stored as int8 .*from 1 to 300, do not fit int8"),
-             (ml_dtypes.bfloat16, {"w": np.array([1.0, np.inf, np.nan, 3e38], np.float32)}, None)]  # (all kept)
+             (ml_dtypes.bfloat16, {"w": np.array([1.0, np.inf, np.nan, 3e38], np.float32)}, None),  # (all kept)
+             # (numpy's refusal of text came out bare, naming no leaf)
+             (np.float16, {"ok": np.ones(2), "t": np.array(["a"])}, r"\['t'\] cannot be stored as float16 .*: could not "
+                                                                    "convert string to float")]
     for k, (dtype, tree, refused) in enumerate(cases):
         with context(dtype):
             if refused is None:
@@ -275,16 +278,19 @@ def test_a_value_the_storage_dtype_cannot_hold_is_refused_naming_the_leaf_before
                 ckpt.save(tmp_path / str(k), tree)
         assert not (tmp_path / str(k)).exists()
     assert np.array_equal(ckpt.load(tmp_path / "2")["w"], cases[2][1]["w"].astype(ml_dtypes.bfloat16), equal_nan=True)
-    # async saves after the first reuse its plan, and cast as they copy (a packed leaf, a large one): checked there
-    with context(np.float16), ckpt.Checkpointer(tmp_path / "root") as ckptr:
-        good = {"small": np.ones(4, np.float32), "big": np.ones((ROWS, 512), np.float32)}
-        ckptr.save_async(1, good, force=True)
-        for step, key in ((2, "small"), (3, "big")):
-            bad = {k: v.copy() for k, v in good.items()}
-            bad[key].flat[-1] = 1e10
-            with pytest.raises(ValueError, match=rf"\['{key}'\] cannot be stored as float16 .* value 10000000000.0"):
-                ckptr.save_async(step, bad, force=True)
-        ckptr.save_async(4, good, force=True)
-        ckptr.wait()
-        assert [c.step for c in ckptr.checkpoints] == [1, 4]
-    assert sorted(p.name for p in (tmp_path / "root").iterdir() if not p.name.startswith((".", "ckpt-"))) == ["1", "4"]
+    # saves after the first reuse its plan: async ones cast as they copy (a packed leaf, a large one), sync ones as they
+    # write the packed leaves (one was stored as inf): checked there
+    good = {"small": np.ones(4, np.float32), "big": np.ones((ROWS, 512), np.float32)}
+    for name in ("async", "sync"):
+        with context(np.float16), ckpt.Checkpointer(tmp_path / name) as ckptr:
+            save = ckptr.save_async if name == "async" else ckptr.save
+            save(1, good, force=True)
+            for step, key in ((2, "small"), (3, "big")):
+                bad = {k: v.copy() for k, v in good.items()}
+                bad[key].flat[-1] = 1e10
+                with pytest.raises(ValueError, match=rf"\['{key}'\] cannot be stored as float16 .* value 10000000000.0"):
+                    save(step, bad, force=True)
+            save(4, good, force=True)
+            ckptr.wait()
+            assert [c.step for c in ckptr.checkpoints] == [1, 4]
+        assert sorted(p.name for p in (tmp_path / name).iterdir() if not p.name.startswith((".", "ckpt-"))) == ["1", "4"]

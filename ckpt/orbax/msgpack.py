@@ -176,13 +176,14 @@ def unchunked(value: Any) -> Any:
     """``value``, or the array Orbax split into flat chunks (a map marked ``__msgpack_chunked_array__``)."""
     if not (isinstance(value, dict) and value.get(_CHUNKED) is True):
         return value
+    sizes, parts = value.get("shape"), value.get("chunks")  # (maps of "0", "1"...: an array there indexes otherwise)
     try:
-        shape = [value["shape"][str(i)] for i in range(len(value["shape"]))]
-        chunks = [value["chunks"][str(i)] for i in range(len(value["chunks"]))]
-        # (Orbax writes slices of the array, of its dtype: numpy would promote chunks of other dtypes)
-        if (_is_shape(shape) and chunks and all(isinstance(c, np.ndarray) for c in chunks)
-                and len({c.dtype for c in chunks}) == 1):
-            return np.concatenate(chunks).reshape(shape)
+        if isinstance(sizes, dict) and isinstance(parts, dict):
+            shape, chunks = [sizes[str(i)] for i in range(len(sizes))], [parts[str(i)] for i in range(len(parts))]
+            # (Orbax writes slices of the array, of its dtype: numpy would promote chunks of other dtypes)
+            if (_is_shape(shape) and chunks and all(isinstance(c, np.ndarray) for c in chunks)
+                    and len({c.dtype for c in chunks}) == 1):
+                return np.concatenate(chunks).reshape(shape)
     except (KeyError, TypeError, ValueError):
         pass
     raise MsgpackError("an array split into chunks is malformed")

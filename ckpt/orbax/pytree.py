@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import ast
 import base64
-import contextlib
 import json
 import os
-import resource
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +25,7 @@ import numpy as np
 import tensorstore as ts
 
 from ckpt import leaves as leaves_lib
-from ckpt import schema, storage
+from ckpt import host_memory, schema, storage
 from ckpt import tree as tree_lib
 from ckpt.errors import CheckpointCorruptedError, UnsupportedLayoutError
 from ckpt.orbax import files, msgpack
@@ -89,7 +87,7 @@ class PyTreeItem:
 
     def __init__(self, step_dir: Path, name: str, directory: Path, *, one_array: bool = False):
         self.step_dir, self.name, self.directory = step_dir, name, directory
-        budget = _allocatable()
+        budget = host_memory.allocatable()
         files.check_plain_tree(directory, step_dir, budget)
         metadata = (_BARE_ARRAY_METADATA if one_array and is_bare_array(directory)
                     else files.read_required_json(directory / "_METADATA", step_dir))
@@ -206,7 +204,7 @@ class PyTreeItem:
         """The decoded msgpack ``checkpoint`` file, which holds the leaves Orbax saved with ``aggregate=True``."""
         path = self.directory / "checkpoint"
         try:
-            data = storage.read_json_bytes(path, budget)
+            data = storage.read_json_bytes(path, budget, parsed=False)
             return msgpack.decode(data, MAX_DEPTH, budget - len(data))
         except FileNotFoundError:
             raise CheckpointCorruptedError(f"{path} is missing: the leaves Orbax saved aggregated are in it",
@@ -320,8 +318,12 @@ def _named_sharding(entry: Any) -> Any:
     if not isinstance(entry, dict) or entry.get("sharding_type") != "NamedSharding":
         return None
     try:
-        devices = entry["device_mesh"]["mesh"]
-        for _ in entry["shape"][1:]:
+        devices, shape = entry["device_mesh"]["mesh"], entry["shape"]
+        if not isinstance(shape, list) or len(shape) > 64:  # (a mesh has numpy's 64 axes at most)
+            raise TypeError
+        for _ in shape[1:]:  # (each row a list: strings would be flattened into characters at every axis)
+            if not (isinstance(devices, list) and all(isinstance(row, list) for row in devices)):
+                raise TypeError
             devices = [d for row in devices for d in row]
         sharding = {"mesh_shape": list(entry["shape"]), "axis_names": list(entry["axis_names"]),
                     "device_ids": [d["id"] for d in devices], "spec": list(entry["partition_spec"])}
@@ -353,24 +355,6 @@ def _unreadable(store: ts.TensorStore, budget: int) -> str | None:
     if nbytes > budget:
         return f"declares {nbytes} bytes (shape {shape}), more than this process may allocate"
     return None
-
-
-def _allocatable() -> int:
-    """The bytes this process may still allocate: the machine's available memory (its whole memory where
-    /proc does not say), within what its address-space limit leaves."""
-    page = os.sysconf("SC_PAGE_SIZE")
-    limit = page * os.sysconf("SC_PHYS_PAGES")
-    with contextlib.suppress(OSError, ValueError, IndexError, StopIteration):
-        with open("/proc/meminfo") as f:
-            limit = next(int(line.split()[1]) << 10 for line in f if line.startswith("MemAvailable:"))
-    soft = resource.getrlimit(resource.RLIMIT_AS)[0]
-    if soft != resource.RLIM_INFINITY:
-        used = 0
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            with open("/proc/self/statm") as f:
-                used = int(f.read().split()[0]) * page
-        limit = min(limit, soft - used)
-    return limit
 
 
 class _Container:

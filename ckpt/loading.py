@@ -314,13 +314,18 @@ _UNDER_EMPTY = ": in the checkpoint, not in the abstract tree (where "  # one it
 
 def _partial_load_hint(diffs: list[str]) -> str:
     """How to load what the abstract tree leaves out: for entries under an empty container of the
-    abstract tree, read that part as saved (a partial load would drop them); when all that differs is what
-    the abstract tree leaves out, load a part."""
+    abstract tree, read that part as saved (a partial load would drop them); for keys that differ by
+    torch.compile's ``_orig_mod.``, the wrapped module's state; when all that differs is what the abstract
+    tree leaves out, load a part."""
     if any(_UNDER_EMPTY in d for d in diffs):
         return ("\nAn empty container of the abstract tree receives none of the checkpoint's entries under it (a "
                 "torch optimizer's state_dict() holds an empty 'state' until its first step): put None in its place "
                 "(or in place of a container above it) to read that part as saved; a partial load would leave "
                 "those entries out.")
+    if any("_orig_mod" in d for d in diffs):
+        return ("\nKeys that differ by `_orig_mod.` come from `torch.compile`, whose module's state_dict() names each "
+                "key under the module it wraps: save and load the wrapped module's state (`compiled._orig_mod`, or "
+                "torch.distributed.checkpoint.state_dict.get_model_state_dict, which leaves the prefix out).")
     if diffs and all(d.endswith(_ONLY_SAVED) for d in diffs):
         return ("\nTo load only the abstract tree's part of the checkpoint, load inside "
                 "`with ckpt.Context(pytree_options=ckpt.PyTreeOptions(partial_load=True)):` (Orbax's "

@@ -340,3 +340,11 @@ def test_a_later_save_of_the_same_structure_checks_its_keys_as_the_first(root):
             with pytest.raises(TypeError, match=f"dict key {re.escape(repr(key))} of type"):
                 ckptr.save(2, {key: np.ones(2), "b": 2}, force=True)
         assert [c.step for c in ckptr.checkpoints] == [0, 1]
+
+
+def test_keys_that_differ_by_torch_compiles_prefix_are_a_mismatch_that_says_where_it_comes_from(tmp_path):
+    # A torch.compile'd module's state_dict() names its keys '_orig_mod.<key>'.
+    ckpt.save(tmp_path / "m", {"_orig_mod.0.weight": np.ones(2), "_orig_mod.0.bias": np.ones(1)})
+    with pytest.raises(errors.TreeMismatchError, match=r"\['0\.weight'\]: in the abstract tree(.|\n)*"
+                                                       r"come from `torch.compile`(.|\n)*compiled\._orig_mod"):
+        ckpt.load(tmp_path / "m", {"0.weight": np.zeros(2), "0.bias": np.zeros(1)})

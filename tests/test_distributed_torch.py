@@ -226,8 +226,8 @@ def test_a_save_failing_on_one_rank_raises_on_every_rank_at_once_and_commits_not
     # the promotion until the timeout, and the ranks' next saves for each other
     for how, step in (("sync", 2), ("async", 4)):
         assert f"rank 1 two tiers {how} failed: OSError: disk full on rank 1" in out, out
-        assert (f"rank 0 two tiers {how} failed: RuntimeError: the promotion of {tmp_path / 'run-local' / 'process_0' / str(step)} "
-                f"to {tmp_path / 'run-tiers' / str(step)} failed in another process (process 1: OSError: disk full on rank "
+        assert (f"rank 0 two tiers {how} failed: RuntimeError: the promotion of step {step} to "
+                f"{tmp_path / 'run-tiers' / str(step)} failed in another process (process 1: OSError: disk full on rank "
                 "1); nothing was committed") in out, out
     # steps that stay on the local tiers: rank 1 raised, rank 0's save went on (its step on rank 0 alone); a failure
     # of an async save no one waited for is raised by the next save on every rank (where the ranks meet)
@@ -235,8 +235,13 @@ def test_a_save_failing_on_one_rank_raises_on_every_rank_at_once_and_commits_not
         assert f"rank 1 two tiers {how} failed: OSError: disk full on rank 1" in out, out
         assert (f"rank 0 two tiers {how} failed: RuntimeError: the save of step {step} to the local tiers failed in "
                 "another process (process 1: OSError: disk full on rank 1)\n") in out, out
-    assert "rank 0 two tiers steps [(6, ['durable']), (14, ['durable', 'local'])]" in out, out
-    assert "rank 1 two tiers steps [(6, ['durable', 'local']), (14, ['durable', 'local'])]" in out, out
+    # each failed step saved again without overwrite=True: rank 0 had kept its copy, and refused it (StepAlreadyExistsError,
+    # rank 1 a RuntimeError naming it); now every rank that committed its copy discards it once the save failed
+    for r in (0, 1):
+        for how in ("sync", "async", "local sync", "local async"):
+            assert f"rank {r} two tiers {how} saved again: True" in out, out
+        assert (f"rank {r} two tiers steps [(2, ['durable']), (4, ['durable']), (6, ['durable']), "
+                "(14, ['durable', 'local'])]") in out, out
 
 
 @pytest.mark.timeout(300)
@@ -336,18 +341,19 @@ def test_with_two_tiers_every_rank_gets_rank_0s_save_decision_whatever_its_local
     # step 9, which the local tiers alone held, saved again with overwrite=True on rank 0 alone: rank 1 kept its old copy
     # (said it saved; forced, promoted it, and the durable step mixed rank 0's new part with rank 1's old one); step 11,
     # held by rank 0 alone (its local save failed on rank 1), forced: rank 0 promoted its copy, rank 1 a new one.
-    # Now each raises on every rank where the ranks meet, before either tier is written.
+    # Now step 9 raises on every rank where the ranks meet, before either tier is written; step 11's failed save left
+    # no local copy (rank 0 discarded its own), and the forced save saves it anew on every rank.
     said = (f"StepAlreadyExistsError: step 9 already exists at {tmp_path / 'run-local2' / 'process_1' / '9'}; pass "
             "overwrite=True to replace it")
     assert f"rank 1 tiers local overwrite failed: {said}\n" in out, out
     assert f"rank 0 tiers local overwrite failed: RuntimeError: the save of {tmp_path / 'run' / 'durable2' / '9'}" in out
-    for label, step, saves in (("forced overwrite", 9, ("promoting the copy its local tier holds", "anew")),
-                               ("forced again", 11, ("anew", "promoting the copy its local tier holds"))):
-        said = f"StepAlreadyExistsError: process 1 saves step {step} with force=True {saves[0]}, process 0 {saves[1]}: "
-        assert f"rank 1 tiers {label} failed: {said}" in out, out
-        assert (f"rank 0 tiers {label} failed: RuntimeError: the save of {tmp_path / 'run' / 'durable2' / str(step)} "
-                f"failed in another process (process 1: {said}") in out, out
+    said = ("StepAlreadyExistsError: process 1 saves step 9 with force=True promoting the copy its local tier holds, "
+            "process 0 anew: ")
+    assert f"rank 1 tiers forced overwrite failed: {said}" in out, out
+    assert (f"rank 0 tiers forced overwrite failed: RuntimeError: the save of {tmp_path / 'run' / 'durable2' / '9'} "
+            f"failed in another process (process 1: {said}") in out, out
     for r in (0, 1):
+        assert f"rank {r} tiers forced again: True" in out, out
         assert (f"rank {r} tiers step 9 holds [1.0, 1.0] locally, durable steps [2, 6, 8, 11], step 11 holds "
                 "[2.0, 2.0]") in out, out
 

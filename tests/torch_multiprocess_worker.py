@@ -508,7 +508,7 @@ def failing_saves(ckptr: Checkpointer) -> None:
         except ValueError as e:
             say(f"rank {rank} behind forced failed: {e}")
     say(f"rank {rank} steps {[c.step for c in ckptr.checkpoints]}, step 5 holds {ckptr.load(5)['w'].tolist()}")
-    # two tiers: a local save that fails on rank 1 alone (its local disk full) at a step to promote
+    # two tiers: a local save that fails on rank 1 alone (its local disk full) at a step to promote, saved again
     local = ckpt.LocalCheckpointOptions(f"{directory}-local", save_decision_policy=sdp.FixedIntervalPolicy(1))
     with ckpt.Context(async_options=ckpt.AsyncOptions(timeout_secs=10)), Checkpointer(
             f"{directory}-tiers", save_decision_policy=sdp.FixedIntervalPolicy(2), local=local) as tiers:
@@ -521,6 +521,7 @@ def failing_saves(ckptr: Checkpointer) -> None:
                     tiers.save_checkpointables(step, items)
             except OSError if rank == 1 else RuntimeError as e:
                 say(f"rank {rank} two tiers {how} failed: {type(e).__name__}: {e}")
+            say(f"rank {rank} two tiers {how} saved again: {tiers.save(step, {'w': torch.ones(2)})}")
         tiers.save(6, {"w": torch.ones(2)})
         # steps that stay on the local tiers (the durable policy skips them): rank 0's save went on
         for step, how in ((7, "local sync"), (9, "local async"), (11, "local async, not waited for")):
@@ -536,6 +537,8 @@ def failing_saves(ckptr: Checkpointer) -> None:
                         tiers.save(12, {"w": torch.ones(2)})
             except OSError if rank == 1 else RuntimeError as e:
                 say(f"rank {rank} two tiers {how} failed: {type(e).__name__}: {e}")
+            if step != 11:  # (a failed save's local copies are discarded on every rank: saved again, no overwrite)
+                say(f"rank {rank} two tiers {how} saved again: {tiers.save(step, {'w': torch.ones(2)})}")
         tiers.save(14, {"w": torch.ones(2)})
         tiers.wait()
         say(f"rank {rank} two tiers steps {[(c.step, sorted(c.locations)) for c in tiers.checkpoints]}")
@@ -653,12 +656,9 @@ def mismatched_with_two_tiers() -> None:
                 say(f"rank {rank} tiers {label} failed: {type(e).__name__}: {e}")
         try:
             ckptr.save_checkpointables(11, {"state": {"w": torch.ones(2)}, "extra": FailsOnRank1()})
-        except (OSError, RuntimeError) as e:  # (on every rank; rank 0's local copy stays)
+        except (OSError, RuntimeError) as e:  # (on every rank; rank 0 discards its local copy)
             say(f"rank {rank} tiers local save failed: {e}")
-        try:
-            ckptr.save(11, {"w": torch.zeros(2)}, force=True)
-        except (RuntimeError, ckpt.errors.StepAlreadyExistsError) as e:
-            say(f"rank {rank} tiers forced again failed: {type(e).__name__}: {e}")
+        say(f"rank {rank} tiers forced again: {ckptr.save(11, {'w': torch.zeros(2)}, force=True)}")
         ckptr.save(11, {"w": torch.full((2,), 2.0)}, force=True, overwrite=True)
         ckptr.wait()
         say(f"rank {rank} tiers step 9 holds {ckpt.load(f'{directory}-local2/process_{rank}/9')['w'].tolist()} locally, "

@@ -303,6 +303,9 @@ def test_with_two_tiers_every_rank_gets_rank_0s_save_decision_whatever_its_local
     for r in (0, 1):
         assert (f"rank {r} saved [True, False, True, False, True, False, True], locally "
                 "['.ckpt.lock', '4', '6', 'ckpt-root.json']") in out, out
+        # a step rank 1's local tier alone keeps, saved again: rank 0 declines it (below the latest), and every rank
+        # returns False (rank 1 raised StepAlreadyExistsError alone while rank 0 went on: the ranks diverged)
+        assert f"rank {r} saved step 2 again: False" in out, out
     import ckpt
 
     # (each rank copied its own values of the leaves rank 0 writes alone into the durable steps, which their

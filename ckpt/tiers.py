@@ -985,7 +985,9 @@ def _copy_step(source: Path, final: storage.Location, step: int, overwrite: bool
     the primary commits once every process's copy succeeded (a failure in one fails the promotion in all,
     see :func:`ckpt.distributed.settle`). A promotion that fails before its commit removes its temporary
     directory, as a save does (on an object store, an overwrite's but its marker: the durable copy it replaced
-    is gone, and the next writer promotes the step again).
+    is gone, and the next writer promotes the step again). A process that stops once the primary committed (the
+    others wait for it at the last meeting until the timeout) fails nothing: the step is durable, which the others
+    check (:func:`_holds_copy_of`) and log.
     Returns the bytes this process copied."""
     primary, tmp, markers = durable.processes.index == 0, storage.temporary_for(final), []
     task = f"the promotion of {source} to {final}"
@@ -1012,8 +1014,23 @@ def _copy_step(source: Path, final: storage.Location, step: int, overwrite: bool
     finally:
         if markers:
             storage.release_temporary(markers[0])
-    _barrier(durable, f"{barrier}/committed")
+    try:
+        _barrier(durable, f"{barrier}/committed")
+    except Exception as e:  # (a process stopped once the primary had committed: the step is durable all the same)
+        if not _holds_copy_of(final, source):
+            raise
+        logger.warning("ckpt: step %d is durable at %s (its promotion committed), but not every process reached the "
+                       "end of the promotion: %s", step, final, e)
     return copied
+
+
+def _holds_copy_of(final: storage.Location, source: Path) -> bool:
+    """Whether the committed step at ``final`` is the promotion of the local step ``source`` (a promotion copies the
+    manifest, the commit record, byte for byte); False where either cannot be read."""
+    try:
+        return loading.read_manifest(final) == loading.read_manifest(source)
+    except Exception:
+        return False
 
 
 def _prepared(barrier: str) -> str:

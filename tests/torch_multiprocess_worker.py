@@ -195,6 +195,8 @@ def run(this_rank: int, this_world: int, port: int, mode: str) -> None:
             rank_1_stops_in_a_gathering(ckptr)
         elif mode == "vanish":
             rank_1_stops_in_an_async_save(ckptr)
+        elif mode == "promoted":
+            rank_1_stops_once_promoted()
         elif mode == "list":
             say(f"rank {rank} lists {[c.step for c in ckptr.checkpoints]}")
         elif mode == "unshared":  # rank 1 sees another directory at DIR
@@ -860,6 +862,32 @@ def rank_1_stops_in_an_async_save(ckptr: Checkpointer) -> None:
         except TimeoutError as e:
             say(f"rank {rank} wait raised: {e}")
     say(f"rank {rank} steps {[c.step for c in ckptr.checkpoints]}")
+    os._exit(0)  # (rank 1 is gone: no closing barrier)
+
+
+def rank_1_stops_once_promoted() -> None:
+    """Two tiers: rank 1 stops once rank 0 committed the promotion of step 1, before the ranks' last meeting in it:
+    rank 0's save returns, and lists the step, which is durable (it raised TimeoutError and did not list it)."""
+    durable = f"{directory}-promoted"
+    if rank == 1:
+        settle = ckpt.distributed.settle
+
+        def stops_once_committed(processes, name, part, timeout_secs, task, **kwargs):
+            settle(processes, name, part, timeout_secs, task, **kwargs)
+            if name.endswith("promote/1/written"):  # (rank 0 commits next)
+                while not os.path.exists(f"{durable}/1/manifest.json"):
+                    time.sleep(0.001)
+                os._exit(0)  # (as a SIGKILL would: no closing)
+
+        ckpt.distributed.settle = stops_once_committed
+    local = ckpt.LocalCheckpointOptions(f"{directory}-promoted-local", save_decision_policy=sdp.FixedIntervalPolicy(1))
+    with ckpt.Context(async_options=ckpt.AsyncOptions(timeout_secs=2)):
+        ckptr = Checkpointer(durable, save_decision_policy=sdp.FixedIntervalPolicy(1), local=local)
+        try:
+            said = ckptr.save(1, {"w": torch.ones(2)})
+        except TimeoutError as e:
+            said = f"TimeoutError: {e}"
+        say(f"rank {rank} saved the promoted step: {said}, steps {[(c.step, sorted(c.locations)) for c in ckptr.checkpoints]}")
     os._exit(0)  # (rank 1 is gone: no closing barrier)
 
 

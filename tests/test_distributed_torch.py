@@ -303,9 +303,14 @@ def test_with_two_tiers_every_rank_gets_rank_0s_save_decision_whatever_its_local
     for r in (0, 1):
         assert (f"rank {r} saved [True, False, True, False, True, False, True], locally "
                 "['.ckpt.lock', '4', '6', 'ckpt-root.json']") in out, out
-        # a step rank 1's local tier alone keeps, saved again: rank 0 declines it (below the latest), and every rank
-        # returns False (rank 1 raised StepAlreadyExistsError alone while rank 0 went on: the ranks diverged)
-        assert f"rank {r} saved step 2 again: False" in out, out
+        # a step rank 1's local tier alone keeps, saved again: rank 0 declines it, and every rank returns False (rank 1
+        # raised StepAlreadyExistsError alone while rank 0 went on: the ranks diverged)
+        assert f"rank {r} saved step 2, which rank 1 alone holds, again: False" in out, out
+    # one rank 0's alone keeps: every rank raises (rank 0 alone did, while rank 1 returned False)
+    said = (f"StepAlreadyExistsError: step 2 already exists at {tmp_path / 'run-kept0' / 'process_0' / '2'}")
+    assert f"rank 0 saved step 2, which rank 0 alone holds, again: {said}; pass overwrite=True to replace it\n" in out
+    assert (f"rank 1 saved step 2, which rank 0 alone holds, again: {said} (process 0's copy); pass overwrite=True on "
+            "every process to replace it\n") in out, out
     import ckpt
 
     # (each rank copied its own values of the leaves rank 0 writes alone into the durable steps, which their

@@ -615,18 +615,30 @@ def local_policies_differ() -> None:
     with Checkpointer(f"{directory}/durable", save_decision_policy=sdp.FixedIntervalPolicy(4), local=local) as ckptr:
         said = [ckptr.should_save(step) and ckptr.save(step, state) for step in range(7)]
     say(f"rank {rank} saved {said}, locally {sorted(os.listdir(f'{directory}-local/process_{rank}'))}")
-    # local preservation policies that differ: rank 1 keeps step 2, rank 0 does not; a save of step 2, which rank 0
-    # declines (below the latest)
-    local = ckpt.LocalCheckpointOptions(f"{directory}-kept", save_decision_policy=sdp.FixedIntervalPolicy(1),
-                                        preservation_policy=ckpt.training.preservation_policies.LatestN(2 + rank))
-    with Checkpointer(f"{directory}/kept", save_decision_policy=sdp.FixedIntervalPolicy(100), local=local) as ckptr:
-        for step in range(5):
-            ckptr.save(step, {"w": torch.ones(2)})
-        try:
-            said = ckptr.save(2, {"w": torch.ones(2)})
-        except ckpt.errors.StepAlreadyExistsError as e:
-            said = f"{type(e).__name__}: {e}"
-    say(f"rank {rank} saved step 2 again: {said}")
+    # local preservation policies that differ: one rank keeps step 2, the other does not; a save of step 2 that rank 0
+    # declines (its local policy now saves nothing)
+    class Until:
+        """Saves every step until turned off."""
+        on = True
+
+        def should_save(self, step, previous, *, context):
+            return self.on
+
+    for holder in (1, 0):
+        policy = Until()
+        local = ckpt.LocalCheckpointOptions(f"{directory}-kept{holder}", save_decision_policy=policy,
+                                            preservation_policy=ckpt.training.preservation_policies.LatestN(
+                                                3 if rank == holder else 2))
+        with Checkpointer(f"{directory}/kept{holder}", save_decision_policy=sdp.FixedIntervalPolicy(100),
+                          local=local) as ckptr:
+            for step in range(5):
+                ckptr.save(step, {"w": torch.ones(2)})
+            policy.on = False
+            try:
+                said = ckptr.save(2, {"w": torch.ones(2)})
+            except ckpt.errors.StepAlreadyExistsError as e:
+                said = f"{type(e).__name__}: {e}"
+        say(f"rank {rank} saved step 2, which rank {holder} alone holds, again: {said}")
 
 
 def mismatched_with_two_tiers() -> None:

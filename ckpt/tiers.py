@@ -501,18 +501,39 @@ class LocalTier:
         alone while the others go on. A blocking save meets them at once; an async one on a writer of its own (not
         behind the promotions: a process stopped would make each waiting save wait for it until the timeout), whose
         failure its ``result()``, ``wait``, ``close`` or the next save (where the processes meet) raises; it waits for
-        the local save without hurrying it (an async save is written in the background at its own pace)."""
+        the local save without hurrying it (an async save is written in the background at its own pace). A failure
+        elsewhere discards the step's local copy on each process that committed it (:meth:`_discard`), so that saving
+        the step again just works."""
         barrier, task = self._durable.operation(f"save/{step}/local"), f"the save of step {step} to the local tiers"
 
         def settled() -> bool:
-            distributed.settle(self._durable.processes, barrier, lambda: _saved(local, hurry=False),
-                               self._durable.timeout_secs(), task, commits=False)  # (the others' copies are committed)
+            try:
+                distributed.settle(self._durable.processes, barrier, lambda: _saved(local, hurry=False),
+                                   self._durable.timeout_secs(), task, commits=False)
+            except Exception:
+                if local.exception(hurry=False) is None:  # (where it failed, it committed nothing)
+                    self._discard(step)
+                raise
             return True
 
         if blocking:
             return background.finished(settled())
         in_call = contextvars.copy_context()  # (the options of the save: its timeout, in the writer's thread)
         return self._settling.submit(lambda: in_call.run(settled), what=task)
+
+    def _discard(self, step: int) -> None:
+        """Deletes this process's local copy of ``step``, a save that stays on the local tiers and failed on some
+        process (see :meth:`_settled`): the processes that committed theirs would refuse a retry of the save (the step
+        exists there) while the others save it anew. Such a step is on no durable tier (a multi-process job loads the
+        durable tier only): nothing loadable is lost. A deletion that fails is logged (a retry then needs
+        ``overwrite=True``)."""
+        try:
+            if self.checkpointer.delete(step, missing_ok=True):
+                logger.warning("ckpt: step %d of the local tier %s deleted: its save failed on another process",
+                               step, self.checkpointer.directory)
+        except Exception as e:
+            logger.warning("ckpt: step %d of the local tier %s, whose save failed on another process, could not be "
+                           "deleted (%s): saving it again needs overwrite=True", step, self.checkpointer.directory, e)
 
     def _agree(self, step: int, checkpointables: dict[str, Any], metrics: Any, custom_metadata: Any) -> None:
         """In a job, before anything is written on either tier, checks that every process saves the same tree to
@@ -825,20 +846,28 @@ class LocalTier:
         return True
 
     def _source(self, step: int, local: background.AsyncResponse[bool], barrier: str) -> Path:
-        """The committed local step to promote, once ``local`` (its local save) succeeded. In a job, a local save that
-        failed here (this host's disk full), or a step gone, fails the promotion on every process at once where they
-        first meet (:func:`_copy_step`): the others would wait there for this one until the timeout."""
-        try:
-            _saved(local)
-            return self.checkpointer.directory / self._step_name(step)
-        except Exception as e:
-            if self._durable.processes.count > 1:
-                def failed() -> None:
-                    raise e
+        """The committed local step to promote, once ``local`` (its local save) succeeded. In a job, every process
+        first meets the others where each says whether its local save succeeded: a local save that failed here (this
+        host's disk full), or a step gone, fails the promotion on every process at once (the others would wait for this
+        one in :func:`_copy_step` until the timeout), and each process that committed its copy discards it
+        (:meth:`_discard`), so that saving the step again just works."""
+        name = []
 
-                distributed.settle(self._durable.processes, _prepared(barrier), failed, self._durable.timeout_secs(),
+        def saved() -> None:
+            _saved(local)
+            name.append(self._step_name(step))
+
+        if self._durable.processes.count == 1:
+            saved()
+        else:
+            try:
+                distributed.settle(self._durable.processes, f"{barrier}/saved", saved, self._durable.timeout_secs(),
                                    f"the promotion of step {step} to {self._durable.step_dir(step)}")
-            raise
+            except Exception:
+                if name:  # (where it failed, it committed nothing)
+                    self._discard(step)
+                raise
+        return self.checkpointer.directory / name[0]
 
     def _step_name(self, step: int) -> str:
         """The name of ``step``'s directory on the local tier.
@@ -979,7 +1008,9 @@ def _copy_step(source: Path, final: storage.Location, step: int, overwrite: bool
     the primary commits once every process's copy succeeded (a failure in one fails the promotion in all,
     see :func:`ckpt.distributed.settle`). A promotion that fails before its commit removes its temporary
     directory, as a save does (on an object store, an overwrite's but its marker: the durable copy it replaced
-    is gone, and the next writer promotes the step again).
+    is gone, and the next writer promotes the step again). A process that stops once the primary committed (the
+    others wait for it at the last meeting until the timeout) fails nothing: the step is durable, which the others
+    check (:func:`_holds_copy_of`) and log.
     Returns the bytes this process copied."""
     primary, tmp, markers = durable.processes.index == 0, storage.temporary_for(final), []
     task = f"the promotion of {source} to {final}"
@@ -1006,8 +1037,23 @@ def _copy_step(source: Path, final: storage.Location, step: int, overwrite: bool
     finally:
         if markers:
             storage.release_temporary(markers[0])
-    _barrier(durable, f"{barrier}/committed")
+    try:
+        _barrier(durable, f"{barrier}/committed")
+    except Exception as e:  # (a process stopped once the primary had committed: the step is durable all the same)
+        if not _holds_copy_of(final, source):
+            raise
+        logger.warning("ckpt: step %d is durable at %s (its promotion committed), but not every process reached the "
+                       "end of the promotion: %s", step, final, e)
     return copied
+
+
+def _holds_copy_of(final: storage.Location, source: Path) -> bool:
+    """Whether the committed step at ``final`` is the promotion of the local step ``source`` (a promotion copies the
+    manifest, the commit record, byte for byte); False where either cannot be read."""
+    try:
+        return loading.read_manifest(final) == loading.read_manifest(source)
+    except Exception:
+        return False
 
 
 def _prepared(barrier: str) -> str:

@@ -453,15 +453,17 @@ class Checkpointer:
             preemption.listen(self)
 
     def _decide(self, step: int, *, replacing: bool, reached: bool | None = None, force: bool = False,
-                in_save: bool = False, answered: bool = False, keeps: bool = False) -> bool:
+                in_save: bool = False, answered: bool = False, keeps: bool = False, holds: str | None = None) -> bool:
         """The save decision of ``step``. ``reached``: whether a preemption was seen, as the Checkpointer whose
         local tier this one is decided it (its processes agreed on it); None: this one asks. ``force``: a forced
         save in a job, which takes the primary's decision too, so that every process passes through the same steps;
         ``keeps``: one that promotes the copy this process's local tier holds (see :meth:`_primarys`).
         ``in_save``: a save's decision, not should_save's (see :meth:`_primarys`); ``answered``: a save the primary's
-        should_save said yes to, which takes that answer without asking the policy again."""
+        should_save said yes to, which takes that answer without asking the policy again; ``holds``: the path of the
+        step this save refuses (it exists and ``overwrite`` is not set), which a save's decision publishes with the
+        primary's (see :meth:`_declined_refusal`)."""
         if force:
-            decision = self._primarys(step, True, False, force=True, in_save=in_save, keeps=keeps)[0]
+            decision = self._primarys(step, True, False, force=True, in_save=in_save, keeps=keeps, holds=holds)[0]
             if self._local is None or self._unlike is None or decision:
                 return decision
             # the primary did not force: its local tier may save the step, where this process's refusal meets the others
@@ -469,7 +471,7 @@ class Checkpointer:
         asked = self._asked_of(step) if answered and self._processes.index == 0 else None
         if asked is not None:
             _, (decision, reached, *_), either = asked
-            self._primarys(step, decision, reached, force=False, in_save=True)
+            self._primarys(step, decision, reached, force=False, in_save=True, holds=holds)
             return either if self._local is None else self._primarys_either(either)
         if not self._decided_once:
             self._decided_once = True
@@ -492,7 +494,7 @@ class Checkpointer:
             # primary's answer still, as a process forcing this save waits for it, with a local tier for its either too)
             if self._processes.count == 1:
                 return False
-            decision = self._primarys(step, False, False, force=False, in_save=in_save)[0]
+            decision = self._primarys(step, False, False, force=False, in_save=in_save, holds=holds)[0]
             if in_save and self._local is not None and self._processes.index == 0:
                 self._primarys_either(False)
             return decision
@@ -510,7 +512,7 @@ class Checkpointer:
         decision = bool(self._save_policy.should_save(current, previous, context=context))
         if self._processes.count > 1:  # time and signals differ between processes: the primary decides (for
             # its step: processes saving other steps then meet in the save's check of the paths, not a timeout)
-            decision, reached = self._primarys(step, decision, reached, force=False, in_save=in_save)
+            decision, reached = self._primarys(step, decision, reached, force=False, in_save=in_save, holds=holds)
             if self._unlike is not None:  # the primary forced its save: no local decision follows there
                 return decision
         if reached and (self._preempted_at is None or not self._reached):
@@ -525,7 +527,7 @@ class Checkpointer:
         return either
 
     def _primarys(self, step: int, decision: bool, reached: bool, *, force: bool, in_save: bool,
-                  keeps: bool = False) -> tuple[bool, bool]:
+                  keeps: bool = False, holds: str | None = None) -> tuple[bool, bool]:
         """The primary's save decision and preemption, and whether it forced its save; keeps in ``_unlike`` the
         error of a process whose ``force`` is not the primary's, or, in a forced save with a local tier, whose
         ``keeps`` (it promotes the copy its local tier holds, not a new one) is not the primary's, raised by its save
@@ -540,7 +542,7 @@ class Checkpointer:
         name = self._operation("decide") if in_save else self._should_save_name(step)
         once = not in_save and self._asked_before(step)
         try:
-            value = self._broadcast(name, [decision, reached, force, keeps], once)
+            value = self._broadcast(name, [decision, reached, force, keeps, holds], once)
         except TimeoutError as e:
             if in_save:
                 raise
@@ -548,7 +550,7 @@ class Checkpointer:
                                f"which decides for every process: call should_save({step}) on process 0 too wherever "
                                f"another process calls it ({e})") from None
         self._agreed = (name, value, once)
-        decision, reached, forced, kept = value
+        decision, reached, forced, kept, _ = value
         self._unlike = None
         if forced != force:
             self._unlike = ValueError(
@@ -567,6 +569,21 @@ class Checkpointer:
                 "overwrite=True on every process to save it anew; nothing was written",
                 step=step, path=self._directory / self._name_format.build_name(step))
         return decision, reached
+
+    def _declined_refusal(self, step: int, refused: errors.StepAlreadyExistsError | None
+                          ) -> errors.StepAlreadyExistsError | None:
+        """What a save of ``step`` that the primary declined raises, given ``refused``, this process's refusal of a step
+        it holds without ``overwrite``: in a job, the primary's answer, published with its decision (:meth:`_primarys`),
+        so that every process raises or none does. A step only some processes' local tiers hold (a local policy that
+        keeps other steps on each process) was refused by those alone, while the others went on."""
+        if self._processes.count == 1:
+            return refused
+        held = self._agreed[1][4]  # (the path of the step the primary holds, or None)
+        if held is None:
+            return None  # (a copy of this process alone: declined, as on the others, it is left as it is)
+        return refused or errors.StepAlreadyExistsError(
+            f"step {step} already exists at {held} (process 0's copy); pass overwrite=True on every process to "
+            "replace it", step=step, path=storage.location(held))
 
     def _primarys_either(self, either: bool) -> bool:
         """The primary's decision with its local tier (``either`` here), after the decision :meth:`_primarys` took."""
@@ -743,13 +760,15 @@ class Checkpointer:
             due = answered_yes or force or self._decide(step, replacing=existing is not None)
         else:  # every process takes the primary's decision of its save, which may not be its should_save's answer
             due = self._decide(step, replacing=existing is not None, force=force, in_save=True, answered=answered_yes,
-                               keeps=keeps)
-        refused, self._unlike = self._unlike or refused, None
+                               keeps=keeps, holds=None if refused is None else str(existing.path))
+        unlike, self._unlike = self._unlike, None
         if not due:
+            refused = unlike or self._declined_refusal(step, refused)
             if refused is not None:
                 raise refused
             self._warn_of_a_step_behind(step)
             return None  # a step below the latest, or one the policy skips
+        refused = unlike or refused
         preemption.serve()  # (a SIGTERM held back for a save no save served ends the process at close)
         self._ctx.check()  # (a ``with ctx:`` block around this call: its options, not checked when this was opened)
         if self._local is not None:

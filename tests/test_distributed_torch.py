@@ -229,8 +229,8 @@ def test_a_save_failing_on_one_rank_raises_on_every_rank_at_once_and_commits_not
     # the promotion until the timeout, and the ranks' next saves for each other
     for how, step in (("sync", 2), ("async", 4)):
         assert f"rank 1 two tiers {how} failed: OSError: disk full on rank 1" in out, out
-        assert (f"rank 0 two tiers {how} failed: RuntimeError: the promotion of {tmp_path / 'run-local' / 'process_0' / str(step)} "
-                f"to {tmp_path / 'run-tiers' / str(step)} failed in another process (process 1: OSError: disk full on rank "
+        assert (f"rank 0 two tiers {how} failed: RuntimeError: the promotion of step {step} to "
+                f"{tmp_path / 'run-tiers' / str(step)} failed in another process (process 1: OSError: disk full on rank "
                 "1); nothing was committed") in out, out
     # steps that stay on the local tiers: rank 1 raised, rank 0's save went on (its step on rank 0 alone); a failure
     # of an async save no one waited for is raised by the next save on every rank (where the ranks meet)
@@ -238,8 +238,13 @@ def test_a_save_failing_on_one_rank_raises_on_every_rank_at_once_and_commits_not
         assert f"rank 1 two tiers {how} failed: OSError: disk full on rank 1" in out, out
         assert (f"rank 0 two tiers {how} failed: RuntimeError: the save of step {step} to the local tiers failed in "
                 "another process (process 1: OSError: disk full on rank 1)\n") in out, out
-    assert "rank 0 two tiers steps [(6, ['durable']), (14, ['durable', 'local'])]" in out, out
-    assert "rank 1 two tiers steps [(6, ['durable', 'local']), (14, ['durable', 'local'])]" in out, out
+    # each failed step saved again without overwrite=True: rank 0 had kept its copy, and refused it (StepAlreadyExistsError,
+    # rank 1 a RuntimeError naming it); now every rank that committed its copy discards it once the save failed
+    for r in (0, 1):
+        for how in ("sync", "async", "local sync", "local async"):
+            assert f"rank {r} two tiers {how} saved again: True" in out, out
+        assert (f"rank {r} two tiers steps [(2, ['durable']), (4, ['durable']), (6, ['durable']), "
+                "(14, ['durable', 'local'])]") in out, out
 
 
 @pytest.mark.timeout(300)
@@ -301,6 +306,14 @@ def test_with_two_tiers_every_rank_gets_rank_0s_save_decision_whatever_its_local
     for r in (0, 1):
         assert (f"rank {r} saved [True, False, True, False, True, False, True], locally "
                 "['.ckpt.lock', '4', '6', 'ckpt-root.json']") in out, out
+        # a step rank 1's local tier alone keeps, saved again: rank 0 declines it, and every rank returns False (rank 1
+        # raised StepAlreadyExistsError alone while rank 0 went on: the ranks diverged)
+        assert f"rank {r} saved step 2, which rank 1 alone holds, again: False" in out, out
+    # one rank 0's alone keeps: every rank raises (rank 0 alone did, while rank 1 returned False)
+    said = (f"StepAlreadyExistsError: step 2 already exists at {tmp_path / 'run-kept0' / 'process_0' / '2'}")
+    assert f"rank 0 saved step 2, which rank 0 alone holds, again: {said}; pass overwrite=True to replace it\n" in out
+    assert (f"rank 1 saved step 2, which rank 0 alone holds, again: {said} (process 0's copy); pass overwrite=True on "
+            "every process to replace it\n") in out, out
     import ckpt
 
     # (each rank copied its own values of the leaves rank 0 writes alone into the durable steps, which their
@@ -339,18 +352,19 @@ def test_with_two_tiers_every_rank_gets_rank_0s_save_decision_whatever_its_local
     # step 9, which the local tiers alone held, saved again with overwrite=True on rank 0 alone: rank 1 kept its old copy
     # (said it saved; forced, promoted it, and the durable step mixed rank 0's new part with rank 1's old one); step 11,
     # held by rank 0 alone (its local save failed on rank 1), forced: rank 0 promoted its copy, rank 1 a new one.
-    # Now each raises on every rank where the ranks meet, before either tier is written.
+    # Now step 9 raises on every rank where the ranks meet, before either tier is written; step 11's failed save left
+    # no local copy (rank 0 discarded its own), and the forced save saves it anew on every rank.
     said = (f"StepAlreadyExistsError: step 9 already exists at {tmp_path / 'run-local2' / 'process_1' / '9'}; pass "
             "overwrite=True to replace it")
     assert f"rank 1 tiers local overwrite failed: {said}\n" in out, out
     assert f"rank 0 tiers local overwrite failed: RuntimeError: the save of {tmp_path / 'run' / 'durable2' / '9'}" in out
-    for label, step, saves in (("forced overwrite", 9, ("promoting the copy its local tier holds", "anew")),
-                               ("forced again", 11, ("anew", "promoting the copy its local tier holds"))):
-        said = f"StepAlreadyExistsError: process 1 saves step {step} with force=True {saves[0]}, process 0 {saves[1]}: "
-        assert f"rank 1 tiers {label} failed: {said}" in out, out
-        assert (f"rank 0 tiers {label} failed: RuntimeError: the save of {tmp_path / 'run' / 'durable2' / str(step)} "
-                f"failed in another process (process 1: {said}") in out, out
+    said = ("StepAlreadyExistsError: process 1 saves step 9 with force=True promoting the copy its local tier holds, "
+            "process 0 anew: ")
+    assert f"rank 1 tiers forced overwrite failed: {said}" in out, out
+    assert (f"rank 0 tiers forced overwrite failed: RuntimeError: the save of {tmp_path / 'run' / 'durable2' / '9'} "
+            f"failed in another process (process 1: {said}") in out, out
     for r in (0, 1):
+        assert f"rank {r} tiers forced again: True" in out, out
         assert (f"rank {r} tiers step 9 holds [1.0, 1.0] locally, durable steps [2, 6, 8, 11], step 11 holds "
                 "[2.0, 2.0]") in out, out
 
@@ -420,8 +434,9 @@ def test_a_rank_whose_store_or_whose_peer_in_a_gathering_stopped_raises_at_once_
     connected to the store for the first time, waited 300 s (TCPStore's retries), whatever the timeout. Rank 1
     stopping in the gathering of small DTensors: rank 0 raised gloo's RuntimeError, naming no save; rank 1, out of
     device memory there, a ConnectionError saying that another rank stopped. Rank 1 stopping in an async save: rank
-    0's wait said only that the save was still running after the timeout."""
-    out = run_jobs(tmp_path / "run", tmp_path / "unused.npz", "stopped:2", "gone:2", "vanish:2")
+    0's wait said only that the save was still running after the timeout. Two tiers, rank 1 stopping once rank 0
+    committed a promotion: rank 0 raised TimeoutError, though the step was durable, and did not list it."""
+    out = run_jobs(tmp_path / "run", tmp_path / "unused.npz", "stopped:2", "gone:2", "vanish:2", "promoted:2")
     assert (f"rank 0 raised ConnectionError: rank 0 of 2: the save of {tmp_path / 'run' / '1'} failed while the "
             "ranks gathered its small DTensors: another rank stopped, or the process group failed (RuntimeError: "
             ) in out, out
@@ -430,6 +445,9 @@ def test_a_rank_whose_store_or_whose_peer_in_a_gathering_stopped_raises_at_once_
             f"(AsyncOptions.timeout_secs); it waits for the other ranks at '{tmp_path / 'run'}/") in out, out
     assert "(rank 1 never arrived): a process stopped, or does not make the same ckpt calls" in out, out
     assert "rank 0 steps [0]" in out and not (tmp_path / "run" / "1").exists(), out
+    # two tiers, rank 1 stopping once rank 0 committed a promotion: the step is durable (rank 0 raised TimeoutError at
+    # the promotion's last meeting, and did not list the step)
+    assert "rank 0 saved the promoted step: True, steps [(1, ['durable', 'local'])]" in out, out
     assert ("rank 1 raised at once: rank 1 of 2 lost the job's store (kept by rank 0's process, or by the launcher's) "
             f"while it waited for rank 0's '{tmp_path / 'run'}/") in out, out
     assert ("rank 1 deletion raised at once: rank 1 of 2 lost the job's store (kept by rank 0's process, or by the "

@@ -196,6 +196,8 @@ def run(this_rank: int, this_world: int, port: int, mode: str) -> None:
             rank_1_stops_in_a_gathering(ckptr)
         elif mode == "vanish":
             rank_1_stops_in_an_async_save(ckptr)
+        elif mode == "promoted":
+            rank_1_stops_once_promoted()
         elif mode == "list":
             say(f"rank {rank} lists {[c.step for c in ckptr.checkpoints]}")
         elif mode == "unshared":  # rank 1 sees another directory at DIR
@@ -523,7 +525,7 @@ def failing_saves(ckptr: Checkpointer) -> None:
         except ValueError as e:
             say(f"rank {rank} behind forced failed: {e}")
     say(f"rank {rank} steps {[c.step for c in ckptr.checkpoints]}, step 5 holds {ckptr.load(5)['w'].tolist()}")
-    # two tiers: a local save that fails on rank 1 alone (its local disk full) at a step to promote
+    # two tiers: a local save that fails on rank 1 alone (its local disk full) at a step to promote, saved again
     local = ckpt.LocalCheckpointOptions(f"{directory}-local", save_decision_policy=sdp.FixedIntervalPolicy(1))
     with ckpt.Context(async_options=ckpt.AsyncOptions(timeout_secs=10)), Checkpointer(
             f"{directory}-tiers", save_decision_policy=sdp.FixedIntervalPolicy(2), local=local) as tiers:
@@ -536,6 +538,7 @@ def failing_saves(ckptr: Checkpointer) -> None:
                     tiers.save_checkpointables(step, items)
             except OSError if rank == 1 else RuntimeError as e:
                 say(f"rank {rank} two tiers {how} failed: {type(e).__name__}: {e}")
+            say(f"rank {rank} two tiers {how} saved again: {tiers.save(step, {'w': torch.ones(2)})}")
         tiers.save(6, {"w": torch.ones(2)})
         # steps that stay on the local tiers (the durable policy skips them): rank 0's save went on
         for step, how in ((7, "local sync"), (9, "local async"), (11, "local async, not waited for")):
@@ -551,6 +554,8 @@ def failing_saves(ckptr: Checkpointer) -> None:
                         tiers.save(12, {"w": torch.ones(2)})
             except OSError if rank == 1 else RuntimeError as e:
                 say(f"rank {rank} two tiers {how} failed: {type(e).__name__}: {e}")
+            if step != 11:  # (a failed save's local copies are discarded on every rank: saved again, no overwrite)
+                say(f"rank {rank} two tiers {how} saved again: {tiers.save(step, {'w': torch.ones(2)})}")
         tiers.save(14, {"w": torch.ones(2)})
         tiers.wait()
         say(f"rank {rank} two tiers steps {[(c.step, sorted(c.locations)) for c in tiers.checkpoints]}")
@@ -625,6 +630,30 @@ def local_policies_differ() -> None:
     with Checkpointer(f"{directory}/durable", save_decision_policy=sdp.FixedIntervalPolicy(4), local=local) as ckptr:
         said = [ckptr.should_save(step) and ckptr.save(step, state) for step in range(7)]
     say(f"rank {rank} saved {said}, locally {sorted(os.listdir(f'{directory}-local/process_{rank}'))}")
+    # local preservation policies that differ: one rank keeps step 2, the other does not; a save of step 2 that rank 0
+    # declines (its local policy now saves nothing)
+    class Until:
+        """Saves every step until turned off."""
+        on = True
+
+        def should_save(self, step, previous, *, context):
+            return self.on
+
+    for holder in (1, 0):
+        policy = Until()
+        local = ckpt.LocalCheckpointOptions(f"{directory}-kept{holder}", save_decision_policy=policy,
+                                            preservation_policy=ckpt.training.preservation_policies.LatestN(
+                                                3 if rank == holder else 2))
+        with Checkpointer(f"{directory}/kept{holder}", save_decision_policy=sdp.FixedIntervalPolicy(100),
+                          local=local) as ckptr:
+            for step in range(5):
+                ckptr.save(step, {"w": torch.ones(2)})
+            policy.on = False
+            try:
+                said = ckptr.save(2, {"w": torch.ones(2)})
+            except ckpt.errors.StepAlreadyExistsError as e:
+                said = f"{type(e).__name__}: {e}"
+        say(f"rank {rank} saved step 2, which rank {holder} alone holds, again: {said}")
 
 
 def mismatched_with_two_tiers() -> None:
@@ -668,12 +697,9 @@ def mismatched_with_two_tiers() -> None:
                 say(f"rank {rank} tiers {label} failed: {type(e).__name__}: {e}")
         try:
             ckptr.save_checkpointables(11, {"state": {"w": torch.ones(2)}, "extra": FailsOnRank1()})
-        except (OSError, RuntimeError) as e:  # (on every rank; rank 0's local copy stays)
+        except (OSError, RuntimeError) as e:  # (on every rank; rank 0 discards its local copy)
             say(f"rank {rank} tiers local save failed: {e}")
-        try:
-            ckptr.save(11, {"w": torch.zeros(2)}, force=True)
-        except (RuntimeError, ckpt.errors.StepAlreadyExistsError) as e:
-            say(f"rank {rank} tiers forced again failed: {type(e).__name__}: {e}")
+        say(f"rank {rank} tiers forced again: {ckptr.save(11, {'w': torch.zeros(2)}, force=True)}")
         ckptr.save(11, {"w": torch.full((2,), 2.0)}, force=True, overwrite=True)
         ckptr.wait()
         say(f"rank {rank} tiers step 9 holds {ckpt.load(f'{directory}-local2/process_{rank}/9')['w'].tolist()} locally, "
@@ -863,6 +889,32 @@ def rank_1_stops_in_an_async_save(ckptr: Checkpointer) -> None:
         except TimeoutError as e:
             say(f"rank {rank} wait raised: {e}")
     say(f"rank {rank} steps {[c.step for c in ckptr.checkpoints]}")
+    os._exit(0)  # (rank 1 is gone: no closing barrier)
+
+
+def rank_1_stops_once_promoted() -> None:
+    """Two tiers: rank 1 stops once rank 0 committed the promotion of step 1, before the ranks' last meeting in it:
+    rank 0's save returns, and lists the step, which is durable (it raised TimeoutError and did not list it)."""
+    durable = f"{directory}-promoted"
+    if rank == 1:
+        settle = ckpt.distributed.settle
+
+        def stops_once_committed(processes, name, part, timeout_secs, task, **kwargs):
+            settle(processes, name, part, timeout_secs, task, **kwargs)
+            if name.endswith("promote/1/written"):  # (rank 0 commits next)
+                while not os.path.exists(f"{durable}/1/manifest.json"):
+                    time.sleep(0.001)
+                os._exit(0)  # (as a SIGKILL would: no closing)
+
+        ckpt.distributed.settle = stops_once_committed
+    local = ckpt.LocalCheckpointOptions(f"{directory}-promoted-local", save_decision_policy=sdp.FixedIntervalPolicy(1))
+    with ckpt.Context(async_options=ckpt.AsyncOptions(timeout_secs=2)):
+        ckptr = Checkpointer(durable, save_decision_policy=sdp.FixedIntervalPolicy(1), local=local)
+        try:
+            said = ckptr.save(1, {"w": torch.ones(2)})
+        except TimeoutError as e:
+            said = f"TimeoutError: {e}"
+        say(f"rank {rank} saved the promoted step: {said}, steps {[(c.step, sorted(c.locations)) for c in ckptr.checkpoints]}")
     os._exit(0)  # (rank 1 is gone: no closing barrier)
 
 

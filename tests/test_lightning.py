@@ -756,6 +756,7 @@ def test_load_weights_reads_the_weights_of_a_model_compiled_otherwise_than_the_o
         load_weights(torch.nn.Sequential(torch.nn.Linear(3, 4)), tmp_path / "net to 0")
 
 
+
 def test_a_step_directory_such_as_best_model_path_gives_its_weights_or_the_module_it_saved(tmp_path):
     trainer, callback = fit(tmp_path, model=example.Regressor(hidden=8, lr=0.02), max_steps=4,
                             save_decision_policy=sdp.FixedIntervalPolicy(2))
@@ -1069,6 +1070,31 @@ def test_a_step_given_as_ckpt_path_whose_values_the_models_dtypes_cannot_hold_is
     with pytest.raises(ValueError, match=refused):
         trainer.test(model, DataLoader(example.synthetic_data(), batch_size=16), ckpt_path=str(tmp_path / "saved"))
     assert model.scale.tolist() == [0.0, 0.0]
+
+
+class RaisesOnLoad(TestsInHalf):
+    """A module whose ``on_load_checkpoint`` fails, so that Lightning's restore stops before it loads the weights."""
+
+    def on_load_checkpoint(self, checkpoint):
+        raise RuntimeError("on_load_checkpoint failed")
+
+
+def test_a_step_read_as_ckpt_path_whose_restore_failed_leaves_no_check_on_the_next_checkpoints_load(tmp_path):
+    """(A step read for ``ckpt_path=`` whose restore stopped in the module's ``on_load_checkpoint`` left its check on
+    the strategy: the same trainer's next test of a Lightning ``.ckpt`` file was refused as if it were that step.)"""
+    fit(tmp_path / "saved", max_steps=2)
+    trainer = pl.Trainer(callbacks=[CheckpointCallback(tmp_path / "saved")], accelerator="cpu", logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_test_batches=1)
+    data = DataLoader(example.synthetic_data(), batch_size=16)
+    with pytest.raises(RuntimeError, match="on_load_checkpoint failed"):
+        trainer.test(RaisesOnLoad(), data, ckpt_path=str(tmp_path / "saved" / "2"))
+    large = example.Regressor()
+    large.register_buffer("scale", torch.tensor([70000.0, 2.0]))
+    torch.save({"state_dict": large.state_dict(), "pytorch-lightning_version": pl.__version__}, tmp_path / "x.ckpt")
+    model = TestsInHalf()
+    trainer.test(model, data, ckpt_path=str(tmp_path / "x.ckpt"))  # (Lightning's cast of its own file, as it is)
+    assert model.scale.tolist() == [float("inf"), 2.0]
+    assert "load_model_state_dict" not in trainer.strategy.__dict__
 
 
 class LargeBuffer(example.Regressor):

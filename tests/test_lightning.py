@@ -756,6 +756,19 @@ def test_load_weights_reads_the_weights_of_a_model_compiled_otherwise_than_the_o
         load_weights(torch.nn.Sequential(torch.nn.Linear(3, 4)), tmp_path / "net to 0")
 
 
+def test_load_weights_refuses_two_saved_keys_that_differ_only_by_torch_compiles_segments(tmp_path):
+    """(A saved model with a child named ``_orig_mod`` beside a compiled child: keys '_orig_mod.a.weight' and
+    'a._orig_mod.weight' were both renamed to the plain model's 'a.weight', and one of them loaded without a word.)"""
+    saved = torch.nn.Module()
+    saved.add_module("_orig_mod", torch.nn.Module())
+    saved._orig_mod.a, saved.a = torch.nn.Linear(2, 2), torch.compile(torch.nn.Linear(2, 2))
+    with ckpt.Checkpointer(tmp_path) as checkpointer:
+        checkpointer.save_checkpointables(1, {"model": saved.state_dict()}, force=True)
+    plain = torch.nn.Module()
+    plain.a = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match=r"unexpected keys \['a._orig_mod.weight', 'a._orig_mod.bias'\]"):
+        load_weights(plain, tmp_path)
+
 
 def test_a_step_directory_such_as_best_model_path_gives_its_weights_or_the_module_it_saved(tmp_path):
     trainer, callback = fit(tmp_path, model=example.Regressor(hidden=8, lr=0.02), max_steps=4,

@@ -60,14 +60,14 @@ _COMPILED = re.compile(r"(?:^|(?<=\.))_orig_mod\.")  # torch.compile's wrapper's
 def _as_keys_of(saved: dict[str, Any], current: Mapping[str, Any]) -> dict[str, Any]:
     """``saved`` (a state dict) with each key that ``current`` (the model's) lacks renamed to the model's key that
     differs from it only by ``_orig_mod.`` segments (a model compiled otherwise than the one saved), where that key
-    is not saved itself."""
+    is neither saved itself nor taken by another saved key renamed (which then stays, unexpected)."""
     if all(key in current for key in saved):
         return saved
     plain = {_COMPILED.sub("", key): key for key in current}
     out = {}
     for key, value in saved.items():
         theirs = key if key in current else plain.get(_COMPILED.sub("", key), key)
-        out[key if theirs in saved else theirs] = value
+        out[key if theirs in saved or theirs in out else theirs] = value
     return out
 
 

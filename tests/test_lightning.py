@@ -795,6 +795,17 @@ def test_load_weights_refuses_two_saved_keys_that_differ_only_by_torch_compiles_
         load_weights(plain, tmp_path)
 
 
+def test_load_weights_refuses_a_saved_weight_that_is_no_tensor_naming_the_step_and_key(tmp_path):
+    """(A step whose weight of the model's shape was stored as an array of text, or any value but a tensor, raised
+    load_state_dict's RuntimeError 'expected torch.Tensor or Tensor-like object', naming no step.)"""
+    state = example.Regressor().state_dict()
+    state["net.0.weight"] = torch.zeros(state["net.0.weight"].shape).numpy().astype(str)
+    ckpt.save_checkpointables(tmp_path / "1", {"model": state})
+    with pytest.raises(ValueError, match=r"step 1 in .* holds a different model than this Regressor: 'net.0.weight' is "
+                                         r"of type ndarray there, no tensor"):
+        load_weights(example.Regressor(), tmp_path)
+
+
 def test_a_step_directory_such_as_best_model_path_gives_its_weights_or_the_module_it_saved(tmp_path):
     trainer, callback = fit(tmp_path, model=example.Regressor(hidden=8, lr=0.02), max_steps=4,
                             save_decision_policy=sdp.FixedIntervalPolicy(2))

@@ -140,8 +140,8 @@ def _named_otherwise(directory: str | os.PathLike, step_name_format: step_lib.Na
 
 
 def check_model(saved: Mapping[str, Any], model: torch.nn.Module, *, source: str, strict: bool = True) -> None:
-    """Raises ValueError naming every key that ``saved`` (a state dict) lacks, adds, or shapes differently
-    (of the model's tensors: a module's extra state, ``get_extra_state``, may be any value; a lazy module's
+    """Raises ValueError naming every key that ``saved`` (a state dict) lacks, adds, holds as no tensor, or shapes
+    differently (of the model's tensors: a module's extra state, ``get_extra_state``, may be any value; a lazy module's
     parameters, not yet initialized, take their shapes from ``saved``), or whose values the model's tensor of
     another dtype cannot hold (``load_state_dict`` would make 70000.0 inf in float16)."""
     current = model.state_dict()
@@ -158,7 +158,9 @@ def check_model(saved: Mapping[str, Any], model: torch.nn.Module, *, source: str
         # None: not in the model, not a tensor there, or a lazy module's (its load gives it the saved shape)
         want = None if torch.nn.parameter.is_lazy(target) else getattr(target, "shape", None)
         have = tuple(getattr(value, "shape", ()))
-        if want is not None and have != tuple(want):
+        if isinstance(target, torch.Tensor) and not isinstance(value, torch.Tensor):  # (load_state_dict's RuntimeError)
+            problems.append(f"{key!r} is of type {type(value).__name__} there, no tensor")
+        elif want is not None and have != tuple(want):
             problems.append(f"{key!r} has shape {have} there and {tuple(want)} in the model")
     if problems:
         raise ValueError(f"{source} holds a different model than this {type(model).__name__}: "

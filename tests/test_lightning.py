@@ -493,6 +493,31 @@ def test_hyperparameters_of_a_hydra_config_are_saved_and_loaded_as_the_config(tm
     assert trainer.global_step == 4 and steps_in(tmp_path)[-1] == 4
 
 
+
+@pytest.mark.parametrize("trainer, refused", [
+    ({"hyper_parameters": "!!python/object/apply:os.system ['echo x']", "hparams_type": "DictConfig"},
+     "hyper_parameters are stored as a DictConfig, and hold 'str', not a dict"),  # (omegaconf reads a text as YAML)
+    ({"hyper_parameters": {"lr": torch.ones(2)}, "hparams_type": "DictConfig"},
+     "hyper_parameters are stored as a DictConfig, which cannot hold them"),
+    ({"hyper_parameters": 5, "pytorch-lightning_version": pl.__version__},
+     "hyper_parameters are 'int', where Lightning stores a dict"),
+    ({"hyper_parameters": {"hidden": 8}, "hparams_type": 7, "pytorch-lightning_version": pl.__version__},
+     "hparams_type is 7, where Lightning stores the name"),
+    ({"hyper_parameters": {}}, "'pytorch-lightning_version' is None, not the version of Lightning"),
+    ({"pytorch-lightning_version": "x"}, "'pytorch-lightning_version' is 'x', not the version of Lightning"),
+], ids=["text config", "array in config", "int", "type", "no version", "version"])
+def test_hyperparameters_that_lightning_never_stores_are_a_damaged_checkpoint_naming_the_step(tmp_path, trainer, refused):
+    """(A step whose hyperparameters are no dict, whose class is no name, which 'hparams_type' says are a DictConfig
+    that cannot hold them, or that records no Lightning version raised AttributeError "'int' object has no attribute
+    'update'", TypeError "'int' object is not callable", yaml's ConstructorError, omegaconf's UnsupportedValueType,
+    KeyError 'pytorch-lightning_version' or InvalidVersion, naming no step.)"""
+    if trainer.get("hparams_type") == "DictConfig":
+        pytest.importorskip("omegaconf")
+    ckpt.save_checkpointables(tmp_path / "1", {"model": example.Regressor().state_dict(), "trainer": trainer})
+    with pytest.raises(ckpt.errors.CheckpointCorruptedError, match=re.escape(f"{tmp_path / '1'}: its {refused}")):
+        load_from_checkpoint(example.Regressor, tmp_path)
+
+
 class CountsSaves(example.Regressor):
     """Records the steps its ``on_save_checkpoint`` is called at."""
 
@@ -754,6 +779,31 @@ def test_load_weights_reads_the_weights_of_a_model_compiled_otherwise_than_the_o
         assert same(list(fresh.state_dict().values()), list(saved.state_dict().values())), (saved_as, loaded_as)
     with pytest.raises(ValueError, match=r"missing keys \['0.weight', '0.bias'\]; unexpected keys \['net._orig_mod"):
         load_weights(torch.nn.Sequential(torch.nn.Linear(3, 4)), tmp_path / "net to 0")
+
+
+def test_load_weights_refuses_two_saved_keys_that_differ_only_by_torch_compiles_segments(tmp_path):
+    """(A saved model with a child named ``_orig_mod`` beside a compiled child: keys '_orig_mod.a.weight' and
+    'a._orig_mod.weight' were both renamed to the plain model's 'a.weight', and one of them loaded without a word.)"""
+    saved = torch.nn.Module()
+    saved.add_module("_orig_mod", torch.nn.Module())
+    saved._orig_mod.a, saved.a = torch.nn.Linear(2, 2), torch.compile(torch.nn.Linear(2, 2))
+    with ckpt.Checkpointer(tmp_path) as checkpointer:
+        checkpointer.save_checkpointables(1, {"model": saved.state_dict()}, force=True)
+    plain = torch.nn.Module()
+    plain.a = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match=r"unexpected keys \['a._orig_mod.weight', 'a._orig_mod.bias'\]"):
+        load_weights(plain, tmp_path)
+
+
+def test_load_weights_refuses_a_saved_weight_that_is_no_tensor_naming_the_step_and_key(tmp_path):
+    """(A step whose weight of the model's shape was stored as an array of text, or any value but a tensor, raised
+    load_state_dict's RuntimeError 'expected torch.Tensor or Tensor-like object', naming no step.)"""
+    state = example.Regressor().state_dict()
+    state["net.0.weight"] = torch.zeros(state["net.0.weight"].shape).numpy().astype(str)
+    ckpt.save_checkpointables(tmp_path / "1", {"model": state})
+    with pytest.raises(ValueError, match=r"step 1 in .* holds a different model than this Regressor: 'net.0.weight' is "
+                                         r"of type ndarray there, no tensor"):
+        load_weights(example.Regressor(), tmp_path)
 
 
 def test_a_step_directory_such_as_best_model_path_gives_its_weights_or_the_module_it_saved(tmp_path):
@@ -1069,6 +1119,31 @@ def test_a_step_given_as_ckpt_path_whose_values_the_models_dtypes_cannot_hold_is
     with pytest.raises(ValueError, match=refused):
         trainer.test(model, DataLoader(example.synthetic_data(), batch_size=16), ckpt_path=str(tmp_path / "saved"))
     assert model.scale.tolist() == [0.0, 0.0]
+
+
+class RaisesOnLoad(TestsInHalf):
+    """A module whose ``on_load_checkpoint`` fails, so that Lightning's restore stops before it loads the weights."""
+
+    def on_load_checkpoint(self, checkpoint):
+        raise RuntimeError("on_load_checkpoint failed")
+
+
+def test_a_step_read_as_ckpt_path_whose_restore_failed_leaves_no_check_on_the_next_checkpoints_load(tmp_path):
+    """(A step read for ``ckpt_path=`` whose restore stopped in the module's ``on_load_checkpoint`` left its check on
+    the strategy: the same trainer's next test of a Lightning ``.ckpt`` file was refused as if it were that step.)"""
+    fit(tmp_path / "saved", max_steps=2)
+    trainer = pl.Trainer(callbacks=[CheckpointCallback(tmp_path / "saved")], accelerator="cpu", logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_test_batches=1)
+    data = DataLoader(example.synthetic_data(), batch_size=16)
+    with pytest.raises(RuntimeError, match="on_load_checkpoint failed"):
+        trainer.test(RaisesOnLoad(), data, ckpt_path=str(tmp_path / "saved" / "2"))
+    large = example.Regressor()
+    large.register_buffer("scale", torch.tensor([70000.0, 2.0]))
+    torch.save({"state_dict": large.state_dict(), "pytorch-lightning_version": pl.__version__}, tmp_path / "x.ckpt")
+    model = TestsInHalf()
+    trainer.test(model, data, ckpt_path=str(tmp_path / "x.ckpt"))  # (Lightning's cast of its own file, as it is)
+    assert model.scale.tolist() == [float("inf"), 2.0]
+    assert "load_model_state_dict" not in trainer.strategy.__dict__
 
 
 class LargeBuffer(example.Regressor):

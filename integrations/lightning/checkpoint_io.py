@@ -45,7 +45,7 @@ class StepCheckpointIO:
                 log.info("ckpt: %s is a directory of steps; reading its latest, step %d (%s)", path, step, step_dir)
             checkpoint = translate.read(step_dir)
             if self.strategy is not None:
-                _check_weights_before_load(self.strategy, step_dir)
+                _check_weights_before_load(self.strategy, step_dir, checkpoint)
             return checkpoint
         return self.inner.load_checkpoint(path, map_location=map_location, weights_only=weights_only)
 
@@ -70,23 +70,35 @@ def install(strategy: Any, step_name_format: step_lib.NameFormat | None = None) 
         strategy.checkpoint_io = StepCheckpointIO(current, step_name_format, strategy)
 
 
-def _check_weights_before_load(strategy: Any, source: str) -> None:
-    """Has ``strategy``'s next ``load_model_state_dict`` (Lightning's restore of the step read from ``source``, after
-    the module's ``on_load_checkpoint``) first refuse, with :func:`weights.check_model`, weights the module cannot
-    take as they are: keys or shapes that differ, values its tensors of other dtypes cannot hold. The strategy's
-    method is shadowed on the instance until that call."""
+def _check_weights_before_load(strategy: Any, source: str, read: dict[str, Any]) -> None:
+    """Has ``strategy``'s next ``load_model_state_dict`` (Lightning's restore of ``read``, the checkpoint read from
+    ``source``, after the module's ``on_load_checkpoint``) first refuse, with :func:`weights.check_model`, weights the
+    module cannot take as they are: keys or shapes that differ, values its tensors of other dtypes cannot hold. The
+    strategy's method is shadowed on the instance until that call, which checks ``read`` only: a restore that never
+    came (the module's ``on_load_checkpoint`` raised) leaves no check on another checkpoint's load, and ``read`` is let
+    go by the next load of any (as Lightning lets it go at its next restore)."""
+    _unshadow(strategy)
     own = strategy.__dict__.get("load_model_state_dict")
     load = strategy.load_model_state_dict
 
     def checked(checkpoint: Mapping[str, Any], strict: bool = True) -> Any:
-        if own is None:
-            del strategy.load_model_state_dict
-        else:
-            strategy.load_model_state_dict = own
-        weights.check_model(checkpoint["state_dict"], strategy.lightning_module, source=source, strict=strict)
+        _unshadow(strategy)
+        if checkpoint is read:
+            weights.check_model(checkpoint["state_dict"], strategy.lightning_module, source=source, strict=strict)
         return load(checkpoint, strict=strict)
 
+    checked.ckpt_own = own  # type: ignore[attr-defined]  # (what _unshadow puts back)
     strategy.load_model_state_dict = checked
+
+
+def _unshadow(strategy: Any) -> None:
+    """Puts back the ``load_model_state_dict`` that :func:`_check_weights_before_load` shadowed on ``strategy``."""
+    shadow = strategy.__dict__.get("load_model_state_dict")
+    if hasattr(shadow, "ckpt_own"):
+        if shadow.ckpt_own is None:
+            del strategy.load_model_state_dict
+        else:
+            strategy.load_model_state_dict = shadow.ckpt_own
 
 
 def is_step_directory(path: Any, step_name_format: step_lib.NameFormat | None = None) -> bool:

@@ -283,7 +283,7 @@ class CheckpointCallbackMixin:
             step, path = found
             set_by_torch = sharded.restores_itself(trainer)
             loaded = sharded.load(trainer, path) if set_by_torch else translate.load(self._checkpointer, step)
-            checkpoint = translate.from_checkpointables(loaded)
+            checkpoint = translate.from_checkpointables(loaded, source=path)
             masks = self._own_state(checkpoint).get("pruning")
 
             def prepare_model(state: dict) -> None:

@@ -18,9 +18,10 @@ import functools
 import importlib
 from typing import Any, Callable
 
+import packaging.version
 import torch
 
-from ckpt import casts, leaves
+from ckpt import casts, errors, leaves
 from ckpt.integrations.lightning import rng
 
 
@@ -226,9 +227,23 @@ def rank_zero_info(trainer: Any, message: str) -> None:
 
 def migrate(package: str, checkpoint: dict, source: str) -> dict:
     """Lightning's upgrade of a checkpoint written by an older Lightning (a no-op for the same version);
-    ``package``: ``"pytorch_lightning"`` or ``"lightning.pytorch"``."""
+    ``package``: ``"pytorch_lightning"`` or ``"lightning.pytorch"``.
+
+    Raises:
+      CheckpointCorruptedError: the step at ``source`` records no Lightning version it was written by (Lightning's
+        upgrade raised a bare KeyError or packaging's InvalidVersion).
+    """
+    version = checkpoint.get(_VERSION)
+    try:
+        packaging.version.Version(version)
+    except (TypeError, ValueError):  # (InvalidVersion is a ValueError)
+        raise errors.CheckpointCorruptedError(f"{source}: its {_VERSION!r} is {version!r}, not the version of "
+                                              "Lightning that wrote it", path=source) from None
     utils = importlib.import_module(f"{package}.utilities.migration.utils")
     return utils._pl_migrate_checkpoint(checkpoint, source)
+
+
+_VERSION = "pytorch-lightning_version"  # (Lightning's key, in either package)
 
 
 def lightning_package(trainer: Any) -> str:

@@ -8,9 +8,9 @@ shards of its own DTensors from a ckpt step, at any number of devices, and hands
 Example (inside the callback)::
 
     loaded = load(trainer, path)                   # DTensors where this run's state dicts have them
-    checkpoint = resume.restore_modules(trainer, from_checkpointables(loaded), source=path)
+    checkpoint = resume.restore_modules(trainer, from_checkpointables(loaded, source=path), source=path)
     resume.restore_training_state(trainer, checkpoint, source=path)
-    set_states(trainer, from_checkpointables(loaded))
+    set_states(trainer, from_checkpointables(loaded, source=path))
 """
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ Example::
 
     items = to_checkpointables(trainer._checkpoint_connector.dump_checkpoint(weights_only=False))
     ckptr.save_checkpointables(step, items, force=True)
-    checkpoint = from_checkpointables(load(str(ckptr.latest.path)))      # tensors come back as torch
+    checkpoint = from_checkpointables(load(ckptr, ckptr.latest.step), source=str(ckptr.latest.path))  # torch tensors
 """
 from __future__ import annotations
 
@@ -52,22 +52,56 @@ def load(checkpointer: ckpt.Checkpointer, step: int) -> dict[str, Any]:
 
 def read(path: str) -> dict:
     """The checkpoint dict Lightning's restore functions read, from the step directory ``path``."""
-    return from_checkpointables(ckpt.load_checkpointables(path, {MODEL: None, TRAINER: None}))
+    return from_checkpointables(ckpt.load_checkpointables(path, {MODEL: None, TRAINER: None}), source=path)
 
 
-def from_checkpointables(loaded: dict[str, Any]) -> dict:
-    """Inverse of :func:`to_checkpointables`: the dict Lightning's restore functions read."""
+def from_checkpointables(loaded: dict[str, Any], *, source: str) -> dict:
+    """Inverse of :func:`to_checkpointables`: the dict Lightning's restore functions read, of the step at ``source``.
+
+    Raises:
+      CheckpointCorruptedError: hyperparameters that are no mapping, or whose class is no name, which Lightning
+        would fail on without naming the step; those stored as an omegaconf config that no such config holds (a
+        text, which omegaconf would read as YAML, or values it refuses). The message names ``source``.
+    """
     checkpoint = dict(loaded[TRAINER])
     checkpoint[_STATE_DICT] = loaded[MODEL]
     for values, kind in _HYPERPARAMETERS:
-        if checkpoint.get(kind) in _CONFIG_TYPES:
-            try:
-                omegaconf = importlib.import_module("omegaconf")
-            except ImportError:  # Lightning reads a class's name as its AttributeDict
-                break
-            checkpoint[kind] = getattr(omegaconf, checkpoint[kind])
-            checkpoint[values] = omegaconf.OmegaConf.create(checkpoint[values])
+        stored, config_type = checkpoint.get(values), checkpoint.get(kind)
+        if not isinstance(config_type, (str, type(None))):
+            raise ckpt.errors.CheckpointCorruptedError(
+                f"{source}: its {kind} is {config_type!r}, where Lightning stores the name of a class", path=source)
+        omegaconf = _omegaconf() if config_type in _CONFIG_TYPES else None
+        if omegaconf is not None:
+            checkpoint[kind] = getattr(omegaconf, config_type)
+            checkpoint[values] = _config(omegaconf, checkpoint[kind], stored, values, source)
+        elif not isinstance(stored, (dict, type(None))):
+            raise ckpt.errors.CheckpointCorruptedError(
+                f"{source}: its {values} are {type(stored).__name__!r}, where Lightning stores a dict", path=source)
     return checkpoint
+
+
+def _omegaconf() -> Any:
+    """The omegaconf module, or None where it is not installed (Lightning then reads a config class's name as its
+    AttributeDict)."""
+    try:
+        return importlib.import_module("omegaconf")
+    except ImportError:
+        return None
+
+
+def _config(omegaconf: Any, config_type: type, values: Any, name: str, source: str) -> Any:
+    """``values`` (the plain container :func:`_plain_configs` stored as ``name`` in the step at ``source``) as a
+    ``config_type`` (omegaconf's ``DictConfig`` or ``ListConfig``); CheckpointCorruptedError where no such config
+    holds them."""
+    container = dict if config_type is omegaconf.DictConfig else list
+    what = f"{source}: its {name} are stored as a {config_type.__name__}"
+    if not isinstance(values, container):  # (a text would be read as YAML)
+        raise ckpt.errors.CheckpointCorruptedError(
+            f"{what}, and hold {type(values).__name__!r}, not a {container.__name__}", path=source)
+    try:
+        return omegaconf.OmegaConf.create(values)
+    except omegaconf.errors.OmegaConfBaseException as e:
+        raise ckpt.errors.CheckpointCorruptedError(f"{what}, which cannot hold them: {e}", path=source) from None
 
 
 # Lightning's keys of a module's and a datamodule's hyperparameters, and of their class where they are an omegaconf

@@ -60,14 +60,14 @@ _COMPILED = re.compile(r"(?:^|(?<=\.))_orig_mod\.")  # torch.compile's wrapper's
 def _as_keys_of(saved: dict[str, Any], current: Mapping[str, Any]) -> dict[str, Any]:
     """``saved`` (a state dict) with each key that ``current`` (the model's) lacks renamed to the model's key that
     differs from it only by ``_orig_mod.`` segments (a model compiled otherwise than the one saved), where that key
-    is not saved itself."""
+    is neither saved itself nor taken by another saved key renamed (which then stays, unexpected)."""
     if all(key in current for key in saved):
         return saved
     plain = {_COMPILED.sub("", key): key for key in current}
     out = {}
     for key, value in saved.items():
         theirs = key if key in current else plain.get(_COMPILED.sub("", key), key)
-        out[key if theirs in saved else theirs] = value
+        out[key if theirs in saved or theirs in out else theirs] = value
     return out
 
 
@@ -140,8 +140,8 @@ def _named_otherwise(directory: str | os.PathLike, step_name_format: step_lib.Na
 
 
 def check_model(saved: Mapping[str, Any], model: torch.nn.Module, *, source: str, strict: bool = True) -> None:
-    """Raises ValueError naming every key that ``saved`` (a state dict) lacks, adds, or shapes differently
-    (of the model's tensors: a module's extra state, ``get_extra_state``, may be any value; a lazy module's
+    """Raises ValueError naming every key that ``saved`` (a state dict) lacks, adds, holds as no tensor, or shapes
+    differently (of the model's tensors: a module's extra state, ``get_extra_state``, may be any value; a lazy module's
     parameters, not yet initialized, take their shapes from ``saved``), or whose values the model's tensor of
     another dtype cannot hold (``load_state_dict`` would make 70000.0 inf in float16)."""
     current = model.state_dict()
@@ -158,7 +158,9 @@ def check_model(saved: Mapping[str, Any], model: torch.nn.Module, *, source: str
         # None: not in the model, not a tensor there, or a lazy module's (its load gives it the saved shape)
         want = None if torch.nn.parameter.is_lazy(target) else getattr(target, "shape", None)
         have = tuple(getattr(value, "shape", ()))
-        if want is not None and have != tuple(want):
+        if isinstance(target, torch.Tensor) and not isinstance(value, torch.Tensor):  # (load_state_dict's RuntimeError)
+            problems.append(f"{key!r} is of type {type(value).__name__} there, no tensor")
+        elif want is not None and have != tuple(want):
             problems.append(f"{key!r} has shape {have} there and {tuple(want)} in the model")
     if problems:
         raise ValueError(f"{source} holds a different model than this {type(model).__name__}: "

@@ -72,12 +72,14 @@ def _new(nbytes: int, make: Callable[..., np.ndarray]) -> np.ndarray:
 
 def allocatable() -> int:
     """The bytes this process may still allocate: the machine's available memory (its whole memory where
-    /proc does not say), within what its address-space limit (RLIMIT_AS) leaves."""
+    /proc does not say), within what its control groups' memory limits (a container's) and its address-space
+    limit (RLIMIT_AS) leave."""
     page = os.sysconf("SC_PAGE_SIZE")
     limit = page * os.sysconf("SC_PHYS_PAGES")
     with contextlib.suppress(OSError, ValueError, IndexError, StopIteration):
         with open("/proc/meminfo") as f:
             limit = next(int(line.split()[1]) << 10 for line in f if line.startswith("MemAvailable:"))
+    limit = min(limit, cgroup_room())
     soft = resource.getrlimit(resource.RLIMIT_AS)[0]
     if soft != resource.RLIM_INFINITY:
         used = 0
@@ -86,3 +88,50 @@ def allocatable() -> int:
                 used = int(f.read().split()[0]) * page
         limit = min(limit, soft - used)
     return limit
+
+
+# Per cgroup version: the files of a control group's limit, its usage, and the field of its memory.stat that counts
+# its page cache (which the kernel reclaims before it kills: free for this purpose).
+_CGROUP_FILES = {2: ("memory.max", "memory.current", "file"), 1: ("memory.limit_in_bytes", "memory.usage_in_bytes",
+                                                                  "total_cache")}
+
+
+def cgroup_room(cgroups: str = "/proc/self/cgroup", mount: str = "/sys/fs/cgroup") -> float:
+    """What the memory limits of this process's control group and those above it leave (the least of them), its
+    page cache counted as free; infinity where none is set or readable. ``cgroups`` and ``mount``: the files
+    read (cgroup v2 under ``mount``, v1 under ``mount``/memory)."""
+    room = float("inf")
+    with contextlib.suppress(OSError):
+        with open(cgroups) as f:
+            lines = f.read().splitlines()
+        for line in lines:
+            number, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+            if number == "0" and not controllers:
+                version, base = 2, mount
+            elif "memory" in controllers.split(","):
+                version, base = 1, os.path.join(mount, "memory")
+            else:
+                continue
+            directory = os.path.normpath(base + "/" + path)
+            while True:
+                room = min(room, _group_room(directory, *_CGROUP_FILES[version]))
+                if directory == base or not directory.startswith(base):
+                    break
+                directory = os.path.dirname(directory)
+    return room
+
+
+def _group_room(directory: str, limit_file: str, usage_file: str, cache_field: str) -> float:
+    """What one control group's memory limit leaves (see :func:`cgroup_room`)."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        with open(os.path.join(directory, limit_file)) as f:
+            text = f.read().strip()
+        if text == "max" or int(text) >= 1 << 62:  # (v1's "no limit" is the largest page multiple of a long)
+            return float("inf")
+        with open(os.path.join(directory, usage_file)) as f:
+            used = int(f.read())
+        with open(os.path.join(directory, "memory.stat")) as f:
+            cache = next((int(line.split()[1]) for line in f if line.split()[:1] == [cache_field]), 0)
+        return int(text) - max(used - cache, 0)
+    return float("inf")
+

@@ -65,3 +65,43 @@ def test_within_reusing_empty_hands_out_the_spare_buffers_of_its_size_first():
     assert [b.ctypes.data in addresses for b in got] == [True, True, False, True, False]
     assert zeros.ctypes.data not in addresses and not zeros.any()  # zeros never reuses: a spare holds old bytes
     assert host_memory.empty(100).ctypes.data not in addresses | {b.ctypes.data for b in got}
+
+
+def _write(directory, **files):
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (directory / name.replace("_", ".", 1)).write_text(text)
+
+
+def test_the_memory_left_counts_the_limits_of_this_process_control_groups_with_their_page_cache_free(tmp_path):
+    # A container's limit (cgroup v2, and v1's memory controller), which MemAvailable does not show: a hostile
+    # JSON file that fits the machine but not the container would have the reader killed, not refused.
+    gib = 1 << 30
+    _write(tmp_path / "fs" / "pod", memory_max=str(8 * gib), memory_current=str(7 * gib),
+           memory_stat=f"anon {5 * gib}\nfile {6 * gib}\n")
+    _write(tmp_path / "fs" / "pod" / "job", memory_max="max", memory_current=str(gib), memory_stat="file 0\n")
+    (tmp_path / "v2").write_text("0::/pod/job\n")
+    assert host_memory.cgroup_room(str(tmp_path / "v2"), str(tmp_path / "fs")) == 7 * gib  # 8 - (7 - 6)
+
+    _write(tmp_path / "fs" / "memory" / "box", memory_limit_in_bytes=str(2 * gib),
+           memory_usage_in_bytes=str(3 * gib // 2), memory_stat=f"cache {gib}\ntotal_cache {gib}\n")
+    _write(tmp_path / "fs" / "memory", memory_limit_in_bytes="9223372036854771712", memory_usage_in_bytes="0",
+           memory_stat="")
+    (tmp_path / "v1").write_text("5:cpu,cpuacct:/box\n4:memory:/box\n")
+    assert host_memory.cgroup_room(str(tmp_path / "v1"), str(tmp_path / "fs")) == 3 * gib // 2  # 2 - (1.5 - 1)
+
+    (tmp_path / "none").write_text("0::/elsewhere\n")  # no limit set, or none readable: no bound
+    assert host_memory.cgroup_room(str(tmp_path / "none"), str(tmp_path / "fs")) == float("inf")
+    assert 0 < host_memory.allocatable() <= host_memory.cgroup_room()
+
+
+def test_a_json_file_that_fits_the_machine_but_not_the_containers_limit_is_refused_before_it_is_parsed(
+        tmp_path, monkeypatch):
+    from ckpt import storage
+    big = tmp_path / "tree.json"
+    big.write_bytes(b"[" + b"{}," * (1 << 19) + b"{}]")  # 1.5 MiB: checked (48x its size is 72 MiB)
+    assert storage.read_json_bytes(big, limit=1 << 30)  # the machine has room
+    monkeypatch.setattr(host_memory, "cgroup_room", lambda: 64 << 20)  # a container with 64 MiB left
+    assert host_memory.allocatable() == 64 << 20
+    with pytest.raises(ValueError, match=r"tree\.json holds .* more than this process may still allocate"):
+        storage.read_json_bytes(big, limit=1 << 30)

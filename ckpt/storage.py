@@ -1026,10 +1026,9 @@ def read_json_bytes(path: Location | str, limit: int = fmt.MANIFEST_MAX_BYTES, *
             os.close(fd)
     if max(size, len(data)) > limit:
         raise ValueError(f"{path} has more than the {limit} bytes a reader accepts")
-    if parsed and len(data) > _JSON_CHECKED_FROM and len(data) * JSON_DECODED_BYTES > host_memory.allocatable():
+    if parsed and len(data) > _JSON_CHECKED_FROM and len(data) * JSON_DECODED_BYTES > (room := host_memory.allocatable()):
         raise ValueError(f"{path} holds {len(data)} bytes of JSON, whose values may take up to {JSON_DECODED_BYTES} "
-                         f"times that decoded, more than this process may still allocate ({host_memory.allocatable()} "
-                         "bytes)")
+                         f"times that decoded, more than this process may still allocate ({room} bytes)")
     return data
 
 

@@ -596,6 +596,35 @@ def test_s3_a_path_that_is_a_large_object_is_told_apart_without_fetching_its_byt
     assert fetched and set(fetched) == {0}  # was: its 4 MiB, fetched by every check that something is there
 
 
+def test_s3_a_json_file_larger_than_a_reader_accepts_is_refused_without_fetching_its_bytes(bucket, monkeypatch, caplog):
+    import ckpt
+    from ckpt import errors
+    from ckpt import format as fmt
+    from ckpt.objectstore import ObjectPath
+
+    ckpt.save(f"{bucket}/0", state(0))
+    ckpt.save(f"{bucket}/1", state(1))
+    monkeypatch.setattr(fmt, "MANIFEST_MAX_BYTES", 64 << 10)  # (as a 300 MiB manifest.json is to the 16 MiB accepted)
+    manifest = ObjectPath(f"{bucket}/1/manifest.json")
+    manifest.write_bytes(b" " * (1 << 20))
+    fetched = []
+    wait = ObjectPath._wait
+
+    def counted(self, future):
+        result = wait(self, future)
+        if self == manifest:
+            fetched.append(len(getattr(result, "value", b"")))
+        return result
+
+    monkeypatch.setattr(ObjectPath, "_wait", counted)
+    with Checkpointer(bucket) as ckptr:
+        assert [c.step for c in ckptr.checkpoints] == [0]
+    assert "manifest.json has more than the 65536 bytes a reader accepts" in caplog.text
+    with pytest.raises(errors.CheckpointCorruptedError, match="manifest.json has more than the 65536 bytes"):
+        ckpt.load(f"{bucket}/1")
+    assert max(fetched, default=0) <= 1  # was: its 1 MiB, fetched whole (a 300 MiB one took the reader to 1.3 GiB)
+
+
 def test_s3_a_root_of_steps_named_as_one_checkpoint_is_not_a_checkpoint_and_load_weights_reads_its_latest(bucket):
     import ckpt
     from ckpt import errors

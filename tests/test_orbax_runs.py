@@ -1195,6 +1195,25 @@ def test_a_users_file_at_metadata_metadata_that_is_no_json_object_is_not_taken_f
     assert (root / "metadata" / "metadata").read_bytes() == notes and os.listdir(root / "metadata") == ["metadata"]
 
 
+@pytest.mark.parametrize("content", ["[1, 2]", "null", '"notes"', '{"custom_metadata": [1]}'])
+def test_orbax_root_metadata_that_is_no_json_object_is_damage_naming_the_file(orbax_runs, tmp_path, capsys, content):
+    """Was: root_metadata().custom_metadata was {} for a root whose metadata/_ROOT_METADATA holds a JSON list (or
+    null, a string; [1] for a 'custom_metadata' list), where Orbax 0.12.8's root_metadata() raises. The steps are
+    still listed and loaded; a convert refuses the root, naming the file, and writes nothing."""
+    root = copy_run(orbax_runs, "v1", tmp_path)
+    path = root / "metadata" / "_ROOT_METADATA"
+    path.write_text(content)
+    with ckpt.Checkpointer(root) as ckptr:
+        assert [c.step for c in ckptr.checkpoints] == [0, 1]
+        assert ckptr.load(1)["step"] == 1
+        with pytest.raises(errors.CheckpointCorruptedError, match=f"{path}.* not the JSON object Orbax writes"):
+            ckptr.root_metadata()
+    capsys.readouterr()
+    assert cli.main(["convert", str(root), str(tmp_path / "converted")]) != 0
+    assert re.search(f"{path}.* not the JSON object Orbax writes", capsys.readouterr().err)
+    assert not (tmp_path / "converted").exists()
+
+
 @pytest.mark.parametrize("linked", ["metrics", "metadata"])
 def test_a_directory_of_an_orbax_step_or_root_that_is_a_link_is_never_read_through(orbax_runs, tmp_path, caplog, linked):
     """The step's metrics/ (or the root's metadata/) a link to a directory outside holding a file of the

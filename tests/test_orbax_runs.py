@@ -1379,6 +1379,31 @@ def test_a_hostile_orbax_tree_metadata_raises_a_ckpt_error(orbax_runs, tmp_path,
     assert status == 1 and "DAMAGED" in out and said in out
 
 
+def test_an_orbax_item_listing_thousands_of_missing_arrays_is_refused_before_it_opens_them_all(orbax_runs, tmp_path,
+                                                                                                 monkeypatch):
+    """Was: a _METADATA listing 20,000 arrays none of which is there had every one opened (each a tensorstore open)
+    before the first was found missing, 4-5 s; 2,000 here: the first few hundred are opened, then the refusal."""
+    import tensorstore as ts
+
+    root = copy_run(orbax_runs, "v1", tmp_path)
+    path = root / "1" / "state" / "_METADATA"
+    metadata = json.loads(path.read_text())
+    for i in range(2000):  # ('a0000',) ... sorts before every leaf of the item
+        metadata["tree_metadata"][f"('a{i:04}',)"] = {"key_metadata": [{"key": f"a{i:04}", "key_type": 2}],
+                                                      "value_metadata": {"value_type": "np.ndarray"}}
+    path.write_text(json.dumps(metadata))
+    opened, ts_open = [], ts.open
+
+    def counted(*args, **kwargs):
+        opened.append(args[0])
+        return ts_open(*args, **kwargs)
+
+    monkeypatch.setattr(ts, "open", counted)
+    with pytest.raises(errors.CheckpointCorruptedError, match=r"the array of leaf state\['a0000'\] cannot be opened"):
+        ckpt.load(root / "1")
+    assert len(opened) <= 512  # was: 2,000 and the item's own
+
+
 @pytest.mark.parametrize("key", [{"key": "\u00b2", "key_type": 1}, {"key": True, "key_type": 2},
                                  {"key": "9" * 5000, "key_type": 1}], ids=["digit", "bool", "5,000 digits"])
 def test_an_orbax_key_ckpt_cannot_read_raises_a_ckpt_error(orbax_runs, tmp_path, key):

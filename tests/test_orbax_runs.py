@@ -452,6 +452,29 @@ def test_the_one_item_of_a_v0_step_loads_without_its_name_as_orbaxs_load_reads_i
         ckpt.load(orbax_runs / "named" / "7")  # several items, none 'state': no fallback
 
 
+def test_an_orbax_step_whose_state_was_deleted_loads_its_other_item_in_its_place_with_a_warning_naming_both(
+        orbax_runs, tmp_path, caplog):
+    """Orbax's delete(step, checkpointable_name="state") leaves the step's other items and names only them in its
+    _CHECKPOINT_METADATA. Was: Checkpointer.load(step) and ckpt.load gave the other item's tree as the state, saying
+    nothing (Orbax 0.12.8's Checkpointer.load raises KeyError; its free load, AUTO, returns that item too). The
+    fallback stays (ckpt cannot tell such a step from one saved with that item alone), with a warning naming the
+    step, the missing 'state' and the item read; a v0 step's one item, default/, is still read without one."""
+    root = copy_run(orbax_runs, "v1", tmp_path)
+    shutil.rmtree(root / "1" / "state")
+    metadata = json.loads((root / "1" / "_CHECKPOINT_METADATA").read_text())
+    del metadata["item_handlers"]["state"]
+    (root / "1" / "_CHECKPOINT_METADATA").write_text(json.dumps(metadata))
+    with caplog.at_level(logging.WARNING, logger="ckpt"), ckpt.Checkpointer(root) as ckptr:
+        assert ckptr.load(1)["a"].tolist() == [1, 2, 3]
+        assert f"{root / '1'} has no checkpointable 'state'" in caplog.text  # was: no warning
+        assert "loading its only one, 'extra', in its place" in caplog.text
+        caplog.clear()
+        assert ckptr.load(1, checkpointable_name="extra")["a"].tolist() == [1, 2, 3] and not caplog.text
+    with caplog.at_level(logging.WARNING, logger="ckpt"):
+        assert ckpt.load(orbax_runs / "single" / "step_0003")["step"] == 3
+    assert "has no checkpointable" not in caplog.text
+
+
 def test_a_v0_step_whose_metadata_names_no_item_handler_loads_its_item_directories_as_orbax_does(orbax_runs,
                                                                                                   tmp_path):
     """Orbax 0.10.0's CheckpointManager (measured) wrote "item_handlers": {} into each step's

@@ -12,6 +12,7 @@ Example::
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,12 @@ from ckpt import format as fmt
 from ckpt import custom, loading, objectstore, orbax, schema, storage
 from ckpt.errors import CheckpointableNotFoundError, CheckpointCorruptedError, InvalidLayoutError
 from ckpt.objectstore import ObjectPath
+
+logger = logging.getLogger("ckpt")
+# The names Orbax gives a step's one tree: a v0 CheckpointManager's single item, and v1's before "state". A lone
+# "state" that an Orbax step lacks is read from its only item silently under these names; under another (an item
+# beside which Orbax's delete(step, checkpointable_name="state") removed the state), with a warning.
+_ORBAX_TREE_NAMES = frozenset({"default", "pytree"})
 
 
 def is_step(path: storage.Location) -> bool:
@@ -166,6 +173,10 @@ def load_checkpointables(step_dir: storage.Location, abstract: dict[str, Any] | 
         only = None if abstract is None else loading.only_tree(orbax.items(step_dir), {}, abstract)
         if only is not None:  # a lone "state" the step lacks: its only item (a v0 CheckpointManager's default/)
             (name, tree), = abstract.items()
+            if name != fmt.AUTO and only not in _ORBAX_TREE_NAMES:
+                logger.warning("ckpt: %s has no checkpointable %r (Orbax's Checkpointer.load raises here; its delete "
+                               "may have removed it): loading its only one, %r, in its place (pass "
+                               "checkpointable_name=%r to load it by name)", step_dir, name, only, only)
             return {name: orbax.Step(step_dir, [only]).load({only: tree}, partial_load=partial_load)[only]}
         return orbax.Step(step_dir, None if abstract is None else list(abstract)).load(abstract, partial_load=partial_load)
     return loading.load_checkpointables(step_dir, abstract, partial_load=partial_load, registry=registry)

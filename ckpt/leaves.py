@@ -199,6 +199,10 @@ def to_host(path: KeyPath, x: Any) -> HostLeaf:
         if sharding is not None:
             meta["sharding"] = sharding
         return _jax_leaf(meta, data)
+    if jax is not None and isinstance(x, getattr(jax, "Ref", ())):  # (jax 0.7 and later)
+        raise UnregisteredTypeError(
+            f"leaf at {keystr(path) or 'the root'} is a jax.Ref, which ckpt does not store (nor does Orbax): a Ref is "
+            "mutable, so save the array it holds, `ref[...]` (the Flax helpers read an NNX model's Refs themselves)")
     raise UnregisteredTypeError(
         f"leaf at {keystr(path) or 'the root'} has type {type(x).__module__}.{type(x).__qualname__}, which ckpt "
         "cannot store; supported leaves are numpy arrays and scalars, int, float, bool, str, bytes, None, "
@@ -588,6 +592,8 @@ def restore(meta: dict, read: Reader | np.ndarray | None, abstract: Any,
     if jax is not None and (type(abstract) is jax.ShapeDtypeStruct or isinstance(abstract, (jax.ShapeDtypeStruct, jax.Array))
                             or abstract is jax.Array or abstract is jax.ShapeDtypeStruct):
         return _restore_jax(meta, read, abstract, jax, to_device)
+    if jax is not None and isinstance(abstract, getattr(jax, "Ref", ())):  # a new Ref holding the array, placed as
+        return jax.new_ref(_restore_jax(meta, read, abstract, jax, to_device))  # the abstract's (Orbax: the array)
     if dtensor.is_dtensor(abstract):
         _check_torch_template(abstract)
         return transfers.as_template(
@@ -789,7 +795,7 @@ def _restore_jax(meta: dict, read: Reader, abstract: Any, jax: Any, to_device: t
         if is_key:
             return _restore_keys(jax, meta, read, meta.get("impl") or _key_impl(abstract), sharding)
         dtype = parse_dtype(meta["dtype"]) if want_dtype is None else np.dtype(want_dtype)
-    weak = not isinstance(abstract, type) and abstract.weak_type  # (a ShapeDtypeStruct's or a jax.Array's)
+    weak = not isinstance(abstract, type) and getattr(abstract, "weak_type", False)  # (a jax.Ref has none)
     if not weak and (sharding is None or (sharding.is_fully_addressable and sharding.is_fully_replicated)):
         return to_device.jax(casts.for_jax(read(None), dtype), sharding)
     if sharding is None:

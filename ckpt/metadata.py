@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import os
 import time
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -90,8 +91,13 @@ class CheckpointMetadata(Generic[T]):
 
     @property
     def time(self) -> datetime.datetime:
-        """The commit time as a UTC datetime (the epoch when unknown, e.g. with lightweight_initialize)."""
-        return datetime.datetime.fromtimestamp((self.commit_timestamp_nsecs or 0) / 1e9, datetime.timezone.utc)
+        """The commit time as a UTC datetime. For a step listed without its manifest being read
+        (``lightweight_initialize``), whose ``commit_timestamp_nsecs`` is None: its directory's modification time
+        (the commit wrote the manifest, the step's last file, into it), where Orbax gives ``datetime.min``; the
+        epoch where there is none (an object store's step, a step deleted since)."""
+        ns = self.commit_timestamp_nsecs
+        return datetime.datetime.fromtimestamp((_modified_nsecs(self.path) if ns is None else ns) / 1e9,
+                                               datetime.timezone.utc)
 
     @property
     def init_timestamp(self) -> datetime.datetime | None:
@@ -113,6 +119,14 @@ class CheckpointMetadata(Generic[T]):
 
     def __hash__(self) -> int:
         return hash((self.step, self.path))
+
+
+def _modified_nsecs(path: Any) -> int:
+    """The modification time of the local directory ``path`` (not followed if a link), else 0."""
+    try:
+        return os.lstat(path).st_mtime_ns if isinstance(path, Path) else 0
+    except OSError:
+        return 0
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

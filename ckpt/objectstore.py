@@ -258,11 +258,29 @@ class ObjectPath:
                                      f"AWS_ENDPOINT_URL){endpoint_path}")
         return access_error(error, str(self)) or OSError(errno.EIO, f"{self}: {error}{endpoint_path}")
 
-    def read_bytes(self) -> bytes:
+    def read_bytes(self, limit: int | None = None) -> bytes:
+        """The object's bytes; FileNotFoundError when it is missing. With ``limit``, ValueError for an object of more
+        than ``limit`` bytes, before its bytes are fetched: a request for its byte at offset ``limit`` comes first (a
+        store answers it with that one byte, or with 'range not satisfiable' for an object of at most ``limit``
+        bytes), since tensorstore tells no object's size and refuses a range read past an object's end."""
+        if limit is not None and self._holds_byte(limit):
+            raise ValueError(f"{self} has more than the {limit} bytes a reader accepts")
         result = self._wait(self._store().read(self.key.encode()))
         if result.state != "value":
             raise FileNotFoundError(f"{self} does not exist")
         return bytes(result.value)
+
+    def _holds_byte(self, offset: int) -> bool:
+        """Whether the object has a byte at ``offset`` (one byte fetched at most); FileNotFoundError when missing."""
+        try:
+            result = self._store().read(self.key.encode(), byte_range=slice(offset, offset + 1)).result()
+        except ValueError as e:
+            if str(e).startswith("OUT_OF_RANGE"):  # (the store's 416: the object ends before offset)
+                return False
+            raise self._failure(e) from None
+        if result.state != "value":
+            raise FileNotFoundError(f"{self} does not exist")
+        return True
 
     def write_bytes(self, data: bytes) -> None:
         self._wait(self._store().write(self.key.encode(), data))

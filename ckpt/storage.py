@@ -1015,7 +1015,7 @@ def read_json_bytes(path: Location | str, limit: int = fmt.MANIFEST_MAX_BYTES, *
     memory decoded than this process may still allocate (see :data:`JSON_DECODED_BYTES`).
     """
     if isinstance(path, ObjectPath):
-        data = path.read_bytes()
+        data = path.read_bytes(limit)
         size = len(data)
     else:
         fd, size = open_regular(str(path))

@@ -81,8 +81,8 @@ class Checkpointer:
       cleanup_tmp_directories: remove the temporary directories crashed saves left behind now, at
         construction (a writer also removes them before its first save; they are never listed). In a
         root this process may not write, they are left, with a warning: its steps are listed and loaded.
-      lightweight_initialize: do not read each step's manifest when listing (no metrics or times),
-        for roots with thousands of steps. A save decision reads the latest step's (its time), garbage
+      lightweight_initialize: do not read each step's manifest when listing (no metrics; a step's ``time`` is
+        its directory's modification time), for roots with thousands of steps. A save decision reads the latest step's (its time), garbage
         collection those of the steps it weighs.
       local: a second, local tier (:class:`ckpt.LocalCheckpointOptions`) with policies of its own: every
         save goes there first, and the steps this Checkpointer's policy wants are then copied to

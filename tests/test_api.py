@@ -385,6 +385,21 @@ def test_lightweight_initialize_does_not_make_a_time_based_save_decision_take_th
         assert [c.commit_timestamp_nsecs is None for c in ckptr.checkpoints] == [True, False]
 
 
+def test_lightweight_initialize_lists_steps_whose_manifest_is_unread_with_their_directorys_time_not_1970(tmp_path):
+    """Was: checkpoints[i].time was 1970-01-01 for each step whose manifest the listing did not read (Orbax gives
+    datetime.min); it is the step directory's modification time, which the commit set, and commit_timestamp_nsecs
+    stays None (unknown)."""
+    with Checkpointer(tmp_path) as ckptr:
+        for step in (0, 1):
+            ckptr.save(step, {"a": step}, force=True)
+        committed = [c.time for c in ckptr.checkpoints]
+    with Checkpointer(tmp_path, lightweight_initialize=True) as ckptr:
+        first = ckptr.checkpoints[0]
+        assert first.commit_timestamp_nsecs is None
+        assert abs((first.time - committed[0]).total_seconds()) < 60  # was: 56 years
+        assert first.time == datetime.datetime.fromtimestamp(os.lstat(first.path).st_mtime_ns / 1e9, datetime.timezone.utc)
+
+
 def test_lightweight_initialize_does_not_make_garbage_collection_take_recent_steps_for_old_ones(tmp_path):
     with Checkpointer(tmp_path, save_decision_policy=ALWAYS) as ckptr:
         for step in range(3):

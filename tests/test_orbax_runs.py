@@ -452,6 +452,29 @@ def test_the_one_item_of_a_v0_step_loads_without_its_name_as_orbaxs_load_reads_i
         ckpt.load(orbax_runs / "named" / "7")  # several items, none 'state': no fallback
 
 
+def test_an_orbax_step_whose_state_was_deleted_loads_its_other_item_in_its_place_with_a_warning_naming_both(
+        orbax_runs, tmp_path, caplog):
+    """Orbax's delete(step, checkpointable_name="state") leaves the step's other items and names only them in its
+    _CHECKPOINT_METADATA. Was: Checkpointer.load(step) and ckpt.load gave the other item's tree as the state, saying
+    nothing (Orbax 0.12.8's Checkpointer.load raises KeyError; its free load, AUTO, returns that item too). The
+    fallback stays (ckpt cannot tell such a step from one saved with that item alone), with a warning naming the
+    step, the missing 'state' and the item read; a v0 step's one item, default/, is still read without one."""
+    root = copy_run(orbax_runs, "v1", tmp_path)
+    shutil.rmtree(root / "1" / "state")
+    metadata = json.loads((root / "1" / "_CHECKPOINT_METADATA").read_text())
+    del metadata["item_handlers"]["state"]
+    (root / "1" / "_CHECKPOINT_METADATA").write_text(json.dumps(metadata))
+    with caplog.at_level(logging.WARNING, logger="ckpt"), ckpt.Checkpointer(root) as ckptr:
+        assert ckptr.load(1)["a"].tolist() == [1, 2, 3]
+        assert f"{root / '1'} has no checkpointable 'state'" in caplog.text  # was: no warning
+        assert "loading its only one, 'extra', in its place" in caplog.text
+        caplog.clear()
+        assert ckptr.load(1, checkpointable_name="extra")["a"].tolist() == [1, 2, 3] and not caplog.text
+    with caplog.at_level(logging.WARNING, logger="ckpt"):
+        assert ckpt.load(orbax_runs / "single" / "step_0003")["step"] == 3
+    assert "has no checkpointable" not in caplog.text
+
+
 def test_a_v0_step_whose_metadata_names_no_item_handler_loads_its_item_directories_as_orbax_does(orbax_runs,
                                                                                                   tmp_path):
     """Orbax 0.10.0's CheckpointManager (measured) wrote "item_handlers": {} into each step's
@@ -1195,6 +1218,25 @@ def test_a_users_file_at_metadata_metadata_that_is_no_json_object_is_not_taken_f
     assert (root / "metadata" / "metadata").read_bytes() == notes and os.listdir(root / "metadata") == ["metadata"]
 
 
+@pytest.mark.parametrize("content", ["[1, 2]", "null", '"notes"', '{"custom_metadata": [1]}'])
+def test_orbax_root_metadata_that_is_no_json_object_is_damage_naming_the_file(orbax_runs, tmp_path, capsys, content):
+    """Was: root_metadata().custom_metadata was {} for a root whose metadata/_ROOT_METADATA holds a JSON list (or
+    null, a string; [1] for a 'custom_metadata' list), where Orbax 0.12.8's root_metadata() raises. The steps are
+    still listed and loaded; a convert refuses the root, naming the file, and writes nothing."""
+    root = copy_run(orbax_runs, "v1", tmp_path)
+    path = root / "metadata" / "_ROOT_METADATA"
+    path.write_text(content)
+    with ckpt.Checkpointer(root) as ckptr:
+        assert [c.step for c in ckptr.checkpoints] == [0, 1]
+        assert ckptr.load(1)["step"] == 1
+        with pytest.raises(errors.CheckpointCorruptedError, match=f"{path}.* not the JSON object Orbax writes"):
+            ckptr.root_metadata()
+    capsys.readouterr()
+    assert cli.main(["convert", str(root), str(tmp_path / "converted")]) != 0
+    assert re.search(f"{path}.* not the JSON object Orbax writes", capsys.readouterr().err)
+    assert not (tmp_path / "converted").exists()
+
+
 @pytest.mark.parametrize("linked", ["metrics", "metadata"])
 def test_a_directory_of_an_orbax_step_or_root_that_is_a_link_is_never_read_through(orbax_runs, tmp_path, caplog, linked):
     """The step's metrics/ (or the root's metadata/) a link to a directory outside holding a file of the
@@ -1358,6 +1400,31 @@ def test_a_hostile_orbax_tree_metadata_raises_a_ckpt_error(orbax_runs, tmp_path,
         ckpt.load(root / "1")
     status, out = run_cli(capsys, "verify", str(root), "1")
     assert status == 1 and "DAMAGED" in out and said in out
+
+
+def test_an_orbax_item_listing_thousands_of_missing_arrays_is_refused_before_it_opens_them_all(orbax_runs, tmp_path,
+                                                                                                 monkeypatch):
+    """Was: a _METADATA listing 20,000 arrays none of which is there had every one opened (each a tensorstore open)
+    before the first was found missing, 4-5 s; 2,000 here: the first few hundred are opened, then the refusal."""
+    import tensorstore as ts
+
+    root = copy_run(orbax_runs, "v1", tmp_path)
+    path = root / "1" / "state" / "_METADATA"
+    metadata = json.loads(path.read_text())
+    for i in range(2000):  # ('a0000',) ... sorts before every leaf of the item
+        metadata["tree_metadata"][f"('a{i:04}',)"] = {"key_metadata": [{"key": f"a{i:04}", "key_type": 2}],
+                                                      "value_metadata": {"value_type": "np.ndarray"}}
+    path.write_text(json.dumps(metadata))
+    opened, ts_open = [], ts.open
+
+    def counted(*args, **kwargs):
+        opened.append(args[0])
+        return ts_open(*args, **kwargs)
+
+    monkeypatch.setattr(ts, "open", counted)
+    with pytest.raises(errors.CheckpointCorruptedError, match=r"the array of leaf state\['a0000'\] cannot be opened"):
+        ckpt.load(root / "1")
+    assert len(opened) <= 512  # was: 2,000 and the item's own
 
 
 @pytest.mark.parametrize("key", [{"key": "\u00b2", "key_type": 1}, {"key": True, "key_type": 2},

@@ -572,6 +572,23 @@ def test_an_endpoint_that_does_not_answer_fails_the_first_request_in_seconds_nam
     assert "ls returned 2" in result.stdout and f"error: [Errno 5] {url}" in result.stderr
 
 
+def bytes_fetched(monkeypatch, path) -> list[int]:
+    """The number of bytes of each request about the object ``path`` that fetched it (through ObjectPath._wait),
+    appended to the list returned as they come, until the test ends."""
+    from ckpt.objectstore import ObjectPath
+
+    fetched, wait = [], ObjectPath._wait
+
+    def counted(self, future):
+        result = wait(self, future)
+        if self == path:
+            fetched.append(len(getattr(result, "value", b"")))
+        return result
+
+    monkeypatch.setattr(ObjectPath, "_wait", counted)
+    return fetched
+
+
 def test_s3_a_path_that_is_a_large_object_is_told_apart_without_fetching_its_bytes(bucket, monkeypatch):
     import ckpt
     from ckpt import errors
@@ -579,21 +596,32 @@ def test_s3_a_path_that_is_a_large_object_is_told_apart_without_fetching_its_byt
 
     model = ObjectPath(f"{bucket}/model.bin")  # a user's file, named by mistake as a checkpoint
     model.write_bytes(bytes(4 << 20))
-    fetched = []
-    wait = ObjectPath._wait
-
-    def counted(self, future):
-        result = wait(self, future)
-        if self == model:
-            fetched.append(len(getattr(result, "value", b"")))
-        return result
-
-    monkeypatch.setattr(ObjectPath, "_wait", counted)
+    fetched = bytes_fetched(monkeypatch, model)
     with pytest.raises(errors.ForeignEntryError, match="holds an object"):
         ckpt.save(str(model), state(0))
     with pytest.raises(errors.InvalidLayoutError, match="is not a checkpoint"):
         ckpt.load(str(model))
     assert fetched and set(fetched) == {0}  # was: its 4 MiB, fetched by every check that something is there
+
+
+def test_s3_a_json_file_larger_than_a_reader_accepts_is_refused_without_fetching_its_bytes(bucket, monkeypatch, caplog):
+    import ckpt
+    from ckpt import errors
+    from ckpt import format as fmt
+    from ckpt.objectstore import ObjectPath
+
+    ckpt.save(f"{bucket}/0", state(0))
+    ckpt.save(f"{bucket}/1", state(1))
+    monkeypatch.setattr(fmt, "MANIFEST_MAX_BYTES", 64 << 10)  # (as a 300 MiB manifest.json is to the 16 MiB accepted)
+    manifest = ObjectPath(f"{bucket}/1/manifest.json")
+    manifest.write_bytes(b" " * (1 << 20))
+    fetched = bytes_fetched(monkeypatch, manifest)
+    with Checkpointer(bucket) as ckptr:
+        assert [c.step for c in ckptr.checkpoints] == [0]
+    assert "manifest.json has more than the 65536 bytes a reader accepts" in caplog.text
+    with pytest.raises(errors.CheckpointCorruptedError, match="manifest.json has more than the 65536 bytes"):
+        ckpt.load(f"{bucket}/1")
+    assert max(fetched, default=0) <= 1  # was: its 1 MiB, fetched whole (a 300 MiB one took the reader to 1.3 GiB)
 
 
 def test_s3_a_root_of_steps_named_as_one_checkpoint_is_not_a_checkpoint_and_load_weights_reads_its_latest(bucket):

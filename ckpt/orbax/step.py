@@ -20,6 +20,7 @@ UnsupportedLayoutError naming it.
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Iterator
@@ -301,7 +302,12 @@ def root_custom_metadata(root: Path) -> Any:
     since 0.11.8 gives ``{"custom": ...}`` as the custom metadata. None where ``metadata`` is a regular
     file (a user's, of that name, beside the steps): Orbax makes a directory there; and where ``metadata/metadata``,
     without ``_ROOT_METADATA``, is no JSON object (a user's file; Orbax 0.12.8's ``root_metadata()`` raises
-    OSError)."""
+    OSError).
+
+    Raises:
+      CheckpointCorruptedError: ``_ROOT_METADATA`` (a name of Orbax's alone) is not a JSON object, or its
+        ``custom_metadata`` neither an object nor null: Orbax 0.12.8's ``root_metadata()`` raises there too.
+    """
     if files.is_plain_file(root / ROOT_METADATA.parent):
         return None
     try:
@@ -309,13 +315,26 @@ def root_custom_metadata(root: Path) -> Any:
     except FileNotFoundError:
         data = _legacy_root_metadata(root)
     else:
-        wrapped = isinstance(data, dict) and set(data) <= _WRAPPED_ROOT_METADATA_FIELDS
+        _check_root_metadata(root / ROOT_METADATA, data)
+        wrapped = set(data) <= _WRAPPED_ROOT_METADATA_FIELDS
         if wrapped and isinstance(data.get("custom"), dict):
             return data["custom"]
     if not isinstance(data, dict):
         return None
     custom, others = data.get("custom_metadata"), {k: v for k, v in data.items() if k not in _ROOT_METADATA_FIELDS}
     return {**(custom if isinstance(custom, dict) else {}), **others} if others else custom
+
+
+def _check_root_metadata(path: Path, data: Any) -> None:
+    """Raises CheckpointCorruptedError, naming ``path``, where Orbax's ``_ROOT_METADATA`` holds what Orbax never
+    writes there: no JSON object (a list, a string, a number, null), or a ``custom_metadata`` that is no object."""
+    if not isinstance(data, dict):
+        raise CheckpointCorruptedError(f"{path} holds {json.dumps(data)[:60]}, not the JSON object Orbax writes as a "
+                                       "root's metadata", path=path)
+    custom = data.get("custom_metadata")
+    if custom is not None and not isinstance(custom, dict):
+        raise CheckpointCorruptedError(f"{path}: its 'custom_metadata' is {json.dumps(custom)[:60]}, not the JSON "
+                                       "object Orbax writes", path=path)
 
 
 def items(step_dir: Path) -> dict[str, tuple[str, Path]]:

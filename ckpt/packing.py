@@ -26,7 +26,7 @@ MIN_PIECE_BYTES = 128 << 10  # and at least this much (smaller pieces took more 
 
 def piece_bytes(largest: int = PIECE_BYTES) -> int:
     """The window by which a sync save to local files fills and writes the packed array, so that it holds
-    a piece of it at a time (two while one is written), not a chunk: the smallest power of two from
+    a piece of it at a time (each in one buffer, see :func:`windows`), not a chunk: the smallest power of two from
     :data:`MIN_PIECE_BYTES` to :data:`PIECE_BYTES` that holds ``largest`` bytes (the largest packed leaf's
     slot: a leaf longer than a piece is copied again into each next one), or a whole chunk where that does
     not divide ``fmt.PACKED_CHUNK_BYTES``. Runs of leaves never cross such a window.
@@ -189,33 +189,34 @@ def windows(fill: Callable[[np.ndarray, int, int], int], total: int, size: int) 
     earlier chunk left), and returns where the last slot ends in ``buffer``; the bytes a slot puts past
     the chunk begin the next one. An empty array has one empty chunk. A chunk's buffer is filled again
     only once nothing references it: a caller may hand a chunk to a write without a copy (tensorstore
-    lets go of a write's source when the write commits) and hold on to the last few.
+    lets go of a write's source when the write commits) and hold on to the last few. A caller that lets
+    go of each chunk before it asks for the next (a sync save's pieces) gets them all in one buffer.
 
     Example::
 
         for start, chunk in windows(fill, plan.packed_nbytes, fmt.PACKED_CHUNK_BYTES):
             write(start, chunk)
     """
-    pool: list[np.ndarray] = []
-    width, previous, carry = min(size, total) + fmt.SMALL_LEAF_BYTES, None, 0
+    pool: list[np.ndarray] = []  # (held by index here: the last chunk's buffer is free once its caller lets go)
+    width, previous, carry = min(size, total) + fmt.SMALL_LEAF_BYTES, 0, 0
     for lo in range(0, max(total, 1), size):  # one empty chunk when every leaf is empty
         hi = min(lo + size, total)
-        buffer = _unreferenced(pool, width)
-        if carry:
-            buffer[:carry] = previous[size: size + carry]
-        end = max(fill(buffer, lo, hi), carry)
-        yield lo, buffer[: hi - lo]
-        carry, previous = max(end - (hi - lo), 0), buffer
+        at = _unreferenced(pool, width)
+        if carry:  # (from the same buffer too: numpy copies overlapping bytes as memmove does)
+            pool[at][:carry] = pool[previous][size: size + carry]
+        end = max(fill(pool[at], lo, hi), carry)
+        yield lo, pool[at][: hi - lo]
+        carry, previous = max(end - (hi - lo), 0), at
 
 
-def _unreferenced(pool: list[np.ndarray], width: int) -> np.ndarray:
-    """A buffer of ``pool`` that nothing else references (holding what it last held); a new one, added
-    to the pool, when each is still in use."""
+def _unreferenced(pool: list[np.ndarray], width: int) -> int:
+    """The index of a buffer of ``pool`` that nothing else references (holding what it last held); of a
+    new one, added to the pool, when each is still in use."""
     for i in range(len(pool)):
         if sys.getrefcount(pool[i]) == 2:  # the pool's reference and the call's argument: no view of it is alive
-            return pool[i]
+            return i
     pool.append(np.empty(width, np.uint8))
-    return pool[-1]
+    return len(pool) - 1
 
 
 class Checksums:

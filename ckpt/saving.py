@@ -953,6 +953,7 @@ class StepWriter:
                     sums.append(chunks.sum64(piece))  # (additive: each piece starts at a multiple of 8 bytes)
                     self.progress.advance(piece.size)
                     yield piece
+                    del piece  # let go before the next is filled: every piece in one buffer (see packing.windows)
 
             count = -(-(chunk.stop - chunk.start) // step)  # (pieces never cross a chunk's edge)
             storage.write_new_file(directory / chunk.key, parts(count), chunk.file_bytes)
@@ -1005,6 +1006,7 @@ class StepWriter:
         for start, chunk in source:
             checksums.feed(start, chunk)
             yield start, chunk
+            del chunk  # (see packing.windows: a caller that lets go of each gets them in one buffer)
 
     def _tree_json(self) -> list[bytes]:
         """tree.json, in parts (see :func:`ckpt.entries.tree_json`): each checkpointable's structure and leaf

@@ -215,7 +215,7 @@ def write_direct(path: Location, data: np.ndarray) -> bool:
 def write_new_file(path: Path, parts: Iterable[np.ndarray], size: int) -> None:
     """Writes ``parts`` (flat uint8 arrays) one after another as the new file ``path`` of ``size`` bytes,
     zeros after them, making its parent directories; through the page cache, not fsync'd (see
-    :func:`fsync_files`).
+    :func:`fsync_files`). Each part is let go of before the next is asked for (its buffer may fill it).
 
     Raises:
       OSError: naming the file; also when something is at ``path`` already (never followed, never replaced).
@@ -226,8 +226,10 @@ def write_new_file(path: Path, parts: Iterable[np.ndarray], size: int) -> None:
         try:
             for part in parts:
                 view = memoryview(part)
+                del part
                 while view:
                     view = view[os.write(fd, view):]
+                view.release()
             os.ftruncate(fd, size)
         finally:
             os.close(fd)
@@ -283,8 +285,10 @@ def write_file(path: Path, data: bytes | Sequence[bytes], *, mode: int | None = 
         with naming(path):
             for part in parts:
                 view = memoryview(part)
+                del part
                 while view:
                     view = view[os.write(fd, view):]
+                view.release()
             os.fsync(fd)
     finally:
         os.close(fd)

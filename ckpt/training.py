@@ -546,7 +546,7 @@ class Checkpointer:
         except TimeoutError as e:
             if in_save:
                 raise
-            raise TimeoutError(f"should_save({step}) on process {self._processes.index} waited for process 0's answer, "
+            raise distributed.ProcessesTimeoutError(f"should_save({step}) on process {self._processes.index} waited for process 0's answer, "
                                f"which decides for every process: call should_save({step}) on process 0 too wherever "
                                f"another process calls it ({e})") from None
         self._agreed = (name, value, once)
@@ -1270,8 +1270,8 @@ class Checkpointer:
             waits = distributed.waited_for(self._processes)  # (a save waiting for a process that stopped)
             if not waits:
                 raise
-            raise TimeoutError(f"{e}; it waits for {waits}: a process stopped, or does not make the same ckpt calls"
-                               ) from None
+            raise distributed.ProcessesTimeoutError(
+                f"{e}; it waits for {waits}: a process stopped, or does not make the same ckpt calls") from None
 
     def close(self) -> None:
         """Waits for the save in flight, then releases the directory (raises a background failure). A save

@@ -881,13 +881,18 @@ class StopsRank1(StopsRank0):
 
 def rank_1_stops_in_an_async_save(ckptr: Checkpointer) -> None:
     """Rank 1 stops while its async save is written: rank 0's wait raises at the timeout, naming what the save waits
-    for there and rank 1, which never arrived (it said only that the save was still running); nothing is committed."""
+    for there and rank 1, which never arrived (it said only that the save was still running); nothing is committed.
+    Rank 0's next save raises the save's own timeout at once (it met the others first, waiting the timeout again)."""
     with ckpt.Context(async_options=ckpt.AsyncOptions(timeout_secs=2)):
         ckptr.save_checkpointables_async(1, {"state": {"w": torch.ones(2)}, "extra": StopsRank1()}, force=True)
         try:
             ckptr.wait()
         except TimeoutError as e:
             say(f"rank {rank} wait raised: {e}")
+        try:
+            ckptr.save(2, {"w": torch.ones(2)}, force=True)
+        except ckpt.distributed.ProcessesTimeoutError as e:
+            say(f"rank {rank} next save raised: {e}")
     say(f"rank {rank} steps {[c.step for c in ckptr.checkpoints]}")
     os._exit(0)  # (rank 1 is gone: no closing barrier)
 

@@ -58,6 +58,23 @@ class Processes(Protocol):
 
 
 
+class ProcessesTimeoutError(TimeoutError):
+    """A wait for the other processes of a job (a barrier, a broadcast, a save waiting for them) that gave up after
+    the timeout: a process stopped, or does not make the same ckpt calls. Meeting the others again would wait for the
+    same process: :func:`settle` raises it at once.
+
+    Example::
+
+        def part() -> None:                              # e.g. a save waiting for the one before it, which gave up
+            raise ckpt.distributed.ProcessesTimeoutError("rank 0 of 2 waited 600 s for the other ranks at 'save/1'")
+        one = ckpt.distributed.SingleProcess()           # in a job: ckpt.distributed.current()
+        try:
+            ckpt.distributed.settle(one, "save/2", part, 600, "the save of step 2")
+        except TimeoutError as e:                        # at once, where a meeting would wait 600 s again
+            print(f"a process of the job stopped: {e}")
+    """
+
+
 class SingleProcess:
     """The default: one process, no coordination.
 
@@ -356,8 +373,10 @@ def settle(processes: Processes, name: str, part: Callable[[], None], timeout_se
     anywhere raises on every process at once (its own error where it failed, a RuntimeError naming the
     failed processes and their errors elsewhere, which says that nothing was committed when the task
     ``commits``, as a save does and a deletion does not): none waits for the timeout, and none goes on to
-    commit what another failed to write. (A Processes object without ``compare``: a failed process raises at
-    once, the others at the timeout.)
+    commit what another failed to write. A part that gave up waiting for the processes
+    (:class:`ProcessesTimeoutError`: the save before, waited for, met a process that stopped) raises at once, without
+    meeting them: they would be waited for as long again. (A Processes object without ``compare``: a failed process
+    raises at once, the others at the timeout.)
 
     Example::
 
@@ -375,6 +394,8 @@ def settle(processes: Processes, name: str, part: Callable[[], None], timeout_se
     try:
         part()
         failure = None
+    except ProcessesTimeoutError:
+        raise  # (it gave up waiting for a process, for which the meeting would wait as long again)
     except Exception as e:
         failure = e
     said = None if failure is None else f"{type(failure).__name__}: {failure}"
@@ -489,10 +510,11 @@ def noticed_elsewhere(processes: Processes, name: str, here: bool) -> bool:
     return notice is not None and notice(name, here)
 
 
-def _timed_out(member: str, processes: Processes, what: str, timeout_secs: float, error: BaseException) -> TimeoutError:
+def _timed_out(member: str, processes: Processes, what: str, timeout_secs: float,
+               error: BaseException) -> ProcessesTimeoutError:
     """The error of a barrier or broadcast that waited ``timeout_secs`` for ``what`` in vain (``member``:
     what the engine calls a process)."""
-    return TimeoutError(
+    return ProcessesTimeoutError(
         f"{member} {processes.index} of {processes.count} waited {timeout_secs:g} s for {what}; a {member} stopped, "
         f"or does not make the same ckpt calls: every {member} calls a Checkpointer's methods and ckpt.save alike (to "
         f"save from one {member} alone, save inside ckpt.Context(multiprocessing_options=ckpt.MultiprocessingOptions("

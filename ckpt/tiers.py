@@ -41,8 +41,9 @@ copies files). A promotion copies each process's shards to the durable root, the
 save writes the primary's), and the primary process commits after a barrier, so the durable step holds every shard. Restoring from the
 local tiers would need every process to hold the same step with the same sharding; nothing in the
 Processes protocol gathers that, so multi-process loads read the durable tier only (a replaced host,
-whose local tier is empty, restores like the others), and a Checkpointer opened there deletes the local
-steps newer than the durable tier's latest (the job saves them again).
+whose local tier is empty, restores like the others: a load of the latest waits for the promotions in flight, and
+``latest`` lists a step from the moment its promotion is queued, on every process alike), and a Checkpointer opened
+there deletes the local steps newer than the durable tier's latest (the job saves them again).
 
 Example::
 
@@ -197,6 +198,8 @@ class DurableRoot:
     timeout_secs: Callable[[], float]  # AsyncOptions.timeout_secs of the call (the active Context's, else its own)
     begun: Callable[[], set[int]]  # the steps its listings showed begun in place and never committed (object stores)
     forget_if_gone: Callable[[CheckpointMetadata], bool]  # unlists a step a failed overwrite deleted; whether it may be gone
+    queue: Callable[[CheckpointMetadata], None]  # in a job: lists a step whose promotion is queued (Checkpointer._queue)
+    unqueue: Callable[[int], None]  # unlists a step queued so, whose promotion failed
 
 
 @dataclasses.dataclass(eq=False)
@@ -488,6 +491,9 @@ class LocalTier:
             self._saving = (step, local)
         if not promote:
             return local if self._durable.processes.count == 1 else self._settled(step, local, blocking)
+        if self._durable.processes.count > 1:  # (before it is queued: the promotion's commit unlists it there)
+            self._durable.queue(CheckpointMetadata(step, self._durable.step_dir(step), metrics=metrics,
+                                                   custom_metadata=custom_metadata))
         response = self._submit(step, local, preempted=preempted, overwrite=overwrite,
                                 replaceable=not owed and self._durable.processes.count == 1)
         if blocking:
@@ -826,6 +832,7 @@ class LocalTier:
             if pending or _promotion_pending(source):  # (or an earlier overwrite's, this promotion of a forced save's)
                 _promoted(source)
         except BaseException:
+            self._durable.unqueue(step)
             kept = overwrite and self._left_local_only(step, final)
             if kept:
                 with self._lock:  # (kept locally, see _promote_failed_again)

@@ -140,6 +140,7 @@ class Checkpointer:
         self._highest_asked: tuple[int, int] = (0, -1)
         self._unlike: ValueError | None = None  # the last decision's: this process's force is not the primary's
         self._in_flight: CheckpointMetadata | None = None  # the step of the last save handed to the writer
+        self._queued: dict[int, CheckpointMetadata] = {}  # in a job: steps queued, listed until committed (see _queue)
         self._deleting: set[int] = set()  # the steps delete_async is deleting (gone for reload too)
         self._deleted: set[int] = set()  # the steps delete_async deleted, until saved again (for a read's error)
         self._deletion: background.AsyncResponse[bool] | None = None  # the last deletion handed to the writer
@@ -167,7 +168,7 @@ class Checkpointer:
                                          lambda: self._infos, self._save_policy,
                                          self._writer, self._take_directory, self._committed, self._processes,
                                          self._operation, lambda: self._ctx.async_options.timeout_secs,
-                                         lambda: self._begun, self._forget_if_gone),
+                                         lambda: self._begun, self._forget_if_gone, self._queue, self._unqueue),
                 Checkpointer, Checkpointer._save, Checkpointer._collect_garbage, Checkpointer._decide,
                 Checkpointer._take_directory,
                 context=self._context, step_name_format=self._name_format, lightweight_initialize=lightweight_initialize,
@@ -216,13 +217,13 @@ class Checkpointer:
                 ckptr.save(step, {"w": np.full(3, step)}, metrics={"loss": loss})
             assert [(c.step, c.metrics["loss"]) for c in ckptr.checkpoints] == [(0, 0.9), (1, 0.5)]
         """
-        with self._infos_lock:
-            infos = list(self._infos)
+        infos = self._listed()
         return infos if self._local is None else self._local.merged(infos)
 
     @property
     def latest(self) -> CheckpointMetadata | None:
-        """The newest committed checkpoint, or None.
+        """The newest committed checkpoint, or None. In a multi-process job, the step of a save (with two tiers, of a
+        promotion) queued counts from the moment it is queued, on every process alike (see ``load``).
 
         Example::
 
@@ -230,11 +231,34 @@ class Checkpointer:
             ckptr.save(start, {"w": np.ones(3)})
             assert ckptr.latest.step == start
         """
-        if self._local is not None:
-            merged = self.checkpoints
-            return merged[-1] if merged else None
+        if self._local is not None or self._queued:
+            listed = self.checkpoints
+            return listed[-1] if listed else None
         with self._infos_lock:
             return self._infos[-1] if self._infos else None
+
+    def _listed(self) -> list[CheckpointMetadata]:
+        """This root's committed steps and, in a job, those queued (see :meth:`_queue`), ascending by step."""
+        with self._infos_lock:
+            if not self._queued:
+                return list(self._infos)
+            listed = {**self._queued, **{c.step: c for c in self._infos}}
+        return [listed[step] for step in sorted(listed)]
+
+    def _queue(self, info: CheckpointMetadata) -> None:
+        """In a job, lists ``info``, a step whose async save (or, with two tiers, promotion) is queued, from now until
+        its commit replaces it, on every process alike: each process's writer thread commits the step at its own
+        moment, so that ``latest`` and ``checkpoints`` read at one point of the program differed between processes
+        (as Orbax does, the step in flight is listed as soon as its save is queued). A step whose save fails is
+        unlisted as it fails (:meth:`_unqueue`), before its error is raised anywhere."""
+        if self._processes.count > 1:
+            with self._infos_lock:
+                self._queued[info.step] = info
+
+    def _unqueue(self, step: int) -> None:
+        """Unlists ``step``, queued (see :meth:`_queue`), whose save or promotion failed."""
+        with self._infos_lock:
+            self._queued.pop(step, None)
 
     def reload(self) -> None:
         """Rescans the root directory (after another process added or removed steps). A step :meth:`delete_async`
@@ -355,9 +379,11 @@ class Checkpointer:
         return self._find(step) if self._local is None else next((c for c in self.checkpoints if c.step == step), None)
 
     def _resolve(self, step: int | CheckpointMetadata | None) -> CheckpointMetadata:
+        if self._processes.count > 1 and (step is None or _step_number(step) in self._queued):
+            # every process the same step: the save in flight, and with two tiers its promotion (loads in a job read the
+            # durable tier only), once committed (each process's writer thread adds it when that process is through)
+            self.wait()
         if step is None:
-            if self._processes.count > 1:  # every process the same step: the save in flight once committed (each
-                self._saver().wait()      # process's writer thread adds it when that process is through with it)
             latest = self.latest
             if latest is None:
                 raise errors.StepNotFoundError(f"no checkpoints in {self._directory}", step=None, path=self._directory)
@@ -546,7 +572,7 @@ class Checkpointer:
         except TimeoutError as e:
             if in_save:
                 raise
-            raise TimeoutError(f"should_save({step}) on process {self._processes.index} waited for process 0's answer, "
+            raise distributed.ProcessesTimeoutError(f"should_save({step}) on process {self._processes.index} waited for process 0's answer, "
                                f"which decides for every process: call should_save({step}) on process 0 too wherever "
                                f"another process calls it ({e})") from None
         self._agreed = (name, value, once)
@@ -816,6 +842,7 @@ class Checkpointer:
             try:
                 manifest = writer.run(step)
             except BaseException:
+                self._unqueue(step)
                 if existing is not None:
                     self._forget_if_gone(existing)
                 raise
@@ -834,6 +861,7 @@ class Checkpointer:
         except BaseException:
             writer.discard()
             raise
+        self._queue(self._in_flight)
         return self._writer.submit(job, hurry=writer.hurry, what=f"the save of step {step} ({final})")
 
     def _inflight_budget(self) -> int | None:
@@ -899,6 +927,7 @@ class Checkpointer:
         self._deleted.discard(step)
         with self._infos_lock:
             self._infos = sorted([c for c in self._infos if c.step != step] + [info], key=lambda c: c.step)
+            self._queued.pop(step, None)
         self._collect_garbage()
         if callback is not None:
             callback()
@@ -965,8 +994,8 @@ class Checkpointer:
         saved (dicts, lists, tuples; numpy, jax and torch arrays; Python scalars).
 
         A step that ``save_async`` is still writing is waited for (its failure raised); ``step=None``
-        is the latest committed step (in a multi-process job, once the save in flight is committed: every process
-        loads the same step). A load lets go of the host buffers an async save keeps for the
+        is the latest committed step (in a multi-process job, once the save in flight, and with two tiers its
+        promotion, is committed: every process loads the same step). A load lets go of the host buffers an async save keeps for the
         next one, so that the loaded arrays can take their memory: a load after async saves holds no
         third copy of the state, and the next async save makes its buffers anew.
 
@@ -1270,8 +1299,8 @@ class Checkpointer:
             waits = distributed.waited_for(self._processes)  # (a save waiting for a process that stopped)
             if not waits:
                 raise
-            raise TimeoutError(f"{e}; it waits for {waits}: a process stopped, or does not make the same ckpt calls"
-                               ) from None
+            raise distributed.ProcessesTimeoutError(
+                f"{e}; it waits for {waits}: a process stopped, or does not make the same ckpt calls") from None
 
     def close(self) -> None:
         """Waits for the save in flight, then releases the directory (raises a background failure). A save

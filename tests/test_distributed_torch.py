@@ -434,7 +434,8 @@ def test_a_rank_whose_store_or_whose_peer_in_a_gathering_stopped_raises_at_once_
     connected to the store for the first time, waited 300 s (TCPStore's retries), whatever the timeout. Rank 1
     stopping in the gathering of small DTensors: rank 0 raised gloo's RuntimeError, naming no save; rank 1, out of
     device memory there, a ConnectionError saying that another rank stopped. Rank 1 stopping in an async save: rank
-    0's wait said only that the save was still running after the timeout. Two tiers, rank 1 stopping once rank 0
+    0's wait said only that the save was still running after the timeout, and its next save waited the timeout again
+    at its first meeting. Two tiers, rank 1 stopping once rank 0
     committed a promotion: rank 0 raised TimeoutError, though the step was durable, and did not list it."""
     out = run_jobs(tmp_path / "run", tmp_path / "unused.npz", "stopped:2", "gone:2", "vanish:2", "promoted:2")
     assert (f"rank 0 raised ConnectionError: rank 0 of 2: the save of {tmp_path / 'run' / '1'} failed while the "
@@ -445,6 +446,9 @@ def test_a_rank_whose_store_or_whose_peer_in_a_gathering_stopped_raises_at_once_
             f"(AsyncOptions.timeout_secs); it waits for the other ranks at '{tmp_path / 'run'}/") in out, out
     assert "(rank 1 never arrived): a process stopped, or does not make the same ckpt calls" in out, out
     assert "rank 0 steps [0]" in out and not (tmp_path / "run" / "1").exists(), out
+    # the next save raises the timeout of the save before it, at once: it met the others first, for the timeout again
+    said = re.search(r"rank 0 next save raised: rank 0 of 2 waited 2 s for the other ranks at '(.*?)'", out)
+    assert said and said[1].startswith(f"{tmp_path / 'run'}/") and "/save/1/" in said[1], out
     # two tiers, rank 1 stopping once rank 0 committed a promotion: the step is durable (rank 0 raised TimeoutError at
     # the promotion's last meeting, and did not list the step)
     assert "rank 0 saved the promoted step: True, steps [(1, ['durable', 'local'])]" in out, out
@@ -452,6 +456,19 @@ def test_a_rank_whose_store_or_whose_peer_in_a_gathering_stopped_raises_at_once_
             f"while it waited for rank 0's '{tmp_path / 'run'}/") in out, out
     assert ("rank 1 deletion raised at once: rank 1 of 2 lost the job's store (kept by rank 0's process, or by the "
             f"launcher's) while it waited for rank 0's '{tmp_path / 'run'}/") in out, out
+
+
+@pytest.mark.timeout(300)
+def test_every_rank_lists_and_loads_a_step_from_the_moment_its_save_or_promotion_is_queued(tmp_path):
+    """Each rank listed a step once its own writer thread had committed it, so that latest and checkpoints read at one
+    point of the program differed between ranks while an async save (or a promotion) was in flight; with two tiers,
+    load() right after an async save that was promoted loaded the step before it on one rank and the new one on
+    another, or raised StepNotFoundError (the first). The saves here are held in the background until read."""
+    out = run_jobs(tmp_path / "run", tmp_path / "unused.npz", "queued:2")
+    for r in (0, 1):
+        assert f"rank {r} queued: latest 1, steps [0, 1], loaded [1.0, 1.0]" in out, out
+        assert f"rank {r} promotion queued: latest 0, steps [0], loaded [0.0, 0.0]" in out, out
+        assert f"rank {r} promotion queued: latest 2, steps [0, 2], loaded [2.0, 2.0]" in out, out
 
 
 def test_a_rank_that_times_out_at_a_barrier_names_the_ranks_that_never_arrived():

@@ -18,7 +18,7 @@ Checkpointers on other roots;
 every one is refused, nothing is written.
 ``dtensors`` (4 ranks): DTensors of unusual layouts, saved and loaded through the Checkpointer.
 ``fail``: saves that fail on rank 1. ``alone``: should_save and reload on rank 0 alone, then 1000 steps asked on every rank, none saved. ``policies``: two tiers whose local policies differ between ranks. ``overwritten``: two tiers on the durable root
-$CKPT_TEST_DURABLE (an s3:// root), a step rank 0 alone overwrites. ``delete``: steps every rank deletes and saves again at once; checkpoints every rank deletes with ``ckpt.delete``; a deletion that fails on rank 0. ``stopped``: rank 0 stops in the middle of a save. ``gone``: rank 1 runs out of device memory in the gathering of a small DTensor, and stops. ``vanish``: rank 1 stops in an async save. ``exit``: the ranks end without closing (one and two tiers). ``list``: prints the steps each rank lists. ``unshared``: rank 1 sees another directory at DIR. ``linked``: rank 1 names the root through a symbolic link. ``sigterm``: a
+$CKPT_TEST_DURABLE (an s3:// root), a step rank 0 alone overwrites. ``delete``: steps every rank deletes and saves again at once; checkpoints every rank deletes with ``ckpt.delete``; a deletion that fails on rank 0. ``stopped``: rank 0 stops in the middle of a save. ``gone``: rank 1 runs out of device memory in the gathering of a small DTensor, and stops. ``vanish``: rank 1 stops in an async save. ``queued``: what each rank lists and loads while a save or promotion is queued. ``exit``: the ranks end without closing (one and two tiers). ``list``: prints the steps each rank lists. ``unshared``: rank 1 sees another directory at DIR. ``linked``: rank 1 names the root through a symbolic link. ``sigterm``: a
 SIGTERM to rank 1 alone, in a loop saving on preemption.
 Each rank prints what it did.
 """
@@ -198,6 +198,8 @@ def run(this_rank: int, this_world: int, port: int, mode: str) -> None:
             rank_1_stops_in_an_async_save(ckptr)
         elif mode == "promoted":
             rank_1_stops_once_promoted()
+        elif mode == "queued":
+            listed_once_queued(ckptr)
         elif mode == "list":
             say(f"rank {rank} lists {[c.step for c in ckptr.checkpoints]}")
         elif mode == "unshared":  # rank 1 sees another directory at DIR
@@ -881,13 +883,18 @@ class StopsRank1(StopsRank0):
 
 def rank_1_stops_in_an_async_save(ckptr: Checkpointer) -> None:
     """Rank 1 stops while its async save is written: rank 0's wait raises at the timeout, naming what the save waits
-    for there and rank 1, which never arrived (it said only that the save was still running); nothing is committed."""
+    for there and rank 1, which never arrived (it said only that the save was still running); nothing is committed.
+    Rank 0's next save raises the save's own timeout at once (it met the others first, waiting the timeout again)."""
     with ckpt.Context(async_options=ckpt.AsyncOptions(timeout_secs=2)):
         ckptr.save_checkpointables_async(1, {"state": {"w": torch.ones(2)}, "extra": StopsRank1()}, force=True)
         try:
             ckptr.wait()
         except TimeoutError as e:
             say(f"rank {rank} wait raised: {e}")
+        try:
+            ckptr.save(2, {"w": torch.ones(2)}, force=True)
+        except ckpt.distributed.ProcessesTimeoutError as e:
+            say(f"rank {rank} next save raised: {e}")
     say(f"rank {rank} steps {[c.step for c in ckptr.checkpoints]}")
     os._exit(0)  # (rank 1 is gone: no closing barrier)
 
@@ -916,6 +923,49 @@ def rank_1_stops_once_promoted() -> None:
             said = f"TimeoutError: {e}"
         say(f"rank {rank} saved the promoted step: {said}, steps {[(c.step, sorted(c.locations)) for c in ckptr.checkpoints]}")
     os._exit(0)  # (rank 1 is gone: no closing barrier)
+
+
+def listed_once_queued(ckptr: Checkpointer) -> None:
+    """An async save, then with two tiers an async save promoted, each held in the background until this rank read
+    ``latest`` and ``checkpoints``: every rank lists the step from the moment its save returned (each listed it once
+    its own writer thread had committed it), and ``load()`` loads it on every rank (with two tiers it raised
+    StepNotFoundError: the promotion in flight was not waited for)."""
+    read = threading.Event()
+    run_step, copy_step = ckpt.saving.StepWriter.run, ckpt.tiers._copy_step
+
+    def held_run(self, *args, **kwargs):
+        read.wait()
+        return run_step(self, *args, **kwargs)
+
+    def held_copy(*args, **kwargs):
+        read.wait()
+        return copy_step(*args, **kwargs)
+
+    def saved(what: str, checkpointer: Checkpointer, step: int) -> None:
+        checkpointer.save_async(step, {"w": torch.full((2,), float(step))})
+        try:
+            latest = checkpointer.latest
+            listed = None if latest is None else latest.step, [c.step for c in checkpointer.checkpoints]
+        finally:
+            read.set()
+        try:
+            loaded = checkpointer.load()["w"].tolist()
+        except ckpt.errors.StepNotFoundError as e:
+            loaded = type(e).__name__
+        say(f"rank {rank} {what}: latest {listed[0]}, steps {listed[1]}, loaded {loaded}")
+        read.clear()
+
+    ckptr.save(0, {"w": torch.zeros(2)})
+    ckpt.saving.StepWriter.run = held_run
+    saved("queued", ckptr, 1)
+    ckpt.saving.StepWriter.run = run_step
+    local = ckpt.LocalCheckpointOptions(f"{directory}-queued-local", save_decision_policy=sdp.FixedIntervalPolicy(1))
+    with Checkpointer(f"{directory}-queued", save_decision_policy=sdp.FixedIntervalPolicy(2), local=local) as tiers:
+        ckpt.tiers._copy_step = held_copy
+        saved("promotion queued", tiers, 0)
+        tiers.save(1, {"w": torch.ones(2)})  # (local only)
+        saved("promotion queued", tiers, 2)
+        ckpt.tiers._copy_step = copy_step
 
 
 def rank_1_stops_in_a_gathering(ckptr: Checkpointer) -> None:

@@ -367,6 +367,39 @@ def test_monitor_scores_a_step_only_by_a_validation_run_since_the_previous_save(
     assert CheckpointCallback(tmp_path, monitor="val_loss").best_model_path == str(tmp_path / "4")
 
 
+class ValidatesEachEpoch(example.Regressor):
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", torch.nn.functional.mse_loss(self.net(x), y))
+
+
+def test_a_fit_with_a_larger_max_epochs_after_early_stopping_trains_on_as_lightnings_own_resume_and_stops_again(
+        tmp_path):
+    """EarlyStopping stopped the first fit at epoch 1; a fit of a larger max_epochs from its last step trains
+    epoch 2 and stops again, EarlyStopping's wait_count restored (a recorded stop ended every later fit at once);
+    the same command run again still ends at once. Deterministic data without dropout: Lightning's own resume
+    does not restore the RNG states."""
+    def fit_until_stopped(max_epochs: int, directory: Path | None = None, ckpt_path: Path | None = None):
+        pl.seed_everything(0, verbose=False)
+        stopping = pl.callbacks.EarlyStopping("val_loss", patience=1, min_delta=100.0)  # stops at each 2nd check
+        saving = (CheckpointCallback(directory) if directory else
+                  pl.callbacks.ModelCheckpoint(tmp_path / "lightning", save_last=True))
+        trainer = pl.Trainer(max_epochs=max_epochs, callbacks=[stopping, saving], num_sanity_val_steps=0,
+                             accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+        data = DataLoader(example.synthetic_data(64), batch_size=16)
+        trainer.fit(ValidatesEachEpoch(dropout=0.0), data, data, ckpt_path=ckpt_path)
+        return trainer, stopping.state_dict()
+
+    assert fit_until_stopped(10)[0].global_step == 8
+    lightning, lightnings_stopping = fit_until_stopped(20, ckpt_path=tmp_path / "lightning" / "last.ckpt")
+    assert fit_until_stopped(10, tmp_path / "ckpt")[0].global_step == 8
+    ours, our_stopping = fit_until_stopped(20, tmp_path / "ckpt")
+    assert (ours.global_step, lightning.global_step) == (12, 12)
+    assert same(final_state(ours), final_state(lightning)) and same(our_stopping, lightnings_stopping)
+    again, _ = fit_until_stopped(20, tmp_path / "ckpt")
+    assert again.global_step == 12 and same(final_state(again), final_state(ours))
+
+
 class BestAtTheEnd(ValidatedAt):
     VAL_LOSS = {4: 5.0, 8: 1.0}
 
@@ -491,6 +524,7 @@ def test_hyperparameters_of_a_hydra_config_are_saved_and_loaded_as_the_config(tm
     assert isinstance(loaded.hparams, omegaconf.DictConfig) and loaded.hparams == cfg and loaded.hparams.name == 8
     trainer, _ = fit(tmp_path, model=HydraConfigured(cfg), max_steps=4)
     assert trainer.global_step == 4 and steps_in(tmp_path)[-1] == 4
+
 
 
 

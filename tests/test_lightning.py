@@ -528,6 +528,71 @@ def test_hyperparameters_of_a_hydra_config_are_saved_and_loaded_as_the_config(tm
 
 
 
+class HoldsHydraConfigs(example.Regressor):
+    """Keeps the configs it is made from among its hyperparameters, as ``save_hyperparameters()`` in ``__init__(self,
+    cfg: DictConfig)`` does (Lightning pickles them)."""
+
+    def __init__(self, cfg, schedule=None):
+        super().__init__(hidden=cfg.hidden)
+        self.save_hyperparameters()
+
+
+def test_hydra_configs_held_in_hyperparameters_are_saved_and_loaded_as_configs(tmp_path):
+    """(A DictConfig or ListConfig held in the hyperparameters failed every fit with the callback at its start:
+    "checkpoint['hyper_parameters']['cfg'] is a omegaconf.dictconfig.DictConfig".) A fit given the step as ckpt_path=
+    gets them too, as from Lightning's own file."""
+    omegaconf = pytest.importorskip("omegaconf")
+    cfg = omegaconf.OmegaConf.create({"hidden": 8, "name": "${hidden}"})
+    schedule = {"milestones": omegaconf.OmegaConf.create([2, 4]), "gamma": 0.5}
+    fit(tmp_path, model=HoldsHydraConfigs(cfg, schedule), max_steps=2)
+    stored = ckpt.load_checkpointables(str(tmp_path / "2"), {"trainer": None})["trainer"]
+    assert stored["hyper_parameters"]["cfg"]["name"] == "${hidden}"
+    assert stored["hyper_parameters_configs_at"] == [[["cfg"], "DictConfig"], [["schedule", "milestones"], "ListConfig"]]
+    loaded = load_from_checkpoint(HoldsHydraConfigs, tmp_path).hparams
+    assert isinstance(loaded.cfg, omegaconf.DictConfig) and loaded.cfg == cfg and loaded.cfg.name == 8
+    assert isinstance(loaded.schedule["milestones"], omegaconf.ListConfig) and loaded.schedule == schedule
+    read = translate.read(str(tmp_path / "2"))
+    assert "hyper_parameters_configs_at" not in read and isinstance(read["hyper_parameters"]["cfg"], omegaconf.DictConfig)
+    trainer, _ = fit(tmp_path / "other", model=HoldsHydraConfigs(cfg, schedule), max_steps=4, ckpt_path=tmp_path / "2")
+    assert trainer.global_step == 4
+
+
+@pytest.mark.parametrize("configs_at, refused", [
+    ({"cfg": "DictConfig"}, "is 'dict', where ckpt stores a list of [key path, class name]"),
+    ([[["cfg"], "Popen"]], "holds [['cfg'], 'Popen'], where ckpt stores [key path, one of"),
+    ([[["missing"], "DictConfig"]], "names hyper_parameters['missing'], which it does not hold"),
+    ([[["cfg", 3], "DictConfig"]], "names hyper_parameters['cfg'][3], which it does not hold"),
+    ([[["cfg"], "ListConfig"]], "hyper_parameters['cfg'] are stored as a ListConfig, and hold 'dict', not a list"),
+], ids=["no list", "class", "missing key", "index into a dict", "wrong class"])
+def test_a_record_of_configs_held_in_hyperparameters_that_leads_nowhere_is_a_damaged_checkpoint_naming_the_step(
+        tmp_path, configs_at, refused):
+    pytest.importorskip("omegaconf")
+    trainer = {"hyper_parameters": {"cfg": {"hidden": 8}}, "hyper_parameters_configs_at": configs_at,
+               "pytorch-lightning_version": pl.__version__}
+    ckpt.save_checkpointables(tmp_path / "1", {"model": example.Regressor().state_dict(), "trainer": trainer})
+    with pytest.raises(ckpt.errors.CheckpointCorruptedError, match=re.escape(f"{tmp_path / '1'}: its ")) as raised:
+        load_from_checkpoint(example.Regressor, tmp_path)
+    assert refused in str(raised.value)
+
+
+class TakesAnOptimizerFactory(example.Regressor):
+    def __init__(self, optimizer=None):
+        super().__init__()
+        self.save_hyperparameters()
+
+
+def test_a_hyperparameter_ckpt_cannot_store_is_refused_at_fit_start_naming_it_and_how_to_leave_it_out(tmp_path):
+    """(The refusal named the key, then said "for example with `save_hyperparameters(ignore=[...])`".)"""
+    import functools
+    model = TakesAnOptimizerFactory(functools.partial(torch.optim.Adam, lr=1e-3))
+    with pytest.raises(TypeError, match=re.escape(
+            "checkpoint['hyper_parameters']['optimizer'] is a functools.partial: ") + ".*" + re.escape(
+            "It is the LightningModule's hyperparameter 'optimizer': leave it out with "
+            "`self.save_hyperparameters(ignore=['optimizer'])` in its `__init__`")):
+        fit(tmp_path, model=model, max_steps=2)
+    assert steps_in(tmp_path) == []
+
+
 @pytest.mark.parametrize("trainer, refused", [
     ({"hyper_parameters": "!!python/object/apply:os.system ['echo x']", "hparams_type": "DictConfig"},
      "hyper_parameters are stored as a DictConfig, and hold 'str', not a dict"),  # (omegaconf reads a text as YAML)

@@ -7,7 +7,9 @@ that holds it, and splits it in two checkpointables: ``"model"`` (the module's `
 :func:`ckpt.integrations.lightning.load_weights` reads on its own) and ``"trainer"`` (the rest).
 Hyperparameters that are an omegaconf ``DictConfig`` (``save_hyperparameters(cfg)`` of a Hydra config), which
 Lightning stores with their class, are stored as their plain container (interpolations kept) and the class's
-name, and come back as that class.
+name, and come back as that class. So are configs held inside them (``save_hyperparameters()`` in
+``__init__(self, cfg: DictConfig)``, which Lightning pickles): their key paths and classes are stored beside them
+under ``hyper_parameters_configs_at`` (``datamodule_hyper_parameters_configs_at``), which Lightning never sees.
 
 Example::
 
@@ -61,11 +63,15 @@ def from_checkpointables(loaded: dict[str, Any], *, source: str) -> dict:
     Raises:
       CheckpointCorruptedError: hyperparameters that are no mapping, or whose class is no name, which Lightning
         would fail on without naming the step; those stored as an omegaconf config that no such config holds (a
-        text, which omegaconf would read as YAML, or values it refuses). The message names ``source``.
+        text, which omegaconf would read as YAML, or values it refuses), or a record of configs held inside them
+        that does not lead to such values. The message names ``source``.
     """
     checkpoint = dict(loaded[TRAINER])
     checkpoint[_STATE_DICT] = loaded[MODEL]
     for values, kind in _HYPERPARAMETERS:
+        nested = checkpoint.pop(values + _CONFIGS_AT, None)
+        if nested is not None:
+            checkpoint[values] = _nested_configs(checkpoint.get(values), nested, values, source)
         stored, config_type = checkpoint.get(values), checkpoint.get(kind)
         if not isinstance(config_type, (str, type(None))):
             raise ckpt.errors.CheckpointCorruptedError(
@@ -104,10 +110,56 @@ def _config(omegaconf: Any, config_type: type, values: Any, name: str, source: s
         raise ckpt.errors.CheckpointCorruptedError(f"{what}, which cannot hold them: {e}", path=source) from None
 
 
+def _nested_configs(values: Any, nested: Any, name: str, source: str) -> Any:
+    """``values`` (the hyperparameters stored as ``name`` in the step at ``source``) with the configs that
+    :func:`_without_configs` recorded in ``nested`` (``[[key path, class name], ...]``) made again (left plain where
+    omegaconf is not installed)."""
+    def damaged(why: str) -> ckpt.errors.CheckpointCorruptedError:
+        return ckpt.errors.CheckpointCorruptedError(f"{source}: its {name}{_CONFIGS_AT} {why}", path=source)
+
+    if not isinstance(nested, list):
+        raise damaged(f"is {type(nested).__name__!r}, where ckpt stores a list of [key path, class name]")
+    omegaconf = _omegaconf()
+    for entry in nested:
+        if (not isinstance(entry, (list, tuple)) or len(entry) != 2 or not isinstance(entry[0], (list, tuple))
+                or entry[1] not in _CONFIG_TYPES
+                or not all(type(k) in (str, int) for k in entry[0])):
+            raise damaged(f"holds {entry!r}, where ckpt stores [key path, one of {list(_CONFIG_TYPES)}]")
+        path, config_type = list(entry[0]), entry[1]
+        where = name + "".join(f"[{k!r}]" for k in path)
+
+        def make(plain: Any) -> Any:
+            if omegaconf is None:
+                return plain
+            return _config(omegaconf, getattr(omegaconf, config_type), plain, where, source)
+
+        try:
+            values = _replace_at(values, path, make)
+        except (KeyError, IndexError, TypeError):
+            raise damaged(f"names {where}, which it does not hold") from None
+    return values
+
+
+def _replace_at(tree: Any, path: list[Any], make: Any) -> Any:
+    """``tree`` with the value at the key path ``path`` (keys and indices of dicts, lists and tuples) replaced by
+    ``make(value)``; KeyError, IndexError or TypeError where ``path`` leads nowhere."""
+    if not path:
+        return make(tree)
+    key, rest = path[0], path[1:]
+    if isinstance(tree, dict):
+        return {**tree, key: _replace_at(tree[key], rest, make)}
+    if isinstance(tree, (list, tuple)) and type(key) is int and 0 <= key < len(tree):
+        items = list(tree)
+        items[key] = _replace_at(items[key], rest, make)
+        return type(tree)(items)
+    raise TypeError(key)
+
+
 # Lightning's keys of a module's and a datamodule's hyperparameters, and of their class where they are an omegaconf
 # config (Lightning stores the class itself)
 _HYPERPARAMETERS = (("hyper_parameters", "hparams_type"), ("datamodule_hyper_parameters", "datamodule_hparams_type"))
 _CONFIG_TYPES = ("DictConfig", "ListConfig")
+_CONFIGS_AT = "_configs_at"  # the suffix of ckpt's key (beside Lightning's) of the configs held in hyperparameters
 
 
 def _plain_configs(checkpoint: dict) -> dict:
@@ -118,15 +170,33 @@ def _plain_configs(checkpoint: dict) -> dict:
         return checkpoint
     out = dict(checkpoint)
     for values, kind in _HYPERPARAMETERS:
-        if isinstance(out.get(values), omegaconf.Container):
-            out[values] = omegaconf.OmegaConf.to_container(out[values], resolve=False)
+        nested: list = []
+        if values in out:
+            out[values] = _without_configs(omegaconf, out[values], [], nested)
+        if nested and nested[0][0]:  # (not the hyperparameters themselves, whose class Lightning records)
+            out[values + _CONFIGS_AT] = nested
         config_type = out.get(kind)
         if isinstance(config_type, type) and issubclass(config_type, omegaconf.Container):
             out[kind] = config_type.__name__
     return out
 
 
-def _plain(x: Any, where: str) -> Any:
+def _without_configs(omegaconf: Any, x: Any, path: list[Any], found: list) -> Any:
+    """``x`` with each omegaconf config in it, through dicts, lists and tuples, as its plain container
+    (interpolations kept, unresolved), whose ``[key path, class name]`` is added to ``found``."""
+    if isinstance(x, omegaconf.Container):
+        found.append([path, type(x).__name__])
+        return omegaconf.OmegaConf.to_container(x, resolve=False)
+    if isinstance(x, dict):
+        return {k: _without_configs(omegaconf, v, [*path, k], found) for k, v in x.items()}
+    if type(x) in (list, tuple):
+        return type(x)(_without_configs(omegaconf, v, [*path, i], found) for i, v in enumerate(x))
+    return x
+
+
+def _plain(x: Any, where: str, fix: str = "") -> Any:
+    """``x`` as plain dicts, lists, tuples and leaves ckpt stores; TypeError naming ``where`` otherwise, which ends
+    with ``fix`` (what to do; by default, convert it or keep it out)."""
     if type(x) in _SCALARS or isinstance(x, (torch.Tensor, np.ndarray, np.generic)):
         return x
     if isinstance(x, dict):
@@ -135,16 +205,28 @@ def _plain(x: Any, where: str) -> Any:
             if isinstance(key, bool) or not isinstance(key, (str, int)):
                 raise TypeError(f"{where} has the key {key!r} of type {type(key).__name__}; ckpt stores dicts "
                                 "whose keys are str or int")
-            out[key] = _plain(value, f"{where}[{key!r}]")
+            out[key] = _plain(value, f"{where}[{key!r}]", fix or _hyperparameter_fix(where, key))
         return out
     if isinstance(x, tuple) and hasattr(type(x), "_fields"):
-        return type(x)(*(_plain(v, f"{where}.{f}") for f, v in zip(type(x)._fields, x)))
+        return type(x)(*(_plain(v, f"{where}.{f}", fix) for f, v in zip(type(x)._fields, x)))
     if isinstance(x, (list, tuple)):
-        values = [_plain(v, f"{where}[{i}]") for i, v in enumerate(x)]
+        values = [_plain(v, f"{where}[{i}]", fix) for i, v in enumerate(x)]
         return values if isinstance(x, list) else tuple(values)
     raise TypeError(
         f"{where} is a {type(x).__module__}.{type(x).__qualname__}: ckpt stores tensors, numpy arrays and "
-        "JSON values (int, float, bool, str, bytes, None, dicts, lists, tuples) and pickles nothing. Convert "
-        "it to one of these in `on_save_checkpoint`, or keep it out of the checkpoint (for example with "
-        "`save_hyperparameters(ignore=[...])`)."
+        "JSON values (int, float, bool, str, bytes, None, dicts, lists, tuples) and pickles nothing. "
+        + (fix or "Convert it to one of these in `on_save_checkpoint`, or keep it out of the checkpoint (for "
+                  "example with `save_hyperparameters(ignore=[...])`).")
     )
+
+
+def _hyperparameter_fix(where: str, name: Any) -> str:
+    """How to keep the hyperparameter ``name`` out of the checkpoint, where ``where`` is the module's or the
+    datamodule's hyperparameters ("" elsewhere)."""
+    owner = {"checkpoint['hyper_parameters']": "LightningModule",
+             "checkpoint['datamodule_hyper_parameters']": "LightningDataModule"}.get(where)
+    if owner is None:
+        return ""
+    return (f"It is the {owner}'s hyperparameter {name!r}: leave it out with `self.save_hyperparameters(ignore="
+            f"[{name!r}])` in its `__init__` (then pass it again to `load_from_checkpoint`, which cannot make it "
+            "from the step), or make it a value ckpt stores (a name, a number, a dict of them).")

@@ -400,6 +400,32 @@ def test_a_fit_with_a_larger_max_epochs_after_early_stopping_trains_on_as_lightn
     assert again.global_step == 12 and same(final_state(again), final_state(ours))
 
 
+class StopsAtStep5(example.Regressor):
+    def training_step(self, batch, batch_idx):
+        if self.trainer.global_step == 5:
+            self.trainer.should_stop = True  # held back by min_epochs
+        return super().training_step(batch, batch_idx)
+
+
+def test_a_stop_min_epochs_holds_back_is_restored_in_a_fit_of_other_bounds_and_ends_it_when_they_are_met(tmp_path):
+    """The stop requested at step 5 did not end the fit (min_epochs=4: it ends at step 16, 4 batches an epoch); a
+    fit of a larger max_epochs resumed from step 10 keeps it, as the run never stopped did, and ends at step 16."""
+    def fit_to(max_epochs: int, directory: Path | None = None) -> pl.Trainer:
+        pl.seed_everything(0, verbose=False)
+        callbacks = [CheckpointCallback(directory, save_decision_policy=sdp.FixedIntervalPolicy(5))] if directory else []
+        trainer = pl.Trainer(max_epochs=max_epochs, min_epochs=4, callbacks=callbacks, enable_checkpointing=bool(directory),
+                             accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+        trainer.fit(StopsAtStep5(), DataLoader(example.synthetic_data(64), batch_size=16, shuffle=True))
+        return trainer
+
+    expected = fit_to(8)
+    assert fit_to(6, tmp_path).global_step == expected.global_step == 16
+    shutil.rmtree(tmp_path / "15")
+    shutil.rmtree(tmp_path / "16")  # as if killed after step 10
+    resumed = fit_to(8, tmp_path)
+    assert resumed.global_step == 16 and same(final_state(resumed), final_state(expected))
+
+
 class BestAtTheEnd(ValidatedAt):
     VAL_LOSS = {4: 5.0, 8: 1.0}
 

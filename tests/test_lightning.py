@@ -556,44 +556,59 @@ def test_hyperparameters_of_a_hydra_config_are_saved_and_loaded_as_the_config(tm
 
 class HoldsHydraConfigs(example.Regressor):
     """Keeps the configs it is made from among its hyperparameters, as ``save_hyperparameters()`` in ``__init__(self,
-    cfg: DictConfig)`` does (Lightning pickles them)."""
+    cfg: DictConfig)`` does, and in the checkpoint (Lightning pickles them)."""
 
     def __init__(self, cfg, schedule=None):
         super().__init__(hidden=cfg.hidden)
         self.save_hyperparameters()
+        self.loaded: list = []
+
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["config"] = {"runs": [self.hparams.cfg]}
+
+    def on_load_checkpoint(self, checkpoint):
+        self.loaded.append(checkpoint["config"]["runs"][0])
 
 
-def test_hydra_configs_held_in_hyperparameters_are_saved_and_loaded_as_configs(tmp_path):
+def test_hydra_configs_held_in_hyperparameters_or_anywhere_in_the_checkpoint_are_saved_and_loaded_as_configs(tmp_path):
     """(A DictConfig or ListConfig held in the hyperparameters failed every fit with the callback at its start:
-    "checkpoint['hyper_parameters']['cfg'] is a omegaconf.dictconfig.DictConfig".) A fit given the step as ckpt_path=
-    gets them too, as from Lightning's own file."""
+    "checkpoint['hyper_parameters']['cfg'] is a omegaconf.dictconfig.DictConfig"; so did one an on_save_checkpoint
+    added.) The callback's restore and a fit given the step as ckpt_path= get them too, as from Lightning's own file."""
     omegaconf = pytest.importorskip("omegaconf")
     cfg = omegaconf.OmegaConf.create({"hidden": 8, "name": "${hidden}"})
     schedule = {"milestones": omegaconf.OmegaConf.create([2, 4]), "gamma": 0.5}
     fit(tmp_path, model=HoldsHydraConfigs(cfg, schedule), max_steps=2)
     stored = ckpt.load_checkpointables(str(tmp_path / "2"), {"trainer": None})["trainer"]
     assert stored["hyper_parameters"]["cfg"]["name"] == "${hidden}"
-    assert stored["hyper_parameters_configs_at"] == [[["cfg"], "DictConfig"], [["schedule", "milestones"], "ListConfig"]]
+    assert stored["omegaconf_configs_at"] == [[["hyper_parameters", "cfg"], "DictConfig"],
+                                              [["hyper_parameters", "schedule", "milestones"], "ListConfig"],
+                                              [["config", "runs", 0], "DictConfig"]]
     loaded = load_from_checkpoint(HoldsHydraConfigs, tmp_path).hparams
     assert isinstance(loaded.cfg, omegaconf.DictConfig) and loaded.cfg == cfg and loaded.cfg.name == 8
     assert isinstance(loaded.schedule["milestones"], omegaconf.ListConfig) and loaded.schedule == schedule
     read = translate.read(str(tmp_path / "2"))
-    assert "hyper_parameters_configs_at" not in read and isinstance(read["hyper_parameters"]["cfg"], omegaconf.DictConfig)
-    trainer, _ = fit(tmp_path / "other", model=HoldsHydraConfigs(cfg, schedule), max_steps=4, ckpt_path=tmp_path / "2")
-    assert trainer.global_step == 4
+    assert "omegaconf_configs_at" not in read and isinstance(read["hyper_parameters"]["cfg"], omegaconf.DictConfig)
+    for directory, ckpt_path in ((tmp_path, None), (tmp_path / "other", tmp_path / "2")):
+        trainer, _ = fit(directory, model=HoldsHydraConfigs(cfg, schedule), max_steps=4, ckpt_path=ckpt_path)
+        assert trainer.global_step == 4 and trainer.lightning_module.loaded == [cfg]
+        assert isinstance(trainer.lightning_module.loaded[0], omegaconf.DictConfig)
 
 
 @pytest.mark.parametrize("configs_at, refused", [
-    ({"cfg": "DictConfig"}, "is 'dict', where ckpt stores a list of [key path, class name]"),
-    ([[["cfg"], "Popen"]], "holds [['cfg'], 'Popen'], where ckpt stores [key path, one of"),
-    ([[["missing"], "DictConfig"]], "names hyper_parameters['missing'], which it does not hold"),
-    ([[["cfg", 3], "DictConfig"]], "names hyper_parameters['cfg'][3], which it does not hold"),
-    ([[["cfg"], "ListConfig"]], "hyper_parameters['cfg'] are stored as a ListConfig, and hold 'dict', not a list"),
-], ids=["no list", "class", "missing key", "index into a dict", "wrong class"])
-def test_a_record_of_configs_held_in_hyperparameters_that_leads_nowhere_is_a_damaged_checkpoint_naming_the_step(
-        tmp_path, configs_at, refused):
+    ({"cfg": "DictConfig"}, "omegaconf_configs_at is 'dict', where ckpt stores a list of [key path, class name]"),
+    ([[["hyper_parameters", "cfg"], "Popen"]], "omegaconf_configs_at holds [['hyper_parameters', 'cfg'], 'Popen'], "
+                                               "where ckpt stores [key path, one of"),
+    ([[[], "DictConfig"]], "omegaconf_configs_at holds [[], 'DictConfig'], where"),
+    ([[["hyper_parameters", "missing"], "DictConfig"]],
+     "omegaconf_configs_at names checkpoint['hyper_parameters']['missing'], which it does not hold"),
+    ([[["hyper_parameters", "cfg", 3], "DictConfig"]],
+     "omegaconf_configs_at names checkpoint['hyper_parameters']['cfg'][3], which it does not hold"),
+    ([[["hyper_parameters", "cfg"], "ListConfig"]],
+     "checkpoint['hyper_parameters']['cfg'] are stored as a ListConfig, and hold 'dict', not a list"),
+], ids=["no list", "class", "the root", "missing key", "index into a dict", "wrong class"])
+def test_a_record_of_configs_that_leads_nowhere_is_a_damaged_checkpoint_naming_the_step(tmp_path, configs_at, refused):
     pytest.importorskip("omegaconf")
-    trainer = {"hyper_parameters": {"cfg": {"hidden": 8}}, "hyper_parameters_configs_at": configs_at,
+    trainer = {"hyper_parameters": {"cfg": {"hidden": 8}}, "omegaconf_configs_at": configs_at,
                "pytorch-lightning_version": pl.__version__}
     ckpt.save_checkpointables(tmp_path / "1", {"model": example.Regressor().state_dict(), "trainer": trainer})
     with pytest.raises(ckpt.errors.CheckpointCorruptedError, match=re.escape(f"{tmp_path / '1'}: its ")) as raised:

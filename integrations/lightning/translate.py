@@ -7,9 +7,10 @@ that holds it, and splits it in two checkpointables: ``"model"`` (the module's `
 :func:`ckpt.integrations.lightning.load_weights` reads on its own) and ``"trainer"`` (the rest).
 Hyperparameters that are an omegaconf ``DictConfig`` (``save_hyperparameters(cfg)`` of a Hydra config), which
 Lightning stores with their class, are stored as their plain container (interpolations kept) and the class's
-name, and come back as that class. So are configs held inside them (``save_hyperparameters()`` in
-``__init__(self, cfg: DictConfig)``, which Lightning pickles): their key paths and classes are stored beside them
-under ``hyper_parameters_configs_at`` (``datamodule_hyper_parameters_configs_at``), which Lightning never sees.
+name, and come back as that class. So do configs anywhere else in the dict, which Lightning pickles (held in the
+hyperparameters: ``save_hyperparameters()`` in ``__init__(self, cfg: DictConfig)``; in a callback's state; added by
+an ``on_save_checkpoint``): their key paths and classes are stored under ``omegaconf_configs_at``, which Lightning
+never sees.
 
 Example::
 
@@ -63,15 +64,15 @@ def from_checkpointables(loaded: dict[str, Any], *, source: str) -> dict:
     Raises:
       CheckpointCorruptedError: hyperparameters that are no mapping, or whose class is no name, which Lightning
         would fail on without naming the step; those stored as an omegaconf config that no such config holds (a
-        text, which omegaconf would read as YAML, or values it refuses), or a record of configs held inside them
+        text, which omegaconf would read as YAML, or values it refuses); a record of the configs held elsewhere
         that does not lead to such values. The message names ``source``.
     """
     checkpoint = dict(loaded[TRAINER])
     checkpoint[_STATE_DICT] = loaded[MODEL]
+    nested = checkpoint.pop(_CONFIGS_AT, None)
+    if nested is not None:
+        checkpoint = _nested_configs(checkpoint, nested, source)
     for values, kind in _HYPERPARAMETERS:
-        nested = checkpoint.pop(values + _CONFIGS_AT, None)
-        if nested is not None:
-            checkpoint[values] = _nested_configs(checkpoint.get(values), nested, values, source)
         stored, config_type = checkpoint.get(values), checkpoint.get(kind)
         if not isinstance(config_type, (str, type(None))):
             raise ckpt.errors.CheckpointCorruptedError(
@@ -110,23 +111,21 @@ def _config(omegaconf: Any, config_type: type, values: Any, name: str, source: s
         raise ckpt.errors.CheckpointCorruptedError(f"{what}, which cannot hold them: {e}", path=source) from None
 
 
-def _nested_configs(values: Any, nested: Any, name: str, source: str) -> Any:
-    """``values`` (the hyperparameters stored as ``name`` in the step at ``source``) with the configs that
-    :func:`_without_configs` recorded in ``nested`` (``[[key path, class name], ...]``) made again (left plain where
-    omegaconf is not installed)."""
+def _nested_configs(checkpoint: dict, nested: Any, source: str) -> dict:
+    """``checkpoint`` (of the step at ``source``) with the configs that :func:`_plain_configs` recorded in ``nested``
+    (``[[key path, class name], ...]``) made again (left plain where omegaconf is not installed)."""
     def damaged(why: str) -> ckpt.errors.CheckpointCorruptedError:
-        return ckpt.errors.CheckpointCorruptedError(f"{source}: its {name}{_CONFIGS_AT} {why}", path=source)
+        return ckpt.errors.CheckpointCorruptedError(f"{source}: its {_CONFIGS_AT} {why}", path=source)
 
     if not isinstance(nested, list):
         raise damaged(f"is {type(nested).__name__!r}, where ckpt stores a list of [key path, class name]")
     omegaconf = _omegaconf()
     for entry in nested:
         if (not isinstance(entry, (list, tuple)) or len(entry) != 2 or not isinstance(entry[0], (list, tuple))
-                or entry[1] not in _CONFIG_TYPES
-                or not all(type(k) in (str, int) for k in entry[0])):
+                or not entry[0] or entry[1] not in _CONFIG_TYPES or not all(type(k) in (str, int) for k in entry[0])):
             raise damaged(f"holds {entry!r}, where ckpt stores [key path, one of {list(_CONFIG_TYPES)}]")
         path, config_type = list(entry[0]), entry[1]
-        where = name + "".join(f"[{k!r}]" for k in path)
+        where = "checkpoint" + "".join(f"[{k!r}]" for k in path)
 
         def make(plain: Any) -> Any:
             if omegaconf is None:
@@ -134,10 +133,10 @@ def _nested_configs(values: Any, nested: Any, name: str, source: str) -> Any:
             return _config(omegaconf, getattr(omegaconf, config_type), plain, where, source)
 
         try:
-            values = _replace_at(values, path, make)
+            checkpoint = _replace_at(checkpoint, path, make)
         except (KeyError, IndexError, TypeError):
             raise damaged(f"names {where}, which it does not hold") from None
-    return values
+    return checkpoint
 
 
 def _replace_at(tree: Any, path: list[Any], make: Any) -> Any:
@@ -159,38 +158,47 @@ def _replace_at(tree: Any, path: list[Any], make: Any) -> Any:
 # config (Lightning stores the class itself)
 _HYPERPARAMETERS = (("hyper_parameters", "hparams_type"), ("datamodule_hyper_parameters", "datamodule_hparams_type"))
 _CONFIG_TYPES = ("DictConfig", "ListConfig")
-_CONFIGS_AT = "_configs_at"  # the suffix of ckpt's key (beside Lightning's) of the configs held in hyperparameters
+_BULK = (_STATE_DICT, "optimizer_states")  # the parts of the checkpoint that hold its many tensors
+_CONFIGS_AT = "omegaconf_configs_at"  # ckpt's key (beside Lightning's) of the configs :func:`_plain_configs` records
 
 
 def _plain_configs(checkpoint: dict) -> dict:
-    """``checkpoint`` with hyperparameters that are an omegaconf config as a plain container (interpolations kept,
-    unresolved) and their class as its name (omegaconf is looked for only if it is imported)."""
+    """``checkpoint`` with each omegaconf config in it as its plain container (interpolations kept, unresolved):
+    hyperparameters that are one get their class as its name (Lightning records it); the key paths and classes of the
+    others are recorded under ``omegaconf_configs_at`` (omegaconf is looked for only if it is imported; not among the
+    weights and optimizer states, which hold thousands of tensors: a config there is refused)."""
     omegaconf = sys.modules.get("omegaconf")
     if omegaconf is None:
         return checkpoint
-    out = dict(checkpoint)
+    found: list = []
+    out = {key: value if key in _BULK else _without_configs(omegaconf, value, [key], found)
+           for key, value in checkpoint.items()}
     for values, kind in _HYPERPARAMETERS:
-        nested: list = []
-        if values in out:
-            out[values] = _without_configs(omegaconf, out[values], [], nested)
-        if nested and nested[0][0]:  # (not the hyperparameters themselves, whose class Lightning records)
-            out[values + _CONFIGS_AT] = nested
         config_type = out.get(kind)
         if isinstance(config_type, type) and issubclass(config_type, omegaconf.Container):
             out[kind] = config_type.__name__
+    nested = [entry for entry in found if entry[0] not in ([values] for values, _ in _HYPERPARAMETERS)]
+    if nested:
+        out[_CONFIGS_AT] = nested
     return out
 
 
 def _without_configs(omegaconf: Any, x: Any, path: list[Any], found: list) -> Any:
     """``x`` with each omegaconf config in it, through dicts, lists and tuples, as its plain container
-    (interpolations kept, unresolved), whose ``[key path, class name]`` is added to ``found``."""
+    (interpolations kept, unresolved), whose ``[key path, class name]`` is added to ``found``; the containers that
+    hold none are ``x``'s own."""
     if isinstance(x, omegaconf.Container):
         found.append([path, type(x).__name__])
         return omegaconf.OmegaConf.to_container(x, resolve=False)
+    containers = (dict, list, tuple, omegaconf.Container)
     if isinstance(x, dict):
-        return {k: _without_configs(omegaconf, v, [*path, k], found) for k, v in x.items()}
+        changed = {k: new for k, v in x.items() if isinstance(v, containers)
+                   and (new := _without_configs(omegaconf, v, [*path, k], found)) is not v}
+        return {**x, **changed} if changed else x
     if type(x) in (list, tuple):
-        return type(x)(_without_configs(omegaconf, v, [*path, i], found) for i, v in enumerate(x))
+        items = [_without_configs(omegaconf, v, [*path, i], found) if isinstance(v, containers) else v
+                 for i, v in enumerate(x)]
+        return type(x)(items) if any(new is not v for new, v in zip(items, x)) else x
     return x
 
 
@@ -201,11 +209,12 @@ def _plain(x: Any, where: str, fix: str = "") -> Any:
         return x
     if isinstance(x, dict):
         out = {}
+        owner = None if fix else _OWNERS.get(where)
         for key, value in x.items():
             if isinstance(key, bool) or not isinstance(key, (str, int)):
                 raise TypeError(f"{where} has the key {key!r} of type {type(key).__name__}; ckpt stores dicts "
                                 "whose keys are str or int")
-            out[key] = _plain(value, f"{where}[{key!r}]", fix or _hyperparameter_fix(where, key))
+            out[key] = _plain(value, f"{where}[{key!r}]", fix if owner is None else _hyperparameter_fix(owner, key))
         return out
     if isinstance(x, tuple) and hasattr(type(x), "_fields"):
         return type(x)(*(_plain(v, f"{where}.{f}", fix) for f, v in zip(type(x)._fields, x)))
@@ -220,13 +229,13 @@ def _plain(x: Any, where: str, fix: str = "") -> Any:
     )
 
 
-def _hyperparameter_fix(where: str, name: Any) -> str:
-    """How to keep the hyperparameter ``name`` out of the checkpoint, where ``where`` is the module's or the
-    datamodule's hyperparameters ("" elsewhere)."""
-    owner = {"checkpoint['hyper_parameters']": "LightningModule",
-             "checkpoint['datamodule_hyper_parameters']": "LightningDataModule"}.get(where)
-    if owner is None:
-        return ""
+# the owners of the hyperparameters at these places of the checkpoint
+_OWNERS = {"checkpoint['hyper_parameters']": "LightningModule",
+           "checkpoint['datamodule_hyper_parameters']": "LightningDataModule"}
+
+
+def _hyperparameter_fix(owner: str, name: Any) -> str:
+    """How to keep the hyperparameter ``name`` of the ``owner`` (see ``_OWNERS``) out of the checkpoint."""
     return (f"It is the {owner}'s hyperparameter {name!r}: leave it out with `self.save_hyperparameters(ignore="
             f"[{name!r}])` in its `__init__` (then pass it again to `load_from_checkpoint`, which cannot make it "
             "from the step), or make it a value ckpt stores (a name, a number, a dict of them).")

@@ -199,6 +199,14 @@ CONFIGS: dict[str, Config] = {
     "metric_collection_with_list_states_mid_epoch": Config(kill_at=11, model="collection", epoch_metrics=True),
     "lbfgs": Config(kill_at=11, scheduler="lbfgs"),  # its state holds floats and lists of tensors
     "sequential_lr_with_warm_restarts": Config(kill_at=11, scheduler="sequential"),  # nested scheduler states
+    "gradient_clip_by_value": Config(kill_at=11, trainer=(("gradient_clip_val", 0.05),
+                                                          ("gradient_clip_algorithm", "value"))),
+    "detect_anomaly": Config(kill_at=11, trainer=(("detect_anomaly", True),)),
+    # Lightning trains (and validates) on the first 3 batches, its sampler made sequential
+    "overfit_batches": Config(kill_at=5, val=True, trainer=(("overfit_batches", 3),)),
+    "progress_bar_and_model_summary": Config(kill_at=11, trainer=(("enable_progress_bar", True),
+                                                                  ("enable_model_summary", True))),
+    "bf16_true": Config(kill_at=11, trainer=(("precision", "bf16-true"),)),  # the module's own tensors in bfloat16
     "lightning_pytorch_namespace": Config(kill_at=13, val=True, epoch_metrics=True,
                                           namespace="lightning.pytorch"),
 }
@@ -548,8 +556,9 @@ def run(cfg: Config, directory: str | None, kill: bool, trace_path: str) -> dict
         callbacks.insert(len(callbacks) - (cfg.model_checkpoint == "after"), ours)
     trainer = pl.Trainer(max_epochs=cfg.max_epochs, max_steps=cfg.max_steps, callbacks=callbacks,
                          enable_checkpointing=directory is not None or bool(cfg.model_checkpoint), accelerator="cpu",
-                         devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                         **{"num_sanity_val_steps": 0, **dict(cfg.trainer)})
+                         devices=1, logger=False,
+                         **{"num_sanity_val_steps": 0, "enable_progress_bar": False, "enable_model_summary": False,
+                            **dict(cfg.trainer)})
     model = classes["Model"](cfg)
     model.kill_at = cfg.kill_at if kill else None
     model.trace_file = TraceFile(trace_path)

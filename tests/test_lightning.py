@@ -367,6 +367,65 @@ def test_monitor_scores_a_step_only_by_a_validation_run_since_the_previous_save(
     assert CheckpointCallback(tmp_path, monitor="val_loss").best_model_path == str(tmp_path / "4")
 
 
+class ValidatesEachEpoch(example.Regressor):
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", torch.nn.functional.mse_loss(self.net(x), y))
+
+
+def test_a_fit_with_a_larger_max_epochs_after_early_stopping_trains_on_as_lightnings_own_resume_and_stops_again(
+        tmp_path):
+    """EarlyStopping stopped the first fit at epoch 1; a fit of a larger max_epochs from its last step trains
+    epoch 2 and stops again, EarlyStopping's wait_count restored (a recorded stop ended every later fit at once);
+    the same command run again still ends at once. Deterministic data without dropout: Lightning's own resume
+    does not restore the RNG states."""
+    def fit_until_stopped(max_epochs: int, directory: Path | None = None, ckpt_path: Path | None = None):
+        pl.seed_everything(0, verbose=False)
+        stopping = pl.callbacks.EarlyStopping("val_loss", patience=1, min_delta=100.0)  # stops at each 2nd check
+        saving = (CheckpointCallback(directory) if directory else
+                  pl.callbacks.ModelCheckpoint(tmp_path / "lightning", save_last=True))
+        trainer = pl.Trainer(max_epochs=max_epochs, callbacks=[stopping, saving], num_sanity_val_steps=0,
+                             accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+        data = DataLoader(example.synthetic_data(64), batch_size=16)
+        trainer.fit(ValidatesEachEpoch(dropout=0.0), data, data, ckpt_path=ckpt_path)
+        return trainer, stopping.state_dict()
+
+    assert fit_until_stopped(10)[0].global_step == 8
+    lightning, lightnings_stopping = fit_until_stopped(20, ckpt_path=tmp_path / "lightning" / "last.ckpt")
+    assert fit_until_stopped(10, tmp_path / "ckpt")[0].global_step == 8
+    ours, our_stopping = fit_until_stopped(20, tmp_path / "ckpt")
+    assert (ours.global_step, lightning.global_step) == (12, 12)
+    assert same(final_state(ours), final_state(lightning)) and same(our_stopping, lightnings_stopping)
+    again, _ = fit_until_stopped(20, tmp_path / "ckpt")
+    assert again.global_step == 12 and same(final_state(again), final_state(ours))
+
+
+class StopsAtStep5(example.Regressor):
+    def training_step(self, batch, batch_idx):
+        if self.trainer.global_step == 5:
+            self.trainer.should_stop = True  # held back by min_epochs
+        return super().training_step(batch, batch_idx)
+
+
+def test_a_stop_min_epochs_holds_back_is_restored_in_a_fit_of_other_bounds_and_ends_it_when_they_are_met(tmp_path):
+    """The stop requested at step 5 did not end the fit (min_epochs=4: it ends at step 16, 4 batches an epoch); a
+    fit of a larger max_epochs resumed from step 10 keeps it, as the run never stopped did, and ends at step 16."""
+    def fit_to(max_epochs: int, directory: Path | None = None) -> pl.Trainer:
+        pl.seed_everything(0, verbose=False)
+        callbacks = [CheckpointCallback(directory, save_decision_policy=sdp.FixedIntervalPolicy(5))] if directory else []
+        trainer = pl.Trainer(max_epochs=max_epochs, min_epochs=4, callbacks=callbacks, enable_checkpointing=bool(directory),
+                             accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+        trainer.fit(StopsAtStep5(), DataLoader(example.synthetic_data(64), batch_size=16, shuffle=True))
+        return trainer
+
+    expected = fit_to(8)
+    assert fit_to(6, tmp_path).global_step == expected.global_step == 16
+    shutil.rmtree(tmp_path / "15")
+    shutil.rmtree(tmp_path / "16")  # as if killed after step 10
+    resumed = fit_to(8, tmp_path)
+    assert resumed.global_step == 16 and same(final_state(resumed), final_state(expected))
+
+
 class BestAtTheEnd(ValidatedAt):
     VAL_LOSS = {4: 5.0, 8: 1.0}
 
@@ -492,6 +551,87 @@ def test_hyperparameters_of_a_hydra_config_are_saved_and_loaded_as_the_config(tm
     trainer, _ = fit(tmp_path, model=HydraConfigured(cfg), max_steps=4)
     assert trainer.global_step == 4 and steps_in(tmp_path)[-1] == 4
 
+
+
+
+class HoldsHydraConfigs(example.Regressor):
+    """Keeps the configs it is made from among its hyperparameters, as ``save_hyperparameters()`` in ``__init__(self,
+    cfg: DictConfig)`` does, and in the checkpoint (Lightning pickles them)."""
+
+    def __init__(self, cfg, schedule=None):
+        super().__init__(hidden=cfg.hidden)
+        self.save_hyperparameters()
+        self.loaded: list = []
+
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["config"] = {"runs": [self.hparams.cfg]}
+
+    def on_load_checkpoint(self, checkpoint):
+        self.loaded.append(checkpoint["config"]["runs"][0])
+
+
+def test_hydra_configs_held_in_hyperparameters_or_anywhere_in_the_checkpoint_are_saved_and_loaded_as_configs(tmp_path):
+    """(A DictConfig or ListConfig held in the hyperparameters failed every fit with the callback at its start:
+    "checkpoint['hyper_parameters']['cfg'] is a omegaconf.dictconfig.DictConfig"; so did one an on_save_checkpoint
+    added.) The callback's restore and a fit given the step as ckpt_path= get them too, as from Lightning's own file."""
+    omegaconf = pytest.importorskip("omegaconf")
+    cfg = omegaconf.OmegaConf.create({"hidden": 8, "name": "${hidden}"})
+    schedule = {"milestones": omegaconf.OmegaConf.create([2, 4]), "gamma": 0.5}
+    fit(tmp_path, model=HoldsHydraConfigs(cfg, schedule), max_steps=2)
+    stored = ckpt.load_checkpointables(str(tmp_path / "2"), {"trainer": None})["trainer"]
+    assert stored["hyper_parameters"]["cfg"]["name"] == "${hidden}"
+    assert stored["omegaconf_configs_at"] == [[["hyper_parameters", "cfg"], "DictConfig"],
+                                              [["hyper_parameters", "schedule", "milestones"], "ListConfig"],
+                                              [["config", "runs", 0], "DictConfig"]]
+    loaded = load_from_checkpoint(HoldsHydraConfigs, tmp_path).hparams
+    assert isinstance(loaded.cfg, omegaconf.DictConfig) and loaded.cfg == cfg and loaded.cfg.name == 8
+    assert isinstance(loaded.schedule["milestones"], omegaconf.ListConfig) and loaded.schedule == schedule
+    read = translate.read(str(tmp_path / "2"))
+    assert "omegaconf_configs_at" not in read and isinstance(read["hyper_parameters"]["cfg"], omegaconf.DictConfig)
+    for directory, ckpt_path in ((tmp_path, None), (tmp_path / "other", tmp_path / "2")):
+        trainer, _ = fit(directory, model=HoldsHydraConfigs(cfg, schedule), max_steps=4, ckpt_path=ckpt_path)
+        assert trainer.global_step == 4 and trainer.lightning_module.loaded == [cfg]
+        assert isinstance(trainer.lightning_module.loaded[0], omegaconf.DictConfig)
+
+
+@pytest.mark.parametrize("configs_at, refused", [
+    ({"cfg": "DictConfig"}, "omegaconf_configs_at is 'dict', where ckpt stores a list of [key path, class name]"),
+    ([[["hyper_parameters", "cfg"], "Popen"]], "omegaconf_configs_at holds [['hyper_parameters', 'cfg'], 'Popen'], "
+                                               "where ckpt stores [key path, one of"),
+    ([[[], "DictConfig"]], "omegaconf_configs_at holds [[], 'DictConfig'], where"),
+    ([[["hyper_parameters", "missing"], "DictConfig"]],
+     "omegaconf_configs_at names checkpoint['hyper_parameters']['missing'], which it does not hold"),
+    ([[["hyper_parameters", "cfg", 3], "DictConfig"]],
+     "omegaconf_configs_at names checkpoint['hyper_parameters']['cfg'][3], which it does not hold"),
+    ([[["hyper_parameters", "cfg"], "ListConfig"]],
+     "checkpoint['hyper_parameters']['cfg'] are stored as a ListConfig, and hold 'dict', not a list"),
+], ids=["no list", "class", "the root", "missing key", "index into a dict", "wrong class"])
+def test_a_record_of_configs_that_leads_nowhere_is_a_damaged_checkpoint_naming_the_step(tmp_path, configs_at, refused):
+    pytest.importorskip("omegaconf")
+    trainer = {"hyper_parameters": {"cfg": {"hidden": 8}}, "omegaconf_configs_at": configs_at,
+               "pytorch-lightning_version": pl.__version__}
+    ckpt.save_checkpointables(tmp_path / "1", {"model": example.Regressor().state_dict(), "trainer": trainer})
+    with pytest.raises(ckpt.errors.CheckpointCorruptedError, match=re.escape(f"{tmp_path / '1'}: its ")) as raised:
+        load_from_checkpoint(example.Regressor, tmp_path)
+    assert refused in str(raised.value)
+
+
+class TakesAnOptimizerFactory(example.Regressor):
+    def __init__(self, optimizer=None):
+        super().__init__()
+        self.save_hyperparameters()
+
+
+def test_a_hyperparameter_ckpt_cannot_store_is_refused_at_fit_start_naming_it_and_how_to_leave_it_out(tmp_path):
+    """(The refusal named the key, then said "for example with `save_hyperparameters(ignore=[...])`".)"""
+    import functools
+    model = TakesAnOptimizerFactory(functools.partial(torch.optim.Adam, lr=1e-3))
+    with pytest.raises(TypeError, match=re.escape(
+            "checkpoint['hyper_parameters']['optimizer'] is a functools.partial: ") + ".*" + re.escape(
+            "It is the LightningModule's hyperparameter 'optimizer': leave it out with "
+            "`self.save_hyperparameters(ignore=['optimizer'])` in its `__init__`")):
+        fit(tmp_path, model=model, max_steps=2)
+    assert steps_in(tmp_path) == []
 
 
 @pytest.mark.parametrize("trainer, refused", [

@@ -31,7 +31,8 @@ those of a run never stopped, and so do the batches it trains on and the metrics
 model, optimizers, LR schedulers (``ReduceLROnPlateau`` included), loop progress, callbacks,
 datamodule and precision state; what ``self.log`` accumulated for the epoch and the metrics Lightning
 reports (``trainer.callback_metrics``, which schedulers, ``EarlyStopping`` and ``monitor`` read); the
-state of torchmetrics ``Metric`` objects the module holds; ``trainer.should_stop``; the
+state of torchmetrics ``Metric`` objects the module holds; ``trainer.should_stop`` (in a fit of the same
+``max_epochs`` and ``max_steps``: one of other bounds trains on, as after Lightning's own resume); the
 ``accumulate_grad_batches`` in force (``GradientAccumulationScheduler`` sets it at epoch start),
 which parameters require gradients (``BaseFinetuning`` unfreezes at epoch start) and the masks of
 pruned parameters (``ModelPruning``, whose checkpoints hold none); the

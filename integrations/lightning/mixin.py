@@ -200,7 +200,8 @@ class CheckpointCallbackMixin:
         """What Lightning's checkpoint lacks for an exact resume: per rank, the RNG states now and at the
         start of the epoch and the logged values and metrics; the hook the checkpoint was taken in, the
         ``accumulate_grad_batches`` in force, which parameters require gradients, the optimizers' classes and the
-        epoch the training DataLoaders were last made in, and the masks of pruned parameters."""
+        epoch the training DataLoaders were last made in, the masks of pruned parameters, and whether code requested
+        a stop (``trainer.should_stop``) with the bounds (``max_epochs``, ``max_steps``) of the fit it stopped."""
         trainer = self._trainer
         if trainer is None or not self._training_started:  # e.g. BatchSizeFinder's checkpoint before training
             return {}
@@ -215,6 +216,7 @@ class CheckpointCallbackMixin:
         return {"rng": self._gather(rng.capture(resume.train_loaders(trainer))),
                 "epoch_rng": self._gather(peers[0]._epoch_rng), "logged": self._gather(state),
                 "saved_in": point.hook, "should_stop": bool(trainer.should_stop) and not bounded,
+                "bounds": tail.bounds(trainer),
                 "accumulate_grad_batches": trainer.accumulate_grad_batches,
                 "trainable": resume.trainable(trainer.lightning_module),
                 "optimizers": resume.optimizer_classes(trainer),
@@ -648,7 +650,7 @@ def _finish_saved_iteration(trainer: Any, saved: dict, skipped: bool = False) ->
         return False
     logged.restore(trainer, saved_logged)
     finish = tail.finish_skipped_fit if skipped else tail.finish_iteration
-    finish(trainer, saved["saved_in"], saved["should_stop"])
+    finish(trainer, saved["saved_in"], tail.stop_holds(trainer, saved["should_stop"], saved.get("bounds")))
     return True
 
 

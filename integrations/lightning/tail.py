@@ -60,6 +60,24 @@ def bound_reached(trainer: Any) -> bool:
     return 0 <= trainer.max_steps <= trainer.global_step or any(r is not None and r <= 0 for r in remaining)
 
 
+def bounds(trainer: Any) -> list[int | None]:
+    """The fit's ``[max_epochs, max_steps]``, recorded with a stop, for :func:`stop_holds`."""
+    return [trainer.max_epochs, trainer.max_steps]
+
+
+def stop_holds(trainer: Any, should_stop: bool, saved_bounds: list[int | None] | None) -> bool:
+    """Whether a stop that code requested (``should_stop``, recorded in a fit of ``saved_bounds``, see :func:`bounds`;
+    None: not recorded, by an earlier version) is restored (call after the loops are restored). A stop that
+    ``min_epochs`` or ``min_steps`` still holds back is: the fit it was requested in trained on, and ends when they
+    are met. One that ended the fit is restored, ending the resumed fit at once, only when the fit has those bounds,
+    i.e. it is the same command run again (say, after a kill during a ``trainer.test`` that followed the stopped
+    fit). A fit with other bounds (a larger ``max_epochs``) goes on from the step, as after Lightning's own resume,
+    which records no stop: ``EarlyStopping``, its ``wait_count`` and ``patience`` restored, stops it again after its
+    next check unless the monitored value improved."""
+    return should_stop and (saved_bounds is None or list(saved_bounds) == bounds(trainer)
+                            or not trainer.fit_loop._can_stop_early)
+
+
 def save_point(trainer: Any, last: bool) -> SavePoint:
     """Where the step that just ended is saved (``last``: :func:`ends_after_batch`): after the epoch's end
     when the epoch ends (a bound reached at its last batch included) or a stop cuts it short, else after its

@@ -7,7 +7,10 @@ that holds it, and splits it in two checkpointables: ``"model"`` (the module's `
 :func:`ckpt.integrations.lightning.load_weights` reads on its own) and ``"trainer"`` (the rest).
 Hyperparameters that are an omegaconf ``DictConfig`` (``save_hyperparameters(cfg)`` of a Hydra config), which
 Lightning stores with their class, are stored as their plain container (interpolations kept) and the class's
-name, and come back as that class.
+name, and come back as that class. So do configs anywhere else in the dict, which Lightning pickles (held in the
+hyperparameters: ``save_hyperparameters()`` in ``__init__(self, cfg: DictConfig)``; in a callback's state; added by
+an ``on_save_checkpoint``): their key paths and classes are stored under ``omegaconf_configs_at``, which Lightning
+never sees.
 
 Example::
 
@@ -61,10 +64,14 @@ def from_checkpointables(loaded: dict[str, Any], *, source: str) -> dict:
     Raises:
       CheckpointCorruptedError: hyperparameters that are no mapping, or whose class is no name, which Lightning
         would fail on without naming the step; those stored as an omegaconf config that no such config holds (a
-        text, which omegaconf would read as YAML, or values it refuses). The message names ``source``.
+        text, which omegaconf would read as YAML, or values it refuses); a record of the configs held elsewhere
+        that does not lead to such values. The message names ``source``.
     """
     checkpoint = dict(loaded[TRAINER])
     checkpoint[_STATE_DICT] = loaded[MODEL]
+    nested = checkpoint.pop(_CONFIGS_AT, None)
+    if nested is not None:
+        checkpoint = _nested_configs(checkpoint, nested, source)
     for values, kind in _HYPERPARAMETERS:
         stored, config_type = checkpoint.get(values), checkpoint.get(kind)
         if not isinstance(config_type, (str, type(None))):
@@ -104,47 +111,131 @@ def _config(omegaconf: Any, config_type: type, values: Any, name: str, source: s
         raise ckpt.errors.CheckpointCorruptedError(f"{what}, which cannot hold them: {e}", path=source) from None
 
 
+def _nested_configs(checkpoint: dict, nested: Any, source: str) -> dict:
+    """``checkpoint`` (of the step at ``source``) with the configs that :func:`_plain_configs` recorded in ``nested``
+    (``[[key path, class name], ...]``) made again (left plain where omegaconf is not installed)."""
+    def damaged(why: str) -> ckpt.errors.CheckpointCorruptedError:
+        return ckpt.errors.CheckpointCorruptedError(f"{source}: its {_CONFIGS_AT} {why}", path=source)
+
+    if not isinstance(nested, list):
+        raise damaged(f"is {type(nested).__name__!r}, where ckpt stores a list of [key path, class name]")
+    omegaconf = _omegaconf()
+    for entry in nested:
+        if (not isinstance(entry, (list, tuple)) or len(entry) != 2 or not isinstance(entry[0], (list, tuple))
+                or not entry[0] or entry[1] not in _CONFIG_TYPES or not all(type(k) in (str, int) for k in entry[0])):
+            raise damaged(f"holds {entry!r}, where ckpt stores [key path, one of {list(_CONFIG_TYPES)}]")
+        path, config_type = list(entry[0]), entry[1]
+        where = "checkpoint" + "".join(f"[{k!r}]" for k in path)
+
+        def make(plain: Any) -> Any:
+            if omegaconf is None:
+                return plain
+            return _config(omegaconf, getattr(omegaconf, config_type), plain, where, source)
+
+        try:
+            checkpoint = _replace_at(checkpoint, path, make)
+        except (KeyError, IndexError, TypeError):
+            raise damaged(f"names {where}, which it does not hold") from None
+    return checkpoint
+
+
+def _replace_at(tree: Any, path: list[Any], make: Any) -> Any:
+    """``tree`` with the value at the key path ``path`` (keys and indices of dicts, lists and tuples) replaced by
+    ``make(value)``; KeyError, IndexError or TypeError where ``path`` leads nowhere."""
+    if not path:
+        return make(tree)
+    key, rest = path[0], path[1:]
+    if isinstance(tree, dict):
+        return {**tree, key: _replace_at(tree[key], rest, make)}
+    if isinstance(tree, (list, tuple)) and type(key) is int and 0 <= key < len(tree):
+        items = list(tree)
+        items[key] = _replace_at(items[key], rest, make)
+        return type(tree)(items)
+    raise TypeError(key)
+
+
 # Lightning's keys of a module's and a datamodule's hyperparameters, and of their class where they are an omegaconf
 # config (Lightning stores the class itself)
 _HYPERPARAMETERS = (("hyper_parameters", "hparams_type"), ("datamodule_hyper_parameters", "datamodule_hparams_type"))
 _CONFIG_TYPES = ("DictConfig", "ListConfig")
+_BULK = (_STATE_DICT, "optimizer_states")  # the parts of the checkpoint that hold its many tensors
+_CONFIGS_AT = "omegaconf_configs_at"  # ckpt's key (beside Lightning's) of the configs :func:`_plain_configs` records
 
 
 def _plain_configs(checkpoint: dict) -> dict:
-    """``checkpoint`` with hyperparameters that are an omegaconf config as a plain container (interpolations kept,
-    unresolved) and their class as its name (omegaconf is looked for only if it is imported)."""
+    """``checkpoint`` with each omegaconf config in it as its plain container (interpolations kept, unresolved):
+    hyperparameters that are one get their class as its name (Lightning records it); the key paths and classes of the
+    others are recorded under ``omegaconf_configs_at`` (omegaconf is looked for only if it is imported; not among the
+    weights and optimizer states, which hold thousands of tensors: a config there is refused)."""
     omegaconf = sys.modules.get("omegaconf")
     if omegaconf is None:
         return checkpoint
-    out = dict(checkpoint)
+    found: list = []
+    out = {key: value if key in _BULK else _without_configs(omegaconf, value, [key], found)
+           for key, value in checkpoint.items()}
     for values, kind in _HYPERPARAMETERS:
-        if isinstance(out.get(values), omegaconf.Container):
-            out[values] = omegaconf.OmegaConf.to_container(out[values], resolve=False)
         config_type = out.get(kind)
         if isinstance(config_type, type) and issubclass(config_type, omegaconf.Container):
             out[kind] = config_type.__name__
+    nested = [entry for entry in found if entry[0] not in ([values] for values, _ in _HYPERPARAMETERS)]
+    if nested:
+        out[_CONFIGS_AT] = nested
     return out
 
 
-def _plain(x: Any, where: str) -> Any:
+def _without_configs(omegaconf: Any, x: Any, path: list[Any], found: list) -> Any:
+    """``x`` with each omegaconf config in it, through dicts, lists and tuples, as its plain container
+    (interpolations kept, unresolved), whose ``[key path, class name]`` is added to ``found``; the containers that
+    hold none are ``x``'s own."""
+    if isinstance(x, omegaconf.Container):
+        found.append([path, type(x).__name__])
+        return omegaconf.OmegaConf.to_container(x, resolve=False)
+    containers = (dict, list, tuple, omegaconf.Container)
+    if isinstance(x, dict):
+        changed = {k: new for k, v in x.items() if isinstance(v, containers)
+                   and (new := _without_configs(omegaconf, v, [*path, k], found)) is not v}
+        return {**x, **changed} if changed else x
+    if type(x) in (list, tuple):
+        items = [_without_configs(omegaconf, v, [*path, i], found) if isinstance(v, containers) else v
+                 for i, v in enumerate(x)]
+        return type(x)(items) if any(new is not v for new, v in zip(items, x)) else x
+    return x
+
+
+def _plain(x: Any, where: str, fix: str = "") -> Any:
+    """``x`` as plain dicts, lists, tuples and leaves ckpt stores; TypeError naming ``where`` otherwise, which ends
+    with ``fix`` (what to do; by default, convert it or keep it out)."""
     if type(x) in _SCALARS or isinstance(x, (torch.Tensor, np.ndarray, np.generic)):
         return x
     if isinstance(x, dict):
         out = {}
+        owner = None if fix else _OWNERS.get(where)
         for key, value in x.items():
             if isinstance(key, bool) or not isinstance(key, (str, int)):
                 raise TypeError(f"{where} has the key {key!r} of type {type(key).__name__}; ckpt stores dicts "
                                 "whose keys are str or int")
-            out[key] = _plain(value, f"{where}[{key!r}]")
+            out[key] = _plain(value, f"{where}[{key!r}]", fix if owner is None else _hyperparameter_fix(owner, key))
         return out
     if isinstance(x, tuple) and hasattr(type(x), "_fields"):
-        return type(x)(*(_plain(v, f"{where}.{f}") for f, v in zip(type(x)._fields, x)))
+        return type(x)(*(_plain(v, f"{where}.{f}", fix) for f, v in zip(type(x)._fields, x)))
     if isinstance(x, (list, tuple)):
-        values = [_plain(v, f"{where}[{i}]") for i, v in enumerate(x)]
+        values = [_plain(v, f"{where}[{i}]", fix) for i, v in enumerate(x)]
         return values if isinstance(x, list) else tuple(values)
     raise TypeError(
         f"{where} is a {type(x).__module__}.{type(x).__qualname__}: ckpt stores tensors, numpy arrays and "
-        "JSON values (int, float, bool, str, bytes, None, dicts, lists, tuples) and pickles nothing. Convert "
-        "it to one of these in `on_save_checkpoint`, or keep it out of the checkpoint (for example with "
-        "`save_hyperparameters(ignore=[...])`)."
+        "JSON values (int, float, bool, str, bytes, None, dicts, lists, tuples) and pickles nothing. "
+        + (fix or "Convert it to one of these in `on_save_checkpoint`, or keep it out of the checkpoint (for "
+                  "example with `save_hyperparameters(ignore=[...])`).")
     )
+
+
+# the owners of the hyperparameters at these places of the checkpoint
+_OWNERS = {"checkpoint['hyper_parameters']": "LightningModule",
+           "checkpoint['datamodule_hyper_parameters']": "LightningDataModule"}
+
+
+def _hyperparameter_fix(owner: str, name: Any) -> str:
+    """How to keep the hyperparameter ``name`` of the ``owner`` (see ``_OWNERS``) out of the checkpoint."""
+    return (f"It is the {owner}'s hyperparameter {name!r}: leave it out with `self.save_hyperparameters(ignore="
+            f"[{name!r}])` in its `__init__` (then pass it again to `load_from_checkpoint`, which cannot make it "
+            "from the step), or make it a value ckpt stores (a name, a number, a dict of them).")

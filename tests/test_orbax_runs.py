@@ -546,6 +546,8 @@ def test_free_functions_read_an_orbax_step_directory(orbax_runs):
     step_dir = orbax_runs / "flax" / "4"
     want, _ = orbax_writer.flax_run(4)
     assert_same(ckpt.load(step_dir, jax.eval_shape(flax_train.create_state)), want)
+    # None, Orbax's name for a direct checkpoint's tree, reads the state of a step too (Orbax 0.12.8 raises)
+    assert_same(ckpt.load(step_dir, jax.eval_shape(flax_train.create_state), checkpointable_name=None), want)
     info = ckpt.metadata(step_dir)
     assert info.step == 4 and info.metrics == orbax_file(step_dir, "metrics", "metrics")
     assert info.metadata["params"]["Dense_0"]["kernel"].shape == (flax_train.FEATURES, 64)

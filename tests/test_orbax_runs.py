@@ -180,6 +180,21 @@ def test_a_rich_typed_orbax_tree_loads_without_an_abstract_tree_as_ckpts_own_sav
         assert isinstance(ckptr.load(0)["opt_state"], list)
 
 
+def test_a_dict_of_a_rich_typed_orbax_tree_keyed_category_keeps_the_tuples_in_it(orbax_runs, tmp_path):
+    """A dict of the tree's own holding a key "category" (the word Orbax's value_metadata_tree marks its tuple and
+    NamedTuple records with) is a dict, as Orbax reads it: the tuples in it came back as lists."""
+    run = copy_run(orbax_runs, "rich", tmp_path)
+    path = run / "0" / "state" / "_METADATA"
+    metadata = json.loads(path.read_text())
+    rich, entries = json.loads(metadata["value_metadata_tree"]), metadata["tree_metadata"]
+    for i in (0, 1):  # {"meta": {"category": (None, None)}}
+        keys = [{"key": "meta", "key_type": 2}, {"key": "category", "key_type": 2}, {"key": str(i), "key_type": 1}]
+        entries[f"('meta', 'category', '{i}')"] = {**entries["('nothing',)"], "key_metadata": keys}
+    rich["meta"] = {"category": {"category": "custom", "clazz": "tuple", "entries": [rich["nothing"]] * 2}}
+    path.write_text(json.dumps({**metadata, "value_metadata_tree": json.dumps(rich)}))
+    with ckpt.Checkpointer(run) as ckptr:
+        assert ckptr.load(0)["meta"] == {"category": (None, None)}
+
 def test_a_sharded_orbax_array_loads_into_the_abstract_trees_sharding(orbax_runs):
     sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(jax.devices()[:1]), ("x",)),
                                           jax.sharding.PartitionSpec("x"))

@@ -458,25 +458,22 @@ def _apply_rich_types(container: _Container, rich: Any) -> None:
     it agrees with ``_METADATA``'s key paths, as Orbax rebuilds them: a sequence saved as a tuple is a tuple, a dict
     saved as a NamedTuple a namedtuple (with its fields in their order; loaded without an abstract tree it is a dict,
     as ckpt's own). Where the two disagree, a container stays what the key paths make it (a list or a dict)."""
-    category = rich.get("category") if isinstance(rich, dict) else None
-    entries = rich.get("entries") if isinstance(rich, dict) else None
-    if category == "custom" and rich.get("clazz") == "tuple" and isinstance(entries, list):
-        pairs = list(enumerate(entries))
-        if container.kind != "list" or set(container.children) != set(range(len(entries))):
-            return
+    record = rich if isinstance(rich, dict) else {}
+    entries = record.get("entries") if isinstance(record.get("entries"), list) else None
+    fields = [e.get("key") if isinstance(e, dict) else None for e in entries or ()]
+    if (entries is not None and record.get("category") == "custom" and record.get("clazz") == "tuple"
+            and container.kind == "list" and set(container.children) == set(range(len(entries)))):
         container.kind = "tuple"
-    elif category == "namedtuple" and isinstance(entries, list):
-        pairs = [(e.get("key"), e.get("value")) if isinstance(e, dict) else (None, None) for e in entries]
-        fields = [key for key, _ in pairs]
-        if (container.kind != "dict" or not isinstance(rich.get("clazz"), str)
-                or not all(isinstance(field, str) for field in fields) or len(set(fields)) != len(fields)
-                or set(fields) != set(container.children)):
-            return
-        container.kind, container.name = "namedtuple", rich["clazz"]
-        container.children = {key: container.children[key] for key in fields}
+        pairs = list(enumerate(entries))
+    elif (entries is not None and record.get("category") == "namedtuple" and isinstance(record.get("clazz"), str)
+          and container.kind == "dict" and all(isinstance(field, str) for field in fields)
+          and len(set(fields)) == len(fields) == len(container.children) and set(fields) == set(container.children)):
+        container.kind, container.name = "namedtuple", record["clazz"]
+        container.children = {field: container.children[field] for field in fields}
+        pairs = [(field, e.get("value")) for field, e in zip(fields, entries)]
     elif isinstance(rich, list) and container.kind == "list":
         pairs = list(enumerate(rich))
-    elif isinstance(rich, dict) and category is None and container.kind == "dict":
+    elif isinstance(rich, dict) and container.kind == "dict":  # (a dict of the tree's own, a key "category" too)
         pairs = list(rich.items())
     else:
         return

@@ -1030,10 +1030,18 @@ def read_json_bytes(path: Location | str, limit: int = fmt.MANIFEST_MAX_BYTES, *
             os.close(fd)
     if max(size, len(data)) > limit:
         raise ValueError(f"{path} has more than the {limit} bytes a reader accepts")
-    if parsed and len(data) > _JSON_CHECKED_FROM and len(data) * JSON_DECODED_BYTES > (room := host_memory.allocatable()):
+    if parsed and (room := json_room_short(len(data))) is not None:
         raise ValueError(f"{path} holds {len(data)} bytes of JSON, whose values may take up to {JSON_DECODED_BYTES} "
                          f"times that decoded, more than this process may still allocate ({room} bytes)")
     return data
+
+
+def json_room_short(size: int) -> int | None:
+    """The memory this process may still allocate (bytes) where ``size`` bytes of JSON may take more decoded
+    (see :data:`JSON_DECODED_BYTES`), else None: JSON that may be decoded."""
+    if size > _JSON_CHECKED_FROM and size * JSON_DECODED_BYTES > (room := host_memory.allocatable()):
+        return room
+    return None
 
 
 # The most memory a byte of JSON takes decoded: 44 bytes for '[{"":{}},' (a dict of a dict) read by orjson, 33 by

@@ -158,8 +158,42 @@ def test_an_optax_empty_state_orbax_stored_as_an_empty_named_tuple_loads_into_th
     NamedTuple: ckpt refused the whole step (UnsupportedLayoutError: value type 'NamedTuple')."""
     with ckpt.Checkpointer(orbax_runs / "rich") as ckptr:
         assert_same(ckptr.load(0, orbax_writer.mixed_abstract(0)), orbax_writer.mixed_state(0))
-        assert ckptr.load(0)["opt_state"][0] == ()  # (empty: as saved, without an abstract tree)
 
+
+def test_a_rich_typed_orbax_tree_loads_without_an_abstract_tree_as_ckpts_own_save_of_it(orbax_runs, tmp_path):
+    """Orbax's value_metadata_tree (support_rich_types=True) records tuples and NamedTuples: ckpt gave lists, and an
+    EmptyState as () where ckpt's own step and Orbax give None. Now a tuple is a tuple, a NamedTuple a dict (its
+    fields in their order), an EmptyState None, as ckpt loads its own save of the same state."""
+    ckpt.save(tmp_path / "own", orbax_writer.mixed_state(0))
+    own = ckpt.load(tmp_path / "own")
+    with ckpt.Checkpointer(orbax_runs / "rich") as ckptr:
+        got = ckptr.load(0)
+        assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(own)
+        assert got["opt_state"][0] is None and isinstance(got["opt_state"][1], tuple)
+        assert list(got["opt_state"][1][0]) == ["count", "mu", "nu"]  # (ScaleByAdamState's fields, a dict)
+        assert isinstance(ckptr.metadata(0).metadata["opt_state"], tuple)
+        assert_same(got, own)
+    run = copy_run(orbax_runs, "rich", tmp_path)  # a rich tree that is no JSON: the key paths' lists and dicts
+    metadata = orbax_file(run / "0", "state", "_METADATA")
+    (run / "0" / "state" / "_METADATA").write_text(json.dumps({**metadata, "value_metadata_tree": "[{"}))
+    with ckpt.Checkpointer(run) as ckptr:
+        assert isinstance(ckptr.load(0)["opt_state"], list)
+
+
+def test_a_dict_of_a_rich_typed_orbax_tree_keyed_category_keeps_the_tuples_in_it(orbax_runs, tmp_path):
+    """A dict of the tree's own holding a key "category" (the word Orbax's value_metadata_tree marks its tuple and
+    NamedTuple records with) is a dict, as Orbax reads it: the tuples in it came back as lists."""
+    run = copy_run(orbax_runs, "rich", tmp_path)
+    path = run / "0" / "state" / "_METADATA"
+    metadata = json.loads(path.read_text())
+    rich, entries = json.loads(metadata["value_metadata_tree"]), metadata["tree_metadata"]
+    for i in (0, 1):  # {"meta": {"category": (None, None)}}
+        keys = [{"key": "meta", "key_type": 2}, {"key": "category", "key_type": 2}, {"key": str(i), "key_type": 1}]
+        entries[f"('meta', 'category', '{i}')"] = {**entries["('nothing',)"], "key_metadata": keys}
+    rich["meta"] = {"category": {"category": "custom", "clazz": "tuple", "entries": [rich["nothing"]] * 2}}
+    path.write_text(json.dumps({**metadata, "value_metadata_tree": json.dumps(rich)}))
+    with ckpt.Checkpointer(run) as ckptr:
+        assert ckptr.load(0)["meta"] == {"category": (None, None)}
 
 def test_a_sharded_orbax_array_loads_into_the_abstract_trees_sharding(orbax_runs):
     sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(jax.devices()[:1]), ("x",)),
@@ -550,6 +584,8 @@ def test_free_functions_read_an_orbax_step_directory(orbax_runs):
     step_dir = orbax_runs / "flax" / "4"
     want, _ = orbax_writer.flax_run(4)
     assert_same(ckpt.load(step_dir, jax.eval_shape(flax_train.create_state)), want)
+    # None, Orbax's name for a direct checkpoint's tree, reads the state of a step too (Orbax 0.12.8 raises)
+    assert_same(ckpt.load(step_dir, jax.eval_shape(flax_train.create_state), checkpointable_name=None), want)
     info = ckpt.metadata(step_dir)
     assert info.step == 4 and info.metrics == orbax_file(step_dir, "metrics", "metrics")
     assert info.metadata["params"]["Dense_0"]["kernel"].shape == (flax_train.FEATURES, 64)

@@ -35,8 +35,9 @@ from ckpt.orbax import files, msgpack
 # overwrite=True, a run started again in its directory) made the next read of that step fail ("mismatch on uuid").
 _CONTEXT_SPEC = {"cache_pool": {"total_bytes_limit": 0}, "cache_pool#ocdbt": {"total_bytes_limit": 64 << 20}}
 _SEQUENCE, _MAPPING = 1, 2
-_EMPTY = {"Dict": "dict", "List": "list", "Tuple": "tuple", "NamedTuple": "tuple"}  # (NamedTuple: an EmptyState, with
-# PyTreeMetadataOptions(support_rich_types=True); without, Orbax stores it as None)
+_EMPTY = {"Dict": "dict", "List": "list", "Tuple": "tuple", "NamedTuple": "namedtuple"}  # (NamedTuple: an EmptyState,
+# with PyTreeMetadataOptions(support_rich_types=True); without, Orbax stores it as None. Loaded without an abstract
+# tree, it is None, as in Orbax and as ckpt's own EmptyState)
 # An item of Orbax's ArrayCheckpointHandler before 0.12: its one array alone, a zarr array named checkpoint, without
 # the _METADATA that 0.12 writes (this one, which ckpt reads it by)
 _BARE_ARRAY_METADATA = {"tree_metadata": {"('checkpoint',)": {"key_metadata": [{"key": "checkpoint", "key_type": 2}],
@@ -131,6 +132,8 @@ class PyTreeItem:
                 _insert(root, keys, value, where, directory, found)
             else:  # the tree is one leaf (ocp.save(path, np.arange(3))), stored under the name ''
                 found.append((keys, value))
+        if isinstance(metadata.get("value_metadata_tree"), str):
+            _apply_rich_types(root, _rich_tree(metadata["value_metadata_tree"]))
         node = _node(root, directory) if root.children or not found else tree_lib.LEAF
         leaf_paths = tree_lib.leaf_paths(node)
         by_path = {tuple(k for _, k in keys): value for keys, value in found}
@@ -382,6 +385,7 @@ class _Container:
     def __init__(self, kind: str):
         self.kind = kind
         self.children: dict[Any, Any] = {}  # key -> _Container or a leaf's value metadata
+        self.name: str | None = None  # a namedtuple's class name, its fields in ``children``'s order
 
 
 def _keys(entry: Any, where: str, directory: Path) -> list[tuple[str, Any]]:
@@ -437,15 +441,62 @@ def _insert(root: _Container, keys: list[tuple[str, Any]], value: dict, where: s
 
 
 def _node(container: _Container, directory: Path) -> tree_lib.Node:
-    """The structure as ckpt's tree nodes: dict keys sorted (jax's order), sequence positions in order."""
+    """The structure as ckpt's tree nodes: dict keys sorted (jax's order), sequence positions and a namedtuple's
+    fields in order."""
     keys = sorted(container.children, key=lambda k: (isinstance(k, str), k))
     if container.kind in ("list", "tuple"):
         if keys != list(range(len(keys))):
             raise CheckpointCorruptedError(f"{directory}/_METADATA: a sequence has positions {keys[:10]}, not 0..n-1",
                                            path=directory)
         entries = [("idx", k) for k in keys]
+    elif container.kind == "namedtuple":
+        keys = list(container.children)
+        entries = [("attr", k) for k in keys]
     else:
         entries = [("key", k) for k in keys]
     children = [_node(c, directory) if isinstance(c, _Container) else tree_lib.LEAF
                 for c in (container.children[k] for k in keys)]
-    return tree_lib.Node(container.kind, entries, children)
+    return tree_lib.Node(container.kind, entries, children, name=container.name)
+
+
+def _rich_tree(text: str) -> Any:
+    """Orbax's ``value_metadata_tree`` (written with ``PyTreeMetadataOptions(support_rich_types=True)``), the tree
+    with the type of each container, tuples and NamedTuples included, decoded; None where it is not JSON or may take
+    more memory decoded than this process may still allocate (it only names the containers' types, which the item
+    loads without)."""
+    if storage.json_room_short(len(text)) is not None:
+        return None
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+
+
+def _apply_rich_types(container: _Container, rich: Any) -> None:
+    """Gives ``container`` and the containers in it the types ``rich`` (:func:`_rich_tree`) records for them where
+    it agrees with ``_METADATA``'s key paths, as Orbax rebuilds them: a sequence saved as a tuple is a tuple, a dict
+    saved as a NamedTuple a namedtuple (with its fields in their order; loaded without an abstract tree it is a dict,
+    as ckpt's own). Where the two disagree, a container stays what the key paths make it (a list or a dict)."""
+    record = rich if isinstance(rich, dict) else {}
+    entries = record.get("entries") if isinstance(record.get("entries"), list) else None
+    fields = [e.get("key") if isinstance(e, dict) else None for e in entries or ()]
+    if (entries is not None and record.get("category") == "custom" and record.get("clazz") == "tuple"
+            and container.kind == "list" and set(container.children) == set(range(len(entries)))):
+        container.kind = "tuple"
+        pairs = list(enumerate(entries))
+    elif (entries is not None and record.get("category") == "namedtuple" and isinstance(record.get("clazz"), str)
+          and container.kind == "dict" and all(isinstance(field, str) for field in fields)
+          and len(set(fields)) == len(fields) == len(container.children) and set(fields) == set(container.children)):
+        container.kind, container.name = "namedtuple", record["clazz"]
+        container.children = {field: container.children[field] for field in fields}
+        pairs = [(field, e.get("value")) for field, e in zip(fields, entries)]
+    elif isinstance(rich, list) and container.kind == "list":
+        pairs = list(enumerate(rich))
+    elif isinstance(rich, dict) and container.kind == "dict":  # (a dict of the tree's own, a key "category" too)
+        pairs = list(rich.items())
+    else:
+        return
+    for key, below in pairs:
+        child = container.children.get(key)
+        if isinstance(child, _Container):
+            _apply_rich_types(child, below)

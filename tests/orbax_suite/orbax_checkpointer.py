@@ -31,7 +31,8 @@ DIFFERS = {
     "test_preservation_metrics3": "the latest step is never deleted (BestN(n=0) would delete step 4)",
 }
 
-def _marked(cls):
+def mark_differences(cls):
+    """Marks the tests of ``cls`` named in SKIPPED (skip) and DIFFERS (strict xfail), for ckpt's runs."""
     for name in dir(cls):
         if not name.startswith("test"):
             continue
@@ -44,10 +45,10 @@ def _marked(cls):
         setattr(cls, name, mark(getattr(cls, name)))
     return cls
 
-@_marked
+@mark_differences
 class CheckpointerTest(base.CheckpointerTestBase.Test):
     pass
 
-@_marked
+@mark_differences
 class DeprecationsTest(base.CheckpointerTestBase.DeprecationsTest):
     pass

@@ -105,3 +105,15 @@ def test_a_json_file_that_fits_the_machine_but_not_the_containers_limit_is_refus
     assert host_memory.allocatable() == 64 << 20
     with pytest.raises(ValueError, match=r"tree\.json holds .* more than this process may still allocate"):
         storage.read_json_bytes(big, limit=1 << 30)
+
+
+def test_a_control_group_whose_name_is_not_utf8_is_read_as_its_directory_is_named(tmp_path):
+    # A group's name is any bytes (mkdir of a name in Latin-1): /proc/self/cgroup printed it as it is, and reading that
+    # file as UTF-8 raised UnicodeDecodeError out of every load of a tree.json past 1 MiB.
+    group = os.fsencode(tmp_path / "fs") + b"/caf\xe9"
+    os.makedirs(group)
+    for name, text in ((b"memory.max", b"1000"), (b"memory.current", b"100"), (b"memory.stat", b"file 50\n")):
+        with open(group + b"/" + name, "wb") as f:
+            f.write(text)
+    (tmp_path / "v2").write_bytes(b"0::/caf\xe9\n")
+    assert host_memory.cgroup_room(str(tmp_path / "v2"), str(tmp_path / "fs")) == 950  # 1000 - (100 - 50)

@@ -1204,6 +1204,44 @@ def test_restoring_a_directory_saved_with_other_optimizers_names_them(tmp_path):
         fit(tmp_path, model=AdamRegressor(), max_steps=4)
 
 
+@pytest.fixture(scope="module")
+def saved_mid_epoch(tmp_path_factory):
+    """A directory whose step 2 a fit saved mid-epoch (its callback's record of the run: RNG states, logged values)."""
+    directory = tmp_path_factory.mktemp("saved_mid_epoch")
+    fit(directory, max_steps=2)
+    return directory
+
+
+def _forged_records():
+    results = {"key": "training_step.train_loss", "reduce_fx": "manual_seed"}  # (looked up in torch, and called)
+    return [("rng", 5), ("rng", [{"torch": "x"}]), ("epoch_rng", [{"epoch": "zz"}]), ("logged", 5),
+            ("logged", [{"results": [results]}]), ("accumulate_grad_batches", 0), ("accumulate_grad_batches", -3),
+            ("should_stop", "yes"), ("optimizers", 5), ("pruning", [1]), ("loaders_made_in", "x")]
+
+
+@pytest.mark.parametrize("field, forged", _forged_records(), ids=lambda x: repr(x)[:30])
+@pytest.mark.parametrize("how", ["restore", "ckpt_path"])
+def test_a_callback_record_holding_what_the_callback_never_stores_is_a_damaged_checkpoint_naming_the_step_and_field(
+        saved_mid_epoch, tmp_path, field, forged, how):
+    """(The callback's record of the run forged in a step raised bare TypeError, KeyError, AttributeError or
+    ZeroDivisionError from the resume, naming no step, or was taken as it was: accumulate_grad_batches -3 and
+    should_stop 'yes' trained on.)"""
+    loaded = ckpt.load_checkpointables(saved_mid_epoch / "2")
+    (record,) = loaded["trainer"]["callbacks"].values()
+    if field == "logged":  # (a genuine record's logged values with one field forged)
+        forged = forged if isinstance(forged, int) else [{**record["logged"][0], "results": [
+            {**record["logged"][0]["results"][0], **forged[0]["results"][0]}]}]
+    record[field] = forged
+    ckpt.save_checkpointables(tmp_path / "run" / "2", loaded)
+    step = tmp_path / "run" / "2"
+    with pytest.raises(ckpt.errors.CheckpointCorruptedError,
+                       match=re.escape(f"{step}: its CheckpointCallback record holds {field} = ")):
+        if how == "restore":
+            fit(tmp_path / "run", max_steps=4)
+        else:
+            fit(tmp_path / "new", max_steps=4, ckpt_path=step)
+
+
 class TrainsItsHeadOnly(example.Regressor):
     def configure_optimizers(self):
         return torch.optim.SGD(self.net[3].parameters(), lr=0.1)

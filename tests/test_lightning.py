@@ -1242,6 +1242,26 @@ def test_a_callback_record_holding_what_the_callback_never_stores_is_a_damaged_c
             fit(tmp_path / "new", max_steps=4, ckpt_path=step)
 
 
+@pytest.mark.parametrize("field, forged", [
+    ("loops", 5), ("loops", {"fit_loop": 5}), ("callbacks", 5), ("optimizer_states", 5),
+    ("optimizer_states", [{"state": 5, "param_groups": 5}]), ("optimizer_states", [{"state": {}, "param_groups": [5]}]),
+    ("lr_schedulers", [5]), ("global_step", "x")], ids=lambda x: repr(x)[:30])
+@pytest.mark.parametrize("how", ["restore", "ckpt_path"])
+def test_a_lightning_field_holding_what_lightning_never_stores_is_a_damaged_checkpoint_naming_the_step_and_field(
+        saved_mid_epoch, tmp_path, field, forged, how):
+    """(The loops', callbacks', optimizers' or schedulers' states forged in a step raised a bare TypeError from a fit's
+    restore, or from ckpt_path=, naming no step.)"""
+    loaded = ckpt.load_checkpointables(saved_mid_epoch / "2")
+    loaded["trainer"][field] = forged
+    ckpt.save_checkpointables(tmp_path / "run" / "2", loaded)
+    step = tmp_path / "run" / "2"
+    with pytest.raises(ckpt.errors.CheckpointCorruptedError, match=re.escape(f"{step}: its {field} is ")):
+        if how == "restore":
+            fit(tmp_path / "run", max_steps=4)
+        else:
+            fit(tmp_path / "new", max_steps=4, ckpt_path=step)
+
+
 class TrainsItsHeadOnly(example.Regressor):
     def configure_optimizers(self):
         return torch.optim.SGD(self.net[3].parameters(), lr=0.1)

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import reprlib
 import inspect
 import logging
 import os
@@ -672,8 +673,8 @@ def _check_record(state: Any, source: str) -> None:
         value = state.get(field)
         if value is not None and not valid(value):
             raise ckpt.errors.CheckpointCorruptedError(
-                f"{source}: its CheckpointCallback record holds {field} = {_short(value)}, where the callback stores "
-                f"{what}", path=source)
+                f"{source}: its CheckpointCallback record holds {field} = {reprlib.repr(value)}, where the callback "
+                f"stores {what}", path=source)
 
 
 def _per_rank(valid: Any) -> Any:
@@ -684,11 +685,6 @@ def _per_rank(valid: Any) -> Any:
 def _is_epoch_rng(entry: Any) -> bool:
     return entry is None or (isinstance(entry, dict) and type(entry.get("epoch")) is int and entry["epoch"] >= 0
                              and rng.is_state(entry.get("rng")))
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
 
 
 # The fields of the record (what state_dict stores there, and the check of a value read)

@@ -56,7 +56,8 @@ def is_state(state: Any) -> bool:
         return False
 
 
-def _set(state: dict[str, Any], set_torch: Any, set_numpy: Any, set_python: Any, loaders: list[torch.Generator]) -> None:
+def _set(state: dict[str, Any], set_torch: Any, set_numpy: Any, set_python: Any,
+         loaders: list[torch.Generator]) -> None:
     """Sets torch's, numpy's, Python's and the ``loaders``' generators to ``state`` with these setters."""
     set_torch(state["torch"])
     numpy = state["numpy"]

@@ -18,6 +18,7 @@ Example::
 from __future__ import annotations
 
 import importlib
+import reprlib
 import sys
 from typing import Any
 
@@ -61,10 +62,21 @@ def from_checkpointables(loaded: dict[str, Any], *, source: str) -> dict:
     Raises:
       CheckpointCorruptedError: hyperparameters that are no mapping, or whose class is no name, which Lightning
         would fail on without naming the step; those stored as an omegaconf config that no such config holds (a
-        text, which omegaconf would read as YAML, or values it refuses). The message names ``source``.
+        text, which omegaconf would read as YAML, or values it refuses); a field Lightning's restore reads (the
+        loops', callbacks', optimizers' and schedulers' states) that is not what Lightning stores there, which it
+        failed on with a bare TypeError. The message names ``source``.
     """
+    if not isinstance(loaded[TRAINER], dict):
+        raise ckpt.errors.CheckpointCorruptedError(
+            f"{source}: its {TRAINER!r} checkpointable is {type(loaded[TRAINER]).__name__!r}, where the callback "
+            "stores Lightning's checkpoint, a dict", path=source)
     checkpoint = dict(loaded[TRAINER])
     checkpoint[_STATE_DICT] = loaded[MODEL]
+    for field, (what, valid) in _FIELDS.items():
+        if checkpoint.get(field) is not None and not valid(checkpoint[field]):
+            raise ckpt.errors.CheckpointCorruptedError(
+                f"{source}: its {field} is {reprlib.repr(checkpoint[field])}, where Lightning stores {what}",
+                path=source)
     for values, kind in _HYPERPARAMETERS:
         stored, config_type = checkpoint.get(values), checkpoint.get(kind)
         if not isinstance(config_type, (str, type(None))):
@@ -78,6 +90,31 @@ def from_checkpointables(loaded: dict[str, Any], *, source: str) -> dict:
             raise ckpt.errors.CheckpointCorruptedError(
                 f"{source}: its {values} are {type(stored).__name__!r}, where Lightning stores a dict", path=source)
     return checkpoint
+
+
+def _is_optimizer_state(state: Any) -> bool:
+    """Whether ``state`` is an optimizer's ``state_dict`` as torch makes it: the states of the parameters by their
+    index (or name, of a sharded model) and the groups listing those."""
+    return (isinstance(state, dict) and isinstance(state.get("state"), dict)
+            and all(isinstance(s, dict) for s in state["state"].values())
+            and isinstance(state.get("param_groups"), list)
+            and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in state["param_groups"]))
+
+
+# The fields of Lightning's checkpoint that its restore (and the callback's checks) read: what Lightning stores there,
+# and the check of a value read
+_FIELDS = {
+    "epoch": ("a number", lambda v: type(v) is int),
+    "global_step": ("a number", lambda v: type(v) is int),
+    "loops": ("a dict of each loop's state", lambda v: isinstance(v, dict) and all(
+        isinstance(s, dict) for s in v.values())),
+    "callbacks": ("a dict of each callback's state by its key", lambda v: isinstance(v, dict) and all(
+        isinstance(k, str) for k in v)),
+    "optimizer_states": ("a list of each optimizer's state_dict", lambda v: isinstance(v, list) and all(
+        map(_is_optimizer_state, v))),
+    "lr_schedulers": ("a list of each scheduler's state_dict", lambda v: isinstance(v, list) and all(
+        isinstance(s, dict) for s in v)),
+}
 
 
 def _omegaconf() -> Any:

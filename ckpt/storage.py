@@ -1012,7 +1012,7 @@ def read_json_bytes(path: Location | str, limit: int = fmt.MANIFEST_MAX_BYTES, *
     device), so that no file in a checkpoint can make a reader wait forever, read without end or read
     outside the directory. Raises ValueError for such a file or a larger one, FileNotFoundError when
     it is missing, and (``parsed``: JSON that the caller decodes) for JSON whose values may take more
-    memory decoded than this process may still allocate (see :data:`JSON_DECODED_BYTES`).
+    memory decoded than this process may still allocate (see :func:`_check_decoded_size`).
     """
     if isinstance(path, ObjectPath):
         data = path.read_bytes()
@@ -1026,16 +1026,34 @@ def read_json_bytes(path: Location | str, limit: int = fmt.MANIFEST_MAX_BYTES, *
             os.close(fd)
     if max(size, len(data)) > limit:
         raise ValueError(f"{path} has more than the {limit} bytes a reader accepts")
-    if parsed and len(data) > _JSON_CHECKED_FROM and len(data) * JSON_DECODED_BYTES > (room := host_memory.allocatable()):
-        raise ValueError(f"{path} holds {len(data)} bytes of JSON, whose values may take up to {JSON_DECODED_BYTES} "
-                         f"times that decoded, more than this process may still allocate ({room} bytes)")
+    if parsed and len(data) > _JSON_CHECKED_FROM:
+        _check_decoded_size(path, data)
     return data
 
 
+def _check_decoded_size(path: Location | str, data: bytes) -> None:
+    """Raises ValueError where the JSON ``data`` (of the file at ``path``) may take more memory decoded than this
+    process may still allocate: by its size alone (:data:`JSON_DECODED_BYTES` a byte), and where that is more, by
+    the values and keys it holds (each follows one of ``{[,:``, which are counted: a text's bytes count too), so that
+    a genuine file of long key names (3 bytes decoded a byte) is not refused in a container with little memory left."""
+    room = host_memory.allocatable()
+    if len(data) * JSON_DECODED_BYTES <= room:
+        return
+    values = sum(map(data.count, (b"{", b"[", b",", b":")))
+    need = len(data) * _JSON_TEXT_BYTES + values * _JSON_VALUE_BYTES
+    if need > room:
+        raise ValueError(f"{path} holds {len(data)} bytes of JSON, whose values and keys (up to {values}) may take "
+                         f"{need} bytes decoded, more than this process may still allocate ({room} bytes)")
+
+
 # The most memory a byte of JSON takes decoded: 44 bytes for '[{"":{}},' (a dict of a dict) read by orjson, 33 by
-# json; a sound tree.json takes 21 (orjson; json 11). A hostile tree.json of the 256 MiB a reader accepts would take
-# 11 GiB, more than a machine may have: the load was killed, or raised a bare MemoryError (SystemError from orjson)
+# json; a sound tree.json takes 21 (orjson; json 11), one of long key names 3. A hostile tree.json of the 256 MiB a
+# reader accepts would take 11 GiB, more than a machine may have: the load was killed, or raised a bare MemoryError
+# (SystemError from orjson)
 JSON_DECODED_BYTES = 48
+# Counted by what a file holds: a byte of text takes at most 7 decoded (json, a text with a character past U+FFFF),
+# and each value or key at most 65 more (orjson: a dict of a dict, [[[[[]]]]], a short text in a list)
+_JSON_TEXT_BYTES, _JSON_VALUE_BYTES = 8, 96
 _JSON_CHECKED_FROM = 1 << 20  # (smaller files take 48 MiB at most: every manifest of a listing is not checked)
 
 

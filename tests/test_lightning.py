@@ -1262,6 +1262,29 @@ def test_a_lightning_field_holding_what_lightning_never_stores_is_a_damaged_chec
             fit(tmp_path / "new", max_steps=4, ckpt_path=step)
 
 
+@pytest.mark.parametrize("forged", [5, [1, 2], {0: torch.ones(1)}, "abc"], ids=repr)
+@pytest.mark.parametrize("how", ["restore", "ckpt_path", "load_weights", "load_from_checkpoint"])
+def test_a_model_checkpointable_that_is_no_state_dict_is_a_damaged_checkpoint_naming_the_step(
+        saved_mid_epoch, tmp_path, forged, how):
+    """(A step whose "model" was forged into no dict of texts raised a bare TypeError or AttributeError from a fit's
+    restore, ckpt_path=, load_weights and load_from_checkpoint: "argument of type 'int' is not iterable", "'list'
+    object has no attribute 'items'", "expected string or bytes-like object, got 'int'".)"""
+    loaded = ckpt.load_checkpointables(saved_mid_epoch / "2")
+    loaded["model"] = forged
+    step = tmp_path / "run" / "2"
+    ckpt.save_checkpointables(step, loaded)
+    with pytest.raises(ckpt.errors.CheckpointCorruptedError,
+                       match=re.escape(f"{step}: its 'model' checkpointable is ")):
+        if how == "restore":
+            fit(tmp_path / "run", max_steps=4)
+        elif how == "ckpt_path":
+            fit(tmp_path / "new", max_steps=4, ckpt_path=step)
+        elif how == "load_weights":
+            load_weights(example.Regressor(), step)
+        else:
+            load_from_checkpoint(example.Regressor, step)
+
+
 class TrainsItsHeadOnly(example.Regressor):
     def configure_optimizers(self):
         return torch.optim.SGD(self.net[3].parameters(), lr=0.1)

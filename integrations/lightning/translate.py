@@ -64,14 +64,15 @@ def from_checkpointables(loaded: dict[str, Any], *, source: str) -> dict:
         would fail on without naming the step; those stored as an omegaconf config that no such config holds (a
         text, which omegaconf would read as YAML, or values it refuses); a field Lightning's restore reads (the
         loops', callbacks', optimizers' and schedulers' states) that is not what Lightning stores there, which it
-        failed on with a bare TypeError. The message names ``source``.
+        failed on with a bare TypeError; a ``"model"`` checkpointable that is no state dict (see :func:`model_state`).
+      The message names ``source``.
     """
     if not isinstance(loaded[TRAINER], dict):
         raise ckpt.errors.CheckpointCorruptedError(
             f"{source}: its {TRAINER!r} checkpointable is {type(loaded[TRAINER]).__name__!r}, where the callback "
             "stores Lightning's checkpoint, a dict", path=source)
     checkpoint = dict(loaded[TRAINER])
-    checkpoint[_STATE_DICT] = loaded[MODEL]
+    checkpoint[_STATE_DICT] = model_state(loaded[MODEL], source=source)
     for field, (what, valid) in _FIELDS.items():
         if checkpoint.get(field) is not None and not valid(checkpoint[field]):
             raise ckpt.errors.CheckpointCorruptedError(
@@ -90,6 +91,20 @@ def from_checkpointables(loaded: dict[str, Any], *, source: str) -> dict:
             raise ckpt.errors.CheckpointCorruptedError(
                 f"{source}: its {values} are {type(stored).__name__!r}, where Lightning stores a dict", path=source)
     return checkpoint
+
+
+def model_state(model: Any, *, source: str) -> dict[str, Any]:
+    """``model``, the ``"model"`` checkpointable of the step at ``source``: the module's ``state_dict``.
+
+    Raises:
+      CheckpointCorruptedError: it is no dict of texts (a forged step), which Lightning's and torch's loads failed on
+        with a bare TypeError or AttributeError; the message names ``source``.
+    """
+    if not isinstance(model, dict) or not all(isinstance(key, str) for key in model):
+        raise ckpt.errors.CheckpointCorruptedError(
+            f"{source}: its {MODEL!r} checkpointable is {reprlib.repr(model)}, where the callback stores the module's "
+            "state_dict, a dict of its keys", path=source)
+    return model
 
 
 def _is_optimizer_state(state: Any) -> bool:

@@ -494,18 +494,28 @@ def test_hyperparameters_of_a_hydra_config_are_saved_and_loaded_as_the_config(tm
 
 
 
+def _nested(depth: int) -> dict:
+    """A dict nested ``depth`` levels deep."""
+    tree: dict = {}
+    for _ in range(depth):
+        tree = {"a": tree}
+    return tree
+
+
 @pytest.mark.parametrize("trainer, refused", [
     ({"hyper_parameters": "!!python/object/apply:os.system ['echo x']", "hparams_type": "DictConfig"},
      "hyper_parameters are stored as a DictConfig, and hold 'str', not a dict"),  # (omegaconf reads a text as YAML)
     ({"hyper_parameters": {"lr": torch.ones(2)}, "hparams_type": "DictConfig"},
      "hyper_parameters are stored as a DictConfig, which cannot hold them"),
+    ({"hyper_parameters": _nested(150), "hparams_type": "DictConfig"},  # (omegaconf raised RecursionError)
+     "hyper_parameters are stored as a DictConfig, nested deeper than omegaconf can make one"),
     ({"hyper_parameters": 5, "pytorch-lightning_version": pl.__version__},
      "hyper_parameters are 'int', where Lightning stores a dict"),
     ({"hyper_parameters": {"hidden": 8}, "hparams_type": 7, "pytorch-lightning_version": pl.__version__},
      "hparams_type is 7, where Lightning stores the name"),
     ({"hyper_parameters": {}}, "'pytorch-lightning_version' is None, not the version of Lightning"),
     ({"pytorch-lightning_version": "x"}, "'pytorch-lightning_version' is 'x', not the version of Lightning"),
-], ids=["text config", "array in config", "int", "type", "no version", "version"])
+], ids=["text config", "array in config", "deep config", "int", "type", "no version", "version"])
 def test_hyperparameters_that_lightning_never_stores_are_a_damaged_checkpoint_naming_the_step(tmp_path, trainer, refused):
     """(A step whose hyperparameters are no dict, whose class is no name, which 'hparams_type' says are a DictConfig
     that cannot hold them, or that records no Lightning version raised AttributeError "'int' object has no attribute

@@ -154,6 +154,9 @@ def _config(omegaconf: Any, config_type: type, values: Any, name: str, source: s
         return omegaconf.OmegaConf.create(values)
     except omegaconf.errors.OmegaConfBaseException as e:
         raise ckpt.errors.CheckpointCorruptedError(f"{what}, which cannot hold them: {e}", path=source) from None
+    except RecursionError:  # (omegaconf makes a config recursively: a hundred levels exhaust the stack)
+        raise ckpt.errors.CheckpointCorruptedError(f"{what}, nested deeper than omegaconf can make one",
+                                                   path=source) from None
 
 
 # Lightning's keys of a module's and a datamodule's hyperparameters, and of their class where they are an omegaconf

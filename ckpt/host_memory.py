@@ -102,8 +102,8 @@ def cgroup_room(cgroups: str = "/proc/self/cgroup", mount: str = "/sys/fs/cgroup
     read (cgroup v2 under ``mount``, v1 under ``mount``/memory)."""
     room = float("inf")
     with contextlib.suppress(OSError):
-        with open(cgroups) as f:
-            lines = f.read().splitlines()
+        with open(cgroups, errors="surrogateescape") as f:  # (a group's name is any bytes: read as the file
+            lines = f.read().splitlines()                    # system's names are, never refused)
         for line in lines:
             number, controllers, path = (line.split(":", 2) + ["", ""])[:3]
             if number == "0" and not controllers:

@@ -1016,7 +1016,7 @@ def read_json_bytes(path: Location | str, limit: int = fmt.MANIFEST_MAX_BYTES, *
     device), so that no file in a checkpoint can make a reader wait forever, read without end or read
     outside the directory. Raises ValueError for such a file or a larger one, FileNotFoundError when
     it is missing, and (``parsed``: JSON that the caller decodes) for JSON whose values may take more
-    memory decoded than this process may still allocate (see :data:`JSON_DECODED_BYTES`).
+    memory decoded than this process may still allocate (see :func:`json_room_short`).
     """
     if isinstance(path, ObjectPath):
         data = path.read_bytes(limit)
@@ -1030,24 +1030,36 @@ def read_json_bytes(path: Location | str, limit: int = fmt.MANIFEST_MAX_BYTES, *
             os.close(fd)
     if max(size, len(data)) > limit:
         raise ValueError(f"{path} has more than the {limit} bytes a reader accepts")
-    if parsed and (room := json_room_short(len(data))) is not None:
-        raise ValueError(f"{path} holds {len(data)} bytes of JSON, whose values may take up to {JSON_DECODED_BYTES} "
-                         f"times that decoded, more than this process may still allocate ({room} bytes)")
+    if parsed and (refusal := json_room_short(data)) is not None:
+        raise ValueError(f"{path} {refusal}")
     return data
 
 
-def json_room_short(size: int) -> int | None:
-    """The memory this process may still allocate (bytes) where ``size`` bytes of JSON may take more decoded
-    (see :data:`JSON_DECODED_BYTES`), else None: JSON that may be decoded."""
-    if size > _JSON_CHECKED_FROM and size * JSON_DECODED_BYTES > (room := host_memory.allocatable()):
-        return room
-    return None
+def json_room_short(data: bytes | str) -> str | None:
+    """Why the JSON ``data`` may take more memory decoded than this process may still allocate (the words after a
+    file's name), else None: JSON that may be decoded. Bounded by its size alone (:data:`JSON_DECODED_BYTES` a byte),
+    and where that is more than is left, by the values and keys it holds (each follows one of ``{[,:``, which are
+    counted: a text's bytes count too), so that a genuine file of long key names (3 bytes decoded a byte) is not
+    refused in a container with little memory left."""
+    if len(data) <= _JSON_CHECKED_FROM or len(data) * JSON_DECODED_BYTES <= (room := host_memory.allocatable()):
+        return None
+    marks = (b"{", b"[", b",", b":") if isinstance(data, bytes) else ("{", "[", ",", ":")
+    values = sum(map(data.count, marks))
+    need = len(data) * _JSON_TEXT_BYTES + values * _JSON_VALUE_BYTES
+    if need <= room:
+        return None
+    return (f"holds {len(data)} bytes of JSON, whose values and keys (up to {values}) may take {need} bytes "
+            f"decoded, more than this process may still allocate ({room} bytes)")
 
 
 # The most memory a byte of JSON takes decoded: 44 bytes for '[{"":{}},' (a dict of a dict) read by orjson, 33 by
-# json; a sound tree.json takes 21 (orjson; json 11). A hostile tree.json of the 256 MiB a reader accepts would take
-# 11 GiB, more than a machine may have: the load was killed, or raised a bare MemoryError (SystemError from orjson)
+# json; a sound tree.json takes 21 (orjson; json 11), one of long key names 3. A hostile tree.json of the 256 MiB a
+# reader accepts would take 11 GiB, more than a machine may have: the load was killed, or raised a bare MemoryError
+# (SystemError from orjson)
 JSON_DECODED_BYTES = 48
+# Counted by what a file holds: a byte of text takes at most 7 decoded (json, a text with a character past U+FFFF),
+# and each value or key at most 65 more (orjson: a dict of a dict, [[[[[]]]]], a short text in a list)
+_JSON_TEXT_BYTES, _JSON_VALUE_BYTES = 8, 96
 _JSON_CHECKED_FROM = 1 << 20  # (smaller files take 48 MiB at most: every manifest of a listing is not checked)
 
 

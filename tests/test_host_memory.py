@@ -105,3 +105,33 @@ def test_a_json_file_that_fits_the_machine_but_not_the_containers_limit_is_refus
     assert host_memory.allocatable() == 64 << 20
     with pytest.raises(ValueError, match=r"tree\.json holds .* more than this process may still allocate"):
         storage.read_json_bytes(big, limit=1 << 30)
+
+
+def test_a_control_group_whose_name_is_not_utf8_is_read_as_its_directory_is_named(tmp_path):
+    # A group's name is any bytes (mkdir of a name in Latin-1): /proc/self/cgroup printed it as it is, and reading that
+    # file as UTF-8 raised UnicodeDecodeError out of every load of a tree.json past 1 MiB.
+    group = os.fsencode(tmp_path / "fs") + b"/caf\xe9"
+    os.makedirs(group)
+    for name, text in ((b"memory.max", b"1000"), (b"memory.current", b"100"), (b"memory.stat", b"file 50\n")):
+        with open(group + b"/" + name, "wb") as f:
+            f.write(text)
+    (tmp_path / "v2").write_bytes(b"0::/caf\xe9\n")
+    assert host_memory.cgroup_room(str(tmp_path / "v2"), str(tmp_path / "fs")) == 950  # 1000 - (100 - 50)
+
+
+def test_a_genuine_tree_json_of_long_key_names_loads_where_48_times_its_size_is_not_left_and_a_hostile_one_does_not(
+        tmp_path, monkeypatch):
+    # A tree.json of long key names takes 3 bytes decoded a byte, and was refused (as damage) wherever 48 times its
+    # size was not left: in a container with 256 MiB left, a genuine 6 MiB tree.json (288 MiB at 48) never loaded.
+    import ckpt
+    from ckpt import storage
+    tree = {f"layer_{i}_" + "k" * 30_000: np.float32(i) for i in range(100)}
+    ckpt.save(tmp_path / "step", tree)
+    size = (tmp_path / "step" / fmt.TREE).stat().st_size
+    monkeypatch.setattr(host_memory, "cgroup_room", lambda: 256 << 20)
+    assert size * storage.JSON_DECODED_BYTES > host_memory.allocatable()
+    assert ckpt.load(tmp_path / "step")["layer_7_" + "k" * 30_000] == 7
+    hostile = tmp_path / "hostile.json"
+    hostile.write_bytes(b"[" + b"{}," * (size // 3) + b"{}]")  # as large, 44 bytes decoded a byte
+    with pytest.raises(ValueError, match=r"hostile\.json holds .* more than this process may still allocate"):
+        storage.read_json_bytes(hostile, limit=1 << 30)

@@ -552,8 +552,6 @@ def test_hyperparameters_of_a_hydra_config_are_saved_and_loaded_as_the_config(tm
     assert trainer.global_step == 4 and steps_in(tmp_path)[-1] == 4
 
 
-
-
 class HoldsHydraConfigs(example.Regressor):
     """Keeps the configs it is made from among its hyperparameters, as ``save_hyperparameters()`` in ``__init__(self,
     cfg: DictConfig)`` does, and in the checkpoint (Lightning pickles them)."""
@@ -634,18 +632,28 @@ def test_a_hyperparameter_ckpt_cannot_store_is_refused_at_fit_start_naming_it_an
     assert steps_in(tmp_path) == []
 
 
+def _nested(depth: int) -> dict:
+    """A dict nested ``depth`` levels deep."""
+    tree: dict = {}
+    for _ in range(depth):
+        tree = {"a": tree}
+    return tree
+
+
 @pytest.mark.parametrize("trainer, refused", [
     ({"hyper_parameters": "!!python/object/apply:os.system ['echo x']", "hparams_type": "DictConfig"},
      "hyper_parameters are stored as a DictConfig, and hold 'str', not a dict"),  # (omegaconf reads a text as YAML)
     ({"hyper_parameters": {"lr": torch.ones(2)}, "hparams_type": "DictConfig"},
      "hyper_parameters are stored as a DictConfig, which cannot hold them"),
+    ({"hyper_parameters": _nested(150), "hparams_type": "DictConfig"},  # (omegaconf raised RecursionError)
+     "hyper_parameters are stored as a DictConfig, nested deeper than omegaconf can make one"),
     ({"hyper_parameters": 5, "pytorch-lightning_version": pl.__version__},
      "hyper_parameters are 'int', where Lightning stores a dict"),
     ({"hyper_parameters": {"hidden": 8}, "hparams_type": 7, "pytorch-lightning_version": pl.__version__},
      "hparams_type is 7, where Lightning stores the name"),
     ({"hyper_parameters": {}}, "'pytorch-lightning_version' is None, not the version of Lightning"),
     ({"pytorch-lightning_version": "x"}, "'pytorch-lightning_version' is 'x', not the version of Lightning"),
-], ids=["text config", "array in config", "int", "type", "no version", "version"])
+], ids=["text config", "array in config", "deep config", "int", "type", "no version", "version"])
 def test_hyperparameters_that_lightning_never_stores_are_a_damaged_checkpoint_naming_the_step(tmp_path, trainer, refused):
     """(A step whose hyperparameters are no dict, whose class is no name, which 'hparams_type' says are a DictConfig
     that cannot hold them, or that records no Lightning version raised AttributeError "'int' object has no attribute
@@ -1342,6 +1350,87 @@ def test_restoring_a_directory_saved_with_other_optimizers_names_them(tmp_path):
     fit(tmp_path, max_steps=2)
     with pytest.raises(ValueError, match=r"saved with the optimizers \['SGD'\], and this run has \['Adam'\]"):
         fit(tmp_path, model=AdamRegressor(), max_steps=4)
+
+
+@pytest.fixture(scope="module")
+def saved_mid_epoch(tmp_path_factory):
+    """A directory whose step 2 a fit saved mid-epoch (its callback's record of the run: RNG states, logged values)."""
+    directory = tmp_path_factory.mktemp("saved_mid_epoch")
+    fit(directory, max_steps=2)
+    return directory
+
+
+def _forged_records():
+    results = {"key": "training_step.train_loss", "reduce_fx": "manual_seed"}  # (looked up in torch, and called)
+    return [("rng", 5), ("rng", [{"torch": "x"}]), ("epoch_rng", [{"epoch": "zz"}]), ("logged", 5),
+            ("logged", [{"results": [results]}]), ("accumulate_grad_batches", 0), ("accumulate_grad_batches", -3),
+            ("should_stop", "yes"), ("optimizers", 5), ("pruning", [1]), ("loaders_made_in", "x")]
+
+
+@pytest.mark.parametrize("field, forged", _forged_records(), ids=lambda x: repr(x)[:30])
+@pytest.mark.parametrize("how", ["restore", "ckpt_path"])
+def test_a_callback_record_holding_what_the_callback_never_stores_is_a_damaged_checkpoint_naming_the_step_and_field(
+        saved_mid_epoch, tmp_path, field, forged, how):
+    """(The callback's record of the run forged in a step raised bare TypeError, KeyError, AttributeError or
+    ZeroDivisionError from the resume, naming no step, or was taken as it was: accumulate_grad_batches -3 and
+    should_stop 'yes' trained on.)"""
+    loaded = ckpt.load_checkpointables(saved_mid_epoch / "2")
+    (record,) = loaded["trainer"]["callbacks"].values()
+    if field == "logged":  # (a genuine record's logged values with one field forged)
+        forged = forged if isinstance(forged, int) else [{**record["logged"][0], "results": [
+            {**record["logged"][0]["results"][0], **forged[0]["results"][0]}]}]
+    record[field] = forged
+    ckpt.save_checkpointables(tmp_path / "run" / "2", loaded)
+    step = tmp_path / "run" / "2"
+    with pytest.raises(ckpt.errors.CheckpointCorruptedError,
+                       match=re.escape(f"{step}: its CheckpointCallback record holds {field} = ")):
+        if how == "restore":
+            fit(tmp_path / "run", max_steps=4)
+        else:
+            fit(tmp_path / "new", max_steps=4, ckpt_path=step)
+
+
+@pytest.mark.parametrize("field, forged", [
+    ("loops", 5), ("loops", {"fit_loop": 5}), ("callbacks", 5), ("optimizer_states", 5),
+    ("optimizer_states", [{"state": 5, "param_groups": 5}]), ("optimizer_states", [{"state": {}, "param_groups": [5]}]),
+    ("lr_schedulers", [5]), ("global_step", "x")], ids=lambda x: repr(x)[:30])
+@pytest.mark.parametrize("how", ["restore", "ckpt_path"])
+def test_a_lightning_field_holding_what_lightning_never_stores_is_a_damaged_checkpoint_naming_the_step_and_field(
+        saved_mid_epoch, tmp_path, field, forged, how):
+    """(The loops', callbacks', optimizers' or schedulers' states forged in a step raised a bare TypeError from a fit's
+    restore, or from ckpt_path=, naming no step.)"""
+    loaded = ckpt.load_checkpointables(saved_mid_epoch / "2")
+    loaded["trainer"][field] = forged
+    ckpt.save_checkpointables(tmp_path / "run" / "2", loaded)
+    step = tmp_path / "run" / "2"
+    with pytest.raises(ckpt.errors.CheckpointCorruptedError, match=re.escape(f"{step}: its {field} is ")):
+        if how == "restore":
+            fit(tmp_path / "run", max_steps=4)
+        else:
+            fit(tmp_path / "new", max_steps=4, ckpt_path=step)
+
+
+@pytest.mark.parametrize("forged", [5, [1, 2], {0: torch.ones(1)}, "abc"], ids=repr)
+@pytest.mark.parametrize("how", ["restore", "ckpt_path", "load_weights", "load_from_checkpoint"])
+def test_a_model_checkpointable_that_is_no_state_dict_is_a_damaged_checkpoint_naming_the_step(
+        saved_mid_epoch, tmp_path, forged, how):
+    """(A step whose "model" was forged into no dict of texts raised a bare TypeError or AttributeError from a fit's
+    restore, ckpt_path=, load_weights and load_from_checkpoint: "argument of type 'int' is not iterable", "'list'
+    object has no attribute 'items'", "expected string or bytes-like object, got 'int'".)"""
+    loaded = ckpt.load_checkpointables(saved_mid_epoch / "2")
+    loaded["model"] = forged
+    step = tmp_path / "run" / "2"
+    ckpt.save_checkpointables(step, loaded)
+    with pytest.raises(ckpt.errors.CheckpointCorruptedError,
+                       match=re.escape(f"{step}: its 'model' checkpointable is ")):
+        if how == "restore":
+            fit(tmp_path / "run", max_steps=4)
+        elif how == "ckpt_path":
+            fit(tmp_path / "new", max_steps=4, ckpt_path=step)
+        elif how == "load_weights":
+            load_weights(example.Regressor(), step)
+        else:
+            load_from_checkpoint(example.Regressor, step)
 
 
 class TrainsItsHeadOnly(example.Regressor):

@@ -464,7 +464,7 @@ def _rich_tree(text: str) -> Any:
     with the type of each container, tuples and NamedTuples included, decoded; None where it is not JSON or may take
     more memory decoded than this process may still allocate (it only names the containers' types, which the item
     loads without)."""
-    if storage.json_room_short(len(text)) is not None:
+    if storage.json_room_short(text) is not None:
         return None
     try:
         return json.loads(text)

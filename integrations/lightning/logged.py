@@ -63,6 +63,55 @@ def restore(trainer: Any, state: dict[str, Any]) -> None:
     connector._current_fx = state["current_fx"]
 
 
+def is_state(state: Any) -> bool:
+    """Whether ``state`` (read from a checkpoint, which may be forged) holds what :func:`capture` stores, of the types
+    :func:`restore` puts back (a reduction by another name would be looked up in torch and called)."""
+    if not isinstance(state, dict) or not all(_is(state.get(k), t) for k, t in _STATE_TYPES.items()):
+        return False
+    pairs = [p for k in _PAIRS for p in state[k]] + state["torchmetrics"]
+    if not all(isinstance(p, list) and len(p) == 2 and isinstance(p[0], str) for p in pairs):
+        return False
+    return (all(_is_result(e) for e in state["results"])
+            and all(_is_metric_state(saved) for _, saved in state["torchmetrics"]))
+
+
+def _is(value: Any, types: tuple[type, ...]) -> bool:
+    """isinstance(value, types), where a bool is no int."""
+    return isinstance(value, types) and (bool in types or not isinstance(value, bool))
+
+
+def _is_result(entry: Any) -> bool:
+    """Whether ``entry`` is one :func:`_result_entry` makes (see :func:`is_state`)."""
+    return (isinstance(entry, dict) and all(_is(entry.get(k), t) for k, t in _RESULT_TYPES.items())
+            and entry["reduce_fx"] in _REDUCTIONS
+            and (not entry["is_tensor"] or _is_tensors(entry.get("states"))))
+
+
+def _is_metric_state(saved: Any) -> bool:
+    """Whether ``saved`` is one :func:`_metric_state` makes (see :func:`is_state`)."""
+    return (isinstance(saved, dict) and _is(saved.get("update_count"), (int,))
+            and _is(saved.get("computed"), _TENSOR_OR_NONE) and _is_tensors(saved.get("states"), lists=True))
+
+
+def _is_tensors(states: Any, *, lists: bool = False) -> bool:
+    """Whether ``states`` maps names to tensors (``lists``: or to lists of them, a torchmetrics list state)."""
+    return isinstance(states, dict) and all(
+        isinstance(v, torch.Tensor) or (lists and isinstance(v, list) and all(isinstance(x, torch.Tensor) for x in v))
+        for v in states.values())
+
+
+_TENSOR_OR_NONE = (torch.Tensor, type(None))
+_PAIRS = ("callback_metrics", "logged_metrics", "progress_bar_metrics")
+_STATE_TYPES = {"results": (list,), **dict.fromkeys(_PAIRS, (list,)), "first_loop_iter": (bool, type(None)),
+                "current_fx": (str, type(None)), "torchmetrics": (list,)}
+_RESULT_TYPES = {
+    **dict.fromkeys(("key", "fx", "name", "reduce_fx"), (str,)),
+    **dict.fromkeys(("prog_bar", "logger", "on_step", "on_epoch", "enable_graph", "add_dataloader_idx", "sync_dist",
+                     "rank_zero_only", "is_tensor", "has_reset"), (bool,)),
+    "dataloader_idx": (int, type(None)), "metric_attribute": (str, type(None)), "update_count": (int,),
+    "forward_cache": _TENSOR_OR_NONE, "computed": _TENSOR_OR_NONE}
+
+
 def _result_entry(key: str, metric: Any) -> dict[str, Any]:
     meta = metric.meta
     reduce_fx = getattr(meta.reduce_fx, "__name__", "")

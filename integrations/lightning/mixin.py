@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import reprlib
 import inspect
 import logging
 import os
@@ -286,6 +287,8 @@ class CheckpointCallbackMixin:
             set_by_torch = sharded.restores_itself(trainer)
             loaded = sharded.load(trainer, path) if set_by_torch else translate.load(self._checkpointer, step)
             checkpoint = translate.from_checkpointables(loaded, source=path)
+            for peer in peers:  # (each takes its record from the checkpoint: see on_load_checkpoint)
+                _check_record(peer._own_state(checkpoint), path)
             masks = self._own_state(checkpoint).get("pruning")
 
             def prepare_model(state: dict) -> None:
@@ -296,6 +299,7 @@ class CheckpointCallbackMixin:
             self._restoring = (path, checkpoint, set_by_torch)
         elif (trainer.ckpt_path is not None and self is peers[0] and _loaded_state(trainer)
               and resume.loaded_checkpoint(trainer) is not None):
+            _check_record(_loaded_state(trainer), str(trainer.ckpt_path))
             self._restoring = (str(trainer.ckpt_path), resume.loaded_checkpoint(trainer), False)
             pruning.reapply(pl_module, _loaded_state(trainer).get("pruning"), {})  # Lightning loaded the weights
 
@@ -657,6 +661,48 @@ def _finish_saved_iteration(trainer: Any, saved: dict, skipped: bool = False) ->
 def _latest(checkpointer: Checkpointer | None) -> tuple[int, str] | None:
     latest = checkpointer.latest if checkpointer is not None else None
     return None if latest is None else (latest.step, str(latest.path))
+
+
+def _check_record(state: Any, source: str) -> None:
+    """Raises CheckpointCorruptedError naming the step at ``source`` and the field where the callback's record of the
+    run in it (:meth:`CheckpointCallbackMixin.state_dict`) holds what the callback never stores, before anything is
+    restored from it: such a value failed the resume with a bare TypeError or KeyError deep in the restore, or was
+    taken as it was (``accumulate_grad_batches`` -3 stepped the optimizers at odd batches)."""
+    if not isinstance(state, dict):
+        raise ckpt.errors.CheckpointCorruptedError(
+            f"{source}: its CheckpointCallback record is a {type(state).__name__}, not a dict", path=source)
+    for field, (what, valid) in _RECORD.items():
+        value = state.get(field)
+        if value is not None and not valid(value):
+            raise ckpt.errors.CheckpointCorruptedError(
+                f"{source}: its CheckpointCallback record holds {field} = {reprlib.repr(value)}, where the callback "
+                f"stores {what}", path=source)
+
+
+def _per_rank(valid: Any) -> Any:
+    """A check of a per-rank list whose entries ``valid`` accepts."""
+    return lambda value: isinstance(value, list) and all(valid(entry) for entry in value)
+
+
+def _is_epoch_rng(entry: Any) -> bool:
+    return entry is None or (isinstance(entry, dict) and type(entry.get("epoch")) is int and entry["epoch"] >= 0
+                             and rng.is_state(entry.get("rng")))
+
+
+# The fields of the record (what state_dict stores there, and the check of a value read)
+_RECORD = {
+    "rng": ("a list of RNG states, one per process", _per_rank(rng.is_state)),
+    "epoch_rng": ("a list of an epoch and its RNG states, one per process", _per_rank(_is_epoch_rng)),
+    "logged": ("a list of logged values, one per process", _per_rank(logged.is_state)),
+    "saved_in": ("the name of a hook", lambda v: isinstance(v, str)),
+    "should_stop": ("a bool", lambda v: isinstance(v, bool)),
+    "accumulate_grad_batches": ("a number of batches (1 or more)", lambda v: type(v) is int and v >= 1),
+    "trainable": ("a bool tensor", lambda v: isinstance(v, torch.Tensor) and v.dtype == torch.bool and v.dim() == 1),
+    "optimizers": ("a list of class names", _per_rank(lambda name: isinstance(name, str))),
+    "loaders_made_in": ("an epoch", lambda v: type(v) is int),
+    "pruning": ("masks by parameter name", lambda v: isinstance(v, dict) and all(
+        isinstance(k, str) and isinstance(m, torch.Tensor) for k, m in v.items())),
+}
 
 
 def _for_rank(states: list[Any] | None, rank: int) -> Any:

@@ -39,16 +39,34 @@ def capture(loaders: Iterable[Any] = ()) -> dict[str, Any]:
 
 def restore(state: dict[str, Any], loaders: Iterable[Any] = ()) -> None:
     """Sets every generator to ``state`` (from :func:`capture`, possibly after a save and load)."""
-    torch.set_rng_state(state["torch"])
-    numpy = state["numpy"]
-    np.random.set_state((numpy["kind"], numpy["keys"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"],
-                         numpy["cached_gaussian"]))
-    python = state["python"]
-    random.setstate((python["version"], tuple(python["internal"].tolist()), python["gauss_next"]))
-    for generator, saved in zip(_loader_generators(loaders), state["loaders"]):
-        generator.set_state(saved)
+    _set(state, torch.set_rng_state, np.random.set_state, random.setstate, _loader_generators(loaders))
     if "torch_cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["torch_cuda"])
+
+
+def is_state(state: Any) -> bool:
+    """Whether :func:`restore` sets the generators to ``state`` (a value read from a checkpoint, which may be
+    forged), tried on generators of its own: torch, numpy and Python refuse a state of another size or kind."""
+    try:
+        loaders = [torch.Generator() for _ in state["loaders"]]
+        _set(state, torch.Generator().set_state, np.random.RandomState().set_state, random.Random().setstate, loaders)
+        cuda = state.get("torch_cuda", [])
+        return isinstance(cuda, list) and all(isinstance(s, torch.Tensor) and s.dtype == torch.uint8 for s in cuda)
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError, RuntimeError, OverflowError):
+        return False
+
+
+def _set(state: dict[str, Any], set_torch: Any, set_numpy: Any, set_python: Any,
+         loaders: list[torch.Generator]) -> None:
+    """Sets torch's, numpy's, Python's and the ``loaders``' generators to ``state`` with these setters."""
+    set_torch(state["torch"])
+    numpy = state["numpy"]
+    set_numpy((numpy["kind"], numpy["keys"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"],
+               numpy["cached_gaussian"]))
+    python = state["python"]
+    set_python((python["version"], tuple(python["internal"].tolist()), python["gauss_next"]))
+    for generator, saved in zip(loaders, state["loaders"]):
+        generator.set_state(saved)
 
 
 def _loader_generators(loaders: Iterable[Any]) -> list[torch.Generator]:

@@ -21,6 +21,7 @@ Example::
 from __future__ import annotations
 
 import importlib
+import reprlib
 import sys
 from typing import Any
 
@@ -65,10 +66,21 @@ def from_checkpointables(loaded: dict[str, Any], *, source: str) -> dict:
       CheckpointCorruptedError: hyperparameters that are no mapping, or whose class is no name, which Lightning
         would fail on without naming the step; those stored as an omegaconf config that no such config holds (a
         text, which omegaconf would read as YAML, or values it refuses); a record of the configs held elsewhere
-        that does not lead to such values. The message names ``source``.
+        that does not lead to such values; a field Lightning's restore reads (the loops', callbacks', optimizers'
+        and schedulers' states) that is not what Lightning stores there, which it failed on with a bare TypeError;
+        a ``"model"`` checkpointable that is no state dict (see :func:`model_state`). The message names ``source``.
     """
+    if not isinstance(loaded[TRAINER], dict):
+        raise ckpt.errors.CheckpointCorruptedError(
+            f"{source}: its {TRAINER!r} checkpointable is {type(loaded[TRAINER]).__name__!r}, where the callback "
+            "stores Lightning's checkpoint, a dict", path=source)
     checkpoint = dict(loaded[TRAINER])
-    checkpoint[_STATE_DICT] = loaded[MODEL]
+    checkpoint[_STATE_DICT] = model_state(loaded[MODEL], source=source)
+    for field, (what, valid) in _FIELDS.items():
+        if checkpoint.get(field) is not None and not valid(checkpoint[field]):
+            raise ckpt.errors.CheckpointCorruptedError(
+                f"{source}: its {field} is {reprlib.repr(checkpoint[field])}, where Lightning stores {what}",
+                path=source)
     nested = checkpoint.pop(_CONFIGS_AT, None)
     if nested is not None:
         checkpoint = _nested_configs(checkpoint, nested, source)
@@ -85,6 +97,45 @@ def from_checkpointables(loaded: dict[str, Any], *, source: str) -> dict:
             raise ckpt.errors.CheckpointCorruptedError(
                 f"{source}: its {values} are {type(stored).__name__!r}, where Lightning stores a dict", path=source)
     return checkpoint
+
+
+def model_state(model: Any, *, source: str) -> dict[str, Any]:
+    """``model``, the ``"model"`` checkpointable of the step at ``source``: the module's ``state_dict``.
+
+    Raises:
+      CheckpointCorruptedError: it is no dict of texts (a forged step), which Lightning's and torch's loads failed on
+        with a bare TypeError or AttributeError; the message names ``source``.
+    """
+    if not isinstance(model, dict) or not all(isinstance(key, str) for key in model):
+        raise ckpt.errors.CheckpointCorruptedError(
+            f"{source}: its {MODEL!r} checkpointable is {reprlib.repr(model)}, where the callback stores the module's "
+            "state_dict, a dict of its keys", path=source)
+    return model
+
+
+def _is_optimizer_state(state: Any) -> bool:
+    """Whether ``state`` is an optimizer's ``state_dict`` as torch makes it: the states of the parameters by their
+    index (or name, of a sharded model) and the groups listing those."""
+    return (isinstance(state, dict) and isinstance(state.get("state"), dict)
+            and all(isinstance(s, dict) for s in state["state"].values())
+            and isinstance(state.get("param_groups"), list)
+            and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in state["param_groups"]))
+
+
+# The fields of Lightning's checkpoint that its restore (and the callback's checks) read: what Lightning stores there,
+# and the check of a value read
+_FIELDS = {
+    "epoch": ("a number", lambda v: type(v) is int),
+    "global_step": ("a number", lambda v: type(v) is int),
+    "loops": ("a dict of each loop's state", lambda v: isinstance(v, dict) and all(
+        isinstance(s, dict) for s in v.values())),
+    "callbacks": ("a dict of each callback's state by its key", lambda v: isinstance(v, dict) and all(
+        isinstance(k, str) for k in v)),
+    "optimizer_states": ("a list of each optimizer's state_dict", lambda v: isinstance(v, list) and all(
+        map(_is_optimizer_state, v))),
+    "lr_schedulers": ("a list of each scheduler's state_dict", lambda v: isinstance(v, list) and all(
+        isinstance(s, dict) for s in v)),
+}
 
 
 def _omegaconf() -> Any:
@@ -109,6 +160,9 @@ def _config(omegaconf: Any, config_type: type, values: Any, name: str, source: s
         return omegaconf.OmegaConf.create(values)
     except omegaconf.errors.OmegaConfBaseException as e:
         raise ckpt.errors.CheckpointCorruptedError(f"{what}, which cannot hold them: {e}", path=source) from None
+    except RecursionError:  # (omegaconf makes a config recursively: a hundred levels exhaust the stack)
+        raise ckpt.errors.CheckpointCorruptedError(f"{what}, nested deeper than omegaconf can make one",
+                                                   path=source) from None
 
 
 def _nested_configs(checkpoint: dict, nested: Any, source: str) -> dict:

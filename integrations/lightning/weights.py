@@ -45,10 +45,12 @@ def load_weights(model: torch.nn.Module, directory: str | os.PathLike, step: int
 
     Raises:
       ckpt.errors.StepNotFoundError: no such step (or no checkpoint at all) in ``directory``.
+      ckpt.errors.CheckpointCorruptedError: the step's ``"model"`` is no state dict (a forged step).
       ValueError: the checkpoint holds a different model (the keys and shapes that differ are named).
     """
     step, path = step_path(directory, step, step_name_format)
-    state = _as_keys_of(ckpt.load_checkpointables(path, {MODEL: None})[MODEL], model.state_dict())
+    saved = translate.model_state(ckpt.load_checkpointables(path, {MODEL: None})[MODEL], source=str(path))
+    state = _as_keys_of(saved, model.state_dict())
     check_model(state, model, source=f"step {step} in {directory}", strict=strict)
     model.load_state_dict(state, strict=strict)
     return step

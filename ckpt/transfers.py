@@ -180,6 +180,52 @@ def as_template(tensor: Any, like: Any) -> Any:
     return tensor.requires_grad_() if like.requires_grad else tensor
 
 
+def tie_as_templates(templates: list[Any], made: list[Any]) -> None:
+    """Makes the loaded tensors of ``made`` (one per abstract leaf of ``templates``, in place) one tensor again
+    where their templates are one view of one storage (the same storage, offset, shape, strides and dtype; of a
+    DTensor, its local shard and layout): a module's tied weights (an embedding and the LM head), which
+    ``state_dict()`` gives at two keys sharing their storage, come back tied, as ``torch.load`` keeps tensors
+    that shared storage (whose ``storage._cdata`` it goes by too), and as a load into the template's own tensors
+    would leave them. Only where the values loaded at those keys are the same bits: a checkpoint of an untied
+    model, whose two keys hold other values, comes back as saved, untied (one tensor cannot hold both)."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return
+    first: dict[tuple, int] = {}
+    for j, like in enumerate(templates):
+        if not isinstance(like, torch.Tensor) or not isinstance(made[j], torch.Tensor):
+            continue
+        view = _view_of(like)
+        i = first.setdefault(view, j) if view is not None else j
+        if i != j and _same_bits(made[i], made[j]):
+            made[j] = made[i]
+
+
+def _view_of(like: Any) -> tuple | None:
+    """What identifies the template tensor ``like`` as a view of its storage, or None for a tensor without one
+    (a wrapper subclass)."""
+    is_dtensor = dtensor.is_dtensor(like)
+    local = like.to_local() if is_dtensor else like
+    try:
+        storage = local.untyped_storage()._cdata
+    except (RuntimeError, NotImplementedError, TypeError, AttributeError):
+        return None
+    layout = (tuple(like.shape), like.placements, like.device_mesh) if is_dtensor else ()
+    return storage, local.storage_offset(), tuple(local.shape), local.stride(), local.dtype, local.device, layout
+
+
+def _same_bits(a: Any, b: Any) -> bool:
+    """Whether the tensors (or DTensors' local shards) ``a`` and ``b`` hold the same bits (NaNs alike)."""
+    torch = sys.modules["torch"]
+    a, b = (x.to_local() if dtensor.is_dtensor(x) else x for x in (a, b))
+    if a.dtype != b.dtype or a.shape != b.shape or a.device != b.device:
+        return False
+    try:
+        return torch.equal(a.detach().reshape(-1).view(torch.uint8), b.detach().reshape(-1).view(torch.uint8))
+    except RuntimeError:  # (a dtype without a byte view)
+        return False
+
+
 def _made_as_template(like: Any) -> bool:
     """Whether :func:`as_template` gives more than the tensor itself for the template ``like`` (the one place
     that decides it: a load on a CUDA device leaves to its end only the tensors it changes)."""

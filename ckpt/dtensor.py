@@ -258,14 +258,16 @@ def _gather_rows(mesh: Any, device: Any, tensors: list[Any]) -> list[Any]:
     return wholes
 
 
-def chunk_shape(path: KeyPath, x: Any) -> tuple[int, ...]:
-    """The zarr3 chunk shape of a DTensor, under which no two ranks' shards share a chunk: along a
-    dimension split over one mesh dimension of size k by a ``Shard``, ``ceil(n / k)`` (``torch.chunk``'s
-    split: each rank's shard is whole chunks); along a dimension split over mesh dimensions of sizes
-    k1, k2, ... (nested, or FSDP2's ``_StridedShard`` over tensor parallelism's ``Shard``), ``n / (k1 *
-    k2 ...)`` when that divides it (each rank's shard is one of those equal blocks), else 1; whole along
-    the others. The same on every rank (it depends on the global shape and placements only), as the
-    shared zarr.json requires.
+def chunk_shape(path: KeyPath, x: Any, shared: bool = True) -> tuple[int, ...]:
+    """The zarr3 chunk shape of a DTensor: along a dimension split over one mesh dimension of size k by a
+    ``Shard``, ``ceil(n / k)`` (``torch.chunk``'s split: each rank's shard is whole chunks); along a dimension
+    split over mesh dimensions of sizes k1, k2, ... (nested, or FSDP2's ``_StridedShard`` over tensor
+    parallelism's ``Shard``), ``n / (k1 * k2 ...)`` when that divides it (each rank's shard is one of those
+    equal blocks), else, along the first such dimension and where ``shared``, the rows of the smallest block
+    (517 rows over 2 x 2 ranks, blocks of 130, 129, 129, 129: chunks of 129 rows, which two neighbouring ranks'
+    shards may share, written in two rounds: see :func:`in_two_rounds`), and along any other the greatest
+    common divisor of the blocks' places (no chunk shared); whole along the others. The same on every rank (it depends on the
+    global shape and placements only), as the shared zarr.json requires.
 
     Raises:
       TypeError: a local shard that is not one block of the global tensor (see :func:`_strided_apart`).
@@ -279,7 +281,7 @@ def chunk_shape(path: KeyPath, x: Any) -> tuple[int, ...]:
         dim = _split_dim(placement)
         if dim is not None:
             splits.setdefault(dim, []).append((x.device_mesh.size(mesh_dim), type(placement).__name__ == "Shard"))
-    shape = []
+    shape, sharing = [], not shared
     for dim, n in enumerate(x.shape):
         ways = splits.get(dim, [])
         parts = math.prod(k for k, _ in ways)
@@ -287,9 +289,81 @@ def chunk_shape(path: KeyPath, x: Any) -> tuple[int, ...]:
             shape.append(n)
         elif len(ways) == 1 and ways[0][1]:
             shape.append(-(-n // parts))
-        else:  # nested or strided splits: equal blocks, or one-wide chunks, fit every shard
-            shape.append(n // parts if n % parts == 0 else 1)
+        elif n % parts == 0:  # nested or strided splits: equal blocks
+            shape.append(n // parts)
+        else:
+            shape.append(_uneven_chunk(x, dim, shared_rows=not sharing))
+            sharing = True
     return tuple(shape)
+
+
+def _uneven_chunk(x: Any, dim: int, shared_rows: bool) -> int:
+    """The chunk length along ``dim`` of DTensor ``x``, whose blocks there are of unequal lengths (nested
+    splits that do not divide it): the smallest block's where ``shared_rows`` (no chunk then spans more than two
+    blocks), else the greatest common divisor of the blocks' places (each block whole chunks); 1 where torch
+    cannot tell the blocks."""
+    blocks = _layout_blocks(tuple(x.shape), x.device_mesh.shape, tuple(x.placements))
+    if blocks is None:
+        return 1
+    held = [(offsets[dim], sizes[dim]) for sizes, offsets in blocks if sizes[dim]]
+    if shared_rows:
+        return min(size for _, size in held)
+    return max(1, math.gcd(x.shape[dim], *(offset for offset, _ in held), *(size for _, size in held)))
+
+
+@functools.lru_cache(maxsize=256)
+def _layout_blocks(shape: tuple[int, ...], mesh_shape: tuple[int, ...],
+                   placements: tuple[Any, ...]) -> list[tuple[tuple[int, ...], tuple[int, ...]]] | None:
+    """(sizes, offsets) of the block every coordinate of a mesh of ``mesh_shape`` holds of a DTensor of the global
+    ``shape`` and ``placements`` (the same on every rank), or None where this torch cannot tell them."""
+    try:
+        from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset as place
+        return [tuple(map(tuple, place(shape, mesh_shape, list(coordinate), placements)))
+                for coordinate in np.ndindex(*mesh_shape)]
+    except (ImportError, TypeError, AttributeError):  # (a private function of torch's, of another signature)
+        return None
+
+
+def shares_chunks(x: Any, chunks: tuple[int, ...]) -> bool:
+    """Whether some chunk of DTensor ``x``'s array (chunk shape ``chunks``, see :func:`chunk_shape`) holds
+    rows of two ranks' blocks, which are then written in two rounds (see :func:`in_two_rounds`)."""
+    if not _nested(x):  # (torch.chunk's blocks are whole chunks of ceil(n / k))
+        return False
+    blocks = _layout_blocks(tuple(x.shape), x.device_mesh.shape, tuple(x.placements))
+    return blocks is not None and any(
+        offset % c for sizes, offsets in blocks if all(sizes) for offset, c in zip(offsets, chunks))
+
+
+def _nested(x: Any) -> bool:
+    """Whether some dimension of DTensor ``x`` is split over more than one mesh dimension."""
+    dims = [_split_dim(p) for p in x.placements if _split_dim(p) is not None]
+    return len(dims) != len(set(dims))
+
+
+def in_two_rounds(shards: list[tuple[Index, np.ndarray]], chunks: tuple[int, ...]
+                  ) -> tuple[list[tuple[Index, np.ndarray]], list[tuple[Index, np.ndarray]]]:
+    """``shards`` ((global index, host array) of a DTensor's shards this rank writes, into an array of the
+    chunk shape ``chunks`` that neighbouring ranks' blocks may share, see :func:`chunk_shape`) split in the
+    parts written in the first round (from the first chunk that starts in the shard on) and those written in
+    the second, once every rank's first round is on disk: each shard's head, its rows in a chunk that starts
+    in the block before (a copy: the shard may be the tensor itself, which training changes meanwhile). A chunk
+    is then written by the rank holding its start, then completed by the one holding its end (tensorstore reads
+    the chunk and writes it back whole), never by two at once."""
+    first, second = [], []
+    for index, data in shards:
+        cut = [(dim, s) for dim, (s, c) in enumerate(zip(index, chunks)) if s.start % c]
+        if not cut:
+            first.append((index, data))
+            continue
+        dim, s = cut[0]  # (one dimension at most: chunk_shape shares rows along one alone)
+        end = min(s.stop, s.start + chunks[dim] - s.start % chunks[dim])
+        local = [slice(None)] * data.ndim
+        local[dim] = slice(0, end - s.start)
+        second.append((index[:dim] + (slice(s.start, end),) + index[dim + 1:], np.array(data[tuple(local)])))
+        if end < s.stop:
+            local[dim] = slice(end - s.start, None)
+            first.append((index[:dim] + (slice(end, s.stop),) + index[dim + 1:], data[tuple(local)]))
+    return first, second
 
 
 def _split_dim(placement: Any) -> int | None:

@@ -35,13 +35,22 @@ INLINE_TYPES = {int: "int", float: "float", bool: "bool", str: "str", type(None)
 @dataclasses.dataclass
 class Spread:
     """An array spread over processes (a jax.Array or a DTensor): the zarr3 chunk shape under which no
-    two processes' shards share a chunk, ``own_shards()``, the (global index, host array) of the
-    shards this process writes (the primary replica of each), and ``whole``, where this process holds
-    every shard (a DTensor replicated, or on a mesh of one rank), what it writes of them saving alone."""
+    two processes' shards share a chunk, unless ``apart`` is that shape (then neighbouring processes' shards
+    share chunks of ``chunk_shape``, written in two rounds: see :func:`ckpt.dtensor.in_two_rounds`; a process
+    saving its own part alone, whose files a promotion puts together, writes chunks of ``apart``),
+    ``own_shards()``, the (global index, host array) of the shards this process writes (the primary replica of
+    each), and ``whole``, where this process holds every shard (a DTensor replicated, or on a mesh of one rank),
+    what it writes of them saving alone."""
 
     chunk_shape: tuple[int, ...]
     own_shards: Callable[[], list[tuple[Any, np.ndarray]]]
     whole: Callable[[], list[tuple[Any, np.ndarray]]] | None = None
+    apart: tuple[int, ...] | None = None
+
+    @property
+    def shares_chunks(self) -> bool:
+        """Whether neighbouring processes' shards share chunks (written in two rounds)."""
+        return self.apart is not None
 
 
 @dataclasses.dataclass
@@ -274,9 +283,11 @@ def _dtensor_leaf(path: KeyPath, x: Any) -> HostLeaf:
     def host(shards: list[tuple[dtensor.Index, Any]]) -> list[tuple[dtensor.Index, np.ndarray]]:
         return [(index, torch_to_numpy(path, t)) for index, t in shards]
 
+    chunks = dtensor.chunk_shape(path, x)
+    apart = dtensor.chunk_shape(path, x, shared=False) if dtensor.shares_chunks(x, chunks) else None
     return HostLeaf(meta, None, spread=Spread(
-        dtensor.chunk_shape(path, x), lambda: host(dtensor.own_shards(x)),
-        (lambda: host(dtensor.whole(x))) if dtensor.held_whole(x) else None))
+        chunks, lambda: host(dtensor.own_shards(x)),
+        (lambda: host(dtensor.whole(x))) if dtensor.held_whole(x) else None, apart))
 
 
 def gather(leaves: list[tuple[KeyPath, HostLeaf]]) -> None:

@@ -601,4 +601,5 @@ def _build(table: LeafTable, saved_node: tree_lib.Node, plan: Plan | None, sourc
     out = resolve(out)
     for position, node, values in subtrees:
         out[position] = tree_lib.unflatten(node, iter(resolve(values)))
+    transfers.tie_as_templates(abstract_leaves if pairs is None else [leaf for _, leaf, _ in pairs], out)
     return tree_lib.unflatten(abstract_node, iter(out))

@@ -352,6 +352,8 @@ def agree(plan: Plan, final: storage.Location, processes: distributed.Processes,
     """
     if processes.count == 1 and not getattr(processes, "partial", False):
         _refuse_spread(plan, final)
+    elif getattr(processes, "partial", False):
+        _chunks_apart(plan)
     for leaf in compare(plan, final, processes, operation, timeout_secs):  # another slice's ranks write it
         leaf.host.spread = dataclasses.replace(leaf.host.spread, own_shards=lambda: [])
     try:
@@ -381,6 +383,18 @@ def compare(plan: Plan, final: storage.Location, processes: distributed.Processe
     if not plan.sliced:
         return []
     return _one_copy(plan, final, processes, operation, timeout_secs)  # (on every process alike: the trees agree)
+
+
+def _chunks_apart(plan: Plan) -> None:
+    """Gives each array of ``plan`` whose chunks neighbouring processes' shards share (see
+    :func:`ckpt.dtensor.in_two_rounds`) chunks that none share, for a process saving its own part alone
+    (:class:`ckpt.distributed.OwnPart`, a local tier): a promotion puts the processes' files together, and two
+    processes' parts of one chunk would be two files of one name, one of them lost."""
+    for leaf in plan.arrays:
+        spread = leaf.host.spread
+        if spread is not None and spread.shares_chunks:
+            leaf.host.spread = dataclasses.replace(spread, chunk_shape=spread.apart, apart=None)
+            _describe_array(leaf.host.meta, leaf.host.spread, leaf.nbytes, leaf.array_name, fmt.ARRAY_CHUNK_BYTES)
 
 
 def _refuse_spread(plan: Plan, final: storage.Location) -> None:
@@ -750,6 +764,7 @@ class StepWriter:
         self.custom: custom.Saves | None = None  # checkpointables saved by handlers (ckpt.custom)
         self.packed_crcs: list[int] = []  # of the packed leaves, in offset order, once written
         self._unsynced: set[storage.Location] = set()  # the directories of arrays written without an fsync per file
+        self._second_round: list[tuple[PlannedLeaf, list[tuple[Any, np.ndarray]]]] = []  # see dtensor.in_two_rounds
 
     def prepare_dir(self) -> None:
         """Creates a fresh temporary directory, marked as ckpt's (removing one a crashed save left)."""
@@ -872,6 +887,9 @@ class StepWriter:
         if leaf.host.spread is not None:
             shards = leaf.host.shards if leaf.host.shards is not None else leaf.host.spread.own_shards()
             leaf.host.shards = None
+            if leaf.host.spread.shares_chunks:
+                shards, second = dtensor.in_two_rounds(shards, leaf.host.spread.chunk_shape)
+                self._second_round.append((leaf, second))
             return [store[index].write(data, can_reference_source_data_indefinitely=True).commit
                     for index, data in shards]
         source = _raw_bytes(leaf.host.array) if "stored_as" in leaf.host.meta else leaf.host.array
@@ -1102,6 +1120,21 @@ class StepWriter:
         for directory in self._unsynced:
             storage.fsync_files(directory)
 
+    def _write_second_round(self) -> None:
+        """This process's parts of the chunks of DTensors that neighbouring processes' shards share, once every
+        process wrote its first parts (see :func:`ckpt.dtensor.in_two_rounds`)."""
+        pending: list[tuple[PlannedLeaf, Any]] = []
+        with _settled_on_error(lambda: [future for _, future in pending]):
+            for leaf, parts in self._second_round:
+                if parts:
+                    with storage.io_errors(f"writing {keystr(leaf.path)} to {self.tmp_dir}"):
+                        store = self._open(leaf.host.meta["array"]).result()
+                        pending += [(leaf, store[index].write(data).commit) for index, data in parts]
+            for leaf, future in pending:
+                with storage.io_errors(f"writing {keystr(leaf.path)} to {self.tmp_dir}"):
+                    future.result()
+        self._second_round = []
+
     def run(self, step: int | None) -> dict:
         """Writes everything not yet written, then commits; returns the manifest. A save that fails
         before its commit removes its temporary directory."""
@@ -1109,6 +1142,8 @@ class StepWriter:
             self.plan.materialize_unpacked()
             self._settle("prepared", self.prepare_dir)
             self._settle("written", self._write_own)
+            if any(leaf.host.spread is not None and leaf.host.spread.shares_chunks for leaf in self.plan.arrays):
+                self._settle("written shared chunks", self._write_second_round)
             if self.primary:
                 for name in self.marks:  # (committed with the step: a crash never leaves it without them)
                     storage.write_file(self.tmp_dir / name, b"")

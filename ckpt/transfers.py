@@ -180,6 +180,56 @@ def as_template(tensor: Any, like: Any) -> Any:
     return tensor.requires_grad_() if like.requires_grad else tensor
 
 
+def tie_as_templates(templates: list[Any], made: list[Any]) -> None:
+    """Makes the loaded tensors of ``made`` (one per abstract leaf of ``templates``, in place) one tensor again
+    where their templates are one view of one storage (the same storage, offset, shape, strides and dtype; of a
+    DTensor, its local shard and layout): a module's tied weights (an embedding and the LM head), which
+    ``state_dict()`` gives at two keys sharing their storage, come back tied, as ``torch.load`` keeps tensors
+    that shared storage, and as a load into the template's own tensors would leave them. Only where the values
+    loaded at those keys are the same bits: a checkpoint of an untied model, whose two keys hold other values,
+    comes back as saved, untied (one tensor cannot hold both). About 0.3 us a tensor where none share storage."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return
+    # a storage as torch names it (its StorageImpl's address); torch.save's storage._cdata costs ~50 us a tensor
+    storage_id = getattr(torch._C, "_storage_id", None) or (lambda t: t.untyped_storage()._cdata)
+    tensor, plain, first, again = torch.Tensor, (torch.Tensor, torch.nn.Parameter), {}, []
+    for j, like in enumerate(templates):
+        if isinstance(like, tensor):
+            try:
+                storage = storage_id(like if type(like) in plain or not dtensor.is_dtensor(like) else like.to_local())
+            except (RuntimeError, NotImplementedError, TypeError):  # (a wrapper subclass: no storage)
+                continue
+            if first.setdefault(storage, j) != j:
+                again.append((storage, j))
+    views: dict[tuple, int] = {}
+    for storage, j in again:  # (a storage held at several keys: the same view of it?)
+        views.setdefault((storage, _view_of(templates[first[storage]])), first[storage])
+        i = views.setdefault((storage, _view_of(templates[j])), j)
+        if i != j and isinstance(made[i], tensor) and isinstance(made[j], tensor) and _same_bits(made[i], made[j]):
+            made[j] = made[i]
+
+
+def _view_of(like: Any) -> tuple:
+    """What tells the view of its storage that the template tensor ``like`` is (of a DTensor, with its layout)."""
+    is_dtensor = dtensor.is_dtensor(like)
+    local = like.to_local() if is_dtensor else like
+    layout = (tuple(like.shape), like.placements, like.device_mesh) if is_dtensor else ()
+    return local.storage_offset(), tuple(local.shape), local.stride(), local.dtype, local.device, layout
+
+
+def _same_bits(a: Any, b: Any) -> bool:
+    """Whether the tensors (or DTensors' local shards) ``a`` and ``b`` hold the same bits (NaNs alike)."""
+    torch = sys.modules["torch"]
+    a, b = (x.to_local() if dtensor.is_dtensor(x) else x for x in (a, b))
+    if a.dtype != b.dtype or a.shape != b.shape or a.device != b.device:
+        return False
+    try:
+        return torch.equal(a.detach().reshape(-1).view(torch.uint8), b.detach().reshape(-1).view(torch.uint8))
+    except RuntimeError:  # (a dtype without a byte view)
+        return False
+
+
 def _made_as_template(like: Any) -> bool:
     """Whether :func:`as_template` gives more than the tensor itself for the template ``like`` (the one place
     that decides it: a load on a CUDA device leaves to its end only the tensors it changes)."""

@@ -142,6 +142,8 @@ def test_dtensors_of_unusual_layouts_at_four_ranks(tmp_path):
                 "(_StridedShard(dim=0, sf=2),): its _S(0, 2) on mesh dimension 0 leaves each rank 2 pieces") in out, out
         # FSDP2 over tensor parallelism: saved as it is, a chunk per rank (not one per row: 600 files)
         assert f"rank {r} fsdp+tp exact, steps [2], 4 chunk files" in out, out
+        for save in ("save", "save_async"):  # rows that do not divide 2 x 2: chunks of the smallest block, some
+            assert f"rank {r} fsdp+tp uneven {save} exact: True, 5 chunk files" in out, out  # shared (were 517 rows)
         assert f"rank {r} small gathered exact: 7 dtypes" in out, out
         assert f"rank {r} small conjugated: True" in out, out  # (was ConnectionError: 'another rank stopped')
         assert f"rank {r} 0-d loaded DTensor () 7" in out, out
@@ -172,6 +174,7 @@ def test_dtensors_of_unusual_layouts_at_four_ranks(tmp_path):
         assert f"rank {r} fsdp+tp copies: True, []" in out, out
         assert (f"rank {r} two tiers differing copies refused: [\"state['model']['3.weight']: its copies on the slices (0, 2), "
                 "(1, 3) of one mesh hold other values\"]") in out, out
+        assert f"rank {r} two tiers uneven exact: True" in out, out  # (each local tier's part of a shared chunk)
         assert (f"rank {r} two tiers steps [(1, ['durable', 'local'])], locally ['.ckpt.lock', '1', 'ckpt-root.json'], "
                 "step 1 holds the copies: True") in out, out
         assert (f"rank {r} differing copies refused: the processes of this job save different values under one key path "

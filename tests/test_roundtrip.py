@@ -901,6 +901,34 @@ def test_a_tensor_template_of_another_layout_gives_its_values_in_that_layout(tmp
     assert all(torch.equal(loaded[k].detach(), saved[k]) for k in saved)
 
 
+def test_tensors_tied_in_the_template_come_back_tied_where_their_saved_values_are_alike(tmp_path):
+    """(A module's tied weights, an embedding and the LM head at two keys of state_dict() sharing their storage,
+    came back as two tensors, untied; torch.load, and a load into the template's own tensors, keep them tied.)"""
+    torch = pytest.importorskip("torch")
+
+    class TiedLM(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.head = torch.nn.Embedding(10, 4), torch.nn.Linear(4, 10, bias=False)
+            self.head.weight = self.emb.weight
+
+    saved = TiedLM().state_dict()
+    ckpt.save(tmp_path / "tied", saved)
+    with torch.device("meta"):
+        on_meta = TiedLM()
+    for templates in (TiedLM().state_dict(), on_meta.state_dict(), TiedLM().state_dict(keep_vars=True)):
+        loaded = ckpt.load(tmp_path / "tied", templates)
+        assert loaded["emb.weight"] is loaded["head.weight"] and torch.equal(loaded["emb.weight"], saved["emb.weight"])
+    untied = {"emb.weight": torch.zeros(10, 4), "head.weight": torch.ones(10, 4)}  # an untied model's: kept apart
+    ckpt.save(tmp_path / "untied", untied)
+    loaded = ckpt.load(tmp_path / "untied", TiedLM().state_dict())
+    assert all(torch.equal(loaded[k], untied[k]) for k in untied)
+    alike = torch.zeros(10, 4)  # tensors that share no storage stay apart, their values alike or not
+    ckpt.save(tmp_path / "apart", {"a": alike, "b": alike.clone()})
+    loaded = ckpt.load(tmp_path / "apart", {"a": torch.empty(10, 4), "b": torch.empty(10, 4)})
+    assert loaded["a"] is not loaded["b"]
+
+
 def test_a_conjugated_or_negated_torch_view_saves_its_values(tmp_path):
     """torch.conj and torch.neg of some tensors are lazy views, a bit set on the tensor; numpy() refuses them."""
     torch = pytest.importorskip("torch")

@@ -1010,6 +1010,16 @@ def unusual_dtensors(ckptr: Checkpointer) -> None:
     assert torch.equal(loaded["x"].full_tensor(), rows) and torch.equal(ckptr.load(2)["x"], rows)
     chunks = sum(1 for f in (Path(directory) / "2" / "arrays").rglob("*") if f.is_file() and f.name != "zarr.json")
     say(f"rank {rank} fsdp+tp exact, steps {[c.step for c in ckptr.checkpoints]}, {chunks} chunk files")
+    # rows that do not divide the 2 x 2 ranks (blocks of 130, 129, 129, 129): chunks of 129 rows, some holding two
+    # ranks' rows, written in two rounds (were one-row chunks: 517 files); a synchronous and an async save
+    uneven = torch.arange(517 * 520.0).reshape(517, 520)
+    for step, save in ((15, ckptr.save), (16, ckptr.save_async)):
+        save(step, {"x": distribute_tensor(uneven, grid, fsdp_tp, src_data_rank=None)}, force=True)
+        ckptr.wait()
+        into = {"x": distribute_tensor(torch.zeros_like(uneven), grid, fsdp_tp, src_data_rank=None)}
+        exact = torch.equal(ckptr.load(step, into)["x"].full_tensor(), uneven) and torch.equal(ckptr.load(step)["x"], uneven)
+        chunks = sum(1 for f in (Path(directory) / str(step) / "arrays").rglob("*") if f.is_file() and f.name != "zarr.json")
+        say(f"rank {rank} fsdp+tp uneven {save.__name__} exact: {exact}, {chunks} chunk files")
     # small ones split on dim 1: gathered whole, as bytes (gloo gathers none of these dtypes itself)
     small = {str(dtype): torch.arange(24).reshape(4, 6).to(dtype) for dtype in (
         torch.int16, torch.uint16, torch.uint32, torch.uint64, torch.float8_e4m3fn, torch.bfloat16, torch.bool)}
@@ -1119,8 +1129,11 @@ def unusual_dtensors(ckptr: Checkpointer) -> None:
     local = ckpt.LocalCheckpointOptions(f"{directory}-local", save_decision_policy=sdp.FixedIntervalPolicy(1))
     with Checkpointer(f"{directory}-tiers", save_decision_policy=sdp.FixedIntervalPolicy(1), local=local) as tiers:
         copy = model[3].weight.full_tensor()
-        tiers.save(1, {"model": get_state_dict(model, optimizer)[0]})
+        tiers.save(1, {"model": get_state_dict(model, optimizer)[0],
+                       "uneven": distribute_tensor(uneven, grid, fsdp_tp, src_data_rank=None)})
         tiers.wait()
+        # (its local tiers each wrote their parts of the chunks two ranks share: promoted, one part of each was lost)
+        say(f"rank {rank} two tiers uneven exact: {torch.equal(ckpt.load(f'{directory}-tiers/1')['uneven'], uneven)}")
         with torch.no_grad():
             model[3].weight.to_local().add_(rank % 2)  # (pipeline stages naming their parameters alike)
         try:

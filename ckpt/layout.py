@@ -86,7 +86,7 @@ class Layout:
         self.checked_alone = sorted(set(self.other_typed) - set(torch_index))
         self.pinned = torch is not None and any(  # torch leaves on an accelerator: stage in page-locked memory
             self.kinds[i] is torch.Tensor and self.signature[i][3].type == "cuda" for i in self.device_leaves)
-        self.packed_order = sorted(where(self.location, "packed"), key=self.offset.__getitem__)
+        self.packed_order = packing.in_order(where(self.location, "packed"), self.offset, self.nbytes)
         self.packed_offsets = list(map(self.offset.__getitem__, self.packed_order))
         self.packed_sizes = list(map(self.nbytes.__getitem__, self.packed_order))
         self.unpacked = sorted(self.own_arrays + where(self.location, "inline"))

@@ -219,9 +219,21 @@ def _unreferenced(pool: list[np.ndarray], width: int) -> int:
     return len(pool) - 1
 
 
+def in_order(indices: list[int], offset: Sequence[int], nbytes: Sequence[int]) -> list[int]:
+    """The packed leaves ``indices`` (``offset[i]``, ``nbytes[i]``) in the order they lie in the packed array:
+    by offset, an empty leaf before the leaf that begins where it lies (:func:`place` puts a group of empty
+    leaves where the next group begins), so that their ends never decrease either, as :class:`Checksums` needs.
+
+    Example::
+
+        assert in_order([0, 1, 2], [0, 0, 0], [8, 0, 0]) == [1, 2, 0]
+    """
+    return sorted(indices, key=lambda i: (offset[i], nbytes[i]))
+
+
 class Checksums:
-    """The CRC32 of each packed leaf (at ``offsets``, of ``sizes`` bytes, in offset order), taken from
-    the chunks of the packed array as they are fed in order (a leaf may span chunks).
+    """The CRC32 of each packed leaf (at ``offsets``, of ``sizes`` bytes, in :func:`in_order`'s order), taken
+    from the chunks of the packed array as they are fed in order (a leaf may span chunks).
 
     Example::
 

@@ -14,7 +14,6 @@ import hashlib
 import itertools
 import json
 import math
-import operator
 import sys
 import threading
 from pathlib import Path
@@ -81,7 +80,7 @@ class Plan:
 
     @property
     def packed_spans(self) -> tuple[list[int], list[int]]:
-        """The offsets and the sizes of the packed leaves, in offset order."""
+        """The offsets and the sizes of the packed leaves, in offset order (:func:`ckpt.packing.in_order`'s)."""
         if self.values is not None:
             return self.layout.packed_offsets, self.layout.packed_sizes
         return [leaf.offset for leaf in self.packed], [leaf.nbytes for leaf in self.packed]
@@ -154,7 +153,8 @@ def _settled_on_error(in_flight: Callable[[], list[Any]]) -> Iterator[None]:
 
 
 def _filler(packed: list[PlannedLeaf]) -> Callable[[np.ndarray, int, int], int]:
-    """The ``fill`` of :func:`ckpt.packing.windows` for a fresh plan's packed leaves (in offset order)."""
+    """The ``fill`` of :func:`ckpt.packing.windows` for a fresh plan's packed leaves (in :func:`ckpt.packing.in_order`'s
+    order: the last leaf begun in a window ends last)."""
     position = 0
 
     def fill(buffer: np.ndarray, lo: int, hi: int) -> int:
@@ -274,13 +274,10 @@ def _plan(checkpointables: dict[str, Any], metrics: Any, custom_metadata: Any, s
     planned, start = {}, 0
     for name, count in zip(checkpointables, counts):
         planned[name], start = flat_planned[start: start + count], start + count
-    packed = sorted((leaf for leaf in flat_planned if leaf.location == "packed"), key=_OFFSET)
+    packed = [flat_planned[i] for i in packing.in_order(layout_lib.where(location, "packed"), offset, nbytes)]
     return Plan(structures, planned, packed, [flat_planned[i] for i in own_arrays], packed_nbytes, metrics,
                 custom_metadata, now_nsecs(), layout=layout, dtensors=dtensors,
                 sliced=[(name, flat_planned[i], x) for name, i, x in sliced])
-
-
-_OFFSET = operator.attrgetter("offset")
 
 
 def _apply_storage(stored: storage_options.Storage, paths: list[KeyPath], values: list[Any], metas: list[dict],

@@ -382,6 +382,26 @@ def test_checksums_from_chunks_are_each_packed_leafs_crc32(chunk):
     assert crcs.values == [fmt.crc32(data[a: a + n].tobytes()) for a, n in spans]
 
 
+def test_an_empty_leaf_listed_after_a_leaf_at_its_offset_leaves_that_leafs_bytes_and_crc32_whole(tmp_path):
+    """packing.place puts a group of empty leaves where the next group begins: 'c', empty, lies at the offset
+    of 'b', which runs over two pieces of a sync save. Was: the packed leaves were taken in offset order with 'c'
+    after 'b' (their ends decreasing), so the fill of a plan's own (a tree holding a jax array) ended the first
+    piece at 'c' and carried none of 'b' into the next: 'b' was saved with wrong bytes from its 262,144th on, which
+    the load returned without a word (the chunk sums were taken from those bytes); and Checksums gave 'b' the CRC32
+    of its first piece alone, so ckpt verify called the step damaged, with a reused layout too."""
+    state = {"a": np.zeros(0, np.complex64), "b": jnp.arange(100_000, dtype=jnp.float32),
+             "c": np.zeros(0, np.complex64), "d": np.ones(10, np.float32)}
+    with ckpt.Checkpointer(tmp_path) as ckptr:
+        ckptr.save(1, state)
+        ckptr.save(2, {**state, "b": np.asarray(state["b"])}, force=True)  # (a tree of numpy leaves: its layout)
+        ckptr.save(3, state, force=True)
+        for step in (1, 2, 3):
+            np.testing.assert_array_equal(ckptr.load(step)["b"], np.arange(100_000, dtype=np.float32))
+            result = verify.verify_step(tmp_path / str(step))
+            assert result.ok, (step, [d.where for d in result.damaged])
+    assert packing.in_order([0, 1, 2, 3], [0, 0, 0, 400_000], [0, 400_000, 0, 40]) == [0, 2, 1, 3]
+
+
 def test_rows_keep_apart_shapes_that_compare_equal():
     """Shapes are encoded once per distinct shape: [1], [True] and [1.0] compare equal in Python but
     are three texts."""

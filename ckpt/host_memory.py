@@ -90,16 +90,17 @@ def allocatable() -> int:
     return limit
 
 
-# Per cgroup version: the files of a control group's limit, its usage, and the field of its memory.stat that counts
-# its page cache (which the kernel reclaims before it kills: free for this purpose).
-_CGROUP_FILES = {2: ("memory.max", "memory.current", "file"), 1: ("memory.limit_in_bytes", "memory.usage_in_bytes",
-                                                                  "total_cache")}
+# Per cgroup version: the files of a control group's limit and its usage, and the fields of its memory.stat that count
+# its page cache (which the kernel reclaims before it kills: free for this purpose) and the part of it that is tmpfs
+# or shared memory (which it cannot reclaim without swap: not free).
+_CGROUP_FILES = {2: ("memory.max", "memory.current", "file", "shmem"),
+                 1: ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_cache", "total_shmem")}
 
 
 def cgroup_room(cgroups: str = "/proc/self/cgroup", mount: str = "/sys/fs/cgroup") -> float:
     """What the memory limits of this process's control group and those above it leave (the least of them), its
-    page cache counted as free; infinity where none is set or readable. ``cgroups`` and ``mount``: the files
-    read (cgroup v2 under ``mount``, v1 under ``mount``/memory)."""
+    page cache (but not its tmpfs or shared memory) counted as free; infinity where none is set or readable.
+    ``cgroups`` and ``mount``: the files read (cgroup v2 under ``mount``, v1 under ``mount``/memory)."""
     room = float("inf")
     with contextlib.suppress(OSError):
         with open(cgroups, errors="surrogateescape") as f:  # (a group's name is any bytes: read as the file
@@ -121,8 +122,8 @@ def cgroup_room(cgroups: str = "/proc/self/cgroup", mount: str = "/sys/fs/cgroup
     return room
 
 
-def _group_room(directory: str, limit_file: str, usage_file: str, cache_field: str) -> float:
-    """What one control group's memory limit leaves (see :func:`cgroup_room`)."""
+def _group_room(directory: str, limit_file: str, usage_file: str, cache_field: str, shmem_field: str) -> float:
+    """What one control group's memory limit leaves (see :func:`cgroup_room`): none where its usage is past it."""
     with contextlib.suppress(OSError, ValueError, IndexError):
         with open(os.path.join(directory, limit_file)) as f:
             text = f.read().strip()
@@ -130,8 +131,19 @@ def _group_room(directory: str, limit_file: str, usage_file: str, cache_field: s
             return float("inf")
         with open(os.path.join(directory, usage_file)) as f:
             used = int(f.read())
-        with open(os.path.join(directory, "memory.stat")) as f:
-            cache = next((int(line.split()[1]) for line in f if line.split()[:1] == [cache_field]), 0)
-        return int(text) - max(used - cache, 0)
+        return max(int(text) - max(used - _reclaimable(directory, cache_field, shmem_field), 0), 0)
     return float("inf")
+
+
+def _reclaimable(directory: str, cache_field: str, shmem_field: str) -> int:
+    """The page cache of one control group less its tmpfs and shared memory (see :data:`_CGROUP_FILES`); none where
+    its memory.stat cannot be read."""
+    stat: dict[str, int] = {}
+    with contextlib.suppress(OSError, ValueError):
+        with open(os.path.join(directory, "memory.stat")) as f:
+            for line in f:
+                name, _, value = line.partition(" ")
+                if name in (cache_field, shmem_field):
+                    stat[name] = int(value)
+    return max(stat.get(cache_field, 0) - stat.get(shmem_field, 0), 0)
 

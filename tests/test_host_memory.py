@@ -95,6 +95,28 @@ def test_the_memory_left_counts_the_limits_of_this_process_control_groups_with_t
     assert 0 < host_memory.allocatable() <= host_memory.cgroup_room()
 
 
+def test_a_control_groups_tmpfs_and_shared_memory_are_not_counted_free_and_its_limit_holds_without_memory_stat(
+        tmp_path):
+    # memory.stat's file (v2) and total_cache (v1) count tmpfs and shared memory too, which the kernel cannot reclaim
+    # without swap: a group at its 1 GiB limit holding 900 MiB of shared memory was said to have 900 MiB left. A
+    # memory.stat that cannot be read dropped the limit altogether, and usage past the limit gave negative room.
+    mib = 1 << 20
+    _write(tmp_path / "fs" / "shm", memory_max=str(1024 * mib), memory_current=str(1024 * mib),
+           memory_stat=f"anon {100 * mib}\nfile {924 * mib}\nshmem {900 * mib}\n")
+    (tmp_path / "v2").write_text("0::/shm\n")
+    assert host_memory.cgroup_room(str(tmp_path / "v2"), str(tmp_path / "fs")) == 24 * mib  # 1024 - (1024 - 24)
+    _write(tmp_path / "fs" / "memory" / "box", memory_limit_in_bytes=str(1024 * mib),
+           memory_usage_in_bytes=str(1000 * mib), memory_stat=f"total_cache {800 * mib}\ntotal_shmem {700 * mib}\n")
+    (tmp_path / "v1").write_text("4:memory:/box\n")
+    assert host_memory.cgroup_room(str(tmp_path / "v1"), str(tmp_path / "fs")) == 124 * mib  # 1024 - (1000 - 100)
+    _write(tmp_path / "fs" / "nostat", memory_max=str(1024 * mib), memory_current=str(1000 * mib))
+    (tmp_path / "nostat.cg").write_text("0::/nostat\n")
+    assert host_memory.cgroup_room(str(tmp_path / "nostat.cg"), str(tmp_path / "fs")) == 24 * mib
+    _write(tmp_path / "fs" / "past", memory_max=str(1024 * mib), memory_current=str(1100 * mib), memory_stat="")
+    (tmp_path / "past.cg").write_text("0::/past\n")
+    assert host_memory.cgroup_room(str(tmp_path / "past.cg"), str(tmp_path / "fs")) == 0
+
+
 def test_a_json_file_that_fits_the_machine_but_not_the_containers_limit_is_refused_before_it_is_parsed(
         tmp_path, monkeypatch):
     from ckpt import storage

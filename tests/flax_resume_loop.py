@@ -1,12 +1,14 @@
 """Runs the Linen training loop of examples/flax_train.py under ckpt, for the resume tests.
 
-    python tests/flax_resume_loop.py DIRECTORY OUTPUT.npz --steps 12 --save-every 4 [--sigkill-at 6 | --sigterm-at 6]
+    python tests/flax_resume_loop.py DIRECTORY OUTPUT.npz --steps 12 --save-every 4 \
+        [--sigkill-at 6 | --sigkill-saving-at 8 | --sigterm-at 6]
 
 Restores the latest checkpoint in DIRECTORY (or starts fresh), prints ``start <step>``, trains with
 the example's jitted, state-donating ``train_step`` and a CheckpointHook, and writes the final
 state's leaves (typed keys as key data) to OUTPUT.npz keyed by key path. ``--sigkill-at S`` waits for
 the pending checkpoint to commit after training step S, then kills the process with SIGKILL;
-``--sigterm-at S`` sends SIGTERM to itself after training step S.
+``--sigkill-saving-at S`` kills it with SIGKILL as soon as the hook returns at step S (a step it saves),
+while that step's asynchronous save is still being written; ``--sigterm-at S`` sends SIGTERM to itself after training step S.
 """
 from __future__ import annotations
 
@@ -44,6 +46,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, required=True)
     parser.add_argument("--save-every", type=int, required=True)
     parser.add_argument("--sigkill-at", type=int)
+    parser.add_argument("--sigkill-saving-at", type=int)
     parser.add_argument("--sigterm-at", type=int)
     args = parser.parse_args()
 
@@ -60,7 +63,10 @@ def main() -> None:
                 os.kill(os.getpid(), signal.SIGKILL)
             if step == args.sigterm_at:
                 os.kill(os.getpid(), signal.SIGTERM)
-            if hook(step, state):
+            stop = hook(step, state)
+            if step == args.sigkill_saving_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            if stop:
                 print(f"stop {step}", flush=True)
                 break
     np.savez(args.output, **state_arrays(state))

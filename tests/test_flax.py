@@ -510,6 +510,23 @@ def test_jitted_donating_loop_killed_after_checkpoint_resumes_to_same_params_opt
     assert_same_arrays(dict(np.load(tmp_path / "final.npz")), uninterrupted_run)
 
 
+def test_jitted_donating_loop_killed_while_a_save_is_written_resumes_to_same_params_opt_state_and_rng(
+        tmp_path, run_script, uninterrupted_run):
+    loop = ("tests/flax_resume_loop.py", str(tmp_path / "ckpt"), str(tmp_path / "final.npz"),
+            "--steps", "12", "--save-every", "4")
+
+    killed = run_script(*loop, "--sigkill-saving-at", "8")  # step 8's save started, its commit not awaited
+    assert killed.returncode == -9, output_of(killed)
+    with Checkpointer(tmp_path / "ckpt") as checkpointer:
+        listed = [c.step for c in checkpointer.checkpoints]
+    assert listed in ([4], [4, 8])  # step 8 committed whole or not listed
+    resumed = run_script(*loop)
+
+    assert resumed.returncode == 0, output_of(resumed)
+    assert f"start {listed[-1]}" in resumed.stdout
+    assert_same_arrays(dict(np.load(tmp_path / "final.npz")), uninterrupted_run)
+
+
 def test_sigterm_saves_the_current_step_stops_and_resumes_to_same_state(tmp_path, run_script, uninterrupted_run):
     loop = ("tests/flax_resume_loop.py", str(tmp_path / "ckpt"), str(tmp_path / "final.npz"),
             "--steps", "12", "--save-every", "4")

@@ -436,8 +436,10 @@ def test_a_rank_whose_store_or_whose_peer_in_a_gathering_stopped_raises_at_once_
     device memory there, a ConnectionError saying that another rank stopped. Rank 1 stopping in an async save: rank
     0's wait said only that the save was still running after the timeout, and its next save waited the timeout again
     at its first meeting. Two tiers, rank 1 stopping once rank 0
-    committed a promotion: rank 0 raised TimeoutError, though the step was durable, and did not list it."""
-    out = run_jobs(tmp_path / "run", tmp_path / "unused.npz", "stopped:2", "gone:2", "vanish:2", "promoted:2")
+    committed a promotion (or, with one tier, an async save): rank 0 raised TimeoutError, though the step was durable
+    (committed), and did not list it."""
+    out = run_jobs(tmp_path / "run", tmp_path / "unused.npz", "stopped:2", "gone:2", "vanish:2", "promoted:2",
+                   "committed:2")
     assert (f"rank 0 raised ConnectionError: rank 0 of 2: the save of {tmp_path / 'run' / '1'} failed while the "
             "ranks gathered its small DTensors: another rank stopped, or the process group failed (RuntimeError: "
             ) in out, out
@@ -452,6 +454,7 @@ def test_a_rank_whose_store_or_whose_peer_in_a_gathering_stopped_raises_at_once_
     # two tiers, rank 1 stopping once rank 0 committed a promotion: the step is durable (rank 0 raised TimeoutError at
     # the promotion's last meeting, and did not list the step)
     assert "rank 0 saved the promoted step: True, steps [(1, ['durable', 'local'])]" in out, out
+    assert "rank 0 wait for the committed step returned, steps [1]" in out, out
     assert ("rank 1 raised at once: rank 1 of 2 lost the job's store (kept by rank 0's process, or by the launcher's) "
             f"while it waited for rank 0's '{tmp_path / 'run'}/") in out, out
     assert ("rank 1 deletion raised at once: rank 1 of 2 lost the job's store (kept by rank 0's process, or by the "

@@ -959,7 +959,8 @@ def listed_once_queued(ckptr: Checkpointer) -> None:
     """An async save, then with two tiers an async save promoted, each held in the background until this rank read
     ``latest`` and ``checkpoints``: every rank lists the step from the moment its save returned (each listed it once
     its own writer thread had committed it), and ``load()`` loads it on every rank (with two tiers it raised
-    StepNotFoundError: the promotion in flight was not waited for)."""
+    StepNotFoundError: the promotion in flight was not waited for); ``should_save`` of the step says no (with two tiers
+    it said yes, and the save that followed raised StepAlreadyExistsError)."""
     read = threading.Event()
     run_step, copy_step = ckpt.saving.StepWriter.run, ckpt.tiers._copy_step
 
@@ -975,14 +976,15 @@ def listed_once_queued(ckptr: Checkpointer) -> None:
         checkpointer.save_async(step, {"w": torch.full((2,), float(step))})
         try:
             latest = checkpointer.latest
-            listed = None if latest is None else latest.step, [c.step for c in checkpointer.checkpoints]
+            listed = (None if latest is None else latest.step, [c.step for c in checkpointer.checkpoints],
+                      checkpointer.should_save(step))  # (a step listed is no longer due)
         finally:
             read.set()
         try:
             loaded = checkpointer.load()["w"].tolist()
         except ckpt.errors.StepNotFoundError as e:
             loaded = type(e).__name__
-        say(f"rank {rank} {what}: latest {listed[0]}, steps {listed[1]}, loaded {loaded}")
+        say(f"rank {rank} {what}: latest {listed[0]}, steps {listed[1]}, should_save {listed[2]}, loaded {loaded}")
         read.clear()
 
     ckptr.save(0, {"w": torch.zeros(2)})

@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import logging
 import math
 import sys
 import threading
@@ -32,6 +33,8 @@ from ckpt.context import Context
 from ckpt.errors import TreeMismatchError
 from ckpt.metadata import now_nsecs
 from ckpt.tree import KeyPath, keystr
+
+logger = logging.getLogger("ckpt")
 
 
 @dataclasses.dataclass
@@ -1134,7 +1137,9 @@ class StepWriter:
 
     def run(self, step: int | None) -> dict:
         """Writes everything not yet written, then commits; returns the manifest. A save that fails
-        before its commit removes its temporary directory."""
+        before its commit removes its temporary directory. In a job, the primary returns once it committed even where
+        the processes' last meeting fails (a process stopped after the commit): the step is committed, which it logs
+        with the error (the others raise it)."""
         try:
             self.plan.materialize_unpacked()
             self._settle("prepared", self.prepare_dir)
@@ -1151,7 +1156,13 @@ class StepWriter:
             raise
         finally:
             self._release()
-        self._barrier("committed")
+        try:
+            self._barrier("committed")
+        except Exception as e:
+            if not self.primary:
+                raise
+            logger.warning("ckpt: step %s is committed at %s, but not every process reached the end of its save: %s",
+                           step, self.final_dir, e)
         if not self.primary:
             self.manifest = loading.read_manifest(self.final_dir)
         self.progress.finish()

@@ -515,7 +515,11 @@ class Checkpointer:
         in_flight = self._in_flight
         if saving and in_flight is not None and (not previous or in_flight.step > previous[-1].step):
             previous = [*previous, in_flight]  # the step being written counts, as in Orbax
-        if previous and step <= previous[-1].step and not replacing:
+        below = bool(previous) and step <= previous[-1].step
+        if self._queued and not below:  # in a job: a step listed from the moment its save or promotion is queued (see
+            with self._infos_lock:     # _queue) counts too: with two tiers, a promotion neither holds
+                below = step <= max(self._queued, default=step - 1)
+        if below and not replacing:
             # (with two tiers too: below the durable tier's latest, it is below the latest of either; in a job, the
             # primary's answer still, as a process forcing this save waits for it, with a local tier for its either too)
             if self._processes.count == 1:

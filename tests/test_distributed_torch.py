@@ -439,8 +439,10 @@ def test_a_rank_whose_store_or_whose_peer_in_a_gathering_stopped_raises_at_once_
     device memory there, a ConnectionError saying that another rank stopped. Rank 1 stopping in an async save: rank
     0's wait said only that the save was still running after the timeout, and its next save waited the timeout again
     at its first meeting. Two tiers, rank 1 stopping once rank 0
-    committed a promotion: rank 0 raised TimeoutError, though the step was durable, and did not list it."""
-    out = run_jobs(tmp_path / "run", tmp_path / "unused.npz", "stopped:2", "gone:2", "vanish:2", "promoted:2")
+    committed a promotion (or, with one tier, an async save): rank 0 raised TimeoutError, though the step was durable
+    (committed), and did not list it."""
+    out = run_jobs(tmp_path / "run", tmp_path / "unused.npz", "stopped:2", "gone:2", "vanish:2", "promoted:2",
+                   "committed:2")
     assert (f"rank 0 raised ConnectionError: rank 0 of 2: the save of {tmp_path / 'run' / '1'} failed while the "
             "ranks gathered its small DTensors: another rank stopped, or the process group failed (RuntimeError: "
             ) in out, out
@@ -455,6 +457,7 @@ def test_a_rank_whose_store_or_whose_peer_in_a_gathering_stopped_raises_at_once_
     # two tiers, rank 1 stopping once rank 0 committed a promotion: the step is durable (rank 0 raised TimeoutError at
     # the promotion's last meeting, and did not list the step)
     assert "rank 0 saved the promoted step: True, steps [(1, ['durable', 'local'])]" in out, out
+    assert "rank 0 wait for the committed step returned, steps [1]" in out, out
     assert ("rank 1 raised at once: rank 1 of 2 lost the job's store (kept by rank 0's process, or by the launcher's) "
             f"while it waited for rank 0's '{tmp_path / 'run'}/") in out, out
     assert ("rank 1 deletion raised at once: rank 1 of 2 lost the job's store (kept by rank 0's process, or by the "
@@ -466,12 +469,14 @@ def test_every_rank_lists_and_loads_a_step_from_the_moment_its_save_or_promotion
     """Each rank listed a step once its own writer thread had committed it, so that latest and checkpoints read at one
     point of the program differed between ranks while an async save (or a promotion) was in flight; with two tiers,
     load() right after an async save that was promoted loaded the step before it on one rank and the new one on
-    another, or raised StepNotFoundError (the first). The saves here are held in the background until read."""
+    another, or raised StepNotFoundError (the first); should_save of a step whose promotion was queued said yes, though
+    latest named it (and a save of it then raised StepAlreadyExistsError). The saves here are held in the background
+    until read."""
     out = run_jobs(tmp_path / "run", tmp_path / "unused.npz", "queued:2")
     for r in (0, 1):
-        assert f"rank {r} queued: latest 1, steps [0, 1], loaded [1.0, 1.0]" in out, out
-        assert f"rank {r} promotion queued: latest 0, steps [0], loaded [0.0, 0.0]" in out, out
-        assert f"rank {r} promotion queued: latest 2, steps [0, 2], loaded [2.0, 2.0]" in out, out
+        assert f"rank {r} queued: latest 1, steps [0, 1], should_save False, loaded [1.0, 1.0]" in out, out
+        assert f"rank {r} promotion queued: latest 0, steps [0], should_save False, loaded [0.0, 0.0]" in out, out
+        assert f"rank {r} promotion queued: latest 2, steps [0, 2], should_save False, loaded [2.0, 2.0]" in out, out
 
 
 def test_a_rank_that_times_out_at_a_barrier_names_the_ranks_that_never_arrived():

@@ -18,7 +18,7 @@ Checkpointers on other roots;
 every one is refused, nothing is written.
 ``dtensors`` (4 ranks): DTensors of unusual layouts, saved and loaded through the Checkpointer.
 ``fail``: saves that fail on rank 1. ``alone``: should_save and reload on rank 0 alone, then 1000 steps asked on every rank, none saved. ``policies``: two tiers whose local policies differ between ranks. ``overwritten``: two tiers on the durable root
-$CKPT_TEST_DURABLE (an s3:// root), a step rank 0 alone overwrites. ``delete``: steps every rank deletes and saves again at once; checkpoints every rank deletes with ``ckpt.delete``; a deletion that fails on rank 0. ``stopped``: rank 0 stops in the middle of a save. ``gone``: rank 1 runs out of device memory in the gathering of a small DTensor, and stops. ``vanish``: rank 1 stops in an async save. ``queued``: what each rank lists and loads while a save or promotion is queued. ``exit``: the ranks end without closing (one and two tiers). ``list``: prints the steps each rank lists. ``unshared``: rank 1 sees another directory at DIR. ``linked``: rank 1 names the root through a symbolic link. ``sigterm``: a
+$CKPT_TEST_DURABLE (an s3:// root), a step rank 0 alone overwrites. ``delete``: steps every rank deletes and saves again at once; checkpoints every rank deletes with ``ckpt.delete``; a deletion that fails on rank 0. ``stopped``: rank 0 stops in the middle of a save. ``gone``: rank 1 runs out of device memory in the gathering of a small DTensor, and stops. ``vanish``: rank 1 stops in an async save. ``committed``: rank 1 stops once rank 0 committed an async save. ``queued``: what each rank lists and loads while a save or promotion is queued. ``exit``: the ranks end without closing (one and two tiers). ``list``: prints the steps each rank lists. ``unshared``: rank 1 sees another directory at DIR. ``linked``: rank 1 names the root through a symbolic link. ``sigterm``: a
 SIGTERM to rank 1 alone, in a loop saving on preemption.
 Each rank prints what it did.
 """
@@ -198,6 +198,8 @@ def run(this_rank: int, this_world: int, port: int, mode: str) -> None:
             rank_1_stops_in_an_async_save(ckptr)
         elif mode == "promoted":
             rank_1_stops_once_promoted()
+        elif mode == "committed":
+            rank_1_stops_once_committed()
         elif mode == "queued":
             listed_once_queued(ckptr)
         elif mode == "list":
@@ -899,6 +901,34 @@ def rank_1_stops_in_an_async_save(ckptr: Checkpointer) -> None:
     os._exit(0)  # (rank 1 is gone: no closing barrier)
 
 
+def rank_1_stops_once_committed() -> None:
+    """Rank 1 stops once rank 0 committed step 1 of an async save, before the ranks' last meeting in it: rank 0's
+    wait returns, and lists the step, which is committed (it raised TimeoutError and unlisted the step)."""
+    root = f"{directory}-committed"
+    if rank == 1:
+        barrier = ckpt.saving.StepWriter._barrier
+
+        def stops_once_committed(self, phase):
+            if phase == "committed":  # (rank 0 commits before it meets the others there)
+                while not os.path.exists(f"{root}/1/manifest.json"):
+                    time.sleep(0.001)
+                os._exit(0)  # (as a SIGKILL would: no closing)
+            barrier(self, phase)
+
+        ckpt.saving.StepWriter._barrier = stops_once_committed
+    with ckpt.Context(async_options=ckpt.AsyncOptions(timeout_secs=2)):
+        ckptr = Checkpointer(root, save_decision_policy=sdp.FixedIntervalPolicy(1))
+        ckptr.save_async(1, {"w": torch.ones(2)})
+        try:
+            with ckpt.Context(async_options=ckpt.AsyncOptions(timeout_secs=60)):  # (the save's own meeting: 2 s)
+                ckptr.wait()
+            said = "returned"
+        except TimeoutError as e:
+            said = f"raised TimeoutError: {e}"
+        say(f"rank {rank} wait for the committed step {said}, steps {[c.step for c in ckptr.checkpoints]}")
+    os._exit(0)  # (rank 1 is gone: no closing barrier)
+
+
 def rank_1_stops_once_promoted() -> None:
     """Two tiers: rank 1 stops once rank 0 committed the promotion of step 1, before the ranks' last meeting in it:
     rank 0's save returns, and lists the step, which is durable (it raised TimeoutError and did not list it)."""
@@ -929,7 +959,8 @@ def listed_once_queued(ckptr: Checkpointer) -> None:
     """An async save, then with two tiers an async save promoted, each held in the background until this rank read
     ``latest`` and ``checkpoints``: every rank lists the step from the moment its save returned (each listed it once
     its own writer thread had committed it), and ``load()`` loads it on every rank (with two tiers it raised
-    StepNotFoundError: the promotion in flight was not waited for)."""
+    StepNotFoundError: the promotion in flight was not waited for); ``should_save`` of the step says no (with two tiers
+    it said yes, and the save that followed raised StepAlreadyExistsError)."""
     read = threading.Event()
     run_step, copy_step = ckpt.saving.StepWriter.run, ckpt.tiers._copy_step
 
@@ -945,14 +976,15 @@ def listed_once_queued(ckptr: Checkpointer) -> None:
         checkpointer.save_async(step, {"w": torch.full((2,), float(step))})
         try:
             latest = checkpointer.latest
-            listed = None if latest is None else latest.step, [c.step for c in checkpointer.checkpoints]
+            listed = (None if latest is None else latest.step, [c.step for c in checkpointer.checkpoints],
+                      checkpointer.should_save(step))  # (a step listed is no longer due)
         finally:
             read.set()
         try:
             loaded = checkpointer.load()["w"].tolist()
         except ckpt.errors.StepNotFoundError as e:
             loaded = type(e).__name__
-        say(f"rank {rank} {what}: latest {listed[0]}, steps {listed[1]}, loaded {loaded}")
+        say(f"rank {rank} {what}: latest {listed[0]}, steps {listed[1]}, should_save {listed[2]}, loaded {loaded}")
         read.clear()
 
     ckptr.save(0, {"w": torch.zeros(2)})

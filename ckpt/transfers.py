@@ -211,11 +211,14 @@ def tie_as_templates(templates: list[Any], made: list[Any]) -> None:
 
 
 def _view_of(like: Any) -> tuple:
-    """What tells the view of its storage that the template tensor ``like`` is (of a DTensor, with its layout)."""
+    """What tells the view of its storage that the template tensor ``like`` is (of a DTensor, with its layout), and
+    what :func:`as_template` makes of it (a Parameter or not, requiring gradients or not): a Parameter and its
+    ``detach()`` share a storage, but one tensor cannot come back as both."""
     is_dtensor = dtensor.is_dtensor(like)
     local = like.to_local() if is_dtensor else like
     layout = (tuple(like.shape), like.placements, like.device_mesh) if is_dtensor else ()
-    return local.storage_offset(), tuple(local.shape), local.stride(), local.dtype, local.device, layout
+    made_as = (isinstance(like, sys.modules["torch"].nn.Parameter), like.requires_grad)
+    return local.storage_offset(), tuple(local.shape), local.stride(), local.dtype, local.device, layout, made_as
 
 
 def _same_bits(a: Any, b: Any) -> bool:

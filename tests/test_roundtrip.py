@@ -929,6 +929,18 @@ def test_tensors_tied_in_the_template_come_back_tied_where_their_saved_values_ar
     assert loaded["a"] is not loaded["b"]
 
 
+def test_a_parameter_and_its_detached_tensor_in_the_template_come_back_each_as_its_template_is(tmp_path):
+    """(A template holding a Parameter and its detach() at two keys, one storage and one view, gave the Parameter,
+    requiring gradients, at both keys: an in-place change of the plain tensor's key raised in torch's autograd.)"""
+    torch = pytest.importorskip("torch")
+    ckpt.save(tmp_path / "alike", {"p": torch.ones(4, 3), "d": torch.ones(4, 3)})
+    for weight in (torch.nn.Parameter(torch.zeros(4, 3)), torch.zeros(4, 3, requires_grad=True)):
+        loaded = ckpt.load(tmp_path / "alike", {"p": weight, "d": weight.detach()})
+        assert type(loaded["p"]) is type(weight) and loaded["p"].requires_grad and torch.equal(loaded["p"], torch.ones(4, 3))
+        assert type(loaded["d"]) is torch.Tensor and not loaded["d"].requires_grad
+        assert torch.equal(loaded["d"].add_(1), torch.full((4, 3), 2.0))  # (raised: a leaf requiring grad, in place)
+
+
 def test_a_conjugated_or_negated_torch_view_saves_its_values(tmp_path):
     """torch.conj and torch.neg of some tensors are lazy views, a bit set on the tensor; numpy() refuses them."""
     torch = pytest.importorskip("torch")

@@ -224,15 +224,21 @@ def write_new_file(path: Path, parts: Iterable[np.ndarray], size: int) -> None:
     with naming(path):
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
         try:
-            for part in parts:
-                view = memoryview(part)
-                del part
-                while view:
-                    view = view[os.write(fd, view):]
-                view.release()
+            _write_parts(fd, parts)
             os.ftruncate(fd, size)
         finally:
             os.close(fd)
+
+
+def _write_parts(fd: int, parts: Iterable[Any]) -> None:
+    """Writes ``parts`` (bytes-like) to the open file ``fd`` one after another, each let go of before the next is
+    asked for (its buffer may fill it)."""
+    for part in parts:
+        view = memoryview(part)
+        del part
+        while view:
+            view = view[os.write(fd, view):]
+        view.release()
 
 
 FSYNC_THREADS = 8  # fsyncs in flight at once: each mostly waits, for the disk or a network file system's server
@@ -283,12 +289,7 @@ def write_file(path: Path, data: bytes | Sequence[bytes], *, mode: int | None = 
     fd = _open_own_file(path, 0o666 if mode is None else mode)
     try:
         with naming(path):
-            for part in parts:
-                view = memoryview(part)
-                del part
-                while view:
-                    view = view[os.write(fd, view):]
-                view.release()
+            _write_parts(fd, parts)
             os.fsync(fd)
     finally:
         os.close(fd)

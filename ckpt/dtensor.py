@@ -266,8 +266,8 @@ def chunk_shape(path: KeyPath, x: Any, shared: bool = True) -> tuple[int, ...]:
     equal blocks), else, along the first such dimension and where ``shared``, the rows of the smallest block
     (517 rows over 2 x 2 ranks, blocks of 130, 129, 129, 129: chunks of 129 rows, which two neighbouring ranks'
     shards may share, written in two rounds: see :func:`in_two_rounds`), and along any other the greatest
-    common divisor of the blocks' places (no chunk shared); whole along the others. The same on every rank (it depends on the
-    global shape and placements only), as the shared zarr.json requires.
+    common divisor of the blocks' places (no chunk shared); whole along the others. The same on every rank (it
+    depends on the global shape and placements only), as the shared zarr.json requires.
 
     Raises:
       TypeError: a local shard that is not one block of the global tensor (see :func:`_strided_apart`).

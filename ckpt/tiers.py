@@ -198,7 +198,7 @@ class DurableRoot:
     timeout_secs: Callable[[], float]  # AsyncOptions.timeout_secs of the call (the active Context's, else its own)
     begun: Callable[[], set[int]]  # the steps its listings showed begun in place and never committed (object stores)
     forget_if_gone: Callable[[CheckpointMetadata], bool]  # unlists a step a failed overwrite deleted; whether it may be gone
-    queue: Callable[[CheckpointMetadata], None]  # in a job: lists a step whose promotion is queued (Checkpointer._queue)
+    queue: Callable[[CheckpointMetadata], None]  # in a job: lists a step whose promotion is queued (see Checkpointer)
     unqueue: Callable[[int], None]  # unlists a step queued so, whose promotion failed
 
 

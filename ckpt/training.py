@@ -82,8 +82,8 @@ class Checkpointer:
         construction (a writer also removes them before its first save; they are never listed). In a
         root this process may not write, they are left, with a warning: its steps are listed and loaded.
       lightweight_initialize: do not read each step's manifest when listing (no metrics; a step's ``time`` is
-        its directory's modification time), for roots with thousands of steps. A save decision reads the latest step's (its time), garbage
-        collection those of the steps it weighs.
+        its directory's modification time), for roots with thousands of steps. A save decision reads the latest
+        step's (its time), garbage collection those of the steps it weighs.
       local: a second, local tier (:class:`ckpt.LocalCheckpointOptions`) with policies of its own: every
         save goes there first, and the steps this Checkpointer's policy wants are then copied to
         ``directory`` in the background; ``load`` takes the newest step of either tier (see ckpt.tiers).
@@ -576,9 +576,10 @@ class Checkpointer:
         except TimeoutError as e:
             if in_save:
                 raise
-            raise distributed.ProcessesTimeoutError(f"should_save({step}) on process {self._processes.index} waited for process 0's answer, "
-                               f"which decides for every process: call should_save({step}) on process 0 too wherever "
-                               f"another process calls it ({e})") from None
+            raise distributed.ProcessesTimeoutError(
+                f"should_save({step}) on process {self._processes.index} waited for process 0's answer, which decides "
+                f"for every process: call should_save({step}) on process 0 too wherever another process calls it ({e})"
+            ) from None
         self._agreed = (name, value, once)
         decision, reached, forced, kept, _ = value
         self._unlike = None
@@ -999,9 +1000,9 @@ class Checkpointer:
 
         A step that ``save_async`` is still writing is waited for (its failure raised); ``step=None``
         is the latest committed step (in a multi-process job, once the save in flight, and with two tiers its
-        promotion, is committed: every process loads the same step). A load lets go of the host buffers an async save keeps for the
-        next one, so that the loaded arrays can take their memory: a load after async saves holds no
-        third copy of the state, and the next async save makes its buffers anew.
+        promotion, is committed: every process loads the same step). A load lets go of the host buffers an async
+        save keeps for the next one, so that the loaded arrays can take their memory: a load after async saves holds
+        no third copy of the state, and the next async save makes its buffers anew.
 
         Raises:
           StepNotFoundError: no such step (or no checkpoint at all).

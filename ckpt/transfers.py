@@ -188,7 +188,9 @@ def tie_as_templates(templates: list[Any], made: list[Any]) -> None:
     that shared storage, and as a load into the template's own tensors would leave them. Only where the values
     loaded at those keys are the same bits: a checkpoint of an untied model, whose two keys hold other values,
     comes back as saved, untied (one tensor cannot hold both); of three keys saved ``a != b == c``, ``b`` and
-    ``c`` come back as one tensor, ``a`` apart. About 0.3 us a tensor where none share storage."""
+    ``c`` come back as one tensor, ``a`` apart. A DTensor split over ranks comes back untied: each rank holds only
+    its own shard, so the ranks could tell its keys' values alike or not differently and return different tensors.
+    About 0.3 us a tensor where none share storage."""
     torch = sys.modules.get("torch")
     if torch is None:
         return
@@ -198,7 +200,12 @@ def tie_as_templates(templates: list[Any], made: list[Any]) -> None:
     for j, like in enumerate(templates):
         if isinstance(like, tensor):
             try:
-                storage = storage_id(like if type(like) in plain or not dtensor.is_dtensor(like) else like.to_local())
+                if type(like) in plain or not dtensor.is_dtensor(like):
+                    storage = storage_id(like)
+                elif dtensor.held_whole(like):
+                    storage = storage_id(like.to_local())
+                else:  # (split over ranks: this rank sees its own rows only)
+                    continue
             except (RuntimeError, NotImplementedError, TypeError):  # (a wrapper subclass: no storage)
                 continue
             if first.setdefault(storage, j) != j:

@@ -187,7 +187,10 @@ def tie_as_templates(templates: list[Any], made: list[Any]) -> None:
     ``state_dict()`` gives at two keys sharing their storage, come back tied, as ``torch.load`` keeps tensors
     that shared storage, and as a load into the template's own tensors would leave them. Only where the values
     loaded at those keys are the same bits: a checkpoint of an untied model, whose two keys hold other values,
-    comes back as saved, untied (one tensor cannot hold both). About 0.3 us a tensor where none share storage."""
+    comes back as saved, untied (one tensor cannot hold both); of three keys saved ``a != b == c``, ``b`` and
+    ``c`` come back as one tensor, ``a`` apart. A DTensor split over ranks comes back untied: each rank holds only
+    its own shard, so the ranks could tell its keys' values alike or not differently and return different tensors.
+    About 0.3 us a tensor where none share storage."""
     torch = sys.modules.get("torch")
     if torch is None:
         return
@@ -197,17 +200,25 @@ def tie_as_templates(templates: list[Any], made: list[Any]) -> None:
     for j, like in enumerate(templates):
         if isinstance(like, tensor):
             try:
-                storage = storage_id(like if type(like) in plain or not dtensor.is_dtensor(like) else like.to_local())
+                if type(like) in plain or not dtensor.is_dtensor(like):
+                    storage = storage_id(like)
+                elif dtensor.held_whole(like):
+                    storage = storage_id(like.to_local())
+                else:  # (split over ranks: this rank sees its own rows only)
+                    continue
             except (RuntimeError, NotImplementedError, TypeError):  # (a wrapper subclass: no storage)
                 continue
             if first.setdefault(storage, j) != j:
                 again.append((storage, j))
-    views: dict[tuple, int] = {}
-    for storage, j in again:  # (a storage held at several keys: the same view of it?)
-        views.setdefault((storage, _view_of(templates[first[storage]])), first[storage])
-        i = views.setdefault((storage, _view_of(templates[j])), j)
-        if i != j and isinstance(made[i], tensor) and isinstance(made[j], tensor) and _same_bits(made[i], made[j]):
-            made[j] = made[i]
+    alike: dict[tuple, list[int]] = {}  # (a storage held at several keys: its keys by the view of it they hold)
+    for storage, j in again:
+        i = first.pop(storage, None)  # (the storage's first key, with its second)
+        for k in (j,) if i is None else (i, j):
+            if isinstance(made[k], tensor):
+                alike.setdefault((storage, _view_of(templates[k])), []).append(k)
+    for keys in alike.values():  # each key tied to the first of them with the same bits
+        for j, i in zip(keys, _first_alike([made[k] for k in keys])):
+            made[j] = made[keys[i]]
 
 
 def _view_of(like: Any) -> tuple:
@@ -219,6 +230,35 @@ def _view_of(like: Any) -> tuple:
     layout = (tuple(like.shape), like.placements, like.device_mesh) if is_dtensor else ()
     made_as = (isinstance(like, sys.modules["torch"].nn.Parameter), like.requires_grad)
     return local.storage_offset(), tuple(local.shape), local.stride(), local.dtype, local.device, layout, made_as
+
+
+def _first_alike(tensors: list[Any]) -> list[int]:
+    """For each of ``tensors`` (or DTensors' local shards), the index of the first of them holding the same bits:
+    each compared with the distinct values found before it where they are few, else all grouped by one
+    ``torch.unique`` of their bytes, so that a template tensor reused at many keys whose saved values all differ
+    costs no comparison of every pair."""
+    torch = sys.modules["torch"]
+    local = [t.to_local() if dtensor.is_dtensor(t) else t for t in tensors]
+    if len(local) > _FEW_ALIKE and len({(t.dtype, t.shape, t.device) for t in local}) == 1:
+        try:
+            rows = torch.stack([t.detach().reshape(-1).view(torch.uint8) for t in local])
+            inverse = torch.unique(rows, dim=0, return_inverse=True)[1].tolist()
+        except RuntimeError:  # (a dtype without a byte view, no bytes at all: compared below)
+            pass
+        else:
+            first: dict[int, int] = {}
+            return [first.setdefault(value, k) for k, value in enumerate(inverse)]
+    distinct: list[int] = []
+    out = []
+    for k, t in enumerate(local):
+        i = next((i for i in distinct if _same_bits(local[i], t)), None)
+        out.append(k if i is None else i)
+        if i is None:
+            distinct.append(k)
+    return out
+
+
+_FEW_ALIKE = 8  # keys of one template tensor compared value by value; more are grouped by torch.unique
 
 
 def _same_bits(a: Any, b: Any) -> bool:

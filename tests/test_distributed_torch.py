@@ -62,7 +62,8 @@ def test_ranks_that_each_call_the_free_save_write_one_whole_checkpoint(tmp_path)
     """(A rank saving a large DTensor alone, under MultiprocessingOptions(processes=SingleProcess()), wrote a step
     of its own shards only, which no load could read. A large replicated one, held whole, was refused. Each
     DTensor's local shard was copied to host memory twice a save, once only to learn its dtype. Every slice of a
-    mesh wrote its copy of a DTensor they hold alike, through a Processes object without compare.)"""
+    mesh wrote its copy of a DTensor they hold alike, through a Processes object without compare. A DTensor a template
+    holds at two keys, split over the ranks, saved apart: rank 1, holding no rows, tied the keys and rank 0 did not.)"""
     out = run_jobs(tmp_path / "run", tmp_path / "unused.npz", "free:2")
     assert "rank 0 free save: whole" in out and "rank 1 free save: whole" in out, out
     for r in (0, 1):  # each rank's shard of the large one, and the small one's gathered whole, read once (not
@@ -82,6 +83,8 @@ def test_ranks_that_each_call_the_free_save_write_one_whole_checkpoint(tmp_path)
         assert (f"rank 1 outside rank 0's mesh refused: checkpointable 'state': the array at ['{key}'] is spread over "
                 "processes") in out, out
     assert "rank 0 meta templates: ['cpu']" in out and "rank 1 meta templates: ['cpu']" in out, out  # not more meta
+    for r in (0, 1):  # a template's DTensor at two keys saved apart: split over the ranks, untied on every rank
+        assert f"rank {r} tied templates: split False, replicated True, True" in out, out  # (rank 1 tied them)
 
 
 @pytest.mark.timeout(300)

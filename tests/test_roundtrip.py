@@ -929,6 +929,27 @@ def test_tensors_tied_in_the_template_come_back_tied_where_their_saved_values_ar
     assert loaded["a"] is not loaded["b"]
 
 
+def test_keys_of_one_template_tensor_come_back_tied_by_the_values_saved_at_them_whichever_key_is_first(tmp_path):
+    """(Each key of a template tensor was compared with its first key only: three keys saved a != b == c came back
+    as three tensors, b and c untied.)"""
+    torch = pytest.importorskip("torch")
+    w, template = torch.arange(12.0).reshape(4, 3), torch.zeros(4, 3)
+    ckpt.save(tmp_path / "three", {"a": w, "b": w + 1, "c": w + 1})
+    loaded = ckpt.load(tmp_path / "three", dict.fromkeys("abc", template))
+    assert loaded["b"] is loaded["c"] and loaded["a"] is not loaded["b"] and torch.equal(loaded["a"], w)
+    assert torch.equal(loaded["b"], w + 1)
+    # one template tensor at many keys (grouped by their bytes at once, not compared pair by pair): three values
+    saved = {f"k{i}": torch.full((3,), float(i % 3)) for i in range(40)}
+    saved["k7"] = torch.tensor([1.0, float("nan"), -0.0])  # (alike as bits only: k37 holds the same, k38 +0.0)
+    saved["k37"], saved["k38"] = saved["k7"].clone(), torch.tensor([1.0, float("nan"), 0.0])
+    ckpt.save(tmp_path / "many", saved)
+    loaded = ckpt.load(tmp_path / "many", dict.fromkeys(saved, torch.zeros(3)))
+    firsts = {id(loaded[k]): k for k in reversed(list(saved))}
+    assert sorted(firsts.values()) == ["k0", "k1", "k2", "k38", "k7"]
+    assert all(loaded[k].equal(v) or k in ("k7", "k37", "k38") for k, v in saved.items())
+    assert loaded["k37"] is loaded["k7"] and loaded["k4"] is loaded["k1"] and loaded["k39"] is loaded["k0"]
+
+
 def test_a_parameter_and_its_detached_tensor_in_the_template_come_back_each_as_its_template_is(tmp_path):
     """(A template holding a Parameter and its detach() at two keys, one storage and one view, gave the Parameter,
     requiring gradients, at both keys: an in-place change of the plain tensor's key raised in torch's autograd.)"""

@@ -308,6 +308,17 @@ def free_save() -> None:
     devices = sorted({loaded[k].to_local().device.type for k in whole})
     assert all(torch.equal(ckpt.dtensor.gather(loaded[k]), v) for k, v in whole.items()), devices
     say(f"rank {rank} meta templates: {devices}")
+    # a template holding one DTensor at two keys, saved apart: its 1 row split over the ranks (rank 1 holds none,
+    # and tied the keys its empty shards told alike, where rank 0 did not) comes back untied on every rank; a
+    # replicated one, which every rank holds whole, tied where the values saved are alike
+    row = torch.arange(600.0).reshape(1, 600)
+    split, held = (distribute_tensor(torch.zeros_like(row), mesh, [p], src_data_rank=None)
+                   for p in (Shard(0), Replicate()))
+    ckpt.save(f"{path}-tied", {"a": row, "b": row + 1, "c": row, "d": row.clone()})
+    loaded = ckpt.load(f"{path}-tied", {"a": split, "b": split, "c": held, "d": held})
+    exact = all(torch.equal(loaded[k].full_tensor(), row + (k == "b")) for k in "abcd")
+    say(f"rank {rank} tied templates: split {loaded['a'] is loaded['b']}, "
+        f"replicated {loaded['c'] is loaded['d']}, {exact}")
 
 
 def differing_trees(ckptr: Checkpointer) -> None:

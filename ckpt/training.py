@@ -375,6 +375,13 @@ class Checkpointer:
                            "must come after the latest step. Resume from it with load(), or pass force=True to save "
                            "anyway. (Said once.)", step, latest.step, latest.path.parent, latest.step)
 
+    def _durable_step(self, step: int) -> CheckpointMetadata | None:
+        """This root's step ``step``: committed or, in a job, queued (see :meth:`_queue`), whose save or (with two
+        tiers) promotion will write it."""
+        with self._infos_lock:
+            queued = self._queued.get(step)
+        return queued or self._find(step)
+
     def _committed_step(self, step: int) -> CheckpointMetadata | None:
         return self._find(step) if self._local is None else next((c for c in self.checkpoints if c.step == step), None)
 
@@ -766,8 +773,9 @@ class Checkpointer:
         self._check_open()
         step = _step_number(step)
         # A step still being written exists: overwritten or refused. With two tiers a step either holds counts,
-        # except for a forced save, which promotes the copy the local tier holds (see LocalTier.save).
-        existing = self._written(step, self._find if force else self._committed_step)
+        # except for a forced save, which promotes the copy the local tier holds (see LocalTier.save) unless a promotion
+        # of it is queued already.
+        existing = self._written(step, self._durable_step if force else self._committed_step)
         # In a job `checkpoints` lists the durable tier's steps only: a step this process's local tier holds exists too
         # (refused without overwrite, as the others' parts of it would be mixed with a new one), and a forced save that
         # promotes that copy must do so on every process (see _primarys).

@@ -1,6 +1,6 @@
 """One process of a 2-process JAX job on 127.0.0.1 (used by tests/test_distributed_jax.py).
 
-usage: jax_multiprocess_worker.py PORT PROCESS_ID DIR MODE   (MODE: save | resume | tiers | preempt | notice)
+usage: jax_multiprocess_worker.py PORT PROCESS_ID DIR MODE   (MODE: save | resume | tiers | preempt | notice | metric)
 """
 import faulthandler
 import os
@@ -135,6 +135,20 @@ if mode == "notice":  # ckpt.preemption.notify() on process 1 alone: every proce
                 break
             multihost_utils.sync_global_devices(f"step {step}")  # (a training step's all-reduce)
         print(f"process {pid} noticed at {step} steps {[c.step for c in ckptr.checkpoints]}", flush=True)
+    sys.exit(0)
+
+if mode == "metric":  # the Flax hook, given a metric sharded over both processes, and a replicated one
+    from ckpt.integrations.flax import CheckpointHook
+
+    loss = jax.jit(lambda: jax.numpy.float32(0.5), out_shardings=NamedSharding(mesh, P()))()
+    with Checkpointer(directory, save_decision_policy=policy) as ckptr:
+        hook = CheckpointHook(ckptr, final_step=2)
+        try:
+            hook(1, state(1), {"loss": loss, "vec": state(1)["w"]})
+        except ValueError as e:
+            print(f"process {pid} refused: {e} steps {[c.step for c in ckptr.checkpoints]}", flush=True)
+        stopped = hook(2, state(2), {"loss": loss})
+        print(f"process {pid} stopped {stopped} metrics {[(c.step, c.metrics) for c in ckptr.checkpoints]}", flush=True)
     sys.exit(0)
 
 if mode == "tiers":  # two tiers: each process's local tier, then process 1's host is replaced

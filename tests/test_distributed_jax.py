@@ -72,6 +72,19 @@ def test_a_checkpoint_of_two_processes_loads_in_one_process(tmp_path):
     assert restored["step"] == 2
 
 
+def test_the_flax_hook_refuses_a_metric_sharded_over_both_processes_naming_its_key(tmp_path):
+    """It raised jax's RuntimeError ('Fetching value for `jax.Array` that spans non-addressable devices'), naming no
+    metric. A replicated metric (a jitted step's loss) is stored."""
+    outs = run_job(tmp_path, "metric")
+    for pid in (0, 1):
+        assert (f"process {pid} refused: metric ['vec'] is a jax.Array sharded over other processes' devices "
+                f"(NamedSharding(") in outs[pid], outs[pid]
+        assert (f"which process {pid} cannot read: pass a replicated value (a jitted step's output with a replicated "
+                "sharding, or jax.experimental.multihost_utils.process_allgather of it) or a host value (a Python or "
+                "numpy number); nothing was written steps []") in outs[pid], outs[pid]
+        assert f"process {pid} stopped True metrics [(2, {{'loss': 0.5}})]" in outs[pid], outs[pid]
+
+
 def test_two_tiers_each_process_keeps_its_shards_locally_and_a_replaced_host_restores_from_the_durable_tier(tmp_path):
     outs = run_job(tmp_path, "tiers")
     for pid, out in enumerate(outs):

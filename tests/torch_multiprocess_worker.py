@@ -971,7 +971,9 @@ def listed_once_queued(ckptr: Checkpointer) -> None:
     ``latest`` and ``checkpoints``: every rank lists the step from the moment its save returned (each listed it once
     its own writer thread had committed it), and ``load()`` loads it on every rank (with two tiers it raised
     StepNotFoundError: the promotion in flight was not waited for); ``should_save`` of the step says no (with two tiers
-    it said yes, and the save that followed raised StepAlreadyExistsError)."""
+    it said yes, and the save that followed raised StepAlreadyExistsError). A forced save of a step whose promotion is
+    queued is refused on every rank before anything is written (it queued a second promotion, which raised
+    StepAlreadyExistsError on rank 0 and a RuntimeError on rank 1)."""
     read = threading.Event()
     run_step, copy_step = ckpt.saving.StepWriter.run, ckpt.tiers._copy_step
 
@@ -983,12 +985,18 @@ def listed_once_queued(ckptr: Checkpointer) -> None:
         read.wait()
         return copy_step(*args, **kwargs)
 
-    def saved(what: str, checkpointer: Checkpointer, step: int) -> None:
+    def saved(what: str, checkpointer: Checkpointer, step: int, forced: bool = False) -> None:
         checkpointer.save_async(step, {"w": torch.full((2,), float(step))})
         try:
             latest = checkpointer.latest
             listed = (None if latest is None else latest.step, [c.step for c in checkpointer.checkpoints],
                       checkpointer.should_save(step))  # (a step listed is no longer due)
+            if forced:
+                try:
+                    checkpointer.save_async(step, {"w": torch.full((2,), -1.0)}, force=True)
+                    say(f"rank {rank} forced save of step {step} queued")
+                except ckpt.errors.StepAlreadyExistsError as e:
+                    say(f"rank {rank} forced save raised {type(e).__name__}: {e}")
         finally:
             read.set()
         try:
@@ -1007,7 +1015,7 @@ def listed_once_queued(ckptr: Checkpointer) -> None:
         ckpt.tiers._copy_step = held_copy
         saved("promotion queued", tiers, 0)
         tiers.save(1, {"w": torch.ones(2)})  # (local only)
-        saved("promotion queued", tiers, 2)
+        saved("promotion queued", tiers, 2, forced=True)
         ckpt.tiers._copy_step = copy_step
 
 

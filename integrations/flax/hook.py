@@ -24,7 +24,8 @@ class CheckpointHook:
     ``state`` is any pytree the checkpointer can store: a TrainState, or NNX objects (a model, an
     ``nnx.Optimizer``, a tuple of them), which are saved as ``nnx.state(obj)`` (less the ``nnx.Intermediate``
     values ``sow`` recorded) so that ``restore_train_state`` restores them in place. ``metrics`` (scalars,
-    jax or numpy ones included) are stored with the step for ``BestN``.
+    jax or numpy ones included) are stored with the step for ``BestN``; in a multi-process job a jax metric must be
+    replicated (a jitted step's loss is), as each process stores what it reads of it.
 
     Two tiers: build the checkpointer with a local directory,
     ``Checkpointer("gs://bucket/exp1", ..., local=ckpt.LocalCheckpointOptions("/mnt/ssd/exp1", ...))``.
@@ -59,7 +60,19 @@ class CheckpointHook:
 
 
 def _to_python(metrics: Any) -> Any:
-    """``metrics`` with jax and numpy scalars (and arrays) turned into JSON-ready Python values."""
+    """``metrics`` with jax and numpy scalars (and arrays) turned into JSON-ready Python values.
+
+    Raises:
+      ValueError: a metric is a jax.Array sharded over other processes' devices, which this process cannot read
+        (naming its key); before anything is written.
+    """
     if metrics is None:
         return None
+    for path, value in jax.tree_util.tree_flatten_with_path(metrics)[0]:
+        if isinstance(value, jax.Array) and not (value.is_fully_addressable or value.is_fully_replicated):
+            raise ValueError(
+                f"metric {jax.tree_util.keystr(path)} is a jax.Array sharded over other processes' devices "
+                f"({value.sharding}), which process {jax.process_index()} cannot read: pass a replicated value (a "
+                "jitted step's output with a replicated sharding, or jax.experimental.multihost_utils."
+                "process_allgather of it) or a host value (a Python or numpy number); nothing was written")
     return jax.tree.map(lambda v: np.asarray(v).tolist() if hasattr(v, "dtype") else v, jax.device_get(metrics))

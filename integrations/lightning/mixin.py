@@ -164,7 +164,9 @@ class CheckpointCallbackMixin:
 
     @property
     def last_model_path(self) -> str:
-        """The directory of the latest committed step ("" if none)."""
+        """The directory of the latest step the checkpointer lists ("" if none): committed or, in a multi-process job
+        (DDP), one whose async save (with a local tier, whose promotion) is queued, listed on every rank alike from the
+        moment it is queued, as Orbax lists the step in flight. ``trainer.fit`` returns once its steps are committed."""
         if self._checkpointer is None and self._paths["last"]:
             return self._paths["last"]
         checkpoints = self._committed_steps()
@@ -176,7 +178,10 @@ class CheckpointCallbackMixin:
 
     @property
     def best_model_path(self) -> str:
-        """The directory of the best committed step by ``monitor`` (the latest without ``monitor``)."""
+        """The directory of the best step by ``monitor`` (the latest without ``monitor``) of those
+        :attr:`last_model_path` reads. In a DDP job a step whose save is queued counts with this rank's metrics until it
+        is committed (then with rank 0's, which its manifest holds): log the monitored value with ``sync_dist=True`` for
+        the same directory on every rank meanwhile."""
         if self._checkpointer is None and self._paths["best"]:
             return self._paths["best"]
         best = monitor_lib.best_step(self._committed_steps(), self.monitor, self.mode)

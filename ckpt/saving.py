@@ -191,6 +191,24 @@ def plan_checkpointables(checkpointables: dict[str, Any], options: Context, *, m
                 storage=options.array_options.saving), handled
 
 
+def stored_metadata(metrics: Any, custom_metadata: Any) -> dict[str, Any]:
+    """A step's ``metrics`` and ``custom_metadata`` as its manifest stores them: the manifest's members ``metrics``,
+    ``custom_metadata`` and ``non_finite`` (see :func:`ckpt.format.stored_json`; :func:`ckpt.format.decode_json` reads
+    them back), strict JSON.
+
+    Raises:
+      ValueError: metrics or custom metadata that are not JSON, or take more than a manifest holds.
+    """
+    non_finite = {}
+    if metrics is not None:
+        metrics, non_finite["metrics"] = fmt.stored_json(metrics, "metrics", numbers=True)
+    if custom_metadata is not None:
+        custom_metadata, non_finite["custom_metadata"] = fmt.stored_json(custom_metadata, "custom_metadata")
+    described = {"metrics": metrics, "custom_metadata": custom_metadata, fmt.NON_FINITE: non_finite}
+    fmt.to_json_bytes(described, "the metrics and custom metadata", fmt.MANIFEST_MAX_BYTES - fmt.MANIFEST_ROOM)  # (the manifest's)
+    return described
+
+
 def plan(checkpointables: dict[str, Any], *, metrics: Any = None, custom_metadata: Any = None,
          previous: layout_lib.Layout | None = None, storage: Any = None) -> Plan:
     """Validates names, metadata and leaves, and decides where each leaf's bytes go. No I/O. A tree
@@ -206,13 +224,8 @@ def plan(checkpointables: dict[str, Any], *, metrics: Any = None, custom_metadat
         raise ValueError(f"checkpointables must be a non-empty dict of name -> tree, got {type(checkpointables).__name__}")
     for name in checkpointables:
         fmt.validate_checkpointable_name(name)
-    non_finite = {}
-    if metrics is not None:
-        metrics, non_finite["metrics"] = fmt.stored_json(metrics, "metrics", numbers=True)
-    if custom_metadata is not None:
-        custom_metadata, non_finite["custom_metadata"] = fmt.stored_json(custom_metadata, "custom_metadata")
-    fmt.to_json_bytes({"metrics": metrics, "custom_metadata": custom_metadata, fmt.NON_FINITE: non_finite},
-                      "the metrics and custom metadata", fmt.MANIFEST_MAX_BYTES - fmt.MANIFEST_ROOM)  # (the manifest's)
+    described = stored_metadata(metrics, custom_metadata)
+    metrics, custom_metadata, non_finite = described["metrics"], described["custom_metadata"], described[fmt.NON_FINITE]
     stored = storage_options.of(storage)
     reusable = previous is not None and previous.storage == stored and stored.scoped is None
     values = previous.leaves_of(checkpointables) if reusable else None

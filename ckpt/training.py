@@ -250,8 +250,14 @@ class Checkpointer:
         its commit replaces it, on every process alike: each process's writer thread commits the step at its own
         moment, so that ``latest`` and ``checkpoints`` read at one point of the program differed between processes
         (as Orbax does, the step in flight is listed as soon as its save is queued). A step whose save fails is
-        unlisted as it fails (:meth:`_unqueue`), before its error is raised anywhere."""
+        unlisted as it fails (:meth:`_unqueue`), before its error is raised anywhere. Listed with the primary's metrics and
+        custom metadata, sent with its decision of this save (:meth:`_primarys`), as the step's manifest holds them: each
+        process's own (a loss each rank computed) made ``best_model_path`` or a BestN decision read meanwhile differ."""
         if self._processes.count > 1:
+            described = self._agreed[1][5]  # (None where the primary sent none: its save raises where the processes meet)
+            if described is not None:
+                info = _step_metadata(info.step, info.path, {**described, "init_timestamp_nsecs": info.init_timestamp_nsecs,
+                                                             "commit_timestamp_nsecs": info.commit_timestamp_nsecs})
             with self._infos_lock:
                 self._queued[info.step] = info
 
@@ -486,7 +492,8 @@ class Checkpointer:
             preemption.listen(self)
 
     def _decide(self, step: int, *, replacing: bool, reached: bool | None = None, force: bool = False,
-                in_save: bool = False, answered: bool = False, keeps: bool = False, holds: str | None = None) -> bool:
+                in_save: bool = False, answered: bool = False, keeps: bool = False, holds: str | None = None,
+                described: tuple[Any, Any] | None = None) -> bool:
         """The save decision of ``step``. ``reached``: whether a preemption was seen, as the Checkpointer whose
         local tier this one is decided it (its processes agreed on it); None: this one asks. ``force``: a forced
         save in a job, which takes the primary's decision too, so that every process passes through the same steps;
@@ -494,9 +501,11 @@ class Checkpointer:
         ``in_save``: a save's decision, not should_save's (see :meth:`_primarys`); ``answered``: a save the primary's
         should_save said yes to, which takes that answer without asking the policy again; ``holds``: the path of the
         step this save refuses (it exists and ``overwrite`` is not set), which a save's decision publishes with the
-        primary's (see :meth:`_declined_refusal`)."""
+        primary's (see :meth:`_declined_refusal`); ``described``: the save's metrics and custom metadata, which the
+        primary publishes with its decision (see :meth:`_queue`)."""
         if force:
-            decision = self._primarys(step, True, False, force=True, in_save=in_save, keeps=keeps, holds=holds)[0]
+            decision = self._primarys(step, True, False, force=True, in_save=in_save, keeps=keeps, holds=holds,
+                                      described=described)[0]
             if self._local is None or self._unlike is None or decision:
                 return decision
             # the primary did not force: its local tier may save the step, where this process's refusal meets the others
@@ -504,7 +513,7 @@ class Checkpointer:
         asked = self._asked_of(step) if answered and self._processes.index == 0 else None
         if asked is not None:
             _, (decision, reached, *_), either = asked
-            self._primarys(step, decision, reached, force=False, in_save=True, holds=holds)
+            self._primarys(step, decision, reached, force=False, in_save=True, holds=holds, described=described)
             return either if self._local is None else self._primarys_either(either)
         if not self._decided_once:
             self._decided_once = True
@@ -531,7 +540,8 @@ class Checkpointer:
             # primary's answer still, as a process forcing this save waits for it, with a local tier for its either too)
             if self._processes.count == 1:
                 return False
-            decision = self._primarys(step, False, False, force=False, in_save=in_save, holds=holds)[0]
+            decision = self._primarys(step, False, False, force=False, in_save=in_save, holds=holds,
+                                      described=described)[0]
             if in_save and self._local is not None and self._processes.index == 0:
                 self._primarys_either(False)
             return decision
@@ -549,7 +559,8 @@ class Checkpointer:
         decision = bool(self._save_policy.should_save(current, previous, context=context))
         if self._processes.count > 1:  # time and signals differ between processes: the primary decides (for
             # its step: processes saving other steps then meet in the save's check of the paths, not a timeout)
-            decision, reached = self._primarys(step, decision, reached, force=False, in_save=in_save, holds=holds)
+            decision, reached = self._primarys(step, decision, reached, force=False, in_save=in_save, holds=holds,
+                                               described=described)
             if self._unlike is not None:  # the primary forced its save: no local decision follows there
                 return decision
         if reached and (self._preempted_at is None or not self._reached):
@@ -564,7 +575,8 @@ class Checkpointer:
         return either
 
     def _primarys(self, step: int, decision: bool, reached: bool, *, force: bool, in_save: bool,
-                  keeps: bool = False, holds: str | None = None) -> tuple[bool, bool]:
+                  keeps: bool = False, holds: str | None = None,
+                  described: tuple[Any, Any] | None = None) -> tuple[bool, bool]:
         """The primary's save decision and preemption, and whether it forced its save; keeps in ``_unlike`` the
         error of a process whose ``force`` is not the primary's, or, in a forced save with a local tier, whose
         ``keeps`` (it promotes the copy its local tier holds, not a new one) is not the primary's, raised by its save
@@ -575,11 +587,19 @@ class Checkpointer:
         processes saving other steps meet in the save's check of the paths; should_save's by that and its step
         (:meth:`_should_save_name`): should_save called on some processes only (``if rank == 0``) shifts no later name,
         and the save that follows takes the primary's save decision whatever each process's should_save said. A step
-        should_save asked before since the last save or deletion gets the answer published then (:meth:`_asked_before`)."""
+        should_save asked before since the last save or deletion gets the answer published then (:meth:`_asked_before`).
+        A save that may queue its step (see :meth:`_queue`) publishes the primary's ``described``, its metrics and custom
+        metadata, with it: no message more."""
         name = self._operation("decide") if in_save else self._should_save_name(step)
         once = not in_save and self._asked_before(step)
+        stored = None
+        if described is not None and self._processes.index == 0 and (decision or self._local is not None):
+            try:
+                stored = saving.stored_metadata(*described)
+            except ValueError:
+                pass  # (not JSON: the save raises it where the processes meet)
         try:
-            value = self._broadcast(name, [decision, reached, force, keeps, holds], once)
+            value = self._broadcast(name, [decision, reached, force, keeps, holds, stored], once)
         except TimeoutError as e:
             if in_save:
                 raise
@@ -588,7 +608,7 @@ class Checkpointer:
                 f"for every process: call should_save({step}) on process 0 too wherever another process calls it ({e})"
             ) from None
         self._agreed = (name, value, once)
-        decision, reached, forced, kept, _ = value
+        decision, reached, forced, kept, *_ = value
         self._unlike = None
         if forced != force:
             self._unlike = ValueError(
@@ -799,7 +819,8 @@ class Checkpointer:
             due = answered_yes or force or self._decide(step, replacing=existing is not None)
         else:  # every process takes the primary's decision of its save, which may not be its should_save's answer
             due = self._decide(step, replacing=existing is not None, force=force, in_save=True, answered=answered_yes,
-                               keeps=keeps, holds=None if refused is None else str(existing.path))
+                               keeps=keeps, holds=None if refused is None else str(existing.path),
+                               described=(metrics, custom_metadata))
         unlike, self._unlike = self._unlike, None
         if not due:
             refused = unlike or self._declined_refusal(step, refused)

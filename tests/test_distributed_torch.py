@@ -474,15 +474,17 @@ def test_every_rank_lists_and_loads_a_step_from_the_moment_its_save_or_promotion
     load() right after an async save that was promoted loaded the step before it on one rank and the new one on
     another, or raised StepNotFoundError (the first); should_save of a step whose promotion was queued said yes, though
     latest named it (and a save of it then raised StepAlreadyExistsError); a forced save of that step queued a second
-    promotion, which raised StepAlreadyExistsError on rank 0 and a RuntimeError on rank 1. The saves here are held in
-    the background until read."""
+    promotion, which raised StepAlreadyExistsError on rank 0 and a RuntimeError on rank 1; each rank listed a queued step
+    with its own metrics and custom metadata (rank 1 {'loss': 11.0}, rank 0 {'loss': 1.0}), so that best_model_path or a
+    BestN decision read meanwhile could differ between ranks. The saves here are held in the background until read."""
     out = run_jobs(tmp_path / "run", tmp_path / "unused.npz", "queued:2")
     for r in (0, 1):
         assert (f"rank {r} forced save raised StepAlreadyExistsError: step 2 already exists at "
                 f"{tmp_path / 'run'}-queued/2; pass overwrite=True to replace it") in out, out
-        assert f"rank {r} queued: latest 1, steps [0, 1], should_save False, loaded [1.0, 1.0]" in out, out
-        assert f"rank {r} promotion queued: latest 0, steps [0], should_save False, loaded [0.0, 0.0]" in out, out
-        assert f"rank {r} promotion queued: latest 2, steps [0, 2], should_save False, loaded [2.0, 2.0]" in out, out
+        listed = "metrics [({'loss': 1.0, 'top': inf}, {'rank': 0})]"  # (rank 0's, as the step's manifest holds them)
+        assert f"rank {r} queued: latest 1, steps [0, 1], should_save False, loaded [1.0, 1.0], {listed}" in out, out
+        assert f"rank {r} promotion queued: latest 0, steps [0], should_save False, loaded [0.0, 0.0], {listed}" in out, out
+        assert f"rank {r} promotion queued: latest 2, steps [0, 2], should_save False, loaded [2.0, 2.0], {listed}" in out, out
 
 
 def test_a_rank_that_times_out_at_a_barrier_names_the_ranks_that_never_arrived():

@@ -973,7 +973,9 @@ def listed_once_queued(ckptr: Checkpointer) -> None:
     StepNotFoundError: the promotion in flight was not waited for); ``should_save`` of the step says no (with two tiers
     it said yes, and the save that followed raised StepAlreadyExistsError). A forced save of a step whose promotion is
     queued is refused on every rank before anything is written (it queued a second promotion, which raised
-    StepAlreadyExistsError on rank 0 and a RuntimeError on rank 1)."""
+    StepAlreadyExistsError on rank 0 and a RuntimeError on rank 1). Every rank lists a queued step with rank 0's metrics
+    and custom metadata, as it lists the step once committed (each rank listed its own: ``{"loss": 11.0}`` on rank 1)."""
+    inf = float("inf")  # (stored in the manifest as a string: every rank lists the float)
     read = threading.Event()
     run_step, copy_step = ckpt.saving.StepWriter.run, ckpt.tiers._copy_step
 
@@ -986,11 +988,13 @@ def listed_once_queued(ckptr: Checkpointer) -> None:
         return copy_step(*args, **kwargs)
 
     def saved(what: str, checkpointer: Checkpointer, step: int, forced: bool = False) -> None:
-        checkpointer.save_async(step, {"w": torch.full((2,), float(step))})
+        checkpointer.save_async(step, {"w": torch.full((2,), float(step))}, metrics={"loss": 1.0 + 10 * rank, "top": inf},
+                                custom_metadata={"rank": rank})
         try:
             latest = checkpointer.latest
             listed = (None if latest is None else latest.step, [c.step for c in checkpointer.checkpoints],
-                      checkpointer.should_save(step))  # (a step listed is no longer due)
+                      checkpointer.should_save(step),  # (a step listed is no longer due)
+                      [(c.metrics, c.custom_metadata) for c in checkpointer.checkpoints if c.step == step])
             if forced:
                 try:
                     checkpointer.save_async(step, {"w": torch.full((2,), -1.0)}, force=True)
@@ -1003,7 +1007,8 @@ def listed_once_queued(ckptr: Checkpointer) -> None:
             loaded = checkpointer.load()["w"].tolist()
         except ckpt.errors.StepNotFoundError as e:
             loaded = type(e).__name__
-        say(f"rank {rank} {what}: latest {listed[0]}, steps {listed[1]}, should_save {listed[2]}, loaded {loaded}")
+        say(f"rank {rank} {what}: latest {listed[0]}, steps {listed[1]}, should_save {listed[2]}, loaded {loaded}, "
+            f"metrics {listed[3]}")
         read.clear()
 
     ckptr.save(0, {"w": torch.zeros(2)})

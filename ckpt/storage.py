@@ -231,10 +231,10 @@ def write_new_file(path: Path, parts: Iterable[np.ndarray], size: int) -> None:
 
 
 def _write_parts(fd: int, parts: Iterable[Any]) -> None:
-    """Writes ``parts`` (bytes-like) to the open file ``fd`` one after another, each let go of before the next is
-    asked for (its buffer may fill it)."""
+    """Writes ``parts`` (bytes-like, C-contiguous: of any item size) to the open file ``fd`` one after another, each
+    let go of before the next is asked for (its buffer may fill it); a short write goes on from the byte it ended at."""
     for part in parts:
-        view = memoryview(part)
+        view = memoryview(part).cast("B")  # (sliced by bytes: os.write counts bytes, a float32 view's items are 4)
         del part
         while view:
             view = view[os.write(fd, view):]

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import errno
 import os
+import resource
 import shutil
+import signal
 import subprocess
 
 import numpy as np
@@ -448,3 +450,25 @@ def test_a_sync_save_interrupted_while_its_arrays_are_written_raises_that_and_le
         assert_intact(ckptr, [0])
         ckptr.save(1, state, force=True)
         np.testing.assert_array_equal(ckptr.load(1)["big23"], state["big23"])
+
+
+def test_a_short_write_of_a_part_whose_items_are_wider_than_a_byte_goes_on_from_the_byte_it_ended_at(tmp_path):
+    """A real short write (the file size limit, SIGXFSZ ignored: os.write writes up to it and returns the count) of a
+    float32 part: the rest is written from that byte, so the write past the limit raises (was: the rest sliced by
+    items, empty, and the file left 6 of 12 bytes long without an error)."""
+    path = tmp_path / "part"
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (6, hard))
+    try:
+        storage.write_file(path, [np.arange(3, dtype=np.float32)])
+    except OSError as e:
+        raised = e.errno
+    else:
+        raised = None
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+    assert raised == errno.EFBIG, f"no error; {path.stat().st_size} of 12 bytes written"
+    storage.write_file(path, [np.arange(3, dtype=np.float32), b"\x01\x02"])  # (no limit: every byte, in order)
+    assert path.read_bytes() == np.arange(3, dtype=np.float32).tobytes() + b"\x01\x02"

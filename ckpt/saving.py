@@ -205,7 +205,8 @@ def stored_metadata(metrics: Any, custom_metadata: Any) -> dict[str, Any]:
     if custom_metadata is not None:
         custom_metadata, non_finite["custom_metadata"] = fmt.stored_json(custom_metadata, "custom_metadata")
     described = {"metrics": metrics, "custom_metadata": custom_metadata, fmt.NON_FINITE: non_finite}
-    fmt.to_json_bytes(described, "the metrics and custom metadata", fmt.MANIFEST_MAX_BYTES - fmt.MANIFEST_ROOM)  # (the manifest's)
+    fmt.to_json_bytes(described, "the metrics and custom metadata",
+                      fmt.MANIFEST_MAX_BYTES - fmt.MANIFEST_ROOM)  # (the manifest's)
     return described
 
 

@@ -250,13 +250,15 @@ class Checkpointer:
         its commit replaces it, on every process alike: each process's writer thread commits the step at its own
         moment, so that ``latest`` and ``checkpoints`` read at one point of the program differed between processes
         (as Orbax does, the step in flight is listed as soon as its save is queued). A step whose save fails is
-        unlisted as it fails (:meth:`_unqueue`), before its error is raised anywhere. Listed with the primary's metrics and
-        custom metadata, sent with its decision of this save (:meth:`_primarys`), as the step's manifest holds them: each
-        process's own (a loss each rank computed) made ``best_model_path`` or a BestN decision read meanwhile differ."""
+        unlisted as it fails (:meth:`_unqueue`), before its error is raised anywhere. Listed with the primary's
+        metrics and custom metadata, sent with its decision of this save (:meth:`_primarys`), as the step's manifest
+        holds them: each process's own (a loss each rank computed) made ``best_model_path`` or a BestN decision read
+        meanwhile differ."""
         if self._processes.count > 1:
-            described = self._agreed[1][5]  # (None where the primary sent none: its save raises where the processes meet)
+            described = self._agreed[1][5]  # (None where the primary sent none: its save raises where they meet)
             if described is not None:
-                info = _step_metadata(info.step, info.path, {**described, "init_timestamp_nsecs": info.init_timestamp_nsecs,
+                info = _step_metadata(info.step, info.path, {**described,
+                                                             "init_timestamp_nsecs": info.init_timestamp_nsecs,
                                                              "commit_timestamp_nsecs": info.commit_timestamp_nsecs})
             with self._infos_lock:
                 self._queued[info.step] = info
@@ -588,8 +590,8 @@ class Checkpointer:
         (:meth:`_should_save_name`): should_save called on some processes only (``if rank == 0``) shifts no later name,
         and the save that follows takes the primary's save decision whatever each process's should_save said. A step
         should_save asked before since the last save or deletion gets the answer published then (:meth:`_asked_before`).
-        A save that may queue its step (see :meth:`_queue`) publishes the primary's ``described``, its metrics and custom
-        metadata, with it: no message more."""
+        A save that may queue its step (see :meth:`_queue`) publishes the primary's ``described``, its metrics and
+        custom metadata, with it: no message more."""
         name = self._operation("decide") if in_save else self._should_save_name(step)
         once = not in_save and self._asked_before(step)
         stored = None

@@ -179,8 +179,8 @@ class CheckpointCallbackMixin:
     @property
     def best_model_path(self) -> str:
         """The directory of the best step by ``monitor`` (the latest without ``monitor``) of those
-        :attr:`last_model_path` reads. In a DDP job a step counts with rank 0's metrics on every rank, from the moment its
-        save is queued (those its manifest holds once committed): the same directory on every rank."""
+        :attr:`last_model_path` reads. In a DDP job a step counts with rank 0's metrics on every rank, from the
+        moment its save is queued (those its manifest holds once committed): the same directory on every rank."""
         if self._checkpointer is None and self._paths["best"]:
             return self._paths["best"]
         best = monitor_lib.best_step(self._committed_steps(), self.monitor, self.mode)
